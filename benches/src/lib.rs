@@ -1,0 +1,1 @@
+//! Benchmarks of deploykit; see `benches/`.

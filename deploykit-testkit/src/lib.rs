@@ -1,0 +1,54 @@
+//! # deploykit-testkit
+//!
+//! In-memory fakes of deploykit's core traits, scriptable faults, and an
+//! invariant checker — so engines, drivers and programs that embed deploykit
+//! can be tested in memory and in virtual time.
+//!
+//! * [`FakeFleet`] — a fleet of [`FakeInstance`]s and the
+//!   [`FakeLoadBalancer`] in front of them, sharing one world so the
+//!   invariant checker sees both.
+//! * [`Fault`] — scripted failures per instance and operation: at the k-th
+//!   call, from the k-th call, always, transient for n calls, or only on a
+//!   new release.
+//! * [`FakeMetrics`] — a [`MetricsSource`](deploykit::MetricsSource)
+//!   scripted per group and time.
+//! * [`FakeFleet::check`] — the invariants every deployment must keep.
+//!
+//! Every wait is a `tokio::time` sleep, so with
+//! `#[tokio::test(start_paused = true)]` minutes of deployment take
+//! milliseconds.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use deploykit::{Executor, OutcomeKind, ReleaseId, Rolling};
+//! use deploykit_testkit::FakeFleet;
+//!
+//! // Eight instances; the new release never gets healthy on i-3.
+//! let fleet = FakeFleet::new(8).fail_health("i-3");
+//! let exec = Executor::builder()
+//!     .instances(fleet.instances())
+//!     .load_balancer(Arc::new(fleet.load_balancer()))
+//!     .build()?;
+//! let report = exec.deploy(&Rolling::default(), &ReleaseId::new("v2")?).await?;
+//!
+//! // Within the default failure budget of 1: finished, but not a success.
+//! assert_eq!(report.outcome, OutcomeKind::Degraded);
+//! assert_eq!(fleet.release_of("i-3").unwrap().as_str(), "v1");
+//! fleet.check(&report, 1).assert_ok();
+//! # Ok(())
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod fleet;
+mod invariants;
+mod metrics;
+
+pub use fleet::{
+    FakeFleet, FakeInstance, FakeLoadBalancer, Fault, Op, OpRecord, RoutingChange, RoutingEntry,
+};
+pub use invariants::{InvariantReport, Violation};
+pub use metrics::FakeMetrics;

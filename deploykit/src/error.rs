@@ -1,0 +1,167 @@
+//! The one error type of the `deploykit` crate.
+
+use std::fmt;
+
+use crate::names::InstanceId;
+
+/// `Result` with [`enum@Error`] as the default error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in deploykit.
+///
+/// Input errors ([`Error::InvalidInput`]) are raised before anything is
+/// touched. Errors that happen while a deployment runs are not returned as
+/// `Err` by the executor: they become part of the [`Report`](crate::Report),
+/// which says which instance failed at which step and what the fleet was left
+/// on. `Err` from [`Executor::run`](crate::Executor::run) means the
+/// deployment could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value, name or argument is not acceptable. Nothing was
+    /// touched.
+    #[error("invalid {field}: {message}")]
+    InvalidInput {
+        /// The field (or argument) at fault, e.g. `batch_size`.
+        field: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// A step of a deployment failed on an instance (or on the load balancer).
+    #[error("{step} failed{}: {source}", instance.as_ref().map(|i| format!(" on {i}")).unwrap_or_default())]
+    Step {
+        /// The step, e.g. `install`.
+        step: String,
+        /// The instance it ran on, if any.
+        instance: Option<InstanceId>,
+        /// The driver's error.
+        #[source]
+        source: DriverError,
+    },
+    /// A driver (instance, load balancer, metrics source, state store) failed
+    /// outside a deployment step.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    /// Reading or writing local state failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        context: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state recorded on disk and the state found disagree in a way that
+    /// deploykit will not guess about.
+    #[error("inconsistent state: {0}")]
+    Inconsistent(String),
+}
+
+impl Error {
+    /// An [`Error::InvalidInput`] for `field`.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// An [`Error::Io`] with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Whether this error is bad input (exit code 2 in the CLI).
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(self, Error::InvalidInput { .. })
+    }
+}
+
+/// An error reported by a driver: an [`Instance`](crate::Instance),
+/// [`LoadBalancer`](crate::LoadBalancer) or
+/// [`MetricsSource`](crate::MetricsSource) implementation.
+///
+/// Drivers say whether the failure is *transient* (worth retrying: a
+/// timed-out connection, a busy socket) or *permanent* (a command that ran
+/// and failed, a config that does not validate). The executor retries only
+/// transient errors, and only for steps whose operation is idempotent.
+#[derive(Debug)]
+pub struct DriverError {
+    message: String,
+    transient: bool,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl DriverError {
+    /// A permanent error with a message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            transient: false,
+            source: None,
+        }
+    }
+
+    /// A transient error (worth retrying) with a message.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            transient: true,
+            ..Self::new(message)
+        }
+    }
+
+    /// Attaches the underlying cause.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Whether retrying may help.
+    pub fn is_transient(&self) -> bool {
+        self.transient
+    }
+
+    /// The message, without the source chain.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for DriverError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(s) = &self.source {
+            write!(f, ": {s}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for DriverError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_ref()
+            .map(|s| s.as_ref() as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<std::io::Error> for DriverError {
+    fn from(e: std::io::Error) -> Self {
+        let transient = matches!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::ConnectionRefused
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::Interrupted
+                | std::io::ErrorKind::WouldBlock
+        );
+        Self {
+            message: "I/O error".into(),
+            transient,
+            source: Some(Box::new(e)),
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The typed event stream of a deployment.
+//!
+//! The executor emits an [`Event`] for every stage and step start and end,
+//! every failure, restore and rollback, and the final outcome. Events are
+//! serializable; the CLI's `--json` prints them one per line, and the journal
+//! stores them. Consumers subscribe with an [`EventSink`].
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::{InstanceId, ReleaseId};
+use crate::report::OutcomeKind;
+
+/// One thing that happened during a deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Milliseconds since the deployment started (on the `tokio` clock, so
+    /// virtual in tests).
+    pub elapsed_ms: u64,
+    /// The deployment's id.
+    pub deployment: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "event")]
+#[non_exhaustive]
+pub enum EventKind {
+    /// The deployment began.
+    DeploymentStarted {
+        /// The strategy.
+        strategy: String,
+        /// The release being deployed.
+        release: ReleaseId,
+        /// Instances the plan touches.
+        instances: usize,
+        /// Stages in the plan.
+        stages: usize,
+    },
+    /// A stage began.
+    StageStarted {
+        /// 0-based stage index (within the rollout, or within the rollback).
+        stage: usize,
+        /// Stages in total (in the rollout or rollback).
+        of: usize,
+        /// The stage's name.
+        name: String,
+        /// Instances the stage works on.
+        instances: Vec<InstanceId>,
+        /// Whether the stage belongs to a rollback.
+        rollback: bool,
+    },
+    /// A step began.
+    StepStarted {
+        /// The stage index.
+        stage: usize,
+        /// The step's kind (`drain`, `install`, …).
+        step: String,
+        /// The instance, if any.
+        instance: Option<InstanceId>,
+        /// Whether this step restores (rollback or per-instance restore).
+        rollback: bool,
+    },
+    /// A step ended.
+    StepFinished {
+        /// The stage index.
+        stage: usize,
+        /// The step's kind.
+        step: String,
+        /// The instance, if any.
+        instance: Option<InstanceId>,
+        /// Whether this step restores.
+        rollback: bool,
+        /// How long it took.
+        duration_ms: u64,
+        /// Attempts made (more than 1 when transient errors were retried).
+        attempts: u32,
+        /// `ok`, `warning` or `failed`.
+        result: StepResult,
+    },
+    /// A stage ended.
+    StageFinished {
+        /// The stage index.
+        stage: usize,
+        /// The stage's name.
+        name: String,
+        /// Whether it belonged to a rollback.
+        rollback: bool,
+        /// How long it took.
+        duration_ms: u64,
+        /// Instances that failed in it.
+        failed: usize,
+    },
+    /// An instance failed; it is being restored.
+    InstanceFailed {
+        /// The instance.
+        instance: InstanceId,
+        /// The step that failed.
+        step: String,
+        /// Why.
+        reason: String,
+    },
+    /// An instance is back on its previous release and serving.
+    InstanceRestored {
+        /// The instance.
+        instance: InstanceId,
+        /// The release it is on.
+        release: Option<ReleaseId>,
+    },
+    /// An instance could not be restored; it is kept out of rotation.
+    InstanceUnrecoverable {
+        /// The instance.
+        instance: InstanceId,
+        /// Why.
+        reason: String,
+    },
+    /// The deployment is aborting and rolling back.
+    RollbackStarted {
+        /// Why.
+        reason: String,
+        /// Instances to roll back.
+        instances: Vec<InstanceId>,
+    },
+    /// Something the operator should know that does not fail a step.
+    Warning {
+        /// The instance, if any.
+        instance: Option<InstanceId>,
+        /// The message.
+        message: String,
+    },
+    /// The deployment ended.
+    DeploymentFinished {
+        /// The outcome.
+        outcome: OutcomeKind,
+        /// Instances now on the new release.
+        succeeded: usize,
+        /// Instances that failed.
+        failed: usize,
+        /// Total duration.
+        duration_ms: u64,
+        /// Why, when not a success.
+        reason: Option<String>,
+    },
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "status", content = "message")]
+pub enum StepResult {
+    /// It did what it should.
+    Ok,
+    /// It ended, with something to note (drain timed out, stop was forced).
+    Warning(String),
+    /// It failed.
+    Failed(String),
+}
+
+/// Receives the events of a deployment.
+///
+/// `emit` is called inline by the executor: keep it quick (write to a
+/// channel, a buffered file, a progress bar).
+pub trait EventSink: Send + Sync {
+    /// Called for every event, in order.
+    fn emit(&self, event: &Event);
+}
+
+impl<F: Fn(&Event) + Send + Sync> EventSink for F {
+    fn emit(&self, event: &Event) {
+        self(event)
+    }
+}
+
+impl EventSink for tokio::sync::mpsc::UnboundedSender<Event> {
+    fn emit(&self, event: &Event) {
+        // A closed receiver only means nobody listens any more.
+        let _ = self.send(event.clone());
+    }
+}
+
+/// Several sinks as one.
+#[derive(Clone, Default)]
+pub struct Fanout(Vec<Arc<dyn EventSink>>);
+
+impl Fanout {
+    /// No sinks yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a sink.
+    pub fn with(mut self, sink: Arc<dyn EventSink>) -> Self {
+        self.0.push(sink);
+        self
+    }
+}
+
+impl std::fmt::Debug for Fanout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Fanout({} sinks)", self.0.len())
+    }
+}
+
+impl EventSink for Fanout {
+    fn emit(&self, event: &Event) {
+        for s in &self.0 {
+            s.emit(event);
+        }
+    }
+}
+
+/// Collects events in memory (handy in tests and examples).
+#[derive(Debug, Clone, Default)]
+pub struct EventLog(Arc<std::sync::Mutex<Vec<Event>>>);
+
+impl EventLog {
+    /// An empty log.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A copy of every event so far.
+    pub fn events(&self) -> Vec<Event> {
+        self.0.lock().expect("event log poisoned").clone()
+    }
+}
+
+impl EventSink for EventLog {
+    fn emit(&self, event: &Event) {
+        self.0.lock().expect("event log poisoned").push(event.clone());
+    }
+}

@@ -1,0 +1,41 @@
+//! Load-balancer drivers.
+//!
+//! * [`NoLoadBalancer`] — for fleets with nothing in front (every change is
+//!   a no-op; drains cannot be confirmed, so drain waits run to their
+//!   timeout unless the instance reports its own connections).
+
+use async_trait::async_trait;
+
+use crate::error::DriverError;
+use crate::names::Group;
+use crate::traits::{Backend, GroupWeight, LoadBalancer};
+
+/// A load balancer that does nothing: for fleets with no load balancer in
+/// front, or where routing is managed elsewhere.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoLoadBalancer;
+
+#[async_trait]
+impl LoadBalancer for NoLoadBalancer {
+    fn name(&self) -> &str {
+        "none"
+    }
+    async fn drain(&self, _: &Backend) -> Result<(), DriverError> {
+        Ok(())
+    }
+    async fn active_connections(&self, _: &Backend) -> Result<Option<u64>, DriverError> {
+        Ok(None)
+    }
+    async fn enable(&self, _: &Backend) -> Result<(), DriverError> {
+        Ok(())
+    }
+    async fn disable(&self, _: &Backend) -> Result<(), DriverError> {
+        Ok(())
+    }
+    async fn set_weights(&self, _: &[GroupWeight]) -> Result<(), DriverError> {
+        Ok(())
+    }
+    async fn switch_to(&self, _: &Group) -> Result<(), DriverError> {
+        Ok(())
+    }
+}

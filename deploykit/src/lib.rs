@@ -1,0 +1,98 @@
+//! # deploykit
+//!
+//! Move a new release onto a fleet of instances without dropping a request —
+//! rolling, recreate (and, in later modules, blue-green and canary) — and
+//! roll back by itself when the new release is unhealthy.
+//!
+//! ## The one idea: strategies compile to plans, one executor runs them
+//!
+//! A [`Strategy`] looks at the fleet and returns a [`Plan`]: a plain value
+//! listing [`Stage`]s (run in order), each holding [`Unit`]s (run
+//! concurrently), each a sequence of [`Step`]s (drain, stop, install, start,
+//! await-healthy, enable, pause, …). Because a plan is data you can print it
+//! before anything runs (a dry run), compare it in tests, and reason about
+//! it. One [`Executor`] runs any plan against four small traits:
+//!
+//! * [`Instance`] — one machine or process that runs a release;
+//! * [`LoadBalancer`] — what routes traffic to instances;
+//! * [`MetricsSource`] — error rate and latency per group, for canaries;
+//! * [`Strategy`] — what turns a fleet into a plan.
+//!
+//! The executor applies timeouts and retries once, emits a typed [`Event`]
+//! stream, restores a failed instance to its previous release, aborts when
+//! the failure budget is spent, rolls back every instance already moved, and
+//! honours a [`CancellationToken`](tokio_util::sync::CancellationToken) by
+//! rolling back. The outcome is a [`Report`] that says exactly which
+//! instance runs what.
+//!
+//! Every wait goes through `tokio::time`, so tests run hours of deployment in
+//! virtual time with `#[tokio::test(start_paused = true)]`.
+//!
+//! ## Example
+//!
+//! A rolling deployment, two instances at a time, on the in-memory fleet of
+//! `deploykit-testkit`:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use deploykit::{CountOrPercent, Executor, ReleaseId, Rolling};
+//! use deploykit_testkit::FakeFleet;
+//!
+//! let fleet = FakeFleet::new(6); // i-1 … i-6 on release v1, behind a fake LB
+//! let executor = Executor::builder()
+//!     .instances(fleet.instances())
+//!     .load_balancer(Arc::new(fleet.load_balancer()))
+//!     .build()?;
+//! let rolling = Rolling { batch_size: CountOrPercent::Count(2), ..Rolling::default() };
+//!
+//! // Dry run: the plan is a value.
+//! let plan = deploykit::Strategy::plan(&rolling, &executor.snapshot().await?, &ReleaseId::new("v2")?)?;
+//! assert_eq!(plan.stages.len(), 5); // 3 batches, 2 stabilisation pauses
+//!
+//! let report = executor.run(&plan).await?;
+//! assert!(report.is_success());
+//! assert!(fleet.releases().values().all(|r| r.as_str() == "v2"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Guarantees
+//!
+//! * Bad input ([`Error::InvalidInput`]) is reported before anything is
+//!   touched, naming the field and the fix.
+//! * Names that reach a command line or a config file are validated types
+//!   ([`InstanceId`], [`ReleaseId`], [`Group`], [`Address`]).
+//! * A deployment that aborts leaves every instance on its previous release;
+//!   one that finishes within its failure budget is reported as
+//!   [`OutcomeKind::Degraded`], never as a plain success.
+
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod duration_ms;
+mod error;
+mod event;
+mod executor;
+pub mod lb;
+pub mod names;
+mod plan;
+mod report;
+pub mod strategy;
+mod traits;
+
+pub use error::{DriverError, Error, Result};
+pub use event::{Event, EventKind, EventLog, EventSink, Fanout, StepResult};
+pub use executor::{Executor, ExecutorBuilder, Retry, Timeouts};
+pub use lb::NoLoadBalancer;
+pub use names::{Address, Group, InstanceId, ReleaseId};
+pub use plan::{
+    compensation_steps, FailurePolicy, FleetSnapshot, HealthCheck, InstanceProgress, InstanceSnapshot, Plan,
+    Projection, Stage, Step, Unit,
+};
+pub use report::{InstanceReport, InstanceStatus, OutcomeKind, Report};
+pub use strategy::{parse_duration, CountOrPercent, Recreate, Rolling};
+pub use traits::{
+    Backend, GroupWeight, Health, Instance, LoadBalancer, Metric, MetricsSource, Observation, Strategy,
+};

@@ -1,0 +1,566 @@
+//! Plans: what a strategy compiles to, and what the executor runs.
+//!
+//! A [`Plan`] is a plain value: a list of [`Stage`]s run one after another;
+//! each stage holds [`Unit`]s run concurrently; each unit is a sequence of
+//! [`Step`]s, usually for one instance. Because it is data, a plan can be
+//! printed before anything runs (a dry run), compared with `assert_eq!` in
+//! tests, and serialized.
+//!
+//! What to do when a unit fails is the plan's [`FailurePolicy`]; how to undo
+//! what was done is worked out by the executor from what it recorded (see
+//! [`compensation_steps`]), not written into the plan.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::{Group, InstanceId, ReleaseId};
+use crate::traits::{Backend, GroupWeight};
+
+/// The fleet as it was found before planning: each instance and the release
+/// it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetSnapshot {
+    /// The instances, in the order the operator listed them.
+    pub instances: Vec<InstanceSnapshot>,
+}
+
+/// One instance in a [`FleetSnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSnapshot {
+    /// Id, address and group.
+    pub backend: Backend,
+    /// The release it runs, `None` if it has none.
+    pub release: Option<ReleaseId>,
+}
+
+impl FleetSnapshot {
+    /// The instances' ids, in order.
+    pub fn ids(&self) -> Vec<InstanceId> {
+        self.instances.iter().map(|i| i.backend.id.clone()).collect()
+    }
+
+    /// The instances of one group, in order.
+    pub fn group<'a>(&'a self, group: &'a Group) -> impl Iterator<Item = &'a InstanceSnapshot> + 'a {
+        self.instances.iter().filter(move |i| &i.backend.group == group)
+    }
+}
+
+/// How many health probes to make and how far apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// Probes before giving up (at least 1).
+    pub retries: u32,
+    /// Wait between probes.
+    #[serde(with = "crate::duration_ms")]
+    pub interval: Duration,
+}
+
+impl Default for HealthCheck {
+    /// The seed's defaults: 3 probes, 10 s apart.
+    fn default() -> Self {
+        Self {
+            retries: 3,
+            interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the executor does when a unit fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "policy")]
+pub enum FailurePolicy {
+    /// Restore the failed instance to its previous release at once and count
+    /// it as failed; abort the deployment (rolling back every instance
+    /// already moved) once more than `max_failures` instances failed.
+    RestoreInstance {
+        /// Failures tolerated before the deployment aborts.
+        max_failures: usize,
+    },
+    /// Any failure aborts the deployment and rolls every touched instance
+    /// back.
+    AbortAll,
+}
+
+/// A complete deployment plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The strategy that produced it.
+    pub strategy: String,
+    /// The release being deployed.
+    pub release: ReleaseId,
+    /// Each instance's release before the deployment (what rollback returns
+    /// it to).
+    pub previous: BTreeMap<InstanceId, Option<ReleaseId>>,
+    /// What a failure does.
+    pub policy: FailurePolicy,
+    /// Health probing used by the plan and by any restore.
+    pub health: HealthCheck,
+    /// Drain timeout used by the plan and by any restore.
+    #[serde(with = "crate::duration_ms")]
+    pub drain_timeout: Duration,
+    /// How many instances a rollback moves at once.
+    pub rollback_batch: usize,
+    /// Instances already on the release, left alone.
+    pub skipped: Vec<InstanceId>,
+    /// The stages, run in order.
+    pub stages: Vec<Stage>,
+}
+
+/// Units that run concurrently.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stage {
+    /// A name for progress and logs (`batch 3/10`, `stabilise`).
+    pub name: String,
+    /// The units; all run at once.
+    pub units: Vec<Unit>,
+}
+
+/// Steps run in sequence, usually all on one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unit {
+    /// The instance the unit works on; a failure restores it. `None` for
+    /// units that touch no instance (a pause, a traffic change).
+    pub instance: Option<InstanceId>,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+}
+
+/// One action of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "step")]
+#[non_exhaustive]
+pub enum Step {
+    /// Stop sending new requests to the instance.
+    Drain {
+        /// The instance.
+        instance: InstanceId,
+    },
+    /// Wait until the instance has no connections left, at most `timeout`
+    /// (then proceed with a warning).
+    AwaitDrained {
+        /// The instance.
+        instance: InstanceId,
+        /// Upper bound of the wait.
+        #[serde(with = "crate::duration_ms")]
+        timeout: Duration,
+    },
+    /// Take the instance out of rotation at once.
+    Disable {
+        /// The instance.
+        instance: InstanceId,
+    },
+    /// Stop gracefully; force-stop when that fails or times out.
+    Stop {
+        /// The instance.
+        instance: InstanceId,
+    },
+    /// Install the release and make it current.
+    Install {
+        /// The instance.
+        instance: InstanceId,
+        /// The release.
+        release: ReleaseId,
+    },
+    /// Make a release the instance ran before current again.
+    Restore {
+        /// The instance.
+        instance: InstanceId,
+        /// The release to return to.
+        release: ReleaseId,
+    },
+    /// Start the application.
+    Start {
+        /// The instance.
+        instance: InstanceId,
+    },
+    /// Probe health up to `check.retries` times, `check.interval` apart.
+    AwaitHealthy {
+        /// The instance.
+        instance: InstanceId,
+        /// Probes and interval.
+        check: HealthCheck,
+    },
+    /// Put the instance back into rotation.
+    Enable {
+        /// The instance.
+        instance: InstanceId,
+    },
+    /// Wait (stabilisation between batches).
+    Pause {
+        /// How long.
+        #[serde(with = "crate::duration_ms")]
+        duration: Duration,
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// Split traffic between groups.
+    SetWeights {
+        /// The split.
+        weights: Vec<GroupWeight>,
+    },
+    /// Send all traffic to one group.
+    SwitchTo {
+        /// The group.
+        group: Group,
+    },
+}
+
+impl Step {
+    /// The step's kind as a short word (`drain`, `install`, …).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Step::Drain { .. } => "drain",
+            Step::AwaitDrained { .. } => "await_drained",
+            Step::Disable { .. } => "disable",
+            Step::Stop { .. } => "stop",
+            Step::Install { .. } => "install",
+            Step::Restore { .. } => "restore",
+            Step::Start { .. } => "start",
+            Step::AwaitHealthy { .. } => "await_healthy",
+            Step::Enable { .. } => "enable",
+            Step::Pause { .. } => "pause",
+            Step::SetWeights { .. } => "set_weights",
+            Step::SwitchTo { .. } => "switch_to",
+        }
+    }
+
+    /// The instance the step acts on, if any.
+    pub fn instance(&self) -> Option<&InstanceId> {
+        match self {
+            Step::Drain { instance }
+            | Step::AwaitDrained { instance, .. }
+            | Step::Disable { instance }
+            | Step::Stop { instance }
+            | Step::Install { instance, .. }
+            | Step::Restore { instance, .. }
+            | Step::Start { instance }
+            | Step::AwaitHealthy { instance, .. }
+            | Step::Enable { instance } => Some(instance),
+            Step::Pause { .. } | Step::SetWeights { .. } | Step::SwitchTo { .. } => None,
+        }
+    }
+
+    /// The shortest and longest time the step's own waits take (not counting
+    /// how long drivers take to answer).
+    pub fn waits(&self) -> (Duration, Duration) {
+        match self {
+            Step::AwaitDrained { timeout, .. } => (Duration::ZERO, *timeout),
+            Step::AwaitHealthy { check, .. } => {
+                (Duration::ZERO, check.interval * check.retries.saturating_sub(1))
+            }
+            Step::Pause { duration, .. } => (*duration, *duration),
+            _ => (Duration::ZERO, Duration::ZERO),
+        }
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Install { instance, release } => write!(f, "install {release} on {instance}"),
+            Step::Restore { instance, release } => write!(f, "restore {release} on {instance}"),
+            Step::AwaitDrained { instance, timeout } => {
+                write!(f, "await drained {instance} (at most {})", secs(*timeout))
+            }
+            Step::AwaitHealthy { instance, check } => write!(
+                f,
+                "await healthy {instance} ({} probes, {} apart)",
+                check.retries,
+                secs(check.interval)
+            ),
+            Step::Pause { duration, reason } => write!(f, "pause {} ({reason})", secs(*duration)),
+            Step::SetWeights { weights } => {
+                write!(f, "set weights")?;
+                for w in weights {
+                    write!(f, " {}={}%", w.group, w.percent)?;
+                }
+                Ok(())
+            }
+            Step::SwitchTo { group } => write!(f, "switch all traffic to {group}"),
+            other => match other.instance() {
+                Some(i) => write!(f, "{} {i}", other.kind()),
+                None => write!(f, "{}", other.kind()),
+            },
+        }
+    }
+}
+
+fn secs(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.3}s", d.as_secs_f64())
+    }
+}
+
+/// The projected duration of a plan from its configured waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Projection {
+    /// When every wait ends as early as it can (instant drains, first probe
+    /// healthy); pauses always count.
+    #[serde(with = "crate::duration_ms")]
+    pub min: Duration,
+    /// When every drain times out and every health check needs all its
+    /// probes.
+    #[serde(with = "crate::duration_ms")]
+    pub max: Duration,
+}
+
+impl Plan {
+    /// Every instance the plan touches, in order of first appearance.
+    pub fn instances(&self) -> Vec<InstanceId> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for stage in &self.stages {
+            for unit in &stage.units {
+                if let Some(i) = &unit.instance {
+                    if seen.insert(i.clone()) {
+                        out.push(i.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The projected duration from the configured waits (driver time not
+    /// included). A stage takes as long as its longest unit.
+    pub fn projected_duration(&self) -> Projection {
+        let mut min = Duration::ZERO;
+        let mut max = Duration::ZERO;
+        for stage in &self.stages {
+            let (mut smin, mut smax) = (Duration::ZERO, Duration::ZERO);
+            for unit in &stage.units {
+                let (umin, umax) = unit.steps.iter().fold((Duration::ZERO, Duration::ZERO), |a, s| {
+                    let (lo, hi) = s.waits();
+                    (a.0 + lo, a.1 + hi)
+                });
+                smin = smin.max(umin);
+                smax = smax.max(umax);
+            }
+            min += smin;
+            max += smax;
+        }
+        Projection { min, max }
+    }
+}
+
+impl fmt::Display for Plan {
+    /// The dry-run text: every stage, unit and step.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = self.projected_duration();
+        writeln!(
+            f,
+            "plan: {} deployment of {} to {} instance(s) in {} stage(s)",
+            self.strategy,
+            self.release,
+            self.instances().len(),
+            self.stages.len()
+        )?;
+        match self.policy {
+            FailurePolicy::RestoreInstance { max_failures } => writeln!(
+                f,
+                "on failure: restore the instance; abort and roll back when more than {max_failures} fail"
+            )?,
+            FailurePolicy::AbortAll => writeln!(f, "on failure: abort and roll back every instance")?,
+        }
+        if !self.skipped.is_empty() {
+            let skipped: Vec<_> = self.skipped.iter().map(|i| i.as_str()).collect();
+            writeln!(f, "already on {}: {}", self.release, skipped.join(", "))?;
+        }
+        writeln!(
+            f,
+            "projected duration: {} to {} (waits only)",
+            secs(p.min),
+            secs(p.max)
+        )?;
+        for (n, stage) in self.stages.iter().enumerate() {
+            writeln!(
+                f,
+                "stage {}: {} ({} unit(s) at once)",
+                n + 1,
+                stage.name,
+                stage.units.len()
+            )?;
+            for unit in &stage.units {
+                let steps: Vec<String> = unit.steps.iter().map(|s| s.to_string()).collect();
+                match &unit.instance {
+                    Some(i) => {
+                        let prev = self
+                            .previous
+                            .get(i)
+                            .and_then(|p| p.as_ref())
+                            .map(|p| p.as_str())
+                            .unwrap_or("none");
+                        writeln!(f, "  {i} ({prev} -> {}): {}", self.release, steps.join(" -> "))?
+                    }
+                    None => writeln!(f, "  {}", steps.join(" -> "))?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the executor knows about one instance while a deployment runs; the
+/// input of [`compensation_steps`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceProgress {
+    /// The release before the deployment.
+    pub previous: Option<ReleaseId>,
+    /// An install of the new release was attempted (so the current release
+    /// may be the new one).
+    pub release_changed: bool,
+    /// The instance is (or may be) receiving traffic from the load balancer.
+    pub in_rotation: bool,
+    /// The application is (or may be) running.
+    pub running: bool,
+}
+
+impl InstanceProgress {
+    /// An instance before the deployment touched it: running, in rotation.
+    pub fn untouched(previous: Option<ReleaseId>) -> Self {
+        Self {
+            previous,
+            release_changed: false,
+            in_rotation: true,
+            running: true,
+        }
+    }
+}
+
+/// The steps that bring one instance back to its previous release, serving
+/// traffic, given what was done to it.
+///
+/// * Release untouched and still running: only make sure it is enabled.
+/// * Release untouched but stopped: start, health, enable.
+/// * Release changed: drain if in rotation, stop, restore the previous
+///   release, start, health, enable. With no previous release to return to,
+///   the instance is stopped and left out of rotation.
+pub fn compensation_steps(
+    id: &InstanceId,
+    progress: &InstanceProgress,
+    health: HealthCheck,
+    drain_timeout: Duration,
+) -> Vec<Step> {
+    let instance = || id.clone();
+    let mut steps = Vec::new();
+    let bring_up = |steps: &mut Vec<Step>| {
+        steps.push(Step::Start { instance: instance() });
+        steps.push(Step::AwaitHealthy {
+            instance: instance(),
+            check: health,
+        });
+        steps.push(Step::Enable { instance: instance() });
+    };
+    if !progress.release_changed {
+        if progress.running {
+            steps.push(Step::Enable { instance: instance() });
+        } else {
+            bring_up(&mut steps);
+        }
+        return steps;
+    }
+    if progress.in_rotation {
+        steps.push(Step::Drain { instance: instance() });
+        steps.push(Step::AwaitDrained {
+            instance: instance(),
+            timeout: drain_timeout,
+        });
+    }
+    steps.push(Step::Stop { instance: instance() });
+    match &progress.previous {
+        Some(previous) => {
+            steps.push(Step::Restore {
+                instance: instance(),
+                release: previous.clone(),
+            });
+            bring_up(&mut steps);
+        }
+        None => steps.push(Step::Disable { instance: instance() }),
+    }
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> InstanceId {
+        InstanceId::new(s).unwrap()
+    }
+
+    #[test]
+    fn compensation_depends_on_progress() {
+        let hc = HealthCheck::default();
+        let dt = Duration::from_secs(30);
+        let v1 = Some(ReleaseId::new("v1").unwrap());
+        let untouched = InstanceProgress::untouched(v1.clone());
+        assert_eq!(
+            compensation_steps(&id("a"), &untouched, hc, dt),
+            vec![Step::Enable { instance: id("a") }]
+        );
+        let stopped = InstanceProgress {
+            running: false,
+            in_rotation: false,
+            ..untouched.clone()
+        };
+        let kinds: Vec<_> = compensation_steps(&id("a"), &stopped, hc, dt)
+            .iter()
+            .map(Step::kind)
+            .collect();
+        assert_eq!(kinds, ["start", "await_healthy", "enable"]);
+        let moved = InstanceProgress {
+            release_changed: true,
+            ..untouched.clone()
+        };
+        let kinds: Vec<_> = compensation_steps(&id("a"), &moved, hc, dt)
+            .iter()
+            .map(Step::kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "drain",
+                "await_drained",
+                "stop",
+                "restore",
+                "start",
+                "await_healthy",
+                "enable"
+            ]
+        );
+        let fresh = InstanceProgress {
+            previous: None,
+            release_changed: true,
+            in_rotation: false,
+            running: true,
+        };
+        let kinds: Vec<_> = compensation_steps(&id("a"), &fresh, hc, dt)
+            .iter()
+            .map(Step::kind)
+            .collect();
+        assert_eq!(kinds, ["stop", "disable"]);
+    }
+
+    #[test]
+    fn waits_and_display() {
+        let s = Step::AwaitHealthy {
+            instance: id("a"),
+            check: HealthCheck {
+                retries: 3,
+                interval: Duration::from_secs(10),
+            },
+        };
+        assert_eq!(s.waits(), (Duration::ZERO, Duration::from_secs(20)));
+        assert_eq!(s.to_string(), "await healthy a (3 probes, 10s apart)");
+        let p = Step::Pause {
+            duration: Duration::from_millis(1500),
+            reason: "stabilise".into(),
+        };
+        assert_eq!(p.to_string(), "pause 1.500s (stabilise)");
+    }
+}

@@ -1,0 +1,157 @@
+//! The outcome of a deployment.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::{InstanceId, ReleaseId};
+
+/// The outcome in one word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeKind {
+    /// Every instance runs the new release.
+    Succeeded,
+    /// Finished within the failure budget: some instances failed and stayed
+    /// on (or were restored to) their previous release. Not a success.
+    Degraded,
+    /// Aborted (failure budget exceeded, a failure under an abort-all
+    /// policy, or cancellation); every instance is back on its previous
+    /// release.
+    RolledBack,
+    /// Aborted, and at least one instance could not be restored: the fleet is
+    /// not on one known version. Those instances are kept out of rotation.
+    RollbackFailed,
+}
+
+/// What became of one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceStatus {
+    /// Not touched by the deployment.
+    Untouched,
+    /// Already on the release; left alone.
+    Skipped,
+    /// Now runs the new release and serves traffic.
+    Updated,
+    /// Failed; restored to its previous release and serving again.
+    FailedRestored,
+    /// Updated, then rolled back to its previous release by an abort.
+    RolledBack,
+    /// Failed and could not be restored; out of rotation, state unknown.
+    Unrecoverable,
+}
+
+/// The report for one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceReport {
+    /// The instance.
+    pub id: InstanceId,
+    /// What became of it.
+    pub status: InstanceStatus,
+    /// Its release before the deployment.
+    pub previous: Option<ReleaseId>,
+    /// Its release now, as far as the executor knows (`None` when unknown
+    /// or none).
+    pub release: Option<ReleaseId>,
+    /// The first error it met, if any.
+    pub error: Option<String>,
+}
+
+/// The result of a deployment: the outcome, a line per instance, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The deployment's id.
+    pub deployment: String,
+    /// The strategy.
+    pub strategy: String,
+    /// The release that was deployed.
+    pub release: ReleaseId,
+    /// The outcome.
+    pub outcome: OutcomeKind,
+    /// Why it is not a success, when it is not.
+    pub reason: Option<String>,
+    /// One entry per instance of the fleet, in fleet order.
+    pub instances: Vec<InstanceReport>,
+    /// Total duration (on the `tokio` clock).
+    #[serde(with = "crate::duration_ms")]
+    pub duration: Duration,
+}
+
+impl Report {
+    /// Whether every instance runs the new release.
+    pub fn is_success(&self) -> bool {
+        self.outcome == OutcomeKind::Succeeded
+    }
+
+    /// Instances on the new release.
+    pub fn succeeded(&self) -> Vec<&InstanceId> {
+        self.with(|s| matches!(s, InstanceStatus::Updated | InstanceStatus::Skipped))
+    }
+
+    /// Instances that failed (restored or not).
+    pub fn failed(&self) -> Vec<&InstanceId> {
+        self.with(|s| matches!(s, InstanceStatus::FailedRestored | InstanceStatus::Unrecoverable))
+    }
+
+    /// Instances that stayed on (or went back to) their previous release.
+    pub fn on_previous(&self) -> Vec<&InstanceId> {
+        self.with(|s| {
+            matches!(
+                s,
+                InstanceStatus::FailedRestored | InstanceStatus::RolledBack | InstanceStatus::Untouched
+            )
+        })
+    }
+
+    /// Instances in an unknown state.
+    pub fn unrecoverable(&self) -> Vec<&InstanceId> {
+        self.with(|s| s == InstanceStatus::Unrecoverable)
+    }
+
+    fn with(&self, f: impl Fn(InstanceStatus) -> bool) -> Vec<&InstanceId> {
+        self.instances
+            .iter()
+            .filter(|i| f(i.status))
+            .map(|i| &i.id)
+            .collect()
+    }
+}
+
+impl fmt::Display for Report {
+    /// The final summary (R6): counts, then the instances that are not on the
+    /// new release and why.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let outcome = match self.outcome {
+            OutcomeKind::Succeeded => "SUCCEEDED",
+            OutcomeKind::Degraded => "DEGRADED (finished within the failure budget)",
+            OutcomeKind::RolledBack => "ROLLED BACK",
+            OutcomeKind::RollbackFailed => "ROLLBACK FAILED",
+        };
+        writeln!(f, "deployment {} of {}: {outcome}", self.deployment, self.release)?;
+        writeln!(
+            f,
+            "  succeeded: {}  failed: {}  on previous release: {}  duration: {:.1}s",
+            self.succeeded().len(),
+            self.failed().len(),
+            self.on_previous().len(),
+            self.duration.as_secs_f64()
+        )?;
+        if let Some(r) = &self.reason {
+            writeln!(f, "  reason: {r}")?;
+        }
+        for i in &self.instances {
+            if matches!(i.status, InstanceStatus::Updated | InstanceStatus::Skipped) {
+                continue;
+            }
+            let release = i.release.as_ref().map(|r| r.as_str()).unwrap_or("unknown");
+            write!(f, "  {}: {:?}, on {release}", i.id, i.status)?;
+            if let Some(e) = &i.error {
+                write!(f, " ({e})")?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}

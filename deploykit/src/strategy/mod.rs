@@ -1,0 +1,220 @@
+//! The strategies: each compiles a fleet and a release into a [`Plan`](crate::Plan).
+//!
+//! * [`Rolling`] — batches of instances, drained and replaced concurrently
+//!   within a batch, with a failure budget (SPEC R1–R7).
+//! * [`Recreate`] — stop all, install, start all: the baseline with downtime
+//!   (SPEC X1).
+
+mod recreate;
+mod rolling;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use recreate::Recreate;
+pub use rolling::Rolling;
+
+use crate::error::{Error, Result};
+use crate::names::ReleaseId;
+use crate::plan::FleetSnapshot;
+
+/// A number of instances, given as a count or as a percent of a total.
+///
+/// Parses from `"3"` or `"25%"`. A percent rounds down and, where it is used
+/// as a batch size, never below 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "CountOrPercentRepr", into = "String")]
+pub enum CountOrPercent {
+    /// An absolute count.
+    Count(usize),
+    /// A percent (0–100) of the total.
+    Percent(u8),
+}
+
+impl CountOrPercent {
+    /// Resolves against `total`: a count as is, a percent rounded down.
+    pub fn of(self, total: usize) -> usize {
+        match self {
+            CountOrPercent::Count(n) => n,
+            CountOrPercent::Percent(p) => total * usize::from(p) / 100,
+        }
+    }
+
+    /// Parses `"3"` or `"25%"`, naming `field` in the error.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for anything but a non-negative whole number
+    /// or a whole percent from 0 to 100.
+    pub fn parse(field: &str, text: &str) -> Result<Self> {
+        let t = text.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            match p.trim().parse::<u8>() {
+                Ok(v) if v <= 100 => Ok(CountOrPercent::Percent(v)),
+                _ => Err(Error::invalid(
+                    field,
+                    format!("{text:?} is not a percent from 0% to 100%; write e.g. \"25%\""),
+                )),
+            }
+        } else {
+            t.parse::<usize>().map(CountOrPercent::Count).map_err(|_| {
+                Error::invalid(
+                    field,
+                    format!("{text:?} is not a whole number >= 0 or a percent; write e.g. \"2\" or \"25%\""),
+                )
+            })
+        }
+    }
+}
+
+impl fmt::Display for CountOrPercent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CountOrPercent::Count(n) => write!(f, "{n}"),
+            CountOrPercent::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl From<CountOrPercent> for String {
+    fn from(c: CountOrPercent) -> String {
+        c.to_string()
+    }
+}
+
+impl FromStr for CountOrPercent {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::parse("value", s)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CountOrPercentRepr {
+    Int(i64),
+    Text(String),
+}
+
+impl TryFrom<CountOrPercentRepr> for CountOrPercent {
+    type Error = String;
+    fn try_from(r: CountOrPercentRepr) -> std::result::Result<Self, String> {
+        match r {
+            CountOrPercentRepr::Int(n) => usize::try_from(n)
+                .map(CountOrPercent::Count)
+                .map_err(|_| format!("{n} is negative; use a whole number >= 0 or a percent like \"25%\"")),
+            CountOrPercentRepr::Text(t) => CountOrPercent::parse("value", &t).map_err(|e| match e {
+                Error::InvalidInput { message, .. } => message,
+                other => other.to_string(),
+            }),
+        }
+    }
+}
+
+/// Parses a duration such as `"30s"`, `"500ms"`, `"5m"`, `"1h"` or a bare
+/// number of seconds, naming `field` in the error.
+///
+/// # Errors
+/// [`Error::InvalidInput`] for negative, non-numeric or unit-less-but-
+/// fractional text, or an unknown unit.
+pub fn parse_duration(field: &str, text: &str) -> Result<Duration> {
+    let t = text.trim();
+    let bad = || {
+        Error::invalid(
+            field,
+            format!("{text:?} is not a duration; write e.g. \"30s\", \"500ms\", \"5m\" or \"1h\""),
+        )
+    };
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() || num.starts_with('.') {
+        return Err(bad());
+    }
+    let value: f64 = num.parse().map_err(|_| bad())?;
+    let scale = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" | "mins" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(bad()),
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub(crate) fn previous_map(
+    fleet: &FleetSnapshot,
+) -> std::collections::BTreeMap<crate::InstanceId, Option<ReleaseId>> {
+    fleet
+        .instances
+        .iter()
+        .map(|i| (i.backend.id.clone(), i.release.clone()))
+        .collect()
+}
+
+/// Checks a fleet for what every strategy needs: at least one instance and
+/// unique ids.
+pub(crate) fn check_fleet(fleet: &FleetSnapshot) -> Result<()> {
+    if fleet.instances.is_empty() {
+        return Err(Error::invalid(
+            "instances",
+            "the fleet is empty; add at least one instance",
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for i in &fleet.instances {
+        if !seen.insert(&i.backend.id) {
+            return Err(Error::invalid(
+                "instances",
+                format!(
+                    "the instance id {} appears more than once; give every instance its own id",
+                    i.backend.id
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_or_percent_parses() {
+        assert_eq!(CountOrPercent::parse("f", "3").unwrap(), CountOrPercent::Count(3));
+        assert_eq!(
+            CountOrPercent::parse("f", "25%").unwrap(),
+            CountOrPercent::Percent(25)
+        );
+        assert_eq!(CountOrPercent::Percent(25).of(10), 2);
+        for bad in ["-1", "abc", "101%", "2.5", "%", ""] {
+            let e = CountOrPercent::parse("max_failures", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("max_failures"), "{bad}: {e}");
+        }
+        let v: CountOrPercent = serde_json::from_str("\"10%\"").unwrap();
+        assert_eq!(v, CountOrPercent::Percent(10));
+        assert!(serde_json::from_str::<CountOrPercent>("-2").is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("t", "30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("t", "500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("t", "5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("t", "2").unwrap(), Duration::from_secs(2));
+        for bad in ["-5s", "abc", "5x", "", "s", ".5s"] {
+            let e = parse_duration("drain_timeout", bad).unwrap_err().to_string();
+            assert!(e.contains("drain_timeout"), "{bad}: {e}");
+        }
+    }
+}

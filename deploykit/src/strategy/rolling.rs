@@ -1,0 +1,199 @@
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{check_fleet, previous_map, CountOrPercent};
+use crate::error::{Error, Result};
+use crate::names::ReleaseId;
+use crate::plan::{FailurePolicy, FleetSnapshot, HealthCheck, Plan, Stage, Step, Unit};
+use crate::traits::Strategy;
+
+/// Rolling deployment (SPEC R1–R7).
+///
+/// Instances are replaced in batches of [`batch_size`](Self::batch_size);
+/// the instances of a batch are replaced *concurrently*, each one: drain →
+/// wait until drained (at most [`drain_timeout`](Self::drain_timeout), then
+/// proceed with a warning) → stop (force-stop if the graceful stop fails) →
+/// install → start → health check → enable. An instance that fails is
+/// restored to its previous release at once and counted; once more than
+/// [`max_failures`](Self::max_failures) instances have failed the deployment
+/// aborts and every instance already moved is rolled back, so the fleet ends
+/// on one version. Between batches the deployment waits
+/// [`stabilisation`](Self::stabilisation).
+///
+/// Instances already on the release are skipped, so deploying the same
+/// release again is a no-op.
+///
+/// ```
+/// use deploykit::{CountOrPercent, Rolling};
+/// let rolling = Rolling {
+///     batch_size: CountOrPercent::Percent(25),
+///     max_failures: CountOrPercent::Count(0),
+///     ..Rolling::default()
+/// };
+/// assert_eq!(rolling.health.retries, 3);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Rolling {
+    /// Instances replaced at once: a count, or a percent of the fleet
+    /// (rounded down, never below 1). Default 1. This is also the most
+    /// instances out of rotation at any time.
+    pub batch_size: CountOrPercent,
+    /// Failed instances tolerated before the deployment aborts and rolls
+    /// back: a count, or a percent of the instances being updated (rounded
+    /// down). Default 1 (the seed's `MAX_UNAVAILABLE`).
+    pub max_failures: CountOrPercent,
+    /// Health probes after start. Default 3 probes, 10 s apart.
+    pub health: HealthCheck,
+    /// Upper bound of the wait for connections to drain. Default 30 s.
+    #[serde(with = "crate::duration_ms")]
+    pub drain_timeout: Duration,
+    /// Wait between batches; `None` means the health interval (as in the
+    /// seed). Default `None`.
+    #[serde(with = "opt_ms")]
+    pub stabilisation: Option<Duration>,
+}
+
+mod opt_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
+}
+
+impl Default for Rolling {
+    fn default() -> Self {
+        Self {
+            batch_size: CountOrPercent::Count(1),
+            max_failures: CountOrPercent::Count(1),
+            health: HealthCheck::default(),
+            drain_timeout: Duration::from_secs(30),
+            stabilisation: None,
+        }
+    }
+}
+
+impl Rolling {
+    /// Checks the parameters.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming `batch_size` (0, or a percent outside
+    /// 1–100) or `health.retries` (0).
+    pub fn validate(&self) -> Result<()> {
+        match self.batch_size {
+            CountOrPercent::Count(0) => {
+                return Err(Error::invalid(
+                    "batch_size",
+                    "is 0; use a count >= 1 or a percent from 1% to 100%",
+                ))
+            }
+            CountOrPercent::Percent(p) if !(1..=100).contains(&p) => {
+                return Err(Error::invalid(
+                    "batch_size",
+                    format!("{p}% is outside 1%-100%; use a count >= 1 or a percent from 1% to 100%"),
+                ))
+            }
+            _ => {}
+        }
+        if self.health.retries == 0 {
+            return Err(Error::invalid(
+                "health.retries",
+                "is 0; at least 1 probe is needed",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The batch size for a fleet of `total` instances.
+    pub fn resolved_batch(&self, total: usize) -> usize {
+        self.batch_size.of(total).max(1)
+    }
+}
+
+impl Strategy for Rolling {
+    fn name(&self) -> &'static str {
+        "rolling"
+    }
+
+    fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
+        self.validate()?;
+        check_fleet(fleet)?;
+        let batch = self.resolved_batch(fleet.instances.len());
+        let (skipped, todo): (Vec<_>, Vec<_>) = fleet
+            .instances
+            .iter()
+            .partition(|i| i.release.as_ref() == Some(release));
+        let max_failures = self.max_failures.of(todo.len());
+        let batches: Vec<_> = todo.chunks(batch).collect();
+        let count = batches.len();
+        let stabilise = self.stabilisation.unwrap_or(self.health.interval);
+        let mut stages = Vec::new();
+        for (n, chunk) in batches.into_iter().enumerate() {
+            if n > 0 && !stabilise.is_zero() {
+                stages.push(Stage {
+                    name: "stabilise".into(),
+                    units: vec![Unit {
+                        instance: None,
+                        steps: vec![Step::Pause {
+                            duration: stabilise,
+                            reason: "stabilisation between batches".into(),
+                        }],
+                    }],
+                });
+            }
+            let units = chunk
+                .iter()
+                .map(|i| {
+                    let instance = || i.backend.id.clone();
+                    Unit {
+                        instance: Some(instance()),
+                        steps: vec![
+                            Step::Drain { instance: instance() },
+                            Step::AwaitDrained {
+                                instance: instance(),
+                                timeout: self.drain_timeout,
+                            },
+                            Step::Stop { instance: instance() },
+                            Step::Install {
+                                instance: instance(),
+                                release: release.clone(),
+                            },
+                            Step::Start { instance: instance() },
+                            Step::AwaitHealthy {
+                                instance: instance(),
+                                check: self.health,
+                            },
+                            Step::Enable { instance: instance() },
+                        ],
+                    }
+                })
+                .collect();
+            stages.push(Stage {
+                name: format!("batch {}/{count}", n + 1),
+                units,
+            });
+        }
+        Ok(Plan {
+            strategy: self.name().into(),
+            release: release.clone(),
+            previous: previous_map(fleet),
+            policy: FailurePolicy::RestoreInstance { max_failures },
+            health: self.health,
+            drain_timeout: self.drain_timeout,
+            rollback_batch: batch,
+            skipped: skipped.iter().map(|i| i.backend.id.clone()).collect(),
+            stages,
+        })
+    }
+}

@@ -1,0 +1,310 @@
+//! The four core traits: [`Instance`], [`LoadBalancer`], [`MetricsSource`]
+//! and [`Strategy`].
+//!
+//! This module imports nothing from the engines or the drivers: drivers
+//! implement these traits, engines consume them.
+//!
+//! # Contracts
+//!
+//! Every method documents three guarantees:
+//!
+//! * **Idempotent** — whether calling it twice has the same effect as once.
+//!   The executor retries a *transient* [`DriverError`] only on idempotent
+//!   methods.
+//! * **Cancel-safe** — what happens if the returned future is dropped before
+//!   it completes (the executor applies timeouts by dropping futures).
+//! * **On failure** — what state an `Err` leaves behind, so the executor
+//!   knows what it must undo.
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DriverError, Result};
+use crate::names::{Address, Group, InstanceId, ReleaseId};
+use crate::plan::{FleetSnapshot, Plan};
+
+/// What identifies an instance to a load balancer: its id, address and
+/// group. Cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Backend {
+    /// The instance id (used as the server name by drivers that name servers).
+    pub id: InstanceId,
+    /// Where the load balancer sends its traffic.
+    pub address: Address,
+    /// The track (canary) or environment (blue-green) the instance belongs to.
+    pub group: Group,
+}
+
+/// The answer of one health probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Health {
+    /// The instance serves correctly.
+    Healthy,
+    /// The instance answered but is not healthy; the reason says what came
+    /// back (status, body excerpt).
+    Unhealthy(String),
+}
+
+impl Health {
+    /// Whether this is [`Health::Healthy`].
+    pub fn is_healthy(&self) -> bool {
+        matches!(self, Health::Healthy)
+    }
+}
+
+/// One machine, container or process that runs a release of the application.
+///
+/// An instance has a *current release* (the one it runs, or would run when
+/// started) and keeps the releases it ran before, so it can be restored to
+/// one of them. Implementations: the testkit's `FakeInstance`, and the
+/// local-process, SSH and systemd drivers.
+#[async_trait]
+pub trait Instance: Send + Sync + Debug {
+    /// The instance's id, address and group. Never changes.
+    fn backend(&self) -> &Backend;
+
+    /// The release the instance currently runs (or runs when started); `None`
+    /// for a fresh instance with no release.
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed.
+    async fn current_release(&self) -> Result<Option<ReleaseId>, DriverError>;
+
+    /// Stops the application gracefully (SIGTERM or the service manager's
+    /// stop), letting in-flight requests finish.
+    ///
+    /// * Idempotent: yes; stopping a stopped instance succeeds.
+    /// * Cancel-safe: yes; the stop may or may not have been delivered, and a
+    ///   later `stop` or [`force_stop`](Self::force_stop) finishes it.
+    /// * On failure: the application may still be running; the executor
+    ///   follows a failed or timed-out `stop` with `force_stop`.
+    async fn stop(&self) -> Result<(), DriverError>;
+
+    /// Kills the application (SIGKILL or equivalent) without waiting.
+    ///
+    /// * Idempotent: yes.
+    /// * Cancel-safe: yes.
+    /// * On failure: the instance is in an unknown running state; the
+    ///   executor keeps it out of rotation and reports it.
+    async fn force_stop(&self) -> Result<(), DriverError>;
+
+    /// Installs `release` and makes it the current release (for example: lay
+    /// out `releases/<id>`, then swap the `current` symlink atomically). Does
+    /// not start it. The previously current release stays installed so
+    /// [`restore`](Self::restore) can return to it.
+    ///
+    /// * Idempotent: yes; installing the current release again is a no-op or
+    ///   a reinstall with the same result.
+    /// * Cancel-safe: yes; a cancelled install leaves either the old or the
+    ///   new release current, never a half-written one (the swap is the last,
+    ///   atomic action).
+    /// * On failure: the previous release is still current, or `restore`
+    ///   brings it back.
+    async fn install(&self, release: &ReleaseId) -> Result<(), DriverError>;
+
+    /// Makes `release` — one the instance ran before — current again. Does
+    /// not start it.
+    ///
+    /// * Idempotent: yes.
+    /// * Cancel-safe: yes, as for `install`.
+    /// * On failure: the current release is unchanged.
+    async fn restore(&self, release: &ReleaseId) -> Result<(), DriverError>;
+
+    /// Starts the application on its current release. Returns once the start
+    /// was delivered; readiness is checked with [`health`](Self::health).
+    ///
+    /// * Idempotent: yes; starting a running instance succeeds.
+    /// * Cancel-safe: yes; the process may or may not have been started.
+    /// * On failure: the application may be partly started; the executor
+    ///   stops it before restoring.
+    async fn start(&self) -> Result<(), DriverError>;
+
+    /// Probes health once. `Ok(Health::Unhealthy(_))` is an answer;
+    /// `Err` means the probe itself could not be made (both count as not
+    /// healthy).
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed.
+    async fn health(&self) -> Result<Health, DriverError>;
+
+    /// Requests in flight on the instance itself, if the instance can tell
+    /// (`None` when it cannot). Used with
+    /// [`LoadBalancer::active_connections`] to confirm a drain.
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed.
+    async fn active_connections(&self) -> Result<Option<u64>, DriverError> {
+        Ok(None)
+    }
+}
+
+/// How much of a group's traffic a weight asks for, in percent (0–100).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupWeight {
+    /// The group.
+    pub group: Group,
+    /// Its share of traffic, 0–100. The shares passed together sum to 100.
+    pub percent: u8,
+}
+
+/// Something that routes traffic to backends: nginx, HAProxy, a symlink, a
+/// fake.
+///
+/// A backend is *in rotation* when it is enabled and its group has a
+/// non-zero share of traffic. Every change returns only once the load
+/// balancer has confirmed it (config reloaded, runtime state read back).
+#[async_trait]
+pub trait LoadBalancer: Send + Sync + Debug {
+    /// A short name for events and errors (`nginx`, `haproxy`, `fake`).
+    fn name(&self) -> &str;
+
+    /// Stops sending *new* requests to `backend`; requests in flight finish.
+    /// Completion is confirmed separately with
+    /// [`active_connections`](Self::active_connections).
+    ///
+    /// * Idempotent: yes.
+    /// * Cancel-safe: yes; the backend is either still in rotation or
+    ///   draining.
+    /// * On failure: the backend is still in rotation.
+    async fn drain(&self, backend: &Backend) -> Result<(), DriverError>;
+
+    /// Connections or requests the load balancer still has open to
+    /// `backend`, or `None` when it cannot tell (then the executor waits the
+    /// full drain timeout unless the instance can tell).
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed.
+    async fn active_connections(&self, backend: &Backend) -> Result<Option<u64>, DriverError>;
+
+    /// Puts `backend` back into rotation.
+    ///
+    /// * Idempotent: yes.
+    /// * Cancel-safe: yes; the backend is either in or out of rotation.
+    /// * On failure: the backend is still out of rotation.
+    async fn enable(&self, backend: &Backend) -> Result<(), DriverError>;
+
+    /// Takes `backend` out of rotation at once (maintenance), without
+    /// waiting for in-flight requests.
+    ///
+    /// * Idempotent: yes.
+    /// * Cancel-safe: yes.
+    /// * On failure: the backend may still be in rotation.
+    async fn disable(&self, backend: &Backend) -> Result<(), DriverError>;
+
+    /// Splits traffic between groups by percent (canary). Groups not named
+    /// get 0 %. A 0 % group receives no new requests.
+    ///
+    /// * Idempotent: yes.
+    /// * Cancel-safe: yes; either the old or the new split is live.
+    /// * On failure: the previous split is still live.
+    async fn set_weights(&self, weights: &[GroupWeight]) -> Result<(), DriverError>;
+
+    /// Sends all traffic to `group` at once (blue-green), atomically: no
+    /// request sees a state in between.
+    ///
+    /// * Idempotent: yes.
+    /// * Cancel-safe: yes; either the old or the new group is live.
+    /// * On failure: the previously live group is still live.
+    async fn switch_to(&self, group: &Group) -> Result<(), DriverError>;
+
+    /// The group receiving all traffic, if exactly one does; `None` when
+    /// traffic is split or the load balancer cannot tell. Used to reconcile
+    /// recorded state with reality.
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed.
+    async fn live_group(&self) -> Result<Option<Group>, DriverError> {
+        Ok(None)
+    }
+}
+
+/// A metric the canary analysis reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Fraction of requests answered with 5xx, 0.0–1.0.
+    ErrorRate,
+    /// 99th-percentile latency, in seconds.
+    LatencyP99,
+    /// Requests served in the window.
+    RequestCount,
+}
+
+/// What a metrics source answered for one query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "value")]
+pub enum Observation {
+    /// A finite value.
+    Value(f64),
+    /// The query ran but there is no data (empty result, NaN, no traffic).
+    /// Never to be read as healthy.
+    NoData,
+    /// The provider could not answer (unreachable, error status, bad body).
+    ProviderError(String),
+}
+
+/// A source of per-group metrics: Prometheus, a fake.
+#[async_trait]
+pub trait MetricsSource: Send + Sync + Debug {
+    /// Reads `metric` for the instances of `group` over the trailing
+    /// `window`.
+    ///
+    /// Never returns `Err`: a provider failure is
+    /// [`Observation::ProviderError`], so the analysis counts it.
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed.
+    async fn observe(&self, metric: Metric, group: &Group, window: Duration) -> Observation;
+}
+
+/// A deployment strategy: turns a fleet and a release into a [`Plan`].
+///
+/// Strategies are pure: they touch nothing, so a plan can be printed (dry
+/// run), compared in tests, and executed by the one
+/// [`Executor`](crate::Executor).
+pub trait Strategy: Send + Sync + Debug {
+    /// The strategy's name (`rolling`, `recreate`, …).
+    fn name(&self) -> &'static str;
+
+    /// Checks the strategy's parameters against the fleet and compiles the
+    /// plan.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) naming the field,
+    /// before anything is touched.
+    fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn _object_safe(
+        _: Box<dyn Instance>,
+        _: Box<dyn LoadBalancer>,
+        _: Box<dyn MetricsSource>,
+        _: Box<dyn Strategy>,
+    ) {
+    }
+
+    fn _send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn trait_objects_are_send_and_sync() {
+        _send_sync::<Box<dyn Instance>>();
+        _send_sync::<Box<dyn LoadBalancer>>();
+        _send_sync::<Box<dyn MetricsSource>>();
+        _send_sync::<Box<dyn Strategy>>();
+        assert!(Health::Healthy.is_healthy());
+        assert!(!Health::Unhealthy("503".into()).is_healthy());
+    }
+}

@@ -1,0 +1,1 @@
+//! Runnable examples of embedding deploykit; see the `examples/` directory.
