@@ -1,0 +1,4 @@
+//! Virtual-time tests of the deploykit engines on the testkit's fakes. One
+//! test binary, a module per area.
+
+mod rolling;
