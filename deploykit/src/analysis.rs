@@ -1,0 +1,645 @@
+//! Canary analysis: the rules that decide whether a canary is healthy, and
+//! the typed result of each check (SPEC C4, C5).
+//!
+//! This module is pure logic: it reads [`Observation`]s and returns a
+//! [`CheckOutcome`]; the executor fetches the observations from a
+//! [`MetricsSource`](crate::MetricsSource) every check interval and feeds
+//! each outcome to an [`Analyzer`], which says when to roll back.
+//!
+//! # The rules
+//!
+//! A check **fails** when any of these holds (values are from the trailing
+//! [`window`](AnalysisRules::window)):
+//!
+//! 1. the canary's error rate is above
+//!    [`error_threshold`](AnalysisRules::error_threshold) (default 1 %);
+//! 2. the canary's p99 latency is above
+//!    [`latency_threshold`](AnalysisRules::latency_threshold) (default
+//!    500 ms);
+//! 3. the canary's error rate is above
+//!    [`max_error_ratio`](AnalysisRules::max_error_ratio) (default 2) times
+//!    the stable track's — **but only when the canary's error rate is above
+//!    [`ratio_floor`](AnalysisRules::ratio_floor)** (default 0.1 %).
+//!
+//! The floor is the stable-is-0 guard: when the stable track has no errors
+//! at all, "twice stable's error rate" is 0, and a single failed request on
+//! the canary would be "infinitely worse". Below the floor errors are too few
+//! to compare, so the relative rule does not apply; above it, a canary
+//! erring where stable does not is a real difference and fails (stable 0 %,
+//! canary 0.5 % → fail; stable 0 %, canary 0.05 % → pass). When the stable
+//! track has no data (for instance at a 100 % canary stage, where stable
+//! receives no traffic) the relative rule is skipped and the absolute rules
+//! still apply.
+//!
+//! # No data is never healthy
+//!
+//! A check with a missing canary metric (empty result, `NaN`, no traffic) is
+//! [`CheckOutcome::NoData`]; one the provider could not answer is
+//! [`CheckOutcome::ProviderError`]. Neither counts as a pass: both count
+//! towards [`inconclusive_limit`](AnalysisRules::inconclusive_limit)
+//! consecutive inconclusive checks (default 4, as Argo Rollouts'
+//! `consecutiveErrorLimit`), after which the canary is rolled back. With
+//! [`min_requests`](AnalysisRules::min_requests) set, a check whose canary
+//! served fewer requests in the window is `NoData` too. A definite breach
+//! always wins: a canary with a 100 % error rate fails even if its request
+//! count or latency is missing.
+//!
+//! ```
+//! use deploykit::analysis::{AnalysisRules, CheckOutcome, Observations};
+//! use deploykit::Observation;
+//!
+//! let rules = AnalysisRules::default();
+//! // Stable errs 0.4 %, canary 0.9 %: under the 1 % threshold, but more
+//! // than twice stable's rate.
+//! let obs = Observations {
+//!     canary_error_rate: Observation::Value(0.009),
+//!     canary_p99: Observation::Value(0.120),
+//!     stable_error_rate: Observation::Value(0.004),
+//!     canary_requests: None,
+//! };
+//! assert!(matches!(rules.evaluate(2, &obs), CheckOutcome::Fail { .. }));
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::names::Group;
+use crate::traits::Observation;
+
+/// The thresholds and limits of the canary analysis.
+///
+/// Rates are fractions (0.01 is 1 %). Check them with
+/// [`validate`](Self::validate); strategies do so when they plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnalysisRules {
+    /// The highest acceptable canary error rate, a fraction. Default 0.01
+    /// (1 %).
+    pub error_threshold: f64,
+    /// The highest acceptable canary p99 latency. Default 500 ms.
+    #[serde(with = "crate::duration_ms")]
+    pub latency_threshold: Duration,
+    /// The canary fails when its error rate is above this many times the
+    /// stable track's. Default 2.
+    pub max_error_ratio: f64,
+    /// The relative rule applies only above this canary error rate (the
+    /// stable-is-0 guard; see the [module docs](self)). Default 0.001
+    /// (0.1 %).
+    pub ratio_floor: f64,
+    /// Requests the canary must have served in the window before a check can
+    /// pass; `0` for no minimum. Default 0.
+    pub min_requests: u64,
+    /// Consecutive inconclusive checks (no data or provider errors) after
+    /// which the canary is rolled back. Default 4.
+    pub inconclusive_limit: u32,
+    /// The trailing window each query covers. Default 5 min (as in the
+    /// seed's `[5m]`).
+    #[serde(with = "crate::duration_ms")]
+    pub window: Duration,
+}
+
+// `validate` rejects NaN thresholds and JSON cannot carry NaN, so equality
+// is reflexive for every value a plan can hold.
+impl Eq for AnalysisRules {}
+
+impl Default for AnalysisRules {
+    fn default() -> Self {
+        Self {
+            error_threshold: 0.01,
+            latency_threshold: Duration::from_millis(500),
+            max_error_ratio: 2.0,
+            ratio_floor: 0.001,
+            min_requests: 0,
+            inconclusive_limit: 4,
+            window: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What one check read from the metrics source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Observations {
+    /// The canary's error rate (fraction).
+    pub canary_error_rate: Observation,
+    /// The canary's p99 latency (seconds).
+    pub canary_p99: Observation,
+    /// The stable track's error rate (fraction).
+    pub stable_error_rate: Observation,
+    /// The canary's request count in the window; `None` when no minimum is
+    /// required (then it is not queried).
+    pub canary_requests: Option<Observation>,
+}
+
+/// Which rule a failed check broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnalysisMetric {
+    /// The canary's error rate against `error_threshold`.
+    ErrorRate,
+    /// The canary's p99 latency (seconds) against `latency_threshold`.
+    LatencyP99,
+    /// The canary's error rate against `max_error_ratio` × stable's.
+    ErrorRateVsStable,
+}
+
+impl fmt::Display for AnalysisMetric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AnalysisMetric::ErrorRate => "canary error rate",
+            AnalysisMetric::LatencyP99 => "canary p99 latency",
+            AnalysisMetric::ErrorRateVsStable => "canary error rate relative to stable",
+        })
+    }
+}
+
+/// The typed result of one check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum CheckOutcome {
+    /// Every rule held, with enough data.
+    Pass,
+    /// A rule was broken.
+    Fail {
+        /// Which rule.
+        metric: AnalysisMetric,
+        /// The canary's value (error rate as a fraction, latency in
+        /// seconds).
+        value: f64,
+        /// The limit it went over, in the same unit (for the relative rule:
+        /// `max_error_ratio` × stable's error rate).
+        threshold: f64,
+        /// The canary stage (1-based) the check ran in.
+        stage: usize,
+    },
+    /// Not enough data to judge (empty result, `NaN`, no or too little
+    /// traffic). Never healthy.
+    NoData {
+        /// What was missing.
+        reason: String,
+    },
+    /// The metrics provider could not answer. Never healthy.
+    ProviderError {
+        /// The provider's error.
+        message: String,
+    },
+}
+
+impl CheckOutcome {
+    /// Whether the check counts towards the inconclusive limit.
+    pub fn is_inconclusive(&self) -> bool {
+        matches!(self, CheckOutcome::NoData { .. } | CheckOutcome::ProviderError { .. })
+    }
+}
+
+impl fmt::Display for CheckOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckOutcome::Pass => f.write_str("pass"),
+            CheckOutcome::Fail {
+                metric,
+                value,
+                threshold,
+                stage,
+            } => match metric {
+                AnalysisMetric::LatencyP99 => write!(
+                    f,
+                    "{metric} {:.0} ms > threshold {:.0} ms at stage {stage}",
+                    value * 1000.0,
+                    threshold * 1000.0
+                ),
+                _ => write!(
+                    f,
+                    "{metric} {:.3} % > threshold {:.3} % at stage {stage}",
+                    value * 100.0,
+                    threshold * 100.0
+                ),
+            },
+            CheckOutcome::NoData { reason } => write!(f, "no data ({reason})"),
+            CheckOutcome::ProviderError { message } => write!(f, "metrics provider error ({message})"),
+        }
+    }
+}
+
+impl AnalysisRules {
+    /// Checks the thresholds.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming `analysis.error_threshold` (not within
+    /// 0–1), `analysis.latency_threshold` (0), `analysis.max_error_ratio`
+    /// (not finite or below 1), `analysis.ratio_floor` (not within 0–1),
+    /// `analysis.inconclusive_limit` (0) or `analysis.window` (under 1 s).
+    pub fn validate(&self) -> Result<()> {
+        let fraction = |field: &str, v: f64, example: &str| {
+            if v.is_finite() && (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(Error::invalid(
+                    field,
+                    format!("{v} is not a fraction from 0 to 1; write e.g. {example}"),
+                ))
+            }
+        };
+        fraction("analysis.error_threshold", self.error_threshold, "0.01 for 1 %")?;
+        fraction("analysis.ratio_floor", self.ratio_floor, "0.001 for 0.1 %")?;
+        if self.latency_threshold.is_zero() {
+            return Err(Error::invalid(
+                "analysis.latency_threshold",
+                "is 0; every request would fail it; write e.g. \"500ms\"",
+            ));
+        }
+        if !(self.max_error_ratio.is_finite() && self.max_error_ratio >= 1.0) {
+            return Err(Error::invalid(
+                "analysis.max_error_ratio",
+                format!(
+                    "{} must be a number >= 1 (the canary may err this many times as often as stable); write e.g. 2",
+                    self.max_error_ratio
+                ),
+            ));
+        }
+        if self.inconclusive_limit == 0 {
+            return Err(Error::invalid(
+                "analysis.inconclusive_limit",
+                "is 0; at least 1 inconclusive check must be allowed (default 4)",
+            ));
+        }
+        if self.window < Duration::from_secs(1) {
+            return Err(Error::invalid(
+                "analysis.window",
+                "is under 1s; a rate needs a window of at least a few scrape intervals, e.g. \"5m\"",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Judges one check of canary stage `stage` (1-based).
+    pub fn evaluate(&self, stage: usize, obs: &Observations) -> CheckOutcome {
+        let fail = |metric, value, threshold| CheckOutcome::Fail {
+            metric,
+            value,
+            threshold,
+            stage,
+        };
+        let canary_err = value_of(&obs.canary_error_rate);
+        let canary_p99 = value_of(&obs.canary_p99);
+        // 1. Absolute error rate.
+        if let Some(e) = canary_err {
+            if e > self.error_threshold {
+                return fail(AnalysisMetric::ErrorRate, e, self.error_threshold);
+            }
+        }
+        // 2. Latency.
+        let latency_limit = self.latency_threshold.as_secs_f64();
+        if let Some(l) = canary_p99 {
+            if l > latency_limit {
+                return fail(AnalysisMetric::LatencyP99, l, latency_limit);
+            }
+        }
+        // 3. Relative to stable, above the floor only.
+        if let (Some(e), Some(s)) = (canary_err, value_of(&obs.stable_error_rate)) {
+            let limit = self.max_error_ratio * s;
+            if e > self.ratio_floor && e > limit {
+                return fail(AnalysisMetric::ErrorRateVsStable, e, limit);
+            }
+        }
+        // No breach: is there enough data to call it a pass?
+        let mut inputs = vec![
+            ("canary error rate", &obs.canary_error_rate),
+            ("canary p99 latency", &obs.canary_p99),
+            ("stable error rate", &obs.stable_error_rate),
+        ];
+        if let Some(r) = &obs.canary_requests {
+            inputs.push(("canary request count", r));
+        }
+        for (what, o) in &inputs {
+            if let Observation::ProviderError(m) = o {
+                return CheckOutcome::ProviderError {
+                    message: format!("{what}: {m}"),
+                };
+            }
+        }
+        // Stable having no data is not inconclusive: the relative rule is
+        // skipped (e.g. stable receives no traffic at a 100 % stage).
+        for (what, o) in inputs.iter().filter(|(w, _)| *w != "stable error rate") {
+            if value_of(o).is_none() {
+                return CheckOutcome::NoData {
+                    reason: format!("{what} has no data"),
+                };
+            }
+        }
+        if self.min_requests > 0 {
+            match obs.canary_requests.as_ref().and_then(value_of) {
+                Some(n) if n >= self.min_requests as f64 => {}
+                Some(n) => {
+                    return CheckOutcome::NoData {
+                        reason: format!(
+                            "canary served {n:.0} request(s) in the window, fewer than the minimum of {}",
+                            self.min_requests
+                        ),
+                    }
+                }
+                None => {
+                    return CheckOutcome::NoData {
+                        reason: "canary request count was not queried".into(),
+                    }
+                }
+            }
+        }
+        CheckOutcome::Pass
+    }
+}
+
+/// A finite value, or `None` for anything else (no data, provider error, a
+/// non-finite value that slipped through).
+fn value_of(o: &Observation) -> Option<f64> {
+    match o {
+        Observation::Value(v) if v.is_finite() => Some(*v),
+        _ => None,
+    }
+}
+
+/// What the analysis decides after a check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Keep going.
+    Continue,
+    /// Roll the canary back, for this reason.
+    Rollback(String),
+}
+
+/// Folds check outcomes into a decision: a failed check rolls back at once;
+/// inconclusive checks roll back once
+/// [`inconclusive_limit`](AnalysisRules::inconclusive_limit) of them come in
+/// a row; a pass resets the count.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Analyzer {
+    /// Inconclusive checks in a row so far.
+    pub consecutive_inconclusive: u32,
+    /// Checks that passed so far.
+    pub passes: u64,
+}
+
+impl Analyzer {
+    /// Records `outcome` and decides.
+    pub fn record(&mut self, rules: &AnalysisRules, outcome: &CheckOutcome) -> Verdict {
+        match outcome {
+            CheckOutcome::Pass => {
+                self.consecutive_inconclusive = 0;
+                self.passes += 1;
+                Verdict::Continue
+            }
+            CheckOutcome::Fail { .. } => Verdict::Rollback(format!("canary analysis failed: {outcome}")),
+            CheckOutcome::NoData { .. } | CheckOutcome::ProviderError { .. } => {
+                self.consecutive_inconclusive += 1;
+                if self.consecutive_inconclusive >= rules.inconclusive_limit {
+                    Verdict::Rollback(format!(
+                        "canary analysis inconclusive {} time(s) in a row (limit {}); last: {outcome}",
+                        self.consecutive_inconclusive, rules.inconclusive_limit
+                    ))
+                } else {
+                    Verdict::Continue
+                }
+            }
+        }
+    }
+}
+
+/// What an analysis step watches: the two tracks, how often, and the rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Analysis {
+    /// The canary track.
+    pub canary: Group,
+    /// The stable track it is compared with.
+    pub stable: Group,
+    /// Time between checks.
+    #[serde(with = "crate::duration_ms")]
+    pub interval: Duration,
+    /// The rules.
+    pub rules: AnalysisRules,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Observation::{NoData, ProviderError, Value};
+
+    fn obs(canary_err: Observation, p99: Observation, stable_err: Observation) -> Observations {
+        Observations {
+            canary_error_rate: canary_err,
+            canary_p99: p99,
+            stable_error_rate: stable_err,
+            canary_requests: None,
+        }
+    }
+
+    fn metric(o: &CheckOutcome) -> Option<AnalysisMetric> {
+        match o {
+            CheckOutcome::Fail { metric, .. } => Some(*metric),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn healthy_canary_passes() {
+        let r = AnalysisRules::default();
+        let o = r.evaluate(1, &obs(Value(0.002), Value(0.1), Value(0.002)));
+        assert_eq!(o, CheckOutcome::Pass);
+    }
+
+    #[test]
+    fn absolute_error_threshold() {
+        let r = AnalysisRules::default();
+        let o = r.evaluate(2, &obs(Value(0.05), Value(0.1), Value(0.04)));
+        assert_eq!(
+            o,
+            CheckOutcome::Fail {
+                metric: AnalysisMetric::ErrorRate,
+                value: 0.05,
+                threshold: 0.01,
+                stage: 2
+            }
+        );
+        assert!(o.to_string().contains("5.000 % > threshold 1.000 %"), "{o}");
+        // Exactly at the threshold is not above it.
+        let at = r.evaluate(1, &obs(Value(0.01), Value(0.1), Value(0.01)));
+        assert_eq!(at, CheckOutcome::Pass);
+    }
+
+    #[test]
+    fn latency_threshold() {
+        let r = AnalysisRules::default();
+        let o = r.evaluate(3, &obs(Value(0.0), Value(0.75), Value(0.0)));
+        assert_eq!(metric(&o), Some(AnalysisMetric::LatencyP99));
+        assert!(o.to_string().contains("750 ms > threshold 500 ms at stage 3"), "{o}");
+        assert_eq!(r.evaluate(3, &obs(Value(0.0), Value(0.5), Value(0.0))), CheckOutcome::Pass);
+    }
+
+    #[test]
+    fn ratio_rule_and_stable_zero_guard() {
+        let r = AnalysisRules::default();
+        // stable 0.4 %, canary 0.9 % -> fail (0.9 > 0.8).
+        let o = r.evaluate(2, &obs(Value(0.009), Value(0.1), Value(0.004)));
+        match o {
+            CheckOutcome::Fail {
+                metric: AnalysisMetric::ErrorRateVsStable,
+                value,
+                threshold,
+                stage: 2,
+            } => {
+                assert_eq!(value, 0.009);
+                assert!((threshold - 0.008).abs() < 1e-12);
+            }
+            other => panic!("expected a ratio failure, got {other:?}"),
+        }
+        // stable 0.4 %, canary 0.7 % -> pass.
+        assert_eq!(r.evaluate(2, &obs(Value(0.007), Value(0.1), Value(0.004))), CheckOutcome::Pass);
+        // stable 0: below the floor passes, above it fails.
+        assert_eq!(r.evaluate(1, &obs(Value(0.0005), Value(0.1), Value(0.0))), CheckOutcome::Pass);
+        assert_eq!(r.evaluate(1, &obs(Value(0.0), Value(0.1), Value(0.0))), CheckOutcome::Pass);
+        let o = r.evaluate(1, &obs(Value(0.005), Value(0.1), Value(0.0)));
+        assert_eq!(metric(&o), Some(AnalysisMetric::ErrorRateVsStable));
+    }
+
+    #[test]
+    fn stable_without_data_skips_only_the_ratio_rule() {
+        let r = AnalysisRules::default();
+        assert_eq!(r.evaluate(5, &obs(Value(0.005), Value(0.1), NoData)), CheckOutcome::Pass);
+        let o = r.evaluate(5, &obs(Value(0.02), Value(0.1), NoData));
+        assert_eq!(metric(&o), Some(AnalysisMetric::ErrorRate));
+    }
+
+    #[test]
+    fn missing_data_is_never_a_pass() {
+        let r = AnalysisRules::default();
+        for o in [
+            obs(NoData, Value(0.1), Value(0.0)),
+            obs(Value(0.0), NoData, Value(0.0)),
+            obs(Value(f64::NAN), Value(0.1), Value(0.0)),
+            obs(Value(0.0), Value(f64::INFINITY), Value(0.0)),
+        ] {
+            let out = r.evaluate(1, &o);
+            assert!(matches!(out, CheckOutcome::NoData { .. }), "{o:?} -> {out:?}");
+            assert!(out.is_inconclusive());
+        }
+        let out = r.evaluate(1, &obs(Value(0.0), ProviderError("connection refused".into()), Value(0.0)));
+        assert!(matches!(out, CheckOutcome::ProviderError { .. }), "{out:?}");
+        let out = r.evaluate(1, &obs(Value(0.0), Value(0.1), ProviderError("down".into())));
+        assert!(matches!(out, CheckOutcome::ProviderError { .. }), "{out:?}");
+    }
+
+    #[test]
+    fn a_breach_wins_over_missing_data() {
+        let r = AnalysisRules::default();
+        let o = r.evaluate(1, &obs(Value(1.0), NoData, ProviderError("x".into())));
+        assert_eq!(metric(&o), Some(AnalysisMetric::ErrorRate));
+    }
+
+    #[test]
+    fn minimum_request_count_gates_a_pass() {
+        let r = AnalysisRules {
+            min_requests: 100,
+            ..AnalysisRules::default()
+        };
+        let mut o = obs(Value(0.0), Value(0.1), Value(0.0));
+        o.canary_requests = Some(Value(20.0));
+        let out = r.evaluate(1, &o);
+        assert!(
+            matches!(&out, CheckOutcome::NoData { reason } if reason.contains("20 request(s)")),
+            "{out:?}"
+        );
+        o.canary_requests = Some(Value(100.0));
+        assert_eq!(r.evaluate(1, &o), CheckOutcome::Pass);
+        o.canary_requests = None;
+        assert!(matches!(r.evaluate(1, &o), CheckOutcome::NoData { .. }));
+    }
+
+    #[test]
+    fn analyzer_counts_inconclusive_checks_in_a_row() {
+        let r = AnalysisRules::default();
+        let mut a = Analyzer::default();
+        let nd = CheckOutcome::NoData { reason: "empty".into() };
+        let pe = CheckOutcome::ProviderError { message: "down".into() };
+        assert_eq!(a.record(&r, &nd), Verdict::Continue);
+        assert_eq!(a.record(&r, &pe), Verdict::Continue);
+        assert_eq!(a.record(&r, &nd), Verdict::Continue);
+        // A pass resets the count.
+        assert_eq!(a.record(&r, &CheckOutcome::Pass), Verdict::Continue);
+        assert_eq!(a.consecutive_inconclusive, 0);
+        for _ in 0..3 {
+            assert_eq!(a.record(&r, &pe), Verdict::Continue);
+        }
+        match a.record(&r, &pe) {
+            Verdict::Rollback(why) => assert!(why.contains("4 time(s) in a row"), "{why}"),
+            v => panic!("expected rollback, got {v:?}"),
+        }
+        let fail = CheckOutcome::Fail {
+            metric: AnalysisMetric::ErrorRate,
+            value: 0.5,
+            threshold: 0.01,
+            stage: 1,
+        };
+        assert!(matches!(Analyzer::default().record(&r, &fail), Verdict::Rollback(_)));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let cases: Vec<(AnalysisRules, &str)> = vec![
+            (
+                AnalysisRules {
+                    error_threshold: 1.5,
+                    ..Default::default()
+                },
+                "analysis.error_threshold",
+            ),
+            (
+                AnalysisRules {
+                    error_threshold: f64::NAN,
+                    ..Default::default()
+                },
+                "analysis.error_threshold",
+            ),
+            (
+                AnalysisRules {
+                    latency_threshold: Duration::ZERO,
+                    ..Default::default()
+                },
+                "analysis.latency_threshold",
+            ),
+            (
+                AnalysisRules {
+                    max_error_ratio: 0.5,
+                    ..Default::default()
+                },
+                "analysis.max_error_ratio",
+            ),
+            (
+                AnalysisRules {
+                    ratio_floor: -0.1,
+                    ..Default::default()
+                },
+                "analysis.ratio_floor",
+            ),
+            (
+                AnalysisRules {
+                    inconclusive_limit: 0,
+                    ..Default::default()
+                },
+                "analysis.inconclusive_limit",
+            ),
+            (
+                AnalysisRules {
+                    window: Duration::from_millis(10),
+                    ..Default::default()
+                },
+                "analysis.window",
+            ),
+        ];
+        for (rules, field) in cases {
+            let e = rules.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+        AnalysisRules::default().validate().unwrap();
+    }
+}

@@ -1,0 +1,200 @@
+//! The canary gates the executor runs: [`Step::Analyze`](crate::Step) (hold
+//! a stage, checking the metrics every interval) and
+//! [`Step::AwaitPromotion`](crate::Step) (wait for a manual promotion,
+//! checking all the while).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::analysis::{Analysis, Analyzer, Observations, Verdict};
+use crate::event::EventKind;
+use crate::promotion::PromotionHandle;
+use crate::traits::{Metric, MetricsSource, Observation};
+
+/// Why a gate did not let the deployment go on.
+#[derive(Debug)]
+pub(crate) enum GateError {
+    /// The deployment was cancelled.
+    Cancelled,
+    /// The gate failed; the deployment rolls back.
+    Failed(String),
+}
+
+/// What a gate needs from the executor.
+pub(crate) struct GateCtx<'a> {
+    pub(crate) metrics: &'a dyn MetricsSource,
+    pub(crate) query_timeout: Duration,
+    /// `None` when the gate may not be cancelled.
+    pub(crate) cancel: Option<&'a CancellationToken>,
+    /// Carried across gates, so "inconclusive in a row" spans stages.
+    pub(crate) analyzer: &'a Mutex<Analyzer>,
+    pub(crate) emit: &'a (dyn Fn(EventKind) + Send + Sync),
+}
+
+impl GateCtx<'_> {
+    async fn cancelled(&self) {
+        match self.cancel {
+            Some(c) => c.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn observe(&self, metric: Metric, analysis: &Analysis, canary: bool) -> Observation {
+        let group = if canary { &analysis.canary } else { &analysis.stable };
+        let q = self.metrics.observe(metric, group, analysis.rules.window);
+        match tokio::time::timeout(self.query_timeout, q).await {
+            Ok(o) => o,
+            Err(_) => Observation::ProviderError(format!(
+                "no answer within {:.1}s",
+                self.query_timeout.as_secs_f64()
+            )),
+        }
+    }
+
+    /// One check: query, judge, record, emit.
+    async fn check(&self, stage: usize, weight: u8, analysis: &Analysis) -> Result<(), GateError> {
+        let requests = async {
+            if analysis.rules.min_requests > 0 {
+                Some(self.observe(Metric::RequestCount, analysis, true).await)
+            } else {
+                None
+            }
+        };
+        let (canary_error_rate, canary_p99, stable_error_rate, canary_requests) = futures::join!(
+            self.observe(Metric::ErrorRate, analysis, true),
+            self.observe(Metric::LatencyP99, analysis, true),
+            self.observe(Metric::ErrorRate, analysis, false),
+            requests
+        );
+        let obs = Observations {
+            canary_error_rate,
+            canary_p99,
+            stable_error_rate,
+            canary_requests,
+        };
+        let outcome = analysis.rules.evaluate(stage, &obs);
+        let (verdict, consecutive) = {
+            let mut a = self.analyzer.lock().expect("analyzer poisoned");
+            let v = a.record(&analysis.rules, &outcome);
+            (v, a.consecutive_inconclusive)
+        };
+        tracing::debug!(stage, weight, ?obs, %outcome, "canary check");
+        (self.emit)(EventKind::AnalysisResult {
+            stage,
+            weight,
+            result: outcome,
+            consecutive_inconclusive: consecutive,
+        });
+        match verdict {
+            Verdict::Continue => Ok(()),
+            Verdict::Rollback(why) => Err(GateError::Failed(why)),
+        }
+    }
+}
+
+/// Holds canary stage `stage` for `duration`, checking every
+/// `analysis.interval` (the last check at the end of the stage). The stage
+/// passes only if at least one of its checks passed: a stage of nothing but
+/// inconclusive checks is never healthy.
+pub(crate) async fn analyze(
+    ctx: &GateCtx<'_>,
+    stage: usize,
+    of: usize,
+    weight: u8,
+    duration: Duration,
+    analysis: &Analysis,
+) -> Result<(), GateError> {
+    let start = Instant::now();
+    let interval = analysis.interval.max(Duration::from_millis(1));
+    let passes_before = ctx.analyzer.lock().expect("analyzer poisoned").passes;
+    let mut elapsed = Duration::ZERO;
+    while elapsed < duration {
+        let next = (elapsed + interval).min(duration);
+        tokio::select! {
+            _ = tokio::time::sleep_until(start + next) => {}
+            _ = ctx.cancelled() => return Err(GateError::Cancelled),
+        }
+        elapsed = next;
+        ctx.check(stage, weight, analysis).await?;
+        let percent = u8::try_from(elapsed.as_millis() * 100 / duration.as_millis().max(1)).unwrap_or(100);
+        (ctx.emit)(EventKind::StageProgress {
+            stage,
+            of,
+            weight,
+            percent,
+            elapsed_ms: ms(elapsed),
+            duration_ms: ms(duration),
+        });
+    }
+    let passes = ctx.analyzer.lock().expect("analyzer poisoned").passes;
+    if passes == passes_before {
+        return Err(GateError::Failed(format!(
+            "canary analysis inconclusive: no check passed during stage {stage} ({weight}%)"
+        )));
+    }
+    Ok(())
+}
+
+/// Waits for a promotion of `stage` through `handle`, checking every
+/// `analysis.interval`; fails on a breach or once `timeout` passes.
+pub(crate) async fn await_promotion(
+    ctx: &GateCtx<'_>,
+    handle: &PromotionHandle,
+    stage: usize,
+    weight: u8,
+    timeout: Option<Duration>,
+    analysis: &Analysis,
+) -> Result<(), GateError> {
+    let (mut rx, seen) = handle.begin_wait(stage);
+    (ctx.emit)(EventKind::AwaitingPromotion {
+        stage,
+        weight,
+        timeout_ms: timeout.map(ms),
+    });
+    let interval = analysis.interval.max(Duration::from_millis(1));
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut next_check = Instant::now() + interval;
+    let result = loop {
+        if rx.borrow_and_update().promotions > seen {
+            (ctx.emit)(EventKind::Promoted { stage });
+            break Ok(());
+        }
+        let until_deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    // The handle owns the sender, so this cannot happen;
+                    // fail safe.
+                    break Err(GateError::Failed("promotion handle closed".into()));
+                }
+            }
+            _ = tokio::time::sleep_until(next_check) => {
+                next_check += interval;
+                if let Err(e) = ctx.check(stage, weight, analysis).await {
+                    break Err(e);
+                }
+            }
+            _ = until_deadline => {
+                break Err(GateError::Failed(format!(
+                    "no promotion of stage {stage} ({weight}%) within {:.1}s",
+                    timeout.unwrap_or_default().as_secs_f64()
+                )));
+            }
+            _ = ctx.cancelled() => break Err(GateError::Cancelled),
+        }
+    };
+    handle.end_wait();
+    result
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,591 @@
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{check_fleet, previous_map};
+use crate::analysis::{Analysis, AnalysisRules};
+use crate::error::{Error, Result};
+use crate::names::{Group, InstanceId, ReleaseId};
+use crate::plan::{FailurePolicy, FleetSnapshot, HealthCheck, InstanceSnapshot, Plan, Stage, Step, Unit};
+use crate::traits::{GroupWeight, Strategy};
+
+/// How a canary moves from one stage to the next (SPEC C6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum Promotion {
+    /// On to the next stage as soon as a stage passes its analysis.
+    #[default]
+    Auto,
+    /// After each stage but the last, wait for
+    /// [`PromotionHandle::promote`](crate::PromotionHandle::promote); the
+    /// analysis keeps running while waiting, and a breach rolls back.
+    Manual {
+        /// Roll back when no promotion comes within this long; `None`
+        /// waits until promoted or aborted.
+        #[serde(default, with = "opt_ms")]
+        timeout: Option<Duration>,
+    },
+}
+
+/// Canary deployment (SPEC C1–C9).
+///
+/// The fleet is split by [`Group`]: the instances of
+/// [`stable_group`](Self::stable_group) serve the current release, those of
+/// [`canary_group`](Self::canary_group) receive the new one first. The plan:
+///
+/// 1. **Isolate** — all traffic to stable (the canary's weight is 0).
+/// 2. **Deploy the canary** (C2) — each canary instance is drained, stopped,
+///    given the release, started and health-checked, all before any traffic
+///    reaches it; stable is untouched.
+/// 3. **Stages** (C1, C3–C5) — for each weight in
+///    [`stages`](Self::stages) (default 5 → 25 → 50 → 75 → 100 %): set the
+///    split through [`LoadBalancer::set_weights`](crate::LoadBalancer::set_weights),
+///    hold it [`stage_duration`](Self::stage_duration), checking the metrics
+///    every [`check_interval`](Self::check_interval) against the
+///    [`analysis`](Self::analysis) rules (see [`crate::analysis`]). A failed
+///    or persistently inconclusive analysis rolls back at once.
+/// 4. **Promotion** (C6) — [`Promotion::Auto`], or wait for a manual
+///    promotion between stages.
+/// 5. **Finalize** (C8) — record the stable release (the backup; instances
+///    keep it installed), move the stable instances to the release in
+///    batches of [`finalize_batch`](Self::finalize_batch) (a rolling update),
+///    return all traffic to stable, and stop the canary instances.
+///
+/// **Rollback** (C7), on a failed analysis, a failed step, a promotion
+/// timeout, or an abort at any moment: all traffic to stable, the canary
+/// instances drained, stopped and returned to their previous release
+/// (without starting them); stable instances already moved by the finalize
+/// are restored too. Canary instances end stopped either way; the report
+/// calls them [`Idle`](crate::InstanceStatus::Idle).
+///
+/// ```
+/// use std::time::Duration;
+/// use deploykit::Canary;
+/// let canary = Canary {
+///     stages: vec![10, 50, 100],
+///     stage_duration: Duration::from_secs(120),
+///     ..Canary::default()
+/// };
+/// canary.validate().unwrap();
+/// assert_eq!(canary.check_interval, Duration::from_secs(30));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Canary {
+    /// The canary's share of traffic at each stage, percent: strictly
+    /// increasing, each 1–100. Default `[5, 25, 50, 75, 100]`.
+    pub stages: Vec<u8>,
+    /// How long each stage is held. Default 300 s.
+    #[serde(with = "crate::duration_ms")]
+    pub stage_duration: Duration,
+    /// Time between metric checks; at most the stage duration. Default 30 s.
+    #[serde(with = "crate::duration_ms")]
+    pub check_interval: Duration,
+    /// The group serving the current release. Default `stable`.
+    pub stable_group: Group,
+    /// The group receiving the new release first. Default `canary`.
+    pub canary_group: Group,
+    /// Thresholds and limits of the analysis.
+    pub analysis: AnalysisRules,
+    /// Automatic or manual promotion between stages. Default automatic.
+    pub promotion: Promotion,
+    /// Health probes after a start. Default 3 probes, 10 s apart.
+    pub health: HealthCheck,
+    /// Upper bound of a drain wait. Default 30 s.
+    #[serde(with = "crate::duration_ms")]
+    pub drain_timeout: Duration,
+    /// Stable instances moved to the release at once when finalizing.
+    /// Default 1.
+    pub finalize_batch: usize,
+}
+
+impl Default for Canary {
+    fn default() -> Self {
+        Self {
+            stages: vec![5, 25, 50, 75, 100],
+            stage_duration: Duration::from_secs(300),
+            check_interval: Duration::from_secs(30),
+            stable_group: Group::new("stable").expect("valid group"),
+            canary_group: Group::new("canary").expect("valid group"),
+            analysis: AnalysisRules::default(),
+            promotion: Promotion::Auto,
+            health: HealthCheck::default(),
+            drain_timeout: Duration::from_secs(30),
+            finalize_batch: 1,
+        }
+    }
+}
+
+impl Canary {
+    /// Checks the parameters.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field: `stages` (empty),
+    /// `stages[i]` (outside 1–100, or not above the one before),
+    /// `stage_duration` (0), `check_interval` (0 or longer than the stage),
+    /// `canary_group` (the same as the stable group), `finalize_batch` (0),
+    /// `health.retries` (0), `promotion.timeout` (0), or an `analysis.*`
+    /// threshold (see [`AnalysisRules::validate`]).
+    pub fn validate(&self) -> Result<()> {
+        if self.stages.is_empty() {
+            return Err(Error::invalid(
+                "stages",
+                "is empty; list the canary's traffic percent per stage, e.g. [5, 25, 50, 75, 100]",
+            ));
+        }
+        for (i, w) in self.stages.iter().enumerate() {
+            if !(1..=100).contains(w) {
+                return Err(Error::invalid(
+                    format!("stages[{i}]"),
+                    format!("{w} is outside 1-100; each stage is the canary's percent of traffic"),
+                ));
+            }
+            if i > 0 && *w <= self.stages[i - 1] {
+                return Err(Error::invalid(
+                    format!("stages[{i}]"),
+                    format!(
+                        "{w} does not increase on the stage before ({}); stages must strictly increase, e.g. [5, 25, 50, 75, 100]",
+                        self.stages[i - 1]
+                    ),
+                ));
+            }
+        }
+        if self.stage_duration.is_zero() {
+            return Err(Error::invalid(
+                "stage_duration",
+                "is 0; hold each stage long enough to judge it, e.g. \"5m\"",
+            ));
+        }
+        if self.check_interval.is_zero() {
+            return Err(Error::invalid(
+                "check_interval",
+                "is 0; check the metrics every few seconds at most as often as they are scraped, e.g. \"30s\"",
+            ));
+        }
+        if self.check_interval > self.stage_duration {
+            return Err(Error::invalid(
+                "check_interval",
+                format!(
+                    "{:?} is longer than stage_duration ({:?}), so a stage would end unchecked; shorten it or lengthen the stage",
+                    self.check_interval, self.stage_duration
+                ),
+            ));
+        }
+        if self.canary_group == self.stable_group {
+            return Err(Error::invalid(
+                "canary_group",
+                format!(
+                    "is the same as stable_group ({}); canary and stable instances need different groups",
+                    self.stable_group
+                ),
+            ));
+        }
+        if self.finalize_batch == 0 {
+            return Err(Error::invalid("finalize_batch", "is 0; move at least 1 stable instance at once"));
+        }
+        if self.health.retries == 0 {
+            return Err(Error::invalid("health.retries", "is 0; at least 1 probe is needed"));
+        }
+        if let Promotion::Manual { timeout: Some(t) } = self.promotion {
+            if t.is_zero() {
+                return Err(Error::invalid(
+                    "promotion.timeout",
+                    "is 0; every stage would roll back at once; omit it to wait until promoted",
+                ));
+            }
+        }
+        self.analysis.validate()
+    }
+
+    fn weights(&self, canary: u8) -> Vec<GroupWeight> {
+        vec![
+            GroupWeight {
+                group: self.stable_group.clone(),
+                percent: 100 - canary,
+            },
+            GroupWeight {
+                group: self.canary_group.clone(),
+                percent: canary,
+            },
+        ]
+    }
+
+    fn replace_steps(&self, id: &InstanceId, release: &ReleaseId) -> Vec<Step> {
+        let instance = || id.clone();
+        vec![
+            Step::Drain { instance: instance() },
+            Step::AwaitDrained {
+                instance: instance(),
+                timeout: self.drain_timeout,
+            },
+            Step::Stop { instance: instance() },
+            Step::Install {
+                instance: instance(),
+                release: release.clone(),
+            },
+            Step::Start { instance: instance() },
+            Step::AwaitHealthy {
+                instance: instance(),
+                check: self.health,
+            },
+            Step::Enable { instance: instance() },
+        ]
+    }
+}
+
+impl Strategy for Canary {
+    fn name(&self) -> &'static str {
+        "canary"
+    }
+
+    fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
+        self.validate()?;
+        check_fleet(fleet)?;
+        for i in &fleet.instances {
+            let g = &i.backend.group;
+            if g != &self.stable_group && g != &self.canary_group {
+                return Err(Error::invalid(
+                    "instances",
+                    format!(
+                        "{} is in group {g}, neither the stable group ({}) nor the canary group ({}); give every instance one of the two",
+                        i.backend.id, self.stable_group, self.canary_group
+                    ),
+                ));
+            }
+        }
+        let stable: Vec<_> = fleet.group(&self.stable_group).collect();
+        let canary: Vec<_> = fleet.group(&self.canary_group).collect();
+        if stable.is_empty() {
+            return Err(Error::invalid(
+                "instances",
+                format!("no instance is in the stable group {}; a canary needs stable instances to compare with and to promote", self.stable_group),
+            ));
+        }
+        if canary.is_empty() {
+            return Err(Error::invalid(
+                "instances",
+                format!("no instance is in the canary group {}; put at least one instance in it", self.canary_group),
+            ));
+        }
+        let (skipped, todo): (Vec<&InstanceSnapshot>, Vec<&InstanceSnapshot>) =
+            stable.iter().partition(|i| i.release.as_ref() == Some(release));
+        let skipped: Vec<InstanceId> = skipped.iter().map(|i| i.backend.id.clone()).collect();
+        let mut plan = Plan {
+            strategy: self.name().into(),
+            release: release.clone(),
+            previous: previous_map(fleet),
+            policy: FailurePolicy::AbortAll,
+            health: self.health,
+            drain_timeout: self.drain_timeout,
+            rollback_batch: self.finalize_batch,
+            skipped,
+            stages: Vec::new(),
+            on_abort: vec![Step::SetWeights { weights: self.weights(0) }],
+            leave_stopped: canary.iter().map(|i| i.backend.id.clone()).collect(),
+        };
+        if todo.is_empty() {
+            // Stable already runs the release: nothing to do.
+            plan.on_abort.clear();
+            plan.leave_stopped.clear();
+            return Ok(plan);
+        }
+        let traffic = |name: &str, canary_percent: u8| Stage {
+            name: name.into(),
+            units: vec![Unit {
+                instance: None,
+                steps: vec![Step::SetWeights {
+                    weights: self.weights(canary_percent),
+                }],
+            }],
+        };
+        let stages = &mut plan.stages;
+        stages.push(traffic("isolate canary", 0));
+        stages.push(Stage {
+            name: "deploy canary".into(),
+            units: canary
+                .iter()
+                .map(|i| Unit {
+                    instance: Some(i.backend.id.clone()),
+                    steps: self.replace_steps(&i.backend.id, release),
+                })
+                .collect(),
+        });
+        let analysis = Analysis {
+            canary: self.canary_group.clone(),
+            stable: self.stable_group.clone(),
+            interval: self.check_interval,
+            rules: self.analysis.clone(),
+        };
+        let of = self.stages.len();
+        for (k, w) in self.stages.iter().enumerate() {
+            let stage = k + 1;
+            let mut steps = vec![
+                Step::SetWeights {
+                    weights: self.weights(*w),
+                },
+                Step::Analyze {
+                    stage,
+                    of,
+                    weight: *w,
+                    duration: self.stage_duration,
+                    analysis: analysis.clone(),
+                },
+            ];
+            if let Promotion::Manual { timeout } = self.promotion {
+                if stage < of {
+                    steps.push(Step::AwaitPromotion {
+                        stage,
+                        weight: *w,
+                        timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                        analysis: analysis.clone(),
+                    });
+                }
+            }
+            stages.push(Stage {
+                name: format!("canary {w}% ({stage}/{of})"),
+                units: vec![Unit { instance: None, steps }],
+            });
+        }
+        stages.push(Stage {
+            name: "back up stable".into(),
+            units: vec![Unit {
+                instance: None,
+                steps: vec![Step::BackupRelease {
+                    group: self.stable_group.clone(),
+                }],
+            }],
+        });
+        let batches: Vec<_> = todo.chunks(self.finalize_batch).collect();
+        let n = batches.len();
+        for (b, chunk) in batches.into_iter().enumerate() {
+            stages.push(Stage {
+                name: format!("promote stable {}/{n}", b + 1),
+                units: chunk
+                    .iter()
+                    .map(|i| Unit {
+                        instance: Some(i.backend.id.clone()),
+                        steps: self.replace_steps(&i.backend.id, release),
+                    })
+                    .collect(),
+            });
+        }
+        stages.push(traffic("all traffic to stable", 0));
+        stages.push(Stage {
+            name: "stop canary".into(),
+            units: canary
+                .iter()
+                .map(|i| {
+                    let instance = || i.backend.id.clone();
+                    Unit {
+                        instance: Some(instance()),
+                        steps: vec![
+                            Step::Drain { instance: instance() },
+                            Step::AwaitDrained {
+                                instance: instance(),
+                                timeout: self.drain_timeout,
+                            },
+                            Step::Stop { instance: instance() },
+                        ],
+                    }
+                })
+                .collect(),
+        });
+        Ok(plan)
+    }
+}
+
+mod opt_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::traits::Backend;
+    use crate::Address;
+
+    fn fleet(stable: usize, canary: usize) -> FleetSnapshot {
+        let mut instances = Vec::new();
+        for (g, n) in [("stable", stable), ("canary", canary)] {
+            for _ in 0..n {
+                let k = instances.len() + 1;
+                instances.push(InstanceSnapshot {
+                    backend: Backend {
+                        id: InstanceId::new(format!("i-{k}")).unwrap(),
+                        address: Address::parse(&format!("127.0.0.1:{}", 20000 + k)).unwrap(),
+                        group: Group::new(g).unwrap(),
+                    },
+                    release: Some(ReleaseId::new("v1").unwrap()),
+                });
+            }
+        }
+        FleetSnapshot { instances }
+    }
+
+    fn err_field(c: &Canary) -> String {
+        match c.validate().unwrap_err() {
+            Error::InvalidInput { field, .. } => field,
+            e => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let d = Canary::default();
+        assert_eq!(err_field(&Canary { stages: vec![], ..d.clone() }), "stages");
+        assert_eq!(err_field(&Canary { stages: vec![0, 50], ..d.clone() }), "stages[0]");
+        assert_eq!(err_field(&Canary { stages: vec![5, 101], ..d.clone() }), "stages[1]");
+        assert_eq!(err_field(&Canary { stages: vec![5, 50, 50], ..d.clone() }), "stages[2]");
+        assert_eq!(err_field(&Canary { stages: vec![50, 25], ..d.clone() }), "stages[1]");
+        assert_eq!(
+            err_field(&Canary {
+                stage_duration: Duration::ZERO,
+                ..d.clone()
+            }),
+            "stage_duration"
+        );
+        assert_eq!(
+            err_field(&Canary {
+                check_interval: Duration::ZERO,
+                ..d.clone()
+            }),
+            "check_interval"
+        );
+        assert_eq!(
+            err_field(&Canary {
+                check_interval: Duration::from_secs(301),
+                ..d.clone()
+            }),
+            "check_interval"
+        );
+        assert_eq!(
+            err_field(&Canary {
+                canary_group: Group::new("stable").unwrap(),
+                ..d.clone()
+            }),
+            "canary_group"
+        );
+        assert_eq!(err_field(&Canary { finalize_batch: 0, ..d.clone() }), "finalize_batch");
+        assert_eq!(
+            err_field(&Canary {
+                promotion: Promotion::Manual {
+                    timeout: Some(Duration::ZERO)
+                },
+                ..d.clone()
+            }),
+            "promotion.timeout"
+        );
+        let mut bad = d.clone();
+        bad.analysis.error_threshold = 2.0;
+        assert_eq!(err_field(&bad), "analysis.error_threshold");
+        // Up to 100 and a single stage are fine.
+        Canary { stages: vec![100], ..d.clone() }.validate().unwrap();
+        d.validate().unwrap();
+    }
+
+    #[test]
+    fn plan_shape() {
+        let plan = Canary::default().plan(&fleet(4, 1), &ReleaseId::new("v2").unwrap()).unwrap();
+        let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "isolate canary",
+                "deploy canary",
+                "canary 5% (1/5)",
+                "canary 25% (2/5)",
+                "canary 50% (3/5)",
+                "canary 75% (4/5)",
+                "canary 100% (5/5)",
+                "back up stable",
+                "promote stable 1/4",
+                "promote stable 2/4",
+                "promote stable 3/4",
+                "promote stable 4/4",
+                "all traffic to stable",
+                "stop canary"
+            ]
+        );
+        assert_eq!(plan.policy, FailurePolicy::AbortAll);
+        assert_eq!(plan.leave_stopped, vec![InstanceId::new("i-5").unwrap()]);
+        assert_eq!(plan.on_abort.len(), 1);
+        assert_eq!(plan.on_abort[0].to_string(), "set weights stable=100% canary=0%");
+        assert_eq!(
+            plan.stages[3].units[0].steps[0].to_string(),
+            "set weights stable=75% canary=25%"
+        );
+        assert_eq!(
+            plan.stages[3].units[0].steps[1].to_string(),
+            "analyze canary stage 2/5 at 25% for 300s (check every 30s)"
+        );
+        // Five stages of 300 s at least.
+        assert!(plan.projected_duration().min >= Duration::from_secs(1500));
+        // The plan is serializable data.
+        let json = serde_json::to_string(&plan).unwrap();
+        let back: Plan = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, plan);
+    }
+
+    #[test]
+    fn manual_promotion_waits_between_stages_only() {
+        let c = Canary {
+            stages: vec![10, 50, 100],
+            promotion: Promotion::Manual {
+                timeout: Some(Duration::from_secs(600)),
+            },
+            ..Canary::default()
+        };
+        let plan = c.plan(&fleet(2, 1), &ReleaseId::new("v2").unwrap()).unwrap();
+        let waits: Vec<usize> = plan
+            .stages
+            .iter()
+            .flat_map(|s| &s.units)
+            .flat_map(|u| &u.steps)
+            .filter_map(|s| match s {
+                Step::AwaitPromotion { stage, timeout_ms, .. } => {
+                    assert_eq!(*timeout_ms, Some(600_000));
+                    Some(*stage)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(waits, [1, 2]);
+    }
+
+    #[test]
+    fn fleet_errors_name_the_problem() {
+        let v2 = ReleaseId::new("v2").unwrap();
+        let e = Canary::default().plan(&fleet(3, 0), &v2).unwrap_err().to_string();
+        assert!(e.contains("canary group canary"), "{e}");
+        let e = Canary::default().plan(&fleet(0, 2), &v2).unwrap_err().to_string();
+        assert!(e.contains("stable group stable"), "{e}");
+        let mut f = fleet(2, 1);
+        f.instances[0].backend.group = Group::new("blue").unwrap();
+        let e = Canary::default().plan(&f, &v2).unwrap_err().to_string();
+        assert!(e.contains("i-1 is in group blue"), "{e}");
+    }
+
+    #[test]
+    fn stable_already_on_the_release_is_a_no_op() {
+        let mut f = fleet(2, 1);
+        for i in &mut f.instances {
+            i.release = Some(ReleaseId::new("v2").unwrap());
+        }
+        let plan = Canary::default().plan(&f, &ReleaseId::new("v2").unwrap()).unwrap();
+        assert!(plan.stages.is_empty());
+        assert_eq!(plan.skipped.len(), 2);
+    }
+}
