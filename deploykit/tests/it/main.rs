@@ -1,4 +1,8 @@
 //! Virtual-time tests of the deploykit engines on the testkit's fakes. One
 //! test binary, a module per area.
 
+mod util;
+
+mod props;
+mod recreate;
 mod rolling;
