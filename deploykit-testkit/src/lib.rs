@@ -13,6 +13,9 @@
 //! * [`FakeMetrics`] — a [`MetricsSource`](deploykit::MetricsSource)
 //!   scripted per group and time.
 //! * [`FakeFleet::check`] — the invariants every deployment must keep.
+//! * `demo_app` (feature `demo-app`, on by default) — a small real HTTP
+//!   application, the binary `deploykit-demo-app`, that real-server tests,
+//!   examples and benchmarks deploy behind real nginx and HAProxy.
 //!
 //! Every wait is a `tokio::time` sleep, so with
 //! `#[tokio::test(start_paused = true)]` minutes of deployment take
@@ -42,7 +45,11 @@
 //! ```
 
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "demo-app")]
+#[cfg_attr(docsrs, doc(cfg(feature = "demo-app")))]
+pub mod demo_app;
 mod fleet;
 mod invariants;
 mod metrics;

@@ -1,0 +1,342 @@
+//! A small real HTTP application to deploy in real-server tests, examples
+//! and benchmarks (feature `demo-app`, on by default).
+//!
+//! The binary `deploykit-demo-app` runs [`serve`] with [`DemoConfig`] parsed
+//! from its command line:
+//!
+//! ```text
+//! deploykit-demo-app --listen 127.0.0.1:18080 --version v2 --track canary \
+//!     [--error-rate 0.1] [--latency-ms 20] [--unhealthy] [--startup-delay-ms 500] \
+//!     [--pid-file app.pid]
+//! ```
+//!
+//! | route | answer |
+//! | --- | --- |
+//! | `GET /` | `200` with body `<version>\n` (or `500` for the `--error-rate` fraction of requests) |
+//! | `GET /health` | `200 ok`, or `503 unhealthy` with `--unhealthy` |
+//! | `GET /api/status` | `200` JSON: version, track, requests served, requests in flight |
+//! | `GET /api/db/ping` | `200 ok` |
+//! | `GET /metrics` | Prometheus text: `http_requests_total{code,track,version}` and `http_request_duration_seconds{track,version}` |
+//!
+//! Every answer carries the headers `x-app-version` and `x-app-track`, so a
+//! client behind a load balancer can count who served it.
+//!
+//! On SIGTERM (or SIGINT) the app stops accepting connections, finishes the
+//! requests in flight, and exits with status 0 — the graceful stop a
+//! zero-downtime deployment relies on.
+//!
+//! Once listening it prints one line `listening on <addr>` to stdout (useful
+//! with `--listen 127.0.0.1:0`), and writes its pid to `--pid-file` if given.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// The demo app's settings (its command line).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "deploykit-demo-app",
+    about = "A small HTTP app for deploykit's real-server tests"
+)]
+pub struct DemoConfig {
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The version the app reports (body of `/`, header `x-app-version`).
+    #[arg(long = "version", default_value = "v1")]
+    pub app_version: String,
+    /// The track (`stable`, `canary`, `blue`, …) the app reports.
+    #[arg(long, default_value = "stable")]
+    pub track: String,
+    /// Fraction (0.0–1.0) of `GET /` requests answered with 500, spread
+    /// evenly (deterministic: with 0.25, every 4th request fails).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub error_rate: f64,
+    /// Extra latency added to `/` and `/api/*` answers, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Answer `/health` with 503.
+    #[arg(long)]
+    pub unhealthy: bool,
+    /// Wait this long before binding the listen address, in milliseconds (a
+    /// slow start).
+    #[arg(long, default_value_t = 0)]
+    pub startup_delay_ms: u64,
+    /// Write the process id to this file once listening.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number; give a fraction such as 0.05"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{v} is outside 0.0-1.0; give a fraction such as 0.05"));
+    }
+    Ok(v)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CodeLabels {
+    code: String,
+    track: String,
+    version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TrackLabels {
+    track: String,
+    version: String,
+}
+
+#[derive(Debug)]
+struct AppState {
+    config: DemoConfig,
+    version_header: HeaderValue,
+    track_header: HeaderValue,
+    registry: Registry,
+    requests: Family<CodeLabels, Counter>,
+    durations: Family<TrackLabels, Histogram>,
+    /// `GET /` requests seen, for the error-rate spacing.
+    root_requests: AtomicU64,
+    served: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+type Shared = Arc<AppState>;
+
+impl AppState {
+    fn new(config: DemoConfig) -> Result<Self, String> {
+        let header = |field: &str, v: &str| {
+            HeaderValue::from_str(v).map_err(|_| format!("--{field} {v:?} cannot be sent in an HTTP header"))
+        };
+        let version_header = header("version", &config.app_version)?;
+        let track_header = header("track", &config.track)?;
+        let mut registry = Registry::default();
+        let requests = Family::<CodeLabels, Counter>::default();
+        let durations = Family::<TrackLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.001, 2.0, 14))) as fn() -> Histogram,
+        );
+        registry.register("http_requests", "HTTP requests served", requests.clone());
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer HTTP requests",
+            durations.clone(),
+        );
+        Ok(Self {
+            config,
+            version_header,
+            track_header,
+            registry,
+            requests,
+            durations,
+            root_requests: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+        })
+    }
+
+    async fn delay(&self) {
+        if self.config.latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.config.latency_ms)).await;
+        }
+    }
+}
+
+/// Builds the app's router (for embedding the app in a test process).
+///
+/// # Errors
+/// When the version or track cannot be sent as an HTTP header value.
+pub fn router(config: DemoConfig) -> Result<Router, String> {
+    let state: Shared = Arc::new(AppState::new(config)?);
+    Ok(Router::new()
+        .route("/", get(root))
+        .route("/health", get(health))
+        .route("/api/status", get(status))
+        .route("/api/db/ping", get(db_ping))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state))
+}
+
+/// Counts, times and labels every answer.
+async fn observe(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    s.in_flight.fetch_add(1, Ordering::SeqCst);
+    let mut resp = next.run(req).await;
+    s.in_flight.fetch_sub(1, Ordering::SeqCst);
+    s.served.fetch_add(1, Ordering::SeqCst);
+    let headers = resp.headers_mut();
+    headers.insert("x-app-version", s.version_header.clone());
+    headers.insert("x-app-track", s.track_header.clone());
+    s.requests
+        .get_or_create(&CodeLabels {
+            code: resp.status().as_u16().to_string(),
+            track: s.config.track.clone(),
+            version: s.config.app_version.clone(),
+        })
+        .inc();
+    s.durations
+        .get_or_create(&TrackLabels {
+            track: s.config.track.clone(),
+            version: s.config.app_version.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+async fn root(State(s): State<Shared>) -> Response {
+    s.delay().await;
+    let n = s.root_requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let rate = s.config.error_rate;
+    // Request n fails when it crosses the next multiple of 1/rate: exactly
+    // floor(n * rate) of the first n requests fail.
+    let fails = ((n as f64) * rate).floor() > (((n - 1) as f64) * rate).floor();
+    if fails {
+        (StatusCode::INTERNAL_SERVER_ERROR, "injected error\n").into_response()
+    } else {
+        (StatusCode::OK, format!("{}\n", s.config.app_version)).into_response()
+    }
+}
+
+async fn health(State(s): State<Shared>) -> Response {
+    if s.config.unhealthy {
+        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n").into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
+    }
+}
+
+async fn status(State(s): State<Shared>) -> Response {
+    s.delay().await;
+    let body = format!(
+        "{{\"version\":{:?},\"track\":{:?},\"requests\":{},\"in_flight\":{}}}\n",
+        s.config.app_version,
+        s.config.track,
+        s.served.load(Ordering::SeqCst),
+        // This request itself is in flight; report the others.
+        s.in_flight.load(Ordering::SeqCst).saturating_sub(1),
+    );
+    ([("content-type", "application/json")], body).into_response()
+}
+
+async fn db_ping(State(s): State<Shared>) -> Response {
+    s.delay().await;
+    (StatusCode::OK, "ok\n").into_response()
+}
+
+async fn metrics(State(s): State<Shared>) -> Response {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
+        Ok(()) => (
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Runs the app until SIGTERM or SIGINT, then stops accepting, finishes the
+/// requests in flight and returns.
+///
+/// # Errors
+/// When the address cannot be bound, the pid file cannot be written, or a
+/// flag value cannot be used.
+pub async fn serve(config: DemoConfig) -> Result<(), String> {
+    if config.startup_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(config.startup_delay_ms)).await;
+    }
+    let listen = config.listen;
+    let pid_file = config.pid_file.clone();
+    let app = router(config)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    if let Some(path) = pid_file {
+        std::fs::write(&path, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("cannot write the pid file {}: {e}", path.display()))?;
+    }
+    println!("listening on {bound}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers the app cannot stop gracefully; wait
+            // forever and let a kill end it.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_parse_and_bad_rates_are_rejected() {
+        let c = DemoConfig::try_parse_from([
+            "x",
+            "--listen",
+            "127.0.0.1:0",
+            "--version",
+            "v9",
+            "--track",
+            "canary",
+            "--error-rate",
+            "0.25",
+            "--latency-ms",
+            "7",
+            "--unhealthy",
+        ])
+        .unwrap();
+        assert_eq!(c.app_version, "v9");
+        assert_eq!(c.track, "canary");
+        assert_eq!(c.error_rate, 0.25);
+        assert_eq!(c.latency_ms, 7);
+        assert!(c.unhealthy);
+        let err = DemoConfig::try_parse_from(["x", "--error-rate", "1.5"]).unwrap_err();
+        assert!(err.to_string().contains("outside 0.0-1.0"), "{err}");
+    }
+
+    #[test]
+    fn header_unsafe_versions_are_rejected() {
+        let c = DemoConfig::try_parse_from(["x", "--version", "v1\nx"]).unwrap();
+        let err = router(c).unwrap_err();
+        assert!(err.contains("--version"), "{err}");
+    }
+}

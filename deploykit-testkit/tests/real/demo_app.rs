@@ -1,0 +1,152 @@
+//! The demo app, started as a real process.
+
+use std::time::Duration;
+
+use crate::harness::{sigterm, DemoApp, DemoOpts, Http};
+
+#[tokio::test]
+async fn routes_answer_with_version_track_and_metrics() {
+    let app = DemoApp::start(DemoOpts::new("v7").track("canary")).await;
+    let http = Http::new();
+
+    let root = http.get(&app.url("/")).await.unwrap();
+    assert_eq!(root.status, 200);
+    assert_eq!(root.body.trim(), "v7");
+    assert_eq!(root.version.as_deref(), Some("v7"));
+    assert_eq!(
+        root.headers.get("x-app-track").map(String::as_str),
+        Some("canary")
+    );
+
+    let health = http.get(&app.url("/health")).await.unwrap();
+    assert_eq!((health.status, health.body.trim()), (200, "ok"));
+
+    let ping = http.get(&app.url("/api/db/ping")).await.unwrap();
+    assert_eq!(ping.status, 200);
+    assert!(ping.body.contains("ok"), "{}", ping.body);
+
+    let status = http.get(&app.url("/api/status")).await.unwrap();
+    assert_eq!(status.status, 200);
+    assert!(status.body.contains("\"version\":\"v7\""), "{}", status.body);
+    assert!(status.body.contains("\"track\":\"canary\""), "{}", status.body);
+
+    let missing = http.get(&app.url("/nope")).await.unwrap();
+    assert_eq!(missing.status, 404);
+
+    let metrics = http.get(&app.url("/metrics")).await.unwrap();
+    assert_eq!(metrics.status, 200);
+    let m = metrics.body;
+    assert!(
+        m.contains(r#"http_requests_total{code="200",track="canary",version="v7"} 4"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"http_requests_total{code="404",track="canary",version="v7"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"http_request_duration_seconds_count{track="canary",version="v7"} 5"#),
+        "{m}"
+    );
+    assert!(m.contains("http_request_duration_seconds_bucket{"), "{m}");
+}
+
+#[tokio::test]
+async fn unhealthy_flag_fails_health_only() {
+    let app = DemoApp::start(DemoOpts::new("v1").args(&["--unhealthy"])).await;
+    let http = Http::new();
+    assert_eq!(http.get(&app.url("/health")).await.unwrap().status, 503);
+    assert_eq!(http.get(&app.url("/")).await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn error_rate_fails_that_fraction_of_root_requests() {
+    let app = DemoApp::start(DemoOpts::new("v1").args(&["--error-rate", "0.25"])).await;
+    let http = Http::new();
+    let counts = http.count_versions(&app.url("/"), 40).await;
+    assert_eq!(counts.get("error:500"), Some(&10), "{counts:?}");
+    assert_eq!(counts.get("v1"), Some(&30), "{counts:?}");
+    // Health is not affected.
+    assert_eq!(http.get(&app.url("/health")).await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn bad_error_rate_is_rejected_with_the_flag() {
+    let out = tokio::process::Command::new(crate::harness::demo_app_binary())
+        .args(["--listen", "127.0.0.1:0", "--error-rate", "2"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--error-rate") && err.contains("0.0-1.0"), "{err}");
+}
+
+#[tokio::test]
+async fn latency_delays_answers() {
+    let app = DemoApp::start(DemoOpts::new("v1").args(&["--latency-ms", "300"])).await;
+    let http = Http::new();
+    // Warm the connection so only the handler's delay is measured.
+    http.get(&app.url("/health")).await.unwrap();
+    let t = std::time::Instant::now();
+    http.get(&app.url("/")).await.unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    http.get(&app.url("/health")).await.unwrap();
+    assert!(t.elapsed() < Duration::from_millis(300), "health is not delayed");
+}
+
+#[tokio::test]
+async fn startup_delay_postpones_listening() {
+    let port = crate::harness::free_port();
+    let t = std::time::Instant::now();
+    let app = DemoApp::start(
+        DemoOpts::new("v1")
+            .port(port)
+            .args(&["--startup-delay-ms", "400"]),
+    )
+    .await;
+    assert!(t.elapsed() >= Duration::from_millis(400), "{:?}", t.elapsed());
+    assert_eq!(app.addr.port(), port);
+}
+
+#[tokio::test]
+async fn pid_file_is_written() {
+    let dir = crate::harness::temp_dir("demo-pid");
+    let pid_file = dir.path().join("app.pid");
+    let app = DemoApp::start(DemoOpts::new("v1").args(&["--pid-file", pid_file.to_str().unwrap()])).await;
+    let written = std::fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(written.trim(), app.pid().to_string());
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
+    let app = DemoApp::start(DemoOpts::new("v1").args(&["--latency-ms", "700"])).await;
+    let http = Http::new();
+    let url = app.url("/");
+    let pid = app.pid();
+    let in_flight: Vec<_> = (0..3)
+        .map(|_| {
+            let http = http.clone();
+            let url = url.clone();
+            tokio::spawn(async move { http.get(&url).await })
+        })
+        .collect();
+    // Let the requests reach the app, then ask it to stop.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    sigterm(pid);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // New connections are refused while the old requests still run.
+    let refused = tokio::net::TcpStream::connect(app.addr).await;
+    assert!(refused.is_err(), "the app still accepts after SIGTERM");
+    for r in in_flight {
+        let a = r.await.unwrap().expect("in-flight request finished");
+        assert_eq!((a.status, a.body.trim()), (200, "v1"));
+    }
+    let mut app = app;
+    let status = tokio::time::timeout(Duration::from_secs(10), app.child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

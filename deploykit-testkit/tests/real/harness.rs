@@ -1,0 +1,604 @@
+//! Helpers for tests against real servers: finding binaries, free loopback
+//! ports, demo-app instances, nginx and HAProxy started in temp dirs, and a
+//! small HTTP client that counts who answered.
+//!
+//! Everything listens on 127.0.0.1 only, every wait has a deadline, and every
+//! process is killed when its guard drops.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::{sleep, timeout, Instant};
+
+/// Generous bound for a server to come up.
+pub const START_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Whether the tests run in CI (`CI=true`): then a missing server binary
+/// is a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
+}
+
+/// Finds `name` on `PATH`, `/usr/sbin` or `/sbin`. When missing: panics in
+/// CI, prints a loud skip notice otherwise and returns `None`.
+pub fn find_binary(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.push("/usr/sbin".into());
+    dirs.push("/sbin".into());
+    dirs.push("/usr/local/sbin".into());
+    for d in dirs {
+        let p = d.join(name);
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    if in_ci() {
+        panic!("{name} is not installed, and CI=true: real-server tests must run in CI (scripts/test installs it)");
+    }
+    eprintln!("!!!!! SKIPPING: {name} is not installed (apt-get install {name}); in CI this fails !!!!!");
+    None
+}
+
+/// Returns the path of `name` or returns from the calling test (skip
+/// outside CI, panic in CI).
+#[macro_export]
+macro_rules! require_binary {
+    ($name:expr) => {
+        match $crate::harness::find_binary($name) {
+            Some(p) => p,
+            None => return,
+        }
+    };
+}
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+/// A fresh temp dir, removed on drop.
+pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("create a temp dir")
+}
+
+/// Waits until a TCP connection to `addr` succeeds, or panics after
+/// `deadline` with `what` and `context()` in the message.
+pub async fn wait_for_port(addr: SocketAddr, deadline: Duration, what: &str, context: impl Fn() -> String) {
+    let end = Instant::now() + deadline;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        if Instant::now() >= end {
+            panic!(
+                "{what} did not listen on {addr} within {deadline:?}\n{}",
+                context()
+            );
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends SIGTERM to a process.
+pub fn sigterm(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits i32")),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+}
+
+/// Sends SIGKILL to a process.
+pub fn sigkill(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits i32")),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Demo app
+
+/// Path of the demo-app binary built with this test.
+pub fn demo_app_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_deploykit-demo-app")
+}
+
+/// How to start one demo-app instance.
+#[derive(Debug, Clone)]
+pub struct DemoOpts {
+    /// Listen address; `None` picks a free port.
+    pub port: Option<u16>,
+    /// `--version`.
+    pub version: String,
+    /// `--track`.
+    pub track: String,
+    /// Extra flags.
+    pub extra: Vec<String>,
+}
+
+impl DemoOpts {
+    /// Version `version`, track `stable`, a free port.
+    pub fn new(version: &str) -> Self {
+        Self {
+            port: None,
+            version: version.into(),
+            track: "stable".into(),
+            extra: Vec::new(),
+        }
+    }
+    /// Sets the track.
+    pub fn track(mut self, t: &str) -> Self {
+        self.track = t.into();
+        self
+    }
+    /// Sets the port.
+    pub fn port(mut self, p: u16) -> Self {
+        self.port = Some(p);
+        self
+    }
+    /// Adds flags.
+    pub fn args(mut self, a: &[&str]) -> Self {
+        self.extra.extend(a.iter().map(|s| s.to_string()));
+        self
+    }
+}
+
+/// A running demo-app process; killed on drop.
+#[derive(Debug)]
+pub struct DemoApp {
+    /// The process.
+    pub child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its version.
+    pub version: String,
+}
+
+impl DemoApp {
+    /// Starts the demo app and waits until it prints its listen address.
+    pub async fn start(opts: DemoOpts) -> DemoApp {
+        let listen = format!("127.0.0.1:{}", opts.port.unwrap_or(0));
+        let mut cmd = Command::new(demo_app_binary());
+        cmd.args([
+            "--listen",
+            &listen,
+            "--version",
+            &opts.version,
+            "--track",
+            &opts.track,
+        ])
+        .args(&opts.extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("spawn deploykit-demo-app");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = timeout(START_DEADLINE, lines.next_line())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("demo app {opts:?} did not report its address within {START_DEADLINE:?}")
+            })
+            .expect("read demo app stdout")
+            .unwrap_or_else(|| panic!("demo app {opts:?} exited before listening"));
+        let addr: SocketAddr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from demo app: {line:?}"))
+            .parse()
+            .expect("demo app address");
+        // Keep draining stdout so the app never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        DemoApp {
+            child,
+            addr,
+            version: opts.version,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("demo app still running")
+    }
+
+    /// `http://addr`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        sigterm(self.pid());
+        timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .expect("demo app did not exit within 15 s of SIGTERM")
+            .expect("wait for demo app")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP client
+
+/// A small pooled HTTP/1.1 client.
+#[derive(Debug, Clone)]
+pub struct Http {
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+/// One answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Status code.
+    pub status: u16,
+    /// `x-app-version`, if present.
+    pub version: Option<String>,
+    /// The body as text.
+    pub body: String,
+    /// All headers, lowercase names.
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Http {
+    /// A client with keep-alive connections.
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build(connector);
+        Self { client }
+    }
+
+    /// GET `url` with a 10 s bound; `Err` for transport errors.
+    pub async fn get(&self, url: &str) -> Result<Answer, String> {
+        let uri: hyper::Uri = url.parse().map_err(|e| format!("bad url {url}: {e}"))?;
+        let fut = async {
+            let resp = self
+                .client
+                .get(uri)
+                .await
+                .map_err(|e| format!("GET {url}: {e:?}"))?;
+            let status = resp.status().as_u16();
+            let headers: BTreeMap<String, String> = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("GET {url} body: {e}"))?
+                .to_bytes();
+            Ok(Answer {
+                status,
+                version: headers.get("x-app-version").cloned(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+                headers,
+            })
+        };
+        timeout(Duration::from_secs(10), fut)
+            .await
+            .map_err(|_| format!("GET {url}: no answer within 10 s"))?
+    }
+
+    /// GETs `url` `n` times and counts answers by `x-app-version` (`error:`
+    /// plus status or `transport` for failures).
+    pub async fn count_versions(&self, url: &str, n: usize) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for _ in 0..n {
+            let key = match self.get(url).await {
+                Ok(a) if (200..300).contains(&a.status) => a.version.unwrap_or_else(|| "none".into()),
+                Ok(a) => format!("error:{}", a.status),
+                Err(_) => "error:transport".into(),
+            };
+            *counts.entry(key).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+/// The share (0.0–1.0) of `key` in `counts`.
+pub fn share(counts: &BTreeMap<String, usize>, key: &str) -> f64 {
+    let total: usize = counts.values().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    counts.get(key).copied().unwrap_or(0) as f64 / total as f64
+}
+
+// ---------------------------------------------------------------------------
+// nginx
+
+/// A real nginx master started in a temp dir (`-p DIR -c DIR/nginx.conf -e
+/// stderr -g 'daemon off;'`); killed on drop.
+#[derive(Debug)]
+pub struct Nginx {
+    /// The master process.
+    pub child: Option<Child>,
+    /// The nginx binary.
+    pub binary: PathBuf,
+    /// The prefix dir (config, pid, logs, temp paths).
+    pub dir: PathBuf,
+    /// The listen port on 127.0.0.1.
+    pub port: u16,
+    /// Where nginx's stderr goes.
+    pub stderr_log: PathBuf,
+}
+
+impl Nginx {
+    /// `DIR/nginx.conf`.
+    pub fn conf(dir: &Path) -> PathBuf {
+        dir.join("nginx.conf")
+    }
+    /// `DIR/nginx.pid`.
+    pub fn pid_file(dir: &Path) -> PathBuf {
+        dir.join("nginx.pid")
+    }
+    /// `DIR/upstream.conf`: the include file deploykit owns.
+    pub fn upstream_file(dir: &Path) -> PathBuf {
+        dir.join("upstream.conf")
+    }
+
+    /// Writes `DIR/nginx.conf`: one server on 127.0.0.1:`port` proxying to
+    /// the upstream `app` from `DIR/upstream.conf`, with pid, logs and every
+    /// temp path under DIR.
+    pub fn write_config(dir: &Path, port: u16) {
+        let d = dir.display();
+        let conf = format!(
+            r#"worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body_temp;
+    proxy_temp_path {d}/proxy_temp;
+    fastcgi_temp_path {d}/fastcgi_temp;
+    uwsgi_temp_path {d}/uwsgi_temp;
+    scgi_temp_path {d}/scgi_temp;
+    include {d}/upstream.conf;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_next_upstream off;
+        }}
+    }}
+}}
+"#
+        );
+        std::fs::write(Self::conf(dir), conf).expect("write nginx.conf");
+    }
+
+    /// The global arguments every nginx invocation of a test uses.
+    pub fn global_args(dir: &Path) -> Vec<String> {
+        vec![
+            "-p".into(),
+            format!("{}/", dir.display()),
+            "-c".into(),
+            Self::conf(dir).display().to_string(),
+            "-e".into(),
+            "stderr".into(),
+        ]
+    }
+
+    /// Starts nginx on an existing `DIR/nginx.conf` (and include) and waits
+    /// until it accepts connections on `port`.
+    pub async fn start(binary: &Path, dir: &Path, port: u16) -> Nginx {
+        let stderr_log = dir.join("nginx.stderr");
+        let err = std::fs::File::create(&stderr_log).expect("create nginx.stderr");
+        let child = Command::new(binary)
+            .args(Self::global_args(dir))
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn nginx");
+        let n = Nginx {
+            child: Some(child),
+            binary: binary.into(),
+            dir: dir.into(),
+            port,
+            stderr_log,
+        };
+        let log = n.stderr_log.clone();
+        wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            START_DEADLINE,
+            "nginx",
+            move || std::fs::read_to_string(&log).unwrap_or_default(),
+        )
+        .await;
+        // The pid file is written by the master before workers accept.
+        let end = Instant::now() + START_DEADLINE;
+        while !Self::pid_file(dir).exists() {
+            assert!(Instant::now() < end, "nginx wrote no pid file");
+            sleep(Duration::from_millis(20)).await;
+        }
+        n
+    }
+
+    /// `http://127.0.0.1:port/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The master pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().and_then(|c| c.id()).expect("nginx running")
+    }
+
+    /// What nginx wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            if let Some(pid) = c.id() {
+                // The master's SIGKILL leaves workers behind: stop them fast
+                // first (SIGTERM to the master = fast shutdown).
+                sigterm(pid);
+                let end = std::time::Instant::now() + Duration::from_secs(3);
+                while Path::new(&format!("/proc/{pid}")).exists()
+                    && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .map(|s| !s.contains(") Z "))
+                        .unwrap_or(false)
+                    && std::time::Instant::now() < end
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        // kill_on_drop SIGKILLs the master if it is still there.
+        self.child.take();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HAProxy
+
+/// A real HAProxy started in a temp dir (`-db -f cfg`, admin socket
+/// `DIR/haproxy.sock`); killed on drop.
+#[derive(Debug)]
+pub struct Haproxy {
+    /// The process.
+    pub child: Child,
+    /// The dir with `haproxy.cfg` and `haproxy.sock`.
+    pub dir: PathBuf,
+    /// The frontend port on 127.0.0.1.
+    pub port: u16,
+    /// stderr of HAProxy.
+    pub stderr_log: PathBuf,
+}
+
+/// One server line of a test HAProxy backend.
+#[derive(Debug, Clone)]
+pub struct HaServer {
+    /// Server name.
+    pub name: String,
+    /// Address.
+    pub addr: SocketAddr,
+    /// Initial weight.
+    pub weight: u16,
+}
+
+impl Haproxy {
+    /// `DIR/haproxy.sock`.
+    pub fn socket(dir: &Path) -> PathBuf {
+        dir.join("haproxy.sock")
+    }
+
+    /// Renders a config: frontend on 127.0.0.1:`port`, backend `backend`
+    /// (roundrobin) with `servers`.
+    pub fn config(dir: &Path, port: u16, backend: &str, servers: &[HaServer]) -> String {
+        let mut s = format!(
+            r#"global
+    stats socket {sock} mode 600 level admin
+    stats timeout 30s
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout queue 10s
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend {backend}
+backend {backend}
+    balance roundrobin
+    retries 0
+"#,
+            sock = Self::socket(dir).display()
+        );
+        for srv in servers {
+            s.push_str(&format!(
+                "    server {} {} weight {}\n",
+                srv.name, srv.addr, srv.weight
+            ));
+        }
+        s
+    }
+
+    /// Starts HAProxy with `DIR/haproxy.cfg` holding `config` and waits
+    /// until it accepts connections and its socket exists.
+    pub async fn start(binary: &Path, dir: &Path, port: u16, config: &str) -> Haproxy {
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(&cfg, config).expect("write haproxy.cfg");
+        let stderr_log = dir.join("haproxy.stderr");
+        let err = std::fs::File::create(&stderr_log).expect("create haproxy.stderr");
+        let child = Command::new(binary)
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn haproxy");
+        let log = stderr_log.clone();
+        wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            START_DEADLINE,
+            "haproxy",
+            move || std::fs::read_to_string(&log).unwrap_or_default(),
+        )
+        .await;
+        let end = Instant::now() + START_DEADLINE;
+        while !Self::socket(dir).exists() {
+            assert!(Instant::now() < end, "haproxy created no admin socket");
+            sleep(Duration::from_millis(20)).await;
+        }
+        Haproxy {
+            child,
+            dir: dir.into(),
+            port,
+            stderr_log,
+        }
+    }
+
+    /// `http://127.0.0.1:port/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// What HAProxy wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+}
