@@ -75,6 +75,7 @@ mod duration_ms;
 mod error;
 mod event;
 mod executor;
+pub mod instance;
 pub mod lb;
 pub mod names;
 mod plan;

@@ -8,3 +8,4 @@
 mod harness;
 
 mod demo_app;
+mod local;

@@ -1,0 +1,155 @@
+//! Where commands run: this machine ([`LocalHost`]) or an SSH host
+//! (`SshHost`, feature `ssh`).
+
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::cmd::{script, Command, Output};
+use crate::error::DriverError;
+
+/// A machine that runs [`Command`]s and receives release directories.
+///
+/// The release layout and the service controls are written once against
+/// this trait, so a local instance and an SSH instance do exactly the same
+/// things.
+#[async_trait]
+pub trait Host: Send + Sync + Debug {
+    /// A short description for messages (`local`, `ssh deploy@10.0.0.5:22`).
+    fn describe(&self) -> String;
+
+    /// Runs `cmd` and waits for it. A non-zero exit is not an error here
+    /// (see [`Output::check`]).
+    ///
+    /// * Idempotent: as the command is.
+    /// * Cancel-safe: dropping the future abandons the command (locally it
+    ///   is killed; remotely the channel is closed).
+    /// * On failure: the command may or may not have run; a transient error
+    ///   says the connection failed.
+    async fn run(&self, cmd: &Command) -> Result<Output, DriverError>;
+
+    /// Copies the local directory `source` to the directory `dest` on the
+    /// host (an absolute path that must not exist yet; its parent exists),
+    /// and verifies the copy.
+    ///
+    /// * Idempotent: no — call it with a fresh `dest`.
+    /// * Cancel-safe: yes; a cancelled copy leaves a partial `dest` that
+    ///   the caller discards.
+    /// * On failure: `dest` may exist partially.
+    async fn put_dir(&self, source: &Path, dest: &str) -> Result<(), DriverError>;
+}
+
+/// How a [`LocalHost`] puts a release directory in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyMode {
+    /// Copy every file (`cp -a`).
+    #[default]
+    Copy,
+    /// Hard-link every file (`cp -al`): fast and small, but the release
+    /// shares inodes with the source, so the source must never be modified
+    /// in place (and must be on the same filesystem).
+    HardLink,
+}
+
+/// This machine: commands run with `tokio::process`, directories are copied
+/// or hard-linked with `cp`.
+#[derive(Debug, Clone, Default)]
+pub struct LocalHost {
+    copy_mode: CopyMode,
+    timeout: Option<Duration>,
+}
+
+impl LocalHost {
+    /// A local host that copies release directories.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How release directories are put in place (default: copy).
+    pub fn copy_mode(mut self, mode: CopyMode) -> Self {
+        self.copy_mode = mode;
+        self
+    }
+
+    /// Kills any command still running after `timeout` (default: none; the
+    /// executor's step timeouts apply).
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+#[async_trait]
+impl Host for LocalHost {
+    fn describe(&self) -> String {
+        "local".to_string()
+    }
+
+    async fn run(&self, cmd: &Command) -> Result<Output, DriverError> {
+        cmd.run_local_with_timeout(self.timeout).await
+    }
+
+    async fn put_dir(&self, source: &Path, dest: &str) -> Result<(), DriverError> {
+        let src = path_str(source)?;
+        let flags = match self.copy_mode {
+            CopyMode::Copy => "-a",
+            CopyMode::HardLink => "-al",
+        };
+        // `cp -a src/. dest` copies the contents of src into a new dest.
+        let cmd = script(r#"set -e; mkdir -- "$3"; cp "$1" -- "$2/." "$3/""#).args([flags, &src, dest]);
+        self.run(&cmd).await?.check("copying the release")?;
+        Ok(())
+    }
+}
+
+pub(crate) fn path_str(p: &Path) -> Result<String, DriverError> {
+    p.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| DriverError::new(format!("the path {} is not UTF-8; rename it", p.display())))
+}
+
+/// Where the files of a release come from, on the machine running
+/// deploykit. Used by local and SSH instances alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseSource {
+    /// `<dir>/<release-id>/` holds each release.
+    Directory(PathBuf),
+    /// A fixed directory per release id.
+    Paths(Vec<(crate::names::ReleaseId, PathBuf)>),
+}
+
+impl ReleaseSource {
+    /// `<dir>/<release-id>/` holds each release.
+    pub fn directory(dir: impl Into<PathBuf>) -> Self {
+        ReleaseSource::Directory(dir.into())
+    }
+
+    /// The local directory holding `release`.
+    ///
+    /// # Errors
+    /// A permanent [`DriverError`] when the release is unknown or its
+    /// directory does not exist.
+    pub fn locate(&self, release: &crate::names::ReleaseId) -> Result<PathBuf, DriverError> {
+        let path = match self {
+            ReleaseSource::Directory(dir) => dir.join(release.as_str()),
+            ReleaseSource::Paths(map) => map
+                .iter()
+                .find(|(id, _)| id == release)
+                .map(|(_, p)| p.clone())
+                .ok_or_else(|| {
+                    DriverError::new(format!(
+                        "release {release} is not in the release source; add its directory"
+                    ))
+                })?,
+        };
+        if !path.is_dir() {
+            return Err(DriverError::new(format!(
+                "release {release}: the source directory {} does not exist",
+                path.display()
+            )));
+        }
+        Ok(path)
+    }
+}

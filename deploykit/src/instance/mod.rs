@@ -1,0 +1,468 @@
+//! Real instances: processes on this machine ([`LocalInstance`]) and on SSH
+//! hosts (`SshInstance`, feature `ssh`), run by systemd or by deploykit
+//! itself, laid out Capistrano-style.
+//!
+//! An instance is a [`Host`] (where commands run) plus:
+//!
+//! * a [`ReleaseLayout`] — `<root>/releases/<id>/`, `<root>/current` swapped
+//!   atomically, `<root>/shared/` linked into each release, the newest N
+//!   releases kept;
+//! * a [`ReleaseSource`] — where the release files come from on the machine
+//!   running deploykit;
+//! * a [`ServiceControl`] — a systemd unit or a process that deploykit
+//!   starts detached and stops with SIGTERM, then SIGKILL after a grace
+//!   period;
+//! * a [`HealthProbe`] — HTTP (feature `http`) or "the service runs".
+//!
+//! Every command is an argument vector ([`Command`]); where a shell line is
+//! unavoidable (SSH), each word is quoted by [`quote`]. Multi-step
+//! operations are constant scripts run as `sh -c <script> sh <args>…`, their
+//! values passed as positional arguments — never pasted into script text.
+//!
+//! ```no_run
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use deploykit::instance::{LocalInstance, ProcessSpec, ReleaseSource};
+//! use deploykit::Instance;
+//!
+//! let web1 = LocalInstance::builder("web-1", "127.0.0.1:18081")
+//!     .root("/srv/app/web-1")
+//!     .source(ReleaseSource::directory("/srv/builds")) // /srv/builds/<release-id>/
+//!     .process(ProcessSpec::new(["./app", "--listen", "127.0.0.1:18081", "--version", "{release}"])?)
+//!     .build()?;
+//! web1.install(&"v2".parse()?).await?;
+//! web1.start().await?;
+//! println!("{:?}", web1.health().await?);
+//! # Ok(()) }
+//! ```
+
+mod cmd;
+mod health;
+mod host;
+mod layout;
+mod service;
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+pub use cmd::{quote, Command, Output, OUTPUT_LIMIT};
+pub use health::{HealthProbe, HttpProbe};
+pub use host::{CopyMode, Host, LocalHost, ReleaseSource};
+pub use layout::{ReleaseLayout, DEFAULT_KEEP};
+pub use service::{ProcessSpec, ServiceControl, SystemdUnit, DEFAULT_GRACE};
+
+use crate::error::{DriverError, Error, Result};
+use crate::names::{Address, Group, InstanceId, ReleaseId};
+use crate::traits::{Backend, Health, Instance};
+use service::Controller;
+
+/// An instance on this machine.
+pub type LocalInstance = HostInstance<LocalHost>;
+
+/// An [`Instance`] on a [`Host`]: the release layout, a release source, a
+/// service control and a health probe. See [`LocalInstance`] and
+/// `SshInstance`.
+pub struct HostInstance<H> {
+    backend: Backend,
+    host: H,
+    layout: ReleaseLayout,
+    source: ReleaseSource,
+    service: ServiceControl,
+    health: HealthProbe,
+    #[cfg(feature = "http")]
+    client: reqwest::Client,
+}
+
+impl<H: Host> fmt::Debug for HostInstance<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostInstance")
+            .field("id", &self.backend.id)
+            .field("address", &self.backend.address)
+            .field("host", &self.host.describe())
+            .field("root", &self.layout.root())
+            .field("service", &self.service)
+            .finish()
+    }
+}
+
+/// Builds a [`HostInstance`]. Setters never fail; [`build`](Self::build)
+/// checks everything.
+#[derive(Debug)]
+pub struct InstanceBuilder<H> {
+    host: H,
+    id: String,
+    address: String,
+    group: Option<String>,
+    root: Option<String>,
+    keep: usize,
+    linked: Vec<String>,
+    source: Option<ReleaseSource>,
+    service: Option<ServiceControl>,
+    health: HealthProbe,
+}
+
+impl LocalInstance {
+    /// Starts building an instance on this machine with id `id`, serving at
+    /// `address` (`host:port`).
+    pub fn builder(id: impl Into<String>, address: impl Into<String>) -> InstanceBuilder<LocalHost> {
+        InstanceBuilder::new(LocalHost::new(), id, address)
+    }
+}
+
+impl<H: Host> InstanceBuilder<H> {
+    /// Starts building an instance on `host`.
+    pub fn new(host: H, id: impl Into<String>, address: impl Into<String>) -> Self {
+        Self {
+            host,
+            id: id.into(),
+            address: address.into(),
+            group: None,
+            root: None,
+            keep: DEFAULT_KEEP,
+            linked: Vec::new(),
+            source: None,
+            service: None,
+            health: HealthProbe::default(),
+        }
+    }
+
+    /// Replaces the host (e.g. a [`LocalHost`] with hard links).
+    pub fn host(mut self, host: H) -> Self {
+        self.host = host;
+        self
+    }
+
+    /// The group (canary track or blue-green environment); default
+    /// `default`.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// The layout root (absolute) on the host. Required.
+    pub fn root(mut self, root: impl Into<String>) -> Self {
+        self.root = Some(root.into());
+        self
+    }
+
+    /// How many releases to keep (default [`DEFAULT_KEEP`], at least 2).
+    pub fn keep(mut self, keep: usize) -> Self {
+        self.keep = keep;
+        self
+    }
+
+    /// Links `<root>/shared/<path>` into every release.
+    pub fn link(mut self, path: impl Into<String>) -> Self {
+        self.linked.push(path.into());
+        self
+    }
+
+    /// Where releases come from. Required.
+    pub fn source(mut self, source: ReleaseSource) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// How the application is run. Required (or [`process`](Self::process)
+    /// / [`systemd`](Self::systemd)).
+    pub fn service(mut self, service: ServiceControl) -> Self {
+        self.service = Some(service);
+        self
+    }
+
+    /// Runs the application as a process started by deploykit.
+    pub fn process(self, spec: ProcessSpec) -> Self {
+        self.service(ServiceControl::Process(spec))
+    }
+
+    /// Runs the application as a systemd unit.
+    pub fn systemd(self, unit: SystemdUnit) -> Self {
+        self.service(ServiceControl::Systemd(unit))
+    }
+
+    /// How health is probed (default: [`HealthProbe::default`]).
+    pub fn health(mut self, probe: HealthProbe) -> Self {
+        self.health = probe;
+        self
+    }
+
+    /// Checks the settings and builds the instance. Touches nothing on the
+    /// host.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field: `instance id`, `address`,
+    /// `group`, `root` (missing or not absolute), `keep`, `linked path`,
+    /// `source` or `service` (missing).
+    pub fn build(self) -> Result<HostInstance<H>> {
+        let id = InstanceId::new(self.id)?;
+        let address = Address::parse(&self.address)?;
+        let group = match self.group {
+            Some(g) => Group::new(g)?,
+            None => Group::default_group(),
+        };
+        let root = self.root.ok_or_else(|| {
+            Error::invalid(
+                "root",
+                format!("instance {id} has no root; set the directory of its release layout, e.g. /srv/app"),
+            )
+        })?;
+        let mut layout = ReleaseLayout::new(root)?.keep(self.keep)?;
+        for p in self.linked {
+            layout = layout.link(p)?;
+        }
+        let source = self.source.ok_or_else(|| {
+            Error::invalid(
+                "source",
+                format!("instance {id} has no release source; set where release directories come from"),
+            )
+        })?;
+        let service = self.service.ok_or_else(|| {
+            Error::invalid(
+                "service",
+                format!("instance {id} has no service control; choose a process or a systemd unit"),
+            )
+        })?;
+        #[cfg(feature = "http")]
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .map_err(|e| Error::invalid("health", format!("cannot create the HTTP client: {e}")))?;
+        Ok(HostInstance {
+            backend: Backend { id, address, group },
+            host: self.host,
+            layout,
+            source,
+            service,
+            health: self.health,
+            #[cfg(feature = "http")]
+            client,
+        })
+    }
+}
+
+impl<H: Host> HostInstance<H> {
+    /// The host the instance lives on.
+    pub fn host(&self) -> &H {
+        &self.host
+    }
+
+    /// The release layout.
+    pub fn layout(&self) -> &ReleaseLayout {
+        &self.layout
+    }
+
+    /// The service control.
+    pub fn service(&self) -> &ServiceControl {
+        &self.service
+    }
+
+    fn controller(&self) -> Controller<'_> {
+        Controller {
+            host: &self.host,
+            layout: &self.layout,
+        }
+    }
+
+    fn named(&self, e: DriverError) -> DriverError {
+        let transient = e.is_transient();
+        let msg = format!("instance {} ({})", self.backend.id, self.host.describe());
+        let wrapped = if transient {
+            DriverError::transient(msg)
+        } else {
+            DriverError::new(msg)
+        };
+        wrapped.with_source(e)
+    }
+
+    /// Whether the application runs (process alive and ours, or the unit is
+    /// active).
+    ///
+    /// * Idempotent: yes (read-only). Cancel-safe: yes. On failure: nothing
+    ///   changed.
+    ///
+    /// # Errors
+    /// When the host cannot be reached or the check itself fails.
+    pub async fn is_running(&self) -> Result<bool, DriverError> {
+        self.controller()
+            .is_running(&self.service)
+            .await
+            .map_err(|e| self.named(e))
+    }
+
+    /// The releases installed, newest first.
+    ///
+    /// * Idempotent: yes (read-only). Cancel-safe: yes. On failure: nothing
+    ///   changed.
+    ///
+    /// # Errors
+    /// When the host cannot be reached.
+    pub async fn installed(&self) -> Result<Vec<ReleaseId>, DriverError> {
+        self.layout.installed(&self.host).await.map_err(|e| self.named(e))
+    }
+
+    async fn install_inner(&self, release: &ReleaseId) -> Result<(), DriverError> {
+        let host: &dyn Host = &self.host;
+        if !self.layout.has(host, release).await? {
+            let source = self.source.locate(release)?;
+            let staging = self.layout.prepare(host, release).await?;
+            if let Err(e) = host.put_dir(&source, &staging).await {
+                // Best effort: a leftover is removed by the next prune.
+                let _ = host.run(&Command::new("rm").args(["-rf", "--", &staging])).await;
+                return Err(e);
+            }
+            self.layout.commit(host, &staging, release).await?;
+        }
+        self.layout.activate(host, release).await?;
+        match self.layout.prune(host).await {
+            Ok(deleted) if !deleted.is_empty() => {
+                tracing::info!(instance = %self.backend.id, ?deleted, "pruned old releases");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(instance = %self.backend.id, error = %e, "pruning old releases failed"),
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<H: Host> Instance for HostInstance<H> {
+    fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Reads the `current` symlink.
+    ///
+    /// * Idempotent: yes. Cancel-safe: yes. On failure: nothing changed.
+    async fn current_release(&self) -> Result<Option<ReleaseId>, DriverError> {
+        self.layout.current(&self.host).await.map_err(|e| self.named(e))
+    }
+
+    /// Process: SIGTERM to the process group, wait up to the grace period,
+    /// then SIGKILL; systemd: `systemctl stop`.
+    ///
+    /// * Idempotent: yes; a stopped (or never started) service succeeds.
+    /// * Cancel-safe: yes; SIGTERM may have been sent; a later `stop` or
+    ///   `force_stop` finishes the job.
+    /// * On failure: the application may still run.
+    async fn stop(&self) -> Result<(), DriverError> {
+        self.controller()
+            .stop(&self.service)
+            .await
+            .map_err(|e| self.named(e))
+    }
+
+    /// Process: SIGKILL to the process group; systemd: `systemctl kill -s
+    /// KILL`.
+    ///
+    /// * Idempotent: yes. Cancel-safe: yes.
+    /// * On failure: the application may still run.
+    async fn force_stop(&self) -> Result<(), DriverError> {
+        self.controller()
+            .force_stop(&self.service)
+            .await
+            .map_err(|e| self.named(e))
+    }
+
+    /// Uploads the release into a staging directory (unless
+    /// `releases/<id>` already exists), verifies it, links the shared
+    /// paths, renames it to `releases/<id>`, then swaps `current`
+    /// atomically. Old releases are pruned after the swap, best effort (a
+    /// pruning failure is logged, not returned).
+    ///
+    /// * Idempotent: yes; installing an installed release only swaps
+    ///   `current` (a no-op when it is current already).
+    /// * Cancel-safe: yes; the swap is the last action that changes what
+    ///   runs, so `current` points at the old or the new release, never at
+    ///   a partial one.
+    /// * On failure: the previous release is still current; a partial
+    ///   staging directory may remain until the next prune.
+    async fn install(&self, release: &ReleaseId) -> Result<(), DriverError> {
+        self.install_inner(release).await.map_err(|e| self.named(e))
+    }
+
+    /// Swaps `current` back to `releases/<id>`.
+    ///
+    /// * Idempotent: yes. Cancel-safe: yes.
+    /// * On failure: `current` is unchanged (e.g. the release was pruned).
+    async fn restore(&self, release: &ReleaseId) -> Result<(), DriverError> {
+        self.layout
+            .activate(&self.host, release)
+            .await
+            .map_err(|e| self.named(e))
+    }
+
+    /// Process: starts `current`'s release detached (no-op when ours is
+    /// running); systemd: `systemctl start`.
+    ///
+    /// * Idempotent: yes. Cancel-safe: yes; the process may or may not have
+    ///   been started (the pid file says which).
+    /// * On failure: nothing runs, or a process that died at once (see the
+    ///   log file `<root>/app.log`).
+    async fn start(&self) -> Result<(), DriverError> {
+        self.controller()
+            .start(&self.service)
+            .await
+            .map_err(|e| self.named(e))
+    }
+
+    /// One probe of the configured [`HealthProbe`].
+    ///
+    /// * Idempotent: yes. Cancel-safe: yes. On failure: nothing changed.
+    async fn health(&self) -> Result<Health, DriverError> {
+        match &self.health {
+            HealthProbe::ServiceActive => Ok(if self.is_running().await? {
+                Health::Healthy
+            } else {
+                Health::Unhealthy(format!("the service of {} is not running", self.backend.id))
+            }),
+            #[cfg(feature = "http")]
+            HealthProbe::Http(p) => p.probe(&self.client, &self.backend.address).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn _obj_safe(_: Box<dyn Host>) {}
+
+    #[test]
+    fn build_names_the_missing_or_bad_field() {
+        let spec = ProcessSpec::new(["./app"]).unwrap();
+        let base = || {
+            LocalInstance::builder("web-1", "127.0.0.1:8080")
+                .root("/srv/app")
+                .source(ReleaseSource::directory("/tmp"))
+                .process(spec.clone())
+        };
+        assert!(base().build().is_ok());
+        let cases: Vec<(InstanceBuilder<LocalHost>, &str)> = vec![
+            (LocalInstance::builder("web 1", "127.0.0.1:8080"), "instance id"),
+            (LocalInstance::builder("web-1", "nowhere"), "address"),
+            (base().group("a/b"), "group"),
+            (base().root("srv"), "root"),
+            (base().keep(1), "keep"),
+            (base().link("../x"), "linked path"),
+            (
+                LocalInstance::builder("web-1", "127.0.0.1:8080")
+                    .root("/srv/app")
+                    .process(spec.clone()),
+                "source",
+            ),
+            (
+                LocalInstance::builder("web-1", "127.0.0.1:8080")
+                    .root("/srv/app")
+                    .source(ReleaseSource::directory("/tmp")),
+                "service",
+            ),
+        ];
+        for (b, field) in cases {
+            let e = b.build().unwrap_err();
+            assert!(
+                matches!(&e, Error::InvalidInput { field: f, .. } if f == field),
+                "{field}: {e}"
+            );
+        }
+    }
+}
