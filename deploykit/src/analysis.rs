@@ -282,8 +282,10 @@ impl AnalysisRules {
             threshold,
             stage,
         };
-        let canary_err = value_of(&obs.canary_error_rate);
-        let canary_p99 = value_of(&obs.canary_p99);
+        // `+Inf` counts here: a p99 beyond the largest histogram bucket is
+        // above any threshold.
+        let canary_err = comparable(&obs.canary_error_rate);
+        let canary_p99 = comparable(&obs.canary_p99);
         // 1. Absolute error rate.
         if let Some(e) = canary_err {
             if e > self.error_threshold {
@@ -348,6 +350,14 @@ impl AnalysisRules {
             }
         }
         CheckOutcome::Pass
+    }
+}
+
+/// A value that can be compared with a threshold: finite or `+Inf`.
+fn comparable(o: &Observation) -> Option<f64> {
+    match o {
+        Observation::Value(v) if !v.is_nan() && *v != f64::NEG_INFINITY => Some(*v),
+        _ => None,
     }
 }
 
@@ -517,7 +527,7 @@ mod tests {
             obs(NoData, Value(0.1), Value(0.0)),
             obs(Value(0.0), NoData, Value(0.0)),
             obs(Value(f64::NAN), Value(0.1), Value(0.0)),
-            obs(Value(0.0), Value(f64::INFINITY), Value(0.0)),
+            obs(Value(0.0), Value(f64::NEG_INFINITY), Value(0.0)),
         ] {
             let out = r.evaluate(1, &o);
             assert!(matches!(out, CheckOutcome::NoData { .. }), "{o:?} -> {out:?}");
@@ -527,6 +537,15 @@ mod tests {
         assert!(matches!(out, CheckOutcome::ProviderError { .. }), "{out:?}");
         let out = r.evaluate(1, &obs(Value(0.0), Value(0.1), ProviderError("down".into())));
         assert!(matches!(out, CheckOutcome::ProviderError { .. }), "{out:?}");
+    }
+
+    #[test]
+    fn an_infinite_p99_is_a_breach() {
+        // Prometheus answers +Inf when the quantile lies beyond the largest
+        // bucket.
+        let r = AnalysisRules::default();
+        let o = r.evaluate(2, &obs(Value(0.0), Value(f64::INFINITY), Value(0.0)));
+        assert_eq!(metric(&o), Some(AnalysisMetric::LatencyP99));
     }
 
     #[test]

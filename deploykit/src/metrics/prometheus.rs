@@ -1,0 +1,429 @@
+//! The Prometheus [`MetricsSource`]: instant PromQL queries against
+//! `/api/v1/query`.
+//!
+//! Each [`Metric`] has a [`QueryTemplate`]; the defaults follow the seed's
+//! queries (5xx ratio over the window; `histogram_quantile(0.99, …)`),
+//! adapted to the demo app's metrics `http_requests_total{code,track,version}`
+//! and `http_request_duration_seconds{track,version}` and to tracks selected
+//! by label:
+//!
+//! | metric | default PromQL |
+//! |---|---|
+//! | error rate | `(sum(rate(http_requests_total{track="{group}",code=~"5.."}[{window}])) or vector(0)) / sum(rate(http_requests_total{track="{group}"}[{window}]))` |
+//! | p99 latency | `histogram_quantile(0.99, sum by (le) (rate(http_request_duration_seconds_bucket{track="{group}"}[{window}])))` |
+//! | request count | `sum(increase(http_requests_total{track="{group}"}[{window}]))` |
+//!
+//! `or vector(0)` makes "no 5xx at all" a rate of 0 instead of an empty
+//! result; a track with no traffic still answers empty (or `NaN`), which is
+//! [`Observation::NoData`] — never healthy.
+//!
+//! # How answers map to observations
+//!
+//! * `status: success`, one sample → [`Observation::Value`]; `"NaN"` →
+//!   `NoData`; `"+Inf"` → `Value(+∞)` (for a p99 it means "beyond the
+//!   largest bucket", which fails any latency threshold); `"-Inf"` →
+//!   `NoData`.
+//! * An empty result → `NoData`.
+//! * More than one series → `ProviderError` (aggregate the query, e.g.
+//!   with `sum`).
+//! * `status: error`, a non-JSON body, an HTTP error, a connection failure
+//!   or a timeout → `ProviderError` with Prometheus's own message.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::template::QueryTemplate;
+use crate::error::{Error, Result};
+use crate::names::Group;
+use crate::traits::{Metric, MetricsSource, Observation};
+
+/// The default error-rate query (see the [module docs](self)).
+pub const DEFAULT_ERROR_RATE: &str = r#"(sum(rate(http_requests_total{track="{group}",code=~"5.."}[{window}])) or vector(0)) / sum(rate(http_requests_total{track="{group}"}[{window}]))"#;
+/// The default p99 latency query, in seconds.
+pub const DEFAULT_LATENCY_P99: &str = r#"histogram_quantile(0.99, sum by (le) (rate(http_request_duration_seconds_bucket{track="{group}"}[{window}])))"#;
+/// The default request-count query.
+pub const DEFAULT_REQUEST_COUNT: &str = r#"sum(increase(http_requests_total{track="{group}"}[{window}]))"#;
+
+/// The PromQL templates, one per [`Metric`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromQueries {
+    /// Fraction of requests answered with 5xx (0–1).
+    pub error_rate: QueryTemplate,
+    /// 99th-percentile latency in seconds.
+    pub latency_p99: QueryTemplate,
+    /// Requests served in the window.
+    pub request_count: QueryTemplate,
+}
+
+impl Default for PromQueries {
+    fn default() -> Self {
+        let t = |field, q| QueryTemplate::parse(field, q).expect("default queries are valid");
+        Self {
+            error_rate: t("error_rate", DEFAULT_ERROR_RATE),
+            latency_p99: t("latency_p99", DEFAULT_LATENCY_P99),
+            request_count: t("request_count", DEFAULT_REQUEST_COUNT),
+        }
+    }
+}
+
+impl PromQueries {
+    fn for_metric(&self, metric: Metric) -> &QueryTemplate {
+        match metric {
+            Metric::ErrorRate => &self.error_rate,
+            Metric::LatencyP99 => &self.latency_p99,
+            Metric::RequestCount => &self.request_count,
+        }
+    }
+}
+
+/// A [`MetricsSource`] backed by a Prometheus server. Cheap to clone.
+///
+/// ```
+/// use std::time::Duration;
+/// use deploykit::metrics::prometheus::Prometheus;
+/// let prom = Prometheus::builder("http://127.0.0.1:9090")
+///     .timeout(Duration::from_secs(5))
+///     .error_rate(r#"sum(rate(errors_total{track="{group}"}[{window}])) / sum(rate(requests_total{track="{group}"}[{window}]))"#)
+///     .build()?;
+/// # let _ = prom;
+/// assert!(Prometheus::builder("ftp://x").build().is_err());
+/// # Ok::<(), deploykit::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Prometheus {
+    client: reqwest::Client,
+    endpoint: reqwest::Url,
+    queries: PromQueries,
+    timeout: Duration,
+}
+
+/// Builds a [`Prometheus`]; setters never fail, [`build`](Self::build)
+/// checks everything.
+#[derive(Debug, Clone)]
+pub struct PrometheusBuilder {
+    url: String,
+    queries: PromQueries,
+    overrides: Vec<(Metric, String)>,
+    timeout: Duration,
+}
+
+impl Prometheus {
+    /// A builder for the server at `url` (e.g. `http://127.0.0.1:9090`).
+    pub fn builder(url: impl Into<String>) -> PrometheusBuilder {
+        PrometheusBuilder {
+            url: url.into(),
+            queries: PromQueries::default(),
+            overrides: Vec::new(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The query that `metric` of `group` over `window` sends (for logs and
+    /// dry runs).
+    pub fn query(&self, metric: Metric, group: &Group, window: Duration) -> String {
+        self.queries.for_metric(metric).render(group, window)
+    }
+}
+
+impl PrometheusBuilder {
+    /// All templates at once.
+    pub fn queries(mut self, queries: PromQueries) -> Self {
+        self.queries = queries;
+        self
+    }
+
+    /// The error-rate template.
+    pub fn error_rate(mut self, template: impl Into<String>) -> Self {
+        self.overrides.push((Metric::ErrorRate, template.into()));
+        self
+    }
+
+    /// The p99-latency template (seconds).
+    pub fn latency_p99(mut self, template: impl Into<String>) -> Self {
+        self.overrides.push((Metric::LatencyP99, template.into()));
+        self
+    }
+
+    /// The request-count template.
+    pub fn request_count(mut self, template: impl Into<String>) -> Self {
+        self.overrides.push((Metric::RequestCount, template.into()));
+        self
+    }
+
+    /// Upper bound of one query, connection included. Default 10 s.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Checks the URL, the templates and the timeout.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming `metrics.url` (not an `http`/`https`
+    /// URL with a host, or one with a query string), `metrics.queries.*` (see
+    /// [`QueryTemplate::parse`]) or `metrics.timeout` (0); an
+    /// [`Error::Driver`] when the HTTP client cannot be created.
+    pub fn build(self) -> Result<Prometheus> {
+        let bad_url = |why: &str| {
+            Error::invalid(
+                "metrics.url",
+                format!("{:?} {why}; write the server's base URL, e.g. http://127.0.0.1:9090", self.url),
+            )
+        };
+        let mut url = reqwest::Url::parse(&self.url).map_err(|e| bad_url(&format!("is not a URL ({e})")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(bad_url("is not http or https"));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(bad_url("has no host"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(bad_url("has a query string or fragment"));
+        }
+        if !url.path().ends_with('/') {
+            let p = format!("{}/", url.path());
+            url.set_path(&p);
+        }
+        let endpoint = url.join("api/v1/query").map_err(|e| bad_url(&e.to_string()))?;
+        if self.timeout.is_zero() {
+            return Err(Error::invalid("metrics.timeout", "is 0; allow each query a few seconds, e.g. \"10s\""));
+        }
+        let mut queries = self.queries;
+        for (metric, text) in self.overrides {
+            let (field, slot) = match metric {
+                Metric::ErrorRate => ("metrics.queries.error_rate", &mut queries.error_rate),
+                Metric::LatencyP99 => ("metrics.queries.latency_p99", &mut queries.latency_p99),
+                Metric::RequestCount => ("metrics.queries.request_count", &mut queries.request_count),
+            };
+            *slot = QueryTemplate::parse(field, &text)?;
+        }
+        let client = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| Error::Driver(crate::DriverError::new("cannot create the HTTP client").with_source(e)))?;
+        Ok(Prometheus {
+            client,
+            endpoint,
+            queries,
+            timeout: self.timeout,
+        })
+    }
+}
+
+#[async_trait]
+impl MetricsSource for Prometheus {
+    /// One instant query (`GET /api/v1/query?query=…`).
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes; dropping the future drops the request.
+    /// * On failure: nothing changed; the failure is an
+    ///   [`Observation::ProviderError`].
+    async fn observe(&self, metric: Metric, group: &Group, window: Duration) -> Observation {
+        let query = self.query(metric, group, window);
+        tracing::debug!(?metric, %group, %query, "prometheus query");
+        let sent = self
+            .client
+            .get(self.endpoint.clone())
+            .query(&[("query", query.as_str())])
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => {
+                return Observation::ProviderError(format!(
+                    "no answer from {} within {:.1}s",
+                    self.endpoint,
+                    self.timeout.as_secs_f64()
+                ))
+            }
+            Err(e) => return Observation::ProviderError(format!("cannot query {}: {e}", self.endpoint)),
+        };
+        let status = resp.status().as_u16();
+        match resp.text().await {
+            Ok(body) => parse_response(status, &body),
+            Err(e) => Observation::ProviderError(format!("reading the answer of {} failed: {e}", self.endpoint)),
+        }
+    }
+}
+
+/// Turns an `/api/v1/query` answer (HTTP status and body) into an
+/// [`Observation`].
+pub fn parse_response(http_status: u16, body: &str) -> Observation {
+    let excerpt = || {
+        let mut s: String = body.chars().take(200).collect();
+        if body.len() > s.len() {
+            s.push('…');
+        }
+        s
+    };
+    let v: serde_json::Value = match serde_json::from_str(body) {
+        Ok(v) => v,
+        Err(_) => {
+            return Observation::ProviderError(format!(
+                "HTTP {http_status}, not a Prometheus API answer: {}",
+                excerpt()
+            ))
+        }
+    };
+    match v.get("status").and_then(|s| s.as_str()) {
+        Some("success") => {}
+        Some("error") => {
+            let kind = v.get("errorType").and_then(|s| s.as_str()).unwrap_or("error");
+            let msg = v.get("error").and_then(|s| s.as_str()).unwrap_or("(no message)");
+            return Observation::ProviderError(format!("HTTP {http_status}, {kind}: {msg}"));
+        }
+        _ => return Observation::ProviderError(format!("HTTP {http_status}, no status in the answer: {}", excerpt())),
+    }
+    if !(200..300).contains(&http_status) {
+        return Observation::ProviderError(format!("HTTP {http_status}: {}", excerpt()));
+    }
+    let Some(data) = v.get("data") else {
+        return Observation::ProviderError("the answer has no data".into());
+    };
+    let kind = data.get("resultType").and_then(|s| s.as_str()).unwrap_or("");
+    let result = data.get("result");
+    let sample = match (kind, result) {
+        ("vector", Some(serde_json::Value::Array(series))) => match series.as_slice() {
+            [] => return Observation::NoData,
+            [one] => one.get("value"),
+            many => {
+                return Observation::ProviderError(format!(
+                    "the query returned {} series, not one; aggregate it (e.g. wrap it in sum())",
+                    many.len()
+                ))
+            }
+        },
+        ("scalar", Some(s)) => Some(s),
+        ("matrix", _) => {
+            return Observation::ProviderError(
+                "the query returned a range vector; use an instant expression (e.g. rate(x[5m]), not x[5m])".into(),
+            )
+        }
+        _ => return Observation::ProviderError(format!("unexpected result type {kind:?}")),
+    };
+    let Some(text) = sample
+        .and_then(|s| s.as_array())
+        .and_then(|pair| pair.get(1))
+        .and_then(|v| v.as_str())
+    else {
+        return Observation::ProviderError("a sample without a [time, \"value\"] pair".into());
+    };
+    match text {
+        "NaN" => Observation::NoData,
+        "+Inf" | "Inf" => Observation::Value(f64::INFINITY),
+        "-Inf" => Observation::NoData,
+        t => match t.parse::<f64>() {
+            Ok(x) if x.is_finite() => Observation::Value(x),
+            _ => Observation::ProviderError(format!("the sample value {t:?} is not a number")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_recorded_answers() {
+        // Recorded from Prometheus 2.42 (`curl /api/v1/query?query=…`).
+        let ok = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1764205200.123,"0.0512"]}]}}"#;
+        assert_eq!(parse_response(200, ok), Observation::Value(0.0512));
+        let empty = r#"{"status":"success","data":{"resultType":"vector","result":[]}}"#;
+        assert_eq!(parse_response(200, empty), Observation::NoData);
+        let nan = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1764205200.1,"NaN"]}]}}"#;
+        assert_eq!(parse_response(200, nan), Observation::NoData);
+        let inf = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1764205200.1,"+Inf"]}]}}"#;
+        assert_eq!(parse_response(200, inf), Observation::Value(f64::INFINITY));
+        let scalar = r#"{"status":"success","data":{"resultType":"scalar","result":[1764205200.1,"42"]}}"#;
+        assert_eq!(parse_response(200, scalar), Observation::Value(42.0));
+        let labelled = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"track":"canary"},"value":[1.0,"0"]}]}}"#;
+        assert_eq!(parse_response(200, labelled), Observation::Value(0.0));
+    }
+
+    #[test]
+    fn errors_are_provider_errors_with_prometheus_message() {
+        let bad = r#"{"status":"error","errorType":"bad_data","error":"invalid parameter \"query\": 1:6: parse error: unexpected \"}\""}"#;
+        match parse_response(400, bad) {
+            Observation::ProviderError(m) => {
+                assert!(m.contains("HTTP 400, bad_data: invalid parameter"), "{m}")
+            }
+            o => panic!("{o:?}"),
+        }
+        let timeout = r#"{"status":"error","errorType":"timeout","error":"query timed out in expression evaluation"}"#;
+        assert!(matches!(parse_response(503, timeout), Observation::ProviderError(m) if m.contains("timeout")));
+        assert!(matches!(
+            parse_response(502, "<html>Bad Gateway</html>"),
+            Observation::ProviderError(m) if m.contains("HTTP 502") && m.contains("Bad Gateway")
+        ));
+        let two = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"a":"1"},"value":[1.0,"1"]},{"metric":{"a":"2"},"value":[1.0,"2"]}]}}"#;
+        assert!(matches!(parse_response(200, two), Observation::ProviderError(m) if m.contains("2 series")));
+        let matrix = r#"{"status":"success","data":{"resultType":"matrix","result":[]}}"#;
+        assert!(matches!(parse_response(200, matrix), Observation::ProviderError(_)));
+        let junk = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1.0,"abc"]}]}}"#;
+        assert!(matches!(parse_response(200, junk), Observation::ProviderError(_)));
+        assert!(matches!(parse_response(200, "{}"), Observation::ProviderError(_)));
+    }
+
+    #[test]
+    fn default_queries_render_with_the_track_and_window() {
+        let p = Prometheus::builder("http://127.0.0.1:9090/").build().unwrap();
+        let g = Group::new("canary").unwrap();
+        assert_eq!(
+            p.query(Metric::ErrorRate, &g, Duration::from_secs(300)),
+            r#"(sum(rate(http_requests_total{track="canary",code=~"5.."}[300s])) or vector(0)) / sum(rate(http_requests_total{track="canary"}[300s]))"#
+        );
+        assert_eq!(
+            p.query(Metric::LatencyP99, &g, Duration::from_secs(10)),
+            r#"histogram_quantile(0.99, sum by (le) (rate(http_request_duration_seconds_bucket{track="canary"}[10s])))"#
+        );
+        assert_eq!(p.endpoint.as_str(), "http://127.0.0.1:9090/api/v1/query");
+        let sub = Prometheus::builder("http://127.0.0.1:9090/prom").build().unwrap();
+        assert_eq!(sub.endpoint.as_str(), "http://127.0.0.1:9090/prom/api/v1/query");
+    }
+
+    #[test]
+    fn bad_settings_name_the_field() {
+        for (url, why) in [
+            ("127.0.0.1:9090", "metrics.url"),
+            ("ftp://h:1", "metrics.url"),
+            ("http://h:9090/?x=1", "metrics.url"),
+        ] {
+            let e = Prometheus::builder(url).build().unwrap_err().to_string();
+            assert!(e.contains(why), "{url}: {e}");
+        }
+        let e = Prometheus::builder("http://h:9090")
+            .latency_p99("histogram_quantile(0.99, x)")
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metrics.queries.latency_p99"), "{e}");
+        let e = Prometheus::builder("http://h:9090")
+            .timeout(Duration::ZERO)
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metrics.timeout"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_a_provider_error() {
+        // A port on loopback nothing listens on: bind, read the port, close.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let p = Prometheus::builder(format!("http://127.0.0.1:{port}"))
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let o = p
+            .observe(Metric::ErrorRate, &Group::new("canary").unwrap(), Duration::from_secs(60))
+            .await;
+        assert!(matches!(&o, Observation::ProviderError(m) if m.contains("cannot query")), "{o:?}");
+    }
+}
