@@ -3,6 +3,29 @@
 //! * [`NoLoadBalancer`] — for fleets with nothing in front (every change is
 //!   a no-op; drains cannot be confirmed, so drain waits run to their
 //!   timeout unless the instance reports its own connections).
+//! * `NginxLoadBalancer` (feature `nginx`) — one upstream include file
+//!   rendered from typed state, `nginx -t` on the whole config, reload
+//!   confirmed by a new worker generation, drains confirmed by the old
+//!   generation exiting.
+//! * `HaproxyLoadBalancer` (feature `haproxy`) — the runtime API over the
+//!   admin socket, every change read back, drains confirmed by `show stat`.
+//!
+//! `docs/load-balancers.md` describes both drivers, their drain
+//! confirmation and its limits, with config examples.
+
+#[cfg(feature = "haproxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "haproxy")))]
+pub mod haproxy;
+#[cfg(feature = "nginx")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nginx")))]
+pub mod nginx;
+#[cfg(any(feature = "nginx", feature = "haproxy"))]
+mod split;
+
+#[cfg(feature = "haproxy")]
+pub use haproxy::HaproxyLoadBalancer;
+#[cfg(feature = "nginx")]
+pub use nginx::NginxLoadBalancer;
 
 use async_trait::async_trait;
 

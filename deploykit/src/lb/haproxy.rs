@@ -1,0 +1,858 @@
+//! The HAProxy driver: the runtime API over the admin stats socket.
+//!
+//! HAProxy must expose an admin socket, e.g. in `global`:
+//!
+//! ```text
+//! stats socket /run/haproxy/admin.sock mode 600 level admin
+//! ```
+//!
+//! and its backend must use a dynamic balance algorithm (`roundrobin`,
+//! `leastconn`, …) for weights other than 0 % and 100 %. Server names are
+//! the instance ids.
+//!
+//! Every change is computed as the desired `state` and `weight` of each
+//! server, sent as `set server <backend>/<server> state drain|maint|ready`
+//! and `set server <backend>/<server> weight N` (0–256) — all commands of one
+//! change on one line, separated by `;`, so HAProxy applies them together —
+//! and then **read back** with `show servers state <backend>`: a change that
+//! did not take is an error naming the server.
+//!
+//! # Drain confirmation
+//!
+//! [`LoadBalancer::active_connections`] reads `show stat` (CSV, parsed by
+//! its header names) and returns the server's `scur + qcur`: sessions open to
+//! it plus requests queued for it. A drain is confirmed when both are 0.
+//! Limits: `scur` counts sessions of *this* HAProxy process (a reload that
+//! leaves an old process running keeps its sessions out of view), and idle
+//! pooled server connections are not sessions.
+//!
+//! Names sent to the socket are checked (no whitespace, `;`, newline or
+//! other control character) on top of the [name rules](crate::names).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::time::timeout;
+
+use super::split::{check_weights, per_server_weights};
+use crate::error::{DriverError, Error, Result};
+use crate::names::{validate_name, Group, InstanceId};
+use crate::traits::{Backend, GroupWeight, LoadBalancer};
+
+/// HAProxy's largest server weight.
+pub const MAX_WEIGHT: u16 = 256;
+
+/// Any maintenance bit: forced, inherited, configured, resolution, hostname.
+const ADMF_MAINT_ANY: u32 = 0x01 | 0x02 | 0x04 | 0x20 | 0x40;
+/// Any drain bit: forced, inherited.
+const ADMF_DRAIN_ANY: u32 = 0x08 | 0x10;
+
+/// Checks that `value` can be sent to the runtime API as one word.
+fn socket_word(field: &str, value: &str) -> Result<(), DriverError> {
+    if value.is_empty()
+        || value
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == ';')
+    {
+        return Err(DriverError::new(format!(
+            "{field} {value:?} cannot be sent to the HAProxy runtime API: it must be non-empty, \
+             without whitespace, ';' or control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// The administrative state a server is set to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerAdmin {
+    /// `ready`: takes traffic (subject to its weight and health).
+    Ready,
+    /// `drain`: no new connections; existing ones finish.
+    Drain,
+    /// `maint`: out of rotation.
+    Maint,
+}
+
+impl ServerAdmin {
+    fn word(self) -> &'static str {
+        match self {
+            ServerAdmin::Ready => "ready",
+            ServerAdmin::Drain => "drain",
+            ServerAdmin::Maint => "maint",
+        }
+    }
+
+    fn from_bits(bits: u32) -> Self {
+        if bits & ADMF_MAINT_ANY != 0 {
+            ServerAdmin::Maint
+        } else if bits & ADMF_DRAIN_ANY != 0 {
+            ServerAdmin::Drain
+        } else {
+            ServerAdmin::Ready
+        }
+    }
+}
+
+/// One server as `show servers state` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerState {
+    /// `srv_name`.
+    pub name: String,
+    /// `srv_op_state`: 0 stopped, 1 starting, 2 running, 3 stopping.
+    pub op_state: u32,
+    /// `srv_admin_state` bit field (0x01 forced maint, 0x08 forced drain, …).
+    pub admin_bits: u32,
+    /// `srv_uweight`: the weight set by the operator.
+    pub weight: u32,
+}
+
+impl ServerState {
+    /// The administrative state the bits amount to.
+    pub fn admin(&self) -> ServerAdmin {
+        ServerAdmin::from_bits(self.admin_bits)
+    }
+}
+
+/// A small client of HAProxy's runtime API: one command line per
+/// connection to the admin unix socket.
+#[derive(Debug, Clone)]
+pub struct RuntimeApi {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl RuntimeApi {
+    /// A client of the socket at `socket`; each exchange is bounded by
+    /// `timeout`.
+    pub fn new(socket: impl Into<PathBuf>, timeout: Duration) -> Self {
+        Self {
+            socket: socket.into(),
+            timeout,
+        }
+    }
+
+    /// Sends one command line (commands separated by `;`) and returns the
+    /// whole answer.
+    ///
+    /// * Idempotent: as the command. Cancel-safe: a dropped exchange may or
+    ///   may not have been applied.
+    ///
+    /// # Errors
+    /// A missing socket, one this user cannot write, nobody listening, a
+    /// socket without `level admin`, a timeout, or a line with a newline.
+    pub async fn command(&self, line: &str) -> Result<String, DriverError> {
+        if line.contains(['\n', '\r', '\0']) {
+            return Err(DriverError::new(format!(
+                "refusing to send a HAProxy command with a line break: {line:?}"
+            )));
+        }
+        let path = &self.socket;
+        let exchange = async {
+            let mut s = UnixStream::connect(path).await.map_err(|e| {
+                let p = path.display();
+                match e.kind() {
+                    std::io::ErrorKind::NotFound => DriverError::new(format!(
+                        "HAProxy admin socket {p} does not exist; start HAProxy with \
+                         `stats socket {p} mode 600 level admin` in its global section"
+                    )),
+                    std::io::ErrorKind::PermissionDenied => DriverError::new(format!(
+                        "HAProxy admin socket {p} is not writable by this user (permission denied); \
+                         fix its `mode`/`user` in the `stats socket` line"
+                    )),
+                    std::io::ErrorKind::ConnectionRefused => DriverError::transient(format!(
+                        "nothing listens on the HAProxy admin socket {p}: is HAProxy running?"
+                    )),
+                    _ => DriverError::from(e),
+                }
+            })?;
+            s.write_all(format!("{line}\n").as_bytes()).await?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await?;
+            Ok::<_, DriverError>(out)
+        };
+        let out = timeout(self.timeout, exchange).await.map_err(|_| {
+            DriverError::transient(format!(
+                "HAProxy admin socket {} did not answer {line:?} within {:.1}s",
+                path.display(),
+                self.timeout.as_secs_f64()
+            ))
+        })??;
+        if out.starts_with("Permission denied") {
+            return Err(DriverError::new(format!(
+                "HAProxy admin socket {} refused {line:?}: permission denied; the socket needs `level admin`",
+                path.display()
+            )));
+        }
+        if out.starts_with("Unknown command") {
+            return Err(DriverError::new(format!(
+                "HAProxy does not know the command {line:?}: {}",
+                out.lines().next().unwrap_or("")
+            )));
+        }
+        Ok(out)
+    }
+
+    /// `show servers state <backend>`, parsed by the header's field names.
+    ///
+    /// # Errors
+    /// As [`command`](Self::command), and an unknown backend (named).
+    pub async fn servers_state(&self, backend: &str) -> Result<Vec<ServerState>, DriverError> {
+        socket_word("HAProxy backend", backend)?;
+        let out = self.command(&format!("show servers state {backend}")).await?;
+        if out.starts_with("Can't find backend") || out.starts_with("No such") {
+            return Err(DriverError::new(format!("HAProxy has no backend {backend}")));
+        }
+        parse_servers_state(&out)
+    }
+
+    /// `show stat` for one backend's servers: one map per server, keyed by
+    /// the CSV header's names (`svname`, `scur`, `qcur`, …).
+    ///
+    /// # Errors
+    /// As [`command`](Self::command), and an unknown backend (named).
+    pub async fn stat(&self, backend: &str) -> Result<Vec<BTreeMap<String, String>>, DriverError> {
+        socket_word("HAProxy backend", backend)?;
+        let out = self.command(&format!("show stat {backend} 4 -1")).await?;
+        if out.starts_with("No such proxy") || out.starts_with("Can't find") {
+            return Err(DriverError::new(format!("HAProxy has no backend {backend}")));
+        }
+        parse_stat_csv(&out)
+    }
+}
+
+fn parse_servers_state(out: &str) -> Result<Vec<ServerState>, DriverError> {
+    let bad =
+        |why: &str| DriverError::new(format!("unexpected `show servers state` answer ({why}): {out:?}"));
+    let header = out
+        .lines()
+        .find_map(|l| l.strip_prefix("# "))
+        .ok_or_else(|| bad("no header line"))?;
+    let names: Vec<&str> = header.split_whitespace().collect();
+    let col = |n: &str| {
+        names
+            .iter()
+            .position(|h| *h == n)
+            .ok_or_else(|| bad(&format!("no column {n}")))
+    };
+    let (c_name, c_op, c_admin, c_weight) = (
+        col("srv_name")?,
+        col("srv_op_state")?,
+        col("srv_admin_state")?,
+        col("srv_uweight")?,
+    );
+    let mut servers = Vec::new();
+    for l in out.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < names.len().min(c_weight + 1) || f.len() == 1 {
+            // The version line ("1") and blank lines.
+            continue;
+        }
+        let num = |i: usize| -> Result<u32, DriverError> {
+            f.get(i)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad("a non-numeric field"))
+        };
+        servers.push(ServerState {
+            name: f
+                .get(c_name)
+                .map(|s| s.to_string())
+                .ok_or_else(|| bad("short line"))?,
+            op_state: num(c_op)?,
+            admin_bits: num(c_admin)?,
+            weight: num(c_weight)?,
+        });
+    }
+    Ok(servers)
+}
+
+fn parse_stat_csv(out: &str) -> Result<Vec<BTreeMap<String, String>>, DriverError> {
+    let header = out
+        .lines()
+        .find_map(|l| l.strip_prefix("# "))
+        .ok_or_else(|| DriverError::new(format!("unexpected `show stat` answer (no CSV header): {out:?}")))?;
+    let names: Vec<&str> = header.split(',').collect();
+    Ok(out
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            names
+                .iter()
+                .zip(l.split(','))
+                .filter(|(n, _)| !n.is_empty())
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admin {
+    Ready,
+    Draining,
+    Disabled,
+}
+
+#[derive(Debug, Clone)]
+struct State {
+    admin: BTreeMap<InstanceId, Admin>,
+    /// `None`: weights are left as HAProxy's configuration set them.
+    shares: Option<BTreeMap<Group, u8>>,
+}
+
+/// What a server should look like after a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Desired {
+    admin: ServerAdmin,
+    weight: Option<u32>,
+}
+
+/// Builds a [`HaproxyLoadBalancer`]; setters never fail,
+/// [`build`](Self::build) checks everything.
+#[derive(Debug, Clone)]
+pub struct HaproxyBuilder {
+    socket: Option<PathBuf>,
+    backend: String,
+    backends: Vec<Backend>,
+    timeout: Duration,
+}
+
+impl Default for HaproxyBuilder {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            backend: "app".into(),
+            backends: Vec::new(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl HaproxyBuilder {
+    /// The admin socket (required).
+    pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.socket = Some(path.into());
+        self
+    }
+
+    /// The HAProxy backend holding the servers. Default `app`.
+    pub fn backend_name(mut self, name: impl Into<String>) -> Self {
+        self.backend = name.into();
+        self
+    }
+
+    /// Adds a backend (its id is the HAProxy server name).
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backends.push(backend);
+        self
+    }
+
+    /// Adds backends.
+    pub fn backends(mut self, backends: impl IntoIterator<Item = Backend>) -> Self {
+        self.backends.extend(backends);
+        self
+    }
+
+    /// Bound of one exchange with the socket. Default 5 s.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Checks the settings. Touches nothing (use
+    /// [`HaproxyLoadBalancer::check`] to verify HAProxy knows every server).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field: no socket, a bad backend
+    /// name, no backends, an id listed twice, a zero timeout.
+    pub fn build(self) -> Result<HaproxyLoadBalancer> {
+        let socket = self.socket.ok_or_else(|| {
+            Error::invalid("haproxy socket", "is not set; give the path of the admin socket")
+        })?;
+        validate_name("haproxy backend", &self.backend)?;
+        if self.backends.is_empty() {
+            return Err(Error::invalid(
+                "haproxy backends",
+                "is empty; add the servers of the backend",
+            ));
+        }
+        let mut ids = BTreeSet::new();
+        for b in &self.backends {
+            if !ids.insert(b.id.clone()) {
+                return Err(Error::invalid(
+                    "haproxy backends",
+                    format!("server {} is listed twice", b.id),
+                ));
+            }
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::invalid("haproxy timeout", "must be greater than 0"));
+        }
+        let state = State {
+            admin: self
+                .backends
+                .iter()
+                .map(|b| (b.id.clone(), Admin::Ready))
+                .collect(),
+            shares: None,
+        };
+        Ok(HaproxyLoadBalancer {
+            inner: Arc::new(Inner {
+                api: RuntimeApi::new(socket, self.timeout),
+                backend: self.backend,
+                backends: self.backends,
+                state: Mutex::new(state),
+                apply: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+}
+
+/// A HAProxy load balancer driven through its runtime API. Cheap to clone.
+///
+/// ```no_run
+/// # async fn f() -> deploykit::Result<()> {
+/// use deploykit::{Address, Backend, Group, InstanceId};
+/// use deploykit::lb::HaproxyLoadBalancer;
+///
+/// let lb = HaproxyLoadBalancer::builder()
+///     .socket("/run/haproxy/admin.sock")
+///     .backend_name("app")
+///     .backend(Backend {
+///         id: InstanceId::new("web-1")?, // `server web-1 10.0.0.5:8080` in HAProxy's config
+///         address: Address::parse("10.0.0.5:8080")?,
+///         group: Group::new("stable")?,
+///     })
+///     .build()?;
+/// lb.check().await?; // the socket answers and knows every server
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct HaproxyLoadBalancer {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    api: RuntimeApi,
+    backend: String,
+    backends: Vec<Backend>,
+    state: Mutex<State>,
+    apply: tokio::sync::Mutex<()>,
+}
+
+impl HaproxyLoadBalancer {
+    /// A builder with the defaults.
+    pub fn builder() -> HaproxyBuilder {
+        HaproxyBuilder::default()
+    }
+
+    /// The runtime-API client.
+    pub fn api(&self) -> &RuntimeApi {
+        &self.inner.api
+    }
+
+    /// Checks that the socket answers, the backend exists and has a server
+    /// for every backend given to the builder.
+    ///
+    /// * Idempotent: yes (read-only). Cancel-safe: yes.
+    ///
+    /// # Errors
+    /// The socket problem, or the backend / servers missing, by name.
+    pub async fn check(&self) -> Result<(), DriverError> {
+        let servers = self.inner.api.servers_state(&self.inner.backend).await?;
+        let missing: Vec<&str> = self
+            .inner
+            .backends
+            .iter()
+            .filter(|b| !servers.iter().any(|s| s.name == b.id.as_str()))
+            .map(|b| b.id.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Err(DriverError::new(format!(
+                "HAProxy backend {} has no server {}",
+                self.inner.backend,
+                missing.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn known(&self, backend: &Backend) -> Result<(), DriverError> {
+        if self.inner.backends.iter().any(|b| b.id == backend.id) {
+            Ok(())
+        } else {
+            let ids: Vec<&str> = self.inner.backends.iter().map(|b| b.id.as_str()).collect();
+            Err(DriverError::new(format!(
+                "HAProxy backend {} has no server {} among those deploykit manages ({})",
+                self.inner.backend,
+                backend.id,
+                ids.join(", ")
+            )))
+        }
+    }
+
+    fn desired(&self, st: &State) -> BTreeMap<InstanceId, Desired> {
+        let mut ready = BTreeMap::new();
+        for b in &self.inner.backends {
+            if st.admin.get(&b.id) == Some(&Admin::Ready) {
+                *ready.entry(b.group.clone()).or_insert(0usize) += 1;
+            }
+        }
+        let weights = st
+            .shares
+            .as_ref()
+            .map(|s| per_server_weights(s, &ready, u32::from(MAX_WEIGHT)));
+        self.inner
+            .backends
+            .iter()
+            .map(|b| {
+                let d = match st.admin.get(&b.id).copied().unwrap_or(Admin::Ready) {
+                    Admin::Draining => Desired {
+                        admin: ServerAdmin::Drain,
+                        weight: None,
+                    },
+                    Admin::Disabled => Desired {
+                        admin: ServerAdmin::Maint,
+                        weight: None,
+                    },
+                    Admin::Ready => Desired {
+                        admin: ServerAdmin::Ready,
+                        weight: weights.as_ref().map(|w| w.get(&b.group).copied().unwrap_or(0)),
+                    },
+                };
+                (b.id.clone(), d)
+            })
+            .collect()
+    }
+
+    /// Edits the state under the apply lock, sends what differs from
+    /// HAProxy's current state, reads it back, and commits the state.
+    async fn change(
+        &self,
+        edit: impl FnOnce(&mut State) -> Result<(), DriverError> + Send + 'static,
+    ) -> Result<(), DriverError> {
+        let this = self.clone();
+        match tokio::spawn(async move { this.change_inner(edit).await }).await {
+            Ok(r) => r,
+            Err(e) => Err(DriverError::new(format!("HAProxy change task failed: {e}"))),
+        }
+    }
+
+    async fn change_inner(
+        &self,
+        edit: impl FnOnce(&mut State) -> Result<(), DriverError>,
+    ) -> Result<(), DriverError> {
+        let inner = &self.inner;
+        let _g = inner.apply.lock().await;
+        let mut st = self.lock_state().clone();
+        edit(&mut st)?;
+        let want = self.desired(&st);
+        let be = &inner.backend;
+        let current = self.current().await?;
+        // Raise weights and readiness before lowering others, so that a
+        // switch never leaves a moment with no server in rotation.
+        let mut up = Vec::new();
+        let mut down = Vec::new();
+        for (id, d) in &want {
+            let cur = current
+                .get(id.as_str())
+                .ok_or_else(|| DriverError::new(format!("HAProxy backend {be} has no server {id}")))?;
+            socket_word("HAProxy server", id.as_str())?;
+            if let Some(w) = d.weight {
+                if w != cur.weight {
+                    let cmd = format!("set server {be}/{id} weight {w}");
+                    if w > cur.weight {
+                        up.push(cmd)
+                    } else {
+                        down.push(cmd)
+                    }
+                }
+            }
+            if d.admin != cur.admin() {
+                let cmd = format!("set server {be}/{id} state {}", d.admin.word());
+                if d.admin == ServerAdmin::Ready {
+                    up.push(cmd)
+                } else {
+                    down.push(cmd)
+                }
+            }
+        }
+        let cmds: Vec<String> = up.into_iter().chain(down).collect();
+        if !cmds.is_empty() {
+            let out = inner.api.command(&cmds.join(";")).await?;
+            let msg: Vec<&str> = out.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            if !msg.is_empty() {
+                let msg = msg.join("; ");
+                let hint = if msg.contains("static LB algorithm") {
+                    " (use a dynamic balance algorithm such as roundrobin)"
+                } else {
+                    ""
+                };
+                return Err(DriverError::new(format!(
+                    "HAProxy rejected `{}`: {msg}{hint}",
+                    cmds.join(";")
+                )));
+            }
+        }
+        // Read back: every server must now be as wanted.
+        let after = self.current().await?;
+        for (id, d) in &want {
+            let Some(s) = after.get(id.as_str()) else {
+                return Err(DriverError::new(format!(
+                    "HAProxy backend {be} has no server {id}"
+                )));
+            };
+            if s.admin() != d.admin {
+                return Err(DriverError::new(format!(
+                    "HAProxy did not take the change: {be}/{id} is {:?} (admin bits {:#x}), expected {}",
+                    s.admin(),
+                    s.admin_bits,
+                    d.admin.word()
+                )));
+            }
+            if let Some(w) = d.weight {
+                if s.weight != w {
+                    return Err(DriverError::new(format!(
+                        "HAProxy did not take the change: {be}/{id} has weight {}, expected {w}",
+                        s.weight
+                    )));
+                }
+            }
+        }
+        *self.lock_state() = st;
+        Ok(())
+    }
+
+    async fn current(&self) -> Result<BTreeMap<String, ServerState>, DriverError> {
+        Ok(self
+            .inner
+            .api
+            .servers_state(&self.inner.backend)
+            .await?
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect())
+    }
+
+    async fn set_admin(&self, backend: &Backend, admin: Admin) -> Result<(), DriverError> {
+        self.known(backend)?;
+        let id = backend.id.clone();
+        self.change(move |st| {
+            st.admin.insert(id, admin);
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl LoadBalancer for HaproxyLoadBalancer {
+    fn name(&self) -> &str {
+        "haproxy"
+    }
+
+    /// `set server <be>/<srv> state drain`, read back.
+    ///
+    /// * Idempotent: yes. Cancel-safe: yes (runs to completion in a task).
+    /// * On failure: the server is as HAProxy reports it; nothing else was
+    ///   changed in deploykit's state.
+    async fn drain(&self, backend: &Backend) -> Result<(), DriverError> {
+        self.set_admin(backend, Admin::Draining).await
+    }
+
+    /// `scur + qcur` of the server from `show stat`.
+    ///
+    /// * Idempotent: yes (read-only). Cancel-safe: yes.
+    /// * On failure: nothing changed.
+    async fn active_connections(&self, backend: &Backend) -> Result<Option<u64>, DriverError> {
+        self.known(backend)?;
+        let rows = self.inner.api.stat(&self.inner.backend).await?;
+        let row = rows
+            .iter()
+            .find(|r| {
+                r.get("pxname").map(String::as_str) == Some(self.inner.backend.as_str())
+                    && r.get("svname").map(String::as_str) == Some(backend.id.as_str())
+            })
+            .ok_or_else(|| {
+                DriverError::new(format!(
+                    "HAProxy backend {} has no server {}",
+                    self.inner.backend, backend.id
+                ))
+            })?;
+        let num = |k: &str| -> Result<u64, DriverError> {
+            let v = row.get(k).map(String::as_str).unwrap_or("");
+            if v.is_empty() {
+                return Ok(0);
+            }
+            v.parse()
+                .map_err(|_| DriverError::new(format!("HAProxy `show stat` {k} is {v:?}, not a number")))
+        };
+        Ok(Some(num("scur")? + num("qcur")?))
+    }
+
+    /// `set server <be>/<srv> state ready` (and its group's weight), read
+    /// back.
+    ///
+    /// * Idempotent: yes. Cancel-safe: yes (runs in a task).
+    /// * On failure: the server stays out of rotation in deploykit's state.
+    async fn enable(&self, backend: &Backend) -> Result<(), DriverError> {
+        self.set_admin(backend, Admin::Ready).await
+    }
+
+    /// `set server <be>/<srv> state maint`, read back.
+    ///
+    /// * Idempotent: yes. Cancel-safe: yes (runs in a task).
+    /// * On failure: the server may still be in rotation.
+    async fn disable(&self, backend: &Backend) -> Result<(), DriverError> {
+        self.set_admin(backend, Admin::Disabled).await
+    }
+
+    /// Server weights (0–256) so each group gets its share; 0 % is weight 0.
+    ///
+    /// * Idempotent: yes. Cancel-safe: yes (runs in a task).
+    /// * On failure: HAProxy may hold part of the new weights; deploykit's
+    ///   state keeps the old split, and a retry converges.
+    async fn set_weights(&self, weights: &[GroupWeight]) -> Result<(), DriverError> {
+        let mut known = BTreeMap::new();
+        for b in &self.inner.backends {
+            *known.entry(b.group.clone()).or_insert(0usize) += 1;
+        }
+        let shares = check_weights(weights, &known)?;
+        self.change(move |st| {
+            st.shares = Some(shares);
+            Ok(())
+        })
+        .await
+    }
+
+    /// The group's servers to full weight and every other server to weight
+    /// 0, in one command line (raises first), read back.
+    ///
+    /// * Idempotent: yes. Cancel-safe: yes (runs in a task).
+    /// * On failure: the previously live group still has its weights unless
+    ///   HAProxy took part of the line; a retry converges.
+    async fn switch_to(&self, group: &Group) -> Result<(), DriverError> {
+        let g = group.clone();
+        let ready_in_group = {
+            let st = self.lock_state();
+            self.inner
+                .backends
+                .iter()
+                .filter(|b| b.group == g && st.admin.get(&b.id) == Some(&Admin::Ready))
+                .count()
+        };
+        if ready_in_group == 0 {
+            return Err(DriverError::new(format!(
+                "cannot switch HAProxy backend {} to group {g}: it has no enabled server",
+                self.inner.backend
+            )));
+        }
+        self.change(move |st| {
+            st.shares = Some(BTreeMap::from([(g, 100)]));
+            Ok(())
+        })
+        .await
+    }
+
+    /// Read from HAProxy: the one group whose servers are ready with a
+    /// weight above 0, if exactly one is.
+    async fn live_group(&self) -> Result<Option<Group>, DriverError> {
+        let current = self.current().await?;
+        let mut live = BTreeSet::new();
+        for b in &self.inner.backends {
+            if let Some(s) = current.get(b.id.as_str()) {
+                if s.admin() == ServerAdmin::Ready && s.weight > 0 {
+                    live.insert(b.group.clone());
+                }
+            }
+        }
+        Ok(if live.len() == 1 {
+            live.into_iter().next()
+        } else {
+            None
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATE: &str = "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change\n3 app 1 i-1 127.0.0.1 2 8 1 1 1\n3 app 2 i-2 127.0.0.1 2 0 17 1 1\n\n";
+
+    #[test]
+    fn servers_state_is_parsed_by_header_names() {
+        let s = parse_servers_state(STATE).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].name.as_str(), s[0].admin(), s[0].weight),
+            ("i-1", ServerAdmin::Drain, 1)
+        );
+        assert_eq!(
+            (s[1].name.as_str(), s[1].admin(), s[1].weight),
+            ("i-2", ServerAdmin::Ready, 17)
+        );
+        assert_eq!(ServerAdmin::from_bits(0x01 | 0x08), ServerAdmin::Maint);
+        assert!(parse_servers_state("garbage").is_err());
+    }
+
+    #[test]
+    fn stat_csv_is_parsed_by_header_names() {
+        let csv = "# pxname,svname,qcur,qmax,scur,smax,\napp,i-1,2,0,5,9,\napp,i-2,,0,0,1,\n\n";
+        let rows = parse_stat_csv(csv).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0]["svname"], "i-1");
+        assert_eq!(rows[0]["scur"], "5");
+        assert_eq!(rows[0]["qcur"], "2");
+        assert_eq!(rows[1]["qcur"], "");
+    }
+
+    #[test]
+    fn socket_words_are_checked() {
+        assert!(socket_word("x", "app").is_ok());
+        for bad in ["", "a b", "a;b", "a\nb", "a\tb", "a\u{7}"] {
+            let e = socket_word("HAProxy backend", bad).unwrap_err();
+            assert!(e.message().contains("HAProxy backend"), "{e}");
+        }
+    }
+
+    #[test]
+    fn builder_names_the_bad_field() {
+        let e = HaproxyLoadBalancer::builder().build().unwrap_err().to_string();
+        assert!(e.contains("haproxy socket"), "{e}");
+        let e = HaproxyLoadBalancer::builder()
+            .socket("/tmp/x.sock")
+            .backend_name("app;shutdown")
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("haproxy backend"), "{e}");
+        let e = HaproxyLoadBalancer::builder()
+            .socket("/tmp/x.sock")
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("haproxy backends"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn command_refuses_line_breaks() {
+        let api = RuntimeApi::new("/nonexistent/haproxy.sock", Duration::from_secs(1));
+        let e = api.command("show stat\nshutdown").await.unwrap_err();
+        assert!(e.message().contains("line break"), "{e}");
+    }
+
+    #[test]
+    fn object_safe() {
+        fn _obj(_: Box<dyn LoadBalancer>) {}
+    }
+}
