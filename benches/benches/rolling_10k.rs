@@ -60,13 +60,35 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+const CONFIGS: [(&str, usize, usize, bool); 3] = [
+    ("10,000 instances, batch 100", 10_000, 100, false),
+    ("10,000 instances, batch 100, all events kept", 10_000, 100, true),
+    ("1,000 instances, batch 10", 1_000, 10, false),
+];
+
+/// Peak memory of one configuration, measured in a fresh child process so
+/// the configurations do not share a high-water mark.
+fn child_peak_mib(index: usize) -> f64 {
+    let exe = std::env::current_exe().expect("own path");
+    let out = std::process::Command::new(exe)
+        .env("BENCH_CHILD", index.to_string())
+        .output()
+        .expect("child bench runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("peak_mib=").and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
 fn main() {
+    if let Some(i) = std::env::var("BENCH_CHILD").ok().and_then(|s| s.parse::<usize>().ok()) {
+        let (_, n, b, ev) = CONFIGS[i];
+        once(n, b, ev);
+        println!("peak_mib={}", peak_rss_mib());
+        return;
+    }
     let runs = std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
-    let configs = [
-        ("10,000 instances, batch 100", 10_000, 100, false),
-        ("10,000 instances, batch 100, all events kept", 10_000, 100, true),
-        ("1,000 instances, batch 10", 1_000, 10, false),
-    ];
+    let configs = CONFIGS;
     let mut results = Vec::new();
     // Interleave the configurations so machine noise hits them alike.
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
@@ -79,21 +101,21 @@ fn main() {
         }
     }
     println!("rolling deployment on fake instances, {runs} runs each, medians:");
-    println!("| configuration | median wall | per instance | events |");
-    println!("|---|---|---|---|");
+    println!("| configuration | median wall | per instance | events | peak RSS (own process) |");
+    println!("|---|---|---|---|---|");
     for (i, (name, n, _, _)) in configs.iter().enumerate() {
         let m = median(samples[i].clone());
         results.push(m);
         println!(
-            "| {name} | {:.1} ms | {:.1} µs | {} |",
+            "| {name} | {:.1} ms | {:.1} µs | {} | {:.1} MiB |",
             m.as_secs_f64() * 1e3,
             m.as_secs_f64() * 1e6 / *n as f64,
-            events[i]
+            events[i],
+            child_peak_mib(i)
         );
     }
     println!(
         "ratio 10k/1k wall: {:.1}x (10x the instances)",
         results[0].as_secs_f64() / results[2].as_secs_f64()
     );
-    println!("peak RSS of the whole bench process: {:.1} MiB", peak_rss_mib());
 }
