@@ -140,7 +140,7 @@ impl SmokeTester for FakeSmokeTester {
             return Err(refused);
         }
         match s.warm_fail_every {
-            Some(n) if s.warm_calls % n == 0 => Err("status 503".into()),
+            Some(n) if s.warm_calls.is_multiple_of(n) => Err("status 503".into()),
             _ => Ok(()),
         }
     }
@@ -191,6 +191,13 @@ impl FakeLiveStore {
     pub fn fail_save(self, fault: Fault) -> Self {
         self.state.lock().expect("poisoned").save_faults.push(fault);
         self
+    }
+
+    /// Removes every scripted fault (the disk has space again).
+    pub fn heal(&self) {
+        let mut s = self.state.lock().expect("poisoned");
+        s.save_faults.clear();
+        s.fail_load = false;
     }
 
     /// Loads fail (an unreadable record).

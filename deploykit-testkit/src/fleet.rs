@@ -122,6 +122,10 @@ pub(crate) struct World {
     /// instances".
     pub(crate) routing_violations: Vec<String>,
     pub(crate) record_ops: bool,
+    /// Scripted faults of [`LoadBalancer::switch_to`], counted over all
+    /// switches.
+    pub(crate) switch_faults: Vec<Fault>,
+    pub(crate) switch_calls: u32,
 }
 
 impl World {
@@ -294,6 +298,8 @@ impl FakeFleet {
                 routing: Vec::new(),
                 routing_violations: Vec::new(),
                 record_ops: true,
+                switch_faults: Vec::new(),
+                switch_calls: 0,
             }))),
         }
     }
@@ -388,6 +394,36 @@ impl FakeFleet {
         })
     }
 
+    /// All traffic goes to `group` from the start (blue-green: the live
+    /// environment), as if [`LoadBalancer::switch_to`] had been called
+    /// before the test.
+    pub fn live(self, group: &str) -> Self {
+        let g = Group::new(group).expect("valid group");
+        self.shared.lock().weights = Some([(g, 100)].into());
+        self
+    }
+
+    /// [`LoadBalancer::switch_to`] fails as scripted: `OnCall(k)` /
+    /// `FromCall(k)` count switches (1-based), `Transient(n)` fails the
+    /// first n as transient, `Always` every one; release faults never fire.
+    /// A failed switch changes nothing.
+    pub fn fail_switch(self, fault: Fault) -> Self {
+        self.shared.lock().switch_faults.push(fault);
+        self
+    }
+
+    /// The group receiving all traffic now, if exactly one does.
+    pub fn live_group(&self) -> Option<Group> {
+        let w = self.shared.lock();
+        w.weights.as_ref().and_then(|m| {
+            let live: Vec<_> = m.iter().filter(|(_, p)| **p > 0).collect();
+            match live.as_slice() {
+                [(g, 100)] => Some((*g).clone()),
+                _ => None,
+            }
+        })
+    }
+
     /// Stops recording [`ops`](Self::ops) (large benchmarks).
     pub fn without_op_log(self) -> Self {
         self.shared.lock().record_ops = false;
@@ -470,6 +506,12 @@ impl FakeFleet {
     /// Every operation performed so far, in order.
     pub fn ops(&self) -> Vec<OpRecord> {
         self.shared.lock().ops.clone()
+    }
+
+    /// Every time the load balancer routed to an instance that was stopped
+    /// or not yet healthy, so far (empty when routing was always safe).
+    pub fn routing_violations(&self) -> Vec<String> {
+        self.shared.lock().routing_violations.clone()
     }
 
     /// The load balancer's routing changes so far, in order.
@@ -745,6 +787,28 @@ impl LoadBalancer for FakeLoadBalancer {
     }
 
     async fn switch_to(&self, group: &Group) -> Result<(), DriverError> {
+        {
+            let mut w = self.shared.lock();
+            w.switch_calls += 1;
+            let n = w.switch_calls;
+            for f in &w.switch_faults {
+                let fires = match f {
+                    Fault::Always => Some(false),
+                    Fault::OnCall(k) => (n == *k).then_some(false),
+                    Fault::FromCall(k) => (n >= *k).then_some(false),
+                    Fault::Transient(k) => (n <= *k).then_some(true),
+                    Fault::NewRelease | Fault::OnRelease(_) => None,
+                };
+                if let Some(transient) = fires {
+                    let msg = format!("scripted switch fault on switch {n} (to {group})");
+                    return Err(if transient {
+                        DriverError::transient(msg)
+                    } else {
+                        DriverError::new(msg)
+                    });
+                }
+            }
+        }
         self.set([(group.clone(), 100)].into());
         Ok(())
     }

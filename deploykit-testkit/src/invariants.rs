@@ -62,7 +62,7 @@ impl FakeFleet {
     ///    had not passed a health probe since it started.
     /// 3. Every instance runs the release the report says it runs; instances
     ///    reported as serving are running and in rotation; unrecoverable
-    ///    ones are out of rotation.
+    ///    and idle ones are out of rotation.
     /// 4. Rolled back: every instance is on its previous release. Degraded:
     ///    the instances not updated are exactly those the report lists as
     ///    failed. Succeeded: every instance is on the new release.
@@ -119,6 +119,17 @@ impl FakeFleet {
                 InstanceStatus::Unrecoverable => {
                     if w.in_rotation(s) {
                         v.push(Violation(format!("{} is unrecoverable but in rotation", r.id)));
+                    }
+                }
+                InstanceStatus::Idle => {
+                    if w.in_rotation(s) {
+                        v.push(Violation(format!("{} is reported idle but in rotation", r.id)));
+                    }
+                    if r.release != s.release {
+                        v.push(Violation(format!(
+                            "{}: report says {:?} (Idle), fleet runs {:?}",
+                            r.id, r.release, s.release
+                        )));
                     }
                 }
                 _ => {

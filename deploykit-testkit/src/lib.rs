@@ -47,6 +47,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod bluegreen;
 #[cfg(feature = "demo-app")]
 #[cfg_attr(docsrs, doc(cfg(feature = "demo-app")))]
 pub mod demo_app;
@@ -54,6 +55,7 @@ mod fleet;
 mod invariants;
 mod metrics;
 
+pub use bluegreen::{FakeLiveStore, FakeSmokeTester};
 pub use fleet::{
     FakeFleet, FakeInstance, FakeLoadBalancer, Fault, Op, OpRecord, RoutingChange, RoutingEntry,
 };

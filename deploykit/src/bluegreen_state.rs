@@ -147,7 +147,7 @@ impl FileLiveStore {
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, `fsync`,
 /// `rename`, `fsync` of the directory.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -190,11 +190,10 @@ impl LiveStore for FileLiveStore {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => {
-                return Err(DriverError::new(format!(
-                    "cannot read the state file {}",
-                    self.path.display()
-                ))
-                .with_source(e))
+                return Err(
+                    DriverError::new(format!("cannot read the state file {}", self.path.display()))
+                        .with_source(e),
+                )
             }
         };
         serde_json::from_slice(&bytes).map(Some).map_err(|e| {
@@ -372,7 +371,10 @@ mod tests {
         let dir = tmpdir("rt");
         let store = FileLiveStore::new(dir.join("live.json"));
         assert_eq!(store.load().await.unwrap(), None);
-        store.save(&LiveRecord::switching(g("blue"), g("green"))).await.unwrap();
+        store
+            .save(&LiveRecord::switching(g("blue"), g("green")))
+            .await
+            .unwrap();
         store.save(&LiveRecord::live(g("green"))).await.unwrap();
         let r = store.load().await.unwrap().unwrap();
         assert_eq!(r, LiveRecord::live(g("green")));
@@ -394,7 +396,10 @@ mod tests {
         for bad in ["{not json", r#"{"live":"a b"}"#, r#"{"live":"../x"}"#] {
             std::fs::write(&path, bad).unwrap();
             let e = store.load().await.unwrap_err().to_string();
-            assert!(e.contains("live.json") && e.contains("not a valid record"), "{bad}: {e}");
+            assert!(
+                e.contains("live.json") && e.contains("not a valid record"),
+                "{bad}: {e}"
+            );
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -403,6 +408,9 @@ mod tests {
     async fn save_into_a_missing_directory_fails_and_says_where() {
         let store = FileLiveStore::new("/nonexistent-deploykit-dir/live.json");
         let e = store.save(&LiveRecord::live(g("blue"))).await.unwrap_err();
-        assert!(e.to_string().contains("/nonexistent-deploykit-dir/live.json"), "{e}");
+        assert!(
+            e.to_string().contains("/nonexistent-deploykit-dir/live.json"),
+            "{e}"
+        );
     }
 }

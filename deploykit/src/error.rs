@@ -55,6 +55,11 @@ pub enum Error {
     /// deploykit will not guess about.
     #[error("inconsistent state: {0}")]
     Inconsistent(String),
+    /// An operation was refused because it could not be done safely; nothing
+    /// was changed (e.g. a blue-green rollback whose previous environment
+    /// cannot be made healthy).
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 impl Error {

@@ -125,6 +125,65 @@ pub enum EventKind {
         /// Instances to roll back.
         instances: Vec<InstanceId>,
     },
+    /// Progress of a blue-green warm-up (SPEC B5).
+    WarmUpProgress {
+        /// The environment being warmed up.
+        group: crate::names::Group,
+        /// Requests answered so far.
+        sent: u32,
+        /// Requests in all.
+        total: u32,
+        /// Requests that failed so far (counted, not fatal).
+        failed: u32,
+    },
+    /// One canary analysis check (SPEC C4, C5).
+    AnalysisResult {
+        /// The canary stage, 1-based.
+        stage: usize,
+        /// The canary's share of traffic, percent.
+        weight: u8,
+        /// The typed result.
+        result: crate::analysis::CheckOutcome,
+        /// Inconclusive checks in a row so far (0 after a pass).
+        consecutive_inconclusive: u32,
+    },
+    /// Progress of a canary stage (SPEC C9), after each check.
+    StageProgress {
+        /// The canary stage, 1-based.
+        stage: usize,
+        /// Canary stages in all.
+        of: usize,
+        /// The canary's share of traffic, percent.
+        weight: u8,
+        /// How much of the stage's duration has passed, percent.
+        percent: u8,
+        /// Time held so far.
+        elapsed_ms: u64,
+        /// The stage's duration.
+        duration_ms: u64,
+    },
+    /// A canary stage waits for a manual promotion (SPEC C6).
+    AwaitingPromotion {
+        /// The canary stage, 1-based.
+        stage: usize,
+        /// The canary's share of traffic, percent.
+        weight: u8,
+        /// The promotion timeout, if any (then it rolls back).
+        timeout_ms: Option<u64>,
+    },
+    /// A waiting canary stage was promoted.
+    Promoted {
+        /// The canary stage, 1-based.
+        stage: usize,
+    },
+    /// The releases of a group were recorded before being replaced (the
+    /// backup a rollback returns to; SPEC C8).
+    ReleaseBackedUp {
+        /// The group.
+        group: crate::names::Group,
+        /// Each instance's release at that moment.
+        releases: std::collections::BTreeMap<InstanceId, Option<ReleaseId>>,
+    },
     /// Something the operator should know that does not fail a step.
     Warning {
         /// The instance, if any.

@@ -22,13 +22,20 @@ use futures::future::join_all;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::bluegreen_state::{LiveRecord, LiveStore};
 use crate::error::{DriverError, Error, Result};
 use crate::event::{Event, EventKind, EventSink, StepResult};
-use crate::names::{InstanceId, ReleaseId};
+use crate::names::{Group, InstanceId, ReleaseId};
 use crate::plan::{
-    compensation_steps, FailurePolicy, FleetSnapshot, InstanceProgress, InstanceSnapshot, Plan, Step,
+    compensation_steps, retirement_steps, FailurePolicy, FleetSnapshot, InstanceProgress, InstanceSnapshot,
+    Plan, Step,
 };
 use crate::report::{InstanceReport, InstanceStatus, OutcomeKind, Report};
+use crate::smoke::SmokeTester;
+use crate::analysis::Analyzer;
+use crate::gate::{GateCtx, GateError};
+use crate::promotion::PromotionHandle;
+use crate::traits::MetricsSource;
 use crate::traits::{Health, Instance, LoadBalancer, Strategy};
 
 /// Upper bounds for each kind of driver call. A call that takes longer is
@@ -100,6 +107,10 @@ pub struct ExecutorBuilder {
     timeouts: Timeouts,
     retry: Retry,
     drain_poll: Option<Duration>,
+    smoke: Option<Arc<dyn SmokeTester>>,
+    live_store: Option<Arc<dyn LiveStore>>,
+    metrics: Option<Arc<dyn MetricsSource>>,
+    promotion: Option<PromotionHandle>,
 }
 
 impl std::fmt::Debug for ExecutorBuilder {
@@ -163,6 +174,37 @@ impl ExecutorBuilder {
         self
     }
 
+    /// What runs [`Step::SmokeTest`] and [`Step::WarmUp`]. Default: an
+    /// [`HttpSmokeTester`](crate::HttpSmokeTester) (feature `http`), created
+    /// when a plan first needs it.
+    pub fn smoke_tester(mut self, tester: Arc<dyn SmokeTester>) -> Self {
+        self.smoke = Some(tester);
+        self
+    }
+
+    /// Where [`Step::RecordSwitching`] and [`Step::RecordLive`] record the
+    /// live blue-green environment (required by plans with those steps).
+    pub fn live_store(mut self, store: Arc<dyn LiveStore>) -> Self {
+        self.live_store = Some(store);
+        self
+    }
+
+    /// Where [`Step::Analyze`] and [`Step::AwaitPromotion`] read canary
+    /// metrics (required by plans with those steps).
+    pub fn metrics(mut self, metrics: Arc<dyn MetricsSource>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The handle that promotes a canary waiting in
+    /// [`Step::AwaitPromotion`] (required by plans with that step). Its
+    /// [`abort`](PromotionHandle::abort) cancels the deployment like the
+    /// cancellation token.
+    pub fn promotion(mut self, handle: PromotionHandle) -> Self {
+        self.promotion = Some(handle);
+        self
+    }
+
     /// Checks the fleet and settings.
     ///
     /// # Errors
@@ -200,16 +242,24 @@ impl ExecutorBuilder {
         if drain_poll.is_zero() {
             return Err(Error::invalid("drain_poll", "must be greater than 0"));
         }
+        let cancel = self.cancel.unwrap_or_default();
+        if let Some(handle) = &self.promotion {
+            handle.attach(cancel.clone());
+        }
         Ok(Executor {
             inner: Arc::new(Inner {
                 instances: self.instances,
                 by_id,
                 lb,
                 sink: self.sink,
-                cancel: self.cancel.unwrap_or_default(),
+                cancel,
                 timeouts: self.timeouts,
                 retry: self.retry,
                 drain_poll,
+                smoke: self.smoke,
+                live_store: self.live_store,
+                metrics: self.metrics,
+                promotion: self.promotion,
             }),
         })
     }
@@ -239,6 +289,10 @@ struct Inner {
     timeouts: Timeouts,
     retry: Retry,
     drain_poll: Duration,
+    smoke: Option<Arc<dyn SmokeTester>>,
+    live_store: Option<Arc<dyn LiveStore>>,
+    metrics: Option<Arc<dyn MetricsSource>>,
+    promotion: Option<PromotionHandle>,
 }
 
 impl Executor {
@@ -250,6 +304,26 @@ impl Executor {
     /// The cancellation token (cancel it to abort and roll back).
     pub fn cancel_token(&self) -> CancellationToken {
         self.inner.cancel.clone()
+    }
+
+    /// The load balancer.
+    pub fn load_balancer(&self) -> &Arc<dyn LoadBalancer> {
+        &self.inner.lb
+    }
+
+    /// The live-state store, if one was set.
+    pub fn live_store(&self) -> Option<&Arc<dyn LiveStore>> {
+        self.inner.live_store.as_ref()
+    }
+
+    /// The fleet, in the order given to the builder.
+    pub fn instances(&self) -> &[Arc<dyn Instance>] {
+        &self.inner.instances
+    }
+
+    /// The per-call timeouts.
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.inner.timeouts
     }
 
     /// Reads every instance's current release (concurrently). Touches
@@ -327,7 +401,40 @@ impl Executor {
         if plan.rollback_batch == 0 {
             return Err(Error::invalid("plan.rollback_batch", "must be at least 1"));
         }
-        let run = Run::new(&self.inner, plan, id.to_string());
+        let steps = || plan.stages.iter().flat_map(|s| &s.units).flat_map(|u| &u.steps);
+        let needs_store =
+            steps().any(|s| matches!(s, Step::RecordLive { .. } | Step::RecordSwitching { .. }));
+        if needs_store && self.inner.live_store.is_none() {
+            return Err(Error::invalid(
+                "live_store",
+                "the plan records the live environment but the executor has no live-state store; \
+                 set one with ExecutorBuilder::live_store (e.g. a FileLiveStore)",
+            ));
+        }
+        let needs_smoke = steps().any(|s| matches!(s, Step::SmokeTest { .. } | Step::WarmUp { .. }));
+        let smoke = match (&self.inner.smoke, needs_smoke) {
+            (Some(t), _) => Some(t.clone()),
+            (None, false) => None,
+            (None, true) => Some(default_smoke_tester()?),
+        };
+        let analyses = steps().any(|s| matches!(s, Step::Analyze { .. } | Step::AwaitPromotion { .. }));
+        if analyses && self.inner.metrics.is_none() {
+            return Err(Error::invalid(
+                "metrics",
+                "the plan analyses canary metrics but the executor has no metrics source; \
+                 set one with ExecutorBuilder::metrics (e.g. a Prometheus source)",
+            ));
+        }
+        let waits = steps().any(|s| matches!(s, Step::AwaitPromotion { .. }));
+        if waits && self.inner.promotion.is_none() {
+            return Err(Error::invalid(
+                "promotion",
+                "the plan waits for manual promotion but the executor has no promotion handle; \
+                 set one with ExecutorBuilder::promotion, or use automatic promotion",
+            ));
+        }
+        let mut run = Run::new(&self.inner, plan, id.to_string());
+        run.smoke = smoke;
         Ok(run.execute().await)
     }
 }
@@ -383,6 +490,24 @@ struct Run<'a> {
     id: String,
     started: Instant,
     state: Mutex<BTreeMap<InstanceId, Tracked>>,
+    smoke: Option<Arc<dyn SmokeTester>>,
+    switch: Mutex<SwitchState>,
+    /// The first failure of a unit that works on no instance (a switch, a
+    /// warm-up, a record); it aborts unless the policy restores instances.
+    plan_failure: Mutex<Option<String>>,
+    /// The canary analysis, carried across stages.
+    analyzer: Mutex<Analyzer>,
+}
+
+/// What the run knows about a blue-green switch.
+#[derive(Debug, Default)]
+struct SwitchState {
+    /// The environment to switch back to on abort.
+    back_to: Option<Group>,
+    /// A [`Step::SwitchTo`] was attempted (it may have taken effect).
+    attempted: bool,
+    /// Switching back (or recording it) failed during the rollback.
+    restore_failed: Option<String>,
 }
 
 enum StepOk {
@@ -415,6 +540,10 @@ impl<'a> Run<'a> {
             id,
             started: Instant::now(),
             state: Mutex::new(state),
+            smoke: None,
+            switch: Mutex::new(SwitchState::default()),
+            plan_failure: Mutex::new(None),
+            analyzer: Mutex::new(Analyzer::default()),
         }
     }
 
@@ -499,7 +628,7 @@ impl<'a> Run<'a> {
                     ));
                     break;
                 }
-                FailurePolicy::AbortAll if failed > 0 => {
+                FailurePolicy::AbortAll | FailurePolicy::BlueGreen if failed > 0 => {
                     abort = Some(format!(
                         "{failed} instance(s) failed under the {} strategy, which rolls back on any failure",
                         self.plan.strategy
@@ -507,6 +636,13 @@ impl<'a> Run<'a> {
                     break;
                 }
                 _ => {}
+            }
+            let plan_failure = self.plan_failure.lock().expect("run state poisoned").clone();
+            if let Some(reason) = plan_failure {
+                if !matches!(self.plan.policy, FailurePolicy::RestoreInstance { .. }) {
+                    abort = Some(reason);
+                    break;
+                }
             }
             if cancel.is_cancelled() {
                 abort = Some("cancelled by the operator".into());
@@ -537,10 +673,15 @@ impl<'a> Run<'a> {
             }
             if let Err(reason) = self.exec_step(si, step, false).await {
                 let Some(id) = &unit.instance else {
+                    let message = format!("{step} failed: {reason}");
                     self.emit(EventKind::Warning {
                         instance: None,
-                        message: format!("{} failed: {reason}", step.kind()),
+                        message: message.clone(),
                     });
+                    self.plan_failure
+                        .lock()
+                        .expect("run state poisoned")
+                        .get_or_insert(message);
                     return;
                 };
                 if cancel.is_cancelled() && reason == CANCELLED {
@@ -571,7 +712,11 @@ impl<'a> Run<'a> {
     /// Brings one instance back to its previous release, serving.
     async fn compensate(&self, si: usize, id: &InstanceId) -> bool {
         let progress = self.with(id, |t| t.progress.clone());
-        let steps = compensation_steps(id, &progress, self.plan.health, self.plan.drain_timeout);
+        let steps = match self.plan.policy {
+            _ if self.plan.leave_stopped.contains(id) => retirement_steps(id, &progress, self.plan.drain_timeout),
+            FailurePolicy::BlueGreen => idle_compensation_steps(id, &progress),
+            _ => compensation_steps(id, &progress, self.plan.health, self.plan.drain_timeout),
+        };
         for step in &steps {
             if let Err(reason) = self.exec_step(si, step, true).await {
                 self.with(id, |t| t.compensated = Some(false));
@@ -614,9 +759,15 @@ impl<'a> Run<'a> {
             let state = self.state.lock().expect("run state poisoned");
             state
                 .iter()
-                .filter(|(_, t)| {
+                .filter(|(id, t)| {
                     t.compensated.is_none()
-                        && (t.progress.release_changed || !t.progress.running || !t.progress.in_rotation)
+                        && (t.progress.release_changed
+                            || !t.progress.running
+                            || !t.progress.in_rotation
+                            || self.plan.leave_stopped.contains(id)
+                            // Blue-green: every instance of the plan is in
+                            // the idle environment, which an abort stops.
+                            || self.plan.policy == FailurePolicy::BlueGreen)
                 })
                 .map(|(id, _)| id.clone())
                 .collect()
@@ -625,8 +776,22 @@ impl<'a> Run<'a> {
             reason: reason.to_string(),
             instances: targets.clone(),
         });
+        if self.plan.policy == FailurePolicy::BlueGreen {
+            self.switch_back().await;
+        }
+        // What the plan says undoes it beyond single instances (e.g. all
+        // traffic back to stable), before any instance is touched; best
+        // effort: the instances are restored either way.
+        for step in &self.plan.on_abort {
+            if let Err(why) = self.exec_step(0, step, true).await {
+                self.emit(EventKind::Warning {
+                    instance: None,
+                    message: format!("{step} failed during the rollback: {why}"),
+                });
+            }
+        }
         let batch = match self.plan.policy {
-            FailurePolicy::AbortAll => targets.len().max(1),
+            FailurePolicy::AbortAll | FailurePolicy::BlueGreen => targets.len().max(1),
             FailurePolicy::RestoreInstance { .. } => self.plan.rollback_batch,
         };
         let batches: Vec<&[InstanceId]> = targets.chunks(batch).collect();
@@ -685,6 +850,20 @@ impl<'a> Run<'a> {
             };
             let (status, release) = match t.compensated {
                 Some(false) => (InstanceStatus::Unrecoverable, None),
+                // Instances the plan leaves stopped (canary instances):
+                // stopped, on their previous release after a rollback, on
+                // the new one after a finished deployment.
+                Some(true) if self.plan.leave_stopped.contains(&snap_id) => {
+                    (InstanceStatus::Idle, previous.clone())
+                }
+                None if self.plan.leave_stopped.contains(&snap_id) && t.completed && !t.progress.running => (
+                    InstanceStatus::Idle,
+                    if t.progress.release_changed {
+                        Some(self.plan.release.clone())
+                    } else {
+                        previous.clone()
+                    },
+                ),
                 Some(true) if t.error.is_some() => (InstanceStatus::FailedRestored, previous.clone()),
                 Some(true) => (InstanceStatus::RolledBack, previous.clone()),
                 None if t.progress.release_changed && t.completed => {
@@ -692,6 +871,12 @@ impl<'a> Run<'a> {
                 }
                 None if !t.progress.release_changed && t.progress.running && t.progress.in_rotation => {
                     (InstanceStatus::Untouched, previous.clone())
+                }
+                // A unit that completed without changing the release but
+                // left the instance stopped: the retired blue-green
+                // environment.
+                None if !t.progress.release_changed && t.completed => {
+                    (InstanceStatus::Idle, previous.clone())
                 }
                 // Only reachable if a unit stopped without failing; treat as
                 // unknown rather than guess.
@@ -705,9 +890,16 @@ impl<'a> Run<'a> {
                 error: t.error.clone(),
             });
         }
+        let switch_back_failed = self
+            .switch
+            .lock()
+            .expect("run state poisoned")
+            .restore_failed
+            .clone();
         let unrecoverable = instances
             .iter()
-            .any(|i| i.status == InstanceStatus::Unrecoverable);
+            .any(|i| i.status == InstanceStatus::Unrecoverable)
+            || switch_back_failed.is_some();
         let failed = instances
             .iter()
             .filter(|i| {
@@ -720,7 +912,10 @@ impl<'a> Run<'a> {
         let (outcome, reason) = match (&abort, unrecoverable, failed) {
             (Some(r), true, _) => (
                 OutcomeKind::RollbackFailed,
-                Some(format!("{r}; some instances could not be restored")),
+                Some(match &switch_back_failed {
+                    Some(s) => format!("{r}; {s}"),
+                    None => format!("{r}; some instances could not be restored"),
+                }),
             ),
             (Some(r), false, _) => (OutcomeKind::RolledBack, Some(r.clone())),
             (None, true, _) => (
@@ -919,9 +1114,277 @@ impl<'a> Run<'a> {
                 let (r, n) = inner.call(t.load_balancer, || lb.set_weights(weights)).await;
                 (r.map(|_| StepOk::Ok), n)
             }
+            Step::Analyze {
+                stage,
+                of,
+                weight,
+                duration,
+                analysis,
+            } => {
+                let Some(metrics) = &inner.metrics else {
+                    return (Err("no metrics source is set".into()), 1);
+                };
+                let emit = |k: EventKind| self.emit(k);
+                let ctx = GateCtx {
+                    metrics: metrics.as_ref(),
+                    query_timeout: t.query,
+                    cancel: cancellable.then_some(&inner.cancel),
+                    analyzer: &self.analyzer,
+                    emit: &emit,
+                };
+                let r = crate::gate::analyze(&ctx, *stage, *of, *weight, *duration, analysis).await;
+                (gate_result(r), 1)
+            }
+            Step::AwaitPromotion {
+                stage,
+                weight,
+                timeout_ms,
+                analysis,
+            } => {
+                let (Some(metrics), Some(handle)) = (&inner.metrics, &inner.promotion) else {
+                    return (Err("no metrics source or promotion handle is set".into()), 1);
+                };
+                let emit = |k: EventKind| self.emit(k);
+                let ctx = GateCtx {
+                    metrics: metrics.as_ref(),
+                    query_timeout: t.query,
+                    cancel: cancellable.then_some(&inner.cancel),
+                    analyzer: &self.analyzer,
+                    emit: &emit,
+                };
+                let timeout = timeout_ms.map(Duration::from_millis);
+                let r = crate::gate::await_promotion(&ctx, handle, *stage, *weight, timeout, analysis).await;
+                (gate_result(r), 1)
+            }
+            Step::BackupRelease { group } => {
+                let members = inner.instances.iter().filter(|i| &i.backend().group == group);
+                let reads = members.map(|i| async move {
+                    let (r, _) = inner.call(t.query, || i.current_release()).await;
+                    r.map(|release| (i.backend().id.clone(), release))
+                        .map_err(|e| format!("could not read the release of {}: {e}", i.backend().id))
+                });
+                match join_all(reads).await.into_iter().collect::<std::result::Result<_, _>>() {
+                    Ok(releases) => {
+                        self.emit(EventKind::ReleaseBackedUp {
+                            group: group.clone(),
+                            releases,
+                        });
+                        (Ok(StepOk::Ok), 1)
+                    }
+                    Err(e) => (Err(e), 1),
+                }
+            }
             Step::SwitchTo { group } => {
+                if self.plan.policy == FailurePolicy::BlueGreen && !rollback {
+                    let known = self.switch.lock().expect("run state poisoned").back_to.is_some();
+                    if !known {
+                        // No RecordSwitching said what is live: ask the
+                        // load balancer, so an abort can switch back.
+                        let (live, _) = inner.call(t.query, || lb.live_group()).await;
+                        self.switch.lock().expect("run state poisoned").back_to = live.ok().flatten();
+                    }
+                    self.switch.lock().expect("run state poisoned").attempted = true;
+                }
                 let (r, n) = inner.call(t.load_balancer, || lb.switch_to(group)).await;
                 (r.map(|_| StepOk::Ok), n)
+            }
+            Step::AwaitHealthyWithin {
+                instance,
+                deadline,
+                interval,
+            } => self.await_healthy_within(instance, *deadline, *interval, cancellable).await,
+            Step::SmokeTest { instance, checks } => {
+                let Some(tester) = &self.smoke else {
+                    return (Err("no smoke tester is set".into()), 1);
+                };
+                let b = inner.instance(instance).backend();
+                for check in checks {
+                    let why = match tokio::time::timeout(check.timeout, tester.check(b, check)).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(why)) => why,
+                        Err(_) => format!("no answer within {:.1}s", check.timeout.as_secs_f64()),
+                    };
+                    return (
+                        Err(format!(
+                            "smoke check {} failed on {instance} ({}): {why}",
+                            check.describe(),
+                            b.address
+                        )),
+                        1,
+                    );
+                }
+                (Ok(StepOk::Ok), 1)
+            }
+            Step::WarmUp { group, requests, path } => {
+                (self.warm_up(group, *requests, path, cancellable).await, 1)
+            }
+            Step::RecordSwitching { from, to } => {
+                let Some(store) = &inner.live_store else {
+                    return (Err("no live-state store is set".into()), 1);
+                };
+                let record = LiveRecord::switching(from.clone(), to.clone());
+                let (r, n) = inner.call(t.query, || store.save(&record)).await;
+                if r.is_ok() && !rollback {
+                    self.switch.lock().expect("run state poisoned").back_to = Some(from.clone());
+                }
+                (r.map(|_| StepOk::Ok), n)
+            }
+            Step::RecordLive { group } => {
+                let Some(store) = &inner.live_store else {
+                    return (Err("no live-state store is set".into()), 1);
+                };
+                let record = LiveRecord::live(group.clone());
+                let (r, n) = inner.call(t.query, || store.save(&record)).await;
+                (r.map(|_| StepOk::Ok), n)
+            }
+        }
+    }
+
+    /// Probes every `interval` until healthy; fails once `deadline` passed.
+    async fn await_healthy_within(
+        &self,
+        id: &InstanceId,
+        deadline: Duration,
+        interval: Duration,
+        cancellable: bool,
+    ) -> (std::result::Result<StepOk, String>, u32) {
+        let i = self.inner.instance(id);
+        let until = Instant::now() + deadline;
+        let interval = interval.max(Duration::from_millis(1));
+        let mut probes = 0;
+        let mut last;
+        loop {
+            probes += 1;
+            let left = until.saturating_duration_since(Instant::now());
+            let bound = self.inner.timeouts.health_probe.min(left).max(Duration::from_millis(1));
+            match tokio::time::timeout(bound, i.health()).await {
+                Ok(Ok(Health::Healthy)) => return (Ok(StepOk::Ok), probes),
+                Ok(Ok(Health::Unhealthy(why))) => last = format!("unhealthy: {why}"),
+                Ok(Err(e)) => last = format!("probe failed: {e}"),
+                Err(_) => last = format!("probe timed out after {:.1}s", bound.as_secs_f64()),
+            }
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            if !self.sleep(interval.min(until - now), cancellable).await {
+                return (Err(CANCELLED.into()), probes);
+            }
+        }
+        (
+            Err(format!(
+                "not healthy within the deadline of {:.1}s ({probes} probe(s)); last: {last}",
+                deadline.as_secs_f64()
+            )),
+            probes,
+        )
+    }
+
+    /// Sends `total` warm-up requests to the instances of `group`, spread
+    /// evenly, a few at a time; failures are counted.
+    async fn warm_up(
+        &self,
+        group: &Group,
+        total: u32,
+        path: &str,
+        cancellable: bool,
+    ) -> std::result::Result<StepOk, String> {
+        use futures::StreamExt;
+        let Some(tester) = &self.smoke else {
+            return Err("no smoke tester is set".into());
+        };
+        let backends: Vec<_> = self
+            .inner
+            .instances
+            .iter()
+            .map(|i| i.backend())
+            .filter(|b| &b.group == group)
+            .collect();
+        if backends.is_empty() {
+            return Err(format!("the group {group} has no instances to warm up"));
+        }
+        if total == 0 {
+            return Ok(StepOk::Ok);
+        }
+        let bound = self.inner.timeouts.health_probe;
+        let mut answers = futures::stream::iter(0..total)
+            .map(|k| {
+                let b = backends[k as usize % backends.len()];
+                async move {
+                    matches!(
+                        tokio::time::timeout(bound, tester.warm(b, path)).await,
+                        Ok(Ok(()))
+                    )
+                }
+            })
+            .buffer_unordered(WARM_UP_CONCURRENCY);
+        let every = (total / 10).max(1);
+        let (mut sent, mut failed) = (0u32, 0u32);
+        loop {
+            let next = if cancellable {
+                tokio::select! {
+                    n = answers.next() => n,
+                    _ = self.inner.cancel.cancelled() => return Err(CANCELLED.into()),
+                }
+            } else {
+                answers.next().await
+            };
+            let Some(ok) = next else { break };
+            sent += 1;
+            if !ok {
+                failed += 1;
+            }
+            if sent % every == 0 || sent == total {
+                self.emit(EventKind::WarmUpProgress {
+                    group: group.clone(),
+                    sent,
+                    total,
+                    failed,
+                });
+            }
+        }
+        if failed > 0 {
+            Ok(StepOk::Warning(format!(
+                "warm-up of {group}: {failed} of {total} request(s) failed (counted, not fatal)"
+            )))
+        } else {
+            Ok(StepOk::Ok)
+        }
+    }
+
+    /// Blue-green abort: if a switch was attempted, sends traffic back to
+    /// the environment live before it and records that. A failed switch
+    /// back makes the outcome a failed rollback; a failed record is a
+    /// warning (the record still shows the pending switch, which
+    /// reconciliation resolves from the load balancer).
+    async fn switch_back(&self) {
+        let (attempted, back_to) = {
+            let s = self.switch.lock().expect("run state poisoned");
+            (s.attempted, s.back_to.clone())
+        };
+        if !attempted {
+            return;
+        }
+        let Some(group) = back_to else {
+            self.switch.lock().expect("run state poisoned").restore_failed = Some(
+                "a switch was attempted and the environment live before it is unknown, so traffic could not be switched back".into(),
+            );
+            return;
+        };
+        if let Err(e) = self.exec_step(0, &Step::SwitchTo { group: group.clone() }, true).await {
+            self.switch.lock().expect("run state poisoned").restore_failed =
+                Some(format!("switching traffic back to {group} failed: {e}"));
+            return;
+        }
+        if self.inner.live_store.is_some() {
+            if let Err(e) = self.exec_step(0, &Step::RecordLive { group: group.clone() }, true).await {
+                self.emit(EventKind::Warning {
+                    instance: None,
+                    message: format!(
+                        "traffic is back on {group}, but recording it failed ({e}); \
+                         the next start reconciles the record with the load balancer"
+                    ),
+                });
             }
         }
     }
@@ -972,6 +1435,51 @@ impl<'a> Run<'a> {
 
 const CANCELLED: &str = "cancelled";
 
+fn gate_result(r: std::result::Result<(), GateError>) -> std::result::Result<StepOk, String> {
+    match r {
+        Ok(()) => Ok(StepOk::Ok),
+        Err(GateError::Cancelled) => Err(CANCELLED.into()),
+        Err(GateError::Failed(why)) => Err(why),
+    }
+}
+
+/// Warm-up requests in flight at once.
+const WARM_UP_CONCURRENCY: usize = 8;
+
+/// Blue-green compensation of an idle-environment instance: stop it (it
+/// never had live traffic) and return it to its previous release; never
+/// put it into rotation.
+fn idle_compensation_steps(id: &InstanceId, progress: &InstanceProgress) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if progress.running || progress.release_changed {
+        steps.push(Step::Stop { instance: id.clone() });
+    }
+    if progress.release_changed {
+        if let Some(previous) = &progress.previous {
+            steps.push(Step::Restore {
+                instance: id.clone(),
+                release: previous.clone(),
+            });
+        }
+    }
+    steps
+}
+
+#[cfg(feature = "http")]
+fn default_smoke_tester() -> Result<Arc<dyn SmokeTester>> {
+    Ok(Arc::new(crate::smoke::HttpSmokeTester::new()?))
+}
+
+#[cfg(not(feature = "http"))]
+fn default_smoke_tester() -> Result<Arc<dyn SmokeTester>> {
+    Err(Error::invalid(
+        "smoke_tester",
+        "the plan has smoke checks or a warm-up, but deploykit was built without the `http` feature; \
+         enable it or set ExecutorBuilder::smoke_tester",
+    ))
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
+

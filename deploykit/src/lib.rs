@@ -71,15 +71,25 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+/// The README's Rust examples run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
+
+pub mod analysis;
+pub mod bluegreen_state;
 mod duration_ms;
 mod error;
 mod event;
 mod executor;
+mod gate;
 pub mod instance;
 pub mod lb;
 pub mod names;
 mod plan;
+mod promotion;
 mod report;
+pub mod smoke;
 pub mod strategy;
 mod traits;
 
@@ -89,11 +99,16 @@ pub use executor::{Executor, ExecutorBuilder, Retry, Timeouts};
 pub use lb::NoLoadBalancer;
 pub use names::{Address, Group, InstanceId, ReleaseId};
 pub use plan::{
-    compensation_steps, FailurePolicy, FleetSnapshot, HealthCheck, InstanceProgress, InstanceSnapshot, Plan,
+    compensation_steps, retirement_steps, FailurePolicy, FleetSnapshot, HealthCheck, InstanceProgress, InstanceSnapshot, Plan,
     Projection, Stage, Step, Unit,
 };
+pub use promotion::{PromotionHandle, PromotionState};
 pub use report::{InstanceReport, InstanceStatus, OutcomeKind, Report};
-pub use strategy::{parse_duration, CountOrPercent, Recreate, Rolling};
+#[cfg(feature = "http")]
+pub use smoke::HttpSmokeTester;
+pub use smoke::{SmokeCheck, SmokeTester};
+pub use strategy::{parse_duration, BlueGreen, BlueGreenReport, CountOrPercent, KeepOld, Recreate, Rolling};
+pub use strategy::{Canary, Promotion};
 pub use traits::{
     Backend, GroupWeight, Health, Instance, LoadBalancer, Metric, MetricsSource, Observation, Strategy,
 };

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::analysis::Analysis;
 use crate::names::{Group, InstanceId, ReleaseId};
+use crate::smoke::SmokeCheck;
 use crate::traits::{Backend, GroupWeight};
 
 /// The fleet as it was found before planning: each instance and the release
@@ -82,6 +84,14 @@ pub enum FailurePolicy {
     /// Any failure aborts the deployment and rolls every touched instance
     /// back.
     AbortAll,
+    /// Blue-green: any failure aborts. Nothing live was touched before the
+    /// switch, so the abort stops the idle environment's touched instances
+    /// and returns them to their previous release (never putting them into
+    /// rotation); once a [`Step::SwitchTo`] was attempted, it first switches
+    /// traffic back to the environment that was live before (read from the
+    /// preceding [`Step::RecordSwitching`], else from the load balancer) and
+    /// records it live again.
+    BlueGreen,
 }
 
 /// A complete deployment plan.
@@ -107,6 +117,17 @@ pub struct Plan {
     pub skipped: Vec<InstanceId>,
     /// The stages, run in order.
     pub stages: Vec<Stage>,
+    /// Steps that undo what the plan did beyond single instances (e.g. send
+    /// all traffic back to the stable track), run first when the deployment
+    /// aborts, before any instance is restored. Empty for most strategies.
+    #[serde(default)]
+    pub on_abort: Vec<Step>,
+    /// Instances the plan leaves stopped and out of rotation, whether it
+    /// succeeds or rolls back (canary instances). A rollback stops them and
+    /// restores their previous release without starting it; the report
+    /// calls them [`Stopped`](crate::InstanceStatus::Stopped).
+    #[serde(default)]
+    pub leave_stopped: Vec<InstanceId>,
 }
 
 /// Units that run concurrently.
@@ -206,6 +227,90 @@ pub enum Step {
         /// The group.
         group: Group,
     },
+    /// Hold a canary stage for `duration`, checking the metrics every
+    /// `analysis.interval`; fails (and the deployment rolls back) when the
+    /// analysis fails or stays inconclusive too long.
+    Analyze {
+        /// The canary stage, 1-based.
+        stage: usize,
+        /// Canary stages in all.
+        of: usize,
+        /// The canary's share of traffic in this stage, percent.
+        weight: u8,
+        /// How long the stage is held.
+        #[serde(with = "crate::duration_ms")]
+        duration: Duration,
+        /// What is checked, and how often.
+        analysis: Analysis,
+    },
+    /// Wait for a manual promotion through the executor's
+    /// [`PromotionHandle`](crate::PromotionHandle), analysing all the while;
+    /// fails on a breach, or when `timeout` passes first.
+    AwaitPromotion {
+        /// The canary stage that waits, 1-based.
+        stage: usize,
+        /// The canary's share of traffic while waiting, percent.
+        weight: u8,
+        /// Give up (and roll back) after this long, in milliseconds; `None`
+        /// waits until promoted or aborted.
+        timeout_ms: Option<u64>,
+        /// What is checked while waiting.
+        analysis: Analysis,
+    },
+    /// Record the releases the instances of `group` run before they are
+    /// replaced: the backup a rollback returns to (instances keep their
+    /// previous release installed). Emits
+    /// [`EventKind::ReleaseBackedUp`](crate::EventKind::ReleaseBackedUp).
+    BackupRelease {
+        /// The group.
+        group: Group,
+    },
+    /// Probe health every `interval` until the instance answers healthy;
+    /// fail once `deadline` has passed (blue-green's healthy deadline, as
+    /// Nomad's `healthy_deadline`).
+    AwaitHealthyWithin {
+        /// The instance.
+        instance: InstanceId,
+        /// Upper bound of the whole wait.
+        #[serde(with = "crate::duration_ms")]
+        deadline: Duration,
+        /// Wait between probes.
+        #[serde(with = "crate::duration_ms")]
+        interval: Duration,
+    },
+    /// Run HTTP smoke checks against the instance before it gets any live
+    /// traffic (SPEC B4); the first failing check fails the step.
+    SmokeTest {
+        /// The instance.
+        instance: InstanceId,
+        /// The checks, in order.
+        checks: Vec<SmokeCheck>,
+    },
+    /// Send `requests` warm-up `GET path` requests to the instances of
+    /// `group`, spread evenly (SPEC B5). Failures are counted, not fatal;
+    /// progress goes to the event stream.
+    WarmUp {
+        /// The environment.
+        group: Group,
+        /// How many requests in all.
+        requests: u32,
+        /// The path requested.
+        path: String,
+    },
+    /// Record in the live-state store that a switch from `from` to `to` is
+    /// about to happen (so a crash before [`Step::RecordLive`] leaves
+    /// evidence).
+    RecordSwitching {
+        /// The environment live now.
+        from: Group,
+        /// The environment about to become live.
+        to: Group,
+    },
+    /// Record in the live-state store that `group` is live (SPEC B7).
+    RecordLive {
+        /// The environment.
+        group: Group,
+    },
 }
 
 impl Step {
@@ -224,6 +329,14 @@ impl Step {
             Step::Pause { .. } => "pause",
             Step::SetWeights { .. } => "set_weights",
             Step::SwitchTo { .. } => "switch_to",
+            Step::Analyze { .. } => "analyze",
+            Step::AwaitPromotion { .. } => "await_promotion",
+            Step::BackupRelease { .. } => "backup_release",
+            Step::AwaitHealthyWithin { .. } => "await_healthy_within",
+            Step::SmokeTest { .. } => "smoke_test",
+            Step::WarmUp { .. } => "warm_up",
+            Step::RecordSwitching { .. } => "record_switching",
+            Step::RecordLive { .. } => "record_live",
         }
     }
 
@@ -239,7 +352,10 @@ impl Step {
             | Step::Start { instance }
             | Step::AwaitHealthy { instance, .. }
             | Step::Enable { instance } => Some(instance),
+            Step::AwaitHealthyWithin { instance, .. } | Step::SmokeTest { instance, .. } => Some(instance),
             Step::Pause { .. } | Step::SetWeights { .. } | Step::SwitchTo { .. } => None,
+            Step::Analyze { .. } | Step::AwaitPromotion { .. } | Step::BackupRelease { .. } => None,
+            Step::WarmUp { .. } | Step::RecordSwitching { .. } | Step::RecordLive { .. } => None,
         }
     }
 
@@ -252,6 +368,12 @@ impl Step {
                 (Duration::ZERO, check.interval * check.retries.saturating_sub(1))
             }
             Step::Pause { duration, .. } => (*duration, *duration),
+            Step::Analyze { duration, .. } => (*duration, *duration),
+            Step::AwaitPromotion { timeout_ms, .. } => (
+                Duration::ZERO,
+                Duration::from_millis(timeout_ms.unwrap_or(0)),
+            ),
+            Step::AwaitHealthyWithin { deadline, .. } => (Duration::ZERO, *deadline),
             _ => (Duration::ZERO, Duration::ZERO),
         }
     }
@@ -280,6 +402,46 @@ impl fmt::Display for Step {
                 Ok(())
             }
             Step::SwitchTo { group } => write!(f, "switch all traffic to {group}"),
+            Step::Analyze {
+                stage,
+                of,
+                weight,
+                duration,
+                analysis,
+            } => write!(
+                f,
+                "analyze canary stage {stage}/{of} at {weight}% for {} (check every {})",
+                secs(*duration),
+                secs(analysis.interval)
+            ),
+            Step::AwaitPromotion { stage, timeout_ms, .. } => match timeout_ms {
+                Some(t) => write!(
+                    f,
+                    "await promotion of stage {stage} (roll back after {})",
+                    secs(Duration::from_millis(*t))
+                ),
+                None => write!(f, "await promotion of stage {stage}"),
+            },
+            Step::BackupRelease { group } => write!(f, "back up the release of {group}"),
+            Step::AwaitHealthyWithin {
+                instance,
+                deadline,
+                interval,
+            } => write!(
+                f,
+                "await healthy {instance} (within {}, probing every {})",
+                secs(*deadline),
+                secs(*interval)
+            ),
+            Step::SmokeTest { instance, checks } => {
+                let list: Vec<String> = checks.iter().map(SmokeCheck::describe).collect();
+                write!(f, "smoke test {instance}: {}", list.join("; "))
+            }
+            Step::WarmUp { group, requests, path } => {
+                write!(f, "warm up {group} with {requests} x GET {path}")
+            }
+            Step::RecordSwitching { from, to } => write!(f, "record switching {from} -> {to}"),
+            Step::RecordLive { group } => write!(f, "record {group} live"),
             other => match other.instance() {
                 Some(i) => write!(f, "{} {i}", other.kind()),
                 None => write!(f, "{}", other.kind()),
@@ -366,6 +528,10 @@ impl fmt::Display for Plan {
                 "on failure: restore the instance; abort and roll back when more than {max_failures} fail"
             )?,
             FailurePolicy::AbortAll => writeln!(f, "on failure: abort and roll back every instance")?,
+            FailurePolicy::BlueGreen => writeln!(
+                f,
+                "on failure: stop the idle environment; after the switch, switch traffic back first"
+            )?,
         }
         if !self.skipped.is_empty() {
             let skipped: Vec<_> = self.skipped.iter().map(|i| i.as_str()).collect();
@@ -481,6 +647,32 @@ pub fn compensation_steps(
             bring_up(&mut steps);
         }
         None => steps.push(Step::Disable { instance: instance() }),
+    }
+    steps
+}
+
+/// The steps that take an instance the plan leaves stopped (see
+/// [`Plan::leave_stopped`]) out of service on abort: drain it if it may be
+/// in rotation, stop it, and restore its previous release (without starting
+/// it) if the new one was installed.
+pub fn retirement_steps(id: &InstanceId, progress: &InstanceProgress, drain_timeout: Duration) -> Vec<Step> {
+    let instance = || id.clone();
+    let mut steps = Vec::new();
+    if progress.in_rotation {
+        steps.push(Step::Drain { instance: instance() });
+        steps.push(Step::AwaitDrained {
+            instance: instance(),
+            timeout: drain_timeout,
+        });
+    }
+    steps.push(Step::Stop { instance: instance() });
+    if progress.release_changed {
+        if let Some(previous) = &progress.previous {
+            steps.push(Step::Restore {
+                instance: instance(),
+                release: previous.clone(),
+            });
+        }
     }
     steps
 }

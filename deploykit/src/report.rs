@@ -41,6 +41,11 @@ pub enum InstanceStatus {
     RolledBack,
     /// Failed and could not be restored; out of rotation, state unknown.
     Unrecoverable,
+    /// Left without traffic by the plan: the idle blue-green environment once
+    /// it is stopped (on its previous release), or a canary instance, stopped
+    /// once the canary finalized (on the new release) or rolled back (on its
+    /// previous release). `release` says which.
+    Idle,
 }
 
 /// The report for one instance.
@@ -97,12 +102,15 @@ impl Report {
 
     /// Instances that stayed on (or went back to) their previous release.
     pub fn on_previous(&self) -> Vec<&InstanceId> {
-        self.with(|s| {
-            matches!(
-                s,
-                InstanceStatus::FailedRestored | InstanceStatus::RolledBack | InstanceStatus::Untouched
-            )
-        })
+        self.instances
+            .iter()
+            .filter(|i| match i.status {
+                InstanceStatus::FailedRestored | InstanceStatus::RolledBack | InstanceStatus::Untouched => true,
+                InstanceStatus::Idle => i.release == i.previous,
+                _ => false,
+            })
+            .map(|i| &i.id)
+            .collect()
     }
 
     /// Instances in an unknown state.

@@ -85,7 +85,10 @@ impl SmokeCheck {
         if !(100..=599).contains(&self.expect_status) {
             return Err(Error::invalid(
                 format!("{field}.expect_status"),
-                format!("{} is not an HTTP status; use 100-599, e.g. 200", self.expect_status),
+                format!(
+                    "{} is not an HTTP status; use 100-599, e.g. 200",
+                    self.expect_status
+                ),
             ));
         }
         if self.timeout.is_zero() {

@@ -9,23 +9,16 @@
 //!   generation exiting.
 //! * `HaproxyLoadBalancer` (feature `haproxy`) — the runtime API over the
 //!   admin socket, every change read back, drains confirmed by `show stat`.
+//! * [`SymlinkSwitch`] — a blue-green switch without a balancer: a `live`
+//!   symlink swapped atomically between the environments' directories.
 //!
 //! `docs/load-balancers.md` describes both drivers, their drain
 //! confirmation and its limits, with config examples.
 
-#[cfg(feature = "haproxy")]
-#[cfg_attr(docsrs, doc(cfg(feature = "haproxy")))]
-pub mod haproxy;
-#[cfg(feature = "nginx")]
-#[cfg_attr(docsrs, doc(cfg(feature = "nginx")))]
-pub mod nginx;
-#[cfg(any(feature = "nginx", feature = "haproxy"))]
-mod split;
-
-#[cfg(feature = "haproxy")]
-pub use haproxy::HaproxyLoadBalancer;
-#[cfg(feature = "nginx")]
-pub use nginx::NginxLoadBalancer;
+#[cfg(unix)]
+pub mod symlink;
+#[cfg(unix)]
+pub use symlink::{SymlinkSwitch, SymlinkSwitchBuilder};
 
 use async_trait::async_trait;
 

@@ -302,7 +302,13 @@ impl BlueGreen {
 
     /// Stops `env` unless it is live again (a rollback may have happened
     /// while it was kept warm).
-    async fn retire(&self, exec: &Executor, env: &Group, expected_live: &Group, release: &ReleaseId) -> Result<Option<Report>> {
+    async fn retire(
+        &self,
+        exec: &Executor,
+        env: &Group,
+        expected_live: &Group,
+        release: &ReleaseId,
+    ) -> Result<Option<Report>> {
         let store = Self::live_store(exec)?;
         let recorded = store.load().await?.map(|r| r.live);
         let routed = exec.load_balancer().live_group().await?;
@@ -349,7 +355,9 @@ impl BlueGreen {
         let (retired, kept_running) = match self.keep_old {
             KeepOld::UntilNextDeployment => (
                 None,
-                Some(format!("{live} keeps running until the next deployment (keep_old)")),
+                Some(format!(
+                    "{live} keeps running until the next deployment (keep_old)"
+                )),
             ),
             KeepOld::For(window) => {
                 let cancel = exec.cancel_token();
@@ -360,10 +368,18 @@ impl BlueGreen {
                 if waited {
                     match self.retire(exec, &live, &idle, release).await? {
                         Some(r) => (Some(r), None),
-                        None => (None, Some(format!("{live} is live again (rolled back); left running"))),
+                        None => (
+                            None,
+                            Some(format!("{live} is live again (rolled back); left running")),
+                        ),
                     }
                 } else {
-                    (None, Some(format!("cancelled during the keep-old window; {live} left running")))
+                    (
+                        None,
+                        Some(format!(
+                            "cancelled during the keep-old window; {live} left running"
+                        )),
+                    )
                 }
             }
         };
@@ -622,10 +638,26 @@ mod tests {
             live: Some(Group::new("green").unwrap()),
             ..BlueGreen::default()
         };
-        let plan = bg.plan(&fleet(&[("blue", 2), ("green", 3)]), &ReleaseId::new("v2").unwrap()).unwrap();
+        let plan = bg
+            .plan(
+                &fleet(&[("blue", 2), ("green", 3)]),
+                &ReleaseId::new("v2").unwrap(),
+            )
+            .unwrap();
         let names: Vec<_> = plan.stages.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["prepare blue", "smoke test blue", "warm up blue", "switch to blue"]);
-        assert_eq!(plan.instances().iter().map(|i| i.as_str()).collect::<Vec<_>>(), ["i-1", "i-2"]);
+        assert_eq!(
+            names,
+            [
+                "prepare blue",
+                "smoke test blue",
+                "warm up blue",
+                "switch to blue"
+            ]
+        );
+        assert_eq!(
+            plan.instances().iter().map(|i| i.as_str()).collect::<Vec<_>>(),
+            ["i-1", "i-2"]
+        );
         let kinds: Vec<_> = plan.stages[0].units[0].steps.iter().map(Step::kind).collect();
         assert_eq!(kinds, ["stop", "install", "start", "await_healthy_within"]);
         let kinds: Vec<_> = plan.stages[3].units[0].steps.iter().map(Step::kind).collect();
@@ -644,7 +676,12 @@ mod tests {
             warmup_requests: 0,
             ..BlueGreen::default()
         };
-        let plan = bg.plan(&fleet(&[("blue", 1), ("green", 1)]), &ReleaseId::new("v2").unwrap()).unwrap();
+        let plan = bg
+            .plan(
+                &fleet(&[("blue", 1), ("green", 1)]),
+                &ReleaseId::new("v2").unwrap(),
+            )
+            .unwrap();
         let names: Vec<_> = plan.stages.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["prepare green", "switch to green"]);
     }
@@ -695,7 +732,11 @@ mod tests {
                 "live",
             ),
             (BlueGreen::default(), fleet(&[("blue", 2)]), "instances"),
-            (BlueGreen::default(), fleet(&[("blue", 1), ("green", 1), ("red", 1)]), "instances"),
+            (
+                BlueGreen::default(),
+                fleet(&[("blue", 1), ("green", 1), ("red", 1)]),
+                "instances",
+            ),
         ];
         for (bg, f, field) in cases {
             let e = bg.plan(&f, &v2).unwrap_err();

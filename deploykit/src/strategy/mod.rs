@@ -2,9 +2,16 @@
 //!
 //! * [`Rolling`] — batches of instances, drained and replaced concurrently
 //!   within a batch, with a failure budget (SPEC R1–R7).
+//! * [`Canary`] — a canary track takes a growing share of traffic, stage
+//!   by stage, gated by metric analysis; promoted to stable or rolled back
+//!   (SPEC C1–C9).
 //! * [`Recreate`] — stop all, install, start all: the baseline with downtime
 //!   (SPEC X1).
+//! * [`BlueGreen`] — prepare, smoke-test and warm up the idle environment,
+//!   switch all traffic at once, roll back instantly (SPEC B1–B8).
 
+mod blue_green;
+mod canary;
 mod recreate;
 mod rolling;
 
@@ -14,6 +21,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use blue_green::{BlueGreen, BlueGreenReport, KeepOld};
+pub use canary::{Canary, Promotion};
 pub use recreate::Recreate;
 pub use rolling::Rolling;
 

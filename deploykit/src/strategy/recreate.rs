@@ -98,6 +98,8 @@ impl Strategy for Recreate {
             rollback_batch: todo.len().max(1),
             skipped: skipped.iter().map(|i| i.backend.id.clone()).collect(),
             stages,
+            on_abort: Vec::new(),
+            leave_stopped: Vec::new(),
         })
     }
 }

@@ -194,6 +194,8 @@ impl Strategy for Rolling {
             rollback_batch: batch,
             skipped: skipped.iter().map(|i| i.backend.id.clone()).collect(),
             stages,
+            on_abort: Vec::new(),
+            leave_stopped: Vec::new(),
         })
     }
 }

@@ -3,6 +3,8 @@
 
 mod util;
 
+mod blue_green;
+mod canary;
 mod props;
 mod recreate;
 mod rolling;
