@@ -368,8 +368,8 @@ impl Nginx {
     }
 
     /// Writes `DIR/nginx.conf`: one server on 127.0.0.1:`port` proxying to
-    /// the upstream `app` from `DIR/upstream.conf`, with pid, logs and every
-    /// temp path under DIR.
+    /// the upstream `app` from `DIR/upstream.conf` (plus `DIR/conf.d/*.conf`),
+    /// with pid, logs and every temp path under DIR.
     pub fn write_config(dir: &Path, port: u16) {
         let d = dir.display();
         let conf = format!(
@@ -385,6 +385,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi_temp;
     scgi_temp_path {d}/scgi_temp;
     include {d}/upstream.conf;
+    include {d}/conf.d/*.conf;
     server {{
         listen 127.0.0.1:{port};
         location / {{
@@ -397,6 +398,7 @@ http {{
 }}
 "#
         );
+        std::fs::create_dir_all(dir.join("conf.d")).expect("create conf.d");
         std::fs::write(Self::conf(dir), conf).expect("write nginx.conf");
     }
 
@@ -600,5 +602,57 @@ backend {backend}
     /// What HAProxy wrote to stderr so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fleet helpers
+
+/// A deploykit backend for a demo app on `addr`.
+pub fn backend(id: &str, addr: SocketAddr, group: &str) -> deploykit::Backend {
+    deploykit::Backend {
+        id: deploykit::InstanceId::new(id).expect("instance id"),
+        address: deploykit::Address::parse(&addr.to_string()).expect("address"),
+        group: deploykit::Group::new(group).expect("group"),
+    }
+}
+
+/// Live child pids of `parent` (from /proc).
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.first() != Some(&"Z") && f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics with `what`
+/// after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() >= end {
+            panic!("{what}: not within {deadline:?}");
+        }
+        sleep(Duration::from_millis(20)).await;
     }
 }

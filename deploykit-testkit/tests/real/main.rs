@@ -8,4 +8,5 @@
 mod harness;
 
 mod demo_app;
+mod nginx;
 mod local;

@@ -13,9 +13,11 @@
 //!    never served a request) and the error carries nginx's own stderr;
 //! 3. reloads (`nginx -s reload` with the same `-p`/`-c`, i.e. SIGHUP to the
 //!    master) and confirms the reload *took*: a new generation of worker
-//!    processes appears under the master within the reload timeout. A master
-//!    that is gone, or a reload that starts no new workers, restores the
-//!    previous file and is reported.
+//!    processes appears under the master, and every worker of the old
+//!    generation has exited or retitled itself `worker process is shutting
+//!    down` (it then accepts nothing more), within the reload timeout. A
+//!    master that is gone, or a reload that starts no new workers, restores
+//!    the previous file and is reported.
 //!
 //! nginx rejects `weight=0`, so a backend or group with no share is rendered
 //! `down` (or `backup`, see [`NginxBuilder::idle_groups_as_backup`]).
@@ -716,7 +718,13 @@ impl Inner {
                 }
             }
             let now = children_of(master.pid);
-            if now.iter().any(|p| !before.contains(p)) {
+            let new_generation = now.iter().any(|p| !before.contains(p));
+            // The master waits ~100 ms after starting the new workers before
+            // it tells the old ones to quit; until then they still accept
+            // and route by the old file. An old worker told to quit retitles
+            // itself before it closes its listeners and idle connections.
+            let old_quitting = before.iter().all(|p| !is_alive(p) || is_shutting_down(p.pid));
+            if new_generation && old_quitting {
                 break;
             }
             if Instant::now() >= deadline {
@@ -782,10 +790,7 @@ impl LoadBalancer for NginxLoadBalancer {
         let Some(old) = st.drains.get(&backend.id) else {
             return Ok(Some(0));
         };
-        let alive = old
-            .iter()
-            .filter(|p| matches!(proc_stat(p.pid), Some(s) if s.start == p.start && s.state != 'Z'))
-            .count();
+        let alive = old.iter().filter(|p| is_alive(p)).count();
         Ok(Some(alive as u64))
     }
 
@@ -890,6 +895,19 @@ fn parse_stat(text: &str) -> Option<ProcStat> {
         // Field 22 overall: index 19 after the name.
         start: f.get(19)?.parse().ok()?,
     })
+}
+
+/// Whether the process is still the same, live (not zombie) process.
+fn is_alive(p: &Proc) -> bool {
+    matches!(proc_stat(p.pid), Some(s) if s.start == p.start && s.state != 'Z')
+}
+
+/// Whether an nginx worker has retitled itself "worker process is shutting
+/// down" (it has stopped accepting and closes idle connections).
+fn is_shutting_down(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).contains("shutting down"))
+        .unwrap_or(false)
 }
 
 /// Live (not zombie) children of `parent`.

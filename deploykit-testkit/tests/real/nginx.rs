@@ -1,0 +1,317 @@
+//! The nginx driver against a real nginx and real demo-app processes.
+
+use std::path::Path;
+use std::time::Duration;
+
+use deploykit::lb::NginxLoadBalancer;
+use deploykit::{Address, Backend, Group, GroupWeight, LoadBalancer};
+
+use crate::harness::{
+    backend, children_of, eventually, free_port, share, sigkill, temp_dir, DemoApp, DemoOpts, Http, Nginx,
+};
+
+/// nginx, the driver and demo apps wired together in a temp dir.
+pub(crate) struct NginxSetup {
+    pub(crate) apps: Vec<DemoApp>,
+    pub(crate) backends: Vec<Backend>,
+    pub(crate) lb: NginxLoadBalancer,
+    pub(crate) nginx: Nginx,
+    pub(crate) http: Http,
+    pub(crate) dir: tempfile::TempDir,
+}
+
+/// The driver for an nginx prefix dir laid out by [`Nginx::write_config`].
+pub(crate) fn driver(binary: &Path, dir: &Path, backends: &[Backend]) -> NginxLoadBalancer {
+    NginxLoadBalancer::builder()
+        .upstream("app")
+        .include_file(Nginx::upstream_file(dir))
+        .binary(binary)
+        .prefix(format!("{}/", dir.display()))
+        .config_file(Nginx::conf(dir))
+        .error_log_stderr(true)
+        .pid_file(Nginx::pid_file(dir))
+        .backends(backends.iter().cloned())
+        .build()
+        .expect("build the nginx driver")
+}
+
+impl NginxSetup {
+    /// Starts one demo app per `(version, group, extra flags)`, ids `i-1…`,
+    /// then nginx in front of them.
+    pub(crate) async fn start(binary: &Path, apps: &[(&str, &str, &[&str])]) -> NginxSetup {
+        let mut started = Vec::new();
+        let mut backends = Vec::new();
+        for (i, (version, group, extra)) in apps.iter().enumerate() {
+            let app = DemoApp::start(DemoOpts::new(version).track(group).args(extra)).await;
+            backends.push(backend(&format!("i-{}", i + 1), app.addr, group));
+            started.push(app);
+        }
+        let dir = temp_dir("deploykit-nginx");
+        let port = free_port();
+        Nginx::write_config(dir.path(), port);
+        let lb = driver(binary, dir.path(), &backends);
+        lb.install().await.expect("install the first upstream file");
+        let nginx = Nginx::start(binary, dir.path(), port).await;
+        NginxSetup {
+            apps: started,
+            backends,
+            lb,
+            nginx,
+            http: Http::new(),
+            dir,
+        }
+    }
+
+    pub(crate) async fn count(&self, n: usize) -> std::collections::BTreeMap<String, usize> {
+        self.http.count_versions(&self.nginx.url("/"), n).await
+    }
+
+    pub(crate) fn upstream_text(&self) -> String {
+        std::fs::read_to_string(Nginx::upstream_file(self.dir.path())).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn drain_moves_traffic_away_and_enable_brings_it_back() {
+    let bin = crate::require_binary!("nginx");
+    let s = NginxSetup::start(&bin, &[("v1", "default", &[]), ("v2", "default", &[])]).await;
+    let both = s.count(20).await;
+    assert_eq!(
+        (both.get("v1"), both.get("v2")),
+        (Some(&10), Some(&10)),
+        "{both:?}"
+    );
+
+    s.lb.drain(&s.backends[1]).await.expect("drain i-2");
+    assert!(s
+        .upstream_text()
+        .contains(&format!("server {} down; # i-2", s.apps[1].addr)));
+    let drained = s.count(20).await;
+    assert_eq!(drained.get("v1"), Some(&20), "{drained:?}");
+    let left = eventually(Duration::from_secs(10), "drain of i-2 confirmed", || async {
+        s.lb.active_connections(&s.backends[1])
+            .await
+            .unwrap()
+            .filter(|n| *n == 0)
+    })
+    .await;
+    assert_eq!(left, 0);
+
+    s.lb.enable(&s.backends[1]).await.expect("enable i-2");
+    assert_eq!(s.lb.active_connections(&s.backends[1]).await.unwrap(), None);
+    let back = s.count(20).await;
+    assert_eq!(
+        (back.get("v1"), back.get("v2")),
+        (Some(&10), Some(&10)),
+        "{back:?}"
+    );
+
+    // disable is as sharp as drain for nginx; enable again restores.
+    s.lb.disable(&s.backends[0]).await.expect("disable i-1");
+    assert_eq!(s.count(10).await.get("v2"), Some(&10));
+    s.lb.enable(&s.backends[0]).await.unwrap();
+    // Idempotent: a second enable changes nothing and succeeds.
+    s.lb.enable(&s.backends[0]).await.unwrap();
+    assert_eq!(s.count(10).await.get("v1"), Some(&5));
+}
+
+#[tokio::test]
+async fn drain_is_confirmed_only_after_in_flight_requests_finish() {
+    let bin = crate::require_binary!("nginx");
+    let slow: &[&str] = &["--latency-ms", "1500"];
+    let s = NginxSetup::start(&bin, &[("v1", "default", slow), ("v2", "default", slow)]).await;
+    // Four slow requests in flight, two on each backend.
+    let url = s.nginx.url("/");
+    let in_flight: Vec<_> = (0..4)
+        .map(|_| {
+            let http = s.http.clone();
+            let url = url.clone();
+            tokio::spawn(async move { http.get(&url).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.lb.drain(&s.backends[1]).await.expect("drain i-2");
+    // The old worker is still busy with i-2's requests: not drained yet.
+    let busy = s.lb.active_connections(&s.backends[1]).await.unwrap();
+    assert!(
+        matches!(busy, Some(n) if n > 0),
+        "drain reported before requests finished: {busy:?}"
+    );
+    let mut versions = Vec::new();
+    for r in in_flight {
+        let a = r.await.unwrap().expect("in-flight request through nginx");
+        assert_eq!(a.status, 200);
+        versions.push(a.version.unwrap());
+    }
+    versions.sort();
+    assert_eq!(versions, ["v1", "v1", "v2", "v2"]);
+    eventually(Duration::from_secs(10), "drain of i-2 confirmed", || async {
+        s.lb.active_connections(&s.backends[1])
+            .await
+            .unwrap()
+            .filter(|n| *n == 0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn weights_split_traffic_between_groups() {
+    let bin = crate::require_binary!("nginx");
+    let s = NginxSetup::start(&bin, &[("v1", "stable", &[]), ("v2", "canary", &[])]).await;
+    let w = |stable, canary| {
+        [
+            GroupWeight {
+                group: Group::new("stable").unwrap(),
+                percent: stable,
+            },
+            GroupWeight {
+                group: Group::new("canary").unwrap(),
+                percent: canary,
+            },
+        ]
+    };
+    s.lb.set_weights(&w(95, 5)).await.expect("95/5");
+    let c = s.count(400).await;
+    let canary = share(&c, "v2");
+    assert!(
+        (canary - 0.05).abs() <= 0.02,
+        "canary share {canary} at 5 %: {c:?}"
+    );
+    assert_eq!(s.lb.live_group().await.unwrap(), None);
+
+    s.lb.set_weights(&w(50, 50)).await.expect("50/50");
+    let c = s.count(200).await;
+    let canary = share(&c, "v2");
+    assert!(
+        (canary - 0.5).abs() <= 0.05,
+        "canary share {canary} at 50 %: {c:?}"
+    );
+
+    s.lb.set_weights(&w(100, 0)).await.expect("100/0");
+    assert!(s.upstream_text().contains("down; # i-2"), "{}", s.upstream_text());
+    assert!(!s.upstream_text().contains("weight=0"));
+    assert_eq!(s.count(20).await.get("v1"), Some(&20));
+    assert_eq!(
+        s.lb.live_group().await.unwrap(),
+        Some(Group::new("stable").unwrap())
+    );
+
+    let err = s.lb.set_weights(&w(60, 30)).await.unwrap_err();
+    assert!(err.message().contains("sum to 90"), "{err}");
+}
+
+#[tokio::test]
+async fn switch_moves_all_traffic_between_groups() {
+    let bin = crate::require_binary!("nginx");
+    let s = NginxSetup::start(
+        &bin,
+        &[
+            ("v1", "blue", &[]),
+            ("v1", "blue", &[]),
+            ("v2", "green", &[]),
+            ("v2", "green", &[]),
+        ],
+    )
+    .await;
+    let blue = Group::new("blue").unwrap();
+    let green = Group::new("green").unwrap();
+    s.lb.switch_to(&blue).await.unwrap();
+    assert_eq!(s.count(20).await.get("v1"), Some(&20));
+    assert_eq!(s.lb.live_group().await.unwrap(), Some(blue.clone()));
+
+    s.lb.switch_to(&green).await.unwrap();
+    assert_eq!(s.count(20).await.get("v2"), Some(&20));
+    assert_eq!(s.lb.live_group().await.unwrap(), Some(green.clone()));
+
+    // A group with no enabled backend cannot go live: the old one stays.
+    s.lb.disable(&s.backends[0]).await.unwrap();
+    s.lb.disable(&s.backends[1]).await.unwrap();
+    let err = s.lb.switch_to(&blue).await.unwrap_err();
+    assert!(
+        err.message().contains("blue") && err.message().contains("no enabled"),
+        "{err}"
+    );
+    assert_eq!(s.count(10).await.get("v2"), Some(&10));
+}
+
+#[tokio::test]
+async fn bad_addresses_never_reach_the_file() {
+    let bin = crate::require_binary!("nginx");
+    let s = NginxSetup::start(&bin, &[("v1", "default", &[])]).await;
+    let before = s.upstream_text();
+    for bad in [
+        "127.0.0.1:80; include /etc/passwd",
+        "127.0.0.1 :80",
+        "a{b:80",
+        "127.0.0.1:80\nserver evil:80",
+        "127.0.0.1:0",
+        "127.0.0.1:70000",
+        "127.0.0.1",
+    ] {
+        let err = Address::parse(bad).unwrap_err().to_string();
+        assert!(err.contains("address"), "{bad:?}: {err}");
+        // Nor through deserialisation, the other way in.
+        let json = serde_json::json!({"id": "i-9", "address": bad, "group": "default"});
+        assert!(serde_json::from_value::<Backend>(json).is_err(), "{bad:?}");
+    }
+    // A backend the driver does not know is refused by name, file untouched.
+    let stranger = backend("i-9", "127.0.0.1:1".parse().unwrap(), "default");
+    let err = s.lb.drain(&stranger).await.unwrap_err();
+    assert!(err.message().contains("i-9"), "{err}");
+    assert_eq!(s.upstream_text(), before);
+}
+
+#[tokio::test]
+async fn a_rejected_config_keeps_the_old_one_live_with_nginx_message() {
+    let bin = crate::require_binary!("nginx");
+    let s = NginxSetup::start(&bin, &[("v1", "default", &[]), ("v2", "default", &[])]).await;
+    let before = s.upstream_text();
+    // Someone breaks another part of the config: `nginx -t` of the whole
+    // config now fails, so the driver must not reload.
+    std::fs::write(s.dir.path().join("conf.d/broken.conf"), "no_such_directive on;\n").unwrap();
+    let err = s.lb.drain(&s.backends[1]).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("nginx rejected"), "{msg}");
+    assert!(
+        msg.contains("unknown directive \"no_such_directive\""),
+        "nginx's own message: {msg}"
+    );
+    assert_eq!(s.upstream_text(), before, "the previous file is back");
+    let c = s.count(20).await;
+    assert_eq!(
+        (c.get("v1"), c.get("v2")),
+        (Some(&10), Some(&10)),
+        "old config still live: {c:?}"
+    );
+    // Fixed: the same drain now works.
+    std::fs::remove_file(s.dir.path().join("conf.d/broken.conf")).unwrap();
+    s.lb.drain(&s.backends[1]).await.unwrap();
+    assert_eq!(s.count(10).await.get("v1"), Some(&10));
+}
+
+#[tokio::test]
+async fn a_reload_without_a_master_is_detected() {
+    let bin = crate::require_binary!("nginx");
+    let s = NginxSetup::start(&bin, &[("v1", "default", &[]), ("v2", "default", &[])]).await;
+    let before = s.upstream_text();
+    let master = s.nginx.pid();
+    let workers = children_of(master);
+    assert!(!workers.is_empty(), "nginx has workers");
+    sigkill(master);
+    eventually(Duration::from_secs(5), "nginx master gone", || async {
+        let st = std::fs::read_to_string(format!("/proc/{master}/stat")).unwrap_or_default();
+        (st.is_empty() || st.contains(") Z ")).then_some(())
+    })
+    .await;
+    let err = s.lb.drain(&s.backends[1]).await.unwrap_err();
+    // The orphaned workers would keep serving the old config.
+    for w in workers {
+        sigkill(w);
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains("not running") && msg.contains(&master.to_string()),
+        "{msg}"
+    );
+    assert_eq!(s.upstream_text(), before, "nothing changed");
+}
