@@ -90,6 +90,7 @@ mod plan;
 mod promotion;
 mod report;
 pub mod smoke;
+pub mod state;
 pub mod strategy;
 mod traits;
 
