@@ -8,5 +8,6 @@
 mod harness;
 
 mod demo_app;
+mod haproxy;
 mod nginx;
 mod local;
