@@ -21,6 +21,16 @@
 //!    the stable track's — **but only when the canary's error rate is above
 //!    [`ratio_floor`](AnalysisRules::ratio_floor)** (default 0.1 %).
 //!
+//! With [`ratio_significance`](AnalysisRules::ratio_significance) above 0
+//! (default 3) and the canary's request count `n` in the window known, rule
+//! 3 also asks that the difference be beyond sampling noise: the canary
+//! fails only above `max_error_ratio × stable + z·√(p(1−p)/n)` (a one-sided
+//! binomial test, `p` the ratio limit but at least the floor). At 5 % of
+//! 100 requests/s over 5 minutes (1,500 requests) a plain comparison of a
+//! good canary with stable at 0.3 % rolls back one deployment in five on
+//! noise alone; see `docs/benchmarks.md`. Without a request count the plain
+//! comparison applies.
+//!
 //! The floor is the stable-is-0 guard: when the stable track has no errors
 //! at all, "twice stable's error rate" is 0, and a single failed request on
 //! the canary would be "infinitely worse". Below the floor errors are too few
@@ -56,6 +66,7 @@
 //!     canary_p99: Observation::Value(0.120),
 //!     stable_error_rate: Observation::Value(0.004),
 //!     canary_requests: None,
+//!     stable_requests: None,
 //! };
 //! assert!(matches!(rules.evaluate(2, &obs), CheckOutcome::Fail { .. }));
 //! ```
@@ -89,6 +100,12 @@ pub struct AnalysisRules {
     /// stable-is-0 guard; see the [module docs](self)). Default 0.001
     /// (0.1 %).
     pub ratio_floor: f64,
+    /// How far beyond `max_error_ratio` × stable's rate the canary must be,
+    /// in standard deviations of its sampling noise, before the relative
+    /// rule fails (a one-sided binomial test on the canary's request count
+    /// in the window; see the [module docs](self)). `0` compares the rates
+    /// plainly, as the seed does. Default 3.
+    pub ratio_significance: f64,
     /// Requests the canary must have served in the window before a check can
     /// pass; `0` for no minimum. Default 0.
     pub min_requests: u64,
@@ -112,6 +129,7 @@ impl Default for AnalysisRules {
             latency_threshold: Duration::from_millis(500),
             max_error_ratio: 2.0,
             ratio_floor: 0.001,
+            ratio_significance: 3.0,
             min_requests: 0,
             inconclusive_limit: 4,
             window: Duration::from_secs(300),
@@ -131,6 +149,9 @@ pub struct Observations {
     /// The canary's request count in the window; `None` when no minimum is
     /// required (then it is not queried).
     pub canary_requests: Option<Observation>,
+    /// The stable track's request count in the window, for the noise margin
+    /// of the relative rule; `None` when not queried.
+    pub stable_requests: Option<Observation>,
 }
 
 /// Which rule a failed check broke.
@@ -259,6 +280,15 @@ impl AnalysisRules {
                 ),
             ));
         }
+        if !(self.ratio_significance.is_finite() && self.ratio_significance >= 0.0) {
+            return Err(Error::invalid(
+                "analysis.ratio_significance",
+                format!(
+                    "{} must be a number >= 0 (standard deviations; 0 compares plainly); write e.g. 3",
+                    self.ratio_significance
+                ),
+            ));
+        }
         if self.inconclusive_limit == 0 {
             return Err(Error::invalid(
                 "analysis.inconclusive_limit",
@@ -299,9 +329,11 @@ impl AnalysisRules {
                 return fail(AnalysisMetric::LatencyP99, l, latency_limit);
             }
         }
-        // 3. Relative to stable, above the floor only.
+        // 3. Relative to stable, above the floor only, and beyond sampling
+        // noise when the canary's request count is known.
         if let (Some(e), Some(s)) = (canary_err, value_of(&obs.stable_error_rate)) {
-            let limit = self.max_error_ratio * s;
+            let count = |o: &Option<Observation>| o.as_ref().and_then(value_of);
+            let limit = self.ratio_limit(s, count(&obs.canary_requests), count(&obs.stable_requests));
             if e > self.ratio_floor && e > limit {
                 return fail(AnalysisMetric::ErrorRateVsStable, e, limit);
             }
@@ -312,7 +344,9 @@ impl AnalysisRules {
             ("canary p99 latency", &obs.canary_p99),
             ("stable error rate", &obs.stable_error_rate),
         ];
-        if let Some(r) = &obs.canary_requests {
+        // The request count gates a pass only when a minimum is asked for;
+        // for the relative rule's noise margin it is optional.
+        if let (Some(r), true) = (&obs.canary_requests, self.min_requests > 0) {
             inputs.push(("canary request count", r));
         }
         for (what, o) in &inputs {
@@ -350,6 +384,36 @@ impl AnalysisRules {
             }
         }
         CheckOutcome::Pass
+    }
+}
+
+impl AnalysisRules {
+    /// Whether a check needs the canary's request count.
+    pub fn needs_request_count(&self) -> bool {
+        self.min_requests > 0 || self.ratio_significance > 0.0
+    }
+
+    /// The canary error rate above which the relative rule fails, given
+    /// stable's rate and (if known) the requests each track served in the
+    /// window: `max_error_ratio × stable`, plus `ratio_significance`
+    /// standard deviations of the difference between the two sampled rates
+    /// (binomial: `√(p(1−p)/n_canary + ratio²·q(1−q)/n_stable)`, `p` the
+    /// limit and `q` stable's rate, each taken at no less than `ratio_floor`
+    /// so a rate of 0 still leaves room for noise; the stable term is left
+    /// out when its count is unknown).
+    pub fn ratio_limit(&self, stable: f64, canary_requests: Option<f64>, stable_requests: Option<f64>) -> f64 {
+        let ratio = self.max_error_ratio;
+        let limit = ratio * stable;
+        let Some(n) = canary_requests.filter(|n| *n >= 1.0 && self.ratio_significance > 0.0) else {
+            return limit;
+        };
+        let p = limit.max(self.ratio_floor).clamp(0.0, 1.0);
+        let mut var = p * (1.0 - p) / n;
+        if let Some(m) = stable_requests.filter(|m| *m >= 1.0) {
+            let q = stable.max(self.ratio_floor).clamp(0.0, 1.0);
+            var += ratio * ratio * q * (1.0 - q) / m;
+        }
+        limit + self.ratio_significance * var.sqrt()
     }
 }
 
@@ -441,6 +505,7 @@ mod tests {
             canary_p99: p99,
             stable_error_rate: stable_err,
             canary_requests: None,
+            stable_requests: None,
         }
     }
 
@@ -537,6 +602,45 @@ mod tests {
         assert!(matches!(out, CheckOutcome::ProviderError { .. }), "{out:?}");
         let out = r.evaluate(1, &obs(Value(0.0), Value(0.1), ProviderError("down".into())));
         assert!(matches!(out, CheckOutcome::ProviderError { .. }), "{out:?}");
+    }
+
+    #[test]
+    fn ratio_rule_allows_for_sampling_noise_when_the_request_count_is_known() {
+        let r = AnalysisRules::default();
+        // 1,500 canary requests, stable 0.3 %: 2x is 0.6 %, plus 3 sd.
+        let limit = r.ratio_limit(0.003, Some(1500.0), None);
+        assert!((limit - (0.006 + 3.0 * (0.006f64 * 0.994 / 1500.0).sqrt())).abs() < 1e-12);
+        // Stable's own noise widens the margin.
+        let both = r.ratio_limit(0.003, Some(1500.0), Some(28_500.0));
+        let var = 0.006f64 * 0.994 / 1500.0 + 4.0 * 0.003 * 0.997 / 28_500.0;
+        assert!((both - (0.006 + 3.0 * var.sqrt())).abs() < 1e-12);
+        assert_eq!(r.ratio_limit(0.003, None, Some(28_500.0)), 0.006);
+        let mut o = obs(Value(0.008), Value(0.1), Value(0.003));
+        assert_eq!(metric(&r.evaluate(1, &o)), Some(AnalysisMetric::ErrorRateVsStable), "plain");
+        o.canary_requests = Some(Value(1500.0));
+        assert_eq!(r.evaluate(1, &o), CheckOutcome::Pass, "within noise");
+        // A large difference fails either way.
+        let mut big = obs(Value(0.009), Value(0.1), Value(0.001));
+        big.canary_requests = Some(Value(1500.0));
+        assert_eq!(metric(&r.evaluate(1, &big)), Some(AnalysisMetric::ErrorRateVsStable));
+        // With significance 0 the plain comparison applies.
+        let plain = AnalysisRules {
+            ratio_significance: 0.0,
+            ..AnalysisRules::default()
+        };
+        let mut o = obs(Value(0.008), Value(0.1), Value(0.003));
+        o.canary_requests = Some(Value(1500.0));
+        assert_eq!(metric(&plain.evaluate(1, &o)), Some(AnalysisMetric::ErrorRateVsStable));
+        // An unknown request count does not make the check inconclusive.
+        o.canary_requests = Some(NoData);
+        assert_eq!(metric(&r.evaluate(1, &o)), Some(AnalysisMetric::ErrorRateVsStable));
+        let ok = obs(Value(0.001), Value(0.1), Value(0.003));
+        let ok = Observations {
+            canary_requests: Some(NoData),
+            stable_requests: Some(NoData),
+            ..ok
+        };
+        assert_eq!(r.evaluate(1, &ok), CheckOutcome::Pass);
     }
 
     #[test]
@@ -639,6 +743,13 @@ mod tests {
                     ..Default::default()
                 },
                 "analysis.ratio_floor",
+            ),
+            (
+                AnalysisRules {
+                    ratio_significance: -1.0,
+                    ..Default::default()
+                },
+                "analysis.ratio_significance",
             ),
             (
                 AnalysisRules {

@@ -56,24 +56,26 @@ impl GateCtx<'_> {
 
     /// One check: query, judge, record, emit.
     async fn check(&self, stage: usize, weight: u8, analysis: &Analysis) -> Result<(), GateError> {
-        let requests = async {
-            if analysis.rules.min_requests > 0 {
-                Some(self.observe(Metric::RequestCount, analysis, true).await)
+        let requests = |canary: bool| async move {
+            if analysis.rules.needs_request_count() {
+                Some(self.observe(Metric::RequestCount, analysis, canary).await)
             } else {
                 None
             }
         };
-        let (canary_error_rate, canary_p99, stable_error_rate, canary_requests) = futures::join!(
+        let (canary_error_rate, canary_p99, stable_error_rate, canary_requests, stable_requests) = futures::join!(
             self.observe(Metric::ErrorRate, analysis, true),
             self.observe(Metric::LatencyP99, analysis, true),
             self.observe(Metric::ErrorRate, analysis, false),
-            requests
+            requests(true),
+            requests(false),
         );
         let obs = Observations {
             canary_error_rate,
             canary_p99,
             stable_error_rate,
             canary_requests,
+            stable_requests,
         };
         let outcome = analysis.rules.evaluate(stage, &obs);
         let (verdict, consecutive) = {
