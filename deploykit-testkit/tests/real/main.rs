@@ -7,6 +7,7 @@
 
 mod harness;
 
+mod blue_green;
 mod demo_app;
 mod haproxy;
 mod nginx;

@@ -15,10 +15,23 @@
 //! `docs/load-balancers.md` describes both drivers, their drain
 //! confirmation and its limits, with config examples.
 
+#[cfg(feature = "haproxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "haproxy")))]
+pub mod haproxy;
+#[cfg(feature = "nginx")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nginx")))]
+pub mod nginx;
+#[cfg(any(feature = "nginx", feature = "haproxy"))]
+mod split;
 #[cfg(unix)]
 pub mod symlink;
 #[cfg(unix)]
 pub use symlink::{SymlinkSwitch, SymlinkSwitchBuilder};
+
+#[cfg(feature = "haproxy")]
+pub use haproxy::HaproxyLoadBalancer;
+#[cfg(feature = "nginx")]
+pub use nginx::NginxLoadBalancer;
 
 use async_trait::async_trait;
 
