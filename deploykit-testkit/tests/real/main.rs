@@ -12,3 +12,5 @@ mod demo_app;
 mod haproxy;
 mod nginx;
 mod local;
+mod ssh;
+mod sshd;

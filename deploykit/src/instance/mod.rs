@@ -40,6 +40,9 @@ mod health;
 mod host;
 mod layout;
 mod service;
+#[cfg(feature = "ssh")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ssh")))]
+mod ssh;
 
 use std::fmt;
 
@@ -50,6 +53,9 @@ pub use health::{HealthProbe, HttpProbe};
 pub use host::{CopyMode, Host, LocalHost, ReleaseSource};
 pub use layout::{ReleaseLayout, DEFAULT_KEEP};
 pub use service::{ProcessSpec, ServiceControl, SystemdUnit, DEFAULT_GRACE};
+#[cfg(feature = "ssh")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ssh")))]
+pub use ssh::{HostKeyPolicy, SshAuth, SshHost, SshHostBuilder, MANIFEST};
 
 use crate::error::{DriverError, Error, Result};
 use crate::names::{Address, Group, InstanceId, ReleaseId};
@@ -58,6 +64,11 @@ use service::Controller;
 
 /// An instance on this machine.
 pub type LocalInstance = HostInstance<LocalHost>;
+
+/// An instance on an SSH host (feature `ssh`).
+#[cfg(feature = "ssh")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ssh")))]
+pub type SshInstance = HostInstance<SshHost>;
 
 /// An [`Instance`] on a [`Host`]: the release layout, a release source, a
 /// service control and a health probe. See [`LocalInstance`] and
@@ -106,6 +117,20 @@ impl LocalInstance {
     /// `address` (`host:port`).
     pub fn builder(id: impl Into<String>, address: impl Into<String>) -> InstanceBuilder<LocalHost> {
         InstanceBuilder::new(LocalHost::new(), id, address)
+    }
+}
+
+#[cfg(feature = "ssh")]
+impl SshInstance {
+    /// Starts building an instance on the SSH host `host` with id `id`,
+    /// serving at `address` (`host:port`, probed over HTTP from here).
+    /// Several instances may share one host (clones share its session).
+    pub fn builder(
+        host: SshHost,
+        id: impl Into<String>,
+        address: impl Into<String>,
+    ) -> InstanceBuilder<SshHost> {
+        InstanceBuilder::new(host, id, address)
     }
 }
 
