@@ -85,6 +85,7 @@ mod executor;
 mod gate;
 pub mod instance;
 pub mod lb;
+pub mod metrics;
 pub mod names;
 mod plan;
 mod promotion;

@@ -1,0 +1,362 @@
+//! Canary analysis against a real Prometheus (SPEC C4, C5, C7, C8): the
+//! Prometheus metrics source, real nginx weights, demo-app instances run by
+//! `LocalInstance`, and a bounded load through nginx.
+//!
+//! Prometheus (the Debian package) is started on loopback with a temp config
+//! that scrapes every demo app every second; stages are short (3 × 5 s,
+//! checked every second, PromQL windows of 10 s).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deploykit::analysis::CheckOutcome;
+use deploykit::instance::{LocalInstance, ProcessSpec, ReleaseSource};
+use deploykit::lb::NginxLoadBalancer;
+use deploykit::metrics::prometheus::Prometheus;
+use deploykit::{
+    Backend, Canary, EventKind, EventLog, Executor, Group, HealthCheck, Instance, LoadBalancer, Metric,
+    MetricsSource, Observation, OutcomeKind, ReleaseId, Report,
+};
+use tokio::process::{Child, Command};
+use tokio::time::{sleep, Instant};
+
+use crate::harness::{demo_app_binary, free_port, temp_dir, DemoApp, DemoOpts, Http, Nginx, START_DEADLINE};
+use crate::load::LoadGen;
+
+/// A real Prometheus in a temp dir, scraping `targets` every second; killed
+/// on drop.
+struct PromServer {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl PromServer {
+    async fn start(binary: &Path, dir: &Path, targets: &[String]) -> PromServer {
+        let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: demo\n    scrape_interval: 1s\n    scrape_timeout: 900ms\n    static_configs:\n      - targets: [{}]\n",
+            list.join(", ")
+        );
+        let cfg = dir.join("prometheus.yml");
+        std::fs::write(&cfg, config).expect("write prometheus.yml");
+        let port = free_port();
+        let log = dir.join("prometheus.log");
+        let err = std::fs::File::create(&log).expect("create prometheus.log");
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn prometheus");
+        let p = PromServer { child, port, log };
+        let http = Http::new();
+        let end = Instant::now() + START_DEADLINE;
+        loop {
+            if let Ok(a) = http.get(&p.url("/-/ready")).await {
+                if a.status == 200 {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "prometheus not ready on port {} within {START_DEADLINE:?}:\n{}",
+                p.port,
+                p.log_text()
+            );
+            sleep(Duration::from_millis(50)).await;
+        }
+        p
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn source(&self) -> Prometheus {
+        Prometheus::builder(self.url(""))
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("prometheus source")
+    }
+}
+
+impl Drop for PromServer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Waits (bounded) until `query` of `group` answers a value.
+async fn wait_for_value(prom: &Prometheus, metric: Metric, group: &str, window: Duration) -> f64 {
+    let g = Group::new(group).unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        match prom.observe(metric, &g, window).await {
+            Observation::Value(v) => return v,
+            other => assert!(
+                Instant::now() < end,
+                "no {metric:?} for {group} within 20 s; last: {other:?}"
+            ),
+        }
+        sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn real_prometheus_answers_map_to_typed_observations() {
+    let bin = crate::require_binary!("prometheus");
+    let dir = temp_dir("deploykit-prometheus");
+    let app = DemoApp::start(DemoOpts::new("v1").track("stable")).await;
+    let prom_server = PromServer::start(&bin, dir.path(), &[app.addr.to_string()]).await;
+    let prom = prom_server.source();
+    let http = Http::new();
+    let w = Duration::from_secs(10);
+    // Traffic, so the rate has something to work on.
+    let load = async {
+        for _ in 0..60 {
+            let _ = http.get(&app.url("/")).await;
+            sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (_, rate) = tokio::join!(load, wait_for_value(&prom, Metric::ErrorRate, "stable", w));
+    // No 5xx at all: `or vector(0)` makes it 0, not empty.
+    assert_eq!(rate, 0.0);
+    let p99 = wait_for_value(&prom, Metric::LatencyP99, "stable", w).await;
+    assert!(p99 > 0.0 && p99 < 0.5, "p99 {p99}");
+    assert!(wait_for_value(&prom, Metric::RequestCount, "stable", w).await > 0.0);
+    // A track with no series: an empty result, never a value.
+    let nobody = Group::new("nobody").unwrap();
+    assert_eq!(prom.observe(Metric::ErrorRate, &nobody, w).await, Observation::NoData);
+    assert_eq!(prom.observe(Metric::LatencyP99, &nobody, w).await, Observation::NoData);
+    // Prometheus's own error comes back as a provider error.
+    let broken = Prometheus::builder(prom_server.url(""))
+        .error_rate(r#"sum(rate(http_requests_total{track="{group}"}[{window}])"#)
+        .build()
+        .unwrap();
+    match broken.observe(Metric::ErrorRate, &nobody, w).await {
+        Observation::ProviderError(m) => assert!(m.contains("bad_data"), "{m}"),
+        o => panic!("expected a provider error, got {o:?}"),
+    }
+}
+
+fn make_release(builds: &Path, id: &str) {
+    let rel = builds.join(id);
+    std::fs::create_dir_all(&rel).unwrap();
+    std::os::unix::fs::symlink(demo_app_binary(), rel.join("deploykit-demo-app")).unwrap();
+}
+
+/// Kills every instance's process (from its pid file) when dropped.
+struct KillOnDrop(Vec<PathBuf>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for root in &self.0 {
+            if let Ok(t) = std::fs::read_to_string(root.join("app.pid")) {
+                if let Some(pid) = t.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                    crate::harness::sigkill(pid);
+                }
+            }
+        }
+    }
+}
+
+struct Run {
+    report: Report,
+    log: EventLog,
+    /// Versions (or errors) answering 100 requests through nginx afterwards.
+    after: std::collections::BTreeMap<String, usize>,
+    took: Duration,
+}
+
+/// Two stable instances and one canary on v1 behind real nginx, scraped by
+/// real Prometheus, under load; a canary deployment of v2 whose canary
+/// process runs with `canary_args`.
+async fn canary_run(canary_args: &[&str]) -> Option<Run> {
+    let prom_bin = crate::harness::find_binary("prometheus")?;
+    let nginx_bin = crate::harness::find_binary("nginx")?;
+    let started = Instant::now();
+    let tmp = temp_dir("deploykit-canary-real");
+    let builds = tmp.path().join("builds");
+    make_release(&builds, "v1");
+    make_release(&builds, "v2");
+
+    let mut instances: Vec<Arc<LocalInstance>> = Vec::new();
+    let mut roots = Vec::new();
+    let mut targets = Vec::new();
+    for (i, track) in [(1, "stable"), (2, "stable"), (3, "canary")] {
+        let port = free_port();
+        let root = tmp.path().join(format!("i-{i}"));
+        roots.push(root.clone());
+        targets.push(format!("127.0.0.1:{port}"));
+        let mut argv: Vec<String> = [
+            "./deploykit-demo-app",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--version",
+            "{release}",
+            "--track",
+            track,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if track == "canary" {
+            argv.extend(canary_args.iter().map(|s| s.to_string()));
+        }
+        let spec = ProcessSpec::new(argv).unwrap().grace(Duration::from_secs(10));
+        let inst = LocalInstance::builder(format!("i-{i}"), format!("127.0.0.1:{port}"))
+            .group(track)
+            .root(root.to_str().unwrap())
+            .source(ReleaseSource::directory(&builds))
+            .process(spec)
+            .build()
+            .expect("build a LocalInstance");
+        instances.push(Arc::new(inst));
+    }
+    let _kill = KillOnDrop(roots);
+    let v1 = ReleaseId::new("v1").unwrap();
+    for inst in &instances {
+        inst.install(&v1).await.expect("install v1");
+        inst.start().await.expect("start v1");
+    }
+    for inst in &instances {
+        let end = Instant::now() + START_DEADLINE;
+        while !inst.health().await.map(|h| h.is_healthy()).unwrap_or(false) {
+            assert!(Instant::now() < end, "{} never got healthy", inst.backend().id);
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let backends: Vec<Backend> = instances.iter().map(|i| i.backend().clone()).collect();
+
+    let prom_server = PromServer::start(&prom_bin, tmp.path(), &targets).await;
+    let port = free_port();
+    Nginx::write_config(tmp.path(), port);
+    let lb = NginxLoadBalancer::builder()
+        .include_file(Nginx::upstream_file(tmp.path()))
+        .binary(&nginx_bin)
+        .prefix(format!("{}/", tmp.path().display()))
+        .config_file(Nginx::conf(tmp.path()))
+        .error_log_stderr(true)
+        .pid_file(Nginx::pid_file(tmp.path()))
+        .backends(backends)
+        .build()
+        .unwrap();
+    lb.install().await.expect("install the upstream file");
+    let nginx = Nginx::start(&nginx_bin, tmp.path(), port).await;
+    let url = nginx.url("/");
+
+    let log = EventLog::new();
+    let executor = Executor::builder()
+        .instances(instances.iter().map(|i| i.clone() as Arc<dyn Instance>))
+        .load_balancer(Arc::new(lb) as Arc<dyn LoadBalancer>)
+        .metrics(Arc::new(prom_server.source()))
+        .events(Arc::new(log.clone()))
+        .drain_poll(Duration::from_millis(20))
+        .build()
+        .expect("build the executor");
+    let mut canary = Canary {
+        stages: vec![25, 50, 100],
+        stage_duration: Duration::from_secs(5),
+        check_interval: Duration::from_secs(1),
+        health: HealthCheck {
+            retries: 100,
+            interval: Duration::from_millis(50),
+        },
+        drain_timeout: Duration::from_secs(5),
+        ..Canary::default()
+    };
+    canary.analysis.window = Duration::from_secs(10);
+    // Checks every second: a freshly started canary needs two scrapes before
+    // rate() answers, so allow a few more inconclusive checks in a row.
+    canary.analysis.inconclusive_limit = 6;
+
+    let load = LoadGen::start(&url, 200, 8, Duration::from_secs(50));
+    // Let Prometheus see stable traffic before the first check.
+    sleep(Duration::from_secs(2)).await;
+    let report = executor
+        .deploy(&canary, &ReleaseId::new("v2").unwrap())
+        .await
+        .expect("the deployment ran");
+    let _ = load.stop().await;
+    let after = Http::new().count_versions(&url, 100).await;
+    for inst in &instances {
+        let _ = inst.stop().await;
+    }
+    drop(nginx);
+    Some(Run {
+        report,
+        log,
+        after,
+        took: started.elapsed(),
+    })
+}
+
+fn dump(log: &EventLog) -> String {
+    log.events()
+        .iter()
+        .map(|e| format!("{:>6} {:?}", e.elapsed_ms, e.kind))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn checks(log: &EventLog) -> Vec<CheckOutcome> {
+    log.events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::AnalysisResult { result, .. } => Some(result),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_canary_erring_five_percent_is_rolled_back_by_real_promql() {
+    let Some(run) = canary_run(&["--error-rate", "0.05"]).await else {
+        return;
+    };
+    let r = &run.report;
+    assert_eq!(r.outcome, OutcomeKind::RolledBack, "{r}\n{}", dump(&run.log));
+    let reason = r.reason.clone().unwrap_or_default();
+    assert!(reason.contains("canary error rate"), "{reason}");
+    let fail = checks(&run.log)
+        .into_iter()
+        .find_map(|c| match c {
+            CheckOutcome::Fail { value, threshold, .. } => Some((value, threshold)),
+            _ => None,
+        })
+        .expect("a failed check");
+    assert!(fail.0 > fail.1, "{fail:?}");
+    // Stable serves v1 alone afterwards; the canary is stopped.
+    assert_eq!(run.after.get("v1"), Some(&100), "{:?}", run.after);
+    assert_eq!(r.instances[2].status, deploykit::InstanceStatus::Idle);
+    assert_eq!(r.instances[2].release, Some(ReleaseId::new("v1").unwrap()));
+    eprintln!("bad canary: rolled back in {:.1}s", run.took.as_secs_f64());
+}
+
+#[tokio::test]
+async fn a_healthy_canary_is_promoted_and_finalized_with_real_promql() {
+    let Some(run) = canary_run(&[]).await else {
+        return;
+    };
+    let r = &run.report;
+    assert!(r.is_success(), "{r}\n{}", dump(&run.log));
+    let checks = checks(&run.log);
+    assert!(checks.iter().filter(|c| **c == CheckOutcome::Pass).count() >= 3, "{checks:?}");
+    assert!(!checks.iter().any(|c| matches!(c, CheckOutcome::Fail { .. })), "{checks:?}");
+    // Stable runs v2 and takes all traffic; the canary is stopped.
+    assert_eq!(run.after.get("v2"), Some(&100), "{:?}", run.after);
+    assert_eq!(r.instances[2].status, deploykit::InstanceStatus::Idle);
+    eprintln!("good canary: promoted and finalized in {:.1}s", run.took.as_secs_f64());
+}
