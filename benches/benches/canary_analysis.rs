@@ -88,7 +88,9 @@ fn observed_rate(m: &Model, rng: &mut Rng, t: Duration, canary: bool) -> Observa
         }
         _ => m.base,
     };
-    let errors = (n * p + (n * p * (1.0 - p)).sqrt() * rng.normal()).round().max(0.0);
+    let errors = (n * p + (n * p * (1.0 - p)).sqrt() * rng.normal())
+        .round()
+        .max(0.0);
     Observation::Value(errors / n)
 }
 
@@ -246,7 +248,10 @@ fn main() {
             .map(|(r, n)| format!("{r} ({n})"))
             .unwrap_or_default();
         if times.is_empty() {
-            println!("| {:.1} % | {window}s | {interval}s | {z} | 0/{runs} | – | – | – | – |", bad * 100.0);
+            println!(
+                "| {:.1} % | {window}s | {interval}s | {z} | 0/{runs} | – | – | – | – |",
+                bad * 100.0
+            );
             continue;
         }
         let (p50, p99) = (percentile(&mut times, 0.5), percentile(&mut times, 0.99));
@@ -284,7 +289,11 @@ fn main() {
         println!(
             "| {window}s | {z} | {false_rollbacks}/{runs} ({:.1} %) | {} |",
             false_rollbacks as f64 * 100.0 / runs as f64,
-            if by.is_empty() { "–".into() } else { by.join(", ") }
+            if by.is_empty() {
+                "–".into()
+            } else {
+                by.join(", ")
+            }
         );
     }
     println!("\nwall time: {:.1}s", wall.elapsed().as_secs_f64());

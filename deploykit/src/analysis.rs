@@ -211,7 +211,10 @@ pub enum CheckOutcome {
 impl CheckOutcome {
     /// Whether the check counts towards the inconclusive limit.
     pub fn is_inconclusive(&self) -> bool {
-        matches!(self, CheckOutcome::NoData { .. } | CheckOutcome::ProviderError { .. })
+        matches!(
+            self,
+            CheckOutcome::NoData { .. } | CheckOutcome::ProviderError { .. }
+        )
     }
 }
 
@@ -401,7 +404,12 @@ impl AnalysisRules {
     /// limit and `q` stable's rate, each taken at no less than `ratio_floor`
     /// so a rate of 0 still leaves room for noise; the stable term is left
     /// out when its count is unknown).
-    pub fn ratio_limit(&self, stable: f64, canary_requests: Option<f64>, stable_requests: Option<f64>) -> f64 {
+    pub fn ratio_limit(
+        &self,
+        stable: f64,
+        canary_requests: Option<f64>,
+        stable_requests: Option<f64>,
+    ) -> f64 {
         let ratio = self.max_error_ratio;
         let limit = ratio * stable;
         let Some(n) = canary_requests.filter(|n| *n >= 1.0 && self.ratio_significance > 0.0) else {
@@ -547,8 +555,14 @@ mod tests {
         let r = AnalysisRules::default();
         let o = r.evaluate(3, &obs(Value(0.0), Value(0.75), Value(0.0)));
         assert_eq!(metric(&o), Some(AnalysisMetric::LatencyP99));
-        assert!(o.to_string().contains("750 ms > threshold 500 ms at stage 3"), "{o}");
-        assert_eq!(r.evaluate(3, &obs(Value(0.0), Value(0.5), Value(0.0))), CheckOutcome::Pass);
+        assert!(
+            o.to_string().contains("750 ms > threshold 500 ms at stage 3"),
+            "{o}"
+        );
+        assert_eq!(
+            r.evaluate(3, &obs(Value(0.0), Value(0.5), Value(0.0))),
+            CheckOutcome::Pass
+        );
     }
 
     #[test]
@@ -569,10 +583,19 @@ mod tests {
             other => panic!("expected a ratio failure, got {other:?}"),
         }
         // stable 0.4 %, canary 0.7 % -> pass.
-        assert_eq!(r.evaluate(2, &obs(Value(0.007), Value(0.1), Value(0.004))), CheckOutcome::Pass);
+        assert_eq!(
+            r.evaluate(2, &obs(Value(0.007), Value(0.1), Value(0.004))),
+            CheckOutcome::Pass
+        );
         // stable 0: below the floor passes, above it fails.
-        assert_eq!(r.evaluate(1, &obs(Value(0.0005), Value(0.1), Value(0.0))), CheckOutcome::Pass);
-        assert_eq!(r.evaluate(1, &obs(Value(0.0), Value(0.1), Value(0.0))), CheckOutcome::Pass);
+        assert_eq!(
+            r.evaluate(1, &obs(Value(0.0005), Value(0.1), Value(0.0))),
+            CheckOutcome::Pass
+        );
+        assert_eq!(
+            r.evaluate(1, &obs(Value(0.0), Value(0.1), Value(0.0))),
+            CheckOutcome::Pass
+        );
         let o = r.evaluate(1, &obs(Value(0.005), Value(0.1), Value(0.0)));
         assert_eq!(metric(&o), Some(AnalysisMetric::ErrorRateVsStable));
     }
@@ -580,7 +603,10 @@ mod tests {
     #[test]
     fn stable_without_data_skips_only_the_ratio_rule() {
         let r = AnalysisRules::default();
-        assert_eq!(r.evaluate(5, &obs(Value(0.005), Value(0.1), NoData)), CheckOutcome::Pass);
+        assert_eq!(
+            r.evaluate(5, &obs(Value(0.005), Value(0.1), NoData)),
+            CheckOutcome::Pass
+        );
         let o = r.evaluate(5, &obs(Value(0.02), Value(0.1), NoData));
         assert_eq!(metric(&o), Some(AnalysisMetric::ErrorRate));
     }
@@ -598,7 +624,10 @@ mod tests {
             assert!(matches!(out, CheckOutcome::NoData { .. }), "{o:?} -> {out:?}");
             assert!(out.is_inconclusive());
         }
-        let out = r.evaluate(1, &obs(Value(0.0), ProviderError("connection refused".into()), Value(0.0)));
+        let out = r.evaluate(
+            1,
+            &obs(Value(0.0), ProviderError("connection refused".into()), Value(0.0)),
+        );
         assert!(matches!(out, CheckOutcome::ProviderError { .. }), "{out:?}");
         let out = r.evaluate(1, &obs(Value(0.0), Value(0.1), ProviderError("down".into())));
         assert!(matches!(out, CheckOutcome::ProviderError { .. }), "{out:?}");
@@ -616,13 +645,20 @@ mod tests {
         assert!((both - (0.006 + 3.0 * var.sqrt())).abs() < 1e-12);
         assert_eq!(r.ratio_limit(0.003, None, Some(28_500.0)), 0.006);
         let mut o = obs(Value(0.008), Value(0.1), Value(0.003));
-        assert_eq!(metric(&r.evaluate(1, &o)), Some(AnalysisMetric::ErrorRateVsStable), "plain");
+        assert_eq!(
+            metric(&r.evaluate(1, &o)),
+            Some(AnalysisMetric::ErrorRateVsStable),
+            "plain"
+        );
         o.canary_requests = Some(Value(1500.0));
         assert_eq!(r.evaluate(1, &o), CheckOutcome::Pass, "within noise");
         // A large difference fails either way.
         let mut big = obs(Value(0.009), Value(0.1), Value(0.001));
         big.canary_requests = Some(Value(1500.0));
-        assert_eq!(metric(&r.evaluate(1, &big)), Some(AnalysisMetric::ErrorRateVsStable));
+        assert_eq!(
+            metric(&r.evaluate(1, &big)),
+            Some(AnalysisMetric::ErrorRateVsStable)
+        );
         // With significance 0 the plain comparison applies.
         let plain = AnalysisRules {
             ratio_significance: 0.0,
@@ -630,10 +666,16 @@ mod tests {
         };
         let mut o = obs(Value(0.008), Value(0.1), Value(0.003));
         o.canary_requests = Some(Value(1500.0));
-        assert_eq!(metric(&plain.evaluate(1, &o)), Some(AnalysisMetric::ErrorRateVsStable));
+        assert_eq!(
+            metric(&plain.evaluate(1, &o)),
+            Some(AnalysisMetric::ErrorRateVsStable)
+        );
         // An unknown request count does not make the check inconclusive.
         o.canary_requests = Some(NoData);
-        assert_eq!(metric(&r.evaluate(1, &o)), Some(AnalysisMetric::ErrorRateVsStable));
+        assert_eq!(
+            metric(&r.evaluate(1, &o)),
+            Some(AnalysisMetric::ErrorRateVsStable)
+        );
         let ok = obs(Value(0.001), Value(0.1), Value(0.003));
         let ok = Observations {
             canary_requests: Some(NoData),
@@ -682,8 +724,12 @@ mod tests {
     fn analyzer_counts_inconclusive_checks_in_a_row() {
         let r = AnalysisRules::default();
         let mut a = Analyzer::default();
-        let nd = CheckOutcome::NoData { reason: "empty".into() };
-        let pe = CheckOutcome::ProviderError { message: "down".into() };
+        let nd = CheckOutcome::NoData {
+            reason: "empty".into(),
+        };
+        let pe = CheckOutcome::ProviderError {
+            message: "down".into(),
+        };
         assert_eq!(a.record(&r, &nd), Verdict::Continue);
         assert_eq!(a.record(&r, &pe), Verdict::Continue);
         assert_eq!(a.record(&r, &nd), Verdict::Continue);
@@ -703,7 +749,10 @@ mod tests {
             threshold: 0.01,
             stage: 1,
         };
-        assert!(matches!(Analyzer::default().record(&r, &fail), Verdict::Rollback(_)));
+        assert!(matches!(
+            Analyzer::default().record(&r, &fail),
+            Verdict::Rollback(_)
+        ));
     }
 
     #[test]

@@ -22,19 +22,19 @@ use futures::future::join_all;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::analysis::Analyzer;
 use crate::bluegreen_state::{LiveRecord, LiveStore};
 use crate::error::{DriverError, Error, Result};
 use crate::event::{Event, EventKind, EventSink, StepResult};
+use crate::gate::{GateCtx, GateError};
 use crate::names::{Group, InstanceId, ReleaseId};
 use crate::plan::{
     compensation_steps, retirement_steps, FailurePolicy, FleetSnapshot, InstanceProgress, InstanceSnapshot,
     Plan, Step,
 };
+use crate::promotion::PromotionHandle;
 use crate::report::{InstanceReport, InstanceStatus, OutcomeKind, Report};
 use crate::smoke::SmokeTester;
-use crate::analysis::Analyzer;
-use crate::gate::{GateCtx, GateError};
-use crate::promotion::PromotionHandle;
 use crate::traits::MetricsSource;
 use crate::traits::{Health, Instance, LoadBalancer, Strategy};
 
@@ -713,7 +713,9 @@ impl<'a> Run<'a> {
     async fn compensate(&self, si: usize, id: &InstanceId) -> bool {
         let progress = self.with(id, |t| t.progress.clone());
         let steps = match self.plan.policy {
-            _ if self.plan.leave_stopped.contains(id) => retirement_steps(id, &progress, self.plan.drain_timeout),
+            _ if self.plan.leave_stopped.contains(id) => {
+                retirement_steps(id, &progress, self.plan.drain_timeout)
+            }
             FailurePolicy::BlueGreen => idle_compensation_steps(id, &progress),
             _ => compensation_steps(id, &progress, self.plan.health, self.plan.drain_timeout),
         };
@@ -1163,7 +1165,11 @@ impl<'a> Run<'a> {
                     r.map(|release| (i.backend().id.clone(), release))
                         .map_err(|e| format!("could not read the release of {}: {e}", i.backend().id))
                 });
-                match join_all(reads).await.into_iter().collect::<std::result::Result<_, _>>() {
+                match join_all(reads)
+                    .await
+                    .into_iter()
+                    .collect::<std::result::Result<_, _>>()
+                {
                     Ok(releases) => {
                         self.emit(EventKind::ReleaseBackedUp {
                             group: group.clone(),
@@ -1192,7 +1198,10 @@ impl<'a> Run<'a> {
                 instance,
                 deadline,
                 interval,
-            } => self.await_healthy_within(instance, *deadline, *interval, cancellable).await,
+            } => {
+                self.await_healthy_within(instance, *deadline, *interval, cancellable)
+                    .await
+            }
             Step::SmokeTest { instance, checks } => {
                 let Some(tester) = &self.smoke else {
                     return (Err("no smoke tester is set".into()), 1);
@@ -1215,9 +1224,11 @@ impl<'a> Run<'a> {
                 }
                 (Ok(StepOk::Ok), 1)
             }
-            Step::WarmUp { group, requests, path } => {
-                (self.warm_up(group, *requests, path, cancellable).await, 1)
-            }
+            Step::WarmUp {
+                group,
+                requests,
+                path,
+            } => (self.warm_up(group, *requests, path, cancellable).await, 1),
             Step::RecordSwitching { from, to } => {
                 let Some(store) = &inner.live_store else {
                     return (Err("no live-state store is set".into()), 1);
@@ -1256,7 +1267,12 @@ impl<'a> Run<'a> {
         loop {
             probes += 1;
             let left = until.saturating_duration_since(Instant::now());
-            let bound = self.inner.timeouts.health_probe.min(left).max(Duration::from_millis(1));
+            let bound = self
+                .inner
+                .timeouts
+                .health_probe
+                .min(left)
+                .max(Duration::from_millis(1));
             match tokio::time::timeout(bound, i.health()).await {
                 Ok(Ok(Health::Healthy)) => return (Ok(StepOk::Ok), probes),
                 Ok(Ok(Health::Unhealthy(why))) => last = format!("unhealthy: {why}"),
@@ -1371,13 +1387,19 @@ impl<'a> Run<'a> {
             );
             return;
         };
-        if let Err(e) = self.exec_step(0, &Step::SwitchTo { group: group.clone() }, true).await {
+        if let Err(e) = self
+            .exec_step(0, &Step::SwitchTo { group: group.clone() }, true)
+            .await
+        {
             self.switch.lock().expect("run state poisoned").restore_failed =
                 Some(format!("switching traffic back to {group} failed: {e}"));
             return;
         }
         if self.inner.live_store.is_some() {
-            if let Err(e) = self.exec_step(0, &Step::RecordLive { group: group.clone() }, true).await {
+            if let Err(e) = self
+                .exec_step(0, &Step::RecordLive { group: group.clone() }, true)
+                .await
+            {
                 self.emit(EventKind::Warning {
                     instance: None,
                     message: format!(
@@ -1483,3 +1505,6 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+#[cfg(test)]
+#[path = "executor_tests.rs"]
+mod tests;

@@ -80,13 +80,19 @@ async fn stop_falls_back_to_force_stop_then_proceeds_in_order() {
         .times(1)
         .in_sequence(&mut seq)
         .returning(|| Err(DriverError::new("SIGTERM ignored")));
-    m.expect_force_stop().times(1).in_sequence(&mut seq).returning(|| Ok(()));
+    m.expect_force_stop()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|| Ok(()));
     m.expect_install()
         .with(eq(rel("v2")))
         .times(1)
         .in_sequence(&mut seq)
         .returning(|_| Ok(()));
-    m.expect_start().times(1).in_sequence(&mut seq).returning(|| Ok(()));
+    m.expect_start()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|| Ok(()));
     m.expect_health()
         .times(1)
         .in_sequence(&mut seq)
@@ -102,21 +108,36 @@ async fn stop_falls_back_to_force_stop_then_proceeds_in_order() {
 async fn health_probes_exactly_retries_times_then_restores_the_previous_release() {
     let mut m = mock("a");
     let mut seq = Sequence::new();
-    m.expect_stop().times(1).in_sequence(&mut seq).returning(|| Ok(()));
-    m.expect_install().times(1).in_sequence(&mut seq).returning(|_| Ok(()));
-    m.expect_start().times(1).in_sequence(&mut seq).returning(|| Ok(()));
+    m.expect_stop()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|| Ok(()));
+    m.expect_install()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|_| Ok(()));
+    m.expect_start()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|| Ok(()));
     m.expect_health()
         .times(3)
         .in_sequence(&mut seq)
         .returning(|| Ok(Health::Unhealthy("503".into())));
     // Restore (R4): stop, previous release, start, healthy.
-    m.expect_stop().times(1).in_sequence(&mut seq).returning(|| Ok(()));
+    m.expect_stop()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|| Ok(()));
     m.expect_restore()
         .with(eq(rel("v1")))
         .times(1)
         .in_sequence(&mut seq)
         .returning(|_| Ok(()));
-    m.expect_start().times(1).in_sequence(&mut seq).returning(|| Ok(()));
+    m.expect_start()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|| Ok(()));
     m.expect_health()
         .times(1)
         .in_sequence(&mut seq)
@@ -128,7 +149,10 @@ async fn health_probes_exactly_retries_times_then_restores_the_previous_release(
         .unwrap();
     assert_eq!(report.outcome, OutcomeKind::Degraded, "{report}");
     let err = report.instances[0].error.as_deref().unwrap();
-    assert!(err.contains("not healthy after 3 probe(s)") && err.contains("503"), "{err}");
+    assert!(
+        err.contains("not healthy after 3 probe(s)") && err.contains("503"),
+        "{err}"
+    );
     // The drain wait runs its full 5 s (nothing can count connections), then
     // 3 probes 10 s apart: 20 s; the restore's first probe passes at once.
     assert_eq!(started.elapsed(), Duration::from_secs(25));
@@ -196,20 +220,35 @@ async fn install_is_bounded_by_its_timeout() {
 async fn transient_errors_are_retried_with_backoff_permanent_ones_are_not() {
     let mut m = mock("a");
     let mut seq = Sequence::new();
-    m.expect_stop().times(1).in_sequence(&mut seq).returning(|| Ok(()));
+    m.expect_stop()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|| Ok(()));
     m.expect_install()
         .times(2)
         .in_sequence(&mut seq)
         .returning(|_| Err(DriverError::transient("connection reset")));
-    m.expect_install().times(1).in_sequence(&mut seq).returning(|_| Ok(()));
+    m.expect_install()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|_| Ok(()));
     m.expect_start()
         .times(1)
         .in_sequence(&mut seq)
         .returning(|| Err(DriverError::new("exit status 1")));
     // Restore after the permanent start failure.
-    m.expect_stop().times(1).in_sequence(&mut seq).returning(|| Ok(()));
-    m.expect_restore().times(1).in_sequence(&mut seq).returning(|_| Ok(()));
-    m.expect_start().times(1).in_sequence(&mut seq).returning(|| Ok(()));
+    m.expect_stop()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|| Ok(()));
+    m.expect_restore()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|_| Ok(()));
+    m.expect_start()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|| Ok(()));
     m.expect_health()
         .times(1)
         .in_sequence(&mut seq)

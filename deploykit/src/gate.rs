@@ -43,7 +43,11 @@ impl GateCtx<'_> {
     }
 
     async fn observe(&self, metric: Metric, analysis: &Analysis, canary: bool) -> Observation {
-        let group = if canary { &analysis.canary } else { &analysis.stable };
+        let group = if canary {
+            &analysis.canary
+        } else {
+            &analysis.stable
+        };
         let q = self.metrics.observe(metric, group, analysis.rules.window);
         match tokio::time::timeout(self.query_timeout, q).await {
             Ok(o) => o,

@@ -125,7 +125,7 @@ pub struct Plan {
     /// Instances the plan leaves stopped and out of rotation, whether it
     /// succeeds or rolls back (canary instances). A rollback stops them and
     /// restores their previous release without starting it; the report
-    /// calls them [`Stopped`](crate::InstanceStatus::Stopped).
+    /// calls them [`Idle`](crate::InstanceStatus::Idle).
     #[serde(default)]
     pub leave_stopped: Vec<InstanceId>,
 }
@@ -369,10 +369,9 @@ impl Step {
             }
             Step::Pause { duration, .. } => (*duration, *duration),
             Step::Analyze { duration, .. } => (*duration, *duration),
-            Step::AwaitPromotion { timeout_ms, .. } => (
-                Duration::ZERO,
-                Duration::from_millis(timeout_ms.unwrap_or(0)),
-            ),
+            Step::AwaitPromotion { timeout_ms, .. } => {
+                (Duration::ZERO, Duration::from_millis(timeout_ms.unwrap_or(0)))
+            }
             Step::AwaitHealthyWithin { deadline, .. } => (Duration::ZERO, *deadline),
             _ => (Duration::ZERO, Duration::ZERO),
         }
@@ -414,7 +413,9 @@ impl fmt::Display for Step {
                 secs(*duration),
                 secs(analysis.interval)
             ),
-            Step::AwaitPromotion { stage, timeout_ms, .. } => match timeout_ms {
+            Step::AwaitPromotion {
+                stage, timeout_ms, ..
+            } => match timeout_ms {
                 Some(t) => write!(
                     f,
                     "await promotion of stage {stage} (roll back after {})",
@@ -437,7 +438,11 @@ impl fmt::Display for Step {
                 let list: Vec<String> = checks.iter().map(SmokeCheck::describe).collect();
                 write!(f, "smoke test {instance}: {}", list.join("; "))
             }
-            Step::WarmUp { group, requests, path } => {
+            Step::WarmUp {
+                group,
+                requests,
+                path,
+            } => {
                 write!(f, "warm up {group} with {requests} x GET {path}")
             }
             Step::RecordSwitching { from, to } => write!(f, "record switching {from} -> {to}"),

@@ -105,7 +105,9 @@ impl Report {
         self.instances
             .iter()
             .filter(|i| match i.status {
-                InstanceStatus::FailedRestored | InstanceStatus::RolledBack | InstanceStatus::Untouched => true,
+                InstanceStatus::FailedRestored | InstanceStatus::RolledBack | InstanceStatus::Untouched => {
+                    true
+                }
                 InstanceStatus::Idle => i.release == i.previous,
                 _ => false,
             })

@@ -138,8 +138,14 @@ async fn real_prometheus_answers_map_to_typed_observations() {
     assert!(wait_for_value(&prom, Metric::RequestCount, "stable", w).await > 0.0);
     // A track with no series: an empty result, never a value.
     let nobody = Group::new("nobody").unwrap();
-    assert_eq!(prom.observe(Metric::ErrorRate, &nobody, w).await, Observation::NoData);
-    assert_eq!(prom.observe(Metric::LatencyP99, &nobody, w).await, Observation::NoData);
+    assert_eq!(
+        prom.observe(Metric::ErrorRate, &nobody, w).await,
+        Observation::NoData
+    );
+    assert_eq!(
+        prom.observe(Metric::LatencyP99, &nobody, w).await,
+        Observation::NoData
+    );
     // Prometheus's own error comes back as a provider error.
     let broken = Prometheus::builder(prom_server.url(""))
         .error_rate(r#"sum(rate(http_requests_total{track="{group}"}[{window}])"#)
@@ -353,10 +359,19 @@ async fn a_healthy_canary_is_promoted_and_finalized_with_real_promql() {
     let r = &run.report;
     assert!(r.is_success(), "{r}\n{}", dump(&run.log));
     let checks = checks(&run.log);
-    assert!(checks.iter().filter(|c| **c == CheckOutcome::Pass).count() >= 3, "{checks:?}");
-    assert!(!checks.iter().any(|c| matches!(c, CheckOutcome::Fail { .. })), "{checks:?}");
+    assert!(
+        checks.iter().filter(|c| **c == CheckOutcome::Pass).count() >= 3,
+        "{checks:?}"
+    );
+    assert!(
+        !checks.iter().any(|c| matches!(c, CheckOutcome::Fail { .. })),
+        "{checks:?}"
+    );
     // Stable runs v2 and takes all traffic; the canary is stopped.
     assert_eq!(run.after.get("v2"), Some(&100), "{:?}", run.after);
     assert_eq!(r.instances[2].status, deploykit::InstanceStatus::Idle);
-    eprintln!("good canary: promoted and finalized in {:.1}s", run.took.as_secs_f64());
+    eprintln!(
+        "good canary: promoted and finalized in {:.1}s",
+        run.took.as_secs_f64()
+    );
 }

@@ -170,7 +170,10 @@ impl PrometheusBuilder {
         let bad_url = |why: &str| {
             Error::invalid(
                 "metrics.url",
-                format!("{:?} {why}; write the server's base URL, e.g. http://127.0.0.1:9090", self.url),
+                format!(
+                    "{:?} {why}; write the server's base URL, e.g. http://127.0.0.1:9090",
+                    self.url
+                ),
             )
         };
         let mut url = reqwest::Url::parse(&self.url).map_err(|e| bad_url(&format!("is not a URL ({e})")))?;
@@ -189,7 +192,10 @@ impl PrometheusBuilder {
         }
         let endpoint = url.join("api/v1/query").map_err(|e| bad_url(&e.to_string()))?;
         if self.timeout.is_zero() {
-            return Err(Error::invalid("metrics.timeout", "is 0; allow each query a few seconds, e.g. \"10s\""));
+            return Err(Error::invalid(
+                "metrics.timeout",
+                "is 0; allow each query a few seconds, e.g. \"10s\"",
+            ));
         }
         let mut queries = self.queries;
         for (metric, text) in self.overrides {
@@ -204,7 +210,9 @@ impl PrometheusBuilder {
             .timeout(self.timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| Error::Driver(crate::DriverError::new("cannot create the HTTP client").with_source(e)))?;
+            .map_err(|e| {
+                Error::Driver(crate::DriverError::new("cannot create the HTTP client").with_source(e))
+            })?;
         Ok(Prometheus {
             client,
             endpoint,
@@ -245,7 +253,9 @@ impl MetricsSource for Prometheus {
         let status = resp.status().as_u16();
         match resp.text().await {
             Ok(body) => parse_response(status, &body),
-            Err(e) => Observation::ProviderError(format!("reading the answer of {} failed: {e}", self.endpoint)),
+            Err(e) => {
+                Observation::ProviderError(format!("reading the answer of {} failed: {e}", self.endpoint))
+            }
         }
     }
 }
@@ -276,7 +286,12 @@ pub fn parse_response(http_status: u16, body: &str) -> Observation {
             let msg = v.get("error").and_then(|s| s.as_str()).unwrap_or("(no message)");
             return Observation::ProviderError(format!("HTTP {http_status}, {kind}: {msg}"));
         }
-        _ => return Observation::ProviderError(format!("HTTP {http_status}, no status in the answer: {}", excerpt())),
+        _ => {
+            return Observation::ProviderError(format!(
+                "HTTP {http_status}, no status in the answer: {}",
+                excerpt()
+            ))
+        }
     }
     if !(200..300).contains(&http_status) {
         return Observation::ProviderError(format!("HTTP {http_status}: {}", excerpt()));
@@ -286,25 +301,25 @@ pub fn parse_response(http_status: u16, body: &str) -> Observation {
     };
     let kind = data.get("resultType").and_then(|s| s.as_str()).unwrap_or("");
     let result = data.get("result");
-    let sample = match (kind, result) {
-        ("vector", Some(serde_json::Value::Array(series))) => match series.as_slice() {
-            [] => return Observation::NoData,
-            [one] => one.get("value"),
-            many => {
-                return Observation::ProviderError(format!(
-                    "the query returned {} series, not one; aggregate it (e.g. wrap it in sum())",
-                    many.len()
-                ))
-            }
-        },
-        ("scalar", Some(s)) => Some(s),
-        ("matrix", _) => {
-            return Observation::ProviderError(
-                "the query returned a range vector; use an instant expression (e.g. rate(x[5m]), not x[5m])".into(),
-            )
-        }
-        _ => return Observation::ProviderError(format!("unexpected result type {kind:?}")),
-    };
+    let sample =
+        match (kind, result) {
+            ("vector", Some(serde_json::Value::Array(series))) => match series.as_slice() {
+                [] => return Observation::NoData,
+                [one] => one.get("value"),
+                many => {
+                    return Observation::ProviderError(format!(
+                        "the query returned {} series, not one; aggregate it (e.g. wrap it in sum())",
+                        many.len()
+                    ))
+                }
+            },
+            ("scalar", Some(s)) => Some(s),
+            ("matrix", _) => return Observation::ProviderError(
+                "the query returned a range vector; use an instant expression (e.g. rate(x[5m]), not x[5m])"
+                    .into(),
+            ),
+            _ => return Observation::ProviderError(format!("unexpected result type {kind:?}")),
+        };
     let Some(text) = sample
         .and_then(|s| s.as_array())
         .and_then(|pair| pair.get(1))
@@ -353,8 +368,11 @@ mod tests {
             }
             o => panic!("{o:?}"),
         }
-        let timeout = r#"{"status":"error","errorType":"timeout","error":"query timed out in expression evaluation"}"#;
-        assert!(matches!(parse_response(503, timeout), Observation::ProviderError(m) if m.contains("timeout")));
+        let timeout =
+            r#"{"status":"error","errorType":"timeout","error":"query timed out in expression evaluation"}"#;
+        assert!(
+            matches!(parse_response(503, timeout), Observation::ProviderError(m) if m.contains("timeout"))
+        );
         assert!(matches!(
             parse_response(502, "<html>Bad Gateway</html>"),
             Observation::ProviderError(m) if m.contains("HTTP 502") && m.contains("Bad Gateway")
@@ -362,7 +380,10 @@ mod tests {
         let two = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"a":"1"},"value":[1.0,"1"]},{"metric":{"a":"2"},"value":[1.0,"2"]}]}}"#;
         assert!(matches!(parse_response(200, two), Observation::ProviderError(m) if m.contains("2 series")));
         let matrix = r#"{"status":"success","data":{"resultType":"matrix","result":[]}}"#;
-        assert!(matches!(parse_response(200, matrix), Observation::ProviderError(_)));
+        assert!(matches!(
+            parse_response(200, matrix),
+            Observation::ProviderError(_)
+        ));
         let junk = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1.0,"abc"]}]}}"#;
         assert!(matches!(parse_response(200, junk), Observation::ProviderError(_)));
         assert!(matches!(parse_response(200, "{}"), Observation::ProviderError(_)));
@@ -422,8 +443,15 @@ mod tests {
             .build()
             .unwrap();
         let o = p
-            .observe(Metric::ErrorRate, &Group::new("canary").unwrap(), Duration::from_secs(60))
+            .observe(
+                Metric::ErrorRate,
+                &Group::new("canary").unwrap(),
+                Duration::from_secs(60),
+            )
             .await;
-        assert!(matches!(&o, Observation::ProviderError(m) if m.contains("cannot query")), "{o:?}");
+        assert!(
+            matches!(&o, Observation::ProviderError(m) if m.contains("cannot query")),
+            "{o:?}"
+        );
     }
 }

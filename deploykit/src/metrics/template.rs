@@ -54,7 +54,10 @@ impl QueryTemplate {
     /// `{placeholder}`.
     pub fn parse(field: &str, text: &str) -> Result<Self> {
         if text.trim().is_empty() {
-            return Err(Error::invalid(field, "is empty; write a PromQL query using {group} and {window}"));
+            return Err(Error::invalid(
+                field,
+                "is empty; write a PromQL query using {group} and {window}",
+            ));
         }
         let mut parts = Vec::new();
         let mut rest = text;
@@ -131,7 +134,7 @@ impl QueryTemplate {
 /// milliseconds (`1500ms`); never below `1ms`.
 pub(crate) fn prom_duration(d: Duration) -> String {
     let ms = d.as_millis().max(1);
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -188,7 +191,10 @@ mod tests {
             let e = QueryTemplate::parse("metrics.queries.error_rate", text)
                 .unwrap_err()
                 .to_string();
-            assert!(e.contains("metrics.queries.error_rate") && e.contains(needle), "{text}: {e}");
+            assert!(
+                e.contains("metrics.queries.error_rate") && e.contains(needle),
+                "{text}: {e}"
+            );
         }
         // A brace that is PromQL, not a placeholder, is fine.
         QueryTemplate::parse("q", r#"x{track="{group}",code=~"5.."}"#).unwrap();

@@ -181,10 +181,16 @@ impl Canary {
             ));
         }
         if self.finalize_batch == 0 {
-            return Err(Error::invalid("finalize_batch", "is 0; move at least 1 stable instance at once"));
+            return Err(Error::invalid(
+                "finalize_batch",
+                "is 0; move at least 1 stable instance at once",
+            ));
         }
         if self.health.retries == 0 {
-            return Err(Error::invalid("health.retries", "is 0; at least 1 probe is needed"));
+            return Err(Error::invalid(
+                "health.retries",
+                "is 0; at least 1 probe is needed",
+            ));
         }
         if let Promotion::Manual { timeout: Some(t) } = self.promotion {
             if t.is_zero() {
@@ -264,7 +270,10 @@ impl Strategy for Canary {
         if canary.is_empty() {
             return Err(Error::invalid(
                 "instances",
-                format!("no instance is in the canary group {}; put at least one instance in it", self.canary_group),
+                format!(
+                    "no instance is in the canary group {}; put at least one instance in it",
+                    self.canary_group
+                ),
             ));
         }
         let (skipped, todo): (Vec<&InstanceSnapshot>, Vec<&InstanceSnapshot>) =
@@ -280,7 +289,9 @@ impl Strategy for Canary {
             rollback_batch: self.finalize_batch,
             skipped,
             stages: Vec::new(),
-            on_abort: vec![Step::SetWeights { weights: self.weights(0) }],
+            on_abort: vec![Step::SetWeights {
+                weights: self.weights(0),
+            }],
             leave_stopped: canary.iter().map(|i| i.backend.id.clone()).collect(),
         };
         if todo.is_empty() {
@@ -343,7 +354,10 @@ impl Strategy for Canary {
             }
             stages.push(Stage {
                 name: format!("canary {w}% ({stage}/{of})"),
-                units: vec![Unit { instance: None, steps }],
+                units: vec![Unit {
+                    instance: None,
+                    steps,
+                }],
             });
         }
         stages.push(Stage {
@@ -445,11 +459,41 @@ mod tests {
     #[test]
     fn validation_names_the_field() {
         let d = Canary::default();
-        assert_eq!(err_field(&Canary { stages: vec![], ..d.clone() }), "stages");
-        assert_eq!(err_field(&Canary { stages: vec![0, 50], ..d.clone() }), "stages[0]");
-        assert_eq!(err_field(&Canary { stages: vec![5, 101], ..d.clone() }), "stages[1]");
-        assert_eq!(err_field(&Canary { stages: vec![5, 50, 50], ..d.clone() }), "stages[2]");
-        assert_eq!(err_field(&Canary { stages: vec![50, 25], ..d.clone() }), "stages[1]");
+        assert_eq!(
+            err_field(&Canary {
+                stages: vec![],
+                ..d.clone()
+            }),
+            "stages"
+        );
+        assert_eq!(
+            err_field(&Canary {
+                stages: vec![0, 50],
+                ..d.clone()
+            }),
+            "stages[0]"
+        );
+        assert_eq!(
+            err_field(&Canary {
+                stages: vec![5, 101],
+                ..d.clone()
+            }),
+            "stages[1]"
+        );
+        assert_eq!(
+            err_field(&Canary {
+                stages: vec![5, 50, 50],
+                ..d.clone()
+            }),
+            "stages[2]"
+        );
+        assert_eq!(
+            err_field(&Canary {
+                stages: vec![50, 25],
+                ..d.clone()
+            }),
+            "stages[1]"
+        );
         assert_eq!(
             err_field(&Canary {
                 stage_duration: Duration::ZERO,
@@ -478,7 +522,13 @@ mod tests {
             }),
             "canary_group"
         );
-        assert_eq!(err_field(&Canary { finalize_batch: 0, ..d.clone() }), "finalize_batch");
+        assert_eq!(
+            err_field(&Canary {
+                finalize_batch: 0,
+                ..d.clone()
+            }),
+            "finalize_batch"
+        );
         assert_eq!(
             err_field(&Canary {
                 promotion: Promotion::Manual {
@@ -492,13 +542,20 @@ mod tests {
         bad.analysis.error_threshold = 2.0;
         assert_eq!(err_field(&bad), "analysis.error_threshold");
         // Up to 100 and a single stage are fine.
-        Canary { stages: vec![100], ..d.clone() }.validate().unwrap();
+        Canary {
+            stages: vec![100],
+            ..d.clone()
+        }
+        .validate()
+        .unwrap();
         d.validate().unwrap();
     }
 
     #[test]
     fn plan_shape() {
-        let plan = Canary::default().plan(&fleet(4, 1), &ReleaseId::new("v2").unwrap()).unwrap();
+        let plan = Canary::default()
+            .plan(&fleet(4, 1), &ReleaseId::new("v2").unwrap())
+            .unwrap();
         let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
@@ -555,7 +612,9 @@ mod tests {
             .flat_map(|s| &s.units)
             .flat_map(|u| &u.steps)
             .filter_map(|s| match s {
-                Step::AwaitPromotion { stage, timeout_ms, .. } => {
+                Step::AwaitPromotion {
+                    stage, timeout_ms, ..
+                } => {
                     assert_eq!(*timeout_ms, Some(600_000));
                     Some(*stage)
                 }
@@ -584,7 +643,9 @@ mod tests {
         for i in &mut f.instances {
             i.release = Some(ReleaseId::new("v2").unwrap());
         }
-        let plan = Canary::default().plan(&f, &ReleaseId::new("v2").unwrap()).unwrap();
+        let plan = Canary::default()
+            .plan(&f, &ReleaseId::new("v2").unwrap())
+            .unwrap();
         assert!(plan.stages.is_empty());
         assert_eq!(plan.skipped.len(), 2);
     }

@@ -64,7 +64,10 @@ fn v(s: &str) -> ReleaseId {
 
 impl CanarySetup {
     async fn deploy(&self, canary: &Canary) -> Report {
-        self.exec.deploy(canary, &v("v2")).await.expect("deployment starts")
+        self.exec
+            .deploy(canary, &v("v2"))
+            .await
+            .expect("deployment starts")
     }
 
     fn events(&self) -> Vec<Event> {
@@ -139,7 +142,12 @@ impl CanarySetup {
     /// The fleet is back where it started: stable on v1 and serving, the
     /// canary stopped on v1, all traffic on stable.
     fn assert_rolled_back(&self, report: &Report) {
-        assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}\n{}", self.dump());
+        assert_eq!(
+            report.outcome,
+            OutcomeKind::RolledBack,
+            "{report}\n{}",
+            self.dump()
+        );
         for id in STABLE {
             assert_eq!(self.fleet.release_of(id), Some(v("v1")), "{id}");
             assert!(self.fleet.in_rotation(id), "{id} serves");
@@ -184,7 +192,11 @@ async fn good_canary_is_promoted_through_every_stage_and_finalized() {
     // C1, C3: every stage's weight, in order, then all traffic back to stable.
     assert_eq!(s.canary_weights(), [0, 5, 25, 50, 75, 100, 0]);
     // Each stage held its full 300 s and was checked every 30 s.
-    assert!(report.duration >= Duration::from_secs(5 * 300), "{:?}", report.duration);
+    assert!(
+        report.duration >= Duration::from_secs(5 * 300),
+        "{:?}",
+        report.duration
+    );
     let checks = s.checks();
     assert_eq!(checks.len(), 5 * 10);
     assert!(checks.iter().all(|(_, _, o)| *o == CheckOutcome::Pass));
@@ -205,7 +217,10 @@ async fn good_canary_is_promoted_through_every_stage_and_finalized() {
     assert_eq!(progress.len(), 50);
     assert_eq!(progress[0], (1, 10, 30_000));
     for stage in 1..=5 {
-        assert!(progress.contains(&(stage, 100, 300_000)), "stage {stage}: {progress:?}");
+        assert!(
+            progress.contains(&(stage, 100, 300_000)),
+            "stage {stage}: {progress:?}"
+        );
     }
 
     // C8: the stable release was backed up, stable moved to v2 and serves,
@@ -275,14 +290,21 @@ async fn canary_is_healthy_before_any_traffic_and_stable_waits_for_the_finalize(
         .map(|o| o.at)
         .min()
         .unwrap();
-    assert!(first_stable_op >= Duration::from_secs(1500), "{first_stable_op:?}");
+    assert!(
+        first_stable_op >= Duration::from_secs(1500),
+        "{first_stable_op:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn error_breach_at_stage_two_rolls_back_within_one_check_interval() {
     // Bad once stage 2 is under way (stage 1's last check is at 300 s).
     let metrics = healthy().script("canary", Metric::ErrorRate, |t| {
-        Observation::Value(if t <= Duration::from_secs(300) { 0.001 } else { 0.05 })
+        Observation::Value(if t <= Duration::from_secs(300) {
+            0.001
+        } else {
+            0.05
+        })
     });
     let s = setup(metrics);
     let report = s.deploy(&Canary::default()).await;
@@ -296,7 +318,10 @@ async fn error_breach_at_stage_two_rolls_back_within_one_check_interval() {
         "decided {} ms into stage 2",
         rollback_at - stage2
     );
-    assert!(reason.contains("canary error rate 5.000 % > threshold 1.000 % at stage 2"), "{reason}");
+    assert!(
+        reason.contains("canary error rate 5.000 % > threshold 1.000 % at stage 2"),
+        "{reason}"
+    );
     let (_, stage, last) = s.checks().pop().unwrap();
     assert_eq!(stage, 2);
     assert_eq!(
@@ -333,7 +358,10 @@ async fn canary_erring_more_than_twice_stable_rolls_back() {
     let report = s.deploy(&Canary::default()).await;
     s.assert_rolled_back(&report);
     let checks = s.checks();
-    assert_eq!(fail_metric(&checks[0].2), Some((AnalysisMetric::ErrorRateVsStable, 1)));
+    assert_eq!(
+        fail_metric(&checks[0].2),
+        Some((AnalysisMetric::ErrorRateVsStable, 1))
+    );
 
     // The same canary beside a stable at 0.5 % passes.
     let ok = setup(
@@ -386,9 +414,10 @@ async fn provider_outage_mid_rollout_counts_across_stages() {
             Observation::ProviderError("503 Service Unavailable".into())
         }
     };
-    let metrics = healthy()
-        .script("canary", Metric::ErrorRate, flaky)
-        .script("stable", Metric::ErrorRate, flaky);
+    let metrics =
+        healthy()
+            .script("canary", Metric::ErrorRate, flaky)
+            .script("stable", Metric::ErrorRate, flaky);
     let s = setup(metrics);
     let report = s.deploy(&Canary::default()).await;
     s.assert_rolled_back(&report);
@@ -407,9 +436,11 @@ async fn provider_outage_mid_rollout_counts_across_stages() {
 async fn empty_and_nan_results_are_no_data_never_a_pass() {
     // Canary p99 NaN (no traffic in a histogram), canary error rate
     // unscripted (an empty result).
-    let metrics = FakeMetrics::new()
-        .set("stable", Metric::ErrorRate, 0.001)
-        .set("canary", Metric::LatencyP99, f64::NAN);
+    let metrics = FakeMetrics::new().set("stable", Metric::ErrorRate, 0.001).set(
+        "canary",
+        Metric::LatencyP99,
+        f64::NAN,
+    );
     let s = setup(metrics);
     let report = s.deploy(&Canary::default()).await;
     s.assert_rolled_back(&report);
@@ -521,7 +552,10 @@ async fn promotion_timeout_rolls_back() {
     s.assert_rolled_back(&report);
     let (at, reason) = s.rollback_started().unwrap();
     assert_eq!(at, 300_000 + 120_000);
-    assert!(reason.contains("no promotion of stage 1 (10%) within 120.0s"), "{reason}");
+    assert!(
+        reason.contains("no promotion of stage 1 (10%) within 120.0s"),
+        "{reason}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -572,8 +606,15 @@ async fn a_failure_while_finalizing_rolls_everything_back() {
     s.max_out = 3;
     let report = s.deploy(&Canary::default()).await;
     s.assert_rolled_back(&report);
-    assert!(s.fleet.calls("i-1", Op::Install) >= 1, "i-1 was moved, then restored");
-    assert_eq!(s.fleet.calls("i-3", Op::Install), 0, "the finalize stopped at i-2");
+    assert!(
+        s.fleet.calls("i-1", Op::Install) >= 1,
+        "i-1 was moved, then restored"
+    );
+    assert_eq!(
+        s.fleet.calls("i-3", Op::Install),
+        0,
+        "the finalize stopped at i-2"
+    );
 }
 
 #[tokio::test(start_paused = true)]
