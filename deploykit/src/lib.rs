@@ -101,8 +101,8 @@ pub use executor::{Executor, ExecutorBuilder, Retry, Timeouts};
 pub use lb::NoLoadBalancer;
 pub use names::{Address, Group, InstanceId, ReleaseId};
 pub use plan::{
-    compensation_steps, retirement_steps, FailurePolicy, FleetSnapshot, HealthCheck, InstanceProgress, InstanceSnapshot, Plan,
-    Projection, Stage, Step, Unit,
+    compensation_steps, retirement_steps, FailurePolicy, FleetSnapshot, HealthCheck, InstanceProgress,
+    InstanceSnapshot, Plan, Projection, Stage, Step, Unit,
 };
 pub use promotion::{PromotionHandle, PromotionState};
 pub use report::{InstanceReport, InstanceStatus, OutcomeKind, Report};
