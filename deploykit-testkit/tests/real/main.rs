@@ -12,6 +12,7 @@ mod demo_app;
 mod haproxy;
 mod load;
 mod nginx;
+mod prometheus;
 mod zero_downtime;
 mod local;
 mod ssh;
