@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use deploykit::{CountOrPercent, EventSink, Executor, HealthCheck, InstanceId, Recreate, ReleaseId, Rolling, Strategy};
+use deploykit::{
+    CountOrPercent, EventSink, Executor, HealthCheck, InstanceId, Recreate, ReleaseId, Rolling, Strategy,
+};
 use deploykit_testkit::{FakeFleet, Op};
 
 use crate::output::{exit_code, Human, JsonLines};
@@ -45,12 +47,9 @@ pub(crate) struct DemoArgs {
     /// Print the plan and stop (dry run).
     #[arg(long)]
     plan: bool,
-    /// Print the event stream as JSON lines instead of progress.
-    #[arg(long)]
-    json: bool,
 }
 
-pub(crate) fn run(args: DemoArgs) -> anyhow::Result<u8> {
+pub(crate) fn run(args: DemoArgs, json: bool) -> anyhow::Result<u8> {
     if args.instances == 0 || args.instances > 10_000 {
         return Err(deploykit::Error::invalid("--instances", "must be from 1 to 10000").into());
     }
@@ -100,7 +99,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<u8> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         let human = Arc::new(Human::new(args.instances as u64));
-        let sink: Arc<dyn EventSink> = if args.json { Arc::new(JsonLines) } else { human.clone() };
+        let sink: Arc<dyn EventSink> = if json { Arc::new(JsonLines) } else { human.clone() };
         let exec = Executor::builder()
             .instances(fleet.instances())
             .load_balancer(Arc::new(fleet.load_balancer()))
@@ -112,7 +111,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<u8> {
             print!("{plan}");
             return Ok(crate::exit::SUCCESS);
         }
-        if !args.json {
+        if !json {
             println!(
                 "deploykit demo: {} simulated instances on v1 behind a simulated load balancer",
                 args.instances
@@ -128,7 +127,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<u8> {
         let report = exec.run(&plan).await?;
         ctrl_c.abort();
         human.finish();
-        if !args.json {
+        if !json {
             print!("{report}");
             let check = fleet.check(&report, plan.rollback_batch);
             println!(

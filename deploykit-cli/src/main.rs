@@ -4,14 +4,22 @@
 
 #![forbid(unsafe_code)]
 
+mod cmd;
+mod config;
 mod demo;
+mod notify;
 mod output;
+mod recommend;
+mod sim;
+mod wire;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use deploykit::state::ControlCommand;
 
-/// Exit codes, documented in the README.
+/// Exit codes, documented in the README and docs/cli.md.
 pub(crate) mod exit {
     /// The deployment succeeded.
     pub(crate) const SUCCESS: u8 = 0;
@@ -22,39 +30,126 @@ pub(crate) mod exit {
     pub(crate) const BAD_INPUT: u8 = 2;
     /// Rollback failed or the fleet is in an unknown state.
     pub(crate) const UNKNOWN_STATE: u8 = 3;
+    /// Another deployment holds the lock.
+    pub(crate) const LOCKED: u8 = 4;
 }
 
 /// Zero-downtime deployments: rolling, blue-green, canary and recreate.
+///
+/// Exit codes: 0 success; 1 the deployment failed and was rolled back
+/// cleanly; 2 bad input or configuration (nothing touched); 3 rollback
+/// failed or the fleet is in an unknown state; 4 another deployment holds
+/// the lock.
 #[derive(Debug, Parser)]
-#[command(name = "deploykit", version, about, long_about = None)]
+#[command(name = "deploykit", version, about, long_about)]
 struct Cli {
+    #[command(flatten)]
+    global: cmd::Global,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a full deployment on a simulated fleet, with progress.
+    /// Deploy a release to the fleet of deploykit.toml (or --resume an
+    /// interrupted deployment).
+    Deploy(cmd::DeployArgs),
+    /// Dry run: the exact steps, batch sizes and projected duration.
+    /// Touches nothing.
+    Plan(cmd::PlanArgs),
+    /// What each instance runs, and any deployment in progress or
+    /// interrupted.
+    Status,
+    /// Return the fleet to the releases it ran before the last deployment.
+    Rollback,
+    /// Promote the canary stage waiting for a manual promotion (in another
+    /// terminal or process).
+    Promote,
+    /// Abort the running deployment; it rolls back.
+    Abort,
+    /// Past deployments: id, strategy, release, outcome, duration, reason.
+    History,
+    /// Recommend a strategy (the decision tree and comparison table).
+    Recommend(recommend::RecommendArgs),
+    /// Check deploykit.toml without touching anything.
+    Validate,
+    /// Run a full deployment on a simulated in-memory fleet, with progress.
     Demo(demo::DemoArgs),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+fn init_logging(g: &cmd::Global) {
+    let level = match (g.quiet, g.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        .with_target(false)
+        .try_init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(&cli.global);
     match try_main(cli) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("deploykit: error: {err:#}");
-            let code = match err.downcast_ref::<deploykit::Error>() {
-                Some(e) if e.is_invalid_input() => exit::BAD_INPUT,
-                _ => exit::UNKNOWN_STATE,
-            };
-            ExitCode::from(code)
+            ExitCode::from(error_code(&err))
         }
     }
 }
 
+/// The exit code of an error: bad input and configuration are 2, anything
+/// else (a fleet that could not be read, state that disagrees) is 3.
+fn error_code(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<config::ConfigError>().is_some() {
+        return exit::BAD_INPUT;
+    }
+    match err.downcast_ref::<deploykit::Error>() {
+        Some(e) if e.is_invalid_input() => exit::BAD_INPUT,
+        _ => exit::UNKNOWN_STATE,
+    }
+}
+
 fn try_main(cli: Cli) -> anyhow::Result<u8> {
+    let g = cli.global;
     match cli.command {
-        Command::Demo(args) => demo::run(args),
+        Command::Demo(args) => demo::run(args, g.json),
+        Command::Recommend(args) => recommend::run(args),
+        Command::Validate => cmd::validate(g),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "deploykit", &mut std::io::stdout());
+            Ok(exit::SUCCESS)
+        }
+        Command::Deploy(args) => cmd::deploy(cmd::Ctx::load(g)?, args),
+        Command::Plan(args) => cmd::plan(cmd::Ctx::load(g)?, args),
+        Command::Status => cmd::status(cmd::Ctx::load(g)?),
+        Command::Rollback => cmd::rollback(cmd::Ctx::load(g)?),
+        Command::Promote => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Promote),
+        Command::Abort => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Abort),
+        Command::History => cmd::history(cmd::Ctx::load(g)?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -20,8 +20,10 @@ impl Human {
         if std::io::stderr().is_terminal() {
             bar.set_draw_target(ProgressDrawTarget::stderr());
             bar.set_style(
-                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} instances {msg}")
-                    .expect("valid template"),
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} instances {msg}",
+                )
+                .expect("valid template"),
             );
         } else {
             bar.set_draw_target(ProgressDrawTarget::hidden());
@@ -59,7 +61,9 @@ impl EventSink for Human {
                 *self.release.lock().expect("poisoned") = release.to_string();
                 self.line(
                     t,
-                    format!("{strategy} deployment of {release} to {instances} instance(s), {stages} stage(s)"),
+                    format!(
+                        "{strategy} deployment of {release} to {instances} instance(s), {stages} stage(s)"
+                    ),
                 );
             }
             EventKind::StageStarted {
@@ -72,7 +76,11 @@ impl EventSink for Human {
                     self.line(t, name.clone());
                 } else {
                     let ids: Vec<_> = instances.iter().map(|i| i.as_str()).collect();
-                    let name = if *rollback { name.to_uppercase() } else { name.clone() };
+                    let name = if *rollback {
+                        name.to_uppercase()
+                    } else {
+                        name.clone()
+                    };
                     self.line(t, format!("{name}: {}", ids.join(" ")));
                 }
                 self.bar.set_message(name.clone());
@@ -96,10 +104,16 @@ impl EventSink for Human {
                 self.line(t, format!("  ↺ {instance} back on {r} and serving"));
             }
             EventKind::InstanceUnrecoverable { instance, reason } => {
-                self.line(t, format!("  ‼ {instance} could not be restored ({reason}); kept out of rotation"));
+                self.line(
+                    t,
+                    format!("  ‼ {instance} could not be restored ({reason}); kept out of rotation"),
+                );
             }
             EventKind::RollbackStarted { reason, instances } => {
-                self.line(t, format!("ABORT: {reason}; rolling back {} instance(s)", instances.len()));
+                self.line(
+                    t,
+                    format!("ABORT: {reason}; rolling back {} instance(s)", instances.len()),
+                );
             }
             EventKind::Warning { instance, message } => {
                 let who = instance.as_ref().map(|i| format!("{i}: ")).unwrap_or_default();

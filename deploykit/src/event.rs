@@ -157,7 +157,10 @@ pub enum EventKind {
         weight: u8,
         /// How much of the stage's duration has passed, percent.
         percent: u8,
-        /// Time held so far.
+        /// Time held so far. Serialized as `held_ms`: the event's own
+        /// `elapsed_ms` (time since the deployment started) is flattened
+        /// into the same object.
+        #[serde(rename = "held_ms")]
         elapsed_ms: u64,
         /// The stage's duration.
         duration_ms: u64,

@@ -111,7 +111,12 @@ impl ControlFile {
     /// Polls the file every `every` and applies each new request for
     /// `deployment` to `handle`, acknowledging it. Requests written before
     /// the watch began are ignored. Runs until the task is aborted.
-    pub fn watch(&self, deployment: String, handle: PromotionHandle, every: Duration) -> tokio::task::JoinHandle<()> {
+    pub fn watch(
+        &self,
+        deployment: String,
+        handle: PromotionHandle,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         let mut seen = this.last_request().map(|r| r.seq).unwrap_or(0);
         tokio::spawn(async move {
@@ -169,10 +174,20 @@ mod tests {
         assert!(!handle.state().aborted);
         // A request for another deployment is not applied.
         let other = control.send("d0", ControlCommand::Abort).unwrap();
-        assert!(control.wait_ack(other, Duration::from_millis(300)).await.is_none());
+        assert!(control
+            .wait_ack(other, Duration::from_millis(300))
+            .await
+            .is_none());
         assert!(!handle.state().aborted);
         let seq = control.send("d1", ControlCommand::Abort).unwrap();
-        assert_eq!(control.wait_ack(seq, Duration::from_secs(10)).await.unwrap().result, "aborted");
+        assert_eq!(
+            control
+                .wait_ack(seq, Duration::from_secs(10))
+                .await
+                .unwrap()
+                .result,
+            "aborted"
+        );
         assert!(handle.state().aborted);
         task.abort();
     }

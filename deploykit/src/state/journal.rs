@@ -138,7 +138,10 @@ impl Journal {
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::AlreadyExists => Error::invalid(
                     "deployment",
-                    format!("a journal {} exists already; use another deployment id", path.display()),
+                    format!(
+                        "a journal {} exists already; use another deployment id",
+                        path.display()
+                    ),
                 ),
                 _ => Error::io(format!("creating the journal {}", path.display()), e),
             })?;
@@ -204,7 +207,8 @@ impl Journal {
 impl EventSink for Journal {
     fn emit(&self, event: &Event) {
         if let Err(e) = self.write(&JournalRecord::Event(event.clone())) {
-            self.write_errors.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.write_errors
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tracing::error!(journal = %self.path.display(), error = %e, "cannot write the journal");
         }
     }
@@ -294,7 +298,8 @@ impl JournalSummary {
     /// [`Error::Io`] when the file cannot be read; [`Error::Inconsistent`]
     /// when it has no header or a corrupt line before the last.
     pub fn read(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(format!("reading the journal {}", path.display()), e))?;
+        let file =
+            File::open(path).map_err(|e| Error::io(format!("reading the journal {}", path.display()), e))?;
         let lines: Vec<String> = BufReader::new(file)
             .lines()
             .collect::<std::io::Result<_>>()
@@ -354,7 +359,9 @@ impl JournalSummary {
         self.events
             .iter()
             .filter_map(|e| match &e.kind {
-                EventKind::StepStarted { instance: Some(i), .. } => Some(i.clone()),
+                EventKind::StepStarted {
+                    instance: Some(i), ..
+                } => Some(i.clone()),
                 _ => None,
             })
             .collect()
@@ -367,7 +374,9 @@ impl JournalSummary {
         let mut state: BTreeMap<InstanceId, bool> = BTreeMap::new();
         for e in &self.events {
             match &e.kind {
-                EventKind::StepStarted { instance: Some(i), .. } => {
+                EventKind::StepStarted {
+                    instance: Some(i), ..
+                } => {
                     state.insert(i.clone(), false);
                 }
                 EventKind::StepFinished {
@@ -384,7 +393,11 @@ impl JournalSummary {
                 _ => {}
             }
         }
-        state.into_iter().filter(|(_, settled)| !settled).map(|(i, _)| i).collect()
+        state
+            .into_iter()
+            .filter(|(_, settled)| !settled)
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// Whether a step of `kind` finished well outside any rollback (e.g.
@@ -412,9 +425,9 @@ impl JournalSummary {
         for e in &self.events {
             match &e.kind {
                 EventKind::AwaitingPromotion { stage, .. } => waiting = Some(*stage),
-                EventKind::Promoted { .. } | EventKind::RollbackStarted { .. } | EventKind::DeploymentFinished { .. } => {
-                    waiting = None
-                }
+                EventKind::Promoted { .. }
+                | EventKind::RollbackStarted { .. }
+                | EventKind::DeploymentFinished { .. } => waiting = None,
                 _ => {}
             }
         }
@@ -457,16 +470,35 @@ impl JournalSummary {
 pub(crate) fn describe(kind: &EventKind) -> String {
     let on = |i: &Option<InstanceId>| i.as_ref().map(|i| format!(" on {i}")).unwrap_or_default();
     match kind {
-        EventKind::StepStarted { step, instance, rollback, .. } => {
-            format!("{}{step} started{}", if *rollback { "rollback " } else { "" }, on(instance))
+        EventKind::StepStarted {
+            step,
+            instance,
+            rollback,
+            ..
+        } => {
+            format!(
+                "{}{step} started{}",
+                if *rollback { "rollback " } else { "" },
+                on(instance)
+            )
         }
-        EventKind::StepFinished { step, instance, result, rollback, .. } => {
+        EventKind::StepFinished {
+            step,
+            instance,
+            result,
+            rollback,
+            ..
+        } => {
             let r = match result {
                 StepResult::Ok => "ok".to_string(),
                 StepResult::Warning(w) => format!("warning: {w}"),
                 StepResult::Failed(f) => format!("failed: {f}"),
             };
-            format!("{}{step} finished{} ({r})", if *rollback { "rollback " } else { "" }, on(instance))
+            format!(
+                "{}{step} finished{} ({r})",
+                if *rollback { "rollback " } else { "" },
+                on(instance)
+            )
         }
         EventKind::StageStarted { name, .. } => format!("stage {name} started"),
         EventKind::StageFinished { name, .. } => format!("stage {name} finished"),
@@ -502,7 +534,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path(), "shop").unwrap();
         let previous = BTreeMap::from([(iid("a"), Some(rid("v1"))), (iid("b"), Some(rid("v1")))]);
-        let header = JournalHeader::new("d1", "shop", RunKind::Deploy, "rolling", rid("v2"), previous.clone());
+        let header = JournalHeader::new(
+            "d1",
+            "shop",
+            RunKind::Deploy,
+            "rolling",
+            rid("v2"),
+            previous.clone(),
+        );
         let j = state.create_journal(header.clone()).unwrap();
         assert_eq!(j.records(), 1);
         j.emit(&ev(EventKind::StepStarted {
@@ -546,7 +585,14 @@ mod tests {
         // A corrupt line in the middle is not.
         let bad = dir.path().join("bad.jsonl");
         let text = std::fs::read_to_string(j.path()).unwrap();
-        std::fs::write(&bad, format!("{}garbage\n{{}}\n", text.lines().next().unwrap().to_owned() + "\n")).unwrap();
+        std::fs::write(
+            &bad,
+            format!(
+                "{}garbage\n{{}}\n",
+                text.lines().next().unwrap().to_owned() + "\n"
+            ),
+        )
+        .unwrap();
         let e = JournalSummary::read(&bad).unwrap_err().to_string();
         assert!(e.contains("corrupt line 2"), "{e}");
 
@@ -569,8 +615,52 @@ mod tests {
         assert_eq!(history[1].duration_ms, 42);
         assert_eq!(state.latest().unwrap().unwrap().header.deployment, "d2");
         // The same id twice is refused.
-        let again = JournalHeader::new("d2", "shop", RunKind::Deploy, "rolling", rid("v3"), BTreeMap::new());
+        let again = JournalHeader::new(
+            "d2",
+            "shop",
+            RunKind::Deploy,
+            "rolling",
+            rid("v3"),
+            BTreeMap::new(),
+        );
         assert!(state.create_journal(again).unwrap_err().is_invalid_input());
+    }
+
+    #[test]
+    fn every_progress_event_round_trips_through_a_journal_line() {
+        // Event fields are flattened next to the kind's own: a kind field
+        // named like one of Event's would make the line unreadable.
+        for kind in [
+            EventKind::StageProgress {
+                stage: 1,
+                of: 2,
+                weight: 20,
+                percent: 50,
+                elapsed_ms: 150,
+                duration_ms: 300,
+            },
+            EventKind::WarmUpProgress {
+                group: crate::names::Group::new("green").unwrap(),
+                sent: 3,
+                total: 10,
+                failed: 1,
+            },
+            EventKind::DeploymentFinished {
+                outcome: OutcomeKind::Succeeded,
+                succeeded: 2,
+                failed: 0,
+                duration_ms: 9,
+                reason: None,
+            },
+        ] {
+            let record = JournalRecord::Event(ev(kind));
+            let line = serde_json::to_string(&record).unwrap();
+            assert_eq!(
+                serde_json::from_str::<JournalRecord>(&line).unwrap(),
+                record,
+                "{line}"
+            );
+        }
     }
 
     #[test]

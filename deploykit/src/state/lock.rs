@@ -162,7 +162,7 @@ pub(super) fn try_lock(path: &Path, purpose: &str) -> Result<LockAttempt> {
     })();
     write.map_err(|e| Error::io(format!("writing the lock file {}", path.display()), e))?;
     if let Some(s) = &stale {
-        tracing::warn!(holder = %s, "took over a stale deployment lock: its holder died without releasing it");
+        tracing::info!(holder = %s, "took over a stale deployment lock: its holder died without releasing it");
     }
     Ok(LockAttempt::Acquired {
         lock: DeployLock {
@@ -253,7 +253,10 @@ mod tests {
                 assert_eq!(h.purpose, "deploy v2");
                 assert_eq!(h.is_alive(), Some(true));
                 let text = h.to_string();
-                assert!(text.contains(&format!("pid {}", std::process::id())) && text.contains("UTC"), "{text}");
+                assert!(
+                    text.contains(&format!("pid {}", std::process::id())) && text.contains("UTC"),
+                    "{text}"
+                );
             }
             LockAttempt::Acquired { .. } => panic!("second lock granted"),
         }

@@ -56,7 +56,8 @@ use std::path::{Path, PathBuf};
 
 pub use control::{ControlAck, ControlCommand, ControlFile, ControlRequest};
 pub use journal::{
-    HistoryEntry, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalRecord, JournalSummary, RunKind,
+    HistoryEntry, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalRecord, JournalSummary,
+    RunKind,
 };
 pub use lock::{DeployLock, Holder, LockAttempt};
 
@@ -136,7 +137,10 @@ impl StateDir {
     /// be written.
     pub fn create_journal(&self, header: JournalHeader) -> Result<Journal> {
         crate::names::validate_name("deployment", &header.deployment)?;
-        Journal::create(&self.journal_dir().join(format!("{}.jsonl", header.deployment)), header)
+        Journal::create(
+            &self.journal_dir().join(format!("{}.jsonl", header.deployment)),
+            header,
+        )
     }
 
     /// Every journal, oldest first (by start time, then id).
@@ -157,7 +161,8 @@ impl StateDir {
             }
         }
         out.sort_by(|a, b| {
-            (a.header.started_at_ms, &a.header.deployment).cmp(&(b.header.started_at_ms, &b.header.deployment))
+            (a.header.started_at_ms, &a.header.deployment)
+                .cmp(&(b.header.started_at_ms, &b.header.deployment))
         });
         Ok(out)
     }

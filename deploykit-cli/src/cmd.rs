@@ -1,0 +1,1052 @@
+//! The fleet commands: deploy (and --resume), plan, status, rollback,
+//! promote, abort, history, validate. Each wires library objects together;
+//! the outcome becomes an exit code in `main`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use deploykit::bluegreen_state::{reconcile, FileLiveStore, LiveStore};
+use deploykit::state::{
+    ControlCommand, DeployLock, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalSummary,
+    LockAttempt, RunKind, StateDir,
+};
+use deploykit::{
+    compensation_steps, retirement_steps, Event, EventSink, Executor, FailurePolicy, Fanout, FleetSnapshot,
+    Group, GroupWeight, InstanceId, InstanceProgress, OutcomeKind, Plan, ReleaseId, Report, Stage, Step,
+    Unit,
+};
+
+use crate::config::{self, Loaded, NotifyOn, StrategyKind};
+use crate::exit;
+use crate::notify::{Notice, Notifier};
+use crate::output::{self, Human, JsonLines};
+use crate::wire;
+
+/// Options every fleet command takes.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct Global {
+    /// The configuration file.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "DEPLOYKIT_CONFIG",
+        default_value = "deploykit.toml"
+    )]
+    pub(crate) config: PathBuf,
+    /// Print machine-readable JSON (events as JSON lines for deploy and
+    /// rollback; see docs/cli.md).
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+    /// Only errors and the final result.
+    #[arg(short, long, global = true)]
+    pub(crate) quiet: bool,
+}
+
+/// `deploykit deploy`.
+#[derive(Debug, Args)]
+pub(crate) struct DeployArgs {
+    /// The release to deploy (a directory name under `releases`).
+    #[arg(required_unless_present = "resume")]
+    release: Option<String>,
+    /// Use this strategy instead of the configured one.
+    #[arg(long, value_enum)]
+    strategy: Option<StrategyKind>,
+    /// Continue the interrupted deployment (same release and strategy).
+    #[arg(long, conflicts_with_all = ["release", "strategy"])]
+    resume: bool,
+}
+
+/// `deploykit plan`.
+#[derive(Debug, Args)]
+pub(crate) struct PlanArgs {
+    /// The release to plan for.
+    release: String,
+    /// Plan with this strategy instead of the configured one.
+    #[arg(long, value_enum)]
+    strategy: Option<StrategyKind>,
+}
+
+/// The hidden test hook: abort the process right after the N-th journal
+/// record is on disk (the header is record 1), as `kill -9` would.
+const ABORT_AFTER: &str = "DEPLOYKIT_TEST_ABORT_AFTER_RECORD";
+
+fn abort_after() -> Option<u64> {
+    std::env::var(ABORT_AFTER).ok().and_then(|v| v.parse().ok())
+}
+
+/// Forwards to a sink set once the journal exists.
+#[derive(Default)]
+struct Relay(OnceLock<Arc<dyn EventSink>>);
+
+impl EventSink for Relay {
+    fn emit(&self, e: &Event) {
+        if let Some(s) = self.0.get() {
+            s.emit(e);
+        }
+    }
+}
+
+/// The journal, with the crash hook.
+struct Journaled {
+    journal: Arc<Journal>,
+    abort_after: Option<u64>,
+}
+
+impl Journaled {
+    fn check(&self) {
+        if let Some(n) = self.abort_after {
+            if self.journal.records() >= n {
+                std::process::abort();
+            }
+        }
+    }
+}
+
+impl EventSink for Journaled {
+    fn emit(&self, e: &Event) {
+        self.journal.emit(e);
+        self.check();
+    }
+}
+
+/// What every fleet command starts from.
+pub(crate) struct Ctx {
+    pub(crate) g: Global,
+    pub(crate) cfg: Loaded,
+    pub(crate) state: StateDir,
+}
+
+impl Ctx {
+    pub(crate) fn load(g: Global) -> anyhow::Result<Self> {
+        let cfg = config::load(&g.config)?;
+        let state = StateDir::open(cfg.state_base(), &cfg.raw.app)?;
+        Ok(Self { g, cfg, state })
+    }
+
+    fn notifier(&self) -> Notifier {
+        Notifier::new(&self.cfg.raw.notifications)
+    }
+
+    fn output(&self) -> (Option<Arc<dyn EventSink>>, Option<Arc<Human>>) {
+        if self.g.json {
+            (Some(Arc::new(JsonLines)), None)
+        } else if self.g.quiet {
+            (None, None)
+        } else {
+            let h = Arc::new(Human::new(self.cfg.instances.len() as u64));
+            (Some(h.clone() as Arc<dyn EventSink>), Some(h))
+        }
+    }
+
+    fn say(&self, text: impl AsRef<str>) {
+        if !self.g.json && !self.g.quiet {
+            println!("{}", text.as_ref());
+        }
+    }
+}
+
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Takes the lock or explains who holds it (exit 4).
+fn lock(ctx: &Ctx, purpose: &str) -> anyhow::Result<Result<DeployLock, u8>> {
+    match ctx.state.try_lock(purpose)? {
+        LockAttempt::Acquired { lock, stale } => {
+            if let Some(s) = stale {
+                eprintln!(
+                    "deploykit: note: the previous holder of the lock ({s}) died without releasing it; \
+                     its deployment was interrupted (see `deploykit status`)"
+                );
+            }
+            Ok(Ok(lock))
+        }
+        LockAttempt::Held(h) => {
+            let alive = match h.is_alive() {
+                Some(false) => " (that process is gone; the lock is held by a process it started, or the record is stale: check with `fuser`)",
+                _ => "",
+            };
+            eprintln!(
+                "deploykit: error: another deployment of {} holds the lock: {h}{alive}; wait for it, or stop it (`deploykit abort`)",
+                ctx.cfg.raw.app
+            );
+            Ok(Err(exit::LOCKED))
+        }
+    }
+}
+
+fn new_id(release: &ReleaseId) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    let r: String = release.as_str().chars().take(100).collect();
+    format!("{ms}-{r}")
+}
+
+/// The journal of the deployment a resume or rollback acts on.
+fn root_of(state: &StateDir, j: JournalSummary) -> anyhow::Result<JournalSummary> {
+    match (&j.header.kind, &j.header.acts_on) {
+        (RunKind::Deploy, _) | (_, None) => Ok(j),
+        (_, Some(id)) => {
+            let all = state.journals()?;
+            all.into_iter()
+                .find(|x| &x.header.deployment == id)
+                .with_context(|| {
+                    format!(
+                        "the journal of deployment {id} (which {} acts on) is missing",
+                        j.header.deployment
+                    )
+                })
+        }
+    }
+}
+
+/// Starts a journal and hooks it (and the output) into the relay.
+fn start_journal(
+    ctx: &Ctx,
+    relay: &Relay,
+    header: JournalHeader,
+    out: Option<Arc<dyn EventSink>>,
+) -> anyhow::Result<Arc<Journal>> {
+    let journal = Arc::new(ctx.state.create_journal(header)?);
+    let journaled = Arc::new(Journaled {
+        journal: journal.clone(),
+        abort_after: abort_after(),
+    });
+    journaled.check();
+    let mut fan = Fanout::new().with(journaled);
+    if let Some(o) = out {
+        fan = fan.with(o);
+    }
+    let _ = relay.0.set(Arc::new(fan));
+    Ok(journal)
+}
+
+fn notice(ctx: &Ctx, h: &JournalHeader, event: NotifyOn, report: Option<&Report>) -> Notice {
+    Notice {
+        event,
+        app: ctx.cfg.raw.app.clone(),
+        deployment: h.deployment.clone(),
+        kind: match h.kind {
+            RunKind::Deploy => "deployment",
+            RunKind::Resume => "resumed deployment",
+            RunKind::Rollback => "rollback",
+        }
+        .into(),
+        strategy: h.strategy.clone(),
+        release: h.release.to_string(),
+        outcome: report.map(|r| HistoryOutcome::from(r.outcome).to_string()),
+        reason: report.and_then(|r| r.reason.clone()),
+        duration_ms: report.map(|r| u64::try_from(r.duration.as_millis()).unwrap_or(u64::MAX)),
+    }
+}
+
+fn end_event(kind: RunKind, outcome: OutcomeKind) -> NotifyOn {
+    match (kind, outcome) {
+        (RunKind::Rollback, OutcomeKind::Succeeded) => NotifyOn::Rollback,
+        (_, OutcomeKind::Succeeded) => NotifyOn::Success,
+        (_, OutcomeKind::RolledBack) => NotifyOn::Rollback,
+        _ => NotifyOn::Failure,
+    }
+}
+
+/// Records the outcome, notifies, prints, and returns the exit code.
+async fn conclude(
+    ctx: &Ctx,
+    exec: &Executor,
+    journal: &Journal,
+    report: &Report,
+    human: Option<&Human>,
+) -> anyhow::Result<u8> {
+    journal.finish(JournalOutcome {
+        outcome: report.outcome,
+        reason: report.reason.clone(),
+        duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
+    })?;
+    let h = journal.header();
+    ctx.notifier()
+        .send(&notice(ctx, h, end_event(h.kind, report.outcome), Some(report)))
+        .await;
+    if let Some(hm) = human {
+        hm.finish();
+    }
+    if !ctx.g.json {
+        if h.kind == RunKind::Rollback {
+            // A rollback's report speaks of its own plan; what matters is
+            // what each instance runs now.
+            println!(
+                "rollback {}: {}",
+                h.deployment,
+                HistoryOutcome::from(report.outcome)
+            );
+            for i in exec.instances() {
+                let r = match tokio::time::timeout(Duration::from_secs(5), i.current_release()).await {
+                    Ok(Ok(Some(r))) => r.to_string(),
+                    Ok(Ok(None)) => "no release".into(),
+                    _ => "unknown".into(),
+                };
+                println!("  {}: {r}", i.backend().id);
+            }
+        } else {
+            print!("{report}");
+        }
+    }
+    Ok(match h.kind {
+        RunKind::Rollback if report.outcome != OutcomeKind::Succeeded => exit::UNKNOWN_STATE,
+        _ => output::exit_code(report),
+    })
+}
+
+fn strategy_kind(name: &str) -> anyhow::Result<StrategyKind> {
+    Ok(match name {
+        "rolling" => StrategyKind::Rolling,
+        "recreate" => StrategyKind::Recreate,
+        "blue-green" => StrategyKind::BlueGreen,
+        "canary" => StrategyKind::Canary,
+        other => anyhow::bail!("the journal names the strategy {other:?}, which this CLI cannot resume"),
+    })
+}
+
+/// The environment a blue-green plan switches to.
+fn switch_target(plan: Option<&Plan>) -> Option<Group> {
+    plan?
+        .stages
+        .iter()
+        .flat_map(|s| &s.units)
+        .flat_map(|u| &u.steps)
+        .find_map(|s| match s {
+            Step::SwitchTo { group } => Some(group.clone()),
+            _ => None,
+        })
+}
+
+async fn reconciled_live(ctx: &Ctx, exec: &Executor) -> anyhow::Result<Group> {
+    let bg = wire::blue_green(
+        &ctx.cfg.raw.strategy.blue_green,
+        ctx.cfg.raw.smoke_checks.as_deref(),
+    )?;
+    let store = FileLiveStore::new(ctx.state.live_record_path());
+    Ok(reconcile(&store, exec.load_balancer().as_ref(), &bg.environments)
+        .await?
+        .live)
+}
+
+fn watch_control(ctx: &Ctx, id: &str, fleet: &wire::Fleet) -> tokio::task::JoinHandle<()> {
+    ctx.state.control().watch(
+        id.to_string(),
+        fleet.promotion.clone(),
+        Duration::from_millis(200),
+    )
+}
+
+fn ctrl_c(exec: &Executor) -> tokio::task::JoinHandle<()> {
+    let cancel = exec.cancel_token();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: cancelling and rolling back");
+            cancel.cancel();
+        }
+    })
+}
+
+pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
+    runtime()?.block_on(async move {
+        let purpose = match &args.release {
+            Some(r) => format!("deploy {r}"),
+            None => "deploy --resume".into(),
+        };
+        let _lock = match lock(&ctx, &purpose)? {
+            Ok(l) => l,
+            Err(code) => return Ok(code),
+        };
+        let latest = ctx.state.latest()?;
+        if args.resume {
+            return resume(&ctx, latest).await;
+        }
+        if let Some(j) = latest.as_ref().filter(|j| !j.is_finished()) {
+            eprintln!(
+                "deploykit: error: the {} {} of {} was interrupted and the fleet may run a mix of releases; \
+                 run `deploykit deploy --resume` to finish it or `deploykit rollback` to undo it first (`deploykit status` shows where it stopped)",
+                j.header.strategy, j.header.deployment, j.header.release
+            );
+            return Ok(exit::UNKNOWN_STATE);
+        }
+        let release = ReleaseId::new(args.release.as_deref().unwrap_or_default())
+            .map_err(|e| rename(e, "release"))?;
+        let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
+        run_deploy(&ctx, RunKind::Deploy, kind, release, None, None).await
+    })
+}
+
+fn rename(e: deploykit::Error, field: &str) -> deploykit::Error {
+    match e {
+        deploykit::Error::InvalidInput { message, .. } => deploykit::Error::invalid(field, message),
+        other => other,
+    }
+}
+
+/// Deploys (or resumes, with `resume` = the interrupted journal).
+async fn run_deploy(
+    ctx: &Ctx,
+    kind: RunKind,
+    strategy: StrategyKind,
+    release: ReleaseId,
+    resume: Option<&JournalSummary>,
+    carried_previous: Option<BTreeMap<InstanceId, Option<ReleaseId>>>,
+) -> anyhow::Result<u8> {
+    let relay = Arc::new(Relay::default());
+    let fleet = wire::fleet(&ctx.cfg, &ctx.state, Some(relay.clone()))?;
+    let exec = &fleet.executor;
+    let mut snapshot = exec.snapshot().await?;
+    let id = new_id(&release);
+    let (out, human) = ctx.output();
+    let acts_on = resume.map(|j| {
+        j.header
+            .acts_on
+            .clone()
+            .unwrap_or_else(|| j.header.deployment.clone())
+    });
+    let previous_of = |snap: &FleetSnapshot| -> BTreeMap<InstanceId, Option<ReleaseId>> {
+        carried_previous.clone().unwrap_or_else(|| {
+            snap.instances
+                .iter()
+                .map(|i| (i.backend.id.clone(), i.release.clone()))
+                .collect()
+        })
+    };
+    if strategy == StrategyKind::BlueGreen {
+        let bg = wire::blue_green(
+            &ctx.cfg.raw.strategy.blue_green,
+            ctx.cfg.raw.smoke_checks.as_deref(),
+        )?;
+        let live = reconciled_live(ctx, exec).await?;
+        let mut header = JournalHeader::new(
+            &id,
+            &ctx.cfg.raw.app,
+            kind,
+            "blue-green",
+            release.clone(),
+            previous_of(&snapshot),
+        );
+        header.acts_on = acts_on;
+        if let Some(orig) = resume {
+            if switch_target(orig.header.plan.as_ref()).as_ref() == Some(&live) {
+                // The interrupted deployment had switched: it is done.
+                header.plan = None;
+                let journal = start_journal(ctx, &relay, header, out)?;
+                ctx.say(format!(
+                    "the interrupted deployment had switched traffic to {live}: nothing left to do"
+                ));
+                let report = Report {
+                    deployment: id.clone(),
+                    strategy: "blue-green".into(),
+                    release: release.clone(),
+                    outcome: OutcomeKind::Succeeded,
+                    reason: None,
+                    instances: Vec::new(),
+                    duration: Duration::ZERO,
+                };
+                return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
+            }
+        }
+        let planner = deploykit::BlueGreen {
+            live: Some(live),
+            ..bg.clone()
+        };
+        header.plan = Some(deploykit::Strategy::plan(&planner, &snapshot, &release)?);
+        let journal = start_journal(ctx, &relay, header, out)?;
+        ctx.notifier()
+            .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
+            .await;
+        let sig = ctrl_c(exec);
+        let result = bg.deploy(exec, &release).await;
+        sig.abort();
+        let mut report = result?.deployment;
+        report.deployment = id;
+        return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
+    }
+    let strat = wire::strategy(&ctx.cfg, strategy)?;
+    if let Some(orig) = resume {
+        // Unsettled instances are redone from the start: mark them as still
+        // on the release they had before.
+        let unsettled = orig.unsettled();
+        for i in &mut snapshot.instances {
+            if unsettled.contains(&i.backend.id) {
+                if let Some(prev) = orig.header.previous.get(&i.backend.id) {
+                    i.release = prev.clone();
+                }
+            }
+        }
+    }
+    let plan = strat.plan(&snapshot, &release)?;
+    let mut header = JournalHeader::new(
+        &id,
+        &ctx.cfg.raw.app,
+        kind,
+        strat.name(),
+        release.clone(),
+        previous_of(&snapshot),
+    );
+    header.acts_on = acts_on;
+    header.plan = Some(plan.clone());
+    let journal = start_journal(ctx, &relay, header, out)?;
+    ctx.notifier()
+        .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
+        .await;
+    let watcher = watch_control(ctx, &id, &fleet);
+    let sig = ctrl_c(exec);
+    let mut report = exec.run_with_id(&plan, &id).await?;
+    sig.abort();
+    watcher.abort();
+    if resume.is_some() && report.outcome != OutcomeKind::Succeeded && !plan.skipped.is_empty() {
+        // The resumed part failed and rolled back; the instances the
+        // interrupted run had finished are still on the new release: return
+        // them too, so the fleet ends on one release.
+        let targets = journal.header().previous.clone();
+        let snap = exec.snapshot().await?;
+        let moved: BTreeSet<InstanceId> = plan.skipped.iter().cloned().collect();
+        let back = rollback_plan(ctx, &snap, &targets, &moved, None)?;
+        let undo = exec
+            .run_with_id(&back, &format!("{}-undo", report.deployment))
+            .await?;
+        if undo.outcome != OutcomeKind::Succeeded {
+            report.outcome = OutcomeKind::RollbackFailed;
+            report.reason = Some(format!(
+                "{}; returning the instances finished before the interruption failed: {}",
+                report.reason.clone().unwrap_or_default(),
+                undo.reason.unwrap_or_default()
+            ));
+        }
+    }
+    conclude(ctx, exec, &journal, &report, human.as_deref()).await
+}
+
+async fn resume(ctx: &Ctx, latest: Option<JournalSummary>) -> anyhow::Result<u8> {
+    let Some(orig) = latest.filter(|j| !j.is_finished()) else {
+        eprintln!("deploykit: error: nothing to resume: no deployment was interrupted (`deploykit history` lists them)");
+        return Ok(exit::BAD_INPUT);
+    };
+    if orig.header.kind == RunKind::Rollback {
+        eprintln!(
+            "deploykit: error: the interrupted run {} is a rollback; run `deploykit rollback` to finish it",
+            orig.header.deployment
+        );
+        return Ok(exit::BAD_INPUT);
+    }
+    let kind = strategy_kind(&orig.header.strategy)?;
+    ctx.say(format!(
+        "resuming the {} deployment {} of {}",
+        orig.header.strategy, orig.header.deployment, orig.header.release
+    ));
+    let carried = orig.header.previous.clone();
+    run_deploy(
+        ctx,
+        RunKind::Resume,
+        kind,
+        orig.header.release.clone(),
+        Some(&orig),
+        Some(carried),
+    )
+    .await
+}
+
+/// A plan that returns every instance in `targets` that is not on its
+/// target, or was `touched`, to its target release, serving. Canary
+/// instances are returned stopped, after all traffic goes back to stable.
+fn rollback_plan(
+    ctx: &Ctx,
+    snap: &FleetSnapshot,
+    targets: &BTreeMap<InstanceId, Option<ReleaseId>>,
+    touched: &BTreeSet<InstanceId>,
+    canary: Option<(&Group, &Group)>,
+) -> anyhow::Result<Plan> {
+    let r = wire::rolling(&ctx.cfg.raw.strategy.rolling);
+    let mut units = Vec::new();
+    let mut leave_stopped = Vec::new();
+    let mut counts: BTreeMap<ReleaseId, usize> = BTreeMap::new();
+    for inst in &snap.instances {
+        let id = &inst.backend.id;
+        let Some(target) = targets.get(id) else { continue };
+        if inst.release == *target && !touched.contains(id) {
+            continue;
+        }
+        if let Some(t) = target {
+            *counts.entry(t.clone()).or_default() += 1;
+        }
+        let changed = inst.release != *target;
+        let progress = InstanceProgress {
+            previous: target.clone(),
+            release_changed: changed,
+            in_rotation: true,
+            running: changed,
+        };
+        let steps = match canary {
+            Some((_, c)) if &inst.backend.group == c => {
+                leave_stopped.push(id.clone());
+                retirement_steps(id, &progress, r.drain_timeout)
+            }
+            _ => compensation_steps(id, &progress, r.health, r.drain_timeout),
+        };
+        units.push(Unit {
+            instance: Some(id.clone()),
+            steps,
+        });
+    }
+    let batch = r.resolved_batch(snap.instances.len());
+    let mut stages = Vec::new();
+    if let Some((stable, _)) = canary {
+        stages.push(Stage {
+            name: "all traffic to stable".into(),
+            units: vec![Unit {
+                instance: None,
+                steps: vec![Step::SetWeights {
+                    weights: vec![GroupWeight {
+                        group: stable.clone(),
+                        percent: 100,
+                    }],
+                }],
+            }],
+        });
+    }
+    let n = units.len().div_ceil(batch.max(1));
+    let mut it = units.into_iter().peekable();
+    let mut k = 0;
+    while it.peek().is_some() {
+        k += 1;
+        stages.push(Stage {
+            name: format!("rollback batch {k}/{n}"),
+            units: it.by_ref().take(batch).collect(),
+        });
+    }
+    let release = counts
+        .into_iter()
+        .max_by_key(|(_, c)| *c)
+        .map(|(r, _)| r)
+        .or_else(|| targets.values().flatten().next().cloned())
+        .context("no instance has a release to return to")?;
+    let instances = stages
+        .iter()
+        .flat_map(|s| &s.units)
+        .filter(|u| u.instance.is_some())
+        .count();
+    Ok(Plan {
+        strategy: "rollback".into(),
+        release,
+        previous: snap
+            .instances
+            .iter()
+            .map(|i| (i.backend.id.clone(), i.release.clone()))
+            .collect(),
+        policy: FailurePolicy::RestoreInstance {
+            max_failures: instances,
+        },
+        health: r.health,
+        drain_timeout: r.drain_timeout,
+        rollback_batch: batch,
+        skipped: Vec::new(),
+        stages,
+        on_abort: Vec::new(),
+        leave_stopped,
+    })
+}
+
+pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
+    runtime()?.block_on(async move {
+        let _lock = match lock(&ctx, "rollback")? {
+            Ok(l) => l,
+            Err(code) => return Ok(code),
+        };
+        let Some(latest) = ctx.state.latest()? else {
+            eprintln!("deploykit: error: nothing to roll back: no deployment is recorded");
+            return Ok(exit::BAD_INPUT);
+        };
+        let root = root_of(&ctx.state, latest)?;
+        let root_id = root.header.deployment.clone();
+        let chain: Vec<JournalSummary> = ctx
+            .state
+            .journals()?
+            .into_iter()
+            .filter(|j| {
+                j.header.deployment == root_id || j.header.acts_on.as_deref() == Some(root_id.as_str())
+            })
+            .collect();
+        let touched: BTreeSet<InstanceId> = chain.iter().flat_map(|j| j.touched()).collect();
+        let targets = root.header.previous.clone();
+        let relay = Arc::new(Relay::default());
+        let fleet = wire::fleet(&ctx.cfg, &ctx.state, Some(relay.clone()))?;
+        let exec = &fleet.executor;
+        let snap = exec.snapshot().await?;
+        let (out, human) = ctx.output();
+        let id = format!("{}-rollback", new_id(&root.header.release));
+        ctx.say(format!(
+            "rolling back the {} deployment {} of {}",
+            root.header.strategy, root_id, root.header.release
+        ));
+        if root.header.strategy == "blue-green" {
+            let bg = wire::blue_green(
+                &ctx.cfg.raw.strategy.blue_green,
+                ctx.cfg.raw.smoke_checks.as_deref(),
+            )?;
+            let live = reconciled_live(&ctx, exec).await?;
+            let switched_to = switch_target(root.header.plan.as_ref());
+            let mut header = JournalHeader::new(
+                &id,
+                &ctx.cfg.raw.app,
+                RunKind::Rollback,
+                "blue-green",
+                root.header.release.clone(),
+                snap.instances
+                    .iter()
+                    .map(|i| (i.backend.id.clone(), i.release.clone()))
+                    .collect(),
+            );
+            header.acts_on = Some(root_id.clone());
+            if switched_to.as_ref() == Some(&live) {
+                let journal = start_journal(&ctx, &relay, header, out)?;
+                let mut report = bg.rollback(exec).await?.deployment;
+                report.deployment = id;
+                return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
+            }
+            // Traffic never moved: stop the half-prepared environment and
+            // return it to its previous release.
+            let idle = switched_to.unwrap_or_else(|| bg.other(&live).cloned().unwrap_or(live.clone()));
+            let mut units = Vec::new();
+            for inst in snap.group(&idle) {
+                let id = &inst.backend.id;
+                let Some(target) = targets.get(id) else { continue };
+                if !touched.contains(id) && inst.release == *target {
+                    continue;
+                }
+                let progress = InstanceProgress {
+                    previous: target.clone(),
+                    release_changed: inst.release != *target,
+                    in_rotation: false,
+                    running: true,
+                };
+                units.push(Unit {
+                    instance: Some(id.clone()),
+                    steps: retirement_steps(id, &progress, Duration::from_secs(1)),
+                });
+            }
+            let ids: Vec<InstanceId> = units.iter().filter_map(|u| u.instance.clone()).collect();
+            let plan = Plan {
+                strategy: "rollback".into(),
+                release: root.header.release.clone(),
+                previous: header.previous.clone(),
+                policy: FailurePolicy::RestoreInstance {
+                    max_failures: ids.len(),
+                },
+                health: Default::default(),
+                drain_timeout: Duration::from_secs(1),
+                rollback_batch: ids.len().max(1),
+                skipped: Vec::new(),
+                stages: if units.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![Stage {
+                        name: format!("stop {idle}"),
+                        units,
+                    }]
+                },
+                on_abort: Vec::new(),
+                leave_stopped: ids,
+            };
+            header.plan = Some(plan.clone());
+            let journal = start_journal(&ctx, &relay, header, out)?;
+            let report = exec.run_with_id(&plan, &id).await?;
+            return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
+        }
+        let canary_groups = (root.header.strategy == "canary").then(|| {
+            wire::canary(&ctx.cfg.raw.strategy.canary)
+                .map(|c| (c.stable_group.clone(), c.canary_group.clone()))
+        });
+        let canary_groups = canary_groups.transpose()?;
+        let plan = rollback_plan(
+            &ctx,
+            &snap,
+            &targets,
+            &touched,
+            canary_groups.as_ref().map(|(s, c)| (s, c)),
+        )?;
+        let mut header = JournalHeader::new(
+            &id,
+            &ctx.cfg.raw.app,
+            RunKind::Rollback,
+            "rollback",
+            plan.release.clone(),
+            plan.previous.clone(),
+        );
+        header.acts_on = Some(root_id);
+        header.plan = Some(plan.clone());
+        let journal = start_journal(&ctx, &relay, header, out)?;
+        ctx.notifier()
+            .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
+            .await;
+        let report = exec.run_with_id(&plan, &id).await?;
+        conclude(&ctx, exec, &journal, &report, human.as_deref()).await
+    })
+}
+
+pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
+    runtime()?.block_on(async move {
+        let release = ReleaseId::new(&args.release).map_err(|e| rename(e, "release"))?;
+        let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
+        let fleet = wire::fleet(&ctx.cfg, &ctx.state, None)?;
+        let exec = &fleet.executor;
+        let snapshot = exec.snapshot().await?;
+        let plan = if kind == StrategyKind::BlueGreen {
+            // Read-only: the record, else the load balancer, else the first
+            // environment.
+            let bg = wire::blue_green(&ctx.cfg.raw.strategy.blue_green, ctx.cfg.raw.smoke_checks.as_deref())?;
+            let store = FileLiveStore::new(ctx.state.live_record_path());
+            let live = match store.load().await? {
+                Some(r) => r.live,
+                None => exec.load_balancer().live_group().await?.unwrap_or_else(|| bg.environments[0].clone()),
+            };
+            deploykit::Strategy::plan(&deploykit::BlueGreen { live: Some(live), ..bg }, &snapshot, &release)?
+        } else {
+            wire::strategy(&ctx.cfg, kind)?.plan(&snapshot, &release)?
+        };
+        let p = plan.projected_duration();
+        let batches: Vec<usize> = plan
+            .stages
+            .iter()
+            .filter(|s| s.units.iter().any(|u| u.instance.is_some()))
+            .map(|s| s.units.len())
+            .collect();
+        if ctx.g.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "plan": plan,
+                    "batch_sizes": batches,
+                    "projected_duration_ms": {"min": p.min.as_millis() as u64, "max": p.max.as_millis() as u64},
+                })
+            );
+        } else {
+            print!("{plan}");
+            let sizes: Vec<String> = batches.iter().map(|b| b.to_string()).collect();
+            println!("batch sizes: {}", if sizes.is_empty() { "none (nothing to do)".into() } else { sizes.join(", ") });
+        }
+        Ok(exit::SUCCESS)
+    })
+}
+
+pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
+    runtime()?.block_on(async move {
+        let holder = ctx.state.holder()?;
+        let latest = ctx.state.latest()?;
+        let fleet = wire::fleet(&ctx.cfg, &ctx.state, None)?;
+        let exec = &fleet.executor;
+        let probe = Duration::from_secs(5);
+        let mut rows = Vec::new();
+        for i in exec.instances() {
+            let b = i.backend();
+            let release = match tokio::time::timeout(probe, i.current_release()).await {
+                Ok(Ok(r)) => r.map(|r| r.to_string()).unwrap_or_else(|| "none".into()),
+                Ok(Err(e)) => format!("unknown ({e})"),
+                Err(_) => "unknown (timed out)".into(),
+            };
+            let health = match tokio::time::timeout(probe, i.health()).await {
+                Ok(Ok(h)) if h.is_healthy() => "healthy".to_string(),
+                Ok(Ok(deploykit::Health::Unhealthy(why))) => format!("unhealthy: {why}"),
+                Ok(Ok(_)) => "unknown".to_string(),
+                Ok(Err(e)) => format!("unreachable: {e}"),
+                Err(_) => "unreachable: timed out".into(),
+            };
+            rows.push((b.id.to_string(), b.group.to_string(), b.address.to_string(), release, health));
+        }
+        let sim_lb = (ctx.cfg.raw.load_balancer.kind == config::LbKind::Simulated)
+            .then(|| crate::sim::SimLoadBalancer::new(ctx.state.root()).ok().and_then(|l| l.state().ok()))
+            .flatten();
+        let live = FileLiveStore::new(ctx.state.live_record_path()).load().await.ok().flatten();
+        let entry = latest.as_ref().map(|j| j.history_entry(holder.as_ref()));
+        if ctx.g.json {
+            let instances: Vec<_> = rows
+                .iter()
+                .map(|(id, g, a, r, h)| {
+                    let in_rotation = sim_lb.as_ref().map(|l| !l.out_of_rotation.contains(id));
+                    serde_json::json!({"id": id, "group": g, "address": a, "release": r, "health": h, "in_rotation": in_rotation})
+                })
+                .collect();
+            let deployment = latest.as_ref().map(|j| {
+                serde_json::json!({
+                    "history": entry,
+                    "unsettled": j.unsettled(),
+                    "awaiting_promotion": j.awaiting_promotion(),
+                    "previous": j.header.previous,
+                })
+            });
+            println!(
+                "{}",
+                serde_json::json!({
+                    "app": ctx.cfg.raw.app,
+                    "lock": holder,
+                    "deployment": deployment,
+                    "instances": instances,
+                    "live": live.map(|l| l.live),
+                    "load_balancer": sim_lb,
+                })
+            );
+            return Ok(exit::SUCCESS);
+        }
+        println!("app: {}", ctx.cfg.raw.app);
+        if let Some(h) = &holder {
+            println!("lock: held by {h}");
+        }
+        match (&latest, &entry) {
+            (Some(j), Some(e)) => {
+                println!(
+                    "last run: {} ({:?}) {} of {}: {}",
+                    e.id, e.kind, e.strategy, e.release, e.outcome
+                );
+                if let Some(r) = &e.reason {
+                    println!("  {r}");
+                }
+                if let Some(stage) = j.awaiting_promotion() {
+                    if e.outcome == HistoryOutcome::InProgress {
+                        println!("  canary stage {stage} waits for promotion: `deploykit promote` or `deploykit abort`");
+                    }
+                }
+                if e.outcome == HistoryOutcome::Interrupted {
+                    let unsettled: Vec<String> = j.unsettled().iter().map(|i| i.to_string()).collect();
+                    if !unsettled.is_empty() {
+                        println!("  left part-way: {}", unsettled.join(", "));
+                    }
+                    println!(
+                        "  the fleet may run a mix of releases: `deploykit deploy --resume` continues, `deploykit rollback` undoes"
+                    );
+                }
+            }
+            _ => println!("no deployment recorded yet"),
+        }
+        if let Some(l) = &live {
+            println!("live environment: {}", l.live);
+        }
+        let w = |f: fn(&(String, String, String, String, String)) -> &String, h: &str| {
+            rows.iter().map(|r| f(r).len()).max().unwrap_or(0).max(h.len())
+        };
+        let (wi, wg, wa, wr) = (w(|r| &r.0, "instance"), w(|r| &r.1, "group"), w(|r| &r.2, "address"), w(|r| &r.3, "release"));
+        let lb_col = sim_lb.is_some();
+        println!(
+            "{:<wi$}  {:<wg$}  {:<wa$}  {:<wr$}  {}health",
+            "instance",
+            "group",
+            "address",
+            "release",
+            if lb_col { "rotation  " } else { "" }
+        );
+        for (id, g, a, r, h) in &rows {
+            let rot = match &sim_lb {
+                Some(l) if l.out_of_rotation.contains(id) => "out       ",
+                Some(_) => "in        ",
+                None => "",
+            };
+            println!("{id:<wi$}  {g:<wg$}  {a:<wa$}  {r:<wr$}  {rot}{h}");
+        }
+        Ok(exit::SUCCESS)
+    })
+}
+
+pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
+    let entries = ctx.state.history()?;
+    if ctx.g.json {
+        for e in &entries {
+            println!("{}", serde_json::to_string(e)?);
+        }
+        return Ok(exit::SUCCESS);
+    }
+    if entries.is_empty() {
+        println!("no deployments recorded yet");
+        return Ok(exit::SUCCESS);
+    }
+    println!(
+        "{:<34} {:<9} {:<11} {:<12} {:<15} {:>9}  reason",
+        "id", "kind", "strategy", "release", "outcome", "duration"
+    );
+    for e in entries {
+        let kind = format!("{:?}", e.kind).to_lowercase();
+        println!(
+            "{:<34} {:<9} {:<11} {:<12} {:<15} {:>8.1}s  {}",
+            e.id,
+            kind,
+            e.strategy,
+            e.release.as_str(),
+            e.outcome.to_string(),
+            e.duration_ms as f64 / 1000.0,
+            e.reason.unwrap_or_default()
+        );
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// `promote` / `abort`: through the control file of the running deployment.
+pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
+    let Some(holder) = ctx.state.holder()? else {
+        eprintln!(
+            "deploykit: error: no deployment of {} is running",
+            ctx.cfg.raw.app
+        );
+        return Ok(exit::BAD_INPUT);
+    };
+    let Some(running) = ctx.state.latest()?.filter(|j| !j.is_finished()) else {
+        eprintln!("deploykit: error: {holder} holds the lock but has no journal yet; try again in a moment");
+        return Ok(exit::BAD_INPUT);
+    };
+    let id = running.header.deployment.clone();
+    if command == ControlCommand::Promote && running.awaiting_promotion().is_none() {
+        eprintln!("deploykit: error: deployment {id} is not waiting for a promotion (only a canary with promotion = \"manual\" waits)");
+        return Ok(exit::BAD_INPUT);
+    }
+    let control = ctx.state.control();
+    let seq = control.send(&id, command)?;
+    let ack = runtime()?.block_on(control.wait_ack(seq, Duration::from_secs(10)));
+    match ack.map(|a| a.result) {
+        Some(r) if r == "promoted" || r == "aborted" => {
+            println!("deployment {id}: {r}");
+            Ok(exit::SUCCESS)
+        }
+        Some(r) => {
+            eprintln!("deploykit: error: deployment {id} answered {r}: nothing was waiting for a promotion");
+            Ok(exit::BAD_INPUT)
+        }
+        None => {
+            eprintln!(
+                "deploykit: error: deployment {id} did not acknowledge within 10 s; check `deploykit status`"
+            );
+            Ok(exit::UNKNOWN_STATE)
+        }
+    }
+}
+
+pub(crate) fn validate(g: Global) -> anyhow::Result<u8> {
+    let cfg = config::load(&g.config)?;
+    if g.json {
+        println!(
+            "{}",
+            serde_json::json!({"valid": true, "app": cfg.raw.app, "instances": cfg.instances.len(), "strategy": cfg.raw.strategy.kind.to_string()})
+        );
+    } else if !g.quiet {
+        println!(
+            "{}: valid ({} instance(s), strategy {}, load balancer {})",
+            cfg.path.display(),
+            cfg.instances.len(),
+            cfg.raw.strategy.kind,
+            cfg.raw.load_balancer.kind
+        );
+    }
+    Ok(exit::SUCCESS)
+}

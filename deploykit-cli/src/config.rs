@@ -1,0 +1,1102 @@
+//! `deploykit.toml`: what it holds, how it is read, and every check made
+//! before anything is touched. The fields are documented in
+//! `docs/configuration.md`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use deploykit::{parse_duration, Address, CountOrPercent, Group, InstanceId};
+use serde::{Deserialize, Deserializer};
+
+/// A duration written `"30s"`, `"500ms"`, `"5m"`, `"1h"` or a number of
+/// seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dur(pub(crate) Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Secs(u64),
+            Text(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Secs(s) => Ok(Dur(Duration::from_secs(s))),
+            Repr::Text(t) => parse_duration("duration", &t).map(Dur).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "{t:?} is not a duration; write e.g. \"30s\", \"500ms\", \"5m\" or \"1h\""
+                ))
+            }),
+        }
+    }
+}
+
+fn d(secs: u64) -> Dur {
+    Dur(Duration::from_secs(secs))
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    pub(crate) app: String,
+    #[serde(default)]
+    pub(crate) state_dir: Option<String>,
+    #[serde(default)]
+    pub(crate) releases: Option<String>,
+    #[serde(default)]
+    pub(crate) instance_defaults: InstanceFields,
+    #[serde(default)]
+    pub(crate) instances: Vec<InstanceConfig>,
+    #[serde(default)]
+    pub(crate) load_balancer: LoadBalancerConfig,
+    #[serde(default)]
+    pub(crate) metrics: Option<MetricsConfig>,
+    #[serde(default)]
+    pub(crate) strategy: StrategyConfig,
+    #[serde(default)]
+    pub(crate) smoke_checks: Option<Vec<SmokeCheckConfig>>,
+    #[serde(default)]
+    pub(crate) notifications: NotificationsConfig,
+    #[serde(default)]
+    pub(crate) timeouts: TimeoutsConfig,
+}
+
+/// Fields an instance may set, or inherit from `[instance_defaults]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct InstanceFields {
+    pub(crate) group: Option<String>,
+    pub(crate) host: Option<String>,
+    pub(crate) root: Option<String>,
+    pub(crate) command: Option<Vec<String>>,
+    pub(crate) env: Option<BTreeMap<String, String>>,
+    pub(crate) systemd_unit: Option<String>,
+    pub(crate) systemd_user: Option<bool>,
+    pub(crate) sudo: Option<bool>,
+    pub(crate) simulated: Option<bool>,
+    pub(crate) simulate_unhealthy: Option<Vec<String>>,
+    pub(crate) stop_grace: Option<Dur>,
+    pub(crate) health: Option<HealthKind>,
+    pub(crate) health_path: Option<String>,
+    pub(crate) health_status: Option<u16>,
+    pub(crate) keep_releases: Option<usize>,
+    pub(crate) ssh_key: Option<String>,
+    pub(crate) ssh_known_hosts: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum HealthKind {
+    Http,
+    Service,
+}
+
+/// One `[[instances]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct InstanceConfig {
+    pub(crate) id: String,
+    pub(crate) address: String,
+    #[serde(flatten)]
+    pub(crate) fields: InstanceFields,
+}
+
+/// Where an instance's commands run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HostSpec {
+    Local,
+    Ssh { user: String, host: String, port: u16 },
+}
+
+/// How an instance's application runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Control {
+    Process {
+        command: Vec<String>,
+        env: BTreeMap<String, String>,
+        grace: Duration,
+    },
+    Systemd {
+        unit: String,
+        user: bool,
+        sudo: bool,
+    },
+    Simulated {
+        unhealthy: Vec<String>,
+    },
+}
+
+/// An instance after defaults and checks.
+#[derive(Debug, Clone)]
+pub(crate) struct Instance {
+    pub(crate) id: InstanceId,
+    pub(crate) address: Address,
+    pub(crate) group: Group,
+    pub(crate) host: HostSpec,
+    pub(crate) root: Option<String>,
+    pub(crate) control: Control,
+    pub(crate) health: HealthKind,
+    pub(crate) health_path: String,
+    pub(crate) health_status: u16,
+    pub(crate) keep_releases: usize,
+    pub(crate) ssh_key: Option<PathBuf>,
+    pub(crate) ssh_known_hosts: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LbKind {
+    #[default]
+    None,
+    Nginx,
+    Haproxy,
+    Symlink,
+    Simulated,
+}
+
+impl fmt::Display for LbKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LbKind::None => "none",
+            LbKind::Nginx => "nginx",
+            LbKind::Haproxy => "haproxy",
+            LbKind::Symlink => "symlink",
+            LbKind::Simulated => "simulated",
+        })
+    }
+}
+
+/// `[load_balancer]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LoadBalancerConfig {
+    #[serde(default)]
+    pub(crate) kind: LbKind,
+    /// nginx: the upstream include file deploykit owns.
+    pub(crate) include_file: Option<String>,
+    /// nginx: the main configuration (`nginx -c`), when not the default.
+    pub(crate) nginx_config: Option<String>,
+    /// nginx: the master's pid file (default `/run/nginx.pid`).
+    pub(crate) pid_file: Option<String>,
+    /// nginx: the upstream's name.
+    pub(crate) upstream: Option<String>,
+    /// nginx: the nginx binary (default `nginx`).
+    pub(crate) nginx_binary: Option<String>,
+    /// haproxy: the runtime API socket.
+    pub(crate) socket: Option<String>,
+    /// haproxy: the backend's name.
+    pub(crate) backend: Option<String>,
+    /// symlink: the `live` link.
+    pub(crate) link: Option<String>,
+    /// symlink: the directory the link points into, per environment.
+    pub(crate) targets: Option<BTreeMap<String, String>>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MetricsConfig {
+    pub(crate) prometheus: String,
+    pub(crate) error_rate: Option<String>,
+    pub(crate) latency_p99: Option<String>,
+    pub(crate) request_count: Option<String>,
+    pub(crate) timeout: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum StrategyKind {
+    #[default]
+    Rolling,
+    BlueGreen,
+    Canary,
+    Recreate,
+}
+
+impl fmt::Display for StrategyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StrategyKind::Rolling => "rolling",
+            StrategyKind::BlueGreen => "blue-green",
+            StrategyKind::Canary => "canary",
+            StrategyKind::Recreate => "recreate",
+        })
+    }
+}
+
+/// `[strategy]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StrategyConfig {
+    #[serde(default)]
+    pub(crate) kind: StrategyKind,
+    #[serde(default)]
+    pub(crate) rolling: RollingConfig,
+    #[serde(default, rename = "blue-green")]
+    pub(crate) blue_green: BlueGreenConfig,
+    #[serde(default)]
+    pub(crate) canary: CanaryConfig,
+    #[serde(default)]
+    pub(crate) recreate: RecreateConfig,
+}
+
+/// `[strategy.rolling]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RollingConfig {
+    pub(crate) batch_size: CountOrPercent,
+    pub(crate) max_failures: CountOrPercent,
+    pub(crate) health_retries: u32,
+    pub(crate) health_interval: Dur,
+    pub(crate) drain_timeout: Dur,
+    pub(crate) stabilisation: Option<Dur>,
+}
+
+impl Default for RollingConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: CountOrPercent::Count(1),
+            max_failures: CountOrPercent::Count(1),
+            health_retries: 3,
+            health_interval: d(10),
+            drain_timeout: d(30),
+            stabilisation: None,
+        }
+    }
+}
+
+/// `[strategy.blue-green]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct BlueGreenConfig {
+    pub(crate) environments: [String; 2],
+    pub(crate) healthy_deadline: Dur,
+    pub(crate) health_interval: Dur,
+    pub(crate) warmup_requests: u32,
+    pub(crate) warmup_path: String,
+    pub(crate) keep_old: String,
+}
+
+impl Default for BlueGreenConfig {
+    fn default() -> Self {
+        Self {
+            environments: ["blue".into(), "green".into()],
+            healthy_deadline: d(300),
+            health_interval: d(2),
+            warmup_requests: 100,
+            warmup_path: "/".into(),
+            keep_old: "30s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum PromotionKind {
+    #[default]
+    Auto,
+    Manual,
+}
+
+/// `[strategy.canary]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct CanaryConfig {
+    pub(crate) stages: Vec<i64>,
+    pub(crate) stage_duration: Dur,
+    pub(crate) check_interval: Dur,
+    pub(crate) stable_group: String,
+    pub(crate) canary_group: String,
+    pub(crate) promotion: PromotionKind,
+    pub(crate) promotion_timeout: Option<Dur>,
+    pub(crate) error_threshold: f64,
+    pub(crate) latency_threshold: Dur,
+    pub(crate) max_error_ratio: f64,
+    pub(crate) ratio_floor: f64,
+    pub(crate) min_requests: u64,
+    pub(crate) inconclusive_limit: u32,
+    pub(crate) window: Dur,
+    pub(crate) finalize_batch: usize,
+    pub(crate) health_retries: u32,
+    pub(crate) health_interval: Dur,
+    pub(crate) drain_timeout: Dur,
+}
+
+impl Default for CanaryConfig {
+    fn default() -> Self {
+        let c = deploykit::Canary::default();
+        Self {
+            stages: c.stages.iter().map(|s| i64::from(*s)).collect(),
+            stage_duration: Dur(c.stage_duration),
+            check_interval: Dur(c.check_interval),
+            stable_group: c.stable_group.to_string(),
+            canary_group: c.canary_group.to_string(),
+            promotion: PromotionKind::Auto,
+            promotion_timeout: None,
+            error_threshold: c.analysis.error_threshold,
+            latency_threshold: Dur(c.analysis.latency_threshold),
+            max_error_ratio: c.analysis.max_error_ratio,
+            ratio_floor: c.analysis.ratio_floor,
+            min_requests: c.analysis.min_requests,
+            inconclusive_limit: c.analysis.inconclusive_limit,
+            window: Dur(c.analysis.window),
+            finalize_batch: c.finalize_batch,
+            health_retries: c.health.retries,
+            health_interval: Dur(c.health.interval),
+            drain_timeout: Dur(c.drain_timeout),
+        }
+    }
+}
+
+/// `[strategy.recreate]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RecreateConfig {
+    pub(crate) health_retries: u32,
+    pub(crate) health_interval: Dur,
+    pub(crate) drain_timeout: Dur,
+}
+
+impl Default for RecreateConfig {
+    fn default() -> Self {
+        Self {
+            health_retries: 3,
+            health_interval: d(10),
+            drain_timeout: d(30),
+        }
+    }
+}
+
+/// One `[[smoke_checks]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SmokeCheckConfig {
+    pub(crate) path: String,
+    #[serde(default = "default_status")]
+    pub(crate) status: u16,
+    #[serde(default)]
+    pub(crate) body_contains: Option<String>,
+    #[serde(default)]
+    pub(crate) timeout: Option<Dur>,
+}
+
+fn default_status() -> u16 {
+    200
+}
+
+/// `[notifications]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct NotificationsConfig {
+    pub(crate) timeout: Dur,
+    pub(crate) webhooks: Vec<WebhookConfig>,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        Self {
+            timeout: d(5),
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum WebhookFormat {
+    #[default]
+    Json,
+    Slack,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum NotifyOn {
+    Start,
+    Success,
+    Rollback,
+    Failure,
+}
+
+/// One `[[notifications.webhooks]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WebhookConfig {
+    pub(crate) url: String,
+    #[serde(default)]
+    pub(crate) format: WebhookFormat,
+    #[serde(default = "all_events")]
+    pub(crate) on: Vec<NotifyOn>,
+}
+
+fn all_events() -> Vec<NotifyOn> {
+    vec![
+        NotifyOn::Start,
+        NotifyOn::Success,
+        NotifyOn::Rollback,
+        NotifyOn::Failure,
+    ]
+}
+
+/// `[timeouts]`: the executor's per-call bounds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct TimeoutsConfig {
+    pub(crate) stop: Dur,
+    pub(crate) force_stop: Dur,
+    pub(crate) install: Dur,
+    pub(crate) restore: Dur,
+    pub(crate) start: Dur,
+    pub(crate) health_probe: Dur,
+    pub(crate) load_balancer: Dur,
+    pub(crate) query: Dur,
+    pub(crate) drain_poll: Dur,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        let t = deploykit::Timeouts::default();
+        Self {
+            stop: Dur(t.stop),
+            force_stop: Dur(t.force_stop),
+            install: Dur(t.install),
+            restore: Dur(t.restore),
+            start: Dur(t.start),
+            health_probe: Dur(t.health_probe),
+            load_balancer: Dur(t.load_balancer),
+            query: Dur(t.query),
+            drain_poll: d(1),
+        }
+    }
+}
+
+/// A configuration error: where, what, and how to fix it.
+#[derive(Debug)]
+pub(crate) struct ConfigError {
+    pub(crate) file: PathBuf,
+    /// 1-based line and column, for syntax and type errors.
+    pub(crate) at: Option<(usize, usize)>,
+    pub(crate) message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.at {
+            Some((l, c)) => write!(f, "{}:{l}:{c}: {}", self.file.display(), self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A loaded, checked configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Loaded {
+    pub(crate) path: PathBuf,
+    pub(crate) raw: Config,
+    pub(crate) instances: Vec<Instance>,
+    /// Where relative paths are resolved (the config file's directory).
+    pub(crate) base: PathBuf,
+}
+
+impl Loaded {
+    /// `state_dir`, resolved.
+    pub(crate) fn state_base(&self) -> PathBuf {
+        self.resolve(self.raw.state_dir.as_deref().unwrap_or(".deploykit"))
+    }
+
+    /// A path from the file, relative to the file's directory.
+    pub(crate) fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+}
+
+/// Reads and checks `path`.
+pub(crate) fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        at: None,
+        message: format!("cannot read the configuration: {e}; pass another file with --config"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and checks `text` (read from `path`).
+pub(crate) fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
+    let raw: Config = toml::from_str(text).map_err(|e| {
+        let at = e.span().map(|s| line_col(text, s.start));
+        ConfigError {
+            file: path.to_path_buf(),
+            at,
+            message: explain(e.message(), text, e.span().map(|s| s.start)),
+        }
+    })?;
+    let semantic = |e: deploykit::Error| ConfigError {
+        file: path.to_path_buf(),
+        at: None,
+        message: e.to_string(),
+    };
+    let instances = check(&raw).map_err(semantic)?;
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let base = std::fs::canonicalize(&base).unwrap_or(base);
+    Ok(Loaded {
+        path: path.to_path_buf(),
+        raw,
+        instances,
+        base,
+    })
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map(|n| before.len() - n)
+        .unwrap_or(before.len() + 1);
+    (line, col)
+}
+
+/// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" into a
+/// message naming the table and the closest known name.
+fn explain(message: &str, text: &str, offset: Option<usize>) -> String {
+    let message = message.trim();
+    let table = offset.map(|o| enclosing_table(text, o)).unwrap_or_default();
+    let place = if table.is_empty() {
+        "at the top level".to_string()
+    } else {
+        format!("in [{table}]")
+    };
+    for (prefix, what) in [("unknown field `", "field"), ("unknown variant `", "value")] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let Some(end) = rest.find('`') else { break };
+            let bad = &rest[..end];
+            let expected: Vec<&str> = rest[end..]
+                .split('`')
+                .skip(2)
+                .step_by(2)
+                .filter(|s| !s.is_empty())
+                .collect();
+            let best = expected
+                .iter()
+                .map(|e| (strsim::jaro_winkler(bad, e), *e))
+                .filter(|(score, _)| *score > 0.8)
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            let hint = match best {
+                Some((_, e)) => format!("did you mean `{e}`?"),
+                None => format!("expected one of: {}", expected.join(", ")),
+            };
+            return format!("unknown {what} `{bad}` {place}; {hint}");
+        }
+    }
+    if message.starts_with("missing field") {
+        return format!("{message} {place}");
+    }
+    message.to_string()
+}
+
+/// The `[table]` or `[[table]]` header above `offset`.
+fn enclosing_table(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        .unwrap_or_default()
+}
+
+fn inv(field: impl Into<String>, message: impl Into<String>) -> deploykit::Error {
+    deploykit::Error::invalid(field, message)
+}
+
+fn check_duration(field: &str, d: Dur) -> deploykit::Result<()> {
+    if d.0.is_zero() {
+        return Err(inv(field, "is 0; give a positive duration such as \"10s\""));
+    }
+    Ok(())
+}
+
+/// The semantic checks: names, uniqueness, addresses, paths, per-strategy
+/// parameters and the fields that belong to the chosen load balancer.
+fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
+    deploykit::names::validate_name("app", &c.app)?;
+    if c.instances.is_empty() {
+        return Err(inv(
+            "instances",
+            "no instances; add at least one [[instances]] table with an id and an address",
+        ));
+    }
+    let mut ids = BTreeSet::new();
+    let mut addresses = BTreeMap::new();
+    let mut out = Vec::new();
+    for (n, i) in c.instances.iter().enumerate() {
+        let f = |name: &str| format!("instances[{n}].{name}");
+        let id = InstanceId::new(&i.id).map_err(|e| rename(e, &f("id")))?;
+        if !ids.insert(id.clone()) {
+            return Err(inv(
+                f("id"),
+                format!("{id} is used by an earlier instance; give every instance its own id"),
+            ));
+        }
+        let address = Address::parse(&i.address).map_err(|e| rename(e, &f("address")))?;
+        if let Some(other) = addresses.insert(address.to_string(), id.clone()) {
+            return Err(inv(
+                f("address"),
+                format!("{address} is also the address of {other}; every instance needs its own address"),
+            ));
+        }
+        out.push(instance(c, n, id, address, &i.fields)?);
+    }
+    let groups: BTreeSet<&Group> = out.iter().map(|i| &i.group).collect();
+    check_lb(c)?;
+    let s = &c.strategy;
+    match s.kind {
+        StrategyKind::Rolling => {
+            let r = &s.rolling;
+            if r.health_retries == 0 {
+                return Err(inv(
+                    "strategy.rolling.health_retries",
+                    "is 0; at least 1 probe is needed",
+                ));
+            }
+            check_duration("strategy.rolling.health_interval", r.health_interval)?;
+            crate::wire::rolling(r)
+                .validate()
+                .map_err(|e| prefix(e, "strategy.rolling."))?;
+        }
+        StrategyKind::Recreate => {
+            if s.recreate.health_retries == 0 {
+                return Err(inv(
+                    "strategy.recreate.health_retries",
+                    "is 0; at least 1 probe is needed",
+                ));
+            }
+        }
+        StrategyKind::BlueGreen => {
+            let bg = crate::wire::blue_green(&s.blue_green, c.smoke_checks.as_deref())?;
+            bg.validate().map_err(|e| prefix(e, "strategy.blue-green."))?;
+            for env in &bg.environments {
+                if !groups.contains(env) {
+                    return Err(inv(
+                        "instances",
+                        format!(
+                            "no instance is in the environment {env}; blue-green needs instances with group = \"{}\" and group = \"{}\"",
+                            bg.environments[0], bg.environments[1]
+                        ),
+                    ));
+                }
+            }
+            if let Some(g) = groups.iter().find(|g| !bg.environments.contains(g)) {
+                return Err(inv(
+                    "instances",
+                    format!(
+                        "the group {g} is neither {} nor {}; under blue-green every instance belongs to one environment",
+                        bg.environments[0], bg.environments[1]
+                    ),
+                ));
+            }
+            if c.load_balancer.kind == LbKind::None {
+                return Err(inv(
+                    "load_balancer.kind",
+                    "is none, but blue-green switches traffic; choose nginx, haproxy, symlink or simulated",
+                ));
+            }
+        }
+        StrategyKind::Canary => {
+            let canary = crate::wire::canary(&s.canary)?;
+            canary.validate().map_err(|e| prefix(e, "strategy.canary."))?;
+            for g in [&canary.stable_group, &canary.canary_group] {
+                if !groups.contains(g) {
+                    return Err(inv(
+                        "instances",
+                        format!("no instance is in the group {g}; canary needs stable and canary instances (set group = \"{g}\")"),
+                    ));
+                }
+            }
+            if c.metrics.is_none() {
+                return Err(inv(
+                    "metrics",
+                    "canary analyses metrics, but there is no [metrics] table; set metrics.prometheus = \"http://host:9090\"",
+                ));
+            }
+            if c.load_balancer.kind == LbKind::None {
+                return Err(inv(
+                    "load_balancer.kind",
+                    "is none, but canary splits traffic by weight; choose nginx, haproxy or simulated",
+                ));
+            }
+        }
+    }
+    if let Some(m) = &c.metrics {
+        let ok = (m.prometheus.starts_with("http://") || m.prometheus.starts_with("https://"))
+            && m.prometheus.len() > "https://".len()
+            && !m.prometheus.chars().any(char::is_whitespace);
+        if !ok {
+            return Err(inv(
+                "metrics.prometheus",
+                format!(
+                    "{:?} is not an http(s) URL; write e.g. \"http://127.0.0.1:9090\"",
+                    m.prometheus
+                ),
+            ));
+        }
+        for (name, q) in [
+            ("error_rate", &m.error_rate),
+            ("latency_p99", &m.latency_p99),
+            ("request_count", &m.request_count),
+        ] {
+            if let Some(q) = q {
+                deploykit::metrics::QueryTemplate::parse(&format!("metrics.{name}"), q)?;
+            }
+        }
+        if let Some(t) = m.timeout {
+            check_duration("metrics.timeout", t)?;
+        }
+    }
+    if let Some(checks) = &c.smoke_checks {
+        for (n, sc) in checks.iter().enumerate() {
+            crate::wire::smoke_check(sc).validate(&format!("smoke_checks[{n}]"))?;
+        }
+    }
+    for (n, w) in c.notifications.webhooks.iter().enumerate() {
+        let ok = (w.url.starts_with("http://") || w.url.starts_with("https://"))
+            && !w.url.chars().any(char::is_whitespace);
+        if !ok {
+            return Err(inv(
+                format!("notifications.webhooks[{n}].url"),
+                format!(
+                    "{:?} is not an http(s) URL; write e.g. \"https://hooks.example.com/deploys\"",
+                    w.url
+                ),
+            ));
+        }
+        if w.on.is_empty() {
+            return Err(inv(
+                format!("notifications.webhooks[{n}].on"),
+                "is empty; list some of start, success, rollback, failure (or omit it for all)",
+            ));
+        }
+    }
+    check_duration("notifications.timeout", c.notifications.timeout)?;
+    let t = &c.timeouts;
+    for (name, v) in [
+        ("stop", t.stop),
+        ("force_stop", t.force_stop),
+        ("install", t.install),
+        ("restore", t.restore),
+        ("start", t.start),
+        ("health_probe", t.health_probe),
+        ("load_balancer", t.load_balancer),
+        ("query", t.query),
+        ("drain_poll", t.drain_poll),
+    ] {
+        check_duration(&format!("timeouts.{name}"), v)?;
+    }
+    Ok(out)
+}
+
+fn rename(e: deploykit::Error, field: &str) -> deploykit::Error {
+    match e {
+        deploykit::Error::InvalidInput { message, .. } => inv(field, message),
+        other => other,
+    }
+}
+
+/// Names a library field as the file spells it, under `p`.
+fn prefix(e: deploykit::Error, p: &str) -> deploykit::Error {
+    match e {
+        deploykit::Error::InvalidInput { field, message } => {
+            let field = field
+                .trim_start_matches("analysis.")
+                .replace("health.retries", "health_retries")
+                .replace("promotion.timeout", "promotion_timeout");
+            inv(format!("{p}{field}"), message)
+        }
+        other => other,
+    }
+}
+
+fn instance(
+    c: &Config,
+    n: usize,
+    id: InstanceId,
+    address: Address,
+    own: &InstanceFields,
+) -> deploykit::Result<Instance> {
+    let def = &c.instance_defaults;
+    let f = |name: &str| format!("instances[{n}].{name}");
+    macro_rules! pick {
+        ($field:ident) => {
+            own.$field.clone().or_else(|| def.$field.clone())
+        };
+    }
+    let group =
+        Group::new(pick!(group).unwrap_or_else(|| "default".into())).map_err(|e| rename(e, &f("group")))?;
+    let host = match pick!(host).as_deref() {
+        None | Some("local") => HostSpec::Local,
+        Some(h) => parse_ssh(h).map_err(|m| inv(f("host"), m))?,
+    };
+    let subst = |s: &str| {
+        s.replace("{id}", id.as_str())
+            .replace("{address}", &address.to_string())
+            .replace("{port}", &address.port().to_string())
+            .replace("{app}", &c.app)
+    };
+    let command = pick!(command);
+    let unit = pick!(systemd_unit);
+    let simulated = pick!(simulated).unwrap_or(false);
+    let chosen = [command.is_some(), unit.is_some(), simulated]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if chosen != 1 {
+        return Err(inv(
+            f("command"),
+            format!(
+                "{} of command, systemd_unit and simulated = true are set for {id}; set exactly one (here or in [instance_defaults])",
+                if chosen == 0 { "none" } else { "more than one" }
+            ),
+        ));
+    }
+    let control = if let Some(cmd) = command {
+        if cmd.is_empty() || cmd[0].is_empty() {
+            return Err(inv(
+                f("command"),
+                "is empty; give the program and its arguments, e.g. [\"./app\", \"--port\", \"{port}\"]",
+            ));
+        }
+        let env = pick!(env).unwrap_or_default();
+        for k in env.keys() {
+            let ok = k
+                .chars()
+                .next()
+                .is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_')
+                && k.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+            if !ok {
+                return Err(inv(
+                    f("env"),
+                    format!("{k:?} is not a variable name; use [A-Za-z_][A-Za-z0-9_]*"),
+                ));
+            }
+        }
+        Control::Process {
+            command: cmd.iter().map(|a| subst(a)).collect(),
+            env: env.iter().map(|(k, v)| (k.clone(), subst(v))).collect(),
+            grace: pick!(stop_grace)
+                .map(|d| d.0)
+                .unwrap_or(deploykit::instance::DEFAULT_GRACE),
+        }
+    } else if let Some(unit) = unit {
+        let unit = subst(&unit);
+        deploykit::instance::SystemdUnit::new(&unit).map_err(|e| rename(e, &f("systemd_unit")))?;
+        Control::Systemd {
+            unit,
+            user: pick!(systemd_user).unwrap_or(false),
+            sudo: pick!(sudo).unwrap_or(false),
+        }
+    } else {
+        let unhealthy = pick!(simulate_unhealthy).unwrap_or_default();
+        for r in &unhealthy {
+            deploykit::ReleaseId::new(r).map_err(|e| rename(e, &f("simulate_unhealthy")))?;
+        }
+        Control::Simulated { unhealthy }
+    };
+    let root = pick!(root).map(|r| subst(&r));
+    if !matches!(control, Control::Simulated { .. }) {
+        let Some(root) = &root else {
+            return Err(inv(
+                f("root"),
+                format!("{id} has no root; set the directory of its release layout, e.g. root = \"/srv/{}/{{id}}\"", c.app),
+            ));
+        };
+        if matches!(host, HostSpec::Ssh { .. }) && !root.starts_with('/') {
+            return Err(inv(
+                f("root"),
+                format!("{root:?} is relative; on an SSH host the root must be absolute"),
+            ));
+        }
+        if root.split('/').any(|p| p == "..") {
+            return Err(inv(
+                f("root"),
+                format!("{root:?} contains '..'; use a plain path"),
+            ));
+        }
+        if c.releases.is_none() {
+            return Err(inv(
+                "releases",
+                "is not set, but instances install releases from it; set releases = \"builds\" (a directory holding <release-id>/)",
+            ));
+        }
+    }
+    let health = pick!(health).unwrap_or(HealthKind::Http);
+    let health_path = pick!(health_path).unwrap_or_else(|| "/health".into());
+    deploykit::smoke::validate_path(&f("health_path"), &health_path)?;
+    let health_status = pick!(health_status).unwrap_or(200);
+    if !(100..=599).contains(&health_status) {
+        return Err(inv(
+            f("health_status"),
+            format!("{health_status} is not an HTTP status; use 100-599"),
+        ));
+    }
+    let keep_releases = pick!(keep_releases).unwrap_or(deploykit::instance::DEFAULT_KEEP);
+    if keep_releases < 2 {
+        return Err(inv(
+            f("keep_releases"),
+            format!("is {keep_releases}; keep at least 2 so the previous release can be restored"),
+        ));
+    }
+    Ok(Instance {
+        id,
+        address,
+        group,
+        host,
+        root,
+        control,
+        health,
+        health_path,
+        health_status,
+        keep_releases,
+        ssh_key: pick!(ssh_key).map(PathBuf::from),
+        ssh_known_hosts: pick!(ssh_known_hosts).map(PathBuf::from),
+    })
+}
+
+/// `ssh://user@host:port` (port optional, default 22).
+fn parse_ssh(h: &str) -> Result<HostSpec, String> {
+    let bad = || format!("{h:?} is neither \"local\" nor an SSH URL; write \"ssh://user@host:22\"");
+    let rest = h.strip_prefix("ssh://").ok_or_else(bad)?;
+    let (user, hostport) = rest.split_once('@').ok_or_else(bad)?;
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((host, port)) => (host, port.parse::<u16>().map_err(|_| bad())?),
+        None => (hostport, 22),
+    };
+    deploykit::names::validate_name("ssh user", user).map_err(|e| e.to_string())?;
+    let host_ok = !host.is_empty()
+        && !host.starts_with('-')
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'));
+    if !host_ok || port == 0 {
+        return Err(bad());
+    }
+    Ok(HostSpec::Ssh {
+        user: user.into(),
+        host: host.into(),
+        port,
+    })
+}
+
+fn check_lb(c: &Config) -> deploykit::Result<()> {
+    let lb = &c.load_balancer;
+    let fields: [(&str, bool, &[LbKind]); 9] = [
+        ("include_file", lb.include_file.is_some(), &[LbKind::Nginx]),
+        ("nginx_config", lb.nginx_config.is_some(), &[LbKind::Nginx]),
+        ("pid_file", lb.pid_file.is_some(), &[LbKind::Nginx]),
+        ("upstream", lb.upstream.is_some(), &[LbKind::Nginx]),
+        ("nginx_binary", lb.nginx_binary.is_some(), &[LbKind::Nginx]),
+        ("socket", lb.socket.is_some(), &[LbKind::Haproxy]),
+        ("backend", lb.backend.is_some(), &[LbKind::Haproxy]),
+        ("link", lb.link.is_some(), &[LbKind::Symlink]),
+        ("targets", lb.targets.is_some(), &[LbKind::Symlink]),
+    ];
+    for (name, set, kinds) in fields {
+        if set && !kinds.contains(&lb.kind) {
+            return Err(inv(
+                format!("load_balancer.{name}"),
+                format!(
+                    "belongs to kind = \"{}\", but kind is \"{}\"; remove it or change kind",
+                    kinds[0], lb.kind
+                ),
+            ));
+        }
+    }
+    let need = |name: &str, v: &Option<String>, example: &str| match v {
+        Some(s) if !s.is_empty() => Ok(()),
+        _ => Err(inv(
+            format!("load_balancer.{name}"),
+            format!(
+                "is required for kind = \"{}\"; e.g. {name} = \"{example}\"",
+                lb.kind
+            ),
+        )),
+    };
+    match lb.kind {
+        LbKind::Nginx => {
+            need(
+                "include_file",
+                &lb.include_file,
+                "/etc/nginx/conf.d/app-upstream.conf",
+            )?;
+            need("upstream", &lb.upstream, "app")?;
+        }
+        LbKind::Haproxy => {
+            need("socket", &lb.socket, "/run/haproxy/admin.sock")?;
+            need("backend", &lb.backend, "app")?;
+        }
+        LbKind::Symlink => need("link", &lb.link, "/srv/app/live")?,
+        LbKind::None | LbKind::Simulated => {}
+    }
+    for (name, v) in [("upstream", &lb.upstream), ("backend", &lb.backend)] {
+        if let Some(v) = v {
+            deploykit::names::validate_name(&format!("load_balancer.{name}"), v)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_and_column() {
+        assert_eq!(line_col("ab\ncd\nef", 4), (2, 2));
+        assert_eq!(line_col("abc", 0), (1, 1));
+    }
+
+    #[test]
+    fn did_you_mean() {
+        let text = "app = \"a\"\n[strategy.rolling]\nbatchsize = 2\n";
+        let m = explain(
+            "unknown field `batchsize`, expected one of `batch_size`, `max_failures`",
+            text,
+            Some(text.find("batchsize").unwrap()),
+        );
+        assert_eq!(
+            m,
+            "unknown field `batchsize` in [strategy.rolling]; did you mean `batch_size`?"
+        );
+    }
+
+    #[test]
+    fn ssh_urls() {
+        assert_eq!(
+            parse_ssh("ssh://deploy@10.0.0.5:2222").unwrap(),
+            HostSpec::Ssh {
+                user: "deploy".into(),
+                host: "10.0.0.5".into(),
+                port: 2222
+            }
+        );
+        assert!(parse_ssh("ssh://deploy@h").is_ok());
+        for bad in ["ftp://x@y", "ssh://y", "ssh://a@-x", "ssh://a@h:0", "ssh://a b@h"] {
+            assert!(parse_ssh(bad).is_err(), "{bad}");
+        }
+    }
+}

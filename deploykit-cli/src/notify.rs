@@ -1,0 +1,150 @@
+//! Deployment notifications (SPEC E7): webhooks called on start, success,
+//! rollback and failure. A webhook that fails or times out is logged and
+//! otherwise ignored: it never fails a deployment.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::config::{NotificationsConfig, NotifyOn, WebhookConfig, WebhookFormat};
+
+/// What happened, for the body.
+#[derive(Debug, Clone)]
+pub(crate) struct Notice {
+    pub(crate) event: NotifyOn,
+    pub(crate) app: String,
+    pub(crate) deployment: String,
+    pub(crate) kind: String,
+    pub(crate) strategy: String,
+    pub(crate) release: String,
+    pub(crate) outcome: Option<String>,
+    pub(crate) reason: Option<String>,
+    pub(crate) duration_ms: Option<u64>,
+}
+
+impl NotifyOn {
+    fn word(self) -> &'static str {
+        match self {
+            NotifyOn::Start => "start",
+            NotifyOn::Success => "success",
+            NotifyOn::Rollback => "rollback",
+            NotifyOn::Failure => "failure",
+        }
+    }
+}
+
+/// The generic JSON body (schema in `docs/configuration.md`).
+pub(crate) fn json_body(n: &Notice) -> serde_json::Value {
+    json!({
+        "version": 1,
+        "event": n.event.word(),
+        "app": n.app,
+        "deployment": n.deployment,
+        "kind": n.kind,
+        "strategy": n.strategy,
+        "release": n.release,
+        "outcome": n.outcome,
+        "reason": n.reason,
+        "duration_ms": n.duration_ms,
+    })
+}
+
+/// A Slack-compatible body (`{"text": …}`, accepted by Slack incoming
+/// webhooks and by Mattermost and Rocket.Chat).
+pub(crate) fn slack_body(n: &Notice) -> serde_json::Value {
+    let what = match n.event {
+        NotifyOn::Start => format!(
+            ":rocket: {} {} of *{}* `{}` started",
+            n.strategy, n.kind, n.app, n.release
+        ),
+        NotifyOn::Success => format!(
+            ":white_check_mark: {} of *{}* `{}` succeeded",
+            n.kind, n.app, n.release
+        ),
+        NotifyOn::Rollback => format!(
+            ":leftwards_arrow_with_hook: {} of *{}* `{}` was rolled back",
+            n.kind, n.app, n.release
+        ),
+        NotifyOn::Failure => format!(
+            ":rotating_light: {} of *{}* `{}` FAILED",
+            n.kind, n.app, n.release
+        ),
+    };
+    let mut text = format!("{what} (deployment {})", n.deployment);
+    if let Some(r) = &n.reason {
+        text.push_str(&format!("\nreason: {r}"));
+    }
+    if let Some(ms) = n.duration_ms {
+        text.push_str(&format!("\nduration: {:.1}s", ms as f64 / 1000.0));
+    }
+    json!({ "text": text })
+}
+
+/// Sends notices to the configured webhooks.
+#[derive(Debug, Clone)]
+pub(crate) struct Notifier {
+    hooks: Vec<WebhookConfig>,
+    timeout: Duration,
+    client: Option<reqwest::Client>,
+}
+
+impl Notifier {
+    pub(crate) fn new(cfg: &NotificationsConfig) -> Self {
+        let client = if cfg.webhooks.is_empty() {
+            None
+        } else {
+            match reqwest::Client::builder().timeout(cfg.timeout.0).build() {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot create the webhook client; notifications are off");
+                    None
+                }
+            }
+        };
+        Self {
+            hooks: cfg.webhooks.clone(),
+            timeout: cfg.timeout.0,
+            client,
+        }
+    }
+
+    /// Calls every webhook subscribed to `notice.event`, concurrently, each
+    /// bounded by the timeout. Never fails; returns how many calls failed.
+    pub(crate) async fn send(&self, notice: &Notice) -> usize {
+        let Some(client) = &self.client else { return 0 };
+        let calls = self.hooks.iter().filter(|h| h.on.contains(&notice.event)).map(|h| {
+            let body = match h.format {
+                WebhookFormat::Json => json_body(notice),
+                WebhookFormat::Slack => slack_body(notice),
+            };
+            let req = client
+                .post(&h.url)
+                .header("content-type", "application/json")
+                .body(body.to_string());
+            let url = h.url.clone();
+            let timeout = self.timeout;
+            async move {
+                match tokio::time::timeout(timeout, req.send()).await {
+                    Ok(Ok(r)) if r.status().is_success() => true,
+                    Ok(Ok(r)) => {
+                        tracing::warn!(%url, status = %r.status(), "webhook answered with an error; ignored");
+                        false
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(%url, error = %e, "webhook failed; ignored");
+                        false
+                    }
+                    Err(_) => {
+                        tracing::warn!(%url, ?timeout, "webhook timed out; ignored");
+                        false
+                    }
+                }
+            }
+        });
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .filter(|ok| !ok)
+            .count()
+    }
+}

@@ -1,0 +1,225 @@
+//! Simulated instances and load balancer whose state is kept in files, so it
+//! survives the `deploykit` process: for trying deploykit without servers
+//! (`simulated = true`, `load_balancer.kind = "simulated"`) and for the
+//! crash-recovery tests, which kill the CLI mid-deployment and check what
+//! it left behind.
+//!
+//! Each instance is `<state>/simulated/<id>.json`
+//! (`{"release":"v2","installed":["v1","v2"],"running":true}`); the load
+//! balancer is `<state>/simulated/lb.json`
+//! (`{"out_of_rotation":["web-2"],"weights":{},"live":"blue"}`). Every change
+//! is written atomically.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use deploykit::{Backend, DriverError, Group, GroupWeight, Health, Instance, LoadBalancer, ReleaseId};
+use serde::{Deserialize, Serialize};
+
+/// What a simulated instance keeps on disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SimInstanceState {
+    pub(crate) release: Option<ReleaseId>,
+    pub(crate) installed: Vec<ReleaseId>,
+    pub(crate) running: bool,
+}
+
+fn read<T: Default + for<'de> Deserialize<'de>>(path: &Path) -> Result<T, DriverError> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| DriverError::new(format!("{} is corrupt", path.display())).with_source(e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(DriverError::new(format!("cannot read {}", path.display())).with_source(e)),
+    }
+}
+
+fn write<T: Serialize>(path: &Path, v: &T) -> Result<(), DriverError> {
+    let bytes = serde_json::to_vec(v).expect("state serializes");
+    deploykit::state::write_atomic(path, &bytes)
+        .map_err(|e| DriverError::new(format!("cannot write {}", path.display())).with_source(e))
+}
+
+/// The directory of the simulated state.
+pub(crate) fn dir(state_root: &Path) -> PathBuf {
+    state_root.join("simulated")
+}
+
+/// An instance simulated in a file.
+#[derive(Debug)]
+pub(crate) struct SimInstance {
+    backend: Backend,
+    path: PathBuf,
+    unhealthy: Vec<ReleaseId>,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl SimInstance {
+    pub(crate) fn new(
+        backend: Backend,
+        state_root: &Path,
+        unhealthy: Vec<ReleaseId>,
+    ) -> std::io::Result<Self> {
+        let dir = dir(state_root);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            path: dir.join(format!("{}.json", backend.id)),
+            backend,
+            unhealthy,
+            lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub(crate) fn state(&self) -> Result<SimInstanceState, DriverError> {
+        read(&self.path)
+    }
+
+    async fn update(
+        &self,
+        f: impl FnOnce(&mut SimInstanceState) -> Result<(), DriverError>,
+    ) -> Result<(), DriverError> {
+        let _g = self.lock.lock().await;
+        let mut s: SimInstanceState = read(&self.path)?;
+        f(&mut s)?;
+        write(&self.path, &s)
+    }
+}
+
+/// Contracts as the trait's: every method is idempotent and cancel-safe (one
+/// atomic file write); a failure leaves the file as it was.
+#[async_trait]
+impl Instance for SimInstance {
+    fn backend(&self) -> &Backend {
+        &self.backend
+    }
+    async fn current_release(&self) -> Result<Option<ReleaseId>, DriverError> {
+        Ok(self.state()?.release)
+    }
+    async fn stop(&self) -> Result<(), DriverError> {
+        self.update(|s| {
+            s.running = false;
+            Ok(())
+        })
+        .await
+    }
+    async fn force_stop(&self) -> Result<(), DriverError> {
+        self.stop().await
+    }
+    async fn install(&self, release: &ReleaseId) -> Result<(), DriverError> {
+        self.update(|s| {
+            if !s.installed.contains(release) {
+                s.installed.push(release.clone());
+            }
+            s.release = Some(release.clone());
+            Ok(())
+        })
+        .await
+    }
+    async fn restore(&self, release: &ReleaseId) -> Result<(), DriverError> {
+        self.update(|s| {
+            if !s.installed.contains(release) {
+                return Err(DriverError::new(format!(
+                    "release {release} was never installed here"
+                )));
+            }
+            s.release = Some(release.clone());
+            Ok(())
+        })
+        .await
+    }
+    async fn start(&self) -> Result<(), DriverError> {
+        self.update(|s| {
+            if s.release.is_none() {
+                return Err(DriverError::new("no release installed"));
+            }
+            s.running = true;
+            Ok(())
+        })
+        .await
+    }
+    async fn health(&self) -> Result<Health, DriverError> {
+        let s = self.state()?;
+        Ok(match (&s.release, s.running) {
+            (_, false) => Health::Unhealthy("not running".into()),
+            (Some(r), true) if self.unhealthy.contains(r) => {
+                Health::Unhealthy(format!("{r} answers 500 (simulate_unhealthy)"))
+            }
+            _ => Health::Healthy,
+        })
+    }
+}
+
+/// What the simulated load balancer keeps on disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SimLbState {
+    pub(crate) out_of_rotation: BTreeSet<String>,
+    pub(crate) weights: BTreeMap<String, u8>,
+    pub(crate) live: Option<Group>,
+}
+
+/// A load balancer simulated in a file.
+#[derive(Debug, Clone)]
+pub(crate) struct SimLoadBalancer {
+    path: PathBuf,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl SimLoadBalancer {
+    pub(crate) fn new(state_root: &Path) -> std::io::Result<Self> {
+        let dir = dir(state_root);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            path: dir.join("lb.json"),
+            lock: Arc::default(),
+        })
+    }
+
+    pub(crate) fn state(&self) -> Result<SimLbState, DriverError> {
+        read(&self.path)
+    }
+
+    async fn update(&self, f: impl FnOnce(&mut SimLbState)) -> Result<(), DriverError> {
+        let _g = self.lock.lock().await;
+        let mut s: SimLbState = read(&self.path)?;
+        f(&mut s);
+        write(&self.path, &s)
+    }
+}
+
+/// Contracts as the trait's: every method is idempotent and cancel-safe (one
+/// atomic file write); a failure leaves the file as it was.
+#[async_trait]
+impl LoadBalancer for SimLoadBalancer {
+    fn name(&self) -> &str {
+        "simulated"
+    }
+    async fn drain(&self, b: &Backend) -> Result<(), DriverError> {
+        self.disable(b).await
+    }
+    async fn active_connections(&self, _: &Backend) -> Result<Option<u64>, DriverError> {
+        Ok(Some(0))
+    }
+    async fn enable(&self, b: &Backend) -> Result<(), DriverError> {
+        self.update(|s| {
+            s.out_of_rotation.remove(b.id.as_str());
+        })
+        .await
+    }
+    async fn disable(&self, b: &Backend) -> Result<(), DriverError> {
+        self.update(|s| {
+            s.out_of_rotation.insert(b.id.to_string());
+        })
+        .await
+    }
+    async fn set_weights(&self, weights: &[GroupWeight]) -> Result<(), DriverError> {
+        self.update(|s| s.weights = weights.iter().map(|w| (w.group.to_string(), w.percent)).collect())
+            .await
+    }
+    async fn switch_to(&self, group: &Group) -> Result<(), DriverError> {
+        self.update(|s| s.live = Some(group.clone())).await
+    }
+    async fn live_group(&self) -> Result<Option<Group>, DriverError> {
+        Ok(self.state()?.live)
+    }
+}

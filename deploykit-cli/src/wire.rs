@@ -1,0 +1,393 @@
+//! Turning a checked configuration into library objects: strategies,
+//! instances, the load balancer, the executor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use deploykit::instance::{
+    HealthProbe, HttpProbe, InstanceBuilder, LocalInstance, ProcessSpec, ReleaseSource, ServiceControl,
+    SshHost, SystemdUnit,
+};
+use deploykit::state::StateDir;
+use deploykit::{
+    Backend, BlueGreen, Canary, EventSink, Executor, Group, HealthCheck, Instance, KeepOld, LoadBalancer,
+    NoLoadBalancer, Promotion, PromotionHandle, Recreate, ReleaseId, Rolling, SmokeCheck, Strategy, Timeouts,
+};
+
+use crate::config::{
+    BlueGreenConfig, CanaryConfig, Control, HealthKind, HostSpec, LbKind, Loaded, PromotionKind,
+    RollingConfig, SmokeCheckConfig, StrategyKind,
+};
+use crate::sim::{SimInstance, SimLoadBalancer};
+
+pub(crate) fn rolling(r: &RollingConfig) -> Rolling {
+    Rolling {
+        batch_size: r.batch_size,
+        max_failures: r.max_failures,
+        health: HealthCheck {
+            retries: r.health_retries,
+            interval: r.health_interval.0,
+        },
+        drain_timeout: r.drain_timeout.0,
+        stabilisation: r.stabilisation.map(|d| d.0),
+    }
+}
+
+pub(crate) fn smoke_check(c: &SmokeCheckConfig) -> SmokeCheck {
+    SmokeCheck {
+        path: c.path.clone(),
+        expect_status: c.status,
+        body_contains: c.body_contains.clone(),
+        timeout: c.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
+    }
+}
+
+pub(crate) fn blue_green(
+    c: &BlueGreenConfig,
+    smoke: Option<&[SmokeCheckConfig]>,
+) -> deploykit::Result<BlueGreen> {
+    let env = |n: usize| {
+        Group::new(&c.environments[n]).map_err(|e| match e {
+            deploykit::Error::InvalidInput { message, .. } => {
+                deploykit::Error::invalid(format!("strategy.blue-green.environments[{n}]"), message)
+            }
+            other => other,
+        })
+    };
+    let keep_old = match c.keep_old.as_str() {
+        "until-next-deployment" => KeepOld::UntilNextDeployment,
+        t => KeepOld::For(
+            deploykit::parse_duration("strategy.blue-green.keep_old", t).map_err(|_| {
+                deploykit::Error::invalid(
+                    "strategy.blue-green.keep_old",
+                    format!("{t:?} is neither a duration (e.g. \"30s\") nor \"until-next-deployment\""),
+                )
+            })?,
+        ),
+    };
+    Ok(BlueGreen {
+        environments: [env(0)?, env(1)?],
+        healthy_deadline: c.healthy_deadline.0,
+        health_interval: c.health_interval.0,
+        smoke_checks: smoke
+            .map(|s| s.iter().map(smoke_check).collect())
+            .unwrap_or_else(SmokeCheck::defaults),
+        warmup_requests: c.warmup_requests,
+        warmup_path: c.warmup_path.clone(),
+        keep_old,
+        live: None,
+    })
+}
+
+pub(crate) fn canary(c: &CanaryConfig) -> deploykit::Result<Canary> {
+    let mut stages = Vec::new();
+    for (n, s) in c.stages.iter().enumerate() {
+        let w = u8::try_from(*s)
+            .ok()
+            .filter(|w| (1..=100).contains(w))
+            .ok_or_else(|| {
+                deploykit::Error::invalid(
+                    format!("strategy.canary.stages[{n}]"),
+                    format!("{s} is outside 1-100; each stage is the canary's percent of traffic"),
+                )
+            })?;
+        stages.push(w);
+    }
+    let group = |field: &str, v: &str| {
+        Group::new(v).map_err(|e| match e {
+            deploykit::Error::InvalidInput { message, .. } => {
+                deploykit::Error::invalid(format!("strategy.canary.{field}"), message)
+            }
+            other => other,
+        })
+    };
+    Ok(Canary {
+        stages,
+        stage_duration: c.stage_duration.0,
+        check_interval: c.check_interval.0,
+        stable_group: group("stable_group", &c.stable_group)?,
+        canary_group: group("canary_group", &c.canary_group)?,
+        analysis: deploykit::analysis::AnalysisRules {
+            error_threshold: c.error_threshold,
+            latency_threshold: c.latency_threshold.0,
+            max_error_ratio: c.max_error_ratio,
+            ratio_floor: c.ratio_floor,
+            min_requests: c.min_requests,
+            inconclusive_limit: c.inconclusive_limit,
+            window: c.window.0,
+            ..deploykit::analysis::AnalysisRules::default()
+        },
+        promotion: match c.promotion {
+            PromotionKind::Auto => Promotion::Auto,
+            PromotionKind::Manual => Promotion::Manual {
+                timeout: c.promotion_timeout.map(|d| d.0),
+            },
+        },
+        health: HealthCheck {
+            retries: c.health_retries,
+            interval: c.health_interval.0,
+        },
+        drain_timeout: c.drain_timeout.0,
+        finalize_batch: c.finalize_batch,
+    })
+}
+
+/// The configured strategy (or `kind`), for planning.
+pub(crate) fn strategy(cfg: &Loaded, kind: StrategyKind) -> anyhow::Result<Box<dyn Strategy>> {
+    let s = &cfg.raw.strategy;
+    Ok(match kind {
+        StrategyKind::Rolling => Box::new(rolling(&s.rolling)),
+        StrategyKind::Recreate => Box::new(Recreate {
+            health: HealthCheck {
+                retries: s.recreate.health_retries,
+                interval: s.recreate.health_interval.0,
+            },
+            drain_timeout: s.recreate.drain_timeout.0,
+        }),
+        StrategyKind::BlueGreen => Box::new(blue_green(&s.blue_green, cfg.raw.smoke_checks.as_deref())?),
+        StrategyKind::Canary => Box::new(canary(&s.canary)?),
+    })
+}
+
+/// The instances, in the order of the file.
+pub(crate) fn instances(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Vec<Arc<dyn Instance>>> {
+    let mut out: Vec<Arc<dyn Instance>> = Vec::new();
+    for i in &cfg.instances {
+        let backend = Backend {
+            id: i.id.clone(),
+            address: i.address.clone(),
+            group: i.group.clone(),
+        };
+        if let Control::Simulated { unhealthy } = &i.control {
+            let unhealthy = unhealthy.iter().map(ReleaseId::new).collect::<Result<_, _>>()?;
+            out.push(Arc::new(
+                SimInstance::new(backend, state.root(), unhealthy)
+                    .context("creating the simulated instance state")?,
+            ));
+            continue;
+        }
+        let root = cfg.resolve(i.root.as_deref().expect("checked: root is set"));
+        let releases = cfg.resolve(cfg.raw.releases.as_deref().expect("checked: releases is set"));
+        let health = match i.health {
+            HealthKind::Service => HealthProbe::ServiceActive,
+            HealthKind::Http => {
+                HealthProbe::Http(HttpProbe::new(&i.health_path)?.expect_status(i.health_status)?)
+            }
+        };
+        let service = match &i.control {
+            Control::Process { command, env, grace } => {
+                let mut spec = ProcessSpec::new(command.clone())?.grace(*grace);
+                for (k, v) in env {
+                    spec = spec.env(k, v)?;
+                }
+                ServiceControl::Process(spec)
+            }
+            Control::Systemd { unit, user, sudo } => {
+                ServiceControl::Systemd(SystemdUnit::new(unit)?.user(*user).sudo(*sudo))
+            }
+            Control::Simulated { .. } => unreachable!("handled above"),
+        };
+        let root = root.to_string_lossy().into_owned();
+        let source = ReleaseSource::directory(releases);
+        match &i.host {
+            HostSpec::Local => {
+                let b = LocalInstance::builder(i.id.as_str(), i.address.to_string());
+                out.push(Arc::new(
+                    b.group(i.group.as_str())
+                        .root(root)
+                        .keep(i.keep_releases)
+                        .source(source)
+                        .health(health)
+                        .service(service)
+                        .build()?,
+                ));
+            }
+            HostSpec::Ssh { user, host, port } => {
+                let mut h = SshHost::builder(host.as_str()).user(user.as_str()).port(*port);
+                h = match &i.ssh_key {
+                    Some(k) => h.key_file(cfg.resolve(&k.to_string_lossy())),
+                    None => h.agent(),
+                };
+                let known = match &i.ssh_known_hosts {
+                    Some(k) => cfg.resolve(&k.to_string_lossy()),
+                    None => {
+                        std::path::PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                            .join(".ssh/known_hosts")
+                    }
+                };
+                let host = h.known_hosts(known).build()?;
+                let b = InstanceBuilder::new(host, i.id.as_str(), i.address.to_string());
+                out.push(Arc::new(
+                    b.group(i.group.as_str())
+                        .root(root)
+                        .keep(i.keep_releases)
+                        .source(source)
+                        .health(health)
+                        .service(service)
+                        .build()?,
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The load balancer.
+pub(crate) fn load_balancer(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Arc<dyn LoadBalancer>> {
+    let lb = &cfg.raw.load_balancer;
+    Ok(match lb.kind {
+        LbKind::None => Arc::new(NoLoadBalancer),
+        LbKind::Simulated => {
+            Arc::new(SimLoadBalancer::new(state.root()).context("creating the simulated load balancer")?)
+        }
+        LbKind::Symlink => {
+            let mut b = deploykit::lb::SymlinkSwitch::builder(
+                cfg.resolve(lb.link.as_deref().expect("checked: link is set")),
+            );
+            for (env, dir) in lb.targets.iter().flatten() {
+                let group = Group::new(env).map_err(|e| match e {
+                    deploykit::Error::InvalidInput { message, .. } => {
+                        deploykit::Error::invalid(format!("load_balancer.targets.{env}"), message)
+                    }
+                    other => other,
+                })?;
+                b = b.environment(group, cfg.resolve(dir));
+            }
+            Arc::new(b.build().map_err(|e| match e {
+                deploykit::Error::InvalidInput { field, message } => {
+                    deploykit::Error::invalid(format!("load_balancer.{field}"), message)
+                }
+                other => other,
+            })?)
+        }
+        LbKind::Nginx => {
+            let include = cfg.resolve(lb.include_file.as_deref().expect("checked: include_file is set"));
+            let mut b = deploykit::lb::NginxLoadBalancer::builder()
+                .upstream(lb.upstream.as_deref().unwrap_or("app"))
+                .include_file(&include)
+                .backends(backends(cfg));
+            if let Some(bin) = &lb.nginx_binary {
+                b = b.binary(bin);
+            }
+            if let Some(c) = &lb.nginx_config {
+                b = b.config_file(cfg.resolve(c));
+            }
+            if let Some(p) = &lb.pid_file {
+                b = b.pid_file(cfg.resolve(p));
+            }
+            Arc::new(b.build().map_err(lb_field)?)
+        }
+        LbKind::Haproxy => Arc::new(
+            deploykit::lb::HaproxyLoadBalancer::builder()
+                .socket(cfg.resolve(lb.socket.as_deref().expect("checked: socket is set")))
+                .backend_name(lb.backend.as_deref().unwrap_or("app"))
+                .backends(backends(cfg))
+                .build()
+                .map_err(lb_field)?,
+        ),
+    })
+}
+
+fn backends(cfg: &Loaded) -> Vec<Backend> {
+    cfg.instances
+        .iter()
+        .map(|i| Backend {
+            id: i.id.clone(),
+            address: i.address.clone(),
+            group: i.group.clone(),
+        })
+        .collect()
+}
+
+fn lb_field(e: deploykit::Error) -> deploykit::Error {
+    match e {
+        deploykit::Error::InvalidInput { field, message } => {
+            deploykit::Error::invalid(format!("load_balancer ({field})"), message)
+        }
+        other => other,
+    }
+}
+
+/// The metrics source, when `[metrics]` is set.
+pub(crate) fn metrics(cfg: &Loaded) -> anyhow::Result<Option<Arc<dyn deploykit::MetricsSource>>> {
+    let Some(m) = &cfg.raw.metrics else {
+        return Ok(None);
+    };
+    let mut b = deploykit::metrics::prometheus::Prometheus::builder(&m.prometheus);
+    if let Some(q) = &m.error_rate {
+        b = b.error_rate(q);
+    }
+    if let Some(q) = &m.latency_p99 {
+        b = b.latency_p99(q);
+    }
+    if let Some(q) = &m.request_count {
+        b = b.request_count(q);
+    }
+    if let Some(t) = m.timeout {
+        b = b.timeout(t.0);
+    }
+    let p = b.build().map_err(|e| match e {
+        deploykit::Error::InvalidInput { field, message } => {
+            deploykit::Error::invalid(format!("metrics.{field}"), message)
+        }
+        other => other,
+    })?;
+    Ok(Some(Arc::new(p)))
+}
+
+/// Whether every instance is simulated (then smoke checks are simulated
+/// too).
+fn all_simulated(cfg: &Loaded) -> bool {
+    cfg.instances
+        .iter()
+        .all(|i| matches!(i.control, Control::Simulated { .. }))
+}
+
+/// Everything a command needs to act on the fleet.
+pub(crate) struct Fleet {
+    pub(crate) executor: Executor,
+    pub(crate) promotion: PromotionHandle,
+}
+
+/// Builds the executor over the configured fleet, with `sink` receiving the
+/// events.
+pub(crate) fn fleet(
+    cfg: &Loaded,
+    state: &StateDir,
+    sink: Option<Arc<dyn EventSink>>,
+) -> anyhow::Result<Fleet> {
+    let t = &cfg.raw.timeouts;
+    let promotion = PromotionHandle::new();
+    let mut b = Executor::builder()
+        .instances(instances(cfg, state)?)
+        .load_balancer(load_balancer(cfg, state)?)
+        .timeouts(Timeouts {
+            stop: t.stop.0,
+            force_stop: t.force_stop.0,
+            install: t.install.0,
+            restore: t.restore.0,
+            start: t.start.0,
+            health_probe: t.health_probe.0,
+            load_balancer: t.load_balancer.0,
+            query: t.query.0,
+        })
+        .drain_poll(t.drain_poll.0)
+        .live_store(Arc::new(deploykit::bluegreen_state::FileLiveStore::new(
+            state.live_record_path(),
+        )))
+        .promotion(promotion.clone());
+    if let Some(m) = metrics(cfg)? {
+        b = b.metrics(m);
+    }
+    if all_simulated(cfg) {
+        b = b.smoke_tester(Arc::new(deploykit_testkit::FakeSmokeTester::new()));
+    }
+    if let Some(sink) = sink {
+        b = b.events(sink);
+    }
+    Ok(Fleet {
+        executor: b.build()?,
+        promotion,
+    })
+}

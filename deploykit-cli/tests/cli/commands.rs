@@ -1,0 +1,436 @@
+//! Every command's happy path, on simulated and on local instances; lock
+//! contention; `--json` parsed back.
+
+use deploykit::state::{LockAttempt, StateDir};
+
+use crate::util::{json_lines, local, simulated, Env};
+
+#[test]
+fn every_command_has_help() {
+    let env = Env::new("");
+    for cmd in [
+        "deploy",
+        "plan",
+        "status",
+        "rollback",
+        "promote",
+        "abort",
+        "history",
+        "recommend",
+        "validate",
+        "demo",
+        "completions",
+    ] {
+        let out = env.ok(&[cmd, "--help"], 0);
+        assert!(out.contains("Usage: deploykit"), "{cmd}: {out}");
+    }
+    let out = env.ok(&["--help"], 0);
+    assert!(
+        out.contains("4 another deployment holds") || out.contains("Exit codes"),
+        "{out}"
+    );
+}
+
+#[test]
+fn completions_are_generated() {
+    let env = Env::new("");
+    let out = env.ok(&["completions", "bash"], 0);
+    assert!(out.contains("_deploykit()") && out.contains("rollback"), "{out}");
+}
+
+#[test]
+fn plan_shows_steps_batches_and_duration_and_touches_nothing() {
+    let env = Env::new(&simulated(
+        5,
+        "[strategy.rolling]\nbatch_size = 2\nhealth_interval = \"10s\"\nstabilisation = \"5s\"\n",
+    ));
+    let out = env.ok(&["plan", "v2"], 0);
+    assert!(
+        out.contains("plan: rolling deployment of v2 to 5 instance(s) in 5 stage(s)"),
+        "{out}"
+    );
+    assert!(out.contains("batch sizes: 2, 2, 1"), "{out}");
+    assert!(out.contains("projected duration: 10s to"), "{out}");
+    assert!(out.contains("install v2 on web-5"), "{out}");
+    // Nothing was installed.
+    assert!(!env.state().join("simulated").join("web-1.json").exists());
+    let json = env.ok(&["--json", "plan", "v2", "--strategy", "recreate"], 0);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(v["plan"]["strategy"], "recreate");
+    assert_eq!(v["batch_sizes"], serde_json::json!([5, 5, 5, 5]));
+    assert!(v["projected_duration_ms"]["max"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn deploy_status_history_and_rollback_on_simulated_instances() {
+    let env = Env::new(&simulated(
+        3,
+        "[strategy.rolling]\nbatch_size = 2\nhealth_interval = \"50ms\"\nstabilisation = \"50ms\"\n",
+    ));
+    env.ok(&["deploy", "v1"], 0);
+    let out = env.ok(&["deploy", "v2"], 0);
+    assert!(out.contains("SUCCEEDED"), "{out}");
+    for i in 1..=3 {
+        assert_eq!(env.sim(&format!("web-{i}"))["release"], "v2");
+        assert_eq!(env.sim(&format!("web-{i}"))["running"], true);
+    }
+    let status = env.ok(&["status"], 0);
+    assert!(status.contains("rolling of v2: succeeded"), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("web-3") && l.contains("v2") && l.contains("healthy")),
+        "{status}"
+    );
+
+    let out = env.ok(&["rollback"], 0);
+    assert!(out.contains("web-1: v1") && out.contains("web-3: v1"), "{out}");
+    for i in 1..=3 {
+        assert_eq!(env.sim(&format!("web-{i}"))["release"], "v1");
+        assert_eq!(env.sim(&format!("web-{i}"))["running"], true);
+    }
+    assert!(env.out_of_rotation().is_empty());
+
+    let history = json_lines(&env.ok(&["--json", "history"], 0));
+    let rows: Vec<(String, String, String)> = history
+        .iter()
+        .map(|h| {
+            (
+                h["kind"].as_str().unwrap().to_string(),
+                h["release"].as_str().unwrap().to_string(),
+                h["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("deploy".into(), "v1".into(), "succeeded".into()),
+            ("deploy".into(), "v2".into(), "succeeded".into()),
+            ("rollback".into(), "v1".into(), "succeeded".into()),
+        ]
+    );
+    let text = env.ok(&["history"], 0);
+    assert!(text.contains("outcome") && text.contains("rolling"), "{text}");
+}
+
+#[test]
+fn a_failing_release_rolls_back_with_exit_1_and_is_in_the_history() {
+    let env = Env::new(&simulated(
+        3,
+        "[instance_defaults]\nsimulated = true\nsimulate_unhealthy = [\"v2\"]\n[strategy.rolling]\nmax_failures = 0\nhealth_retries = 2\nhealth_interval = \"20ms\"\nstabilisation = \"20ms\"\n",
+    )
+    .replacen("[instance_defaults]\nsimulated = true\n\n", "", 1));
+    env.ok(&["deploy", "v1"], 0);
+    let (code, out, err) = env.run(&["deploy", "v2"]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains("ROLLED BACK") || out.contains("rolled back"),
+        "{out}"
+    );
+    for i in 1..=3 {
+        assert_eq!(env.sim(&format!("web-{i}"))["release"], "v1");
+    }
+    let history = json_lines(&env.ok(&["--json", "history"], 0));
+    assert_eq!(history[1]["outcome"], "rolled_back");
+    assert!(
+        history[1]["reason"].as_str().unwrap().contains("failure budget"),
+        "{:?}",
+        history[1]
+    );
+}
+
+#[test]
+fn json_events_parse_back_with_a_stable_shape() {
+    let env = Env::new(&simulated(2, ""));
+    let out = env.ok(&["--json", "deploy", "v1"], 0);
+    let events = json_lines(&out);
+    assert_eq!(events.first().unwrap()["event"], "deployment_started");
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "deployment_finished");
+    assert_eq!(last["outcome"], "succeeded");
+    for e in &events {
+        assert!(e["elapsed_ms"].is_u64() && e["deployment"].is_string(), "{e}");
+    }
+    let steps: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "step_finished" && e["instance"] == "web-1")
+        .map(|e| e["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "drain",
+            "await_drained",
+            "stop",
+            "install",
+            "start",
+            "await_healthy",
+            "enable"
+        ]
+    );
+    // The journal holds the same events after its header, and the outcome.
+    let journal = env.newest_journal();
+    assert_eq!(journal[0]["record"], "header");
+    assert_eq!(journal[0]["strategy"], "rolling");
+    assert_eq!(journal.len(), events.len() + 2);
+    assert_eq!(journal.last().unwrap()["record"], "finished");
+}
+
+#[test]
+fn status_json_names_release_and_rotation_per_instance() {
+    let env = Env::new(&simulated(2, ""));
+    env.ok(&["deploy", "v1"], 0);
+    let v: serde_json::Value = serde_json::from_str(env.ok(&["--json", "status"], 0).trim()).unwrap();
+    assert_eq!(v["app"], "shop");
+    assert_eq!(v["lock"], serde_json::Value::Null);
+    assert_eq!(v["deployment"]["history"]["outcome"], "succeeded");
+    let inst = v["instances"].as_array().unwrap();
+    assert_eq!(inst.len(), 2);
+    assert!(inst
+        .iter()
+        .all(|i| i["release"] == "v1" && i["health"] == "healthy" && i["in_rotation"] == true));
+}
+
+#[test]
+fn a_second_deployment_is_refused_while_the_lock_is_held() {
+    let env = Env::new(&simulated(2, ""));
+    let state = StateDir::open(env.path().join(".deploykit"), "shop").unwrap();
+    let LockAttempt::Acquired { lock, .. } = state.try_lock("deploy v9").unwrap() else {
+        panic!("lock not free")
+    };
+    let (code, out, err) = env.run(&["deploy", "v1"]);
+    assert_eq!(code, 4, "{out}\n{err}");
+    assert!(
+        err.contains(&format!("pid {}", std::process::id()))
+            && err.contains("deploy v9")
+            && err.contains("UTC"),
+        "{err}"
+    );
+    let (code, _, _) = env.run(&["rollback"]);
+    assert_eq!(code, 4);
+    // Status shows the holder.
+    let status = env.ok(&["status"], 0);
+    assert!(status.contains("lock: held by pid"), "{status}");
+    drop(lock);
+    env.ok(&["deploy", "v1"], 0);
+}
+
+#[test]
+fn promote_with_nothing_running_is_bad_input() {
+    let env = Env::new(&simulated(2, ""));
+    let (code, _, err) = env.run(&["promote"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no deployment of shop is running"), "{err}");
+}
+
+#[test]
+fn abort_from_another_process_rolls_the_running_deployment_back() {
+    // A long stabilisation pause gives the second process time to act.
+    let env = Env::new(&simulated(
+        2,
+        "[strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"60s\"\n",
+    ));
+    // Recreate has no pause: v1 everywhere at once.
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let mut deploy = std::process::Command::new(assert_cmd::cargo::cargo_bin("deploykit"))
+        .current_dir(env.path())
+        .args(["-q", "deploy", "v2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait (bounded) until the first batch is done and the pause began.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deployment never reached the pause"
+        );
+        if env.state().join("journal").exists()
+            && std::fs::read_dir(env.state().join("journal")).unwrap().count() == 2
+            && env
+                .newest_journal()
+                .iter()
+                .any(|r| r["event"] == "step_started" && r["step"] == "pause")
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = env.ok(&["abort"], 0);
+    assert!(out.contains("aborted"), "{out}");
+    let status = deploy.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the aborted deployment rolls back and exits 1"
+    );
+    assert_eq!(env.sim("web-1")["release"], "v1");
+    assert_eq!(env.sim("web-2")["release"], "v1");
+    assert!(env.out_of_rotation().is_empty());
+}
+
+#[test]
+fn recommend_follows_the_decision_tree() {
+    let env = Env::new("");
+    let out = env.ok(&["recommend", "--monitoring", "yes", "--traffic", "2M"], 0);
+    assert!(out.contains("recommended strategy: canary"), "{out}");
+    assert!(
+        out.contains("rollback speed") && out.contains("pre-live testing"),
+        "{out}"
+    );
+    let out = env.ok(
+        &["recommend", "--monitoring", "no", "--double-resources", "yes"],
+        0,
+    );
+    assert!(out.contains("recommended strategy: blue-green"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(
+        env.ok(
+            &["recommend", "--json", "--monitoring", "yes", "--traffic", "1000"],
+            0,
+        )
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(v["strategy"], "rolling");
+    assert_eq!(v["comparison"].as_array().unwrap().len(), 9);
+    // Not a terminal and an answer missing: bad input naming the flag.
+    let (code, _, err) = env.run(&["recommend", "--monitoring", "no"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--double-resources"), "{err}");
+}
+
+#[test]
+fn demo_json_parses_back() {
+    let env = Env::new("");
+    let events = json_lines(&env.ok(&["--json", "demo", "--instances", "3"], 0));
+    assert_eq!(events.last().unwrap()["event"], "deployment_finished");
+    assert_eq!(events.last().unwrap()["outcome"], "succeeded");
+}
+
+#[test]
+fn deploy_plan_status_rollback_on_local_instances() {
+    let env = Env::new(&local(2, ""));
+    env.releases(&["v1", "v2"]);
+    let plan = env.ok(&["plan", "v1"], 0);
+    assert!(plan.contains("web-1 (none -> v1)"), "{plan}");
+    env.ok(&["deploy", "v1"], 0);
+    env.ok(&["deploy", "v2"], 0);
+    for id in ["web-1", "web-2"] {
+        assert_eq!(env.local_release(id).as_deref(), Some("v2"));
+        assert!(env.local_running(id), "{id} not running");
+        assert_eq!(
+            std::fs::read_to_string(env.path().join("instances").join(id).join("current/VERSION")).unwrap(),
+            "v2"
+        );
+    }
+    let status = env.ok(&["status"], 0);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("web-2") && l.contains("v2") && l.contains("healthy")),
+        "{status}"
+    );
+    env.ok(&["rollback"], 0);
+    for id in ["web-1", "web-2"] {
+        assert_eq!(env.local_release(id).as_deref(), Some("v1"));
+        assert!(env.local_running(id), "{id} not running after the rollback");
+    }
+    // A release that does not exist fails on the first instance and rolls back.
+    let (code, out, err) = env.run(&["deploy", "v9"]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert_eq!(env.local_release("web-1").as_deref(), Some("v1"));
+    assert!(env.local_running("web-1"));
+}
+
+#[test]
+fn blue_green_deploy_and_rollback_on_simulated_environments() {
+    let cfg = "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"blue-1\"\naddress = \"127.0.0.1:18091\"\ngroup = \"blue\"\n\n\
+        [[instances]]\nid = \"green-1\"\naddress = \"127.0.0.1:18092\"\ngroup = \"green\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n\
+        [strategy]\nkind = \"blue-green\"\n\n\
+        [strategy.blue-green]\nhealth_interval = \"50ms\"\nhealthy_deadline = \"5s\"\nwarmup_requests = 2\nkeep_old = \"0s\"\n";
+    let env = Env::new(cfg);
+    env.ok(&["deploy", "v1"], 0);
+    assert_eq!(env.lb()["live"], "green");
+    env.ok(&["deploy", "v2"], 0);
+    assert_eq!(env.lb()["live"], "blue");
+    assert_eq!(env.sim("blue-1")["release"], "v2");
+    assert_eq!(env.sim("blue-1")["running"], true);
+    assert_eq!(
+        env.sim("green-1")["running"],
+        false,
+        "the old environment is stopped after keep_old"
+    );
+    env.ok(&["rollback"], 0);
+    assert_eq!(env.lb()["live"], "green");
+    assert_eq!(env.sim("green-1")["release"], "v1");
+    assert_eq!(env.sim("green-1")["running"], true);
+}
+
+#[test]
+fn a_manual_canary_waits_and_is_promoted_from_another_process() {
+    // Prometheus stand-in: every query answers 0.001 (0.1 % errors, 1 ms
+    // p99): a healthy canary.
+    let prom = crate::util::answering(
+        r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1700000000,"0.001"]}]}}"#,
+    );
+    let cfg = format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18291\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"stable-2\"\naddress = \"127.0.0.1:18292\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18293\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\n\n\
+        [strategy]\nkind = \"canary\"\n\n\
+        [strategy.canary]\nstages = [20, 100]\nstage_duration = \"300ms\"\ncheck_interval = \"100ms\"\n\
+        promotion = \"manual\"\nhealth_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n"
+    );
+    let env = Env::new(&cfg);
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let mut deploy = std::process::Command::new(assert_cmd::cargo::cargo_bin("deploykit"))
+        .current_dir(env.path())
+        .args(["-q", "deploy", "v2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the canary never waited for promotion"
+        );
+        let waiting = std::fs::read_dir(env.state().join("journal"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 2
+            && env
+                .newest_journal()
+                .iter()
+                .any(|r| r["event"] == "awaiting_promotion");
+        if waiting {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = env.ok(&["status"], 0);
+    assert!(status.contains("canary stage 1 waits for promotion"), "{status}");
+    let out = env.ok(&["promote"], 0);
+    assert!(out.contains("promoted"), "{out}");
+    let code = deploy.wait().unwrap().code();
+    assert_eq!(code, Some(0), "the promoted canary finishes");
+    for id in ["stable-1", "stable-2"] {
+        assert_eq!(env.sim(id)["release"], "v2", "{id}");
+        assert_eq!(env.sim(id)["running"], true, "{id}");
+    }
+    assert_eq!(
+        env.sim("canary-1")["running"],
+        false,
+        "canary instances end stopped"
+    );
+    let journal = env.newest_journal();
+    assert!(journal.iter().any(|r| r["event"] == "promoted"));
+}

@@ -1,0 +1,278 @@
+//! `deploykit validate`: each malformed configuration gets its own precise
+//! message (and exit code 2) before anything is touched.
+
+use crate::util::{simulated, Env};
+
+const BASE_INSTANCE: &str =
+    "[[instances]]\nid = \"web-1\"\naddress = \"127.0.0.1:18081\"\nsimulated = true\n";
+
+/// Validates `config` and returns stderr, asserting exit code 2 and that no
+/// state directory was created.
+fn rejects(config: &str) -> String {
+    let env = Env::new(config);
+    let (code, out, err) = env.run(&["validate"]);
+    assert_eq!(
+        code, 2,
+        "expected exit 2 for:\n{config}\nstdout: {out}\nstderr: {err}"
+    );
+    assert!(
+        !env.path().join(".deploykit").exists(),
+        "validate touched the state directory"
+    );
+    err
+}
+
+fn assert_has(err: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(err.contains(p), "expected {p:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn a_valid_configuration_passes() {
+    let env = Env::new(&simulated(3, ""));
+    let out = env.ok(&["validate"], 0);
+    assert!(
+        out.contains("valid (3 instance(s), strategy rolling, load balancer simulated)"),
+        "{out}"
+    );
+    let json = env.ok(&["--json", "validate"], 0);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["instances"], 3);
+}
+
+#[test]
+fn a_missing_file_is_bad_input() {
+    let env = Env::new("");
+    let (code, _, err) = env.run(&["--config", "nope.toml", "validate"]);
+    assert_eq!(code, 2);
+    assert_has(&err, &["nope.toml", "cannot read the configuration", "--config"]);
+}
+
+#[test]
+fn syntax_errors_give_line_and_column() {
+    let err = rejects("app = \"shop\"\n\n[[instances]]\nid = \"web-1\naddress = 1\n");
+    assert_has(&err, &["deploykit.toml:4:"]);
+}
+
+#[test]
+fn a_misspelt_field_suggests_the_right_one() {
+    let err = rejects(&simulated(2, "[strategy.rolling]\nbatchsize = 2\n"));
+    assert_has(
+        &err,
+        &["unknown field `batchsize` in [strategy.rolling]; did you mean `batch_size`?"],
+    );
+    // With a line and column pointing at it.
+    let line = simulated(2, "[strategy.rolling]\nbatchsize = 2\n")
+        .lines()
+        .position(|l| l.starts_with("batchsize"))
+        .unwrap()
+        + 1;
+    assert_has(&err, &[&format!("deploykit.toml:{line}:1:")]);
+}
+
+#[test]
+fn a_misspelt_top_level_table_is_named() {
+    let err = rejects(&format!(
+        "app = \"shop\"\n{BASE_INSTANCE}\n[notification]\ntimeout = \"5s\"\n"
+    ));
+    assert_has(
+        &err,
+        &["unknown field `notification`", "did you mean `notifications`?"],
+    );
+}
+
+#[test]
+fn an_unknown_strategy_suggests_the_closest() {
+    let err = rejects(&simulated(2, "[strategy]\nkind = \"rollin\"\n"));
+    assert_has(
+        &err,
+        &["unknown value `rollin` in [strategy]; did you mean `rolling`?"],
+    );
+}
+
+#[test]
+fn duplicate_instance_ids_are_refused() {
+    let err = rejects(&format!(
+        "app = \"shop\"\n{BASE_INSTANCE}{}",
+        BASE_INSTANCE.replace("18081", "18082")
+    ));
+    assert_has(
+        &err,
+        &["invalid instances[1].id: web-1 is used by an earlier instance"],
+    );
+}
+
+#[test]
+fn unsafe_instance_ids_are_refused() {
+    let err = rejects(&format!(
+        "app = \"shop\"\n{}",
+        BASE_INSTANCE.replace("web-1", "web 1; rm -rf /")
+    ));
+    assert_has(&err, &["invalid instances[0].id", "contains the character ' '"]);
+}
+
+#[test]
+fn bad_and_duplicate_addresses_are_refused() {
+    let err = rejects(&format!(
+        "app = \"shop\"\n{}",
+        BASE_INSTANCE.replace("127.0.0.1:18081", "nowhere")
+    ));
+    assert_has(&err, &["invalid instances[0].address"]);
+    let err = rejects(&format!(
+        "app = \"shop\"\n{BASE_INSTANCE}{}",
+        BASE_INSTANCE.replace("web-1", "web-2")
+    ));
+    assert_has(
+        &err,
+        &["invalid instances[1].address: 127.0.0.1:18081 is also the address of web-1"],
+    );
+}
+
+#[test]
+fn canary_stages_must_increase() {
+    let err = rejects(&simulated(
+        2,
+        "[strategy]\nkind = \"canary\"\n[strategy.canary]\nstages = [5, 50, 25]\n",
+    ));
+    assert_has(
+        &err,
+        &["invalid strategy.canary.stages[2]: 25 does not increase on the stage before (50)"],
+    );
+    let err = rejects(&simulated(
+        2,
+        "[strategy]\nkind = \"canary\"\n[strategy.canary]\nstages = [5, 250]\n",
+    ));
+    assert_has(&err, &["invalid strategy.canary.stages[1]: 250 is outside 1-100"]);
+}
+
+#[test]
+fn canary_thresholds_are_checked() {
+    let err = rejects(&simulated(
+        2,
+        "[strategy]\nkind = \"canary\"\n[strategy.canary]\nerror_threshold = 1.5\n",
+    ));
+    assert_has(
+        &err,
+        &["invalid strategy.canary.error_threshold: 1.5 is not a fraction from 0 to 1"],
+    );
+}
+
+#[test]
+fn canary_needs_its_groups_and_metrics() {
+    let err = rejects(&simulated(2, "[strategy]\nkind = \"canary\"\n"));
+    assert_has(&err, &["invalid instances: no instance is in the group stable"]);
+}
+
+#[test]
+fn a_zero_batch_is_refused() {
+    let err = rejects(&simulated(2, "[strategy.rolling]\nbatch_size = 0\n"));
+    assert_has(&err, &["invalid strategy.rolling.batch_size: is 0"]);
+}
+
+#[test]
+fn bad_durations_point_at_the_value() {
+    let err = rejects(&simulated(
+        2,
+        "[strategy.rolling]\ndrain_timeout = \"5 minutes\"\n",
+    ));
+    assert_has(&err, &["\"5 minutes\" is not a duration", "deploykit.toml:"]);
+}
+
+#[test]
+fn load_balancer_fields_must_fit_the_kind() {
+    let base = format!("app = \"shop\"\n{BASE_INSTANCE}");
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"nginx\"\nupstream = \"shop\"\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.include_file: is required for kind = \"nginx\""],
+    );
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"simulated\"\nsocket = \"/run/haproxy.sock\"\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.socket: belongs to kind = \"haproxy\", but kind is \"simulated\""],
+    );
+}
+
+#[test]
+fn exactly_one_service_control() {
+    let err = rejects(&format!(
+        "app = \"shop\"\nreleases = \"b\"\n{}command = [\"./app\"]\nroot = \"/srv/x\"\n",
+        BASE_INSTANCE
+    ));
+    assert_has(
+        &err,
+        &["invalid instances[0].command: more than one of command, systemd_unit and simulated"],
+    );
+    let err = rejects("app = \"shop\"\n[[instances]]\nid = \"web-1\"\naddress = \"127.0.0.1:1\"\n");
+    assert_has(
+        &err,
+        &["invalid instances[0].command: none of command, systemd_unit and simulated"],
+    );
+}
+
+#[test]
+fn instances_are_required() {
+    let err = rejects("app = \"shop\"\n");
+    assert_has(
+        &err,
+        &["invalid instances: no instances; add at least one [[instances]] table"],
+    );
+}
+
+#[test]
+fn webhook_urls_are_checked() {
+    let err = rejects(&simulated(
+        1,
+        "[[notifications.webhooks]]\nurl = \"ftp://example.invalid/x\"\n",
+    ));
+    assert_has(
+        &err,
+        &["invalid notifications.webhooks[0].url: \"ftp://example.invalid/x\" is not an http(s) URL"],
+    );
+}
+
+#[test]
+fn blue_green_needs_both_environments() {
+    let err = rejects(&simulated(2, "[strategy]\nkind = \"blue-green\"\n"));
+    assert_has(
+        &err,
+        &["invalid instances: no instance is in the environment blue"],
+    );
+}
+
+#[test]
+fn ssh_hosts_and_roots_are_checked() {
+    let err = rejects("app = \"shop\"\nreleases = \"b\"\n[[instances]]\nid = \"web-1\"\naddress = \"127.0.0.1:1\"\ncommand = [\"./app\"]\nroot = \"/srv/x\"\nhost = \"ssh://deploy@-oProxyCommand=x\"\n");
+    assert_has(
+        &err,
+        &["invalid instances[0].host", "is neither \"local\" nor an SSH URL"],
+    );
+    let err = rejects("app = \"shop\"\nreleases = \"b\"\n[[instances]]\nid = \"web-1\"\naddress = \"127.0.0.1:1\"\ncommand = [\"./app\"]\nroot = \"/srv/../etc\"\n");
+    assert_has(&err, &["invalid instances[0].root", "contains '..'"]);
+}
+
+#[test]
+fn the_app_name_is_a_safe_name() {
+    let err = rejects(&format!("app = \"../shop\"\n{BASE_INSTANCE}"));
+    assert_has(&err, &["invalid app"]);
+}
+
+#[test]
+fn metrics_queries_must_select_a_group() {
+    let err = rejects(&simulated(
+        1,
+        "[metrics]\nprometheus = \"http://127.0.0.1:9090\"\nerror_rate = \"sum(rate(http_requests_total[5m]))\"\n",
+    ));
+    assert_has(&err, &["invalid metrics.error_rate"]);
+    let err = rejects(&simulated(1, "[metrics]\nprometheus = \"localhost:9090\"\n"));
+    assert_has(
+        &err,
+        &["invalid metrics.prometheus: \"localhost:9090\" is not an http(s) URL"],
+    );
+}

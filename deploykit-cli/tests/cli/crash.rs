@@ -1,0 +1,156 @@
+//! The crash matrix: `deploykit deploy` is killed (abort, as by `kill -9`)
+//! right after each journal record in turn; each time `status` must show
+//! the interrupted deployment and what each instance runs, and
+//! `deploy --resume` (even records) or `rollback` (odd records) must bring
+//! the fleet to one release with the load balancer consistent.
+
+use serde_json::Value;
+
+use crate::util::{local, Env};
+
+const HOOK: &str = "DEPLOYKIT_TEST_ABORT_AFTER_RECORD";
+
+fn crash_at(env: &Env, n: usize, release: &str) {
+    let out = env
+        .cmd()
+        .env(HOOK, n.to_string())
+        .args(["-q", "deploy", release])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "record {n}: the deployment was not interrupted\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn status(env: &Env) -> Value {
+    serde_json::from_str(env.ok(&["--json", "status"], 0).trim()).unwrap()
+}
+
+#[test]
+fn rolling_on_local_instances_recovers_from_a_crash_after_every_record() {
+    let env = Env::new(&local(2, ""));
+    env.releases(&["v1", "v2"]);
+    env.ok(&["deploy", "v1"], 0);
+    env.ok(&["deploy", "v2"], 0);
+    // Every deployment between two releases writes the same records.
+    let total = env.newest_journal().len();
+    assert!(
+        total >= 30,
+        "a 2-instance rolling deployment writes {total} records"
+    );
+    let ids = ["web-1", "web-2"];
+    let mut current = "v2";
+    for n in 1..total {
+        let target = if current == "v1" { "v2" } else { "v1" };
+        crash_at(&env, n, target);
+        let s = status(&env);
+        assert_eq!(
+            s["deployment"]["history"]["outcome"], "interrupted",
+            "record {n}: {s}"
+        );
+        assert_eq!(
+            s["lock"],
+            Value::Null,
+            "record {n}: the dead process's lock is released"
+        );
+        for (i, id) in ids.iter().enumerate() {
+            let shown = s["instances"][i]["release"].as_str().unwrap().to_string();
+            assert_eq!(
+                Some(shown),
+                env.local_release(id),
+                "record {n}: status shows what {id} runs"
+            );
+        }
+        let expect = if n % 2 == 0 {
+            env.ok(&["-q", "deploy", "--resume"], 0);
+            target
+        } else {
+            env.ok(&["-q", "rollback"], 0);
+            current
+        };
+        for id in ids {
+            assert_eq!(env.local_release(id).as_deref(), Some(expect), "record {n}: {id}");
+            assert!(env.local_running(id), "record {n}: {id} is not running");
+        }
+        assert!(
+            env.out_of_rotation().is_empty(),
+            "record {n}: out of rotation: {:?}",
+            env.out_of_rotation()
+        );
+        let s = status(&env);
+        assert_eq!(
+            s["deployment"]["history"]["outcome"], "succeeded",
+            "record {n}: {s}"
+        );
+        current = expect;
+    }
+}
+
+#[test]
+fn blue_green_recovers_from_a_crash_after_every_record() {
+    let cfg = "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"blue-1\"\naddress = \"127.0.0.1:18191\"\ngroup = \"blue\"\n\n\
+        [[instances]]\nid = \"blue-2\"\naddress = \"127.0.0.1:18192\"\ngroup = \"blue\"\n\n\
+        [[instances]]\nid = \"green-1\"\naddress = \"127.0.0.1:18193\"\ngroup = \"green\"\n\n\
+        [[instances]]\nid = \"green-2\"\naddress = \"127.0.0.1:18194\"\ngroup = \"green\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n\
+        [strategy]\nkind = \"blue-green\"\n\n\
+        [strategy.blue-green]\nhealth_interval = \"20ms\"\nhealthy_deadline = \"5s\"\nwarmup_requests = 2\nkeep_old = \"0s\"\n";
+    let env = Env::new(cfg);
+    env.ok(&["deploy", "v1"], 0);
+    env.ok(&["deploy", "v2"], 0);
+    let total = env.newest_journal().len();
+    assert!(total >= 20, "a blue-green deployment writes {total} records");
+    let mut current = "v2";
+    for n in 1..total {
+        let target = if current == "v1" { "v2" } else { "v1" };
+        let live_before = env.lb()["live"].as_str().unwrap().to_string();
+        crash_at(&env, n, target);
+        let s = status(&env);
+        assert_eq!(
+            s["deployment"]["history"]["outcome"], "interrupted",
+            "record {n}: {s}"
+        );
+        let expect = if n % 2 == 0 {
+            env.ok(&["-q", "deploy", "--resume"], 0);
+            target
+        } else {
+            env.ok(&["-q", "rollback"], 0);
+            current
+        };
+        let live = env.lb()["live"].as_str().unwrap().to_string();
+        let recorded: Value =
+            serde_json::from_slice(&std::fs::read(env.state().join("live.json")).unwrap()).unwrap();
+        assert_eq!(
+            recorded["live"],
+            live.as_str(),
+            "record {n}: the record agrees with the load balancer"
+        );
+        assert_eq!(
+            recorded.get("switching_to"),
+            None,
+            "record {n}: no switch left pending"
+        );
+        if expect == current {
+            assert_eq!(
+                live, live_before,
+                "record {n}: a rollback leaves the old environment live"
+            );
+        } else {
+            assert_ne!(live, live_before, "record {n}: a resumed deployment switches");
+        }
+        for i in 1..=2 {
+            let id = format!("{live}-{i}");
+            assert_eq!(env.sim(&id)["release"], expect, "record {n}: {id}");
+            assert_eq!(env.sim(&id)["running"], true, "record {n}: {id}");
+        }
+        let s = status(&env);
+        assert_eq!(
+            s["deployment"]["history"]["outcome"], "succeeded",
+            "record {n}: {s}"
+        );
+        current = expect;
+    }
+}

@@ -1,0 +1,9 @@
+//! The `deploykit` binary, end to end: configuration errors, every command
+//! on simulated and on local instances, lock contention, notifications,
+//! and the crash matrix (the CLI killed after every journal record).
+
+mod commands;
+mod config;
+mod crash;
+mod notify;
+mod util;

@@ -1,0 +1,142 @@
+//! Webhook notifications against small HTTP servers on 127.0.0.1.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::util::{simulated, Env};
+
+#[derive(Clone, Copy)]
+enum Behaviour {
+    Ok,
+    Error500,
+    Hang,
+}
+
+/// A one-thread HTTP server recording request bodies; returns its URL.
+fn server(behaviour: Behaviour) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let l = line.to_ascii_lowercase();
+                if let Some(v) = l.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            let _ = reader.read_exact(&mut body);
+            seen.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&body).into_owned());
+            match behaviour {
+                Behaviour::Ok => {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                }
+                Behaviour::Error500 => {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 500 Oops\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                }
+                Behaviour::Hang => std::thread::sleep(Duration::from_secs(30)),
+            }
+        }
+    });
+    (url, bodies)
+}
+
+#[test]
+fn webhooks_get_start_success_and_rollback_in_both_formats() {
+    let (json_url, json_bodies) = server(Behaviour::Ok);
+    let (slack_url, slack_bodies) = server(Behaviour::Ok);
+    let extra = format!(
+        "[instance_defaults]\nsimulated = true\nsimulate_unhealthy = [\"v3\"]\n\
+         [strategy.rolling]\nmax_failures = 0\nhealth_retries = 1\nhealth_interval = \"20ms\"\nstabilisation = \"20ms\"\n\
+         [[notifications.webhooks]]\nurl = \"{json_url}\"\n\
+         [[notifications.webhooks]]\nurl = \"{slack_url}\"\nformat = \"slack\"\non = [\"success\", \"rollback\"]\n"
+    );
+    let env = Env::new(&simulated(2, &extra).replacen("[instance_defaults]\nsimulated = true\n\n", "", 1));
+    env.ok(&["deploy", "v2"], 0);
+    env.ok(&["deploy", "v3"], 1);
+    let json: Vec<Value> = json_bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| serde_json::from_str(b).unwrap())
+        .collect();
+    let events: Vec<(&str, &str)> = json
+        .iter()
+        .map(|v| (v["event"].as_str().unwrap(), v["release"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("start", "v2"),
+            ("success", "v2"),
+            ("start", "v3"),
+            ("rollback", "v3")
+        ]
+    );
+    assert_eq!(json[1]["app"], "shop");
+    assert_eq!(json[1]["strategy"], "rolling");
+    assert_eq!(json[1]["outcome"], "succeeded");
+    assert!(json[1]["duration_ms"].is_u64());
+    assert!(
+        json[3]["reason"].as_str().unwrap().contains("failure budget"),
+        "{}",
+        json[3]
+    );
+    let slack: Vec<Value> = slack_bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| serde_json::from_str(b).unwrap())
+        .collect();
+    assert_eq!(slack.len(), 2, "{slack:?}");
+    assert!(
+        slack[0]["text"].as_str().unwrap().contains("`v2` succeeded"),
+        "{}",
+        slack[0]
+    );
+    assert!(
+        slack[1]["text"].as_str().unwrap().contains("was rolled back"),
+        "{}",
+        slack[1]
+    );
+}
+
+#[test]
+fn failing_webhooks_never_fail_the_deployment() {
+    let (err_url, err_bodies) = server(Behaviour::Error500);
+    let (hang_url, _) = server(Behaviour::Hang);
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/hook", l.local_addr().unwrap())
+    };
+    let extra = format!(
+        "[notifications]\ntimeout = \"300ms\"\n\
+         [[notifications.webhooks]]\nurl = \"{err_url}\"\n\
+         [[notifications.webhooks]]\nurl = \"{hang_url}\"\n\
+         [[notifications.webhooks]]\nurl = \"{closed}\"\n"
+    );
+    let env = Env::new(&simulated(2, &extra));
+    env.ok(&["deploy", "v2"], 0);
+    assert_eq!(env.sim("web-1")["release"], "v2");
+    assert_eq!(err_bodies.lock().unwrap().len(), 2, "start and success were sent");
+}
