@@ -562,8 +562,9 @@ impl Host for SshHost {
             .with_session(move |sess| {
                 let mut ch = open_exec(sess, &line, &who)?;
                 let streamed = {
+                    // Large writes: libssh2 sends up to 32 KiB per packet.
                     let counter = CountingWriter {
-                        inner: &mut ch,
+                        inner: io::BufWriter::with_capacity(256 * 1024, &mut ch),
                         count: 0,
                     };
                     write_release_tar(&source, counter, gzip)
@@ -636,14 +637,14 @@ impl<R: Read> Read for HashingReader<R> {
 /// a [`MANIFEST`] with the SHA-256 of every regular file, computed while
 /// streaming. Returns the bytes written to `out`.
 fn write_release_tar<W: Write>(source: &Path, out: CountingWriter<W>, gzip: bool) -> io::Result<u64> {
-    if gzip {
+    let mut out = if gzip {
         let enc = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
-        let enc = write_tar(source, enc)?;
-        let out = enc.finish()?;
-        Ok(out.count)
+        write_tar(source, enc)?.finish()?
     } else {
-        Ok(write_tar(source, out)?.count)
-    }
+        write_tar(source, out)?
+    };
+    out.flush()?;
+    Ok(out.count)
 }
 
 fn write_tar<W: Write>(source: &Path, out: W) -> io::Result<W> {
