@@ -330,6 +330,41 @@ pub async fn reconcile(
     }
 }
 
+/// Checks, before a plan that switches away from `from` touches anything,
+/// that `from` really is live: the record (if any) says so with no switch
+/// pending, and the load balancer (if it can tell) routes to it. This keeps
+/// a blue-green plan made without reconciling (e.g. `Executor::deploy` with
+/// a [`BlueGreen`](crate::BlueGreen) strategy) from preparing the live
+/// environment.
+///
+/// # Errors
+/// [`Error::Inconsistent`] naming what disagrees; [`Error::Driver`] when the
+/// record or the load balancer cannot be read.
+pub async fn expect_live(store: &dyn LiveStore, lb: &dyn LoadBalancer, from: &Group) -> Result<()> {
+    let fix = "plan with BlueGreen::deploy or BlueGreen::rollback, which reconcile the record with the load balancer first";
+    if let Some(r) = store.load().await? {
+        if &r.live != from || r.switching_to.is_some() {
+            return Err(Error::Inconsistent(format!(
+                "the plan switches traffic away from {from}, but the {} says {} is live{}; {fix}",
+                store.describe(),
+                r.live,
+                r.switching_to
+                    .map(|t| format!(" with a switch to {t} pending"))
+                    .unwrap_or_default()
+            )));
+        }
+    }
+    if let Some(g) = lb.live_group().await? {
+        if &g != from {
+            return Err(Error::Inconsistent(format!(
+                "the plan switches traffic away from {from}, but the load balancer {} sends all traffic to {g}; {fix}",
+                lb.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Records `live` as the live environment, whatever was recorded: the
 /// operator's answer to a refused [`reconcile`]. Does not touch the load
 /// balancer.

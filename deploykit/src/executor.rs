@@ -379,8 +379,11 @@ impl Executor {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] (field `plan`) when the plan names an
-    /// instance this executor does not have, or a rollback batch of 0.
-    /// Nothing is touched then.
+    /// instance this executor does not have, or a rollback batch of 0;
+    /// (field `live_store`) when it records the live blue-green environment
+    /// and no store is set. [`Error::Inconsistent`] when it switches away
+    /// from an environment that the record or the load balancer says is not
+    /// live. Nothing is touched then.
     pub async fn run_with_id(&self, plan: &Plan, id: &str) -> Result<Report> {
         for stage in &plan.stages {
             for unit in &stage.units {
@@ -410,6 +413,13 @@ impl Executor {
                 "the plan records the live environment but the executor has no live-state store; \
                  set one with ExecutorBuilder::live_store (e.g. a FileLiveStore)",
             ));
+        }
+        if let Some(store) = &self.inner.live_store {
+            for step in steps() {
+                if let Step::RecordSwitching { from, .. } = step {
+                    crate::bluegreen_state::expect_live(store.as_ref(), self.inner.lb.as_ref(), from).await?;
+                }
+            }
         }
         let needs_smoke = steps().any(|s| matches!(s, Step::SmokeTest { .. } | Step::WarmUp { .. }));
         let smoke = match (&self.inner.smoke, needs_smoke) {

@@ -630,3 +630,72 @@ async fn missing_store_and_bad_parameters_are_input_errors() {
     );
     assert!(bg.fleet.ops().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_blue_green_plan_made_without_reconciling_cannot_prepare_the_live_environment() {
+    // Green is live; planning with the default (blue live) would prepare,
+    // i.e. stop, green. The executor refuses before touching anything.
+    let bg = setup(
+        FakeFleet::with_groups(&[("blue", 2), ("green", 2)]).live("green"),
+        FakeLiveStore::recording("green"),
+        FakeSmokeTester::for_fleet,
+    );
+    let e = bg.exec.deploy(&BlueGreen::default(), &v("v2")).await.unwrap_err();
+    assert!(matches!(e, Error::Inconsistent(_)), "{e}");
+    assert!(e.to_string().contains("says green is live"), "{e}");
+    assert!(bg.fleet.ops().is_empty());
+    // With no record, the load balancer still tells.
+    let bg = setup(
+        FakeFleet::with_groups(&[("blue", 2), ("green", 2)]).live("green"),
+        FakeLiveStore::new(),
+        FakeSmokeTester::for_fleet,
+    );
+    let e = bg.exec.deploy(&BlueGreen::default(), &v("v2")).await.unwrap_err();
+    assert!(e.to_string().contains("sends all traffic to green"), "{e}");
+    assert!(bg.fleet.ops().is_empty());
+    // Reconciling first does the right thing: deploys to blue.
+    let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    assert!(out.is_success(), "{}", out.deployment);
+    assert_eq!(out.live, g("blue"));
+}
+
+/// Real time and a real temp dir: the symlink switch does file I/O on
+/// blocking threads, which paused time would race.
+#[tokio::test]
+async fn the_symlink_switch_serves_setups_without_a_balancer() {
+    use deploykit::lb::SymlinkSwitch;
+    use deploykit::LoadBalancer;
+    let root = std::env::temp_dir().join(format!("dk-it-symlink-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    for env in ["blue", "green"] {
+        std::fs::create_dir_all(root.join(env)).unwrap();
+    }
+    let switch = SymlinkSwitch::builder(root.join("live"))
+        .environment(g("blue"), root.join("blue"))
+        .environment(g("green"), root.join("green"))
+        .build()
+        .unwrap();
+    switch.switch_to(&g("blue")).await.unwrap();
+    let fleet = FakeFleet::with_groups(&[("blue", 2), ("green", 2)]);
+    let store = FakeLiveStore::new();
+    let exec = Executor::builder()
+        .instances(fleet.instances())
+        .load_balancer(Arc::new(switch))
+        .smoke_tester(Arc::new(FakeSmokeTester::for_fleet(&fleet)))
+        .live_store(Arc::new(store.clone()))
+        .build()
+        .unwrap();
+    let bluegreen = BlueGreen {
+        keep_old: KeepOld::UntilNextDeployment,
+        ..BlueGreen::default()
+    };
+    let out = bluegreen.deploy(&exec, &v("v2")).await.unwrap();
+    assert!(out.is_success(), "{}", out.deployment);
+    assert_eq!(std::fs::read_link(root.join("live")).unwrap(), root.join("green"));
+    assert_eq!(store.live(), Some(g("green")));
+    let rb = bluegreen.rollback(&exec).await.unwrap();
+    assert!(rb.is_success(), "{}", rb.deployment);
+    assert_eq!(std::fs::read_link(root.join("live")).unwrap(), root.join("blue"));
+    assert_eq!(store.live(), Some(g("blue")));
+    std::fs::remove_dir_all(&root).unwrap();
+}
