@@ -98,8 +98,10 @@ impl LoadGen {
                         let mut retried = false;
                         let mut answer = http.get(&url).await;
                         if matches!(&answer, Err(e) if closed_before_response(e)) {
+                            // On a new connection: a fresh client has an
+                            // empty pool.
                             retried = true;
-                            answer = http.get(&url).await;
+                            answer = Http::new().get(&url).await;
                         }
                         let outcome = match answer {
                             Ok(a) if (200..300).contains(&a.status) => {

@@ -153,3 +153,51 @@ impl ReleaseSource {
         Ok(path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn put_dir_copies_or_hard_links_and_source_locates_releases() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("builds/v1");
+        std::fs::create_dir_all(src.join("bin")).unwrap();
+        std::fs::write(src.join("bin/app"), "x").unwrap();
+        std::os::unix::fs::symlink("bin/app", src.join("app")).unwrap();
+        for (mode, same_inode) in [(CopyMode::Copy, false), (CopyMode::HardLink, true)] {
+            let dest = tmp.path().join(format!("dest-{mode:?}"));
+            LocalHost::new()
+                .copy_mode(mode)
+                .put_dir(&src, dest.to_str().unwrap())
+                .await
+                .unwrap();
+            let (a, b) = (
+                std::fs::metadata(src.join("bin/app")).unwrap(),
+                std::fs::metadata(dest.join("bin/app")).unwrap(),
+            );
+            assert_eq!(a.ino() == b.ino(), same_inode, "{mode:?}");
+            assert_eq!(
+                std::fs::read_link(dest.join("app")).unwrap().to_str(),
+                Some("bin/app")
+            );
+            // The destination must be new.
+            let again = LocalHost::new().put_dir(&src, dest.to_str().unwrap()).await;
+            assert!(again.is_err());
+        }
+        let v1 = crate::names::ReleaseId::new("v1").unwrap();
+        let source = ReleaseSource::directory(tmp.path().join("builds"));
+        assert_eq!(source.locate(&v1).unwrap(), src);
+        let v2 = crate::names::ReleaseId::new("v2").unwrap();
+        assert!(source.locate(&v2).unwrap_err().to_string().contains("v2"));
+        let paths = ReleaseSource::Paths(vec![(v2.clone(), src.clone())]);
+        assert_eq!(paths.locate(&v2).unwrap(), src);
+        assert!(paths
+            .locate(&v1)
+            .unwrap_err()
+            .to_string()
+            .contains("not in the release source"));
+    }
+}
