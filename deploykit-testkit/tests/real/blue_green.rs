@@ -1,11 +1,10 @@
 //! Blue-green against real nginx and HAProxy with real demo-app processes
 //! run by `LocalInstance`s: the switch moves 100 % of traffic, a rollback
-//! moves it back, and a load generator running through both sees 0 failed
-//! requests.
+//! moves it back, and the zero-downtime load generator running through both
+//! sees 0 failed requests.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,9 +12,9 @@ use deploykit::bluegreen_state::FileLiveStore;
 use deploykit::instance::LocalInstance;
 use deploykit::lb::HaproxyLoadBalancer;
 use deploykit::{BlueGreen, Executor, Group, Instance, KeepOld, LoadBalancer, ReleaseId};
-use tokio::time::Instant;
 
 use crate::harness::{eventually, free_port, temp_dir, HaServer, Haproxy, Http, Nginx};
+use crate::load::LoadGen;
 use crate::local::{demo_spec, make_release, wait_healthy};
 
 /// Two blue and two green demo-app instances in a temp dir: blue runs v1,
@@ -104,70 +103,6 @@ pub(crate) fn quick() -> BlueGreen {
     }
 }
 
-/// What a load run saw.
-#[derive(Debug, Default)]
-pub(crate) struct LoadStats {
-    pub(crate) ok: usize,
-    pub(crate) failed: usize,
-    pub(crate) first_errors: Vec<String>,
-    pub(crate) versions: BTreeMap<String, usize>,
-}
-
-/// Sends GETs to `url` from `clients` concurrent clients, each on a new
-/// connection, until `stop` is set (or a hard stop of 60 s, or 200,000
-/// requests): loopback only, bounded.
-pub(crate) fn load(url: String, clients: usize, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<LoadStats> {
-    tokio::spawn(async move {
-        let hard_stop = Instant::now() + Duration::from_secs(60);
-        let tasks: Vec<_> = (0..clients)
-            .map(|_| {
-                let (url, stop) = (url.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let mut s = LoadStats::default();
-                    while !stop.load(Ordering::Relaxed)
-                        && Instant::now() < hard_stop
-                        && s.ok + s.failed < 200_000 / clients
-                    {
-                        // A new connection per request: an nginx reload
-                        // closes *idle* keep-alive connections, and a client
-                        // that sends on one at that instant sees it closed
-                        // before any answer (an HTTP race every keep-alive
-                        // client must retry, not a dropped request).
-                        let http = Http::new();
-                        match http.get(&url).await {
-                            Ok(a) if (200..300).contains(&a.status) => {
-                                s.ok += 1;
-                                *s.versions.entry(a.version.unwrap_or_default()).or_insert(0) += 1;
-                            }
-                            other => {
-                                s.failed += 1;
-                                if s.first_errors.len() < 5 {
-                                    s.first_errors.push(match other {
-                                        Ok(a) => format!("status {}: {}", a.status, a.body),
-                                        Err(e) => e,
-                                    });
-                                }
-                            }
-                        }
-                    }
-                    s
-                })
-            })
-            .collect();
-        let mut all = LoadStats::default();
-        for t in tasks {
-            let s = t.await.expect("load client");
-            all.ok += s.ok;
-            all.failed += s.failed;
-            all.first_errors.extend(s.first_errors);
-            for (k, n) in s.versions {
-                *all.versions.entry(k).or_insert(0) += n;
-            }
-        }
-        all
-    })
-}
-
 /// Deploys v2 (checking 100 % of traffic on v2 right after the switch),
 /// rolls back (checking 100 % on v1), all while `url` is under load; 0
 /// failed requests.
@@ -181,8 +116,9 @@ async fn switch_and_roll_back_under_load(envs: &Envs, exec: &Executor, url: &str
     )
     .await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = load(url.to_string(), 8, stop.clone());
+    // The zero-downtime load generator: ~500 requests/s, keep-alive, hard
+    // stop after 60 s.
+    let running = LoadGen::start(url, 500, 16, Duration::from_secs(60));
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let bg = quick();
@@ -208,16 +144,30 @@ async fn switch_and_roll_back_under_load(envs: &Envs, exec: &Executor, url: &str
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    stop.store(true, Ordering::Relaxed);
-    let stats = running.await.unwrap();
-    assert_eq!(
-        stats.failed, 0,
-        "failed requests across the switch and the rollback: {stats:?}"
-    );
-    assert!(stats.ok > 100, "the load generator ran: {stats:?}");
+    let samples = running.stop().await;
+    let failed: Vec<_> = samples.iter().filter_map(|x| x.outcome.as_ref().err()).collect();
+    let retried = samples.iter().filter(|x| x.retried).count();
+    let mut versions = BTreeMap::new();
+    for x in &samples {
+        if let Ok(v) = &x.outcome {
+            *versions.entry(v.as_str()).or_insert(0) += 1;
+        }
+    }
     assert!(
-        stats.versions.contains_key("v1") && stats.versions.contains_key("v2"),
-        "{stats:?}"
+        failed.is_empty(),
+        "{} of {} requests failed across the switch and the rollback (first: {:?}); {retried} retried",
+        failed.len(),
+        samples.len(),
+        failed.iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(
+        samples.len() > 100,
+        "the load generator ran: {} requests",
+        samples.len()
+    );
+    assert!(
+        versions.contains_key("v1") && versions.contains_key("v2"),
+        "{versions:?}"
     );
 
     // The rollback stopped green; blue runs v1, green keeps v2 installed.
