@@ -1,8 +1,8 @@
 //! # deploykit
 //!
 //! Move a new release onto a fleet of instances without dropping a request —
-//! rolling, recreate (and, in later modules, blue-green and canary) — and
-//! roll back by itself when the new release is unhealthy.
+//! rolling, blue-green, canary, or recreate — and roll back by itself when
+//! the new release is unhealthy.
 //!
 //! ## The one idea: strategies compile to plans, one executor runs them
 //!
