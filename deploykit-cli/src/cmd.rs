@@ -910,8 +910,12 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
         match (&latest, &entry) {
             (Some(j), Some(e)) => {
                 println!(
-                    "last run: {} ({:?}) {} of {}: {}",
-                    e.id, e.kind, e.strategy, e.release, e.outcome
+                    "last run: {} ({}) {} of {}: {}",
+                    e.id,
+                    format!("{:?}", e.kind).to_lowercase(),
+                    e.strategy,
+                    e.release,
+                    e.outcome
                 );
                 if let Some(r) = &e.reason {
                     println!("  {r}");

@@ -119,17 +119,81 @@ impl EventSink for Human {
                 let who = instance.as_ref().map(|i| format!("{i}: ")).unwrap_or_default();
                 self.line(t, format!("  ! {who}{message}"));
             }
+            EventKind::StageProgress {
+                stage,
+                of,
+                weight,
+                percent,
+                elapsed_ms,
+                duration_ms,
+                ..
+            } => {
+                // SPEC C9: the canary stage's percent and seconds.
+                self.bar.set_message(format!(
+                    "canary stage {stage}/{of} at {weight}%: {percent}% ({:.0}s of {:.0}s)",
+                    *elapsed_ms as f64 / 1000.0,
+                    *duration_ms as f64 / 1000.0
+                ));
+                if *percent >= 100 {
+                    self.line(
+                        t,
+                        format!("  canary stage {stage}/{of} at {weight}% held and passed"),
+                    );
+                }
+            }
+            EventKind::AnalysisResult { stage, result, .. }
+                if !matches!(result, deploykit::analysis::CheckOutcome::Pass) =>
+            {
+                self.line(t, format!("  canary stage {stage}: {result:?}"));
+            }
+            EventKind::AwaitingPromotion { stage, weight, .. } => {
+                self.line(
+                    t,
+                    format!(
+                        "  canary stage {stage} at {weight}% waits for promotion: `deploykit promote` or `deploykit abort`"
+                    ),
+                );
+            }
+            EventKind::Promoted { stage } => self.line(t, format!("  canary stage {stage} promoted")),
+            EventKind::WarmUpProgress {
+                group,
+                sent,
+                total,
+                failed,
+            } => {
+                self.bar
+                    .set_message(format!("warming up {group}: {sent}/{total} ({failed} failed)"));
+                if sent == total {
+                    self.line(
+                        t,
+                        format!("  warmed up {group}: {total} requests, {failed} failed"),
+                    );
+                }
+            }
             EventKind::DeploymentFinished { outcome, .. } => {
                 let word = match outcome {
-                    OutcomeKind::Succeeded => "succeeded",
-                    OutcomeKind::Degraded => "finished degraded",
-                    OutcomeKind::RolledBack => "rolled back",
-                    OutcomeKind::RollbackFailed => "ROLLBACK FAILED",
+                    OutcomeKind::Succeeded => paint("succeeded", GREEN),
+                    OutcomeKind::Degraded => paint("finished degraded", YELLOW),
+                    OutcomeKind::RolledBack => paint("rolled back", YELLOW),
+                    OutcomeKind::RollbackFailed => paint("ROLLBACK FAILED", RED),
                 };
                 self.line(t, format!("deployment {word}"));
             }
             _ => {}
         }
+    }
+}
+
+const GREEN: &str = "32";
+const YELLOW: &str = "33";
+const RED: &str = "31";
+
+/// Colours `text` when stdout is a terminal and `NO_COLOR` is unset.
+pub(crate) fn paint(text: &str, colour: &str) -> String {
+    if std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none() {
+        format!("\x1b[{colour}m{text}\x1b[0m")
+    } else {
+        text.to_string()
     }
 }
 

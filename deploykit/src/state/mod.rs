@@ -21,7 +21,7 @@
 //!   over.
 //! * [`Journal`] — JSON lines, each `fsync`ed before the step it records
 //!   goes on: a [header](JournalHeader) (deployment id, strategy, release,
-//!   plan, the previous release of every instance), then every [`Event`]
+//!   plan, the previous release of every instance), then every [`Event`](crate::Event)
 //!   the executor emits, then the outcome. A crash at any point leaves a
 //!   journal that says which instances were touched and what each ran
 //!   before — what `status`, `--resume` and `rollback` read.
