@@ -398,3 +398,59 @@ async fn a_connection_cut_mid_upload_leaves_the_host_on_its_previous_release() {
         inst.stop().await.unwrap();
     }
 }
+
+/// An `ssh-agent -D` in the lab dir; killed on drop.
+struct Agent(std::process::Child);
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_agent_authentication() {
+    let Some(lab) = SshLab::start(1) else { return };
+    let (Some(agent_bin), Some(add_bin)) = (crate::sshd::find("ssh-agent"), crate::sshd::find("ssh-add"))
+    else {
+        if crate::harness::in_ci() {
+            panic!("ssh-agent/ssh-add missing, and CI=true: install openssh-client");
+        }
+        eprintln!("!!!!! SKIPPING: ssh-agent not installed !!!!!");
+        return;
+    };
+    let sock = lab.dir.path().join("agent.sock");
+    let _agent = Agent(
+        std::process::Command::new(agent_bin)
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < end,
+            "ssh-agent did not create {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // An empty agent: authentication fails, naming the agent.
+    let host = lab.host_builder(0, None).agent_socket(&sock).build().unwrap();
+    let err = host.connect().await.unwrap_err().to_string();
+    assert!(err.contains("authentication") && err.contains("agent"), "{err}");
+    // With the key added, the same host connects.
+    let st = std::process::Command::new(add_bin)
+        .arg("-q")
+        .arg(&lab.client_key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let host = lab.host_builder(0, None).agent_socket(&sock).build().unwrap();
+    let out = host.run(&Command::new("echo").arg("via agent")).await.unwrap();
+    assert_eq!(out.stdout, "via agent\n");
+}

@@ -37,9 +37,12 @@ pub enum SshAuth {
         /// Its passphrase, if encrypted.
         passphrase: Option<String>,
     },
-    /// The identities of the running ssh-agent (`SSH_AUTH_SOCK`), tried in
-    /// turn.
-    Agent,
+    /// The identities of a running ssh-agent, tried in turn: the agent at
+    /// `socket`, or at `SSH_AUTH_SOCK` when `None`.
+    Agent {
+        /// The agent's socket; `None` reads `SSH_AUTH_SOCK`.
+        socket: Option<PathBuf>,
+    },
 }
 
 /// What to do with a host key that is not in the known_hosts file.
@@ -115,9 +118,16 @@ impl SshHostBuilder {
         self
     }
 
-    /// Authenticates with the running ssh-agent.
+    /// Authenticates with the ssh-agent at `SSH_AUTH_SOCK`.
     pub fn agent(self) -> Self {
-        self.auth(SshAuth::Agent)
+        self.auth(SshAuth::Agent { socket: None })
+    }
+
+    /// Authenticates with the ssh-agent listening on `socket`.
+    pub fn agent_socket(self, socket: impl Into<PathBuf>) -> Self {
+        self.auth(SshAuth::Agent {
+            socket: Some(socket.into()),
+        })
     }
 
     /// The known_hosts file host keys are checked against (required).
@@ -467,8 +477,13 @@ fn authenticate(sess: &Session, cfg: &SshConfig, who: &str) -> Result<(), Driver
             sess.userauth_pubkey_file(&cfg.user, None, private_key, passphrase.as_deref())
                 .map_err(|e| fail(&format!("the key {}", private_key.display()), Some(e)))?;
         }
-        SshAuth::Agent => {
+        SshAuth::Agent { socket } => {
             let mut agent = sess.agent().map_err(|e| fail("the ssh-agent", Some(e)))?;
+            if let Some(path) = socket {
+                agent
+                    .set_identity_path(path)
+                    .map_err(|e| fail(&format!("the ssh-agent at {}", path.display()), Some(e)))?;
+            }
             agent
                 .connect()
                 .map_err(|e| fail("the ssh-agent (is SSH_AUTH_SOCK set?)", Some(e)))?;
