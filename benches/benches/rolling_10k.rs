@@ -50,7 +50,10 @@ fn once(instances: usize, batch: usize, with_events: bool) -> (Duration, usize) 
         let report = exec.deploy(&strategy, &release).await.expect("runs");
         let wall = start.elapsed();
         assert!(report.is_success(), "{report}");
-        assert_eq!(fleet.releases().values().filter(|r| **r == release).count(), instances);
+        assert_eq!(
+            fleet.releases().values().filter(|r| **r == release).count(),
+            instances
+        );
         (wall, log.events().len())
     })
 }
@@ -81,13 +84,19 @@ fn child_peak_mib(index: usize) -> f64 {
 }
 
 fn main() {
-    if let Some(i) = std::env::var("BENCH_CHILD").ok().and_then(|s| s.parse::<usize>().ok()) {
+    if let Some(i) = std::env::var("BENCH_CHILD")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+    {
         let (_, n, b, ev) = CONFIGS[i];
         once(n, b, ev);
         println!("peak_mib={}", peak_rss_mib());
         return;
     }
-    let runs = std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    let runs = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
     let configs = CONFIGS;
     let mut results = Vec::new();
     // Interleave the configurations so machine noise hits them alike.
