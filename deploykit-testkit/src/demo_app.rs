@@ -16,7 +16,7 @@
 //! | `GET /health` | `200 ok`, or `503 unhealthy` with `--unhealthy` |
 //! | `GET /api/status` | `200` JSON: version, track, requests served, requests in flight |
 //! | `GET /api/db/ping` | `200 ok` |
-//! | `GET /metrics` | Prometheus text: `http_requests_total{code,track,version}` and `http_request_duration_seconds{track,version}` |
+//! | `GET /metrics` | Prometheus text: `http_requests_total{code,track,version}`, `http_request_duration_seconds{track,version}` and `http_requests_in_flight` |
 //!
 //! Every answer carries the headers `x-app-version` and `x-app-track`, so a
 //! client behind a load balancer can count who served it.
@@ -43,6 +43,7 @@ use axum::Router;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -116,6 +117,8 @@ struct AppState {
     root_requests: AtomicU64,
     served: AtomicU64,
     in_flight: AtomicU64,
+    /// Requests in flight, not counting `/metrics` scrapes.
+    in_flight_gauge: Gauge,
 }
 
 type Shared = Arc<AppState>;
@@ -133,6 +136,12 @@ impl AppState {
             (|| Histogram::new(exponential_buckets(0.001, 2.0, 14))) as fn() -> Histogram,
         );
         registry.register("http_requests", "HTTP requests served", requests.clone());
+        let in_flight_gauge = Gauge::default();
+        registry.register(
+            "http_requests_in_flight",
+            "HTTP requests being answered, not counting /metrics scrapes",
+            in_flight_gauge.clone(),
+        );
         registry.register(
             "http_request_duration_seconds",
             "Time to answer HTTP requests",
@@ -148,6 +157,7 @@ impl AppState {
             root_requests: AtomicU64::new(0),
             served: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            in_flight_gauge,
         })
     }
 
@@ -177,8 +187,15 @@ pub fn router(config: DemoConfig) -> Result<Router, String> {
 /// Counts, times and labels every answer.
 async fn observe(State(s): State<Shared>, req: Request, next: Next) -> Response {
     let started = Instant::now();
+    let scrape = req.uri().path() == "/metrics";
     s.in_flight.fetch_add(1, Ordering::SeqCst);
+    if !scrape {
+        s.in_flight_gauge.inc();
+    }
     let mut resp = next.run(req).await;
+    if !scrape {
+        s.in_flight_gauge.dec();
+    }
     s.in_flight.fetch_sub(1, Ordering::SeqCst);
     s.served.fetch_add(1, Ordering::SeqCst);
     let headers = resp.headers_mut();

@@ -49,6 +49,8 @@ async fn routes_answer_with_version_track_and_metrics() {
         "{m}"
     );
     assert!(m.contains("http_request_duration_seconds_bucket{"), "{m}");
+    // The scrape itself is not counted as in flight.
+    assert!(m.contains("http_requests_in_flight 0"), "{m}");
 }
 
 #[tokio::test]

@@ -13,8 +13,6 @@ use crate::harness::{
 
 /// HAProxy, the driver and demo apps wired together in a temp dir.
 pub(crate) struct HaproxySetup {
-    /// Held so the processes live as long as the setup.
-    #[allow(dead_code)]
     pub(crate) apps: Vec<DemoApp>,
     pub(crate) backends: Vec<Backend>,
     pub(crate) lb: HaproxyLoadBalancer,
@@ -123,7 +121,19 @@ async fn drain_is_confirmed_only_after_in_flight_requests_finish() {
             tokio::spawn(async move { http.get(&url).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until both apps are answering two requests each.
+    eventually(
+        Duration::from_secs(10),
+        "2 requests in flight on each app",
+        || async {
+            let mut n = Vec::new();
+            for app in &s.apps {
+                n.push(app.in_flight(&s.http).await);
+            }
+            (n == [2, 2]).then_some(())
+        },
+    )
+    .await;
     s.lb.drain(&s.backends[1]).await.expect("drain i-2");
     let busy = s.lb.active_connections(&s.backends[1]).await.unwrap();
     assert_eq!(busy, Some(2), "two requests still in flight on i-2");

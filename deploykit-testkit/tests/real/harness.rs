@@ -226,6 +226,16 @@ impl DemoApp {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Requests the app is answering now (`http_requests_in_flight` of
+    /// its `/metrics`).
+    pub async fn in_flight(&self, http: &Http) -> u64 {
+        let m = http.get(&self.url("/metrics")).await.expect("GET /metrics").body;
+        m.lines()
+            .find_map(|l| l.strip_prefix("http_requests_in_flight "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no http_requests_in_flight in /metrics:\n{m}"))
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub async fn stop(mut self) -> std::process::ExitStatus {
         sigterm(self.pid());

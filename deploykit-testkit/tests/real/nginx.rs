@@ -129,7 +129,19 @@ async fn drain_is_confirmed_only_after_in_flight_requests_finish() {
             tokio::spawn(async move { http.get(&url).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until both apps are answering two requests each.
+    eventually(
+        Duration::from_secs(10),
+        "2 requests in flight on each app",
+        || async {
+            let mut n = Vec::new();
+            for app in &s.apps {
+                n.push(app.in_flight(&s.http).await);
+            }
+            (n == [2, 2]).then_some(())
+        },
+    )
+    .await;
     s.lb.drain(&s.backends[1]).await.expect("drain i-2");
     // The old worker is still busy with i-2's requests: not drained yet.
     let busy = s.lb.active_connections(&s.backends[1]).await.unwrap();
