@@ -647,16 +647,18 @@ impl<'a> Run<'a> {
                 }
                 _ => {}
             }
+            // A cancellation also fails the step it interrupts (a gate, a
+            // warm-up): name the cause, not the symptom.
+            if cancel.is_cancelled() {
+                abort = Some("cancelled by the operator".into());
+                break;
+            }
             let plan_failure = self.plan_failure.lock().expect("run state poisoned").clone();
             if let Some(reason) = plan_failure {
                 if !matches!(self.plan.policy, FailurePolicy::RestoreInstance { .. }) {
                     abort = Some(reason);
                     break;
                 }
-            }
-            if cancel.is_cancelled() {
-                abort = Some("cancelled by the operator".into());
-                break;
             }
         }
         if let Some(reason) = &abort {
