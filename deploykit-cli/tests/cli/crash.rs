@@ -63,6 +63,16 @@ fn rolling_on_local_instances_recovers_from_a_crash_after_every_record() {
                 "record {n}: status shows what {id} runs"
             );
         }
+        if n == 1 {
+            // A new deployment is refused until this one is resumed or
+            // rolled back.
+            let (code, _, err) = env.run(&["deploy", "v3"]);
+            assert_eq!(code, 3, "{err}");
+            assert!(
+                err.contains("was interrupted") && err.contains("--resume"),
+                "{err}"
+            );
+        }
         let expect = if n % 2 == 0 {
             env.ok(&["-q", "deploy", "--resume"], 0);
             target
@@ -86,6 +96,10 @@ fn rolling_on_local_instances_recovers_from_a_crash_after_every_record() {
         );
         current = expect;
     }
+    // Nothing is interrupted any more: nothing to resume.
+    let (code, _, err) = env.run(&["deploy", "--resume"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("nothing to resume"), "{err}");
 }
 
 #[test]
