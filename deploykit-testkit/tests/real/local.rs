@@ -186,9 +186,15 @@ async fn stop_escalates_to_sigkill_after_the_grace_period() {
             .source(ReleaseSource::directory(&builds))
             // Ignores SIGTERM (and so does its child `sleep`).
             .process(
-                ProcessSpec::new(["sh", "-c", "trap '' TERM; echo started; sleep 120"])
-                    .unwrap()
-                    .grace(Duration::from_millis(300)),
+                ProcessSpec::new([
+                    "sh",
+                    "-c",
+                    "trap '' TERM; echo \"started in $PWD with $MARK\"; sleep 120",
+                ])
+                .unwrap()
+                .env("MARK", "{release} 'quoted' $(not run)")
+                .unwrap()
+                .grace(Duration::from_millis(300)),
             )
             .health(deploykit::instance::HealthProbe::ServiceActive)
             .build()
@@ -205,6 +211,17 @@ async fn stop_escalates_to_sigkill_after_the_grace_period() {
         .unwrap()
         .parse()
         .unwrap();
+    // Started in the release directory, with the environment (placeholders
+    // replaced, nothing else interpreted).
+    let log = std::fs::read_to_string(tmp.path().join("root/app.log")).unwrap();
+    let dir = std::fs::canonicalize(tmp.path().join("root/releases/v1")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "started in {} with v1 'quoted' $(not run)",
+            dir.display()
+        )),
+        "{log}"
+    );
     inst.stop().await.unwrap();
     assert!(!inst.is_running().await.unwrap());
     assert!(!inst.health().await.unwrap().is_healthy());

@@ -196,6 +196,8 @@ fn ssh_instance(lab: &SshLab, i: usize, builds: &Path, keep: usize) -> (SshInsta
         "{release}".into(),
     ])
     .unwrap()
+    .env("DEPLOYKIT_TEST_MARK", "release {release}")
+    .unwrap()
     .grace(Duration::from_secs(10));
     let inst = SshInstance::builder(
         lab.host_builder(i, None).build().unwrap(),
@@ -272,6 +274,15 @@ async fn rolling_deployment_to_four_ssh_hosts_with_pruning() {
             );
             assert_eq!(inst.current_release().await.unwrap(), Some(id(v)));
             assert_eq!(version_at(address).await.unwrap(), v, "{}", inst.backend().id);
+            // The process got its environment through the remote shell line.
+            let pid = std::fs::read_to_string(format!("{root}/app.pid")).unwrap();
+            let pid = pid.split_whitespace().next().unwrap();
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+            let mark = format!("DEPLOYKIT_TEST_MARK=release {v}");
+            assert!(
+                environ.split(|b| *b == 0).any(|e| e == mark.as_bytes()),
+                "{mark} missing from the environment of {pid}"
+            );
             // The uploaded payload is intact (checked remotely too).
             assert_eq!(
                 std::fs::metadata(format!("{root}/current/payload.bin"))

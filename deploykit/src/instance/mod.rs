@@ -420,7 +420,11 @@ impl<H: Host> Instance for HostInstance<H> {
     /// running); systemd: `systemctl start`.
     ///
     /// * Idempotent: yes. Cancel-safe: yes; the process may or may not have
-    ///   been started (the pid file says which).
+    ///   been started, and the pid file says which — except when the
+    ///   cancellation lands in the instant between spawning the process and
+    ///   recording its pid (one shell script, microseconds), which can leave
+    ///   an unrecorded process holding the port; the next `start` then
+    ///   fails to bind and health says so.
     /// * On failure: nothing runs, or a process that died at once (see the
     ///   log file `<root>/app.log`).
     async fn start(&self) -> Result<(), DriverError> {

@@ -134,12 +134,26 @@ impl SystemdUnit {
 /// the pid file is alive, not a zombie, *and* its start time (field 22 of
 /// `/proc/<pid>/stat`) is the one recorded — so a reused pid is never taken
 /// for the application.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ProcessSpec {
     argv: Vec<String>,
     env: Vec<(String, String)>,
     grace: Duration,
     poll: Duration,
+}
+
+impl std::fmt::Debug for ProcessSpec {
+    /// Environment values are left out: they often hold secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessSpec")
+            .field("argv", &self.argv)
+            .field(
+                "env",
+                &self.env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            )
+            .field("grace", &self.grace)
+            .finish()
+    }
 }
 
 /// The default grace period between SIGTERM and SIGKILL.
@@ -326,10 +340,11 @@ impl Controller<'_> {
                 app.validate()
                     .map_err(|e| DriverError::new("invalid process command").with_source(e))?;
                 let mut cmd = script(START).args([dir.clone(), self.layout.file("app.log"), self.pidfile()]);
-                if !app.get_env().is_empty() {
-                    cmd = cmd
-                        .arg("env")
-                        .args(app.get_env().iter().map(|(k, v)| format!("{k}={v}")));
+                // The environment goes on the command (inherited by the
+                // app), not into its argv: argv shows up in messages, and
+                // values may be secrets.
+                for (k, v) in app.get_env() {
+                    cmd = cmd.env(k.as_str(), v.as_str());
                 }
                 cmd = cmd.args(app.argv());
                 let out = self
@@ -488,6 +503,19 @@ mod tests {
             ]
         );
         assert_eq!(cmd.get_env(), [("DATA".to_string(), "/srv/a/shared".to_string())]);
+    }
+
+    #[test]
+    fn debug_output_leaves_out_environment_values() {
+        let spec = ProcessSpec::new(["app"])
+            .unwrap()
+            .env("DB_PASSWORD", "hunter2")
+            .unwrap();
+        let text = format!("{spec:?}");
+        assert!(
+            text.contains("DB_PASSWORD") && !text.contains("hunter2"),
+            "{text}"
+        );
     }
 
     #[test]
