@@ -598,7 +598,19 @@ fn rollback_plan(
                 leave_stopped.push(id.clone());
                 retirement_steps(id, &progress, r.drain_timeout)
             }
-            _ => compensation_steps(id, &progress, r.health, r.drain_timeout),
+            _ => {
+                let mut steps = Vec::new();
+                if !changed {
+                    // Left part-way on its old release: maybe stopped, maybe
+                    // out of rotation. A load balancer driver that keeps its
+                    // state in memory starts this process believing every
+                    // backend is in rotation; taking the instance out first
+                    // makes that state true before the start and enable.
+                    steps.push(Step::Disable { instance: id.clone() });
+                }
+                steps.extend(compensation_steps(id, &progress, r.health, r.drain_timeout));
+                steps
+            }
         };
         units.push(Unit {
             instance: Some(id.clone()),

@@ -182,6 +182,8 @@ pub(crate) struct LoadBalancerConfig {
     pub(crate) nginx_config: Option<String>,
     /// nginx: the master's pid file (default `/run/nginx.pid`).
     pub(crate) pid_file: Option<String>,
+    /// nginx: the prefix directory (`nginx -p`), when not the default.
+    pub(crate) nginx_prefix: Option<String>,
     /// nginx: the upstream's name.
     pub(crate) upstream: Option<String>,
     /// nginx: the nginx binary (default `nginx`).
@@ -1004,7 +1006,8 @@ fn parse_ssh(h: &str) -> Result<HostSpec, String> {
 
 fn check_lb(c: &Config) -> deploykit::Result<()> {
     let lb = &c.load_balancer;
-    let fields: [(&str, bool, &[LbKind]); 9] = [
+    let fields: [(&str, bool, &[LbKind]); 10] = [
+        ("nginx_prefix", lb.nginx_prefix.is_some(), &[LbKind::Nginx]),
         ("include_file", lb.include_file.is_some(), &[LbKind::Nginx]),
         ("nginx_config", lb.nginx_config.is_some(), &[LbKind::Nginx]),
         ("pid_file", lb.pid_file.is_some(), &[LbKind::Nginx]),

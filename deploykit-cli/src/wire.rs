@@ -266,7 +266,11 @@ pub(crate) fn load_balancer(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Ar
             let mut b = deploykit::lb::NginxLoadBalancer::builder()
                 .upstream(lb.upstream.as_deref().unwrap_or("app"))
                 .include_file(&include)
+                .error_log_stderr(true)
                 .backends(backends(cfg));
+            if let Some(p) = &lb.nginx_prefix {
+                b = b.prefix(cfg.resolve(p));
+            }
             if let Some(bin) = &lb.nginx_binary {
                 b = b.binary(bin);
             }

@@ -5,5 +5,6 @@
 mod commands;
 mod config;
 mod crash;
+mod nginx;
 mod notify;
 mod util;

@@ -1,0 +1,244 @@
+//! The CLI through a real nginx started in a temp dir: deploys, and
+//! recovery after the CLI is killed while an instance is drained.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{local, Env};
+
+fn in_ci() -> bool {
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
+}
+
+/// nginx on PATH, /usr/sbin or /sbin; in CI a missing nginx fails the test.
+fn nginx_binary() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/sbin".into(), "/sbin".into()]);
+    if let Some(p) = dirs.into_iter().map(|d| d.join("nginx")).find(|p| p.is_file()) {
+        return Some(p);
+    }
+    assert!(
+        !in_ci(),
+        "nginx is not installed, and CI=true: scripts/test installs it"
+    );
+    eprintln!("!!!!! SKIPPING: nginx is not installed (apt-get install nginx); in CI this fails !!!!!");
+    None
+}
+
+/// nginx in `dir` (config, pid, logs, temp paths), killed on drop.
+struct Nginx(Child, PathBuf);
+
+impl Nginx {
+    fn start(binary: &Path, dir: &Path, port: u16, servers: &[u16]) -> Self {
+        let d = dir.display();
+        std::fs::write(
+            dir.join("nginx.conf"),
+            format!(
+                "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+                 events {{ worker_connections 64; }}\nhttp {{\n  access_log off;\n\
+                 client_body_temp_path {d}/cb; proxy_temp_path {d}/px; fastcgi_temp_path {d}/fc;\n\
+                 uwsgi_temp_path {d}/uw; scgi_temp_path {d}/sc;\n  include {d}/upstream.conf;\n\
+                 server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://app; }} }}\n}}\n"
+            ),
+        )
+        .unwrap();
+        let list: String = servers
+            .iter()
+            .map(|p| format!("  server 127.0.0.1:{p};\n"))
+            .collect();
+        std::fs::write(dir.join("upstream.conf"), format!("upstream app {{\n{list}}}\n")).unwrap();
+        let child = Command::new(binary)
+            .args([
+                "-p",
+                &format!("{d}/"),
+                "-c",
+                &format!("{d}/nginx.conf"),
+                "-e",
+                "stderr",
+                "-g",
+                "daemon off;",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx");
+        let end = Instant::now() + Duration::from_secs(20);
+        while !dir.join("nginx.pid").exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < end,
+                "nginx did not start: {}",
+                std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx(child, dir.to_path_buf())
+    }
+
+    fn upstream(&self) -> String {
+        std::fs::read_to_string(self.1.join("upstream.conf")).unwrap()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM to the master is a fast shutdown that takes the workers.
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end && self.0.try_wait().ok().flatten().is_none() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn deploy_crash_and_rollback_through_real_nginx() {
+    let Some(bin) = nginx_binary() else { return };
+    let ngx_dir = tempfile::tempdir().unwrap();
+    let d = ngx_dir.path().display().to_string();
+    let extra = "[strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"50ms\"\ndrain_timeout = \"2s\"\n\n";
+    // `local(2, …)` serves on 127.0.0.1:18181-18182; swap in the nginx LB.
+    let cfg = local(2, extra).replace(
+        "[load_balancer]\nkind = \"simulated\"\n",
+        &format!(
+            "[load_balancer]\nkind = \"nginx\"\ninclude_file = \"{d}/upstream.conf\"\nupstream = \"app\"\n\
+             nginx_binary = \"{}\"\nnginx_config = \"{d}/nginx.conf\"\nnginx_prefix = \"{d}\"\npid_file = \"{d}/nginx.pid\"\n",
+            bin.display()
+        ),
+    );
+    let env = Env::new(&cfg);
+    env.releases(&["v1", "v2"]);
+    let nginx = Nginx::start(&bin, ngx_dir.path(), free_port(), &[18181, 18182]);
+    env.ok(&["deploy", "v1"], 0);
+    env.ok(&["deploy", "v2"], 0);
+    let text = nginx.upstream();
+    assert!(
+        text.contains("Managed by deploykit"),
+        "the driver renders the file: {text}"
+    );
+    assert!(
+        text.contains("127.0.0.1:18181") && text.contains("127.0.0.1:18182"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(" down"),
+        "every server is back in rotation:\n{text}"
+    );
+    // Kill the CLI right after web-1's drain was recorded: nginx has it
+    // down; the rollback must bring it back.
+    let journal = env.newest_journal();
+    let n = journal
+        .iter()
+        .position(|r| r["event"] == "step_finished" && r["step"] == "stop" && r["instance"] == "web-1")
+        .expect("a stop of web-1")
+        + 1;
+    let out = env
+        .cmd()
+        .env("DEPLOYKIT_TEST_ABORT_AFTER_RECORD", n.to_string())
+        .args(["-q", "deploy", "v1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = nginx.upstream();
+    assert!(
+        text.contains("127.0.0.1:18181 down"),
+        "web-1 is out of rotation after the crash:\n{text}"
+    );
+    assert!(!env.local_running("web-1"), "web-1 was stopped before the crash");
+    env.ok(&["-q", "rollback"], 0);
+    let text = nginx.upstream();
+    assert!(!text.contains(" down"), "the rollback put web-1 back:\n{text}");
+    for id in ["web-1", "web-2"] {
+        assert_eq!(env.local_release(id).as_deref(), Some("v2"), "{id}");
+        assert!(env.local_running(id), "{id}");
+    }
+    let status = Command::new(&bin)
+        .args([
+            "-p",
+            &format!("{d}/"),
+            "-c",
+            &format!("{d}/nginx.conf"),
+            "-e",
+            "stderr",
+            "-t",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "nginx -t: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+}
+
+#[test]
+fn crash_matrix_through_real_nginx() {
+    let Some(bin) = nginx_binary() else { return };
+    let ngx_dir = tempfile::tempdir().unwrap();
+    let d = ngx_dir.path().display().to_string();
+    let extra = "[strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"50ms\"\ndrain_timeout = \"2s\"\n\n";
+    let cfg = local(2, extra)
+        .replace("18181", "18281")
+        .replace("18182", "18282")
+        .replace(
+            "[load_balancer]\nkind = \"simulated\"\n",
+            &format!(
+                "[load_balancer]\nkind = \"nginx\"\ninclude_file = \"{d}/upstream.conf\"\nupstream = \"app\"\n\
+                 nginx_binary = \"{}\"\nnginx_config = \"{d}/nginx.conf\"\nnginx_prefix = \"{d}\"\npid_file = \"{d}/nginx.pid\"\n",
+                bin.display()
+            ),
+        );
+    let env = Env::new(&cfg);
+    env.releases(&["v1", "v2"]);
+    let nginx = Nginx::start(&bin, ngx_dir.path(), free_port(), &[18281, 18282]);
+    env.ok(&["deploy", "v1"], 0);
+    env.ok(&["deploy", "v2"], 0);
+    let total = env.newest_journal().len();
+    let mut current = "v2";
+    // Every third record (each nginx change is a confirmed reload; the
+    // full matrix runs on the simulated load balancer in crash.rs), resuming
+    // and rolling back in turn.
+    for (k, n) in (1..total).step_by(3).enumerate() {
+        let target = if current == "v1" { "v2" } else { "v1" };
+        let out = env
+            .cmd()
+            .env("DEPLOYKIT_TEST_ABORT_AFTER_RECORD", n.to_string())
+            .args(["-q", "deploy", target])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "record {n}: not interrupted");
+        let expect = if k % 2 == 0 {
+            env.ok(&["-q", "deploy", "--resume"], 0);
+            target
+        } else {
+            env.ok(&["-q", "rollback"], 0);
+            current
+        };
+        let text = nginx.upstream();
+        assert!(
+            !text.contains(" down"),
+            "record {n}: a server left out of rotation:\n{text}"
+        );
+        for id in ["web-1", "web-2"] {
+            assert_eq!(env.local_release(id).as_deref(), Some(expect), "record {n}: {id}");
+            assert!(env.local_running(id), "record {n}: {id} not running");
+        }
+        current = expect;
+    }
+}
