@@ -465,3 +465,71 @@ async fn ssh_agent_authentication() {
     let out = host.run(&Command::new("echo").arg("via agent")).await.unwrap();
     assert_eq!(out.stdout, "via agent\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_upload_idempotent_install_and_restore_over_ssh() {
+    let Some(lab) = SshLab::start(1) else { return };
+    let builds = lab.dir.path().join("builds");
+    make_release_with_payload(&builds, "v1", 300 * 1024);
+    make_release_with_payload(&builds, "v2", 300 * 1024);
+    // Through a proxy that cuts any connection after 150 KiB: the 300 KiB
+    // (very compressible) payload only gets through gzipped.
+    let h = &lab.hosts[0];
+    let proxy = CuttingProxy::start(&h.ip, format!("{}:{}", h.ip, h.port).parse().unwrap()).await;
+    proxy.cut_after.store(150 * 1024, Ordering::SeqCst);
+    let kh = lab.dir.path().join("known_hosts");
+    let mut known = std::fs::read_to_string(&kh).unwrap();
+    known.push_str(&format!("[{}]:{} {}\n", h.ip, proxy.port, lab.host_key_line));
+    std::fs::write(&kh, known).unwrap();
+    let make = |gzip: bool, root: &str| {
+        SshInstance::builder(
+            lab.host_builder(0, Some(proxy.port)).gzip(gzip).build().unwrap(),
+            "gz-1",
+            "127.0.0.20:9",
+        )
+        .root(root)
+        .source(ReleaseSource::directory(&builds))
+        .process(deploykit::instance::ProcessSpec::new(["true"]).unwrap())
+        .build()
+        .unwrap()
+    };
+    let plain_root = lab.dir.path().join("plain/app").to_str().unwrap().to_string();
+    let err = make(false, &plain_root)
+        .install(&id("v1"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("uploading the release"), "{err}");
+    assert!(proxy.cuts.load(Ordering::SeqCst) >= 1);
+    let root = lab.dir.path().join("gz/app").to_str().unwrap().to_string();
+    let inst = make(true, &root);
+    inst.install(&id("v1")).await.unwrap();
+    let manifest = std::fs::read_to_string(format!("{root}/releases/v1/.deploykit.sha256")).unwrap();
+    assert!(
+        manifest.contains("./payload.bin") && manifest.contains("./VERSION"),
+        "{manifest}"
+    );
+    let inode = |p: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let before = inode(&format!("{root}/releases/v1/payload.bin"));
+    // Installing the current release again changes nothing on disk.
+    inst.install(&id("v1")).await.unwrap();
+    assert_eq!(inode(&format!("{root}/releases/v1/payload.bin")), before);
+    inst.install(&id("v2")).await.unwrap();
+    assert_eq!(inst.current_release().await.unwrap(), Some(id("v2")));
+    assert_eq!(
+        std::fs::read(format!("{root}/current/payload.bin")).unwrap(),
+        std::fs::read(builds.join("v2/payload.bin")).unwrap()
+    );
+    inst.restore(&id("v1")).await.unwrap();
+    assert_eq!(inst.current_release().await.unwrap(), Some(id("v1")));
+    assert_eq!(inst.installed().await.unwrap(), vec![id("v2"), id("v1")]);
+    let err = inst.restore(&id("v7")).await.unwrap_err().to_string();
+    assert!(
+        err.contains("gz-1") && err.contains("v7") && err.contains("not installed"),
+        "{err}"
+    );
+    // A release missing from the source fails before anything is touched.
+    let err = inst.install(&id("v9")).await.unwrap_err().to_string();
+    assert!(err.contains("v9") && err.contains("does not exist"), "{err}");
+    assert_eq!(inst.current_release().await.unwrap(), Some(id("v1")));
+}
