@@ -67,6 +67,16 @@
 //! * A deployment that aborts leaves every instance on its previous release;
 //!   one that finishes within its failure budget is reported as
 //!   [`OutcomeKind::Degraded`], never as a plain success.
+//!
+//! ## Real instances
+//!
+//! [`instance`] holds the [`Instance`] drivers that touch machines:
+//! [`instance::LocalInstance`] (processes on this machine) and
+//! `instance::SshInstance` (feature `ssh`, one libssh2 session per host,
+//! host keys checked against known_hosts), both with a Capistrano-style
+//! release layout (`releases/<id>`, an atomically swapped `current`,
+//! `shared/`), process or systemd control, and HTTP health probes.
+//! `docs/hosts.md` tells how to point them at real hosts safely.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
