@@ -276,6 +276,13 @@ async fn conclude(
         reason: report.reason.clone(),
         duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
     })?;
+    if journal.write_errors() > 0 {
+        eprintln!(
+            "deploykit: warning: {} journal record(s) could not be written to {}; after a crash, `status` and `rollback` would know less",
+            journal.write_errors(),
+            journal.path().display()
+        );
+    }
     let h = journal.header();
     ctx.notifier()
         .send(&notice(ctx, h, end_event(h.kind, report.outcome), Some(report)))
@@ -491,7 +498,13 @@ async fn run_deploy(
             }
         }
     }
-    let plan = strat.plan(&snapshot, &release)?;
+    let mut plan = strat.plan(&snapshot, &release)?;
+    if resume.is_some() && strategy == StrategyKind::Canary && plan.stages.is_empty() {
+        // The interrupted canary had moved every stable instance: what may
+        // be left is its last stages, all traffic to stable and the canary
+        // instances stopped.
+        plan = finish_canary_plan(ctx, &snapshot, &release)?;
+    }
     let mut header = JournalHeader::new(
         &id,
         &ctx.cfg.raw.app,
@@ -532,6 +545,63 @@ async fn run_deploy(
         }
     }
     conclude(ctx, exec, &journal, &report, human.as_deref()).await
+}
+
+/// The end of a canary deployment: all traffic to stable, the canary
+/// instances drained and stopped.
+fn finish_canary_plan(ctx: &Ctx, snap: &FleetSnapshot, release: &ReleaseId) -> anyhow::Result<Plan> {
+    let c = wire::canary(&ctx.cfg.raw.strategy.canary)?;
+    let canary: Vec<InstanceId> = snap
+        .group(&c.canary_group)
+        .map(|i| i.backend.id.clone())
+        .collect();
+    let units = snap
+        .group(&c.canary_group)
+        .map(|i| Unit {
+            instance: Some(i.backend.id.clone()),
+            steps: retirement_steps(
+                &i.backend.id,
+                &InstanceProgress::untouched(i.release.clone()),
+                c.drain_timeout,
+            ),
+        })
+        .collect();
+    Ok(Plan {
+        strategy: "canary".into(),
+        release: release.clone(),
+        previous: snap
+            .instances
+            .iter()
+            .map(|i| (i.backend.id.clone(), i.release.clone()))
+            .collect(),
+        policy: FailurePolicy::RestoreInstance {
+            max_failures: canary.len(),
+        },
+        health: c.health,
+        drain_timeout: c.drain_timeout,
+        rollback_batch: canary.len().max(1),
+        skipped: Vec::new(),
+        stages: vec![
+            Stage {
+                name: "all traffic to stable".into(),
+                units: vec![Unit {
+                    instance: None,
+                    steps: vec![Step::SetWeights {
+                        weights: vec![GroupWeight {
+                            group: c.stable_group.clone(),
+                            percent: 100,
+                        }],
+                    }],
+                }],
+            },
+            Stage {
+                name: "stop canary".into(),
+                units,
+            },
+        ],
+        on_abort: Vec::new(),
+        leave_stopped: canary,
+    })
 }
 
 async fn resume(ctx: &Ctx, latest: Option<JournalSummary>) -> anyhow::Result<u8> {

@@ -168,3 +168,63 @@ fn blue_green_recovers_from_a_crash_after_every_record() {
         current = expect;
     }
 }
+
+#[test]
+fn canary_recovers_from_a_crash_at_every_other_record() {
+    let prom = crate::util::answering(
+        r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1700000000,"0.001"]}]}}"#,
+    );
+    let cfg = format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18391\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"stable-2\"\naddress = \"127.0.0.1:18392\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18393\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\n\n\
+        [strategy]\nkind = \"canary\"\n\n\
+        [strategy.canary]\nstages = [50, 100]\nstage_duration = \"100ms\"\ncheck_interval = \"50ms\"\n\
+        health_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [strategy.rolling]\nhealth_interval = \"20ms\"\nstabilisation = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n"
+    );
+    let env = Env::new(&cfg);
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    env.ok(&["deploy", "v2"], 0);
+    let total = env.newest_journal().len();
+    assert!(total >= 30, "a canary deployment writes {total} records");
+    let mut current = "v2";
+    for (k, n) in (1..total).step_by(2).enumerate() {
+        let target = if current == "v1" { "v2" } else { "v1" };
+        crash_at(&env, n, target);
+        let s = status(&env);
+        assert_eq!(
+            s["deployment"]["history"]["outcome"], "interrupted",
+            "record {n}: {s}"
+        );
+        let expect = if k % 2 == 0 {
+            env.ok(&["-q", "deploy", "--resume"], 0);
+            target
+        } else {
+            env.ok(&["-q", "rollback"], 0);
+            current
+        };
+        for id in ["stable-1", "stable-2"] {
+            assert_eq!(env.sim(id)["release"], expect, "record {n}: {id}");
+            assert_eq!(env.sim(id)["running"], true, "record {n}: {id}");
+        }
+        assert_eq!(
+            env.sim("canary-1")["running"],
+            false,
+            "record {n}: the canary ends stopped"
+        );
+        let lb = env.lb();
+        assert!(
+            env.out_of_rotation().iter().all(|i| i == "canary-1"),
+            "record {n}: {lb}"
+        );
+        assert_eq!(
+            lb["weights"]["stable"], 100,
+            "record {n}: all traffic to stable: {lb}"
+        );
+        current = expect;
+    }
+}
