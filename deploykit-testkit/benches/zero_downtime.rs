@@ -44,39 +44,53 @@ fn main() {
     );
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
     let mut failure_lines = Vec::new();
-    for lb in [LbKind::Nginx, LbKind::Haproxy] {
-        for strategy in [StrategyKind::Rolling, StrategyKind::Recreate] {
-            let mut outs: Vec<Outcome> = Vec::new();
-            for _ in 0..RUNS {
-                match rt.block_on(run(lb, strategy, LoadOpts::default())) {
-                    Some(o) => outs.push(o),
-                    None => break,
-                }
-                std::thread::sleep(Duration::from_millis(200));
+    let rows = [
+        (LbKind::Nginx, StrategyKind::Rolling, true),
+        (LbKind::Nginx, StrategyKind::Rolling, false),
+        (LbKind::Nginx, StrategyKind::Recreate, true),
+        (LbKind::Haproxy, StrategyKind::Rolling, true),
+        (LbKind::Haproxy, StrategyKind::Recreate, true),
+    ];
+    for (lb, strategy, keep_alive) in rows {
+        let load = LoadOpts {
+            keep_alive,
+            ..LoadOpts::default()
+        };
+        let label = if keep_alive {
+            ""
+        } else {
+            " (new connection per request)"
+        };
+        let mut outs: Vec<Outcome> = Vec::new();
+        for _ in 0..RUNS {
+            match rt.block_on(run(lb, strategy, load)) {
+                Some(o) => outs.push(o),
+                None => break,
             }
-            if outs.is_empty() {
-                println!(
-                    "| {lb:?} | {strategy:?} | skipped: {} not installed |",
-                    lb.binary()
-                );
-                continue;
-            }
-            let requests: usize = outs.iter().map(|o| o.requests).sum();
-            let failures: usize = outs.iter().map(|o| o.failures).sum();
-            let retried: usize = outs.iter().map(|o| o.retried).sum();
-            let all_v2 = outs.iter().all(|o| o.final_versions.get("v2") == Some(&100));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if outs.is_empty() {
             println!(
-                "| {lb:?} | {strategy:?} | {requests} | {failures} | {retried} | {:.0} | {:.1} | {:.1} | {:.2} | {} |",
+                "| {lb:?} | {strategy:?}{label} | skipped: {} not installed |",
+                lb.binary()
+            );
+            continue;
+        }
+        let requests: usize = outs.iter().map(|o| o.requests).sum();
+        let failures: usize = outs.iter().map(|o| o.failures).sum();
+        let retried: usize = outs.iter().map(|o| o.retried).sum();
+        let all_v2 = outs.iter().all(|o| o.final_versions.get("v2") == Some(&100));
+        println!(
+                "| {lb:?} | {strategy:?}{label} | {requests} | {failures} | {retried} | {:.0} | {:.1} | {:.1} | {:.2} | {} |",
                 median(outs.iter().map(|o| o.rate).collect()),
                 median(outs.iter().map(|o| o.p50_ms).collect()),
                 median(outs.iter().map(|o| o.p99_ms).collect()),
                 median(outs.iter().map(|o| o.deploy.as_secs_f64()).collect()),
                 if all_v2 { "yes" } else { "no" },
             );
-            for o in &outs {
-                for f in &o.failure_samples {
-                    failure_lines.push(format!("{lb:?} {strategy:?}: {f}"));
-                }
+        for o in &outs {
+            for f in &o.failure_samples {
+                failure_lines.push(format!("{lb:?} {strategy:?}{label}: {f}"));
             }
         }
     }

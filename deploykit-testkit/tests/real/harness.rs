@@ -73,6 +73,15 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// `n` distinct loopback TCP ports that were free a moment ago (all
+/// listeners are held until every port is picked, so none repeats).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
 /// A fresh temp dir, removed on drop.
 pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -277,13 +286,23 @@ impl Default for Http {
 impl Http {
     /// A client with keep-alive connections.
     pub fn new() -> Self {
+        Self::with_keep_alive(true)
+    }
+
+    /// A client that keeps connections alive (`true`) or opens a new
+    /// connection for every request (`false`).
+    pub fn with_keep_alive(keep_alive: bool) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(5))
-            .build(connector);
-        Self { client }
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.pool_idle_timeout(Duration::from_secs(5));
+        if !keep_alive {
+            builder.pool_max_idle_per_host(0);
+        }
+        Self {
+            client: builder.build(connector),
+        }
     }
 
     /// GET `url` with a 10 s bound; `Err` for transport errors.

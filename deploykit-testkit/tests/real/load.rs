@@ -23,7 +23,7 @@ use deploykit::{
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant, MissedTickBehavior};
 
-use crate::harness::{demo_app_binary, free_port, temp_dir, HaServer, Haproxy, Http, Nginx};
+use crate::harness::{demo_app_binary, free_ports, temp_dir, HaServer, Haproxy, Http, Nginx};
 
 // ---------------------------------------------------------------------------
 // Load generator
@@ -69,6 +69,18 @@ pub struct LoadGen {
 impl LoadGen {
     /// Starts the load against `url` (must be on 127.0.0.1).
     pub fn start(url: &str, rate: u32, workers: u32, max_duration: Duration) -> LoadGen {
+        Self::start_with(url, rate, workers, max_duration, true)
+    }
+
+    /// As [`start`](Self::start), with client keep-alive on (`true`) or a
+    /// new connection per request (`false`).
+    pub fn start_with(
+        url: &str,
+        rate: u32,
+        workers: u32,
+        max_duration: Duration,
+        keep_alive: bool,
+    ) -> LoadGen {
         assert!(
             url.starts_with("http://127.0.0.1:"),
             "load only goes to loopback: {url}"
@@ -77,7 +89,7 @@ impl LoadGen {
         let started = Instant::now();
         let deadline = started + max_duration;
         let period = Duration::from_secs_f64(f64::from(workers) / f64::from(rate.max(1)));
-        let http = Http::new();
+        let http = Http::with_keep_alive(keep_alive);
         let handles = (0..workers)
             .map(|w| {
                 let stop = stop.clone();
@@ -198,6 +210,9 @@ pub struct LoadOpts {
     /// Latency the demo apps add to `/`, so requests are in flight when
     /// instances are drained and stopped.
     pub app_latency_ms: u64,
+    /// Keep client connections to the load balancer alive (`true`, like
+    /// browsers) or open one per request (`false`).
+    pub keep_alive: bool,
 }
 
 impl Default for LoadOpts {
@@ -207,6 +222,7 @@ impl Default for LoadOpts {
             workers: 16,
             max_duration: Duration::from_secs(60),
             app_latency_ms: 5,
+            keep_alive: true,
         }
     }
 }
@@ -277,8 +293,10 @@ pub async fn run(lb: LbKind, strategy: StrategyKind, load: LoadOpts) -> Option<O
 
     let mut instances: Vec<Arc<LocalInstance>> = Vec::new();
     let mut roots = Vec::new();
+    // Four instance ports and the load balancer's, distinct.
+    let ports = free_ports(5);
     for i in 1..=4 {
-        let port = free_port();
+        let port = ports[i - 1];
         let root = tmp.path().join(format!("i-{i}"));
         roots.push(root.display().to_string());
         let spec = ProcessSpec::new([
@@ -309,11 +327,17 @@ pub async fn run(lb: LbKind, strategy: StrategyKind, load: LoadOpts) -> Option<O
     }
     for inst in &instances {
         wait_healthy(inst.as_ref()).await;
+        // Its own process answers, not a neighbour on the same port.
+        assert!(
+            inst.is_running().await.expect("is_running"),
+            "{} is not running after start",
+            inst.backend().id
+        );
     }
     let backends: Vec<Backend> = instances.iter().map(|i| i.backend().clone()).collect();
 
     // The load balancer in front.
-    let port = free_port();
+    let port = ports[4];
     let (driver, _nginx, _haproxy): (Arc<dyn LoadBalancer>, Option<Nginx>, Option<Haproxy>) = match lb {
         LbKind::Nginx => {
             Nginx::write_config(tmp.path(), port);
@@ -379,7 +403,7 @@ pub async fn run(lb: LbKind, strategy: StrategyKind, load: LoadOpts) -> Option<O
     };
 
     // Load before, during and after the deployment.
-    let gen = LoadGen::start(&url, load.rate, load.workers, load.max_duration);
+    let gen = LoadGen::start_with(&url, load.rate, load.workers, load.max_duration, load.keep_alive);
     sleep(Duration::from_millis(500)).await;
     let deploy_from = gen.elapsed();
     let t = Instant::now();

@@ -43,6 +43,28 @@ async fn rolling_has_zero_failures(lb: LbKind) {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_rolling_with_a_connection_per_request_needs_no_retry() {
+    // Without client keep-alive no connection can be closed under a request
+    // by a reload: zero failures without any retry.
+    let load = LoadOpts {
+        keep_alive: false,
+        ..LoadOpts::default()
+    };
+    let Some(o) = run(LbKind::Nginx, StrategyKind::Rolling, load).await else {
+        return;
+    };
+    let d = describe(&o);
+    eprintln!("nginx rolling, no keep-alive: {d}");
+    assert!(o.report_success, "{d}");
+    assert!(
+        o.requests_during_deploy >= 100,
+        "too little load during the deployment: {d}"
+    );
+    assert_eq!((o.failures, o.retried), (0, 0), "{d}");
+    assert_eq!(o.final_versions.get("v2"), Some(&100), "{d}");
+}
+
 async fn recreate_fails_requests(lb: LbKind) {
     let Some(o) = run(lb, StrategyKind::Recreate, LoadOpts::default()).await else {
         return;
