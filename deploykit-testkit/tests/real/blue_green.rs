@@ -198,7 +198,10 @@ async fn nginx_switch_and_rollback_move_all_traffic_with_zero_failed_requests() 
     lb.install().await.unwrap();
     let nginx = Nginx::start(&bin, dir.path(), port).await;
     if let Err(e) = lb.switch_to(&g("blue")).await {
-        panic!("set-up: switching nginx to blue failed: {e}\nnginx stderr:\n{}", nginx.stderr());
+        panic!(
+            "set-up: switching nginx to blue failed: {e}\nnginx stderr:\n{}",
+            nginx.stderr()
+        );
     }
     let exec = envs.executor(Arc::new(lb));
     switch_and_roll_back_under_load(&envs, &exec, &nginx.url("/")).await;
