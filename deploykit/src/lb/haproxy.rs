@@ -765,6 +765,9 @@ impl LoadBalancer for HaproxyLoadBalancer {
 
     /// Read from HAProxy: the one group whose servers are ready with a
     /// weight above 0, if exactly one is.
+    ///
+    /// * Idempotent: yes (read-only). Cancel-safe: yes.
+    /// * On failure: nothing changed.
     async fn live_group(&self) -> Result<Option<Group>, DriverError> {
         let current = self.current().await?;
         let mut live = BTreeSet::new();
@@ -853,6 +856,18 @@ mod tests {
 
     #[test]
     fn object_safe() {
-        fn _obj(_: Box<dyn LoadBalancer>) {}
+        fn boxed(lb: Box<dyn LoadBalancer>) -> String {
+            lb.name().to_string()
+        }
+        let lb = HaproxyLoadBalancer::builder()
+            .socket("/tmp/x.sock")
+            .backend(Backend {
+                id: InstanceId::new("i-1").unwrap(),
+                address: crate::names::Address::parse("127.0.0.1:1").unwrap(),
+                group: Group::default_group(),
+            })
+            .build()
+            .unwrap();
+        assert_eq!(boxed(Box::new(lb)), "haproxy");
     }
 }

@@ -853,6 +853,11 @@ impl LoadBalancer for NginxLoadBalancer {
         .await
     }
 
+    /// From the driver's state (what the live file says): the one group
+    /// with enabled servers and a share above 0, if exactly one is.
+    ///
+    /// * Idempotent: yes (read-only). Cancel-safe: yes.
+    /// * On failure: nothing changed.
     async fn live_group(&self) -> Result<Option<Group>, DriverError> {
         let st = self.inner.lock_state().clone();
         let ready = st.ready_per_group();
@@ -1057,7 +1062,9 @@ mod tests {
 
     #[test]
     fn object_safe() {
-        fn _obj(_: Box<dyn LoadBalancer>) {}
-        _obj(Box::new(lb(false)));
+        fn boxed(lb: Box<dyn LoadBalancer>) -> String {
+            lb.name().to_string()
+        }
+        assert_eq!(boxed(Box::new(lb(false))), "nginx");
     }
 }
