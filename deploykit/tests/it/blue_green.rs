@@ -699,3 +699,38 @@ async fn the_symlink_switch_serves_setups_without_a_balancer() {
     assert_eq!(store.live(), Some(g("blue")));
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn cancelling_during_the_keep_old_window_leaves_the_old_environment_running() {
+    let bg = default_setup();
+    let cancel = bg.exec.cancel_token();
+    let exec = bg.exec.clone();
+    let task = tokio::spawn(async move { BlueGreen::default().deploy(&exec, &v("v2")).await.unwrap() });
+    // The switch happens at once in virtual time; the window is 30 s.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(bg.fleet.live_group(), Some(g("green")));
+    cancel.cancel();
+    let out = task.await.unwrap();
+    assert!(
+        out.is_success(),
+        "the deployment itself had finished: {}",
+        out.deployment
+    );
+    assert!(out.retired.is_none());
+    assert!(
+        out.kept_running.as_deref().unwrap().contains("cancelled"),
+        "{:?}",
+        out.kept_running
+    );
+    bg.assert_env(&BLUE, "v1", true);
+    bg.assert_env(&GREEN, "v2", true);
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_record_failures_are_retried() {
+    let store = FakeLiveStore::recording("blue").fail_save(Fault::Transient(2));
+    let bg = setup(fleet(), store, FakeSmokeTester::for_fleet);
+    let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    assert!(out.is_success(), "{}", out.deployment);
+    assert_eq!(bg.store.record(), Some(LiveRecord::live(g("green"))));
+}
