@@ -434,3 +434,32 @@ fn a_manual_canary_waits_and_is_promoted_from_another_process() {
     let journal = env.newest_journal();
     assert!(journal.iter().any(|r| r["event"] == "promoted"));
 }
+
+#[test]
+fn blue_green_through_a_symlink_switch() {
+    let env = Env::new("");
+    let root = env.path().display().to_string();
+    for e in ["blue", "green"] {
+        std::fs::create_dir_all(env.path().join("envs").join(e)).unwrap();
+    }
+    let cfg = format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"blue-1\"\naddress = \"127.0.0.1:18491\"\ngroup = \"blue\"\n\n\
+        [[instances]]\nid = \"green-1\"\naddress = \"127.0.0.1:18492\"\ngroup = \"green\"\n\n\
+        [load_balancer]\nkind = \"symlink\"\nlink = \"{root}/live\"\n\
+        targets = {{ blue = \"envs/blue\", green = \"envs/green\" }}\n\n\
+        [strategy]\nkind = \"blue-green\"\n\n\
+        [strategy.blue-green]\nhealth_interval = \"20ms\"\nhealthy_deadline = \"5s\"\nwarmup_requests = 1\nkeep_old = \"0s\"\n"
+    );
+    std::fs::write(env.path().join("deploykit.toml"), cfg).unwrap();
+    env.ok(&["deploy", "v1"], 0);
+    let live = || std::fs::read_link(env.path().join("live")).unwrap();
+    assert_eq!(live(), env.path().join("envs/green"));
+    env.ok(&["deploy", "v2"], 0);
+    assert_eq!(live(), env.path().join("envs/blue"));
+    assert_eq!(env.sim("blue-1")["release"], "v2");
+    env.ok(&["rollback"], 0);
+    assert_eq!(live(), env.path().join("envs/green"));
+    let status = env.ok(&["status"], 0);
+    assert!(status.contains("live environment: green"), "{status}");
+}
