@@ -5,6 +5,7 @@
 mod commands;
 mod config;
 mod crash;
+mod haproxy;
 mod nginx;
 mod notify;
 mod util;
