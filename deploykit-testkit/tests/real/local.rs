@@ -133,6 +133,16 @@ async fn local_process_lifecycle_install_start_stop_restore() {
     assert!(!tmp.path().join("web-1/app.pid").exists());
     inst.stop().await.unwrap(); // idempotent
 
+    // Something else answering on the port does not make a stopped
+    // instance healthy.
+    let impostor = crate::harness::DemoApp::start(crate::harness::DemoOpts::new("impostor").port(port)).await;
+    let h = inst.health().await.unwrap();
+    assert!(
+        matches!(&h, deploykit::Health::Unhealthy(m) if m.contains("not running")),
+        "{h:?}"
+    );
+    impostor.stop().await;
+
     inst.start().await.unwrap();
     wait_healthy(inst.as_ref()).await;
     assert_eq!(version_at(port).await.unwrap(), "v2");
@@ -213,15 +223,17 @@ async fn stop_escalates_to_sigkill_after_the_grace_period() {
         .unwrap();
     // Started in the release directory, with the environment (placeholders
     // replaced, nothing else interpreted).
-    let log = std::fs::read_to_string(tmp.path().join("root/app.log")).unwrap();
     let dir = std::fs::canonicalize(tmp.path().join("root/releases/v1")).unwrap();
-    assert!(
-        log.contains(&format!(
-            "started in {} with v1 'quoted' $(not run)",
-            dir.display()
-        )),
-        "{log}"
-    );
+    let expected = format!("started in {} with v1 'quoted' $(not run)", dir.display());
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(tmp.path().join("root/app.log")).unwrap_or_default();
+        if log.contains(&expected) {
+            break;
+        }
+        assert!(Instant::now() < end, "{expected:?} not in the log: {log}");
+        sleep(Duration::from_millis(20)).await;
+    }
     inst.stop().await.unwrap();
     assert!(!inst.is_running().await.unwrap());
     assert!(!inst.health().await.unwrap().is_healthy());

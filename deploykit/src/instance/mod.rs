@@ -434,16 +434,21 @@ impl<H: Host> Instance for HostInstance<H> {
             .map_err(|e| self.named(e))
     }
 
-    /// One probe of the configured [`HealthProbe`].
+    /// One probe: the service must run (process alive and ours, or the unit
+    /// active) and, with an HTTP probe, answer as expected. Checking the
+    /// service first means a stray process still holding the port (say, a
+    /// previous release) cannot make a failed start look healthy.
     ///
     /// * Idempotent: yes. Cancel-safe: yes. On failure: nothing changed.
     async fn health(&self) -> Result<Health, DriverError> {
+        if !self.is_running().await? {
+            return Ok(Health::Unhealthy(format!(
+                "the service of {} is not running",
+                self.backend.id
+            )));
+        }
         match &self.health {
-            HealthProbe::ServiceActive => Ok(if self.is_running().await? {
-                Health::Healthy
-            } else {
-                Health::Unhealthy(format!("the service of {} is not running", self.backend.id))
-            }),
+            HealthProbe::ServiceActive => Ok(Health::Healthy),
             #[cfg(feature = "http")]
             HealthProbe::Http(p) => p.probe(&self.client, &self.backend.address).await,
         }

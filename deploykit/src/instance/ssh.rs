@@ -586,9 +586,22 @@ impl Host for SshHost {
                 };
                 match streamed {
                     Ok(bytes) => {
+                        // The stream may have fit in buffers before the
+                        // connection broke: a failure from here on is still
+                        // a failed upload.
+                        let lost = |e: DriverError| {
+                            Fail::After(
+                                DriverError::transient(format!(
+                                    "{who}: uploading the release to {dest_owned}"
+                                ))
+                                .with_source(e),
+                            )
+                        };
                         ch.send_eof()
-                            .map_err(|e| Fail::After(ssh_err(&who, "closing the upload", e)))?;
-                        let out = finish(ch, shown.clone(), &who)?;
+                            .map_err(|e| lost(ssh_err(&who, "closing the upload", e)))?;
+                        let out = finish(ch, shown.clone(), &who).map_err(|f| match f {
+                            Fail::BeforeSend(e) | Fail::After(e) => lost(e),
+                        })?;
                         out.check(&format!(
                             "{who}: unpacking and verifying the release in {dest_owned}"
                         ))
