@@ -359,13 +359,30 @@ fn watch_control(ctx: &Ctx, id: &str, fleet: &wire::Fleet) -> tokio::task::JoinH
     )
 }
 
+/// Ctrl-C (SIGINT) or SIGTERM cancels the run: it rolls back and ends
+/// with a journal that says so. Only SIGKILL (or a crash) leaves an
+/// interrupted deployment behind.
 fn ctrl_c(exec: &Executor) -> tokio::task::JoinHandle<()> {
     let cancel = exec.cancel_token();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupted: cancelling and rolling back");
-            cancel.cancel();
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            () = term => {}
         }
+        eprintln!("interrupted: cancelling and rolling back");
+        cancel.cancel();
     })
 }
 

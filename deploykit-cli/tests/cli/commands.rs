@@ -463,3 +463,68 @@ fn blue_green_through_a_symlink_switch() {
     let status = env.ok(&["status"], 0);
     assert!(status.contains("live environment: green"), "{status}");
 }
+
+#[test]
+fn sigterm_rolls_the_deployment_back_and_records_it() {
+    let env = Env::new(&simulated(
+        2,
+        "[strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"60s\"\n",
+    ));
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let mut deploy = std::process::Command::new(assert_cmd::cargo::cargo_bin("deploykit"))
+        .current_dir(env.path())
+        .args(["-q", "deploy", "v2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !(std::fs::read_dir(env.state().join("journal")).unwrap().count() == 2
+        && env
+            .newest_journal()
+            .iter()
+            .any(|r| r["event"] == "step_started" && r["step"] == "pause"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deployment never reached the pause"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(deploy.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(deploy.wait().unwrap().code(), Some(1));
+    assert_eq!(env.sim("web-1")["release"], "v1");
+    let history = json_lines(&env.ok(&["--json", "history"], 0));
+    assert_eq!(history.last().unwrap()["outcome"], "rolled_back");
+    assert!(history.last().unwrap()["reason"]
+        .as_str()
+        .unwrap()
+        .contains("cancelled"));
+}
+
+#[test]
+fn a_lock_held_by_another_process_than_its_recorded_holder_says_so() {
+    let env = Env::new(&simulated(1, ""));
+    let state = StateDir::open(env.path().join(".deploykit"), "shop").unwrap();
+    let LockAttempt::Acquired { lock, .. } = state.try_lock("deploy v9").unwrap() else {
+        panic!("lock not free")
+    };
+    // The flock is ours, but the record names a process that is gone (as
+    // when a child inherited the descriptor of a holder that died).
+    let dead = serde_json::json!({
+        "pid": 1, "pid_start": u64::MAX, "host": deploykit::state::host_name(),
+        "started_at_ms": 1_700_000_000_000u64, "purpose": "deploy v8"
+    });
+    std::fs::write(lock.path(), dead.to_string()).unwrap();
+    let (code, _, err) = env.run(&["deploy", "v1"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("pid 1 on") && err.contains("deploy v8") && err.contains("that process is gone"),
+        "{err}"
+    );
+    drop(lock);
+}
