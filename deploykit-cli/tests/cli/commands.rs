@@ -528,3 +528,37 @@ fn a_lock_held_by_another_process_than_its_recorded_holder_says_so() {
     );
     drop(lock);
 }
+
+#[test]
+fn logs_go_to_stderr_by_verbosity_and_json_stays_clean() {
+    let env = Env::new(&simulated(2, ""));
+    let out = env
+        .cmd()
+        .args(["--json", "-vv", "deploy", "v1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("DEBUG"),
+        "-vv shows debug logs on stderr:\n{stderr}"
+    );
+    // stdout is only the event stream.
+    let events = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(events.last().unwrap()["event"], "deployment_finished");
+    // RUST_LOG overrides -v; -q prints no progress lines.
+    let out = env
+        .cmd()
+        .env("RUST_LOG", "off")
+        .args(["-vv", "-q", "deploy", "v2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("batch 1/"), "-q hides progress:\n{stdout}");
+    assert!(
+        stdout.contains("SUCCEEDED"),
+        "the final report is printed:\n{stdout}"
+    );
+}
