@@ -52,12 +52,14 @@ fn case() -> impl Strategy<Value = Case> {
         ];
         let faults = prop::collection::vec((0..n, op(), fault()), 0..=(n / 4).clamp(1, 12));
         let slow = prop::collection::vec((0..n, 1u64..60), 0..3);
-        (Just(n), batch, budget, faults, slow).prop_map(|(instances, batch, budget, faults, slow_drains)| Case {
-            instances,
-            batch,
-            budget,
-            faults,
-            slow_drains,
+        (Just(n), batch, budget, faults, slow).prop_map(|(instances, batch, budget, faults, slow_drains)| {
+            Case {
+                instances,
+                batch,
+                budget,
+                faults,
+                slow_drains,
+            }
         })
     })
 }

@@ -17,8 +17,18 @@ async fn recreate_stops_all_then_starts_all() {
     assert_eq!(inv.peak_out_of_rotation, 4);
     // All stops happen before any install.
     let ops = s.fleet.ops();
-    let last_stop = ops.iter().filter(|o| o.op == Op::Stop).map(|o| o.at).max().unwrap();
-    let first_install = ops.iter().filter(|o| o.op == Op::Install).map(|o| o.at).min().unwrap();
+    let last_stop = ops
+        .iter()
+        .filter(|o| o.op == Op::Stop)
+        .map(|o| o.at)
+        .max()
+        .unwrap();
+    let first_install = ops
+        .iter()
+        .filter(|o| o.op == Op::Install)
+        .map(|o| o.at)
+        .min()
+        .unwrap();
     assert!(last_stop <= first_install);
     let stop_idx = ops.iter().rposition(|o| o.op == Op::Stop).unwrap();
     let install_idx = ops.iter().position(|o| o.op == Op::Install).unwrap();

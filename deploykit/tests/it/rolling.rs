@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use deploykit::{
-    CountOrPercent, Error, EventKind, Executor, FailurePolicy, HealthCheck, InstanceStatus, OutcomeKind, Rolling,
-    StepResult, Strategy,
+    CountOrPercent, Error, EventKind, Executor, FailurePolicy, HealthCheck, InstanceStatus, OutcomeKind,
+    Rolling, StepResult, Strategy,
 };
 use deploykit_testkit::{FakeFleet, Fault, Op};
 use tokio_util::sync::CancellationToken;
@@ -45,7 +45,17 @@ async fn each_instance_goes_through_r3_in_order() {
     let report = s.deploy(&Rolling::default(), "v2").await;
     assert!(report.is_success());
     let ops: Vec<Op> = s.fleet.ops().into_iter().map(|o| o.op).collect();
-    assert_eq!(ops, [Op::Drain, Op::Stop, Op::Install, Op::Start, Op::Health, Op::Enable]);
+    assert_eq!(
+        ops,
+        [
+            Op::Drain,
+            Op::Stop,
+            Op::Install,
+            Op::Start,
+            Op::Health,
+            Op::Enable
+        ]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -80,7 +90,11 @@ async fn failures_beyond_budget_abort_and_roll_everything_back() {
     assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}");
     assert!(report.reason.as_deref().unwrap().contains("failure budget of 1"));
     // R7: batch 1 had moved to v2 and is rolled back; the fleet is on one version.
-    assert!(s.fleet.releases().values().all(|r| r == &v("v1")), "{:?}", s.fleet.releases());
+    assert!(
+        s.fleet.releases().values().all(|r| r == &v("v1")),
+        "{:?}",
+        s.fleet.releases()
+    );
     let status: BTreeMap<String, InstanceStatus> = report
         .instances
         .iter()
@@ -93,7 +107,9 @@ async fn failures_beyond_budget_abort_and_roll_everything_back() {
     assert_eq!(s.fleet.calls("i-5", Op::Drain), 0);
     assert_eq!(s.fleet.calls("i-6", Op::Install), 0);
     let kinds: Vec<_> = s.events().into_iter().map(|e| e.kind).collect();
-    assert!(kinds.iter().any(|k| matches!(k, EventKind::RollbackStarted { instances, .. } if instances.len() == 2)));
+    assert!(kinds
+        .iter()
+        .any(|k| matches!(k, EventKind::RollbackStarted { instances, .. } if instances.len() == 2)));
     s.assert_invariants(&report, 2);
 }
 
@@ -132,7 +148,12 @@ async fn drain_waits_for_connections_then_times_out_with_a_warning() {
     let report = s.deploy(&rolling(1, 0), "v2").await;
     assert!(report.is_success(), "{report}");
     let ops = s.fleet.ops();
-    let at = |id: &str, op: Op| ops.iter().find(|o| o.instance.as_str() == id && o.op == op).unwrap().at;
+    let at = |id: &str, op: Op| {
+        ops.iter()
+            .find(|o| o.instance.as_str() == id && o.op == op)
+            .unwrap()
+            .at
+    };
     // Confirmed, not slept: i-1 stops as soon as its connections are gone.
     assert_eq!(at("i-1", Op::Stop) - at("i-1", Op::Drain), secs(5));
     // i-2 waits the full drain timeout (30 s), then proceeds with a warning.
@@ -154,11 +175,12 @@ async fn failed_graceful_stop_is_forced() {
         .events()
         .into_iter()
         .find_map(|e| match e.kind {
-            EventKind::StepFinished { step, instance, result, .. }
-                if step == "stop" && instance.as_ref().map(|i| i.as_str()) == Some("i-2") =>
-            {
-                Some(result)
-            }
+            EventKind::StepFinished {
+                step,
+                instance,
+                result,
+                ..
+            } if step == "stop" && instance.as_ref().map(|i| i.as_str()) == Some("i-2") => Some(result),
             _ => None,
         })
         .unwrap();
@@ -236,7 +258,11 @@ async fn cancellation_mid_batch_rolls_back() {
     let report = run.await.unwrap().unwrap();
     assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}");
     assert_eq!(report.reason.as_deref(), Some("cancelled by the operator"));
-    assert!(s.fleet.releases().values().all(|r| r == &v("v1")), "{:?}", s.fleet.releases());
+    assert!(
+        s.fleet.releases().values().all(|r| r == &v("v1")),
+        "{:?}",
+        s.fleet.releases()
+    );
     // Nobody is reported as failed: cancellation is not the instances' fault.
     assert!(report.failed().is_empty());
     // Batch 3 never started.
@@ -266,7 +292,9 @@ async fn cancellation_cuts_waits_short() {
 #[tokio::test(start_paused = true)]
 async fn redeploying_the_same_release_is_a_no_op() {
     let s = setup(FakeFleet::new(3).on_release("i-2", "v2"));
-    let plan = rolling(1, 0).plan(&s.exec.snapshot().await.unwrap(), &v("v2")).unwrap();
+    let plan = rolling(1, 0)
+        .plan(&s.exec.snapshot().await.unwrap(), &v("v2"))
+        .unwrap();
     assert_eq!(plan.skipped, [deploykit::InstanceId::new("i-2").unwrap()]);
     let report = s.exec.run(&plan).await.unwrap();
     assert!(report.is_success());
@@ -290,7 +318,9 @@ async fn the_plan_is_a_value() {
         drain_timeout: secs(15),
         stabilisation: Some(secs(7)),
     };
-    let plan = strategy.plan(&s.exec.snapshot().await.unwrap(), &v("v2")).unwrap();
+    let plan = strategy
+        .plan(&s.exec.snapshot().await.unwrap(), &v("v2"))
+        .unwrap();
     assert_eq!(plan.policy, FailurePolicy::RestoreInstance { max_failures: 0 });
     let shape: Vec<(String, Vec<Vec<&str>>)> = plan
         .stages
@@ -298,11 +328,22 @@ async fn the_plan_is_a_value() {
         .map(|st| {
             (
                 st.name.clone(),
-                st.units.iter().map(|u| u.steps.iter().map(|s| s.kind()).collect()).collect(),
+                st.units
+                    .iter()
+                    .map(|u| u.steps.iter().map(|s| s.kind()).collect())
+                    .collect(),
             )
         })
         .collect();
-    let unit = vec!["drain", "await_drained", "stop", "install", "start", "await_healthy", "enable"];
+    let unit = vec![
+        "drain",
+        "await_drained",
+        "stop",
+        "install",
+        "start",
+        "await_healthy",
+        "enable",
+    ];
     assert_eq!(
         shape,
         vec![
@@ -315,7 +356,10 @@ async fn the_plan_is_a_value() {
     assert_eq!(p.min, secs(7));
     assert_eq!(p.max, secs(2 * (15 + 4 * 2) + 7));
     let text = plan.to_string();
-    assert!(text.contains("i-3 (v1 -> v2): drain i-3 -> await drained i-3 (at most 15s)"), "{text}");
+    assert!(
+        text.contains("i-3 (v1 -> v2): drain i-3 -> await drained i-3 (at most 15s)"),
+        "{text}"
+    );
     assert!(text.contains("projected duration: 7s to 53s"), "{text}");
     // Serializable for --json and the journal.
     let json = serde_json::to_string(&plan).unwrap();
@@ -396,9 +440,15 @@ async fn bad_input_is_rejected_before_anything_is_touched() {
     let no_lb = Executor::builder().instances(twice.instances()).build();
     assert!(matches!(no_lb, Err(Error::InvalidInput { ref field, .. }) if field == "load_balancer"));
     // Ids, budgets and timeouts are checked where they are parsed.
-    assert!(matches!(deploykit::InstanceId::new("web 1"), Err(Error::InvalidInput { ref field, .. }) if field == "instance id"));
-    assert!(matches!(CountOrPercent::parse("max_failures", "-1"), Err(Error::InvalidInput { ref field, .. }) if field == "max_failures"));
-    assert!(matches!(deploykit::parse_duration("drain_timeout", "soon"), Err(Error::InvalidInput { ref field, .. }) if field == "drain_timeout"));
+    assert!(
+        matches!(deploykit::InstanceId::new("web 1"), Err(Error::InvalidInput { ref field, .. }) if field == "instance id")
+    );
+    assert!(
+        matches!(CountOrPercent::parse("max_failures", "-1"), Err(Error::InvalidInput { ref field, .. }) if field == "max_failures")
+    );
+    assert!(
+        matches!(deploykit::parse_duration("drain_timeout", "soon"), Err(Error::InvalidInput { ref field, .. }) if field == "drain_timeout")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -407,13 +457,25 @@ async fn every_step_start_has_an_end_and_the_stream_is_complete() {
     let report = s.deploy(&rolling(2, 0), "v2").await;
     assert_eq!(report.outcome, OutcomeKind::RolledBack);
     let events = s.events();
-    assert!(matches!(events.first().unwrap().kind, EventKind::DeploymentStarted { .. }));
+    assert!(matches!(
+        events.first().unwrap().kind,
+        EventKind::DeploymentStarted { .. }
+    ));
     assert!(matches!(
         events.last().unwrap().kind,
-        EventKind::DeploymentFinished { outcome: OutcomeKind::RolledBack, .. }
+        EventKind::DeploymentFinished {
+            outcome: OutcomeKind::RolledBack,
+            ..
+        }
     ));
-    let starts = events.iter().filter(|e| matches!(e.kind, EventKind::StepStarted { .. })).count();
-    let ends = events.iter().filter(|e| matches!(e.kind, EventKind::StepFinished { .. })).count();
+    let starts = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::StepStarted { .. }))
+        .count();
+    let ends = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::StepFinished { .. }))
+        .count();
     assert_eq!(starts, ends);
     assert!(events.windows(2).all(|w| w[0].elapsed_ms <= w[1].elapsed_ms));
     assert!(events.iter().all(|e| e.deployment == report.deployment));
