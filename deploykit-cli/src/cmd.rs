@@ -506,7 +506,12 @@ async fn run_deploy(
     if let Some(orig) = resume {
         // Unsettled instances are redone from the start: mark them as still
         // on the release they had before.
-        let unsettled = orig.unsettled();
+        let root = orig
+            .header
+            .acts_on
+            .clone()
+            .unwrap_or_else(|| orig.header.deployment.clone());
+        let unsettled = JournalSummary::unsettled_across(&ctx.state.chain(&root)?);
         for i in &mut snapshot.instances {
             if unsettled.contains(&i.backend.id) {
                 if let Some(prev) = orig.header.previous.get(&i.backend.id) {
@@ -774,15 +779,11 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         };
         let root = root_of(&ctx.state, latest)?;
         let root_id = root.header.deployment.clone();
-        let chain: Vec<JournalSummary> = ctx
-            .state
-            .journals()?
-            .into_iter()
-            .filter(|j| {
-                j.header.deployment == root_id || j.header.acts_on.as_deref() == Some(root_id.as_str())
-            })
-            .collect();
-        let touched: BTreeSet<InstanceId> = chain.iter().flat_map(|j| j.touched()).collect();
+        let chain = ctx.state.chain(&root_id)?;
+        // Instances some run of this deployment left part-way and no later
+        // run finished (an instance on another release than its target is
+        // returned whatever the journals say).
+        let touched: BTreeSet<InstanceId> = JournalSummary::unsettled_across(&chain);
         let targets = root.header.previous.clone();
         let relay = Arc::new(Relay::default());
         let fleet = wire::fleet(&ctx.cfg, &ctx.state, Some(relay.clone()))?;

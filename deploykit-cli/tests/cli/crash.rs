@@ -228,3 +228,62 @@ fn canary_recovers_from_a_crash_at_every_other_record() {
         current = expect;
     }
 }
+
+#[test]
+fn a_recovery_that_is_itself_killed_can_be_run_again() {
+    let env = Env::new(&crate::util::simulated(
+        3,
+        "[strategy.rolling]\nbatch_size = 2\nhealth_interval = \"20ms\"\nstabilisation = \"20ms\"\ndrain_timeout = \"1s\"\n",
+    ));
+    env.ok(&["deploy", "v1"], 0);
+    env.ok(&["deploy", "v2"], 0);
+    let total = env.newest_journal().len();
+    let mut current = "v2";
+    let mut k = 0;
+    for n in (2..total).step_by(4) {
+        for m in [2, 5, 9] {
+            let target = if current == "v1" { "v2" } else { "v1" };
+            crash_at(&env, n, target);
+            let (args, expect): (&[&str], &str) = if k % 2 == 0 {
+                (&["-q", "deploy", "--resume"], target)
+            } else {
+                (&["-q", "rollback"], current)
+            };
+            k += 1;
+            // The recovery is killed too, then run again to the end.
+            let out = env.cmd().env(HOOK, m.to_string()).args(args).output().unwrap();
+            let finished = out.status.success();
+            if !finished {
+                let s = status(&env);
+                assert_eq!(
+                    s["deployment"]["history"]["outcome"], "interrupted",
+                    "records {n}/{m}: {s}"
+                );
+                env.ok(args, 0);
+            }
+            for i in 1..=3 {
+                let id = format!("web-{i}");
+                assert_eq!(
+                    env.sim(&id)["release"],
+                    expect,
+                    "records {n}/{m} ({args:?}): {id}"
+                );
+                assert_eq!(env.sim(&id)["running"], true, "records {n}/{m} ({args:?}): {id}");
+            }
+            assert!(
+                env.out_of_rotation().is_empty(),
+                "records {n}/{m}: {:?}",
+                env.out_of_rotation()
+            );
+            current = expect;
+        }
+    }
+    // A rollback after a finished rollback changes nothing.
+    env.ok(&["-q", "rollback"], 0);
+    env.ok(&["-q", "rollback"], 0);
+    let releases: Vec<_> = (1..=3)
+        .map(|i| env.sim(&format!("web-{i}"))["release"].clone())
+        .collect();
+    assert!(releases.iter().all(|r| r == &releases[0]), "{releases:?}");
+    assert!(env.out_of_rotation().is_empty());
+}

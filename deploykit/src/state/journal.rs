@@ -371,8 +371,16 @@ impl JournalSummary {
     /// restore: a run that stopped there left them drained, stopped or
     /// half-replaced.
     pub fn unsettled(&self) -> BTreeSet<InstanceId> {
+        Self::unsettled_across(std::slice::from_ref(self))
+    }
+
+    /// As [`unsettled`](Self::unsettled), over the events of several
+    /// journals in order (a deployment and the resumes and rollbacks that
+    /// acted on it): an instance left part-way by one run and not yet
+    /// touched by the next is still unsettled.
+    pub fn unsettled_across(journals: &[JournalSummary]) -> BTreeSet<InstanceId> {
         let mut state: BTreeMap<InstanceId, bool> = BTreeMap::new();
-        for e in &self.events {
+        for e in journals.iter().flat_map(|j| &j.events) {
             match &e.kind {
                 EventKind::StepStarted {
                     instance: Some(i), ..
@@ -571,6 +579,24 @@ mod tests {
         assert_eq!(s.header, header);
         assert_eq!(s.touched(), BTreeSet::from([iid("a"), iid("b")]));
         assert_eq!(s.unsettled(), BTreeSet::from([iid("b")]));
+        // A later run that finished b settles it; one that only started a
+        // settles nothing more.
+        let mut later = s.clone();
+        later.events = vec![ev(EventKind::InstanceRestored {
+            instance: iid("b"),
+            release: Some(rid("v1")),
+        })];
+        assert!(JournalSummary::unsettled_across(&[s.clone(), later.clone()]).is_empty());
+        later.events.push(ev(EventKind::StepStarted {
+            stage: 0,
+            step: "drain".into(),
+            instance: Some(iid("a")),
+            rollback: true,
+        }));
+        assert_eq!(
+            JournalSummary::unsettled_across(&[s.clone(), later]),
+            BTreeSet::from([iid("a")])
+        );
         let h = s.history_entry(None);
         assert_eq!(h.outcome, HistoryOutcome::Interrupted);
         assert!(h.reason.unwrap().contains("drain started on b"));

@@ -167,6 +167,19 @@ impl StateDir {
         Ok(out)
     }
 
+    /// The journal of `deployment` and of every resume and rollback that
+    /// acted on it, oldest first.
+    ///
+    /// # Errors
+    /// As [`journals`](Self::journals).
+    pub fn chain(&self, deployment: &str) -> Result<Vec<JournalSummary>> {
+        Ok(self
+            .journals()?
+            .into_iter()
+            .filter(|j| j.header.deployment == deployment || j.header.acts_on.as_deref() == Some(deployment))
+            .collect())
+    }
+
     /// The newest journal, if any.
     ///
     /// # Errors
