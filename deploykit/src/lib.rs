@@ -58,6 +58,18 @@
 //! # }
 //! ```
 //!
+//! ## Durable state: lock, journal, history
+//!
+//! [`state::StateDir`] keeps what must survive the process that deploys: a
+//! lock so two deployments of one application never run at once (the holder
+//! is named to whoever is refused), a journal — an [`EventSink`] that
+//! writes every event as a JSON line and `fsync`s it before the step goes
+//! on, after a header with the plan and each instance's previous release —
+//! and the history derived from the journals. After a crash the journal
+//! says which instances were left part-way and what each ran before, which
+//! is what resuming and rolling back need; the `deploykit` CLI is built on
+//! it.
+//!
 //! ## Guarantees
 //!
 //! * Bad input ([`Error::InvalidInput`]) is reported before anything is
