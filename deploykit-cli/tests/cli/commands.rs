@@ -562,3 +562,42 @@ fn logs_go_to_stderr_by_verbosity_and_json_stays_clean() {
         "the final report is printed:\n{stdout}"
     );
 }
+
+#[test]
+fn recommend_asks_on_a_terminal() {
+    // `script` (util-linux, essential on Debian) gives the command a pty.
+    let Some(script) = ["/usr/bin/script", "/bin/script"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        let ci = std::env::var("CI")
+            .map(|v| v == "true" || v == "1")
+            .unwrap_or(false);
+        assert!(!ci, "`script` (util-linux) is missing and CI=true");
+        eprintln!("!!!!! SKIPPING: `script` is not installed; in CI this fails !!!!!");
+        return;
+    };
+    let bin = assert_cmd::cargo::cargo_bin("deploykit");
+    let out = std::process::Command::new(script)
+        .args(["-qec", &format!("{} recommend", bin.display()), "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"no\nyes\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("advanced monitoring"),
+        "the first question was asked:\n{text}"
+    );
+    assert!(
+        text.contains("twice the instances"),
+        "the second question was asked:\n{text}"
+    );
+    assert!(text.contains("recommended strategy: blue-green"), "{text}");
+}
