@@ -952,8 +952,9 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
         let fleet = wire::fleet(&ctx.cfg, &ctx.state, None)?;
         let exec = &fleet.executor;
         let probe = Duration::from_secs(5);
-        let mut rows = Vec::new();
-        for i in exec.instances() {
+        // Every instance at once: a slow or unreachable one costs the probe
+        // timeout once, not once per instance.
+        let rows = futures::future::join_all(exec.instances().iter().map(|i| async move {
             let b = i.backend();
             let release = match tokio::time::timeout(probe, i.current_release()).await {
                 Ok(Ok(r)) => r.map(|r| r.to_string()).unwrap_or_else(|| "none".into()),
@@ -967,8 +968,9 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
                 Ok(Err(e)) => format!("unreachable: {e}"),
                 Err(_) => "unreachable: timed out".into(),
             };
-            rows.push((b.id.to_string(), b.group.to_string(), b.address.to_string(), release, health));
-        }
+            (b.id.to_string(), b.group.to_string(), b.address.to_string(), release, health)
+        }))
+        .await;
         let sim_lb = (ctx.cfg.raw.load_balancer.kind == config::LbKind::Simulated)
             .then(|| crate::sim::SimLoadBalancer::new(ctx.state.root()).ok().and_then(|l| l.state().ok()))
             .flatten();
