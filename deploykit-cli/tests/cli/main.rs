@@ -1,6 +1,7 @@
 //! The `deploykit` binary, end to end: configuration errors, every command
-//! on simulated and on local instances, lock contention, notifications,
-//! and the crash matrix (the CLI killed after every journal record).
+//! on simulated, local and SSH instances and through real nginx and
+//! HAProxy, lock contention, notifications, and the crash matrix (the CLI
+//! killed after journal records, then resumed or rolled back).
 
 mod commands;
 mod config;
@@ -8,4 +9,5 @@ mod crash;
 mod haproxy;
 mod nginx;
 mod notify;
+mod ssh;
 mod util;
