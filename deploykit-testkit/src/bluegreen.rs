@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use deploykit::bluegreen_state::{LiveRecord, LiveStore};
 use deploykit::{Backend, DriverError, Group, InstanceId, SmokeCheck, SmokeTester};
 
-use crate::fleet::{FakeFleet, Fault, Shared};
+use crate::fleet::{scripted_error, FakeFleet, Fault, Shared};
 
 #[derive(Debug, Default)]
 struct SmokeState {
@@ -240,22 +240,9 @@ impl LiveStore for FakeLiveStore {
         let mut s = self.state.lock().expect("poisoned");
         s.save_calls += 1;
         let n = s.save_calls;
-        for f in &s.save_faults {
-            let fires = match f {
-                Fault::Always => Some(false),
-                Fault::OnCall(k) => (n == *k).then_some(false),
-                Fault::FromCall(k) => (n >= *k).then_some(false),
-                Fault::Transient(k) => (n <= *k).then_some(true),
-                Fault::NewRelease | Fault::OnRelease(_) => None,
-            };
-            if let Some(transient) = fires {
-                let msg = format!("scripted save fault on call {n}: disk full");
-                return Err(if transient {
-                    DriverError::transient(msg)
-                } else {
-                    DriverError::new(msg)
-                });
-            }
+        if let Some(transient) = s.save_faults.iter().find_map(|f| f.fires_on_call(n)) {
+            let msg = format!("scripted save fault on call {n}: disk full");
+            return Err(scripted_error(transient, msg));
         }
         s.record = Some(record.clone());
         s.saves.push(record.clone());

@@ -52,6 +52,45 @@ pub enum Fault {
     OnRelease(ReleaseId),
 }
 
+impl Fault {
+    /// Whether the fault fires on the `n`-th call (1-based) of an operation
+    /// whose instance runs `release` and started on `initial`: `None` when it
+    /// does not, `Some(transient)` when it does.
+    pub(crate) fn fires(
+        &self,
+        n: u32,
+        release: Option<&ReleaseId>,
+        initial: Option<&ReleaseId>,
+    ) -> Option<bool> {
+        match self {
+            Fault::Always => Some(false),
+            Fault::OnCall(k) => (n == *k).then_some(false),
+            Fault::FromCall(k) => (n >= *k).then_some(false),
+            Fault::Transient(k) => (n <= *k).then_some(true),
+            Fault::NewRelease => (release != initial).then_some(false),
+            Fault::OnRelease(r) => (release == Some(r)).then_some(false),
+        }
+    }
+
+    /// [`fires`](Self::fires) for operations that concern no release (a
+    /// switch, a record): release faults never fire there.
+    pub(crate) fn fires_on_call(&self, n: u32) -> Option<bool> {
+        match self {
+            Fault::NewRelease | Fault::OnRelease(_) => None,
+            other => other.fires(n, None, None),
+        }
+    }
+}
+
+/// A scripted driver error, transient or permanent.
+pub(crate) fn scripted_error(transient: bool, msg: String) -> DriverError {
+    if transient {
+        DriverError::transient(msg)
+    } else {
+        DriverError::new(msg)
+    }
+}
+
 /// One operation a fake performed, for tests that check order and
 /// concurrency.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,14 +222,7 @@ impl World {
             if *fop != op {
                 continue;
             }
-            let fires = match fault {
-                Fault::Always => Some(false),
-                Fault::OnCall(k) => (n == *k).then_some(false),
-                Fault::FromCall(k) => (n >= *k).then_some(false),
-                Fault::Transient(k) => (n <= *k).then_some(true),
-                Fault::NewRelease => (s.release != s.initial).then_some(false),
-                Fault::OnRelease(r) => (s.release.as_ref() == Some(r)).then_some(false),
-            };
+            let fires = fault.fires(n, s.release.as_ref(), s.initial.as_ref());
             if fires.is_some() {
                 return fires;
             }
@@ -217,12 +249,7 @@ impl Shared {
 }
 
 fn scripted(op: Op, id: &InstanceId, transient: bool) -> DriverError {
-    let msg = format!("scripted {op:?} fault on {id}");
-    if transient {
-        DriverError::transient(msg)
-    } else {
-        DriverError::new(msg)
-    }
+    scripted_error(transient, format!("scripted {op:?} fault on {id}"))
 }
 
 /// A fleet of fake instances behind a fake load balancer.
@@ -791,22 +818,9 @@ impl LoadBalancer for FakeLoadBalancer {
             let mut w = self.shared.lock();
             w.switch_calls += 1;
             let n = w.switch_calls;
-            for f in &w.switch_faults {
-                let fires = match f {
-                    Fault::Always => Some(false),
-                    Fault::OnCall(k) => (n == *k).then_some(false),
-                    Fault::FromCall(k) => (n >= *k).then_some(false),
-                    Fault::Transient(k) => (n <= *k).then_some(true),
-                    Fault::NewRelease | Fault::OnRelease(_) => None,
-                };
-                if let Some(transient) = fires {
-                    let msg = format!("scripted switch fault on switch {n} (to {group})");
-                    return Err(if transient {
-                        DriverError::transient(msg)
-                    } else {
-                        DriverError::new(msg)
-                    });
-                }
+            if let Some(transient) = w.switch_faults.iter().find_map(|f| f.fires_on_call(n)) {
+                let msg = format!("scripted switch fault on switch {n} (to {group})");
+                return Err(scripted_error(transient, msg));
             }
         }
         self.set([(group.clone(), 100)].into());
