@@ -22,7 +22,7 @@ pub enum Promotion {
     Manual {
         /// Roll back when no promotion comes within this long; `None`
         /// waits until promoted or aborted.
-        #[serde(default, with = "opt_ms")]
+        #[serde(default, with = "crate::duration_ms::option")]
         timeout: Option<Duration>,
     },
 }
@@ -217,25 +217,7 @@ impl Canary {
     }
 
     fn replace_steps(&self, id: &InstanceId, release: &ReleaseId) -> Vec<Step> {
-        let instance = || id.clone();
-        vec![
-            Step::Drain { instance: instance() },
-            Step::AwaitDrained {
-                instance: instance(),
-                timeout: self.drain_timeout,
-            },
-            Step::Stop { instance: instance() },
-            Step::Install {
-                instance: instance(),
-                release: release.clone(),
-            },
-            Step::Start { instance: instance() },
-            Step::AwaitHealthy {
-                instance: instance(),
-                check: self.health,
-            },
-            Step::Enable { instance: instance() },
-        ]
+        super::replace_steps(id, release, self.health, self.drain_timeout)
     }
 }
 
@@ -405,23 +387,6 @@ impl Strategy for Canary {
                 .collect(),
         });
         Ok(plan)
-    }
-}
-
-mod opt_ms {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
     }
 }
 

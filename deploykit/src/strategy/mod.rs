@@ -168,6 +168,38 @@ pub(crate) fn previous_map(
         .collect()
 }
 
+/// The steps that replace one instance's release while it is out of
+/// rotation (SPEC R3): drain → wait until drained (at most `drain_timeout`)
+/// → stop → install → start → health → enable. Rolling batches and the
+/// canary's update of stable use the same sequence.
+pub(crate) fn replace_steps(
+    id: &crate::InstanceId,
+    release: &ReleaseId,
+    health: crate::HealthCheck,
+    drain_timeout: Duration,
+) -> Vec<crate::Step> {
+    use crate::Step;
+    let instance = || id.clone();
+    vec![
+        Step::Drain { instance: instance() },
+        Step::AwaitDrained {
+            instance: instance(),
+            timeout: drain_timeout,
+        },
+        Step::Stop { instance: instance() },
+        Step::Install {
+            instance: instance(),
+            release: release.clone(),
+        },
+        Step::Start { instance: instance() },
+        Step::AwaitHealthy {
+            instance: instance(),
+            check: health,
+        },
+        Step::Enable { instance: instance() },
+    ]
+}
+
 /// Checks a fleet for what every strategy needs: at least one instance and
 /// unique ids.
 pub(crate) fn check_fleet(fleet: &FleetSnapshot) -> Result<()> {

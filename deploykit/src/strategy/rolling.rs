@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_fleet, previous_map, CountOrPercent};
+use super::{check_fleet, previous_map, replace_steps, CountOrPercent};
 use crate::error::{Error, Result};
 use crate::names::ReleaseId;
 use crate::plan::{FailurePolicy, FleetSnapshot, HealthCheck, Plan, Stage, Step, Unit};
@@ -51,25 +51,8 @@ pub struct Rolling {
     pub drain_timeout: Duration,
     /// Wait between batches; `None` means the health interval (as in the
     /// seed). Default `None`.
-    #[serde(with = "opt_ms")]
+    #[serde(with = "crate::duration_ms::option")]
     pub stabilisation: Option<Duration>,
-}
-
-mod opt_ms {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
-    }
 }
 
 impl Default for Rolling {
@@ -154,29 +137,9 @@ impl Strategy for Rolling {
             }
             let units = chunk
                 .iter()
-                .map(|i| {
-                    let instance = || i.backend.id.clone();
-                    Unit {
-                        instance: Some(instance()),
-                        steps: vec![
-                            Step::Drain { instance: instance() },
-                            Step::AwaitDrained {
-                                instance: instance(),
-                                timeout: self.drain_timeout,
-                            },
-                            Step::Stop { instance: instance() },
-                            Step::Install {
-                                instance: instance(),
-                                release: release.clone(),
-                            },
-                            Step::Start { instance: instance() },
-                            Step::AwaitHealthy {
-                                instance: instance(),
-                                check: self.health,
-                            },
-                            Step::Enable { instance: instance() },
-                        ],
-                    }
+                .map(|i| Unit {
+                    instance: Some(i.backend.id.clone()),
+                    steps: replace_steps(&i.backend.id, release, self.health, self.drain_timeout),
                 })
                 .collect();
             stages.push(Stage {
