@@ -69,17 +69,31 @@ macro_rules! require_binary {
 
 /// A loopback TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap().port()
+    free_ports(1)[0]
 }
 
-/// `n` distinct loopback TCP ports that were free a moment ago (all
-/// listeners are held until every port is picked, so none repeats).
+/// Ports already handed out in this test process: tests run concurrently,
+/// and a port one test picked (and closed) must not be picked by another
+/// before the first test's server binds it.
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// `n` distinct loopback TCP ports that were free a moment ago and were
+/// never handed out before in this process (all listeners are held until
+/// every port is picked, so none repeats).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut listeners = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().unwrap().port();
+        if handed.insert(port) {
+            ports.push(port);
+        }
+        listeners.push(l);
+    }
+    ports
 }
 
 /// A fresh temp dir, removed on drop.
