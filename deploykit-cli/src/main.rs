@@ -85,7 +85,9 @@ enum Command {
 fn init_logging(g: &cmd::Global) {
     let level = match (g.quiet, g.verbose) {
         (true, _) => "error",
-        (false, 0) => "warn",
+        // The executor's own warnings mirror events that the progress lines
+        // (or the --json stream) already show; -v brings them back.
+        (false, 0) => "warn,deploykit::executor=error",
         (false, 1) => "info",
         (false, 2) => "debug",
         _ => "trace",

@@ -564,6 +564,32 @@ fn logs_go_to_stderr_by_verbosity_and_json_stays_clean() {
 }
 
 #[test]
+fn a_failure_is_shown_once_by_default_and_logged_with_v() {
+    let demo = |extra: &[&str]| {
+        let mut args = vec!["demo", "--instances", "3", "--fail-instance", "i-2"];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("deploykit"))
+            .env_remove("RUST_LOG")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (stdout, stderr) = demo(&[]);
+    assert_eq!(stdout.matches("i-2 failed:").count(), 1, "{stdout}");
+    assert!(
+        !stderr.contains("instance failed"),
+        "no duplicate log line:\n{stderr}"
+    );
+    let (_, stderr) = demo(&["-v"]);
+    assert!(stderr.contains("instance failed"), "-v logs it:\n{stderr}");
+}
+
+#[test]
 fn recommend_asks_on_a_terminal() {
     // `script` (util-linux, essential on Debian) gives the command a pty.
     let Some(script) = ["/usr/bin/script", "/bin/script"]
