@@ -19,6 +19,19 @@
 //!    master that is gone, or a reload that starts no new workers, restores
 //!    the previous file and is reported.
 //!
+//! # State across processes
+//!
+//! Which backends the operator took out of rotation and how traffic is split
+//! between groups are written into the include file itself, as one comment
+//! line (`# deploykit-state: {...}`, JSON of validated names and numbers),
+//! whenever they differ from "every backend in rotation, no split". A driver
+//! built later — the next CLI run, a recovery after a crash — adopts that
+//! line, so it starts from what nginx actually runs instead of putting a
+//! quarantined backend back in rotation on its first change. A record that
+//! cannot be read, or that names a group no longer configured, is ignored
+//! with a warning. The file and the state it records are replaced together,
+//! atomically, so they cannot disagree.
+//!
 //! nginx rejects `weight=0`, so a backend or group with no share is rendered
 //! `down` (or `backup`, see [`NginxBuilder::idle_groups_as_backup`]).
 //!
@@ -112,11 +125,79 @@ impl Upstream {
 }
 
 /// Whether a backend is in rotation as far as the operator is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum Admin {
     Ready,
     Draining,
     Disabled,
+}
+
+/// Where the include file carries the driver's state, so that a new
+/// process (the next CLI run, a recovery after a crash) starts from what
+/// nginx actually runs rather than from "every backend in rotation".
+const STATE_MARKER: &str = "# deploykit-state: ";
+
+/// The part of [`State`] that is not visible in the rendered servers alone:
+/// which backends the operator took out (as opposed to a group at 0 %), and
+/// the traffic split. Rendered as one JSON comment line; every key is a
+/// validated name, so the line cannot contain a newline.
+#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    shares: Option<BTreeMap<Group, u8>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    out: BTreeMap<InstanceId, Admin>,
+}
+
+impl SavedState {
+    fn of(st: &State) -> Self {
+        Self {
+            shares: st.shares.clone(),
+            out: st
+                .backends
+                .iter()
+                .filter(|(_, a)| *a != Admin::Ready)
+                .map(|(b, a)| (b.id.clone(), *a))
+                .collect(),
+        }
+    }
+}
+
+/// Adopts the state recorded in an existing include file, if there is one
+/// and it fits the configured backends; otherwise leaves `state` as is
+/// (every backend in rotation), with a warning when a record was there but
+/// could not be used.
+fn adopt_saved(include: &Path, state: &mut State) {
+    let Ok(text) = std::fs::read_to_string(include) else {
+        return;
+    };
+    let Some(line) = text.lines().find_map(|l| l.strip_prefix(STATE_MARKER)) else {
+        return;
+    };
+    let saved: SavedState = match serde_json::from_str(line) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(file = %include.display(), error = %e,
+                "ignoring an unreadable deploykit-state line; starting with every backend in rotation");
+            return;
+        }
+    };
+    let groups = state.groups();
+    if let Some(shares) = &saved.shares {
+        if let Some(g) = shares.iter().find(|(g, p)| **p > 0 && !groups.contains_key(*g)) {
+            tracing::warn!(file = %include.display(), group = %g.0,
+                "the recorded traffic split names a group that is no longer configured; ignoring the record");
+            return;
+        }
+    }
+    for (b, a) in &mut state.backends {
+        if let Some(recorded) = saved.out.get(&b.id) {
+            *a = *recorded;
+        }
+    }
+    state.shares = saved.shares;
 }
 
 /// A process identified by pid and start time (so a reused pid differs).
@@ -332,11 +413,12 @@ impl NginxBuilder {
             global_args.push("-e".into());
             global_args.push("stderr".into());
         }
-        let state = State {
+        let mut state = State {
             backends: self.backends.into_iter().map(|b| (b, Admin::Ready)).collect(),
             shares: None,
             drains: BTreeMap::new(),
         };
+        adopt_saved(&include, &mut state);
         Ok(NginxLoadBalancer {
             inner: Arc::new(Inner {
                 upstream: self.upstream,
@@ -404,9 +486,12 @@ impl NginxLoadBalancer {
         self.inner.upstream_for(&st)
     }
 
-    /// The include file's text for the current state.
+    /// The include file's text for the current state: the upstream block,
+    /// and, when any backend is out of rotation or traffic is split, the
+    /// `# deploykit-state:` line a later process adopts.
     pub fn render(&self) -> String {
-        self.upstream().render()
+        let st = self.inner.lock_state().clone();
+        self.inner.render_file(&st)
     }
 
     /// Writes the include file for the current state and checks the whole
@@ -425,7 +510,7 @@ impl NginxLoadBalancer {
         run_to_completion(async move {
             let _g = inner.apply.lock().await;
             let st = inner.lock_state().clone();
-            let text = inner.upstream_for(&st).render();
+            let text = inner.render_file(&st);
             let previous = inner.replace_and_test(&text).await?;
             drop(previous);
             Ok(())
@@ -532,6 +617,19 @@ where
 }
 
 impl Inner {
+    /// The whole include file for `st` (see [`NginxLoadBalancer::render`]).
+    fn render_file(&self, st: &State) -> String {
+        let mut text = self.upstream_for(st).render();
+        let saved = SavedState::of(st);
+        if saved != SavedState::default() {
+            if let Ok(json) = serde_json::to_string(&saved) {
+                let at = text.find('\n').map_or(0, |i| i + 1);
+                text.insert_str(at, &format!("{STATE_MARKER}{json}\n"));
+            }
+        }
+        text
+    }
+
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -692,7 +790,7 @@ impl Inner {
 
     /// Render, check, rename, reload, confirm; commit `new` on success.
     async fn apply_state(&self, new: State, draining: Option<InstanceId>) -> Result<(), DriverError> {
-        let text = self.upstream_for(&new).render();
+        let text = self.render_file(&new);
         let master = self.master()?;
         let before = children_of(master.pid);
         let previous = self.replace_and_test(&text).await?;
@@ -995,6 +1093,56 @@ mod tests {
         assert!(text.contains("server 127.0.0.1:9002 down; # s-2"), "{text}");
         assert!(text.contains("server 127.0.0.1:9003 down; # c-1"), "{text}");
         assert!(!text.contains("weight=0"), "{text}");
+    }
+
+    #[test]
+    fn a_new_driver_adopts_the_state_recorded_in_the_include_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let include = dir.path().join("upstream.conf");
+        let build = || {
+            NginxLoadBalancer::builder()
+                .include_file(&include)
+                .backends([
+                    backend("s-1", 9001, "stable"),
+                    backend("s-2", 9002, "stable"),
+                    backend("c-1", 9003, "canary"),
+                ])
+                .build()
+                .unwrap()
+        };
+        let first = build();
+        // Default state: nothing to record, the file is the plain block.
+        assert!(!first.render().contains(STATE_MARKER));
+        {
+            let mut st = first.inner.lock_state();
+            st.shares = Some(BTreeMap::from([
+                (Group::new("stable").unwrap(), 90),
+                (Group::new("canary").unwrap(), 10),
+            ]));
+            st.set_admin(&InstanceId::new("s-2").unwrap(), Admin::Disabled);
+        }
+        let text = first.render();
+        assert!(
+            text.contains(
+                r#"# deploykit-state: {"shares":{"canary":10,"stable":90},"out":{"s-2":"disabled"}}"#
+            ),
+            "{text}"
+        );
+        std::fs::write(&include, &text).unwrap();
+        // A second process: same split, s-2 still out, not "all in rotation".
+        let second = build();
+        assert_eq!(second.render(), text);
+        assert!(second.render().contains("server 127.0.0.1:9002 down; # s-2"));
+        // A record naming a group that is no longer configured is ignored.
+        std::fs::write(
+            &include,
+            text.replace(r#"{"canary":10,"stable":90}"#, r#"{"blue":100}"#),
+        )
+        .unwrap();
+        assert!(!build().render().contains("down"), "{}", build().render());
+        // So is a garbled one.
+        std::fs::write(&include, format!("{STATE_MARKER}{{not json\n")).unwrap();
+        assert!(!build().render().contains("down"));
     }
 
     #[test]
