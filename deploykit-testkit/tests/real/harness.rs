@@ -138,8 +138,33 @@ pub fn sigkill(pid: u32) {
     );
 }
 
+/// Kills whatever process each instance root's pid file (`<root>/app.pid`)
+/// names when dropped: a test that panics leaves no demo app behind.
+pub struct KillOnDrop<P: AsRef<Path>>(pub Vec<P>);
+
+impl<P: AsRef<Path>> Drop for KillOnDrop<P> {
+    fn drop(&mut self) {
+        for root in &self.0 {
+            if let Ok(t) = std::fs::read_to_string(root.as_ref().join("app.pid")) {
+                if let Some(pid) = t.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                    sigkill(pid);
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Demo app
+
+/// Makes `<dir>/<id>/` holding a symlink to the demo-app binary and a
+/// `VERSION` file: what a build step would leave.
+pub fn make_release(dir: &Path, id: &str) {
+    let rel = dir.join(id);
+    std::fs::create_dir_all(&rel).unwrap();
+    std::os::unix::fs::symlink(demo_app_binary(), rel.join("deploykit-demo-app")).unwrap();
+    std::fs::write(rel.join("VERSION"), format!("{id}\n")).unwrap();
+}
 
 /// Path of the demo-app binary built with this test.
 pub fn demo_app_binary() -> &'static str {

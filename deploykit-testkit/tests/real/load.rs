@@ -9,7 +9,6 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +22,7 @@ use deploykit::{
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant, MissedTickBehavior};
 
-use crate::harness::{demo_app_binary, free_ports, temp_dir, HaServer, Haproxy, Http, Nginx};
+use crate::harness::{free_ports, make_release, temp_dir, HaServer, Haproxy, Http, KillOnDrop, Nginx};
 
 // ---------------------------------------------------------------------------
 // Load generator
@@ -258,27 +257,6 @@ pub struct Outcome {
     pub report_success: bool,
     /// The report, for failure messages.
     pub report: String,
-}
-
-fn make_release(builds: &Path, id: &str) {
-    let rel = builds.join(id);
-    std::fs::create_dir_all(&rel).unwrap();
-    std::os::unix::fs::symlink(demo_app_binary(), rel.join("deploykit-demo-app")).unwrap();
-}
-
-/// Kills every instance's process (from its pid file) when dropped.
-struct KillOnDrop(Vec<String>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for root in &self.0 {
-            if let Ok(t) = std::fs::read_to_string(format!("{root}/app.pid")) {
-                if let Some(pid) = t.split_whitespace().next().and_then(|p| p.parse().ok()) {
-                    crate::harness::sigkill(pid);
-                }
-            }
-        }
-    }
 }
 
 /// Runs the scenario: 4 instances on v1 behind `lb`, load through the load

@@ -10,16 +10,8 @@ use deploykit::instance::{LocalInstance, ProcessSpec, ReleaseSource};
 use deploykit::{CountOrPercent, Executor, HealthCheck, Instance, NoLoadBalancer, ReleaseId, Rolling};
 use tokio::time::{sleep, Instant};
 
-use crate::harness::{demo_app_binary, free_port, temp_dir, Http};
-
-/// Makes `<dir>/<id>/` holding a symlink to the demo-app binary and a
-/// `VERSION` file: what a build step would leave.
-pub(crate) fn make_release(dir: &Path, id: &str) {
-    let rel = dir.join(id);
-    std::fs::create_dir_all(&rel).unwrap();
-    std::os::unix::fs::symlink(demo_app_binary(), rel.join("deploykit-demo-app")).unwrap();
-    std::fs::write(rel.join("VERSION"), format!("{id}\n")).unwrap();
-}
+pub(crate) use crate::harness::make_release;
+use crate::harness::{free_port, temp_dir, Http};
 
 /// The process spec that runs the demo app from the release directory,
 /// listening on `port` and reporting the release id as its version.

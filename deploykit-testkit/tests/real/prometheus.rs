@@ -22,7 +22,9 @@ use deploykit::{
 use tokio::process::{Child, Command};
 use tokio::time::{sleep, Instant};
 
-use crate::harness::{demo_app_binary, free_port, temp_dir, DemoApp, DemoOpts, Http, Nginx, START_DEADLINE};
+use crate::harness::{
+    free_port, make_release, temp_dir, DemoApp, DemoOpts, Http, KillOnDrop, Nginx, START_DEADLINE,
+};
 use crate::load::LoadGen;
 
 /// A real Prometheus in a temp dir, scraping `targets` every second; killed
@@ -154,27 +156,6 @@ async fn real_prometheus_answers_map_to_typed_observations() {
     match broken.observe(Metric::ErrorRate, &nobody, w).await {
         Observation::ProviderError(m) => assert!(m.contains("bad_data"), "{m}"),
         o => panic!("expected a provider error, got {o:?}"),
-    }
-}
-
-fn make_release(builds: &Path, id: &str) {
-    let rel = builds.join(id);
-    std::fs::create_dir_all(&rel).unwrap();
-    std::os::unix::fs::symlink(demo_app_binary(), rel.join("deploykit-demo-app")).unwrap();
-}
-
-/// Kills every instance's process (from its pid file) when dropped.
-struct KillOnDrop(Vec<PathBuf>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for root in &self.0 {
-            if let Ok(t) = std::fs::read_to_string(root.join("app.pid")) {
-                if let Some(pid) = t.split_whitespace().next().and_then(|p| p.parse().ok()) {
-                    crate::harness::sigkill(pid);
-                }
-            }
-        }
     }
 }
 

@@ -14,7 +14,7 @@ use deploykit::{
     Retry, Rolling,
 };
 
-use crate::harness::Http;
+use crate::harness::{Http, KillOnDrop};
 use crate::local::{make_release, wait_healthy};
 use crate::sshd::{free_port_on, CuttingProxy, SshLab};
 
@@ -36,20 +36,6 @@ async fn version_at(addr: &str) -> Result<String, String> {
         .body
         .trim()
         .to_string())
-}
-
-/// Kills whatever process an instance left running (by its pid file).
-struct KillOnDrop(Vec<String>);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for root in &self.0 {
-            if let Ok(text) = std::fs::read_to_string(format!("{root}/app.pid")) {
-                if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()) {
-                    crate::harness::sigkill(pid);
-                }
-            }
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
