@@ -485,11 +485,17 @@ http {{
     /// Starts nginx on an existing `DIR/nginx.conf` (and include) and waits
     /// until it accepts connections on `port`.
     pub async fn start(binary: &Path, dir: &Path, port: u16) -> Nginx {
+        Self::start_with(binary, dir, port, "daemon off;").await
+    }
+
+    /// [`Nginx::start`] with `globals` (`-g`, e.g. `"daemon off;
+    /// master_process off;"`) instead of just `daemon off;`.
+    pub async fn start_with(binary: &Path, dir: &Path, port: u16, globals: &str) -> Nginx {
         let stderr_log = dir.join("nginx.stderr");
         let err = std::fs::File::create(&stderr_log).expect("create nginx.stderr");
         let child = Command::new(binary)
             .args(Self::global_args(dir))
-            .args(["-g", "daemon off;"])
+            .args(["-g", globals])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(err))

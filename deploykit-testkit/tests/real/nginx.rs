@@ -57,7 +57,9 @@ impl NginxSetup {
             backends,
             lb,
             nginx,
-            http: Http::new(),
+            // A new connection per request: counts show how nginx routes new
+            // connections, not which worker an old keep-alive one landed on.
+            http: Http::with_keep_alive(false),
             dir,
         }
     }
@@ -307,8 +309,12 @@ async fn a_reload_without_a_master_is_detected() {
     let s = NginxSetup::start(&bin, &[("v1", "default", &[]), ("v2", "default", &[])]).await;
     let before = s.upstream_text();
     let master = s.nginx.pid();
-    let workers = children_of(master);
-    assert!(!workers.is_empty(), "nginx has workers");
+    // The port and pid file are there before the master forks its workers.
+    let workers = eventually(Duration::from_secs(10), "nginx has workers", || async {
+        let w = children_of(master);
+        (!w.is_empty()).then_some(w)
+    })
+    .await;
     sigkill(master);
     eventually(Duration::from_secs(5), "nginx master gone", || async {
         let st = std::fs::read_to_string(format!("/proc/{master}/stat")).unwrap_or_default();
@@ -326,4 +332,55 @@ async fn a_reload_without_a_master_is_detected() {
         "{msg}"
     );
     assert_eq!(s.upstream_text(), before, "nothing changed");
+}
+
+/// A reload can only be confirmed by a new generation of worker processes.
+/// An nginx without them (`master_process off`) — like a master still
+/// forking its first workers — gives nothing to confirm by: the driver
+/// refuses before it touches the file, instead of calling the change done
+/// while the old config still routes.
+#[tokio::test]
+async fn an_nginx_without_worker_processes_is_refused_before_any_change() {
+    let bin = crate::require_binary!("nginx");
+    let a = DemoApp::start(DemoOpts::new("v1")).await;
+    let b = DemoApp::start(DemoOpts::new("v2")).await;
+    let backends = [
+        backend("i-1", a.addr, "default"),
+        backend("i-2", b.addr, "default"),
+    ];
+    let dir = temp_dir("deploykit-nginx");
+    let port = free_port();
+    Nginx::write_config(dir.path(), port);
+    let lb = NginxLoadBalancer::builder()
+        .upstream("app")
+        .include_file(Nginx::upstream_file(dir.path()))
+        .binary(&bin)
+        .prefix(format!("{}/", dir.path().display()))
+        .config_file(Nginx::conf(dir.path()))
+        .error_log_stderr(true)
+        .pid_file(Nginx::pid_file(dir.path()))
+        .backends(backends.iter().cloned())
+        .reload_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    lb.install().await.unwrap();
+    let nginx = Nginx::start_with(&bin, dir.path(), port, "daemon off; master_process off;").await;
+    let before = std::fs::read_to_string(Nginx::upstream_file(dir.path())).unwrap();
+
+    let err = lb.drain(&backends[1]).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("master_process on") && msg.contains("nothing was changed"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(Nginx::upstream_file(dir.path())).unwrap(),
+        before,
+        "the file was not touched"
+    );
+    // Both backends still serve: nginx was never reloaded.
+    let c = Http::with_keep_alive(false)
+        .count_versions(&nginx.url("/"), 20)
+        .await;
+    assert_eq!((c.get("v1"), c.get("v2")), (Some(&10), Some(&10)), "{c:?}");
 }

@@ -12,7 +12,10 @@
 //!    once (nginx reads the file only on reload, so the rejected candidate
 //!    never served a request) and the error carries nginx's own stderr;
 //! 3. reloads (`nginx -s reload` with the same `-p`/`-c`, i.e. SIGHUP to the
-//!    master) and confirms the reload *took*: a new generation of worker
+//!    master) — once the master's current workers have settled, so that a
+//!    master that has only just started and is still forking its first
+//!    workers is not mistaken for one that reloaded — and confirms the
+//!    reload *took*: a new generation of worker
 //!    processes appears under the master, and every worker of the old
 //!    generation has exited or retitled itself `worker process is shutting
 //!    down` (it then accepts nothing more), within the reload timeout. A
@@ -782,6 +785,42 @@ impl Inner {
         }
     }
 
+    /// The master's children once it has a worker that is not shutting
+    /// down and the set has not changed for a moment. A master that has
+    /// only just started may still be forking its first workers: a reload
+    /// sent then would let those late workers — which route by the *old*
+    /// file — pass for the new generation, and the change would be
+    /// confirmed before it took. Bounded by the reload timeout.
+    async fn settled_generation(&self, master: &Proc) -> Result<BTreeSet<Proc>, DriverError> {
+        const SETTLE: Duration = Duration::from_millis(20);
+        let deadline = Instant::now() + self.reload_timeout;
+        let mut seen = children_of(master.pid);
+        loop {
+            sleep(SETTLE).await;
+            if !is_alive(master) {
+                return Err(DriverError::new(format!(
+                    "the nginx master (pid {}) exited before the change; nothing was changed",
+                    master.pid
+                )));
+            }
+            let now = children_of(master.pid);
+            let serving = now.iter().any(|p| !is_shutting_down(p.pid));
+            if serving && now == seen {
+                return Ok(now);
+            }
+            if Instant::now() >= deadline {
+                return Err(DriverError::new(format!(
+                    "the nginx master (pid {}) has had no settled worker processes for {:.1}s; \
+                     deploykit needs nginx running with `master_process on` (the default); \
+                     nothing was changed",
+                    master.pid,
+                    self.reload_timeout.as_secs_f64()
+                )));
+            }
+            seen = now;
+        }
+    }
+
     /// Restores the previous file and returns `e`.
     async fn fail(&self, previous: &Option<Vec<u8>>, e: DriverError) -> Result<(), DriverError> {
         self.restore(previous).await;
@@ -792,7 +831,7 @@ impl Inner {
     async fn apply_state(&self, new: State, draining: Option<InstanceId>) -> Result<(), DriverError> {
         let text = self.render_file(&new);
         let master = self.master()?;
-        let before = children_of(master.pid);
+        let before = self.settled_generation(&master).await?;
         let previous = self.replace_and_test(&text).await?;
         if let Err(e) = self.run_nginx(&["-s", "reload"]).await {
             return self
