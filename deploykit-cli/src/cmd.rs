@@ -235,6 +235,18 @@ fn start_journal(
     Ok(journal)
 }
 
+/// A run refused before its first step (nothing touched) leaves no journal
+/// behind: otherwise the next command would find an "interrupted"
+/// deployment that never happened.
+fn unless_refused<T>(journal: &Journal, r: deploykit::Result<T>) -> anyhow::Result<T> {
+    r.map_err(|e| {
+        if let Err(d) = journal.discard_unstarted() {
+            eprintln!("deploykit: warning: {d}");
+        }
+        e.into()
+    })
+}
+
 fn notice(ctx: &Ctx, h: &JournalHeader, event: NotifyOn, report: Option<&Report>) -> Notice {
     Notice {
         event,
@@ -498,7 +510,7 @@ async fn run_deploy(
         let sig = ctrl_c(exec);
         let result = bg.deploy(exec, &release).await;
         sig.abort();
-        let mut report = result?.deployment;
+        let mut report = unless_refused(&journal, result)?.deployment;
         report.deployment = id;
         return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
     }
@@ -537,13 +549,16 @@ async fn run_deploy(
     );
     header.acts_on = acts_on;
     header.plan = Some(plan.clone());
+    // Refusals (a load balancer that fails its preflight, …) come before
+    // the journal and the start notice.
+    exec.check(&plan).await?;
     let journal = start_journal(ctx, &relay, header, out)?;
     ctx.notifier()
         .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
         .await;
     let watcher = watch_control(ctx, &id, &fleet);
     let sig = ctrl_c(exec);
-    let mut report = exec.run_with_id(&plan, &id).await?;
+    let mut report = unless_refused(&journal, exec.run_with_id(&plan, &id).await)?;
     sig.abort();
     watcher.abort();
     if resume.is_some() && report.outcome != OutcomeKind::Succeeded && !plan.skipped.is_empty() {
@@ -816,7 +831,7 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
             header.acts_on = Some(root_id.clone());
             if switched_to.as_ref() == Some(&live) {
                 let journal = start_journal(&ctx, &relay, header, out)?;
-                let mut report = bg.rollback(exec).await?.deployment;
+                let mut report = unless_refused(&journal, bg.rollback(exec).await)?.deployment;
                 report.deployment = id;
                 return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
             }
@@ -865,8 +880,9 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
                 leave_stopped: ids,
             };
             header.plan = Some(plan.clone());
+            exec.check(&plan).await?;
             let journal = start_journal(&ctx, &relay, header, out)?;
-            let report = exec.run_with_id(&plan, &id).await?;
+            let report = unless_refused(&journal, exec.run_with_id(&plan, &id).await)?;
             return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
         }
         let canary_groups = (root.header.strategy == "canary").then(|| {
@@ -891,11 +907,12 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         );
         header.acts_on = Some(root_id);
         header.plan = Some(plan.clone());
+        exec.check(&plan).await?;
         let journal = start_journal(&ctx, &relay, header, out)?;
         ctx.notifier()
             .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
             .await;
-        let report = exec.run_with_id(&plan, &id).await?;
+        let report = unless_refused(&journal, exec.run_with_id(&plan, &id).await)?;
         conclude(&ctx, exec, &journal, &report, human.as_deref()).await
     })
 }
@@ -1155,4 +1172,65 @@ pub(crate) fn validate(g: Global) -> anyhow::Result<u8> {
         );
     }
     Ok(exit::SUCCESS)
+}
+
+/// `deploykit setup`: creates the nginx upstream include file when it is
+/// missing (every instance in rotation, checked with `nginx -t`), then runs
+/// the load balancer's preflight check. Touches no instance.
+pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
+    runtime()?.block_on(async move {
+        let _lock = match lock(&ctx, "setup")? {
+            Ok(l) => l,
+            Err(code) => return Ok(code),
+        };
+        let lb_cfg = &ctx.cfg.raw.load_balancer;
+        if lb_cfg.kind == config::LbKind::Nginx {
+            let include = ctx
+                .cfg
+                .resolve(lb_cfg.include_file.as_deref().expect("checked: include_file is set"));
+            if include.exists() {
+                ctx.say(format!("{}: exists, left as it is", include.display()));
+            } else {
+                let nginx = wire::nginx(&ctx.cfg)?;
+                if let Err(e) = nginx.install().await {
+                    eprintln!(
+                        "deploykit: error: could not create the nginx upstream file {}: {e}",
+                        include.display()
+                    );
+                    return Ok(exit::UNKNOWN_STATE);
+                }
+                ctx.say(format!(
+                    "{}: written with {} server(s) in rotation, accepted by `nginx -t`; start or reload nginx to use it",
+                    include.display(),
+                    ctx.cfg.instances.len()
+                ));
+            }
+        }
+        let lb = wire::load_balancer(&ctx.cfg, &ctx.state)?;
+        let t = ctx.cfg.raw.timeouts.load_balancer.0;
+        let checked = match tokio::time::timeout(t, lb.preflight()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {:.1}s", t.as_secs_f64())),
+        };
+        match checked {
+            Ok(()) => {
+                if ctx.g.json {
+                    println!("{}", serde_json::json!({"ready": true, "load_balancer": lb.name()}));
+                } else {
+                    ctx.say(format!("load balancer {}: ready for deploykit", lb.name()));
+                }
+                Ok(exit::SUCCESS)
+            }
+            Err(e) => {
+                if ctx.g.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"ready": false, "load_balancer": lb.name(), "error": e})
+                    );
+                }
+                eprintln!("deploykit: error: load balancer {} is not ready: {e}", lb.name());
+                Ok(exit::UNKNOWN_STATE)
+            }
+        }
+    })
 }

@@ -73,6 +73,10 @@ enum Command {
     Recommend(recommend::RecommendArgs),
     /// Check deploykit.toml without touching anything.
     Validate,
+    /// Prepare and check the load balancer: create the nginx upstream
+    /// include file if it is missing, then check the balancer can be driven
+    /// (the check every deployment runs first). Touches no instance.
+    Setup,
     /// Run a full deployment on a simulated in-memory fleet, with progress.
     Demo(demo::DemoArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
@@ -143,6 +147,7 @@ fn try_main(cli: Cli) -> anyhow::Result<u8> {
         Command::Promote => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Promote),
         Command::Abort => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Abort),
         Command::History => cmd::history(cmd::Ctx::load(g)?),
+        Command::Setup => cmd::setup(cmd::Ctx::load(g)?),
     }
 }
 

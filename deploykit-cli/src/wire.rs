@@ -261,27 +261,7 @@ pub(crate) fn load_balancer(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Ar
                 other => other,
             })?)
         }
-        LbKind::Nginx => {
-            let include = cfg.resolve(lb.include_file.as_deref().expect("checked: include_file is set"));
-            let mut b = deploykit::lb::NginxLoadBalancer::builder()
-                .upstream(lb.upstream.as_deref().unwrap_or("app"))
-                .include_file(&include)
-                .error_log_stderr(true)
-                .backends(backends(cfg));
-            if let Some(p) = &lb.nginx_prefix {
-                b = b.prefix(cfg.resolve(p));
-            }
-            if let Some(bin) = &lb.nginx_binary {
-                b = b.binary(bin);
-            }
-            if let Some(c) = &lb.nginx_config {
-                b = b.config_file(cfg.resolve(c));
-            }
-            if let Some(p) = &lb.pid_file {
-                b = b.pid_file(cfg.resolve(p));
-            }
-            Arc::new(b.build().map_err(lb_field)?)
-        }
+        LbKind::Nginx => Arc::new(nginx(cfg)?),
         LbKind::Haproxy => Arc::new(
             deploykit::lb::HaproxyLoadBalancer::builder()
                 .socket(cfg.resolve(lb.socket.as_deref().expect("checked: socket is set")))
@@ -291,6 +271,30 @@ pub(crate) fn load_balancer(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Ar
                 .map_err(lb_field)?,
         ),
     })
+}
+
+/// The nginx driver of `[load_balancer]` (kind `nginx`).
+pub(crate) fn nginx(cfg: &Loaded) -> anyhow::Result<deploykit::lb::NginxLoadBalancer> {
+    let lb = &cfg.raw.load_balancer;
+    let include = cfg.resolve(lb.include_file.as_deref().expect("checked: include_file is set"));
+    let mut b = deploykit::lb::NginxLoadBalancer::builder()
+        .upstream(lb.upstream.as_deref().unwrap_or("app"))
+        .include_file(&include)
+        .error_log_stderr(true)
+        .backends(backends(cfg));
+    if let Some(p) = &lb.nginx_prefix {
+        b = b.prefix(cfg.resolve(p));
+    }
+    if let Some(bin) = &lb.nginx_binary {
+        b = b.binary(bin);
+    }
+    if let Some(c) = &lb.nginx_config {
+        b = b.config_file(cfg.resolve(c));
+    }
+    if let Some(p) = &lb.pid_file {
+        b = b.pid_file(cfg.resolve(p));
+    }
+    Ok(b.build().map_err(lb_field)?)
 }
 
 fn backends(cfg: &Loaded) -> Vec<Backend> {

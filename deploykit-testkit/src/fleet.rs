@@ -165,6 +165,9 @@ pub(crate) struct World {
     /// switches.
     pub(crate) switch_faults: Vec<Fault>,
     pub(crate) switch_calls: u32,
+    /// Scripted faults of [`LoadBalancer::preflight`].
+    pub(crate) preflight_faults: Vec<Fault>,
+    pub(crate) preflight_calls: u32,
 }
 
 impl World {
@@ -327,6 +330,8 @@ impl FakeFleet {
                 record_ops: true,
                 switch_faults: Vec::new(),
                 switch_calls: 0,
+                preflight_faults: Vec::new(),
+                preflight_calls: 0,
             }))),
         }
     }
@@ -437,6 +442,20 @@ impl FakeFleet {
     pub fn fail_switch(self, fault: Fault) -> Self {
         self.shared.lock().switch_faults.push(fault);
         self
+    }
+
+    /// [`LoadBalancer::preflight`] fails as scripted (counted over all
+    /// preflight checks, 1-based, as for [`fail_switch`](Self::fail_switch)),
+    /// as a load balancer that cannot be driven would: the executor must
+    /// then refuse before touching anything.
+    pub fn fail_preflight(self, fault: Fault) -> Self {
+        self.shared.lock().preflight_faults.push(fault);
+        self
+    }
+
+    /// How many times [`LoadBalancer::preflight`] was called so far.
+    pub fn preflight_calls(&self) -> u32 {
+        self.shared.lock().preflight_calls
     }
 
     /// The group receiving all traffic now, if exactly one does.
@@ -825,6 +844,19 @@ impl LoadBalancer for FakeLoadBalancer {
         }
         self.set([(group.clone(), 100)].into());
         Ok(())
+    }
+
+    async fn preflight(&self) -> Result<(), DriverError> {
+        let mut w = self.shared.lock();
+        w.preflight_calls += 1;
+        let n = w.preflight_calls;
+        match w.preflight_faults.iter().find_map(|f| f.fires_on_call(n)) {
+            Some(transient) => Err(scripted_error(
+                transient,
+                format!("scripted preflight fault on check {n}"),
+            )),
+            None => Ok(()),
+        }
     }
 
     async fn live_group(&self) -> Result<Option<Group>, DriverError> {

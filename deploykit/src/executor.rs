@@ -383,8 +383,33 @@ impl Executor {
     /// (field `live_store`) when it records the live blue-green environment
     /// and no store is set. [`Error::Inconsistent`] when it switches away
     /// from an environment that the record or the load balancer says is not
-    /// live. Nothing is touched then.
+    /// live. [`Error::Refused`] when the plan touches the load balancer and
+    /// its [`LoadBalancer::preflight`] check fails (transient errors
+    /// retried, bounded by the load-balancer timeout). Nothing is touched
+    /// then.
     pub async fn run_with_id(&self, plan: &Plan, id: &str) -> Result<Report> {
+        let smoke = self.prepare(plan).await?;
+        let mut run = Run::new(&self.inner, plan, id.to_string());
+        run.smoke = smoke;
+        Ok(run.execute().await)
+    }
+
+    /// Every check [`run_with_id`](Self::run_with_id) makes before its first
+    /// step — the plan against this executor, the live-state record, and
+    /// the load balancer's [`preflight`](LoadBalancer::preflight) — without
+    /// running anything: for a caller that records the start of a
+    /// deployment (a journal, a notification) only once it can start.
+    /// `run_with_id` checks again.
+    ///
+    /// # Errors
+    /// As [`run_with_id`](Self::run_with_id) before its first step. Nothing
+    /// is touched.
+    pub async fn check(&self, plan: &Plan) -> Result<()> {
+        self.prepare(plan).await.map(|_| ())
+    }
+
+    /// The checks before a run; returns the smoke tester it needs.
+    async fn prepare(&self, plan: &Plan) -> Result<Option<Arc<dyn SmokeTester>>> {
         for stage in &plan.stages {
             for unit in &stage.units {
                 let named = unit
@@ -443,9 +468,30 @@ impl Executor {
                  set one with ExecutorBuilder::promotion, or use automatic promotion",
             ));
         }
-        let mut run = Run::new(&self.inner, plan, id.to_string());
-        run.smoke = smoke;
-        Ok(run.execute().await)
+        let touches_lb = steps().any(|s| {
+            matches!(
+                s,
+                Step::Drain { .. }
+                    | Step::Disable { .. }
+                    | Step::Enable { .. }
+                    | Step::SetWeights { .. }
+                    | Step::SwitchTo { .. }
+            )
+        });
+        if touches_lb {
+            let lb = &self.inner.lb;
+            let (r, _) = self
+                .inner
+                .call(self.inner.timeouts.load_balancer, || lb.preflight())
+                .await;
+            if let Err(e) = r {
+                return Err(Error::Refused(format!(
+                    "the {} load balancer failed its preflight check, so nothing was touched: {e}",
+                    lb.name()
+                )));
+            }
+        }
+        Ok(smoke)
     }
 }
 

@@ -224,6 +224,21 @@ pub trait LoadBalancer: Send + Sync + Debug {
     async fn live_group(&self) -> Result<Option<Group>, DriverError> {
         Ok(None)
     }
+
+    /// Checks, without changing anything, that the load balancer can be
+    /// driven: it is reachable and running, and it knows every backend it
+    /// was given. The executor calls it once before the first step of any
+    /// plan that touches the load balancer, so a balancer that cannot be
+    /// driven refuses the deployment before any instance is drained or
+    /// stopped. The default has nothing to check.
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed; the error says what is missing and
+    ///   how to fix it.
+    async fn preflight(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
 }
 
 /// A metric the canary analysis reads.

@@ -168,3 +168,53 @@ fn deploy_and_crash_recovery_through_real_haproxy() {
         current = expect;
     }
 }
+
+#[test]
+fn an_instance_haproxy_does_not_know_is_refused_before_anything_is_touched() {
+    let Some(bin) = haproxy_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("haproxy.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = local(2, "")
+        .replace("18181", "18681")
+        .replace("18182", "18682")
+        .replace(
+            "[load_balancer]\nkind = \"simulated\"\n",
+            &format!(
+                "[load_balancer]\nkind = \"haproxy\"\nsocket = \"{}\"\nbackend = \"app\"\n",
+                sock.display()
+            ),
+        );
+    let env = Env::new(&cfg);
+    env.releases(&["v1"]);
+    // HAProxy's backend has web-1 only: web-2 could never be drained.
+    let _haproxy = Haproxy::start(&bin, dir.path(), port, &[("web-1", 18681)]);
+
+    let (code, out, err) = env.run(&["setup"]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(err.contains("HAProxy backend app has no server web-2"), "{err}");
+
+    let (code, out, err) = env.run(&["deploy", "v1"]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(
+        err.contains("haproxy load balancer failed its preflight check, so nothing was touched")
+            && err.contains("has no server web-2"),
+        "{err}"
+    );
+    assert_eq!(
+        admin_states(&sock),
+        vec![("web-1".to_string(), ServerAdmin::Ready)]
+    );
+    for id in ["web-1", "web-2"] {
+        assert_eq!(env.local_release(id), None, "{id} untouched");
+    }
+    let status = env.ok(&["status"], 0);
+    assert!(
+        !status.contains("interrupted"),
+        "no journal left behind:\n{status}"
+    );
+}

@@ -34,24 +34,48 @@ fn nginx_binary() -> Option<PathBuf> {
 struct Nginx(Child, PathBuf);
 
 impl Nginx {
-    fn start(binary: &Path, dir: &Path, port: u16, servers: &[u16]) -> Self {
+    /// `DIR/nginx.conf`: listens on `port` and proxies to upstream `app`,
+    /// read from `DIR/upstream.conf` (deploykit's file) when `include` is
+    /// true, or from an inline block naming `servers` when it is not (a
+    /// config that never reads deploykit's file).
+    fn write_conf(dir: &Path, port: u16, include: bool, servers: &[u16]) {
         let d = dir.display();
+        let upstream = if include {
+            format!("include {d}/upstream.conf;")
+        } else {
+            let list: String = servers
+                .iter()
+                .map(|p| format!(" server 127.0.0.1:{p};"))
+                .collect();
+            format!("upstream app {{{list} }}")
+        };
         std::fs::write(
             dir.join("nginx.conf"),
             format!(
                 "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
                  events {{ worker_connections 64; }}\nhttp {{\n  access_log off;\n\
                  client_body_temp_path {d}/cb; proxy_temp_path {d}/px; fastcgi_temp_path {d}/fc;\n\
-                 uwsgi_temp_path {d}/uw; scgi_temp_path {d}/sc;\n  include {d}/upstream.conf;\n\
+                 uwsgi_temp_path {d}/uw; scgi_temp_path {d}/sc;\n  {upstream}\n\
                  server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://app; }} }}\n}}\n"
             ),
         )
         .unwrap();
+    }
+
+    /// Writes the config and an upstream file with `servers`, starts nginx.
+    fn start(binary: &Path, dir: &Path, port: u16, servers: &[u16]) -> Self {
+        Self::write_conf(dir, port, true, servers);
         let list: String = servers
             .iter()
             .map(|p| format!("  server 127.0.0.1:{p};\n"))
             .collect();
         std::fs::write(dir.join("upstream.conf"), format!("upstream app {{\n{list}}}\n")).unwrap();
+        Self::launch(binary, dir, port)
+    }
+
+    /// Starts nginx on the files already in `dir`.
+    fn launch(binary: &Path, dir: &Path, port: u16) -> Self {
+        let d = dir.display();
         let child = Command::new(binary)
             .args([
                 "-p",
@@ -69,7 +93,13 @@ impl Nginx {
             .spawn()
             .expect("spawn nginx");
         let end = Instant::now() + Duration::from_secs(20);
-        while !dir.join("nginx.pid").exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        // `nginx -t` leaves an empty pid file behind: wait for the pid.
+        let has_pid = || {
+            std::fs::read_to_string(dir.join("nginx.pid"))
+                .map(|t| !t.trim().is_empty())
+                .unwrap_or(false)
+        };
+        while !has_pid() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
                 Instant::now() < end,
                 "nginx did not start: {}",
@@ -105,6 +135,103 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// `local(2, extra)` with the nginx load balancer of `dir` swapped in.
+fn nginx_config(bin: &Path, dir: &Path, extra: &str) -> String {
+    let d = dir.display();
+    local(2, extra).replace(
+        "[load_balancer]\nkind = \"simulated\"\n",
+        &format!(
+            "[load_balancer]\nkind = \"nginx\"\ninclude_file = \"{d}/upstream.conf\"\nupstream = \"app\"\n\
+             nginx_binary = \"{}\"\nnginx_config = \"{d}/nginx.conf\"\nnginx_prefix = \"{d}\"\npid_file = \"{d}/nginx.pid\"\n",
+            bin.display()
+        ),
+    )
+}
+
+#[test]
+fn setup_writes_the_missing_include_file_then_checks_nginx() {
+    let Some(bin) = nginx_binary() else { return };
+    let ngx_dir = tempfile::tempdir().unwrap();
+    let dir = ngx_dir.path();
+    let port = free_port();
+    let env = Env::new(&nginx_config(&bin, dir, ""));
+    Nginx::write_conf(dir, port, true, &[]);
+    let include = dir.join("upstream.conf");
+    assert!(!include.exists());
+
+    // nginx cannot start without its include; setup writes it (checked
+    // with `nginx -t`) and says nginx is not running yet.
+    let (code, out, err) = env.run(&["setup"]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(out.contains("written with 2 server(s) in rotation"), "{out}");
+    assert!(
+        err.contains("load balancer nginx is not ready") && err.contains("not running"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&include).unwrap();
+    assert!(text.contains("Managed by deploykit"), "{text}");
+    assert!(
+        text.contains("127.0.0.1:18181") && text.contains("127.0.0.1:18182"),
+        "{text}"
+    );
+    assert!(!text.contains(" down"), "every server in rotation:\n{text}");
+
+    let _nginx = Nginx::launch(&bin, dir, port);
+    let out = env.ok(&["setup"], 0);
+    assert!(out.contains("exists, left as it is"), "{out}");
+    assert!(out.contains("load balancer nginx: ready"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&include).unwrap(),
+        text,
+        "an existing file is left alone"
+    );
+}
+
+#[test]
+fn a_deploy_the_preflight_refuses_touches_nothing_and_leaves_no_journal() {
+    let Some(bin) = nginx_binary() else { return };
+    let ngx_dir = tempfile::tempdir().unwrap();
+    let dir = ngx_dir.path();
+    let port = free_port();
+    let cfg = nginx_config(&bin, dir, "")
+        .replace("18181", "18381")
+        .replace("18182", "18382");
+    let env = Env::new(&cfg);
+    env.releases(&["v1"]);
+    let _nginx = Nginx::start(&bin, dir, port, &[18381, 18382]);
+    // nginx's config on disk no longer reads deploykit's file: changing it
+    // would route nothing.
+    Nginx::write_conf(dir, port, false, &[18381, 18382]);
+    let before = std::fs::read_to_string(dir.join("upstream.conf")).unwrap();
+
+    let (code, out, err) = env.run(&["deploy", "v1"]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(
+        err.contains("failed its preflight check, so nothing was touched")
+            && err.contains("does not include the upstream file"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("upstream.conf")).unwrap(),
+        before
+    );
+    for id in ["web-1", "web-2"] {
+        assert_eq!(env.local_release(id), None, "{id} untouched");
+        assert!(!env.local_running(id), "{id} untouched");
+    }
+    let status = env.ok(&["status"], 0);
+    assert!(
+        !status.contains("interrupted"),
+        "no journal left behind:\n{status}"
+    );
+    assert!(env.ok(&["history"], 0).lines().all(|l| !l.contains("v1")));
+
+    // Fixed: the same deployment runs.
+    Nginx::write_conf(dir, port, true, &[]);
+    env.ok(&["-q", "deploy", "v1"], 0);
+    assert_eq!(env.local_release("web-1").as_deref(), Some("v1"));
 }
 
 #[test]

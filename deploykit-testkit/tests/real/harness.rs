@@ -517,9 +517,13 @@ http {{
             move || std::fs::read_to_string(&log).unwrap_or_default(),
         )
         .await;
-        // The pid file is written by the master before workers accept.
+        // The pid file is written by the master before workers accept; an
+        // earlier `nginx -t` (the driver's install) leaves it empty.
         let end = Instant::now() + START_DEADLINE;
-        while !Self::pid_file(dir).exists() {
+        while std::fs::read_to_string(Self::pid_file(dir))
+            .map(|t| t.trim().is_empty())
+            .unwrap_or(true)
+        {
             assert!(Instant::now() < end, "nginx wrote no pid file");
             sleep(Duration::from_millis(20)).await;
         }

@@ -384,3 +384,39 @@ async fn an_nginx_without_worker_processes_is_refused_before_any_change() {
         .await;
     assert_eq!((c.get("v1"), c.get("v2")), (Some(&10), Some(&10)), "{c:?}");
 }
+
+/// The preflight check the executor runs before a deployment: nginx runs,
+/// accepts its config, and reads deploykit's include file.
+#[tokio::test]
+async fn preflight_checks_nginx_runs_and_reads_the_include_file() {
+    let bin = crate::require_binary!("nginx");
+    let s = NginxSetup::start(&bin, &[("v1", "default", &[])]).await;
+    s.lb.preflight()
+        .await
+        .expect("a running nginx that includes the file");
+
+    let conf = Nginx::conf(s.dir.path());
+    let good = std::fs::read_to_string(&conf).unwrap();
+    let include_line = format!("include {}/upstream.conf;", s.dir.path().display());
+    assert!(good.contains(&include_line));
+    // The upstream defined inline instead: deploykit's file is never read.
+    let inline = format!("upstream app {{ server {}; }}", s.apps[0].addr);
+    std::fs::write(&conf, good.replace(&include_line, &inline)).unwrap();
+    let err = s.lb.preflight().await.unwrap_err();
+    assert!(
+        err.message().contains("does not include the upstream file"),
+        "{err}"
+    );
+
+    std::fs::write(&conf, &good).unwrap();
+    let include = Nginx::upstream_file(s.dir.path());
+    let text = std::fs::read_to_string(&include).unwrap();
+    std::fs::remove_file(&include).unwrap();
+    let err = s.lb.preflight().await.unwrap_err();
+    assert!(
+        err.message().contains("does not exist") && err.message().contains("deploykit setup"),
+        "{err}"
+    );
+    std::fs::write(&include, text).unwrap();
+    s.lb.preflight().await.expect("fixed");
+}

@@ -660,6 +660,16 @@ impl LoadBalancer for HaproxyLoadBalancer {
         "haproxy"
     }
 
+    /// [`check`](HaproxyLoadBalancer::check): the socket answers, the
+    /// backend exists and has a server for every backend of the fleet.
+    ///
+    /// * Idempotent: yes (read-only: `show servers state`).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed.
+    async fn preflight(&self) -> Result<(), DriverError> {
+        self.check().await
+    }
+
     /// `set server <be>/<srv> state drain`, read back.
     ///
     /// * Idempotent: yes. Cancel-safe: yes (runs to completion in a task).

@@ -699,6 +699,55 @@ impl Inner {
         )))
     }
 
+    /// The include file exists, the master is running, `nginx -T` accepts
+    /// the whole configuration as it is and lists the include file among
+    /// the files it read.
+    async fn preflight(&self) -> Result<(), DriverError> {
+        let include = self.include.display();
+        match tokio::fs::metadata(&self.include).await {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(DriverError::new(format!(
+                    "the nginx upstream include file {include} is not a regular file"
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(DriverError::new(format!(
+                    "the nginx upstream include file {include} does not exist: create it once with \
+                     every server in rotation (`deploykit setup`, or NginxLoadBalancer::install), \
+                     `include` it inside nginx's `http {{ }}` block, then start or reload nginx"
+                )))
+            }
+            Err(e) => {
+                return Err(DriverError::new(format!(
+                    "cannot read the nginx upstream include file {include}: {e}"
+                )))
+            }
+        }
+        self.master()?;
+        let out =
+            self.nginx().arg("-T").output().await.map_err(|e| {
+                DriverError::new(format!("cannot run {} (nginx -T): {e}", self.binary.display()))
+            })?;
+        if !out.status.success() {
+            return Err(DriverError::new(format!(
+                "nginx rejects its current configuration (`nginx -T` failed, {}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let dump = String::from_utf8_lossy(&out.stdout);
+        if !includes_file(&dump, &self.include) {
+            return Err(DriverError::new(format!(
+                "nginx's configuration does not include the upstream file {include}, so changing it \
+                 would route nothing: add `include {include};` inside the `http {{ }}` block (and \
+                 `proxy_pass http://{};`), or point load_balancer.include_file at the file it includes",
+                self.upstream
+            )));
+        }
+        Ok(())
+    }
+
     fn temp_path(&self) -> PathBuf {
         let name = self
             .include
@@ -769,6 +818,13 @@ impl Inner {
                 self.pid_file.display()
             ))
         })?;
+        if text.trim().is_empty() {
+            // `nginx -t` creates the pid file empty when nginx is not running.
+            return Err(DriverError::new(format!(
+                "nginx is not running: its pid file {} is empty",
+                self.pid_file.display()
+            )));
+        }
         let pid: u32 = text.trim().parse().map_err(|_| {
             DriverError::new(format!(
                 "nginx pid file {} holds {:?}, not a pid",
@@ -900,6 +956,18 @@ impl Inner {
 impl LoadBalancer for NginxLoadBalancer {
     fn name(&self) -> &str {
         "nginx"
+    }
+
+    /// The include file exists, the master in the pid file is running, and
+    /// `nginx -T` accepts the configuration as it is and lists the include
+    /// file among those it reads (a file nginx does not include would route
+    /// nothing).
+    ///
+    /// * Idempotent: yes (read-only; runs `nginx -T`).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed.
+    async fn preflight(&self) -> Result<(), DriverError> {
+        self.inner.preflight().await
     }
 
     /// Renders the backend `down`, tests, reloads, and remembers the
@@ -1037,6 +1105,18 @@ fn parse_stat(text: &str) -> Option<ProcStat> {
         // Field 22 overall: index 19 after the name.
         start: f.get(19)?.parse().ok()?,
     })
+}
+
+/// Whether `nginx -T` output lists `file` among the files nginx read (its
+/// `# configuration file PATH:` headers), comparing canonical paths.
+fn includes_file(dump: &str, file: &Path) -> bool {
+    let want = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    dump.lines()
+        .filter_map(|l| l.strip_prefix("# configuration file ")?.strip_suffix(':'))
+        .any(|p| {
+            let p = Path::new(p);
+            p == file || std::fs::canonicalize(p).is_ok_and(|c| c == want)
+        })
 }
 
 /// Whether the process is still the same, live (not zombie) process.
@@ -1236,6 +1316,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("nginx backends"), "{err}");
+    }
+
+    #[test]
+    fn the_include_is_found_in_the_nginx_dump_by_its_header_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("app.upstream");
+        std::fs::write(&f, "upstream app {}\n").unwrap();
+        let dump = format!(
+            "# configuration file /etc/nginx/nginx.conf:\nhttp {{ include {0}; }}\n\n# configuration file {0}:\nupstream app {{}}\n",
+            f.display()
+        );
+        assert!(includes_file(&dump, &f));
+        // The same file reached through a symlinked directory still counts.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        assert!(includes_file(&dump, &link.join("app.upstream")));
+        // Mentioned only in a directive, never read: not included.
+        let only_named = format!(
+            "# configuration file /etc/nginx/nginx.conf:\n# include {};\n",
+            f.display()
+        );
+        assert!(!includes_file(&only_named, &f));
+        assert!(!includes_file("", &f));
     }
 
     #[test]

@@ -204,6 +204,25 @@ impl Journal {
     }
 }
 
+impl Journal {
+    /// Removes the journal of a run that never started (its executor
+    /// refused the plan before touching anything), so that no interrupted
+    /// deployment is left behind for `status`, `deploy` and `rollback` to
+    /// trip over. Only a journal holding nothing but its header is removed;
+    /// one with events is kept, because something did happen.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be removed.
+    pub fn discard_unstarted(&self) -> Result<bool> {
+        if self.records() > 1 || self.write_errors() > 0 {
+            return Ok(false);
+        }
+        std::fs::remove_file(&self.path)
+            .map_err(|e| Error::io(format!("removing the journal {}", self.path.display()), e))?;
+        Ok(true)
+    }
+}
+
 impl EventSink for Journal {
     fn emit(&self, event: &Event) {
         if let Err(e) = self.write(&JournalRecord::Event(event.clone())) {
@@ -535,6 +554,29 @@ mod tests {
             deployment: "d1".into(),
             kind,
         }
+    }
+
+    #[test]
+    fn only_a_journal_of_a_run_that_never_started_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path(), "shop").unwrap();
+        let header =
+            |id: &str| JournalHeader::new(id, "shop", RunKind::Deploy, "rolling", rid("v2"), BTreeMap::new());
+        let refused = state.create_journal(header("d1")).unwrap();
+        assert!(refused.discard_unstarted().unwrap());
+        assert!(!refused.path().exists());
+        assert_eq!(state.latest().unwrap(), None, "no interrupted deployment is left");
+
+        let started = state.create_journal(header("d2")).unwrap();
+        started.emit(&ev(EventKind::StepStarted {
+            stage: 0,
+            step: "drain".into(),
+            instance: Some(iid("a")),
+            rollback: false,
+        }));
+        assert!(!started.discard_unstarted().unwrap(), "something happened: kept");
+        assert!(started.path().exists());
+        assert!(!state.latest().unwrap().unwrap().is_finished());
     }
 
     #[test]

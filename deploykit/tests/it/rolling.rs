@@ -486,3 +486,45 @@ async fn every_step_start_has_an_end_and_the_stream_is_complete() {
         assert_eq!(&back, e);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_load_balancer_failing_its_preflight_refuses_before_anything_is_touched() {
+    let s = setup(FakeFleet::new(3).fail_preflight(Fault::Always));
+    let err = s
+        .exec
+        .deploy(&rolling(1, 1), &v("v2"))
+        .await
+        .expect_err("the deployment must not start");
+    assert!(matches!(err, Error::Refused(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("fake load balancer failed its preflight check")
+            && msg.contains("nothing was touched")
+            && msg.contains("scripted preflight fault"),
+        "{msg}"
+    );
+    assert_eq!(s.fleet.preflight_calls(), 1, "a permanent failure is not retried");
+    assert!(
+        s.fleet.ops().is_empty(),
+        "no instance or LB operation: {:?}",
+        s.fleet.ops()
+    );
+    assert!(s.fleet.releases().values().all(|r| r == &v("v1")));
+    assert!(s.log.events().is_empty(), "no deployment started, no events");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transient_preflight_failure_is_retried_and_checked_once_per_run() {
+    let s = setup(FakeFleet::new(2).fail_preflight(Fault::Transient(2)));
+    let report = s.deploy(&rolling(1, 1), "v2").await;
+    assert!(report.is_success(), "{report}");
+    assert_eq!(
+        s.fleet.preflight_calls(),
+        3,
+        "two transient failures, then success"
+    );
+    // A second run checks again, once.
+    let report = s.deploy(&rolling(1, 1), "v3").await;
+    assert!(report.is_success(), "{report}");
+    assert_eq!(s.fleet.preflight_calls(), 4);
+}
