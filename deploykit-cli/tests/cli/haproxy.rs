@@ -87,27 +87,37 @@ fn admin_states(socket: &Path) -> Vec<(String, ServerAdmin)> {
     v
 }
 
-#[test]
-fn deploy_and_crash_recovery_through_real_haproxy() {
-    let Some(bin) = haproxy_binary() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("haproxy.sock");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let extra = "[strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"50ms\"\ndrain_timeout = \"1s\"\n\n";
-    let cfg = local(2, extra)
-        .replace("18181", "18581")
-        .replace("18182", "18582")
+        .port()
+}
+
+/// `local(2, extra)` on ports `base`+1 and `base`+2, behind the HAProxy
+/// runtime socket `sock` (backend `app`).
+fn haproxy_config(sock: &Path, base: u16, extra: &str) -> String {
+    local(2, extra)
+        .replace("18181", &(base + 1).to_string())
+        .replace("18182", &(base + 2).to_string())
         .replace(
             "[load_balancer]\nkind = \"simulated\"\n",
             &format!(
                 "[load_balancer]\nkind = \"haproxy\"\nsocket = \"{}\"\nbackend = \"app\"\n",
                 sock.display()
             ),
-        );
+        )
+}
+
+#[test]
+fn deploy_and_crash_recovery_through_real_haproxy() {
+    let Some(bin) = haproxy_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("haproxy.sock");
+    let port = free_port();
+    let extra = "[strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"50ms\"\ndrain_timeout = \"1s\"\n\n";
+    let cfg = haproxy_config(&sock, 18580, extra);
     let env = Env::new(&cfg);
     env.releases(&["v1", "v2"]);
     let _haproxy = Haproxy::start(&bin, dir.path(), port, &[("web-1", 18581), ("web-2", 18582)]);
@@ -174,21 +184,8 @@ fn an_instance_haproxy_does_not_know_is_refused_before_anything_is_touched() {
     let Some(bin) = haproxy_binary() else { return };
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("haproxy.sock");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let cfg = local(2, "")
-        .replace("18181", "18681")
-        .replace("18182", "18682")
-        .replace(
-            "[load_balancer]\nkind = \"simulated\"\n",
-            &format!(
-                "[load_balancer]\nkind = \"haproxy\"\nsocket = \"{}\"\nbackend = \"app\"\n",
-                sock.display()
-            ),
-        );
+    let port = free_port();
+    let cfg = haproxy_config(&sock, 18680, "");
     let env = Env::new(&cfg);
     env.releases(&["v1"]);
     // HAProxy's backend has web-1 only: web-2 could never be drained.

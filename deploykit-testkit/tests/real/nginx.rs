@@ -22,6 +22,13 @@ pub(crate) struct NginxSetup {
 
 /// The driver for an nginx prefix dir laid out by [`Nginx::write_config`].
 pub(crate) fn driver(binary: &Path, dir: &Path, backends: &[Backend]) -> NginxLoadBalancer {
+    builder(binary, dir, backends)
+        .build()
+        .expect("build the nginx driver")
+}
+
+/// [`driver`]'s builder, for tests that change a setting.
+pub(crate) fn builder(binary: &Path, dir: &Path, backends: &[Backend]) -> deploykit::lb::nginx::NginxBuilder {
     NginxLoadBalancer::builder()
         .upstream("app")
         .include_file(Nginx::upstream_file(dir))
@@ -31,8 +38,6 @@ pub(crate) fn driver(binary: &Path, dir: &Path, backends: &[Backend]) -> NginxLo
         .error_log_stderr(true)
         .pid_file(Nginx::pid_file(dir))
         .backends(backends.iter().cloned())
-        .build()
-        .expect("build the nginx driver")
 }
 
 impl NginxSetup {
@@ -351,15 +356,7 @@ async fn an_nginx_without_worker_processes_is_refused_before_any_change() {
     let dir = temp_dir("deploykit-nginx");
     let port = free_port();
     Nginx::write_config(dir.path(), port);
-    let lb = NginxLoadBalancer::builder()
-        .upstream("app")
-        .include_file(Nginx::upstream_file(dir.path()))
-        .binary(&bin)
-        .prefix(format!("{}/", dir.path().display()))
-        .config_file(Nginx::conf(dir.path()))
-        .error_log_stderr(true)
-        .pid_file(Nginx::pid_file(dir.path()))
-        .backends(backends.iter().cloned())
+    let lb = builder(&bin, dir.path(), &backends)
         .reload_timeout(Duration::from_secs(1))
         .build()
         .unwrap();

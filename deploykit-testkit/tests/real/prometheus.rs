@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use deploykit::analysis::CheckOutcome;
 use deploykit::instance::{LocalInstance, ProcessSpec, ReleaseSource};
-use deploykit::lb::NginxLoadBalancer;
 use deploykit::metrics::prometheus::Prometheus;
 use deploykit::{
     Backend, Canary, EventKind, EventLog, Executor, Group, HealthCheck, Instance, LoadBalancer, Metric,
@@ -230,16 +229,7 @@ async fn canary_run(canary_args: &[&str]) -> Option<Run> {
     let prom_server = PromServer::start(&prom_bin, tmp.path(), &targets).await;
     let port = free_port();
     Nginx::write_config(tmp.path(), port);
-    let lb = NginxLoadBalancer::builder()
-        .include_file(Nginx::upstream_file(tmp.path()))
-        .binary(&nginx_bin)
-        .prefix(format!("{}/", tmp.path().display()))
-        .config_file(Nginx::conf(tmp.path()))
-        .error_log_stderr(true)
-        .pid_file(Nginx::pid_file(tmp.path()))
-        .backends(backends)
-        .build()
-        .unwrap();
+    let lb = crate::nginx::driver(&nginx_bin, tmp.path(), &backends);
     lb.install().await.expect("install the upstream file");
     let nginx = Nginx::start(&nginx_bin, tmp.path(), port).await;
     let url = nginx.url("/");
