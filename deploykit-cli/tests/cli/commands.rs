@@ -233,31 +233,10 @@ fn abort_from_another_process_rolls_the_running_deployment_back() {
     ));
     // Recreate has no pause: v1 everywhere at once.
     env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
-    let mut deploy = std::process::Command::new(assert_cmd::cargo::cargo_bin("deploykit"))
-        .current_dir(env.path())
-        .args(["-q", "deploy", "v2"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait (bounded) until the first batch is done and the pause began.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the deployment never reached the pause"
-        );
-        if env.state().join("journal").exists()
-            && std::fs::read_dir(env.state().join("journal")).unwrap().count() == 2
-            && env
-                .newest_journal()
-                .iter()
-                .any(|r| r["event"] == "step_started" && r["step"] == "pause")
-        {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    // Wait until the first batch is done and the pause began.
+    let mut deploy = env.spawn_deploy("v2", "the pause", |r| {
+        r["event"] == "step_started" && r["step"] == "pause"
+    });
     let out = env.ok(&["abort"], 0);
     assert!(out.contains("aborted"), "{out}");
     let status = deploy.wait().unwrap();
@@ -390,32 +369,9 @@ fn a_manual_canary_waits_and_is_promoted_from_another_process() {
     );
     let env = Env::new(&cfg);
     env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
-    let mut deploy = std::process::Command::new(assert_cmd::cargo::cargo_bin("deploykit"))
-        .current_dir(env.path())
-        .args(["-q", "deploy", "v2"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the canary never waited for promotion"
-        );
-        let waiting = std::fs::read_dir(env.state().join("journal"))
-            .map(|d| d.count())
-            .unwrap_or(0)
-            == 2
-            && env
-                .newest_journal()
-                .iter()
-                .any(|r| r["event"] == "awaiting_promotion");
-        if waiting {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut deploy = env.spawn_deploy("v2", "the wait for promotion", |r| {
+        r["event"] == "awaiting_promotion"
+    });
     let status = env.ok(&["status"], 0);
     assert!(status.contains("canary stage 1 waits for promotion"), "{status}");
     let out = env.ok(&["promote"], 0);
@@ -471,26 +427,9 @@ fn sigterm_rolls_the_deployment_back_and_records_it() {
         "[strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"60s\"\n",
     ));
     env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
-    let mut deploy = std::process::Command::new(assert_cmd::cargo::cargo_bin("deploykit"))
-        .current_dir(env.path())
-        .args(["-q", "deploy", "v2"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !(std::fs::read_dir(env.state().join("journal")).unwrap().count() == 2
-        && env
-            .newest_journal()
-            .iter()
-            .any(|r| r["event"] == "step_started" && r["step"] == "pause"))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the deployment never reached the pause"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut deploy = env.spawn_deploy("v2", "the pause", |r| {
+        r["event"] == "step_started" && r["step"] == "pause"
+    });
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(deploy.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -125,6 +125,48 @@ impl Env {
         text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
+    /// How many journals the state directory holds.
+    pub(crate) fn journal_count(&self) -> usize {
+        std::fs::read_dir(self.state().join("journal"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Starts `deploykit -q deploy <release>` in the background and waits,
+    /// bounded by 60 s, until its journal (a new one) holds a record
+    /// `reached` accepts — e.g. the pause between batches — so that another
+    /// process can act on the running deployment. stderr is piped.
+    pub(crate) fn spawn_deploy(
+        &self,
+        release: &str,
+        what: &str,
+        reached: impl Fn(&Value) -> bool,
+    ) -> std::process::Child {
+        let before = self.journal_count();
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("deploykit"))
+            .current_dir(self.path())
+            .env_remove("RUST_LOG")
+            .env_remove("DEPLOYKIT_TEST_ABORT_AFTER_RECORD")
+            .env_remove("DEPLOYKIT_CONFIG")
+            .args(["-q", "deploy", release])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn deploykit deploy");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !(self.journal_count() == before + 1 && self.newest_journal().iter().any(&reached)) {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the deployment ended ({status}) before {what}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the deployment never reached {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        child
+    }
+
     /// Writes release directories `builds/<r>/VERSION`.
     pub(crate) fn releases(&self, names: &[&str]) {
         for r in names {
