@@ -1,6 +1,7 @@
 //! Canary analysis against a real Prometheus (SPEC C4, C5, C7, C8): the
-//! Prometheus metrics source, real nginx weights, demo-app instances run by
-//! `LocalInstance`, and a bounded load through nginx.
+//! Prometheus metrics source, real nginx or HAProxy weights, demo-app
+//! instances run by `LocalInstance`, and a bounded load through the
+//! balancer.
 //!
 //! Prometheus (the Debian package) is started on loopback with a temp config
 //! that scrapes every demo app every second; stages are short (3 × 5 s,
@@ -22,7 +23,8 @@ use tokio::process::{Child, Command};
 use tokio::time::{sleep, Instant};
 
 use crate::harness::{
-    free_port, make_release, temp_dir, DemoApp, DemoOpts, Http, KillOnDrop, Nginx, START_DEADLINE,
+    free_port, make_release, temp_dir, DemoApp, DemoOpts, HaServer, Haproxy, Http, KillOnDrop, Nginx,
+    START_DEADLINE,
 };
 use crate::load::LoadGen;
 
@@ -161,17 +163,32 @@ async fn real_prometheus_answers_map_to_typed_observations() {
 struct Run {
     report: Report,
     log: EventLog,
-    /// Versions (or errors) answering 100 requests through nginx afterwards.
+    /// Versions (or errors) answering 100 requests through the balancer
+    /// afterwards.
     after: std::collections::BTreeMap<String, usize>,
+    /// Failed requests of the load sent during the deployment.
+    failed: usize,
+    /// HAProxy only: every server's weight afterwards.
+    weights: Vec<(String, u32)>,
     took: Duration,
 }
 
-/// Two stable instances and one canary on v1 behind real nginx, scraped by
-/// real Prometheus, under load; a canary deployment of v2 whose canary
-/// process runs with `canary_args`.
-async fn canary_run(canary_args: &[&str]) -> Option<Run> {
+/// The load balancer in front of a canary run.
+#[derive(Debug, Clone, Copy)]
+enum Lb {
+    Nginx,
+    Haproxy,
+}
+
+/// Two stable instances and one canary on v1 behind real nginx or HAProxy,
+/// scraped by real Prometheus, under load; a canary deployment of v2 whose
+/// canary process runs with `canary_args`.
+async fn canary_run(kind: Lb, canary_args: &[&str]) -> Option<Run> {
     let prom_bin = crate::harness::find_binary("prometheus")?;
-    let nginx_bin = crate::harness::find_binary("nginx")?;
+    let lb_bin = crate::harness::find_binary(match kind {
+        Lb::Nginx => "nginx",
+        Lb::Haproxy => "haproxy",
+    })?;
     let started = Instant::now();
     let tmp = temp_dir("deploykit-canary-real");
     let builds = tmp.path().join("builds");
@@ -228,16 +245,38 @@ async fn canary_run(canary_args: &[&str]) -> Option<Run> {
 
     let prom_server = PromServer::start(&prom_bin, tmp.path(), &targets).await;
     let port = free_port();
-    Nginx::write_config(tmp.path(), port);
-    let lb = crate::nginx::driver(&nginx_bin, tmp.path(), &backends);
-    lb.install().await.expect("install the upstream file");
-    let nginx = Nginx::start(&nginx_bin, tmp.path(), port).await;
-    let url = nginx.url("/");
+    let (lb, nginx, haproxy): (Arc<dyn LoadBalancer>, Option<Nginx>, Option<Haproxy>) = match kind {
+        Lb::Nginx => {
+            Nginx::write_config(tmp.path(), port);
+            let lb = crate::nginx::driver(&lb_bin, tmp.path(), &backends);
+            lb.install().await.expect("install the upstream file");
+            let nginx = Nginx::start(&lb_bin, tmp.path(), port).await;
+            (Arc::new(lb), Some(nginx), None)
+        }
+        Lb::Haproxy => {
+            let servers: Vec<HaServer> = backends
+                .iter()
+                .map(|b| HaServer {
+                    name: b.id.to_string(),
+                    addr: b.address.to_string().parse().unwrap(),
+                    weight: 1,
+                })
+                .collect();
+            let cfg = Haproxy::config(tmp.path(), port, "app", &servers);
+            let h = Haproxy::start(&lb_bin, tmp.path(), port, &cfg).await;
+            (
+                Arc::new(crate::haproxy::driver(tmp.path(), &backends)),
+                None,
+                Some(h),
+            )
+        }
+    };
+    let url = format!("http://127.0.0.1:{port}/");
 
     let log = EventLog::new();
     let executor = Executor::builder()
         .instances(instances.iter().map(|i| i.clone() as Arc<dyn Instance>))
-        .load_balancer(Arc::new(lb) as Arc<dyn LoadBalancer>)
+        .load_balancer(lb)
         .metrics(Arc::new(prom_server.source()))
         .events(Arc::new(log.clone()))
         .drain_poll(Duration::from_millis(20))
@@ -266,16 +305,30 @@ async fn canary_run(canary_args: &[&str]) -> Option<Run> {
         .deploy(&canary, &ReleaseId::new("v2").unwrap())
         .await
         .expect("the deployment ran");
-    let _ = load.stop().await;
+    let stats = load.stop().await;
     let after = Http::new().count_versions(&url, 100).await;
+    let weights = match &haproxy {
+        Some(_) => crate::haproxy::driver(tmp.path(), &backends)
+            .api()
+            .servers_state("app")
+            .await
+            .expect("show servers state")
+            .into_iter()
+            .map(|s| (s.name, s.weight))
+            .collect(),
+        None => Vec::new(),
+    };
     for inst in &instances {
         let _ = inst.stop().await;
     }
     drop(nginx);
+    drop(haproxy);
     Some(Run {
         report,
         log,
         after,
+        failed: stats.iter().filter(|x| x.outcome.is_err()).count(),
+        weights,
         took: started.elapsed(),
     })
 }
@@ -300,7 +353,7 @@ fn checks(log: &EventLog) -> Vec<CheckOutcome> {
 
 #[tokio::test]
 async fn a_canary_erring_five_percent_is_rolled_back_by_real_promql() {
-    let Some(run) = canary_run(&["--error-rate", "0.05"]).await else {
+    let Some(run) = canary_run(Lb::Nginx, &["--error-rate", "0.05"]).await else {
         return;
     };
     let r = &run.report;
@@ -324,7 +377,7 @@ async fn a_canary_erring_five_percent_is_rolled_back_by_real_promql() {
 
 #[tokio::test]
 async fn a_healthy_canary_is_promoted_and_finalized_with_real_promql() {
-    let Some(run) = canary_run(&[]).await else {
+    let Some(run) = canary_run(Lb::Nginx, &[]).await else {
         return;
     };
     let r = &run.report;
@@ -341,8 +394,44 @@ async fn a_healthy_canary_is_promoted_and_finalized_with_real_promql() {
     // Stable runs v2 and takes all traffic; the canary is stopped.
     assert_eq!(run.after.get("v2"), Some(&100), "{:?}", run.after);
     assert_eq!(r.instances[2].status, deploykit::InstanceStatus::Idle);
+    assert_eq!(
+        run.failed, 0,
+        "no request failed through the weight changes and finalize"
+    );
     eprintln!(
         "good canary: promoted and finalized in {:.1}s",
         run.took.as_secs_f64()
+    );
+}
+
+/// The same healthy canary through HAProxy's runtime weights: every stage's
+/// split set and read back over the admin socket, then finalize returns all
+/// weight to stable.
+#[tokio::test]
+async fn a_healthy_canary_is_promoted_and_finalized_through_haproxy_weights() {
+    let Some(run) = canary_run(Lb::Haproxy, &[]).await else {
+        return;
+    };
+    let r = &run.report;
+    assert!(r.is_success(), "{r}\n{}", dump(&run.log));
+    let mut weights: Vec<u8> = Vec::new();
+    for e in run.log.events() {
+        if let EventKind::StageProgress { weight, .. } = e.kind {
+            if weights.last() != Some(&weight) {
+                weights.push(weight);
+            }
+        }
+    }
+    assert_eq!(weights, [25, 50, 100], "every stage held at its split");
+    assert_eq!(run.after.get("v2"), Some(&100), "{:?}", run.after);
+    assert_eq!(run.failed, 0, "no request failed");
+    // Read back from HAProxy: stable servers carry the weight, the canary
+    // none.
+    let weight = |name: &str| run.weights.iter().find(|(n, _)| n == name).map(|(_, w)| *w);
+    assert_eq!(weight("i-3"), Some(0), "{:?}", run.weights);
+    assert!(
+        weight("i-1").unwrap_or(0) > 0 && weight("i-2").unwrap_or(0) > 0,
+        "{:?}",
+        run.weights
     );
 }
