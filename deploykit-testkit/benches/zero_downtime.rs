@@ -44,22 +44,29 @@ fn main() {
     );
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
     let mut failure_lines = Vec::new();
+    // The last two rows stretch the rolling deployment to about 20 s of
+    // load (a 6 s pause between the 4 instances).
+    let short = Duration::from_millis(100);
+    let long = Duration::from_secs(6);
     let rows = [
-        (LbKind::Nginx, StrategyKind::Rolling, true),
-        (LbKind::Nginx, StrategyKind::Rolling, false),
-        (LbKind::Nginx, StrategyKind::Recreate, true),
-        (LbKind::Haproxy, StrategyKind::Rolling, true),
-        (LbKind::Haproxy, StrategyKind::Recreate, true),
+        (LbKind::Nginx, StrategyKind::Rolling, true, short),
+        (LbKind::Nginx, StrategyKind::Rolling, false, short),
+        (LbKind::Nginx, StrategyKind::Recreate, true, short),
+        (LbKind::Haproxy, StrategyKind::Rolling, true, short),
+        (LbKind::Haproxy, StrategyKind::Recreate, true, short),
+        (LbKind::Nginx, StrategyKind::Rolling, true, long),
+        (LbKind::Haproxy, StrategyKind::Rolling, true, long),
     ];
-    for (lb, strategy, keep_alive) in rows {
+    for (lb, strategy, keep_alive, pause) in rows {
         let load = LoadOpts {
             keep_alive,
+            pause,
             ..LoadOpts::default()
         };
-        let label = if keep_alive {
-            ""
-        } else {
-            " (new connection per request)"
+        let label = match (keep_alive, pause == long) {
+            (false, _) => " (new connection per request)",
+            (true, true) => " (6 s pauses: ~20 s of load)",
+            (true, false) => "",
         };
         let mut outs: Vec<Outcome> = Vec::new();
         for _ in 0..RUNS {

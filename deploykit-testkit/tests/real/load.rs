@@ -212,6 +212,9 @@ pub struct LoadOpts {
     /// Keep client connections to the load balancer alive (`true`, like
     /// browsers) or open one per request (`false`).
     pub keep_alive: bool,
+    /// Rolling only: the stabilisation pause between instances; longer
+    /// pauses stretch the deployment, and the load with it.
+    pub pause: Duration,
 }
 
 impl Default for LoadOpts {
@@ -222,6 +225,7 @@ impl Default for LoadOpts {
             max_duration: Duration::from_secs(60),
             app_latency_ms: 5,
             keep_alive: true,
+            pause: Duration::from_millis(100),
         }
     }
 }
@@ -371,7 +375,7 @@ pub async fn run(lb: LbKind, strategy: StrategyKind, load: LoadOpts) -> Option<O
             batch_size: CountOrPercent::Count(1),
             health,
             drain_timeout: Duration::from_secs(15),
-            stabilisation: Some(Duration::from_millis(100)),
+            stabilisation: Some(load.pause),
             ..Rolling::default()
         }),
         StrategyKind::Recreate => Box::new(Recreate {
