@@ -194,6 +194,12 @@ fn an_instance_haproxy_does_not_know_is_refused_before_anything_is_touched() {
     let (code, out, err) = env.run(&["setup"]);
     assert_eq!(code, 3, "{out}{err}");
     assert!(err.contains("HAProxy backend app has no server web-2"), "{err}");
+    let (code, out, _) = env.run(&["--json", "setup"]);
+    assert_eq!(code, 3);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["ready"], false, "{v}");
+    assert_eq!(v["load_balancer"], "haproxy", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("no server web-2"), "{v}");
 
     let (code, out, err) = env.run(&["deploy", "v1"]);
     assert_eq!(code, 3, "{out}{err}");
