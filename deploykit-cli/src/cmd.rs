@@ -566,18 +566,27 @@ async fn run_deploy(
         // interrupted run had finished are still on the new release: return
         // them too, so the fleet ends on one release.
         let targets = journal.header().previous.clone();
-        let snap = exec.snapshot().await?;
-        let moved: BTreeSet<InstanceId> = plan.skipped.iter().cloned().collect();
-        let back = rollback_plan(ctx, &snap, &targets, &moved, None)?;
-        let undo = exec
-            .run_with_id(&back, &format!("{}-undo", report.deployment))
-            .await?;
-        if undo.outcome != OutcomeKind::Succeeded {
+        // Whatever stops the undo (the fleet unreadable, a refused plan) is
+        // a failed rollback, recorded as such: never an unfinished journal.
+        let undo: anyhow::Result<Option<String>> = async {
+            let snap = exec.snapshot().await?;
+            let moved: BTreeSet<InstanceId> = plan.skipped.iter().cloned().collect();
+            let back = rollback_plan(ctx, &snap, &targets, &moved, None)?;
+            let undo = exec
+                .run_with_id(&back, &format!("{}-undo", report.deployment))
+                .await?;
+            Ok((undo.outcome != OutcomeKind::Succeeded).then(|| undo.reason.unwrap_or_default()))
+        }
+        .await;
+        let failed = match undo {
+            Ok(failed) => failed,
+            Err(e) => Some(format!("{e:#}")),
+        };
+        if let Some(why) = failed {
             report.outcome = OutcomeKind::RollbackFailed;
             report.reason = Some(format!(
-                "{}; returning the instances finished before the interruption failed: {}",
+                "{}; returning the instances finished before the interruption failed: {why}",
                 report.reason.clone().unwrap_or_default(),
-                undo.reason.unwrap_or_default()
             ));
         }
     }
