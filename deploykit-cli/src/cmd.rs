@@ -16,8 +16,8 @@ use deploykit::state::{
 };
 use deploykit::{
     compensation_steps, retirement_steps, Event, EventSink, Executor, FailurePolicy, Fanout, FleetSnapshot,
-    Group, GroupWeight, InstanceId, InstanceProgress, OutcomeKind, Plan, ReleaseId, Report, Stage, Step,
-    Unit,
+    Group, GroupWeight, InstanceId, InstanceProgress, OutcomeKind, Plan, Preflight, ReleaseId, Report, Stage,
+    Step, Unit,
 };
 
 use crate::config::{self, Loaded, NotifyOn, StrategyKind};
@@ -502,7 +502,10 @@ async fn run_deploy(
             live: Some(live),
             ..bg.clone()
         };
-        header.plan = Some(deploykit::Strategy::plan(&planner, &snapshot, &release)?);
+        let plan = deploykit::Strategy::plan(&planner, &snapshot, &release)?;
+        // Refusals come before the journal and the start notice.
+        exec.check(&plan).await?;
+        header.plan = Some(plan);
         let journal = start_journal(ctx, &relay, header, out)?;
         ctx.notifier()
             .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
@@ -573,7 +576,7 @@ async fn run_deploy(
             let moved: BTreeSet<InstanceId> = plan.skipped.iter().cloned().collect();
             let back = rollback_plan(ctx, &snap, &targets, &moved, None)?;
             let undo = exec
-                .run_with_id(&back, &format!("{}-undo", report.deployment))
+                .run_with(&back, &format!("{}-undo", report.deployment), Preflight::Warn)
                 .await?;
             Ok((undo.outcome != OutcomeKind::Succeeded).then(|| undo.reason.unwrap_or_default()))
         }
@@ -889,9 +892,9 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
                 leave_stopped: ids,
             };
             header.plan = Some(plan.clone());
-            exec.check(&plan).await?;
+            exec.check_with(&plan, Preflight::Warn).await?;
             let journal = start_journal(&ctx, &relay, header, out)?;
-            let report = unless_refused(&journal, exec.run_with_id(&plan, &id).await)?;
+            let report = unless_refused(&journal, exec.run_with(&plan, &id, Preflight::Warn).await)?;
             return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
         }
         let canary_groups = (root.header.strategy == "canary").then(|| {
@@ -916,12 +919,15 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         );
         header.acts_on = Some(root_id);
         header.plan = Some(plan.clone());
-        exec.check(&plan).await?;
+        // A load balancer failing its preflight does not block a rollback
+        // (a warning event): refusing would leave the fleet as mixed as it
+        // is, and the rollback's own steps may still succeed.
+        exec.check_with(&plan, Preflight::Warn).await?;
         let journal = start_journal(&ctx, &relay, header, out)?;
         ctx.notifier()
             .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
             .await;
-        let report = unless_refused(&journal, exec.run_with_id(&plan, &id).await)?;
+        let report = unless_refused(&journal, exec.run_with(&plan, &id, Preflight::Warn).await)?;
         conclude(&ctx, exec, &journal, &report, human.as_deref()).await
     })
 }

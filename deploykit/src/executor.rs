@@ -367,12 +367,17 @@ impl Executor {
     /// # Errors
     /// See [`run_with_id`](Self::run_with_id).
     pub async fn run(&self, plan: &Plan) -> Result<Report> {
-        let millis = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or_default();
-        self.run_with_id(plan, &format!("{}-{millis}", plan.release))
-            .await
+        self.run_with_id(plan, &run_id(plan)).await
+    }
+
+    /// Runs a plan that returns the fleet to a previous state — a rollback
+    /// — with a generated id: as [`run`](Self::run), except that a failed
+    /// load-balancer preflight does not refuse it ([`Preflight::Warn`]).
+    ///
+    /// # Errors
+    /// See [`run_with`](Self::run_with).
+    pub async fn run_recovery(&self, plan: &Plan) -> Result<Report> {
+        self.run_with(plan, &run_id(plan), Preflight::Warn).await
     }
 
     /// Runs `plan`, naming the deployment `id` in events and the report.
@@ -385,12 +390,23 @@ impl Executor {
     /// from an environment that the record or the load balancer says is not
     /// live. [`Error::Refused`] when the plan touches the load balancer and
     /// its [`LoadBalancer::preflight`] check fails (transient errors
-    /// retried, bounded by the load-balancer timeout). Nothing is touched
-    /// then.
+    /// retried with backoff, each attempt bounded by the load-balancer
+    /// timeout). Nothing is touched then.
     pub async fn run_with_id(&self, plan: &Plan, id: &str) -> Result<Report> {
-        let smoke = self.prepare(plan).await?;
+        self.run_with(plan, id, Preflight::Enforce).await
+    }
+
+    /// Runs `plan` as `id`, with `preflight` deciding what a failed
+    /// [`LoadBalancer::preflight`] does.
+    ///
+    /// # Errors
+    /// As [`run_with_id`](Self::run_with_id); with [`Preflight::Warn`] never
+    /// [`Error::Refused`] for a failed preflight.
+    pub async fn run_with(&self, plan: &Plan, id: &str, preflight: Preflight) -> Result<Report> {
+        let prepared = self.prepare(plan, preflight).await?;
         let mut run = Run::new(&self.inner, plan, id.to_string());
-        run.smoke = smoke;
+        run.smoke = prepared.smoke;
+        run.preflight_warning = prepared.preflight_warning;
         Ok(run.execute().await)
     }
 
@@ -405,11 +421,20 @@ impl Executor {
     /// As [`run_with_id`](Self::run_with_id) before its first step. Nothing
     /// is touched.
     pub async fn check(&self, plan: &Plan) -> Result<()> {
-        self.prepare(plan).await.map(|_| ())
+        self.check_with(plan, Preflight::Enforce).await
     }
 
-    /// The checks before a run; returns the smoke tester it needs.
-    async fn prepare(&self, plan: &Plan) -> Result<Option<Arc<dyn SmokeTester>>> {
+    /// [`check`](Self::check) with `preflight` deciding what a failed
+    /// load-balancer preflight does (with [`Preflight::Warn`] it passes).
+    ///
+    /// # Errors
+    /// As [`check`](Self::check).
+    pub async fn check_with(&self, plan: &Plan, preflight: Preflight) -> Result<()> {
+        self.prepare(plan, preflight).await.map(|_| ())
+    }
+
+    /// The checks before a run.
+    async fn prepare(&self, plan: &Plan, preflight: Preflight) -> Result<Prepared> {
         for stage in &plan.stages {
             for unit in &stage.units {
                 let named = unit
@@ -478,6 +503,7 @@ impl Executor {
                     | Step::SwitchTo { .. }
             )
         });
+        let mut preflight_warning = None;
         if touches_lb {
             let lb = &self.inner.lb;
             let (r, _) = self
@@ -485,14 +511,60 @@ impl Executor {
                 .call(self.inner.timeouts.load_balancer, || lb.preflight())
                 .await;
             if let Err(e) = r {
-                return Err(Error::Refused(format!(
-                    "the {} load balancer failed its preflight check, so nothing was touched: {e}",
-                    lb.name()
-                )));
+                match preflight {
+                    Preflight::Enforce => {
+                        return Err(Error::Refused(format!(
+                            "the {} load balancer failed its preflight check, so nothing was touched: {e}",
+                            lb.name()
+                        )))
+                    }
+                    Preflight::Warn => {
+                        preflight_warning = Some(format!(
+                            "the {} load balancer failed its preflight check; going on because this run \
+                             restores a previous state: {e}",
+                            lb.name()
+                        ))
+                    }
+                }
             }
         }
-        Ok(smoke)
+        Ok(Prepared {
+            smoke,
+            preflight_warning,
+        })
     }
+}
+
+/// A generated run id: the release and the time in milliseconds.
+fn run_id(plan: &Plan) -> String {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    format!("{}-{millis}", plan.release)
+}
+
+/// What the checks before a run hand to it.
+struct Prepared {
+    smoke: Option<Arc<dyn SmokeTester>>,
+    preflight_warning: Option<String>,
+}
+
+/// What a failed [`LoadBalancer::preflight`] does to a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preflight {
+    /// Refuse the run with [`Error::Refused`], touching nothing: for
+    /// deployments, which should not start against a load balancer that
+    /// cannot be driven.
+    #[default]
+    Enforce,
+    /// Run anyway; the failure is the run's first `warning` event, right
+    /// after `deployment_started`. For rollbacks: refusing one would leave
+    /// the fleet as mixed as it is, and its own steps may still succeed (the
+    /// nginx driver rewrites a deleted include file; a server HAProxy lacks
+    /// may be one the rollback never touches). A step that does fail is
+    /// handled as any failure.
+    Warn,
 }
 
 impl Inner {
@@ -553,6 +625,9 @@ struct Run<'a> {
     plan_failure: Mutex<Option<String>>,
     /// The canary analysis, carried across stages.
     analyzer: Mutex<Analyzer>,
+    /// A failed load-balancer preflight the run goes on despite
+    /// ([`Preflight::Warn`]).
+    preflight_warning: Option<String>,
 }
 
 /// What the run knows about a blue-green switch.
@@ -600,6 +675,7 @@ impl<'a> Run<'a> {
             switch: Mutex::new(SwitchState::default()),
             plan_failure: Mutex::new(None),
             analyzer: Mutex::new(Analyzer::default()),
+            preflight_warning: None,
         }
     }
 
@@ -651,6 +727,12 @@ impl<'a> Run<'a> {
             instances: self.plan.instances().len(),
             stages: self.plan.stages.len(),
         });
+        if let Some(message) = &self.preflight_warning {
+            self.emit(EventKind::Warning {
+                instance: None,
+                message: message.clone(),
+            });
+        }
         let cancel = &self.inner.cancel;
         let mut abort: Option<String> = None;
         let total = self.plan.stages.len();

@@ -119,7 +119,7 @@ mod traits;
 
 pub use error::{DriverError, Error, Result};
 pub use event::{Event, EventKind, EventLog, EventSink, Fanout, StepResult};
-pub use executor::{Executor, ExecutorBuilder, Retry, Timeouts};
+pub use executor::{Executor, ExecutorBuilder, Preflight, Retry, Timeouts};
 pub use lb::NoLoadBalancer;
 pub use names::{Address, Group, InstanceId, ReleaseId};
 pub use plan::{

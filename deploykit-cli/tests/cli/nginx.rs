@@ -221,12 +221,9 @@ fn a_deploy_the_preflight_refuses_touches_nothing_and_leaves_no_journal() {
         assert_eq!(env.local_release(id), None, "{id} untouched");
         assert!(!env.local_running(id), "{id} untouched");
     }
+    assert_eq!(env.journal_count(), 0, "no journal left behind");
     let status = env.ok(&["status"], 0);
-    assert!(
-        !status.contains("interrupted"),
-        "no journal left behind:\n{status}"
-    );
-    assert!(env.ok(&["history"], 0).lines().all(|l| !l.contains("v1")));
+    assert!(!status.contains("interrupted"), "{status}");
 
     // Fixed: the same deployment runs.
     Nginx::write_conf(dir, port, true, &[]);
@@ -368,4 +365,48 @@ fn crash_matrix_through_real_nginx() {
         }
         current = expect;
     }
+}
+
+/// A rollback is not refused by a failing preflight: with nginx's include
+/// file deleted (nginx still runs the config it loaded), the rollback warns,
+/// writes the file again from its state on its first change, and returns
+/// the fleet.
+#[test]
+fn a_rollback_goes_on_when_the_preflight_fails_and_says_why() {
+    let Some(bin) = nginx_binary() else { return };
+    let ngx_dir = tempfile::tempdir().unwrap();
+    let dir = ngx_dir.path();
+    let port = free_port();
+    let cfg = nginx_config(&bin, dir, "")
+        .replace("18181", "18481")
+        .replace("18182", "18482");
+    let env = Env::new(&cfg);
+    env.releases(&["v1", "v2"]);
+    let _nginx = Nginx::start(&bin, dir, port, &[18481, 18482]);
+    env.ok(&["-q", "deploy", "v1"], 0);
+    env.ok(&["-q", "deploy", "v2"], 0);
+    std::fs::remove_file(dir.join("upstream.conf")).unwrap();
+
+    // A deployment is refused …
+    let (code, _, err) = env.run(&["deploy", "v1"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+    // … a rollback is not.
+    let (code, out, err) = env.run(&["rollback"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("failed its preflight check; going on because this run restores")
+            && out.contains("does not exist"),
+        "the warning is shown:\n{out}"
+    );
+    for id in ["web-1", "web-2"] {
+        assert_eq!(env.local_release(id).as_deref(), Some("v1"), "{id}");
+        assert!(env.local_running(id), "{id}");
+    }
+    let text = std::fs::read_to_string(dir.join("upstream.conf")).expect("written again");
+    assert!(
+        text.contains("127.0.0.1:18481") && text.contains("127.0.0.1:18482"),
+        "{text}"
+    );
+    assert!(!text.contains(" down"), "{text}");
 }

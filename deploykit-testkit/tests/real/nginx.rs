@@ -364,6 +364,9 @@ async fn an_nginx_without_worker_processes_is_refused_before_any_change() {
     let nginx = Nginx::start_with(&bin, dir.path(), port, "daemon off; master_process off;").await;
     let before = std::fs::read_to_string(Nginx::upstream_file(dir.path())).unwrap();
 
+    // The preflight check every deployment makes finds it first.
+    let err = lb.preflight().await.unwrap_err();
+    assert!(err.message().contains("master_process on"), "{err}");
     let err = lb.drain(&backends[1]).await.unwrap_err();
     let msg = err.to_string();
     assert!(

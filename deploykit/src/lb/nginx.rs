@@ -699,9 +699,9 @@ impl Inner {
         )))
     }
 
-    /// The include file exists, the master is running, `nginx -T` accepts
-    /// the whole configuration as it is and lists the include file among
-    /// the files it read.
+    /// The include file exists, the master is running with settled worker
+    /// processes, `nginx -T` accepts the whole configuration as it is and
+    /// lists the include file among the files it read.
     async fn preflight(&self) -> Result<(), DriverError> {
         let include = self.include.display();
         match tokio::fs::metadata(&self.include).await {
@@ -724,7 +724,10 @@ impl Inner {
                 )))
             }
         }
-        self.master()?;
+        let master = self.master()?;
+        // A master without workers (`master_process off`) cannot confirm a
+        // reload: found here, not at the first change.
+        self.settled_generation(&master).await?;
         let out =
             self.nginx().arg("-T").output().await.map_err(|e| {
                 DriverError::new(format!("cannot run {} (nginx -T): {e}", self.binary.display()))
@@ -865,9 +868,14 @@ impl Inner {
                 return Ok(now);
             }
             if Instant::now() >= deadline {
+                let why = if serving {
+                    "its worker processes kept changing (workers crashing, or another reload under way)"
+                } else {
+                    "it has no worker process; deploykit needs nginx running with `master_process on` \
+                     (the default)"
+                };
                 return Err(DriverError::new(format!(
-                    "the nginx master (pid {}) has had no settled worker processes for {:.1}s; \
-                     deploykit needs nginx running with `master_process on` (the default); \
+                    "the nginx master (pid {}) had no settled worker processes within {:.1}s: {why}; \
                      nothing was changed",
                     master.pid,
                     self.reload_timeout.as_secs_f64()
@@ -958,12 +966,13 @@ impl LoadBalancer for NginxLoadBalancer {
         "nginx"
     }
 
-    /// The include file exists, the master in the pid file is running, and
-    /// `nginx -T` accepts the configuration as it is and lists the include
-    /// file among those it reads (a file nginx does not include would route
-    /// nothing).
+    /// The include file exists, the master in the pid file is running and
+    /// has worker processes (a reload can be confirmed), and `nginx -T`
+    /// accepts the configuration as it is and lists the include file among
+    /// those it reads (a file nginx does not include would route nothing).
     ///
-    /// * Idempotent: yes (read-only; runs `nginx -T`).
+    /// * Idempotent: yes (changes no routing; runs `nginx -T`, which may
+    ///   create log files nginx's config names, as nginx itself would).
     /// * Cancel-safe: yes.
     /// * On failure: nothing changed.
     async fn preflight(&self) -> Result<(), DriverError> {

@@ -6,7 +6,7 @@ use tokio::time::Instant;
 use super::{check_fleet, previous_map};
 use crate::bluegreen_state::{reconcile, LiveStore, Reconciled};
 use crate::error::{Error, Result};
-use crate::executor::Executor;
+use crate::executor::{Executor, Preflight};
 use crate::names::{Group, InstanceId, ReleaseId};
 use crate::plan::{FailurePolicy, FleetSnapshot, HealthCheck, Plan, Stage, Step, Unit};
 use crate::report::{InstanceStatus, Report};
@@ -400,8 +400,13 @@ impl BlueGreen {
     /// * [`Error::Refused`] when the previous environment cannot be made
     ///   healthy: the instances this call started are stopped again, traffic
     ///   and the record are untouched.
-    /// * As [`deploy`](Self::deploy) for bad parameters and state. A failed
-    ///   switch is in the report (traffic stays where it was).
+    /// * As [`deploy`](Self::deploy) for bad parameters and state, all
+    ///   checked before any instance is started. A failed switch is in the
+    ///   report (traffic stays where it was).
+    ///
+    /// A load balancer that fails its preflight check does not refuse a
+    /// rollback: its runs use [`Preflight::Warn`], and the failure is a
+    /// `warning` event; a switch that then fails is in the report.
     pub async fn rollback(&self, exec: &Executor) -> Result<BlueGreenReport> {
         let current = self.reconciled(exec).await?.live;
         let previous = self.other(&current)?.clone();
@@ -435,6 +440,22 @@ impl BlueGreen {
             leave_stopped: Vec::new(),
             stages,
         };
+        let switch = base(
+            "blue-green-rollback",
+            vec![Stage {
+                name: format!("switch to {previous}"),
+                units: vec![Unit {
+                    instance: None,
+                    steps: switch_steps(&current, &previous),
+                }],
+            }],
+            1,
+        );
+        // Everything the switch run checks before its first step, checked
+        // before any instance is started: a switch that would be refused
+        // must not leave started instances behind. A failed load-balancer
+        // preflight does not refuse a rollback (Preflight::Warn).
+        exec.check_with(&switch, Preflight::Warn).await?;
         if !cold.is_empty() {
             let units = cold
                 .iter()
@@ -458,7 +479,7 @@ impl BlueGreen {
                 }],
                 cold.len(),
             );
-            let report = exec.run(&ready).await?;
+            let report = exec.run_recovery(&ready).await?;
             if !report.is_success() {
                 let why: Vec<String> = report
                     .instances
@@ -472,18 +493,7 @@ impl BlueGreen {
                 )));
             }
         }
-        let switch = base(
-            "blue-green-rollback",
-            vec![Stage {
-                name: format!("switch to {previous}"),
-                units: vec![Unit {
-                    instance: None,
-                    steps: switch_steps(&current, &previous),
-                }],
-            }],
-            1,
-        );
-        let deployment = exec.run(&switch).await?;
+        let deployment = exec.run_recovery(&switch).await?;
         tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             outcome = ?deployment.outcome,

@@ -734,3 +734,43 @@ async fn transient_record_failures_are_retried() {
     assert!(out.is_success(), "{}", out.deployment);
     assert_eq!(bg.store.record(), Some(LiveRecord::live(g("green"))));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_preflight_refuses_a_deployment_but_not_a_rollback() {
+    // The first preflight (the deployment's) passes, every later one fails.
+    let bg = setup(
+        fleet().fail_preflight(Fault::FromCall(2)),
+        FakeLiveStore::recording("blue"),
+        FakeSmokeTester::for_fleet,
+    );
+    let bluegreen = BlueGreen::default();
+    assert!(bluegreen.deploy(&bg.exec, &v("v2")).await.unwrap().is_success());
+    bg.assert_env(&BLUE, "v1", false);
+
+    // A second deployment is refused before anything starts.
+    let err = bluegreen.deploy(&bg.exec, &v("v3")).await.unwrap_err();
+    assert!(matches!(err, Error::Refused(_)), "{err:?}");
+    bg.assert_env(&BLUE, "v1", false);
+    assert_eq!(bg.fleet.live_group(), Some(g("green")));
+
+    // The rollback goes on: blue started, traffic back, a warning says why.
+    let events_before = bg.log.events().len();
+    let rb = bluegreen.rollback(&bg.exec).await.unwrap();
+    assert!(rb.is_success(), "{}", rb.deployment);
+    assert_eq!(bg.fleet.live_group(), Some(g("blue")));
+    bg.assert_env(&BLUE, "v1", true);
+    bg.assert_env(&GREEN, "v2", false);
+    let warnings: Vec<String> = bg.log.events()[events_before..]
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Warning { message, .. } => Some(message.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|m| m.contains("failed its preflight check; going on because this run restores")),
+        "{warnings:?}"
+    );
+}

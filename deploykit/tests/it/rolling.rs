@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use deploykit::{
     CountOrPercent, Error, EventKind, Executor, FailurePolicy, HealthCheck, InstanceStatus, OutcomeKind,
-    Rolling, StepResult, Strategy,
+    Preflight, Rolling, StepResult, Strategy,
 };
 use deploykit_testkit::{FakeFleet, Fault, Op};
 use tokio_util::sync::CancellationToken;
@@ -527,4 +527,31 @@ async fn a_transient_preflight_failure_is_retried_and_checked_once_per_run() {
     let report = s.deploy(&rolling(1, 1), "v3").await;
     assert!(report.is_success(), "{report}");
     assert_eq!(s.fleet.preflight_calls(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recovery_run_goes_on_despite_a_failing_preflight_and_says_so_first() {
+    let s = setup(FakeFleet::new(2).fail_preflight(Fault::Always));
+    let plan = rolling(1, 1)
+        .plan(&s.exec.snapshot().await.unwrap(), &v("v2"))
+        .unwrap();
+    assert!(matches!(s.exec.check(&plan).await, Err(Error::Refused(_))));
+    assert!(s.exec.check_with(&plan, Preflight::Warn).await.is_ok());
+    let report = s.exec.run_recovery(&plan).await.expect("not refused");
+    assert!(report.is_success(), "{report}");
+    assert!(s.fleet.releases().values().all(|r| r == &v("v2")));
+    let kinds: Vec<EventKind> = s.events().into_iter().map(|e| e.kind).take(2).collect();
+    assert!(
+        matches!(kinds[0], EventKind::DeploymentStarted { .. }),
+        "{kinds:?}"
+    );
+    match &kinds[1] {
+        EventKind::Warning {
+            instance: None,
+            message,
+        } => {
+            assert!(message.contains("scripted preflight fault"), "{message}")
+        }
+        other => panic!("the warning comes right after the start: {other:?}"),
+    }
 }
