@@ -403,7 +403,7 @@ impl Executor {
     /// As [`run_with_id`](Self::run_with_id); with [`Preflight::Warn`] never
     /// [`Error::Refused`] for a failed preflight.
     pub async fn run_with(&self, plan: &Plan, id: &str, preflight: Preflight) -> Result<Report> {
-        let prepared = self.prepare(plan, preflight).await?;
+        let prepared = self.prepare(plan, preflight, true).await?;
         let mut run = Run::new(&self.inner, plan, id.to_string());
         run.smoke = prepared.smoke;
         run.preflight_warning = prepared.preflight_warning;
@@ -425,16 +425,21 @@ impl Executor {
     }
 
     /// [`check`](Self::check) with `preflight` deciding what a failed
-    /// load-balancer preflight does (with [`Preflight::Warn`] it passes).
+    /// load-balancer preflight does. With [`Preflight::Warn`] it could not
+    /// refuse, so it is not called (the run calls it, and warns).
     ///
     /// # Errors
     /// As [`check`](Self::check).
     pub async fn check_with(&self, plan: &Plan, preflight: Preflight) -> Result<()> {
-        self.prepare(plan, preflight).await.map(|_| ())
+        // With Warn a failed preflight cannot refuse: the run itself calls
+        // it (and warns), so a check does not call it twice.
+        let call = preflight == Preflight::Enforce;
+        self.prepare(plan, preflight, call).await.map(|_| ())
     }
 
-    /// The checks before a run.
-    async fn prepare(&self, plan: &Plan, preflight: Preflight) -> Result<Prepared> {
+    /// The checks before a run; `call_preflight` false skips the load
+    /// balancer's.
+    async fn prepare(&self, plan: &Plan, preflight: Preflight, call_preflight: bool) -> Result<Prepared> {
         for stage in &plan.stages {
             for unit in &stage.units {
                 let named = unit
@@ -504,7 +509,7 @@ impl Executor {
             )
         });
         let mut preflight_warning = None;
-        if touches_lb {
+        if touches_lb && call_preflight {
             let lb = &self.inner.lb;
             let (r, _) = self
                 .inner

@@ -536,8 +536,15 @@ async fn a_recovery_run_goes_on_despite_a_failing_preflight_and_says_so_first() 
         .plan(&s.exec.snapshot().await.unwrap(), &v("v2"))
         .unwrap();
     assert!(matches!(s.exec.check(&plan).await, Err(Error::Refused(_))));
+    assert_eq!(s.fleet.preflight_calls(), 1);
     assert!(s.exec.check_with(&plan, Preflight::Warn).await.is_ok());
+    assert_eq!(
+        s.fleet.preflight_calls(),
+        1,
+        "a check that cannot refuse does not call it"
+    );
     let report = s.exec.run_recovery(&plan).await.expect("not refused");
+    assert_eq!(s.fleet.preflight_calls(), 2, "the run calls it once");
     assert!(report.is_success(), "{report}");
     assert!(s.fleet.releases().values().all(|r| r == &v("v2")));
     let kinds: Vec<EventKind> = s.events().into_iter().map(|e| e.kind).take(2).collect();
