@@ -237,15 +237,8 @@ fn deploy_crash_and_rollback_through_real_nginx() {
     let ngx_dir = tempfile::tempdir().unwrap();
     let d = ngx_dir.path().display().to_string();
     let extra = "[strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"50ms\"\ndrain_timeout = \"2s\"\n\n";
-    // `local(2, …)` serves on 127.0.0.1:18181-18182; swap in the nginx LB.
-    let cfg = local(2, extra).replace(
-        "[load_balancer]\nkind = \"simulated\"\n",
-        &format!(
-            "[load_balancer]\nkind = \"nginx\"\ninclude_file = \"{d}/upstream.conf\"\nupstream = \"app\"\n\
-             nginx_binary = \"{}\"\nnginx_config = \"{d}/nginx.conf\"\nnginx_prefix = \"{d}\"\npid_file = \"{d}/nginx.pid\"\n",
-            bin.display()
-        ),
-    );
+    // `local(2, …)` serves on 127.0.0.1:18181-18182.
+    let cfg = nginx_config(&bin, ngx_dir.path(), extra);
     let env = Env::new(&cfg);
     env.releases(&["v1", "v2"]);
     let nginx = Nginx::start(&bin, ngx_dir.path(), free_port(), &[18181, 18182]);
@@ -315,19 +308,10 @@ fn deploy_crash_and_rollback_through_real_nginx() {
 fn crash_matrix_through_real_nginx() {
     let Some(bin) = nginx_binary() else { return };
     let ngx_dir = tempfile::tempdir().unwrap();
-    let d = ngx_dir.path().display().to_string();
     let extra = "[strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"50ms\"\ndrain_timeout = \"2s\"\n\n";
-    let cfg = local(2, extra)
+    let cfg = nginx_config(&bin, ngx_dir.path(), extra)
         .replace("18181", "18281")
-        .replace("18182", "18282")
-        .replace(
-            "[load_balancer]\nkind = \"simulated\"\n",
-            &format!(
-                "[load_balancer]\nkind = \"nginx\"\ninclude_file = \"{d}/upstream.conf\"\nupstream = \"app\"\n\
-                 nginx_binary = \"{}\"\nnginx_config = \"{d}/nginx.conf\"\nnginx_prefix = \"{d}\"\npid_file = \"{d}/nginx.pid\"\n",
-                bin.display()
-            ),
-        );
+        .replace("18182", "18282");
     let env = Env::new(&cfg);
     env.releases(&["v1", "v2"]);
     let nginx = Nginx::start(&bin, ngx_dir.path(), free_port(), &[18281, 18282]);

@@ -634,6 +634,21 @@ backend {backend}
         s
     }
 
+    /// Starts HAProxy with backend `app` holding one server per backend
+    /// (named by its id, weight 1), as the driver expects.
+    pub async fn start_for(binary: &Path, dir: &Path, port: u16, backends: &[deploykit::Backend]) -> Haproxy {
+        let servers: Vec<HaServer> = backends
+            .iter()
+            .map(|b| HaServer {
+                name: b.id.to_string(),
+                addr: b.address.to_string().parse().expect("a loopback socket address"),
+                weight: 1,
+            })
+            .collect();
+        let cfg = Self::config(dir, port, "app", &servers);
+        Self::start(binary, dir, port, &cfg).await
+    }
+
     /// Starts HAProxy with `DIR/haproxy.cfg` holding `config` and waits
     /// until it accepts connections and its socket exists.
     pub async fn start(binary: &Path, dir: &Path, port: u16, config: &str) -> Haproxy {

@@ -22,7 +22,7 @@ use deploykit::{
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant, MissedTickBehavior};
 
-use crate::harness::{free_ports, make_release, temp_dir, HaServer, Haproxy, Http, KillOnDrop, Nginx};
+use crate::harness::{free_ports, make_release, temp_dir, Haproxy, Http, KillOnDrop, Nginx};
 
 // ---------------------------------------------------------------------------
 // Load generator
@@ -338,16 +338,7 @@ pub async fn run(lb: LbKind, strategy: StrategyKind, load: LoadOpts) -> Option<O
             (Arc::new(d), Some(n), None)
         }
         LbKind::Haproxy => {
-            let servers: Vec<HaServer> = backends
-                .iter()
-                .map(|b| HaServer {
-                    name: b.id.to_string(),
-                    addr: b.address.to_string().parse().unwrap(),
-                    weight: 1,
-                })
-                .collect();
-            let cfg = Haproxy::config(tmp.path(), port, "app", &servers);
-            let h = Haproxy::start(&binary, tmp.path(), port, &cfg).await;
+            let h = Haproxy::start_for(&binary, tmp.path(), port, &backends).await;
             let d = HaproxyLoadBalancer::builder()
                 .socket(Haproxy::socket(tmp.path()))
                 .backend_name("app")

@@ -23,8 +23,7 @@ use tokio::process::{Child, Command};
 use tokio::time::{sleep, Instant};
 
 use crate::harness::{
-    free_port, make_release, temp_dir, DemoApp, DemoOpts, HaServer, Haproxy, Http, KillOnDrop, Nginx,
-    START_DEADLINE,
+    free_port, make_release, temp_dir, DemoApp, DemoOpts, Haproxy, Http, KillOnDrop, Nginx, START_DEADLINE,
 };
 use crate::load::LoadGen;
 
@@ -254,16 +253,7 @@ async fn canary_run(kind: Lb, canary_args: &[&str]) -> Option<Run> {
             (Arc::new(lb), Some(nginx), None)
         }
         Lb::Haproxy => {
-            let servers: Vec<HaServer> = backends
-                .iter()
-                .map(|b| HaServer {
-                    name: b.id.to_string(),
-                    addr: b.address.to_string().parse().unwrap(),
-                    weight: 1,
-                })
-                .collect();
-            let cfg = Haproxy::config(tmp.path(), port, "app", &servers);
-            let h = Haproxy::start(&lb_bin, tmp.path(), port, &cfg).await;
+            let h = Haproxy::start_for(&lb_bin, tmp.path(), port, &backends).await;
             (
                 Arc::new(crate::haproxy::driver(tmp.path(), &backends)),
                 None,
