@@ -137,10 +137,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `local(2, extra)` with the nginx load balancer of `dir` swapped in.
-fn nginx_config(bin: &Path, dir: &Path, extra: &str) -> String {
+/// `local(2, extra)` on ports `base`+1 and `base`+2, with the nginx load
+/// balancer of `dir` swapped in.
+fn nginx_config(bin: &Path, dir: &Path, base: u16, extra: &str) -> String {
     let d = dir.display();
-    local(2, extra).replace(
+    local(2, extra)
+        .replace("18181", &(base + 1).to_string())
+        .replace("18182", &(base + 2).to_string())
+        .replace(
         "[load_balancer]\nkind = \"simulated\"\n",
         &format!(
             "[load_balancer]\nkind = \"nginx\"\ninclude_file = \"{d}/upstream.conf\"\nupstream = \"app\"\n\
@@ -156,7 +160,7 @@ fn setup_writes_the_missing_include_file_then_checks_nginx() {
     let ngx_dir = tempfile::tempdir().unwrap();
     let dir = ngx_dir.path();
     let port = free_port();
-    let env = Env::new(&nginx_config(&bin, dir, ""));
+    let env = Env::new(&nginx_config(&bin, dir, 18180, ""));
     Nginx::write_conf(dir, port, true, &[]);
     let include = dir.join("upstream.conf");
     assert!(!include.exists());
@@ -195,9 +199,7 @@ fn a_deploy_the_preflight_refuses_touches_nothing_and_leaves_no_journal() {
     let ngx_dir = tempfile::tempdir().unwrap();
     let dir = ngx_dir.path();
     let port = free_port();
-    let cfg = nginx_config(&bin, dir, "")
-        .replace("18181", "18381")
-        .replace("18182", "18382");
+    let cfg = nginx_config(&bin, dir, 18380, "");
     let env = Env::new(&cfg);
     env.releases(&["v1"]);
     let _nginx = Nginx::start(&bin, dir, port, &[18381, 18382]);
@@ -238,7 +240,7 @@ fn deploy_crash_and_rollback_through_real_nginx() {
     let d = ngx_dir.path().display().to_string();
     let extra = "[strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"50ms\"\ndrain_timeout = \"2s\"\n\n";
     // `local(2, …)` serves on 127.0.0.1:18181-18182.
-    let cfg = nginx_config(&bin, ngx_dir.path(), extra);
+    let cfg = nginx_config(&bin, ngx_dir.path(), 18180, extra);
     let env = Env::new(&cfg);
     env.releases(&["v1", "v2"]);
     let nginx = Nginx::start(&bin, ngx_dir.path(), free_port(), &[18181, 18182]);
@@ -309,9 +311,7 @@ fn crash_matrix_through_real_nginx() {
     let Some(bin) = nginx_binary() else { return };
     let ngx_dir = tempfile::tempdir().unwrap();
     let extra = "[strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"50ms\"\ndrain_timeout = \"2s\"\n\n";
-    let cfg = nginx_config(&bin, ngx_dir.path(), extra)
-        .replace("18181", "18281")
-        .replace("18182", "18282");
+    let cfg = nginx_config(&bin, ngx_dir.path(), 18280, extra);
     let env = Env::new(&cfg);
     env.releases(&["v1", "v2"]);
     let nginx = Nginx::start(&bin, ngx_dir.path(), free_port(), &[18281, 18282]);
@@ -361,9 +361,7 @@ fn a_rollback_goes_on_when_the_preflight_fails_and_says_why() {
     let ngx_dir = tempfile::tempdir().unwrap();
     let dir = ngx_dir.path();
     let port = free_port();
-    let cfg = nginx_config(&bin, dir, "")
-        .replace("18181", "18481")
-        .replace("18182", "18482");
+    let cfg = nginx_config(&bin, dir, 18480, "");
     let env = Env::new(&cfg);
     env.releases(&["v1", "v2"]);
     let _nginx = Nginx::start(&bin, dir, port, &[18481, 18482]);
