@@ -33,9 +33,7 @@
 //! a torn one, also after a power cut.
 
 use std::fmt::Debug;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -131,8 +129,6 @@ pub struct FileLiveStore {
     path: PathBuf,
 }
 
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 impl FileLiveStore {
     /// A store at `path` (the directory must exist; the file need not).
     pub fn new(path: impl Into<PathBuf>) -> Self {
@@ -143,36 +139,6 @@ impl FileLiveStore {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file beside it, `fsync`,
-/// `rename`, `fsync` of the directory.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "live".into());
-    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.tmp.{}.{n}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(&dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[async_trait]
@@ -210,7 +176,7 @@ impl LiveStore for FileLiveStore {
         let bytes = serde_json::to_vec(record)
             .map_err(|e| DriverError::new("cannot serialize the live record").with_source(e))?;
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+        tokio::task::spawn_blocking(move || crate::state::atomic::write_atomic(&path, &bytes))
             .await
             .map_err(|e| DriverError::new(format!("writing the state file panicked: {e}")))?
             .map_err(|e| {

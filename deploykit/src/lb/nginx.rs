@@ -6,7 +6,8 @@
 //! edited with text substitutions. Each change:
 //!
 //! 1. renders the candidate file and writes it to a temp file in the same
-//!    directory;
+//!    directory, created exclusively under a random name (a symlink planted
+//!    there is never written through) and `fsync`ed;
 //! 2. renames it over the include file and runs `nginx -t` on the **whole**
 //!    configuration; when nginx rejects it, the previous file is put back at
 //!    once (nginx reads the file only on reload, so the rejected candidate
@@ -73,6 +74,7 @@ use tokio::time::{sleep, Instant};
 use super::split::{check_weights, per_server_weights};
 use crate::error::{DriverError, Error, Result};
 use crate::names::{validate_name, Address, Group, InstanceId};
+use crate::state::atomic::write_atomic;
 use crate::traits::{Backend, GroupWeight, LoadBalancer};
 
 /// The largest per-server weight the driver renders (the biggest share gets
@@ -751,30 +753,21 @@ impl Inner {
         Ok(())
     }
 
-    fn temp_path(&self) -> PathBuf {
-        let name = self
-            .include
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        self.include.with_file_name(format!(".{name}.deploykit-tmp"))
-    }
-
-    /// Writes `text` to a temp file in the include's directory and renames
-    /// it over the include file.
+    /// Replaces the include file with `text` through the atomic-write
+    /// helper: a temp file created exclusively under a random name (never
+    /// through a planted symlink), fsynced and renamed over the include.
     async fn write_atomically(&self, text: &[u8]) -> Result<(), DriverError> {
-        let tmp = self.temp_path();
-        let io = |what: &str, p: &Path, e: std::io::Error| {
-            DriverError::new(format!("cannot {what} {}: {e}", p.display()))
-        };
-        tokio::fs::write(&tmp, text)
+        let path = self.include.clone();
+        let bytes = text.to_vec();
+        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
             .await
-            .map_err(|e| io("write", &tmp, e))?;
-        if let Err(e) = tokio::fs::rename(&tmp, &self.include).await {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(io("rename a temp file over", &self.include, e));
-        }
-        Ok(())
+            .map_err(|e| DriverError::new(format!("writing the nginx upstream file panicked: {e}")))?
+            .map_err(|e| {
+                DriverError::new(format!(
+                    "cannot replace the nginx upstream file {}: {e}",
+                    self.include.display()
+                ))
+            })
     }
 
     /// Puts back what the include file held before (or removes it).
@@ -1271,6 +1264,67 @@ mod tests {
         // So is a garbled one.
         std::fs::write(&include, format!("{STATE_MARKER}{{not json\n")).unwrap();
         assert!(!build().render().contains("down"));
+    }
+
+    /// A driver whose `nginx` is `true` or `false`: `nginx -t` passes or
+    /// fails without a real nginx.
+    fn with_fake_nginx(include: &Path, nginx: &str) -> NginxLoadBalancer {
+        NginxLoadBalancer::builder()
+            .include_file(include)
+            .binary(nginx)
+            .backends([backend("s-1", 9001, "stable"), backend("c-1", 9003, "canary")])
+            .build()
+            .unwrap()
+    }
+
+    fn dir_entries(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn a_symlink_planted_at_the_old_fixed_temp_path_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let include = dir.path().join("upstream.conf");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        // Earlier releases wrote every change to this one fixed name.
+        let planted = dir.path().join(".upstream.conf.deploykit-tmp");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let lb = with_fake_nginx(&include, "true");
+        lb.install().await.unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        let meta = std::fs::symlink_metadata(&include).unwrap();
+        assert!(
+            meta.file_type().is_file(),
+            "the include is a regular file, not a link"
+        );
+        assert_eq!(std::fs::read_to_string(&include).unwrap(), lb.render());
+        assert_eq!(
+            dir_entries(dir.path()),
+            [".upstream.conf.deploykit-tmp", "upstream.conf", "victim"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rejected_file_is_rolled_back_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let include = dir.path().join("upstream.conf");
+        std::fs::write(&include, "# what nginx runs now\n").unwrap();
+        let e = with_fake_nginx(&include, "false").install().await.unwrap_err();
+        assert!(
+            e.message().contains("nginx rejected the new upstream file"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&include).unwrap(),
+            "# what nginx runs now\n"
+        );
+        assert_eq!(dir_entries(dir.path()), ["upstream.conf"]);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::bluegreen_state::write_atomic;
+use super::atomic::write_atomic;
 use crate::error::{Error, Result};
 use crate::promotion::PromotionHandle;
 

@@ -48,6 +48,7 @@
 //! # }
 //! ```
 
+pub(crate) mod atomic;
 mod control;
 mod journal;
 mod lock;
@@ -228,12 +229,16 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file beside it, `fsync`,
-/// `rename`, `fsync` of the directory. A reader sees the old or the new
-/// content, never a mix, also after a crash or a power cut.
+/// Writes `bytes` to `path` atomically: a temporary file beside it created
+/// exclusively under a random name (never through a planted symlink),
+/// `fsync`, `rename`, `fsync` of the directory. A reader sees the old or the
+/// new content, never a mix, also after a crash or a power cut. The new file
+/// keeps the permission bits of the one it replaces.
 ///
 /// # Errors
-/// The I/O error; the old content is then still in place.
+/// The I/O error; the old content is then still in place and no temporary
+/// file is left, unless only the final `fsync` of the directory failed (the
+/// new content is then in place but might not survive a power cut).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    crate::bluegreen_state::write_atomic(path, bytes)
+    atomic::write_atomic(path, bytes)
 }
