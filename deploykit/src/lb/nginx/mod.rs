@@ -59,9 +59,12 @@
 //! drain timeout bounds the wait); and for a backend still in rotation the
 //! driver cannot count connections (`None`).
 
+mod procfs;
+mod render;
+mod state;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -69,189 +72,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::process::Command;
-use tokio::time::{sleep, Instant};
 
-use super::split::{check_weights, per_server_weights};
+pub use render::{Upstream, UpstreamServer};
+
+use super::split::check_weights;
 use crate::error::{DriverError, Error, Result};
-use crate::names::{validate_name, Address, Group, InstanceId};
+use crate::names::{validate_name, Group, InstanceId};
 use crate::state::atomic::write_atomic;
 use crate::traits::{Backend, GroupWeight, LoadBalancer};
-
-/// The largest per-server weight the driver renders (the biggest share gets
-/// it; smaller shares are scaled down from it).
-const MAX_WEIGHT: u32 = 1000;
-
-/// One `server` line of an nginx upstream block.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamServer {
-    /// The instance it belongs to (rendered as a comment).
-    pub id: InstanceId,
-    /// `host:port`, validated.
-    pub address: Address,
-    /// `weight=` (nginx accepts 1 and above; `None` renders no weight).
-    pub weight: Option<u32>,
-    /// `down`: no traffic.
-    pub down: bool,
-    /// `backup`: traffic only when every non-backup server is unavailable.
-    pub backup: bool,
-}
-
-/// An nginx `upstream` block, rendered from typed state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upstream {
-    /// The upstream's name (validated as a name).
-    pub name: String,
-    /// Its servers, in a stable order.
-    pub servers: Vec<UpstreamServer>,
-}
-
-impl Upstream {
-    /// Renders the include file. Every value in it is a validated name,
-    /// address or number, so nothing can break out of the block.
-    pub fn render(&self) -> String {
-        let mut s =
-            String::from("# Managed by deploykit: rendered from its state, replaced on every change.\n");
-        let _ = writeln!(s, "upstream {} {{", self.name);
-        for srv in &self.servers {
-            let _ = write!(s, "    server {}", srv.address);
-            if let Some(w) = srv.weight.filter(|w| *w != 1) {
-                let _ = write!(s, " weight={w}");
-            }
-            if srv.down {
-                s.push_str(" down");
-            } else if srv.backup {
-                s.push_str(" backup");
-            }
-            let _ = writeln!(s, "; # {}", srv.id);
-        }
-        s.push_str("}\n");
-        s
-    }
-}
-
-/// Whether a backend is in rotation as far as the operator is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum Admin {
-    Ready,
-    Draining,
-    Disabled,
-}
-
-/// Where the include file carries the driver's state, so that a new
-/// process (the next CLI run, a recovery after a crash) starts from what
-/// nginx actually runs rather than from "every backend in rotation".
-const STATE_MARKER: &str = "# deploykit-state: ";
-
-/// The part of [`State`] that is not visible in the rendered servers alone:
-/// which backends the operator took out (as opposed to a group at 0 %), and
-/// the traffic split. Rendered as one JSON comment line; every key is a
-/// validated name, so the line cannot contain a newline.
-#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SavedState {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    shares: Option<BTreeMap<Group, u8>>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    out: BTreeMap<InstanceId, Admin>,
-}
-
-impl SavedState {
-    fn of(st: &State) -> Self {
-        Self {
-            shares: st.shares.clone(),
-            out: st
-                .backends
-                .iter()
-                .filter(|(_, a)| *a != Admin::Ready)
-                .map(|(b, a)| (b.id.clone(), *a))
-                .collect(),
-        }
-    }
-}
-
-/// Adopts the state recorded in an existing include file, if there is one
-/// and it fits the configured backends; otherwise leaves `state` as is
-/// (every backend in rotation), with a warning when a record was there but
-/// could not be used.
-fn adopt_saved(include: &Path, state: &mut State) {
-    let Ok(text) = std::fs::read_to_string(include) else {
-        return;
-    };
-    let Some(line) = text.lines().find_map(|l| l.strip_prefix(STATE_MARKER)) else {
-        return;
-    };
-    let saved: SavedState = match serde_json::from_str(line) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(file = %include.display(), error = %e,
-                "ignoring an unreadable deploykit-state line; starting with every backend in rotation");
-            return;
-        }
-    };
-    let groups = state.groups();
-    if let Some(shares) = &saved.shares {
-        if let Some(g) = shares.iter().find(|(g, p)| **p > 0 && !groups.contains_key(*g)) {
-            tracing::warn!(file = %include.display(), group = %g.0,
-                "the recorded traffic split names a group that is no longer configured; ignoring the record");
-            return;
-        }
-    }
-    for (b, a) in &mut state.backends {
-        if let Some(recorded) = saved.out.get(&b.id) {
-            *a = *recorded;
-        }
-    }
-    state.shares = saved.shares;
-}
-
-/// A process identified by pid and start time (so a reused pid differs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Proc {
-    pid: u32,
-    start: u64,
-}
-
-#[derive(Debug, Clone)]
-struct State {
-    backends: Vec<(Backend, Admin)>,
-    /// `None`: every group gets traffic, each server weight 1.
-    shares: Option<BTreeMap<Group, u8>>,
-    /// Workers alive at the reload that took a backend out of rotation.
-    drains: BTreeMap<InstanceId, BTreeSet<Proc>>,
-}
-
-impl State {
-    fn admin(&self, id: &InstanceId) -> Option<Admin> {
-        self.backends.iter().find(|(b, _)| &b.id == id).map(|(_, a)| *a)
-    }
-
-    fn set_admin(&mut self, id: &InstanceId, admin: Admin) {
-        for (b, a) in &mut self.backends {
-            if &b.id == id {
-                *a = admin;
-            }
-        }
-    }
-
-    fn groups(&self) -> BTreeMap<Group, usize> {
-        let mut m = BTreeMap::new();
-        for (b, _) in &self.backends {
-            *m.entry(b.group.clone()).or_insert(0) += 1;
-        }
-        m
-    }
-
-    fn ready_per_group(&self) -> BTreeMap<Group, usize> {
-        let mut m = BTreeMap::new();
-        for (b, a) in &self.backends {
-            if *a == Admin::Ready {
-                *m.entry(b.group.clone()).or_insert(0) += 1;
-            }
-        }
-        m
-    }
-}
+use render::{render_file, upstream_for};
+use state::{adopt_saved, Admin, State};
 
 /// Builds a [`NginxLoadBalancer`]; setters never fail, [`build`](Self::build)
 /// checks everything.
@@ -488,7 +318,7 @@ impl NginxLoadBalancer {
     /// The upstream block for the current state.
     pub fn upstream(&self) -> Upstream {
         let st = self.inner.lock_state().clone();
-        self.inner.upstream_for(&st)
+        upstream_for(&self.inner.upstream, &st, self.inner.idle_as_backup)
     }
 
     /// The include file's text for the current state: the upstream block,
@@ -496,7 +326,7 @@ impl NginxLoadBalancer {
     /// `# deploykit-state:` line a later process adopts.
     pub fn render(&self) -> String {
         let st = self.inner.lock_state().clone();
-        self.inner.render_file(&st)
+        render_file(&self.inner.upstream, &st, self.inner.idle_as_backup)
     }
 
     /// Writes the include file for the current state and checks the whole
@@ -515,7 +345,7 @@ impl NginxLoadBalancer {
         run_to_completion(async move {
             let _g = inner.apply.lock().await;
             let st = inner.lock_state().clone();
-            let text = inner.render_file(&st);
+            let text = render_file(&inner.upstream, &st, inner.idle_as_backup);
             let previous = inner.replace_and_test(&text).await?;
             drop(previous);
             Ok(())
@@ -622,55 +452,8 @@ where
 }
 
 impl Inner {
-    /// The whole include file for `st` (see [`NginxLoadBalancer::render`]).
-    fn render_file(&self, st: &State) -> String {
-        let mut text = self.upstream_for(st).render();
-        let saved = SavedState::of(st);
-        if saved != SavedState::default() {
-            if let Ok(json) = serde_json::to_string(&saved) {
-                let at = text.find('\n').map_or(0, |i| i + 1);
-                text.insert_str(at, &format!("{STATE_MARKER}{json}\n"));
-            }
-        }
-        text
-    }
-
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn upstream_for(&self, st: &State) -> Upstream {
-        let ready = st.ready_per_group();
-        let weights: Option<BTreeMap<Group, u32>> = st
-            .shares
-            .as_ref()
-            .map(|shares| per_server_weights(shares, &ready, MAX_WEIGHT));
-        let servers = st
-            .backends
-            .iter()
-            .map(|(b, admin)| {
-                let (in_rotation, weight) = match (&weights, admin) {
-                    (_, Admin::Draining | Admin::Disabled) => (false, None),
-                    (None, Admin::Ready) => (true, None),
-                    (Some(w), Admin::Ready) => match w.get(&b.group) {
-                        Some(w) => (true, Some(*w)),
-                        None => (false, None),
-                    },
-                };
-                let backup = !in_rotation && self.idle_as_backup && *admin == Admin::Ready;
-                UpstreamServer {
-                    id: b.id.clone(),
-                    address: b.address.clone(),
-                    weight,
-                    down: !in_rotation && !backup,
-                    backup,
-                }
-            })
-            .collect();
-        Upstream {
-            name: self.upstream.clone(),
-            servers,
-        }
     }
 
     fn nginx(&self) -> Command {
@@ -726,10 +509,10 @@ impl Inner {
                 )))
             }
         }
-        let master = self.master()?;
+        let master = procfs::master(&self.pid_file)?;
         // A master without workers (`master_process off`) cannot confirm a
         // reload: found here, not at the first change.
-        self.settled_generation(&master).await?;
+        procfs::settled_generation(&master, self.reload_timeout).await?;
         let out =
             self.nginx().arg("-T").output().await.map_err(|e| {
                 DriverError::new(format!("cannot run {} (nginx -T): {e}", self.binary.display()))
@@ -807,77 +590,6 @@ impl Inner {
         Ok(previous)
     }
 
-    fn master(&self) -> Result<Proc, DriverError> {
-        let text = std::fs::read_to_string(&self.pid_file).map_err(|e| {
-            DriverError::new(format!(
-                "nginx is not running: cannot read its pid file {}: {e}",
-                self.pid_file.display()
-            ))
-        })?;
-        if text.trim().is_empty() {
-            // `nginx -t` creates the pid file empty when nginx is not running.
-            return Err(DriverError::new(format!(
-                "nginx is not running: its pid file {} is empty",
-                self.pid_file.display()
-            )));
-        }
-        let pid: u32 = text.trim().parse().map_err(|_| {
-            DriverError::new(format!(
-                "nginx pid file {} holds {:?}, not a pid",
-                self.pid_file.display(),
-                text.trim()
-            ))
-        })?;
-        match proc_stat(pid) {
-            Some(st) if st.state != 'Z' => Ok(Proc { pid, start: st.start }),
-            _ => Err(DriverError::new(format!(
-                "the nginx master (pid {pid} from {}) is not running",
-                self.pid_file.display()
-            ))),
-        }
-    }
-
-    /// The master's children once it has a worker that is not shutting
-    /// down and the set has not changed for a moment. A master that has
-    /// only just started may still be forking its first workers: a reload
-    /// sent then would let those late workers — which route by the *old*
-    /// file — pass for the new generation, and the change would be
-    /// confirmed before it took. Bounded by the reload timeout.
-    async fn settled_generation(&self, master: &Proc) -> Result<BTreeSet<Proc>, DriverError> {
-        const SETTLE: Duration = Duration::from_millis(20);
-        let deadline = Instant::now() + self.reload_timeout;
-        let mut seen = children_of(master.pid);
-        loop {
-            sleep(SETTLE).await;
-            if !is_alive(master) {
-                return Err(DriverError::new(format!(
-                    "the nginx master (pid {}) exited before the change; nothing was changed",
-                    master.pid
-                )));
-            }
-            let now = children_of(master.pid);
-            let serving = now.iter().any(|p| !is_shutting_down(p.pid));
-            if serving && now == seen {
-                return Ok(now);
-            }
-            if Instant::now() >= deadline {
-                let why = if serving {
-                    "its worker processes kept changing (workers crashing, or another reload under way)"
-                } else {
-                    "it has no worker process; deploykit needs nginx running with `master_process on` \
-                     (the default)"
-                };
-                return Err(DriverError::new(format!(
-                    "the nginx master (pid {}) had no settled worker processes within {:.1}s: {why}; \
-                     nothing was changed",
-                    master.pid,
-                    self.reload_timeout.as_secs_f64()
-                )));
-            }
-            seen = now;
-        }
-    }
-
     /// Restores the previous file and returns `e`.
     async fn fail(&self, previous: &Option<Vec<u8>>, e: DriverError) -> Result<(), DriverError> {
         self.restore(previous).await;
@@ -886,9 +598,9 @@ impl Inner {
 
     /// Render, check, rename, reload, confirm; commit `new` on success.
     async fn apply_state(&self, new: State, draining: Option<InstanceId>) -> Result<(), DriverError> {
-        let text = self.render_file(&new);
-        let master = self.master()?;
-        let before = self.settled_generation(&master).await?;
+        let text = render_file(&self.upstream, &new, self.idle_as_backup);
+        let master = procfs::master(&self.pid_file)?;
+        let before = procfs::settled_generation(&master, self.reload_timeout).await?;
         let previous = self.replace_and_test(&text).await?;
         if let Err(e) = self.run_nginx(&["-s", "reload"]).await {
             return self
@@ -898,38 +610,8 @@ impl Inner {
                 )
                 .await;
         }
-        // Confirm: a new generation of workers under the same master.
-        let deadline = Instant::now() + self.reload_timeout;
-        loop {
-            match proc_stat(master.pid) {
-                Some(st) if st.state != 'Z' && st.start == master.start => {}
-                _ => {
-                    let e = DriverError::new(format!(
-                        "the nginx master (pid {}) is gone: the reload did not take",
-                        master.pid
-                    ));
-                    return self.fail(&previous, e).await;
-                }
-            }
-            let now = children_of(master.pid);
-            let new_generation = now.iter().any(|p| !before.contains(p));
-            // The master waits ~100 ms after starting the new workers before
-            // it tells the old ones to quit; until then they still accept
-            // and route by the old file. An old worker told to quit retitles
-            // itself before it closes its listeners and idle connections.
-            let old_quitting = before.iter().all(|p| !is_alive(p) || is_shutting_down(p.pid));
-            if new_generation && old_quitting {
-                break;
-            }
-            if Instant::now() >= deadline {
-                let e = DriverError::new(format!(
-                    "nginx started no new workers within {:.1}s of the reload: the reload did not take \
-                     (see nginx's error log); the previous upstream file is back in place",
-                    self.reload_timeout.as_secs_f64()
-                ));
-                return self.fail(&previous, e).await;
-            }
-            sleep(Duration::from_millis(20)).await;
+        if let Err(e) = procfs::confirm_reload(&master, &before, self.reload_timeout).await {
+            return self.fail(&previous, e).await;
         }
         let mut st = self.lock_state();
         let drains = std::mem::take(&mut st.drains);
@@ -997,7 +679,7 @@ impl LoadBalancer for NginxLoadBalancer {
         let Some(old) = st.drains.get(&backend.id) else {
             return Ok(Some(0));
         };
-        let alive = old.iter().filter(|p| is_alive(p)).count();
+        let alive = old.iter().filter(|p| procfs::is_alive(p)).count();
         Ok(Some(alive as u64))
     }
 
@@ -1083,32 +765,6 @@ impl LoadBalancer for NginxLoadBalancer {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct ProcStat {
-    state: char,
-    ppid: u32,
-    start: u64,
-}
-
-/// `/proc/<pid>/stat`: state, parent and start time.
-fn proc_stat(pid: u32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&text)
-}
-
-fn parse_stat(text: &str) -> Option<ProcStat> {
-    // The command name (field 2) is in parentheses and may contain spaces
-    // and ')': the fields after the last ')' are fixed.
-    let rest = &text[text.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(ProcStat {
-        state: f.first()?.chars().next()?,
-        ppid: f.get(1)?.parse().ok()?,
-        // Field 22 overall: index 19 after the name.
-        start: f.get(19)?.parse().ok()?,
-    })
-}
-
 /// Whether `nginx -T` output lists `file` among the files nginx read (its
 /// `# configuration file PATH:` headers), comparing canonical paths.
 fn includes_file(dump: &str, file: &Path) -> bool {
@@ -1121,41 +777,11 @@ fn includes_file(dump: &str, file: &Path) -> bool {
         })
 }
 
-/// Whether the process is still the same, live (not zombie) process.
-fn is_alive(p: &Proc) -> bool {
-    matches!(proc_stat(p.pid), Some(s) if s.start == p.start && s.state != 'Z')
-}
-
-/// Whether an nginx worker has retitled itself "worker process is shutting
-/// down" (it has stopped accepting and closes idle connections).
-fn is_shutting_down(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| String::from_utf8_lossy(&b).contains("shutting down"))
-        .unwrap_or(false)
-}
-
-/// Live (not zombie) children of `parent`.
-fn children_of(parent: u32) -> BTreeSet<Proc> {
-    let mut out = BTreeSet::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if let Some(st) = proc_stat(pid) {
-            if st.ppid == parent && st.state != 'Z' {
-                out.insert(Proc { pid, start: st.start });
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use super::state::STATE_MARKER;
     use super::*;
+    use crate::names::Address;
 
     fn backend(id: &str, port: u16, group: &str) -> Backend {
         Backend {
@@ -1402,15 +1028,6 @@ mod tests {
         );
         assert!(!includes_file(&only_named, &f));
         assert!(!includes_file("", &f));
-    }
-
-    #[test]
-    fn proc_stat_parses_names_with_parentheses() {
-        let s = "1234 (a) b) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
-        let st = parse_stat(s).unwrap();
-        assert_eq!((st.state, st.ppid, st.start), ('S', 1, 98765));
-        let me = proc_stat(std::process::id()).unwrap();
-        assert_ne!(me.state, 'Z');
     }
 
     #[test]

@@ -1,0 +1,138 @@
+//! The driver's state, and how it survives from one process to the next:
+//! the `# deploykit-state:` comment line in the include file, which a
+//! driver built later (the next CLI run, a recovery after a crash) adopts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use super::procfs::Proc;
+use crate::names::{Group, InstanceId};
+use crate::traits::Backend;
+
+/// Whether a backend is in rotation as far as the operator is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum Admin {
+    Ready,
+    Draining,
+    Disabled,
+}
+
+/// Where the include file carries the driver's state, so that a new
+/// process (the next CLI run, a recovery after a crash) starts from what
+/// nginx actually runs rather than from "every backend in rotation".
+pub(super) const STATE_MARKER: &str = "# deploykit-state: ";
+
+/// The part of [`State`] that is not visible in the rendered servers alone:
+/// which backends the operator took out (as opposed to a group at 0 %), and
+/// the traffic split. Rendered as one JSON comment line; every key is a
+/// validated name, so the line cannot contain a newline.
+#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    shares: Option<BTreeMap<Group, u8>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    out: BTreeMap<InstanceId, Admin>,
+}
+
+impl SavedState {
+    fn of(st: &State) -> Self {
+        Self {
+            shares: st.shares.clone(),
+            out: st
+                .backends
+                .iter()
+                .filter(|(_, a)| *a != Admin::Ready)
+                .map(|(b, a)| (b.id.clone(), *a))
+                .collect(),
+        }
+    }
+}
+
+/// The `# deploykit-state:` line (with its newline) for `st`, or `None`
+/// when there is nothing to record: every backend in rotation, no split.
+pub(super) fn saved_line(st: &State) -> Option<String> {
+    let saved = SavedState::of(st);
+    if saved == SavedState::default() {
+        return None;
+    }
+    let json = serde_json::to_string(&saved).ok()?;
+    Some(format!("{STATE_MARKER}{json}\n"))
+}
+
+/// Adopts the state recorded in an existing include file, if there is one
+/// and it fits the configured backends; otherwise leaves `state` as is
+/// (every backend in rotation), with a warning when a record was there but
+/// could not be used.
+pub(super) fn adopt_saved(include: &Path, state: &mut State) {
+    let Ok(text) = std::fs::read_to_string(include) else {
+        return;
+    };
+    let Some(line) = text.lines().find_map(|l| l.strip_prefix(STATE_MARKER)) else {
+        return;
+    };
+    let saved: SavedState = match serde_json::from_str(line) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(file = %include.display(), error = %e,
+                "ignoring an unreadable deploykit-state line; starting with every backend in rotation");
+            return;
+        }
+    };
+    let groups = state.groups();
+    if let Some(shares) = &saved.shares {
+        if let Some(g) = shares.iter().find(|(g, p)| **p > 0 && !groups.contains_key(*g)) {
+            tracing::warn!(file = %include.display(), group = %g.0,
+                "the recorded traffic split names a group that is no longer configured; ignoring the record");
+            return;
+        }
+    }
+    for (b, a) in &mut state.backends {
+        if let Some(recorded) = saved.out.get(&b.id) {
+            *a = *recorded;
+        }
+    }
+    state.shares = saved.shares;
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct State {
+    pub(super) backends: Vec<(Backend, Admin)>,
+    /// `None`: every group gets traffic, each server weight 1.
+    pub(super) shares: Option<BTreeMap<Group, u8>>,
+    /// Workers alive at the reload that took a backend out of rotation.
+    pub(super) drains: BTreeMap<InstanceId, BTreeSet<Proc>>,
+}
+
+impl State {
+    pub(super) fn admin(&self, id: &InstanceId) -> Option<Admin> {
+        self.backends.iter().find(|(b, _)| &b.id == id).map(|(_, a)| *a)
+    }
+
+    pub(super) fn set_admin(&mut self, id: &InstanceId, admin: Admin) {
+        for (b, a) in &mut self.backends {
+            if &b.id == id {
+                *a = admin;
+            }
+        }
+    }
+
+    pub(super) fn groups(&self) -> BTreeMap<Group, usize> {
+        let mut m = BTreeMap::new();
+        for (b, _) in &self.backends {
+            *m.entry(b.group.clone()).or_insert(0) += 1;
+        }
+        m
+    }
+
+    pub(super) fn ready_per_group(&self) -> BTreeMap<Group, usize> {
+        let mut m = BTreeMap::new();
+        for (b, a) in &self.backends {
+            if *a == Admin::Ready {
+                *m.entry(b.group.clone()).or_insert(0) += 1;
+            }
+        }
+        m
+    }
+}
