@@ -39,7 +39,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::time::timeout;
 
-use super::split::{check_weights, per_server_weights};
+use super::roster::{self, run_to_completion, Admin, Roster, RosterRules};
 use crate::error::{DriverError, Error, Result};
 use crate::names::{validate_name, Group, InstanceId};
 use crate::traits::{Backend, GroupWeight, LoadBalancer};
@@ -290,20 +290,6 @@ fn parse_stat_csv(out: &str) -> Result<Vec<BTreeMap<String, String>>, DriverErro
         .collect())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Admin {
-    Ready,
-    Draining,
-    Disabled,
-}
-
-#[derive(Debug, Clone)]
-struct State {
-    admin: BTreeMap<InstanceId, Admin>,
-    /// `None`: weights are left as HAProxy's configuration set them.
-    shares: Option<BTreeMap<Group, u8>>,
-}
-
 /// What a server should look like after a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Desired {
@@ -374,38 +360,24 @@ impl HaproxyBuilder {
             Error::invalid("haproxy socket", "is not set; give the path of the admin socket")
         })?;
         validate_name("haproxy backend", &self.backend)?;
-        if self.backends.is_empty() {
-            return Err(Error::invalid(
-                "haproxy backends",
-                "is empty; add the servers of the backend",
-            ));
-        }
-        let mut ids = BTreeSet::new();
-        for b in &self.backends {
-            if !ids.insert(b.id.clone()) {
-                return Err(Error::invalid(
-                    "haproxy backends",
-                    format!("server {} is listed twice", b.id),
-                ));
-            }
-        }
+        let roster = Roster::new(
+            self.backends,
+            RosterRules {
+                field: "haproxy backends",
+                when_empty: "is empty; add the servers of the backend",
+                member: "server",
+                // HAProxy's own config holds the servers' addresses.
+                distinct_addresses: false,
+            },
+        )?;
         if self.timeout.is_zero() {
             return Err(Error::invalid("haproxy timeout", "must be greater than 0"));
         }
-        let state = State {
-            admin: self
-                .backends
-                .iter()
-                .map(|b| (b.id.clone(), Admin::Ready))
-                .collect(),
-            shares: None,
-        };
         Ok(HaproxyLoadBalancer {
             inner: Arc::new(Inner {
                 api: RuntimeApi::new(socket, self.timeout),
                 backend: self.backend,
-                backends: self.backends,
-                state: Mutex::new(state),
+                state: Mutex::new(roster),
                 apply: tokio::sync::Mutex::new(()),
             }),
         })
@@ -440,8 +412,9 @@ pub struct HaproxyLoadBalancer {
 struct Inner {
     api: RuntimeApi,
     backend: String,
-    backends: Vec<Backend>,
-    state: Mutex<State>,
+    /// The servers, who is out of rotation, and the split (`None`: weights
+    /// as HAProxy's configuration set them).
+    state: Mutex<Roster>,
     apply: tokio::sync::Mutex<()>,
 }
 
@@ -465,12 +438,11 @@ impl HaproxyLoadBalancer {
     /// The socket problem, or the backend / servers missing, by name.
     pub async fn check(&self) -> Result<(), DriverError> {
         let servers = self.inner.api.servers_state(&self.inner.backend).await?;
-        let missing: Vec<&str> = self
-            .inner
-            .backends
+        let st = self.lock_state();
+        let missing: Vec<&str> = st
             .iter()
-            .filter(|b| !servers.iter().any(|s| s.name == b.id.as_str()))
-            .map(|b| b.id.as_str())
+            .filter(|(b, _)| !servers.iter().any(|s| s.name == b.id.as_str()))
+            .map(|(b, _)| b.id.as_str())
             .collect();
         if !missing.is_empty() {
             return Err(DriverError::new(format!(
@@ -482,40 +454,29 @@ impl HaproxyLoadBalancer {
         Ok(())
     }
 
-    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, Roster> {
+        roster::lock(&self.inner.state)
     }
 
     fn known(&self, backend: &Backend) -> Result<(), DriverError> {
-        if self.inner.backends.iter().any(|b| b.id == backend.id) {
+        let st = self.lock_state();
+        if st.admin(&backend.id).is_some() {
             Ok(())
         } else {
-            let ids: Vec<&str> = self.inner.backends.iter().map(|b| b.id.as_str()).collect();
             Err(DriverError::new(format!(
                 "HAProxy backend {} has no server {} among those deploykit manages ({})",
                 self.inner.backend,
                 backend.id,
-                ids.join(", ")
+                st.ids()
             )))
         }
     }
 
-    fn desired(&self, st: &State) -> BTreeMap<InstanceId, Desired> {
-        let mut ready = BTreeMap::new();
-        for b in &self.inner.backends {
-            if st.admin.get(&b.id) == Some(&Admin::Ready) {
-                *ready.entry(b.group.clone()).or_insert(0usize) += 1;
-            }
-        }
-        let weights = st
-            .shares
-            .as_ref()
-            .map(|s| per_server_weights(s, &ready, u32::from(MAX_WEIGHT)));
-        self.inner
-            .backends
-            .iter()
-            .map(|b| {
-                let d = match st.admin.get(&b.id).copied().unwrap_or(Admin::Ready) {
+    fn desired(&self, st: &Roster) -> BTreeMap<InstanceId, Desired> {
+        let weights = st.weights(u32::from(MAX_WEIGHT));
+        st.iter()
+            .map(|(b, admin)| {
+                let d = match admin {
                     Admin::Draining => Desired {
                         admin: ServerAdmin::Drain,
                         weight: None,
@@ -538,18 +499,15 @@ impl HaproxyLoadBalancer {
     /// HAProxy's current state, reads it back, and commits the state.
     async fn change(
         &self,
-        edit: impl FnOnce(&mut State) -> Result<(), DriverError> + Send + 'static,
+        edit: impl FnOnce(&mut Roster) -> Result<(), DriverError> + Send + 'static,
     ) -> Result<(), DriverError> {
         let this = self.clone();
-        match tokio::spawn(async move { this.change_inner(edit).await }).await {
-            Ok(r) => r,
-            Err(e) => Err(DriverError::new(format!("HAProxy change task failed: {e}"))),
-        }
+        run_to_completion("HAProxy", async move { this.change_inner(edit).await }).await
     }
 
     async fn change_inner(
         &self,
-        edit: impl FnOnce(&mut State) -> Result<(), DriverError>,
+        edit: impl FnOnce(&mut Roster) -> Result<(), DriverError>,
     ) -> Result<(), DriverError> {
         let inner = &self.inner;
         let _g = inner.apply.lock().await;
@@ -647,7 +605,7 @@ impl HaproxyLoadBalancer {
         self.known(backend)?;
         let id = backend.id.clone();
         self.change(move |st| {
-            st.admin.insert(id, admin);
+            st.set_admin(&id, admin);
             Ok(())
         })
         .await
@@ -732,11 +690,7 @@ impl LoadBalancer for HaproxyLoadBalancer {
     /// * On failure: HAProxy may hold part of the new weights; deploykit's
     ///   state keeps the old split, and a retry converges.
     async fn set_weights(&self, weights: &[GroupWeight]) -> Result<(), DriverError> {
-        let mut known = BTreeMap::new();
-        for b in &self.inner.backends {
-            *known.entry(b.group.clone()).or_insert(0usize) += 1;
-        }
-        let shares = check_weights(weights, &known)?;
+        let shares = self.lock_state().check_weights(weights)?;
         self.change(move |st| {
             st.shares = Some(shares);
             Ok(())
@@ -752,14 +706,7 @@ impl LoadBalancer for HaproxyLoadBalancer {
     ///   HAProxy took part of the line; a retry converges.
     async fn switch_to(&self, group: &Group) -> Result<(), DriverError> {
         let g = group.clone();
-        let ready_in_group = {
-            let st = self.lock_state();
-            self.inner
-                .backends
-                .iter()
-                .filter(|b| b.group == g && st.admin.get(&b.id) == Some(&Admin::Ready))
-                .count()
-        };
+        let ready_in_group = self.lock_state().ready_per_group().get(&g).copied().unwrap_or(0);
         if ready_in_group == 0 {
             return Err(DriverError::new(format!(
                 "cannot switch HAProxy backend {} to group {g}: it has no enabled server",
@@ -780,8 +727,9 @@ impl LoadBalancer for HaproxyLoadBalancer {
     /// * On failure: nothing changed.
     async fn live_group(&self) -> Result<Option<Group>, DriverError> {
         let current = self.current().await?;
+        let st = self.lock_state().clone();
         let mut live = BTreeSet::new();
-        for b in &self.inner.backends {
+        for (b, _) in st.iter() {
             if let Some(s) = current.get(b.id.as_str()) {
                 if s.admin() == ServerAdmin::Ready && s.weight > 0 {
                     live.insert(b.group.clone());

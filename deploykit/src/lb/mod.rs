@@ -22,6 +22,8 @@ pub mod haproxy;
 #[cfg_attr(docsrs, doc(cfg(feature = "nginx")))]
 pub mod nginx;
 #[cfg(any(feature = "nginx", feature = "haproxy"))]
+mod roster;
+#[cfg(any(feature = "nginx", feature = "haproxy"))]
 mod split;
 #[cfg(unix)]
 pub mod symlink;

@@ -63,7 +63,7 @@ mod procfs;
 mod render;
 mod state;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -75,13 +75,13 @@ use tokio::process::Command;
 
 pub use render::{Upstream, UpstreamServer};
 
-use super::split::check_weights;
+use super::roster::{self, run_to_completion, Admin, Roster, RosterRules};
 use crate::error::{DriverError, Error, Result};
 use crate::names::{validate_name, Group, InstanceId};
 use crate::state::atomic::write_atomic;
 use crate::traits::{Backend, GroupWeight, LoadBalancer};
 use render::{render_file, upstream_for};
-use state::{adopt_saved, Admin, State};
+use state::{adopt_saved, State};
 
 /// Builds a [`NginxLoadBalancer`]; setters never fail, [`build`](Self::build)
 /// checks everything.
@@ -210,28 +210,15 @@ impl NginxBuilder {
                 format!("{} must be an absolute path to a file", include.display()),
             ));
         }
-        if self.backends.is_empty() {
-            return Err(Error::invalid(
-                "nginx backends",
-                "is empty; add the instances behind the upstream",
-            ));
-        }
-        let mut ids = BTreeSet::new();
-        let mut addrs = BTreeSet::new();
-        for b in &self.backends {
-            if !ids.insert(b.id.clone()) {
-                return Err(Error::invalid(
-                    "nginx backends",
-                    format!("instance {} is listed twice", b.id),
-                ));
-            }
-            if !addrs.insert(b.address.clone()) {
-                return Err(Error::invalid(
-                    "nginx backends",
-                    format!("address {} is used by two instances", b.address),
-                ));
-            }
-        }
+        let roster = Roster::new(
+            self.backends,
+            RosterRules {
+                field: "nginx backends",
+                when_empty: "is empty; add the instances behind the upstream",
+                member: "instance",
+                distinct_addresses: true,
+            },
+        )?;
         if self.reload_timeout.is_zero() {
             return Err(Error::invalid("nginx reload_timeout", "must be greater than 0"));
         }
@@ -249,8 +236,7 @@ impl NginxBuilder {
             global_args.push("stderr".into());
         }
         let mut state = State {
-            backends: self.backends.into_iter().map(|b| (b, Admin::Ready)).collect(),
-            shares: None,
+            roster,
             drains: BTreeMap::new(),
         };
         adopt_saved(&include, &mut state);
@@ -342,7 +328,7 @@ impl NginxLoadBalancer {
     /// (the message carries nginx's stderr).
     pub async fn install(&self) -> Result<(), DriverError> {
         let inner = self.inner.clone();
-        run_to_completion(async move {
+        run_to_completion("nginx", async move {
             let _g = inner.apply.lock().await;
             let st = inner.lock_state().clone();
             let text = render_file(&inner.upstream, &st, inner.idle_as_backup);
@@ -373,7 +359,7 @@ impl NginxLoadBalancer {
     /// the workers of the previous generation for `draining`.
     async fn change(&self, new: State, draining: Option<InstanceId>) -> Result<(), DriverError> {
         let inner = self.inner.clone();
-        run_to_completion(async move {
+        run_to_completion("nginx", async move {
             let _g = inner.apply.lock().await;
             inner.apply_state(new, draining).await
         })
@@ -388,7 +374,7 @@ impl NginxLoadBalancer {
         edit: impl FnOnce(&mut State) -> Result<(), DriverError> + Send + 'static,
     ) -> Result<(), DriverError> {
         let inner = self.inner.clone();
-        run_to_completion(async move {
+        run_to_completion("nginx", async move {
             let _g = inner.apply.lock().await;
             let mut st = inner.lock_state().clone();
             edit(&mut st)?;
@@ -399,16 +385,13 @@ impl NginxLoadBalancer {
 
     fn check_backend(&self, backend: &Backend) -> Result<(), DriverError> {
         let st = self.inner.lock_state();
-        match st.backends.iter().find(|(b, _)| b.id == backend.id) {
-            None => {
-                let ids: Vec<&str> = st.backends.iter().map(|(b, _)| b.id.as_str()).collect();
-                Err(DriverError::new(format!(
-                    "nginx upstream {} has no backend {}; known: {}",
-                    self.inner.upstream,
-                    backend.id,
-                    ids.join(", ")
-                )))
-            }
+        match st.roster.get(&backend.id) {
+            None => Err(DriverError::new(format!(
+                "nginx upstream {} has no backend {}; known: {}",
+                self.inner.upstream,
+                backend.id,
+                st.roster.ids()
+            ))),
             Some((b, _)) if b.address != backend.address => Err(DriverError::new(format!(
                 "backend {} is registered with nginx at {}, not {}",
                 backend.id, b.address, backend.address
@@ -420,40 +403,28 @@ impl NginxLoadBalancer {
     async fn take_out(&self, backend: &Backend, admin: Admin) -> Result<(), DriverError> {
         self.check_backend(backend)?;
         let id = backend.id.clone();
-        let current = self.inner.lock_state().admin(&id);
+        let current = self.inner.lock_state().roster.admin(&id);
         if current == Some(admin) {
             return Ok(());
         }
         if current != Some(Admin::Ready) {
             // Draining -> disabled (or back): nothing changes for nginx, the
             // server is already `down`.
-            self.inner.lock_state().set_admin(&id, admin);
+            self.inner.lock_state().roster.set_admin(&id, admin);
             return Ok(());
         }
         let id2 = id.clone();
         self.edit(Some(id), move |st| {
-            st.set_admin(&id2, admin);
+            st.roster.set_admin(&id2, admin);
             Ok(())
         })
         .await
     }
 }
 
-/// Runs `fut` in its own task so that dropping the caller's future does not
-/// stop a change half-way (rename done, reload not).
-async fn run_to_completion<F>(fut: F) -> Result<(), DriverError>
-where
-    F: std::future::Future<Output = Result<(), DriverError>> + Send + 'static,
-{
-    match tokio::spawn(fut).await {
-        Ok(r) => r,
-        Err(e) => Err(DriverError::new(format!("nginx change task failed: {e}"))),
-    }
-}
-
 impl Inner {
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        roster::lock(&self.state)
     }
 
     fn nginx(&self) -> Command {
@@ -619,7 +590,7 @@ impl Inner {
         st.drains = drains;
         // A backend back in rotation has nothing left to drain.
         let ready: Vec<InstanceId> = st
-            .backends
+            .roster
             .iter()
             .filter(|(_, a)| *a == Admin::Ready)
             .map(|(b, _)| b.id.clone())
@@ -673,7 +644,7 @@ impl LoadBalancer for NginxLoadBalancer {
     async fn active_connections(&self, backend: &Backend) -> Result<Option<u64>, DriverError> {
         self.check_backend(backend)?;
         let st = self.inner.lock_state().clone();
-        if st.admin(&backend.id) == Some(Admin::Ready) {
+        if st.roster.admin(&backend.id) == Some(Admin::Ready) {
             return Ok(None);
         }
         let Some(old) = st.drains.get(&backend.id) else {
@@ -690,12 +661,12 @@ impl LoadBalancer for NginxLoadBalancer {
     /// * On failure: the previous file is back and still live.
     async fn enable(&self, backend: &Backend) -> Result<(), DriverError> {
         self.check_backend(backend)?;
-        if self.inner.lock_state().admin(&backend.id) == Some(Admin::Ready) {
+        if self.inner.lock_state().roster.admin(&backend.id) == Some(Admin::Ready) {
             return Ok(());
         }
         let id = backend.id.clone();
         self.edit(None, move |st| {
-            st.set_admin(&id, Admin::Ready);
+            st.roster.set_admin(&id, Admin::Ready);
             Ok(())
         })
         .await
@@ -712,10 +683,9 @@ impl LoadBalancer for NginxLoadBalancer {
     /// * Idempotent: yes. Cancel-safe: yes (runs in a task).
     /// * On failure: the previous split is still live.
     async fn set_weights(&self, weights: &[GroupWeight]) -> Result<(), DriverError> {
-        let known = self.inner.lock_state().groups();
-        let shares = check_weights(weights, &known)?;
+        let shares = self.inner.lock_state().roster.check_weights(weights)?;
         self.edit(None, move |st| {
-            st.shares = Some(shares);
+            st.roster.shares = Some(shares);
             Ok(())
         })
         .await
@@ -731,12 +701,12 @@ impl LoadBalancer for NginxLoadBalancer {
         let g = group.clone();
         let upstream = self.inner.upstream.clone();
         self.edit(None, move |st| {
-            if st.ready_per_group().get(&g).copied().unwrap_or(0) == 0 {
+            if st.roster.ready_per_group().get(&g).copied().unwrap_or(0) == 0 {
                 return Err(DriverError::new(format!(
                     "cannot switch nginx upstream {upstream} to group {g}: it has no enabled backend"
                 )));
             }
-            st.shares = Some(BTreeMap::from([(g, 100)]));
+            st.roster.shares = Some(BTreeMap::from([(g, 100)]));
             Ok(())
         })
         .await
@@ -749,8 +719,8 @@ impl LoadBalancer for NginxLoadBalancer {
     /// * On failure: nothing changed.
     async fn live_group(&self) -> Result<Option<Group>, DriverError> {
         let st = self.inner.lock_state().clone();
-        let ready = st.ready_per_group();
-        let live: Vec<&Group> = match &st.shares {
+        let ready = st.roster.ready_per_group();
+        let live: Vec<&Group> = match &st.roster.shares {
             Some(s) => s
                 .iter()
                 .filter(|(g, p)| **p > 0 && ready.get(*g).copied().unwrap_or(0) > 0)
@@ -819,7 +789,7 @@ mod tests {
         let lb = lb(false);
         {
             let mut st = lb.inner.lock_state();
-            st.shares = Some(BTreeMap::from([
+            st.roster.shares = Some(BTreeMap::from([
                 (Group::new("stable").unwrap(), 95),
                 (Group::new("canary").unwrap(), 5),
             ]));
@@ -829,8 +799,9 @@ mod tests {
         assert_eq!(w, vec![Some(1000), Some(1000), Some(105)]);
         {
             let mut st = lb.inner.lock_state();
-            st.shares = Some(BTreeMap::from([(Group::new("stable").unwrap(), 100)]));
-            st.set_admin(&InstanceId::new("s-2").unwrap(), Admin::Draining);
+            st.roster.shares = Some(BTreeMap::from([(Group::new("stable").unwrap(), 100)]));
+            st.roster
+                .set_admin(&InstanceId::new("s-2").unwrap(), Admin::Draining);
         }
         let text = lb.render();
         assert!(
@@ -862,11 +833,12 @@ mod tests {
         assert!(!first.render().contains(STATE_MARKER));
         {
             let mut st = first.inner.lock_state();
-            st.shares = Some(BTreeMap::from([
+            st.roster.shares = Some(BTreeMap::from([
                 (Group::new("stable").unwrap(), 90),
                 (Group::new("canary").unwrap(), 10),
             ]));
-            st.set_admin(&InstanceId::new("s-2").unwrap(), Admin::Disabled);
+            st.roster
+                .set_admin(&InstanceId::new("s-2").unwrap(), Admin::Disabled);
         }
         let text = first.render();
         assert!(
@@ -956,12 +928,13 @@ mod tests {
     #[test]
     fn idle_groups_can_be_backups() {
         let lb = lb(true);
-        lb.inner.lock_state().shares = Some(BTreeMap::from([(Group::new("stable").unwrap(), 100)]));
+        lb.inner.lock_state().roster.shares = Some(BTreeMap::from([(Group::new("stable").unwrap(), 100)]));
         let text = lb.render();
         assert!(text.contains("server 127.0.0.1:9003 backup; # c-1"), "{text}");
         // A drained server is down, never a backup.
         lb.inner
             .lock_state()
+            .roster
             .set_admin(&InstanceId::new("c-1").unwrap(), Admin::Draining);
         assert!(lb.render().contains("server 127.0.0.1:9003 down; # c-1"));
     }

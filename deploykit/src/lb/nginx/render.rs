@@ -2,12 +2,11 @@
 //! one `server` line per backend, and the `# deploykit-state:` line when
 //! there is state the servers alone do not show.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use super::state::{saved_line, Admin, State};
-use crate::lb::split::per_server_weights;
-use crate::names::{Address, Group, InstanceId};
+use super::state::{saved_line, State};
+use crate::lb::roster::Admin;
+use crate::names::{Address, InstanceId};
 
 /// The largest per-server weight the driver renders (the biggest share gets
 /// it; smaller shares are scaled down from it).
@@ -65,13 +64,9 @@ impl Upstream {
 /// weights, a backend out of rotation is `down`, and an idle group's servers
 /// are `down` or, with `idle_as_backup`, `backup`.
 pub(super) fn upstream_for(name: &str, st: &State, idle_as_backup: bool) -> Upstream {
-    let ready = st.ready_per_group();
-    let weights: Option<BTreeMap<Group, u32>> = st
-        .shares
-        .as_ref()
-        .map(|shares| per_server_weights(shares, &ready, MAX_WEIGHT));
+    let weights = st.roster.weights(MAX_WEIGHT);
     let servers = st
-        .backends
+        .roster
         .iter()
         .map(|(b, admin)| {
             let (in_rotation, weight) = match (&weights, admin) {
@@ -82,7 +77,7 @@ pub(super) fn upstream_for(name: &str, st: &State, idle_as_backup: bool) -> Upst
                     None => (false, None),
                 },
             };
-            let backup = !in_rotation && idle_as_backup && *admin == Admin::Ready;
+            let backup = !in_rotation && idle_as_backup && admin == Admin::Ready;
             UpstreamServer {
                 id: b.id.clone(),
                 address: b.address.clone(),

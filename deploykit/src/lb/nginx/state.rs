@@ -6,17 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use super::procfs::Proc;
+use crate::lb::roster::{Admin, Roster};
 use crate::names::{Group, InstanceId};
-use crate::traits::Backend;
-
-/// Whether a backend is in rotation as far as the operator is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub(super) enum Admin {
-    Ready,
-    Draining,
-    Disabled,
-}
 
 /// Where the include file carries the driver's state, so that a new
 /// process (the next CLI run, a recovery after a crash) starts from what
@@ -39,12 +30,12 @@ struct SavedState {
 impl SavedState {
     fn of(st: &State) -> Self {
         Self {
-            shares: st.shares.clone(),
+            shares: st.roster.shares.clone(),
             out: st
-                .backends
+                .roster
                 .iter()
                 .filter(|(_, a)| *a != Admin::Ready)
-                .map(|(b, a)| (b.id.clone(), *a))
+                .map(|(b, a)| (b.id.clone(), a))
                 .collect(),
         }
     }
@@ -80,7 +71,7 @@ pub(super) fn adopt_saved(include: &Path, state: &mut State) {
             return;
         }
     };
-    let groups = state.groups();
+    let groups = state.roster.groups();
     if let Some(shares) = &saved.shares {
         if let Some(g) = shares.iter().find(|(g, p)| **p > 0 && !groups.contains_key(*g)) {
             tracing::warn!(file = %include.display(), group = %g.0,
@@ -88,51 +79,20 @@ pub(super) fn adopt_saved(include: &Path, state: &mut State) {
             return;
         }
     }
-    for (b, a) in &mut state.backends {
-        if let Some(recorded) = saved.out.get(&b.id) {
-            *a = *recorded;
-        }
+    for (id, recorded) in &saved.out {
+        // An id no longer configured is not in the roster: nothing to adopt.
+        state.roster.set_admin(id, *recorded);
     }
-    state.shares = saved.shares;
+    state.roster.shares = saved.shares;
 }
 
+/// What the driver believes the live include file says, and what each
+/// drain waits for.
 #[derive(Debug, Clone)]
 pub(super) struct State {
-    pub(super) backends: Vec<(Backend, Admin)>,
-    /// `None`: every group gets traffic, each server weight 1.
-    pub(super) shares: Option<BTreeMap<Group, u8>>,
+    /// The backends, who is out of rotation, and the split (`None`: every
+    /// group gets traffic, each server weight 1).
+    pub(super) roster: Roster,
     /// Workers alive at the reload that took a backend out of rotation.
     pub(super) drains: BTreeMap<InstanceId, BTreeSet<Proc>>,
-}
-
-impl State {
-    pub(super) fn admin(&self, id: &InstanceId) -> Option<Admin> {
-        self.backends.iter().find(|(b, _)| &b.id == id).map(|(_, a)| *a)
-    }
-
-    pub(super) fn set_admin(&mut self, id: &InstanceId, admin: Admin) {
-        for (b, a) in &mut self.backends {
-            if &b.id == id {
-                *a = admin;
-            }
-        }
-    }
-
-    pub(super) fn groups(&self) -> BTreeMap<Group, usize> {
-        let mut m = BTreeMap::new();
-        for (b, _) in &self.backends {
-            *m.entry(b.group.clone()).or_insert(0) += 1;
-        }
-        m
-    }
-
-    pub(super) fn ready_per_group(&self) -> BTreeMap<Group, usize> {
-        let mut m = BTreeMap::new();
-        for (b, a) in &self.backends {
-            if *a == Admin::Ready {
-                *m.entry(b.group.clone()).or_insert(0) += 1;
-            }
-        }
-        m
-    }
 }
