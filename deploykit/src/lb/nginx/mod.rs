@@ -2,7 +2,7 @@
 //!
 //! The file is *rendered* from typed state ([`Upstream`], one
 //! [`UpstreamServer`] per backend with its weight and `down` / `backup`
-//! flags) after every address was validated ([`Address`]); it is never
+//! flags) after every address was validated ([`Address`](crate::Address)); it is never
 //! edited with text substitutions. Each change:
 //!
 //! 1. renders the candidate file and writes it to a temp file in the same
