@@ -104,3 +104,85 @@ pub(super) fn render_file(name: &str, st: &State, idle_as_backup: bool) -> Strin
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::lb::roster::{Roster, RosterRules};
+    use crate::names::Group;
+    use crate::traits::Backend;
+
+    fn backend(id: &str, port: u16, group: &str) -> Backend {
+        Backend {
+            id: InstanceId::new(id).unwrap(),
+            address: Address::parse(&format!("127.0.0.1:{port}")).unwrap(),
+            group: Group::new(group).unwrap(),
+        }
+    }
+
+    /// Two stable servers and one canary, every one in rotation, no split.
+    fn state() -> State {
+        let rules = RosterRules {
+            field: "nginx backends",
+            when_empty: "is empty",
+            member: "instance",
+            distinct_addresses: true,
+        };
+        let backends = vec![
+            backend("s-1", 9001, "stable"),
+            backend("s-2", 9002, "stable"),
+            backend("c-1", 9003, "canary"),
+        ];
+        State {
+            roster: Roster::new(backends, rules).unwrap(),
+            drains: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn renders_every_server_up_by_default() {
+        assert_eq!(
+            render_file("app", &state(), false),
+            "# Managed by deploykit: rendered from its state, replaced on every change.\n\
+             upstream app {\n    server 127.0.0.1:9001; # s-1\n    server 127.0.0.1:9002; # s-2\n    \
+             server 127.0.0.1:9003; # c-1\n}\n"
+        );
+    }
+
+    #[test]
+    fn shares_become_weights_and_zero_is_down() {
+        let mut st = state();
+        st.roster.shares = Some(BTreeMap::from([
+            (Group::new("stable").unwrap(), 95),
+            (Group::new("canary").unwrap(), 5),
+        ]));
+        let up = upstream_for("app", &st, false);
+        let w: Vec<Option<u32>> = up.servers.iter().map(|s| s.weight).collect();
+        assert_eq!(w, vec![Some(1000), Some(1000), Some(105)]);
+        st.roster.shares = Some(BTreeMap::from([(Group::new("stable").unwrap(), 100)]));
+        st.roster
+            .set_admin(&InstanceId::new("s-2").unwrap(), Admin::Draining);
+        let text = render_file("app", &st, false);
+        assert!(
+            text.contains("server 127.0.0.1:9001 weight=1000; # s-1"),
+            "{text}"
+        );
+        assert!(text.contains("server 127.0.0.1:9002 down; # s-2"), "{text}");
+        assert!(text.contains("server 127.0.0.1:9003 down; # c-1"), "{text}");
+        assert!(!text.contains("weight=0"), "{text}");
+    }
+
+    #[test]
+    fn idle_groups_can_be_backups() {
+        let mut st = state();
+        st.roster.shares = Some(BTreeMap::from([(Group::new("stable").unwrap(), 100)]));
+        let text = render_file("app", &st, true);
+        assert!(text.contains("server 127.0.0.1:9003 backup; # c-1"), "{text}");
+        // A drained server is down, never a backup.
+        st.roster
+            .set_admin(&InstanceId::new("c-1").unwrap(), Admin::Draining);
+        assert!(render_file("app", &st, true).contains("server 127.0.0.1:9003 down; # c-1"));
+    }
+}
