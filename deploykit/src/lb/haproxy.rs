@@ -516,35 +516,7 @@ impl HaproxyLoadBalancer {
         let want = self.desired(&st);
         let be = &inner.backend;
         let current = self.current().await?;
-        // Raise weights and readiness before lowering others, so that a
-        // switch never leaves a moment with no server in rotation.
-        let mut up = Vec::new();
-        let mut down = Vec::new();
-        for (id, d) in &want {
-            let cur = current
-                .get(id.as_str())
-                .ok_or_else(|| DriverError::new(format!("HAProxy backend {be} has no server {id}")))?;
-            socket_word("HAProxy server", id.as_str())?;
-            if let Some(w) = d.weight {
-                if w != cur.weight {
-                    let cmd = format!("set server {be}/{id} weight {w}");
-                    if w > cur.weight {
-                        up.push(cmd)
-                    } else {
-                        down.push(cmd)
-                    }
-                }
-            }
-            if d.admin != cur.admin() {
-                let cmd = format!("set server {be}/{id} state {}", d.admin.word());
-                if d.admin == ServerAdmin::Ready {
-                    up.push(cmd)
-                } else {
-                    down.push(cmd)
-                }
-            }
-        }
-        let cmds: Vec<String> = up.into_iter().chain(down).collect();
+        let cmds = commands_for(be, &want, &current)?;
         if !cmds.is_empty() {
             let out = inner.api.command(&cmds.join(";")).await?;
             let msg: Vec<&str> = out.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
@@ -561,31 +533,7 @@ impl HaproxyLoadBalancer {
                 )));
             }
         }
-        // Read back: every server must now be as wanted.
-        let after = self.current().await?;
-        for (id, d) in &want {
-            let Some(s) = after.get(id.as_str()) else {
-                return Err(DriverError::new(format!(
-                    "HAProxy backend {be} has no server {id}"
-                )));
-            };
-            if s.admin() != d.admin {
-                return Err(DriverError::new(format!(
-                    "HAProxy did not take the change: {be}/{id} is {:?} (admin bits {:#x}), expected {}",
-                    s.admin(),
-                    s.admin_bits,
-                    d.admin.word()
-                )));
-            }
-            if let Some(w) = d.weight {
-                if s.weight != w {
-                    return Err(DriverError::new(format!(
-                        "HAProxy did not take the change: {be}/{id} has weight {}, expected {w}",
-                        s.weight
-                    )));
-                }
-            }
-        }
+        check_taken(be, &want, &self.current().await?)?;
         *self.lock_state() = st;
         Ok(())
     }
@@ -610,6 +558,76 @@ impl HaproxyLoadBalancer {
         })
         .await
     }
+}
+
+/// The runtime-API commands that take the servers of backend `be` from
+/// `current` to `want`: weights and readiness raised before others are
+/// lowered, so that a switch never leaves a moment with no server in
+/// rotation.
+fn commands_for(
+    be: &str,
+    want: &BTreeMap<InstanceId, Desired>,
+    current: &BTreeMap<String, ServerState>,
+) -> Result<Vec<String>, DriverError> {
+    let mut up = Vec::new();
+    let mut down = Vec::new();
+    for (id, d) in want {
+        let cur = current
+            .get(id.as_str())
+            .ok_or_else(|| DriverError::new(format!("HAProxy backend {be} has no server {id}")))?;
+        socket_word("HAProxy server", id.as_str())?;
+        if let Some(w) = d.weight {
+            if w != cur.weight {
+                let cmd = format!("set server {be}/{id} weight {w}");
+                if w > cur.weight {
+                    up.push(cmd)
+                } else {
+                    down.push(cmd)
+                }
+            }
+        }
+        if d.admin != cur.admin() {
+            let cmd = format!("set server {be}/{id} state {}", d.admin.word());
+            if d.admin == ServerAdmin::Ready {
+                up.push(cmd)
+            } else {
+                down.push(cmd)
+            }
+        }
+    }
+    Ok(up.into_iter().chain(down).collect())
+}
+
+/// The read-back: every server of `want` is now as wanted in `after`.
+fn check_taken(
+    be: &str,
+    want: &BTreeMap<InstanceId, Desired>,
+    after: &BTreeMap<String, ServerState>,
+) -> Result<(), DriverError> {
+    for (id, d) in want {
+        let Some(s) = after.get(id.as_str()) else {
+            return Err(DriverError::new(format!(
+                "HAProxy backend {be} has no server {id}"
+            )));
+        };
+        if s.admin() != d.admin {
+            return Err(DriverError::new(format!(
+                "HAProxy did not take the change: {be}/{id} is {} (admin bits {:#x}), expected {}",
+                s.admin().word(),
+                s.admin_bits,
+                d.admin.word()
+            )));
+        }
+        if let Some(w) = d.weight {
+            if s.weight != w {
+                return Err(DriverError::new(format!(
+                    "HAProxy did not take the change: {be}/{id} has weight {}, expected {w}",
+                    s.weight
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -775,6 +793,73 @@ mod tests {
         assert_eq!(rows[0]["scur"], "5");
         assert_eq!(rows[0]["qcur"], "2");
         assert_eq!(rows[1]["qcur"], "");
+    }
+
+    fn server(name: &str, admin_bits: u32, weight: u32) -> (String, ServerState) {
+        let s = ServerState {
+            name: name.into(),
+            op_state: 2,
+            admin_bits,
+            weight,
+        };
+        (name.into(), s)
+    }
+
+    fn want(entries: &[(&str, ServerAdmin, Option<u32>)]) -> BTreeMap<InstanceId, Desired> {
+        entries
+            .iter()
+            .map(|(id, admin, weight)| {
+                let d = Desired {
+                    admin: *admin,
+                    weight: *weight,
+                };
+                (InstanceId::new(*id).unwrap(), d)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_change_raises_before_it_lowers_and_sends_only_what_differs() {
+        // A switch from blue (b-1) to green (g-1).
+        let current = BTreeMap::from([server("b-1", 0, 256), server("g-1", 0x01, 0)]);
+        let want = want(&[
+            ("b-1", ServerAdmin::Ready, Some(0)),
+            ("g-1", ServerAdmin::Ready, Some(256)),
+        ]);
+        assert_eq!(
+            commands_for("app", &want, &current).unwrap(),
+            [
+                "set server app/g-1 weight 256",
+                "set server app/g-1 state ready",
+                "set server app/b-1 weight 0",
+            ]
+        );
+        let same = BTreeMap::from([server("b-1", 0, 0), server("g-1", 0, 256)]);
+        assert!(commands_for("app", &want, &same).unwrap().is_empty());
+        let e = commands_for("app", &want, &BTreeMap::from([server("b-1", 0, 0)])).unwrap_err();
+        assert!(
+            e.message().contains("HAProxy backend app has no server g-1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_change_that_did_not_take_is_named_in_words() {
+        let want = want(&[
+            ("i-1", ServerAdmin::Maint, None),
+            ("i-2", ServerAdmin::Ready, Some(7)),
+        ]);
+        let taken = BTreeMap::from([server("i-1", 0x01, 1), server("i-2", 0, 7)]);
+        assert!(check_taken("app", &want, &taken).is_ok());
+        let drained = BTreeMap::from([server("i-1", 0x08, 1), server("i-2", 0, 7)]);
+        let e = check_taken("app", &want, &drained).unwrap_err();
+        assert_eq!(
+            e.message(),
+            "HAProxy did not take the change: app/i-1 is drain (admin bits 0x8), expected maint"
+        );
+        let light = BTreeMap::from([server("i-1", 0x01, 1), server("i-2", 0, 3)]);
+        let e = check_taken("app", &want, &light).unwrap_err();
+        assert!(e.message().contains("app/i-2 has weight 3, expected 7"), "{e}");
     }
 
     #[test]
