@@ -168,18 +168,20 @@ where
     }
 }
 
+/// A backend on loopback, for the drivers' tests.
+#[cfg(test)]
+pub(crate) fn test_backend(id: &str, port: u16, group: &str) -> Backend {
+    Backend {
+        id: InstanceId::new(id).unwrap(),
+        address: crate::names::Address::parse(&format!("127.0.0.1:{port}")).unwrap(),
+        group: Group::new(group).unwrap(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_backend as backend;
     use super::*;
-    use crate::names::Address;
-
-    fn backend(id: &str, port: u16, group: &str) -> Backend {
-        Backend {
-            id: InstanceId::new(id).unwrap(),
-            address: Address::parse(&format!("127.0.0.1:{port}")).unwrap(),
-            group: Group::new(group).unwrap(),
-        }
-    }
 
     const RULES: RosterRules = RosterRules {
         field: "test backends",

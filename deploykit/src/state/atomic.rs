@@ -119,20 +119,22 @@ fn create_exclusive(dir: &Path, names: impl IntoIterator<Item = PathBuf>) -> io:
     ))
 }
 
+/// The names in `dir`, sorted: for tests that check no temp file is left.
+#[cfg(test)]
+pub(crate) fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     #[cfg(unix)]
     use std::os::unix::fs::PermissionsExt;
-
-    fn entries(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
 
     #[test]
     fn content_is_replaced_and_no_temp_file_is_left() {

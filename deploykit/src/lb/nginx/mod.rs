@@ -751,15 +751,8 @@ fn includes_file(dump: &str, file: &Path) -> bool {
 mod tests {
     use super::state::STATE_MARKER;
     use super::*;
-    use crate::names::Address;
-
-    fn backend(id: &str, port: u16, group: &str) -> Backend {
-        Backend {
-            id: InstanceId::new(id).unwrap(),
-            address: Address::parse(&format!("127.0.0.1:{port}")).unwrap(),
-            group: Group::new(group).unwrap(),
-        }
-    }
+    use crate::lb::roster::test_backend as backend;
+    use crate::state::atomic::entries;
 
     #[test]
     fn a_new_driver_adopts_the_state_recorded_in_the_include_file() {
@@ -823,15 +816,6 @@ mod tests {
             .unwrap()
     }
 
-    fn dir_entries(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
-
     #[tokio::test]
     async fn a_symlink_planted_at_the_old_fixed_temp_path_is_not_written_through() {
         let dir = tempfile::tempdir().unwrap();
@@ -851,7 +835,7 @@ mod tests {
         );
         assert_eq!(std::fs::read_to_string(&include).unwrap(), lb.render());
         assert_eq!(
-            dir_entries(dir.path()),
+            entries(dir.path()),
             [".upstream.conf.deploykit-tmp", "upstream.conf", "victim"]
         );
     }
@@ -870,7 +854,7 @@ mod tests {
             std::fs::read_to_string(&include).unwrap(),
             "# what nginx runs now\n"
         );
-        assert_eq!(dir_entries(dir.path()), ["upstream.conf"]);
+        assert_eq!(entries(dir.path()), ["upstream.conf"]);
     }
 
     #[test]

@@ -110,17 +110,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::lb::roster::{Roster, RosterRules};
+    use crate::lb::roster::{test_backend as backend, Roster, RosterRules};
     use crate::names::Group;
-    use crate::traits::Backend;
-
-    fn backend(id: &str, port: u16, group: &str) -> Backend {
-        Backend {
-            id: InstanceId::new(id).unwrap(),
-            address: Address::parse(&format!("127.0.0.1:{port}")).unwrap(),
-            group: Group::new(group).unwrap(),
-        }
-    }
 
     /// Two stable servers and one canary, every one in rotation, no split.
     fn state() -> State {
