@@ -70,6 +70,15 @@
 //! is what resuming and rolling back need; the `deploykit` CLI is built on
 //! it.
 //!
+//! ## Recovery
+//!
+//! [`recovery`] turns those journals back into plans: [`recovery::resume`]
+//! finishes an interrupted deployment (instances left part-way are redone
+//! from the start), [`recovery::rollback`] returns every instance to the
+//! release it ran before. Both read the journals and a fleet snapshot and
+//! return a [`Plan`] for the executor; plans, events and journals name
+//! strategies and steps as [`StrategyKind`] and [`StepKind`].
+//!
 //! ## Guarantees
 //!
 //! * Bad input ([`Error::InvalidInput`]) is reported before anything is

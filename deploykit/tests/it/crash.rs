@@ -44,6 +44,16 @@ impl EventSink for Killing {
     }
 }
 
+/// What a recovery run did.
+struct Recovery {
+    /// Its report, unless it was killed or had nothing to do.
+    report: Option<Report>,
+    /// Its plan, if it had one.
+    plan: Option<Plan>,
+    /// Whether it was killed part-way.
+    killed: bool,
+}
+
 /// How the interrupted deployment is recovered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum How {
@@ -213,6 +223,13 @@ impl World {
     /// Recovers the interrupted deployment; the report of the recovery run
     /// (none when nothing was left to do) and its plan, if it had one.
     pub(crate) async fn recover(&self, how: How) -> (Option<Report>, Option<Plan>) {
+        let r = self.recover_killed(how, u64::MAX).await;
+        (r.report, r.plan)
+    }
+
+    /// As [`recover`](Self::recover), the recovery itself killed after its
+    /// record `kill_after`.
+    async fn recover_killed(&self, how: How, kill_after: u64) -> Recovery {
         let latest = self.state.latest().unwrap().expect("a journal");
         assert!(!latest.is_finished(), "the deployment was interrupted");
         let recorded = Recorded::load(&self.state, &latest).unwrap();
@@ -223,6 +240,7 @@ impl World {
             StrategyKind::BlueGreen => Some(self.live(&probe).await),
             _ => None,
         };
+        let run_id = format!("r{}", recorded.chain().len());
         let header = |kind: RunKind, strategy: StrategyKind, plan: Option<&Plan>| {
             let (release, previous) = match kind {
                 RunKind::Resume => (root.release.clone(), root.previous.clone()),
@@ -231,10 +249,15 @@ impl World {
                     previous_of(&snap),
                 ),
             };
-            let mut h = JournalHeader::new(format!("r-{kind:?}"), "shop", kind, strategy, release, previous);
+            let mut h = JournalHeader::new(run_id.clone(), "shop", kind, strategy, release, previous);
             h.acts_on = Some(root.deployment.clone());
             h.plan = plan.cloned();
             h
+        };
+        let killed = |plan: Option<Plan>| Recovery {
+            report: None,
+            plan,
+            killed: true,
         };
         let (journal, report, plan) = match how {
             How::Resume => {
@@ -242,21 +265,32 @@ impl World {
                     recovery::Resume::Switched { live } => {
                         assert_eq!(self.kind, StrategyKind::BlueGreen);
                         assert_eq!(Some(live), switch_target(&root.plan), "it had switched");
-                        return (None, None);
+                        return Recovery {
+                            report: None,
+                            plan: None,
+                            killed: false,
+                        };
                     }
                     recovery::Resume::Plan(plan) => {
-                        let (journal, sink) = self
-                            .journal(header(RunKind::Resume, root.strategy, Some(&plan)), u64::MAX)
-                            .unwrap();
+                        let Some((journal, sink)) =
+                            self.journal(header(RunKind::Resume, root.strategy, Some(&plan)), kill_after)
+                        else {
+                            return killed(Some(plan));
+                        };
                         let exec = self.exec(Some(sink));
-                        let report = match self.kind {
-                            StrategyKind::BlueGreen => self
-                                .strategies
-                                .blue_green
-                                .deploy(&exec, &root.release)
-                                .await
-                                .map(|r| r.deployment),
-                            _ => exec.run_with_id(&plan, "resume").await,
+                        let run = async {
+                            match self.kind {
+                                StrategyKind::BlueGreen => self
+                                    .strategies
+                                    .blue_green
+                                    .deploy(&exec, &root.release)
+                                    .await
+                                    .map(|r| r.deployment),
+                                _ => exec.run_with_id(&plan, &run_id).await,
+                            }
+                        };
+                        let Some(report) = killed_or(run).await else {
+                            return killed(Some(plan));
                         };
                         (journal, report.expect("the resume starts"), Some(plan))
                     }
@@ -266,11 +300,16 @@ impl World {
                 match recovery::rollback(&recorded, &snap, &self.strategies, live.as_ref()).unwrap() {
                     recovery::Rollback::SwitchBack => {
                         assert_eq!(self.kind, StrategyKind::BlueGreen);
-                        let (journal, sink) = self
-                            .journal(header(RunKind::Rollback, StrategyKind::BlueGreen, None), u64::MAX)
-                            .unwrap();
+                        let Some((journal, sink)) = self.journal(
+                            header(RunKind::Rollback, StrategyKind::BlueGreen, None),
+                            kill_after,
+                        ) else {
+                            return killed(None);
+                        };
                         let exec = self.exec(Some(sink));
-                        let r = self.strategies.blue_green.rollback(&exec).await;
+                        let Some(r) = killed_or(self.strategies.blue_green.rollback(&exec)).await else {
+                            return killed(None);
+                        };
                         (journal, r.expect("the switch back starts").deployment, None)
                     }
                     recovery::Rollback::Plan(plan) => {
@@ -279,18 +318,26 @@ impl World {
                             StrategyKind::BlueGreen => StrategyKind::BlueGreen,
                             _ => StrategyKind::Rollback,
                         };
-                        let (journal, sink) = self
-                            .journal(header(RunKind::Rollback, strategy, Some(&plan)), u64::MAX)
-                            .unwrap();
+                        let Some((journal, sink)) =
+                            self.journal(header(RunKind::Rollback, strategy, Some(&plan)), kill_after)
+                        else {
+                            return killed(Some(plan));
+                        };
                         let exec = self.exec(Some(sink));
-                        let r = exec.run_with(&plan, "rollback", Preflight::Warn).await;
+                        let Some(r) = killed_or(exec.run_with(&plan, &run_id, Preflight::Warn)).await else {
+                            return killed(Some(plan));
+                        };
                         (journal, r.expect("the rollback starts"), Some(plan))
                     }
                 }
             }
         };
         finish(&journal, &report);
-        (Some(report), plan)
+        Recovery {
+            report: Some(report),
+            plan,
+            killed: false,
+        }
     }
 
     /// The fleet ends on `release` (the live environment for blue-green),
@@ -419,45 +466,68 @@ fn records(kind: StrategyKind, n: usize, batch: usize) -> u64 {
 /// Kills the deployment after record `k`, recovers it `how`, and checks the
 /// fleet.
 fn crash_and_recover(kind: StrategyKind, n: usize, batch: usize, k: u64, how: How) {
+    crash_twice_and_recover(kind, n, batch, k, how, None);
+}
+
+/// As [`crash_and_recover`]; with `then = Some((m, how2))` the recovery is
+/// killed too, after its record `m`, and recovered `how2` (an interrupted
+/// rollback is always rolled back again: it cannot be resumed). Whether the
+/// recovery was killed.
+fn crash_twice_and_recover(
+    kind: StrategyKind,
+    n: usize,
+    batch: usize,
+    k: u64,
+    how: How,
+    then: Option<(u64, How)>,
+) -> bool {
     block_on(async {
-        let ctx = format!("{kind} n={n} batch={batch}, killed after record {k}, {how:?}");
+        let mut ctx = format!("{kind} n={n} batch={batch}, killed after record {k}, {how:?}");
         let w = World::new(kind, n, batch);
         let (deploy_plan, written) = w.deploy(k).await;
         assert_eq!(written, k, "{ctx}: the kill comes right after record {k}");
         // Every blue-green deployment here starts with blue live.
         let live_before = (kind == StrategyKind::BlueGreen).then(|| g("blue"));
-        let (report, plan) = w.recover(how).await;
-        let expect = match how {
+        let mut widest = widest_stage(&deploy_plan);
+        let mut last = how;
+        let mut r = w.recover_killed(how, then.map_or(u64::MAX, |(m, _)| m)).await;
+        let killed = r.killed;
+        if killed {
+            let (m, how2) = then.expect("killed only when asked");
+            last = if how == How::Rollback { How::Rollback } else { how2 };
+            ctx = format!("{ctx}, recovery killed after record {m}, then {last:?}");
+            widest += r.plan.as_ref().map(widest_stage).unwrap_or(0);
+            r = w.recover_killed(last, u64::MAX).await;
+        }
+        let expect = match last {
             How::Resume => "v2",
             How::Rollback => "v1",
         };
-        if let Some(report) = &report {
+        if let Some(report) = &r.report {
             assert_eq!(report.outcome, OutcomeKind::Succeeded, "{ctx}:\n{report}");
             // A kill leaves at most one stage's instances out of rotation,
-            // and the recovery takes at most one of its stages' out at once.
-            let bound = widest_stage(&deploy_plan) + plan.as_ref().map(widest_stage).unwrap_or(0);
+            // and a recovery takes at most one of its stages' out at once.
+            let bound = widest + r.plan.as_ref().map(widest_stage).unwrap_or(0);
             // A rollback's report speaks of its own plan, whose "previous"
             // releases are those it found (the CLI prints what each instance
-            // runs instead): the checker replays the routing history, and
-            // assert_settled checks what each instance runs.
-            // Blue-green stops the old environment after its report
-            // (keep_old), so there too only the routing is replayed.
+            // runs instead), and blue-green stops the old environment after
+            // its report (keep_old): there the checker replays the routing
+            // history only, and assert_settled checks what each instance
+            // runs.
             let mut report = report.clone();
-            if how == How::Rollback || kind == StrategyKind::BlueGreen {
+            if last == How::Rollback || kind == StrategyKind::BlueGreen {
                 report.instances.clear();
             }
             let inv = w.fleet.check(&report, bound);
             assert!(inv.is_ok(), "{ctx}: {:?}", inv.violations);
         }
-        // A blue-green deployment killed after recording its switch is done:
-        // resuming changes nothing, and the environment it switched to stays
-        // live.
-        w.assert_settled(expect, live_before.as_ref(), how, &ctx);
+        w.assert_settled(expect, live_before.as_ref(), last, &ctx);
         let after = w.state.latest().unwrap().unwrap();
         assert!(
-            after.is_finished() || report.is_none(),
+            after.is_finished() || r.report.is_none(),
             "{ctx}: the recovery's journal is finished"
         );
+        killed
     })
 }
 
@@ -494,6 +564,43 @@ fn canary_recovers_from_a_kill_after_every_record() {
     matrix(StrategyKind::Canary, 2, 1);
 }
 
+#[test]
+fn a_recovery_that_is_itself_killed_is_recovered_again() {
+    for kind in [
+        StrategyKind::Rolling,
+        StrategyKind::BlueGreen,
+        StrategyKind::Canary,
+    ] {
+        let total = records(kind, 2, 1);
+        let mut killed_late = 0;
+        for k in (2..total).step_by(5) {
+            for (how, how2) in [
+                (How::Resume, How::Resume),
+                (How::Resume, How::Rollback),
+                (How::Rollback, How::Rollback),
+            ] {
+                for m in [2, 5, 9] {
+                    let killed = crash_twice_and_recover(kind, 2, 1, k, how, Some((m, how2)));
+                    // Every recovery run writes a header and a start event;
+                    // only a blue-green deployment that had switched has
+                    // nothing to resume, and no run.
+                    if m == 2 {
+                        assert!(
+                            killed || kind == StrategyKind::BlueGreen,
+                            "{kind}, killed after record {k}, {how:?}: the recovery was not killed after record 2"
+                        );
+                    }
+                    killed_late += usize::from(killed && m > 2);
+                }
+            }
+        }
+        assert!(
+            killed_late > 5,
+            "{kind}: only {killed_late} recoveries killed part-way"
+        );
+    }
+}
+
 fn kind() -> impl Strategy<Value = StrategyKind> {
     prop_oneof![
         Just(StrategyKind::Rolling),
@@ -506,12 +613,19 @@ fn kind() -> impl Strategy<Value = StrategyKind> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
-    /// Random strategies, fleet sizes, batch sizes and kill points.
+    /// Random strategies, fleet sizes, batch sizes and kill points; half the
+    /// time the recovery is killed too, at a random record, and recovered
+    /// again.
     #[test]
-    fn any_kill_point_recovers((kind, n, batch) in kind().prop_flat_map(|k| (1usize..=5).prop_flat_map(move |n| (Just(k), Just(n), 1..=n))), at in 0.0f64..1.0, resume in any::<bool>()) {
+    fn any_kill_point_recovers(
+        (kind, n, batch) in kind().prop_flat_map(|k| (1usize..=5).prop_flat_map(move |n| (Just(k), Just(n), 1..=n))),
+        at in 0.0f64..1.0,
+        resume in any::<bool>(),
+        then in proptest::option::of((2u64..40, any::<bool>())),
+    ) {
         let total = records(kind, n, batch);
         let k = 1 + ((total - 2) as f64 * at).round() as u64;
-        let how = if resume { How::Resume } else { How::Rollback };
-        crash_and_recover(kind, n, batch, k, how);
+        let how = |resume: bool| if resume { How::Resume } else { How::Rollback };
+        crash_twice_and_recover(kind, n, batch, k, how(resume), then.map(|(m, r)| (m, how(r))));
     }
 }
