@@ -570,3 +570,214 @@ fn stop_idle(
         leave_stopped: ids,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::event::{Event, EventKind};
+    use crate::kinds::StepKind;
+    use crate::names::Address;
+    use crate::plan::InstanceSnapshot;
+    use crate::state::{JournalHeader, JournalOutcome};
+    use crate::traits::Backend;
+    use crate::OutcomeKind;
+
+    fn rid(s: &str) -> ReleaseId {
+        ReleaseId::new(s).unwrap()
+    }
+    fn iid(s: &str) -> InstanceId {
+        InstanceId::new(s).unwrap()
+    }
+    fn g(s: &str) -> Group {
+        Group::new(s).unwrap()
+    }
+
+    /// `(id, group, release)` for each instance.
+    fn fleet(instances: &[(&str, &str, &str)]) -> FleetSnapshot {
+        FleetSnapshot {
+            instances: instances
+                .iter()
+                .map(|(id, group, release)| InstanceSnapshot {
+                    backend: Backend {
+                        id: iid(id),
+                        address: Address::parse("127.0.0.1:8080").unwrap(),
+                        group: g(group),
+                    },
+                    release: Some(rid(release)),
+                })
+                .collect(),
+        }
+    }
+
+    /// A deployment of v2 from v1 on `ids`, of `strategy`, with `plan`,
+    /// whose events started a step on each of `started`.
+    fn recorded(strategy: StrategyKind, ids: &[&str], plan: Option<Plan>, started: &[&str]) -> Recorded {
+        let previous = ids.iter().map(|i| (iid(i), Some(rid("v1")))).collect();
+        let mut header = JournalHeader::new("d1", "shop", RunKind::Deploy, strategy, rid("v2"), previous);
+        header.plan = plan;
+        let events = started
+            .iter()
+            .map(|i| Event {
+                elapsed_ms: 1,
+                deployment: "d1".into(),
+                kind: EventKind::StepStarted {
+                    stage: 0,
+                    step: StepKind::Drain,
+                    instance: Some(iid(i)),
+                    rollback: false,
+                },
+            })
+            .collect();
+        Recorded::new(vec![JournalSummary {
+            path: PathBuf::new(),
+            header,
+            events,
+            finished: None,
+        }])
+        .unwrap()
+    }
+
+    fn kinds(plan: &Plan) -> Vec<Vec<&'static str>> {
+        plan.stages
+            .iter()
+            .flat_map(|s| &s.units)
+            .map(|u| u.steps.iter().map(|s| s.kind().as_str()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn rollback_returns_moved_and_part_way_instances_only() {
+        let snap = fleet(&[
+            ("a", "default", "v2"),
+            ("b", "default", "v1"),
+            ("c", "default", "v1"),
+        ]);
+        let rec = recorded(StrategyKind::Rolling, &["a", "b", "c"], None, &["a", "b"]);
+        let Rollback::Plan(plan) = rollback(&rec, &snap, &Strategies::default(), None).unwrap() else {
+            panic!("not blue-green")
+        };
+        assert_eq!(plan.strategy, StrategyKind::Rollback);
+        assert_eq!(plan.release, rid("v1"));
+        assert_eq!(
+            kinds(&plan),
+            [
+                // Moved: taken out, returned, brought back.
+                vec![
+                    "drain",
+                    "await_drained",
+                    "stop",
+                    "restore",
+                    "start",
+                    "await_healthy",
+                    "enable"
+                ],
+                // Left part-way on v1: out of rotation first, then brought back.
+                vec!["disable", "start", "await_healthy", "enable"],
+            ]
+        );
+    }
+
+    #[test]
+    fn canary_rollback_sends_traffic_to_stable_first_and_leaves_the_canary_stopped() {
+        let snap = fleet(&[("s1", "stable", "v1"), ("c1", "canary", "v2")]);
+        let rec = recorded(StrategyKind::Canary, &["s1", "c1"], None, &["c1"]);
+        let Rollback::Plan(plan) = rollback(&rec, &snap, &Strategies::default(), None).unwrap() else {
+            panic!("not blue-green")
+        };
+        assert_eq!(plan.stages[0].name, "all traffic to stable");
+        assert_eq!(plan.leave_stopped, [iid("c1")]);
+        assert_eq!(kinds(&plan)[1], ["drain", "await_drained", "stop", "restore"]);
+    }
+
+    #[test]
+    fn blue_green_rollback_switches_back_only_if_traffic_moved() {
+        let plan = BlueGreen {
+            live: Some(g("blue")),
+            ..BlueGreen::default()
+        }
+        .plan(&fleet(&[("b1", "blue", "v1"), ("g1", "green", "v1")]), &rid("v2"))
+        .unwrap();
+        let rec = recorded(StrategyKind::BlueGreen, &["b1", "g1"], Some(plan), &["g1"]);
+        let snap = fleet(&[("b1", "blue", "v1"), ("g1", "green", "v2")]);
+        let s = Strategies::default();
+        assert_eq!(
+            rollback(&rec, &snap, &s, Some(&g("green"))).unwrap(),
+            Rollback::SwitchBack
+        );
+        let Rollback::Plan(stop) = rollback(&rec, &snap, &s, Some(&g("blue"))).unwrap() else {
+            panic!("traffic never moved")
+        };
+        assert_eq!(stop.stages.len(), 1);
+        assert_eq!(stop.stages[0].name, "stop green");
+        assert_eq!(kinds(&stop), [vec!["stop", "restore"]], "never into rotation");
+        let e = rollback(&rec, &snap, &s, None).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput { field, .. } if field == "live"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn resume_redoes_part_way_instances_and_skips_finished_ones() {
+        // a finished (v2), b left part-way on v2 but not enabled, c untouched.
+        let snap = fleet(&[
+            ("a", "default", "v2"),
+            ("b", "default", "v2"),
+            ("c", "default", "v1"),
+        ]);
+        let mut rec = recorded(StrategyKind::Rolling, &["a", "b", "c"], None, &["b"]);
+        let Resume::Plan(plan) = resume(&rec, &snap, &Strategies::default(), None).unwrap() else {
+            panic!("not blue-green")
+        };
+        assert_eq!(plan.strategy, StrategyKind::Rolling);
+        assert_eq!(plan.skipped, [iid("a")]);
+        let redone: Vec<_> = plan
+            .stages
+            .iter()
+            .flat_map(|s| &s.units)
+            .filter_map(|u| u.instance.clone())
+            .collect();
+        assert_eq!(redone, [iid("b"), iid("c")]);
+        // A finished run is not resumed.
+        rec.chain[0].finished = Some(JournalOutcome {
+            outcome: OutcomeKind::Succeeded,
+            reason: None,
+            duration_ms: 1,
+        });
+        let e = resume(&rec, &snap, &Strategies::default(), None).unwrap_err();
+        assert!(matches!(e, Error::Refused(_)), "{e}");
+    }
+
+    #[test]
+    fn a_blue_green_deployment_that_switched_is_not_resumed() {
+        let plan = BlueGreen {
+            live: Some(g("blue")),
+            ..BlueGreen::default()
+        }
+        .plan(&fleet(&[("b1", "blue", "v1"), ("g1", "green", "v1")]), &rid("v2"))
+        .unwrap();
+        let rec = recorded(StrategyKind::BlueGreen, &["b1", "g1"], Some(plan), &["g1"]);
+        let snap = fleet(&[("b1", "blue", "v1"), ("g1", "green", "v2")]);
+        assert_eq!(
+            resume(&rec, &snap, &Strategies::default(), Some(&g("green"))).unwrap(),
+            Resume::Switched { live: g("green") }
+        );
+        let Resume::Plan(again) = resume(&rec, &snap, &Strategies::default(), Some(&g("blue"))).unwrap()
+        else {
+            panic!("traffic never moved: prepare green again")
+        };
+        assert_eq!(switch_target(Some(&again)), Some(g("green")));
+    }
+
+    #[test]
+    fn a_rollback_chain_without_its_deployment_is_inconsistent() {
+        let mut rec = recorded(StrategyKind::Rolling, &["a"], None, &[]);
+        let mut orphan = rec.chain.remove(0);
+        orphan.header.kind = RunKind::Rollback;
+        orphan.header.acts_on = Some("d0".into());
+        let e = Recorded::new(vec![orphan]).unwrap_err();
+        assert!(e.to_string().contains("deployment d0"), "{e}");
+    }
+}
