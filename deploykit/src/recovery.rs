@@ -21,8 +21,10 @@
 //! A deployment and the resumes and rollbacks that acted on it form one
 //! [`Recorded`] chain: an instance left part-way by the deployment and
 //! finished by a later resume is settled; one a rollback only started on is
-//! not. Running a recovery plan writes a journal too, so a recovery that is
-//! itself interrupted is recovered the same way.
+//! not. Journal the recovery run too (a header with
+//! [`acts_on`](crate::state::JournalHeader::acts_on) naming the deployment,
+//! as the CLI does), and a recovery that is itself interrupted is recovered
+//! the same way.
 //!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
