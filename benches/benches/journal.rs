@@ -49,7 +49,7 @@ fn once(instances: usize, sink: Sink, run: usize) -> (Duration, u64) {
                 format!("run-{run}"),
                 "bench",
                 RunKind::Deploy,
-                "rolling",
+                deploykit::StrategyKind::Rolling,
                 release.clone(),
                 plan.previous.clone(),
             );

@@ -2,7 +2,7 @@
 //! promote, abort, history, validate. Each wires library objects together;
 //! the outcome becomes an exit code in `main`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -10,14 +10,14 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use deploykit::bluegreen_state::{reconcile, FileLiveStore, LiveStore};
+use deploykit::recovery::{self, Recorded};
 use deploykit::state::{
     ControlCommand, DeployLock, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalSummary,
     LockAttempt, RunKind, StateDir,
 };
 use deploykit::{
-    compensation_steps, retirement_steps, Event, EventSink, Executor, FailurePolicy, Fanout, FleetSnapshot,
-    Group, GroupWeight, InstanceId, InstanceProgress, OutcomeKind, Plan, Preflight, ReleaseId, Report, Stage,
-    Step, Unit,
+    Event, EventSink, Executor, Fanout, Group, InstanceId, OutcomeKind, Preflight, ReleaseId, Report,
+    StrategyKind as LibKind,
 };
 
 use crate::config::{self, Loaded, NotifyOn, StrategyKind};
@@ -196,24 +196,6 @@ fn new_id(release: &ReleaseId) -> String {
     format!("{ms}-{r}")
 }
 
-/// The journal of the deployment a resume or rollback acts on.
-fn root_of(state: &StateDir, j: JournalSummary) -> anyhow::Result<JournalSummary> {
-    match (&j.header.kind, &j.header.acts_on) {
-        (RunKind::Deploy, _) | (_, None) => Ok(j),
-        (_, Some(id)) => {
-            let all = state.journals()?;
-            all.into_iter()
-                .find(|x| &x.header.deployment == id)
-                .with_context(|| {
-                    format!(
-                        "the journal of deployment {id} (which {} acts on) is missing",
-                        j.header.deployment
-                    )
-                })
-        }
-    }
-}
-
 /// Starts a journal and hooks it (and the output) into the relay.
 fn start_journal(
     ctx: &Ctx,
@@ -258,7 +240,7 @@ fn notice(ctx: &Ctx, h: &JournalHeader, event: NotifyOn, report: Option<&Report>
             RunKind::Rollback => "rollback",
         }
         .into(),
-        strategy: h.strategy.clone(),
+        strategy: h.strategy.to_string(),
         release: h.release.to_string(),
         outcome: report.map(|r| HistoryOutcome::from(r.outcome).to_string()),
         reason: report.and_then(|r| r.reason.clone()),
@@ -329,27 +311,34 @@ async fn conclude(
     })
 }
 
-fn strategy_kind(name: &str) -> anyhow::Result<StrategyKind> {
-    Ok(match name {
-        "rolling" => StrategyKind::Rolling,
-        "recreate" => StrategyKind::Recreate,
-        "blue-green" => StrategyKind::BlueGreen,
-        "canary" => StrategyKind::Canary,
-        other => anyhow::bail!("the journal names the strategy {other:?}, which this CLI cannot resume"),
-    })
+/// The configured strategies recovery plans with. Only the section of the
+/// strategy being recovered is checked: rolling back a rolling deployment
+/// does not fail on a canary section it does not use.
+fn strategies(ctx: &Ctx, kind: LibKind) -> anyhow::Result<recovery::Strategies> {
+    let s = &ctx.cfg.raw.strategy;
+    let mut out = recovery::Strategies {
+        rolling: wire::rolling(&s.rolling),
+        recreate: wire::recreate(&s.recreate),
+        ..Default::default()
+    };
+    match kind {
+        LibKind::Canary => out.canary = wire::canary(&s.canary)?,
+        LibKind::BlueGreen => {
+            out.blue_green = wire::blue_green(&s.blue_green, ctx.cfg.raw.smoke_checks.as_deref())?
+        }
+        _ => {}
+    }
+    Ok(out)
 }
 
-/// The environment a blue-green plan switches to.
-fn switch_target(plan: Option<&Plan>) -> Option<Group> {
-    plan?
-        .stages
-        .iter()
-        .flat_map(|s| &s.units)
-        .flat_map(|u| &u.steps)
-        .find_map(|s| match s {
-            Step::SwitchTo { group } => Some(group.clone()),
-            _ => None,
-        })
+/// The library's name for a strategy of the configuration.
+fn lib_kind(kind: StrategyKind) -> LibKind {
+    match kind {
+        StrategyKind::Rolling => LibKind::Rolling,
+        StrategyKind::Recreate => LibKind::Recreate,
+        StrategyKind::BlueGreen => LibKind::BlueGreen,
+        StrategyKind::Canary => LibKind::Canary,
+    }
 }
 
 async fn reconciled_live(ctx: &Ctx, exec: &Executor) -> anyhow::Result<Group> {
@@ -423,7 +412,7 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
         let release = ReleaseId::new(args.release.as_deref().unwrap_or_default())
             .map_err(|e| rename(e, "release"))?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
-        run_deploy(&ctx, RunKind::Deploy, kind, release, None, None).await
+        run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind), release).await
     })
 }
 
@@ -434,123 +423,77 @@ fn rename(e: deploykit::Error, field: &str) -> deploykit::Error {
     }
 }
 
-/// Deploys (or resumes, with `resume` = the interrupted journal).
-async fn run_deploy(
-    ctx: &Ctx,
-    kind: RunKind,
-    strategy: StrategyKind,
-    release: ReleaseId,
-    resume: Option<&JournalSummary>,
-    carried_previous: Option<BTreeMap<InstanceId, Option<ReleaseId>>>,
-) -> anyhow::Result<u8> {
+/// What a deploy run starts from.
+enum Start<'a> {
+    /// A new deployment with the configured (or chosen) strategy.
+    Fresh(StrategyKind),
+    /// The continuation of the newest, interrupted run of a deployment.
+    Resume(&'a Recorded),
+}
+
+/// Deploys, or resumes an interrupted deployment.
+async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: ReleaseId) -> anyhow::Result<u8> {
     let relay = Arc::new(Relay::default());
     let fleet = wire::fleet(&ctx.cfg, &ctx.state, Some(relay.clone()))?;
     let exec = &fleet.executor;
-    let mut snapshot = exec.snapshot().await?;
+    let snapshot = exec.snapshot().await?;
     let id = new_id(&release);
     let (out, human) = ctx.output();
-    let acts_on = resume.map(|j| {
-        j.header
-            .acts_on
-            .clone()
-            .unwrap_or_else(|| j.header.deployment.clone())
-    });
-    let previous_of = |snap: &FleetSnapshot| -> BTreeMap<InstanceId, Option<ReleaseId>> {
-        carried_previous.clone().unwrap_or_else(|| {
-            snap.instances
+    let (strategy, acts_on, previous) = match &start {
+        Start::Fresh(k) => (
+            lib_kind(*k),
+            None,
+            snapshot
+                .instances
                 .iter()
                 .map(|i| (i.backend.id.clone(), i.release.clone()))
-                .collect()
-        })
+                .collect(),
+        ),
+        Start::Resume(rec) => (
+            rec.latest().header.strategy,
+            Some(rec.deployment().header.deployment.clone()),
+            rec.latest().header.previous.clone(),
+        ),
     };
-    if strategy == StrategyKind::BlueGreen {
-        let bg = wire::blue_green(
-            &ctx.cfg.raw.strategy.blue_green,
-            ctx.cfg.raw.smoke_checks.as_deref(),
-        )?;
-        let live = reconciled_live(ctx, exec).await?;
-        let mut header = JournalHeader::new(
-            &id,
-            &ctx.cfg.raw.app,
-            kind,
-            "blue-green",
-            release.clone(),
-            previous_of(&snapshot),
-        );
-        header.acts_on = acts_on;
-        if let Some(orig) = resume {
-            if switch_target(orig.header.plan.as_ref()).as_ref() == Some(&live) {
-                // The interrupted deployment had switched: it is done.
-                header.plan = None;
-                let journal = start_journal(ctx, &relay, header, out)?;
-                ctx.say(format!(
-                    "the interrupted deployment had switched traffic to {live}: nothing left to do"
-                ));
-                let report = Report {
-                    deployment: id.clone(),
-                    strategy: "blue-green".into(),
-                    release: release.clone(),
-                    outcome: OutcomeKind::Succeeded,
-                    reason: None,
-                    instances: Vec::new(),
-                    duration: Duration::ZERO,
-                };
-                return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
-            }
+    let blue_green = strategy == LibKind::BlueGreen;
+    let live = if blue_green {
+        Some(reconciled_live(ctx, exec).await?)
+    } else {
+        None
+    };
+    let mut header = JournalHeader::new(&id, &ctx.cfg.raw.app, kind, strategy, release.clone(), previous);
+    header.acts_on = acts_on;
+    let plan = match start {
+        Start::Fresh(_) if blue_green => {
+            let bg = wire::blue_green(
+                &ctx.cfg.raw.strategy.blue_green,
+                ctx.cfg.raw.smoke_checks.as_deref(),
+            )?;
+            deploykit::Strategy::plan(&deploykit::BlueGreen { live, ..bg }, &snapshot, &release)?
         }
-        let planner = deploykit::BlueGreen {
-            live: Some(live),
-            ..bg.clone()
-        };
-        let plan = deploykit::Strategy::plan(&planner, &snapshot, &release)?;
-        // Refusals come before the journal and the start notice.
-        exec.check(&plan).await?;
-        header.plan = Some(plan);
-        let journal = start_journal(ctx, &relay, header, out)?;
-        ctx.notifier()
-            .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
-            .await;
-        let sig = ctrl_c(exec);
-        let result = bg.deploy(exec, &release).await;
-        sig.abort();
-        let mut report = unless_refused(&journal, result)?.deployment;
-        report.deployment = id;
-        return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
-    }
-    let strat = wire::strategy(&ctx.cfg, strategy)?;
-    if let Some(orig) = resume {
-        // Unsettled instances are redone from the start: mark them as still
-        // on the release they had before.
-        let root = orig
-            .header
-            .acts_on
-            .clone()
-            .unwrap_or_else(|| orig.header.deployment.clone());
-        let unsettled = JournalSummary::unsettled_across(&ctx.state.chain(&root)?);
-        for i in &mut snapshot.instances {
-            if unsettled.contains(&i.backend.id) {
-                if let Some(prev) = orig.header.previous.get(&i.backend.id) {
-                    i.release = prev.clone();
+        Start::Fresh(k) => wire::strategy(&ctx.cfg, k)?.plan(&snapshot, &release)?,
+        Start::Resume(rec) => {
+            match recovery::resume(rec, &snapshot, &strategies(ctx, strategy)?, live.as_ref())? {
+                recovery::Resume::Plan(plan) => plan,
+                recovery::Resume::Switched { live } => {
+                    let journal = start_journal(ctx, &relay, header, out)?;
+                    ctx.say(format!(
+                        "the interrupted deployment had switched traffic to {live}: nothing left to do"
+                    ));
+                    let report = Report {
+                        deployment: id.clone(),
+                        strategy,
+                        release: release.clone(),
+                        outcome: OutcomeKind::Succeeded,
+                        reason: None,
+                        instances: Vec::new(),
+                        duration: Duration::ZERO,
+                    };
+                    return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
                 }
             }
         }
-    }
-    let mut plan = strat.plan(&snapshot, &release)?;
-    if resume.is_some() && strategy == StrategyKind::Canary && plan.stages.is_empty() {
-        // The interrupted canary had moved every stable instance: what may
-        // be left is its last stages, all traffic to stable and the canary
-        // instances stopped.
-        plan = finish_canary_plan(ctx, &snapshot, &release)?;
-    }
-    let mut header = JournalHeader::new(
-        &id,
-        &ctx.cfg.raw.app,
-        kind,
-        strat.name(),
-        release.clone(),
-        previous_of(&snapshot),
-    );
-    header.acts_on = acts_on;
+    };
     header.plan = Some(plan.clone());
     // Refusals (a load balancer that fails its preflight, …) come before
     // the journal and the start notice.
@@ -559,12 +502,24 @@ async fn run_deploy(
     ctx.notifier()
         .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
         .await;
+    if blue_green {
+        let bg = wire::blue_green(
+            &ctx.cfg.raw.strategy.blue_green,
+            ctx.cfg.raw.smoke_checks.as_deref(),
+        )?;
+        let sig = ctrl_c(exec);
+        let result = bg.deploy(exec, &release).await;
+        sig.abort();
+        let mut report = unless_refused(&journal, result)?.deployment;
+        report.deployment = id;
+        return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
+    }
     let watcher = watch_control(ctx, &id, &fleet);
     let sig = ctrl_c(exec);
     let mut report = unless_refused(&journal, exec.run_with_id(&plan, &id).await)?;
     sig.abort();
     watcher.abort();
-    if resume.is_some() && report.outcome != OutcomeKind::Succeeded && !plan.skipped.is_empty() {
+    if kind == RunKind::Resume && report.outcome != OutcomeKind::Succeeded && !plan.skipped.is_empty() {
         // The resumed part failed and rolled back; the instances the
         // interrupted run had finished are still on the new release: return
         // them too, so the fleet ends on one release.
@@ -574,7 +529,8 @@ async fn run_deploy(
         let undo: anyhow::Result<Option<String>> = async {
             let snap = exec.snapshot().await?;
             let moved: BTreeSet<InstanceId> = plan.skipped.iter().cloned().collect();
-            let back = rollback_plan(ctx, &snap, &targets, &moved, None)?;
+            let rolling = wire::rolling(&ctx.cfg.raw.strategy.rolling);
+            let back = recovery::return_to(&snap, &targets, &moved, &rolling, None)?;
             let undo = exec
                 .run_with(&back, &format!("{}-undo", report.deployment), Preflight::Warn)
                 .await?;
@@ -596,63 +552,6 @@ async fn run_deploy(
     conclude(ctx, exec, &journal, &report, human.as_deref()).await
 }
 
-/// The end of a canary deployment: all traffic to stable, the canary
-/// instances drained and stopped.
-fn finish_canary_plan(ctx: &Ctx, snap: &FleetSnapshot, release: &ReleaseId) -> anyhow::Result<Plan> {
-    let c = wire::canary(&ctx.cfg.raw.strategy.canary)?;
-    let canary: Vec<InstanceId> = snap
-        .group(&c.canary_group)
-        .map(|i| i.backend.id.clone())
-        .collect();
-    let units = snap
-        .group(&c.canary_group)
-        .map(|i| Unit {
-            instance: Some(i.backend.id.clone()),
-            steps: retirement_steps(
-                &i.backend.id,
-                &InstanceProgress::untouched(i.release.clone()),
-                c.drain_timeout,
-            ),
-        })
-        .collect();
-    Ok(Plan {
-        strategy: "canary".into(),
-        release: release.clone(),
-        previous: snap
-            .instances
-            .iter()
-            .map(|i| (i.backend.id.clone(), i.release.clone()))
-            .collect(),
-        policy: FailurePolicy::RestoreInstance {
-            max_failures: canary.len(),
-        },
-        health: c.health,
-        drain_timeout: c.drain_timeout,
-        rollback_batch: canary.len().max(1),
-        skipped: Vec::new(),
-        stages: vec![
-            Stage {
-                name: "all traffic to stable".into(),
-                units: vec![Unit {
-                    instance: None,
-                    steps: vec![Step::SetWeights {
-                        weights: vec![GroupWeight {
-                            group: c.stable_group.clone(),
-                            percent: 100,
-                        }],
-                    }],
-                }],
-            },
-            Stage {
-                name: "stop canary".into(),
-                units,
-            },
-        ],
-        on_abort: Vec::new(),
-        leave_stopped: canary,
-    })
-}
-
 async fn resume(ctx: &Ctx, latest: Option<JournalSummary>) -> anyhow::Result<u8> {
     let Some(orig) = latest.filter(|j| !j.is_finished()) else {
         eprintln!("deploykit: error: nothing to resume: no deployment was interrupted (`deploykit history` lists them)");
@@ -665,133 +564,18 @@ async fn resume(ctx: &Ctx, latest: Option<JournalSummary>) -> anyhow::Result<u8>
         );
         return Ok(exit::BAD_INPUT);
     }
-    let kind = strategy_kind(&orig.header.strategy)?;
     ctx.say(format!(
         "resuming the {} deployment {} of {}",
         orig.header.strategy, orig.header.deployment, orig.header.release
     ));
-    let carried = orig.header.previous.clone();
+    let recorded = Recorded::load(&ctx.state, &orig)?;
     run_deploy(
         ctx,
         RunKind::Resume,
-        kind,
+        Start::Resume(&recorded),
         orig.header.release.clone(),
-        Some(&orig),
-        Some(carried),
     )
     .await
-}
-
-/// A plan that returns every instance in `targets` that is not on its
-/// target, or was `touched`, to its target release, serving. Canary
-/// instances are returned stopped, after all traffic goes back to stable.
-fn rollback_plan(
-    ctx: &Ctx,
-    snap: &FleetSnapshot,
-    targets: &BTreeMap<InstanceId, Option<ReleaseId>>,
-    touched: &BTreeSet<InstanceId>,
-    canary: Option<(&Group, &Group)>,
-) -> anyhow::Result<Plan> {
-    let r = wire::rolling(&ctx.cfg.raw.strategy.rolling);
-    let mut units = Vec::new();
-    let mut leave_stopped = Vec::new();
-    let mut counts: BTreeMap<ReleaseId, usize> = BTreeMap::new();
-    for inst in &snap.instances {
-        let id = &inst.backend.id;
-        let Some(target) = targets.get(id) else { continue };
-        if inst.release == *target && !touched.contains(id) {
-            continue;
-        }
-        if let Some(t) = target {
-            *counts.entry(t.clone()).or_default() += 1;
-        }
-        let changed = inst.release != *target;
-        let progress = InstanceProgress {
-            previous: target.clone(),
-            release_changed: changed,
-            in_rotation: true,
-            running: changed,
-        };
-        let steps = match canary {
-            Some((_, c)) if &inst.backend.group == c => {
-                leave_stopped.push(id.clone());
-                retirement_steps(id, &progress, r.drain_timeout)
-            }
-            _ => {
-                let mut steps = Vec::new();
-                if !changed {
-                    // Left part-way on its old release: maybe stopped, maybe
-                    // out of rotation. A load balancer driver that keeps its
-                    // state in memory starts this process believing every
-                    // backend is in rotation; taking the instance out first
-                    // makes that state true before the start and enable.
-                    steps.push(Step::Disable { instance: id.clone() });
-                }
-                steps.extend(compensation_steps(id, &progress, r.health, r.drain_timeout));
-                steps
-            }
-        };
-        units.push(Unit {
-            instance: Some(id.clone()),
-            steps,
-        });
-    }
-    let batch = r.resolved_batch(snap.instances.len());
-    let mut stages = Vec::new();
-    if let Some((stable, _)) = canary {
-        stages.push(Stage {
-            name: "all traffic to stable".into(),
-            units: vec![Unit {
-                instance: None,
-                steps: vec![Step::SetWeights {
-                    weights: vec![GroupWeight {
-                        group: stable.clone(),
-                        percent: 100,
-                    }],
-                }],
-            }],
-        });
-    }
-    let n = units.len().div_ceil(batch.max(1));
-    let mut it = units.into_iter().peekable();
-    let mut k = 0;
-    while it.peek().is_some() {
-        k += 1;
-        stages.push(Stage {
-            name: format!("rollback batch {k}/{n}"),
-            units: it.by_ref().take(batch).collect(),
-        });
-    }
-    let release = counts
-        .into_iter()
-        .max_by_key(|(_, c)| *c)
-        .map(|(r, _)| r)
-        .or_else(|| targets.values().flatten().next().cloned())
-        .context("no instance has a release to return to")?;
-    let instances = stages
-        .iter()
-        .flat_map(|s| &s.units)
-        .filter(|u| u.instance.is_some())
-        .count();
-    Ok(Plan {
-        strategy: "rollback".into(),
-        release,
-        previous: snap
-            .instances
-            .iter()
-            .map(|i| (i.backend.id.clone(), i.release.clone()))
-            .collect(),
-        policy: FailurePolicy::RestoreInstance {
-            max_failures: instances,
-        },
-        health: r.health,
-        drain_timeout: r.drain_timeout,
-        rollback_batch: batch,
-        skipped: Vec::new(),
-        stages,
-        on_abort: Vec::new(),
-        leave_stopped,
-    })
 }
 
 pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
@@ -804,129 +588,71 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
             eprintln!("deploykit: error: nothing to roll back: no deployment is recorded");
             return Ok(exit::BAD_INPUT);
         };
-        let root = root_of(&ctx.state, latest)?;
-        let root_id = root.header.deployment.clone();
-        let chain = ctx.state.chain(&root_id)?;
-        // Instances some run of this deployment left part-way and no later
-        // run finished (an instance on another release than its target is
-        // returned whatever the journals say).
-        let touched: BTreeSet<InstanceId> = JournalSummary::unsettled_across(&chain);
-        let targets = root.header.previous.clone();
+        let recorded = Recorded::load(&ctx.state, &latest)?;
+        let root = recorded.deployment().header.clone();
         let relay = Arc::new(Relay::default());
         let fleet = wire::fleet(&ctx.cfg, &ctx.state, Some(relay.clone()))?;
         let exec = &fleet.executor;
         let snap = exec.snapshot().await?;
         let (out, human) = ctx.output();
-        let id = format!("{}-rollback", new_id(&root.header.release));
+        let id = format!("{}-rollback", new_id(&root.release));
         ctx.say(format!(
             "rolling back the {} deployment {} of {}",
-            root.header.strategy, root_id, root.header.release
+            root.strategy, root.deployment, root.release
         ));
-        if root.header.strategy == "blue-green" {
-            let bg = wire::blue_green(
-                &ctx.cfg.raw.strategy.blue_green,
-                ctx.cfg.raw.smoke_checks.as_deref(),
-            )?;
-            let live = reconciled_live(&ctx, exec).await?;
-            let switched_to = switch_target(root.header.plan.as_ref());
-            let mut header = JournalHeader::new(
-                &id,
-                &ctx.cfg.raw.app,
-                RunKind::Rollback,
-                "blue-green",
-                root.header.release.clone(),
-                snap.instances
-                    .iter()
-                    .map(|i| (i.backend.id.clone(), i.release.clone()))
-                    .collect(),
-            );
-            header.acts_on = Some(root_id.clone());
-            if switched_to.as_ref() == Some(&live) {
+        let blue_green = root.strategy == LibKind::BlueGreen;
+        let live = if blue_green {
+            Some(reconciled_live(&ctx, exec).await?)
+        } else {
+            None
+        };
+        let strategies = strategies(&ctx, root.strategy)?;
+        let plan = match recovery::rollback(&recorded, &snap, &strategies, live.as_ref())? {
+            recovery::Rollback::Plan(plan) => plan,
+            recovery::Rollback::SwitchBack => {
+                let mut header = JournalHeader::new(
+                    &id,
+                    &ctx.cfg.raw.app,
+                    RunKind::Rollback,
+                    LibKind::BlueGreen,
+                    root.release.clone(),
+                    snap.instances
+                        .iter()
+                        .map(|i| (i.backend.id.clone(), i.release.clone()))
+                        .collect(),
+                );
+                header.acts_on = Some(root.deployment.clone());
                 let journal = start_journal(&ctx, &relay, header, out)?;
-                let mut report = unless_refused(&journal, bg.rollback(exec).await)?.deployment;
+                let mut report =
+                    unless_refused(&journal, strategies.blue_green.rollback(exec).await)?.deployment;
                 report.deployment = id;
                 return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
             }
-            // Traffic never moved: stop the half-prepared environment and
-            // return it to its previous release.
-            let idle = switched_to.unwrap_or_else(|| bg.other(&live).cloned().unwrap_or(live.clone()));
-            let mut units = Vec::new();
-            for inst in snap.group(&idle) {
-                let id = &inst.backend.id;
-                let Some(target) = targets.get(id) else { continue };
-                if !touched.contains(id) && inst.release == *target {
-                    continue;
-                }
-                let progress = InstanceProgress {
-                    previous: target.clone(),
-                    release_changed: inst.release != *target,
-                    in_rotation: false,
-                    running: true,
-                };
-                units.push(Unit {
-                    instance: Some(id.clone()),
-                    steps: retirement_steps(id, &progress, Duration::from_secs(1)),
-                });
-            }
-            let ids: Vec<InstanceId> = units.iter().filter_map(|u| u.instance.clone()).collect();
-            let plan = Plan {
-                strategy: "rollback".into(),
-                release: root.header.release.clone(),
-                previous: header.previous.clone(),
-                policy: FailurePolicy::RestoreInstance {
-                    max_failures: ids.len(),
-                },
-                health: Default::default(),
-                drain_timeout: Duration::from_secs(1),
-                rollback_batch: ids.len().max(1),
-                skipped: Vec::new(),
-                stages: if units.is_empty() {
-                    Vec::new()
-                } else {
-                    vec![Stage {
-                        name: format!("stop {idle}"),
-                        units,
-                    }]
-                },
-                on_abort: Vec::new(),
-                leave_stopped: ids,
-            };
-            header.plan = Some(plan.clone());
-            exec.check_with(&plan, Preflight::Warn).await?;
-            let journal = start_journal(&ctx, &relay, header, out)?;
-            let report = unless_refused(&journal, exec.run_with(&plan, &id, Preflight::Warn).await)?;
-            return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
-        }
-        let canary_groups = (root.header.strategy == "canary").then(|| {
-            wire::canary(&ctx.cfg.raw.strategy.canary)
-                .map(|c| (c.stable_group.clone(), c.canary_group.clone()))
-        });
-        let canary_groups = canary_groups.transpose()?;
-        let plan = rollback_plan(
-            &ctx,
-            &snap,
-            &targets,
-            &touched,
-            canary_groups.as_ref().map(|(s, c)| (s, c)),
-        )?;
+        };
         let mut header = JournalHeader::new(
             &id,
             &ctx.cfg.raw.app,
             RunKind::Rollback,
-            "rollback",
+            if blue_green {
+                LibKind::BlueGreen
+            } else {
+                LibKind::Rollback
+            },
             plan.release.clone(),
             plan.previous.clone(),
         );
-        header.acts_on = Some(root_id);
+        header.acts_on = Some(root.deployment.clone());
         header.plan = Some(plan.clone());
         // A load balancer failing its preflight does not block a rollback
         // (a warning event): refusing would leave the fleet as mixed as it
         // is, and the rollback's own steps may still succeed.
         exec.check_with(&plan, Preflight::Warn).await?;
         let journal = start_journal(&ctx, &relay, header, out)?;
-        ctx.notifier()
-            .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
-            .await;
+        if !blue_green {
+            ctx.notifier()
+                .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
+                .await;
+        }
         let report = unless_refused(&journal, exec.run_with(&plan, &id, Preflight::Warn).await)?;
         conclude(&ctx, exec, &journal, &report, human.as_deref()).await
     })

@@ -91,7 +91,7 @@ impl EventSink for Human {
                 rollback: false,
                 result: StepResult::Ok | StepResult::Warning(_),
                 ..
-            } if step == "enable" => {
+            } if *step == deploykit::StepKind::Enable => {
                 let release = self.release.lock().expect("poisoned").clone();
                 self.line(t, format!("  ✓ {i} serving {release}"));
                 self.bar.inc(1);

@@ -17,7 +17,7 @@ use deploykit::{
 
 use crate::config::{
     BlueGreenConfig, CanaryConfig, Control, HealthKind, HostSpec, LbKind, Loaded, PromotionKind,
-    RollingConfig, SmokeCheckConfig, StrategyKind,
+    RecreateConfig, RollingConfig, SmokeCheckConfig, StrategyKind,
 };
 use crate::sim::{SimInstance, SimLoadBalancer};
 
@@ -133,18 +133,23 @@ pub(crate) fn canary(c: &CanaryConfig) -> deploykit::Result<Canary> {
     })
 }
 
+/// The recreate strategy of the configuration.
+pub(crate) fn recreate(c: &RecreateConfig) -> Recreate {
+    Recreate {
+        health: HealthCheck {
+            retries: c.health_retries,
+            interval: c.health_interval.0,
+        },
+        drain_timeout: c.drain_timeout.0,
+    }
+}
+
 /// The configured strategy (or `kind`), for planning.
 pub(crate) fn strategy(cfg: &Loaded, kind: StrategyKind) -> anyhow::Result<Box<dyn Strategy>> {
     let s = &cfg.raw.strategy;
     Ok(match kind {
         StrategyKind::Rolling => Box::new(rolling(&s.rolling)),
-        StrategyKind::Recreate => Box::new(Recreate {
-            health: HealthCheck {
-                retries: s.recreate.health_retries,
-                interval: s.recreate.health_interval.0,
-            },
-            drain_timeout: s.recreate.drain_timeout.0,
-        }),
+        StrategyKind::Recreate => Box::new(recreate(&s.recreate)),
         StrategyKind::BlueGreen => Box::new(blue_green(&s.blue_green, cfg.raw.smoke_checks.as_deref())?),
         StrategyKind::Canary => Box::new(canary(&s.canary)?),
     })

@@ -172,7 +172,7 @@ fn executor(f: &Fleet, lb: Arc<dyn LoadBalancer>, switch_started: Arc<Mutex<Opti
             ..
         } = &e.kind
         {
-            if step == "switch_to" {
+            if *step == deploykit::StepKind::SwitchTo {
                 switch_started.lock().unwrap().get_or_insert(Instant::now());
             }
         }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::kinds::{StepKind, StrategyKind};
 use crate::names::{InstanceId, ReleaseId};
 use crate::report::OutcomeKind;
 
@@ -33,7 +34,7 @@ pub enum EventKind {
     /// The deployment began.
     DeploymentStarted {
         /// The strategy.
-        strategy: String,
+        strategy: StrategyKind,
         /// The release being deployed.
         release: ReleaseId,
         /// Instances the plan touches.
@@ -59,7 +60,7 @@ pub enum EventKind {
         /// The stage index.
         stage: usize,
         /// The step's kind (`drain`, `install`, …).
-        step: String,
+        step: StepKind,
         /// The instance, if any.
         instance: Option<InstanceId>,
         /// Whether this step restores (rollback or per-instance restore).
@@ -70,7 +71,7 @@ pub enum EventKind {
         /// The stage index.
         stage: usize,
         /// The step's kind.
-        step: String,
+        step: StepKind,
         /// The instance, if any.
         instance: Option<InstanceId>,
         /// Whether this step restores.
@@ -100,7 +101,7 @@ pub enum EventKind {
         /// The instance.
         instance: InstanceId,
         /// The step that failed.
-        step: String,
+        step: StepKind,
         /// Why.
         reason: String,
     },

@@ -695,7 +695,7 @@ impl<'a> Run<'a> {
                 step,
                 reason,
             } => {
-                tracing::warn!(deployment = %self.id, %instance, step, reason, "instance failed")
+                tracing::warn!(deployment = %self.id, %instance, %step, reason, "instance failed")
             }
             EventKind::Warning { instance, message } => {
                 tracing::warn!(deployment = %self.id, instance = ?instance, message, "warning")
@@ -727,7 +727,7 @@ impl<'a> Run<'a> {
 
     async fn execute(self) -> Report {
         self.emit(EventKind::DeploymentStarted {
-            strategy: self.plan.strategy.clone(),
+            strategy: self.plan.strategy,
             release: self.plan.release.clone(),
             instances: self.plan.instances().len(),
             stages: self.plan.stages.len(),
@@ -838,7 +838,7 @@ impl<'a> Run<'a> {
                     });
                     self.emit(EventKind::InstanceFailed {
                         instance: id.clone(),
-                        step: step.kind().into(),
+                        step: step.kind(),
                         reason,
                     });
                 }
@@ -1079,7 +1079,7 @@ impl<'a> Run<'a> {
         };
         let report = Report {
             deployment: self.id.clone(),
-            strategy: self.plan.strategy.clone(),
+            strategy: self.plan.strategy,
             release: self.plan.release.clone(),
             outcome,
             reason: reason.clone(),
@@ -1113,7 +1113,7 @@ impl<'a> Run<'a> {
         let instance = step.instance().cloned();
         self.emit(EventKind::StepStarted {
             stage: si,
-            step: step.kind().into(),
+            step: step.kind(),
             instance: instance.clone(),
             rollback,
         });
@@ -1132,7 +1132,7 @@ impl<'a> Run<'a> {
         };
         self.emit(EventKind::StepFinished {
             stage: si,
-            step: step.kind().into(),
+            step: step.kind(),
             instance,
             rollback,
             duration_ms: ms(start.elapsed()),

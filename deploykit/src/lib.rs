@@ -70,6 +70,15 @@
 //! is what resuming and rolling back need; the `deploykit` CLI is built on
 //! it.
 //!
+//! ## Recovery
+//!
+//! [`recovery`] turns those journals back into plans: [`recovery::resume`]
+//! finishes an interrupted deployment (instances left part-way are redone
+//! from the start), [`recovery::rollback`] returns every instance to the
+//! release it ran before. Both read the journals and a fleet snapshot and
+//! return a [`Plan`] for the executor; plans, events and journals name
+//! strategies and steps as [`StrategyKind`] and [`StepKind`].
+//!
 //! ## Guarantees
 //!
 //! * Bad input ([`Error::InvalidInput`]) is reported before anything is
@@ -106,11 +115,13 @@ mod event;
 mod executor;
 mod gate;
 pub mod instance;
+mod kinds;
 pub mod lb;
 pub mod metrics;
 pub mod names;
 mod plan;
 mod promotion;
+pub mod recovery;
 mod report;
 pub mod smoke;
 pub mod state;
@@ -120,6 +131,7 @@ mod traits;
 pub use error::{DriverError, Error, Result};
 pub use event::{Event, EventKind, EventLog, EventSink, Fanout, StepResult};
 pub use executor::{Executor, ExecutorBuilder, Preflight, Retry, Timeouts};
+pub use kinds::{StepKind, StrategyKind};
 pub use lb::NoLoadBalancer;
 pub use names::{Address, Group, InstanceId, ReleaseId};
 pub use plan::{

@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::Analysis;
+use crate::kinds::{StepKind, StrategyKind};
 use crate::names::{Group, InstanceId, ReleaseId};
 use crate::smoke::SmokeCheck;
 use crate::traits::{Backend, GroupWeight};
@@ -98,7 +99,7 @@ pub enum FailurePolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     /// The strategy that produced it.
-    pub strategy: String,
+    pub strategy: StrategyKind,
     /// The release being deployed.
     pub release: ReleaseId,
     /// Each instance's release before the deployment (what rollback returns
@@ -314,29 +315,29 @@ pub enum Step {
 }
 
 impl Step {
-    /// The step's kind as a short word (`drain`, `install`, …).
-    pub fn kind(&self) -> &'static str {
+    /// The step's kind (`drain`, `install`, …).
+    pub fn kind(&self) -> StepKind {
         match self {
-            Step::Drain { .. } => "drain",
-            Step::AwaitDrained { .. } => "await_drained",
-            Step::Disable { .. } => "disable",
-            Step::Stop { .. } => "stop",
-            Step::Install { .. } => "install",
-            Step::Restore { .. } => "restore",
-            Step::Start { .. } => "start",
-            Step::AwaitHealthy { .. } => "await_healthy",
-            Step::Enable { .. } => "enable",
-            Step::Pause { .. } => "pause",
-            Step::SetWeights { .. } => "set_weights",
-            Step::SwitchTo { .. } => "switch_to",
-            Step::Analyze { .. } => "analyze",
-            Step::AwaitPromotion { .. } => "await_promotion",
-            Step::BackupRelease { .. } => "backup_release",
-            Step::AwaitHealthyWithin { .. } => "await_healthy_within",
-            Step::SmokeTest { .. } => "smoke_test",
-            Step::WarmUp { .. } => "warm_up",
-            Step::RecordSwitching { .. } => "record_switching",
-            Step::RecordLive { .. } => "record_live",
+            Step::Drain { .. } => StepKind::Drain,
+            Step::AwaitDrained { .. } => StepKind::AwaitDrained,
+            Step::Disable { .. } => StepKind::Disable,
+            Step::Stop { .. } => StepKind::Stop,
+            Step::Install { .. } => StepKind::Install,
+            Step::Restore { .. } => StepKind::Restore,
+            Step::Start { .. } => StepKind::Start,
+            Step::AwaitHealthy { .. } => StepKind::AwaitHealthy,
+            Step::Enable { .. } => StepKind::Enable,
+            Step::Pause { .. } => StepKind::Pause,
+            Step::SetWeights { .. } => StepKind::SetWeights,
+            Step::SwitchTo { .. } => StepKind::SwitchTo,
+            Step::Analyze { .. } => StepKind::Analyze,
+            Step::AwaitPromotion { .. } => StepKind::AwaitPromotion,
+            Step::BackupRelease { .. } => StepKind::BackupRelease,
+            Step::AwaitHealthyWithin { .. } => StepKind::AwaitHealthyWithin,
+            Step::SmokeTest { .. } => StepKind::SmokeTest,
+            Step::WarmUp { .. } => StepKind::WarmUp,
+            Step::RecordSwitching { .. } => StepKind::RecordSwitching,
+            Step::RecordLive { .. } => StepKind::RecordLive,
         }
     }
 
@@ -707,7 +708,7 @@ mod tests {
         };
         let kinds: Vec<_> = compensation_steps(&id("a"), &stopped, hc, dt)
             .iter()
-            .map(Step::kind)
+            .map(|s| s.kind().as_str())
             .collect();
         assert_eq!(kinds, ["start", "await_healthy", "enable"]);
         let moved = InstanceProgress {
@@ -716,7 +717,7 @@ mod tests {
         };
         let kinds: Vec<_> = compensation_steps(&id("a"), &moved, hc, dt)
             .iter()
-            .map(Step::kind)
+            .map(|s| s.kind().as_str())
             .collect();
         assert_eq!(
             kinds,
@@ -738,7 +739,7 @@ mod tests {
         };
         let kinds: Vec<_> = compensation_steps(&id("a"), &fresh, hc, dt)
             .iter()
-            .map(Step::kind)
+            .map(|s| s.kind().as_str())
             .collect();
         assert_eq!(kinds, ["stop", "disable"]);
     }

@@ -70,7 +70,7 @@ pub struct Report {
     /// The deployment's id.
     pub deployment: String,
     /// The strategy.
-    pub strategy: String,
+    pub strategy: crate::kinds::StrategyKind,
     /// The release that was deployed.
     pub release: ReleaseId,
     /// The outcome.

@@ -287,8 +287,13 @@ pub trait MetricsSource: Send + Sync + Debug {
 /// run), compared in tests, and executed by the one
 /// [`Executor`](crate::Executor).
 pub trait Strategy: Send + Sync + Debug {
+    /// Which strategy this is; plans, events and journals carry it.
+    fn kind(&self) -> crate::kinds::StrategyKind;
+
     /// The strategy's name (`rolling`, `recreate`, …).
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &'static str {
+        self.kind().as_str()
+    }
 
     /// Checks the strategy's parameters against the fleet and compiles the
     /// plan.

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::lock::Holder;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, EventSink, StepResult};
+use crate::kinds::{StepKind, StrategyKind};
 use crate::names::{InstanceId, ReleaseId};
 use crate::plan::Plan;
 use crate::report::OutcomeKind;
@@ -40,7 +41,7 @@ pub struct JournalHeader {
     /// Deploy, resume or rollback.
     pub kind: RunKind,
     /// The strategy (`rolling`, `blue-green`, …; `rollback` for rollbacks).
-    pub strategy: String,
+    pub strategy: StrategyKind,
     /// The release the run moves the fleet to.
     pub release: ReleaseId,
     /// Each instance's release before the run: what a rollback returns it to.
@@ -66,7 +67,7 @@ impl JournalHeader {
         deployment: impl Into<String>,
         app: impl Into<String>,
         kind: RunKind,
-        strategy: impl Into<String>,
+        strategy: StrategyKind,
         release: ReleaseId,
         previous: BTreeMap<InstanceId, Option<ReleaseId>>,
     ) -> Self {
@@ -75,7 +76,7 @@ impl JournalHeader {
             deployment: deployment.into(),
             app: app.into(),
             kind,
-            strategy: strategy.into(),
+            strategy,
             release,
             previous,
             plan: None,
@@ -296,7 +297,7 @@ pub struct HistoryEntry {
     /// Deploy, resume or rollback.
     pub kind: RunKind,
     /// The strategy.
-    pub strategy: String,
+    pub strategy: StrategyKind,
     /// The release.
     pub release: ReleaseId,
     /// How it ended.
@@ -411,7 +412,7 @@ impl JournalSummary {
                     step,
                     result: StepResult::Ok | StepResult::Warning(_),
                     ..
-                } if step == "enable" => {
+                } if *step == StepKind::Enable => {
                     state.insert(i.clone(), true);
                 }
                 EventKind::InstanceRestored { instance, .. } => {
@@ -429,9 +430,9 @@ impl JournalSummary {
 
     /// Whether a step of `kind` finished well outside any rollback (e.g.
     /// `record_live`: a blue-green switch was recorded).
-    pub fn step_done(&self, kind: &str) -> bool {
+    pub fn step_done(&self, kind: StepKind) -> bool {
         self.events.iter().any(|e| {
-            matches!(&e.kind, EventKind::StepFinished { step, rollback: false, result: StepResult::Ok, .. } if step == kind)
+            matches!(&e.kind, EventKind::StepFinished { step, rollback: false, result: StepResult::Ok, .. } if *step == kind)
         })
     }
 
@@ -483,7 +484,7 @@ impl JournalSummary {
         HistoryEntry {
             id: h.deployment.clone(),
             kind: h.kind,
-            strategy: h.strategy.clone(),
+            strategy: h.strategy,
             release: h.release.clone(),
             outcome,
             started_at_ms: h.started_at_ms,
@@ -560,8 +561,16 @@ mod tests {
     fn only_a_journal_of_a_run_that_never_started_is_discarded() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path(), "shop").unwrap();
-        let header =
-            |id: &str| JournalHeader::new(id, "shop", RunKind::Deploy, "rolling", rid("v2"), BTreeMap::new());
+        let header = |id: &str| {
+            JournalHeader::new(
+                id,
+                "shop",
+                RunKind::Deploy,
+                StrategyKind::Rolling,
+                rid("v2"),
+                BTreeMap::new(),
+            )
+        };
         let refused = state.create_journal(header("d1")).unwrap();
         assert!(refused.discard_unstarted().unwrap());
         assert!(!refused.path().exists());
@@ -570,7 +579,7 @@ mod tests {
         let started = state.create_journal(header("d2")).unwrap();
         started.emit(&ev(EventKind::StepStarted {
             stage: 0,
-            step: "drain".into(),
+            step: StepKind::Drain,
             instance: Some(iid("a")),
             rollback: false,
         }));
@@ -588,7 +597,7 @@ mod tests {
             "d1",
             "shop",
             RunKind::Deploy,
-            "rolling",
+            StrategyKind::Rolling,
             rid("v2"),
             previous.clone(),
         );
@@ -596,13 +605,13 @@ mod tests {
         assert_eq!(j.records(), 1);
         j.emit(&ev(EventKind::StepStarted {
             stage: 0,
-            step: "drain".into(),
+            step: StepKind::Drain,
             instance: Some(iid("a")),
             rollback: false,
         }));
         j.emit(&ev(EventKind::StepFinished {
             stage: 0,
-            step: "enable".into(),
+            step: StepKind::Enable,
             instance: Some(iid("a")),
             rollback: false,
             duration_ms: 1,
@@ -611,7 +620,7 @@ mod tests {
         }));
         j.emit(&ev(EventKind::StepStarted {
             stage: 2,
-            step: "drain".into(),
+            step: StepKind::Drain,
             instance: Some(iid("b")),
             rollback: false,
         }));
@@ -631,7 +640,7 @@ mod tests {
         assert!(JournalSummary::unsettled_across(&[s.clone(), later.clone()]).is_empty());
         later.events.push(ev(EventKind::StepStarted {
             stage: 0,
-            step: "drain".into(),
+            step: StepKind::Drain,
             instance: Some(iid("a")),
             rollback: true,
         }));
@@ -667,7 +676,14 @@ mod tests {
         let j2 = state
             .create_journal(JournalHeader {
                 started_at_ms: header.started_at_ms + 1,
-                ..JournalHeader::new("d2", "shop", RunKind::Rollback, "rollback", rid("v1"), previous)
+                ..JournalHeader::new(
+                    "d2",
+                    "shop",
+                    RunKind::Rollback,
+                    StrategyKind::Rollback,
+                    rid("v1"),
+                    previous,
+                )
             })
             .unwrap();
         j2.finish(JournalOutcome {
@@ -687,7 +703,7 @@ mod tests {
             "d2",
             "shop",
             RunKind::Deploy,
-            "rolling",
+            StrategyKind::Rolling,
             rid("v3"),
             BTreeMap::new(),
         );
@@ -735,7 +751,14 @@ mod tests {
     fn awaiting_promotion_follows_the_events() {
         let s = JournalSummary {
             path: PathBuf::new(),
-            header: JournalHeader::new("d", "a", RunKind::Deploy, "canary", rid("v2"), BTreeMap::new()),
+            header: JournalHeader::new(
+                "d",
+                "a",
+                RunKind::Deploy,
+                StrategyKind::Canary,
+                rid("v2"),
+                BTreeMap::new(),
+            ),
             events: vec![ev(EventKind::AwaitingPromotion {
                 stage: 2,
                 weight: 25,

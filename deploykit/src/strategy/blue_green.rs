@@ -277,7 +277,7 @@ impl BlueGreen {
     fn retire_plan(&self, fleet: &FleetSnapshot, env: &Group, release: &ReleaseId) -> Plan {
         let ids: Vec<InstanceId> = fleet.group(env).map(|i| i.backend.id.clone()).collect();
         Plan {
-            strategy: "blue-green-retire".into(),
+            strategy: crate::StrategyKind::BlueGreenRetire,
             release: release.clone(),
             previous: previous_map(fleet),
             policy: FailurePolicy::BlueGreen,
@@ -427,8 +427,8 @@ impl BlueGreen {
                 cold.push(i.backend().id.clone());
             }
         }
-        let base = |strategy: &str, stages: Vec<Stage>, batch: usize| Plan {
-            strategy: strategy.into(),
+        let base = |strategy: crate::StrategyKind, stages: Vec<Stage>, batch: usize| Plan {
+            strategy,
             release: release.clone(),
             previous: previous_map(&fleet),
             policy: FailurePolicy::BlueGreen,
@@ -441,7 +441,7 @@ impl BlueGreen {
             stages,
         };
         let switch = base(
-            "blue-green-rollback",
+            crate::StrategyKind::BlueGreenRollback,
             vec![Stage {
                 name: format!("switch to {previous}"),
                 units: vec![Unit {
@@ -472,7 +472,7 @@ impl BlueGreen {
                 })
                 .collect();
             let ready = base(
-                "blue-green-rollback",
+                crate::StrategyKind::BlueGreenRollback,
                 vec![Stage {
                     name: format!("start {previous}"),
                     units,
@@ -530,8 +530,8 @@ fn switch_steps(from: &Group, to: &Group) -> Vec<Step> {
 }
 
 impl Strategy for BlueGreen {
-    fn name(&self) -> &'static str {
-        "blue-green"
+    fn kind(&self) -> crate::StrategyKind {
+        crate::StrategyKind::BlueGreen
     }
 
     fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
@@ -598,7 +598,7 @@ impl Strategy for BlueGreen {
             }],
         });
         Ok(Plan {
-            strategy: self.name().into(),
+            strategy: self.kind(),
             release: release.clone(),
             previous: previous_map(fleet),
             policy: FailurePolicy::BlueGreen,
@@ -668,9 +668,17 @@ mod tests {
             plan.instances().iter().map(|i| i.as_str()).collect::<Vec<_>>(),
             ["i-1", "i-2"]
         );
-        let kinds: Vec<_> = plan.stages[0].units[0].steps.iter().map(Step::kind).collect();
+        let kinds: Vec<_> = plan.stages[0].units[0]
+            .steps
+            .iter()
+            .map(|s| s.kind().as_str())
+            .collect();
         assert_eq!(kinds, ["stop", "install", "start", "await_healthy_within"]);
-        let kinds: Vec<_> = plan.stages[3].units[0].steps.iter().map(Step::kind).collect();
+        let kinds: Vec<_> = plan.stages[3].units[0]
+            .steps
+            .iter()
+            .map(|s| s.kind().as_str())
+            .collect();
         assert_eq!(kinds, ["record_switching", "switch_to", "record_live"]);
         assert_eq!(plan.policy, FailurePolicy::BlueGreen);
         assert_eq!(plan.projected_duration().max, Duration::from_secs(300));

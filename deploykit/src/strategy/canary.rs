@@ -222,8 +222,8 @@ impl Canary {
 }
 
 impl Strategy for Canary {
-    fn name(&self) -> &'static str {
-        "canary"
+    fn kind(&self) -> crate::StrategyKind {
+        crate::StrategyKind::Canary
     }
 
     fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
@@ -262,7 +262,7 @@ impl Strategy for Canary {
             stable.iter().partition(|i| i.release.as_ref() == Some(release));
         let skipped: Vec<InstanceId> = skipped.iter().map(|i| i.backend.id.clone()).collect();
         let mut plan = Plan {
-            strategy: self.name().into(),
+            strategy: self.kind(),
             release: release.clone(),
             previous: previous_map(fleet),
             policy: FailurePolicy::AbortAll,

@@ -34,8 +34,8 @@ impl Default for Recreate {
 }
 
 impl Strategy for Recreate {
-    fn name(&self) -> &'static str {
-        "recreate"
+    fn kind(&self) -> crate::StrategyKind {
+        crate::StrategyKind::Recreate
     }
 
     fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
@@ -89,7 +89,7 @@ impl Strategy for Recreate {
             ]
         };
         Ok(Plan {
-            strategy: self.name().into(),
+            strategy: self.kind(),
             release: release.clone(),
             previous: previous_map(fleet),
             policy: FailurePolicy::AbortAll,

@@ -105,8 +105,8 @@ impl Rolling {
 }
 
 impl Strategy for Rolling {
-    fn name(&self) -> &'static str {
-        "rolling"
+    fn kind(&self) -> crate::StrategyKind {
+        crate::StrategyKind::Rolling
     }
 
     fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
@@ -148,7 +148,7 @@ impl Strategy for Rolling {
             });
         }
         Ok(Plan {
-            strategy: self.name().into(),
+            strategy: self.kind(),
             release: release.clone(),
             previous: previous_map(fleet),
             policy: FailurePolicy::RestoreInstance { max_failures },

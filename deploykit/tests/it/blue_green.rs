@@ -286,7 +286,7 @@ async fn failed_warm_up_requests_are_counted_not_fatal() {
     assert!(out.is_success(), "{}", out.deployment);
     let warned = bg.log.events().iter().any(|e| {
         matches!(&e.kind, EventKind::StepFinished { step, result: StepResult::Warning(w), .. }
-            if step == "warm_up" && w.contains("10 of 100"))
+            if *step == deploykit::StepKind::WarmUp && w.contains("10 of 100"))
     });
     assert!(warned, "a warning counts the failed warm-up requests");
     let last = bg.log.events().iter().rev().find_map(|e| match &e.kind {

@@ -260,7 +260,7 @@ async fn canary_is_healthy_before_any_traffic_and_stable_waits_for_the_finalize(
         .iter()
         .position(|e| {
             matches!(&e.kind, EventKind::StepFinished { step, instance: Some(i), result: deploykit::StepResult::Ok, .. }
-                if step == "await_healthy" && i.as_str() == CANARY)
+                if *step == deploykit::StepKind::AwaitHealthy && i.as_str() == CANARY)
         })
         .expect("canary health checked");
     let first_weight = events

@@ -5,6 +5,8 @@ mod util;
 
 mod blue_green;
 mod canary;
+mod crash;
+mod fixtures;
 mod props;
 mod recreate;
 mod rolling;

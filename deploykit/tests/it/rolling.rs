@@ -180,7 +180,11 @@ async fn failed_graceful_stop_is_forced() {
                 instance,
                 result,
                 ..
-            } if step == "stop" && instance.as_ref().map(|i| i.as_str()) == Some("i-2") => Some(result),
+            } if step == deploykit::StepKind::Stop
+                && instance.as_ref().map(|i| i.as_str()) == Some("i-2") =>
+            {
+                Some(result)
+            }
             _ => None,
         })
         .unwrap();
@@ -211,7 +215,11 @@ async fn transient_errors_are_retried() {
         .events()
         .into_iter()
         .find_map(|e| match e.kind {
-            EventKind::StepFinished { step, attempts, .. } if step == "drain" => Some(attempts),
+            EventKind::StepFinished {
+                step: deploykit::StepKind::Drain,
+                attempts,
+                ..
+            } => Some(attempts),
             _ => None,
         })
         .unwrap();
@@ -330,7 +338,7 @@ async fn the_plan_is_a_value() {
                 st.name.clone(),
                 st.units
                     .iter()
-                    .map(|u| u.steps.iter().map(|s| s.kind()).collect())
+                    .map(|u| u.steps.iter().map(|s| s.kind().as_str()).collect())
                     .collect(),
             )
         })

@@ -1,0 +1,785 @@
+//! Recovery: resuming or rolling back a deployment from what its journals
+//! say.
+//!
+//! A deployment whose process died (a crash, `kill -9`, a power cut) leaves
+//! a [journal](crate::state::Journal) without an outcome: its header names
+//! the strategy, the release and what every instance ran before; its events
+//! say which instances were started on and which were finished. Recovery
+//! reads that and the fleet as it is now, and returns a [`Plan`] for the
+//! [`Executor`](crate::Executor) — nothing here touches an instance.
+//!
+//! * [`resume`] finishes the deployment: the same strategy planned again
+//!   over the fleet, with every instance left part-way treated as still on
+//!   its previous release (so it is redone from the start), and a blue-green
+//!   deployment that had already switched traffic recognised as done.
+//! * [`rollback`] undoes it: every instance that is not on the release it
+//!   ran before, or that some run left part-way, is returned to it, serving
+//!   (canary instances are returned stopped, after all traffic goes back to
+//!   the stable track); a blue-green deployment that had switched traffic
+//!   switches back.
+//!
+//! A deployment and the resumes and rollbacks that acted on it form one
+//! [`Recorded`] chain: an instance left part-way by the deployment and
+//! finished by a later resume is settled; one a rollback only started on is
+//! not. Journal the recovery run too (a header with
+//! [`acts_on`](crate::state::JournalHeader::acts_on) naming the deployment,
+//! as the CLI does), and a recovery that is itself interrupted is recovered
+//! the same way.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::collections::BTreeMap;
+//! use deploykit::recovery::{self, Recorded, Strategies};
+//! use deploykit::state::{JournalHeader, RunKind, StateDir};
+//! use deploykit::{Address, Backend, FleetSnapshot, Group, InstanceId, InstanceSnapshot, ReleaseId, StrategyKind};
+//!
+//! let base = tempfile::tempdir()?;
+//! let state = StateDir::open(base.path(), "shop")?;
+//! let (v1, v2) = (ReleaseId::new("v1")?, ReleaseId::new("v2")?);
+//! let (a, b) = (InstanceId::new("a")?, InstanceId::new("b")?);
+//! // A rolling deployment of v2 recorded that both instances ran v1, then
+//! // its process died after moving `a`.
+//! let previous = BTreeMap::from([(a.clone(), Some(v1.clone())), (b.clone(), Some(v1.clone()))]);
+//! let header = JournalHeader::new("d1", "shop", RunKind::Deploy, StrategyKind::Rolling, v2.clone(), previous);
+//! drop(state.create_journal(header)?);
+//! let on = |id: &InstanceId, release: &ReleaseId| InstanceSnapshot {
+//!     backend: Backend { id: id.clone(), address: Address::parse("127.0.0.1:8080").unwrap(), group: Group::default_group() },
+//!     release: Some(release.clone()),
+//! };
+//! let fleet = FleetSnapshot { instances: vec![on(&a, &v2), on(&b, &v1)] };
+//! let recorded = Recorded::load(&state, &state.latest()?.unwrap())?;
+//! let plan = match recovery::rollback(&recorded, &fleet, &Strategies::default(), None)? {
+//!     recovery::Rollback::Plan(plan) => plan,
+//!     recovery::Rollback::SwitchBack => unreachable!("not blue-green"),
+//! };
+//! // Only `a` left v1: it alone is returned.
+//! assert_eq!(plan.release, v1);
+//! assert_eq!(plan.stages.len(), 1);
+//! assert_eq!(plan.stages[0].units[0].instance, Some(a));
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::kinds::StrategyKind;
+use crate::names::{Group, InstanceId, ReleaseId};
+use crate::plan::{
+    compensation_steps, retirement_steps, FailurePolicy, FleetSnapshot, InstanceProgress, Plan, Stage, Step,
+    Unit,
+};
+use crate::state::{JournalSummary, RunKind, StateDir};
+use crate::strategy::{BlueGreen, Canary, Recreate, Rolling};
+use crate::traits::{GroupWeight, Strategy};
+
+/// The strategies as configured: what a resume plans with, and the
+/// settings (batch size, health checks, drain timeout) a rollback uses.
+#[derive(Debug, Clone, Default)]
+pub struct Strategies {
+    /// Rolling; its batch size, health check and drain timeout also pace
+    /// every rollback but blue-green's.
+    pub rolling: Rolling,
+    /// Recreate.
+    pub recreate: Recreate,
+    /// Blue-green; its environments say which instances are idle.
+    pub blue_green: BlueGreen,
+    /// Canary; its groups say which instances end stopped.
+    pub canary: Canary,
+}
+
+impl Strategies {
+    /// The strategy of `kind`, or `None` for the kinds only recovery plans
+    /// have ([`StrategyKind::Rollback`], …).
+    pub fn get(&self, kind: StrategyKind) -> Option<&dyn Strategy> {
+        match kind {
+            StrategyKind::Rolling => Some(&self.rolling),
+            StrategyKind::Recreate => Some(&self.recreate),
+            StrategyKind::BlueGreen => Some(&self.blue_green),
+            StrategyKind::Canary => Some(&self.canary),
+            _ => None,
+        }
+    }
+}
+
+/// A deployment as its journals tell it: its own journal and those of every
+/// resume and rollback that acted on it, oldest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    deployment: JournalSummary,
+    chain: Vec<JournalSummary>,
+}
+
+impl Recorded {
+    /// The deployment `latest` belongs to (`latest` itself, or the one it
+    /// resumed or rolled back) and every run that acted on it, read from
+    /// `state`.
+    ///
+    /// # Errors
+    /// [`Error::Inconsistent`] when the journal of the deployment `latest`
+    /// acts on is missing; as [`StateDir::journals`] otherwise.
+    pub fn load(state: &StateDir, latest: &JournalSummary) -> Result<Self> {
+        let root = match (&latest.header.kind, &latest.header.acts_on) {
+            (RunKind::Deploy, _) | (_, None) => latest.header.deployment.clone(),
+            (_, Some(id)) => id.clone(),
+        };
+        Self::new(state.chain(&root)?)
+    }
+
+    /// From journals already read: the deployment's own journal and every
+    /// run that acted on it, oldest first (as [`StateDir::chain`] returns
+    /// them).
+    ///
+    /// # Errors
+    /// [`Error::Inconsistent`] when no journal in `chain` is a deployment
+    /// that acts on nothing.
+    pub fn new(chain: Vec<JournalSummary>) -> Result<Self> {
+        let deployment = chain
+            .iter()
+            .find(|j| j.header.kind == RunKind::Deploy || j.header.acts_on.is_none())
+            .cloned()
+            .ok_or_else(|| {
+                let named = chain
+                    .first()
+                    .and_then(|j| j.header.acts_on.clone())
+                    .unwrap_or_else(|| "?".into());
+                Error::Inconsistent(format!(
+                    "the journal of deployment {named}, which later runs act on, is missing"
+                ))
+            })?;
+        Ok(Self { deployment, chain })
+    }
+
+    /// The deployment's own journal.
+    pub fn deployment(&self) -> &JournalSummary {
+        &self.deployment
+    }
+
+    /// Every journal of the chain, oldest first.
+    pub fn chain(&self) -> &[JournalSummary] {
+        &self.chain
+    }
+
+    /// The newest run of the chain (the one a resume continues).
+    pub fn latest(&self) -> &JournalSummary {
+        self.chain.last().unwrap_or(&self.deployment)
+    }
+
+    /// Instances some run left part-way and no later run finished.
+    pub fn unsettled(&self) -> BTreeSet<InstanceId> {
+        JournalSummary::unsettled_across(&self.chain)
+    }
+}
+
+/// What resuming an interrupted deployment takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
+pub enum Resume {
+    /// The interrupted blue-green deployment had switched traffic to `live`:
+    /// nothing is left to do.
+    Switched {
+        /// The environment live now, the one the deployment switched to.
+        live: Group,
+    },
+    /// Run this plan (journalled with the interrupted run's release and
+    /// previous releases).
+    Plan(Plan),
+}
+
+/// What rolling back a deployment takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
+pub enum Rollback {
+    /// The blue-green deployment had switched traffic: make the previous
+    /// environment live again with [`BlueGreen::rollback`].
+    SwitchBack,
+    /// Run this plan.
+    Plan(Plan),
+}
+
+/// The plan that finishes the newest, interrupted run of `recorded`.
+///
+/// `fleet` is the fleet as it is now; `live` is the reconciled live
+/// environment (see [`reconcile`](crate::bluegreen_state::reconcile)),
+/// needed for blue-green only.
+///
+/// # Errors
+/// * [`Error::Refused`] when the newest run finished (nothing to resume) or
+///   is a rollback (roll back again instead), or its strategy is not one
+///   that resumes.
+/// * [`Error::InvalidInput`] (field `live`) for a blue-green deployment
+///   without `live`; the strategy's own errors when it cannot plan.
+pub fn resume(
+    recorded: &Recorded,
+    fleet: &FleetSnapshot,
+    strategies: &Strategies,
+    live: Option<&Group>,
+) -> Result<Resume> {
+    let run = recorded.latest();
+    let h = &run.header;
+    if run.is_finished() {
+        return Err(Error::Refused(format!(
+            "nothing to resume: the run {} finished",
+            h.deployment
+        )));
+    }
+    if h.kind == RunKind::Rollback {
+        return Err(Error::Refused(format!(
+            "the interrupted run {} is a rollback; roll back again to finish it",
+            h.deployment
+        )));
+    }
+    let strategy = strategies.get(h.strategy).ok_or_else(|| {
+        Error::Refused(format!(
+            "the journal of {} names the strategy {}, which does not resume",
+            h.deployment, h.strategy
+        ))
+    })?;
+    if h.strategy == StrategyKind::BlueGreen {
+        let live = live.ok_or_else(|| {
+            Error::invalid(
+                "live",
+                "a blue-green deployment resumes from the reconciled live environment; pass reconcile(..).live",
+            )
+        })?;
+        if switch_target(h.plan.as_ref()).as_ref() == Some(live) {
+            return Ok(Resume::Switched { live: live.clone() });
+        }
+        let planner = BlueGreen {
+            live: Some(live.clone()),
+            ..strategies.blue_green.clone()
+        };
+        return Ok(Resume::Plan(planner.plan(fleet, &h.release)?));
+    }
+    // Instances left part-way are redone from the start: plan as if they
+    // were still on the release they had before.
+    let unsettled = recorded.unsettled();
+    let found = fleet;
+    let mut fleet = fleet.clone();
+    for i in &mut fleet.instances {
+        if unsettled.contains(&i.backend.id) {
+            if let Some(prev) = h.previous.get(&i.backend.id) {
+                i.release = prev.clone();
+            }
+        }
+    }
+    let plan = strategy.plan(&fleet, &h.release)?;
+    if h.strategy == StrategyKind::Canary && plan.stages.is_empty() {
+        // Every stable instance was moved: what may be left is the canary's
+        // end, all traffic to stable and the canary instances stopped. It
+        // restores nothing, so it starts from the fleet as found.
+        return Ok(Resume::Plan(finish_canary(&strategies.canary, found, &h.release)));
+    }
+    Ok(Resume::Plan(plan))
+}
+
+/// The plan that undoes the deployment of `recorded`, returning every
+/// instance to the release it ran before the deployment.
+///
+/// `live` is the reconciled live environment, needed for blue-green only.
+///
+/// # Errors
+/// * [`Error::InvalidInput`] (field `live`) for a blue-green deployment
+///   without `live`.
+/// * [`Error::Refused`] when no instance has a release to return to.
+pub fn rollback(
+    recorded: &Recorded,
+    fleet: &FleetSnapshot,
+    strategies: &Strategies,
+    live: Option<&Group>,
+) -> Result<Rollback> {
+    let root = recorded.deployment();
+    let targets = &root.header.previous;
+    let touched = recorded.unsettled();
+    match root.header.strategy {
+        StrategyKind::BlueGreen => {
+            let live = live.ok_or_else(|| {
+                Error::invalid(
+                    "live",
+                    "a blue-green deployment rolls back from the reconciled live environment; pass reconcile(..).live",
+                )
+            })?;
+            let switched_to = switch_target(root.header.plan.as_ref());
+            if switched_to.as_ref() == Some(live) {
+                return Ok(Rollback::SwitchBack);
+            }
+            let idle = switched_to.unwrap_or_else(|| {
+                strategies
+                    .blue_green
+                    .other(live)
+                    .cloned()
+                    .unwrap_or_else(|_| live.clone())
+            });
+            Ok(Rollback::Plan(stop_idle(
+                fleet,
+                &idle,
+                targets,
+                &touched,
+                &root.header.release,
+            )))
+        }
+        StrategyKind::Canary => Ok(Rollback::Plan(return_to(
+            fleet,
+            targets,
+            &touched,
+            &strategies.rolling,
+            Some(&strategies.canary),
+        )?)),
+        _ => Ok(Rollback::Plan(return_to(
+            fleet,
+            targets,
+            &touched,
+            &strategies.rolling,
+            None,
+        )?)),
+    }
+}
+
+/// The environment a blue-green plan switches to.
+pub fn switch_target(plan: Option<&Plan>) -> Option<Group> {
+    plan?
+        .stages
+        .iter()
+        .flat_map(|s| &s.units)
+        .flat_map(|u| &u.steps)
+        .find_map(|s| match s {
+            Step::SwitchTo { group } => Some(group.clone()),
+            _ => None,
+        })
+}
+
+fn previous_of(fleet: &FleetSnapshot) -> BTreeMap<InstanceId, Option<ReleaseId>> {
+    fleet
+        .instances
+        .iter()
+        .map(|i| (i.backend.id.clone(), i.release.clone()))
+        .collect()
+}
+
+fn to_stable(stable: &Group) -> Stage {
+    Stage {
+        name: "all traffic to stable".into(),
+        units: vec![Unit {
+            instance: None,
+            steps: vec![Step::SetWeights {
+                weights: vec![GroupWeight {
+                    group: stable.clone(),
+                    percent: 100,
+                }],
+            }],
+        }],
+    }
+}
+
+/// The end of a canary deployment: all traffic to the stable track, the
+/// canary instances drained and stopped.
+pub fn finish_canary(canary: &Canary, fleet: &FleetSnapshot, release: &ReleaseId) -> Plan {
+    let ids: Vec<InstanceId> = fleet
+        .group(&canary.canary_group)
+        .map(|i| i.backend.id.clone())
+        .collect();
+    let units = fleet
+        .group(&canary.canary_group)
+        .map(|i| Unit {
+            instance: Some(i.backend.id.clone()),
+            steps: retirement_steps(
+                &i.backend.id,
+                &InstanceProgress::untouched(i.release.clone()),
+                canary.drain_timeout,
+            ),
+        })
+        .collect();
+    Plan {
+        strategy: StrategyKind::Canary,
+        release: release.clone(),
+        previous: previous_of(fleet),
+        policy: FailurePolicy::RestoreInstance {
+            max_failures: ids.len(),
+        },
+        health: canary.health,
+        drain_timeout: canary.drain_timeout,
+        rollback_batch: ids.len().max(1),
+        skipped: Vec::new(),
+        stages: vec![
+            to_stable(&canary.stable_group),
+            Stage {
+                name: "stop canary".into(),
+                units,
+            },
+        ],
+        on_abort: Vec::new(),
+        leave_stopped: ids,
+    }
+}
+
+/// A plan that returns every instance in `targets` that is not on its
+/// target, or was `touched`, to its target release, serving, in batches of
+/// `rolling`'s batch size. With `canary`, its canary instances are returned
+/// stopped, after all traffic goes back to the stable track.
+///
+/// # Errors
+/// [`Error::Refused`] when no instance has a release to return to.
+pub fn return_to(
+    fleet: &FleetSnapshot,
+    targets: &BTreeMap<InstanceId, Option<ReleaseId>>,
+    touched: &BTreeSet<InstanceId>,
+    rolling: &Rolling,
+    canary: Option<&Canary>,
+) -> Result<Plan> {
+    let mut units = Vec::new();
+    let mut leave_stopped = Vec::new();
+    let mut counts: BTreeMap<ReleaseId, usize> = BTreeMap::new();
+    for inst in &fleet.instances {
+        let id = &inst.backend.id;
+        let Some(target) = targets.get(id) else { continue };
+        if inst.release == *target && !touched.contains(id) {
+            continue;
+        }
+        if let Some(t) = target {
+            *counts.entry(t.clone()).or_default() += 1;
+        }
+        let changed = inst.release != *target;
+        let progress = InstanceProgress {
+            previous: target.clone(),
+            release_changed: changed,
+            in_rotation: true,
+            running: changed,
+        };
+        let steps = match canary {
+            Some(c) if inst.backend.group == c.canary_group => {
+                leave_stopped.push(id.clone());
+                retirement_steps(id, &progress, rolling.drain_timeout)
+            }
+            _ => {
+                let mut steps = Vec::new();
+                if !changed {
+                    // Left part-way on its old release: maybe stopped, maybe
+                    // out of rotation. A load balancer driver that keeps its
+                    // state in memory starts this process believing every
+                    // backend is in rotation; taking the instance out first
+                    // makes that state true before the start and enable.
+                    steps.push(Step::Disable { instance: id.clone() });
+                }
+                steps.extend(compensation_steps(
+                    id,
+                    &progress,
+                    rolling.health,
+                    rolling.drain_timeout,
+                ));
+                steps
+            }
+        };
+        units.push(Unit {
+            instance: Some(id.clone()),
+            steps,
+        });
+    }
+    let batch = rolling.resolved_batch(fleet.instances.len()).max(1);
+    let mut stages = Vec::new();
+    if let Some(c) = canary {
+        stages.push(to_stable(&c.stable_group));
+    }
+    let n = units.len().div_ceil(batch);
+    let mut it = units.into_iter().peekable();
+    let mut k = 0;
+    while it.peek().is_some() {
+        k += 1;
+        stages.push(Stage {
+            name: format!("rollback batch {k}/{n}"),
+            units: it.by_ref().take(batch).collect(),
+        });
+    }
+    let release = counts
+        .into_iter()
+        .max_by_key(|(_, c)| *c)
+        .map(|(r, _)| r)
+        .or_else(|| targets.values().flatten().next().cloned())
+        .ok_or_else(|| Error::Refused("rollback: no instance has a release to return to".into()))?;
+    let instances = stages
+        .iter()
+        .flat_map(|s| &s.units)
+        .filter(|u| u.instance.is_some())
+        .count();
+    Ok(Plan {
+        strategy: StrategyKind::Rollback,
+        release,
+        previous: previous_of(fleet),
+        policy: FailurePolicy::RestoreInstance {
+            max_failures: instances,
+        },
+        health: rolling.health,
+        drain_timeout: rolling.drain_timeout,
+        rollback_batch: batch,
+        skipped: Vec::new(),
+        stages,
+        on_abort: Vec::new(),
+        leave_stopped,
+    })
+}
+
+/// The rollback of a blue-green deployment that never switched traffic:
+/// stop the half-prepared environment `idle` and return its instances to
+/// their previous release (never into rotation: nothing live was touched).
+fn stop_idle(
+    fleet: &FleetSnapshot,
+    idle: &Group,
+    targets: &BTreeMap<InstanceId, Option<ReleaseId>>,
+    touched: &BTreeSet<InstanceId>,
+    release: &ReleaseId,
+) -> Plan {
+    // The idle environment serves nothing, so there is nothing to wait for.
+    let drain = Duration::from_secs(1);
+    let mut units = Vec::new();
+    for inst in fleet.group(idle) {
+        let id = &inst.backend.id;
+        let Some(target) = targets.get(id) else { continue };
+        if !touched.contains(id) && inst.release == *target {
+            continue;
+        }
+        let progress = InstanceProgress {
+            previous: target.clone(),
+            release_changed: inst.release != *target,
+            in_rotation: false,
+            running: true,
+        };
+        units.push(Unit {
+            instance: Some(id.clone()),
+            steps: retirement_steps(id, &progress, drain),
+        });
+    }
+    let ids: Vec<InstanceId> = units.iter().filter_map(|u| u.instance.clone()).collect();
+    Plan {
+        strategy: StrategyKind::Rollback,
+        release: release.clone(),
+        previous: previous_of(fleet),
+        policy: FailurePolicy::RestoreInstance {
+            max_failures: ids.len(),
+        },
+        health: Default::default(),
+        drain_timeout: drain,
+        rollback_batch: ids.len().max(1),
+        skipped: Vec::new(),
+        stages: if units.is_empty() {
+            Vec::new()
+        } else {
+            vec![Stage {
+                name: format!("stop {idle}"),
+                units,
+            }]
+        },
+        on_abort: Vec::new(),
+        leave_stopped: ids,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::event::{Event, EventKind};
+    use crate::kinds::StepKind;
+    use crate::names::Address;
+    use crate::plan::InstanceSnapshot;
+    use crate::state::{JournalHeader, JournalOutcome};
+    use crate::traits::Backend;
+    use crate::OutcomeKind;
+
+    fn rid(s: &str) -> ReleaseId {
+        ReleaseId::new(s).unwrap()
+    }
+    fn iid(s: &str) -> InstanceId {
+        InstanceId::new(s).unwrap()
+    }
+    fn g(s: &str) -> Group {
+        Group::new(s).unwrap()
+    }
+
+    /// `(id, group, release)` for each instance.
+    fn fleet(instances: &[(&str, &str, &str)]) -> FleetSnapshot {
+        FleetSnapshot {
+            instances: instances
+                .iter()
+                .map(|(id, group, release)| InstanceSnapshot {
+                    backend: Backend {
+                        id: iid(id),
+                        address: Address::parse("127.0.0.1:8080").unwrap(),
+                        group: g(group),
+                    },
+                    release: Some(rid(release)),
+                })
+                .collect(),
+        }
+    }
+
+    /// A deployment of v2 from v1 on `ids`, of `strategy`, with `plan`,
+    /// whose events started a step on each of `started`.
+    fn recorded(strategy: StrategyKind, ids: &[&str], plan: Option<Plan>, started: &[&str]) -> Recorded {
+        let previous = ids.iter().map(|i| (iid(i), Some(rid("v1")))).collect();
+        let mut header = JournalHeader::new("d1", "shop", RunKind::Deploy, strategy, rid("v2"), previous);
+        header.plan = plan;
+        let events = started
+            .iter()
+            .map(|i| Event {
+                elapsed_ms: 1,
+                deployment: "d1".into(),
+                kind: EventKind::StepStarted {
+                    stage: 0,
+                    step: StepKind::Drain,
+                    instance: Some(iid(i)),
+                    rollback: false,
+                },
+            })
+            .collect();
+        Recorded::new(vec![JournalSummary {
+            path: PathBuf::new(),
+            header,
+            events,
+            finished: None,
+        }])
+        .unwrap()
+    }
+
+    fn kinds(plan: &Plan) -> Vec<Vec<&'static str>> {
+        plan.stages
+            .iter()
+            .flat_map(|s| &s.units)
+            .map(|u| u.steps.iter().map(|s| s.kind().as_str()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn rollback_returns_moved_and_part_way_instances_only() {
+        let snap = fleet(&[
+            ("a", "default", "v2"),
+            ("b", "default", "v1"),
+            ("c", "default", "v1"),
+        ]);
+        let rec = recorded(StrategyKind::Rolling, &["a", "b", "c"], None, &["a", "b"]);
+        let Rollback::Plan(plan) = rollback(&rec, &snap, &Strategies::default(), None).unwrap() else {
+            panic!("not blue-green")
+        };
+        assert_eq!(plan.strategy, StrategyKind::Rollback);
+        assert_eq!(plan.release, rid("v1"));
+        assert_eq!(
+            kinds(&plan),
+            [
+                // Moved: taken out, returned, brought back.
+                vec![
+                    "drain",
+                    "await_drained",
+                    "stop",
+                    "restore",
+                    "start",
+                    "await_healthy",
+                    "enable"
+                ],
+                // Left part-way on v1: out of rotation first, then brought back.
+                vec!["disable", "start", "await_healthy", "enable"],
+            ]
+        );
+    }
+
+    #[test]
+    fn canary_rollback_sends_traffic_to_stable_first_and_leaves_the_canary_stopped() {
+        let snap = fleet(&[("s1", "stable", "v1"), ("c1", "canary", "v2")]);
+        let rec = recorded(StrategyKind::Canary, &["s1", "c1"], None, &["c1"]);
+        let Rollback::Plan(plan) = rollback(&rec, &snap, &Strategies::default(), None).unwrap() else {
+            panic!("not blue-green")
+        };
+        assert_eq!(plan.stages[0].name, "all traffic to stable");
+        assert_eq!(plan.leave_stopped, [iid("c1")]);
+        assert_eq!(kinds(&plan)[1], ["drain", "await_drained", "stop", "restore"]);
+    }
+
+    #[test]
+    fn blue_green_rollback_switches_back_only_if_traffic_moved() {
+        let plan = BlueGreen {
+            live: Some(g("blue")),
+            ..BlueGreen::default()
+        }
+        .plan(&fleet(&[("b1", "blue", "v1"), ("g1", "green", "v1")]), &rid("v2"))
+        .unwrap();
+        let rec = recorded(StrategyKind::BlueGreen, &["b1", "g1"], Some(plan), &["g1"]);
+        let snap = fleet(&[("b1", "blue", "v1"), ("g1", "green", "v2")]);
+        let s = Strategies::default();
+        assert_eq!(
+            rollback(&rec, &snap, &s, Some(&g("green"))).unwrap(),
+            Rollback::SwitchBack
+        );
+        let Rollback::Plan(stop) = rollback(&rec, &snap, &s, Some(&g("blue"))).unwrap() else {
+            panic!("traffic never moved")
+        };
+        assert_eq!(stop.stages.len(), 1);
+        assert_eq!(stop.stages[0].name, "stop green");
+        assert_eq!(kinds(&stop), [vec!["stop", "restore"]], "never into rotation");
+        let e = rollback(&rec, &snap, &s, None).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput { field, .. } if field == "live"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn resume_redoes_part_way_instances_and_skips_finished_ones() {
+        // a finished (v2), b left part-way on v2 but not enabled, c untouched.
+        let snap = fleet(&[
+            ("a", "default", "v2"),
+            ("b", "default", "v2"),
+            ("c", "default", "v1"),
+        ]);
+        let mut rec = recorded(StrategyKind::Rolling, &["a", "b", "c"], None, &["b"]);
+        let Resume::Plan(plan) = resume(&rec, &snap, &Strategies::default(), None).unwrap() else {
+            panic!("not blue-green")
+        };
+        assert_eq!(plan.strategy, StrategyKind::Rolling);
+        assert_eq!(plan.skipped, [iid("a")]);
+        let redone: Vec<_> = plan
+            .stages
+            .iter()
+            .flat_map(|s| &s.units)
+            .filter_map(|u| u.instance.clone())
+            .collect();
+        assert_eq!(redone, [iid("b"), iid("c")]);
+        // A finished run is not resumed.
+        rec.chain[0].finished = Some(JournalOutcome {
+            outcome: OutcomeKind::Succeeded,
+            reason: None,
+            duration_ms: 1,
+        });
+        let e = resume(&rec, &snap, &Strategies::default(), None).unwrap_err();
+        assert!(matches!(e, Error::Refused(_)), "{e}");
+    }
+
+    #[test]
+    fn a_blue_green_deployment_that_switched_is_not_resumed() {
+        let plan = BlueGreen {
+            live: Some(g("blue")),
+            ..BlueGreen::default()
+        }
+        .plan(&fleet(&[("b1", "blue", "v1"), ("g1", "green", "v1")]), &rid("v2"))
+        .unwrap();
+        let rec = recorded(StrategyKind::BlueGreen, &["b1", "g1"], Some(plan), &["g1"]);
+        let snap = fleet(&[("b1", "blue", "v1"), ("g1", "green", "v2")]);
+        assert_eq!(
+            resume(&rec, &snap, &Strategies::default(), Some(&g("green"))).unwrap(),
+            Resume::Switched { live: g("green") }
+        );
+        let Resume::Plan(again) = resume(&rec, &snap, &Strategies::default(), Some(&g("blue"))).unwrap()
+        else {
+            panic!("traffic never moved: prepare green again")
+        };
+        assert_eq!(switch_target(Some(&again)), Some(g("green")));
+    }
+
+    #[test]
+    fn a_rollback_chain_without_its_deployment_is_inconsistent() {
+        let mut rec = recorded(StrategyKind::Rolling, &["a"], None, &[]);
+        let mut orphan = rec.chain.remove(0);
+        orphan.header.kind = RunKind::Rollback;
+        orphan.header.acts_on = Some("d0".into());
+        let e = Recorded::new(vec![orphan]).unwrap_err();
+        assert!(e.to_string().contains("deployment d0"), "{e}");
+    }
+}

@@ -1,0 +1,631 @@
+//! The library crash matrix: a deployment of each strategy on the testkit's
+//! fakes, journalled as the CLI journals it, is killed right after each
+//! journal record in turn; `deploykit::recovery` then resumes it or rolls
+//! it back, and the fleet must end on one release with traffic consistent
+//! and the invariant checker satisfied.
+//!
+//! The kill is a panic raised by the journal sink right after the record
+//! is written and unwound out of the executor: nothing the executor would
+//! have done after that record happens, and every driver call in flight is
+//! dropped, as when the process dies. The fakes keep what was done.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deploykit::bluegreen_state::reconcile;
+use deploykit::recovery::{self, Recorded, Strategies};
+use deploykit::state::{Journal, JournalHeader, JournalOutcome, RunKind, StateDir};
+use deploykit::{
+    BlueGreen, Canary, CountOrPercent, Event, EventSink, Executor, FleetSnapshot, Group, InstanceId, KeepOld,
+    Metric, OutcomeKind, Plan, Preflight, ReleaseId, Report, Rolling, Strategy as _, StrategyKind,
+};
+use deploykit_testkit::{FakeFleet, FakeLiveStore, FakeMetrics, FakeSmokeTester};
+use futures::FutureExt as _;
+use proptest::prelude::*;
+
+/// The panic payload of a simulated kill.
+struct Killed;
+
+/// The journal, killing the "process" right after its `after`-th record.
+struct Killing {
+    journal: Arc<Journal>,
+    after: u64,
+}
+
+impl EventSink for Killing {
+    fn emit(&self, e: &Event) {
+        self.journal.emit(e);
+        if self.journal.records() >= self.after {
+            // resume_unwind skips the panic hook: a kill is expected here.
+            std::panic::resume_unwind(Box::new(Killed));
+        }
+    }
+}
+
+/// What a recovery run did.
+struct Recovery {
+    /// Its report, unless it was killed or had nothing to do.
+    report: Option<Report>,
+    /// Its plan, if it had one.
+    plan: Option<Plan>,
+    /// Whether it was killed part-way.
+    killed: bool,
+}
+
+/// How the interrupted deployment is recovered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum How {
+    Resume,
+    Rollback,
+}
+
+/// One application: its fleet, fakes, state directory and strategies.
+pub(crate) struct World {
+    kind: StrategyKind,
+    pub(crate) fleet: FakeFleet,
+    pub(crate) store: FakeLiveStore,
+    metrics: FakeMetrics,
+    pub(crate) state: StateDir,
+    strategies: Strategies,
+    _dir: tempfile::TempDir,
+}
+
+pub(crate) fn v(s: &str) -> ReleaseId {
+    ReleaseId::new(s).unwrap()
+}
+
+pub(crate) fn g(s: &str) -> Group {
+    Group::new(s).unwrap()
+}
+
+impl World {
+    /// `n` instances (per environment for blue-green; stable instances and
+    /// one canary for canary), all on v1; rolling batches of `batch`.
+    pub(crate) fn new(kind: StrategyKind, n: usize, batch: usize) -> Self {
+        let fleet = match kind {
+            StrategyKind::BlueGreen => FakeFleet::with_groups(&[("blue", n), ("green", n)]).live("blue"),
+            StrategyKind::Canary => FakeFleet::with_groups(&[("stable", n), ("canary", 1)]),
+            _ => FakeFleet::new(n),
+        };
+        let metrics = FakeMetrics::new()
+            .set("stable", Metric::ErrorRate, 0.001)
+            .set("stable", Metric::LatencyP99, 0.12)
+            .set("canary", Metric::ErrorRate, 0.001)
+            .set("canary", Metric::LatencyP99, 0.12);
+        let strategies = Strategies {
+            rolling: Rolling {
+                batch_size: CountOrPercent::Count(batch),
+                max_failures: CountOrPercent::Count(0),
+                ..Rolling::default()
+            },
+            blue_green: BlueGreen {
+                keep_old: KeepOld::For(Duration::ZERO),
+                warmup_requests: 2,
+                ..BlueGreen::default()
+            },
+            canary: Canary {
+                stages: vec![50, 100],
+                stage_duration: Duration::from_secs(60),
+                check_interval: Duration::from_secs(30),
+                ..Canary::default()
+            },
+            ..Strategies::default()
+        };
+        // Every record is fsynced: memory-backed storage keeps the matrix fast.
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            tempfile::tempdir_in(shm).unwrap()
+        } else {
+            tempfile::tempdir().unwrap()
+        };
+        let state = StateDir::open(dir.path(), "shop").unwrap();
+        Self {
+            kind,
+            fleet,
+            store: FakeLiveStore::recording("blue"),
+            metrics,
+            state,
+            strategies,
+            _dir: dir,
+        }
+    }
+
+    pub(crate) fn exec(&self, sink: Option<Arc<dyn EventSink>>) -> Executor {
+        let mut b = Executor::builder()
+            .instances(self.fleet.instances())
+            .load_balancer(Arc::new(self.fleet.load_balancer()))
+            .live_store(Arc::new(self.store.clone()))
+            .smoke_tester(Arc::new(FakeSmokeTester::for_fleet(&self.fleet)))
+            .metrics(Arc::new(self.metrics.clone()));
+        if let Some(s) = sink {
+            b = b.events(s);
+        }
+        b.build().expect("valid executor")
+    }
+
+    async fn live(&self, exec: &Executor) -> Group {
+        reconcile(
+            &self.store,
+            exec.load_balancer().as_ref(),
+            &self.strategies.blue_green.environments,
+        )
+        .await
+        .expect("reconciles")
+        .live
+    }
+
+    /// Starts a journal; `None` when the kill comes right after its header.
+    fn journal(&self, header: JournalHeader, kill_after: u64) -> Option<(Arc<Journal>, Arc<dyn EventSink>)> {
+        let journal = Arc::new(self.state.create_journal(header).unwrap());
+        if journal.records() >= kill_after {
+            return None;
+        }
+        let sink = Arc::new(Killing {
+            journal: journal.clone(),
+            after: kill_after,
+        });
+        Some((journal, sink))
+    }
+
+    /// Deploys v2, killed after record `kill_after`; the plan and the
+    /// records written.
+    async fn deploy(&self, kill_after: u64) -> (Plan, u64) {
+        let release = v("v2");
+        let probe = self.exec(None);
+        let snap = probe.snapshot().await.unwrap();
+        let plan = match self.kind {
+            StrategyKind::BlueGreen => {
+                let planner = BlueGreen {
+                    live: Some(self.live(&probe).await),
+                    ..self.strategies.blue_green.clone()
+                };
+                planner.plan(&snap, &release).unwrap()
+            }
+            k => self.strategies.get(k).unwrap().plan(&snap, &release).unwrap(),
+        };
+        let mut header = JournalHeader::new(
+            "d1",
+            "shop",
+            RunKind::Deploy,
+            self.kind,
+            release.clone(),
+            previous_of(&snap),
+        );
+        header.plan = Some(plan.clone());
+        let Some((journal, sink)) = self.journal(header, kill_after) else {
+            return (plan, 1);
+        };
+        let exec = self.exec(Some(sink));
+        let run = async {
+            match self.kind {
+                StrategyKind::BlueGreen => self
+                    .strategies
+                    .blue_green
+                    .deploy(&exec, &release)
+                    .await
+                    .map(|r| r.deployment),
+                _ => exec.run_with_id(&plan, "d1").await,
+            }
+        };
+        if let Some(report) = killed_or(run).await {
+            let report = report.expect("the deployment starts");
+            assert!(
+                report.is_success(),
+                "the uninterrupted deployment succeeds:\n{report}"
+            );
+            finish(&journal, &report);
+        }
+        (plan, journal.records())
+    }
+
+    /// Recovers the interrupted deployment; the report of the recovery run
+    /// (none when nothing was left to do) and its plan, if it had one.
+    pub(crate) async fn recover(&self, how: How) -> (Option<Report>, Option<Plan>) {
+        let r = self.recover_killed(how, u64::MAX).await;
+        (r.report, r.plan)
+    }
+
+    /// As [`recover`](Self::recover), the recovery itself killed after its
+    /// record `kill_after`.
+    async fn recover_killed(&self, how: How, kill_after: u64) -> Recovery {
+        let latest = self.state.latest().unwrap().expect("a journal");
+        assert!(!latest.is_finished(), "the deployment was interrupted");
+        let recorded = Recorded::load(&self.state, &latest).unwrap();
+        let root = recorded.deployment().header.clone();
+        let probe = self.exec(None);
+        let snap = probe.snapshot().await.unwrap();
+        let live = match self.kind {
+            StrategyKind::BlueGreen => Some(self.live(&probe).await),
+            _ => None,
+        };
+        let run_id = format!("r{}", recorded.chain().len());
+        let header = |kind: RunKind, strategy: StrategyKind, plan: Option<&Plan>| {
+            let (release, previous) = match kind {
+                RunKind::Resume => (root.release.clone(), root.previous.clone()),
+                _ => (
+                    plan.map(|p| p.release.clone()).unwrap_or(root.release.clone()),
+                    previous_of(&snap),
+                ),
+            };
+            let mut h = JournalHeader::new(run_id.clone(), "shop", kind, strategy, release, previous);
+            h.acts_on = Some(root.deployment.clone());
+            h.plan = plan.cloned();
+            h
+        };
+        let killed = |plan: Option<Plan>| Recovery {
+            report: None,
+            plan,
+            killed: true,
+        };
+        let (journal, report, plan) = match how {
+            How::Resume => {
+                match recovery::resume(&recorded, &snap, &self.strategies, live.as_ref()).unwrap() {
+                    recovery::Resume::Switched { live } => {
+                        assert_eq!(self.kind, StrategyKind::BlueGreen);
+                        assert_eq!(Some(live), switch_target(&root.plan), "it had switched");
+                        return Recovery {
+                            report: None,
+                            plan: None,
+                            killed: false,
+                        };
+                    }
+                    recovery::Resume::Plan(plan) => {
+                        let Some((journal, sink)) =
+                            self.journal(header(RunKind::Resume, root.strategy, Some(&plan)), kill_after)
+                        else {
+                            return killed(Some(plan));
+                        };
+                        let exec = self.exec(Some(sink));
+                        let run = async {
+                            match self.kind {
+                                StrategyKind::BlueGreen => self
+                                    .strategies
+                                    .blue_green
+                                    .deploy(&exec, &root.release)
+                                    .await
+                                    .map(|r| r.deployment),
+                                _ => exec.run_with_id(&plan, &run_id).await,
+                            }
+                        };
+                        let Some(report) = killed_or(run).await else {
+                            return killed(Some(plan));
+                        };
+                        (journal, report.expect("the resume starts"), Some(plan))
+                    }
+                }
+            }
+            How::Rollback => {
+                match recovery::rollback(&recorded, &snap, &self.strategies, live.as_ref()).unwrap() {
+                    recovery::Rollback::SwitchBack => {
+                        assert_eq!(self.kind, StrategyKind::BlueGreen);
+                        let Some((journal, sink)) = self.journal(
+                            header(RunKind::Rollback, StrategyKind::BlueGreen, None),
+                            kill_after,
+                        ) else {
+                            return killed(None);
+                        };
+                        let exec = self.exec(Some(sink));
+                        let Some(r) = killed_or(self.strategies.blue_green.rollback(&exec)).await else {
+                            return killed(None);
+                        };
+                        (journal, r.expect("the switch back starts").deployment, None)
+                    }
+                    recovery::Rollback::Plan(plan) => {
+                        assert_eq!(plan.strategy, StrategyKind::Rollback);
+                        let strategy = match self.kind {
+                            StrategyKind::BlueGreen => StrategyKind::BlueGreen,
+                            _ => StrategyKind::Rollback,
+                        };
+                        let Some((journal, sink)) =
+                            self.journal(header(RunKind::Rollback, strategy, Some(&plan)), kill_after)
+                        else {
+                            return killed(Some(plan));
+                        };
+                        let exec = self.exec(Some(sink));
+                        let Some(r) = killed_or(exec.run_with(&plan, &run_id, Preflight::Warn)).await else {
+                            return killed(Some(plan));
+                        };
+                        (journal, r.expect("the rollback starts"), Some(plan))
+                    }
+                }
+            }
+        };
+        finish(&journal, &report);
+        Recovery {
+            report: Some(report),
+            plan,
+            killed: false,
+        }
+    }
+
+    /// The fleet ends on `release` (the live environment for blue-green),
+    /// serving, with traffic where it belongs.
+    pub(crate) fn assert_settled(&self, release: &str, live_before: Option<&Group>, how: How, ctx: &str) {
+        let on = |id: &InstanceId| {
+            let id = id.as_str();
+            assert_eq!(
+                self.fleet.release_of(id).as_ref().map(ReleaseId::as_str),
+                Some(release),
+                "{ctx}: {id}"
+            );
+            assert!(self.fleet.is_running(id), "{ctx}: {id} is not running");
+            assert!(self.fleet.in_rotation(id), "{ctx}: {id} is out of rotation");
+        };
+        let ids = |group: &str| -> Vec<InstanceId> {
+            self.fleet
+                .instances()
+                .iter()
+                .map(|i| i.backend())
+                .filter(|b| b.group.as_str() == group)
+                .map(|b| b.id.clone())
+                .collect()
+        };
+        match self.kind {
+            StrategyKind::BlueGreen => {
+                let live = self.fleet.live_group().expect("one environment gets all traffic");
+                let before = live_before.expect("blue-green was live somewhere");
+                match how {
+                    How::Rollback => {
+                        assert_eq!(&live, before, "{ctx}: a rollback leaves the old environment live")
+                    }
+                    How::Resume => assert_ne!(&live, before, "{ctx}: a resumed deployment switches"),
+                }
+                let record = self.store.record().expect("a live record");
+                assert_eq!(
+                    record.live, live,
+                    "{ctx}: the record agrees with the load balancer"
+                );
+                assert_eq!(record.switching_to, None, "{ctx}: no switch left pending");
+                ids(live.as_str()).iter().for_each(on);
+            }
+            StrategyKind::Canary => {
+                ids("stable").iter().for_each(on);
+                let weights = self.fleet.load_balancer().weights();
+                let to_canary = weights.as_ref().and_then(|w| w.get(&g("canary")).copied());
+                for id in ids("canary") {
+                    let id = id.as_str();
+                    // Retired (stopped, out of rotation), or as it was before
+                    // the deployment touched it.
+                    let retired = !self.fleet.is_running(id) && !self.fleet.in_rotation(id);
+                    let as_before = self.fleet.release_of(id) == Some(v("v1")) && self.fleet.is_running(id);
+                    assert!(
+                        retired || as_before,
+                        "{ctx}: canary {id} is neither retired nor as before"
+                    );
+                }
+                assert_eq!(
+                    to_canary.unwrap_or(0),
+                    0,
+                    "{ctx}: traffic to the canary: {weights:?}"
+                );
+            }
+            _ => ids("default").iter().for_each(on),
+        }
+        assert_eq!(self.fleet.routing_violations(), Vec::<String>::new(), "{ctx}");
+    }
+}
+
+fn previous_of(snap: &FleetSnapshot) -> BTreeMap<InstanceId, Option<ReleaseId>> {
+    snap.instances
+        .iter()
+        .map(|i| (i.backend.id.clone(), i.release.clone()))
+        .collect()
+}
+
+fn switch_target(plan: &Option<Plan>) -> Option<Group> {
+    recovery::switch_target(plan.as_ref())
+}
+
+fn finish(journal: &Journal, report: &Report) {
+    journal
+        .finish(JournalOutcome {
+            outcome: report.outcome,
+            reason: report.reason.clone(),
+            duration_ms: 0,
+        })
+        .unwrap();
+}
+
+/// Runs `f`; `None` when the journal killed it.
+async fn killed_or<T>(f: impl std::future::Future<Output = T>) -> Option<T> {
+    match AssertUnwindSafe(f).catch_unwind().await {
+        Ok(t) => Some(t),
+        Err(payload) if payload.is::<Killed>() => None,
+        Err(payload) => std::panic::resume_unwind(payload),
+    }
+}
+
+/// The most instances one stage of `plan` works on.
+fn widest_stage(plan: &Plan) -> usize {
+    plan.stages
+        .iter()
+        .map(|s| s.units.iter().filter(|u| u.instance.is_some()).count())
+        .max()
+        .unwrap_or(0)
+}
+
+pub(crate) fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Records an uninterrupted deployment of this shape writes.
+fn records(kind: StrategyKind, n: usize, batch: usize) -> u64 {
+    block_on(async {
+        let w = World::new(kind, n, batch);
+        w.deploy(u64::MAX).await.1
+    })
+}
+
+/// Kills the deployment after record `k`, recovers it `how`, and checks the
+/// fleet.
+fn crash_and_recover(kind: StrategyKind, n: usize, batch: usize, k: u64, how: How) {
+    crash_twice_and_recover(kind, n, batch, k, how, None);
+}
+
+/// As [`crash_and_recover`]; with `then = Some((m, how2))` the recovery is
+/// killed too, after its record `m`, and recovered `how2` (an interrupted
+/// rollback is always rolled back again: it cannot be resumed). Whether the
+/// recovery was killed.
+fn crash_twice_and_recover(
+    kind: StrategyKind,
+    n: usize,
+    batch: usize,
+    k: u64,
+    how: How,
+    then: Option<(u64, How)>,
+) -> bool {
+    block_on(async {
+        let mut ctx = format!("{kind} n={n} batch={batch}, killed after record {k}, {how:?}");
+        let w = World::new(kind, n, batch);
+        let (deploy_plan, written) = w.deploy(k).await;
+        assert_eq!(written, k, "{ctx}: the kill comes right after record {k}");
+        // Every blue-green deployment here starts with blue live.
+        let live_before = (kind == StrategyKind::BlueGreen).then(|| g("blue"));
+        let mut widest = widest_stage(&deploy_plan);
+        let mut last = how;
+        let mut r = w.recover_killed(how, then.map_or(u64::MAX, |(m, _)| m)).await;
+        let killed = r.killed;
+        if killed {
+            let (m, how2) = then.expect("killed only when asked");
+            last = if how == How::Rollback { How::Rollback } else { how2 };
+            ctx = format!("{ctx}, recovery killed after record {m}, then {last:?}");
+            widest += r.plan.as_ref().map(widest_stage).unwrap_or(0);
+            r = w.recover_killed(last, u64::MAX).await;
+        }
+        let expect = match last {
+            How::Resume => "v2",
+            How::Rollback => "v1",
+        };
+        if let Some(report) = &r.report {
+            assert_eq!(report.outcome, OutcomeKind::Succeeded, "{ctx}:\n{report}");
+            // A kill leaves at most one stage's instances out of rotation,
+            // and a recovery takes at most one of its stages' out at once.
+            let bound = widest + r.plan.as_ref().map(widest_stage).unwrap_or(0);
+            // A rollback's report speaks of its own plan, whose "previous"
+            // releases are those it found (the CLI prints what each instance
+            // runs instead), and blue-green stops the old environment after
+            // its report (keep_old): there the checker replays the routing
+            // history only, and assert_settled checks what each instance
+            // runs.
+            let mut report = report.clone();
+            if last == How::Rollback || kind == StrategyKind::BlueGreen {
+                report.instances.clear();
+            }
+            let inv = w.fleet.check(&report, bound);
+            assert!(inv.is_ok(), "{ctx}: {:?}", inv.violations);
+        }
+        w.assert_settled(expect, live_before.as_ref(), last, &ctx);
+        let after = w.state.latest().unwrap().unwrap();
+        assert!(
+            after.is_finished() || r.report.is_none(),
+            "{ctx}: the recovery's journal is finished"
+        );
+        killed
+    })
+}
+
+/// Every record of every strategy, both ways.
+fn matrix(kind: StrategyKind, n: usize, batch: usize) {
+    let total = records(kind, n, batch);
+    assert!(total > 10, "{kind}: only {total} records");
+    // The last record is the outcome, written after the run: killing after
+    // it kills nothing.
+    for k in 1..total {
+        for how in [How::Resume, How::Rollback] {
+            crash_and_recover(kind, n, batch, k, how);
+        }
+    }
+}
+
+#[test]
+fn rolling_recovers_from_a_kill_after_every_record() {
+    matrix(StrategyKind::Rolling, 3, 2);
+}
+
+#[test]
+fn recreate_recovers_from_a_kill_after_every_record() {
+    matrix(StrategyKind::Recreate, 2, 1);
+}
+
+#[test]
+fn blue_green_recovers_from_a_kill_after_every_record() {
+    matrix(StrategyKind::BlueGreen, 2, 1);
+}
+
+#[test]
+fn canary_recovers_from_a_kill_after_every_record() {
+    matrix(StrategyKind::Canary, 2, 1);
+}
+
+#[test]
+fn a_recovery_that_is_itself_killed_is_recovered_again() {
+    for kind in [
+        StrategyKind::Rolling,
+        StrategyKind::BlueGreen,
+        StrategyKind::Canary,
+    ] {
+        let total = records(kind, 2, 1);
+        let mut killed_late = 0;
+        for k in (2..total).step_by(5) {
+            for (how, how2) in [
+                (How::Resume, How::Resume),
+                (How::Resume, How::Rollback),
+                (How::Rollback, How::Rollback),
+            ] {
+                for m in [2, 5, 9] {
+                    let killed = crash_twice_and_recover(kind, 2, 1, k, how, Some((m, how2)));
+                    // Every recovery run writes a header and a start event;
+                    // only a blue-green deployment that had switched has
+                    // nothing to resume, and no run.
+                    if m == 2 {
+                        assert!(
+                            killed || kind == StrategyKind::BlueGreen,
+                            "{kind}, killed after record {k}, {how:?}: the recovery was not killed after record 2"
+                        );
+                    }
+                    killed_late += usize::from(killed && m > 2);
+                }
+            }
+        }
+        assert!(
+            killed_late > 5,
+            "{kind}: only {killed_late} recoveries killed part-way"
+        );
+    }
+}
+
+fn kind() -> impl Strategy<Value = StrategyKind> {
+    prop_oneof![
+        Just(StrategyKind::Rolling),
+        Just(StrategyKind::Recreate),
+        Just(StrategyKind::BlueGreen),
+        Just(StrategyKind::Canary),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// Random strategies, fleet sizes, batch sizes and kill points; half the
+    /// time the recovery is killed too, at a random record, and recovered
+    /// again.
+    #[test]
+    fn any_kill_point_recovers(
+        (kind, n, batch) in kind().prop_flat_map(|k| (1usize..=5).prop_flat_map(move |n| (Just(k), Just(n), 1..=n))),
+        at in 0.0f64..1.0,
+        resume in any::<bool>(),
+        then in proptest::option::of((2u64..40, any::<bool>())),
+    ) {
+        let total = records(kind, n, batch);
+        let k = 1 + ((total - 2) as f64 * at).round() as u64;
+        let how = |resume: bool| if resume { How::Resume } else { How::Rollback };
+        crash_twice_and_recover(kind, n, batch, k, how(resume), then.map(|(m, r)| (m, how(r))));
+    }
+}
