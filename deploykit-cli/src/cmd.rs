@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use deploykit::bluegreen_state::{reconcile, FileLiveStore, LiveStore};
+use deploykit::bluegreen_state::{peek, reconcile, FileLiveStore, LiveStore, Reconciled};
 use deploykit::state::{
     ControlCommand, DeployLock, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalSummary,
     LockAttempt, RunKind, StateDir,
 };
 use deploykit::{
-    compensation_steps, retirement_steps, Event, EventSink, Executor, FailurePolicy, Fanout, FleetSnapshot,
-    Group, GroupWeight, InstanceId, InstanceProgress, OutcomeKind, Plan, Preflight, ReleaseId, Report, Stage,
-    Step, Unit,
+    compensation_steps, retirement_steps, run_id, Event, EventSink, Executor, FailurePolicy, Fanout,
+    FleetSnapshot, Group, GroupWeight, InstanceId, InstanceProgress, InstanceUndo, OutcomeKind, Plan,
+    ReleaseId, Report, RunOptions, Stage, Step, Unit,
 };
 
 use crate::config::{self, Loaded, NotifyOn, StrategyKind};
@@ -187,15 +187,6 @@ fn lock(ctx: &Ctx, purpose: &str) -> anyhow::Result<Result<DeployLock, u8>> {
     }
 }
 
-fn new_id(release: &ReleaseId) -> String {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default();
-    let r: String = release.as_str().chars().take(100).collect();
-    format!("{ms}-{r}")
-}
-
 /// The journal of the deployment a resume or rollback acts on.
 fn root_of(state: &StateDir, j: JournalSummary) -> anyhow::Result<JournalSummary> {
     match (&j.header.kind, &j.header.acts_on) {
@@ -352,15 +343,13 @@ fn switch_target(plan: Option<&Plan>) -> Option<Group> {
         })
 }
 
-async fn reconciled_live(ctx: &Ctx, exec: &Executor) -> anyhow::Result<Group> {
+async fn reconciled_live(ctx: &Ctx, exec: &Executor) -> anyhow::Result<Reconciled> {
     let bg = wire::blue_green(
         &ctx.cfg.raw.strategy.blue_green,
         ctx.cfg.raw.smoke_checks.as_deref(),
     )?;
     let store = FileLiveStore::new(ctx.state.live_record_path());
-    Ok(reconcile(&store, exec.load_balancer().as_ref(), &bg.environments)
-        .await?
-        .live)
+    Ok(reconcile(&store, exec.load_balancer().as_ref(), &bg.environments).await?)
 }
 
 fn watch_control(ctx: &Ctx, id: &str, fleet: &wire::Fleet) -> tokio::task::JoinHandle<()> {
@@ -447,7 +436,7 @@ async fn run_deploy(
     let fleet = wire::fleet(&ctx.cfg, &ctx.state, Some(relay.clone()))?;
     let exec = &fleet.executor;
     let mut snapshot = exec.snapshot().await?;
-    let id = new_id(&release);
+    let id = run_id(&release);
     let (out, human) = ctx.output();
     let acts_on = resume.map(|j| {
         j.header
@@ -468,7 +457,8 @@ async fn run_deploy(
             &ctx.cfg.raw.strategy.blue_green,
             ctx.cfg.raw.smoke_checks.as_deref(),
         )?;
-        let live = reconciled_live(ctx, exec).await?;
+        let reconciled = reconciled_live(ctx, exec).await?;
+        let live = reconciled.live.clone();
         let mut header = JournalHeader::new(
             &id,
             &ctx.cfg.raw.app,
@@ -498,13 +488,9 @@ async fn run_deploy(
                 return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
             }
         }
-        let planner = deploykit::BlueGreen {
-            live: Some(live),
-            ..bg.clone()
-        };
-        let plan = deploykit::Strategy::plan(&planner, &snapshot, &release)?;
+        let plan = bg.plan(&reconciled, &snapshot, &release)?;
         // Refusals come before the journal and the start notice.
-        exec.check(&plan).await?;
+        exec.check(&plan, &RunOptions::default()).await?;
         header.plan = Some(plan);
         let journal = start_journal(ctx, &relay, header, out)?;
         ctx.notifier()
@@ -554,14 +540,17 @@ async fn run_deploy(
     header.plan = Some(plan.clone());
     // Refusals (a load balancer that fails its preflight, …) come before
     // the journal and the start notice.
-    exec.check(&plan).await?;
+    exec.check(&plan, &RunOptions::default()).await?;
     let journal = start_journal(ctx, &relay, header, out)?;
     ctx.notifier()
         .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
         .await;
     let watcher = watch_control(ctx, &id, &fleet);
     let sig = ctrl_c(exec);
-    let mut report = unless_refused(&journal, exec.run_with_id(&plan, &id).await)?;
+    let mut report = unless_refused(
+        &journal,
+        exec.run(&plan, RunOptions::default().with_id(&id)).await,
+    )?;
     sig.abort();
     watcher.abort();
     if resume.is_some() && report.outcome != OutcomeKind::Succeeded && !plan.skipped.is_empty() {
@@ -576,7 +565,10 @@ async fn run_deploy(
             let moved: BTreeSet<InstanceId> = plan.skipped.iter().cloned().collect();
             let back = rollback_plan(ctx, &snap, &targets, &moved, None)?;
             let undo = exec
-                .run_with(&back, &format!("{}-undo", report.deployment), Preflight::Warn)
+                .run(
+                    &back,
+                    RunOptions::recovery().with_id(format!("{}-undo", report.deployment)),
+                )
                 .await?;
             Ok((undo.outcome != OutcomeKind::Succeeded).then(|| undo.reason.unwrap_or_default()))
         }
@@ -649,6 +641,7 @@ fn finish_canary_plan(ctx: &Ctx, snap: &FleetSnapshot, release: &ReleaseId) -> a
             },
         ],
         on_abort: Vec::new(),
+        instance_undo: InstanceUndo::Serve,
         leave_stopped: canary,
     })
 }
@@ -790,6 +783,7 @@ fn rollback_plan(
         skipped: Vec::new(),
         stages,
         on_abort: Vec::new(),
+        instance_undo: InstanceUndo::Serve,
         leave_stopped,
     })
 }
@@ -817,7 +811,7 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         let exec = &fleet.executor;
         let snap = exec.snapshot().await?;
         let (out, human) = ctx.output();
-        let id = format!("{}-rollback", new_id(&root.header.release));
+        let id = format!("{}-rollback", run_id(&root.header.release));
         ctx.say(format!(
             "rolling back the {} deployment {} of {}",
             root.header.strategy, root_id, root.header.release
@@ -827,7 +821,7 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
                 &ctx.cfg.raw.strategy.blue_green,
                 ctx.cfg.raw.smoke_checks.as_deref(),
             )?;
-            let live = reconciled_live(&ctx, exec).await?;
+            let live = reconciled_live(&ctx, exec).await?.live;
             let switched_to = switch_target(root.header.plan.as_ref());
             let mut header = JournalHeader::new(
                 &id,
@@ -889,12 +883,16 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
                     }]
                 },
                 on_abort: Vec::new(),
+                instance_undo: InstanceUndo::Serve,
                 leave_stopped: ids,
             };
             header.plan = Some(plan.clone());
-            exec.check_with(&plan, Preflight::Warn).await?;
+            exec.check(&plan, &RunOptions::recovery()).await?;
             let journal = start_journal(&ctx, &relay, header, out)?;
-            let report = unless_refused(&journal, exec.run_with(&plan, &id, Preflight::Warn).await)?;
+            let report = unless_refused(
+                &journal,
+                exec.run(&plan, RunOptions::recovery().with_id(&id)).await,
+            )?;
             return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
         }
         let canary_groups = (root.header.strategy == "canary").then(|| {
@@ -922,12 +920,15 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         // A load balancer failing its preflight does not block a rollback
         // (a warning event): refusing would leave the fleet as mixed as it
         // is, and the rollback's own steps may still succeed.
-        exec.check_with(&plan, Preflight::Warn).await?;
+        exec.check(&plan, &RunOptions::recovery()).await?;
         let journal = start_journal(&ctx, &relay, header, out)?;
         ctx.notifier()
             .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
             .await;
-        let report = unless_refused(&journal, exec.run_with(&plan, &id, Preflight::Warn).await)?;
+        let report = unless_refused(
+            &journal,
+            exec.run(&plan, RunOptions::recovery().with_id(&id)).await,
+        )?;
         conclude(&ctx, exec, &journal, &report, human.as_deref()).await
     })
 }
@@ -944,11 +945,8 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
             // environment.
             let bg = wire::blue_green(&ctx.cfg.raw.strategy.blue_green, ctx.cfg.raw.smoke_checks.as_deref())?;
             let store = FileLiveStore::new(ctx.state.live_record_path());
-            let live = match store.load().await? {
-                Some(r) => r.live,
-                None => exec.load_balancer().live_group().await?.unwrap_or_else(|| bg.environments[0].clone()),
-            };
-            deploykit::Strategy::plan(&deploykit::BlueGreen { live: Some(live), ..bg }, &snapshot, &release)?
+            let live = peek(&store, exec.load_balancer().as_ref(), &bg.environments).await?;
+            bg.plan(&live, &snapshot, &release)?
         } else {
             wire::strategy(&ctx.cfg, kind)?.plan(&snapshot, &release)?
         };

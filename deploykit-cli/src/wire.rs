@@ -76,7 +76,6 @@ pub(crate) fn blue_green(
         warmup_requests: c.warmup_requests,
         warmup_path: c.warmup_path.clone(),
         keep_old,
-        live: None,
     })
 }
 
@@ -145,7 +144,11 @@ pub(crate) fn strategy(cfg: &Loaded, kind: StrategyKind) -> anyhow::Result<Box<d
             },
             drain_timeout: s.recreate.drain_timeout.0,
         }),
-        StrategyKind::BlueGreen => Box::new(blue_green(&s.blue_green, cfg.raw.smoke_checks.as_deref())?),
+        // A blue-green plan needs the reconciled live environment:
+        // `BlueGreen::plan`, which the callers use for this kind.
+        StrategyKind::BlueGreen => {
+            anyhow::bail!("blue-green plans from the live environment, not as a Strategy")
+        }
         StrategyKind::Canary => Box::new(canary(&s.canary)?),
     })
 }

@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 
-use deploykit::{BlueGreen, Event, EventKind, Executor, KeepOld, ReleaseId, Strategy};
+use deploykit::bluegreen_state::peek;
+use deploykit::{BlueGreen, Event, EventKind, Executor, KeepOld, ReleaseId};
 use deploykit_testkit::{FakeFleet, FakeLiveStore, FakeSmokeTester};
 
 #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -49,13 +50,11 @@ async fn main() -> anyhow::Result<()> {
     };
 
     println!("== dry run of v2 ==");
-    let dry = BlueGreen {
-        live: store.live(),
-        ..bluegreen.clone()
-    };
+    // A dry run reads which environment is live without reconciling.
+    let live = peek(&store, executor.load_balancer().as_ref(), &bluegreen.environments).await?;
     print!(
         "{}",
-        dry.plan(&executor.snapshot().await?, &ReleaseId::new("v2")?)?
+        bluegreen.plan(&live, &executor.snapshot().await?, &ReleaseId::new("v2")?)?
     );
 
     println!("\n== deploy v2 ==");
