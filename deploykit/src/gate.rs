@@ -3,6 +3,7 @@
 //! [`Step::AwaitPromotion`](crate::Step) (wait for a manual promotion,
 //! checking all the while).
 
+use std::ops::ControlFlow;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use crate::analysis::{Analysis, Analyzer, Observations, Verdict};
 use crate::event::EventKind;
 use crate::promotion::PromotionHandle;
 use crate::traits::{Metric, MetricsSource, Observation};
+use crate::wait::every;
 
 /// Why a gate did not let the deployment go on.
 #[derive(Debug)]
@@ -113,18 +115,11 @@ pub(crate) async fn analyze(
     duration: Duration,
     analysis: &Analysis,
 ) -> Result<(), GateError> {
-    let start = Instant::now();
-    let interval = analysis.interval.max(Duration::from_millis(1));
     let passes_before = ctx.analyzer.lock().expect("analyzer poisoned").passes;
-    let mut elapsed = Duration::ZERO;
-    while elapsed < duration {
-        let next = (elapsed + interval).min(duration);
-        tokio::select! {
-            _ = tokio::time::sleep_until(start + next) => {}
-            _ = ctx.cancelled() => return Err(GateError::Cancelled),
+    let tick = |elapsed: Duration| async move {
+        if let Err(e) = ctx.check(stage, weight, analysis).await {
+            return ControlFlow::Break(e);
         }
-        elapsed = next;
-        ctx.check(stage, weight, analysis).await?;
         let percent = u8::try_from(elapsed.as_millis() * 100 / duration.as_millis().max(1)).unwrap_or(100);
         (ctx.emit)(EventKind::StageProgress {
             stage,
@@ -134,6 +129,12 @@ pub(crate) async fn analyze(
             elapsed_ms: ms(elapsed),
             duration_ms: ms(duration),
         });
+        ControlFlow::Continue(())
+    };
+    match every(Instant::now(), duration, analysis.interval, ctx.cancel, tick).await {
+        Err(()) => return Err(GateError::Cancelled),
+        Ok(Some(e)) => return Err(e),
+        Ok(None) => {}
     }
     let passes = ctx.analyzer.lock().expect("analyzer poisoned").passes;
     if passes == passes_before {

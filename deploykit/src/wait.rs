@@ -8,6 +8,10 @@
 //!
 //! The probe is always asked at least once, even when the bound has already
 //! passed: a wait of zero still looks once, as an operator expects.
+//!
+//! A hold that checks as it goes (a canary stage: wait the whole time, fail
+//! at the first bad check) is the other shape; [`every`] runs it on a fixed
+//! schedule.
 
 use std::future::Future;
 use std::ops::ControlFlow;
@@ -95,6 +99,48 @@ where
             return Err(WaitError::Cancelled { probes });
         }
     }
+}
+
+/// Calls `tick` on a fixed schedule — `interval` after `start`, then every
+/// `interval`, the last call exactly at `start + duration` — with the time
+/// elapsed since `start`, until `duration` is over or `tick` breaks (its
+/// value is returned). For a hold that checks as it goes (a canary stage)
+/// rather than a wait for a condition: the schedule does not drift when a
+/// tick takes time. `Err(())` when `cancel` ended a sleep.
+pub(crate) async fn every<T, F, Fut>(
+    start: Instant,
+    duration: Duration,
+    interval: Duration,
+    cancel: Option<&CancellationToken>,
+    mut tick: F,
+) -> Result<Option<T>, ()>
+where
+    F: FnMut(Duration) -> Fut,
+    Fut: Future<Output = ControlFlow<T>>,
+{
+    let interval = interval.max(Duration::from_millis(1));
+    let mut elapsed = Duration::ZERO;
+    while elapsed < duration {
+        let next = (elapsed + interval).min(duration);
+        let slept = match cancel {
+            None => {
+                tokio::time::sleep_until(start + next).await;
+                true
+            }
+            Some(c) => tokio::select! {
+                _ = tokio::time::sleep_until(start + next) => true,
+                _ = c.cancelled() => false,
+            },
+        };
+        if !slept {
+            return Err(());
+        }
+        elapsed = next;
+        if let ControlFlow::Break(v) = tick(elapsed).await {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
 }
 
 /// Sleeps for `d` unless `cancel` is cancelled first; `true` when it slept
@@ -222,6 +268,61 @@ mod tests {
         canceller.await.unwrap();
         assert_eq!(r, Err(WaitError::Cancelled { probes: 1 }));
         assert_eq!(start.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_ticks_on_a_fixed_schedule_that_ends_at_the_duration() {
+        let start = Instant::now();
+        let seen = std::cell::RefCell::new(Vec::new());
+        let r: Result<Option<()>, ()> = every(
+            start,
+            Duration::from_secs(25),
+            Duration::from_secs(10),
+            None,
+            |elapsed| {
+                seen.borrow_mut()
+                    .push((elapsed.as_secs(), start.elapsed().as_secs()));
+                async {
+                    // A slow tick does not push the next one back.
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    ControlFlow::Continue(())
+                }
+            },
+        )
+        .await;
+        assert_eq!(r, Ok(None));
+        assert_eq!(*seen.borrow(), [(10, 10), (20, 20), (25, 25)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_stops_at_the_first_break_or_cancellation() {
+        let start = Instant::now();
+        let r = every(
+            start,
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            None,
+            |elapsed| async move {
+                if elapsed >= Duration::from_secs(20) {
+                    ControlFlow::Break(elapsed.as_secs())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        )
+        .await;
+        assert_eq!(r, Ok(Some(20)));
+        let token = CancellationToken::new();
+        token.cancel();
+        let r: Result<Option<()>, ()> = every(
+            Instant::now(),
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            Some(&token),
+            |_| async { ControlFlow::Continue(()) },
+        )
+        .await;
+        assert_eq!(r, Err(()));
     }
 
     #[tokio::test(start_paused = true)]
