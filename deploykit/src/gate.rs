@@ -17,12 +17,37 @@ use crate::traits::{Metric, MetricsSource, Observation};
 use crate::wait::every;
 
 /// Why a gate did not let the deployment go on.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum GateError {
     /// The deployment was cancelled.
+    #[error("cancelled")]
     Cancelled,
-    /// The gate failed; the deployment rolls back.
-    Failed(String),
+    /// The analyzer said roll back (a failed check, or too many
+    /// inconclusive ones in a row); its reason.
+    #[error("{0}")]
+    Rollback(String),
+    /// A stage ended without one check that passed.
+    #[error("canary analysis inconclusive: no check passed during stage {stage} ({weight}%)")]
+    Inconclusive {
+        /// The stage.
+        stage: usize,
+        /// Its weight, percent.
+        weight: u8,
+    },
+    /// The promotion did not come in time.
+    #[error("no promotion of stage {stage} ({weight}%) within {:.1}s", timeout.as_secs_f64())]
+    NoPromotion {
+        /// The stage.
+        stage: usize,
+        /// Its weight, percent.
+        weight: u8,
+        /// How long it waited.
+        timeout: Duration,
+    },
+    /// The promotion handle's channel closed (it owns the sender, so only a
+    /// bug gets here; fail safe).
+    #[error("promotion handle closed")]
+    HandleClosed,
 }
 
 /// What a gate needs from the executor.
@@ -98,7 +123,7 @@ impl GateCtx<'_> {
         });
         match verdict {
             Verdict::Continue => Ok(()),
-            Verdict::Rollback(why) => Err(GateError::Failed(why)),
+            Verdict::Rollback(why) => Err(GateError::Rollback(why)),
         }
     }
 }
@@ -138,9 +163,7 @@ pub(crate) async fn analyze(
     }
     let passes = ctx.analyzer.lock().expect("analyzer poisoned").passes;
     if passes == passes_before {
-        return Err(GateError::Failed(format!(
-            "canary analysis inconclusive: no check passed during stage {stage} ({weight}%)"
-        )));
+        return Err(GateError::Inconclusive { stage, weight });
     }
     Ok(())
 }
@@ -180,7 +203,7 @@ pub(crate) async fn await_promotion(
                 if changed.is_err() {
                     // The handle owns the sender, so this cannot happen;
                     // fail safe.
-                    break Err(GateError::Failed("promotion handle closed".into()));
+                    break Err(GateError::HandleClosed);
                 }
             }
             _ = tokio::time::sleep_until(next_check) => {
@@ -190,10 +213,11 @@ pub(crate) async fn await_promotion(
                 }
             }
             _ = until_deadline => {
-                break Err(GateError::Failed(format!(
-                    "no promotion of stage {stage} ({weight}%) within {:.1}s",
-                    timeout.unwrap_or_default().as_secs_f64()
-                )));
+                break Err(GateError::NoPromotion {
+                    stage,
+                    weight,
+                    timeout: timeout.unwrap_or_default(),
+                });
             }
             _ = ctx.cancelled() => break Err(GateError::Cancelled),
         }

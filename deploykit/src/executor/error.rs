@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::error::DriverError;
+use crate::gate::GateError;
 use crate::names::{Group, InstanceId};
 
 /// Why a step failed.
@@ -99,8 +100,8 @@ pub(crate) enum Failure {
         source: Box<StepError>,
     },
     /// A canary gate failed (analysis, inconclusive stage, no promotion).
-    #[error("{0}")]
-    Gate(String),
+    #[error(transparent)]
+    Gate(GateError),
 }
 
 /// What one health probe said.

@@ -57,7 +57,7 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
     let r = match r {
         Ok(()) => Ok(StepOk::Ok),
         Err(GateError::Cancelled) => Err(StepError::Cancelled),
-        Err(GateError::Failed(why)) => Err(Failure::Gate(why).into()),
+        Err(e) => Err(Failure::Gate(e).into()),
     };
     (r, 1)
 }
