@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
     println!("\n== deploy v2 ==");
     let out = bluegreen.deploy(&executor, &ReleaseId::new("v2")?).await?;
     print!("{}", out.deployment);
-    println!("live: {} (recorded: {:?})", out.live, store.live());
+    println!("live: {} (recorded: {})", out.live, recorded(&store));
 
     println!("\n== deploy v3 (blue is idle now; i-2 fails its smoke check) ==");
     let out = bluegreen.deploy(&executor, &ReleaseId::new("v3")?).await?;
@@ -70,6 +70,11 @@ async fn main() -> anyhow::Result<()> {
     println!("\n== roll back to the previous environment ==");
     let rb = bluegreen.rollback(&executor).await?;
     print!("{}", rb.deployment);
-    println!("live: {} (recorded: {:?})", rb.live, store.live());
+    println!("live: {} (recorded: {})", rb.live, recorded(&store));
     Ok(())
+}
+
+/// The recorded live environment, for a person.
+fn recorded(store: &FakeLiveStore) -> String {
+    store.live().map_or_else(|| "nothing".into(), |g| g.to_string())
 }
