@@ -329,6 +329,36 @@ async fn a_failed_switch_leaves_the_old_environment_live() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_switch_back_that_fails_makes_the_rollback_failed_and_leaves_the_pending_mark() {
+    let bg = setup(
+        fleet().fail_switch(Fault::Always),
+        FakeLiveStore::recording("blue"),
+        FakeSmokeTester::for_fleet,
+    );
+    let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    assert_eq!(
+        out.deployment.outcome,
+        OutcomeKind::RollbackFailed,
+        "{}",
+        out.deployment
+    );
+    let reason = out.deployment.reason.clone().unwrap();
+    assert!(
+        reason.contains("switch all traffic to blue failed during the rollback"),
+        "{reason}"
+    );
+    // Every switch failed, so traffic never left blue.
+    assert_eq!(bg.fleet.live_group(), Some(g("blue")));
+    // Recording blue live is skipped: the pending mark lets the next
+    // reconcile ask the load balancer.
+    assert_eq!(
+        bg.store.record(),
+        Some(LiveRecord::switching(g("blue"), g("green")))
+    );
+    bg.assert_env(&GREEN, "v1", false);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_transient_switch_failure_is_retried() {
     let bg = setup(
         fleet().fail_switch(Fault::Transient(1)),
