@@ -6,9 +6,12 @@
 //! printed before anything runs (a dry run), compared with `assert_eq!` in
 //! tests, and serialized.
 //!
-//! What to do when a unit fails is the plan's [`FailurePolicy`]; how to undo
-//! what was done is worked out by the executor from what it recorded (see
-//! [`compensation_steps`]), not written into the plan.
+//! What to do when a unit fails is the plan's [`FailurePolicy`]. How to undo
+//! each instance is worked out by the executor from what it recorded (see
+//! [`compensation_steps`]), in the way the plan's [`InstanceUndo`] says; what
+//! undoes the plan beyond single instances (traffic back where it was) is
+//! data in the plan, its [`AbortStep`]s — so the executor has no case for
+//! any one strategy.
 
 use std::collections::BTreeMap;
 use std::fmt;
