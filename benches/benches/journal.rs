@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deploykit::state::{JournalHeader, RunKind, StateDir};
-use deploykit::{CountOrPercent, EventLog, EventSink, Executor, ReleaseId, Rolling, Strategy};
+use deploykit::{CountOrPercent, EventLog, EventSink, Executor, ReleaseId, Rolling, RunOptions, Strategy};
 use deploykit_testkit::FakeFleet;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -67,7 +67,10 @@ fn once(instances: usize, sink: Sink, run: usize) -> (Duration, u64) {
         }
         let exec = b.build().expect("executor");
         let start = Instant::now();
-        let report = exec.run_with_id(&plan, "bench").await.expect("runs");
+        let report = exec
+            .run(&plan, RunOptions::default().with_id("bench"))
+            .await
+            .expect("runs");
         let wall = start.elapsed();
         assert!(report.is_success(), "{report}");
         let records = match (&journal, sink) {

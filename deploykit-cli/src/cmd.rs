@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use deploykit::bluegreen_state::{reconcile, FileLiveStore, LiveStore};
+use deploykit::bluegreen_state::{peek, reconcile, FileLiveStore, LiveStore, Reconciled};
 use deploykit::recovery::{self, Recorded};
 use deploykit::state::{
     ControlCommand, DeployLock, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalSummary,
     LockAttempt, RunKind, StateDir,
 };
 use deploykit::{
-    Event, EventSink, Executor, Fanout, Group, InstanceId, OutcomeKind, Preflight, ReleaseId, Report,
+    run_id, Event, EventSink, Executor, Fanout, InstanceId, OutcomeKind, ReleaseId, Report, RunOptions,
     StrategyKind as LibKind,
 };
 
@@ -187,15 +187,6 @@ fn lock(ctx: &Ctx, purpose: &str) -> anyhow::Result<Result<DeployLock, u8>> {
     }
 }
 
-fn new_id(release: &ReleaseId) -> String {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default();
-    let r: String = release.as_str().chars().take(100).collect();
-    format!("{ms}-{r}")
-}
-
 /// Starts a journal and hooks it (and the output) into the relay.
 fn start_journal(
     ctx: &Ctx,
@@ -341,15 +332,13 @@ fn lib_kind(kind: StrategyKind) -> LibKind {
     }
 }
 
-async fn reconciled_live(ctx: &Ctx, exec: &Executor) -> anyhow::Result<Group> {
+async fn reconciled_live(ctx: &Ctx, exec: &Executor) -> anyhow::Result<Reconciled> {
     let bg = wire::blue_green(
         &ctx.cfg.raw.strategy.blue_green,
         ctx.cfg.raw.smoke_checks.as_deref(),
     )?;
     let store = FileLiveStore::new(ctx.state.live_record_path());
-    Ok(reconcile(&store, exec.load_balancer().as_ref(), &bg.environments)
-        .await?
-        .live)
+    Ok(reconcile(&store, exec.load_balancer().as_ref(), &bg.environments).await?)
 }
 
 fn watch_control(ctx: &Ctx, id: &str, fleet: &wire::Fleet) -> tokio::task::JoinHandle<()> {
@@ -437,7 +426,7 @@ async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: Release
     let fleet = wire::fleet(&ctx.cfg, &ctx.state, Some(relay.clone()))?;
     let exec = &fleet.executor;
     let snapshot = exec.snapshot().await?;
-    let id = new_id(&release);
+    let id = run_id(&release);
     let (out, human) = ctx.output();
     let (strategy, acts_on, previous) = match &start {
         Start::Fresh(k) => (
@@ -469,7 +458,8 @@ async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: Release
                 &ctx.cfg.raw.strategy.blue_green,
                 ctx.cfg.raw.smoke_checks.as_deref(),
             )?;
-            deploykit::Strategy::plan(&deploykit::BlueGreen { live, ..bg }, &snapshot, &release)?
+            let live = live.as_ref().expect("reconciled above for blue-green");
+            bg.plan(live, &snapshot, &release)?
         }
         Start::Fresh(k) => wire::strategy(&ctx.cfg, k)?.plan(&snapshot, &release)?,
         Start::Resume(rec) => {
@@ -497,7 +487,7 @@ async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: Release
     header.plan = Some(plan.clone());
     // Refusals (a load balancer that fails its preflight, …) come before
     // the journal and the start notice.
-    exec.check(&plan).await?;
+    exec.check(&plan, &RunOptions::default()).await?;
     let journal = start_journal(ctx, &relay, header, out)?;
     ctx.notifier()
         .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
@@ -516,7 +506,10 @@ async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: Release
     }
     let watcher = watch_control(ctx, &id, &fleet);
     let sig = ctrl_c(exec);
-    let mut report = unless_refused(&journal, exec.run_with_id(&plan, &id).await)?;
+    let mut report = unless_refused(
+        &journal,
+        exec.run(&plan, RunOptions::default().with_id(&id)).await,
+    )?;
     sig.abort();
     watcher.abort();
     if kind == RunKind::Resume && report.outcome != OutcomeKind::Succeeded && !plan.skipped.is_empty() {
@@ -532,7 +525,10 @@ async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: Release
             let rolling = wire::rolling(&ctx.cfg.raw.strategy.rolling);
             let back = recovery::return_to(&snap, &targets, &moved, &rolling, None)?;
             let undo = exec
-                .run_with(&back, &format!("{}-undo", report.deployment), Preflight::Warn)
+                .run(
+                    &back,
+                    RunOptions::recovery().with_id(format!("{}-undo", report.deployment)),
+                )
                 .await?;
             Ok((undo.outcome != OutcomeKind::Succeeded).then(|| undo.reason.unwrap_or_default()))
         }
@@ -595,7 +591,7 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         let exec = &fleet.executor;
         let snap = exec.snapshot().await?;
         let (out, human) = ctx.output();
-        let id = format!("{}-rollback", new_id(&root.release));
+        let id = format!("{}-rollback", run_id(&root.release));
         ctx.say(format!(
             "rolling back the {} deployment {} of {}",
             root.strategy, root.deployment, root.release
@@ -646,14 +642,17 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         // A load balancer failing its preflight does not block a rollback
         // (a warning event): refusing would leave the fleet as mixed as it
         // is, and the rollback's own steps may still succeed.
-        exec.check_with(&plan, Preflight::Warn).await?;
+        exec.check(&plan, &RunOptions::recovery()).await?;
         let journal = start_journal(&ctx, &relay, header, out)?;
         if !blue_green {
             ctx.notifier()
                 .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
                 .await;
         }
-        let report = unless_refused(&journal, exec.run_with(&plan, &id, Preflight::Warn).await)?;
+        let report = unless_refused(
+            &journal,
+            exec.run(&plan, RunOptions::recovery().with_id(&id)).await,
+        )?;
         conclude(&ctx, exec, &journal, &report, human.as_deref()).await
     })
 }
@@ -670,11 +669,8 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
             // environment.
             let bg = wire::blue_green(&ctx.cfg.raw.strategy.blue_green, ctx.cfg.raw.smoke_checks.as_deref())?;
             let store = FileLiveStore::new(ctx.state.live_record_path());
-            let live = match store.load().await? {
-                Some(r) => r.live,
-                None => exec.load_balancer().live_group().await?.unwrap_or_else(|| bg.environments[0].clone()),
-            };
-            deploykit::Strategy::plan(&deploykit::BlueGreen { live: Some(live), ..bg }, &snapshot, &release)?
+            let live = peek(&store, exec.load_balancer().as_ref(), &bg.environments).await?;
+            bg.plan(&live, &snapshot, &release)?
         } else {
             wire::strategy(&ctx.cfg, kind)?.plan(&snapshot, &release)?
         };

@@ -124,7 +124,7 @@ pub(crate) fn run(args: DemoArgs, json: bool) -> anyhow::Result<u8> {
                 cancel.cancel();
             }
         });
-        let report = exec.run(&plan).await?;
+        let report = exec.run(&plan, deploykit::RunOptions::default()).await?;
         ctrl_c.abort();
         human.finish();
         if !json {

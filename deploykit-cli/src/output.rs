@@ -144,7 +144,7 @@ impl EventSink for Human {
             EventKind::AnalysisResult { stage, result, .. }
                 if !matches!(result, deploykit::analysis::CheckOutcome::Pass) =>
             {
-                self.line(t, format!("  canary stage {stage}: {result:?}"));
+                self.line(t, format!("  canary stage {stage}: {result}"));
             }
             EventKind::AwaitingPromotion { stage, weight, .. } => {
                 self.line(

@@ -76,7 +76,6 @@ pub(crate) fn blue_green(
         warmup_requests: c.warmup_requests,
         warmup_path: c.warmup_path.clone(),
         keep_old,
-        live: None,
     })
 }
 
@@ -150,7 +149,11 @@ pub(crate) fn strategy(cfg: &Loaded, kind: StrategyKind) -> anyhow::Result<Box<d
     Ok(match kind {
         StrategyKind::Rolling => Box::new(rolling(&s.rolling)),
         StrategyKind::Recreate => Box::new(recreate(&s.recreate)),
-        StrategyKind::BlueGreen => Box::new(blue_green(&s.blue_green, cfg.raw.smoke_checks.as_deref())?),
+        // A blue-green plan needs the reconciled live environment:
+        // `BlueGreen::plan`, which the callers use for this kind.
+        StrategyKind::BlueGreen => {
+            anyhow::bail!("blue-green plans from the live environment, not as a Strategy")
+        }
         StrategyKind::Canary => Box::new(canary(&s.canary)?),
     })
 }

@@ -204,10 +204,15 @@ pub enum Resolution {
     /// A switch was pending in the record and the load balancer shows it did
     /// not happen; the pending mark was cleared.
     AbandonedSwitch,
+    /// Read without reconciling, for a dry run ([`peek`]): the record, else
+    /// the load balancer, else the first environment. Nothing was written.
+    Unconfirmed,
 }
 
-/// The result of [`reconcile`].
+/// The live environment, as [`reconcile`] (or, read-only, [`peek`]) found
+/// it: the only value a blue-green plan is made from.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Reconciled {
     /// The live environment.
     pub live: Group,
@@ -296,12 +301,32 @@ pub async fn reconcile(
     }
 }
 
+/// Which environment is live, read without reconciling or writing anything:
+/// the record, else the load balancer's live group, else the first
+/// environment. For a dry run; a deployment reconciles ([`reconcile`]).
+///
+/// # Errors
+/// A record or load balancer that cannot be read.
+pub async fn peek(
+    store: &dyn LiveStore,
+    lb: &dyn LoadBalancer,
+    environments: &[Group; 2],
+) -> Result<Reconciled> {
+    let live = match store.load().await? {
+        Some(r) => r.live,
+        None => lb.live_group().await?.unwrap_or_else(|| environments[0].clone()),
+    };
+    Ok(Reconciled {
+        live,
+        resolution: Resolution::Unconfirmed,
+    })
+}
+
 /// Checks, before a plan that switches away from `from` touches anything,
 /// that `from` really is live: the record (if any) says so with no switch
 /// pending, and the load balancer (if it can tell) routes to it. This keeps
-/// a blue-green plan made without reconciling (e.g. `Executor::deploy` with
-/// a [`BlueGreen`](crate::BlueGreen) strategy) from preparing the live
-/// environment.
+/// a blue-green plan that went stale (made from a dry run's [`peek`], or
+/// before someone else switched) from preparing the live environment.
 ///
 /// # Errors
 /// [`Error::Inconsistent`] naming what disagrees; [`Error::Driver`] when the

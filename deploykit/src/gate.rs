@@ -3,6 +3,7 @@
 //! [`Step::AwaitPromotion`](crate::Step) (wait for a manual promotion,
 //! checking all the while).
 
+use std::ops::ControlFlow;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,14 +14,40 @@ use crate::analysis::{Analysis, Analyzer, Observations, Verdict};
 use crate::event::EventKind;
 use crate::promotion::PromotionHandle;
 use crate::traits::{Metric, MetricsSource, Observation};
+use crate::wait::every;
 
 /// Why a gate did not let the deployment go on.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum GateError {
     /// The deployment was cancelled.
+    #[error("cancelled")]
     Cancelled,
-    /// The gate failed; the deployment rolls back.
-    Failed(String),
+    /// The analyzer said roll back (a failed check, or too many
+    /// inconclusive ones in a row); its reason.
+    #[error("{0}")]
+    Rollback(String),
+    /// A stage ended without one check that passed.
+    #[error("canary analysis inconclusive: no check passed during stage {stage} ({weight}%)")]
+    Inconclusive {
+        /// The stage.
+        stage: usize,
+        /// Its weight, percent.
+        weight: u8,
+    },
+    /// The promotion did not come in time.
+    #[error("no promotion of stage {stage} ({weight}%) within {:.1}s", timeout.as_secs_f64())]
+    NoPromotion {
+        /// The stage.
+        stage: usize,
+        /// Its weight, percent.
+        weight: u8,
+        /// How long it waited.
+        timeout: Duration,
+    },
+    /// The promotion handle's channel closed (it owns the sender, so only a
+    /// bug gets here; fail safe).
+    #[error("promotion handle closed")]
+    HandleClosed,
 }
 
 /// What a gate needs from the executor.
@@ -96,7 +123,7 @@ impl GateCtx<'_> {
         });
         match verdict {
             Verdict::Continue => Ok(()),
-            Verdict::Rollback(why) => Err(GateError::Failed(why)),
+            Verdict::Rollback(why) => Err(GateError::Rollback(why)),
         }
     }
 }
@@ -113,18 +140,11 @@ pub(crate) async fn analyze(
     duration: Duration,
     analysis: &Analysis,
 ) -> Result<(), GateError> {
-    let start = Instant::now();
-    let interval = analysis.interval.max(Duration::from_millis(1));
     let passes_before = ctx.analyzer.lock().expect("analyzer poisoned").passes;
-    let mut elapsed = Duration::ZERO;
-    while elapsed < duration {
-        let next = (elapsed + interval).min(duration);
-        tokio::select! {
-            _ = tokio::time::sleep_until(start + next) => {}
-            _ = ctx.cancelled() => return Err(GateError::Cancelled),
+    let tick = |elapsed: Duration| async move {
+        if let Err(e) = ctx.check(stage, weight, analysis).await {
+            return ControlFlow::Break(e);
         }
-        elapsed = next;
-        ctx.check(stage, weight, analysis).await?;
         let percent = u8::try_from(elapsed.as_millis() * 100 / duration.as_millis().max(1)).unwrap_or(100);
         (ctx.emit)(EventKind::StageProgress {
             stage,
@@ -134,12 +154,16 @@ pub(crate) async fn analyze(
             elapsed_ms: ms(elapsed),
             duration_ms: ms(duration),
         });
+        ControlFlow::Continue(())
+    };
+    match every(Instant::now(), duration, analysis.interval, ctx.cancel, tick).await {
+        Err(()) => return Err(GateError::Cancelled),
+        Ok(Some(e)) => return Err(e),
+        Ok(None) => {}
     }
     let passes = ctx.analyzer.lock().expect("analyzer poisoned").passes;
     if passes == passes_before {
-        return Err(GateError::Failed(format!(
-            "canary analysis inconclusive: no check passed during stage {stage} ({weight}%)"
-        )));
+        return Err(GateError::Inconclusive { stage, weight });
     }
     Ok(())
 }
@@ -179,7 +203,7 @@ pub(crate) async fn await_promotion(
                 if changed.is_err() {
                     // The handle owns the sender, so this cannot happen;
                     // fail safe.
-                    break Err(GateError::Failed("promotion handle closed".into()));
+                    break Err(GateError::HandleClosed);
                 }
             }
             _ = tokio::time::sleep_until(next_check) => {
@@ -189,10 +213,11 @@ pub(crate) async fn await_promotion(
                 }
             }
             _ = until_deadline => {
-                break Err(GateError::Failed(format!(
-                    "no promotion of stage {stage} ({weight}%) within {:.1}s",
-                    timeout.unwrap_or_default().as_secs_f64()
-                )));
+                break Err(GateError::NoPromotion {
+                    stage,
+                    weight,
+                    timeout: timeout.unwrap_or_default(),
+                });
             }
             _ = ctx.cancelled() => break Err(GateError::Cancelled),
         }

@@ -37,7 +37,7 @@
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
-//! use deploykit::{CountOrPercent, Executor, ReleaseId, Rolling};
+//! use deploykit::{CountOrPercent, Executor, ReleaseId, Rolling, RunOptions};
 //! use deploykit_testkit::FakeFleet;
 //!
 //! let fleet = FakeFleet::new(6); // i-1 … i-6 on release v1, behind a fake LB
@@ -51,7 +51,7 @@
 //! let plan = deploykit::Strategy::plan(&rolling, &executor.snapshot().await?, &ReleaseId::new("v2")?)?;
 //! assert_eq!(plan.stages.len(), 5); // 3 batches, 2 stabilisation pauses
 //!
-//! let report = executor.run(&plan).await?;
+//! let report = executor.run(&plan, RunOptions::default()).await?;
 //! assert!(report.is_success());
 //! assert!(fleet.releases().values().all(|r| r.as_str() == "v2"));
 //! # Ok(())
@@ -127,16 +127,18 @@ pub mod smoke;
 pub mod state;
 pub mod strategy;
 mod traits;
+mod wait;
 
 pub use error::{DriverError, Error, Result};
 pub use event::{Event, EventKind, EventLog, EventSink, Fanout, StepResult};
-pub use executor::{Executor, ExecutorBuilder, Preflight, Retry, Timeouts};
+pub use executor::{run_id, Executor, ExecutorBuilder, Preflight, Retry, RunOptions, Timeouts};
 pub use kinds::{StepKind, StrategyKind};
 pub use lb::NoLoadBalancer;
 pub use names::{Address, Group, InstanceId, ReleaseId};
 pub use plan::{
-    compensation_steps, retirement_steps, FailurePolicy, FleetSnapshot, HealthCheck, InstanceProgress,
-    InstanceSnapshot, Plan, Projection, Stage, Step, Unit,
+    compensation_steps, idle_steps, retirement_steps, AbortFailure, AbortStep, AbortWhen, FailurePolicy,
+    FleetSnapshot, HealthCheck, InstanceProgress, InstanceSnapshot, InstanceUndo, Plan, Projection, Stage,
+    Step, Unit,
 };
 pub use promotion::{PromotionHandle, PromotionState};
 pub use report::{InstanceReport, InstanceStatus, OutcomeKind, Report};

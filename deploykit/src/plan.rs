@@ -6,9 +6,12 @@
 //! printed before anything runs (a dry run), compared with `assert_eq!` in
 //! tests, and serialized.
 //!
-//! What to do when a unit fails is the plan's [`FailurePolicy`]; how to undo
-//! what was done is worked out by the executor from what it recorded (see
-//! [`compensation_steps`]), not written into the plan.
+//! What to do when a unit fails is the plan's [`FailurePolicy`]. How to undo
+//! each instance is worked out by the executor from what it recorded (see
+//! [`compensation_steps`]), in the way the plan's [`InstanceUndo`] says; what
+//! undoes the plan beyond single instances (traffic back where it was) is
+//! data in the plan, its [`AbortStep`]s — so the executor has no case for
+//! any one strategy.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -85,18 +88,128 @@ pub enum FailurePolicy {
     /// Any failure aborts the deployment and rolls every touched instance
     /// back.
     AbortAll,
-    /// Blue-green: any failure aborts. Nothing live was touched before the
-    /// switch, so the abort stops the idle environment's touched instances
-    /// and returns them to their previous release (never putting them into
-    /// rotation); once a [`Step::SwitchTo`] was attempted, it first switches
-    /// traffic back to the environment that was live before (read from the
-    /// preceding [`Step::RecordSwitching`], else from the load balancer) and
-    /// records it live again.
-    BlueGreen,
+}
+
+/// How an abort returns the plan's instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceUndo {
+    /// Each touched instance goes back to its previous release and into
+    /// rotation ([`compensation_steps`]).
+    #[default]
+    Serve,
+    /// Every instance of the plan is stopped and, if the new release was
+    /// installed, returned to its previous one, never put into rotation
+    /// ([`idle_steps`]): for a plan whose instances had no live traffic (a
+    /// blue-green environment before its switch).
+    Idle,
+}
+
+impl InstanceUndo {
+    fn is_serve(&self) -> bool {
+        *self == InstanceUndo::Serve
+    }
+}
+
+/// When an [`AbortStep`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AbortWhen {
+    /// On every abort.
+    #[default]
+    Always,
+    /// Only once the rollout attempted a [`Step::SwitchTo`] (it may have
+    /// taken effect): before that, traffic never moved.
+    AfterSwitch,
+}
+
+impl AbortWhen {
+    fn is_always(&self) -> bool {
+        *self == AbortWhen::Always
+    }
+}
+
+/// What the failure of an [`AbortStep`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AbortFailure {
+    /// A warning; the abort goes on.
+    #[default]
+    Warn,
+    /// The rollback failed (the fleet is not where it was); the abort steps
+    /// after it are skipped, the instances are restored all the same.
+    FailRollback,
+}
+
+impl AbortFailure {
+    fn is_warn(&self) -> bool {
+        *self == AbortFailure::Warn
+    }
+}
+
+/// A step an abort runs before restoring any instance (e.g. all traffic
+/// back to the stable track). Serialized as the step itself plus the
+/// non-default settings, so a bare step reads as one that always runs and
+/// only warns on failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbortStep {
+    /// The step.
+    #[serde(flatten)]
+    pub step: Step,
+    /// When it runs.
+    #[serde(default, skip_serializing_if = "AbortWhen::is_always")]
+    pub when: AbortWhen,
+    /// What its failure does.
+    #[serde(default, skip_serializing_if = "AbortFailure::is_warn")]
+    pub on_failure: AbortFailure,
+    /// What the operator should know when it fails (appended to the
+    /// warning), e.g. what state the fleet is in regardless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl AbortStep {
+    /// A step that always runs; its failure is a warning.
+    pub fn new(step: Step) -> Self {
+        Self {
+            step,
+            when: AbortWhen::Always,
+            on_failure: AbortFailure::Warn,
+            note: None,
+        }
+    }
+
+    /// Sets when it runs.
+    pub fn when(mut self, when: AbortWhen) -> Self {
+        self.when = when;
+        self
+    }
+
+    /// Sets what its failure does.
+    pub fn on_failure(mut self, on_failure: AbortFailure) -> Self {
+        self.on_failure = on_failure;
+        self
+    }
+
+    /// Sets the note added to the warning when it fails.
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.note = Some(note.into());
+        self
+    }
+}
+
+impl fmt::Display for AbortStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.step.fmt(f)
+    }
 }
 
 /// A complete deployment plan.
+///
+/// Journals of earlier releases name a `blue_green` policy; it reads as
+/// [`FailurePolicy::AbortAll`] with [`InstanceUndo::Idle`], what it meant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "PlanOnDisk")]
 pub struct Plan {
     /// The strategy that produced it.
     pub strategy: StrategyKind,
@@ -122,13 +235,74 @@ pub struct Plan {
     /// all traffic back to the stable track), run first when the deployment
     /// aborts, before any instance is restored. Empty for most strategies.
     #[serde(default)]
-    pub on_abort: Vec<Step>,
+    pub on_abort: Vec<AbortStep>,
+    /// How an abort returns the plan's instances.
+    #[serde(default, skip_serializing_if = "InstanceUndo::is_serve")]
+    pub instance_undo: InstanceUndo,
     /// Instances the plan leaves stopped and out of rotation, whether it
     /// succeeds or rolls back (canary instances). A rollback stops them and
     /// restores their previous release without starting it; the report
     /// calls them [`Idle`](crate::InstanceStatus::Idle).
     #[serde(default)]
     pub leave_stopped: Vec<InstanceId>,
+}
+
+/// [`Plan`] as journals hold it, including the forms of earlier releases.
+#[derive(Deserialize)]
+struct PlanOnDisk {
+    strategy: StrategyKind,
+    release: ReleaseId,
+    previous: BTreeMap<InstanceId, Option<ReleaseId>>,
+    policy: PolicyOnDisk,
+    health: HealthCheck,
+    #[serde(with = "crate::duration_ms")]
+    drain_timeout: Duration,
+    rollback_batch: usize,
+    skipped: Vec<InstanceId>,
+    stages: Vec<Stage>,
+    #[serde(default)]
+    on_abort: Vec<AbortStep>,
+    #[serde(default)]
+    instance_undo: Option<InstanceUndo>,
+    #[serde(default)]
+    leave_stopped: Vec<InstanceId>,
+}
+
+/// [`FailurePolicy`] on disk: `blue_green` is the first release's policy
+/// for blue-green plans.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", tag = "policy")]
+enum PolicyOnDisk {
+    RestoreInstance { max_failures: usize },
+    AbortAll,
+    BlueGreen,
+}
+
+impl From<PlanOnDisk> for Plan {
+    fn from(p: PlanOnDisk) -> Self {
+        let (policy, undo) = match p.policy {
+            PolicyOnDisk::RestoreInstance { max_failures } => {
+                (FailurePolicy::RestoreInstance { max_failures }, None)
+            }
+            PolicyOnDisk::AbortAll => (FailurePolicy::AbortAll, None),
+            // It aborted on any failure and stopped the idle environment.
+            PolicyOnDisk::BlueGreen => (FailurePolicy::AbortAll, Some(InstanceUndo::Idle)),
+        };
+        Plan {
+            strategy: p.strategy,
+            release: p.release,
+            previous: p.previous,
+            policy,
+            health: p.health,
+            drain_timeout: p.drain_timeout,
+            rollback_batch: p.rollback_batch,
+            skipped: p.skipped,
+            stages: p.stages,
+            on_abort: p.on_abort,
+            instance_undo: p.instance_undo.or(undo).unwrap_or_default(),
+            leave_stopped: p.leave_stopped,
+        }
+    }
 }
 
 /// Units that run concurrently.
@@ -478,6 +652,82 @@ pub struct Projection {
 }
 
 impl Plan {
+    /// A plan of `stages` deploying `release`, with `previous` the release
+    /// each instance ran before, and defaults for the rest: any failure
+    /// aborts ([`FailurePolicy::AbortAll`]), the default health check, a
+    /// 30 s drain timeout, a rollback batch of 1, nothing skipped, no abort
+    /// steps, no instance left stopped. The `with_*` methods change them.
+    pub fn new(
+        strategy: StrategyKind,
+        release: ReleaseId,
+        previous: BTreeMap<InstanceId, Option<ReleaseId>>,
+        stages: Vec<Stage>,
+    ) -> Self {
+        Self {
+            strategy,
+            release,
+            previous,
+            policy: FailurePolicy::AbortAll,
+            health: HealthCheck::default(),
+            drain_timeout: Duration::from_secs(30),
+            rollback_batch: 1,
+            skipped: Vec::new(),
+            stages,
+            on_abort: Vec::new(),
+            instance_undo: InstanceUndo::Serve,
+            leave_stopped: Vec::new(),
+        }
+    }
+
+    /// Sets what a failure does.
+    pub fn with_policy(mut self, policy: FailurePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets the health probing used by the plan and by any restore.
+    pub fn with_health(mut self, health: HealthCheck) -> Self {
+        self.health = health;
+        self
+    }
+
+    /// Sets the drain timeout used by the plan and by any restore.
+    pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Sets how many instances a rollback moves at once (0 is refused when
+    /// the plan runs).
+    pub fn with_rollback_batch(mut self, batch: usize) -> Self {
+        self.rollback_batch = batch;
+        self
+    }
+
+    /// Sets the instances already on the release.
+    pub fn with_skipped(mut self, skipped: Vec<InstanceId>) -> Self {
+        self.skipped = skipped;
+        self
+    }
+
+    /// Sets the steps an abort runs before restoring instances.
+    pub fn with_on_abort(mut self, steps: Vec<AbortStep>) -> Self {
+        self.on_abort = steps;
+        self
+    }
+
+    /// Sets how an abort returns the plan's instances.
+    pub fn with_instance_undo(mut self, undo: InstanceUndo) -> Self {
+        self.instance_undo = undo;
+        self
+    }
+
+    /// Sets the instances the plan leaves stopped and out of rotation.
+    pub fn with_leave_stopped(mut self, ids: Vec<InstanceId>) -> Self {
+        self.leave_stopped = ids;
+        self
+    }
+
     /// Every instance the plan touches, in order of first appearance.
     pub fn instances(&self) -> Vec<InstanceId> {
         let mut seen = std::collections::BTreeSet::new();
@@ -533,11 +783,19 @@ impl fmt::Display for Plan {
                 f,
                 "on failure: restore the instance; abort and roll back when more than {max_failures} fail"
             )?,
+            FailurePolicy::AbortAll if self.instance_undo == InstanceUndo::Idle => {
+                let after_switch = self.on_abort.iter().any(|a| a.when == AbortWhen::AfterSwitch);
+                writeln!(
+                    f,
+                    "on failure: stop the idle environment{}",
+                    if after_switch {
+                        "; after the switch, switch traffic back first"
+                    } else {
+                        ""
+                    }
+                )?
+            }
             FailurePolicy::AbortAll => writeln!(f, "on failure: abort and roll back every instance")?,
-            FailurePolicy::BlueGreen => writeln!(
-                f,
-                "on failure: stop the idle environment; after the switch, switch traffic back first"
-            )?,
         }
         if !self.skipped.is_empty() {
             let skipped: Vec<_> = self.skipped.iter().map(|i| i.as_str()).collect();
@@ -683,6 +941,26 @@ pub fn retirement_steps(id: &InstanceId, progress: &InstanceProgress, drain_time
     steps
 }
 
+/// The steps that take an instance of a plan with [`InstanceUndo::Idle`]
+/// out of service on abort: stop it if it may be running or its release
+/// changed, and restore its previous release (without starting it) if the
+/// new one was installed. It never had live traffic, so it is not drained.
+pub fn idle_steps(id: &InstanceId, progress: &InstanceProgress) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if progress.running || progress.release_changed {
+        steps.push(Step::Stop { instance: id.clone() });
+    }
+    if progress.release_changed {
+        if let Some(previous) = &progress.previous {
+            steps.push(Step::Restore {
+                instance: id.clone(),
+                release: previous.clone(),
+            });
+        }
+    }
+    steps
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -742,6 +1020,64 @@ mod tests {
             .map(|s| s.kind().as_str())
             .collect();
         assert_eq!(kinds, ["stop", "disable"]);
+    }
+
+    #[test]
+    fn abort_steps_read_and_write_the_json_of_bare_steps() {
+        // Plans journaled by earlier releases: bare steps, the blue-green
+        // policy name.
+        let old = r#"{"strategy":"canary","release":"v2","previous":{},"policy":{"policy":"blue_green"},
+            "health":{"retries":3,"interval":10000},"drain_timeout":30000,"rollback_batch":1,"skipped":[],
+            "stages":[],"on_abort":[{"step":"switch_to","group":"stable"}],"leave_stopped":[]}"#;
+        let plan: Plan = serde_json::from_str(old).unwrap();
+        assert_eq!(plan.policy, FailurePolicy::AbortAll);
+        assert_eq!(
+            plan.instance_undo,
+            InstanceUndo::Idle,
+            "what the blue-green policy did"
+        );
+        let stable = Group::new("stable").unwrap();
+        assert_eq!(
+            plan.on_abort,
+            [AbortStep::new(Step::SwitchTo {
+                group: stable.clone()
+            })]
+        );
+        let json = serde_json::to_value(&plan).unwrap();
+        assert_eq!(
+            json["on_abort"],
+            serde_json::json!([{"step": "switch_to", "group": "stable"}]),
+            "defaults are left out, so the JSON is the bare step as before"
+        );
+        assert_eq!(json["instance_undo"], "idle");
+        let serve = plan.clone().with_instance_undo(InstanceUndo::Serve);
+        let json = serde_json::to_value(&serve).unwrap();
+        assert!(json.get("instance_undo").is_none(), "the default is left out");
+        // New settings survive a round trip.
+        let plan = plan
+            .with_instance_undo(InstanceUndo::Idle)
+            .with_on_abort(vec![AbortStep::new(Step::RecordLive { group: stable })
+                .when(AbortWhen::AfterSwitch)
+                .on_failure(AbortFailure::FailRollback)
+                .note("why")]);
+        let back: Plan = serde_json::from_str(&serde_json::to_string(&plan).unwrap()).unwrap();
+        assert_eq!(back, plan);
+    }
+
+    #[test]
+    fn new_fills_in_the_defaults() {
+        let plan = Plan::new(
+            crate::StrategyKind::Rolling,
+            ReleaseId::new("v2").unwrap(),
+            BTreeMap::new(),
+            Vec::new(),
+        );
+        assert_eq!(plan.policy, FailurePolicy::AbortAll);
+        assert_eq!(plan.health, HealthCheck::default());
+        assert_eq!(plan.drain_timeout, Duration::from_secs(30));
+        assert_eq!(plan.rollback_batch, 1);
+        assert!(plan.skipped.is_empty() && plan.on_abort.is_empty() && plan.leave_stopped.is_empty());
+        assert_eq!(plan.instance_undo, InstanceUndo::Serve);
     }
 
     #[test]

@@ -63,6 +63,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use crate::bluegreen_state::Reconciled;
 use crate::error::{Error, Result};
 use crate::kinds::StrategyKind;
 use crate::names::{Group, InstanceId, ReleaseId};
@@ -90,13 +91,13 @@ pub struct Strategies {
 }
 
 impl Strategies {
-    /// The strategy of `kind`, or `None` for the kinds only recovery plans
-    /// have ([`StrategyKind::Rollback`], …).
+    /// The strategy of `kind`, or `None` for blue-green (which plans only
+    /// from a reconciled live environment, [`BlueGreen::plan`]) and the
+    /// kinds only recovery plans have ([`StrategyKind::Rollback`], …).
     pub fn get(&self, kind: StrategyKind) -> Option<&dyn Strategy> {
         match kind {
             StrategyKind::Rolling => Some(&self.rolling),
             StrategyKind::Recreate => Some(&self.recreate),
-            StrategyKind::BlueGreen => Some(&self.blue_green),
             StrategyKind::Canary => Some(&self.canary),
             _ => None,
         }
@@ -214,7 +215,7 @@ pub fn resume(
     recorded: &Recorded,
     fleet: &FleetSnapshot,
     strategies: &Strategies,
-    live: Option<&Group>,
+    live: Option<&Reconciled>,
 ) -> Result<Resume> {
     let run = recorded.latest();
     let h = &run.header;
@@ -230,28 +231,26 @@ pub fn resume(
             h.deployment
         )));
     }
+    if h.strategy == StrategyKind::BlueGreen {
+        let live = live.ok_or_else(|| {
+            Error::invalid(
+                "live",
+                "a blue-green deployment resumes from the reconciled live environment; pass reconcile(..)",
+            )
+        })?;
+        if switch_target(h.plan.as_ref()).as_ref() == Some(&live.live) {
+            return Ok(Resume::Switched {
+                live: live.live.clone(),
+            });
+        }
+        return Ok(Resume::Plan(strategies.blue_green.plan(live, fleet, &h.release)?));
+    }
     let strategy = strategies.get(h.strategy).ok_or_else(|| {
         Error::Refused(format!(
             "the journal of {} names the strategy {}, which does not resume",
             h.deployment, h.strategy
         ))
     })?;
-    if h.strategy == StrategyKind::BlueGreen {
-        let live = live.ok_or_else(|| {
-            Error::invalid(
-                "live",
-                "a blue-green deployment resumes from the reconciled live environment; pass reconcile(..).live",
-            )
-        })?;
-        if switch_target(h.plan.as_ref()).as_ref() == Some(live) {
-            return Ok(Resume::Switched { live: live.clone() });
-        }
-        let planner = BlueGreen {
-            live: Some(live.clone()),
-            ..strategies.blue_green.clone()
-        };
-        return Ok(Resume::Plan(planner.plan(fleet, &h.release)?));
-    }
     // Instances left part-way are redone from the start: plan as if they
     // were still on the release they had before.
     let unsettled = recorded.unsettled();
@@ -277,7 +276,9 @@ pub fn resume(
 /// The plan that undoes the deployment of `recorded`, returning every
 /// instance to the release it ran before the deployment.
 ///
-/// `live` is the reconciled live environment, needed for blue-green only.
+/// `live` is the reconciled live environment (see
+/// [`reconcile`](crate::bluegreen_state::reconcile)), needed for blue-green
+/// only.
 ///
 /// # Errors
 /// * [`Error::InvalidInput`] (field `live`) for a blue-green deployment
@@ -287,7 +288,7 @@ pub fn rollback(
     recorded: &Recorded,
     fleet: &FleetSnapshot,
     strategies: &Strategies,
-    live: Option<&Group>,
+    live: Option<&Reconciled>,
 ) -> Result<Rollback> {
     let root = recorded.deployment();
     let targets = &root.header.previous;
@@ -297,9 +298,10 @@ pub fn rollback(
             let live = live.ok_or_else(|| {
                 Error::invalid(
                     "live",
-                    "a blue-green deployment rolls back from the reconciled live environment; pass reconcile(..).live",
+                    "a blue-green deployment rolls back from the reconciled live environment; pass reconcile(..)",
                 )
             })?;
+            let live = &live.live;
             let switched_to = switch_target(root.header.plan.as_ref());
             if switched_to.as_ref() == Some(live) {
                 return Ok(Rollback::SwitchBack);
@@ -390,27 +392,21 @@ pub fn finish_canary(canary: &Canary, fleet: &FleetSnapshot, release: &ReleaseId
             ),
         })
         .collect();
-    Plan {
-        strategy: StrategyKind::Canary,
-        release: release.clone(),
-        previous: previous_of(fleet),
-        policy: FailurePolicy::RestoreInstance {
-            max_failures: ids.len(),
+    let stages = vec![
+        to_stable(&canary.stable_group),
+        Stage {
+            name: "stop canary".into(),
+            units,
         },
-        health: canary.health,
-        drain_timeout: canary.drain_timeout,
-        rollback_batch: ids.len().max(1),
-        skipped: Vec::new(),
-        stages: vec![
-            to_stable(&canary.stable_group),
-            Stage {
-                name: "stop canary".into(),
-                units,
-            },
-        ],
-        on_abort: Vec::new(),
-        leave_stopped: ids,
-    }
+    ];
+    Plan::new(StrategyKind::Canary, release.clone(), previous_of(fleet), stages)
+        .with_policy(FailurePolicy::RestoreInstance {
+            max_failures: ids.len(),
+        })
+        .with_health(canary.health)
+        .with_drain_timeout(canary.drain_timeout)
+        .with_rollback_batch(ids.len().max(1))
+        .with_leave_stopped(ids)
 }
 
 /// A plan that returns every instance in `targets` that is not on its
@@ -501,21 +497,16 @@ pub fn return_to(
         .flat_map(|s| &s.units)
         .filter(|u| u.instance.is_some())
         .count();
-    Ok(Plan {
-        strategy: StrategyKind::Rollback,
-        release,
-        previous: previous_of(fleet),
-        policy: FailurePolicy::RestoreInstance {
-            max_failures: instances,
-        },
-        health: rolling.health,
-        drain_timeout: rolling.drain_timeout,
-        rollback_batch: batch,
-        skipped: Vec::new(),
-        stages,
-        on_abort: Vec::new(),
-        leave_stopped,
-    })
+    Ok(
+        Plan::new(StrategyKind::Rollback, release, previous_of(fleet), stages)
+            .with_policy(FailurePolicy::RestoreInstance {
+                max_failures: instances,
+            })
+            .with_health(rolling.health)
+            .with_drain_timeout(rolling.drain_timeout)
+            .with_rollback_batch(batch)
+            .with_leave_stopped(leave_stopped),
+    )
 }
 
 /// The rollback of a blue-green deployment that never switched traffic:
@@ -549,28 +540,26 @@ fn stop_idle(
         });
     }
     let ids: Vec<InstanceId> = units.iter().filter_map(|u| u.instance.clone()).collect();
-    Plan {
-        strategy: StrategyKind::Rollback,
-        release: release.clone(),
-        previous: previous_of(fleet),
-        policy: FailurePolicy::RestoreInstance {
-            max_failures: ids.len(),
-        },
-        health: Default::default(),
-        drain_timeout: drain,
-        rollback_batch: ids.len().max(1),
-        skipped: Vec::new(),
-        stages: if units.is_empty() {
-            Vec::new()
-        } else {
-            vec![Stage {
-                name: format!("stop {idle}"),
-                units,
-            }]
-        },
-        on_abort: Vec::new(),
-        leave_stopped: ids,
-    }
+    let stages = if units.is_empty() {
+        Vec::new()
+    } else {
+        vec![Stage {
+            name: format!("stop {idle}"),
+            units,
+        }]
+    };
+    Plan::new(
+        StrategyKind::Rollback,
+        release.clone(),
+        previous_of(fleet),
+        stages,
+    )
+    .with_policy(FailurePolicy::RestoreInstance {
+        max_failures: ids.len(),
+    })
+    .with_drain_timeout(drain)
+    .with_rollback_batch(ids.len().max(1))
+    .with_leave_stopped(ids)
 }
 
 #[cfg(test)]
@@ -585,6 +574,13 @@ mod tests {
     use crate::state::{JournalHeader, JournalOutcome};
     use crate::traits::Backend;
     use crate::OutcomeKind;
+
+    fn live(group: &str) -> Reconciled {
+        Reconciled {
+            live: g(group),
+            resolution: crate::bluegreen_state::Resolution::Recorded,
+        }
+    }
 
     fn rid(s: &str) -> ReleaseId {
         ReleaseId::new(s).unwrap()
@@ -695,20 +691,21 @@ mod tests {
 
     #[test]
     fn blue_green_rollback_switches_back_only_if_traffic_moved() {
-        let plan = BlueGreen {
-            live: Some(g("blue")),
-            ..BlueGreen::default()
-        }
-        .plan(&fleet(&[("b1", "blue", "v1"), ("g1", "green", "v1")]), &rid("v2"))
-        .unwrap();
+        let plan = BlueGreen::default()
+            .plan(
+                &live("blue"),
+                &fleet(&[("b1", "blue", "v1"), ("g1", "green", "v1")]),
+                &rid("v2"),
+            )
+            .unwrap();
         let rec = recorded(StrategyKind::BlueGreen, &["b1", "g1"], Some(plan), &["g1"]);
         let snap = fleet(&[("b1", "blue", "v1"), ("g1", "green", "v2")]);
         let s = Strategies::default();
         assert_eq!(
-            rollback(&rec, &snap, &s, Some(&g("green"))).unwrap(),
+            rollback(&rec, &snap, &s, Some(&live("green"))).unwrap(),
             Rollback::SwitchBack
         );
-        let Rollback::Plan(stop) = rollback(&rec, &snap, &s, Some(&g("blue"))).unwrap() else {
+        let Rollback::Plan(stop) = rollback(&rec, &snap, &s, Some(&live("blue"))).unwrap() else {
             panic!("traffic never moved")
         };
         assert_eq!(stop.stages.len(), 1);
@@ -754,19 +751,20 @@ mod tests {
 
     #[test]
     fn a_blue_green_deployment_that_switched_is_not_resumed() {
-        let plan = BlueGreen {
-            live: Some(g("blue")),
-            ..BlueGreen::default()
-        }
-        .plan(&fleet(&[("b1", "blue", "v1"), ("g1", "green", "v1")]), &rid("v2"))
-        .unwrap();
+        let plan = BlueGreen::default()
+            .plan(
+                &live("blue"),
+                &fleet(&[("b1", "blue", "v1"), ("g1", "green", "v1")]),
+                &rid("v2"),
+            )
+            .unwrap();
         let rec = recorded(StrategyKind::BlueGreen, &["b1", "g1"], Some(plan), &["g1"]);
         let snap = fleet(&[("b1", "blue", "v1"), ("g1", "green", "v2")]);
         assert_eq!(
-            resume(&rec, &snap, &Strategies::default(), Some(&g("green"))).unwrap(),
+            resume(&rec, &snap, &Strategies::default(), Some(&live("green"))).unwrap(),
             Resume::Switched { live: g("green") }
         );
-        let Resume::Plan(again) = resume(&rec, &snap, &Strategies::default(), Some(&g("blue"))).unwrap()
+        let Resume::Plan(again) = resume(&rec, &snap, &Strategies::default(), Some(&live("blue"))).unwrap()
         else {
             panic!("traffic never moved: prepare green again")
         };

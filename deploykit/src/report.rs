@@ -48,6 +48,21 @@ pub enum InstanceStatus {
     Idle,
 }
 
+impl fmt::Display for InstanceStatus {
+    /// Words for a person: `failed, restored`, `rolled back`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InstanceStatus::Untouched => "untouched",
+            InstanceStatus::Skipped => "skipped (already on the release)",
+            InstanceStatus::Updated => "updated",
+            InstanceStatus::FailedRestored => "failed, restored",
+            InstanceStatus::RolledBack => "rolled back",
+            InstanceStatus::Unrecoverable => "unrecoverable",
+            InstanceStatus::Idle => "idle",
+        })
+    }
+}
+
 /// The report for one instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceReport {
@@ -156,7 +171,7 @@ impl fmt::Display for Report {
                 continue;
             }
             let release = i.release.as_ref().map(|r| r.as_str()).unwrap_or("unknown");
-            write!(f, "  {}: {:?}, on {release}", i.id, i.status)?;
+            write!(f, "  {}: {}, on {release}", i.id, i.status)?;
             if let Some(e) = &i.error {
                 write!(f, " ({e})")?;
             }

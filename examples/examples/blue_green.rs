@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 
-use deploykit::{BlueGreen, Event, EventKind, Executor, KeepOld, ReleaseId, Strategy};
+use deploykit::bluegreen_state::peek;
+use deploykit::{BlueGreen, Event, EventKind, Executor, KeepOld, ReleaseId};
 use deploykit_testkit::{FakeFleet, FakeLiveStore, FakeSmokeTester};
 
 #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -49,19 +50,17 @@ async fn main() -> anyhow::Result<()> {
     };
 
     println!("== dry run of v2 ==");
-    let dry = BlueGreen {
-        live: store.live(),
-        ..bluegreen.clone()
-    };
+    // A dry run reads which environment is live without reconciling.
+    let live = peek(&store, executor.load_balancer().as_ref(), &bluegreen.environments).await?;
     print!(
         "{}",
-        dry.plan(&executor.snapshot().await?, &ReleaseId::new("v2")?)?
+        bluegreen.plan(&live, &executor.snapshot().await?, &ReleaseId::new("v2")?)?
     );
 
     println!("\n== deploy v2 ==");
     let out = bluegreen.deploy(&executor, &ReleaseId::new("v2")?).await?;
     print!("{}", out.deployment);
-    println!("live: {} (recorded: {:?})", out.live, store.live());
+    println!("live: {} (recorded: {})", out.live, recorded(&store));
 
     println!("\n== deploy v3 (blue is idle now; i-2 fails its smoke check) ==");
     let out = bluegreen.deploy(&executor, &ReleaseId::new("v3")?).await?;
@@ -71,6 +70,11 @@ async fn main() -> anyhow::Result<()> {
     println!("\n== roll back to the previous environment ==");
     let rb = bluegreen.rollback(&executor).await?;
     print!("{}", rb.deployment);
-    println!("live: {} (recorded: {:?})", rb.live, store.live());
+    println!("live: {} (recorded: {})", rb.live, recorded(&store));
     Ok(())
+}
+
+/// The recorded live environment, for a person.
+fn recorded(store: &FakeLiveStore) -> String {
+    store.live().map_or_else(|| "nothing".into(), |g| g.to_string())
 }

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use deploykit::{CountOrPercent, EventKind, Executor, ReleaseId, Rolling, Strategy};
+use deploykit::{CountOrPercent, EventKind, Executor, ReleaseId, Rolling, RunOptions, Strategy};
 use deploykit_testkit::FakeFleet;
 
 #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -40,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
         p.min.as_secs(),
         p.max.as_secs()
     );
-    let report = executor.run(&plan).await?;
+    let report = executor.run(&plan, RunOptions::default()).await?;
     print!("{report}");
     fleet.check(&report, rolling.resolved_batch(12)).assert_ok();
     Ok(())

@@ -2,15 +2,15 @@
 //! checked — by systemd ([`SystemdUnit`]) or by deploykit itself
 //! ([`ProcessSpec`]).
 
+use std::ops::ControlFlow;
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use super::cmd::{script, Command};
 use super::host::Host;
 use super::layout::ReleaseLayout;
 use crate::error::{DriverError, Error, Result};
 use crate::names::ReleaseId;
+use crate::wait::{poll_until, Bound, WaitError};
 
 /// How an instance's application is run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -408,15 +408,17 @@ impl Controller<'_> {
 
     /// Polls until the process is gone (true) or `limit` passes (false).
     async fn wait_gone(&self, limit: Duration, poll: Duration) -> Result<bool, DriverError> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if self.probe(None).await?.is_none() {
-                return Ok(true);
+        let probe = || async {
+            match self.probe(None).await {
+                Ok(None) => ControlFlow::Break(Ok(())),
+                Ok(Some(_)) => ControlFlow::Continue(()),
+                Err(e) => ControlFlow::Break(Err(e)),
             }
-            if Instant::now() >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(poll).await;
+        };
+        match poll_until(Bound::after(limit), poll, None, probe).await {
+            Ok(gone) => gone.value.map(|()| true),
+            // Not cancellable (no token): only the limit ends the wait.
+            Err(WaitError::Exhausted { .. } | WaitError::Cancelled { .. }) => Ok(false),
         }
     }
 

@@ -6,12 +6,15 @@ use tokio::time::Instant;
 use super::{check_fleet, previous_map};
 use crate::bluegreen_state::{reconcile, LiveStore, Reconciled};
 use crate::error::{Error, Result};
-use crate::executor::{Executor, Preflight};
+use crate::executor::{Executor, RunOptions};
 use crate::names::{Group, InstanceId, ReleaseId};
-use crate::plan::{FailurePolicy, FleetSnapshot, HealthCheck, Plan, Stage, Step, Unit};
+use crate::plan::{
+    AbortFailure, AbortStep, AbortWhen, FailurePolicy, FleetSnapshot, HealthCheck, InstanceUndo, Plan, Stage,
+    Step, Unit,
+};
 use crate::report::{InstanceStatus, Report};
 use crate::smoke::{validate_path, SmokeCheck};
-use crate::traits::{Health, Strategy};
+use crate::traits::Health;
 
 /// How long the previously live environment keeps running after a switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,9 +73,10 @@ impl Default for KeepOld {
 /// [`rollback`](Self::rollback) makes the previous environment live again
 /// (SPEC B8).
 ///
-/// The [`Strategy`] implementation compiles steps 1–4 for the environment
-/// in [`live`](Self::live) (the first environment when `None`): a dry run
-/// shows exactly those.
+/// [`plan`](Self::plan) compiles steps 1–4 from the live environment that
+/// [`reconcile`](crate::bluegreen_state::reconcile) (or, for a dry run,
+/// [`peek`](crate::bluegreen_state::peek)) returned: a blue-green plan cannot
+/// be made without asking which environment is live.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -119,11 +123,6 @@ pub struct BlueGreen {
     /// How long the old environment keeps running after the switch. Default
     /// 30 s.
     pub keep_old: KeepOld,
-    /// The live environment the plan starts from; `None` means the first
-    /// environment. [`deploy`](Self::deploy) and
-    /// [`rollback`](Self::rollback) set it from the reconciled state.
-    #[serde(skip)]
-    pub live: Option<Group>,
 }
 
 impl Default for BlueGreen {
@@ -139,7 +138,6 @@ impl Default for BlueGreen {
             warmup_requests: 100,
             warmup_path: "/".into(),
             keep_old: KeepOld::default(),
-            live: None,
         }
     }
 }
@@ -182,8 +180,8 @@ impl BlueGreen {
     /// # Errors
     /// [`Error::InvalidInput`] naming `environments` (two equal names),
     /// `healthy_deadline` or `health_interval` (0), `smoke_checks[n]` (see
-    /// [`SmokeCheck::validate`]), `warmup_path`, `keep_old` (0 is allowed:
-    /// stop at once) or `live` (not an environment).
+    /// [`SmokeCheck::validate`]) or `warmup_path`; `keep_old` 0 is allowed
+    /// (stop at once).
     pub fn validate(&self) -> Result<()> {
         let [a, b] = &self.environments;
         if a == b {
@@ -205,9 +203,6 @@ impl BlueGreen {
             c.validate(&format!("smoke_checks[{n}]"))?;
         }
         validate_path("warmup_path", &self.warmup_path)?;
-        if let Some(live) = &self.live {
-            self.other(live)?;
-        }
         Ok(())
     }
 
@@ -276,28 +271,26 @@ impl BlueGreen {
     /// live).
     fn retire_plan(&self, fleet: &FleetSnapshot, env: &Group, release: &ReleaseId) -> Plan {
         let ids: Vec<InstanceId> = fleet.group(env).map(|i| i.backend.id.clone()).collect();
-        Plan {
-            strategy: crate::StrategyKind::BlueGreenRetire,
-            release: release.clone(),
-            previous: previous_map(fleet),
-            policy: FailurePolicy::BlueGreen,
-            health: HealthCheck::default(),
-            drain_timeout: Duration::from_secs(30),
-            rollback_batch: ids.len().max(1),
-            skipped: Vec::new(),
-            on_abort: Vec::new(),
-            leave_stopped: ids.clone(),
-            stages: vec![Stage {
-                name: format!("stop {env}"),
-                units: ids
-                    .into_iter()
-                    .map(|id| Unit {
-                        instance: Some(id.clone()),
-                        steps: vec![Step::Stop { instance: id }],
-                    })
-                    .collect(),
-            }],
-        }
+        let stage = Stage {
+            name: format!("stop {env}"),
+            units: ids
+                .iter()
+                .map(|id| Unit {
+                    instance: Some(id.clone()),
+                    steps: vec![Step::Stop { instance: id.clone() }],
+                })
+                .collect(),
+        };
+        Plan::new(
+            crate::StrategyKind::BlueGreenRetire,
+            release.clone(),
+            previous_map(fleet),
+            vec![stage],
+        )
+        .with_policy(FailurePolicy::AbortAll)
+        .with_instance_undo(InstanceUndo::Idle)
+        .with_rollback_batch(ids.len().max(1))
+        .with_leave_stopped(ids)
     }
 
     /// Stops `env` unless it is live again (a rollback may have happened
@@ -318,7 +311,7 @@ impl BlueGreen {
         }
         let fleet = exec.snapshot().await?;
         let plan = self.retire_plan(&fleet, env, release);
-        Ok(Some(exec.run(&plan).await?))
+        Ok(Some(exec.run(&plan, RunOptions::default()).await?))
     }
 
     /// Deploys `release` to the idle environment and switches traffic to it
@@ -335,15 +328,12 @@ impl BlueGreen {
     /// ([`Error::Inconsistent`]), a fleet that cannot be read. Failures of
     /// the deployment itself are in the [`BlueGreenReport`].
     pub async fn deploy(&self, exec: &Executor, release: &ReleaseId) -> Result<BlueGreenReport> {
-        let live = self.reconciled(exec).await?.live;
+        let reconciled = self.reconciled(exec).await?;
+        let live = reconciled.live.clone();
         let idle = self.other(&live)?.clone();
         let fleet = exec.snapshot().await?;
-        let planner = BlueGreen {
-            live: Some(live.clone()),
-            ..self.clone()
-        };
-        let plan = planner.plan(&fleet, release)?;
-        let deployment = exec.run(&plan).await?;
+        let plan = self.plan(&reconciled, &fleet, release)?;
+        let deployment = exec.run(&plan, RunOptions::default()).await?;
         if !deployment.is_success() {
             return Ok(BlueGreenReport {
                 deployment,
@@ -405,7 +395,7 @@ impl BlueGreen {
     ///   report (traffic stays where it was).
     ///
     /// A load balancer that fails its preflight check does not refuse a
-    /// rollback: its runs use [`Preflight::Warn`], and the failure is a
+    /// rollback: its runs use [`RunOptions::recovery`], and the failure is a
     /// `warning` event; a switch that then fails is in the report.
     pub async fn rollback(&self, exec: &Executor) -> Result<BlueGreenReport> {
         let current = self.reconciled(exec).await?.live;
@@ -427,21 +417,18 @@ impl BlueGreen {
                 cold.push(i.backend().id.clone());
             }
         }
-        let base = |strategy: crate::StrategyKind, stages: Vec<Stage>, batch: usize| Plan {
-            strategy,
-            release: release.clone(),
-            previous: previous_map(&fleet),
-            policy: FailurePolicy::BlueGreen,
-            health: HealthCheck::default(),
-            drain_timeout: Duration::from_secs(30),
-            rollback_batch: batch.max(1),
-            skipped: Vec::new(),
-            on_abort: Vec::new(),
-            leave_stopped: Vec::new(),
-            stages,
+        let base = |stages: Vec<Stage>, batch: usize| {
+            Plan::new(
+                crate::StrategyKind::BlueGreenRollback,
+                release.clone(),
+                previous_map(&fleet),
+                stages,
+            )
+            .with_policy(FailurePolicy::AbortAll)
+            .with_instance_undo(InstanceUndo::Idle)
+            .with_rollback_batch(batch.max(1))
         };
         let switch = base(
-            crate::StrategyKind::BlueGreenRollback,
             vec![Stage {
                 name: format!("switch to {previous}"),
                 units: vec![Unit {
@@ -450,12 +437,13 @@ impl BlueGreen {
                 }],
             }],
             1,
-        );
+        )
+        .with_on_abort(switch_back(&current));
         // Everything the switch run checks before its first step, checked
         // before any instance is started: a switch that would be refused
         // must not leave started instances behind. A failed load-balancer
         // preflight does not refuse a rollback (Preflight::Warn).
-        exec.check_with(&switch, Preflight::Warn).await?;
+        exec.check(&switch, &RunOptions::recovery()).await?;
         if !cold.is_empty() {
             let units = cold
                 .iter()
@@ -472,14 +460,13 @@ impl BlueGreen {
                 })
                 .collect();
             let ready = base(
-                crate::StrategyKind::BlueGreenRollback,
                 vec![Stage {
                     name: format!("start {previous}"),
                     units,
                 }],
                 cold.len(),
             );
-            let report = exec.run_recovery(&ready).await?;
+            let report = exec.run(&ready, RunOptions::recovery()).await?;
             if !report.is_success() {
                 let why: Vec<String> = report
                     .instances
@@ -493,7 +480,7 @@ impl BlueGreen {
                 )));
             }
         }
-        let deployment = exec.run_recovery(&switch).await?;
+        let deployment = exec.run(&switch, RunOptions::recovery()).await?;
         tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             outcome = ?deployment.outcome,
@@ -529,15 +516,34 @@ fn switch_steps(from: &Group, to: &Group) -> Vec<Step> {
     ]
 }
 
-impl Strategy for BlueGreen {
-    fn kind(&self) -> crate::StrategyKind {
-        crate::StrategyKind::BlueGreen
-    }
+/// What an abort does once the switch was attempted: send traffic back to
+/// `live` (the rollback fails if that fails) and record it live again (a
+/// warning if that fails: the pending mark lets the next reconcile decide).
+fn switch_back(live: &Group) -> Vec<AbortStep> {
+    vec![
+        AbortStep::new(Step::SwitchTo { group: live.clone() })
+            .when(AbortWhen::AfterSwitch)
+            .on_failure(AbortFailure::FailRollback),
+        AbortStep::new(Step::RecordLive { group: live.clone() })
+            .when(AbortWhen::AfterSwitch)
+            .note(format!(
+                "traffic is back on {live}; the next start reconciles the record with the load balancer"
+            )),
+    ]
+}
 
-    fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
+impl BlueGreen {
+    /// Compiles steps 1–4 of a deployment of `release` (see the [type
+    /// docs](Self)) from the environment `live` says is live.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] as [`validate`](Self::validate), naming
+    /// `instances` when an instance is in neither environment or one
+    /// environment has none, or `live` when the live environment is neither.
+    pub fn plan(&self, live: &Reconciled, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
         self.validate()?;
         self.check_environments(fleet)?;
-        let live = self.live.clone().unwrap_or_else(|| self.environments[0].clone());
+        let live = live.live.clone();
         let idle = self.other(&live)?.clone();
         let ids: Vec<InstanceId> = fleet.group(&idle).map(|i| i.backend.id.clone()).collect();
         let per_instance = |steps: &dyn Fn(&InstanceId) -> Vec<Step>| -> Vec<Unit> {
@@ -597,31 +603,37 @@ impl Strategy for BlueGreen {
                 steps: switch_steps(&live, &idle),
             }],
         });
-        Ok(Plan {
-            strategy: self.kind(),
-            release: release.clone(),
-            previous: previous_map(fleet),
-            policy: FailurePolicy::BlueGreen,
-            health: HealthCheck {
-                retries: 1,
-                interval: self.health_interval,
-            },
-            drain_timeout: Duration::from_secs(30),
-            rollback_batch: ids.len().max(1),
-            skipped: Vec::new(),
-            on_abort: Vec::new(),
-            leave_stopped: Vec::new(),
+        Ok(Plan::new(
+            crate::StrategyKind::BlueGreen,
+            release.clone(),
+            previous_map(fleet),
             stages,
+        )
+        .with_policy(FailurePolicy::AbortAll)
+        .with_instance_undo(InstanceUndo::Idle)
+        .with_health(HealthCheck {
+            retries: 1,
+            interval: self.health_interval,
         })
+        .with_rollback_batch(ids.len().max(1))
+        .with_on_abort(switch_back(&live)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bluegreen_state::Resolution;
     use crate::names::Address;
     use crate::plan::InstanceSnapshot;
     use crate::traits::Backend;
+
+    fn live(g: &str) -> Reconciled {
+        Reconciled {
+            live: Group::new(g).unwrap(),
+            resolution: Resolution::Recorded,
+        }
+    }
 
     fn fleet(groups: &[(&str, usize)]) -> FleetSnapshot {
         let mut instances = Vec::new();
@@ -644,12 +656,10 @@ mod tests {
 
     #[test]
     fn plan_prepares_tests_warms_and_switches_the_idle_environment() {
-        let bg = BlueGreen {
-            live: Some(Group::new("green").unwrap()),
-            ..BlueGreen::default()
-        };
+        let bg = BlueGreen::default();
         let plan = bg
             .plan(
+                &live("green"),
                 &fleet(&[("blue", 2), ("green", 3)]),
                 &ReleaseId::new("v2").unwrap(),
             )
@@ -680,7 +690,33 @@ mod tests {
             .map(|s| s.kind().as_str())
             .collect();
         assert_eq!(kinds, ["record_switching", "switch_to", "record_live"]);
-        assert_eq!(plan.policy, FailurePolicy::BlueGreen);
+        assert_eq!(plan.policy, FailurePolicy::AbortAll);
+        assert_eq!(
+            plan.instance_undo,
+            InstanceUndo::Idle,
+            "an abort stops the idle environment"
+        );
+        let undo: Vec<_> = plan
+            .on_abort
+            .iter()
+            .map(|a| (a.to_string(), a.when, a.on_failure))
+            .collect();
+        assert_eq!(
+            undo,
+            [
+                (
+                    "switch all traffic to green".to_string(),
+                    AbortWhen::AfterSwitch,
+                    AbortFailure::FailRollback
+                ),
+                (
+                    "record green live".to_string(),
+                    AbortWhen::AfterSwitch,
+                    AbortFailure::Warn
+                ),
+            ],
+            "after the switch, an abort sends traffic back to the live environment"
+        );
         assert_eq!(plan.projected_duration().max, Duration::from_secs(300));
         let text = plan.to_string();
         assert!(text.contains("smoke test i-1: GET /health -> 200; GET /api/status -> 200; GET /api/db/ping -> 200 containing \"ok\""), "{text}");
@@ -696,6 +732,7 @@ mod tests {
         };
         let plan = bg
             .plan(
+                &live("blue"),
                 &fleet(&[("blue", 1), ("green", 1)]),
                 &ReleaseId::new("v2").unwrap(),
             )
@@ -709,6 +746,7 @@ mod tests {
         let v2 = ReleaseId::new("v2").unwrap();
         let ok = fleet(&[("blue", 1), ("green", 1)]);
         let cases: Vec<(BlueGreen, FleetSnapshot, &str)> = vec![
+            (BlueGreen::default(), ok.clone(), "live"),
             (
                 BlueGreen {
                     environments: [Group::new("a").unwrap(), Group::new("a").unwrap()],
@@ -741,14 +779,6 @@ mod tests {
                 ok.clone(),
                 "warmup_path",
             ),
-            (
-                BlueGreen {
-                    live: Some(Group::new("red").unwrap()),
-                    ..BlueGreen::default()
-                },
-                ok.clone(),
-                "live",
-            ),
             (BlueGreen::default(), fleet(&[("blue", 2)]), "instances"),
             (
                 BlueGreen::default(),
@@ -757,7 +787,10 @@ mod tests {
             ),
         ];
         for (bg, f, field) in cases {
-            let e = bg.plan(&f, &v2).unwrap_err();
+            // The live environment is red, which is no environment, only in
+            // the case about it.
+            let env = if field == "live" { "red" } else { "blue" };
+            let e = bg.plan(&live(env), &f, &v2).unwrap_err();
             assert!(
                 matches!(&e, Error::InvalidInput { field: got, .. } if got == field),
                 "{field}: {e}"

@@ -6,7 +6,9 @@ use super::{check_fleet, previous_map};
 use crate::analysis::{Analysis, AnalysisRules};
 use crate::error::{Error, Result};
 use crate::names::{Group, InstanceId, ReleaseId};
-use crate::plan::{FailurePolicy, FleetSnapshot, HealthCheck, InstanceSnapshot, Plan, Stage, Step, Unit};
+use crate::plan::{
+    AbortStep, FailurePolicy, FleetSnapshot, HealthCheck, InstanceSnapshot, Plan, Stage, Step, Unit,
+};
 use crate::traits::{GroupWeight, Strategy};
 
 /// How a canary moves from one stage to the next (SPEC C6).
@@ -261,21 +263,16 @@ impl Strategy for Canary {
         let (skipped, todo): (Vec<&InstanceSnapshot>, Vec<&InstanceSnapshot>) =
             stable.iter().partition(|i| i.release.as_ref() == Some(release));
         let skipped: Vec<InstanceId> = skipped.iter().map(|i| i.backend.id.clone()).collect();
-        let mut plan = Plan {
-            strategy: self.kind(),
-            release: release.clone(),
-            previous: previous_map(fleet),
-            policy: FailurePolicy::AbortAll,
-            health: self.health,
-            drain_timeout: self.drain_timeout,
-            rollback_batch: self.finalize_batch,
-            skipped,
-            stages: Vec::new(),
-            on_abort: vec![Step::SetWeights {
+        let mut plan = Plan::new(self.kind(), release.clone(), previous_map(fleet), Vec::new())
+            .with_policy(FailurePolicy::AbortAll)
+            .with_health(self.health)
+            .with_drain_timeout(self.drain_timeout)
+            .with_rollback_batch(self.finalize_batch)
+            .with_skipped(skipped)
+            .with_on_abort(vec![AbortStep::new(Step::SetWeights {
                 weights: self.weights(0),
-            }],
-            leave_stopped: canary.iter().map(|i| i.backend.id.clone()).collect(),
-        };
+            })])
+            .with_leave_stopped(canary.iter().map(|i| i.backend.id.clone()).collect());
         if todo.is_empty() {
             // Stable already runs the release: nothing to do.
             plan.on_abort.clear();

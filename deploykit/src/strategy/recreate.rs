@@ -88,18 +88,13 @@ impl Strategy for Recreate {
                 }),
             ]
         };
-        Ok(Plan {
-            strategy: self.kind(),
-            release: release.clone(),
-            previous: previous_map(fleet),
-            policy: FailurePolicy::AbortAll,
-            health: self.health,
-            drain_timeout: self.drain_timeout,
-            rollback_batch: todo.len().max(1),
-            skipped: skipped.iter().map(|i| i.backend.id.clone()).collect(),
-            stages,
-            on_abort: Vec::new(),
-            leave_stopped: Vec::new(),
-        })
+        Ok(
+            Plan::new(self.kind(), release.clone(), previous_map(fleet), stages)
+                .with_policy(FailurePolicy::AbortAll)
+                .with_health(self.health)
+                .with_drain_timeout(self.drain_timeout)
+                .with_rollback_batch(todo.len().max(1))
+                .with_skipped(skipped.iter().map(|i| i.backend.id.clone()).collect()),
+        )
     }
 }

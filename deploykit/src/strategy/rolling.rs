@@ -147,18 +147,13 @@ impl Strategy for Rolling {
                 units,
             });
         }
-        Ok(Plan {
-            strategy: self.kind(),
-            release: release.clone(),
-            previous: previous_map(fleet),
-            policy: FailurePolicy::RestoreInstance { max_failures },
-            health: self.health,
-            drain_timeout: self.drain_timeout,
-            rollback_batch: batch,
-            skipped: skipped.iter().map(|i| i.backend.id.clone()).collect(),
-            stages,
-            on_abort: Vec::new(),
-            leave_stopped: Vec::new(),
-        })
+        Ok(
+            Plan::new(self.kind(), release.clone(), previous_map(fleet), stages)
+                .with_policy(FailurePolicy::RestoreInstance { max_failures })
+                .with_health(self.health)
+                .with_drain_timeout(self.drain_timeout)
+                .with_rollback_batch(batch)
+                .with_skipped(skipped.iter().map(|i| i.backend.id.clone()).collect()),
+        )
     }
 }

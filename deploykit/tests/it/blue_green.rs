@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deploykit::bluegreen_state::{reconcile, LiveRecord, Resolution};
+use deploykit::bluegreen_state::{peek, reconcile, LiveRecord, Resolution};
 use deploykit::{
-    BlueGreen, Error, EventKind, EventLog, Executor, Group, KeepOld, OutcomeKind, ReleaseId, StepResult,
+    BlueGreen, Error, EventKind, EventLog, Executor, Group, KeepOld, OutcomeKind, ReleaseId, RunOptions,
+    StepResult,
 };
 use deploykit_testkit::{FakeFleet, FakeLiveStore, FakeSmokeTester, Fault, Op, RoutingChange};
 
@@ -328,6 +329,36 @@ async fn a_failed_switch_leaves_the_old_environment_live() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_switch_back_that_fails_makes_the_rollback_failed_and_leaves_the_pending_mark() {
+    let bg = setup(
+        fleet().fail_switch(Fault::Always),
+        FakeLiveStore::recording("blue"),
+        FakeSmokeTester::for_fleet,
+    );
+    let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    assert_eq!(
+        out.deployment.outcome,
+        OutcomeKind::RollbackFailed,
+        "{}",
+        out.deployment
+    );
+    let reason = out.deployment.reason.clone().unwrap();
+    assert!(
+        reason.contains("switch all traffic to blue failed during the rollback"),
+        "{reason}"
+    );
+    // Every switch failed, so traffic never left blue.
+    assert_eq!(bg.fleet.live_group(), Some(g("blue")));
+    // Recording blue live is skipped: the pending mark lets the next
+    // reconcile ask the load balancer.
+    assert_eq!(
+        bg.store.record(),
+        Some(LiveRecord::switching(g("blue"), g("green")))
+    );
+    bg.assert_env(&GREEN, "v1", false);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_transient_switch_failure_is_retried() {
     let bg = setup(
         fleet().fail_switch(Fault::Transient(1)),
@@ -632,15 +663,23 @@ async fn missing_store_and_bad_parameters_are_input_errors() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_blue_green_plan_made_without_reconciling_cannot_prepare_the_live_environment() {
-    // Green is live; planning with the default (blue live) would prepare,
-    // i.e. stop, green. The executor refuses before touching anything.
+async fn a_stale_blue_green_plan_cannot_prepare_the_live_environment() {
+    // Green is live; a plan made from a stale view (a record elsewhere that
+    // still says blue) would prepare, i.e. stop, green. The executor refuses
+    // it before touching anything.
+    let envs = [g("blue"), g("green")];
+    let stale = FakeLiveStore::recording("blue");
     let bg = setup(
         FakeFleet::with_groups(&[("blue", 2), ("green", 2)]).live("green"),
         FakeLiveStore::recording("green"),
         FakeSmokeTester::for_fleet,
     );
-    let e = bg.exec.deploy(&BlueGreen::default(), &v("v2")).await.unwrap_err();
+    let lb = bg.fleet.load_balancer();
+    let view = peek(&stale, &lb, &envs).await.unwrap();
+    let plan = BlueGreen::default()
+        .plan(&view, &bg.exec.snapshot().await.unwrap(), &v("v2"))
+        .unwrap();
+    let e = bg.exec.run(&plan, RunOptions::default()).await.unwrap_err();
     assert!(matches!(e, Error::Inconsistent(_)), "{e}");
     assert!(e.to_string().contains("says green is live"), "{e}");
     assert!(bg.fleet.ops().is_empty());
@@ -650,7 +689,7 @@ async fn a_blue_green_plan_made_without_reconciling_cannot_prepare_the_live_envi
         FakeLiveStore::new(),
         FakeSmokeTester::for_fleet,
     );
-    let e = bg.exec.deploy(&BlueGreen::default(), &v("v2")).await.unwrap_err();
+    let e = bg.exec.run(&plan, RunOptions::default()).await.unwrap_err();
     assert!(e.to_string().contains("sends all traffic to green"), "{e}");
     assert!(bg.fleet.ops().is_empty());
     // Reconciling first does the right thing: deploys to blue.

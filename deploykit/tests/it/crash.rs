@@ -14,12 +14,12 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deploykit::bluegreen_state::reconcile;
+use deploykit::bluegreen_state::{reconcile, Reconciled};
 use deploykit::recovery::{self, Recorded, Strategies};
 use deploykit::state::{Journal, JournalHeader, JournalOutcome, RunKind, StateDir};
 use deploykit::{
     BlueGreen, Canary, CountOrPercent, Event, EventSink, Executor, FleetSnapshot, Group, InstanceId, KeepOld,
-    Metric, OutcomeKind, Plan, Preflight, ReleaseId, Report, Rolling, Strategy as _, StrategyKind,
+    Metric, OutcomeKind, Plan, ReleaseId, Report, Rolling, RunOptions, StrategyKind,
 };
 use deploykit_testkit::{FakeFleet, FakeLiveStore, FakeMetrics, FakeSmokeTester};
 use futures::FutureExt as _;
@@ -145,7 +145,7 @@ impl World {
         b.build().expect("valid executor")
     }
 
-    async fn live(&self, exec: &Executor) -> Group {
+    async fn live(&self, exec: &Executor) -> Reconciled {
         reconcile(
             &self.store,
             exec.load_balancer().as_ref(),
@@ -153,7 +153,6 @@ impl World {
         )
         .await
         .expect("reconciles")
-        .live
     }
 
     /// Starts a journal; `None` when the kill comes right after its header.
@@ -177,11 +176,8 @@ impl World {
         let snap = probe.snapshot().await.unwrap();
         let plan = match self.kind {
             StrategyKind::BlueGreen => {
-                let planner = BlueGreen {
-                    live: Some(self.live(&probe).await),
-                    ..self.strategies.blue_green.clone()
-                };
-                planner.plan(&snap, &release).unwrap()
+                let live = self.live(&probe).await;
+                self.strategies.blue_green.plan(&live, &snap, &release).unwrap()
             }
             k => self.strategies.get(k).unwrap().plan(&snap, &release).unwrap(),
         };
@@ -206,7 +202,7 @@ impl World {
                     .deploy(&exec, &release)
                     .await
                     .map(|r| r.deployment),
-                _ => exec.run_with_id(&plan, "d1").await,
+                _ => exec.run(&plan, RunOptions::default().with_id("d1")).await,
             }
         };
         if let Some(report) = killed_or(run).await {
@@ -286,7 +282,7 @@ impl World {
                                     .deploy(&exec, &root.release)
                                     .await
                                     .map(|r| r.deployment),
-                                _ => exec.run_with_id(&plan, &run_id).await,
+                                _ => exec.run(&plan, RunOptions::default().with_id(&run_id)).await,
                             }
                         };
                         let Some(report) = killed_or(run).await else {
@@ -324,7 +320,9 @@ impl World {
                             return killed(Some(plan));
                         };
                         let exec = self.exec(Some(sink));
-                        let Some(r) = killed_or(exec.run_with(&plan, &run_id, Preflight::Warn)).await else {
+                        let Some(r) =
+                            killed_or(exec.run(&plan, RunOptions::recovery().with_id(&run_id))).await
+                        else {
                             return killed(Some(plan));
                         };
                         (journal, r.expect("the rollback starts"), Some(plan))

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deploykit::{CountOrPercent, Executor, OutcomeKind, ReleaseId, Rolling, Strategy as _};
+use deploykit::{CountOrPercent, Executor, OutcomeKind, ReleaseId, Rolling, RunOptions, Strategy as _};
 use deploykit_testkit::{FakeFleet, Fault, Op};
 use proptest::prelude::*;
 
@@ -92,7 +92,7 @@ fn run(case: &Case) -> Result<(), TestCaseError> {
         let plan = strategy.plan(&exec.snapshot().await.unwrap(), &release).unwrap();
         let batch = strategy.resolved_batch(case.instances);
         let budget = case.budget.of(case.instances);
-        let report = exec.run(&plan).await.unwrap();
+        let report = exec.run(&plan, RunOptions::default()).await.unwrap();
         let inv = fleet.check(&report, batch);
         prop_assert!(inv.is_ok(), "{:?}\n{report}", inv.violations);
         let failed = report.failed().len();

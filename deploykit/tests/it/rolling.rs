@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use deploykit::{
     CountOrPercent, Error, EventKind, Executor, FailurePolicy, HealthCheck, InstanceStatus, OutcomeKind,
-    Preflight, Rolling, StepResult, Strategy,
+    Rolling, RunOptions, StepResult, Strategy,
 };
 use deploykit_testkit::{FakeFleet, Fault, Op};
 use tokio_util::sync::CancellationToken;
@@ -79,7 +79,7 @@ async fn failure_in_batch_two_within_budget_is_degraded_not_success() {
     // R6: the summary names the counts and the instance left behind.
     let text = report.to_string();
     assert!(text.contains("succeeded: 5  failed: 1"), "{text}");
-    assert!(text.contains("i-3: FailedRestored, on v1"), "{text}");
+    assert!(text.contains("i-3: failed, restored, on v1"), "{text}");
     s.assert_invariants(&report, 2);
 }
 
@@ -304,7 +304,7 @@ async fn redeploying_the_same_release_is_a_no_op() {
         .plan(&s.exec.snapshot().await.unwrap(), &v("v2"))
         .unwrap();
     assert_eq!(plan.skipped, [deploykit::InstanceId::new("i-2").unwrap()]);
-    let report = s.exec.run(&plan).await.unwrap();
+    let report = s.exec.run(&plan, RunOptions::default()).await.unwrap();
     assert!(report.is_success());
     assert_eq!(s.fleet.calls("i-2", Op::Drain), 0);
     let ops_before = s.fleet.ops().len();
@@ -543,15 +543,22 @@ async fn a_recovery_run_goes_on_despite_a_failing_preflight_and_says_so_first() 
     let plan = rolling(1, 1)
         .plan(&s.exec.snapshot().await.unwrap(), &v("v2"))
         .unwrap();
-    assert!(matches!(s.exec.check(&plan).await, Err(Error::Refused(_))));
+    assert!(matches!(
+        s.exec.check(&plan, &RunOptions::default()).await,
+        Err(Error::Refused(_))
+    ));
     assert_eq!(s.fleet.preflight_calls(), 1);
-    assert!(s.exec.check_with(&plan, Preflight::Warn).await.is_ok());
+    assert!(s.exec.check(&plan, &RunOptions::recovery()).await.is_ok());
     assert_eq!(
         s.fleet.preflight_calls(),
         1,
         "a check that cannot refuse does not call it"
     );
-    let report = s.exec.run_recovery(&plan).await.expect("not refused");
+    let report = s
+        .exec
+        .run(&plan, RunOptions::recovery())
+        .await
+        .expect("not refused");
     assert_eq!(s.fleet.preflight_calls(), 2, "the run calls it once");
     assert!(report.is_success(), "{report}");
     assert!(s.fleet.releases().values().all(|r| r == &v("v2")));

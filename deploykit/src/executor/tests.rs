@@ -11,7 +11,9 @@ use crate::error::DriverError;
 use crate::names::{Address, Group, InstanceId, ReleaseId};
 use crate::strategy::{CountOrPercent, Rolling};
 use crate::traits::{Backend, Health, Instance};
-use crate::{Error, Executor, HealthCheck, InstanceStatus, NoLoadBalancer, OutcomeKind, Timeouts};
+use crate::{
+    Error, Executor, HealthCheck, InstanceStatus, NoLoadBalancer, OutcomeKind, RunOptions, Timeouts,
+};
 
 mockall::mock! {
     Inst {}
@@ -285,4 +287,34 @@ async fn an_unreadable_fleet_is_not_planned_on() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn run_ids_are_the_start_time_then_the_release_cut_at_100_characters() {
+    let id = crate::run_id(&rel("v2"));
+    let (millis, release) = id.split_once('-').unwrap();
+    assert!(millis.parse::<u128>().unwrap() > 1_600_000_000_000, "{id}");
+    assert_eq!(release, "v2");
+    let long = "r".repeat(120);
+    let id = crate::run_id(&rel(&long));
+    assert!(id.ends_with(&format!("-{}", "r".repeat(100))), "{id}");
+    assert!(!id.ends_with(&"r".repeat(101)), "{id}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_options_name_the_run_and_a_default_id_is_made_from_the_release() {
+    let exec = executor(mock("a"), Timeouts::default());
+    let plan = crate::Plan::new(
+        crate::StrategyKind::Rolling,
+        rel("v1"),
+        Default::default(),
+        Vec::new(),
+    );
+    let named = exec
+        .run(&plan, RunOptions::default().with_id("d-7"))
+        .await
+        .unwrap();
+    assert_eq!(named.deployment, "d-7");
+    let made = exec.run(&plan, RunOptions::default()).await.unwrap();
+    assert!(made.deployment.ends_with("-v1"), "{}", made.deployment);
 }

@@ -1,0 +1,485 @@
+//! One run of a plan: the stages in order, the failure policy, the rollback.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::future::join_all;
+use tokio::time::Instant;
+
+use super::error::StepError;
+use super::report::{self, Abort, Phase, Tracked};
+use super::steps::{self, StepCtx, StepOk};
+use super::{ms, Inner, Prepared};
+use crate::event::{Event, EventKind, StepResult};
+use crate::names::InstanceId;
+use crate::plan::{
+    compensation_steps, idle_steps, retirement_steps, AbortFailure, AbortWhen, FailurePolicy,
+    InstanceProgress, InstanceUndo, Plan, Step, Unit,
+};
+use crate::report::Report;
+use crate::smoke::SmokeTester;
+
+/// Everything a run learns while it runs, behind its one lock.
+#[derive(Debug, Default)]
+struct RunState {
+    /// What is known of each instance the plan touches.
+    tracked: BTreeMap<InstanceId, Tracked>,
+    /// The first failure of a unit that works on no instance (a switch, a
+    /// warm-up, a record); it aborts unless the policy restores instances.
+    plan_failure: Option<String>,
+    /// The rollout attempted a [`Step::SwitchTo`] (it may have taken
+    /// effect).
+    switch_attempted: bool,
+    /// An abort step whose failure fails the rollback failed.
+    undo_failed: Option<String>,
+}
+
+pub(super) struct Run<'a> {
+    inner: &'a Inner,
+    plan: &'a Plan,
+    id: String,
+    started: Instant,
+    state: Mutex<RunState>,
+    smoke: Option<Arc<dyn SmokeTester>>,
+    /// A failed load-balancer preflight the run goes on despite.
+    preflight_warning: Option<String>,
+    /// The canary gates' state, carried across stages.
+    canary: steps::canary::CanaryState,
+}
+
+impl<'a> Run<'a> {
+    pub(super) fn new(inner: &'a Inner, plan: &'a Plan, id: String, prepared: Prepared) -> Self {
+        let tracked = plan
+            .instances()
+            .into_iter()
+            .map(|i| {
+                let previous = plan.previous.get(&i).cloned().flatten();
+                (i, Tracked::new(InstanceProgress::untouched(previous)))
+            })
+            .collect();
+        Self {
+            inner,
+            plan,
+            id,
+            started: Instant::now(),
+            state: Mutex::new(RunState {
+                tracked,
+                ..RunState::default()
+            }),
+            smoke: prepared.smoke,
+            preflight_warning: prepared.preflight_warning,
+            canary: steps::canary::CanaryState::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RunState> {
+        self.state.lock().expect("run state poisoned")
+    }
+
+    fn emit(&self, kind: EventKind) {
+        match &kind {
+            EventKind::InstanceFailed {
+                instance,
+                step,
+                reason,
+            } => {
+                tracing::warn!(deployment = %self.id, %instance, %step, reason, "instance failed")
+            }
+            EventKind::Warning { instance, message } => {
+                tracing::warn!(deployment = %self.id, instance = ?instance, message, "warning")
+            }
+            other => tracing::debug!(deployment = %self.id, event = ?other),
+        }
+        if let Some(sink) = &self.inner.sink {
+            sink.emit(&Event {
+                elapsed_ms: ms(self.started.elapsed()),
+                deployment: self.id.clone(),
+                kind,
+            });
+        }
+    }
+
+    fn with<R>(&self, id: &InstanceId, f: impl FnOnce(&mut Tracked) -> R) -> R {
+        f(self.lock().tracked.get_mut(id).expect("plan instance tracked"))
+    }
+
+    /// Updates what is known of `id`, if the plan tracks it (a step may
+    /// name an instance that no unit of the plan works on).
+    fn mark(&self, id: &InstanceId, f: impl FnOnce(&mut InstanceProgress)) {
+        if let Some(t) = self.lock().tracked.get_mut(id) {
+            f(&mut t.progress);
+        }
+    }
+
+    fn failed_count(&self) -> usize {
+        self.lock().tracked.values().filter(|t| t.error.is_some()).count()
+    }
+
+    pub(super) async fn execute(self) -> Report {
+        self.emit(EventKind::DeploymentStarted {
+            strategy: self.plan.strategy.clone(),
+            release: self.plan.release.clone(),
+            instances: self.plan.instances().len(),
+            stages: self.plan.stages.len(),
+        });
+        if let Some(message) = &self.preflight_warning {
+            self.emit(EventKind::Warning {
+                instance: None,
+                message: message.clone(),
+            });
+        }
+        let abort = self.rollout().await;
+        if let Some(reason) = &abort {
+            self.rollback(reason).await;
+        }
+        self.finish(abort)
+    }
+
+    /// Runs the stages in order; the reason to abort, if one came up.
+    async fn rollout(&self) -> Option<String> {
+        let cancel = &self.inner.cancel;
+        let total = self.plan.stages.len();
+        for (si, stage) in self.plan.stages.iter().enumerate() {
+            if cancel.is_cancelled() {
+                return Some("cancelled by the operator".into());
+            }
+            let stage_start = Instant::now();
+            self.emit(EventKind::StageStarted {
+                stage: si,
+                of: total,
+                name: stage.name.clone(),
+                instances: stage.units.iter().filter_map(|u| u.instance.clone()).collect(),
+                rollback: false,
+            });
+            let failed_before = self.failed_count();
+            join_all(stage.units.iter().map(|u| self.run_unit(si, u))).await;
+            let failed = self.failed_count();
+            self.emit(EventKind::StageFinished {
+                stage: si,
+                name: stage.name.clone(),
+                rollback: false,
+                duration_ms: ms(stage_start.elapsed()),
+                failed: failed - failed_before,
+            });
+            if let Some(reason) = self.abort_reason(failed) {
+                return Some(reason);
+            }
+        }
+        None
+    }
+
+    /// Whether the run must abort after a stage with `failed` instance
+    /// failures so far, and why.
+    fn abort_reason(&self, failed: usize) -> Option<String> {
+        match self.plan.policy {
+            FailurePolicy::RestoreInstance { max_failures } if failed > max_failures => {
+                return Some(format!(
+                    "{failed} instance(s) failed, more than the failure budget of {max_failures}"
+                ));
+            }
+            FailurePolicy::AbortAll if failed > 0 => {
+                return Some(format!(
+                    "{failed} instance(s) failed under the {} strategy, which rolls back on any failure",
+                    self.plan.strategy
+                ));
+            }
+            _ => {}
+        }
+        // A cancellation also fails the step it interrupts (a gate, a
+        // warm-up): name the cause, not the symptom.
+        if self.inner.cancel.is_cancelled() {
+            return Some("cancelled by the operator".into());
+        }
+        let plan_failure = self.lock().plan_failure.clone();
+        match self.plan.policy {
+            FailurePolicy::RestoreInstance { .. } => None,
+            FailurePolicy::AbortAll => plan_failure,
+        }
+    }
+
+    /// Runs one unit of the rollout. On failure, records it and (under the
+    /// restore policy, or when cancelled) restores the instance at once.
+    async fn run_unit(&self, si: usize, unit: &Unit) {
+        let cancel = &self.inner.cancel;
+        for (n, step) in unit.steps.iter().enumerate() {
+            if cancel.is_cancelled() {
+                // Nothing of this unit ran yet (or only waits are left):
+                // nothing to undo here.
+                let interrupted = n > 0 && !matches!(step, Step::Pause { .. });
+                if let (true, Some(id)) = (interrupted, &unit.instance) {
+                    self.compensate(si, id).await;
+                }
+                return;
+            }
+            if let Err(e) = self.exec_step(si, step, false).await {
+                self.unit_failed(si, unit, step, e).await;
+                return;
+            }
+        }
+        if let Some(id) = &unit.instance {
+            self.with(id, |t| t.phase = Phase::Completed);
+        }
+    }
+
+    /// Records the failure of `step` in `unit` and restores its instance
+    /// when the policy (or a cancellation) says so.
+    async fn unit_failed(&self, si: usize, unit: &Unit, step: &Step, e: StepError) {
+        let cancelled = self.inner.cancel.is_cancelled();
+        let Some(id) = &unit.instance else {
+            let message = format!("{step} failed: {e}");
+            self.emit(EventKind::Warning {
+                instance: None,
+                message: message.clone(),
+            });
+            self.lock().plan_failure.get_or_insert(message);
+            return;
+        };
+        // A step the cancellation interrupted is not the instance's failure.
+        if !(cancelled && matches!(e, StepError::Cancelled)) {
+            let reason = e.to_string();
+            let msg = format!("{} failed: {reason}", step.kind());
+            self.with(id, |t| {
+                t.error.get_or_insert(msg);
+            });
+            self.emit(EventKind::InstanceFailed {
+                instance: id.clone(),
+                step: step.kind().into(),
+                reason,
+            });
+        }
+        if matches!(self.plan.policy, FailurePolicy::RestoreInstance { .. }) || cancelled {
+            self.compensate(si, id).await;
+        }
+    }
+
+    /// Brings one instance back as the plan says (see
+    /// [`InstanceUndo`] and [`Plan::leave_stopped`]); `true` if it worked.
+    async fn compensate(&self, si: usize, id: &InstanceId) -> bool {
+        let progress = self.with(id, |t| t.progress.clone());
+        let steps = if self.plan.leave_stopped.contains(id) {
+            retirement_steps(id, &progress, self.plan.drain_timeout)
+        } else {
+            match self.plan.instance_undo {
+                InstanceUndo::Idle => idle_steps(id, &progress),
+                InstanceUndo::Serve => {
+                    compensation_steps(id, &progress, self.plan.health, self.plan.drain_timeout)
+                }
+            }
+        };
+        for step in &steps {
+            if let Err(e) = self.exec_step(si, step, true).await {
+                self.with(id, |t| t.phase = Phase::Unrestorable);
+                self.emit(EventKind::InstanceUnrecoverable {
+                    instance: id.clone(),
+                    reason: format!("{} failed while restoring: {e}", step.kind()),
+                });
+                self.quarantine(id).await;
+                return false;
+            }
+        }
+        self.with(id, |t| t.phase = Phase::Restored);
+        self.emit(EventKind::InstanceRestored {
+            instance: id.clone(),
+            release: progress.previous.clone(),
+        });
+        true
+    }
+
+    /// Best effort: keep an unrecoverable instance out of rotation.
+    async fn quarantine(&self, id: &InstanceId) {
+        let backend = self.inner.instance(id).backend().clone();
+        let (r, _) = self
+            .inner
+            .call(self.inner.timeouts.load_balancer, || {
+                self.inner.lb.disable(&backend)
+            })
+            .await;
+        match r {
+            Ok(()) => self.with(id, |t| t.progress.in_rotation = false),
+            Err(e) => self.emit(EventKind::Warning {
+                instance: Some(id.clone()),
+                message: format!("could not take the unrecoverable instance out of rotation: {e}"),
+            }),
+        }
+    }
+
+    /// The instances an abort restores: those not restored yet that the
+    /// plan changed, or that it leaves stopped, or every one when the plan
+    /// undoes its instances as idle.
+    fn rollback_targets(&self) -> Vec<InstanceId> {
+        let all = self.plan.instance_undo == InstanceUndo::Idle;
+        self.lock()
+            .tracked
+            .iter()
+            .filter(|(id, t)| {
+                !t.phase.is_restore_attempted()
+                    && (all
+                        || t.progress.release_changed
+                        || !t.progress.running
+                        || !t.progress.in_rotation
+                        || self.plan.leave_stopped.contains(id))
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    async fn rollback(&self, reason: &str) {
+        let targets = self.rollback_targets();
+        self.emit(EventKind::RollbackStarted {
+            reason: reason.to_string(),
+            instances: targets.clone(),
+        });
+        self.run_abort_steps().await;
+        let batch = match self.plan.policy {
+            FailurePolicy::AbortAll => targets.len().max(1),
+            FailurePolicy::RestoreInstance { .. } => self.plan.rollback_batch,
+        };
+        let batches: Vec<&[InstanceId]> = targets.chunks(batch).collect();
+        let of = batches.len();
+        for (bi, ids) in batches.into_iter().enumerate() {
+            let start = Instant::now();
+            let name = format!("rollback {}/{of}", bi + 1);
+            self.emit(EventKind::StageStarted {
+                stage: bi,
+                of,
+                name: name.clone(),
+                instances: ids.to_vec(),
+                rollback: true,
+            });
+            let results = join_all(ids.iter().map(|id| self.compensate(bi, id))).await;
+            self.emit(EventKind::StageFinished {
+                stage: bi,
+                name,
+                rollback: true,
+                duration_ms: ms(start.elapsed()),
+                failed: results.iter().filter(|ok| !**ok).count(),
+            });
+        }
+    }
+
+    /// What the plan says undoes it beyond single instances (e.g. all
+    /// traffic back to where it was), before any instance is touched.
+    async fn run_abort_steps(&self) {
+        let switched = self.lock().switch_attempted;
+        for abort in &self.plan.on_abort {
+            if abort.when == AbortWhen::AfterSwitch && !switched {
+                continue;
+            }
+            let Err(e) = self.exec_step(0, &abort.step, true).await else {
+                continue;
+            };
+            let what = format!("{} failed during the rollback: {e}", abort.step);
+            match abort.on_failure {
+                AbortFailure::FailRollback => {
+                    self.lock().undo_failed.get_or_insert(what);
+                    return;
+                }
+                AbortFailure::Warn => self.emit(EventKind::Warning {
+                    instance: None,
+                    message: match &abort.note {
+                        Some(note) => format!("{what}; {note}"),
+                        None => what,
+                    },
+                }),
+            }
+        }
+    }
+
+    fn finish(&self, abort: Option<String>) -> Report {
+        let (tracked, undo_failed) = {
+            let state = self.lock();
+            (state.tracked.clone(), state.undo_failed.clone())
+        };
+        let fleet: Vec<InstanceId> = self
+            .inner
+            .instances
+            .iter()
+            .map(|i| i.backend().id.clone())
+            .collect();
+        let abort = abort.map(|reason| Abort { reason, undo_failed });
+        let report = report::report(
+            self.plan,
+            &fleet,
+            &tracked,
+            abort.as_ref(),
+            self.id.clone(),
+            self.started.elapsed(),
+        );
+        self.emit(EventKind::DeploymentFinished {
+            outcome: report.outcome,
+            succeeded: report.succeeded().len(),
+            failed: report.failed().len(),
+            duration_ms: ms(report.duration),
+            reason: report.reason.clone(),
+        });
+        report
+    }
+
+    /// Runs one step with its events; what it tells about its instance is
+    /// tracked.
+    async fn exec_step(&self, si: usize, step: &Step, rollback: bool) -> Result<(), StepError> {
+        let instance = step.instance().cloned();
+        self.emit(EventKind::StepStarted {
+            stage: si,
+            step: step.kind().into(),
+            instance: instance.clone(),
+            rollback,
+        });
+        let start = Instant::now();
+        if let Some(id) = &instance {
+            self.mark(id, |p| steps::instance::mark_started(step, p));
+        }
+        if !rollback && matches!(step, Step::SwitchTo { .. }) {
+            self.lock().switch_attempted = true;
+        }
+        let (result, attempts) = self.dispatch(step, rollback).await;
+        let step_result = match &result {
+            Ok(StepOk::Ok) => StepResult::Ok,
+            Ok(StepOk::Warning(w)) => {
+                self.emit(EventKind::Warning {
+                    instance: instance.clone(),
+                    message: w.clone(),
+                });
+                StepResult::Warning(w.clone())
+            }
+            Err(e) => StepResult::Failed(e.to_string()),
+        };
+        if let (Some(id), Ok(_)) = (&instance, &result) {
+            self.mark(id, |p| steps::instance::mark_done(step, p));
+        }
+        self.emit(EventKind::StepFinished {
+            stage: si,
+            step: step.kind().into(),
+            instance,
+            rollback,
+            duration_ms: ms(start.elapsed()),
+            attempts,
+            result: step_result,
+        });
+        result.map(|_| ())
+    }
+
+    /// Hands the step to its handler with the context it needs.
+    async fn dispatch(&self, step: &Step, rollback: bool) -> steps::Outcome {
+        let emit = |k: EventKind| self.emit(k);
+        let ctx = StepCtx {
+            inner: self.inner,
+            // Rollback steps are not cancellable: they restore safety.
+            cancel: (!rollback).then_some(&self.inner.cancel),
+            emit: &emit,
+            smoke: self.smoke.as_deref(),
+        };
+        match step {
+            Step::Analyze { .. } | Step::AwaitPromotion { .. } => {
+                steps::canary::run(&ctx, &self.canary, step).await
+            }
+            Step::RecordSwitching { .. } | Step::RecordLive { .. } => {
+                steps::blue_green::run(&ctx, step).await
+            }
+            Step::Pause { .. } | Step::SetWeights { .. } | Step::SwitchTo { .. } | Step::WarmUp { .. } => {
+                steps::traffic::run(&ctx, step).await
+            }
+            _ => steps::instance::run(&ctx, step).await,
+        }
+    }
+}
