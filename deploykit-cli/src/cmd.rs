@@ -353,10 +353,7 @@ fn switch_target(plan: Option<&Plan>) -> Option<Group> {
 }
 
 async fn reconciled_live(ctx: &Ctx, exec: &Executor) -> anyhow::Result<Group> {
-    let bg = wire::blue_green(
-        &ctx.cfg.raw.strategy.blue_green,
-        ctx.cfg.raw.smoke_checks.as_deref(),
-    )?;
+    let bg = ctx.cfg.raw.blue_green();
     let store = FileLiveStore::new(ctx.state.live_record_path());
     Ok(reconcile(&store, exec.load_balancer().as_ref(), &bg.environments)
         .await?
@@ -464,10 +461,7 @@ async fn run_deploy(
         })
     };
     if strategy == StrategyKind::BlueGreen {
-        let bg = wire::blue_green(
-            &ctx.cfg.raw.strategy.blue_green,
-            ctx.cfg.raw.smoke_checks.as_deref(),
-        )?;
+        let bg = ctx.cfg.raw.blue_green();
         let live = reconciled_live(ctx, exec).await?;
         let mut header = JournalHeader::new(
             &id,
@@ -599,7 +593,7 @@ async fn run_deploy(
 /// The end of a canary deployment: all traffic to stable, the canary
 /// instances drained and stopped.
 fn finish_canary_plan(ctx: &Ctx, snap: &FleetSnapshot, release: &ReleaseId) -> anyhow::Result<Plan> {
-    let c = wire::canary(&ctx.cfg.raw.strategy.canary)?;
+    let c = &ctx.cfg.raw.strategy.canary;
     let canary: Vec<InstanceId> = snap
         .group(&c.canary_group)
         .map(|i| i.backend.id.clone())
@@ -692,7 +686,7 @@ fn rollback_plan(
     touched: &BTreeSet<InstanceId>,
     canary: Option<(&Group, &Group)>,
 ) -> anyhow::Result<Plan> {
-    let r = wire::rolling(&ctx.cfg.raw.strategy.rolling);
+    let r = &ctx.cfg.raw.strategy.rolling;
     let mut units = Vec::new();
     let mut leave_stopped = Vec::new();
     let mut counts: BTreeMap<ReleaseId, usize> = BTreeMap::new();
@@ -823,10 +817,7 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
             root.header.strategy, root_id, root.header.release
         ));
         if root.header.strategy == "blue-green" {
-            let bg = wire::blue_green(
-                &ctx.cfg.raw.strategy.blue_green,
-                ctx.cfg.raw.smoke_checks.as_deref(),
-            )?;
+            let bg = ctx.cfg.raw.blue_green();
             let live = reconciled_live(&ctx, exec).await?;
             let switched_to = switch_target(root.header.plan.as_ref());
             let mut header = JournalHeader::new(
@@ -898,10 +889,9 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
             return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
         }
         let canary_groups = (root.header.strategy == "canary").then(|| {
-            wire::canary(&ctx.cfg.raw.strategy.canary)
-                .map(|c| (c.stable_group.clone(), c.canary_group.clone()))
+            let c = &ctx.cfg.raw.strategy.canary;
+            (c.stable_group.clone(), c.canary_group.clone())
         });
-        let canary_groups = canary_groups.transpose()?;
         let plan = rollback_plan(
             &ctx,
             &snap,
@@ -942,7 +932,7 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
         let plan = if kind == StrategyKind::BlueGreen {
             // Read-only: the record, else the load balancer, else the first
             // environment.
-            let bg = wire::blue_green(&ctx.cfg.raw.strategy.blue_green, ctx.cfg.raw.smoke_checks.as_deref())?;
+            let bg = ctx.cfg.raw.blue_green();
             let store = FileLiveStore::new(ctx.state.live_record_path());
             let live = match store.load().await? {
                 Some(r) => r.live,

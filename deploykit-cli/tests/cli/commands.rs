@@ -392,6 +392,47 @@ fn a_manual_canary_waits_and_is_promoted_from_another_process() {
 }
 
 #[test]
+fn ratio_significance_from_the_file_decides_the_canary() {
+    // Canary 3 % errors against stable's 1 %, 100 requests each: over the
+    // plain 2x ratio (2 %), but within 3 standard deviations of sampling
+    // noise at that count (limit about 9 %).
+    let prom =
+        crate::util::prometheus(
+            |request| match (request.contains("requests"), request.contains("canary")) {
+                (true, _) => 100.0,
+                (false, true) if request.contains("errors") => 0.03,
+                (false, false) if request.contains("errors") => 0.01,
+                _ => 0.001,
+            },
+        );
+    let deploy = |significance: &str| {
+        let cfg = format!(
+            "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+            [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18296\"\ngroup = \"stable\"\n\n\
+            [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18297\"\ngroup = \"canary\"\n\n\
+            [load_balancer]\nkind = \"simulated\"\n\n\
+            [metrics]\nprometheus = \"{prom}\"\nerror_rate = \"errors{{track=\\\"{{group}}\\\"}}\"\n\
+            latency_p99 = \"latency{{track=\\\"{{group}}\\\"}}\"\nrequest_count = \"requests{{track=\\\"{{group}}\\\"}}\"\n\n\
+            [strategy]\nkind = \"canary\"\n\n\
+            [strategy.canary]\nstages = [50, 100]\nstage_duration = \"200ms\"\ncheck_interval = \"100ms\"\n\
+            error_threshold = 0.2\nratio_significance = {significance}\n\
+            health_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+            [timeouts]\ndrain_poll = \"20ms\"\n"
+        );
+        let env = Env::new(&cfg);
+        env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+        let (code, out, err) = env.run(&["deploy", "v2"]);
+        (code, format!("{out}{err}"), env)
+    };
+    let (code, out, env) = deploy("0");
+    assert_eq!(code, 1, "compared plainly, 3 % > 2 x 1 % rolls back:\n{out}");
+    assert_eq!(env.sim("stable-1")["release"], "v1", "{out}");
+    let (code, out, env) = deploy("3");
+    assert_eq!(code, 0, "allowing for noise, the canary passes:\n{out}");
+    assert_eq!(env.sim("stable-1")["release"], "v2", "{out}");
+}
+
+#[test]
 fn blue_green_through_a_symlink_switch() {
     let env = Env::new("");
     let root = env.path().display().to_string();
