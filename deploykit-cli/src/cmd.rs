@@ -999,32 +999,32 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
         let live = FileLiveStore::new(ctx.state.live_record_path()).load().await.ok().flatten();
         let entry = latest.as_ref().map(|j| j.history_entry(holder.as_ref()));
         if ctx.g.json {
-            let instances: Vec<_> = rows
+            let instances = rows
                 .iter()
-                .map(|(id, g, a, r, h)| {
-                    let in_rotation = sim_lb.as_ref().map(|l| !l.out_of_rotation.contains(id));
-                    serde_json::json!({"id": id, "group": g, "address": a, "release": r, "health": h, "in_rotation": in_rotation})
+                .map(|(id, g, a, r, h)| output::InstanceState {
+                    id: id.clone(),
+                    group: g.clone(),
+                    address: a.clone(),
+                    release: r.clone(),
+                    health: h.clone(),
+                    in_rotation: sim_lb.as_ref().map(|l| !l.out_of_rotation.contains(id)),
                 })
                 .collect();
-            let deployment = latest.as_ref().map(|j| {
-                serde_json::json!({
-                    "history": entry,
-                    "unsettled": j.unsettled(),
-                    "awaiting_promotion": j.awaiting_promotion(),
-                    "previous": j.header.previous,
-                })
+            let deployment = latest.as_ref().zip(entry.clone()).map(|(j, history)| output::LastRun {
+                history,
+                unsettled: j.unsettled(),
+                awaiting_promotion: j.awaiting_promotion(),
+                previous: j.header.previous.clone(),
             });
-            println!(
-                "{}",
-                serde_json::json!({
-                    "app": ctx.cfg.raw.app,
-                    "lock": holder,
-                    "deployment": deployment,
-                    "instances": instances,
-                    "live": live.map(|l| l.live),
-                    "load_balancer": sim_lb,
-                })
-            );
+            let status = output::Status {
+                app: ctx.cfg.raw.app.clone(),
+                lock: holder.clone(),
+                deployment,
+                instances,
+                live: live.map(|l| l.live),
+                load_balancer: sim_lb,
+            };
+            println!("{}", serde_json::to_string(&status)?);
             return Ok(exit::SUCCESS);
         }
         println!("app: {}", ctx.cfg.raw.app);

@@ -1,11 +1,16 @@
 //! Turning the event stream into what the operator sees: progress lines and
 //! a bar on a terminal, or JSON lines.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 
-use deploykit::{Event, EventKind, EventSink, OutcomeKind, Report, StepResult};
+use deploykit::state::{HistoryEntry, Holder};
+use deploykit::{Event, EventKind, EventSink, Group, InstanceId, OutcomeKind, ReleaseId, Report, StepResult};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use crate::sim::SimLbState;
 
 /// Prints events for a person: one line per stage, failure, restore and
 /// rollback, with a progress bar over instances when stderr is a terminal.
@@ -217,4 +222,53 @@ pub(crate) fn exit_code(report: &Report) -> u8 {
         OutcomeKind::Degraded | OutcomeKind::RolledBack => crate::exit::FAILED_ROLLED_BACK,
         OutcomeKind::RollbackFailed => crate::exit::UNKNOWN_STATE,
     }
+}
+
+/// `deploykit status --json`: one object, documented in `docs/cli.md`.
+#[derive(Debug, Serialize)]
+pub(crate) struct Status {
+    /// The application's name.
+    pub(crate) app: String,
+    /// The process holding the deployment lock; `null` when none does.
+    pub(crate) lock: Option<Holder>,
+    /// The last run; `null` before the first.
+    pub(crate) deployment: Option<LastRun>,
+    /// Every instance, in the order of the configuration.
+    pub(crate) instances: Vec<InstanceState>,
+    /// The live blue-green environment as recorded; `null` when none is.
+    pub(crate) live: Option<Group>,
+    /// The simulated load balancer's state; `null` for any other kind.
+    pub(crate) load_balancer: Option<SimLbState>,
+}
+
+/// The last run, in [`Status`].
+#[derive(Debug, Serialize)]
+pub(crate) struct LastRun {
+    /// The run as `deploykit history` shows it.
+    pub(crate) history: HistoryEntry,
+    /// Instances the run left part-way (drained, stopped or between
+    /// releases).
+    pub(crate) unsettled: BTreeSet<InstanceId>,
+    /// The canary stage waiting for a promotion, if one is.
+    pub(crate) awaiting_promotion: Option<usize>,
+    /// Each instance's release before the run.
+    pub(crate) previous: BTreeMap<InstanceId, Option<ReleaseId>>,
+}
+
+/// One instance, in [`Status`], as read from the instance itself.
+#[derive(Debug, Serialize)]
+pub(crate) struct InstanceState {
+    /// Its id.
+    pub(crate) id: String,
+    /// Its group.
+    pub(crate) group: String,
+    /// Its address.
+    pub(crate) address: String,
+    /// The release it runs, `none`, or `unknown (why)`.
+    pub(crate) release: String,
+    /// `healthy`, `unhealthy: why`, `unknown` or `unreachable: why`.
+    pub(crate) health: String,
+    /// Whether the simulated load balancer sends it traffic; `null` for any
+    /// other kind.
+    pub(crate) in_rotation: Option<bool>,
 }

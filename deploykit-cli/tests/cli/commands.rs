@@ -193,6 +193,34 @@ fn status_json_names_release_and_rotation_per_instance() {
 }
 
 #[test]
+fn status_json_has_the_documented_fields() {
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let env = Env::new(&simulated(1, ""));
+    let v: serde_json::Value = serde_json::from_str(env.ok(&["--json", "status"], 0).trim()).unwrap();
+    assert_eq!(
+        keys(&v),
+        ["app", "deployment", "instances", "live", "load_balancer", "lock"]
+    );
+    assert_eq!(v["deployment"], serde_json::Value::Null, "no run yet");
+    env.ok(&["deploy", "v1"], 0);
+    let v: serde_json::Value = serde_json::from_str(env.ok(&["--json", "status"], 0).trim()).unwrap();
+    assert_eq!(
+        keys(&v["deployment"]),
+        ["awaiting_promotion", "history", "previous", "unsettled"]
+    );
+    assert_eq!(v["deployment"]["previous"]["web-1"], serde_json::Value::Null);
+    assert_eq!(
+        keys(&v["instances"][0]),
+        ["address", "group", "health", "id", "in_rotation", "release"]
+    );
+    assert_eq!(keys(&v["load_balancer"]), ["live", "out_of_rotation", "weights"]);
+}
+
+#[test]
 fn a_second_deployment_is_refused_while_the_lock_is_held() {
     let env = Env::new(&simulated(2, ""));
     let state = StateDir::open(env.path().join(".deploykit"), "shop").unwrap();
