@@ -50,6 +50,8 @@ pub(crate) struct Config {
     pub(crate) notifications: NotificationsConfig,
     #[serde(default)]
     pub(crate) timeouts: TimeoutsConfig,
+    #[serde(default)]
+    pub(crate) retry: RetryConfig,
 }
 
 /// Fields an instance may set, or inherit from `[instance_defaults]`.
@@ -327,6 +329,25 @@ fn all_events() -> Vec<NotifyOn> {
         NotifyOn::Rollback,
         NotifyOn::Failure,
     ]
+}
+
+/// `[retry]`: how often the executor tries a driver call that failed with
+/// a transient error.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RetryConfig {
+    pub(crate) attempts: u32,
+    pub(crate) backoff: Dur,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        let r = deploykit::Retry::default();
+        Self {
+            attempts: r.attempts,
+            backoff: Dur(r.backoff),
+        }
+    }
 }
 
 /// `[timeouts]`: the executor's per-call bounds.
@@ -809,6 +830,12 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
         ("drain_poll", t.drain_poll),
     ] {
         check_duration(&format!("timeouts.{name}"), v)?;
+    }
+    if c.retry.attempts == 0 {
+        return Err(inv(
+            "retry.attempts",
+            "is 0; make at least 1 attempt (1 means no retries)",
+        ));
     }
     Ok(out)
 }

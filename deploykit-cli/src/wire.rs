@@ -11,7 +11,7 @@ use deploykit::instance::{
 use deploykit::state::StateDir;
 use deploykit::{
     Backend, EventSink, Executor, Group, Instance, LoadBalancer, NoLoadBalancer, PromotionHandle, ReleaseId,
-    Strategy, Timeouts,
+    Retry, Strategy, Timeouts,
 };
 
 use crate::config::{Control, HealthKind, HostSpec, LbKind, Loaded, StrategyKind};
@@ -259,6 +259,10 @@ pub(crate) fn fleet(
             query: t.query.0,
         })
         .drain_poll(t.drain_poll.0)
+        .retry(Retry {
+            attempts: cfg.raw.retry.attempts,
+            backoff: cfg.raw.retry.backoff.0,
+        })
         .live_store(Arc::new(deploykit::bluegreen_state::FileLiveStore::new(
             state.live_record_path(),
         )))

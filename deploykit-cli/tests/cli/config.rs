@@ -204,6 +204,19 @@ fn every_analysis_setting_is_read() {
 }
 
 #[test]
+fn retries_are_settable_and_checked() {
+    let env = Env::new(&simulated(1, "[retry]\nattempts = 5\nbackoff = \"200ms\"\n"));
+    env.ok(&["validate"], 0);
+    let config = simulated(1, "[retry]\nattempts = 0\n");
+    let line = config.lines().position(|l| l.starts_with("attempts")).unwrap() + 1;
+    let err = rejects(&config);
+    assert_has(
+        &err,
+        &[&format!("deploykit.toml:{line}:1: invalid retry.attempts: is 0")],
+    );
+}
+
+#[test]
 fn a_zero_batch_is_refused() {
     let err = rejects(&simulated(2, "[strategy.rolling]\nbatch_size = 0\n"));
     assert_has(&err, &["invalid strategy.rolling.batch_size: is 0"]);
