@@ -1036,7 +1036,7 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
                 println!(
                     "last run: {} ({}) {} of {}: {}",
                     e.id,
-                    format!("{:?}", e.kind).to_lowercase(),
+                    output::run_kind(e.kind),
                     e.strategy,
                     e.release,
                     e.outcome
@@ -1106,7 +1106,7 @@ pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
         "id", "kind", "strategy", "release", "outcome", "duration"
     );
     for e in entries {
-        let kind = format!("{:?}", e.kind).to_lowercase();
+        let kind = output::run_kind(e.kind);
         println!(
             "{:<34} {:<9} {:<11} {:<12} {:<15} {:>8.1}s  {}",
             e.id,

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 
-use deploykit::state::{HistoryEntry, Holder};
+use deploykit::analysis::CheckOutcome;
+use deploykit::state::{HistoryEntry, Holder, RunKind};
 use deploykit::{Event, EventKind, EventSink, Group, InstanceId, OutcomeKind, ReleaseId, Report, StepResult};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
@@ -146,10 +147,8 @@ impl EventSink for Human {
                     );
                 }
             }
-            EventKind::AnalysisResult { stage, result, .. }
-                if !matches!(result, deploykit::analysis::CheckOutcome::Pass) =>
-            {
-                self.line(t, format!("  canary stage {stage}: {result:?}"));
+            EventKind::AnalysisResult { stage, result, .. } if !matches!(result, CheckOutcome::Pass) => {
+                self.line(t, format!("  {}", analysis_line(*stage, result)));
             }
             EventKind::AwaitingPromotion { stage, weight, .. } => {
                 self.line(
@@ -186,6 +185,25 @@ impl EventSink for Human {
             }
             _ => {}
         }
+    }
+}
+
+/// A run's kind as `history` and `status` print it (the same word as in
+/// the journal and `--json`).
+pub(crate) fn run_kind(kind: RunKind) -> &'static str {
+    match kind {
+        RunKind::Deploy => "deploy",
+        RunKind::Resume => "resume",
+        RunKind::Rollback => "rollback",
+    }
+}
+
+/// A check that did not pass, for a person: a failed rule names its stage
+/// and numbers; an inconclusive check is given its stage.
+fn analysis_line(stage: usize, result: &CheckOutcome) -> String {
+    match result {
+        CheckOutcome::Fail { .. } => result.to_string(),
+        other => format!("canary stage {stage}: {other}"),
     }
 }
 
@@ -271,4 +289,33 @@ pub(crate) struct InstanceState {
     /// Whether the simulated load balancer sends it traffic; `null` for any
     /// other kind.
     pub(crate) in_rotation: Option<bool>,
+}
+
+#[cfg(test)]
+mod tests {
+    use deploykit::analysis::AnalysisMetric;
+
+    use super::*;
+
+    #[test]
+    fn analysis_lines_read_as_sentences() {
+        let fail = CheckOutcome::Fail {
+            metric: AnalysisMetric::ErrorRate,
+            value: 0.0499,
+            threshold: 0.01,
+            stage: 1,
+        };
+        let line = analysis_line(1, &fail);
+        assert_eq!(line, "canary error rate 4.990 % > threshold 1.000 % at stage 1");
+        let no_data = CheckOutcome::NoData {
+            reason: "canary error rate has no data".into(),
+        };
+        assert_eq!(
+            analysis_line(2, &no_data),
+            "canary stage 2: no data (canary error rate has no data)"
+        );
+        for line in [line, analysis_line(2, &no_data)] {
+            assert!(!line.contains('{') && !line.contains("Fail"), "{line}");
+        }
+    }
 }
