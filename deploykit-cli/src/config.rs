@@ -1098,6 +1098,39 @@ mod tests {
     }
 
     #[test]
+    fn key_paths_and_where_they_are_written() {
+        let text = "app = \"a\"\n[[instances]]\nid = \"x\"\n[[instances]]\nid = \"y\"\n\
+                    [strategy.canary]\nstages = [5, 50, 25]\n";
+        let doc = toml::de::DeTable::parse(text).unwrap();
+        let doc = doc.get_ref();
+        let at = |path: &str| locate(doc, path).map(|o| line_col(text, o));
+        assert_eq!(at("instances[1].id"), Some((5, 1)));
+        assert_eq!(at("strategy.canary.stages[2]"), Some((7, 18)));
+        // Not written: the nearest enclosing key that is.
+        assert_eq!(at("instances[1].address"), at("instances[1]"));
+        assert_eq!(at("strategy.canary.window"), Some((6, 11)));
+        assert_eq!(at("metrics.prometheus"), None);
+        assert_eq!(at("not a path["), None);
+        let offset = text.find("50").unwrap();
+        assert_eq!(key_at(doc, offset), "strategy.canary.stages[1]");
+        assert_eq!(key_at(doc, text.find("\"y\"").unwrap()), "instances[1].id");
+        assert_eq!(key_at(doc, text.find("app").unwrap()), "app");
+    }
+
+    #[test]
+    fn a_library_type_naming_itself_gives_way_to_the_key() {
+        assert_eq!(strip_invalid("invalid group: contains ' '"), "contains ' '");
+        assert_eq!(
+            strip_invalid("invalid type: integer `1`, expected a string"),
+            "invalid type: integer `1`, expected a string"
+        );
+        assert_eq!(
+            strip_invalid("\"x\" is not a duration"),
+            "\"x\" is not a duration"
+        );
+    }
+
+    #[test]
     fn did_you_mean() {
         let text = "app = \"a\"\n[strategy.rolling]\nbatchsize = 2\n";
         let m = explain(
