@@ -708,14 +708,7 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
             s.rolling.validate().map_err(in_section("rolling"))?;
             check_duration("strategy.rolling.health_interval", Dur(s.rolling.health.interval))?;
         }
-        StrategyKind::Recreate => {
-            if s.recreate.health.retries == 0 {
-                return Err(inv(
-                    "strategy.recreate.health_retries",
-                    "is 0; at least 1 probe is needed",
-                ));
-            }
-        }
+        StrategyKind::Recreate => s.recreate.validate().map_err(in_section("recreate"))?,
         StrategyKind::BlueGreen => {
             let bg = c.blue_green();
             bg.validate().map_err(in_section("blue-green"))?;

@@ -217,6 +217,22 @@ fn retries_are_settable_and_checked() {
 }
 
 #[test]
+fn nested_library_settings_are_named_by_their_keys() {
+    for kind in ["rolling", "recreate", "canary"] {
+        let err = rejects(&simulated(
+            2,
+            &format!("[strategy]\nkind = \"{kind}\"\n[strategy.{kind}]\nhealth_retries = 0\n"),
+        ));
+        assert_has(
+            &err,
+            &[&format!(
+                "invalid strategy.{kind}.health_retries: is 0; at least 1 probe is needed"
+            )],
+        );
+    }
+}
+
+#[test]
 fn a_zero_batch_is_refused() {
     let err = rejects(&simulated(2, "[strategy.rolling]\nbatch_size = 0\n"));
     assert_has(&err, &["invalid strategy.rolling.batch_size: is 0"]);

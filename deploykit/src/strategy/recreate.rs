@@ -35,18 +35,29 @@ impl Default for Recreate {
     }
 }
 
-impl Strategy for Recreate {
-    fn name(&self) -> &'static str {
-        "recreate"
-    }
-
-    fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
+impl Recreate {
+    /// Checks the parameters.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming `health.retries` (0).
+    pub fn validate(&self) -> Result<()> {
         if self.health.retries == 0 {
             return Err(Error::invalid(
                 "health.retries",
                 "is 0; at least 1 probe is needed",
             ));
         }
+        Ok(())
+    }
+}
+
+impl Strategy for Recreate {
+    fn name(&self) -> &'static str {
+        "recreate"
+    }
+
+    fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
+        self.validate()?;
         check_fleet(fleet)?;
         let (skipped, todo): (Vec<_>, Vec<_>) = fleet
             .instances
