@@ -166,8 +166,9 @@ impl Canary {
             return Err(Error::invalid(
                 "check_interval",
                 format!(
-                    "{:?} is longer than stage_duration ({:?}), so a stage would end unchecked; shorten it or lengthen the stage",
-                    self.check_interval, self.stage_duration
+                    "{} is longer than stage_duration ({}), so a stage would end unchecked; shorten it or lengthen the stage",
+                    crate::duration_text::format(self.check_interval),
+                    crate::duration_text::format(self.stage_duration)
                 ),
             ));
         }
