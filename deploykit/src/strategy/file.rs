@@ -422,6 +422,77 @@ mod tests {
         assert_eq!(back, bg);
     }
 
+    /// The key `config_key` gives for the field `validate` named, checked to
+    /// be a key of the serde form.
+    fn assert_is_key<T: Serialize>(form: &T, e: crate::Error) {
+        let crate::Error::InvalidInput { field, .. } = e else {
+            panic!("not an input error: {e}")
+        };
+        let key = config_key(&field);
+        let key = key.split('[').next().unwrap();
+        let json = serde_json::to_value(form).unwrap();
+        assert!(json.get(key).is_some(), "{field} -> {key} is not a key of {json}");
+    }
+
+    #[test]
+    fn every_field_validation_names_is_a_key_of_the_section() {
+        let manual = Canary {
+            promotion: Promotion::Manual {
+                timeout: Some(Duration::ZERO),
+            },
+            ..Canary::default()
+        };
+        let canaries: Vec<fn(&mut Canary)> = vec![
+            |c| c.stages.clear(),
+            |c| c.stages = vec![0],
+            |c| c.stages = vec![5, 5],
+            |c| c.stage_duration = Duration::ZERO,
+            |c| c.check_interval = Duration::ZERO,
+            |c| c.canary_group = c.stable_group.clone(),
+            |c| c.finalize_batch = 0,
+            |c| c.health.retries = 0,
+            |c| {
+                c.promotion = Promotion::Manual {
+                    timeout: Some(Duration::ZERO),
+                }
+            },
+            |c| c.analysis.error_threshold = 2.0,
+            |c| c.analysis.ratio_floor = 2.0,
+            |c| c.analysis.latency_threshold = Duration::ZERO,
+            |c| c.analysis.max_error_ratio = 0.5,
+            |c| c.analysis.ratio_significance = -1.0,
+            |c| c.analysis.inconclusive_limit = 0,
+            |c| c.analysis.window = Duration::ZERO,
+        ];
+        for bad in canaries {
+            let mut c = Canary::default();
+            bad(&mut c);
+            assert_is_key(&manual, c.validate().unwrap_err());
+        }
+        let rollings: Vec<fn(&mut Rolling)> = vec![|r| r.batch_size = CountOrPercent::Count(0), |r| {
+            r.health.retries = 0
+        }];
+        for bad in rollings {
+            let mut r = Rolling::default();
+            bad(&mut r);
+            assert_is_key(&Rolling::default(), r.validate().unwrap_err());
+        }
+        let mut r = Recreate::default();
+        r.health.retries = 0;
+        assert_is_key(&Recreate::default(), r.validate().unwrap_err());
+        let greens: Vec<fn(&mut BlueGreen)> = vec![
+            |b| b.environments[1] = b.environments[0].clone(),
+            |b| b.healthy_deadline = Duration::ZERO,
+            |b| b.health_interval = Duration::ZERO,
+            |b| b.warmup_path = "x".into(),
+        ];
+        for bad in greens {
+            let mut b = BlueGreen::default();
+            bad(&mut b);
+            assert_is_key(&BlueGreen::default(), b.validate().unwrap_err());
+        }
+    }
+
     #[test]
     fn unknown_keys_and_bad_stages_are_refused() {
         let e = serde_json::from_str::<Rolling>(r#"{"batchsize":2}"#).unwrap_err();
