@@ -308,15 +308,13 @@ async fn conclude(
 fn strategies(ctx: &Ctx, kind: LibKind) -> anyhow::Result<recovery::Strategies> {
     let s = &ctx.cfg.raw.strategy;
     let mut out = recovery::Strategies {
-        rolling: wire::rolling(&s.rolling),
-        recreate: wire::recreate(&s.recreate),
+        rolling: s.rolling.clone(),
+        recreate: s.recreate.clone(),
         ..Default::default()
     };
     match kind {
-        LibKind::Canary => out.canary = wire::canary(&s.canary)?,
-        LibKind::BlueGreen => {
-            out.blue_green = wire::blue_green(&s.blue_green, ctx.cfg.raw.smoke_checks.as_deref())?
-        }
+        LibKind::Canary => out.canary = s.canary.clone(),
+        LibKind::BlueGreen => out.blue_green = ctx.cfg.raw.blue_green(),
         _ => {}
     }
     Ok(out)
@@ -333,10 +331,7 @@ fn lib_kind(kind: StrategyKind) -> LibKind {
 }
 
 async fn reconciled_live(ctx: &Ctx, exec: &Executor) -> anyhow::Result<Reconciled> {
-    let bg = wire::blue_green(
-        &ctx.cfg.raw.strategy.blue_green,
-        ctx.cfg.raw.smoke_checks.as_deref(),
-    )?;
+    let bg = ctx.cfg.raw.blue_green();
     let store = FileLiveStore::new(ctx.state.live_record_path());
     Ok(reconcile(&store, exec.load_balancer().as_ref(), &bg.environments).await?)
 }
@@ -454,10 +449,7 @@ async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: Release
     header.acts_on = acts_on;
     let plan = match start {
         Start::Fresh(_) if blue_green => {
-            let bg = wire::blue_green(
-                &ctx.cfg.raw.strategy.blue_green,
-                ctx.cfg.raw.smoke_checks.as_deref(),
-            )?;
+            let bg = ctx.cfg.raw.blue_green();
             let live = live.as_ref().expect("reconciled above for blue-green");
             bg.plan(live, &snapshot, &release)?
         }
@@ -493,10 +485,7 @@ async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: Release
         .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
         .await;
     if blue_green {
-        let bg = wire::blue_green(
-            &ctx.cfg.raw.strategy.blue_green,
-            ctx.cfg.raw.smoke_checks.as_deref(),
-        )?;
+        let bg = ctx.cfg.raw.blue_green();
         let sig = ctrl_c(exec);
         let result = bg.deploy(exec, &release).await;
         sig.abort();
@@ -522,7 +511,7 @@ async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: Release
         let undo: anyhow::Result<Option<String>> = async {
             let snap = exec.snapshot().await?;
             let moved: BTreeSet<InstanceId> = plan.skipped.iter().cloned().collect();
-            let rolling = wire::rolling(&ctx.cfg.raw.strategy.rolling);
+            let rolling = ctx.cfg.raw.strategy.rolling.clone();
             let back = recovery::return_to(&snap, &targets, &moved, &rolling, None)?;
             let undo = exec
                 .run(
@@ -667,7 +656,7 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
         let plan = if kind == StrategyKind::BlueGreen {
             // Read-only: the record, else the load balancer, else the first
             // environment.
-            let bg = wire::blue_green(&ctx.cfg.raw.strategy.blue_green, ctx.cfg.raw.smoke_checks.as_deref())?;
+            let bg = ctx.cfg.raw.blue_green();
             let store = FileLiveStore::new(ctx.state.live_record_path());
             let live = peek(&store, exec.load_balancer().as_ref(), &bg.environments).await?;
             bg.plan(&live, &snapshot, &release)?
@@ -731,32 +720,32 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
         let live = FileLiveStore::new(ctx.state.live_record_path()).load().await.ok().flatten();
         let entry = latest.as_ref().map(|j| j.history_entry(holder.as_ref()));
         if ctx.g.json {
-            let instances: Vec<_> = rows
+            let instances = rows
                 .iter()
-                .map(|(id, g, a, r, h)| {
-                    let in_rotation = sim_lb.as_ref().map(|l| !l.out_of_rotation.contains(id));
-                    serde_json::json!({"id": id, "group": g, "address": a, "release": r, "health": h, "in_rotation": in_rotation})
+                .map(|(id, g, a, r, h)| output::InstanceState {
+                    id: id.clone(),
+                    group: g.clone(),
+                    address: a.clone(),
+                    release: r.clone(),
+                    health: h.clone(),
+                    in_rotation: sim_lb.as_ref().map(|l| !l.out_of_rotation.contains(id)),
                 })
                 .collect();
-            let deployment = latest.as_ref().map(|j| {
-                serde_json::json!({
-                    "history": entry,
-                    "unsettled": j.unsettled(),
-                    "awaiting_promotion": j.awaiting_promotion(),
-                    "previous": j.header.previous,
-                })
+            let deployment = latest.as_ref().zip(entry.clone()).map(|(j, history)| output::LastRun {
+                history,
+                unsettled: j.unsettled(),
+                awaiting_promotion: j.awaiting_promotion(),
+                previous: j.header.previous.clone(),
             });
-            println!(
-                "{}",
-                serde_json::json!({
-                    "app": ctx.cfg.raw.app,
-                    "lock": holder,
-                    "deployment": deployment,
-                    "instances": instances,
-                    "live": live.map(|l| l.live),
-                    "load_balancer": sim_lb,
-                })
-            );
+            let status = output::Status {
+                app: ctx.cfg.raw.app.clone(),
+                lock: holder.clone(),
+                deployment,
+                instances,
+                live: live.map(|l| l.live),
+                load_balancer: sim_lb,
+            };
+            println!("{}", serde_json::to_string(&status)?);
             return Ok(exit::SUCCESS);
         }
         println!("app: {}", ctx.cfg.raw.app);
@@ -768,7 +757,7 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
                 println!(
                     "last run: {} ({}) {} of {}: {}",
                     e.id,
-                    format!("{:?}", e.kind).to_lowercase(),
+                    output::run_kind(e.kind),
                     e.strategy,
                     e.release,
                     e.outcome
@@ -838,7 +827,7 @@ pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
         "id", "kind", "strategy", "release", "outcome", "duration"
     );
     for e in entries {
-        let kind = format!("{:?}", e.kind).to_lowercase();
+        let kind = output::run_kind(e.kind);
         println!(
             "{:<34} {:<9} {:<11} {:<12} {:<15} {:>8.1}s  {}",
             e.id,

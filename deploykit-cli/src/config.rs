@@ -7,7 +7,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use deploykit::{parse_duration, Address, CountOrPercent, Group, InstanceId};
+use deploykit::{Address, BlueGreen, Canary, Group, InstanceId, Recreate, Rolling, SmokeCheck};
 use serde::{Deserialize, Deserializer};
 
 /// A duration written `"30s"`, `"500ms"`, `"5m"`, `"1h"` or a number of
@@ -17,20 +17,7 @@ pub(crate) struct Dur(pub(crate) Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Repr {
-            Secs(u64),
-            Text(String),
-        }
-        match Repr::deserialize(d)? {
-            Repr::Secs(s) => Ok(Dur(Duration::from_secs(s))),
-            Repr::Text(t) => parse_duration("duration", &t).map(Dur).map_err(|_| {
-                serde::de::Error::custom(format!(
-                    "{t:?} is not a duration; write e.g. \"30s\", \"500ms\", \"5m\" or \"1h\""
-                ))
-            }),
-        }
+        deploykit::duration_text::deserialize(d).map(Dur)
     }
 }
 
@@ -63,6 +50,8 @@ pub(crate) struct Config {
     pub(crate) notifications: NotificationsConfig,
     #[serde(default)]
     pub(crate) timeouts: TimeoutsConfig,
+    #[serde(default)]
+    pub(crate) retry: RetryConfig,
 }
 
 /// Fields an instance may set, or inherit from `[instance_defaults]`.
@@ -184,7 +173,7 @@ pub(crate) struct LoadBalancerConfig {
     pub(crate) pid_file: Option<String>,
     /// nginx: the prefix directory (`nginx -p`), when not the default.
     pub(crate) nginx_prefix: Option<String>,
-    /// nginx: the upstream's name.
+    /// nginx: the upstream's name (default `app`).
     pub(crate) upstream: Option<String>,
     /// nginx: the nginx binary (default `nginx`).
     pub(crate) nginx_binary: Option<String>,
@@ -230,147 +219,21 @@ impl fmt::Display for StrategyKind {
     }
 }
 
-/// `[strategy]`.
+/// `[strategy]`: the kind, and each strategy's section read straight into
+/// the library's type (its serde form is the section).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StrategyConfig {
     #[serde(default)]
     pub(crate) kind: StrategyKind,
     #[serde(default)]
-    pub(crate) rolling: RollingConfig,
+    pub(crate) rolling: Rolling,
     #[serde(default, rename = "blue-green")]
-    pub(crate) blue_green: BlueGreenConfig,
+    pub(crate) blue_green: BlueGreen,
     #[serde(default)]
-    pub(crate) canary: CanaryConfig,
+    pub(crate) canary: Canary,
     #[serde(default)]
-    pub(crate) recreate: RecreateConfig,
-}
-
-/// `[strategy.rolling]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub(crate) struct RollingConfig {
-    pub(crate) batch_size: CountOrPercent,
-    pub(crate) max_failures: CountOrPercent,
-    pub(crate) health_retries: u32,
-    pub(crate) health_interval: Dur,
-    pub(crate) drain_timeout: Dur,
-    pub(crate) stabilisation: Option<Dur>,
-}
-
-impl Default for RollingConfig {
-    fn default() -> Self {
-        Self {
-            batch_size: CountOrPercent::Count(1),
-            max_failures: CountOrPercent::Count(1),
-            health_retries: 3,
-            health_interval: d(10),
-            drain_timeout: d(30),
-            stabilisation: None,
-        }
-    }
-}
-
-/// `[strategy.blue-green]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub(crate) struct BlueGreenConfig {
-    pub(crate) environments: [String; 2],
-    pub(crate) healthy_deadline: Dur,
-    pub(crate) health_interval: Dur,
-    pub(crate) warmup_requests: u32,
-    pub(crate) warmup_path: String,
-    pub(crate) keep_old: String,
-}
-
-impl Default for BlueGreenConfig {
-    fn default() -> Self {
-        Self {
-            environments: ["blue".into(), "green".into()],
-            healthy_deadline: d(300),
-            health_interval: d(2),
-            warmup_requests: 100,
-            warmup_path: "/".into(),
-            keep_old: "30s".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum PromotionKind {
-    #[default]
-    Auto,
-    Manual,
-}
-
-/// `[strategy.canary]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub(crate) struct CanaryConfig {
-    pub(crate) stages: Vec<i64>,
-    pub(crate) stage_duration: Dur,
-    pub(crate) check_interval: Dur,
-    pub(crate) stable_group: String,
-    pub(crate) canary_group: String,
-    pub(crate) promotion: PromotionKind,
-    pub(crate) promotion_timeout: Option<Dur>,
-    pub(crate) error_threshold: f64,
-    pub(crate) latency_threshold: Dur,
-    pub(crate) max_error_ratio: f64,
-    pub(crate) ratio_floor: f64,
-    pub(crate) min_requests: u64,
-    pub(crate) inconclusive_limit: u32,
-    pub(crate) window: Dur,
-    pub(crate) finalize_batch: usize,
-    pub(crate) health_retries: u32,
-    pub(crate) health_interval: Dur,
-    pub(crate) drain_timeout: Dur,
-}
-
-impl Default for CanaryConfig {
-    fn default() -> Self {
-        let c = deploykit::Canary::default();
-        Self {
-            stages: c.stages.iter().map(|s| i64::from(*s)).collect(),
-            stage_duration: Dur(c.stage_duration),
-            check_interval: Dur(c.check_interval),
-            stable_group: c.stable_group.to_string(),
-            canary_group: c.canary_group.to_string(),
-            promotion: PromotionKind::Auto,
-            promotion_timeout: None,
-            error_threshold: c.analysis.error_threshold,
-            latency_threshold: Dur(c.analysis.latency_threshold),
-            max_error_ratio: c.analysis.max_error_ratio,
-            ratio_floor: c.analysis.ratio_floor,
-            min_requests: c.analysis.min_requests,
-            inconclusive_limit: c.analysis.inconclusive_limit,
-            window: Dur(c.analysis.window),
-            finalize_batch: c.finalize_batch,
-            health_retries: c.health.retries,
-            health_interval: Dur(c.health.interval),
-            drain_timeout: Dur(c.drain_timeout),
-        }
-    }
-}
-
-/// `[strategy.recreate]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub(crate) struct RecreateConfig {
-    pub(crate) health_retries: u32,
-    pub(crate) health_interval: Dur,
-    pub(crate) drain_timeout: Dur,
-}
-
-impl Default for RecreateConfig {
-    fn default() -> Self {
-        Self {
-            health_retries: 3,
-            health_interval: d(10),
-            drain_timeout: d(30),
-        }
-    }
+    pub(crate) recreate: Recreate,
 }
 
 /// One `[[smoke_checks]]` entry.
@@ -388,6 +251,30 @@ pub(crate) struct SmokeCheckConfig {
 
 fn default_status() -> u16 {
     200
+}
+
+impl SmokeCheckConfig {
+    /// The library's check this entry describes.
+    pub(crate) fn to_check(&self) -> SmokeCheck {
+        SmokeCheck {
+            path: self.path.clone(),
+            expect_status: self.status,
+            body_contains: self.body_contains.clone(),
+            timeout: self.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
+        }
+    }
+}
+
+impl Config {
+    /// The blue-green strategy: `[strategy.blue-green]` with the top-level
+    /// `[[smoke_checks]]`, when there are any.
+    pub(crate) fn blue_green(&self) -> BlueGreen {
+        let mut bg = self.strategy.blue_green.clone();
+        if let Some(checks) = &self.smoke_checks {
+            bg.smoke_checks = checks.iter().map(SmokeCheckConfig::to_check).collect();
+        }
+        bg
+    }
 }
 
 /// `[notifications]`.
@@ -442,6 +329,25 @@ fn all_events() -> Vec<NotifyOn> {
         NotifyOn::Rollback,
         NotifyOn::Failure,
     ]
+}
+
+/// `[retry]`: how often the executor tries a driver call that failed with
+/// a transient error.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RetryConfig {
+    pub(crate) attempts: u32,
+    pub(crate) backoff: Dur,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        let r = deploykit::Retry::default();
+        Self {
+            attempts: r.attempts,
+            backoff: Dur(r.backoff),
+        }
+    }
 }
 
 /// `[timeouts]`: the executor's per-call bounds.
@@ -536,17 +442,36 @@ pub(crate) fn load(path: &Path) -> Result<Loaded, ConfigError> {
 /// Parses and checks `text` (read from `path`).
 pub(crate) fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     let raw: Config = toml::from_str(text).map_err(|e| {
-        let at = e.span().map(|s| line_col(text, s.start));
+        let offset = e.span().map(|s| s.start);
+        let message = explain(e.message(), text, offset);
+        // A value the type refused gets the key it was given for.
+        let key = offset
+            .and_then(|o| Some(key_at(toml::de::DeTable::parse(text).ok()?.get_ref(), o)))
+            .filter(|k| {
+                !k.is_empty() && !message.starts_with("unknown ") && !message.starts_with("missing ")
+            });
+        ConfigError {
+            file: path.to_path_buf(),
+            at: offset.map(|o| line_col(text, o)),
+            message: match key {
+                Some(k) => format!("invalid {k}: {}", strip_invalid(&message)),
+                None => message,
+            },
+        }
+    })?;
+    let semantic = |e: deploykit::Error| {
+        let at = match &e {
+            deploykit::Error::InvalidInput { field, .. } => toml::de::DeTable::parse(text)
+                .ok()
+                .and_then(|doc| locate(doc.get_ref(), field))
+                .map(|o| line_col(text, o)),
+            _ => None,
+        };
         ConfigError {
             file: path.to_path_buf(),
             at,
-            message: explain(e.message(), text, e.span().map(|s| s.start)),
+            message: e.to_string(),
         }
-    })?;
-    let semantic = |e: deploykit::Error| ConfigError {
-        file: path.to_path_buf(),
-        at: None,
-        message: e.to_string(),
     };
     let instances = check(&raw).map_err(semantic)?;
     let base = path
@@ -611,6 +536,111 @@ fn explain(message: &str, text: &str, offset: Option<usize>) -> String {
     message.to_string()
 }
 
+/// `message` without a leading `invalid <name>: ` (a library type naming
+/// itself), which the key replaces; serde's own "invalid type: …" and
+/// "invalid value: …" stay whole.
+fn strip_invalid(message: &str) -> &str {
+    match message.strip_prefix("invalid ").and_then(|r| r.split_once(": ")) {
+        Some((name, rest)) if !name.contains(' ') && !["type", "value", "length"].contains(&name) => rest,
+        _ => message,
+    }
+}
+
+/// One step of a key path: a key in a table or an index in an array.
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// `strategy.canary.stages[1]` as its steps; `None` for anything that is
+/// not a key path.
+fn segments(path: &str) -> Option<Vec<Seg<'_>>> {
+    let mut out = Vec::new();
+    for part in path.split('.') {
+        let (key, mut rest) = part.split_once('[').map_or((part, ""), |(k, r)| (k, r));
+        if key.is_empty() {
+            return None;
+        }
+        out.push(Seg::Key(key));
+        while !rest.is_empty() {
+            let (n, after) = rest.split_once(']')?;
+            out.push(Seg::Index(n.parse().ok()?));
+            rest = after.strip_prefix('[').unwrap_or(after);
+        }
+    }
+    Some(out)
+}
+
+/// Where the key `path` (e.g. `instances[1].id`) is written: the byte
+/// offset of its key, or of the nearest enclosing key or array element
+/// that is written when it is not (a default, a missing field).
+fn locate(doc: &toml::de::DeTable<'_>, path: &str) -> Option<usize> {
+    use toml::de::DeValue;
+    let mut table = Some(doc);
+    let mut value: Option<&DeValue<'_>> = None;
+    let mut found = None;
+    for seg in segments(path)? {
+        let next = match (seg, table, value) {
+            (Seg::Key(k), Some(t), _) => t
+                .iter()
+                .find(|(key, _)| key.get_ref() == k)
+                .map(|(key, v)| (key.span().start, v.get_ref())),
+            (Seg::Index(i), _, Some(DeValue::Array(a))) => a.get(i).map(|v| (v.span().start, v.get_ref())),
+            _ => None,
+        };
+        let Some((at, v)) = next else { break };
+        found = Some(at);
+        value = Some(v);
+        table = match v {
+            DeValue::Table(t) => Some(t),
+            _ => None,
+        };
+    }
+    found
+}
+
+/// The key path of the innermost key or value written at `offset`, e.g.
+/// `strategy.canary.stages[1]`; empty when none is.
+fn key_at(doc: &toml::de::DeTable<'_>, offset: usize) -> String {
+    use toml::de::DeValue;
+    fn walk(v: &DeValue<'_>, offset: usize, path: &mut String) -> bool {
+        match v {
+            DeValue::Table(t) => {
+                for (k, v) in t.iter() {
+                    let len = path.len();
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(k.get_ref());
+                    if walk(v.get_ref(), offset, path)
+                        || k.span().contains(&offset)
+                        || (v.span().contains(&offset) && !v.get_ref().is_table())
+                    {
+                        return true;
+                    }
+                    path.truncate(len);
+                }
+                false
+            }
+            DeValue::Array(a) => {
+                for (n, e) in a.iter().enumerate() {
+                    let len = path.len();
+                    path.push_str(&format!("[{n}]"));
+                    if walk(e.get_ref(), offset, path) || e.span().contains(&offset) {
+                        return true;
+                    }
+                    path.truncate(len);
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+    let mut path = String::new();
+    walk(&DeValue::Table(doc.clone()), offset, &mut path);
+    path
+}
+
 /// The `[table]` or `[[table]]` header above `offset`.
 fn enclosing_table(text: &str, offset: usize) -> String {
     let before = &text[..offset.min(text.len())];
@@ -667,32 +697,21 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
     }
     let groups: BTreeSet<&Group> = out.iter().map(|i| &i.group).collect();
     check_lb(c)?;
+    if let Some(checks) = &c.smoke_checks {
+        for (n, sc) in checks.iter().enumerate() {
+            sc.to_check().validate(&format!("smoke_checks[{n}]"))?;
+        }
+    }
     let s = &c.strategy;
     match s.kind {
         StrategyKind::Rolling => {
-            let r = &s.rolling;
-            if r.health_retries == 0 {
-                return Err(inv(
-                    "strategy.rolling.health_retries",
-                    "is 0; at least 1 probe is needed",
-                ));
-            }
-            check_duration("strategy.rolling.health_interval", r.health_interval)?;
-            crate::wire::rolling(r)
-                .validate()
-                .map_err(|e| prefix(e, "strategy.rolling."))?;
+            s.rolling.validate().map_err(in_section("rolling"))?;
+            check_duration("strategy.rolling.health_interval", Dur(s.rolling.health.interval))?;
         }
-        StrategyKind::Recreate => {
-            if s.recreate.health_retries == 0 {
-                return Err(inv(
-                    "strategy.recreate.health_retries",
-                    "is 0; at least 1 probe is needed",
-                ));
-            }
-        }
+        StrategyKind::Recreate => s.recreate.validate().map_err(in_section("recreate"))?,
         StrategyKind::BlueGreen => {
-            let bg = crate::wire::blue_green(&s.blue_green, c.smoke_checks.as_deref())?;
-            bg.validate().map_err(|e| prefix(e, "strategy.blue-green."))?;
+            let bg = c.blue_green();
+            bg.validate().map_err(in_section("blue-green"))?;
             for env in &bg.environments {
                 if !groups.contains(env) {
                     return Err(inv(
@@ -721,8 +740,8 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
             }
         }
         StrategyKind::Canary => {
-            let canary = crate::wire::canary(&s.canary)?;
-            canary.validate().map_err(|e| prefix(e, "strategy.canary."))?;
+            let canary = &s.canary;
+            canary.validate().map_err(in_section("canary"))?;
             for g in [&canary.stable_group, &canary.canary_group] {
                 if !groups.contains(g) {
                     return Err(inv(
@@ -771,11 +790,6 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
             check_duration("metrics.timeout", t)?;
         }
     }
-    if let Some(checks) = &c.smoke_checks {
-        for (n, sc) in checks.iter().enumerate() {
-            crate::wire::smoke_check(sc).validate(&format!("smoke_checks[{n}]"))?;
-        }
-    }
     for (n, w) in c.notifications.webhooks.iter().enumerate() {
         let ok = (w.url.starts_with("http://") || w.url.starts_with("https://"))
             && !w.url.chars().any(char::is_whitespace);
@@ -810,6 +824,12 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
     ] {
         check_duration(&format!("timeouts.{name}"), v)?;
     }
+    if c.retry.attempts == 0 {
+        return Err(inv(
+            "retry.attempts",
+            "is 0; make at least 1 attempt (1 means no retries)",
+        ));
+    }
     Ok(out)
 }
 
@@ -820,16 +840,14 @@ fn rename(e: deploykit::Error, field: &str) -> deploykit::Error {
     }
 }
 
-/// Names a library field as the file spells it, under `p`.
-fn prefix(e: deploykit::Error, p: &str) -> deploykit::Error {
-    match e {
-        deploykit::Error::InvalidInput { field, message } => {
-            let field = field
-                .trim_start_matches("analysis.")
-                .replace("health.retries", "health_retries")
-                .replace("promotion.timeout", "promotion_timeout");
-            inv(format!("{p}{field}"), message)
-        }
+/// Names a strategy's validation error by the key of its section,
+/// `strategy.<section>.<key>`.
+fn in_section(section: &str) -> impl Fn(deploykit::Error) -> deploykit::Error + '_ {
+    move |e| match e {
+        deploykit::Error::InvalidInput { field, message } => inv(
+            format!("strategy.{section}.{}", deploykit::strategy::config_key(&field)),
+            message,
+        ),
         other => other,
     }
 }
@@ -1046,7 +1064,6 @@ fn check_lb(c: &Config) -> deploykit::Result<()> {
                 &lb.include_file,
                 "/etc/nginx/conf.d/app-upstream.conf",
             )?;
-            need("upstream", &lb.upstream, "app")?;
         }
         LbKind::Haproxy => {
             need("socket", &lb.socket, "/run/haproxy/admin.sock")?;
@@ -1071,6 +1088,39 @@ mod tests {
     fn line_and_column() {
         assert_eq!(line_col("ab\ncd\nef", 4), (2, 2));
         assert_eq!(line_col("abc", 0), (1, 1));
+    }
+
+    #[test]
+    fn key_paths_and_where_they_are_written() {
+        let text = "app = \"a\"\n[[instances]]\nid = \"x\"\n[[instances]]\nid = \"y\"\n\
+                    [strategy.canary]\nstages = [5, 50, 25]\n";
+        let doc = toml::de::DeTable::parse(text).unwrap();
+        let doc = doc.get_ref();
+        let at = |path: &str| locate(doc, path).map(|o| line_col(text, o));
+        assert_eq!(at("instances[1].id"), Some((5, 1)));
+        assert_eq!(at("strategy.canary.stages[2]"), Some((7, 18)));
+        // Not written: the nearest enclosing key that is.
+        assert_eq!(at("instances[1].address"), at("instances[1]"));
+        assert_eq!(at("strategy.canary.window"), Some((6, 11)));
+        assert_eq!(at("metrics.prometheus"), None);
+        assert_eq!(at("not a path["), None);
+        let offset = text.find("50").unwrap();
+        assert_eq!(key_at(doc, offset), "strategy.canary.stages[1]");
+        assert_eq!(key_at(doc, text.find("\"y\"").unwrap()), "instances[1].id");
+        assert_eq!(key_at(doc, text.find("app").unwrap()), "app");
+    }
+
+    #[test]
+    fn a_library_type_naming_itself_gives_way_to_the_key() {
+        assert_eq!(strip_invalid("invalid group: contains ' '"), "contains ' '");
+        assert_eq!(
+            strip_invalid("invalid type: integer `1`, expected a string"),
+            "invalid type: integer `1`, expected a string"
+        );
+        assert_eq!(
+            strip_invalid("\"x\" is not a duration"),
+            "\"x\" is not a duration"
+        );
     }
 
     #[test]

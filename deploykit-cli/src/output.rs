@@ -1,11 +1,17 @@
 //! Turning the event stream into what the operator sees: progress lines and
 //! a bar on a terminal, or JSON lines.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 
-use deploykit::{Event, EventKind, EventSink, OutcomeKind, Report, StepResult};
+use deploykit::analysis::CheckOutcome;
+use deploykit::state::{HistoryEntry, Holder, RunKind};
+use deploykit::{Event, EventKind, EventSink, Group, InstanceId, OutcomeKind, ReleaseId, Report, StepResult};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use crate::sim::SimLbState;
 
 /// Prints events for a person: one line per stage, failure, restore and
 /// rollback, with a progress bar over instances when stderr is a terminal.
@@ -141,10 +147,8 @@ impl EventSink for Human {
                     );
                 }
             }
-            EventKind::AnalysisResult { stage, result, .. }
-                if !matches!(result, deploykit::analysis::CheckOutcome::Pass) =>
-            {
-                self.line(t, format!("  canary stage {stage}: {result}"));
+            EventKind::AnalysisResult { stage, result, .. } if !matches!(result, CheckOutcome::Pass) => {
+                self.line(t, format!("  {}", analysis_line(*stage, result)));
             }
             EventKind::AwaitingPromotion { stage, weight, .. } => {
                 self.line(
@@ -184,6 +188,25 @@ impl EventSink for Human {
     }
 }
 
+/// A run's kind as `history` and `status` print it (the same word as in
+/// the journal and `--json`).
+pub(crate) fn run_kind(kind: RunKind) -> &'static str {
+    match kind {
+        RunKind::Deploy => "deploy",
+        RunKind::Resume => "resume",
+        RunKind::Rollback => "rollback",
+    }
+}
+
+/// A check that did not pass, for a person: a failed rule names its stage
+/// and numbers; an inconclusive check is given its stage.
+fn analysis_line(stage: usize, result: &CheckOutcome) -> String {
+    match result {
+        CheckOutcome::Fail { .. } => result.to_string(),
+        other => format!("canary stage {stage}: {other}"),
+    }
+}
+
 const GREEN: &str = "32";
 const YELLOW: &str = "33";
 const RED: &str = "31";
@@ -216,5 +239,83 @@ pub(crate) fn exit_code(report: &Report) -> u8 {
         OutcomeKind::Succeeded => crate::exit::SUCCESS,
         OutcomeKind::Degraded | OutcomeKind::RolledBack => crate::exit::FAILED_ROLLED_BACK,
         OutcomeKind::RollbackFailed => crate::exit::UNKNOWN_STATE,
+    }
+}
+
+/// `deploykit status --json`: one object, documented in `docs/cli.md`.
+#[derive(Debug, Serialize)]
+pub(crate) struct Status {
+    /// The application's name.
+    pub(crate) app: String,
+    /// The process holding the deployment lock; `null` when none does.
+    pub(crate) lock: Option<Holder>,
+    /// The last run; `null` before the first.
+    pub(crate) deployment: Option<LastRun>,
+    /// Every instance, in the order of the configuration.
+    pub(crate) instances: Vec<InstanceState>,
+    /// The live blue-green environment as recorded; `null` when none is.
+    pub(crate) live: Option<Group>,
+    /// The simulated load balancer's state; `null` for any other kind.
+    pub(crate) load_balancer: Option<SimLbState>,
+}
+
+/// The last run, in [`Status`].
+#[derive(Debug, Serialize)]
+pub(crate) struct LastRun {
+    /// The run as `deploykit history` shows it.
+    pub(crate) history: HistoryEntry,
+    /// Instances the run left part-way (drained, stopped or between
+    /// releases).
+    pub(crate) unsettled: BTreeSet<InstanceId>,
+    /// The canary stage waiting for a promotion, if one is.
+    pub(crate) awaiting_promotion: Option<usize>,
+    /// Each instance's release before the run.
+    pub(crate) previous: BTreeMap<InstanceId, Option<ReleaseId>>,
+}
+
+/// One instance, in [`Status`], as read from the instance itself.
+#[derive(Debug, Serialize)]
+pub(crate) struct InstanceState {
+    /// Its id.
+    pub(crate) id: String,
+    /// Its group.
+    pub(crate) group: String,
+    /// Its address.
+    pub(crate) address: String,
+    /// The release it runs, `none`, or `unknown (why)`.
+    pub(crate) release: String,
+    /// `healthy`, `unhealthy: why`, `unknown` or `unreachable: why`.
+    pub(crate) health: String,
+    /// Whether the simulated load balancer sends it traffic; `null` for any
+    /// other kind.
+    pub(crate) in_rotation: Option<bool>,
+}
+
+#[cfg(test)]
+mod tests {
+    use deploykit::analysis::AnalysisMetric;
+
+    use super::*;
+
+    #[test]
+    fn analysis_lines_read_as_sentences() {
+        let fail = CheckOutcome::Fail {
+            metric: AnalysisMetric::ErrorRate,
+            value: 0.0499,
+            threshold: 0.01,
+            stage: 1,
+        };
+        let line = analysis_line(1, &fail);
+        assert_eq!(line, "canary error rate 4.990 % > threshold 1.000 % at stage 1");
+        let no_data = CheckOutcome::NoData {
+            reason: "canary error rate has no data".into(),
+        };
+        assert_eq!(
+            analysis_line(2, &no_data),
+            "canary stage 2: no data (canary error rate has no data)"
+        );
+        for line in [line, analysis_line(2, &no_data)] {
+            assert!(!line.contains('{') && !line.contains("Fail"), "{line}");
+        }
     }
 }

@@ -2,7 +2,6 @@
 //! instances, the load balancer, the executor.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use deploykit::instance::{
@@ -11,150 +10,25 @@ use deploykit::instance::{
 };
 use deploykit::state::StateDir;
 use deploykit::{
-    Backend, BlueGreen, Canary, EventSink, Executor, Group, HealthCheck, Instance, KeepOld, LoadBalancer,
-    NoLoadBalancer, Promotion, PromotionHandle, Recreate, ReleaseId, Rolling, SmokeCheck, Strategy, Timeouts,
+    Backend, EventSink, Executor, Group, Instance, LoadBalancer, NoLoadBalancer, PromotionHandle, ReleaseId,
+    Retry, Strategy, Timeouts,
 };
 
-use crate::config::{
-    BlueGreenConfig, CanaryConfig, Control, HealthKind, HostSpec, LbKind, Loaded, PromotionKind,
-    RecreateConfig, RollingConfig, SmokeCheckConfig, StrategyKind,
-};
+use crate::config::{Control, HealthKind, HostSpec, LbKind, Loaded, StrategyKind};
 use crate::sim::{SimInstance, SimLoadBalancer};
-
-pub(crate) fn rolling(r: &RollingConfig) -> Rolling {
-    Rolling {
-        batch_size: r.batch_size,
-        max_failures: r.max_failures,
-        health: HealthCheck {
-            retries: r.health_retries,
-            interval: r.health_interval.0,
-        },
-        drain_timeout: r.drain_timeout.0,
-        stabilisation: r.stabilisation.map(|d| d.0),
-    }
-}
-
-pub(crate) fn smoke_check(c: &SmokeCheckConfig) -> SmokeCheck {
-    SmokeCheck {
-        path: c.path.clone(),
-        expect_status: c.status,
-        body_contains: c.body_contains.clone(),
-        timeout: c.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
-    }
-}
-
-pub(crate) fn blue_green(
-    c: &BlueGreenConfig,
-    smoke: Option<&[SmokeCheckConfig]>,
-) -> deploykit::Result<BlueGreen> {
-    let env = |n: usize| {
-        Group::new(&c.environments[n]).map_err(|e| match e {
-            deploykit::Error::InvalidInput { message, .. } => {
-                deploykit::Error::invalid(format!("strategy.blue-green.environments[{n}]"), message)
-            }
-            other => other,
-        })
-    };
-    let keep_old = match c.keep_old.as_str() {
-        "until-next-deployment" => KeepOld::UntilNextDeployment,
-        t => KeepOld::For(
-            deploykit::parse_duration("strategy.blue-green.keep_old", t).map_err(|_| {
-                deploykit::Error::invalid(
-                    "strategy.blue-green.keep_old",
-                    format!("{t:?} is neither a duration (e.g. \"30s\") nor \"until-next-deployment\""),
-                )
-            })?,
-        ),
-    };
-    Ok(BlueGreen {
-        environments: [env(0)?, env(1)?],
-        healthy_deadline: c.healthy_deadline.0,
-        health_interval: c.health_interval.0,
-        smoke_checks: smoke
-            .map(|s| s.iter().map(smoke_check).collect())
-            .unwrap_or_else(SmokeCheck::defaults),
-        warmup_requests: c.warmup_requests,
-        warmup_path: c.warmup_path.clone(),
-        keep_old,
-    })
-}
-
-pub(crate) fn canary(c: &CanaryConfig) -> deploykit::Result<Canary> {
-    let mut stages = Vec::new();
-    for (n, s) in c.stages.iter().enumerate() {
-        let w = u8::try_from(*s)
-            .ok()
-            .filter(|w| (1..=100).contains(w))
-            .ok_or_else(|| {
-                deploykit::Error::invalid(
-                    format!("strategy.canary.stages[{n}]"),
-                    format!("{s} is outside 1-100; each stage is the canary's percent of traffic"),
-                )
-            })?;
-        stages.push(w);
-    }
-    let group = |field: &str, v: &str| {
-        Group::new(v).map_err(|e| match e {
-            deploykit::Error::InvalidInput { message, .. } => {
-                deploykit::Error::invalid(format!("strategy.canary.{field}"), message)
-            }
-            other => other,
-        })
-    };
-    Ok(Canary {
-        stages,
-        stage_duration: c.stage_duration.0,
-        check_interval: c.check_interval.0,
-        stable_group: group("stable_group", &c.stable_group)?,
-        canary_group: group("canary_group", &c.canary_group)?,
-        analysis: deploykit::analysis::AnalysisRules {
-            error_threshold: c.error_threshold,
-            latency_threshold: c.latency_threshold.0,
-            max_error_ratio: c.max_error_ratio,
-            ratio_floor: c.ratio_floor,
-            min_requests: c.min_requests,
-            inconclusive_limit: c.inconclusive_limit,
-            window: c.window.0,
-            ..deploykit::analysis::AnalysisRules::default()
-        },
-        promotion: match c.promotion {
-            PromotionKind::Auto => Promotion::Auto,
-            PromotionKind::Manual => Promotion::Manual {
-                timeout: c.promotion_timeout.map(|d| d.0),
-            },
-        },
-        health: HealthCheck {
-            retries: c.health_retries,
-            interval: c.health_interval.0,
-        },
-        drain_timeout: c.drain_timeout.0,
-        finalize_batch: c.finalize_batch,
-    })
-}
-
-/// The recreate strategy of the configuration.
-pub(crate) fn recreate(c: &RecreateConfig) -> Recreate {
-    Recreate {
-        health: HealthCheck {
-            retries: c.health_retries,
-            interval: c.health_interval.0,
-        },
-        drain_timeout: c.drain_timeout.0,
-    }
-}
 
 /// The configured strategy (or `kind`), for planning.
 pub(crate) fn strategy(cfg: &Loaded, kind: StrategyKind) -> anyhow::Result<Box<dyn Strategy>> {
     let s = &cfg.raw.strategy;
     Ok(match kind {
-        StrategyKind::Rolling => Box::new(rolling(&s.rolling)),
-        StrategyKind::Recreate => Box::new(recreate(&s.recreate)),
+        StrategyKind::Rolling => Box::new(s.rolling.clone()),
+        StrategyKind::Recreate => Box::new(s.recreate.clone()),
         // A blue-green plan needs the reconciled live environment:
         // `BlueGreen::plan`, which the callers use for this kind.
         StrategyKind::BlueGreen => {
             anyhow::bail!("blue-green plans from the live environment, not as a Strategy")
         }
-        StrategyKind::Canary => Box::new(canary(&s.canary)?),
+        StrategyKind::Canary => Box::new(s.canary.clone()),
     })
 }
 
@@ -389,6 +263,10 @@ pub(crate) fn fleet(
             query: t.query.0,
         })
         .drain_poll(t.drain_poll.0)
+        .retry(Retry {
+            attempts: cfg.raw.retry.attempts,
+            backoff: cfg.raw.retry.backoff.0,
+        })
         .live_store(Arc::new(deploykit::bluegreen_state::FileLiveStore::new(
             state.live_record_path(),
         )))

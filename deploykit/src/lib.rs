@@ -110,6 +110,7 @@ struct ReadmeDoctests;
 pub mod analysis;
 pub mod bluegreen_state;
 mod duration_ms;
+pub mod duration_text;
 mod error;
 mod event;
 mod executor;

@@ -193,6 +193,34 @@ fn status_json_names_release_and_rotation_per_instance() {
 }
 
 #[test]
+fn status_json_has_the_documented_fields() {
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let env = Env::new(&simulated(1, ""));
+    let v: serde_json::Value = serde_json::from_str(env.ok(&["--json", "status"], 0).trim()).unwrap();
+    assert_eq!(
+        keys(&v),
+        ["app", "deployment", "instances", "live", "load_balancer", "lock"]
+    );
+    assert_eq!(v["deployment"], serde_json::Value::Null, "no run yet");
+    env.ok(&["deploy", "v1"], 0);
+    let v: serde_json::Value = serde_json::from_str(env.ok(&["--json", "status"], 0).trim()).unwrap();
+    assert_eq!(
+        keys(&v["deployment"]),
+        ["awaiting_promotion", "history", "previous", "unsettled"]
+    );
+    assert_eq!(v["deployment"]["previous"]["web-1"], serde_json::Value::Null);
+    assert_eq!(
+        keys(&v["instances"][0]),
+        ["address", "group", "health", "id", "in_rotation", "release"]
+    );
+    assert_eq!(keys(&v["load_balancer"]), ["live", "out_of_rotation", "weights"]);
+}
+
+#[test]
 fn a_second_deployment_is_refused_while_the_lock_is_held() {
     let env = Env::new(&simulated(2, ""));
     let state = StateDir::open(env.path().join(".deploykit"), "shop").unwrap();
@@ -389,6 +417,47 @@ fn a_manual_canary_waits_and_is_promoted_from_another_process() {
     );
     let journal = env.newest_journal();
     assert!(journal.iter().any(|r| r["event"] == "promoted"));
+}
+
+#[test]
+fn ratio_significance_from_the_file_decides_the_canary() {
+    // Canary 3 % errors against stable's 1 %, 100 requests each: over the
+    // plain 2x ratio (2 %), but within 3 standard deviations of sampling
+    // noise at that count (limit about 9 %).
+    let prom =
+        crate::util::prometheus(
+            |request| match (request.contains("requests"), request.contains("canary")) {
+                (true, _) => 100.0,
+                (false, true) if request.contains("errors") => 0.03,
+                (false, false) if request.contains("errors") => 0.01,
+                _ => 0.001,
+            },
+        );
+    let deploy = |significance: &str| {
+        let cfg = format!(
+            "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+            [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18296\"\ngroup = \"stable\"\n\n\
+            [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18297\"\ngroup = \"canary\"\n\n\
+            [load_balancer]\nkind = \"simulated\"\n\n\
+            [metrics]\nprometheus = \"{prom}\"\nerror_rate = \"errors{{track=\\\"{{group}}\\\"}}\"\n\
+            latency_p99 = \"latency{{track=\\\"{{group}}\\\"}}\"\nrequest_count = \"requests{{track=\\\"{{group}}\\\"}}\"\n\n\
+            [strategy]\nkind = \"canary\"\n\n\
+            [strategy.canary]\nstages = [50, 100]\nstage_duration = \"200ms\"\ncheck_interval = \"100ms\"\n\
+            error_threshold = 0.2\nratio_significance = {significance}\n\
+            health_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+            [timeouts]\ndrain_poll = \"20ms\"\n"
+        );
+        let env = Env::new(&cfg);
+        env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+        let (code, out, err) = env.run(&["deploy", "v2"]);
+        (code, format!("{out}{err}"), env)
+    };
+    let (code, out, env) = deploy("0");
+    assert_eq!(code, 1, "compared plainly, 3 % > 2 x 1 % rolls back:\n{out}");
+    assert_eq!(env.sim("stable-1")["release"], "v1", "{out}");
+    let (code, out, env) = deploy("3");
+    assert_eq!(code, 0, "allowing for noise, the canary passes:\n{out}");
+    assert_eq!(env.sim("stable-1")["release"], "v2", "{out}");
 }
 
 #[test]

@@ -166,6 +166,73 @@ fn canary_needs_its_groups_and_metrics() {
 }
 
 #[test]
+fn meaning_errors_point_at_the_key() {
+    let config = simulated(
+        2,
+        "[strategy]\nkind = \"canary\"\n[strategy.canary]\nstages = [5, 50, 25]\n",
+    );
+    let (line, col) = config
+        .lines()
+        .enumerate()
+        .find_map(|(n, l)| l.find("25]").map(|c| (n + 1, c + 1)))
+        .unwrap();
+    let err = rejects(&config);
+    assert_has(
+        &err,
+        &[&format!(
+            "deploykit.toml:{line}:{col}: invalid strategy.canary.stages[2]"
+        )],
+    );
+    // A value of the wrong type is named by its key.
+    let err = rejects("app = \"shop\"\n[[instances]]\nid = \"web-1\"\naddress = 1\n");
+    assert_has(
+        &err,
+        &["deploykit.toml:4:11: invalid instances[0].address: invalid type: integer `1`"],
+    );
+}
+
+#[test]
+fn every_analysis_setting_is_read() {
+    let err = rejects(&simulated(
+        2,
+        "[strategy]\nkind = \"canary\"\n[strategy.canary]\nratio_significance = -1\n",
+    ));
+    assert_has(
+        &err,
+        &["invalid strategy.canary.ratio_significance: -1 must be a number >= 0"],
+    );
+}
+
+#[test]
+fn retries_are_settable_and_checked() {
+    let env = Env::new(&simulated(1, "[retry]\nattempts = 5\nbackoff = \"200ms\"\n"));
+    env.ok(&["validate"], 0);
+    let config = simulated(1, "[retry]\nattempts = 0\n");
+    let line = config.lines().position(|l| l.starts_with("attempts")).unwrap() + 1;
+    let err = rejects(&config);
+    assert_has(
+        &err,
+        &[&format!("deploykit.toml:{line}:1: invalid retry.attempts: is 0")],
+    );
+}
+
+#[test]
+fn nested_library_settings_are_named_by_their_keys() {
+    for kind in ["rolling", "recreate", "canary"] {
+        let err = rejects(&simulated(
+            2,
+            &format!("[strategy]\nkind = \"{kind}\"\n[strategy.{kind}]\nhealth_retries = 0\n"),
+        ));
+        assert_has(
+            &err,
+            &[&format!(
+                "invalid strategy.{kind}.health_retries: is 0; at least 1 probe is needed"
+            )],
+        );
+    }
+}
+
+#[test]
 fn a_zero_batch_is_refused() {
     let err = rejects(&simulated(2, "[strategy.rolling]\nbatch_size = 0\n"));
     assert_has(&err, &["invalid strategy.rolling.batch_size: is 0"]);

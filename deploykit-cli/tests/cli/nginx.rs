@@ -194,6 +194,22 @@ fn setup_writes_the_missing_include_file_then_checks_nginx() {
 }
 
 #[test]
+fn the_upstream_defaults_to_app() {
+    let Some(bin) = nginx_binary() else { return };
+    let ngx_dir = tempfile::tempdir().unwrap();
+    let dir = ngx_dir.path();
+    let cfg = nginx_config(&bin, dir, 18180, "");
+    assert!(cfg.contains("upstream = \"app\"\n"));
+    let env = Env::new(&cfg.replace("upstream = \"app\"\n", ""));
+    env.ok(&["validate"], 0);
+    Nginx::write_conf(dir, free_port(), true, &[]);
+    let (code, out, err) = env.run(&["setup"]);
+    assert_eq!(code, 3, "written, but nginx is not running:\n{out}{err}");
+    let text = std::fs::read_to_string(dir.join("upstream.conf")).unwrap();
+    assert!(text.contains("upstream app {"), "{text}");
+}
+
+#[test]
 fn a_deploy_the_preflight_refuses_touches_nothing_and_leaves_no_journal() {
     let Some(bin) = nginx_binary() else { return };
     let ngx_dir = tempfile::tempdir().unwrap();

@@ -249,9 +249,27 @@ pub(crate) fn json_lines(out: &str) -> Vec<Value> {
         .collect()
 }
 
+/// A Prometheus stand-in on 127.0.0.1 answering each instant query with
+/// the one sample `value(request line)` until the test process ends;
+/// returns its base URL.
+pub(crate) fn prometheus(value: fn(&str) -> f64) -> String {
+    serving(move |request| {
+        format!(
+            r#"{{"status":"success","data":{{"resultType":"vector","result":[{{"metric":{{}},"value":[1700000000,"{}"]}}]}}}}"#,
+            value(request)
+        )
+    })
+}
+
 /// A tiny HTTP server on 127.0.0.1 answering every request with `body`
 /// (200, JSON) until the test process ends; returns its base URL.
 pub(crate) fn answering(body: &'static str) -> String {
+    serving(move |_| body.to_string())
+}
+
+/// A tiny HTTP server on 127.0.0.1 answering each request with
+/// `body(request line)` (200, JSON); returns its base URL.
+fn serving(body: impl Fn(&str) -> String + Send + 'static) -> String {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -259,12 +277,15 @@ pub(crate) fn answering(body: &'static str) -> String {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
             let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            let _ = reader.read_line(&mut request);
             loop {
                 let mut line = String::new();
                 if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
                     break;
                 }
             }
+            let body = body(&request);
             let _ = write!(
                 stream,
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -100,18 +100,19 @@ impl Default for KeepOld {
 /// # Ok(())
 /// # }
 /// ```
+///
+/// Its serde form is the `[strategy.blue-green]` section of `deploykit.toml`
+/// (see [`config_key`](super::config_key)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(from = "super::file::BlueGreenDoc", into = "super::file::BlueGreenDoc")]
 pub struct BlueGreen {
     /// The two environments' group names. Default `["blue", "green"]`; the
     /// first is live when nothing is recorded.
     pub environments: [Group; 2],
     /// How long each idle instance may take to become healthy after start.
     /// Default 5 min (Nomad's `healthy_deadline`).
-    #[serde(with = "crate::duration_ms")]
     pub healthy_deadline: Duration,
     /// Wait between health probes while waiting. Default 2 s.
-    #[serde(with = "crate::duration_ms")]
     pub health_interval: Duration,
     /// Checks run against every idle instance before the switch. Default the
     /// reference chapter's three ([`SmokeCheck::defaults`]).

@@ -71,17 +71,18 @@ pub enum Promotion {
 /// canary.validate().unwrap();
 /// assert_eq!(canary.check_interval, Duration::from_secs(30));
 /// ```
+///
+/// Its serde form is the `[strategy.canary]` section of `deploykit.toml`
+/// (see [`config_key`](super::config_key)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(from = "super::file::CanaryDoc", into = "super::file::CanaryDoc")]
 pub struct Canary {
     /// The canary's share of traffic at each stage, percent: strictly
     /// increasing, each 1–100. Default `[5, 25, 50, 75, 100]`.
     pub stages: Vec<u8>,
     /// How long each stage is held. Default 300 s.
-    #[serde(with = "crate::duration_ms")]
     pub stage_duration: Duration,
     /// Time between metric checks; at most the stage duration. Default 30 s.
-    #[serde(with = "crate::duration_ms")]
     pub check_interval: Duration,
     /// The group serving the current release. Default `stable`.
     pub stable_group: Group,
@@ -94,7 +95,6 @@ pub struct Canary {
     /// Health probes after a start. Default 3 probes, 10 s apart.
     pub health: HealthCheck,
     /// Upper bound of a drain wait. Default 30 s.
-    #[serde(with = "crate::duration_ms")]
     pub drain_timeout: Duration,
     /// Stable instances moved to the release at once when finalizing.
     /// Default 1.
@@ -168,8 +168,9 @@ impl Canary {
             return Err(Error::invalid(
                 "check_interval",
                 format!(
-                    "{:?} is longer than stage_duration ({:?}), so a stage would end unchecked; shorten it or lengthen the stage",
-                    self.check_interval, self.stage_duration
+                    "{} is longer than stage_duration ({}), so a stage would end unchecked; shorten it or lengthen the stage",
+                    crate::duration_text::format(self.check_interval),
+                    crate::duration_text::format(self.stage_duration)
                 ),
             ));
         }

@@ -12,6 +12,7 @@
 
 mod blue_green;
 mod canary;
+mod file;
 mod recreate;
 mod rolling;
 
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use blue_green::{BlueGreen, BlueGreenReport, KeepOld};
 pub use canary::{Canary, Promotion};
+pub use file::config_key;
 pub use recreate::Recreate;
 pub use rolling::Rolling;
 

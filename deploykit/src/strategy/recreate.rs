@@ -14,13 +14,15 @@ use crate::traits::Strategy;
 /// zero-downtime strategies are measured against.
 ///
 /// Any failure aborts and rolls every instance back to its previous release.
+///
+/// Its serde form is the `[strategy.recreate]` section of `deploykit.toml`
+/// (see [`config_key`](super::config_key)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(from = "super::file::RecreateDoc", into = "super::file::RecreateDoc")]
 pub struct Recreate {
     /// Health probes after start. Default 3 probes, 10 s apart.
     pub health: HealthCheck,
     /// Drain timeout used when rolling back. Default 30 s.
-    #[serde(with = "crate::duration_ms")]
     pub drain_timeout: Duration,
 }
 
@@ -33,18 +35,29 @@ impl Default for Recreate {
     }
 }
 
-impl Strategy for Recreate {
-    fn kind(&self) -> crate::StrategyKind {
-        crate::StrategyKind::Recreate
-    }
-
-    fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
+impl Recreate {
+    /// Checks the parameters.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming `health.retries` (0).
+    pub fn validate(&self) -> Result<()> {
         if self.health.retries == 0 {
             return Err(Error::invalid(
                 "health.retries",
                 "is 0; at least 1 probe is needed",
             ));
         }
+        Ok(())
+    }
+}
+
+impl Strategy for Recreate {
+    fn kind(&self) -> crate::StrategyKind {
+        crate::StrategyKind::Recreate
+    }
+
+    fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
+        self.validate()?;
         check_fleet(fleet)?;
         let (skipped, todo): (Vec<_>, Vec<_>) = fleet
             .instances

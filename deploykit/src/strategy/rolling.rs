@@ -33,8 +33,11 @@ use crate::traits::Strategy;
 /// };
 /// assert_eq!(rolling.health.retries, 3);
 /// ```
+///
+/// Its serde form is the `[strategy.rolling]` section of `deploykit.toml`
+/// (see [`config_key`](super::config_key)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(from = "super::file::RollingDoc", into = "super::file::RollingDoc")]
 pub struct Rolling {
     /// Instances replaced at once: a count, or a percent of the fleet
     /// (rounded down, never below 1). Default 1. This is also the most
@@ -47,11 +50,9 @@ pub struct Rolling {
     /// Health probes after start. Default 3 probes, 10 s apart.
     pub health: HealthCheck,
     /// Upper bound of the wait for connections to drain. Default 30 s.
-    #[serde(with = "crate::duration_ms")]
     pub drain_timeout: Duration,
     /// Wait between batches; `None` means the health interval (as in the
     /// seed). Default `None`.
-    #[serde(with = "crate::duration_ms::option")]
     pub stabilisation: Option<Duration>,
 }
 
