@@ -19,7 +19,7 @@ use crate::config::{
     BlueGreenConfig, CanaryConfig, Control, HealthKind, HostSpec, LbKind, Loaded, PromotionKind,
     RollingConfig, SmokeCheckConfig, StrategyKind,
 };
-use crate::sim::{SimInstance, SimLoadBalancer};
+use crate::sim::{SimInstance, SimLoadBalancer, SimSmokeTester};
 
 pub(crate) fn rolling(r: &RollingConfig) -> Rolling {
     Rolling {
@@ -389,7 +389,7 @@ pub(crate) fn fleet(
         b = b.metrics(m);
     }
     if all_simulated(cfg) {
-        b = b.smoke_tester(Arc::new(deploykit_testkit::FakeSmokeTester::new()));
+        b = b.smoke_tester(Arc::new(SimSmokeTester));
     }
     if let Some(sink) = sink {
         b = b.events(sink);

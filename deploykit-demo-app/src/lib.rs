@@ -1,5 +1,7 @@
-//! A small real HTTP application to deploy in real-server tests, examples
-//! and benchmarks (feature `demo-app`, on by default).
+//! # deploykit-demo-app
+//!
+//! A small real HTTP application that deploykit's real-server tests,
+//! examples and benchmarks deploy behind real nginx and HAProxy.
 //!
 //! The binary `deploykit-demo-app` runs [`serve`] with [`DemoConfig`] parsed
 //! from its command line:
@@ -27,6 +29,8 @@
 //!
 //! Once listening it prints one line `listening on <addr>` to stdout (useful
 //! with `--listen 127.0.0.1:0`), and writes its pid to `--pid-file` if given.
+
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -315,6 +319,33 @@ async fn shutdown_signal() {
             // Without signal handlers the app cannot stop gracefully; wait
             // forever and let a kill end it.
             std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Parses the command line into a [`DemoConfig`] and runs [`serve`] on a
+/// two-thread runtime: the whole `deploykit-demo-app` binary, a library
+/// function so that a crate whose tests need the binary can build it under
+/// its own name (Cargo gives tests the path of their own package's binaries
+/// only).
+pub fn run() -> std::process::ExitCode {
+    let config = <DemoConfig as clap::Parser>::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("deploykit-demo-app: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("deploykit-demo-app: {e}");
+            std::process::ExitCode::FAILURE
         }
     }
 }
