@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some("serve") {
         // The application being deployed.
         let config = DemoConfig::try_parse_from(&args[1..])?;
-        return rt.block_on(serve(config)).map_err(anyhow::Error::msg);
+        return Ok(rt.block_on(serve(config))?);
     }
     let dir = std::env::temp_dir().join(format!("deploykit-example-{}", std::process::id()));
     let result = rt.block_on(deploy(&dir));
