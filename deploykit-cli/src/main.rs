@@ -6,6 +6,7 @@
 
 mod cmd;
 mod config;
+#[cfg(feature = "demo")]
 mod demo;
 mod notify;
 mod output;
@@ -78,6 +79,7 @@ enum Command {
     /// (the check every deployment runs first). Touches no instance.
     Setup,
     /// Run a full deployment on a simulated in-memory fleet, with progress.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
@@ -133,6 +135,7 @@ fn error_code(err: &anyhow::Error) -> u8 {
 fn try_main(cli: Cli) -> anyhow::Result<u8> {
     let g = cli.global;
     match cli.command {
+        #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(args, g.json),
         Command::Recommend(args) => recommend::run(args),
         Command::Validate => cmd::validate(g),

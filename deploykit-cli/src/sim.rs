@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use deploykit::{Backend, DriverError, Group, GroupWeight, Health, Instance, LoadBalancer, ReleaseId};
+use deploykit::{
+    Backend, DriverError, Group, GroupWeight, Health, Instance, LoadBalancer, ReleaseId, SmokeCheck,
+    SmokeTester,
+};
 use serde::{Deserialize, Serialize};
 
 /// What a simulated instance keeps on disk.
@@ -221,5 +224,23 @@ impl LoadBalancer for SimLoadBalancer {
     }
     async fn live_group(&self) -> Result<Option<Group>, DriverError> {
         Ok(self.state()?.live)
+    }
+}
+
+/// Smoke checks and warm-up requests for simulated instances: a simulated
+/// instance has no HTTP server, so every check and request passes (an
+/// unhealthy simulated release already fails its health probe).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SimSmokeTester;
+
+/// Contracts as the trait's: both methods touch nothing, so they are
+/// idempotent and cancel-safe, and never fail.
+#[async_trait]
+impl SmokeTester for SimSmokeTester {
+    async fn check(&self, _: &Backend, _: &SmokeCheck) -> Result<(), String> {
+        Ok(())
+    }
+    async fn warm(&self, _: &Backend, _: &str) -> Result<(), String> {
+        Ok(())
     }
 }

@@ -15,7 +15,7 @@ use deploykit::{
 };
 
 use crate::config::{Control, HealthKind, HostSpec, LbKind, Loaded, StrategyKind};
-use crate::sim::{SimInstance, SimLoadBalancer};
+use crate::sim::{SimInstance, SimLoadBalancer, SimSmokeTester};
 
 /// The configured strategy (or `kind`), for planning.
 pub(crate) fn strategy(cfg: &Loaded, kind: StrategyKind) -> anyhow::Result<Box<dyn Strategy>> {
@@ -275,7 +275,7 @@ pub(crate) fn fleet(
         b = b.metrics(m);
     }
     if all_simulated(cfg) {
-        b = b.smoke_tester(Arc::new(deploykit_testkit::FakeSmokeTester::new()));
+        b = b.smoke_tester(Arc::new(SimSmokeTester));
     }
     if let Some(sink) = sink {
         b = b.events(sink);

@@ -12,10 +12,9 @@
 //!   new release.
 //! * [`FakeMetrics`] — a [`MetricsSource`](deploykit::MetricsSource)
 //!   scripted per group and time.
+//! * [`FakeSmokeTester`] and [`FakeLiveStore`] — blue-green's smoke checks
+//!   and live record, each with scriptable failures.
 //! * [`FakeFleet::check`] — the invariants every deployment must keep.
-//! * `demo_app` (feature `demo-app`, on by default) — a small real HTTP
-//!   application, the binary `deploykit-demo-app`, that real-server tests,
-//!   examples and benchmarks deploy behind real nginx and HAProxy.
 //!
 //! Every wait is a `tokio::time` sleep, so with
 //! `#[tokio::test(start_paused = true)]` minutes of deployment take
@@ -47,17 +46,16 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod bluegreen;
-#[cfg(feature = "demo-app")]
-#[cfg_attr(docsrs, doc(cfg(feature = "demo-app")))]
-pub mod demo_app;
 mod fleet;
 mod invariants;
+mod live_store;
 mod metrics;
+mod smoke;
 
-pub use bluegreen::{FakeLiveStore, FakeSmokeTester};
 pub use fleet::{
     FakeFleet, FakeInstance, FakeLoadBalancer, Fault, Op, OpRecord, RoutingChange, RoutingEntry,
 };
 pub use invariants::{InvariantReport, Violation};
+pub use live_store::FakeLiveStore;
 pub use metrics::FakeMetrics;
+pub use smoke::FakeSmokeTester;

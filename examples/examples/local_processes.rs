@@ -4,7 +4,7 @@
 //! with SIGTERM, swaps the `current` symlink, and starts the new release.
 //!
 //! The application deployed is this very binary (run with `serve`, it is
-//! the testkit's demo app), so the example needs nothing else.
+//! the `deploykit-demo-app` app), so the example needs nothing else.
 //!
 //! Run: `cargo run -p deploykit-examples --example local_processes`
 
@@ -19,7 +19,7 @@ use deploykit::instance::{LocalInstance, ProcessSpec, ReleaseSource};
 use deploykit::{
     CountOrPercent, EventKind, Executor, HealthCheck, Instance, NoLoadBalancer, ReleaseId, Rolling,
 };
-use deploykit_testkit::demo_app::{serve, DemoConfig};
+use deploykit_demo_app::{serve, DemoConfig};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some("serve") {
         // The application being deployed.
         let config = DemoConfig::try_parse_from(&args[1..])?;
-        return rt.block_on(serve(config)).map_err(anyhow::Error::msg);
+        return Ok(rt.block_on(serve(config))?);
     }
     let dir = std::env::temp_dir().join(format!("deploykit-example-{}", std::process::id()));
     let result = rt.block_on(deploy(&dir));

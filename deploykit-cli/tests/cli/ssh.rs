@@ -2,7 +2,7 @@
 //! lab of the testkit's real-server tests), releases streamed over SSH,
 //! processes started and stopped over SSH.
 
-#[path = "../../../deploykit-testkit/tests/real/sshd.rs"]
+#[path = "../../../deploykit-e2e/tests/real/sshd.rs"]
 mod sshd;
 
 use crate::util::Env;

@@ -168,7 +168,7 @@ pub fn make_release(dir: &Path, id: &str) {
 
 /// Path of the demo-app binary built with this test.
 pub fn demo_app_binary() -> &'static str {
-    env!("CARGO_BIN_EXE_deploykit-demo-app")
+    env!("CARGO_BIN_EXE_e2e-demo-app")
 }
 
 /// How to start one demo-app instance.

@@ -7,10 +7,10 @@
 //!    concurrently (tar over one exec channel + remote `sha256sum -c` +
 //!    symlink swap), next to 1 host alone.
 //!
-//! Run: `cargo bench -p deploykit-benches --bench ssh`
+//! Run: `cargo bench -p deploykit-e2e --bench ssh`
 //! (`BENCH_ROUNDS=N` for more rounds; default 5).
 
-#[path = "../../deploykit-testkit/tests/real/sshd.rs"]
+#[path = "../tests/real/sshd.rs"]
 mod sshd;
 
 use std::path::Path;

@@ -1,5 +1,7 @@
-//! A small real HTTP application to deploy in real-server tests, examples
-//! and benchmarks (feature `demo-app`, on by default).
+//! # deploykit-demo-app
+//!
+//! A small real HTTP application that deploykit's real-server tests,
+//! examples and benchmarks deploy behind real nginx and HAProxy.
 //!
 //! The binary `deploykit-demo-app` runs [`serve`] with [`DemoConfig`] parsed
 //! from its command line:
@@ -28,6 +30,8 @@
 //! Once listening it prints one line `listening on <addr>` to stdout (useful
 //! with `--listen 127.0.0.1:0`), and writes its pid to `--pid-file` if given.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +50,45 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+/// Why the app could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DemoError {
+    /// A flag's value cannot be sent as an HTTP header value (it carries a
+    /// control character, such as a newline).
+    #[error("--{flag} {value:?} cannot be sent in an HTTP header")]
+    HeaderValue {
+        /// The flag, without the dashes: `version` or `track`.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address from `--listen`.
+        addr: SocketAddr,
+        /// What the bind said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound address cannot be read back.
+    #[error("cannot read the bound address")]
+    LocalAddr(#[source] std::io::Error),
+    /// The pid file cannot be written.
+    #[error("cannot write the pid file {}", path.display())]
+    PidFile {
+        /// The path from `--pid-file`.
+        path: PathBuf,
+        /// What the write said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server failed while serving.
+    #[error("server error")]
+    Serve(#[source] std::io::Error),
+}
 
 /// The demo app's settings (its command line).
 #[derive(Debug, Clone, clap::Parser)]
@@ -124,9 +167,12 @@ struct AppState {
 type Shared = Arc<AppState>;
 
 impl AppState {
-    fn new(config: DemoConfig) -> Result<Self, String> {
-        let header = |field: &str, v: &str| {
-            HeaderValue::from_str(v).map_err(|_| format!("--{field} {v:?} cannot be sent in an HTTP header"))
+    fn new(config: DemoConfig) -> Result<Self, DemoError> {
+        let header = |flag: &'static str, v: &str| {
+            HeaderValue::from_str(v).map_err(|_| DemoError::HeaderValue {
+                flag,
+                value: v.to_string(),
+            })
         };
         let version_header = header("version", &config.app_version)?;
         let track_header = header("track", &config.track)?;
@@ -171,8 +217,9 @@ impl AppState {
 /// Builds the app's router (for embedding the app in a test process).
 ///
 /// # Errors
-/// When the version or track cannot be sent as an HTTP header value.
-pub fn router(config: DemoConfig) -> Result<Router, String> {
+/// [`DemoError::HeaderValue`] when the version or track cannot be sent as
+/// an HTTP header value.
+pub fn router(config: DemoConfig) -> Result<Router, DemoError> {
     let state: Shared = Arc::new(AppState::new(config)?);
     Ok(Router::new()
         .route("/", get(root))
@@ -276,9 +323,10 @@ async fn metrics(State(s): State<Shared>) -> Response {
 /// requests in flight and returns.
 ///
 /// # Errors
-/// When the address cannot be bound, the pid file cannot be written, or a
-/// flag value cannot be used.
-pub async fn serve(config: DemoConfig) -> Result<(), String> {
+/// A [`DemoError`] naming what failed: a flag value that cannot be used,
+/// the address that cannot be bound, the pid file that cannot be written,
+/// or the server failing.
+pub async fn serve(config: DemoConfig) -> Result<(), DemoError> {
     if config.startup_delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(config.startup_delay_ms)).await;
     }
@@ -287,19 +335,18 @@ pub async fn serve(config: DemoConfig) -> Result<(), String> {
     let app = router(config)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+        .map_err(|source| DemoError::Listen { addr: listen, source })?;
+    let bound = listener.local_addr().map_err(DemoError::LocalAddr)?;
     if let Some(path) = pid_file {
-        std::fs::write(&path, format!("{}\n", std::process::id()))
-            .map_err(|e| format!("cannot write the pid file {}: {e}", path.display()))?;
+        if let Err(source) = std::fs::write(&path, format!("{}\n", std::process::id())) {
+            return Err(DemoError::PidFile { path, source });
+        }
     }
     println!("listening on {bound}");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
-        .map_err(|e| format!("server error: {e}"))
+        .map_err(DemoError::Serve)
 }
 
 async fn shutdown_signal() {
@@ -315,6 +362,40 @@ async fn shutdown_signal() {
             // Without signal handlers the app cannot stop gracefully; wait
             // forever and let a kill end it.
             std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Parses the command line into a [`DemoConfig`] and runs [`serve`] on a
+/// two-thread runtime: the whole `deploykit-demo-app` binary, a library
+/// function so that a crate whose tests need the binary can build it under
+/// its own name (Cargo gives tests the path of their own package's binaries
+/// only).
+pub fn run() -> std::process::ExitCode {
+    let config = <DemoConfig as clap::Parser>::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("deploykit-demo-app: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain on one line: "cannot listen on …: Address in use".
+            let mut line = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                line.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("deploykit-demo-app: {line}");
+            std::process::ExitCode::FAILURE
         }
     }
 }
@@ -353,7 +434,7 @@ mod tests {
     #[test]
     fn header_unsafe_versions_are_rejected() {
         let c = DemoConfig::try_parse_from(["x", "--version", "v1\nx"]).unwrap();
-        let err = router(c).unwrap_err();
+        let err = router(c).unwrap_err().to_string();
         assert!(err.contains("--version"), "{err}");
     }
 }

@@ -13,7 +13,7 @@
 //!   warm blue instances, record, switch) to the first request answered by
 //!   blue (v1); and the whole call, which also stops green.
 //!
-//! Run: `cargo bench -p deploykit-testkit --bench blue_green_switch`
+//! Run: `cargo bench -p deploykit-e2e --bench blue_green_switch`
 //! (`BENCH_RUNS=N`, default 7; needs nginx and haproxy on PATH or in
 //! /usr/sbin; loopback only).
 

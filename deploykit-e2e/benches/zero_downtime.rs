@@ -5,10 +5,10 @@
 //! while the real `Executor` replaces the fleet v1 → v2 with `Rolling` and
 //! with `Recreate`, each combination `RUNS` times side by side in one run.
 //!
-//! Run: `cargo bench -p deploykit-testkit --bench zero_downtime`
+//! Run: `cargo bench -p deploykit-e2e --bench zero_downtime`
 //!
-//! A bench of deploykit-testkit (not of the `benches` crate) because it needs
-//! the demo-app binary (`CARGO_BIN_EXE_deploykit-demo-app`) and reuses the
+//! A bench of deploykit-e2e (not of the `benches` crate) because it needs
+//! the demo-app binary (`CARGO_BIN_EXE_e2e-demo-app`) and reuses the
 //! real-server test harness and scenario by path.
 
 #![allow(missing_docs)]
