@@ -1,4 +1,18 @@
 //! The deployment lock.
+//!
+//! The lock is an advisory `flock` on the application's state directory
+//! itself (`<base>/<app>`), not on a file in it. A file's name can be
+//! removed or replaced while its lock is held, and the next process would
+//! then lock a new file and run beside the first; the directory cannot be
+//! replaced that way, because it is never empty (it holds `journal/`), so
+//! every process that writes journals there locks the same inode. Only
+//! removing or renaming the whole state directory gets around it, and that
+//! removes the running deployment's journal too.
+//!
+//! The holder (pid, host, start time, purpose) is recorded in the file
+//! `lock` inside the directory, written only while the directory lock is
+//! held: it says who holds the lock, it is not the lock. A missing or
+//! unreadable record makes the holder "unknown", never the lock free.
 
 use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};
@@ -88,6 +102,9 @@ pub enum LockAttempt {
 /// record behind as evidence.
 #[derive(Debug)]
 pub struct DeployLock {
+    /// The state directory, `flock`ed: the lock itself.
+    dir: File,
+    /// The holder record.
     file: File,
     path: PathBuf,
     holder: Holder,
@@ -99,7 +116,8 @@ impl DeployLock {
         &self.holder
     }
 
-    /// The lock file.
+    /// The file recording the holder (the lock itself is on the state
+    /// directory, see [the module documentation](self)).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -111,11 +129,29 @@ impl Drop for DeployLock {
         // its holder died holding it.
         let _ = self.file.set_len(0);
         let _ = self.file.sync_all();
-        let _ = self.file.unlock();
+        let _ = self.dir.unlock();
     }
 }
 
-fn open(path: &Path) -> Result<File> {
+/// The name of the holder record inside the state directory.
+const RECORD: &str = "lock";
+
+fn open_dir(dir: &Path) -> Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_DIRECTORY);
+    }
+    options
+        .open(dir)
+        .map_err(|e| Error::io(format!("opening the state directory {}", dir.display()), e))
+}
+
+/// Opens the holder record for rewriting, creating it if needed; only
+/// called with the directory lock held.
+fn open_record(path: &Path) -> Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -125,6 +161,13 @@ fn open(path: &Path) -> Result<File> {
         .map_err(|e| Error::io(format!("opening the lock file {}", path.display()), e))
 }
 
+/// The holder recorded at `path`, if there is a readable record.
+fn read_record(path: &Path) -> Option<Holder> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    read_holder(&mut options.open(path).ok()?)
+}
+
 fn read_holder(file: &mut File) -> Option<Holder> {
     let mut text = String::new();
     file.seek(SeekFrom::Start(0)).ok()?;
@@ -132,24 +175,39 @@ fn read_holder(file: &mut File) -> Option<Holder> {
     serde_json::from_str(text.trim()).ok()
 }
 
-pub(super) fn try_lock(path: &Path, purpose: &str) -> Result<LockAttempt> {
-    let mut file = open(path)?;
-    match file.try_lock() {
+/// The holder reported when the lock is held but its record is missing or
+/// unreadable (removed by hand, or not written yet).
+fn unknown_holder() -> Holder {
+    Holder {
+        pid: 0,
+        pid_start: None,
+        host: "unknown".into(),
+        started_at_ms: 0,
+        purpose: "unknown: the lock file recording the holder is missing or not written yet".into(),
+    }
+}
+
+/// Takes the lock on the state directory `dir` and records the holder in
+/// `dir/lock`.
+pub(super) fn try_lock(dir: &Path, purpose: &str) -> Result<LockAttempt> {
+    let locked = open_dir(dir)?;
+    let path = dir.join(RECORD);
+    match locked.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
-            let holder = read_holder(&mut file).unwrap_or_else(|| Holder {
-                pid: 0,
-                pid_start: None,
-                host: "unknown".into(),
-                started_at_ms: 0,
-                purpose: "unknown: the lock file has no holder record yet".into(),
-            });
-            return Ok(LockAttempt::Held(holder));
+            return Ok(LockAttempt::Held(
+                read_record(&path).unwrap_or_else(unknown_holder),
+            ));
         }
         Err(TryLockError::Error(e)) => {
-            return Err(Error::io(format!("locking {}", path.display()), e));
+            return Err(Error::io(
+                format!("locking the state directory {}", dir.display()),
+                e,
+            ));
         }
     }
+    // From here an error drops `locked`, which closes it and releases the lock.
+    let mut file = open_record(&path)?;
     let stale = read_holder(&mut file);
     let holder = Holder::me(purpose);
     let bytes = serde_json::to_vec(&holder).expect("a holder serializes");
@@ -166,29 +224,28 @@ pub(super) fn try_lock(path: &Path, purpose: &str) -> Result<LockAttempt> {
     }
     Ok(LockAttempt::Acquired {
         lock: DeployLock {
+            dir: locked,
             file,
-            path: path.to_path_buf(),
+            path,
             holder,
         },
         stale,
     })
 }
 
-pub(super) fn current_holder(path: &Path) -> Result<Option<Holder>> {
-    let mut file = open(path)?;
-    match file.try_lock() {
+/// Who holds the lock on the state directory `dir`, testing the lock
+/// without keeping it and without writing anything.
+pub(super) fn current_holder(dir: &Path) -> Result<Option<Holder>> {
+    let locked = open_dir(dir)?;
+    match locked.try_lock() {
         Ok(()) => {
-            let _ = file.unlock();
+            let _ = locked.unlock();
             Ok(None)
         }
-        Err(TryLockError::WouldBlock) => Ok(Some(read_holder(&mut file).unwrap_or(Holder {
-            pid: 0,
-            pid_start: None,
-            host: "unknown".into(),
-            started_at_ms: 0,
-            purpose: "unknown".into(),
-        }))),
-        Err(TryLockError::Error(e)) => Err(Error::io(format!("testing the lock {}", path.display()), e)),
+        Err(TryLockError::WouldBlock) => Ok(Some(
+            read_record(&dir.join(RECORD)).unwrap_or_else(unknown_holder),
+        )),
+        Err(TryLockError::Error(e)) => Err(Error::io(format!("testing the lock on {}", dir.display()), e)),
     }
 }
 
@@ -243,11 +300,11 @@ mod tests {
     fn second_lock_is_refused_naming_the_holder_and_released_on_drop() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lock");
-        let LockAttempt::Acquired { lock, stale } = try_lock(&path, "deploy v2").unwrap() else {
+        let LockAttempt::Acquired { lock, stale } = try_lock(dir.path(), "deploy v2").unwrap() else {
             panic!("first lock refused")
         };
         assert!(stale.is_none());
-        match try_lock(&path, "deploy v3").unwrap() {
+        match try_lock(dir.path(), "deploy v3").unwrap() {
             LockAttempt::Held(h) => {
                 assert_eq!(h.pid, std::process::id());
                 assert_eq!(h.purpose, "deploy v2");
@@ -260,14 +317,41 @@ mod tests {
             }
             LockAttempt::Acquired { .. } => panic!("second lock granted"),
         }
-        assert_eq!(current_holder(&path).unwrap().unwrap().purpose, "deploy v2");
+        assert_eq!(current_holder(dir.path()).unwrap().unwrap().purpose, "deploy v2");
         drop(lock);
-        assert_eq!(current_holder(&path).unwrap(), None);
+        assert_eq!(current_holder(dir.path()).unwrap(), None);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
-        let LockAttempt::Acquired { stale, .. } = try_lock(&path, "deploy v3").unwrap() else {
+        let LockAttempt::Acquired { stale, .. } = try_lock(dir.path(), "deploy v3").unwrap() else {
             panic!("lock not granted after release")
         };
         assert!(stale.is_none(), "a cleanly released lock is not stale");
+    }
+
+    #[test]
+    fn removing_or_replacing_the_lock_file_does_not_release_the_lock() {
+        let base = tempfile::tempdir().unwrap();
+        let state = crate::state::StateDir::open(base.path(), "shop").unwrap();
+        let LockAttempt::Acquired { lock, .. } = state.try_lock("deploy v2").unwrap() else {
+            panic!("first lock refused")
+        };
+        let file = state.root().join("lock");
+        std::fs::remove_file(&file).unwrap();
+        assert!(
+            matches!(state.try_lock("rollback").unwrap(), LockAttempt::Held(_)),
+            "a second lock was granted after the lock file was removed"
+        );
+        std::fs::write(&file, "").unwrap();
+        assert!(
+            matches!(state.try_lock("rollback").unwrap(), LockAttempt::Held(_)),
+            "a second lock was granted on a new lock file"
+        );
+        assert!(state.holder().unwrap().is_some());
+        drop(lock);
+        assert_eq!(state.holder().unwrap(), None);
+        assert!(matches!(
+            state.try_lock("rollback").unwrap(),
+            LockAttempt::Acquired { .. }
+        ));
     }
 
     #[test]
@@ -285,7 +369,7 @@ mod tests {
         };
         assert_eq!(dead.is_alive(), Some(false));
         std::fs::write(&path, serde_json::to_string(&dead).unwrap()).unwrap();
-        let LockAttempt::Acquired { stale, lock } = try_lock(&path, "rollback").unwrap() else {
+        let LockAttempt::Acquired { stale, lock } = try_lock(dir.path(), "rollback").unwrap() else {
             panic!("a stale lock must be taken over")
         };
         assert_eq!(stale, Some(dead));
