@@ -149,23 +149,50 @@ fn open_dir(dir: &Path) -> Result<File> {
         .map_err(|e| Error::io(format!("opening the state directory {}", dir.display()), e))
 }
 
-/// Opens the holder record for rewriting, creating it if needed; only
-/// called with the directory lock held.
-fn open_record(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| Error::io(format!("opening the lock file {}", path.display()), e))
+/// Options that never follow a symlink at the last component: a link
+/// planted at `lock` would otherwise have its target truncated (or, if
+/// dangling, created).
+fn no_follow(options: &mut OpenOptions) -> &mut OpenOptions {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW);
+    }
+    options
 }
 
-/// The holder recorded at `path`, if there is a readable record.
+/// Opens the holder record for rewriting, creating it if needed; only
+/// called with the directory lock held.
+///
+/// # Errors
+/// [`Error::Refused`] when `path` is a symbolic link, [`Error::Io`] when it
+/// cannot be opened.
+fn open_record(path: &Path) -> Result<File> {
+    no_follow(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false),
+    )
+    .open(path)
+    .map_err(|e| {
+        #[cfg(unix)]
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            return Error::Refused(format!(
+                "the lock file {} is a symbolic link, and deploykit never writes its state through a link \
+                     (it would overwrite the link's target); remove it and run the command again",
+                path.display()
+            ));
+        }
+        Error::io(format!("opening the lock file {}", path.display()), e)
+    })
+}
+
+/// The holder recorded at `path`, if there is a readable record (a symlink
+/// is not one).
 fn read_record(path: &Path) -> Option<Holder> {
-    let mut options = OpenOptions::new();
-    options.read(true);
-    read_holder(&mut options.open(path).ok()?)
+    read_holder(&mut no_follow(OpenOptions::new().read(true)).open(path).ok()?)
 }
 
 fn read_holder(file: &mut File) -> Option<Holder> {
@@ -352,6 +379,32 @@ mod tests {
             state.try_lock("rollback").unwrap(),
             LockAttempt::Acquired { .. }
         ));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched() {
+        let base = tempfile::tempdir().unwrap();
+        let state = crate::state::StateDir::open(base.path(), "shop").unwrap();
+        let victim = base.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let file = state.root().join("lock");
+        std::os::unix::fs::symlink(&victim, &file).unwrap();
+        let e = state.try_lock("deploy v2").unwrap_err().to_string();
+        assert!(
+            e.contains(&file.display().to_string()) && e.contains("symbolic link") && e.contains("remove it"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        // A dangling link would create its target: refused too.
+        let created = base.path().join("created-through-link");
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(&created, &file).unwrap();
+        assert!(state.try_lock("deploy v2").is_err());
+        assert!(!created.exists());
+        // Reading who holds the lock does not go through the link either.
+        assert_eq!(state.holder().unwrap(), None);
+        assert!(!created.exists());
     }
 
     #[test]

@@ -246,3 +246,30 @@ pub(crate) fn now_ms() -> u64 {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     atomic::write_atomic(path, bytes)
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_is_never_written_through_a_symlink() {
+        let base = tempfile::tempdir().unwrap();
+        let state = StateDir::open(base.path(), "shop").unwrap();
+        let victim = base.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let created = base.path().join("created-through-link");
+        std::os::unix::fs::symlink(&victim, state.journal_dir().join("d1.jsonl")).unwrap();
+        std::os::unix::fs::symlink(&created, state.journal_dir().join("d2.jsonl")).unwrap();
+        for id in ["d1", "d2"] {
+            let header: JournalHeader = serde_json::from_value(serde_json::json!({
+                "version": 1, "deployment": id, "app": "shop", "kind": "deploy",
+                "strategy": "rolling", "release": "v2", "previous": {},
+                "started_at_ms": 1, "pid": 1, "host": "h"
+            }))
+            .unwrap();
+            assert!(state.create_journal(header).is_err(), "{id}");
+        }
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(!created.exists());
+    }
+}
