@@ -4,8 +4,9 @@
 //! Every name that can end up in a command line, a load-balancer config file
 //! or a runtime-API command passes through one of these types first, so the
 //! drivers never see an unchecked string. The rules are deliberately narrow:
-//! `[A-Za-z0-9._-]`, 1–128 characters, not `.` or `..`, no leading `-` (which
-//! a command would read as an option).
+//! `[A-Za-z0-9._-]`, 1–128 characters, no `..`, no leading `-` (which a
+//! command would read as an option) and no leading `.` (hidden names are
+//! deploykit's own, such as the `.partial-*` uploads its cleanup removes).
 
 use std::fmt;
 use std::str::FromStr;
@@ -20,13 +21,13 @@ const MAX_NAME_LEN: usize = 128;
 /// naming `field` when it breaks one.
 ///
 /// # Errors
-/// When `value` is empty, longer than 128 characters, `.` or `..`, starts
-/// with `-`, or has a character outside `[A-Za-z0-9._-]`.
+/// When `value` is empty, longer than 128 characters, contains `..`, starts
+/// with `-` or `.`, or has a character outside `[A-Za-z0-9._-]`.
 pub fn validate_name(field: &str, value: &str) -> Result<()> {
     let fail = |problem: String| {
         Err(Error::invalid(
             field,
-            format!("{problem}; use 1-{MAX_NAME_LEN} characters from [A-Za-z0-9._-], not starting with '-'"),
+            format!("{problem}; use 1-{MAX_NAME_LEN} characters from [A-Za-z0-9._-], not starting with '-' or '.'"),
         ))
     };
     if value.is_empty() {
@@ -40,6 +41,11 @@ pub fn validate_name(field: &str, value: &str) -> Result<()> {
     }
     if value.starts_with('-') {
         return fail(format!("{value:?} starts with '-'"));
+    }
+    if value.starts_with('.') {
+        return fail(format!(
+            "{value:?} starts with '.' (hidden names are deploykit's own, e.g. partial uploads)"
+        ));
     }
     if let Some(bad) = value
         .chars()
@@ -264,6 +270,23 @@ mod tests {
         assert!(InstanceId::new("x".repeat(129)).is_err());
         let err = ReleaseId::new("v1 ; rm").unwrap_err().to_string();
         assert!(err.contains("release id") && err.contains("' '"), "{err}");
+    }
+
+    #[test]
+    fn names_starting_with_a_dot_are_refused() {
+        // Hidden names are deploykit's own (`.partial-*` uploads, which the
+        // cleanup removes): a release named so would be deleted as one.
+        for bad in [".partial-x", ".v1", ".hidden"] {
+            let err = ReleaseId::new(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("release id")
+                    && err.contains("starts with '.'")
+                    && err.contains("not starting with '-' or '.'"),
+                "{bad:?}: {err}"
+            );
+            assert!(InstanceId::new(bad).is_err(), "{bad:?}");
+        }
+        assert!(ReleaseId::new("v1.partial").is_ok());
     }
 
     #[test]
