@@ -657,11 +657,20 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
             ));
         }
         let address = Address::parse(&i.address).map_err(|e| rename(e, &f("address")))?;
-        if let Some(other) = addresses.insert(address.to_string(), id.clone()) {
+        let endpoints = address.endpoints();
+        if let Some((written, other)) = endpoints.iter().find_map(|e| addresses.get(e)) {
+            let as_written = if *written == address {
+                String::new()
+            } else {
+                format!(" (written {written})")
+            };
             return Err(inv(
                 f("address"),
-                format!("{address} is also the address of {other}; every instance needs its own address"),
+                format!("{address} is also the address of {other}{as_written}; every instance needs its own address"),
             ));
+        }
+        for e in endpoints {
+            addresses.insert(e, (address.clone(), id.clone()));
         }
         out.push(instance(c, n, id, address, &i.fields)?);
     }

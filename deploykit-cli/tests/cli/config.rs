@@ -131,6 +131,44 @@ fn bad_and_duplicate_addresses_are_refused() {
 }
 
 #[test]
+fn one_endpoint_written_two_ways_is_a_duplicate_address() {
+    for (first, second) in [
+        ("[::1]:8080", "[0:0::1]:8080"),
+        ("[::1]:8080", "[0000::1]:8080"),
+        ("localhost:8080", "127.0.0.1:8080"),
+        ("[::1]:8080", "localhost:8080"),
+        ("127.0.0.1:8080", "[::ffff:127.0.0.1]:8080"),
+        ("web-1.internal:8080", "WEB-1.Internal.:8080"),
+    ] {
+        let err = rejects(&format!(
+            "app = \"shop\"\n{}{}",
+            BASE_INSTANCE.replace("127.0.0.1:18081", first),
+            BASE_INSTANCE
+                .replace("web-1", "web-2")
+                .replace("127.0.0.1:18081", second)
+        ));
+        assert_has(
+            &err,
+            &[&format!(
+                "invalid instances[1].address: {second} is also the address of web-1 (written {first})"
+            )],
+        );
+    }
+    // Another port, or another loopback family, is another endpoint.
+    let env = Env::new(&format!(
+        "app = \"shop\"\n{}{}{}",
+        BASE_INSTANCE.replace("127.0.0.1:18081", "[::1]:8080"),
+        BASE_INSTANCE
+            .replace("web-1", "web-2")
+            .replace("127.0.0.1:18081", "127.0.0.1:8080"),
+        BASE_INSTANCE
+            .replace("web-1", "web-3")
+            .replace("127.0.0.1:18081", "[::1]:8081"),
+    ));
+    env.ok(&["validate"], 0);
+}
+
+#[test]
 fn canary_stages_must_increase() {
     let err = rejects(&simulated(
         2,
