@@ -674,6 +674,7 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
         }
         out.push(instance(c, n, id, address, &i.fields)?);
     }
+    check_roots(c, &out)?;
     let groups: BTreeSet<&Group> = out.iter().map(|i| &i.group).collect();
     check_lb(c)?;
     let s = &c.strategy;
@@ -1011,6 +1012,37 @@ fn parse_ssh(h: &str) -> Result<HostSpec, String> {
         host: host.into(),
         port,
     })
+}
+
+/// No two instances in one release layout (they would share `current` and
+/// the pid file).
+fn check_roots(c: &Config, instances: &[Instance]) -> deploykit::Result<()> {
+    use deploykit::instance::{first_shared_site, LayoutSite};
+    let sites = instances.iter().enumerate().filter_map(|(n, i)| {
+        let root = i
+            .root
+            .as_deref()
+            .filter(|_| !matches!(i.control, Control::Simulated { .. }))?;
+        let site = match &i.host {
+            HostSpec::Local => LayoutSite::local(root),
+            HostSpec::Ssh { host, port, .. } => LayoutSite::ssh(host, *port, root),
+        };
+        Some(((n, i, site.machine()), site))
+    });
+    match first_shared_site(sites) {
+        None => Ok(()),
+        Some(((_, first, _), (n, second, machine))) => Err(inv(
+            format!("instances[{n}].root"),
+            format!(
+                "{:?} on {machine} is the root of {} too ({:?}); instances in one root share its `current` link and pid file: \
+                 give each instance its own root, e.g. root = \"/srv/{}/{{id}}\"",
+                second.root.as_deref().unwrap_or_default(),
+                first.id,
+                first.root.as_deref().unwrap_or_default(),
+                c.app
+            ),
+        )),
+    }
 }
 
 fn check_lb(c: &Config) -> deploykit::Result<()> {
