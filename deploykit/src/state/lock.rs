@@ -116,8 +116,9 @@ impl DeployLock {
         &self.holder
     }
 
-    /// The file recording the holder (the lock itself is on the state
-    /// directory, see [the module documentation](self)).
+    /// The file recording the holder; the lock itself is a `flock` on the
+    /// state directory ([`StateDir::root`](super::StateDir::root)), so
+    /// removing this file does not release it.
     pub fn path(&self) -> &Path {
         &self.path
     }
