@@ -68,6 +68,10 @@ impl Holder {
 
 impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.pid == 0 {
+            // No record to show: pid 0 and 1970 would only mislead.
+            return write!(f, "an unknown process ({})", self.purpose);
+        }
         let secs = self.started_at_ms / 1000;
         write!(
             f,
@@ -211,7 +215,7 @@ fn unknown_holder() -> Holder {
         pid_start: None,
         host: "unknown".into(),
         started_at_ms: 0,
-        purpose: "unknown: the lock file recording the holder is missing or not written yet".into(),
+        purpose: "the lock file recording the holder is missing or not written yet".into(),
     }
 }
 
@@ -364,10 +368,15 @@ mod tests {
         };
         let file = state.root().join("lock");
         std::fs::remove_file(&file).unwrap();
-        assert!(
-            matches!(state.try_lock("rollback").unwrap(), LockAttempt::Held(_)),
-            "a second lock was granted after the lock file was removed"
-        );
+        match state.try_lock("rollback").unwrap() {
+            LockAttempt::Held(h) => assert_eq!(
+                h.to_string(),
+                "an unknown process (the lock file recording the holder is missing or not written yet)"
+            ),
+            LockAttempt::Acquired { .. } => {
+                panic!("a second lock was granted after the lock file was removed")
+            }
+        }
         std::fs::write(&file, "").unwrap();
         assert!(
             matches!(state.try_lock("rollback").unwrap(), LockAttempt::Held(_)),
