@@ -7,7 +7,10 @@
 //! replaced that way, because it is never empty (it holds `journal/`), so
 //! every process that writes journals there locks the same inode. Only
 //! removing or renaming the whole state directory gets around it, and that
-//! removes the running deployment's journal too.
+//! removes the running deployment's journal too. The directory must be on a
+//! local filesystem: NFS emulates `flock` with byte-range locks, which a
+//! directory opened read-only cannot take, so locking fails there with an
+//! error rather than silently.
 //!
 //! The holder (pid, host, start time, purpose) is recorded in the file
 //! `lock` inside the directory, written only while the directory lock is
