@@ -687,14 +687,24 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
             ));
         }
         let address = Address::parse(&i.address).map_err(|e| rename(e, &f("address")))?;
-        if let Some(other) = addresses.insert(address.to_string(), id.clone()) {
+        let endpoints = address.endpoints();
+        if let Some((written, other)) = endpoints.iter().find_map(|e| addresses.get(e)) {
+            let as_written = if *written == address {
+                String::new()
+            } else {
+                format!(" (written {written})")
+            };
             return Err(inv(
                 f("address"),
-                format!("{address} is also the address of {other}; every instance needs its own address"),
+                format!("{address} is also the address of {other}{as_written}; every instance needs its own address"),
             ));
+        }
+        for e in endpoints {
+            addresses.insert(e, (address.clone(), id.clone()));
         }
         out.push(instance(c, n, id, address, &i.fields)?);
     }
+    check_roots(c, &out)?;
     let groups: BTreeSet<&Group> = out.iter().map(|i| &i.group).collect();
     check_lb(c)?;
     if let Some(checks) = &c.smoke_checks {
@@ -1020,6 +1030,37 @@ fn parse_ssh(h: &str) -> Result<HostSpec, String> {
         host: host.into(),
         port,
     })
+}
+
+/// No two instances in one release layout (they would share `current` and
+/// the pid file).
+fn check_roots(c: &Config, instances: &[Instance]) -> deploykit::Result<()> {
+    use deploykit::instance::{first_shared_site, LayoutSite};
+    let sites = instances.iter().enumerate().filter_map(|(n, i)| {
+        let root = i
+            .root
+            .as_deref()
+            .filter(|_| !matches!(i.control, Control::Simulated { .. }))?;
+        let site = match &i.host {
+            HostSpec::Local => LayoutSite::local(root),
+            HostSpec::Ssh { host, port, .. } => LayoutSite::ssh(host, *port, root),
+        };
+        Some(((n, i, site.machine()), site))
+    });
+    match first_shared_site(sites) {
+        None => Ok(()),
+        Some(((_, first, _), (n, second, machine))) => Err(inv(
+            format!("instances[{n}].root"),
+            format!(
+                "{:?} on {machine} is the root of {} too ({:?}); instances in one root share its `current` link and pid file: \
+                 give each instance its own root, e.g. root = \"/srv/{}/{{id}}\"",
+                second.root.as_deref().unwrap_or_default(),
+                first.id,
+                first.root.as_deref().unwrap_or_default(),
+                c.app
+            ),
+        )),
+    }
 }
 
 fn check_lb(c: &Config) -> deploykit::Result<()> {

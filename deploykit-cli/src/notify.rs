@@ -93,7 +93,12 @@ impl Notifier {
         let client = if cfg.webhooks.is_empty() {
             None
         } else {
-            match reqwest::Client::builder().timeout(cfg.timeout.0).build() {
+            // A redirect is not followed: a 307 re-sends the body, and the
+            // notice would go to whatever host the webhook names.
+            let builder = reqwest::Client::builder()
+                .timeout(cfg.timeout.0)
+                .redirect(reqwest::redirect::Policy::none());
+            match builder.build() {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot create the webhook client; notifications are off");
@@ -109,7 +114,8 @@ impl Notifier {
     }
 
     /// Calls every webhook subscribed to `notice.event`, concurrently, each
-    /// bounded by the timeout. Never fails; returns how many calls failed.
+    /// bounded by the timeout. Never fails; returns how many calls failed
+    /// (an error status, a redirect, a timeout or a connection failure).
     pub(crate) async fn send(&self, notice: &Notice) -> usize {
         let Some(client) = &self.client else { return 0 };
         let calls = self.hooks.iter().filter(|h| h.on.contains(&notice.event)).map(|h| {
@@ -126,6 +132,22 @@ impl Notifier {
             async move {
                 match tokio::time::timeout(timeout, req.send()).await {
                     Ok(Ok(r)) if r.status().is_success() => true,
+                    Ok(Ok(r)) if r.status().is_redirection() => {
+                        let to = r
+                            .headers()
+                            .get(reqwest::header::LOCATION)
+                            .and_then(|l| l.to_str().ok())
+                            .and_then(|l| r.url().join(l).ok())
+                            .map_or_else(|| "(no Location header)".to_string(), |u| u.origin().ascii_serialization());
+                        tracing::warn!(
+                            webhook = %r.url().origin().ascii_serialization(),
+                            status = %r.status(),
+                            redirect_to = %to,
+                            "webhook answered with a redirect, which is not followed (it would send the notice to another address); \
+                             the notice was not delivered: set the webhook's url to the address it redirects to"
+                        );
+                        false
+                    }
                     Ok(Ok(r)) => {
                         tracing::warn!(%url, status = %r.status(), "webhook answered with an error; ignored");
                         false

@@ -4,10 +4,12 @@
 //! Every name that can end up in a command line, a load-balancer config file
 //! or a runtime-API command passes through one of these types first, so the
 //! drivers never see an unchecked string. The rules are deliberately narrow:
-//! `[A-Za-z0-9._-]`, 1–128 characters, not `.` or `..`, no leading `-` (which
-//! a command would read as an option).
+//! `[A-Za-z0-9._-]`, 1–128 characters, no `..`, no leading `-` (which a
+//! command would read as an option) and no leading `.` (hidden names are
+//! deploykit's own, such as the `.partial-*` uploads its cleanup removes).
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -20,13 +22,13 @@ const MAX_NAME_LEN: usize = 128;
 /// naming `field` when it breaks one.
 ///
 /// # Errors
-/// When `value` is empty, longer than 128 characters, `.` or `..`, starts
-/// with `-`, or has a character outside `[A-Za-z0-9._-]`.
+/// When `value` is empty, longer than 128 characters, contains `..`, starts
+/// with `-` or `.`, or has a character outside `[A-Za-z0-9._-]`.
 pub fn validate_name(field: &str, value: &str) -> Result<()> {
     let fail = |problem: String| {
         Err(Error::invalid(
             field,
-            format!("{problem}; use 1-{MAX_NAME_LEN} characters from [A-Za-z0-9._-], not starting with '-'"),
+            format!("{problem}; use 1-{MAX_NAME_LEN} characters from [A-Za-z0-9._-], not starting with '-' or '.'"),
         ))
     };
     if value.is_empty() {
@@ -40,6 +42,11 @@ pub fn validate_name(field: &str, value: &str) -> Result<()> {
     }
     if value.starts_with('-') {
         return fail(format!("{value:?} starts with '-'"));
+    }
+    if value.starts_with('.') {
+        return fail(format!(
+            "{value:?} starts with '.' (hidden names are deploykit's own, e.g. partial uploads)"
+        ));
     }
     if let Some(bad) = value
         .chars()
@@ -198,6 +205,61 @@ impl Address {
     pub fn port(&self) -> u16 {
         self.port
     }
+
+    /// The endpoints this address reaches, for telling whether two
+    /// addresses written differently are one: an IP address in its
+    /// canonical form (`[0:0::1]` is `[::1]`, `[::ffff:127.0.0.1]` is
+    /// `127.0.0.1`), `localhost` as both `127.0.0.1` and `[::1]` (it resolves
+    /// to either), any other name in lower case without a trailing dot.
+    /// Names are not resolved: two names of one machine are not caught.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        let port = self.port;
+        let ip = |ip: IpAddr| Endpoint::Ip(SocketAddr::new(ip.to_canonical(), port));
+        let bare = self.host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(addr) = bare.parse::<IpAddr>() {
+            return vec![ip(addr)];
+        }
+        let name = self.host.trim_end_matches('.').to_ascii_lowercase();
+        if name == "localhost" {
+            return vec![
+                ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                ip(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            ];
+        }
+        vec![Endpoint::Name { host: name, port }]
+    }
+
+    /// Whether `self` and `other` reach a common endpoint (see
+    /// [`endpoints`](Self::endpoints)): `[::1]:80` and `[0000::1]:80` do,
+    /// `localhost:80` and `127.0.0.1:80` do, `[::1]:80` and `[::1]:81` do not.
+    pub fn same_endpoint(&self, other: &Address) -> bool {
+        let theirs = other.endpoints();
+        self.endpoints().iter().any(|e| theirs.contains(e))
+    }
+}
+
+/// One endpoint an [`Address`] reaches: the key under which addresses are
+/// compared for duplicates.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Endpoint {
+    /// An IP address (canonical: IPv4-mapped IPv6 as IPv4) and port.
+    Ip(SocketAddr),
+    /// A DNS name (lower case, no trailing dot) and port.
+    Name {
+        /// The name.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Ip(a) => write!(f, "{a}"),
+            Endpoint::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
 }
 
 fn p_parse(p: &str) -> Option<u16> {
@@ -267,6 +329,23 @@ mod tests {
     }
 
     #[test]
+    fn names_starting_with_a_dot_are_refused() {
+        // Hidden names are deploykit's own (`.partial-*` uploads, which the
+        // cleanup removes): a release named so would be deleted as one.
+        for bad in [".partial-x", ".v1", ".hidden"] {
+            let err = ReleaseId::new(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("release id")
+                    && err.contains("starts with '.'")
+                    && err.contains("not starting with '-' or '.'"),
+                "{bad:?}: {err}"
+            );
+            assert!(InstanceId::new(bad).is_err(), "{bad:?}");
+        }
+        assert!(ReleaseId::new("v1.partial").is_ok());
+    }
+
+    #[test]
     fn addresses_parse_and_reject() {
         let a = Address::parse("127.0.0.1:8080").unwrap();
         assert_eq!((a.host(), a.port()), ("127.0.0.1", 8080));
@@ -292,6 +371,37 @@ mod tests {
             let err = Address::parse(bad).unwrap_err().to_string();
             assert!(err.contains("address"), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn one_endpoint_written_differently_is_the_same_endpoint() {
+        let a = |s: &str| Address::parse(s).unwrap();
+        for (x, y) in [
+            ("[::1]:8080", "[0:0::1]:8080"),
+            ("[::1]:8080", "[0000::1]:8080"),
+            ("[0:0::1]:8080", "[0000::1]:8080"),
+            ("localhost:8080", "127.0.0.1:8080"),
+            ("localhost:8080", "[::1]:8080"),
+            ("LocalHost.:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "[::ffff:127.0.0.1]:8080"),
+            ("[2001:db8::1]:80", "[2001:0DB8:0:0:0:0:0:1]:80"),
+            ("web-1.internal:80", "WEB-1.internal.:80"),
+        ] {
+            assert!(a(x).same_endpoint(&a(y)), "{x} {y}");
+            assert!(a(y).same_endpoint(&a(x)), "{y} {x}");
+        }
+        for (x, y) in [
+            ("[::1]:8080", "[::1]:8081"),
+            ("[::1]:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "127.0.0.2:8080"),
+            ("localhost:8080", "localhost:8081"),
+            ("web-1:80", "web-2:80"),
+            ("web-1:80", "10.0.0.1:80"),
+        ] {
+            assert!(!a(x).same_endpoint(&a(y)), "{x} {y}");
+        }
+        assert_eq!(a("[0000::1]:80").endpoints()[0].to_string(), "[::1]:80");
+        assert_eq!(a("Web.X.:80").endpoints()[0].to_string(), "web.x:80");
     }
 
     #[test]

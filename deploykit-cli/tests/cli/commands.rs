@@ -543,6 +543,26 @@ fn a_lock_held_by_another_process_than_its_recorded_holder_says_so() {
 }
 
 #[test]
+fn removing_the_lock_file_does_not_let_another_command_in() {
+    let env = Env::new(&simulated(1, ""));
+    let state = StateDir::open(env.path().join(".deploykit"), "shop").unwrap();
+    let LockAttempt::Acquired { lock, .. } = state.try_lock("deploy v9").unwrap() else {
+        panic!("lock not free")
+    };
+    std::fs::remove_file(lock.path()).unwrap();
+    for args in [&["deploy", "v1"][..], &["rollback"][..]] {
+        let (code, _, err) = env.run(args);
+        assert_eq!(code, 4, "{args:?}: {err}");
+        assert!(
+            err.contains("holds the lock: an unknown process (the lock file recording the holder is missing"),
+            "{err}"
+        );
+    }
+    assert!(state.journals().unwrap().is_empty(), "a command ran");
+    drop(lock);
+}
+
+#[test]
 fn logs_go_to_stderr_by_verbosity_and_json_stays_clean() {
     let env = Env::new(&simulated(2, ""));
     let out = env

@@ -131,6 +131,44 @@ fn bad_and_duplicate_addresses_are_refused() {
 }
 
 #[test]
+fn one_endpoint_written_two_ways_is_a_duplicate_address() {
+    for (first, second) in [
+        ("[::1]:8080", "[0:0::1]:8080"),
+        ("[::1]:8080", "[0000::1]:8080"),
+        ("localhost:8080", "127.0.0.1:8080"),
+        ("[::1]:8080", "localhost:8080"),
+        ("127.0.0.1:8080", "[::ffff:127.0.0.1]:8080"),
+        ("web-1.internal:8080", "WEB-1.Internal.:8080"),
+    ] {
+        let err = rejects(&format!(
+            "app = \"shop\"\n{}{}",
+            BASE_INSTANCE.replace("127.0.0.1:18081", first),
+            BASE_INSTANCE
+                .replace("web-1", "web-2")
+                .replace("127.0.0.1:18081", second)
+        ));
+        assert_has(
+            &err,
+            &[&format!(
+                "invalid instances[1].address: {second} is also the address of web-1 (written {first})"
+            )],
+        );
+    }
+    // Another port, or another loopback family, is another endpoint.
+    let env = Env::new(&format!(
+        "app = \"shop\"\n{}{}{}",
+        BASE_INSTANCE.replace("127.0.0.1:18081", "[::1]:8080"),
+        BASE_INSTANCE
+            .replace("web-1", "web-2")
+            .replace("127.0.0.1:18081", "127.0.0.1:8080"),
+        BASE_INSTANCE
+            .replace("web-1", "web-3")
+            .replace("127.0.0.1:18081", "[::1]:8081"),
+    ));
+    env.ok(&["validate"], 0);
+}
+
+#[test]
 fn canary_stages_must_increase() {
     let err = rejects(&simulated(
         2,
@@ -322,6 +360,71 @@ fn ssh_hosts_and_roots_are_checked() {
     );
     let err = rejects("app = \"shop\"\nreleases = \"b\"\n[[instances]]\nid = \"web-1\"\naddress = \"127.0.0.1:1\"\ncommand = [\"./app\"]\nroot = \"/srv/../etc\"\n");
     assert_has(&err, &["invalid instances[0].root", "contains '..'"]);
+}
+
+#[test]
+fn two_instances_in_one_root_on_one_machine_are_refused() {
+    let two = |root1: &str, host1: &str, root2: &str, host2: &str| {
+        format!(
+            "app = \"shop\"\nreleases = \"b\"\n[instance_defaults]\ncommand = [\"./app\"]\n\
+             [[instances]]\nid = \"web-1\"\naddress = \"127.0.0.1:1\"\nroot = \"{root1}\"\nhost = \"{host1}\"\n\
+             [[instances]]\nid = \"web-2\"\naddress = \"127.0.0.1:2\"\nroot = \"{root2}\"\nhost = \"{host2}\"\n"
+        )
+    };
+    for (root1, host1, root2, host2, machine) in [
+        (
+            "instances/shared",
+            "local",
+            "instances/shared",
+            "local",
+            "this machine",
+        ),
+        ("/srv/shop", "local", "/srv//shop/./", "local", "this machine"),
+        (
+            "/srv/shop",
+            "ssh://a@web.internal",
+            "/srv/shop",
+            "ssh://b@WEB.internal.:22",
+            "web.internal:22",
+        ),
+        (
+            "/srv/shop",
+            "ssh://a@127.0.0.1:2222",
+            "/srv/shop/",
+            "ssh://b@127.0.0.1:2222",
+            "127.0.0.1:2222",
+        ),
+    ] {
+        let err = rejects(&two(root1, host1, root2, host2));
+        assert_has(
+            &err,
+            &[
+                &format!(
+                    "invalid instances[1].root: {root2:?} on {machine} is the root of web-1 too ({root1:?})"
+                ),
+                "give each instance its own root, e.g. root = \"/srv/shop/{id}\"",
+            ],
+        );
+    }
+    // Another root, or the same root on another machine, is fine.
+    for (root1, host1, root2, host2) in [
+        ("/srv/shop/1", "local", "/srv/shop/2", "local"),
+        (
+            "/srv/shop",
+            "ssh://a@web-1.internal",
+            "/srv/shop",
+            "ssh://a@web-2.internal",
+        ),
+        (
+            "/srv/shop",
+            "ssh://a@web.internal:2201",
+            "/srv/shop",
+            "ssh://a@web.internal:2202",
+        ),
+        ("/srv/shop", "local", "/srv/shop", "ssh://a@web.internal"),
+    ] {
+        Env::new(&two(root1, host1, root2, host2)).ok(&["validate"], 0);
+    }
 }
 
 #[test]

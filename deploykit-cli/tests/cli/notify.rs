@@ -9,11 +9,13 @@ use serde_json::Value;
 
 use crate::util::{simulated, Env};
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Behaviour {
     Ok,
     Error500,
     Hang,
+    /// Answers `307 Temporary Redirect` to this URL.
+    Redirect(String),
 }
 
 /// A one-thread HTTP server recording request bodies; returns its URL.
@@ -45,7 +47,7 @@ fn server(behaviour: Behaviour) -> (String, Arc<Mutex<Vec<String>>>) {
             seen.lock()
                 .unwrap()
                 .push(String::from_utf8_lossy(&body).into_owned());
-            match behaviour {
+            match &behaviour {
                 Behaviour::Ok => {
                     let _ = stream
                         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
@@ -55,6 +57,14 @@ fn server(behaviour: Behaviour) -> (String, Arc<Mutex<Vec<String>>>) {
                         .write_all(b"HTTP/1.1 500 Oops\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
                 }
                 Behaviour::Hang => std::thread::sleep(Duration::from_secs(30)),
+                Behaviour::Redirect(to) => {
+                    let _ = stream.write_all(
+                        format!(
+                            "HTTP/1.1 307 Temporary Redirect\r\nlocation: {to}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    );
+                }
             }
         }
     });
@@ -139,4 +149,34 @@ fn failing_webhooks_never_fail_the_deployment() {
     env.ok(&["deploy", "v2"], 0);
     assert_eq!(env.sim("web-1")["release"], "v2");
     assert_eq!(err_bodies.lock().unwrap().len(), 2, "start and success were sent");
+}
+
+#[test]
+fn a_webhook_redirect_is_not_followed_and_is_reported_as_a_failed_delivery() {
+    // A 307 keeps the method and body: following it would post the notice
+    // to whatever host the first one names.
+    let (elsewhere_url, elsewhere_bodies) = server(Behaviour::Ok);
+    let (hook_url, hook_bodies) = server(Behaviour::Redirect(elsewhere_url.clone()));
+    let extra = format!("[[notifications.webhooks]]\nurl = \"{hook_url}\"\n");
+    let env = Env::new(&simulated(2, &extra));
+    let (code, out, err) = env.run(&["deploy", "v2"]);
+    assert_eq!(code, 0, "a webhook never fails a deployment\n{out}\n{err}");
+    assert_eq!(
+        hook_bodies.lock().unwrap().len(),
+        2,
+        "start and success were sent"
+    );
+    assert!(
+        elsewhere_bodies.lock().unwrap().is_empty(),
+        "the redirect was followed: {:?}",
+        elsewhere_bodies.lock().unwrap()
+    );
+    let origin = elsewhere_url.trim_end_matches("/hook");
+    assert!(
+        err.contains("redirect")
+            && err.contains("not followed")
+            && err.contains("307")
+            && err.contains(origin),
+        "{err}"
+    );
 }

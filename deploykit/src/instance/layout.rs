@@ -15,6 +15,9 @@
 //! `keep` releases (by install time) and never deletes the current or the
 //! previous one.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Component, Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::cmd::script;
@@ -371,6 +374,73 @@ done"#,
     }
 }
 
+/// Where a release layout lives: a machine and a root directory. Two
+/// instances at one site would share `current`, `previous` and the pid
+/// file, so each needs its own; [`first_shared_site`] finds two that do not.
+///
+/// Roots compare lexically (`/srv//app/./` is `/srv/app`), without resolving
+/// symlinks or a relative root against an absolute one; SSH hosts compare
+/// as a host and port, any user (one directory whoever logs in), the host
+/// without case or a trailing dot, an IP address in its canonical form.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LayoutSite {
+    /// `None` for this machine, else the SSH host and port.
+    machine: Option<(String, u16)>,
+    root: PathBuf,
+}
+
+impl LayoutSite {
+    /// A layout on the machine running deploykit.
+    pub fn local(root: impl AsRef<Path>) -> Self {
+        Self {
+            machine: None,
+            root: lexical(root.as_ref()),
+        }
+    }
+
+    /// A layout on the SSH host `host`, port `port`.
+    pub fn ssh(host: &str, port: u16, root: impl AsRef<Path>) -> Self {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let host = match bare.parse::<IpAddr>() {
+            Ok(ip) => ip.to_canonical().to_string(),
+            Err(_) => host.trim_end_matches('.').to_ascii_lowercase(),
+        };
+        Self {
+            machine: Some((host, port)),
+            root: lexical(root.as_ref()),
+        }
+    }
+
+    /// The machine, as a person reads it: `this machine` or `host:port`.
+    pub fn machine(&self) -> String {
+        match &self.machine {
+            None => "this machine".into(),
+            Some((host, port)) if host.contains(':') => format!("[{host}]:{port}"),
+            Some((host, port)) => format!("{host}:{port}"),
+        }
+    }
+}
+
+/// `root` without `.` components, repeated or trailing slashes.
+fn lexical(root: &Path) -> PathBuf {
+    root.components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect()
+}
+
+/// The first two items of `sites` at one [`LayoutSite`], in iteration
+/// order: `(earlier, later)`; `None` when every site is its own.
+pub fn first_shared_site<T: Clone>(sites: impl IntoIterator<Item = (T, LayoutSite)>) -> Option<(T, T)> {
+    let mut seen = BTreeMap::new();
+    for (item, site) in sites {
+        if let Some(earlier) = seen.get(&site) {
+            return Some((T::clone(earlier), item));
+        }
+        seen.insert(site, item);
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,6 +463,49 @@ mod tests {
         }
         assert!(l.clone().link("storage/uploads").is_ok());
         assert!(l.keep(1).unwrap_err().to_string().contains("keep"));
+    }
+
+    #[test]
+    fn one_root_on_one_machine_is_one_site_however_written() {
+        let same = [
+            (LayoutSite::local("/srv/app"), LayoutSite::local("/srv//app/./")),
+            (LayoutSite::local("inst/a"), LayoutSite::local("./inst/a/")),
+            (
+                LayoutSite::ssh("Web.Internal.", 22, "/srv/app"),
+                LayoutSite::ssh("web.internal", 22, "/srv/app/"),
+            ),
+            (
+                LayoutSite::ssh("::ffff:10.0.0.1", 22, "/srv/app"),
+                LayoutSite::ssh("10.0.0.1", 22, "/srv/app"),
+            ),
+        ];
+        for (a, b) in same {
+            assert_eq!(a, b);
+            assert_eq!(first_shared_site([("a", a), ("b", b)]), Some(("a", "b")));
+        }
+        let apart = [
+            (LayoutSite::local("/srv/app/1"), LayoutSite::local("/srv/app/2")),
+            (
+                LayoutSite::local("/srv/app"),
+                LayoutSite::ssh("web", 22, "/srv/app"),
+            ),
+            (
+                LayoutSite::ssh("web", 2201, "/srv/app"),
+                LayoutSite::ssh("web", 2202, "/srv/app"),
+            ),
+        ];
+        for (a, b) in apart {
+            assert_eq!(first_shared_site([("a", a), ("b", b)]), None);
+        }
+        let sites = [
+            ("a", LayoutSite::local("/x")),
+            ("b", LayoutSite::local("/y")),
+            ("c", LayoutSite::local("/x/")),
+        ];
+        assert_eq!(first_shared_site(sites), Some(("a", "c")));
+        assert_eq!(LayoutSite::local("/x").machine(), "this machine");
+        assert_eq!(LayoutSite::ssh("::1", 22, "/x").machine(), "[::1]:22");
+        assert_eq!(LayoutSite::ssh("WEB.", 22, "/x").machine(), "web:22");
     }
 
     async fn install(layout: &ReleaseLayout, host: &LocalHost, r: &ReleaseId) {

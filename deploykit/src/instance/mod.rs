@@ -51,7 +51,7 @@ use async_trait::async_trait;
 pub use cmd::{quote, Command, Output, OUTPUT_LIMIT};
 pub use health::{HealthProbe, HttpProbe};
 pub use host::{CopyMode, Host, LocalHost, ReleaseSource};
-pub use layout::{ReleaseLayout, DEFAULT_KEEP};
+pub use layout::{first_shared_site, LayoutSite, ReleaseLayout, DEFAULT_KEEP};
 pub use service::{ProcessSpec, ServiceControl, SystemdUnit, DEFAULT_GRACE};
 #[cfg(feature = "ssh")]
 #[cfg_attr(docsrs, doc(cfg(feature = "ssh")))]

@@ -132,20 +132,25 @@ pub struct Journal {
 
 impl Journal {
     pub(super) fn create(path: &Path, header: JournalHeader) -> Result<Self> {
-        let file = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => Error::invalid(
-                    "deployment",
-                    format!(
-                        "a journal {} exists already; use another deployment id",
-                        path.display()
-                    ),
+        let mut options = OpenOptions::new();
+        options.append(true).create_new(true);
+        #[cfg(unix)]
+        {
+            // `create_new` already refuses any existing path; O_NOFOLLOW
+            // states that a symlink is never written through.
+            use std::os::unix::fs::OpenOptionsExt;
+            options.custom_flags(libc::O_NOFOLLOW);
+        }
+        let file = options.open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Error::invalid(
+                "deployment",
+                format!(
+                    "a journal {} exists already; use another deployment id",
+                    path.display()
                 ),
-                _ => Error::io(format!("creating the journal {}", path.display()), e),
-            })?;
+            ),
+            _ => Error::io(format!("creating the journal {}", path.display()), e),
+        })?;
         if let Some(dir) = path.parent() {
             // Make the new file's directory entry durable too.
             File::open(dir)

@@ -1,4 +1,21 @@
 //! The deployment lock.
+//!
+//! The lock is an advisory `flock` on the application's state directory
+//! itself (`<base>/<app>`), not on a file in it. A file's name can be
+//! removed or replaced while its lock is held, and the next process would
+//! then lock a new file and run beside the first; the directory cannot be
+//! replaced that way, because it is never empty (it holds `journal/`), so
+//! every process that writes journals there locks the same inode. Only
+//! removing or renaming the whole state directory gets around it, and that
+//! removes the running deployment's journal too. The directory must be on a
+//! local filesystem: NFS emulates `flock` with byte-range locks, which a
+//! directory opened read-only cannot take, so locking fails there with an
+//! error rather than silently.
+//!
+//! The holder (pid, host, start time, purpose) is recorded in the file
+//! `lock` inside the directory, written only while the directory lock is
+//! held: it says who holds the lock, it is not the lock. A missing or
+//! unreadable record makes the holder "unknown", never the lock free.
 
 use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};
@@ -54,6 +71,10 @@ impl Holder {
 
 impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.pid == 0 {
+            // No record to show: pid 0 and 1970 would only mislead.
+            return write!(f, "an unknown process ({})", self.purpose);
+        }
         let secs = self.started_at_ms / 1000;
         write!(
             f,
@@ -88,6 +109,9 @@ pub enum LockAttempt {
 /// record behind as evidence.
 #[derive(Debug)]
 pub struct DeployLock {
+    /// The state directory, `flock`ed: the lock itself.
+    dir: File,
+    /// The holder record.
     file: File,
     path: PathBuf,
     holder: Holder,
@@ -99,7 +123,9 @@ impl DeployLock {
         &self.holder
     }
 
-    /// The lock file.
+    /// The file recording the holder; the lock itself is a `flock` on the
+    /// state directory ([`StateDir::root`](super::StateDir::root)), so
+    /// removing this file does not release it.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -111,18 +137,70 @@ impl Drop for DeployLock {
         // its holder died holding it.
         let _ = self.file.set_len(0);
         let _ = self.file.sync_all();
-        let _ = self.file.unlock();
+        let _ = self.dir.unlock();
     }
 }
 
-fn open(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| Error::io(format!("opening the lock file {}", path.display()), e))
+/// The name of the holder record inside the state directory.
+const RECORD: &str = "lock";
+
+fn open_dir(dir: &Path) -> Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_DIRECTORY);
+    }
+    options
+        .open(dir)
+        .map_err(|e| Error::io(format!("opening the state directory {}", dir.display()), e))
+}
+
+/// Options that never follow a symlink at the last component: a link
+/// planted at `lock` would otherwise have its target truncated (or, if
+/// dangling, created).
+fn no_follow(options: &mut OpenOptions) -> &mut OpenOptions {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW);
+    }
+    options
+}
+
+/// Opens the holder record for rewriting, creating it if needed; only
+/// called with the directory lock held.
+///
+/// # Errors
+/// [`Error::Refused`] when `path` is a symbolic link, [`Error::Io`] when it
+/// cannot be opened.
+fn open_record(path: &Path) -> Result<File> {
+    no_follow(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false),
+    )
+    .open(path)
+    .map_err(|e| {
+        #[cfg(unix)]
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            return Error::Refused(format!(
+                "the lock file {} is a symbolic link, and deploykit never writes its state through a link \
+                     (it would overwrite the link's target); remove it and run the command again",
+                path.display()
+            ));
+        }
+        Error::io(format!("opening the lock file {}", path.display()), e)
+    })
+}
+
+/// The holder recorded at `path`, if there is a readable record (a symlink
+/// is not one).
+fn read_record(path: &Path) -> Option<Holder> {
+    read_holder(&mut no_follow(OpenOptions::new().read(true)).open(path).ok()?)
 }
 
 fn read_holder(file: &mut File) -> Option<Holder> {
@@ -132,24 +210,39 @@ fn read_holder(file: &mut File) -> Option<Holder> {
     serde_json::from_str(text.trim()).ok()
 }
 
-pub(super) fn try_lock(path: &Path, purpose: &str) -> Result<LockAttempt> {
-    let mut file = open(path)?;
-    match file.try_lock() {
+/// The holder reported when the lock is held but its record is missing or
+/// unreadable (removed by hand, or not written yet).
+fn unknown_holder() -> Holder {
+    Holder {
+        pid: 0,
+        pid_start: None,
+        host: "unknown".into(),
+        started_at_ms: 0,
+        purpose: "the lock file recording the holder is missing or not written yet".into(),
+    }
+}
+
+/// Takes the lock on the state directory `dir` and records the holder in
+/// `dir/lock`.
+pub(super) fn try_lock(dir: &Path, purpose: &str) -> Result<LockAttempt> {
+    let locked = open_dir(dir)?;
+    let path = dir.join(RECORD);
+    match locked.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
-            let holder = read_holder(&mut file).unwrap_or_else(|| Holder {
-                pid: 0,
-                pid_start: None,
-                host: "unknown".into(),
-                started_at_ms: 0,
-                purpose: "unknown: the lock file has no holder record yet".into(),
-            });
-            return Ok(LockAttempt::Held(holder));
+            return Ok(LockAttempt::Held(
+                read_record(&path).unwrap_or_else(unknown_holder),
+            ));
         }
         Err(TryLockError::Error(e)) => {
-            return Err(Error::io(format!("locking {}", path.display()), e));
+            return Err(Error::io(
+                format!("locking the state directory {}", dir.display()),
+                e,
+            ));
         }
     }
+    // From here an error drops `locked`, which closes it and releases the lock.
+    let mut file = open_record(&path)?;
     let stale = read_holder(&mut file);
     let holder = Holder::me(purpose);
     let bytes = serde_json::to_vec(&holder).expect("a holder serializes");
@@ -166,29 +259,28 @@ pub(super) fn try_lock(path: &Path, purpose: &str) -> Result<LockAttempt> {
     }
     Ok(LockAttempt::Acquired {
         lock: DeployLock {
+            dir: locked,
             file,
-            path: path.to_path_buf(),
+            path,
             holder,
         },
         stale,
     })
 }
 
-pub(super) fn current_holder(path: &Path) -> Result<Option<Holder>> {
-    let mut file = open(path)?;
-    match file.try_lock() {
+/// Who holds the lock on the state directory `dir`, testing the lock
+/// without keeping it and without writing anything.
+pub(super) fn current_holder(dir: &Path) -> Result<Option<Holder>> {
+    let locked = open_dir(dir)?;
+    match locked.try_lock() {
         Ok(()) => {
-            let _ = file.unlock();
+            let _ = locked.unlock();
             Ok(None)
         }
-        Err(TryLockError::WouldBlock) => Ok(Some(read_holder(&mut file).unwrap_or(Holder {
-            pid: 0,
-            pid_start: None,
-            host: "unknown".into(),
-            started_at_ms: 0,
-            purpose: "unknown".into(),
-        }))),
-        Err(TryLockError::Error(e)) => Err(Error::io(format!("testing the lock {}", path.display()), e)),
+        Err(TryLockError::WouldBlock) => Ok(Some(
+            read_record(&dir.join(RECORD)).unwrap_or_else(unknown_holder),
+        )),
+        Err(TryLockError::Error(e)) => Err(Error::io(format!("testing the lock on {}", dir.display()), e)),
     }
 }
 
@@ -243,11 +335,11 @@ mod tests {
     fn second_lock_is_refused_naming_the_holder_and_released_on_drop() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lock");
-        let LockAttempt::Acquired { lock, stale } = try_lock(&path, "deploy v2").unwrap() else {
+        let LockAttempt::Acquired { lock, stale } = try_lock(dir.path(), "deploy v2").unwrap() else {
             panic!("first lock refused")
         };
         assert!(stale.is_none());
-        match try_lock(&path, "deploy v3").unwrap() {
+        match try_lock(dir.path(), "deploy v3").unwrap() {
             LockAttempt::Held(h) => {
                 assert_eq!(h.pid, std::process::id());
                 assert_eq!(h.purpose, "deploy v2");
@@ -260,14 +352,72 @@ mod tests {
             }
             LockAttempt::Acquired { .. } => panic!("second lock granted"),
         }
-        assert_eq!(current_holder(&path).unwrap().unwrap().purpose, "deploy v2");
+        assert_eq!(current_holder(dir.path()).unwrap().unwrap().purpose, "deploy v2");
         drop(lock);
-        assert_eq!(current_holder(&path).unwrap(), None);
+        assert_eq!(current_holder(dir.path()).unwrap(), None);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
-        let LockAttempt::Acquired { stale, .. } = try_lock(&path, "deploy v3").unwrap() else {
+        let LockAttempt::Acquired { stale, .. } = try_lock(dir.path(), "deploy v3").unwrap() else {
             panic!("lock not granted after release")
         };
         assert!(stale.is_none(), "a cleanly released lock is not stale");
+    }
+
+    #[test]
+    fn removing_or_replacing_the_lock_file_does_not_release_the_lock() {
+        let base = tempfile::tempdir().unwrap();
+        let state = crate::state::StateDir::open(base.path(), "shop").unwrap();
+        let LockAttempt::Acquired { lock, .. } = state.try_lock("deploy v2").unwrap() else {
+            panic!("first lock refused")
+        };
+        let file = state.root().join("lock");
+        std::fs::remove_file(&file).unwrap();
+        match state.try_lock("rollback").unwrap() {
+            LockAttempt::Held(h) => assert_eq!(
+                h.to_string(),
+                "an unknown process (the lock file recording the holder is missing or not written yet)"
+            ),
+            LockAttempt::Acquired { .. } => {
+                panic!("a second lock was granted after the lock file was removed")
+            }
+        }
+        std::fs::write(&file, "").unwrap();
+        assert!(
+            matches!(state.try_lock("rollback").unwrap(), LockAttempt::Held(_)),
+            "a second lock was granted on a new lock file"
+        );
+        assert!(state.holder().unwrap().is_some());
+        drop(lock);
+        assert_eq!(state.holder().unwrap(), None);
+        assert!(matches!(
+            state.try_lock("rollback").unwrap(),
+            LockAttempt::Acquired { .. }
+        ));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched() {
+        let base = tempfile::tempdir().unwrap();
+        let state = crate::state::StateDir::open(base.path(), "shop").unwrap();
+        let victim = base.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let file = state.root().join("lock");
+        std::os::unix::fs::symlink(&victim, &file).unwrap();
+        let e = state.try_lock("deploy v2").unwrap_err().to_string();
+        assert!(
+            e.contains(&file.display().to_string()) && e.contains("symbolic link") && e.contains("remove it"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        // A dangling link would create its target: refused too.
+        let created = base.path().join("created-through-link");
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(&created, &file).unwrap();
+        assert!(state.try_lock("deploy v2").is_err());
+        assert!(!created.exists());
+        // Reading who holds the lock does not go through the link either.
+        assert_eq!(state.holder().unwrap(), None);
+        assert!(!created.exists());
     }
 
     #[test]
@@ -285,7 +435,7 @@ mod tests {
         };
         assert_eq!(dead.is_alive(), Some(false));
         std::fs::write(&path, serde_json::to_string(&dead).unwrap()).unwrap();
-        let LockAttempt::Acquired { stale, lock } = try_lock(&path, "rollback").unwrap() else {
+        let LockAttempt::Acquired { stale, lock } = try_lock(dir.path(), "rollback").unwrap() else {
             panic!("a stale lock must be taken over")
         };
         assert_eq!(stale, Some(dead));

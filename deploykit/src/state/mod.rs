@@ -6,7 +6,7 @@
 //! Everything lives in one directory per application, `<base>/<app>/`:
 //!
 //! ```text
-//! <base>/<app>/lock                  the deployment lock (holder recorded inside)
+//! <base>/<app>/lock                  who holds the deployment lock (a flock on <base>/<app>)
 //! <base>/<app>/journal/<id>.jsonl    one journal per deployment, rollback or resume
 //! <base>/<app>/control.json          the last promote/abort command sent
 //! <base>/<app>/control-ack.json      what the running deployment did with it
@@ -14,8 +14,10 @@
 //! ```
 //!
 //! * [`DeployLock`] — an advisory lock (`flock` through
-//!   [`File::try_lock`](std::fs::File::try_lock)) on `lock`, with the holder
-//!   (pid, host, start time, deployment) written into the file. The kernel
+//!   [`File::try_lock`](std::fs::File::try_lock)) on the directory
+//!   `<base>/<app>` itself, so removing or replacing a file cannot free it,
+//!   with the holder (pid, host, start time, deployment) written into
+//!   `lock`. The kernel
 //!   releases the lock when the holder dies, even by `kill -9`; a holder
 //!   record left behind by a dead process is reported as *stale* and taken
 //!   over.
@@ -115,18 +117,20 @@ impl StateDir {
     /// `deploy v2`) is recorded for whoever is refused.
     ///
     /// # Errors
-    /// [`Error::Io`] when the lock file cannot be opened, locked or written.
+    /// [`Error::Io`] when the state directory cannot be opened or locked, or
+    /// the lock file recording the holder cannot be written (the lock is
+    /// then not taken).
     pub fn try_lock(&self, purpose: &str) -> Result<LockAttempt> {
-        lock::try_lock(&self.root.join("lock"), purpose)
+        lock::try_lock(&self.root, purpose)
     }
 
     /// Who holds the lock now, if anyone (a live holder: the lock is tested,
     /// not taken).
     ///
     /// # Errors
-    /// [`Error::Io`] when the lock file cannot be opened.
+    /// [`Error::Io`] when the state directory cannot be opened.
     pub fn holder(&self) -> Result<Option<Holder>> {
-        lock::current_holder(&self.root.join("lock"))
+        lock::current_holder(&self.root)
     }
 
     /// Starts a new journal with `header` (written and `fsync`ed before this
@@ -241,4 +245,31 @@ pub(crate) fn now_ms() -> u64 {
 /// new content is then in place but might not survive a power cut).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     atomic::write_atomic(path, bytes)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_is_never_written_through_a_symlink() {
+        let base = tempfile::tempdir().unwrap();
+        let state = StateDir::open(base.path(), "shop").unwrap();
+        let victim = base.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let created = base.path().join("created-through-link");
+        std::os::unix::fs::symlink(&victim, state.journal_dir().join("d1.jsonl")).unwrap();
+        std::os::unix::fs::symlink(&created, state.journal_dir().join("d2.jsonl")).unwrap();
+        for id in ["d1", "d2"] {
+            let header: JournalHeader = serde_json::from_value(serde_json::json!({
+                "version": 1, "deployment": id, "app": "shop", "kind": "deploy",
+                "strategy": "rolling", "release": "v2", "previous": {},
+                "started_at_ms": 1, "pid": 1, "host": "h"
+            }))
+            .unwrap();
+            assert!(state.create_journal(header).is_err(), "{id}");
+        }
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(!created.exists());
+    }
 }
