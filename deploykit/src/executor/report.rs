@@ -38,6 +38,9 @@ pub(crate) struct Tracked {
     pub(crate) error: Option<String>,
     /// Where it is.
     pub(crate) phase: Phase,
+    /// The release a rollout step (not a restore after a failure) put it
+    /// back on: a rollback plan's units return instances with `Restore`.
+    pub(crate) returned_to: Option<ReleaseId>,
 }
 
 impl Tracked {
@@ -46,6 +49,7 @@ impl Tracked {
             progress,
             error: None,
             phase: Phase::Rolling,
+            returned_to: None,
         }
     }
 }
@@ -79,7 +83,7 @@ pub(crate) fn report(
     let (outcome, reason) = outcome(&instances, abort);
     Report {
         deployment,
-        strategy: plan.strategy.clone(),
+        strategy: plan.strategy,
         release: plan.release.clone(),
         outcome,
         reason,
@@ -130,6 +134,14 @@ fn status(
     let p = &t.progress;
     match t.phase {
         Phase::Unrestorable => (InstanceStatus::Unrecoverable, None),
+        Phase::Completed if t.returned_to.is_some() => {
+            let status = if leave_stopped && !p.running {
+                InstanceStatus::Idle
+            } else {
+                InstanceStatus::Updated
+            };
+            (status, t.returned_to.clone())
+        }
         Phase::Restored if leave_stopped => (InstanceStatus::Idle, previous.clone()),
         Phase::Restored if t.error.is_some() => (InstanceStatus::FailedRestored, previous.clone()),
         Phase::Restored => (InstanceStatus::RolledBack, previous.clone()),
@@ -240,6 +252,7 @@ mod tests {
             progress,
             error: error.map(String::from),
             phase,
+            returned_to: None,
         }
     }
 
@@ -413,5 +426,18 @@ mod tests {
         assert_eq!(r.instances[0].status, InstanceStatus::Idle);
         assert_eq!(r.instances[1].status, InstanceStatus::Untouched);
         assert_eq!(r.outcome, OutcomeKind::Succeeded);
+    }
+
+    #[test]
+    fn an_instance_a_rollback_plan_returned_is_reported_on_the_release_it_returned_to() {
+        // A rollback plan's unit restores the instance as a rollout step: it
+        // ends on the release it returned to, not the one it had at planning.
+        let mut back = tracked(Phase::Completed, |_| {}, None);
+        back.returned_to = Some(rel("v0"));
+        let report = run(back, updated(), None);
+        let a = &report.instances[0];
+        assert_eq!(a.status, InstanceStatus::Updated);
+        assert_eq!(a.release, Some(rel("v0")));
+        assert_eq!(report.outcome, OutcomeKind::Succeeded);
     }
 }
