@@ -4,12 +4,12 @@
 //! for an old worker. Linux-only.
 
 use std::collections::BTreeSet;
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::time::{sleep, Instant};
-
 use crate::error::DriverError;
+use crate::wait::{poll_until, Bound, WaitError};
 
 /// A process identified by pid and start time (so a reused pid differs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -60,36 +60,42 @@ pub(super) async fn settled_generation(
     timeout: Duration,
 ) -> Result<BTreeSet<Proc>, DriverError> {
     const SETTLE: Duration = Duration::from_millis(20);
-    let deadline = Instant::now() + timeout;
-    let mut seen = children_of(master.pid);
-    loop {
-        sleep(SETTLE).await;
-        if !is_alive(master) {
-            return Err(DriverError::new(format!(
+    let mut seen: Option<BTreeSet<Proc>> = None;
+    let mut serving = false;
+    let waited = poll_until(Bound::after(timeout), SETTLE, None, || {
+        std::future::ready(if !is_alive(master) {
+            ControlFlow::Break(Err(DriverError::new(format!(
                 "the nginx master (pid {}) exited before the change; nothing was changed",
                 master.pid
-            )));
-        }
-        let now = children_of(master.pid);
-        let serving = now.iter().any(|p| !is_shutting_down(p.pid));
-        if serving && now == seen {
-            return Ok(now);
-        }
-        if Instant::now() >= deadline {
+            ))))
+        } else {
+            let now = children_of(master.pid);
+            serving = now.iter().any(|p| !is_shutting_down(p.pid));
+            if serving && seen.as_ref() == Some(&now) {
+                ControlFlow::Break(Ok(now))
+            } else {
+                seen = Some(now);
+                ControlFlow::Continue(())
+            }
+        })
+    })
+    .await;
+    match waited {
+        Ok(w) => w.value,
+        Err(WaitError::Exhausted { .. } | WaitError::Cancelled { .. }) => {
             let why = if serving {
                 "its worker processes kept changing (workers crashing, or another reload under way)"
             } else {
                 "it has no worker process; deploykit needs nginx running with `master_process on` \
                  (the default)"
             };
-            return Err(DriverError::new(format!(
+            Err(DriverError::new(format!(
                 "the nginx master (pid {}) had no settled worker processes within {:.1}s: {why}; \
                  nothing was changed",
                 master.pid,
                 timeout.as_secs_f64()
-            )));
+            )))
         }
-        seen = now;
     }
 }
 
@@ -104,32 +110,35 @@ pub(super) async fn confirm_reload(
     before: &BTreeSet<Proc>,
     timeout: Duration,
 ) -> Result<(), DriverError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if !is_alive(master) {
-            return Err(DriverError::new(format!(
+    let waited = poll_until(Bound::after(timeout), Duration::from_millis(20), None, || {
+        std::future::ready(if !is_alive(master) {
+            ControlFlow::Break(Err(DriverError::new(format!(
                 "the nginx master (pid {}) is gone: the reload did not take",
                 master.pid
-            )));
-        }
-        let now = children_of(master.pid);
-        let new_generation = now.iter().any(|p| !before.contains(p));
-        // The master waits ~100 ms after starting the new workers before
-        // it tells the old ones to quit; until then they still accept
-        // and route by the old file. An old worker told to quit retitles
-        // itself before it closes its listeners and idle connections.
-        let old_quitting = before.iter().all(|p| !is_alive(p) || is_shutting_down(p.pid));
-        if new_generation && old_quitting {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(DriverError::new(format!(
-                "nginx started no new workers within {:.1}s of the reload: the reload did not take \
-                 (see nginx's error log); the previous upstream file is back in place",
-                timeout.as_secs_f64()
-            )));
-        }
-        sleep(Duration::from_millis(20)).await;
+            ))))
+        } else {
+            let now = children_of(master.pid);
+            let new_generation = now.iter().any(|p| !before.contains(p));
+            // The master waits ~100 ms after starting the new workers before
+            // it tells the old ones to quit; until then they still accept
+            // and route by the old file. An old worker told to quit retitles
+            // itself before it closes its listeners and idle connections.
+            let old_quitting = before.iter().all(|p| !is_alive(p) || is_shutting_down(p.pid));
+            if new_generation && old_quitting {
+                ControlFlow::Break(Ok(()))
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+    })
+    .await;
+    match waited {
+        Ok(w) => w.value,
+        Err(WaitError::Exhausted { .. } | WaitError::Cancelled { .. }) => Err(DriverError::new(format!(
+            "nginx started no new workers within {:.1}s of the reload: the reload did not take \
+             (see nginx's error log); the previous upstream file is back in place",
+            timeout.as_secs_f64()
+        ))),
     }
 }
 
