@@ -75,6 +75,11 @@ pub(crate) struct InstanceFields {
     pub(crate) keep_releases: Option<usize>,
     pub(crate) ssh_key: Option<String>,
     pub(crate) ssh_known_hosts: Option<String>,
+    pub(crate) health_timeout: Option<Dur>,
+    pub(crate) health_body_contains: Option<String>,
+    pub(crate) ssh_timeout: Option<Dur>,
+    pub(crate) ssh_connect_timeout: Option<Dur>,
+    pub(crate) ssh_gzip: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -134,6 +139,14 @@ pub(crate) struct Instance {
     pub(crate) keep_releases: usize,
     pub(crate) ssh_key: Option<PathBuf>,
     pub(crate) ssh_known_hosts: Option<PathBuf>,
+    /// One HTTP health probe's bound (the probe's default when unset).
+    pub(crate) health_timeout: Option<Duration>,
+    /// Text a healthy answer's body must contain.
+    pub(crate) health_body_contains: Option<String>,
+    /// SSH: one remote command's bound, the connection's bound, gzip.
+    pub(crate) ssh_timeout: Option<Duration>,
+    pub(crate) ssh_connect_timeout: Option<Duration>,
+    pub(crate) ssh_gzip: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -185,6 +198,12 @@ pub(crate) struct LoadBalancerConfig {
     pub(crate) link: Option<String>,
     /// symlink: the directory the link points into, per environment.
     pub(crate) targets: Option<BTreeMap<String, String>>,
+    /// nginx: how long a reload may take to be confirmed.
+    pub(crate) reload_timeout: Option<Dur>,
+    /// nginx: render idle groups as `backup` servers instead of `down`.
+    pub(crate) idle_groups_as_backup: Option<bool>,
+    /// haproxy: one runtime-API exchange's bound.
+    pub(crate) timeout: Option<Dur>,
 }
 
 /// `[metrics]`.
@@ -991,6 +1010,33 @@ fn instance(
             format!("is {keep_releases}; keep at least 2 so the previous release can be restored"),
         ));
     }
+    let health_timeout = pick!(health_timeout);
+    let ssh_timeout = pick!(ssh_timeout);
+    let ssh_connect_timeout = pick!(ssh_connect_timeout);
+    for (name, v) in [
+        ("health_timeout", health_timeout),
+        ("ssh_timeout", ssh_timeout),
+        ("ssh_connect_timeout", ssh_connect_timeout),
+    ] {
+        if let Some(v) = v {
+            check_duration(&f(name), v)?;
+        }
+    }
+    let ssh_gzip = pick!(ssh_gzip);
+    if !matches!(host, HostSpec::Ssh { .. }) {
+        for (name, set) in [
+            ("ssh_timeout", ssh_timeout.is_some()),
+            ("ssh_connect_timeout", ssh_connect_timeout.is_some()),
+            ("ssh_gzip", ssh_gzip.is_some()),
+        ] {
+            if set {
+                return Err(inv(
+                    f(name),
+                    format!("{id} is not on an SSH host; remove it or set host = \"ssh://user@host\""),
+                ));
+            }
+        }
+    }
     Ok(Instance {
         id,
         address,
@@ -1004,6 +1050,11 @@ fn instance(
         keep_releases,
         ssh_key: pick!(ssh_key).map(PathBuf::from),
         ssh_known_hosts: pick!(ssh_known_hosts).map(PathBuf::from),
+        health_timeout: health_timeout.map(|d| d.0),
+        health_body_contains: pick!(health_body_contains),
+        ssh_timeout: ssh_timeout.map(|d| d.0),
+        ssh_connect_timeout: ssh_connect_timeout.map(|d| d.0),
+        ssh_gzip,
     })
 }
 
@@ -1065,7 +1116,7 @@ fn check_roots(c: &Config, instances: &[Instance]) -> deploykit::Result<()> {
 
 fn check_lb(c: &Config) -> deploykit::Result<()> {
     let lb = &c.load_balancer;
-    let fields: [(&str, bool, &[LbKind]); 10] = [
+    let fields: [(&str, bool, &[LbKind]); 13] = [
         ("nginx_prefix", lb.nginx_prefix.is_some(), &[LbKind::Nginx]),
         ("include_file", lb.include_file.is_some(), &[LbKind::Nginx]),
         ("nginx_config", lb.nginx_config.is_some(), &[LbKind::Nginx]),
@@ -1076,6 +1127,13 @@ fn check_lb(c: &Config) -> deploykit::Result<()> {
         ("backend", lb.backend.is_some(), &[LbKind::Haproxy]),
         ("link", lb.link.is_some(), &[LbKind::Symlink]),
         ("targets", lb.targets.is_some(), &[LbKind::Symlink]),
+        ("reload_timeout", lb.reload_timeout.is_some(), &[LbKind::Nginx]),
+        (
+            "idle_groups_as_backup",
+            lb.idle_groups_as_backup.is_some(),
+            &[LbKind::Nginx],
+        ),
+        ("timeout", lb.timeout.is_some(), &[LbKind::Haproxy]),
     ];
     for (name, set, kinds) in fields {
         if set && !kinds.contains(&lb.kind) {
@@ -1086,6 +1144,11 @@ fn check_lb(c: &Config) -> deploykit::Result<()> {
                     kinds[0], lb.kind
                 ),
             ));
+        }
+    }
+    for (name, v) in [("reload_timeout", lb.reload_timeout), ("timeout", lb.timeout)] {
+        if let Some(v) = v {
+            check_duration(&format!("load_balancer.{name}"), v)?;
         }
     }
     let need = |name: &str, v: &Option<String>, example: &str| match v {
@@ -1108,7 +1171,6 @@ fn check_lb(c: &Config) -> deploykit::Result<()> {
         }
         LbKind::Haproxy => {
             need("socket", &lb.socket, "/run/haproxy/admin.sock")?;
-            need("backend", &lb.backend, "app")?;
         }
         LbKind::Symlink => need("link", &lb.link, "/srv/app/live")?,
         LbKind::None | LbKind::Simulated => {}

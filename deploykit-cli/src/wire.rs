@@ -54,7 +54,14 @@ pub(crate) fn instances(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Vec<Ar
         let health = match i.health {
             HealthKind::Service => HealthProbe::ServiceActive,
             HealthKind::Http => {
-                HealthProbe::Http(HttpProbe::new(&i.health_path)?.expect_status(i.health_status)?)
+                let mut probe = HttpProbe::new(&i.health_path)?.expect_status(i.health_status)?;
+                if let Some(t) = i.health_timeout {
+                    probe = probe.timeout(t);
+                }
+                if let Some(text) = &i.health_body_contains {
+                    probe = probe.body_contains(text);
+                }
+                HealthProbe::Http(probe)
             }
         };
         let service = match &i.control {
@@ -98,6 +105,15 @@ pub(crate) fn instances(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Vec<Ar
                             .join(".ssh/known_hosts")
                     }
                 };
+                if let Some(t) = i.ssh_timeout {
+                    h = h.timeout(t);
+                }
+                if let Some(t) = i.ssh_connect_timeout {
+                    h = h.connect_timeout(t);
+                }
+                if let Some(gzip) = i.ssh_gzip {
+                    h = h.gzip(gzip);
+                }
                 let host = h.known_hosts(known).build()?;
                 let b = InstanceBuilder::new(host, i.id.as_str(), i.address.to_string());
                 out.push(Arc::new(
@@ -144,14 +160,16 @@ pub(crate) fn load_balancer(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Ar
             })?)
         }
         LbKind::Nginx => Arc::new(nginx(cfg)?),
-        LbKind::Haproxy => Arc::new(
-            deploykit::lb::HaproxyLoadBalancer::builder()
+        LbKind::Haproxy => {
+            let mut b = deploykit::lb::HaproxyLoadBalancer::builder()
                 .socket(cfg.resolve(lb.socket.as_deref().expect("checked: socket is set")))
                 .backend_name(lb.backend.as_deref().unwrap_or("app"))
-                .backends(backends(cfg))
-                .build()
-                .map_err(lb_field)?,
-        ),
+                .backends(backends(cfg));
+            if let Some(t) = lb.timeout {
+                b = b.timeout(t.0);
+            }
+            Arc::new(b.build().map_err(lb_field)?)
+        }
     })
 }
 
@@ -175,6 +193,12 @@ pub(crate) fn nginx(cfg: &Loaded) -> anyhow::Result<deploykit::lb::NginxLoadBala
     }
     if let Some(p) = &lb.pid_file {
         b = b.pid_file(cfg.resolve(p));
+    }
+    if let Some(t) = lb.reload_timeout {
+        b = b.reload_timeout(t.0);
+    }
+    if let Some(yes) = lb.idle_groups_as_backup {
+        b = b.idle_groups_as_backup(yes);
     }
     Ok(b.build().map_err(lb_field)?)
 }

@@ -446,3 +446,30 @@ fn metrics_queries_must_select_a_group() {
         &["invalid metrics.prometheus: \"localhost:9090\" is not an http(s) URL"],
     );
 }
+
+#[test]
+fn driver_settings_are_settable_and_belong_to_their_driver() {
+    let local = "app = \"shop\"\nreleases = \"builds\"\n\n[[instances]]\nid = \"web-1\"\n\
+                 address = \"127.0.0.1:18081\"\nroot = \"srv/web-1\"\ncommand = [\"./app\"]\n\
+                 health_timeout = \"2s\"\nhealth_body_contains = \"ok\"\n";
+    let nginx = format!(
+        "{local}\n[load_balancer]\nkind = \"nginx\"\ninclude_file = \"up.conf\"\n\
+         reload_timeout = \"20s\"\nidle_groups_as_backup = true\n"
+    );
+    Env::new(&nginx).ok(&["validate"], 0);
+    // `backend` defaults to `app`, as the docs say.
+    let haproxy =
+        format!("{local}\n[load_balancer]\nkind = \"haproxy\"\nsocket = \"admin.sock\"\ntimeout = \"3s\"\n");
+    Env::new(&haproxy).ok(&["validate"], 0);
+
+    let err = rejects(&format!(
+        "{local}\n[load_balancer]\nkind = \"haproxy\"\nsocket = \"admin.sock\"\nbackend = \"app\"\nreload_timeout = \"20s\"\n"
+    ));
+    assert_has(&err, &["load_balancer.reload_timeout", "kind = \"nginx\""]);
+    let err = rejects(&nginx.replace("reload_timeout = \"20s\"", "reload_timeout = 0"));
+    assert_has(&err, &["load_balancer.reload_timeout", "is 0"]);
+    let err = rejects(&format!("{local}ssh_gzip = false\n"));
+    assert_has(&err, &["instances[0].ssh_gzip", "not on an SSH host"]);
+    let err = rejects(&format!("{local}health_timeout = 0\n").replace("health_timeout = \"2s\"\n", ""));
+    assert_has(&err, &["instances[0].health_timeout", "is 0"]);
+}
