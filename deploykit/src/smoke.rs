@@ -255,7 +255,7 @@ mod tests {
     fn _object_safe(_: Box<dyn SmokeTester>) {}
 
     #[test]
-    fn defaults_are_the_seed_checks_and_valid() {
+    fn defaults_are_health_status_and_db_ping_and_valid() {
         let d = SmokeCheck::defaults();
         let paths: Vec<_> = d.iter().map(|c| c.path.as_str()).collect();
         assert_eq!(paths, ["/health", "/api/status", "/api/db/ping"]);
