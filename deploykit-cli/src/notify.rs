@@ -1,4 +1,4 @@
-//! Deployment notifications (SPEC E7): webhooks called on start, success,
+//! Deployment notifications: webhooks called on start, success,
 //! rollback and failure. A webhook that fails or times out is logged and
 //! otherwise ignored: it never fails a deployment.
 

@@ -134,7 +134,7 @@ impl EventSink for Human {
                 duration_ms,
                 ..
             } => {
-                // SPEC C9: the canary stage's percent and seconds.
+                // Percent and seconds, so the operator sees how long the stage still holds.
                 self.bar.set_message(format!(
                     "canary stage {stage}/{of} at {weight}%: {percent}% ({:.0}s of {:.0}s)",
                     *elapsed_ms as f64 / 1000.0,

@@ -1,5 +1,6 @@
-//! `deploykit recommend`: the reference chapter's decision tree and
-//! comparison table (SPEC D1).
+//! `deploykit recommend`: a decision tree that picks a strategy from three
+//! answers (monitoring, traffic, spare capacity), and the comparison table
+//! of all four.
 
 use std::io::{BufRead, IsTerminal, Write};
 

@@ -1,5 +1,6 @@
 //! Canary analysis: the rules that decide whether a canary is healthy, and
-//! the typed result of each check (SPEC C4, C5).
+//! the typed result of each check: error rate and p99 latency, canary against
+//! fixed thresholds and against stable, every `check_interval`.
 //!
 //! This module is pure logic: it reads [`Observation`]s and returns a
 //! [`CheckOutcome`]; the executor fetches the observations from a
@@ -104,7 +105,7 @@ pub struct AnalysisRules {
     /// in standard deviations of its sampling noise, before the relative
     /// rule fails (a one-sided binomial test on the canary's request count
     /// in the window; see the [module docs](self)). `0` compares the rates
-    /// plainly, as the seed does. Default 3.
+    /// plainly (canary > `max_error_ratio` × stable). Default 3.
     pub ratio_significance: f64,
     /// Requests the canary must have served in the window before a check can
     /// pass; `0` for no minimum. Default 0.
@@ -112,8 +113,7 @@ pub struct AnalysisRules {
     /// Consecutive inconclusive checks (no data or provider errors) after
     /// which the canary is rolled back. Default 4.
     pub inconclusive_limit: u32,
-    /// The trailing window each query covers. Default 5 min (as in the
-    /// seed's `[5m]`).
+    /// The trailing window each query covers. Default 5 min (PromQL `[5m]`).
     #[serde(with = "crate::duration_ms")]
     pub window: Duration,
 }

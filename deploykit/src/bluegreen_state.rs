@@ -1,4 +1,5 @@
-//! Durable blue-green state: which environment is live (SPEC B1), and the
+//! Durable blue-green state: which environment is live (the first one when
+//! nothing is recorded), and the
 //! reconciliation of that record with what the load balancer routes to.
 //!
 //! The record is a small JSON document:

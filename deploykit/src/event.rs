@@ -126,7 +126,7 @@ pub enum EventKind {
         /// Instances to roll back.
         instances: Vec<InstanceId>,
     },
-    /// Progress of a blue-green warm-up (SPEC B5).
+    /// Progress of a blue-green warm-up.
     WarmUpProgress {
         /// The environment being warmed up.
         group: crate::names::Group,
@@ -137,7 +137,7 @@ pub enum EventKind {
         /// Requests that failed so far (counted, not fatal).
         failed: u32,
     },
-    /// One canary analysis check (SPEC C4, C5).
+    /// One canary analysis check (error rate and p99, canary against stable).
     AnalysisResult {
         /// The canary stage, 1-based.
         stage: usize,
@@ -148,7 +148,7 @@ pub enum EventKind {
         /// Inconclusive checks in a row so far (0 after a pass).
         consecutive_inconclusive: u32,
     },
-    /// Progress of a canary stage (SPEC C9), after each check.
+    /// Progress of a canary stage (percent and seconds), after each check.
     StageProgress {
         /// The canary stage, 1-based.
         stage: usize,
@@ -166,7 +166,7 @@ pub enum EventKind {
         /// The stage's duration.
         duration_ms: u64,
     },
-    /// A canary stage waits for a manual promotion (SPEC C6).
+    /// A canary stage waits for a manual promotion.
     AwaitingPromotion {
         /// The canary stage, 1-based.
         stage: usize,
@@ -181,7 +181,7 @@ pub enum EventKind {
         stage: usize,
     },
     /// The releases of a group were recorded before being replaced (the
-    /// backup a rollback returns to; SPEC C8).
+    /// backup a rollback returns to).
     ReleaseBackedUp {
         /// The group.
         group: crate::names::Group,

@@ -65,7 +65,7 @@ pub struct HealthCheck {
 }
 
 impl Default for HealthCheck {
-    /// The seed's defaults: 3 probes, 10 s apart.
+    /// 3 probes, 10 s apart.
     fn default() -> Self {
         Self {
             retries: 3,
@@ -454,7 +454,7 @@ pub enum Step {
         interval: Duration,
     },
     /// Run HTTP smoke checks against the instance before it gets any live
-    /// traffic (SPEC B4); the first failing check fails the step.
+    /// traffic; the first failing check fails the step.
     SmokeTest {
         /// The instance.
         instance: InstanceId,
@@ -462,7 +462,7 @@ pub enum Step {
         checks: Vec<SmokeCheck>,
     },
     /// Send `requests` warm-up `GET path` requests to the instances of
-    /// `group`, spread evenly (SPEC B5). Failures are counted, not fatal;
+    /// `group`, spread evenly. Failures are counted, not fatal;
     /// progress goes to the event stream.
     WarmUp {
         /// The environment.
@@ -481,7 +481,7 @@ pub enum Step {
         /// The environment about to become live.
         to: Group,
     },
-    /// Record in the live-state store that `group` is live (SPEC B7).
+    /// Record in the live-state store that `group` is live.
     RecordLive {
         /// The environment.
         group: Group,

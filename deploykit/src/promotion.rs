@@ -1,5 +1,5 @@
-//! Manual promotion of a canary: the handle an embedding program holds
-//! (SPEC C6).
+//! Manual promotion of a canary: the handle an embedding program holds to
+//! let a waiting stage go on (or, by not promoting in time, roll it back).
 
 use std::sync::{Arc, Mutex};
 

@@ -145,7 +145,7 @@ impl Report {
 }
 
 impl fmt::Display for Report {
-    /// The final summary (R6): counts, then the instances that are not on the
+    /// The final summary: counts, then the instances that are not on the
     /// new release and why.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let outcome = match self.outcome {

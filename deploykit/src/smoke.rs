@@ -1,9 +1,10 @@
-//! Smoke checks (SPEC B4) and warm-up requests (SPEC B5) against instances
-//! that receive no live traffic yet.
+//! Smoke checks and warm-up requests against instances that receive no live
+//! traffic yet, so a broken environment fails before the switch and a cold one
+//! is warm when it gets traffic.
 //!
 //! A [`SmokeCheck`] is one HTTP `GET`: a path, the status expected, and
 //! optionally a substring the body must contain, each with its own timeout.
-//! The defaults are the reference chapter's three ([`SmokeCheck::defaults`]):
+//! The defaults are three checks ([`SmokeCheck::defaults`]):
 //! `/health`, `/api/status`, and `/api/db/ping` whose body contains `ok`.
 //!
 //! The executor runs checks through the small [`SmokeTester`] trait, so the
@@ -63,8 +64,9 @@ impl SmokeCheck {
         self
     }
 
-    /// The reference chapter's checks: `GET /health`, `GET /api/status`, and
-    /// `GET /api/db/ping` whose body contains `ok`.
+    /// The default checks, which cover the process, the application and its
+    /// database: `GET /health`, `GET /api/status`, and `GET /api/db/ping`
+    /// whose body contains `ok`.
     pub fn defaults() -> Vec<SmokeCheck> {
         vec![
             SmokeCheck::get("/health"),
@@ -253,7 +255,7 @@ mod tests {
     fn _object_safe(_: Box<dyn SmokeTester>) {}
 
     #[test]
-    fn defaults_are_the_seed_checks_and_valid() {
+    fn defaults_are_health_status_and_db_ping_and_valid() {
         let d = SmokeCheck::defaults();
         let paths: Vec<_> = d.iter().map(|c| c.path.as_str()).collect();
         assert_eq!(paths, ["/health", "/api/status", "/api/db/ping"]);

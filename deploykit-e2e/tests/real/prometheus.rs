@@ -1,4 +1,4 @@
-//! Canary analysis against a real Prometheus (SPEC C4, C5, C7, C8): the
+//! Canary analysis, rollback and finalize against a real Prometheus: the
 //! Prometheus metrics source, real nginx or HAProxy weights, demo-app
 //! instances run by `LocalInstance`, and a bounded load through the
 //! balancer.

@@ -126,7 +126,7 @@ async fn health_probes_exactly_retries_times_then_restores_the_previous_release(
         .times(3)
         .in_sequence(&mut seq)
         .returning(|| Ok(Health::Unhealthy("503".into())));
-    // Restore (R4): stop, previous release, start, healthy.
+    // Restore the failed instance: stop, previous release, start, healthy.
     m.expect_stop()
         .times(1)
         .in_sequence(&mut seq)

@@ -1,5 +1,5 @@
 //! A blue-green switch for setups without a load balancer: a `live` symlink
-//! that points at the live environment's directory (SPEC B6).
+//! that points at the live environment's directory, swapped atomically.
 //!
 //! Whatever serves traffic (a web server's document root, a process manager
 //! that follows the link, a reverse proxy that reads it) follows `live`.

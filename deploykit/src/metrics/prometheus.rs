@@ -1,7 +1,7 @@
 //! The Prometheus [`MetricsSource`]: instant PromQL queries against
 //! `/api/v1/query`.
 //!
-//! Each [`Metric`] has a [`QueryTemplate`]; the defaults follow the seed's
+//! Each [`Metric`] has a [`QueryTemplate`]; the defaults are the usual
 //! queries (5xx ratio over the window; `histogram_quantile(0.99, …)`),
 //! adapted to the demo app's metrics `http_requests_total{code,track,version}`
 //! and `http_request_duration_seconds{track,version}` and to tracks selected

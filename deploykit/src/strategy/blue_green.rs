@@ -35,7 +35,7 @@ impl Default for KeepOld {
     }
 }
 
-/// Blue-green deployment (SPEC B1–B8).
+/// Blue-green deployment: a whole second environment, switched to at once.
 ///
 /// The fleet is two *environments*, each a [`Group`] of any number of
 /// instances with their own addresses (default names `blue` and `green`).
@@ -70,8 +70,7 @@ impl Default for KeepOld {
 /// environment live again, so the record ends consistent with the load
 /// balancer.
 ///
-/// [`rollback`](Self::rollback) makes the previous environment live again
-/// (SPEC B8).
+/// [`rollback`](Self::rollback) makes the previous environment live again.
 ///
 /// [`plan`](Self::plan) compiles steps 1–4 from the live environment that
 /// [`reconcile`](crate::bluegreen_state::reconcile) (or, for a dry run,
@@ -114,8 +113,8 @@ pub struct BlueGreen {
     pub healthy_deadline: Duration,
     /// Wait between health probes while waiting. Default 2 s.
     pub health_interval: Duration,
-    /// Checks run against every idle instance before the switch. Default the
-    /// reference chapter's three ([`SmokeCheck::defaults`]).
+    /// Checks run against every idle instance before the switch. Default
+    /// [`SmokeCheck::defaults`] (health, status, database ping).
     pub smoke_checks: Vec<SmokeCheck>,
     /// Warm-up requests sent to the idle environment. Default 100.
     pub warmup_requests: u32,
@@ -382,7 +381,7 @@ impl BlueGreen {
         })
     }
 
-    /// Makes the previous environment live again (SPEC B8): checks it is
+    /// Makes the previous environment live again: checks it is
     /// healthy (starting the instances that are not, and waiting at most
     /// [`healthy_deadline`](Self::healthy_deadline)), switches traffic back,
     /// records it live, then stops the environment that was live.

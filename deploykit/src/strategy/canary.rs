@@ -11,7 +11,7 @@ use crate::plan::{
 };
 use crate::traits::{GroupWeight, Strategy};
 
-/// How a canary moves from one stage to the next (SPEC C6).
+/// How a canary moves from one stage to the next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case", tag = "mode")]
 pub enum Promotion {
@@ -29,31 +29,32 @@ pub enum Promotion {
     },
 }
 
-/// Canary deployment (SPEC C1–C9).
+/// Canary deployment: the new release takes a growing share of traffic,
+/// stage by stage, while its metrics are compared with stable's.
 ///
 /// The fleet is split by [`Group`]: the instances of
 /// [`stable_group`](Self::stable_group) serve the current release, those of
 /// [`canary_group`](Self::canary_group) receive the new one first. The plan:
 ///
 /// 1. **Isolate** — all traffic to stable (the canary's weight is 0).
-/// 2. **Deploy the canary** (C2) — each canary instance is drained, stopped,
+/// 2. **Deploy the canary** — each canary instance is drained, stopped,
 ///    given the release, started and health-checked, all before any traffic
 ///    reaches it; stable is untouched.
-/// 3. **Stages** (C1, C3–C5) — for each weight in
+/// 3. **Stages** — for each weight in
 ///    [`stages`](Self::stages) (default 5 → 25 → 50 → 75 → 100 %): set the
 ///    split through [`LoadBalancer::set_weights`](crate::LoadBalancer::set_weights),
 ///    hold it [`stage_duration`](Self::stage_duration), checking the metrics
 ///    every [`check_interval`](Self::check_interval) against the
 ///    [`analysis`](Self::analysis) rules (see [`crate::analysis`]). A failed
 ///    or persistently inconclusive analysis rolls back at once.
-/// 4. **Promotion** (C6) — [`Promotion::Auto`], or wait for a manual
+/// 4. **Promotion** — [`Promotion::Auto`], or wait for a manual
 ///    promotion between stages.
-/// 5. **Finalize** (C8) — record the stable release (the backup; instances
+/// 5. **Finalize** — record the stable release (the backup; instances
 ///    keep it installed), move the stable instances to the release in
 ///    batches of [`finalize_batch`](Self::finalize_batch) (a rolling update),
 ///    return all traffic to stable, and stop the canary instances.
 ///
-/// **Rollback** (C7), on a failed analysis, a failed step, a promotion
+/// **Rollback**, on a failed analysis, a failed step, a promotion
 /// timeout, or an abort at any moment: all traffic to stable, the canary
 /// instances drained, stopped and returned to their previous release
 /// (without starting them); stable instances already moved by the finalize

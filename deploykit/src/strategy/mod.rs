@@ -1,14 +1,13 @@
 //! The strategies: each compiles a fleet and a release into a [`Plan`](crate::Plan).
 //!
 //! * [`Rolling`] — batches of instances, drained and replaced concurrently
-//!   within a batch, with a failure budget (SPEC R1–R7).
+//!   within a batch, with a failure budget; an abort rolls every moved
+//!   instance back, so the fleet ends on one release.
 //! * [`Canary`] — a canary track takes a growing share of traffic, stage
-//!   by stage, gated by metric analysis; promoted to stable or rolled back
-//!   (SPEC C1–C9).
-//! * [`Recreate`] — stop all, install, start all: the baseline with downtime
-//!   (SPEC X1).
+//!   by stage, gated by metric analysis; promoted to stable or rolled back.
+//! * [`Recreate`] — stop all, install, start all: the baseline with downtime.
 //! * [`BlueGreen`] — prepare, smoke-test and warm up the idle environment,
-//!   switch all traffic at once, roll back instantly (SPEC B1–B8).
+//!   switch all traffic at once, roll back instantly.
 
 mod blue_green;
 mod canary;
@@ -171,7 +170,7 @@ pub(crate) fn previous_map(
 }
 
 /// The steps that replace one instance's release while it is out of
-/// rotation (SPEC R3): drain → wait until drained (at most `drain_timeout`)
+/// rotation: drain → wait until drained (at most `drain_timeout`)
 /// → stop → install → start → health → enable. Rolling batches and the
 /// canary's update of stable use the same sequence.
 pub(crate) fn replace_steps(

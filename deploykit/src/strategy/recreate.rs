@@ -8,7 +8,7 @@ use crate::names::ReleaseId;
 use crate::plan::{FailurePolicy, FleetSnapshot, HealthCheck, Plan, Stage, Step, Unit};
 use crate::traits::Strategy;
 
-/// Recreate ("big bang", SPEC X1): take every instance out of rotation and
+/// Recreate ("big bang"): take every instance out of rotation and
 /// stop it, install the release everywhere, start everything, check health,
 /// put everything back. Simple, with downtime; the baseline the
 /// zero-downtime strategies are measured against.

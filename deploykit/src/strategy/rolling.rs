@@ -8,7 +8,8 @@ use crate::names::ReleaseId;
 use crate::plan::{FailurePolicy, FleetSnapshot, HealthCheck, Plan, Stage, Step, Unit};
 use crate::traits::Strategy;
 
-/// Rolling deployment (SPEC R1–R7).
+/// Rolling deployment: a batch at a time out of rotation, replaced and put
+/// back, within a failure budget.
 ///
 /// Instances are replaced in batches of [`batch_size`](Self::batch_size);
 /// the instances of a batch are replaced *concurrently*, each one: drain →
@@ -45,14 +46,14 @@ pub struct Rolling {
     pub batch_size: CountOrPercent,
     /// Failed instances tolerated before the deployment aborts and rolls
     /// back: a count, or a percent of the instances being updated (rounded
-    /// down). Default 1 (the seed's `MAX_UNAVAILABLE`).
+    /// down). Default 1.
     pub max_failures: CountOrPercent,
     /// Health probes after start. Default 3 probes, 10 s apart.
     pub health: HealthCheck,
     /// Upper bound of the wait for connections to drain. Default 30 s.
     pub drain_timeout: Duration,
-    /// Wait between batches; `None` means the health interval (as in the
-    /// seed). Default `None`.
+    /// Wait between batches, so a batch shows its problems before the next
+    /// one goes; `None` means the health interval. Default `None`.
     pub stabilisation: Option<Duration>,
 }
 

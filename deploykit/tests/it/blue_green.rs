@@ -1,5 +1,4 @@
-//! Blue-green engine scenarios (SPEC B1–B8) on the testkit's fakes, in
-//! virtual time.
+//! Blue-green engine scenarios on the testkit's fakes, in virtual time.
 
 use std::sync::Arc;
 use std::time::Duration;

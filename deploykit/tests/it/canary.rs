@@ -1,4 +1,4 @@
-//! Canary engine scenarios (SPEC C1–C9) on the fakes, in virtual time.
+//! Canary engine scenarios on the fakes, in virtual time.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -189,7 +189,7 @@ async fn good_canary_is_promoted_through_every_stage_and_finalized() {
     let report = s.deploy(&Canary::default()).await;
     assert!(report.is_success(), "{report}\n{}", s.dump());
 
-    // C1, C3: every stage's weight, in order, then all traffic back to stable.
+    // Every stage's weight, in order, then all traffic back to stable.
     assert_eq!(s.canary_weights(), [0, 5, 25, 50, 75, 100, 0]);
     // Each stage held its full 300 s and was checked every 30 s.
     assert!(
@@ -200,7 +200,7 @@ async fn good_canary_is_promoted_through_every_stage_and_finalized() {
     let checks = s.checks();
     assert_eq!(checks.len(), 5 * 10);
     assert!(checks.iter().all(|(_, _, o)| *o == CheckOutcome::Pass));
-    // C9: progress per stage, ending at 100 %.
+    // Progress per stage, ending at 100 %.
     let progress: Vec<(usize, u8, u64)> = s
         .events()
         .into_iter()
@@ -223,7 +223,7 @@ async fn good_canary_is_promoted_through_every_stage_and_finalized() {
         );
     }
 
-    // C8: the stable release was backed up, stable moved to v2 and serves,
+    // Finalize: the stable release was backed up, stable moved to v2 and serves,
     // all traffic is on stable, the canary is stopped.
     let backup = s
         .events()

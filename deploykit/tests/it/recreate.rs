@@ -1,4 +1,4 @@
-//! Recreate engine scenarios (SPEC X1), in virtual time.
+//! Recreate engine scenarios, in virtual time.
 
 use deploykit::{InstanceStatus, OutcomeKind};
 use deploykit_testkit::{FakeFleet, Op};

@@ -1,4 +1,4 @@
-//! Rolling engine scenarios (SPEC R1–R7), in virtual time.
+//! Rolling engine scenarios, in virtual time.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,7 +24,7 @@ async fn healthy_rollout_updates_every_instance_in_batches() {
     inv.assert_ok();
     assert_eq!(inv.peak_out_of_rotation, 2, "batches of 2 take 2 out at once");
 
-    // R1: the two instances of a batch are installed concurrently, batches in sequence.
+    // The two instances of a batch are installed concurrently, batches in sequence.
     let installs: BTreeMap<String, Duration> = s
         .fleet
         .ops()
@@ -35,12 +35,12 @@ async fn healthy_rollout_updates_every_instance_in_batches() {
     assert_eq!(installs["i-1"], installs["i-2"]);
     assert_eq!(installs["i-3"], installs["i-4"]);
     assert!(installs["i-3"] > installs["i-2"]);
-    // R5: stabilisation (the health interval, 10 s) between batches, plus 5 s of install.
+    // Stabilisation (the health interval, 10 s) between batches, plus 5 s of install.
     assert_eq!(installs["i-3"] - installs["i-1"], secs(15));
 }
 
 #[tokio::test(start_paused = true)]
-async fn each_instance_goes_through_r3_in_order() {
+async fn each_instance_is_drained_stopped_installed_started_checked_and_enabled_in_order() {
     let s = setup(FakeFleet::new(1));
     let report = s.deploy(&Rolling::default(), "v2").await;
     assert!(report.is_success());
@@ -69,14 +69,14 @@ async fn failure_in_batch_two_within_budget_is_degraded_not_success() {
     let i3 = report.instances.iter().find(|i| i.id.as_str() == "i-3").unwrap();
     assert_eq!(i3.status, InstanceStatus::FailedRestored);
     assert!(i3.error.as_deref().unwrap().contains("await_healthy"), "{i3:?}");
-    // R4: restored to v1, started and back in rotation.
+    // The failed instance is restored to v1, started and back in rotation.
     assert_eq!(s.fleet.release_of("i-3"), Some(v("v1")));
     assert!(s.fleet.is_running("i-3") && s.fleet.in_rotation("i-3"));
     // The rest carried on to v2, including batch 3.
     for id in ["i-1", "i-2", "i-4", "i-5", "i-6"] {
         assert_eq!(s.fleet.release_of(id), Some(v("v2")), "{id}");
     }
-    // R6: the summary names the counts and the instance left behind.
+    // The summary names the counts and the instance left behind.
     let text = report.to_string();
     assert!(text.contains("succeeded: 5  failed: 1"), "{text}");
     assert!(text.contains("i-3: failed, restored, on v1"), "{text}");
@@ -89,7 +89,7 @@ async fn failures_beyond_budget_abort_and_roll_everything_back() {
     let report = s.deploy(&rolling(2, 1), "v2").await;
     assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}");
     assert!(report.reason.as_deref().unwrap().contains("failure budget of 1"));
-    // R7: batch 1 had moved to v2 and is rolled back; the fleet is on one version.
+    // Batch 1 had moved to v2 and is rolled back; the fleet is on one version.
     assert!(
         s.fleet.releases().values().all(|r| r == &v("v1")),
         "{:?}",
