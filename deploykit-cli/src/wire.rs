@@ -176,6 +176,9 @@ pub(crate) fn nginx(cfg: &Loaded) -> anyhow::Result<deploykit::lb::NginxLoadBala
     if let Some(p) = &lb.pid_file {
         b = b.pid_file(cfg.resolve(p));
     }
+    if let Some(mode) = lb.drain {
+        b = b.drain_mode(mode);
+    }
     Ok(b.build().map_err(lb_field)?)
 }
 
