@@ -420,3 +420,45 @@ async fn preflight_checks_nginx_runs_and_reads_the_include_file() {
     std::fs::write(&include, text).unwrap();
     s.lb.preflight().await.expect("fixed");
 }
+
+/// `drain = "upstream-retry"` relies on nginx retrying a refused connect on
+/// the next server: the preflight refuses a config that turns that off,
+/// naming the file and line, and accepts nginx's default retry.
+#[tokio::test]
+async fn upstream_retry_preflight_refuses_a_config_without_connect_retries() {
+    let bin = crate::require_binary!("nginx");
+    let app = DemoApp::start(DemoOpts::new("v1")).await;
+    let backends = [backend("i-1", app.addr, "default")];
+    let dir = temp_dir("deploykit-nginx-retry");
+    let port = free_port();
+    // `proxy_next_upstream off;`, as the reload-drain tests use.
+    Nginx::write_config(dir.path(), port);
+    let lb = builder(&bin, dir.path(), &backends)
+        .drain_mode(deploykit::lb::nginx::DrainMode::UpstreamRetry)
+        .build()
+        .unwrap();
+    lb.install().await.expect("install");
+    let nginx = Nginx::start(&bin, dir.path(), port).await;
+    let err = lb.preflight().await.unwrap_err().to_string();
+    let conf = Nginx::conf(dir.path());
+    assert!(
+        err.contains("drain = \"upstream-retry\"")
+            && err.contains(&format!("{}:", conf.display()))
+            && err.contains("`proxy_next_upstream off;`"),
+        "{err}"
+    );
+    Nginx::write_config_retrying(dir.path(), port);
+    lb.preflight().await.unwrap_or_else(|e| {
+        panic!(
+            "the retrying config is accepted: {e}\nnginx stderr:\n{}",
+            nginx.stderr()
+        )
+    });
+    // The rendered upstream never marks a server failed and keeps
+    // connections to the servers alive.
+    let text = std::fs::read_to_string(Nginx::upstream_file(dir.path())).unwrap();
+    assert!(
+        text.contains(&format!("server {} max_fails=0; # i-1", app.addr)) && text.contains("keepalive"),
+        "{text}"
+    );
+}

@@ -102,7 +102,7 @@ use state::{adopt_saved, State};
 /// one of them at that moment sees the connection closed with no answer
 /// (measured: 14–22 of ~90,000 requests of a rolling deployment of 4
 /// instances, with a client that never retries). `UpstreamRetry` drains
-/// without a reload, so a rolling deployment reloads nginx never.
+/// without a reload, so a rolling deployment never reloads nginx.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DrainMode {
