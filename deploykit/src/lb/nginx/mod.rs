@@ -331,9 +331,12 @@ impl NginxBuilder {
     }
 }
 
+/// A change to the driver's state; it may refuse (then nothing changes).
+type Edit = Box<dyn FnOnce(&mut State) -> Result<(), DriverError> + Send>;
+
 /// A change waiting for the apply lock; see [`NginxLoadBalancer::edit`].
 struct Queued {
-    edit: Box<dyn FnOnce(&mut State) -> Result<(), DriverError> + Send>,
+    edit: Edit,
     draining: Option<InstanceId>,
     done: tokio::sync::oneshot::Sender<Result<(), DriverError>>,
 }
