@@ -462,3 +462,33 @@ async fn upstream_retry_preflight_refuses_a_config_without_connect_retries() {
         "{text}"
     );
 }
+
+/// A setup switched from `drain = "reload"` to `"upstream-retry"` reloads
+/// once, at its first change, to render `max_fails=0` in; after that
+/// drains and enables reload nothing, and traffic keeps flowing.
+#[tokio::test]
+async fn switching_to_upstream_retry_reloads_once_then_never() {
+    let bin = crate::require_binary!("nginx");
+    let s = NginxSetup::start(&bin, &[("v1", "default", &[]), ("v1", "default", &[])]).await;
+    Nginx::write_config_retrying(s.dir.path(), s.nginx.port);
+    let lb = builder(&bin, s.dir.path(), &s.backends)
+        .drain_mode(deploykit::lb::nginx::DrainMode::UpstreamRetry)
+        .build()
+        .unwrap();
+    lb.preflight().await.expect("the retrying config passes");
+    assert!(!s.upstream_text().contains("max_fails"));
+    lb.drain(&s.backends[1]).await.expect("drain i-2");
+    assert_eq!(lb.reloads(), 1, "the first change renders the mode in");
+    let text = s.upstream_text();
+    assert!(
+        text.contains(&format!("server {} max_fails=0; # i-2", s.apps[1].addr)),
+        "{text}"
+    );
+    assert_eq!(lb.active_connections(&s.backends[1]).await.unwrap(), Some(0));
+    lb.enable(&s.backends[1]).await.expect("enable i-2");
+    lb.drain(&s.backends[0]).await.expect("drain i-1");
+    lb.enable(&s.backends[0]).await.expect("enable i-1");
+    assert_eq!(lb.reloads(), 1, "drains and enables reload nothing");
+    assert_eq!(s.upstream_text(), text);
+    assert_eq!(s.count(20).await.get("v1"), Some(&20));
+}
