@@ -121,8 +121,8 @@ pub enum DrainMode {
     /// refused connects on another server.
     ///
     /// What it guarantees: a request nginx could not *send* to a stopping
-    /// instance (connection refused or reset before the request was
-    /// written) is retried on another server, whatever its method. A request
+    /// instance (its connect was refused: the listener is closed) is
+    /// retried on another server, whatever its method. A request
     /// already sent on a connection the instance then closed without
     /// answering — a pooled upstream connection closed as the instance
     /// stopped, or one still in its listen queue when it closed — is
