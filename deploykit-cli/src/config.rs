@@ -190,6 +190,9 @@ pub(crate) struct LoadBalancerConfig {
     pub(crate) upstream: Option<String>,
     /// nginx: the nginx binary (default `nginx`).
     pub(crate) nginx_binary: Option<String>,
+    /// nginx: how a drain takes an instance out, `"reload"` (default) or
+    /// `"upstream-retry"` (no reload; see `docs/load-balancers.md`).
+    pub(crate) drain: Option<deploykit::lb::nginx::DrainMode>,
     /// haproxy: the runtime API socket.
     pub(crate) socket: Option<String>,
     /// haproxy: the backend's name.
@@ -1116,13 +1119,14 @@ fn check_roots(c: &Config, instances: &[Instance]) -> deploykit::Result<()> {
 
 fn check_lb(c: &Config) -> deploykit::Result<()> {
     let lb = &c.load_balancer;
-    let fields: [(&str, bool, &[LbKind]); 13] = [
+    let fields: [(&str, bool, &[LbKind]); 14] = [
         ("nginx_prefix", lb.nginx_prefix.is_some(), &[LbKind::Nginx]),
         ("include_file", lb.include_file.is_some(), &[LbKind::Nginx]),
         ("nginx_config", lb.nginx_config.is_some(), &[LbKind::Nginx]),
         ("pid_file", lb.pid_file.is_some(), &[LbKind::Nginx]),
         ("upstream", lb.upstream.is_some(), &[LbKind::Nginx]),
         ("nginx_binary", lb.nginx_binary.is_some(), &[LbKind::Nginx]),
+        ("drain", lb.drain.is_some(), &[LbKind::Nginx]),
         ("socket", lb.socket.is_some(), &[LbKind::Haproxy]),
         ("backend", lb.backend.is_some(), &[LbKind::Haproxy]),
         ("link", lb.link.is_some(), &[LbKind::Symlink]),

@@ -200,6 +200,9 @@ pub(crate) fn nginx(cfg: &Loaded) -> anyhow::Result<deploykit::lb::NginxLoadBala
     if let Some(yes) = lb.idle_groups_as_backup {
         b = b.idle_groups_as_backup(yes);
     }
+    if let Some(mode) = lb.drain {
+        b = b.drain_mode(mode);
+    }
     Ok(b.build().map_err(lb_field)?)
 }
 

@@ -302,6 +302,23 @@ fn load_balancer_fields_must_fit_the_kind() {
         &err,
         &["invalid load_balancer.socket: belongs to kind = \"haproxy\", but kind is \"simulated\""],
     );
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"simulated\"\ndrain = \"upstream-retry\"\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.drain: belongs to kind = \"nginx\", but kind is \"simulated\""],
+    );
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"nginx\"\ninclude_file = \"/x/u.conf\"\ndrain = \"retry\"\n"
+    ));
+    assert_has(
+        &err,
+        &[
+            "deploykit.toml:9:9: unknown value `retry` in [load_balancer]",
+            "expected one of: reload, upstream-retry",
+        ],
+    );
 }
 
 #[test]

@@ -331,11 +331,23 @@ impl Http {
     /// A client that keeps connections alive (`true`) or opens a new
     /// connection for every request (`false`).
     pub fn with_keep_alive(keep_alive: bool) -> Self {
+        Self::build(keep_alive, true)
+    }
+
+    /// As [`Http::with_keep_alive`], but a request that could not be
+    /// written on a pooled connection the server had closed fails instead
+    /// of being resent on a new one (hyper's default): every failure shows.
+    pub fn without_retries(keep_alive: bool) -> Self {
+        Self::build(keep_alive, false)
+    }
+
+    fn build(keep_alive: bool, resend_unsent: bool) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         let mut builder = Client::builder(TokioExecutor::new());
         builder.pool_idle_timeout(Duration::from_secs(5));
+        builder.retry_canceled_requests(resend_unsent);
         if !keep_alive {
             builder.pool_max_idle_per_host(0);
         }
@@ -437,8 +449,23 @@ impl Nginx {
 
     /// Writes `DIR/nginx.conf`: one server on 127.0.0.1:`port` proxying to
     /// the upstream `app` from `DIR/upstream.conf` (plus `DIR/conf.d/*.conf`),
-    /// with pid, logs and every temp path under DIR.
+    /// with pid, logs and every temp path under DIR. nginx never retries a
+    /// request on another server (`proxy_next_upstream off`).
     pub fn write_config(dir: &Path, port: u16) {
+        Self::write_config_with(dir, port, "proxy_next_upstream off;");
+    }
+
+    /// [`Nginx::write_config`] for `drain = "upstream-retry"`: a failed
+    /// connect is retried on the next server, soon.
+    pub fn write_config_retrying(dir: &Path, port: u16) {
+        Self::write_config_with(
+            dir,
+            port,
+            "proxy_next_upstream error timeout;\n            proxy_connect_timeout 1s;",
+        );
+    }
+
+    fn write_config_with(dir: &Path, port: u16, retry: &str) {
         let d = dir.display();
         let conf = format!(
             r#"worker_processes 1;
@@ -460,7 +487,7 @@ http {{
             proxy_pass http://app;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_next_upstream off;
+            {retry}
         }}
     }}
 }}

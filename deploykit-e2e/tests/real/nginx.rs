@@ -420,3 +420,75 @@ async fn preflight_checks_nginx_runs_and_reads_the_include_file() {
     std::fs::write(&include, text).unwrap();
     s.lb.preflight().await.expect("fixed");
 }
+
+/// `drain = "upstream-retry"` relies on nginx retrying a refused connect on
+/// the next server: the preflight refuses a config that turns that off,
+/// naming the file and line, and accepts nginx's default retry.
+#[tokio::test]
+async fn upstream_retry_preflight_refuses_a_config_without_connect_retries() {
+    let bin = crate::require_binary!("nginx");
+    let app = DemoApp::start(DemoOpts::new("v1")).await;
+    let backends = [backend("i-1", app.addr, "default")];
+    let dir = temp_dir("deploykit-nginx-retry");
+    let port = free_port();
+    // `proxy_next_upstream off;`, as the reload-drain tests use.
+    Nginx::write_config(dir.path(), port);
+    let lb = builder(&bin, dir.path(), &backends)
+        .drain_mode(deploykit::lb::nginx::DrainMode::UpstreamRetry)
+        .build()
+        .unwrap();
+    lb.install().await.expect("install");
+    let nginx = Nginx::start(&bin, dir.path(), port).await;
+    let err = lb.preflight().await.unwrap_err().to_string();
+    let conf = Nginx::conf(dir.path());
+    assert!(
+        err.contains("drain = \"upstream-retry\"")
+            && err.contains(&format!("{}:", conf.display()))
+            && err.contains("`proxy_next_upstream off;`"),
+        "{err}"
+    );
+    Nginx::write_config_retrying(dir.path(), port);
+    lb.preflight().await.unwrap_or_else(|e| {
+        panic!(
+            "the retrying config is accepted: {e}\nnginx stderr:\n{}",
+            nginx.stderr()
+        )
+    });
+    // The rendered upstream never marks a server failed and keeps
+    // connections to the servers alive.
+    let text = std::fs::read_to_string(Nginx::upstream_file(dir.path())).unwrap();
+    assert!(
+        text.contains(&format!("server {} max_fails=0; # i-1", app.addr)) && text.contains("keepalive"),
+        "{text}"
+    );
+}
+
+/// A setup switched from `drain = "reload"` to `"upstream-retry"` reloads
+/// once, at its first change, to render `max_fails=0` in; after that
+/// drains and enables reload nothing, and traffic keeps flowing.
+#[tokio::test]
+async fn switching_to_upstream_retry_reloads_once_then_never() {
+    let bin = crate::require_binary!("nginx");
+    let s = NginxSetup::start(&bin, &[("v1", "default", &[]), ("v1", "default", &[])]).await;
+    Nginx::write_config_retrying(s.dir.path(), s.nginx.port);
+    let lb = builder(&bin, s.dir.path(), &s.backends)
+        .drain_mode(deploykit::lb::nginx::DrainMode::UpstreamRetry)
+        .build()
+        .unwrap();
+    lb.preflight().await.expect("the retrying config passes");
+    assert!(!s.upstream_text().contains("max_fails"));
+    lb.drain(&s.backends[1]).await.expect("drain i-2");
+    assert_eq!(lb.reloads(), 1, "the first change renders the mode in");
+    let text = s.upstream_text();
+    assert!(
+        text.contains(&format!("server {} max_fails=0; # i-2", s.apps[1].addr)),
+        "{text}"
+    );
+    assert_eq!(lb.active_connections(&s.backends[1]).await.unwrap(), Some(0));
+    lb.enable(&s.backends[1]).await.expect("enable i-2");
+    lb.drain(&s.backends[0]).await.expect("drain i-1");
+    lb.enable(&s.backends[0]).await.expect("enable i-1");
+    assert_eq!(lb.reloads(), 1, "drains and enables reload nothing");
+    assert_eq!(s.upstream_text(), text);
+    assert_eq!(s.count(20).await.get("v1"), Some(&20));
+}

@@ -288,7 +288,7 @@ async fn canary_run(kind: Lb, canary_args: &[&str]) -> Option<Run> {
     // rate() answers, so allow a few more inconclusive checks in a row.
     canary.analysis.inconclusive_limit = 6;
 
-    let load = LoadGen::start(&url, 200, 8, Duration::from_secs(50));
+    let load = LoadGen::start_retrying(&url, 200, Duration::from_secs(50));
     // Let Prometheus see stable traffic before the first check.
     sleep(Duration::from_secs(2)).await;
     let report = executor

@@ -6,7 +6,9 @@
 //! * `NginxLoadBalancer` (feature `nginx`) — one upstream include file
 //!   rendered from typed state, `nginx -t` on the whole config, reload
 //!   confirmed by a new worker generation, drains confirmed by the old
-//!   generation exiting.
+//!   generation exiting — or, with the reload-free drain mode, left to the
+//!   instance's graceful stop while nginx retries refused connects
+//!   elsewhere.
 //! * `HaproxyLoadBalancer` (feature `haproxy`) — the runtime API over the
 //!   admin socket, every change read back, drains confirmed by `show stat`.
 //! * [`SymlinkSwitch`] — a blue-green switch without a balancer: a `live`

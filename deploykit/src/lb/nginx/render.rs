@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use super::state::{saved_line, State};
+use super::DrainMode;
 use crate::lb::roster::Admin;
 use crate::names::{Address, InstanceId};
 
@@ -25,6 +26,9 @@ pub struct UpstreamServer {
     pub down: bool,
     /// `backup`: traffic only when every non-backup server is unavailable.
     pub backup: bool,
+    /// `max_fails=`: `Some(0)` turns off nginx's passive failover for the
+    /// server (`None` renders nginx's default, 1).
+    pub max_fails: Option<u32>,
 }
 
 /// An nginx `upstream` block, rendered from typed state.
@@ -34,6 +38,9 @@ pub struct Upstream {
     pub name: String,
     /// Its servers, in a stable order.
     pub servers: Vec<UpstreamServer>,
+    /// `keepalive N;`: idle connections each worker keeps open to the
+    /// servers (`None` renders none).
+    pub keepalive: Option<u32>,
 }
 
 impl Upstream {
@@ -48,6 +55,9 @@ impl Upstream {
             if let Some(w) = srv.weight.filter(|w| *w != 1) {
                 let _ = write!(s, " weight={w}");
             }
+            if let Some(m) = srv.max_fails {
+                let _ = write!(s, " max_fails={m}");
+            }
             if srv.down {
                 s.push_str(" down");
             } else if srv.backup {
@@ -55,20 +65,46 @@ impl Upstream {
             }
             let _ = writeln!(s, "; # {}", srv.id);
         }
+        if let Some(k) = self.keepalive {
+            let _ = writeln!(s, "    keepalive {k};");
+        }
         s.push_str("}\n");
         s
     }
 }
 
+/// Idle connections per worker to the servers in
+/// [`DrainMode::UpstreamRetry`]: enough for the loopback benchmarks' load,
+/// small enough that a stopping instance closes few of them.
+const RETRY_KEEPALIVE: u32 = 16;
+
+/// How the driver renders: what the builder chose.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct RenderOpts {
+    /// Idle groups' servers are `backup` rather than `down`.
+    pub(super) idle_as_backup: bool,
+    /// How a drain takes a backend out.
+    pub(super) drain: DrainMode,
+}
+
 /// The upstream block named `name` for `st`: shares become per-server
 /// weights, a backend out of rotation is `down`, and an idle group's servers
-/// are `down` or, with `idle_as_backup`, `backup`.
-pub(super) fn upstream_for(name: &str, st: &State, idle_as_backup: bool) -> Upstream {
+/// are `down` or, with `idle_as_backup`, `backup`. In
+/// [`DrainMode::UpstreamRetry`] a draining backend stays in the block (its
+/// own graceful stop turns traffic away, nginx retries elsewhere), every
+/// server has `max_fails=0` and the block keeps idle connections alive.
+pub(super) fn upstream_for(name: &str, st: &State, opts: RenderOpts) -> Upstream {
+    let retry = opts.drain == DrainMode::UpstreamRetry;
     let weights = st.roster.weights(MAX_WEIGHT);
     let servers = st
         .roster
         .iter()
         .map(|(b, admin)| {
+            // A drain in upstream-retry mode changes nothing nginx reads.
+            let admin = match admin {
+                Admin::Draining if retry => Admin::Ready,
+                a => a,
+            };
             let (in_rotation, weight) = match (&weights, admin) {
                 (_, Admin::Draining | Admin::Disabled) => (false, None),
                 (None, Admin::Ready) => (true, None),
@@ -77,28 +113,30 @@ pub(super) fn upstream_for(name: &str, st: &State, idle_as_backup: bool) -> Upst
                     None => (false, None),
                 },
             };
-            let backup = !in_rotation && idle_as_backup && admin == Admin::Ready;
+            let backup = !in_rotation && opts.idle_as_backup && admin == Admin::Ready;
             UpstreamServer {
                 id: b.id.clone(),
                 address: b.address.clone(),
                 weight,
                 down: !in_rotation && !backup,
                 backup,
+                max_fails: retry.then_some(0),
             }
         })
         .collect();
     Upstream {
         name: name.to_string(),
         servers,
+        keepalive: retry.then_some(RETRY_KEEPALIVE),
     }
 }
 
 /// The whole include file for `st`: the upstream block, with the
 /// `# deploykit-state:` line after its header comment when there is state
 /// to record.
-pub(super) fn render_file(name: &str, st: &State, idle_as_backup: bool) -> String {
-    let mut text = upstream_for(name, st, idle_as_backup).render();
-    if let Some(line) = saved_line(st) {
+pub(super) fn render_file(name: &str, st: &State, opts: RenderOpts) -> String {
+    let mut text = upstream_for(name, st, opts).render();
+    if let Some(line) = saved_line(st, opts.drain) {
         let at = text.find('\n').map_or(0, |i| i + 1);
         text.insert_str(at, &line);
     }
@@ -135,7 +173,7 @@ mod tests {
     #[test]
     fn renders_every_server_up_by_default() {
         assert_eq!(
-            render_file("app", &state(), false),
+            render_file("app", &state(), RenderOpts::default()),
             "# Managed by deploykit: rendered from its state, replaced on every change.\n\
              upstream app {\n    server 127.0.0.1:9001; # s-1\n    server 127.0.0.1:9002; # s-2\n    \
              server 127.0.0.1:9003; # c-1\n}\n"
@@ -149,13 +187,13 @@ mod tests {
             (Group::new("stable").unwrap(), 95),
             (Group::new("canary").unwrap(), 5),
         ]));
-        let up = upstream_for("app", &st, false);
+        let up = upstream_for("app", &st, RenderOpts::default());
         let w: Vec<Option<u32>> = up.servers.iter().map(|s| s.weight).collect();
         assert_eq!(w, vec![Some(1000), Some(1000), Some(105)]);
         st.roster.shares = Some(BTreeMap::from([(Group::new("stable").unwrap(), 100)]));
         st.roster
             .set_admin(&InstanceId::new("s-2").unwrap(), Admin::Draining);
-        let text = render_file("app", &st, false);
+        let text = render_file("app", &st, RenderOpts::default());
         assert!(
             text.contains("server 127.0.0.1:9001 weight=1000; # s-1"),
             "{text}"
@@ -165,15 +203,51 @@ mod tests {
         assert!(!text.contains("weight=0"), "{text}");
     }
 
+    const BACKUP: RenderOpts = RenderOpts {
+        idle_as_backup: true,
+        drain: DrainMode::Reload,
+    };
+
     #[test]
     fn idle_groups_can_be_backups() {
         let mut st = state();
         st.roster.shares = Some(BTreeMap::from([(Group::new("stable").unwrap(), 100)]));
-        let text = render_file("app", &st, true);
+        let text = render_file("app", &st, BACKUP);
         assert!(text.contains("server 127.0.0.1:9003 backup; # c-1"), "{text}");
         // A drained server is down, never a backup.
         st.roster
             .set_admin(&InstanceId::new("c-1").unwrap(), Admin::Draining);
-        assert!(render_file("app", &st, true).contains("server 127.0.0.1:9003 down; # c-1"));
+        assert!(render_file("app", &st, BACKUP).contains("server 127.0.0.1:9003 down; # c-1"));
+    }
+
+    #[test]
+    fn upstream_retry_keeps_a_draining_server_in_and_never_marks_one_failed() {
+        let retry = RenderOpts {
+            idle_as_backup: false,
+            drain: DrainMode::UpstreamRetry,
+        };
+        let mut st = state();
+        st.roster
+            .set_admin(&InstanceId::new("s-2").unwrap(), Admin::Draining);
+        let text = render_file("app", &st, retry);
+        assert_eq!(
+            text,
+            "# Managed by deploykit: rendered from its state, replaced on every change.\n\
+             upstream app {\n    server 127.0.0.1:9001 max_fails=0; # s-1\n    \
+             server 127.0.0.1:9002 max_fails=0; # s-2\n    server 127.0.0.1:9003 max_fails=0; # c-1\n    \
+             keepalive 16;\n}\n"
+        );
+        // The drain is not recorded either: a later process must not read
+        // it as out of rotation, since nginx still sends to it.
+        assert_eq!(text, render_file("app", &state(), retry));
+        // Taken out for maintenance, it is out for nginx too.
+        st.roster
+            .set_admin(&InstanceId::new("s-2").unwrap(), Admin::Disabled);
+        let text = render_file("app", &st, retry);
+        assert!(
+            text.contains("server 127.0.0.1:9002 max_fails=0 down; # s-2"),
+            "{text}"
+        );
+        assert!(text.contains(r#""out":{"s-2":"disabled"}"#), "{text}");
     }
 }

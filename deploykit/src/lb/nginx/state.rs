@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use super::procfs::Proc;
+use super::DrainMode;
 use crate::lb::roster::{Admin, Roster};
 use crate::names::{Group, InstanceId};
 
@@ -28,13 +29,20 @@ struct SavedState {
 }
 
 impl SavedState {
-    fn of(st: &State) -> Self {
+    /// In [`DrainMode::UpstreamRetry`] a draining backend is still in
+    /// rotation for nginx, so it is not recorded as out.
+    fn of(st: &State, drain: DrainMode) -> Self {
+        let out_for_nginx = |a: Admin| match a {
+            Admin::Ready => false,
+            Admin::Draining => drain == DrainMode::Reload,
+            Admin::Disabled => true,
+        };
         Self {
             shares: st.roster.shares.clone(),
             out: st
                 .roster
                 .iter()
-                .filter(|(_, a)| *a != Admin::Ready)
+                .filter(|(_, a)| out_for_nginx(*a))
                 .map(|(b, a)| (b.id.clone(), a))
                 .collect(),
         }
@@ -43,8 +51,8 @@ impl SavedState {
 
 /// The `# deploykit-state:` line (with its newline) for `st`, or `None`
 /// when there is nothing to record: every backend in rotation, no split.
-pub(super) fn saved_line(st: &State) -> Option<String> {
-    let saved = SavedState::of(st);
+pub(super) fn saved_line(st: &State, drain: DrainMode) -> Option<String> {
+    let saved = SavedState::of(st, drain);
     if saved == SavedState::default() {
         return None;
     }
