@@ -372,6 +372,9 @@ fn ctrl_c(exec: &Executor) -> tokio::task::JoinHandle<()> {
 }
 
 pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
+    if let Some(k) = args.strategy {
+        ctx.cfg.check_strategy(k)?;
+    }
     runtime()?.block_on(async move {
         let purpose = match &args.release {
             Some(r) => format!("deploy {r}"),
@@ -647,6 +650,9 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
 }
 
 pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
+    if let Some(k) = args.strategy {
+        ctx.cfg.check_strategy(k)?;
+    }
     runtime()?.block_on(async move {
         let release = ReleaseId::new(&args.release).map_err(|e| rename(e, "release"))?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);

@@ -418,6 +418,18 @@ impl Loaded {
         self.resolve(self.raw.state_dir.as_deref().unwrap_or(".deploykit"))
     }
 
+    /// Checks that strategy `kind`, chosen with `--strategy` instead of the
+    /// configured one, fits this file: the checks the configured strategy
+    /// got when the file was loaded.
+    pub(crate) fn check_strategy(&self, kind: StrategyKind) -> Result<(), ConfigError> {
+        let groups: BTreeSet<&Group> = self.instances.iter().map(|i| &i.group).collect();
+        check_strategy(&self.raw, kind, &groups).map_err(|e| ConfigError {
+            file: self.path.clone(),
+            at: None,
+            message: format!("--strategy {kind} does not fit this file: {e}"),
+        })
+    }
+
     /// A path from the file, relative to the file's directory.
     pub(crate) fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
@@ -712,68 +724,7 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
             sc.to_check().validate(&format!("smoke_checks[{n}]"))?;
         }
     }
-    let s = &c.strategy;
-    match s.kind {
-        StrategyKind::Rolling => {
-            s.rolling.validate().map_err(in_section("rolling"))?;
-            check_duration("strategy.rolling.health_interval", Dur(s.rolling.health.interval))?;
-        }
-        StrategyKind::Recreate => s.recreate.validate().map_err(in_section("recreate"))?,
-        StrategyKind::BlueGreen => {
-            let bg = c.blue_green();
-            bg.validate().map_err(in_section("blue-green"))?;
-            for env in &bg.environments {
-                if !groups.contains(env) {
-                    return Err(inv(
-                        "instances",
-                        format!(
-                            "no instance is in the environment {env}; blue-green needs instances with group = \"{}\" and group = \"{}\"",
-                            bg.environments[0], bg.environments[1]
-                        ),
-                    ));
-                }
-            }
-            if let Some(g) = groups.iter().find(|g| !bg.environments.contains(g)) {
-                return Err(inv(
-                    "instances",
-                    format!(
-                        "the group {g} is neither {} nor {}; under blue-green every instance belongs to one environment",
-                        bg.environments[0], bg.environments[1]
-                    ),
-                ));
-            }
-            if c.load_balancer.kind == LbKind::None {
-                return Err(inv(
-                    "load_balancer.kind",
-                    "is none, but blue-green switches traffic; choose nginx, haproxy, symlink or simulated",
-                ));
-            }
-        }
-        StrategyKind::Canary => {
-            let canary = &s.canary;
-            canary.validate().map_err(in_section("canary"))?;
-            for g in [&canary.stable_group, &canary.canary_group] {
-                if !groups.contains(g) {
-                    return Err(inv(
-                        "instances",
-                        format!("no instance is in the group {g}; canary needs stable and canary instances (set group = \"{g}\")"),
-                    ));
-                }
-            }
-            if c.metrics.is_none() {
-                return Err(inv(
-                    "metrics",
-                    "canary analyses metrics, but there is no [metrics] table; set metrics.prometheus = \"http://host:9090\"",
-                ));
-            }
-            if c.load_balancer.kind == LbKind::None {
-                return Err(inv(
-                    "load_balancer.kind",
-                    "is none, but canary splits traffic by weight; choose nginx, haproxy or simulated",
-                ));
-            }
-        }
-    }
+    check_strategy(c, c.strategy.kind, &groups)?;
     if let Some(m) = &c.metrics {
         let ok = (m.prometheus.starts_with("http://") || m.prometheus.starts_with("https://"))
             && m.prometheus.len() > "https://".len()
@@ -841,6 +792,75 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
         ));
     }
     Ok(out)
+}
+
+/// The checks of strategy `kind` (the configured one, or one chosen with
+/// `--strategy`): its section, the groups it needs, the metrics and the
+/// load balancer it drives.
+fn check_strategy(c: &Config, kind: StrategyKind, groups: &BTreeSet<&Group>) -> deploykit::Result<()> {
+    let s = &c.strategy;
+    match kind {
+        StrategyKind::Rolling => {
+            s.rolling.validate().map_err(in_section("rolling"))?;
+            check_duration("strategy.rolling.health_interval", Dur(s.rolling.health.interval))?;
+        }
+        StrategyKind::Recreate => s.recreate.validate().map_err(in_section("recreate"))?,
+        StrategyKind::BlueGreen => {
+            let bg = c.blue_green();
+            bg.validate().map_err(in_section("blue-green"))?;
+            for env in &bg.environments {
+                if !groups.contains(&env) {
+                    return Err(inv(
+                        "instances",
+                        format!(
+                            "no instance is in the environment {env}; blue-green needs instances with group = \"{}\" and group = \"{}\"",
+                            bg.environments[0], bg.environments[1]
+                        ),
+                    ));
+                }
+            }
+            if let Some(g) = groups.iter().find(|g| !bg.environments.contains(g)) {
+                return Err(inv(
+                    "instances",
+                    format!(
+                        "the group {g} is neither {} nor {}; under blue-green every instance belongs to one environment",
+                        bg.environments[0], bg.environments[1]
+                    ),
+                ));
+            }
+            if c.load_balancer.kind == LbKind::None {
+                return Err(inv(
+                    "load_balancer.kind",
+                    "is none, but blue-green switches traffic; choose nginx, haproxy, symlink or simulated",
+                ));
+            }
+        }
+        StrategyKind::Canary => {
+            let canary = &s.canary;
+            canary.validate().map_err(in_section("canary"))?;
+            for g in [&canary.stable_group, &canary.canary_group] {
+                if !groups.contains(g) {
+                    return Err(inv(
+                        "instances",
+                        format!("no instance is in the group {g}; canary needs stable and canary instances (set group = \"{g}\")"),
+                    ));
+                }
+            }
+            if c.metrics.is_none() {
+                return Err(inv(
+                    "metrics",
+                    "canary analyses metrics, but there is no [metrics] table; set metrics.prometheus = \"http://host:9090\"",
+                ));
+            }
+            if c.load_balancer.kind == LbKind::None {
+                return Err(inv(
+                    "load_balancer.kind",
+                    "is none, but canary splits traffic by weight; choose nginx, haproxy or simulated",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn rename(e: deploykit::Error, field: &str) -> deploykit::Error {
