@@ -682,7 +682,7 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
                 serde_json::json!({
                     "plan": plan,
                     "batch_sizes": batches,
-                    "projected_duration_ms": {"min": p.min.as_millis() as u64, "max": p.max.as_millis() as u64},
+                    "projected_duration_ms": {"min": u64::try_from(p.min.as_millis()).unwrap_or(u64::MAX), "max": u64::try_from(p.max.as_millis()).unwrap_or(u64::MAX)},
                 })
             );
         } else {

@@ -21,6 +21,27 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// A duration whose error waits for the semantic checks: the fields of an
+/// `[[instances]]` table are flattened, and serde's flatten loses the key a
+/// value's error belongs to, so the check names it (`instances[0].stop_grace`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LateDur(Result<Duration, String>);
+
+impl<'de> Deserialize<'de> for LateDur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(LateDur(
+            deploykit::duration_text::deserialize(d).map_err(|e: D::Error| e.to_string().trim().to_string()),
+        ))
+    }
+}
+
+impl LateDur {
+    /// The duration, or its error named `field`.
+    fn get(&self, field: String) -> deploykit::Result<Duration> {
+        self.0.clone().map_err(|m| inv(field, m))
+    }
+}
+
 fn d(secs: u64) -> Dur {
     Dur(Duration::from_secs(secs))
 }
@@ -68,7 +89,7 @@ pub(crate) struct InstanceFields {
     pub(crate) sudo: Option<bool>,
     pub(crate) simulated: Option<bool>,
     pub(crate) simulate_unhealthy: Option<Vec<String>>,
-    pub(crate) stop_grace: Option<Dur>,
+    pub(crate) stop_grace: Option<LateDur>,
     pub(crate) health: Option<HealthKind>,
     pub(crate) health_path: Option<String>,
     pub(crate) health_status: Option<u16>,
@@ -686,6 +707,9 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
             "no instances; add at least one [[instances]] table with an id and an address",
         ));
     }
+    if let Some(d) = &c.instance_defaults.stop_grace {
+        d.get("instance_defaults.stop_grace".into())?;
+    }
     let mut ids = BTreeSet::new();
     let mut addresses = BTreeMap::new();
     let mut out = Vec::new();
@@ -896,6 +920,16 @@ fn instance(
             own.$field.clone().or_else(|| def.$field.clone())
         };
     }
+    // Checked whatever the control, so a bad value is found where it is
+    // written even when this instance does not use it.
+    let grace = match &own.stop_grace {
+        Some(d) => Some(d.get(f("stop_grace"))?),
+        None => def
+            .stop_grace
+            .as_ref()
+            .map(|d| d.get("instance_defaults.stop_grace".into()))
+            .transpose()?,
+    };
     let group =
         Group::new(pick!(group).unwrap_or_else(|| "default".into())).map_err(|e| rename(e, &f("group")))?;
     let host = match pick!(host).as_deref() {
@@ -948,9 +982,7 @@ fn instance(
         Control::Process {
             command: cmd.iter().map(|a| subst(a)).collect(),
             env: env.iter().map(|(k, v)| (k.clone(), subst(v))).collect(),
-            grace: pick!(stop_grace)
-                .map(|d| d.0)
-                .unwrap_or(deploykit::instance::DEFAULT_GRACE),
+            grace: grace.unwrap_or(deploykit::instance::DEFAULT_GRACE),
         }
     } else if let Some(unit) = unit {
         let unit = subst(&unit);

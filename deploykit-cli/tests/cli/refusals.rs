@@ -50,3 +50,95 @@ fn a_strategy_override_gets_the_checks_of_the_file() {
     // The same override where it fits still runs.
     env.ok(&["deploy", "v2", "--strategy", "recreate"], 0);
 }
+
+/// Every duration key of the file, as (key path, where it is written).
+const DURATION_KEYS: [(&str, &str); 30] = [
+    ("instances[0].stop_grace", "instance"),
+    ("instance_defaults.stop_grace", "[instance_defaults]"),
+    (
+        "metrics.timeout",
+        "[metrics]\nprometheus = \"http://127.0.0.1:9090\"",
+    ),
+    ("smoke_checks[0].timeout", "[[smoke_checks]]\npath = \"/\""),
+    ("notifications.timeout", "[notifications]"),
+    ("retry.backoff", "[retry]"),
+    ("timeouts.stop", "[timeouts]"),
+    ("timeouts.force_stop", "[timeouts]"),
+    ("timeouts.install", "[timeouts]"),
+    ("timeouts.restore", "[timeouts]"),
+    ("timeouts.start", "[timeouts]"),
+    ("timeouts.health_probe", "[timeouts]"),
+    ("timeouts.load_balancer", "[timeouts]"),
+    ("timeouts.query", "[timeouts]"),
+    ("timeouts.drain_poll", "[timeouts]"),
+    ("strategy.rolling.health_interval", "[strategy.rolling]"),
+    ("strategy.rolling.drain_timeout", "[strategy.rolling]"),
+    ("strategy.rolling.stabilisation", "[strategy.rolling]"),
+    ("strategy.recreate.health_interval", "[strategy.recreate]"),
+    ("strategy.recreate.drain_timeout", "[strategy.recreate]"),
+    ("strategy.blue-green.healthy_deadline", "[strategy.blue-green]"),
+    ("strategy.blue-green.health_interval", "[strategy.blue-green]"),
+    ("strategy.blue-green.keep_old", "[strategy.blue-green]"),
+    ("strategy.canary.stage_duration", "[strategy.canary]"),
+    ("strategy.canary.check_interval", "[strategy.canary]"),
+    ("strategy.canary.latency_threshold", "[strategy.canary]"),
+    ("strategy.canary.window", "[strategy.canary]"),
+    ("strategy.canary.health_interval", "[strategy.canary]"),
+    ("strategy.canary.drain_timeout", "[strategy.canary]"),
+    (
+        "strategy.canary.promotion_timeout",
+        "[strategy.canary]\npromotion = \"manual\"",
+    ),
+];
+
+/// A valid one-instance file with `key = value` written where `table` says.
+fn with_duration(key: &str, table: &str, value: &str) -> String {
+    let name = key.rsplit('.').next().unwrap();
+    let mut c = String::from(
+        "app = \"shop\"\n\n[[instances]]\nid = \"web-1\"\naddress = \"127.0.0.1:18081\"\nsimulated = true\n",
+    );
+    if table == "instance" {
+        c.push_str(&format!("{name} = {value}\n"));
+    } else {
+        c.push_str(&format!("\n{table}\n{name} = {value}\n"));
+    }
+    c
+}
+
+#[test]
+fn every_duration_key_has_one_upper_bound_in_every_form() {
+    for (key, table) in DURATION_KEYS {
+        // Each key is valid with a plain value, so the refusals below are the
+        // bound's.
+        let env = Env::new(&with_duration(key, table, "\"2s\""));
+        env.ok(&["validate"], 0);
+        for value in [
+            "18446744073709551615",
+            "9223372036854775807",
+            "31536001",
+            "\"8761h\"",
+            "\"1e9s\"",
+        ] {
+            let env = Env::new(&with_duration(key, table, value));
+            let (code, out, err) = env.run(&["validate"]);
+            assert_eq!(code, 2, "{key} = {value}\nstdout: {out}\nstderr: {err}");
+            assert!(
+                err.contains(&format!("invalid {key}:")),
+                "{key} = {value}: the key is not named in:\n{err}"
+            );
+            if value != "\"1e9s\"" {
+                assert!(
+                    err.contains("8760h (365 days)"),
+                    "{key} = {value}: the bound is not named in:\n{err}"
+                );
+            }
+            assert!(!err.contains("panicked"), "{err}");
+        }
+        // The bound itself is accepted, written either way.
+        for value in ["31536000", "\"8760h\""] {
+            let env = Env::new(&with_duration(key, table, value));
+            let (code, _, err) = env.run(&["validate"]);
+            assert!(code == 0 || !err.contains("8760h"), "{key} = {value}: {err}");
+        }
+    }
+}

@@ -565,7 +565,10 @@ impl Inner {
             match tokio::time::timeout(timeout, f()).await {
                 Ok(Ok(v)) => return (Ok(v), attempt),
                 Ok(Err(e)) if e.is_transient() && attempt < self.retry.attempts => {
-                    let wait = self.retry.backoff * 2u32.saturating_pow(attempt - 1);
+                    let wait = self
+                        .retry
+                        .backoff
+                        .saturating_mul(2u32.saturating_pow(attempt - 1));
                     tokio::time::sleep(wait).await;
                 }
                 Ok(Err(e)) => return (Err(StepError::Driver(e)), attempt),

@@ -129,33 +129,56 @@ impl TryFrom<CountOrPercentRepr> for CountOrPercent {
 ///
 /// # Errors
 /// [`Error::InvalidInput`] for negative, non-numeric or unit-less-but-
-/// fractional text, or an unknown unit.
+/// fractional text, an unknown unit, or a duration longer than
+/// [`duration_text::MAX`](crate::duration_text::MAX).
 pub fn parse_duration(field: &str, text: &str) -> Result<Duration> {
-    let t = text.trim();
-    let bad = || {
+    parse_duration_text(text).map_err(|e| {
         Error::invalid(
             field,
-            format!("{text:?} is not a duration; write e.g. \"30s\", \"500ms\", \"5m\" or \"1h\""),
+            match e {
+                DurationTextError::Malformed => {
+                    format!("{text:?} is not a duration; write e.g. \"30s\", \"500ms\", \"5m\" or \"1h\"")
+                }
+                DurationTextError::TooLong => crate::duration_text::too_long(text.trim()),
+            },
         )
-    };
+    })
+}
+
+/// Why text is not a duration [`parse_duration`] accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DurationTextError {
+    /// Not a number with a known unit.
+    Malformed,
+    /// Longer than [`duration_text::MAX`](crate::duration_text::MAX).
+    TooLong,
+}
+
+/// [`parse_duration`] without the field: what is wrong, as a kind.
+pub(crate) fn parse_duration_text(text: &str) -> std::result::Result<Duration, DurationTextError> {
+    use DurationTextError::{Malformed, TooLong};
+    let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() || num.starts_with('.') {
-        return Err(bad());
+        return Err(Malformed);
     }
-    let value: f64 = num.parse().map_err(|_| bad())?;
+    let value: f64 = num.parse().map_err(|_| Malformed)?;
     let scale = match unit.trim() {
         "" | "s" | "sec" | "secs" => 1.0,
         "ms" => 0.001,
         "m" | "min" | "mins" => 60.0,
         "h" => 3600.0,
-        _ => return Err(bad()),
+        _ => return Err(Malformed),
     };
     let secs = value * scale;
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
-        return Err(bad());
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(Malformed);
+    }
+    if secs > crate::duration_text::MAX.as_secs_f64() {
+        return Err(TooLong);
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -255,7 +278,10 @@ mod tests {
         assert_eq!(parse_duration("t", "500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("t", "5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("t", "2").unwrap(), Duration::from_secs(2));
-        for bad in ["-5s", "abc", "5x", "", "s", ".5s"] {
+        assert_eq!(parse_duration("t", "8760h").unwrap(), crate::duration_text::MAX);
+        let e = parse_duration("t", "8761h").unwrap_err().to_string();
+        assert!(e.contains("longer than 8760h (365 days)"), "{e}");
+        for bad in ["-5s", "abc", "5x", "", "s", ".5s", "8761h", "1e9s"] {
             let e = parse_duration("drain_timeout", bad).unwrap_err().to_string();
             assert!(e.contains("drain_timeout"), "{bad}: {e}");
         }

@@ -60,7 +60,7 @@ pub(super) async fn settled_generation(
     timeout: Duration,
 ) -> Result<BTreeSet<Proc>, DriverError> {
     const SETTLE: Duration = Duration::from_millis(20);
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::wait::later(Instant::now(), timeout);
     let mut seen = children_of(master.pid);
     loop {
         sleep(SETTLE).await;
@@ -104,7 +104,7 @@ pub(super) async fn confirm_reload(
     before: &BTreeSet<Proc>,
     timeout: Duration,
 ) -> Result<(), DriverError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::wait::later(Instant::now(), timeout);
     loop {
         if !is_alive(master) {
             return Err(DriverError::new(format!(
