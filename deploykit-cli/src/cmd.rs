@@ -398,6 +398,7 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
         }
         let release = ReleaseId::new(args.release.as_deref().unwrap_or_default())
             .map_err(|e| rename(e, "release"))?;
+        wire::check_release(&ctx.cfg, &release)?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
         run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind), release).await
     })
@@ -556,6 +557,7 @@ async fn resume(ctx: &Ctx, latest: Option<JournalSummary>) -> anyhow::Result<u8>
         "resuming the {} deployment {} of {}",
         orig.header.strategy, orig.header.deployment, orig.header.release
     ));
+    wire::check_release(&ctx.cfg, &orig.header.release)?;
     let recorded = Recorded::load(&ctx.state, &orig)?;
     run_deploy(
         ctx,

@@ -2,7 +2,7 @@
 //! input) naming what to fix, and the fleet, the state directory and the
 //! releases are as they were.
 
-use crate::util::Env;
+use crate::util::{local, Env};
 
 /// Two simulated instances in the environments blue and green, with no
 /// load balancer and the rolling strategy: valid as written.
@@ -141,4 +141,29 @@ fn every_duration_key_has_one_upper_bound_in_every_form() {
             assert!(code == 0 || !err.contains("8760h"), "{key} = {value}: {err}");
         }
     }
+}
+
+#[test]
+fn a_release_that_does_not_exist_is_refused_before_the_first_step() {
+    let env = Env::new(&local(2, ""));
+    env.releases(&["v1"]);
+    env.ok(&["deploy", "v1"], 0);
+    let journals = env.journal_count();
+    let (code, out, err) = env.run(&["deploy", "v99"]);
+    assert_eq!(code, 2, "stdout: {out}\nstderr: {err}");
+    let missing = env.path().join("builds").join("v99");
+    assert!(
+        err.contains(&missing.display().to_string()),
+        "the path is not named in:\n{err}"
+    );
+    for id in ["web-1", "web-2"] {
+        assert_eq!(env.local_release(id).as_deref(), Some("v1"), "{id} was touched");
+        assert!(env.local_running(id), "{id} was stopped");
+    }
+    assert!(env.out_of_rotation().is_empty(), "an instance was drained");
+    assert_eq!(
+        env.journal_count(),
+        journals,
+        "a refused deployment left a journal"
+    );
 }
