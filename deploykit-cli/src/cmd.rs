@@ -634,8 +634,8 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         header.acts_on = Some(root.deployment.clone());
         header.plan = Some(plan.clone());
         // A load balancer failing its preflight does not block a rollback
-        // (a warning event): refusing would leave the fleet as mixed as it
-        // is, and the rollback's own steps may still succeed.
+        // (a warning event) — refusing would leave the fleet as mixed as it
+        // is — unless it does not read what the rollback would write.
         exec.check(&plan, &RunOptions::recovery()).await?;
         let journal = start_journal(&ctx, &relay, header, out)?;
         if !blue_green {
