@@ -942,8 +942,18 @@ fn instance(
             .replace("{port}", &address.port().to_string())
             .replace("{app}", &c.app)
     };
+    // Checked as written, before `subst` fills anything in.
+    let placeholders = |field: &str, values: Vec<&String>, late: bool| {
+        values
+            .into_iter()
+            .try_for_each(|v| check_placeholders(&f(field), v, late))
+    };
     let command = pick!(command);
     let unit = pick!(systemd_unit);
+    placeholders("root", own.root.iter().chain(&def.root).take(1).collect(), false)?;
+    placeholders("systemd_unit", unit.iter().collect(), false)?;
+    placeholders("command", command.iter().flatten().collect(), true)?;
+    placeholders("env", pick!(env).iter().flat_map(|e| e.values()).collect(), true)?;
     let simulated = pick!(simulated).unwrap_or(false);
     let chosen = [command.is_some(), unit.is_some(), simulated]
         .iter()
@@ -1057,6 +1067,49 @@ fn instance(
         ssh_key: pick!(ssh_key).map(PathBuf::from),
         ssh_known_hosts: pick!(ssh_known_hosts).map(PathBuf::from),
     })
+}
+
+/// The placeholders the CLI replaces in `root`, `systemd_unit`, `command`
+/// and `env`.
+const PLACEHOLDERS: [&str; 4] = ["{id}", "{app}", "{address}", "{port}"];
+
+/// The placeholders an instance replaces when it starts, in `command` and
+/// `env` only.
+const LATE_PLACEHOLDERS: [&str; 3] = ["{release}", "{release_dir}", "{root}"];
+
+/// Refuses a `{name}` in `value` that is no placeholder (`late`: those an
+/// instance fills in at start count too); a shell's `${NAME}` is not one.
+fn check_placeholders(field: &str, value: &str, late: bool) -> deploykit::Result<()> {
+    let known = |p: &str| PLACEHOLDERS.contains(&p) || (late && LATE_PLACEHOLDERS.contains(&p));
+    for (open, _) in value.match_indices('{') {
+        if value[..open].ends_with('$') {
+            continue;
+        }
+        let after = &value[open + 1..];
+        let len = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        let name = &after[..len];
+        if !after[len..].starts_with('}') || !name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        {
+            continue;
+        }
+        let placeholder = format!("{{{name}}}");
+        if !known(&placeholder) {
+            let mut names: Vec<&str> = PLACEHOLDERS.to_vec();
+            if late {
+                names.extend(LATE_PLACEHOLDERS);
+            }
+            return Err(inv(
+                field,
+                format!(
+                    "{placeholder} in {value:?} is not a placeholder; the known ones here are {}",
+                    names.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `ssh://user@host:port` (port optional, default 22).

@@ -167,3 +167,60 @@ fn a_release_that_does_not_exist_is_refused_before_the_first_step() {
         "a refused deployment left a journal"
     );
 }
+
+/// `validate` of `config`: stderr, asserting exit 2 and no state directory.
+fn rejects(config: &str) -> String {
+    let env = Env::new(config);
+    let (code, out, err) = env.run(&["validate"]);
+    assert_eq!(
+        code, 2,
+        "expected exit 2 for:\n{config}\nstdout: {out}\nstderr: {err}"
+    );
+    assert!(
+        !env.path().join(".deploykit").exists(),
+        "validate touched the state directory"
+    );
+    err
+}
+
+fn assert_has(err: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(err.contains(p), "expected {p:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn unknown_placeholders_are_refused_naming_the_known_ones() {
+    let cases = [
+        (
+            "root = \"instances/{id}\"",
+            "root = \"instances/{idd}\"",
+            "instances[0].root",
+            "{idd}",
+        ),
+        (
+            "command = [\"sleep\", \"600\"]",
+            "command = [\"sleep\", \"600\", \"{relase}\"]",
+            "instances[0].command",
+            "{relase}",
+        ),
+        (
+            "command = [\"sleep\", \"600\"]",
+            "command = [\"sleep\", \"600\"]\nenv = { V = \"{prot}\" }",
+            "instances[0].env",
+            "{prot}",
+        ),
+    ];
+    for (from, to, key, bad) in cases {
+        let config = local(1, "").replace(from, to);
+        assert!(config.contains(bad), "{config}");
+        let err = rejects(&config);
+        assert_has(&err, &[&format!("invalid {key}:"), bad, "{id}", "{port}"]);
+    }
+    // What the instance fills in at start, and a shell's ${VAR}, stay.
+    let env = Env::new(&local(1, "").replace(
+        "command = [\"sleep\", \"600\"]",
+        "command = [\"sh\", \"-c\", \"exec sleep 600 # ${HOME} {release} {release_dir} {root} {port}\"]",
+    ));
+    env.ok(&["validate"], 0);
+}
