@@ -1023,6 +1023,15 @@ fn instance(
                 format!("{root:?} is relative; on an SSH host the root must be absolute"),
             ));
         }
+        if root.starts_with('/') && root.split('/').all(|p| p.is_empty() || p == ".") {
+            return Err(inv(
+                f("root"),
+                format!(
+                    "{root:?} is the filesystem root; give the instance its own directory, e.g. root = \"/srv/{}/{{id}}\"",
+                    c.app
+                ),
+            ));
+        }
         if root.split('/').any(|p| p == "..") {
             return Err(inv(
                 f("root"),

@@ -190,6 +190,17 @@ fn assert_has(err: &str, parts: &[&str]) {
 }
 
 #[test]
+fn the_filesystem_root_is_not_an_instance_root() {
+    for root in ["/", "//", "/.", "/./"] {
+        let err = rejects(&local(1, "").replace("root = \"instances/{id}\"", &format!("root = \"{root}\"")));
+        assert_has(
+            &err,
+            &["invalid instances[0].root:", "filesystem root", "/srv/shop/{id}"],
+        );
+    }
+}
+
+#[test]
 fn unknown_placeholders_are_refused_naming_the_known_ones() {
     let cases = [
         (
