@@ -235,3 +235,17 @@ fn unknown_placeholders_are_refused_naming_the_known_ones() {
     ));
     env.ok(&["validate"], 0);
 }
+
+#[test]
+fn a_fractional_batch_size_says_what_is_expected() {
+    let err = rejects(&local(2, "[strategy.rolling]\nbatch_size = 1.5\n"));
+    assert_has(
+        &err,
+        &[
+            "invalid strategy.rolling.batch_size:",
+            "1.5 is not a whole number",
+            "\"25%\"",
+        ],
+    );
+    assert!(!err.contains("variant") && !err.contains("untagged"), "{err}");
+}

@@ -36,8 +36,8 @@ use crate::plan::FleetSnapshot;
 ///
 /// Parses from `"3"` or `"25%"`. A percent rounds down and, where it is used
 /// as a batch size, never below 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "CountOrPercentRepr", into = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
 pub enum CountOrPercent {
     /// An absolute count.
     Count(usize),
@@ -102,25 +102,52 @@ impl FromStr for CountOrPercent {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum CountOrPercentRepr {
-    Int(i64),
-    Text(String),
+impl<'de> Deserialize<'de> for CountOrPercent {
+    /// A whole number, or text as [`parse`](Self::parse) reads it; every
+    /// other form gets a message saying what is expected (not serde's "did
+    /// not match any variant").
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(CountOrPercentVisitor)
+    }
 }
 
-impl TryFrom<CountOrPercentRepr> for CountOrPercent {
-    type Error = String;
-    fn try_from(r: CountOrPercentRepr) -> std::result::Result<Self, String> {
-        match r {
-            CountOrPercentRepr::Int(n) => usize::try_from(n)
-                .map(CountOrPercent::Count)
-                .map_err(|_| format!("{n} is negative; use a whole number >= 0 or a percent like \"25%\"")),
-            CountOrPercentRepr::Text(t) => CountOrPercent::parse("value", &t).map_err(|e| match e {
-                Error::InvalidInput { message, .. } => message,
-                other => other.to_string(),
-            }),
+struct CountOrPercentVisitor;
+
+impl serde::de::Visitor<'_> for CountOrPercentVisitor {
+    type Value = CountOrPercent;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a whole number >= 0 or a percent like \"25%\"")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<CountOrPercent, E> {
+        usize::try_from(v).map(CountOrPercent::Count).map_err(|_| {
+            E::custom(format!(
+                "{v} is too large; use a whole number of instances or a percent like \"25%\""
+            ))
+        })
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<CountOrPercent, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::custom(format!(
+                "{v} is negative; use a whole number >= 0 or a percent like \"25%\""
+            ))),
         }
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<CountOrPercent, E> {
+        Err(E::custom(format!(
+            "{v} is not a whole number; use a whole number of instances (e.g. 2) or a percent like \"25%\""
+        )))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, t: &str) -> std::result::Result<CountOrPercent, E> {
+        CountOrPercent::parse("value", t).map_err(|e| match e {
+            Error::InvalidInput { message, .. } => E::custom(message),
+            other => E::custom(other),
+        })
     }
 }
 
@@ -270,6 +297,21 @@ mod tests {
         let v: CountOrPercent = serde_json::from_str("\"10%\"").unwrap();
         assert_eq!(v, CountOrPercent::Percent(10));
         assert!(serde_json::from_str::<CountOrPercent>("-2").is_err());
+        assert_eq!(
+            serde_json::from_str::<CountOrPercent>("3").unwrap(),
+            CountOrPercent::Count(3)
+        );
+        for (json, says) in [
+            ("1.5", "1.5 is not a whole number"),
+            ("-2", "-2 is negative"),
+            ("true", "a whole number >= 0 or a percent"),
+            ("\"1.5\"", "\"1.5\" is not a whole number"),
+        ] {
+            let e = serde_json::from_str::<CountOrPercent>(json)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says) && !e.contains("variant"), "{json}: {e}");
+        }
     }
 
     #[test]
