@@ -371,9 +371,25 @@ fn ctrl_c(exec: &Executor) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Prints what the file holds that is valid but probably not meant.
+fn warn_config(g: &Global, cfg: &Loaded, kind: StrategyKind) {
+    if !g.quiet {
+        for w in cfg.warnings(kind) {
+            eprintln!("deploykit: warning: {}: {w}", cfg.path.display());
+        }
+    }
+}
+
 pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
     if let Some(k) = args.strategy {
         ctx.cfg.check_strategy(k)?;
+    }
+    if !args.resume {
+        warn_config(
+            &ctx.g,
+            &ctx.cfg,
+            args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind),
+        );
     }
     runtime()?.block_on(async move {
         let purpose = match &args.release {
@@ -655,6 +671,11 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
     if let Some(k) = args.strategy {
         ctx.cfg.check_strategy(k)?;
     }
+    warn_config(
+        &ctx.g,
+        &ctx.cfg,
+        args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind),
+    );
     runtime()?.block_on(async move {
         let release = ReleaseId::new(&args.release).map_err(|e| rename(e, "release"))?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
@@ -891,6 +912,7 @@ pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
 
 pub(crate) fn validate(g: Global) -> anyhow::Result<u8> {
     let cfg = config::load(&g.config)?;
+    warn_config(&g, &cfg, cfg.raw.strategy.kind);
     if g.json {
         println!(
             "{}",

@@ -451,6 +451,24 @@ impl Loaded {
         })
     }
 
+    /// What is valid but probably not meant, for strategy `kind`: each a
+    /// sentence naming the key.
+    pub(crate) fn warnings(&self, kind: StrategyKind) -> Vec<String> {
+        let mut out = Vec::new();
+        let fleet = self.instances.len();
+        if let (StrategyKind::Rolling, deploykit::CountOrPercent::Count(n)) =
+            (kind, self.raw.strategy.rolling.batch_size)
+        {
+            if n > fleet {
+                out.push(format!(
+                    "strategy.rolling.batch_size is {n}, but the fleet has {fleet} instance(s): \
+                     every instance is replaced in one batch, as with batch_size = {fleet}"
+                ));
+            }
+        }
+        out
+    }
+
     /// A path from the file, relative to the file's directory.
     pub(crate) fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);

@@ -2,7 +2,7 @@
 //! input) naming what to fix, and the fleet, the state directory and the
 //! releases are as they were.
 
-use crate::util::{local, Env};
+use crate::util::{local, simulated, Env};
 
 /// Two simulated instances in the environments blue and green, with no
 /// load balancer and the rolling strategy: valid as written.
@@ -248,4 +248,23 @@ fn a_fractional_batch_size_says_what_is_expected() {
         ],
     );
     assert!(!err.contains("variant") && !err.contains("untagged"), "{err}");
+}
+
+#[test]
+fn a_batch_larger_than_the_fleet_is_a_warning() {
+    let env = Env::new(&simulated(2, "[strategy.rolling]\nbatch_size = 5\n"));
+    for args in [&["validate"][..], &["plan", "v1"], &["deploy", "v1"]] {
+        let (code, out, err) = env.run(args);
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("warning")
+                && err.contains("strategy.rolling.batch_size is 5, but the fleet has 2 instance(s)"),
+            "{args:?}: {err}"
+        );
+    }
+    let (_, _, err) = env.run(&["-q", "validate"]);
+    assert!(!err.contains("warning"), "{err}");
+    let env = Env::new(&simulated(2, "[strategy.rolling]\nbatch_size = 2\n"));
+    let (_, _, err) = env.run(&["validate"]);
+    assert!(!err.contains("warning"), "{err}");
 }
