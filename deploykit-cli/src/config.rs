@@ -480,13 +480,35 @@ impl Loaded {
     }
 }
 
-/// Reads and checks `path`.
+/// The largest configuration file read; real ones are a few KiB.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads and checks `path`: a regular file of at most 1 MiB, so a device
+/// (`/dev/zero`) or a runaway file cannot exhaust memory.
 pub(crate) fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    use std::io::Read;
+    let refuse = |message: String| ConfigError {
         file: path.to_path_buf(),
         at: None,
-        message: format!("cannot read the configuration: {e}; pass another file with --config"),
-    })?;
+        message: format!("{message}; pass another file with --config"),
+    };
+    let cannot = |e: std::io::Error| refuse(format!("cannot read the configuration: {e}"));
+    // Checked before opening too: opening a FIFO would wait for a writer.
+    let regular = |m: std::fs::Metadata| {
+        m.is_file()
+            .then_some(())
+            .ok_or_else(|| refuse("the configuration is not a regular file".into()))
+    };
+    regular(std::fs::metadata(path).map_err(cannot)?)?;
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    regular(file.metadata().map_err(cannot)?)?;
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(refuse("the configuration is larger than 1 MiB".into()));
+    }
     parse(path, &text)
 }
 

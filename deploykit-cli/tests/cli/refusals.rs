@@ -268,3 +268,26 @@ fn a_batch_larger_than_the_fleet_is_a_warning() {
     let (_, _, err) = env.run(&["validate"]);
     assert!(!err.contains("warning"), "{err}");
 }
+
+#[test]
+fn a_configuration_that_is_no_regular_file_or_too_large_is_refused() {
+    let env = Env::new("");
+    let (code, _, err) = env.run(&["--config", "/dev/zero", "validate"]);
+    assert_eq!(code, 2, "{err}");
+    assert_has(&err, &["/dev/zero", "not a regular file", "--config"]);
+    // A FIFO would block the open itself.
+    let fifo = env.path().join("fifo.toml");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let (code, _, err) = env.run(&["--config", "fifo.toml", "validate"]);
+    assert_eq!(code, 2, "{err}");
+    assert_has(&err, &["fifo.toml", "not a regular file"]);
+    let big = env.path().join("big.toml");
+    std::fs::write(&big, format!("app = \"shop\"\n#{}\n", "x".repeat(1 << 20))).unwrap();
+    let (code, _, err) = env.run(&["--config", "big.toml", "validate"]);
+    assert_eq!(code, 2, "{err}");
+    assert_has(&err, &["big.toml", "larger than 1 MiB"]);
+}
