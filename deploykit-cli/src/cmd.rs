@@ -148,7 +148,7 @@ impl Ctx {
 
     fn say(&self, text: impl AsRef<str>) {
         if !self.g.json && !self.g.quiet {
-            println!("{}", text.as_ref());
+            outln!("{}", text.as_ref());
         }
     }
 }
@@ -279,7 +279,7 @@ async fn conclude(
         if h.kind == RunKind::Rollback {
             // A rollback's report speaks of its own plan; what matters is
             // what each instance runs now.
-            println!(
+            outln!(
                 "rollback {}: {}",
                 h.deployment,
                 HistoryOutcome::from(report.outcome)
@@ -290,10 +290,10 @@ async fn conclude(
                     Ok(Ok(None)) => "no release".into(),
                     _ => "unknown".into(),
                 };
-                println!("  {}: {r}", i.backend().id);
+                outln!("  {}: {r}", i.backend().id);
             }
         } else {
-            print!("{report}");
+            out!("{report}");
         }
     }
     Ok(match h.kind {
@@ -700,7 +700,7 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
             .map(|s| s.units.len())
             .collect();
         if ctx.g.json {
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({
                     "plan": plan,
@@ -709,9 +709,9 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
                 })
             );
         } else {
-            print!("{plan}");
+            out!("{plan}");
             let sizes: Vec<String> = batches.iter().map(|b| b.to_string()).collect();
-            println!("batch sizes: {}", if sizes.is_empty() { "none (nothing to do)".into() } else { sizes.join(", ") });
+            outln!("batch sizes: {}", if sizes.is_empty() { "none (nothing to do)".into() } else { sizes.join(", ") });
         }
         Ok(exit::SUCCESS)
     })
@@ -774,16 +774,16 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
                 live: live.map(|l| l.live),
                 load_balancer: sim_lb,
             };
-            println!("{}", serde_json::to_string(&status)?);
+            outln!("{}", serde_json::to_string(&status)?);
             return Ok(exit::SUCCESS);
         }
-        println!("app: {}", ctx.cfg.raw.app);
+        outln!("app: {}", ctx.cfg.raw.app);
         if let Some(h) = &holder {
-            println!("lock: held by {h}");
+            outln!("lock: held by {h}");
         }
         match (&latest, &entry) {
             (Some(j), Some(e)) => {
-                println!(
+                outln!(
                     "last run: {} ({}) {} of {}: {}",
                     e.id,
                     output::run_kind(e.kind),
@@ -792,34 +792,34 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
                     e.outcome
                 );
                 if let Some(r) = &e.reason {
-                    println!("  {r}");
+                    outln!("  {r}");
                 }
                 if let Some(stage) = j.awaiting_promotion() {
                     if e.outcome == HistoryOutcome::InProgress {
-                        println!("  canary stage {stage} waits for promotion: `deploykit promote` or `deploykit abort`");
+                        outln!("  canary stage {stage} waits for promotion: `deploykit promote` or `deploykit abort`");
                     }
                 }
                 if e.outcome == HistoryOutcome::Interrupted {
                     let unsettled: Vec<String> = j.unsettled().iter().map(|i| i.to_string()).collect();
                     if !unsettled.is_empty() {
-                        println!("  left part-way: {}", unsettled.join(", "));
+                        outln!("  left part-way: {}", unsettled.join(", "));
                     }
-                    println!(
+                    outln!(
                         "  the fleet may run a mix of releases: `deploykit deploy --resume` continues, `deploykit rollback` undoes"
                     );
                 }
             }
-            _ => println!("no deployment recorded yet"),
+            _ => outln!("no deployment recorded yet"),
         }
         if let Some(l) = &live {
-            println!("live environment: {}", l.live);
+            outln!("live environment: {}", l.live);
         }
         let w = |f: fn(&(String, String, String, String, String)) -> &String, h: &str| {
             rows.iter().map(|r| f(r).len()).max().unwrap_or(0).max(h.len())
         };
         let (wi, wg, wa, wr) = (w(|r| &r.0, "instance"), w(|r| &r.1, "group"), w(|r| &r.2, "address"), w(|r| &r.3, "release"));
         let lb_col = sim_lb.is_some();
-        println!(
+        outln!(
             "{:<wi$}  {:<wg$}  {:<wa$}  {:<wr$}  {}health",
             "instance",
             "group",
@@ -833,7 +833,7 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
                 Some(_) => "in        ",
                 None => "",
             };
-            println!("{id:<wi$}  {g:<wg$}  {a:<wa$}  {r:<wr$}  {rot}{h}");
+            outln!("{id:<wi$}  {g:<wg$}  {a:<wa$}  {r:<wr$}  {rot}{h}");
         }
         Ok(exit::SUCCESS)
     })
@@ -843,21 +843,26 @@ pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
     let entries = ctx.state.history()?;
     if ctx.g.json {
         for e in &entries {
-            println!("{}", serde_json::to_string(e)?);
+            outln!("{}", serde_json::to_string(e)?);
         }
         return Ok(exit::SUCCESS);
     }
     if entries.is_empty() {
-        println!("no deployments recorded yet");
+        outln!("no deployments recorded yet");
         return Ok(exit::SUCCESS);
     }
-    println!(
+    outln!(
         "{:<34} {:<9} {:<11} {:<12} {:<15} {:>9}  reason",
-        "id", "kind", "strategy", "release", "outcome", "duration"
+        "id",
+        "kind",
+        "strategy",
+        "release",
+        "outcome",
+        "duration"
     );
     for e in entries {
         let kind = output::run_kind(e.kind);
-        println!(
+        outln!(
             "{:<34} {:<9} {:<11} {:<12} {:<15} {:>8.1}s  {}",
             e.id,
             kind,
@@ -894,7 +899,7 @@ pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
     let ack = runtime()?.block_on(control.wait_ack(seq, Duration::from_secs(10)));
     match ack.map(|a| a.result) {
         Some(r) if r == "promoted" || r == "aborted" => {
-            println!("deployment {id}: {r}");
+            outln!("deployment {id}: {r}");
             Ok(exit::SUCCESS)
         }
         Some(r) => {
@@ -914,12 +919,12 @@ pub(crate) fn validate(g: Global) -> anyhow::Result<u8> {
     let cfg = config::load(&g.config)?;
     warn_config(&g, &cfg, cfg.raw.strategy.kind);
     if g.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"valid": true, "app": cfg.raw.app, "instances": cfg.instances.len(), "strategy": cfg.raw.strategy.kind.to_string()})
         );
     } else if !g.quiet {
-        println!(
+        outln!(
             "{}: valid ({} instance(s), strategy {}, load balancer {})",
             cfg.path.display(),
             cfg.instances.len(),
@@ -971,7 +976,7 @@ pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
         match checked {
             Ok(()) => {
                 if ctx.g.json {
-                    println!("{}", serde_json::json!({"ready": true, "load_balancer": lb.name()}));
+                    outln!("{}", serde_json::json!({"ready": true, "load_balancer": lb.name()}));
                 } else {
                     ctx.say(format!("load balancer {}: ready for deploykit", lb.name()));
                 }
@@ -979,7 +984,7 @@ pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
             }
             Err(e) => {
                 if ctx.g.json {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({"ready": false, "load_balancer": lb.name(), "error": e})
                     );

@@ -291,3 +291,45 @@ fn a_configuration_that_is_no_regular_file_or_too_large_is_refused() {
     assert_eq!(code, 2, "{err}");
     assert_has(&err, &["big.toml", "larger than 1 MiB"]);
 }
+
+/// Runs `deploykit args…` with stdout a pipe nobody reads (`… | head`
+/// after head exited): (exit code, stderr).
+fn into_a_closed_pipe(env: &Env, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("deploykit"))
+        .current_dir(env.path())
+        .env_remove("RUST_LOG")
+        .env_remove("DEPLOYKIT_CONFIG")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly_and_never_stops_a_deployment() {
+    let env = Env::new(&simulated(3, ""));
+    let (code, err) = into_a_closed_pipe(&env, &["deploy", "v1"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for id in ["web-1", "web-2", "web-3"] {
+        assert_eq!(env.sim(id)["release"], "v1", "the deployment finished");
+    }
+    for args in [
+        &["status"][..],
+        &["history"],
+        &["plan", "v2"],
+        &["--json", "status"],
+        &["completions", "bash"],
+    ] {
+        let (code, err) = into_a_closed_pipe(&env, args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
