@@ -127,7 +127,9 @@ pub(crate) struct Ctx {
 impl Ctx {
     pub(crate) fn load(g: Global) -> anyhow::Result<Self> {
         let cfg = config::load(&g.config)?;
-        let state = StateDir::open(cfg.state_base(), &cfg.raw.app)?;
+        // Created by the first lock: a refused or read-only command leaves
+        // nothing behind.
+        let state = StateDir::at(cfg.state_base(), &cfg.raw.app)?;
         Ok(Self { g, cfg, state })
     }
 
@@ -384,13 +386,29 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
     if let Some(k) = args.strategy {
         ctx.cfg.check_strategy(k)?;
     }
-    if !args.resume {
-        warn_config(
-            &ctx.g,
-            &ctx.cfg,
-            args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind),
-        );
-    }
+    // Everything that can refuse the arguments comes before the lock, which
+    // creates the state directory.
+    let release = match &args.release {
+        Some(r) if !args.resume => {
+            let release = ReleaseId::new(r).map_err(|e| rename(e, "release"))?;
+            // An interrupted deployment is reported first, after the lock.
+            if ctx.state.latest()?.is_none_or(|j| j.is_finished()) {
+                wire::check_release(&ctx.cfg, &release)?;
+            }
+            warn_config(
+                &ctx.g,
+                &ctx.cfg,
+                args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind),
+            );
+            Some(release)
+        }
+        _ => {
+            if !ctx.state.root().exists() {
+                return nothing_to_resume();
+            }
+            None
+        }
+    };
     runtime()?.block_on(async move {
         let purpose = match &args.release {
             Some(r) => format!("deploy {r}"),
@@ -401,9 +419,9 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
             Err(code) => return Ok(code),
         };
         let latest = ctx.state.latest()?;
-        if args.resume {
+        let Some(release) = release else {
             return resume(&ctx, latest).await;
-        }
+        };
         if let Some(j) = latest.as_ref().filter(|j| !j.is_finished()) {
             eprintln!(
                 "deploykit: error: the {} {} of {} was interrupted and the fleet may run a mix of releases; \
@@ -412,8 +430,6 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
             );
             return Ok(exit::UNKNOWN_STATE);
         }
-        let release = ReleaseId::new(args.release.as_deref().unwrap_or_default())
-            .map_err(|e| rename(e, "release"))?;
         wire::check_release(&ctx.cfg, &release)?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
         run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind), release).await
@@ -557,10 +573,16 @@ async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: Release
     conclude(ctx, exec, &journal, &report, human.as_deref()).await
 }
 
+fn nothing_to_resume() -> anyhow::Result<u8> {
+    eprintln!(
+        "deploykit: error: nothing to resume: no deployment was interrupted (`deploykit history` lists them)"
+    );
+    Ok(exit::BAD_INPUT)
+}
+
 async fn resume(ctx: &Ctx, latest: Option<JournalSummary>) -> anyhow::Result<u8> {
     let Some(orig) = latest.filter(|j| !j.is_finished()) else {
-        eprintln!("deploykit: error: nothing to resume: no deployment was interrupted (`deploykit history` lists them)");
-        return Ok(exit::BAD_INPUT);
+        return nothing_to_resume();
     };
     if orig.header.kind == RunKind::Rollback {
         eprintln!(
@@ -585,14 +607,21 @@ async fn resume(ctx: &Ctx, latest: Option<JournalSummary>) -> anyhow::Result<u8>
 }
 
 pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
+    let nothing = || {
+        eprintln!("deploykit: error: nothing to roll back: no deployment is recorded");
+        Ok(exit::BAD_INPUT)
+    };
+    // The lock would create the state directory.
+    if !ctx.state.root().exists() {
+        return nothing();
+    }
     runtime()?.block_on(async move {
         let _lock = match lock(&ctx, "rollback")? {
             Ok(l) => l,
             Err(code) => return Ok(code),
         };
         let Some(latest) = ctx.state.latest()? else {
-            eprintln!("deploykit: error: nothing to roll back: no deployment is recorded");
-            return Ok(exit::BAD_INPUT);
+            return nothing();
         };
         let recorded = Recorded::load(&ctx.state, &latest)?;
         let root = recorded.deployment().header.clone();

@@ -333,3 +333,26 @@ fn a_closed_stdout_ends_quietly_and_never_stops_a_deployment() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn refused_and_read_only_commands_create_no_state() {
+    let env = Env::new(&simulated(2, ""));
+    let state = env.path().join(".deploykit");
+    for (args, code) in [
+        (&["plan", "v1"][..], 0),
+        (&["status"], 0),
+        (&["--json", "status"], 0),
+        (&["history"], 0),
+        (&["deploy", "no such release!"], 2),
+        (&["deploy", "v1", "--strategy", "blue-green"], 2),
+        (&["promote"], 2),
+        (&["rollback"], 2),
+        (&["deploy", "--resume"], 2),
+    ] {
+        env.ok(args, code);
+        assert!(!state.exists(), "deploykit {args:?} created {}", state.display());
+    }
+    // A deployment creates it.
+    env.ok(&["deploy", "v1"], 0);
+    assert!(state.join("shop").join("journal").is_dir());
+}
