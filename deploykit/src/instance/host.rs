@@ -282,7 +282,7 @@ mod tests {
         std::fs::write(locked.join("secret"), "x").unwrap();
         std::fs::set_permissions(
             locked.join("secret"),
-            std::os::unix::fs::PermissionsExt::from_mode(0),
+            std::os::unix::fs::PermissionsExt::from_mode(0o000),
         )
         .unwrap();
         // Root reads a file of mode 0 anyway: then there is nothing to refuse.
