@@ -237,6 +237,12 @@ mod tests {
 
     use super::*;
 
+    #[cfg(feature = "ssh")]
+    #[test]
+    fn the_reserved_name_is_the_manifest_the_stream_adds() {
+        assert_eq!(STREAM_MANIFEST, crate::instance::MANIFEST);
+    }
+
     #[test]
     fn a_release_is_checked_before_anything_is_touched() {
         use crate::names::ReleaseId;
