@@ -127,7 +127,9 @@ pub(crate) struct Ctx {
 impl Ctx {
     pub(crate) fn load(g: Global) -> anyhow::Result<Self> {
         let cfg = config::load(&g.config)?;
-        let state = StateDir::open(cfg.state_base(), &cfg.raw.app)?;
+        // Created by the first lock: a refused or read-only command leaves
+        // nothing behind.
+        let state = StateDir::at(cfg.state_base(), &cfg.raw.app)?;
         Ok(Self { g, cfg, state })
     }
 
@@ -148,7 +150,7 @@ impl Ctx {
 
     fn say(&self, text: impl AsRef<str>) {
         if !self.g.json && !self.g.quiet {
-            println!("{}", text.as_ref());
+            outln!("{}", text.as_ref());
         }
     }
 }
@@ -279,7 +281,7 @@ async fn conclude(
         if h.kind == RunKind::Rollback {
             // A rollback's report speaks of its own plan; what matters is
             // what each instance runs now.
-            println!(
+            outln!(
                 "rollback {}: {}",
                 h.deployment,
                 HistoryOutcome::from(report.outcome)
@@ -290,10 +292,10 @@ async fn conclude(
                     Ok(Ok(None)) => "no release".into(),
                     _ => "unknown".into(),
                 };
-                println!("  {}: {r}", i.backend().id);
+                outln!("  {}: {r}", i.backend().id);
             }
         } else {
-            print!("{report}");
+            out!("{report}");
         }
     }
     Ok(match h.kind {
@@ -371,7 +373,42 @@ fn ctrl_c(exec: &Executor) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Prints what the file holds that is valid but probably not meant.
+fn warn_config(g: &Global, cfg: &Loaded, kind: StrategyKind) {
+    if !g.quiet {
+        for w in cfg.warnings(kind) {
+            eprintln!("deploykit: warning: {}: {w}", cfg.path.display());
+        }
+    }
+}
+
 pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
+    if let Some(k) = args.strategy {
+        ctx.cfg.check_strategy(k)?;
+    }
+    // Everything that can refuse the arguments comes before the lock, which
+    // creates the state directory.
+    let release = match &args.release {
+        Some(r) if !args.resume => {
+            let release = ReleaseId::new(r).map_err(|e| rename(e, "release"))?;
+            // An interrupted deployment is reported first, after the lock.
+            if ctx.state.latest()?.is_none_or(|j| j.is_finished()) {
+                wire::check_release(&ctx.cfg, &release)?;
+            }
+            warn_config(
+                &ctx.g,
+                &ctx.cfg,
+                args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind),
+            );
+            Some(release)
+        }
+        _ => {
+            if !ctx.state.root().exists() {
+                return nothing_to_resume();
+            }
+            None
+        }
+    };
     runtime()?.block_on(async move {
         let purpose = match &args.release {
             Some(r) => format!("deploy {r}"),
@@ -382,9 +419,9 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
             Err(code) => return Ok(code),
         };
         let latest = ctx.state.latest()?;
-        if args.resume {
+        let Some(release) = release else {
             return resume(&ctx, latest).await;
-        }
+        };
         if let Some(j) = latest.as_ref().filter(|j| !j.is_finished()) {
             eprintln!(
                 "deploykit: error: the {} {} of {} was interrupted and the fleet may run a mix of releases; \
@@ -393,8 +430,7 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
             );
             return Ok(exit::UNKNOWN_STATE);
         }
-        let release = ReleaseId::new(args.release.as_deref().unwrap_or_default())
-            .map_err(|e| rename(e, "release"))?;
+        wire::check_release(&ctx.cfg, &release)?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
         run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind), release).await
     })
@@ -537,10 +573,16 @@ async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: Release
     conclude(ctx, exec, &journal, &report, human.as_deref()).await
 }
 
+fn nothing_to_resume() -> anyhow::Result<u8> {
+    eprintln!(
+        "deploykit: error: nothing to resume: no deployment was interrupted (`deploykit history` lists them)"
+    );
+    Ok(exit::BAD_INPUT)
+}
+
 async fn resume(ctx: &Ctx, latest: Option<JournalSummary>) -> anyhow::Result<u8> {
     let Some(orig) = latest.filter(|j| !j.is_finished()) else {
-        eprintln!("deploykit: error: nothing to resume: no deployment was interrupted (`deploykit history` lists them)");
-        return Ok(exit::BAD_INPUT);
+        return nothing_to_resume();
     };
     if orig.header.kind == RunKind::Rollback {
         eprintln!(
@@ -553,6 +595,7 @@ async fn resume(ctx: &Ctx, latest: Option<JournalSummary>) -> anyhow::Result<u8>
         "resuming the {} deployment {} of {}",
         orig.header.strategy, orig.header.deployment, orig.header.release
     ));
+    wire::check_release(&ctx.cfg, &orig.header.release)?;
     let recorded = Recorded::load(&ctx.state, &orig)?;
     run_deploy(
         ctx,
@@ -564,14 +607,21 @@ async fn resume(ctx: &Ctx, latest: Option<JournalSummary>) -> anyhow::Result<u8>
 }
 
 pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
+    let nothing = || {
+        eprintln!("deploykit: error: nothing to roll back: no deployment is recorded");
+        Ok(exit::BAD_INPUT)
+    };
+    // The lock would create the state directory.
+    if !ctx.state.root().exists() {
+        return nothing();
+    }
     runtime()?.block_on(async move {
         let _lock = match lock(&ctx, "rollback")? {
             Ok(l) => l,
             Err(code) => return Ok(code),
         };
         let Some(latest) = ctx.state.latest()? else {
-            eprintln!("deploykit: error: nothing to roll back: no deployment is recorded");
-            return Ok(exit::BAD_INPUT);
+            return nothing();
         };
         let recorded = Recorded::load(&ctx.state, &latest)?;
         let root = recorded.deployment().header.clone();
@@ -629,8 +679,8 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         header.acts_on = Some(root.deployment.clone());
         header.plan = Some(plan.clone());
         // A load balancer failing its preflight does not block a rollback
-        // (a warning event): refusing would leave the fleet as mixed as it
-        // is, and the rollback's own steps may still succeed.
+        // (a warning event) — refusing would leave the fleet as mixed as it
+        // is — unless it does not read what the rollback would write.
         exec.check(&plan, &RunOptions::recovery()).await?;
         let journal = start_journal(&ctx, &relay, header, out)?;
         if !blue_green {
@@ -647,6 +697,14 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
 }
 
 pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
+    if let Some(k) = args.strategy {
+        ctx.cfg.check_strategy(k)?;
+    }
+    warn_config(
+        &ctx.g,
+        &ctx.cfg,
+        args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind),
+    );
     runtime()?.block_on(async move {
         let release = ReleaseId::new(&args.release).map_err(|e| rename(e, "release"))?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
@@ -671,18 +729,18 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
             .map(|s| s.units.len())
             .collect();
         if ctx.g.json {
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({
                     "plan": plan,
                     "batch_sizes": batches,
-                    "projected_duration_ms": {"min": p.min.as_millis() as u64, "max": p.max.as_millis() as u64},
+                    "projected_duration_ms": {"min": u64::try_from(p.min.as_millis()).unwrap_or(u64::MAX), "max": u64::try_from(p.max.as_millis()).unwrap_or(u64::MAX)},
                 })
             );
         } else {
-            print!("{plan}");
+            out!("{plan}");
             let sizes: Vec<String> = batches.iter().map(|b| b.to_string()).collect();
-            println!("batch sizes: {}", if sizes.is_empty() { "none (nothing to do)".into() } else { sizes.join(", ") });
+            outln!("batch sizes: {}", if sizes.is_empty() { "none (nothing to do)".into() } else { sizes.join(", ") });
         }
         Ok(exit::SUCCESS)
     })
@@ -745,16 +803,16 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
                 live: live.map(|l| l.live),
                 load_balancer: sim_lb,
             };
-            println!("{}", serde_json::to_string(&status)?);
+            outln!("{}", serde_json::to_string(&status)?);
             return Ok(exit::SUCCESS);
         }
-        println!("app: {}", ctx.cfg.raw.app);
+        outln!("app: {}", ctx.cfg.raw.app);
         if let Some(h) = &holder {
-            println!("lock: held by {h}");
+            outln!("lock: held by {h}");
         }
         match (&latest, &entry) {
             (Some(j), Some(e)) => {
-                println!(
+                outln!(
                     "last run: {} ({}) {} of {}: {}",
                     e.id,
                     output::run_kind(e.kind),
@@ -763,34 +821,34 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
                     e.outcome
                 );
                 if let Some(r) = &e.reason {
-                    println!("  {r}");
+                    outln!("  {r}");
                 }
                 if let Some(stage) = j.awaiting_promotion() {
                     if e.outcome == HistoryOutcome::InProgress {
-                        println!("  canary stage {stage} waits for promotion: `deploykit promote` or `deploykit abort`");
+                        outln!("  canary stage {stage} waits for promotion: `deploykit promote` or `deploykit abort`");
                     }
                 }
                 if e.outcome == HistoryOutcome::Interrupted {
                     let unsettled: Vec<String> = j.unsettled().iter().map(|i| i.to_string()).collect();
                     if !unsettled.is_empty() {
-                        println!("  left part-way: {}", unsettled.join(", "));
+                        outln!("  left part-way: {}", unsettled.join(", "));
                     }
-                    println!(
+                    outln!(
                         "  the fleet may run a mix of releases: `deploykit deploy --resume` continues, `deploykit rollback` undoes"
                     );
                 }
             }
-            _ => println!("no deployment recorded yet"),
+            _ => outln!("no deployment recorded yet"),
         }
         if let Some(l) = &live {
-            println!("live environment: {}", l.live);
+            outln!("live environment: {}", l.live);
         }
         let w = |f: fn(&(String, String, String, String, String)) -> &String, h: &str| {
             rows.iter().map(|r| f(r).len()).max().unwrap_or(0).max(h.len())
         };
         let (wi, wg, wa, wr) = (w(|r| &r.0, "instance"), w(|r| &r.1, "group"), w(|r| &r.2, "address"), w(|r| &r.3, "release"));
         let lb_col = sim_lb.is_some();
-        println!(
+        outln!(
             "{:<wi$}  {:<wg$}  {:<wa$}  {:<wr$}  {}health",
             "instance",
             "group",
@@ -804,7 +862,7 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
                 Some(_) => "in        ",
                 None => "",
             };
-            println!("{id:<wi$}  {g:<wg$}  {a:<wa$}  {r:<wr$}  {rot}{h}");
+            outln!("{id:<wi$}  {g:<wg$}  {a:<wa$}  {r:<wr$}  {rot}{h}");
         }
         Ok(exit::SUCCESS)
     })
@@ -814,21 +872,26 @@ pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
     let entries = ctx.state.history()?;
     if ctx.g.json {
         for e in &entries {
-            println!("{}", serde_json::to_string(e)?);
+            outln!("{}", serde_json::to_string(e)?);
         }
         return Ok(exit::SUCCESS);
     }
     if entries.is_empty() {
-        println!("no deployments recorded yet");
+        outln!("no deployments recorded yet");
         return Ok(exit::SUCCESS);
     }
-    println!(
+    outln!(
         "{:<34} {:<9} {:<11} {:<12} {:<15} {:>9}  reason",
-        "id", "kind", "strategy", "release", "outcome", "duration"
+        "id",
+        "kind",
+        "strategy",
+        "release",
+        "outcome",
+        "duration"
     );
     for e in entries {
         let kind = output::run_kind(e.kind);
-        println!(
+        outln!(
             "{:<34} {:<9} {:<11} {:<12} {:<15} {:>8.1}s  {}",
             e.id,
             kind,
@@ -865,7 +928,7 @@ pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
     let ack = runtime()?.block_on(control.wait_ack(seq, Duration::from_secs(10)));
     match ack.map(|a| a.result) {
         Some(r) if r == "promoted" || r == "aborted" => {
-            println!("deployment {id}: {r}");
+            outln!("deployment {id}: {r}");
             Ok(exit::SUCCESS)
         }
         Some(r) => {
@@ -883,13 +946,14 @@ pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
 
 pub(crate) fn validate(g: Global) -> anyhow::Result<u8> {
     let cfg = config::load(&g.config)?;
+    warn_config(&g, &cfg, cfg.raw.strategy.kind);
     if g.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"valid": true, "app": cfg.raw.app, "instances": cfg.instances.len(), "strategy": cfg.raw.strategy.kind.to_string()})
         );
     } else if !g.quiet {
-        println!(
+        outln!(
             "{}: valid ({} instance(s), strategy {}, load balancer {})",
             cfg.path.display(),
             cfg.instances.len(),
@@ -941,7 +1005,7 @@ pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
         match checked {
             Ok(()) => {
                 if ctx.g.json {
-                    println!("{}", serde_json::json!({"ready": true, "load_balancer": lb.name()}));
+                    outln!("{}", serde_json::json!({"ready": true, "load_balancer": lb.name()}));
                 } else {
                     ctx.say(format!("load balancer {}: ready for deploykit", lb.name()));
                 }
@@ -949,7 +1013,7 @@ pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
             }
             Err(e) => {
                 if ctx.g.json {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({"ready": false, "load_balancer": lb.name(), "error": e})
                     );

@@ -21,6 +21,27 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// A duration whose error waits for the semantic checks: the fields of an
+/// `[[instances]]` table are flattened, and serde's flatten loses the key a
+/// value's error belongs to, so the check names it (`instances[0].stop_grace`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LateDur(Result<Duration, String>);
+
+impl<'de> Deserialize<'de> for LateDur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(LateDur(
+            deploykit::duration_text::deserialize(d).map_err(|e: D::Error| e.to_string().trim().to_string()),
+        ))
+    }
+}
+
+impl LateDur {
+    /// The duration, or its error named `field`.
+    fn get(&self, field: String) -> deploykit::Result<Duration> {
+        self.0.clone().map_err(|m| inv(field, m))
+    }
+}
+
 fn d(secs: u64) -> Dur {
     Dur(Duration::from_secs(secs))
 }
@@ -68,17 +89,17 @@ pub(crate) struct InstanceFields {
     pub(crate) sudo: Option<bool>,
     pub(crate) simulated: Option<bool>,
     pub(crate) simulate_unhealthy: Option<Vec<String>>,
-    pub(crate) stop_grace: Option<Dur>,
+    pub(crate) stop_grace: Option<LateDur>,
     pub(crate) health: Option<HealthKind>,
     pub(crate) health_path: Option<String>,
     pub(crate) health_status: Option<u16>,
     pub(crate) keep_releases: Option<usize>,
     pub(crate) ssh_key: Option<String>,
     pub(crate) ssh_known_hosts: Option<String>,
-    pub(crate) health_timeout: Option<Dur>,
+    pub(crate) health_timeout: Option<LateDur>,
     pub(crate) health_body_contains: Option<String>,
-    pub(crate) ssh_timeout: Option<Dur>,
-    pub(crate) ssh_connect_timeout: Option<Dur>,
+    pub(crate) ssh_timeout: Option<LateDur>,
+    pub(crate) ssh_connect_timeout: Option<LateDur>,
     pub(crate) ssh_gzip: Option<bool>,
 }
 
@@ -440,6 +461,36 @@ impl Loaded {
         self.resolve(self.raw.state_dir.as_deref().unwrap_or(".deploykit"))
     }
 
+    /// Checks that strategy `kind`, chosen with `--strategy` instead of the
+    /// configured one, fits this file: the checks the configured strategy
+    /// got when the file was loaded.
+    pub(crate) fn check_strategy(&self, kind: StrategyKind) -> Result<(), ConfigError> {
+        let groups: BTreeSet<&Group> = self.instances.iter().map(|i| &i.group).collect();
+        check_strategy(&self.raw, kind, &groups).map_err(|e| ConfigError {
+            file: self.path.clone(),
+            at: None,
+            message: format!("--strategy {kind} does not fit this file: {e}"),
+        })
+    }
+
+    /// What is valid but probably not meant, for strategy `kind`: each a
+    /// sentence naming the key.
+    pub(crate) fn warnings(&self, kind: StrategyKind) -> Vec<String> {
+        let mut out = Vec::new();
+        let fleet = self.instances.len();
+        if let (StrategyKind::Rolling, deploykit::CountOrPercent::Count(n)) =
+            (kind, self.raw.strategy.rolling.batch_size)
+        {
+            if n > fleet {
+                out.push(format!(
+                    "strategy.rolling.batch_size is {n}, but the fleet has {fleet} instance(s): \
+                     every instance is replaced in one batch, as with batch_size = {fleet}"
+                ));
+            }
+        }
+        out
+    }
+
     /// A path from the file, relative to the file's directory.
     pub(crate) fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
@@ -451,13 +502,35 @@ impl Loaded {
     }
 }
 
-/// Reads and checks `path`.
+/// The largest configuration file read; real ones are a few KiB.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads and checks `path`: a regular file of at most 1 MiB, so a device
+/// (`/dev/zero`) or a runaway file cannot exhaust memory.
 pub(crate) fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    use std::io::Read;
+    let refuse = |message: String| ConfigError {
         file: path.to_path_buf(),
         at: None,
-        message: format!("cannot read the configuration: {e}; pass another file with --config"),
-    })?;
+        message: format!("{message}; pass another file with --config"),
+    };
+    let cannot = |e: std::io::Error| refuse(format!("cannot read the configuration: {e}"));
+    // Checked before opening too: opening a FIFO would wait for a writer.
+    let regular = |m: std::fs::Metadata| {
+        m.is_file()
+            .then_some(())
+            .ok_or_else(|| refuse("the configuration is not a regular file".into()))
+    };
+    regular(std::fs::metadata(path).map_err(cannot)?)?;
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    regular(file.metadata().map_err(cannot)?)?;
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(refuse("the configuration is larger than 1 MiB".into()));
+    }
     parse(path, &text)
 }
 
@@ -696,6 +769,17 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
             "no instances; add at least one [[instances]] table with an id and an address",
         ));
     }
+    let defaults = &c.instance_defaults;
+    for (name, d) in [
+        ("stop_grace", &defaults.stop_grace),
+        ("health_timeout", &defaults.health_timeout),
+        ("ssh_timeout", &defaults.ssh_timeout),
+        ("ssh_connect_timeout", &defaults.ssh_connect_timeout),
+    ] {
+        if let Some(d) = d {
+            d.get(format!("instance_defaults.{name}"))?;
+        }
+    }
     let mut ids = BTreeSet::new();
     let mut addresses = BTreeMap::new();
     let mut out = Vec::new();
@@ -734,68 +818,7 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
             sc.to_check().validate(&format!("smoke_checks[{n}]"))?;
         }
     }
-    let s = &c.strategy;
-    match s.kind {
-        StrategyKind::Rolling => {
-            s.rolling.validate().map_err(in_section("rolling"))?;
-            check_duration("strategy.rolling.health_interval", Dur(s.rolling.health.interval))?;
-        }
-        StrategyKind::Recreate => s.recreate.validate().map_err(in_section("recreate"))?,
-        StrategyKind::BlueGreen => {
-            let bg = c.blue_green();
-            bg.validate().map_err(in_section("blue-green"))?;
-            for env in &bg.environments {
-                if !groups.contains(env) {
-                    return Err(inv(
-                        "instances",
-                        format!(
-                            "no instance is in the environment {env}; blue-green needs instances with group = \"{}\" and group = \"{}\"",
-                            bg.environments[0], bg.environments[1]
-                        ),
-                    ));
-                }
-            }
-            if let Some(g) = groups.iter().find(|g| !bg.environments.contains(g)) {
-                return Err(inv(
-                    "instances",
-                    format!(
-                        "the group {g} is neither {} nor {}; under blue-green every instance belongs to one environment",
-                        bg.environments[0], bg.environments[1]
-                    ),
-                ));
-            }
-            if c.load_balancer.kind == LbKind::None {
-                return Err(inv(
-                    "load_balancer.kind",
-                    "is none, but blue-green switches traffic; choose nginx, haproxy, symlink or simulated",
-                ));
-            }
-        }
-        StrategyKind::Canary => {
-            let canary = &s.canary;
-            canary.validate().map_err(in_section("canary"))?;
-            for g in [&canary.stable_group, &canary.canary_group] {
-                if !groups.contains(g) {
-                    return Err(inv(
-                        "instances",
-                        format!("no instance is in the group {g}; canary needs stable and canary instances (set group = \"{g}\")"),
-                    ));
-                }
-            }
-            if c.metrics.is_none() {
-                return Err(inv(
-                    "metrics",
-                    "canary analyses metrics, but there is no [metrics] table; set metrics.prometheus = \"http://host:9090\"",
-                ));
-            }
-            if c.load_balancer.kind == LbKind::None {
-                return Err(inv(
-                    "load_balancer.kind",
-                    "is none, but canary splits traffic by weight; choose nginx, haproxy or simulated",
-                ));
-            }
-        }
-    }
+    check_strategy(c, c.strategy.kind, &groups)?;
     if let Some(m) = &c.metrics {
         let ok = (m.prometheus.starts_with("http://") || m.prometheus.starts_with("https://"))
             && m.prometheus.len() > "https://".len()
@@ -865,6 +888,75 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
     Ok(out)
 }
 
+/// The checks of strategy `kind` (the configured one, or one chosen with
+/// `--strategy`): its section, the groups it needs, the metrics and the
+/// load balancer it drives.
+fn check_strategy(c: &Config, kind: StrategyKind, groups: &BTreeSet<&Group>) -> deploykit::Result<()> {
+    let s = &c.strategy;
+    match kind {
+        StrategyKind::Rolling => {
+            s.rolling.validate().map_err(in_section("rolling"))?;
+            check_duration("strategy.rolling.health_interval", Dur(s.rolling.health.interval))?;
+        }
+        StrategyKind::Recreate => s.recreate.validate().map_err(in_section("recreate"))?,
+        StrategyKind::BlueGreen => {
+            let bg = c.blue_green();
+            bg.validate().map_err(in_section("blue-green"))?;
+            for env in &bg.environments {
+                if !groups.contains(&env) {
+                    return Err(inv(
+                        "instances",
+                        format!(
+                            "no instance is in the environment {env}; blue-green needs instances with group = \"{}\" and group = \"{}\"",
+                            bg.environments[0], bg.environments[1]
+                        ),
+                    ));
+                }
+            }
+            if let Some(g) = groups.iter().find(|g| !bg.environments.contains(g)) {
+                return Err(inv(
+                    "instances",
+                    format!(
+                        "the group {g} is neither {} nor {}; under blue-green every instance belongs to one environment",
+                        bg.environments[0], bg.environments[1]
+                    ),
+                ));
+            }
+            if c.load_balancer.kind == LbKind::None {
+                return Err(inv(
+                    "load_balancer.kind",
+                    "is none, but blue-green switches traffic; choose nginx, haproxy, symlink or simulated",
+                ));
+            }
+        }
+        StrategyKind::Canary => {
+            let canary = &s.canary;
+            canary.validate().map_err(in_section("canary"))?;
+            for g in [&canary.stable_group, &canary.canary_group] {
+                if !groups.contains(g) {
+                    return Err(inv(
+                        "instances",
+                        format!("no instance is in the group {g}; canary needs stable and canary instances (set group = \"{g}\")"),
+                    ));
+                }
+            }
+            if c.metrics.is_none() {
+                return Err(inv(
+                    "metrics",
+                    "canary analyses metrics, but there is no [metrics] table; set metrics.prometheus = \"http://host:9090\"",
+                ));
+            }
+            if c.load_balancer.kind == LbKind::None {
+                return Err(inv(
+                    "load_balancer.kind",
+                    "is none, but canary splits traffic by weight; choose nginx, haproxy or simulated",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn rename(e: deploykit::Error, field: &str) -> deploykit::Error {
     match e {
         deploykit::Error::InvalidInput { message, .. } => inv(field, message),
@@ -898,6 +990,16 @@ fn instance(
             own.$field.clone().or_else(|| def.$field.clone())
         };
     }
+    // Checked whatever the control, so a bad value is found where it is
+    // written even when this instance does not use it.
+    let grace = match &own.stop_grace {
+        Some(d) => Some(d.get(f("stop_grace"))?),
+        None => def
+            .stop_grace
+            .as_ref()
+            .map(|d| d.get("instance_defaults.stop_grace".into()))
+            .transpose()?,
+    };
     let group =
         Group::new(pick!(group).unwrap_or_else(|| "default".into())).map_err(|e| rename(e, &f("group")))?;
     let host = match pick!(host).as_deref() {
@@ -910,8 +1012,18 @@ fn instance(
             .replace("{port}", &address.port().to_string())
             .replace("{app}", &c.app)
     };
+    // Checked as written, before `subst` fills anything in.
+    let placeholders = |field: &str, values: Vec<&String>, late: bool| {
+        values
+            .into_iter()
+            .try_for_each(|v| check_placeholders(&f(field), v, late))
+    };
     let command = pick!(command);
     let unit = pick!(systemd_unit);
+    placeholders("root", own.root.iter().chain(&def.root).take(1).collect(), false)?;
+    placeholders("systemd_unit", unit.iter().collect(), false)?;
+    placeholders("command", command.iter().flatten().collect(), true)?;
+    placeholders("env", pick!(env).iter().flat_map(|e| e.values()).collect(), true)?;
     let simulated = pick!(simulated).unwrap_or(false);
     let chosen = [command.is_some(), unit.is_some(), simulated]
         .iter()
@@ -950,9 +1062,7 @@ fn instance(
         Control::Process {
             command: cmd.iter().map(|a| subst(a)).collect(),
             env: env.iter().map(|(k, v)| (k.clone(), subst(v))).collect(),
-            grace: pick!(stop_grace)
-                .map(|d| d.0)
-                .unwrap_or(deploykit::instance::DEFAULT_GRACE),
+            grace: grace.unwrap_or(deploykit::instance::DEFAULT_GRACE),
         }
     } else if let Some(unit) = unit {
         let unit = subst(&unit);
@@ -981,6 +1091,15 @@ fn instance(
             return Err(inv(
                 f("root"),
                 format!("{root:?} is relative; on an SSH host the root must be absolute"),
+            ));
+        }
+        if root.starts_with('/') && root.split('/').all(|p| p.is_empty() || p == ".") {
+            return Err(inv(
+                f("root"),
+                format!(
+                    "{root:?} is the filesystem root; give the instance its own directory, e.g. root = \"/srv/{}/{{id}}\"",
+                    c.app
+                ),
             ));
         }
         if root.split('/').any(|p| p == "..") {
@@ -1013,18 +1132,31 @@ fn instance(
             format!("is {keep_releases}; keep at least 2 so the previous release can be restored"),
         ));
     }
-    let health_timeout = pick!(health_timeout);
-    let ssh_timeout = pick!(ssh_timeout);
-    let ssh_connect_timeout = pick!(ssh_connect_timeout);
-    for (name, v) in [
-        ("health_timeout", health_timeout),
-        ("ssh_timeout", ssh_timeout),
-        ("ssh_connect_timeout", ssh_connect_timeout),
-    ] {
-        if let Some(v) = v {
-            check_duration(&f(name), v)?;
+    // The instance's own value, else the default's, each named where written.
+    let late = |name: &str, own: &Option<LateDur>, def: &Option<LateDur>| -> deploykit::Result<Option<Dur>> {
+        let d = match (own, def) {
+            (Some(d), _) => Some((d.get(f(name))?, f(name))),
+            (None, Some(d)) => Some((
+                d.get(format!("instance_defaults.{name}"))?,
+                format!("instance_defaults.{name}"),
+            )),
+            (None, None) => None,
+        };
+        match d {
+            Some((d, field)) => {
+                check_duration(&field, Dur(d))?;
+                Ok(Some(Dur(d)))
+            }
+            None => Ok(None),
         }
-    }
+    };
+    let health_timeout = late("health_timeout", &own.health_timeout, &def.health_timeout)?;
+    let ssh_timeout = late("ssh_timeout", &own.ssh_timeout, &def.ssh_timeout)?;
+    let ssh_connect_timeout = late(
+        "ssh_connect_timeout",
+        &own.ssh_connect_timeout,
+        &def.ssh_connect_timeout,
+    )?;
     let ssh_gzip = pick!(ssh_gzip);
     if !matches!(host, HostSpec::Ssh { .. }) {
         for (name, set) in [
@@ -1059,6 +1191,49 @@ fn instance(
         ssh_connect_timeout: ssh_connect_timeout.map(|d| d.0),
         ssh_gzip,
     })
+}
+
+/// The placeholders the CLI replaces in `root`, `systemd_unit`, `command`
+/// and `env`.
+const PLACEHOLDERS: [&str; 4] = ["{id}", "{app}", "{address}", "{port}"];
+
+/// The placeholders an instance replaces when it starts, in `command` and
+/// `env` only.
+const LATE_PLACEHOLDERS: [&str; 3] = ["{release}", "{release_dir}", "{root}"];
+
+/// Refuses a `{name}` in `value` that is no placeholder (`late`: those an
+/// instance fills in at start count too); a shell's `${NAME}` is not one.
+fn check_placeholders(field: &str, value: &str, late: bool) -> deploykit::Result<()> {
+    let known = |p: &str| PLACEHOLDERS.contains(&p) || (late && LATE_PLACEHOLDERS.contains(&p));
+    for (open, _) in value.match_indices('{') {
+        if value[..open].ends_with('$') {
+            continue;
+        }
+        let after = &value[open + 1..];
+        let len = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        let name = &after[..len];
+        if !after[len..].starts_with('}') || !name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        {
+            continue;
+        }
+        let placeholder = format!("{{{name}}}");
+        if !known(&placeholder) {
+            let mut names: Vec<&str> = PLACEHOLDERS.to_vec();
+            if late {
+                names.extend(LATE_PLACEHOLDERS);
+            }
+            return Err(inv(
+                field,
+                format!(
+                    "{placeholder} in {value:?} is not a placeholder; the known ones here are {}",
+                    names.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `ssh://user@host:port` (port optional, default 22).

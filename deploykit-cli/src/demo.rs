@@ -108,11 +108,11 @@ pub(crate) fn run(args: DemoArgs, json: bool) -> anyhow::Result<u8> {
             .build()?;
         let plan = strategy.plan(&exec.snapshot().await?, &release)?;
         if args.plan {
-            print!("{plan}");
+            out!("{plan}");
             return Ok(crate::exit::SUCCESS);
         }
         if !json {
-            println!(
+            outln!(
                 "deploykit demo: {} simulated instances on v1 behind a simulated load balancer",
                 args.instances
             );
@@ -128,15 +128,15 @@ pub(crate) fn run(args: DemoArgs, json: bool) -> anyhow::Result<u8> {
         ctrl_c.abort();
         human.finish();
         if !json {
-            print!("{report}");
+            out!("{report}");
             let check = fleet.check(&report, plan.rollback_batch);
-            println!(
+            outln!(
                 "invariants: {} (peak out of rotation: {})",
                 if check.is_ok() { "all held" } else { "VIOLATED" },
                 check.peak_out_of_rotation
             );
             for v in &check.violations {
-                println!("  - {v}");
+                outln!("  - {v}");
             }
         }
         Ok(exit_code(&report))

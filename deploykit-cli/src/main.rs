@@ -4,6 +4,22 @@
 
 #![forbid(unsafe_code)]
 
+/// `println!` that never panics: stdout closed by the reader
+/// (`deploykit status | head`) drops the rest of the output, so a
+/// read-only command ends quietly and a deployment never stops for it.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` that never panics, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!($($arg)*))
+    };
+}
+
 mod cmd;
 mod config;
 #[cfg(feature = "demo")]
@@ -140,7 +156,9 @@ fn try_main(cli: Cli) -> anyhow::Result<u8> {
         Command::Recommend(args) => recommend::run(args),
         Command::Validate => cmd::validate(g),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "deploykit", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "deploykit", &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
             Ok(exit::SUCCESS)
         }
         Command::Deploy(args) => cmd::deploy(cmd::Ctx::load(g)?, args),

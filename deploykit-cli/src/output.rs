@@ -43,7 +43,7 @@ impl Human {
     fn line(&self, at_ms: u64, text: String) {
         let line = format!("[{:>6.1}s] {text}", at_ms as f64 / 1000.0);
         if self.bar.is_hidden() {
-            println!("{line}");
+            outln!("{line}");
         } else {
             self.bar.println(line);
         }
@@ -218,6 +218,13 @@ pub(crate) fn paint(text: &str, colour: &str) -> String {
     } else {
         text.to_string()
     }
+}
+
+/// Writes to stdout, dropping what a closed stdout cannot take (see
+/// `outln!`); any other write error is as good as a closed stdout here.
+pub(crate) fn write_stdout(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(args).and_then(|()| out.flush());
 }
 
 /// Prints every event as one JSON object per line on stdout.

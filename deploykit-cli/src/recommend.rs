@@ -206,17 +206,17 @@ pub(crate) fn run(args: RecommendArgs) -> anyhow::Result<u8> {
             .iter()
             .map(|r| serde_json::json!({"aspect": r[0], "rolling": r[1], "blue-green": r[2], "canary": r[3], "recreate": r[4]}))
             .collect();
-        println!(
+        outln!(
             "{}",
             serde_json::json!({ "strategy": kind.to_string(), "because": why, "comparison": table })
         );
     } else {
-        println!("recommended strategy: {kind}");
+        outln!("recommended strategy: {kind}");
         for w in &why {
-            println!("  - {w}");
+            outln!("  - {w}");
         }
-        println!("set it with [strategy] kind = \"{kind}\" in deploykit.toml\n");
-        print!("{}", table_text());
+        outln!("set it with [strategy] kind = \"{kind}\" in deploykit.toml\n");
+        out!("{}", table_text());
     }
     Ok(crate::exit::SUCCESS)
 }

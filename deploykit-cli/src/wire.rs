@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use deploykit::instance::{
     HealthProbe, HttpProbe, InstanceBuilder, LocalInstance, ProcessSpec, ReleaseSource, ServiceControl,
-    SshHost, SystemdUnit,
+    SshHost, SystemdUnit, Transfer,
 };
 use deploykit::state::StateDir;
 use deploykit::{
@@ -30,6 +30,34 @@ pub(crate) fn strategy(cfg: &Loaded, kind: StrategyKind) -> anyhow::Result<Box<d
         }
         StrategyKind::Canary => Box::new(s.canary.clone()),
     })
+}
+
+/// Checks that `release` can be installed on every instance that installs
+/// releases (simulated ones do not): its directory under `releases` exists
+/// and can be read, and, when an instance is on an SSH host, that the tar
+/// stream can be built from it.
+pub(crate) fn check_release(cfg: &Loaded, release: &ReleaseId) -> deploykit::Result<()> {
+    let installs = || {
+        cfg.instances
+            .iter()
+            .filter(|i| !matches!(i.control, Control::Simulated { .. }))
+    };
+    let Some(releases) = cfg
+        .raw
+        .releases
+        .as_deref()
+        .filter(|_| installs().next().is_some())
+    else {
+        return Ok(());
+    };
+    let transfer = if installs().any(|i| matches!(i.host, HostSpec::Ssh { .. })) {
+        Transfer::Stream
+    } else {
+        Transfer::Local
+    };
+    ReleaseSource::directory(cfg.resolve(releases))
+        .check(release, transfer)
+        .map(|_| ())
 }
 
 /// The instances, in the order of the file.

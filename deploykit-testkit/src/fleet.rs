@@ -168,6 +168,8 @@ pub(crate) struct World {
     /// Scripted faults of [`LoadBalancer::preflight`].
     pub(crate) preflight_faults: Vec<Fault>,
     pub(crate) preflight_calls: u32,
+    /// What a scripted preflight fault says it found.
+    pub(crate) preflight_kind: Option<deploykit::PreflightFailure>,
 }
 
 impl World {
@@ -332,6 +334,7 @@ impl FakeFleet {
                 switch_calls: 0,
                 preflight_faults: Vec::new(),
                 preflight_calls: 0,
+                preflight_kind: None,
             }))),
         }
     }
@@ -450,6 +453,13 @@ impl FakeFleet {
     /// then refuse before touching anything.
     pub fn fail_preflight(self, fault: Fault) -> Self {
         self.shared.lock().preflight_faults.push(fault);
+        self
+    }
+
+    /// A scripted preflight fault ([`fail_preflight`](Self::fail_preflight))
+    /// says it found `kind`, as a driver that can tell would.
+    pub fn preflight_failure_kind(self, kind: deploykit::PreflightFailure) -> Self {
+        self.shared.lock().preflight_kind = Some(kind);
         self
     }
 
@@ -851,10 +861,13 @@ impl LoadBalancer for FakeLoadBalancer {
         w.preflight_calls += 1;
         let n = w.preflight_calls;
         match w.preflight_faults.iter().find_map(|f| f.fires_on_call(n)) {
-            Some(transient) => Err(scripted_error(
-                transient,
-                format!("scripted preflight fault on check {n}"),
-            )),
+            Some(transient) => {
+                let e = scripted_error(transient, format!("scripted preflight fault on check {n}"));
+                Err(match w.preflight_kind {
+                    Some(kind) => e.with_preflight_failure(kind),
+                    None => e,
+                })
+            }
             None => Ok(()),
         }
     }

@@ -1,6 +1,6 @@
 //! Serde helpers for a `Duration` as a person writes it in a configuration
 //! file: `"500ms"`, `"30s"`, `"5m"`, `"1h"` (see [`parse_duration`]), or a
-//! whole number of seconds.
+//! whole number of seconds; in either form at most [`MAX`].
 //!
 //! The strategies' serde form (the `[strategy.*]` sections of
 //! `deploykit.toml`) uses these; plans and journals keep whole milliseconds,
@@ -20,11 +20,38 @@
 //! assert_eq!(deploykit::duration_text::format(Duration::from_secs(300)), "5m");
 //! ```
 
+use std::fmt;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serializer};
+use serde::de::{self, Visitor};
+use serde::{Deserializer, Serializer};
 
 use crate::strategy::parse_duration;
+
+/// The longest duration a configuration may hold, in every form: 365 days.
+/// Anything longer is a typo, and the bound keeps every deadline and sum
+/// computed from configured durations far from overflowing.
+pub const MAX: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// The refusal of `written` (text or a number of seconds) as longer than
+/// [`MAX`].
+pub(crate) fn too_long(written: &str) -> String {
+    format!(
+        "{written} is longer than 8760h (365 days), the longest duration accepted; \
+         write e.g. \"30s\", \"5m\" or \"24h\""
+    )
+}
+
+/// `secs` whole seconds, when at most [`MAX`].
+///
+/// # Errors
+/// The message of [`too_long`].
+pub(crate) fn from_secs(secs: u64) -> Result<Duration, String> {
+    if secs > MAX.as_secs() {
+        return Err(too_long(&format!("{secs} seconds")));
+    }
+    Ok(Duration::from_secs(secs))
+}
 
 /// Writes `d` in the largest unit that holds it exactly: `"1h"`, `"5m"`,
 /// `"30s"`, `"500ms"`; anything finer as fractional seconds.
@@ -53,24 +80,63 @@ pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format(*d))
 }
 
-/// Reads `"30s"`-style text or a whole number of seconds.
+/// Reads `"30s"`-style text or a whole number of seconds, at most [`MAX`].
 ///
 /// # Errors
-/// A custom error saying how to write a duration, for anything else.
+/// A custom error saying how to write a duration, for anything else (a
+/// negative or fractional number, text that is no duration, or one longer
+/// than [`MAX`]).
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Repr {
-        Secs(u64),
-        Text(String),
+    d.deserialize_any(DurationVisitor)
+}
+
+/// What [`deserialize`] reads, with a message per wrong form rather than
+/// serde's "did not match any variant".
+struct DurationVisitor;
+
+impl Visitor<'_> for DurationVisitor {
+    type Value = Duration;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration such as \"30s\", \"500ms\", \"5m\" or a whole number of seconds")
     }
-    match Repr::deserialize(d)? {
-        Repr::Secs(s) => Ok(Duration::from_secs(s)),
-        Repr::Text(t) => parse_duration("duration", &t).map_err(|_| {
-            serde::de::Error::custom(format!(
-                "{t:?} is not a duration; write e.g. \"30s\", \"500ms\", \"5m\" or \"1h\""
-            ))
-        }),
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
+        from_secs(v).map_err(E::custom)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::custom(format!(
+                "{v} is negative; write a duration such as \"30s\" or a whole number of seconds"
+            ))),
+        }
+    }
+
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Duration, E> {
+        Err(E::custom(too_long(&format!("{v} seconds"))))
+    }
+
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Duration, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) if v > 0 => self.visit_u128(v.unsigned_abs()),
+            Err(_) => self.visit_i64(-1),
+        }
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
+        Err(E::custom(format!(
+            "{v} is not a whole number of seconds; write a fraction as text, e.g. \"{v}s\" or \"500ms\""
+        )))
+    }
+
+    fn visit_str<E: de::Error>(self, t: &str) -> Result<Duration, E> {
+        parse_duration("duration", t).map_err(|e| match e {
+            crate::Error::InvalidInput { message, .. } => E::custom(message),
+            other => E::custom(other),
+        })
     }
 }
 
@@ -106,6 +172,38 @@ pub mod option {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Section {
+        #[serde(with = "super")]
+        #[allow(dead_code)]
+        t: Duration,
+    }
+
+    fn refusal(json: &str) -> String {
+        serde_json::from_str::<Section>(&format!("{{\"t\": {json}}}"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn one_bound_in_every_form() {
+        for json in ["31536000", "\"8760h\"", "\"525600m\""] {
+            let s: Section = serde_json::from_str(&format!("{{\"t\": {json}}}")).unwrap();
+            assert_eq!(s.t, MAX, "{json}");
+        }
+        for json in ["31536001", "18446744073709551615", "\"8761h\"", "\"31536001s\""] {
+            let e = refusal(json);
+            assert!(e.contains("longer than 8760h (365 days)"), "{json}: {e}");
+        }
+        assert!(refusal("-5").contains("-5 is negative"), "{}", refusal("-5"));
+        let e = refusal("1.5");
+        assert!(
+            e.contains("not a whole number of seconds") && e.contains("\"1.5s\""),
+            "{e}"
+        );
+        assert!(!refusal("true").contains("variant"), "{}", refusal("true"));
+    }
 
     #[test]
     fn formats_round_trip() {

@@ -97,7 +97,33 @@ impl Error {
 pub struct DriverError {
     message: String,
     transient: bool,
+    preflight: Option<PreflightFailure>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// What a failed [`LoadBalancer::preflight`](crate::LoadBalancer::preflight)
+/// found, when the driver can say: it decides whether a run that restores a
+/// previous state ([`Preflight::Warn`](crate::Preflight::Warn)) may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PreflightFailure {
+    /// The balancer does not read what the driver changes (nginx's
+    /// configuration does not include the upstream file): every change would
+    /// write something nothing reads, possibly a file that is not the
+    /// driver's. Refuses every run, rollbacks included.
+    NotWired,
+    /// The balancer is not running or cannot be reached. A rollback warns and
+    /// goes on; its traffic steps fail if it stays so.
+    Unreachable,
+}
+
+impl fmt::Display for PreflightFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PreflightFailure::NotWired => "not wired",
+            PreflightFailure::Unreachable => "unreachable",
+        })
+    }
 }
 
 impl DriverError {
@@ -106,6 +132,7 @@ impl DriverError {
         Self {
             message: message.into(),
             transient: false,
+            preflight: None,
             source: None,
         }
     }
@@ -124,9 +151,20 @@ impl DriverError {
         self
     }
 
+    /// Says what a failed preflight check found.
+    pub fn with_preflight_failure(mut self, kind: PreflightFailure) -> Self {
+        self.preflight = Some(kind);
+        self
+    }
+
     /// Whether retrying may help.
     pub fn is_transient(&self) -> bool {
         self.transient
+    }
+
+    /// What a failed preflight check found, when the driver said.
+    pub fn preflight_failure(&self) -> Option<PreflightFailure> {
+        self.preflight
     }
 
     /// The message, without the source chain.
@@ -166,6 +204,7 @@ impl From<std::io::Error> for DriverError {
         Self {
             message: "I/O error".into(),
             transient,
+            preflight: None,
             source: Some(Box::new(e)),
         }
     }

@@ -14,7 +14,7 @@ use crate::analysis::{Analysis, Analyzer, Observations, Verdict};
 use crate::event::EventKind;
 use crate::promotion::PromotionHandle;
 use crate::traits::{Metric, MetricsSource, Observation};
-use crate::wait::every;
+use crate::wait::{every, later};
 
 /// Why a gate did not let the deployment go on.
 #[derive(Debug, thiserror::Error)]
@@ -185,8 +185,8 @@ pub(crate) async fn await_promotion(
         timeout_ms: timeout.map(ms),
     });
     let interval = analysis.interval.max(Duration::from_millis(1));
-    let deadline = timeout.map(|t| Instant::now() + t);
-    let mut next_check = Instant::now() + interval;
+    let deadline = timeout.map(|t| later(Instant::now(), t));
+    let mut next_check = later(Instant::now(), interval);
     let result = loop {
         if rx.borrow_and_update().promotions > seen {
             (ctx.emit)(EventKind::Promoted { stage });
@@ -207,7 +207,7 @@ pub(crate) async fn await_promotion(
                 }
             }
             _ = tokio::time::sleep_until(next_check) => {
-                next_check += interval;
+                next_check = later(next_check, interval);
                 if let Err(e) = ctx.check(stage, weight, analysis).await {
                     break Err(e);
                 }

@@ -130,7 +130,7 @@ pub mod strategy;
 mod traits;
 mod wait;
 
-pub use error::{DriverError, Error, Result};
+pub use error::{DriverError, Error, PreflightFailure, Result};
 pub use event::{Event, EventKind, EventLog, EventSink, Fanout, StepResult};
 pub use executor::{run_id, Executor, ExecutorBuilder, Preflight, Retry, RunOptions, Timeouts};
 pub use kinds::{StepKind, StrategyKind};

@@ -539,9 +539,10 @@ impl Step {
     pub fn waits(&self) -> (Duration, Duration) {
         match self {
             Step::AwaitDrained { timeout, .. } => (Duration::ZERO, *timeout),
-            Step::AwaitHealthy { check, .. } => {
-                (Duration::ZERO, check.interval * check.retries.saturating_sub(1))
-            }
+            Step::AwaitHealthy { check, .. } => (
+                Duration::ZERO,
+                check.interval.saturating_mul(check.retries.saturating_sub(1)),
+            ),
             Step::Pause { duration, .. } => (*duration, *duration),
             Step::Analyze { duration, .. } => (*duration, *duration),
             Step::AwaitPromotion { timeout_ms, .. } => {
@@ -754,13 +755,13 @@ impl Plan {
             for unit in &stage.units {
                 let (umin, umax) = unit.steps.iter().fold((Duration::ZERO, Duration::ZERO), |a, s| {
                     let (lo, hi) = s.waits();
-                    (a.0 + lo, a.1 + hi)
+                    (a.0.saturating_add(lo), a.1.saturating_add(hi))
                 });
                 smin = smin.max(umin);
                 smax = smax.max(umax);
             }
-            min += smin;
-            max += smax;
+            min = min.saturating_add(smin);
+            max = max.saturating_add(smax);
         }
         Projection { min, max }
     }
@@ -1096,5 +1097,49 @@ mod tests {
             reason: "stabilise".into(),
         };
         assert_eq!(p.to_string(), "pause 1.500s (stabilise)");
+    }
+
+    #[test]
+    fn the_projected_duration_saturates_instead_of_overflowing() {
+        let huge = HealthCheck {
+            retries: u32::MAX,
+            interval: Duration::MAX,
+        };
+        let unit = |i: &str| Unit {
+            instance: Some(id(i)),
+            steps: vec![
+                Step::AwaitDrained {
+                    instance: id(i),
+                    timeout: Duration::MAX,
+                },
+                Step::AwaitHealthy {
+                    instance: id(i),
+                    check: huge,
+                },
+            ],
+        };
+        let stage = |i: &str| Stage {
+            name: i.into(),
+            units: vec![unit(i)],
+        };
+        let pause = Stage {
+            name: "stabilise".into(),
+            units: vec![Unit {
+                instance: None,
+                steps: vec![Step::Pause {
+                    duration: Duration::MAX,
+                    reason: "stabilise".into(),
+                }],
+            }],
+        };
+        let plan = Plan::new(
+            crate::StrategyKind::Rolling,
+            ReleaseId::new("v2").unwrap(),
+            BTreeMap::new(),
+            vec![stage("a"), pause.clone(), stage("b"), pause],
+        );
+        let p = plan.projected_duration();
+        assert_eq!((p.min, p.max), (Duration::MAX, Duration::MAX));
+        assert!(plan.to_string().contains("projected duration"));
     }
 }

@@ -33,8 +33,15 @@ pub(crate) enum Bound {
 impl Bound {
     /// A deadline `after` from now.
     pub(crate) fn after(after: Duration) -> Self {
-        Bound::Deadline(Instant::now() + after)
+        Bound::Deadline(later(Instant::now(), after))
     }
+}
+
+/// `at + d`, or an instant a century away when that does not fit: a wait
+/// that long never ends on its own anyway, and adding must not panic.
+pub(crate) fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .unwrap_or_else(|| at + Duration::from_secs(100 * 365 * 24 * 60 * 60))
 }
 
 /// Why [`poll_until`] stopped without the probe saying done.
@@ -121,14 +128,14 @@ where
     let interval = interval.max(Duration::from_millis(1));
     let mut elapsed = Duration::ZERO;
     while elapsed < duration {
-        let next = (elapsed + interval).min(duration);
+        let next = elapsed.saturating_add(interval).min(duration);
         let slept = match cancel {
             None => {
-                tokio::time::sleep_until(start + next).await;
+                tokio::time::sleep_until(later(start, next)).await;
                 true
             }
             Some(c) => tokio::select! {
-                _ = tokio::time::sleep_until(start + next) => true,
+                _ = tokio::time::sleep_until(later(start, next)) => true,
                 _ = c.cancelled() => false,
             },
         };

@@ -349,9 +349,10 @@ fn deploy_plan_status_rollback_on_local_instances() {
         assert_eq!(env.local_release(id).as_deref(), Some("v1"));
         assert!(env.local_running(id), "{id} not running after the rollback");
     }
-    // A release that does not exist fails on the first instance and rolls back.
+    // A release that does not exist is refused before the first instance is
+    // touched (refusals.rs has the details).
     let (code, out, err) = env.run(&["deploy", "v9"]);
-    assert_eq!(code, 1, "{out}\n{err}");
+    assert_eq!(code, 2, "{out}\n{err}");
     assert_eq!(env.local_release("web-1").as_deref(), Some("v1"));
     assert!(env.local_running("web-1"));
 }

@@ -9,5 +9,6 @@ mod crash;
 mod haproxy;
 mod nginx;
 mod notify;
+mod refusals;
 mod ssh;
 mod util;

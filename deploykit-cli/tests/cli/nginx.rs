@@ -408,3 +408,47 @@ fn a_rollback_goes_on_when_the_preflight_fails_and_says_why() {
     );
     assert!(!text.contains(" down"), "{text}");
 }
+
+/// A rollback never writes a file nginx does not read: with
+/// `include_file` pointed at a copy of a file nginx does not include, the
+/// rollback says so and stops before touching an instance or the file.
+#[test]
+fn a_rollback_refuses_an_include_file_nginx_does_not_read() {
+    let Some(bin) = nginx_binary() else { return };
+    let ngx_dir = tempfile::tempdir().unwrap();
+    let dir = ngx_dir.path();
+    let port = free_port();
+    let cfg = nginx_config(&bin, dir, 18580, "");
+    let env = Env::new(&cfg);
+    env.releases(&["v1", "v2"]);
+    let _nginx = Nginx::start(&bin, dir, port, &[18581, 18582]);
+    env.ok(&["-q", "deploy", "v1"], 0);
+    env.ok(&["-q", "deploy", "v2"], 0);
+    let bystander = dir.join("passwd");
+    let content = "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n";
+    std::fs::write(&bystander, content).unwrap();
+    let upstream = dir.join("upstream.conf");
+    std::fs::write(
+        env.path().join("deploykit.toml"),
+        cfg.replace(&upstream.display().to_string(), &bystander.display().to_string()),
+    )
+    .unwrap();
+    let journals = env.journal_count();
+
+    let (code, out, err) = env.run(&["rollback"]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("nothing was touched") && err.contains("does not include the upstream file"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&bystander).unwrap(),
+        content,
+        "the file was written"
+    );
+    for id in ["web-1", "web-2"] {
+        assert_eq!(env.local_release(id).as_deref(), Some("v2"), "{id} was touched");
+        assert!(env.local_running(id), "{id} was stopped");
+    }
+    assert_eq!(env.journal_count(), journals, "a refused rollback left a journal");
+}

@@ -27,7 +27,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{DriverError, Error, Result};
+use crate::error::{DriverError, Error, PreflightFailure, Result};
 use crate::event::EventSink;
 use crate::names::{InstanceId, ReleaseId};
 use crate::plan::{FleetSnapshot, InstanceSnapshot, Plan, Step};
@@ -389,8 +389,9 @@ impl Executor {
     /// balancer's [`preflight`](LoadBalancer::preflight) — without running
     /// anything: for a caller that records the start of a deployment (a
     /// journal, a notification) only once it can start. `run` checks again.
-    /// With [`Preflight::Warn`] a failed preflight could not refuse, so it is
-    /// not called (the run calls it, and warns).
+    /// With [`Preflight::Warn`] only a balancer that reads nothing the
+    /// driver writes ([`PreflightFailure::NotWired`]) refuses; the run calls
+    /// the preflight again and warns of any other failure.
     ///
     /// # Errors
     /// * [`Error::InvalidInput`] (field `plan`) when the plan names an
@@ -400,12 +401,12 @@ impl Executor {
     /// * [`Error::Inconsistent`] when it switches away from an environment
     ///   that the record or the load balancer says is not live.
     /// * [`Error::Refused`] when the plan touches the load balancer and its
-    ///   preflight check fails under [`Preflight::Enforce`] (transient errors
-    ///   retried with backoff, each attempt bounded by the load-balancer
-    ///   timeout).
+    ///   preflight check fails under [`Preflight::Enforce`], or finds it
+    ///   [`NotWired`](PreflightFailure::NotWired) under either (transient
+    ///   errors retried with backoff, each attempt bounded by the
+    ///   load-balancer timeout).
     pub async fn check(&self, plan: &Plan, options: &RunOptions) -> Result<()> {
-        let call = options.preflight == Preflight::Enforce;
-        self.prepare(plan, options.preflight, call).await.map(|_| ())
+        self.prepare(plan, options.preflight, true).await.map(|_| ())
     }
 
     /// The checks before a run; `call_preflight` false skips the load
@@ -457,6 +458,15 @@ impl Executor {
             .call(self.inner.timeouts.load_balancer, || lb.preflight())
             .await;
         let Err(e) = r else { return Ok(None) };
+        let not_wired =
+            matches!(&e, StepError::Driver(d) if d.preflight_failure() == Some(PreflightFailure::NotWired));
+        if not_wired {
+            return Err(Error::Refused(format!(
+                "the {} load balancer failed its preflight check, so nothing was touched (not even by a \
+                 rollback: the balancer does not read what deploykit would change): {e}",
+                lb.name()
+            )));
+        }
         match preflight {
             Preflight::Enforce => Err(Error::Refused(format!(
                 "the {} load balancer failed its preflight check, so nothing was touched: {e}",
@@ -547,7 +557,10 @@ pub enum Preflight {
     /// the fleet as mixed as it is, and its own steps may still succeed (the
     /// nginx driver rewrites a deleted include file; a server HAProxy lacks
     /// may be one the rollback never touches). A step that does fail is
-    /// handled as any failure.
+    /// handled as any failure. The exception is a balancer that does not
+    /// read what the driver writes ([`PreflightFailure::NotWired`]): every
+    /// traffic step would write a file nothing reads, so that refuses here
+    /// too.
     Warn,
 }
 
@@ -565,7 +578,10 @@ impl Inner {
             match tokio::time::timeout(timeout, f()).await {
                 Ok(Ok(v)) => return (Ok(v), attempt),
                 Ok(Err(e)) if e.is_transient() && attempt < self.retry.attempts => {
-                    let wait = self.retry.backoff * 2u32.saturating_pow(attempt - 1);
+                    let wait = self
+                        .retry
+                        .backoff
+                        .saturating_mul(2u32.saturating_pow(attempt - 1));
                     tokio::time::sleep(wait).await;
                 }
                 Ok(Err(e)) => return (Err(StepError::Driver(e)), attempt),

@@ -152,6 +152,83 @@ impl ReleaseSource {
         }
         Ok(path)
     }
+
+    /// Checks, before anything is touched, that `release` can be installed
+    /// the way `transfer` says: its directory exists and every file and
+    /// directory in it can be read; for [`Transfer::Stream`] also that the
+    /// tar stream can be built from it. Reads only; an install checks again.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) (field
+    /// `release`) naming the path at fault and the fix.
+    pub fn check(&self, release: &crate::names::ReleaseId, transfer: Transfer) -> crate::Result<PathBuf> {
+        let bad = |m: String| crate::Error::invalid("release", m);
+        let path = self.locate(release).map_err(|e| bad(e.message().to_string()))?;
+        check_tree(&path, Path::new(""), transfer).map_err(bad)?;
+        Ok(path)
+    }
+}
+
+/// How a release reaches its instances, which decides what it may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Transfer {
+    /// Copied or hard-linked on this machine (`cp -a`): anything `cp`
+    /// copies.
+    Local,
+    /// Streamed as a tar to an SSH host: regular files, directories and
+    /// symlinks only, with UTF-8 names that hold no newline, carriage
+    /// return or backslash, and no top-level `.deploykit.sha256` (the
+    /// manifest the stream adds).
+    Stream,
+}
+
+/// The manifest's name, as `ssh::MANIFEST` (that module is behind the
+/// `ssh` feature).
+const STREAM_MANIFEST: &str = ".deploykit.sha256";
+
+/// Walks `root/rel` as an install would read it: the first problem, as a
+/// message naming the path.
+fn check_tree(root: &Path, rel: &Path, transfer: Transfer) -> Result<(), String> {
+    let dir = root.join(rel);
+    let unreadable =
+        |p: &Path, e: std::io::Error| format!("cannot read {}: {e}; fix its permissions", p.display());
+    let entries = std::fs::read_dir(&dir).map_err(|e| unreadable(&dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| unreadable(&dir, e))?;
+        let path = entry.path();
+        let rel_path = rel.join(entry.file_name());
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| unreadable(&path, e))?;
+        let ft = meta.file_type();
+        if transfer == Transfer::Stream {
+            let name = rel_path.to_str().ok_or_else(|| {
+                format!(
+                    "the file name {} is not UTF-8; rename it (releases for SSH hosts travel as a tar)",
+                    path.display()
+                )
+            })?;
+            if name.contains(['\n', '\r', '\\']) || name == STREAM_MANIFEST {
+                return Err(format!(
+                    "the file name {name:?} in {} has a newline, carriage return or backslash (or is reserved); \
+                     rename it (releases for SSH hosts travel as a tar with a manifest)",
+                    root.display()
+                ));
+            }
+            if !(ft.is_dir() || ft.is_file() || ft.is_symlink()) {
+                return Err(format!(
+                    "{} is neither a file, a directory nor a symlink (a FIFO, socket or device); \
+                     remove it from the release (releases for SSH hosts travel as a tar)",
+                    path.display()
+                ));
+            }
+        }
+        if ft.is_dir() {
+            check_tree(root, &rel_path, transfer)?;
+        } else if ft.is_file() {
+            std::fs::File::open(&path).map_err(|e| unreadable(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -159,6 +236,67 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
+
+    #[cfg(feature = "ssh")]
+    #[test]
+    fn the_reserved_name_is_the_manifest_the_stream_adds() {
+        assert_eq!(STREAM_MANIFEST, crate::instance::MANIFEST);
+    }
+
+    #[test]
+    fn a_release_is_checked_before_anything_is_touched() {
+        use crate::names::ReleaseId;
+        let tmp = tempfile::tempdir().unwrap();
+        let source = ReleaseSource::directory(tmp.path());
+        let v = |r: &str| ReleaseId::new(r).unwrap();
+        let dir = tmp.path().join("v1");
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::write(dir.join("bin/app"), "x").unwrap();
+        std::os::unix::fs::symlink("bin/app", dir.join("app")).unwrap();
+        for t in [Transfer::Local, Transfer::Stream] {
+            assert_eq!(source.check(&v("v1"), t).unwrap(), dir);
+            let e = source.check(&v("v99"), t).unwrap_err().to_string();
+            assert!(
+                e.contains("release") && e.contains(&tmp.path().join("v99").display().to_string()),
+                "{e}"
+            );
+        }
+        let fifo = tmp.path().join("v2");
+        std::fs::create_dir_all(&fifo).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(fifo.join("pipe"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert!(
+            source.check(&v("v2"), Transfer::Local).is_ok(),
+            "cp -a copies a FIFO"
+        );
+        let e = source.check(&v("v2"), Transfer::Stream).unwrap_err().to_string();
+        assert!(e.contains("pipe") && e.contains("FIFO"), "{e}");
+        let newline = tmp.path().join("v3");
+        std::fs::create_dir_all(newline.join("sub")).unwrap();
+        std::fs::write(newline.join("sub/a\nb"), "x").unwrap();
+        let e = source.check(&v("v3"), Transfer::Stream).unwrap_err().to_string();
+        assert!(e.contains("sub/a\\nb") && e.contains("newline"), "{e}");
+        let manifest = tmp.path().join("v4");
+        std::fs::create_dir_all(&manifest).unwrap();
+        std::fs::write(manifest.join(STREAM_MANIFEST), "x").unwrap();
+        assert!(source.check(&v("v4"), Transfer::Stream).is_err());
+        let locked = tmp.path().join("v5");
+        std::fs::create_dir_all(&locked).unwrap();
+        std::fs::write(locked.join("secret"), "x").unwrap();
+        std::fs::set_permissions(
+            locked.join("secret"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o000),
+        )
+        .unwrap();
+        // Root reads a file of mode 0 anyway: then there is nothing to refuse.
+        if std::fs::File::open(locked.join("secret")).is_err() {
+            let e = source.check(&v("v5"), Transfer::Local).unwrap_err().to_string();
+            assert!(e.contains("cannot read") && e.contains("secret"), "{e}");
+        }
+    }
 
     #[tokio::test]
     async fn put_dir_copies_or_hard_links_and_source_locates_releases() {

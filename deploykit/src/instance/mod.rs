@@ -50,7 +50,7 @@ use async_trait::async_trait;
 
 pub use cmd::{quote, Command, Output, OUTPUT_LIMIT};
 pub use health::{HealthProbe, HttpProbe};
-pub use host::{CopyMode, Host, LocalHost, ReleaseSource};
+pub use host::{CopyMode, Host, LocalHost, ReleaseSource, Transfer};
 pub use layout::{first_shared_site, LayoutSite, ReleaseLayout, DEFAULT_KEEP};
 pub use service::{ProcessSpec, ServiceControl, SystemdUnit, DEFAULT_GRACE};
 #[cfg(feature = "ssh")]

@@ -81,15 +81,32 @@ impl StateDir {
     /// [`Error::InvalidInput`] (field `app`) for a name outside
     /// `[A-Za-z0-9._-]`; [`Error::Io`] when the directory cannot be created.
     pub fn open(base: impl AsRef<Path>, app: &str) -> Result<Self> {
+        let dir = Self::at(base, app)?;
+        dir.create()?;
+        Ok(dir)
+    }
+
+    /// The state directory of `app` under `base`, not created: reading a
+    /// missing one finds no lock and no journals, and
+    /// [`try_lock`](Self::try_lock) creates it. For commands that may be
+    /// refused or only read, which then leave nothing behind.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `app`) for a name outside
+    /// `[A-Za-z0-9._-]`.
+    pub fn at(base: impl AsRef<Path>, app: &str) -> Result<Self> {
         crate::names::validate_name("app", app)?;
-        let root = base.as_ref().join(app);
-        let journal = root.join("journal");
-        std::fs::create_dir_all(&journal)
-            .map_err(|e| Error::io(format!("creating the state directory {}", journal.display()), e))?;
         Ok(Self {
             app: app.to_string(),
-            root,
+            root: base.as_ref().join(app),
         })
+    }
+
+    /// Creates the directory and its journal directory if needed.
+    fn create(&self) -> Result<()> {
+        let journal = self.journal_dir();
+        std::fs::create_dir_all(&journal)
+            .map_err(|e| Error::io(format!("creating the state directory {}", journal.display()), e))
     }
 
     /// The application's name.
@@ -116,20 +133,28 @@ impl StateDir {
     /// Tries to take the deployment lock without waiting; `purpose` (e.g.
     /// `deploy v2`) is recorded for whoever is refused.
     ///
+    /// Creates the state directory first if it does not exist.
+    ///
     /// # Errors
-    /// [`Error::Io`] when the state directory cannot be opened or locked, or
-    /// the lock file recording the holder cannot be written (the lock is
-    /// then not taken).
+    /// [`Error::Io`] when the state directory cannot be created, opened or
+    /// locked, or the lock file recording the holder cannot be written (the
+    /// lock is then not taken).
     pub fn try_lock(&self, purpose: &str) -> Result<LockAttempt> {
+        self.create()?;
         lock::try_lock(&self.root, purpose)
     }
 
     /// Who holds the lock now, if anyone (a live holder: the lock is tested,
     /// not taken).
     ///
+    /// A state directory that does not exist has none.
+    ///
     /// # Errors
     /// [`Error::Io`] when the state directory cannot be opened.
     pub fn holder(&self) -> Result<Option<Holder>> {
+        if !self.root.exists() {
+            return Ok(None);
+        }
         lock::current_holder(&self.root)
     }
 
@@ -148,15 +173,19 @@ impl StateDir {
         )
     }
 
-    /// Every journal, oldest first (by start time, then id).
+    /// Every journal, oldest first (by start time, then id); none when the
+    /// journal directory does not exist.
     ///
     /// # Errors
     /// [`Error::Io`] when the directory cannot be listed;
     /// [`Error::Inconsistent`] when a journal has no readable header.
     pub fn journals(&self) -> Result<Vec<JournalSummary>> {
         let dir = self.journal_dir();
-        let entries =
-            std::fs::read_dir(&dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+        };
         let mut out = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;

@@ -191,6 +191,7 @@ mod keep_old {
     use serde::{Deserialize, Deserializer, Serializer};
 
     use super::KeepOld;
+    use crate::strategy::DurationTextError;
 
     const UNTIL_NEXT: &str = "until-next-deployment";
 
@@ -210,17 +211,21 @@ mod keep_old {
             Tagged(KeepOld),
         }
         match Repr::deserialize(d)? {
-            Repr::Secs(s) => Ok(KeepOld::For(std::time::Duration::from_secs(s))),
+            Repr::Secs(s) => crate::duration_text::from_secs(s)
+                .map(KeepOld::For)
+                .map_err(serde::de::Error::custom),
             Repr::Text(t) if t == UNTIL_NEXT || t == "until_next_deployment" => {
                 Ok(KeepOld::UntilNextDeployment)
             }
-            Repr::Text(t) => crate::strategy::parse_duration("keep_old", &t)
-                .map(KeepOld::For)
-                .map_err(|_| {
-                    serde::de::Error::custom(format!(
-                        "{t:?} is neither a duration (e.g. \"30s\") nor \"{UNTIL_NEXT}\""
-                    ))
-                }),
+            Repr::Text(t) => match crate::strategy::parse_duration_text(&t) {
+                Ok(d) => Ok(KeepOld::For(d)),
+                Err(DurationTextError::TooLong) => {
+                    Err(serde::de::Error::custom(crate::duration_text::too_long(&t)))
+                }
+                Err(DurationTextError::Malformed) => Err(serde::de::Error::custom(format!(
+                    "{t:?} is neither a duration (e.g. \"30s\") nor \"{UNTIL_NEXT}\""
+                ))),
+            },
             Repr::Tagged(k) => Ok(k),
         }
     }

@@ -35,8 +35,8 @@ use crate::plan::FleetSnapshot;
 ///
 /// Parses from `"3"` or `"25%"`. A percent rounds down and, where it is used
 /// as a batch size, never below 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "CountOrPercentRepr", into = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
 pub enum CountOrPercent {
     /// An absolute count.
     Count(usize),
@@ -101,25 +101,52 @@ impl FromStr for CountOrPercent {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum CountOrPercentRepr {
-    Int(i64),
-    Text(String),
+impl<'de> Deserialize<'de> for CountOrPercent {
+    /// A whole number, or text as [`parse`](Self::parse) reads it; every
+    /// other form gets a message saying what is expected (not serde's "did
+    /// not match any variant").
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(CountOrPercentVisitor)
+    }
 }
 
-impl TryFrom<CountOrPercentRepr> for CountOrPercent {
-    type Error = String;
-    fn try_from(r: CountOrPercentRepr) -> std::result::Result<Self, String> {
-        match r {
-            CountOrPercentRepr::Int(n) => usize::try_from(n)
-                .map(CountOrPercent::Count)
-                .map_err(|_| format!("{n} is negative; use a whole number >= 0 or a percent like \"25%\"")),
-            CountOrPercentRepr::Text(t) => CountOrPercent::parse("value", &t).map_err(|e| match e {
-                Error::InvalidInput { message, .. } => message,
-                other => other.to_string(),
-            }),
+struct CountOrPercentVisitor;
+
+impl serde::de::Visitor<'_> for CountOrPercentVisitor {
+    type Value = CountOrPercent;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a whole number >= 0 or a percent like \"25%\"")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<CountOrPercent, E> {
+        usize::try_from(v).map(CountOrPercent::Count).map_err(|_| {
+            E::custom(format!(
+                "{v} is too large; use a whole number of instances or a percent like \"25%\""
+            ))
+        })
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<CountOrPercent, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::custom(format!(
+                "{v} is negative; use a whole number >= 0 or a percent like \"25%\""
+            ))),
         }
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<CountOrPercent, E> {
+        Err(E::custom(format!(
+            "{v} is not a whole number; use a whole number of instances (e.g. 2) or a percent like \"25%\""
+        )))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, t: &str) -> std::result::Result<CountOrPercent, E> {
+        CountOrPercent::parse("value", t).map_err(|e| match e {
+            Error::InvalidInput { message, .. } => E::custom(message),
+            other => E::custom(other),
+        })
     }
 }
 
@@ -128,33 +155,56 @@ impl TryFrom<CountOrPercentRepr> for CountOrPercent {
 ///
 /// # Errors
 /// [`Error::InvalidInput`] for negative, non-numeric or unit-less-but-
-/// fractional text, or an unknown unit.
+/// fractional text, an unknown unit, or a duration longer than
+/// [`duration_text::MAX`](crate::duration_text::MAX).
 pub fn parse_duration(field: &str, text: &str) -> Result<Duration> {
-    let t = text.trim();
-    let bad = || {
+    parse_duration_text(text).map_err(|e| {
         Error::invalid(
             field,
-            format!("{text:?} is not a duration; write e.g. \"30s\", \"500ms\", \"5m\" or \"1h\""),
+            match e {
+                DurationTextError::Malformed => {
+                    format!("{text:?} is not a duration; write e.g. \"30s\", \"500ms\", \"5m\" or \"1h\"")
+                }
+                DurationTextError::TooLong => crate::duration_text::too_long(text.trim()),
+            },
         )
-    };
+    })
+}
+
+/// Why text is not a duration [`parse_duration`] accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DurationTextError {
+    /// Not a number with a known unit.
+    Malformed,
+    /// Longer than [`duration_text::MAX`](crate::duration_text::MAX).
+    TooLong,
+}
+
+/// [`parse_duration`] without the field: what is wrong, as a kind.
+pub(crate) fn parse_duration_text(text: &str) -> std::result::Result<Duration, DurationTextError> {
+    use DurationTextError::{Malformed, TooLong};
+    let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() || num.starts_with('.') {
-        return Err(bad());
+        return Err(Malformed);
     }
-    let value: f64 = num.parse().map_err(|_| bad())?;
+    let value: f64 = num.parse().map_err(|_| Malformed)?;
     let scale = match unit.trim() {
         "" | "s" | "sec" | "secs" => 1.0,
         "ms" => 0.001,
         "m" | "min" | "mins" => 60.0,
         "h" => 3600.0,
-        _ => return Err(bad()),
+        _ => return Err(Malformed),
     };
     let secs = value * scale;
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
-        return Err(bad());
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(Malformed);
+    }
+    if secs > crate::duration_text::MAX.as_secs_f64() {
+        return Err(TooLong);
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -246,6 +296,21 @@ mod tests {
         let v: CountOrPercent = serde_json::from_str("\"10%\"").unwrap();
         assert_eq!(v, CountOrPercent::Percent(10));
         assert!(serde_json::from_str::<CountOrPercent>("-2").is_err());
+        assert_eq!(
+            serde_json::from_str::<CountOrPercent>("3").unwrap(),
+            CountOrPercent::Count(3)
+        );
+        for (json, says) in [
+            ("1.5", "1.5 is not a whole number"),
+            ("-2", "-2 is negative"),
+            ("true", "a whole number >= 0 or a percent"),
+            ("\"1.5\"", "\"1.5\" is not a whole number"),
+        ] {
+            let e = serde_json::from_str::<CountOrPercent>(json)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says) && !e.contains("variant"), "{json}: {e}");
+        }
     }
 
     #[test]
@@ -254,7 +319,10 @@ mod tests {
         assert_eq!(parse_duration("t", "500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("t", "5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("t", "2").unwrap(), Duration::from_secs(2));
-        for bad in ["-5s", "abc", "5x", "", "s", ".5s"] {
+        assert_eq!(parse_duration("t", "8760h").unwrap(), crate::duration_text::MAX);
+        let e = parse_duration("t", "8761h").unwrap_err().to_string();
+        assert!(e.contains("longer than 8760h (365 days)"), "{e}");
+        for bad in ["-5s", "abc", "5x", "", "s", ".5s", "8761h", "1e9s"] {
             let e = parse_duration("drain_timeout", bad).unwrap_err().to_string();
             assert!(e.contains("drain_timeout"), "{bad}: {e}");
         }

@@ -551,15 +551,15 @@ async fn a_recovery_run_goes_on_despite_a_failing_preflight_and_says_so_first() 
     assert!(s.exec.check(&plan, &RunOptions::recovery()).await.is_ok());
     assert_eq!(
         s.fleet.preflight_calls(),
-        1,
-        "a check that cannot refuse does not call it"
+        2,
+        "a recovery check calls it (a balancer that is not wired would refuse), and passes"
     );
     let report = s
         .exec
         .run(&plan, RunOptions::recovery())
         .await
         .expect("not refused");
-    assert_eq!(s.fleet.preflight_calls(), 2, "the run calls it once");
+    assert_eq!(s.fleet.preflight_calls(), 3, "the run calls it once");
     assert!(report.is_success(), "{report}");
     assert!(s.fleet.releases().values().all(|r| r == &v("v2")));
     let kinds: Vec<EventKind> = s.events().into_iter().map(|e| e.kind).take(2).collect();
@@ -576,4 +576,34 @@ async fn a_recovery_run_goes_on_despite_a_failing_preflight_and_says_so_first() 
         }
         other => panic!("the warning comes right after the start: {other:?}"),
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_balancer_that_is_not_wired_refuses_a_recovery_run_too() {
+    let s = setup(
+        FakeFleet::new(2)
+            .fail_preflight(Fault::Always)
+            .preflight_failure_kind(deploykit::PreflightFailure::NotWired),
+    );
+    let plan = rolling(1, 1)
+        .plan(&s.exec.snapshot().await.unwrap(), &v("v2"))
+        .unwrap();
+    for options in [RunOptions::recovery(), RunOptions::default()] {
+        let err = s
+            .exec
+            .check(&plan, &options)
+            .await
+            .expect_err("refused by the check");
+        assert!(matches!(err, Error::Refused(_)), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("does not read what deploykit would change"),
+            "{err}"
+        );
+        let err = s.exec.run(&plan, options).await.expect_err("refused by the run");
+        assert!(matches!(err, Error::Refused(_)), "{err:?}");
+    }
+    assert!(s.fleet.ops().is_empty(), "touched: {:?}", s.fleet.ops());
+    assert!(s.fleet.releases().values().all(|r| r == &v("v1")));
+    assert!(s.log.events().is_empty(), "no run started, no events");
 }

@@ -88,7 +88,7 @@ use tokio::process::Command;
 pub use render::{Upstream, UpstreamServer};
 
 use super::roster::{self, run_to_completion, Admin, Roster, RosterRules};
-use crate::error::{DriverError, Error, Result};
+use crate::error::{DriverError, Error, PreflightFailure, Result};
 use crate::names::{validate_name, Group, InstanceId};
 use crate::state::atomic::write_atomic;
 use crate::traits::{Backend, GroupWeight, LoadBalancer};
@@ -596,10 +596,13 @@ impl Inner {
                 )))
             }
         }
-        let master = procfs::master(&self.pid_file)?;
+        let unreachable = |e: DriverError| e.with_preflight_failure(PreflightFailure::Unreachable);
+        let master = procfs::master(&self.pid_file).map_err(unreachable)?;
         // A master without workers (`master_process off`) cannot confirm a
         // reload: found here, not at the first change.
-        procfs::settled_generation(&master, self.reload_timeout).await?;
+        procfs::settled_generation(&master, self.reload_timeout)
+            .await
+            .map_err(unreachable)?;
         let out =
             self.nginx().arg("-T").output().await.map_err(|e| {
                 DriverError::new(format!("cannot run {} (nginx -T): {e}", self.binary.display()))
@@ -618,7 +621,8 @@ impl Inner {
                  would route nothing: add `include {include};` inside the `http {{ }}` block (and \
                  `proxy_pass http://{};`), or point load_balancer.include_file at the file it includes",
                 self.upstream
-            )));
+            ))
+            .with_preflight_failure(PreflightFailure::NotWired));
         }
         if self.opts.drain == DrainMode::UpstreamRetry {
             if let Some(problem) = retry_config_problem(&dump) {
@@ -809,7 +813,9 @@ impl LoadBalancer for NginxLoadBalancer {
     /// The include file exists, the master in the pid file is running and
     /// has worker processes (a reload can be confirmed), and `nginx -T`
     /// accepts the configuration as it is and lists the include file among
-    /// those it reads (a file nginx does not include would route nothing).
+    /// those it reads (a file nginx does not include would route nothing:
+    /// [`PreflightFailure::NotWired`], which refuses rollbacks too; a master
+    /// that is not running is [`PreflightFailure::Unreachable`]).
     ///
     /// * Idempotent: yes (changes no routing; runs `nginx -T`, which may
     ///   create log files nginx's config names, as nginx itself would).
