@@ -32,6 +32,9 @@ struct RunState {
     switch_attempted: bool,
     /// An abort step whose failure fails the rollback failed.
     undo_failed: Option<String>,
+    /// Tracked instances with an error, kept so a stage's count does not
+    /// walk every instance.
+    failed: usize,
 }
 
 pub(super) struct Run<'a> {
@@ -112,7 +115,7 @@ impl<'a> Run<'a> {
     }
 
     fn failed_count(&self) -> usize {
-        self.lock().tracked.values().filter(|t| t.error.is_some()).count()
+        self.lock().failed
     }
 
     pub(super) async fn execute(self) -> Report {
@@ -238,9 +241,15 @@ impl<'a> Run<'a> {
         if !(cancelled && matches!(e, StepError::Cancelled)) {
             let reason = e.to_string();
             let msg = format!("{} failed: {reason}", step.kind());
-            self.with(id, |t| {
-                t.error.get_or_insert(msg);
-            });
+            {
+                let mut guard = self.lock();
+                let state = &mut *guard;
+                let t = state.tracked.get_mut(id).expect("plan instance tracked");
+                if t.error.is_none() {
+                    t.error = Some(msg);
+                    state.failed += 1;
+                }
+            }
             self.emit(EventKind::InstanceFailed {
                 instance: id.clone(),
                 step: step.kind(),
@@ -426,7 +435,7 @@ impl<'a> Run<'a> {
             rollback,
         });
         let start = Instant::now();
-        if let Some(id) = &instance {
+        if let (Some(id), true) = (&instance, steps::instance::marks_on_start(step)) {
             self.mark(id, |p| steps::instance::mark_started(step, p));
         }
         if !rollback && matches!(step, Step::SwitchTo { .. }) {
@@ -444,10 +453,10 @@ impl<'a> Run<'a> {
             }
             Err(e) => StepResult::Failed(e.to_string()),
         };
-        if let (Some(id), Ok(_)) = (&instance, &result) {
-            self.mark(id, |p| steps::instance::mark_done(step, p));
-            if let (false, Step::Restore { release, .. }) = (rollback, step) {
-                if let Some(t) = self.lock().tracked.get_mut(id) {
+        if let (Some(id), Ok(_), true) = (&instance, &result, steps::instance::marks_on_done(step)) {
+            if let Some(t) = self.lock().tracked.get_mut(id) {
+                steps::instance::mark_done(step, &mut t.progress);
+                if let (false, Step::Restore { release, .. }) = (rollback, step) {
                     t.returned_to = Some(release.clone());
                 }
             }

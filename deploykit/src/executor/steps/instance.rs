@@ -62,6 +62,25 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, step: &Step) -> Outcome 
     }
 }
 
+/// Whether starting `step` tells anything about its instance
+/// ([`mark_started`]), so other steps skip the lookup.
+pub(in crate::executor) fn marks_on_start(step: &Step) -> bool {
+    matches!(step, Step::Install { .. } | Step::Start { .. })
+}
+
+/// Whether a `step` that succeeded tells anything about its instance
+/// ([`mark_done`]).
+pub(in crate::executor) fn marks_on_done(step: &Step) -> bool {
+    matches!(
+        step,
+        Step::Drain { .. }
+            | Step::Disable { .. }
+            | Step::Enable { .. }
+            | Step::Stop { .. }
+            | Step::Restore { .. }
+    )
+}
+
 /// What starting `step` tells about its instance: an attempted install may
 /// have changed the release, an attempted start may have started it.
 pub(in crate::executor) fn mark_started(step: &Step, p: &mut InstanceProgress) {
