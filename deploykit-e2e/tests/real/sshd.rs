@@ -231,6 +231,8 @@ pub(crate) struct CuttingProxy {
     pub(crate) cuts: Arc<AtomicU64>,
     /// Connections accepted so far.
     pub(crate) accepted: Arc<AtomicU64>,
+    /// Bytes the clients sent so far, over all connections.
+    pub(crate) sent: Arc<AtomicU64>,
     kill: tokio::sync::broadcast::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -249,8 +251,10 @@ impl CuttingProxy {
         let cut_after = Arc::new(AtomicU64::new(u64::MAX));
         let cuts = Arc::new(AtomicU64::new(0));
         let accepted = Arc::new(AtomicU64::new(0));
+        let total = Arc::new(AtomicU64::new(0));
         let (kill, _) = tokio::sync::broadcast::channel::<()>(16);
         let (limit, counter, acc, killer) = (cut_after.clone(), cuts.clone(), accepted.clone(), kill.clone());
+        let sent_total = total.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -260,7 +264,7 @@ impl CuttingProxy {
                     continue;
                 };
                 acc.fetch_add(1, Ordering::SeqCst);
-                let (limit, counter) = (limit.clone(), counter.clone());
+                let (limit, counter, sent_total) = (limit.clone(), counter.clone(), sent_total.clone());
                 let mut killed = killer.subscribe();
                 tokio::spawn(async move {
                     let (mut cr, mut cw) = client.into_split();
@@ -282,6 +286,7 @@ impl CuttingProxy {
                             }
                         };
                         sent += n as u64;
+                        sent_total.fetch_add(n as u64, Ordering::SeqCst);
                         if sent > limit.load(Ordering::SeqCst) {
                             counter.fetch_add(1, Ordering::SeqCst);
                             break; // drop both halves: the connection is cut
@@ -299,6 +304,7 @@ impl CuttingProxy {
             cut_after,
             cuts,
             accepted,
+            sent: total,
             kill,
             task,
         }

@@ -348,11 +348,13 @@ impl<H: Host> HostInstance<H> {
                 self.layout.commit(host, &staging, release).await?;
                 match self.layout.switch_if_installed(host, release).await? {
                     Switch::Switched { pruned } => pruned,
-                    Switch::NotInstalled => return Err(DriverError::new(format!(
+                    Switch::NotInstalled => {
+                        return Err(DriverError::new(format!(
                         "release {release} vanished from {}/releases on {} right after it was moved there",
                         self.layout.root(),
                         host.describe()
-                    ))),
+                    )))
+                    }
                 }
             }
         };
