@@ -16,7 +16,11 @@
 //! median time per step.
 //!
 //! Run: `cargo bench -p deploykit-e2e --bench ssh_vs_ansible`
-//! (`BENCH_ROUNDS=N`, `BENCH_HOSTS=N` to change the defaults).
+//! (`BENCH_ROUNDS=N`, `BENCH_HOSTS=N` to change the defaults). The lab
+//! gives the login an empty `HOME`, so no shell start-up file runs;
+//! `BENCH_LOGIN_RC=1` keeps the login's own `HOME`, whose `~/.bashrc` then
+//! runs for every remote command of both tools — a per-command cost that
+//! multiplies with the round trips.
 
 #[path = "../tests/real/sshd.rs"]
 mod sshd;
@@ -192,7 +196,8 @@ fn run_ansible(bin: &Path, lab: &sshd::SshLab, files: &(PathBuf, PathBuf), versi
 fn main() {
     let rounds = env_usize("BENCH_ROUNDS", 3).max(1);
     let n = env_usize("BENCH_HOSTS", 16).clamp(1, 200);
-    let Some(lab) = sshd::SshLab::start(n) else {
+    let login_rc = std::env::var("BENCH_LOGIN_RC").is_ok_and(|v| v == "1");
+    let Some(lab) = sshd::SshLab::start_with(n, login_rc) else {
         eprintln!("sshd not installed; nothing measured");
         return;
     };
@@ -308,7 +313,12 @@ fn main() {
     }
     let d = median(dk);
     println!(
-        "rolling deployment of {n} SSH hosts, batches of 4, health every 200 ms, {rounds} rounds (median):"
+        "rolling deployment of {n} SSH hosts, batches of 4, health every 200 ms, {rounds} rounds (median){}:",
+        if login_rc {
+            ", login shell start-up files on"
+        } else {
+            ""
+        }
     );
     println!("  deploykit  {d:6.2} s");
     if ansible.is_some() {

@@ -112,6 +112,13 @@ impl SshLab {
     /// writes their keys into the lab's known_hosts. `None` when OpenSSH is
     /// missing outside CI.
     pub(crate) fn start(n: usize) -> Option<SshLab> {
+        Self::start_with(n, false)
+    }
+
+    /// [`start`](Self::start), with the login's own `HOME` when
+    /// `login_home` (so its shell start-up files run for every command, as
+    /// on a host nobody tuned), else an empty one.
+    pub(crate) fn start_with(n: usize, login_home: bool) -> Option<SshLab> {
         let (sshd, keygen_bin) = openssh()?;
         let dir = tempfile::Builder::new().prefix("dk-sshd-").tempdir().unwrap();
         let d = dir.path();
@@ -140,8 +147,13 @@ impl SshLab {
                     "Port {port}\nListenAddress {ip}\nHostKey {dir}/host_key\nPidFile {dir}/sshd-{i}.pid\n\
                      AuthorizedKeysFile {dir}/authorized_keys\nPermitRootLogin prohibit-password\nStrictModes no\n\
                      UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-                     MaxSessions 50\nMaxStartups 100\nLogLevel ERROR\nSetEnv HOME={dir}/home\n",
-                    dir = d.display()
+                     MaxSessions 50\nMaxStartups 100\nLogLevel ERROR\n{home}",
+                    dir = d.display(),
+                    home = if login_home {
+                        String::new()
+                    } else {
+                        format!("SetEnv HOME={}/home\n", d.display())
+                    }
                 ),
             )
             .unwrap();
