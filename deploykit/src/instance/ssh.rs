@@ -265,6 +265,8 @@ impl SshHostBuilder {
 ///   `Session::set_timeout`, so nothing hangs forever.
 /// * A session found dead when a step begins is re-established once before
 ///   the step fails.
+/// * Keepalives ([`SshHostBuilder::keepalive`]) go out only while the
+///   session is idle, never in the middle of a command.
 /// * [`put_dir`](Host::put_dir) streams a tar of the release (optionally
 ///   gzipped) over one exec channel into `tar -x`, with a SHA-256 manifest
 ///   that the host checks (`sha256sum -c`) before the directory is used.
