@@ -178,8 +178,16 @@ async fn await_healthy(ctx: &StepCtx<'_>, instance: &InstanceId, check: HealthCh
     let inner = ctx.inner;
     let i = inner.instance(instance);
     let retries = check.retries.max(1);
-    let probe = || async {
-        match inner.call(inner.timeouts.health_probe, || i.health()).await.0 {
+    let step = Step::AwaitHealthy {
+        instance: instance.clone(),
+        check,
+    };
+    let step = &step;
+    let probe = || async move {
+        match call_step(ctx, step, inner.timeouts.health_probe, || i.health())
+            .await
+            .0
+        {
             Ok(Health::Healthy) => ControlFlow::Break(()),
             Ok(Health::Unhealthy(why)) => ControlFlow::Continue(Probe::Unhealthy(why)),
             Err(e) => ControlFlow::Continue(Probe::Failed(Box::new(e))),
