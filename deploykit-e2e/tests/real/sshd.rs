@@ -112,6 +112,13 @@ impl SshLab {
     /// writes their keys into the lab's known_hosts. `None` when OpenSSH is
     /// missing outside CI.
     pub(crate) fn start(n: usize) -> Option<SshLab> {
+        Self::start_with(n, false)
+    }
+
+    /// [`start`](Self::start), with the login's own `HOME` when
+    /// `login_home` (so its shell start-up files run for every command, as
+    /// on a host nobody tuned), else an empty one.
+    pub(crate) fn start_with(n: usize, login_home: bool) -> Option<SshLab> {
         let (sshd, keygen_bin) = openssh()?;
         let dir = tempfile::Builder::new().prefix("dk-sshd-").tempdir().unwrap();
         let d = dir.path();
@@ -140,8 +147,13 @@ impl SshLab {
                     "Port {port}\nListenAddress {ip}\nHostKey {dir}/host_key\nPidFile {dir}/sshd-{i}.pid\n\
                      AuthorizedKeysFile {dir}/authorized_keys\nPermitRootLogin prohibit-password\nStrictModes no\n\
                      UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-                     MaxSessions 50\nMaxStartups 100\nLogLevel ERROR\nSetEnv HOME={dir}/home\n",
-                    dir = d.display()
+                     MaxSessions 50\nMaxStartups 100\nLogLevel ERROR\n{home}",
+                    dir = d.display(),
+                    home = if login_home {
+                        String::new()
+                    } else {
+                        format!("SetEnv HOME={}/home\n", d.display())
+                    }
                 ),
             )
             .unwrap();
@@ -231,6 +243,8 @@ pub(crate) struct CuttingProxy {
     pub(crate) cuts: Arc<AtomicU64>,
     /// Connections accepted so far.
     pub(crate) accepted: Arc<AtomicU64>,
+    /// Bytes the clients sent so far, over all connections.
+    pub(crate) sent: Arc<AtomicU64>,
     kill: tokio::sync::broadcast::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -249,8 +263,10 @@ impl CuttingProxy {
         let cut_after = Arc::new(AtomicU64::new(u64::MAX));
         let cuts = Arc::new(AtomicU64::new(0));
         let accepted = Arc::new(AtomicU64::new(0));
+        let total = Arc::new(AtomicU64::new(0));
         let (kill, _) = tokio::sync::broadcast::channel::<()>(16);
         let (limit, counter, acc, killer) = (cut_after.clone(), cuts.clone(), accepted.clone(), kill.clone());
+        let sent_total = total.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -260,7 +276,7 @@ impl CuttingProxy {
                     continue;
                 };
                 acc.fetch_add(1, Ordering::SeqCst);
-                let (limit, counter) = (limit.clone(), counter.clone());
+                let (limit, counter, sent_total) = (limit.clone(), counter.clone(), sent_total.clone());
                 let mut killed = killer.subscribe();
                 tokio::spawn(async move {
                     let (mut cr, mut cw) = client.into_split();
@@ -282,6 +298,7 @@ impl CuttingProxy {
                             }
                         };
                         sent += n as u64;
+                        sent_total.fetch_add(n as u64, Ordering::SeqCst);
                         if sent > limit.load(Ordering::SeqCst) {
                             counter.fetch_add(1, Ordering::SeqCst);
                             break; // drop both halves: the connection is cut
@@ -299,6 +316,7 @@ impl CuttingProxy {
             cut_after,
             cuts,
             accepted,
+            sent: total,
             kill,
             task,
         }

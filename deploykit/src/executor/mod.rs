@@ -567,7 +567,33 @@ pub enum Preflight {
 impl Inner {
     /// Calls `f` with a timeout, retrying transient errors; also returns
     /// the attempts made.
+    /// A retry is logged (a warning with the cause); see
+    /// [`call_noting`](Self::call_noting) to also tell the event sink.
     async fn call<T, F, Fut>(&self, timeout: Duration, f: F) -> (std::result::Result<T, StepError>, u32)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = std::result::Result<T, DriverError>>,
+    {
+        let log = |r: &Retrying<'_>| {
+            tracing::warn!(
+                attempt = r.attempt,
+                of = r.of,
+                wait_ms = ms(r.wait),
+                cause = %r.cause,
+                "transient failure; retrying"
+            );
+        };
+        self.call_noting(timeout, f, &log).await
+    }
+
+    /// Like [`call`](Self::call), handing each retry to `note` (before the
+    /// backoff) instead of logging it, so no retry goes unnoticed.
+    async fn call_noting<T, F, Fut>(
+        &self,
+        timeout: Duration,
+        f: F,
+        note: &(dyn Fn(&Retrying<'_>) + Send + Sync),
+    ) -> (std::result::Result<T, StepError>, u32)
     where
         F: Fn() -> Fut,
         Fut: Future<Output = std::result::Result<T, DriverError>>,
@@ -582,6 +608,12 @@ impl Inner {
                         .retry
                         .backoff
                         .saturating_mul(2u32.saturating_pow(attempt - 1));
+                    note(&Retrying {
+                        attempt,
+                        of: self.retry.attempts,
+                        wait,
+                        cause: &e,
+                    });
                     tokio::time::sleep(wait).await;
                 }
                 Ok(Err(e)) => return (Err(StepError::Driver(e)), attempt),
@@ -593,6 +625,19 @@ impl Inner {
     fn instance(&self, id: &InstanceId) -> &Arc<dyn Instance> {
         &self.instances[self.by_id[id]]
     }
+}
+
+/// A transient failure about to be retried.
+#[derive(Debug)]
+pub(crate) struct Retrying<'a> {
+    /// The attempt that failed, 1-based.
+    pub(crate) attempt: u32,
+    /// Attempts allowed in all.
+    pub(crate) of: u32,
+    /// The backoff before the next attempt.
+    pub(crate) wait: Duration,
+    /// Why the attempt failed.
+    pub(crate) cause: &'a DriverError,
 }
 
 fn ms(d: Duration) -> u64 {

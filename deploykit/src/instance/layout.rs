@@ -349,9 +349,73 @@ mv -fT -- .current.tmp current"#,
     /// # Errors
     /// When listing or deleting fails.
     pub async fn prune(&self, host: &dyn Host) -> Result<Vec<ReleaseId>, DriverError> {
-        let cmd = script(
-            r#"set -e; root=$1; keep=$2
-cd -- "$root/releases"
+        let cmd = script(PRUNE).args([self.root.clone(), self.keep.to_string()]);
+        let out = host
+            .run(&cmd)
+            .await?
+            .check(&format!("pruning old releases on {}", host.describe()))?;
+        Ok(release_lines(&out.stdout))
+    }
+
+    /// [`activate`](Self::activate) then [`prune`](Self::prune) in one round
+    /// trip — when `releases/<id>` is installed; otherwise nothing changes
+    /// and [`Switch::NotInstalled`] says so (then upload it first).
+    ///
+    /// * Idempotent: yes. Cancel-safe: yes, as `activate` and `prune`.
+    /// * On failure: `current` is unchanged; a failed prune after the swap
+    ///   is returned inside [`Switch::Switched`], not as an error.
+    ///
+    /// # Errors
+    /// When the host cannot be reached or the swap fails.
+    pub(crate) async fn switch_if_installed(
+        &self,
+        host: &dyn Host,
+        release: &ReleaseId,
+    ) -> Result<Switch, DriverError> {
+        let cmd = script(SWITCH).args([self.root.clone(), release.to_string(), self.keep.to_string()]);
+        let out = host.run(&cmd).await?;
+        match out.status {
+            Some(0) => Ok(Switch::Switched {
+                pruned: Ok(release_lines(&out.stdout)),
+            }),
+            Some(10) => Ok(Switch::NotInstalled),
+            Some(11) => Ok(Switch::Switched {
+                pruned: Err(DriverError::new(out.describe_failure(&format!(
+                    "pruning old releases on {}",
+                    host.describe()
+                )))),
+            }),
+            _ => Err(DriverError::new(out.describe_failure(&format!(
+                "switching current to {release} on {}",
+                host.describe()
+            )))),
+        }
+    }
+}
+
+/// What [`ReleaseLayout::switch_if_installed`] did.
+#[derive(Debug)]
+pub(crate) enum Switch {
+    /// `releases/<id>` is not there; nothing changed.
+    NotInstalled,
+    /// `current` points at the release; old releases were pruned (the
+    /// ones deleted), or pruning failed after the swap.
+    Switched {
+        /// The releases deleted, or why pruning failed.
+        pruned: Result<Vec<ReleaseId>, DriverError>,
+    },
+}
+
+fn release_lines(stdout: &str) -> Vec<ReleaseId> {
+    stdout.lines().filter_map(|l| ReleaseId::new(l).ok()).collect()
+}
+
+/// Prunes in the layout root (the working directory), keeping `$keep`
+/// releases: stale partial uploads go, then all but the newest, never the
+/// current or the previous one; prints each release deleted.
+macro_rules! prune_body {
+    () => {
+        r#"cd -- releases
 cur=$(readlink ../current 2>/dev/null || true); cur=${cur#releases/}
 prev=$(readlink ../previous 2>/dev/null || true); prev=${prev#releases/}
 for d in .partial-*; do if [ -e "$d" ]; then rm -rf -- "$d"; fi; done
@@ -359,20 +423,43 @@ set -f; n=0
 ls -1t | while IFS= read -r d; do
   n=$((n+1))
   if [ "$n" -gt "$keep" ] && [ "$d" != "$cur" ] && [ "$d" != "$prev" ]; then rm -rf -- "$d"; echo "$d"; fi
-done"#,
-        )
-        .args([self.root.clone(), self.keep.to_string()]);
-        let out = host
-            .run(&cmd)
-            .await?
-            .check(&format!("pruning old releases on {}", host.describe()))?;
-        Ok(out
-            .stdout
-            .lines()
-            .filter_map(|l| ReleaseId::new(l).ok())
-            .collect())
-    }
+done
+"#
+    };
 }
+
+/// `prune`: root `$1`, keep `$2`.
+const PRUNE: &str = concat!(
+    r#"set -e; root=$1; keep=$2
+cd -- "$root"
+"#,
+    prune_body!()
+);
+
+/// Root `$1`, release `$2`, keep `$3`: exits 10 when `releases/$2` is not
+/// installed (nothing changed); else points `current` at it (recording the
+/// old target as `previous`, as `activate`) and prunes, exiting 11 when
+/// only the pruning failed. The prune runs in a subshell of its own with
+/// `set -e`: a `set -e` list tested by `||` would ignore its failures.
+const SWITCH: &str = concat!(
+    r#"set -e; root=$1; id=$2; keep=$3
+cd -- "$root" 2>/dev/null || exit 10
+[ -d "releases/$id" ] || exit 10
+new="releases/$id"
+old=$(readlink current 2>/dev/null || true)
+if [ "$old" != "$new" ]; then
+  if [ -n "$old" ]; then ln -sfn -- "$old" .previous.tmp; mv -fT -- .previous.tmp previous; fi
+  ln -sfn -- "$new" .current.tmp
+  mv -fT -- .current.tmp current
+fi
+set +e
+(
+set -e
+"#,
+    prune_body!(),
+    r#")
+[ "$?" = 0 ] || exit 11"#
+);
 
 /// Where a release layout lives: a machine and a root directory. Two
 /// instances at one site would share `current`, `previous` and the pid
@@ -585,6 +672,37 @@ mod tests {
             layout.installed(&host).await.unwrap(),
             vec![id("v6"), id("v5"), id("v3")]
         );
+    }
+
+    #[tokio::test]
+    async fn switch_if_installed_swaps_and_prunes_in_one_go_or_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("app");
+        let layout = ReleaseLayout::new(root.to_str().unwrap())
+            .unwrap()
+            .keep(2)
+            .unwrap();
+        let host = LocalHost::new();
+        // No layout at all yet: not installed, and nothing is created.
+        let s = layout.switch_if_installed(&host, &id("v1")).await.unwrap();
+        assert!(matches!(s, Switch::NotInstalled), "{s:?}");
+        assert!(!root.exists());
+        for r in ["v1", "v2", "v3", "v4"] {
+            install(&layout, &host, &id(r)).await;
+        }
+        let s = layout.switch_if_installed(&host, &id("v9")).await.unwrap();
+        assert!(matches!(s, Switch::NotInstalled), "{s:?}");
+        assert_eq!(layout.current(&host).await.unwrap(), Some(id("v4")));
+        std::fs::create_dir(root.join("releases/.partial-v9-1")).unwrap();
+        // Newest first: v4 (now previous), v3, v2 (beyond keep = 2: gone),
+        // v1 (now current).
+        match layout.switch_if_installed(&host, &id("v1")).await.unwrap() {
+            Switch::Switched { pruned } => assert_eq!(pruned.unwrap(), vec![id("v2")]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(layout.current(&host).await.unwrap(), Some(id("v1")));
+        assert_eq!(layout.previous(&host).await.unwrap(), Some(id("v4")));
+        assert!(!root.join("releases/.partial-v9-1").exists());
     }
 
     #[tokio::test]

@@ -45,6 +45,7 @@ mod service;
 mod ssh;
 
 use std::fmt;
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 
@@ -60,6 +61,7 @@ pub use ssh::{HostKeyPolicy, SshAuth, SshHost, SshHostBuilder, MANIFEST};
 use crate::error::{DriverError, Error, Result};
 use crate::names::{Address, Group, InstanceId, ReleaseId};
 use crate::traits::{Backend, Health, Instance};
+use layout::Switch;
 use service::Controller;
 
 /// An instance on this machine.
@@ -80,6 +82,9 @@ pub struct HostInstance<H> {
     source: ReleaseSource,
     service: ServiceControl,
     health: HealthProbe,
+    /// The release this instance last pointed `current` at: saves `start`
+    /// a round trip (the host checks it still holds).
+    activated: Mutex<Option<ReleaseId>>,
     #[cfg(feature = "http")]
     client: reqwest::Client,
 }
@@ -259,6 +264,7 @@ impl<H: Host> InstanceBuilder<H> {
             source,
             service,
             health: self.health,
+            activated: Mutex::new(None),
             #[cfg(feature = "http")]
             client,
         })
@@ -325,20 +331,35 @@ impl<H: Host> HostInstance<H> {
         self.layout.installed(&self.host).await.map_err(|e| self.named(e))
     }
 
+    /// Switches to an installed release in one round trip (swap and prune
+    /// together); uploads it first only when it is not installed.
     async fn install_inner(&self, release: &ReleaseId) -> Result<(), DriverError> {
         let host: &dyn Host = &self.host;
-        if !self.layout.has(host, release).await? {
-            let source = self.source.locate(release)?;
-            let staging = self.layout.prepare(host, release).await?;
-            if let Err(e) = host.put_dir(&source, &staging).await {
-                // Best effort: a leftover is removed by the next prune.
-                let _ = host.run(&Command::new("rm").args(["-rf", "--", &staging])).await;
-                return Err(e);
+        let pruned = match self.layout.switch_if_installed(host, release).await? {
+            Switch::Switched { pruned } => pruned,
+            Switch::NotInstalled => {
+                let source = self.source.locate(release)?;
+                let staging = self.layout.prepare(host, release).await?;
+                if let Err(e) = host.put_dir(&source, &staging).await {
+                    // Best effort: a leftover is removed by the next prune.
+                    let _ = host.run(&Command::new("rm").args(["-rf", "--", &staging])).await;
+                    return Err(e);
+                }
+                self.layout.commit(host, &staging, release).await?;
+                match self.layout.switch_if_installed(host, release).await? {
+                    Switch::Switched { pruned } => pruned,
+                    Switch::NotInstalled => {
+                        return Err(DriverError::new(format!(
+                        "release {release} vanished from {}/releases on {} right after it was moved there",
+                        self.layout.root(),
+                        host.describe()
+                    )))
+                    }
+                }
             }
-            self.layout.commit(host, &staging, release).await?;
-        }
-        self.layout.activate(host, release).await?;
-        match self.layout.prune(host).await {
+        };
+        self.remember(release);
+        match pruned {
             Ok(deleted) if !deleted.is_empty() => {
                 tracing::info!(instance = %self.backend.id, ?deleted, "pruned old releases");
             }
@@ -346,6 +367,14 @@ impl<H: Host> HostInstance<H> {
             Err(e) => tracing::warn!(instance = %self.backend.id, error = %e, "pruning old releases failed"),
         }
         Ok(())
+    }
+
+    fn remember(&self, release: &ReleaseId) {
+        *self.activated.lock().unwrap_or_else(|p| p.into_inner()) = Some(release.clone());
+    }
+
+    fn remembered(&self) -> Option<ReleaseId> {
+        self.activated.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -413,7 +442,9 @@ impl<H: Host> Instance for HostInstance<H> {
         self.layout
             .activate(&self.host, release)
             .await
-            .map_err(|e| self.named(e))
+            .map_err(|e| self.named(e))?;
+        self.remember(release);
+        Ok(())
     }
 
     /// Process: starts `current`'s release detached (no-op when ours is
@@ -429,7 +460,7 @@ impl<H: Host> Instance for HostInstance<H> {
     ///   log file `<root>/app.log`).
     async fn start(&self) -> Result<(), DriverError> {
         self.controller()
-            .start(&self.service)
+            .start(&self.service, self.remembered())
             .await
             .map_err(|e| self.named(e))
     }
@@ -460,6 +491,99 @@ mod tests {
     use super::*;
 
     fn _obj_safe(_: Box<dyn Host>) {}
+
+    /// This machine, counting the commands run: each is one round trip on
+    /// an SSH host.
+    #[derive(Debug, Default)]
+    struct Counting {
+        local: LocalHost,
+        runs: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Counting {
+        fn take(&self) -> usize {
+            self.runs.swap(0, std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait]
+    impl Host for Counting {
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+        async fn run(&self, cmd: &Command) -> Result<Output, DriverError> {
+            self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.local.run(cmd).await
+        }
+        async fn put_dir(&self, source: &std::path::Path, dest: &str) -> Result<(), DriverError> {
+            self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.local.put_dir(source, dest).await
+        }
+    }
+
+    #[tokio::test]
+    async fn each_step_of_a_replacement_is_one_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let builds = tmp.path().join("builds");
+        for r in ["v1", "v2"] {
+            std::fs::create_dir_all(builds.join(r)).unwrap();
+            std::fs::write(builds.join(r).join("VERSION"), r).unwrap();
+        }
+        // Exits 30 ms after SIGTERM, as an application finishing requests.
+        let app = ProcessSpec::new([
+            "sh",
+            "-c",
+            "trap 'sleep 0.03; exit 0' TERM; while :; do sleep 0.01; done",
+        ])
+        .unwrap();
+        let inst = InstanceBuilder::new(Counting::default(), "web-1", "127.0.0.1:9")
+            .root(tmp.path().join("app").to_str().unwrap())
+            .source(ReleaseSource::directory(&builds))
+            .process(app)
+            .health(HealthProbe::ServiceActive)
+            .build()
+            .unwrap();
+        let v = |s: &str| ReleaseId::new(s).unwrap();
+        inst.install(&v("v2")).await.unwrap();
+        inst.install(&v("v1")).await.unwrap();
+        inst.start().await.unwrap();
+        assert!(inst.is_running().await.unwrap());
+        inst.host().take();
+
+        inst.stop().await.unwrap();
+        assert_eq!(
+            inst.host().take(),
+            1,
+            "stop: signal and wait for the exit on the host"
+        );
+        assert!(!inst.is_running().await.unwrap());
+        assert!(!tmp.path().join("app/app.pid").exists());
+        inst.host().take();
+        inst.install(&v("v2")).await.unwrap();
+        assert_eq!(
+            inst.host().take(),
+            1,
+            "install of an installed release: swap and prune"
+        );
+        assert_eq!(inst.current_release().await.unwrap(), Some(v("v2")));
+        inst.host().take();
+        inst.start().await.unwrap();
+        assert_eq!(inst.host().take(), 1, "start: check current and spawn");
+        assert!(inst.is_running().await.unwrap());
+
+        // `current` changed behind this instance's back: start notices on
+        // the host and starts what `current` holds.
+        inst.stop().await.unwrap();
+        std::fs::remove_file(tmp.path().join("app/current")).unwrap();
+        std::os::unix::fs::symlink("releases/v1", tmp.path().join("app/current")).unwrap();
+        inst.start().await.unwrap();
+        let pid = std::fs::read_to_string(tmp.path().join("app/app.pid")).unwrap();
+        let pid = pid.split_whitespace().next().unwrap();
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+        assert!(cwd.ends_with("releases/v1"), "{}", cwd.display());
+        inst.force_stop().await.unwrap();
+        assert!(!inst.is_running().await.unwrap());
+    }
 
     #[test]
     fn build_names_the_missing_or_bad_field() {

@@ -2,7 +2,6 @@
 //! checked — by systemd ([`SystemdUnit`]) or by deploykit itself
 //! ([`ProcessSpec`]).
 
-use std::ops::ControlFlow;
 use std::time::Duration;
 
 use super::cmd::{script, Command};
@@ -10,7 +9,6 @@ use super::host::Host;
 use super::layout::ReleaseLayout;
 use crate::error::{DriverError, Error, Result};
 use crate::names::ReleaseId;
-use crate::wait::{poll_until, Bound, WaitError};
 
 /// How an instance's application is run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,8 +127,9 @@ impl SystemdUnit {
 /// | `{release_dir}` | `<root>/releases/<id>` |
 /// | `{root}` | the layout root |
 ///
-/// Stopping sends SIGTERM to the process group, waits up to the grace
-/// period (default 30 s), then sends SIGKILL. "Running" means: the pid in
+/// Stopping sends SIGTERM to the process group and waits up to the grace
+/// period (default 30 s) for it to exit — checked on the host every 10 ms,
+/// one round trip per half second of waiting — then sends SIGKILL. "Running" means: the pid in
 /// the pid file is alive, not a zombie, *and* its start time (field 22 of
 /// `/proc/<pid>/stat`) is the one recorded — so a reused pid is never taken
 /// for the application.
@@ -139,7 +138,6 @@ pub struct ProcessSpec {
     argv: Vec<String>,
     env: Vec<(String, String)>,
     grace: Duration,
-    poll: Duration,
 }
 
 impl std::fmt::Debug for ProcessSpec {
@@ -182,7 +180,6 @@ impl ProcessSpec {
             argv,
             env: Vec::new(),
             grace: DEFAULT_GRACE,
-            poll: Duration::from_millis(100),
         };
         spec.command("/x", "/x/releases/v", &ReleaseId::new("v")?)
             .validate()
@@ -238,8 +235,37 @@ impl ProcessSpec {
     }
 }
 
-const START: &str = r#"set -e; set -f
-dir=$1; log=$2; pidfile=$3; shift 3
+/// Defines `running`: whether the process recorded in `$pidfile` runs —
+/// alive, not a zombie, and started when recorded (field 22 of
+/// `/proc/<pid>/stat`), so a reused pid is never taken for it; sets `pid`.
+/// A function's `set --` replaces only its own positional parameters.
+macro_rules! running_fn {
+    () => {
+        r#"running() {
+  [ -f "$pidfile" ] || return 1
+  read -r pid start <"$pidfile" || return 1
+  case $pid in ''|*[!0-9]*) return 1;; esac
+  stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+  rest=${stat##*) }
+  set -- $rest
+  [ "$1" != Z ] && [ "${20}" = "$start" ]
+}
+"#
+    };
+}
+
+/// Directory `$1`, log `$2`, pid file `$3`, `current` symlink `$4` and the
+/// target it must have `$5`, then the argv: prints `running <pid>` when the
+/// recorded process runs already; exits 12 (starting nothing) when
+/// `current` does not point at `$5`; else starts the argv detached,
+/// records its pid and start time, and prints `started <pid>`.
+const START: &str = concat!(
+    r#"set -e; set -f
+dir=$1; log=$2; pidfile=$3; current=$4; want=$5; shift 5
+"#,
+    running_fn!(),
+    r#"if running; then echo "running $pid"; exit 0; fi
+[ "$(readlink -- "$current" 2>/dev/null || true)" = "$want" ] || exit 12
 cd -- "$dir"
 setsid "$@" >>"$log" 2>&1 </dev/null &
 pid=$!
@@ -248,21 +274,44 @@ rest=${stat##*) }
 set -- $rest
 printf '%s %s\n' "$pid" "${20}" >"$pidfile.tmp"
 mv -f -- "$pidfile.tmp" "$pidfile"
-echo "$pid""#;
+echo "started $pid""#
+);
 
-/// Prints the pid and exits 0 when the recorded process runs (sending it
-/// signal `$2` first, when given); exits 3 when it does not.
-const PROBE: &str = r#"set -f
-pidfile=$1; sig=${2:-}
-[ -f "$pidfile" ] || exit 3
-read -r pid start <"$pidfile" || exit 3
-case $pid in ''|*[!0-9]*) exit 3;; esac
-stat=$(cat "/proc/$pid/stat" 2>/dev/null) || exit 3
-rest=${stat##*) }
-set -- $rest
-if [ "$1" = Z ] || [ "${20}" != "$start" ]; then exit 3; fi
-if [ -n "$sig" ]; then kill -s "$sig" -- "-$pid" 2>/dev/null || kill -s "$sig" "$pid" 2>/dev/null || true; fi
-echo "$pid""#;
+/// Prints the pid and exits 0 when the recorded process runs; exits 3 when
+/// it does not.
+const PROBE: &str = concat!(
+    r#"set -f
+pidfile=$1
+"#,
+    running_fn!(),
+    r#"running || exit 3
+echo "$pid""#
+);
+
+/// Pid file `$1`, signal `$2` (none when empty), wait `$3` ms: signals the
+/// recorded process (its group, else itself), then checks every 10 ms
+/// whether it is gone. Gone (or never running): removes the pid file and
+/// exits 0. Still running after the wait: prints the pid and exits 4.
+const SIGNAL_AND_WAIT: &str = concat!(
+    r#"set -f
+pidfile=$1; sig=$2; wait_ms=$3
+"#,
+    running_fn!(),
+    r#"if running && [ -n "$sig" ]; then
+  kill -s "$sig" -- "-$pid" 2>/dev/null || kill -s "$sig" "$pid" 2>/dev/null || true
+fi
+waited=0
+while running; do
+  if [ "$waited" -ge "$wait_ms" ]; then echo "$pid"; exit 4; fi
+  sleep 0.01 2>/dev/null || sleep 1
+  waited=$((waited + 10))
+done
+rm -f -- "$pidfile""#
+);
+
+/// The longest one remote wait for an exit holds the host's session (other
+/// instances on that host wait for it), and well under any SSH timeout.
+const WAIT_CHUNK: Duration = Duration::from_millis(500);
 
 /// Runs [`ServiceControl`] operations on a host for a layout.
 #[derive(Debug)]
@@ -280,19 +329,47 @@ impl Controller<'_> {
         format!("{what} on {}", self.host.describe())
     }
 
-    /// The pid of the running process, after optionally signalling it.
-    async fn probe(&self, signal: Option<&str>) -> Result<Option<u32>, DriverError> {
-        let mut cmd = script(PROBE).arg(self.pidfile());
-        if let Some(sig) = signal {
-            cmd = cmd.arg(sig);
-        }
-        let out = self.host.run(&cmd).await?;
+    /// The pid of the running process.
+    async fn probe(&self) -> Result<Option<u32>, DriverError> {
+        let out = self.host.run(&script(PROBE).arg(self.pidfile())).await?;
         match out.status {
             Some(0) => Ok(out.stdout.trim().parse().ok()),
             Some(3) => Ok(None),
             _ => Err(DriverError::new(
                 out.describe_failure(&self.ctx("checking the process")),
             )),
+        }
+    }
+
+    /// Sends `signal` (if any) to the recorded process and waits up to
+    /// `limit` for it to exit, in remote waits of at most [`WAIT_CHUNK`]:
+    /// `None` once it is gone (the pid file removed), else its pid.
+    async fn signal_and_wait(
+        &self,
+        signal: Option<&str>,
+        limit: Duration,
+    ) -> Result<Option<u32>, DriverError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut signal = signal;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let chunk = left.min(WAIT_CHUNK);
+            let cmd = script(SIGNAL_AND_WAIT).args([
+                self.pidfile(),
+                signal.unwrap_or_default().to_string(),
+                chunk.as_millis().to_string(),
+            ]);
+            let out = self.host.run(&cmd).await?;
+            match out.status {
+                Some(0) => return Ok(None),
+                Some(4) if left.is_zero() => return Ok(out.stdout.trim().parse().ok().or(Some(0))),
+                Some(4) => signal = None,
+                _ => {
+                    return Err(DriverError::new(
+                        out.describe_failure(&self.ctx("stopping the process")),
+                    ))
+                }
+            }
         }
     }
 
@@ -310,11 +387,19 @@ impl Controller<'_> {
                     )),
                 }
             }
-            ServiceControl::Process(_) => Ok(self.probe(None).await?.is_some()),
+            ServiceControl::Process(_) => Ok(self.probe().await?.is_some()),
         }
     }
 
-    pub(crate) async fn start(&self, control: &ServiceControl) -> Result<(), DriverError> {
+    /// Starts the application. `hint` is the release `current` was last
+    /// pointed at by this instance, if known: the start script checks it
+    /// against `current` on the host, and only when it is missing or stale
+    /// does `current` cost a round trip of its own.
+    pub(crate) async fn start(
+        &self,
+        control: &ServiceControl,
+        hint: Option<ReleaseId>,
+    ) -> Result<(), DriverError> {
         match control {
             ServiceControl::Systemd(unit) => {
                 self.host
@@ -324,38 +409,66 @@ impl Controller<'_> {
                 Ok(())
             }
             ServiceControl::Process(spec) => {
-                if let Some(pid) = self.probe(None).await? {
-                    tracing::debug!(pid, host = %self.host.describe(), "already running");
-                    return Ok(());
+                let mut hint = hint;
+                for _ in 0..2 {
+                    let release = match hint.take() {
+                        Some(r) => r,
+                        None => self.layout.current(self.host).await?.ok_or_else(|| {
+                            DriverError::new(format!(
+                                "no release is installed under {} on {}; install one before starting",
+                                self.layout.root(),
+                                self.host.describe()
+                            ))
+                        })?,
+                    };
+                    if self.start_release(spec, &release).await? {
+                        return Ok(());
+                    }
                 }
-                let release = self.layout.current(self.host).await?.ok_or_else(|| {
-                    DriverError::new(format!(
-                        "no release is installed under {} on {}; install one before starting",
-                        self.layout.root(),
-                        self.host.describe()
-                    ))
-                })?;
-                let dir = self.layout.release_dir(&release);
-                let app = spec.command(self.layout.root(), &dir, &release);
-                app.validate()
-                    .map_err(|e| DriverError::new("invalid process command").with_source(e))?;
-                let mut cmd = script(START).args([dir.clone(), self.layout.file("app.log"), self.pidfile()]);
-                // The environment goes on the command (inherited by the
-                // app), not into its argv: argv shows up in messages, and
-                // values may be secrets.
-                for (k, v) in app.get_env() {
-                    cmd = cmd.env(k.as_str(), v.as_str());
-                }
-                cmd = cmd.args(app.argv());
-                let out = self
-                    .host
-                    .run(&cmd)
-                    .await?
-                    .check(&self.ctx(&format!("starting {} in {dir}", app)))?;
-                tracing::info!(pid = out.stdout.trim(), release = %release, host = %self.host.describe(), "process started");
-                Ok(())
+                Err(DriverError::transient(self.ctx(&format!(
+                    "starting the process: {}/current changed while starting",
+                    self.layout.root()
+                ))))
             }
         }
+    }
+
+    /// Starts `release` unless ours runs already; `false` (nothing started)
+    /// when `current` does not point at `release`.
+    async fn start_release(&self, spec: &ProcessSpec, release: &ReleaseId) -> Result<bool, DriverError> {
+        let dir = self.layout.release_dir(release);
+        let app = spec.command(self.layout.root(), &dir, release);
+        app.validate()
+            .map_err(|e| DriverError::new("invalid process command").with_source(e))?;
+        let mut cmd = script(START).args([
+            dir.clone(),
+            self.layout.file("app.log"),
+            self.pidfile(),
+            self.layout.file("current"),
+            format!("releases/{release}"),
+        ]);
+        // The environment goes on the command (inherited by the app), not
+        // into its argv: argv shows up in messages, and values may be
+        // secrets.
+        for (k, v) in app.get_env() {
+            cmd = cmd.env(k.as_str(), v.as_str());
+        }
+        cmd = cmd.args(app.argv());
+        let out = self.host.run(&cmd).await?;
+        if out.status == Some(12) {
+            return Ok(false);
+        }
+        let out = out.check(&self.ctx(&format!("starting {app} in {dir}")))?;
+        match out.stdout.trim().split_once(' ') {
+            Some(("running", pid)) => {
+                tracing::debug!(pid, host = %self.host.describe(), "already running");
+            }
+            Some((_, pid)) => {
+                tracing::info!(pid, release = %release, host = %self.host.describe(), "process started");
+            }
+            None => {}
+        }
+        Ok(true)
     }
 
     pub(crate) async fn stop(&self, control: &ServiceControl) -> Result<(), DriverError> {
@@ -368,15 +481,11 @@ impl Controller<'_> {
                 Ok(())
             }
             ServiceControl::Process(spec) => {
-                let Some(pid) = self.probe(Some("TERM")).await? else {
-                    return self.forget().await;
+                let Some(pid) = self.signal_and_wait(Some("TERM"), spec.grace).await? else {
+                    return Ok(());
                 };
-                tracing::debug!(pid, host = %self.host.describe(), "sent SIGTERM");
-                if self.wait_gone(spec.grace, spec.poll).await? {
-                    return self.forget().await;
-                }
                 tracing::warn!(pid, grace_s = spec.grace.as_secs_f64(), host = %self.host.describe(), "still running after the grace period; sending SIGKILL");
-                self.kill(spec.poll).await
+                self.kill().await
             }
         }
     }
@@ -390,44 +499,20 @@ impl Controller<'_> {
                     .check(&self.ctx(&format!("killing {}", unit.unit())))?;
                 Ok(())
             }
-            ServiceControl::Process(spec) => self.kill(spec.poll).await,
+            ServiceControl::Process(_) => self.kill().await,
         }
     }
 
-    async fn kill(&self, poll: Duration) -> Result<(), DriverError> {
-        if self.probe(Some("KILL")).await?.is_none() {
-            return self.forget().await;
-        }
-        if self.wait_gone(Duration::from_secs(10), poll).await? {
-            return self.forget().await;
-        }
-        Err(DriverError::new(
-            self.ctx("the process survived SIGKILL for 10 s"),
-        ))
-    }
-
-    /// Polls until the process is gone (true) or `limit` passes (false).
-    async fn wait_gone(&self, limit: Duration, poll: Duration) -> Result<bool, DriverError> {
-        let probe = || async {
-            match self.probe(None).await {
-                Ok(None) => ControlFlow::Break(Ok(())),
-                Ok(Some(_)) => ControlFlow::Continue(()),
-                Err(e) => ControlFlow::Break(Err(e)),
-            }
-        };
-        match poll_until(Bound::after(limit), poll, None, probe).await {
-            Ok(gone) => gone.value.map(|()| true),
-            // Not cancellable (no token): only the limit ends the wait.
-            Err(WaitError::Exhausted { .. } | WaitError::Cancelled { .. }) => Ok(false),
-        }
-    }
-
-    async fn forget(&self) -> Result<(), DriverError> {
-        self.host
-            .run(&Command::new("rm").args(["-f", "--", &self.pidfile()]))
+    async fn kill(&self) -> Result<(), DriverError> {
+        match self
+            .signal_and_wait(Some("KILL"), Duration::from_secs(10))
             .await?
-            .check(&self.ctx("removing the pid file"))?;
-        Ok(())
+        {
+            None => Ok(()),
+            Some(_) => Err(DriverError::new(
+                self.ctx("the process survived SIGKILL for 10 s"),
+            )),
+        }
     }
 }
 

@@ -72,6 +72,7 @@ struct SshConfig {
     policy: HostKeyPolicy,
     timeout: Duration,
     connect_timeout: Duration,
+    keepalive: Duration,
     gzip: bool,
 }
 
@@ -87,6 +88,7 @@ pub struct SshHostBuilder {
     policy: HostKeyPolicy,
     timeout: Duration,
     connect_timeout: Duration,
+    keepalive: Duration,
     gzip: bool,
 }
 
@@ -152,6 +154,18 @@ impl SshHostBuilder {
     /// The longest the TCP connect may take (default 10 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// How often an idle session sends a keepalive (default 15 s; zero
+    /// turns keepalives off), so a NAT or firewall does not forget the
+    /// connection between steps.
+    ///
+    /// Keepalives are sent by a background thread only while no command
+    /// runs — it takes the same lock as a command — so one never interleaves
+    /// with a command in flight (which keeps the connection busy anyway).
+    pub fn keepalive(mut self, every: Duration) -> Self {
+        self.keepalive = every;
         self
     }
 
@@ -230,9 +244,11 @@ impl SshHostBuilder {
                 policy: self.policy,
                 timeout: self.timeout,
                 connect_timeout: self.connect_timeout,
+                keepalive: self.keepalive,
                 gzip: self.gzip,
             }),
             session: Arc::new(Mutex::new(None)),
+            keepalive_started: Arc::new(std::sync::Once::new()),
         })
     }
 }
@@ -249,6 +265,8 @@ impl SshHostBuilder {
 ///   `Session::set_timeout`, so nothing hangs forever.
 /// * A session found dead when a step begins is re-established once before
 ///   the step fails.
+/// * Keepalives ([`SshHostBuilder::keepalive`]) go out only while the
+///   session is idle, never in the middle of a command.
 /// * [`put_dir`](Host::put_dir) streams a tar of the release (optionally
 ///   gzipped) over one exec channel into `tar -x`, with a SHA-256 manifest
 ///   that the host checks (`sha256sum -c`) before the directory is used.
@@ -261,6 +279,8 @@ impl SshHostBuilder {
 pub struct SshHost {
     config: Arc<SshConfig>,
     session: Arc<Mutex<Option<Session>>>,
+    /// Starts the keepalive thread once per session slot.
+    keepalive_started: Arc<std::sync::Once>,
 }
 
 impl std::fmt::Debug for SshHost {
@@ -292,6 +312,7 @@ impl SshHost {
             policy: HostKeyPolicy::Strict,
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(15),
             gzip: false,
         }
     }
@@ -325,6 +346,11 @@ impl SshHost {
         let config = self.config.clone();
         let slot = self.session.clone();
         let who = self.describe();
+        if !config.keepalive.is_zero() {
+            self.keepalive_started.call_once(|| {
+                spawn_keepalive(Arc::downgrade(&slot), config.keepalive, who.clone());
+            });
+        }
         tokio::task::spawn_blocking(move || {
             let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
             for attempt in 0..2 {
@@ -353,6 +379,42 @@ impl SshHost {
         })
         .await
         .map_err(|e| DriverError::new(format!("{}: ssh worker failed", self.describe())).with_source(e))?
+    }
+}
+
+/// Sends a keepalive on the session in `slot` every `every` while the
+/// session is idle: a session in use (its lock held by a command) is
+/// skipped, so a keepalive never interleaves with a command, and the
+/// session's keepalive interval is set only around the send (see
+/// `connect`). Ends when the host is dropped. A keepalive that fails drops
+/// the session; the next command reconnects.
+fn spawn_keepalive(slot: std::sync::Weak<Mutex<Option<Session>>>, every: Duration, who: String) {
+    let host = who.clone();
+    let spawned = std::thread::Builder::new()
+        .name("ssh-keepalive".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            let Some(slot) = slot.upgrade() else { return };
+            let mut guard = match slot.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::WouldBlock) => continue,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            };
+            let Some(sess) = guard.as_ref() else { continue };
+            // No reply wanted: nothing is left for the next command to read.
+            sess.set_keepalive(false, 1);
+            let sent = sess.keepalive_send();
+            sess.set_keepalive(false, 0);
+            match sent {
+                Ok(_) => tracing::trace!(host = %host, "ssh keepalive sent"),
+                Err(e) => {
+                    tracing::debug!(host = %host, error = %e, "ssh keepalive failed; the next command reconnects");
+                    *guard = None;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(host = %who, error = %e, "cannot start the ssh keepalive thread; going without");
     }
 }
 
@@ -387,7 +449,10 @@ fn connect(cfg: &SshConfig, who: &str) -> Result<Session, DriverError> {
     sess.handshake().map_err(|e| ssh_err(who, "SSH handshake", e))?;
     check_host_key(&sess, cfg, who)?;
     authenticate(&sess, cfg, who)?;
-    sess.set_keepalive(true, 15);
+    // No keepalive interval on the session itself: with one set, libssh2
+    // bounds every blocking wait by the time to the next keepalive and
+    // fails a command that is quiet longer ("Timed out waiting on
+    // socket"). The keepalive thread sets it only for its own send.
     tracing::debug!(host = %who, "ssh session established");
     Ok(sess)
 }

@@ -227,6 +227,34 @@ async fn transient_errors_are_retried() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn every_retry_is_told_with_the_step_the_instance_and_the_cause() {
+    let s = setup(FakeFleet::new(2).fault("i-2", Op::Install, Fault::Transient(1)));
+    let report = s.deploy(&rolling(1, 0), "v2").await;
+    assert!(report.is_success(), "{report}");
+    assert_eq!(s.fleet.calls("i-2", Op::Install), 2);
+    let retries: Vec<(Option<String>, String)> = s
+        .events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Warning { instance, message } if message.contains("retrying") => {
+                Some((instance.map(|i| i.to_string()), message))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(retries.len(), 1, "{retries:?}");
+    let (instance, message) = &retries[0];
+    assert_eq!(instance.as_deref(), Some("i-2"));
+    for part in [
+        "install of i-2",
+        "attempt 1 of 3",
+        "scripted Install fault on i-2",
+    ] {
+        assert!(message.contains(part), "{part:?} missing from {message:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn permanent_lb_errors_are_not_retried() {
     let s = setup(FakeFleet::new(2).fail_drain("i-1"));
     let report = s.deploy(&rolling(1, 1), "v2").await;

@@ -8,10 +8,10 @@ use std::time::Duration;
 use futures::future::join_all;
 
 use super::{done, Outcome, StepCtx, StepOk};
-use crate::error::Result;
+use crate::error::{DriverError, Result};
 use crate::event::EventKind;
 use crate::executor::error::{Failure, Probe, StepError};
-use crate::executor::Inner;
+use crate::executor::{Inner, Retrying};
 use crate::names::{Group, InstanceId};
 use crate::plan::{HealthCheck, InstanceProgress, Plan, Step};
 use crate::smoke::{SmokeCheck, SmokeTester};
@@ -26,29 +26,29 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, step: &Step) -> Outcome 
     match step {
         Step::Drain { instance } => {
             let b = inner.instance(instance).backend();
-            done(inner.call(t.load_balancer, || lb.drain(b)).await)
+            done(call_step(ctx, step, t.load_balancer, || lb.drain(b)).await)
         }
         Step::Disable { instance } => {
             let b = inner.instance(instance).backend();
-            done(inner.call(t.load_balancer, || lb.disable(b)).await)
+            done(call_step(ctx, step, t.load_balancer, || lb.disable(b)).await)
         }
         Step::Enable { instance } => {
             let b = inner.instance(instance).backend();
-            done(inner.call(t.load_balancer, || lb.enable(b)).await)
+            done(call_step(ctx, step, t.load_balancer, || lb.enable(b)).await)
         }
         Step::AwaitDrained { instance, timeout } => await_drained(ctx, instance, *timeout).await,
         Step::Stop { instance } => stop(ctx, instance).await,
         Step::Install { instance, release } => {
             let i = inner.instance(instance);
-            done(inner.call(t.install, || i.install(release)).await)
+            done(call_step(ctx, step, t.install, || i.install(release)).await)
         }
         Step::Restore { instance, release } => {
             let i = inner.instance(instance);
-            done(inner.call(t.restore, || i.restore(release)).await)
+            done(call_step(ctx, step, t.restore, || i.restore(release)).await)
         }
         Step::Start { instance } => {
             let i = inner.instance(instance);
-            done(inner.call(t.start, || i.start()).await)
+            done(call_step(ctx, step, t.start, || i.start()).await)
         }
         Step::AwaitHealthy { instance, check } => await_healthy(ctx, instance, *check).await,
         Step::AwaitHealthyWithin {
@@ -79,6 +79,37 @@ pub(in crate::executor) fn marks_on_done(step: &Step) -> bool {
             | Step::Stop { .. }
             | Step::Restore { .. }
     )
+}
+
+/// Calls a driver for `step` as [`Inner::call`] does, and tells of every
+/// retry: a warning event (which the executor also logs) naming the step,
+/// the instance, the attempt and the cause — a retried step costs seconds
+/// of backoff, and an operator should see why.
+async fn call_step<T, F, Fut>(
+    ctx: &StepCtx<'_>,
+    step: &Step,
+    timeout: Duration,
+    f: F,
+) -> (std::result::Result<T, StepError>, u32)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, DriverError>>,
+{
+    let note = |r: &Retrying<'_>| {
+        let on = step.instance().map(|i| format!(" of {i}")).unwrap_or_default();
+        (ctx.emit)(EventKind::Warning {
+            instance: step.instance().cloned(),
+            message: format!(
+                "{}{on}: attempt {} of {} failed ({}); retrying in {:.1}s",
+                step.kind(),
+                r.attempt,
+                r.of,
+                r.cause,
+                r.wait.as_secs_f64()
+            ),
+        });
+    };
+    ctx.inner.call_noting(timeout, f, &note).await
 }
 
 /// What starting `step` tells about its instance: an attempted install may
@@ -140,7 +171,10 @@ fn default_smoke_tester() -> Result<Arc<dyn SmokeTester>> {
 async fn stop(ctx: &StepCtx<'_>, instance: &InstanceId) -> Outcome {
     let inner = ctx.inner;
     let i = inner.instance(instance);
-    let (r, n) = inner.call(inner.timeouts.stop, || i.stop()).await;
+    let step = Step::Stop {
+        instance: instance.clone(),
+    };
+    let (r, n) = call_step(ctx, &step, inner.timeouts.stop, || i.stop()).await;
     let Err(graceful) = r else {
         return (Ok(StepOk::Ok), n);
     };
@@ -163,8 +197,16 @@ async fn await_healthy(ctx: &StepCtx<'_>, instance: &InstanceId, check: HealthCh
     let inner = ctx.inner;
     let i = inner.instance(instance);
     let retries = check.retries.max(1);
-    let probe = || async {
-        match inner.call(inner.timeouts.health_probe, || i.health()).await.0 {
+    let step = Step::AwaitHealthy {
+        instance: instance.clone(),
+        check,
+    };
+    let step = &step;
+    let probe = || async move {
+        match call_step(ctx, step, inner.timeouts.health_probe, || i.health())
+            .await
+            .0
+        {
             Ok(Health::Healthy) => ControlFlow::Break(()),
             Ok(Health::Unhealthy(why)) => ControlFlow::Continue(Probe::Unhealthy(why)),
             Err(e) => ControlFlow::Continue(Probe::Failed(Box::new(e))),
