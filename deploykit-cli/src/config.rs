@@ -191,7 +191,7 @@ pub(crate) struct LoadBalancerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MetricsConfig {
-    pub(crate) prometheus: String,
+    pub(crate) prometheus: deploykit::SecretUrl,
     pub(crate) error_rate: Option<String>,
     pub(crate) latency_p99: Option<String>,
     pub(crate) request_count: Option<String>,
@@ -315,11 +315,18 @@ pub(crate) enum NotifyOn {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct WebhookConfig {
-    pub(crate) url: String,
+    /// The path of a webhook URL is often its token, so messages show the
+    /// host only.
+    #[serde(deserialize_with = "webhook_url")]
+    pub(crate) url: deploykit::SecretUrl,
     #[serde(default)]
     pub(crate) format: WebhookFormat,
     #[serde(default = "all_events")]
     pub(crate) on: Vec<NotifyOn>,
+}
+
+fn webhook_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<deploykit::SecretUrl, D::Error> {
+    Ok(deploykit::SecretUrl::new(String::deserialize(d)?).secret_path())
 }
 
 fn all_events() -> Vec<NotifyOn> {
@@ -775,14 +782,15 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
         }
     }
     if let Some(m) = &c.metrics {
-        let ok = (m.prometheus.starts_with("http://") || m.prometheus.starts_with("https://"))
-            && m.prometheus.len() > "https://".len()
-            && !m.prometheus.chars().any(char::is_whitespace);
+        let url = m.prometheus.expose();
+        let ok = (url.starts_with("http://") || url.starts_with("https://"))
+            && url.len() > "https://".len()
+            && !url.chars().any(char::is_whitespace);
         if !ok {
             return Err(inv(
                 "metrics.prometheus",
                 format!(
-                    "{:?} is not an http(s) URL; write e.g. \"http://127.0.0.1:9090\"",
+                    "\"{}\" is not an http(s) URL; write e.g. \"http://127.0.0.1:9090\"",
                     m.prometheus
                 ),
             ));
@@ -801,13 +809,14 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
         }
     }
     for (n, w) in c.notifications.webhooks.iter().enumerate() {
-        let ok = (w.url.starts_with("http://") || w.url.starts_with("https://"))
-            && !w.url.chars().any(char::is_whitespace);
+        let url = w.url.expose();
+        let ok = (url.starts_with("http://") || url.starts_with("https://"))
+            && !url.chars().any(char::is_whitespace);
         if !ok {
             return Err(inv(
                 format!("notifications.webhooks[{n}].url"),
                 format!(
-                    "{:?} is not an http(s) URL; write e.g. \"https://hooks.example.com/deploys\"",
+                    "\"{}\" is not an http(s) URL; write e.g. \"https://hooks.example.com/deploys\"",
                     w.url
                 ),
             ));
