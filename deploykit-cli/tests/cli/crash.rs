@@ -287,3 +287,32 @@ fn a_recovery_that_is_itself_killed_can_be_run_again() {
     assert!(releases.iter().all(|r| r == &releases[0]), "{releases:?}");
     assert!(env.out_of_rotation().is_empty());
 }
+
+#[test]
+fn a_journal_dated_in_the_future_does_not_hide_a_later_crash() {
+    // The clock was a year ahead during the v2 deployment and was then
+    // stepped back: the v3 deployment killed afterwards starts "earlier".
+    let env = Env::new(&crate::util::simulated(2, ""));
+    env.ok(&["-q", "deploy", "v2"], 0);
+    let dir = env.state().join("journal");
+    let v2 = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+    let text = std::fs::read_to_string(&v2).unwrap();
+    let (first, rest) = text.split_once('\n').unwrap();
+    let mut header: Value = serde_json::from_str(first).unwrap();
+    let future = header["started_at_ms"].as_u64().unwrap() + 365 * 24 * 3600 * 1000;
+    header["started_at_ms"] = future.into();
+    std::fs::write(&v2, format!("{header}\n{rest}")).unwrap();
+    crash_at(&env, 3, "v3");
+    let (code, _, err) = env.run(&["deploy", "v4"]);
+    assert_eq!(code, 3, "the interrupted v3 deployment refuses a new one: {err}");
+    assert!(err.contains("was interrupted") && err.contains("v3"), "{err}");
+    let s = status(&env);
+    assert_eq!(s["deployment"]["history"]["release"], "v3", "{s}");
+    assert_eq!(s["deployment"]["history"]["outcome"], "interrupted", "{s}");
+    let history = env.ok(&["--json", "history"], 0);
+    let last = crate::util::json_lines(&history).pop().unwrap();
+    assert_eq!(
+        last["release"], "v3",
+        "history lists the crashed run last: {history}"
+    );
+}

@@ -53,8 +53,15 @@ pub struct JournalHeader {
     /// The deployment a resume or rollback acts on.
     #[serde(default)]
     pub acts_on: Option<String>,
-    /// When the run started, milliseconds since the Unix epoch.
+    /// When the run started, milliseconds since the Unix epoch (for
+    /// people; the order of journals is [`sequence`](Self::sequence)'s).
     pub started_at_ms: u64,
+    /// The run's place in the state directory's order, set by
+    /// [`StateDir::create_journal`](super::StateDir::create_journal): the
+    /// wall clock can be stepped back, a counter cannot. `None` in journals
+    /// written before the counter existed, which sort before all others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
     /// The process that ran it.
     pub pid: u32,
     /// The machine it ran on.
@@ -82,6 +89,7 @@ impl JournalHeader {
             plan: None,
             acts_on: None,
             started_at_ms: super::now_ms(),
+            sequence: None,
             pid: std::process::id(),
             host: super::host_name(),
         }
@@ -632,7 +640,13 @@ mod tests {
         assert_eq!(j.records(), 4);
         // Interrupted here: no outcome.
         let s = JournalSummary::read(j.path()).unwrap();
-        assert_eq!(s.header, header);
+        assert_eq!(
+            s.header,
+            JournalHeader {
+                sequence: Some(1),
+                ..header.clone()
+            }
+        );
         assert_eq!(s.touched(), BTreeSet::from([iid("a"), iid("b")]));
         assert_eq!(s.unsettled(), BTreeSet::from([iid("b")]));
         // A later run that finished b settles it; one that only started a

@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! <base>/<app>/lock                  who holds the deployment lock (a flock on <base>/<app>)
-//! <base>/<app>/journal/<id>.jsonl    one journal per deployment, rollback or resume
+//! <base>/<app>/journal/<seq>-<id>.jsonl  one journal per deployment, rollback or resume
+//! <base>/<app>/sequence              the last journal's sequence number
 //! <base>/<app>/control.json          the last promote/abort command sent
 //! <base>/<app>/control-ack.json      what the running deployment did with it
 //! <base>/<app>/live.json             the blue-green live record (FileLiveStore)
@@ -26,7 +27,10 @@
 //!   plan, the previous release of every instance), then every [`Event`](crate::Event)
 //!   the executor emits, then the outcome. A crash at any point leaves a
 //!   journal that says which instances were touched and what each ran
-//!   before — what `status`, `--resume` and `rollback` read.
+//!   before — what `status`, `--resume` and `rollback` read. Journals are
+//!   ordered by a sequence number kept in the state directory, never by the
+//!   wall clock: a clock stepped back would otherwise put a journal dated
+//!   in the future after a later, interrupted one and hide it.
 //! * [`HistoryEntry`] — one line of history per journal.
 //! * [`ControlFile`] — promote or abort a deployment running in another
 //!   process.
@@ -134,26 +138,82 @@ impl StateDir {
     }
 
     /// Starts a new journal with `header` (written and `fsync`ed before this
-    /// returns).
+    /// returns), numbered after every journal before it: `header.sequence`
+    /// is set to one more than the highest of the `sequence` file and the
+    /// journals present, the file is named `<sequence>-<id>.jsonl`, and the
+    /// `sequence` file is updated atomically first. Call it while holding
+    /// the [lock](Self::try_lock), which makes the numbering race-free.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] (field `deployment`) when the id is not a
     /// valid name, or one with that id exists; [`Error::Io`] when it cannot
-    /// be written.
-    pub fn create_journal(&self, header: JournalHeader) -> Result<Journal> {
+    /// be written; [`Error::Inconsistent`] when the `sequence` file does not
+    /// hold a number.
+    pub fn create_journal(&self, mut header: JournalHeader) -> Result<Journal> {
         crate::names::validate_name("deployment", &header.deployment)?;
+        let mut last = self.read_sequence()?;
+        for (path, h) in self.headers()? {
+            if h.deployment == header.deployment {
+                return Err(Error::invalid(
+                    "deployment",
+                    format!(
+                        "a journal {} exists already; use another deployment id",
+                        path.display()
+                    ),
+                ));
+            }
+            last = last.max(h.sequence.unwrap_or(0));
+        }
+        let sequence = last + 1;
+        let file = self.root.join(SEQUENCE_FILE);
+        write_atomic(&file, format!("{sequence}\n").as_bytes())
+            .map_err(|e| Error::io(format!("writing {}", file.display()), e))?;
+        header.sequence = Some(sequence);
         Journal::create(
-            &self.journal_dir().join(format!("{}.jsonl", header.deployment)),
+            &self
+                .journal_dir()
+                .join(format!("{sequence:010}-{}.jsonl", header.deployment)),
             header,
         )
     }
 
-    /// Every journal, oldest first (by start time, then id).
-    ///
-    /// # Errors
-    /// [`Error::Io`] when the directory cannot be listed;
-    /// [`Error::Inconsistent`] when a journal has no readable header.
-    pub fn journals(&self) -> Result<Vec<JournalSummary>> {
+    /// The number in the `sequence` file (0 when there is none yet).
+    fn read_sequence(&self) -> Result<u64> {
+        let file = self.root.join(SEQUENCE_FILE);
+        match std::fs::read_to_string(&file) {
+            Ok(text) => text.trim().parse().map_err(|_| {
+                Error::Inconsistent(format!(
+                    "{} does not hold a number ({:?}); write the highest sequence of the journals \
+                     (the number their file names start with) into it",
+                    file.display(),
+                    text.chars().take(40).collect::<String>()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(Error::io(format!("reading {}", file.display()), e)),
+        }
+    }
+
+    /// The header of every journal whose first line is readable.
+    fn headers(&self) -> Result<Vec<(PathBuf, JournalHeader)>> {
+        use std::io::BufRead;
+        let mut out = Vec::new();
+        for path in self.journal_paths()? {
+            let Ok(file) = std::fs::File::open(&path) else {
+                continue;
+            };
+            let mut first = String::new();
+            if std::io::BufReader::new(file).read_line(&mut first).is_err() {
+                continue;
+            }
+            if let Ok(JournalRecord::Header(h)) = serde_json::from_str(&first) {
+                out.push((path, h));
+            }
+        }
+        Ok(out)
+    }
+
+    fn journal_paths(&self) -> Result<Vec<PathBuf>> {
         let dir = self.journal_dir();
         let entries =
             std::fs::read_dir(&dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
@@ -162,13 +222,24 @@ impl StateDir {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
             let path = entry.path();
             if path.extension().and_then(|e| e.to_str()) == Some("jsonl") {
-                out.push(JournalSummary::read(&path)?);
+                out.push(path);
             }
         }
-        out.sort_by(|a, b| {
-            (a.header.started_at_ms, &a.header.deployment)
-                .cmp(&(b.header.started_at_ms, &b.header.deployment))
-        });
+        Ok(out)
+    }
+
+    /// Every journal, oldest first: by sequence number; journals written
+    /// before sequence numbers existed come first, by start time, then id.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the directory cannot be listed;
+    /// [`Error::Inconsistent`] when a journal has no readable header.
+    pub fn journals(&self) -> Result<Vec<JournalSummary>> {
+        let mut out = Vec::new();
+        for path in self.journal_paths()? {
+            out.push(JournalSummary::read(&path)?);
+        }
+        out.sort_by(|a, b| order(&a.header).cmp(&order(&b.header)));
         Ok(out)
     }
 
@@ -212,6 +283,15 @@ impl StateDir {
     pub fn control(&self) -> ControlFile {
         ControlFile::new(&self.root)
     }
+}
+
+/// The file holding the last journal's sequence number.
+const SEQUENCE_FILE: &str = "sequence";
+
+/// A journal's place in the order: unnumbered (older) journals first, by
+/// time; then by sequence.
+fn order(h: &JournalHeader) -> (Option<u64>, u64, &str) {
+    (h.sequence, h.started_at_ms, &h.deployment)
 }
 
 /// This machine's host name (from `/proc/sys/kernel/hostname`, else the
@@ -258,8 +338,10 @@ mod tests {
         let victim = base.path().join("victim");
         std::fs::write(&victim, "precious").unwrap();
         let created = base.path().join("created-through-link");
-        std::os::unix::fs::symlink(&victim, state.journal_dir().join("d1.jsonl")).unwrap();
-        std::os::unix::fs::symlink(&created, state.journal_dir().join("d2.jsonl")).unwrap();
+        // At the names the journals get: numbered 1 and 2 (the first
+        // attempt's number is used up even though it fails).
+        std::os::unix::fs::symlink(&victim, state.journal_dir().join("0000000001-d1.jsonl")).unwrap();
+        std::os::unix::fs::symlink(&created, state.journal_dir().join("0000000002-d2.jsonl")).unwrap();
         for id in ["d1", "d2"] {
             let header: JournalHeader = serde_json::from_value(serde_json::json!({
                 "version": 1, "deployment": id, "app": "shop", "kind": "deploy",
@@ -271,5 +353,82 @@ mod tests {
         }
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert!(!created.exists());
+    }
+
+    fn header(id: &str, started_at_ms: u64) -> JournalHeader {
+        let mut h = JournalHeader::new(
+            id,
+            "shop",
+            RunKind::Deploy,
+            crate::StrategyKind::Rolling,
+            crate::ReleaseId::new("v2").unwrap(),
+            Default::default(),
+        );
+        h.started_at_ms = started_at_ms;
+        h
+    }
+
+    #[test]
+    fn journals_are_ordered_by_sequence_not_by_the_clock() {
+        let base = tempfile::tempdir().unwrap();
+        let state = StateDir::open(base.path(), "shop").unwrap();
+        // Written before sequence numbers existed: first, by time.
+        for (id, at) in [("old-b", 2_000), ("old-a", 1_000)] {
+            let h = serde_json::to_string(&JournalRecord::Header(header(id, at))).unwrap();
+            std::fs::write(state.journal_dir().join(format!("{id}.jsonl")), h + "\n").unwrap();
+        }
+        let now = now_ms();
+        let future = state
+            .create_journal(header("future", now + 365 * 86_400_000))
+            .unwrap();
+        future
+            .finish(JournalOutcome {
+                outcome: crate::OutcomeKind::Succeeded,
+                reason: None,
+                duration_ms: 1,
+            })
+            .unwrap();
+        let crashed = state.create_journal(header("crashed", now)).unwrap();
+        assert_eq!(future.header().sequence, Some(1));
+        assert_eq!(crashed.header().sequence, Some(2));
+        assert!(
+            crashed.path().ends_with("0000000002-crashed.jsonl"),
+            "{}",
+            crashed.path().display()
+        );
+        drop((future, crashed));
+        let order: Vec<String> = state
+            .journals()
+            .unwrap()
+            .into_iter()
+            .map(|j| j.header.deployment)
+            .collect();
+        assert_eq!(order, ["old-a", "old-b", "future", "crashed"]);
+        let latest = state.latest().unwrap().unwrap();
+        assert_eq!(latest.header.deployment, "crashed");
+        assert!(!latest.is_finished());
+        assert_eq!(
+            std::fs::read_to_string(state.root().join("sequence")).unwrap(),
+            "2\n"
+        );
+    }
+
+    #[test]
+    fn the_sequence_survives_a_lost_counter_file_and_ids_stay_unique() {
+        let base = tempfile::tempdir().unwrap();
+        let state = StateDir::open(base.path(), "shop").unwrap();
+        drop(state.create_journal(header("a", 5)).unwrap());
+        std::fs::remove_file(state.root().join("sequence")).unwrap();
+        let b = state.create_journal(header("b", 1)).unwrap();
+        assert_eq!(
+            b.header().sequence,
+            Some(2),
+            "numbered after the journals present"
+        );
+        let e = state.create_journal(header("a", 9)).unwrap_err().to_string();
+        assert!(e.contains("deployment") && e.contains("exists already"), "{e}");
+        std::fs::write(state.root().join("sequence"), "junk").unwrap();
+        let e = state.create_journal(header("c", 9)).unwrap_err().to_string();
+        assert!(e.contains("does not hold a number"), "{e}");
     }
 }
