@@ -691,7 +691,16 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
 pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
     runtime()?.block_on(async move {
         let holder = ctx.state.holder()?;
-        let latest = ctx.state.latest()?;
+        // An unreadable journal is reported beside the fleet, not instead
+        // of it: the fleet is what an operator needs to see to repair.
+        let scan = ctx.state.scan_journals()?;
+        let problems: Vec<String> = scan.unreadable.iter().map(|u| u.error.to_string()).collect();
+        let latest = scan.journals.into_iter().next_back();
+        let code = if problems.is_empty() {
+            exit::SUCCESS
+        } else {
+            exit::UNKNOWN_STATE
+        };
         let fleet = wire::fleet(&ctx.cfg, &ctx.state, None)?;
         let exec = &fleet.executor;
         let probe = Duration::from_secs(5);
@@ -744,9 +753,13 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
                 instances,
                 live: live.map(|l| l.live),
                 load_balancer: sim_lb,
+                journal_problems: problems,
             };
             println!("{}", serde_json::to_string(&status)?);
-            return Ok(exit::SUCCESS);
+            return Ok(code);
+        }
+        for p in &problems {
+            eprintln!("deploykit: error: {p}");
         }
         println!("app: {}", ctx.cfg.raw.app);
         if let Some(h) = &holder {
@@ -780,7 +793,11 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
                     );
                 }
             }
-            _ => println!("no deployment recorded yet"),
+            _ if problems.is_empty() => println!("no deployment recorded yet"),
+            _ => println!("no readable deployment recorded"),
+        }
+        if !problems.is_empty() {
+            println!("  {} unreadable journal(s), listed above: the last run may be another one", problems.len());
         }
         if let Some(l) = &live {
             println!("live environment: {}", l.live);
@@ -806,21 +823,36 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
             };
             println!("{id:<wi$}  {g:<wg$}  {a:<wa$}  {r:<wr$}  {rot}{h}");
         }
-        Ok(exit::SUCCESS)
+        Ok(code)
     })
 }
 
 pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
-    let entries = ctx.state.history()?;
+    // The readable runs are listed even when one journal is not.
+    let scan = ctx.state.scan_journals()?;
+    let holder = ctx.state.holder()?;
+    let entries: Vec<_> = scan
+        .journals
+        .iter()
+        .map(|j| j.history_entry(holder.as_ref()))
+        .collect();
+    for u in &scan.unreadable {
+        eprintln!("deploykit: error: {}", u.error);
+    }
+    let code = if scan.unreadable.is_empty() {
+        exit::SUCCESS
+    } else {
+        exit::UNKNOWN_STATE
+    };
     if ctx.g.json {
         for e in &entries {
             println!("{}", serde_json::to_string(e)?);
         }
-        return Ok(exit::SUCCESS);
+        return Ok(code);
     }
     if entries.is_empty() {
         println!("no deployments recorded yet");
-        return Ok(exit::SUCCESS);
+        return Ok(code);
     }
     println!(
         "{:<34} {:<9} {:<11} {:<12} {:<15} {:>9}  reason",
@@ -836,10 +868,10 @@ pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
             e.release.as_str(),
             e.outcome.to_string(),
             e.duration_ms as f64 / 1000.0,
-            e.reason.unwrap_or_default()
+            e.reason.as_deref().unwrap_or_default()
         );
     }
-    Ok(exit::SUCCESS)
+    Ok(code)
 }
 
 /// `promote` / `abort`: through the control file of the running deployment.

@@ -207,8 +207,17 @@ fn status_json_has_the_documented_fields() {
     let v: serde_json::Value = serde_json::from_str(env.ok(&["--json", "status"], 0).trim()).unwrap();
     assert_eq!(
         keys(&v),
-        ["app", "deployment", "instances", "live", "load_balancer", "lock"]
+        [
+            "app",
+            "deployment",
+            "instances",
+            "journal_problems",
+            "live",
+            "load_balancer",
+            "lock"
+        ]
     );
+    assert_eq!(v["journal_problems"], serde_json::json!([]));
     assert_eq!(v["deployment"], serde_json::Value::Null, "no run yet");
     env.ok(&["deploy", "v1"], 0);
     let v: serde_json::Value = serde_json::from_str(env.ok(&["--json", "status"], 0).trim()).unwrap();
@@ -660,4 +669,38 @@ fn recommend_asks_on_a_terminal() {
         "the second question was asked:\n{text}"
     );
     assert!(text.contains("recommended strategy: blue-green"), "{text}");
+}
+
+#[test]
+fn an_empty_or_corrupt_journal_does_not_hide_the_fleet() {
+    let env = Env::new(&simulated(2, ""));
+    env.ok(&["-q", "deploy", "v2"], 0);
+    let dir = env.state().join("journal");
+    for (name, content) in [
+        ("0000000007-empty.jsonl", ""),
+        ("0000000008-junk.jsonl", "not json\n{}\n"),
+    ] {
+        std::fs::write(dir.join(name), content).unwrap();
+        let (code, out, err) = env.run(&["status"]);
+        assert_eq!(code, 3, "the state is inconsistent\n{out}\n{err}");
+        for id in ["web-1", "web-2"] {
+            assert!(out.contains(id), "{name}: the fleet is shown\n{out}\n{err}");
+        }
+        assert!(
+            err.contains(name) && err.contains("move the file aside"),
+            "{name}: the problem is named with its fix\n{err}"
+        );
+        let (code, out, err) = env.run(&["--json", "status"]);
+        assert_eq!(code, 3, "{out}\n{err}");
+        let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(s["instances"].as_array().unwrap().len(), 2, "{s}");
+        assert!(s["journal_problems"][0].as_str().unwrap().contains(name), "{s}");
+        let (code, out, err) = env.run(&["history"]);
+        assert_eq!(code, 3, "{out}\n{err}");
+        assert!(
+            out.contains("v2") && err.contains(name),
+            "the readable runs and the problem\n{out}\n{err}"
+        );
+        std::fs::remove_file(dir.join(name)).unwrap();
+    }
 }

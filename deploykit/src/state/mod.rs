@@ -235,12 +235,32 @@ impl StateDir {
     /// [`Error::Io`] when the directory cannot be listed;
     /// [`Error::Inconsistent`] when a journal has no readable header.
     pub fn journals(&self) -> Result<Vec<JournalSummary>> {
-        let mut out = Vec::new();
-        for path in self.journal_paths()? {
-            out.push(JournalSummary::read(&path)?);
+        let mut scan = self.scan_journals()?;
+        match scan.unreadable.is_empty() {
+            true => Ok(scan.journals),
+            false => Err(scan.unreadable.swap_remove(0).error),
         }
-        out.sort_by(|a, b| order(&a.header).cmp(&order(&b.header)));
-        Ok(out)
+    }
+
+    /// Every readable journal, oldest first (as [`journals`](Self::journals)),
+    /// and every unreadable one with why: for commands that report rather
+    /// than act (`status`, `history`), which should show what they can.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the directory cannot be listed.
+    pub fn scan_journals(&self) -> Result<JournalScan> {
+        let mut journals = Vec::new();
+        let mut unreadable = Vec::new();
+        let mut paths = self.journal_paths()?;
+        paths.sort();
+        for path in paths {
+            match JournalSummary::read(&path) {
+                Ok(j) => journals.push(j),
+                Err(error) => unreadable.push(UnreadableJournal { path, error }),
+            }
+        }
+        journals.sort_by(|a, b| order(&a.header).cmp(&order(&b.header)));
+        Ok(JournalScan { journals, unreadable })
     }
 
     /// The journal of `deployment` and of every resume and rollback that
@@ -283,6 +303,25 @@ impl StateDir {
     pub fn control(&self) -> ControlFile {
         ControlFile::new(&self.root)
     }
+}
+
+/// What [`StateDir::scan_journals`] found.
+#[derive(Debug)]
+pub struct JournalScan {
+    /// The readable journals, oldest first.
+    pub journals: Vec<JournalSummary>,
+    /// The journals that could not be read (empty, no header, a corrupt
+    /// line), by file name.
+    pub unreadable: Vec<UnreadableJournal>,
+}
+
+/// A journal [`StateDir::scan_journals`] could not read.
+#[derive(Debug)]
+pub struct UnreadableJournal {
+    /// The file.
+    pub path: PathBuf,
+    /// Why (its message names the file and the fix).
+    pub error: Error,
 }
 
 /// The file holding the last journal's sequence number.
