@@ -302,6 +302,30 @@ impl From<OutcomeKind> for HistoryOutcome {
     }
 }
 
+/// What [`salvage`] found on a line.
+struct Salvaged {
+    /// A torn record preceded the one parsed.
+    is_torn: bool,
+}
+
+/// Parses a journal line. A write that failed part-way leaves a record
+/// without its newline, so the next record written lands on the same line:
+/// when the whole line does not parse, the last record starting after the
+/// torn one is tried (every record starts with `{"record":`).
+fn salvage(line: &str) -> (Salvaged, serde_json::Result<JournalRecord>) {
+    let whole = serde_json::from_str::<JournalRecord>(line);
+    if whole.is_ok() {
+        return (Salvaged { is_torn: false }, whole);
+    }
+    match line.rfind("{\"record\":").filter(|&at| at > 0) {
+        Some(at) => match serde_json::from_str::<JournalRecord>(&line[at..]) {
+            Ok(r) => (Salvaged { is_torn: true }, Ok(r)),
+            Err(_) => (Salvaged { is_torn: false }, whole),
+        },
+        None => (Salvaged { is_torn: false }, whole),
+    }
+}
+
 /// One past (or running) deployment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
@@ -345,7 +369,11 @@ impl JournalSummary {
             if line.trim().is_empty() {
                 continue;
             }
-            match serde_json::from_str::<JournalRecord>(line) {
+            let (salvaged, parsed) = salvage(line);
+            if salvaged.is_torn {
+                tracing::warn!(journal = %path.display(), line = n + 1, "ignoring a torn record before another on the same line");
+            }
+            match parsed {
                 Ok(JournalRecord::Header(h)) if header.is_none() => header = Some(h),
                 Ok(JournalRecord::Header(_)) => {
                     return Err(Error::Inconsistent(format!(

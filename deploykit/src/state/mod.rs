@@ -470,4 +470,44 @@ mod tests {
         let e = state.create_journal(header("c", 9)).unwrap_err().to_string();
         assert!(e.contains("does not hold a number"), "{e}");
     }
+
+    #[test]
+    fn a_torn_line_after_the_outcome_leaves_the_run_finished() {
+        use std::io::Write;
+        let base = tempfile::tempdir().unwrap();
+        let state = StateDir::open(base.path(), "shop").unwrap();
+        let j = state.create_journal(header("d1", 1)).unwrap();
+        j.finish(JournalOutcome {
+            outcome: crate::OutcomeKind::Succeeded,
+            reason: None,
+            duration_ms: 1,
+        })
+        .unwrap();
+        let path = j.path().to_path_buf();
+        drop(j);
+        for torn in [&b"{\"record\":\"ev"[..], b"ent\",\"elapsed\n"] {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap()
+                .write_all(torn)
+                .unwrap();
+            let history = state.history().unwrap();
+            assert_eq!(history[0].outcome, HistoryOutcome::Succeeded, "{torn:?}");
+        }
+        // A write that failed part-way (a full disk) leaves a torn record
+        // without its newline, and the outcome written next lands on the
+        // same line: the outcome is still read.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines = text.lines();
+        let (head, finished) = (lines.next().unwrap(), lines.next().unwrap());
+        std::fs::write(
+            &path,
+            format!("{head}\n{{\"record\":\"event\",\"elap{finished}\n"),
+        )
+        .unwrap();
+        let history = state.history().unwrap();
+        assert_eq!(history[0].outcome, HistoryOutcome::Succeeded);
+        assert_eq!(history[0].duration_ms, 1);
+    }
 }
