@@ -131,6 +131,14 @@ impl Ctx {
         Ok(Self { g, cfg, state })
     }
 
+    /// As [`load`](Self::load) for a command that only reads: the state
+    /// directory is not created, so no write access is needed.
+    pub(crate) fn load_read_only(g: Global) -> anyhow::Result<Self> {
+        let cfg = config::load(&g.config)?;
+        let state = StateDir::existing(cfg.state_base(), &cfg.raw.app)?;
+        Ok(Self { g, cfg, state })
+    }
+
     fn notifier(&self) -> Notifier {
         Notifier::new(&self.cfg.raw.notifications)
     }

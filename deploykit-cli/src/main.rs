@@ -145,11 +145,11 @@ fn try_main(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Deploy(args) => cmd::deploy(cmd::Ctx::load(g)?, args),
         Command::Plan(args) => cmd::plan(cmd::Ctx::load(g)?, args),
-        Command::Status => cmd::status(cmd::Ctx::load(g)?),
+        Command::Status => cmd::status(cmd::Ctx::load_read_only(g)?),
         Command::Rollback => cmd::rollback(cmd::Ctx::load(g)?),
         Command::Promote => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Promote),
         Command::Abort => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Abort),
-        Command::History => cmd::history(cmd::Ctx::load(g)?),
+        Command::History => cmd::history(cmd::Ctx::load_read_only(g)?),
         Command::Setup => cmd::setup(cmd::Ctx::load(g)?),
     }
 }

@@ -40,6 +40,12 @@ fn read<T: Default + for<'de> Deserialize<'de>>(path: &Path) -> Result<T, Driver
 
 fn write<T: Serialize>(path: &Path, v: &T) -> Result<(), DriverError> {
     let bytes = serde_json::to_vec(v).expect("state serializes");
+    // Created at the first write, not when the fleet is built: `status`
+    // builds it too and must work without write access.
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| DriverError::new(format!("cannot create {}", dir.display())).with_source(e))?;
+    }
     deploykit::state::write_atomic(path, &bytes)
         .map_err(|e| DriverError::new(format!("cannot write {}", path.display())).with_source(e))
 }
@@ -65,7 +71,6 @@ impl SimInstance {
         unhealthy: Vec<ReleaseId>,
     ) -> std::io::Result<Self> {
         let dir = dir(state_root);
-        std::fs::create_dir_all(&dir)?;
         Ok(Self {
             path: dir.join(format!("{}.json", backend.id)),
             backend,
@@ -171,7 +176,6 @@ pub(crate) struct SimLoadBalancer {
 impl SimLoadBalancer {
     pub(crate) fn new(state_root: &Path) -> std::io::Result<Self> {
         let dir = dir(state_root);
-        std::fs::create_dir_all(&dir)?;
         Ok(Self {
             path: dir.join("lb.json"),
             lock: Arc::default(),

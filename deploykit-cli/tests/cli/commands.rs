@@ -704,3 +704,53 @@ fn an_empty_or_corrupt_journal_does_not_hide_the_fleet() {
         std::fs::remove_file(dir.join(name)).unwrap();
     }
 }
+
+#[test]
+fn status_and_history_write_nothing_so_a_read_only_state_dir_is_enough() {
+    // A command that writes nothing needs no write access: checked by what
+    // exists afterwards, which holds for any user (root ignores modes).
+    for cfg in [simulated(2, ""), local(1, "")] {
+        let env = Env::new(&cfg);
+        for args in [
+            &["status"][..],
+            &["--json", "status"],
+            &["history"],
+            &["--json", "history"],
+        ] {
+            let (code, out, err) = env.run(args);
+            assert_eq!(code, 0, "{args:?}\n{out}\n{err}");
+            assert!(
+                !env.path().join(".deploykit").exists(),
+                "{args:?} created the state directory"
+            );
+        }
+    }
+    let env = Env::new(&simulated(2, ""));
+    env.ok(&["-q", "deploy", "v1"], 0);
+    let before = tree(env.path());
+    env.ok(&["status"], 0);
+    env.ok(&["history"], 0);
+    assert_eq!(
+        tree(env.path()),
+        before,
+        "status and history changed the state directory"
+    );
+}
+
+/// Every path under `dir` with its size and modification time.
+fn tree(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                todo.push(e.path());
+            }
+            out.push((e.path(), m.len(), m.modified().unwrap()));
+        }
+    }
+    out.sort();
+    out
+}

@@ -96,6 +96,22 @@ impl StateDir {
         })
     }
 
+    /// The state directory of `app` under `base` for reading only: nothing
+    /// is created, and a directory that does not exist reads as one with no
+    /// journals and no lock holder. For commands that report (`status`,
+    /// `history`), which must work without write access.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `app`) for a name outside
+    /// `[A-Za-z0-9._-]`.
+    pub fn existing(base: impl AsRef<Path>, app: &str) -> Result<Self> {
+        crate::names::validate_name("app", app)?;
+        Ok(Self {
+            app: app.to_string(),
+            root: base.as_ref().join(app),
+        })
+    }
+
     /// The application's name.
     pub fn app(&self) -> &str {
         &self.app
@@ -134,6 +150,10 @@ impl StateDir {
     /// # Errors
     /// [`Error::Io`] when the state directory cannot be opened.
     pub fn holder(&self) -> Result<Option<Holder>> {
+        if !self.root.exists() {
+            // Nobody can hold a lock on a directory that is not there.
+            return Ok(None);
+        }
         lock::current_holder(&self.root)
     }
 
@@ -215,8 +235,12 @@ impl StateDir {
 
     fn journal_paths(&self) -> Result<Vec<PathBuf>> {
         let dir = self.journal_dir();
-        let entries =
-            std::fs::read_dir(&dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // Opened with `existing` before the first run.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+        };
         let mut out = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
@@ -509,5 +533,16 @@ mod tests {
         let history = state.history().unwrap();
         assert_eq!(history[0].outcome, HistoryOutcome::Succeeded);
         assert_eq!(history[0].duration_ms, 1);
+    }
+
+    #[test]
+    fn an_existing_state_dir_creates_nothing_and_reads_empty() {
+        let base = tempfile::tempdir().unwrap();
+        let state = StateDir::existing(base.path(), "shop").unwrap();
+        assert!(state.journals().unwrap().is_empty());
+        assert!(state.history().unwrap().is_empty());
+        assert!(state.holder().unwrap().is_none());
+        assert!(!base.path().join("shop").exists());
+        assert!(StateDir::existing(base.path(), "../x").is_err());
     }
 }
