@@ -114,10 +114,28 @@ fn main() -> ExitCode {
     match try_main(cli) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            eprintln!("deploykit: error: {err:#}");
+            eprintln!("deploykit: error: {}", error_text(&err));
             ExitCode::from(error_code(&err))
         }
     }
+}
+
+/// `err` and its causes, each once: the library's errors already write
+/// their source into their own message, so anyhow's `{:#}` would repeat
+/// it (a host-key mismatch came out three times).
+fn error_text(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let s = cause.to_string();
+        if text.contains(&s) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&s);
+    }
+    text
 }
 
 /// The exit code of an error: bad input and configuration are 2, anything

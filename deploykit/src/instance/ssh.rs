@@ -437,8 +437,7 @@ fn check_host_key(sess: &Session, cfg: &SshConfig, who: &str) -> Result<(), Driv
         CheckResult::NotFound => match cfg.policy {
             HostKeyPolicy::Strict => Err(DriverError::new(format!(
                 "{who}: unknown host key {fingerprint} — {entry} is not in {}; refusing to connect. Verify the \
-                 fingerprint out of band and add the key (e.g. `ssh-keyscan -p {} {} >> {}`), or opt in to \
-                 trust-on-first-use",
+                 fingerprint out of band and add the key (e.g. `ssh-keyscan -p {} {} >> {}`)",
                 path.display(),
                 cfg.port,
                 quote(&cfg.host),
