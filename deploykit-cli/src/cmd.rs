@@ -62,6 +62,10 @@ pub(crate) struct DeployArgs {
     /// Continue the interrupted deployment (same release and strategy).
     #[arg(long, conflicts_with_all = ["release", "strategy"])]
     resume: bool,
+    /// Take over instances marked by a deployment of another state
+    /// directory that is no longer running (never one that runs).
+    #[arg(long)]
+    take_over: bool,
 }
 
 /// `deploykit plan`.
@@ -385,13 +389,17 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
             Some(r) => format!("deploy {r}"),
             None => "deploy --resume".into(),
         };
-        let _lock = match lock(&ctx, &purpose)? {
+        let lock = match lock(&ctx, &purpose)? {
             Ok(l) => l,
             Err(code) => return Ok(code),
         };
+        let claimer = Claimer {
+            holder: lock.holder(),
+            take_over: args.take_over,
+        };
         let latest = ctx.state.latest()?;
         if args.resume {
-            return resume(&ctx, latest).await;
+            return resume(&ctx, latest, &claimer).await;
         }
         if let Some(j) = latest.as_ref().filter(|j| !j.is_finished()) {
             eprintln!(
@@ -404,7 +412,7 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
         let release = ReleaseId::new(args.release.as_deref().unwrap_or_default())
             .map_err(|e| rename(e, "release"))?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
-        run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind), release).await
+        run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind), release, &claimer).await
     })
 }
 
@@ -424,7 +432,13 @@ enum Start<'a> {
 }
 
 /// Deploys, or resumes an interrupted deployment.
-async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: ReleaseId) -> anyhow::Result<u8> {
+async fn run_deploy(
+    ctx: &Ctx,
+    kind: RunKind,
+    start: Start<'_>,
+    release: ReleaseId,
+    claimer: &Claimer<'_>,
+) -> anyhow::Result<u8> {
     let relay = Arc::new(Relay::default());
     let fleet = wire::fleet(&ctx.cfg, &ctx.state, Some(relay.clone()))?;
     let exec = &fleet.executor;
@@ -488,64 +502,100 @@ async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: Release
     // Refusals (a load balancer that fails its preflight, …) come before
     // the journal and the start notice.
     exec.check(&plan, &RunOptions::default()).await?;
-    let journal = start_journal(ctx, &relay, header, out)?;
-    ctx.notifier()
-        .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
-        .await;
-    if blue_green {
-        let bg = ctx.cfg.raw.blue_green();
+    let marker = match claimer.claim(ctx, exec, &id).await? {
+        Ok(m) => m,
+        Err(code) => return Ok(code),
+    };
+    let code = async {
+        let journal = start_journal(ctx, &relay, header, out)?;
+        ctx.notifier()
+            .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
+            .await;
+        if blue_green {
+            let bg = ctx.cfg.raw.blue_green();
+            let sig = ctrl_c(exec);
+            let result = bg.deploy(exec, &release).await;
+            sig.abort();
+            let mut report = unless_refused(&journal, result)?.deployment;
+            report.deployment = id;
+            return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
+        }
+        let watcher = watch_control(ctx, &id, &fleet);
         let sig = ctrl_c(exec);
-        let result = bg.deploy(exec, &release).await;
+        let mut report = unless_refused(
+            &journal,
+            exec.run(&plan, RunOptions::default().with_id(&id)).await,
+        )?;
         sig.abort();
-        let mut report = unless_refused(&journal, result)?.deployment;
-        report.deployment = id;
-        return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
-    }
-    let watcher = watch_control(ctx, &id, &fleet);
-    let sig = ctrl_c(exec);
-    let mut report = unless_refused(
-        &journal,
-        exec.run(&plan, RunOptions::default().with_id(&id)).await,
-    )?;
-    sig.abort();
-    watcher.abort();
-    if kind == RunKind::Resume && report.outcome != OutcomeKind::Succeeded && !plan.skipped.is_empty() {
-        // The resumed part failed and rolled back; the instances the
-        // interrupted run had finished are still on the new release: return
-        // them too, so the fleet ends on one release.
-        let targets = journal.header().previous.clone();
-        // Whatever stops the undo (the fleet unreadable, a refused plan) is
-        // a failed rollback, recorded as such: never an unfinished journal.
-        let undo: anyhow::Result<Option<String>> = async {
-            let snap = exec.snapshot().await?;
-            let moved: BTreeSet<InstanceId> = plan.skipped.iter().cloned().collect();
-            let rolling = ctx.cfg.raw.strategy.rolling.clone();
-            let back = recovery::return_to(&snap, &targets, &moved, &rolling, None)?;
-            let undo = exec
-                .run(
-                    &back,
-                    RunOptions::recovery().with_id(format!("{}-undo", report.deployment)),
-                )
-                .await?;
-            Ok((undo.outcome != OutcomeKind::Succeeded).then(|| undo.reason.unwrap_or_default()))
+        watcher.abort();
+        if kind == RunKind::Resume && report.outcome != OutcomeKind::Succeeded && !plan.skipped.is_empty() {
+            // The resumed part failed and rolled back; the instances the
+            // interrupted run had finished are still on the new release: return
+            // them too, so the fleet ends on one release.
+            let targets = journal.header().previous.clone();
+            // Whatever stops the undo (the fleet unreadable, a refused plan) is
+            // a failed rollback, recorded as such: never an unfinished journal.
+            let undo: anyhow::Result<Option<String>> = async {
+                let snap = exec.snapshot().await?;
+                let moved: BTreeSet<InstanceId> = plan.skipped.iter().cloned().collect();
+                let rolling = ctx.cfg.raw.strategy.rolling.clone();
+                let back = recovery::return_to(&snap, &targets, &moved, &rolling, None)?;
+                let undo = exec
+                    .run(
+                        &back,
+                        RunOptions::recovery().with_id(format!("{}-undo", report.deployment)),
+                    )
+                    .await?;
+                Ok((undo.outcome != OutcomeKind::Succeeded).then(|| undo.reason.unwrap_or_default()))
+            }
+            .await;
+            let failed = match undo {
+                Ok(failed) => failed,
+                Err(e) => Some(format!("{e:#}")),
+            };
+            if let Some(why) = failed {
+                report.outcome = OutcomeKind::RollbackFailed;
+                report.reason = Some(format!(
+                    "{}; returning the instances finished before the interruption failed: {why}",
+                    report.reason.clone().unwrap_or_default(),
+                ));
+            }
         }
-        .await;
-        let failed = match undo {
-            Ok(failed) => failed,
-            Err(e) => Some(format!("{e:#}")),
-        };
-        if let Some(why) = failed {
-            report.outcome = OutcomeKind::RollbackFailed;
-            report.reason = Some(format!(
-                "{}; returning the instances finished before the interruption failed: {why}",
-                report.reason.clone().unwrap_or_default(),
-            ));
-        }
+        conclude(ctx, exec, &journal, &report, human.as_deref()).await
     }
-    conclude(ctx, exec, &journal, &report, human.as_deref()).await
+    .await;
+    deploykit::state::release(exec.instances(), &marker).await;
+    code
 }
 
-async fn resume(ctx: &Ctx, latest: Option<JournalSummary>) -> anyhow::Result<u8> {
+/// Who claims the instances for a run, and whether it may take over those
+/// of a deployment that no longer runs.
+struct Claimer<'a> {
+    holder: &'a deploykit::state::Holder,
+    take_over: bool,
+}
+
+impl Claimer<'_> {
+    /// Marks every instance as held by run `id`, or explains which other
+    /// deployment holds one (exit 4). Nothing is touched when refused.
+    async fn claim(
+        &self,
+        ctx: &Ctx,
+        exec: &Executor,
+        id: &str,
+    ) -> anyhow::Result<Result<deploykit::state::InstanceMarker, u8>> {
+        let marker = deploykit::state::InstanceMarker::new(id, &ctx.state, self.holder);
+        match deploykit::state::claim(exec.instances(), &ctx.state, &marker, self.take_over).await? {
+            Ok(()) => Ok(Ok(marker)),
+            Err(refused) => {
+                eprintln!("deploykit: error: {refused}");
+                Ok(Err(exit::LOCKED))
+            }
+        }
+    }
+}
+
+async fn resume(ctx: &Ctx, latest: Option<JournalSummary>, claimer: &Claimer<'_>) -> anyhow::Result<u8> {
     let Some(orig) = latest.filter(|j| !j.is_finished()) else {
         eprintln!("deploykit: error: nothing to resume: no deployment was interrupted (`deploykit history` lists them)");
         return Ok(exit::BAD_INPUT);
@@ -567,15 +617,21 @@ async fn resume(ctx: &Ctx, latest: Option<JournalSummary>) -> anyhow::Result<u8>
         RunKind::Resume,
         Start::Resume(&recorded),
         orig.header.release.clone(),
+        claimer,
     )
     .await
 }
 
 pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
     runtime()?.block_on(async move {
-        let _lock = match lock(&ctx, "rollback")? {
+        let lock = match lock(&ctx, "rollback")? {
             Ok(l) => l,
             Err(code) => return Ok(code),
+        };
+        // A rollback takes over only its own state directory's markers.
+        let claimer = Claimer {
+            holder: lock.holder(),
+            take_over: false,
         };
         let Some(latest) = ctx.state.latest()? else {
             eprintln!("deploykit: error: nothing to roll back: no deployment is recorded");
@@ -600,57 +656,66 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
             None
         };
         let strategies = strategies(&ctx, root.strategy)?;
-        let plan = match recovery::rollback(&recorded, &snap, &strategies, live.as_ref())? {
-            recovery::Rollback::Plan(plan) => plan,
-            recovery::Rollback::SwitchBack => {
-                let mut header = JournalHeader::new(
-                    &id,
-                    &ctx.cfg.raw.app,
-                    RunKind::Rollback,
-                    LibKind::BlueGreen,
-                    root.release.clone(),
-                    snap.instances
-                        .iter()
-                        .map(|i| (i.backend.id.clone(), i.release.clone()))
-                        .collect(),
-                );
-                header.acts_on = Some(root.deployment.clone());
-                let journal = start_journal(&ctx, &relay, header, out)?;
-                let mut report =
-                    unless_refused(&journal, strategies.blue_green.rollback(exec).await)?.deployment;
-                report.deployment = id;
-                return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
-            }
+        let marker = match claimer.claim(&ctx, exec, &id).await? {
+            Ok(m) => m,
+            Err(code) => return Ok(code),
         };
-        let mut header = JournalHeader::new(
-            &id,
-            &ctx.cfg.raw.app,
-            RunKind::Rollback,
-            if blue_green {
-                LibKind::BlueGreen
-            } else {
-                LibKind::Rollback
-            },
-            plan.release.clone(),
-            plan.previous.clone(),
-        );
-        header.acts_on = Some(root.deployment.clone());
-        header.plan = Some(plan.clone());
-        // A load balancer failing its preflight does not block a rollback
-        // (a warning event): refusing would leave the fleet as mixed as it
-        // is, and the rollback's own steps may still succeed.
-        exec.check(&plan, &RunOptions::recovery()).await?;
-        let journal = start_journal(&ctx, &relay, header, out)?;
-        if !blue_green {
-            ctx.notifier()
-                .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
-                .await;
+        let code = async {
+            let plan = match recovery::rollback(&recorded, &snap, &strategies, live.as_ref())? {
+                recovery::Rollback::Plan(plan) => plan,
+                recovery::Rollback::SwitchBack => {
+                    let mut header = JournalHeader::new(
+                        &id,
+                        &ctx.cfg.raw.app,
+                        RunKind::Rollback,
+                        LibKind::BlueGreen,
+                        root.release.clone(),
+                        snap.instances
+                            .iter()
+                            .map(|i| (i.backend.id.clone(), i.release.clone()))
+                            .collect(),
+                    );
+                    header.acts_on = Some(root.deployment.clone());
+                    let journal = start_journal(&ctx, &relay, header, out)?;
+                    let mut report =
+                        unless_refused(&journal, strategies.blue_green.rollback(exec).await)?.deployment;
+                    report.deployment = id;
+                    return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
+                }
+            };
+            let mut header = JournalHeader::new(
+                &id,
+                &ctx.cfg.raw.app,
+                RunKind::Rollback,
+                if blue_green {
+                    LibKind::BlueGreen
+                } else {
+                    LibKind::Rollback
+                },
+                plan.release.clone(),
+                plan.previous.clone(),
+            );
+            header.acts_on = Some(root.deployment.clone());
+            header.plan = Some(plan.clone());
+            // A load balancer failing its preflight does not block a rollback
+            // (a warning event): refusing would leave the fleet as mixed as it
+            // is, and the rollback's own steps may still succeed.
+            exec.check(&plan, &RunOptions::recovery()).await?;
+            let journal = start_journal(&ctx, &relay, header, out)?;
+            if !blue_green {
+                ctx.notifier()
+                    .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
+                    .await;
+            }
+            let report = unless_refused(
+                &journal,
+                exec.run(&plan, RunOptions::recovery().with_id(&id)).await,
+            )?;
+            conclude(&ctx, exec, &journal, &report, human.as_deref()).await
         }
-        let report = unless_refused(
-            &journal,
-            exec.run(&plan, RunOptions::recovery().with_id(&id)).await,
-        )?;
-        conclude(&ctx, exec, &journal, &report, human.as_deref()).await
+        .await;
+        deploykit::state::release(exec.instances(), &marker).await;
+        code
     })
 }
 

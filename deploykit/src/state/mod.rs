@@ -58,6 +58,7 @@ pub(crate) mod atomic;
 mod control;
 mod journal;
 mod lock;
+mod marker;
 
 use std::path::{Path, PathBuf};
 
@@ -67,6 +68,7 @@ pub use journal::{
     RunKind,
 };
 pub use lock::{DeployLock, Holder, LockAttempt};
+pub use marker::{claim, release, ClaimRefused, InstanceMarker};
 
 use crate::error::{Error, Result};
 
