@@ -502,6 +502,7 @@ async fn run_deploy(
     // Refusals (a load balancer that fails its preflight, …) come before
     // the journal and the start notice.
     exec.check(&plan, &RunOptions::default()).await?;
+    pin_release(ctx, &release)?;
     let marker = match claimer.claim(ctx, exec, &id).await? {
         Ok(m) => m,
         Err(code) => return Ok(code),
@@ -566,6 +567,23 @@ async fn run_deploy(
     .await;
     deploykit::state::release(exec.instances(), &marker).await;
     code
+}
+
+/// Refuses a release whose directory changed since its first deployment
+/// from this state directory (see [`StateDir::pin_release`]); fleets
+/// without a release directory (simulated) have nothing to pin.
+fn pin_release(ctx: &Ctx, release: &ReleaseId) -> anyhow::Result<()> {
+    let Some(releases) = ctx.cfg.raw.releases.as_deref() else {
+        return Ok(());
+    };
+    let dir = ctx.cfg.resolve(releases).join(release.as_str());
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let digest = deploykit::state::release_digest(&dir)
+        .with_context(|| format!("reading the release {}", dir.display()))?;
+    ctx.state.pin_release(release, &digest)?;
+    Ok(())
 }
 
 /// Who claims the instances for a run, and whether it may take over those

@@ -754,3 +754,26 @@ fn tree(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64, std::time::Syste
     out.sort();
     out
 }
+
+#[test]
+fn a_release_changed_after_it_was_deployed_is_refused_not_silently_skipped() {
+    let env = Env::new(&local(2, ""));
+    env.releases(&["v1", "v2"]);
+    env.ok(&["-q", "deploy", "v1"], 0);
+    env.ok(&["-q", "deploy", "v2"], 0);
+    // Rebuilt under the same name: the instances already hold a v1, and
+    // would switch back to the old content without a word.
+    std::fs::write(env.path().join("builds/v1/VERSION"), "v1, rebuilt").unwrap();
+    let (code, out, err) = env.run(&["deploy", "v1"]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("v1") && err.contains("changed") && err.contains("new release name"),
+        "names the release and the fix: {err}"
+    );
+    for id in ["web-1", "web-2"] {
+        assert_eq!(env.local_release(id).as_deref(), Some("v2"), "{id} untouched");
+    }
+    // Unchanged content deploys as before, also after the refusal.
+    std::fs::write(env.path().join("builds/v1/VERSION"), "v1").unwrap();
+    env.ok(&["-q", "deploy", "v1"], 0);
+}

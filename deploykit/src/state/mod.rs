@@ -56,6 +56,7 @@
 
 pub(crate) mod atomic;
 mod control;
+mod digest;
 mod journal;
 mod lock;
 mod marker;
@@ -63,6 +64,7 @@ mod marker;
 use std::path::{Path, PathBuf};
 
 pub use control::{ControlAck, ControlCommand, ControlFile, ControlRequest};
+pub use digest::release_digest;
 pub use journal::{
     HistoryEntry, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalRecord, JournalSummary,
     RunKind,
@@ -197,6 +199,42 @@ impl StateDir {
                 .join(format!("{sequence:010}-{}.jsonl", header.deployment)),
             header,
         )
+    }
+
+    /// Pins the content of `release` (its [`release_digest`]) on its first
+    /// deployment from this state directory, and refuses a later one whose
+    /// content differs: instances that hold the release already would keep
+    /// (or switch back to) the old content, since a release is installed
+    /// once per name. Call it holding the [lock](Self::try_lock), before the
+    /// first step.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `release`) naming the release, both
+    /// digests and the fix (a new release name); [`Error::Io`] when the
+    /// record cannot be read or written.
+    pub fn pin_release(&self, release: &crate::ReleaseId, digest: &str) -> Result<()> {
+        let dir = self.root.join("releases");
+        let file = dir.join(format!("{release}.sha256"));
+        match std::fs::read_to_string(&file) {
+            Ok(pinned) if pinned.trim() == digest => Ok(()),
+            Ok(pinned) => Err(Error::invalid(
+                "release",
+                format!(
+                    "{release} changed since it was first deployed (sha256 {}…, now {}…), but instances that hold \
+                     {release} would keep its old content; deploy the new build under a new release name \
+                     (e.g. {release}-2), or remove {} if no instance holds {release} any more",
+                    pinned.trim().chars().take(12).collect::<String>(),
+                    digest.chars().take(12).collect::<String>(),
+                    file.display()
+                ),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+                write_atomic(&file, format!("{digest}\n").as_bytes())
+                    .map_err(|e| Error::io(format!("writing {}", file.display()), e))
+            }
+            Err(e) => Err(Error::io(format!("reading {}", file.display()), e)),
+        }
     }
 
     /// The number in the `sequence` file (0 when there is none yet).
