@@ -1018,9 +1018,22 @@ fn instance(
 
 /// `ssh://user@host:port` (port optional, default 22).
 fn parse_ssh(h: &str) -> Result<HostSpec, String> {
-    let bad = || format!("{h:?} is neither \"local\" nor an SSH URL; write \"ssh://user@host:22\"");
+    // Shown with any `user:password@` hidden: the text may hold a password.
+    let bad = || {
+        format!(
+            "\"{}\" is neither \"local\" nor an SSH URL; write \"ssh://user@host:22\"",
+            deploykit::SecretUrl::new(h)
+        )
+    };
     let rest = h.strip_prefix("ssh://").ok_or_else(bad)?;
-    let (user, hostport) = rest.split_once('@').ok_or_else(bad)?;
+    let (user, hostport) = rest.rsplit_once('@').ok_or_else(bad)?;
+    if user.contains(':') {
+        return Err(format!(
+            "\"{}\" holds a password, which deploykit does not use (and would keep in the configuration file); \
+             remove it and authenticate with a key (ssh_key) or the SSH agent",
+            deploykit::SecretUrl::new(h)
+        ));
+    }
     let (host, port) = match hostport.rsplit_once(':') {
         Some((host, port)) => (host, port.parse::<u16>().map_err(|_| bad())?),
         None => (hostport, 22),
@@ -1201,5 +1214,19 @@ mod tests {
         for bad in ["ftp://x@y", "ssh://y", "ssh://a@-x", "ssh://a@h:0", "ssh://a b@h"] {
             assert!(parse_ssh(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_password_in_an_ssh_url_is_refused_without_being_shown() {
+        for url in [
+            "ssh://deploy:s3cret@h:22",
+            "ssh://deploy:s3cret@-h",
+            "ftp://deploy:s3cret@h",
+        ] {
+            let e = parse_ssh(url).unwrap_err();
+            assert!(!e.contains("s3cret"), "{e}");
+        }
+        let e = parse_ssh("ssh://deploy:s3cret@h:22").unwrap_err();
+        assert!(e.contains("password") && e.contains("ssh_key"), "{e}");
     }
 }
