@@ -62,6 +62,10 @@ pub(crate) struct DeployArgs {
     /// Continue the interrupted deployment (same release and strategy).
     #[arg(long, conflicts_with_all = ["release", "strategy"])]
     resume: bool,
+    /// Take over instances marked by a deployment of another state
+    /// directory that is no longer running (never one that runs).
+    #[arg(long)]
+    take_over: bool,
 }
 
 /// `deploykit plan`.
@@ -129,6 +133,14 @@ impl Ctx {
         let cfg = config::load(&g.config)?;
         // Created by the first lock: a refused or read-only command leaves
         // nothing behind.
+        let state = StateDir::at(cfg.state_base(), &cfg.raw.app)?;
+        Ok(Self { g, cfg, state })
+    }
+
+    /// As [`load`](Self::load) for a command that only reads: the state
+    /// directory is not created, so no write access is needed.
+    pub(crate) fn load_read_only(g: Global) -> anyhow::Result<Self> {
+        let cfg = config::load(&g.config)?;
         let state = StateDir::at(cfg.state_base(), &cfg.raw.app)?;
         Ok(Self { g, cfg, state })
     }
@@ -414,13 +426,17 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
             Some(r) => format!("deploy {r}"),
             None => "deploy --resume".into(),
         };
-        let _lock = match lock(&ctx, &purpose)? {
+        let lock = match lock(&ctx, &purpose)? {
             Ok(l) => l,
             Err(code) => return Ok(code),
         };
+        let claimer = Claimer {
+            holder: lock.holder(),
+            take_over: args.take_over,
+        };
         let latest = ctx.state.latest()?;
         let Some(release) = release else {
-            return resume(&ctx, latest).await;
+            return resume(&ctx, latest, &claimer).await;
         };
         if let Some(j) = latest.as_ref().filter(|j| !j.is_finished()) {
             eprintln!(
@@ -432,7 +448,7 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
         }
         wire::check_release(&ctx.cfg, &release)?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
-        run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind), release).await
+        run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind), release, &claimer).await
     })
 }
 
@@ -452,7 +468,13 @@ enum Start<'a> {
 }
 
 /// Deploys, or resumes an interrupted deployment.
-async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: ReleaseId) -> anyhow::Result<u8> {
+async fn run_deploy(
+    ctx: &Ctx,
+    kind: RunKind,
+    start: Start<'_>,
+    release: ReleaseId,
+    claimer: &Claimer<'_>,
+) -> anyhow::Result<u8> {
     let relay = Arc::new(Relay::default());
     let fleet = wire::fleet(&ctx.cfg, &ctx.state, Some(relay.clone()))?;
     let exec = &fleet.executor;
@@ -516,61 +538,71 @@ async fn run_deploy(ctx: &Ctx, kind: RunKind, start: Start<'_>, release: Release
     // Refusals (a load balancer that fails its preflight, …) come before
     // the journal and the start notice.
     exec.check(&plan, &RunOptions::default()).await?;
-    let journal = start_journal(ctx, &relay, header, out)?;
-    ctx.notifier()
-        .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
-        .await;
-    if blue_green {
-        let bg = ctx.cfg.raw.blue_green();
+    pin_release(ctx, &release)?;
+    let marker = match claimer.claim(ctx, exec, &id).await? {
+        Ok(m) => m,
+        Err(code) => return Ok(code),
+    };
+    let code = async {
+        let journal = start_journal(ctx, &relay, header, out)?;
+        ctx.notifier()
+            .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
+            .await;
+        if blue_green {
+            let bg = ctx.cfg.raw.blue_green();
+            let sig = ctrl_c(exec);
+            let result = bg.deploy(exec, &release).await;
+            sig.abort();
+            let mut report = unless_refused(&journal, result)?.deployment;
+            report.deployment = id;
+            return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
+        }
+        let watcher = watch_control(ctx, &id, &fleet);
         let sig = ctrl_c(exec);
-        let result = bg.deploy(exec, &release).await;
+        let mut report = unless_refused(
+            &journal,
+            exec.run(&plan, RunOptions::default().with_id(&id)).await,
+        )?;
         sig.abort();
-        let mut report = unless_refused(&journal, result)?.deployment;
-        report.deployment = id;
-        return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
-    }
-    let watcher = watch_control(ctx, &id, &fleet);
-    let sig = ctrl_c(exec);
-    let mut report = unless_refused(
-        &journal,
-        exec.run(&plan, RunOptions::default().with_id(&id)).await,
-    )?;
-    sig.abort();
-    watcher.abort();
-    if kind == RunKind::Resume && report.outcome != OutcomeKind::Succeeded && !plan.skipped.is_empty() {
-        // The resumed part failed and rolled back; the instances the
-        // interrupted run had finished are still on the new release: return
-        // them too, so the fleet ends on one release.
-        let targets = journal.header().previous.clone();
-        // Whatever stops the undo (the fleet unreadable, a refused plan) is
-        // a failed rollback, recorded as such: never an unfinished journal.
-        let undo: anyhow::Result<Option<String>> = async {
-            let snap = exec.snapshot().await?;
-            let moved: BTreeSet<InstanceId> = plan.skipped.iter().cloned().collect();
-            let rolling = ctx.cfg.raw.strategy.rolling.clone();
-            let back = recovery::return_to(&snap, &targets, &moved, &rolling, None)?;
-            let undo = exec
-                .run(
-                    &back,
-                    RunOptions::recovery().with_id(format!("{}-undo", report.deployment)),
-                )
-                .await?;
-            Ok((undo.outcome != OutcomeKind::Succeeded).then(|| undo.reason.unwrap_or_default()))
+        watcher.abort();
+        if kind == RunKind::Resume && report.outcome != OutcomeKind::Succeeded && !plan.skipped.is_empty() {
+            // The resumed part failed and rolled back; the instances the
+            // interrupted run had finished are still on the new release: return
+            // them too, so the fleet ends on one release.
+            let targets = journal.header().previous.clone();
+            // Whatever stops the undo (the fleet unreadable, a refused plan) is
+            // a failed rollback, recorded as such: never an unfinished journal.
+            let undo: anyhow::Result<Option<String>> = async {
+                let snap = exec.snapshot().await?;
+                let moved: BTreeSet<InstanceId> = plan.skipped.iter().cloned().collect();
+                let rolling = ctx.cfg.raw.strategy.rolling.clone();
+                let back = recovery::return_to(&snap, &targets, &moved, &rolling, None)?;
+                let undo = exec
+                    .run(
+                        &back,
+                        RunOptions::recovery().with_id(format!("{}-undo", report.deployment)),
+                    )
+                    .await?;
+                Ok((undo.outcome != OutcomeKind::Succeeded).then(|| undo.reason.unwrap_or_default()))
+            }
+            .await;
+            let failed = match undo {
+                Ok(failed) => failed,
+                Err(e) => Some(format!("{e:#}")),
+            };
+            if let Some(why) = failed {
+                report.outcome = OutcomeKind::RollbackFailed;
+                report.reason = Some(format!(
+                    "{}; returning the instances finished before the interruption failed: {why}",
+                    report.reason.clone().unwrap_or_default(),
+                ));
+            }
         }
-        .await;
-        let failed = match undo {
-            Ok(failed) => failed,
-            Err(e) => Some(format!("{e:#}")),
-        };
-        if let Some(why) = failed {
-            report.outcome = OutcomeKind::RollbackFailed;
-            report.reason = Some(format!(
-                "{}; returning the instances finished before the interruption failed: {why}",
-                report.reason.clone().unwrap_or_default(),
-            ));
-        }
+        conclude(ctx, exec, &journal, &report, human.as_deref()).await
     }
-    conclude(ctx, exec, &journal, &report, human.as_deref()).await
+    .await;
+    deploykit::state::release(exec.instances(), &marker).await;
+    code
 }
 
 fn nothing_to_resume() -> anyhow::Result<u8> {
@@ -580,7 +612,51 @@ fn nothing_to_resume() -> anyhow::Result<u8> {
     Ok(exit::BAD_INPUT)
 }
 
-async fn resume(ctx: &Ctx, latest: Option<JournalSummary>) -> anyhow::Result<u8> {
+/// Refuses a release whose directory changed since its first deployment
+/// from this state directory (see [`StateDir::pin_release`]); fleets
+/// without a release directory (simulated) have nothing to pin.
+fn pin_release(ctx: &Ctx, release: &ReleaseId) -> anyhow::Result<()> {
+    let Some(releases) = ctx.cfg.raw.releases.as_deref() else {
+        return Ok(());
+    };
+    let dir = ctx.cfg.resolve(releases).join(release.as_str());
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let digest = deploykit::state::release_digest(&dir)
+        .with_context(|| format!("reading the release {}", dir.display()))?;
+    ctx.state.pin_release(release, &digest)?;
+    Ok(())
+}
+
+/// Who claims the instances for a run, and whether it may take over those
+/// of a deployment that no longer runs.
+struct Claimer<'a> {
+    holder: &'a deploykit::state::Holder,
+    take_over: bool,
+}
+
+impl Claimer<'_> {
+    /// Marks every instance as held by run `id`, or explains which other
+    /// deployment holds one (exit 4). Nothing is touched when refused.
+    async fn claim(
+        &self,
+        ctx: &Ctx,
+        exec: &Executor,
+        id: &str,
+    ) -> anyhow::Result<Result<deploykit::state::InstanceMarker, u8>> {
+        let marker = deploykit::state::InstanceMarker::new(id, &ctx.state, self.holder);
+        match deploykit::state::claim(exec.instances(), &ctx.state, &marker, self.take_over).await? {
+            Ok(()) => Ok(Ok(marker)),
+            Err(refused) => {
+                eprintln!("deploykit: error: {refused}");
+                Ok(Err(exit::LOCKED))
+            }
+        }
+    }
+}
+
+async fn resume(ctx: &Ctx, latest: Option<JournalSummary>, claimer: &Claimer<'_>) -> anyhow::Result<u8> {
     let Some(orig) = latest.filter(|j| !j.is_finished()) else {
         return nothing_to_resume();
     };
@@ -602,6 +678,7 @@ async fn resume(ctx: &Ctx, latest: Option<JournalSummary>) -> anyhow::Result<u8>
         RunKind::Resume,
         Start::Resume(&recorded),
         orig.header.release.clone(),
+        claimer,
     )
     .await
 }
@@ -616,9 +693,14 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         return nothing();
     }
     runtime()?.block_on(async move {
-        let _lock = match lock(&ctx, "rollback")? {
+        let lock = match lock(&ctx, "rollback")? {
             Ok(l) => l,
             Err(code) => return Ok(code),
+        };
+        // A rollback takes over only its own state directory's markers.
+        let claimer = Claimer {
+            holder: lock.holder(),
+            take_over: false,
         };
         let Some(latest) = ctx.state.latest()? else {
             return nothing();
@@ -642,57 +724,66 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
             None
         };
         let strategies = strategies(&ctx, root.strategy)?;
-        let plan = match recovery::rollback(&recorded, &snap, &strategies, live.as_ref())? {
-            recovery::Rollback::Plan(plan) => plan,
-            recovery::Rollback::SwitchBack => {
-                let mut header = JournalHeader::new(
-                    &id,
-                    &ctx.cfg.raw.app,
-                    RunKind::Rollback,
-                    LibKind::BlueGreen,
-                    root.release.clone(),
-                    snap.instances
-                        .iter()
-                        .map(|i| (i.backend.id.clone(), i.release.clone()))
-                        .collect(),
-                );
-                header.acts_on = Some(root.deployment.clone());
-                let journal = start_journal(&ctx, &relay, header, out)?;
-                let mut report =
-                    unless_refused(&journal, strategies.blue_green.rollback(exec).await)?.deployment;
-                report.deployment = id;
-                return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
-            }
+        let marker = match claimer.claim(&ctx, exec, &id).await? {
+            Ok(m) => m,
+            Err(code) => return Ok(code),
         };
-        let mut header = JournalHeader::new(
-            &id,
-            &ctx.cfg.raw.app,
-            RunKind::Rollback,
-            if blue_green {
-                LibKind::BlueGreen
-            } else {
-                LibKind::Rollback
-            },
-            plan.release.clone(),
-            plan.previous.clone(),
-        );
-        header.acts_on = Some(root.deployment.clone());
-        header.plan = Some(plan.clone());
-        // A load balancer failing its preflight does not block a rollback
-        // (a warning event) — refusing would leave the fleet as mixed as it
-        // is — unless it does not read what the rollback would write.
-        exec.check(&plan, &RunOptions::recovery()).await?;
-        let journal = start_journal(&ctx, &relay, header, out)?;
-        if !blue_green {
-            ctx.notifier()
-                .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
-                .await;
+        let code = async {
+            let plan = match recovery::rollback(&recorded, &snap, &strategies, live.as_ref())? {
+                recovery::Rollback::Plan(plan) => plan,
+                recovery::Rollback::SwitchBack => {
+                    let mut header = JournalHeader::new(
+                        &id,
+                        &ctx.cfg.raw.app,
+                        RunKind::Rollback,
+                        LibKind::BlueGreen,
+                        root.release.clone(),
+                        snap.instances
+                            .iter()
+                            .map(|i| (i.backend.id.clone(), i.release.clone()))
+                            .collect(),
+                    );
+                    header.acts_on = Some(root.deployment.clone());
+                    let journal = start_journal(&ctx, &relay, header, out)?;
+                    let mut report =
+                        unless_refused(&journal, strategies.blue_green.rollback(exec).await)?.deployment;
+                    report.deployment = id;
+                    return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
+                }
+            };
+            let mut header = JournalHeader::new(
+                &id,
+                &ctx.cfg.raw.app,
+                RunKind::Rollback,
+                if blue_green {
+                    LibKind::BlueGreen
+                } else {
+                    LibKind::Rollback
+                },
+                plan.release.clone(),
+                plan.previous.clone(),
+            );
+            header.acts_on = Some(root.deployment.clone());
+            header.plan = Some(plan.clone());
+            // A load balancer failing its preflight does not block a rollback
+            // (a warning event) — refusing would leave the fleet as mixed as it
+            // is — unless it does not read what the rollback would write.
+            exec.check(&plan, &RunOptions::recovery()).await?;
+            let journal = start_journal(&ctx, &relay, header, out)?;
+            if !blue_green {
+                ctx.notifier()
+                    .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
+                    .await;
+            }
+            let report = unless_refused(
+                &journal,
+                exec.run(&plan, RunOptions::recovery().with_id(&id)).await,
+            )?;
+            conclude(&ctx, exec, &journal, &report, human.as_deref()).await
         }
-        let report = unless_refused(
-            &journal,
-            exec.run(&plan, RunOptions::recovery().with_id(&id)).await,
-        )?;
-        conclude(&ctx, exec, &journal, &report, human.as_deref()).await
+        .await;
+        deploykit::state::release(exec.instances(), &marker).await;
+        code
     })
 }
 
@@ -749,7 +840,16 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
 pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
     runtime()?.block_on(async move {
         let holder = ctx.state.holder()?;
-        let latest = ctx.state.latest()?;
+        // An unreadable journal is reported beside the fleet, not instead
+        // of it: the fleet is what an operator needs to see to repair.
+        let scan = ctx.state.scan_journals()?;
+        let problems: Vec<String> = scan.unreadable.iter().map(|u| u.error.to_string()).collect();
+        let latest = scan.journals.into_iter().next_back();
+        let code = if problems.is_empty() {
+            exit::SUCCESS
+        } else {
+            exit::UNKNOWN_STATE
+        };
         let fleet = wire::fleet(&ctx.cfg, &ctx.state, None)?;
         let exec = &fleet.executor;
         let probe = Duration::from_secs(5);
@@ -802,9 +902,13 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
                 instances,
                 live: live.map(|l| l.live),
                 load_balancer: sim_lb,
+                journal_problems: problems,
             };
             outln!("{}", serde_json::to_string(&status)?);
-            return Ok(exit::SUCCESS);
+            return Ok(code);
+        }
+        for p in &problems {
+            eprintln!("deploykit: error: {p}");
         }
         outln!("app: {}", ctx.cfg.raw.app);
         if let Some(h) = &holder {
@@ -838,7 +942,11 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
                     );
                 }
             }
-            _ => outln!("no deployment recorded yet"),
+            _ if problems.is_empty() => outln!("no deployment recorded yet"),
+            _ => outln!("no readable deployment recorded"),
+        }
+        if !problems.is_empty() {
+            outln!("  {} unreadable journal(s), listed above: the last run may be another one", problems.len());
         }
         if let Some(l) = &live {
             outln!("live environment: {}", l.live);
@@ -864,21 +972,36 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
             };
             outln!("{id:<wi$}  {g:<wg$}  {a:<wa$}  {r:<wr$}  {rot}{h}");
         }
-        Ok(exit::SUCCESS)
+        Ok(code)
     })
 }
 
 pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
-    let entries = ctx.state.history()?;
+    // The readable runs are listed even when one journal is not.
+    let scan = ctx.state.scan_journals()?;
+    let holder = ctx.state.holder()?;
+    let entries: Vec<_> = scan
+        .journals
+        .iter()
+        .map(|j| j.history_entry(holder.as_ref()))
+        .collect();
+    for u in &scan.unreadable {
+        eprintln!("deploykit: error: {}", u.error);
+    }
+    let code = if scan.unreadable.is_empty() {
+        exit::SUCCESS
+    } else {
+        exit::UNKNOWN_STATE
+    };
     if ctx.g.json {
         for e in &entries {
             outln!("{}", serde_json::to_string(e)?);
         }
-        return Ok(exit::SUCCESS);
+        return Ok(code);
     }
     if entries.is_empty() {
         outln!("no deployments recorded yet");
-        return Ok(exit::SUCCESS);
+        return Ok(code);
     }
     outln!(
         "{:<34} {:<9} {:<11} {:<12} {:<15} {:>9}  reason",
@@ -899,10 +1022,10 @@ pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
             e.release.as_str(),
             e.outcome.to_string(),
             e.duration_ms as f64 / 1000.0,
-            e.reason.unwrap_or_default()
+            e.reason.as_deref().unwrap_or_default()
         );
     }
-    Ok(exit::SUCCESS)
+    Ok(code)
 }
 
 /// `promote` / `abort`: through the control file of the running deployment.

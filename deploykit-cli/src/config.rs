@@ -234,7 +234,7 @@ pub(crate) struct LoadBalancerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MetricsConfig {
-    pub(crate) prometheus: String,
+    pub(crate) prometheus: deploykit::SecretUrl,
     pub(crate) error_rate: Option<String>,
     pub(crate) latency_p99: Option<String>,
     pub(crate) request_count: Option<String>,
@@ -358,11 +358,18 @@ pub(crate) enum NotifyOn {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct WebhookConfig {
-    pub(crate) url: String,
+    /// The path of a webhook URL is often its token, so messages show the
+    /// host only.
+    #[serde(deserialize_with = "webhook_url")]
+    pub(crate) url: deploykit::SecretUrl,
     #[serde(default)]
     pub(crate) format: WebhookFormat,
     #[serde(default = "all_events")]
     pub(crate) on: Vec<NotifyOn>,
+}
+
+fn webhook_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<deploykit::SecretUrl, D::Error> {
+    Ok(deploykit::SecretUrl::new(String::deserialize(d)?).secret_path())
 }
 
 fn all_events() -> Vec<NotifyOn> {
@@ -820,14 +827,15 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
     }
     check_strategy(c, c.strategy.kind, &groups)?;
     if let Some(m) = &c.metrics {
-        let ok = (m.prometheus.starts_with("http://") || m.prometheus.starts_with("https://"))
-            && m.prometheus.len() > "https://".len()
-            && !m.prometheus.chars().any(char::is_whitespace);
+        let url = m.prometheus.expose();
+        let ok = (url.starts_with("http://") || url.starts_with("https://"))
+            && url.len() > "https://".len()
+            && !url.chars().any(char::is_whitespace);
         if !ok {
             return Err(inv(
                 "metrics.prometheus",
                 format!(
-                    "{:?} is not an http(s) URL; write e.g. \"http://127.0.0.1:9090\"",
+                    "\"{}\" is not an http(s) URL; write e.g. \"http://127.0.0.1:9090\"",
                     m.prometheus
                 ),
             ));
@@ -846,13 +854,14 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
         }
     }
     for (n, w) in c.notifications.webhooks.iter().enumerate() {
-        let ok = (w.url.starts_with("http://") || w.url.starts_with("https://"))
-            && !w.url.chars().any(char::is_whitespace);
+        let url = w.url.expose();
+        let ok = (url.starts_with("http://") || url.starts_with("https://"))
+            && !url.chars().any(char::is_whitespace);
         if !ok {
             return Err(inv(
                 format!("notifications.webhooks[{n}].url"),
                 format!(
-                    "{:?} is not an http(s) URL; write e.g. \"https://hooks.example.com/deploys\"",
+                    "\"{}\" is not an http(s) URL; write e.g. \"https://hooks.example.com/deploys\"",
                     w.url
                 ),
             ));
@@ -1238,9 +1247,22 @@ fn check_placeholders(field: &str, value: &str, late: bool) -> deploykit::Result
 
 /// `ssh://user@host:port` (port optional, default 22).
 fn parse_ssh(h: &str) -> Result<HostSpec, String> {
-    let bad = || format!("{h:?} is neither \"local\" nor an SSH URL; write \"ssh://user@host:22\"");
+    // Shown with any `user:password@` hidden: the text may hold a password.
+    let bad = || {
+        format!(
+            "\"{}\" is neither \"local\" nor an SSH URL; write \"ssh://user@host:22\"",
+            deploykit::SecretUrl::new(h)
+        )
+    };
     let rest = h.strip_prefix("ssh://").ok_or_else(bad)?;
-    let (user, hostport) = rest.split_once('@').ok_or_else(bad)?;
+    let (user, hostport) = rest.rsplit_once('@').ok_or_else(bad)?;
+    if user.contains(':') {
+        return Err(format!(
+            "\"{}\" holds a password, which deploykit does not use (and would keep in the configuration file); \
+             remove it and authenticate with a key (ssh_key) or the SSH agent",
+            deploykit::SecretUrl::new(h)
+        ));
+    }
     let (host, port) = match hostport.rsplit_once(':') {
         Some((host, port)) => (host, port.parse::<u16>().map_err(|_| bad())?),
         None => (hostport, 22),
@@ -1433,5 +1455,19 @@ mod tests {
         for bad in ["ftp://x@y", "ssh://y", "ssh://a@-x", "ssh://a@h:0", "ssh://a b@h"] {
             assert!(parse_ssh(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_password_in_an_ssh_url_is_refused_without_being_shown() {
+        for url in [
+            "ssh://deploy:s3cret@h:22",
+            "ssh://deploy:s3cret@-h",
+            "ftp://deploy:s3cret@h",
+        ] {
+            let e = parse_ssh(url).unwrap_err();
+            assert!(!e.contains("s3cret"), "{e}");
+        }
+        let e = parse_ssh("ssh://deploy:s3cret@h:22").unwrap_err();
+        assert!(e.contains("password") && e.contains("ssh_key"), "{e}");
     }
 }

@@ -130,10 +130,28 @@ fn main() -> ExitCode {
     match try_main(cli) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            eprintln!("deploykit: error: {err:#}");
+            eprintln!("deploykit: error: {}", error_text(&err));
             ExitCode::from(error_code(&err))
         }
     }
+}
+
+/// `err` and its causes, each once: the library's errors already write
+/// their source into their own message, so anyhow's `{:#}` would repeat
+/// it (a host-key mismatch came out three times).
+fn error_text(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let s = cause.to_string();
+        if text.contains(&s) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&s);
+    }
+    text
 }
 
 /// The exit code of an error: bad input and configuration are 2, anything
@@ -163,11 +181,11 @@ fn try_main(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Deploy(args) => cmd::deploy(cmd::Ctx::load(g)?, args),
         Command::Plan(args) => cmd::plan(cmd::Ctx::load(g)?, args),
-        Command::Status => cmd::status(cmd::Ctx::load(g)?),
+        Command::Status => cmd::status(cmd::Ctx::load_read_only(g)?),
         Command::Rollback => cmd::rollback(cmd::Ctx::load(g)?),
         Command::Promote => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Promote),
         Command::Abort => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Abort),
-        Command::History => cmd::history(cmd::Ctx::load(g)?),
+        Command::History => cmd::history(cmd::Ctx::load_read_only(g)?),
         Command::Setup => cmd::setup(cmd::Ctx::load(g)?),
     }
 }

@@ -80,6 +80,18 @@ pub(crate) fn slack_body(n: &Notice) -> serde_json::Value {
     json!({ "text": text })
 }
 
+/// `e` and its sources, for a log line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Sends notices to the configured webhooks.
 #[derive(Debug, Clone)]
 pub(crate) struct Notifier {
@@ -124,7 +136,7 @@ impl Notifier {
                 WebhookFormat::Slack => slack_body(notice),
             };
             let req = client
-                .post(&h.url)
+                .post(h.url.expose())
                 .header("content-type", "application/json")
                 .body(body.to_string());
             let url = h.url.clone();
@@ -153,7 +165,9 @@ impl Notifier {
                         false
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(%url, error = %e, "webhook failed; ignored");
+                        // reqwest's text names the URL, token and all.
+                        let error = error_chain(&e.without_url());
+                        tracing::warn!(%url, %error, "webhook failed; ignored");
                         false
                     }
                     Err(_) => {

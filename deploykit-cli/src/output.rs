@@ -264,6 +264,10 @@ pub(crate) struct Status {
     pub(crate) live: Option<Group>,
     /// The simulated load balancer's state; `null` for any other kind.
     pub(crate) load_balancer: Option<SimLbState>,
+    /// Journals that could not be read, each message naming the file and
+    /// the fix; `deployment` is then the newest readable run, which may
+    /// not be the last one.
+    pub(crate) journal_problems: Vec<String>,
 }
 
 /// The last run, in [`Status`].

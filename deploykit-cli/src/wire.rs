@@ -259,7 +259,7 @@ pub(crate) fn metrics(cfg: &Loaded) -> anyhow::Result<Option<Arc<dyn deploykit::
     let Some(m) = &cfg.raw.metrics else {
         return Ok(None);
     };
-    let mut b = deploykit::metrics::prometheus::Prometheus::builder(&m.prometheus);
+    let mut b = deploykit::metrics::prometheus::Prometheus::builder(m.prometheus.clone());
     if let Some(q) = &m.error_rate {
         b = b.error_rate(q);
     }

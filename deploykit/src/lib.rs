@@ -124,6 +124,7 @@ mod plan;
 mod promotion;
 pub mod recovery;
 mod report;
+mod secret_url;
 pub mod smoke;
 pub mod state;
 pub mod strategy;
@@ -143,6 +144,7 @@ pub use plan::{
 };
 pub use promotion::{PromotionHandle, PromotionState};
 pub use report::{InstanceReport, InstanceStatus, OutcomeKind, Report};
+pub use secret_url::SecretUrl;
 #[cfg(feature = "http")]
 pub use smoke::HttpSmokeTester;
 pub use smoke::{SmokeCheck, SmokeTester};

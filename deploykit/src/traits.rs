@@ -142,6 +142,32 @@ pub trait Instance: Send + Sync + Debug {
     async fn active_connections(&self) -> Result<Option<u64>, DriverError> {
         Ok(None)
     }
+
+    /// The deployment marker on the instance (the text last given to
+    /// [`set_marker`](Self::set_marker)), `None` when there is none or the
+    /// instance keeps no marker. A marker names the deployment that holds
+    /// the instance, so that two deployments with different state
+    /// directories never change one instance at once. The default keeps
+    /// none (instances whose state no other deployment can reach).
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed.
+    async fn marker(&self) -> Result<Option<String>, DriverError> {
+        Ok(None)
+    }
+
+    /// Writes the deployment marker (`Some`, replacing any) or removes it
+    /// (`None`).
+    ///
+    /// * Idempotent: yes.
+    /// * Cancel-safe: yes; the marker is replaced atomically (the old or
+    ///   the new one is there).
+    /// * On failure: the previous marker (or none) is still there.
+    async fn set_marker(&self, marker: Option<&str>) -> Result<(), DriverError> {
+        let _ = marker;
+        Ok(())
+    }
 }
 
 /// How much of a group's traffic a weight asks for, in percent (0–100).

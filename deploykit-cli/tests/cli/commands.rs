@@ -207,8 +207,17 @@ fn status_json_has_the_documented_fields() {
     let v: serde_json::Value = serde_json::from_str(env.ok(&["--json", "status"], 0).trim()).unwrap();
     assert_eq!(
         keys(&v),
-        ["app", "deployment", "instances", "live", "load_balancer", "lock"]
+        [
+            "app",
+            "deployment",
+            "instances",
+            "journal_problems",
+            "live",
+            "load_balancer",
+            "lock"
+        ]
     );
+    assert_eq!(v["journal_problems"], serde_json::json!([]));
     assert_eq!(v["deployment"], serde_json::Value::Null, "no run yet");
     env.ok(&["deploy", "v1"], 0);
     let v: serde_json::Value = serde_json::from_str(env.ok(&["--json", "status"], 0).trim()).unwrap();
@@ -661,4 +670,111 @@ fn recommend_asks_on_a_terminal() {
         "the second question was asked:\n{text}"
     );
     assert!(text.contains("recommended strategy: blue-green"), "{text}");
+}
+
+#[test]
+fn an_empty_or_corrupt_journal_does_not_hide_the_fleet() {
+    let env = Env::new(&simulated(2, ""));
+    env.ok(&["-q", "deploy", "v2"], 0);
+    let dir = env.state().join("journal");
+    for (name, content) in [
+        ("0000000007-empty.jsonl", ""),
+        ("0000000008-junk.jsonl", "not json\n{}\n"),
+    ] {
+        std::fs::write(dir.join(name), content).unwrap();
+        let (code, out, err) = env.run(&["status"]);
+        assert_eq!(code, 3, "the state is inconsistent\n{out}\n{err}");
+        for id in ["web-1", "web-2"] {
+            assert!(out.contains(id), "{name}: the fleet is shown\n{out}\n{err}");
+        }
+        assert!(
+            err.contains(name) && err.contains("move the file aside"),
+            "{name}: the problem is named with its fix\n{err}"
+        );
+        let (code, out, err) = env.run(&["--json", "status"]);
+        assert_eq!(code, 3, "{out}\n{err}");
+        let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(s["instances"].as_array().unwrap().len(), 2, "{s}");
+        assert!(s["journal_problems"][0].as_str().unwrap().contains(name), "{s}");
+        let (code, out, err) = env.run(&["history"]);
+        assert_eq!(code, 3, "{out}\n{err}");
+        assert!(
+            out.contains("v2") && err.contains(name),
+            "the readable runs and the problem\n{out}\n{err}"
+        );
+        std::fs::remove_file(dir.join(name)).unwrap();
+    }
+}
+
+#[test]
+fn status_and_history_write_nothing_so_a_read_only_state_dir_is_enough() {
+    // A command that writes nothing needs no write access: checked by what
+    // exists afterwards, which holds for any user (root ignores modes).
+    for cfg in [simulated(2, ""), local(1, "")] {
+        let env = Env::new(&cfg);
+        for args in [
+            &["status"][..],
+            &["--json", "status"],
+            &["history"],
+            &["--json", "history"],
+        ] {
+            let (code, out, err) = env.run(args);
+            assert_eq!(code, 0, "{args:?}\n{out}\n{err}");
+            assert!(
+                !env.path().join(".deploykit").exists(),
+                "{args:?} created the state directory"
+            );
+        }
+    }
+    let env = Env::new(&simulated(2, ""));
+    env.ok(&["-q", "deploy", "v1"], 0);
+    let before = tree(env.path());
+    env.ok(&["status"], 0);
+    env.ok(&["history"], 0);
+    assert_eq!(
+        tree(env.path()),
+        before,
+        "status and history changed the state directory"
+    );
+}
+
+/// Every path under `dir` with its size and modification time.
+fn tree(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                todo.push(e.path());
+            }
+            out.push((e.path(), m.len(), m.modified().unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_release_changed_after_it_was_deployed_is_refused_not_silently_skipped() {
+    let env = Env::new(&local(2, ""));
+    env.releases(&["v1", "v2"]);
+    env.ok(&["-q", "deploy", "v1"], 0);
+    env.ok(&["-q", "deploy", "v2"], 0);
+    // Rebuilt under the same name: the instances already hold a v1, and
+    // would switch back to the old content without a word.
+    std::fs::write(env.path().join("builds/v1/VERSION"), "v1, rebuilt").unwrap();
+    let (code, out, err) = env.run(&["deploy", "v1"]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("v1") && err.contains("changed") && err.contains("new release name"),
+        "names the release and the fix: {err}"
+    );
+    for id in ["web-1", "web-2"] {
+        assert_eq!(env.local_release(id).as_deref(), Some("v2"), "{id} untouched");
+    }
+    // Unchanged content deploys as before, also after the refusal.
+    std::fs::write(env.path().join("builds/v1/VERSION"), "v1").unwrap();
+    env.ok(&["-q", "deploy", "v1"], 0);
 }

@@ -287,3 +287,90 @@ fn a_recovery_that_is_itself_killed_can_be_run_again() {
     assert!(releases.iter().all(|r| r == &releases[0]), "{releases:?}");
     assert!(env.out_of_rotation().is_empty());
 }
+
+#[test]
+fn a_journal_dated_in_the_future_does_not_hide_a_later_crash() {
+    // The clock was a year ahead during the v2 deployment and was then
+    // stepped back: the v3 deployment killed afterwards starts "earlier".
+    let env = Env::new(&crate::util::simulated(2, ""));
+    env.ok(&["-q", "deploy", "v2"], 0);
+    let dir = env.state().join("journal");
+    let v2 = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+    let text = std::fs::read_to_string(&v2).unwrap();
+    let (first, rest) = text.split_once('\n').unwrap();
+    let mut header: Value = serde_json::from_str(first).unwrap();
+    let future = header["started_at_ms"].as_u64().unwrap() + 365 * 24 * 3600 * 1000;
+    header["started_at_ms"] = future.into();
+    std::fs::write(&v2, format!("{header}\n{rest}")).unwrap();
+    crash_at(&env, 3, "v3");
+    let (code, _, err) = env.run(&["deploy", "v4"]);
+    assert_eq!(code, 3, "the interrupted v3 deployment refuses a new one: {err}");
+    assert!(err.contains("was interrupted") && err.contains("v3"), "{err}");
+    let s = status(&env);
+    assert_eq!(s["deployment"]["history"]["release"], "v3", "{s}");
+    assert_eq!(s["deployment"]["history"]["outcome"], "interrupted", "{s}");
+    let history = env.ok(&["--json", "history"], 0);
+    let last = crate::util::json_lines(&history).pop().unwrap();
+    assert_eq!(
+        last["release"], "v3",
+        "history lists the crashed run last: {history}"
+    );
+}
+
+#[test]
+fn a_second_state_dir_cannot_deploy_instances_another_deployment_holds() {
+    // Two copies of one configuration with different state directories:
+    // each has its own lock, so only a marker on the instances stops them.
+    let env = Env::new(&local(
+        2,
+        "[strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"1500ms\"\ndrain_timeout = \"1s\"\n",
+    ));
+    env.releases(&["v1", "v2", "v3"]);
+    let text = std::fs::read_to_string(env.path().join("deploykit.toml")).unwrap();
+    std::fs::write(
+        env.path().join("copy.toml"),
+        format!("state_dir = \"copy-state\"\n{text}"),
+    )
+    .unwrap();
+    let marker = |id: &str| env.path().join("instances").join(id).join(".deploykit-marker");
+    env.ok(&["-q", "deploy", "v1"], 0);
+    assert!(
+        !marker("web-1").exists(),
+        "a finished deployment removes its markers"
+    );
+
+    let mut first = env.spawn_deploy("v2", "the first instance's wait", |r| {
+        r["event"] == "step_started"
+    });
+    let (code, out, err) = env.run(&["--config", "copy.toml", "deploy", "v3"]);
+    assert_eq!(code, 4, "refused while the first runs\n{out}\n{err}");
+    assert!(
+        err.contains("web-1") && err.contains("-v2") && err.contains(".deploykit"),
+        "names the instance, the holding deployment and its state directory: {err}"
+    );
+    assert!(
+        !env.path().join("copy-state/shop/journal").exists()
+            || std::fs::read_dir(env.path().join("copy-state/shop/journal"))
+                .unwrap()
+                .count()
+                == 0,
+        "the refused deployment started nothing"
+    );
+    assert_eq!(first.wait().unwrap().code(), Some(0));
+    assert_eq!(env.local_release("web-2").as_deref(), Some("v2"));
+    assert!(!marker("web-1").exists() && !marker("web-2").exists());
+
+    // A deployment killed part-way leaves its markers: its own state
+    // directory takes them over; another needs --take-over.
+    crash_at(&env, 6, "v3");
+    assert!(marker("web-1").exists(), "the killed deployment's marker stays");
+    let (code, out, err) = env.run(&["--config", "copy.toml", "deploy", "v3"]);
+    assert_eq!(code, 4, "{out}\n{err}");
+    assert!(err.contains("--take-over"), "{err}");
+    env.ok(&["-q", "deploy", "--resume"], 0);
+    assert!(!marker("web-1").exists());
+    crash_at(&env, 6, "v1");
+    env.ok(&["-q", "--config", "copy.toml", "deploy", "v2", "--take-over"], 0);
+    assert_eq!(env.local_release("web-1").as_deref(), Some("v2"));
+    assert!(!marker("web-1").exists() && !marker("web-2").exists());
+}

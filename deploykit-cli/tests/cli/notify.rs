@@ -180,3 +180,85 @@ fn a_webhook_redirect_is_not_followed_and_is_reported_as_a_failed_delivery() {
         "{err}"
     );
 }
+
+#[test]
+fn secrets_in_configured_urls_appear_nowhere() {
+    // A Prometheus that accepts connections and closes them unanswered: the
+    // canary's analysis fails with a connection error, the kind of error
+    // whose text carries the URL it was sent to.
+    let prom = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                drop(s);
+            }
+        });
+        format!("http://user:s3cret@{addr}")
+    };
+    let (hook_url, hook_bodies) = server(Behaviour::Ok);
+    let hook_url = format!("{hook_url}/T0KENPATH?token=QU3RYSECRET");
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/hooks/DEADT0KEN?key=DEADQU3RY", l.local_addr().unwrap())
+    };
+    let cfg = format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18391\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18392\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\ntimeout = \"1s\"\n\n\
+        [strategy]\nkind = \"canary\"\n\n\
+        [strategy.canary]\nstages = [50, 100]\nstage_duration = \"300ms\"\ncheck_interval = \"100ms\"\n\
+        health_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n\n\
+        [notifications]\ntimeout = \"1s\"\n\
+        [[notifications.webhooks]]\nurl = \"{hook_url}\"\n\
+        [[notifications.webhooks]]\nurl = \"{closed}\"\n"
+    );
+    let env = Env::new(&cfg);
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let secrets = ["s3cret", "T0KENPATH", "QU3RYSECRET", "DEADT0KEN", "DEADQU3RY"];
+    let mut seen = String::new();
+    for (release, verbosity) in [("v2", None), ("v3", Some("-v")), ("v4", Some("-vv"))] {
+        let mut args: Vec<&str> = verbosity.into_iter().collect();
+        args.extend(["deploy", release]);
+        let (code, out, err) = env.run(&args);
+        assert_eq!(
+            code, 1,
+            "the canary cannot be analysed and is rolled back\n{out}\n{err}"
+        );
+        assert!(
+            out.contains("metrics provider error") || err.contains("metrics provider error"),
+            "the failure is the metrics provider's\n{out}\n{err}"
+        );
+        seen.push_str(&format!("deploy {args:?} stdout:\n{out}\nstderr:\n{err}\n"));
+    }
+    for args in [
+        &["history"][..],
+        &["status"],
+        &["-v", "status"],
+        &["--json", "history"],
+    ] {
+        let (_, out, err) = env.run(args);
+        seen.push_str(&format!("{args:?} stdout:\n{out}\nstderr:\n{err}\n"));
+    }
+    let mut files = vec![env.state()];
+    while let Some(p) = files.pop() {
+        if p.is_dir() {
+            files.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            let text = String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned();
+            seen.push_str(&format!("file {}:\n{text}\n", p.display()));
+        }
+    }
+    let bodies = hook_bodies.lock().unwrap().join("\n");
+    assert!(
+        bodies.contains("\"rollback\""),
+        "the webhook got the rollback: {bodies}"
+    );
+    seen.push_str(&format!("webhook bodies:\n{bodies}\n"));
+    for s in secrets {
+        assert!(!seen.contains(s), "{s:?} leaked:\n{seen}");
+    }
+    assert!(seen.contains("127.0.0.1"), "the host is still named:\n{seen}");
+}

@@ -149,3 +149,38 @@ fn ssh_instances_recover_from_a_crash_at_each_step() {
         current = expect;
     }
 }
+
+#[test]
+fn a_changed_or_unknown_host_key_is_reported_once_with_the_fix_the_cli_offers() {
+    let Some(lab) = sshd::SshLab::start(1) else { return };
+    let env = Env::new("");
+    env.releases(&["v1"]);
+    write_config(&lab, &env);
+    let h = &lab.hosts[0];
+    let other = lab.other_key_line("impostor");
+    std::fs::write(&lab.known_hosts, format!("[{}]:{} {other}\n", h.ip, h.port)).unwrap();
+    let (code, out, err) = env.run(&["deploy", "v1"]);
+    assert_ne!(code, 0, "{out}\n{err}");
+    let all = format!("{out}{err}");
+    assert_eq!(
+        all.matches("HOST KEY MISMATCH").count(),
+        1,
+        "reported once:\n{all}"
+    );
+    assert!(all.contains("ssh-keygen -R"), "{all}");
+    std::fs::write(&lab.known_hosts, "").unwrap();
+    let (code, out, err) = env.run(&["deploy", "v1"]);
+    assert_ne!(code, 0, "{out}\n{err}");
+    let all = format!("{out}{err}");
+    assert_eq!(
+        all.matches("unknown host key").count(),
+        1,
+        "reported once:\n{all}"
+    );
+    assert!(all.contains("ssh-keyscan"), "{all}");
+    assert!(
+        !all.to_lowercase().contains("trust-on-first-use")
+            && !all.to_lowercase().contains("trust on first use"),
+        "the CLI has no such option:\n{all}"
+    );
+}

@@ -116,10 +116,12 @@ impl Env {
             .unwrap()
             .map(|e| e.unwrap().path())
             .collect();
+        // The state directory's order: by sequence number, unnumbered
+        // (older) journals first by time.
         files.sort_by_key(|p| {
             let text = std::fs::read_to_string(p).unwrap();
             let h: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-            h["started_at_ms"].as_u64().unwrap()
+            (h["sequence"].as_u64(), h["started_at_ms"].as_u64().unwrap())
         });
         let text = std::fs::read_to_string(files.last().unwrap()).unwrap();
         text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()

@@ -326,3 +326,31 @@ async fn a_static_algorithm_refuses_weights_with_a_hint() {
         .to_string();
     assert!(err.contains("roundrobin"), "{err}");
 }
+
+#[tokio::test]
+async fn a_server_at_another_address_than_its_instance_fails_the_check() {
+    let bin = crate::require_binary!("haproxy");
+    let s = HaproxySetup::start(&bin, &[("v1", "default", &[])]).await;
+    let real = s.backends[0].address.clone();
+    // The instance's configured address differs from the server's by its
+    // port only: the driver would drain i-1 while traffic goes elsewhere.
+    let moved = backend(
+        "i-1",
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        "default",
+    );
+    let lb = driver(s.dir.path(), std::slice::from_ref(&moved));
+    let err = lb.preflight().await.unwrap_err().to_string();
+    assert!(
+        err.contains("i-1") && err.contains(&real.to_string()) && err.contains(&moved.address.to_string()),
+        "both addresses are named: {err}"
+    );
+    // The same instance written as localhost is the same server.
+    let mut localhost = s.backends[0].clone();
+    localhost.address = deploykit::Address::parse(&format!("localhost:{}", real.port())).unwrap();
+    driver(s.dir.path(), &[localhost])
+        .preflight()
+        .await
+        .expect("localhost is 127.0.0.1");
+    assert_eq!(s.admin_of("i-1").await, ServerAdmin::Ready, "nothing changed");
+}

@@ -567,3 +567,31 @@ async fn gzip_upload_idempotent_install_and_restore_over_ssh() {
     assert!(err.contains("v9") && err.contains("does not exist"), "{err}");
     assert_eq!(inst.current_release().await.unwrap(), Some(id("v1")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_values_reach_the_command_exactly_without_a_command_line() {
+    let Some(lab) = SshLab::start(1) else { return };
+    let host = lab.host_builder(0, None).build().unwrap();
+    let secret = "s3cret 'quoted' $(touch /tmp/dk-pwned) `x` \\ *\nsecond line";
+    // The command prints the value it got and the command line of its own
+    // shell: the value must arrive exactly and not be on that line.
+    let out = host
+        .run(
+            &Command::new("sh")
+                .args([
+                    "-c",
+                    "printf '%s|' \"$DK_SECRET\"; tr '\\0' ' ' </proc/$$/cmdline",
+                ])
+                .env("DK_SECRET", secret)
+                .env("DK_OTHER", "2")
+                .cwd("/tmp"),
+        )
+        .await
+        .unwrap()
+        .check("printenv")
+        .unwrap();
+    let (got, cmdline) = out.stdout.split_once('|').unwrap();
+    assert_eq!(got, secret);
+    assert!(!cmdline.contains("s3cret"), "{cmdline}");
+    assert!(!Path::new("/tmp/dk-pwned").exists());
+}

@@ -161,6 +161,29 @@ impl Command {
     /// Used where only a line can be sent (SSH `exec`). Call
     /// [`validate`](Self::validate) first; runners do.
     pub fn to_shell_line(&self) -> String {
+        self.shell_line(true)
+    }
+
+    /// The command as a POSIX shell script that sets the environment with
+    /// `export` and then runs `cd -- <cwd> && exec <program> <args>…`: for
+    /// sending on a channel's stdin, so that environment values (often
+    /// secrets) are never on a command line, which any user of the host can
+    /// read with `ps`. Call [`validate`](Self::validate) first.
+    pub fn to_shell_script(&self) -> String {
+        let mut script = String::new();
+        for (k, v) in &self.env {
+            script.push_str("export ");
+            script.push_str(k);
+            script.push('=');
+            script.push_str(&quote(v));
+            script.push('\n');
+        }
+        script.push_str(&self.shell_line(false));
+        script.push('\n');
+        script
+    }
+
+    fn shell_line(&self, with_env: bool) -> String {
         let mut line = String::new();
         if let Some(cwd) = &self.cwd {
             line.push_str("cd -- ");
@@ -168,7 +191,7 @@ impl Command {
             line.push_str(" && ");
         }
         line.push_str("exec");
-        if !self.env.is_empty() {
+        if with_env && !self.env.is_empty() {
             line.push_str(" env");
             for (k, v) in &self.env {
                 line.push(' ');

@@ -61,8 +61,17 @@ pub use ssh::{HostKeyPolicy, SshAuth, SshHost, SshHostBuilder, MANIFEST};
 use crate::error::{DriverError, Error, Result};
 use crate::names::{Address, Group, InstanceId, ReleaseId};
 use crate::traits::{Backend, Health, Instance};
+use cmd::script;
 use layout::Switch;
 use service::Controller;
+
+/// The file on an instance's root naming the deployment that holds it.
+const MARKER: &str = ".deploykit-marker";
+/// Prints the marker `$1`; exits 3 when there is none.
+const READ_MARKER: &str = r#"[ -e "$1" ] || exit 3; cat -- "$1""#;
+/// Writes `$3` to the marker `$2` under the root `$1`, atomically.
+const WRITE_MARKER: &str =
+    r#"set -e; mkdir -p -- "$1"; printf '%s' "$3" >"$2.tmp.$$"; mv -f -- "$2.tmp.$$" "$2""#;
 
 /// An instance on this machine.
 pub type LocalInstance = HostInstance<LocalHost>;
@@ -483,6 +492,43 @@ impl<H: Host> Instance for HostInstance<H> {
             #[cfg(feature = "http")]
             HealthProbe::Http(p) => p.probe(&self.client, &self.backend.address).await,
         }
+    }
+
+    /// Reads `<root>/.deploykit-marker`.
+    ///
+    /// * Idempotent: yes (read-only). Cancel-safe: yes. On failure: nothing
+    ///   changed.
+    async fn marker(&self) -> Result<Option<String>, DriverError> {
+        let out = self
+            .host
+            .run(&script(READ_MARKER).arg(self.layout.file(MARKER)))
+            .await
+            .map_err(|e| self.named(e))?;
+        match out.status {
+            Some(3) => Ok(None),
+            _ => out
+                .check("reading the deployment marker")
+                .map(|o| Some(o.stdout))
+                .map_err(|e| self.named(e)),
+        }
+    }
+
+    /// Replaces `<root>/.deploykit-marker` through a temporary file and a
+    /// rename (creating the root when missing), or removes it.
+    ///
+    /// * Idempotent: yes. Cancel-safe: yes (the old or the new marker is
+    ///   there). On failure: the previous marker is still there.
+    async fn set_marker(&self, marker: Option<&str>) -> Result<(), DriverError> {
+        let file = self.layout.file(MARKER);
+        let cmd = match marker {
+            Some(text) => script(WRITE_MARKER).args([self.layout.root(), file.as_str(), text]),
+            None => Command::new("rm").args(["-f", "--", file.as_str()]),
+        };
+        self.host
+            .run(&cmd)
+            .await
+            .and_then(|o| o.check("writing the deployment marker").map(|_| ()))
+            .map_err(|e| self.named(e))
     }
 }
 

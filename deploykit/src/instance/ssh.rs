@@ -502,8 +502,7 @@ fn check_host_key(sess: &Session, cfg: &SshConfig, who: &str) -> Result<(), Driv
         CheckResult::NotFound => match cfg.policy {
             HostKeyPolicy::Strict => Err(DriverError::new(format!(
                 "{who}: unknown host key {fingerprint} — {entry} is not in {}; refusing to connect. Verify the \
-                 fingerprint out of band and add the key (e.g. `ssh-keyscan -p {} {} >> {}`), or opt in to \
-                 trust-on-first-use",
+                 fingerprint out of band and add the key (e.g. `ssh-keyscan -p {} {} >> {}`)",
                 path.display(),
                 cfg.port,
                 quote(&cfg.host),
@@ -575,6 +574,20 @@ fn authenticate(sess: &Session, cfg: &SshConfig, who: &str) -> Result<(), Driver
 
 /// Opens a channel and starts `line`; failures here happen before the
 /// command reached the host.
+/// The exec line for `cmd` and what to send on its stdin. A command with
+/// environment variables runs as `exec sh -s` with the exports and the
+/// command on stdin: the exec line is the remote shell's command line,
+/// readable by every user of the host (`ps`), and the values may be
+/// secrets. (The channel's own environment would need an `AcceptEnv` for
+/// every name in the host's sshd config.)
+fn exec_request(cmd: &Command) -> (String, Option<String>) {
+    if cmd.get_env().is_empty() {
+        (cmd.to_shell_line(), None)
+    } else {
+        ("exec sh -s".to_string(), Some(cmd.to_shell_script()))
+    }
+}
+
 fn open_exec(sess: &Session, line: &str, who: &str) -> Result<ssh2::Channel, Fail> {
     let mut ch = sess
         .channel_session()
@@ -618,11 +631,15 @@ impl Host for SshHost {
     async fn run(&self, cmd: &Command) -> Result<Output, DriverError> {
         cmd.validate()
             .map_err(|e| DriverError::new(format!("refusing to run {cmd}")).with_source(e))?;
-        let line = cmd.to_shell_line();
+        let (line, stdin) = exec_request(cmd);
         let shown = cmd.to_string();
         let who = self.describe();
         self.with_session(move |sess| {
             let mut ch = open_exec(sess, &line, &who)?;
+            if let Some(script) = &stdin {
+                ch.write_all(script.as_bytes())
+                    .map_err(|e| Fail::After(ssh_err(&who, "sending the environment", e)))?;
+            }
             ch.send_eof()
                 .map_err(|e| Fail::After(ssh_err(&who, "closing stdin", e)))?;
             finish(ch, shown.clone(), &who)
@@ -830,6 +847,29 @@ fn base64_nopad(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn environment_values_go_on_stdin_never_on_the_exec_line() {
+        let cmd = Command::new("app")
+            .args(["--port", "8080"])
+            .env("DB_PASSWORD", "hunter2 'quoted'\nline")
+            .cwd("/srv/app");
+        assert!(
+            cmd.to_shell_line().contains("hunter2"),
+            "the line alone would carry it"
+        );
+        let (line, stdin) = exec_request(&cmd);
+        assert_eq!(line, "exec sh -s");
+        assert!(!line.contains("hunter2"));
+        let script = stdin.expect("a script on stdin");
+        assert!(script.contains("export DB_PASSWORD="), "{script}");
+        assert!(
+            script.ends_with("cd -- /srv/app && exec app --port 8080\n"),
+            "{script}"
+        );
+        let plain = Command::new("true");
+        assert_eq!(exec_request(&plain), ("exec true".to_string(), None));
+    }
 
     #[test]
     fn base64_matches_known_values() {

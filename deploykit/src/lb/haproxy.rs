@@ -109,6 +109,12 @@ pub struct ServerState {
     pub admin_bits: u32,
     /// `srv_uweight`: the weight set by the operator.
     pub weight: u32,
+    /// `srv_addr`: the address HAProxy sends this server's traffic to
+    /// (`None` when the answer has no such column).
+    pub address: Option<String>,
+    /// `srv_port` (HAProxy 1.8 and later; 0 when the server has no port
+    /// of its own; `None` when the answer has no such column).
+    pub port: Option<u16>,
 }
 
 impl ServerState {
@@ -245,6 +251,8 @@ fn parse_servers_state(out: &str) -> Result<Vec<ServerState>, DriverError> {
         col("srv_admin_state")?,
         col("srv_uweight")?,
     );
+    let c_addr = names.iter().position(|h| *h == "srv_addr");
+    let c_port = names.iter().position(|h| *h == "srv_port");
     let mut servers = Vec::new();
     for l in out.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let f: Vec<&str> = l.split_whitespace().collect();
@@ -265,6 +273,8 @@ fn parse_servers_state(out: &str) -> Result<Vec<ServerState>, DriverError> {
             op_state: num(c_op)?,
             admin_bits: num(c_admin)?,
             weight: num(c_weight)?,
+            address: c_addr.and_then(|i| f.get(i)).map(|s| s.to_string()),
+            port: c_port.and_then(|i| f.get(i)).and_then(|p| p.parse().ok()),
         });
     }
     Ok(servers)
@@ -430,25 +440,42 @@ impl HaproxyLoadBalancer {
     }
 
     /// Checks that the socket answers, the backend exists and has a server
-    /// for every backend given to the builder.
+    /// for every backend given to the builder, at that backend's address
+    /// and port.
     ///
     /// * Idempotent: yes (read-only). Cancel-safe: yes.
     ///
     /// # Errors
-    /// The socket problem, or the backend / servers missing, by name.
+    /// The socket problem, the backend / servers missing, by name, or a
+    /// server at another address than its instance (both named).
     pub async fn check(&self) -> Result<(), DriverError> {
         let servers = self.inner.api.servers_state(&self.inner.backend).await?;
-        let st = self.lock_state();
-        let missing: Vec<&str> = st
+        let backends: Vec<Backend> = self.lock_state().iter().map(|(b, _)| b.clone()).collect();
+        let missing: Vec<&str> = backends
             .iter()
-            .filter(|(b, _)| !servers.iter().any(|s| s.name == b.id.as_str()))
-            .map(|(b, _)| b.id.as_str())
+            .filter(|b| !servers.iter().any(|s| s.name == b.id.as_str()))
+            .map(|b| b.id.as_str())
             .collect();
         if !missing.is_empty() {
             return Err(DriverError::new(format!(
                 "HAProxy backend {} has no server {}",
                 self.inner.backend,
                 missing.join(", ")
+            )));
+        }
+        // A server of the right name at another address would be drained
+        // and enabled while the traffic goes elsewhere.
+        let mut wrong = Vec::new();
+        for b in &backends {
+            if let Some(s) = servers.iter().find(|s| s.name == b.id.as_str()) {
+                wrong.extend(address_mismatch(s, b).await);
+            }
+        }
+        if !wrong.is_empty() {
+            return Err(DriverError::new(format!(
+                "HAProxy backend {}: {}",
+                self.inner.backend,
+                wrong.join("; ")
             )));
         }
         Ok(())
@@ -560,6 +587,50 @@ impl HaproxyLoadBalancer {
     }
 }
 
+/// Why `server` (as HAProxy reports it) does not send its traffic to
+/// `backend`'s address, or `None` when it does. Addresses are compared as
+/// socket addresses (`[0:0::1]` is `[::1]`); a name in the instance's
+/// address is resolved, since HAProxy reports the address it resolved. An
+/// answer without the address (or port) column is not checked on it.
+async fn address_mismatch(server: &ServerState, backend: &Backend) -> Option<String> {
+    use std::net::{IpAddr, SocketAddr};
+    let addr = server.address.as_deref()?;
+    let want = &backend.address;
+    let fix =
+        "point the server at the instance's address in HAProxy's config, or correct the instance's address";
+    let Ok(ip) = addr.parse::<IpAddr>() else {
+        return Some(format!(
+            "server {} has no usable address ({addr:?}), but instance {} is at {want}; {fix}",
+            server.name, backend.id
+        ));
+    };
+    let shown = match (ip, server.port) {
+        (_, Some(0)) => format!("{addr} with no port"),
+        (IpAddr::V6(_), Some(p)) => format!("[{addr}]:{p}"),
+        (_, Some(p)) => format!("{addr}:{p}"),
+        (_, None) => addr.to_string(),
+    };
+    let host = want.host().trim_start_matches('[').trim_end_matches(']');
+    let resolved: Vec<SocketAddr> = match tokio::net::lookup_host((host, want.port())).await {
+        Ok(it) => it.collect(),
+        Err(e) => {
+            return Some(format!(
+                "instance {}'s address {want} does not resolve ({e}), so HAProxy's server {} at {shown} cannot be checked against it",
+                backend.id, server.name
+            ))
+        }
+    };
+    let matches = resolved
+        .iter()
+        .any(|r| r.ip().to_canonical() == ip.to_canonical() && server.port.is_none_or(|p| p == r.port()));
+    (!matches).then(|| {
+        format!(
+            "server {} is at {shown}, but instance {} is at {want}; {fix}",
+            server.name, backend.id
+        )
+    })
+}
+
 /// The runtime-API commands that take the servers of backend `be` from
 /// `current` to `want`: weights and readiness raised before others are
 /// lowered, so that a switch never leaves a moment with no server in
@@ -637,7 +708,8 @@ impl LoadBalancer for HaproxyLoadBalancer {
     }
 
     /// [`check`](HaproxyLoadBalancer::check): the socket answers, the
-    /// backend exists and has a server for every backend of the fleet.
+    /// backend exists and has a server for every backend of the fleet, at
+    /// that backend's address.
     ///
     /// * Idempotent: yes (read-only: `show servers state`).
     /// * Cancel-safe: yes.
@@ -801,8 +873,60 @@ mod tests {
             op_state: 2,
             admin_bits,
             weight,
+            address: None,
+            port: None,
         };
         (name.into(), s)
+    }
+
+    #[test]
+    fn addresses_and_ports_are_parsed_when_haproxy_reports_them() {
+        let s = parse_servers_state(STATE).unwrap();
+        assert_eq!((s[0].address.as_deref(), s[0].port), (Some("127.0.0.1"), None));
+        let with_port = "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port\n3 app 1 i-1 ::1 2 0 1 1 5 1 0 1 0 0 0 0 - 18080\n";
+        let s = parse_servers_state(with_port).unwrap();
+        assert_eq!((s[0].address.as_deref(), s[0].port), (Some("::1"), Some(18080)));
+    }
+
+    #[tokio::test]
+    async fn a_server_at_another_address_than_its_instance_is_named() {
+        let at = |addr: &str, port: Option<u16>| ServerState {
+            name: "i-1".into(),
+            op_state: 2,
+            admin_bits: 0,
+            weight: 1,
+            address: Some(addr.into()),
+            port,
+        };
+        let b = |a: &str| Backend {
+            id: InstanceId::new("i-1").unwrap(),
+            address: crate::Address::parse(a).unwrap(),
+            group: Group::new("default").unwrap(),
+        };
+        for (server, backend) in [
+            (at("127.0.0.1", Some(8080)), "127.0.0.1:8080"),
+            (at("::1", Some(8080)), "[0:0::1]:8080"),
+            (at("127.0.0.1", Some(8080)), "localhost:8080"),
+            (at("127.0.0.1", None), "127.0.0.1:8080"),
+        ] {
+            assert_eq!(
+                address_mismatch(&server, &b(backend)).await,
+                None,
+                "{server:?} {backend}"
+            );
+        }
+        for (server, backend, said) in [
+            (at("127.0.0.1", Some(8081)), "127.0.0.1:8080", "127.0.0.1:8081"),
+            (at("10.0.0.2", Some(8080)), "10.0.0.1:8080", "10.0.0.2:8080"),
+            (at("::1", Some(8080)), "127.0.0.1:8080", "[::1]:8080"),
+            (at("127.0.0.1", Some(0)), "127.0.0.1:8080", "no port"),
+        ] {
+            let m = address_mismatch(&server, &b(backend)).await.expect(backend);
+            assert!(
+                m.contains(said) && m.contains(backend) && m.contains("i-1"),
+                "{m}"
+            );
+        }
     }
 
     fn want(entries: &[(&str, ServerAdmin, Option<u32>)]) -> BTreeMap<InstanceId, Desired> {

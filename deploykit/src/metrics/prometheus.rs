@@ -28,6 +28,10 @@
 //!   with `sum`).
 //! * `status: error`, a non-JSON body, an HTTP error, a connection failure
 //!   or a timeout → `ProviderError` with Prometheus's own message.
+//!
+//! The URL may carry credentials (`http://user:password@host:9090`, sent as
+//! basic authentication); every message names it as a [`SecretUrl`], with
+//! them hidden.
 
 use std::time::Duration;
 
@@ -37,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use super::template::QueryTemplate;
 use crate::error::{Error, Result};
 use crate::names::Group;
+use crate::secret_url::SecretUrl;
 use crate::traits::{Metric, MetricsSource, Observation};
 
 /// The default error-rate query (see the [module docs](self)).
@@ -92,27 +97,40 @@ impl PromQueries {
 /// assert!(Prometheus::builder("ftp://x").build().is_err());
 /// # Ok::<(), deploykit::Error>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Prometheus {
     client: reqwest::Client,
     endpoint: reqwest::Url,
+    /// The endpoint as messages name it.
+    shown: SecretUrl,
     queries: PromQueries,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for Prometheus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prometheus")
+            .field("endpoint", &self.shown)
+            .field("queries", &self.queries)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Builds a [`Prometheus`]; setters never fail, [`build`](Self::build)
 /// checks everything.
 #[derive(Debug, Clone)]
 pub struct PrometheusBuilder {
-    url: String,
+    url: SecretUrl,
     queries: PromQueries,
     overrides: Vec<(Metric, String)>,
     timeout: Duration,
 }
 
 impl Prometheus {
-    /// A builder for the server at `url` (e.g. `http://127.0.0.1:9090`).
-    pub fn builder(url: impl Into<String>) -> PrometheusBuilder {
+    /// A builder for the server at `url` (e.g. `http://127.0.0.1:9090`;
+    /// `http://user:password@host:9090` for basic authentication).
+    pub fn builder(url: impl Into<SecretUrl>) -> PrometheusBuilder {
         PrometheusBuilder {
             url: url.into(),
             queries: PromQueries::default(),
@@ -171,12 +189,13 @@ impl PrometheusBuilder {
             Error::invalid(
                 "metrics.url",
                 format!(
-                    "{:?} {why}; write the server's base URL, e.g. http://127.0.0.1:9090",
+                    "\"{}\" {why}; write the server's base URL, e.g. http://127.0.0.1:9090",
                     self.url
                 ),
             )
         };
-        let mut url = reqwest::Url::parse(&self.url).map_err(|e| bad_url(&format!("is not a URL ({e})")))?;
+        let mut url =
+            reqwest::Url::parse(self.url.expose()).map_err(|e| bad_url(&format!("is not a URL ({e})")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(bad_url("is not http or https"));
         }
@@ -215,6 +234,7 @@ impl PrometheusBuilder {
             })?;
         Ok(Prometheus {
             client,
+            shown: SecretUrl::new(endpoint.as_str()),
             endpoint,
             queries,
             timeout: self.timeout,
@@ -244,20 +264,41 @@ impl MetricsSource for Prometheus {
             Err(e) if e.is_timeout() => {
                 return Observation::ProviderError(format!(
                     "no answer from {} within {:.1}s",
-                    self.endpoint,
+                    self.shown,
                     self.timeout.as_secs_f64()
                 ))
             }
-            Err(e) => return Observation::ProviderError(format!("cannot query {}: {e}", self.endpoint)),
+            Err(e) => {
+                return Observation::ProviderError(format!(
+                    "cannot query {}: {}",
+                    self.shown,
+                    error_chain(&e.without_url())
+                ))
+            }
         };
         let status = resp.status().as_u16();
         match resp.text().await {
             Ok(body) => parse_response(status, &body),
-            Err(e) => {
-                Observation::ProviderError(format!("reading the answer of {} failed: {e}", self.endpoint))
-            }
+            Err(e) => Observation::ProviderError(format!(
+                "reading the answer of {} failed: {}",
+                self.shown,
+                error_chain(&e.without_url())
+            )),
         }
     }
+}
+
+/// `e` and its sources, for a message; reqwest's own text names the URL,
+/// so callers pass the error through `without_url` first.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Turns an `/api/v1/query` answer (HTTP status and body) into an
@@ -453,5 +494,40 @@ mod tests {
             matches!(&o, Observation::ProviderError(m) if m.contains("cannot query")),
             "{o:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn credentials_in_the_url_are_never_in_a_message() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let p = Prometheus::builder(format!("http://user:s3cret@127.0.0.1:{port}/?token=t0ken"))
+            .build()
+            .unwrap_err();
+        assert!(
+            !p.to_string().contains("s3cret") && !p.to_string().contains("t0ken"),
+            "{p}"
+        );
+        let p = Prometheus::builder(format!("http://user:s3cret@127.0.0.1:{port}"))
+            .build()
+            .unwrap();
+        assert!(!format!("{p:?}").contains("s3cret"), "{p:?}");
+        let o = p
+            .observe(
+                Metric::ErrorRate,
+                &Group::new("canary").unwrap(),
+                Duration::from_secs(60),
+            )
+            .await;
+        let Observation::ProviderError(m) = o else {
+            panic!("{o:?}")
+        };
+        assert!(
+            m.contains(&format!("cannot query http://***@127.0.0.1:{port}/api/v1/query")),
+            "{m}"
+        );
+        assert!(!m.contains("s3cret"), "{m}");
     }
 }

@@ -53,8 +53,15 @@ pub struct JournalHeader {
     /// The deployment a resume or rollback acts on.
     #[serde(default)]
     pub acts_on: Option<String>,
-    /// When the run started, milliseconds since the Unix epoch.
+    /// When the run started, milliseconds since the Unix epoch (for
+    /// people; the order of journals is [`sequence`](Self::sequence)'s).
     pub started_at_ms: u64,
+    /// The run's place in the state directory's order, set by
+    /// [`StateDir::create_journal`](super::StateDir::create_journal): the
+    /// wall clock can be stepped back, a counter cannot. `None` in journals
+    /// written before the counter existed, which sort before all others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
     /// The process that ran it.
     pub pid: u32,
     /// The machine it ran on.
@@ -82,6 +89,7 @@ impl JournalHeader {
             plan: None,
             acts_on: None,
             started_at_ms: super::now_ms(),
+            sequence: None,
             pid: std::process::id(),
             host: super::host_name(),
         }
@@ -294,6 +302,30 @@ impl From<OutcomeKind> for HistoryOutcome {
     }
 }
 
+/// What [`salvage`] found on a line.
+struct Salvaged {
+    /// A torn record preceded the one parsed.
+    is_torn: bool,
+}
+
+/// Parses a journal line. A write that failed part-way leaves a record
+/// without its newline, so the next record written lands on the same line:
+/// when the whole line does not parse, the last record starting after the
+/// torn one is tried (every record starts with `{"record":`).
+fn salvage(line: &str) -> (Salvaged, serde_json::Result<JournalRecord>) {
+    let whole = serde_json::from_str::<JournalRecord>(line);
+    if whole.is_ok() {
+        return (Salvaged { is_torn: false }, whole);
+    }
+    match line.rfind("{\"record\":").filter(|&at| at > 0) {
+        Some(at) => match serde_json::from_str::<JournalRecord>(&line[at..]) {
+            Ok(r) => (Salvaged { is_torn: true }, Ok(r)),
+            Err(_) => (Salvaged { is_torn: false }, whole),
+        },
+        None => (Salvaged { is_torn: false }, whole),
+    }
+}
+
 /// One past (or running) deployment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
@@ -337,7 +369,11 @@ impl JournalSummary {
             if line.trim().is_empty() {
                 continue;
             }
-            match serde_json::from_str::<JournalRecord>(line) {
+            let (salvaged, parsed) = salvage(line);
+            if salvaged.is_torn {
+                tracing::warn!(journal = %path.display(), line = n + 1, "ignoring a torn record before another on the same line");
+            }
+            match parsed {
                 Ok(JournalRecord::Header(h)) if header.is_none() => header = Some(h),
                 Ok(JournalRecord::Header(_)) => {
                     return Err(Error::Inconsistent(format!(
@@ -632,7 +668,13 @@ mod tests {
         assert_eq!(j.records(), 4);
         // Interrupted here: no outcome.
         let s = JournalSummary::read(j.path()).unwrap();
-        assert_eq!(s.header, header);
+        assert_eq!(
+            s.header,
+            JournalHeader {
+                sequence: Some(1),
+                ..header.clone()
+            }
+        );
         assert_eq!(s.touched(), BTreeSet::from([iid("a"), iid("b")]));
         assert_eq!(s.unsettled(), BTreeSet::from([iid("b")]));
         // A later run that finished b settles it; one that only started a

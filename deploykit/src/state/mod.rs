@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! <base>/<app>/lock                  who holds the deployment lock (a flock on <base>/<app>)
-//! <base>/<app>/journal/<id>.jsonl    one journal per deployment, rollback or resume
+//! <base>/<app>/journal/<seq>-<id>.jsonl  one journal per deployment, rollback or resume
+//! <base>/<app>/sequence              the last journal's sequence number
 //! <base>/<app>/control.json          the last promote/abort command sent
 //! <base>/<app>/control-ack.json      what the running deployment did with it
 //! <base>/<app>/live.json             the blue-green live record (FileLiveStore)
@@ -26,7 +27,10 @@
 //!   plan, the previous release of every instance), then every [`Event`](crate::Event)
 //!   the executor emits, then the outcome. A crash at any point leaves a
 //!   journal that says which instances were touched and what each ran
-//!   before — what `status`, `--resume` and `rollback` read.
+//!   before — what `status`, `--resume` and `rollback` read. Journals are
+//!   ordered by a sequence number kept in the state directory, never by the
+//!   wall clock: a clock stepped back would otherwise put a journal dated
+//!   in the future after a later, interrupted one and hide it.
 //! * [`HistoryEntry`] — one line of history per journal.
 //! * [`ControlFile`] — promote or abort a deployment running in another
 //!   process.
@@ -52,17 +56,21 @@
 
 pub(crate) mod atomic;
 mod control;
+mod digest;
 mod journal;
 mod lock;
+mod marker;
 
 use std::path::{Path, PathBuf};
 
 pub use control::{ControlAck, ControlCommand, ControlFile, ControlRequest};
+pub use digest::release_digest;
 pub use journal::{
     HistoryEntry, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalRecord, JournalSummary,
     RunKind,
 };
 pub use lock::{DeployLock, Holder, LockAttempt};
+pub use marker::{claim, release, ClaimRefused, InstanceMarker};
 
 use crate::error::{Error, Result};
 
@@ -153,36 +161,129 @@ impl StateDir {
     /// [`Error::Io`] when the state directory cannot be opened.
     pub fn holder(&self) -> Result<Option<Holder>> {
         if !self.root.exists() {
+            // Nobody can hold a lock on a directory that is not there.
             return Ok(None);
         }
         lock::current_holder(&self.root)
     }
 
     /// Starts a new journal with `header` (written and `fsync`ed before this
-    /// returns).
+    /// returns), numbered after every journal before it: `header.sequence`
+    /// is set to one more than the highest of the `sequence` file and the
+    /// journals present, the file is named `<sequence>-<id>.jsonl`, and the
+    /// `sequence` file is updated atomically first. Call it while holding
+    /// the [lock](Self::try_lock), which makes the numbering race-free.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] (field `deployment`) when the id is not a
     /// valid name, or one with that id exists; [`Error::Io`] when it cannot
-    /// be written.
-    pub fn create_journal(&self, header: JournalHeader) -> Result<Journal> {
+    /// be written; [`Error::Inconsistent`] when the `sequence` file does not
+    /// hold a number.
+    pub fn create_journal(&self, mut header: JournalHeader) -> Result<Journal> {
         crate::names::validate_name("deployment", &header.deployment)?;
+        let mut last = self.read_sequence()?;
+        for (path, h) in self.headers()? {
+            if h.deployment == header.deployment {
+                return Err(Error::invalid(
+                    "deployment",
+                    format!(
+                        "a journal {} exists already; use another deployment id",
+                        path.display()
+                    ),
+                ));
+            }
+            last = last.max(h.sequence.unwrap_or(0));
+        }
+        let sequence = last + 1;
+        let file = self.root.join(SEQUENCE_FILE);
+        write_atomic(&file, format!("{sequence}\n").as_bytes())
+            .map_err(|e| Error::io(format!("writing {}", file.display()), e))?;
+        header.sequence = Some(sequence);
         Journal::create(
-            &self.journal_dir().join(format!("{}.jsonl", header.deployment)),
+            &self
+                .journal_dir()
+                .join(format!("{sequence:010}-{}.jsonl", header.deployment)),
             header,
         )
     }
 
-    /// Every journal, oldest first (by start time, then id); none when the
-    /// journal directory does not exist.
+    /// Pins the content of `release` (its [`release_digest`]) on its first
+    /// deployment from this state directory, and refuses a later one whose
+    /// content differs: instances that hold the release already would keep
+    /// (or switch back to) the old content, since a release is installed
+    /// once per name. Call it holding the [lock](Self::try_lock), before the
+    /// first step.
     ///
     /// # Errors
-    /// [`Error::Io`] when the directory cannot be listed;
-    /// [`Error::Inconsistent`] when a journal has no readable header.
-    pub fn journals(&self) -> Result<Vec<JournalSummary>> {
+    /// [`Error::InvalidInput`] (field `release`) naming the release, both
+    /// digests and the fix (a new release name); [`Error::Io`] when the
+    /// record cannot be read or written.
+    pub fn pin_release(&self, release: &crate::ReleaseId, digest: &str) -> Result<()> {
+        let dir = self.root.join("releases");
+        let file = dir.join(format!("{release}.sha256"));
+        match std::fs::read_to_string(&file) {
+            Ok(pinned) if pinned.trim() == digest => Ok(()),
+            Ok(pinned) => Err(Error::invalid(
+                "release",
+                format!(
+                    "{release} changed since it was first deployed (sha256 {}…, now {}…), but instances that hold \
+                     {release} would keep its old content; deploy the new build under a new release name \
+                     (e.g. {release}-2), or remove {} if no instance holds {release} any more",
+                    pinned.trim().chars().take(12).collect::<String>(),
+                    digest.chars().take(12).collect::<String>(),
+                    file.display()
+                ),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+                write_atomic(&file, format!("{digest}\n").as_bytes())
+                    .map_err(|e| Error::io(format!("writing {}", file.display()), e))
+            }
+            Err(e) => Err(Error::io(format!("reading {}", file.display()), e)),
+        }
+    }
+
+    /// The number in the `sequence` file (0 when there is none yet).
+    fn read_sequence(&self) -> Result<u64> {
+        let file = self.root.join(SEQUENCE_FILE);
+        match std::fs::read_to_string(&file) {
+            Ok(text) => text.trim().parse().map_err(|_| {
+                Error::Inconsistent(format!(
+                    "{} does not hold a number ({:?}); write the highest sequence of the journals \
+                     (the number their file names start with) into it",
+                    file.display(),
+                    text.chars().take(40).collect::<String>()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(Error::io(format!("reading {}", file.display()), e)),
+        }
+    }
+
+    /// The header of every journal whose first line is readable.
+    fn headers(&self) -> Result<Vec<(PathBuf, JournalHeader)>> {
+        use std::io::BufRead;
+        let mut out = Vec::new();
+        for path in self.journal_paths()? {
+            let Ok(file) = std::fs::File::open(&path) else {
+                continue;
+            };
+            let mut first = String::new();
+            if std::io::BufReader::new(file).read_line(&mut first).is_err() {
+                continue;
+            }
+            if let Ok(JournalRecord::Header(h)) = serde_json::from_str(&first) {
+                out.push((path, h));
+            }
+        }
+        Ok(out)
+    }
+
+    fn journal_paths(&self) -> Result<Vec<PathBuf>> {
         let dir = self.journal_dir();
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
+            // Opened with `at` before the first run.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
         };
@@ -191,14 +292,45 @@ impl StateDir {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
             let path = entry.path();
             if path.extension().and_then(|e| e.to_str()) == Some("jsonl") {
-                out.push(JournalSummary::read(&path)?);
+                out.push(path);
             }
         }
-        out.sort_by(|a, b| {
-            (a.header.started_at_ms, &a.header.deployment)
-                .cmp(&(b.header.started_at_ms, &b.header.deployment))
-        });
         Ok(out)
+    }
+
+    /// Every journal, oldest first: by sequence number; journals written
+    /// before sequence numbers existed come first, by start time, then id.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the directory cannot be listed;
+    /// [`Error::Inconsistent`] when a journal has no readable header.
+    pub fn journals(&self) -> Result<Vec<JournalSummary>> {
+        let mut scan = self.scan_journals()?;
+        match scan.unreadable.is_empty() {
+            true => Ok(scan.journals),
+            false => Err(scan.unreadable.swap_remove(0).error),
+        }
+    }
+
+    /// Every readable journal, oldest first (as [`journals`](Self::journals)),
+    /// and every unreadable one with why: for commands that report rather
+    /// than act (`status`, `history`), which should show what they can.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the directory cannot be listed.
+    pub fn scan_journals(&self) -> Result<JournalScan> {
+        let mut journals = Vec::new();
+        let mut unreadable = Vec::new();
+        let mut paths = self.journal_paths()?;
+        paths.sort();
+        for path in paths {
+            match JournalSummary::read(&path) {
+                Ok(j) => journals.push(j),
+                Err(error) => unreadable.push(UnreadableJournal { path, error }),
+            }
+        }
+        journals.sort_by(|a, b| order(&a.header).cmp(&order(&b.header)));
+        Ok(JournalScan { journals, unreadable })
     }
 
     /// The journal of `deployment` and of every resume and rollback that
@@ -241,6 +373,34 @@ impl StateDir {
     pub fn control(&self) -> ControlFile {
         ControlFile::new(&self.root)
     }
+}
+
+/// What [`StateDir::scan_journals`] found.
+#[derive(Debug)]
+pub struct JournalScan {
+    /// The readable journals, oldest first.
+    pub journals: Vec<JournalSummary>,
+    /// The journals that could not be read (empty, no header, a corrupt
+    /// line), by file name.
+    pub unreadable: Vec<UnreadableJournal>,
+}
+
+/// A journal [`StateDir::scan_journals`] could not read.
+#[derive(Debug)]
+pub struct UnreadableJournal {
+    /// The file.
+    pub path: PathBuf,
+    /// Why (its message names the file and the fix).
+    pub error: Error,
+}
+
+/// The file holding the last journal's sequence number.
+const SEQUENCE_FILE: &str = "sequence";
+
+/// A journal's place in the order: unnumbered (older) journals first, by
+/// time; then by sequence.
+fn order(h: &JournalHeader) -> (Option<u64>, u64, &str) {
+    (h.sequence, h.started_at_ms, &h.deployment)
 }
 
 /// This machine's host name (from `/proc/sys/kernel/hostname`, else the
@@ -287,8 +447,10 @@ mod tests {
         let victim = base.path().join("victim");
         std::fs::write(&victim, "precious").unwrap();
         let created = base.path().join("created-through-link");
-        std::os::unix::fs::symlink(&victim, state.journal_dir().join("d1.jsonl")).unwrap();
-        std::os::unix::fs::symlink(&created, state.journal_dir().join("d2.jsonl")).unwrap();
+        // At the names the journals get: numbered 1 and 2 (the first
+        // attempt's number is used up even though it fails).
+        std::os::unix::fs::symlink(&victim, state.journal_dir().join("0000000001-d1.jsonl")).unwrap();
+        std::os::unix::fs::symlink(&created, state.journal_dir().join("0000000002-d2.jsonl")).unwrap();
         for id in ["d1", "d2"] {
             let header: JournalHeader = serde_json::from_value(serde_json::json!({
                 "version": 1, "deployment": id, "app": "shop", "kind": "deploy",
@@ -300,5 +462,133 @@ mod tests {
         }
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert!(!created.exists());
+    }
+
+    fn header(id: &str, started_at_ms: u64) -> JournalHeader {
+        let mut h = JournalHeader::new(
+            id,
+            "shop",
+            RunKind::Deploy,
+            crate::StrategyKind::Rolling,
+            crate::ReleaseId::new("v2").unwrap(),
+            Default::default(),
+        );
+        h.started_at_ms = started_at_ms;
+        h
+    }
+
+    #[test]
+    fn journals_are_ordered_by_sequence_not_by_the_clock() {
+        let base = tempfile::tempdir().unwrap();
+        let state = StateDir::open(base.path(), "shop").unwrap();
+        // Written before sequence numbers existed: first, by time.
+        for (id, at) in [("old-b", 2_000), ("old-a", 1_000)] {
+            let h = serde_json::to_string(&JournalRecord::Header(header(id, at))).unwrap();
+            std::fs::write(state.journal_dir().join(format!("{id}.jsonl")), h + "\n").unwrap();
+        }
+        let now = now_ms();
+        let future = state
+            .create_journal(header("future", now + 365 * 86_400_000))
+            .unwrap();
+        future
+            .finish(JournalOutcome {
+                outcome: crate::OutcomeKind::Succeeded,
+                reason: None,
+                duration_ms: 1,
+            })
+            .unwrap();
+        let crashed = state.create_journal(header("crashed", now)).unwrap();
+        assert_eq!(future.header().sequence, Some(1));
+        assert_eq!(crashed.header().sequence, Some(2));
+        assert!(
+            crashed.path().ends_with("0000000002-crashed.jsonl"),
+            "{}",
+            crashed.path().display()
+        );
+        drop((future, crashed));
+        let order: Vec<String> = state
+            .journals()
+            .unwrap()
+            .into_iter()
+            .map(|j| j.header.deployment)
+            .collect();
+        assert_eq!(order, ["old-a", "old-b", "future", "crashed"]);
+        let latest = state.latest().unwrap().unwrap();
+        assert_eq!(latest.header.deployment, "crashed");
+        assert!(!latest.is_finished());
+        assert_eq!(
+            std::fs::read_to_string(state.root().join("sequence")).unwrap(),
+            "2\n"
+        );
+    }
+
+    #[test]
+    fn the_sequence_survives_a_lost_counter_file_and_ids_stay_unique() {
+        let base = tempfile::tempdir().unwrap();
+        let state = StateDir::open(base.path(), "shop").unwrap();
+        drop(state.create_journal(header("a", 5)).unwrap());
+        std::fs::remove_file(state.root().join("sequence")).unwrap();
+        let b = state.create_journal(header("b", 1)).unwrap();
+        assert_eq!(
+            b.header().sequence,
+            Some(2),
+            "numbered after the journals present"
+        );
+        let e = state.create_journal(header("a", 9)).unwrap_err().to_string();
+        assert!(e.contains("deployment") && e.contains("exists already"), "{e}");
+        std::fs::write(state.root().join("sequence"), "junk").unwrap();
+        let e = state.create_journal(header("c", 9)).unwrap_err().to_string();
+        assert!(e.contains("does not hold a number"), "{e}");
+    }
+
+    #[test]
+    fn a_torn_line_after_the_outcome_leaves_the_run_finished() {
+        use std::io::Write;
+        let base = tempfile::tempdir().unwrap();
+        let state = StateDir::open(base.path(), "shop").unwrap();
+        let j = state.create_journal(header("d1", 1)).unwrap();
+        j.finish(JournalOutcome {
+            outcome: crate::OutcomeKind::Succeeded,
+            reason: None,
+            duration_ms: 1,
+        })
+        .unwrap();
+        let path = j.path().to_path_buf();
+        drop(j);
+        for torn in [&b"{\"record\":\"ev"[..], b"ent\",\"elapsed\n"] {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap()
+                .write_all(torn)
+                .unwrap();
+            let history = state.history().unwrap();
+            assert_eq!(history[0].outcome, HistoryOutcome::Succeeded, "{torn:?}");
+        }
+        // A write that failed part-way (a full disk) leaves a torn record
+        // without its newline, and the outcome written next lands on the
+        // same line: the outcome is still read.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines = text.lines();
+        let (head, finished) = (lines.next().unwrap(), lines.next().unwrap());
+        std::fs::write(
+            &path,
+            format!("{head}\n{{\"record\":\"event\",\"elap{finished}\n"),
+        )
+        .unwrap();
+        let history = state.history().unwrap();
+        assert_eq!(history[0].outcome, HistoryOutcome::Succeeded);
+        assert_eq!(history[0].duration_ms, 1);
+    }
+
+    #[test]
+    fn a_state_dir_opened_at_creates_nothing_and_reads_empty() {
+        let base = tempfile::tempdir().unwrap();
+        let state = StateDir::at(base.path(), "shop").unwrap();
+        assert!(state.journals().unwrap().is_empty());
+        assert!(state.history().unwrap().is_empty());
+        assert!(state.holder().unwrap().is_none());
+        assert!(!base.path().join("shop").exists());
+        assert!(StateDir::at(base.path(), "../x").is_err());
     }
 }
