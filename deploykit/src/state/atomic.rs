@@ -178,6 +178,22 @@ mod tests {
     }
 
     #[test]
+    fn the_unsynced_variant_also_replaces_through_a_fresh_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("web-1.json");
+        write_atomic_unsynced(&target, b"{\"running\":false}").unwrap();
+        let mut reader = std::fs::File::open(&target).unwrap();
+        write_atomic_unsynced(&target, b"{\"running\":true}").unwrap();
+        // A reader holding the old file still reads it whole: the new
+        // content is a new file renamed over the name, not written in place.
+        let mut old = String::new();
+        std::io::Read::read_to_string(&mut reader, &mut old).unwrap();
+        assert_eq!(old, "{\"running\":false}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"{\"running\":true}");
+        assert_eq!(entries(dir.path()), ["web-1.json"]);
+    }
+
+    #[test]
     fn a_reader_holding_the_old_file_still_sees_the_old_content() {
         // Replaced by rename, not rewritten in place: an open handle keeps
         // the whole old content, never a mix of old and new.

@@ -177,8 +177,6 @@ struct Shared {
     queued: Condvar,
     /// Wakes blocking waiters after each flush.
     flushed: Condvar,
-    /// Wakes async waiters after each flush.
-    progress: tokio::sync::watch::Sender<()>,
 }
 
 #[derive(Debug, Default)]
@@ -197,6 +195,9 @@ struct Queue {
     failed: Option<(std::io::ErrorKind, String)>,
     /// The journal is dropped: write what is queued and stop.
     closing: bool,
+    /// Async waiters: each is told once the records up to its target are
+    /// on disk (only those, so a flush wakes no one it does not concern).
+    waiters: Vec<(u64, tokio::sync::oneshot::Sender<()>)>,
     stats: FlushStats,
     /// Test hook: the next flush fails as a full disk would.
     #[cfg(test)]
@@ -271,9 +272,18 @@ fn write_loop(shared: &Shared, mut file: File) {
                 }
             }
         }
+        let (durable, failed) = (q.durable, q.failed.is_some());
+        let (ready, waiting) = std::mem::take(&mut q.waiters)
+            .into_iter()
+            .partition(|(target, _)| failed || *target <= durable);
+        q.waiters = waiting;
         drop(q);
+        let ready: Vec<(u64, tokio::sync::oneshot::Sender<()>)> = ready;
+        for (_, tx) in ready {
+            // A closed receiver is a waiter that gave up.
+            let _ = tx.send(());
+        }
         shared.flushed.notify_all();
-        shared.progress.send_modify(|()| {});
     }
 }
 
@@ -308,7 +318,6 @@ impl Journal {
             queue: Mutex::new(Queue::default()),
             queued: Condvar::new(),
             flushed: Condvar::new(),
-            progress: tokio::sync::watch::Sender::new(()),
         });
         let writer = {
             let shared = shared.clone();
@@ -431,7 +440,17 @@ impl Journal {
     /// [`Error::Io`] when it, or a record before it, could not be written.
     pub fn finish(&self, outcome: JournalOutcome) -> Result<()> {
         self.queue(&JournalRecord::Finished(outcome));
-        self.sync()
+        let synced = self.sync();
+        let stats = self.flush_stats();
+        tracing::info!(
+            journal = %self.path.display(),
+            records = self.records(),
+            flushes = stats.flushes(),
+            median_records_per_flush = stats.median(),
+            max_records_per_flush = stats.max(),
+            "journal written"
+        );
+        synced
     }
 
     /// Test hook: the next flush fails as on a full disk.
@@ -487,21 +506,27 @@ impl EventSink for Journal {
 
     /// Waits until every record queued so far is on disk.
     async fn durable(&self) -> Result<()> {
-        // Subscribing before the check below means no flush is missed.
-        let mut flushed = self.shared.progress.subscribe();
-        let target = self.shared.lock().appended;
-        loop {
-            {
-                let q = self.shared.lock();
-                if let Some(f) = &q.failed {
-                    return Err(self.failure(f));
-                }
-                if q.durable >= target {
-                    return Ok(());
-                }
+        let target;
+        let told = {
+            let mut q = self.shared.lock();
+            target = q.appended;
+            if let Some(f) = &q.failed {
+                return Err(self.failure(f));
             }
-            // The sender lives as long as `self`: this cannot fail.
-            let _ = flushed.changed().await;
+            if q.durable >= target {
+                return Ok(());
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            q.waiters.push((target, tx));
+            rx
+        };
+        // The writer answers every waiter before it stops, so a closed
+        // channel is as good as an answer: the state below says which.
+        let _ = told.await;
+        let q = self.shared.lock();
+        match &q.failed {
+            Some(f) if q.durable < target => Err(self.failure(f)),
+            _ => Ok(()),
         }
     }
 }
