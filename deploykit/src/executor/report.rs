@@ -79,7 +79,7 @@ pub(crate) fn report(
     let (outcome, reason) = outcome(&instances, abort);
     Report {
         deployment,
-        strategy: plan.strategy.clone(),
+        strategy: plan.strategy,
         release: plan.release.clone(),
         outcome,
         reason,

@@ -119,7 +119,7 @@ impl<'a> Run<'a> {
 
     pub(super) async fn execute(self) -> Report {
         self.emit(EventKind::DeploymentStarted {
-            strategy: self.plan.strategy.clone(),
+            strategy: self.plan.strategy,
             release: self.plan.release.clone(),
             instances: self.plan.instances().len(),
             stages: self.plan.stages.len(),
@@ -245,7 +245,7 @@ impl<'a> Run<'a> {
             });
             self.emit(EventKind::InstanceFailed {
                 instance: id.clone(),
-                step: step.kind().into(),
+                step: step.kind(),
                 reason,
             });
         }
@@ -423,14 +423,14 @@ impl<'a> Run<'a> {
         let instance = step.instance().cloned();
         self.emit(EventKind::StepStarted {
             stage: si,
-            step: step.kind().into(),
+            step: step.kind(),
             instance: instance.clone(),
             rollback,
         });
         if let Err(e) = self.durable(rollback).await {
             self.emit(EventKind::StepFinished {
                 stage: si,
-                step: step.kind().into(),
+                step: step.kind(),
                 instance,
                 rollback,
                 duration_ms: 0,
@@ -463,7 +463,7 @@ impl<'a> Run<'a> {
         }
         self.emit(EventKind::StepFinished {
             stage: si,
-            step: step.kind().into(),
+            step: step.kind(),
             instance,
             rollback,
             duration_ms: ms(start.elapsed()),
