@@ -1,7 +1,8 @@
 //! The cost of the crash-safe journal: a rolling deployment over fake
 //! instances with no event sink, with an in-memory event log, and with the
-//! `deploykit::state` journal (one JSON line and one `fdatasync` per event),
-//! side by side in one run. Waits are virtual, so the wall time is the
+//! `deploykit::state` journal (JSON lines, group commit: one `write` and one
+//! `fdatasync` for every record queued when a flush starts), side by side in
+//! one run, with the journal's records per flush. Waits are virtual, so the wall time is the
 //! executor's own work plus the journal's I/O.
 //!
 //! Run: `cargo bench -p deploykit-benches --bench journal`
@@ -11,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deploykit::state::{JournalHeader, RunKind, StateDir};
+use deploykit::state::{FlushStats, JournalHeader, RunKind, StateDir};
 use deploykit::{CountOrPercent, EventLog, EventSink, Executor, ReleaseId, Rolling, RunOptions, Strategy};
 use deploykit_testkit::FakeFleet;
 
@@ -22,7 +23,7 @@ enum Sink {
     Journal,
 }
 
-fn once(instances: usize, sink: Sink, run: usize) -> (Duration, u64) {
+fn once(instances: usize, sink: Sink, run: usize) -> (Duration, u64, Option<FlushStats>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -78,7 +79,7 @@ fn once(instances: usize, sink: Sink, run: usize) -> (Duration, u64) {
             (None, Sink::Memory) => log.events().len() as u64,
             _ => 0,
         };
-        (wall, records)
+        (wall, records, journal.map(|j| j.flush_stats()))
     })
 }
 
@@ -91,17 +92,21 @@ fn main() {
     let instances = 200;
     let runs = 5;
     let mut rows = Vec::new();
+    let mut flushes = Vec::new();
     for (name, sink) in [
         ("no sink", Sink::None),
         ("in-memory log", Sink::Memory),
-        ("journal (fsync)", Sink::Journal),
+        ("journal (durable)", Sink::Journal),
     ] {
         let mut walls = Vec::new();
         let mut records = 0;
         for run in 0..runs {
-            let (w, r) = once(instances, sink, run);
+            let (w, r, stats) = once(instances, sink, run);
             walls.push(w);
             records = r;
+            if let Some(s) = stats {
+                flushes.push((s.flushes(), s.median(), s.max()));
+            }
         }
         rows.push((name, median(walls), records));
     }
@@ -124,6 +129,9 @@ fn main() {
             "{name:<18} {:>10.1}ms {records:>9} {per:>14}",
             wall.as_secs_f64() * 1000.0
         );
+    }
+    for (n, median, max) in flushes {
+        println!("journal run: {n} flushes, records per flush median {median}, max {max}");
     }
     println!(
         "journal / no sink: {:.1}x",

@@ -90,10 +90,18 @@ fn abort_after() -> Option<u64> {
 #[derive(Default)]
 struct Relay(OnceLock<Arc<dyn EventSink>>);
 
+#[async_trait::async_trait]
 impl EventSink for Relay {
     fn emit(&self, e: &Event) {
         if let Some(s) = self.0.get() {
             s.emit(e);
+        }
+    }
+
+    async fn durable(&self) -> deploykit::Result<()> {
+        match self.0.get() {
+            Some(s) => s.durable().await,
+            None => Ok(()),
         }
     }
 }
@@ -108,16 +116,23 @@ impl Journaled {
     fn check(&self) {
         if let Some(n) = self.abort_after {
             if self.journal.records() >= n {
+                // Queued records are not on disk yet: write them first.
+                let _ = self.journal.sync();
                 std::process::abort();
             }
         }
     }
 }
 
+#[async_trait::async_trait]
 impl EventSink for Journaled {
     fn emit(&self, e: &Event) {
         self.journal.emit(e);
         self.check();
+    }
+
+    async fn durable(&self) -> deploykit::Result<()> {
+        self.journal.durable().await
     }
 }
 

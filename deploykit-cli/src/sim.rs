@@ -8,7 +8,11 @@
 //! (`{"release":"v2","installed":["v1","v2"],"running":true}`); the load
 //! balancer is `<state>/simulated/lb.json`
 //! (`{"out_of_rotation":["web-2"],"weights":{},"live":"blue"}`). Every change
-//! is written atomically.
+//! is written atomically (a temporary file renamed over the old one) but not
+//! `fsync`ed: the state survives a killed `deploykit` process, which is what
+//! trying deploykit and the crash tests need, but not a power cut, which
+//! may lose the last changes of a simulated fleet. The journal stays
+//! durable as for real instances.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -46,8 +50,26 @@ fn write<T: Serialize>(path: &Path, v: &T) -> Result<(), DriverError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| DriverError::new(format!("cannot create {}", dir.display())).with_source(e))?;
     }
-    deploykit::state::write_atomic(path, &bytes)
+    deploykit::state::write_atomic_unsynced(path, &bytes)
         .map_err(|e| DriverError::new(format!("cannot write {}", path.display())).with_source(e))
+}
+
+/// Runs a read-modify-write of a state file under `lock` on a blocking
+/// thread, so that the steps of a batch do not wait for each other's file
+/// operations (and their journal records share flushes). The lock is held
+/// until the write ends, even if the caller gives up waiting: a dropped
+/// call never lets another change interleave.
+async fn update_blocking(
+    lock: Arc<tokio::sync::Mutex<()>>,
+    f: impl FnOnce() -> Result<(), DriverError> + Send + 'static,
+) -> Result<(), DriverError> {
+    let guard = lock.lock_owned().await;
+    tokio::task::spawn_blocking(move || {
+        let _guard = guard;
+        f()
+    })
+    .await
+    .map_err(|e| DriverError::new("the simulated state update did not finish").with_source(e))?
 }
 
 /// The directory of the simulated state.
@@ -61,7 +83,7 @@ pub(crate) struct SimInstance {
     backend: Backend,
     path: PathBuf,
     unhealthy: Vec<ReleaseId>,
-    lock: tokio::sync::Mutex<()>,
+    lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SimInstance {
@@ -75,7 +97,7 @@ impl SimInstance {
             path: dir.join(format!("{}.json", backend.id)),
             backend,
             unhealthy,
-            lock: tokio::sync::Mutex::new(()),
+            lock: Arc::default(),
         })
     }
 
@@ -85,12 +107,15 @@ impl SimInstance {
 
     async fn update(
         &self,
-        f: impl FnOnce(&mut SimInstanceState) -> Result<(), DriverError>,
+        f: impl FnOnce(&mut SimInstanceState) -> Result<(), DriverError> + Send + 'static,
     ) -> Result<(), DriverError> {
-        let _g = self.lock.lock().await;
-        let mut s: SimInstanceState = read(&self.path)?;
-        f(&mut s)?;
-        write(&self.path, &s)
+        let path = self.path.clone();
+        update_blocking(self.lock.clone(), move || {
+            let mut s: SimInstanceState = read(&path)?;
+            f(&mut s)?;
+            write(&path, &s)
+        })
+        .await
     }
 }
 
@@ -115,23 +140,25 @@ impl Instance for SimInstance {
         self.stop().await
     }
     async fn install(&self, release: &ReleaseId) -> Result<(), DriverError> {
-        self.update(|s| {
-            if !s.installed.contains(release) {
+        let release = release.clone();
+        self.update(move |s| {
+            if !s.installed.contains(&release) {
                 s.installed.push(release.clone());
             }
-            s.release = Some(release.clone());
+            s.release = Some(release);
             Ok(())
         })
         .await
     }
     async fn restore(&self, release: &ReleaseId) -> Result<(), DriverError> {
-        self.update(|s| {
-            if !s.installed.contains(release) {
+        let release = release.clone();
+        self.update(move |s| {
+            if !s.installed.contains(&release) {
                 return Err(DriverError::new(format!(
                     "release {release} was never installed here"
                 )));
             }
-            s.release = Some(release.clone());
+            s.release = Some(release);
             Ok(())
         })
         .await
@@ -186,11 +213,14 @@ impl SimLoadBalancer {
         read(&self.path)
     }
 
-    async fn update(&self, f: impl FnOnce(&mut SimLbState)) -> Result<(), DriverError> {
-        let _g = self.lock.lock().await;
-        let mut s: SimLbState = read(&self.path)?;
-        f(&mut s);
-        write(&self.path, &s)
+    async fn update(&self, f: impl FnOnce(&mut SimLbState) + Send + 'static) -> Result<(), DriverError> {
+        let path = self.path.clone();
+        update_blocking(self.lock.clone(), move || {
+            let mut s: SimLbState = read(&path)?;
+            f(&mut s);
+            write(&path, &s)
+        })
+        .await
     }
 }
 
@@ -208,23 +238,27 @@ impl LoadBalancer for SimLoadBalancer {
         Ok(Some(0))
     }
     async fn enable(&self, b: &Backend) -> Result<(), DriverError> {
-        self.update(|s| {
-            s.out_of_rotation.remove(b.id.as_str());
+        let id = b.id.to_string();
+        self.update(move |s| {
+            s.out_of_rotation.remove(&id);
         })
         .await
     }
     async fn disable(&self, b: &Backend) -> Result<(), DriverError> {
-        self.update(|s| {
-            s.out_of_rotation.insert(b.id.to_string());
+        let id = b.id.to_string();
+        self.update(move |s| {
+            s.out_of_rotation.insert(id);
         })
         .await
     }
     async fn set_weights(&self, weights: &[GroupWeight]) -> Result<(), DriverError> {
-        self.update(|s| s.weights = weights.iter().map(|w| (w.group.to_string(), w.percent)).collect())
-            .await
+        let weights: BTreeMap<String, u8> =
+            weights.iter().map(|w| (w.group.to_string(), w.percent)).collect();
+        self.update(move |s| s.weights = weights).await
     }
     async fn switch_to(&self, group: &Group) -> Result<(), DriverError> {
-        self.update(|s| s.live = Some(group.clone())).await
+        let group = group.clone();
+        self.update(move |s| s.live = Some(group)).await
     }
     async fn live_group(&self) -> Result<Option<Group>, DriverError> {
         Ok(self.state()?.live)

@@ -224,11 +224,37 @@ pub enum StepResult {
 
 /// Receives the events of a deployment.
 ///
-/// `emit` is called inline by the executor: keep it quick (write to a
-/// channel, a buffered file, a progress bar).
+/// The executor calls [`emit`](Self::emit) for every event, in order, and
+/// awaits [`durable`](Self::durable) after each step's
+/// [`StepStarted`](EventKind::StepStarted) before the step acts: a sink
+/// that persists events (the [journal](crate::state::Journal)) only queues
+/// them in `emit` and writes them in `durable`, so the records of steps
+/// starting together share one write and one flush.
+#[async_trait::async_trait]
 pub trait EventSink: Send + Sync {
-    /// Called for every event, in order.
+    /// Called for every event, in order; inline in the executor, so it must
+    /// not block for long (write to a channel, a buffer, a progress bar).
+    ///
+    /// Not idempotent: each call is one more event. It cannot fail; a sink
+    /// that cannot take the event keeps the failure for
+    /// [`durable`](Self::durable) to report, or drops the event.
     fn emit(&self, event: &Event);
+
+    /// Waits until every event emitted so far is durable, so that the step
+    /// the last of them announces may act. The default has nothing to wait
+    /// for.
+    ///
+    /// Idempotent (a second call waits for nothing new). Cancel-safe:
+    /// dropping the future only stops the wait; the events stay queued and
+    /// are written all the same.
+    ///
+    /// # Errors
+    /// [`Error::Io`](crate::Error::Io) when the events could not be made
+    /// durable. The sink may then stay failed, so every later call fails
+    /// too: what it holds of the events ends before the failure.
+    async fn durable(&self) -> crate::Result<()> {
+        Ok(())
+    }
 }
 
 impl<F: Fn(&Event) + Send + Sync> EventSink for F {
@@ -267,11 +293,25 @@ impl std::fmt::Debug for Fanout {
     }
 }
 
+#[async_trait::async_trait]
 impl EventSink for Fanout {
     fn emit(&self, event: &Event) {
         for s in &self.0 {
             s.emit(event);
         }
+    }
+
+    /// Waits for every sink; the first failure, after all were waited for.
+    async fn durable(&self) -> crate::Result<()> {
+        let mut first = Ok(());
+        for s in &self.0 {
+            if let Err(e) = s.durable().await {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
     }
 }
 

@@ -23,6 +23,10 @@ pub(crate) enum StepError {
     /// The step ran and what it checked said no.
     #[error(transparent)]
     Failed(Failure),
+    /// The event announcing the step could not be made durable, so the step
+    /// did not act.
+    #[error("not started, because the journal could not record it: {0}")]
+    Journal(crate::error::Error),
 }
 
 impl StepError {

@@ -35,6 +35,8 @@ struct RunState {
     /// Tracked instances with an error, kept so a stage's count does not
     /// walk every instance.
     failed: usize,
+    /// The warning that restores go on without a durable record was given.
+    journal_warned: bool,
 }
 
 pub(super) struct Run<'a> {
@@ -434,6 +436,18 @@ impl<'a> Run<'a> {
             instance: instance.clone(),
             rollback,
         });
+        if let Err(e) = self.durable(rollback).await {
+            self.emit(EventKind::StepFinished {
+                stage: si,
+                step: step.kind(),
+                instance,
+                rollback,
+                duration_ms: 0,
+                attempts: 0,
+                result: StepResult::Failed(e.to_string()),
+            });
+            return Err(e);
+        }
         let start = Instant::now();
         if let (Some(id), true) = (&instance, steps::instance::marks_on_start(step)) {
             self.mark(id, |p| steps::instance::mark_started(step, p));
@@ -471,6 +485,31 @@ impl<'a> Run<'a> {
             result: step_result,
         });
         result.map(|_| ())
+    }
+
+    /// Waits until the sink holds every event so far durably, so that a
+    /// crash after the step acts leaves a record of it. A rollout step the
+    /// sink cannot record fails before acting; a restore step goes on with a
+    /// warning, because bringing its instance back matters more than the
+    /// record (a later run redoes a restore, which is idempotent).
+    async fn durable(&self, rollback: bool) -> Result<(), StepError> {
+        let Some(sink) = &self.inner.sink else {
+            return Ok(());
+        };
+        match sink.durable().await {
+            Ok(()) => Ok(()),
+            Err(e) if !rollback => Err(StepError::Journal(e)),
+            Err(e) => {
+                let first = !std::mem::replace(&mut self.lock().journal_warned, true);
+                if first {
+                    self.emit(EventKind::Warning {
+                        instance: None,
+                        message: format!("restoring without a durable record of the steps: {e}"),
+                    });
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Hands the step to its handler with the context it needs.

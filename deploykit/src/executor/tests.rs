@@ -318,3 +318,48 @@ async fn run_options_name_the_run_and_a_default_id_is_made_from_the_release() {
     let made = exec.run(&plan, RunOptions::default()).await.unwrap();
     assert!(made.deployment.ends_with("-v1"), "{}", made.deployment);
 }
+
+/// A sink whose records never become durable, as a journal on a full disk.
+struct UnwritableJournal(crate::EventLog);
+
+#[async_trait]
+impl crate::EventSink for UnwritableJournal {
+    fn emit(&self, event: &crate::Event) {
+        self.0.emit(event);
+    }
+
+    async fn durable(&self) -> crate::Result<()> {
+        Err(Error::io(
+            "writing the journal j.jsonl",
+            std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"),
+        ))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_the_journal_cannot_record_fails_before_it_acts() {
+    // No expectation but the snapshot's: any driver call panics the test.
+    let m = mock("a");
+    let log = crate::EventLog::new();
+    let exec = Executor::builder()
+        .instance(Arc::new(m))
+        .load_balancer(Arc::new(NoLoadBalancer))
+        .events(Arc::new(UnwritableJournal(log.clone())))
+        .build()
+        .unwrap();
+    let report = exec.deploy(&rolling(), &rel("v2")).await.unwrap();
+    assert!(!report.is_success(), "{report}");
+    assert_eq!(report.failed().len(), 1, "{report}");
+    let failure = log
+        .events()
+        .into_iter()
+        .find_map(|e| match e.kind {
+            crate::EventKind::InstanceFailed { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .expect("the instance failed");
+    assert!(
+        failure.contains("journal could not record it") && failure.contains("no space left"),
+        "{failure}"
+    );
+}

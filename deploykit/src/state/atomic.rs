@@ -36,9 +36,29 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic_with(path, bytes, random_names(&dir, name))
 }
 
+/// [`write_atomic`] without either `fsync`: the exclusive temporary file and
+/// the rename still give a reader, or the next process after a crash of
+/// this one, the old content or the new, but a power cut may lose the
+/// change or, on some filesystems, leave an empty file.
+pub(crate) fn write_atomic_unsynced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let (dir, name) = split(path)?;
+    replace(path, bytes, random_names(&dir, name), false)
+}
+
 /// [`write_atomic`] with the candidate temporary names given, so that tests
 /// can plant something at the first one.
 fn write_atomic_with(path: &Path, bytes: &[u8], names: impl IntoIterator<Item = PathBuf>) -> io::Result<()> {
+    replace(path, bytes, names, true)
+}
+
+/// Writes a temporary file, renames it over `path`, and `fsync`s both when
+/// `sync` says so.
+fn replace(
+    path: &Path,
+    bytes: &[u8],
+    names: impl IntoIterator<Item = PathBuf>,
+    sync: bool,
+) -> io::Result<()> {
     let (dir, _) = split(path)?;
     // Only a regular file's mode is kept: a symlink at `path` is replaced by
     // the new file, as `rename` does, and says nothing about the mode wanted.
@@ -52,7 +72,9 @@ fn write_atomic_with(path: &Path, bytes: &[u8], names: impl IntoIterator<Item = 
             file.set_permissions(mode)?;
         }
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if sync {
+            file.sync_all()?;
+        }
         drop(file);
         std::fs::rename(&tmp, path)
     })();
@@ -60,7 +82,10 @@ fn write_atomic_with(path: &Path, bytes: &[u8], names: impl IntoIterator<Item = 
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    File::open(&dir)?.sync_all()
+    if sync {
+        File::open(&dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// The directory `path` is in (`.` for a bare name) and its file name.
@@ -150,6 +175,22 @@ mod tests {
         write_atomic(&target, b"").unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"");
         assert_eq!(entries(dir.path()), ["app.conf"]);
+    }
+
+    #[test]
+    fn the_unsynced_variant_also_replaces_through_a_fresh_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("web-1.json");
+        write_atomic_unsynced(&target, b"{\"running\":false}").unwrap();
+        let mut reader = std::fs::File::open(&target).unwrap();
+        write_atomic_unsynced(&target, b"{\"running\":true}").unwrap();
+        // A reader holding the old file still reads it whole: the new
+        // content is a new file renamed over the name, not written in place.
+        let mut old = String::new();
+        std::io::Read::read_to_string(&mut reader, &mut old).unwrap();
+        assert_eq!(old, "{\"running\":false}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"{\"running\":true}");
+        assert_eq!(entries(dir.path()), ["web-1.json"]);
     }
 
     #[test]

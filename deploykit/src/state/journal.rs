@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -121,21 +121,178 @@ pub enum JournalRecord {
     Finished(JournalOutcome),
 }
 
-/// Writes a journal. As an [`EventSink`] it records every event of the
-/// executor; each record is written and `fsync`ed before `emit` returns, so
-/// the step the event announces starts only once it is on disk.
+/// Writes a journal with group commit. As an [`EventSink`] it records every
+/// event of the executor: [`emit`](EventSink::emit) queues the record, and
+/// [`durable`](EventSink::durable), which the executor awaits before each
+/// step acts, returns once everything queued is written and `fdatasync`ed.
+/// One writer thread per journal writes whatever is queued in one `write`
+/// and one `fdatasync`, so the records of steps starting together (a batch
+/// of a rolling deployment) share a flush.
 ///
-/// `emit` blocks for the `fsync` (milliseconds on local disks): keep the
-/// state directory on a local filesystem. A write that fails is logged and
-/// counted ([`write_errors`](Self::write_errors)); it does not stop the
-/// deployment, whose outcome is then reported without a complete journal.
-#[derive(Debug)]
+/// A failed write or flush fails every wait from then on (what the file
+/// holds after a failed `fdatasync` is unknown, so nothing more is written
+/// to it): the executor then starts no further rollout step. Records that
+/// could not be written are counted ([`write_errors`](Self::write_errors)).
+/// Keep the state directory on a local filesystem.
 pub struct Journal {
     path: PathBuf,
     header: JournalHeader,
-    file: Mutex<File>,
-    records: std::sync::atomic::AtomicU64,
-    write_errors: std::sync::atomic::AtomicU64,
+    shared: Arc<Shared>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("path", &self.path)
+            .field("records", &self.records())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often the queued records were flushed, for benchmarks and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlushStats {
+    /// Records written by each flush (one `write` and one `fdatasync`), in
+    /// order.
+    pub records_per_flush: Vec<u32>,
+}
+
+impl FlushStats {
+    /// Flushes made.
+    pub fn flushes(&self) -> usize {
+        self.records_per_flush.len()
+    }
+
+    /// The median records per flush (0 without flushes).
+    pub fn median(&self) -> u32 {
+        let mut v = self.records_per_flush.clone();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    }
+
+    /// The most records one flush wrote.
+    pub fn max(&self) -> u32 {
+        self.records_per_flush.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// The state the callers and the writer thread share.
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the writer: records were queued, or the journal closes.
+    queued: Condvar,
+    /// Wakes blocking waiters after each flush.
+    flushed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// Serialized records not yet handed to the writer.
+    buf: Vec<u8>,
+    /// Records queued so far (the header counts).
+    appended: u64,
+    /// Records handed to the writer.
+    taken: u64,
+    /// Records on disk.
+    durable: u64,
+    /// Records that could not be written.
+    write_errors: u64,
+    /// The first failed write or flush; every wait fails from then on.
+    failed: Option<(std::io::ErrorKind, String)>,
+    /// The journal is dropped: write what is queued and stop.
+    closing: bool,
+    /// Async waiters: each is told once the records up to its target are
+    /// on disk (only those, so a flush wakes no one it does not concern).
+    waiters: Vec<(u64, tokio::sync::oneshot::Sender<()>)>,
+    stats: FlushStats,
+    /// Test hook: the next flush fails as a full disk would.
+    #[cfg(test)]
+    fail_next_flush: bool,
+    /// Test hook: the writer waits while this is set.
+    #[cfg(test)]
+    held: bool,
+}
+
+impl Queue {
+    #[cfg(test)]
+    fn held(&self) -> bool {
+        self.held
+    }
+
+    #[cfg(not(test))]
+    fn held(&self) -> bool {
+        false
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic never happens under this lock (no user code runs there).
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The writer thread: each turn takes everything queued and writes it with
+/// one `write` and one `fdatasync`.
+fn write_loop(shared: &Shared, mut file: File) {
+    loop {
+        let (buf, upto, records) = {
+            let mut q = shared.lock();
+            while (q.buf.is_empty() && !q.closing) || q.held() {
+                q = shared.queued.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+            if q.buf.is_empty() {
+                return;
+            }
+            let records = q.appended - q.taken;
+            q.taken = q.appended;
+            (std::mem::take(&mut q.buf), q.appended, records)
+        };
+        #[cfg(test)]
+        let injected = std::mem::take(&mut shared.lock().fail_next_flush);
+        #[cfg(not(test))]
+        let injected = false;
+        let failed_before = shared.lock().failed.is_some();
+        let written = if failed_before {
+            Err(std::io::Error::other("an earlier write failed"))
+        } else if injected {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "no space left on device (test hook)",
+            ))
+        } else {
+            file.write_all(&buf).and_then(|()| file.sync_data())
+        };
+        let mut q = shared.lock();
+        match written {
+            Ok(()) => {
+                q.durable = upto;
+                q.stats
+                    .records_per_flush
+                    .push(u32::try_from(records).unwrap_or(u32::MAX));
+            }
+            Err(e) => {
+                q.write_errors += records;
+                if q.failed.is_none() {
+                    q.failed = Some((e.kind(), e.to_string()));
+                }
+            }
+        }
+        let (durable, failed) = (q.durable, q.failed.is_some());
+        let (ready, waiting) = std::mem::take(&mut q.waiters)
+            .into_iter()
+            .partition(|(target, _)| failed || *target <= durable);
+        q.waiters = waiting;
+        drop(q);
+        let ready: Vec<(u64, tokio::sync::oneshot::Sender<()>)> = ready;
+        for (_, tx) in ready {
+            // A closed receiver is a waiter that gave up.
+            let _ = tx.send(());
+        }
+        shared.flushed.notify_all();
+    }
 }
 
 impl Journal {
@@ -165,16 +322,26 @@ impl Journal {
                 .and_then(|d| d.sync_all())
                 .map_err(|e| Error::io(format!("syncing {}", dir.display()), e))?;
         }
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            queued: Condvar::new(),
+            flushed: Condvar::new(),
+        });
+        let writer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("deploykit-journal".into())
+                .spawn(move || write_loop(&shared, file))
+                .map_err(|e| Error::io("starting the journal writer thread", e))?
+        };
         let journal = Self {
             path: path.to_path_buf(),
             header: header.clone(),
-            file: Mutex::new(file),
-            records: Default::default(),
-            write_errors: Default::default(),
+            shared,
+            writer: Some(writer),
         };
-        journal
-            .write(&JournalRecord::Header(header))
-            .map_err(|e| Error::io(format!("writing the journal {}", path.display()), e))?;
+        journal.queue(&JournalRecord::Header(header));
+        journal.sync()?;
         Ok(journal)
     }
 
@@ -188,33 +355,134 @@ impl Journal {
         &self.header
     }
 
-    /// Records written so far (the header counts).
+    /// Records queued so far, in order (the header counts); each is on disk
+    /// once a [`sync`](Self::sync) or [`durable`](EventSink::durable) that
+    /// started after it returned `Ok`.
     pub fn records(&self) -> u64 {
-        self.records.load(std::sync::atomic::Ordering::SeqCst)
+        self.shared.lock().appended
     }
 
     /// Records that could not be written.
     pub fn write_errors(&self) -> u64 {
-        self.write_errors.load(std::sync::atomic::Ordering::SeqCst)
+        self.shared.lock().write_errors
     }
 
-    fn write(&self, record: &JournalRecord) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
-        line.push(b'\n');
-        let mut file = self.file.lock().expect("journal poisoned");
-        file.write_all(&line)?;
-        file.sync_data()?;
-        self.records.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
+    /// Records per flush so far.
+    pub fn flush_stats(&self) -> FlushStats {
+        self.shared.lock().stats.clone()
     }
 
-    /// Writes the outcome: the run is over.
+    /// Queues one record.
+    fn queue(&self, record: &JournalRecord) {
+        let line = serde_json::to_vec(record);
+        let mut q = self.shared.lock();
+        match line {
+            Ok(mut line) if q.failed.is_none() => {
+                line.push(b'\n');
+                q.buf.extend_from_slice(&line);
+                q.appended += 1;
+                drop(q);
+                self.shared.queued.notify_one();
+            }
+            Ok(_) => {
+                // Nothing more is written after a failure.
+                q.appended += 1;
+                q.write_errors += 1;
+            }
+            Err(e) => {
+                // Unreachable for these types; counted rather than lost.
+                q.write_errors += 1;
+                drop(q);
+                tracing::error!(journal = %self.path.display(), error = %e, "cannot serialize a journal record");
+            }
+        }
+    }
+
+    /// The error for a wait on a failed journal.
+    fn failure(&self, (kind, message): &(std::io::ErrorKind, String)) -> Error {
+        Error::io(
+            format!("writing the journal {}", self.path.display()),
+            std::io::Error::new(*kind, message.clone()),
+        )
+    }
+
+    /// Blocks until every record queued so far is on disk.
+    ///
+    /// Idempotent. Blocks the calling thread for one flush (milliseconds on
+    /// a local disk); from async code prefer [`durable`](EventSink::durable).
     ///
     /// # Errors
-    /// [`Error::Io`] when it cannot be written.
+    /// [`Error::Io`] when a write or flush failed (this one or an earlier
+    /// one): the file then holds the records before the failure, and no
+    /// later record is written.
+    pub fn sync(&self) -> Result<()> {
+        let mut q = self.shared.lock();
+        let target = q.appended;
+        loop {
+            if let Some(f) = &q.failed {
+                return Err(self.failure(f));
+            }
+            if q.durable >= target {
+                return Ok(());
+            }
+            q = self.shared.flushed.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Queues `event` and waits until it is on disk: the step it announces
+    /// may then act.
+    ///
+    /// Not idempotent (each call is one more record). Cancel-safe: dropping
+    /// the future leaves the record queued, and it is written all the same.
+    ///
+    /// # Errors
+    /// As [`sync`](Self::sync).
+    pub async fn append(&self, event: &Event) -> Result<()> {
+        self.emit(event);
+        self.durable().await
+    }
+
+    /// Writes the outcome: the run is over (blocks until it is on disk).
+    ///
+    /// # Errors
+    /// [`Error::Io`] when it, or a record before it, could not be written.
     pub fn finish(&self, outcome: JournalOutcome) -> Result<()> {
-        self.write(&JournalRecord::Finished(outcome))
-            .map_err(|e| Error::io(format!("writing the journal {}", self.path.display()), e))
+        self.queue(&JournalRecord::Finished(outcome));
+        let synced = self.sync();
+        let stats = self.flush_stats();
+        tracing::info!(
+            journal = %self.path.display(),
+            records = self.records(),
+            flushes = stats.flushes(),
+            median_records_per_flush = stats.median(),
+            max_records_per_flush = stats.max(),
+            "journal written"
+        );
+        synced
+    }
+
+    /// Test hook: the next flush fails as on a full disk.
+    #[cfg(test)]
+    pub(crate) fn fail_next_flush(&self) {
+        self.shared.lock().fail_next_flush = true;
+    }
+
+    /// Test hook: the writer thread waits (`true`) or goes on (`false`).
+    #[cfg(test)]
+    fn hold_writer(&self, held: bool) {
+        self.shared.lock().held = held;
+        self.shared.queued.notify_one();
+    }
+}
+
+impl Drop for Journal {
+    /// Writes what is still queued, then stops the writer.
+    fn drop(&mut self) {
+        self.shared.lock().closing = true;
+        self.shared.queued.notify_one();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
     }
 }
 
@@ -237,12 +505,36 @@ impl Journal {
     }
 }
 
+#[async_trait::async_trait]
 impl EventSink for Journal {
+    /// Queues the record without waiting for the disk.
     fn emit(&self, event: &Event) {
-        if let Err(e) = self.write(&JournalRecord::Event(event.clone())) {
-            self.write_errors
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tracing::error!(journal = %self.path.display(), error = %e, "cannot write the journal");
+        self.queue(&JournalRecord::Event(event.clone()));
+    }
+
+    /// Waits until every record queued so far is on disk.
+    async fn durable(&self) -> Result<()> {
+        let target;
+        let told = {
+            let mut q = self.shared.lock();
+            target = q.appended;
+            if let Some(f) = &q.failed {
+                return Err(self.failure(f));
+            }
+            if q.durable >= target {
+                return Ok(());
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            q.waiters.push((target, tx));
+            rx
+        };
+        // The writer answers every waiter before it stops, so a closed
+        // channel is as good as an answer: the state below says which.
+        let _ = told.await;
+        let q = self.shared.lock();
+        match &q.failed {
+            Some(f) if q.durable < target => Err(self.failure(f)),
+            _ => Ok(()),
         }
     }
 }
@@ -666,6 +958,8 @@ mod tests {
             rollback: false,
         }));
         assert_eq!(j.records(), 4);
+        // `emit` only queues; the executor awaits `durable` before a step.
+        j.sync().unwrap();
         // Interrupted here: no outcome.
         let s = JournalSummary::read(j.path()).unwrap();
         assert_eq!(
@@ -792,6 +1086,102 @@ mod tests {
                 "{line}"
             );
         }
+    }
+
+    fn journal(dir: &Path) -> Journal {
+        let state = StateDir::open(dir, "shop").unwrap();
+        state
+            .create_journal(JournalHeader::new(
+                "d1",
+                "shop",
+                RunKind::Deploy,
+                StrategyKind::Rolling,
+                rid("v2"),
+                BTreeMap::new(),
+            ))
+            .unwrap()
+    }
+
+    fn started(i: usize) -> Event {
+        ev(EventKind::StepStarted {
+            stage: 0,
+            step: StepKind::Drain,
+            instance: Some(iid(&format!("web-{i}"))),
+            rollback: false,
+        })
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_share_one_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        assert_eq!(j.flush_stats().records_per_flush, vec![1], "the header alone");
+        // The writer waits until all 100 are queued, as when a batch's steps
+        // start while a flush is under way.
+        j.hold_writer(true);
+        let events: Vec<Event> = (0..100).map(started).collect();
+        let appends = futures::future::join_all(events.iter().map(|e| j.append(e)));
+        let release = async {
+            while j.records() < 101 {
+                tokio::task::yield_now().await;
+            }
+            j.hold_writer(false);
+        };
+        let (results, ()) = tokio::join!(appends, release);
+        assert!(results.iter().all(Result::is_ok));
+        let stats = j.flush_stats();
+        assert_eq!(
+            stats.records_per_flush,
+            vec![1, 100],
+            "one flush for the 100 records"
+        );
+        assert_eq!((stats.flushes(), stats.median(), stats.max()), (2, 100, 100));
+        assert_eq!(JournalSummary::read(j.path()).unwrap().events, events);
+    }
+
+    #[tokio::test]
+    async fn a_record_is_on_disk_before_append_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        j.hold_writer(true);
+        let event = started(1);
+        let mut append = std::pin::pin!(j.append(&event));
+        // Queued but not written: the append must still be waiting.
+        for _ in 0..10 {
+            assert!(futures::poll!(append.as_mut()).is_pending());
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(JournalSummary::read(j.path()).unwrap().events.is_empty());
+        j.hold_writer(false);
+        append.await.unwrap();
+        // Read back by path, as `status` after a crash would.
+        assert_eq!(
+            JournalSummary::read(j.path()).unwrap().events,
+            vec![event.clone()]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_fails_its_waiters_and_every_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        j.fail_next_flush();
+        let e = j.append(&started(1)).await.unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+        assert!(e.to_string().contains("no space left"), "{e}");
+        // Nothing more is written after a failure, and every wait says so.
+        assert!(j.append(&started(2)).await.is_err());
+        assert!(j.sync().is_err());
+        assert!(j
+            .finish(JournalOutcome {
+                outcome: OutcomeKind::Succeeded,
+                reason: None,
+                duration_ms: 1,
+            })
+            .is_err());
+        assert_eq!(j.write_errors(), 3);
+        let read = JournalSummary::read(j.path()).unwrap();
+        assert!(read.events.is_empty() && read.finished.is_none());
     }
 
     #[test]

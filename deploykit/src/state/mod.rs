@@ -66,8 +66,8 @@ use std::path::{Path, PathBuf};
 pub use control::{ControlAck, ControlCommand, ControlFile, ControlRequest};
 pub use digest::release_digest;
 pub use journal::{
-    HistoryEntry, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalRecord, JournalSummary,
-    RunKind,
+    FlushStats, HistoryEntry, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalRecord,
+    JournalSummary, RunKind,
 };
 pub use lock::{DeployLock, Holder, LockAttempt};
 pub use marker::{claim, release, ClaimRefused, InstanceMarker};
@@ -434,6 +434,18 @@ pub(crate) fn now_ms() -> u64 {
 /// new content is then in place but might not survive a power cut).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     atomic::write_atomic(path, bytes)
+}
+
+/// As [`write_atomic`], without the two `fsync`s: for files that must
+/// survive a killed process but not a power cut (the simulated instances'
+/// state). A reader, or the next process after a crash, still sees the old
+/// or the new content, never a mix; a power cut may lose the last changes.
+///
+/// # Errors
+/// The I/O error; the old content is then still in place and no temporary
+/// file is left.
+pub fn write_atomic_unsynced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    atomic::write_atomic_unsynced(path, bytes)
 }
 
 #[cfg(all(test, unix))]

@@ -34,13 +34,20 @@ struct Killing {
     after: u64,
 }
 
+#[async_trait::async_trait]
 impl EventSink for Killing {
     fn emit(&self, e: &Event) {
         self.journal.emit(e);
         if self.journal.records() >= self.after {
+            // The record is queued: on disk first, then the "kill".
+            self.journal.sync().expect("journal written");
             // resume_unwind skips the panic hook: a kill is expected here.
             std::panic::resume_unwind(Box::new(Killed));
         }
+    }
+
+    async fn durable(&self) -> deploykit::Result<()> {
+        self.journal.durable().await
     }
 }
 
