@@ -103,6 +103,24 @@ fn split(path: &Path) -> io::Result<(PathBuf, &OsStr)> {
     Ok((dir, name))
 }
 
+/// Creates `path` holding `bytes` (written and flushed), failing with
+/// `AlreadyExists` when it exists: the file appears complete, never empty,
+/// to a reader listing the directory. Returns it open for writing at its
+/// end.
+pub(crate) fn create_new_with(path: &Path, bytes: &[u8]) -> io::Result<File> {
+    let (dir, name) = split(path)?;
+    let (tmp, mut file) = create_exclusive(&dir, random_names(&dir, name))?;
+    let linked = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_data())
+        .and_then(|()| std::fs::hard_link(&tmp, path));
+    // The temporary name goes whatever happened; the link (if made) stays.
+    let _ = std::fs::remove_file(&tmp);
+    linked?;
+    File::open(&dir).and_then(|d| d.sync_all())?;
+    Ok(file)
+}
+
 /// Hidden names beside the target, `.<name>.<16 random hex>.deploykit-tmp`:
 /// the suffix keeps them out of globs such as nginx's `include *.conf`.
 fn random_names(dir: &Path, name: &OsStr) -> impl Iterator<Item = PathBuf> {
@@ -296,5 +314,18 @@ mod tests {
             );
             assert_eq!(p.parent(), Some(dir));
         }
+    }
+
+    #[test]
+    fn a_new_file_appears_with_its_content_and_never_replaces_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        let mut f = create_new_with(&path, b"header\n").unwrap();
+        f.write_all(b"next\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"header\nnext\n");
+        let again = create_new_with(&path, b"other\n").unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"header\nnext\n", "left as it was");
+        assert_eq!(entries(dir.path()), ["j.jsonl"], "no temporary file left");
     }
 }

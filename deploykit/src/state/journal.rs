@@ -1,7 +1,7 @@
-//! The deployment journal: JSON lines, each `fsync`ed as it is written.
+//! The deployment journal: JSON lines, each on disk before the step it records acts.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -297,16 +297,12 @@ fn write_loop(shared: &Shared, mut file: File) {
 
 impl Journal {
     pub(super) fn create(path: &Path, header: JournalHeader) -> Result<Self> {
-        let mut options = OpenOptions::new();
-        options.append(true).create_new(true);
-        #[cfg(unix)]
-        {
-            // `create_new` already refuses any existing path; O_NOFOLLOW
-            // states that a symlink is never written through.
-            use std::os::unix::fs::OpenOptionsExt;
-            options.custom_flags(libc::O_NOFOLLOW);
-        }
-        let file = options.open(path).map_err(|e| match e.kind() {
+        // The header is in the file when it appears, so a reader (`status`,
+        // another process) never finds an empty journal.
+        let mut line = serde_json::to_vec(&JournalRecord::Header(header.clone()))
+            .map_err(|e| Error::io("serializing the journal header", std::io::Error::other(e)))?;
+        line.push(b'\n');
+        let file = super::atomic::create_new_with(path, &line).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => Error::invalid(
                 "deployment",
                 format!(
@@ -316,14 +312,16 @@ impl Journal {
             ),
             _ => Error::io(format!("creating the journal {}", path.display()), e),
         })?;
-        if let Some(dir) = path.parent() {
-            // Make the new file's directory entry durable too.
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io(format!("syncing {}", dir.display()), e))?;
-        }
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Queue {
+                appended: 1,
+                taken: 1,
+                durable: 1,
+                stats: FlushStats {
+                    records_per_flush: vec![1],
+                },
+                ..Queue::default()
+            }),
             queued: Condvar::new(),
             flushed: Condvar::new(),
         });
@@ -334,15 +332,12 @@ impl Journal {
                 .spawn(move || write_loop(&shared, file))
                 .map_err(|e| Error::io("starting the journal writer thread", e))?
         };
-        let journal = Self {
+        Ok(Self {
             path: path.to_path_buf(),
-            header: header.clone(),
+            header,
             shared,
             writer: Some(writer),
-        };
-        journal.queue(&JournalRecord::Header(header));
-        journal.sync()?;
-        Ok(journal)
+        })
     }
 
     /// The journal's file.
