@@ -1,32 +1,10 @@
 //! `deploykit validate`: each malformed configuration gets its own precise
 //! message (and exit code 2) before anything is touched.
 
-use crate::util::{simulated, Env};
+use crate::util::{assert_has, rejects, simulated, Env};
 
 const BASE_INSTANCE: &str =
     "[[instances]]\nid = \"web-1\"\naddress = \"127.0.0.1:18081\"\nsimulated = true\n";
-
-/// Validates `config` and returns stderr, asserting exit code 2 and that no
-/// state directory was created.
-fn rejects(config: &str) -> String {
-    let env = Env::new(config);
-    let (code, out, err) = env.run(&["validate"]);
-    assert_eq!(
-        code, 2,
-        "expected exit 2 for:\n{config}\nstdout: {out}\nstderr: {err}"
-    );
-    assert!(
-        !env.path().join(".deploykit").exists(),
-        "validate touched the state directory"
-    );
-    err
-}
-
-fn assert_has(err: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(err.contains(p), "expected {p:?} in:\n{err}");
-    }
-}
 
 #[test]
 fn a_valid_configuration_passes() {

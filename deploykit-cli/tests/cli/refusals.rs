@@ -2,7 +2,7 @@
 //! input) naming what to fix, and the fleet, the state directory and the
 //! releases are as they were.
 
-use crate::util::{local, simulated, Env};
+use crate::util::{assert_has, local, rejects, simulated, Env};
 
 /// Two simulated instances in the environments blue and green, with no
 /// load balancer and the rolling strategy: valid as written.
@@ -175,27 +175,6 @@ fn a_release_that_does_not_exist_is_refused_before_the_first_step() {
         journals,
         "a refused deployment left a journal"
     );
-}
-
-/// `validate` of `config`: stderr, asserting exit 2 and no state directory.
-fn rejects(config: &str) -> String {
-    let env = Env::new(config);
-    let (code, out, err) = env.run(&["validate"]);
-    assert_eq!(
-        code, 2,
-        "expected exit 2 for:\n{config}\nstdout: {out}\nstderr: {err}"
-    );
-    assert!(
-        !env.path().join(".deploykit").exists(),
-        "validate touched the state directory"
-    );
-    err
-}
-
-fn assert_has(err: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(err.contains(p), "expected {p:?} in:\n{err}");
-    }
 }
 
 #[test]

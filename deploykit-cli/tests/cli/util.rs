@@ -297,3 +297,26 @@ fn serving(body: impl Fn(&str) -> String + Send + 'static) -> String {
     });
     url
 }
+
+/// `validate` of `config`: stderr, asserting exit 2 and that no state
+/// directory was created.
+pub(crate) fn rejects(config: &str) -> String {
+    let env = Env::new(config);
+    let (code, out, err) = env.run(&["validate"]);
+    assert_eq!(
+        code, 2,
+        "expected exit 2 for:\n{config}\nstdout: {out}\nstderr: {err}"
+    );
+    assert!(
+        !env.path().join(".deploykit").exists(),
+        "validate touched the state directory"
+    );
+    err
+}
+
+/// Asserts that `err` contains every one of `parts`.
+pub(crate) fn assert_has(err: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(err.contains(p), "expected {p:?} in:\n{err}");
+    }
+}
