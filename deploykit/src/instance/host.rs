@@ -183,9 +183,16 @@ pub enum Transfer {
     Stream,
 }
 
-/// The manifest's name, as `ssh::MANIFEST` (that module is behind the
-/// `ssh` feature).
-const STREAM_MANIFEST: &str = ".deploykit.sha256";
+/// The manifest a release stream adds (`instance::MANIFEST` with the `ssh`
+/// feature), so no release file may take its name.
+pub(crate) const STREAM_MANIFEST: &str = ".deploykit.sha256";
+
+/// Whether a release file at `rel` (relative, UTF-8) can travel in the
+/// tar stream with its manifest, whose lines a newline, carriage return
+/// or backslash would break.
+pub(crate) fn streamable_name(rel: &str) -> bool {
+    !rel.contains(['\n', '\r', '\\']) && rel != STREAM_MANIFEST
+}
 
 /// Walks `root/rel` as an install would read it: the first problem, as a
 /// message naming the path.
@@ -207,7 +214,7 @@ fn check_tree(root: &Path, rel: &Path, transfer: Transfer) -> Result<(), String>
                     path.display()
                 )
             })?;
-            if name.contains(['\n', '\r', '\\']) || name == STREAM_MANIFEST {
+            if !streamable_name(name) {
                 return Err(format!(
                     "the file name {name:?} in {} has a newline, carriage return or backslash (or is reserved); \
                      rename it (releases for SSH hosts travel as a tar with a manifest)",

@@ -18,7 +18,7 @@ use crate::error::{DriverError, Error, Result};
 
 /// The manifest written into each uploaded release and checked remotely
 /// with `sha256sum -c` before the release is moved into place.
-pub const MANIFEST: &str = ".deploykit.sha256";
+pub const MANIFEST: &str = super::host::STREAM_MANIFEST;
 
 /// Unpacks a release tar (`$3`, `-` for stdin; `$2` = `gzip` or `plain`)
 /// into the new directory `$1` and checks every file against the manifest.
@@ -784,7 +784,7 @@ fn walk<W: Write>(root: &Path, rel: &Path, b: &mut tar::Builder<W>, manifest: &m
                 format!("{} is not UTF-8; rename it", rel_path.display()),
             ));
         };
-        if rel_str.contains(['\n', '\\', '\r']) || rel_str == MANIFEST {
+        if !super::host::streamable_name(rel_str) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
