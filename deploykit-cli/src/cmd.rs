@@ -13,7 +13,7 @@ use deploykit::bluegreen_state::{peek, reconcile, FileLiveStore, LiveStore, Reco
 use deploykit::recovery::{self, Recorded};
 use deploykit::state::{
     ControlCommand, DeployLock, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalSummary,
-    LockAttempt, RunKind, StateDir,
+    LockAttempt, RunKind, SourceCommit, StateDir,
 };
 use deploykit::{
     run_id, Event, EventSink, Executor, Fanout, InstanceId, OutcomeKind, ReleaseId, Report, RunOptions,
@@ -66,6 +66,29 @@ pub(crate) struct DeployArgs {
     /// directory that is no longer running (never one that runs).
     #[arg(long)]
     take_over: bool,
+    /// The source commit the release was built from (hexadecimal id),
+    /// recorded in the journal and the history.
+    #[arg(long, conflicts_with = "resume")]
+    commit: Option<String>,
+    /// When that commit was made, seconds since the Unix epoch (`git log
+    /// -1 --format=%ct`): commit time to live time is the lead time.
+    #[arg(long, requires = "commit", allow_hyphen_values = true)]
+    commit_time: Option<i64>,
+}
+
+impl DeployArgs {
+    /// The arguments of a deployment of `release` built from `commit`
+    /// (what `watch` runs).
+    pub(crate) fn of_commit(release: String, strategy: Option<StrategyKind>, commit: &SourceCommit) -> Self {
+        Self {
+            release: Some(release),
+            strategy,
+            resume: false,
+            take_over: false,
+            commit: Some(commit.sha.clone()),
+            commit_time: commit.time_s,
+        }
+    }
 }
 
 /// `deploykit plan`.
@@ -415,6 +438,11 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
     }
     // Everything that can refuse the arguments comes before the lock, which
     // creates the state directory.
+    let commit = args
+        .commit
+        .as_deref()
+        .map(|c| SourceCommit::new(c, args.commit_time))
+        .transpose()?;
     let release = match &args.release {
         Some(r) if !args.resume => {
             let release = ReleaseId::new(r).map_err(|e| rename(e, "release"))?;
@@ -463,7 +491,7 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
         }
         wire::check_release(&ctx.cfg, &release)?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
-        run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind), release, &claimer).await
+        run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind, commit), release, &claimer).await
     })
 }
 
@@ -476,8 +504,9 @@ fn rename(e: deploykit::Error, field: &str) -> deploykit::Error {
 
 /// What a deploy run starts from.
 enum Start<'a> {
-    /// A new deployment with the configured (or chosen) strategy.
-    Fresh(StrategyKind),
+    /// A new deployment with the configured (or chosen) strategy, and the
+    /// source commit of its release when known.
+    Fresh(StrategyKind, Option<SourceCommit>),
     /// The continuation of the newest, interrupted run of a deployment.
     Resume(&'a Recorded),
 }
@@ -497,7 +526,7 @@ async fn run_deploy(
     let id = run_id(&release);
     let (out, human) = ctx.output();
     let (strategy, acts_on, previous) = match &start {
-        Start::Fresh(k) => (
+        Start::Fresh(k, _) => (
             lib_kind(*k),
             None,
             snapshot
@@ -520,13 +549,17 @@ async fn run_deploy(
     };
     let mut header = JournalHeader::new(&id, &ctx.cfg.raw.app, kind, strategy, release.clone(), previous);
     header.acts_on = acts_on;
+    header.commit = match &start {
+        Start::Fresh(_, commit) => commit.clone(),
+        Start::Resume(rec) => rec.deployment().header.commit.clone(),
+    };
     let plan = match start {
-        Start::Fresh(_) if blue_green => {
+        Start::Fresh(..) if blue_green => {
             let bg = ctx.cfg.raw.blue_green();
             let live = live.as_ref().expect("reconciled above for blue-green");
             bg.plan(live, &snapshot, &release)?
         }
-        Start::Fresh(k) => wire::strategy(&ctx.cfg, k)?.plan(&snapshot, &release)?,
+        Start::Fresh(k, _) => wire::strategy(&ctx.cfg, k)?.plan(&snapshot, &release)?,
         Start::Resume(rec) => {
             match recovery::resume(rec, &snapshot, &strategies(ctx, strategy)?, live.as_ref())? {
                 recovery::Resume::Plan(plan) => plan,

@@ -73,6 +73,9 @@ pub(crate) struct Config {
     pub(crate) timeouts: TimeoutsConfig,
     #[serde(default)]
     pub(crate) retry: RetryConfig,
+    /// `[gitops]`: what `deploykit watch` follows (docs/gitops.md).
+    #[serde(default)]
+    pub(crate) gitops: Option<crate::gitops::GitopsConfig>,
 }
 
 /// Fields an instance may set, or inherit from `[instance_defaults]`.
@@ -826,6 +829,17 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
         }
     }
     check_strategy(c, c.strategy.kind, &groups)?;
+    if let Some(g) = &c.gitops {
+        crate::gitops::check(g, c)?;
+        for (n, rule) in g.branches.iter().enumerate() {
+            check_strategy(c, rule.strategy, &groups).map_err(|e| {
+                inv(
+                    format!("gitops.branches[{n}].strategy"),
+                    format!("{} does not fit this file: {e}", rule.strategy),
+                )
+            })?;
+        }
+    }
     if let Some(m) = &c.metrics {
         let url = m.prometheus.expose();
         let ok = (url.starts_with("http://") || url.starts_with("https://"))

@@ -24,6 +24,8 @@ mod cmd;
 mod config;
 #[cfg(feature = "demo")]
 mod demo;
+mod gitops;
+mod gitops_webhook;
 mod notify;
 mod output;
 mod recommend;
@@ -97,6 +99,9 @@ enum Command {
     /// Run a full deployment on a simulated in-memory fleet, with progress.
     #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
+    /// Deploy on push: follow a git repository and deploy each new commit
+    /// of a branch that a [[gitops.branches]] rule matches (docs/gitops.md).
+    Watch(gitops::WatchArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -187,6 +192,7 @@ fn try_main(cli: Cli) -> anyhow::Result<u8> {
         Command::Abort => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Abort),
         Command::History => cmd::history(cmd::Ctx::load_read_only(g)?),
         Command::Setup => cmd::setup(cmd::Ctx::load(g)?),
+        Command::Watch(args) => gitops::watch(g, args),
     }
 }
 

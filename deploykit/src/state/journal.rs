@@ -66,6 +66,45 @@ pub struct JournalHeader {
     pub pid: u32,
     /// The machine it ran on.
     pub host: String,
+    /// The source commit the release was built from, when the deployment
+    /// was started with one (`deploy --commit`, `watch`): commit time to
+    /// live time is the lead time of a change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<SourceCommit>,
+}
+
+/// A source commit a release was built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceCommit {
+    /// The full commit id (hexadecimal).
+    pub sha: String,
+    /// When the change was committed, seconds since the Unix epoch, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_s: Option<i64>,
+}
+
+impl SourceCommit {
+    /// A commit id: 7 to 64 hexadecimal digits (SHA-1 or SHA-256 object
+    /// names, or an abbreviation).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming `commit` when `sha` is anything else.
+    pub fn new(sha: &str, time_s: Option<i64>) -> Result<Self> {
+        let ok = (7..=64).contains(&sha.len()) && sha.bytes().all(|b| b.is_ascii_hexdigit());
+        if !ok {
+            return Err(Error::invalid(
+                "commit",
+                format!(
+                    "`{}` is not a commit id: give 7 to 64 hexadecimal digits",
+                    sha.escape_default()
+                ),
+            ));
+        }
+        Ok(Self {
+            sha: sha.to_ascii_lowercase(),
+            time_s,
+        })
+    }
 }
 
 impl JournalHeader {
@@ -92,6 +131,7 @@ impl JournalHeader {
             sequence: None,
             pid: std::process::id(),
             host: super::host_name(),
+            commit: None,
         }
     }
 }
@@ -632,6 +672,9 @@ pub struct HistoryEntry {
     pub duration_ms: u64,
     /// Why, when not a success.
     pub reason: Option<String>,
+    /// The source commit deployed, when the run was given one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<SourceCommit>,
 }
 
 impl JournalSummary {
@@ -818,6 +861,7 @@ impl JournalSummary {
             started_at_ms: h.started_at_ms,
             duration_ms,
             reason,
+            commit: h.commit.clone(),
         }
     }
 }

@@ -67,7 +67,7 @@ pub use control::{ControlAck, ControlCommand, ControlFile, ControlRequest};
 pub use digest::release_digest;
 pub use journal::{
     FlushStats, HistoryEntry, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalRecord,
-    JournalSummary, RunKind,
+    JournalSummary, RunKind, SourceCommit,
 };
 pub use lock::{DeployLock, Holder, LockAttempt};
 pub use marker::{claim, release, ClaimRefused, InstanceMarker};
