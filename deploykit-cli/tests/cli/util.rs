@@ -144,6 +144,17 @@ impl Env {
         what: &str,
         reached: impl Fn(&Value) -> bool,
     ) -> std::process::Child {
+        self.spawn_deploy_with(release, &[], what, reached)
+    }
+
+    /// As [`spawn_deploy`](Self::spawn_deploy), with more arguments.
+    pub(crate) fn spawn_deploy_with(
+        &self,
+        release: &str,
+        extra: &[&str],
+        what: &str,
+        reached: impl Fn(&Value) -> bool,
+    ) -> std::process::Child {
         let before = self.journal_count();
         let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("deploykit"))
             .current_dir(self.path())
@@ -151,6 +162,7 @@ impl Env {
             .env_remove("DEPLOYKIT_TEST_ABORT_AFTER_RECORD")
             .env_remove("DEPLOYKIT_CONFIG")
             .args(["-q", "deploy", release])
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()

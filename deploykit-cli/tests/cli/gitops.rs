@@ -1,0 +1,499 @@
+//! `deploykit watch` against a real git repository: a bare repository in
+//! the test's temp dir, pushed to from a working clone, and simulated
+//! instances (so a deployment takes a fraction of a second).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+
+use crate::util::{answering, assert_has, rejects, Env};
+
+/// A bare repository `origin.git` and its clone `work/` inside the
+/// environment's directory, with git isolated from the machine's and the
+/// user's configuration.
+struct Repo<'a> {
+    env: &'a Env,
+}
+
+impl<'a> Repo<'a> {
+    fn new(env: &'a Env) -> Self {
+        let r = Self { env };
+        r.git(
+            env.path(),
+            &["init", "--quiet", "--bare", "--initial-branch=main", "origin.git"],
+        );
+        r.git(env.path(), &["clone", "--quiet", "origin.git", "work"]);
+        r.git(&r.work(), &["config", "user.name", "Test"]);
+        r.git(&r.work(), &["config", "user.email", "test@example.invalid"]);
+        r.git(&r.work(), &["checkout", "--quiet", "-b", "main"]);
+        r
+    }
+
+    fn work(&self) -> PathBuf {
+        self.env.path().join("work")
+    }
+
+    fn git(&self, dir: &Path, args: &[&str]) -> String {
+        let out = isolated(Command::new("git"), self.env.path())
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("git must be installed to run these tests (scripts/test installs it)");
+        assert!(
+            out.status.success(),
+            "git {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Commits a file `app.txt` holding `text` on the current branch and
+    /// returns the commit id.
+    fn commit(&self, text: &str) -> String {
+        std::fs::write(self.work().join("app.txt"), text).unwrap();
+        self.git(&self.work(), &["add", "app.txt"]);
+        self.git(&self.work(), &["commit", "--quiet", "-m", text]);
+        self.git(&self.work(), &["rev-parse", "HEAD"])
+    }
+
+    fn push(&self, branch: &str) {
+        self.git(
+            &self.work(),
+            &["push", "--quiet", "origin", &format!("HEAD:refs/heads/{branch}")],
+        );
+    }
+
+    fn switch(&self, branch: &str) {
+        self.git(&self.work(), &["checkout", "--quiet", "-B", branch]);
+    }
+}
+
+fn isolated(mut c: Command, home: &Path) -> Command {
+    c.env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE");
+    c
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..12]
+}
+
+/// Two stable instances and a canary behind the simulated load balancer, a
+/// Prometheus stand-in that finds the canary healthy, fast waits, and the
+/// `[gitops]` section `gitops` (rules and gates).
+fn config(gitops: &str) -> String {
+    let prom = answering(
+        r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1700000000,"0.001"]}]}}"#,
+    );
+    format!(
+        "app = \"shop\"\nreleases = \"releases\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18391\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"stable-2\"\naddress = \"127.0.0.1:18392\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18393\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\n\n\
+        [strategy]\nkind = \"recreate\"\n\n\
+        [strategy.rolling]\nhealth_interval = \"20ms\"\nstabilisation = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [strategy.canary]\nstages = [50, 100]\nstage_duration = \"100ms\"\ncheck_interval = \"50ms\"\n\
+        health_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n\n\
+        [gitops]\nrepository = \"origin.git\"\ninterval = \"1h\"\n\n{gitops}"
+    )
+}
+
+const RULES: &str = "[[gitops.branches]]\npattern = \"main\"\nstrategy = \"canary\"\n\n\
+    [[gitops.branches]]\npattern = \"feature/*\"\nstrategy = \"rolling\"\n\n";
+
+/// `deploykit` in the environment with git isolated as in [`Repo`].
+fn deploykit(env: &Env, args: &[&str]) -> (i32, String, String) {
+    let mut c = env.cmd();
+    c.env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", env.path())
+        .env("XDG_CONFIG_HOME", env.path().join(".config"));
+    let out = c.args(args).output().expect("run deploykit");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn watch_once(env: &Env) -> String {
+    let (code, out, err) = deploykit(env, &["watch", "--once"]);
+    assert_eq!(
+        code, 0,
+        "watch --once exited {code}\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    out
+}
+
+/// `<state>/gitops/commits.json`.
+fn records(env: &Env) -> Value {
+    let p = env.state().join("gitops").join("commits.json");
+    std::fs::read(&p)
+        .map(|b| serde_json::from_slice(&b).unwrap())
+        .unwrap_or(Value::Null)
+}
+
+fn record(env: &Env, sha: &str) -> Value {
+    records(env)["commits"][sha].clone()
+}
+
+/// Every journal's header, oldest first.
+fn headers(env: &Env) -> Vec<Value> {
+    let Ok(dir) = std::fs::read_dir(env.state().join("journal")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Value> = dir
+        .map(|e| {
+            let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+            serde_json::from_str(text.lines().next().unwrap()).unwrap()
+        })
+        .collect();
+    out.sort_by_key(|h| h["sequence"].as_u64());
+    out
+}
+
+#[test]
+fn a_push_to_main_deploys_that_commit_as_a_canary_and_a_restart_does_not_redeploy_it() {
+    let env = Env::new(&config(RULES));
+    let repo = Repo::new(&env);
+    // Canary needs a stable release to compare with.
+    env.ok(&["deploy", "v0"], 0);
+    let c1 = repo.commit("one");
+    repo.push("main");
+    watch_once(&env);
+    let rec = record(&env, &c1);
+    assert_eq!(rec["status"], "deployed", "{rec}");
+    assert_eq!(rec["strategy"], "canary");
+    assert_eq!(rec["release"], short(&c1));
+    let h = headers(&env);
+    let last = h.last().unwrap();
+    assert_eq!(last["strategy"], "canary");
+    assert_eq!(last["release"], short(&c1));
+    assert_eq!(last["commit"]["sha"], c1.as_str());
+    assert!(
+        last["commit"]["time_s"].as_i64().unwrap() > 1_600_000_000,
+        "{last}"
+    );
+    assert_eq!(rec["deployment"], last["deployment"]);
+    for id in ["stable-1", "stable-2"] {
+        assert_eq!(env.sim(id)["release"], short(&c1), "{id}");
+    }
+    // The release is the commit's tree.
+    let exported = env.path().join("releases").join(short(&c1)).join("app.txt");
+    assert_eq!(std::fs::read_to_string(&exported).unwrap(), "one");
+    // The history carries the commit too (the lead time's start).
+    let (_, out, _) = deploykit(&env, &["--json", "history"]);
+    let newest: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(newest["commit"]["sha"], c1.as_str());
+
+    // A restarted watcher finds the commit deployed: no new run.
+    let runs = env.journal_count();
+    watch_once(&env);
+    assert_eq!(env.journal_count(), runs, "a deployed commit was deployed again");
+    assert_eq!(record(&env, &c1)["status"], "deployed");
+}
+
+#[test]
+fn a_feature_branch_is_deployed_rolling_and_an_unmatched_branch_is_recorded_not_deployed() {
+    let env = Env::new(&config(RULES));
+    let repo = Repo::new(&env);
+    repo.switch("feature/x");
+    let fx = repo.commit("feature");
+    repo.push("feature/x");
+    repo.switch("docs");
+    let doc = repo.commit("docs only");
+    repo.push("docs");
+    watch_once(&env);
+    let rec = record(&env, &fx);
+    assert_eq!(rec["status"], "deployed", "{rec}");
+    assert_eq!(rec["strategy"], "rolling");
+    assert_eq!(rec["branch"], "feature/x");
+    let h = headers(&env);
+    assert_eq!(h.len(), 1, "only the feature branch is deployed: {h:?}");
+    assert_eq!(h[0]["strategy"], "rolling");
+    assert_eq!(h[0]["commit"]["sha"], fx.as_str());
+    for id in ["stable-1", "stable-2", "canary-1"] {
+        assert_eq!(env.sim(id)["release"], short(&fx), "{id}");
+    }
+    let rec = record(&env, &doc);
+    assert_eq!(rec["status"], "not_deployed", "{rec}");
+    assert!(rec["reason"].as_str().unwrap().contains("docs"), "{rec}");
+}
+
+#[test]
+fn a_failing_gate_rolls_back_and_is_recorded_with_its_output_and_not_retried() {
+    let gate = "[[gitops.gates]]\nname = \"integration\"\ncommand = [\"sh\", \"-c\", \
+        \"echo checking $DEPLOYKIT_TARGET_URLS; grep -q good app.txt || { echo 'checkout broken' >&2; exit 3; }\"]\n";
+    let env = Env::new(&config(&format!("{RULES}{gate}")));
+    let repo = Repo::new(&env);
+    repo.switch("feature/x");
+    let good = repo.commit("good");
+    repo.push("feature/x");
+    watch_once(&env);
+    assert_eq!(record(&env, &good)["status"], "deployed");
+
+    let bad = repo.commit("bad");
+    repo.push("feature/x");
+    watch_once(&env);
+    let rec = record(&env, &bad);
+    assert_eq!(rec["status"], "gate_failed", "{rec}");
+    assert_eq!(rec["gate"]["name"], "integration");
+    assert_eq!(rec["gate"]["exit_code"], 3);
+    let tail = rec["gate"]["output_tail"].as_str().unwrap();
+    assert_has(tail, &["checking http://127.0.0.1:18391", "checkout broken"]);
+    assert!(rec["reason"].as_str().unwrap().contains("rolled back"), "{rec}");
+    // The fleet is back on the good commit, by a recorded rollback.
+    for id in ["stable-1", "stable-2", "canary-1"] {
+        assert_eq!(env.sim(id)["release"], short(&good), "{id}");
+    }
+    assert_eq!(headers(&env).last().unwrap()["kind"], "rollback");
+
+    // Not retried by a restart; retried with --retry-failed.
+    let runs = env.journal_count();
+    watch_once(&env);
+    assert_eq!(env.journal_count(), runs, "a failed commit was retried");
+    let (code, out, err) = deploykit(&env, &["watch", "--once", "--retry-failed"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        env.journal_count(),
+        runs + 2,
+        "retried: a deployment and its rollback"
+    );
+}
+
+#[test]
+fn two_quick_pushes_deploy_only_the_newest_and_record_the_other_as_skipped() {
+    let env = Env::new(&config(RULES));
+    let repo = Repo::new(&env);
+    repo.switch("feature/x");
+    let first = repo.commit("first");
+    repo.push("feature/x");
+    watch_once(&env);
+    assert_eq!(record(&env, &first)["status"], "deployed");
+    // Two pushes while the watcher is busy (or stopped).
+    let second = repo.commit("second");
+    repo.push("feature/x");
+    let third = repo.commit("third");
+    repo.push("feature/x");
+    let runs = env.journal_count();
+    watch_once(&env);
+    assert_eq!(env.journal_count(), runs + 1, "one deployment for two pushes");
+    assert_eq!(record(&env, &third)["status"], "deployed");
+    let rec = record(&env, &second);
+    assert_eq!(rec["status"], "skipped", "{rec}");
+    assert!(rec["reason"].as_str().unwrap().contains(short(&third)), "{rec}");
+    assert_eq!(env.sim("stable-1")["release"], short(&third));
+}
+
+#[test]
+fn a_deployment_holding_the_lock_makes_the_watcher_wait_not_fail() {
+    let env =
+        Env::new(&config(RULES).replace("[strategy.canary]", "[strategy.canary]\npromotion = \"manual\""));
+    let repo = Repo::new(&env);
+    env.ok(&["deploy", "v0"], 0);
+    // A manual canary that waits for promotion holds the lock.
+    let mut manual = env.spawn_deploy_with("v1", &["--strategy", "canary"], "the wait for promotion", |r| {
+        r["event"] == "awaiting_promotion"
+    });
+    let c1 = repo.commit("one");
+    repo.push("feature/x");
+    let (code, out, err) = deploykit(&env, &["watch", "--once"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("lock"), "{out}");
+    assert_eq!(
+        record(&env, &c1),
+        Value::Null,
+        "a commit refused by the lock is not recorded"
+    );
+    env.ok(&["promote"], 0);
+    assert_eq!(manual.wait().unwrap().code(), Some(0));
+    watch_once(&env);
+    assert_eq!(record(&env, &c1)["status"], "deployed");
+}
+
+/// A running `deploykit watch --webhook 127.0.0.1:0`, its webhook address
+/// read from its log.
+struct Watching {
+    child: Child,
+    addr: String,
+    log: mpsc::Receiver<String>,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn watching(env: &Env) -> Watching {
+    let mut child = isolated(
+        Command::new(assert_cmd::cargo::cargo_bin("deploykit")),
+        env.path(),
+    )
+    .current_dir(env.path())
+    .env_remove("RUST_LOG")
+    .env_remove("DEPLOYKIT_CONFIG")
+    .env("HOOK_SECRET", "s3cret")
+    .args(["watch", "--webhook", "127.0.0.1:0"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn deploykit watch");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, log) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = log
+            .recv_timeout(Duration::from_secs(60))
+            .expect("watch never said where its webhook listens");
+        if let Some(a) = line.split("listening on http://").nth(1) {
+            break a.trim().to_string();
+        }
+    };
+    Watching { child, addr, log }
+}
+
+/// POSTs `body` with `headers` to the webhook; the status code.
+fn post(addr: &str, headers: &[(&str, String)], body: &str) -> u16 {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!(
+        "POST /hook HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer}"))
+}
+
+fn sign(secret: &str, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Waits, bounded by 60 s, until the commit has a record.
+fn until_recorded(env: &Env, sha: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = record(env, sha);
+        if !r.is_null() {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{sha} was never recorded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_signed_webhook_wakes_the_watcher_and_an_unsigned_or_forged_one_gets_401() {
+    let env = Env::new(&config(&format!(
+        "webhook_secret_env = \"HOOK_SECRET\"\n\n{RULES}"
+    )));
+    let repo = Repo::new(&env);
+    repo.switch("feature/x");
+    let c1 = repo.commit("one");
+    repo.push("feature/x");
+    let w = watching(&env);
+    // The first poll happens at start.
+    assert_eq!(until_recorded(&env, &c1)["status"], "deployed");
+
+    let c2 = repo.commit("two");
+    repo.push("feature/x");
+    let body = r#"{"ref":"refs/heads/feature/x"}"#;
+    assert_eq!(post(&w.addr, &[], body), 401);
+    let forged = format!("sha256={}", sign("wrong", body));
+    assert_eq!(post(&w.addr, &[("X-Hub-Signature-256", forged)], body), 401);
+    assert_eq!(
+        post(&w.addr, &[("X-Gitea-Signature", sign("wrong", body))], body),
+        401
+    );
+    // Each refusal is logged (before its answer), naming no secret.
+    let logged: Vec<String> = w.log.try_iter().collect();
+    let refusals = logged.iter().filter(|l| l.contains("webhook: refused")).count();
+    assert_eq!(refusals, 3, "{logged:?}");
+    assert!(!logged.iter().any(|l| l.contains("s3cret")), "{logged:?}");
+    // The poll interval is an hour: only a wake-up can deploy c2, and the
+    // refused requests caused none.
+    assert_eq!(record(&env, &c2), Value::Null);
+
+    let signed = format!("sha256={}", sign("s3cret", body));
+    assert_eq!(post(&w.addr, &[("X-Hub-Signature-256", signed)], body), 202);
+    assert_eq!(until_recorded(&env, &c2)["status"], "deployed");
+    assert_eq!(env.sim("stable-1")["release"], short(&c2));
+
+    // Gitea's style wakes it too.
+    let c3 = repo.commit("three");
+    repo.push("feature/x");
+    assert_eq!(
+        post(&w.addr, &[("X-Gitea-Signature", sign("s3cret", body))], body),
+        202
+    );
+    assert_eq!(until_recorded(&env, &c3)["status"], "deployed");
+}
+
+#[test]
+fn watch_configuration_is_checked_before_anything_is_touched() {
+    let base = config(RULES);
+    let regions = base.replace(
+        "pattern = \"feature/*\"\nstrategy = \"rolling\"\n",
+        "pattern = \"*\"\nstrategy = \"rolling\"\nregions = [\"staging\"]\n",
+    );
+    assert_has(&rejects(&regions), &["gitops.branches[1].regions", "no regions"]);
+    let dash = base.replace("pattern = \"main\"", "pattern = \"-main\"");
+    assert_has(
+        &rejects(&dash),
+        &["gitops.branches[0].pattern", "not a branch pattern"],
+    );
+    let no_releases = base.replace("releases = \"releases\"\n", "");
+    assert_has(&rejects(&no_releases), &["releases", "[gitops]"]);
+    let early =
+        format!("{base}[[gitops.gates]]\nname = \"it\"\ncommand = [\"true\"]\nwhen = \"before-promotion\"\n");
+    assert_has(&rejects(&early), &["gitops.gates[0].when"]);
+    let blue_green = base.replace("strategy = \"canary\"", "strategy = \"blue-green\"");
+    assert_has(
+        &rejects(&blue_green),
+        &["gitops.branches[0].strategy", "blue-green"],
+    );
+    let build = format!(
+        "{}build = [\"make\"]\n\n{RULES}",
+        base.split(RULES).next().unwrap()
+    );
+    assert_has(&rejects(&build), &["gitops.build_output"]);
+
+    // --webhook without a secret: exit 2, nothing created.
+    let env = Env::new(&base);
+    let (code, out, err) = deploykit(&env, &["watch", "--webhook", "127.0.0.1:0"]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert_has(&err, &["webhook_secret_env"]);
+    assert!(!env.path().join(".deploykit").exists());
+    // A commit id that is not one is refused by deploy.
+    let (code, _, err) = deploykit(&env, &["deploy", "v1", "--commit", "not-hex"]);
+    assert_eq!(code, 2, "{err}");
+    assert_has(&err, &["commit"]);
+}
