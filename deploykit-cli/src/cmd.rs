@@ -365,7 +365,7 @@ fn strategies(ctx: &Ctx, kind: LibKind) -> anyhow::Result<recovery::Strategies> 
         ..Default::default()
     };
     match kind {
-        LibKind::Canary => out.canary = s.canary.clone(),
+        LibKind::Canary => out.canary = ctx.cfg.raw.canary(),
         LibKind::BlueGreen => out.blue_green = ctx.cfg.raw.blue_green(),
         _ => {}
     }

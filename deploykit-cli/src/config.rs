@@ -319,7 +319,26 @@ impl Config {
         if let Some(checks) = &self.smoke_checks {
             bg.smoke_checks = checks.iter().map(SmokeCheckConfig::to_check).collect();
         }
+        bg.gates = self.early_gates();
         bg
+    }
+
+    /// The canary strategy: `[strategy.canary]` with the before-promotion
+    /// gates of `[[gitops.gates]]`.
+    pub(crate) fn canary(&self) -> Canary {
+        let mut c = self.strategy.canary.clone();
+        c.gates = self.early_gates();
+        c
+    }
+
+    /// The names of the `[[gitops.gates]]` that run before promotion.
+    fn early_gates(&self) -> Vec<String> {
+        self.gitops
+            .iter()
+            .flat_map(|g| &g.gates)
+            .filter(|g| g.when == crate::gitops::GateWhen::BeforePromotion)
+            .map(|g| g.name.clone())
+            .collect()
     }
 }
 

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use deploykit::integration::{GateFailure, GateRunner};
 use deploykit::state::SourceCommit;
+use deploykit::{Backend, ReleaseId};
 use serde::{Deserialize, Serialize};
 
 use crate::cmd::{self, Ctx, DeployArgs, Global};
@@ -79,7 +81,10 @@ pub(crate) enum GateWhen {
     /// Once the deployment succeeded; a failure rolls it back.
     #[default]
     After,
-    /// Before the first traffic (not supported yet: refused).
+    /// Against the instances about to be promoted, before any live traffic
+    /// reaches them: blue-green's idle environment before the switch, the
+    /// canary before its first stage (rolling and recreate have no such
+    /// moment: they skip these gates).
     BeforePromotion,
 }
 
@@ -229,12 +234,6 @@ pub(crate) fn check(g: &GitopsConfig, c: &Config) -> deploykit::Result<()> {
             return Err(inv(
                 format!("gitops.gates[{n}].command"),
                 "give the program and its arguments, e.g. [\"./tests/integration.sh\"]",
-            ));
-        }
-        if gate.when == GateWhen::BeforePromotion {
-            return Err(inv(
-                format!("gitops.gates[{n}].when"),
-                "before-promotion gates are not supported yet: use when = \"after\" (a failing gate rolls the deployment back); for blue-green, [[smoke_checks]] run before the switch",
             ));
         }
     }
@@ -575,18 +574,131 @@ fn run_command(
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut f = std::fs::File::open(&log)?;
-    let len = f.metadata()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(4096)))?;
-    let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes)?;
-    let _ = std::fs::remove_file(&log);
     Ok(Ran {
         exit_code: status.code(),
         success: status.success() && !timed_out,
         timed_out,
-        output_tail: tail(&String::from_utf8_lossy(&bytes), 4096),
+        output_tail: take_tail(&log),
     })
+}
+
+/// The last 4 KiB of the output file `log`, which is removed.
+fn take_tail(log: &Path) -> String {
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut f = std::fs::File::open(log)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(4096)))?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    };
+    let bytes = read().unwrap_or_default();
+    let _ = std::fs::remove_file(log);
+    tail(&String::from_utf8_lossy(&bytes), 4096)
+}
+
+/// A command's program: a relative path with a `/` is the configuration
+/// file's, a bare name is looked up in `PATH`.
+fn resolve_argv(base: &Path, command: &[String]) -> Vec<String> {
+    let mut argv = command.to_vec();
+    let p = Path::new(&argv[0]);
+    if !p.is_absolute() && argv[0].contains('/') {
+        argv[0] = base.join(p).to_string_lossy().into_owned();
+    }
+    argv
+}
+
+/// The before-promotion gates of `[[gitops.gates]]`, run as commands
+/// (never through a shell) by the executor's gate steps, with the targets'
+/// URLs in `DEPLOYKIT_TARGET_URLS`, in the release's directory.
+#[derive(Debug)]
+pub(crate) struct CommandGates {
+    gates: BTreeMap<String, GateConfig>,
+    base: PathBuf,
+    releases: PathBuf,
+    scratch: PathBuf,
+    hide: Option<String>,
+}
+
+impl CommandGates {
+    /// The runner of the configured before-promotion gates; `None` when
+    /// there are none.
+    pub(crate) fn new(cfg: &crate::config::Loaded, state: &deploykit::state::StateDir) -> Option<Self> {
+        let g = cfg.raw.gitops.as_ref()?;
+        let gates: BTreeMap<String, GateConfig> = g
+            .gates
+            .iter()
+            .filter(|x| x.when == GateWhen::BeforePromotion)
+            .map(|x| (x.name.clone(), x.clone()))
+            .collect();
+        if gates.is_empty() {
+            return None;
+        }
+        Some(Self {
+            gates,
+            base: cfg.base.clone(),
+            releases: cfg.resolve(cfg.raw.releases.as_deref().unwrap_or("releases")),
+            scratch: state.root().join("gitops"),
+            hide: g.webhook_secret_env.clone(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl GateRunner for CommandGates {
+    async fn run(&self, name: &str, release: &ReleaseId, targets: &[Backend]) -> Result<(), GateFailure> {
+        let gate = self
+            .gates
+            .get(name)
+            .ok_or_else(|| GateFailure::Unknown(name.to_string()))?;
+        let argv = resolve_argv(&self.base, &gate.command);
+        let cannot = |source: std::io::Error| GateFailure::CannotRun {
+            program: argv[0].escape_default().to_string(),
+            source,
+        };
+        let release_dir = self.releases.join(release.as_str());
+        let dir = if release_dir.is_dir() {
+            release_dir
+        } else {
+            self.base.clone()
+        };
+        std::fs::create_dir_all(&self.scratch).map_err(cannot)?;
+        let log = self
+            .scratch
+            .join(format!("gate-{name}-{}.log", std::process::id()));
+        let file = std::fs::File::create(&log).map_err(cannot)?;
+        let urls: Vec<String> = targets.iter().map(|b| format!("http://{}", b.address)).collect();
+        let mut c = tokio::process::Command::new(&argv[0]);
+        c.args(&argv[1..])
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().map_err(cannot)?)
+            .stderr(file)
+            // Cancelling the deployment drops the wait, which kills the gate.
+            .kill_on_drop(true)
+            .env("DEPLOYKIT_TARGET_URLS", urls.join(" "))
+            .env("DEPLOYKIT_RELEASE", release.as_str())
+            .env("DEPLOYKIT_GATE", "before-promotion");
+        if let Some(h) = &self.hide {
+            c.env_remove(h);
+        }
+        let mut child = c.spawn().map_err(cannot)?;
+        let after = gate.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(600));
+        let waited = tokio::time::timeout(after, child.wait()).await;
+        if waited.is_err() {
+            let _ = child.kill().await;
+        }
+        let output_tail = take_tail(&log);
+        match waited {
+            Err(_) => Err(GateFailure::TimedOut { after, output_tail }),
+            Ok(Err(e)) => Err(cannot(e)),
+            Ok(Ok(s)) if s.success() => Ok(()),
+            Ok(Ok(s)) => Err(GateFailure::Failed {
+                exit_code: s.code(),
+                output_tail,
+            }),
+        }
+    }
 }
 
 /// What wakes the poller: a signed webhook, or a stop request.
@@ -1023,7 +1135,8 @@ impl Watcher {
                 DeployArgs::of_commit(release.clone(), Some(rule.strategy), &commit),
             )
         });
-        rec.deployment = self.run_of(sha);
+        let run = self.run_of(sha);
+        rec.deployment = run.as_ref().map(|(id, _)| id.clone());
         match code {
             Ok(exit::LOCKED) => {
                 self.say("another deployment holds the lock: trying again at the next poll");
@@ -1031,9 +1144,10 @@ impl Watcher {
             }
             Ok(exit::SUCCESS) => {}
             Ok(code) => {
-                rec.reason = Some(format!(
-                    "the deployment ended with exit code {code} (deploykit history has its reason)"
-                ));
+                rec.reason = Some(match run.and_then(|(_, why)| why) {
+                    Some(why) => format!("the deployment failed (exit code {code}): {why}"),
+                    None => format!("the deployment ended with exit code {code} (see deploykit status)"),
+                });
                 rec.recorded_at_ms = now_ms();
                 return Ok(Some(rec));
             }
@@ -1059,7 +1173,7 @@ impl Watcher {
             .filter(|g| g.when == GateWhen::After)
         {
             self.say(&format!("{release}: gate {}", gate.name));
-            let argv = self.gate_argv(gate);
+            let argv = resolve_argv(&self.base, &gate.command);
             let ran = run_command(
                 &argv,
                 &dir,
@@ -1105,23 +1219,13 @@ impl Watcher {
         Ok(Some(rec))
     }
 
-    /// A gate's program: a relative path with a `/` is the configuration
-    /// file's, a bare name is looked up in `PATH`.
-    fn gate_argv(&self, gate: &GateConfig) -> Vec<String> {
-        let mut argv = gate.command.clone();
-        let p = Path::new(&argv[0]);
-        if !p.is_absolute() && argv[0].contains('/') {
-            argv[0] = self.base.join(p).to_string_lossy().into_owned();
-        }
-        argv
-    }
-
-    /// The id of the newest run that deployed `sha`.
-    fn run_of(&self, sha: &str) -> Option<String> {
+    /// The id of the newest run, when it deployed `sha`, and its reason
+    /// when it failed.
+    fn run_of(&self, sha: &str) -> Option<(String, Option<String>)> {
         let ctx = Ctx::load_read_only(self.g.clone()).ok()?;
         let latest = ctx.state.latest().ok()??;
-        (latest.header.commit.as_ref().map(|c| c.sha.as_str()) == Some(sha))
-            .then(|| latest.header.deployment.clone())
+        let entry = latest.history_entry(None);
+        (entry.commit.as_ref().map(|c| c.sha.as_str()) == Some(sha)).then_some((entry.id, entry.reason))
     }
 }
 

@@ -28,7 +28,7 @@ pub(crate) fn strategy(cfg: &Loaded, kind: StrategyKind) -> anyhow::Result<Box<d
         StrategyKind::BlueGreen => {
             anyhow::bail!("blue-green plans from the live environment, not as a Strategy")
         }
-        StrategyKind::Canary => Box::new(s.canary.clone()),
+        StrategyKind::Canary => Box::new(cfg.raw.canary()),
     })
 }
 
@@ -331,6 +331,9 @@ pub(crate) fn fleet(
     }
     if all_simulated(cfg) {
         b = b.smoke_tester(Arc::new(SimSmokeTester));
+    }
+    if let Some(gates) = crate::gitops::CommandGates::new(cfg, state) {
+        b = b.gate_runner(Arc::new(gates));
     }
     if let Some(sink) = sink {
         b = b.events(sink);

@@ -92,6 +92,7 @@ pub enum StepKind {
     WarmUp,
     RecordSwitching,
     RecordLive,
+    Gate,
 }
 
 impl StepKind {
@@ -118,6 +119,7 @@ impl StepKind {
             StepKind::WarmUp => "warm_up",
             StepKind::RecordSwitching => "record_switching",
             StepKind::RecordLive => "record_live",
+            StepKind::Gate => "gate",
         }
     }
 }
@@ -174,6 +176,7 @@ mod tests {
             StepKind::WarmUp,
             StepKind::RecordSwitching,
             StepKind::RecordLive,
+            StepKind::Gate,
         ] {
             let json = serde_json::to_string(&k).unwrap();
             assert_eq!(json, format!("\"{k}\""));

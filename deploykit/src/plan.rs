@@ -461,6 +461,18 @@ pub enum Step {
         /// The checks, in order.
         checks: Vec<SmokeCheck>,
     },
+    /// Run the integration-test gate `name` for `release` against the
+    /// instances of `group`, which get no live traffic yet (the executor's
+    /// [`GateRunner`](crate::integration::GateRunner)); a failure fails the
+    /// step.
+    Gate {
+        /// The gate's name.
+        name: String,
+        /// The instances it checks.
+        group: Group,
+        /// The release they run.
+        release: ReleaseId,
+    },
     /// Send `requests` warm-up `GET path` requests to the instances of
     /// `group`, spread evenly. Failures are counted, not fatal;
     /// progress goes to the event stream.
@@ -512,6 +524,7 @@ impl Step {
             Step::WarmUp { .. } => StepKind::WarmUp,
             Step::RecordSwitching { .. } => StepKind::RecordSwitching,
             Step::RecordLive { .. } => StepKind::RecordLive,
+            Step::Gate { .. } => StepKind::Gate,
         }
     }
 
@@ -531,6 +544,7 @@ impl Step {
             Step::Pause { .. } | Step::SetWeights { .. } | Step::SwitchTo { .. } => None,
             Step::Analyze { .. } | Step::AwaitPromotion { .. } | Step::BackupRelease { .. } => None,
             Step::WarmUp { .. } | Step::RecordSwitching { .. } | Step::RecordLive { .. } => None,
+            Step::Gate { .. } => None,
         }
     }
 
@@ -623,6 +637,7 @@ impl fmt::Display for Step {
             }
             Step::RecordSwitching { from, to } => write!(f, "record switching {from} -> {to}"),
             Step::RecordLive { group } => write!(f, "record {group} live"),
+            Step::Gate { name, group, release } => write!(f, "gate {name} against {group} on {release}"),
             other => match other.instance() {
                 Some(i) => write!(f, "{} {i}", other.kind()),
                 None => write!(f, "{}", other.kind()),

@@ -272,6 +272,45 @@ fn a_failing_gate_rolls_back_and_is_recorded_with_its_output_and_not_retried() {
 }
 
 #[test]
+fn a_failing_gate_before_promotion_stops_the_canary_before_any_traffic() {
+    let gate = "[[gitops.gates]]\nname = \"canary-suite\"\nwhen = \"before-promotion\"\n\
+        command = [\"sh\", \"-c\", \"echo against $DEPLOYKIT_TARGET_URLS; exit 5\"]\n";
+    let env = Env::new(&config(&format!("{RULES}{gate}")));
+    let repo = Repo::new(&env);
+    env.ok(&["deploy", "v0"], 0);
+    let c1 = repo.commit("one");
+    repo.push("main");
+    watch_once(&env);
+    let rec = record(&env, &c1);
+    assert_eq!(rec["status"], "failed", "{rec}");
+    let reason = rec["reason"].as_str().unwrap();
+    assert_has(
+        reason,
+        &[
+            "gate canary-suite failed against canary",
+            "exit code 5",
+            "against http://127.0.0.1:18393",
+        ],
+    );
+    assert!(!reason.contains("18391"), "only the canary is a target: {reason}");
+    let journal = env.newest_journal();
+    let stages: Vec<&str> = journal
+        .iter()
+        .filter(|r| r["event"] == "stage_started")
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert!(stages.contains(&"gate canary-suite on canary"), "{stages:?}");
+    assert!(
+        !stages.iter().any(|s| s.starts_with("canary ")),
+        "no traffic stage started: {stages:?}"
+    );
+    for id in ["stable-1", "stable-2"] {
+        assert_eq!(env.sim(id)["release"], "v0", "{id} untouched");
+    }
+    assert_eq!(env.sim("canary-1")["running"], false);
+}
+
+#[test]
 fn two_quick_pushes_deploy_only_the_newest_and_record_the_other_as_skipped() {
     let env = Env::new(&config(RULES));
     let repo = Repo::new(&env);
@@ -472,9 +511,8 @@ fn watch_configuration_is_checked_before_anything_is_touched() {
     );
     let no_releases = base.replace("releases = \"releases\"\n", "");
     assert_has(&rejects(&no_releases), &["releases", "[gitops]"]);
-    let early =
-        format!("{base}[[gitops.gates]]\nname = \"it\"\ncommand = [\"true\"]\nwhen = \"before-promotion\"\n");
-    assert_has(&rejects(&early), &["gitops.gates[0].when"]);
+    let twice = format!("{base}[[gitops.gates]]\nname = \"it\"\ncommand = [\"true\"]\n\n[[gitops.gates]]\nname = \"it\"\ncommand = [\"true\"]\n");
+    assert_has(&rejects(&twice), &["gitops.gates[1].name"]);
     let blue_green = base.replace("strategy = \"canary\"", "strategy = \"blue-green\"");
     assert_has(
         &rejects(&blue_green),

@@ -106,6 +106,24 @@ pub(crate) enum Failure {
     /// A canary gate failed (analysis, inconclusive stage, no promotion).
     #[error(transparent)]
     Gate(GateError),
+    /// An integration-test gate said no.
+    #[error("gate {name} failed against {group}: {source}")]
+    IntegrationGate {
+        /// The gate.
+        name: String,
+        /// The instances it checked.
+        group: Group,
+        /// What its runner said.
+        source: crate::integration::GateFailure,
+    },
+    /// A gate has no instance to check.
+    #[error("the gate {name} has no instance to check: the group {group} is empty")]
+    NothingToGate {
+        /// The gate.
+        name: String,
+        /// The group.
+        group: Group,
+    },
 }
 
 /// What one health probe said.

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{DriverError, Error, PreflightFailure, Result};
 use crate::event::EventSink;
+use crate::integration::GateRunner;
 use crate::names::{InstanceId, ReleaseId};
 use crate::plan::{FleetSnapshot, InstanceSnapshot, Plan, Step};
 use crate::promotion::PromotionHandle;
@@ -118,6 +119,7 @@ pub struct ExecutorBuilder {
     live_store: Option<Arc<dyn LiveStore>>,
     metrics: Option<Arc<dyn MetricsSource>>,
     promotion: Option<PromotionHandle>,
+    gates: Option<Arc<dyn GateRunner>>,
 }
 
 impl std::fmt::Debug for ExecutorBuilder {
@@ -186,6 +188,12 @@ impl ExecutorBuilder {
     /// when a plan first needs it.
     pub fn smoke_tester(mut self, tester: Arc<dyn SmokeTester>) -> Self {
         self.smoke = Some(tester);
+        self
+    }
+
+    /// What runs [`Step::Gate`] (required by plans with that step).
+    pub fn gate_runner(mut self, runner: Arc<dyn GateRunner>) -> Self {
+        self.gates = Some(runner);
         self
     }
 
@@ -267,6 +275,7 @@ impl ExecutorBuilder {
                 live_store: self.live_store,
                 metrics: self.metrics,
                 promotion: self.promotion,
+                gates: self.gates,
             }),
         })
     }
@@ -300,6 +309,7 @@ pub(crate) struct Inner {
     pub(crate) live_store: Option<Arc<dyn LiveStore>>,
     pub(crate) metrics: Option<Arc<dyn MetricsSource>>,
     pub(crate) promotion: Option<PromotionHandle>,
+    pub(crate) gates: Option<Arc<dyn GateRunner>>,
 }
 
 impl Executor {
@@ -397,7 +407,8 @@ impl Executor {
     /// * [`Error::InvalidInput`] (field `plan`) when the plan names an
     ///   instance this executor does not have, (`plan.rollback_batch`) for a
     ///   rollback batch of 0; (`live_store`, `metrics`, `promotion`,
-    ///   `smoke_tester`) when the plan needs one and the executor has none.
+    ///   `smoke_tester`, `gate_runner`) when the plan needs one and the
+    ///   executor has none.
     /// * [`Error::Inconsistent`] when it switches away from an environment
     ///   that the record or the load balancer says is not live.
     /// * [`Error::Refused`] when the plan touches the load balancer and its
@@ -419,6 +430,7 @@ impl Executor {
         steps::blue_green::check(&self.inner, plan).await?;
         let smoke = steps::instance::smoke_tester(&self.inner, plan)?;
         steps::canary::check(&self.inner, plan)?;
+        steps::gate::check(&self.inner, plan)?;
         let preflight_warning = if call_preflight && steps::traffic::touches_lb(plan) {
             self.preflight(preflight).await?
         } else {

@@ -529,6 +529,7 @@ impl<'a> Run<'a> {
             Step::RecordSwitching { .. } | Step::RecordLive { .. } => {
                 steps::blue_green::run(&ctx, step).await
             }
+            Step::Gate { .. } => steps::gate::run(&ctx, step).await,
             Step::Pause { .. } | Step::SetWeights { .. } | Step::SwitchTo { .. } | Step::WarmUp { .. } => {
                 steps::traffic::run(&ctx, step).await
             }

@@ -123,6 +123,12 @@ pub struct BlueGreen {
     /// How long the old environment keeps running after the switch. Default
     /// 30 s.
     pub keep_old: KeepOld,
+    /// Integration-test gates run against the idle environment before the switch (after the smoke checks)
+    /// (each a [`Step::Gate`](crate::Step) for the executor's
+    /// [`GateRunner`](crate::integration::GateRunner)); a failing one rolls
+    /// back with nothing switched. Default none. Not part of the `[strategy.blue-green]`
+    /// section: the CLI fills it from `[[gitops.gates]]`.
+    pub gates: Vec<String>,
 }
 
 impl Default for BlueGreen {
@@ -138,6 +144,7 @@ impl Default for BlueGreen {
             warmup_requests: 100,
             warmup_path: "/".into(),
             keep_old: KeepOld::default(),
+            gates: Vec::new(),
         }
     }
 }
@@ -581,6 +588,19 @@ impl BlueGreen {
                         checks: self.smoke_checks.clone(),
                     }]
                 }),
+            });
+        }
+        for name in &self.gates {
+            stages.push(Stage {
+                name: format!("gate {name} on {idle}"),
+                units: vec![Unit {
+                    instance: None,
+                    steps: vec![Step::Gate {
+                        name: name.clone(),
+                        group: idle.clone(),
+                        release: release.clone(),
+                    }],
+                }],
             });
         }
         if self.warmup_requests > 0 {

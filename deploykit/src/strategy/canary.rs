@@ -100,6 +100,12 @@ pub struct Canary {
     /// Stable instances moved to the release at once when finalizing.
     /// Default 1.
     pub finalize_batch: usize,
+    /// Integration-test gates run against the canary instances before their first traffic stage
+    /// (each a [`Step::Gate`](crate::Step) for the executor's
+    /// [`GateRunner`](crate::integration::GateRunner)); a failing one rolls
+    /// back with nothing switched. Default none. Not part of the `[strategy.canary]`
+    /// section: the CLI fills it from `[[gitops.gates]]`.
+    pub gates: Vec<String>,
 }
 
 impl Default for Canary {
@@ -115,6 +121,7 @@ impl Default for Canary {
             health: HealthCheck::default(),
             drain_timeout: Duration::from_secs(30),
             finalize_batch: 1,
+            gates: Vec::new(),
         }
     }
 }
@@ -302,6 +309,19 @@ impl Strategy for Canary {
                 })
                 .collect(),
         });
+        for name in &self.gates {
+            stages.push(Stage {
+                name: format!("gate {name} on canary"),
+                units: vec![Unit {
+                    instance: None,
+                    steps: vec![Step::Gate {
+                        name: name.clone(),
+                        group: self.canary_group.clone(),
+                        release: release.clone(),
+                    }],
+                }],
+            });
+        }
         let analysis = Analysis {
             canary: self.canary_group.clone(),
             stable: self.stable_group.clone(),

@@ -360,6 +360,7 @@ impl From<CanaryDoc> for Canary {
             },
             drain_timeout: d.drain_timeout,
             finalize_batch: d.finalize_batch,
+            gates: Vec::new(),
         }
     }
 }

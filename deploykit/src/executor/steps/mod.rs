@@ -11,6 +11,7 @@ use crate::smoke::SmokeTester;
 
 pub(super) mod blue_green;
 pub(super) mod canary;
+pub(super) mod gate;
 pub(super) mod instance;
 pub(super) mod traffic;
 
