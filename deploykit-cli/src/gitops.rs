@@ -1039,14 +1039,11 @@ impl Watcher {
                     }
                 }
             }
-            match self.deploy(&branch, &sha, &rule)? {
-                Some(rec) => {
-                    self.record(&mut records, &sha, rec)?;
-                    records.heads.insert(branch, sha);
-                    records.save(&path)?;
-                }
-                // The lock is held by someone else: the next poll tries again.
-                None => {}
+            // None: the lock is held by someone else, and the next poll tries again.
+            if let Some(rec) = self.deploy(&branch, &sha, &rule)? {
+                self.record(&mut records, &sha, rec)?;
+                records.heads.insert(branch, sha);
+                records.save(&path)?;
             }
         }
         Ok(())
