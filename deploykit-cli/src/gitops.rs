@@ -879,6 +879,20 @@ fn background(
     webhook: Option<std::net::SocketAddr>,
     secret: Option<Secret>,
 ) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the watcher's runtime")?;
+    // Registered before anything is announced, so a signal sent once the
+    // watcher says it listens is never the default (fatal) one.
+    let (mut term, mut int) = {
+        let _in_rt = rt.enter();
+        (
+            signal(SignalKind::terminate()).context("handling SIGTERM")?,
+            signal(SignalKind::interrupt()).context("handling SIGINT")?,
+        )
+    };
     let listener = match webhook {
         Some(addr) => {
             let l = std::net::TcpListener::bind(addr)
@@ -891,10 +905,6 @@ fn background(
         }
         None => None,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the watcher's runtime")?;
     let waker = waker.clone();
     std::thread::spawn(move || {
         rt.block_on(async move {
@@ -907,17 +917,9 @@ fn background(
                     }
                 });
             }
-            let term = async {
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            };
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                () = term => {}
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
             eprintln!("deploykit: watch: stopping after the current step");
             poke(&waker, |s| s.stop = true);
@@ -1058,14 +1060,15 @@ impl Watcher {
             return Ok(name);
         }
         let tmp = staging(&dest)?;
-        match (&self.gitops.build, &self.gitops.build_output) {
+        let made = match (&self.gitops.build, &self.gitops.build_output) {
             (Some(argv), Some(output)) => {
                 let checkout = staging(&self.dir.join(format!("build-{name}")))?;
                 let built = (|| {
                     self.git.export(sha, &checkout)?;
                     self.say(&format!("{name}: building"));
+                    // `./build.sh` is the commit's own script.
                     let ran = run_command(
-                        argv,
+                        &resolve_argv(&checkout, argv),
                         &checkout,
                         &[("DEPLOYKIT_COMMIT", sha.to_string())],
                         self.gitops.webhook_secret_env.as_deref(),
@@ -1091,13 +1094,19 @@ impl Watcher {
                     Ok(())
                 })();
                 let _ = std::fs::remove_dir_all(&checkout);
-                built?;
+                built
             }
-            _ => self.git.export(sha, &tmp)?,
+            _ => self.git.export(sha, &tmp),
+        };
+        let made = made.and_then(|()| {
+            std::fs::rename(&tmp, &dest)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))
+        });
+        if made.is_err() {
+            // A failed build or export leaves no partial directory behind.
+            let _ = std::fs::remove_dir_all(&tmp);
         }
-        std::fs::rename(&tmp, &dest)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
-        Ok(name)
+        made.map(|()| name)
     }
 
     /// Deploys `sha` with `rule`'s strategy and runs the gates: the record,

@@ -311,6 +311,67 @@ fn a_failing_gate_before_promotion_stops_the_canary_before_any_traffic() {
 }
 
 #[test]
+fn a_build_command_makes_the_release_and_a_failing_build_is_recorded() {
+    let build =
+        "build = [\"sh\", \"-c\", \"grep -q broken app.txt && { echo 'compile error' >&2; exit 1; }; \
+        mkdir -p out && cp app.txt out/ && echo $DEPLOYKIT_COMMIT > out/BUILT\"]\nbuild_output = \"out\"\n\n";
+    let env = Env::new(&config(&format!("{build}{RULES}")));
+    let repo = Repo::new(&env);
+    repo.switch("feature/x");
+    let c1 = repo.commit("one");
+    repo.push("feature/x");
+    watch_once(&env);
+    assert_eq!(record(&env, &c1)["status"], "deployed");
+    let release = env.path().join("releases").join(short(&c1));
+    assert_eq!(std::fs::read_to_string(release.join("BUILT")).unwrap().trim(), c1);
+    assert_eq!(std::fs::read_to_string(release.join("app.txt")).unwrap(), "one");
+    // The build ran in a scratch export that is gone, not in the repository.
+    assert!(!release.join("out").exists());
+
+    let c2 = repo.commit("broken");
+    repo.push("feature/x");
+    let runs = env.journal_count();
+    watch_once(&env);
+    let rec = record(&env, &c2);
+    assert_eq!(rec["status"], "failed", "{rec}");
+    assert_has(rec["reason"].as_str().unwrap(), &["build", "compile error"]);
+    assert_eq!(env.journal_count(), runs, "nothing was deployed");
+    let left: Vec<_> = std::fs::read_dir(env.path().join("releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        left,
+        [short(&c1)],
+        "no release, partial or not, for the failed build"
+    );
+    assert_eq!(env.sim("stable-1")["release"], short(&c1));
+}
+
+#[test]
+fn sigterm_stops_an_idle_watcher_cleanly() {
+    let env = Env::new(&config(&format!(
+        "webhook_secret_env = \"HOOK_SECRET\"\n\n{RULES}"
+    )));
+    let _repo = Repo::new(&env);
+    let mut w = watching(&env);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(w.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = w.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "watch did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
 fn two_quick_pushes_deploy_only_the_newest_and_record_the_other_as_skipped() {
     let env = Env::new(&config(RULES));
     let repo = Repo::new(&env);
@@ -472,10 +533,18 @@ fn a_signed_webhook_wakes_the_watcher_and_an_unsigned_or_forged_one_gets_401() {
         post(&w.addr, &[("X-Gitea-Signature", sign("wrong", body))], body),
         401
     );
-    // Each refusal is logged (before its answer), naming no secret.
-    let logged: Vec<String> = w.log.try_iter().collect();
-    let refusals = logged.iter().filter(|l| l.contains("webhook: refused")).count();
-    assert_eq!(refusals, 3, "{logged:?}");
+    // Each refusal is logged (before its answer, so the lines are in the
+    // pipe already; the reader thread may lag), naming no secret.
+    let mut logged = Vec::new();
+    let refusals = |l: &[String]| l.iter().filter(|x| x.contains("webhook: refused")).count();
+    while refusals(&logged) < 3 {
+        match w.log.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => logged.push(line),
+            Err(_) => panic!("fewer than 3 refusals logged: {logged:?}"),
+        }
+    }
+    logged.extend(w.log.try_iter());
+    assert_eq!(refusals(&logged), 3, "{logged:?}");
     assert!(!logged.iter().any(|l| l.contains("s3cret")), "{logged:?}");
     // The poll interval is an hour: only a wake-up can deploy c2, and the
     // refused requests caused none.
