@@ -995,8 +995,11 @@ impl Watcher {
                     };
                     self.record(&mut records, &sha, rec)?;
                 }
-                records.heads.insert(branch, sha);
-                records.save(&path)?;
+                // Written only on a change: an idle poll writes nothing.
+                if records.heads.get(&branch) != Some(&sha) {
+                    records.heads.insert(branch, sha);
+                    records.save(&path)?;
+                }
                 continue;
             };
             match records.commits.get(&sha).map(|r| r.status) {
