@@ -75,6 +75,47 @@ fn failed_text(code: Option<i32>, tail: &str) -> String {
 }
 
 /// Runs the named gates of a plan.
+///
+/// A runner that knows the gates it is given by name and refuses any
+/// other, wired into a blue-green deployment:
+///
+/// ```
+/// use std::sync::Arc;
+/// use async_trait::async_trait;
+/// use deploykit::integration::{GateFailure, GateRunner};
+/// use deploykit::{Backend, BlueGreen, Executor, ReleaseId};
+/// use deploykit_testkit::{FakeFleet, FakeLiveStore, FakeSmokeTester};
+///
+/// #[derive(Debug)]
+/// struct Names(Vec<&'static str>);
+///
+/// #[async_trait]
+/// impl GateRunner for Names {
+///     async fn run(&self, name: &str, _: &ReleaseId, targets: &[Backend]) -> Result<(), GateFailure> {
+///         if !self.0.contains(&name) {
+///             return Err(GateFailure::Unknown(name.to_string()));
+///         }
+///         // A real runner would test each target here.
+///         assert!(!targets.is_empty());
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let fleet = FakeFleet::with_groups(&[("blue", 2), ("green", 2)]).live("blue");
+/// let exec = Executor::builder()
+///     .instances(fleet.instances())
+///     .load_balancer(Arc::new(fleet.load_balancer()))
+///     .smoke_tester(Arc::new(FakeSmokeTester::new()))
+///     .live_store(Arc::new(FakeLiveStore::new()))
+///     .gate_runner(Arc::new(Names(vec!["ping"])))
+///     .build()?;
+/// let bg = BlueGreen { gates: vec!["ping".into()], ..BlueGreen::default() };
+/// assert!(bg.deploy(&exec, &ReleaseId::new("v2")?).await?.is_success());
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
 pub trait GateRunner: Send + Sync + Debug {
     /// Runs gate `name` for `release` against `targets` (the instances
