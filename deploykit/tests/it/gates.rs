@@ -256,3 +256,42 @@ async fn a_plan_with_gates_needs_a_gate_runner() {
     // Nothing was touched.
     assert!(fleet.ops().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn cancelling_during_a_gate_stops_it_and_rolls_back_with_nothing_switched() {
+    let fleet = FakeFleet::with_groups(&[("blue", 2), ("green", 2)]).live("blue");
+    let gates = ScriptedGates::new(&fleet);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let exec = Executor::builder()
+        .instances(fleet.instances())
+        .load_balancer(Arc::new(fleet.load_balancer()))
+        .smoke_tester(Arc::new(FakeSmokeTester::for_fleet(&fleet)))
+        .live_store(Arc::new(FakeLiveStore::recording("blue")))
+        .gate_runner(Arc::new(gates.clone()))
+        .cancel_token(cancel.clone())
+        .build()
+        .unwrap();
+    // The gate takes 30 s; cancel while it runs.
+    let watcher = {
+        let gates = gates.clone();
+        tokio::spawn(async move {
+            while gates.calls().is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            cancel.cancel();
+        })
+    };
+    let out = bg_with(&["slow"]).deploy(&exec, &v("v2")).await.unwrap();
+    watcher.await.unwrap();
+    assert_eq!(
+        out.deployment.outcome,
+        OutcomeKind::RolledBack,
+        "{}",
+        out.deployment
+    );
+    assert_eq!(fleet.live_group(), Some(g("blue")));
+    for id in ["i-3", "i-4"] {
+        assert!(!fleet.is_running(id), "{id}: the idle environment is stopped");
+    }
+}
