@@ -1167,8 +1167,9 @@ impl Watcher {
             }
         }
         let dir = self.releases.join(&release);
+        let targets = self.serving(&release);
         let env = [
-            ("DEPLOYKIT_TARGET_URLS", self.targets.join(" ")),
+            ("DEPLOYKIT_TARGET_URLS", targets.join(" ")),
             ("DEPLOYKIT_COMMIT", sha.to_string()),
             ("DEPLOYKIT_BRANCH", branch.to_string()),
             ("DEPLOYKIT_RELEASE", release.clone()),
@@ -1226,6 +1227,41 @@ impl Watcher {
         rec.status = Status::Deployed;
         rec.recorded_at_ms = now_ms();
         Ok(Some(rec))
+    }
+
+    /// `http://<address>` of every instance that runs `release` and answers
+    /// healthy: what serves it after the deployment (a canary's instances
+    /// and blue-green's old environment are stopped by then). All the
+    /// instances when the fleet cannot be read, so a gate fails loudly
+    /// rather than checking nothing.
+    fn serving(&self, release: &str) -> Vec<String> {
+        let read = || -> anyhow::Result<Vec<String>> {
+            let ctx = Ctx::load_read_only(self.g.clone())?;
+            let fleet = crate::wire::fleet(&ctx.cfg, &ctx.state, None)?;
+            cmd::runtime()?.block_on(async {
+                let mut out = Vec::new();
+                for i in fleet.executor.instances() {
+                    let bound = Duration::from_secs(10);
+                    let runs = matches!(
+                        tokio::time::timeout(bound, i.current_release()).await,
+                        Ok(Ok(Some(r))) if r.as_str() == release
+                    );
+                    let healthy = runs
+                        && matches!(
+                            tokio::time::timeout(bound, i.health()).await,
+                            Ok(Ok(deploykit::Health::Healthy))
+                        );
+                    if healthy {
+                        out.push(format!("http://{}", i.backend().address));
+                    }
+                }
+                Ok(out)
+            })
+        };
+        match read() {
+            Ok(t) if !t.is_empty() => t,
+            _ => self.targets.clone(),
+        }
     }
 
     /// The id of the newest run, when it deployed `sha`, and its reason

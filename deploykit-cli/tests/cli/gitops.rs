@@ -372,6 +372,27 @@ fn sigterm_stops_an_idle_watcher_cleanly() {
 }
 
 #[test]
+fn after_a_canary_the_gates_target_what_serves_the_release_not_the_stopped_canary() {
+    // The gate runs in releases/<short>/, so ../../ is the environment's
+    // directory.
+    let gate = "[[gitops.gates]]\nname = \"e2e\"\n\
+        command = [\"sh\", \"-c\", \"echo $DEPLOYKIT_TARGET_URLS > ../../targets.txt\"]\n";
+    let env = Env::new(&config(&format!("{RULES}{gate}")));
+    let repo = Repo::new(&env);
+    env.ok(&["deploy", "v0"], 0);
+    let c1 = repo.commit("one");
+    repo.push("main");
+    watch_once(&env);
+    assert_eq!(record(&env, &c1)["status"], "deployed");
+    let targets = std::fs::read_to_string(env.path().join("targets.txt")).unwrap();
+    assert_eq!(
+        targets.trim(),
+        "http://127.0.0.1:18391 http://127.0.0.1:18392",
+        "the stable instances serve the release; the canary is stopped"
+    );
+}
+
+#[test]
 fn two_quick_pushes_deploy_only_the_newest_and_record_the_other_as_skipped() {
     let env = Env::new(&config(RULES));
     let repo = Repo::new(&env);
