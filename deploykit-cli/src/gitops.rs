@@ -1024,7 +1024,18 @@ impl Watcher {
                 fetched = true;
             }
             if let Some(prev) = records.heads.get(&branch).filter(|p| **p != sha).cloned() {
-                for c in self.git.between(&prev, &sha)?.into_iter().filter(|c| *c != sha) {
+                // After a force push the old head may be gone: the new one
+                // still deploys, only the skipped ones go unrecorded.
+                let between = self.git.between(&prev, &sha).unwrap_or_else(|e| {
+                    eprintln!(
+                        "deploykit: watch: warning: cannot list the commits between {} and {} on {branch}: {}",
+                        short(&prev),
+                        short(&sha),
+                        crate::error_text(&e)
+                    );
+                    Vec::new()
+                });
+                for c in between.into_iter().filter(|c| *c != sha) {
                     if !records.commits.contains_key(&c) {
                         let rec = CommitRecord {
                             branch: branch.clone(),
