@@ -625,3 +625,64 @@ fn watch_configuration_is_checked_before_anything_is_touched() {
     assert_eq!(code, 2, "{err}");
     assert_has(&err, &["commit"]);
 }
+
+/// Waits, bounded by 60 s, until the newest journal deploys `release` and
+/// waits for a promotion.
+fn until_awaiting_promotion(env: &Env, release: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = if env.journal_count() > 0 {
+            env.newest_journal()
+        } else {
+            Vec::new()
+        };
+        let ours = j.first().is_some_and(|h| h["release"] == release);
+        if ours && j.iter().any(|r| r["event"] == "awaiting_promotion") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{release} never waited for promotion");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn pushes_during_a_deployment_are_queued_and_only_the_newest_follows() {
+    let env = Env::new(
+        &config(&format!("webhook_secret_env = \"HOOK_SECRET\"\n\n{RULES}"))
+            .replace("[strategy.canary]", "[strategy.canary]\npromotion = \"manual\""),
+    );
+    let repo = Repo::new(&env);
+    env.ok(&["deploy", "v0"], 0);
+    let w = watching(&env);
+    let body = r#"{"ref":"refs/heads/main"}"#;
+    let signed = || vec![("X-Hub-Signature-256", format!("sha256={}", sign("s3cret", body)))];
+    let c1 = repo.commit("one");
+    repo.push("main");
+    assert_eq!(post(&w.addr, &signed(), body), 202);
+    // The canary of c1 holds, waiting for a promotion: a deployment runs.
+    until_awaiting_promotion(&env, short(&c1));
+    let c2 = repo.commit("two");
+    repo.push("main");
+    let c3 = repo.commit("three");
+    repo.push("main");
+    // A burst of wake-ups while it runs.
+    for _ in 0..3 {
+        assert_eq!(post(&w.addr, &signed(), body), 202);
+    }
+    assert_eq!(
+        record(&env, &c2),
+        Value::Null,
+        "nothing recorded while c1 deploys"
+    );
+    env.ok(&["promote"], 0);
+    assert_eq!(until_recorded(&env, &c1)["status"], "deployed");
+    until_awaiting_promotion(&env, short(&c3));
+    env.ok(&["promote"], 0);
+    assert_eq!(until_recorded(&env, &c3)["status"], "deployed");
+    assert_eq!(record(&env, &c2)["status"], "skipped");
+    let deployed: Vec<String> = headers(&env)
+        .iter()
+        .filter_map(|h| h["commit"]["sha"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(deployed, [c1, c3], "c2 was never deployed");
+}
