@@ -124,6 +124,7 @@ mod plan;
 mod promotion;
 pub mod recovery;
 mod report;
+pub mod routing;
 mod secret_url;
 pub mod smoke;
 pub mod state;
