@@ -201,6 +201,9 @@ pub(crate) struct LoadBalancerConfig {
     pub(crate) kind: LbKind,
     /// nginx: the upstream include file deploykit owns.
     pub(crate) include_file: Option<String>,
+    /// nginx: the location-level include deploykit owns; turns on routing
+    /// policies (header/cookie/query rules, sticky splits, mirroring).
+    pub(crate) location_include: Option<String>,
     /// nginx: the main configuration (`nginx -c`), when not the default.
     pub(crate) nginx_config: Option<String>,
     /// nginx: the master's pid file (default `/run/nginx.pid`).
@@ -1316,9 +1319,14 @@ fn check_roots(c: &Config, instances: &[Instance]) -> deploykit::Result<()> {
 
 fn check_lb(c: &Config) -> deploykit::Result<()> {
     let lb = &c.load_balancer;
-    let fields: [(&str, bool, &[LbKind]); 14] = [
+    let fields: [(&str, bool, &[LbKind]); 15] = [
         ("nginx_prefix", lb.nginx_prefix.is_some(), &[LbKind::Nginx]),
         ("include_file", lb.include_file.is_some(), &[LbKind::Nginx]),
+        (
+            "location_include",
+            lb.location_include.is_some(),
+            &[LbKind::Nginx],
+        ),
         ("nginx_config", lb.nginx_config.is_some(), &[LbKind::Nginx]),
         ("pid_file", lb.pid_file.is_some(), &[LbKind::Nginx]),
         ("upstream", lb.upstream.is_some(), &[LbKind::Nginx]),

@@ -231,6 +231,9 @@ pub(crate) fn nginx(cfg: &Loaded) -> anyhow::Result<deploykit::lb::NginxLoadBala
     if let Some(mode) = lb.drain {
         b = b.drain_mode(mode);
     }
+    if let Some(loc) = &lb.location_include {
+        b = b.location_include(cfg.resolve(loc));
+    }
     Ok(b.build().map_err(lb_field)?)
 }
 

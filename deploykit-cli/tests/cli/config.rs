@@ -264,6 +264,18 @@ fn bad_durations_point_at_the_value() {
 }
 
 #[test]
+fn the_nginx_location_include_belongs_to_nginx() {
+    let base = format!("app = \"shop\"\n{BASE_INSTANCE}");
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"haproxy\"\nsocket = \"/run/h.sock\"\nlocation_include = \"/x/l.conf\"\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.location_include: belongs to kind = \"nginx\", but kind is \"haproxy\""],
+    );
+}
+
+#[test]
 fn load_balancer_fields_must_fit_the_kind() {
     let base = format!("app = \"shop\"\n{BASE_INSTANCE}");
     let err = rejects(&format!(
