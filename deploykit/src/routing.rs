@@ -793,7 +793,10 @@ impl Capabilities {
     /// what to use instead.
     pub fn check(&self, driver: &str, policy: &TrafficPolicy) -> Result<(), RoutingError> {
         policy.validate()?;
-        match policy.required().into_iter().find(|c| !self.supports(*c)) {
+        // Mirroring first: no setting of a driver without it brings it.
+        let mut required: Vec<Capability> = policy.required().into_iter().collect();
+        required.sort_by_key(|c| (*c != Capability::Mirror, *c));
+        match required.into_iter().find(|c| !self.supports(*c)) {
             None => Ok(()),
             Some(capability) => Err(RoutingError::Unsupported {
                 driver: driver.to_string(),
@@ -814,8 +817,8 @@ fn alternative(driver: &str, cap: Capability) -> String {
         ("nginx", _) => "set load_balancer.location_include (the location-level file `deploykit setup` \
              writes) so nginx can route per request"
             .into(),
-        ("haproxy", _) => "set load_balancer.map_dir and add the documented use_backend lines to \
-             haproxy.cfg (docs/load-balancers.md)"
+        ("haproxy", _) => "use the nginx driver with load_balancer.location_include, which routes per \
+             request (docs/load-balancers.md)"
             .into(),
         (_, Capability::Mirror) => {
             "use the nginx driver, which copies requests with its `mirror` directive".into()

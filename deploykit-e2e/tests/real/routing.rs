@@ -357,3 +357,79 @@ async fn a_location_include_nginx_does_not_read_fails_the_preflight_as_not_wired
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn haproxy_applies_split_policies_under_load_without_a_failed_request_and_refuses_mirroring_touching_nothing(
+) {
+    let bin = crate::require_binary!("haproxy");
+    let s = crate::haproxy::HaproxySetup::start(&bin, &[("v1", "stable", &[]), ("v2", "canary", &[])]).await;
+    let url = s.haproxy.url("/");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (http, url, stop) = (Http::without_retries(true), url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match http.get(&url).await {
+                    Ok(a) if a.status == 200 => ok += 1,
+                    Ok(a) => failed.push(format!("status {}", a.status)),
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let split = |stable, canary| {
+        TrafficPolicy::weights(&[
+            GroupWeight {
+                group: g("stable"),
+                percent: stable,
+            },
+            GroupWeight {
+                group: g("canary"),
+                percent: canary,
+            },
+        ])
+    };
+    s.lb.apply_policy(&split(50, 50))
+        .await
+        .expect("50/50 as a policy");
+    let c = s.count(200).await;
+    assert!((crate::harness::share(&c, "v2") - 0.5).abs() <= 0.15, "{c:?}");
+    s.lb.apply_policy(&TrafficPolicy::switch(&g("canary")))
+        .await
+        .expect("switch as a policy");
+    assert_eq!(s.count(50).await.get("v2"), Some(&50));
+    assert_eq!(s.lb.live_group().await.unwrap(), Some(g("canary")));
+
+    let before = s.lb.api().servers_state("app").await.unwrap();
+    let mirror = TrafficPolicy {
+        mirror: Some(Mirror::new(g("stable"), 10)),
+        ..TrafficPolicy::switch(&g("canary"))
+    };
+    let e = s.lb.apply_policy(&mirror).await.unwrap_err();
+    assert!(
+        e.message()
+            .contains("the haproxy load balancer cannot mirror requests")
+            && e.message().contains("HAProxy 2.6 has no built-in mirroring")
+            && e.message().contains("nginx"),
+        "{e}"
+    );
+    assert_eq!(
+        s.lb.api().servers_state("app").await.unwrap(),
+        before,
+        "a refused policy changed HAProxy"
+    );
+    assert_eq!(s.count(50).await.get("v2"), Some(&50));
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 0, "the load sent nothing");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok + failed.len() as u64,
+        &failed[..failed.len().min(5)]
+    );
+}
