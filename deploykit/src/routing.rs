@@ -817,8 +817,11 @@ fn alternative(driver: &str, cap: Capability) -> String {
         ("nginx", _) => "set load_balancer.location_include (the location-level file `deploykit setup` \
              writes) so nginx can route per request"
             .into(),
-        ("haproxy", _) => "use the nginx driver with load_balancer.location_include, which routes per \
-             request (docs/load-balancers.md)"
+        ("haproxy", Capability::StickyCookie | Capability::StickyKey) => "use the nginx driver with \
+             load_balancer.location_include for a sticky split"
+            .into(),
+        ("haproxy", _) => "set load_balancer.map_dir and add the rule's use_backend line to haproxy.cfg \
+             (docs/load-balancers.md), or use the nginx driver with load_balancer.location_include"
             .into(),
         (_, Capability::Mirror) => {
             "use the nginx driver, which copies requests with its `mirror` directive".into()

@@ -433,3 +433,177 @@ async fn haproxy_applies_split_policies_under_load_without_a_failed_request_and_
         &failed[..failed.len().min(5)]
     );
 }
+
+#[tokio::test]
+async fn haproxy_rules_route_through_runtime_maps_under_load_without_a_failed_request() {
+    let bin = crate::require_binary!("haproxy");
+    let stable = DemoApp::start(DemoOpts::new("v1").track("stable")).await;
+    let canary = DemoApp::start(DemoOpts::new("v2").track("canary")).await;
+    let backends = [
+        backend("i-1", stable.addr, "stable"),
+        backend("i-2", canary.addr, "canary"),
+    ];
+    let dir = temp_dir("deploykit-haproxy-routing");
+    let maps = dir.path().join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let rule = |matches| Rule {
+        matches,
+        group: g("canary"),
+    };
+    let rules = vec![
+        rule(Match::Header {
+            name: "x-canary".into(),
+            value: ValueMatch::Exact("always".into()),
+        }),
+        rule(Match::Cookie {
+            name: "beta".into(),
+            value: ValueMatch::Exact("yes".into()),
+        }),
+        rule(Match::Query {
+            name: "variant".into(),
+            value: ValueMatch::Regex(r"^b\d$".into()),
+        }),
+    ];
+    let mut lines = String::new();
+    for r in &rules {
+        // HAProxy loads each map at start: an empty file for every rule.
+        let line = deploykit::lb::haproxy::config_line(&maps, "app", &r.matches);
+        let file = line
+            .split("map_")
+            .nth(1)
+            .and_then(|t| t.split_once('('))
+            .map(|t| t.1)
+            .and_then(|t| t.split(')').next())
+            .unwrap();
+        std::fs::write(file, "").unwrap();
+        lines.push_str(&format!(
+            "    {}\n",
+            deploykit::lb::haproxy::config_line(&maps, "app", &r.matches)
+        ));
+    }
+    let port = free_port();
+    let cfg = format!(
+        r#"global
+    stats socket {sock} mode 600 level admin
+    stats timeout 30s
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout queue 10s
+frontend fe
+    bind 127.0.0.1:{port}
+{lines}    default_backend app
+backend app
+    balance roundrobin
+    retries 0
+    server i-1 {s} weight 1 check inter 1s
+    server i-2 {c} weight 1 check inter 1s
+backend app__stable
+    server i-1 {s} track app/i-1
+backend app__canary
+    server i-2 {c} track app/i-2
+"#,
+        sock = crate::harness::Haproxy::socket(dir.path()).display(),
+        s = stable.addr,
+        c = canary.addr,
+    );
+    let haproxy = crate::harness::Haproxy::start(&bin, dir.path(), port, &cfg).await;
+    let lb = deploykit::lb::HaproxyLoadBalancer::builder()
+        .socket(crate::harness::Haproxy::socket(dir.path()))
+        .backend_name("app")
+        .backends(backends.iter().cloned())
+        .map_dir(&maps)
+        .build()
+        .unwrap();
+    lb.check().await.expect("HAProxy knows every server");
+    lb.set_weights(&stable_only()).await.expect("all on stable");
+
+    let url = haproxy.url("/");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (http, url, stop) = (Http::without_retries(true), url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match http.get(&url).await {
+                    Ok(a) if a.status == 200 => ok += 1,
+                    Ok(a) => failed.push(format!("status {}", a.status)),
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let http = Http::new();
+    let tracks = |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        let (http, base) = (http.clone(), haproxy.url(""));
+        async move {
+            let mut counts = BTreeMap::new();
+            for _ in 0..40 {
+                let a = http
+                    .send("GET", &format!("{base}{path}"), headers)
+                    .await
+                    .expect("request through HAProxy");
+                assert_eq!(a.status, 200, "{a:?}");
+                *counts.entry(a.headers["x-app-track"].clone()).or_insert(0) += 1;
+            }
+            counts
+        }
+    };
+
+    let policy = TrafficPolicy {
+        rules: rules.clone(),
+        split: Split {
+            weights: stable_only(),
+            sticky: None,
+        },
+        mirror: None,
+    };
+    lb.apply_policy(&policy).await.expect("apply the rules");
+    lb.apply_policy(&policy)
+        .await
+        .expect("apply again: nothing to send");
+    assert_eq!(lb.live_group().await.unwrap(), None);
+    assert_eq!(tracks("/", &[("x-canary", "always")]).await, only("canary", 40));
+    assert_eq!(tracks("/", &[]).await, only("stable", 40));
+    assert_eq!(tracks("/", &[("x-canary", "Always")]).await, only("stable", 40));
+    assert_eq!(tracks("/", &[("cookie", "beta=yes")]).await, only("canary", 40));
+    assert_eq!(tracks("/", &[("cookie", "beta=no")]).await, only("stable", 40));
+    assert_eq!(tracks("/?variant=b7", &[]).await, only("canary", 40));
+    assert_eq!(tracks("/?variant=bb", &[]).await, only("stable", 40));
+
+    // A rule whose map HAProxy did not load is refused, naming the line to
+    // add, and the live rules stay.
+    let unloaded = TrafficPolicy {
+        rules: vec![rule(Match::Header {
+            name: "x-other".into(),
+            value: ValueMatch::Prefix("a".into()),
+        })],
+        ..policy.clone()
+    };
+    let e = lb.apply_policy(&unloaded).await.unwrap_err();
+    assert!(
+        e.message().contains("use_backend %[req.fhdr(x-other),map_beg("),
+        "{e}"
+    );
+    assert_eq!(tracks("/", &[("x-canary", "always")]).await, only("canary", 40));
+
+    // A plain split replaces the rules: the maps are emptied.
+    lb.set_weights(&stable_only()).await.unwrap();
+    assert_eq!(tracks("/", &[("x-canary", "always")]).await, only("stable", 40));
+    assert_eq!(lb.live_group().await.unwrap(), Some(g("stable")));
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 0, "the load sent nothing");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}\nHAProxy stderr:\n{}",
+        failed.len(),
+        ok + failed.len() as u64,
+        &failed[..failed.len().min(5)],
+        haproxy.stderr()
+    );
+}
