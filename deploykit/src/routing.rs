@@ -945,7 +945,25 @@ mod tests {
         );
         // With rules, a single 100 % group is no longer a plain switch.
         assert_eq!(p.as_switch(), None);
+        // Mirroring is named first: no setting of a driver brings it.
         let e = Capabilities::weights_and_switch().check("fake", &p).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RoutingError::Unsupported {
+                    capability: Capability::Mirror,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let no_mirror_asked = TrafficPolicy {
+            mirror: None,
+            ..p.clone()
+        };
+        let e = Capabilities::weights_and_switch()
+            .check("fake", &no_mirror_asked)
+            .unwrap_err();
         assert!(
             matches!(
                 e,
