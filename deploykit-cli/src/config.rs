@@ -219,6 +219,9 @@ pub(crate) struct LoadBalancerConfig {
     pub(crate) drain: Option<deploykit::lb::nginx::DrainMode>,
     /// haproxy: the runtime API socket.
     pub(crate) socket: Option<String>,
+    /// haproxy: the directory of the routing map files deploykit owns;
+    /// turns on header/cookie/query rules.
+    pub(crate) map_dir: Option<String>,
     /// haproxy: the backend's name.
     pub(crate) backend: Option<String>,
     /// symlink: the `live` link.
@@ -1319,7 +1322,7 @@ fn check_roots(c: &Config, instances: &[Instance]) -> deploykit::Result<()> {
 
 fn check_lb(c: &Config) -> deploykit::Result<()> {
     let lb = &c.load_balancer;
-    let fields: [(&str, bool, &[LbKind]); 15] = [
+    let fields: [(&str, bool, &[LbKind]); 16] = [
         ("nginx_prefix", lb.nginx_prefix.is_some(), &[LbKind::Nginx]),
         ("include_file", lb.include_file.is_some(), &[LbKind::Nginx]),
         (
@@ -1333,6 +1336,7 @@ fn check_lb(c: &Config) -> deploykit::Result<()> {
         ("nginx_binary", lb.nginx_binary.is_some(), &[LbKind::Nginx]),
         ("drain", lb.drain.is_some(), &[LbKind::Nginx]),
         ("socket", lb.socket.is_some(), &[LbKind::Haproxy]),
+        ("map_dir", lb.map_dir.is_some(), &[LbKind::Haproxy]),
         ("backend", lb.backend.is_some(), &[LbKind::Haproxy]),
         ("link", lb.link.is_some(), &[LbKind::Symlink]),
         ("targets", lb.targets.is_some(), &[LbKind::Symlink]),

@@ -196,6 +196,9 @@ pub(crate) fn load_balancer(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Ar
             if let Some(t) = lb.timeout {
                 b = b.timeout(t.0);
             }
+            if let Some(dir) = &lb.map_dir {
+                b = b.map_dir(cfg.resolve(dir));
+            }
             Arc::new(b.build().map_err(lb_field)?)
         }
     })

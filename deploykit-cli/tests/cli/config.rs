@@ -264,7 +264,7 @@ fn bad_durations_point_at_the_value() {
 }
 
 #[test]
-fn the_nginx_location_include_belongs_to_nginx() {
+fn routing_keys_belong_to_their_driver() {
     let base = format!("app = \"shop\"\n{BASE_INSTANCE}");
     let err = rejects(&format!(
         "{base}[load_balancer]\nkind = \"haproxy\"\nsocket = \"/run/h.sock\"\nlocation_include = \"/x/l.conf\"\n"
@@ -272,6 +272,13 @@ fn the_nginx_location_include_belongs_to_nginx() {
     assert_has(
         &err,
         &["invalid load_balancer.location_include: belongs to kind = \"nginx\", but kind is \"haproxy\""],
+    );
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"nginx\"\ninclude_file = \"/x/u.conf\"\nmap_dir = \"/etc/haproxy/dk\"\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.map_dir: belongs to kind = \"haproxy\", but kind is \"nginx\""],
     );
 }
 
