@@ -1133,6 +1133,98 @@ mod tests {
     use crate::lb::roster::test_backend as backend;
     use crate::state::atomic::entries;
 
+    fn canary_rule_policy(group: &str) -> TrafficPolicy {
+        use crate::routing::{Match, Rule, ValueMatch};
+        TrafficPolicy {
+            rules: vec![Rule {
+                matches: Match::Header {
+                    name: "x-canary".into(),
+                    value: ValueMatch::Exact("always".into()),
+                },
+                group: Group::new(group).unwrap(),
+            }],
+            ..TrafficPolicy::switch(&Group::new("stable").unwrap())
+        }
+    }
+
+    #[tokio::test]
+    async fn policies_beyond_the_driver_or_its_groups_are_refused_before_any_file_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let include = dir.path().join("upstream.conf");
+        let location = dir.path().join("location.conf");
+        let backends = [backend("s-1", 9001, "stable"), backend("c-1", 9002, "canary")];
+        // Without a location include: weights and switch only.
+        let plain = NginxLoadBalancer::builder()
+            .include_file(&include)
+            .backends(backends.clone())
+            .build()
+            .unwrap();
+        assert_eq!(plain.capabilities(), Capabilities::weights_and_switch());
+        let e = plain
+            .apply_policy(&canary_rule_policy("canary"))
+            .await
+            .unwrap_err();
+        assert!(
+            e.message()
+                .contains("the nginx load balancer cannot route by request header")
+                && e.message().contains("location_include"),
+            "{e}"
+        );
+        // With one: everything, but not a group without backends.
+        let routed = NginxLoadBalancer::builder()
+            .include_file(&include)
+            .location_include(&location)
+            .backends(backends)
+            .build()
+            .unwrap();
+        assert!(routed.capabilities().supports(Capability::Mirror));
+        let e = routed
+            .apply_policy(&canary_rule_policy("canry"))
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("group canry (rules[0].group)"), "{e}");
+        assert!(
+            !include.exists() && !location.exists(),
+            "a refused policy wrote a file"
+        );
+        // The same location file as the upstream file is refused at build.
+        let e = NginxLoadBalancer::builder()
+            .include_file(&include)
+            .location_include(&include)
+            .backend(backend("s-1", 9001, "stable"))
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("nginx location_include"), "{e}");
+    }
+
+    #[test]
+    fn a_new_driver_adopts_the_routing_policy_recorded_in_the_include_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let include = dir.path().join("upstream.conf");
+        let build = || {
+            NginxLoadBalancer::builder()
+                .include_file(&include)
+                .location_include(dir.path().join("location.conf"))
+                .backends([backend("s-1", 9001, "stable"), backend("c-1", 9002, "canary")])
+                .build()
+                .unwrap()
+        };
+        let first = build();
+        {
+            let mut st = first.inner.lock_state();
+            st.roster.shares = Some(BTreeMap::from([(Group::new("stable").unwrap(), 100)]));
+            st.policy = Some(canary_rule_policy("canary"));
+        }
+        let text = first.render();
+        assert!(
+            text.contains("map $http_x_canary $deploykit_app_upstream"),
+            "{text}"
+        );
+        std::fs::write(&include, &text).unwrap();
+        let second = build();
+        assert_eq!(second.render(), text);
+    }
+
     #[test]
     fn a_new_driver_adopts_the_state_recorded_in_the_include_file() {
         let dir = tempfile::tempdir().unwrap();
