@@ -268,6 +268,44 @@ async fn a_sticky_cookie_split_keeps_200_users_on_one_group_each_in_proportion()
     );
 }
 
+#[tokio::test]
+async fn a_split_sticky_by_a_user_header_keeps_each_user_on_one_group() {
+    let bin = crate::require_binary!("nginx");
+    let s = RoutingSetup::start(&bin).await;
+    let policy = TrafficPolicy {
+        rules: Vec::new(),
+        split: Split {
+            weights: vec![
+                GroupWeight {
+                    group: g("stable"),
+                    percent: 50,
+                },
+                GroupWeight {
+                    group: g("canary"),
+                    percent: 50,
+                },
+            ],
+            sticky: Some(Sticky::Key(deploykit::routing::RequestKey::Header(
+                "x-user-id".into(),
+            ))),
+        },
+        mirror: None,
+    };
+    s.lb.apply_policy(&policy).await.expect("apply the sticky split");
+    let mut on_canary = 0;
+    for user in 0..200 {
+        let id = format!("user-{user}");
+        let seen = s.tracks("/", &[("x-user-id", &id)], 10).await;
+        assert_eq!(seen.len(), 1, "{id} was served by {seen:?}");
+        on_canary += usize::from(seen.contains_key("canary"));
+    }
+    // 50 % of 200 = 100 users; 30 is over four standard deviations (7.1).
+    assert!(
+        (70..=130).contains(&on_canary),
+        "{on_canary} of 200 users on the 50 % canary"
+    );
+}
+
 /// `http_requests_total` of `app` by status code, from its `/metrics`.
 async fn requests_by_code(http: &Http, app: &DemoApp) -> BTreeMap<String, u64> {
     let text = http.get(&app.url("/metrics")).await.expect("GET /metrics").body;
