@@ -555,7 +555,9 @@ backend app__canary
         .map_dir(&maps)
         .build()
         .unwrap();
-    lb.check().await.expect("HAProxy knows every server");
+    lb.check()
+        .await
+        .expect("HAProxy knows every server and every group backend");
     lb.set_weights(&stable_only()).await.expect("all on stable");
 
     let url = haproxy.url("/");
@@ -644,4 +646,24 @@ backend app__canary
         &failed[..failed.len().min(5)],
         haproxy.stderr()
     );
+}
+
+#[tokio::test]
+async fn haproxy_with_routing_rules_on_but_no_group_backends_fails_the_preflight_naming_the_lines() {
+    let bin = crate::require_binary!("haproxy");
+    let app = DemoApp::start(DemoOpts::new("v1")).await;
+    let backends = [backend("i-1", app.addr, "stable")];
+    let dir = temp_dir("deploykit-haproxy-routing");
+    let _haproxy = crate::harness::Haproxy::start_for(&bin, dir.path(), free_port(), &backends).await;
+    let lb = deploykit::lb::HaproxyLoadBalancer::builder()
+        .socket(crate::harness::Haproxy::socket(dir.path()))
+        .backend_name("app")
+        .backends(backends.iter().cloned())
+        .map_dir(dir.path().join("maps"))
+        .build()
+        .unwrap();
+    let e = lb.preflight().await.unwrap_err();
+    assert_eq!(e.preflight_failure(), Some(PreflightFailure::NotWired), "{e}");
+    let want = format!("HAProxy has no backend app__stable: add to haproxy.cfg `backend app__stable` with `server i-1 {} track app/i-1`", app.addr);
+    assert!(e.message().starts_with(&want), "{e}");
 }

@@ -513,6 +513,51 @@ impl HaproxyLoadBalancer {
                 wrong.join("; ")
             )));
         }
+        if self.inner.map_dir.is_some() {
+            self.check_group_backends(&backends).await?;
+        }
+        Ok(())
+    }
+
+    /// With routing rules on: every group has its backend
+    /// `<backend>__<group>` holding that group's servers (which rules send
+    /// requests to), so a rule never names a backend HAProxy lacks.
+    async fn check_group_backends(&self, backends: &[Backend]) -> Result<(), DriverError> {
+        let be = &self.inner.backend;
+        let mut groups: BTreeMap<&Group, Vec<&Backend>> = BTreeMap::new();
+        for b in backends {
+            groups.entry(&b.group).or_default().push(b);
+        }
+        for (group, members) in groups {
+            let name = format!("{be}__{group}");
+            let lines: Vec<String> = members
+                .iter()
+                .map(|b| format!("server {} {} track {be}/{}", b.id, b.address, b.id))
+                .collect();
+            let fix = format!(
+                "add to haproxy.cfg `backend {name}` with `{}` (routing rules send group {group}'s requests there)",
+                lines.join("`, `")
+            );
+            let servers = match self.inner.api.servers_state(&name).await {
+                Ok(s) => s,
+                Err(e) if e.message().starts_with("HAProxy has no backend") => {
+                    return Err(DriverError::new(format!("HAProxy has no backend {name}: {fix}"))
+                        .with_preflight_failure(crate::PreflightFailure::NotWired));
+                }
+                Err(e) => return Err(e),
+            };
+            let missing: Vec<&str> = members
+                .iter()
+                .filter(|b| !servers.iter().any(|s| s.name == b.id.as_str()))
+                .map(|b| b.id.as_str())
+                .collect();
+            if !missing.is_empty() {
+                return Err(DriverError::new(format!(
+                    "HAProxy backend {name} has no server {}: {fix}",
+                    missing.join(", ")
+                )));
+            }
+        }
         Ok(())
     }
 

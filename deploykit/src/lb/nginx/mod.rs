@@ -338,6 +338,11 @@ impl NginxBuilder {
             policy: None,
         };
         adopt_saved(&include, &mut state);
+        if state.policy.is_some() && self.location_include.is_none() {
+            tracing::warn!(file = %include.display(),
+                "ignoring the recorded routing policy: load_balancer.location_include is not set, so this driver cannot render it");
+            state.policy = None;
+        }
         Ok(NginxLoadBalancer {
             inner: Arc::new(Inner {
                 upstream: self.upstream,
