@@ -407,7 +407,7 @@ impl HaproxyBuilder {
                 return Err(Error::invalid(
                     "haproxy map_dir",
                     format!(
-                        "{shown:?} must be an absolute path without whitespace, ';' or control characters"
+                        "'{shown}' must be an absolute path without whitespace, ';' or control characters"
                     ),
                 ));
             }
