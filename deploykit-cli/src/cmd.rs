@@ -1135,8 +1135,8 @@ pub(crate) fn validate(g: Global) -> anyhow::Result<u8> {
     Ok(exit::SUCCESS)
 }
 
-/// `deploykit setup`: creates the nginx upstream include file when it is
-/// missing (every instance in rotation, checked with `nginx -t`), then runs
+/// `deploykit setup`: creates the nginx upstream include file (and the
+/// location include, when configured) when one is missing (every instance in rotation, checked with `nginx -t`), then runs
 /// the load balancer's preflight check. Touches no instance.
 pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
     runtime()?.block_on(async move {
@@ -1149,7 +1149,8 @@ pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
             let include = ctx
                 .cfg
                 .resolve(lb_cfg.include_file.as_deref().expect("checked: include_file is set"));
-            if include.exists() {
+            let location = lb_cfg.location_include.as_deref().map(|l| ctx.cfg.resolve(l));
+            if include.exists() && location.as_ref().is_none_or(|l| l.exists()) {
                 ctx.say(format!("{}: exists, left as it is", include.display()));
             } else {
                 let nginx = wire::nginx(&ctx.cfg)?;
@@ -1165,6 +1166,12 @@ pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
                     include.display(),
                     ctx.cfg.instances.len()
                 ));
+                if let Some(l) = &location {
+                    ctx.say(format!(
+                        "{}: written (proxy_pass through deploykit's routing); include it in the proxying location",
+                        l.display()
+                    ));
+                }
             }
         }
         let lb = wire::load_balancer(&ctx.cfg, &ctx.state)?;

@@ -204,6 +204,9 @@ pub(crate) struct LoadBalancerConfig {
     pub(crate) kind: LbKind,
     /// nginx: the upstream include file deploykit owns.
     pub(crate) include_file: Option<String>,
+    /// nginx: the location-level include deploykit owns; turns on routing
+    /// policies (header/cookie/query rules, sticky splits, mirroring).
+    pub(crate) location_include: Option<String>,
     /// nginx: the main configuration (`nginx -c`), when not the default.
     pub(crate) nginx_config: Option<String>,
     /// nginx: the master's pid file (default `/run/nginx.pid`).
@@ -219,6 +222,9 @@ pub(crate) struct LoadBalancerConfig {
     pub(crate) drain: Option<deploykit::lb::nginx::DrainMode>,
     /// haproxy: the runtime API socket.
     pub(crate) socket: Option<String>,
+    /// haproxy: the directory of the routing map files deploykit owns;
+    /// turns on header/cookie/query rules.
+    pub(crate) map_dir: Option<String>,
     /// haproxy: the backend's name.
     pub(crate) backend: Option<String>,
     /// symlink: the `live` link.
@@ -1349,15 +1355,21 @@ fn check_roots(c: &Config, instances: &[Instance]) -> deploykit::Result<()> {
 
 fn check_lb(c: &Config) -> deploykit::Result<()> {
     let lb = &c.load_balancer;
-    let fields: [(&str, bool, &[LbKind]); 14] = [
+    let fields: [(&str, bool, &[LbKind]); 16] = [
         ("nginx_prefix", lb.nginx_prefix.is_some(), &[LbKind::Nginx]),
         ("include_file", lb.include_file.is_some(), &[LbKind::Nginx]),
+        (
+            "location_include",
+            lb.location_include.is_some(),
+            &[LbKind::Nginx],
+        ),
         ("nginx_config", lb.nginx_config.is_some(), &[LbKind::Nginx]),
         ("pid_file", lb.pid_file.is_some(), &[LbKind::Nginx]),
         ("upstream", lb.upstream.is_some(), &[LbKind::Nginx]),
         ("nginx_binary", lb.nginx_binary.is_some(), &[LbKind::Nginx]),
         ("drain", lb.drain.is_some(), &[LbKind::Nginx]),
         ("socket", lb.socket.is_some(), &[LbKind::Haproxy]),
+        ("map_dir", lb.map_dir.is_some(), &[LbKind::Haproxy]),
         ("backend", lb.backend.is_some(), &[LbKind::Haproxy]),
         ("link", lb.link.is_some(), &[LbKind::Symlink]),
         ("targets", lb.targets.is_some(), &[LbKind::Symlink]),

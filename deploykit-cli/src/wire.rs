@@ -196,6 +196,9 @@ pub(crate) fn load_balancer(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Ar
             if let Some(t) = lb.timeout {
                 b = b.timeout(t.0);
             }
+            if let Some(dir) = &lb.map_dir {
+                b = b.map_dir(cfg.resolve(dir));
+            }
             Arc::new(b.build().map_err(lb_field)?)
         }
     })
@@ -230,6 +233,9 @@ pub(crate) fn nginx(cfg: &Loaded) -> anyhow::Result<deploykit::lb::NginxLoadBala
     }
     if let Some(mode) = lb.drain {
         b = b.drain_mode(mode);
+    }
+    if let Some(loc) = &lb.location_include {
+        b = b.location_include(cfg.resolve(loc));
     }
     Ok(b.build().map_err(lb_field)?)
 }

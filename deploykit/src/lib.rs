@@ -89,6 +89,15 @@
 //!   one that finishes within its failure budget is reported as
 //!   [`OutcomeKind::Degraded`], never as a plain success.
 //!
+//! ## Routing beyond weights
+//!
+//! [`routing::TrafficPolicy`] is one routing vocabulary: ordered header,
+//! cookie and query rules, a default split (optionally sticky per user) and
+//! mirroring to a shadow group. [`LoadBalancer::apply_policy`] applies one;
+//! [`LoadBalancer::capabilities`] says what a driver can compile, and a
+//! policy beyond it is refused before anything is touched
+//! (`docs/routing.md`).
+//!
 //! ## Real instances
 //!
 //! [`instance`] holds the [`Instance`] drivers that touch machines:
@@ -125,6 +134,7 @@ mod plan;
 mod promotion;
 pub mod recovery;
 mod report;
+pub mod routing;
 mod secret_url;
 pub mod smoke;
 pub mod state;

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{DriverError, Result};
 use crate::names::{Address, Group, InstanceId, ReleaseId};
 use crate::plan::{FleetSnapshot, Plan};
+use crate::routing::{Capabilities, TrafficPolicy};
 
 /// What identifies an instance to a load balancer: its id, address and
 /// group. Cheap to clone.
@@ -239,6 +240,47 @@ pub trait LoadBalancer: Send + Sync + Debug {
     /// * Cancel-safe: yes; either the old or the new group is live.
     /// * On failure: the previously live group is still live.
     async fn switch_to(&self, group: &Group) -> Result<(), DriverError>;
+
+    /// What this load balancer can do with traffic. The default: weights
+    /// and switch, what every driver implements. A strategy or config that
+    /// needs more is refused with [`Capabilities::check`] before anything is
+    /// touched.
+    ///
+    /// * Idempotent: yes (read-only, no I/O).
+    /// * Cancel-safe: yes.
+    /// * On failure: cannot fail.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::weights_and_switch()
+    }
+
+    /// Applies a whole [`TrafficPolicy`]: rules, the default split
+    /// (sticky or not) and mirroring, replacing the policy or weights live
+    /// before. The default maps a policy that is only a switch to
+    /// [`switch_to`](Self::switch_to) and one that is only weights to
+    /// [`set_weights`](Self::set_weights), and refuses anything else with
+    /// the error of [`Capabilities::check`] (naming the driver and the
+    /// alternative) without touching anything.
+    ///
+    /// * Idempotent: yes; applying the live policy again changes nothing.
+    /// * Cancel-safe: yes; either the old or the new policy is live, never
+    ///   a mix.
+    /// * On failure: the previous policy is still live; an invalid or
+    ///   unsupported policy is refused before anything is touched.
+    async fn apply_policy(&self, policy: &TrafficPolicy) -> Result<(), DriverError> {
+        self.capabilities().check(self.name(), policy)?;
+        if let Some(group) = policy.as_switch() {
+            return self.switch_to(group).await;
+        }
+        match policy.as_weights() {
+            Some(weights) => self.set_weights(weights).await,
+            // Unreachable for a driver whose capabilities are honest: check
+            // refuses what is not plain weights unless the driver claims it.
+            None => Err(DriverError::new(format!(
+                "the {} load balancer claims routing capabilities but does not implement apply_policy",
+                self.name()
+            ))),
+        }
+    }
 
     /// The group receiving all traffic, if exactly one does; `None` when
     /// traffic is split or the load balancer cannot tell. Used to reconcile

@@ -264,6 +264,25 @@ fn bad_durations_point_at_the_value() {
 }
 
 #[test]
+fn routing_keys_belong_to_their_driver() {
+    let base = format!("app = \"shop\"\n{BASE_INSTANCE}");
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"haproxy\"\nsocket = \"/run/h.sock\"\nlocation_include = \"/x/l.conf\"\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.location_include: belongs to kind = \"nginx\", but kind is \"haproxy\""],
+    );
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"nginx\"\ninclude_file = \"/x/u.conf\"\nmap_dir = \"/etc/haproxy/dk\"\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.map_dir: belongs to kind = \"haproxy\", but kind is \"nginx\""],
+    );
+}
+
+#[test]
 fn load_balancer_fields_must_fit_the_kind() {
     let base = format!("app = \"shop\"\n{BASE_INSTANCE}");
     let err = rejects(&format!(

@@ -389,6 +389,46 @@ impl Http {
             .map_err(|_| format!("GET {url}: no answer within 10 s"))?
     }
 
+    /// `method` `url` with extra request `headers` (empty body), 10 s
+    /// bound; `Err` for transport errors.
+    pub async fn send(&self, method: &str, url: &str, headers: &[(&str, &str)]) -> Result<Answer, String> {
+        let mut req = hyper::Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Empty::new())
+            .map_err(|e| format!("bad request {method} {url}: {e}"))?;
+        let fut = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| format!("{method} {url}: {e}"))?;
+            let status = resp.status().as_u16();
+            let headers: BTreeMap<String, String> = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("{method} {url} body: {e}"))?
+                .to_bytes();
+            Ok(Answer {
+                status,
+                version: headers.get("x-app-version").cloned(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+                headers,
+            })
+        };
+        timeout(Duration::from_secs(10), fut)
+            .await
+            .map_err(|_| format!("{method} {url}: no answer within 10 s"))?
+    }
+
     /// GETs `url` `n` times and counts answers by `x-app-version` (`error:`
     /// plus status or `transport` for failures).
     pub async fn count_versions(&self, url: &str, n: usize) -> BTreeMap<String, usize> {

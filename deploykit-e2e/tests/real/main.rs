@@ -14,6 +14,7 @@ mod load;
 mod local;
 mod nginx;
 mod prometheus;
+mod routing;
 mod ssh;
 mod sshd;
 mod zero_downtime;

@@ -29,6 +29,8 @@
 //! Names sent to the socket are checked (no whitespace, `;`, newline or
 //! other control character) on top of the [name rules](crate::names).
 
+mod routing;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -42,7 +44,10 @@ use tokio::time::timeout;
 use super::roster::{self, run_to_completion, Admin, Roster, RosterRules};
 use crate::error::{DriverError, Error, Result};
 use crate::names::{validate_name, Group, InstanceId};
+use crate::routing::{check_groups, Capabilities, Capability, TrafficPolicy};
 use crate::traits::{Backend, GroupWeight, LoadBalancer};
+
+pub use routing::config_line;
 
 /// HAProxy's largest server weight.
 pub const MAX_WEIGHT: u16 = 256;
@@ -315,6 +320,7 @@ pub struct HaproxyBuilder {
     backend: String,
     backends: Vec<Backend>,
     timeout: Duration,
+    map_dir: Option<PathBuf>,
 }
 
 impl Default for HaproxyBuilder {
@@ -324,6 +330,7 @@ impl Default for HaproxyBuilder {
             backend: "app".into(),
             backends: Vec::new(),
             timeout: Duration::from_secs(5),
+            map_dir: None,
         }
     }
 }
@@ -350,6 +357,17 @@ impl HaproxyBuilder {
     /// Adds backends.
     pub fn backends(mut self, backends: impl IntoIterator<Item = Backend>) -> Self {
         self.backends.extend(backends);
+        self
+    }
+
+    /// The directory of the map files deploykit owns, which turns on
+    /// header, cookie and query rules ([`LoadBalancer::apply_policy`]):
+    /// each rule reads the map named by [`config_line`], loaded by a
+    /// `use_backend` line in haproxy.cfg, and changed through the runtime
+    /// API without a reload. Without it the driver does weights and
+    /// switches only, exactly as before.
+    pub fn map_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.map_dir = Some(dir.into());
         self
     }
 
@@ -383,9 +401,22 @@ impl HaproxyBuilder {
         if self.timeout.is_zero() {
             return Err(Error::invalid("haproxy timeout", "must be greater than 0"));
         }
+        if let Some(dir) = &self.map_dir {
+            let shown = dir.display().to_string();
+            if !dir.is_absolute() || socket_word("HAProxy map dir", &shown).is_err() {
+                return Err(Error::invalid(
+                    "haproxy map_dir",
+                    format!(
+                        "'{shown}' must be an absolute path without whitespace, ';' or control characters"
+                    ),
+                ));
+            }
+        }
         Ok(HaproxyLoadBalancer {
             inner: Arc::new(Inner {
                 api: RuntimeApi::new(socket, self.timeout),
+                map_dir: self.map_dir,
+                policy: Mutex::new(None),
                 backend: self.backend,
                 state: Mutex::new(roster),
                 apply: tokio::sync::Mutex::new(()),
@@ -421,6 +452,10 @@ pub struct HaproxyLoadBalancer {
 #[derive(Debug)]
 struct Inner {
     api: RuntimeApi,
+    /// Where the routing maps live, when rules are on.
+    map_dir: Option<PathBuf>,
+    /// The rules applied last (`None`: no rule, or a plain split).
+    policy: Mutex<Option<TrafficPolicy>>,
     backend: String,
     /// The servers, who is out of rotation, and the split (`None`: weights
     /// as HAProxy's configuration set them).
@@ -477,6 +512,51 @@ impl HaproxyLoadBalancer {
                 self.inner.backend,
                 wrong.join("; ")
             )));
+        }
+        if self.inner.map_dir.is_some() {
+            self.check_group_backends(&backends).await?;
+        }
+        Ok(())
+    }
+
+    /// With routing rules on: every group has its backend
+    /// `<backend>__<group>` holding that group's servers (which rules send
+    /// requests to), so a rule never names a backend HAProxy lacks.
+    async fn check_group_backends(&self, backends: &[Backend]) -> Result<(), DriverError> {
+        let be = &self.inner.backend;
+        let mut groups: BTreeMap<&Group, Vec<&Backend>> = BTreeMap::new();
+        for b in backends {
+            groups.entry(&b.group).or_default().push(b);
+        }
+        for (group, members) in groups {
+            let name = format!("{be}__{group}");
+            let lines: Vec<String> = members
+                .iter()
+                .map(|b| format!("server {} {} track {be}/{}", b.id, b.address, b.id))
+                .collect();
+            let fix = format!(
+                "add to haproxy.cfg `backend {name}` with `{}` (routing rules send group {group}'s requests there)",
+                lines.join("`, `")
+            );
+            let servers = match self.inner.api.servers_state(&name).await {
+                Ok(s) => s,
+                Err(e) if e.message().starts_with("HAProxy has no backend") => {
+                    return Err(DriverError::new(format!("HAProxy has no backend {name}: {fix}"))
+                        .with_preflight_failure(crate::PreflightFailure::NotWired));
+                }
+                Err(e) => return Err(e),
+            };
+            let missing: Vec<&str> = members
+                .iter()
+                .filter(|b| !servers.iter().any(|s| s.name == b.id.as_str()))
+                .map(|b| b.id.as_str())
+                .collect();
+            if !missing.is_empty() {
+                return Err(DriverError::new(format!(
+                    "HAProxy backend {name} has no server {}: {fix}",
+                    missing.join(", ")
+                )));
+            }
         }
         Ok(())
     }
@@ -536,8 +616,72 @@ impl HaproxyLoadBalancer {
         &self,
         edit: impl FnOnce(&mut Roster) -> Result<(), DriverError>,
     ) -> Result<(), DriverError> {
+        let _g = self.inner.apply.lock().await;
+        self.change_locked(edit).await
+    }
+
+    /// Sets the routing maps for `policy` (every owned map emptied for
+    /// `None`) and then the servers, under the apply lock; when the server
+    /// change fails the maps are put back. A rule whose map HAProxy has
+    /// not loaded is refused before anything is sent.
+    async fn route(
+        &self,
+        policy: Option<TrafficPolicy>,
+        edit: impl FnOnce(&mut Roster) -> Result<(), DriverError> + Send + 'static,
+    ) -> Result<(), DriverError> {
+        let this = self.clone();
+        run_to_completion("HAProxy", async move {
+            let inner = &this.inner;
+            let _g = inner.apply.lock().await;
+            let Some(dir) = &inner.map_dir else {
+                return this.change_locked(edit).await;
+            };
+            let api = &inner.api;
+            let loaded = routing::loaded_maps(api).await?;
+            let want = routing::desired(dir, &inner.backend, policy.as_ref(), &loaded)?;
+            let mut before = Vec::new();
+            for (file, entries) in &want {
+                let mut now = routing::entries(api, file).await?;
+                let mut wanted = entries.clone();
+                now.sort();
+                wanted.sort();
+                if now != wanted {
+                    before.push((file.clone(), now));
+                }
+            }
+            let mut written: Vec<&(PathBuf, Vec<(String, String)>)> = Vec::new();
+            let mut result = Ok(());
+            for b in &before {
+                match routing::write_map(api, &b.0, &want[&b.0]).await {
+                    Ok(()) => written.push(b),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            if result.is_ok() {
+                result = this.change_locked(edit).await;
+            }
+            if let Err(e) = result {
+                for (file, old) in written {
+                    if let Err(r) = routing::write_map(api, file, old).await {
+                        tracing::error!(map = %file.display(), error = %r, "could not restore a HAProxy routing map");
+                    }
+                }
+                return Err(e);
+            }
+            *roster::lock(&inner.policy) = policy;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn change_locked(
+        &self,
+        edit: impl FnOnce(&mut Roster) -> Result<(), DriverError>,
+    ) -> Result<(), DriverError> {
         let inner = &self.inner;
-        let _g = inner.apply.lock().await;
         let mut st = self.lock_state().clone();
         edit(&mut st)?;
         let want = self.desired(&st);
@@ -781,7 +925,7 @@ impl LoadBalancer for HaproxyLoadBalancer {
     ///   state keeps the old split, and a retry converges.
     async fn set_weights(&self, weights: &[GroupWeight]) -> Result<(), DriverError> {
         let shares = self.lock_state().check_weights(weights)?;
-        self.change(move |st| {
+        self.route(None, move |st| {
             st.shares = Some(shares);
             Ok(())
         })
@@ -803,8 +947,51 @@ impl LoadBalancer for HaproxyLoadBalancer {
                 self.inner.backend
             )));
         }
-        self.change(move |st| {
+        self.route(None, move |st| {
             st.shares = Some(BTreeMap::from([(g, 100)]));
+            Ok(())
+        })
+        .await
+    }
+
+    /// Weights, switch and, with a map dir ([`HaproxyBuilder::map_dir`]),
+    /// header, cookie and query rules.
+    fn capabilities(&self) -> Capabilities {
+        let caps = Capabilities::weights_and_switch();
+        if self.inner.map_dir.is_none() {
+            return caps;
+        }
+        caps.with(Capability::HeaderMatch)
+            .with(Capability::CookieMatch)
+            .with(Capability::QueryMatch)
+            .with(Capability::RegexMatch)
+    }
+
+    /// Writes each rule's map entry (value -> `<backend>__<group>`) as a new
+    /// map version, committed atomically per map and read back, empties the
+    /// owned maps no rule uses, then sets the split's weights as
+    /// [`set_weights`](Self::set_weights) does. No reload. Mirroring is
+    /// refused: HAProxy 2.6 has no built-in mirroring.
+    ///
+    /// * Idempotent: yes; maps and servers already as wanted are not sent.
+    /// * Cancel-safe: yes (runs in a task).
+    /// * On failure: the maps written are put back, so the previous rules
+    ///   route; an invalid or unsupported policy, an unknown group, or a
+    ///   rule whose map HAProxy has not loaded is refused before anything is
+    ///   sent.
+    async fn apply_policy(&self, policy: &TrafficPolicy) -> Result<(), DriverError> {
+        self.capabilities().check("haproxy", policy)?;
+        let shares = {
+            let st = self.lock_state();
+            check_groups("haproxy", policy, &st.groups())?;
+            st.check_weights(&policy.split.weights)?
+        };
+        if let Some(group) = policy.as_switch() {
+            return self.switch_to(group).await;
+        }
+        let rules = (!policy.rules.is_empty()).then(|| policy.clone());
+        self.route(rules, move |st| {
+            st.shares = Some(shares);
             Ok(())
         })
         .await
@@ -816,6 +1003,10 @@ impl LoadBalancer for HaproxyLoadBalancer {
     /// * Idempotent: yes (read-only). Cancel-safe: yes.
     /// * On failure: nothing changed.
     async fn live_group(&self) -> Result<Option<Group>, DriverError> {
+        // Requests a rule matches go to the rule's group, whatever the split.
+        if roster::lock(&self.inner.policy).is_some() {
+            return Ok(None);
+        }
         let current = self.current().await?;
         let st = self.lock_state().clone();
         let mut live = BTreeSet::new();

@@ -72,3 +72,101 @@ impl LoadBalancer for NoLoadBalancer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::routing::{Match, Mirror, Rule, TrafficPolicy, ValueMatch};
+
+    /// Records the weight and switch calls the default `apply_policy` makes.
+    #[derive(Debug, Default)]
+    struct Recording(Mutex<Vec<String>>);
+
+    #[async_trait]
+    impl LoadBalancer for Recording {
+        fn name(&self) -> &str {
+            "recording"
+        }
+        async fn drain(&self, _: &Backend) -> Result<(), DriverError> {
+            Ok(())
+        }
+        async fn active_connections(&self, _: &Backend) -> Result<Option<u64>, DriverError> {
+            Ok(None)
+        }
+        async fn enable(&self, _: &Backend) -> Result<(), DriverError> {
+            Ok(())
+        }
+        async fn disable(&self, _: &Backend) -> Result<(), DriverError> {
+            Ok(())
+        }
+        async fn set_weights(&self, w: &[GroupWeight]) -> Result<(), DriverError> {
+            let text: Vec<String> = w.iter().map(|w| format!("{}={}", w.group, w.percent)).collect();
+            self.0.lock().unwrap().push(format!("weights {}", text.join(",")));
+            Ok(())
+        }
+        async fn switch_to(&self, g: &Group) -> Result<(), DriverError> {
+            self.0.lock().unwrap().push(format!("switch {g}"));
+            Ok(())
+        }
+    }
+
+    fn g(s: &str) -> Group {
+        Group::new(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn default_apply_policy_maps_weights_and_switch_and_refuses_the_rest() {
+        let lb = Recording::default();
+        assert_eq!(
+            lb.capabilities(),
+            crate::routing::Capabilities::weights_and_switch()
+        );
+        lb.apply_policy(&TrafficPolicy::switch(&g("blue"))).await.unwrap();
+        let split = [
+            GroupWeight {
+                group: g("stable"),
+                percent: 80,
+            },
+            GroupWeight {
+                group: g("canary"),
+                percent: 20,
+            },
+        ];
+        lb.apply_policy(&TrafficPolicy::weights(&split)).await.unwrap();
+        let header = TrafficPolicy {
+            rules: vec![Rule {
+                matches: Match::Header {
+                    name: "x-canary".into(),
+                    value: ValueMatch::Exact("1".into()),
+                },
+                group: g("canary"),
+            }],
+            ..TrafficPolicy::weights(&split)
+        };
+        let e = lb.apply_policy(&header).await.unwrap_err();
+        assert!(
+            e.message()
+                .contains("the recording load balancer cannot route by request header"),
+            "{e}"
+        );
+        let mirror = TrafficPolicy {
+            mirror: Some(Mirror::new(g("shadow"), 5)),
+            ..TrafficPolicy::switch(&g("stable"))
+        };
+        let e = lb.apply_policy(&mirror).await.unwrap_err();
+        assert!(e.message().contains("nginx"), "{e}");
+        // Invalid before unsupported, and nothing was called for either.
+        let bad = TrafficPolicy::weights(&[GroupWeight {
+            group: g("a"),
+            percent: 50,
+        }]);
+        let e = lb.apply_policy(&bad).await.unwrap_err();
+        assert!(e.message().contains("sum to 50"), "{e}");
+        assert_eq!(
+            *lb.0.lock().unwrap(),
+            ["switch blue", "weights stable=80,canary=20"]
+        );
+    }
+}

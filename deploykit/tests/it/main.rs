@@ -11,3 +11,4 @@ mod gates;
 mod props;
 mod recreate;
 mod rolling;
+mod routing;

@@ -72,6 +72,7 @@
 
 mod procfs;
 mod render;
+mod routing;
 mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -90,6 +91,7 @@ pub use render::{Upstream, UpstreamServer};
 use super::roster::{self, run_to_completion, Admin, Roster, RosterRules};
 use crate::error::{DriverError, Error, PreflightFailure, Result};
 use crate::names::{validate_name, Group, InstanceId};
+use crate::routing::{check_groups, Capabilities, Capability, TrafficPolicy};
 use crate::state::atomic::write_atomic;
 use crate::traits::{Backend, GroupWeight, LoadBalancer};
 use render::{render_file, upstream_for, RenderOpts};
@@ -159,6 +161,7 @@ pub struct NginxBuilder {
     reload_timeout: Duration,
     idle_as_backup: bool,
     drain: DrainMode,
+    location_include: Option<PathBuf>,
 }
 
 impl Default for NginxBuilder {
@@ -175,6 +178,7 @@ impl Default for NginxBuilder {
             reload_timeout: Duration::from_secs(10),
             idle_as_backup: false,
             drain: DrainMode::Reload,
+            location_include: None,
         }
     }
 }
@@ -259,6 +263,18 @@ impl NginxBuilder {
         self
     }
 
+    /// The location-level include file deploykit owns, which turns on
+    /// routing policies (header, cookie and query rules, sticky splits,
+    /// mirroring: [`LoadBalancer::apply_policy`]). nginx's config must
+    /// `include` it inside the `location` that proxies to the application,
+    /// in place of its `proxy_pass` line; [`NginxLoadBalancer::install`]
+    /// (`deploykit setup`) writes it. Without it the driver does weights
+    /// and switches only, exactly as before.
+    pub fn location_include(mut self, path: impl Into<PathBuf>) -> Self {
+        self.location_include = Some(path.into());
+        self
+    }
+
     /// Checks the settings and builds the driver. Touches nothing: call
     /// [`NginxLoadBalancer::install`] to write the first file.
     ///
@@ -292,6 +308,17 @@ impl NginxBuilder {
         if self.reload_timeout.is_zero() {
             return Err(Error::invalid("nginx reload_timeout", "must be greater than 0"));
         }
+        if let Some(loc) = &self.location_include {
+            if !loc.is_absolute() || loc.file_name().is_none() || loc == &include {
+                return Err(Error::invalid(
+                    "nginx location_include",
+                    format!(
+                        "{} must be an absolute path to a file other than the upstream include",
+                        loc.display()
+                    ),
+                ));
+            }
+        }
         let mut global_args: Vec<OsString> = Vec::new();
         if let Some(p) = &self.prefix {
             global_args.push("-p".into());
@@ -308,8 +335,14 @@ impl NginxBuilder {
         let mut state = State {
             roster,
             drains: BTreeMap::new(),
+            policy: None,
         };
         adopt_saved(&include, &mut state);
+        if state.policy.is_some() && self.location_include.is_none() {
+            tracing::warn!(file = %include.display(),
+                "ignoring the recorded routing policy: load_balancer.location_include is not set, so this driver cannot render it");
+            state.policy = None;
+        }
         Ok(NginxLoadBalancer {
             inner: Arc::new(Inner {
                 upstream: self.upstream,
@@ -321,7 +354,9 @@ impl NginxBuilder {
                 opts: RenderOpts {
                     idle_as_backup: self.idle_as_backup,
                     drain: self.drain,
+                    routing: self.location_include.is_some(),
                 },
+                location: self.location_include,
                 reloads: AtomicU64::new(0),
                 state: Mutex::new(state),
                 apply: tokio::sync::Mutex::new(()),
@@ -330,6 +365,10 @@ impl NginxBuilder {
         })
     }
 }
+
+/// Each file a change replaced, with what it held before (`None`: it did
+/// not exist).
+type Previous = Vec<(PathBuf, Option<Vec<u8>>)>;
 
 /// A change to the driver's state; it may refuse (then nothing changes).
 type Edit = Box<dyn FnOnce(&mut State) -> Result<(), DriverError> + Send>;
@@ -378,6 +417,8 @@ pub struct NginxLoadBalancer {
 struct Inner {
     upstream: String,
     include: PathBuf,
+    /// The location include, when routing policies are on.
+    location: Option<PathBuf>,
     binary: PathBuf,
     global_args: Vec<OsString>,
     pid_file: PathBuf,
@@ -440,8 +481,7 @@ impl NginxLoadBalancer {
         run_to_completion("nginx", async move {
             let _g = inner.apply.lock().await;
             let st = inner.lock_state().clone();
-            let text = render_file(&inner.upstream, &st, inner.opts);
-            let previous = inner.replace_and_test(&text).await?;
+            let previous = inner.replace_and_test(&st).await?;
             drop(previous);
             Ok(())
         })
@@ -624,6 +664,18 @@ impl Inner {
             ))
             .with_preflight_failure(PreflightFailure::NotWired));
         }
+        if let Some(loc) = &self.location {
+            if !includes_file(&dump, loc) {
+                let shown = loc.display();
+                return Err(DriverError::new(format!(
+                    "nginx's configuration does not include the location file {shown}, so routing \
+                     policies would route nothing: put `include {shown};` inside the `location` that \
+                     proxies to the application, in place of its `proxy_pass` line (`deploykit setup` \
+                     writes the file)"
+                ))
+                .with_preflight_failure(PreflightFailure::NotWired));
+            }
+        }
         if self.opts.drain == DrainMode::UpstreamRetry {
             if let Some(problem) = retry_config_problem(&dump) {
                 return Err(DriverError::new(format!(
@@ -636,50 +688,81 @@ impl Inner {
         Ok(())
     }
 
-    /// Replaces the include file with `text` through the atomic-write
-    /// helper: a temp file created exclusively under a random name (never
-    /// through a planted symlink), fsynced and renamed over the include.
-    async fn write_atomically(&self, text: &[u8]) -> Result<(), DriverError> {
-        let path = self.include.clone();
+    /// Replaces `path` with `text` through the atomic-write helper: a temp
+    /// file created exclusively under a random name (never through a
+    /// planted symlink), fsynced and renamed over it.
+    async fn write_atomically(&self, path: &Path, text: &[u8]) -> Result<(), DriverError> {
+        let target = path.to_path_buf();
         let bytes = text.to_vec();
-        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+        tokio::task::spawn_blocking(move || write_atomic(&target, &bytes))
             .await
-            .map_err(|e| DriverError::new(format!("writing the nginx upstream file panicked: {e}")))?
-            .map_err(|e| {
-                DriverError::new(format!(
-                    "cannot replace the nginx upstream file {}: {e}",
-                    self.include.display()
-                ))
-            })
+            .map_err(|e| DriverError::new(format!("writing the nginx file panicked: {e}")))?
+            .map_err(|e| DriverError::new(format!("cannot replace the nginx file {}: {e}", path.display())))
     }
 
-    /// Puts back what the include file held before (or removes it).
-    async fn restore(&self, previous: &Option<Vec<u8>>) {
-        let r = match previous {
-            Some(p) => self.write_atomically(p).await,
-            None => tokio::fs::remove_file(&self.include)
-                .await
-                .map_err(DriverError::from),
-        };
-        if let Err(e) = r {
-            tracing::error!(file = %self.include.display(), error = %e, "could not restore the previous nginx upstream file");
+    /// Every file the driver owns with its text for `st`: the upstream
+    /// include, and the location include when routing is on.
+    fn files_for(&self, st: &State) -> Vec<(&Path, String)> {
+        let mut files = vec![(self.include.as_path(), render_file(&self.upstream, st, self.opts))];
+        if let Some(loc) = &self.location {
+            files.push((
+                loc.as_path(),
+                routing::render_location(&self.upstream, st.policy.as_ref()),
+            ));
+        }
+        files
+    }
+
+    /// What nginx runs for `st`: every rendered line but the state comment,
+    /// so that two states nginx cannot tell apart share one reload.
+    fn nginx_view(&self, st: &State) -> String {
+        let mut view = upstream_for(&self.upstream, st, self.opts).render();
+        if self.opts.routing {
+            view.push_str(&routing::render_http(&self.upstream, st, self.opts));
+            view.push_str(&routing::render_location(&self.upstream, st.policy.as_ref()));
+        }
+        view
+    }
+
+    /// Puts back what each file held before (or removes it).
+    async fn restore(&self, previous: &[(PathBuf, Option<Vec<u8>>)]) {
+        for (path, before) in previous {
+            let r = match before {
+                Some(p) => self.write_atomically(path, p).await,
+                None => tokio::fs::remove_file(path).await.map_err(DriverError::from),
+            };
+            if let Err(e) = r {
+                tracing::error!(file = %path.display(), error = %e, "could not restore the previous nginx file");
+            }
         }
     }
 
-    /// Puts the candidate in place and runs `nginx -t`; on rejection puts
-    /// the previous file back. Returns the previous content.
-    async fn replace_and_test(&self, text: &str) -> Result<Option<Vec<u8>>, DriverError> {
-        let previous = match tokio::fs::read(&self.include).await {
-            Ok(b) => Some(b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => {
-                return Err(DriverError::new(format!(
-                    "cannot read the nginx upstream file {}: {e}",
-                    self.include.display()
-                )))
+    /// Puts the files for `st` in place (the location include first: nginx
+    /// reads neither before the test and the reload) and runs `nginx -t`; on
+    /// rejection puts the previous files back. Returns the previous content.
+    async fn replace_and_test(&self, st: &State) -> Result<Previous, DriverError> {
+        let mut previous = Vec::new();
+        let mut files = self.files_for(st);
+        files.reverse();
+        for (path, _) in &files {
+            let before = match tokio::fs::read(path).await {
+                Ok(b) => Some(b),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    return Err(DriverError::new(format!(
+                        "cannot read the nginx file {}: {e}",
+                        path.display()
+                    )))
+                }
+            };
+            previous.push((path.to_path_buf(), before));
+        }
+        for (written, (path, text)) in files.iter().enumerate() {
+            if let Err(e) = self.write_atomically(path, text.as_bytes()).await {
+                self.restore(&previous[..written]).await;
+                return Err(e);
             }
-        };
-        self.write_atomically(text.as_bytes()).await?;
+        }
         if let Err(e) = self.run_nginx(&["-t", "-q"]).await {
             self.restore(&previous).await;
             return Err(DriverError::new(format!(
@@ -690,8 +773,8 @@ impl Inner {
         Ok(previous)
     }
 
-    /// Restores the previous file and returns `e`.
-    async fn fail(&self, previous: &Option<Vec<u8>>, e: DriverError) -> Result<(), DriverError> {
+    /// Restores the previous files and returns `e`.
+    async fn fail(&self, previous: &Previous, e: DriverError) -> Result<(), DriverError> {
         self.restore(previous).await;
         Err(e)
     }
@@ -734,24 +817,28 @@ impl Inner {
     /// the driver's state changes (no reload); otherwise render, check,
     /// rename, reload, confirm. Commits `new` on success.
     async fn apply_state(&self, new: State, draining: Vec<InstanceId>) -> Result<(), DriverError> {
-        let (text, live_block, live_file) = {
+        let (text, live_view, live_files) = {
             let live = self.lock_state();
             (
                 render_file(&self.upstream, &new, self.opts),
-                upstream_for(&self.upstream, &live, self.opts).render(),
-                render_file(&self.upstream, &live, self.opts),
+                self.nginx_view(&live),
+                self.files_for(&live),
             )
         };
-        let same_block = upstream_for(&self.upstream, &new, self.opts).render() == live_block;
-        let on_disk = tokio::fs::read(&self.include).await.ok();
-        if !same_block || on_disk.as_deref() != Some(live_file.as_bytes()) {
+        let mut on_disk_is_live = true;
+        for (path, live_text) in &live_files {
+            let on_disk = tokio::fs::read(path).await.ok();
+            on_disk_is_live &= on_disk.as_deref() == Some(live_text.as_bytes());
+        }
+        if self.nginx_view(&new) != live_view || !on_disk_is_live {
             return self.reload_with(new, draining).await;
         }
+        let live_file = &live_files[0].1;
         // nginx already runs this upstream block: a reload would only close
         // idle client connections. Only the recorded state may differ (a
         // comment nginx ignores), and is written without a reload.
-        if text != live_file {
-            self.write_atomically(text.as_bytes()).await?;
+        if &text != live_file {
+            self.write_atomically(&self.include, text.as_bytes()).await?;
         }
         self.commit(new, Vec::new(), BTreeSet::new());
         Ok(())
@@ -759,10 +846,9 @@ impl Inner {
 
     /// Render, check, rename, reload, confirm; commit `new` on success.
     async fn reload_with(&self, new: State, draining: Vec<InstanceId>) -> Result<(), DriverError> {
-        let text = render_file(&self.upstream, &new, self.opts);
         let master = procfs::master(&self.pid_file)?;
         let before = procfs::settled_generation(&master, self.reload_timeout).await?;
-        let previous = self.replace_and_test(&text).await?;
+        let previous = self.replace_and_test(&new).await?;
         if let Err(e) = self.run_nginx(&["-s", "reload"]).await {
             return self
                 .fail(
@@ -885,6 +971,8 @@ impl LoadBalancer for NginxLoadBalancer {
     }
 
     /// Weights per server so each group gets its share; 0 % groups `down`.
+    /// Replaces any routing policy (rules, sticky split, mirror): a plain
+    /// split is a policy too.
     ///
     /// * Idempotent: yes. Cancel-safe: yes (runs in a task).
     /// * On failure: the previous split is still live.
@@ -892,6 +980,7 @@ impl LoadBalancer for NginxLoadBalancer {
         let shares = self.inner.lock_state().roster.check_weights(weights)?;
         self.edit(None, move |st| {
             st.roster.shares = Some(shares);
+            st.policy = None;
             Ok(())
         })
         .await
@@ -913,6 +1002,52 @@ impl LoadBalancer for NginxLoadBalancer {
                 )));
             }
             st.roster.shares = Some(BTreeMap::from([(g, 100)]));
+            st.policy = None;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Everything, with a location include
+    /// ([`NginxBuilder::location_include`]); weights and switch without.
+    fn capabilities(&self) -> Capabilities {
+        if self.inner.location.is_some() {
+            Capabilities::of(Capability::ALL)
+        } else {
+            Capabilities::weights_and_switch()
+        }
+    }
+
+    /// Compiles the policy into both owned files (see the `routing`
+    /// module): per-group upstreams, a `map` chain for the rules,
+    /// `split_clients` for a sticky split, the mirror's `split_clients`,
+    /// `map` and internal location; then `nginx -t` and one reload, as for
+    /// every change. A plain split or switch goes through
+    /// [`set_weights`](Self::set_weights) / [`switch_to`](Self::switch_to).
+    ///
+    /// * Idempotent: yes; the live policy again renders the same files and
+    ///   reloads nothing.
+    /// * Cancel-safe: yes (runs in a task).
+    /// * On failure: the previous files are back and still live; a policy
+    ///   this driver cannot apply, or naming a group without backends, is
+    ///   refused before any file is written.
+    async fn apply_policy(&self, policy: &TrafficPolicy) -> Result<(), DriverError> {
+        self.capabilities().check("nginx", policy)?;
+        let shares = {
+            let st = self.inner.lock_state();
+            check_groups("nginx", policy, &st.roster.groups())?;
+            st.roster.check_weights(&policy.split.weights)?
+        };
+        if let Some(group) = policy.as_switch() {
+            return self.switch_to(group).await;
+        }
+        if policy.as_weights().is_some() {
+            return self.set_weights(&policy.split.weights).await;
+        }
+        let policy = policy.clone();
+        self.edit(None, move |st| {
+            st.roster.shares = Some(shares);
+            st.policy = Some(policy);
             Ok(())
         })
         .await
@@ -925,6 +1060,10 @@ impl LoadBalancer for NginxLoadBalancer {
     /// * On failure: nothing changed.
     async fn live_group(&self) -> Result<Option<Group>, DriverError> {
         let st = self.inner.lock_state().clone();
+        // Requests a rule matches go to the rule's group, whatever the split.
+        if st.policy.as_ref().is_some_and(|p| !p.rules.is_empty()) {
+            return Ok(None);
+        }
         let ready = st.roster.ready_per_group();
         let live: Vec<&Group> = match &st.roster.shares {
             Some(s) => s
@@ -998,6 +1137,98 @@ mod tests {
     use super::*;
     use crate::lb::roster::test_backend as backend;
     use crate::state::atomic::entries;
+
+    fn canary_rule_policy(group: &str) -> TrafficPolicy {
+        use crate::routing::{Match, Rule, ValueMatch};
+        TrafficPolicy {
+            rules: vec![Rule {
+                matches: Match::Header {
+                    name: "x-canary".into(),
+                    value: ValueMatch::Exact("always".into()),
+                },
+                group: Group::new(group).unwrap(),
+            }],
+            ..TrafficPolicy::switch(&Group::new("stable").unwrap())
+        }
+    }
+
+    #[tokio::test]
+    async fn policies_beyond_the_driver_or_its_groups_are_refused_before_any_file_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let include = dir.path().join("upstream.conf");
+        let location = dir.path().join("location.conf");
+        let backends = [backend("s-1", 9001, "stable"), backend("c-1", 9002, "canary")];
+        // Without a location include: weights and switch only.
+        let plain = NginxLoadBalancer::builder()
+            .include_file(&include)
+            .backends(backends.clone())
+            .build()
+            .unwrap();
+        assert_eq!(plain.capabilities(), Capabilities::weights_and_switch());
+        let e = plain
+            .apply_policy(&canary_rule_policy("canary"))
+            .await
+            .unwrap_err();
+        assert!(
+            e.message()
+                .contains("the nginx load balancer cannot route by request header")
+                && e.message().contains("location_include"),
+            "{e}"
+        );
+        // With one: everything, but not a group without backends.
+        let routed = NginxLoadBalancer::builder()
+            .include_file(&include)
+            .location_include(&location)
+            .backends(backends)
+            .build()
+            .unwrap();
+        assert!(routed.capabilities().supports(Capability::Mirror));
+        let e = routed
+            .apply_policy(&canary_rule_policy("canry"))
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("group canry (rules[0].group)"), "{e}");
+        assert!(
+            !include.exists() && !location.exists(),
+            "a refused policy wrote a file"
+        );
+        // The same location file as the upstream file is refused at build.
+        let e = NginxLoadBalancer::builder()
+            .include_file(&include)
+            .location_include(&include)
+            .backend(backend("s-1", 9001, "stable"))
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("nginx location_include"), "{e}");
+    }
+
+    #[test]
+    fn a_new_driver_adopts_the_routing_policy_recorded_in_the_include_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let include = dir.path().join("upstream.conf");
+        let build = || {
+            NginxLoadBalancer::builder()
+                .include_file(&include)
+                .location_include(dir.path().join("location.conf"))
+                .backends([backend("s-1", 9001, "stable"), backend("c-1", 9002, "canary")])
+                .build()
+                .unwrap()
+        };
+        let first = build();
+        {
+            let mut st = first.inner.lock_state();
+            st.roster.shares = Some(BTreeMap::from([(Group::new("stable").unwrap(), 100)]));
+            st.policy = Some(canary_rule_policy("canary"));
+        }
+        let text = first.render();
+        assert!(
+            text.contains("map $http_x_canary $deploykit_app_upstream"),
+            "{text}"
+        );
+        std::fs::write(&include, &text).unwrap();
+        let second = build();
+        assert_eq!(second.render(), text);
+    }
 
     #[test]
     fn a_new_driver_adopts_the_state_recorded_in_the_include_file() {

@@ -49,6 +49,13 @@ impl Upstream {
     pub fn render(&self) -> String {
         let mut s =
             String::from("# Managed by deploykit: rendered from its state, replaced on every change.\n");
+        s.push_str(&self.render_block());
+        s
+    }
+
+    /// The `upstream` block alone, without the header comment.
+    pub fn render_block(&self) -> String {
+        let mut s = String::new();
         let _ = writeln!(s, "upstream {} {{", self.name);
         for srv in &self.servers {
             let _ = write!(s, "    server {}", srv.address);
@@ -85,6 +92,9 @@ pub(super) struct RenderOpts {
     pub(super) idle_as_backup: bool,
     /// How a drain takes a backend out.
     pub(super) drain: DrainMode,
+    /// Routing variables and group upstreams are rendered (a location
+    /// include is configured).
+    pub(super) routing: bool,
 }
 
 /// The upstream block named `name` for `st`: shares become per-server
@@ -94,22 +104,59 @@ pub(super) struct RenderOpts {
 /// own graceful stop turns traffic away, nginx retries elsewhere), every
 /// server has `max_fails=0` and the block keeps idle connections alive.
 pub(super) fn upstream_for(name: &str, st: &State, opts: RenderOpts) -> Upstream {
-    let retry = opts.drain == DrainMode::UpstreamRetry;
     let weights = st.roster.weights(MAX_WEIGHT);
+    servers_block(
+        name,
+        st,
+        opts,
+        |_| true,
+        |g| match &weights {
+            None => Some(None),
+            Some(w) => w.get(g).map(|w| Some(*w)),
+        },
+    )
+}
+
+/// One upstream per group, `<name>__<group>`, for the routing policy: every
+/// server of the group in rotation unless the operator took it out (its
+/// group's share of the split does not matter here: rules and sticky splits
+/// pick the group, the block only spreads over its servers).
+pub(super) fn group_upstreams(name: &str, st: &State, opts: RenderOpts) -> Vec<Upstream> {
+    st.roster
+        .groups()
+        .into_keys()
+        .map(|g| {
+            let up_name = super::routing::group_upstream(name, &g);
+            servers_block(&up_name, st, opts, |b| b == &g, |_| Some(None))
+        })
+        .collect()
+}
+
+/// The upstream block `name` over the backends `member` accepts; `weight`
+/// gives a group's per-server weight (`Some(None)`: in rotation without a
+/// weight; `None`: the group has no share).
+fn servers_block(
+    name: &str,
+    st: &State,
+    opts: RenderOpts,
+    member: impl Fn(&crate::names::Group) -> bool,
+    weight: impl Fn(&crate::names::Group) -> Option<Option<u32>>,
+) -> Upstream {
+    let retry = opts.drain == DrainMode::UpstreamRetry;
     let servers = st
         .roster
         .iter()
+        .filter(|(b, _)| member(&b.group))
         .map(|(b, admin)| {
             // A drain in upstream-retry mode changes nothing nginx reads.
             let admin = match admin {
                 Admin::Draining if retry => Admin::Ready,
                 a => a,
             };
-            let (in_rotation, weight) = match (&weights, admin) {
-                (_, Admin::Draining | Admin::Disabled) => (false, None),
-                (None, Admin::Ready) => (true, None),
-                (Some(w), Admin::Ready) => match w.get(&b.group) {
-                    Some(w) => (true, Some(*w)),
+            let (in_rotation, weight) = match admin {
+                Admin::Draining | Admin::Disabled => (false, None),
+                Admin::Ready => match weight(&b.group) {
+                    Some(w) => (true, w),
                     None => (false, None),
                 },
             };
@@ -136,6 +183,9 @@ pub(super) fn upstream_for(name: &str, st: &State, opts: RenderOpts) -> Upstream
 /// to record.
 pub(super) fn render_file(name: &str, st: &State, opts: RenderOpts) -> String {
     let mut text = upstream_for(name, st, opts).render();
+    if opts.routing {
+        text.push_str(&super::routing::render_http(name, st, opts));
+    }
     if let Some(line) = saved_line(st, opts.drain) {
         let at = text.find('\n').map_or(0, |i| i + 1);
         text.insert_str(at, &line);
@@ -167,6 +217,7 @@ mod tests {
         State {
             roster: Roster::new(backends, rules).unwrap(),
             drains: BTreeMap::new(),
+            policy: None,
         }
     }
 
@@ -206,6 +257,7 @@ mod tests {
     const BACKUP: RenderOpts = RenderOpts {
         idle_as_backup: true,
         drain: DrainMode::Reload,
+        routing: false,
     };
 
     #[test]
@@ -225,6 +277,7 @@ mod tests {
         let retry = RenderOpts {
             idle_as_backup: false,
             drain: DrainMode::UpstreamRetry,
+            routing: false,
         };
         let mut st = state();
         st.roster

@@ -9,6 +9,7 @@ use super::procfs::Proc;
 use super::DrainMode;
 use crate::lb::roster::{Admin, Roster};
 use crate::names::{Group, InstanceId};
+use crate::routing::TrafficPolicy;
 
 /// Where the include file carries the driver's state, so that a new
 /// process (the next CLI run, a recovery after a crash) starts from what
@@ -26,6 +27,8 @@ struct SavedState {
     shares: Option<BTreeMap<Group, u8>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     out: BTreeMap<InstanceId, Admin>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    policy: Option<TrafficPolicy>,
 }
 
 impl SavedState {
@@ -45,6 +48,7 @@ impl SavedState {
                 .filter(|(_, a)| out_for_nginx(*a))
                 .map(|(b, a)| (b.id.clone(), a))
                 .collect(),
+            policy: st.policy.clone(),
         }
     }
 }
@@ -87,11 +91,19 @@ pub(super) fn adopt_saved(include: &Path, state: &mut State) {
             return;
         }
     }
+    if let Some(policy) = &saved.policy {
+        if let Err(e) = crate::routing::check_groups("nginx", policy, &groups) {
+            tracing::warn!(file = %include.display(), error = %e,
+                "the recorded routing policy does not fit the configured backends; ignoring the record");
+            return;
+        }
+    }
     for (id, recorded) in &saved.out {
         // An id no longer configured is not in the roster: nothing to adopt.
         state.roster.set_admin(id, *recorded);
     }
     state.roster.shares = saved.shares;
+    state.policy = saved.policy;
 }
 
 /// What the driver believes the live include file says, and what each
@@ -103,4 +115,7 @@ pub(super) struct State {
     pub(super) roster: Roster,
     /// Workers alive at the reload that took a backend out of rotation.
     pub(super) drains: BTreeMap<InstanceId, BTreeSet<Proc>>,
+    /// The routing policy beyond the split (rules, sticky, mirror), when
+    /// one was applied; its weights are `roster.shares`.
+    pub(super) policy: Option<TrafficPolicy>,
 }
