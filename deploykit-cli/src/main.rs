@@ -28,6 +28,8 @@ mod notify;
 mod output;
 mod recommend;
 mod sim;
+#[cfg(test)]
+mod sim_conformance;
 mod wire;
 
 use std::io::IsTerminal;

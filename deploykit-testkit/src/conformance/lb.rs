@@ -34,6 +34,7 @@ pub struct LoadBalancerSuite {
     per_backend: bool,
     splits: bool,
     live_group: bool,
+    backend_list: bool,
     deadline: Duration,
     interval: Duration,
     cancel_points: Vec<Duration>,
@@ -46,6 +47,7 @@ impl Default for LoadBalancerSuite {
             per_backend: true,
             splits: true,
             live_group: true,
+            backend_list: true,
             deadline: Duration::from_secs(30),
             interval: Duration::from_millis(50),
             cancel_points: vec![
@@ -96,6 +98,13 @@ impl LoadBalancerSuite {
     /// are made but not read back.
     pub fn without_live_group(mut self) -> Self {
         self.live_group = false;
+        self
+    }
+
+    /// The driver is not given its backends (it routes whatever it is
+    /// asked to): a backend it was never given cannot be refused.
+    pub fn without_backend_list(mut self) -> Self {
+        self.backend_list = false;
         self
     }
 
@@ -526,6 +535,10 @@ impl<L: LoadBalancer + ?Sized> Run<'_, L> {
             group: b.group.clone(),
         };
         match lb.drain(&unknown).await {
+            _ if !self.suite.backend_list => done.skip(
+                Clause::LbUnknownBackendRefused,
+                "the driver is not given its backends",
+            ),
             Ok(()) => {
                 return Err(ConformanceFailure::new(
                     Clause::LbUnknownBackendRefused,
