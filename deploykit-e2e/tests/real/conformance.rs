@@ -1,0 +1,193 @@
+//! The testkit's conformance suite against every built-in driver on real
+//! servers: nginx and HAProxy in front of demo apps, the symlink switch on
+//! a temp dir, local and SSH instances running demo-app releases, and
+//! Prometheus scraping a demo app.
+//!
+//! Each test fails with the contract clause a driver broke
+//! (`ConformanceFailure`'s message), and asserts that the clauses the driver
+//! can honour were checked, not skipped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deploykit::lb::SymlinkSwitch;
+use deploykit::metrics::prometheus::Prometheus;
+use deploykit::{Backend, Group, LoadBalancer, Metric, ReleaseId};
+use deploykit_testkit::conformance::{self, Clause, Conformance, LoadBalancerSuite, MetricsSuite};
+
+use crate::harness::{backend, free_port, make_release, temp_dir, DemoApp, DemoOpts, Http, KillOnDrop};
+
+fn releases() -> [ReleaseId; 2] {
+    [ReleaseId::new("v1").unwrap(), ReleaseId::new("v2").unwrap()]
+}
+
+/// The clauses a driver that can do everything must pass.
+fn assert_all_checked(done: &Conformance, driver: &str) {
+    assert!(
+        done.skipped.is_empty(),
+        "{driver}: nothing may be skipped:\n{done}"
+    );
+    for c in [
+        Clause::LbDrainCompletes,
+        Clause::LbWeightsReadBack,
+        Clause::LbSwitchCancelSafe,
+        Clause::LbWeightsCancelSafe,
+        Clause::LbDrainCancelSafe,
+        Clause::LbUnknownBackendRefused,
+    ] {
+        assert!(done.passed.contains(&c), "{driver}: {c} not checked:\n{done}");
+    }
+}
+
+#[tokio::test]
+async fn nginx_conforms() {
+    let bin = crate::require_binary!("nginx");
+    let setup = crate::nginx::NginxSetup::start(&bin, &[("v1", "blue", &[]), ("v2", "green", &[])]).await;
+    let done = conformance::load_balancer(&setup.lb, &setup.backends)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nnginx stderr:\n{}", setup.nginx.stderr()));
+    assert_all_checked(&done, "nginx");
+    // What the suite left is what nginx serves: every request to blue.
+    let counts = setup.count(20).await;
+    assert_eq!(counts.get("v1"), Some(&20), "{counts:?}");
+}
+
+#[tokio::test]
+async fn haproxy_conforms() {
+    let bin = crate::require_binary!("haproxy");
+    let setup = crate::haproxy::HaproxySetup::start(&bin, &[("v1", "blue", &[]), ("v2", "green", &[])]).await;
+    let done = conformance::load_balancer(&setup.lb, &setup.backends)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nhaproxy stderr:\n{}", setup.haproxy.stderr()));
+    assert_all_checked(&done, "haproxy");
+    let counts = setup.count(20).await;
+    assert_eq!(counts.get("v1"), Some(&20), "{counts:?}");
+}
+
+#[tokio::test]
+async fn symlink_switch_conforms() {
+    let tmp = temp_dir("dk-conformance-symlink-");
+    let root = tmp.path();
+    let mut switch = SymlinkSwitch::builder(root.join("live"));
+    let mut backends: Vec<Backend> = Vec::new();
+    for (i, env) in ["blue", "green"].into_iter().enumerate() {
+        std::fs::create_dir_all(root.join(env)).unwrap();
+        switch = switch.environment(Group::new(env).unwrap(), root.join(env));
+        backends.push(backend(
+            &format!("i-{}", i + 1),
+            "127.0.0.1:9".parse().unwrap(),
+            env,
+        ));
+    }
+    let switch = switch.build().unwrap();
+    // A symlink routes whole groups, all or nothing, and counts nothing.
+    let done = LoadBalancerSuite::default()
+        .without_per_backend_routing()
+        .without_connection_counts()
+        .without_splits()
+        .run(&switch, &backends)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for c in [
+        Clause::LbSwitchReadBack,
+        Clause::LbSwitchCancelSafe,
+        Clause::LbWeightsCancelSafe,
+        Clause::LbFailedWeightsKeepSplit,
+    ] {
+        assert!(done.passed.contains(&c), "{c} not checked:\n{done}");
+    }
+    assert_eq!(std::fs::read_link(root.join("live")).unwrap(), root.join("blue"));
+    assert_eq!(switch.live_group().await.unwrap().unwrap().as_str(), "blue");
+}
+
+#[tokio::test]
+async fn local_instance_conforms() {
+    let tmp = temp_dir("dk-conformance-local-");
+    let builds = tmp.path().join("builds");
+    for v in releases() {
+        make_release(&builds, v.as_str());
+    }
+    let port = free_port();
+    let inst = Arc::new(crate::local::local_instance(
+        "web-1",
+        port,
+        &tmp.path().join("web-1"),
+        &builds,
+    ));
+    let _guard = crate::local::StopOnDrop(inst.clone());
+    let done = conformance::instance(inst.as_ref(), &releases())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(done.skipped.is_empty(), "{done}");
+    // The suite leaves it stopped: nothing answers on its port.
+    assert!(Http::new()
+        .get(&format!("http://127.0.0.1:{port}/"))
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_instance_conforms() {
+    let Some(lab) = crate::sshd::SshLab::start(1) else {
+        return;
+    };
+    let builds = lab.dir.path().join("builds");
+    for v in releases() {
+        make_release(&builds, v.as_str());
+    }
+    let (inst, address, root) = crate::ssh::ssh_instance(&lab, 0, &builds, 3);
+    let _kill = KillOnDrop(vec![root]);
+    let done = conformance::instance(&inst, &releases())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(done.skipped.is_empty(), "{done}");
+    assert!(Http::new().get(&format!("http://{address}/")).await.is_err());
+}
+
+#[tokio::test]
+async fn prometheus_conforms() {
+    let bin = crate::require_binary!("prometheus");
+    let dir = temp_dir("dk-conformance-prometheus-");
+    let app = DemoApp::start(DemoOpts::new("v1").track("stable")).await;
+    let server = crate::prometheus::PromServer::start(&bin, dir.path(), &[app.addr.to_string()]).await;
+    let prom = server.source();
+    // Steady traffic for the whole test, so every metric of the track has
+    // data in the window.
+    let url = app.url("/");
+    let load = tokio::spawn(async move {
+        let http = Http::new();
+        loop {
+            let _ = http.get(&url).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let window = Duration::from_secs(10);
+    for m in [Metric::ErrorRate, Metric::LatencyP99, Metric::RequestCount] {
+        crate::prometheus::wait_for_value(&prom, m, "stable", window).await;
+    }
+    let result = MetricsSuite::default()
+        .window(window)
+        .with_data(
+            Group::new("stable").unwrap(),
+            [Metric::ErrorRate, Metric::LatencyP99, Metric::RequestCount],
+        )
+        .without_data(Group::new("nobody").unwrap())
+        .run(&prom)
+        .await;
+    load.abort();
+    let done = result.unwrap_or_else(|e| panic!("{e}\nprometheus log:\n{}", server.log_text()));
+    assert!(done.passed.contains(&Clause::MetricsNoDataIsNoData), "{done}");
+
+    // Nothing listens on a fresh loopback port: every answer is a provider
+    // error, never a value or no data.
+    let dead = Prometheus::builder(format!("http://127.0.0.1:{}", free_port()))
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    MetricsSuite::default()
+        .with_data(Group::new("stable").unwrap(), [])
+        .unreachable()
+        .run(&dead)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
