@@ -260,6 +260,22 @@ impl fmt::Display for Conformance {
     }
 }
 
+/// Backends from `(id, address, group)` triples, for setting up a driver
+/// under test in a line.
+///
+/// # Panics
+/// When an id, address or group is not valid (the message names it).
+pub fn backends(list: &[(&str, &str, &str)]) -> Vec<deploykit::Backend> {
+    list.iter()
+        .map(|(id, address, group)| deploykit::Backend {
+            id: deploykit::InstanceId::new(*id).unwrap_or_else(|e| panic!("backend id {id:?}: {e}")),
+            address: deploykit::Address::parse(address)
+                .unwrap_or_else(|e| panic!("address {address:?}: {e}")),
+            group: deploykit::Group::new(*group).unwrap_or_else(|e| panic!("group {group:?}: {e}")),
+        })
+        .collect()
+}
+
 /// `Ok(value)` or a [`ConformanceFailure`] of `clause` naming `call`.
 pub(crate) fn must<T>(
     clause: Clause,
