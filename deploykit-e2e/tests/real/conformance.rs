@@ -191,3 +191,51 @@ async fn prometheus_conforms() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// Kills `pid` and waits (bounded) until it is gone or a zombie.
+async fn kill_and_wait(pid: u32) {
+    crate::harness::sigkill(pid);
+    crate::harness::eventually(Duration::from_secs(10), "the process is gone", || async {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        (st.is_empty() || st.contains(") Z ")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn nginx_that_is_down_is_reported_as_unreachable() {
+    let bin = crate::require_binary!("nginx");
+    let setup = crate::nginx::NginxSetup::start(&bin, &[("v1", "blue", &[]), ("v2", "green", &[])]).await;
+    let master = setup.nginx.pid();
+    let workers = crate::harness::eventually(Duration::from_secs(10), "nginx has workers", || async {
+        let w = crate::harness::children_of(master);
+        (!w.is_empty()).then_some(w)
+    })
+    .await;
+    kill_and_wait(master).await;
+    for w in workers {
+        crate::harness::sigkill(w);
+    }
+    let done = LoadBalancerSuite::default()
+        .unreachable()
+        .run(&setup.lb, &setup.backends)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(done.passed, vec![Clause::LbUnreachableRefused]);
+}
+
+#[tokio::test]
+async fn haproxy_that_is_down_is_reported_as_unreachable() {
+    let bin = crate::require_binary!("haproxy");
+    let mut setup =
+        crate::haproxy::HaproxySetup::start(&bin, &[("v1", "blue", &[]), ("v2", "green", &[])]).await;
+    let pid = setup.haproxy.child.id().expect("HAProxy runs");
+    kill_and_wait(pid).await;
+    let _ = setup.haproxy.child.wait().await;
+    let done = LoadBalancerSuite::default()
+        .unreachable()
+        .run(&setup.lb, &setup.backends)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(done.passed, vec![Clause::LbUnreachableRefused]);
+}

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use deploykit::{Address, Backend, Group, GroupWeight, InstanceId, LoadBalancer};
+use deploykit::{
+    Address, Backend, DriverError, Group, GroupWeight, InstanceId, LoadBalancer, PreflightFailure,
+};
 
 use super::{cancel_after, eventually, must, Clause, Conformance, ConformanceFailure};
 
@@ -35,6 +37,7 @@ pub struct LoadBalancerSuite {
     splits: bool,
     live_group: bool,
     backend_list: bool,
+    unreachable: bool,
     deadline: Duration,
     interval: Duration,
     cancel_points: Vec<Duration>,
@@ -48,6 +51,7 @@ impl Default for LoadBalancerSuite {
             splits: true,
             live_group: true,
             backend_list: true,
+            unreachable: false,
             deadline: Duration::from_secs(30),
             interval: Duration::from_millis(50),
             cancel_points: vec![
@@ -108,6 +112,17 @@ impl LoadBalancerSuite {
         self
     }
 
+    /// The balancer behind the driver is down (stopped, or its socket
+    /// gone): instead of the contract of a working balancer, the suite
+    /// checks that the driver says so — `preflight` fails (with
+    /// [`PreflightFailure::Unreachable`](deploykit::PreflightFailure) when
+    /// it says what it found) and every change fails rather than
+    /// succeeding while routing nothing.
+    pub fn unreachable(mut self) -> Self {
+        self.unreachable = true;
+        self
+    }
+
     /// How long a drain may take to reach 0 connections (default 30 s).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
@@ -146,6 +161,10 @@ impl LoadBalancerSuite {
             }
         }
         let mut done = Conformance::default();
+        if self.unreachable {
+            unreachable(lb, &backends[0], &groups, &mut done).await?;
+            return Ok(done);
+        }
         let run = Run {
             suite: self,
             lb,
@@ -188,6 +207,48 @@ impl LoadBalancerSuite {
         )?;
         Ok(done)
     }
+}
+
+/// The checks of [`LoadBalancerSuite::unreachable`].
+async fn unreachable<L: LoadBalancer + ?Sized>(
+    lb: &L,
+    b: &Backend,
+    groups: &[Group],
+    done: &mut Conformance,
+) -> Result<(), ConformanceFailure> {
+    let c = Clause::LbUnreachableRefused;
+    match lb.preflight().await {
+        Ok(()) => return Err(ConformanceFailure::new(c, "preflight succeeded")),
+        Err(e) => match e.preflight_failure() {
+            None | Some(PreflightFailure::Unreachable) => {}
+            Some(other) => {
+                return Err(ConformanceFailure::new(
+                    c,
+                    format!("preflight says the balancer is {other}, not unreachable: {e}"),
+                ))
+            }
+        },
+    }
+    let g = &groups[groups.len() - 1];
+    let calls: [(String, Result<(), DriverError>); 4] = [
+        (format!("drain({})", b.id), lb.drain(b).await),
+        (format!("disable({})", b.id), lb.disable(b).await),
+        (
+            format!("set_weights(100 % to {g})"),
+            lb.set_weights(&all_to(groups, g)).await,
+        ),
+        (format!("switch_to({g})"), lb.switch_to(g).await),
+    ];
+    for (call, r) in calls {
+        if r.is_ok() {
+            return Err(ConformanceFailure::new(
+                c,
+                format!("{call} succeeded, but nothing could have been changed"),
+            ));
+        }
+    }
+    done.pass(c);
+    Ok(())
 }
 
 struct Run<'a, L: ?Sized> {

@@ -88,6 +88,9 @@ pub enum Clause {
     /// A `set_weights` that fails is permanent when the input is at fault
     /// and leaves the previous split live.
     LbFailedWeightsKeepSplit,
+    /// A balancer that cannot be reached is reported: `preflight` fails
+    /// (as unreachable, when it says what it found) and every change fails.
+    LbUnreachableRefused,
     /// A `drain` dropped mid-call leaves the backend in rotation or
     /// draining: the next `enable` and `drain` succeed and the drain
     /// completes.
@@ -160,6 +163,7 @@ impl Clause {
             Clause::LbSwitchIdempotent => "LoadBalancer::switch_to is idempotent",
             Clause::LbWeightsReadBack => "after LoadBalancer::set_weights, live_group reads back the group with 100 % (none for a split)",
             Clause::LbFailedWeightsKeepSplit => "a failed LoadBalancer::set_weights is permanent for bad input and keeps the previous split live",
+            Clause::LbUnreachableRefused => "a balancer that cannot be reached fails preflight (as unreachable) and every change",
             Clause::LbDrainCancelSafe => "LoadBalancer::drain is cancel-safe",
             Clause::LbSwitchCancelSafe => "LoadBalancer::switch_to is cancel-safe: the old or the new group is live",
             Clause::LbWeightsCancelSafe => "LoadBalancer::set_weights is cancel-safe: the old or the new split is live",

@@ -10,6 +10,7 @@ use deploykit::{
     Observation, ReleaseId,
 };
 
+use super::backends as backends_of;
 use super::*;
 use crate::{FakeFleet, FakeInstance, FakeLoadBalancer, FakeMetrics};
 
@@ -331,4 +332,67 @@ async fn a_driver_that_cannot_split_or_count_says_so_and_the_clauses_are_skipped
         done.skipped,
         vec![(Clause::LbDrainCompletes, "the driver cannot count connections")]
     );
+}
+
+/// A balancer that is down: every call fails, or (`drain_ok`) a drain
+/// pretends to succeed.
+#[derive(Debug)]
+struct Down {
+    drain_ok: bool,
+}
+
+fn refused() -> DriverError {
+    DriverError::transient("connection refused")
+}
+
+#[async_trait]
+impl LoadBalancer for Down {
+    fn name(&self) -> &str {
+        "down"
+    }
+    async fn drain(&self, _: &Backend) -> Result<(), DriverError> {
+        if self.drain_ok {
+            Ok(())
+        } else {
+            Err(refused())
+        }
+    }
+    async fn active_connections(&self, _: &Backend) -> Result<Option<u64>, DriverError> {
+        Err(refused())
+    }
+    async fn enable(&self, _: &Backend) -> Result<(), DriverError> {
+        Err(refused())
+    }
+    async fn disable(&self, _: &Backend) -> Result<(), DriverError> {
+        Err(refused())
+    }
+    async fn set_weights(&self, _: &[GroupWeight]) -> Result<(), DriverError> {
+        Err(refused())
+    }
+    async fn switch_to(&self, _: &Group) -> Result<(), DriverError> {
+        Err(refused())
+    }
+    async fn preflight(&self) -> Result<(), DriverError> {
+        Err(refused().with_preflight_failure(deploykit::PreflightFailure::Unreachable))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_balancer_must_fail_preflight_and_every_change() {
+    let b = backends_of(&[("web-1", "127.0.0.1:8001", "blue")]);
+    let suite = LoadBalancerSuite::default().unreachable();
+    let done = suite.run(&Down { drain_ok: false }, &b).await.unwrap();
+    assert_eq!(done.passed, vec![Clause::LbUnreachableRefused]);
+
+    let err = suite.run(&Down { drain_ok: true }, &b).await.unwrap_err();
+    assert_eq!(err.clause, Clause::LbUnreachableRefused);
+    assert!(err.detail.contains("drain(web-1) succeeded"), "{err}");
+
+    // A balancer that works is not unreachable.
+    let fleet = FakeFleet::new(1);
+    let err = suite
+        .run(&fleet.load_balancer(), &backends(&fleet))
+        .await
+        .unwrap_err();
+    assert_eq!(err.detail, "preflight succeeded");
 }
