@@ -396,3 +396,29 @@ async fn an_unreachable_balancer_must_fail_preflight_and_every_change() {
         .unwrap_err();
     assert_eq!(err.detail, "preflight succeeded");
 }
+
+/// deploykit's stand-in for fleets with nothing in front: every change is
+/// a no-op that succeeds, and it can read nothing back.
+#[tokio::test(start_paused = true)]
+async fn no_load_balancer_conforms_as_a_balancer_that_can_do_nothing() {
+    let b = backends_of(&[
+        ("web-1", "127.0.0.1:8001", "blue"),
+        ("web-2", "127.0.0.1:8002", "green"),
+    ]);
+    let done = LoadBalancerSuite::default()
+        .without_connection_counts()
+        .without_per_backend_routing()
+        .without_live_group()
+        .without_backend_list()
+        .run(&deploykit::NoLoadBalancer, &b)
+        .await
+        .unwrap();
+    assert_eq!(
+        done.passed,
+        vec![
+            Clause::LbPreflight,
+            Clause::LbEnableIdempotent,
+            Clause::LbSwitchIdempotent
+        ]
+    );
+}
