@@ -7,6 +7,7 @@
 //! (`ConformanceFailure`'s message), and asserts that the clauses the driver
 //! can honour were checked, not skipped.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,27 +40,98 @@ fn assert_all_checked(done: &Conformance, driver: &str) {
     }
 }
 
-#[tokio::test]
-async fn nginx_conforms() {
+/// Clients sending slow requests through `url` until `stop` is set; each
+/// returns how many answered 200 and the answers that were not a 200.
+fn traffic(url: String, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<(usize, Vec<String>)>> {
+    (0..4)
+        .map(|_| {
+            let (url, stop) = (url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let http = Http::with_keep_alive(false);
+                let (mut ok, mut bad) = (0, Vec::new());
+                while !stop.load(Ordering::SeqCst) {
+                    match http.get(&url).await {
+                        Ok(a) if a.status == 200 => ok += 1,
+                        Ok(a) => bad.push(format!("status {}", a.status)),
+                        Err(e) => bad.push(e),
+                    }
+                }
+                (ok, bad)
+            })
+        })
+        .collect()
+}
+
+/// Stops the clients and returns every failed answer, after checking
+/// that requests were answered meanwhile.
+async fn failures(
+    stop: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<(usize, Vec<String>)>>,
+) -> Vec<String> {
+    stop.store(true, Ordering::SeqCst);
+    let (mut ok, mut bad) = (0, Vec::new());
+    for c in clients {
+        let (n, b) = c.await.unwrap();
+        ok += n;
+        bad.extend(b);
+    }
+    assert!(ok > 0, "no request was answered during the suite");
+    bad
+}
+
+/// Apps answering in 200 ms, so requests are in flight at every drain and
+/// switch of the suite. Each group has two, so the one backend the suite
+/// takes out always leaves a server for its group's traffic.
+const SLOW: &[&str] = &["--latency-ms", "200"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_conforms_under_traffic() {
     let bin = crate::require_binary!("nginx");
-    let setup = crate::nginx::NginxSetup::start(&bin, &[("v1", "blue", &[]), ("v2", "green", &[])]).await;
+    let setup = crate::nginx::NginxSetup::start(
+        &bin,
+        &[
+            ("v1", "blue", SLOW),
+            ("v1", "blue", SLOW),
+            ("v2", "green", SLOW),
+            ("v2", "green", SLOW),
+        ],
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = traffic(setup.nginx.url("/"), stop.clone());
     let done = conformance::load_balancer(&setup.lb, &setup.backends)
         .await
         .unwrap_or_else(|e| panic!("{e}\nnginx stderr:\n{}", setup.nginx.stderr()));
+    let bad = failures(stop, clients).await;
     assert_all_checked(&done, "nginx");
+    // Drains, reloads and cancelled changes never cut a request.
+    assert!(bad.is_empty(), "failed requests: {bad:?}");
     // What the suite left is what nginx serves: every request to blue.
     let counts = setup.count(20).await;
     assert_eq!(counts.get("v1"), Some(&20), "{counts:?}");
 }
 
-#[tokio::test]
-async fn haproxy_conforms() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_conforms_under_traffic() {
     let bin = crate::require_binary!("haproxy");
-    let setup = crate::haproxy::HaproxySetup::start(&bin, &[("v1", "blue", &[]), ("v2", "green", &[])]).await;
+    let setup = crate::haproxy::HaproxySetup::start(
+        &bin,
+        &[
+            ("v1", "blue", SLOW),
+            ("v1", "blue", SLOW),
+            ("v2", "green", SLOW),
+            ("v2", "green", SLOW),
+        ],
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = traffic(setup.haproxy.url("/"), stop.clone());
     let done = conformance::load_balancer(&setup.lb, &setup.backends)
         .await
         .unwrap_or_else(|e| panic!("{e}\nhaproxy stderr:\n{}", setup.haproxy.stderr()));
+    let bad = failures(stop, clients).await;
     assert_all_checked(&done, "haproxy");
+    assert!(bad.is_empty(), "failed requests: {bad:?}");
     let counts = setup.count(20).await;
     assert_eq!(counts.get("v1"), Some(&20), "{counts:?}");
 }
