@@ -30,6 +30,8 @@ mod notify;
 mod output;
 mod recommend;
 mod sim;
+#[cfg(test)]
+mod sim_conformance;
 mod wire;
 
 use std::io::IsTerminal;

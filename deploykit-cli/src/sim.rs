@@ -252,9 +252,24 @@ impl LoadBalancer for SimLoadBalancer {
         .await
     }
     async fn set_weights(&self, weights: &[GroupWeight]) -> Result<(), DriverError> {
+        // The group with all the traffic is live (none for a split), so
+        // `live_group` reads back a split as it reads back a switch.
+        let live = match weights
+            .iter()
+            .filter(|w| w.percent > 0)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            [w] if w.percent == 100 => Some(w.group.clone()),
+            _ => None,
+        };
         let weights: BTreeMap<String, u8> =
             weights.iter().map(|w| (w.group.to_string(), w.percent)).collect();
-        self.update(move |s| s.weights = weights).await
+        self.update(move |s| {
+            s.weights = weights;
+            s.live = live;
+        })
+        .await
     }
     async fn switch_to(&self, group: &Group) -> Result<(), DriverError> {
         let group = group.clone();

@@ -15,6 +15,8 @@
 //! * [`FakeSmokeTester`] and [`FakeLiveStore`] — blue-green's smoke checks
 //!   and live record, each with scriptable failures.
 //! * [`FakeFleet::check`] — the invariants every deployment must keep.
+//! * [`conformance`] — the suite that checks any driver against the
+//!   contract of its trait (`docs/testing-your-driver.md`).
 //!
 //! Every wait is a `tokio::time` sleep, so with
 //! `#[tokio::test(start_paused = true)]` minutes of deployment take
@@ -46,6 +48,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod conformance;
 mod fleet;
 mod invariants;
 mod live_store;

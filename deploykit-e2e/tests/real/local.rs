@@ -48,7 +48,7 @@ async fn version_at(port: u16) -> Result<String, String> {
     Ok(a.body.trim().to_string())
 }
 
-fn local_instance(name: &str, port: u16, root: &Path, builds: &Path) -> LocalInstance {
+pub(crate) fn local_instance(name: &str, port: u16, root: &Path, builds: &Path) -> LocalInstance {
     LocalInstance::builder(name, format!("127.0.0.1:{port}"))
         .root(root.to_str().unwrap())
         .source(ReleaseSource::directory(builds))
@@ -60,7 +60,7 @@ fn local_instance(name: &str, port: u16, root: &Path, builds: &Path) -> LocalIns
 }
 
 /// Stops the instance when dropped, so a failing test leaves no process.
-struct StopOnDrop(Arc<LocalInstance>);
+pub(crate) struct StopOnDrop(pub(crate) Arc<LocalInstance>);
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         let pidfile = format!("{}/app.pid", self.0.layout().root());

@@ -29,14 +29,14 @@ use crate::load::LoadGen;
 
 /// A real Prometheus in a temp dir, scraping `targets` every second; killed
 /// on drop.
-struct PromServer {
+pub(crate) struct PromServer {
     child: Child,
     port: u16,
     log: PathBuf,
 }
 
 impl PromServer {
-    async fn start(binary: &Path, dir: &Path, targets: &[String]) -> PromServer {
+    pub(crate) async fn start(binary: &Path, dir: &Path, targets: &[String]) -> PromServer {
         let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: demo\n    scrape_interval: 1s\n    scrape_timeout: 900ms\n    static_configs:\n      - targets: [{}]\n",
@@ -78,15 +78,15 @@ impl PromServer {
         p
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn source(&self) -> Prometheus {
+    pub(crate) fn source(&self) -> Prometheus {
         Prometheus::builder(self.url(""))
             .timeout(Duration::from_secs(5))
             .build()
@@ -101,7 +101,7 @@ impl Drop for PromServer {
 }
 
 /// Waits (bounded) until `query` of `group` answers a value.
-async fn wait_for_value(prom: &Prometheus, metric: Metric, group: &str, window: Duration) -> f64 {
+pub(crate) async fn wait_for_value(prom: &Prometheus, metric: Metric, group: &str, window: Duration) -> f64 {
     let g = Group::new(group).unwrap();
     let end = Instant::now() + Duration::from_secs(20);
     loop {

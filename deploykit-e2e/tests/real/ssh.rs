@@ -211,7 +211,12 @@ async fn keepalives_go_out_between_commands_and_never_break_one() {
     assert_eq!(proxy.sent.load(Ordering::SeqCst), before);
 }
 
-fn ssh_instance(lab: &SshLab, i: usize, builds: &Path, keep: usize) -> (SshInstance, String, String) {
+pub(crate) fn ssh_instance(
+    lab: &SshLab,
+    i: usize,
+    builds: &Path,
+    keep: usize,
+) -> (SshInstance, String, String) {
     let ip = lab.hosts[i].ip.clone();
     let port = free_port_on(&ip);
     let address = format!("{ip}:{port}");

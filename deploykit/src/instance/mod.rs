@@ -460,13 +460,11 @@ impl<H: Host> Instance for HostInstance<H> {
     /// running); systemd: `systemctl start`.
     ///
     /// * Idempotent: yes. Cancel-safe: yes; the process may or may not have
-    ///   been started, and the pid file says which — except when the
-    ///   cancellation lands in the instant between spawning the process and
-    ///   recording its pid (one shell script, microseconds), which can leave
-    ///   an unrecorded process holding the port; the next `start` then
-    ///   fails to bind and health says so.
-    /// * On failure: nothing runs, or a process that died at once (see the
-    ///   log file `<root>/app.log`).
+    ///   been started, and the pid file says which: the process records
+    ///   itself before it runs the application, and runs nothing once the
+    ///   start was dropped.
+    /// * On failure: nothing runs (a process that died at once says why in
+    ///   the log file `<root>/app.log`).
     async fn start(&self) -> Result<(), DriverError> {
         self.controller()
             .start(&self.service, self.remembered())
@@ -629,6 +627,61 @@ mod tests {
         assert!(cwd.ends_with("releases/v1"), "{}", cwd.display());
         inst.force_stop().await.unwrap();
         assert!(!inst.is_running().await.unwrap());
+    }
+
+    /// Processes whose command line holds `token`, alive and not zombies.
+    fn processes_with(token: &str) -> Vec<u32> {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let zombie = stat
+                    .rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('Z'));
+                !zombie && String::from_utf8_lossy(&cmdline).contains(token)
+            })
+            .collect()
+    }
+
+    /// A start dropped while its script runs (a timeout) once could leave
+    /// the spawned process unrecorded: the next start ran a second one and
+    /// stops never reached the first.
+    #[tokio::test]
+    async fn a_start_dropped_at_any_point_leaves_no_process_unrecorded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let builds = tmp.path().join("builds");
+        std::fs::create_dir_all(builds.join("v1")).unwrap();
+        let token = format!("dk-dropped-start-{}", std::process::id());
+        let app = ProcessSpec::new(["sh", "-c", "while :; do sleep 0.01; done", token.as_str()]).unwrap();
+        let inst = LocalInstance::builder("web-1", "127.0.0.1:9")
+            .root(tmp.path().join("app").to_str().unwrap())
+            .source(ReleaseSource::directory(&builds))
+            .process(app)
+            .health(HealthProbe::ServiceActive)
+            .build()
+            .unwrap();
+        inst.install(&ReleaseId::new("v1").unwrap()).await.unwrap();
+        for step in 0..40u64 {
+            let after = std::time::Duration::from_micros(step * 500);
+            let _ = tokio::time::timeout(after, inst.start()).await;
+            inst.start().await.unwrap();
+            inst.force_stop().await.unwrap();
+            let end = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let left = processes_with(&token);
+                if left.is_empty() {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < end,
+                    "after a start dropped after {after:?}, processes {left:?} outlived force_stop"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
     }
 
     #[test]

@@ -238,13 +238,14 @@ impl ProcessSpec {
 /// Defines `running`: whether the process recorded in `$pidfile` runs —
 /// alive, not a zombie, and started when recorded (field 22 of
 /// `/proc/<pid>/stat`), so a reused pid is never taken for it; sets `pid`.
-/// A function's `set --` replaces only its own positional parameters.
+/// A function's `set --` replaces only its own positional parameters. It
+/// holds no single quote, so [`START`] can embed it in a quoted script.
 macro_rules! running_fn {
     () => {
         r#"running() {
   [ -f "$pidfile" ] || return 1
   read -r pid start <"$pidfile" || return 1
-  case $pid in ''|*[!0-9]*) return 1;; esac
+  case $pid in ""|*[!0-9]*) return 1;; esac
   stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
   rest=${stat##*) }
   set -- $rest
@@ -257,8 +258,17 @@ macro_rules! running_fn {
 /// Directory `$1`, log `$2`, pid file `$3`, `current` symlink `$4` and the
 /// target it must have `$5`, then the argv: prints `running <pid>` when the
 /// recorded process runs already; exits 12 (starting nothing) when
-/// `current` does not point at `$5`; else starts the argv detached,
-/// records its pid and start time, and prints `started <pid>`.
+/// `current` does not point at `$5`; else starts the argv detached and
+/// prints `started <pid>` once it is recorded.
+///
+/// The started process records its own pid and start time before it
+/// `exec`s the argv (a pid keeps its start time across `exec`), holding
+/// `flock` on `<pidfile>.lock` (where `flock` is installed) while it checks
+/// and records, and only when no recorded process runs and the script that
+/// started it is still there. So a start whose script is killed midway (a
+/// dropped call) either recorded its process or runs none — never an
+/// unrecorded process holding the port, nor one appearing after a later
+/// stop — and starts racing each other run one process.
 const START: &str = concat!(
     r#"set -e; set -f
 dir=$1; log=$2; pidfile=$3; current=$4; want=$5; shift 5
@@ -267,14 +277,34 @@ dir=$1; log=$2; pidfile=$3; current=$4; want=$5; shift 5
     r#"if running; then echo "running $pid"; exit 0; fi
 [ "$(readlink -- "$current" 2>/dev/null || true)" = "$want" ] || exit 12
 cd -- "$dir"
-setsid "$@" >>"$log" 2>&1 </dev/null &
-pid=$!
-stat=$(cat "/proc/$pid/stat" 2>/dev/null) || { echo "the process exited at once; see $log" >&2; exit 1; }
+setsid sh -c 'set -f; parent=$1; pidfile=$2; shift 2
+"#,
+    running_fn!(),
+    r#"exec 9>"$pidfile.lock" || exit 1
+if command -v flock >/dev/null 2>&1; then flock 9 || exit 1; fi
+running && exit 0
+stat=$(cat /proc/$$/stat) || exit 1
 rest=${stat##*) }
-set -- $rest
-printf '%s %s\n' "$pid" "${20}" >"$pidfile.tmp"
-mv -f -- "$pidfile.tmp" "$pidfile"
-echo "started $pid""#
+mine() { myppid=$2; mystart=${20}; }
+mine $rest
+[ "$myppid" = "$parent" ] || exit 0
+printf "%s %s\n" "$$" "$mystart" >"$pidfile.tmp.$$" || exit 1
+mv -f -- "$pidfile.tmp.$$" "$pidfile" || exit 1
+exec 9>&-
+exec "$@"' deploykit-start "$$" "$pidfile" "$@" >>"$log" 2>&1 </dev/null &
+child=$!
+waited=0
+while ! running; do
+  stat=$(cat "/proc/$child/stat" 2>/dev/null) || stat=
+  state=${stat##*) }
+  case $state in
+    ""|Z*) running && break; echo "the process exited at once; see $log" >&2; exit 1;;
+  esac
+  if [ "$waited" -ge 10000 ]; then echo "the process $child did not record itself in $pidfile within 10 s" >&2; exit 1; fi
+  sleep 0.01 2>/dev/null || sleep 1
+  waited=$((waited + 10))
+done
+if [ "$pid" = "$child" ]; then echo "started $pid"; else echo "running $pid"; fi"#
 );
 
 /// Prints the pid and exits 0 when the recorded process runs; exits 3 when
