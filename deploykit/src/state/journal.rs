@@ -697,6 +697,21 @@ impl JournalSummary {
         })
     }
 
+    /// The header alone, from the first line, without reading the rest:
+    /// `None` when that line is not a readable header (then only
+    /// [`read`](Self::read) can say what is wrong with the file).
+    pub(super) fn read_header(path: &Path) -> Option<JournalHeader> {
+        let file = File::open(path).ok()?;
+        let first = BufReader::new(file)
+            .lines()
+            .map_while(std::io::Result::ok)
+            .find(|l| !l.trim().is_empty())?;
+        match serde_json::from_str::<JournalRecord>(&first) {
+            Ok(JournalRecord::Header(h)) => Some(h),
+            _ => None,
+        }
+    }
+
     /// Whether the run ended (an outcome was recorded).
     pub fn is_finished(&self) -> bool {
         self.finished.is_some()
