@@ -259,10 +259,14 @@ where
             });
             files[at].1.push(p);
         }
-        if files.len() < PARALLEL_FILES {
-            for (path, changes) in files {
-                write_file(shared, &path, changes);
-            }
+        // The answers go out together once the round is written, so that
+        // the calls of a batch go on together (and their journal records
+        // share a flush) rather than in the order their files were written.
+        let answers: Vec<Answer> = if files.len() < PARALLEL_FILES {
+            files
+                .into_iter()
+                .flat_map(|(path, changes)| write_file(shared, &path, changes))
+                .collect()
         } else {
             let per_thread = files.len().div_ceil(WRITER_THREADS);
             let mut chunks = Vec::new();
@@ -275,25 +279,35 @@ where
                     .into_iter()
                     .map(|chunk| {
                         scope.spawn(move || {
-                            for (path, changes) in chunk {
-                                write_file(shared, &path, changes);
-                            }
+                            chunk
+                                .into_iter()
+                                .flat_map(|(path, changes)| write_file(shared, &path, changes))
+                                .collect::<Vec<_>>()
                         })
                     })
                     .collect();
-                for t in threads {
-                    if let Err(p) = t.join() {
-                        std::panic::resume_unwind(p);
-                    }
-                }
-            });
+                threads
+                    .into_iter()
+                    .flat_map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            })
+        };
+        for (answer, result) in answers {
+            // A call that gave up waiting has dropped its receiver.
+            let _ = answer.send(result);
         }
     }
 }
 
-/// Reads `path`, applies `changes` in order, replaces the file once and
-/// answers every change.
-fn write_file<S>(shared: &QueueShared<S>, path: &Path, changes: Vec<Pending<S>>)
+/// A call to answer, and its answer.
+type Answer = (
+    tokio::sync::oneshot::Sender<Result<(), DriverError>>,
+    Result<(), DriverError>,
+);
+
+/// Reads `path`, applies `changes` in order and replaces the file once;
+/// returns the answer of every change.
+fn write_file<S>(shared: &QueueShared<S>, path: &Path, changes: Vec<Pending<S>>) -> Vec<Answer>
 where
     S: Clone + Default + Serialize + for<'de> Deserialize<'de>,
 {
@@ -303,13 +317,13 @@ where
         Ok(s) => s,
         Err(e) => {
             let failure = FileFailure::of(&e);
-            for p in changes {
-                // A call that gave up waiting has dropped its receiver.
-                let _ = p.answer.send(Err(failure.error()));
-            }
-            return;
+            return changes
+                .into_iter()
+                .map(|p| (p.answer, Err(failure.error())))
+                .collect();
         }
     };
+    let mut answers = Vec::with_capacity(changes.len());
     let mut accepted = Vec::with_capacity(changes.len());
     for p in changes {
         let before = state.clone();
@@ -317,20 +331,23 @@ where
             Ok(()) => accepted.push(p.answer),
             Err(e) => {
                 state = before;
-                let _ = p.answer.send(Err(e));
+                answers.push((p.answer, Err(e)));
             }
         }
     }
     if accepted.is_empty() {
-        return;
+        return answers;
     }
     let result = write(path, &state).map_err(|e| FileFailure::of(&e));
     if result.is_ok() {
         shared.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    for answer in accepted {
-        let _ = answer.send(result.clone().map_err(|f| f.error()));
-    }
+    answers.extend(
+        accepted
+            .into_iter()
+            .map(|a| (a, result.clone().map_err(|f| f.error()))),
+    );
+    answers
 }
 
 /// The directory of the simulated state.
