@@ -13,6 +13,13 @@
 //! trying deploykit and the crash tests need, but not a power cut, which
 //! may lose the last changes of a simulated fleet. The journal stays
 //! durable as for real instances.
+//!
+//! Changes are written together ([`FileQueue`], group commit as the
+//! journal's): a call queues its change and waits; one writer applies every
+//! change queued meanwhile, file by file and in order, replaces each file
+//! once, and then answers all the calls together. The 100 stops of a batch
+//! thus finish together and their journal records share a flush, where
+//! calls answered one at a time would each need a flush of their own.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -54,22 +61,293 @@ fn write<T: Serialize>(path: &Path, v: &T) -> Result<(), DriverError> {
         .map_err(|e| DriverError::new(format!("cannot write {}", path.display())).with_source(e))
 }
 
-/// Runs a read-modify-write of a state file under `lock` on a blocking
-/// thread, so that the steps of a batch do not wait for each other's file
-/// operations (and their journal records share flushes). The lock is held
-/// until the write ends, even if the caller gives up waiting: a dropped
-/// call never lets another change interleave.
-async fn update_blocking(
-    lock: Arc<tokio::sync::Mutex<()>>,
-    f: impl FnOnce() -> Result<(), DriverError> + Send + 'static,
-) -> Result<(), DriverError> {
-    let guard = lock.lock_owned().await;
-    tokio::task::spawn_blocking(move || {
-        let _guard = guard;
-        f()
-    })
-    .await
-    .map_err(|e| DriverError::new("the simulated state update did not finish").with_source(e))?
+/// A change to one state file's content; an `Err` refuses the change (the
+/// file keeps what the changes before it made).
+type Change<S> = Box<dyn FnOnce(&mut S) -> Result<(), DriverError> + Send>;
+
+/// A queued change and where to answer its call.
+struct Pending<S> {
+    path: PathBuf,
+    change: Change<S>,
+    answer: tokio::sync::oneshot::Sender<Result<(), DriverError>>,
+}
+
+/// What a failed read or write of a file was, copied into the answer of
+/// every change that file carried.
+#[derive(Debug, Clone)]
+struct FileFailure {
+    message: String,
+    cause: Option<String>,
+}
+
+impl FileFailure {
+    fn of(e: &DriverError) -> Self {
+        Self {
+            message: e.to_string(),
+            cause: std::error::Error::source(e).map(ToString::to_string),
+        }
+    }
+
+    fn error(&self) -> DriverError {
+        let e = DriverError::new(self.message.clone());
+        match &self.cause {
+            Some(c) => e.with_source(std::io::Error::other(c.clone())),
+            None => e,
+        }
+    }
+}
+
+/// The changes waiting for the writer, and whether it runs.
+struct QueueState<S> {
+    pending: Vec<Pending<S>>,
+    writing: bool,
+    /// Changes ever queued, so that a test can wait until all its calls have.
+    #[cfg(test)]
+    queued: usize,
+    /// Rounds of the writer, so that a test can count them.
+    #[cfg(test)]
+    rounds: usize,
+}
+
+/// Group commit for state files of type `S` (see the module doc): cheap
+/// to clone, every clone shares the queue and the writer.
+pub(crate) struct FileQueue<S> {
+    shared: Arc<QueueShared<S>>,
+}
+
+impl<S> Clone for FileQueue<S> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for FileQueue<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileQueue").finish_non_exhaustive()
+    }
+}
+
+struct QueueShared<S> {
+    state: std::sync::Mutex<QueueState<S>>,
+    /// Files replaced so far (counted before the calls are answered).
+    writes: std::sync::atomic::AtomicUsize,
+    /// Held by a test to keep the writer waiting before it writes.
+    #[cfg(test)]
+    gate: tokio::sync::Mutex<()>,
+}
+
+/// Above this many files in one round the writer spreads them over
+/// [`WRITER_THREADS`] threads: a rename waits for the filesystem, and
+/// a batch's files need not wait for each other.
+const PARALLEL_FILES: usize = 8;
+const WRITER_THREADS: usize = 4;
+
+impl<S> Default for FileQueue<S> {
+    fn default() -> Self {
+        Self {
+            shared: Arc::new(QueueShared {
+                state: std::sync::Mutex::new(QueueState {
+                    pending: Vec::new(),
+                    writing: false,
+                    #[cfg(test)]
+                    queued: 0,
+                    #[cfg(test)]
+                    rounds: 0,
+                }),
+                writes: std::sync::atomic::AtomicUsize::new(0),
+                #[cfg(test)]
+                gate: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+}
+
+impl<S> QueueShared<S> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState<S>> {
+        // The queue is consistent between statements, so a panic elsewhere
+        // while it was held does not make it unusable.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<S> FileQueue<S>
+where
+    S: Clone + Default + Serialize + for<'de> Deserialize<'de> + Send + 'static,
+{
+    /// Queues `change` to the file `path` and returns once a write that
+    /// includes it has replaced the file (or the change refused itself).
+    /// A failed read or write leaves the file as it was and fails every
+    /// change it carried; a later write does not carry them. A call dropped
+    /// while waiting may still have its change written.
+    async fn update(
+        &self,
+        path: &Path,
+        change: impl FnOnce(&mut S) -> Result<(), DriverError> + Send + 'static,
+    ) -> Result<(), DriverError> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let start_writer = {
+            let mut q = self.shared.lock();
+            q.pending.push(Pending {
+                path: path.to_path_buf(),
+                change: Box::new(change),
+                answer,
+            });
+            #[cfg(test)]
+            {
+                q.queued += 1;
+            }
+            !std::mem::replace(&mut q.writing, true)
+        };
+        if start_writer {
+            let shared = self.shared.clone();
+            tokio::task::spawn_blocking(move || write_pending(&shared));
+        }
+        answered.await.unwrap_or_else(|_| {
+            Err(DriverError::new(format!(
+                "the simulated state {} was not written: its writer stopped",
+                path.display()
+            )))
+        })
+    }
+}
+
+/// The writer: takes every queued change, writes each file once, answers,
+/// and goes on until nothing is queued.
+fn write_pending<S>(shared: &QueueShared<S>)
+where
+    S: Clone + Default + Serialize + for<'de> Deserialize<'de> + Send + 'static,
+{
+    // A panic while writing would leave `writing` set and every later call
+    // waiting: the queued calls are answered (their senders dropped) instead.
+    struct OnPanic<'a, S>(&'a QueueShared<S>);
+    impl<S> Drop for OnPanic<'_, S> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let mut q = self.0.lock();
+                q.pending.clear();
+                q.writing = false;
+            }
+        }
+    }
+    let _on_panic = OnPanic(shared);
+    loop {
+        #[cfg(test)]
+        let _gate = shared.gate.blocking_lock();
+        let round = {
+            let mut q = shared.lock();
+            if q.pending.is_empty() {
+                q.writing = false;
+                return;
+            }
+            #[cfg(test)]
+            {
+                q.rounds += 1;
+            }
+            std::mem::take(&mut q.pending)
+        };
+        // The changes of each file, in the order they were queued.
+        let mut files: Vec<(PathBuf, Vec<Pending<S>>)> = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        for p in round {
+            let at = *index.entry(p.path.clone()).or_insert_with(|| {
+                files.push((p.path.clone(), Vec::new()));
+                files.len() - 1
+            });
+            files[at].1.push(p);
+        }
+        // The answers go out together once the round is written, so that
+        // the calls of a batch go on together (and their journal records
+        // share a flush) rather than in the order their files were written.
+        let answers: Vec<Answer> = if files.len() < PARALLEL_FILES {
+            files
+                .into_iter()
+                .flat_map(|(path, changes)| write_file(shared, &path, changes))
+                .collect()
+        } else {
+            let per_thread = files.len().div_ceil(WRITER_THREADS);
+            let mut chunks = Vec::new();
+            while !files.is_empty() {
+                let rest = files.split_off(files.len().min(per_thread));
+                chunks.push(std::mem::replace(&mut files, rest));
+            }
+            std::thread::scope(|scope| {
+                let threads: Vec<_> = chunks
+                    .into_iter()
+                    .map(|chunk| {
+                        scope.spawn(move || {
+                            chunk
+                                .into_iter()
+                                .flat_map(|(path, changes)| write_file(shared, &path, changes))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                threads
+                    .into_iter()
+                    .flat_map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            })
+        };
+        for (answer, result) in answers {
+            // A call that gave up waiting has dropped its receiver.
+            let _ = answer.send(result);
+        }
+    }
+}
+
+/// A call to answer, and its answer.
+type Answer = (
+    tokio::sync::oneshot::Sender<Result<(), DriverError>>,
+    Result<(), DriverError>,
+);
+
+/// Reads `path`, applies `changes` in order and replaces the file once;
+/// returns the answer of every change.
+fn write_file<S>(shared: &QueueShared<S>, path: &Path, changes: Vec<Pending<S>>) -> Vec<Answer>
+where
+    S: Clone + Default + Serialize + for<'de> Deserialize<'de>,
+{
+    // Read again for every round, so that a change made to the file by
+    // anything else meanwhile is kept.
+    let mut state: S = match read(path) {
+        Ok(s) => s,
+        Err(e) => {
+            let failure = FileFailure::of(&e);
+            return changes
+                .into_iter()
+                .map(|p| (p.answer, Err(failure.error())))
+                .collect();
+        }
+    };
+    let mut answers = Vec::with_capacity(changes.len());
+    let mut accepted = Vec::with_capacity(changes.len());
+    for p in changes {
+        let before = state.clone();
+        match (p.change)(&mut state) {
+            Ok(()) => accepted.push(p.answer),
+            Err(e) => {
+                state = before;
+                answers.push((p.answer, Err(e)));
+            }
+        }
+    }
+    if accepted.is_empty() {
+        return answers;
+    }
+    let result = write(path, &state).map_err(|e| FileFailure::of(&e));
+    if result.is_ok() {
+        shared.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    answers.extend(
+        accepted
+            .into_iter()
+            .map(|a| (a, result.clone().map_err(|f| f.error()))),
+    );
+    answers
 }
 
 /// The directory of the simulated state.
@@ -83,21 +361,24 @@ pub(crate) struct SimInstance {
     backend: Backend,
     path: PathBuf,
     unhealthy: Vec<ReleaseId>,
-    lock: Arc<tokio::sync::Mutex<()>>,
+    writes: FileQueue<SimInstanceState>,
 }
 
 impl SimInstance {
+    /// An instance whose changes go through `writes`, which the instances
+    /// of one fleet share so that a batch's changes are written together.
     pub(crate) fn new(
         backend: Backend,
         state_root: &Path,
         unhealthy: Vec<ReleaseId>,
+        writes: FileQueue<SimInstanceState>,
     ) -> std::io::Result<Self> {
         let dir = dir(state_root);
         Ok(Self {
             path: dir.join(format!("{}.json", backend.id)),
             backend,
             unhealthy,
-            lock: Arc::default(),
+            writes,
         })
     }
 
@@ -109,18 +390,13 @@ impl SimInstance {
         &self,
         f: impl FnOnce(&mut SimInstanceState) -> Result<(), DriverError> + Send + 'static,
     ) -> Result<(), DriverError> {
-        let path = self.path.clone();
-        update_blocking(self.lock.clone(), move || {
-            let mut s: SimInstanceState = read(&path)?;
-            f(&mut s)?;
-            write(&path, &s)
-        })
-        .await
+        self.writes.update(&self.path, f).await
     }
 }
 
-/// Contracts as the trait's: every method is idempotent and cancel-safe (one
-/// atomic file write); a failure leaves the file as it was.
+/// Contracts as the trait's: every method is idempotent and cancel-safe (its
+/// change lands in one atomic file write, shared with the changes queued
+/// with it); a failure leaves the file as it was.
 #[async_trait]
 impl Instance for SimInstance {
     fn backend(&self) -> &Backend {
@@ -197,7 +473,7 @@ pub(crate) struct SimLbState {
 #[derive(Debug, Clone)]
 pub(crate) struct SimLoadBalancer {
     path: PathBuf,
-    lock: Arc<tokio::sync::Mutex<()>>,
+    writes: FileQueue<SimLbState>,
 }
 
 impl SimLoadBalancer {
@@ -205,7 +481,7 @@ impl SimLoadBalancer {
         let dir = dir(state_root);
         Ok(Self {
             path: dir.join("lb.json"),
-            lock: Arc::default(),
+            writes: FileQueue::default(),
         })
     }
 
@@ -214,18 +490,18 @@ impl SimLoadBalancer {
     }
 
     async fn update(&self, f: impl FnOnce(&mut SimLbState) + Send + 'static) -> Result<(), DriverError> {
-        let path = self.path.clone();
-        update_blocking(self.lock.clone(), move || {
-            let mut s: SimLbState = read(&path)?;
-            f(&mut s);
-            write(&path, &s)
-        })
-        .await
+        self.writes
+            .update(&self.path, move |s| {
+                f(s);
+                Ok(())
+            })
+            .await
     }
 }
 
-/// Contracts as the trait's: every method is idempotent and cancel-safe (one
-/// atomic file write); a failure leaves the file as it was.
+/// Contracts as the trait's: every method is idempotent and cancel-safe (its
+/// change lands in one atomic file write, shared with the changes queued
+/// with it); a failure leaves the file as it was.
 #[async_trait]
 impl LoadBalancer for SimLoadBalancer {
     fn name(&self) -> &str {
@@ -295,5 +571,180 @@ impl SmokeTester for SimSmokeTester {
     }
     async fn warm(&self, _: &Backend, _: &str) -> Result<(), String> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deploykit::{Address, InstanceId};
+
+    fn backend(i: usize) -> Backend {
+        Backend {
+            id: InstanceId::new(format!("web-{i}")).expect("valid id"),
+            address: Address::parse(&format!("10.0.{}.{}:8080", i / 250, i % 250 + 1))
+                .expect("valid address"),
+            group: Group::new("stable").expect("valid group"),
+        }
+    }
+
+    fn fleet(root: &Path, n: usize) -> (FileQueue<SimInstanceState>, Vec<Arc<SimInstance>>) {
+        let writes = FileQueue::default();
+        let fleet = (0..n)
+            .map(|i| Arc::new(SimInstance::new(backend(i), root, vec![], writes.clone()).expect("instance")))
+            .collect();
+        (writes, fleet)
+    }
+
+    /// Runs `call` on every instance at once while the writer is held
+    /// before its first write, releases it once every call has queued its
+    /// change, and returns the results, each call having checked the file
+    /// as it returned.
+    async fn together<F, Fut>(
+        writes: &FileQueue<SimInstanceState>,
+        fleet: &[Arc<SimInstance>],
+        call: F,
+    ) -> Vec<Result<(), DriverError>>
+    where
+        F: Fn(Arc<SimInstance>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), DriverError>> + Send + 'static,
+    {
+        let before = writes.shared.lock().queued;
+        let gate = writes.shared.gate.lock().await;
+        let calls: Vec<_> = fleet.iter().map(|i| tokio::spawn(call(i.clone()))).collect();
+        while writes.shared.lock().queued < before + fleet.len() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        drop(gate);
+        let mut results = Vec::new();
+        for c in calls {
+            results.push(c.await.expect("the call did not panic"));
+        }
+        results
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batchs_changes_share_one_round_and_each_is_in_its_file_when_its_call_returns() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let (writes, fleet) = fleet(root.path(), 100);
+        let v1 = ReleaseId::new("v1").expect("release");
+        let results = together(&writes, &fleet, move |i| {
+            let v1 = v1.clone();
+            async move {
+                i.install(&v1).await?;
+                // The call returned: the file must already hold its change.
+                assert_eq!(i.state()?.release, Some(v1), "{}", i.backend.id);
+                Ok(())
+            }
+        })
+        .await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        // One round for the 100 changes queued together, each instance's
+        // file replaced once in it.
+        assert_eq!(writes.shared.lock().rounds, 1);
+        assert_eq!(
+            writes.shared.writes.load(std::sync::atomic::Ordering::Relaxed),
+            100
+        );
+        let results = together(&writes, &fleet, |i| async move {
+            i.start().await?;
+            assert!(i.state()?.running);
+            assert!(matches!(i.health().await?, Health::Healthy));
+            Ok(())
+        })
+        .await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(writes.shared.lock().rounds, 2);
+        assert_eq!(
+            writes.shared.writes.load(std::sync::atomic::Ordering::Relaxed),
+            200
+        );
+        // The writer stops once the queue is empty, and the next change
+        // starts it again.
+        for _ in 0..5_000 {
+            if !writes.shared.lock().writing {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert!(!writes.shared.lock().writing, "the writer is idle again");
+        fleet[0].stop().await.expect("stop");
+        assert!(!fleet[0].state().expect("state").running);
+        assert_eq!(writes.shared.lock().rounds, 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_change_fails_alone_and_the_others_of_its_round_are_written() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let (writes, fleet) = fleet(root.path(), 10);
+        let v1 = ReleaseId::new("v1").expect("release");
+        fleet[3].install(&v1).await.expect("install on web-3 only");
+        let results = together(&writes, &fleet, |i| async move { i.start().await }).await;
+        for (n, r) in results.iter().enumerate() {
+            match n {
+                3 => assert!(r.is_ok(), "{r:?}"),
+                _ => {
+                    let e = r.as_ref().expect_err("no release installed");
+                    assert_eq!(e.to_string(), "no release installed");
+                    // A refused change leaves the file as it was (no file).
+                    assert_eq!(fleet[n].state().expect("state"), SimInstanceState::default());
+                }
+            }
+        }
+        assert!(fleet[3].state().expect("state").running);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_to_one_file_keep_their_order_within_a_round() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let lb = SimLoadBalancer::new(root.path()).expect("lb");
+        let b = backend(7);
+        let gate = lb.writes.shared.gate.lock().await;
+        let (l1, l2, b1, b2) = (lb.clone(), lb.clone(), b.clone(), b.clone());
+        let first = tokio::spawn(async move { l1.disable(&b1).await });
+        while lb.writes.shared.lock().queued < 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let second = tokio::spawn(async move { l2.enable(&b2).await });
+        while lb.writes.shared.lock().queued < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        drop(gate);
+        first.await.expect("joined").expect("disable");
+        second.await.expect("joined").expect("enable");
+        // Disabled then enabled: in rotation, whether they shared a write or not.
+        assert!(lb.state().expect("state").out_of_rotation.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_read_fails_every_change_to_that_file_and_leaves_it() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let lb = SimLoadBalancer::new(root.path()).expect("lb");
+        let path = dir(root.path()).join("lb.json");
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+        std::fs::write(&path, b"not json").expect("corrupt file");
+        let gate = lb.writes.shared.gate.lock().await;
+        let calls: Vec<_> = (0..10)
+            .map(|i| {
+                let lb = lb.clone();
+                tokio::spawn(async move { lb.drain(&backend(i)).await })
+            })
+            .collect();
+        while lb.writes.shared.lock().queued < 10 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        drop(gate);
+        for c in calls {
+            let e = c
+                .await
+                .expect("joined")
+                .expect_err("a change over a corrupt file");
+            assert!(e.to_string().contains("is corrupt"), "{e}");
+        }
+        assert_eq!(std::fs::read(&path).expect("read"), b"not json");
+        assert_eq!(
+            lb.writes.shared.writes.load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
     }
 }

@@ -63,6 +63,7 @@ pub(crate) fn check_release(cfg: &Loaded, release: &ReleaseId) -> deploykit::Res
 /// The instances, in the order of the file.
 pub(crate) fn instances(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Vec<Arc<dyn Instance>>> {
     let mut out: Vec<Arc<dyn Instance>> = Vec::new();
+    let sim_writes = crate::sim::FileQueue::default();
     for i in &cfg.instances {
         let backend = Backend {
             id: i.id.clone(),
@@ -72,7 +73,7 @@ pub(crate) fn instances(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Vec<Ar
         if let Control::Simulated { unhealthy } = &i.control {
             let unhealthy = unhealthy.iter().map(ReleaseId::new).collect::<Result<_, _>>()?;
             out.push(Arc::new(
-                SimInstance::new(backend, state.root(), unhealthy)
+                SimInstance::new(backend, state.root(), unhealthy, sim_writes.clone())
                     .context("creating the simulated instance state")?,
             ));
             continue;

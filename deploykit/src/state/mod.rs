@@ -348,10 +348,32 @@ impl StateDir {
 
     /// The newest journal, if any.
     ///
+    /// Only the newest journal is read in full; the others' first lines
+    /// (their headers) decide which it is, so that every `deploy` does not
+    /// parse the whole history (a journal of 10,000 instances has 140,000
+    /// records). A corrupt line after the header of an older journal is
+    /// therefore not reported here; [`journals`](Self::journals) reports it.
+    ///
     /// # Errors
-    /// As [`journals`](Self::journals).
+    /// [`Error::Io`] when the directory or the newest journal cannot be
+    /// read; [`Error::Inconsistent`] when a journal has no readable header,
+    /// or the newest has a corrupt line before its last.
     pub fn latest(&self) -> Result<Option<JournalSummary>> {
-        Ok(self.journals()?.pop())
+        let mut paths = self.journal_paths()?;
+        paths.sort();
+        let mut newest: Option<(JournalHeader, PathBuf)> = None;
+        for path in paths {
+            let header = match JournalSummary::read_header(&path) {
+                Some(h) => h,
+                // The full read names what is wrong (or salvages the header).
+                None => JournalSummary::read(&path)?.header,
+            };
+            // `>=`: of equal orders the last path wins, as in `journals`.
+            if newest.as_ref().is_none_or(|(n, _)| order(&header) >= order(n)) {
+                newest = Some((header, path));
+            }
+        }
+        newest.map(|(_, path)| JournalSummary::read(&path)).transpose()
     }
 
     /// The history: one entry per journal, oldest first. A journal without
@@ -532,6 +554,52 @@ mod tests {
             std::fs::read_to_string(state.root().join("sequence")).unwrap(),
             "2\n"
         );
+    }
+
+    #[test]
+    fn latest_reads_only_the_newest_journal_in_full_and_agrees_with_journals() {
+        let base = tempfile::tempdir().unwrap();
+        let state = StateDir::open(base.path(), "shop").unwrap();
+        let finished = JournalOutcome {
+            outcome: crate::OutcomeKind::Succeeded,
+            reason: None,
+            duration_ms: 1,
+        };
+        let now = now_ms();
+        let old = state.create_journal(header("old", now)).unwrap();
+        old.finish(finished.clone()).unwrap();
+        let new = state.create_journal(header("new", now - 1_000)).unwrap();
+        new.finish(finished).unwrap();
+        let (old_path, new_path) = (old.path().to_path_buf(), new.path().to_path_buf());
+        drop((old, new));
+        let full = state.journals().unwrap().pop().unwrap();
+        let latest = state.latest().unwrap().unwrap();
+        assert_eq!(latest, full, "the same newest journal, read the same way");
+        assert_eq!(latest.header.deployment, "new");
+        assert!(latest.is_finished());
+
+        // A corrupt line inside the older journal: `journals` reports it,
+        // `latest` never reads that far.
+        let mut text = std::fs::read_to_string(&old_path).unwrap();
+        text.insert_str(text.find('\n').unwrap() + 1, "not json\n");
+        std::fs::write(&old_path, &text).unwrap();
+        assert!(state.journals().is_err());
+        assert_eq!(state.latest().unwrap().unwrap().header.deployment, "new");
+
+        // The newest journal is read in full: its corrupt line is an error.
+        let mut text = std::fs::read_to_string(&new_path).unwrap();
+        text.insert_str(text.find('\n').unwrap() + 1, "not json\n");
+        std::fs::write(&new_path, &text).unwrap();
+        let e = state.latest().unwrap_err().to_string();
+        assert!(e.contains("corrupt line 2"), "{e}");
+
+        // A journal without a readable header is an error, as before.
+        std::fs::write(&new_path, "junk\n{}\n").unwrap();
+        let e = state.latest().unwrap_err().to_string();
+        assert!(e.contains("corrupt line 1"), "{e}");
+        std::fs::write(&new_path, "").unwrap();
+        let e = state.latest().unwrap_err().to_string();
+        assert!(e.contains("no header"), "{e}");
     }
 
     #[test]
