@@ -50,7 +50,13 @@ async fn simulated_weights_are_read_back_by_live_group() {
 #[tokio::test]
 async fn the_simulated_instance_conforms() {
     let dir = tempfile::tempdir().unwrap();
-    let inst = SimInstance::new(backend("web-1", "default"), dir.path(), Vec::new(), Default::default()).unwrap();
+    let inst = SimInstance::new(
+        backend("web-1", "default"),
+        dir.path(),
+        Vec::new(),
+        Default::default(),
+    )
+    .unwrap();
     let releases = [ReleaseId::new("v1").unwrap(), ReleaseId::new("v2").unwrap()];
     // A simulated instance keeps no deployment marker.
     let done = InstanceSuite::default()
