@@ -168,6 +168,8 @@ fn run(canary: &Canary, model: Model, seed: u64) -> RunResult {
                     AnalysisMetric::ErrorRate => "error rate > threshold".to_string(),
                     AnalysisMetric::LatencyP99 => "p99 > threshold".to_string(),
                     AnalysisMetric::ErrorRateVsStable => "error rate > 2x stable".to_string(),
+                    AnalysisMetric::ErrorRateSequential => "sequential test".to_string(),
+                    AnalysisMetric::LatencyDistribution => "Mann-Whitney latency".to_string(),
                 },
                 CheckOutcome::NoData { .. } | CheckOutcome::ProviderError { .. } => {
                     "inconclusive limit".to_string()

@@ -116,6 +116,7 @@ mod event;
 mod executor;
 mod gate;
 pub mod instance;
+pub mod judge;
 mod kinds;
 pub mod lb;
 pub mod metrics;
