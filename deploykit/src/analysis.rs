@@ -555,6 +555,19 @@ impl AnalysisRules {
         inputs: &JudgeInputs,
         state: &mut SequentialState,
     ) -> Judgement {
+        self.judge_stage(stage, stage, obs, inputs, state)
+    }
+
+    /// As [`judge`](Self::judge), knowing the analysis has `stages` stages
+    /// (the sequential test weighs a fresh start per stage by `1/stages`).
+    pub fn judge_stage(
+        &self,
+        stage: usize,
+        stages: usize,
+        obs: &Observations,
+        inputs: &JudgeInputs,
+        state: &mut SequentialState,
+    ) -> Judgement {
         if !self.uses_judges() {
             return Judgement {
                 outcome: self.evaluate(stage, obs),
@@ -573,15 +586,31 @@ impl AnalysisRules {
         // reads its counts even when an absolute limit decides this check.
         let sequential = match (self.error_judge, &inputs.canary_counts, &inputs.stable_counts) {
             (ErrorRateJudge::Sequential, Some(Measured::Value(c)), Some(Measured::Value(s))) => {
-                let check = state.update(&self.sequential, *c, *s);
+                let check = state.update_in_stage(&self.sequential, stage, stages, *c, *s);
                 evidence.push(Evidence::Sequential(check.clone()));
                 Some(check)
             }
             _ => None,
         };
+        // The absolute error limit, beyond sampling noise when the canary's
+        // request count is known: a window holding only a few canary
+        // requests (early in a stage) would otherwise trip on one or two
+        // errors and undo the sequential test's false-rollback guarantee.
         let canary_err = comparable(&obs.canary_error_rate);
-        if let Some(e) = canary_err.filter(|e| *e > self.error_threshold) {
-            return done(fail(AnalysisMetric::ErrorRate, e, self.error_threshold), evidence);
+        let n = obs
+            .canary_requests
+            .as_ref()
+            .and_then(value_of)
+            .filter(|n| *n >= 1.0);
+        let error_limit = match (self.error_judge, n) {
+            (ErrorRateJudge::Sequential, Some(n)) => {
+                let p = self.error_threshold;
+                p + self.ratio_significance * (p * (1.0 - p) / n).sqrt()
+            }
+            _ => self.error_threshold,
+        };
+        if let Some(e) = canary_err.filter(|e| *e > error_limit) {
+            return done(fail(AnalysisMetric::ErrorRate, e, error_limit), evidence);
         }
         let latency_limit = self.latency_threshold.as_secs_f64();
         if let Some(l) = comparable(&obs.canary_p99).filter(|l| *l > latency_limit) {
@@ -622,6 +651,15 @@ impl AnalysisRules {
                         check.threshold,
                     );
                     (c, (c == Classification::High).then_some(failed))
+                }
+                // Stable without data (no traffic at a 100 % stage) skips
+                // the comparison, as the relative threshold rule does.
+                None if matches!(
+                    (&inputs.canary_counts, &inputs.stable_counts),
+                    (Some(Measured::Value(c)), Some(Measured::NoData)) if c.requests > 0.0
+                ) =>
+                {
+                    (Classification::Pass, None)
                 }
                 None => {
                     gaps.extend(gap("canary request and error counts", &inputs.canary_counts));
@@ -678,6 +716,9 @@ impl AnalysisRules {
                     evidence.push(Evidence::MannWhitney(check));
                     (class, failed)
                 }
+                // Stable without data skips the comparison; the p99
+                // threshold above still applies.
+                (Some(Measured::Value(_)), Some(Measured::NoData)) => (Classification::Pass, None),
                 (c, s) => {
                     gaps.extend(gap("canary latency distribution", c));
                     gaps.extend(gap("stable latency distribution", s));

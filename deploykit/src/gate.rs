@@ -131,7 +131,7 @@ impl GateCtx<'_> {
     }
 
     /// One check: query, judge, record, emit.
-    async fn check(&self, stage: usize, weight: u8, analysis: &Analysis) -> Result<(), GateError> {
+    async fn check(&self, stage: usize, of: usize, weight: u8, analysis: &Analysis) -> Result<(), GateError> {
         let requests = |canary: bool| async move {
             if analysis.rules.needs_request_count() {
                 Some(self.observe(Metric::RequestCount, analysis, canary).await)
@@ -156,7 +156,9 @@ impl GateCtx<'_> {
         let inputs = self.judge_inputs(analysis).await;
         let (judgement, verdict, consecutive) = {
             let mut a = self.analyzer.lock().expect("analyzer poisoned");
-            let j = analysis.rules.judge(stage, &obs, &inputs, &mut a.sequential);
+            let j = analysis
+                .rules
+                .judge_stage(stage, of, &obs, &inputs, &mut a.sequential);
             let v = a.record(&analysis.rules, &j.outcome);
             (j, v, a.consecutive_inconclusive)
         };
@@ -190,7 +192,7 @@ pub(crate) async fn analyze(
 ) -> Result<(), GateError> {
     let passes_before = ctx.analyzer.lock().expect("analyzer poisoned").passes;
     let tick = |elapsed: Duration| async move {
-        if let Err(e) = ctx.check(stage, weight, analysis).await {
+        if let Err(e) = ctx.check(stage, of, weight, analysis).await {
             return ControlFlow::Break(e);
         }
         let percent = u8::try_from(elapsed.as_millis() * 100 / duration.as_millis().max(1)).unwrap_or(100);
@@ -256,7 +258,7 @@ pub(crate) async fn await_promotion(
             }
             _ = tokio::time::sleep_until(next_check) => {
                 next_check = later(next_check, interval);
-                if let Err(e) = ctx.check(stage, weight, analysis).await {
+                if let Err(e) = ctx.check(stage, stage, weight, analysis).await {
                     break Err(e);
                 }
             }

@@ -28,7 +28,10 @@
 //! checks, a canary erring 1.5 % against stable's 0.3 % brings about 11
 //! canary errors and 7 stable ones per check; the likelihood ratio for
 //! `ρ = 5` grows by `e^5.6 ≈ 270` per check, past the default `1/α = 200`
-//! in one or two checks. A good canary's evidence hovers below 1.
+//! (times the grid's and the stages' weights) in about two checks. A good
+//! canary's evidence hovers below 1. Each canary stage starts a fresh
+//! product (see [`SequentialState`]), so the evidence a good stage gathered
+//! for "no worse" does not slow the detection of a bad later stage.
 //!
 //! # Mann-Whitney U judge (latency)
 //!
@@ -427,16 +430,28 @@ impl fmt::Display for Classification {
 }
 
 /// Multiples of the tolerated ratio the sequential test's mixture puts
-/// equal weight on: wide enough to catch a canary erring twice as often
-/// and one erring thirty times as often without tuning.
-const RATIO_GRID: [f64; 9] = [1.25, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0];
+/// equal weight on: wide enough to catch a canary erring 1.5 times as often
+/// and one erring twenty times as often without tuning.
+const RATIO_GRID: [f64; 6] = [1.5, 2.0, 3.0, 5.0, 10.0, 20.0];
 
 /// The sequential test's evidence so far, carried across checks and stages
 /// of one analysis.
+///
+/// A fresh likelihood-ratio product starts at each canary stage, and the
+/// e-value is their average weighted by `1/stages`: a good first stage
+/// then leaves no "evidence debt" that a bad later stage must first pay
+/// off, and the average of e-processes started at fixed times is still an
+/// e-process, so `alpha` holds over the whole analysis.
 #[derive(Debug, Clone, Default)]
 pub struct SequentialState {
-    /// Log likelihood ratio per grid point of [`RATIO_GRID`].
-    log_lr: Vec<f64>,
+    /// Per started stage: log likelihood ratio per grid point of
+    /// [`RATIO_GRID`].
+    log_lr: Vec<Vec<f64>>,
+    /// The number of stages of the analysis (each stage's weight is 1 over
+    /// it); at least the number started.
+    stages: usize,
+    /// The stage the last update was for.
+    stage: usize,
     canary: Option<Counts>,
     stable: Option<Counts>,
     rejected: bool,
@@ -446,9 +461,15 @@ pub struct SequentialState {
 // which makes `Analyzer` comparable in tests.
 impl PartialEq for SequentialState {
     fn eq(&self, other: &Self) -> bool {
-        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let bits = |v: &[Vec<f64>]| {
+            v.iter()
+                .map(|s| s.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
         let cbits = |c: &Option<Counts>| c.map(|c| (c.requests.to_bits(), c.errors.to_bits()));
         bits(&self.log_lr) == bits(&other.log_lr)
+            && self.stages == other.stages
+            && self.stage == other.stage
             && cbits(&self.canary) == cbits(&other.canary)
             && cbits(&self.stable) == cbits(&other.stable)
             && self.rejected == other.rejected
@@ -546,16 +567,31 @@ fn format_e(e: f64) -> String {
 
 impl SequentialState {
     /// Adds the counts each track served since the previous check and
-    /// returns the test's state after them.
+    /// returns the test's state after them, for an analysis of one stage.
     pub fn update(
         &mut self,
         settings: &SequentialSettings,
         canary: Counts,
         stable: Counts,
     ) -> SequentialCheck {
-        if self.log_lr.len() != RATIO_GRID.len() {
-            self.log_lr = vec![0.0; RATIO_GRID.len()];
+        self.update_in_stage(settings, 1, 1, canary, stable)
+    }
+
+    /// As [`update`](Self::update), for stage `stage` (1-based) of `stages`:
+    /// a new stage starts a fresh likelihood-ratio product.
+    pub fn update_in_stage(
+        &mut self,
+        settings: &SequentialSettings,
+        stage: usize,
+        stages: usize,
+        canary: Counts,
+        stable: Counts,
+    ) -> SequentialCheck {
+        if self.log_lr.is_empty() || stage != self.stage {
+            self.log_lr.push(vec![0.0; RATIO_GRID.len()]);
+            self.stage = stage;
         }
+        self.stages = self.stages.max(stages).max(self.log_lr.len());
         let clean = |c: Counts| Counts {
             requests: finite_nonneg(c.requests),
             errors: finite_nonneg(c.errors).min(finite_nonneg(c.requests)).round(),
@@ -565,7 +601,8 @@ impl SequentialState {
         if c.requests > 0.0 && s.requests > 0.0 && c.errors + s.errors > 0.0 {
             let share = |rho: f64| rho * c.requests / (rho * c.requests + s.requests);
             let theta0 = share(rho0);
-            for (l, m) in self.log_lr.iter_mut().zip(RATIO_GRID) {
+            let current = self.log_lr.last_mut().expect("a stage was started");
+            for (l, m) in current.iter_mut().zip(RATIO_GRID) {
                 let theta = share(rho0 * m);
                 *l += c.errors * (theta / theta0).ln() + s.errors * ((1.0 - theta) / (1.0 - theta0)).ln();
             }
@@ -603,14 +640,21 @@ impl SequentialState {
         }
     }
 
-    /// The mixture's e-value: the average likelihood ratio over the grid.
+    /// The mixture's e-value: the average likelihood ratio over the grid,
+    /// averaged over the stages.
     pub fn e_value(&self) -> f64 {
         if self.log_lr.is_empty() {
             return 1.0;
         }
-        let max = self.log_lr.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = self.log_lr.iter().map(|l| (l - max).exp()).sum();
-        (max + (sum / self.log_lr.len() as f64).ln()).exp()
+        let per_stage = |lr: &Vec<f64>| {
+            let max = lr.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = lr.iter().map(|l| (l - max).exp()).sum();
+            (max + (sum / lr.len() as f64).ln()).exp()
+        };
+        let stages = self.stages.max(self.log_lr.len()) as f64;
+        let started: f64 = self.log_lr.iter().map(per_stage).sum();
+        // A stage not started yet contributes its starting value, 1.
+        (started + (stages - self.log_lr.len() as f64)) / stages
     }
 }
 
@@ -995,6 +1039,23 @@ mod tests {
         let c = st.update(&s, counts(500.0, 0.0), counts(5000.0, 100.0));
         assert!(c.rejected, "a rejection stays: {c}");
         assert_eq!(c.classification(), Classification::High);
+    }
+
+    #[test]
+    fn a_good_stage_leaves_no_debt_for_a_bad_one() {
+        let s = SequentialSettings::default();
+        let mut staged = SequentialState::default();
+        let mut single = SequentialState::default();
+        // Stage 1 of 2: a long good stretch.
+        for _ in 0..10 {
+            staged.update_in_stage(&s, 1, 2, counts(300.0, 1.0), counts(2700.0, 9.0));
+            single.update(&s, counts(300.0, 1.0), counts(2700.0, 9.0));
+        }
+        // Stage 2: 5 % against 0.3 %.
+        let a = staged.update_in_stage(&s, 2, 2, counts(750.0, 15.0), counts(2250.0, 7.0));
+        let b = single.update(&s, counts(750.0, 15.0), counts(2250.0, 7.0));
+        assert!(a.e_value > b.e_value * 10.0, "staged {a}\nsingle {b}");
+        assert_eq!(SequentialState::default().e_value(), 1.0);
     }
 
     #[test]
