@@ -122,17 +122,37 @@ pub struct AnalysisRules {
     pub window: Duration,
     /// How the error rate is judged: the threshold rules above (default) or
     /// the sequential test of [`crate::judge`].
+    // Defaults are left out of plans and journals, so a journal written
+    // before the judges existed reads and writes back byte for byte.
+    #[serde(skip_serializing_if = "is_default")]
     pub error_judge: ErrorRateJudge,
     /// How latency is judged: the p99 threshold (default), or that and the
     /// Mann-Whitney comparison of [`crate::judge`].
+    #[serde(skip_serializing_if = "is_default")]
     pub latency_judge: LatencyJudge,
     /// Settings of the sequential error-rate test.
+    #[serde(skip_serializing_if = "is_default")]
     pub sequential: SequentialSettings,
     /// Settings of the Mann-Whitney latency judge.
+    #[serde(skip_serializing_if = "is_default")]
     pub mann_whitney: MannWhitneySettings,
     /// Group weights and score thresholds, used when a statistical judge is
     /// selected.
+    #[serde(skip_serializing_if = "is_default")]
     pub score: ScoreThresholds,
+    /// Before the first canary stage, check that every query answers for
+    /// the stable track and that stable serves requests, and refuse to start
+    /// otherwise ([`crate::monitoring`]). Default on.
+    #[serde(skip_serializing_if = "is_true")]
+    pub monitoring_check: bool,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+fn is_true(v: &bool) -> bool {
+    *v
 }
 
 // `validate` rejects NaN thresholds and JSON cannot carry NaN, so equality
@@ -155,6 +175,7 @@ impl Default for AnalysisRules {
             sequential: SequentialSettings::default(),
             mann_whitney: MannWhitneySettings::default(),
             score: ScoreThresholds::default(),
+            monitoring_check: true,
         }
     }
 }

@@ -120,6 +120,7 @@ pub mod judge;
 mod kinds;
 pub mod lb;
 pub mod metrics;
+pub mod monitoring;
 pub mod names;
 mod plan;
 mod promotion;

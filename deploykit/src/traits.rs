@@ -306,6 +306,18 @@ pub trait MetricsSource: Send + Sync + Debug {
     /// * On failure: nothing changed.
     async fn observe(&self, metric: Metric, group: &Group, window: Duration) -> Observation;
 
+    /// The query [`observe`](Self::observe) would send for `metric` of
+    /// `group` over `window`, for messages; `None` (the default) when the
+    /// source has no query text.
+    ///
+    /// * Idempotent: yes (pure).
+    /// * Cancel-safe: yes (not async).
+    /// * On failure: `None`.
+    fn query_text(&self, metric: Metric, group: &Group, window: Duration) -> Option<String> {
+        let _ = (metric, group, window);
+        None
+    }
+
     /// Reads the requests and errors `group` served over the trailing
     /// `window`, for the sequential error-rate judge.
     ///

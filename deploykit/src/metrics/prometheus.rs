@@ -145,6 +145,8 @@ pub struct PrometheusBuilder {
     url: SecretUrl,
     queries: PromQueries,
     overrides: Vec<(Metric, String)>,
+    error_count: Option<String>,
+    latency_buckets: Option<String>,
     timeout: Duration,
 }
 
@@ -156,6 +158,8 @@ impl Prometheus {
             url: url.into(),
             queries: PromQueries::default(),
             overrides: Vec::new(),
+            error_count: None,
+            latency_buckets: None,
             timeout: Duration::from_secs(10),
         }
     }
@@ -189,6 +193,19 @@ impl PrometheusBuilder {
     /// The request-count template.
     pub fn request_count(mut self, template: impl Into<String>) -> Self {
         self.overrides.push((Metric::RequestCount, template.into()));
+        self
+    }
+
+    /// The error-count template (the sequential judge's).
+    pub fn error_count(mut self, template: impl Into<String>) -> Self {
+        self.error_count = Some(template.into());
+        self
+    }
+
+    /// The latency-histogram template (the Mann-Whitney judge's): one
+    /// series per bucket, labelled `le`.
+    pub fn latency_buckets(mut self, template: impl Into<String>) -> Self {
+        self.latency_buckets = Some(template.into());
         self
     }
 
@@ -246,6 +263,12 @@ impl PrometheusBuilder {
             };
             *slot = QueryTemplate::parse(field, &text)?;
         }
+        if let Some(t) = &self.error_count {
+            queries.error_count = QueryTemplate::parse("metrics.queries.error_count", t)?;
+        }
+        if let Some(t) = &self.latency_buckets {
+            queries.latency_buckets = QueryTemplate::parse("metrics.queries.latency_buckets", t)?;
+        }
         let client = reqwest::Client::builder()
             .timeout(self.timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -278,6 +301,10 @@ impl MetricsSource for Prometheus {
             Ok((status, body)) => parse_response(status, &body),
             Err(m) => Observation::ProviderError(m),
         }
+    }
+
+    fn query_text(&self, metric: Metric, group: &Group, window: Duration) -> Option<String> {
+        Some(self.query(metric, group, window))
     }
 
     /// Two instant queries: the request count and the error count.

@@ -289,6 +289,7 @@ pub(crate) struct CanaryDoc {
     sequential: SequentialSettings,
     mann_whitney: MannWhitneySettings,
     score: ScoreThresholds,
+    monitoring_check: bool,
     finalize_batch: usize,
     health_retries: u32,
     #[serde(with = "crate::duration_text")]
@@ -331,6 +332,7 @@ impl From<Canary> for CanaryDoc {
             sequential: a.sequential,
             mann_whitney: a.mann_whitney,
             score: a.score,
+            monitoring_check: a.monitoring_check,
             finalize_batch: c.finalize_batch,
             health_retries: c.health.retries,
             health_interval: c.health.interval,
@@ -361,6 +363,7 @@ impl From<CanaryDoc> for Canary {
                 sequential: d.sequential,
                 mann_whitney: d.mann_whitney,
                 score: d.score,
+                monitoring_check: d.monitoring_check,
             },
             // A timeout without manual promotion has nothing to bound; it is
             // ignored, as it always was.

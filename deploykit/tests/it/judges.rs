@@ -15,6 +15,7 @@ fn base() -> FakeMetrics {
     FakeMetrics::new()
         .set("stable", Metric::ErrorRate, 0.003)
         .set("stable", Metric::LatencyP99, 0.12)
+        .set("stable", Metric::RequestCount, 28_500.0)
         .set("canary", Metric::ErrorRate, 0.003)
         .set("canary", Metric::LatencyP99, 0.12)
 }
@@ -181,12 +182,11 @@ async fn the_mann_whitney_judge_rolls_back_a_slower_canary() {
 
 #[tokio::test(start_paused = true)]
 async fn a_judge_without_data_is_never_a_pass() {
-    // Sequential judge selected, but nothing answers counts.
-    let (outcome, events) = deploy(
-        base(),
-        &canary(ErrorRateJudge::Sequential, LatencyJudge::Threshold),
-    )
-    .await;
+    // Sequential judge selected, but nothing answers counts (past the
+    // monitoring check, which would refuse this setup up front).
+    let mut c = canary(ErrorRateJudge::Sequential, LatencyJudge::Threshold);
+    c.analysis.monitoring_check = false;
+    let (outcome, events) = deploy(base(), &c).await;
     assert_eq!(outcome, OutcomeKind::RolledBack);
     let checks = checks(&events);
     assert_eq!(checks.len(), 4, "the inconclusive limit: {checks:?}");
@@ -196,4 +196,67 @@ async fn a_judge_without_data_is_never_a_pass() {
             "{o:?}"
         );
     }
+}
+
+/// Four stable and one canary fake; the deployment's start result and the
+/// fleet, to see what was touched.
+async fn try_deploy(
+    metrics: FakeMetrics,
+    canary: &Canary,
+) -> (deploykit::Result<deploykit::Report>, FakeFleet) {
+    let fleet = FakeFleet::with_groups(&[("stable", 4), ("canary", 1)]);
+    let exec = Executor::builder()
+        .instances(fleet.instances())
+        .load_balancer(Arc::new(fleet.load_balancer()))
+        .metrics(Arc::new(metrics))
+        .build()
+        .expect("valid executor");
+    let r = exec.deploy(canary, &ReleaseId::new("v2").unwrap()).await;
+    (r, fleet)
+}
+
+#[tokio::test(start_paused = true)]
+async fn monitoring_that_matches_nothing_is_refused_before_anything_is_touched() {
+    // The stable error rate matches nothing and stable served no requests.
+    let metrics =
+        FakeMetrics::new()
+            .set("stable", Metric::LatencyP99, 0.12)
+            .set("stable", Metric::RequestCount, 0.0);
+    let (r, fleet) = try_deploy(metrics, &Canary::default()).await;
+    let e = r.expect_err("refused");
+    assert!(matches!(e, deploykit::Error::Refused(_)), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("stable error rate answered no data")
+            && msg.contains(
+                "stable request count is 0 — no requests reached the stable track in the last 300s"
+            )
+            && msg.contains("nothing was touched"),
+        "{msg}"
+    );
+    assert!(!msg.contains("p99"), "the p99 query answered: {msg}");
+    assert!(fleet.ops().is_empty(), "touched: {:?}", fleet.ops());
+}
+
+#[tokio::test(start_paused = true)]
+async fn monitoring_checks_what_the_selected_judges_read() {
+    // The thresholds' queries answer (and the counts follow from the
+    // request count and error rate), but nothing answers the latency
+    // distribution the Mann-Whitney judge reads.
+    let metrics = base().set("stable", Metric::RequestCount, 5000.0);
+    let mut c = canary(ErrorRateJudge::Sequential, LatencyJudge::MannWhitney);
+    let (r, fleet) = try_deploy(metrics, &c).await;
+    let msg = r.expect_err("refused").to_string();
+    assert!(
+        msg.contains("stable latency distribution (Mann-Whitney judge) answered no data")
+            && !msg.contains("request and error counts"),
+        "{msg}"
+    );
+    assert!(fleet.ops().is_empty());
+    // Turned off, the deployment starts (and the analysis, finding no
+    // data, rolls back as before).
+    c.analysis.monitoring_check = false;
+    let metrics = base().set("stable", Metric::RequestCount, 5000.0);
+    let (r, _) = try_deploy(metrics, &c).await;
+    assert_eq!(r.expect("starts").outcome, OutcomeKind::RolledBack);
 }
