@@ -94,10 +94,12 @@ pub async fn check_monitoring(
             .await
             .unwrap_or_else(|_| Observation::ProviderError(no_answer()));
         let problem = match answer {
-            Observation::Value(v) if metric == Metric::RequestCount && !(v > 0.0) => Some(format!(
-                "is {v} — no requests reached the stable track in the last {}s",
-                window.as_secs()
-            )),
+            Observation::Value(v) if metric == Metric::RequestCount && (v.is_nan() || v <= 0.0) => {
+                Some(format!(
+                    "is {v} — no requests reached the stable track in the last {}s",
+                    window.as_secs()
+                ))
+            }
             Observation::Value(v) if v.is_nan() => Some("answered NaN".to_string()),
             Observation::Value(_) => None,
             Observation::NoData => Some("answered no data (an empty result or NaN)".to_string()),

@@ -348,7 +348,7 @@ pub trait MetricsSource: Send + Sync + Debug {
                 })
             }
             // No traffic at all is a count of 0 requests; the judge decides.
-            (Observation::Value(n), Observation::NoData) if n == 0.0 => Measured::Value(Counts {
+            (Observation::Value(n), Observation::NoData) if n <= 0.0 => Measured::Value(Counts {
                 requests: 0.0,
                 errors: 0.0,
             }),
