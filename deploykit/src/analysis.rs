@@ -1138,6 +1138,111 @@ mod tests {
         ));
     }
 
+    fn judged(error_judge: ErrorRateJudge, latency_judge: LatencyJudge) -> AnalysisRules {
+        AnalysisRules {
+            error_judge,
+            latency_judge,
+            ..AnalysisRules::default()
+        }
+    }
+
+    fn spread(from: f64) -> Measured<Distribution> {
+        Measured::Value(Distribution::from_samples(
+            (0..400).map(|i| from + 0.1 * f64::from(i) / 400.0),
+        ))
+    }
+
+    #[test]
+    fn a_score_between_marginal_and_pass_is_marginal_not_a_pass() {
+        let mut r = judged(ErrorRateJudge::Threshold, LatencyJudge::MannWhitney);
+        r.score.errors_weight = 80.0;
+        r.score.latency_weight = 20.0;
+        let inputs = JudgeInputs {
+            canary_latency: Some(spread(0.2)),
+            stable_latency: Some(spread(0.1)),
+            ..JudgeInputs::default()
+        };
+        let o = obs(Value(0.001), Value(0.1), Value(0.001));
+        let j = r.judge(1, &o, &inputs, &mut SequentialState::default());
+        assert!(
+            matches!(&j.outcome, CheckOutcome::NoData { reason } if reason == "marginal score 80 (passes at 95, fails below 75)"),
+            "{:?}",
+            j.outcome
+        );
+        assert!(j.outcome.is_inconclusive());
+        // With the default weights the same latency fails the check.
+        let j = AnalysisRules {
+            score: ScoreThresholds::default(),
+            ..r
+        }
+        .judge(1, &o, &inputs, &mut SequentialState::default());
+        assert_eq!(metric(&j.outcome), Some(AnalysisMetric::LatencyDistribution));
+    }
+
+    #[test]
+    fn the_judges_skip_the_comparison_when_stable_has_no_traffic() {
+        let r = judged(ErrorRateJudge::Sequential, LatencyJudge::MannWhitney);
+        let inputs = JudgeInputs {
+            canary_counts: Some(Measured::Value(Counts {
+                requests: 3000.0,
+                errors: 3.0,
+            })),
+            stable_counts: Some(Measured::NoData),
+            canary_latency: Some(spread(0.1)),
+            stable_latency: Some(Measured::NoData),
+        };
+        let o = obs(Value(0.001), Value(0.1), NoData);
+        let j = r.judge(5, &o, &inputs, &mut SequentialState::default());
+        assert_eq!(j.outcome, CheckOutcome::Pass);
+        // A provider error is not "no traffic": the check is inconclusive.
+        let down = JudgeInputs {
+            stable_latency: Some(Measured::ProviderError("refused".into())),
+            ..inputs
+        };
+        let j = r.judge(5, &o, &down, &mut SequentialState::default());
+        assert!(
+            matches!(&j.outcome, CheckOutcome::ProviderError { message } if message == "stable latency distribution: refused"),
+            "{:?}",
+            j.outcome
+        );
+    }
+
+    #[test]
+    fn in_judge_mode_the_absolute_limit_allows_for_noise_on_few_requests() {
+        let r = judged(ErrorRateJudge::Sequential, LatencyJudge::Threshold);
+        let inputs = JudgeInputs {
+            canary_counts: Some(Measured::Value(Counts {
+                requests: 50.0,
+                errors: 1.0,
+            })),
+            stable_counts: Some(Measured::Value(Counts {
+                requests: 950.0,
+                errors: 3.0,
+            })),
+            ..JudgeInputs::default()
+        };
+        // One error in 50 requests: 2 %, over 1 % but within noise.
+        let mut o = obs(Value(0.02), Value(0.1), Value(0.003));
+        o.canary_requests = Some(Value(50.0));
+        let j = r.judge(1, &o, &inputs, &mut SequentialState::default());
+        assert_ne!(
+            metric(&j.outcome),
+            Some(AnalysisMetric::ErrorRate),
+            "{:?}",
+            j.outcome
+        );
+        // The thresholds alone fail it.
+        assert_eq!(
+            metric(&AnalysisRules::default().evaluate(1, &o)),
+            Some(AnalysisMetric::ErrorRate)
+        );
+        // 20 % of 500 requests is beyond any noise.
+        let mut big = obs(Value(0.2), Value(0.1), Value(0.003));
+        big.canary_requests = Some(Value(500.0));
+        let j = r.judge(1, &big, &inputs, &mut SequentialState::default());
+        assert_eq!(metric(&j.outcome), Some(AnalysisMetric::ErrorRate));
+    }
+
     #[test]
     fn validation_names_the_field() {
         let cases: Vec<(AnalysisRules, &str)> = vec![
