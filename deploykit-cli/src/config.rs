@@ -247,6 +247,8 @@ pub(crate) struct MetricsConfig {
     pub(crate) error_rate: Option<String>,
     pub(crate) latency_p99: Option<String>,
     pub(crate) request_count: Option<String>,
+    pub(crate) error_count: Option<String>,
+    pub(crate) latency_buckets: Option<String>,
     pub(crate) timeout: Option<Dur>,
 }
 
@@ -883,6 +885,8 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
             ("error_rate", &m.error_rate),
             ("latency_p99", &m.latency_p99),
             ("request_count", &m.request_count),
+            ("error_count", &m.error_count),
+            ("latency_buckets", &m.latency_buckets),
         ] {
             if let Some(q) = q {
                 deploykit::metrics::QueryTemplate::parse(&format!("metrics.{name}"), q)?;

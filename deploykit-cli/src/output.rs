@@ -147,8 +147,17 @@ impl EventSink for Human {
                     );
                 }
             }
-            EventKind::AnalysisResult { stage, result, .. } if !matches!(result, CheckOutcome::Pass) => {
+            EventKind::AnalysisResult {
+                stage,
+                result,
+                evidence,
+                ..
+            } if !matches!(result, CheckOutcome::Pass) => {
                 self.line(t, format!("  {}", analysis_line(*stage, result)));
+                // The statistics behind the decision, one sentence each.
+                for e in evidence {
+                    self.line(t, format!("    {e}"));
+                }
             }
             EventKind::AwaitingPromotion { stage, weight, .. } => {
                 self.line(

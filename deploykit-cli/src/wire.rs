@@ -276,6 +276,12 @@ pub(crate) fn metrics(cfg: &Loaded) -> anyhow::Result<Option<Arc<dyn deploykit::
     if let Some(q) = &m.request_count {
         b = b.request_count(q);
     }
+    if let Some(q) = &m.error_count {
+        b = b.error_count(q);
+    }
+    if let Some(q) = &m.latency_buckets {
+        b = b.latency_buckets(q);
+    }
     if let Some(t) = m.timeout {
         b = b.timeout(t.0);
     }

@@ -5,10 +5,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use deploykit::judge::{Counts, Distribution, Measured};
 use deploykit::{Group, Metric, MetricsSource, Observation};
 use tokio::time::Instant;
 
 type Script = Arc<dyn Fn(Duration) -> Observation + Send + Sync>;
+type CountsScript = Arc<dyn Fn(Duration, Duration) -> Measured<Counts> + Send + Sync>;
+type LatencyScript = Arc<dyn Fn(Duration, Duration) -> Measured<Distribution> + Send + Sync>;
 
 /// A metrics source scripted per group, metric and time.
 ///
@@ -41,6 +44,8 @@ type Script = Arc<dyn Fn(Duration) -> Observation + Send + Sync>;
 pub struct FakeMetrics {
     epoch: Instant,
     scripts: Arc<Mutex<HashMap<(String, Metric), Script>>>,
+    counts: Arc<Mutex<HashMap<String, CountsScript>>>,
+    latency: Arc<Mutex<HashMap<String, LatencyScript>>>,
     queries: Arc<Mutex<Vec<(Duration, String, Metric)>>>,
 }
 
@@ -62,6 +67,8 @@ impl FakeMetrics {
         Self {
             epoch: Instant::now(),
             scripts: Arc::default(),
+            counts: Arc::default(),
+            latency: Arc::default(),
             queries: Arc::default(),
         }
     }
@@ -91,6 +98,54 @@ impl FakeMetrics {
         self
     }
 
+    /// The requests and errors of `group` (for the sequential judge),
+    /// computed from the time since creation and the query's window.
+    /// Unscripted, counts come from the `RequestCount` and `ErrorRate`
+    /// scripts, as [`MetricsSource::observe_counts`] does by default.
+    pub fn script_counts(
+        self,
+        group: &str,
+        f: impl Fn(Duration, Duration) -> Measured<Counts> + Send + Sync + 'static,
+    ) -> Self {
+        self.counts
+            .lock()
+            .expect("fake metrics poisoned")
+            .insert(group.to_string(), Arc::new(f));
+        self
+    }
+
+    /// The latency distribution of `group` (for the Mann-Whitney judge),
+    /// computed from the time since creation and the query's window;
+    /// unscripted it is `NoData`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// use std::time::Duration;
+    /// use deploykit::judge::{Distribution, Measured};
+    /// use deploykit::{Group, MetricsSource};
+    /// use deploykit_testkit::FakeMetrics;
+    ///
+    /// // 200 requests at 120 ms and 10 at 400 ms per window.
+    /// let metrics = FakeMetrics::new().script_latency("canary", |_t, _window| {
+    ///     Measured::Value(Distribution { points: vec![(0.12, 200.0), (0.4, 10.0)] })
+    /// });
+    /// let d = metrics.observe_latency(&Group::new("canary").unwrap(), Duration::from_secs(30)).await;
+    /// assert!(matches!(d, Measured::Value(d) if d.count() == 210.0));
+    /// # }
+    /// ```
+    pub fn script_latency(
+        self,
+        group: &str,
+        f: impl Fn(Duration, Duration) -> Measured<Distribution> + Send + Sync + 'static,
+    ) -> Self {
+        self.latency
+            .lock()
+            .expect("fake metrics poisoned")
+            .insert(group.to_string(), Arc::new(f));
+        self
+    }
+
     /// Every query so far: when, which group, which metric.
     pub fn queries(&self) -> Vec<(Duration, String, Metric)> {
         self.queries.lock().expect("fake metrics poisoned").clone()
@@ -114,6 +169,43 @@ impl MetricsSource for FakeMetrics {
         match script {
             Some(f) => f(t),
             None => Observation::NoData,
+        }
+    }
+
+    async fn observe_counts(&self, group: &Group, window: Duration) -> Measured<Counts> {
+        let script = self
+            .counts
+            .lock()
+            .expect("fake metrics poisoned")
+            .get(group.as_str())
+            .cloned();
+        if let Some(f) = script {
+            return f(self.epoch.elapsed(), window);
+        }
+        let requests = self.observe(Metric::RequestCount, group, window).await;
+        let rate = self.observe(Metric::ErrorRate, group, window).await;
+        match (requests, rate) {
+            (Observation::ProviderError(m), _) | (_, Observation::ProviderError(m)) => {
+                Measured::ProviderError(m)
+            }
+            (Observation::Value(n), Observation::Value(r)) => Measured::Value(Counts {
+                requests: n,
+                errors: (n * r).round(),
+            }),
+            _ => Measured::NoData,
+        }
+    }
+
+    async fn observe_latency(&self, group: &Group, window: Duration) -> Measured<Distribution> {
+        let script = self
+            .latency
+            .lock()
+            .expect("fake metrics poisoned")
+            .get(group.as_str())
+            .cloned();
+        match script {
+            Some(f) => f(self.epoch.elapsed(), window),
+            None => Measured::NoData,
         }
     }
 }

@@ -78,6 +78,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::judge::{
+    self, Classification, Counts, Distribution, ErrorRateJudge, LatencyJudge, MannWhitneyCheck,
+    MannWhitneySettings, Measured, ScoreThresholds, SequentialCheck, SequentialSettings, SequentialState,
+};
 use crate::names::Group;
 use crate::traits::Observation;
 
@@ -116,6 +120,39 @@ pub struct AnalysisRules {
     /// The trailing window each query covers. Default 5 min (PromQL `[5m]`).
     #[serde(with = "crate::duration_ms")]
     pub window: Duration,
+    /// How the error rate is judged: the threshold rules above (default) or
+    /// the sequential test of [`crate::judge`].
+    // Defaults are left out of plans and journals, so a journal written
+    // before the judges existed reads and writes back byte for byte.
+    #[serde(skip_serializing_if = "is_default")]
+    pub error_judge: ErrorRateJudge,
+    /// How latency is judged: the p99 threshold (default), or that and the
+    /// Mann-Whitney comparison of [`crate::judge`].
+    #[serde(skip_serializing_if = "is_default")]
+    pub latency_judge: LatencyJudge,
+    /// Settings of the sequential error-rate test.
+    #[serde(skip_serializing_if = "is_default")]
+    pub sequential: SequentialSettings,
+    /// Settings of the Mann-Whitney latency judge.
+    #[serde(skip_serializing_if = "is_default")]
+    pub mann_whitney: MannWhitneySettings,
+    /// Group weights and score thresholds, used when a statistical judge is
+    /// selected.
+    #[serde(skip_serializing_if = "is_default")]
+    pub score: ScoreThresholds,
+    /// Before the first canary stage, check that every query answers for
+    /// the stable track and that stable serves requests, and refuse to start
+    /// otherwise ([`crate::monitoring`]). Default on.
+    #[serde(skip_serializing_if = "is_true")]
+    pub monitoring_check: bool,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+fn is_true(v: &bool) -> bool {
+    *v
 }
 
 // `validate` rejects NaN thresholds and JSON cannot carry NaN, so equality
@@ -133,6 +170,12 @@ impl Default for AnalysisRules {
             min_requests: 0,
             inconclusive_limit: 4,
             window: Duration::from_secs(300),
+            error_judge: ErrorRateJudge::Threshold,
+            latency_judge: LatencyJudge::Threshold,
+            sequential: SequentialSettings::default(),
+            mann_whitney: MannWhitneySettings::default(),
+            score: ScoreThresholds::default(),
+            monitoring_check: true,
         }
     }
 }
@@ -164,6 +207,12 @@ pub enum AnalysisMetric {
     LatencyP99,
     /// The canary's error rate against `max_error_ratio` × stable's.
     ErrorRateVsStable,
+    /// The sequential test of the canary's error rate against stable's
+    /// (value: the evidence, an e-value; threshold: `1/alpha`).
+    ErrorRateSequential,
+    /// The Mann-Whitney comparison of the latency distributions (value:
+    /// canary mean over stable mean; threshold: the allowed ratio).
+    LatencyDistribution,
 }
 
 impl fmt::Display for AnalysisMetric {
@@ -172,6 +221,8 @@ impl fmt::Display for AnalysisMetric {
             AnalysisMetric::ErrorRate => "canary error rate",
             AnalysisMetric::LatencyP99 => "canary p99 latency",
             AnalysisMetric::ErrorRateVsStable => "canary error rate relative to stable",
+            AnalysisMetric::ErrorRateSequential => "canary error rate relative to stable (sequential test)",
+            AnalysisMetric::LatencyDistribution => "canary latency distribution (Mann-Whitney)",
         })
     }
 }
@@ -228,6 +279,18 @@ impl fmt::Display for CheckOutcome {
                 threshold,
                 stage,
             } => match metric {
+                AnalysisMetric::ErrorRateSequential => write!(
+                    f,
+                    "{metric}: evidence {value:.0} reached the rollback level {threshold:.0} at stage {stage}"
+                ),
+                AnalysisMetric::LatencyDistribution if *value < 1.0 => write!(
+                    f,
+                    "{metric}: canary mean {value:.2}x stable's, below the allowed {threshold:.2}x at stage {stage}"
+                ),
+                AnalysisMetric::LatencyDistribution => write!(
+                    f,
+                    "{metric}: canary mean {value:.2}x stable's, above the allowed {threshold:.2}x at stage {stage}"
+                ),
                 AnalysisMetric::LatencyP99 => write!(
                     f,
                     "{metric} {:.0} ms > threshold {:.0} ms at stage {stage}",
@@ -298,6 +361,9 @@ impl AnalysisRules {
                 "is 0; at least 1 inconclusive check must be allowed (default 4)",
             ));
         }
+        self.sequential.validate("analysis.sequential")?;
+        self.mann_whitney.validate("analysis.mann_whitney")?;
+        self.score.validate("analysis.score")?;
         if self.window < Duration::from_secs(1) {
             return Err(Error::invalid(
                 "analysis.window",
@@ -425,6 +491,320 @@ impl AnalysisRules {
     }
 }
 
+/// What one check read for the statistical judges of [`crate::judge`],
+/// over the time since the previous check; `None` where that judge is not
+/// selected.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JudgeInputs {
+    /// The canary's requests and errors.
+    pub canary_counts: Option<Measured<Counts>>,
+    /// Stable's requests and errors.
+    pub stable_counts: Option<Measured<Counts>>,
+    /// The canary's latency distribution.
+    pub canary_latency: Option<Measured<Distribution>>,
+    /// Stable's latency distribution.
+    pub stable_latency: Option<Measured<Distribution>>,
+}
+
+/// The statistics behind one check, as events, the journal and reports
+/// carry them; [`Display`](fmt::Display) reads as a sentence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "judge")]
+pub enum Evidence {
+    /// The sequential error-rate test.
+    Sequential(SequentialCheck),
+    /// The Mann-Whitney latency comparison.
+    MannWhitney(MannWhitneyCheck),
+    /// The check's Kayenta score.
+    Score {
+        /// The score, 0–100.
+        score: f64,
+        /// At or above this the check passes.
+        pass: f64,
+        /// Below this the check fails.
+        marginal: f64,
+    },
+}
+
+impl fmt::Display for Evidence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Evidence::Sequential(c) => c.fmt(f),
+            Evidence::MannWhitney(c) => c.fmt(f),
+            Evidence::Score {
+                score,
+                pass,
+                marginal,
+            } => write!(
+                f,
+                "score {score:.0} of 100 (passes at {pass:.0}, fails below {marginal:.0})"
+            ),
+        }
+    }
+}
+
+/// A check's outcome and the statistics that led to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgement {
+    /// The outcome.
+    pub outcome: CheckOutcome,
+    /// The statistics (empty with the threshold rules alone).
+    pub evidence: Vec<Evidence>,
+}
+
+impl AnalysisRules {
+    /// Whether a statistical judge is selected (then checks go through
+    /// [`judge`](Self::judge) and read [`JudgeInputs`]).
+    pub fn uses_judges(&self) -> bool {
+        self.error_judge != ErrorRateJudge::Threshold || self.latency_judge != LatencyJudge::Threshold
+    }
+
+    /// Judges one check of stage `stage` (1-based) with the selected judges,
+    /// carrying the sequential test's evidence in `state`.
+    ///
+    /// With only threshold judges this is [`evaluate`](Self::evaluate).
+    /// Otherwise the absolute limits (`error_threshold`,
+    /// `latency_threshold`) still fail a check at once; each metric group is
+    /// classified (Pass / High / Low / NoData) by its judge; a group without
+    /// data makes the check [`CheckOutcome::NoData`] (never healthy); and the
+    /// Kayenta score decides: below `score.marginal` fails, from
+    /// `score.pass` passes, in between is marginal (`NoData`).
+    pub fn judge(
+        &self,
+        stage: usize,
+        obs: &Observations,
+        inputs: &JudgeInputs,
+        state: &mut SequentialState,
+    ) -> Judgement {
+        self.judge_stage(stage, stage, obs, inputs, state)
+    }
+
+    /// As [`judge`](Self::judge), knowing the analysis has `stages` stages
+    /// (the sequential test weighs a fresh start per stage by `1/stages`).
+    pub fn judge_stage(
+        &self,
+        stage: usize,
+        stages: usize,
+        obs: &Observations,
+        inputs: &JudgeInputs,
+        state: &mut SequentialState,
+    ) -> Judgement {
+        if !self.uses_judges() {
+            return Judgement {
+                outcome: self.evaluate(stage, obs),
+                evidence: Vec::new(),
+            };
+        }
+        let mut evidence = Vec::new();
+        let done = |outcome, evidence| Judgement { outcome, evidence };
+        let fail = |metric, value, threshold| CheckOutcome::Fail {
+            metric,
+            value,
+            threshold,
+            stage,
+        };
+        // The sequential test accumulates evidence at every check, so it
+        // reads its counts even when an absolute limit decides this check.
+        let sequential = match (self.error_judge, &inputs.canary_counts, &inputs.stable_counts) {
+            (ErrorRateJudge::Sequential, Some(Measured::Value(c)), Some(Measured::Value(s))) => {
+                let check = state.update_in_stage(&self.sequential, stage, stages, *c, *s);
+                evidence.push(Evidence::Sequential(check.clone()));
+                Some(check)
+            }
+            _ => None,
+        };
+        // The absolute error limit, beyond sampling noise when the canary's
+        // request count is known: a window holding only a few canary
+        // requests (early in a stage) would otherwise trip on one or two
+        // errors and undo the sequential test's false-rollback guarantee.
+        let canary_err = comparable(&obs.canary_error_rate);
+        let n = obs
+            .canary_requests
+            .as_ref()
+            .and_then(value_of)
+            .filter(|n| *n >= 1.0);
+        let error_limit = match (self.error_judge, n) {
+            (ErrorRateJudge::Sequential, Some(n)) => {
+                let p = self.error_threshold;
+                p + self.ratio_significance * (p * (1.0 - p) / n).sqrt()
+            }
+            _ => self.error_threshold,
+        };
+        if let Some(e) = canary_err.filter(|e| *e > error_limit) {
+            return done(fail(AnalysisMetric::ErrorRate, e, error_limit), evidence);
+        }
+        let latency_limit = self.latency_threshold.as_secs_f64();
+        if let Some(l) = comparable(&obs.canary_p99).filter(|l| *l > latency_limit) {
+            return done(fail(AnalysisMetric::LatencyP99, l, latency_limit), evidence);
+        }
+        // Why the check could not pass, if a group lacks data.
+        let mut gaps: Vec<CheckOutcome> = Vec::new();
+        let (errors, errors_fail) = match self.error_judge {
+            ErrorRateJudge::Threshold => {
+                // Only the error-rate rules: latency is judged below.
+                let errors_only = Observations {
+                    canary_p99: Observation::Value(0.0),
+                    ..obs.clone()
+                };
+                match self.evaluate(stage, &errors_only) {
+                    f @ CheckOutcome::Fail { .. } => (Classification::High, Some(f)),
+                    CheckOutcome::Pass => (Classification::Pass, None),
+                    other => {
+                        gaps.push(other);
+                        (Classification::NoData, None)
+                    }
+                }
+            }
+            ErrorRateJudge::Sequential => match &sequential {
+                Some(check) => {
+                    let c = check.classification();
+                    if c == Classification::NoData {
+                        gaps.push(CheckOutcome::NoData {
+                            reason: format!(
+                                "canary served {:.0} request(s) since the analysis began, fewer than the sequential test's minimum of {}",
+                                check.canary.requests, self.sequential.min_requests
+                            ),
+                        });
+                    }
+                    let failed = fail(
+                        AnalysisMetric::ErrorRateSequential,
+                        check.e_value,
+                        check.threshold,
+                    );
+                    (c, (c == Classification::High).then_some(failed))
+                }
+                // Stable without data (no traffic at a 100 % stage) skips
+                // the comparison, as the relative threshold rule does.
+                None if matches!(
+                    (&inputs.canary_counts, &inputs.stable_counts),
+                    (Some(Measured::Value(c)), Some(Measured::NoData)) if c.requests > 0.0
+                ) =>
+                {
+                    (Classification::Pass, None)
+                }
+                None => {
+                    gaps.extend(gap("canary request and error counts", &inputs.canary_counts));
+                    gaps.extend(gap("stable request and error counts", &inputs.stable_counts));
+                    (Classification::NoData, None)
+                }
+            },
+        };
+        // The latency group.
+        let (latency, latency_fail) = match self.latency_judge {
+            LatencyJudge::Threshold => match &obs.canary_p99 {
+                Observation::Value(v) if !v.is_nan() && *v != f64::NEG_INFINITY => {
+                    (Classification::Pass, None)
+                }
+                Observation::ProviderError(m) => {
+                    gaps.push(CheckOutcome::ProviderError {
+                        message: format!("canary p99 latency: {m}"),
+                    });
+                    (Classification::NoData, None)
+                }
+                _ => {
+                    gaps.push(CheckOutcome::NoData {
+                        reason: "canary p99 latency has no data".into(),
+                    });
+                    (Classification::NoData, None)
+                }
+            },
+            LatencyJudge::MannWhitney => match (&inputs.canary_latency, &inputs.stable_latency) {
+                (Some(Measured::Value(c)), Some(Measured::Value(s))) => {
+                    let check = judge::mann_whitney(&self.mann_whitney, c, s);
+                    let class = check.classification;
+                    let failed = match class {
+                        Classification::High => Some(fail(
+                            AnalysisMetric::LatencyDistribution,
+                            check.mean_ratio,
+                            self.mann_whitney.allowed_increase,
+                        )),
+                        Classification::Low => Some(fail(
+                            AnalysisMetric::LatencyDistribution,
+                            check.mean_ratio,
+                            self.mann_whitney.allowed_decrease,
+                        )),
+                        Classification::NoData => {
+                            gaps.push(CheckOutcome::NoData {
+                                reason: format!(
+                                    "latency samples: canary {:.0}, stable {:.0}, fewer than the minimum of {}",
+                                    check.canary_samples, check.stable_samples, self.mann_whitney.min_samples
+                                ),
+                            });
+                            None
+                        }
+                        Classification::Pass => None,
+                    };
+                    evidence.push(Evidence::MannWhitney(check));
+                    (class, failed)
+                }
+                // Stable without data skips the comparison; the p99
+                // threshold above still applies.
+                (Some(Measured::Value(_)), Some(Measured::NoData)) => (Classification::Pass, None),
+                (c, s) => {
+                    gaps.extend(gap("canary latency distribution", c));
+                    gaps.extend(gap("stable latency distribution", s));
+                    (Classification::NoData, None)
+                }
+            },
+        };
+        // A provider error says more than a gap, so it is the one reported.
+        let inconclusive = gaps
+            .iter()
+            .position(|g| matches!(g, CheckOutcome::ProviderError { .. }))
+            .or((!gaps.is_empty()).then_some(0))
+            .map(|i| gaps.swap_remove(i));
+        let Some(score) = judge::score(&self.score, errors, latency) else {
+            return done(
+                inconclusive.unwrap_or(CheckOutcome::NoData {
+                    reason: "no metric group has data".into(),
+                }),
+                evidence,
+            );
+        };
+        evidence.push(Evidence::Score {
+            score,
+            pass: self.score.pass,
+            marginal: self.score.marginal,
+        });
+        if score < self.score.marginal {
+            let outcome = errors_fail
+                .or(latency_fail)
+                .expect("a score below 100 has a failed group");
+            return done(outcome, evidence);
+        }
+        // No data is never healthy: a group without it keeps the check
+        // from passing even when the other group's score would.
+        if let Some(o) = inconclusive {
+            return done(o, evidence);
+        }
+        if score >= self.score.pass {
+            return done(CheckOutcome::Pass, evidence);
+        }
+        done(
+            CheckOutcome::NoData {
+                reason: format!(
+                    "marginal score {score:.0} (passes at {:.0}, fails below {:.0})",
+                    self.score.pass, self.score.marginal
+                ),
+            },
+            evidence,
+        )
+    }
+}
+
+/// Why a judge's input is missing, if it is.
+fn gap<T>(what: &str, m: &Option<Measured<T>>) -> Option<CheckOutcome> {
+    match m {
+        Some(Measured::Value(_)) => None,
+        Some(Measured::ProviderError(msg)) => Some(CheckOutcome::ProviderError {
+            message: format!("{what}: {msg}"),
+        }),
+        Some(Measured::NoData) | None => Some(CheckOutcome::NoData {
+            reason: format!("{what} has no data"),
+        }),
+    }
+}
+
 /// A value that can be compared with a threshold: finite or `+Inf`.
 fn comparable(o: &Observation) -> Option<f64> {
     match o {
@@ -461,6 +841,9 @@ pub struct Analyzer {
     pub consecutive_inconclusive: u32,
     /// Checks that passed so far.
     pub passes: u64,
+    /// The sequential error-rate test's evidence so far (used only with
+    /// [`ErrorRateJudge::Sequential`]).
+    pub sequential: SequentialState,
 }
 
 impl Analyzer {
@@ -753,6 +1136,111 @@ mod tests {
             Analyzer::default().record(&r, &fail),
             Verdict::Rollback(_)
         ));
+    }
+
+    fn judged(error_judge: ErrorRateJudge, latency_judge: LatencyJudge) -> AnalysisRules {
+        AnalysisRules {
+            error_judge,
+            latency_judge,
+            ..AnalysisRules::default()
+        }
+    }
+
+    fn spread(from: f64) -> Measured<Distribution> {
+        Measured::Value(Distribution::from_samples(
+            (0..400).map(|i| from + 0.1 * f64::from(i) / 400.0),
+        ))
+    }
+
+    #[test]
+    fn a_score_between_marginal_and_pass_is_marginal_not_a_pass() {
+        let mut r = judged(ErrorRateJudge::Threshold, LatencyJudge::MannWhitney);
+        r.score.errors_weight = 80.0;
+        r.score.latency_weight = 20.0;
+        let inputs = JudgeInputs {
+            canary_latency: Some(spread(0.2)),
+            stable_latency: Some(spread(0.1)),
+            ..JudgeInputs::default()
+        };
+        let o = obs(Value(0.001), Value(0.1), Value(0.001));
+        let j = r.judge(1, &o, &inputs, &mut SequentialState::default());
+        assert!(
+            matches!(&j.outcome, CheckOutcome::NoData { reason } if reason == "marginal score 80 (passes at 95, fails below 75)"),
+            "{:?}",
+            j.outcome
+        );
+        assert!(j.outcome.is_inconclusive());
+        // With the default weights the same latency fails the check.
+        let j = AnalysisRules {
+            score: ScoreThresholds::default(),
+            ..r
+        }
+        .judge(1, &o, &inputs, &mut SequentialState::default());
+        assert_eq!(metric(&j.outcome), Some(AnalysisMetric::LatencyDistribution));
+    }
+
+    #[test]
+    fn the_judges_skip_the_comparison_when_stable_has_no_traffic() {
+        let r = judged(ErrorRateJudge::Sequential, LatencyJudge::MannWhitney);
+        let inputs = JudgeInputs {
+            canary_counts: Some(Measured::Value(Counts {
+                requests: 3000.0,
+                errors: 3.0,
+            })),
+            stable_counts: Some(Measured::NoData),
+            canary_latency: Some(spread(0.1)),
+            stable_latency: Some(Measured::NoData),
+        };
+        let o = obs(Value(0.001), Value(0.1), NoData);
+        let j = r.judge(5, &o, &inputs, &mut SequentialState::default());
+        assert_eq!(j.outcome, CheckOutcome::Pass);
+        // A provider error is not "no traffic": the check is inconclusive.
+        let down = JudgeInputs {
+            stable_latency: Some(Measured::ProviderError("refused".into())),
+            ..inputs
+        };
+        let j = r.judge(5, &o, &down, &mut SequentialState::default());
+        assert!(
+            matches!(&j.outcome, CheckOutcome::ProviderError { message } if message == "stable latency distribution: refused"),
+            "{:?}",
+            j.outcome
+        );
+    }
+
+    #[test]
+    fn in_judge_mode_the_absolute_limit_allows_for_noise_on_few_requests() {
+        let r = judged(ErrorRateJudge::Sequential, LatencyJudge::Threshold);
+        let inputs = JudgeInputs {
+            canary_counts: Some(Measured::Value(Counts {
+                requests: 50.0,
+                errors: 1.0,
+            })),
+            stable_counts: Some(Measured::Value(Counts {
+                requests: 950.0,
+                errors: 3.0,
+            })),
+            ..JudgeInputs::default()
+        };
+        // One error in 50 requests: 2 %, over 1 % but within noise.
+        let mut o = obs(Value(0.02), Value(0.1), Value(0.003));
+        o.canary_requests = Some(Value(50.0));
+        let j = r.judge(1, &o, &inputs, &mut SequentialState::default());
+        assert_ne!(
+            metric(&j.outcome),
+            Some(AnalysisMetric::ErrorRate),
+            "{:?}",
+            j.outcome
+        );
+        // The thresholds alone fail it.
+        assert_eq!(
+            metric(&AnalysisRules::default().evaluate(1, &o)),
+            Some(AnalysisMetric::ErrorRate)
+        );
+        // 20 % of 500 requests is beyond any noise.
+        let mut big = obs(Value(0.2), Value(0.1), Value(0.003));
+        big.canary_requests = Some(Value(500.0));
+        let j = r.judge(1, &big, &inputs, &mut SequentialState::default());
+        assert_eq!(metric(&j.outcome), Some(AnalysisMetric::ErrorRate));
     }
 
     #[test]

@@ -147,6 +147,10 @@ pub enum EventKind {
         result: crate::analysis::CheckOutcome,
         /// Inconclusive checks in a row so far (0 after a pass).
         consecutive_inconclusive: u32,
+        /// The statistics of the statistical judges, when selected (each
+        /// reads as a sentence).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        evidence: Vec<crate::analysis::Evidence>,
     },
     /// Progress of a canary stage (percent and seconds), after each check.
     StageProgress {

@@ -10,8 +10,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::analysis::{Analysis, Analyzer, Observations, Verdict};
+use crate::analysis::{Analysis, Analyzer, JudgeInputs, Observations, Verdict};
 use crate::event::EventKind;
+use crate::judge::{ErrorRateJudge, LatencyJudge, Measured};
 use crate::promotion::PromotionHandle;
 use crate::traits::{Metric, MetricsSource, Observation};
 use crate::wait::{every, later};
@@ -85,8 +86,52 @@ impl GateCtx<'_> {
         }
     }
 
+    /// `query`, or a provider error once the query timeout passes.
+    async fn bounded<T>(&self, query: impl std::future::Future<Output = Measured<T>>) -> Measured<T> {
+        match tokio::time::timeout(self.query_timeout, query).await {
+            Ok(m) => m,
+            Err(_) => Measured::ProviderError(format!(
+                "no answer within {:.1}s",
+                self.query_timeout.as_secs_f64()
+            )),
+        }
+    }
+
+    /// What the statistical judges read, over the time since the previous
+    /// check (one interval), so each check adds fresh requests only.
+    async fn judge_inputs(&self, analysis: &Analysis) -> JudgeInputs {
+        let rules = &analysis.rules;
+        let window = analysis.interval.max(std::time::Duration::from_secs(1));
+        let counts = |group| async move {
+            if rules.error_judge == ErrorRateJudge::Sequential {
+                Some(self.bounded(self.metrics.observe_counts(group, window)).await)
+            } else {
+                None
+            }
+        };
+        let latency = |group| async move {
+            if rules.latency_judge == LatencyJudge::MannWhitney {
+                Some(self.bounded(self.metrics.observe_latency(group, window)).await)
+            } else {
+                None
+            }
+        };
+        let (canary_counts, stable_counts, canary_latency, stable_latency) = futures::join!(
+            counts(&analysis.canary),
+            counts(&analysis.stable),
+            latency(&analysis.canary),
+            latency(&analysis.stable),
+        );
+        JudgeInputs {
+            canary_counts,
+            stable_counts,
+            canary_latency,
+            stable_latency,
+        }
+    }
+
     /// One check: query, judge, record, emit.
-    async fn check(&self, stage: usize, weight: u8, analysis: &Analysis) -> Result<(), GateError> {
+    async fn check(&self, stage: usize, of: usize, weight: u8, analysis: &Analysis) -> Result<(), GateError> {
         let requests = |canary: bool| async move {
             if analysis.rules.needs_request_count() {
                 Some(self.observe(Metric::RequestCount, analysis, canary).await)
@@ -108,18 +153,23 @@ impl GateCtx<'_> {
             canary_requests,
             stable_requests,
         };
-        let outcome = analysis.rules.evaluate(stage, &obs);
-        let (verdict, consecutive) = {
+        let inputs = self.judge_inputs(analysis).await;
+        let (judgement, verdict, consecutive) = {
             let mut a = self.analyzer.lock().expect("analyzer poisoned");
-            let v = a.record(&analysis.rules, &outcome);
-            (v, a.consecutive_inconclusive)
+            let j = analysis
+                .rules
+                .judge_stage(stage, of, &obs, &inputs, &mut a.sequential);
+            let v = a.record(&analysis.rules, &j.outcome);
+            (j, v, a.consecutive_inconclusive)
         };
+        let outcome = judgement.outcome;
         tracing::debug!(stage, weight, ?obs, %outcome, "canary check");
         (self.emit)(EventKind::AnalysisResult {
             stage,
             weight,
             result: outcome,
             consecutive_inconclusive: consecutive,
+            evidence: judgement.evidence,
         });
         match verdict {
             Verdict::Continue => Ok(()),
@@ -142,7 +192,7 @@ pub(crate) async fn analyze(
 ) -> Result<(), GateError> {
     let passes_before = ctx.analyzer.lock().expect("analyzer poisoned").passes;
     let tick = |elapsed: Duration| async move {
-        if let Err(e) = ctx.check(stage, weight, analysis).await {
+        if let Err(e) = ctx.check(stage, of, weight, analysis).await {
             return ControlFlow::Break(e);
         }
         let percent = u8::try_from(elapsed.as_millis() * 100 / duration.as_millis().max(1)).unwrap_or(100);
@@ -208,7 +258,7 @@ pub(crate) async fn await_promotion(
             }
             _ = tokio::time::sleep_until(next_check) => {
                 next_check = later(next_check, interval);
-                if let Err(e) = ctx.check(stage, weight, analysis).await {
+                if let Err(e) = ctx.check(stage, stage, weight, analysis).await {
                     break Err(e);
                 }
             }

@@ -347,6 +347,76 @@ pub trait MetricsSource: Send + Sync + Debug {
     /// * Cancel-safe: yes.
     /// * On failure: nothing changed.
     async fn observe(&self, metric: Metric, group: &Group, window: Duration) -> Observation;
+
+    /// The query [`observe`](Self::observe) would send for `metric` of
+    /// `group` over `window`, for messages; `None` (the default) when the
+    /// source has no query text.
+    ///
+    /// * Idempotent: yes (pure).
+    /// * Cancel-safe: yes (not async).
+    /// * On failure: `None`.
+    fn query_text(&self, metric: Metric, group: &Group, window: Duration) -> Option<String> {
+        let _ = (metric, group, window);
+        None
+    }
+
+    /// Reads the requests and errors `group` served over the trailing
+    /// `window`, for the sequential error-rate judge.
+    ///
+    /// The default multiplies [`Metric::RequestCount`] by
+    /// [`Metric::ErrorRate`] (two [`observe`](Self::observe) calls); a
+    /// source that can count errors directly should do so.
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed; the failure is a
+    ///   [`Measured::ProviderError`](crate::judge::Measured).
+    async fn observe_counts(
+        &self,
+        group: &Group,
+        window: Duration,
+    ) -> crate::judge::Measured<crate::judge::Counts> {
+        use crate::judge::{Counts, Measured};
+        let requests = self.observe(Metric::RequestCount, group, window).await;
+        let rate = self.observe(Metric::ErrorRate, group, window).await;
+        match (requests, rate) {
+            (Observation::ProviderError(m), _) | (_, Observation::ProviderError(m)) => {
+                Measured::ProviderError(m)
+            }
+            (Observation::Value(n), Observation::Value(r)) if n.is_finite() && r.is_finite() => {
+                Measured::Value(Counts {
+                    requests: n.max(0.0),
+                    errors: (n * r).max(0.0).round(),
+                })
+            }
+            // No traffic at all is a count of 0 requests; the judge decides.
+            (Observation::Value(n), Observation::NoData) if n <= 0.0 => Measured::Value(Counts {
+                requests: 0.0,
+                errors: 0.0,
+            }),
+            _ => Measured::NoData,
+        }
+    }
+
+    /// Reads the latency distribution (seconds) of the requests `group`
+    /// served over the trailing `window`, for the Mann-Whitney judge: raw
+    /// samples or histogram buckets.
+    ///
+    /// The default answers [`Measured::NoData`](crate::judge::Measured):
+    /// a source that cannot tell is never taken as healthy.
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed; the failure is a
+    ///   [`Measured::ProviderError`](crate::judge::Measured).
+    async fn observe_latency(
+        &self,
+        group: &Group,
+        window: Duration,
+    ) -> crate::judge::Measured<crate::judge::Distribution> {
+        let _ = (group, window);
+        crate::judge::Measured::NoData
+    }
 }
 
 /// A deployment strategy: turns a fleet and a release into a [`Plan`].

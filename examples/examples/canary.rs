@@ -16,6 +16,7 @@ fn healthy() -> FakeMetrics {
     FakeMetrics::new()
         .set("stable", Metric::ErrorRate, 0.002)
         .set("stable", Metric::LatencyP99, 0.120)
+        .set("stable", Metric::RequestCount, 28_500.0)
         .set("canary", Metric::ErrorRate, 0.002)
         .set("canary", Metric::LatencyP99, 0.130)
 }

@@ -220,6 +220,37 @@ fn every_analysis_setting_is_read() {
 }
 
 #[test]
+fn judge_settings_are_read_and_checked_by_key() {
+    let err = rejects(&simulated(
+        2,
+        "[strategy]\nkind = \"canary\"\n[strategy.canary]\nerror_judge = \"sequential\"\n\
+         [strategy.canary.sequential]\nalpha = 0\n",
+    ));
+    assert_has(
+        &err,
+        &["invalid strategy.canary.sequential.alpha: 0 must be a probability between 0 and 0.5"],
+    );
+    let err = rejects(&simulated(
+        2,
+        "[strategy]\nkind = \"canary\"\n[strategy.canary]\nlatency_judge = \"mann_whitney\"\n\
+         [strategy.canary.score]\npass = 70\nmarginal = 80\n",
+    ));
+    assert_has(
+        &err,
+        &["invalid strategy.canary.score.marginal: 80 is above pass (70)"],
+    );
+    let err = rejects(&simulated(
+        2,
+        "[strategy]\nkind = \"canary\"\n[strategy.canary]\nlatency_judge = \"kayenta\"\n",
+    ));
+    // Serde names the value and the choices; the location points at the key.
+    assert_has(
+        &err,
+        &["unknown value `kayenta` in [strategy.canary]; expected one of: threshold, mann_whitney"],
+    );
+}
+
+#[test]
 fn retries_are_settable_and_checked() {
     let env = Env::new(&simulated(1, "[retry]\nattempts = 5\nbackoff = \"200ms\"\n"));
     env.ok(&["validate"], 0);

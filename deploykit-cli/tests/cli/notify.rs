@@ -209,7 +209,8 @@ fn secrets_in_configured_urls_appear_nowhere() {
         [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\ntimeout = \"1s\"\n\n\
         [strategy]\nkind = \"canary\"\n\n\
         [strategy.canary]\nstages = [50, 100]\nstage_duration = \"300ms\"\ncheck_interval = \"100ms\"\n\
-        health_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        health_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\
+        monitoring_check = false\n\n\
         [timeouts]\ndrain_poll = \"20ms\"\n\n\
         [notifications]\ntimeout = \"1s\"\n\
         [[notifications.webhooks]]\nurl = \"{hook_url}\"\n\

@@ -289,8 +289,18 @@ async fn canary_run(kind: Lb, canary_args: &[&str]) -> Option<Run> {
     canary.analysis.inconclusive_limit = 6;
 
     let load = LoadGen::start_retrying(&url, 200, Duration::from_secs(50));
-    // Let Prometheus see stable traffic before the first check.
+    // Let Prometheus see stable traffic before the first check (the
+    // monitoring check before the first stage asks for it too).
     sleep(Duration::from_secs(2)).await;
+    let prom = prom_server.source();
+    for metric in [Metric::ErrorRate, Metric::LatencyP99] {
+        wait_for_value(&prom, metric, "stable", canary.analysis.window).await;
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    while wait_for_value(&prom, Metric::RequestCount, "stable", canary.analysis.window).await <= 0.0 {
+        assert!(Instant::now() < end, "no stable requests counted within 20 s");
+        sleep(Duration::from_millis(200)).await;
+    }
     let report = executor
         .deploy(&canary, &ReleaseId::new("v2").unwrap())
         .await
@@ -424,4 +434,75 @@ async fn a_healthy_canary_is_promoted_and_finalized_through_haproxy_weights() {
         "{:?}",
         run.weights
     );
+}
+
+#[tokio::test]
+async fn monitoring_before_deploy_asks_real_prometheus_and_names_a_query_that_matches_nothing() {
+    let bin = crate::require_binary!("prometheus");
+    let dir = temp_dir("deploykit-prometheus-monitoring");
+    let app = DemoApp::start(DemoOpts::new("v1").track("stable")).await;
+    let prom_server = PromServer::start(&bin, dir.path(), &[app.addr.to_string()]).await;
+    let prom = prom_server.source();
+    let http = Http::new();
+    let w = Duration::from_secs(10);
+    let stable = Group::new("stable").unwrap();
+    let mut rules = deploykit::analysis::AnalysisRules {
+        window: w,
+        error_judge: deploykit::judge::ErrorRateJudge::Sequential,
+        latency_judge: deploykit::judge::LatencyJudge::MannWhitney,
+        ..Default::default()
+    };
+    // Traffic until every query the judges read answers (bounded).
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        for _ in 0..20 {
+            let _ = http.get(&app.url("/")).await;
+        }
+        let r = deploykit::monitoring::check_monitoring(
+            &prom,
+            &stable,
+            &rules,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        )
+        .await;
+        match r {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < end, "monitoring never ready within 30 s: {e}"),
+        }
+        sleep(Duration::from_millis(200)).await;
+    }
+    // The judges' own queries answer real data: counts and histogram buckets.
+    let counts = prom.observe_counts(&stable, w).await;
+    assert!(
+        matches!(&counts, deploykit::judge::Measured::Value(c) if c.requests > 0.0),
+        "{counts:?}"
+    );
+    let latency = prom.observe_latency(&stable, w).await;
+    assert!(
+        matches!(&latency, deploykit::judge::Measured::Value(d) if d.count() > 0.0),
+        "{latency:?}"
+    );
+    // A template that matches nothing is named, with what came back.
+    let typo = Prometheus::builder(prom_server.url(""))
+        .error_rate(r#"sum(rate(http_requests_totl{track="{group}"}[{window}]))"#)
+        .build()
+        .unwrap();
+    rules.error_judge = deploykit::judge::ErrorRateJudge::Threshold;
+    rules.latency_judge = deploykit::judge::LatencyJudge::Threshold;
+    let e = deploykit::monitoring::check_monitoring(
+        &typo,
+        &stable,
+        &rules,
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect_err("a query that matches nothing");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(r#"stable error rate (query `sum(rate(http_requests_totl{track="stable"}[10s]))`) answered no data"#),
+        "{msg}"
+    );
+    assert_eq!(e.gaps.len(), 1, "only the typo: {msg}");
 }

@@ -431,6 +431,11 @@ impl Executor {
         let smoke = steps::instance::smoke_tester(&self.inner, plan)?;
         steps::canary::check(&self.inner, plan)?;
         steps::gate::check(&self.inner, plan)?;
+        // Only a deployment checks its monitoring; a rollback or recovery
+        // must not be held back by a metrics outage.
+        if call_preflight && preflight == Preflight::Enforce {
+            steps::canary::monitoring(&self.inner, plan).await?;
+        }
         let preflight_warning = if call_preflight && steps::traffic::touches_lb(plan) {
             self.preflight(preflight).await?
         } else {

@@ -12,6 +12,12 @@
 //! | error rate | `(sum(rate(http_requests_total{track="{group}",code=~"5.."}[{window}])) or vector(0)) / sum(rate(http_requests_total{track="{group}"}[{window}]))` |
 //! | p99 latency | `histogram_quantile(0.99, sum by (le) (rate(http_request_duration_seconds_bucket{track="{group}"}[{window}])))` |
 //! | request count | `sum(increase(http_requests_total{track="{group}"}[{window}]))` |
+//! | error count (sequential judge) | `sum(increase(http_requests_total{track="{group}",code=~"5.."}[{window}])) or vector(0)` |
+//! | latency buckets (Mann-Whitney judge) | `sum by (le) (increase(http_request_duration_seconds_bucket{track="{group}"}[{window}]))` |
+//!
+//! The judges query over one check interval; keep the scrape interval
+//! well under it (a third or less), or `increase` has too few samples to
+//! work with.
 //!
 //! `or vector(0)` makes "no 5xx at all" a rate of 0 instead of an empty
 //! result; a track with no traffic still answers empty (or `NaN`), which is
@@ -40,6 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use super::template::QueryTemplate;
 use crate::error::{Error, Result};
+use crate::judge::{Counts, Distribution, Measured};
 use crate::names::Group;
 use crate::secret_url::SecretUrl;
 use crate::traits::{Metric, MetricsSource, Observation};
@@ -50,6 +57,13 @@ pub const DEFAULT_ERROR_RATE: &str = r#"(sum(rate(http_requests_total{track="{gr
 pub const DEFAULT_LATENCY_P99: &str = r#"histogram_quantile(0.99, sum by (le) (rate(http_request_duration_seconds_bucket{track="{group}"}[{window}])))"#;
 /// The default request-count query.
 pub const DEFAULT_REQUEST_COUNT: &str = r#"sum(increase(http_requests_total{track="{group}"}[{window}]))"#;
+/// The default error-count query (for the sequential judge).
+pub const DEFAULT_ERROR_COUNT: &str =
+    r#"sum(increase(http_requests_total{track="{group}",code=~"5.."}[{window}])) or vector(0)"#;
+/// The default latency-histogram query (for the Mann-Whitney judge): one
+/// series per bucket, labelled `le`.
+pub const DEFAULT_LATENCY_BUCKETS: &str =
+    r#"sum by (le) (increase(http_request_duration_seconds_bucket{track="{group}"}[{window}]))"#;
 
 /// The PromQL templates, one per [`Metric`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +75,11 @@ pub struct PromQueries {
     pub latency_p99: QueryTemplate,
     /// Requests served in the window.
     pub request_count: QueryTemplate,
+    /// Requests answered with an error in the window (sequential judge).
+    pub error_count: QueryTemplate,
+    /// Cumulative latency histogram buckets in the window, one series per
+    /// `le` label (Mann-Whitney judge).
+    pub latency_buckets: QueryTemplate,
 }
 
 impl Default for PromQueries {
@@ -70,6 +89,8 @@ impl Default for PromQueries {
             error_rate: t("error_rate", DEFAULT_ERROR_RATE),
             latency_p99: t("latency_p99", DEFAULT_LATENCY_P99),
             request_count: t("request_count", DEFAULT_REQUEST_COUNT),
+            error_count: t("error_count", DEFAULT_ERROR_COUNT),
+            latency_buckets: t("latency_buckets", DEFAULT_LATENCY_BUCKETS),
         }
     }
 }
@@ -124,6 +145,8 @@ pub struct PrometheusBuilder {
     url: SecretUrl,
     queries: PromQueries,
     overrides: Vec<(Metric, String)>,
+    error_count: Option<String>,
+    latency_buckets: Option<String>,
     timeout: Duration,
 }
 
@@ -135,6 +158,8 @@ impl Prometheus {
             url: url.into(),
             queries: PromQueries::default(),
             overrides: Vec::new(),
+            error_count: None,
+            latency_buckets: None,
             timeout: Duration::from_secs(10),
         }
     }
@@ -168,6 +193,19 @@ impl PrometheusBuilder {
     /// The request-count template.
     pub fn request_count(mut self, template: impl Into<String>) -> Self {
         self.overrides.push((Metric::RequestCount, template.into()));
+        self
+    }
+
+    /// The error-count template (the sequential judge's).
+    pub fn error_count(mut self, template: impl Into<String>) -> Self {
+        self.error_count = Some(template.into());
+        self
+    }
+
+    /// The latency-histogram template (the Mann-Whitney judge's): one
+    /// series per bucket, labelled `le`.
+    pub fn latency_buckets(mut self, template: impl Into<String>) -> Self {
+        self.latency_buckets = Some(template.into());
         self
     }
 
@@ -225,6 +263,12 @@ impl PrometheusBuilder {
             };
             *slot = QueryTemplate::parse(field, &text)?;
         }
+        if let Some(t) = &self.error_count {
+            queries.error_count = QueryTemplate::parse("metrics.queries.error_count", t)?;
+        }
+        if let Some(t) = &self.latency_buckets {
+            queries.latency_buckets = QueryTemplate::parse("metrics.queries.latency_buckets", t)?;
+        }
         let client = reqwest::Client::builder()
             .timeout(self.timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -253,23 +297,81 @@ impl MetricsSource for Prometheus {
     async fn observe(&self, metric: Metric, group: &Group, window: Duration) -> Observation {
         let query = self.query(metric, group, window);
         tracing::debug!(?metric, %group, %query, "prometheus query");
+        match self.get(&query).await {
+            Ok((status, body)) => parse_response(status, &body),
+            Err(m) => Observation::ProviderError(m),
+        }
+    }
+
+    fn query_text(&self, metric: Metric, group: &Group, window: Duration) -> Option<String> {
+        Some(self.query(metric, group, window))
+    }
+
+    /// Two instant queries: the request count and the error count.
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes; dropping the future drops the requests.
+    /// * On failure: nothing changed; the failure is a
+    ///   [`Measured::ProviderError`].
+    async fn observe_counts(&self, group: &Group, window: Duration) -> Measured<Counts> {
+        let requests = self.observe(Metric::RequestCount, group, window);
+        let errors = async {
+            let q = self.queries.error_count.render(group, window);
+            match self.get(&q).await {
+                Ok((status, body)) => parse_response(status, &body),
+                Err(m) => Observation::ProviderError(m),
+            }
+        };
+        match futures::join!(requests, errors) {
+            (Observation::ProviderError(m), _) | (_, Observation::ProviderError(m)) => {
+                Measured::ProviderError(m)
+            }
+            (Observation::Value(n), Observation::Value(e)) if n.is_finite() && e.is_finite() => {
+                Measured::Value(Counts {
+                    requests: n.max(0.0),
+                    errors: e.max(0.0).min(n.max(0.0)),
+                })
+            }
+            _ => Measured::NoData,
+        }
+    }
+
+    /// One instant query of the histogram buckets (`sum by (le)`).
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes; dropping the future drops the request.
+    /// * On failure: nothing changed; the failure is a
+    ///   [`Measured::ProviderError`].
+    async fn observe_latency(&self, group: &Group, window: Duration) -> Measured<Distribution> {
+        let q = self.queries.latency_buckets.render(group, window);
+        match self.get(&q).await {
+            Ok((status, body)) => parse_buckets(status, &body),
+            Err(m) => Measured::ProviderError(m),
+        }
+    }
+}
+
+impl Prometheus {
+    /// Sends one instant query; the HTTP status and body, or why there is
+    /// none.
+    async fn get(&self, query: &str) -> std::result::Result<(u16, String), String> {
         let sent = self
             .client
             .get(self.endpoint.clone())
-            .query(&[("query", query.as_str())])
+            .query(&[("query", query)])
             .send()
             .await;
         let resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {
-                return Observation::ProviderError(format!(
+                return Err(format!(
                     "no answer from {} within {:.1}s",
                     self.shown,
                     self.timeout.as_secs_f64()
                 ))
             }
             Err(e) => {
-                return Observation::ProviderError(format!(
+                return Err(format!(
                     "cannot query {}: {}",
                     self.shown,
                     error_chain(&e.without_url())
@@ -278,14 +380,63 @@ impl MetricsSource for Prometheus {
         };
         let status = resp.status().as_u16();
         match resp.text().await {
-            Ok(body) => parse_response(status, &body),
-            Err(e) => Observation::ProviderError(format!(
+            Ok(body) => Ok((status, body)),
+            Err(e) => Err(format!(
                 "reading the answer of {} failed: {}",
                 self.shown,
                 error_chain(&e.without_url())
             )),
         }
     }
+}
+
+/// Turns an `/api/v1/query` answer of histogram buckets (one series per
+/// `le` label) into a [`Distribution`]; no series, or no requests in any
+/// bucket, is `NoData`.
+pub fn parse_buckets(http_status: u16, body: &str) -> Measured<Distribution> {
+    let v: serde_json::Value = match serde_json::from_str(body) {
+        Ok(v) => v,
+        Err(_) => return Measured::ProviderError(format!("HTTP {http_status}, not a Prometheus API answer")),
+    };
+    if v.get("status").and_then(|s| s.as_str()) != Some("success") || !(200..300).contains(&http_status) {
+        // The single-value parser words every failure the same way.
+        return match parse_response(http_status, body) {
+            Observation::ProviderError(m) => Measured::ProviderError(m),
+            _ => Measured::ProviderError(format!("HTTP {http_status}, not a successful answer")),
+        };
+    }
+    let Some(series) = v.pointer("/data/result").and_then(|r| r.as_array()) else {
+        return Measured::ProviderError("the answer has no result list".into());
+    };
+    let mut buckets = Vec::with_capacity(series.len());
+    for s in series {
+        let Some(le) = s.pointer("/metric/le").and_then(|l| l.as_str()) else {
+            return Measured::ProviderError(
+                "a series without an le label; aggregate the buckets with sum by (le)".into(),
+            );
+        };
+        let le = match le {
+            "+Inf" | "Inf" => f64::INFINITY,
+            t => match t.parse::<f64>() {
+                Ok(x) => x,
+                Err(_) => return Measured::ProviderError(format!("the bucket bound {t:?} is not a number")),
+            },
+        };
+        let count = s
+            .pointer("/value/1")
+            .and_then(|c| c.as_str())
+            .and_then(|c| c.parse::<f64>().ok())
+            .filter(|c| c.is_finite());
+        match count {
+            Some(c) => buckets.push((le, c)),
+            None => return Measured::ProviderError("a bucket without a numeric value".into()),
+        }
+    }
+    let d = Distribution::from_cumulative_buckets(&buckets);
+    if d.count() <= 0.0 {
+        return Measured::NoData;
+    }
+    Measured::Value(d)
 }
 
 /// `e` and its sources, for a message; reqwest's own text names the URL,
@@ -398,6 +549,28 @@ mod tests {
         assert_eq!(parse_response(200, scalar), Observation::Value(42.0));
         let labelled = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"track":"canary"},"value":[1.0,"0"]}]}}"#;
         assert_eq!(parse_response(200, labelled), Observation::Value(0.0));
+    }
+
+    #[test]
+    fn parses_histogram_buckets() {
+        let ok = r#"{"status":"success","data":{"resultType":"vector","result":[
+            {"metric":{"le":"0.1"},"value":[1.0,"10"]},
+            {"metric":{"le":"+Inf"},"value":[1.0,"31"]},
+            {"metric":{"le":"0.25"},"value":[1.0,"30"]}]}}"#;
+        let Measured::Value(d) = parse_buckets(200, ok) else {
+            panic!("{:?}", parse_buckets(200, ok))
+        };
+        assert_eq!(d.points, vec![(0.1, 10.0), (0.25, 20.0), (0.5, 1.0)]);
+        let empty = r#"{"status":"success","data":{"resultType":"vector","result":[]}}"#;
+        assert_eq!(parse_buckets(200, empty), Measured::NoData);
+        let zero = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"le":"+Inf"},"value":[1.0,"0"]}]}}"#;
+        assert_eq!(parse_buckets(200, zero), Measured::NoData);
+        let unlabelled = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1.0,"3"]}]}}"#;
+        assert!(
+            matches!(parse_buckets(200, unlabelled), Measured::ProviderError(m) if m.contains("sum by (le)"))
+        );
+        let bad = r#"{"status":"error","errorType":"bad_data","error":"parse error"}"#;
+        assert!(matches!(parse_buckets(400, bad), Measured::ProviderError(m) if m.contains("bad_data")));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{BlueGreen, Canary, CountOrPercent, KeepOld, Promotion, Recreate, Rolling};
 use crate::analysis::AnalysisRules;
+use crate::judge::{ErrorRateJudge, LatencyJudge, MannWhitneySettings, ScoreThresholds, SequentialSettings};
 use crate::names::Group;
 use crate::plan::HealthCheck;
 
@@ -283,6 +284,12 @@ pub(crate) struct CanaryDoc {
     inconclusive_limit: u32,
     #[serde(with = "crate::duration_text")]
     window: Duration,
+    error_judge: ErrorRateJudge,
+    latency_judge: LatencyJudge,
+    sequential: SequentialSettings,
+    mann_whitney: MannWhitneySettings,
+    score: ScoreThresholds,
+    monitoring_check: bool,
     finalize_batch: usize,
     health_retries: u32,
     #[serde(with = "crate::duration_text")]
@@ -320,6 +327,12 @@ impl From<Canary> for CanaryDoc {
             min_requests: a.min_requests,
             inconclusive_limit: a.inconclusive_limit,
             window: a.window,
+            error_judge: a.error_judge,
+            latency_judge: a.latency_judge,
+            sequential: a.sequential,
+            mann_whitney: a.mann_whitney,
+            score: a.score,
+            monitoring_check: a.monitoring_check,
             finalize_batch: c.finalize_batch,
             health_retries: c.health.retries,
             health_interval: c.health.interval,
@@ -345,6 +358,12 @@ impl From<CanaryDoc> for Canary {
                 min_requests: d.min_requests,
                 inconclusive_limit: d.inconclusive_limit,
                 window: d.window,
+                error_judge: d.error_judge,
+                latency_judge: d.latency_judge,
+                sequential: d.sequential,
+                mann_whitney: d.mann_whitney,
+                score: d.score,
+                monitoring_check: d.monitoring_check,
             },
             // A timeout without manual promotion has nothing to bound; it is
             // ignored, as it always was.

@@ -99,6 +99,7 @@ impl World {
         let metrics = FakeMetrics::new()
             .set("stable", Metric::ErrorRate, 0.001)
             .set("stable", Metric::LatencyP99, 0.12)
+            .set("stable", Metric::RequestCount, 28_500.0)
             .set("canary", Metric::ErrorRate, 0.001)
             .set("canary", Metric::LatencyP99, 0.12);
         let strategies = Strategies {

@@ -8,6 +8,7 @@ mod canary;
 mod crash;
 mod fixtures;
 mod gates;
+mod judges;
 mod props;
 mod recreate;
 mod rolling;

@@ -87,3 +87,35 @@ pub(in crate::executor) fn check(inner: &Inner, plan: &Plan) -> Result<()> {
     }
     Ok(())
 }
+
+/// Monitoring before deploy: the first canary gate's queries must answer
+/// for the stable track before anything is touched.
+///
+/// # Errors
+/// [`Error::Refused`] naming each query and what came back.
+pub(in crate::executor) async fn monitoring(inner: &Inner, plan: &Plan) -> Result<()> {
+    let first = plan
+        .stages
+        .iter()
+        .flat_map(|s| &s.units)
+        .flat_map(|u| &u.steps)
+        .find_map(|s| match s {
+            Step::Analyze { analysis, .. } | Step::AwaitPromotion { analysis, .. } => Some(analysis),
+            _ => None,
+        });
+    let (Some(analysis), Some(metrics)) = (first, &inner.metrics) else {
+        return Ok(());
+    };
+    if !analysis.rules.monitoring_check {
+        return Ok(());
+    }
+    crate::monitoring::check_monitoring(
+        metrics.as_ref(),
+        &analysis.stable,
+        &analysis.rules,
+        analysis.interval,
+        inner.timeouts.query,
+    )
+    .await
+    .map_err(|e| Error::Refused(format!("{e}; nothing was touched")))
+}
