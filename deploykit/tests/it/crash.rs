@@ -356,6 +356,11 @@ impl World {
                 "{ctx}: {id}"
             );
             assert!(self.fleet.is_running(id), "{ctx}: {id} is not running");
+            assert_eq!(
+                self.fleet.serving_release(id).as_ref().map(ReleaseId::as_str),
+                Some(release),
+                "{ctx}: {id}'s running process"
+            );
             assert!(self.fleet.in_rotation(id), "{ctx}: {id} is out of rotation");
         };
         let ids = |group: &str| -> Vec<InstanceId> {
@@ -516,14 +521,14 @@ fn crash_twice_and_recover(
             // A rollback's report speaks of its own plan, whose "previous"
             // releases are those it found (the CLI prints what each instance
             // runs instead), and blue-green stops the old environment after
-            // its report (keep_old): there the checker replays the routing
+            // its report (keep_old): there the checker replays the traffic
             // history only, and assert_settled checks what each instance
             // runs.
-            let mut report = report.clone();
-            if last == How::Rollback || kind == StrategyKind::BlueGreen {
-                report.instances.clear();
-            }
-            let inv = w.fleet.check(&report, bound);
+            let inv = if last == How::Rollback || kind == StrategyKind::BlueGreen {
+                w.fleet.check_traffic(bound)
+            } else {
+                w.fleet.check(report, bound)
+            };
             assert!(inv.is_ok(), "{ctx}: {:?}", inv.violations);
         }
         w.assert_settled(expect, live_before.as_ref(), last, &ctx);
