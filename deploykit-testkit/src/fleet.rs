@@ -186,6 +186,10 @@ pub(crate) struct World {
     /// switches.
     pub(crate) switch_faults: Vec<Fault>,
     pub(crate) switch_calls: u32,
+    /// Scripted faults of [`LoadBalancer::set_weights`], counted over all
+    /// calls.
+    pub(crate) weight_faults: Vec<Fault>,
+    pub(crate) weight_calls: u32,
     /// Scripted faults of [`LoadBalancer::preflight`].
     pub(crate) preflight_faults: Vec<Fault>,
     pub(crate) preflight_calls: u32,
@@ -224,7 +228,8 @@ impl World {
     }
 
     /// Checks the one instance `id` before it stops: connections still open
-    /// are allowed only once the drain timeout has passed since its drain.
+    /// are allowed only once the drain timeout has passed since its drain
+    /// (or when it was disabled, which cuts them on purpose).
     fn check_drained(&mut self, id: &InstanceId, what: &str) {
         let s = &self.instances[id];
         if !s.running {
@@ -232,6 +237,12 @@ impl World {
         }
         let open = open_connections(s);
         if open == 0 {
+            return;
+        }
+        // A disable cuts connections on purpose (recreate, quarantine), and
+        // an instance whose group gets no traffic was never asked to drain.
+        let cut = !s.enabled;
+        if cut || self.group_weight(&s.backend.group) == 0 && !s.draining {
             return;
         }
         let why = match s.drained_at {
@@ -391,6 +402,8 @@ impl FakeFleet {
                 record_ops: true,
                 switch_faults: Vec::new(),
                 switch_calls: 0,
+                weight_faults: Vec::new(),
+                weight_calls: 0,
                 preflight_faults: Vec::new(),
                 preflight_calls: 0,
                 preflight_kind: None,
@@ -507,6 +520,14 @@ impl FakeFleet {
     /// A failed switch changes nothing.
     pub fn fail_switch(self, fault: Fault) -> Self {
         self.shared.lock().switch_faults.push(fault);
+        self
+    }
+
+    /// [`LoadBalancer::set_weights`] fails as scripted (counted over all
+    /// weight changes, 1-based, as for [`fail_switch`](Self::fail_switch)).
+    /// A failed change changes nothing.
+    pub fn fail_weights(self, fault: Fault) -> Self {
+        self.shared.lock().weight_faults.push(fault);
         self
     }
 
@@ -940,6 +961,17 @@ impl LoadBalancer for FakeLoadBalancer {
         let sum: u32 = weights.iter().map(|w| u32::from(w.percent)).sum();
         if sum != 100 {
             return Err(DriverError::new(format!("weights sum to {sum}, not 100")));
+        }
+        {
+            let mut w = self.shared.lock();
+            w.weight_calls += 1;
+            let n = w.weight_calls;
+            if let Some(transient) = w.weight_faults.iter().find_map(|f| f.fires_on_call(n)) {
+                return Err(scripted_error(
+                    transient,
+                    format!("scripted weights fault on change {n}"),
+                ));
+            }
         }
         self.set(weights.iter().map(|w| (w.group.clone(), w.percent)).collect());
         Ok(())

@@ -66,7 +66,9 @@ impl FakeFleet {
     ///    Every instance has installed the release the report says it runs;
     ///    instances reported as serving are running, in rotation, and their
     ///    running process serves that release (not only installed it);
-    ///    unrecoverable and idle ones are out of rotation.
+    ///    idle ones are out of rotation, and unrecoverable ones too unless
+    ///    they still run and answer healthy (a load balancer that refused
+    ///    every change cannot take them out).
     /// 4. Rolled back: every instance is on the release it started with
     ///    (the fleet's, or the last [`baseline`](Self::baseline) — not the
     ///    report's own `previous`). Degraded: the instances not updated are
@@ -100,7 +102,9 @@ impl FakeFleet {
             let serving = w.in_rotation(s) && s.running;
             match r.status {
                 InstanceStatus::Unrecoverable => {
-                    if w.in_rotation(s) {
+                    // Only a load balancer that refused every change keeps
+                    // one in rotation; that is safe only while it serves.
+                    if w.in_rotation(s) && !(s.running && s.ready) {
                         v.push(Violation(format!("{} is unrecoverable but in rotation", r.id)));
                     }
                 }

@@ -10,3 +10,4 @@ mod fixtures;
 mod props;
 mod recreate;
 mod rolling;
+mod schedules;
