@@ -235,13 +235,16 @@ fn one_release(case: &Case, release: &str) -> Result<(), String> {
             .as_ref()
             .is_none_or(|w| w.get(&b.group).copied().unwrap_or(0) > 0);
         let id = b.id.as_str();
-        if live && case.kind != StrategyKind::Canary || b.group.as_str() == "stable" {
-            if fleet.serving_release(id) != Some(v(release)) {
-                return Err(format!(
-                    "{id} serves {:?}, not {release}",
-                    fleet.serving_release(id).map(|r| r.to_string())
-                ));
-            }
+        // Canary: the stable group serves; the canary instance is retired.
+        let serves = match case.kind {
+            StrategyKind::Canary => b.group.as_str() == "stable",
+            _ => live,
+        };
+        if serves && fleet.serving_release(id) != Some(v(release)) {
+            return Err(format!(
+                "{id} serves {:?}, not {release}",
+                fleet.serving_release(id).map(|r| r.to_string())
+            ));
         }
     }
     Ok(())
