@@ -539,7 +539,10 @@ mod found {
 
     /// A restore after a start that failed every retry used to re-enable the
     /// instance unprobed ("may be running"), sending traffic to a stopped
-    /// process.
+    /// process. Here the instance is also one the killed run left stopped,
+    /// so either fix (probing after a failed start, or the unsettled
+    /// instances of `RunOptions`) makes the restore start and probe it; the
+    /// test fails only without both.
     #[test]
     fn a_restore_after_a_failed_start_probes_before_enabling() {
         block_on(async {
