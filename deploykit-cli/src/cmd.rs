@@ -607,10 +607,14 @@ async fn run_deploy(
         }
         let watcher = watch_control(ctx, &id, &fleet);
         let sig = ctrl_c(exec);
-        let mut report = unless_refused(
-            &journal,
-            exec.run(&plan, RunOptions::default().with_id(&id)).await,
-        )?;
+        // What the interrupted run left part-way is restored in full if
+        // this run fails.
+        let unsettled = match start {
+            Start::Resume(rec) => rec.unsettled(),
+            Start::Fresh(_) => Default::default(),
+        };
+        let options = RunOptions::default().with_id(&id).with_unsettled(unsettled);
+        let mut report = unless_refused(&journal, exec.run(&plan, options).await)?;
         sig.abort();
         watcher.abort();
         if kind == RunKind::Resume && report.outcome != OutcomeKind::Succeeded && !plan.skipped.is_empty() {
@@ -823,10 +827,10 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
                     .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
                     .await;
             }
-            let report = unless_refused(
-                &journal,
-                exec.run(&plan, RunOptions::recovery().with_id(&id)).await,
-            )?;
+            let options = RunOptions::recovery()
+                .with_id(&id)
+                .with_unsettled(recorded.unsettled());
+            let report = unless_refused(&journal, exec.run(&plan, options).await)?;
             conclude(&ctx, exec, &journal, &report, human.as_deref()).await
         }
         .await;

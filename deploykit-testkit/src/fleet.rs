@@ -91,6 +91,10 @@ pub(crate) fn scripted_error(transient: bool, msg: String) -> DriverError {
     }
 }
 
+/// The drain timeout the checker assumes unless told otherwise: the
+/// executor's default.
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// One operation a fake performed, for tests that check order and
 /// concurrency.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,8 +134,19 @@ pub struct RoutingEntry {
 #[derive(Debug)]
 pub(crate) struct InstanceState {
     pub(crate) backend: Backend,
+    /// The release it had when the fleet was built: what `NewRelease`
+    /// faults compare with.
     pub(crate) initial: Option<ReleaseId>,
+    /// The release the checker expects a rollback to return to: `initial`
+    /// until [`FakeFleet::baseline`] moves it.
+    pub(crate) baseline: Option<ReleaseId>,
+    /// The *installed* current release (the `current` symlink): what
+    /// [`Instance::current_release`] answers and [`Instance::start`] runs.
     pub(crate) release: Option<ReleaseId>,
+    /// The release the running process serves, `None` when stopped; it
+    /// changes only on start and stop, so an engine that installs without
+    /// restarting leaves the old release serving.
+    pub(crate) serving: Option<ReleaseId>,
     pub(crate) installed: BTreeSet<ReleaseId>,
     pub(crate) running: bool,
     /// Passed a health probe since it last started.
@@ -160,11 +175,21 @@ pub(crate) struct World {
     /// Live violations of "the LB routes only to running, healthy
     /// instances".
     pub(crate) routing_violations: Vec<String>,
+    /// Live violations of "an instance is stopped only once its drain is
+    /// confirmed (no connection left) or the drain timeout passed".
+    pub(crate) drain_violations: Vec<String>,
+    /// How long a deployment may wait for a drain before it stops the
+    /// instance with connections still open.
+    pub(crate) drain_timeout: Duration,
     pub(crate) record_ops: bool,
     /// Scripted faults of [`LoadBalancer::switch_to`], counted over all
     /// switches.
     pub(crate) switch_faults: Vec<Fault>,
     pub(crate) switch_calls: u32,
+    /// Scripted faults of [`LoadBalancer::set_weights`], counted over all
+    /// calls.
+    pub(crate) weight_faults: Vec<Fault>,
+    pub(crate) weight_calls: u32,
     /// Scripted faults of [`LoadBalancer::preflight`].
     pub(crate) preflight_faults: Vec<Fault>,
     pub(crate) preflight_calls: u32,
@@ -202,6 +227,40 @@ impl World {
         }
     }
 
+    /// Checks the one instance `id` before it stops: connections still open
+    /// are allowed only once the drain timeout has passed since its drain
+    /// (or when it was disabled, which cuts them on purpose).
+    fn check_drained(&mut self, id: &InstanceId, what: &str) {
+        let s = &self.instances[id];
+        if !s.running {
+            return;
+        }
+        let open = open_connections(s);
+        if open == 0 {
+            return;
+        }
+        // A disable cuts connections on purpose (recreate, quarantine), and
+        // an instance whose group gets no traffic was never asked to drain.
+        let cut = !s.enabled;
+        if cut || self.group_weight(&s.backend.group) == 0 && !s.draining {
+            return;
+        }
+        let why = match s.drained_at {
+            None => "it was never drained".to_string(),
+            Some(t) if t.elapsed() < self.drain_timeout => format!(
+                "its drain started {:?} before, less than the drain timeout of {:?}",
+                t.elapsed(),
+                self.drain_timeout
+            ),
+            Some(_) => return,
+        };
+        let msg = format!(
+            "at {:?}: {id} was stopped ({what}) with {open} connection(s) open: {why}",
+            self.epoch.elapsed()
+        );
+        self.drain_violations.push(msg);
+    }
+
     fn record(&mut self, id: &InstanceId, op: Op, ok: bool) {
         if self.record_ops {
             let at = self.now();
@@ -227,7 +286,14 @@ impl World {
             if *fop != op {
                 continue;
             }
-            let fires = fault.fires(n, s.release.as_ref(), s.initial.as_ref());
+            // A health probe asks the running process; every other call
+            // concerns the installed release.
+            let release = if op == Op::Health {
+                s.serving.as_ref()
+            } else {
+                s.release.as_ref()
+            };
+            let fires = fault.fires(n, release, s.initial.as_ref());
             if fires.is_some() {
                 return fires;
             }
@@ -303,7 +369,9 @@ impl FakeFleet {
                             group: group.clone(),
                         },
                         initial: Some(v1.clone()),
+                        baseline: Some(v1.clone()),
                         release: Some(v1.clone()),
+                        serving: Some(v1.clone()),
                         installed: [v1.clone()].into(),
                         running: true,
                         ready: true,
@@ -329,9 +397,13 @@ impl FakeFleet {
                 ops: Vec::new(),
                 routing: Vec::new(),
                 routing_violations: Vec::new(),
+                drain_violations: Vec::new(),
+                drain_timeout: DEFAULT_DRAIN_TIMEOUT,
                 record_ops: true,
                 switch_faults: Vec::new(),
                 switch_calls: 0,
+                weight_faults: Vec::new(),
+                weight_calls: 0,
                 preflight_faults: Vec::new(),
                 preflight_calls: 0,
                 preflight_kind: None,
@@ -410,7 +482,9 @@ impl FakeFleet {
     pub fn fresh(self, id: &str) -> Self {
         self.edit(id, |s| {
             s.initial = None;
+            s.baseline = None;
             s.release = None;
+            s.serving = None;
             s.installed.clear();
             s.running = false;
             s.ready = false;
@@ -424,7 +498,9 @@ impl FakeFleet {
         let r = ReleaseId::new(release).expect("valid release id");
         self.edit(id, |s| {
             s.initial = Some(r.clone());
+            s.baseline = Some(r.clone());
             s.release = Some(r.clone());
+            s.serving = s.running.then(|| r.clone());
             s.installed.insert(r);
         })
     }
@@ -444,6 +520,14 @@ impl FakeFleet {
     /// A failed switch changes nothing.
     pub fn fail_switch(self, fault: Fault) -> Self {
         self.shared.lock().switch_faults.push(fault);
+        self
+    }
+
+    /// [`LoadBalancer::set_weights`] fails as scripted (counted over all
+    /// weight changes, 1-based, as for [`fail_switch`](Self::fail_switch)).
+    /// A failed change changes nothing.
+    pub fn fail_weights(self, fault: Fault) -> Self {
+        self.shared.lock().weight_faults.push(fault);
         self
     }
 
@@ -478,6 +562,25 @@ impl FakeFleet {
                 _ => None,
             }
         })
+    }
+
+    /// The drain timeout of the deployments run on this fleet (default 30 s,
+    /// the executor's): stopping an instance with connections still open
+    /// sooner than this after its drain is a violation of
+    /// [`check`](Self::check).
+    pub fn drain_timeout(self, timeout: Duration) -> Self {
+        self.shared.lock().drain_timeout = timeout;
+        self
+    }
+
+    /// Takes each instance's current release as the one a rollback must
+    /// return to, for a test that runs several deployments on one fleet
+    /// (by default: the release it was built with).
+    pub fn baseline(&self) {
+        let mut w = self.shared.lock();
+        for s in w.instances.values_mut() {
+            s.baseline = s.release.clone();
+        }
     }
 
     /// Stops recording [`ops`](Self::ops) (large benchmarks).
@@ -520,7 +623,8 @@ impl FakeFleet {
         }
     }
 
-    /// Every instance's current release (instances with none are left out).
+    /// Every instance's installed current release (instances with none are
+    /// left out).
     pub fn releases(&self) -> BTreeMap<InstanceId, ReleaseId> {
         self.shared
             .lock()
@@ -530,10 +634,19 @@ impl FakeFleet {
             .collect()
     }
 
-    /// One instance's current release.
+    /// One instance's installed current release (what it runs once
+    /// restarted); see [`serving_release`](Self::serving_release).
     pub fn release_of(&self, id: &str) -> Option<ReleaseId> {
         let id = InstanceId::new(id).ok()?;
         self.shared.lock().instances.get(&id)?.release.clone()
+    }
+
+    /// The release `id`'s running process serves (`None` when stopped). It
+    /// differs from [`release_of`](Self::release_of) when a release was
+    /// installed but the instance not restarted.
+    pub fn serving_release(&self, id: &str) -> Option<ReleaseId> {
+        let id = InstanceId::new(id).ok()?;
+        self.shared.lock().instances.get(&id)?.serving.clone()
     }
 
     /// Whether `id` is running.
@@ -568,6 +681,12 @@ impl FakeFleet {
     /// or not yet healthy, so far (empty when routing was always safe).
     pub fn routing_violations(&self) -> Vec<String> {
         self.shared.lock().routing_violations.clone()
+    }
+
+    /// Every time an instance was stopped with connections still open before
+    /// its drain was confirmed or timed out, so far.
+    pub fn drain_violations(&self) -> Vec<String> {
+        self.shared.lock().drain_violations.clone()
     }
 
     /// The load balancer's routing changes so far, in order.
@@ -623,9 +742,11 @@ impl Instance for FakeInstance {
 
     async fn stop(&self) -> Result<(), DriverError> {
         self.op(Op::Stop, |w, id| {
+            w.check_drained(id, "stop");
             let s = w.instances.get_mut(id).expect("exists");
             s.running = false;
             s.ready = false;
+            s.serving = None;
             w.check_routing(id, "stop");
             Ok(())
         })
@@ -634,9 +755,11 @@ impl Instance for FakeInstance {
 
     async fn force_stop(&self) -> Result<(), DriverError> {
         self.op(Op::ForceStop, |w, id| {
+            w.check_drained(id, "force_stop");
             let s = w.instances.get_mut(id).expect("exists");
             s.running = false;
             s.ready = false;
+            s.serving = None;
             w.check_routing(id, "force_stop");
             Ok(())
         })
@@ -676,6 +799,7 @@ impl Instance for FakeInstance {
             if !s.running {
                 s.running = true;
                 s.ready = false;
+                s.serving = s.release.clone();
             }
             Ok(())
         })
@@ -837,6 +961,17 @@ impl LoadBalancer for FakeLoadBalancer {
         let sum: u32 = weights.iter().map(|w| u32::from(w.percent)).sum();
         if sum != 100 {
             return Err(DriverError::new(format!("weights sum to {sum}, not 100")));
+        }
+        {
+            let mut w = self.shared.lock();
+            w.weight_calls += 1;
+            let n = w.weight_calls;
+            if let Some(transient) = w.weight_faults.iter().find_map(|f| f.fires_on_call(n)) {
+                return Err(scripted_error(
+                    transient,
+                    format!("scripted weights fault on change {n}"),
+                ));
+            }
         }
         self.set(weights.iter().map(|w| (w.group.clone(), w.percent)).collect());
         Ok(())

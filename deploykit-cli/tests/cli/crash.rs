@@ -1,8 +1,8 @@
 //! The crash matrix: `deploykit deploy` is killed (abort, as by `kill -9`)
 //! right after each journal record in turn; each time `status` must show
 //! the interrupted deployment and what each instance runs, and
-//! `deploy --resume` (even records) or `rollback` (odd records) must bring
-//! the fleet to one release with the load balancer consistent.
+//! both `deploy --resume` and `rollback` (the crash repeated for each) must
+//! bring the fleet to one release with the load balancer consistent.
 
 use serde_json::Value;
 
@@ -42,7 +42,7 @@ fn rolling_on_local_instances_recovers_from_a_crash_after_every_record() {
     );
     let ids = ["web-1", "web-2"];
     let mut current = "v2";
-    for n in 1..total {
+    for (n, resume) in (1..total).flat_map(|n| [(n, true), (n, false)]) {
         let target = if current == "v1" { "v2" } else { "v1" };
         crash_at(&env, n, target);
         let s = status(&env);
@@ -63,7 +63,7 @@ fn rolling_on_local_instances_recovers_from_a_crash_after_every_record() {
                 "record {n}: status shows what {id} runs"
             );
         }
-        if n == 1 {
+        if n == 1 && resume {
             // A new deployment is refused until this one is resumed or
             // rolled back.
             let (code, _, err) = env.run(&["deploy", "v3"]);
@@ -73,16 +73,27 @@ fn rolling_on_local_instances_recovers_from_a_crash_after_every_record() {
                 "{err}"
             );
         }
-        let expect = if n % 2 == 0 {
+        let expect = if resume {
             env.ok(&["-q", "deploy", "--resume"], 0);
             target
         } else {
             env.ok(&["-q", "rollback"], 0);
             current
         };
+        let how = if resume { "resume" } else { "rollback" };
         for id in ids {
-            assert_eq!(env.local_release(id).as_deref(), Some(expect), "record {n}: {id}");
-            assert!(env.local_running(id), "record {n}: {id} is not running");
+            assert_eq!(
+                env.local_release(id).as_deref(),
+                Some(expect),
+                "record {n}, {how}: {id}"
+            );
+            assert!(env.local_running(id), "record {n}, {how}: {id} is not running");
+            // The process itself, not only the `current` symlink.
+            assert_eq!(
+                env.local_serving(id).as_deref(),
+                Some(expect),
+                "record {n}, {how}: {id}'s process"
+            );
         }
         assert!(
             env.out_of_rotation().is_empty(),
@@ -118,7 +129,7 @@ fn blue_green_recovers_from_a_crash_after_every_record() {
     let total = env.newest_journal().len();
     assert!(total >= 20, "a blue-green deployment writes {total} records");
     let mut current = "v2";
-    for n in 1..total {
+    for (n, resume) in (1..total).flat_map(|n| [(n, true), (n, false)]) {
         let target = if current == "v1" { "v2" } else { "v1" };
         let live_before = env.lb()["live"].as_str().unwrap().to_string();
         crash_at(&env, n, target);
@@ -127,7 +138,7 @@ fn blue_green_recovers_from_a_crash_after_every_record() {
             s["deployment"]["history"]["outcome"], "interrupted",
             "record {n}: {s}"
         );
-        let expect = if n % 2 == 0 {
+        let expect = if resume {
             env.ok(&["-q", "deploy", "--resume"], 0);
             target
         } else {
@@ -192,7 +203,7 @@ fn canary_recovers_from_a_crash_at_every_other_record() {
     let total = env.newest_journal().len();
     assert!(total >= 30, "a canary deployment writes {total} records");
     let mut current = "v2";
-    for (k, n) in (1..total).step_by(2).enumerate() {
+    for (n, resume) in (1..total).step_by(2).flat_map(|n| [(n, true), (n, false)]) {
         let target = if current == "v1" { "v2" } else { "v1" };
         crash_at(&env, n, target);
         let s = status(&env);
@@ -200,7 +211,7 @@ fn canary_recovers_from_a_crash_at_every_other_record() {
             s["deployment"]["history"]["outcome"], "interrupted",
             "record {n}: {s}"
         );
-        let expect = if k % 2 == 0 {
+        let expect = if resume {
             env.ok(&["-q", "deploy", "--resume"], 0);
             target
         } else {
@@ -240,6 +251,7 @@ fn a_recovery_that_is_itself_killed_can_be_run_again() {
     let total = env.newest_journal().len();
     let mut current = "v2";
     let mut k = 0;
+    let mut killed = 0;
     for n in (2..total).step_by(4) {
         for m in [2, 5, 9] {
             let target = if current == "v1" { "v2" } else { "v1" };
@@ -253,6 +265,13 @@ fn a_recovery_that_is_itself_killed_can_be_run_again() {
             // The recovery is killed too, then run again to the end.
             let out = env.cmd().env(HOOK, m.to_string()).args(args).output().unwrap();
             let finished = out.status.success();
+            // Every recovery writes its header and start record: a kill
+            // after record 2 always lands.
+            assert!(
+                m > 2 || !finished,
+                "records {n}/{m} ({args:?}): the recovery was not killed"
+            );
+            killed += usize::from(!finished);
             if !finished {
                 let s = status(&env);
                 assert_eq!(
@@ -278,6 +297,10 @@ fn a_recovery_that_is_itself_killed_can_be_run_again() {
             current = expect;
         }
     }
+    assert!(
+        killed * 2 > k,
+        "only {killed} of {k} recoveries were really killed"
+    );
     // A rollback after a finished rollback changes nothing.
     env.ok(&["-q", "rollback"], 0);
     env.ok(&["-q", "rollback"], 0);

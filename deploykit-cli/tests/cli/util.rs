@@ -92,6 +92,16 @@ impl Env {
         Some(link.file_name()?.to_string_lossy().into_owned())
     }
 
+    /// The release a local instance's running process serves: the release
+    /// directory its working directory resolves to (`/proc/<pid>/cwd`),
+    /// which a later switch of `current` does not change.
+    pub(crate) fn local_serving(&self, id: &str) -> Option<String> {
+        let text = std::fs::read_to_string(self.path().join("instances").join(id).join("app.pid")).ok()?;
+        let pid = text.split_whitespace().next()?;
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+        Some(cwd.file_name()?.to_string_lossy().into_owned())
+    }
+
     /// Whether a local instance's process runs (pid file, /proc, start time).
     pub(crate) fn local_running(&self, id: &str) -> bool {
         let Ok(text) = std::fs::read_to_string(self.path().join("instances").join(id).join("app.pid")) else {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{sigterm, DemoApp, DemoOpts, Http};
+use crate::harness::{eventually, sigterm, DemoApp, DemoOpts, Http};
 
 #[tokio::test]
 async fn routes_answer_with_version_track_and_metrics() {
@@ -134,13 +134,30 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
             tokio::spawn(async move { http.get(&url).await })
         })
         .collect();
-    // Let the requests reach the app, then ask it to stop.
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    // Once the app reports the three requests in flight, ask it to stop.
+    let metrics = app.url("/metrics");
+    eventually(Duration::from_secs(10), "3 requests in flight", || async {
+        let m = http.get(&metrics).await.ok()?;
+        m.body
+            .lines()
+            .any(|l| l.trim() == "http_requests_in_flight 3")
+            .then_some(())
+    })
+    .await;
     sigterm(pid);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // New connections are refused while the old requests still run.
-    let refused = tokio::net::TcpStream::connect(app.addr).await;
-    assert!(refused.is_err(), "the app still accepts after SIGTERM");
+    // New connections are refused while the old requests (700 ms each)
+    // still run.
+    eventually(
+        Duration::from_secs(5),
+        "the app refuses new connections",
+        || async {
+            tokio::net::TcpStream::connect(app.addr)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
     for r in in_flight {
         let a = r.await.unwrap().expect("in-flight request finished");
         assert_eq!((a.status, a.body.trim()), (200, "v1"));

@@ -374,8 +374,8 @@ fn demo_instance(
 
 /// Runs the scenario: 4 instances on v1 behind `lb` (blue-green: 4 blue on
 /// v1, 4 green stopped), load through the load balancer, `strategy` to v2,
-/// then 100 requests to see who answers. Returns `None` when the load
-/// balancer's binary is missing outside CI.
+/// then 100 requests to see who answers. Panics when the load balancer's
+/// binary is missing (`Option` keeps the callers' shape).
 pub async fn run(lb: LbKind, strategy: StrategyKind, load: LoadOpts) -> Option<Outcome> {
     let binary = crate::harness::find_binary(lb.binary())?;
     let tmp = temp_dir("deploykit-zero-downtime");

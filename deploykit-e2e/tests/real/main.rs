@@ -2,8 +2,8 @@
 //! One test binary, a module per area; shared helpers in `harness`.
 //!
 //! Every server listens on 127.0.0.1 high ports, lives in a temp dir, and is
-//! killed when its guard drops. In CI (`CI=true`) a missing server binary
-//! fails the test; elsewhere it is skipped with a loud notice.
+//! killed when its guard drops. A missing server binary fails the test, in
+//! CI or not: `scripts/test` installs every server.
 
 mod harness;
 

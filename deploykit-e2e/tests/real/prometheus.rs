@@ -169,6 +169,12 @@ struct Run {
     failed: usize,
     /// HAProxy only: every server's weight afterwards.
     weights: Vec<(String, u32)>,
+    /// HAProxy only: the canary's share of the weight (percent, rounded)
+    /// read back from the runtime API every 100 ms during the deployment,
+    /// each change once.
+    shares: Vec<u32>,
+    /// Every request of the load sent during the deployment.
+    samples: Vec<crate::load::Sample>,
     took: Duration,
 }
 
@@ -289,6 +295,30 @@ async fn canary_run(kind: Lb, canary_args: &[&str]) -> Option<Run> {
     canary.analysis.inconclusive_limit = 6;
 
     let load = LoadGen::start_retrying(&url, 200, Duration::from_secs(50));
+    // Read HAProxy's own weights back while the stages run, rather than
+    // trusting the stage events.
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = haproxy.as_ref().map(|_| {
+        let api = crate::haproxy::driver(tmp.path(), &backends);
+        let sampling = sampling.clone();
+        tokio::spawn(async move {
+            let mut shares: Vec<u32> = Vec::new();
+            while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(servers) = api.api().servers_state("app").await {
+                    let total: u32 = servers.iter().map(|s| s.weight).sum();
+                    let canary: u32 = servers.iter().filter(|s| s.name == "i-3").map(|s| s.weight).sum();
+                    if total > 0 {
+                        let share = (f64::from(canary) * 100.0 / f64::from(total)).round() as u32;
+                        if shares.last() != Some(&share) {
+                            shares.push(share);
+                        }
+                    }
+                }
+                sleep(Duration::from_millis(100)).await;
+            }
+            shares
+        })
+    });
     // Let Prometheus see stable traffic before the first check (the
     // monitoring check before the first stage asks for it too).
     sleep(Duration::from_secs(2)).await;
@@ -306,6 +336,11 @@ async fn canary_run(kind: Lb, canary_args: &[&str]) -> Option<Run> {
         .await
         .expect("the deployment ran");
     let stats = load.stop().await;
+    sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+    let shares = match sampler {
+        Some(t) => t.await.expect("the weight sampler"),
+        None => Vec::new(),
+    };
     let after = Http::new().count_versions(&url, 100).await;
     let weights = match &haproxy {
         Some(_) => crate::haproxy::driver(tmp.path(), &backends)
@@ -329,6 +364,8 @@ async fn canary_run(kind: Lb, canary_args: &[&str]) -> Option<Run> {
         after,
         failed: stats.iter().filter(|x| x.outcome.is_err()).count(),
         weights,
+        shares,
+        samples: stats,
         took: started.elapsed(),
     })
 }
@@ -372,7 +409,35 @@ async fn a_canary_erring_five_percent_is_rolled_back_by_real_promql() {
     assert_eq!(run.after.get("v1"), Some(&100), "{:?}", run.after);
     assert_eq!(r.instances[2].status, deploykit::InstanceStatus::Idle);
     assert_eq!(r.instances[2].release, Some(ReleaseId::new("v1").unwrap()));
-    eprintln!("bad canary: rolled back in {:.1}s", run.took.as_secs_f64());
+    // What the clients saw: the canary really answered some of them, its
+    // errors reached at most its error rate of all requests (the canary
+    // never had more than all the traffic), and the last answers of the
+    // load came from v1 again.
+    let total = run.samples.len();
+    let from_v2 = run
+        .samples
+        .iter()
+        .filter(|s| s.outcome.as_deref() == Ok("v2"))
+        .count();
+    assert!(
+        from_v2 > 0,
+        "no client ever reached the canary ({total} requests)"
+    );
+    assert!(
+        run.failed * 100 <= total * 5,
+        "{} of {total} requests failed: more than the canary's 5 %",
+        run.failed
+    );
+    let tail: Vec<&Result<String, String>> = run.samples.iter().rev().take(20).map(|s| &s.outcome).collect();
+    assert!(
+        tail.iter().all(|o| o.as_deref() == Ok("v1")),
+        "the last answers after the rollback: {tail:?}"
+    );
+    eprintln!(
+        "bad canary: rolled back in {:.1}s; clients saw v2 {from_v2} times, {} failures in {total}",
+        run.took.as_secs_f64(),
+        run.failed
+    );
 }
 
 #[tokio::test]
@@ -423,6 +488,20 @@ async fn a_healthy_canary_is_promoted_and_finalized_through_haproxy_weights() {
         }
     }
     assert_eq!(weights, [25, 50, 100], "every stage held at its split");
+    // HAProxy itself carried each split, in order (read back every 100 ms;
+    // each stage holds 5 s).
+    let mut want = [25u32, 50, 100].into_iter().peekable();
+    for share in &run.shares {
+        if want.peek().is_some_and(|w| share.abs_diff(*w) <= 2) {
+            want.next();
+        }
+    }
+    assert_eq!(
+        want.next(),
+        None,
+        "HAProxy's weights never carried every stage: {:?}",
+        run.shares
+    );
     assert_eq!(run.after.get("v2"), Some(&100), "{:?}", run.after);
     assert_eq!(run.failed, 0, "no request failed");
     // Read back from HAProxy: stable servers carry the weight, the canary

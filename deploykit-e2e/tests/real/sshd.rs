@@ -37,22 +37,13 @@ pub(crate) fn find(name: &str) -> Option<PathBuf> {
     None
 }
 
-/// `Some((sshd, ssh-keygen))`, or `None` (outside CI, after a loud notice)
-/// when OpenSSH is missing. Panics in CI (`CI=true`).
+/// `Some((sshd, ssh-keygen))`; panics when OpenSSH is missing, in CI or
+/// not (`scripts/test` installs it).
 pub(crate) fn openssh() -> Option<(PathBuf, PathBuf)> {
     match (find("sshd"), find("ssh-keygen")) {
         (Some(d), Some(k)) => Some((d, k)),
         _ => {
-            let ci = std::env::var("CI")
-                .map(|v| v == "true" || v == "1")
-                .unwrap_or(false);
-            if ci {
-                panic!(
-                    "sshd or ssh-keygen is not installed, and CI=true: scripts/test installs openssh-server"
-                );
-            }
-            eprintln!("!!!!! SKIPPING: sshd/ssh-keygen not installed (apt-get install openssh-server); in CI this fails !!!!!");
-            None
+            panic!("sshd or ssh-keygen is not installed: real-server tests never skip (scripts/test installs openssh-server)")
         }
     }
 }

@@ -19,7 +19,7 @@
 //! every instance already touched is rolled back. The rollback itself is not
 //! cancellable: it is what leaves the fleet on one known version.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -391,7 +391,9 @@ impl Executor {
     pub async fn run(&self, plan: &Plan, options: RunOptions) -> Result<Report> {
         let prepared = self.prepare(plan, options.preflight, true).await?;
         let id = options.id.unwrap_or_else(|| run_id(&plan.release));
-        Ok(run::Run::new(&self.inner, plan, id, prepared).execute().await)
+        Ok(run::Run::new(&self.inner, plan, id, prepared, &options.unsettled)
+            .execute()
+            .await)
     }
 
     /// Every check [`run`](Self::run) makes before its first step — the plan
@@ -529,6 +531,13 @@ pub struct RunOptions {
     pub id: Option<String>,
     /// What a failed load-balancer preflight does.
     pub preflight: Preflight,
+    /// Instances an interrupted run left part-way (see
+    /// [`Recorded::unsettled`](crate::recovery::Recorded::unsettled)): this
+    /// run assumes anything may have been done to them (drained, stopped,
+    /// the new release installed), so restoring one after a failure drains,
+    /// stops, restores its previous release and probes it, instead of only
+    /// re-enabling it.
+    pub unsettled: BTreeSet<InstanceId>,
 }
 
 impl RunOptions {
@@ -539,7 +548,15 @@ impl RunOptions {
         Self {
             id: None,
             preflight: Preflight::Warn,
+            unsettled: BTreeSet::new(),
         }
+    }
+
+    /// Marks `instances` as left part-way by an interrupted run (see
+    /// [`unsettled`](Self::unsettled)).
+    pub fn with_unsettled(mut self, instances: impl IntoIterator<Item = InstanceId>) -> Self {
+        self.unsettled = instances.into_iter().collect();
+        self
     }
 
     /// Names the run `id`.

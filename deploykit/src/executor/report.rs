@@ -41,6 +41,10 @@ pub(crate) struct Tracked {
     /// The release a rollout step (not a restore after a failure) put it
     /// back on: a rollback plan's units return instances with `Restore`.
     pub(crate) returned_to: Option<ReleaseId>,
+    /// A start or health wait of it failed: it may be down though its
+    /// progress says running, so a restore starts and probes it before
+    /// enabling it.
+    pub(crate) health_unknown: bool,
 }
 
 impl Tracked {
@@ -50,6 +54,7 @@ impl Tracked {
             error: None,
             phase: Phase::Rolling,
             returned_to: None,
+            health_unknown: false,
         }
     }
 }
@@ -253,6 +258,7 @@ mod tests {
             error: error.map(String::from),
             phase,
             returned_to: None,
+            health_unknown: false,
         }
     }
 

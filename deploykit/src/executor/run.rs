@@ -30,6 +30,9 @@ struct RunState {
     /// The rollout attempted a [`Step::SwitchTo`] (it may have taken
     /// effect).
     switch_attempted: bool,
+    /// The rollout's [`Step::SwitchTo`] succeeded: traffic went to the new
+    /// environment (a failed switch leaves the old one live).
+    switched: bool,
     /// An abort step whose failure fails the rollback failed.
     undo_failed: Option<String>,
     /// Tracked instances with an error, kept so a stage's count does not
@@ -53,13 +56,23 @@ pub(super) struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    pub(super) fn new(inner: &'a Inner, plan: &'a Plan, id: String, prepared: Prepared) -> Self {
+    pub(super) fn new(
+        inner: &'a Inner,
+        plan: &'a Plan,
+        id: String,
+        prepared: Prepared,
+        unsettled: &std::collections::BTreeSet<InstanceId>,
+    ) -> Self {
         let tracked = plan
             .instances()
             .into_iter()
             .map(|i| {
                 let previous = plan.previous.get(&i).cloned().flatten();
-                (i, Tracked::new(InstanceProgress::untouched(previous)))
+                let mut progress = InstanceProgress::untouched(previous);
+                // Left part-way by an interrupted run: assume the worst, so a
+                // restore does every step.
+                progress.release_changed = unsettled.contains(&i);
+                (i, Tracked::new(progress))
             })
             .collect();
         Self {
@@ -247,6 +260,10 @@ impl<'a> Run<'a> {
                 let mut guard = self.lock();
                 let state = &mut *guard;
                 let t = state.tracked.get_mut(id).expect("plan instance tracked");
+                t.health_unknown |= matches!(
+                    step,
+                    Step::Start { .. } | Step::AwaitHealthy { .. } | Step::AwaitHealthyWithin { .. }
+                );
                 if t.error.is_none() {
                     t.error = Some(msg);
                     state.failed += 1;
@@ -266,14 +283,21 @@ impl<'a> Run<'a> {
     /// Brings one instance back as the plan says (see
     /// [`InstanceUndo`] and [`Plan::leave_stopped`]); `true` if it worked.
     async fn compensate(&self, si: usize, id: &InstanceId) -> bool {
-        let progress = self.with(id, |t| t.progress.clone());
+        let (progress, health_unknown) = self.with(id, |t| (t.progress.clone(), t.health_unknown));
         let steps = if self.plan.leave_stopped.contains(id) {
             retirement_steps(id, &progress, self.plan.drain_timeout)
         } else {
             match self.plan.instance_undo {
                 InstanceUndo::Idle => idle_steps(id, &progress),
                 InstanceUndo::Serve => {
-                    compensation_steps(id, &progress, self.plan.health, self.plan.drain_timeout)
+                    // A failed start leaves "may be running": bring the
+                    // instance up and probe it (starting a running instance
+                    // is a no-op) rather than enable it unseen.
+                    let mut serve = progress.clone();
+                    if health_unknown && !serve.release_changed {
+                        serve.running = false;
+                    }
+                    compensation_steps(id, &serve, self.plan.health, self.plan.drain_timeout)
                 }
             }
         };
@@ -341,6 +365,15 @@ impl<'a> Run<'a> {
             instances: targets.clone(),
         });
         self.run_abort_steps().await;
+        let stuck = {
+            let state = self.lock();
+            state.switched && state.undo_failed.is_some()
+        };
+        if self.plan.instance_undo == InstanceUndo::Idle && stuck {
+            // Traffic could not be moved back (a failed switch back): the
+            // instances an idle undo would stop, undrained, still serve it.
+            return;
+        }
         let batch = match self.plan.policy {
             FailurePolicy::AbortAll => targets.len().max(1),
             FailurePolicy::RestoreInstance { .. } => self.plan.rollback_batch,
@@ -456,6 +489,9 @@ impl<'a> Run<'a> {
             self.lock().switch_attempted = true;
         }
         let (result, attempts) = self.dispatch(step, rollback).await;
+        if !rollback && result.is_ok() && matches!(step, Step::SwitchTo { .. }) {
+            self.lock().switched = true;
+        }
         let step_result = match &result {
             Ok(StepOk::Ok) => StepResult::Ok,
             Ok(StepOk::Warning(w)) => {

@@ -226,14 +226,24 @@ async fn transient_errors_are_retried_with_backoff_permanent_ones_are_not() {
         .times(1)
         .in_sequence(&mut seq)
         .returning(|| Ok(()));
+    // When each install attempt came (virtual time), to check the backoff.
+    let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = attempts.clone();
     m.expect_install()
         .times(2)
         .in_sequence(&mut seq)
-        .returning(|_| Err(DriverError::transient("connection reset")));
+        .returning(move |_| {
+            seen.lock().unwrap().push(tokio::time::Instant::now());
+            Err(DriverError::transient("connection reset"))
+        });
+    let seen = attempts.clone();
     m.expect_install()
         .times(1)
         .in_sequence(&mut seq)
-        .returning(|_| Ok(()));
+        .returning(move |_| {
+            seen.lock().unwrap().push(tokio::time::Instant::now());
+            Ok(())
+        });
     m.expect_start()
         .times(1)
         .in_sequence(&mut seq)
@@ -261,6 +271,11 @@ async fn transient_errors_are_retried_with_backoff_permanent_ones_are_not() {
         .unwrap();
     let err = report.instances[0].error.as_deref().unwrap();
     assert_eq!(err, "start failed: exit status 1");
+    // The default backoff: 1 s before the second attempt, doubled (2 s)
+    // before the third.
+    let at = attempts.lock().unwrap().clone();
+    let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(gaps, [Duration::from_secs(1), Duration::from_secs(2)]);
 }
 
 #[tokio::test(start_paused = true)]

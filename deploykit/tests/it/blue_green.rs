@@ -74,6 +74,14 @@ impl Bg {
         }
     }
 
+    /// The testkit's invariant checker on a blue-green report: the live
+    /// environment keeps full capacity (no instance drained or disabled
+    /// while it takes traffic), nothing stopped or unready gets traffic,
+    /// and the report matches what each instance runs and serves.
+    fn assert_invariants(&self, report: &deploykit::Report) {
+        self.fleet.check(report, 0).assert_ok();
+    }
+
     fn assert_routing_safe(&self) {
         let v = self.fleet.routing_violations();
         assert!(
@@ -105,6 +113,7 @@ impl Bg {
 async fn deploy_prepares_tests_warms_switches_records_and_retires_the_old_environment() {
     let bg = default_setup();
     let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    bg.assert_invariants(&out.deployment);
 
     assert!(out.is_success(), "{}", out.deployment);
     assert_eq!(out.live, g("green"));
@@ -186,6 +195,7 @@ async fn a_second_deployment_goes_back_to_blue() {
     let bluegreen = BlueGreen::default();
     assert!(bluegreen.deploy(&bg.exec, &v("v2")).await.unwrap().is_success());
     let out = bluegreen.deploy(&bg.exec, &v("v3")).await.unwrap();
+    bg.assert_invariants(&out.deployment);
     assert!(out.is_success(), "{}", out.deployment);
     assert_eq!(out.live, g("blue"));
     bg.assert_env(&BLUE, "v3", true);
@@ -205,6 +215,7 @@ async fn a_failed_smoke_check_stops_the_idle_environment_and_leaves_live_untouch
         )
     });
     let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    bg.assert_invariants(&out.deployment);
 
     assert_eq!(
         out.deployment.outcome,
@@ -254,6 +265,7 @@ async fn an_instance_not_healthy_within_the_deadline_aborts_before_any_traffic()
     };
     let started = tokio::time::Instant::now();
     let out = bluegreen.deploy(&bg.exec, &v("v2")).await.unwrap();
+    bg.assert_invariants(&out.deployment);
     assert_eq!(out.deployment.outcome, OutcomeKind::RolledBack);
     let err = out
         .deployment
@@ -283,6 +295,7 @@ async fn failed_warm_up_requests_are_counted_not_fatal() {
         FakeSmokeTester::for_fleet(f).fail_every_warm_request(10)
     });
     let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    bg.assert_invariants(&out.deployment);
     assert!(out.is_success(), "{}", out.deployment);
     let warned = bg.log.events().iter().any(|e| {
         matches!(&e.kind, EventKind::StepFinished { step, result: StepResult::Warning(w), .. }
@@ -304,6 +317,7 @@ async fn a_failed_switch_leaves_the_old_environment_live() {
         FakeSmokeTester::for_fleet,
     );
     let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    bg.assert_invariants(&out.deployment);
     assert_eq!(
         out.deployment.outcome,
         OutcomeKind::RolledBack,
@@ -335,6 +349,7 @@ async fn a_switch_back_that_fails_makes_the_rollback_failed_and_leaves_the_pendi
         FakeSmokeTester::for_fleet,
     );
     let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    bg.assert_invariants(&out.deployment);
     assert_eq!(
         out.deployment.outcome,
         OutcomeKind::RollbackFailed,
@@ -365,6 +380,7 @@ async fn a_transient_switch_failure_is_retried() {
         FakeSmokeTester::for_fleet,
     );
     let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    bg.assert_invariants(&out.deployment);
     assert!(out.is_success(), "{}", out.deployment);
     assert_eq!(bg.fleet.live_group(), Some(g("green")));
 }
@@ -375,6 +391,7 @@ async fn a_failure_between_switch_and_record_switches_back_and_records_the_old_e
     let store = FakeLiveStore::recording("blue").fail_save(Fault::OnCall(2));
     let bg = setup(fleet(), store, FakeSmokeTester::for_fleet);
     let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    bg.assert_invariants(&out.deployment);
 
     assert_eq!(
         out.deployment.outcome,
@@ -402,6 +419,7 @@ async fn when_no_record_can_be_written_after_the_switch_the_pending_mark_lets_re
     let store = FakeLiveStore::recording("blue").fail_save(Fault::FromCall(2));
     let bg = setup(fleet(), store, FakeSmokeTester::for_fleet);
     let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    bg.assert_invariants(&out.deployment);
     assert_eq!(out.deployment.outcome, OutcomeKind::RolledBack);
     assert_eq!(bg.fleet.live_group(), Some(g("blue")));
     // The record still shows the pending switch; the load balancer says
@@ -433,12 +451,14 @@ async fn rollback_with_the_old_environment_warm_switches_back_without_starting_i
         ..BlueGreen::default()
     };
     let out = bluegreen.deploy(&bg.exec, &v("v2")).await.unwrap();
+    bg.assert_invariants(&out.deployment);
     assert!(out.is_success());
     assert!(out.kept_running.is_some());
     bg.assert_env(&BLUE, "v1", true);
 
     let started = tokio::time::Instant::now();
     let rb = bluegreen.rollback(&bg.exec).await.unwrap();
+    bg.assert_invariants(&rb.deployment);
     assert!(rb.is_success(), "{}", rb.deployment);
     assert_eq!(rb.live, g("blue"));
     assert_eq!(bg.fleet.live_group(), Some(g("blue")));
@@ -462,6 +482,7 @@ async fn rollback_with_the_old_environment_stopped_starts_it_first() {
     bg.assert_env(&BLUE, "v1", false);
 
     let rb = bluegreen.rollback(&bg.exec).await.unwrap();
+    bg.assert_invariants(&rb.deployment);
     assert!(rb.is_success(), "{}", rb.deployment);
     assert_eq!(bg.fleet.live_group(), Some(g("blue")));
     assert_eq!(bg.store.live(), Some(g("blue")));
@@ -533,6 +554,7 @@ async fn a_rollback_during_the_keep_old_window_keeps_the_old_environment_running
     }
     assert_eq!(bg.store.live(), Some(g("green")));
     let rb = bluegreen.rollback(&bg.exec).await.unwrap();
+    bg.assert_invariants(&rb.deployment);
     assert!(rb.is_success());
     let out = deploy.await.unwrap();
     assert!(out.is_success());
@@ -577,6 +599,7 @@ async fn reconciliation_completes_a_recorded_switch_and_adopts_the_load_balancer
         FakeSmokeTester::for_fleet,
     );
     let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    bg.assert_invariants(&out.deployment);
     assert!(out.is_success(), "{}", out.deployment);
     assert_eq!(out.live, g("blue"), "deployed to blue, the idle one");
     assert_eq!(
@@ -693,6 +716,7 @@ async fn a_stale_blue_green_plan_cannot_prepare_the_live_environment() {
     assert!(bg.fleet.ops().is_empty());
     // Reconciling first does the right thing: deploys to blue.
     let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    bg.assert_invariants(&out.deployment);
     assert!(out.is_success(), "{}", out.deployment);
     assert_eq!(out.live, g("blue"));
 }
@@ -769,6 +793,7 @@ async fn transient_record_failures_are_retried() {
     let store = FakeLiveStore::recording("blue").fail_save(Fault::Transient(2));
     let bg = setup(fleet(), store, FakeSmokeTester::for_fleet);
     let out = BlueGreen::default().deploy(&bg.exec, &v("v2")).await.unwrap();
+    bg.assert_invariants(&out.deployment);
     assert!(out.is_success(), "{}", out.deployment);
     assert_eq!(bg.store.record(), Some(LiveRecord::live(g("green"))));
 }
@@ -794,6 +819,7 @@ async fn a_failing_preflight_refuses_a_deployment_but_not_a_rollback() {
     // The rollback goes on: blue started, traffic back, a warning says why.
     let events_before = bg.log.events().len();
     let rb = bluegreen.rollback(&bg.exec).await.unwrap();
+    bg.assert_invariants(&rb.deployment);
     assert!(rb.is_success(), "{}", rb.deployment);
     assert_eq!(bg.fleet.live_group(), Some(g("blue")));
     bg.assert_env(&BLUE, "v1", true);

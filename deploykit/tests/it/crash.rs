@@ -73,9 +73,9 @@ pub(crate) struct World {
     kind: StrategyKind,
     pub(crate) fleet: FakeFleet,
     pub(crate) store: FakeLiveStore,
-    metrics: FakeMetrics,
+    pub(crate) metrics: FakeMetrics,
     pub(crate) state: StateDir,
-    strategies: Strategies,
+    pub(crate) strategies: Strategies,
     _dir: tempfile::TempDir,
 }
 
@@ -176,9 +176,9 @@ impl World {
         Some((journal, sink))
     }
 
-    /// Deploys v2, killed after record `kill_after`; the plan and the
-    /// records written.
-    async fn deploy(&self, kill_after: u64) -> (Plan, u64) {
+    /// Deploys v2, killed after record `kill_after`; the plan, the records
+    /// written, and the report unless it was killed.
+    pub(crate) async fn deploy(&self, kill_after: u64) -> (Plan, u64, Option<Report>) {
         let release = v("v2");
         let probe = self.exec(None);
         let snap = probe.snapshot().await.unwrap();
@@ -199,7 +199,7 @@ impl World {
         );
         header.plan = Some(plan.clone());
         let Some((journal, sink)) = self.journal(header, kill_after) else {
-            return (plan, 1);
+            return (plan, 1, None);
         };
         let exec = self.exec(Some(sink));
         let run = async {
@@ -213,15 +213,11 @@ impl World {
                 _ => exec.run(&plan, RunOptions::default().with_id("d1")).await,
             }
         };
-        if let Some(report) = killed_or(run).await {
-            let report = report.expect("the deployment starts");
-            assert!(
-                report.is_success(),
-                "the uninterrupted deployment succeeds:\n{report}"
-            );
-            finish(&journal, &report);
+        let report = killed_or(run).await.map(|r| r.expect("the deployment starts"));
+        if let Some(report) = &report {
+            finish(&journal, report);
         }
-        (plan, journal.records())
+        (plan, journal.records(), report)
     }
 
     /// Recovers the interrupted deployment; the report of the recovery run
@@ -290,7 +286,12 @@ impl World {
                                     .deploy(&exec, &root.release)
                                     .await
                                     .map(|r| r.deployment),
-                                _ => exec.run(&plan, RunOptions::default().with_id(&run_id)).await,
+                                _ => {
+                                    let options = RunOptions::default()
+                                        .with_id(&run_id)
+                                        .with_unsettled(recorded.unsettled());
+                                    exec.run(&plan, options).await
+                                }
                             }
                         };
                         let Some(report) = killed_or(run).await else {
@@ -328,9 +329,10 @@ impl World {
                             return killed(Some(plan));
                         };
                         let exec = self.exec(Some(sink));
-                        let Some(r) =
-                            killed_or(exec.run(&plan, RunOptions::recovery().with_id(&run_id))).await
-                        else {
+                        let options = RunOptions::recovery()
+                            .with_id(&run_id)
+                            .with_unsettled(recorded.unsettled());
+                        let Some(r) = killed_or(exec.run(&plan, options)).await else {
                             return killed(Some(plan));
                         };
                         (journal, r.expect("the rollback starts"), Some(plan))
@@ -357,6 +359,11 @@ impl World {
                 "{ctx}: {id}"
             );
             assert!(self.fleet.is_running(id), "{ctx}: {id} is not running");
+            assert_eq!(
+                self.fleet.serving_release(id).as_ref().map(ReleaseId::as_str),
+                Some(release),
+                "{ctx}: {id}'s running process"
+            );
             assert!(self.fleet.in_rotation(id), "{ctx}: {id} is out of rotation");
         };
         let ids = |group: &str| -> Vec<InstanceId> {
@@ -444,7 +451,7 @@ async fn killed_or<T>(f: impl std::future::Future<Output = T>) -> Option<T> {
 }
 
 /// The most instances one stage of `plan` works on.
-fn widest_stage(plan: &Plan) -> usize {
+pub(crate) fn widest_stage(plan: &Plan) -> usize {
     plan.stages
         .iter()
         .map(|s| s.units.iter().filter(|u| u.instance.is_some()).count())
@@ -465,7 +472,13 @@ pub(crate) fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 fn records(kind: StrategyKind, n: usize, batch: usize) -> u64 {
     block_on(async {
         let w = World::new(kind, n, batch);
-        w.deploy(u64::MAX).await.1
+        let (_, records, report) = w.deploy(u64::MAX).await;
+        let report = report.expect("not killed");
+        assert!(
+            report.is_success(),
+            "the uninterrupted deployment succeeds:\n{report}"
+        );
+        records
     })
 }
 
@@ -490,7 +503,8 @@ fn crash_twice_and_recover(
     block_on(async {
         let mut ctx = format!("{kind} n={n} batch={batch}, killed after record {k}, {how:?}");
         let w = World::new(kind, n, batch);
-        let (deploy_plan, written) = w.deploy(k).await;
+        let (deploy_plan, written, report) = w.deploy(k).await;
+        assert!(report.is_none(), "{ctx}: the deployment was killed");
         assert_eq!(written, k, "{ctx}: the kill comes right after record {k}");
         // Every blue-green deployment here starts with blue live.
         let live_before = (kind == StrategyKind::BlueGreen).then(|| g("blue"));
@@ -517,14 +531,14 @@ fn crash_twice_and_recover(
             // A rollback's report speaks of its own plan, whose "previous"
             // releases are those it found (the CLI prints what each instance
             // runs instead), and blue-green stops the old environment after
-            // its report (keep_old): there the checker replays the routing
+            // its report (keep_old): there the checker replays the traffic
             // history only, and assert_settled checks what each instance
             // runs.
-            let mut report = report.clone();
-            if last == How::Rollback || kind == StrategyKind::BlueGreen {
-                report.instances.clear();
-            }
-            let inv = w.fleet.check(&report, bound);
+            let inv = if last == How::Rollback || kind == StrategyKind::BlueGreen {
+                w.fleet.check_traffic(bound)
+            } else {
+                w.fleet.check(report, bound)
+            };
             assert!(inv.is_ok(), "{ctx}: {:?}", inv.violations);
         }
         w.assert_settled(expect, live_before.as_ref(), last, &ctx);

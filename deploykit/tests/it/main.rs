@@ -13,3 +13,4 @@ mod props;
 mod recreate;
 mod rolling;
 mod routing;
+mod schedules;
