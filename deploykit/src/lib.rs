@@ -114,6 +114,7 @@ pub mod duration_text;
 mod error;
 mod event;
 mod executor;
+pub mod flags;
 mod gate;
 pub mod instance;
 mod kinds;

@@ -7,6 +7,7 @@ mod blue_green;
 mod canary;
 mod crash;
 mod fixtures;
+mod flags;
 mod props;
 mod recreate;
 mod rolling;
