@@ -70,6 +70,8 @@ pub(crate) struct Config {
     #[serde(default)]
     pub(crate) notifications: NotificationsConfig,
     #[serde(default)]
+    pub(crate) flags: FlagsConfig,
+    #[serde(default)]
     pub(crate) timeouts: TimeoutsConfig,
     #[serde(default)]
     pub(crate) retry: RetryConfig,
@@ -320,6 +322,14 @@ impl Config {
     }
 }
 
+/// `[flags]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct FlagsConfig {
+    /// The flagd flag file, relative to the configuration's directory.
+    pub(crate) file: Option<String>,
+}
+
 /// `[notifications]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -352,6 +362,8 @@ pub(crate) enum NotifyOn {
     Success,
     Rollback,
     Failure,
+    /// A feature flag changed by a kill switch or a flag rollout.
+    Flag,
 }
 
 /// One `[[notifications.webhooks]]` entry.
@@ -378,6 +390,7 @@ fn all_events() -> Vec<NotifyOn> {
         NotifyOn::Success,
         NotifyOn::Rollback,
         NotifyOn::Failure,
+        NotifyOn::Flag,
     ]
 }
 

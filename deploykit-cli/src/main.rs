@@ -24,7 +24,9 @@ mod cmd;
 mod config;
 #[cfg(feature = "demo")]
 mod demo;
+mod flags;
 mod notify;
+mod ofrep;
 mod output;
 mod recommend;
 mod sim;
@@ -97,6 +99,9 @@ enum Command {
     /// Run a full deployment on a simulated in-memory fleet, with progress.
     #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
+    /// Feature flags in a flagd flag file: list, get, set, validate,
+    /// evaluate, kill, serve (OFREP). See docs/flags.md.
+    Flags(flags::FlagsArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -160,6 +165,9 @@ fn error_code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<config::ConfigError>().is_some() {
         return exit::BAD_INPUT;
     }
+    if let Some(e) = err.downcast_ref::<deploykit::flags::FlagError>() {
+        return flags::error_code(e);
+    }
     match err.downcast_ref::<deploykit::Error>() {
         Some(e) if e.is_invalid_input() => exit::BAD_INPUT,
         _ => exit::UNKNOWN_STATE,
@@ -173,6 +181,7 @@ fn try_main(cli: Cli) -> anyhow::Result<u8> {
         Command::Demo(args) => demo::run(args, g.json),
         Command::Recommend(args) => recommend::run(args),
         Command::Validate => cmd::validate(g),
+        Command::Flags(args) => flags::run(g, args),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "deploykit", &mut script);

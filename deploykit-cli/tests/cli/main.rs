@@ -6,6 +6,7 @@
 mod commands;
 mod config;
 mod crash;
+mod flags;
 mod haproxy;
 mod nginx;
 mod notify;

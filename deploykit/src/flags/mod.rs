@@ -63,7 +63,7 @@ mod semver;
 mod store;
 
 pub use model::{Flag, FlagSet, FlagState, VariantType, SAFE_VARIANT_KEY};
-pub use store::{FlagChange, FlagChangeKind, FlagStore};
+pub use store::{FlagChange, FlagChangeKind, FlagChangeRecord, FlagStore};
 
 /// An evaluation context: `targetingKey` and any attributes (user id,
 /// segment, country, app version …).
