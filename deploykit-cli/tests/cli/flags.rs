@@ -409,3 +409,87 @@ fn serve_refuses_a_non_loopback_address_without_allow_remote() {
     assert_eq!(code, 2, "{err}");
     assert_has(&err, &["--listen", "not a loopback address", "--allow-remote"]);
 }
+
+/// The demo app's `/api/checkout`, in this process, evaluating through
+/// `url` (OFREP); returns its address.
+fn demo_app_through(url: &str) -> String {
+    use clap::Parser;
+    let config =
+        deploykit_demo_app::DemoConfig::try_parse_from(["demo", "--ofrep-url", url]).expect("demo config");
+    let router = deploykit_demo_app::router(config).expect("router");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let _ = axum::serve(listener, router).await;
+        });
+    });
+    addr
+}
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    (status, body.to_owned())
+}
+
+#[test]
+fn the_demo_app_sees_a_dark_launch_through_ofrep_for_the_targeted_segment_only() {
+    let env = env("");
+    env.ok(&["flags", "set", "new-checkout", "--no-targeting"], 0);
+    let served = serve(&env, &[]);
+    let app = demo_app_through(&format!("http://{}", served.addr));
+    let flow = |user: &str, segment: &str| {
+        let (code, body) = get(&app, &format!("/api/checkout?user={user}&segment={segment}"));
+        assert_eq!(code, 200, "{body}");
+        json(&body)["flow"].as_str().expect("flow").to_owned()
+    };
+    assert_eq!(flow("u1", "internal"), "old");
+
+    env.ok(
+        &[
+            "flags",
+            "set",
+            "new-checkout",
+            "--targeting",
+            r#"{"if": [{"==": [{"var": "segment"}, "internal"]}, "on", null]}"#,
+        ],
+        0,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while flow("u1", "internal") != "new" {
+        assert!(
+            Instant::now() < deadline,
+            "the change was not seen through OFREP within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(flow("u7", "internal"), "new");
+    assert_eq!(flow("u1", "public"), "old");
+    assert_eq!(flow("u2", "partner"), "old");
+    // A definition that is not an object is refused, not taken for a removal.
+    let (code, _, err) = env.run(&["flags", "set", "new-checkout", "--definition", "null"]);
+    assert_eq!(code, 2, "{err}");
+    assert_has(&err, &["a flag definition is a JSON object"]);
+    assert_eq!(flow("u1", "internal"), "new");
+}

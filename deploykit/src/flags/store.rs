@@ -301,6 +301,9 @@ fn changed(key: &str, before: &Value, kind: &FlagChangeKind, set: &FlagSet) -> R
         message,
     };
     if let FlagChangeKind::Put { definition } = kind {
+        if !definition.is_object() {
+            return Err(bad("a flag definition is a JSON object (state, variants, defaultVariant …); use a removal to delete a flag".into()));
+        }
         return Ok(definition.clone());
     }
     let (Value::Object(obj), Some(flag)) = (before, set.get(key)) else {
