@@ -59,10 +59,12 @@ use serde_json::{Map, Value};
 mod hash;
 mod logic;
 mod model;
+mod rollout;
 mod semver;
 mod store;
 
 pub use model::{Flag, FlagSet, FlagState, VariantType, SAFE_VARIANT_KEY};
+pub use rollout::{FlagRollout, RolloutEvent, RolloutOutcome};
 pub use store::{FlagChange, FlagChangeKind, FlagChangeRecord, FlagStore};
 
 /// An evaluation context: `targetingKey` and any attributes (user id,

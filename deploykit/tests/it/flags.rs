@@ -541,3 +541,202 @@ mod store {
         assert_eq!(history[0].kind.name(), "split");
     }
 }
+
+mod rollout {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use deploykit::analysis::AnalysisRules;
+    use deploykit::flags::{FlagError, FlagRollout, FlagStore, RolloutEvent, RolloutOutcome};
+    use deploykit::{Metric, Observation};
+    use deploykit_testkit::FakeMetrics;
+    use tokio::time::Instant;
+    use tokio_util::sync::CancellationToken;
+
+    const FILE: &str = r#"{ "flags": { "new-checkout": { "state": "ENABLED",
+        "variants": { "on": true, "off": false }, "defaultVariant": "off" } } }"#;
+
+    fn setup() -> (tempfile::TempDir, FlagStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("flags.json"), FILE).expect("write");
+        let store = FlagStore::new(dir.path().join("flags.json"), dir.path().join("flags.jsonl"));
+        (dir, store)
+    }
+
+    fn rollout() -> FlagRollout {
+        FlagRollout {
+            flag: "new-checkout".into(),
+            variant: "on".into(),
+            stages: vec![5, 25, 50, 100],
+            stage_duration: Duration::from_secs(300),
+            interval: Duration::from_secs(30),
+            rules: AnalysisRules::default(),
+            who: "rollout".into(),
+        }
+    }
+
+    fn healthy() -> FakeMetrics {
+        FakeMetrics::new()
+            .set("on", Metric::ErrorRate, 0.001)
+            .set("on", Metric::LatencyP99, 0.05)
+            .set("off", Metric::ErrorRate, 0.001)
+    }
+
+    fn actions(store: &FlagStore) -> Vec<String> {
+        store
+            .history()
+            .expect("history")
+            .iter()
+            .map(|r| r.kind.name().to_owned())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_healthy_rollout_walks_every_stage_to_100_percent() {
+        let (_dir, store) = setup();
+        let started = Instant::now();
+        let outcome = rollout()
+            .run(&store, &healthy(), &CancellationToken::new(), |_| {})
+            .await
+            .expect("runs");
+        assert_eq!(outcome, RolloutOutcome::Completed);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(4 * 300),
+            "each stage held for its duration"
+        );
+        assert_eq!(actions(&store), ["split", "split", "split", "split"]);
+        let history = store.history().expect("history");
+        let percents: Vec<u64> = history
+            .iter()
+            .map(|r| r.after["targeting"]["fractional"][0][1].as_u64().expect("weight"))
+            .collect();
+        assert_eq!(percents, [5, 25, 50, 100]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_breach_kills_the_flag_within_one_check_interval() {
+        let (_dir, store) = setup();
+        // Healthy until 7 min (stage 2, 25 %), then 5 % errors on `on` only.
+        let breach = Duration::from_secs(420);
+        let metrics = healthy().script("on", Metric::ErrorRate, move |t| {
+            Observation::Value(if t < breach { 0.001 } else { 0.05 })
+        });
+        let epoch = Instant::now();
+        let killed_at = Arc::new(Mutex::new(None));
+        let seen = killed_at.clone();
+        let outcome = rollout()
+            .run(&store, &metrics, &CancellationToken::new(), move |e| {
+                if let RolloutEvent::Killed { .. } = e {
+                    *seen.lock().unwrap() = Some(epoch.elapsed());
+                }
+            })
+            .await
+            .expect("runs");
+        let RolloutOutcome::Killed { stage, reason } = outcome else {
+            panic!("not killed: {outcome:?}")
+        };
+        assert_eq!(stage, 2);
+        assert!(
+            reason.contains("25 %") && reason.contains("error rate"),
+            "{reason}"
+        );
+        let at = killed_at.lock().unwrap().expect("a kill event");
+        assert!(
+            at >= breach && at <= breach + Duration::from_secs(30),
+            "killed at {at:?}, breach at {breach:?}"
+        );
+        assert_eq!(actions(&store), ["split", "split", "kill"]);
+        let set = store.load().expect("load");
+        let e = set.evaluate("new-checkout", &super::user(3));
+        assert_eq!((e.variant.as_deref(), e.reason.as_str()), (Some("off"), "STATIC"));
+        assert_eq!(
+            store.history().expect("history")[2].why.as_deref(),
+            Some(reason.as_str())
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stage_without_data_is_never_healthy() {
+        let (_dir, store) = setup();
+        let mut r = rollout();
+        r.rules.inconclusive_limit = 100;
+        let outcome = r
+            .run(&store, &FakeMetrics::new(), &CancellationToken::new(), |_| {})
+            .await
+            .expect("runs");
+        assert!(
+            matches!(outcome, RolloutOutcome::Killed { stage: 1, .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(actions(&store), ["split", "kill"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelling_kills_the_flag() {
+        let (_dir, store) = setup();
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(400)).await;
+            c.cancel();
+        });
+        let outcome = rollout()
+            .run(&store, &healthy(), &cancel, |_| {})
+            .await
+            .expect("runs");
+        assert_eq!(outcome, RolloutOutcome::Cancelled { stage: 2 });
+        assert_eq!(actions(&store), ["split", "split", "kill"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bad_rollouts_are_refused_before_anything_is_written() {
+        let (_dir, store) = setup();
+        let before = std::fs::read(store.file()).expect("read");
+        for (what, r) in [
+            (
+                "decreasing stages",
+                FlagRollout {
+                    stages: vec![50, 25],
+                    ..rollout()
+                },
+            ),
+            (
+                "above 100",
+                FlagRollout {
+                    stages: vec![5, 150],
+                    ..rollout()
+                },
+            ),
+            (
+                "the safe variant",
+                FlagRollout {
+                    variant: "off".into(),
+                    ..rollout()
+                },
+            ),
+            (
+                "an unknown variant",
+                FlagRollout {
+                    variant: "maybe".into(),
+                    ..rollout()
+                },
+            ),
+            (
+                "interval above the stage",
+                FlagRollout {
+                    interval: Duration::from_secs(600),
+                    ..rollout()
+                },
+            ),
+        ] {
+            let err = r
+                .run(&store, &healthy(), &CancellationToken::new(), |_| {})
+                .await
+                .expect_err(what);
+            assert!(matches!(err, FlagError::BadChange { .. }), "{what}: {err}");
+        }
+        assert_eq!(std::fs::read(store.file()).expect("read"), before);
+        assert!(store.history().expect("history").is_empty());
+    }
+}
