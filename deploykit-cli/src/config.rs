@@ -328,6 +328,12 @@ impl Config {
 pub(crate) struct FlagsConfig {
     /// The flagd flag file, relative to the configuration's directory.
     pub(crate) file: Option<String>,
+    /// Flag rollouts: PromQL templates with `{variant}` (and `{window}`);
+    /// unset ones fall back to `[metrics]`'s, their `{group}` then being
+    /// the variant.
+    pub(crate) error_rate: Option<String>,
+    pub(crate) latency_p99: Option<String>,
+    pub(crate) request_count: Option<String>,
 }
 
 /// `[notifications]`.

@@ -60,9 +60,30 @@ enum FlagsCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Roll a variant out stage by stage, judged by the canary analysis on
+    /// `[metrics]` per variant; a breach kills the flag.
+    Rollout(RolloutArgs),
     /// Serve the flag file over OFREP (OpenFeature Remote Evaluation
     /// Protocol), reloading it when it changes.
     Serve(crate::ofrep::ServeArgs),
+}
+
+#[derive(Debug, Args)]
+struct RolloutArgs {
+    /// The flag.
+    flag: String,
+    /// The variant rolled out.
+    #[arg(long)]
+    variant: String,
+    /// Its share at each stage, in percent.
+    #[arg(long, value_delimiter = ',', default_value = "5,25,50,100")]
+    stages: Vec<u8>,
+    /// How long each stage is held and watched, e.g. 5m.
+    #[arg(long, default_value = "5m")]
+    stage_duration: String,
+    /// Time between checks, e.g. 30s: a breach kills the flag within one.
+    #[arg(long, default_value = "30s")]
+    interval: String,
 }
 
 #[derive(Debug, Args)]
@@ -180,6 +201,7 @@ pub(crate) fn run(g: Global, args: FlagsArgs) -> anyhow::Result<u8> {
         FlagsCommand::Set(a) => set(&ctx, a),
         FlagsCommand::Kill { flag, reason } => kill(&ctx, flag, reason),
         FlagsCommand::Serve(a) => crate::ofrep::serve(&ctx, a),
+        FlagsCommand::Rollout(a) => rollout(&g, &ctx, a),
     }
 }
 
@@ -439,6 +461,108 @@ fn kill(ctx: &FlagsCtx, flag: String, reason: Option<String>) -> anyhow::Result<
     }
     report(ctx, &change, record);
     Ok(exit::SUCCESS)
+}
+
+fn rollout(g: &Global, ctx: &FlagsCtx, a: RolloutArgs) -> anyhow::Result<u8> {
+    use deploykit::flags::{FlagRollout, RolloutEvent, RolloutOutcome};
+    let cfg = config::load(&g.config)?;
+    let Some(m) = &cfg.raw.metrics else {
+        return Err(deploykit::Error::invalid(
+            "metrics",
+            "a flag rollout reads error rate and latency per variant: add a [metrics] section to deploykit.toml",
+        )
+        .into());
+    };
+    let mut b = deploykit::metrics::prometheus::Prometheus::builder(m.prometheus.clone());
+    let f = &cfg.raw.flags;
+    let pick = |flag: &Option<String>, metric: &Option<String>| {
+        flag.as_deref()
+            .map(|t| t.replace("{variant}", "{group}"))
+            .or_else(|| metric.clone())
+    };
+    if let Some(q) = pick(&f.error_rate, &m.error_rate) {
+        b = b.error_rate(q);
+    }
+    if let Some(q) = pick(&f.latency_p99, &m.latency_p99) {
+        b = b.latency_p99(q);
+    }
+    if let Some(q) = pick(&f.request_count, &m.request_count) {
+        b = b.request_count(q);
+    }
+    if let Some(t) = m.timeout {
+        b = b.timeout(t.0);
+    }
+    let metrics = b.build()?;
+    let r = FlagRollout {
+        flag: a.flag.clone(),
+        variant: a.variant.clone(),
+        stages: a.stages,
+        stage_duration: deploykit::parse_duration("--stage-duration", &a.stage_duration)?,
+        interval: deploykit::parse_duration("--interval", &a.interval)?,
+        rules: Default::default(),
+        who: format!("rollout by {}", who()),
+    };
+    let json_out = ctx.json;
+    let outcome = crate::cmd::runtime()?.block_on(async {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            c.cancel();
+        });
+        let outcome = r
+            .run(&ctx.store, &metrics, &cancel, |e| match (&e, json_out) {
+                (RolloutEvent::Stage { stage, percent }, false) => {
+                    outln!("stage {stage}: `{}` at {percent} %", r.variant)
+                }
+                (RolloutEvent::Check { outcome, .. }, false) => outln!("  check: {outcome}"),
+                (RolloutEvent::Killed { reason }, false) => outln!("killed: {reason}"),
+                (RolloutEvent::Stage { stage, percent }, true) => outln!(
+                    "{}",
+                    json!({ "event": "stage", "stage": stage, "percent": percent })
+                ),
+                (RolloutEvent::Check { stage, outcome }, true) => outln!(
+                    "{}",
+                    json!({ "event": "check", "stage": stage, "result": outcome })
+                ),
+                (RolloutEvent::Killed { reason }, true) => {
+                    outln!("{}", json!({ "event": "killed", "reason": reason }))
+                }
+                _ => {}
+            })
+            .await?;
+        let reason = match &outcome {
+            RolloutOutcome::Killed { reason, .. } => Some(reason.clone()),
+            RolloutOutcome::Cancelled { stage } => Some(format!("cancelled at stage {stage}")),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            let safe = ctx
+                .store
+                .load()
+                .ok()
+                .and_then(|s| s.get(&r.flag).and_then(|f| f.safe_variant().map(str::to_owned)));
+            ctx.notify(FlagNotice {
+                app: ctx.app.clone(),
+                flag: r.flag.clone(),
+                action: "rollout-killed".into(),
+                who: r.who.clone(),
+                reason: Some(reason),
+                variant: safe,
+            })
+            .await;
+        }
+        Ok::<_, anyhow::Error>(outcome)
+    })?;
+    Ok(match outcome {
+        RolloutOutcome::Completed => {
+            if !json_out {
+                outln!("rollout of `{}` complete: 100 % of the last stage", a.variant);
+            }
+            exit::SUCCESS
+        }
+        _ => exit::FAILED_ROLLED_BACK,
+    })
 }
 
 /// Exit code of a flag error: the file or the request is at fault (2), or

@@ -493,3 +493,59 @@ fn the_demo_app_sees_a_dark_launch_through_ofrep_for_the_targeted_segment_only()
     assert_has(&err, &["a flag definition is a JSON object"]);
     assert_eq!(flow("u1", "internal"), "new");
 }
+
+/// The Prometheus stand-in: `on` breaches its error rate, `off` is fine.
+fn breaching(request: &str) -> f64 {
+    match (request.contains("errs"), request.contains("%22on%22")) {
+        (true, true) => 0.05,
+        (true, false) => 0.001,
+        (false, _) => 0.05,
+    }
+}
+
+#[test]
+fn a_rollout_breaching_on_prometheus_kills_the_flag_journals_and_notifies() {
+    let prom = crate::util::prometheus(breaching);
+    let (hook, bodies) = server(Behaviour::Ok);
+    let env = env(&format!(
+        "[metrics]\nprometheus = \"{prom}\"\n\n[flags]\nerror_rate = 'sum(rate(errs{{variant=\"{{variant}}\"}}[{{window}}]))'\nlatency_p99 = 'p99{{variant=\"{{variant}}\"}}'\n\n[notifications]\n[[notifications.webhooks]]\nurl = \"{hook}\"\non = [\"flag\"]\n"
+    ));
+    env.ok(&["flags", "set", "new-checkout", "--no-targeting"], 0);
+    let (code, out, err) = env.run(&[
+        "flags",
+        "rollout",
+        "new-checkout",
+        "--variant",
+        "on",
+        "--stages",
+        "10,50,100",
+        "--stage-duration",
+        "1s",
+        "--interval",
+        "200ms",
+    ]);
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    assert_has(
+        &out,
+        &[
+            "stage 1: `on` at 10 %",
+            "killed: flag rollout of `on` at 10 %",
+            "canary error rate",
+        ],
+    );
+    let flags: Value =
+        serde_json::from_slice(&std::fs::read(env.path().join("flags.json")).expect("read")).expect("json");
+    assert_eq!(flags["flags"]["new-checkout"]["defaultVariant"], "off");
+    assert!(flags["flags"]["new-checkout"].get("targeting").is_none());
+    let out = env.ok(&["--json", "history"], 0);
+    let actions: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+        .filter(|l| l["kind"] == "flag")
+        .map(|l| l["action"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(actions, ["targeting", "split", "kill"]);
+    let bodies = bodies.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    assert_eq!(json(&bodies[0])["action"], "rollout-killed");
+}
