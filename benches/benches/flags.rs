@@ -206,10 +206,10 @@ fn main() {
         }
         println!("OFREP single evaluation, {clients:>2} keep-alive clients: median {:.0} requests/s (3 runs of 2 s)", median(rates));
     }
-    println!("\n## kill switch time to effect over OFREP (poll interval 250 ms), 11 runs");
+    println!("\n## kill switch time to effect over OFREP (poll interval 250 ms), 20 runs at phases spread over the interval");
     let mut effects = Vec::new();
     let ctx = r#"{"context":{"targetingKey":"user-1"}}"#;
-    for _ in 0..11 {
+    for i in 0..20u64 {
         // Back to a 100 % `on` split and wait until the server serves it.
         std::fs::write(
             store.file(),
@@ -219,7 +219,8 @@ fn main() {
         while !post_once(&addr, "/ofrep/v1/evaluate/flags/split", ctx).contains("\"value\":true") {
             std::thread::sleep(Duration::from_millis(5));
         }
-        std::thread::sleep(Duration::from_millis(137));
+        // The kill lands at a different point of the server's poll cycle each run.
+        std::thread::sleep(Duration::from_millis(i * 13 % 250));
         let t = Instant::now();
         let change = FlagChange {
             flag: "split".into(),

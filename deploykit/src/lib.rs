@@ -89,6 +89,16 @@
 //!   one that finishes within its failure budget is reported as
 //!   [`OutcomeKind::Degraded`], never as a plain success.
 //!
+//! ## Feature flags
+//!
+//! [`flags`] manages feature flags in flagd's flag-definition format (so
+//! every OpenFeature SDK reads the same file): parse with every problem at
+//! its JSON path, evaluate (JSONLogic with flagd's `fractional`, `sem_ver`,
+//! `starts_with`, `ends_with`), change through [`flags::FlagStore`]
+//! (validated, atomic, journaled), and roll a variant out stage by stage
+//! under the canary analysis with [`flags::FlagRollout`], which switches
+//! the flag to its safe variant on a breach.
+//!
 //! ## Real instances
 //!
 //! [`instance`] holds the [`Instance`] drivers that touch machines:
