@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use deploykit::bluegreen_state::{peek, reconcile, FileLiveStore, LiveStore, Reconciled};
+use deploykit::flags::FlagStore;
 use deploykit::recovery::{self, Recorded};
 use deploykit::state::{
     ControlCommand, DeployLock, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalSummary,
@@ -1045,14 +1046,19 @@ pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
     } else {
         exit::UNKNOWN_STATE
     };
+    let flag_changes = FlagStore::new(PathBuf::new(), crate::flags::flag_journal(&ctx.state)).history()?;
     if ctx.g.json {
         for e in &entries {
             outln!("{}", serde_json::to_string(e)?);
+        }
+        for c in &flag_changes {
+            outln!("{}", crate::flags::history_json(c));
         }
         return Ok(code);
     }
     if entries.is_empty() {
         outln!("no deployments recorded yet");
+        crate::flags::print_history(&flag_changes);
         return Ok(code);
     }
     outln!(
@@ -1077,6 +1083,7 @@ pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
             e.reason.as_deref().unwrap_or_default()
         );
     }
+    crate::flags::print_history(&flag_changes);
     Ok(code)
 }
 

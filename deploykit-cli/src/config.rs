@@ -70,6 +70,8 @@ pub(crate) struct Config {
     #[serde(default)]
     pub(crate) notifications: NotificationsConfig,
     #[serde(default)]
+    pub(crate) flags: FlagsConfig,
+    #[serde(default)]
     pub(crate) timeouts: TimeoutsConfig,
     #[serde(default)]
     pub(crate) retry: RetryConfig,
@@ -350,6 +352,20 @@ impl Config {
     }
 }
 
+/// `[flags]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct FlagsConfig {
+    /// The flagd flag file, relative to the configuration's directory.
+    pub(crate) file: Option<String>,
+    /// Flag rollouts: PromQL templates with `{variant}` (and `{window}`);
+    /// unset ones fall back to `[metrics]`'s, their `{group}` then being
+    /// the variant.
+    pub(crate) error_rate: Option<String>,
+    pub(crate) latency_p99: Option<String>,
+    pub(crate) request_count: Option<String>,
+}
+
 /// `[notifications]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -382,6 +398,8 @@ pub(crate) enum NotifyOn {
     Success,
     Rollback,
     Failure,
+    /// A feature flag changed by a kill switch or a flag rollout.
+    Flag,
 }
 
 /// One `[[notifications.webhooks]]` entry.
@@ -408,6 +426,7 @@ fn all_events() -> Vec<NotifyOn> {
         NotifyOn::Success,
         NotifyOn::Rollback,
         NotifyOn::Failure,
+        NotifyOn::Flag,
     ]
 }
 

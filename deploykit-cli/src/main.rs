@@ -26,7 +26,9 @@ mod config;
 mod demo;
 mod gitops;
 mod gitops_webhook;
+mod flags;
 mod notify;
+mod ofrep;
 mod output;
 mod recommend;
 mod sim;
@@ -104,6 +106,9 @@ enum Command {
     /// Deploy on push: follow a git repository and deploy each new commit
     /// of a branch that a [[gitops.branches]] rule matches (docs/gitops.md).
     Watch(gitops::WatchArgs),
+    /// Feature flags in a flagd flag file: list, get, set, validate,
+    /// evaluate, kill, serve (OFREP). See docs/flags.md.
+    Flags(flags::FlagsArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -167,6 +172,9 @@ fn error_code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<config::ConfigError>().is_some() {
         return exit::BAD_INPUT;
     }
+    if let Some(e) = err.downcast_ref::<deploykit::flags::FlagError>() {
+        return flags::error_code(e);
+    }
     match err.downcast_ref::<deploykit::Error>() {
         Some(e) if e.is_invalid_input() => exit::BAD_INPUT,
         _ => exit::UNKNOWN_STATE,
@@ -180,6 +188,7 @@ fn try_main(cli: Cli) -> anyhow::Result<u8> {
         Command::Demo(args) => demo::run(args, g.json),
         Command::Recommend(args) => recommend::run(args),
         Command::Validate => cmd::validate(g),
+        Command::Flags(args) => flags::run(g, args),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "deploykit", &mut script);

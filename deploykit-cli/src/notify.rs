@@ -29,6 +29,7 @@ impl NotifyOn {
             NotifyOn::Success => "success",
             NotifyOn::Rollback => "rollback",
             NotifyOn::Failure => "failure",
+            NotifyOn::Flag => "flag",
         }
     }
 }
@@ -65,7 +66,7 @@ pub(crate) fn slack_body(n: &Notice) -> serde_json::Value {
             ":leftwards_arrow_with_hook: {} of *{}* `{}` was rolled back",
             n.kind, n.app, n.release
         ),
-        NotifyOn::Failure => format!(
+        NotifyOn::Failure | NotifyOn::Flag => format!(
             ":rotating_light: {} of *{}* `{}` FAILED",
             n.kind, n.app, n.release
         ),
@@ -76,6 +77,48 @@ pub(crate) fn slack_body(n: &Notice) -> serde_json::Value {
     }
     if let Some(ms) = n.duration_ms {
         text.push_str(&format!("\nduration: {:.1}s", ms as f64 / 1000.0));
+    }
+    json!({ "text": text })
+}
+
+/// A flag change, for the body.
+#[derive(Debug, Clone)]
+pub(crate) struct FlagNotice {
+    pub(crate) app: String,
+    pub(crate) flag: String,
+    /// `kill`, `split`, `rollout-aborted` …
+    pub(crate) action: String,
+    pub(crate) who: String,
+    pub(crate) reason: Option<String>,
+    /// The variant everyone gets now, when there is one.
+    pub(crate) variant: Option<String>,
+}
+
+/// The generic JSON body of a flag change (schema in `docs/flags.md`).
+pub(crate) fn flag_json_body(n: &FlagNotice) -> serde_json::Value {
+    json!({
+        "version": 1,
+        "event": "flag",
+        "app": n.app,
+        "flag": n.flag,
+        "action": n.action,
+        "who": n.who,
+        "variant": n.variant,
+        "reason": n.reason,
+    })
+}
+
+/// A Slack-compatible body of a flag change.
+pub(crate) fn flag_slack_body(n: &FlagNotice) -> serde_json::Value {
+    let mut text = format!(
+        ":triangular_flag_on_post: flag `{}` of *{}*: {} by {}",
+        n.flag, n.app, n.action, n.who
+    );
+    if let Some(v) = &n.variant {
+        text.push_str(&format!("\nnow serving: `{v}`"));
+    }
+    if let Some(r) = &n.reason {
+        text.push_str(&format!("\nreason: {r}"));
     }
     json!({ "text": text })
 }
@@ -129,11 +172,22 @@ impl Notifier {
     /// bounded by the timeout. Never fails; returns how many calls failed
     /// (an error status, a redirect, a timeout or a connection failure).
     pub(crate) async fn send(&self, notice: &Notice) -> usize {
+        self.deliver(notice.event, json_body(notice), slack_body(notice))
+            .await
+    }
+
+    /// [`send`](Self::send) for a flag change (event `flag`).
+    pub(crate) async fn send_flag(&self, notice: &FlagNotice) -> usize {
+        self.deliver(NotifyOn::Flag, flag_json_body(notice), flag_slack_body(notice))
+            .await
+    }
+
+    async fn deliver(&self, event: NotifyOn, json: serde_json::Value, slack: serde_json::Value) -> usize {
         let Some(client) = &self.client else { return 0 };
-        let calls = self.hooks.iter().filter(|h| h.on.contains(&notice.event)).map(|h| {
+        let calls = self.hooks.iter().filter(|h| h.on.contains(&event)).map(|h| {
             let body = match h.format {
-                WebhookFormat::Json => json_body(notice),
-                WebhookFormat::Slack => slack_body(notice),
+                WebhookFormat::Json => json.clone(),
+                WebhookFormat::Slack => slack.clone(),
             };
             let req = client
                 .post(h.url.expose())

@@ -18,6 +18,7 @@
 //! | `GET /health` | `200 ok`, or `503 unhealthy` with `--unhealthy` |
 //! | `GET /api/status` | `200` JSON: version, track, requests served, requests in flight |
 //! | `GET /api/db/ping` | `200 ok` |
+//! | `GET /api/checkout?user=u1&segment=internal` | `200` JSON `{"flow": "new" or "old", "flag", "variant", "reason"}`: the flag `--checkout-flag` (`new-checkout`) evaluated from `--flags-file` or through `--ofrep-url`, with `user` as the targeting key and every other parameter as a context attribute; `old` when no flag source is set or the evaluation fails |
 //! | `GET /metrics` | Prometheus text: `http_requests_total{code,track,version}`, `http_request_duration_seconds{track,version}` and `http_requests_in_flight` |
 //!
 //! Every answer carries the headers `x-app-version` and `x-app-track`, so a
@@ -123,6 +124,17 @@ pub struct DemoConfig {
     /// Write the process id to this file once listening.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
+    /// `/api/checkout` evaluates its flag from this flagd flag file
+    /// (re-read when it changes).
+    #[arg(long, conflicts_with = "ofrep_url")]
+    pub flags_file: Option<PathBuf>,
+    /// `/api/checkout` evaluates its flag through this OFREP server
+    /// (`http://127.0.0.1:8016`).
+    #[arg(long)]
+    pub ofrep_url: Option<String>,
+    /// The flag `/api/checkout` evaluates: truthy means the new flow.
+    #[arg(long, default_value = "new-checkout")]
+    pub checkout_flag: String,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -156,6 +168,8 @@ struct AppState {
     registry: Registry,
     requests: Family<CodeLabels, Counter>,
     durations: Family<TrackLabels, Histogram>,
+    /// Where `/api/checkout` reads its flag.
+    flags: checkout::FlagSource,
     /// `GET /` requests seen, for the error-rate spacing.
     root_requests: AtomicU64,
     served: AtomicU64,
@@ -165,6 +179,8 @@ struct AppState {
 }
 
 type Shared = Arc<AppState>;
+
+mod checkout;
 
 impl AppState {
     fn new(config: DemoConfig) -> Result<Self, DemoError> {
@@ -193,7 +209,9 @@ impl AppState {
             "Time to answer HTTP requests",
             durations.clone(),
         );
+        let flags = checkout::FlagSource::new(&config);
         Ok(Self {
+            flags,
             config,
             version_header,
             track_header,
@@ -227,6 +245,7 @@ pub fn router(config: DemoConfig) -> Result<Router, DemoError> {
         .route("/api/status", get(status))
         .route("/api/db/ping", get(db_ping))
         .route("/metrics", get(metrics))
+        .route("/api/checkout", get(checkout::checkout))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state))
 }

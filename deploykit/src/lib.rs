@@ -98,6 +98,16 @@
 //! policy beyond it is refused before anything is touched
 //! (`docs/routing.md`).
 //!
+//! ## Feature flags
+//!
+//! [`flags`] manages feature flags in flagd's flag-definition format (so
+//! every OpenFeature SDK reads the same file): parse with every problem at
+//! its JSON path, evaluate (JSONLogic with flagd's `fractional`, `sem_ver`,
+//! `starts_with`, `ends_with`), change through [`flags::FlagStore`]
+//! (validated, atomic, journaled), and roll a variant out stage by stage
+//! under the canary analysis with [`flags::FlagRollout`], which switches
+//! the flag to its safe variant on a breach.
+//!
 //! ## Real instances
 //!
 //! [`instance`] holds the [`Instance`] drivers that touch machines:
@@ -123,6 +133,7 @@ pub mod duration_text;
 mod error;
 mod event;
 mod executor;
+pub mod flags;
 mod gate;
 pub mod instance;
 pub mod integration;

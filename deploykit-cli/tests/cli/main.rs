@@ -7,6 +7,7 @@ mod commands;
 mod config;
 mod crash;
 mod gitops;
+mod flags;
 mod haproxy;
 mod nginx;
 mod notify;

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::util::{simulated, Env};
 
 #[derive(Clone)]
-enum Behaviour {
+pub(crate) enum Behaviour {
     Ok,
     Error500,
     Hang,
@@ -19,7 +19,7 @@ enum Behaviour {
 }
 
 /// A one-thread HTTP server recording request bodies; returns its URL.
-fn server(behaviour: Behaviour) -> (String, Arc<Mutex<Vec<String>>>) {
+pub(crate) fn server(behaviour: Behaviour) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let bodies = Arc::new(Mutex::new(Vec::new()));

@@ -169,3 +169,63 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// `/api/checkout` of a real demo app process reading a flagd file: a flag
+/// change (made through deploykit's FlagStore) is seen over HTTP by the
+/// targeted segment only.
+#[tokio::test]
+async fn checkout_follows_a_flag_change_for_the_targeted_segment_only() {
+    use deploykit::flags::{FlagChange, FlagChangeKind, FlagStore};
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("flags.json");
+    std::fs::write(
+        &file,
+        r#"{ "flags": { "new-checkout": { "state": "ENABLED",
+            "variants": { "on": true, "off": false }, "defaultVariant": "off" } } }"#,
+    )
+    .unwrap();
+    let app = DemoApp::start(DemoOpts::new("v1").args(&["--flags-file", file.to_str().unwrap()])).await;
+    let http = Http::new();
+    let flow = |user: &'static str, segment: &'static str| {
+        let url = app.url(&format!("/api/checkout?user={user}&segment={segment}"));
+        let http = &http;
+        async move {
+            let r = http.get(&url).await.unwrap();
+            assert_eq!(r.status, 200, "{}", r.body);
+            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            v["flow"].as_str().unwrap().to_owned()
+        }
+    };
+    assert_eq!(flow("u1", "internal").await, "old");
+    assert_eq!(flow("u2", "public").await, "old");
+
+    let store = FlagStore::new(&file, dir.path().join("flags.jsonl"));
+    store
+        .apply(&FlagChange {
+            flag: "new-checkout".into(),
+            kind: FlagChangeKind::Targeting {
+                rule: Some(
+                    serde_json::json!({ "if": [{ "==": [{ "var": "segment" }, "internal"] }, "on", null] }),
+                ),
+            },
+            who: "test".into(),
+            why: Some("dark launch to staff".into()),
+        })
+        .unwrap();
+    // The app re-reads the file on the next request after it changed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while flow("u1", "internal").await != "new" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flag change was not seen within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (user, segment) in [("u1", "internal"), ("u9", "internal")] {
+        assert_eq!(flow(user, segment).await, "new", "{user} in {segment}");
+    }
+    for (user, segment) in [("u1", "public"), ("u2", "public"), ("u3", "partner")] {
+        assert_eq!(flow(user, segment).await, "old", "{user} in {segment}");
+    }
+}

@@ -9,6 +9,7 @@ mod crash;
 mod fixtures;
 mod gates;
 mod judges;
+mod flags;
 mod props;
 mod recreate;
 mod rolling;
