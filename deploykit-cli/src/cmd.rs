@@ -612,7 +612,7 @@ async fn run_deploy(
         // this run fails.
         let unsettled = match start {
             Start::Resume(rec) => rec.unsettled(),
-            Start::Fresh(_) => Default::default(),
+            Start::Fresh(..) => Default::default(),
         };
         let options = RunOptions::default().with_id(&id).with_unsettled(unsettled);
         let mut report = unless_refused(&journal, exec.run(&plan, options).await)?;

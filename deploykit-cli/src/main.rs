@@ -24,9 +24,9 @@ mod cmd;
 mod config;
 #[cfg(feature = "demo")]
 mod demo;
+mod flags;
 mod gitops;
 mod gitops_webhook;
-mod flags;
 mod notify;
 mod ofrep;
 mod output;

@@ -6,8 +6,8 @@
 mod commands;
 mod config;
 mod crash;
-mod gitops;
 mod flags;
+mod gitops;
 mod haproxy;
 mod nginx;
 mod notify;
