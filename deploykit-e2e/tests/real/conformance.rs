@@ -13,8 +13,11 @@ use std::time::Duration;
 
 use deploykit::lb::SymlinkSwitch;
 use deploykit::metrics::prometheus::Prometheus;
+use deploykit::routing::{Capabilities, Capability};
 use deploykit::{Backend, Group, LoadBalancer, Metric, ReleaseId};
-use deploykit_testkit::conformance::{self, Clause, Conformance, LoadBalancerSuite, MetricsSuite};
+use deploykit_testkit::conformance::{
+    self, Clause, Conformance, LoadBalancerSuite, MetricsSuite, ProbeFuture, ProbeRequest, TrafficProbe,
+};
 
 use crate::harness::{backend, free_port, make_release, temp_dir, DemoApp, DemoOpts, Http, KillOnDrop};
 
@@ -35,8 +38,62 @@ fn assert_all_checked(done: &Conformance, driver: &str) {
         Clause::LbWeightsCancelSafe,
         Clause::LbDrainCancelSafe,
         Clause::LbUnknownBackendRefused,
+        Clause::LbPolicyIdempotent,
+        Clause::LbPolicyReadBack,
+        Clause::LbPolicyUnsupportedRefused,
+        Clause::LbPolicyInvalidRefused,
+        Clause::LbPolicyReplaced,
+        Clause::LbPolicyCancelSafe,
     ] {
         assert!(done.passed.contains(&c), "{driver}: {c} not checked:\n{done}");
+    }
+}
+
+/// A probe sending each request to `base` (`http://127.0.0.1:PORT`) and
+/// naming the group from the demo app's `x-app-track` answer header.
+fn track_probe(base: String) -> TrafficProbe {
+    let http = Http::with_keep_alive(false);
+    Arc::new(move |req: ProbeRequest| {
+        let (http, url) = (http.clone(), format!("{base}{}", req.path));
+        Box::pin(async move {
+            let headers: Vec<(&str, &str)> = req
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let a = http.send("GET", &url, &headers).await?;
+            if a.status != 200 {
+                return Err(format!("status {}", a.status));
+            }
+            let track = a
+                .headers
+                .get("x-app-track")
+                .ok_or("no x-app-track header in the answer")?;
+            Group::new(track.as_str()).map_err(|e| e.to_string())
+        }) as ProbeFuture
+    })
+}
+
+/// nginx with the location include declares every capability: each policy
+/// is applied, read back, sent requests by header, cookie and query,
+/// replaced and cancelled; nothing is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_with_a_location_include_conforms_on_every_routing_policy() {
+    let bin = crate::require_binary!("nginx");
+    let setup = crate::routing::RoutingSetup::start(&bin).await;
+    assert_eq!(setup.lb.capabilities(), Capabilities::of(Capability::ALL));
+    let done = LoadBalancerSuite::default()
+        .traffic_probe(track_probe(setup.nginx.url("")))
+        .run(&setup.lb, &setup.backends)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nnginx stderr:\n{}", setup.nginx.stderr()));
+    assert_all_checked(&done, "nginx with routing");
+    // The suite leaves every request on the first group, rules gone.
+    let probe = track_probe(setup.nginx.url(""));
+    for p in conformance::policies(&[Group::new("stable").unwrap(), Group::new("canary").unwrap()]) {
+        for (req, _) in p.routes {
+            assert_eq!(probe(req.clone()).await.unwrap().as_str(), "stable", "{req}");
+        }
     }
 }
 
