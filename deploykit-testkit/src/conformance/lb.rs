@@ -699,6 +699,52 @@ impl<L: LoadBalancer + ?Sized> Run<'_, L> {
         Ok(())
     }
 
+    /// Sends each of the case's sticky requests three times through the
+    /// probe: one group per request, every group of the split reached.
+    async fn expect_sticky(&self, after: &str, case: &PolicyCase) -> Result<(), ConformanceFailure> {
+        let c = Clause::LbPolicyReadBack;
+        let Some(Probe(probe)) = &self.suite.probe else {
+            return Ok(());
+        };
+        let mut reached = std::collections::BTreeSet::new();
+        for req in &case.sticky {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..3 {
+                let g = probe(req.clone())
+                    .await
+                    .map_err(|e| ConformanceFailure::new(c, format!("after {after}, {req} failed: {e}")))?;
+                seen.insert(g);
+            }
+            if seen.len() > 1 {
+                let names: Vec<&str> = seen.iter().map(Group::as_str).collect();
+                return Err(ConformanceFailure::new(
+                    c,
+                    format!(
+                        "after {after}, {req} sent three times reached {}: a sticky split keeps one",
+                        names.join(" and ")
+                    ),
+                ));
+            }
+            reached.extend(seen);
+        }
+        if !case.sticky.is_empty() {
+            for w in case.policy.split.weights.iter().filter(|w| w.percent > 0) {
+                if !reached.contains(&w.group) {
+                    return Err(ConformanceFailure::new(
+                        c,
+                        format!(
+                            "after {after}, none of {} users reached {} ({} %)",
+                            case.sticky.len(),
+                            w.group,
+                            w.percent
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The groups `routes`' requests reach, through the probe (empty
     /// without one).
     async fn observed(
@@ -733,6 +779,7 @@ impl<L: LoadBalancer + ?Sized> Run<'_, L> {
             .await?;
         self.expect_routes(Clause::LbPolicyReadBack, &call, &case.routes)
             .await?;
+        self.expect_sticky(&call, case).await?;
         let again = format!("a second {call}");
         must(
             Clause::LbPolicyIdempotent,

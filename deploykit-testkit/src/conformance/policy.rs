@@ -73,6 +73,9 @@ pub struct PolicyCase {
     pub policy: TrafficPolicy,
     /// Requests and the group each must reach while the policy is live.
     pub routes: Vec<(ProbeRequest, Group)>,
+    /// Requests of a sticky split: each must reach one group every time it
+    /// is sent, and together they must reach every group of the split.
+    pub sticky: Vec<ProbeRequest>,
 }
 
 impl PolicyCase {
@@ -163,6 +166,7 @@ pub fn policies(groups: &[Group]) -> Vec<PolicyCase> {
                 (ProbeRequest::header("x-conformance", "Canary"), g0.clone()),
                 plain_to_g0.clone(),
             ],
+            sticky: Vec::new(),
         },
         PolicyCase {
             capability: Capability::CookieMatch,
@@ -175,6 +179,7 @@ pub fn policies(groups: &[Group]) -> Vec<PolicyCase> {
                 (ProbeRequest::header("cookie", "conformance=stable"), g0.clone()),
                 plain_to_g0.clone(),
             ],
+            sticky: Vec::new(),
         },
         PolicyCase {
             capability: Capability::QueryMatch,
@@ -187,6 +192,7 @@ pub fn policies(groups: &[Group]) -> Vec<PolicyCase> {
                 (ProbeRequest::path("/?conformance=other"), g0.clone()),
                 plain_to_g0.clone(),
             ],
+            sticky: Vec::new(),
         },
         PolicyCase {
             capability: Capability::RegexMatch,
@@ -205,18 +211,25 @@ pub fn policies(groups: &[Group]) -> Vec<PolicyCase> {
                 ),
                 plain_to_g0.clone(),
             ],
+            sticky: Vec::new(),
         },
         PolicyCase {
             capability: Capability::StickyCookie,
             policy: sticky(Sticky::Cookie {
                 name: "conformance_sticky".into(),
             }),
+            // The cookie is set by the balancer's first answer; a probe
+            // keeps no cookies, so stickiness is not probed here.
             routes: Vec::new(),
+            sticky: Vec::new(),
         },
         PolicyCase {
             capability: Capability::StickyKey,
             policy: sticky(Sticky::Key(RequestKey::Header("x-conformance-user".into()))),
             routes: Vec::new(),
+            sticky: (1..=20)
+                .map(|u| ProbeRequest::header("x-conformance-user", &format!("user-{u}")))
+                .collect(),
         },
         PolicyCase {
             capability: Capability::Mirror,
@@ -233,6 +246,7 @@ pub fn policies(groups: &[Group]) -> Vec<PolicyCase> {
             },
             // Clients are answered by the split only; the copy is thrown away.
             routes: vec![plain_to_g0],
+            sticky: Vec::new(),
         },
     ]
 }
@@ -245,11 +259,13 @@ pub(crate) fn plain(g0: &Group, g1: &Group, splits: bool) -> Vec<PolicyCase> {
             capability: Capability::Switch,
             policy: TrafficPolicy::switch(g1),
             routes: vec![(ProbeRequest::plain(), g1.clone())],
+            sticky: Vec::new(),
         },
         PolicyCase {
             capability: Capability::Weights,
             policy: TrafficPolicy::weights(&only(g0, g1)),
             routes: vec![(ProbeRequest::plain(), g0.clone())],
+            sticky: Vec::new(),
         },
     ];
     if splits {
@@ -266,6 +282,7 @@ pub(crate) fn plain(g0: &Group, g1: &Group, splits: bool) -> Vec<PolicyCase> {
                 },
             ]),
             routes: Vec::new(),
+            sticky: Vec::new(),
         });
     }
     cases
