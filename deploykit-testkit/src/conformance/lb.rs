@@ -661,8 +661,7 @@ impl<L: LoadBalancer + ?Sized> Run<'_, L> {
     }
 }
 
-/// What a policy case should look like from outside: `live_group` and,
-/// when probed, where each request goes.
+/// The call applying `case`, as failure messages name it.
 fn describe_policy(case: &PolicyCase) -> String {
     format!("apply_policy({} policy)", case.capability)
 }
