@@ -507,7 +507,7 @@ fn shard(shard: u64, shards: u64, count: u64) {
     );
 }
 
-// Four shards so the test threads share the 10,000 schedules; the seed's
+// Four shards so the test threads share the 10,000 schedules; each seed's
 // low bits pick the strategy, so each shard runs every strategy.
 const SHARDS: u64 = 4;
 const PER_SHARD: u64 = 2_500;
