@@ -165,7 +165,7 @@ struct Run {
     /// Versions (or errors) answering 100 requests through the balancer
     /// afterwards.
     after: std::collections::BTreeMap<String, usize>,
-    /// Failed requests of the load sent during the deployment.
+    /// Failed requests of the load (see `samples`).
     failed: usize,
     /// HAProxy only: every server's weight afterwards.
     weights: Vec<(String, u32)>,
@@ -173,7 +173,10 @@ struct Run {
     /// read back from the runtime API every 100 ms during the deployment,
     /// each change once.
     shares: Vec<u32>,
-    /// Every request of the load sent during the deployment.
+    /// When the deployment returned, since the load started.
+    deploy_done: Duration,
+    /// Every request of the load sent during the deployment and for a second
+    /// after it returned.
     samples: Vec<crate::load::Sample>,
     took: Duration,
 }
@@ -294,6 +297,7 @@ async fn canary_run(kind: Lb, canary_args: &[&str]) -> Option<Run> {
     // rate() answers, so allow a few more inconclusive checks in a row.
     canary.analysis.inconclusive_limit = 6;
 
+    let load_started = Instant::now();
     let load = LoadGen::start_retrying(&url, 200, Duration::from_secs(50));
     // Read HAProxy's own weights back while the stages run, rather than
     // trusting the stage events.
@@ -335,6 +339,10 @@ async fn canary_run(kind: Lb, canary_args: &[&str]) -> Option<Run> {
         .deploy(&canary, &ReleaseId::new("v2").unwrap())
         .await
         .expect("the deployment ran");
+    let deploy_done = load_started.elapsed();
+    // Keep the load a moment longer, so what clients get once the run has
+    // returned is measured, not assumed.
+    sleep(Duration::from_secs(1)).await;
     let stats = load.stop().await;
     sampling.store(false, std::sync::atomic::Ordering::SeqCst);
     let shares = match sampler {
@@ -366,6 +374,7 @@ async fn canary_run(kind: Lb, canary_args: &[&str]) -> Option<Run> {
         weights,
         shares,
         samples: stats,
+        deploy_done,
         took: started.elapsed(),
     })
 }
@@ -428,10 +437,19 @@ async fn a_canary_erring_five_percent_is_rolled_back_by_real_promql() {
         "{} of {total} requests failed: more than the canary's 5 %",
         run.failed
     );
-    let tail: Vec<&Result<String, String>> = run.samples.iter().rev().take(20).map(|s| &s.outcome).collect();
+    let tail: Vec<&Result<String, String>> = run
+        .samples
+        .iter()
+        .filter(|s| s.at > run.deploy_done)
+        .map(|s| &s.outcome)
+        .collect();
+    assert!(
+        !tail.is_empty(),
+        "no request was sent after the rollback returned"
+    );
     assert!(
         tail.iter().all(|o| o.as_deref() == Ok("v1")),
-        "the last answers after the rollback: {tail:?}"
+        "answers sent after the rollback returned: {tail:?}"
     );
     eprintln!(
         "bad canary: rolled back in {:.1}s; clients saw v2 {from_v2} times, {} failures in {total}",
