@@ -434,8 +434,22 @@ async fn haproxy_applies_split_policies_under_load_without_a_failed_request_and_
     s.lb.apply_policy(&split(50, 50))
         .await
         .expect("50/50 as a policy");
+    // HAProxy's own weights say the split is exact; what one client counts
+    // beside the load's own requests in round robin only shows both answer.
+    let weights: Vec<u32> =
+        s.lb.api()
+            .servers_state("app")
+            .await
+            .unwrap()
+            .iter()
+            .map(|x| x.weight)
+            .collect();
+    assert!(
+        weights.len() == 2 && weights[0] == weights[1] && weights[0] > 0,
+        "{weights:?}"
+    );
     let c = s.count(200).await;
-    assert!((crate::harness::share(&c, "v2") - 0.5).abs() <= 0.15, "{c:?}");
+    assert!((crate::harness::share(&c, "v2") - 0.5).abs() <= 0.3, "{c:?}");
     s.lb.apply_policy(&TrafficPolicy::switch(&g("canary")))
         .await
         .expect("switch as a policy");
