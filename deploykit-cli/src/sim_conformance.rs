@@ -26,6 +26,15 @@ async fn the_simulated_load_balancer_conforms() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(done.passed.contains(&Clause::LbWeightsReadBack), "{done}");
+    // Routing beyond weights is refused by type, changing nothing.
+    for c in [
+        Clause::LbPolicyReadBack,
+        Clause::LbPolicyUnsupportedRefused,
+        Clause::LbPolicyInvalidRefused,
+        Clause::LbPolicyCancelSafe,
+    ] {
+        assert!(done.passed.contains(&c), "{c} not checked:\n{done}");
+    }
     assert_eq!(lb.live_group().await.unwrap(), Some(Group::new("blue").unwrap()));
 }
 

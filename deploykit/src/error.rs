@@ -98,6 +98,8 @@ pub struct DriverError {
     message: String,
     transient: bool,
     preflight: Option<PreflightFailure>,
+    // Boxed: it is rare, and every `Result` carrying a DriverError stays small.
+    routing: Option<Box<crate::routing::RoutingError>>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -133,6 +135,7 @@ impl DriverError {
             message: message.into(),
             transient: false,
             preflight: None,
+            routing: None,
             source: None,
         }
     }
@@ -157,6 +160,11 @@ impl DriverError {
         self
     }
 
+    pub(crate) fn with_routing_error(mut self, e: crate::routing::RoutingError) -> Self {
+        self.routing = Some(Box::new(e));
+        self
+    }
+
     /// Whether retrying may help.
     pub fn is_transient(&self) -> bool {
         self.transient
@@ -165,6 +173,13 @@ impl DriverError {
     /// What a failed preflight check found, when the driver said.
     pub fn preflight_failure(&self) -> Option<PreflightFailure> {
         self.preflight
+    }
+
+    /// Why a routing policy was refused, when that is the failure: a
+    /// caller can tell an unsupported or invalid policy (nothing touched)
+    /// from a balancer that failed while applying one.
+    pub fn routing_error(&self) -> Option<&crate::routing::RoutingError> {
+        self.routing.as_deref()
     }
 
     /// The message, without the source chain.
@@ -205,6 +220,7 @@ impl From<std::io::Error> for DriverError {
             message: "I/O error".into(),
             transient,
             preflight: None,
+            routing: None,
             source: Some(Box::new(e)),
         }
     }

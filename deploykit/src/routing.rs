@@ -109,8 +109,10 @@ impl RoutingError {
 }
 
 impl From<RoutingError> for crate::DriverError {
+    /// A permanent error whose message is the refusal, keeping the typed
+    /// refusal for [`DriverError::routing_error`](crate::DriverError::routing_error).
     fn from(e: RoutingError) -> Self {
-        crate::DriverError::new(e.to_string())
+        crate::DriverError::new(e.to_string()).with_routing_error(e)
     }
 }
 

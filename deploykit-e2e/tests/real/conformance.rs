@@ -13,8 +13,11 @@ use std::time::Duration;
 
 use deploykit::lb::SymlinkSwitch;
 use deploykit::metrics::prometheus::Prometheus;
+use deploykit::routing::{Capabilities, Capability};
 use deploykit::{Backend, Group, LoadBalancer, Metric, ReleaseId};
-use deploykit_testkit::conformance::{self, Clause, Conformance, LoadBalancerSuite, MetricsSuite};
+use deploykit_testkit::conformance::{
+    self, Clause, Conformance, LoadBalancerSuite, MetricsSuite, ProbeFuture, ProbeRequest, TrafficProbe,
+};
 
 use crate::harness::{backend, free_port, make_release, temp_dir, DemoApp, DemoOpts, Http, KillOnDrop};
 
@@ -35,8 +38,62 @@ fn assert_all_checked(done: &Conformance, driver: &str) {
         Clause::LbWeightsCancelSafe,
         Clause::LbDrainCancelSafe,
         Clause::LbUnknownBackendRefused,
+        Clause::LbPolicyIdempotent,
+        Clause::LbPolicyReadBack,
+        Clause::LbPolicyUnsupportedRefused,
+        Clause::LbPolicyInvalidRefused,
+        Clause::LbPolicyReplaced,
+        Clause::LbPolicyCancelSafe,
     ] {
         assert!(done.passed.contains(&c), "{driver}: {c} not checked:\n{done}");
+    }
+}
+
+/// A probe sending each request to `base` (`http://127.0.0.1:PORT`) and
+/// naming the group from the demo app's `x-app-track` answer header.
+fn track_probe(base: String) -> TrafficProbe {
+    let http = Http::with_keep_alive(false);
+    Arc::new(move |req: ProbeRequest| {
+        let (http, url) = (http.clone(), format!("{base}{}", req.path));
+        Box::pin(async move {
+            let headers: Vec<(&str, &str)> = req
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let a = http.send("GET", &url, &headers).await?;
+            if a.status != 200 {
+                return Err(format!("status {}", a.status));
+            }
+            let track = a
+                .headers
+                .get("x-app-track")
+                .ok_or("no x-app-track header in the answer")?;
+            Group::new(track.as_str()).map_err(|e| e.to_string())
+        }) as ProbeFuture
+    })
+}
+
+/// nginx with the location include declares every capability: each policy
+/// is applied, read back, sent requests by header, cookie and query,
+/// replaced and cancelled; nothing is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_with_a_location_include_conforms_on_every_routing_policy() {
+    let bin = crate::require_binary!("nginx");
+    let setup = crate::routing::RoutingSetup::start(&bin).await;
+    assert_eq!(setup.lb.capabilities(), Capabilities::of(Capability::ALL));
+    let done = LoadBalancerSuite::default()
+        .traffic_probe(track_probe(setup.nginx.url("")))
+        .run(&setup.lb, &setup.backends)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nnginx stderr:\n{}", setup.nginx.stderr()));
+    assert_all_checked(&done, "nginx with routing");
+    // The suite leaves every request on the first group, rules gone.
+    let probe = track_probe(setup.nginx.url(""));
+    for p in conformance::policies(&[Group::new("stable").unwrap(), Group::new("canary").unwrap()]) {
+        for (req, _) in p.routes {
+            assert_eq!(probe(req.clone()).await.unwrap().as_str(), "stable", "{req}");
+        }
     }
 }
 
@@ -310,4 +367,96 @@ async fn haproxy_that_is_down_is_reported_as_unreachable() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(done.passed, vec![Clause::LbUnreachableRefused]);
+}
+
+/// HAProxy with a map dir declares header, cookie, query and regex rules:
+/// each is applied through its runtime map, read back, sent requests,
+/// replaced and cancelled; sticky splits and mirroring, which it does not
+/// declare, are refused naming HAProxy and leave the live group and the
+/// routes as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_with_a_map_dir_conforms_on_its_routing_policies() {
+    let bin = crate::require_binary!("haproxy");
+    let stable = DemoApp::start(DemoOpts::new("v1").track("stable")).await;
+    let canary = DemoApp::start(DemoOpts::new("v2").track("canary")).await;
+    let backends = vec![
+        backend("i-1", stable.addr, "stable"),
+        backend("i-2", canary.addr, "canary"),
+    ];
+    let dir = temp_dir("dk-conformance-haproxy-routing-");
+    let maps = dir.path().join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    // One use_backend line per rule the suite applies, each map loaded
+    // (empty) at start, as docs/load-balancers.md has the user write them.
+    let groups = [Group::new("stable").unwrap(), Group::new("canary").unwrap()];
+    let mut lines = String::new();
+    for case in conformance::policies(&groups) {
+        for rule in &case.policy.rules {
+            let line = deploykit::lb::haproxy::config_line(&maps, "app", &rule.matches);
+            let file = line
+                .split_once("map_")
+                .and_then(|(_, t)| t.split_once('('))
+                .and_then(|(_, t)| t.split_once(')'))
+                .map(|(f, _)| f.to_owned())
+                .expect("a map file in the use_backend line");
+            std::fs::write(file, "").unwrap();
+            lines.push_str(&format!("    {line}\n"));
+        }
+    }
+    let port = free_port();
+    let cfg = format!(
+        r#"global
+    stats socket {sock} mode 600 level admin
+    stats timeout 30s
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout queue 10s
+frontend fe
+    bind 127.0.0.1:{port}
+{lines}    default_backend app
+backend app
+    balance roundrobin
+    retries 0
+    server i-1 {s} weight 1 check inter 1s
+    server i-2 {c} weight 1 check inter 1s
+backend app__stable
+    server i-1 {s} track app/i-1
+backend app__canary
+    server i-2 {c} track app/i-2
+"#,
+        sock = crate::harness::Haproxy::socket(dir.path()).display(),
+        s = stable.addr,
+        c = canary.addr,
+    );
+    let haproxy = crate::harness::Haproxy::start(&bin, dir.path(), port, &cfg).await;
+    let lb = deploykit::lb::HaproxyLoadBalancer::builder()
+        .socket(crate::harness::Haproxy::socket(dir.path()))
+        .backend_name("app")
+        .backends(backends.iter().cloned())
+        .map_dir(&maps)
+        .build()
+        .unwrap();
+    for c in [
+        Capability::HeaderMatch,
+        Capability::QueryMatch,
+        Capability::RegexMatch,
+    ] {
+        assert!(lb.capabilities().supports(c), "{c}");
+    }
+    let done = LoadBalancerSuite::default()
+        .traffic_probe(track_probe(haproxy.url("")))
+        .run(&lb, &backends)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nhaproxy stderr:\n{}", haproxy.stderr()));
+    assert_all_checked(&done, "haproxy with routing");
+    // The suite leaves every request on the first group: no rule routes.
+    let probe = track_probe(haproxy.url(""));
+    for p in conformance::policies(&groups) {
+        for (req, _) in p.routes {
+            assert_eq!(probe(req.clone()).await.unwrap().as_str(), "stable", "{req}");
+        }
+    }
 }

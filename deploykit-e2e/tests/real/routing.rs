@@ -61,16 +61,17 @@ http {{
 
 /// nginx in front of one demo app per group: `stable` (v1), `canary` (v2),
 /// `shadow` (v3), with routing on.
-struct RoutingSetup {
+pub(crate) struct RoutingSetup {
     apps: Vec<DemoApp>,
-    lb: NginxLoadBalancer,
-    nginx: Nginx,
+    pub(crate) backends: Vec<Backend>,
+    pub(crate) lb: NginxLoadBalancer,
+    pub(crate) nginx: Nginx,
     http: Http,
     _dir: tempfile::TempDir,
 }
 
 impl RoutingSetup {
-    async fn start(binary: &Path) -> RoutingSetup {
+    pub(crate) async fn start(binary: &Path) -> RoutingSetup {
         let mut apps = Vec::new();
         let mut backends: Vec<Backend> = Vec::new();
         for (i, (version, group)) in [("v1", "stable"), ("v2", "canary"), ("v3", "shadow")]
@@ -99,6 +100,7 @@ impl RoutingSetup {
             .expect("all traffic on stable");
         RoutingSetup {
             apps,
+            backends,
             lb,
             nginx,
             http: Http::new(),

@@ -6,6 +6,9 @@ use deploykit::{
     Address, Backend, DriverError, Group, GroupWeight, InstanceId, LoadBalancer, PreflightFailure,
 };
 
+use deploykit::routing::{RoutingError, TrafficPolicy};
+
+use super::policy::{self, PolicyCase, Probe, ProbeRequest, TrafficProbe};
 use super::{cancel_after, eventually, must, Clause, Conformance, ConformanceFailure};
 
 /// The load-balancer suite, with what the driver under test can and cannot
@@ -41,6 +44,7 @@ pub struct LoadBalancerSuite {
     deadline: Duration,
     interval: Duration,
     cancel_points: Vec<Duration>,
+    probe: Option<Probe>,
 }
 
 impl Default for LoadBalancerSuite {
@@ -59,6 +63,7 @@ impl Default for LoadBalancerSuite {
                 Duration::from_millis(1),
                 Duration::from_millis(10),
             ],
+            probe: None,
         }
     }
 }
@@ -137,6 +142,15 @@ impl LoadBalancerSuite {
         self
     }
 
+    /// Checks routing with real requests too: after every policy change,
+    /// `probe` sends the requests of each [`PolicyCase`] through the
+    /// balancer and must see the group the policy routes them to (and,
+    /// after a refused policy, the group that was live before).
+    pub fn traffic_probe(mut self, probe: TrafficProbe) -> Self {
+        self.probe = Some(Probe(probe));
+        self
+    }
+
     /// Runs the suite against `lb`, built with `backends`. Every backend is
     /// enabled and the first backend's group is live when it returns `Ok`.
     ///
@@ -191,6 +205,7 @@ impl LoadBalancerSuite {
 
         run.switches(&mut done).await?;
         run.weights(&mut done).await?;
+        run.policies(&mut done).await?;
         run.per_backend(&backends[0], &mut done).await?;
 
         for b in backends {
@@ -642,6 +657,351 @@ impl<L: LoadBalancer + ?Sized> Run<'_, L> {
             )?;
         }
         done.pass(Clause::LbDrainCancelSafe);
+        Ok(())
+    }
+}
+
+/// The call applying `case`, as failure messages name it.
+fn describe_policy(case: &PolicyCase) -> String {
+    format!("apply_policy({} policy)", case.capability)
+}
+
+impl<L: LoadBalancer + ?Sized> Run<'_, L> {
+    /// Sends every request of `routes` through the probe, if the suite has
+    /// one, and compares the group that answered.
+    async fn expect_routes(
+        &self,
+        clause: Clause,
+        after: &str,
+        routes: &[(ProbeRequest, Group)],
+    ) -> Result<(), ConformanceFailure> {
+        let Some(Probe(probe)) = &self.suite.probe else {
+            return Ok(());
+        };
+        for (req, want) in routes {
+            match probe(req.clone()).await {
+                Ok(got) if got == *want => {}
+                Ok(got) => {
+                    return Err(ConformanceFailure::new(
+                        clause,
+                        format!("after {after}, {req} was answered by {got}, expected {want}"),
+                    ))
+                }
+                Err(e) => {
+                    return Err(ConformanceFailure::new(
+                        clause,
+                        format!("after {after}, {req} failed: {e}"),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends each of the case's sticky requests three times through the
+    /// probe: one group per request, every group of the split reached.
+    async fn expect_sticky(&self, after: &str, case: &PolicyCase) -> Result<(), ConformanceFailure> {
+        let c = Clause::LbPolicyReadBack;
+        let Some(Probe(probe)) = &self.suite.probe else {
+            return Ok(());
+        };
+        let mut reached = std::collections::BTreeSet::new();
+        for req in &case.sticky {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..3 {
+                let g = probe(req.clone())
+                    .await
+                    .map_err(|e| ConformanceFailure::new(c, format!("after {after}, {req} failed: {e}")))?;
+                seen.insert(g);
+            }
+            if seen.len() > 1 {
+                let names: Vec<&str> = seen.iter().map(Group::as_str).collect();
+                return Err(ConformanceFailure::new(
+                    c,
+                    format!(
+                        "after {after}, {req} sent three times reached {}: a sticky split keeps one",
+                        names.join(" and ")
+                    ),
+                ));
+            }
+            reached.extend(seen);
+        }
+        if !case.sticky.is_empty() {
+            for w in case.policy.split.weights.iter().filter(|w| w.percent > 0) {
+                if !reached.contains(&w.group) {
+                    return Err(ConformanceFailure::new(
+                        c,
+                        format!(
+                            "after {after}, none of {} users reached {} ({} %)",
+                            case.sticky.len(),
+                            w.group,
+                            w.percent
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The groups `routes`' requests reach, through the probe (empty
+    /// without one).
+    async fn observed(
+        &self,
+        clause: Clause,
+        after: &str,
+        routes: &[(ProbeRequest, Group)],
+    ) -> Result<Vec<Group>, ConformanceFailure> {
+        let Some(Probe(probe)) = &self.suite.probe else {
+            return Ok(Vec::new());
+        };
+        let mut seen = Vec::new();
+        for (req, _) in routes {
+            seen.push(
+                probe(req.clone()).await.map_err(|e| {
+                    ConformanceFailure::new(clause, format!("after {after}, {req} failed: {e}"))
+                })?,
+            );
+        }
+        Ok(seen)
+    }
+
+    /// Applies `case` twice and reads it back.
+    async fn apply_twice(&self, case: &PolicyCase, done: &mut Conformance) -> Result<(), ConformanceFailure> {
+        let call = describe_policy(case);
+        must(
+            Clause::LbPolicyIdempotent,
+            &call,
+            self.lb.apply_policy(&case.policy).await,
+        )?;
+        self.expect_live(Clause::LbPolicyReadBack, &call, case.live_group().as_ref())
+            .await?;
+        self.expect_routes(Clause::LbPolicyReadBack, &call, &case.routes)
+            .await?;
+        self.expect_sticky(&call, case).await?;
+        let again = format!("a second {call}");
+        must(
+            Clause::LbPolicyIdempotent,
+            &again,
+            self.lb.apply_policy(&case.policy).await,
+        )?;
+        self.expect_live(Clause::LbPolicyIdempotent, &again, case.live_group().as_ref())
+            .await?;
+        self.expect_routes(Clause::LbPolicyIdempotent, &again, &case.routes)
+            .await?;
+        done.pass(Clause::LbPolicyIdempotent);
+        Ok(())
+    }
+
+    /// After `case` is live, `switch_to` and then `set_weights` must each
+    /// replace it: every request of the case goes to the one live group.
+    async fn replaced(&self, case: &PolicyCase, g0: &Group, g1: &Group) -> Result<(), ConformanceFailure> {
+        let c = Clause::LbPolicyReplaced;
+        let everything_to = |g: &Group| -> Vec<(ProbeRequest, Group)> {
+            case.routes.iter().map(|(r, _)| (r.clone(), g.clone())).collect()
+        };
+        let call = format!("switch_to({g1}) after {}", describe_policy(case));
+        must(c, &call, self.lb.switch_to(g1).await)?;
+        self.expect_live(c, &call, Some(g1)).await?;
+        self.expect_routes(c, &call, &everything_to(g1)).await?;
+        must(
+            c,
+            &describe_policy(case),
+            self.lb.apply_policy(&case.policy).await,
+        )?;
+        let call = format!("set_weights(100 % to {g0}) after {}", describe_policy(case));
+        must(c, &call, self.lb.set_weights(&all_to(self.groups, g0)).await)?;
+        self.expect_live(c, &call, Some(g0)).await?;
+        self.expect_routes(c, &call, &everything_to(g0)).await?;
+        Ok(())
+    }
+
+    /// Checks that `policy` is refused by the error `check` accepts,
+    /// permanently, and that the live group (`Some(before)`) and the
+    /// routes stay as they were.
+    async fn refused(
+        &self,
+        clause: Clause,
+        what: &str,
+        policy: &TrafficPolicy,
+        before: &Group,
+        routes: &[(ProbeRequest, Group)],
+        check: impl Fn(&RoutingError) -> Result<(), String>,
+    ) -> Result<(), ConformanceFailure> {
+        let call = format!("apply_policy({what})");
+        match self.lb.apply_policy(policy).await {
+            Ok(()) => {
+                return Err(ConformanceFailure::new(
+                    clause,
+                    format!("{call} succeeded, but it must be refused"),
+                ))
+            }
+            Err(e) if e.is_transient() => {
+                return Err(ConformanceFailure::new(
+                    clause,
+                    format!("{call} failed as transient (retrying cannot help): {e}"),
+                ))
+            }
+            Err(e) => match e.routing_error() {
+                None => {
+                    return Err(ConformanceFailure::new(
+                        clause,
+                        format!("{call} failed without a RoutingError (build the DriverError from it): {e}"),
+                    ))
+                }
+                Some(r) => {
+                    check(r).map_err(|why| ConformanceFailure::new(clause, format!("{call}: {why}")))?
+                }
+            },
+        }
+        let after = format!("a refused {call}");
+        self.expect_live(clause, &after, Some(before)).await?;
+        let unchanged: Vec<(ProbeRequest, Group)> =
+            routes.iter().map(|(r, _)| (r.clone(), before.clone())).collect();
+        self.expect_routes(clause, &after, &unchanged).await
+    }
+
+    /// The routing clauses: declared policies applied, read back, replaced
+    /// and cancelled; undeclared and invalid ones refused changing nothing.
+    async fn policies(&self, done: &mut Conformance) -> Result<(), ConformanceFailure> {
+        let policy_clauses = [
+            Clause::LbPolicyIdempotent,
+            Clause::LbPolicyReadBack,
+            Clause::LbPolicyUnsupportedRefused,
+            Clause::LbPolicyInvalidRefused,
+            Clause::LbPolicyReplaced,
+            Clause::LbPolicyCancelSafe,
+        ];
+        let [g0, g1, ..] = self.groups else {
+            for c in policy_clauses {
+                done.skip(c, "routing policies need backends in two groups");
+            }
+            return Ok(());
+        };
+        let caps = self.lb.capabilities();
+        let name = self.lb.name().to_owned();
+        let (declared, undeclared): (Vec<PolicyCase>, Vec<PolicyCase>) = policy::policies(self.groups)
+            .into_iter()
+            .partition(|case| caps.supports(case.capability));
+
+        // What every driver declares: a switch and weights, through
+        // apply_policy.
+        let plain = policy::plain(
+            g0,
+            g1,
+            self.suite.splits && caps.supports(deploykit::routing::Capability::Weights),
+        );
+        for case in &plain {
+            self.apply_twice(case, done).await?;
+        }
+        for case in &declared {
+            self.apply_twice(case, done).await?;
+            self.replaced(case, g0, g1).await?;
+        }
+        self.record(done, Clause::LbPolicyReadBack);
+        if declared.is_empty() {
+            // The replacement of a plain policy is what switch_to and
+            // set_weights already check.
+            must(Clause::LbPolicyReplaced, "switch_to", self.lb.switch_to(g0).await)?;
+            self.expect_live(Clause::LbPolicyReplaced, &format!("switch_to({g0})"), Some(g0))
+                .await?;
+        }
+        self.record(done, Clause::LbPolicyReplaced);
+
+        // Refusals, from a state that is not the default, so a driver that
+        // resets on refusal is seen.
+        must(
+            Clause::LbPolicyUnsupportedRefused,
+            &format!("switch_to({g1})"),
+            self.lb.switch_to(g1).await,
+        )?;
+        for case in &undeclared {
+            let needed = case.policy.required();
+            let missing: Vec<_> = needed.iter().filter(|c| !caps.supports(**c)).copied().collect();
+            let name = name.as_str();
+            self.refused(
+                Clause::LbPolicyUnsupportedRefused,
+                &format!("{} policy, not declared", case.capability),
+                &case.policy,
+                g1,
+                &case.routes,
+                |r| match r {
+                    RoutingError::Unsupported { driver, capability, .. } if driver == name && missing.contains(capability) => Ok(()),
+                    RoutingError::Unsupported { driver, capability, .. } => Err(format!(
+                        "refused as the {driver} load balancer lacking {capability}, expected the {name} load balancer lacking one of {}",
+                        missing.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", ")
+                    )),
+                    other => Err(format!("refused with {other}, expected RoutingError::Unsupported")),
+                },
+            )
+            .await?;
+        }
+        done.pass(Clause::LbPolicyUnsupportedRefused);
+        let all_routes: Vec<(ProbeRequest, Group)> = policy::policies(self.groups)
+            .into_iter()
+            .flat_map(|c| c.routes)
+            .collect();
+        self.refused(
+            Clause::LbPolicyInvalidRefused,
+            "a header rule whose name has a space",
+            &policy::invalid(g0, g1),
+            g1,
+            &all_routes,
+            |r| match r {
+                RoutingError::Invalid { .. } => Ok(()),
+                other => Err(format!("refused with {other}, expected RoutingError::Invalid")),
+            },
+        )
+        .await?;
+        done.pass(Clause::LbPolicyInvalidRefused);
+        must(
+            Clause::LbPolicyReplaced,
+            &format!("switch_to({g0})"),
+            self.lb.switch_to(g0).await,
+        )?;
+
+        // Cancelled mid-call: the old policy (all to g0) or the new one,
+        // never a mix, then the next call finishes it.
+        let target = declared.first().unwrap_or(&plain[0]).clone();
+        let old: Vec<Group> = target.routes.iter().map(|_| g0.clone()).collect();
+        let new: Vec<Group> = target.routes.iter().map(|(_, g)| g.clone()).collect();
+        let c = Clause::LbPolicyCancelSafe;
+        for p in &self.suite.cancel_points {
+            let call = format!("{} dropped after {p:?}", describe_policy(&target));
+            cancel_after(*p, self.lb.apply_policy(&target.policy)).await;
+            if self.suite.live_group {
+                let got = self.live(c, &call).await?;
+                let want = target.live_group();
+                if got.as_ref() != Some(g0) && got != want {
+                    return Err(ConformanceFailure::new(
+                        c,
+                        format!(
+                            "after {call}, live_group is {}, neither {g0} nor {}",
+                            show(&got),
+                            show(&want)
+                        ),
+                    ));
+                }
+            }
+            let seen = self.observed(c, &call, &target.routes).await?;
+            if self.suite.probe.is_some() && seen != old && seen != new {
+                return Err(ConformanceFailure::new(
+                    c,
+                    format!(
+                        "after {call}, requests went to {}: neither the old policy nor the new one",
+                        seen.iter().map(Group::as_str).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+            let next = format!("{} after {call}", describe_policy(&target));
+            must(c, &next, self.lb.apply_policy(&target.policy).await)?;
+            self.expect_live(c, &next, target.live_group().as_ref()).await?;
+            self.expect_routes(c, &next, &target.routes).await?;
+            let back = format!("switch_to({g0}) after {next}");
+            must(c, &back, self.lb.switch_to(g0).await)?;
+            self.expect_live(c, &back, Some(g0)).await?;
+        }
+        self.record(done, c);
         Ok(())
     }
 }

@@ -9,6 +9,15 @@
 //!   switch and split, each repeated, cancelled mid-call and read back with
 //!   [`live_group`](deploykit::LoadBalancer::live_group) and
 //!   [`active_connections`](deploykit::LoadBalancer::active_connections).
+//! * Routing policies: every [`Capability`](deploykit::routing::Capability)
+//!   the driver declares in
+//!   [`capabilities`](deploykit::LoadBalancer::capabilities) is applied with
+//!   [`apply_policy`](deploykit::LoadBalancer::apply_policy) twice,
+//!   cancelled, read back (and, given a [`TrafficProbe`], sent requests),
+//!   then replaced by `set_weights` / `switch_to`; every one it does not
+//!   declare must be refused with
+//!   [`RoutingError::Unsupported`](deploykit::routing::RoutingError)
+//!   changing nothing. [`policies`] lists what is applied.
 //! * [`instance`] / [`InstanceSuite`] — install, restore, start, stop and
 //!   the deployment marker, read back with
 //!   [`current_release`](deploykit::Instance::current_release) and
@@ -53,10 +62,12 @@ use deploykit::DriverError;
 mod instance;
 mod lb;
 mod metrics;
+mod policy;
 
 pub use instance::{instance, InstanceSuite};
 pub use lb::{load_balancer, LoadBalancerSuite};
 pub use metrics::{metrics_source, MetricsSuite};
+pub use policy::{policies, PolicyCase, ProbeFuture, ProbeRequest, TrafficProbe};
 
 /// One clause of a trait's contract that the suite checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -101,6 +112,26 @@ pub enum Clause {
     /// A `set_weights` dropped mid-call leaves the old or the new split
     /// live, and the next `set_weights` reads back.
     LbWeightsCancelSafe,
+    /// `LoadBalancer::apply_policy` of a policy the driver declares it can
+    /// apply, twice, succeeds.
+    LbPolicyIdempotent,
+    /// After `LoadBalancer::apply_policy`, `live_group` reads back the one
+    /// group all traffic goes to (none when rules or a split send some
+    /// elsewhere), and a traffic probe, when given, sees the policy route.
+    LbPolicyReadBack,
+    /// A policy needing a capability the driver does not declare is refused
+    /// with `RoutingError::Unsupported` naming the driver and a capability
+    /// it lacks, as a permanent error, and nothing changes.
+    LbPolicyUnsupportedRefused,
+    /// An invalid policy is refused with `RoutingError::Invalid`, as a
+    /// permanent error, and nothing changes.
+    LbPolicyInvalidRefused,
+    /// `set_weights` or `switch_to` after a policy replaces it: its rules no
+    /// longer route.
+    LbPolicyReplaced,
+    /// An `apply_policy` dropped mid-call leaves the old or the new policy
+    /// live, and the next `apply_policy` reads back.
+    LbPolicyCancelSafe,
     /// `Instance::backend` never changes.
     InstanceBackendStable,
     /// `Instance::current_release` twice reads the same release.
@@ -167,6 +198,12 @@ impl Clause {
             Clause::LbDrainCancelSafe => "LoadBalancer::drain is cancel-safe",
             Clause::LbSwitchCancelSafe => "LoadBalancer::switch_to is cancel-safe: the old or the new group is live",
             Clause::LbWeightsCancelSafe => "LoadBalancer::set_weights is cancel-safe: the old or the new split is live",
+            Clause::LbPolicyIdempotent => "LoadBalancer::apply_policy of a declared policy is idempotent",
+            Clause::LbPolicyReadBack => "after LoadBalancer::apply_policy, live_group (and traffic, when probed) reads back the policy",
+            Clause::LbPolicyUnsupportedRefused => "LoadBalancer::apply_policy refuses a policy the driver does not declare with RoutingError::Unsupported naming it, permanently, changing nothing",
+            Clause::LbPolicyInvalidRefused => "LoadBalancer::apply_policy refuses an invalid policy with RoutingError::Invalid, permanently, changing nothing",
+            Clause::LbPolicyReplaced => "LoadBalancer::set_weights and switch_to replace a live policy",
+            Clause::LbPolicyCancelSafe => "LoadBalancer::apply_policy is cancel-safe: the old or the new policy is live",
             Clause::InstanceBackendStable => "Instance::backend never changes",
             Clause::InstanceCurrentReleaseReadOnly => "Instance::current_release is read-only",
             Clause::InstanceInstallReadBack => "after Instance::install(r), current_release reads back r (idempotent)",

@@ -37,6 +37,12 @@ async fn the_fake_load_balancer_passes_every_clause() {
         Clause::LbFailedWeightsKeepSplit,
         Clause::LbUnknownBackendRefused,
         Clause::LbDrainCancelSafe,
+        Clause::LbPolicyIdempotent,
+        Clause::LbPolicyReadBack,
+        Clause::LbPolicyUnsupportedRefused,
+        Clause::LbPolicyInvalidRefused,
+        Clause::LbPolicyReplaced,
+        Clause::LbPolicyCancelSafe,
     ] {
         assert!(done.passed.contains(&c), "{c} not checked:\n{done}");
     }
@@ -418,7 +424,218 @@ async fn no_load_balancer_conforms_as_a_balancer_that_can_do_nothing() {
         vec![
             Clause::LbPreflight,
             Clause::LbEnableIdempotent,
-            Clause::LbSwitchIdempotent
+            Clause::LbSwitchIdempotent,
+            // Its apply_policy is the trait's default: plain policies are
+            // accepted, the rest refused by type before anything is done.
+            Clause::LbPolicyIdempotent,
+            Clause::LbPolicyUnsupportedRefused,
+            Clause::LbPolicyInvalidRefused,
         ]
+    );
+}
+
+/// How a routing driver breaks its contract on purpose.
+#[derive(Debug, Clone, Copy)]
+enum PolicyBreak {
+    /// Refuses an unsupported policy with a plain message, not a
+    /// `RoutingError`.
+    UntypedRefusal,
+    /// Switches to the first split group, then refuses.
+    RefusalTouches,
+    /// Declares header rules; after a rules policy, `switch_to` keeps the
+    /// rules live (the probe still sees them).
+    SwitchKeepsRules,
+    /// Declares header rules but routes nothing by them.
+    RulesIgnored,
+    /// Applies a rules policy in two steps: all traffic to the rule's group
+    /// first, the split and rule after a sleep, so a drop in between leaves
+    /// neither policy live.
+    NotAtomic,
+}
+
+/// A fake balancer with header rules: `rule` is the live rule's
+/// `(header, value, group)`, routed by [`PolicyLb::route`].
+#[derive(Debug)]
+struct PolicyLb {
+    inner: FakeLoadBalancer,
+    mode: Option<PolicyBreak>,
+    rule: Mutex<Option<(String, String, Group)>>,
+}
+
+impl PolicyLb {
+    fn new(fleet: &FakeFleet, mode: Option<PolicyBreak>) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            inner: fleet.load_balancer(),
+            mode,
+            rule: Mutex::default(),
+        })
+    }
+
+    /// The group a request goes to: the live rule's, else the live group.
+    fn route(&self, fleet: &FakeFleet, req: &ProbeRequest) -> Result<Group, String> {
+        if let Some((h, v, g)) = self.rule.lock().unwrap().clone() {
+            if req.headers.iter().any(|(n, x)| *n == h && *x == v) {
+                return Ok(g);
+            }
+        }
+        fleet.live_group().ok_or_else(|| "traffic is split".to_string())
+    }
+}
+
+#[async_trait]
+impl LoadBalancer for PolicyLb {
+    fn name(&self) -> &str {
+        "policy-fake"
+    }
+    async fn drain(&self, b: &Backend) -> Result<(), DriverError> {
+        self.inner.drain(b).await
+    }
+    async fn active_connections(&self, b: &Backend) -> Result<Option<u64>, DriverError> {
+        self.inner.active_connections(b).await
+    }
+    async fn enable(&self, b: &Backend) -> Result<(), DriverError> {
+        self.inner.enable(b).await
+    }
+    async fn disable(&self, b: &Backend) -> Result<(), DriverError> {
+        self.inner.disable(b).await
+    }
+    async fn set_weights(&self, w: &[GroupWeight]) -> Result<(), DriverError> {
+        self.inner.set_weights(w).await?;
+        *self.rule.lock().unwrap() = None;
+        Ok(())
+    }
+    async fn switch_to(&self, g: &Group) -> Result<(), DriverError> {
+        self.inner.switch_to(g).await?;
+        if !matches!(self.mode, Some(PolicyBreak::SwitchKeepsRules)) {
+            *self.rule.lock().unwrap() = None;
+        }
+        Ok(())
+    }
+    fn capabilities(&self) -> deploykit::routing::Capabilities {
+        deploykit::routing::Capabilities::weights_and_switch()
+            .with(deploykit::routing::Capability::HeaderMatch)
+    }
+    async fn apply_policy(&self, p: &deploykit::routing::TrafficPolicy) -> Result<(), DriverError> {
+        if let Err(e) = self.capabilities().check(self.name(), p) {
+            return match self.mode {
+                Some(PolicyBreak::UntypedRefusal) => Err(DriverError::new(e.to_string())),
+                Some(PolicyBreak::RefusalTouches) => {
+                    self.inner.switch_to(&p.split.weights[0].group).await?;
+                    Err(e.into())
+                }
+                _ => Err(e.into()),
+            };
+        }
+        let rule = p.rules.first().map(|r| match &r.matches {
+            deploykit::routing::Match::Header { name, value } => {
+                (name.clone(), value.text().to_string(), r.group.clone())
+            }
+            _ => unreachable!("only header rules are declared"),
+        });
+        if let (Some(PolicyBreak::NotAtomic), Some((_, _, g))) = (self.mode, &rule) {
+            // Everything to the rule's group first: the window a cancelled
+            // call can stop in.
+            self.inner.switch_to(g).await?;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.inner.set_weights(&p.split.weights).await?;
+        if !matches!(self.mode, Some(PolicyBreak::RulesIgnored)) {
+            *self.rule.lock().unwrap() = rule;
+        }
+        Ok(())
+    }
+    async fn live_group(&self) -> Result<Option<Group>, DriverError> {
+        if self.rule.lock().unwrap().is_some() {
+            return Ok(None);
+        }
+        self.inner.live_group().await
+    }
+}
+
+fn probe_of(lb: &std::sync::Arc<PolicyLb>, fleet: &FakeFleet) -> TrafficProbe {
+    let (lb, fleet) = (lb.clone(), fleet.clone());
+    std::sync::Arc::new(move |req: ProbeRequest| {
+        let r = lb.route(&fleet, &req);
+        Box::pin(async move { r }) as ProbeFuture
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_driver_with_header_rules_passes_the_routing_clauses_traffic_probed() {
+    let fleet = FakeFleet::with_groups(&[("blue", 1), ("green", 1)]);
+    let lb = PolicyLb::new(&fleet, None);
+    let done = LoadBalancerSuite::default()
+        .traffic_probe(probe_of(&lb, &fleet))
+        .run(lb.as_ref(), &backends(&fleet))
+        .await
+        .unwrap();
+    assert!(done.skipped.is_empty(), "{done}");
+    for c in [
+        Clause::LbPolicyIdempotent,
+        Clause::LbPolicyReadBack,
+        Clause::LbPolicyUnsupportedRefused,
+        Clause::LbPolicyInvalidRefused,
+        Clause::LbPolicyReplaced,
+        Clause::LbPolicyCancelSafe,
+    ] {
+        assert!(done.passed.contains(&c), "{c} not checked:\n{done}");
+    }
+    assert_eq!(fleet.live_group(), Some(Group::new("blue").unwrap()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_broken_routing_driver_is_caught_by_its_clause() {
+    for (mode, clause, detail) in [
+        (
+            PolicyBreak::UntypedRefusal,
+            Clause::LbPolicyUnsupportedRefused,
+            "without a RoutingError",
+        ),
+        (
+            PolicyBreak::RefusalTouches,
+            Clause::LbPolicyUnsupportedRefused,
+            "live_group is blue, expected green",
+        ),
+        (
+            PolicyBreak::SwitchKeepsRules,
+            Clause::LbPolicyReplaced,
+            "live_group is none, expected green",
+        ),
+        (
+            PolicyBreak::RulesIgnored,
+            Clause::LbPolicyReadBack,
+            "live_group is blue, expected none",
+        ),
+        (
+            PolicyBreak::NotAtomic,
+            Clause::LbPolicyCancelSafe,
+            "live_group is green, neither blue nor none",
+        ),
+    ] {
+        let fleet = FakeFleet::with_groups(&[("blue", 1), ("green", 1)]);
+        let lb = PolicyLb::new(&fleet, Some(mode));
+        let err = LoadBalancerSuite::default()
+            .traffic_probe(probe_of(&lb, &fleet))
+            .cancel_points([Duration::from_millis(1)])
+            .run(lb.as_ref(), &backends(&fleet))
+            .await
+            .unwrap_err();
+        assert_eq!(err.clause, clause, "{mode:?}: {err}");
+        assert!(err.detail.contains(detail), "{mode:?}: {err}");
+    }
+    // Without a live_group read-back, the traffic probe alone sees the mix.
+    let fleet = FakeFleet::with_groups(&[("blue", 1), ("green", 1)]);
+    let lb = PolicyLb::new(&fleet, Some(PolicyBreak::NotAtomic));
+    let err = LoadBalancerSuite::default()
+        .without_live_group()
+        .traffic_probe(probe_of(&lb, &fleet))
+        .cancel_points([Duration::from_millis(1)])
+        .run(lb.as_ref(), &backends(&fleet))
+        .await
+        .unwrap_err();
+    assert_eq!(err.clause, Clause::LbPolicyCancelSafe, "{err}");
+    assert!(
+        err.detail.contains("requests went to green, green, green"),
+        "{err}"
     );
 }

@@ -151,6 +151,17 @@ mod tests {
                 .contains("the recording load balancer cannot route by request header"),
             "{e}"
         );
+        // The refusal stays typed behind the DriverError, so a caller (the
+        // conformance suite) can tell it from a failed change.
+        assert!(
+            matches!(
+                e.routing_error(),
+                Some(crate::routing::RoutingError::Unsupported { driver, capability: crate::routing::Capability::HeaderMatch, .. })
+                    if driver == "recording"
+            ),
+            "{e}"
+        );
+        assert!(!e.is_transient());
         let mirror = TrafficPolicy {
             mirror: Some(Mirror::new(g("shadow"), 5)),
             ..TrafficPolicy::switch(&g("stable"))
@@ -164,6 +175,13 @@ mod tests {
         }]);
         let e = lb.apply_policy(&bad).await.unwrap_err();
         assert!(e.message().contains("sum to 50"), "{e}");
+        assert!(
+            matches!(
+                e.routing_error(),
+                Some(crate::routing::RoutingError::Invalid { .. })
+            ),
+            "{e}"
+        );
         assert_eq!(
             *lb.0.lock().unwrap(),
             ["switch blue", "weights stable=80,canary=20"]

@@ -153,6 +153,7 @@ fn canary(fleet: &FakeFleet, gates: &ScriptedGates) -> Executor {
     let metrics = FakeMetrics::new()
         .set("stable", Metric::ErrorRate, 0.001)
         .set("stable", Metric::LatencyP99, 0.12)
+        .set("stable", Metric::RequestCount, 28_500.0)
         .set("canary", Metric::ErrorRate, 0.001)
         .set("canary", Metric::LatencyP99, 0.12);
     Executor::builder()

@@ -1,7 +1,7 @@
 //! The example driver passes the testkit's conformance suite.
 
 use deploykit_example_file_lb::FileLoadBalancer;
-use deploykit_testkit::conformance::{backends, LoadBalancerSuite};
+use deploykit_testkit::conformance::{backends, Clause, LoadBalancerSuite};
 
 #[tokio::test]
 async fn the_file_load_balancer_conforms() {
@@ -15,4 +15,8 @@ async fn the_file_load_balancer_conforms() {
     let suite = LoadBalancerSuite::default().without_connection_counts();
     let done = suite.run(&lb, &backends).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(done.skipped.len(), 1, "{done}");
+    assert!(
+        done.passed.contains(&Clause::LbPolicyUnsupportedRefused),
+        "{done}"
+    );
 }
