@@ -1,6 +1,6 @@
 //! `[strategy.canary] flag = …` through the CLI on simulated instances: the
 //! flag file's split follows the stages, and a rollback (automatic or
-//! `deploykit rollback`) kills the flag; journals and `history` show it.
+//! `deploykit rollback`) kills the flag, notified; journals and `history` show it.
 
 use deploykit::flags::{Context, FlagSet};
 use serde_json::Value;
@@ -18,7 +18,7 @@ const FLAGS: &str = r#"{
 }
 "#;
 
-fn config(prom: &str, port: u16) -> String {
+fn config(prom: &str, port: u16, extra: &str) -> String {
     format!(
         "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
         [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:{port}\"\ngroup = \"stable\"\n\n\
@@ -29,13 +29,13 @@ fn config(prom: &str, port: u16) -> String {
         [strategy]\nkind = \"canary\"\n\n\
         [strategy.canary]\nstages = [20, 100]\nstage_duration = \"200ms\"\ncheck_interval = \"100ms\"\n\
         flag = \"new-checkout\"\nhealth_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
-        [timeouts]\ndrain_poll = \"20ms\"\n",
+        [timeouts]\ndrain_poll = \"20ms\"\n{extra}",
         port + 1
     )
 }
 
-fn setup(prom: &str, port: u16) -> Env {
-    let env = Env::new(&config(prom, port));
+fn setup(prom: &str, port: u16, extra: &str) -> Env {
+    let env = Env::new(&config(prom, port, extra));
     std::fs::write(env.path().join("flags.json"), FLAGS).unwrap();
     env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
     env
@@ -79,7 +79,7 @@ fn steps(journal: &[Value], kind: &str) -> usize {
 #[test]
 fn the_split_follows_the_stages_and_deploykit_rollback_kills_the_flag() {
     let prom = crate::util::prometheus(|r| if r.contains("requests") { 1000.0 } else { 0.001 });
-    let env = setup(&prom, 18_311);
+    let env = setup(&prom, 18_311, "");
     let out = env.ok(&["deploy", "v2"], 0);
     let what: Vec<String> = changes(&env).into_iter().map(|c| c.0).collect();
     assert_eq!(what, ["split 20", "split 100"], "{out}");
@@ -107,19 +107,38 @@ fn a_breach_rolls_back_and_kills_the_flag() {
         (false, true) if r.contains("errors") => 0.05,
         _ => 0.001,
     });
-    let env = setup(&prom, 18_313);
+    let (hook, bodies) = crate::notify::server(crate::notify::Behaviour::Ok);
+    let env = setup(
+        &prom,
+        18_313,
+        &format!("\n[notifications]\n[[notifications.webhooks]]\nurl = \"{hook}\"\non = [\"flag\"]\n"),
+    );
     let (code, out, err) = env.run(&["deploy", "v2"]);
     assert_eq!(code, 1, "{out}{err}");
     let what: Vec<String> = changes(&env).into_iter().map(|c| c.0).collect();
     assert_eq!(what, ["split 20", "kill"], "{out}{err}");
     assert_eq!(on_percent(&env), 0);
     assert_eq!(env.sim("stable-1")["release"], "v1");
+    // The kill is notified like `deploykit flags kill`.
+    let notices: Vec<Value> = bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| serde_json::from_str(b).unwrap())
+        .collect();
+    let kills: Vec<&Value> = notices
+        .iter()
+        .filter(|n| n["event"] == "flag" && n["action"] == "kill")
+        .collect();
+    assert_eq!(kills.len(), 1, "{notices:?}");
+    assert_eq!(kills[0]["flag"], "new-checkout");
+    assert_eq!(kills[0]["variant"], "off");
 }
 
 #[test]
 fn an_unknown_flag_refuses_the_deployment_with_nothing_touched() {
     let prom = crate::util::prometheus(|_| 0.001);
-    let env = setup(&prom, 18_315);
+    let env = setup(&prom, 18_315, "");
     std::fs::write(
         env.path().join("flags.json"),
         FLAGS.replace("new-checkout", "other"),
