@@ -678,3 +678,54 @@ mod tests {
         assert!(parse_context(&["n:=nope".into()]).is_err());
     }
 }
+
+/// The flag switch of a deployment: the configured flag file, journaled
+/// like `deploykit flags`, and a kill notified like `deploykit flags kill`.
+#[derive(Debug)]
+pub(crate) struct DeployFlags {
+    store: FlagStore,
+    app: String,
+    notifier: Notifier,
+}
+
+impl DeployFlags {
+    pub(crate) fn new(cfg: &config::Loaded, state: &StateDir) -> Self {
+        let file = cfg.resolve(cfg.raw.flags.file.as_deref().unwrap_or("flags.json"));
+        Self {
+            store: FlagStore::new(file, flag_journal(state)),
+            app: cfg.raw.app.clone(),
+            notifier: Notifier::new(&cfg.raw.notifications),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl deploykit::flags::FlagSwitch for DeployFlags {
+    fn check(&self, flag: &str, variant: &str) -> Result<(), FlagError> {
+        self.store.check(flag, variant)
+    }
+
+    async fn share(&self, flag: &str, variant: &str, percent: u8, deployment: &str) -> Result<(), FlagError> {
+        self.store.share(flag, variant, percent, deployment).await
+    }
+
+    async fn kill(&self, flag: &str, deployment: &str, why: &str) -> Result<(), FlagError> {
+        self.store.kill(flag, deployment, why).await?;
+        let safe = self
+            .store
+            .load()
+            .ok()
+            .and_then(|s| s.get(flag).and_then(|f| f.safe_variant().map(str::to_owned)));
+        self.notifier
+            .send_flag(&FlagNotice {
+                app: self.app.clone(),
+                flag: flag.to_owned(),
+                action: "kill".into(),
+                who: format!("deploy {deployment}"),
+                reason: Some(why.to_owned()),
+                variant: safe,
+            })
+            .await;
+        Ok(())
+    }
+}

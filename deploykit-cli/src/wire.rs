@@ -348,6 +348,8 @@ pub(crate) fn fleet(
     if let Some(gates) = crate::gitops::CommandGates::new(cfg, state) {
         b = b.gate_runner(Arc::new(gates));
     }
+    // Only plans of a canary carrying a flag use it; it holds paths only.
+    b = b.flag_switch(Arc::new(crate::flags::DeployFlags::new(cfg, state)));
     if let Some(sink) = sink {
         b = b.events(sink);
     }

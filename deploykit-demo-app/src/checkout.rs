@@ -12,7 +12,11 @@ use axum::response::{IntoResponse, Response};
 use deploykit::flags::{Context, FlagSet};
 use serde_json::{json, Value};
 
-use crate::{DemoConfig, Shared};
+use std::sync::atomic::Ordering;
+
+use axum::http::StatusCode;
+
+use crate::{DemoConfig, Shared, VariantCodeLabels, VariantLabels};
 
 /// Where the flag comes from.
 #[derive(Debug)]
@@ -146,6 +150,7 @@ pub(crate) async fn checkout(
     State(s): State<Shared>,
     Query(params): Query<BTreeMap<String, String>>,
 ) -> Response {
+    let started = std::time::Instant::now();
     s.delay().await;
     let mut ctx = Context::new();
     for (k, v) in params {
@@ -154,16 +159,46 @@ pub(crate) async fn checkout(
     }
     let flag = &s.config.checkout_flag;
     // The old flow is the safe answer whenever the flag cannot be read.
-    let body = match s.flags.evaluate(flag, ctx).await {
-        Ok((value, variant, reason)) => json!({
-            "flow": if truthy(&value) { "new" } else { "old" },
-            "flag": flag,
-            "variant": variant,
-            "reason": reason,
-        }),
-        Err(error) => {
-            json!({ "flow": "old", "flag": flag, "variant": null, "reason": "ERROR", "error": error })
-        }
+    let (new_flow, label, body) = match s.flags.evaluate(flag, ctx).await {
+        Ok((value, variant, reason)) => (
+            truthy(&value),
+            variant.clone().unwrap_or_else(|| "none".to_owned()),
+            json!({
+                "flow": if truthy(&value) { "new" } else { "old" },
+                "flag": flag,
+                "variant": variant,
+                "reason": reason,
+            }),
+        ),
+        Err(error) => (
+            false,
+            "none".to_owned(),
+            json!({ "flow": "old", "flag": flag, "variant": null, "reason": "ERROR", "error": error }),
+        ),
     };
+    let fails = new_flow && {
+        let n = s.new_flow_requests.fetch_add(1, Ordering::SeqCst) + 1;
+        let rate = s.config.checkout_error_rate_new;
+        // As for `/`: exactly floor(n * rate) of the first n new-flow checkouts fail.
+        ((n as f64) * rate).floor() > (((n - 1) as f64) * rate).floor()
+    };
+    let code = if fails {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::OK
+    };
+    s.checkout_requests
+        .get_or_create(&VariantCodeLabels {
+            code: code.as_u16().to_string(),
+            variant: label.clone(),
+        })
+        .inc();
+    s.checkout_durations
+        .get_or_create(&VariantLabels { variant: label })
+        .observe(started.elapsed().as_secs_f64());
+    if fails {
+        let body = json!({ "flow": "new", "flag": flag, "error": "injected error" });
+        return (code, [("content-type", "application/json")], format!("{body}\n")).into_response();
+    }
     ([("content-type", "application/json")], format!("{body}\n")).into_response()
 }

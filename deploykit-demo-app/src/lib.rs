@@ -18,8 +18,8 @@
 //! | `GET /health` | `200 ok`, or `503 unhealthy` with `--unhealthy` |
 //! | `GET /api/status` | `200` JSON: version, track, requests served, requests in flight |
 //! | `GET /api/db/ping` | `200 ok` |
-//! | `GET /api/checkout?user=u1&segment=internal` | `200` JSON `{"flow": "new" or "old", "flag", "variant", "reason"}`: the flag `--checkout-flag` (`new-checkout`) evaluated from `--flags-file` or through `--ofrep-url`, with `user` as the targeting key and every other parameter as a context attribute; `old` when no flag source is set or the evaluation fails |
-//! | `GET /metrics` | Prometheus text: `http_requests_total{code,track,version}`, `http_request_duration_seconds{track,version}` and `http_requests_in_flight` |
+//! | `GET /api/checkout?user=u1&segment=internal` | `200` JSON `{"flow": "new" or "old", "flag", "variant", "reason"}`: the flag `--checkout-flag` (`new-checkout`) evaluated from `--flags-file` or through `--ofrep-url`, with `user` as the targeting key and every other parameter as a context attribute; `old` when no flag source is set or the evaluation fails; with `--checkout-error-rate-new P`, that fraction of new-flow answers is `500` |
+//! | `GET /metrics` | Prometheus text: `http_requests_total{code,track,version}`, `http_request_duration_seconds{track,version}`, `http_requests_in_flight`, and for `/api/checkout` per flag variant `checkout_requests_total{code,variant}` and `checkout_request_duration_seconds{variant}` (`variant="none"` when the flag could not be evaluated) |
 //!
 //! Every answer carries the headers `x-app-version` and `x-app-track`, so a
 //! client behind a load balancer can count who served it.
@@ -135,6 +135,10 @@ pub struct DemoConfig {
     /// The flag `/api/checkout` evaluates: truthy means the new flow.
     #[arg(long, default_value = "new-checkout")]
     pub checkout_flag: String,
+    /// Fraction (0.0–1.0) of `/api/checkout` requests served the new flow
+    /// that are answered with 500, spread evenly (a bad variant to kill).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub checkout_error_rate_new: f64,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -154,6 +158,19 @@ struct CodeLabels {
     version: String,
 }
 
+/// `/api/checkout` requests by the flag variant that chose the flow
+/// (`none` when the flag could not be evaluated).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VariantCodeLabels {
+    code: String,
+    variant: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VariantLabels {
+    variant: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TrackLabels {
     track: String,
@@ -170,6 +187,10 @@ struct AppState {
     durations: Family<TrackLabels, Histogram>,
     /// Where `/api/checkout` reads its flag.
     flags: checkout::FlagSource,
+    checkout_requests: Family<VariantCodeLabels, Counter>,
+    checkout_durations: Family<VariantLabels, Histogram>,
+    /// New-flow checkouts seen, for the error-rate spacing.
+    new_flow_requests: AtomicU64,
     /// `GET /` requests seen, for the error-rate spacing.
     root_requests: AtomicU64,
     served: AtomicU64,
@@ -209,9 +230,26 @@ impl AppState {
             "Time to answer HTTP requests",
             durations.clone(),
         );
+        let checkout_requests = Family::<VariantCodeLabels, Counter>::default();
+        registry.register(
+            "checkout_requests",
+            "/api/checkout requests by flag variant",
+            checkout_requests.clone(),
+        );
+        let checkout_durations = Family::<VariantLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.001, 2.0, 14))) as fn() -> Histogram,
+        );
+        registry.register(
+            "checkout_request_duration_seconds",
+            "Time to answer /api/checkout, by flag variant",
+            checkout_durations.clone(),
+        );
         let flags = checkout::FlagSource::new(&config);
         Ok(Self {
             flags,
+            checkout_requests,
+            checkout_durations,
+            new_flow_requests: AtomicU64::new(0),
             config,
             version_header,
             track_header,

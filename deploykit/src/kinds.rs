@@ -93,6 +93,8 @@ pub enum StepKind {
     RecordSwitching,
     RecordLive,
     Gate,
+    FlagShare,
+    FlagKill,
 }
 
 impl StepKind {
@@ -120,6 +122,8 @@ impl StepKind {
             StepKind::RecordSwitching => "record_switching",
             StepKind::RecordLive => "record_live",
             StepKind::Gate => "gate",
+            StepKind::FlagShare => "flag_share",
+            StepKind::FlagKill => "flag_kill",
         }
     }
 }
@@ -177,6 +181,8 @@ mod tests {
             StepKind::RecordSwitching,
             StepKind::RecordLive,
             StepKind::Gate,
+            StepKind::FlagShare,
+            StepKind::FlagKill,
         ] {
             let json = serde_json::to_string(&k).unwrap();
             assert_eq!(json, format!("\"{k}\""));

@@ -473,6 +473,25 @@ pub enum Step {
         /// The release they run.
         release: ReleaseId,
     },
+    /// Serve `variant` of feature flag `flag` to `percent` % of its
+    /// targeting keys and the flag's safe variant to the rest (the
+    /// executor's [`FlagSwitch`](crate::flags::FlagSwitch)); a canary
+    /// carrying a flag sets it after each traffic stage. A failure fails the
+    /// step like a failed weight change.
+    FlagShare {
+        /// The flag's key.
+        flag: String,
+        /// The variant the canary stands for.
+        variant: String,
+        /// Its share, 0 to 100.
+        percent: u8,
+    },
+    /// The kill switch of feature flag `flag`: everyone gets its safe
+    /// variant (what a canary's rollback does to the flag it carries).
+    FlagKill {
+        /// The flag's key.
+        flag: String,
+    },
     /// Send `requests` warm-up `GET path` requests to the instances of
     /// `group`, spread evenly. Failures are counted, not fatal;
     /// progress goes to the event stream.
@@ -525,6 +544,8 @@ impl Step {
             Step::RecordSwitching { .. } => StepKind::RecordSwitching,
             Step::RecordLive { .. } => StepKind::RecordLive,
             Step::Gate { .. } => StepKind::Gate,
+            Step::FlagShare { .. } => StepKind::FlagShare,
+            Step::FlagKill { .. } => StepKind::FlagKill,
         }
     }
 
@@ -544,7 +565,7 @@ impl Step {
             Step::Pause { .. } | Step::SetWeights { .. } | Step::SwitchTo { .. } => None,
             Step::Analyze { .. } | Step::AwaitPromotion { .. } | Step::BackupRelease { .. } => None,
             Step::WarmUp { .. } | Step::RecordSwitching { .. } | Step::RecordLive { .. } => None,
-            Step::Gate { .. } => None,
+            Step::Gate { .. } | Step::FlagShare { .. } | Step::FlagKill { .. } => None,
         }
     }
 
@@ -638,6 +659,12 @@ impl fmt::Display for Step {
             Step::RecordSwitching { from, to } => write!(f, "record switching {from} -> {to}"),
             Step::RecordLive { group } => write!(f, "record {group} live"),
             Step::Gate { name, group, release } => write!(f, "gate {name} against {group} on {release}"),
+            Step::FlagShare {
+                flag,
+                variant,
+                percent,
+            } => write!(f, "flag {flag}: {variant} to {percent}%"),
+            Step::FlagKill { flag } => write!(f, "kill flag {flag} (safe variant for everyone)"),
             other => match other.instance() {
                 Some(i) => write!(f, "{} {i}", other.kind()),
                 None => write!(f, "{}", other.kind()),

@@ -321,13 +321,30 @@ pub fn rollback(
                 &root.header.release,
             )))
         }
-        StrategyKind::Canary => Ok(Rollback::Plan(return_to(
-            fleet,
-            targets,
-            &touched,
-            &strategies.rolling,
-            Some(&strategies.canary),
-        )?)),
+        StrategyKind::Canary => {
+            let mut plan = return_to(
+                fleet,
+                targets,
+                &touched,
+                &strategies.rolling,
+                Some(&strategies.canary),
+            )?;
+            // The flag goes first: killing it ends the new code path's
+            // exposure at once, whatever the instances take.
+            if let Some(flag) = carried_flag(root.header.plan.as_ref()) {
+                plan.stages.insert(
+                    0,
+                    Stage {
+                        name: format!("kill flag {flag}"),
+                        units: vec![Unit {
+                            instance: None,
+                            steps: vec![Step::FlagKill { flag }],
+                        }],
+                    },
+                );
+            }
+            Ok(Rollback::Plan(plan))
+        }
         _ => Ok(Rollback::Plan(return_to(
             fleet,
             targets,
@@ -336,6 +353,20 @@ pub fn rollback(
             None,
         )?)),
     }
+}
+
+/// The feature flag a canary plan carries (see
+/// [`Canary::flag`](crate::Canary::flag)).
+pub fn carried_flag(plan: Option<&Plan>) -> Option<String> {
+    plan?
+        .stages
+        .iter()
+        .flat_map(|s| &s.units)
+        .flat_map(|u| &u.steps)
+        .find_map(|s| match s {
+            Step::FlagShare { flag, .. } => Some(flag.clone()),
+            _ => None,
+        })
 }
 
 /// The environment a blue-green plan switches to.

@@ -3,6 +3,7 @@
 //! HAProxy, lock contention, notifications, and the crash matrix (the CLI
 //! killed after journal records, then resumed or rolled back).
 
+mod canary_flag;
 mod commands;
 mod config;
 mod crash;

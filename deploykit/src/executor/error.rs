@@ -116,6 +116,14 @@ pub(crate) enum Failure {
         /// What its runner said.
         source: crate::integration::GateFailure,
     },
+    /// A feature flag could not be changed.
+    #[error("changing the feature flag {flag} failed: {source}")]
+    Flag {
+        /// The flag.
+        flag: String,
+        /// What the flag store said.
+        source: crate::flags::FlagError,
+    },
     /// A gate has no instance to check.
     #[error("the gate {name} has no instance to check: the group {group} is empty")]
     NothingToGate {

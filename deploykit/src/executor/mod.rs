@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{DriverError, Error, PreflightFailure, Result};
 use crate::event::EventSink;
+use crate::flags::FlagSwitch;
 use crate::integration::GateRunner;
 use crate::names::{InstanceId, ReleaseId};
 use crate::plan::{FleetSnapshot, InstanceSnapshot, Plan, Step};
@@ -120,6 +121,7 @@ pub struct ExecutorBuilder {
     metrics: Option<Arc<dyn MetricsSource>>,
     promotion: Option<PromotionHandle>,
     gates: Option<Arc<dyn GateRunner>>,
+    flags: Option<Arc<dyn FlagSwitch>>,
 }
 
 impl std::fmt::Debug for ExecutorBuilder {
@@ -194,6 +196,13 @@ impl ExecutorBuilder {
     /// What runs [`Step::Gate`] (required by plans with that step).
     pub fn gate_runner(mut self, runner: Arc<dyn GateRunner>) -> Self {
         self.gates = Some(runner);
+        self
+    }
+
+    /// What runs [`Step::FlagShare`] and [`Step::FlagKill`] (required by
+    /// plans with those steps: a canary carrying a feature flag).
+    pub fn flag_switch(mut self, flags: Arc<dyn FlagSwitch>) -> Self {
+        self.flags = Some(flags);
         self
     }
 
@@ -276,6 +285,7 @@ impl ExecutorBuilder {
                 metrics: self.metrics,
                 promotion: self.promotion,
                 gates: self.gates,
+                flags: self.flags,
             }),
         })
     }
@@ -310,6 +320,7 @@ pub(crate) struct Inner {
     pub(crate) metrics: Option<Arc<dyn MetricsSource>>,
     pub(crate) promotion: Option<PromotionHandle>,
     pub(crate) gates: Option<Arc<dyn GateRunner>>,
+    pub(crate) flags: Option<Arc<dyn FlagSwitch>>,
 }
 
 impl Executor {
@@ -433,6 +444,7 @@ impl Executor {
         let smoke = steps::instance::smoke_tester(&self.inner, plan)?;
         steps::canary::check(&self.inner, plan)?;
         steps::gate::check(&self.inner, plan)?;
+        steps::flag::check(&self.inner, plan)?;
         // Only a deployment checks its monitoring; a rollback or recovery
         // must not be held back by a metrics outage.
         if call_preflight && preflight == Preflight::Enforce {

@@ -557,6 +557,7 @@ impl<'a> Run<'a> {
             cancel: (!rollback).then_some(&self.inner.cancel),
             emit: &emit,
             smoke: self.smoke.as_deref(),
+            run: &self.id,
         };
         match step {
             Step::Analyze { .. } | Step::AwaitPromotion { .. } => {
@@ -566,6 +567,7 @@ impl<'a> Run<'a> {
                 steps::blue_green::run(&ctx, step).await
             }
             Step::Gate { .. } => steps::gate::run(&ctx, step).await,
+            Step::FlagShare { .. } | Step::FlagKill { .. } => steps::flag::run(&ctx, step).await,
             Step::Pause { .. } | Step::SetWeights { .. } | Step::SwitchTo { .. } | Step::WarmUp { .. } => {
                 steps::traffic::run(&ctx, step).await
             }

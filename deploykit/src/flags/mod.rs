@@ -62,10 +62,12 @@ mod model;
 mod rollout;
 mod semver;
 mod store;
+mod switch;
 
 pub use model::{Flag, FlagSet, FlagState, VariantType, SAFE_VARIANT_KEY};
 pub use rollout::{FlagRollout, RolloutEvent, RolloutOutcome};
 pub use store::{FlagChange, FlagChangeKind, FlagChangeRecord, FlagStore};
+pub use switch::FlagSwitch;
 
 /// An evaluation context: `targetingKey` and any attributes (user id,
 /// segment, country, app version …).

@@ -106,6 +106,16 @@ pub struct Canary {
     /// back with nothing switched. Default none. Not part of the `[strategy.canary]`
     /// section: the CLI fills it from `[[gitops.gates]]`.
     pub gates: Vec<String>,
+    /// A feature flag the canary carries: after each stage's weight change,
+    /// [`flag_variant`](Self::flag_variant) of this flag is served to the
+    /// stage's percent of targeting keys (the rest get the flag's safe
+    /// variant), and any rollback kills the flag (safe variant for
+    /// everyone). Needs the executor's
+    /// [`FlagSwitch`](crate::flags::FlagSwitch). Default none.
+    pub flag: Option<String>,
+    /// The variant of [`flag`](Self::flag) that stands for the new release.
+    /// Default `on`.
+    pub flag_variant: String,
 }
 
 impl Default for Canary {
@@ -122,6 +132,8 @@ impl Default for Canary {
             drain_timeout: Duration::from_secs(30),
             finalize_batch: 1,
             gates: Vec::new(),
+            flag: None,
+            flag_variant: "on".to_owned(),
         }
     }
 }
@@ -211,6 +223,20 @@ impl Canary {
                 ));
             }
         }
+        if let Some(flag) = &self.flag {
+            if flag.trim().is_empty() {
+                return Err(Error::invalid(
+                    "flag",
+                    "is empty; name the feature flag the canary carries, e.g. \"new-checkout\", or omit it",
+                ));
+            }
+            if self.flag_variant.trim().is_empty() {
+                return Err(Error::invalid(
+                    "flag_variant",
+                    "is empty; name the variant the new release stands for, e.g. \"on\"",
+                ));
+            }
+        }
         self.analysis.validate()
     }
 
@@ -225,6 +251,21 @@ impl Canary {
                 percent: canary,
             },
         ]
+    }
+
+    /// All traffic to stable, then the flag (if any) killed; a flag left on
+    /// fails the rollback, since the new code path may still be served.
+    fn on_abort(&self) -> Vec<AbortStep> {
+        let mut steps = vec![AbortStep::new(Step::SetWeights {
+            weights: self.weights(0),
+        })];
+        if let Some(flag) = &self.flag {
+            steps.push(
+                AbortStep::new(Step::FlagKill { flag: flag.clone() })
+                    .on_failure(crate::plan::AbortFailure::FailRollback),
+            );
+        }
+        steps
     }
 
     fn replace_steps(&self, id: &InstanceId, release: &ReleaseId) -> Vec<Step> {
@@ -278,9 +319,7 @@ impl Strategy for Canary {
             .with_drain_timeout(self.drain_timeout)
             .with_rollback_batch(self.finalize_batch)
             .with_skipped(skipped)
-            .with_on_abort(vec![AbortStep::new(Step::SetWeights {
-                weights: self.weights(0),
-            })])
+            .with_on_abort(self.on_abort())
             .with_leave_stopped(canary.iter().map(|i| i.backend.id.clone()).collect());
         if todo.is_empty() {
             // Stable already runs the release: nothing to do.
@@ -331,18 +370,23 @@ impl Strategy for Canary {
         let of = self.stages.len();
         for (k, w) in self.stages.iter().enumerate() {
             let stage = k + 1;
-            let mut steps = vec![
-                Step::SetWeights {
-                    weights: self.weights(*w),
-                },
-                Step::Analyze {
-                    stage,
-                    of,
-                    weight: *w,
-                    duration: self.stage_duration,
-                    analysis: analysis.clone(),
-                },
-            ];
+            let mut steps = vec![Step::SetWeights {
+                weights: self.weights(*w),
+            }];
+            if let Some(flag) = &self.flag {
+                steps.push(Step::FlagShare {
+                    flag: flag.clone(),
+                    variant: self.flag_variant.clone(),
+                    percent: *w,
+                });
+            }
+            steps.extend([Step::Analyze {
+                stage,
+                of,
+                weight: *w,
+                duration: self.stage_duration,
+                analysis: analysis.clone(),
+            }]);
             if let Promotion::Manual { timeout } = self.promotion {
                 if stage < of {
                     steps.push(Step::AwaitPromotion {

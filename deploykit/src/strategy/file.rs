@@ -107,6 +107,12 @@ pub(crate) struct RecreateDoc {
     drain_timeout: Duration,
 }
 
+/// Plans and configurations without a flag serialise as they did before
+/// canaries carried flags.
+fn is_default_flag_variant(v: &str) -> bool {
+    *v == Canary::default().flag_variant
+}
+
 impl Default for RecreateDoc {
     fn default() -> Self {
         Recreate::default().into()
@@ -296,6 +302,10 @@ pub(crate) struct CanaryDoc {
     health_interval: Duration,
     #[serde(with = "crate::duration_text")]
     drain_timeout: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flag: Option<String>,
+    #[serde(skip_serializing_if = "is_default_flag_variant")]
+    flag_variant: String,
 }
 
 impl Default for CanaryDoc {
@@ -337,6 +347,8 @@ impl From<Canary> for CanaryDoc {
             health_retries: c.health.retries,
             health_interval: c.health.interval,
             drain_timeout: c.drain_timeout,
+            flag: c.flag,
+            flag_variant: c.flag_variant,
         }
     }
 }
@@ -380,6 +392,8 @@ impl From<CanaryDoc> for Canary {
             drain_timeout: d.drain_timeout,
             finalize_batch: d.finalize_batch,
             gates: Vec::new(),
+            flag: d.flag,
+            flag_variant: d.flag_variant,
         }
     }
 }

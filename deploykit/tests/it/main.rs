@@ -5,6 +5,7 @@ mod util;
 
 mod blue_green;
 mod canary;
+mod canary_flag;
 mod crash;
 mod fixtures;
 mod flags;

@@ -11,6 +11,7 @@ use crate::smoke::SmokeTester;
 
 pub(super) mod blue_green;
 pub(super) mod canary;
+pub(super) mod flag;
 pub(super) mod gate;
 pub(super) mod instance;
 pub(super) mod traffic;
@@ -36,6 +37,8 @@ pub(super) struct StepCtx<'a> {
     pub(super) emit: &'a (dyn Fn(EventKind) + Send + Sync),
     /// What runs smoke checks and warm-up requests, if the plan needs it.
     pub(super) smoke: Option<&'a dyn SmokeTester>,
+    /// The run's id (who a flag change names).
+    pub(super) run: &'a str,
 }
 
 /// One driver call's result as an [`Outcome`].
