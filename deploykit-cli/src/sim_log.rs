@@ -628,6 +628,32 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_to_one_instance_in_one_round_apply_in_queue_order_as_one_line() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = FleetLog::new(dir.path());
+        log.update("web-0", install("v0")).await.expect("first write");
+        let gate = log.shared.gate.lock().await;
+        let mut calls = Vec::new();
+        for (n, r) in ["v1", "v2", "v3"].into_iter().enumerate() {
+            let log2 = log.clone();
+            calls.push(tokio::spawn(
+                async move { log2.update("web-1", install(r)).await },
+            ));
+            while log.shared.lock().queued < 1 + n + 1 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        drop(gate);
+        for c in calls {
+            c.await.expect("joined").expect("install");
+        }
+        let s = FleetLog::new(dir.path()).state("web-1").expect("state");
+        assert_eq!(s.release, Some(v("v3")), "the last queued wins");
+        assert_eq!(s.installed, [v("v1"), v("v2"), v("v3")], "applied in queue order");
+        assert_eq!(lines(dir.path()).len(), 2, "one line for the round");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_older_per_instance_file_is_read_then_moved_into_the_log() {
         let dir = tempfile::tempdir().expect("temp dir");
         let old = dir.path().join("web-3.json");
