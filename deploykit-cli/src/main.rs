@@ -34,6 +34,7 @@ mod recommend;
 mod sim;
 #[cfg(test)]
 mod sim_conformance;
+mod sim_log;
 mod wire;
 
 use std::io::IsTerminal;

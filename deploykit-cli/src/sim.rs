@@ -4,22 +4,23 @@
 //! crash-recovery tests, which kill the CLI mid-deployment and check what
 //! it left behind.
 //!
-//! Each instance is `<state>/simulated/<id>.json`
-//! (`{"release":"v2","installed":["v1","v2"],"running":true}`); the load
-//! balancer is `<state>/simulated/lb.json`
-//! (`{"out_of_rotation":["web-2"],"weights":{},"live":"blue"}`). Every change
-//! is written atomically (a temporary file renamed over the old one) but not
-//! `fsync`ed: the state survives a killed `deploykit` process, which is what
-//! trying deploykit and the crash tests need, but not a power cut, which
-//! may lose the last changes of a simulated fleet. The journal stays
+//! The instances' state is one append-only log per fleet,
+//! `<state>/simulated/instances.log` (see [`crate::sim_log`]: a line per
+//! change, appended without `fsync`). The load balancer is
+//! `<state>/simulated/lb.json`
+//! (`{"out_of_rotation":["web-2"],"weights":{},"live":"blue"}`), replaced
+//! atomically (a temporary file renamed over the old one) without `fsync`.
+//! Either way the state survives a killed `deploykit` process, which is
+//! what trying deploykit and the crash tests need, but not a power cut,
+//! which may lose the last changes of a simulated fleet. The journal stays
 //! durable as for real instances.
 //!
-//! Changes are written together ([`FileQueue`], group commit as the
-//! journal's): a call queues its change and waits; one writer applies every
-//! change queued meanwhile, file by file and in order, replaces each file
-//! once, and then answers all the calls together. The 100 stops of a batch
-//! thus finish together and their journal records share a flush, where
-//! calls answered one at a time would each need a flush of their own.
+//! The load balancer's changes are written together ([`FileQueue`], group
+//! commit as the journal's): a call queues its change and waits; one writer
+//! applies every change queued meanwhile, in order, replaces the file once,
+//! and then answers all the calls together. The 100 drains of a batch thus
+//! finish together and their journal records share a flush, where calls
+//! answered one at a time would each need a flush of their own.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -31,6 +32,8 @@ use deploykit::{
     SmokeTester,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::sim_log::FleetLog;
 
 /// What a simulated instance keeps on disk.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -355,48 +358,40 @@ pub(crate) fn dir(state_root: &Path) -> PathBuf {
     state_root.join("simulated")
 }
 
-/// An instance simulated in a file.
+/// An instance simulated in its fleet's state log.
 #[derive(Debug)]
 pub(crate) struct SimInstance {
     backend: Backend,
-    path: PathBuf,
     unhealthy: Vec<ReleaseId>,
-    writes: FileQueue<SimInstanceState>,
+    log: FleetLog,
 }
 
 impl SimInstance {
-    /// An instance whose changes go through `writes`, which the instances
-    /// of one fleet share so that a batch's changes are written together.
-    pub(crate) fn new(
-        backend: Backend,
-        state_root: &Path,
-        unhealthy: Vec<ReleaseId>,
-        writes: FileQueue<SimInstanceState>,
-    ) -> std::io::Result<Self> {
-        let dir = dir(state_root);
-        Ok(Self {
-            path: dir.join(format!("{}.json", backend.id)),
+    /// An instance whose state is kept in `log`, which the instances of
+    /// one fleet share so that a batch's changes are written together.
+    pub(crate) fn new(backend: Backend, unhealthy: Vec<ReleaseId>, log: FleetLog) -> Self {
+        Self {
             backend,
             unhealthy,
-            writes,
-        })
+            log,
+        }
     }
 
     pub(crate) fn state(&self) -> Result<SimInstanceState, DriverError> {
-        read(&self.path)
+        self.log.state(self.backend.id.as_str())
     }
 
     async fn update(
         &self,
         f: impl FnOnce(&mut SimInstanceState) -> Result<(), DriverError> + Send + 'static,
     ) -> Result<(), DriverError> {
-        self.writes.update(&self.path, f).await
+        self.log.update(self.backend.id.as_str(), f).await
     }
 }
 
 /// Contracts as the trait's: every method is idempotent and cancel-safe (its
-/// change lands in one atomic file write, shared with the changes queued
-/// with it); a failure leaves the file as it was.
+/// change lands in one line of the log, appended in one write with the
+/// changes queued with it); a failure leaves the state as it was.
 #[async_trait]
 impl Instance for SimInstance {
     fn backend(&self) -> &Backend {
@@ -586,112 +581,6 @@ mod tests {
                 .expect("valid address"),
             group: Group::new("stable").expect("valid group"),
         }
-    }
-
-    fn fleet(root: &Path, n: usize) -> (FileQueue<SimInstanceState>, Vec<Arc<SimInstance>>) {
-        let writes = FileQueue::default();
-        let fleet = (0..n)
-            .map(|i| Arc::new(SimInstance::new(backend(i), root, vec![], writes.clone()).expect("instance")))
-            .collect();
-        (writes, fleet)
-    }
-
-    /// Runs `call` on every instance at once while the writer is held
-    /// before its first write, releases it once every call has queued its
-    /// change, and returns the results, each call having checked the file
-    /// as it returned.
-    async fn together<F, Fut>(
-        writes: &FileQueue<SimInstanceState>,
-        fleet: &[Arc<SimInstance>],
-        call: F,
-    ) -> Vec<Result<(), DriverError>>
-    where
-        F: Fn(Arc<SimInstance>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), DriverError>> + Send + 'static,
-    {
-        let before = writes.shared.lock().queued;
-        let gate = writes.shared.gate.lock().await;
-        let calls: Vec<_> = fleet.iter().map(|i| tokio::spawn(call(i.clone()))).collect();
-        while writes.shared.lock().queued < before + fleet.len() {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        drop(gate);
-        let mut results = Vec::new();
-        for c in calls {
-            results.push(c.await.expect("the call did not panic"));
-        }
-        results
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_batchs_changes_share_one_round_and_each_is_in_its_file_when_its_call_returns() {
-        let root = tempfile::tempdir().expect("temp dir");
-        let (writes, fleet) = fleet(root.path(), 100);
-        let v1 = ReleaseId::new("v1").expect("release");
-        let results = together(&writes, &fleet, move |i| {
-            let v1 = v1.clone();
-            async move {
-                i.install(&v1).await?;
-                // The call returned: the file must already hold its change.
-                assert_eq!(i.state()?.release, Some(v1), "{}", i.backend.id);
-                Ok(())
-            }
-        })
-        .await;
-        assert!(results.iter().all(Result::is_ok), "{results:?}");
-        // One round for the 100 changes queued together, each instance's
-        // file replaced once in it.
-        assert_eq!(writes.shared.lock().rounds, 1);
-        assert_eq!(
-            writes.shared.writes.load(std::sync::atomic::Ordering::Relaxed),
-            100
-        );
-        let results = together(&writes, &fleet, |i| async move {
-            i.start().await?;
-            assert!(i.state()?.running);
-            assert!(matches!(i.health().await?, Health::Healthy));
-            Ok(())
-        })
-        .await;
-        assert!(results.iter().all(Result::is_ok), "{results:?}");
-        assert_eq!(writes.shared.lock().rounds, 2);
-        assert_eq!(
-            writes.shared.writes.load(std::sync::atomic::Ordering::Relaxed),
-            200
-        );
-        // The writer stops once the queue is empty, and the next change
-        // starts it again.
-        for _ in 0..5_000 {
-            if !writes.shared.lock().writing {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        assert!(!writes.shared.lock().writing, "the writer is idle again");
-        fleet[0].stop().await.expect("stop");
-        assert!(!fleet[0].state().expect("state").running);
-        assert_eq!(writes.shared.lock().rounds, 3);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_refused_change_fails_alone_and_the_others_of_its_round_are_written() {
-        let root = tempfile::tempdir().expect("temp dir");
-        let (writes, fleet) = fleet(root.path(), 10);
-        let v1 = ReleaseId::new("v1").expect("release");
-        fleet[3].install(&v1).await.expect("install on web-3 only");
-        let results = together(&writes, &fleet, |i| async move { i.start().await }).await;
-        for (n, r) in results.iter().enumerate() {
-            match n {
-                3 => assert!(r.is_ok(), "{r:?}"),
-                _ => {
-                    let e = r.as_ref().expect_err("no release installed");
-                    assert_eq!(e.to_string(), "no release installed");
-                    // A refused change leaves the file as it was (no file).
-                    assert_eq!(fleet[n].state().expect("state"), SimInstanceState::default());
-                }
-            }
-        }
-        assert!(fleet[3].state().expect("state").running);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,11 +61,9 @@ async fn the_simulated_instance_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let inst = SimInstance::new(
         backend("web-1", "default"),
-        dir.path(),
         Vec::new(),
-        Default::default(),
-    )
-    .unwrap();
+        crate::sim_log::FleetLog::new(dir.path()),
+    );
     let releases = [ReleaseId::new("v1").unwrap(), ReleaseId::new("v2").unwrap()];
     // A simulated instance keeps no deployment marker.
     let done = InstanceSuite::default()

@@ -63,7 +63,7 @@ pub(crate) fn check_release(cfg: &Loaded, release: &ReleaseId) -> deploykit::Res
 /// The instances, in the order of the file.
 pub(crate) fn instances(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Vec<Arc<dyn Instance>>> {
     let mut out: Vec<Arc<dyn Instance>> = Vec::new();
-    let sim_writes = crate::sim::FileQueue::default();
+    let sim_log = crate::sim_log::FleetLog::new(&crate::sim::dir(state.root()));
     for i in &cfg.instances {
         let backend = Backend {
             id: i.id.clone(),
@@ -72,10 +72,7 @@ pub(crate) fn instances(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Vec<Ar
         };
         if let Control::Simulated { unhealthy } = &i.control {
             let unhealthy = unhealthy.iter().map(ReleaseId::new).collect::<Result<_, _>>()?;
-            out.push(Arc::new(
-                SimInstance::new(backend, state.root(), unhealthy, sim_writes.clone())
-                    .context("creating the simulated instance state")?,
-            ));
+            out.push(Arc::new(SimInstance::new(backend, unhealthy, sim_log.clone())));
             continue;
         }
         let root = cfg.resolve(i.root.as_deref().expect("checked: root is set"));

@@ -57,7 +57,7 @@ fn plan_shows_steps_batches_and_duration_and_touches_nothing() {
     assert!(out.contains("projected duration: 10s to"), "{out}");
     assert!(out.contains("install v2 on web-5"), "{out}");
     // Nothing was installed.
-    assert!(!env.state().join("simulated").join("web-1.json").exists());
+    assert!(!env.state().join("simulated").join("instances.log").exists());
     let json = env.ok(&["--json", "plan", "v2", "--strategy", "recreate"], 0);
     let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
     assert_eq!(v["plan"]["strategy"], "recreate");

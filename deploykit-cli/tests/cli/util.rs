@@ -62,10 +62,23 @@ impl Env {
         self.path().join(".deploykit").join(&self.app)
     }
 
-    /// A simulated instance's state file.
+    /// A simulated instance's state, folded from the fleet's log as the
+    /// CLI reads it: the last whole line of `id` wins, a last line without
+    /// its newline (a write cut by a kill) is ignored.
     pub(crate) fn sim(&self, id: &str) -> Value {
-        let p = self.state().join("simulated").join(format!("{id}.json"));
-        serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+        let p = self.state().join("simulated").join("instances.log");
+        let log = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let whole = &log[..log.rfind('\n').map_or(0, |end| end + 1)];
+        let mut found = None;
+        for (n, line) in whole.lines().enumerate() {
+            let mut v: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{} line {}: {e}: {line}", p.display(), n + 1));
+            if v["id"] == id {
+                v.as_object_mut().expect("a JSON object").remove("id");
+                found = Some(v);
+            }
+        }
+        found.unwrap_or_else(|| panic!("{} has no line for {id}:\n{log}", p.display()))
     }
 
     /// The simulated load balancer's state.
