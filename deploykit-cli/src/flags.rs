@@ -624,7 +624,7 @@ pub(crate) fn print_history(changes: &[deploykit::flags::FlagChangeRecord]) {
         };
         outln!(
             "{:<20} {:<24} {:<20} {:<9} {:<22} {}",
-            utc(c.at_ms),
+            deploykit::state::utc_datetime(c.at_ms / 1000),
             c.flag,
             c.who,
             c.kind.name(),
@@ -634,38 +634,9 @@ pub(crate) fn print_history(changes: &[deploykit::flags::FlagChangeRecord]) {
     }
 }
 
-/// `ms` since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC).
-fn utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(utc(0), "1970-01-01 00:00:00");
-        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00");
-        assert_eq!(utc(1_798_761_599_000), "2026-12-31 23:59:59");
-    }
 
     #[test]
     fn context_pairs() {

@@ -298,9 +298,14 @@ fn process_start(pid: u32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
-/// `YYYY-MM-DD HH:MM:SS UTC` for Unix seconds (civil-from-days, Howard
-/// Hinnant's algorithm).
+/// `YYYY-MM-DD HH:MM:SS UTC` for Unix seconds.
 pub(crate) fn format_utc(secs: u64) -> String {
+    format!("{} UTC", utc_datetime(secs))
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC for Unix seconds (civil-from-days, Howard
+/// Hinnant's algorithm), for times a person reads.
+pub fn utc_datetime(secs: u64) -> String {
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
     let rem = secs % 86_400;
     let z = days + 719_468;
@@ -313,7 +318,7 @@ pub(crate) fn format_utc(secs: u64) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
@@ -329,6 +334,7 @@ mod tests {
         assert_eq!(format_utc(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(format_utc(1_700_000_000), "2023-11-14 22:13:20 UTC");
         assert_eq!(format_utc(951_825_600), "2000-02-29 12:00:00 UTC");
+        assert_eq!(utc_datetime(1_798_761_599), "2026-12-31 23:59:59");
     }
 
     #[test]

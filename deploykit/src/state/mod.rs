@@ -69,7 +69,7 @@ pub use journal::{
     FlushStats, HistoryEntry, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalRecord,
     JournalSummary, RunKind, SourceCommit,
 };
-pub use lock::{DeployLock, Holder, LockAttempt};
+pub use lock::{utc_datetime, DeployLock, Holder, LockAttempt};
 pub use marker::{claim, release, ClaimRefused, InstanceMarker};
 
 use crate::error::{Error, Result};
