@@ -2,7 +2,6 @@
 //! promote, abort, history, validate. Each wires library objects together;
 //! the outcome becomes an exit code in `main`.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -17,7 +16,7 @@ use deploykit::state::{
     LockAttempt, RunKind, SourceCommit, StateDir,
 };
 use deploykit::{
-    run_id, Event, EventSink, Executor, Fanout, InstanceId, OutcomeKind, ReleaseId, Report, RunOptions,
+    run_id, Event, EventSink, Executor, Fanout, OutcomeKind, ReleaseId, Report, RunOptions,
     StrategyKind as LibKind,
 };
 
@@ -615,42 +614,11 @@ async fn run_deploy(
             Start::Fresh(..) => Default::default(),
         };
         let options = RunOptions::default().with_id(&id).with_unsettled(unsettled);
-        let mut report = unless_refused(&journal, exec.run(&plan, options).await)?;
+        // An abort of a resumed run returns the instances the interrupted
+        // run finished too: the plan names them (recovery::resume).
+        let report = unless_refused(&journal, exec.run(&plan, options).await)?;
         sig.abort();
         watcher.abort();
-        if kind == RunKind::Resume && report.outcome != OutcomeKind::Succeeded && !plan.skipped.is_empty() {
-            // The resumed part failed and rolled back; the instances the
-            // interrupted run had finished are still on the new release: return
-            // them too, so the fleet ends on one release.
-            let targets = journal.header().previous.clone();
-            // Whatever stops the undo (the fleet unreadable, a refused plan) is
-            // a failed rollback, recorded as such: never an unfinished journal.
-            let undo: anyhow::Result<Option<String>> = async {
-                let snap = exec.snapshot().await?;
-                let moved: BTreeSet<InstanceId> = plan.skipped.iter().cloned().collect();
-                let rolling = ctx.cfg.raw.strategy.rolling.clone();
-                let back = recovery::return_to(&snap, &targets, &moved, &rolling, None)?;
-                let undo = exec
-                    .run(
-                        &back,
-                        RunOptions::recovery().with_id(format!("{}-undo", report.deployment)),
-                    )
-                    .await?;
-                Ok((undo.outcome != OutcomeKind::Succeeded).then(|| undo.reason.unwrap_or_default()))
-            }
-            .await;
-            let failed = match undo {
-                Ok(failed) => failed,
-                Err(e) => Some(format!("{e:#}")),
-            };
-            if let Some(why) = failed {
-                report.outcome = OutcomeKind::RollbackFailed;
-                report.reason = Some(format!(
-                    "{}; returning the instances finished before the interruption failed: {why}",
-                    report.reason.clone().unwrap_or_default(),
-                ));
-            }
-        }
         conclude(ctx, exec, &journal, &report, human.as_deref()).await
     }
     .await;

@@ -245,6 +245,12 @@ pub struct Plan {
     /// calls them [`Idle`](crate::InstanceStatus::Idle).
     #[serde(default)]
     pub leave_stopped: Vec<InstanceId>,
+    /// Instances an earlier, interrupted run of the same deployment moved
+    /// off their [`previous`](Self::previous) release (a resume plan, see
+    /// [`recovery::resume`](crate::recovery::resume)): an abort returns
+    /// them too, skipped or not, so it undoes the whole deployment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved: Vec<InstanceId>,
 }
 
 /// [`Plan`] as journals hold it, including the forms of earlier releases.
@@ -266,6 +272,8 @@ struct PlanOnDisk {
     instance_undo: Option<InstanceUndo>,
     #[serde(default)]
     leave_stopped: Vec<InstanceId>,
+    #[serde(default)]
+    moved: Vec<InstanceId>,
 }
 
 /// [`FailurePolicy`] on disk: `blue_green` is the first release's policy
@@ -301,6 +309,7 @@ impl From<PlanOnDisk> for Plan {
             on_abort: p.on_abort,
             instance_undo: p.instance_undo.or(undo).unwrap_or_default(),
             leave_stopped: p.leave_stopped,
+            moved: p.moved,
         }
     }
 }
@@ -719,6 +728,7 @@ impl Plan {
             on_abort: Vec::new(),
             instance_undo: InstanceUndo::Serve,
             leave_stopped: Vec::new(),
+            moved: Vec::new(),
         }
     }
 
@@ -750,6 +760,13 @@ impl Plan {
     /// Sets the instances already on the release.
     pub fn with_skipped(mut self, skipped: Vec<InstanceId>) -> Self {
         self.skipped = skipped;
+        self
+    }
+
+    /// Sets the instances an earlier run of the deployment moved (see
+    /// [`moved`](Self::moved)).
+    pub fn with_moved(mut self, moved: Vec<InstanceId>) -> Self {
+        self.moved = moved;
         self
     }
 

@@ -11,7 +11,9 @@
 //! * [`resume`] finishes the deployment: the same strategy planned again
 //!   over the fleet, with every instance left part-way treated as still on
 //!   its previous release (so it is redone from the start), and a blue-green
-//!   deployment that had already switched traffic recognised as done.
+//!   deployment that had already switched traffic recognised as done. If
+//!   the resume aborts, it returns every instance the deployment moved,
+//!   those the interrupted run finished too ([`Plan::moved`]).
 //! * [`rollback`] undoes it: every instance that is not on the release it
 //!   ran before, or that some run left part-way, is returned to it, serving
 //!   (canary instances are returned stopped, after all traffic goes back to
@@ -201,6 +203,10 @@ pub enum Rollback {
 
 /// The plan that finishes the newest, interrupted run of `recorded`.
 ///
+/// Its [`previous`](Plan::previous) is what each instance ran before the
+/// deployment and its [`moved`](Plan::moved) the instances earlier runs
+/// took off that release, so that an abort undoes the whole deployment.
+///
 /// `fleet` is the fleet as it is now; `live` is the reconciled live
 /// environment (see [`reconcile`](crate::bluegreen_state::reconcile)),
 /// needed for blue-green only.
@@ -263,13 +269,28 @@ pub fn resume(
             }
         }
     }
-    let plan = strategy.plan(&fleet, &h.release)?;
+    let mut plan = strategy.plan(&fleet, &h.release)?;
     if h.strategy == StrategyKind::Canary && plan.stages.is_empty() {
         // Every stable instance was moved: what may be left is the canary's
         // end, all traffic to stable and the canary instances stopped. It
         // restores nothing, so it starts from the fleet as found.
         return Ok(Resume::Plan(finish_canary(&strategies.canary, found, &h.release)));
     }
+    // An abort undoes the whole deployment, not only this run: every
+    // instance returns to what it ran before the deployment, so those the
+    // interrupted runs finished (skipped here) are handed back too.
+    let before = &recorded.deployment().header.previous;
+    for (id, previous) in &mut plan.previous {
+        if let Some(b) = before.get(id) {
+            previous.clone_from(b);
+        }
+    }
+    plan.moved = found
+        .instances
+        .iter()
+        .filter(|i| before.get(&i.backend.id).is_some_and(|b| *b != i.release))
+        .map(|i| i.backend.id.clone())
+        .collect();
     Ok(Resume::Plan(plan))
 }
 
@@ -770,6 +791,9 @@ mod tests {
             .filter_map(|u| u.instance.clone())
             .collect();
         assert_eq!(redone, [iid("b"), iid("c")]);
+        // An abort returns what the deployment moved, a too.
+        assert_eq!(plan.previous[&iid("a")], Some(rid("v1")));
+        assert_eq!(plan.moved, [iid("a"), iid("b")]);
         // A finished run is not resumed.
         rec.chain[0].finished = Some(JournalOutcome {
             outcome: OutcomeKind::Succeeded,

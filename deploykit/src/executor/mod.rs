@@ -477,6 +477,13 @@ impl Executor {
                 }
             }
         }
+        // An abort restores the moved instances: each must be driven here.
+        if let Some(i) = plan.moved.iter().find(|i| !self.inner.by_id.contains_key(*i)) {
+            return Err(Error::invalid(
+                "plan",
+                format!("its moved instance {i} is not in this executor's fleet"),
+            ));
+        }
         Ok(())
     }
 

@@ -118,6 +118,16 @@ fn instance_report(plan: &Plan, id: &InstanceId, tracked: Option<&Tracked>) -> I
             error: None,
         };
     };
+    if t.phase == Phase::Completed && plan.skipped.contains(id) {
+        // Moved by an earlier run of the deployment and not undone.
+        return InstanceReport {
+            id: id.clone(),
+            status: InstanceStatus::Skipped,
+            release: Some(plan.release.clone()),
+            previous,
+            error: None,
+        };
+    }
     let (status, release) = status(t, plan.leave_stopped.contains(id), &previous, &plan.release);
     InstanceReport {
         id: id.clone(),

@@ -63,18 +63,31 @@ impl<'a> Run<'a> {
         prepared: Prepared,
         unsettled: &std::collections::BTreeSet<InstanceId>,
     ) -> Self {
-        let tracked = plan
+        let mut tracked: BTreeMap<InstanceId, Tracked> = plan
             .instances()
             .into_iter()
             .map(|i| {
                 let previous = plan.previous.get(&i).cloned().flatten();
                 let mut progress = InstanceProgress::untouched(previous);
-                // Left part-way by an interrupted run: assume the worst, so a
-                // restore does every step.
-                progress.release_changed = unsettled.contains(&i);
+                // Left part-way or moved by an interrupted run: assume the
+                // worst, so a restore does every step.
+                progress.release_changed = unsettled.contains(&i) || plan.moved.contains(&i);
                 (i, Tracked::new(progress))
             })
             .collect();
+        for id in plan.moved.iter().filter(|i| plan.skipped.contains(i)) {
+            // Finished by an interrupted run of the same deployment: on the
+            // release and serving it, so an abort returns it like the rest.
+            let progress = InstanceProgress {
+                previous: plan.previous.get(id).cloned().flatten(),
+                release_changed: true,
+                in_rotation: true,
+                running: true,
+            };
+            let mut t = Tracked::new(progress);
+            t.phase = Phase::Completed;
+            tracked.entry(id.clone()).or_insert(t);
+        }
         Self {
             inner,
             plan,

@@ -621,6 +621,73 @@ fn a_recovery_that_is_itself_killed_is_recovered_again() {
     }
 }
 
+/// A resume that aborts undoes the whole deployment: the instances the
+/// killed run had finished, which the resume skips, go back to v1 too, and
+/// its report says where each one ended.
+#[test]
+fn a_resume_that_aborts_returns_the_instances_the_killed_run_finished() {
+    let id = |s: &str| InstanceId::new(s).unwrap();
+    let total = records(StrategyKind::Rolling, 4, 1);
+    // The first kill point after which i-1 and i-2 serve v2 and i-3 has
+    // not been touched.
+    let found = (1..total).find_map(|k| {
+        block_on(async {
+            let w = World::new(StrategyKind::Rolling, 4, 1);
+            let (_, _, report) = w.deploy(k).await;
+            let f = &w.fleet;
+            let done = report.is_none()
+                && f.serving_release("i-1") == Some(v("v2"))
+                && f.serving_release("i-2") == Some(v("v2"))
+                && f.serving_release("i-3") == Some(v("v1"))
+                && f.in_rotation("i-2");
+            done.then_some(k)
+        })
+    });
+    let k = found.expect("a kill point with two instances finished");
+    block_on(async {
+        let w = World::new(StrategyKind::Rolling, 4, 1);
+        let (_, _, report) = w.deploy(k).await;
+        assert!(report.is_none(), "killed after record {k}");
+        // The resumed part fails: i-4 never gets healthy on v2.
+        let _ = w.fleet.clone().fault(
+            "i-4",
+            deploykit_testkit::Op::Health,
+            deploykit_testkit::Fault::NewRelease,
+        );
+        let (report, plan) = w.recover(How::Resume).await;
+        let (report, plan) = (report.expect("a resume runs"), plan.expect("with a plan"));
+        assert_eq!(
+            plan.skipped,
+            [id("i-1"), id("i-2")],
+            "the killed run finished them"
+        );
+        assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}");
+        for i in ["i-1", "i-2", "i-3", "i-4"] {
+            assert_eq!(
+                w.fleet.serving_release(i),
+                Some(v("v1")),
+                "{i} serves v1 again:\n{report}"
+            );
+        }
+        for i in ["i-1", "i-2"] {
+            let line = report
+                .instances
+                .iter()
+                .find(|l| l.id.as_str() == i)
+                .expect("reported");
+            assert_eq!(
+                line.status,
+                deploykit::InstanceStatus::RolledBack,
+                "{i}:\n{report}"
+            );
+            assert_eq!(line.previous, Some(v("v1")), "{i} ran v1 before the deployment");
+            assert_eq!(line.release, Some(v("v1")), "{i}:\n{report}");
+        }
+        let inv = w.fleet.check(&report, 2);
+        assert!(inv.is_ok(), "{inv:?}");
+    });
+}
+
 fn kind() -> impl Strategy<Value = StrategyKind> {
     prop_oneof![
         Just(StrategyKind::Rolling),
