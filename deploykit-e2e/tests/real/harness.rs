@@ -347,39 +347,12 @@ impl Http {
 
     /// GET `url` with a 10 s bound; `Err` for transport errors.
     pub async fn get(&self, url: &str) -> Result<Answer, String> {
-        let uri: hyper::Uri = url.parse().map_err(|e| format!("bad url {url}: {e}"))?;
-        let fut = async {
-            let resp = self
-                .client
-                .get(uri)
-                .await
-                .map_err(|e| format!("GET {url}: {e:?}"))?;
-            let status = resp.status().as_u16();
-            let headers: BTreeMap<String, String> = resp
-                .headers()
-                .iter()
-                .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
-                .collect();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| format!("GET {url} body: {e}"))?
-                .to_bytes();
-            Ok(Answer {
-                status,
-                version: headers.get("x-app-version").cloned(),
-                body: String::from_utf8_lossy(&body).into_owned(),
-                headers,
-            })
-        };
-        timeout(Duration::from_secs(10), fut)
-            .await
-            .map_err(|_| format!("GET {url}: no answer within 10 s"))?
+        self.send("GET", url, &[]).await
     }
 
     /// `method` `url` with extra request `headers` (empty body), 10 s
-    /// bound; `Err` for transport errors.
+    /// bound; `Err` for transport errors, whose text keeps hyper's error
+    /// kind (`IncompleteMessage`, …) for [`crate::load::closed_before_response`].
     pub async fn send(&self, method: &str, url: &str, headers: &[(&str, &str)]) -> Result<Answer, String> {
         let mut req = hyper::Request::builder().method(method).uri(url);
         for (k, v) in headers {
@@ -393,7 +366,7 @@ impl Http {
                 .client
                 .request(req)
                 .await
-                .map_err(|e| format!("{method} {url}: {e}"))?;
+                .map_err(|e| format!("{method} {url}: {e:?}"))?;
             let status = resp.status().as_u16();
             let headers: BTreeMap<String, String> = resp
                 .headers()
