@@ -389,56 +389,11 @@ async fn haproxy_with_a_map_dir_conforms_on_its_routing_policies() {
     // One use_backend line per rule the suite applies, each map loaded
     // (empty) at start, as docs/load-balancers.md has the user write them.
     let groups = [Group::new("stable").unwrap(), Group::new("canary").unwrap()];
-    let mut lines = String::new();
-    for case in conformance::policies(&groups) {
-        for rule in &case.policy.rules {
-            let line = deploykit::lb::haproxy::config_line(&maps, "app", &rule.matches);
-            let file = line
-                .split_once("map_")
-                .and_then(|(_, t)| t.split_once('('))
-                .and_then(|(_, t)| t.split_once(')'))
-                .map(|(f, _)| f.to_owned())
-                .expect("a map file in the use_backend line");
-            std::fs::write(file, "").unwrap();
-            lines.push_str(&format!("    {line}\n"));
-        }
-    }
-    let port = free_port();
-    let cfg = format!(
-        r#"global
-    stats socket {sock} mode 600 level admin
-    stats timeout 30s
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-    timeout queue 10s
-frontend fe
-    bind 127.0.0.1:{port}
-{lines}    default_backend app
-backend app
-    balance roundrobin
-    retries 0
-    server i-1 {s} weight 1 check inter 1s
-    server i-2 {c} weight 1 check inter 1s
-backend app__stable
-    server i-1 {s} track app/i-1
-backend app__canary
-    server i-2 {c} track app/i-2
-"#,
-        sock = crate::harness::Haproxy::socket(dir.path()).display(),
-        s = stable.addr,
-        c = canary.addr,
-    );
-    let haproxy = crate::harness::Haproxy::start(&bin, dir.path(), port, &cfg).await;
-    let lb = deploykit::lb::HaproxyLoadBalancer::builder()
-        .socket(crate::harness::Haproxy::socket(dir.path()))
-        .backend_name("app")
-        .backends(backends.iter().cloned())
-        .map_dir(&maps)
-        .build()
-        .unwrap();
+    let cases = conformance::policies(&groups);
+    let matches = cases
+        .iter()
+        .flat_map(|case| case.policy.rules.iter().map(|rule| &rule.matches));
+    let (haproxy, lb) = crate::routing::haproxy_with_maps(&bin, dir.path(), &maps, &backends, matches).await;
     for c in [
         Capability::HeaderMatch,
         Capability::QueryMatch,

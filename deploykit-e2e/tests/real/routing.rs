@@ -524,59 +524,14 @@ async fn haproxy_rules_route_through_runtime_maps_under_load_without_a_failed_re
             value: ValueMatch::Regex(r"^b\d$".into()),
         }),
     ];
-    let mut lines = String::new();
-    for r in &rules {
-        // HAProxy loads each map at start: an empty file for every rule.
-        let line = deploykit::lb::haproxy::config_line(&maps, "app", &r.matches);
-        let file = line
-            .split("map_")
-            .nth(1)
-            .and_then(|t| t.split_once('('))
-            .map(|t| t.1)
-            .and_then(|t| t.split(')').next())
-            .unwrap();
-        std::fs::write(file, "").unwrap();
-        lines.push_str(&format!(
-            "    {}\n",
-            deploykit::lb::haproxy::config_line(&maps, "app", &r.matches)
-        ));
-    }
-    let port = free_port();
-    let cfg = format!(
-        r#"global
-    stats socket {sock} mode 600 level admin
-    stats timeout 30s
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-    timeout queue 10s
-frontend fe
-    bind 127.0.0.1:{port}
-{lines}    default_backend app
-backend app
-    balance roundrobin
-    retries 0
-    server i-1 {s} weight 1 check inter 1s
-    server i-2 {c} weight 1 check inter 1s
-backend app__stable
-    server i-1 {s} track app/i-1
-backend app__canary
-    server i-2 {c} track app/i-2
-"#,
-        sock = crate::harness::Haproxy::socket(dir.path()).display(),
-        s = stable.addr,
-        c = canary.addr,
-    );
-    let haproxy = crate::harness::Haproxy::start(&bin, dir.path(), port, &cfg).await;
-    let lb = deploykit::lb::HaproxyLoadBalancer::builder()
-        .socket(crate::harness::Haproxy::socket(dir.path()))
-        .backend_name("app")
-        .backends(backends.iter().cloned())
-        .map_dir(&maps)
-        .build()
-        .unwrap();
+    let (haproxy, lb) = haproxy_with_maps(
+        &bin,
+        dir.path(),
+        &maps,
+        &backends,
+        rules.iter().map(|r| &r.matches),
+    )
+    .await;
     lb.check()
         .await
         .expect("HAProxy knows every server and every group backend");
@@ -688,4 +643,66 @@ async fn haproxy_with_routing_rules_on_but_no_group_backends_fails_the_preflight
     assert_eq!(e.preflight_failure(), Some(PreflightFailure::NotWired), "{e}");
     let want = format!("HAProxy has no backend app__stable: add to haproxy.cfg `backend app__stable` with `server i-1 {} track app/i-1`", app.addr);
     assert!(e.message().starts_with(&want), "{e}");
+}
+
+/// HAProxy in front of `backends` (i-1 on stable, i-2 on canary) with a
+/// group backend each and one `use_backend` line per match, every map
+/// loaded (empty) at start, as `docs/load-balancers.md` has the user write
+/// them; and the driver for it with `map_dir = maps`.
+pub(crate) async fn haproxy_with_maps<'a>(
+    bin: &Path,
+    dir: &Path,
+    maps: &Path,
+    backends: &[Backend],
+    matches: impl IntoIterator<Item = &'a Match>,
+) -> (crate::harness::Haproxy, deploykit::lb::HaproxyLoadBalancer) {
+    let mut lines = String::new();
+    for m in matches {
+        let line = deploykit::lb::haproxy::config_line(maps, "app", m);
+        let file = line
+            .split_once("map_")
+            .and_then(|(_, t)| t.split_once('('))
+            .and_then(|(_, t)| t.split_once(')'))
+            .map(|(f, _)| f.to_owned())
+            .expect("a map file in the use_backend line");
+        std::fs::write(file, "").unwrap();
+        lines.push_str(&format!("    {line}\n"));
+    }
+    let port = free_port();
+    let cfg = format!(
+        r#"global
+    stats socket {sock} mode 600 level admin
+    stats timeout 30s
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout queue 10s
+frontend fe
+    bind 127.0.0.1:{port}
+{lines}    default_backend app
+backend app
+    balance roundrobin
+    retries 0
+    server i-1 {s} weight 1 check inter 1s
+    server i-2 {c} weight 1 check inter 1s
+backend app__stable
+    server i-1 {s} track app/i-1
+backend app__canary
+    server i-2 {c} track app/i-2
+"#,
+        sock = crate::harness::Haproxy::socket(dir).display(),
+        s = backends[0].address,
+        c = backends[1].address,
+    );
+    let haproxy = crate::harness::Haproxy::start(bin, dir, port, &cfg).await;
+    let lb = deploykit::lb::HaproxyLoadBalancer::builder()
+        .socket(crate::harness::Haproxy::socket(dir))
+        .backend_name("app")
+        .backends(backends.iter().cloned())
+        .map_dir(maps)
+        .build()
+        .unwrap();
+    (haproxy, lb)
 }
