@@ -141,12 +141,6 @@ struct QueueShared<S> {
     gate: tokio::sync::Mutex<()>,
 }
 
-/// Above this many files in one round the writer spreads them over
-/// [`WRITER_THREADS`] threads: a rename waits for the filesystem, and
-/// a batch's files need not wait for each other.
-const PARALLEL_FILES: usize = 8;
-const WRITER_THREADS: usize = 4;
-
 impl<S> Default for FileQueue<S> {
     fn default() -> Self {
         Self {
@@ -265,36 +259,10 @@ where
         // The answers go out together once the round is written, so that
         // the calls of a batch go on together (and their journal records
         // share a flush) rather than in the order their files were written.
-        let answers: Vec<Answer> = if files.len() < PARALLEL_FILES {
-            files
-                .into_iter()
-                .flat_map(|(path, changes)| write_file(shared, &path, changes))
-                .collect()
-        } else {
-            let per_thread = files.len().div_ceil(WRITER_THREADS);
-            let mut chunks = Vec::new();
-            while !files.is_empty() {
-                let rest = files.split_off(files.len().min(per_thread));
-                chunks.push(std::mem::replace(&mut files, rest));
-            }
-            std::thread::scope(|scope| {
-                let threads: Vec<_> = chunks
-                    .into_iter()
-                    .map(|chunk| {
-                        scope.spawn(move || {
-                            chunk
-                                .into_iter()
-                                .flat_map(|(path, changes)| write_file(shared, &path, changes))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                threads
-                    .into_iter()
-                    .flat_map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                    .collect()
-            })
-        };
+        let answers: Vec<Answer> = files
+            .into_iter()
+            .flat_map(|(path, changes)| write_file(shared, &path, changes))
+            .collect();
         for (answer, result) in answers {
             // A call that gave up waiting has dropped its receiver.
             let _ = answer.send(result);
