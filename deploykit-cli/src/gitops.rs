@@ -361,13 +361,6 @@ impl Records {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 /// The last `max` bytes of `text`, cut at a character boundary.
 fn tail(text: &str, max: usize) -> String {
     if text.len() <= max {
@@ -987,7 +980,7 @@ impl Watcher {
                         release: None,
                         deployment: None,
                         commit_time_s: None,
-                        recorded_at_ms: now_ms(),
+                        recorded_at_ms: deploykit::state::now_ms(),
                         reason: Some(format!(
                             "no [[gitops.branches]] pattern matches the branch {branch}"
                         )),
@@ -1044,7 +1037,7 @@ impl Watcher {
                             release: None,
                             deployment: None,
                             commit_time_s: self.git.commit_time(&c),
-                            recorded_at_ms: now_ms(),
+                            recorded_at_ms: deploykit::state::now_ms(),
                             reason: Some(format!(
                                 "{branch} moved on to {} before it could be deployed",
                                 short(&sha)
@@ -1142,7 +1135,7 @@ impl Watcher {
             Ok(r) => r,
             Err(e) => {
                 rec.reason = Some(crate::error_text(&e));
-                rec.recorded_at_ms = now_ms();
+                rec.recorded_at_ms = deploykit::state::now_ms();
                 return Ok(Some(rec));
             }
         };
@@ -1168,12 +1161,12 @@ impl Watcher {
                     Some(why) => format!("the deployment failed (exit code {code}): {why}"),
                     None => format!("the deployment ended with exit code {code} (see deploykit status)"),
                 });
-                rec.recorded_at_ms = now_ms();
+                rec.recorded_at_ms = deploykit::state::now_ms();
                 return Ok(Some(rec));
             }
             Err(e) => {
                 rec.reason = Some(crate::error_text(&e));
-                rec.recorded_at_ms = now_ms();
+                rec.recorded_at_ms = deploykit::state::now_ms();
                 return Ok(Some(rec));
             }
         }
@@ -1232,11 +1225,11 @@ impl Watcher {
                 exit_code: ran.exit_code,
                 output_tail: ran.output_tail,
             });
-            rec.recorded_at_ms = now_ms();
+            rec.recorded_at_ms = deploykit::state::now_ms();
             return Ok(Some(rec));
         }
         rec.status = Status::Deployed;
-        rec.recorded_at_ms = now_ms();
+        rec.recorded_at_ms = deploykit::state::now_ms();
         Ok(Some(rec))
     }
 

@@ -436,8 +436,8 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Milliseconds since the Unix epoch, on the wall clock.
-pub(crate) fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch, on the wall clock (0 before it).
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
