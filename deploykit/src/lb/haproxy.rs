@@ -998,11 +998,15 @@ impl LoadBalancer for HaproxyLoadBalancer {
     }
 
     /// Read from HAProxy: the one group whose servers are ready with a
-    /// weight above 0, if exactly one is.
+    /// weight above 0, if exactly one is. Waits for a change still running
+    /// (one whose call was dropped) to finish first.
     ///
     /// * Idempotent: yes (read-only). Cancel-safe: yes.
     /// * On failure: nothing changed.
     async fn live_group(&self) -> Result<Option<Group>, DriverError> {
+        // A change that was dropped still runs to its end in its task; its
+        // maps, servers and policy are only consistent once it releases this.
+        let _g = self.inner.apply.lock().await;
         // Requests a rule matches go to the rule's group, whatever the split.
         if roster::lock(&self.inner.policy).is_some() {
             return Ok(None);
