@@ -491,6 +491,73 @@ impl AnalysisRules {
     }
 }
 
+/// One value a check measured and the limit a rule holds it to, for every
+/// check that had the data (passes included), so that a dashboard or a
+/// post-mortem can show how close a canary came to each limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Measurement {
+    /// The rule.
+    pub metric: AnalysisMetric,
+    /// The measured value, in the rule's unit (error rate as a fraction,
+    /// latency in seconds, an e-value, a ratio of means).
+    pub value: f64,
+    /// The limit the value must stay at or under, in the same unit.
+    pub threshold: f64,
+}
+
+impl AnalysisRules {
+    /// What a check measured against each rule that had data: the canary's
+    /// error rate and p99 against their thresholds, its error rate against
+    /// the relative limit when stable's rate is known, and the statistical
+    /// judges' figures from `evidence`.
+    pub fn measurements(&self, obs: &Observations, evidence: &[Evidence]) -> Vec<Measurement> {
+        let value_of = |o: &Observation| match o {
+            Observation::Value(v) if v.is_finite() => Some(*v),
+            _ => None,
+        };
+        let count = |o: &Option<Observation>| o.as_ref().and_then(value_of);
+        let mut out = Vec::new();
+        let canary_err = value_of(&obs.canary_error_rate);
+        if let Some(e) = canary_err {
+            out.push(Measurement {
+                metric: AnalysisMetric::ErrorRate,
+                value: e,
+                threshold: self.error_threshold,
+            });
+        }
+        if let Some(p99) = value_of(&obs.canary_p99) {
+            out.push(Measurement {
+                metric: AnalysisMetric::LatencyP99,
+                value: p99,
+                threshold: self.latency_threshold.as_secs_f64(),
+            });
+        }
+        if let (Some(e), Some(s)) = (canary_err, value_of(&obs.stable_error_rate)) {
+            out.push(Measurement {
+                metric: AnalysisMetric::ErrorRateVsStable,
+                value: e,
+                threshold: self.ratio_limit(s, count(&obs.canary_requests), count(&obs.stable_requests)),
+            });
+        }
+        for e in evidence {
+            match e {
+                Evidence::Sequential(c) => out.push(Measurement {
+                    metric: AnalysisMetric::ErrorRateSequential,
+                    value: c.e_value,
+                    threshold: c.threshold,
+                }),
+                Evidence::MannWhitney(c) => out.push(Measurement {
+                    metric: AnalysisMetric::LatencyDistribution,
+                    value: c.mean_ratio,
+                    threshold: self.mann_whitney.allowed_increase,
+                }),
+                Evidence::Score { .. } => {}
+            }
+        }
+        out
+    }
+}
+
 /// What one check read for the statistical judges of [`crate::judge`],
 /// over the time since the previous check; `None` where that judge is not
 /// selected.
@@ -1308,5 +1375,45 @@ mod tests {
             assert!(e.contains(field), "{field}: {e}");
         }
         AnalysisRules::default().validate().unwrap();
+    }
+
+    #[test]
+    fn measurements_hold_every_value_with_data_and_its_limit() {
+        let rules = AnalysisRules {
+            ratio_significance: 0.0,
+            ..AnalysisRules::default()
+        };
+        let obs = Observations {
+            canary_error_rate: Observation::Value(0.004),
+            canary_p99: Observation::Value(0.2),
+            stable_error_rate: Observation::Value(0.001),
+            canary_requests: None,
+            stable_requests: None,
+        };
+        let got: Vec<(AnalysisMetric, f64, f64)> = rules
+            .measurements(&obs, &[])
+            .into_iter()
+            .map(|m| (m.metric, m.value, m.threshold))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (AnalysisMetric::ErrorRate, 0.004, 0.01),
+                (AnalysisMetric::LatencyP99, 0.2, 0.5),
+                (AnalysisMetric::ErrorRateVsStable, 0.004, 0.002),
+            ]
+        );
+        // A missing value is left out rather than recorded as 0.
+        let no_p99 = Observations {
+            canary_p99: Observation::NoData,
+            stable_error_rate: Observation::NoData,
+            ..obs
+        };
+        let metrics: Vec<_> = rules
+            .measurements(&no_p99, &[])
+            .into_iter()
+            .map(|m| m.metric)
+            .collect();
+        assert_eq!(metrics, [AnalysisMetric::ErrorRate]);
     }
 }

@@ -151,6 +151,10 @@ pub enum EventKind {
         /// reads as a sentence).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         evidence: Vec<crate::analysis::Evidence>,
+        /// Every value the check measured and its limit (empty in journals
+        /// written before measurements were recorded).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        measurements: Vec<crate::analysis::Measurement>,
     },
     /// Progress of a canary stage (percent and seconds), after each check.
     StageProgress {

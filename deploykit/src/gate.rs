@@ -164,12 +164,14 @@ impl GateCtx<'_> {
         };
         let outcome = judgement.outcome;
         tracing::debug!(stage, weight, ?obs, %outcome, "canary check");
+        let measurements = analysis.rules.measurements(&obs, &judgement.evidence);
         (self.emit)(EventKind::AnalysisResult {
             stage,
             weight,
             result: outcome,
             consecutive_inconclusive: consecutive,
             evidence: judgement.evidence,
+            measurements,
         });
         match verdict {
             Verdict::Continue => Ok(()),

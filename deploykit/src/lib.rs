@@ -151,6 +151,7 @@ pub mod routing;
 mod secret_url;
 pub mod smoke;
 pub mod state;
+pub mod stats;
 pub mod strategy;
 mod traits;
 mod wait;
