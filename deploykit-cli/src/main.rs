@@ -35,6 +35,7 @@ mod sim;
 #[cfg(test)]
 mod sim_conformance;
 mod sim_log;
+mod stats;
 mod wire;
 
 use std::io::IsTerminal;
@@ -93,6 +94,12 @@ enum Command {
     Abort,
     /// Past deployments: id, strategy, release, outcome, duration, reason.
     History,
+    /// DORA figures (deployment frequency, lead time, change failure rate,
+    /// recovery time) and charts of the deployments in the journals.
+    Stats(stats::StatsArgs),
+    /// A Markdown post-mortem of a failed or rolled-back deployment:
+    /// timeline, the decision and its values, recovery, instances.
+    Postmortem(stats::PostmortemArgs),
     /// Recommend a strategy (the decision tree and comparison table).
     Recommend(recommend::RecommendArgs),
     /// Check deploykit.toml without touching anything.
@@ -173,6 +180,9 @@ fn error_code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<config::ConfigError>().is_some() {
         return exit::BAD_INPUT;
     }
+    if let Some(e) = err.downcast_ref::<stats::StatsError>() {
+        return e.code();
+    }
     if let Some(e) = err.downcast_ref::<deploykit::flags::FlagError>() {
         return flags::error_code(e);
     }
@@ -203,6 +213,8 @@ fn try_main(cli: Cli) -> anyhow::Result<u8> {
         Command::Promote => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Promote),
         Command::Abort => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Abort),
         Command::History => cmd::history(cmd::Ctx::load_read_only(g)?),
+        Command::Stats(args) => stats::stats(cmd::Ctx::load_read_only(g)?, args),
+        Command::Postmortem(args) => stats::postmortem(cmd::Ctx::load_read_only(g)?, args),
         Command::Setup => cmd::setup(cmd::Ctx::load(g)?),
         Command::Watch(args) => gitops::watch(g, args),
     }

@@ -14,4 +14,5 @@ mod nginx;
 mod notify;
 mod refusals;
 mod ssh;
+mod stats;
 mod util;

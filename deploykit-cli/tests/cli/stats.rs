@@ -1,0 +1,170 @@
+//! `stats` and `postmortem` on a simulated canary fleet: one deployment
+//! with a commit time that went live, one canary that failed its analysis
+//! and rolled back.
+
+use serde_json::Value;
+
+use crate::util::{json_lines, Env};
+
+/// A canary fleet (one stable, one canary instance) whose Prometheus
+/// stand-in gives the canary a 50 % error rate: every canary deployment
+/// rolls back at its first check.
+fn failing_canary() -> Env {
+    let prom =
+        crate::util::prometheus(
+            |request| match (request.contains("errors"), request.contains("canary")) {
+                (true, true) => 0.5,
+                (true, false) => 0.001,
+                _ => 0.05,
+            },
+        );
+    Env::new(&format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18396\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18397\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n\
+        [metrics]\nprometheus = \"{prom}\"\nerror_rate = \"errors{{track=\\\"{{group}}\\\"}}\"\n\
+        latency_p99 = \"latency{{track=\\\"{{group}}\\\"}}\"\n\n\
+        [strategy]\nkind = \"canary\"\n\n\
+        [strategy.canary]\nstages = [50, 100]\nstage_duration = \"200ms\"\ncheck_interval = \"100ms\"\n\
+        error_threshold = 0.2\nratio_significance = 0\n\
+        health_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n"
+    ))
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// v1 by recreate with a commit made 10 minutes ago, then v2 by canary,
+/// rolled back; returns the env and the canary's id.
+fn two_deployments() -> (Env, String) {
+    let env = failing_canary();
+    let committed = (now_s() - 600).to_string();
+    env.ok(
+        &[
+            "deploy",
+            "v1",
+            "--strategy",
+            "recreate",
+            "--commit",
+            "abcdef1234",
+            "--commit-time",
+            &committed,
+        ],
+        0,
+    );
+    env.ok(&["deploy", "v2"], 1);
+    let history = json_lines(&env.ok(&["history", "--json"], 0));
+    let id = history
+        .iter()
+        .find(|h| h["release"] == "v2")
+        .and_then(|h| h["id"].as_str())
+        .expect("the canary in the history")
+        .to_string();
+    (env, id)
+}
+
+#[test]
+fn stats_counts_the_dora_figures_of_the_journals() {
+    let (env, canary) = two_deployments();
+    let doc: Value = serde_json::from_str(&env.ok(&["stats", "--json"], 0)).unwrap();
+    let dora = &doc["dora"];
+    assert_eq!(dora["deployments"], 2, "{doc}");
+    assert_eq!(dora["live"], 1, "{doc}");
+    assert_eq!(dora["failed"], 1, "{doc}");
+    assert_eq!(dora["change_failure_rate"], 0.5, "{doc}");
+    let lead = dora["lead_time"]["median_ms"].as_u64().unwrap();
+    assert!(
+        (600_000..700_000).contains(&lead),
+        "commit 10 minutes before live: {lead}"
+    );
+    assert_eq!(
+        dora["recovery_time"]["count"], 1,
+        "the canary rolled itself back: {doc}"
+    );
+    let runs = doc["deployments"].as_array().unwrap();
+    let c = runs.iter().find(|r| r["id"] == canary.as_str()).unwrap();
+    assert_eq!(c["outcome"], "rolled_back");
+    let check = &c["checks"][0];
+    assert_eq!(check["outcome"]["result"], "fail", "{c}");
+    let error_rate = check["measurements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["metric"] == "error_rate")
+        .expect("the error rate measured");
+    assert_eq!(
+        (error_rate["value"].as_f64(), error_rate["threshold"].as_f64()),
+        (Some(0.5), Some(0.2))
+    );
+
+    let text = env.ok(&["stats", "--since", "1d"], 0);
+    for part in [
+        "DORA",
+        "deployment frequency",
+        "(1 of 2 deployment(s) went live)",
+        "change failure rate    50.0% (1 failed)",
+        "lead time for changes  10m",
+        "deployments a day, last 1 day(s)",
+        "rolled back",
+        "canary checks: 0 passed, 1 failed",
+    ] {
+        assert!(text.contains(part), "missing {part:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn stats_refuses_a_window_that_is_not_a_duration() {
+    let env = failing_canary();
+    let (code, _, err) = env.run(&["stats", "--since", "lately"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--since") && err.contains("30d"), "{err}");
+    let out = env.ok(&["stats"], 0);
+    assert!(out.contains("no runs recorded"), "{out}");
+}
+
+#[test]
+fn postmortem_writes_the_decision_values_recovery_and_timeline() {
+    let (env, canary) = two_deployments();
+    let md = env.ok(&["postmortem", &canary], 0);
+    for part in [
+        &format!("# Post-mortem: deployment {canary} of shop (rolled back)") as &str,
+        "| release | v2 |",
+        "## The decision that stopped it",
+        "canary error rate",
+        "at stage 1 with 50% of traffic",
+        "### Analysis values (value / limit)",
+        "| **fail** |",
+        "0.5000 / 0.2000",
+        "by its own rollback",
+        "## Instances affected (1 of 2)",
+        "| canary-1 | v1 | restored |",
+        "## Timeline (UTC)",
+        "rollback of 1 instance(s) started",
+    ] {
+        assert!(md.contains(part), "missing {part:?} in:\n{md}");
+    }
+    let json: Value = serde_json::from_str(&env.ok(&["postmortem", &canary, "--json"], 0)).unwrap();
+    assert_eq!(json["deployment"]["id"], canary.as_str());
+    assert!(json["recovery_ms"].as_u64().is_some(), "{json}");
+    assert!(json["timeline"].as_array().unwrap().len() >= 4, "{json}");
+
+    // A deployment that went live has no post-mortem; an unknown id names
+    // the ids there are.
+    let history = json_lines(&env.ok(&["history", "--json"], 0));
+    let live = history[0]["id"].as_str().unwrap();
+    let (code, _, err) = env.run(&["postmortem", live]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("succeeded") && err.contains("post-mortem"), "{err}");
+    let (code, _, err) = env.run(&["postmortem", "nope"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no deployment `nope`") && err.contains(&canary),
+        "{err}"
+    );
+}
