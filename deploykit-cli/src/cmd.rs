@@ -74,6 +74,10 @@ pub(crate) struct DeployArgs {
     /// -1 --format=%ct`): commit time to live time is the lead time.
     #[arg(long, requires = "commit", allow_hyphen_values = true)]
     commit_time: Option<i64>,
+    /// Serve the Prometheus exposition of the journals at
+    /// http://ADDR/metrics while the deployment runs (docs/metrics.md).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl DeployArgs {
@@ -87,6 +91,7 @@ impl DeployArgs {
             take_over: false,
             commit: Some(commit.sha.clone()),
             commit_time: commit.time_s,
+            metrics_listen: None,
         }
     }
 }
@@ -464,7 +469,22 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
             None
         }
     };
+    let metrics = args
+        .metrics_listen
+        .map(|addr| crate::metrics_http::bind("metrics-listen", addr))
+        .transpose()?;
     runtime()?.block_on(async move {
+        // Served until this run ends, from the journals (this run's too).
+        let _metrics = match metrics {
+            Some(listener) => {
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let server = tokio::spawn(crate::metrics_http::serve(listener, ctx.state.clone(), async move {
+                    let _ = stopped.await;
+                }));
+                Some((stop, server))
+            }
+            None => None,
+        };
         let purpose = match &args.release {
             Some(r) => format!("deploy {r}"),
             None => "deploy --resume".into(),

@@ -27,6 +27,7 @@ mod demo;
 mod flags;
 mod gitops;
 mod gitops_webhook;
+mod metrics_http;
 mod notify;
 mod ofrep;
 mod output;

@@ -168,3 +168,101 @@ fn postmortem_writes_the_decision_values_recovery_and_timeline() {
         "{err}"
     );
 }
+
+/// `GET path` on 127.0.0.1:`port`: (status line and headers, body).
+pub(crate) fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    (head.to_string(), body.to_string())
+}
+
+/// A port nothing listens on right now.
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn deploy_serves_metrics_while_it_runs() {
+    let prom = crate::util::prometheus(|_| 0.001);
+    let env = Env::new(&format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18391\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18392\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\n\n\
+        [strategy]\nkind = \"canary\"\n\n\
+        [strategy.canary]\nstages = [20, 100]\nstage_duration = \"300ms\"\ncheck_interval = \"100ms\"\n\
+        promotion = \"manual\"\nhealth_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n"
+    ));
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+
+    // A port in use is refused before anything is touched.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let journals = env.journal_count();
+    let (code, _, err) = env.run(&["deploy", "v2", "--metrics-listen", &addr]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("metrics-listen") && err.contains("cannot listen"),
+        "{err}"
+    );
+    assert_eq!(env.journal_count(), journals, "no run started");
+    drop(taken);
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut deploy = env.spawn_deploy_with(
+        "v2",
+        &["--metrics-listen", &listen],
+        "the wait for promotion",
+        |r| r["event"] == "awaiting_promotion",
+    );
+    let (head, body) = http_get(port, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("application/openmetrics-text"),
+        "{head}"
+    );
+    let id = env.newest_journal()[0]["deployment"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for line in [
+        "deploykit_deployments_total{app=\"shop\",kind=\"deploy\",strategy=\"recreate\",outcome=\"succeeded\"} 1".to_string(),
+        "deploykit_deployment_in_progress{app=\"shop\"} 1".into(),
+        "deploykit_canary_status{name=\"shop\",namespace=\"shop\"} 0".into(),
+        "deploykit_canary_weight{name=\"shop\",namespace=\"shop\",workload=\"shop\",track=\"canary\"} 20".into(),
+        "deploykit_canary_weight{name=\"shop\",namespace=\"shop\",workload=\"shop-primary\",track=\"stable\"} 80".into(),
+        format!("deploykit_analysis_value{{app=\"shop\",deployment=\"{id}\",metric=\"error_rate\"}} 0.001"),
+        format!("deploykit_analysis_threshold{{app=\"shop\",deployment=\"{id}\",metric=\"error_rate\"}} 0.01"),
+        // The canary instance runs v2 while stable keeps v1.
+        "deploykit_instances{app=\"shop\",release=\"v1\"} 1".into(),
+        "deploykit_instances{app=\"shop\",release=\"v2\"} 1".into(),
+    ] {
+        assert!(body.lines().any(|l| l == line), "missing `{line}` in:\n{body}");
+    }
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    let (head, _) = http_get(port, "/nothing");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+
+    env.ok(&["promote"], 0);
+    assert_eq!(deploy.wait().unwrap().code(), Some(0));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the endpoint ends with the run"
+    );
+}
