@@ -266,3 +266,142 @@ fn deploy_serves_metrics_while_it_runs() {
         "the endpoint ends with the run"
     );
 }
+
+/// Prometheus on PATH or /usr/bin; a missing one fails the test, in CI or
+/// not (scripts/test installs it).
+fn prometheus_binary() -> std::path::PathBuf {
+    let mut dirs: Vec<std::path::PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.push("/usr/bin".into());
+    dirs.into_iter()
+        .map(|d| d.join("prometheus"))
+        .find(|p| p.is_file())
+        .expect("prometheus is not installed: CLI tests never skip (scripts/test installs it)")
+}
+
+/// Percent-encodes a PromQL query for a URL.
+fn encode(query: &str) -> String {
+    query
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A real Prometheus scraping 127.0.0.1:`target` every second; killed on drop.
+struct RealPrometheus {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for RealPrometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl RealPrometheus {
+    fn start(target: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: deploykit\n    scrape_interval: 1s\n    \
+                 scrape_timeout: 900ms\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = std::process::Command::new(prometheus_binary())
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn prometheus");
+        Self { child, port, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// The value of the first sample `query` returns, once it returns one,
+    /// waiting at most 60 s.
+    fn wait_for(&self, query: &str) -> f64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut last = String::new();
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                let (_, body) = http_get(self.port, &format!("/api/v1/query?query={}", encode(query)));
+                if let Ok(v) = serde_json::from_str::<Value>(body.trim()) {
+                    if let Some(s) = v["data"]["result"][0]["value"][1].as_str() {
+                        return s.parse().unwrap();
+                    }
+                }
+                last = body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no answer to {query} within 60 s; last: {last}\nprometheus log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+#[test]
+fn a_real_prometheus_scrapes_a_run_and_counts_the_deployments() {
+    let prom = crate::util::prometheus(|_| 0.001);
+    let env = Env::new(&format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18393\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18394\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\n\n\
+        [strategy]\nkind = \"canary\"\n\n\
+        [strategy.canary]\nstages = [30, 100]\nstage_duration = \"300ms\"\ncheck_interval = \"100ms\"\n\
+        promotion = \"manual\"\nhealth_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n"
+    ));
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    env.ok(&["deploy", "v2", "--strategy", "rolling"], 0);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut deploy = env.spawn_deploy_with(
+        "v3",
+        &["--metrics-listen", &listen],
+        "the wait for promotion",
+        |r| r["event"] == "awaiting_promotion",
+    );
+    let prometheus = RealPrometheus::start(port);
+    assert_eq!(
+        prometheus.wait_for("sum(deploykit_deployments_total{app=\"shop\",kind=\"deploy\"})"),
+        2.0,
+        "the two deployments before this one"
+    );
+    assert_eq!(
+        prometheus.wait_for("deploykit_canary_weight{track=\"canary\"}"),
+        30.0
+    );
+    assert_eq!(prometheus.wait_for("deploykit_deployment_in_progress"), 1.0);
+    assert_eq!(
+        prometheus.wait_for("deploykit_analysis_threshold{metric=\"error_rate\"}"),
+        0.01
+    );
+    env.ok(&["promote"], 0);
+    assert_eq!(deploy.wait().unwrap().code(), Some(0));
+}
