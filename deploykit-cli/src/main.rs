@@ -37,6 +37,7 @@ mod sim;
 mod sim_conformance;
 mod sim_log;
 mod stats;
+mod top;
 mod wire;
 
 use std::io::IsTerminal;
@@ -101,6 +102,9 @@ enum Command {
     /// A Markdown post-mortem of a failed or rolled-back deployment:
     /// timeline, the decision and its values, recovery, instances.
     Postmortem(stats::PostmortemArgs),
+    /// A live, read-only terminal view of the running deployment: stages,
+    /// instances, weights, last analysis values; q quits.
+    Top(top::TopArgs),
     /// Recommend a strategy (the decision tree and comparison table).
     Recommend(recommend::RecommendArgs),
     /// Check deploykit.toml without touching anything.
@@ -214,6 +218,7 @@ fn try_main(cli: Cli) -> anyhow::Result<u8> {
         Command::Promote => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Promote),
         Command::Abort => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Abort),
         Command::History => cmd::history(cmd::Ctx::load_read_only(g)?),
+        Command::Top(args) => top::top(cmd::Ctx::load_read_only(g)?, args),
         Command::Stats(args) => stats::stats(cmd::Ctx::load_read_only(g)?, args),
         Command::Postmortem(args) => stats::postmortem(cmd::Ctx::load_read_only(g)?, args),
         Command::Setup => cmd::setup(cmd::Ctx::load(g)?),

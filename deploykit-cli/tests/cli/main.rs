@@ -15,4 +15,5 @@ mod notify;
 mod refusals;
 mod ssh;
 mod stats;
+mod top;
 mod util;
