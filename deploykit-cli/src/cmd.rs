@@ -293,6 +293,7 @@ fn notice(ctx: &Ctx, h: &JournalHeader, event: NotifyOn, report: Option<&Report>
         outcome: report.map(|r| HistoryOutcome::from(r.outcome).to_string()),
         reason: report.and_then(|r| r.reason.clone()),
         duration_ms: report.map(|r| u64::try_from(r.duration.as_millis()).unwrap_or(u64::MAX)),
+        started_at_ms: h.started_at_ms,
     }
 }
 

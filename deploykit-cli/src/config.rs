@@ -389,6 +389,8 @@ pub(crate) enum WebhookFormat {
     #[default]
     Json,
     Slack,
+    /// Grafana annotations (`POST /api/annotations`).
+    Grafana,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
@@ -414,6 +416,10 @@ pub(crate) struct WebhookConfig {
     pub(crate) format: WebhookFormat,
     #[serde(default = "all_events")]
     pub(crate) on: Vec<NotifyOn>,
+    /// The environment variable holding a token sent as `Authorization:
+    /// Bearer` (a Grafana service account token): kept out of the file.
+    #[serde(default)]
+    pub(crate) token_env: Option<String>,
 }
 
 fn webhook_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<deploykit::SecretUrl, D::Error> {
@@ -927,6 +933,20 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
                     w.url
                 ),
             ));
+        }
+        if let Some(var) = &w.token_env {
+            let ok = !var.is_empty()
+                && !var.starts_with(|c: char| c.is_ascii_digit())
+                && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(inv(
+                    format!("notifications.webhooks[{n}].token_env"),
+                    format!(
+                        "\"{}\" is not an environment variable name; write e.g. \"GRAFANA_TOKEN\" (letters, digits, _)",
+                        var.escape_default()
+                    ),
+                ));
+            }
         }
         if w.on.is_empty() {
             return Err(inv(

@@ -20,6 +20,8 @@ pub(crate) struct Notice {
     pub(crate) outcome: Option<String>,
     pub(crate) reason: Option<String>,
     pub(crate) duration_ms: Option<u64>,
+    /// When the run started, milliseconds since the Unix epoch.
+    pub(crate) started_at_ms: u64,
 }
 
 impl NotifyOn {
@@ -79,6 +81,57 @@ pub(crate) fn slack_body(n: &Notice) -> serde_json::Value {
         text.push_str(&format!("\nduration: {:.1}s", ms as f64 / 1000.0));
     }
     json!({ "text": text })
+}
+
+/// A Grafana annotation (`POST /api/annotations`): a point at the start,
+/// and at the end a region from the start to the end, so a dashboard shows
+/// how long the deployment took over the graphs it changed. Tags name the
+/// app, the strategy, the release and the outcome, for annotation queries
+/// that filter on them.
+pub(crate) fn grafana_body(n: &Notice) -> serde_json::Value {
+    let mut tags = vec![
+        "deploykit".to_string(),
+        format!("app:{}", n.app),
+        format!("strategy:{}", n.strategy),
+        format!("release:{}", n.release),
+        format!("event:{}", n.event.word()),
+    ];
+    if let Some(o) = &n.outcome {
+        tags.push(format!("outcome:{o}"));
+    }
+    let mut text = match &n.outcome {
+        None => format!("{} of {} {} started ({})", n.kind, n.app, n.release, n.strategy),
+        Some(o) => format!("{} of {} {}: {o} ({})", n.kind, n.app, n.release, n.strategy),
+    };
+    text.push_str(&format!(" · deployment {}", n.deployment));
+    if let Some(r) = &n.reason {
+        text.push_str(&format!(" · reason: {r}"));
+    }
+    let mut body = json!({
+        "time": n.started_at_ms,
+        "tags": tags,
+        "text": text,
+    });
+    if let Some(ms) = n.duration_ms {
+        body["timeEnd"] = json!(n.started_at_ms + ms);
+    }
+    body
+}
+
+/// A Grafana annotation of a flag change, at the time it is sent.
+pub(crate) fn flag_grafana_body(n: &FlagNotice) -> serde_json::Value {
+    let mut text = format!("flag {} of {}: {} by {}", n.flag, n.app, n.action, n.who);
+    if let Some(v) = &n.variant {
+        text.push_str(&format!(" · now serving {v}"));
+    }
+    if let Some(r) = &n.reason {
+        text.push_str(&format!(" · reason: {r}"));
+    }
+    json!({
+        "time": deploykit::state::now_ms(),
+        "tags": ["deploykit", format!("app:{}", n.app), format!("flag:{}", n.flag), "event:flag"],
+        "text": text,
+    })
 }
 
 /// A flag change, for the body.
@@ -172,27 +225,49 @@ impl Notifier {
     /// bounded by the timeout. Never fails; returns how many calls failed
     /// (an error status, a redirect, a timeout or a connection failure).
     pub(crate) async fn send(&self, notice: &Notice) -> usize {
-        self.deliver(notice.event, json_body(notice), slack_body(notice))
-            .await
+        self.deliver(
+            notice.event,
+            [json_body(notice), slack_body(notice), grafana_body(notice)],
+        )
+        .await
     }
 
     /// [`send`](Self::send) for a flag change (event `flag`).
     pub(crate) async fn send_flag(&self, notice: &FlagNotice) -> usize {
-        self.deliver(NotifyOn::Flag, flag_json_body(notice), flag_slack_body(notice))
-            .await
+        self.deliver(
+            NotifyOn::Flag,
+            [
+                flag_json_body(notice),
+                flag_slack_body(notice),
+                flag_grafana_body(notice),
+            ],
+        )
+        .await
     }
 
-    async fn deliver(&self, event: NotifyOn, json: serde_json::Value, slack: serde_json::Value) -> usize {
+    /// Posts the body of each hook's format: `[json, slack, grafana]`.
+    async fn deliver(&self, event: NotifyOn, [json, slack, grafana]: [serde_json::Value; 3]) -> usize {
         let Some(client) = &self.client else { return 0 };
         let calls = self.hooks.iter().filter(|h| h.on.contains(&event)).map(|h| {
             let body = match h.format {
                 WebhookFormat::Json => json.clone(),
                 WebhookFormat::Slack => slack.clone(),
+                WebhookFormat::Grafana => grafana.clone(),
             };
-            let req = client
+            let mut req = client
                 .post(h.url.expose())
                 .header("content-type", "application/json")
                 .body(body.to_string());
+            if let Some(var) = &h.token_env {
+                match std::env::var(var) {
+                    Ok(token) => req = req.bearer_auth(token),
+                    Err(_) => tracing::warn!(
+                        webhook = %h.url,
+                        variable = %var,
+                        "the webhook's token_env variable is not set; sending without a token"
+                    ),
+                }
+            }
             let url = h.url.clone();
             let timeout = self.timeout;
             async move {

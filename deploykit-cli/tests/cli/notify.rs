@@ -20,20 +20,32 @@ pub(crate) enum Behaviour {
 
 /// A one-thread HTTP server recording request bodies; returns its URL.
 pub(crate) fn server(behaviour: Behaviour) -> (String, Arc<Mutex<Vec<String>>>) {
+    let (url, bodies, _) = server_with_heads(behaviour);
+    (url, bodies)
+}
+
+/// As [`server`], recording each request's lines before its body too.
+pub(crate) fn server_with_heads(
+    behaviour: Behaviour,
+) -> (String, Arc<Mutex<Vec<String>>>, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let bodies = Arc::new(Mutex::new(Vec::new()));
+    let heads = Arc::new(Mutex::new(Vec::new()));
     let seen = bodies.clone();
+    let seen_heads = heads.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
             let mut reader = BufReader::new(stream.try_clone().unwrap());
             let mut len = 0usize;
+            let mut head = String::new();
             loop {
                 let mut line = String::new();
                 if reader.read_line(&mut line).unwrap_or(0) == 0 {
                     break;
                 }
+                head.push_str(&line);
                 let l = line.to_ascii_lowercase();
                 if let Some(v) = l.strip_prefix("content-length:") {
                     len = v.trim().parse().unwrap_or(0);
@@ -44,6 +56,7 @@ pub(crate) fn server(behaviour: Behaviour) -> (String, Arc<Mutex<Vec<String>>>) 
             }
             let mut body = vec![0; len];
             let _ = reader.read_exact(&mut body);
+            seen_heads.lock().unwrap().push(head);
             seen.lock()
                 .unwrap()
                 .push(String::from_utf8_lossy(&body).into_owned());
@@ -68,7 +81,90 @@ pub(crate) fn server(behaviour: Behaviour) -> (String, Arc<Mutex<Vec<String>>>) 
             }
         }
     });
-    (url, bodies)
+    (url, bodies, heads)
+}
+
+#[test]
+fn a_grafana_webhook_posts_annotations_with_the_token_from_the_environment() {
+    let (url, bodies, heads) = server_with_heads(Behaviour::Ok);
+    let extra = format!(
+        "[instance_defaults]\nsimulated = true\nsimulate_unhealthy = [\"v3\"]\n\
+         [strategy.rolling]\nmax_failures = 0\nhealth_retries = 1\nhealth_interval = \"20ms\"\nstabilisation = \"20ms\"\n\
+         [[notifications.webhooks]]\nurl = \"{url}\"\nformat = \"grafana\"\ntoken_env = \"DK_TEST_GRAFANA_TOKEN\"\n"
+    );
+    let env = Env::new(&simulated(2, &extra).replacen("[instance_defaults]\nsimulated = true\n\n", "", 1));
+    let before = deploykit_now_ms();
+    env.cmd()
+        .env("DK_TEST_GRAFANA_TOKEN", "glsa_secret")
+        .args(["deploy", "v2"])
+        .assert()
+        .code(0);
+    env.cmd()
+        .env("DK_TEST_GRAFANA_TOKEN", "glsa_secret")
+        .args(["deploy", "v3"])
+        .assert()
+        .code(1);
+    let bodies: Vec<Value> = bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| serde_json::from_str(b).unwrap())
+        .collect();
+    assert_eq!(bodies.len(), 4, "{bodies:?}");
+    for h in heads.lock().unwrap().iter() {
+        assert!(
+            h.to_ascii_lowercase()
+                .contains("authorization: bearer glsa_secret"),
+            "{h}"
+        );
+    }
+    // The start is a point; the end a region from the start to the end.
+    let (start, end) = (&bodies[0], &bodies[1]);
+    let t0 = start["time"].as_u64().unwrap();
+    assert!(t0 >= before, "{start}");
+    assert!(start.get("timeEnd").is_none(), "{start}");
+    assert_eq!(end["time"].as_u64(), Some(t0), "{end}");
+    assert!(end["timeEnd"].as_u64().unwrap() >= t0, "{end}");
+    let tags: Vec<&str> = end["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    for t in [
+        "deploykit",
+        "app:shop",
+        "strategy:rolling",
+        "release:v2",
+        "event:success",
+        "outcome:succeeded",
+    ] {
+        assert!(tags.contains(&t), "{tags:?}");
+    }
+    assert!(end["text"].as_str().unwrap().contains("v2: succeeded"), "{end}");
+    let rolled_back = &bodies[3];
+    assert!(
+        rolled_back["text"].as_str().unwrap().contains("reason:"),
+        "{rolled_back}"
+    );
+
+    // A token_env that is not a variable name is refused before anything runs.
+    let bad = Env::new(&simulated(
+        1,
+        &format!(
+            "[[notifications.webhooks]]\nurl = \"{url}\"\nformat = \"grafana\"\ntoken_env = \"$TOKEN\"\n"
+        ),
+    ));
+    let (code, _, err) = bad.run(&["deploy", "v2"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("notifications.webhooks[0].token_env"), "{err}");
+}
+
+fn deploykit_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 #[test]
