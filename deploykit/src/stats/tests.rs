@@ -332,3 +332,59 @@ fn the_exposition_has_flagger_names_counts_and_analysis_values() {
         "no lead time without commit times:\n{text}"
     );
 }
+
+/// The Grafana dashboard in docs/ queries only series the exposition
+/// renders, through the portable `${DS_PROMETHEUS}` input.
+#[cfg(feature = "exposition")]
+#[test]
+fn the_grafana_dashboard_queries_only_exported_series() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../../docs/grafana-dashboard.json")).expect("valid JSON");
+    assert_eq!(dashboard["__inputs"][0]["name"], "DS_PROMETHEUS");
+    let mut records = vec![succeeded("s1", DAY), rolled_back_canary("c1", 2 * DAY)];
+    records[0].commit = Some(SourceCommit::new("abcdef1", Some(0)).unwrap());
+    let text = exposition::render("shop", &records, 3 * DAY, exposition::DORA_WINDOW_MS);
+    let families: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .collect();
+    let exported = |series: &str| {
+        families.iter().any(|(family, kind)| {
+            let suffixes: &[&str] = match *kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            suffixes.iter().any(|s| series == format!("{family}{s}"))
+        })
+    };
+    let mut queries = Vec::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], "${DS_PROMETHEUS}", "{}", p["title"]);
+        for t in p["targets"].as_array().unwrap() {
+            assert_eq!(t["datasource"]["uid"], "${DS_PROMETHEUS}", "{}", p["title"]);
+            queries.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    for a in dashboard["annotations"]["list"].as_array().unwrap() {
+        if let Some(e) = a["expr"].as_str() {
+            queries.push(e.to_string());
+        }
+    }
+    let mut seen = 0;
+    for q in &queries {
+        for (at, _) in q.match_indices("deploykit_") {
+            let series: String = q[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(exported(&series), "{series} (in `{q}`) is not exported:\n{text}");
+            seen += 1;
+        }
+    }
+    assert!(seen >= 15, "the dashboard reads {seen} series");
+}
