@@ -18,6 +18,9 @@ pub(crate) enum Behaviour {
     Redirect(String),
 }
 
+/// What a test server recorded, one entry per request.
+pub(crate) type Recorded = Arc<Mutex<Vec<String>>>;
+
 /// A one-thread HTTP server recording request bodies; returns its URL.
 pub(crate) fn server(behaviour: Behaviour) -> (String, Arc<Mutex<Vec<String>>>) {
     let (url, bodies, _) = server_with_heads(behaviour);
@@ -25,9 +28,7 @@ pub(crate) fn server(behaviour: Behaviour) -> (String, Arc<Mutex<Vec<String>>>) 
 }
 
 /// As [`server`], recording each request's lines before its body too.
-pub(crate) fn server_with_heads(
-    behaviour: Behaviour,
-) -> (String, Arc<Mutex<Vec<String>>>, Arc<Mutex<Vec<String>>>) {
+pub(crate) fn server_with_heads(behaviour: Behaviour) -> (String, Recorded, Recorded) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let bodies = Arc::new(Mutex::new(Vec::new()));

@@ -275,7 +275,7 @@ fn an_interrupted_deployment_recovers_when_a_later_run_succeeds() {
         None,
     );
     rollback.acts_on = Some("i1".into());
-    let d = dora(&[interrupted.clone()], 0, DAY);
+    let d = dora(std::slice::from_ref(&interrupted), 0, DAY);
     assert_eq!((d.failed, d.unrecovered), (1, 1));
     assert_eq!(d.recovery_time, None);
     let d = dora(&[interrupted, rollback], 0, DAY);
