@@ -1,0 +1,786 @@
+//! `deploykit dashboard`: the deployments, one deployment live, the fleet,
+//! the history and the flags in a browser, served by axum from the state
+//! directory and the flag file. Every page is plain server-rendered HTML
+//! and SVG; one small script of our own (no CDN: the machine may be
+//! offline) swaps in the live parts that server-sent events carry.
+//!
+//! Promote and abort go through the state directory's control file, as
+//! `deploykit promote` and `abort` do; flag changes go through the
+//! `FlagStore`, as `deploykit flags set` does (validated as a whole file,
+//! atomic, journaled). Who may do what is in [`auth`].
+
+mod auth;
+mod page;
+mod svg;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use clap::Args;
+use deploykit::flags::{FlagChange, FlagChangeKind, FlagStore};
+use deploykit::state::{ControlCommand, StateDir};
+
+use crate::cmd::Global;
+use crate::config::{self, Loaded};
+use crate::exit;
+use auth::{Credential, Gate, Need, Refusal};
+use page::Viewer;
+
+/// `deploykit dashboard`.
+#[derive(Debug, Args)]
+pub(crate) struct DashboardArgs {
+    /// The address to serve on. Off loopback, every page needs the token.
+    #[arg(long, default_value = "127.0.0.1:3100")]
+    listen: SocketAddr,
+    /// Serve no actions at all and keep no token (loopback only).
+    #[arg(long)]
+    read_only: bool,
+}
+
+/// The token file in the state directory.
+const TOKEN_FILE: &str = "dashboard-token";
+
+/// What every handler reads.
+#[derive(Clone)]
+struct App {
+    cfg: Arc<Loaded>,
+    state: StateDir,
+    flags: FlagStore,
+    gate: Gate,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("app", &self.state.app())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts the dashboard and serves until Ctrl-C.
+pub(crate) fn run(g: Global, args: DashboardArgs) -> anyhow::Result<u8> {
+    let cfg = config::load(&g.config)?;
+    if args.read_only && !args.listen.ip().is_loopback() {
+        return Err(deploykit::Error::invalid(
+            "--listen",
+            format!(
+                "{} is not a loopback address and --read-only keeps no token: anyone who reaches it would read every deployment; drop --read-only (every page then needs the token) or listen on 127.0.0.1",
+                args.listen
+            ),
+        )
+        .into());
+    }
+    let flags = crate::flags::FlagsCtx::load(&g, None)?.store;
+    let state = if args.read_only {
+        StateDir::at(cfg.state_base(), &cfg.raw.app)?
+    } else {
+        StateDir::open(cfg.state_base(), &cfg.raw.app)?
+    };
+    let token = match args.read_only {
+        true => None,
+        false => {
+            let path = state.root().join(TOKEN_FILE);
+            let (token, created) = auth::load_or_create(&path)?;
+            Some((token, created, path))
+        }
+    };
+    crate::cmd::runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+        let addr = listener.local_addr()?;
+        outln!("dashboard of {} on http://{addr}", cfg.raw.app);
+        match &token {
+            Some((t, true, path)) => outln!(
+                "actions (promote, abort, flag changes) need this token, shown only now and kept in {}:\n{}",
+                path.display(),
+                t.secret()
+            ),
+            Some((_, false, path)) => outln!(
+                "actions (promote, abort, flag changes) need the token kept in {}",
+                path.display()
+            ),
+            None => outln!("read-only: no action is served"),
+        }
+        let app = App {
+            cfg: Arc::new(cfg),
+            state,
+            flags,
+            gate: Gate {
+                token: token.map(|(t, _, _)| t),
+                addr,
+            },
+        };
+        axum::serve(listener, router(app))
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        Ok(exit::SUCCESS)
+    })
+}
+
+fn router(app: App) -> Router {
+    Router::new()
+        .route("/", get(deployments))
+        .route("/deployments/{id}", get(deployment))
+        .route("/deployments/{id}/{action}", post(control))
+        .route("/live/deployments", get(live_deployments))
+        .route("/live/deployments/{id}", get(live_deployment))
+        .route("/fleet", get(fleet))
+        .route("/history", get(history))
+        .route("/flags", get(flags))
+        .route("/flags/{key}", post(change_flag))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
+        .route("/assets/{name}", get(asset))
+        .route("/favicon.ico", get(favicon))
+        .fallback(not_found)
+        .with_state(app)
+}
+
+/// Headers every answer carries: no framing, no sniffing, scripts and
+/// styles only from this server.
+fn secure(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    r
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    secure(
+        (
+            status,
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            body,
+        )
+            .into_response(),
+    )
+}
+
+fn refused(r: &Refusal) -> Response {
+    let mut resp = html(
+        r.status(),
+        page::layout("Refused", Viewer::Anonymous, &page::notice("bad", &r.to_string())),
+    );
+    if r.status() == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"deploykit\""),
+        );
+    }
+    resp
+}
+
+fn see_other(to: &str) -> Response {
+    secure((StatusCode::SEE_OTHER, [(header::LOCATION, to.to_owned())]).into_response())
+}
+
+impl App {
+    /// The request's viewer, or the refusal to answer with.
+    fn viewer(&self, headers: &HeaderMap, need: Need) -> Result<Viewer, Response> {
+        match self.gate.check(headers, need) {
+            Ok(_) if self.gate.token.is_none() => Ok(Viewer::ReadOnly),
+            Ok(Some(_)) => Ok(Viewer::SignedIn),
+            Ok(None) => Ok(Viewer::Anonymous),
+            Err(r) => Err(refused(&r)),
+        }
+    }
+}
+
+/// Runs file reads off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("a dashboard read does not panic")
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    html(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        page::layout("Error", Viewer::Anonymous, &page::notice("bad", &e.to_string())),
+    )
+}
+
+/// Every run's history entry (oldest first) and the unreadable journals.
+fn entries(state: &StateDir) -> deploykit::Result<(Vec<deploykit::state::HistoryEntry>, Vec<String>)> {
+    let scan = state.scan_journals()?;
+    let holder = state.holder()?;
+    Ok((
+        scan.journals
+            .iter()
+            .map(|j| j.history_entry(holder.as_ref()))
+            .collect(),
+        scan.unreadable.iter().map(|u| u.error.to_string()).collect(),
+    ))
+}
+
+async fn deployments(State(app): State<App>, headers: HeaderMap, Query(f): Query<page::Filters>) -> Response {
+    let viewer = match app.viewer(&headers, Need::Read) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let state = app.state.clone();
+    match blocking(move || entries(&state)).await {
+        Ok((e, problems)) => html(
+            StatusCode::OK,
+            page::layout("Deployments", viewer, &page::deployments(&e, &f, &problems)),
+        ),
+        Err(e) => internal(e),
+    }
+}
+
+/// What a deployment's page shows after an action (`?done=promoted`).
+#[derive(Debug, Default, serde::Deserialize)]
+struct Done {
+    #[serde(default)]
+    done: String,
+}
+
+fn render_run(
+    state: &StateDir,
+    id: &str,
+    viewer: Viewer,
+    done: &str,
+    live_only: bool,
+) -> deploykit::Result<Option<String>> {
+    let scan = state.scan_journals()?;
+    let holder = state.holder()?;
+    let Some(journal) = scan.journals.iter().find(|j| j.header.deployment == id) else {
+        return Ok(None);
+    };
+    let related = scan
+        .journals
+        .iter()
+        .filter(|j| j.header.acts_on.as_deref() == Some(id))
+        .map(|j| j.history_entry(holder.as_ref()))
+        .collect();
+    let notice = match done {
+        "promoted" => Some((
+            "ok".to_owned(),
+            "Promoted: the canary goes on to its next stage.".to_owned(),
+        )),
+        "aborted" => Some((
+            "warn".to_owned(),
+            "Aborted: the deployment rolls back.".to_owned(),
+        )),
+        _ => None,
+    };
+    let v = page::RunView {
+        journal,
+        entry: journal.history_entry(holder.as_ref()),
+        related,
+        viewer,
+        notice,
+    };
+    Ok(Some(match live_only {
+        true => page::deployment_live(&v),
+        false => page::layout(&format!("Deployment {id}"), viewer, &page::deployment(&v)),
+    }))
+}
+
+async fn deployment(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(d): Query<Done>,
+) -> Response {
+    let viewer = match app.viewer(&headers, Need::Read) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let state = app.state.clone();
+    let id2 = id.clone();
+    match blocking(move || render_run(&state, &id2, viewer, &d.done, false)).await {
+        Ok(Some(body)) => html(StatusCode::OK, body),
+        Ok(None) => html(
+            StatusCode::NOT_FOUND,
+            page::layout(
+                "Not found",
+                viewer,
+                &page::notice("bad", &format!("no deployment {id} is recorded")),
+            ),
+        ),
+        Err(e) => internal(e),
+    }
+}
+
+/// A cheap summary of the state directory that changes whenever a journal
+/// grows or the lock changes hands: the live streams re-render on change.
+fn fingerprint(state: &StateDir) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    if let Ok(dir) = std::fs::read_dir(state.journal_dir()) {
+        let mut entries: Vec<(std::ffi::OsString, u64)> = dir
+            .flatten()
+            .map(|e| (e.file_name(), e.metadata().map(|m| m.len()).unwrap_or(0)))
+            .collect();
+        entries.sort();
+        entries.hash(&mut h);
+    }
+    if let Ok(Some(holder)) = state.holder() {
+        (holder.pid, holder.host, holder.started_at_ms).hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Server-sent events: `render` again each time the state directory
+/// changes (polled every 300 ms), the first at once.
+fn live(app: App, render: impl Fn(&StateDir) -> Option<String> + Send + Sync + 'static) -> Response {
+    let render = Arc::new(render);
+    let stream = futures::stream::unfold(None::<u64>, move |last| {
+        let state = app.state.clone();
+        let render = render.clone();
+        async move {
+            loop {
+                let s = state.clone();
+                let r = render.clone();
+                let (fp, body) = blocking(move || {
+                    let fp = fingerprint(&s);
+                    (fp, (Some(fp) != last).then(|| r(&s)).flatten())
+                })
+                .await;
+                if let Some(body) = body {
+                    return Some((
+                        Ok::<_, Infallible>(SseEvent::default().event("update").data(body)),
+                        Some(fp),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    });
+    secure(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+async fn live_deployments(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(f): Query<page::Filters>,
+) -> Response {
+    if let Err(r) = app.viewer(&headers, Need::Read) {
+        return r;
+    }
+    live(app, move |state| {
+        entries(state)
+            .ok()
+            .map(|(e, problems)| page::deployments_table(&e, &f, &problems))
+    })
+}
+
+async fn live_deployment(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let viewer = match app.viewer(&headers, Need::Read) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    live(app, move |state| {
+        render_run(state, &id, viewer, "", true).ok().flatten()
+    })
+}
+
+/// Why a control request was not sent.
+fn not_controllable(
+    state: &StateDir,
+    id: &str,
+    command: ControlCommand,
+) -> deploykit::Result<Option<String>> {
+    if state.holder()?.is_none() {
+        return Ok(Some(format!(
+            "deployment {id} is not running (no deployment holds the lock)"
+        )));
+    }
+    let Some(running) = state.latest()?.filter(|j| !j.is_finished()) else {
+        return Ok(Some(format!("deployment {id} is not running")));
+    };
+    if running.header.deployment != id {
+        return Ok(Some(format!(
+            "deployment {id} is not the one running ({} is)",
+            running.header.deployment
+        )));
+    }
+    if command == ControlCommand::Promote && running.awaiting_promotion().is_none() {
+        return Ok(Some(format!(
+            "deployment {id} is not waiting for a promotion (only a canary with promotion = \"manual\" waits)"
+        )));
+    }
+    Ok(None)
+}
+
+async fn control(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+) -> Response {
+    let viewer = match app.viewer(&headers, Need::Act) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let command = match action.as_str() {
+        "promote" => ControlCommand::Promote,
+        "abort" => ControlCommand::Abort,
+        _ => return not_found().await,
+    };
+    let state = app.state.clone();
+    let id2 = id.clone();
+    let refused = blocking(move || not_controllable(&state, &id2, command)).await;
+    let conflict = |text: String| {
+        html(
+            StatusCode::CONFLICT,
+            page::layout(&format!("Deployment {id}"), viewer, &page::notice("bad", &text)),
+        )
+    };
+    match refused {
+        Err(e) => return internal(e),
+        Ok(Some(why)) => return conflict(why),
+        Ok(None) => {}
+    }
+    let control = app.state.control();
+    let seq = match control.send(&id, command) {
+        Ok(s) => s,
+        Err(e) => return internal(e),
+    };
+    match control
+        .wait_ack(seq, Duration::from_secs(10))
+        .await
+        .map(|a| a.result)
+    {
+        Some(r) if r == "promoted" || r == "aborted" => {
+            see_other(&format!("/deployments/{}?done={r}", page::url_part(&id)))
+        }
+        Some(_) => conflict(format!(
+            "deployment {id} answered that nothing was waiting for a promotion"
+        )),
+        None => html(
+            StatusCode::GATEWAY_TIMEOUT,
+            page::layout(
+                &format!("Deployment {id}"),
+                viewer,
+                &page::notice("bad", &format!("deployment {id} did not acknowledge within 10 s")),
+            ),
+        ),
+    }
+}
+
+async fn fleet(State(app): State<App>, headers: HeaderMap) -> Response {
+    let viewer = match app.viewer(&headers, Need::Read) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let built = match crate::wire::fleet(&app.cfg, &app.state, None) {
+        Ok(f) => f,
+        Err(e) => return internal(crate::error_text(&e)),
+    };
+    let probe = Duration::from_secs(5);
+    let sim_lb = (app.cfg.raw.load_balancer.kind == config::LbKind::Simulated)
+        .then(|| {
+            crate::sim::SimLoadBalancer::new(app.state.root())
+                .ok()
+                .and_then(|l| l.state().ok())
+        })
+        .flatten();
+    // Every instance at once: a slow one costs the probe timeout once.
+    let rows = futures::future::join_all(built.executor.instances().iter().map(|i| {
+        let sim_lb = &sim_lb;
+        async move {
+            let b = i.backend();
+            let release = match tokio::time::timeout(probe, i.current_release()).await {
+                Ok(Ok(r)) => r.map(|r| r.to_string()).unwrap_or_else(|| "none".into()),
+                Ok(Err(e)) => format!("unknown ({e})"),
+                Err(_) => "unknown (timed out)".into(),
+            };
+            let (health, healthy) = match tokio::time::timeout(probe, i.health()).await {
+                Ok(Ok(h)) if h.is_healthy() => ("healthy".to_string(), true),
+                Ok(Ok(deploykit::Health::Unhealthy(why))) => (format!("unhealthy: {why}"), false),
+                Ok(Ok(_)) => ("unknown".to_string(), false),
+                Ok(Err(e)) => (format!("unreachable: {e}"), false),
+                Err(_) => ("unreachable: timed out".into(), false),
+            };
+            page::InstanceRow {
+                id: b.id.to_string(),
+                group: b.group.to_string(),
+                address: b.address.to_string(),
+                release,
+                health,
+                healthy,
+                in_rotation: sim_lb
+                    .as_ref()
+                    .map(|l| !l.out_of_rotation.contains(b.id.as_str())),
+            }
+        }
+    }))
+    .await;
+    let live = deploykit::bluegreen_state::FileLiveStore::new(app.state.live_record_path());
+    let live = deploykit::bluegreen_state::LiveStore::load(&live)
+        .await
+        .ok()
+        .flatten();
+    html(
+        StatusCode::OK,
+        page::layout(
+            "Fleet",
+            viewer,
+            &page::fleet(&rows, live.as_ref().map(|l| l.live.as_str())),
+        ),
+    )
+}
+
+async fn history(State(app): State<App>, headers: HeaderMap) -> Response {
+    let viewer = match app.viewer(&headers, Need::Read) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let state = app.state.clone();
+    let journal = crate::flags::flag_journal(&app.state);
+    let read = blocking(move || -> anyhow::Result<_> {
+        let (e, _) = entries(&state)?;
+        let changes = FlagStore::new(PathBuf::new(), journal).history()?;
+        Ok((e, changes))
+    })
+    .await;
+    match read {
+        Ok((e, changes)) => html(
+            StatusCode::OK,
+            page::layout("History", viewer, &page::history(&e, &changes)),
+        ),
+        Err(e) => internal(crate::error_text(&e)),
+    }
+}
+
+async fn flags_page(
+    app: &App,
+    viewer: Viewer,
+    status: StatusCode,
+    message: Option<(&str, &str)>,
+) -> Response {
+    let store = app.flags.clone();
+    match blocking(move || store.load()).await {
+        Ok(set) => html(
+            status,
+            page::layout("Flags", viewer, &page::flags(&set, viewer, message)),
+        ),
+        Err(e) => html(
+            StatusCode::OK,
+            page::layout(
+                "Flags",
+                viewer,
+                &page::notice("bad", &format!("the flag file cannot be read: {e}")),
+            ),
+        ),
+    }
+}
+
+async fn flags(State(app): State<App>, headers: HeaderMap) -> Response {
+    match app.viewer(&headers, Need::Read) {
+        Ok(viewer) => flags_page(&app, viewer, StatusCode::OK, None).await,
+        Err(r) => r,
+    }
+}
+
+/// A flag form's fields.
+#[derive(Debug, serde::Deserialize)]
+struct FlagForm {
+    action: String,
+    #[serde(default)]
+    variant: String,
+    #[serde(default)]
+    targeting: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn change_flag(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    Form(form): Form<FlagForm>,
+) -> Response {
+    let viewer = match app.viewer(&headers, Need::Act) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let kind = match form.action.as_str() {
+        "enable" => Ok(FlagChangeKind::State { enabled: true }),
+        "disable" => Ok(FlagChangeKind::State { enabled: false }),
+        "kill" => Ok(FlagChangeKind::Kill),
+        "default" => Ok(FlagChangeKind::Default {
+            variant: form.variant.clone(),
+        }),
+        "targeting" if form.targeting.trim().is_empty() => Ok(FlagChangeKind::Targeting { rule: None }),
+        "targeting" => serde_json::from_str(&form.targeting)
+            .map(|rule| FlagChangeKind::Targeting { rule: Some(rule) })
+            .map_err(|e| format!("targeting: not JSON ({e}); nothing was changed")),
+        other => Err(format!(
+            "action: `{other}` is not one of enable, disable, kill, default, targeting"
+        )),
+    };
+    let kind = match kind {
+        Ok(k) => k,
+        Err(text) => return flags_page(&app, viewer, StatusCode::BAD_REQUEST, Some(("bad", &text))).await,
+    };
+    let change = FlagChange {
+        flag: key.clone(),
+        kind,
+        who: format!("dashboard@{}", deploykit::state::host_name()),
+        why: Some(form.reason.trim().to_owned()).filter(|r| !r.is_empty()),
+    };
+    let store = app.flags.clone();
+    match blocking(move || store.apply(&change)).await {
+        Ok(_) => see_other(&format!("/flags#flag-{}", page::url_part(&key))),
+        Err(e) => {
+            let text = format!("{key}: {e}; nothing was changed");
+            flags_page(&app, viewer, StatusCode::BAD_REQUEST, Some(("bad", &text))).await
+        }
+    }
+}
+
+async fn login_page(State(app): State<App>, headers: HeaderMap) -> Response {
+    let viewer = match app.viewer(&headers, Need::Read) {
+        Ok(v) => v,
+        // Off loopback the sign-in page is the one page open to all.
+        Err(_) if app.gate.check(&headers, Need::Read) == Err(Refusal::SignInNeeded) => Viewer::Anonymous,
+        Err(r) => return r,
+    };
+    if viewer == Viewer::ReadOnly {
+        return refused(&Refusal::ReadOnly);
+    }
+    html(
+        StatusCode::OK,
+        page::layout("Sign in", viewer, &page::login(None)),
+    )
+}
+
+/// The sign-in form's field.
+#[derive(Debug, serde::Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(State(app): State<App>, headers: HeaderMap, Form(form): Form<LoginForm>) -> Response {
+    let Some(token) = &app.gate.token else {
+        return refused(&Refusal::ReadOnly);
+    };
+    // A sign-in from another site would plant the attacker's session.
+    if let Err(r) = app.gate.same_origin(&headers, Some(Credential::Cookie)) {
+        return refused(&r);
+    }
+    let mut bearer = HeaderMap::new();
+    if let Some(h) = headers.get(header::HOST) {
+        bearer.insert(header::HOST, h.clone());
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("Bearer {}", form.token.trim())) {
+        bearer.insert(header::AUTHORIZATION, v);
+    }
+    match app.gate.credential(&bearer) {
+        Ok(Some(_)) => {
+            let mut r = see_other("/");
+            let cookie = format!(
+                "{}={}; Path=/; HttpOnly; SameSite=Strict",
+                auth::COOKIE,
+                token.session()
+            );
+            r.headers_mut().insert(
+                header::SET_COOKIE,
+                HeaderValue::from_str(&cookie).expect("hex is a valid header"),
+            );
+            r
+        }
+        _ => html(
+            StatusCode::UNAUTHORIZED,
+            page::layout(
+                "Sign in",
+                Viewer::Anonymous,
+                &page::login(Some(&Refusal::WrongToken.to_string())),
+            ),
+        ),
+    }
+}
+
+async fn logout(State(app): State<App>, headers: HeaderMap) -> Response {
+    if let Err(r) = app.gate.same_origin(&headers, Some(Credential::Cookie)) {
+        return refused(&r);
+    }
+    let mut r = see_other("/");
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&format!(
+            "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+            auth::COOKIE
+        ))
+        .expect("a valid header"),
+    );
+    r
+}
+
+const STYLE: &str = include_str!("style.css");
+const LIVE_JS: &str = include_str!("live.js");
+const FAVICON: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 16 16\"><rect width=\"16\" height=\"16\" rx=\"3\" fill=\"#2563eb\"/><path d=\"M4 8h8M8 4v8\" stroke=\"#fff\" stroke-width=\"2\"/></svg>";
+
+async fn asset(Path(name): Path<String>) -> Response {
+    let (ty, body) = match name.as_str() {
+        "style.css" => ("text/css; charset=utf-8", STYLE),
+        "live.js" => ("text/javascript; charset=utf-8", LIVE_JS),
+        "favicon.svg" => ("image/svg+xml", FAVICON),
+        _ => return not_found().await,
+    };
+    secure(
+        (
+            [(header::CONTENT_TYPE, ty), (header::CACHE_CONTROL, "max-age=300")],
+            body,
+        )
+            .into_response(),
+    )
+}
+
+async fn favicon() -> Response {
+    secure(([(header::CONTENT_TYPE, "image/svg+xml")], FAVICON).into_response())
+}
+
+async fn not_found() -> Response {
+    html(
+        StatusCode::NOT_FOUND,
+        page::layout(
+            "Not found",
+            Viewer::Anonymous,
+            &page::notice("bad", "no such page"),
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unchanged_state_directory_keeps_its_fingerprint_and_a_new_journal_changes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path(), "shop").unwrap();
+        std::fs::create_dir_all(state.journal_dir()).unwrap();
+        let a = fingerprint(&state);
+        assert_eq!(a, fingerprint(&state));
+        std::fs::write(state.journal_dir().join("x.jsonl"), b"{}\n").unwrap();
+        assert_ne!(a, fingerprint(&state));
+    }
+}
