@@ -8,6 +8,7 @@ mod commands;
 mod config;
 mod crash;
 mod dashboard;
+mod dashboard_browser;
 mod flags;
 mod gitops;
 mod haproxy;
