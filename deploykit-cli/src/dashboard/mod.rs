@@ -201,12 +201,12 @@ fn see_other(to: &str) -> Response {
 
 impl App {
     /// The request's viewer, or the refusal to answer with.
-    fn viewer(&self, headers: &HeaderMap, need: Need) -> Result<Viewer, Response> {
+    fn viewer(&self, headers: &HeaderMap, need: Need) -> Result<Viewer, Refusal> {
         match self.gate.check(headers, need) {
             Ok(_) if self.gate.token.is_none() => Ok(Viewer::ReadOnly),
             Ok(Some(_)) => Ok(Viewer::SignedIn),
             Ok(None) => Ok(Viewer::Anonymous),
-            Err(r) => Err(refused(&r)),
+            Err(r) => Err(r),
         }
     }
 }
@@ -241,7 +241,7 @@ fn entries(state: &StateDir) -> deploykit::Result<(Vec<deploykit::state::History
 async fn deployments(State(app): State<App>, headers: HeaderMap, Query(f): Query<page::Filters>) -> Response {
     let viewer = match app.viewer(&headers, Need::Read) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return refused(&r),
     };
     let state = app.state.clone();
     match blocking(move || entries(&state)).await {
@@ -310,7 +310,7 @@ async fn deployment(
 ) -> Response {
     let viewer = match app.viewer(&headers, Need::Read) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return refused(&r),
     };
     let state = app.state.clone();
     let id2 = id.clone();
@@ -382,7 +382,7 @@ async fn live_deployments(
     Query(f): Query<page::Filters>,
 ) -> Response {
     if let Err(r) = app.viewer(&headers, Need::Read) {
-        return r;
+        return refused(&r);
     }
     live(app, move |state| {
         entries(state)
@@ -394,7 +394,7 @@ async fn live_deployments(
 async fn live_deployment(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     let viewer = match app.viewer(&headers, Need::Read) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return refused(&r),
     };
     live(app, move |state| {
         render_run(state, &id, viewer, "", true).ok().flatten()
@@ -436,7 +436,7 @@ async fn control(
 ) -> Response {
     let viewer = match app.viewer(&headers, Need::Act) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return refused(&r),
     };
     let command = match action.as_str() {
         "promote" => ControlCommand::Promote,
@@ -487,7 +487,7 @@ async fn control(
 async fn fleet(State(app): State<App>, headers: HeaderMap) -> Response {
     let viewer = match app.viewer(&headers, Need::Read) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return refused(&r),
     };
     let built = match crate::wire::fleet(&app.cfg, &app.state, None) {
         Ok(f) => f,
@@ -550,7 +550,7 @@ async fn fleet(State(app): State<App>, headers: HeaderMap) -> Response {
 async fn history(State(app): State<App>, headers: HeaderMap) -> Response {
     let viewer = match app.viewer(&headers, Need::Read) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return refused(&r),
     };
     let state = app.state.clone();
     let journal = crate::flags::flag_journal(&app.state);
@@ -563,7 +563,11 @@ async fn history(State(app): State<App>, headers: HeaderMap) -> Response {
     match read {
         Ok((e, changes)) => html(
             StatusCode::OK,
-            page::layout("History", viewer, &page::history(&e, &changes)),
+            page::layout(
+                "History",
+                viewer,
+                &page::history(&e, &changes, deploykit::state::now_ms()),
+            ),
         ),
         Err(e) => internal(crate::error_text(&e)),
     }
@@ -595,7 +599,7 @@ async fn flags_page(
 async fn flags(State(app): State<App>, headers: HeaderMap) -> Response {
     match app.viewer(&headers, Need::Read) {
         Ok(viewer) => flags_page(&app, viewer, StatusCode::OK, None).await,
-        Err(r) => r,
+        Err(r) => refused(&r),
     }
 }
 
@@ -619,7 +623,7 @@ async fn change_flag(
 ) -> Response {
     let viewer = match app.viewer(&headers, Need::Act) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return refused(&r),
     };
     let kind = match form.action.as_str() {
         "enable" => Ok(FlagChangeKind::State { enabled: true }),
@@ -660,8 +664,8 @@ async fn login_page(State(app): State<App>, headers: HeaderMap) -> Response {
     let viewer = match app.viewer(&headers, Need::Read) {
         Ok(v) => v,
         // Off loopback the sign-in page is the one page open to all.
-        Err(_) if app.gate.check(&headers, Need::Read) == Err(Refusal::SignInNeeded) => Viewer::Anonymous,
-        Err(r) => return r,
+        Err(Refusal::SignInNeeded) => Viewer::Anonymous,
+        Err(r) => return refused(&r),
     };
     if viewer == Viewer::ReadOnly {
         return refused(&Refusal::ReadOnly);

@@ -672,12 +672,58 @@ pub(crate) fn fleet(rows: &[InstanceRow], live: Option<&str>) -> String {
     s
 }
 
-/// The history page: durations as bars, then every run and flag change.
+/// Days shown in the history's per-day chart.
+const DAYS: u64 = 14;
+
+/// The history page: deployments per day, the change failure rate,
+/// durations as bars, then every run and flag change.
 pub(crate) fn history(
     entries: &[HistoryEntry],
     flag_changes: &[deploykit::flags::FlagChangeRecord],
+    now_ms: u64,
 ) -> String {
+    use deploykit::state::RunKind;
     let mut s = String::new();
+    // Deployments that ended, as the change failure rate counts them: any
+    // outcome but a success is a failed change.
+    let ended: Vec<&HistoryEntry> = entries
+        .iter()
+        .filter(|e| e.kind == RunKind::Deploy && e.outcome != HistoryOutcome::InProgress)
+        .collect();
+    if !ended.is_empty() {
+        let failed = ended
+            .iter()
+            .filter(|e| e.outcome != HistoryOutcome::Succeeded)
+            .count();
+        let _ = write!(
+            s,
+            "<p id=\"failure-rate\">{} deployment(s), {failed} did not succeed (rolled back, degraded or interrupted): a change failure rate of {:.0} %.</p>",
+            ended.len(),
+            failed as f64 * 100.0 / ended.len() as f64
+        );
+        let day_ms = 86_400_000;
+        let today = now_ms / day_ms;
+        let per_day: Vec<svg::Bar> = (0..DAYS)
+            .rev()
+            .map(|ago| {
+                let day = today.saturating_sub(ago);
+                let of_day: Vec<&&HistoryEntry> =
+                    ended.iter().filter(|e| e.started_at_ms / day_ms == day).collect();
+                let bad = of_day.iter().any(|e| e.outcome != HistoryOutcome::Succeeded);
+                svg::Bar {
+                    label: format!(
+                        "{}: {} deployment(s)",
+                        &utc_datetime(day * 86_400)[..10],
+                        of_day.len()
+                    ),
+                    value: of_day.len() as f64,
+                    class: if bad { "warn" } else { "ok" },
+                }
+            })
+            .collect();
+        let _ = write!(s, "<h2>Deployments per day, last {DAYS} days</h2>");
+        s.push_str(&svg::bars("Deployments per day", &per_day, ""));
+    }
     let recent: Vec<&HistoryEntry> = entries
         .iter()
         .rev()
@@ -687,29 +733,6 @@ pub(crate) fn history(
         .rev()
         .collect();
     if !recent.is_empty() {
-        let total = entries
-            .iter()
-            .filter(|e| e.kind == deploykit::state::RunKind::Deploy)
-            .count();
-        let failed = entries
-            .iter()
-            .filter(|e| e.kind == deploykit::state::RunKind::Deploy)
-            .filter(|e| {
-                matches!(
-                    e.outcome,
-                    HistoryOutcome::RolledBack | HistoryOutcome::RollbackFailed
-                )
-            })
-            .count();
-        let _ = write!(
-            s,
-            "<p>{total} deployment(s), {failed} rolled back or failed ({:.0} %).</p>",
-            if total == 0 {
-                0.0
-            } else {
-                failed as f64 * 100.0 / total as f64
-            }
-        );
         let bars: Vec<svg::Bar> = recent
             .iter()
             .map(|e| svg::Bar {

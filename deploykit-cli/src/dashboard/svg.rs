@@ -145,17 +145,24 @@ pub(crate) fn bars(title: &str, items: &[Bar], unit: &str) -> String {
     let slot = (W - LEFT - RIGHT) / n;
     let mut out = String::new();
     let y = |v: f64| H - BOTTOM - v / top * (H - BOTTOM - TOP);
-    let ticks = vec![(y(0.0), "0".into()), (y(top), format!("{top:.1} {unit}"))];
+    let top_label = match top {
+        t if t >= 10.0 || unit.is_empty() => format!("{t:.0} {unit}"),
+        t if t >= 1.0 => format!("{t:.1} {unit}"),
+        t => format!("{t:.2} {unit}"),
+    };
+    let top_label = top_label.trim_end().to_owned();
+    let ticks = vec![(y(0.0), "0".into()), (y(top), top_label)];
     axes(&mut out, &ticks, "");
+    // A lone bar stays a bar, not a wall.
+    let width = (slot * 0.7).clamp(1.0, 36.0);
     for (i, b) in items.iter().enumerate() {
         let h = (H - BOTTOM) - y(b.value);
         let _ = write!(
             out,
-            "<rect class=\"{}\" x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\"><title>{}</title></rect>",
+            "<rect class=\"{}\" x=\"{:.1}\" y=\"{:.1}\" width=\"{width:.1}\" height=\"{:.1}\"><title>{}</title></rect>",
             b.class,
-            LEFT + i as f64 * slot + slot * 0.15,
+            LEFT + i as f64 * slot + (slot - width) / 2.0,
             y(b.value),
-            (slot * 0.7).max(1.0),
             h.max(0.5),
             esc(&b.label)
         );

@@ -446,5 +446,18 @@ async fn the_dashboard_in_chromium_follows_promotes_and_changes_flags() {
     }
     b.no_console_errors("/flags after the changes");
     b.shot("flags").await;
+
+    // The pages again with both runs and the flag changes (the
+    // screenshots docs/dashboard.md shows).
+    for (path, name, text) in [
+        ("/", "deployments", id.as_str()),
+        ("/fleet", "fleet", "v2"),
+        ("/history", "history", "Flag changes"),
+    ] {
+        b.open(path).await;
+        b.wait_for(text, path).await;
+        b.no_console_errors(path);
+        b.shot(name).await;
+    }
     b.c.close().await.expect("close the session");
 }
