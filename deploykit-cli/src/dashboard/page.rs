@@ -596,7 +596,14 @@ fn timeline(events: &[Event]) -> impl Iterator<Item = &Event> {
 fn actions(v: &RunView<'_>) -> String {
     let waiting = v.journal.awaiting_promotion();
     let id = url_part(&v.entry.id);
-    match v.viewer {
+    let mut s = match waiting {
+        Some(stage) => notice(
+            "wait",
+            &format!("Canary stage {stage} waits for a manual promotion."),
+        ),
+        None => String::new(),
+    };
+    s.push_str(&match v.viewer {
         Viewer::ReadOnly => String::new(),
         Viewer::Anonymous => format!(
             "<p class=\"actions\">{}<a href=\"/login\">Sign in</a> to promote or abort.</p>",
@@ -620,7 +627,8 @@ fn actions(v: &RunView<'_>) -> String {
             );
             s
         }
-    }
+    });
+    s
 }
 
 /// One instance on the fleet page.
