@@ -27,7 +27,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use clap::Args;
 use deploykit::flags::{FlagChange, FlagChangeKind, FlagStore};
-use deploykit::state::{ControlCommand, StateDir};
+use deploykit::state::{ControlCommand, JournalSummary, StateDir};
 
 use crate::cmd::Global;
 use crate::config::{self, Loaded};
@@ -260,13 +260,52 @@ struct Done {
     done: String,
 }
 
-fn render_run(
-    state: &StateDir,
-    id: &str,
-    viewer: Viewer,
-    done: &str,
-    live_only: bool,
-) -> deploykit::Result<Option<String>> {
+/// The journal of run `id` alone, found by its file name
+/// (`<sequence>-<id>.jsonl`, or `<id>.jsonl` from before sequence numbers):
+/// the live stream re-renders it on every change, and reading every other
+/// journal each time would cost as much as the whole history.
+fn one_journal(state: &StateDir, id: &str) -> deploykit::Result<Option<JournalSummary>> {
+    let Ok(dir) = std::fs::read_dir(state.journal_dir()) else {
+        return Ok(None);
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".jsonl")) else {
+            continue;
+        };
+        let numbered = stem.split_once('-').is_some_and(|(seq, rest)| {
+            rest == id && !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit())
+        });
+        // Journals are regular files; a link is never followed.
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if (numbered || stem == id) && is_file {
+            let j = JournalSummary::read(&entry.path())?;
+            if j.header.deployment == id {
+                return Ok(Some(j));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The live part of run `id`'s page.
+fn render_live(state: &StateDir, id: &str, viewer: Viewer) -> deploykit::Result<Option<String>> {
+    let Some(journal) = one_journal(state, id)? else {
+        return Ok(None);
+    };
+    let holder = state.holder()?;
+    let v = page::RunView {
+        journal: &journal,
+        entry: journal.history_entry(holder.as_ref()),
+        related: Vec::new(),
+        viewer,
+        notice: None,
+    };
+    Ok(Some(page::deployment_live(&v)))
+}
+
+/// Run `id`'s whole page.
+fn render_run(state: &StateDir, id: &str, viewer: Viewer, done: &str) -> deploykit::Result<Option<String>> {
     let scan = state.scan_journals()?;
     let holder = state.holder()?;
     let Some(journal) = scan.journals.iter().find(|j| j.header.deployment == id) else {
@@ -296,10 +335,11 @@ fn render_run(
         viewer,
         notice,
     };
-    Ok(Some(match live_only {
-        true => page::deployment_live(&v),
-        false => page::layout(&format!("Deployment {id}"), viewer, &page::deployment(&v)),
-    }))
+    Ok(Some(page::layout(
+        &format!("Deployment {id}"),
+        viewer,
+        &page::deployment(&v),
+    )))
 }
 
 async fn deployment(
@@ -314,7 +354,7 @@ async fn deployment(
     };
     let state = app.state.clone();
     let id2 = id.clone();
-    match blocking(move || render_run(&state, &id2, viewer, &d.done, false)).await {
+    match blocking(move || render_run(&state, &id2, viewer, &d.done)).await {
         Ok(Some(body)) => html(StatusCode::OK, body),
         Ok(None) => html(
             StatusCode::NOT_FOUND,
@@ -396,9 +436,7 @@ async fn live_deployment(State(app): State<App>, headers: HeaderMap, Path(id): P
         Ok(v) => v,
         Err(r) => return refused(&r),
     };
-    live(app, move |state| {
-        render_run(state, &id, viewer, "", true).ok().flatten()
-    })
+    live(app, move |state| render_live(state, &id, viewer).ok().flatten())
 }
 
 /// Why a control request was not sent.
@@ -786,5 +824,37 @@ mod tests {
         assert_eq!(a, fingerprint(&state));
         std::fs::write(state.journal_dir().join("x.jsonl"), b"{}\n").unwrap();
         assert_ne!(a, fingerprint(&state));
+    }
+
+    #[test]
+    fn one_journal_is_found_by_its_file_name_and_checked_by_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path(), "shop").unwrap();
+        std::fs::create_dir_all(state.journal_dir()).unwrap();
+        let header = |id: &str| {
+            format!(
+                "{{\"record\":\"header\",\"version\":1,\"deployment\":\"{id}\",\"app\":\"shop\",\"kind\":\"deploy\",\"strategy\":\"rolling\",\"release\":\"v2\",\"previous\":{{}},\"started_at_ms\":1,\"pid\":1,\"host\":\"h\"}}\n"
+            )
+        };
+        std::fs::write(
+            state.journal_dir().join("0000000001-17-v1.jsonl"),
+            header("17-v1"),
+        )
+        .unwrap();
+        std::fs::write(
+            state.journal_dir().join("0000000002-18-v2.jsonl"),
+            header("18-v2"),
+        )
+        .unwrap();
+        // A file named for one run but holding another is not that run.
+        std::fs::write(
+            state.journal_dir().join("0000000003-19-v3.jsonl"),
+            header("other"),
+        )
+        .unwrap();
+        let found = one_journal(&state, "18-v2").unwrap().expect("found");
+        assert_eq!(found.header.deployment, "18-v2");
+        assert!(one_journal(&state, "19-v3").unwrap().is_none());
+        assert!(one_journal(&state, "v2").unwrap().is_none());
     }
 }

@@ -572,8 +572,18 @@ pub(crate) fn deployment_live(v: &RunView<'_>) -> String {
         }
         s.push_str("</tbody></table>");
     }
-    s.push_str("<h2>Timeline</h2><ol class=\"timeline\">");
-    for ev in timeline(&j.events) {
+    s.push_str("<h2>Timeline</h2>");
+    let lines: Vec<&Event> = timeline(&j.events).collect();
+    let hidden = lines.len().saturating_sub(TIMELINE);
+    if hidden > 0 {
+        let _ = write!(
+            s,
+            "<p class=\"empty\">{hidden} earlier event(s) not shown: the journal <code>{}</code> holds them all.</p>",
+            esc(&j.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+        );
+    }
+    s.push_str("<ol class=\"timeline\">");
+    for ev in &lines[hidden..] {
         let _ = write!(
             s,
             "<li class=\"{}\"><span class=\"num\">{}</span> {}</li>",
@@ -585,6 +595,10 @@ pub(crate) fn deployment_live(v: &RunView<'_>) -> String {
     s.push_str("</ol>");
     s
 }
+
+/// The timeline's last lines shown: a run of thousands of instances has
+/// hundreds of thousands of events, which no page should carry.
+const TIMELINE: usize = 400;
 
 /// The events worth a line: step starts are left out (each has its end).
 fn timeline(events: &[Event]) -> impl Iterator<Item = &Event> {

@@ -574,3 +574,42 @@ fn the_live_stream_sends_the_deployment_as_it_changes() {
     }
     assert_eq!(deploy.wait().unwrap().code(), Some(0));
 }
+
+#[test]
+fn abort_with_the_token_rolls_the_running_canary_back() {
+    let env = manual_canary();
+    let d = Dash::start(&env, &[]);
+    let mut deploy = env.spawn_deploy("v2", "the wait for promotion", |r| {
+        r["event"] == "awaiting_promotion"
+    });
+    let id = newest_id(&env);
+    let bearer = format!("Bearer {}", token(&env));
+    // Another run's id is refused: only the running deployment is acted on.
+    let a = request(
+        &d.addr,
+        "POST",
+        "/deployments/not-this-one/abort",
+        Some(""),
+        &[("authorization", &bearer)],
+    );
+    assert_eq!(a.status, 409, "{}", a.body);
+    assert!(deploy.try_wait().unwrap().is_none(), "still waiting");
+    let a = request(
+        &d.addr,
+        "POST",
+        &format!("/deployments/{id}/abort"),
+        Some(""),
+        &[("authorization", &bearer)],
+    );
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert_eq!(
+        a.header("location"),
+        Some(format!("/deployments/{id}?done=aborted").as_str())
+    );
+    assert_eq!(deploy.wait().unwrap().code(), Some(1), "aborted and rolled back");
+    for i in ["stable-1", "stable-2"] {
+        assert_eq!(env.sim(i)["release"], "v1", "{i} is back on v1");
+    }
+    let page = get(&d, &format!("/deployments/{id}"));
+    assert!(page.body.contains("rolled back"), "{}", page.body);
+}
