@@ -461,6 +461,23 @@ fn a_flag_change_the_library_refuses_changes_nothing() {
     );
     assert_eq!(a.status, 400, "{}", a.body);
     assert!(a.body.contains("targeting: not JSON"), "{}", a.body);
+    // A rule the library's validation refuses: it serves no such variant.
+    let rule: String = r#"{"if":[true,"maybe",null]}"#
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let a = request(
+        &d.addr,
+        "POST",
+        "/flags/new-checkout",
+        Some(&format!("action=targeting&targeting={rule}")),
+        &[("authorization", &bearer)],
+    );
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(a.body.contains("is not a variant"), "{}", a.body);
     assert_eq!(
         std::fs::read_to_string(env.path().join("flags.json")).unwrap(),
         before
