@@ -27,7 +27,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use clap::Args;
 use deploykit::flags::{FlagChange, FlagChangeKind, FlagStore};
-use deploykit::state::{ControlCommand, JournalSummary, StateDir};
+use deploykit::state::{ControlCommand, HistoryEntry, JournalSummary, StateDir};
 
 use crate::cmd::Global;
 use crate::config::{self, Loaded};
@@ -56,6 +56,7 @@ struct App {
     state: StateDir,
     flags: FlagStore,
     gate: Gate,
+    cache: Arc<EntryCache>,
 }
 
 impl std::fmt::Debug for App {
@@ -119,6 +120,7 @@ pub(crate) fn run(g: Global, args: DashboardArgs) -> anyhow::Result<u8> {
                 token: token.map(|(t, _, _)| t),
                 addr,
             },
+            cache: Arc::default(),
         };
         axum::serve(listener, router(app))
             .with_graceful_shutdown(async {
@@ -225,17 +227,63 @@ fn internal(e: impl std::fmt::Display) -> Response {
     )
 }
 
+/// The order of the state directory's journals: by sequence number, the
+/// unnumbered (older) ones first by start time, then id.
+type Order = (Option<u64>, u64, String);
+
+/// The history entries of finished runs, by journal file and length: a
+/// finished journal never changes, so the live list re-reads only the
+/// running one instead of every journal on each change.
+#[derive(Debug, Default)]
+struct EntryCache(std::sync::Mutex<std::collections::HashMap<PathBuf, (u64, HistoryEntry, Order)>>);
+
 /// Every run's history entry (oldest first) and the unreadable journals.
-fn entries(state: &StateDir) -> deploykit::Result<(Vec<deploykit::state::HistoryEntry>, Vec<String>)> {
-    let scan = state.scan_journals()?;
+fn entries(state: &StateDir, cache: &EntryCache) -> deploykit::Result<(Vec<HistoryEntry>, Vec<String>)> {
+    let dir = match std::fs::read_dir(state.journal_dir()) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
+        Err(e) => {
+            return Err(deploykit::Error::io(
+                format!("listing {}", state.journal_dir().display()),
+                e,
+            ))
+        }
+    };
     let holder = state.holder()?;
-    Ok((
-        scan.journals
-            .iter()
-            .map(|j| j.history_entry(holder.as_ref()))
-            .collect(),
-        scan.unreadable.iter().map(|u| u.error.to_string()).collect(),
-    ))
+    let mut rows: Vec<(Order, HistoryEntry)> = Vec::new();
+    let mut problems = Vec::new();
+    let mut cached = cache.0.lock().unwrap_or_else(|p| p.into_inner());
+    let mut present = std::collections::HashSet::new();
+    for entry in dir.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
+            continue;
+        }
+        let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+        present.insert(path.clone());
+        if let Some((l, e, o)) = cached.get(&path) {
+            if *l == len {
+                rows.push((o.clone(), e.clone()));
+                continue;
+            }
+        }
+        match JournalSummary::read(&path) {
+            Ok(j) => {
+                let h = &j.header;
+                let order = (h.sequence, h.started_at_ms, h.deployment.clone());
+                let e = j.history_entry(holder.as_ref());
+                if j.is_finished() {
+                    cached.insert(path, (len, e.clone(), order.clone()));
+                }
+                rows.push((order, e));
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    cached.retain(|p, _| present.contains(p));
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    problems.sort();
+    Ok((rows.into_iter().map(|(_, e)| e).collect(), problems))
 }
 
 async fn deployments(State(app): State<App>, headers: HeaderMap, Query(f): Query<page::Filters>) -> Response {
@@ -244,7 +292,8 @@ async fn deployments(State(app): State<App>, headers: HeaderMap, Query(f): Query
         Err(r) => return refused(&r),
     };
     let state = app.state.clone();
-    match blocking(move || entries(&state)).await {
+    let cache = app.cache.clone();
+    match blocking(move || entries(&state, &cache)).await {
         Ok((e, problems)) => html(
             StatusCode::OK,
             page::layout("Deployments", viewer, &page::deployments(&e, &f, &problems)),
@@ -424,8 +473,9 @@ async fn live_deployments(
     if let Err(r) = app.viewer(&headers, Need::Read) {
         return refused(&r);
     }
+    let cache = app.cache.clone();
     live(app, move |state| {
-        entries(state)
+        entries(state, &cache)
             .ok()
             .map(|(e, problems)| page::deployments_table(&e, &f, &problems))
     })
@@ -592,8 +642,9 @@ async fn history(State(app): State<App>, headers: HeaderMap) -> Response {
     };
     let state = app.state.clone();
     let journal = crate::flags::flag_journal(&app.state);
+    let cache = app.cache.clone();
     let read = blocking(move || -> anyhow::Result<_> {
-        let (e, _) = entries(&state)?;
+        let (e, _) = entries(&state, &cache)?;
         let changes = FlagStore::new(PathBuf::new(), journal).history()?;
         Ok((e, changes))
     })
@@ -824,6 +875,54 @@ mod tests {
         assert_eq!(a, fingerprint(&state));
         std::fs::write(state.journal_dir().join("x.jsonl"), b"{}\n").unwrap();
         assert_ne!(a, fingerprint(&state));
+    }
+
+    fn header(id: &str, sequence: Option<u64>, started: u64) -> String {
+        let seq = sequence.map(|s| format!(",\"sequence\":{s}")).unwrap_or_default();
+        format!(
+            "{{\"record\":\"header\",\"version\":1,\"deployment\":\"{id}\",\"app\":\"shop\",\"kind\":\"deploy\",\"strategy\":\"rolling\",\"release\":\"v2\",\"previous\":{{}},\"started_at_ms\":{started},\"pid\":1,\"host\":\"h\"{seq}}}\n"
+        )
+    }
+
+    const FINISHED: &str = "{\"record\":\"finished\",\"outcome\":\"succeeded\",\"duration_ms\":5}\n";
+
+    #[test]
+    fn entries_come_in_journal_order_and_only_finished_runs_are_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path(), "shop").unwrap();
+        let j = state.journal_dir();
+        std::fs::create_dir_all(&j).unwrap();
+        // Sequence numbers decide, not start times; unnumbered runs come first.
+        std::fs::write(j.join("0000000002-b.jsonl"), header("b", Some(2), 10) + FINISHED).unwrap();
+        std::fs::write(j.join("0000000003-c.jsonl"), header("c", Some(3), 5)).unwrap();
+        std::fs::write(j.join("old.jsonl"), header("old", None, 99) + FINISHED).unwrap();
+        std::fs::write(j.join("0000000004-bad.jsonl"), "not json\n").unwrap();
+        let cache = EntryCache::default();
+        let (e, problems) = entries(&state, &cache).unwrap();
+        let ids: Vec<&str> = e.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["old", "b", "c"]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            cache.0.lock().unwrap().len(),
+            2,
+            "the running run is read again each time"
+        );
+        // The running run finishes: its journal grows and is read again.
+        let mut c = std::fs::OpenOptions::new()
+            .append(true)
+            .open(j.join("0000000003-c.jsonl"))
+            .unwrap();
+        std::io::Write::write_all(&mut c, FINISHED.as_bytes()).unwrap();
+        let (e, _) = entries(&state, &cache).unwrap();
+        assert_eq!(e[2].outcome, deploykit::state::HistoryOutcome::Succeeded);
+        std::fs::remove_file(j.join("0000000002-b.jsonl")).unwrap();
+        let (e, _) = entries(&state, &cache).unwrap();
+        assert_eq!(e.len(), 2);
+        assert_eq!(
+            cache.0.lock().unwrap().len(),
+            2,
+            "a removed journal leaves the cache"
+        );
     }
 
     #[test]

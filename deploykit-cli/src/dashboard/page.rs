@@ -195,11 +195,13 @@ pub(crate) fn deployments_table(entries: &[HistoryEntry], f: &Filters, problems:
     for p in problems {
         s.push_str(&notice("bad", p));
     }
-    let rows: Vec<&HistoryEntry> = entries.iter().rev().filter(|e| f.keeps(e)).collect();
+    let mut rows: Vec<&HistoryEntry> = entries.iter().rev().filter(|e| f.keeps(e)).collect();
     if rows.is_empty() {
         s.push_str("<p class=\"empty\">No deployment matches.</p>");
         return s;
     }
+    let older = rows.len().saturating_sub(ROWS);
+    rows.truncate(ROWS);
     s.push_str(
         "<table class=\"deployments\"><thead><tr><th>Deployment</th><th>Kind</th><th>Strategy</th><th>Release</th>\
          <th>Outcome</th><th>Started</th><th>Duration</th><th>Reason</th></tr></thead><tbody>",
@@ -220,8 +222,17 @@ pub(crate) fn deployments_table(entries: &[HistoryEntry], f: &Filters, problems:
         );
     }
     s.push_str("</tbody></table>");
+    if older > 0 {
+        let _ = write!(
+            s,
+            "<p class=\"empty\">{older} older run(s) not shown: narrow the list with the filters, or see <code>deploykit history</code>.</p>"
+        );
+    }
     s
 }
+
+/// The newest runs a table shows.
+const ROWS: usize = 200;
 
 /// A sentence for an event, for the timeline.
 fn describe(kind: &EventKind) -> String {
