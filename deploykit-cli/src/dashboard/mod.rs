@@ -740,8 +740,30 @@ async fn change_flag(
         why: Some(form.reason.trim().to_owned()).filter(|r| !r.is_empty()),
     };
     let store = app.flags.clone();
+    let asked = change.clone();
     match blocking(move || store.apply(&change)).await {
-        Ok(_) => see_other(&format!("/flags#flag-{}", page::url_part(&key))),
+        Ok(record) => {
+            // The kill switch is announced as `deploykit flags kill` does;
+            // a kill that changed nothing announces nothing.
+            if let (FlagChangeKind::Kill, Some(r)) = (&asked.kind, &record) {
+                let notice = crate::notify::FlagNotice {
+                    app: app.cfg.raw.app.clone(),
+                    flag: key.clone(),
+                    action: "kill".into(),
+                    who: asked.who.clone(),
+                    reason: asked.why.clone(),
+                    variant: r
+                        .after
+                        .get("defaultVariant")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned),
+                };
+                crate::notify::Notifier::new(&app.cfg.raw.notifications)
+                    .send_flag(&notice)
+                    .await;
+            }
+            see_other(&format!("/flags#flag-{}", page::url_part(&key)))
+        }
         Err(e) => {
             let text = format!("{key}: {e}; nothing was changed");
             flags_page(&app, viewer, StatusCode::BAD_REQUEST, Some(("bad", &text))).await

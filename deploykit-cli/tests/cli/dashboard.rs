@@ -630,3 +630,50 @@ fn abort_with_the_token_rolls_the_running_canary_back() {
     let page = get(&d, &format!("/deployments/{id}"));
     assert!(page.body.contains("rolled back"), "{}", page.body);
 }
+
+#[test]
+fn the_kill_switch_in_the_dashboard_is_journaled_and_notified_once() {
+    let (url, bodies) = crate::notify::server(crate::notify::Behaviour::Ok);
+    let env = Env::new(&simulated(
+        1,
+        &format!("[notifications]\ntimeout = \"5s\"\n[[notifications.webhooks]]\nurl = \"{url}\"\non = [\"flag\"]\n"),
+    ));
+    // The flag serves `on` to everyone by its targeting; the kill removes it.
+    let flags = FLAGS.replace(
+        "\"defaultVariant\": \"off\"",
+        "\"defaultVariant\": \"off\", \"targeting\": { \"if\": [true, \"on\", null] }",
+    );
+    std::fs::write(env.path().join("flags.json"), flags).expect("write flags");
+    let d = Dash::start(&env, &[]);
+    let bearer = format!("Bearer {}", token(&env));
+    for _ in 0..2 {
+        let a = request(
+            &d.addr,
+            "POST",
+            "/flags/new-checkout",
+            Some("action=kill&reason=errors+up"),
+            &[("authorization", &bearer)],
+        );
+        assert_eq!(a.status, 303, "{}", a.body);
+    }
+    let file: Value =
+        serde_json::from_str(&std::fs::read_to_string(env.path().join("flags.json")).unwrap()).unwrap();
+    assert!(file["flags"]["new-checkout"].get("targeting").is_none(), "{file}");
+    let bodies = bodies.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 1, "one notice for one effective kill: {bodies:?}");
+    let notice: Value = serde_json::from_str(&bodies[0]).expect("a JSON body");
+    assert_eq!(
+        (
+            notice["action"].as_str(),
+            notice["variant"].as_str(),
+            notice["reason"].as_str()
+        ),
+        (Some("kill"), Some("off"), Some("errors up"))
+    );
+    assert!(
+        notice["who"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("dashboard@")),
+        "{notice}"
+    );
+}
