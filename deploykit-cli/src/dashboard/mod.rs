@@ -57,6 +57,9 @@ struct App {
     flags: FlagStore,
     gate: Gate,
     cache: Arc<EntryCache>,
+    /// Cancelled on Ctrl-C: the live streams end, so the graceful shutdown
+    /// (which waits for every connection) does not wait for open tabs.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for App {
@@ -121,11 +124,18 @@ pub(crate) fn run(g: Global, args: DashboardArgs) -> anyhow::Result<u8> {
                 addr,
             },
             cache: Arc::default(),
+            stop: tokio_util::sync::CancellationToken::new(),
         };
-        axum::serve(listener, router(app))
-            .with_graceful_shutdown(async {
+        let stop = app.stop.clone();
+        tokio::spawn({
+            let stop = stop.clone();
+            async move {
                 let _ = tokio::signal::ctrl_c().await;
-            })
+                stop.cancel();
+            }
+        });
+        axum::serve(listener, router(app))
+            .with_graceful_shutdown(stop.cancelled_owned())
             .await?;
         Ok(exit::SUCCESS)
     })
@@ -443,8 +453,12 @@ fn live(app: App, render: impl Fn(&StateDir) -> Option<String> + Send + Sync + '
     let stream = futures::stream::unfold(None::<u64>, move |last| {
         let state = app.state.clone();
         let render = render.clone();
+        let stop = app.stop.clone();
         async move {
             loop {
+                if stop.is_cancelled() {
+                    return None;
+                }
                 let s = state.clone();
                 let r = render.clone();
                 let (fp, body) = blocking(move || {
@@ -458,7 +472,10 @@ fn live(app: App, render: impl Fn(&StateDir) -> Option<String> + Send + Sync + '
                         Some(fp),
                     ));
                 }
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                tokio::select! {
+                    () = stop.cancelled() => return None,
+                    () = tokio::time::sleep(Duration::from_millis(300)) => {}
+                }
             }
         }
     });

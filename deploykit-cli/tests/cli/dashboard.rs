@@ -677,3 +677,45 @@ fn the_kill_switch_in_the_dashboard_is_journaled_and_notified_once() {
         "{notice}"
     );
 }
+
+#[test]
+fn ctrl_c_stops_the_dashboard_while_a_live_stream_is_open() {
+    let env = Env::new(&simulated(1, ""));
+    env.ok(&["deploy", "v1"], 0);
+    let mut d = Dash::start(&env, &[]);
+    let mut s = TcpStream::connect(&d.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /live/deployments HTTP/1.1\r\nhost: {}\r\naccept: text/event-stream\r\n\r\n",
+        d.addr
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    while !line.starts_with("event: update") {
+        line.clear();
+        assert!(
+            r.read_line(&mut line).expect("an event line") > 0,
+            "the stream ended early"
+        );
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = d.child.try_wait().expect("the dashboard process") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dashboard did not stop within 30 s of Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+}
