@@ -153,6 +153,11 @@ pub(crate) fn get(d: &Dash, path: &str) -> Answer {
 /// A canary of 2 stable and 1 canary simulated instances, promoted by
 /// hand, with a healthy Prometheus stand-in.
 pub(crate) fn manual_canary() -> Env {
+    manual_canary_with("300ms")
+}
+
+/// As [`manual_canary`], each stage held `stage_duration`.
+pub(crate) fn manual_canary_with(stage_duration: &str) -> Env {
     let prom = answering(
         r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1700000000,"0.001"]}]}}"#,
     );
@@ -163,7 +168,7 @@ pub(crate) fn manual_canary() -> Env {
         [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18393\"\ngroup = \"canary\"\n\n\
         [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\n\n\
         [strategy]\nkind = \"canary\"\n\n\
-        [strategy.canary]\nstages = [20, 100]\nstage_duration = \"300ms\"\ncheck_interval = \"100ms\"\n\
+        [strategy.canary]\nstages = [20, 100]\nstage_duration = \"{stage_duration}\"\ncheck_interval = \"100ms\"\n\
         promotion = \"manual\"\nhealth_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
         [timeouts]\ndrain_poll = \"20ms\"\n"
     );

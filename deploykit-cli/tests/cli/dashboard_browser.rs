@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
-use crate::dashboard::{manual_canary, newest_id, token, Dash, FLAGS};
+use crate::dashboard::{manual_canary_with, newest_id, token, Dash, FLAGS};
 use crate::util::Env;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -260,7 +260,9 @@ async fn the_dashboard_in_chromium_follows_promotes_and_changes_flags() {
     if !installed() {
         return;
     }
-    let env = manual_canary();
+    // Stages long enough (2 s) that the promoted run is still going when
+    // its page has loaded: what follows must arrive over the live stream.
+    let env = manual_canary_with("2s");
     std::fs::write(env.path().join("flags.json"), FLAGS).expect("write flags");
     let dash = Dash::start(&env, &[]);
     let (_ofrep, ofrep) = ofrep(&env);
@@ -401,6 +403,17 @@ async fn the_dashboard_in_chromium_follows_promotes_and_changes_flags() {
         same_page,
         Value::Bool(true),
         "the deployment page updated in place"
+    );
+    let updates =
+        b.c.execute(
+            "return Number(document.getElementById('live').getAttribute('data-updates'));",
+            vec![],
+        )
+        .await
+        .expect("count the updates");
+    assert!(
+        updates.as_f64().is_some_and(|n| n >= 2.0),
+        "the run progressed over the live stream after the page loaded: {updates} update(s)"
     );
     b.no_console_errors("the promoted deployment");
     b.shot("deployment-promoted").await;
