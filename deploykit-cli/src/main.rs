@@ -22,6 +22,7 @@ macro_rules! out {
 
 mod cmd;
 mod config;
+mod dashboard;
 #[cfg(feature = "demo")]
 mod demo;
 mod flags;
@@ -122,6 +123,9 @@ enum Command {
     /// Feature flags in a flagd flag file: list, get, set, validate,
     /// evaluate, kill, serve (OFREP). See docs/flags.md.
     Flags(flags::FlagsArgs),
+    /// The web dashboard: deployments (live), fleet, history and flags;
+    /// promote, abort and flag changes with the token (docs/dashboard.md).
+    Dashboard(dashboard::DashboardArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -223,6 +227,7 @@ fn try_main(cli: Cli) -> anyhow::Result<u8> {
         Command::Postmortem(args) => stats::postmortem(cmd::Ctx::load_read_only(g)?, args),
         Command::Setup => cmd::setup(cmd::Ctx::load(g)?),
         Command::Watch(args) => gitops::watch(g, args),
+        Command::Dashboard(args) => dashboard::run(g, args),
     }
 }
 

@@ -7,6 +7,8 @@ mod canary_flag;
 mod commands;
 mod config;
 mod crash;
+mod dashboard;
+mod dashboard_browser;
 mod flags;
 mod gitops;
 mod haproxy;
