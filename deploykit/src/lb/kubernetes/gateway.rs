@@ -241,14 +241,16 @@ impl Routed for HttpRoute {
             })?;
             match (&cond, first_query) {
                 (Condition::Query(..), None) => first_query = Some(i),
-                (Condition::Header(..), Some(q)) => return Err(m.unroutable(
-                    api,
-                    field,
-                    format!(
+                (Condition::Header(..), Some(q)) => {
+                    return Err(m.unroutable(
+                        api,
+                        field,
+                        format!(
                         "Gateway API ranks header matches above query-parameter matches, so this rule would \
                              win over rules[{q}]; put header rules before query rules"
                     ),
-                )),
+                    ))
+                }
                 _ => {}
             }
             let mut matches = if default.matches.is_empty() {
