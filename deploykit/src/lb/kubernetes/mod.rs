@@ -56,7 +56,7 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -382,13 +382,12 @@ pub async fn connect(
 /// [module docs](self).
 ///
 /// ```no_run
-/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
-/// use deploykit::lb::kubernetes::{connect, KubeBackend, KubernetesTraffic, TrafficApi};
+/// # fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// use deploykit::lb::kubernetes::{KubeBackend, KubernetesTraffic, TrafficApi};
 /// use deploykit::Group;
 ///
-/// let client = connect(None, None).await?;
 /// let lb = KubernetesTraffic::builder(TrafficApi::Istio)
-///     .client(client)
+///     .context("prod") // from ~/.kube/config; connected on first use
 ///     .namespace("shop")
 ///     .resource("web")
 ///     .backend(Group::new("stable")?, KubeBackend::service("web").subset("stable"))
@@ -403,7 +402,11 @@ pub struct KubernetesTraffic {
 
 struct Inner {
     api: TrafficApi,
-    client: kube::Client,
+    // Connected on first use, so that building the driver stays synchronous
+    // and touches nothing.
+    client: tokio::sync::OnceCell<kube::Client>,
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
     managed: model::Managed,
     lock: tokio::sync::Mutex<()>,
 }
@@ -423,6 +426,8 @@ impl Debug for Inner {
 pub struct KubernetesTrafficBuilder {
     api: TrafficApi,
     client: Option<kube::Client>,
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
     namespace: Option<String>,
     resource: Option<String>,
     route: String,
@@ -434,6 +439,8 @@ impl Debug for KubernetesTrafficBuilder {
         f.debug_struct("KubernetesTrafficBuilder")
             .field("api", &self.api)
             .field("client", &self.client.is_some())
+            .field("kubeconfig", &self.kubeconfig)
+            .field("context", &self.context)
             .field("namespace", &self.namespace)
             .field("resource", &self.resource)
             .field("route", &self.route)
@@ -448,6 +455,8 @@ impl KubernetesTraffic {
         KubernetesTrafficBuilder {
             api,
             client: None,
+            kubeconfig: None,
+            context: None,
             namespace: None,
             resource: None,
             route: "deploykit".into(),
@@ -491,8 +500,13 @@ impl KubernetesTraffic {
         }
     }
 
-    fn api_for<K: Routed>(&self) -> Api<K> {
-        Api::namespaced(self.inner.client.clone(), &self.inner.managed.namespace)
+    async fn api_for<K: Routed>(&self) -> Result<Api<K>, KubernetesError> {
+        let i = &self.inner;
+        let client = i
+            .client
+            .get_or_try_init(|| connect(i.kubeconfig.as_deref(), i.context.as_deref()))
+            .await?;
+        Ok(Api::namespaced(client.clone(), &i.managed.namespace))
     }
 
     fn ctx(&self) -> &model::Managed {
@@ -501,6 +515,7 @@ impl KubernetesTraffic {
 
     async fn read<K: Routed>(&self) -> Result<K, KubernetesError> {
         self.api_for::<K>()
+            .await?
             .get(&self.ctx().name)
             .await
             .map_err(|e| self.ctx().api_error(K::API, "read", e))
@@ -521,6 +536,7 @@ impl KubernetesTraffic {
             };
             match self
                 .api_for::<K>()
+                .await?
                 .patch(&m.name, &params, &Patch::Merge(&body))
                 .await
             {
@@ -557,9 +573,24 @@ impl KubernetesTraffic {
 }
 
 impl KubernetesTrafficBuilder {
-    /// The kube client (from [`connect`], or any `kube::Client`).
+    /// The kube client to use (any `kube::Client`). Without one, the
+    /// driver connects on first use as [`connect`] does, with
+    /// [`kubeconfig`](Self::kubeconfig) and [`context`](Self::context).
     pub fn client(mut self, client: kube::Client) -> Self {
         self.client = Some(client);
+        self
+    }
+
+    /// The kubeconfig file; default `$KUBECONFIG`, `~/.kube/config`, then
+    /// the in-cluster service account.
+    pub fn kubeconfig(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kubeconfig = Some(path.into());
+        self
+    }
+
+    /// The kubeconfig context; default its current context.
+    pub fn context(mut self, context: impl Into<String>) -> Self {
+        self.context = Some(context.into());
         self
     }
 
@@ -588,10 +619,12 @@ impl KubernetesTrafficBuilder {
         self
     }
 
-    /// Checks the settings and builds the driver. Touches nothing.
+    /// Checks the settings and builds the driver. Touches nothing (the API
+    /// server is first contacted by a call).
     ///
     /// # Errors
-    /// [`KubernetesError::Invalid`] naming the setting: no client, a
+    /// [`KubernetesError::Invalid`] naming the setting: a kubeconfig that
+    /// is not a file, an empty context, a
     /// namespace, name or route that is not a DNS-1123 name, no backend, a
     /// Service or subset name that is not a DNS-1123 label, a Gateway API
     /// backend without a port or with a subset, or two groups on one
@@ -601,9 +634,25 @@ impl KubernetesTrafficBuilder {
             field: field.into(),
             message,
         };
-        let client = self
-            .client
-            .ok_or_else(|| invalid("client", "no kube client was given; use connect()".into()))?;
+        if let Some(path) = &self.kubeconfig {
+            if !path.is_file() {
+                return Err(invalid(
+                    "load_balancer.kubeconfig",
+                    format!(
+                        "{} is not a file; give the kubeconfig's path or remove the key to use the default",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        if let Some(c) = &self.context {
+            if c.is_empty() || c.chars().any(char::is_control) {
+                return Err(invalid(
+                    "load_balancer.context",
+                    "is empty or has control characters; give a context name from the kubeconfig".into(),
+                ));
+            }
+        }
         let namespace = self.namespace.ok_or_else(|| {
             invalid(
                 "load_balancer.namespace",
@@ -631,13 +680,13 @@ impl KubernetesTrafficBuilder {
         }
         if self.backends.is_empty() {
             return Err(invalid(
-                "load_balancer.backends",
+                "load_balancer.services",
                 "is empty; map each group to its Service".into(),
             ));
         }
         let mut seen = BTreeMap::new();
         for (group, b) in &self.backends {
-            let field = format!("load_balancer.backends.{group}");
+            let field = format!("load_balancer.services.{group}");
             model::check_label(&format!("{field}.service"), &b.service)?;
             if let Some(s) = &b.subset {
                 if self.api == TrafficApi::GatewayApi {
@@ -668,7 +717,9 @@ impl KubernetesTrafficBuilder {
         Ok(KubernetesTraffic {
             inner: Arc::new(Inner {
                 api: self.api,
-                client,
+                client: tokio::sync::OnceCell::new_with(self.client),
+                kubeconfig: self.kubeconfig,
+                context: self.context,
                 managed: model::Managed {
                     namespace,
                     name,

@@ -679,11 +679,11 @@ async fn build_names_the_setting_at_fault() {
     let cases: [(KubernetesTrafficBuilder, &str); 6] = [
         (
             base().backend(g("stable"), KubeBackend::service("web")),
-            "invalid load_balancer.backends.stable.port: is missing",
+            "invalid load_balancer.services.stable.port: is missing",
         ),
         (
             base().backend(g("stable"), KubeBackend::service("web").port(80).subset("v1")),
-            "invalid load_balancer.backends.stable.subset: is an Istio DestinationRule subset",
+            "invalid load_balancer.services.stable.subset: is an Istio DestinationRule subset",
         ),
         (
             base()
@@ -691,12 +691,12 @@ async fn build_names_the_setting_at_fault() {
                 .backend(g("stable"), KubeBackend::service("web").port(80)),
             "invalid load_balancer.namespace: 'Shop' is not a DNS-1123 label",
         ),
-        (base(), "invalid load_balancer.backends: is empty"),
+        (base(), "invalid load_balancer.services: is empty"),
         (
             base()
                 .backend(g("a"), KubeBackend::service("web").port(80))
                 .backend(g("b"), KubeBackend::service("web").port(80)),
-            "invalid load_balancer.backends.b: routes to the same backend as group a",
+            "invalid load_balancer.services.b: routes to the same backend as group a",
         ),
         (
             base()
