@@ -383,9 +383,6 @@ impl Routed for HttpRoute {
             .iter()
             .find(|r| r.name.as_deref() == Some(m.route.as_str()))
             .ok_or_else(|| m.no_route(Self::API))?;
-        if self.spec.rules.iter().any(|r| m.is_derived(r.name.as_deref())) {
-            return Ok(None);
-        }
         let mut live = None;
         for r in &base.backend_refs {
             // A missing weight is 1.
@@ -395,6 +392,17 @@ impl Routed for HttpRoute {
             match (group_of(m, r), &live) {
                 (Some(g), None) => live = Some(g.clone()),
                 _ => return Ok(None),
+            }
+        }
+        // A rule's route answers clients too; mirrored twins only copy.
+        for r in self.spec.rules.iter().filter(|r| m.is_derived(r.name.as_deref())) {
+            if r.name.as_deref().is_some_and(|n| n.ends_with("-mirror")) {
+                continue;
+            }
+            for d in r.backend_refs.iter().filter(|d| d.weight.unwrap_or(1) > 0) {
+                if group_of(m, d) != live.as_ref() {
+                    return Ok(None);
+                }
             }
         }
         Ok(live)

@@ -333,9 +333,6 @@ impl Routed for VirtualService {
             .iter()
             .find(|r| r.name.as_deref() == Some(m.route.as_str()))
             .ok_or_else(|| m.no_route(Self::API))?;
-        if self.spec.http.iter().any(|r| m.is_derived(r.name.as_deref())) {
-            return Ok(None);
-        }
         let alone = base.route.len() == 1;
         let mut live = None;
         for d in &base.route {
@@ -346,6 +343,17 @@ impl Routed for VirtualService {
             match (group_of(m, &d.destination), &live) {
                 (Some(g), None) => live = Some(g.clone()),
                 _ => return Ok(None),
+            }
+        }
+        // A rule's route answers clients too; mirrored twins only copy.
+        for r in self.spec.http.iter().filter(|r| m.is_derived(r.name.as_deref())) {
+            if r.name.as_deref().is_some_and(|n| n.ends_with("-mirror")) {
+                continue;
+            }
+            for d in r.route.iter().filter(|d| d.weight.unwrap_or(100) > 0) {
+                if group_of(m, &d.destination) != live.as_ref() {
+                    return Ok(None);
+                }
             }
         }
         Ok(live)

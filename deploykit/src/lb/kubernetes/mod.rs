@@ -488,8 +488,9 @@ impl KubernetesTraffic {
         }
     }
 
-    /// Reads the object and says which group takes all traffic, if one
-    /// does and no rule or mirror route of deploykit is in place.
+    /// Reads the object and says which group answers every client, if one
+    /// does: the managed route's only weighted group, which every rule's
+    /// route also sends to (mirrored copies do not count).
     ///
     /// # Errors
     /// Any [`KubernetesError`] of the read.
