@@ -266,6 +266,8 @@ pub(crate) struct LoadBalancerConfig {
 /// Kubernetes.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+// Read only by the Kubernetes driver's wiring; still parsed without it.
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
 pub(crate) struct KubeServiceConfig {
     /// The Service name (Istio `destination.host`, Gateway API
     /// `backendRef.name`).
