@@ -184,6 +184,11 @@ pub(crate) enum LbKind {
     Haproxy,
     Symlink,
     Simulated,
+    /// An Istio VirtualService (feature `kubernetes`).
+    Istio,
+    /// A Gateway API HTTPRoute (feature `kubernetes`).
+    #[serde(rename = "gateway-api")]
+    GatewayApi,
 }
 
 impl fmt::Display for LbKind {
@@ -194,6 +199,8 @@ impl fmt::Display for LbKind {
             LbKind::Haproxy => "haproxy",
             LbKind::Symlink => "symlink",
             LbKind::Simulated => "simulated",
+            LbKind::Istio => "istio",
+            LbKind::GatewayApi => "gateway-api",
         })
     }
 }
@@ -239,6 +246,36 @@ pub(crate) struct LoadBalancerConfig {
     pub(crate) idle_groups_as_backup: Option<bool>,
     /// haproxy: one runtime-API exchange's bound.
     pub(crate) timeout: Option<Dur>,
+    /// istio, gateway-api: the object's namespace.
+    pub(crate) namespace: Option<String>,
+    /// istio, gateway-api: the VirtualService's or HTTPRoute's name.
+    pub(crate) resource: Option<String>,
+    /// istio, gateway-api: the managed route's (rule's) name (default
+    /// `deploykit`).
+    pub(crate) route: Option<String>,
+    /// istio, gateway-api: the kubeconfig file (default: kube's standard
+    /// resolution, then in-cluster).
+    pub(crate) kubeconfig: Option<String>,
+    /// istio, gateway-api: the kubeconfig context.
+    pub(crate) context: Option<String>,
+    /// istio, gateway-api: each group's Service.
+    pub(crate) services: Option<BTreeMap<String, KubeServiceConfig>>,
+}
+
+/// `[load_balancer.services.<group>]`: where a group's traffic goes on
+/// Kubernetes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+// Read only by the Kubernetes driver's wiring; still parsed without it.
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
+pub(crate) struct KubeServiceConfig {
+    /// The Service name (Istio `destination.host`, Gateway API
+    /// `backendRef.name`).
+    pub(crate) service: String,
+    /// The Service port (required for gateway-api).
+    pub(crate) port: Option<u16>,
+    /// istio: the DestinationRule subset.
+    pub(crate) subset: Option<String>,
 }
 
 /// `[metrics]`.
@@ -1398,7 +1435,8 @@ fn check_roots(c: &Config, instances: &[Instance]) -> deploykit::Result<()> {
 
 fn check_lb(c: &Config) -> deploykit::Result<()> {
     let lb = &c.load_balancer;
-    let fields: [(&str, bool, &[LbKind]); 16] = [
+    const K8S: &[LbKind] = &[LbKind::Istio, LbKind::GatewayApi];
+    let fields: [(&str, bool, &[LbKind]); 22] = [
         ("nginx_prefix", lb.nginx_prefix.is_some(), &[LbKind::Nginx]),
         ("include_file", lb.include_file.is_some(), &[LbKind::Nginx]),
         (
@@ -1423,6 +1461,12 @@ fn check_lb(c: &Config) -> deploykit::Result<()> {
             &[LbKind::Nginx],
         ),
         ("timeout", lb.timeout.is_some(), &[LbKind::Haproxy]),
+        ("namespace", lb.namespace.is_some(), K8S),
+        ("resource", lb.resource.is_some(), K8S),
+        ("route", lb.route.is_some(), K8S),
+        ("kubeconfig", lb.kubeconfig.is_some(), K8S),
+        ("context", lb.context.is_some(), K8S),
+        ("services", lb.services.is_some(), K8S),
     ];
     for (name, set, kinds) in fields {
         if set && !kinds.contains(&lb.kind) {
@@ -1462,6 +1506,40 @@ fn check_lb(c: &Config) -> deploykit::Result<()> {
             need("socket", &lb.socket, "/run/haproxy/admin.sock")?;
         }
         LbKind::Symlink => need("link", &lb.link, "/srv/app/live")?,
+        LbKind::Istio | LbKind::GatewayApi => {
+            if !cfg!(feature = "kubernetes") {
+                return Err(inv(
+                    "load_balancer.kind",
+                    format!(
+                        "\"{}\" needs a deploykit built with the `kubernetes` feature (the default); \
+                         rebuild with --features kubernetes",
+                        lb.kind
+                    ),
+                ));
+            }
+            need("namespace", &lb.namespace, "shop")?;
+            need("resource", &lb.resource, "web")?;
+            let services = lb.services.as_ref().filter(|s| !s.is_empty()).ok_or_else(|| {
+                inv(
+                    "load_balancer.services",
+                    format!(
+                        "is required for kind = \"{}\": map each group to its Service, e.g. \
+                         services.stable = {{ service = \"web-stable\", port = 8080 }}",
+                        lb.kind
+                    ),
+                )
+            })?;
+            for group in services.keys() {
+                deploykit::Group::new(group.as_str()).map_err(|e| match e {
+                    deploykit::Error::InvalidInput { message, .. } => {
+                        inv(format!("load_balancer.services.{group}"), message)
+                    }
+                    other => other,
+                })?;
+            }
+            #[cfg(feature = "kubernetes")]
+            crate::wire::kubernetes_driver(lb, None)?;
+        }
         LbKind::None | LbKind::Simulated => {}
     }
     for (name, v) in [("upstream", &lb.upstream), ("backend", &lb.backend)] {

@@ -199,7 +199,65 @@ pub(crate) fn load_balancer(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Ar
             }
             Arc::new(b.build().map_err(lb_field)?)
         }
+        LbKind::Istio | LbKind::GatewayApi => kubernetes(cfg)?,
     })
+}
+
+/// The Kubernetes driver of `[load_balancer]` (kind `istio` or
+/// `gateway-api`); it connects to the API server on its first call.
+#[cfg(feature = "kubernetes")]
+fn kubernetes(cfg: &Loaded) -> anyhow::Result<Arc<dyn LoadBalancer>> {
+    let lb = &cfg.raw.load_balancer;
+    let kubeconfig = lb.kubeconfig.as_deref().map(|k| cfg.resolve(k));
+    Ok(Arc::new(kubernetes_driver(lb, kubeconfig)?))
+}
+
+/// Builds the Kubernetes driver from `[load_balancer]`, touching nothing:
+/// `config::check_lb` runs it too (without the kubeconfig, whose path is
+/// resolved later), so `validate` reports the library's own checks.
+#[cfg(feature = "kubernetes")]
+pub(crate) fn kubernetes_driver(
+    lb: &crate::config::LoadBalancerConfig,
+    kubeconfig: Option<std::path::PathBuf>,
+) -> deploykit::Result<deploykit::lb::KubernetesTraffic> {
+    use deploykit::lb::kubernetes::{KubeBackend, KubernetesError, KubernetesTraffic, TrafficApi};
+    let api = if lb.kind == LbKind::Istio {
+        TrafficApi::Istio
+    } else {
+        TrafficApi::GatewayApi
+    };
+    let mut b = KubernetesTraffic::builder(api)
+        .namespace(lb.namespace.clone().unwrap_or_default())
+        .resource(lb.resource.clone().unwrap_or_default());
+    if let Some(r) = &lb.route {
+        b = b.route(r);
+    }
+    if let Some(k) = kubeconfig {
+        b = b.kubeconfig(k);
+    }
+    if let Some(c) = &lb.context {
+        b = b.context(c);
+    }
+    for (group, s) in lb.services.iter().flatten() {
+        let mut backend = KubeBackend::service(&s.service);
+        if let Some(p) = s.port {
+            backend = backend.port(p);
+        }
+        if let Some(sub) = &s.subset {
+            backend = backend.subset(sub);
+        }
+        b = b.backend(Group::new(group.as_str())?, backend);
+    }
+    b.build().map_err(|e| match e {
+        KubernetesError::Invalid { field, message } => deploykit::Error::invalid(field, message),
+        other => deploykit::Error::Driver(other.into()),
+    })
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn kubernetes(_: &Loaded) -> anyhow::Result<Arc<dyn LoadBalancer>> {
+    // config::check_lb refuses these kinds without the feature.
+    anyhow::bail!("this deploykit was built without the `kubernetes` feature")
 }
 
 /// The nginx driver of `[load_balancer]` (kind `nginx`).

@@ -825,6 +825,13 @@ fn alternative(driver: &str, cap: Capability) -> String {
         ("haproxy", _) => "set load_balancer.map_dir and add the rule's use_backend line to haproxy.cfg \
              (docs/load-balancers.md), or use the nginx driver with load_balancer.location_include"
             .into(),
+        ("istio" | "gateway-api", Capability::StickyCookie | Capability::StickyKey) => "a sticky split \
+             needs a DestinationRule consistentHash (Istio) or session persistence (Gateway API), which \
+             deploykit does not manage; pin users with a header rule (routing.rules) instead"
+            .into(),
+        ("istio" | "gateway-api", _) => "VirtualService and HTTPRoute match headers and query parameters; \
+             use a header rule instead"
+            .into(),
         (_, Capability::Mirror) => {
             "use the nginx driver, which copies requests with its `mirror` directive".into()
         }

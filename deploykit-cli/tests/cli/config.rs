@@ -520,3 +520,53 @@ fn driver_settings_are_settable_and_belong_to_their_driver() {
     let err = rejects(&format!("{local}health_timeout = 0\n").replace("health_timeout = \"2s\"\n", ""));
     assert_has(&err, &["instances[0].health_timeout", "is 0"]);
 }
+
+#[test]
+fn kubernetes_kinds_name_the_missing_or_bad_key() {
+    let base = format!("app = \"shop\"\n{BASE_INSTANCE}");
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"istio\"\nresource = \"web\"\nservices.stable = {{ service = \"web\", subset = \"stable\" }}\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.namespace: is required for kind = \"istio\"; e.g. namespace = \"shop\""],
+    );
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"gateway-api\"\nnamespace = \"shop\"\nresource = \"web\"\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.services: is required for kind = \"gateway-api\""],
+    );
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"gateway-api\"\nnamespace = \"shop\"\nresource = \"web\"\n\
+         services.stable = {{ service = \"web-stable\" }}\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.services.stable.port: is missing; a Gateway API backendRef to a Service needs its port"],
+    );
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"istio\"\nnamespace = \"Shop\"\nresource = \"web\"\n\
+         services.stable = {{ service = \"web\" }}\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.namespace: 'Shop' is not a DNS-1123 label"],
+    );
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"istio\"\nnamespace = \"shop\"\nresource = \"web\"\nsocket = \"/run/h.sock\"\n\
+         services.stable = {{ service = \"web\" }}\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.socket: belongs to kind = \"haproxy\", but kind is \"istio\""],
+    );
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"nginx\"\ninclude_file = \"/x/u.conf\"\nnamespace = \"shop\"\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.namespace: belongs to kind = \"istio\", but kind is \"nginx\""],
+    );
+}

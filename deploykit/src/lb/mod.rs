@@ -11,6 +11,9 @@
 //!   elsewhere.
 //! * `HaproxyLoadBalancer` (feature `haproxy`) — the runtime API over the
 //!   admin socket, every change read back, drains confirmed by `show stat`.
+//! * `KubernetesTraffic` (feature `kubernetes`) — an Istio VirtualService or
+//!   a Gateway API HTTPRoute patched through the Kubernetes API, with
+//!   optimistic concurrency and read-back (`docs/kubernetes.md`).
 //! * [`SymlinkSwitch`] — a blue-green switch without a balancer: a `live`
 //!   symlink swapped atomically between the environments' directories.
 //!
@@ -20,6 +23,9 @@
 #[cfg(feature = "haproxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "haproxy")))]
 pub mod haproxy;
+#[cfg(feature = "kubernetes")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kubernetes")))]
+pub mod kubernetes;
 #[cfg(feature = "nginx")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nginx")))]
 pub mod nginx;
@@ -34,6 +40,8 @@ pub use symlink::{SymlinkSwitch, SymlinkSwitchBuilder};
 
 #[cfg(feature = "haproxy")]
 pub use haproxy::HaproxyLoadBalancer;
+#[cfg(feature = "kubernetes")]
+pub use kubernetes::KubernetesTraffic;
 #[cfg(feature = "nginx")]
 pub use nginx::NginxLoadBalancer;
 

@@ -11,6 +11,7 @@ mod fixtures;
 mod flags;
 mod gates;
 mod judges;
+mod kubernetes;
 mod props;
 mod recreate;
 mod rolling;
