@@ -191,6 +191,24 @@ pub(crate) fn draw(f: &mut Frame<'_>, view: &View) {
         );
     }
 
+    // Planned stages not started yet come after the rollout's, as pending.
+    let started = |i: usize| run.stages.iter().any(|s| !s.rollback && s.index == i);
+    let pending = run
+        .planned_stages
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| {
+            !started(*i) && run.outcome == HistoryOutcome::InProgress && run.rollback_reason.is_none()
+        })
+        .map(|(i, name)| {
+            Row::new(vec![
+                format!("stage {}/{}", i + 1, run.planned_stages.len()),
+                name.clone(),
+                String::new(),
+                "pending".to_string(),
+            ])
+            .style(Style::new().fg(Color::DarkGray))
+        });
     let stage_rows: Vec<Row<'_>> = run
         .stages
         .iter()
@@ -213,6 +231,7 @@ pub(crate) fn draw(f: &mut Frame<'_>, view: &View) {
                 state,
             ])
         })
+        .chain(pending)
         .collect();
     let stage_rows = if stage_rows.is_empty() {
         vec![Row::new(vec!["no stage started yet".to_string()])]

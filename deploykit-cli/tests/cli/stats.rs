@@ -405,3 +405,46 @@ fn a_real_prometheus_scrapes_a_run_and_counts_the_deployments() {
     env.ok(&["promote"], 0);
     assert_eq!(deploy.wait().unwrap().code(), Some(0));
 }
+
+#[test]
+fn postmortem_of_an_interrupted_deployment_names_the_rollback_that_recovered_it() {
+    let env = Env::new(&crate::util::simulated(2, ""));
+    env.ok(&["deploy", "v1"], 0);
+    // The process dies (as kill -9) once 6 journal records are on disk.
+    let out = env
+        .cmd()
+        .env("DEPLOYKIT_TEST_ABORT_AFTER_RECORD", "6")
+        .args(["-q", "deploy", "v2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the deployment was not interrupted");
+    env.ok(&["rollback"], 0);
+    let history = json_lines(&env.ok(&["history", "--json"], 0));
+    let interrupted = history
+        .iter()
+        .find(|h| h["release"] == "v2")
+        .and_then(|h| h["id"].as_str())
+        .unwrap()
+        .to_string();
+    let rollback = history
+        .iter()
+        .find(|h| h["kind"] == "rollback")
+        .and_then(|h| h["id"].as_str())
+        .unwrap()
+        .to_string();
+    let md = env.ok(&["postmortem", &interrupted], 0);
+    for part in [
+        format!("# Post-mortem: deployment {interrupted} of shop (interrupted)"),
+        format!(", by run {rollback})"),
+        format!("| {rollback} | rollback of v1 started (rollback) |"),
+        format!("| {rollback} | rollback ended: succeeded |"),
+        "## Instances affected (1 of 2)".to_string(),
+        "| web-1 | v1 | in progress |".to_string(),
+    ] {
+        assert!(md.contains(&part), "missing {part:?} in:\n{md}");
+    }
+    let doc: Value = serde_json::from_str(&env.ok(&["stats", "--json"], 0)).unwrap();
+    assert_eq!(doc["dora"]["failed"], 1, "{doc}");
+    assert_eq!(doc["dora"]["unrecovered"], 0, "the rollback recovered it: {doc}");
+    assert_eq!(doc["dora"]["recovery_time"]["count"], 1, "{doc}");
+}

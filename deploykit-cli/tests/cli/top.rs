@@ -140,6 +140,7 @@ fn top_follows_a_running_canary_in_tmux_and_quits_on_q() {
         "canary error rate",
     ]);
     assert!(screen.contains("running"), "{screen}");
+    assert!(screen.contains("pending"), "the plan's later stages:\n{screen}");
 
     env.ok(&["promote"], 0);
     assert_eq!(deploy.wait().unwrap().code(), Some(0));

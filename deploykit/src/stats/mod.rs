@@ -91,6 +91,10 @@ pub struct DeploymentRecord {
     pub failed_at_elapsed_ms: Option<u64>,
     /// The source commit, when given.
     pub commit: Option<SourceCommit>,
+    /// The names of the plan's stages, in order, when the journal holds
+    /// the plan (what is still to come while a run is in progress).
+    #[serde(default)]
+    pub planned_stages: Vec<String>,
     /// The stages, in the order they started (rollback stages included).
     pub stages: Vec<StageRecord>,
     /// Every canary analysis check, in order.
@@ -247,6 +251,11 @@ impl RecordBuilder {
                 rollback_reason: None,
                 failed_at_elapsed_ms: None,
                 commit: header.commit.clone(),
+                planned_stages: header
+                    .plan
+                    .as_ref()
+                    .map(|p| p.stages.iter().map(|s| s.name.clone()).collect())
+                    .unwrap_or_default(),
                 stages: Vec::new(),
                 checks: Vec::new(),
                 instances: Vec::new(),
