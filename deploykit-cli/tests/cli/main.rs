@@ -10,6 +10,8 @@ mod crash;
 mod flags;
 mod gitops;
 mod haproxy;
+#[cfg(feature = "kubernetes")]
+mod kubernetes;
 mod nginx;
 mod notify;
 mod refusals;
