@@ -135,10 +135,12 @@ enum Command {
 
 fn init_logging(g: &cmd::Global) {
     let level = match (g.quiet, g.verbose) {
-        (true, _) => "error",
+        // kube logs each failed API request as an error, which the
+        // Kubernetes driver's own error already carries to the user.
+        (true, _) => "error,kube_client=off",
         // The executor's own warnings mirror events that the progress lines
         // (or the --json stream) already show; -v brings them back.
-        (false, 0) => "warn,deploykit::executor=error",
+        (false, 0) => "warn,deploykit::executor=error,kube_client=off",
         (false, 1) => "info",
         (false, 2) => "debug",
         _ => "trace",

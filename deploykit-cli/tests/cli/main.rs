@@ -12,6 +12,8 @@ mod dashboard_browser;
 mod flags;
 mod gitops;
 mod haproxy;
+#[cfg(feature = "kubernetes")]
+mod kubernetes;
 mod nginx;
 mod notify;
 mod refusals;
