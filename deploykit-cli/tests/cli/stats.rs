@@ -307,13 +307,19 @@ impl Drop for RealPrometheus {
 
 impl RealPrometheus {
     fn start(target: u16) -> Self {
+        Self::start_with(target, "")
+    }
+
+    /// As [`RealPrometheus::start`], with `extra` (indented YAML) added to
+    /// the scrape job.
+    fn start_with(target: u16, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("prometheus.yml");
         std::fs::write(
             &cfg,
             format!(
                 "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: deploykit\n    scrape_interval: 1s\n    \
-                 scrape_timeout: 900ms\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+                 scrape_timeout: 900ms\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n{extra}"
             ),
         )
         .unwrap();
@@ -404,4 +410,28 @@ fn a_real_prometheus_scrapes_a_run_and_counts_the_deployments() {
     );
     env.ok(&["promote"], 0);
     assert_eq!(deploy.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_dashboard_with_the_token_file() {
+    let env = Env::new(&crate::util::simulated(2, ""));
+    env.ok(&["deploy", "v1"], 0);
+    env.ok(&["deploy", "v2"], 0);
+    let dash = crate::dashboard::Dash::start(&env, &[]);
+    let port: u16 = dash.addr.rsplit(':').next().unwrap().parse().unwrap();
+    // As docs/dashboard.md says to scrape a dashboard off loopback; on
+    // loopback a wrong token is refused too, so this proves the file works.
+    let token_file = env.state().join("dashboard-token");
+    let prometheus = RealPrometheus::start_with(
+        port,
+        &format!(
+            "    authorization:\n      credentials_file: {}\n",
+            token_file.display()
+        ),
+    );
+    assert_eq!(prometheus.wait_for("up{job=\"deploykit\"} == 1"), 1.0);
+    assert_eq!(
+        prometheus.wait_for("sum(deploykit_deployments_total{app=\"shop\",kind=\"deploy\"})"),
+        2.0
+    );
 }
