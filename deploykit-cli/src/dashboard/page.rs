@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use deploykit::analysis::CheckOutcome;
+use deploykit::analysis::{CheckOutcome, Measurement};
 use deploykit::state::{utc_datetime, HistoryEntry, HistoryOutcome, JournalSummary};
 use deploykit::{Event, EventKind, StepResult};
 use serde_json::Value;
@@ -476,22 +476,18 @@ pub(crate) fn deployment_live(v: &RunView<'_>) -> String {
                 stage,
                 weight,
                 result,
+                measurements,
                 ..
             } => {
                 weights.push((ev.elapsed_ms, *weight));
-                let (ratio, inconclusive) = match result {
-                    CheckOutcome::Fail { value, threshold, .. } if *threshold > 0.0 => {
-                        (Some(value / threshold), false)
-                    }
-                    CheckOutcome::Fail { .. } => (Some(f64::INFINITY), false),
-                    r => (None, r.is_inconclusive()),
-                };
-                checks.push(svg::CheckPoint {
-                    at_ms: ev.elapsed_ms,
-                    ratio: ratio.map(|r| r.min(100.0)),
-                    inconclusive,
-                });
-                failed_checks.push((ev.elapsed_ms, *stage, *weight, result.clone()));
+                checks.push(check_point(ev.elapsed_ms, result, measurements));
+                failed_checks.push((
+                    ev.elapsed_ms,
+                    *stage,
+                    *weight,
+                    result.clone(),
+                    measurements.as_slice(),
+                ));
             }
             EventKind::StepStarted {
                 step,
@@ -555,8 +551,8 @@ pub(crate) fn deployment_live(v: &RunView<'_>) -> String {
     if !checks.is_empty() {
         s.push_str("<h2>Analysis</h2>");
         s.push_str(&svg::checks_chart(&checks, end));
-        s.push_str("<table class=\"checks\"><thead><tr><th>At</th><th>Stage</th><th>Weight</th><th>Result</th></tr></thead><tbody>");
-        for (at, stage, weight, r) in &failed_checks {
+        s.push_str("<table class=\"checks\"><thead><tr><th>At</th><th>Stage</th><th>Weight</th><th>Result</th><th>Measured (limit)</th></tr></thead><tbody>");
+        for (at, stage, weight, r, measured) in &failed_checks {
             let class = match r {
                 CheckOutcome::Pass => "ok",
                 CheckOutcome::Fail { .. } => "bad",
@@ -564,9 +560,10 @@ pub(crate) fn deployment_live(v: &RunView<'_>) -> String {
             };
             let _ = write!(
                 s,
-                "<tr class=\"{class}\"><td class=\"num\">{}</td><td>{stage}</td><td>{weight} %</td><td>{}</td></tr>",
+                "<tr class=\"{class}\"><td class=\"num\">{}</td><td>{stage}</td><td>{weight} %</td><td>{}</td><td>{}</td></tr>",
                 secs(*at),
-                esc(&r.to_string())
+                esc(&r.to_string()),
+                measured_text(measured)
             );
         }
         s.push_str("</tbody></table>");
@@ -910,9 +907,74 @@ pub(crate) fn login(message: Option<&str>) -> String {
     s
 }
 
+/// One check on the analysis chart: a broken rule at its value ÷ threshold,
+/// and a pass at its closest rule's (so a pass near its limit shows as
+/// near), from the check's measurements; journals written before
+/// measurements were recorded draw a pass at no particular height.
+fn check_point(at_ms: u64, result: &CheckOutcome, measurements: &[Measurement]) -> svg::CheckPoint {
+    let ratio_of = |value: f64, threshold: f64| match threshold {
+        t if t > 0.0 => value / t,
+        _ if value > 0.0 => f64::INFINITY,
+        _ => 0.0,
+    };
+    let closest = measurements
+        .iter()
+        .map(|m| ratio_of(m.value, m.threshold))
+        .filter(|r| !r.is_nan())
+        .reduce(f64::max);
+    let (verdict, ratio) = match result {
+        CheckOutcome::Fail { value, threshold, .. } => (
+            svg::Verdict::Fail,
+            Some(ratio_of(*value, *threshold).max(closest.unwrap_or(0.0))),
+        ),
+        CheckOutcome::Pass => (svg::Verdict::Pass, closest),
+        _ => (svg::Verdict::Inconclusive, closest),
+    };
+    svg::CheckPoint {
+        at_ms,
+        verdict,
+        ratio: ratio.map(|r| r.min(100.0)),
+    }
+}
+
+/// A check's measurements for its table cell: each value and its limit.
+fn measured_text(measured: &[Measurement]) -> String {
+    if measured.is_empty() {
+        return "<span class=\"empty\">not recorded</span>".into();
+    }
+    measured
+        .iter()
+        .map(|m| {
+            let class = if m.value > m.threshold { "bad" } else { "ok" };
+            format!(
+                "<span class=\"{class}\">{} {} ({})</span>",
+                esc(&m.metric.to_string()),
+                figure(m.value),
+                figure(m.threshold)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("<br>")
+}
+
+/// A measured figure with four significant digits, without an exponent
+/// for the usual magnitudes.
+fn figure(v: f64) -> String {
+    match v.abs() {
+        a if a == 0.0 || !a.is_finite() => format!("{v}"),
+        a if a >= 1000.0 => format!("{v:.0}"),
+        a if a >= 0.0001 => {
+            let digits = (3 - a.log10().floor() as i32).max(0) as usize;
+            format!("{v:.digits$}")
+        }
+        _ => format!("{v:.3e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use deploykit::analysis::AnalysisMetric;
 
     #[test]
     fn escaping_covers_markup_and_quotes() {
@@ -926,5 +988,44 @@ mod tests {
     fn url_parts_keep_only_unreserved_bytes() {
         assert_eq!(url_part("a b/c?d"), "a%20b%2Fc%3Fd");
         assert_eq!(url_part("deploy-20260101-x_y.z"), "deploy-20260101-x_y.z");
+    }
+
+    fn measured(metric: AnalysisMetric, value: f64, threshold: f64) -> Measurement {
+        Measurement {
+            metric,
+            value,
+            threshold,
+        }
+    }
+
+    #[test]
+    fn a_pass_is_drawn_at_its_rule_closest_to_the_limit() {
+        let m = [
+            measured(AnalysisMetric::ErrorRate, 0.002, 0.01),
+            measured(AnalysisMetric::LatencyP99, 0.4, 0.5),
+        ];
+        let p = check_point(7, &CheckOutcome::Pass, &m);
+        assert_eq!(p.verdict, svg::Verdict::Pass);
+        let r = p.ratio.expect("measured");
+        assert!((r - 0.8).abs() < 1e-9, "{r}");
+        // A journal from before measurements: a pass without a height.
+        assert_eq!(check_point(7, &CheckOutcome::Pass, &[]).ratio, None);
+    }
+
+    #[test]
+    fn the_checks_table_shows_each_value_and_its_limit() {
+        let cell = measured_text(&[
+            measured(AnalysisMetric::ErrorRate, 0.0012345, 0.01),
+            measured(AnalysisMetric::LatencyP99, 0.75, 0.5),
+        ]);
+        assert!(
+            cell.contains("<span class=\"ok\">canary error rate 0.001234 (0.01000)</span>"),
+            "{cell}"
+        );
+        assert!(
+            cell.contains("<span class=\"bad\">canary p99 latency 0.7500 (0.5000)</span>"),
+            "{cell}"
+        );
+        assert!(measured_text(&[]).contains("not recorded"));
     }
 }

@@ -376,6 +376,21 @@ fn promote_needs_the_token_and_the_same_origin_and_nothing_changes_without() {
         "the promoted canary finishes"
     );
     assert!(promoted(&env));
+    // Passing checks are drawn and listed at their measured values: the
+    // Prometheus stand-in answers 0.001 for canary and stable alike, so the
+    // closest rule is the relative one (limit 2 x stable's 0.001): 0.5x.
+    let page = get(&d, &format!("/deployments/{id}"));
+    assert!(
+        page.body.contains("canary error rate 0.001000 (0.01000)"),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body.contains("<circle class=\"pass\"")
+            && page.body.contains("<title>pass: 0.50x the threshold</title>"),
+        "{}",
+        page.body
+    );
     // Nothing waits any more.
     let a = request(&d.addr, "POST", &path, Some(""), &[("authorization", &bearer)]);
     assert_eq!(a.status, 409, "{}", a.body);
