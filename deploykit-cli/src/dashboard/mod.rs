@@ -663,17 +663,18 @@ async fn history(State(app): State<App>, headers: HeaderMap) -> Response {
     let cache = app.cache.clone();
     let read = blocking(move || -> anyhow::Result<_> {
         let (e, _) = entries(&state, &cache)?;
+        let records = deploykit::stats::load(&state)?.records;
         let changes = FlagStore::new(PathBuf::new(), journal).history()?;
-        Ok((e, changes))
+        Ok((e, records, changes))
     })
     .await;
     match read {
-        Ok((e, changes)) => html(
+        Ok((e, records, changes)) => html(
             StatusCode::OK,
             page::layout(
                 "History",
                 viewer,
-                &page::history(&e, &changes, deploykit::state::now_ms()),
+                &page::history(&e, &records, &changes, deploykit::state::now_ms()),
             ),
         ),
         Err(e) => internal(crate::error_text(&e)),

@@ -8,10 +8,13 @@ use std::fmt::Write;
 
 use deploykit::analysis::{CheckOutcome, Measurement};
 use deploykit::state::{utc_datetime, HistoryEntry, HistoryOutcome, JournalSummary};
+use deploykit::stats::exposition::DORA_WINDOW_MS;
+use deploykit::stats::{self, DeploymentRecord, Dora};
 use deploykit::{Event, EventKind, StepResult};
 use serde_json::Value;
 
 use super::svg;
+use crate::stats::human_ms;
 
 /// `text` safe inside HTML text and quoted attribute values.
 pub(crate) fn esc(text: &str) -> String {
@@ -705,54 +708,43 @@ pub(crate) fn fleet(rows: &[InstanceRow], live: Option<&str>) -> String {
 /// Days shown in the history's per-day chart.
 const DAYS: u64 = 14;
 
-/// The history page: deployments per day, the change failure rate,
-/// durations as bars, then every run and flag change.
+/// The history page: the DORA figures, deployments per day, durations as
+/// bars, then every run and flag change.
 pub(crate) fn history(
     entries: &[HistoryEntry],
+    records: &[DeploymentRecord],
     flag_changes: &[deploykit::flags::FlagChangeRecord],
     now_ms: u64,
 ) -> String {
-    use deploykit::state::RunKind;
     let mut s = String::new();
-    // Deployments that ended, as the change failure rate counts them: any
-    // outcome but a success is a failed change.
-    let ended: Vec<&HistoryEntry> = entries
-        .iter()
-        .filter(|e| e.kind == RunKind::Deploy && e.outcome != HistoryOutcome::InProgress)
+    s.push_str(&dora_panel(records, now_ms));
+    // Each day's bar is that day's DORA window, so it counts deployments
+    // and failed changes exactly as the figures above and `deploykit stats`.
+    let day_ms = 86_400_000;
+    let today = now_ms / day_ms;
+    let per_day: Vec<(u64, Dora)> = (0..DAYS)
+        .rev()
+        .map(|ago| {
+            let day = today.saturating_sub(ago);
+            (day, stats::dora(records, day * day_ms, (day + 1) * day_ms))
+        })
         .collect();
-    if !ended.is_empty() {
-        let failed = ended
+    if per_day.iter().any(|(_, d)| d.deployments > 0) {
+        let bars: Vec<svg::Bar> = per_day
             .iter()
-            .filter(|e| e.outcome != HistoryOutcome::Succeeded)
-            .count();
-        let _ = write!(
-            s,
-            "<p id=\"failure-rate\">{} deployment(s), {failed} did not succeed (rolled back, degraded or interrupted): a change failure rate of {:.0} %.</p>",
-            ended.len(),
-            failed as f64 * 100.0 / ended.len() as f64
-        );
-        let day_ms = 86_400_000;
-        let today = now_ms / day_ms;
-        let per_day: Vec<svg::Bar> = (0..DAYS)
-            .rev()
-            .map(|ago| {
-                let day = today.saturating_sub(ago);
-                let of_day: Vec<&&HistoryEntry> =
-                    ended.iter().filter(|e| e.started_at_ms / day_ms == day).collect();
-                let bad = of_day.iter().any(|e| e.outcome != HistoryOutcome::Succeeded);
-                svg::Bar {
-                    label: format!(
-                        "{}: {} deployment(s)",
-                        &utc_datetime(day * 86_400)[..10],
-                        of_day.len()
-                    ),
-                    value: of_day.len() as f64,
-                    class: if bad { "warn" } else { "ok" },
-                }
+            .map(|(day, d)| svg::Bar {
+                label: format!(
+                    "{}: {} deployment(s), {} failed",
+                    &utc_datetime(day * 86_400)[..10],
+                    d.deployments,
+                    d.failed
+                ),
+                value: d.deployments as f64,
+                class: if d.failed > 0 { "warn" } else { "ok" },
             })
             .collect();
         let _ = write!(s, "<h2>Deployments per day, last {DAYS} days</h2>");
-        s.push_str(&svg::bars("Deployments per day", &per_day, ""));
+        s.push_str(&svg::bars("Deployments per day", &bars, ""));
     }
     let recent: Vec<&HistoryEntry> = entries
         .iter()
@@ -969,6 +961,59 @@ fn figure(v: f64) -> String {
         }
         _ => format!("{v:.3e}"),
     }
+}
+
+/// The four DORA figures over the last [`DORA_WINDOW_MS`], as
+/// `deploykit stats` and the `/metrics` gauges compute them.
+fn dora_panel(records: &[DeploymentRecord], now_ms: u64) -> String {
+    let d = stats::dora(records, now_ms.saturating_sub(DORA_WINDOW_MS), now_ms);
+    let days = DORA_WINDOW_MS / 86_400_000;
+    let mut s = format!("<h2>DORA, last {days} days</h2><table class=\"dora\" id=\"dora\"><tbody>");
+    let frequency = format!(
+        "{:.2} a day ({} of {} deployment(s) went live)",
+        d.deployments_per_day, d.live, d.deployments
+    );
+    let lead = match d.lead_time {
+        Some(l) => format!(
+            "{} median ({} with a commit time; {} to {})",
+            human_ms(l.median_ms),
+            l.count,
+            human_ms(l.min_ms),
+            human_ms(l.max_ms)
+        ),
+        None => "unknown: deploy with --commit SHA --commit-time T to measure it".into(),
+    };
+    let failure = match d.change_failure_rate {
+        Some(r) => format!(
+            "{:.1} % ({} of {} failed: rolled back, degraded or interrupted)",
+            r * 100.0,
+            d.failed,
+            d.deployments
+        ),
+        None => "no deployment ended yet".into(),
+    };
+    let recovery = match d.recovery_time {
+        Some(r) => format!(
+            "{} median ({} recovered, {} not yet; {} to {})",
+            human_ms(r.median_ms),
+            r.count,
+            d.unrecovered,
+            human_ms(r.min_ms),
+            human_ms(r.max_ms)
+        ),
+        None if d.unrecovered > 0 => format!("{} failed deployment(s) not recovered yet", d.unrecovered),
+        None => "no failed deployment".into(),
+    };
+    for (id, name, value) in [
+        ("dora-frequency", "Deployment frequency", frequency),
+        ("dora-lead-time", "Lead time for changes", lead),
+        ("dora-failure-rate", "Change failure rate", failure),
+        ("dora-recovery", "Recovery time", recovery),
+    ] {
+        let _ = write!(s, "<tr id=\"{id}\"><th>{name}</th><td>{}</td></tr>", esc(&value));
+    }
+    s.push_str("</tbody></table>");
+    s
 }
 
 #[cfg(test)]

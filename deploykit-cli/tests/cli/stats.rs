@@ -435,3 +435,51 @@ fn a_real_prometheus_scrapes_the_dashboard_with_the_token_file() {
         2.0
     );
 }
+
+/// The text of the `<tr id="ID">` row of an HTML page.
+fn row(html: &str, id: &str) -> String {
+    let at = html
+        .find(&format!("<tr id=\"{id}\">"))
+        .unwrap_or_else(|| panic!("no row {id} in {html}"));
+    let rest = &html[at..];
+    rest[..rest.find("</tr>").expect("the row ends")].to_owned()
+}
+
+#[test]
+fn the_dashboard_history_shows_the_dora_figures_of_stats() {
+    let (env, _) = two_deployments();
+    let doc: Value = serde_json::from_str(&env.ok(&["stats", "--json"], 0)).unwrap();
+    let dora = &doc["dora"];
+    let d = crate::dashboard::Dash::start(&env, &[]);
+    let page = crate::dashboard::get(&d, "/history");
+    assert_eq!(page.status, 200, "{}", page.body);
+    let html = page.body;
+    assert!(html.contains("DORA, last 30 days"), "{html}");
+    let frequency = row(&html, "dora-frequency");
+    assert!(
+        frequency.contains(&format!(
+            "({} of {} deployment(s) went live)",
+            dora["live"], dora["deployments"]
+        )),
+        "{frequency}; stats: {dora}"
+    );
+    let failure = row(&html, "dora-failure-rate");
+    assert!(
+        failure.contains("50.0 % (1 of 2 failed"),
+        "{failure}; stats: {dora}"
+    );
+    assert_eq!(dora["change_failure_rate"], 0.5);
+    let lead = row(&html, "dora-lead-time");
+    let lead_min = dora["lead_time"]["median_ms"].as_u64().unwrap() / 60_000;
+    assert!(
+        lead.contains(&format!("<td>{lead_min}m ")) && lead.contains("(1 with a commit time;"),
+        "{lead}; stats: {dora}"
+    );
+    let recovery = row(&html, "dora-recovery");
+    assert!(
+        recovery.contains("(1 recovered, 0 not yet;"),
+        "{recovery}; stats: {dora}"
+    );
+    // Today's bar counts as the figures do: both deployments, one failed.
+    assert!(html.contains(": 2 deployment(s), 1 failed</title>"), "{html}");
+}
