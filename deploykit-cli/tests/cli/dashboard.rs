@@ -560,8 +560,10 @@ fn no_secret_of_the_configuration_is_rendered() {
         "/history",
         "/flags",
         "/login",
+        "/metrics",
     ] {
         let a = get(&d, path);
+        assert_eq!(a.status, 200, "{path}: {}", a.body);
         for secret in ["SUPERSECRETHOOK", "PROMPASSWORD", &token(&env)] {
             assert!(!a.body.contains(secret), "{path} shows `{secret}`: {}", a.body);
         }
