@@ -32,6 +32,12 @@ pub(crate) fn render(state: &StateDir) -> deploykit::Result<String> {
 }
 
 async fn metrics(axum::extract::State(state): axum::extract::State<Arc<StateDir>>) -> Response {
+    answer(StateDir::clone(&state)).await
+}
+
+/// The `/metrics` answer for `state`: the exposition, or a 500 naming what
+/// could not be read. The dashboard serves it behind its read check.
+pub(crate) async fn answer(state: StateDir) -> Response {
     // Reading the journals is file I/O: off the async workers.
     let rendered = tokio::task::spawn_blocking(move || render(&state)).await;
     match rendered {

@@ -151,6 +151,7 @@ fn router(app: App) -> Router {
         .route("/fleet", get(fleet))
         .route("/history", get(history))
         .route("/flags", get(flags))
+        .route("/metrics", get(metrics))
         .route("/flags/{key}", post(change_flag))
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
@@ -662,21 +663,32 @@ async fn history(State(app): State<App>, headers: HeaderMap) -> Response {
     let cache = app.cache.clone();
     let read = blocking(move || -> anyhow::Result<_> {
         let (e, _) = entries(&state, &cache)?;
+        let records = deploykit::stats::load(&state)?.records;
         let changes = FlagStore::new(PathBuf::new(), journal).history()?;
-        Ok((e, changes))
+        Ok((e, records, changes))
     })
     .await;
     match read {
-        Ok((e, changes)) => html(
+        Ok((e, records, changes)) => html(
             StatusCode::OK,
             page::layout(
                 "History",
                 viewer,
-                &page::history(&e, &changes, deploykit::state::now_ms()),
+                &page::history(&e, &records, &changes, deploykit::state::now_ms()),
             ),
         ),
         Err(e) => internal(crate::error_text(&e)),
     }
+}
+
+/// The Prometheus exposition of the journals, as `deploy --metrics-listen`
+/// serves it, readable by whoever may read the pages (off loopback a
+/// scraper sends the token as `Authorization: Bearer`).
+async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
+    if let Err(r) = app.viewer(&headers, Need::Read) {
+        return refused(&r);
+    }
+    secure(crate::metrics_http::answer(app.state.clone()).await)
 }
 
 async fn flags_page(

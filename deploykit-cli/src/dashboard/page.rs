@@ -6,12 +6,15 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use deploykit::analysis::CheckOutcome;
+use deploykit::analysis::{CheckOutcome, Measurement};
 use deploykit::state::{utc_datetime, HistoryEntry, HistoryOutcome, JournalSummary};
+use deploykit::stats::exposition::DORA_WINDOW_MS;
+use deploykit::stats::{self, DeploymentRecord, Dora};
 use deploykit::{Event, EventKind, StepResult};
 use serde_json::Value;
 
 use super::svg;
+use crate::stats::human_ms;
 
 /// `text` safe inside HTML text and quoted attribute values.
 pub(crate) fn esc(text: &str) -> String {
@@ -476,22 +479,18 @@ pub(crate) fn deployment_live(v: &RunView<'_>) -> String {
                 stage,
                 weight,
                 result,
+                measurements,
                 ..
             } => {
                 weights.push((ev.elapsed_ms, *weight));
-                let (ratio, inconclusive) = match result {
-                    CheckOutcome::Fail { value, threshold, .. } if *threshold > 0.0 => {
-                        (Some(value / threshold), false)
-                    }
-                    CheckOutcome::Fail { .. } => (Some(f64::INFINITY), false),
-                    r => (None, r.is_inconclusive()),
-                };
-                checks.push(svg::CheckPoint {
-                    at_ms: ev.elapsed_ms,
-                    ratio: ratio.map(|r| r.min(100.0)),
-                    inconclusive,
-                });
-                failed_checks.push((ev.elapsed_ms, *stage, *weight, result.clone()));
+                checks.push(check_point(ev.elapsed_ms, result, measurements));
+                failed_checks.push((
+                    ev.elapsed_ms,
+                    *stage,
+                    *weight,
+                    result.clone(),
+                    measurements.as_slice(),
+                ));
             }
             EventKind::StepStarted {
                 step,
@@ -555,8 +554,8 @@ pub(crate) fn deployment_live(v: &RunView<'_>) -> String {
     if !checks.is_empty() {
         s.push_str("<h2>Analysis</h2>");
         s.push_str(&svg::checks_chart(&checks, end));
-        s.push_str("<table class=\"checks\"><thead><tr><th>At</th><th>Stage</th><th>Weight</th><th>Result</th></tr></thead><tbody>");
-        for (at, stage, weight, r) in &failed_checks {
+        s.push_str("<table class=\"checks\"><thead><tr><th>At</th><th>Stage</th><th>Weight</th><th>Result</th><th>Measured (limit)</th></tr></thead><tbody>");
+        for (at, stage, weight, r, measured) in &failed_checks {
             let class = match r {
                 CheckOutcome::Pass => "ok",
                 CheckOutcome::Fail { .. } => "bad",
@@ -564,9 +563,10 @@ pub(crate) fn deployment_live(v: &RunView<'_>) -> String {
             };
             let _ = write!(
                 s,
-                "<tr class=\"{class}\"><td class=\"num\">{}</td><td>{stage}</td><td>{weight} %</td><td>{}</td></tr>",
+                "<tr class=\"{class}\"><td class=\"num\">{}</td><td>{stage}</td><td>{weight} %</td><td>{}</td><td>{}</td></tr>",
                 secs(*at),
-                esc(&r.to_string())
+                esc(&r.to_string()),
+                measured_text(measured)
             );
         }
         s.push_str("</tbody></table>");
@@ -708,54 +708,43 @@ pub(crate) fn fleet(rows: &[InstanceRow], live: Option<&str>) -> String {
 /// Days shown in the history's per-day chart.
 const DAYS: u64 = 14;
 
-/// The history page: deployments per day, the change failure rate,
-/// durations as bars, then every run and flag change.
+/// The history page: the DORA figures, deployments per day, durations as
+/// bars, then every run and flag change.
 pub(crate) fn history(
     entries: &[HistoryEntry],
+    records: &[DeploymentRecord],
     flag_changes: &[deploykit::flags::FlagChangeRecord],
     now_ms: u64,
 ) -> String {
-    use deploykit::state::RunKind;
     let mut s = String::new();
-    // Deployments that ended, as the change failure rate counts them: any
-    // outcome but a success is a failed change.
-    let ended: Vec<&HistoryEntry> = entries
-        .iter()
-        .filter(|e| e.kind == RunKind::Deploy && e.outcome != HistoryOutcome::InProgress)
+    s.push_str(&dora_panel(records, now_ms));
+    // Each day's bar is that day's DORA window, so it counts deployments
+    // and failed changes exactly as the figures above and `deploykit stats`.
+    let day_ms = 86_400_000;
+    let today = now_ms / day_ms;
+    let per_day: Vec<(u64, Dora)> = (0..DAYS)
+        .rev()
+        .map(|ago| {
+            let day = today.saturating_sub(ago);
+            (day, stats::dora(records, day * day_ms, (day + 1) * day_ms))
+        })
         .collect();
-    if !ended.is_empty() {
-        let failed = ended
+    if per_day.iter().any(|(_, d)| d.deployments > 0) {
+        let bars: Vec<svg::Bar> = per_day
             .iter()
-            .filter(|e| e.outcome != HistoryOutcome::Succeeded)
-            .count();
-        let _ = write!(
-            s,
-            "<p id=\"failure-rate\">{} deployment(s), {failed} did not succeed (rolled back, degraded or interrupted): a change failure rate of {:.0} %.</p>",
-            ended.len(),
-            failed as f64 * 100.0 / ended.len() as f64
-        );
-        let day_ms = 86_400_000;
-        let today = now_ms / day_ms;
-        let per_day: Vec<svg::Bar> = (0..DAYS)
-            .rev()
-            .map(|ago| {
-                let day = today.saturating_sub(ago);
-                let of_day: Vec<&&HistoryEntry> =
-                    ended.iter().filter(|e| e.started_at_ms / day_ms == day).collect();
-                let bad = of_day.iter().any(|e| e.outcome != HistoryOutcome::Succeeded);
-                svg::Bar {
-                    label: format!(
-                        "{}: {} deployment(s)",
-                        &utc_datetime(day * 86_400)[..10],
-                        of_day.len()
-                    ),
-                    value: of_day.len() as f64,
-                    class: if bad { "warn" } else { "ok" },
-                }
+            .map(|(day, d)| svg::Bar {
+                label: format!(
+                    "{}: {} deployment(s), {} failed",
+                    &utc_datetime(day * 86_400)[..10],
+                    d.deployments,
+                    d.failed
+                ),
+                value: d.deployments as f64,
+                class: if d.failed > 0 { "warn" } else { "ok" },
             })
             .collect();
         let _ = write!(s, "<h2>Deployments per day, last {DAYS} days</h2>");
-        s.push_str(&svg::bars("Deployments per day", &per_day, ""));
+        s.push_str(&svg::bars("Deployments per day", &bars, ""));
     }
     let recent: Vec<&HistoryEntry> = entries
         .iter()
@@ -910,9 +899,127 @@ pub(crate) fn login(message: Option<&str>) -> String {
     s
 }
 
+/// One check on the analysis chart: a broken rule at its value ÷ threshold,
+/// and a pass at its closest rule's (so a pass near its limit shows as
+/// near), from the check's measurements; journals written before
+/// measurements were recorded draw a pass at no particular height.
+fn check_point(at_ms: u64, result: &CheckOutcome, measurements: &[Measurement]) -> svg::CheckPoint {
+    let ratio_of = |value: f64, threshold: f64| match threshold {
+        t if t > 0.0 => value / t,
+        _ if value > 0.0 => f64::INFINITY,
+        _ => 0.0,
+    };
+    let closest = measurements
+        .iter()
+        .map(|m| ratio_of(m.value, m.threshold))
+        .filter(|r| !r.is_nan())
+        .reduce(f64::max);
+    let (verdict, ratio) = match result {
+        CheckOutcome::Fail { value, threshold, .. } => (
+            svg::Verdict::Fail,
+            Some(ratio_of(*value, *threshold).max(closest.unwrap_or(0.0))),
+        ),
+        CheckOutcome::Pass => (svg::Verdict::Pass, closest),
+        _ => (svg::Verdict::Inconclusive, closest),
+    };
+    svg::CheckPoint {
+        at_ms,
+        verdict,
+        ratio: ratio.map(|r| r.min(100.0)),
+    }
+}
+
+/// A check's measurements for its table cell: each value and its limit.
+fn measured_text(measured: &[Measurement]) -> String {
+    if measured.is_empty() {
+        return "<span class=\"empty\">not recorded</span>".into();
+    }
+    measured
+        .iter()
+        .map(|m| {
+            let class = if m.value > m.threshold { "bad" } else { "ok" };
+            format!(
+                "<span class=\"{class}\">{} {} ({})</span>",
+                esc(&m.metric.to_string()),
+                figure(m.value),
+                figure(m.threshold)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("<br>")
+}
+
+/// A measured figure with four significant digits, without an exponent
+/// for the usual magnitudes.
+fn figure(v: f64) -> String {
+    match v.abs() {
+        a if a == 0.0 || !a.is_finite() => format!("{v}"),
+        a if a >= 1000.0 => format!("{v:.0}"),
+        a if a >= 0.0001 => {
+            let digits = (3 - a.log10().floor() as i32).max(0) as usize;
+            format!("{v:.digits$}")
+        }
+        _ => format!("{v:.3e}"),
+    }
+}
+
+/// The four DORA figures over the last [`DORA_WINDOW_MS`], as
+/// `deploykit stats` and the `/metrics` gauges compute them.
+fn dora_panel(records: &[DeploymentRecord], now_ms: u64) -> String {
+    let d = stats::dora(records, now_ms.saturating_sub(DORA_WINDOW_MS), now_ms);
+    let days = DORA_WINDOW_MS / 86_400_000;
+    let mut s = format!("<h2>DORA, last {days} days</h2><table class=\"dora\" id=\"dora\"><tbody>");
+    let frequency = format!(
+        "{:.2} a day ({} of {} deployment(s) went live)",
+        d.deployments_per_day, d.live, d.deployments
+    );
+    let lead = match d.lead_time {
+        Some(l) => format!(
+            "{} median ({} with a commit time; {} to {})",
+            human_ms(l.median_ms),
+            l.count,
+            human_ms(l.min_ms),
+            human_ms(l.max_ms)
+        ),
+        None => "unknown: deploy with --commit SHA --commit-time T to measure it".into(),
+    };
+    let failure = match d.change_failure_rate {
+        Some(r) => format!(
+            "{:.1} % ({} of {} failed: rolled back, degraded or interrupted)",
+            r * 100.0,
+            d.failed,
+            d.deployments
+        ),
+        None => "no deployment ended yet".into(),
+    };
+    let recovery = match d.recovery_time {
+        Some(r) => format!(
+            "{} median ({} recovered, {} not yet; {} to {})",
+            human_ms(r.median_ms),
+            r.count,
+            d.unrecovered,
+            human_ms(r.min_ms),
+            human_ms(r.max_ms)
+        ),
+        None if d.unrecovered > 0 => format!("{} failed deployment(s) not recovered yet", d.unrecovered),
+        None => "no failed deployment".into(),
+    };
+    for (id, name, value) in [
+        ("dora-frequency", "Deployment frequency", frequency),
+        ("dora-lead-time", "Lead time for changes", lead),
+        ("dora-failure-rate", "Change failure rate", failure),
+        ("dora-recovery", "Recovery time", recovery),
+    ] {
+        let _ = write!(s, "<tr id=\"{id}\"><th>{name}</th><td>{}</td></tr>", esc(&value));
+    }
+    s.push_str("</tbody></table>");
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use deploykit::analysis::AnalysisMetric;
 
     #[test]
     fn escaping_covers_markup_and_quotes() {
@@ -926,5 +1033,44 @@ mod tests {
     fn url_parts_keep_only_unreserved_bytes() {
         assert_eq!(url_part("a b/c?d"), "a%20b%2Fc%3Fd");
         assert_eq!(url_part("deploy-20260101-x_y.z"), "deploy-20260101-x_y.z");
+    }
+
+    fn measured(metric: AnalysisMetric, value: f64, threshold: f64) -> Measurement {
+        Measurement {
+            metric,
+            value,
+            threshold,
+        }
+    }
+
+    #[test]
+    fn a_pass_is_drawn_at_its_rule_closest_to_the_limit() {
+        let m = [
+            measured(AnalysisMetric::ErrorRate, 0.002, 0.01),
+            measured(AnalysisMetric::LatencyP99, 0.4, 0.5),
+        ];
+        let p = check_point(7, &CheckOutcome::Pass, &m);
+        assert_eq!(p.verdict, svg::Verdict::Pass);
+        let r = p.ratio.expect("measured");
+        assert!((r - 0.8).abs() < 1e-9, "{r}");
+        // A journal from before measurements: a pass without a height.
+        assert_eq!(check_point(7, &CheckOutcome::Pass, &[]).ratio, None);
+    }
+
+    #[test]
+    fn the_checks_table_shows_each_value_and_its_limit() {
+        let cell = measured_text(&[
+            measured(AnalysisMetric::ErrorRate, 0.0012345, 0.01),
+            measured(AnalysisMetric::LatencyP99, 0.75, 0.5),
+        ]);
+        assert!(
+            cell.contains("<span class=\"ok\">canary error rate 0.001234 (0.01000)</span>"),
+            "{cell}"
+        );
+        assert!(
+            cell.contains("<span class=\"bad\">canary p99 latency 0.7500 (0.5000)</span>"),
+            "{cell}"
+        );
+        assert!(measured_text(&[]).contains("not recorded"));
     }
 }

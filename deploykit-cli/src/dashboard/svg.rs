@@ -71,19 +71,32 @@ pub(crate) fn weight_chart(points: &[(u64, u8)], end_ms: u64) -> String {
     frame("Canary weight over time", &out)
 }
 
+/// What a check decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Every rule held.
+    Pass,
+    /// A rule was broken.
+    Fail,
+    /// Neither (no data, provider error).
+    Inconclusive,
+}
+
 /// One analysis check on the chart.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct CheckPoint {
     /// When, milliseconds since the start.
     pub(crate) at_ms: u64,
-    /// `Some(value / threshold)` for a broken rule; `None` for a pass.
+    /// What the check decided (the point's colour).
+    pub(crate) verdict: Verdict,
+    /// The measured value ÷ its threshold (the rule closest to its limit),
+    /// when measured.
     pub(crate) ratio: Option<f64>,
-    /// Neither pass nor fail (no data, provider error).
-    pub(crate) inconclusive: bool,
 }
 
-/// Each check against its threshold: the threshold is the line at 1.0; a
-/// pass sits below it, a broken rule rises to its value ÷ threshold.
+/// Each check against its threshold: the threshold is the line at 1.0;
+/// each check sits at its value ÷ threshold (a broken rule above the line,
+/// a pass below it), or, unmeasured, a pass half-way and the rest at 0.
 pub(crate) fn checks_chart(checks: &[CheckPoint], end_ms: u64) -> String {
     let end = end_ms.max(1) as f64;
     let top = checks
@@ -107,20 +120,19 @@ pub(crate) fn checks_chart(checks: &[CheckPoint], end_ms: u64) -> String {
         x1 = W - RIGHT
     );
     for c in checks {
-        let (class, r) = match (c.ratio, c.inconclusive) {
-            (Some(r), _) => ("fail", r),
-            (None, true) => ("nodata", 0.0),
-            (None, false) => ("pass", 0.5),
+        let (class, word, unmeasured) = match c.verdict {
+            Verdict::Pass => ("pass", "pass", 0.5),
+            Verdict::Fail => ("fail", "fail", top),
+            Verdict::Inconclusive => ("nodata", "inconclusive", 0.0),
         };
         let _ = write!(
             out,
             "<circle class=\"{class}\" cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\"><title>{}</title></circle>",
             x(c.at_ms),
-            y(r),
+            y(c.ratio.unwrap_or(unmeasured)),
             match c.ratio {
-                Some(r) => format!("{r:.2}x the threshold"),
-                None if c.inconclusive => "inconclusive".into(),
-                None => "pass".into(),
+                Some(r) => format!("{word}: {r:.2}x the threshold"),
+                None => word.into(),
             }
         );
     }
@@ -190,13 +202,13 @@ mod tests {
             &[
                 CheckPoint {
                     at_ms: 0,
+                    verdict: Verdict::Pass,
                     ratio: None,
-                    inconclusive: false,
                 },
                 CheckPoint {
                     at_ms: 500,
+                    verdict: Verdict::Fail,
                     ratio: Some(4.0),
-                    inconclusive: false,
                 },
             ],
             1000,
@@ -215,6 +227,22 @@ mod tests {
         // SVG's y grows downwards.
         assert!(cy("fail") < line, "{svg}");
         assert!(cy("pass") > line, "{svg}");
+    }
+
+    #[test]
+    fn a_measured_pass_sits_at_its_ratio_below_the_line() {
+        let svg = checks_chart(
+            &[CheckPoint {
+                at_ms: 0,
+                verdict: Verdict::Pass,
+                ratio: Some(0.8),
+            }],
+            1000,
+        );
+        // The scale tops out at 2x the threshold.
+        let want = H - BOTTOM - 0.4 * (H - BOTTOM - TOP);
+        assert!(svg.contains(&format!("cy=\"{want:.1}\"")), "{svg}");
+        assert!(svg.contains("pass: 0.80x the threshold"), "{svg}");
     }
 
     #[test]

@@ -376,6 +376,21 @@ fn promote_needs_the_token_and_the_same_origin_and_nothing_changes_without() {
         "the promoted canary finishes"
     );
     assert!(promoted(&env));
+    // Passing checks are drawn and listed at their measured values: the
+    // Prometheus stand-in answers 0.001 for canary and stable alike, so the
+    // closest rule is the relative one (limit 2 x stable's 0.001): 0.5x.
+    let page = get(&d, &format!("/deployments/{id}"));
+    assert!(
+        page.body.contains("canary error rate 0.001000 (0.01000)"),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body.contains("<circle class=\"pass\"")
+            && page.body.contains("<title>pass: 0.50x the threshold</title>"),
+        "{}",
+        page.body
+    );
     // Nothing waits any more.
     let a = request(&d.addr, "POST", &path, Some(""), &[("authorization", &bearer)]);
     assert_eq!(a.status, 409, "{}", a.body);
@@ -545,8 +560,10 @@ fn no_secret_of_the_configuration_is_rendered() {
         "/history",
         "/flags",
         "/login",
+        "/metrics",
     ] {
         let a = get(&d, path);
+        assert_eq!(a.status, 200, "{path}: {}", a.body);
         for secret in ["SUPERSECRETHOOK", "PROMPASSWORD", &token(&env)] {
             assert!(!a.body.contains(secret), "{path} shows `{secret}`: {}", a.body);
         }
@@ -723,4 +740,62 @@ fn ctrl_c_stops_the_dashboard_while_a_live_stream_is_open() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(0));
+}
+
+/// The sum of every `name{...} value` sample in an exposition.
+fn sample_sum(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next())
+        .map(|v| v.parse::<f64>().expect("a sample value"))
+        .sum()
+}
+
+#[test]
+fn metrics_answers_the_deployment_count_behind_the_read_check() {
+    let env = Env::new(&simulated(2, ""));
+    env.ok(&["deploy", "v1"], 0);
+    let d = Dash::start(&env, &[]);
+    let one = get(&d, "/metrics");
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert!(
+        one.header("content-type")
+            .is_some_and(|t| t.starts_with("application/openmetrics-text")),
+        "{:?}",
+        one.headers
+    );
+    assert_eq!(
+        sample_sum(&one.body, "deploykit_deployments_total"),
+        1.0,
+        "{}",
+        one.body
+    );
+    // A deployment made while the dashboard serves is counted on the next scrape.
+    env.ok(&["deploy", "v2"], 0);
+    let two = get(&d, "/metrics");
+    assert_eq!(
+        sample_sum(&two.body, "deploykit_deployments_total"),
+        2.0,
+        "{}",
+        two.body
+    );
+    assert!(two.body.contains("outcome=\"succeeded\""), "{}", two.body);
+    // The same rules as the pages: a wrong token or a foreign Host is refused.
+    let t = token(&env);
+    let wrong = request(
+        &d.addr,
+        "GET",
+        "/metrics",
+        None,
+        &[("authorization", "Bearer nope")],
+    );
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
+    assert!(!wrong.body.contains("deploykit_deployments_total"));
+    let rebound = request(&d.addr, "GET", "/metrics", None, &[("host", "evil.example:80")]);
+    assert_eq!(rebound.status, 403, "{}", rebound.body);
+    let bearer = format!("Bearer {t}");
+    let right = request(&d.addr, "GET", "/metrics", None, &[("authorization", &bearer)]);
+    assert_eq!(right.status, 200, "{}", right.body);
+    assert!(!right.body.contains(&t), "the token is never rendered");
 }

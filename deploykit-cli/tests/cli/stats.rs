@@ -307,13 +307,19 @@ impl Drop for RealPrometheus {
 
 impl RealPrometheus {
     fn start(target: u16) -> Self {
+        Self::start_with(target, "")
+    }
+
+    /// As [`RealPrometheus::start`], with `extra` (indented YAML) added to
+    /// the scrape job.
+    fn start_with(target: u16, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("prometheus.yml");
         std::fs::write(
             &cfg,
             format!(
                 "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: deploykit\n    scrape_interval: 1s\n    \
-                 scrape_timeout: 900ms\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+                 scrape_timeout: 900ms\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n{extra}"
             ),
         )
         .unwrap();
@@ -447,4 +453,76 @@ fn postmortem_of_an_interrupted_deployment_names_the_rollback_that_recovered_it(
     assert_eq!(doc["dora"]["failed"], 1, "{doc}");
     assert_eq!(doc["dora"]["unrecovered"], 0, "the rollback recovered it: {doc}");
     assert_eq!(doc["dora"]["recovery_time"]["count"], 1, "{doc}");
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_dashboard_with_the_token_file() {
+    let env = Env::new(&crate::util::simulated(2, ""));
+    env.ok(&["deploy", "v1"], 0);
+    env.ok(&["deploy", "v2"], 0);
+    let dash = crate::dashboard::Dash::start(&env, &[]);
+    let port: u16 = dash.addr.rsplit(':').next().unwrap().parse().unwrap();
+    // As docs/dashboard.md says to scrape a dashboard off loopback; on
+    // loopback a wrong token is refused too, so this proves the file works.
+    let token_file = env.state().join("dashboard-token");
+    let prometheus = RealPrometheus::start_with(
+        port,
+        &format!(
+            "    authorization:\n      credentials_file: {}\n",
+            token_file.display()
+        ),
+    );
+    assert_eq!(prometheus.wait_for("up{job=\"deploykit\"} == 1"), 1.0);
+    assert_eq!(
+        prometheus.wait_for("sum(deploykit_deployments_total{app=\"shop\",kind=\"deploy\"})"),
+        2.0
+    );
+}
+
+/// The text of the `<tr id="ID">` row of an HTML page.
+fn row(html: &str, id: &str) -> String {
+    let at = html
+        .find(&format!("<tr id=\"{id}\">"))
+        .unwrap_or_else(|| panic!("no row {id} in {html}"));
+    let rest = &html[at..];
+    rest[..rest.find("</tr>").expect("the row ends")].to_owned()
+}
+
+#[test]
+fn the_dashboard_history_shows_the_dora_figures_of_stats() {
+    let (env, _) = two_deployments();
+    let doc: Value = serde_json::from_str(&env.ok(&["stats", "--json"], 0)).unwrap();
+    let dora = &doc["dora"];
+    let d = crate::dashboard::Dash::start(&env, &[]);
+    let page = crate::dashboard::get(&d, "/history");
+    assert_eq!(page.status, 200, "{}", page.body);
+    let html = page.body;
+    assert!(html.contains("DORA, last 30 days"), "{html}");
+    let frequency = row(&html, "dora-frequency");
+    assert!(
+        frequency.contains(&format!(
+            "({} of {} deployment(s) went live)",
+            dora["live"], dora["deployments"]
+        )),
+        "{frequency}; stats: {dora}"
+    );
+    let failure = row(&html, "dora-failure-rate");
+    assert!(
+        failure.contains("50.0 % (1 of 2 failed"),
+        "{failure}; stats: {dora}"
+    );
+    assert_eq!(dora["change_failure_rate"], 0.5);
+    let lead = row(&html, "dora-lead-time");
+    let lead_min = dora["lead_time"]["median_ms"].as_u64().unwrap() / 60_000;
+    assert!(
+        lead.contains(&format!("<td>{lead_min}m ")) && lead.contains("(1 with a commit time;"),
+        "{lead}; stats: {dora}"
+    );
+    let recovery = row(&html, "dora-recovery");
+    assert!(
+        recovery.contains("(1 recovered, 0 not yet;"),
+        "{recovery}; stats: {dora}"
+    );
+    // Today's bar counts as the figures do: both deployments, one failed.
+    assert!(html.contains(": 2 deployment(s), 1 failed</title>"), "{html}");
 }
