@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::analysis::Analysis;
 use crate::kinds::{StepKind, StrategyKind};
 use crate::names::{Group, InstanceId, ReleaseId};
+use crate::routing::{Capabilities, TrafficPolicy};
 use crate::smoke::SmokeCheck;
 use crate::traits::{Backend, GroupWeight};
 
@@ -526,6 +527,15 @@ pub enum Step {
         /// The environment.
         group: Group,
     },
+    /// Apply a routing policy (rules, a sticky split, mirroring) through
+    /// [`LoadBalancer::apply_policy`](crate::LoadBalancer::apply_policy);
+    /// it replaces whatever policy or weights were live. A plan with one is
+    /// refused before anything runs when the load balancer cannot apply it
+    /// ([`Plan::check_routing`]).
+    ApplyPolicy {
+        /// The policy.
+        policy: TrafficPolicy,
+    },
 }
 
 impl Step {
@@ -555,6 +565,7 @@ impl Step {
             Step::Gate { .. } => StepKind::Gate,
             Step::FlagShare { .. } => StepKind::FlagShare,
             Step::FlagKill { .. } => StepKind::FlagKill,
+            Step::ApplyPolicy { .. } => StepKind::ApplyPolicy,
         }
     }
 
@@ -575,6 +586,7 @@ impl Step {
             Step::Analyze { .. } | Step::AwaitPromotion { .. } | Step::BackupRelease { .. } => None,
             Step::WarmUp { .. } | Step::RecordSwitching { .. } | Step::RecordLive { .. } => None,
             Step::Gate { .. } | Step::FlagShare { .. } | Step::FlagKill { .. } => None,
+            Step::ApplyPolicy { .. } => None,
         }
     }
 
@@ -674,6 +686,7 @@ impl fmt::Display for Step {
                 percent,
             } => write!(f, "flag {flag}: {variant} to {percent}%"),
             Step::FlagKill { flag } => write!(f, "kill flag {flag} (safe variant for everyone)"),
+            Step::ApplyPolicy { policy } => write!(f, "apply policy: {policy}"),
             other => match other.instance() {
                 Some(i) => write!(f, "{} {i}", other.kind()),
                 None => write!(f, "{}", other.kind()),
@@ -786,6 +799,38 @@ impl Plan {
     pub fn with_leave_stopped(mut self, ids: Vec<InstanceId>) -> Self {
         self.leave_stopped = ids;
         self
+    }
+
+    /// Checks every [`Step::ApplyPolicy`] of the plan, in its stages and
+    /// its abort steps, against what a load balancer named `driver` can do
+    /// ([`Capabilities::check`]): a plan asking for routing the driver
+    /// cannot apply is refused before anything is touched, rather than
+    /// failing (and rolling back) at the stage that asks.
+    ///
+    /// # Errors
+    /// [`Error::Routing`](crate::Error::Routing) naming the first stage
+    /// (`on abort` for an abort step) and the [`RoutingError`](crate::routing::RoutingError): the
+    /// capability missing with the driver and the alternative, or the
+    /// field of a malformed policy.
+    pub fn check_routing(&self, driver: &str, caps: &Capabilities) -> crate::Result<()> {
+        let staged = self.stages.iter().flat_map(|stage| {
+            stage
+                .units
+                .iter()
+                .flat_map(|u| &u.steps)
+                .map(move |step| (stage.name.as_str(), step))
+        });
+        let aborting = self.on_abort.iter().map(|a| ("on abort", &a.step));
+        for (stage, step) in staged.chain(aborting) {
+            if let Step::ApplyPolicy { policy } = step {
+                caps.check(driver, policy)
+                    .map_err(|source| crate::Error::Routing {
+                        stage: stage.to_string(),
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     /// Every instance the plan touches, in order of first appearance.

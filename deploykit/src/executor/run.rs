@@ -581,9 +581,11 @@ impl<'a> Run<'a> {
             }
             Step::Gate { .. } => steps::gate::run(&ctx, step).await,
             Step::FlagShare { .. } | Step::FlagKill { .. } => steps::flag::run(&ctx, step).await,
-            Step::Pause { .. } | Step::SetWeights { .. } | Step::SwitchTo { .. } | Step::WarmUp { .. } => {
-                steps::traffic::run(&ctx, step).await
-            }
+            Step::Pause { .. }
+            | Step::SetWeights { .. }
+            | Step::SwitchTo { .. }
+            | Step::ApplyPolicy { .. }
+            | Step::WarmUp { .. } => steps::traffic::run(&ctx, step).await,
             _ => steps::instance::run(&ctx, step).await,
         }
     }

@@ -14,5 +14,6 @@ mod judges;
 mod props;
 mod recreate;
 mod rolling;
+mod routed;
 mod routing;
 mod schedules;
