@@ -103,8 +103,8 @@ impl Ramped {
     /// # Errors
     /// [`Error::InvalidInput`] naming the field: `from` (outside 1-99), `to`
     /// (not above `from`, or above 100), `duration` or `step_interval` (0,
-    /// or an interval longer than the duration, or more than 1000 steps),
-    /// `check_interval` (longer than a step), or a field of
+    /// or an interval longer than the duration or shorter than the
+    /// analysis's `check_interval`, or more than 1000 steps), or a field of
     /// [`base`](Self::base) ([`Canary::validate`]).
     pub fn validate(&self) -> Result<()> {
         self.base.validate()?;
@@ -156,11 +156,11 @@ impl Ramped {
         }
         if self.base.check_interval > self.step_interval {
             return Err(Error::invalid(
-                "check_interval",
+                "step_interval",
                 format!(
-                    "{} is longer than the ramp's step_interval ({}), so a step would end unchecked; shorten it or lengthen the step",
-                    crate::duration_text::format(self.base.check_interval),
-                    crate::duration_text::format(self.step_interval)
+                    "{} is shorter than the analysis's check_interval ({}), so a step would end unchecked; lengthen it or check more often",
+                    crate::duration_text::format(self.step_interval),
+                    crate::duration_text::format(self.base.check_interval)
                 ),
             ));
         }
