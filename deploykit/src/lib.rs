@@ -133,6 +133,7 @@ pub mod duration_text;
 mod error;
 mod event;
 mod executor;
+pub mod experiment;
 pub mod flags;
 mod gate;
 pub mod instance;
