@@ -71,6 +71,10 @@ pub struct ExperimentRules {
     pub min_samples: u64,
 }
 
+/// The settings are compared as plain values; [`validate`](ExperimentRules::validate)
+/// refuses NaN, so equality is total for every checked value.
+impl Eq for ExperimentRules {}
+
 impl Default for ExperimentRules {
     fn default() -> Self {
         Self {

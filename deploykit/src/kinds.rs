@@ -42,6 +42,10 @@ pub enum StrategyKind {
     /// promoted ([`DarkLaunch`](crate::DarkLaunch)).
     #[serde(rename = "dark-launch")]
     DarkLaunch,
+    /// Two variants side by side, sticky per user, decided by a business
+    /// metric ([`Experiment`](crate::Experiment)).
+    #[serde(rename = "experiment")]
+    Experiment,
     /// Returns instances to the releases a journal recorded
     /// ([`recovery`](crate::recovery)).
     #[serde(rename = "rollback")]
@@ -67,6 +71,7 @@ impl StrategyKind {
             StrategyKind::Ramped => "ramped",
             StrategyKind::Shadow => "shadow",
             StrategyKind::DarkLaunch => "dark-launch",
+            StrategyKind::Experiment => "experiment",
             StrategyKind::Rollback => "rollback",
             StrategyKind::BlueGreenRollback => "blue-green-rollback",
             StrategyKind::BlueGreenRetire => "blue-green-retire",
@@ -111,6 +116,7 @@ pub enum StepKind {
     FlagShare,
     FlagKill,
     ApplyPolicy,
+    Experiment,
 }
 
 impl StepKind {
@@ -141,6 +147,7 @@ impl StepKind {
             StepKind::FlagShare => "flag_share",
             StepKind::FlagKill => "flag_kill",
             StepKind::ApplyPolicy => "apply_policy",
+            StepKind::Experiment => "experiment",
         }
     }
 }

@@ -174,7 +174,7 @@ pub use secret_url::SecretUrl;
 pub use smoke::HttpSmokeTester;
 pub use smoke::{SmokeCheck, SmokeTester};
 pub use strategy::{parse_duration, BlueGreen, BlueGreenReport, CountOrPercent, KeepOld, Recreate, Rolling};
-pub use strategy::{Canary, DarkLaunch, Promotion, RampCurve, Ramped, Shadow, ShadowThen};
+pub use strategy::{Canary, DarkLaunch, Experiment, Promotion, RampCurve, Ramped, Shadow, ShadowThen};
 pub use traits::{
     Backend, GroupWeight, Health, Instance, LoadBalancer, Metric, MetricsSource, Observation, Strategy,
 };

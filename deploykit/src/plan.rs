@@ -536,6 +536,24 @@ pub enum Step {
         /// The policy.
         policy: TrafficPolicy,
     },
+    /// Run an A/B experiment between the groups of `analysis` (stable the
+    /// control, canary the treatment) for at most `duration`: every
+    /// `analysis.interval` the guardrails are checked as in a canary stage
+    /// and the conversions since the start are read
+    /// ([`MetricsSource::observe_tally`](crate::MetricsSource::observe_tally))
+    /// into the sequential test ([`crate::experiment`]). The step passes
+    /// when the treatment wins; it fails (and the deployment rolls back,
+    /// keeping the control) when the control wins, when time runs out with
+    /// no significant difference, or on a guardrail breach.
+    Experiment {
+        /// How the test decides.
+        rules: crate::experiment::ExperimentRules,
+        /// The longest the experiment runs.
+        #[serde(with = "crate::duration_ms")]
+        duration: Duration,
+        /// The groups (`stable` is the control) and the guardrails.
+        analysis: Analysis,
+    },
 }
 
 impl Step {
@@ -566,6 +584,7 @@ impl Step {
             Step::FlagShare { .. } => StepKind::FlagShare,
             Step::FlagKill { .. } => StepKind::FlagKill,
             Step::ApplyPolicy { .. } => StepKind::ApplyPolicy,
+            Step::Experiment { .. } => StepKind::Experiment,
         }
     }
 
@@ -586,7 +605,7 @@ impl Step {
             Step::Analyze { .. } | Step::AwaitPromotion { .. } | Step::BackupRelease { .. } => None,
             Step::WarmUp { .. } | Step::RecordSwitching { .. } | Step::RecordLive { .. } => None,
             Step::Gate { .. } | Step::FlagShare { .. } | Step::FlagKill { .. } => None,
-            Step::ApplyPolicy { .. } => None,
+            Step::ApplyPolicy { .. } | Step::Experiment { .. } => None,
         }
     }
 
@@ -601,6 +620,7 @@ impl Step {
             ),
             Step::Pause { duration, .. } => (*duration, *duration),
             Step::Analyze { duration, .. } => (*duration, *duration),
+            Step::Experiment { duration, .. } => (Duration::ZERO, *duration),
             Step::AwaitPromotion { timeout_ms, .. } => {
                 (Duration::ZERO, Duration::from_millis(timeout_ms.unwrap_or(0)))
             }
@@ -687,6 +707,20 @@ impl fmt::Display for Step {
             } => write!(f, "flag {flag}: {variant} to {percent}%"),
             Step::FlagKill { flag } => write!(f, "kill flag {flag} (safe variant for everyone)"),
             Step::ApplyPolicy { policy } => write!(f, "apply policy: {policy}"),
+            Step::Experiment {
+                rules,
+                duration,
+                analysis,
+            } => write!(
+                f,
+                "experiment {} (treatment) against {} (control) for at most {}: winner at alpha {} once each has {} visits (check every {})",
+                analysis.canary,
+                analysis.stable,
+                secs(*duration),
+                rules.alpha,
+                rules.min_samples,
+                secs(analysis.interval)
+            ),
             other => match other.instance() {
                 Some(i) => write!(f, "{} {i}", other.kind()),
                 None => write!(f, "{}", other.kind()),

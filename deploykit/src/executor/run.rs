@@ -573,7 +573,7 @@ impl<'a> Run<'a> {
             run: &self.id,
         };
         match step {
-            Step::Analyze { .. } | Step::AwaitPromotion { .. } => {
+            Step::Analyze { .. } | Step::AwaitPromotion { .. } | Step::Experiment { .. } => {
                 steps::canary::run(&ctx, &self.canary, step).await
             }
             Step::RecordSwitching { .. } | Step::RecordLive { .. } => {

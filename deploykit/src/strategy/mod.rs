@@ -14,6 +14,8 @@
 //!   (clients are answered by stable), judged by its own metrics.
 //! * [`DarkLaunch`] — the new release is reachable only through routing
 //!   rules (testers, a segment) until promoted, then widens like a canary.
+//! * [`Experiment`] — an A/B test: both releases side by side, sticky per
+//!   user, decided by conversions with an always-valid sequential test.
 
 mod blue_green;
 mod canary;
@@ -33,7 +35,7 @@ pub use canary::{Canary, Promotion};
 pub use file::config_key;
 pub use recreate::Recreate;
 pub use rolling::Rolling;
-pub use routed::{DarkLaunch, RampCurve, Ramped, Shadow, ShadowThen};
+pub use routed::{DarkLaunch, Experiment, RampCurve, Ramped, Shadow, ShadowThen};
 
 use crate::error::{Error, Result};
 use crate::names::ReleaseId;

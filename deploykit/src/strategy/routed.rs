@@ -1,5 +1,5 @@
-//! The strategies built on routing policies: [`Ramped`], [`Shadow`] and
-//! [`DarkLaunch`]. Each is canary-shaped — the same groups, analysis,
+//! The strategies built on routing policies: [`Ramped`], [`Shadow`],
+//! [`DarkLaunch`] and [`Experiment`]. Each is canary-shaped — the same groups, analysis,
 //! health checks, rollback and finalize as [`Canary`], which each holds as
 //! its `base` — and differs only in how traffic reaches the canary between
 //! its deployment and the promotion of stable.
@@ -11,9 +11,10 @@ use serde::{Deserialize, Serialize};
 use super::canary::timeout_ms;
 use super::Canary;
 use crate::error::{Error, Result};
+use crate::experiment::ExperimentRules;
 use crate::names::ReleaseId;
 use crate::plan::{FleetSnapshot, Plan, Stage, Step, Unit};
-use crate::routing::{Mirror, RoutingError, Rule, Split, TrafficPolicy};
+use crate::routing::{Mirror, RoutingError, Rule, Split, Sticky, TrafficPolicy};
 use crate::traits::{GroupWeight, Strategy};
 use crate::Promotion;
 
@@ -604,6 +605,134 @@ impl Strategy for DarkLaunch {
     }
 }
 
+/// A/B experiment: the new release (the treatment, on the canary group)
+/// and the current one (the control, stable) are served side by side, each
+/// user kept on one by [`sticky`](Self::sticky), the treatment to
+/// [`treatment_percent`](Self::treatment_percent) % of users. Every check
+/// interval the canary guardrails run (a breach rolls back) and the visits
+/// and conversions of both since the start
+/// ([`MetricsSource::observe_tally`](crate::MetricsSource::observe_tally))
+/// go into an always-valid sequential test ([`crate::experiment`]), which
+/// can be read at every check without the bias of peeking. The treatment
+/// winning promotes it (stable moves to the release); the control winning,
+/// or no significant difference within [`duration`](Self::duration), rolls
+/// back and keeps the control. Each reading is an
+/// [`EventKind::ExperimentReading`](crate::EventKind::ExperimentReading)
+/// (tallies, effect, p-value), and the rollback's reason carries the last.
+///
+/// The sticky split needs a load balancer that can keep users on one group
+/// (nginx with `location_include`); any other is refused before anything
+/// is touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Experiment {
+    /// Groups, guardrails (the analysis), health, gates and finalize.
+    pub base: Canary,
+    /// The users on the treatment, 1-99 percent. Default 50.
+    pub treatment_percent: u8,
+    /// What keeps a user on one variant. Default a cookie `dk_variant` the
+    /// load balancer sets.
+    pub sticky: Sticky,
+    /// The longest the experiment runs. Default 1 hour.
+    pub duration: Duration,
+    /// How the test decides.
+    pub rules: ExperimentRules,
+}
+
+impl Default for Experiment {
+    fn default() -> Self {
+        Self {
+            base: Canary::default(),
+            treatment_percent: 50,
+            sticky: Sticky::Cookie {
+                name: "dk_variant".into(),
+            },
+            duration: Duration::from_secs(3600),
+            rules: ExperimentRules::default(),
+        }
+    }
+}
+
+impl Experiment {
+    /// The policy while the experiment runs: a sticky split.
+    pub fn policy(&self) -> TrafficPolicy {
+        TrafficPolicy {
+            rules: Vec::new(),
+            split: Split {
+                weights: self.base.weights(self.treatment_percent),
+                sticky: Some(self.sticky.clone()),
+            },
+            mirror: None,
+        }
+    }
+
+    /// Checks the parameters.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field: `treatment_percent`
+    /// (outside 1-99), `duration` (shorter than the analysis's
+    /// `check_interval`), `sticky` (a bad name), a field of
+    /// [`rules`](Self::rules) or of [`base`](Self::base).
+    pub fn validate(&self) -> Result<()> {
+        self.base.validate()?;
+        self.rules.validate()?;
+        if !(1..=99).contains(&self.treatment_percent) {
+            return Err(Error::invalid(
+                "treatment_percent",
+                format!(
+                    "{} is outside 1-99; both variants need users, e.g. 50",
+                    self.treatment_percent
+                ),
+            ));
+        }
+        if self.duration < self.base.check_interval {
+            return Err(Error::invalid(
+                "duration",
+                format!(
+                    "{} is shorter than check_interval ({}); run the experiment for many checks, e.g. \"1h\"",
+                    crate::duration_text::format(self.duration),
+                    crate::duration_text::format(self.base.check_interval)
+                ),
+            ));
+        }
+        self.policy().validate().map_err(|e| match e {
+            RoutingError::Invalid { message, .. } => Error::invalid("sticky", message),
+            other => other.into(),
+        })
+    }
+}
+
+impl Strategy for Experiment {
+    fn kind(&self) -> crate::StrategyKind {
+        crate::StrategyKind::Experiment
+    }
+
+    fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
+        self.validate()?;
+        let base = &self.base;
+        base.shaped_plan(self.kind(), fleet, release, true, |analysis| {
+            vec![Stage {
+                name: format!(
+                    "experiment: {} % of users on {} ({})",
+                    self.treatment_percent, base.canary_group, self.sticky
+                ),
+                units: vec![Unit {
+                    instance: None,
+                    steps: vec![
+                        Step::ApplyPolicy {
+                            policy: self.policy(),
+                        },
+                        Step::Experiment {
+                            rules: self.rules,
+                            duration: self.duration,
+                            analysis: analysis.clone(),
+                        },
+                    ],
+                }],
+            }]
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -767,7 +896,7 @@ mod tests {
                     step_interval: Duration::from_secs(10),
                     ..d.clone()
                 },
-                "check_interval",
+                "step_interval",
             ),
         ] {
             assert_eq!(field(bad.validate().unwrap_err()), name);

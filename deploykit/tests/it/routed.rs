@@ -360,3 +360,108 @@ async fn a_dark_launch_without_promotion_in_time_rolls_back() {
     assert!(s.ends_with_plain_weights(), "{:?}", s.fleet.routing_history());
     s.assert_invariants(&report);
 }
+
+/// Healthy guardrails, and each group's visits (20 a second) and
+/// conversions at `control` and `treatment` rates over any window.
+fn converting(control: f64, treatment: f64) -> FakeMetrics {
+    let tally = |rate: f64| {
+        move |_t: Duration, window: Duration| {
+            let visits = 20.0 * window.as_secs_f64();
+            deploykit::judge::Measured::Value(deploykit::experiment::Tally {
+                visits,
+                conversions: (visits * rate).round(),
+            })
+        }
+    };
+    healthy()
+        .script_tally("stable", tally(control))
+        .script_tally("canary", tally(treatment))
+}
+
+fn experiment() -> deploykit::Experiment {
+    deploykit::Experiment {
+        base: base(),
+        duration: Duration::from_secs(600),
+        ..deploykit::Experiment::default()
+    }
+}
+
+fn readings(s: &Setup) -> Vec<deploykit::experiment::Reading> {
+    s.log
+        .events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::ExperimentReading { reading, .. } => Some(reading),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clearly_better_treatment_wins_the_experiment_and_is_promoted() {
+    let s = setup(every_capability(), converting(0.05, 0.08));
+    let report = s.deploy(&experiment()).await;
+    assert!(report.is_success(), "{report}\n{}", s.dump());
+    // The users were split sticky, half and half.
+    let policies = s.fleet.load_balancer().policies();
+    assert_eq!(policies.len(), 1);
+    assert!(policies[0].split.sticky.is_some());
+    assert_eq!(policies[0].shares()[&g("canary")], 50);
+    let r = readings(&s);
+    let last = r.last().expect("readings");
+    assert_eq!(last.verdict, deploykit::experiment::Verdict::TreatmentWins);
+    assert!(last.p_value <= 0.05 && last.effect > 0.02, "{last:?}");
+    // Decided early: no reading before min_samples, a winner long before
+    // the 600 s.
+    assert!(r.len() < 20, "{} readings", r.len());
+    assert!(r
+        .iter()
+        .take_while(|x| x.control.visits < 1000.0)
+        .all(|x| x.verdict == deploykit::experiment::Verdict::Continue));
+    for id in STABLE {
+        assert_eq!(s.fleet.release_of(id), Some(v("v2")), "{id}");
+    }
+    s.assert_invariants(&report);
+}
+
+#[tokio::test(start_paused = true)]
+async fn equal_variants_end_with_no_significant_difference_and_the_control_stays() {
+    let s = setup(every_capability(), converting(0.05, 0.05));
+    let report = s.deploy(&experiment()).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}\n{}", s.dump());
+    let reason = report.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("no significant difference within 600s"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("p = "),
+        "the statistics are in the reason: {reason}"
+    );
+    assert_eq!(readings(&s).len(), 60);
+    for id in STABLE {
+        assert_eq!(s.fleet.release_of(id), Some(v("v1")), "{id}");
+    }
+    assert!(s.ends_with_plain_weights());
+    s.assert_invariants(&report);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worse_treatment_loses_and_a_guardrail_breach_rolls_back_first() {
+    let s = setup(every_capability(), converting(0.05, 0.02));
+    let report = s.deploy(&experiment()).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}");
+    let reason = report.reason.clone().unwrap_or_default();
+    assert!(reason.contains("the control stable wins"), "{reason}");
+
+    // The treatment converts better but fails a fifth of its requests:
+    // the guardrail rolls back before any reading.
+    let metrics = converting(0.05, 0.10).script("canary", Metric::ErrorRate, |_| Observation::Value(0.2));
+    let s = setup(every_capability(), metrics);
+    let report = s.deploy(&experiment()).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}");
+    assert!(readings(&s).is_empty());
+    for id in STABLE {
+        assert_eq!(s.fleet.release_of(id), Some(v("v1")), "{id}");
+    }
+}
