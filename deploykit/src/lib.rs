@@ -98,6 +98,15 @@
 //! policy beyond it is refused before anything is touched
 //! (`docs/routing.md`).
 //!
+//! Four strategies are built on policies, each canary-shaped: [`Ramped`]
+//! (the share rises along a linear or exponential curve), [`Shadow`]
+//! (mirrored copies only, judged by the shadow's own metrics),
+//! [`DarkLaunch`] (reachable only through rules until promoted) and
+//! [`Experiment`] (an A/B test decided by conversions with the always-valid
+//! test of [`experiment`]). [`Plan::check_routing`] refuses a plan whose
+//! policies the load balancer cannot apply, and the executor runs it before
+//! anything is touched.
+//!
 //! ## Feature flags
 //!
 //! [`flags`] manages feature flags in flagd's flag-definition format (so
