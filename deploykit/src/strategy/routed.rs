@@ -488,7 +488,7 @@ fn widen(
 /// The rules need a load balancer that routes per request (nginx with
 /// `location_include`, HAProxy with `map_dir`); any other is refused
 /// before anything is touched. Feature flags are not needed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DarkLaunch {
     /// Groups, analysis, health, gates, the stages after the promotion and
@@ -505,16 +505,6 @@ pub struct DarkLaunch {
         skip_serializing_if = "Option::is_none"
     )]
     pub timeout: Option<Duration>,
-}
-
-impl Default for DarkLaunch {
-    fn default() -> Self {
-        Self {
-            base: Canary::default(),
-            rules: Vec::new(),
-            timeout: None,
-        }
-    }
 }
 
 impl DarkLaunch {
@@ -816,7 +806,6 @@ mod tests {
             step_interval: Duration::from_secs(10),
             curve: RampCurve::Exponential,
             base: quick(),
-            ..Ramped::default()
         };
         let s = r.schedule().unwrap();
         let points: Vec<u8> = s.iter().map(|(p, _)| *p).collect();
