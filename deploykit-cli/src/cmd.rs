@@ -385,6 +385,9 @@ fn lib_kind(kind: StrategyKind) -> LibKind {
         StrategyKind::Recreate => LibKind::Recreate,
         StrategyKind::BlueGreen => LibKind::BlueGreen,
         StrategyKind::Canary => LibKind::Canary,
+        StrategyKind::Ramped => LibKind::Ramped,
+        StrategyKind::Shadow => LibKind::Shadow,
+        StrategyKind::DarkLaunch => LibKind::DarkLaunch,
     }
 }
 
@@ -854,6 +857,10 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
         } else {
             wire::strategy(&ctx.cfg, kind)?.plan(&snapshot, &release)?
         };
+        // A plan the load balancer cannot route is refused here too, not
+        // only when a deployment starts.
+        let lb = exec.load_balancer();
+        plan.check_routing(lb.name(), &lb.capabilities())?;
         let p = plan.projected_duration();
         let batches: Vec<usize> = plan
             .stages
@@ -1091,7 +1098,7 @@ pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
     };
     let id = running.header.deployment.clone();
     if command == ControlCommand::Promote && running.awaiting_promotion().is_none() {
-        eprintln!("deploykit: error: deployment {id} is not waiting for a promotion (only a canary with promotion = \"manual\" waits)");
+        eprintln!("deploykit: error: deployment {id} is not waiting for a promotion (only a canary with promotion = \"manual\" and a dark launch wait)");
         return Ok(exit::BAD_INPUT);
     }
     let control = ctx.state.control();

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use deploykit::experiment::Tally;
 use deploykit::judge::{Counts, Distribution, Measured};
 use deploykit::{Group, Metric, MetricsSource, Observation};
 use tokio::time::Instant;
@@ -12,6 +13,7 @@ use tokio::time::Instant;
 type Script = Arc<dyn Fn(Duration) -> Observation + Send + Sync>;
 type CountsScript = Arc<dyn Fn(Duration, Duration) -> Measured<Counts> + Send + Sync>;
 type LatencyScript = Arc<dyn Fn(Duration, Duration) -> Measured<Distribution> + Send + Sync>;
+type TallyScript = Arc<dyn Fn(Duration, Duration) -> Measured<Tally> + Send + Sync>;
 
 /// A metrics source scripted per group, metric and time.
 ///
@@ -46,6 +48,7 @@ pub struct FakeMetrics {
     scripts: Arc<Mutex<HashMap<(String, Metric), Script>>>,
     counts: Arc<Mutex<HashMap<String, CountsScript>>>,
     latency: Arc<Mutex<HashMap<String, LatencyScript>>>,
+    tallies: Arc<Mutex<HashMap<String, TallyScript>>>,
     queries: Arc<Mutex<Vec<(Duration, String, Metric)>>>,
 }
 
@@ -69,6 +72,7 @@ impl FakeMetrics {
             scripts: Arc::default(),
             counts: Arc::default(),
             latency: Arc::default(),
+            tallies: Arc::default(),
             queries: Arc::default(),
         }
     }
@@ -108,6 +112,21 @@ impl FakeMetrics {
         f: impl Fn(Duration, Duration) -> Measured<Counts> + Send + Sync + 'static,
     ) -> Self {
         self.counts
+            .lock()
+            .expect("fake metrics poisoned")
+            .insert(group.to_string(), Arc::new(f));
+        self
+    }
+
+    /// The visits and conversions of `group` over the query's window (an
+    /// A/B experiment's business metric), computed from the time since
+    /// creation and the window; unscripted it is `NoData`.
+    pub fn script_tally(
+        self,
+        group: &str,
+        f: impl Fn(Duration, Duration) -> Measured<Tally> + Send + Sync + 'static,
+    ) -> Self {
+        self.tallies
             .lock()
             .expect("fake metrics poisoned")
             .insert(group.to_string(), Arc::new(f));
@@ -193,6 +212,19 @@ impl MetricsSource for FakeMetrics {
                 errors: (n * r).round(),
             }),
             _ => Measured::NoData,
+        }
+    }
+
+    async fn observe_tally(&self, group: &Group, window: Duration) -> Measured<Tally> {
+        let script = self
+            .tallies
+            .lock()
+            .expect("fake metrics poisoned")
+            .get(group.as_str())
+            .cloned();
+        match script {
+            Some(f) => f(self.epoch.elapsed(), window),
+            None => Measured::NoData,
         }
     }
 

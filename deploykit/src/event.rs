@@ -156,6 +156,14 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         measurements: Vec<crate::analysis::Measurement>,
     },
+    /// One reading of an A/B experiment's test: the tallies, the effect,
+    /// the statistic and the always-valid p-value.
+    ExperimentReading {
+        /// The statistics.
+        reading: crate::experiment::Reading,
+        /// Time since the experiment started, milliseconds.
+        elapsed_ms: u64,
+    },
     /// Progress of a canary stage (percent and seconds), after each check.
     StageProgress {
         /// The canary stage, 1-based.

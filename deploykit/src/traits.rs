@@ -417,6 +417,29 @@ pub trait MetricsSource: Send + Sync + Debug {
         let _ = (group, window);
         crate::judge::Measured::NoData
     }
+
+    /// Reads the visits and conversions of `group` over the trailing
+    /// `window`: the business metric an A/B experiment
+    /// ([`Experiment`](crate::Experiment)) decides on.
+    ///
+    /// The default has no such query and answers
+    /// [`Measured::ProviderError`](crate::judge::Measured) saying so, so an
+    /// experiment on it decides nothing and ends without a winner.
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed; the failure is a
+    ///   [`Measured::ProviderError`](crate::judge::Measured).
+    async fn observe_tally(
+        &self,
+        group: &Group,
+        window: Duration,
+    ) -> crate::judge::Measured<crate::experiment::Tally> {
+        let _ = (group, window);
+        crate::judge::Measured::ProviderError(
+            "this metrics source has no visit and conversion queries".into(),
+        )
+    }
 }
 
 /// A deployment strategy: turns a fleet and a release into a [`Plan`].

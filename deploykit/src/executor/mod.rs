@@ -422,6 +422,8 @@ impl Executor {
     ///   rollback batch of 0; (`live_store`, `metrics`, `promotion`,
     ///   `smoke_tester`, `gate_runner`) when the plan needs one and the
     ///   executor has none.
+    /// * [`Error::Routing`] when a step applies a routing policy the load
+    ///   balancer cannot ([`Plan::check_routing`]).
     /// * [`Error::Inconsistent`] when it switches away from an environment
     ///   that the record or the load balancer says is not live.
     /// * [`Error::Refused`] when the plan touches the load balancer and its
@@ -445,6 +447,7 @@ impl Executor {
         steps::canary::check(&self.inner, plan)?;
         steps::gate::check(&self.inner, plan)?;
         steps::flag::check(&self.inner, plan)?;
+        steps::traffic::check_routing(&self.inner, plan)?;
         // Only a deployment checks its monitoring; a rollback or recovery
         // must not be held back by a metrics outage.
         if call_preflight && preflight == Preflight::Enforce {

@@ -573,7 +573,7 @@ impl<'a> Run<'a> {
             run: &self.id,
         };
         match step {
-            Step::Analyze { .. } | Step::AwaitPromotion { .. } => {
+            Step::Analyze { .. } | Step::AwaitPromotion { .. } | Step::Experiment { .. } => {
                 steps::canary::run(&ctx, &self.canary, step).await
             }
             Step::RecordSwitching { .. } | Step::RecordLive { .. } => {
@@ -581,9 +581,11 @@ impl<'a> Run<'a> {
             }
             Step::Gate { .. } => steps::gate::run(&ctx, step).await,
             Step::FlagShare { .. } | Step::FlagKill { .. } => steps::flag::run(&ctx, step).await,
-            Step::Pause { .. } | Step::SetWeights { .. } | Step::SwitchTo { .. } | Step::WarmUp { .. } => {
-                steps::traffic::run(&ctx, step).await
-            }
+            Step::Pause { .. }
+            | Step::SetWeights { .. }
+            | Step::SwitchTo { .. }
+            | Step::ApplyPolicy { .. }
+            | Step::WarmUp { .. } => steps::traffic::run(&ctx, step).await,
             _ => steps::instance::run(&ctx, step).await,
         }
     }

@@ -15,5 +15,6 @@ mod kubernetes;
 mod props;
 mod recreate;
 mod rolling;
+mod routed;
 mod routing;
 mod schedules;

@@ -19,7 +19,7 @@ pub(in crate::executor) struct CanaryState {
     analyzer: Mutex<Analyzer>,
 }
 
-/// Runs [`Step::Analyze`] or [`Step::AwaitPromotion`].
+/// Runs [`Step::Analyze`], [`Step::AwaitPromotion`] or [`Step::Experiment`].
 pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, step: &Step) -> Outcome {
     let inner = ctx.inner;
     let Some(metrics) = &inner.metrics else {
@@ -52,6 +52,11 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
             let timeout = timeout_ms.map(Duration::from_millis);
             crate::gate::await_promotion(&gate, handle, *stage, *weight, timeout, analysis).await
         }
+        Step::Experiment {
+            rules,
+            duration,
+            analysis,
+        } => crate::gate::experiment(&gate, rules, *duration, analysis).await,
         other => unreachable!("{} is not a canary step", other.kind()),
     };
     let r = match r {
@@ -69,7 +74,12 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
 /// [`Error::InvalidInput`] naming `metrics` or `promotion`.
 pub(in crate::executor) fn check(inner: &Inner, plan: &Plan) -> Result<()> {
     let steps = || plan.stages.iter().flat_map(|s| &s.units).flat_map(|u| &u.steps);
-    let analyses = steps().any(|s| matches!(s, Step::Analyze { .. } | Step::AwaitPromotion { .. }));
+    let analyses = steps().any(|s| {
+        matches!(
+            s,
+            Step::Analyze { .. } | Step::AwaitPromotion { .. } | Step::Experiment { .. }
+        )
+    });
     if analyses && inner.metrics.is_none() {
         return Err(Error::invalid(
             "metrics",
@@ -100,7 +110,9 @@ pub(in crate::executor) async fn monitoring(inner: &Inner, plan: &Plan) -> Resul
         .flat_map(|s| &s.units)
         .flat_map(|u| &u.steps)
         .find_map(|s| match s {
-            Step::Analyze { analysis, .. } | Step::AwaitPromotion { analysis, .. } => Some(analysis),
+            Step::Analyze { analysis, .. }
+            | Step::AwaitPromotion { analysis, .. }
+            | Step::Experiment { analysis, .. } => Some(analysis),
             _ => None,
         });
     let (Some(analysis), Some(metrics)) = (first, &inner.metrics) else {
