@@ -128,6 +128,7 @@ struct ReadmeDoctests;
 
 pub mod analysis;
 pub mod bluegreen_state;
+pub mod chaos;
 mod duration_ms;
 pub mod duration_text;
 mod error;
