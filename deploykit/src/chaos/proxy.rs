@@ -18,7 +18,7 @@
 //! so 5 % is exactly one request in twenty — a test can count on it, and a
 //! drill injects exactly what it says.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +33,12 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{ChaosError, Fault};
+use async_trait::async_trait;
+
+use super::{ChaosError, Fault, FaultInjector};
+use crate::error::DriverError;
+use crate::names::InstanceId;
+use crate::traits::Backend;
 
 /// A fault active on a proxy, as [`FaultProxy::add`] returned it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -306,6 +311,72 @@ impl FaultProxy {
 impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// A [`FaultInjector`] over one [`FaultProxy`] per instance: what the
+/// executor is given when the load balancer reaches the chosen instances
+/// through proxies. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyFaults {
+    proxies: HashMap<InstanceId, Arc<FaultProxy>>,
+    active: Arc<Mutex<HashMap<(InstanceId, Fault), FaultId>>>,
+}
+
+impl ProxyFaults {
+    /// No proxies yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `proxy` stands in front of `instance`.
+    pub fn with(mut self, instance: InstanceId, proxy: Arc<FaultProxy>) -> Self {
+        self.proxies.insert(instance, proxy);
+        self
+    }
+
+    /// The proxy in front of `instance`.
+    pub fn proxy(&self, instance: &InstanceId) -> Option<&Arc<FaultProxy>> {
+        self.proxies.get(instance)
+    }
+
+    fn proxy_for(&self, instance: &Backend) -> Result<&Arc<FaultProxy>, DriverError> {
+        self.proxies.get(&instance.id).ok_or_else(|| {
+            DriverError::new(format!(
+                "no fault proxy stands in front of {}; put one between the load balancer and it",
+                instance.id
+            ))
+        })
+    }
+}
+
+#[async_trait]
+impl FaultInjector for ProxyFaults {
+    async fn inject(&self, instance: &Backend, fault: &Fault) -> Result<(), DriverError> {
+        let proxy = self.proxy_for(instance)?;
+        let mut active = self.active.lock().expect("proxy faults poisoned");
+        let key = (instance.id.clone(), *fault);
+        if active.contains_key(&key) {
+            return Ok(());
+        }
+        let id = proxy
+            .add(*fault)
+            .map_err(|e| DriverError::new(format!("fault proxy of {}", instance.id)).with_source(e))?;
+        active.insert(key, id);
+        Ok(())
+    }
+
+    async fn clear(&self, instance: &Backend, fault: &Fault) -> Result<(), DriverError> {
+        let proxy = self.proxy_for(instance)?;
+        let removed = self
+            .active
+            .lock()
+            .expect("proxy faults poisoned")
+            .remove(&(instance.id.clone(), *fault));
+        if let Some(id) = removed {
+            proxy.remove(id);
+        }
+        Ok(())
     }
 }
 
