@@ -576,6 +576,7 @@ async fn run_deploy(
                         reason: None,
                         instances: Vec::new(),
                         duration: Duration::ZERO,
+                        checks: Vec::new(),
                     };
                     return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
                 }

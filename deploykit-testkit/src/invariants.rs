@@ -332,6 +332,7 @@ mod tests {
                 })
                 .collect(),
             duration: Duration::ZERO,
+            checks: Vec::new(),
         }
     }
 

@@ -168,7 +168,7 @@ pub use plan::{
     Step, Unit,
 };
 pub use promotion::{PromotionHandle, PromotionState};
-pub use report::{InstanceReport, InstanceStatus, OutcomeKind, Report};
+pub use report::{InstanceReport, InstanceStatus, OutcomeKind, Report, StageCheck};
 pub use secret_url::SecretUrl;
 #[cfg(feature = "http")]
 pub use smoke::HttpSmokeTester;
