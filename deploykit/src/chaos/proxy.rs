@@ -706,6 +706,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn proxy_faults_inject_once_clear_and_name_an_instance_without_a_proxy() {
+        let (up, _stop) = upstream().await;
+        let proxy = Arc::new(
+            FaultProxy::start("127.0.0.1:0".parse().unwrap(), up)
+                .await
+                .unwrap(),
+        );
+        let backend = |id: &str| Backend {
+            id: InstanceId::new(id).unwrap(),
+            address: crate::names::Address::parse("127.0.0.1:9").unwrap(),
+            group: crate::names::Group::new("canary").unwrap(),
+        };
+        let faults = ProxyFaults::new().with(InstanceId::new("c-1").unwrap(), Arc::clone(&proxy));
+        let fault = Fault::HttpError {
+            status: 500,
+            percent: 100,
+        };
+        faults.inject(&backend("c-1"), &fault).await.unwrap();
+        faults.inject(&backend("c-1"), &fault).await.unwrap();
+        assert_eq!(proxy.faults().len(), 1, "injecting twice is active once");
+        let mut c = client(proxy.addr()).await;
+        assert_eq!(get(&mut c).await.unwrap().0, 500);
+        faults.clear(&backend("c-1"), &fault).await.unwrap();
+        faults.clear(&backend("c-1"), &fault).await.unwrap();
+        assert!(proxy.faults().is_empty());
+        assert_eq!(get(&mut c).await.unwrap().0, 200);
+        let e = faults.inject(&backend("c-2"), &fault).await.unwrap_err();
+        assert!(
+            e.to_string().contains("no fault proxy stands in front of c-2"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
     async fn it_refuses_process_faults_bad_parameters_and_public_addresses() {
         let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let e = FaultProxy::start("0.0.0.0:0".parse().unwrap(), up)
