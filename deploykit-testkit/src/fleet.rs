@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deploykit::routing::{Capabilities, TrafficPolicy};
+use deploykit::chaos::ProcessSignal;
 use deploykit::{
     Address, Backend, DriverError, Group, GroupWeight, Health, Instance, InstanceId, LoadBalancer, ReleaseId,
 };
@@ -154,6 +155,8 @@ pub(crate) struct InstanceState {
     pub(crate) serving: Option<ReleaseId>,
     pub(crate) installed: BTreeSet<ReleaseId>,
     pub(crate) running: bool,
+    /// Frozen by a `SIGSTOP`: running, but answering nothing.
+    pub(crate) paused: bool,
     /// Passed a health probe since it last started.
     pub(crate) ready: bool,
     pub(crate) enabled: bool,
@@ -389,6 +392,7 @@ impl FakeFleet {
                         serving: Some(v1.clone()),
                         installed: [v1.clone()].into(),
                         running: true,
+                        paused: false,
                         ready: true,
                         enabled: true,
                         initially_enabled: true,
@@ -681,6 +685,13 @@ impl FakeFleet {
         self.shared.lock().instances[&id].running
     }
 
+    /// Whether `id`'s process is frozen by a `SIGSTOP`
+    /// ([`Instance::signal`]).
+    pub fn is_paused(&self, id: &str) -> bool {
+        let id = InstanceId::new(id).expect("valid");
+        self.shared.lock().instances[&id].paused
+    }
+
     /// Whether the load balancer sends new requests to `id` now.
     pub fn in_rotation(&self, id: &str) -> bool {
         let id = InstanceId::new(id).expect("valid");
@@ -771,6 +782,7 @@ impl Instance for FakeInstance {
             w.check_drained(id, "stop");
             let s = w.instances.get_mut(id).expect("exists");
             s.running = false;
+            s.paused = false;
             s.ready = false;
             s.serving = None;
             w.check_routing(id, "stop");
@@ -784,6 +796,7 @@ impl Instance for FakeInstance {
             w.check_drained(id, "force_stop");
             let s = w.instances.get_mut(id).expect("exists");
             s.running = false;
+            s.paused = false;
             s.ready = false;
             s.serving = None;
             w.check_routing(id, "force_stop");
@@ -840,6 +853,9 @@ impl Instance for FakeInstance {
         let s = w.instances.get_mut(&id).expect("exists");
         let health = if !s.running {
             Health::Unhealthy("not running".into())
+        } else if s.paused {
+            s.ready = false;
+            Health::Unhealthy("no answer: the process is stopped (SIGSTOP)".into())
         } else if fault.is_some() {
             s.ready = false;
             Health::Unhealthy("scripted health fault: 503".into())
@@ -858,6 +874,34 @@ impl Instance for FakeInstance {
     async fn active_connections(&self) -> Result<Option<u64>, DriverError> {
         let w = self.shared.lock();
         Ok(Some(open_connections(&w.instances[self.id()])))
+    }
+
+    /// A chaos fault: KILL stops the process where it stands (no drain, no
+    /// routing check: the crash is the point), STOP freezes it (health
+    /// probes fail) until CONT.
+    async fn signal(&self, signal: ProcessSignal) -> Result<(), DriverError> {
+        let mut w = self.shared.lock();
+        let id = self.id().clone();
+        let s = w.instances.get_mut(&id).expect("exists");
+        match signal {
+            ProcessSignal::Kill => {
+                s.running = false;
+                s.paused = false;
+                s.ready = false;
+                s.serving = None;
+            }
+            ProcessSignal::Stop if !s.running => {
+                return Err(DriverError::new(format!(
+                    "sending SIGSTOP to {id}: the process is not running"
+                )));
+            }
+            ProcessSignal::Stop => {
+                s.paused = true;
+                s.ready = false;
+            }
+            ProcessSignal::Cont => s.paused = false,
+        }
+        Ok(())
     }
 }
 

@@ -347,6 +347,7 @@ mod tests {
                 })
                 .collect(),
             duration: Duration::ZERO,
+            checks: Vec::new(),
         }
     }
 

@@ -50,6 +50,9 @@ pub struct FakeMetrics {
     latency: Arc<Mutex<HashMap<String, LatencyScript>>>,
     tallies: Arc<Mutex<HashMap<String, TallyScript>>>,
     queries: Arc<Mutex<Vec<(Duration, String, Metric)>>>,
+    /// Faults whose effect is added to the scripted values, and each
+    /// group's instance count.
+    faults: Option<(crate::FakeFaults, Arc<HashMap<String, usize>>)>,
 }
 
 impl std::fmt::Debug for FakeMetrics {
@@ -74,7 +77,18 @@ impl FakeMetrics {
             latency: Arc::default(),
             tallies: Arc::default(),
             queries: Arc::default(),
+            faults: None,
         }
+    }
+
+    /// Adds the effect of the active chaos faults of `faults` to the
+    /// scripted error rate and p99 (see [`FakeFaults`](crate::FakeFaults));
+    /// `groups` gives each group's instance count, e.g.
+    /// `&[("stable", 4), ("canary", 1)]`.
+    pub fn with_faults(mut self, faults: &crate::FakeFaults, groups: &[(&str, usize)]) -> Self {
+        let sizes = groups.iter().map(|(g, n)| ((*g).to_string(), *n)).collect();
+        self.faults = Some((faults.clone(), Arc::new(sizes)));
+        self
     }
 
     /// `metric` of `group` is always `value`.
@@ -185,9 +199,20 @@ impl MetricsSource for FakeMetrics {
             .expect("fake metrics poisoned")
             .get(&(group.to_string(), metric))
             .cloned();
-        match script {
+        let observed = match script {
             Some(f) => f(t),
             None => Observation::NoData,
+        };
+        match (&self.faults, observed) {
+            (Some((faults, sizes)), Observation::Value(v)) => {
+                let n = sizes.get(group.as_str()).copied().unwrap_or(1);
+                Observation::Value(match metric {
+                    Metric::ErrorRate => (v + faults.added_error_rate(group, n)).min(1.0),
+                    Metric::LatencyP99 => v + faults.added_latency(group).as_secs_f64(),
+                    _ => v,
+                })
+            }
+            (_, o) => o,
         }
     }
 

@@ -137,6 +137,7 @@ struct ReadmeDoctests;
 
 pub mod analysis;
 pub mod bluegreen_state;
+pub mod chaos;
 mod duration_ms;
 pub mod duration_text;
 mod error;
@@ -178,7 +179,7 @@ pub use plan::{
     Step, Unit,
 };
 pub use promotion::{PromotionHandle, PromotionState};
-pub use report::{InstanceReport, InstanceStatus, OutcomeKind, Report};
+pub use report::{InstanceReport, InstanceStatus, OutcomeKind, Report, StageCheck};
 pub use secret_url::SecretUrl;
 #[cfg(feature = "http")]
 pub use smoke::HttpSmokeTester;

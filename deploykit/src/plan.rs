@@ -427,6 +427,9 @@ pub enum Step {
         duration: Duration,
         /// What is checked, and how often.
         analysis: Analysis,
+        /// Faults injected during the stage (a chaos drill); none by default.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        chaos: Vec<crate::chaos::ChaosStep>,
     },
     /// Wait for a manual promotion through the executor's
     /// [`PromotionHandle`](crate::PromotionHandle), analysing all the while;
@@ -659,12 +662,19 @@ impl fmt::Display for Step {
                 weight,
                 duration,
                 analysis,
-            } => write!(
-                f,
-                "analyze canary stage {stage}/{of} at {weight}% for {} (check every {})",
-                secs(*duration),
-                secs(analysis.interval)
-            ),
+                chaos,
+            } => {
+                write!(
+                    f,
+                    "analyze canary stage {stage}/{of} at {weight}% for {} (check every {})",
+                    secs(*duration),
+                    secs(analysis.interval)
+                )?;
+                for c in chaos {
+                    write!(f, "; chaos[{}]: {c}", c.entry)?;
+                }
+                Ok(())
+            }
             Step::AwaitPromotion {
                 stage, timeout_ms, ..
             } => match timeout_ms {

@@ -27,6 +27,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 
+use crate::chaos::FaultInjector;
 use crate::error::{DriverError, Error, PreflightFailure, Result};
 use crate::event::EventSink;
 use crate::flags::FlagSwitch;
@@ -122,6 +123,7 @@ pub struct ExecutorBuilder {
     promotion: Option<PromotionHandle>,
     gates: Option<Arc<dyn GateRunner>>,
     flags: Option<Arc<dyn FlagSwitch>>,
+    faults: Option<Arc<dyn FaultInjector>>,
 }
 
 impl std::fmt::Debug for ExecutorBuilder {
@@ -206,6 +208,14 @@ impl ExecutorBuilder {
         self
     }
 
+    /// What injects the network faults of a canary's chaos entries
+    /// (required by plans with such faults; process faults go to
+    /// [`Instance::signal`]).
+    pub fn fault_injector(mut self, faults: Arc<dyn FaultInjector>) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
     /// Where [`Step::RecordSwitching`] and [`Step::RecordLive`] record the
     /// live blue-green environment (required by plans with those steps).
     pub fn live_store(mut self, store: Arc<dyn LiveStore>) -> Self {
@@ -286,6 +296,7 @@ impl ExecutorBuilder {
                 promotion: self.promotion,
                 gates: self.gates,
                 flags: self.flags,
+                faults: self.faults,
             }),
         })
     }
@@ -321,6 +332,7 @@ pub(crate) struct Inner {
     pub(crate) promotion: Option<PromotionHandle>,
     pub(crate) gates: Option<Arc<dyn GateRunner>>,
     pub(crate) flags: Option<Arc<dyn FlagSwitch>>,
+    pub(crate) faults: Option<Arc<dyn FaultInjector>>,
 }
 
 impl Executor {

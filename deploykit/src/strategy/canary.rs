@@ -116,6 +116,9 @@ pub struct Canary {
     /// The variant of [`flag`](Self::flag) that stands for the new release.
     /// Default `on`.
     pub flag_variant: String,
+    /// Faults injected into the stages, each with the reaction expected
+    /// (see [`crate::chaos`]). Default none.
+    pub chaos: Vec<crate::chaos::ChaosSpec>,
 }
 
 impl Default for Canary {
@@ -134,6 +137,7 @@ impl Default for Canary {
             gates: Vec::new(),
             flag: None,
             flag_variant: "on".to_owned(),
+            chaos: Vec::new(),
         }
     }
 }
@@ -237,7 +241,30 @@ impl Canary {
                 ));
             }
         }
+        for (i, c) in self.chaos.iter().enumerate() {
+            c.validate(i, self.stages.len(), self.stage_duration)?;
+        }
         self.analysis.validate()
+    }
+
+    /// The chaos entries of stage `stage`, as the plan carries them.
+    fn chaos_steps(&self, stage: usize) -> Vec<crate::chaos::ChaosStep> {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.chaos
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.stage == stage)
+            .map(|(entry, c)| crate::chaos::ChaosStep {
+                entry,
+                fault: c.fault,
+                group: match c.target {
+                    crate::chaos::ChaosTarget::Canary => self.canary_group.clone(),
+                    crate::chaos::ChaosTarget::Stable => self.stable_group.clone(),
+                },
+                after_ms: ms(c.after),
+                duration_ms: c.duration.map(ms),
+            })
+            .collect()
     }
 
     pub(super) fn weights(&self, canary: u8) -> Vec<GroupWeight> {
@@ -303,6 +330,7 @@ impl Strategy for Canary {
                         weight: *w,
                         duration: self.stage_duration,
                         analysis: analysis.clone(),
+                        chaos: self.chaos_steps(stage),
                     });
                     if let Promotion::Manual { timeout } = self.promotion {
                         if stage < of {

@@ -6,6 +6,7 @@ mod util;
 mod blue_green;
 mod canary;
 mod canary_flag;
+mod chaos;
 mod crash;
 mod fixtures;
 mod flags;
