@@ -16,7 +16,7 @@ use deploykit::state::{
     LockAttempt, RunKind, SourceCommit, StateDir,
 };
 use deploykit::{
-    run_id, Event, EventSink, Executor, Fanout, OutcomeKind, ReleaseId, Report, RunOptions,
+    run_id, Event, EventLog, EventSink, Executor, Fanout, OutcomeKind, ReleaseId, Report, RunOptions,
     StrategyKind as LibKind,
 };
 
@@ -385,6 +385,9 @@ fn lib_kind(kind: StrategyKind) -> LibKind {
         StrategyKind::Recreate => LibKind::Recreate,
         StrategyKind::BlueGreen => LibKind::BlueGreen,
         StrategyKind::Canary => LibKind::Canary,
+        StrategyKind::Ramped => LibKind::Ramped,
+        StrategyKind::Shadow => LibKind::Shadow,
+        StrategyKind::DarkLaunch => LibKind::DarkLaunch,
     }
 }
 
@@ -546,6 +549,22 @@ async fn run_deploy(
     let snapshot = exec.snapshot().await?;
     let id = run_id(&release);
     let (out, human) = ctx.output();
+    // A fresh canary with chaos entries is a drill: its events are kept
+    // for the verdicts.
+    let chaos = match &start {
+        Start::Fresh(StrategyKind::Canary, _) => ctx.cfg.raw.canary().chaos,
+        _ => Vec::new(),
+    };
+    let drill_log = EventLog::new();
+    let out: Option<Arc<dyn EventSink>> = if chaos.is_empty() {
+        out
+    } else {
+        let mut fan = Fanout::new().with(Arc::new(drill_log.clone()));
+        if let Some(o) = out {
+            fan = fan.with(o);
+        }
+        Some(Arc::new(fan))
+    };
     let (strategy, acts_on, previous) = match &start {
         Start::Fresh(k, _) => (
             lib_kind(*k),
@@ -597,6 +616,7 @@ async fn run_deploy(
                         reason: None,
                         instances: Vec::new(),
                         duration: Duration::ZERO,
+                        checks: Vec::new(),
                     };
                     return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
                 }
@@ -640,11 +660,71 @@ async fn run_deploy(
         let report = unless_refused(&journal, exec.run(&plan, options).await)?;
         sig.abort();
         watcher.abort();
-        conclude(ctx, exec, &journal, &report, human.as_deref()).await
+        let code = conclude(ctx, exec, &journal, &report, human.as_deref()).await?;
+        if chaos.is_empty() {
+            return Ok(code);
+        }
+        Ok(drill_verdicts(ctx, &chaos, &drill_log.events(), code))
     }
     .await;
     deploykit::state::release(exec.instances(), &marker).await;
     code
+}
+
+/// Prints each chaos entry's verdict and decides the exit code: a drill
+/// whose every expectation held succeeds (0) even when it rolled back, as
+/// it was meant to; one that did not exits [`exit::CHAOS_FAILED`]; a fleet
+/// left in an unknown state keeps its code.
+fn drill_verdicts(ctx: &Ctx, chaos: &[deploykit::chaos::ChaosSpec], events: &[Event], code: u8) -> u8 {
+    let verdicts = deploykit::chaos::verdicts(chaos, events);
+    if ctx.g.json {
+        let line = serde_json::json!({ "chaos_verdicts": verdicts });
+        outln!("{line}");
+    } else {
+        for v in &verdicts {
+            outln!("{v}");
+            if let Some(at) = v.injected_at_ms {
+                let hit: Vec<String> = v.instances.iter().map(ToString::to_string).collect();
+                outln!("  injected at {:.1}s into {}", at as f64 / 1000.0, hit.join(", "));
+            }
+            if let Some(t) = &v.tripped {
+                outln!(
+                    "  first failing check at {:.1}s: {}",
+                    t.at_ms as f64 / 1000.0,
+                    t.result
+                );
+                for e in &t.evidence {
+                    outln!("    {e}");
+                }
+            }
+            if let Some(at) = v.rolled_back_at_ms {
+                outln!("  rollback done at {:.1}s", at as f64 / 1000.0);
+            }
+        }
+    }
+    if code == exit::UNKNOWN_STATE {
+        return code;
+    }
+    if verdicts.iter().all(|v| v.passed) {
+        exit::SUCCESS
+    } else {
+        exit::CHAOS_FAILED
+    }
+}
+
+/// `deploykit drill`: a canary deployment that must carry chaos entries;
+/// their verdicts decide the exit code.
+pub(crate) fn drill(ctx: Ctx, mut args: DeployArgs) -> anyhow::Result<u8> {
+    if ctx.cfg.raw.canary().chaos.is_empty() {
+        return Err(deploykit::Error::invalid(
+            "strategy.canary.chaos",
+            "has no entry, so a drill would prove nothing; add one, e.g. \
+             [[strategy.canary.chaos]] stage = 1, kind = \"http-error\", percent = 50, expect = \"rollback\", within = \"2m\"",
+        )
+        .into());
+    }
+    args.strategy = Some(StrategyKind::Canary);
+    deploy(ctx, args)
 }
 
 fn nothing_to_resume() -> anyhow::Result<u8> {
@@ -854,6 +934,10 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
         } else {
             wire::strategy(&ctx.cfg, kind)?.plan(&snapshot, &release)?
         };
+        // A plan the load balancer cannot route is refused here too, not
+        // only when a deployment starts.
+        let lb = exec.load_balancer();
+        plan.check_routing(lb.name(), &lb.capabilities())?;
         let p = plan.projected_duration();
         let batches: Vec<usize> = plan
             .stages
@@ -1091,7 +1175,7 @@ pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
     };
     let id = running.header.deployment.clone();
     if command == ControlCommand::Promote && running.awaiting_promotion().is_none() {
-        eprintln!("deploykit: error: deployment {id} is not waiting for a promotion (only a canary with promotion = \"manual\" waits)");
+        eprintln!("deploykit: error: deployment {id} is not waiting for a promotion (only a canary with promotion = \"manual\" and a dark launch wait)");
         return Ok(exit::BAD_INPUT);
     }
     let control = ctx.state.control();

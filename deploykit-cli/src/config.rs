@@ -7,7 +7,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use deploykit::{Address, BlueGreen, Canary, Group, InstanceId, Recreate, Rolling, SmokeCheck};
+use deploykit::{
+    Address, BlueGreen, Canary, DarkLaunch, Group, InstanceId, Ramped, Recreate, Rolling, Shadow, SmokeCheck,
+};
 use serde::{Deserialize, Deserializer};
 
 /// A duration written `"30s"`, `"500ms"`, `"5m"`, `"1h"` or a number of
@@ -299,6 +301,9 @@ pub(crate) enum StrategyKind {
     BlueGreen,
     Canary,
     Recreate,
+    Ramped,
+    Shadow,
+    DarkLaunch,
 }
 
 impl fmt::Display for StrategyKind {
@@ -308,6 +313,9 @@ impl fmt::Display for StrategyKind {
             StrategyKind::BlueGreen => "blue-green",
             StrategyKind::Canary => "canary",
             StrategyKind::Recreate => "recreate",
+            StrategyKind::Ramped => "ramped",
+            StrategyKind::Shadow => "shadow",
+            StrategyKind::DarkLaunch => "dark-launch",
         })
     }
 }
@@ -327,6 +335,12 @@ pub(crate) struct StrategyConfig {
     pub(crate) canary: Canary,
     #[serde(default)]
     pub(crate) recreate: Recreate,
+    #[serde(default)]
+    pub(crate) ramped: Ramped,
+    #[serde(default)]
+    pub(crate) shadow: Shadow,
+    #[serde(default, rename = "dark-launch")]
+    pub(crate) dark_launch: DarkLaunch,
 }
 
 /// One `[[smoke_checks]]` entry.
@@ -376,6 +390,30 @@ impl Config {
         let mut c = self.strategy.canary.clone();
         c.gates = self.early_gates();
         c
+    }
+
+    /// `[strategy.ramped]` on top of the canary.
+    pub(crate) fn ramped(&self) -> Ramped {
+        Ramped {
+            base: self.canary(),
+            ..self.strategy.ramped.clone()
+        }
+    }
+
+    /// `[strategy.shadow]` on top of the canary.
+    pub(crate) fn shadow(&self) -> Shadow {
+        Shadow {
+            base: self.canary(),
+            ..self.strategy.shadow.clone()
+        }
+    }
+
+    /// `[strategy.dark-launch]` on top of the canary.
+    pub(crate) fn dark_launch(&self) -> DarkLaunch {
+        DarkLaunch {
+            base: self.canary(),
+            ..self.strategy.dark_launch.clone()
+        }
     }
 
     /// The names of the `[[gitops.gates]]` that run before promotion.
@@ -1057,9 +1095,17 @@ fn check_strategy(c: &Config, kind: StrategyKind, groups: &BTreeSet<&Group>) -> 
                 ));
             }
         }
-        StrategyKind::Canary => {
+        StrategyKind::Canary | StrategyKind::Ramped | StrategyKind::Shadow | StrategyKind::DarkLaunch => {
             let canary = &s.canary;
             canary.validate().map_err(in_section("canary"))?;
+            // The routed strategies take groups, analysis and health from
+            // [strategy.canary], checked above; what is left is their own.
+            match kind {
+                StrategyKind::Ramped => c.ramped().validate().map_err(in_section("ramped"))?,
+                StrategyKind::Shadow => c.shadow().validate().map_err(in_section("shadow"))?,
+                StrategyKind::DarkLaunch => c.dark_launch().validate().map_err(in_section("dark-launch"))?,
+                _ => {}
+            }
             for g in [&canary.stable_group, &canary.canary_group] {
                 if !groups.contains(g) {
                     return Err(inv(

@@ -60,6 +60,9 @@ pub(crate) mod exit {
     pub(crate) const UNKNOWN_STATE: u8 = 3;
     /// Another deployment holds the lock.
     pub(crate) const LOCKED: u8 = 4;
+    /// A chaos entry's expectation did not hold (the gate did not fire, or
+    /// not in time, or fired when it should not).
+    pub(crate) const CHAOS_FAILED: u8 = 5;
 }
 
 /// Zero-downtime deployments: rolling, blue-green, canary and recreate.
@@ -67,7 +70,8 @@ pub(crate) mod exit {
 /// Exit codes: 0 success; 1 the deployment failed and was rolled back
 /// cleanly; 2 bad input or configuration (nothing touched); 3 rollback
 /// failed or the fleet is in an unknown state; 4 another deployment holds
-/// the lock.
+/// the lock; 5 a chaos expectation did not hold (`drill`, or a deployment
+/// with chaos entries).
 #[derive(Debug, Parser)]
 #[command(name = "deploykit", version, about, long_about)]
 struct Cli {
@@ -82,6 +86,11 @@ enum Command {
     /// Deploy a release to the fleet of deploykit.toml (or --resume an
     /// interrupted deployment).
     Deploy(cmd::DeployArgs),
+    /// A canary drill: deploy RELEASE as a canary with the
+    /// [[strategy.canary.chaos]] faults injected, and check that the
+    /// deployment reacts as each entry expects (see docs/chaos.md). Exits 0
+    /// when every expectation holds, 5 when one does not.
+    Drill(cmd::DeployArgs),
     /// Dry run: the exact steps, batch sizes and projected duration.
     /// Touches nothing.
     Plan(cmd::PlanArgs),
@@ -218,6 +227,7 @@ fn try_main(cli: Cli) -> anyhow::Result<u8> {
             Ok(exit::SUCCESS)
         }
         Command::Deploy(args) => cmd::deploy(cmd::Ctx::load(g)?, args),
+        Command::Drill(args) => cmd::drill(cmd::Ctx::load(g)?, args),
         Command::Plan(args) => cmd::plan(cmd::Ctx::load(g)?, args),
         Command::Status => cmd::status(cmd::Ctx::load_read_only(g)?),
         Command::Rollback => cmd::rollback(cmd::Ctx::load(g)?),

@@ -378,6 +378,16 @@ impl Instance for SimInstance {
     async fn force_stop(&self) -> Result<(), DriverError> {
         self.stop().await
     }
+    /// A simulated process can be killed (it stops); it cannot be paused.
+    async fn signal(&self, signal: deploykit::chaos::ProcessSignal) -> Result<(), DriverError> {
+        match signal {
+            deploykit::chaos::ProcessSignal::Kill => self.stop().await,
+            other => Err(DriverError::new(format!(
+                "{} is simulated: it cannot be sent {other}; only kill is simulated",
+                self.backend.id
+            ))),
+        }
+    }
     async fn install(&self, release: &ReleaseId) -> Result<(), DriverError> {
         let release = release.clone();
         self.update(move |s| {

@@ -29,6 +29,9 @@ pub(crate) fn strategy(cfg: &Loaded, kind: StrategyKind) -> anyhow::Result<Box<d
             anyhow::bail!("blue-green plans from the live environment, not as a Strategy")
         }
         StrategyKind::Canary => Box::new(cfg.raw.canary()),
+        StrategyKind::Ramped => Box::new(cfg.raw.ramped()),
+        StrategyKind::Shadow => Box::new(cfg.raw.shadow()),
+        StrategyKind::DarkLaunch => Box::new(cfg.raw.dark_launch()),
     })
 }
 

@@ -200,5 +200,8 @@ pub(crate) async fn checkout(
         let body = json!({ "flow": "new", "flag": flag, "error": "injected error" });
         return (code, [("content-type", "application/json")], format!("{body}\n")).into_response();
     }
+    let converted = s.visit();
+    let mut body = body;
+    body["converted"] = Value::Bool(converted);
     ([("content-type", "application/json")], format!("{body}\n")).into_response()
 }

@@ -9,7 +9,7 @@
 //! ```text
 //! deploykit-demo-app --listen 127.0.0.1:18080 --version v2 --track canary \
 //!     [--error-rate 0.1] [--latency-ms 20] [--unhealthy] [--startup-delay-ms 500] \
-//!     [--pid-file app.pid]
+//!     [--conversion-rate 0.05] [--pid-file app.pid]
 //! ```
 //!
 //! | route | answer |
@@ -18,8 +18,8 @@
 //! | `GET /health` | `200 ok`, or `503 unhealthy` with `--unhealthy` |
 //! | `GET /api/status` | `200` JSON: version, track, requests served, requests in flight |
 //! | `GET /api/db/ping` | `200 ok` |
-//! | `GET /api/checkout?user=u1&segment=internal` | `200` JSON `{"flow": "new" or "old", "flag", "variant", "reason"}`: the flag `--checkout-flag` (`new-checkout`) evaluated from `--flags-file` or through `--ofrep-url`, with `user` as the targeting key and every other parameter as a context attribute; `old` when no flag source is set or the evaluation fails; with `--checkout-error-rate-new P`, that fraction of new-flow answers is `500` |
-//! | `GET /metrics` | Prometheus text: `http_requests_total{code,track,version}`, `http_request_duration_seconds{track,version}`, `http_requests_in_flight`, and for `/api/checkout` per flag variant `checkout_requests_total{code,variant}` and `checkout_request_duration_seconds{variant}` (`variant="none"` when the flag could not be evaluated) |
+//! | `GET /api/checkout?user=u1&segment=internal` | `200` JSON `{"flow": "new" or "old", "flag", "variant", "reason"}`: the flag `--checkout-flag` (`new-checkout`) evaluated from `--flags-file` or through `--ofrep-url`, with `user` as the targeting key and every other parameter as a context attribute; `old` when no flag source is set or the evaluation fails; with `--checkout-error-rate-new P`, that fraction of new-flow answers is `500`; every answered checkout is a visit, and the `--conversion-rate` fraction of them (evenly spread) converts: `"converted": true` |
+//! | `GET /metrics` | Prometheus text: `http_requests_total{code,track,version}`, `http_request_duration_seconds{track,version}`, `http_requests_in_flight`, and for `/api/checkout` per flag variant `checkout_requests_total{code,variant}` and `checkout_request_duration_seconds{variant}` (`variant="none"` when the flag could not be evaluated); per track `checkout_visits_total{track,version}` and `checkout_conversions_total{track,version}` (an A/B experiment's conversion rate is their ratio) |
 //!
 //! Every answer carries the headers `x-app-version` and `x-app-track`, so a
 //! client behind a load balancer can count who served it.
@@ -139,6 +139,11 @@ pub struct DemoConfig {
     /// that are answered with 500, spread evenly (a bad variant to kill).
     #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
     pub checkout_error_rate_new: f64,
+    /// Fraction (0.0–1.0) of answered `/api/checkout` requests that count
+    /// as a conversion, spread evenly (with 0.1, every 10th converts): a
+    /// business metric for A/B experiments.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub conversion_rate: f64,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -197,6 +202,11 @@ struct AppState {
     in_flight: AtomicU64,
     /// Requests in flight, not counting `/metrics` scrapes.
     in_flight_gauge: Gauge,
+    /// Answered checkouts and the conversions among them.
+    checkout_visits: Family<TrackLabels, Counter>,
+    checkout_conversions: Family<TrackLabels, Counter>,
+    /// Answered checkouts seen, for the conversion spacing.
+    visits_seen: AtomicU64,
 }
 
 type Shared = Arc<AppState>;
@@ -244,8 +254,23 @@ impl AppState {
             "Time to answer /api/checkout, by flag variant",
             checkout_durations.clone(),
         );
+        let checkout_visits = Family::<TrackLabels, Counter>::default();
+        registry.register(
+            "checkout_visits",
+            "/api/checkout requests answered (the denominator of the conversion rate)",
+            checkout_visits.clone(),
+        );
+        let checkout_conversions = Family::<TrackLabels, Counter>::default();
+        registry.register(
+            "checkout_conversions",
+            "/api/checkout requests that converted (--conversion-rate)",
+            checkout_conversions.clone(),
+        );
         let flags = checkout::FlagSource::new(&config);
         Ok(Self {
+            checkout_visits,
+            checkout_conversions,
+            visits_seen: AtomicU64::new(0),
             flags,
             checkout_requests,
             checkout_durations,
@@ -261,6 +286,23 @@ impl AppState {
             in_flight: AtomicU64::new(0),
             in_flight_gauge,
         })
+    }
+
+    /// Counts an answered checkout; whether it converted. Deterministic,
+    /// as the error rate: exactly floor(n * rate) of the first n convert.
+    fn visit(&self) -> bool {
+        let labels = TrackLabels {
+            track: self.config.track.clone(),
+            version: self.config.app_version.clone(),
+        };
+        self.checkout_visits.get_or_create(&labels).inc();
+        let n = self.visits_seen.fetch_add(1, Ordering::SeqCst) + 1;
+        let rate = self.config.conversion_rate;
+        let converted = ((n as f64) * rate).floor() > (((n - 1) as f64) * rate).floor();
+        if converted {
+            self.checkout_conversions.get_or_create(&labels).inc();
+        }
+        converted
     }
 
     async fn delay(&self) {
@@ -486,6 +528,52 @@ mod tests {
         assert!(c.unhealthy);
         let err = DemoConfig::try_parse_from(["x", "--error-rate", "1.5"]).unwrap_err();
         assert!(err.to_string().contains("outside 0.0-1.0"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_tenth_of_checkouts_convert_and_metrics_count_them_per_track() {
+        let c =
+            DemoConfig::try_parse_from(["x", "--track", "b", "--version", "v2", "--conversion-rate", "0.1"])
+                .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(std::future::IntoFuture::into_future(axum::serve(
+            listener,
+            router(c).unwrap(),
+        )));
+        let client = reqwest::Client::new();
+        let mut converted = 0;
+        for _ in 0..50 {
+            let body = client
+                .get(format!("{base}/api/checkout?user=u1"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if v["converted"] == true {
+                converted += 1;
+            }
+        }
+        assert_eq!(converted, 5);
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            text.contains("checkout_visits_total{track=\"b\",version=\"v2\"} 50"),
+            "{text}"
+        );
+        assert!(
+            text.contains("checkout_conversions_total{track=\"b\",version=\"v2\"} 5"),
+            "{text}"
+        );
     }
 
     #[test]

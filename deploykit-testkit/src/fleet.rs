@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use deploykit::routing::{Capabilities, TrafficPolicy};
+use deploykit::chaos::ProcessSignal;
 use deploykit::{
     Address, Backend, DriverError, Group, GroupWeight, Health, Instance, InstanceId, LoadBalancer, ReleaseId,
 };
@@ -120,6 +122,10 @@ pub enum RoutingChange {
     Enabled(InstanceId),
     /// Traffic split between groups (percent).
     Weights(BTreeMap<Group, u8>),
+    /// A routing policy applied through
+    /// [`LoadBalancer::apply_policy`] (one that is more than weights or a
+    /// switch; those are recorded as [`Weights`](Self::Weights)).
+    Policy(TrafficPolicy),
 }
 
 /// One entry of the routing history.
@@ -149,6 +155,8 @@ pub(crate) struct InstanceState {
     pub(crate) serving: Option<ReleaseId>,
     pub(crate) installed: BTreeSet<ReleaseId>,
     pub(crate) running: bool,
+    /// Frozen by a `SIGSTOP`: running, but answering nothing.
+    pub(crate) paused: bool,
     /// Passed a health probe since it last started.
     pub(crate) ready: bool,
     pub(crate) enabled: bool,
@@ -169,6 +177,11 @@ pub(crate) struct World {
     pub(crate) instances: BTreeMap<InstanceId, InstanceState>,
     /// `None`: every group receives traffic.
     pub(crate) weights: Option<BTreeMap<Group, u8>>,
+    /// Groups the live policy's rules or mirror send requests to, whatever
+    /// their share.
+    pub(crate) reached: BTreeSet<Group>,
+    /// What [`LoadBalancer::capabilities`] declares.
+    pub(crate) capabilities: Capabilities,
     pub(crate) latency: HashMap<Op, Duration>,
     pub(crate) ops: Vec<OpRecord>,
     pub(crate) routing: Vec<RoutingEntry>,
@@ -202,7 +215,12 @@ impl World {
         self.epoch.elapsed()
     }
 
+    /// The group's share, or 100 when a rule or the mirror of the live
+    /// policy sends requests to it (then it receives traffic at 0 %).
     pub(crate) fn group_weight(&self, g: &Group) -> u8 {
+        if self.reached.contains(g) {
+            return 100;
+        }
         match &self.weights {
             None => 100,
             Some(w) => w.get(g).copied().unwrap_or(0),
@@ -374,6 +392,7 @@ impl FakeFleet {
                         serving: Some(v1.clone()),
                         installed: [v1.clone()].into(),
                         running: true,
+                        paused: false,
                         ready: true,
                         enabled: true,
                         initially_enabled: true,
@@ -393,6 +412,8 @@ impl FakeFleet {
                 order,
                 instances,
                 weights: None,
+                reached: BTreeSet::new(),
+                capabilities: Capabilities::weights_and_switch(),
                 latency: HashMap::new(),
                 ops: Vec::new(),
                 routing: Vec::new(),
@@ -531,6 +552,15 @@ impl FakeFleet {
         self
     }
 
+    /// The fake load balancer declares `caps` and applies any policy they
+    /// cover through [`LoadBalancer::apply_policy`], recording it as
+    /// [`RoutingChange::Policy`]; by default it declares weights and switch
+    /// only, as a driver without per-request routing.
+    pub fn routing_capabilities(self, caps: Capabilities) -> Self {
+        self.shared.lock().capabilities = caps;
+        self
+    }
+
     /// [`LoadBalancer::preflight`] fails as scripted (counted over all
     /// preflight checks, 1-based, as for [`fail_switch`](Self::fail_switch)),
     /// as a load balancer that cannot be driven would: the executor must
@@ -655,6 +685,13 @@ impl FakeFleet {
         self.shared.lock().instances[&id].running
     }
 
+    /// Whether `id`'s process is frozen by a `SIGSTOP`
+    /// ([`Instance::signal`]).
+    pub fn is_paused(&self, id: &str) -> bool {
+        let id = InstanceId::new(id).expect("valid");
+        self.shared.lock().instances[&id].paused
+    }
+
     /// Whether the load balancer sends new requests to `id` now.
     pub fn in_rotation(&self, id: &str) -> bool {
         let id = InstanceId::new(id).expect("valid");
@@ -745,6 +782,7 @@ impl Instance for FakeInstance {
             w.check_drained(id, "stop");
             let s = w.instances.get_mut(id).expect("exists");
             s.running = false;
+            s.paused = false;
             s.ready = false;
             s.serving = None;
             w.check_routing(id, "stop");
@@ -758,6 +796,7 @@ impl Instance for FakeInstance {
             w.check_drained(id, "force_stop");
             let s = w.instances.get_mut(id).expect("exists");
             s.running = false;
+            s.paused = false;
             s.ready = false;
             s.serving = None;
             w.check_routing(id, "force_stop");
@@ -814,6 +853,9 @@ impl Instance for FakeInstance {
         let s = w.instances.get_mut(&id).expect("exists");
         let health = if !s.running {
             Health::Unhealthy("not running".into())
+        } else if s.paused {
+            s.ready = false;
+            Health::Unhealthy("no answer: the process is stopped (SIGSTOP)".into())
         } else if fault.is_some() {
             s.ready = false;
             Health::Unhealthy("scripted health fault: 503".into())
@@ -832,6 +874,34 @@ impl Instance for FakeInstance {
     async fn active_connections(&self) -> Result<Option<u64>, DriverError> {
         let w = self.shared.lock();
         Ok(Some(open_connections(&w.instances[self.id()])))
+    }
+
+    /// A chaos fault: KILL stops the process where it stands (no drain, no
+    /// routing check: the crash is the point), STOP freezes it (health
+    /// probes fail) until CONT.
+    async fn signal(&self, signal: ProcessSignal) -> Result<(), DriverError> {
+        let mut w = self.shared.lock();
+        let id = self.id().clone();
+        let s = w.instances.get_mut(&id).expect("exists");
+        match signal {
+            ProcessSignal::Kill => {
+                s.running = false;
+                s.paused = false;
+                s.ready = false;
+                s.serving = None;
+            }
+            ProcessSignal::Stop if !s.running => {
+                return Err(DriverError::new(format!(
+                    "sending SIGSTOP to {id}: the process is not running"
+                )));
+            }
+            ProcessSignal::Stop => {
+                s.paused = true;
+                s.ready = false;
+            }
+            ProcessSignal::Cont => s.paused = false,
+        }
+        Ok(())
     }
 }
 
@@ -883,8 +953,38 @@ impl FakeLoadBalancer {
         self.shared.lock().weights.clone()
     }
 
+    /// The routing policies applied so far (through
+    /// [`LoadBalancer::apply_policy`], beyond weights and switches), oldest
+    /// first.
+    pub fn policies(&self) -> Vec<TrafficPolicy> {
+        self.shared
+            .lock()
+            .routing
+            .iter()
+            .filter_map(|e| match &e.change {
+                RoutingChange::Policy(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Counts a traffic change against the scripted weight faults.
+    fn weight_fault(&self) -> Result<(), DriverError> {
+        let mut w = self.shared.lock();
+        w.weight_calls += 1;
+        let n = w.weight_calls;
+        match w.weight_faults.iter().find_map(|f| f.fires_on_call(n)) {
+            Some(transient) => Err(scripted_error(
+                transient,
+                format!("scripted weights fault on change {n}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn set(&self, weights: BTreeMap<Group, u8>) {
         let mut w = self.shared.lock();
+        w.reached.clear();
         w.weights = Some(weights.clone());
         let at = w.now();
         w.routing.push(RoutingEntry {
@@ -962,18 +1062,54 @@ impl LoadBalancer for FakeLoadBalancer {
         if sum != 100 {
             return Err(DriverError::new(format!("weights sum to {sum}, not 100")));
         }
-        {
-            let mut w = self.shared.lock();
-            w.weight_calls += 1;
-            let n = w.weight_calls;
-            if let Some(transient) = w.weight_faults.iter().find_map(|f| f.fires_on_call(n)) {
-                return Err(scripted_error(
-                    transient,
-                    format!("scripted weights fault on change {n}"),
-                ));
-            }
-        }
+        self.weight_fault()?;
         self.set(weights.iter().map(|w| (w.group.clone(), w.percent)).collect());
+        Ok(())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.shared.lock().capabilities.clone()
+    }
+
+    /// Weights and switches as [`set_weights`](Self::set_weights) and
+    /// [`switch_to`](Self::switch_to) (the default's mapping); any other
+    /// policy the declared capabilities cover is recorded as
+    /// [`RoutingChange::Policy`] and counted as a weight change (so
+    /// [`FakeFleet::fail_weights`] fails it too).
+    async fn apply_policy(&self, policy: &TrafficPolicy) -> Result<(), DriverError> {
+        self.capabilities().check(self.name(), policy)?;
+        if let Some(g) = policy.as_switch() {
+            return self.switch_to(g).await;
+        }
+        if let Some(weights) = policy.as_weights() {
+            return self.set_weights(weights).await;
+        }
+        let known: BTreeMap<Group, ()> = {
+            let w = self.shared.lock();
+            w.instances
+                .values()
+                .map(|s| (s.backend.group.clone(), ()))
+                .collect()
+        };
+        deploykit::routing::check_groups(self.name(), policy, &known)?;
+        self.weight_fault()?;
+        let mut w = self.shared.lock();
+        w.weights = Some(policy.shares());
+        w.reached = policy
+            .rules
+            .iter()
+            .map(|r| r.group.clone())
+            .chain(policy.mirror.iter().map(|m| m.to.clone()))
+            .collect();
+        let at = w.now();
+        w.routing.push(RoutingEntry {
+            at,
+            change: RoutingChange::Policy(policy.clone()),
+        });
+        let ids: Vec<_> = w.order.clone();
+        for id in ids {
+            w.check_routing(&id, "policy");
+        }
         Ok(())
     }
 

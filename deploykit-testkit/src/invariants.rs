@@ -73,7 +73,8 @@ impl FakeFleet {
     ///    (the fleet's, or the last [`baseline`](Self::baseline) — not the
     ///    report's own `previous`). Degraded: the instances not updated are
     ///    exactly those the report lists as failed. Succeeded: every
-    ///    instance of a group that receives traffic is on the new release.
+    ///    instance of a group that receives traffic is on the new release
+    ///    (a shadow torn down: still on the release it started with).
     ///    Rollback failed: an instance is named unrecoverable (or, for
     ///    blue-green, whose switch back can fail, a reason is given).
     ///
@@ -188,6 +189,20 @@ impl FakeFleet {
                     }
                 }
             }
+            // A shadow torn down moved nothing that serves clients: every
+            // instance of a live group still runs what it started with.
+            OutcomeKind::Succeeded
+                if report.strategy == deploykit::StrategyKind::Shadow && report.succeeded().is_empty() =>
+            {
+                for (id, s) in &w.instances {
+                    if w.group_weight(&s.backend.group) > 0 && s.release != s.baseline {
+                        v.push(Violation(format!(
+                            "shadow torn down, but {id} runs {:?} instead of the {:?} it started with",
+                            s.release, s.baseline
+                        )));
+                    }
+                }
+            }
             OutcomeKind::Succeeded => {
                 for (id, s) in &w.instances {
                     let group_live = w.group_weight(&s.backend.group) > 0;
@@ -271,7 +286,7 @@ impl FakeFleet {
                 RoutingChange::Enabled(id) => {
                     out.remove(id);
                 }
-                RoutingChange::Weights(_) => {}
+                RoutingChange::Weights(_) | RoutingChange::Policy(_) => {}
             }
             let counted = out
                 .iter()
@@ -332,6 +347,7 @@ mod tests {
                 })
                 .collect(),
             duration: Duration::ZERO,
+            checks: Vec::new(),
         }
     }
 

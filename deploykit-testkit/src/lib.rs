@@ -48,6 +48,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod chaos;
 pub mod conformance;
 mod fleet;
 mod invariants;
@@ -55,6 +56,7 @@ mod live_store;
 mod metrics;
 mod smoke;
 
+pub use chaos::FakeFaults;
 pub use fleet::{
     FakeFleet, FakeInstance, FakeLoadBalancer, Fault, Op, OpRecord, RoutingChange, RoutingEntry,
 };

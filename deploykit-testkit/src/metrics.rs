@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use deploykit::experiment::Tally;
 use deploykit::judge::{Counts, Distribution, Measured};
 use deploykit::{Group, Metric, MetricsSource, Observation};
 use tokio::time::Instant;
@@ -12,6 +13,7 @@ use tokio::time::Instant;
 type Script = Arc<dyn Fn(Duration) -> Observation + Send + Sync>;
 type CountsScript = Arc<dyn Fn(Duration, Duration) -> Measured<Counts> + Send + Sync>;
 type LatencyScript = Arc<dyn Fn(Duration, Duration) -> Measured<Distribution> + Send + Sync>;
+type TallyScript = Arc<dyn Fn(Duration, Duration) -> Measured<Tally> + Send + Sync>;
 
 /// A metrics source scripted per group, metric and time.
 ///
@@ -46,7 +48,11 @@ pub struct FakeMetrics {
     scripts: Arc<Mutex<HashMap<(String, Metric), Script>>>,
     counts: Arc<Mutex<HashMap<String, CountsScript>>>,
     latency: Arc<Mutex<HashMap<String, LatencyScript>>>,
+    tallies: Arc<Mutex<HashMap<String, TallyScript>>>,
     queries: Arc<Mutex<Vec<(Duration, String, Metric)>>>,
+    /// Faults whose effect is added to the scripted values, and each
+    /// group's instance count.
+    faults: Option<(crate::FakeFaults, Arc<HashMap<String, usize>>)>,
 }
 
 impl std::fmt::Debug for FakeMetrics {
@@ -69,8 +75,20 @@ impl FakeMetrics {
             scripts: Arc::default(),
             counts: Arc::default(),
             latency: Arc::default(),
+            tallies: Arc::default(),
             queries: Arc::default(),
+            faults: None,
         }
+    }
+
+    /// Adds the effect of the active chaos faults of `faults` to the
+    /// scripted error rate and p99 (see [`FakeFaults`](crate::FakeFaults));
+    /// `groups` gives each group's instance count, e.g.
+    /// `&[("stable", 4), ("canary", 1)]`.
+    pub fn with_faults(mut self, faults: &crate::FakeFaults, groups: &[(&str, usize)]) -> Self {
+        let sizes = groups.iter().map(|(g, n)| ((*g).to_string(), *n)).collect();
+        self.faults = Some((faults.clone(), Arc::new(sizes)));
+        self
     }
 
     /// `metric` of `group` is always `value`.
@@ -108,6 +126,21 @@ impl FakeMetrics {
         f: impl Fn(Duration, Duration) -> Measured<Counts> + Send + Sync + 'static,
     ) -> Self {
         self.counts
+            .lock()
+            .expect("fake metrics poisoned")
+            .insert(group.to_string(), Arc::new(f));
+        self
+    }
+
+    /// The visits and conversions of `group` over the query's window (an
+    /// A/B experiment's business metric), computed from the time since
+    /// creation and the window; unscripted it is `NoData`.
+    pub fn script_tally(
+        self,
+        group: &str,
+        f: impl Fn(Duration, Duration) -> Measured<Tally> + Send + Sync + 'static,
+    ) -> Self {
+        self.tallies
             .lock()
             .expect("fake metrics poisoned")
             .insert(group.to_string(), Arc::new(f));
@@ -166,9 +199,20 @@ impl MetricsSource for FakeMetrics {
             .expect("fake metrics poisoned")
             .get(&(group.to_string(), metric))
             .cloned();
-        match script {
+        let observed = match script {
             Some(f) => f(t),
             None => Observation::NoData,
+        };
+        match (&self.faults, observed) {
+            (Some((faults, sizes)), Observation::Value(v)) => {
+                let n = sizes.get(group.as_str()).copied().unwrap_or(1);
+                Observation::Value(match metric {
+                    Metric::ErrorRate => (v + faults.added_error_rate(group, n)).min(1.0),
+                    Metric::LatencyP99 => v + faults.added_latency(group).as_secs_f64(),
+                    _ => v,
+                })
+            }
+            (_, o) => o,
         }
     }
 
@@ -193,6 +237,19 @@ impl MetricsSource for FakeMetrics {
                 errors: (n * r).round(),
             }),
             _ => Measured::NoData,
+        }
+    }
+
+    async fn observe_tally(&self, group: &Group, window: Duration) -> Measured<Tally> {
+        let script = self
+            .tallies
+            .lock()
+            .expect("fake metrics poisoned")
+            .get(group.as_str())
+            .cloned();
+        match script {
+            Some(f) => f(self.epoch.elapsed(), window),
+            None => Measured::NoData,
         }
     }
 

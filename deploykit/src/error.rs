@@ -60,6 +60,18 @@ pub enum Error {
     /// cannot be made healthy).
     #[error("refused: {0}")]
     Refused(String),
+    /// A step of the plan asks the load balancer for routing it cannot do,
+    /// or names a malformed policy (see
+    /// [`Plan::check_routing`](crate::Plan::check_routing)); nothing was
+    /// touched.
+    #[error("refused: stage '{stage}' {source}; nothing was touched")]
+    Routing {
+        /// The stage that asks (`on abort` for an abort step).
+        stage: String,
+        /// What the load balancer cannot do and what to use instead.
+        #[source]
+        source: crate::routing::RoutingError,
+    },
 }
 
 impl Error {
@@ -79,9 +91,11 @@ impl Error {
         }
     }
 
-    /// Whether this error is bad input (exit code 2 in the CLI).
+    /// Whether this error is bad input (exit code 2 in the CLI): a value
+    /// that is not acceptable, or a strategy asking for routing the
+    /// configured load balancer cannot do.
     pub fn is_invalid_input(&self) -> bool {
-        matches!(self, Error::InvalidInput { .. })
+        matches!(self, Error::InvalidInput { .. } | Error::Routing { .. })
     }
 }
 

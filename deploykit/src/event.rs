@@ -156,6 +156,37 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         measurements: Vec<crate::analysis::Measurement>,
     },
+    /// One reading of an A/B experiment's test: the tallies, the effect,
+    /// the statistic and the always-valid p-value.
+    ExperimentReading {
+        /// The statistics.
+        reading: crate::experiment::Reading,
+        /// Time since the experiment started, milliseconds.
+        elapsed_ms: u64,
+    },
+    /// A chaos entry's fault was injected.
+    ChaosInjected {
+        /// The entry's index in the canary's `chaos` list.
+        entry: usize,
+        /// The canary stage.
+        stage: usize,
+        /// The fault.
+        fault: crate::chaos::Fault,
+        /// The instances it hit.
+        instances: Vec<InstanceId>,
+    },
+    /// A chaos entry's fault ended (its duration or its stage was over).
+    ChaosCleared {
+        /// The entry's index.
+        entry: usize,
+    },
+    /// A chaos entry's fault could not be injected or cleared.
+    ChaosFailed {
+        /// The entry's index.
+        entry: usize,
+        /// What went wrong.
+        message: String,
+    },
     /// Progress of a canary stage (percent and seconds), after each check.
     StageProgress {
         /// The canary stage, 1-based.

@@ -45,6 +45,10 @@ pub(crate) enum GateError {
         /// How long it waited.
         timeout: Duration,
     },
+    /// The experiment ended without the treatment winning: the control
+    /// won, or time ran out with no significant difference; the statistics.
+    #[error("{0}")]
+    NoWinner(String),
     /// The promotion handle's channel closed (it owns the sender, so only a
     /// bug gets here; fail safe).
     #[error("promotion handle closed")]
@@ -280,4 +284,91 @@ pub(crate) async fn await_promotion(
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Runs an A/B experiment for at most `duration`: every `analysis.interval`
+/// a guardrail check (a breach rolls back, as in a canary stage), then the
+/// tallies since the start into the sequential test, emitted as an
+/// [`EventKind::ExperimentReading`]. `Ok` when the treatment wins.
+pub(crate) async fn experiment(
+    ctx: &GateCtx<'_>,
+    rules: &crate::experiment::ExperimentRules,
+    duration: Duration,
+    analysis: &Analysis,
+) -> Result<(), GateError> {
+    use crate::experiment::{Sequential, Verdict};
+    let started = Instant::now();
+    let state = Mutex::new((Sequential::default(), None));
+    let tick = |elapsed: Duration| {
+        let state = &state;
+        async move {
+            if let Err(e) = ctx.check(1, 1, 50, analysis).await {
+                return ControlFlow::Break(Err(e));
+            }
+            // Everything since the start, rounded up to whole seconds as
+            // a range query needs.
+            let window = Duration::from_secs(elapsed.as_secs_f64().ceil().max(1.0) as u64);
+            let (control, treatment) = futures::join!(
+                ctx.bounded(ctx.metrics.observe_tally(&analysis.stable, window)),
+                ctx.bounded(ctx.metrics.observe_tally(&analysis.canary, window)),
+            );
+            let (Measured::Value(control), Measured::Value(treatment)) = (control, treatment) else {
+                return ControlFlow::Continue(());
+            };
+            let reading = {
+                let mut st = state.lock().expect("experiment state poisoned");
+                let r = st.0.read(rules, control, treatment);
+                st.1 = Some(r);
+                r
+            };
+            (ctx.emit)(EventKind::ExperimentReading {
+                reading,
+                elapsed_ms: ms(elapsed),
+            });
+            match reading.verdict {
+                Verdict::Continue => ControlFlow::Continue(()),
+                Verdict::TreatmentWins => ControlFlow::Break(Ok(())),
+                Verdict::ControlWins => ControlFlow::Break(Err(GateError::NoWinner(format!(
+                    "experiment: the control {} wins: {}",
+                    analysis.stable,
+                    describe(&reading)
+                )))),
+            }
+        }
+    };
+    match every(started, duration, analysis.interval, ctx.cancel, tick).await {
+        Err(()) => Err(GateError::Cancelled),
+        Ok(Some(decided)) => decided,
+        Ok(None) => {
+            let last = state.lock().expect("experiment state poisoned").1;
+            Err(GateError::NoWinner(match last {
+                Some(r) => format!(
+                    "experiment: no significant difference within {:.0}s, the control {} stays: {}",
+                    duration.as_secs_f64(),
+                    analysis.stable,
+                    describe(&r)
+                ),
+                None => format!(
+                    "experiment: no visits and conversions could be read within {:.0}s; the control {} stays",
+                    duration.as_secs_f64(),
+                    analysis.stable
+                ),
+            }))
+        }
+    }
+}
+
+/// The statistics of a reading as a sentence.
+fn describe(r: &crate::experiment::Reading) -> String {
+    format!(
+        "control {:.0}/{:.0} ({:.2} %), treatment {:.0}/{:.0} ({:.2} %), effect {:+.2} points, p = {:.4} (always valid)",
+        r.control.conversions,
+        r.control.visits,
+        r.control.rate() * 100.0,
+        r.treatment.conversions,
+        r.treatment.visits,
+        r.treatment.rate() * 100.0,
+        r.effect * 100.0,
+        r.p_value
+    )
 }

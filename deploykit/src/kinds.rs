@@ -30,6 +30,22 @@ pub enum StrategyKind {
     /// ([`Canary`](crate::Canary)).
     #[serde(rename = "canary")]
     Canary,
+    /// A canary whose share rises along a curve, step by step
+    /// ([`Ramped`](crate::Ramped)).
+    #[serde(rename = "ramped")]
+    Ramped,
+    /// The new release takes mirrored copies of requests only, judged by
+    /// its own metrics ([`Shadow`](crate::Shadow)).
+    #[serde(rename = "shadow")]
+    Shadow,
+    /// The new release is reachable only through routing rules until
+    /// promoted ([`DarkLaunch`](crate::DarkLaunch)).
+    #[serde(rename = "dark-launch")]
+    DarkLaunch,
+    /// Two variants side by side, sticky per user, decided by a business
+    /// metric ([`Experiment`](crate::Experiment)).
+    #[serde(rename = "experiment")]
+    Experiment,
     /// Returns instances to the releases a journal recorded
     /// ([`recovery`](crate::recovery)).
     #[serde(rename = "rollback")]
@@ -52,6 +68,10 @@ impl StrategyKind {
             StrategyKind::Recreate => "recreate",
             StrategyKind::BlueGreen => "blue-green",
             StrategyKind::Canary => "canary",
+            StrategyKind::Ramped => "ramped",
+            StrategyKind::Shadow => "shadow",
+            StrategyKind::DarkLaunch => "dark-launch",
+            StrategyKind::Experiment => "experiment",
             StrategyKind::Rollback => "rollback",
             StrategyKind::BlueGreenRollback => "blue-green-rollback",
             StrategyKind::BlueGreenRetire => "blue-green-retire",
@@ -95,6 +115,8 @@ pub enum StepKind {
     Gate,
     FlagShare,
     FlagKill,
+    ApplyPolicy,
+    Experiment,
 }
 
 impl StepKind {
@@ -124,6 +146,8 @@ impl StepKind {
             StepKind::Gate => "gate",
             StepKind::FlagShare => "flag_share",
             StepKind::FlagKill => "flag_kill",
+            StepKind::ApplyPolicy => "apply_policy",
+            StepKind::Experiment => "experiment",
         }
     }
 }

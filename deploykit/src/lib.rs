@@ -98,6 +98,15 @@
 //! policy beyond it is refused before anything is touched
 //! (`docs/routing.md`).
 //!
+//! Four strategies are built on policies, each canary-shaped: [`Ramped`]
+//! (the share rises along a linear or exponential curve), [`Shadow`]
+//! (mirrored copies only, judged by the shadow's own metrics),
+//! [`DarkLaunch`] (reachable only through rules until promoted) and
+//! [`Experiment`] (an A/B test decided by conversions with the always-valid
+//! test of [`experiment`]). [`Plan::check_routing`] refuses a plan whose
+//! policies the load balancer cannot apply, and the executor runs it before
+//! anything is touched.
+//!
 //! ## Feature flags
 //!
 //! [`flags`] manages feature flags in flagd's flag-definition format (so
@@ -128,11 +137,13 @@ struct ReadmeDoctests;
 
 pub mod analysis;
 pub mod bluegreen_state;
+pub mod chaos;
 mod duration_ms;
 pub mod duration_text;
 mod error;
 mod event;
 mod executor;
+pub mod experiment;
 pub mod flags;
 mod gate;
 pub mod instance;
@@ -168,13 +179,13 @@ pub use plan::{
     Step, Unit,
 };
 pub use promotion::{PromotionHandle, PromotionState};
-pub use report::{InstanceReport, InstanceStatus, OutcomeKind, Report};
+pub use report::{InstanceReport, InstanceStatus, OutcomeKind, Report, StageCheck};
 pub use secret_url::SecretUrl;
 #[cfg(feature = "http")]
 pub use smoke::HttpSmokeTester;
 pub use smoke::{SmokeCheck, SmokeTester};
 pub use strategy::{parse_duration, BlueGreen, BlueGreenReport, CountOrPercent, KeepOld, Recreate, Rolling};
-pub use strategy::{Canary, Promotion};
+pub use strategy::{Canary, DarkLaunch, Experiment, Promotion, RampCurve, Ramped, Shadow, ShadowThen};
 pub use traits::{
     Backend, GroupWeight, Health, Instance, LoadBalancer, Metric, MetricsSource, Observation, Strategy,
 };

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::analysis::Analysis;
 use crate::kinds::{StepKind, StrategyKind};
 use crate::names::{Group, InstanceId, ReleaseId};
+use crate::routing::{Capabilities, TrafficPolicy};
 use crate::smoke::SmokeCheck;
 use crate::traits::{Backend, GroupWeight};
 
@@ -426,6 +427,9 @@ pub enum Step {
         duration: Duration,
         /// What is checked, and how often.
         analysis: Analysis,
+        /// Faults injected during the stage (a chaos drill); none by default.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        chaos: Vec<crate::chaos::ChaosStep>,
     },
     /// Wait for a manual promotion through the executor's
     /// [`PromotionHandle`](crate::PromotionHandle), analysing all the while;
@@ -526,6 +530,33 @@ pub enum Step {
         /// The environment.
         group: Group,
     },
+    /// Apply a routing policy (rules, a sticky split, mirroring) through
+    /// [`LoadBalancer::apply_policy`](crate::LoadBalancer::apply_policy);
+    /// it replaces whatever policy or weights were live. A plan with one is
+    /// refused before anything runs when the load balancer cannot apply it
+    /// ([`Plan::check_routing`]).
+    ApplyPolicy {
+        /// The policy.
+        policy: TrafficPolicy,
+    },
+    /// Run an A/B experiment between the groups of `analysis` (stable the
+    /// control, canary the treatment) for at most `duration`: every
+    /// `analysis.interval` the guardrails are checked as in a canary stage
+    /// and the conversions since the start are read
+    /// ([`MetricsSource::observe_tally`](crate::MetricsSource::observe_tally))
+    /// into the sequential test ([`crate::experiment`]). The step passes
+    /// when the treatment wins; it fails (and the deployment rolls back,
+    /// keeping the control) when the control wins, when time runs out with
+    /// no significant difference, or on a guardrail breach.
+    Experiment {
+        /// How the test decides.
+        rules: crate::experiment::ExperimentRules,
+        /// The longest the experiment runs.
+        #[serde(with = "crate::duration_ms")]
+        duration: Duration,
+        /// The groups (`stable` is the control) and the guardrails.
+        analysis: Analysis,
+    },
 }
 
 impl Step {
@@ -555,6 +586,8 @@ impl Step {
             Step::Gate { .. } => StepKind::Gate,
             Step::FlagShare { .. } => StepKind::FlagShare,
             Step::FlagKill { .. } => StepKind::FlagKill,
+            Step::ApplyPolicy { .. } => StepKind::ApplyPolicy,
+            Step::Experiment { .. } => StepKind::Experiment,
         }
     }
 
@@ -575,6 +608,7 @@ impl Step {
             Step::Analyze { .. } | Step::AwaitPromotion { .. } | Step::BackupRelease { .. } => None,
             Step::WarmUp { .. } | Step::RecordSwitching { .. } | Step::RecordLive { .. } => None,
             Step::Gate { .. } | Step::FlagShare { .. } | Step::FlagKill { .. } => None,
+            Step::ApplyPolicy { .. } | Step::Experiment { .. } => None,
         }
     }
 
@@ -589,6 +623,7 @@ impl Step {
             ),
             Step::Pause { duration, .. } => (*duration, *duration),
             Step::Analyze { duration, .. } => (*duration, *duration),
+            Step::Experiment { duration, .. } => (Duration::ZERO, *duration),
             Step::AwaitPromotion { timeout_ms, .. } => {
                 (Duration::ZERO, Duration::from_millis(timeout_ms.unwrap_or(0)))
             }
@@ -627,12 +662,19 @@ impl fmt::Display for Step {
                 weight,
                 duration,
                 analysis,
-            } => write!(
-                f,
-                "analyze canary stage {stage}/{of} at {weight}% for {} (check every {})",
-                secs(*duration),
-                secs(analysis.interval)
-            ),
+                chaos,
+            } => {
+                write!(
+                    f,
+                    "analyze canary stage {stage}/{of} at {weight}% for {} (check every {})",
+                    secs(*duration),
+                    secs(analysis.interval)
+                )?;
+                for c in chaos {
+                    write!(f, "; chaos[{}]: {c}", c.entry)?;
+                }
+                Ok(())
+            }
             Step::AwaitPromotion {
                 stage, timeout_ms, ..
             } => match timeout_ms {
@@ -674,6 +716,21 @@ impl fmt::Display for Step {
                 percent,
             } => write!(f, "flag {flag}: {variant} to {percent}%"),
             Step::FlagKill { flag } => write!(f, "kill flag {flag} (safe variant for everyone)"),
+            Step::ApplyPolicy { policy } => write!(f, "apply policy: {policy}"),
+            Step::Experiment {
+                rules,
+                duration,
+                analysis,
+            } => write!(
+                f,
+                "experiment {} (treatment) against {} (control) for at most {}: winner at alpha {} once each has {} visits (check every {})",
+                analysis.canary,
+                analysis.stable,
+                secs(*duration),
+                rules.alpha,
+                rules.min_samples,
+                secs(analysis.interval)
+            ),
             other => match other.instance() {
                 Some(i) => write!(f, "{} {i}", other.kind()),
                 None => write!(f, "{}", other.kind()),
@@ -786,6 +843,38 @@ impl Plan {
     pub fn with_leave_stopped(mut self, ids: Vec<InstanceId>) -> Self {
         self.leave_stopped = ids;
         self
+    }
+
+    /// Checks every [`Step::ApplyPolicy`] of the plan, in its stages and
+    /// its abort steps, against what a load balancer named `driver` can do
+    /// ([`Capabilities::check`]): a plan asking for routing the driver
+    /// cannot apply is refused before anything is touched, rather than
+    /// failing (and rolling back) at the stage that asks.
+    ///
+    /// # Errors
+    /// [`Error::Routing`](crate::Error::Routing) naming the first stage
+    /// (`on abort` for an abort step) and the [`RoutingError`](crate::routing::RoutingError): the
+    /// capability missing with the driver and the alternative, or the
+    /// field of a malformed policy.
+    pub fn check_routing(&self, driver: &str, caps: &Capabilities) -> crate::Result<()> {
+        let staged = self.stages.iter().flat_map(|stage| {
+            stage
+                .units
+                .iter()
+                .flat_map(|u| &u.steps)
+                .map(move |step| (stage.name.as_str(), step))
+        });
+        let aborting = self.on_abort.iter().map(|a| ("on abort", &a.step));
+        for (stage, step) in staged.chain(aborting) {
+            if let Step::ApplyPolicy { policy } = step {
+                caps.check(driver, policy)
+                    .map_err(|source| crate::Error::Routing {
+                        stage: stage.to_string(),
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     /// Every instance the plan touches, in order of first appearance.

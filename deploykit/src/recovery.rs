@@ -342,7 +342,13 @@ pub fn rollback(
                 &root.header.release,
             )))
         }
-        StrategyKind::Canary => {
+        // The routed strategies are canary-shaped with the canary's groups;
+        // sending all traffic to stable also ends their rules and mirrors.
+        StrategyKind::Canary
+        | StrategyKind::Ramped
+        | StrategyKind::Shadow
+        | StrategyKind::DarkLaunch
+        | StrategyKind::Experiment => {
             let mut plan = return_to(
                 fleet,
                 targets,

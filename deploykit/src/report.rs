@@ -79,8 +79,25 @@ pub struct InstanceReport {
     pub error: Option<String>,
 }
 
+/// The check that decided one canary stage: the last one the stage ran
+/// (for a stage that failed, the failing one), with the statistical
+/// judges' evidence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageCheck {
+    /// The canary stage, 1-based.
+    pub stage: usize,
+    /// The canary's share of traffic, percent.
+    pub weight: u8,
+    /// The check's result.
+    pub result: crate::analysis::CheckOutcome,
+    /// The statistic, interval and effect of each statistical judge that
+    /// ran (none with the threshold rules alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<crate::analysis::Evidence>,
+}
+
 /// The result of a deployment: the outcome, a line per instance, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// The deployment's id.
     pub deployment: String,
@@ -97,6 +114,10 @@ pub struct Report {
     /// Total duration (on the `tokio` clock).
     #[serde(with = "crate::duration_ms")]
     pub duration: Duration,
+    /// The check that decided each canary stage analysed, in stage order
+    /// (none for other strategies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<StageCheck>,
 }
 
 impl Report {
@@ -176,6 +197,12 @@ impl fmt::Display for Report {
                 write!(f, " ({e})")?;
             }
             writeln!(f)?;
+        }
+        for c in &self.checks {
+            writeln!(f, "  canary stage {} ({}%): {}", c.stage, c.weight, c.result)?;
+            for e in &c.evidence {
+                writeln!(f, "    {e}")?;
+            }
         }
         Ok(())
     }

@@ -674,6 +674,67 @@ impl TrafficPolicy {
     }
 }
 
+impl fmt::Display for ValueMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ValueMatch::Exact(v) => write!(f, "= {v}"),
+            ValueMatch::Prefix(v) => write!(f, "starts with {v}"),
+            ValueMatch::Regex(v) => write!(f, "~ {v}"),
+        }
+    }
+}
+
+impl fmt::Display for Match {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self {
+            Match::Header { .. } => "header",
+            Match::Cookie { .. } => "cookie",
+            Match::Query { .. } => "query",
+        };
+        write!(f, "{what} {} {}", self.name(), self.value())
+    }
+}
+
+impl fmt::Display for Sticky {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Sticky::Cookie { name } => write!(f, "sticky by cookie {name} it sets"),
+            Sticky::Key(RequestKey::Header(h)) => write!(f, "sticky by header {h}"),
+            Sticky::Key(RequestKey::Cookie(c)) => write!(f, "sticky by cookie {c}"),
+            Sticky::Key(RequestKey::Query(q)) => write!(f, "sticky by query {q}"),
+            Sticky::Key(RequestKey::ClientAddress) => f.write_str("sticky by client address"),
+        }
+    }
+}
+
+/// One line for plans and logs: `header x-canary = always -> canary; split
+/// stable=90% canary=10% (sticky by cookie dk_user it sets); mirror 25% of
+/// GET,HEAD to shadow`.
+impl fmt::Display for TrafficPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for r in &self.rules {
+            write!(f, "{} -> {}; ", r.matches, r.group)?;
+        }
+        f.write_str("split")?;
+        for w in &self.split.weights {
+            write!(f, " {}={}%", w.group, w.percent)?;
+        }
+        if let Some(s) = &self.split.sticky {
+            write!(f, " ({s})")?;
+        }
+        if let Some(m) = &self.mirror {
+            write!(
+                f,
+                "; mirror {}% of {} to {}",
+                m.percent,
+                m.methods.join(","),
+                m.to
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// One thing a load balancer may be able to do with traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

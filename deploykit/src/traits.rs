@@ -22,6 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::chaos::ProcessSignal;
 use crate::error::{DriverError, Result};
 use crate::names::{Address, Group, InstanceId, ReleaseId};
 use crate::plan::{FleetSnapshot, Plan};
@@ -168,6 +169,24 @@ pub trait Instance: Send + Sync + Debug {
     async fn set_marker(&self, marker: Option<&str>) -> Result<(), DriverError> {
         let _ = marker;
         Ok(())
+    }
+
+    /// Sends `signal` to the application's process: a process fault of a
+    /// chaos drill ([`crate::chaos`]). The default cannot: it fails,
+    /// naming the instance.
+    ///
+    /// * Idempotent: yes for [`ProcessSignal::Kill`] and
+    ///   [`ProcessSignal::Cont`] (a process that does not run needs
+    ///   neither); [`ProcessSignal::Stop`] of a process that does not run
+    ///   fails.
+    /// * Cancel-safe: yes; the signal may or may not have been sent.
+    /// * On failure: the signal was not delivered; the process runs (or
+    ///   not) as before.
+    async fn signal(&self, signal: ProcessSignal) -> Result<(), DriverError> {
+        Err(DriverError::new(format!(
+            "{} cannot be sent {signal}: its driver does not signal processes",
+            self.backend().id
+        )))
     }
 }
 
@@ -416,6 +435,29 @@ pub trait MetricsSource: Send + Sync + Debug {
     ) -> crate::judge::Measured<crate::judge::Distribution> {
         let _ = (group, window);
         crate::judge::Measured::NoData
+    }
+
+    /// Reads the visits and conversions of `group` over the trailing
+    /// `window`: the business metric an A/B experiment
+    /// ([`Experiment`](crate::Experiment)) decides on.
+    ///
+    /// The default has no such query and answers
+    /// [`Measured::ProviderError`](crate::judge::Measured) saying so, so an
+    /// experiment on it decides nothing and ends without a winner.
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed; the failure is a
+    ///   [`Measured::ProviderError`](crate::judge::Measured).
+    async fn observe_tally(
+        &self,
+        group: &Group,
+        window: Duration,
+    ) -> crate::judge::Measured<crate::experiment::Tally> {
+        let _ = (group, window);
+        crate::judge::Measured::ProviderError(
+            "this metrics source has no visit and conversion queries".into(),
+        )
     }
 }
 

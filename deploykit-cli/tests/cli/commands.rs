@@ -773,3 +773,45 @@ fn a_release_changed_after_it_was_deployed_is_refused_not_silently_skipped() {
     std::fs::write(env.path().join("builds/v1/VERSION"), "v1").unwrap();
     env.ok(&["-q", "deploy", "v1"], 0);
 }
+
+#[test]
+fn a_ramped_deployment_plans_its_curve_and_climbs_it() {
+    let prom = crate::util::answering(
+        r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1700000000,"0.001"]}]}}"#,
+    );
+    let cfg = format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18391\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18392\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\n\n\
+        [strategy]\nkind = \"ramped\"\n\n\
+        [strategy.canary]\ncheck_interval = \"100ms\"\nhealth_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [strategy.ramped]\nfrom = 20\nto = 100\nduration = \"400ms\"\nstep_interval = \"100ms\"\n\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n"
+    );
+    let env = Env::new(&cfg);
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let plan = env.ok(&["plan", "v2"], 0);
+    for stage in [
+        "ramp 20% (1/5)",
+        "ramp 40% (2/5)",
+        "ramp 60% (3/5)",
+        "ramp 80% (4/5)",
+        "ramp 100% (5/5)",
+    ] {
+        assert!(plan.contains(stage), "{stage} missing from:\n{plan}");
+    }
+    env.ok(&["deploy", "v2"], 0);
+    assert_eq!(env.sim("stable-1")["release"], "v2");
+    assert_eq!(env.sim("canary-1")["running"], false, "the canary ends stopped");
+    let journal = env.newest_journal();
+    let weights: Vec<u64> = journal
+        .iter()
+        .filter(|r| r["event"] == "analysis_result")
+        .filter_map(|r| r["weight"].as_u64())
+        .collect();
+    assert!(
+        weights.windows(2).all(|w| w[0] <= w[1]) && weights.contains(&60),
+        "{weights:?}"
+    );
+}

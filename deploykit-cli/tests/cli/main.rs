@@ -4,6 +4,7 @@
 //! killed after journal records, then resumed or rolled back).
 
 mod canary_flag;
+mod chaos;
 mod commands;
 mod config;
 mod crash;

@@ -344,3 +344,86 @@ fn refused_and_read_only_commands_create_no_state() {
     env.ok(&["deploy", "v1"], 0);
     assert!(state.join("shop").join("journal").is_dir());
 }
+
+/// Two stable instances and a canary behind the simulated balancer (weights
+/// and switches only), healthy metrics, and `strategy` as the kind.
+fn routed(strategy: &str, section: &str) -> String {
+    let prom = crate::util::answering(
+        r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1700000000,"0.001"]}]}}"#,
+    );
+    format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18591\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"stable-2\"\naddress = \"127.0.0.1:18592\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18593\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\n\n\
+        [strategy]\nkind = \"{strategy}\"\n\n\
+        [strategy.canary]\nstages = [50, 100]\nstage_duration = \"200ms\"\ncheck_interval = \"100ms\"\n\
+        health_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n{section}\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n"
+    )
+}
+
+#[test]
+fn a_strategy_the_balancer_cannot_route_is_refused_at_plan_and_deploy_naming_the_alternative() {
+    for (strategy, section, parts) in [
+        (
+            "shadow",
+            "[strategy.shadow]\npercent = 20\nduration = \"1s\"\n",
+            &[
+                "stage 'shadow 20% of GET,HEAD to canary'",
+                "the simulated load balancer cannot mirror requests to a shadow group",
+                "use the nginx driver",
+                "nothing was touched",
+            ][..],
+        ),
+        (
+            "dark-launch",
+            "[strategy.dark-launch]\nrules = [{ header = \"x-beta\", exact = \"1\", group = \"canary\" }]\n",
+            &[
+                "stage 'dark launch to header x-beta = 1 only'",
+                "the simulated load balancer cannot route by request header",
+                "use the nginx or HAProxy driver",
+            ][..],
+        ),
+    ] {
+        let env = Env::new(&routed(strategy, section));
+        env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+        let journals = env.journal_count();
+        for command in ["plan", "deploy"] {
+            let (code, out, err) = env.run(&[command, "v2"]);
+            assert_eq!(code, 2, "{command} {strategy}\nstdout: {out}\nstderr: {err}");
+            assert_has(&err, parts);
+        }
+        for id in ["stable-1", "stable-2", "canary-1"] {
+            assert_eq!(env.sim(id)["release"], "v1", "{id} was touched");
+            assert_eq!(env.sim(id)["running"], true, "{id} was stopped");
+        }
+        assert_eq!(
+            env.journal_count(),
+            journals,
+            "a refused deployment left a journal"
+        );
+    }
+}
+
+#[test]
+fn routed_strategy_sections_name_the_key_at_fault() {
+    for (strategy, section, key) in [
+        ("ramped", "[strategy.ramped]\nfrom = 0\n", "strategy.ramped.from"),
+        (
+            "ramped",
+            "[strategy.ramped]\nduration = \"1s\"\nstep_interval = \"50ms\"\n",
+            "strategy.ramped.step_interval",
+        ),
+        (
+            "shadow",
+            "[strategy.shadow]\nmethods = [\"GET\", \"POST\"]\n",
+            "strategy.shadow.methods",
+        ),
+        ("dark-launch", "", "strategy.dark-launch.rules"),
+    ] {
+        let err = rejects(&routed(strategy, section));
+        assert_has(&err, &[key]);
+    }
+}

@@ -16,6 +16,7 @@ mod load;
 mod local;
 mod nginx;
 mod prometheus;
+mod routed;
 mod routing;
 mod ssh;
 mod sshd;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deploykit::analysis::CheckOutcome;
+use deploykit::chaos::{verdicts, ChaosSpec, Expect};
 use deploykit::instance::{LocalInstance, ProcessSpec, ReleaseSource};
 use deploykit::metrics::prometheus::Prometheus;
 use deploykit::{
@@ -192,6 +193,11 @@ enum Lb {
 /// scraped by real Prometheus, under load; a canary deployment of v2 whose
 /// canary process runs with `canary_args`.
 async fn canary_run(kind: Lb, canary_args: &[&str]) -> Option<Run> {
+    canary_run_with(kind, canary_args, Vec::new()).await
+}
+
+/// [`canary_run`] with `chaos` entries on the canary.
+async fn canary_run_with(kind: Lb, canary_args: &[&str], chaos: Vec<ChaosSpec>) -> Option<Run> {
     let prom_bin = crate::harness::find_binary("prometheus")?;
     let lb_bin = crate::harness::find_binary(match kind {
         Lb::Nginx => "nginx",
@@ -292,6 +298,7 @@ async fn canary_run(kind: Lb, canary_args: &[&str]) -> Option<Run> {
         drain_timeout: Duration::from_secs(5),
         ..Canary::default()
     };
+    canary.chaos = chaos;
     canary.analysis.window = Duration::from_secs(10);
     // Checks every second: a freshly started canary needs two scrapes before
     // rate() answers, so allow a few more inconclusive checks in a row.
@@ -602,4 +609,53 @@ async fn monitoring_before_deploy_asks_real_prometheus_and_names_a_query_that_ma
         "{msg}"
     );
     assert_eq!(e.gaps.len(), 1, "only the typo: {msg}");
+}
+
+/// A chaos entry through real processes: SIGKILL of the canary's demo app at
+/// the start of stage 1. Its metrics stop (Prometheus cannot scrape it),
+/// the analysis has no data, and the deployment rolls back within the
+/// budget; the verdict passes. The same run read against `expect =
+/// "continue"` fails, saying why.
+#[tokio::test]
+async fn a_killed_canary_process_rolls_back_within_budget_and_the_drill_passes() {
+    let kill: ChaosSpec = serde_json::from_value(serde_json::json!({
+        "stage": 1, "kind": "kill", "expect": "rollback", "within": "30s",
+    }))
+    .unwrap();
+    let Some(run) = canary_run_with(Lb::Nginx, &[], vec![kill.clone()]).await else {
+        return;
+    };
+    let r = &run.report;
+    assert_eq!(r.outcome, OutcomeKind::RolledBack, "{r}\n{}", dump(&run.log));
+    let events = run.log.events();
+    let v = verdicts(std::slice::from_ref(&kill), &events);
+    assert!(v[0].passed, "{}\n{}", v[0], dump(&run.log));
+    assert_eq!(v[0].instances, vec![deploykit::InstanceId::new("i-3").unwrap()]);
+    let injected = v[0].injected_at_ms.expect("injected");
+    let done = v[0].rolled_back_at_ms.expect("rolled back");
+    assert!(done - injected <= 30_000, "{}", v[0]);
+    // Stable serves v1 alone afterwards; the canary is back on v1, stopped.
+    assert_eq!(run.after.get("v1"), Some(&100), "{:?}", run.after);
+    assert_eq!(r.instances[2].status, deploykit::InstanceStatus::Idle);
+    assert_eq!(r.instances[2].release, Some(ReleaseId::new("v1").unwrap()));
+    // Read as a drill that expected the deployment to carry on, the same
+    // events fail it.
+    let carry_on = ChaosSpec {
+        expect: Expect::Continue,
+        within: None,
+        ..kill
+    };
+    let v = verdicts(&[carry_on], &events);
+    assert!(!v[0].passed);
+    assert!(
+        v[0].explanation
+            .contains("rolled back, but was expected to carry on"),
+        "{}",
+        v[0]
+    );
+    eprintln!(
+        "killed canary: rolled back {:.1}s after the SIGKILL ({:.1}s in all)",
+        (done - injected) as f64 / 1000.0,
+        run.took.as_secs_f64()
+    );
 }

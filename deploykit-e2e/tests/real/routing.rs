@@ -24,12 +24,12 @@ fn stable_only() -> Vec<GroupWeight> {
 }
 
 /// `DIR/location.conf`: the location include deploykit owns.
-fn location_file(dir: &Path) -> std::path::PathBuf {
+pub(crate) fn location_file(dir: &Path) -> std::path::PathBuf {
     dir.join("location.conf")
 }
 
 /// nginx.conf with the location include in place of `proxy_pass`.
-fn write_routing_config(dir: &Path, port: u16) {
+pub(crate) fn write_routing_config(dir: &Path, port: u16) {
     let d = dir.display();
     let conf = format!(
         r#"worker_processes 1;

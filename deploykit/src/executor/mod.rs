@@ -27,6 +27,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 
+use crate::chaos::FaultInjector;
 use crate::error::{DriverError, Error, PreflightFailure, Result};
 use crate::event::EventSink;
 use crate::flags::FlagSwitch;
@@ -122,6 +123,7 @@ pub struct ExecutorBuilder {
     promotion: Option<PromotionHandle>,
     gates: Option<Arc<dyn GateRunner>>,
     flags: Option<Arc<dyn FlagSwitch>>,
+    faults: Option<Arc<dyn FaultInjector>>,
 }
 
 impl std::fmt::Debug for ExecutorBuilder {
@@ -206,6 +208,14 @@ impl ExecutorBuilder {
         self
     }
 
+    /// What injects the network faults of a canary's chaos entries
+    /// (required by plans with such faults; process faults go to
+    /// [`Instance::signal`]).
+    pub fn fault_injector(mut self, faults: Arc<dyn FaultInjector>) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
     /// Where [`Step::RecordSwitching`] and [`Step::RecordLive`] record the
     /// live blue-green environment (required by plans with those steps).
     pub fn live_store(mut self, store: Arc<dyn LiveStore>) -> Self {
@@ -286,6 +296,7 @@ impl ExecutorBuilder {
                 promotion: self.promotion,
                 gates: self.gates,
                 flags: self.flags,
+                faults: self.faults,
             }),
         })
     }
@@ -321,6 +332,7 @@ pub(crate) struct Inner {
     pub(crate) promotion: Option<PromotionHandle>,
     pub(crate) gates: Option<Arc<dyn GateRunner>>,
     pub(crate) flags: Option<Arc<dyn FlagSwitch>>,
+    pub(crate) faults: Option<Arc<dyn FaultInjector>>,
 }
 
 impl Executor {
@@ -422,6 +434,8 @@ impl Executor {
     ///   rollback batch of 0; (`live_store`, `metrics`, `promotion`,
     ///   `smoke_tester`, `gate_runner`) when the plan needs one and the
     ///   executor has none.
+    /// * [`Error::Routing`] when a step applies a routing policy the load
+    ///   balancer cannot ([`Plan::check_routing`]).
     /// * [`Error::Inconsistent`] when it switches away from an environment
     ///   that the record or the load balancer says is not live.
     /// * [`Error::Refused`] when the plan touches the load balancer and its
@@ -445,6 +459,7 @@ impl Executor {
         steps::canary::check(&self.inner, plan)?;
         steps::gate::check(&self.inner, plan)?;
         steps::flag::check(&self.inner, plan)?;
+        steps::traffic::check_routing(&self.inner, plan)?;
         // Only a deployment checks its monitoring; a rollback or recovery
         // must not be held back by a metrics outage.
         if call_preflight && preflight == Preflight::Enforce {

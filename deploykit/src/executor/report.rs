@@ -94,6 +94,7 @@ pub(crate) fn report(
         reason,
         instances,
         duration,
+        checks: Vec::new(),
     }
 }
 

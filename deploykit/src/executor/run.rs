@@ -40,6 +40,8 @@ struct RunState {
     failed: usize,
     /// The warning that restores go on without a durable record was given.
     journal_warned: bool,
+    /// The last analysis check of each canary stage, in stage order.
+    checks: Vec<crate::report::StageCheck>,
 }
 
 pub(super) struct Run<'a> {
@@ -118,6 +120,26 @@ impl<'a> Run<'a> {
             }
             EventKind::Warning { instance, message } => {
                 tracing::warn!(deployment = %self.id, instance = ?instance, message, "warning")
+            }
+            EventKind::AnalysisResult {
+                stage,
+                weight,
+                result,
+                evidence,
+                ..
+            } => {
+                tracing::debug!(deployment = %self.id, stage, %result, "analysis");
+                let check = crate::report::StageCheck {
+                    stage: *stage,
+                    weight: *weight,
+                    result: result.clone(),
+                    evidence: evidence.clone(),
+                };
+                let checks = &mut self.lock().checks;
+                match checks.iter_mut().find(|c| c.stage == *stage) {
+                    Some(c) => *c = check,
+                    None => checks.push(check),
+                }
             }
             other => tracing::debug!(deployment = %self.id, event = ?other),
         }
@@ -443,9 +465,13 @@ impl<'a> Run<'a> {
     }
 
     fn finish(&self, abort: Option<String>) -> Report {
-        let (tracked, undo_failed) = {
+        let (tracked, undo_failed, checks) = {
             let state = self.lock();
-            (state.tracked.clone(), state.undo_failed.clone())
+            (
+                state.tracked.clone(),
+                state.undo_failed.clone(),
+                state.checks.clone(),
+            )
         };
         let fleet: Vec<InstanceId> = self
             .inner
@@ -462,6 +488,7 @@ impl<'a> Run<'a> {
             self.id.clone(),
             self.started.elapsed(),
         );
+        let report = Report { checks, ..report };
         self.emit(EventKind::DeploymentFinished {
             outcome: report.outcome,
             succeeded: report.succeeded().len(),
@@ -573,7 +600,7 @@ impl<'a> Run<'a> {
             run: &self.id,
         };
         match step {
-            Step::Analyze { .. } | Step::AwaitPromotion { .. } => {
+            Step::Analyze { .. } | Step::AwaitPromotion { .. } | Step::Experiment { .. } => {
                 steps::canary::run(&ctx, &self.canary, step).await
             }
             Step::RecordSwitching { .. } | Step::RecordLive { .. } => {
@@ -581,9 +608,11 @@ impl<'a> Run<'a> {
             }
             Step::Gate { .. } => steps::gate::run(&ctx, step).await,
             Step::FlagShare { .. } | Step::FlagKill { .. } => steps::flag::run(&ctx, step).await,
-            Step::Pause { .. } | Step::SetWeights { .. } | Step::SwitchTo { .. } | Step::WarmUp { .. } => {
-                steps::traffic::run(&ctx, step).await
-            }
+            Step::Pause { .. }
+            | Step::SetWeights { .. }
+            | Step::SwitchTo { .. }
+            | Step::ApplyPolicy { .. }
+            | Step::WarmUp { .. } => steps::traffic::run(&ctx, step).await,
             _ => steps::instance::run(&ctx, step).await,
         }
     }

@@ -426,6 +426,19 @@ impl<H: Host> Instance for HostInstance<H> {
             .map_err(|e| self.named(e))
     }
 
+    /// Process: `signal` to the recorded process's group; systemd:
+    /// `systemctl kill -s <signal>`.
+    ///
+    /// * Idempotent: yes for KILL and CONT (a process that does not run
+    ///   succeeds); STOP of a process that does not run fails.
+    /// * Cancel-safe: yes. On failure: nothing was signalled.
+    async fn signal(&self, signal: crate::chaos::ProcessSignal) -> Result<(), DriverError> {
+        self.controller()
+            .signal(&self.service, signal)
+            .await
+            .map_err(|e| self.named(e))
+    }
+
     /// Uploads the release into a staging directory (unless
     /// `releases/<id>` already exists), verifies it, links the shared
     /// paths, renames it to `releases/<id>`, then swaps `current`
@@ -627,6 +640,63 @@ mod tests {
         assert!(cwd.ends_with("releases/v1"), "{}", cwd.display());
         inst.force_stop().await.unwrap();
         assert!(!inst.is_running().await.unwrap());
+    }
+
+    /// A process fault: SIGSTOP freezes the recorded process (still
+    /// running, state T), SIGCONT resumes it, SIGKILL ends it; killing or
+    /// continuing a process that is gone succeeds.
+    #[tokio::test]
+    async fn signal_stops_continues_and_kills_the_recorded_process() {
+        use crate::chaos::ProcessSignal;
+        let tmp = tempfile::tempdir().unwrap();
+        let builds = tmp.path().join("builds");
+        std::fs::create_dir_all(builds.join("v1")).unwrap();
+        let app = ProcessSpec::new(["sh", "-c", "while :; do sleep 0.01; done"]).unwrap();
+        let inst = LocalInstance::builder("web-1", "127.0.0.1:9")
+            .root(tmp.path().join("app").to_str().unwrap())
+            .source(ReleaseSource::directory(&builds))
+            .process(app)
+            .health(HealthProbe::ServiceActive)
+            .build()
+            .unwrap();
+        inst.install(&ReleaseId::new("v1").unwrap()).await.unwrap();
+        inst.start().await.unwrap();
+        let pid = std::fs::read_to_string(tmp.path().join("app/app.pid")).unwrap();
+        let pid = pid.split_whitespace().next().unwrap().to_owned();
+        let state = || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next())
+        };
+        // A signal is delivered asynchronously: wait (bounded) for its effect.
+        let settles = |want_stopped: bool| async move {
+            let end = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while (state() == Some('T')) != want_stopped {
+                assert!(
+                    tokio::time::Instant::now() < end,
+                    "state {:?}, want stopped {want_stopped}",
+                    state()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        inst.signal(ProcessSignal::Stop).await.unwrap();
+        settles(true).await;
+        assert!(inst.is_running().await.unwrap(), "a stopped process still runs");
+        inst.signal(ProcessSignal::Cont).await.unwrap();
+        settles(false).await;
+        inst.signal(ProcessSignal::Kill).await.unwrap();
+        let end = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while inst.is_running().await.unwrap() {
+            assert!(tokio::time::Instant::now() < end, "SIGKILL left {pid} running");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        inst.signal(ProcessSignal::Kill).await.unwrap();
+        inst.signal(ProcessSignal::Cont).await.unwrap();
+        let e = inst.signal(ProcessSignal::Stop).await.unwrap_err();
+        assert!(
+            e.to_string().contains("SIGSTOP") && e.to_string().contains("not running"),
+            "{e}"
+        );
     }
 
     /// Processes whose command line holds `token`, alive and not zombies.

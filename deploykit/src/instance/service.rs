@@ -107,6 +107,11 @@ impl SystemdUnit {
         self.systemctl(&["kill", "-s", "KILL"])
     }
 
+    /// `systemctl kill -s <signal> -- <unit>`.
+    pub fn signal_command(&self, signal: crate::chaos::ProcessSignal) -> Command {
+        self.systemctl(&["kill", "-s", signal.name()])
+    }
+
     /// `systemctl is-active -- <unit>` (exit 0 when active).
     pub fn is_active_command(&self) -> Command {
         self.systemctl(&["is-active"])
@@ -339,6 +344,17 @@ done
 rm -f -- "$pidfile""#
 );
 
+/// Pid file `$1`, signal `$2`: sends the signal to the recorded process
+/// (its group, else itself); exits 3 when no recorded process runs.
+const SIGNAL: &str = concat!(
+    r#"set -f
+pidfile=$1; sig=$2
+"#,
+    running_fn!(),
+    r#"running || exit 3
+kill -s "$sig" -- "-$pid" 2>/dev/null || kill -s "$sig" "$pid""#
+);
+
 /// The longest one remote wait for an exit holds the host's session (other
 /// instances on that host wait for it), and well under any SSH timeout.
 const WAIT_CHUNK: Duration = Duration::from_millis(500);
@@ -398,6 +414,40 @@ impl Controller<'_> {
                     return Err(DriverError::new(
                         out.describe_failure(&self.ctx("stopping the process")),
                     ))
+                }
+            }
+        }
+    }
+
+    /// Sends `signal` to the application. Killing or continuing a process
+    /// that does not run succeeds (there is nothing left to do); stopping
+    /// one fails, naming it.
+    pub(crate) async fn signal(
+        &self,
+        control: &ServiceControl,
+        signal: crate::chaos::ProcessSignal,
+    ) -> Result<(), DriverError> {
+        let what = format!("sending {signal}");
+        match control {
+            ServiceControl::Systemd(unit) => {
+                self.host
+                    .run(&unit.signal_command(signal))
+                    .await?
+                    .check(&self.ctx(&format!("{what} to {}", unit.unit())))?;
+                Ok(())
+            }
+            ServiceControl::Process(_) => {
+                let cmd = script(SIGNAL).args([self.pidfile(), signal.name().to_owned()]);
+                let out = self.host.run(&cmd).await?;
+                match (out.status, signal) {
+                    (Some(0), _) => Ok(()),
+                    (Some(3), crate::chaos::ProcessSignal::Kill | crate::chaos::ProcessSignal::Cont) => {
+                        Ok(())
+                    }
+                    (Some(3), crate::chaos::ProcessSignal::Stop) => Err(DriverError::new(
+                        self.ctx(&format!("{what}: the process is not running")),
+                    )),
+                    _ => Err(DriverError::new(out.describe_failure(&self.ctx(&what)))),
                 }
             }
         }

@@ -151,7 +151,7 @@ impl Default for BlueGreen {
 
 /// What a blue-green [`deploy`](BlueGreen::deploy) or
 /// [`rollback`](BlueGreen::rollback) did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlueGreenReport {
     /// The run that prepared and switched (or, for a rollback, switched
     /// back).

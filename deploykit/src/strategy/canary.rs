@@ -116,6 +116,9 @@ pub struct Canary {
     /// The variant of [`flag`](Self::flag) that stands for the new release.
     /// Default `on`.
     pub flag_variant: String,
+    /// Faults injected into the stages, each with the reaction expected
+    /// (see [`crate::chaos`]). Default none.
+    pub chaos: Vec<crate::chaos::ChaosSpec>,
 }
 
 impl Default for Canary {
@@ -134,6 +137,7 @@ impl Default for Canary {
             gates: Vec::new(),
             flag: None,
             flag_variant: "on".to_owned(),
+            chaos: Vec::new(),
         }
     }
 }
@@ -237,10 +241,33 @@ impl Canary {
                 ));
             }
         }
+        for (i, c) in self.chaos.iter().enumerate() {
+            c.validate(i, self.stages.len(), self.stage_duration)?;
+        }
         self.analysis.validate()
     }
 
-    fn weights(&self, canary: u8) -> Vec<GroupWeight> {
+    /// The chaos entries of stage `stage`, as the plan carries them.
+    fn chaos_steps(&self, stage: usize) -> Vec<crate::chaos::ChaosStep> {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.chaos
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.stage == stage)
+            .map(|(entry, c)| crate::chaos::ChaosStep {
+                entry,
+                fault: c.fault,
+                group: match c.target {
+                    crate::chaos::ChaosTarget::Canary => self.canary_group.clone(),
+                    crate::chaos::ChaosTarget::Stable => self.stable_group.clone(),
+                },
+                after_ms: ms(c.after),
+                duration_ms: c.duration.map(ms),
+            })
+            .collect()
+    }
+
+    pub(super) fn weights(&self, canary: u8) -> Vec<GroupWeight> {
         vec![
             GroupWeight {
                 group: self.stable_group.clone(),
@@ -280,6 +307,75 @@ impl Strategy for Canary {
 
     fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
         self.validate()?;
+        let of = self.stages.len();
+        self.shaped_plan(self.kind(), fleet, release, true, |analysis| {
+            self.stages
+                .iter()
+                .enumerate()
+                .map(|(k, w)| {
+                    let stage = k + 1;
+                    let mut steps = vec![Step::SetWeights {
+                        weights: self.weights(*w),
+                    }];
+                    if let Some(flag) = &self.flag {
+                        steps.push(Step::FlagShare {
+                            flag: flag.clone(),
+                            variant: self.flag_variant.clone(),
+                            percent: *w,
+                        });
+                    }
+                    steps.push(Step::Analyze {
+                        stage,
+                        of,
+                        weight: *w,
+                        duration: self.stage_duration,
+                        analysis: analysis.clone(),
+                        chaos: self.chaos_steps(stage),
+                    });
+                    if let Promotion::Manual { timeout } = self.promotion {
+                        if stage < of {
+                            steps.push(Step::AwaitPromotion {
+                                stage,
+                                weight: *w,
+                                timeout_ms: timeout_ms(timeout),
+                                analysis: analysis.clone(),
+                            });
+                        }
+                    }
+                    Stage {
+                        name: format!("canary {w}% ({stage}/{of})"),
+                        units: vec![Unit {
+                            instance: None,
+                            steps,
+                        }],
+                    }
+                })
+                .collect()
+        })
+    }
+}
+
+/// A manual promotion's timeout as a plan holds it.
+pub(super) fn timeout_ms(timeout: Option<Duration>) -> Option<u64> {
+    timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Canary {
+    /// The plan every canary-shaped strategy shares, around its traffic
+    /// `phases` (given the analysis of canary against stable): all traffic
+    /// to stable, the canary instances replaced, the gates, the phases, then
+    /// — when `promote` — the stable release backed up and the stable
+    /// instances moved in batches; at the end all traffic back to stable
+    /// (which also ends any rule or mirror) and the canary instances
+    /// stopped. An abort sends all traffic to stable first.
+    pub(super) fn shaped_plan(
+        &self,
+        kind: crate::StrategyKind,
+        fleet: &FleetSnapshot,
+        release: &ReleaseId,
+        promote: bool,
+        phases: impl FnOnce(&Analysis) -> Vec<Stage>,
+    ) -> Result<Plan> {
         check_fleet(fleet)?;
         for i in &fleet.instances {
             let g = &i.backend.group;
@@ -313,7 +409,7 @@ impl Strategy for Canary {
         let (skipped, todo): (Vec<&InstanceSnapshot>, Vec<&InstanceSnapshot>) =
             stable.iter().partition(|i| i.release.as_ref() == Some(release));
         let skipped: Vec<InstanceId> = skipped.iter().map(|i| i.backend.id.clone()).collect();
-        let mut plan = Plan::new(self.kind(), release.clone(), previous_map(fleet), Vec::new())
+        let mut plan = Plan::new(kind, release.clone(), previous_map(fleet), Vec::new())
             .with_policy(FailurePolicy::AbortAll)
             .with_health(self.health)
             .with_drain_timeout(self.drain_timeout)
@@ -361,72 +457,31 @@ impl Strategy for Canary {
                 }],
             });
         }
-        let analysis = Analysis {
-            canary: self.canary_group.clone(),
-            stable: self.stable_group.clone(),
-            interval: self.check_interval,
-            rules: self.analysis.clone(),
-        };
-        let of = self.stages.len();
-        for (k, w) in self.stages.iter().enumerate() {
-            let stage = k + 1;
-            let mut steps = vec![Step::SetWeights {
-                weights: self.weights(*w),
-            }];
-            if let Some(flag) = &self.flag {
-                steps.push(Step::FlagShare {
-                    flag: flag.clone(),
-                    variant: self.flag_variant.clone(),
-                    percent: *w,
-                });
-            }
-            steps.extend([Step::Analyze {
-                stage,
-                of,
-                weight: *w,
-                duration: self.stage_duration,
-                analysis: analysis.clone(),
-            }]);
-            if let Promotion::Manual { timeout } = self.promotion {
-                if stage < of {
-                    steps.push(Step::AwaitPromotion {
-                        stage,
-                        weight: *w,
-                        timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-                        analysis: analysis.clone(),
-                    });
-                }
-            }
+        stages.extend(phases(&self.analysis_of()));
+        if promote {
             stages.push(Stage {
-                name: format!("canary {w}% ({stage}/{of})"),
+                name: "back up stable".into(),
                 units: vec![Unit {
                     instance: None,
-                    steps,
+                    steps: vec![Step::BackupRelease {
+                        group: self.stable_group.clone(),
+                    }],
                 }],
             });
-        }
-        stages.push(Stage {
-            name: "back up stable".into(),
-            units: vec![Unit {
-                instance: None,
-                steps: vec![Step::BackupRelease {
-                    group: self.stable_group.clone(),
-                }],
-            }],
-        });
-        let batches: Vec<_> = todo.chunks(self.finalize_batch).collect();
-        let n = batches.len();
-        for (b, chunk) in batches.into_iter().enumerate() {
-            stages.push(Stage {
-                name: format!("promote stable {}/{n}", b + 1),
-                units: chunk
-                    .iter()
-                    .map(|i| Unit {
-                        instance: Some(i.backend.id.clone()),
-                        steps: self.replace_steps(&i.backend.id, release),
-                    })
-                    .collect(),
-            });
+            let batches: Vec<_> = todo.chunks(self.finalize_batch).collect();
+            let n = batches.len();
+            for (b, chunk) in batches.into_iter().enumerate() {
+                stages.push(Stage {
+                    name: format!("promote stable {}/{n}", b + 1),
+                    units: chunk
+                        .iter()
+                        .map(|i| Unit {
+                            instance: Some(i.backend.id.clone()),
+                            steps: self.replace_steps(&i.backend.id, release),
+                        })
+                        .collect(),
+                });
+            }
         }
         stages.push(traffic("all traffic to stable", 0));
         stages.push(Stage {
@@ -450,6 +505,16 @@ impl Strategy for Canary {
                 .collect(),
         });
         Ok(plan)
+    }
+
+    /// The analysis of the canary group against the stable group.
+    pub(super) fn analysis_of(&self) -> Analysis {
+        Analysis {
+            canary: self.canary_group.clone(),
+            stable: self.stable_group.clone(),
+            interval: self.check_interval,
+            rules: self.analysis.clone(),
+        }
     }
 }
 

@@ -306,6 +306,8 @@ pub(crate) struct CanaryDoc {
     flag: Option<String>,
     #[serde(skip_serializing_if = "is_default_flag_variant")]
     flag_variant: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    chaos: Vec<crate::chaos::ChaosSpec>,
 }
 
 impl Default for CanaryDoc {
@@ -349,6 +351,7 @@ impl From<Canary> for CanaryDoc {
             drain_timeout: c.drain_timeout,
             flag: c.flag,
             flag_variant: c.flag_variant,
+            chaos: c.chaos,
         }
     }
 }
@@ -394,6 +397,7 @@ impl From<CanaryDoc> for Canary {
             gates: Vec::new(),
             flag: d.flag,
             flag_variant: d.flag_variant,
+            chaos: d.chaos,
         }
     }
 }

@@ -8,12 +8,21 @@
 //! * [`Recreate`] — stop all, install, start all: the baseline with downtime.
 //! * [`BlueGreen`] — prepare, smoke-test and warm up the idle environment,
 //!   switch all traffic at once, roll back instantly.
+//! * [`Ramped`] — a canary whose share rises along a linear or exponential
+//!   curve, a small step every interval, analysed all the way.
+//! * [`Shadow`] — the new release takes mirrored copies of requests only
+//!   (clients are answered by stable), judged by its own metrics.
+//! * [`DarkLaunch`] — the new release is reachable only through routing
+//!   rules (testers, a segment) until promoted, then widens like a canary.
+//! * [`Experiment`] — an A/B test: both releases side by side, sticky per
+//!   user, decided by conversions with an always-valid sequential test.
 
 mod blue_green;
 mod canary;
 mod file;
 mod recreate;
 mod rolling;
+mod routed;
 
 use std::fmt;
 use std::str::FromStr;
@@ -26,6 +35,7 @@ pub use canary::{Canary, Promotion};
 pub use file::config_key;
 pub use recreate::Recreate;
 pub use rolling::Rolling;
+pub use routed::{DarkLaunch, Experiment, RampCurve, Ramped, Shadow, ShadowThen};
 
 use crate::error::{Error, Result};
 use crate::names::ReleaseId;

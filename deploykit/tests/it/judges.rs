@@ -260,3 +260,80 @@ async fn monitoring_checks_what_the_selected_judges_read() {
     let (r, _) = try_deploy(metrics, &c).await;
     assert_eq!(r.expect("starts").outcome, OutcomeKind::RolledBack);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_report_keeps_the_deciding_check_and_its_evidence_per_stage() {
+    let metrics = base()
+        .script_counts("canary", counts(150.0, 8.0))
+        .script_counts("stable", counts(2850.0, 9.0));
+    let fleet = FakeFleet::with_groups(&[("stable", 4), ("canary", 1)]);
+    let exec = Executor::builder()
+        .instances(fleet.instances())
+        .load_balancer(Arc::new(fleet.load_balancer()))
+        .metrics(Arc::new(metrics))
+        .build()
+        .unwrap();
+    let c = canary(ErrorRateJudge::Sequential, LatencyJudge::Threshold);
+    let report = exec.deploy(&c, &ReleaseId::new("v2").unwrap()).await.unwrap();
+    assert_eq!(report.outcome, OutcomeKind::RolledBack);
+    assert_eq!(
+        report.checks.len(),
+        1,
+        "only stage 1 was analysed: {:?}",
+        report.checks
+    );
+    let check = &report.checks[0];
+    assert_eq!((check.stage, check.weight), (1, 10));
+    assert!(matches!(
+        check.result,
+        CheckOutcome::Fail {
+            metric: AnalysisMetric::ErrorRateSequential,
+            ..
+        }
+    ));
+    assert!(
+        matches!(check.evidence.first(), Some(Evidence::Sequential(s)) if s.rejected),
+        "{:?}",
+        check.evidence
+    );
+    // The final summary a person reads carries the statistic in words.
+    let text = report.to_string();
+    assert!(text.contains("  canary stage 1 (10%): "), "{text}");
+    assert!(
+        text.contains("    sequential error-rate test: canary 8 error(s) in 150 request(s) (5.33 %)"),
+        "{text}"
+    );
+    // And the JSON form keeps it typed.
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["checks"][0]["evidence"][0]["judge"], "sequential", "{json}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_promoted_canary_reports_the_last_check_of_every_stage() {
+    let metrics = base()
+        .script_counts("canary", counts(1000.0, 3.0))
+        .script_counts("stable", counts(9000.0, 27.0))
+        .script_latency("canary", latencies(0.1))
+        .script_latency("stable", latencies(0.1));
+    let fleet = FakeFleet::with_groups(&[("stable", 4), ("canary", 1)]);
+    let exec = Executor::builder()
+        .instances(fleet.instances())
+        .load_balancer(Arc::new(fleet.load_balancer()))
+        .metrics(Arc::new(metrics))
+        .build()
+        .unwrap();
+    let c = canary(ErrorRateJudge::Sequential, LatencyJudge::MannWhitney);
+    let report = exec.deploy(&c, &ReleaseId::new("v2").unwrap()).await.unwrap();
+    assert_eq!(report.outcome, OutcomeKind::Succeeded, "{:?}", report.reason);
+    let stages: Vec<(usize, u8)> = report.checks.iter().map(|c| (c.stage, c.weight)).collect();
+    assert_eq!(stages, vec![(1, 10), (2, 100)]);
+    for check in &report.checks {
+        assert_eq!(check.result, CheckOutcome::Pass);
+        assert_eq!(
+            check.evidence.len(),
+            3,
+            "sequential, Mann-Whitney and score: {:?}",
+            check.evidence
+        );
+    }
+}

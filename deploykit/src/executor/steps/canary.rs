@@ -2,16 +2,22 @@
 //! analyzer's state — inconclusive checks in a row, passes — lives here,
 //! carried across the stages of one run.
 
-use std::sync::Mutex;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::future::join_all;
 
 use super::{Outcome, StepCtx, StepOk};
 use crate::analysis::Analyzer;
-use crate::error::{Error, Result};
+use crate::chaos::{ChaosStep, Fault, ProcessSignal};
+use crate::error::{DriverError, Error, Result};
+use crate::event::EventKind;
 use crate::executor::error::{Failure, StepError};
 use crate::executor::Inner;
 use crate::gate::{GateCtx, GateError};
 use crate::plan::{Plan, Step};
+use crate::traits::Instance;
 
 /// What the canary gates of one run share.
 #[derive(Debug, Default)]
@@ -19,7 +25,7 @@ pub(in crate::executor) struct CanaryState {
     analyzer: Mutex<Analyzer>,
 }
 
-/// Runs [`Step::Analyze`] or [`Step::AwaitPromotion`].
+/// Runs [`Step::Analyze`], [`Step::AwaitPromotion`] or [`Step::Experiment`].
 pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, step: &Step) -> Outcome {
     let inner = ctx.inner;
     let Some(metrics) = &inner.metrics else {
@@ -39,7 +45,11 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
             weight,
             duration,
             analysis,
-        } => crate::gate::analyze(&gate, *stage, *of, *weight, *duration, analysis).await,
+            chaos,
+        } => {
+            let analyze = crate::gate::analyze(&gate, *stage, *of, *weight, *duration, analysis);
+            with_chaos(ctx, *stage, chaos, analyze).await
+        }
         Step::AwaitPromotion {
             stage,
             weight,
@@ -52,6 +62,11 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
             let timeout = timeout_ms.map(Duration::from_millis);
             crate::gate::await_promotion(&gate, handle, *stage, *weight, timeout, analysis).await
         }
+        Step::Experiment {
+            rules,
+            duration,
+            analysis,
+        } => crate::gate::experiment(&gate, rules, *duration, analysis).await,
         other => unreachable!("{} is not a canary step", other.kind()),
     };
     let r = match r {
@@ -62,6 +77,153 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
     (r, 1)
 }
 
+/// A fault being injected: its entry and the instances it hit.
+type Active<'a> = Vec<(&'a ChaosStep, Vec<Arc<dyn Instance>>)>;
+
+/// Runs a stage's analysis with its chaos entries injected beside it; what
+/// is still injected when the analysis ends (passed or failed) is cleared
+/// before the step returns, so no fault outlives its stage or reaches the
+/// rollback.
+async fn with_chaos(
+    ctx: &StepCtx<'_>,
+    stage: usize,
+    chaos: &[ChaosStep],
+    analyze: impl Future<Output = Result<(), GateError>>,
+) -> Result<(), GateError> {
+    if chaos.is_empty() {
+        return analyze.await;
+    }
+    let active: Mutex<Active<'_>> = Mutex::new(Vec::new());
+    let injections = async {
+        join_all(chaos.iter().map(|c| one_fault(ctx, stage, c, &active))).await;
+        std::future::pending::<()>().await;
+    };
+    let r = tokio::select! {
+        r = analyze => r,
+        () = injections => unreachable!("the injections end pending"),
+    };
+    let left = std::mem::take(&mut *active.lock().expect("chaos poisoned"));
+    for (c, targets) in left {
+        clear(ctx, c, &targets).await;
+    }
+    r
+}
+
+/// Waits for the entry's start, injects it, and clears it when its
+/// duration is over.
+async fn one_fault<'a>(ctx: &StepCtx<'_>, stage: usize, c: &'a ChaosStep, active: &Mutex<Active<'a>>) {
+    tokio::time::sleep(Duration::from_millis(c.after_ms)).await;
+    let targets: Vec<Arc<dyn Instance>> = ctx
+        .inner
+        .instances
+        .iter()
+        .filter(|i| i.backend().group == c.group)
+        .cloned()
+        .collect();
+    if targets.is_empty() {
+        (ctx.emit)(EventKind::ChaosFailed {
+            entry: c.entry,
+            message: format!("no instance is in group {} to inject {} into", c.group, c.fault),
+        });
+        return;
+    }
+    let mut hit = Vec::new();
+    for t in &targets {
+        if let Err(e) = apply(ctx, &c.fault, t.as_ref(), true).await {
+            (ctx.emit)(EventKind::ChaosFailed {
+                entry: c.entry,
+                message: format!("injecting {} into {}: {e}", c.fault, t.backend().id),
+            });
+            clear(ctx, c, &hit).await;
+            return;
+        }
+        hit.push(Arc::clone(t));
+    }
+    (ctx.emit)(EventKind::ChaosInjected {
+        entry: c.entry,
+        stage,
+        fault: c.fault,
+        instances: hit.iter().map(|i| i.backend().id.clone()).collect(),
+    });
+    active.lock().expect("chaos poisoned").push((c, hit));
+    let Some(d) = c.duration_ms else {
+        return;
+    };
+    tokio::time::sleep(Duration::from_millis(d)).await;
+    let mine = {
+        let mut a = active.lock().expect("chaos poisoned");
+        a.iter()
+            .position(|(x, _)| std::ptr::eq(*x, c))
+            .map(|k| a.remove(k))
+    };
+    if let Some((c, targets)) = mine {
+        clear(ctx, c, &targets).await;
+    }
+}
+
+/// Ends an entry's fault on its instances; a failure is reported as an
+/// event (and a warning) rather than failing the stage: the analysis
+/// judged the stage, and the operator must know a fault may linger.
+async fn clear(ctx: &StepCtx<'_>, c: &ChaosStep, targets: &[Arc<dyn Instance>]) {
+    let mut ok = true;
+    for t in targets {
+        if let Err(e) = apply(ctx, &c.fault, t.as_ref(), false).await {
+            ok = false;
+            let message = format!("clearing {} on {}: {e}", c.fault, t.backend().id);
+            (ctx.emit)(EventKind::Warning {
+                instance: Some(t.backend().id.clone()),
+                message: format!("chaos[{}]: {message}; the fault may still be active", c.entry),
+            });
+            (ctx.emit)(EventKind::ChaosFailed {
+                entry: c.entry,
+                message,
+            });
+        }
+    }
+    if ok {
+        (ctx.emit)(EventKind::ChaosCleared { entry: c.entry });
+    }
+}
+
+/// Starts (`on`) or ends one fault on one instance, bounded by the
+/// load-balancer timeout.
+async fn apply(
+    ctx: &StepCtx<'_>,
+    fault: &Fault,
+    instance: &dyn Instance,
+    on: bool,
+) -> Result<(), DriverError> {
+    let inner = ctx.inner;
+    let call = async {
+        match (fault, on) {
+            (Fault::Kill, true) => instance.signal(ProcessSignal::Kill).await,
+            // A killed process stays dead: the rollback restores it.
+            (Fault::Kill, false) => Ok(()),
+            (Fault::Pause, true) => instance.signal(ProcessSignal::Stop).await,
+            (Fault::Pause, false) => instance.signal(ProcessSignal::Cont).await,
+            (network, on) => {
+                let Some(faults) = &inner.faults else {
+                    return Err(DriverError::new(
+                        "the executor has no fault injector for network faults",
+                    ));
+                };
+                if on {
+                    faults.inject(instance.backend(), network).await
+                } else {
+                    faults.clear(instance.backend(), network).await
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(inner.timeouts.load_balancer, call).await {
+        Ok(r) => r,
+        Err(_) => Err(DriverError::transient(format!(
+            "no answer within {:.1}s",
+            inner.timeouts.load_balancer.as_secs_f64()
+        ))),
+    }
+}
+
 /// A plan with canary gates needs a metrics source, and one that waits for
 /// promotion a promotion handle.
 ///
@@ -69,12 +231,28 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
 /// [`Error::InvalidInput`] naming `metrics` or `promotion`.
 pub(in crate::executor) fn check(inner: &Inner, plan: &Plan) -> Result<()> {
     let steps = || plan.stages.iter().flat_map(|s| &s.units).flat_map(|u| &u.steps);
-    let analyses = steps().any(|s| matches!(s, Step::Analyze { .. } | Step::AwaitPromotion { .. }));
+    let analyses = steps().any(|s| {
+        matches!(
+            s,
+            Step::Analyze { .. } | Step::AwaitPromotion { .. } | Step::Experiment { .. }
+        )
+    });
     if analyses && inner.metrics.is_none() {
         return Err(Error::invalid(
             "metrics",
             "the plan analyses canary metrics but the executor has no metrics source; \
              set one with ExecutorBuilder::metrics (e.g. a Prometheus source)",
+        ));
+    }
+    let network_chaos = steps().any(|s| match s {
+        Step::Analyze { chaos, .. } => chaos.iter().any(|c| !c.fault.is_process_fault()),
+        _ => false,
+    });
+    if network_chaos && inner.faults.is_none() {
+        return Err(Error::invalid(
+            "fault_injector",
+            "the plan injects network faults (chaos) but the executor has no fault injector; \
+             set one with ExecutorBuilder::fault_injector (e.g. ProxyFaults over a FaultProxy per instance)",
         ));
     }
     let waits = steps().any(|s| matches!(s, Step::AwaitPromotion { .. }));
@@ -100,7 +278,9 @@ pub(in crate::executor) async fn monitoring(inner: &Inner, plan: &Plan) -> Resul
         .flat_map(|s| &s.units)
         .flat_map(|u| &u.steps)
         .find_map(|s| match s {
-            Step::Analyze { analysis, .. } | Step::AwaitPromotion { analysis, .. } => Some(analysis),
+            Step::Analyze { analysis, .. }
+            | Step::AwaitPromotion { analysis, .. }
+            | Step::Experiment { analysis, .. } => Some(analysis),
             _ => None,
         });
     let (Some(analysis), Some(metrics)) = (first, &inner.metrics) else {

@@ -1,4 +1,5 @@
-//! Steps on traffic as a whole: pauses, weights, switches, warm-up.
+//! Steps on traffic as a whole: pauses, weights, switches, routing
+//! policies, warm-up.
 
 use futures::StreamExt;
 
@@ -12,7 +13,7 @@ use crate::wait::sleep;
 /// Warm-up requests in flight at once.
 const WARM_UP_CONCURRENCY: usize = 8;
 
-/// Runs a pause, a weight change, a switch or a warm-up.
+/// Runs a pause, a weight change, a switch, a routing policy or a warm-up.
 pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, step: &Step) -> Outcome {
     let inner = ctx.inner;
     let lb = &inner.lb;
@@ -31,6 +32,11 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, step: &Step) -> Outcome 
         Step::SwitchTo { group } => done(
             inner
                 .call(inner.timeouts.load_balancer, || lb.switch_to(group))
+                .await,
+        ),
+        Step::ApplyPolicy { policy } => done(
+            inner
+                .call(inner.timeouts.load_balancer, || lb.apply_policy(policy))
                 .await,
         ),
         Step::WarmUp {
@@ -57,8 +63,18 @@ pub(in crate::executor) fn touches_lb(plan: &Plan) -> bool {
                     | Step::Enable { .. }
                     | Step::SetWeights { .. }
                     | Step::SwitchTo { .. }
+                    | Step::ApplyPolicy { .. }
             )
         })
+}
+
+/// Every routing policy of `plan` is one the load balancer can apply.
+///
+/// # Errors
+/// [`Error::Routing`](crate::Error::Routing), see
+/// [`Plan::check_routing`].
+pub(in crate::executor) fn check_routing(inner: &crate::executor::Inner, plan: &Plan) -> crate::Result<()> {
+    plan.check_routing(inner.lb.name(), &inner.lb.capabilities())
 }
 
 /// Sends `total` warm-up requests to the instances of `group`, spread

@@ -1,0 +1,113 @@
+//! `deploykit drill` and `[[strategy.canary.chaos]]` through the CLI on
+//! simulated instances: the verdicts, with their evidence, decide the exit
+//! code.
+
+use crate::util::Env;
+
+fn config(prom: &str, port: u16, chaos: &str) -> String {
+    format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:{port}\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:{}\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n\
+        [metrics]\nprometheus = \"{prom}\"\nerror_rate = \"errors{{track=\\\"{{group}}\\\"}}\"\n\
+        latency_p99 = \"latency{{track=\\\"{{group}}\\\"}}\"\nrequest_count = \"requests{{track=\\\"{{group}}\\\"}}\"\n\n\
+        [strategy]\nkind = \"canary\"\n\n\
+        [strategy.canary]\nstages = [20, 100]\nstage_duration = \"300ms\"\ncheck_interval = \"100ms\"\n\
+        health_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n{chaos}\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n",
+        port + 1
+    )
+}
+
+const KILL_EXPECT_ROLLBACK: &str =
+    "[[strategy.canary.chaos]]\nstage = 1\nkind = \"kill\"\nexpect = \"rollback\"\nwithin = \"30s\"\n";
+
+fn setup(prom: &str, port: u16, chaos: &str) -> Env {
+    let env = Env::new(&config(prom, port, chaos));
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    env
+}
+
+#[test]
+fn a_drill_whose_gate_rolls_back_in_time_passes_and_prints_the_evidence() {
+    // The canary errs at 5 % against stable's 0.1 %: the first check fails.
+    let prom = crate::util::prometheus(|r| match (r.contains("requests"), r.contains("canary")) {
+        (true, _) => 1000.0,
+        (false, true) if r.contains("errors") => 0.05,
+        _ => 0.001,
+    });
+    let env = setup(&prom, 18_331, KILL_EXPECT_ROLLBACK);
+    let (code, out, err) = env.run(&["drill", "v2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ROLLED BACK"), "{out}");
+    assert!(
+        out.contains(
+            "chaos[0] SIGKILL of the process on canary in stage 1, expect rollback: PASSED — rolled back"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("  injected at ") && out.contains(" into canary-1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  first failing check at ") && out.contains("canary error rate"),
+        "{out}"
+    );
+    assert!(out.contains("  rollback done at "), "{out}");
+    assert_eq!(env.sim("stable-1")["release"], "v1");
+    // The journal keeps the injection.
+    let journal = env.newest_journal();
+    assert!(
+        journal
+            .iter()
+            .any(|r| r["event"] == "chaos_injected" && r["fault"]["kind"] == "kill"),
+        "{journal:?}"
+    );
+}
+
+#[test]
+fn a_drill_whose_gate_never_fires_exits_5_and_says_so() {
+    // The metrics never see the fault: the canary is promoted.
+    let prom = crate::util::prometheus(|r| if r.contains("requests") { 1000.0 } else { 0.001 });
+    let env = setup(&prom, 18_333, KILL_EXPECT_ROLLBACK);
+    let (code, out, err) = env.run(&["drill", "v2"]);
+    assert_eq!(code, 5, "{out}{err}");
+    assert!(out.contains("SUCCEEDED"), "{out}");
+    assert!(out.contains("FAILED — the gate did not fire"), "{out}");
+    // The same entries make a plain deploy a drill too; --json gives the verdicts as data.
+    let (code, out, _) = env.run(&["--json", "deploy", "v3"]);
+    assert_eq!(code, 5, "{out}");
+    let verdicts = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("chaos_verdicts").is_some())
+        .expect("a chaos_verdicts line");
+    assert_eq!(verdicts["chaos_verdicts"][0]["passed"], false);
+    assert_eq!(verdicts["chaos_verdicts"][0]["spec"]["kind"], "kill");
+}
+
+#[test]
+fn a_drill_needs_chaos_entries_and_bad_entries_name_the_key() {
+    let prom = crate::util::prometheus(|_| 0.001);
+    let env = Env::new(&config(&prom, 18_335, ""));
+    let (code, _, err) = env.run(&["drill", "v2"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("strategy.canary.chaos") && err.contains("has no entry"),
+        "{err}"
+    );
+
+    let env = Env::new(&config(
+        &prom,
+        18_337,
+        "[[strategy.canary.chaos]]\nstage = 1\nkind = \"kill\"\nexpect = \"rollback\"\n",
+    ));
+    let (code, _, err) = env.run(&["validate"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("chaos[0].within") && err.contains("is missing"),
+        "{err}"
+    );
+}

@@ -1,0 +1,1071 @@
+//! The strategies built on routing policies: [`Ramped`], [`Shadow`],
+//! [`DarkLaunch`] and [`Experiment`]. Each is canary-shaped — the same groups, analysis,
+//! health checks, rollback and finalize as [`Canary`], which each holds as
+//! its `base` — and differs only in how traffic reaches the canary between
+//! its deployment and the promotion of stable.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::canary::timeout_ms;
+use super::Canary;
+use crate::error::{Error, Result};
+use crate::experiment::ExperimentRules;
+use crate::names::ReleaseId;
+use crate::plan::{FleetSnapshot, Plan, Stage, Step, Unit};
+use crate::routing::{Mirror, RoutingError, Rule, Split, Sticky, TrafficPolicy};
+use crate::traits::{GroupWeight, Strategy};
+use crate::Promotion;
+
+/// More steps than this make a plan nobody reads: lengthen `step_interval`.
+const MAX_RAMP_STEPS: u128 = 1000;
+
+/// How a ramp's share grows between `from` and `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RampCurve {
+    /// The same number of percent every step.
+    #[default]
+    Linear,
+    /// The same factor every step: small steps while few users see the
+    /// release, big ones once it has proved itself.
+    Exponential,
+}
+
+/// Ramped deployment: the canary's share of traffic rises along a curve,
+/// from [`from`](Self::from) % to [`to`](Self::to) % over
+/// [`duration`](Self::duration), a step every
+/// [`step_interval`](Self::step_interval), with the canary analysis running
+/// all the way; a breach rolls back at once (all traffic to stable).
+///
+/// The plan holds one stage per step of the curve, each a weight change and
+/// an analysis for one `step_interval` (steps that round to the same
+/// percent are merged), so the dry run shows the projected curve. The last
+/// point, `to`, is held one `step_interval` too: the ramp takes `duration`
+/// plus one interval. Everything else — groups, analysis, health, gates,
+/// the flag it carries, the finalize — is [`base`](Self::base)'s; a ramp
+/// promotes automatically whatever `base.promotion` says.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use deploykit::{RampCurve, Ramped};
+/// let ramp = Ramped {
+///     from: 10,
+///     to: 100,
+///     duration: Duration::from_secs(300),
+///     step_interval: Duration::from_secs(60),
+///     curve: RampCurve::Linear,
+///     ..Ramped::default()
+/// };
+/// let points: Vec<u8> = ramp.schedule()?.iter().map(|(p, _)| *p).collect();
+/// assert_eq!(points, [10, 28, 46, 64, 82, 100]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Ramped {
+    /// Groups, analysis, health, gates and finalize (the CLI fills it from
+    /// `[strategy.canary]`).
+    #[serde(skip)]
+    pub base: Canary,
+    /// The canary's share at the first step, 1-99 percent. Default 1.
+    pub from: u8,
+    /// The canary's share at the end, above `from`, at most 100. Default 100.
+    pub to: u8,
+    /// How long the share takes to rise from `from` to `to`. Default 30 min.
+    #[serde(with = "crate::duration_text")]
+    pub duration: Duration,
+    /// Time between two steps; at most `duration`, at least the analysis's
+    /// `check_interval`. Default 1 min.
+    #[serde(with = "crate::duration_text")]
+    pub step_interval: Duration,
+    /// Linear (default) or exponential.
+    pub curve: RampCurve,
+}
+
+impl Default for Ramped {
+    fn default() -> Self {
+        Self {
+            base: Canary::default(),
+            from: 1,
+            to: 100,
+            duration: Duration::from_secs(30 * 60),
+            step_interval: Duration::from_secs(60),
+            curve: RampCurve::Linear,
+        }
+    }
+}
+
+impl Ramped {
+    /// Checks the parameters.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field: `from` (outside 1-99), `to`
+    /// (not above `from`, or above 100), `duration` or `step_interval` (0,
+    /// or an interval longer than the duration or shorter than the
+    /// analysis's `check_interval`, or more than 1000 steps), or a field of
+    /// [`base`](Self::base) ([`Canary::validate`]).
+    pub fn validate(&self) -> Result<()> {
+        self.base.validate()?;
+        if !(1..=99).contains(&self.from) {
+            return Err(Error::invalid(
+                "from",
+                format!(
+                    "{} is outside 1-99; the ramp starts with a small share, e.g. 1",
+                    self.from
+                ),
+            ));
+        }
+        if self.to <= self.from || self.to > 100 {
+            return Err(Error::invalid(
+                "to",
+                format!(
+                    "{} is not above from ({}) and at most 100; the ramp ends with the canary's final share, e.g. 100",
+                    self.to, self.from
+                ),
+            ));
+        }
+        if self.duration.is_zero() {
+            return Err(Error::invalid(
+                "duration",
+                "is 0; give the ramp time to be judged, e.g. \"30m\"",
+            ));
+        }
+        if self.step_interval.is_zero() {
+            return Err(Error::invalid("step_interval", "is 0; step e.g. every \"1m\""));
+        }
+        if self.step_interval > self.duration {
+            return Err(Error::invalid(
+                "step_interval",
+                format!(
+                    "{} is longer than duration ({}); shorten it or lengthen the ramp",
+                    crate::duration_text::format(self.step_interval),
+                    crate::duration_text::format(self.duration)
+                ),
+            ));
+        }
+        if self.duration.as_millis() / self.step_interval.as_millis().max(1) > MAX_RAMP_STEPS {
+            return Err(Error::invalid(
+                "step_interval",
+                format!(
+                    "makes more than {MAX_RAMP_STEPS} steps over {}; lengthen it",
+                    crate::duration_text::format(self.duration)
+                ),
+            ));
+        }
+        if self.base.check_interval > self.step_interval {
+            return Err(Error::invalid(
+                "step_interval",
+                format!(
+                    "{} is shorter than the analysis's check_interval ({}), so a step would end unchecked; lengthen it or check more often",
+                    crate::duration_text::format(self.step_interval),
+                    crate::duration_text::format(self.base.check_interval)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The canary's intended share `t` after the ramp started, as the
+    /// continuous curve says (before rounding to whole percent and to
+    /// steps): `from` at 0, `to` from `duration` on.
+    pub fn share_at(&self, t: Duration) -> f64 {
+        let x = (t.as_secs_f64() / self.duration.as_secs_f64().max(f64::MIN_POSITIVE)).clamp(0.0, 1.0);
+        let (from, to) = (f64::from(self.from), f64::from(self.to));
+        match self.curve {
+            RampCurve::Linear => from + (to - from) * x,
+            RampCurve::Exponential => from * (to / from).powf(x),
+        }
+    }
+
+    /// The steps of the ramp: each a whole percent and how long it is held,
+    /// in order; the first is `from`, the last `to`.
+    ///
+    /// # Errors
+    /// As [`validate`](Self::validate).
+    pub fn schedule(&self) -> Result<Vec<(u8, Duration)>> {
+        self.validate()?;
+        let n = u32::try_from(self.duration.as_millis() / self.step_interval.as_millis())
+            .unwrap_or(1)
+            .max(1);
+        let mut out: Vec<(u8, Duration)> = Vec::new();
+        for k in 0..=n {
+            let t = self.duration.mul_f64(f64::from(k) / f64::from(n));
+            // Rounded and kept within from..=to, so a step never overshoots.
+            let p = self
+                .share_at(t)
+                .round()
+                .clamp(f64::from(self.from), f64::from(self.to)) as u8;
+            match out.last_mut() {
+                Some((last, hold)) if *last == p => *hold += self.step_interval,
+                _ => out.push((p, self.step_interval)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Strategy for Ramped {
+    fn kind(&self) -> crate::StrategyKind {
+        crate::StrategyKind::Ramped
+    }
+
+    fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
+        let schedule = self.schedule()?;
+        let base = &self.base;
+        let of = schedule.len();
+        base.shaped_plan(self.kind(), fleet, release, true, |analysis| {
+            schedule
+                .iter()
+                .enumerate()
+                .map(|(k, (w, hold))| {
+                    let stage = k + 1;
+                    let mut steps = vec![Step::SetWeights {
+                        weights: base.weights(*w),
+                    }];
+                    if let Some(flag) = &base.flag {
+                        steps.push(Step::FlagShare {
+                            flag: flag.clone(),
+                            variant: base.flag_variant.clone(),
+                            percent: *w,
+                        });
+                    }
+                    steps.push(Step::Analyze {
+                        stage,
+                        of,
+                        weight: *w,
+                        duration: *hold,
+                        analysis: analysis.clone(),
+                    });
+                    Stage {
+                        name: format!("ramp {w}% ({stage}/{of})"),
+                        units: vec![Unit {
+                            instance: None,
+                            steps,
+                        }],
+                    }
+                })
+                .collect()
+        })
+    }
+}
+
+/// What a [`Shadow`] deployment does once the shadow passed its analysis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShadowThen {
+    /// Tear the shadow down: stable keeps its release, the shadow
+    /// instances end stopped. A test of the release under real traffic.
+    #[default]
+    Teardown,
+    /// Hand over to the canary: the canary stages of
+    /// [`base`](Shadow::base) with real traffic, then stable promoted.
+    Canary,
+}
+
+/// Shadow deployment: the new release runs on the canary group as a
+/// shadow that receives a mirrored copy of [`percent`](Self::percent) % of
+/// the requests whose method is listed; clients are only ever answered by
+/// stable. The shadow's own error rate and latency (its metrics, from the
+/// mirrored requests) are compared with stable's for
+/// [`duration`](Self::duration) by [`base`](Self::base)'s analysis; a
+/// breach rolls back. Then the mirror ends and, as [`then`](Self::then)
+/// says, the shadow is torn down or the deployment goes on as a canary.
+///
+/// Mirroring needs a load balancer that can copy requests (nginx with
+/// `location_include`); any other is refused before anything is touched.
+/// Methods that may change state (`POST`, …) are mirrored only with
+/// [`allow_unsafe_methods`](Self::allow_unsafe_methods): the shadow would
+/// act on real users' writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Shadow {
+    /// Groups, analysis, health, gates and finalize (the CLI fills it from
+    /// `[strategy.canary]`); its canary group is the shadow.
+    #[serde(skip)]
+    pub base: Canary,
+    /// Percent of the eligible requests copied, 1-100. Default 100.
+    pub percent: u8,
+    /// Methods copied. Default `GET`, `HEAD`.
+    pub methods: Vec<String>,
+    /// Allow copying methods that may change state. Default false.
+    pub allow_unsafe_methods: bool,
+    /// Send request bodies with the copies. Default true.
+    pub request_body: bool,
+    /// How long the shadow is judged. Default 10 min.
+    #[serde(with = "crate::duration_text")]
+    pub duration: Duration,
+    /// After a passed analysis: tear down (default) or go on as a canary.
+    pub then: ShadowThen,
+}
+
+impl Default for Shadow {
+    fn default() -> Self {
+        let m = Mirror::new(Canary::default().canary_group, 100);
+        Self {
+            base: Canary::default(),
+            percent: m.percent,
+            methods: m.methods,
+            allow_unsafe_methods: m.allow_unsafe_methods,
+            request_body: m.request_body,
+            duration: Duration::from_secs(600),
+            then: ShadowThen::Teardown,
+        }
+    }
+}
+
+impl Shadow {
+    /// The policy of the shadow phase: every client request to stable, the
+    /// copies to the shadow.
+    pub fn policy(&self) -> TrafficPolicy {
+        TrafficPolicy {
+            rules: Vec::new(),
+            split: Split {
+                weights: vec![GroupWeight {
+                    group: self.base.stable_group.clone(),
+                    percent: 100,
+                }],
+                sticky: None,
+            },
+            mirror: Some(Mirror {
+                to: self.base.canary_group.clone(),
+                percent: self.percent,
+                methods: self.methods.clone(),
+                allow_unsafe_methods: self.allow_unsafe_methods,
+                request_body: self.request_body,
+            }),
+        }
+    }
+
+    /// Checks the parameters.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field: `percent` (outside 1-100),
+    /// `methods` (empty, not a method, or a state-changing one without
+    /// `allow_unsafe_methods`), `duration` (0, or shorter than the
+    /// analysis's `check_interval`), or a field of [`base`](Self::base).
+    pub fn validate(&self) -> Result<()> {
+        self.base.validate()?;
+        if let Err(e) = self.policy().validate() {
+            return Err(match e {
+                RoutingError::Invalid { field, message } => {
+                    Error::invalid(field.trim_start_matches("mirror."), message)
+                }
+                other => other.into(),
+            });
+        }
+        if self.duration.is_zero() || self.duration < self.base.check_interval {
+            return Err(Error::invalid(
+                "duration",
+                format!(
+                    "{} is shorter than check_interval ({}); judge the shadow for several checks, e.g. \"10m\"",
+                    crate::duration_text::format(self.duration),
+                    crate::duration_text::format(self.base.check_interval)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Strategy for Shadow {
+    fn kind(&self) -> crate::StrategyKind {
+        crate::StrategyKind::Shadow
+    }
+
+    fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
+        self.validate()?;
+        let base = &self.base;
+        let canary = self.then == ShadowThen::Canary;
+        let of = 1 + if canary { base.stages.len() } else { 0 };
+        base.shaped_plan(self.kind(), fleet, release, canary, |analysis| {
+            let mut stages = vec![Stage {
+                name: format!(
+                    "shadow {}% of {} to {}",
+                    self.percent,
+                    self.methods.join(","),
+                    base.canary_group
+                ),
+                units: vec![Unit {
+                    instance: None,
+                    steps: vec![
+                        Step::ApplyPolicy {
+                            policy: self.policy(),
+                        },
+                        Step::Analyze {
+                            stage: 1,
+                            of,
+                            weight: 0,
+                            duration: self.duration,
+                            analysis: analysis.clone(),
+                        },
+                    ],
+                }],
+            }];
+            if canary {
+                stages.extend(widen(base, &[], 2, of, analysis));
+            }
+            stages
+        })
+    }
+}
+
+/// The canary stages of `base` numbered from `first`, each keeping `rules`
+/// (so users a rule sends to the canary stay there).
+fn widen(
+    base: &Canary,
+    rules: &[Rule],
+    first: usize,
+    of: usize,
+    analysis: &crate::analysis::Analysis,
+) -> Vec<Stage> {
+    base.stages
+        .iter()
+        .enumerate()
+        .map(|(k, w)| {
+            let stage = first + k;
+            let weights = base.weights(*w);
+            let mut steps = vec![if rules.is_empty() {
+                Step::SetWeights { weights }
+            } else {
+                Step::ApplyPolicy {
+                    policy: TrafficPolicy {
+                        rules: rules.to_vec(),
+                        split: Split {
+                            weights,
+                            sticky: None,
+                        },
+                        mirror: None,
+                    },
+                }
+            }];
+            if let Some(flag) = &base.flag {
+                steps.push(Step::FlagShare {
+                    flag: flag.clone(),
+                    variant: base.flag_variant.clone(),
+                    percent: *w,
+                });
+            }
+            steps.push(Step::Analyze {
+                stage,
+                of,
+                weight: *w,
+                duration: base.stage_duration,
+                analysis: analysis.clone(),
+            });
+            if let Promotion::Manual { timeout } = base.promotion {
+                if stage < of {
+                    steps.push(Step::AwaitPromotion {
+                        stage,
+                        weight: *w,
+                        timeout_ms: timeout_ms(timeout),
+                        analysis: analysis.clone(),
+                    });
+                }
+            }
+            Stage {
+                name: format!("canary {w}% ({stage}/{of})"),
+                units: vec![Unit {
+                    instance: None,
+                    steps,
+                }],
+            }
+        })
+        .collect()
+}
+
+/// Dark launch: the new release is deployed to the canary group with no
+/// share of public traffic, reachable only through [`rules`](Self::rules)
+/// (a header internal testers send, a cookie of a beta segment). The
+/// deployment then waits for `deploykit promote` (the executor's
+/// [`PromotionHandle`](crate::PromotionHandle)) while the canary analysis
+/// runs; a breach, or no promotion within [`timeout`](Self::timeout), rolls
+/// back. Once promoted it widens through [`base`](Self::base)'s canary
+/// stages, the rules still in place, and promotes stable.
+///
+/// The rules need a load balancer that routes per request (nginx with
+/// `location_include`, HAProxy with `map_dir`); any other is refused
+/// before anything is touched. Feature flags are not needed.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DarkLaunch {
+    /// Groups, analysis, health, gates, the stages after the promotion and
+    /// finalize (the CLI fills it from `[strategy.canary]`).
+    #[serde(skip)]
+    pub base: Canary,
+    /// The requests that reach the new release while it is dark, each
+    /// rule's group the canary group. At least one.
+    pub rules: Vec<Rule>,
+    /// Roll back when no promotion comes within this long; `None` waits
+    /// until promoted or aborted.
+    #[serde(
+        with = "crate::duration_text::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+}
+
+impl DarkLaunch {
+    /// The policy while dark: the rules to the canary, everyone else to
+    /// stable.
+    pub fn policy(&self) -> TrafficPolicy {
+        TrafficPolicy {
+            rules: self.rules.clone(),
+            split: Split {
+                weights: vec![GroupWeight {
+                    group: self.base.stable_group.clone(),
+                    percent: 100,
+                }],
+                sticky: None,
+            },
+            mirror: None,
+        }
+    }
+
+    /// Checks the parameters.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field: `rules` (empty),
+    /// `rules[i].group` (not the canary group), `rules[i].header` (or
+    /// `.cookie`, `.query`, a malformed name or value), `timeout` (0), or a
+    /// field of [`base`](Self::base).
+    pub fn validate(&self) -> Result<()> {
+        self.base.validate()?;
+        if self.rules.is_empty() {
+            return Err(Error::invalid(
+                "rules",
+                "is empty; say who sees the dark release, e.g. { header = \"x-beta\", exact = \"1\", group = \"canary\" }",
+            ));
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            if r.group != self.base.canary_group {
+                return Err(Error::invalid(
+                    format!("rules[{i}].group"),
+                    format!(
+                        "is {}; a dark launch's rules send requests to the canary group ({})",
+                        r.group, self.base.canary_group
+                    ),
+                ));
+            }
+        }
+        self.policy().validate()?;
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::invalid(
+                "timeout",
+                "is 0; it would roll back at once; omit it to wait until promoted",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Strategy for DarkLaunch {
+    fn kind(&self) -> crate::StrategyKind {
+        crate::StrategyKind::DarkLaunch
+    }
+
+    fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
+        self.validate()?;
+        let base = &self.base;
+        let of = 1 + base.stages.len();
+        let who: Vec<String> = self.rules.iter().map(|r| r.matches.to_string()).collect();
+        base.shaped_plan(self.kind(), fleet, release, true, |analysis| {
+            let mut stages = vec![Stage {
+                name: format!("dark launch to {} only", who.join(" or ")),
+                units: vec![Unit {
+                    instance: None,
+                    steps: vec![
+                        Step::ApplyPolicy {
+                            policy: self.policy(),
+                        },
+                        Step::AwaitPromotion {
+                            stage: 1,
+                            weight: 0,
+                            timeout_ms: timeout_ms(self.timeout),
+                            analysis: analysis.clone(),
+                        },
+                    ],
+                }],
+            }];
+            stages.extend(widen(base, &self.rules, 2, of, analysis));
+            stages
+        })
+    }
+}
+
+/// A/B experiment: the new release (the treatment, on the canary group)
+/// and the current one (the control, stable) are served side by side, each
+/// user kept on one by [`sticky`](Self::sticky), the treatment to
+/// [`treatment_percent`](Self::treatment_percent) % of users. Every check
+/// interval the canary guardrails run (a breach rolls back) and the visits
+/// and conversions of both since the start
+/// ([`MetricsSource::observe_tally`](crate::MetricsSource::observe_tally))
+/// go into an always-valid sequential test ([`crate::experiment`]), which
+/// can be read at every check without the bias of peeking. The treatment
+/// winning promotes it (stable moves to the release); the control winning,
+/// or no significant difference within [`duration`](Self::duration), rolls
+/// back and keeps the control. Each reading is an
+/// [`EventKind::ExperimentReading`](crate::EventKind::ExperimentReading)
+/// (tallies, effect, p-value), and the rollback's reason carries the last.
+///
+/// The sticky split needs a load balancer that can keep users on one group
+/// (nginx with `location_include`); any other is refused before anything
+/// is touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Experiment {
+    /// Groups, guardrails (the analysis), health, gates and finalize.
+    pub base: Canary,
+    /// The users on the treatment, 1-99 percent. Default 50.
+    pub treatment_percent: u8,
+    /// What keeps a user on one variant. Default a cookie `dk_variant` the
+    /// load balancer sets.
+    pub sticky: Sticky,
+    /// The longest the experiment runs. Default 1 hour.
+    pub duration: Duration,
+    /// How the test decides.
+    pub rules: ExperimentRules,
+}
+
+impl Default for Experiment {
+    fn default() -> Self {
+        Self {
+            base: Canary::default(),
+            treatment_percent: 50,
+            sticky: Sticky::Cookie {
+                name: "dk_variant".into(),
+            },
+            duration: Duration::from_secs(3600),
+            rules: ExperimentRules::default(),
+        }
+    }
+}
+
+impl Experiment {
+    /// The policy while the experiment runs: a sticky split.
+    pub fn policy(&self) -> TrafficPolicy {
+        TrafficPolicy {
+            rules: Vec::new(),
+            split: Split {
+                weights: self.base.weights(self.treatment_percent),
+                sticky: Some(self.sticky.clone()),
+            },
+            mirror: None,
+        }
+    }
+
+    /// Checks the parameters.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field: `treatment_percent`
+    /// (outside 1-99), `duration` (shorter than the analysis's
+    /// `check_interval`), `sticky` (a bad name), a field of
+    /// [`rules`](Self::rules) or of [`base`](Self::base).
+    pub fn validate(&self) -> Result<()> {
+        self.base.validate()?;
+        self.rules.validate()?;
+        if !(1..=99).contains(&self.treatment_percent) {
+            return Err(Error::invalid(
+                "treatment_percent",
+                format!(
+                    "{} is outside 1-99; both variants need users, e.g. 50",
+                    self.treatment_percent
+                ),
+            ));
+        }
+        if self.duration < self.base.check_interval {
+            return Err(Error::invalid(
+                "duration",
+                format!(
+                    "{} is shorter than check_interval ({}); run the experiment for many checks, e.g. \"1h\"",
+                    crate::duration_text::format(self.duration),
+                    crate::duration_text::format(self.base.check_interval)
+                ),
+            ));
+        }
+        self.policy().validate().map_err(|e| match e {
+            RoutingError::Invalid { message, .. } => Error::invalid("sticky", message),
+            other => other.into(),
+        })
+    }
+}
+
+impl Strategy for Experiment {
+    fn kind(&self) -> crate::StrategyKind {
+        crate::StrategyKind::Experiment
+    }
+
+    fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
+        self.validate()?;
+        let base = &self.base;
+        base.shaped_plan(self.kind(), fleet, release, true, |analysis| {
+            vec![Stage {
+                name: format!(
+                    "experiment: {} % of users on {} ({})",
+                    self.treatment_percent, base.canary_group, self.sticky
+                ),
+                units: vec![Unit {
+                    instance: None,
+                    steps: vec![
+                        Step::ApplyPolicy {
+                            policy: self.policy(),
+                        },
+                        Step::Experiment {
+                            rules: self.rules,
+                            duration: self.duration,
+                            analysis: analysis.clone(),
+                        },
+                    ],
+                }],
+            }]
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::InstanceSnapshot;
+    use crate::routing::{Match, ValueMatch};
+    use crate::traits::Backend;
+    use crate::{Address, Group, InstanceId};
+
+    fn fleet(stable: usize, canary: usize) -> FleetSnapshot {
+        let mut instances = Vec::new();
+        for (g, n) in [("stable", stable), ("canary", canary)] {
+            for _ in 0..n {
+                let k = instances.len() + 1;
+                instances.push(InstanceSnapshot {
+                    backend: Backend {
+                        id: InstanceId::new(format!("i-{k}")).unwrap(),
+                        address: Address::parse(&format!("127.0.0.1:{}", 20000 + k)).unwrap(),
+                        group: Group::new(g).unwrap(),
+                    },
+                    release: Some(ReleaseId::new("v1").unwrap()),
+                });
+            }
+        }
+        FleetSnapshot { instances }
+    }
+
+    fn v2() -> ReleaseId {
+        ReleaseId::new("v2").unwrap()
+    }
+
+    fn field(e: Error) -> String {
+        match e {
+            Error::InvalidInput { field, .. } => field,
+            e => panic!("unexpected {e}"),
+        }
+    }
+
+    /// A base checking every 10 s, for ramps stepping every 10 s.
+    fn quick() -> Canary {
+        Canary {
+            check_interval: Duration::from_secs(10),
+            ..Canary::default()
+        }
+    }
+
+    fn beta_rule() -> Rule {
+        Rule {
+            matches: Match::Header {
+                name: "x-beta".into(),
+                value: ValueMatch::Exact("1".into()),
+            },
+            group: Group::new("canary").unwrap(),
+        }
+    }
+
+    #[test]
+    fn linear_ramp_rises_evenly_and_ends_at_to() {
+        let r = Ramped {
+            from: 5,
+            to: 50,
+            duration: Duration::from_secs(90),
+            step_interval: Duration::from_secs(10),
+            base: quick(),
+            ..Ramped::default()
+        };
+        let s = r.schedule().unwrap();
+        let points: Vec<u8> = s.iter().map(|(p, _)| *p).collect();
+        assert_eq!(points, [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]);
+        assert!(s.iter().all(|(_, hold)| *hold == Duration::from_secs(10)));
+        // The ramp takes its duration plus the hold at `to`.
+        let total: Duration = s.iter().map(|(_, h)| *h).sum();
+        assert_eq!(total, Duration::from_secs(100));
+    }
+
+    #[test]
+    fn exponential_ramp_multiplies_and_merges_repeated_percents() {
+        let r = Ramped {
+            from: 1,
+            to: 100,
+            duration: Duration::from_secs(100),
+            step_interval: Duration::from_secs(10),
+            curve: RampCurve::Exponential,
+            base: quick(),
+        };
+        let s = r.schedule().unwrap();
+        let points: Vec<u8> = s.iter().map(|(p, _)| *p).collect();
+        // 1 * 100^(k/10): 1, 1.58, 2.51, 3.98, 6.31, 10, 15.8, 25.1, 39.8, 63.1, 100.
+        assert_eq!(points, [1, 2, 3, 4, 6, 10, 16, 25, 40, 63, 100]);
+        // A linear ramp of 1 % steps over more steps than percents merges
+        // equal points into longer holds, never repeats a stage.
+        let slow = Ramped {
+            from: 1,
+            to: 3,
+            duration: Duration::from_secs(40),
+            step_interval: Duration::from_secs(10),
+            base: quick(),
+            ..Ramped::default()
+        };
+        let s = slow.schedule().unwrap();
+        assert_eq!(s.iter().map(|(p, _)| *p).collect::<Vec<_>>(), [1, 2, 3]);
+        let total: Duration = s.iter().map(|(_, h)| *h).sum();
+        assert_eq!(total, Duration::from_secs(50));
+    }
+
+    #[test]
+    fn ramp_validation_names_the_field() {
+        let d = Ramped {
+            duration: Duration::from_secs(600),
+            ..Ramped::default()
+        };
+        d.validate().unwrap();
+        for (bad, name) in [
+            (Ramped { from: 0, ..d.clone() }, "from"),
+            (
+                Ramped {
+                    from: 100,
+                    ..d.clone()
+                },
+                "from",
+            ),
+            (
+                Ramped {
+                    from: 50,
+                    to: 50,
+                    ..d.clone()
+                },
+                "to",
+            ),
+            (Ramped { to: 101, ..d.clone() }, "to"),
+            (
+                Ramped {
+                    duration: Duration::ZERO,
+                    ..d.clone()
+                },
+                "duration",
+            ),
+            (
+                Ramped {
+                    step_interval: Duration::ZERO,
+                    ..d.clone()
+                },
+                "step_interval",
+            ),
+            (
+                Ramped {
+                    step_interval: Duration::from_secs(601),
+                    ..d.clone()
+                },
+                "step_interval",
+            ),
+            (
+                Ramped {
+                    step_interval: Duration::from_millis(100),
+                    ..d.clone()
+                },
+                "step_interval",
+            ),
+            (
+                Ramped {
+                    step_interval: Duration::from_secs(10),
+                    ..d.clone()
+                },
+                "step_interval",
+            ),
+        ] {
+            assert_eq!(field(bad.validate().unwrap_err()), name);
+        }
+    }
+
+    #[test]
+    fn ramped_plan_is_the_curve_between_deploy_and_promote() {
+        let r = Ramped {
+            from: 10,
+            to: 100,
+            duration: Duration::from_secs(180),
+            step_interval: Duration::from_secs(60),
+            ..Ramped::default()
+        };
+        let plan = r.plan(&fleet(2, 1), &v2()).unwrap();
+        assert_eq!(plan.strategy, crate::StrategyKind::Ramped);
+        let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "isolate canary",
+                "deploy canary",
+                "ramp 10% (1/4)",
+                "ramp 40% (2/4)",
+                "ramp 70% (3/4)",
+                "ramp 100% (4/4)",
+                "back up stable",
+                "promote stable 1/2",
+                "promote stable 2/2",
+                "all traffic to stable",
+                "stop canary"
+            ]
+        );
+        assert_eq!(
+            plan.stages[3].units[0].steps[1].to_string(),
+            "analyze canary stage 2/4 at 40% for 60s (check every 30s)"
+        );
+        assert_eq!(plan.on_abort[0].to_string(), "set weights stable=100% canary=0%");
+        assert!(plan.projected_duration().min >= Duration::from_secs(240));
+    }
+
+    #[test]
+    fn shadow_plan_mirrors_then_tears_down_or_hands_over() {
+        let s = Shadow {
+            percent: 50,
+            duration: Duration::from_secs(120),
+            ..Shadow::default()
+        };
+        let plan = s.plan(&fleet(2, 1), &v2()).unwrap();
+        let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "isolate canary",
+                "deploy canary",
+                "shadow 50% of GET,HEAD to canary",
+                "all traffic to stable",
+                "stop canary"
+            ]
+        );
+        assert_eq!(
+            plan.stages[2].units[0].steps[0].to_string(),
+            "apply policy: split stable=100%; mirror 50% of GET,HEAD to canary"
+        );
+        // Teardown moves no stable instance.
+        assert!(plan.stages.iter().all(|st| !st.name.starts_with("promote")));
+        let handed = Shadow {
+            then: ShadowThen::Canary,
+            base: Canary {
+                stages: vec![50, 100],
+                ..Canary::default()
+            },
+            ..s.clone()
+        };
+        let plan = handed.plan(&fleet(2, 1), &v2()).unwrap();
+        let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names[2..6],
+            [
+                "shadow 50% of GET,HEAD to canary",
+                "canary 50% (2/3)",
+                "canary 100% (3/3)",
+                "back up stable"
+            ]
+        );
+    }
+
+    #[test]
+    fn shadow_refuses_unsafe_methods_without_opt_in() {
+        let s = Shadow {
+            methods: vec!["GET".into(), "POST".into()],
+            ..Shadow::default()
+        };
+        let e = s.validate().unwrap_err();
+        assert!(e.to_string().contains("allow_unsafe_methods"), "{e}");
+        assert_eq!(field(e), "methods");
+        Shadow {
+            allow_unsafe_methods: true,
+            ..s
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(
+            field(
+                Shadow {
+                    percent: 0,
+                    ..Shadow::default()
+                }
+                .validate()
+                .unwrap_err()
+            ),
+            "percent"
+        );
+        assert_eq!(
+            field(
+                Shadow {
+                    duration: Duration::from_secs(5),
+                    ..Shadow::default()
+                }
+                .validate()
+                .unwrap_err()
+            ),
+            "duration"
+        );
+    }
+
+    #[test]
+    fn dark_launch_waits_with_rules_then_widens_keeping_them() {
+        let d = DarkLaunch {
+            rules: vec![beta_rule()],
+            base: Canary {
+                stages: vec![25, 100],
+                ..Canary::default()
+            },
+            ..DarkLaunch::default()
+        };
+        let plan = d.plan(&fleet(2, 1), &v2()).unwrap();
+        let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names[2..5],
+            [
+                "dark launch to header x-beta = 1 only",
+                "canary 25% (2/3)",
+                "canary 100% (3/3)"
+            ]
+        );
+        assert_eq!(
+            plan.stages[2].units[0].steps[0].to_string(),
+            "apply policy: header x-beta = 1 -> canary; split stable=100%"
+        );
+        assert!(matches!(
+            plan.stages[2].units[0].steps[1],
+            Step::AwaitPromotion {
+                stage: 1,
+                weight: 0,
+                ..
+            }
+        ));
+        assert_eq!(
+            plan.stages[3].units[0].steps[0].to_string(),
+            "apply policy: header x-beta = 1 -> canary; split stable=75% canary=25%"
+        );
+    }
+
+    #[test]
+    fn dark_launch_validation_names_the_field() {
+        assert_eq!(field(DarkLaunch::default().validate().unwrap_err()), "rules");
+        let mut r = beta_rule();
+        r.group = Group::new("stable").unwrap();
+        let d = DarkLaunch {
+            rules: vec![beta_rule(), r],
+            ..DarkLaunch::default()
+        };
+        assert_eq!(field(d.validate().unwrap_err()), "rules[1].group");
+        let d = DarkLaunch {
+            rules: vec![beta_rule()],
+            timeout: Some(Duration::ZERO),
+            ..DarkLaunch::default()
+        };
+        assert_eq!(field(d.validate().unwrap_err()), "timeout");
+    }
+}

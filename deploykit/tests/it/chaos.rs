@@ -1,0 +1,350 @@
+//! Chaos entries of a canary, on the fakes, in virtual time: a fault is
+//! injected into its stage, the gate reacts (or not), and the verdicts say
+//! whether the expectation held.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deploykit::chaos::{verdicts, ChaosSpec, ChaosTarget, Expect, Fault};
+use deploykit::{Canary, Event, EventKind, EventLog, Executor, Metric, OutcomeKind, ReleaseId, Report};
+use deploykit_testkit::{FakeFaults, FakeFleet, FakeMetrics};
+
+const GROUPS: [(&str, usize); 2] = [("stable", 4), ("canary", 1)];
+
+struct Drill {
+    fleet: FakeFleet,
+    faults: FakeFaults,
+    exec: Executor,
+    log: EventLog,
+}
+
+/// Four stable instances and one canary, both tracks healthy; the metrics
+/// see the injected faults when `wired` (a metric query that matches the
+/// canary's traffic), and do not otherwise.
+fn drill(wired: bool) -> Drill {
+    let fleet = FakeFleet::with_groups(&GROUPS);
+    let faults = FakeFaults::new();
+    let mut metrics = FakeMetrics::new()
+        .set("stable", Metric::ErrorRate, 0.001)
+        .set("stable", Metric::LatencyP99, 0.12)
+        .set("stable", Metric::RequestCount, 28_500.0)
+        .set("canary", Metric::ErrorRate, 0.001)
+        .set("canary", Metric::LatencyP99, 0.12);
+    if wired {
+        metrics = metrics.with_faults(&faults, &GROUPS);
+    }
+    let log = EventLog::new();
+    let exec = Executor::builder()
+        .instances(fleet.instances())
+        .load_balancer(Arc::new(fleet.load_balancer()))
+        .events(Arc::new(log.clone()))
+        .metrics(Arc::new(metrics))
+        .fault_injector(Arc::new(faults.clone()))
+        .build()
+        .expect("valid executor");
+    Drill {
+        fleet,
+        faults,
+        exec,
+        log,
+    }
+}
+
+/// Three stages of 5 minutes, checked every 30 s, carrying `chaos`.
+fn canary(chaos: Vec<ChaosSpec>) -> Canary {
+    Canary {
+        stages: vec![10, 50, 100],
+        stage_duration: Duration::from_secs(300),
+        check_interval: Duration::from_secs(30),
+        chaos,
+        ..Canary::default()
+    }
+}
+
+/// 50 % of the canary's requests answered 503 from 45 s into stage 2 (between
+/// two checks),
+/// expecting a rollback within `within`.
+fn http_errors(within: &str) -> ChaosSpec {
+    serde_json::from_value(serde_json::json!({
+        "stage": 2, "after": "45s", "kind": "http-error", "percent": 50,
+        "expect": "rollback", "within": within,
+    }))
+    .unwrap()
+}
+
+impl Drill {
+    async fn run(&self, canary: &Canary) -> (Report, Vec<Event>) {
+        let report = self
+            .exec
+            .deploy(canary, &ReleaseId::new("v2").unwrap())
+            .await
+            .expect("deployment starts");
+        (report, self.log.events())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn http_errors_on_the_canary_roll_back_within_budget_and_the_verdict_says_when() {
+    let d = drill(true);
+    let c = canary(vec![http_errors("90s")]);
+    let (report, events) = d.run(&c).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{:?}", report.reason);
+    let v = verdicts(&c.chaos, &events);
+    assert_eq!(v.len(), 1);
+    assert!(v[0].passed, "{}", v[0]);
+    assert_eq!(v[0].instances, vec![deploykit::InstanceId::new("i-5").unwrap()]);
+    let injected = v[0].injected_at_ms.unwrap();
+    let tripped = v[0]
+        .tripped
+        .as_ref()
+        .expect("a failing check after the injection");
+    // The first check after the injection (checks every 30 s) is the one that trips.
+    assert!(
+        tripped.at_ms >= injected && tripped.at_ms <= injected + 30_000,
+        "{}",
+        v[0]
+    );
+    assert!(tripped.result.contains("error rate"), "{}", tripped.result);
+    assert!(v[0].rolled_back_at_ms.unwrap() - injected <= 90_000);
+    // The fault was injected into stage 2, on the canary only, and cleared before the rollback.
+    let stage = events.iter().find_map(|e| match &e.kind {
+        EventKind::ChaosInjected { stage, fault, .. } => Some((*stage, *fault)),
+        _ => None,
+    });
+    assert_eq!(
+        stage,
+        Some((
+            2,
+            Fault::HttpError {
+                status: 503,
+                percent: 50
+            }
+        ))
+    );
+    assert_eq!(d.faults.injected().len(), 1);
+    assert!(d.faults.active().is_empty(), "a fault outlived its stage");
+    let cleared = events
+        .iter()
+        .position(|e| matches!(e.kind, EventKind::ChaosCleared { entry: 0 }));
+    let rollback = events
+        .iter()
+        .position(|e| matches!(e.kind, EventKind::RollbackStarted { .. }));
+    assert!(
+        cleared.unwrap() < rollback.unwrap(),
+        "cleared after the rollback started"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gate_that_cannot_see_the_fault_fails_the_drill() {
+    // The metric queries do not see the canary's errors (templates that
+    // match nothing): the canary is promoted, and the verdict says the gate
+    // did not fire.
+    let d = drill(false);
+    let c = canary(vec![http_errors("90s")]);
+    let (report, events) = d.run(&c).await;
+    assert_eq!(report.outcome, OutcomeKind::Succeeded);
+    let v = verdicts(&c.chaos, &events);
+    assert!(!v[0].passed);
+    assert!(v[0].injected_at_ms.is_some());
+    assert!(v[0].explanation.contains("the gate did not fire"), "{}", v[0]);
+    assert!(d.faults.active().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rollback_later_than_within_fails_the_drill() {
+    let d = drill(true);
+    let c = canary(vec![http_errors("5s")]);
+    let (report, events) = d.run(&c).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack);
+    let v = verdicts(&c.chaos, &events);
+    assert!(!v[0].passed, "{}", v[0]);
+    assert!(v[0].explanation.contains("over the budget of 5s"), "{}", v[0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_stable_instance_is_continued_and_the_deployment_carries_on() {
+    let d = drill(true);
+    let pause = ChaosSpec {
+        stage: 1,
+        after: Duration::from_secs(30),
+        duration: Some(Duration::from_secs(60)),
+        target: ChaosTarget::Stable,
+        fault: Fault::Pause,
+        expect: Expect::Continue,
+        within: None,
+    };
+    let c = canary(vec![pause.clone()]);
+    let exec = d.exec.clone();
+    let fleet = d.fleet.clone();
+    let run = tokio::spawn(async move { exec.deploy(&c, &ReleaseId::new("v2").unwrap()).await.unwrap() });
+    // Stage 1 starts after the canary is deployed (seconds); 60 s into it
+    // every stable instance is paused.
+    let mut seen_paused = false;
+    for _ in 0..600 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if fleet.is_paused("i-1") {
+            seen_paused = true;
+            break;
+        }
+    }
+    assert!(seen_paused, "the stable instances were never paused");
+    let report = run.await.unwrap();
+    assert_eq!(report.outcome, OutcomeKind::Succeeded, "{:?}", report.reason);
+    assert!(!fleet.is_paused("i-1"), "SIGCONT was never sent");
+    let v = verdicts(&[pause], &d.log.events());
+    assert!(v[0].passed, "{}", v[0]);
+    assert_eq!(v[0].instances.len(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chaos_entry_whose_stage_is_never_reached_fails() {
+    let d = drill(true);
+    // Stage 1 fails at once (the canary's error rate is over the threshold
+    // from the start), so the entry of stage 3 is never injected.
+    let mut c = canary(vec![http_errors("90s")]);
+    c.chaos[0].stage = 3;
+    c.chaos.push(ChaosSpec {
+        stage: 1,
+        after: Duration::ZERO,
+        duration: None,
+        target: ChaosTarget::Canary,
+        fault: Fault::HttpError {
+            status: 500,
+            percent: 100,
+        },
+        expect: Expect::Rollback,
+        within: Some(Duration::from_secs(120)),
+    });
+    let (report, events) = d.run(&c).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack);
+    let v = verdicts(&c.chaos, &events);
+    assert!(!v[0].passed);
+    assert!(v[0].explanation.contains("never injected"), "{}", v[0]);
+    assert!(v[1].passed, "{}", v[1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn network_chaos_without_a_fault_injector_is_refused_before_anything_is_touched() {
+    let fleet = FakeFleet::with_groups(&GROUPS);
+    let exec = Executor::builder()
+        .instances(fleet.instances())
+        .load_balancer(Arc::new(fleet.load_balancer()))
+        .metrics(Arc::new(FakeMetrics::new()))
+        .build()
+        .unwrap();
+    let e = exec
+        .deploy(&canary(vec![http_errors("90s")]), &ReleaseId::new("v2").unwrap())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().starts_with("invalid fault_injector"), "{e}");
+    assert!(fleet.ops().is_empty(), "touched: {:?}", fleet.ops());
+}
+
+#[test]
+fn chaos_entries_are_checked_naming_the_field() {
+    let cases: Vec<(serde_json::Value, &str)> = vec![
+        (
+            serde_json::json!({"stage": 4, "kind": "kill", "expect": "continue"}),
+            "invalid chaos[0].stage: 4 is not a stage of this canary (1-3)",
+        ),
+        (
+            serde_json::json!({"stage": 1, "kind": "kill", "expect": "rollback"}),
+            "invalid chaos[0].within: is missing",
+        ),
+        (
+            serde_json::json!({"stage": 1, "kind": "http-error", "percent": 0, "expect": "continue"}),
+            "invalid chaos[0].percent: 0 is outside 1-100",
+        ),
+        (
+            serde_json::json!({"stage": 1, "kind": "latency", "delay": "0s", "expect": "continue"}),
+            "invalid chaos[0].delay: is 0",
+        ),
+        (
+            serde_json::json!({"stage": 1, "after": "5m", "kind": "kill", "expect": "continue"}),
+            "invalid chaos[0].after: 5m is not shorter than stage_duration (5m)",
+        ),
+        (
+            serde_json::json!({"stage": 1, "kind": "kill", "expect": "rollback", "within": "0s"}),
+            "invalid chaos[0].within: is 0",
+        ),
+    ];
+    for (entry, want) in cases {
+        let spec: ChaosSpec = serde_json::from_value(entry.clone()).unwrap();
+        let e = canary(vec![spec]).validate().unwrap_err().to_string();
+        assert!(e.starts_with(want), "{entry}: {e}");
+    }
+}
+
+#[test]
+fn the_toml_form_reads_as_written_and_refuses_unknown_keys() {
+    let c: Canary = toml_canary(
+        r#"
+        stages = [10, 50, 100]
+        [[chaos]]
+        stage = 2
+        kind = "http-error"
+        percent = 5
+        duration = "60s"
+        expect = "rollback"
+        within = "90s"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(c.chaos.len(), 1);
+    assert_eq!(
+        c.chaos[0].fault,
+        Fault::HttpError {
+            status: 503,
+            percent: 5
+        }
+    );
+    assert_eq!(c.chaos[0].duration, Some(Duration::from_secs(60)));
+    assert_eq!(c.chaos[0].within, Some(Duration::from_secs(90)));
+    let e = toml_canary(
+        r#"
+        [[chaos]]
+        stage = 1
+        kind = "kill"
+        precent = 5
+        expect = "continue"
+        "#,
+    )
+    .unwrap_err();
+    assert!(e.contains("precent"), "{e}");
+    let e = toml_canary(
+        r#"
+        [[chaos]]
+        stage = 1
+        kind = "explode"
+        expect = "continue"
+        "#,
+    )
+    .unwrap_err();
+    assert!(e.contains("explode"), "{e}");
+    let e = toml_canary(
+        r#"
+        [[chaos]]
+        stage = 1
+        kind = "kill"
+        percent = 5
+        expect = "continue"
+        "#,
+    )
+    .unwrap_err();
+    assert!(e.contains("percent does not apply to kind = \"kill\""), "{e}");
+    let e = toml_canary(
+        r#"
+        [[chaos]]
+        stage = 1
+        kind = "http-error"
+        expect = "continue"
+        "#,
+    )
+    .unwrap_err();
+    assert!(e.contains("needs percent"), "{e}");
+}
+
+fn toml_canary(text: &str) -> Result<Canary, String> {
+    toml::from_str(text).map_err(|e| e.to_string())
+}
