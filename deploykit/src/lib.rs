@@ -134,6 +134,8 @@ mod error;
 mod event;
 mod executor;
 pub mod flags;
+#[doc(hidden)]
+pub mod fuzzing;
 mod gate;
 pub mod instance;
 pub mod integration;

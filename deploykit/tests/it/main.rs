@@ -9,6 +9,7 @@ mod canary_flag;
 mod crash;
 mod fixtures;
 mod flags;
+mod fuzz_corpus;
 mod gates;
 mod judges;
 mod props;
