@@ -20,26 +20,30 @@ macro_rules! out {
     };
 }
 
-mod cmd;
-mod config;
-mod dashboard;
+// The modules are `pub(crate)` so that the fuzz targets in `fuzz/`, which
+// compile this file as a module of their own crate, reach them at `crate::`.
+pub(crate) mod cmd;
+pub(crate) mod config;
+pub(crate) mod dashboard;
 #[cfg(feature = "demo")]
-mod demo;
-mod flags;
-mod gitops;
-mod gitops_webhook;
-mod metrics_http;
-mod notify;
-mod ofrep;
-mod output;
-mod recommend;
-mod sim;
+pub(crate) mod demo;
+pub(crate) mod flags;
+#[cfg(any(test, fuzzing))]
+pub(crate) mod fuzzing;
+pub(crate) mod gitops;
+pub(crate) mod gitops_webhook;
+pub(crate) mod metrics_http;
+pub(crate) mod notify;
+pub(crate) mod ofrep;
+pub(crate) mod output;
+pub(crate) mod recommend;
+pub(crate) mod sim;
 #[cfg(test)]
 mod sim_conformance;
-mod sim_log;
-mod stats;
-mod top;
-mod wire;
+pub(crate) mod sim_log;
+pub(crate) mod stats;
+pub(crate) mod top;
+pub(crate) mod wire;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -179,7 +183,7 @@ fn main() -> ExitCode {
 /// `err` and its causes, each once: the library's errors already write
 /// their source into their own message, so anyhow's `{:#}` would repeat
 /// it (a host-key mismatch came out three times).
-fn error_text(err: &anyhow::Error) -> String {
+pub(crate) fn error_text(err: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in err.chain() {
         let s = cause.to_string();

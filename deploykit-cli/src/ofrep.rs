@@ -170,17 +170,7 @@ fn router(shared: Shared) -> Router {
 
 /// The request's `context`, or the reason it is not acceptable.
 fn context_of(body: &[u8]) -> Result<Context, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("the request body is not JSON: {e}"))?;
-    match v.get("context") {
-        Some(Value::Object(c)) => {
-            if c.get("targetingKey").is_some_and(|t| !t.is_string()) {
-                return Err("`context.targetingKey` must be a string".into());
-            }
-            Ok(c.clone())
-        }
-        Some(_) => Err("`context` must be an object".into()),
-        None => Err("the request body has no `context`".into()),
-    }
+    deploykit::flags::ofrep_context(body).map_err(|e| e.to_string())
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response {

@@ -145,6 +145,8 @@ mod event;
 mod executor;
 pub mod experiment;
 pub mod flags;
+#[doc(hidden)]
+pub mod fuzzing;
 mod gate;
 pub mod instance;
 pub mod integration;

@@ -272,9 +272,10 @@ pub fn resume(
     let mut plan = strategy.plan(&fleet, &h.release)?;
     if h.strategy == StrategyKind::Canary && plan.stages.is_empty() {
         // Every stable instance was moved: what may be left is the canary's
-        // end, all traffic to stable and the canary instances stopped. It
-        // restores nothing, so it starts from the fleet as found.
-        return Ok(Resume::Plan(finish_canary(&strategies.canary, found, &h.release)));
+        // end, all traffic to stable and the canary instances stopped, with
+        // the stable instances skipped like any the killed run finished.
+        let skipped = std::mem::take(&mut plan.skipped);
+        plan = finish_canary(&strategies.canary, found, &h.release).with_skipped(skipped);
     }
     // An abort undoes the whole deployment, not only this run: every
     // instance returns to what it ran before the deployment, so those the

@@ -218,10 +218,12 @@ pub fn policies(groups: &[Group]) -> Vec<PolicyCase> {
             policy: sticky(Sticky::Cookie {
                 name: "conformance_sticky".into(),
             }),
-            // The cookie is set by the balancer's first answer; a probe
-            // keeps no cookies, so stickiness is not probed here.
+            // The balancer sets the cookie on a first answer; a client that
+            // sends it back (any value it holds) stays on one group.
             routes: Vec::new(),
-            sticky: Vec::new(),
+            sticky: (1..=20)
+                .map(|u| ProbeRequest::header("cookie", &format!("conformance_sticky=user-{u}")))
+                .collect(),
         },
         PolicyCase {
             capability: Capability::StickyKey,

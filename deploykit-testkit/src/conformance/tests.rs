@@ -639,3 +639,129 @@ async fn each_broken_routing_driver_is_caught_by_its_clause() {
         "{err}"
     );
 }
+
+/// A fake balancer with cookie-sticky splits: while one is live, a request
+/// goes to the group its `conformance_sticky` cookie hashes to, or, when
+/// `forgets_cookie`, to the next group in turn (a balancer that reads no
+/// cookie).
+#[derive(Debug)]
+struct StickyCookieLb {
+    inner: FakeLoadBalancer,
+    forgets_cookie: bool,
+    split: Mutex<Option<Vec<GroupWeight>>>,
+    turn: std::sync::atomic::AtomicUsize,
+}
+
+impl StickyCookieLb {
+    fn new(fleet: &FakeFleet, forgets_cookie: bool) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            inner: fleet.load_balancer(),
+            forgets_cookie,
+            split: Mutex::default(),
+            turn: Default::default(),
+        })
+    }
+
+    fn route(&self, fleet: &FakeFleet, req: &ProbeRequest) -> Result<Group, String> {
+        let Some(weights) = self.split.lock().unwrap().clone() else {
+            return fleet.live_group().ok_or_else(|| "traffic is split".to_string());
+        };
+        let cookie = req
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "cookie")
+            .find_map(|(_, v)| v.strip_prefix("conformance_sticky="));
+        let point = match (cookie, self.forgets_cookie) {
+            (Some(c), false) => {
+                c.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+                }) % 100
+            }
+            _ => (self.turn.fetch_add(37, std::sync::atomic::Ordering::SeqCst) % 100) as u64,
+        };
+        let mut upto = 0u64;
+        for w in weights.iter().filter(|w| w.percent > 0) {
+            upto += u64::from(w.percent);
+            if point < upto {
+                return Ok(w.group.clone());
+            }
+        }
+        Err("no group has a share".into())
+    }
+}
+
+#[async_trait]
+impl LoadBalancer for StickyCookieLb {
+    fn name(&self) -> &str {
+        "sticky-cookie-fake"
+    }
+    async fn drain(&self, b: &Backend) -> Result<(), DriverError> {
+        self.inner.drain(b).await
+    }
+    async fn active_connections(&self, b: &Backend) -> Result<Option<u64>, DriverError> {
+        self.inner.active_connections(b).await
+    }
+    async fn enable(&self, b: &Backend) -> Result<(), DriverError> {
+        self.inner.enable(b).await
+    }
+    async fn disable(&self, b: &Backend) -> Result<(), DriverError> {
+        self.inner.disable(b).await
+    }
+    async fn set_weights(&self, w: &[GroupWeight]) -> Result<(), DriverError> {
+        self.inner.set_weights(w).await?;
+        *self.split.lock().unwrap() = None;
+        Ok(())
+    }
+    async fn switch_to(&self, g: &Group) -> Result<(), DriverError> {
+        self.inner.switch_to(g).await?;
+        *self.split.lock().unwrap() = None;
+        Ok(())
+    }
+    fn capabilities(&self) -> deploykit::routing::Capabilities {
+        deploykit::routing::Capabilities::weights_and_switch()
+            .with(deploykit::routing::Capability::StickyCookie)
+    }
+    async fn apply_policy(&self, p: &deploykit::routing::TrafficPolicy) -> Result<(), DriverError> {
+        self.capabilities().check(self.name(), p)?;
+        self.inner.set_weights(&p.split.weights).await?;
+        *self.split.lock().unwrap() = p.split.sticky.is_some().then(|| p.split.weights.clone());
+        Ok(())
+    }
+    async fn live_group(&self) -> Result<Option<Group>, DriverError> {
+        self.inner.live_group().await
+    }
+}
+
+fn sticky_probe_of(lb: &std::sync::Arc<StickyCookieLb>, fleet: &FakeFleet) -> TrafficProbe {
+    let (lb, fleet) = (lb.clone(), fleet.clone());
+    std::sync::Arc::new(move |req: ProbeRequest| {
+        let r = lb.route(&fleet, &req);
+        Box::pin(async move { r }) as ProbeFuture
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cookie_sticky_driver_keeps_each_cookie_on_one_group() {
+    let fleet = FakeFleet::with_groups(&[("blue", 1), ("green", 1)]);
+    let lb = StickyCookieLb::new(&fleet, false);
+    let done = LoadBalancerSuite::default()
+        .traffic_probe(sticky_probe_of(&lb, &fleet))
+        .run(lb.as_ref(), &backends(&fleet))
+        .await
+        .unwrap();
+    assert!(done.passed.contains(&Clause::LbPolicyReadBack), "{done}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_driver_that_reads_no_sticky_cookie_is_caught() {
+    let fleet = FakeFleet::with_groups(&[("blue", 1), ("green", 1)]);
+    let lb = StickyCookieLb::new(&fleet, true);
+    let err = LoadBalancerSuite::default()
+        .traffic_probe(sticky_probe_of(&lb, &fleet))
+        .run(lb.as_ref(), &backends(&fleet))
+        .await
+        .unwrap_err();
+    assert_eq!(err.clause, Clause::LbPolicyReadBack, "{err}");
+    assert!(err.detail.contains("conformance_sticky=user-"), "{err}");
+    assert!(err.detail.contains("a sticky split keeps one"), "{err}");
+}

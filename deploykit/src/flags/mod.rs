@@ -59,12 +59,14 @@ use serde_json::{Map, Value};
 mod hash;
 mod logic;
 mod model;
+mod ofrep;
 mod rollout;
 mod semver;
 mod store;
 mod switch;
 
 pub use model::{Flag, FlagSet, FlagState, VariantType, SAFE_VARIANT_KEY};
+pub use ofrep::{ofrep_context, OfrepRequestError};
 pub use rollout::{FlagRollout, RolloutEvent, RolloutOutcome};
 pub use store::{FlagChange, FlagChangeKind, FlagChangeRecord, FlagStore};
 pub use switch::FlagSwitch;

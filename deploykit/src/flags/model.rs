@@ -151,7 +151,19 @@ impl Flag {
             return without(Reason::Disabled, None);
         }
         let default = |reason: Reason| match &self.default_variant {
-            Some(v) => resolved(v, reason),
+            Some(v) if self.variants.contains_key(v) => resolved(v, reason),
+            // A file written by another tool may name a variant it lacks:
+            // an error, not a variant without a value.
+            Some(v) => without(
+                Reason::Error,
+                Some(EvalError {
+                    code: ErrorCode::General,
+                    detail: format!(
+                        "the default variant `{v}` of `{}` is not one of its variants",
+                        self.key
+                    ),
+                }),
+            ),
             // No default variant: the caller's own default applies.
             None => without(Reason::Default, None),
         };

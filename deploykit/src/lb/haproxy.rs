@@ -236,7 +236,7 @@ impl RuntimeApi {
     }
 }
 
-fn parse_servers_state(out: &str) -> Result<Vec<ServerState>, DriverError> {
+pub(crate) fn parse_servers_state(out: &str) -> Result<Vec<ServerState>, DriverError> {
     let bad =
         |why: &str| DriverError::new(format!("unexpected `show servers state` answer ({why}): {out:?}"));
     let header = out
@@ -285,7 +285,7 @@ fn parse_servers_state(out: &str) -> Result<Vec<ServerState>, DriverError> {
     Ok(servers)
 }
 
-fn parse_stat_csv(out: &str) -> Result<Vec<BTreeMap<String, String>>, DriverError> {
+pub(crate) fn parse_stat_csv(out: &str) -> Result<Vec<BTreeMap<String, String>>, DriverError> {
     let header = out
         .lines()
         .find_map(|l| l.strip_prefix("# "))

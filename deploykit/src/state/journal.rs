@@ -682,6 +682,11 @@ fn salvage(line: &str) -> (Salvaged, serde_json::Result<JournalRecord>) {
     }
 }
 
+/// A journal line as reading a journal parses it, torn or not.
+pub(crate) fn parse_line(line: &str) -> Option<JournalRecord> {
+    salvage(line).1.ok()
+}
+
 /// One past (or running) deployment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {

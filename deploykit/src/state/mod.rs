@@ -58,6 +58,7 @@ pub(crate) mod atomic;
 mod control;
 mod digest;
 mod journal;
+pub(crate) use journal::parse_line as fuzz_journal_line;
 mod lock;
 mod marker;
 

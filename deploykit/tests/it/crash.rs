@@ -141,7 +141,17 @@ impl World {
     }
 
     pub(crate) fn exec(&self, sink: Option<Arc<dyn EventSink>>) -> Executor {
+        self.exec_with(sink, tokio_util::sync::CancellationToken::new())
+    }
+
+    /// [`exec`](Self::exec), stopped by the operator through `cancel`.
+    fn exec_with(
+        &self,
+        sink: Option<Arc<dyn EventSink>>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> Executor {
         let mut b = Executor::builder()
+            .cancel_token(cancel)
             .instances(self.fleet.instances())
             .load_balancer(Arc::new(self.fleet.load_balancer()))
             .live_store(Arc::new(self.store.clone()))
@@ -685,6 +695,85 @@ fn a_resume_that_aborts_returns_the_instances_the_killed_run_finished() {
         }
         let inv = w.fleet.check(&report, 2);
         assert!(inv.is_ok(), "{inv:?}");
+    });
+}
+
+/// Cancels the run at its first step, as an operator's Ctrl-C would.
+struct CancelAtFirstStep(tokio_util::sync::CancellationToken);
+
+#[async_trait::async_trait]
+impl EventSink for CancelAtFirstStep {
+    fn emit(&self, e: &Event) {
+        if matches!(e.kind, deploykit::EventKind::StepStarted { .. }) {
+            self.0.cancel();
+        }
+    }
+}
+
+/// A canary killed after every stable instance moved to v2 resumes with
+/// only the canary's end left to do; the operator cancelling that resume
+/// aborts the deployment, and an abort undoes the whole deployment: the
+/// stable instances the killed run moved go back to v1 too.
+#[test]
+fn a_cancelled_canary_resume_after_every_stable_instance_moved_returns_them_to_v1() {
+    let total = records(StrategyKind::Canary, 2, 1);
+    // The first kill point after which both stable instances serve v2 and
+    // the resume has only the canary's end left (no instance to move).
+    let found = (1..total).find(|&k| {
+        block_on(async {
+            let w = World::new(StrategyKind::Canary, 2, 1);
+            let (_, _, report) = w.deploy(k).await;
+            if report.is_some()
+                || ["i-1", "i-2"]
+                    .iter()
+                    .any(|i| w.fleet.serving_release(i) != Some(v("v2")))
+            {
+                return false;
+            }
+            let latest = w.state.latest().unwrap().expect("a journal");
+            let recorded = Recorded::load(&w.state, &latest).unwrap();
+            let snap = w.exec(None).snapshot().await.unwrap();
+            match recovery::resume(&recorded, &snap, &w.strategies, None).unwrap() {
+                recovery::Resume::Plan(plan) => plan.stages.iter().all(|s| {
+                    s.units
+                        .iter()
+                        .all(|u| u.instance.as_ref().is_none_or(|i| i.as_str() == "i-3"))
+                }),
+                recovery::Resume::Switched { .. } => false,
+            }
+        })
+    });
+    let k = found.expect("a kill point with every stable instance on v2");
+    block_on(async {
+        let w = World::new(StrategyKind::Canary, 2, 1);
+        let (_, _, report) = w.deploy(k).await;
+        assert!(report.is_none(), "killed after record {k}");
+        let latest = w.state.latest().unwrap().expect("a journal");
+        let recorded = Recorded::load(&w.state, &latest).unwrap();
+        let snap = w.exec(None).snapshot().await.unwrap();
+        let recovery::Resume::Plan(plan) = recovery::resume(&recorded, &snap, &w.strategies, None).unwrap()
+        else {
+            panic!("a canary resumes with a plan");
+        };
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let exec = w.exec_with(Some(Arc::new(CancelAtFirstStep(cancel.clone()))), cancel);
+        let options = RunOptions::default()
+            .with_id("r1")
+            .with_unsettled(recorded.unsettled());
+        let report = exec.run(&plan, options).await.expect("the resume starts");
+        assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}");
+        for i in ["i-1", "i-2"] {
+            assert_eq!(
+                w.fleet.serving_release(i),
+                Some(v("v1")),
+                "stable {i} serves v1 again after the cancelled resume:\n{report}"
+            );
+            assert!(w.fleet.in_rotation(i), "{i} serves:\n{report}");
+        }
+        let weights = w.fleet.load_balancer().weights();
+        let to_canary = weights.as_ref().and_then(|w| w.get(&g("canary")).copied());
+        assert_eq!(to_canary.unwrap_or(0), 0, "no traffic to the canary: {weights:?}");
+        assert_eq!(w.fleet.routing_violations(), Vec::<String>::new());
     });
 }
 

@@ -740,3 +740,21 @@ mod rollout {
         assert!(store.history().expect("history").is_empty());
     }
 }
+
+/// Found by the `flags` fuzz target: a default variant the flag does not
+/// have was answered as that variant with no value and no error.
+#[test]
+fn a_default_variant_that_is_not_a_variant_is_an_evaluation_error() {
+    let set = FlagSet::parse(
+        r#"{"flags":{"f":{"state":"ENABLED","variants":{"on":true,"no":false},"defaultVariant":"off"}}}"#,
+    )
+    .expect("a flag file with a problem in one flag still parses");
+    assert!(set.validate().is_err(), "the problem is listed");
+    let e = set.evaluate("f", &Context::new());
+    assert_eq!(e.reason, deploykit::flags::Reason::Error);
+    assert_eq!(e.variant, None);
+    assert_eq!(e.value, None);
+    let err = e.error.expect("an error");
+    assert_eq!(err.code, deploykit::flags::ErrorCode::General);
+    assert!(err.detail.contains("`off`"), "{}", err.detail);
+}

@@ -10,6 +10,7 @@ mod chaos;
 mod crash;
 mod fixtures;
 mod flags;
+mod fuzz_corpus;
 mod gates;
 mod judges;
 mod kubernetes;

@@ -74,6 +74,7 @@ mod procfs;
 mod render;
 mod routing;
 mod state;
+pub(crate) use state::fuzz_line as fuzz_state_line;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;

@@ -64,6 +64,25 @@ pub(super) fn saved_line(st: &State, drain: DrainMode) -> Option<String> {
     Some(format!("{STATE_MARKER}{json}\n"))
 }
 
+/// The JSON after [`STATE_MARKER`].
+fn parse_saved(line: &str) -> serde_json::Result<SavedState> {
+    serde_json::from_str(line)
+}
+
+/// Fuzzing: a state line that parses is written back, on one line, to the
+/// same state.
+pub(crate) fn fuzz_line(line: &str) {
+    if let Ok(saved) = parse_saved(line) {
+        let json = serde_json::to_string(&saved).expect("a parsed state serializes");
+        assert!(!json.contains('\n'), "the state is one line");
+        assert_eq!(
+            parse_saved(&json).ok(),
+            Some(saved),
+            "a state line reads back as written"
+        );
+    }
+}
+
 /// Adopts the state recorded in an existing include file, if there is one
 /// and it fits the configured backends; otherwise leaves `state` as is
 /// (every backend in rotation), with a warning when a record was there but
@@ -75,7 +94,7 @@ pub(super) fn adopt_saved(include: &Path, state: &mut State) {
     let Some(line) = text.lines().find_map(|l| l.strip_prefix(STATE_MARKER)) else {
         return;
     };
-    let saved: SavedState = match serde_json::from_str(line) {
+    let saved = match parse_saved(line) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(file = %include.display(), error = %e,
