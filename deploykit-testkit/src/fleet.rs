@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deploykit::routing::{Capabilities, TrafficPolicy};
 use deploykit::chaos::ProcessSignal;
+use deploykit::routing::{Capabilities, TrafficPolicy};
 use deploykit::{
     Address, Backend, DriverError, Group, GroupWeight, Health, Instance, InstanceId, LoadBalancer, ReleaseId,
 };

@@ -248,7 +248,7 @@ impl Canary {
     }
 
     /// The chaos entries of stage `stage`, as the plan carries them.
-    fn chaos_steps(&self, stage: usize) -> Vec<crate::chaos::ChaosStep> {
+    pub(super) fn chaos_steps(&self, stage: usize) -> Vec<crate::chaos::ChaosStep> {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         self.chaos
             .iter()

@@ -238,6 +238,7 @@ impl Strategy for Ramped {
                         weight: *w,
                         duration: *hold,
                         analysis: analysis.clone(),
+                        chaos: base.chaos_steps(stage),
                     });
                     Stage {
                         name: format!("ramp {w}% ({stage}/{of})"),
@@ -400,6 +401,7 @@ impl Strategy for Shadow {
                             weight: 0,
                             duration: self.duration,
                             analysis: analysis.clone(),
+                            chaos: base.chaos_steps(1),
                         },
                     ],
                 }],
@@ -454,6 +456,7 @@ fn widen(
                 weight: *w,
                 duration: base.stage_duration,
                 analysis: analysis.clone(),
+                chaos: base.chaos_steps(stage),
             });
             if let Promotion::Manual { timeout } = base.promotion {
                 if stage < of {
