@@ -1241,7 +1241,7 @@ impl Watcher {
     fn serving(&self, release: &str) -> Vec<String> {
         let read = || -> anyhow::Result<Vec<String>> {
             let ctx = Ctx::load_read_only(self.g.clone())?;
-            let fleet = crate::wire::fleet(&ctx.cfg, &ctx.state, None)?;
+            let fleet = crate::wire::fleet(&ctx.cfg, &ctx.state, ctx.backend.live_store(None), None)?;
             cmd::runtime()?.block_on(async {
                 let mut out = Vec::new();
                 for i in fleet.executor.instances() {

@@ -84,6 +84,7 @@ impl Fence {
 
     /// Declares the lock lost (the first reason given is kept): every write
     /// through this fence fails from now on.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub(crate) fn declare_lost(&self, why: impl Into<String>) {
         let why = why.into();
         self.lost.send_if_modified(|v| match v {
@@ -140,7 +141,12 @@ pub struct HeldLock {
 }
 
 impl HeldLock {
-    pub(crate) fn new(holder: Holder, stale: Option<Holder>, fence: Fence, guard: Box<dyn LockGuard>) -> Self {
+    pub(crate) fn new(
+        holder: Holder,
+        stale: Option<Holder>,
+        fence: Fence,
+        guard: Box<dyn LockGuard>,
+    ) -> Self {
         Self {
             holder,
             stale,
@@ -399,7 +405,12 @@ impl StateBackend for LocalBackend {
         Ok(match self.dir.try_lock(purpose)? {
             LockAttempt::Acquired { lock, stale } => {
                 let holder = lock.holder().clone();
-                StateLock::Acquired(HeldLock::new(holder, stale, Fence::new(0), Box::new(LocalGuard { lock })))
+                StateLock::Acquired(HeldLock::new(
+                    holder,
+                    stale,
+                    Fence::new(0),
+                    Box::new(LocalGuard { lock }),
+                ))
             }
             LockAttempt::Held(h) => StateLock::Held(h),
         })
@@ -409,7 +420,11 @@ impl StateBackend for LocalBackend {
         self.dir.holder()
     }
 
-    async fn create_journal(&self, _lock: &HeldLock, header: JournalHeader) -> Result<Arc<dyn JournalWriter>> {
+    async fn create_journal(
+        &self,
+        _lock: &HeldLock,
+        header: JournalHeader,
+    ) -> Result<Arc<dyn JournalWriter>> {
         Ok(Arc::new(self.dir.create_journal(header)?))
     }
 
@@ -493,7 +508,10 @@ mod tests {
         let StateLock::Acquired(lock) = backend.try_lock("deploy v2").await.unwrap() else {
             panic!("refused")
         };
-        assert!(!backend.is_unused().await.unwrap(), "the lock creates the directory");
+        assert!(
+            !backend.is_unused().await.unwrap(),
+            "the lock creates the directory"
+        );
         assert_eq!(lock.fence().token(), 0);
         let header = JournalHeader::new(
             "d1",
@@ -504,7 +522,11 @@ mod tests {
             Default::default(),
         );
         let journal = backend.create_journal(&lock, header).await.unwrap();
-        assert!(journal.location().ends_with("0000000001-d1.jsonl"), "{}", journal.location());
+        assert!(
+            journal.location().ends_with("0000000001-d1.jsonl"),
+            "{}",
+            journal.location()
+        );
         let latest = backend.latest().await.unwrap().unwrap();
         assert_eq!(latest.header.deployment, "d1");
         assert!(!latest.is_finished());

@@ -346,7 +346,12 @@ impl Inner {
         let mut out: Vec<(String, Vec<u8>)> = resp
             .kvs()
             .iter()
-            .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()))
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
@@ -361,7 +366,10 @@ impl Inner {
                 async move { c.get(key, None).await }
             })
             .await?;
-        Ok(resp.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
     }
 
     /// Commits `ops` (in transactions of at most [`TXN_OPS`]) only while
@@ -398,7 +406,9 @@ impl Inner {
                         tracing::warn!(error = %e, "etcd: {what} failed; retrying until it commits or the lock is lost");
                     }
                     Err(_) => {
-                        tracing::warn!("etcd: {what} timed out; retrying until it commits or the lock is lost");
+                        tracing::warn!(
+                            "etcd: {what} timed out; retrying until it commits or the lock is lost"
+                        );
                     }
                 }
                 self.reset().await;
@@ -450,7 +460,12 @@ impl Inner {
         }
     }
 
-    fn summary(&self, name: &str, header: JournalHeader, records: Vec<(String, Vec<u8>)>) -> Result<JournalSummary> {
+    fn summary(
+        &self,
+        name: &str,
+        header: JournalHeader,
+        records: Vec<(String, Vec<u8>)>,
+    ) -> Result<JournalSummary> {
         let mut events = Vec::new();
         let mut finished = None;
         for (key, value) in records {
@@ -536,9 +551,11 @@ impl LockGuard for EtcdGuard {
         let lease = self.lease;
         let _ = self
             .inner
-            .retry("revoking the lock's lease", self.inner.config.request_timeout, |mut c| async move {
-                c.lease_revoke(lease).await
-            })
+            .retry(
+                "revoking the lock's lease",
+                self.inner.config.request_timeout,
+                |mut c| async move { c.lease_revoke(lease).await },
+            )
             .await;
     }
 }
@@ -556,11 +573,7 @@ fn unknown_holder(value: &[u8]) -> Holder {
 #[async_trait]
 impl StateBackend for EtcdBackend {
     fn describe(&self) -> String {
-        format!(
-            "etcd at {} under {}",
-            self.inner.endpoints(),
-            self.inner.base
-        )
+        format!("etcd at {} under {}", self.inner.endpoints(), self.inner.base)
     }
 
     fn identity(&self) -> PathBuf {
@@ -581,9 +594,11 @@ impl StateBackend for EtcdBackend {
             .and_then(|(v, _)| serde_json::from_slice::<Holder>(&v).ok());
         let ttl = i64::try_from(inner.ttl().as_secs()).unwrap_or(i64::MAX);
         let lease = inner
-            .retry("granting the lock's lease", inner.config.request_timeout, |mut c| async move {
-                c.lease_grant(ttl, None).await
-            })
+            .retry(
+                "granting the lock's lease",
+                inner.config.request_timeout,
+                |mut c| async move { c.lease_grant(ttl, None).await },
+            )
             .await?
             .id();
         let holder = Holder::me(purpose);
@@ -610,15 +625,19 @@ impl StateBackend for EtcdBackend {
                 .op_responses()
                 .into_iter()
                 .find_map(|r| match r {
-                    etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| unknown_holder(kv.value())),
+                    etcd_client::TxnOpResponse::Get(g) => {
+                        g.kvs().first().map(|kv| unknown_holder(kv.value()))
+                    }
                     _ => None,
                 })
                 // Released between the compare and the read: try again later.
                 .unwrap_or_else(|| unknown_holder(b""));
             let _ = inner
-                .retry("revoking an unused lease", inner.config.request_timeout, |mut c| async move {
-                    c.lease_revoke(lease).await
-                })
+                .retry(
+                    "revoking an unused lease",
+                    inner.config.request_timeout,
+                    |mut c| async move { c.lease_revoke(lease).await },
+                )
                 .await;
             return Ok(StateLock::Held(held));
         }
@@ -647,7 +666,11 @@ impl StateBackend for EtcdBackend {
         Ok(self.inner.get("lock").await?.map(|(v, _)| unknown_holder(&v)))
     }
 
-    async fn create_journal(&self, lock: &HeldLock, mut header: JournalHeader) -> Result<Arc<dyn JournalWriter>> {
+    async fn create_journal(
+        &self,
+        lock: &HeldLock,
+        mut header: JournalHeader,
+    ) -> Result<Arc<dyn JournalWriter>> {
         crate::names::validate_name("deployment", &header.deployment)?;
         let inner = &self.inner;
         let mut last = match inner.get("sequence").await? {
@@ -775,10 +798,14 @@ impl StateBackend for EtcdBackend {
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, at)])
                 .and_then([TxnOp::put(key.clone(), bytes, None)]);
             let resp = inner
-                .retry("sending the control request", inner.config.request_timeout, |mut c| {
-                    let txn = txn.clone();
-                    async move { c.txn(txn).await }
-                })
+                .retry(
+                    "sending the control request",
+                    inner.config.request_timeout,
+                    |mut c| {
+                        let txn = txn.clone();
+                        async move { c.txn(txn).await }
+                    },
+                )
                 .await?;
             if resp.succeeded() {
                 return Ok(seq);
@@ -821,7 +848,9 @@ impl StateBackend for EtcdBackend {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                let Ok(last) = inner.get("control").await else { continue };
+                let Ok(last) = inner.get("control").await else {
+                    continue;
+                };
                 let Some(req) = read(last) else { continue };
                 if req.seq <= seen {
                     continue;
@@ -982,7 +1011,10 @@ impl EtcdJournal {
                 TxnOp::put(key, b, None)
             })
             .collect();
-        let written = self.inner.fenced(&self.fence, "appending to the journal", ops).await;
+        let written = self
+            .inner
+            .fenced(&self.fence, "appending to the journal", ops)
+            .await;
         let mut q = self.lock();
         match written {
             Ok(()) => {
@@ -1064,7 +1096,10 @@ mod tests {
             (EtcdConfig::new(["127.0.0.1:2379"]), "state.endpoints"),
             (EtcdConfig::new(["https://127.0.0.1:2379"]), "TLS"),
             (EtcdConfig::new(["http://a b:1"]), "state.endpoints"),
-            (EtcdConfig::new(["http://127.0.0.1:2379"]).prefix("dk"), "state.prefix"),
+            (
+                EtcdConfig::new(["http://127.0.0.1:2379"]).prefix("dk"),
+                "state.prefix",
+            ),
             (
                 EtcdConfig::new(["http://127.0.0.1:2379"]).lock_ttl(Duration::from_millis(500)),
                 "state.lock_ttl",
@@ -1074,8 +1109,11 @@ mod tests {
             let e = EtcdBackend::new("shop", config).unwrap_err().to_string();
             assert!(e.contains(field), "{field}: {e}");
         }
-        let ok = EtcdBackend::new("shop", EtcdConfig::new(["http://[::1]:2379", "http://etcd-1:2379"]))
-            .unwrap();
+        let ok = EtcdBackend::new(
+            "shop",
+            EtcdConfig::new(["http://[::1]:2379", "http://etcd-1:2379"]),
+        )
+        .unwrap();
         assert_eq!(ok.identity(), PathBuf::from("etcd:/deploykit/shop"));
         assert!(EtcdBackend::new("../x", EtcdConfig::new(["http://127.0.0.1:2379"])).is_err());
     }
