@@ -7,6 +7,7 @@ mod canary_flag;
 mod commands;
 mod config;
 mod crash;
+mod etcd;
 mod flags;
 mod gitops;
 mod haproxy;

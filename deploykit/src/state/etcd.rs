@@ -210,6 +210,9 @@ struct Inner {
     /// `<prefix>/<app>/`.
     base: String,
     client: tokio::sync::Mutex<Option<Client>>,
+    /// The endpoint the next connection goes to: each failure moves on to
+    /// the next member, so a dead one is left at once.
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Inner {
@@ -252,6 +255,7 @@ impl EtcdBackend {
                 config,
                 base,
                 client: tokio::sync::Mutex::new(None),
+                next: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }
@@ -271,7 +275,7 @@ impl Inner {
         self.config.lock_ttl
     }
 
-    /// A connected client (a new connection after [`reset`](Self::reset)).
+    /// A client of one member (another one after [`reset`](Self::reset)).
     async fn client(&self) -> std::result::Result<Client, etcd_client::Error> {
         let mut slot = self.client.lock().await;
         if let Some(c) = slot.as_ref() {
@@ -286,15 +290,17 @@ impl Inner {
         if let Some((u, p)) = &self.config.user {
             options = options.with_user(u.clone(), p.clone());
         }
-        let c = Client::connect(&self.config.endpoints, Some(options)).await?;
+        let n = self.next.load(std::sync::atomic::Ordering::Relaxed) % self.config.endpoints.len();
+        let c = Client::connect([&self.config.endpoints[n]], Some(options)).await?;
         *slot = Some(c.clone());
         Ok(c)
     }
 
-    /// Drops the connection: the next request connects again (the client
-    /// library does not reconnect on its own).
+    /// Drops the connection: the next request connects again, to the next
+    /// member (the client library does not reconnect on its own).
     async fn reset(&self) {
         *self.client.lock().await = None;
+        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Runs `call` until it succeeds or `budget` has passed, reconnecting
@@ -419,8 +425,9 @@ impl Inner {
     }
 
     /// Keeps the lease alive every third of the TTL until the task is
-    /// aborted; declares the fence lost when the lease is gone, or when no
-    /// keep-alive was confirmed for a whole TTL.
+    /// aborted, trying again at once (on the next member) when a renewal
+    /// fails; declares the fence lost when the lease is gone, or when no
+    /// renewal was confirmed for a whole TTL.
     async fn keep_alive(self: Arc<Self>, lease: i64, fence: Fence) {
         let ttl = self.ttl();
         let period = ttl / 3;
@@ -428,34 +435,38 @@ impl Inner {
         let mut confirmed = Instant::now();
         loop {
             tokio::time::sleep(period).await;
-            if confirmed.elapsed() < ttl {
+            loop {
+                let left = ttl.saturating_sub(confirmed.elapsed());
+                if left.is_zero() {
+                    fence.declare_lost(format!(
+                        "no keep-alive of its lease was confirmed for {} s (the process stalled, or etcd was out of reach)",
+                        ttl.as_secs()
+                    ));
+                    return;
+                }
                 let sent = Instant::now();
                 let attempt = async {
                     let mut c = self.client().await?;
                     c.lease_keep_alive(lease).await
                 };
-                match tokio::time::timeout(period, attempt).await {
-                    Ok(Ok(_)) => confirmed = sent,
-                    Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) => {
+                match tokio::time::timeout(period.min(left), attempt).await {
+                    Ok(Ok(_)) => {
+                        confirmed = sent;
+                        break;
+                    }
+                    Ok(Err(e)) if lease_gone(&e) => {
                         fence.declare_lost(format!("etcd no longer knows its lease ({e}): it expired"));
                         return;
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "etcd: keeping the lock's lease alive failed; reconnecting");
-                        self.reset().await;
+                        tracing::warn!(error = %e, "etcd: renewing the lock's lease failed; trying the next member");
                     }
                     Err(_) => {
-                        tracing::warn!("etcd: keeping the lock's lease alive timed out; reconnecting");
-                        self.reset().await;
+                        tracing::warn!("etcd: renewing the lock's lease timed out; trying the next member");
                     }
                 }
-            }
-            if confirmed.elapsed() >= ttl {
-                fence.declare_lost(format!(
-                    "no keep-alive of its lease was confirmed for {} s (the process stalled, or etcd was out of reach)",
-                    ttl.as_secs()
-                ));
-                return;
+                self.reset().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -512,6 +523,15 @@ impl Inner {
     async fn read(&self, name: &str, header: JournalHeader) -> Result<JournalSummary> {
         let records = self.range(&format!("records/{name}/"), false).await?;
         self.summary(name, header, records)
+    }
+}
+
+/// Whether `e` says the lease does not exist (any more).
+fn lease_gone(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        _ => false,
     }
 }
 
