@@ -17,7 +17,7 @@ use deploykit::state::{
     EtcdBackend, EtcdConfig, JournalHeader, JournalWriter, LocalBackend, RunKind, StateBackend, StateDir,
     StateLock,
 };
-use deploykit::{Event, EventKind, EventSink, ReleaseId};
+use deploykit::{Event, EventKind, ReleaseId};
 
 const RECORDS: usize = 500;
 const RUNS: usize = 5;

@@ -148,6 +148,7 @@ impl StateConfig {
     }
 
     /// The password from the variable `password_env` names.
+    #[cfg(feature = "etcd")]
     pub(crate) fn etcd_password(&self) -> deploykit::Result<Option<String>> {
         match (&self.username, &self.password_env) {
             (None, None) => Ok(None),

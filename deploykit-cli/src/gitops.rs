@@ -1272,7 +1272,7 @@ impl Watcher {
     /// when it failed.
     fn run_of(&self, sha: &str) -> Option<(String, Option<String>)> {
         let ctx = Ctx::load_read_only(self.g.clone()).ok()?;
-        let latest = ctx.state.latest().ok()??;
+        let latest = cmd::runtime().ok()?.block_on(ctx.backend.latest()).ok()??;
         let entry = latest.history_entry(None);
         (entry.commit.as_ref().map(|c| c.sha.as_str()) == Some(sha)).then_some((entry.id, entry.reason))
     }

@@ -321,7 +321,10 @@ impl<'a> Run<'a> {
                     instance: id.clone(),
                     reason: format!("{} failed while restoring: {e}", step.kind()),
                 });
-                self.quarantine(id).await;
+                // Another process owns the fleet once the lock is lost.
+                if !e.is_lock_lost() {
+                    self.quarantine(id).await;
+                }
                 return false;
             }
         }
