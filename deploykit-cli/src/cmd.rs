@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use deploykit::bluegreen_state::{peek, reconcile, FileLiveStore, LiveStore, Reconciled};
+use deploykit::bluegreen_state::{peek, reconcile, Reconciled};
 use deploykit::flags::FlagStore;
 use deploykit::recovery::{self, Recorded};
 use deploykit::state::{
-    ControlCommand, DeployLock, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalSummary,
-    LockAttempt, RunKind, SourceCommit, StateDir,
+    ControlCommand, HeldLock, HistoryOutcome, JournalHeader, JournalOutcome, JournalSummary, JournalWriter,
+    RunKind, SourceCommit, StateBackend, StateDir, StateLock,
 };
 use deploykit::{
     run_id, Event, EventSink, Executor, Fanout, OutcomeKind, ReleaseId, Report, RunOptions,
@@ -48,6 +48,19 @@ pub(crate) struct Global {
     /// Only errors and the final result.
     #[arg(short, long, global = true)]
     pub(crate) quiet: bool,
+    /// When another deployment holds the lock, wait for it up to this long
+    /// (`10m`), naming the holder, instead of failing at once (CI runners
+    /// queue this way).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = lock_wait)]
+    pub(crate) lock_wait: Option<Duration>,
+}
+
+fn lock_wait(s: &str) -> Result<Duration, String> {
+    let d = deploykit::parse_duration("--lock-wait", s).map_err(|e| e.to_string())?;
+    if d > Duration::from_secs(24 * 3600) {
+        return Err("use at most 24h".into());
+    }
+    Ok(d)
 }
 
 /// `deploykit deploy`.
@@ -136,7 +149,7 @@ impl EventSink for Relay {
 
 /// The journal, with the crash hook.
 struct Journaled {
-    journal: Arc<Journal>,
+    journal: Arc<dyn JournalWriter>,
     abort_after: Option<u64>,
 }
 
@@ -144,8 +157,15 @@ impl Journaled {
     fn check(&self) {
         if let Some(n) = self.abort_after {
             if self.journal.records() >= n {
-                // Queued records are not on disk yet: write them first.
-                let _ = self.journal.sync();
+                // Queued records are not written yet: write them first.
+                let journal = self.journal.clone();
+                let _ = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                    if let Ok(rt) = rt {
+                        let _ = rt.block_on(journal.sync());
+                    }
+                })
+                .join();
                 std::process::abort();
             }
         }
@@ -168,7 +188,11 @@ impl EventSink for Journaled {
 pub(crate) struct Ctx {
     pub(crate) g: Global,
     pub(crate) cfg: Loaded,
+    /// This machine's state directory: simulated fleets, release pins, flag
+    /// journal, and (with the local backend) the deployment state.
     pub(crate) state: StateDir,
+    /// Where the lock, journals, live record and control channel live.
+    pub(crate) backend: Arc<dyn StateBackend>,
 }
 
 impl Ctx {
@@ -177,15 +201,19 @@ impl Ctx {
         // Created by the first lock: a refused or read-only command leaves
         // nothing behind.
         let state = StateDir::at(cfg.state_base(), &cfg.raw.app)?;
-        Ok(Self { g, cfg, state })
+        let backend = wire::state_backend(&cfg, &state)?;
+        Ok(Self {
+            g,
+            cfg,
+            state,
+            backend,
+        })
     }
 
     /// As [`load`](Self::load) for a command that only reads: the state
     /// directory is not created, so no write access is needed.
     pub(crate) fn load_read_only(g: Global) -> anyhow::Result<Self> {
-        let cfg = config::load(&g.config)?;
-        let state = StateDir::at(cfg.state_base(), &cfg.raw.app)?;
-        Ok(Self { g, cfg, state })
+        Self::load(g)
     }
 
     fn notifier(&self) -> Notifier {
@@ -218,40 +246,65 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Takes the lock or explains who holds it (exit 4).
-fn lock(ctx: &Ctx, purpose: &str) -> anyhow::Result<Result<DeployLock, u8>> {
-    match ctx.state.try_lock(purpose)? {
-        LockAttempt::Acquired { lock, stale } => {
-            if let Some(s) = stale {
-                eprintln!(
-                    "deploykit: note: the previous holder of the lock ({s}) died without releasing it; \
-                     its deployment was interrupted (see `deploykit status`)"
-                );
+/// Takes the lock or explains who holds it (exit 4); with `--lock-wait`,
+/// waits for it that long first, saying who holds it.
+async fn lock(ctx: &Ctx, purpose: &str) -> anyhow::Result<Result<HeldLock, u8>> {
+    let deadline = ctx.g.lock_wait.map(|w| tokio::time::Instant::now() + w);
+    let mut announced: Option<deploykit::state::Holder> = None;
+    loop {
+        match ctx.backend.try_lock(purpose).await? {
+            StateLock::Acquired(lock) => {
+                if let Some(s) = lock.stale() {
+                    eprintln!(
+                        "deploykit: note: the previous holder of the lock ({s}) died without releasing it; \
+                         its deployment was interrupted (see `deploykit status`)"
+                    );
+                }
+                return Ok(Ok(lock));
             }
-            Ok(Ok(lock))
-        }
-        LockAttempt::Held(h) => {
-            let alive = match h.is_alive() {
-                Some(false) => " (that process is gone; the lock is held by a process it started, or the record is stale: check with `fuser`)",
-                _ => "",
-            };
-            eprintln!(
-                "deploykit: error: another deployment of {} holds the lock: {h}{alive}; wait for it, or stop it (`deploykit abort`)",
-                ctx.cfg.raw.app
-            );
-            Ok(Err(exit::LOCKED))
+            StateLock::Held(h) if deadline.is_some_and(|d| tokio::time::Instant::now() < d) => {
+                if announced.as_ref() != Some(&h) {
+                    eprintln!(
+                        "deploykit: waiting for the lock of {}, held by {h} (--lock-wait {})",
+                        ctx.cfg.raw.app,
+                        deploykit::duration_text::format(ctx.g.lock_wait.unwrap_or_default())
+                    );
+                    announced = Some(h);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            StateLock::Held(h) => return Ok(Err(refused(ctx, h))),
         }
     }
 }
 
+/// Explains who holds the lock; exit 4.
+fn refused(ctx: &Ctx, h: deploykit::state::Holder) -> u8 {
+    let alive = match h.is_alive() {
+        Some(false) => " (that process is gone; the lock is held by a process it started, or the record is stale: check with `fuser`)",
+        _ => "",
+    };
+    let waited = match ctx.g.lock_wait {
+        Some(w) => format!(" (still, after waiting {})", deploykit::duration_text::format(w)),
+        None => String::new(),
+    };
+    eprintln!(
+        "deploykit: error: another deployment of {} holds the lock{waited}: {h}{alive}; wait for it \
+         (`--lock-wait 10m` queues behind it), or stop it (`deploykit abort`)",
+        ctx.cfg.raw.app
+    );
+    exit::LOCKED
+}
+
 /// Starts a journal and hooks it (and the output) into the relay.
-fn start_journal(
+async fn start_journal(
     ctx: &Ctx,
+    lock: &HeldLock,
     relay: &Relay,
     header: JournalHeader,
     out: Option<Arc<dyn EventSink>>,
-) -> anyhow::Result<Arc<Journal>> {
-    let journal = Arc::new(ctx.state.create_journal(header)?);
+) -> anyhow::Result<Arc<dyn JournalWriter>> {
+    let journal = ctx.backend.create_journal(lock, header).await?;
     let journaled = Arc::new(Journaled {
         journal: journal.clone(),
         abort_after: abort_after(),
@@ -268,13 +321,16 @@ fn start_journal(
 /// A run refused before its first step (nothing touched) leaves no journal
 /// behind: otherwise the next command would find an "interrupted"
 /// deployment that never happened.
-fn unless_refused<T>(journal: &Journal, r: deploykit::Result<T>) -> anyhow::Result<T> {
-    r.map_err(|e| {
-        if let Err(d) = journal.discard_unstarted() {
-            eprintln!("deploykit: warning: {d}");
+async fn unless_refused<T>(journal: &dyn JournalWriter, r: deploykit::Result<T>) -> anyhow::Result<T> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            if let Err(d) = journal.discard_unstarted().await {
+                eprintln!("deploykit: warning: {d}");
+            }
+            Err(e.into())
         }
-        e.into()
-    })
+    }
 }
 
 fn notice(ctx: &Ctx, h: &JournalHeader, event: NotifyOn, report: Option<&Report>) -> Notice {
@@ -310,20 +366,29 @@ fn end_event(kind: RunKind, outcome: OutcomeKind) -> NotifyOn {
 async fn conclude(
     ctx: &Ctx,
     exec: &Executor,
-    journal: &Journal,
+    journal: &dyn JournalWriter,
     report: &Report,
     human: Option<&Human>,
 ) -> anyhow::Result<u8> {
-    journal.finish(JournalOutcome {
-        outcome: report.outcome,
-        reason: report.reason.clone(),
-        duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
-    })?;
+    let finished = journal
+        .finish(JournalOutcome {
+            outcome: report.outcome,
+            reason: report.reason.clone(),
+            duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
+        })
+        .await;
+    if let Err(deploykit::Error::LockLost(why)) = &finished {
+        if let Some(hm) = human {
+            hm.finish();
+        }
+        return Ok(lock_lost(ctx, journal, why));
+    }
+    finished?;
     if journal.write_errors() > 0 {
         eprintln!(
             "deploykit: warning: {} journal record(s) could not be written to {}; after a crash, `status` and `rollback` would know less",
             journal.write_errors(),
-            journal.path().display()
+            journal.location()
         );
     }
     let h = journal.header();
@@ -360,6 +425,33 @@ async fn conclude(
     })
 }
 
+/// Says that the run stopped because it lost the lock, and what to do;
+/// exit 3.
+fn lock_lost(ctx: &Ctx, journal: &dyn JournalWriter, why: &str) -> u8 {
+    eprintln!(
+        "deploykit: error: run {} lost the deployment lock of {} and stopped: {why}. \
+         It started no step after that and recorded nothing more (the journal {} ends at its last recorded step). \
+         Another machine may hold the lock now: `deploykit status` shows where the run stopped, and \
+         `deploykit deploy --resume` or `deploykit rollback` finishes it from any machine with this configuration.",
+        journal.header().deployment,
+        ctx.cfg.raw.app,
+        journal.location()
+    );
+    exit::UNKNOWN_STATE
+}
+
+/// Cancels the run as soon as its lock is lost: it then starts nothing more
+/// (its restore steps are refused too, since they cannot be recorded).
+fn stop_on_lost_lock(lock: &HeldLock, exec: &Executor) -> tokio::task::JoinHandle<()> {
+    let fence = lock.fence().clone();
+    let cancel = exec.cancel_token();
+    tokio::spawn(async move {
+        let why = fence.wait_lost().await;
+        eprintln!("deploykit: error: lost the deployment lock: {why}; stopping");
+        cancel.cancel();
+    })
+}
+
 /// The configured strategies recovery plans with. Only the section of the
 /// strategy being recovered is checked: rolling back a rolling deployment
 /// does not fail on a canary section it does not use.
@@ -388,14 +480,15 @@ fn lib_kind(kind: StrategyKind) -> LibKind {
     }
 }
 
-async fn reconciled_live(ctx: &Ctx, exec: &Executor) -> anyhow::Result<Reconciled> {
+async fn reconciled_live(ctx: &Ctx, lock: &HeldLock, exec: &Executor) -> anyhow::Result<Reconciled> {
     let bg = ctx.cfg.raw.blue_green();
-    let store = FileLiveStore::new(ctx.state.live_record_path());
-    Ok(reconcile(&store, exec.load_balancer().as_ref(), &bg.environments).await?)
+    let store = ctx.backend.live_store(Some(lock));
+    Ok(reconcile(store.as_ref(), exec.load_balancer().as_ref(), &bg.environments).await?)
 }
 
-fn watch_control(ctx: &Ctx, id: &str, fleet: &wire::Fleet) -> tokio::task::JoinHandle<()> {
-    ctx.state.control().watch(
+fn watch_control(ctx: &Ctx, lock: &HeldLock, id: &str, fleet: &wire::Fleet) -> tokio::task::JoinHandle<()> {
+    ctx.backend.watch_control(
+        lock,
         id.to_string(),
         fleet.promotion.clone(),
         Duration::from_millis(200),
@@ -449,11 +542,12 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
         .as_deref()
         .map(|c| SourceCommit::new(c, args.commit_time))
         .transpose()?;
+    let rt = runtime()?;
     let release = match &args.release {
         Some(r) if !args.resume => {
             let release = ReleaseId::new(r).map_err(|e| rename(e, "release"))?;
             // An interrupted deployment is reported first, after the lock.
-            if ctx.state.latest()?.is_none_or(|j| j.is_finished()) {
+            if rt.block_on(ctx.backend.latest())?.is_none_or(|j| j.is_finished()) {
                 wire::check_release(&ctx.cfg, &release)?;
             }
             warn_config(
@@ -464,7 +558,7 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
             Some(release)
         }
         _ => {
-            if !ctx.state.root().exists() {
+            if rt.block_on(ctx.backend.is_unused())? {
                 return nothing_to_resume();
             }
             None
@@ -474,7 +568,7 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
         .metrics_listen
         .map(|addr| crate::metrics_http::bind("metrics-listen", addr))
         .transpose()?;
-    runtime()?.block_on(async move {
+    rt.block_on(async move {
         // Served until this run ends, from the journals (this run's too).
         let _metrics = match metrics {
             Some(listener) => {
@@ -490,29 +584,34 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
             Some(r) => format!("deploy {r}"),
             None => "deploy --resume".into(),
         };
-        let lock = match lock(&ctx, &purpose)? {
+        let lock = match lock(&ctx, &purpose).await? {
             Ok(l) => l,
             Err(code) => return Ok(code),
         };
         let claimer = Claimer {
-            holder: lock.holder(),
+            lock: &lock,
             take_over: args.take_over,
         };
-        let latest = ctx.state.latest()?;
-        let Some(release) = release else {
-            return resume(&ctx, latest, &claimer).await;
-        };
-        if let Some(j) = latest.as_ref().filter(|j| !j.is_finished()) {
-            eprintln!(
-                "deploykit: error: the {} {} of {} was interrupted and the fleet may run a mix of releases; \
-                 run `deploykit deploy --resume` to finish it or `deploykit rollback` to undo it first (`deploykit status` shows where it stopped)",
-                j.header.strategy, j.header.deployment, j.header.release
-            );
-            return Ok(exit::UNKNOWN_STATE);
+        let code = async {
+            let latest = ctx.backend.latest().await?;
+            let Some(release) = release else {
+                return resume(&ctx, latest, &claimer).await;
+            };
+            if let Some(j) = latest.as_ref().filter(|j| !j.is_finished()) {
+                eprintln!(
+                    "deploykit: error: the {} {} of {} was interrupted and the fleet may run a mix of releases; \
+                     run `deploykit deploy --resume` to finish it or `deploykit rollback` to undo it first (`deploykit status` shows where it stopped)",
+                    j.header.strategy, j.header.deployment, j.header.release
+                );
+                return Ok(exit::UNKNOWN_STATE);
+            }
+            wire::check_release(&ctx.cfg, &release)?;
+            let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
+            run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind, commit), release, &claimer).await
         }
-        wire::check_release(&ctx.cfg, &release)?;
-        let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
-        run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind, commit), release, &claimer).await
+        .await;
+        lock.release().await;
+        code
     })
 }
 
@@ -541,7 +640,13 @@ async fn run_deploy(
     claimer: &Claimer<'_>,
 ) -> anyhow::Result<u8> {
     let relay = Arc::new(Relay::default());
-    let fleet = wire::fleet(&ctx.cfg, &ctx.state, Some(relay.clone()))?;
+    let lock = claimer.lock;
+    let fleet = wire::fleet(
+        &ctx.cfg,
+        &ctx.state,
+        ctx.backend.live_store(Some(lock)),
+        Some(relay.clone()),
+    )?;
     let exec = &fleet.executor;
     let snapshot = exec.snapshot().await?;
     let id = run_id(&release);
@@ -564,7 +669,7 @@ async fn run_deploy(
     };
     let blue_green = strategy == LibKind::BlueGreen;
     let live = if blue_green {
-        Some(reconciled_live(ctx, exec).await?)
+        Some(reconciled_live(ctx, lock, exec).await?)
     } else {
         None
     };
@@ -585,7 +690,7 @@ async fn run_deploy(
             match recovery::resume(rec, &snapshot, &strategies(ctx, strategy)?, live.as_ref())? {
                 recovery::Resume::Plan(plan) => plan,
                 recovery::Resume::Switched { live } => {
-                    let journal = start_journal(ctx, &relay, header, out)?;
+                    let journal = start_journal(ctx, lock, &relay, header, out).await?;
                     ctx.say(format!(
                         "the interrupted deployment had switched traffic to {live}: nothing left to do"
                     ));
@@ -598,7 +703,7 @@ async fn run_deploy(
                         instances: Vec::new(),
                         duration: Duration::ZERO,
                     };
-                    return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
+                    return conclude(ctx, exec, journal.as_ref(), &report, human.as_deref()).await;
                 }
             }
         }
@@ -612,8 +717,9 @@ async fn run_deploy(
         Ok(m) => m,
         Err(code) => return Ok(code),
     };
+    let lost = stop_on_lost_lock(lock, exec);
     let code = async {
-        let journal = start_journal(ctx, &relay, header, out)?;
+        let journal = start_journal(ctx, lock, &relay, header, out).await?;
         ctx.notifier()
             .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
             .await;
@@ -622,11 +728,11 @@ async fn run_deploy(
             let sig = ctrl_c(exec);
             let result = bg.deploy(exec, &release).await;
             sig.abort();
-            let mut report = unless_refused(&journal, result)?.deployment;
+            let mut report = unless_refused(journal.as_ref(), result).await?.deployment;
             report.deployment = id;
-            return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
+            return conclude(ctx, exec, journal.as_ref(), &report, human.as_deref()).await;
         }
-        let watcher = watch_control(ctx, &id, &fleet);
+        let watcher = watch_control(ctx, lock, &id, &fleet);
         let sig = ctrl_c(exec);
         // What the interrupted run left part-way is restored in full if
         // this run fails.
@@ -637,12 +743,13 @@ async fn run_deploy(
         let options = RunOptions::default().with_id(&id).with_unsettled(unsettled);
         // An abort of a resumed run returns the instances the interrupted
         // run finished too: the plan names them (recovery::resume).
-        let report = unless_refused(&journal, exec.run(&plan, options).await)?;
+        let report = unless_refused(journal.as_ref(), exec.run(&plan, options).await).await?;
         sig.abort();
         watcher.abort();
-        conclude(ctx, exec, &journal, &report, human.as_deref()).await
+        conclude(ctx, exec, journal.as_ref(), &report, human.as_deref()).await
     }
     .await;
+    lost.abort();
     deploykit::state::release(exec.instances(), &marker).await;
     code
 }
@@ -674,7 +781,7 @@ fn pin_release(ctx: &Ctx, release: &ReleaseId) -> anyhow::Result<()> {
 /// Who claims the instances for a run, and whether it may take over those
 /// of a deployment that no longer runs.
 struct Claimer<'a> {
-    holder: &'a deploykit::state::Holder,
+    lock: &'a HeldLock,
     take_over: bool,
 }
 
@@ -687,8 +794,9 @@ impl Claimer<'_> {
         exec: &Executor,
         id: &str,
     ) -> anyhow::Result<Result<deploykit::state::InstanceMarker, u8>> {
-        let marker = deploykit::state::InstanceMarker::new(id, &ctx.state, self.holder);
-        match deploykit::state::claim(exec.instances(), &ctx.state, &marker, self.take_over).await? {
+        let identity = ctx.backend.identity();
+        let marker = deploykit::state::InstanceMarker::for_state(id, identity.clone(), self.lock.holder());
+        match deploykit::state::claim_for(exec.instances(), &identity, &marker, self.take_over).await? {
             Ok(()) => Ok(Ok(marker)),
             Err(refused) => {
                 eprintln!("deploykit: error: {refused}");
@@ -714,7 +822,7 @@ async fn resume(ctx: &Ctx, latest: Option<JournalSummary>, claimer: &Claimer<'_>
         orig.header.strategy, orig.header.deployment, orig.header.release
     ));
     wire::check_release(&ctx.cfg, &orig.header.release)?;
-    let recorded = Recorded::load(&ctx.state, &orig)?;
+    let recorded = Recorded::new(ctx.backend.chain(&recovery::root_of(&orig)).await?)?;
     run_deploy(
         ctx,
         RunKind::Resume,
@@ -730,27 +838,46 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         eprintln!("deploykit: error: nothing to roll back: no deployment is recorded");
         Ok(exit::BAD_INPUT)
     };
+    let rt = runtime()?;
     // The lock would create the state directory.
-    if !ctx.state.root().exists() {
+    if rt.block_on(ctx.backend.is_unused())? {
         return nothing();
     }
-    runtime()?.block_on(async move {
-        let lock = match lock(&ctx, "rollback")? {
+    rt.block_on(async move {
+        let lock = match lock(&ctx, "rollback").await? {
             Ok(l) => l,
             Err(code) => return Ok(code),
         };
-        // A rollback takes over only its own state directory's markers.
+        let code = rollback_locked(&ctx, &lock, nothing).await;
+        lock.release().await;
+        code
+    })
+}
+
+/// The rollback, holding the lock.
+async fn rollback_locked(
+    ctx: &Ctx,
+    lock: &HeldLock,
+    nothing: impl Fn() -> anyhow::Result<u8>,
+) -> anyhow::Result<u8> {
+    {
+        // A rollback takes over only its own state's markers.
         let claimer = Claimer {
-            holder: lock.holder(),
+            lock,
             take_over: false,
         };
-        let Some(latest) = ctx.state.latest()? else {
+        let Some(latest) = ctx.backend.latest().await? else {
             return nothing();
         };
-        let recorded = Recorded::load(&ctx.state, &latest)?;
+        let recorded = Recorded::new(ctx.backend.chain(&recovery::root_of(&latest)).await?)?;
         let root = recorded.deployment().header.clone();
         let relay = Arc::new(Relay::default());
-        let fleet = wire::fleet(&ctx.cfg, &ctx.state, Some(relay.clone()))?;
+        let fleet = wire::fleet(
+            &ctx.cfg,
+            &ctx.state,
+            ctx.backend.live_store(Some(lock)),
+            Some(relay.clone()),
+        )?;
         let exec = &fleet.executor;
         let snap = exec.snapshot().await?;
         let (out, human) = ctx.output();
@@ -761,12 +888,13 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         ));
         let blue_green = root.strategy == LibKind::BlueGreen;
         let live = if blue_green {
-            Some(reconciled_live(&ctx, exec).await?)
+            Some(reconciled_live(ctx, lock, exec).await?)
         } else {
             None
         };
-        let strategies = strategies(&ctx, root.strategy)?;
-        let marker = match claimer.claim(&ctx, exec, &id).await? {
+        let strategies = strategies(ctx, root.strategy)?;
+        let lost = stop_on_lost_lock(lock, exec);
+        let marker = match claimer.claim(ctx, exec, &id).await? {
             Ok(m) => m,
             Err(code) => return Ok(code),
         };
@@ -786,11 +914,13 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
                             .collect(),
                     );
                     header.acts_on = Some(root.deployment.clone());
-                    let journal = start_journal(&ctx, &relay, header, out)?;
+                    let journal = start_journal(ctx, lock, &relay, header, out).await?;
                     let mut report =
-                        unless_refused(&journal, strategies.blue_green.rollback(exec).await)?.deployment;
+                        unless_refused(journal.as_ref(), strategies.blue_green.rollback(exec).await)
+                            .await?
+                            .deployment;
                     report.deployment = id;
-                    return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
+                    return conclude(ctx, exec, journal.as_ref(), &report, human.as_deref()).await;
                 }
             };
             let mut header = JournalHeader::new(
@@ -811,22 +941,23 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
             // (a warning event) — refusing would leave the fleet as mixed as it
             // is — unless it does not read what the rollback would write.
             exec.check(&plan, &RunOptions::recovery()).await?;
-            let journal = start_journal(&ctx, &relay, header, out)?;
+            let journal = start_journal(ctx, lock, &relay, header, out).await?;
             if !blue_green {
                 ctx.notifier()
-                    .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
+                    .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
                     .await;
             }
             let options = RunOptions::recovery()
                 .with_id(&id)
                 .with_unsettled(recorded.unsettled());
-            let report = unless_refused(&journal, exec.run(&plan, options).await)?;
-            conclude(&ctx, exec, &journal, &report, human.as_deref()).await
+            let report = unless_refused(journal.as_ref(), exec.run(&plan, options).await).await?;
+            conclude(ctx, exec, journal.as_ref(), &report, human.as_deref()).await
         }
         .await;
+        lost.abort();
         deploykit::state::release(exec.instances(), &marker).await;
         code
-    })
+    }
 }
 
 pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
@@ -841,15 +972,15 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
     runtime()?.block_on(async move {
         let release = ReleaseId::new(&args.release).map_err(|e| rename(e, "release"))?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
-        let fleet = wire::fleet(&ctx.cfg, &ctx.state, None)?;
+        let store = ctx.backend.live_store(None);
+        let fleet = wire::fleet(&ctx.cfg, &ctx.state, store.clone(), None)?;
         let exec = &fleet.executor;
         let snapshot = exec.snapshot().await?;
         let plan = if kind == StrategyKind::BlueGreen {
             // Read-only: the record, else the load balancer, else the first
             // environment.
             let bg = ctx.cfg.raw.blue_green();
-            let store = FileLiveStore::new(ctx.state.live_record_path());
-            let live = peek(&store, exec.load_balancer().as_ref(), &bg.environments).await?;
+            let live = peek(store.as_ref(), exec.load_balancer().as_ref(), &bg.environments).await?;
             bg.plan(&live, &snapshot, &release)?
         } else {
             wire::strategy(&ctx.cfg, kind)?.plan(&snapshot, &release)?
@@ -881,10 +1012,10 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
 
 pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
     runtime()?.block_on(async move {
-        let holder = ctx.state.holder()?;
+        let holder = ctx.backend.holder().await?;
         // An unreadable journal is reported beside the fleet, not instead
         // of it: the fleet is what an operator needs to see to repair.
-        let scan = ctx.state.scan_journals()?;
+        let scan = ctx.backend.scan_journals().await?;
         let problems: Vec<String> = scan.unreadable.iter().map(|u| u.error.to_string()).collect();
         let latest = scan.journals.into_iter().next_back();
         let code = if problems.is_empty() {
@@ -892,7 +1023,8 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
         } else {
             exit::UNKNOWN_STATE
         };
-        let fleet = wire::fleet(&ctx.cfg, &ctx.state, None)?;
+        let store = ctx.backend.live_store(None);
+        let fleet = wire::fleet(&ctx.cfg, &ctx.state, store.clone(), None)?;
         let exec = &fleet.executor;
         let probe = Duration::from_secs(5);
         // Every instance at once: a slow or unreachable one costs the probe
@@ -917,7 +1049,7 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
         let sim_lb = (ctx.cfg.raw.load_balancer.kind == config::LbKind::Simulated)
             .then(|| crate::sim::SimLoadBalancer::new(ctx.state.root()).ok().and_then(|l| l.state().ok()))
             .flatten();
-        let live = FileLiveStore::new(ctx.state.live_record_path()).load().await.ok().flatten();
+        let live = store.load().await.ok().flatten();
         let entry = latest.as_ref().map(|j| j.history_entry(holder.as_ref()));
         if ctx.g.json {
             let instances = rows
@@ -1020,8 +1152,9 @@ pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
 
 pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
     // The readable runs are listed even when one journal is not.
-    let scan = ctx.state.scan_journals()?;
-    let holder = ctx.state.holder()?;
+    let rt = runtime()?;
+    let scan = rt.block_on(ctx.backend.scan_journals())?;
+    let holder = rt.block_on(ctx.backend.holder())?;
     let entries: Vec<_> = scan
         .journals
         .iter()
@@ -1078,14 +1211,15 @@ pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
 
 /// `promote` / `abort`: through the control file of the running deployment.
 pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
-    let Some(holder) = ctx.state.holder()? else {
+    let rt = runtime()?;
+    let Some(holder) = rt.block_on(ctx.backend.holder())? else {
         eprintln!(
             "deploykit: error: no deployment of {} is running",
             ctx.cfg.raw.app
         );
         return Ok(exit::BAD_INPUT);
     };
-    let Some(running) = ctx.state.latest()?.filter(|j| !j.is_finished()) else {
+    let Some(running) = rt.block_on(ctx.backend.latest())?.filter(|j| !j.is_finished()) else {
         eprintln!("deploykit: error: {holder} holds the lock but has no journal yet; try again in a moment");
         return Ok(exit::BAD_INPUT);
     };
@@ -1094,9 +1228,8 @@ pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
         eprintln!("deploykit: error: deployment {id} is not waiting for a promotion (only a canary with promotion = \"manual\" waits)");
         return Ok(exit::BAD_INPUT);
     }
-    let control = ctx.state.control();
-    let seq = control.send(&id, command)?;
-    let ack = runtime()?.block_on(control.wait_ack(seq, Duration::from_secs(10)));
+    let seq = rt.block_on(ctx.backend.send_control(&id, command))?;
+    let ack = rt.block_on(ctx.backend.wait_ack(seq, Duration::from_secs(10)));
     match ack.map(|a| a.result) {
         Some(r) if r == "promoted" || r == "aborted" => {
             outln!("deployment {id}: {r}");
@@ -1140,15 +1273,27 @@ pub(crate) fn validate(g: Global) -> anyhow::Result<u8> {
 /// the load balancer's preflight check. Touches no instance.
 pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
     runtime()?.block_on(async move {
-        let _lock = match lock(&ctx, "setup")? {
+        let lock = match lock(&ctx, "setup").await? {
             Ok(l) => l,
             Err(code) => return Ok(code),
         };
+        let code = setup_locked(&ctx).await;
+        lock.release().await;
+        code
+    })
+}
+
+/// The setup, holding the lock.
+async fn setup_locked(ctx: &Ctx) -> anyhow::Result<u8> {
+    {
         let lb_cfg = &ctx.cfg.raw.load_balancer;
         if lb_cfg.kind == config::LbKind::Nginx {
-            let include = ctx
-                .cfg
-                .resolve(lb_cfg.include_file.as_deref().expect("checked: include_file is set"));
+            let include = ctx.cfg.resolve(
+                lb_cfg
+                    .include_file
+                    .as_deref()
+                    .expect("checked: include_file is set"),
+            );
             let location = lb_cfg.location_include.as_deref().map(|l| ctx.cfg.resolve(l));
             if include.exists() && location.as_ref().is_none_or(|l| l.exists()) {
                 ctx.say(format!("{}: exists, left as it is", include.display()));
@@ -1183,7 +1328,10 @@ pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
         match checked {
             Ok(()) => {
                 if ctx.g.json {
-                    outln!("{}", serde_json::json!({"ready": true, "load_balancer": lb.name()}));
+                    outln!(
+                        "{}",
+                        serde_json::json!({"ready": true, "load_balancer": lb.name()})
+                    );
                 } else {
                     ctx.say(format!("load balancer {}: ready for deploykit", lb.name()));
                 }
@@ -1200,5 +1348,5 @@ pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
                 Ok(exit::UNKNOWN_STATE)
             }
         }
-    })
+    }
 }

@@ -78,6 +78,140 @@ pub(crate) struct Config {
     /// `[gitops]`: what `deploykit watch` follows (docs/gitops.md).
     #[serde(default)]
     pub(crate) gitops: Option<crate::gitops::GitopsConfig>,
+    /// `[state]`: where the lock, journals, live record and control
+    /// channel live (docs/state.md).
+    #[serde(default)]
+    pub(crate) state: StateConfig,
+}
+
+/// Where the deployment state lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum StateBackendKind {
+    /// Files in `state_dir` on this machine.
+    #[default]
+    Local,
+    /// etcd, shared by every machine with this configuration.
+    Etcd,
+}
+
+/// `[state]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StateConfig {
+    #[serde(default)]
+    pub(crate) backend: StateBackendKind,
+    /// etcd: the members, `http://host:port`.
+    #[serde(default)]
+    pub(crate) endpoints: Vec<String>,
+    /// etcd: the key prefix (`/deploykit`).
+    #[serde(default)]
+    pub(crate) prefix: Option<String>,
+    /// etcd: the lock's lease (`15s`).
+    #[serde(default)]
+    pub(crate) lock_ttl: Option<Dur>,
+    /// etcd: how long one request may take (`5s`).
+    #[serde(default)]
+    pub(crate) request_timeout: Option<Dur>,
+    /// etcd: the user to authenticate as.
+    #[serde(default)]
+    pub(crate) username: Option<String>,
+    /// etcd: the environment variable holding the user's password (never
+    /// the password itself in the file).
+    #[serde(default)]
+    pub(crate) password_env: Option<String>,
+}
+
+impl StateConfig {
+    /// The etcd settings, checked (the password is read from its variable
+    /// by [`etcd_password`](Self::etcd_password), not here).
+    #[cfg(feature = "etcd")]
+    pub(crate) fn etcd(
+        &self,
+        app: &str,
+        password: Option<String>,
+    ) -> deploykit::Result<deploykit::state::EtcdBackend> {
+        let mut c = deploykit::state::EtcdConfig::new(self.endpoints.clone());
+        if let Some(p) = &self.prefix {
+            c = c.prefix(p.clone());
+        }
+        if let Some(t) = &self.lock_ttl {
+            c = c.lock_ttl(t.0);
+        }
+        if let Some(t) = &self.request_timeout {
+            c = c.request_timeout(t.0);
+        }
+        if let (Some(u), Some(p)) = (&self.username, password) {
+            c = c.user(u.clone(), p);
+        }
+        deploykit::state::EtcdBackend::new(app, c)
+    }
+
+    /// The password from the variable `password_env` names.
+    #[cfg(feature = "etcd")]
+    pub(crate) fn etcd_password(&self) -> deploykit::Result<Option<String>> {
+        match (&self.username, &self.password_env) {
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(inv(
+                "state.password_env",
+                "state.username is set but not where its password is: name the environment variable holding it \
+                 (password_env = \"ETCD_PASSWORD\")",
+            )),
+            (None, Some(_)) => Err(inv(
+                "state.username",
+                "state.password_env is set but not the user: add username = \"deployer\"",
+            )),
+            (Some(_), Some(var)) => std::env::var(var).map(Some).map_err(|_| {
+                inv(
+                    "state.password_env",
+                    format!("the environment variable {} is not set (or not UTF-8); export the etcd password in it", var.escape_default()),
+                )
+            }),
+        }
+    }
+}
+
+/// The checks of `[state]`: its keys fit its backend.
+fn check_state(c: &Config) -> deploykit::Result<()> {
+    let s = &c.state;
+    match s.backend {
+        StateBackendKind::Local => {
+            let etcd_only = [
+                ("state.endpoints", !s.endpoints.is_empty()),
+                ("state.prefix", s.prefix.is_some()),
+                ("state.lock_ttl", s.lock_ttl.is_some()),
+                ("state.request_timeout", s.request_timeout.is_some()),
+                ("state.username", s.username.is_some()),
+                ("state.password_env", s.password_env.is_some()),
+            ];
+            if let Some((field, _)) = etcd_only.iter().find(|(_, set)| *set) {
+                return Err(inv(
+                    *field,
+                    "is an etcd setting, but state.backend is local: add backend = \"etcd\" or remove it",
+                ));
+            }
+            Ok(())
+        }
+        #[cfg(feature = "etcd")]
+        StateBackendKind::Etcd => {
+            if let Some(var) = &s.password_env {
+                let ok = !var.is_empty() && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if !ok {
+                    return Err(inv(
+                        "state.password_env",
+                        "is not an environment variable name: use letters, digits and _",
+                    ));
+                }
+            }
+            // Settings only: the password is read when the state is used.
+            s.etcd(&c.app, None).map(|_| ())
+        }
+        #[cfg(not(feature = "etcd"))]
+        StateBackendKind::Etcd => Err(inv(
+            "state.backend",
+            "this deploykit was built without the etcd feature: rebuild with `--features etcd`, or use backend = \"local\"",
+        )),
+    }
 }
 
 /// Fields an instance may set, or inherit from `[instance_defaults]`.
@@ -918,6 +1052,7 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
         }
     }
     check_strategy(c, c.strategy.kind, &groups)?;
+    check_state(c)?;
     if let Some(g) = &c.gitops {
         crate::gitops::check(g, c)?;
         for (n, rule) in g.branches.iter().enumerate() {

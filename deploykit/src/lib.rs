@@ -68,7 +68,11 @@
 //! and the history derived from the journals. After a crash the journal
 //! says which instances were left part-way and what each ran before, which
 //! is what resuming and rolling back need; the `deploykit` CLI is built on
-//! it.
+//! it. The same lock, journal, live record and control channel sit behind
+//! one trait, [`state::StateBackend`]: the state directory
+//! ([`state::LocalBackend`]), or etcd (`EtcdBackend`, feature `etcd`), shared
+//! by every machine that deploys, with a leased lock and writes fenced by its
+//! token (docs/state.md).
 //!
 //! ## Recovery
 //!

@@ -9,6 +9,7 @@ mod config;
 mod crash;
 mod dashboard;
 mod dashboard_browser;
+mod etcd;
 mod flags;
 mod gitops;
 mod haproxy;
