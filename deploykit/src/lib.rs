@@ -146,6 +146,7 @@ pub mod names;
 mod plan;
 mod promotion;
 pub mod recovery;
+pub mod regions;
 mod report;
 pub mod routing;
 mod secret_url;

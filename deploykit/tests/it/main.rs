@@ -13,6 +13,7 @@ mod gates;
 mod judges;
 mod props;
 mod recreate;
+mod regions;
 mod rolling;
 mod routing;
 mod schedules;
