@@ -18,6 +18,8 @@ use crate::sim::SimLbState;
 pub(crate) struct Human {
     bar: ProgressBar,
     release: Mutex<String>,
+    /// Before every line: the region, when regions deploy side by side.
+    prefix: String,
 }
 
 impl Human {
@@ -37,11 +39,18 @@ impl Human {
         Self {
             bar,
             release: Mutex::new(String::new()),
+            prefix: String::new(),
         }
     }
 
+    /// Starts every line with `prefix`.
+    pub(crate) fn with_prefix(mut self, prefix: String) -> Self {
+        self.prefix = prefix;
+        self
+    }
+
     fn line(&self, at_ms: u64, text: String) {
-        let line = format!("[{:>6.1}s] {text}", at_ms as f64 / 1000.0);
+        let line = format!("[{:>6.1}s] {}{text}", at_ms as f64 / 1000.0, self.prefix);
         if self.bar.is_hidden() {
             outln!("{line}");
         } else {

@@ -13,5 +13,6 @@ mod haproxy;
 mod nginx;
 mod notify;
 mod refusals;
+mod regions;
 mod ssh;
 mod util;

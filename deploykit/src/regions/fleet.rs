@@ -113,6 +113,31 @@ impl ExecutorRegions {
     }
 }
 
+/// One health probe of every instance of `executor`'s fleet at once, each
+/// bounded by its health-probe timeout: [`Hold::Broken`] naming the first
+/// instance (in fleet order) that is unhealthy, unreachable or silent.
+/// Read-only and cancel-safe.
+pub async fn probe(executor: &Executor) -> Hold {
+    let bound = executor.timeouts().health_probe;
+    let probes = futures::future::join_all(executor.instances().iter().map(|i| async move {
+        let id = i.backend().id.clone();
+        match tokio::time::timeout(bound, i.health()).await {
+            Ok(Ok(Health::Healthy)) => None,
+            Ok(Ok(Health::Unhealthy(why))) => Some(format!("{id}: unhealthy: {why}")),
+            Ok(Err(e)) => Some(format!("{id}: unreachable: {e}")),
+            Err(_) => Some(format!(
+                "{id}: no answer within {}",
+                crate::duration_text::format(bound)
+            )),
+        }
+    }))
+    .await;
+    match probes.into_iter().flatten().next() {
+        Some(why) => Hold::Broken(why),
+        None => Hold::Holds,
+    }
+}
+
 #[async_trait]
 impl RegionRunner for ExecutorRegions {
     async fn deploy(&self, region: &RegionPlan, cancel: CancellationToken) -> Result<Report> {
@@ -131,25 +156,7 @@ impl RegionRunner for ExecutorRegions {
     }
 
     async fn check(&self, region: &RegionName) -> Result<Hold> {
-        let exec = self.get(region)?;
-        let bound = exec.timeouts().health_probe;
-        let probes = futures::future::join_all(exec.instances().iter().map(|i| async move {
-            let id = i.backend().id.clone();
-            match tokio::time::timeout(bound, i.health()).await {
-                Ok(Ok(Health::Healthy)) => None,
-                Ok(Ok(Health::Unhealthy(why))) => Some(format!("{id}: unhealthy: {why}")),
-                Ok(Err(e)) => Some(format!("{id}: unreachable: {e}")),
-                Err(_) => Some(format!(
-                    "{id}: no answer within {}",
-                    crate::duration_text::format(bound)
-                )),
-            }
-        }))
-        .await;
-        Ok(match probes.into_iter().flatten().next() {
-            Some(why) => Hold::Broken(why),
-            None => Hold::Holds,
-        })
+        Ok(probe(self.get(region)?).await)
     }
 
     async fn rollback(&self, region: &RegionPlan) -> Result<Report> {

@@ -60,7 +60,7 @@ pub use engine::{
     run, Hold, RegionEvent, RegionEventKind, RegionEventLog, RegionEvents, RegionReport, RegionRunner,
     RegionState, RegionsOutcome, RegionsReport,
 };
-pub use fleet::ExecutorRegions;
+pub use fleet::{probe, ExecutorRegions};
 
 /// A region's name: `[A-Za-z0-9._-]`, as every name that reaches a path
 /// (each region keeps its own state directory).
@@ -227,7 +227,8 @@ impl Rollout {
     /// [`Error::InvalidInput`] naming `rollout.waves[w][p]` for a pattern
     /// that matches no region or a region an earlier wave already has, and
     /// `rollout.waves` for a region no wave names (every region must be
-    /// placed on purpose).
+    /// placed on purpose). A glob only takes regions no earlier wave has,
+    /// so a last wave of `["*"]` means every other region.
     pub fn waves_for(&self, regions: &[RegionName]) -> Result<Vec<Vec<RegionName>>> {
         self.validate()?;
         if self.waves.is_empty() {
@@ -250,12 +251,23 @@ impl Rollout {
             let mut this = Vec::new();
             for (k, pattern) in wave.iter().enumerate() {
                 let field = format!("rollout.waves[{w}][{k}]");
-                let matched: Vec<&RegionName> =
-                    regions.iter().filter(|r| glob(pattern, r.as_str())).collect();
+                // A glob takes the regions no earlier wave placed, so
+                // `["*"]` last means "every other region"; a name is exact.
+                let is_glob = pattern.contains(['*', '?']);
+                let matched: Vec<&RegionName> = regions
+                    .iter()
+                    .filter(|r| glob(pattern, r.as_str()))
+                    .filter(|r| !is_glob || placed.get(r).is_none_or(|earlier| *earlier == w))
+                    .collect();
                 if matched.is_empty() {
+                    let left = if is_glob {
+                        " that no earlier wave deploys"
+                    } else {
+                        ""
+                    };
                     return Err(Error::invalid(
                         field,
-                        format!("\"{pattern}\" matches no region; the regions are {all}"),
+                        format!("\"{pattern}\" matches no region{left}; the regions are {all}"),
                     ));
                 }
                 for r in matched {
@@ -265,7 +277,7 @@ impl Rollout {
                             return Err(Error::invalid(
                                 field,
                                 format!(
-                                    "\"{pattern}\" matches {r}, which wave {} already deploys; put every region in one wave",
+                                    "{r} is already in wave {}; put every region in one wave",
                                     earlier + 1
                                 ),
                             ))
@@ -491,6 +503,26 @@ mod tests {
     }
 
     #[test]
+    fn a_glob_takes_only_the_regions_no_earlier_wave_has() {
+        let regions = names(&["canary", "eu-1", "eu-2", "us-1"]);
+        let r = Rollout {
+            waves: vec![vec!["canary".into()], vec!["eu-1".into()], vec!["*".into()]],
+            ..Rollout::default()
+        };
+        let w = r.waves_for(&regions).unwrap();
+        assert_eq!(strs(&w), vec![vec!["canary"], vec!["eu-1"], vec!["eu-2", "us-1"]]);
+        let nothing_left = Rollout {
+            waves: vec![vec!["eu-*".into()], vec!["eu-?".into()], vec!["*".into()]],
+            ..Rollout::default()
+        };
+        let e = nothing_left.waves_for(&regions).unwrap_err().to_string();
+        assert!(
+            e.contains("rollout.waves[1][0]") && e.contains("no earlier wave"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn no_waves_means_one_region_at_a_time_in_written_order() {
         let regions = names(&["b", "a"]);
         let w = Rollout::default().waves_for(&regions).unwrap();
@@ -515,11 +547,18 @@ mod tests {
     fn a_region_in_two_waves_or_in_none_is_refused() {
         let regions = names(&["eu-1", "eu-2", "us-1"]);
         let twice = Rollout {
-            waves: vec![vec!["eu-1".into()], vec!["eu-*".into()], vec!["us-1".into()]],
+            waves: vec![
+                vec!["eu-1".into()],
+                vec!["eu-1".into(), "us-1".into()],
+                vec!["eu-2".into()],
+            ],
             ..Rollout::default()
         };
         let e = twice.waves_for(&regions).unwrap_err().to_string();
-        assert!(e.contains("rollout.waves[1][0]") && e.contains("wave 1"), "{e}");
+        assert!(
+            e.contains("rollout.waves[1][0]") && e.contains("eu-1 is already in wave 1"),
+            "{e}"
+        );
         let missing = Rollout {
             waves: vec![vec!["eu-*".into()]],
             ..Rollout::default()
