@@ -246,3 +246,100 @@ fn bad_region_settings_are_refused_before_anything_is_touched() {
         assert!(!env.state().exists(), "{args:?} touched the state directory");
     }
 }
+
+/// Three regions, each with its own real nginx and two local instances
+/// that answer with their release (region `r-2`'s exit at once on v2):
+/// waves in order, the bad region rolled back by `rollback-region`, the
+/// next region never touched, and `rollback --region` returning one region.
+#[test]
+fn three_regions_behind_their_own_real_nginx() {
+    use crate::nginx::{free_port, nginx_binary, served_through, Nginx, SERVER_PL};
+    let Some(bin) = nginx_binary() else { return };
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut cfg = String::from(
+        "app = \"shop\"\nreleases = \"builds\"\n\n[instance_defaults]\nroot = \"instances/{id}\"\n\
+         command = [\"perl\", \"server.pl\", \"{port}\"]\nhealth = \"http\"\nstop_grace = \"2s\"\n\n\
+         [strategy.rolling]\nmax_failures = 0\nhealth_retries = 10\nhealth_interval = \"100ms\"\n\
+         stabilisation = \"50ms\"\ndrain_timeout = \"2s\"\n\n[timeouts]\ndrain_poll = \"50ms\"\n\n",
+    );
+    let mut servers = Vec::new();
+    for (k, r) in ["r-1", "r-2", "r-3"].iter().enumerate() {
+        let d = dirs[k].path().display();
+        cfg.push_str(&format!(
+            "[[regions]]\nname = \"{r}\"\n[regions.load_balancer]\nkind = \"nginx\"\n\
+             include_file = \"{d}/upstream.conf\"\nupstream = \"app\"\nnginx_binary = \"{}\"\n\
+             nginx_config = \"{d}/nginx.conf\"\nnginx_prefix = \"{d}\"\npid_file = \"{d}/nginx.pid\"\n",
+            bin.display()
+        ));
+        let mut ports = Vec::new();
+        for i in 1..=2 {
+            let port = 18400 + 10 * k as u16 + i;
+            ports.push(port);
+            cfg.push_str(&format!(
+                "[[regions.instances]]\nid = \"{r}-web-{i}\"\naddress = \"127.0.0.1:{port}\"\n"
+            ));
+            if *r == "r-2" {
+                cfg.push_str("env = { BAD_ON = \"v2\" }\n");
+            }
+        }
+        servers.push(ports);
+        cfg.push('\n');
+    }
+    cfg.push_str("[rollout]\nwaves = [[\"r-1\"], [\"r-2\"], [\"r-3\"]]\non_failure = \"rollback-region\"\n");
+    let env = Env::new(&cfg);
+    env.releases(&["v1", "v2"]);
+    // The server refuses to start on the release its BAD_ON names.
+    let server =
+        format!("exit 3 if ($ENV{{BAD_ON}} // '') eq (split m{{/}}, Cwd::getcwd())[-1];\n{SERVER_PL}");
+    for r in ["v1", "v2"] {
+        std::fs::write(env.path().join("builds").join(r).join("server.pl"), &server).unwrap();
+    }
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let nginx: Vec<Nginx> = (0..3)
+        .map(|k| Nginx::start(&bin, dirs[k].path(), ports[k], &servers[k]))
+        .collect();
+    let serving = |k: usize| served_through(ports[k], 6);
+    let only = |k: usize, release: &str| {
+        let seen = serving(k);
+        assert_eq!(
+            seen.get(release),
+            Some(&6),
+            "region r-{} through nginx: {seen:?}",
+            k + 1
+        );
+    };
+
+    env.ok(&["-q", "deploy", "v1"], 0);
+    (0..3).for_each(|k| only(k, "v1"));
+    let r3_upstream = nginx[2].upstream();
+    let r3_journals = std::fs::read_dir(env.region_state("r-3").join("journal"))
+        .unwrap()
+        .count();
+
+    let (code, out, err) = env.run(&["deploy", "v2"]);
+    assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
+    let at = |s: &str| out.find(s).unwrap_or_else(|| panic!("no {s:?} in:\n{out}"));
+    assert!(at("region r-1: deployed") < at("wave 2: r-2"));
+    assert!(at("wave 2: r-2") < at("region r-2: failed"));
+    assert!(
+        !out.contains("wave 3: r-3") && out.contains("wave 3 r-3: not started"),
+        "{out}"
+    );
+    only(0, "v2");
+    only(1, "v1");
+    only(2, "v1");
+    assert_eq!(nginx[2].upstream(), r3_upstream, "r-3's nginx was never touched");
+    let now = std::fs::read_dir(env.region_state("r-3").join("journal"))
+        .unwrap()
+        .count();
+    assert_eq!(now, r3_journals, "no run of r-3");
+
+    // r-3 alone, then r-1 rolled back alone.
+    env.ok(&["-q", "deploy", "v2", "--regions", "r-3"], 0);
+    only(2, "v2");
+    env.ok(&["-q", "--region", "r-1", "rollback"], 0);
+    only(0, "v1");
+    only(1, "v1");
+    only(2, "v2");
+    drop(nginx);
+}
