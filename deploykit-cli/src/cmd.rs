@@ -841,7 +841,7 @@ async fn rollback_in(ctx: &Ctx) -> anyhow::Result<u8> {
         return nothing();
     }
     {
-        let lock = match lock(&ctx, "rollback")? {
+        let lock = match lock(ctx, "rollback")? {
             Ok(l) => l,
             Err(code) => return Ok(code),
         };
@@ -867,12 +867,12 @@ async fn rollback_in(ctx: &Ctx) -> anyhow::Result<u8> {
         ));
         let blue_green = root.strategy == LibKind::BlueGreen;
         let live = if blue_green {
-            Some(reconciled_live(&ctx, exec).await?)
+            Some(reconciled_live(ctx, exec).await?)
         } else {
             None
         };
-        let strategies = strategies(&ctx, root.strategy)?;
-        let marker = match claimer.claim(&ctx, exec, &id).await? {
+        let strategies = strategies(ctx, root.strategy)?;
+        let marker = match claimer.claim(ctx, exec, &id).await? {
             Ok(m) => m,
             Err(code) => return Ok(code),
         };
@@ -892,11 +892,11 @@ async fn rollback_in(ctx: &Ctx) -> anyhow::Result<u8> {
                             .collect(),
                     );
                     header.acts_on = Some(root.deployment.clone());
-                    let journal = start_journal(&ctx, &relay, header, out)?;
+                    let journal = start_journal(ctx, &relay, header, out)?;
                     let mut report =
                         unless_refused(&journal, strategies.blue_green.rollback(exec).await)?.deployment;
                     report.deployment = id;
-                    return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
+                    return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
                 }
             };
             let mut header = JournalHeader::new(
@@ -917,17 +917,17 @@ async fn rollback_in(ctx: &Ctx) -> anyhow::Result<u8> {
             // (a warning event) — refusing would leave the fleet as mixed as it
             // is — unless it does not read what the rollback would write.
             exec.check(&plan, &RunOptions::recovery()).await?;
-            let journal = start_journal(&ctx, &relay, header, out)?;
+            let journal = start_journal(ctx, &relay, header, out)?;
             if !blue_green {
                 ctx.notifier()
-                    .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
+                    .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
                     .await;
             }
             let options = RunOptions::recovery()
                 .with_id(&id)
                 .with_unsettled(recorded.unsettled());
             let report = unless_refused(&journal, exec.run(&plan, options).await)?;
-            conclude(&ctx, exec, &journal, &report, human.as_deref()).await
+            conclude(ctx, exec, &journal, &report, human.as_deref()).await
         }
         .await;
         deploykit::state::release(exec.instances(), &marker).await;

@@ -231,11 +231,10 @@ async fn max_parallel_deploys_regions_of_a_wave_together_but_never_two_waves() {
             .iter()
             .position(|e| {
                 e.region.as_ref().is_some_and(|x| x.as_str() == r)
-                    && match (&e.kind, kind) {
-                        (RegionEventKind::RegionStarted, "start") => true,
-                        (RegionEventKind::RegionDeployed, "done") => true,
-                        _ => false,
-                    }
+                    && matches!(
+                        (&e.kind, kind),
+                        (RegionEventKind::RegionStarted, "start") | (RegionEventKind::RegionDeployed, "done")
+                    )
             })
             .unwrap_or_else(|| panic!("no {kind} event of {r}"))
     };
