@@ -283,7 +283,10 @@ impl Ctx {
 
     fn output(&self) -> (Option<Arc<dyn EventSink>>, Option<Arc<Human>>) {
         if self.g.json {
-            (Some(Arc::new(JsonLines)), None)
+            match &self.region {
+                Some(r) => (Some(Arc::new(output::RegionJsonLines(r.to_string()))), None),
+                None => (Some(Arc::new(JsonLines)), None),
+            }
         } else if self.g.quiet {
             (None, None)
         } else {

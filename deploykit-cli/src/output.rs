@@ -258,6 +258,25 @@ impl EventSink for JsonLines {
     }
 }
 
+/// [`JsonLines`] for one region of a multi-region run: each line also
+/// names the region, so lines of regions deploying side by side can be
+/// told apart.
+#[derive(Debug)]
+pub(crate) struct RegionJsonLines(pub(crate) String);
+
+impl EventSink for RegionJsonLines {
+    fn emit(&self, e: &Event) {
+        let Ok(mut v) = serde_json::to_value(e) else {
+            return;
+        };
+        if let Some(o) = v.as_object_mut() {
+            o.insert("region".into(), serde_json::Value::String(self.0.clone()));
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{v}");
+    }
+}
+
 /// The exit code for a finished deployment.
 pub(crate) fn exit_code(report: &Report) -> u8 {
     match report.outcome {

@@ -143,6 +143,13 @@ fn stop_leaves_the_earlier_region_deployed() {
         "{events:?}"
     );
     assert!(!events.iter().any(|(_, r)| *r == "r-3"), "{events:?}");
+    // Each region's own step events name their region too.
+    let started: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["event"] == "deployment_started" && l.get("elapsed_ms").is_some())
+        .map(|l| l["region"].as_str().unwrap_or("none"))
+        .collect();
+    assert_eq!(started, ["r-1", "r-2"], "{out}");
     let report = &lines.last().unwrap()["regions_report"];
     assert_eq!(report["outcome"], "failed");
     assert_eq!(report["regions"][1]["state"], "failed");
