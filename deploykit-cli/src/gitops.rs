@@ -214,7 +214,7 @@ pub(crate) fn check(g: &GitopsConfig, c: &Config) -> deploykit::Result<()> {
         if b.regions.is_some() {
             return Err(inv(
                 format!("gitops.branches[{n}].regions"),
-                "deploykit watch does not deploy by region yet: remove it (a rule deploys to the fleet of this file; use one configuration file, and one watcher, per environment)",
+                "deploykit watch deploys no regions yet: remove it (a rule deploys to the fleet of this file; use one configuration file, and one watcher, per environment)",
             ));
         }
     }
