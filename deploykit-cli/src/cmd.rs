@@ -3,7 +3,7 @@
 //! the outcome becomes an exit code in `main`.
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,6 +11,7 @@ use clap::Args;
 use deploykit::bluegreen_state::{peek, reconcile, Reconciled};
 use deploykit::flags::FlagStore;
 use deploykit::recovery::{self, Recorded};
+use deploykit::regions::RegionName;
 use deploykit::state::{
     ControlCommand, HeldLock, HistoryOutcome, JournalHeader, JournalOutcome, JournalSummary, JournalWriter,
     RunKind, SourceCommit, StateBackend, StateDir, StateLock,
@@ -19,12 +20,17 @@ use deploykit::{
     run_id, Event, EventSink, Executor, Fanout, OutcomeKind, ReleaseId, Report, RunOptions,
     StrategyKind as LibKind,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Loaded, NotifyOn, StrategyKind};
 use crate::exit;
 use crate::notify::{Notice, Notifier};
 use crate::output::{self, Human, JsonLines};
 use crate::wire;
+
+mod regions;
+
+pub(crate) use regions::{rollback_cmd, RollbackArgs};
 
 /// Options every fleet command takes.
 #[derive(Debug, Clone, Args)]
@@ -53,6 +59,10 @@ pub(crate) struct Global {
     /// queue this way).
     #[arg(long, global = true, value_name = "DURATION", value_parser = lock_wait)]
     pub(crate) lock_wait: Option<Duration>,
+    /// In a file with [[regions]]: act on this region only, as on a file of
+    /// one fleet (its own lock, journal and history).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub(crate) region: Option<String>,
 }
 
 fn lock_wait(s: &str) -> Result<Duration, String> {
@@ -91,6 +101,10 @@ pub(crate) struct DeployArgs {
     /// http://ADDR/metrics while the deployment runs (docs/metrics.md).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// In a file with [[regions]]: deploy only these regions
+    /// (comma-separated), in the rollout's order.
+    #[arg(long, value_delimiter = ',', value_name = "NAMES", conflicts_with = "resume")]
+    pub(crate) regions: Vec<String>,
 }
 
 impl DeployArgs {
@@ -105,6 +119,7 @@ impl DeployArgs {
             commit: Some(commit.sha.clone()),
             commit_time: commit.time_s,
             metrics_listen: None,
+            regions: Vec::new(),
         }
     }
 }
@@ -184,6 +199,15 @@ impl EventSink for Journaled {
     }
 }
 
+/// Aborts a helper task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What every fleet command starts from.
 pub(crate) struct Ctx {
     pub(crate) g: Global,
@@ -193,21 +217,44 @@ pub(crate) struct Ctx {
     pub(crate) state: StateDir,
     /// Where the lock, journals, live record and control channel live.
     pub(crate) backend: Arc<dyn StateBackend>,
+    /// The region acted on, in a multi-region file.
+    pub(crate) region: Option<RegionName>,
+    /// The report of the last run concluded with this context, for the
+    /// multi-region engine, which judges a region from its own run.
+    last_report: Mutex<Option<Report>>,
+    /// Cancels the run in progress, when the multi-region engine does.
+    cancel: Mutex<Option<CancellationToken>>,
 }
 
 impl Ctx {
-    pub(crate) fn load(g: Global) -> anyhow::Result<Self> {
-        let cfg = config::load(&g.config)?;
-        // Created by the first lock: a refused or read-only command leaves
-        // nothing behind.
-        let state = StateDir::at(cfg.state_base(), &cfg.raw.app)?;
+    /// A context on `state`, with the state backend `cfg` names: each
+    /// region's context gets one of its own, on its own state directory.
+    fn new(g: Global, cfg: Loaded, state: StateDir, region: Option<RegionName>) -> anyhow::Result<Self> {
         let backend = wire::state_backend(&cfg, &state)?;
         Ok(Self {
             g,
             cfg,
             state,
             backend,
+            region,
+            last_report: Mutex::new(None),
+            cancel: Mutex::new(None),
         })
+    }
+
+    pub(crate) fn load(g: Global) -> anyhow::Result<Self> {
+        let cfg = config::load(&g.config)?;
+        // Created by the first lock: a refused or read-only command leaves
+        // nothing behind.
+        let state = StateDir::at(cfg.state_base(), &cfg.raw.app)?;
+        let top = Self::new(g, cfg, state, None)?;
+        match top.g.region.clone() {
+            Some(r) => {
+                let region = top.cfg.region(&r)?.clone();
+                top.for_region(&region)
+            }
+            None => Ok(top),
+        }
     }
 
     /// As [`load`](Self::load) for a command that only reads: the state
@@ -216,17 +263,71 @@ impl Ctx {
         Self::load(g)
     }
 
+    /// As [`load`](Self::load) for a command that acts on one fleet: a
+    /// multi-region file needs `--region`.
+    pub(crate) fn load_one(g: Global) -> anyhow::Result<Self> {
+        let ctx = Self::load(g)?;
+        if ctx.cfg.is_multi_region() && ctx.region.is_none() {
+            return Err(config::ConfigError {
+                file: ctx.cfg.path.clone(),
+                at: None,
+                message: format!(
+                    "this file has [[regions]]: name the region to act on with --region (the regions are {})",
+                    ctx.cfg.region_names().join(", ")
+                ),
+            }
+            .into());
+        }
+        Ok(ctx)
+    }
+
+    /// The context of one region of this multi-region file: its fleet, and
+    /// its own state directory `<state_dir>/<app>/regions/<region>`.
+    pub(crate) fn for_region(&self, region: &config::Region) -> anyhow::Result<Self> {
+        let base = self.cfg.state_base().join(&self.cfg.raw.app).join("regions");
+        let state = StateDir::at(base, region.name.as_str()).expect("region names are valid state names");
+        Self::new(
+            self.g.clone(),
+            region.cfg.clone(),
+            state,
+            Some(region.name.clone()),
+        )
+    }
+
+    /// Takes the report the last concluded run left.
+    fn take_report(&self) -> Option<Report> {
+        self.last_report.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Cancels `exec`'s run when the multi-region engine cancels this
+    /// region; the link ends when the returned guard is dropped.
+    fn link_cancel(&self, exec: &Executor) -> Option<AbortOnDrop> {
+        let token = self.cancel.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let run = exec.cancel_token();
+        Some(AbortOnDrop(tokio::spawn(async move {
+            token.cancelled().await;
+            run.cancel();
+        })))
+    }
+
     fn notifier(&self) -> Notifier {
         Notifier::new(&self.cfg.raw.notifications)
     }
 
     fn output(&self) -> (Option<Arc<dyn EventSink>>, Option<Arc<Human>>) {
         if self.g.json {
-            (Some(Arc::new(JsonLines)), None)
+            match &self.region {
+                Some(r) => (Some(Arc::new(output::RegionJsonLines(r.to_string()))), None),
+                None => (Some(Arc::new(JsonLines)), None),
+            }
         } else if self.g.quiet {
             (None, None)
         } else {
-            let h = Arc::new(Human::new(self.cfg.instances.len() as u64));
+            let mut h = Human::new(self.cfg.instances.len() as u64);
+            if let Some(r) = &self.region {
+                h = h.with_prefix(format!("{r}: "));
+            }
+            let h = Arc::new(h);
             (Some(h.clone() as Arc<dyn EventSink>), Some(h))
         }
     }
@@ -370,6 +471,7 @@ async fn conclude(
     report: &Report,
     human: Option<&Human>,
 ) -> anyhow::Result<u8> {
+    *ctx.last_report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
     let finished = journal
         .finish(JournalOutcome {
             outcome: report.outcome,
@@ -532,6 +634,17 @@ fn warn_config(g: &Global, cfg: &Loaded, kind: StrategyKind) {
 }
 
 pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
+    if ctx.cfg.is_multi_region() && ctx.region.is_none() {
+        return regions::deploy(ctx, args);
+    }
+    if !args.regions.is_empty() {
+        let why = if ctx.region.is_some() {
+            "--region already names the one region to deploy; drop --regions"
+        } else {
+            "this file has no [[regions]]; drop --regions"
+        };
+        return Err(deploykit::Error::invalid("--regions", why).into());
+    }
     if let Some(k) = args.strategy {
         ctx.cfg.check_strategy(k)?;
     }
@@ -648,6 +761,7 @@ async fn run_deploy(
         Some(relay.clone()),
     )?;
     let exec = &fleet.executor;
+    let _linked = ctx.link_cancel(exec);
     let snapshot = exec.snapshot().await?;
     let id = run_id(&release);
     let (out, human) = ctx.output();
@@ -834,24 +948,37 @@ async fn resume(ctx: &Ctx, latest: Option<JournalSummary>, claimer: &Claimer<'_>
 }
 
 pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
+    if ctx.cfg.is_multi_region() && ctx.region.is_none() {
+        return Err(config::ConfigError {
+            file: ctx.cfg.path.clone(),
+            at: None,
+            message: format!(
+                "this file has [[regions]]: roll back one region with `deploykit --region NAME rollback`, or every region with `deploykit rollback --all` (the regions are {})",
+                ctx.cfg.region_names().join(", ")
+            ),
+        }
+        .into());
+    }
+    runtime()?.block_on(rollback_in(&ctx))
+}
+
+/// `rollback` of one fleet (a file of one fleet, or one region).
+async fn rollback_in(ctx: &Ctx) -> anyhow::Result<u8> {
     let nothing = || {
         eprintln!("deploykit: error: nothing to roll back: no deployment is recorded");
         Ok(exit::BAD_INPUT)
     };
-    let rt = runtime()?;
     // The lock would create the state directory.
-    if rt.block_on(ctx.backend.is_unused())? {
+    if ctx.backend.is_unused().await? {
         return nothing();
     }
-    rt.block_on(async move {
-        let lock = match lock(&ctx, "rollback").await? {
-            Ok(l) => l,
-            Err(code) => return Ok(code),
-        };
-        let code = rollback_locked(&ctx, &lock, nothing).await;
-        lock.release().await;
-        code
-    })
+    let lock = match lock(ctx, "rollback").await? {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    let code = rollback_locked(ctx, &lock, nothing).await;
+    lock.release().await;
+    code
 }
 
 /// The rollback, holding the lock.
@@ -961,6 +1088,9 @@ async fn rollback_locked(
 }
 
 pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
+    if ctx.cfg.is_multi_region() && ctx.region.is_none() {
+        return regions::plan(ctx, args);
+    }
     if let Some(k) = args.strategy {
         ctx.cfg.check_strategy(k)?;
     }
@@ -972,19 +1102,7 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
     runtime()?.block_on(async move {
         let release = ReleaseId::new(&args.release).map_err(|e| rename(e, "release"))?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
-        let store = ctx.backend.live_store(None);
-        let fleet = wire::fleet(&ctx.cfg, &ctx.state, store.clone(), None)?;
-        let exec = &fleet.executor;
-        let snapshot = exec.snapshot().await?;
-        let plan = if kind == StrategyKind::BlueGreen {
-            // Read-only: the record, else the load balancer, else the first
-            // environment.
-            let bg = ctx.cfg.raw.blue_green();
-            let live = peek(store.as_ref(), exec.load_balancer().as_ref(), &bg.environments).await?;
-            bg.plan(&live, &snapshot, &release)?
-        } else {
-            wire::strategy(&ctx.cfg, kind)?.plan(&snapshot, &release)?
-        };
+        let plan = dry_plan(&ctx, kind, &release).await?;
         let p = plan.projected_duration();
         let batches: Vec<usize> = plan
             .stages
@@ -1010,144 +1128,205 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
     })
 }
 
+/// The plan of `release` with strategy `kind` on a fresh snapshot of the
+/// fleet, touching nothing.
+async fn dry_plan(ctx: &Ctx, kind: StrategyKind, release: &ReleaseId) -> anyhow::Result<deploykit::Plan> {
+    let store = ctx.backend.live_store(None);
+    let fleet = wire::fleet(&ctx.cfg, &ctx.state, store.clone(), None)?;
+    let exec = &fleet.executor;
+    let snapshot = exec.snapshot().await?;
+    Ok(if kind == StrategyKind::BlueGreen {
+        // Read-only: the record, else the load balancer, else the first
+        // environment.
+        let bg = ctx.cfg.raw.blue_green();
+        let live = peek(store.as_ref(), exec.load_balancer().as_ref(), &bg.environments).await?;
+        bg.plan(&live, &snapshot, release)?
+    } else {
+        wire::strategy(&ctx.cfg, kind)?.plan(&snapshot, release)?
+    })
+}
+
 pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
+    if ctx.cfg.is_multi_region() && ctx.region.is_none() {
+        return regions::status(ctx);
+    }
     runtime()?.block_on(async move {
-        let holder = ctx.backend.holder().await?;
-        // An unreadable journal is reported beside the fleet, not instead
-        // of it: the fleet is what an operator needs to see to repair.
-        let scan = ctx.backend.scan_journals().await?;
-        let problems: Vec<String> = scan.unreadable.iter().map(|u| u.error.to_string()).collect();
-        let latest = scan.journals.into_iter().next_back();
-        let code = if problems.is_empty() {
-            exit::SUCCESS
-        } else {
-            exit::UNKNOWN_STATE
-        };
-        let store = ctx.backend.live_store(None);
-        let fleet = wire::fleet(&ctx.cfg, &ctx.state, store.clone(), None)?;
-        let exec = &fleet.executor;
-        let probe = Duration::from_secs(5);
-        // Every instance at once: a slow or unreachable one costs the probe
-        // timeout once, not once per instance.
-        let rows = futures::future::join_all(exec.instances().iter().map(|i| async move {
-            let b = i.backend();
-            let release = match tokio::time::timeout(probe, i.current_release()).await {
-                Ok(Ok(r)) => r.map(|r| r.to_string()).unwrap_or_else(|| "none".into()),
-                Ok(Err(e)) => format!("unknown ({e})"),
-                Err(_) => "unknown (timed out)".into(),
-            };
-            let health = match tokio::time::timeout(probe, i.health()).await {
-                Ok(Ok(h)) if h.is_healthy() => "healthy".to_string(),
-                Ok(Ok(deploykit::Health::Unhealthy(why))) => format!("unhealthy: {why}"),
-                Ok(Ok(_)) => "unknown".to_string(),
-                Ok(Err(e)) => format!("unreachable: {e}"),
-                Err(_) => "unreachable: timed out".into(),
-            };
-            (b.id.to_string(), b.group.to_string(), b.address.to_string(), release, health)
-        }))
-        .await;
-        let sim_lb = (ctx.cfg.raw.load_balancer.kind == config::LbKind::Simulated)
-            .then(|| crate::sim::SimLoadBalancer::new(ctx.state.root()).ok().and_then(|l| l.state().ok()))
-            .flatten();
-        let live = store.load().await.ok().flatten();
-        let entry = latest.as_ref().map(|j| j.history_entry(holder.as_ref()));
+        let (status, code) = status_of(&ctx).await?;
         if ctx.g.json {
-            let instances = rows
-                .iter()
-                .map(|(id, g, a, r, h)| output::InstanceState {
-                    id: id.clone(),
-                    group: g.clone(),
-                    address: a.clone(),
-                    release: r.clone(),
-                    health: h.clone(),
-                    in_rotation: sim_lb.as_ref().map(|l| !l.out_of_rotation.contains(id)),
-                })
-                .collect();
-            let deployment = latest.as_ref().zip(entry.clone()).map(|(j, history)| output::LastRun {
-                history,
-                unsettled: j.unsettled(),
-                awaiting_promotion: j.awaiting_promotion(),
-                previous: j.header.previous.clone(),
-            });
-            let status = output::Status {
-                app: ctx.cfg.raw.app.clone(),
-                lock: holder.clone(),
-                deployment,
-                instances,
-                live: live.map(|l| l.live),
-                load_balancer: sim_lb,
-                journal_problems: problems,
-            };
             outln!("{}", serde_json::to_string(&status)?);
-            return Ok(code);
-        }
-        for p in &problems {
-            eprintln!("deploykit: error: {p}");
-        }
-        outln!("app: {}", ctx.cfg.raw.app);
-        if let Some(h) = &holder {
-            outln!("lock: held by {h}");
-        }
-        match (&latest, &entry) {
-            (Some(j), Some(e)) => {
-                outln!(
-                    "last run: {} ({}) {} of {}: {}",
-                    e.id,
-                    output::run_kind(e.kind),
-                    e.strategy,
-                    e.release,
-                    e.outcome
-                );
-                if let Some(r) = &e.reason {
-                    outln!("  {r}");
-                }
-                if let Some(stage) = j.awaiting_promotion() {
-                    if e.outcome == HistoryOutcome::InProgress {
-                        outln!("  canary stage {stage} waits for promotion: `deploykit promote` or `deploykit abort`");
-                    }
-                }
-                if e.outcome == HistoryOutcome::Interrupted {
-                    let unsettled: Vec<String> = j.unsettled().iter().map(|i| i.to_string()).collect();
-                    if !unsettled.is_empty() {
-                        outln!("  left part-way: {}", unsettled.join(", "));
-                    }
-                    outln!(
-                        "  the fleet may run a mix of releases: `deploykit deploy --resume` continues, `deploykit rollback` undoes"
-                    );
-                }
-            }
-            _ if problems.is_empty() => outln!("no deployment recorded yet"),
-            _ => outln!("no readable deployment recorded"),
-        }
-        if !problems.is_empty() {
-            outln!("  {} unreadable journal(s), listed above: the last run may be another one", problems.len());
-        }
-        if let Some(l) = &live {
-            outln!("live environment: {}", l.live);
-        }
-        let w = |f: fn(&(String, String, String, String, String)) -> &String, h: &str| {
-            rows.iter().map(|r| f(r).len()).max().unwrap_or(0).max(h.len())
-        };
-        let (wi, wg, wa, wr) = (w(|r| &r.0, "instance"), w(|r| &r.1, "group"), w(|r| &r.2, "address"), w(|r| &r.3, "release"));
-        let lb_col = sim_lb.is_some();
-        outln!(
-            "{:<wi$}  {:<wg$}  {:<wa$}  {:<wr$}  {}health",
-            "instance",
-            "group",
-            "address",
-            "release",
-            if lb_col { "rotation  " } else { "" }
-        );
-        for (id, g, a, r, h) in &rows {
-            let rot = match &sim_lb {
-                Some(l) if l.out_of_rotation.contains(id) => "out       ",
-                Some(_) => "in        ",
-                None => "",
-            };
-            outln!("{id:<wi$}  {g:<wg$}  {a:<wa$}  {r:<wr$}  {rot}{h}");
+        } else {
+            print_status(&status);
         }
         Ok(code)
     })
+}
+
+/// What `status` shows of one fleet, and its exit code (3 when a journal
+/// could not be read).
+async fn status_of(ctx: &Ctx) -> anyhow::Result<(output::Status, u8)> {
+    let holder = ctx.backend.holder().await?;
+    // An unreadable journal is reported beside the fleet, not instead
+    // of it: the fleet is what an operator needs to see to repair.
+    let scan = ctx.backend.scan_journals().await?;
+    let problems: Vec<String> = scan.unreadable.iter().map(|u| u.error.to_string()).collect();
+    let latest = scan.journals.into_iter().next_back();
+    let code = if problems.is_empty() {
+        exit::SUCCESS
+    } else {
+        exit::UNKNOWN_STATE
+    };
+    let store = ctx.backend.live_store(None);
+    let fleet = wire::fleet(&ctx.cfg, &ctx.state, store.clone(), None)?;
+    let exec = &fleet.executor;
+    let probe = Duration::from_secs(5);
+    // Every instance at once: a slow or unreachable one costs the probe
+    // timeout once, not once per instance.
+    let rows = futures::future::join_all(exec.instances().iter().map(|i| async move {
+        let b = i.backend();
+        let release = match tokio::time::timeout(probe, i.current_release()).await {
+            Ok(Ok(r)) => r.map(|r| r.to_string()).unwrap_or_else(|| "none".into()),
+            Ok(Err(e)) => format!("unknown ({e})"),
+            Err(_) => "unknown (timed out)".into(),
+        };
+        let health = match tokio::time::timeout(probe, i.health()).await {
+            Ok(Ok(h)) if h.is_healthy() => "healthy".to_string(),
+            Ok(Ok(deploykit::Health::Unhealthy(why))) => format!("unhealthy: {why}"),
+            Ok(Ok(_)) => "unknown".to_string(),
+            Ok(Err(e)) => format!("unreachable: {e}"),
+            Err(_) => "unreachable: timed out".into(),
+        };
+        (
+            b.id.to_string(),
+            b.group.to_string(),
+            b.address.to_string(),
+            release,
+            health,
+        )
+    }))
+    .await;
+    let sim_lb = (ctx.cfg.raw.load_balancer.kind == config::LbKind::Simulated)
+        .then(|| {
+            crate::sim::SimLoadBalancer::new(ctx.state.root())
+                .ok()
+                .and_then(|l| l.state().ok())
+        })
+        .flatten();
+    let live = store.load().await.ok().flatten();
+    let entry = latest.as_ref().map(|j| j.history_entry(holder.as_ref()));
+    let instances = rows
+        .iter()
+        .map(|(id, g, a, r, h)| output::InstanceState {
+            id: id.clone(),
+            group: g.clone(),
+            address: a.clone(),
+            release: r.clone(),
+            health: h.clone(),
+            in_rotation: sim_lb.as_ref().map(|l| !l.out_of_rotation.contains(id)),
+        })
+        .collect();
+    let deployment = latest.as_ref().zip(entry).map(|(j, history)| output::LastRun {
+        history,
+        unsettled: j.unsettled(),
+        awaiting_promotion: j.awaiting_promotion(),
+        previous: j.header.previous.clone(),
+    });
+    let status = output::Status {
+        app: ctx.cfg.raw.app.clone(),
+        lock: holder,
+        deployment,
+        instances,
+        live: live.map(|l| l.live),
+        load_balancer: sim_lb,
+        journal_problems: problems,
+    };
+    Ok((status, code))
+}
+
+/// `status` for a person.
+fn print_status(status: &output::Status) {
+    let problems = &status.journal_problems;
+    for p in problems {
+        eprintln!("deploykit: error: {p}");
+    }
+    outln!("app: {}", status.app);
+    if let Some(h) = &status.lock {
+        outln!("lock: held by {h}");
+    }
+    match &status.deployment {
+        Some(last) => {
+            let e = &last.history;
+            outln!(
+                "last run: {} ({}) {} of {}: {}",
+                e.id,
+                output::run_kind(e.kind),
+                e.strategy,
+                e.release,
+                e.outcome
+            );
+            if let Some(r) = &e.reason {
+                outln!("  {r}");
+            }
+            if let Some(stage) = last.awaiting_promotion {
+                if e.outcome == HistoryOutcome::InProgress {
+                    outln!("  canary stage {stage} waits for promotion: `deploykit promote` or `deploykit abort`");
+                }
+            }
+            if e.outcome == HistoryOutcome::Interrupted {
+                let unsettled: Vec<String> = last.unsettled.iter().map(|i| i.to_string()).collect();
+                if !unsettled.is_empty() {
+                    outln!("  left part-way: {}", unsettled.join(", "));
+                }
+                outln!(
+                    "  the fleet may run a mix of releases: `deploykit deploy --resume` continues, `deploykit rollback` undoes"
+                );
+            }
+        }
+        None if problems.is_empty() => outln!("no deployment recorded yet"),
+        None => outln!("no readable deployment recorded"),
+    }
+    if !problems.is_empty() {
+        outln!(
+            "  {} unreadable journal(s), listed above: the last run may be another one",
+            problems.len()
+        );
+    }
+    if let Some(l) = &status.live {
+        outln!("live environment: {l}");
+    }
+    let rows = &status.instances;
+    let w = |f: fn(&output::InstanceState) -> &String, h: &str| {
+        rows.iter().map(|r| f(r).len()).max().unwrap_or(0).max(h.len())
+    };
+    let (wi, wg, wa, wr) = (
+        w(|r| &r.id, "instance"),
+        w(|r| &r.group, "group"),
+        w(|r| &r.address, "address"),
+        w(|r| &r.release, "release"),
+    );
+    let lb_col = status.load_balancer.is_some();
+    outln!(
+        "{:<wi$}  {:<wg$}  {:<wa$}  {:<wr$}  {}health",
+        "instance",
+        "group",
+        "address",
+        "release",
+        if lb_col { "rotation  " } else { "" }
+    );
+    for r in rows {
+        let rot = match r.in_rotation {
+            Some(false) => "out       ",
+            Some(true) => "in        ",
+            None => "",
+        };
+        outln!(
+            "{:<wi$}  {:<wg$}  {:<wa$}  {:<wr$}  {rot}{}",
+            r.id,
+            r.group,
+            r.address,
+            r.release,
+            r.health
+        );
+    }
 }
 
 pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {

@@ -82,6 +82,13 @@ pub(crate) struct Config {
     /// channel live (docs/state.md).
     #[serde(default)]
     pub(crate) state: StateConfig,
+    /// `[[regions]]`: fleets of their own, deployed in waves
+    /// (docs/regions.md); empty for a file of one fleet.
+    #[serde(default)]
+    pub(crate) regions: Vec<RegionConfig>,
+    /// `[rollout]`: the waves and gates of the regions.
+    #[serde(default)]
+    pub(crate) rollout: Option<deploykit::regions::Rollout>,
 }
 
 /// Where the deployment state lives.
@@ -212,6 +219,25 @@ fn check_state(c: &Config) -> deploykit::Result<()> {
             "this deploykit was built without the etcd feature: rebuild with `--features etcd`, or use backend = \"local\"",
         )),
     }
+}
+
+/// One `[[regions]]` entry: a fleet with its own instances, load balancer
+/// and (optionally) metrics and strategy; every other section is the
+/// file's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RegionConfig {
+    pub(crate) name: String,
+    #[serde(default)]
+    pub(crate) instances: Vec<InstanceConfig>,
+    #[serde(default)]
+    pub(crate) load_balancer: LoadBalancerConfig,
+    /// Replaces the file's `[metrics]` for this region.
+    #[serde(default)]
+    pub(crate) metrics: Option<MetricsConfig>,
+    /// Replaces the file's `[strategy]` as a whole for this region.
+    #[serde(default)]
+    pub(crate) strategy: Option<StrategyConfig>,
 }
 
 /// Fields an instance may set, or inherit from `[instance_defaults]`.
@@ -686,6 +712,20 @@ pub(crate) struct Loaded {
     pub(crate) instances: Vec<Instance>,
     /// Where relative paths are resolved (the config file's directory).
     pub(crate) base: PathBuf,
+    /// The regions of a multi-region file, each loaded as a file of one
+    /// fleet; empty otherwise.
+    pub(crate) regions: Vec<Region>,
+    /// The `[rollout]` of a multi-region file (its defaults when unset).
+    pub(crate) rollout: deploykit::regions::Rollout,
+}
+
+/// One region of a multi-region file: its name and its fleet's
+/// configuration (its own instances, load balancer, metrics and strategy
+/// with every other section of the file).
+#[derive(Debug, Clone)]
+pub(crate) struct Region {
+    pub(crate) name: deploykit::regions::RegionName,
+    pub(crate) cfg: Loaded,
 }
 
 impl Loaded {
@@ -722,6 +762,43 @@ impl Loaded {
             }
         }
         out
+    }
+
+    /// Whether the file has `[[regions]]`.
+    pub(crate) fn is_multi_region(&self) -> bool {
+        !self.regions.is_empty()
+    }
+
+    /// The region called `name`.
+    ///
+    /// # Errors
+    /// Names the configured regions when there is no such region, or the
+    /// file has none.
+    pub(crate) fn region(&self, name: &str) -> Result<&Region, ConfigError> {
+        let err = |message: String| ConfigError {
+            file: self.path.clone(),
+            at: None,
+            message,
+        };
+        if self.regions.is_empty() {
+            return Err(err(format!(
+                "--region {name}: this file has no [[regions]]; drop --region"
+            )));
+        }
+        self.regions
+            .iter()
+            .find(|r| r.name.as_str() == name)
+            .ok_or_else(|| {
+                err(format!(
+                    "--region {name}: no such region; the regions are {}",
+                    self.region_names().join(", ")
+                ))
+            })
+    }
+
+    /// The regions' names, in the order they are written.
+    pub(crate) fn region_names(&self) -> Vec<&str> {
+        self.regions.iter().map(|r| r.name.as_str()).collect()
     }
 
     /// A path from the file, relative to the file's directory.
@@ -801,19 +878,137 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
             message: e.to_string(),
         }
     };
-    let instances = check(&raw).map_err(semantic)?;
     let base = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let base = std::fs::canonicalize(&base).unwrap_or(base);
+    if raw.regions.is_empty() {
+        if raw.rollout.is_some() {
+            return Err(semantic(inv(
+                "rollout",
+                "only a file with [[regions]] has a rollout; add regions or remove [rollout]",
+            )));
+        }
+        let instances = check(&raw).map_err(semantic)?;
+        return Ok(Loaded {
+            path: path.to_path_buf(),
+            raw,
+            instances,
+            base,
+            regions: Vec::new(),
+            rollout: Default::default(),
+        });
+    }
+    let (regions, rollout) = check_regions(&raw).map_err(semantic)?;
+    let regions = regions
+        .into_iter()
+        .map(|(name, raw, instances)| Region {
+            name,
+            cfg: Loaded {
+                path: path.to_path_buf(),
+                raw,
+                instances,
+                base: base.clone(),
+                regions: Vec::new(),
+                rollout: Default::default(),
+            },
+        })
+        .collect::<Vec<_>>();
     Ok(Loaded {
         path: path.to_path_buf(),
         raw,
-        instances,
+        instances: regions.iter().flat_map(|r| r.cfg.instances.clone()).collect(),
         base,
+        regions,
+        rollout,
     })
+}
+
+/// A region's fleet as a file of one fleet: the file with the region's
+/// instances, load balancer, and metrics and strategy when it has its own.
+fn region_config(c: &Config, r: &RegionConfig) -> Config {
+    let mut out = c.clone();
+    out.instances = r.instances.clone();
+    out.load_balancer = r.load_balancer.clone();
+    if let Some(m) = &r.metrics {
+        out.metrics = Some(m.clone());
+    }
+    if let Some(s) = &r.strategy {
+        out.strategy = s.clone();
+    }
+    out.regions = Vec::new();
+    out.rollout = None;
+    out
+}
+
+type CheckedRegion = (deploykit::regions::RegionName, Config, Vec<Instance>);
+
+/// The checks of a multi-region file: names, each region as a file of one
+/// fleet (its errors named `regions[n].…` where the key is the region's),
+/// and the rollout's waves.
+fn check_regions(c: &Config) -> deploykit::Result<(Vec<CheckedRegion>, deploykit::regions::Rollout)> {
+    use deploykit::regions::RegionName;
+    if !c.instances.is_empty() {
+        return Err(inv(
+            "instances",
+            "a file with [[regions]] keeps its instances in each region: move them into [[regions.instances]]",
+        ));
+    }
+    if c.load_balancer.kind != LbKind::None {
+        return Err(inv(
+            "load_balancer",
+            "a file with [[regions]] gives each region its own: move it into [regions.load_balancer]",
+        ));
+    }
+    if c.gitops.is_some() {
+        return Err(inv(
+            "gitops",
+            "deploykit watch does not deploy multi-region files yet: use a file of one fleet per watcher",
+        ));
+    }
+    if c.state.backend != StateBackendKind::Local {
+        // Each region keeps its lock and journals in a state directory of
+        // its own; sharing them through etcd per region is not built yet.
+        return Err(inv(
+            "state.backend",
+            "a file with [[regions]] keeps its state in a local state directory per region: \
+             use backend = \"local\" (remove [state] backend = \"etcd\"), or deploy each region from a file of one fleet with its own [state]",
+        ));
+    }
+    let mut out: Vec<CheckedRegion> = Vec::new();
+    for (n, r) in c.regions.iter().enumerate() {
+        let name = RegionName::new(&r.name).map_err(|e| rename(e, &format!("regions[{n}].name")))?;
+        if out.iter().any(|(o, _, _)| *o == name) {
+            return Err(inv(
+                format!("regions[{n}].name"),
+                format!("{name} is used by an earlier region; give every region its own name"),
+            ));
+        }
+        let own = |field: &str| {
+            let first = field.split(['.', '[']).next().unwrap_or("");
+            match first {
+                "instances" | "load_balancer" => true,
+                "metrics" => r.metrics.is_some(),
+                "strategy" => r.strategy.is_some(),
+                _ => false,
+            }
+        };
+        let cfg = region_config(c, r);
+        let instances = check(&cfg).map_err(|e| match e {
+            deploykit::Error::InvalidInput { field, message } if own(&field) => {
+                inv(format!("regions[{n}].{field}"), message)
+            }
+            other => other,
+        })?;
+        out.push((name, cfg, instances));
+    }
+    let rollout = c.rollout.clone().unwrap_or_default();
+    let names: Vec<RegionName> = out.iter().map(|(n, _, _)| n.clone()).collect();
+    rollout.waves_for(&names)?;
+    check_duration("rollout.soak_interval", Dur(rollout.soak_interval))?;
+    Ok((out, rollout))
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

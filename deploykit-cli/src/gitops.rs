@@ -69,7 +69,7 @@ fn default_interval() -> Dur {
 pub(crate) struct BranchRule {
     pub(crate) pattern: String,
     pub(crate) strategy: StrategyKind,
-    /// Refused with an explanation until deploykit has regions.
+    /// Refused with an explanation until `watch` deploys multi-region files.
     #[serde(default)]
     pub(crate) regions: Option<Vec<String>>,
 }
@@ -214,7 +214,7 @@ pub(crate) fn check(g: &GitopsConfig, c: &Config) -> deploykit::Result<()> {
         if b.regions.is_some() {
             return Err(inv(
                 format!("gitops.branches[{n}].regions"),
-                "deploykit has no regions yet: remove it (a rule deploys to the fleet of this file; use one configuration file, and one watcher, per environment)",
+                "deploykit watch deploys no regions yet: remove it (a rule deploys to the fleet of this file; use one configuration file, and one watcher, per environment)",
             ));
         }
     }

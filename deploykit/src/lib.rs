@@ -93,6 +93,15 @@
 //!   one that finishes within its failure budget is reported as
 //!   [`OutcomeKind::Degraded`], never as a plain success.
 //!
+//! ## Multi-region
+//!
+//! [`regions`] deploys several fleets in ordered waves: a
+//! [`regions::RegionsPlan`] (waves → regions → each region's own plan) is a
+//! value like a [`Plan`]; [`regions::run`] walks it at most `max_parallel`
+//! regions at a time, soaks each wave, and on a failure returns what
+//! [`regions::OnFailure`] says, judging every region only from the report
+//! of the run it started (`docs/regions.md`).
+//!
 //! ## Routing beyond weights
 //!
 //! [`routing::TrafficPolicy`] is one routing vocabulary: ordered header,
@@ -150,6 +159,7 @@ pub mod names;
 mod plan;
 mod promotion;
 pub mod recovery;
+pub mod regions;
 mod report;
 pub mod routing;
 mod secret_url;

@@ -18,6 +18,7 @@ mod kubernetes;
 mod nginx;
 mod notify;
 mod refusals;
+mod regions;
 mod ssh;
 mod stats;
 mod top;

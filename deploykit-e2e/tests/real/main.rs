@@ -16,6 +16,7 @@ mod load;
 mod local;
 mod nginx;
 mod prometheus;
+mod regions;
 mod routing;
 mod ssh;
 mod sshd;

@@ -14,6 +14,7 @@ mod judges;
 mod kubernetes;
 mod props;
 mod recreate;
+mod regions;
 mod rolling;
 mod routing;
 mod schedules;
