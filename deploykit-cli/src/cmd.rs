@@ -3,28 +3,34 @@
 //! the outcome becomes an exit code in `main`.
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use deploykit::bluegreen_state::{peek, reconcile, FileLiveStore, LiveStore, Reconciled};
+use deploykit::bluegreen_state::{peek, reconcile, Reconciled};
 use deploykit::flags::FlagStore;
 use deploykit::recovery::{self, Recorded};
+use deploykit::regions::RegionName;
 use deploykit::state::{
-    ControlCommand, DeployLock, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalSummary,
-    LockAttempt, RunKind, SourceCommit, StateDir,
+    ControlCommand, HeldLock, HistoryOutcome, JournalHeader, JournalOutcome, JournalSummary, JournalWriter,
+    RunKind, SourceCommit, StateBackend, StateDir, StateLock,
 };
 use deploykit::{
     run_id, Event, EventLog, EventSink, Executor, Fanout, OutcomeKind, ReleaseId, Report, RunOptions,
     StrategyKind as LibKind,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Loaded, NotifyOn, StrategyKind};
 use crate::exit;
 use crate::notify::{Notice, Notifier};
 use crate::output::{self, Human, JsonLines};
 use crate::wire;
+
+mod regions;
+
+pub(crate) use regions::{rollback_cmd, RollbackArgs};
 
 /// Options every fleet command takes.
 #[derive(Debug, Clone, Args)]
@@ -48,6 +54,23 @@ pub(crate) struct Global {
     /// Only errors and the final result.
     #[arg(short, long, global = true)]
     pub(crate) quiet: bool,
+    /// When another deployment holds the lock, wait for it up to this long
+    /// (`10m`), naming the holder, instead of failing at once (CI runners
+    /// queue this way).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = lock_wait)]
+    pub(crate) lock_wait: Option<Duration>,
+    /// In a file with [[regions]]: act on this region only, as on a file of
+    /// one fleet (its own lock, journal and history).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub(crate) region: Option<String>,
+}
+
+fn lock_wait(s: &str) -> Result<Duration, String> {
+    let d = deploykit::parse_duration("--lock-wait", s).map_err(|e| e.to_string())?;
+    if d > Duration::from_secs(24 * 3600) {
+        return Err("use at most 24h".into());
+    }
+    Ok(d)
 }
 
 /// `deploykit deploy`.
@@ -78,6 +101,10 @@ pub(crate) struct DeployArgs {
     /// http://ADDR/metrics while the deployment runs (docs/metrics.md).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// In a file with [[regions]]: deploy only these regions
+    /// (comma-separated), in the rollout's order.
+    #[arg(long, value_delimiter = ',', value_name = "NAMES", conflicts_with = "resume")]
+    pub(crate) regions: Vec<String>,
 }
 
 impl DeployArgs {
@@ -92,6 +119,7 @@ impl DeployArgs {
             commit: Some(commit.sha.clone()),
             commit_time: commit.time_s,
             metrics_listen: None,
+            regions: Vec::new(),
         }
     }
 }
@@ -136,7 +164,7 @@ impl EventSink for Relay {
 
 /// The journal, with the crash hook.
 struct Journaled {
-    journal: Arc<Journal>,
+    journal: Arc<dyn JournalWriter>,
     abort_after: Option<u64>,
 }
 
@@ -144,8 +172,15 @@ impl Journaled {
     fn check(&self) {
         if let Some(n) = self.abort_after {
             if self.journal.records() >= n {
-                // Queued records are not on disk yet: write them first.
-                let _ = self.journal.sync();
+                // Queued records are not written yet: write them first.
+                let journal = self.journal.clone();
+                let _ = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                    if let Ok(rt) = rt {
+                        let _ = rt.block_on(journal.sync());
+                    }
+                })
+                .join();
                 std::process::abort();
             }
         }
@@ -164,28 +199,115 @@ impl EventSink for Journaled {
     }
 }
 
+/// Aborts a helper task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What every fleet command starts from.
 pub(crate) struct Ctx {
     pub(crate) g: Global,
     pub(crate) cfg: Loaded,
+    /// This machine's state directory: simulated fleets, release pins, flag
+    /// journal, and (with the local backend) the deployment state.
     pub(crate) state: StateDir,
+    /// Where the lock, journals, live record and control channel live.
+    pub(crate) backend: Arc<dyn StateBackend>,
+    /// The region acted on, in a multi-region file.
+    pub(crate) region: Option<RegionName>,
+    /// The report of the last run concluded with this context, for the
+    /// multi-region engine, which judges a region from its own run.
+    last_report: Mutex<Option<Report>>,
+    /// Cancels the run in progress, when the multi-region engine does.
+    cancel: Mutex<Option<CancellationToken>>,
 }
 
 impl Ctx {
+    /// A context on `state`, with the state backend `cfg` names: each
+    /// region's context gets one of its own, on its own state directory.
+    fn new(g: Global, cfg: Loaded, state: StateDir, region: Option<RegionName>) -> anyhow::Result<Self> {
+        let backend = wire::state_backend(&cfg, &state)?;
+        Ok(Self {
+            g,
+            cfg,
+            state,
+            backend,
+            region,
+            last_report: Mutex::new(None),
+            cancel: Mutex::new(None),
+        })
+    }
+
     pub(crate) fn load(g: Global) -> anyhow::Result<Self> {
         let cfg = config::load(&g.config)?;
         // Created by the first lock: a refused or read-only command leaves
         // nothing behind.
         let state = StateDir::at(cfg.state_base(), &cfg.raw.app)?;
-        Ok(Self { g, cfg, state })
+        let top = Self::new(g, cfg, state, None)?;
+        match top.g.region.clone() {
+            Some(r) => {
+                let region = top.cfg.region(&r)?.clone();
+                top.for_region(&region)
+            }
+            None => Ok(top),
+        }
     }
 
     /// As [`load`](Self::load) for a command that only reads: the state
     /// directory is not created, so no write access is needed.
     pub(crate) fn load_read_only(g: Global) -> anyhow::Result<Self> {
-        let cfg = config::load(&g.config)?;
-        let state = StateDir::at(cfg.state_base(), &cfg.raw.app)?;
-        Ok(Self { g, cfg, state })
+        Self::load(g)
+    }
+
+    /// As [`load`](Self::load) for a command that acts on one fleet: a
+    /// multi-region file needs `--region`.
+    pub(crate) fn load_one(g: Global) -> anyhow::Result<Self> {
+        let ctx = Self::load(g)?;
+        if ctx.cfg.is_multi_region() && ctx.region.is_none() {
+            return Err(config::ConfigError {
+                file: ctx.cfg.path.clone(),
+                at: None,
+                message: format!(
+                    "this file has [[regions]]: name the region to act on with --region (the regions are {})",
+                    ctx.cfg.region_names().join(", ")
+                ),
+            }
+            .into());
+        }
+        Ok(ctx)
+    }
+
+    /// The context of one region of this multi-region file: its fleet, and
+    /// its own state directory `<state_dir>/<app>/regions/<region>`.
+    pub(crate) fn for_region(&self, region: &config::Region) -> anyhow::Result<Self> {
+        let base = self.cfg.state_base().join(&self.cfg.raw.app).join("regions");
+        let state = StateDir::at(base, region.name.as_str()).expect("region names are valid state names");
+        Self::new(
+            self.g.clone(),
+            region.cfg.clone(),
+            state,
+            Some(region.name.clone()),
+        )
+    }
+
+    /// Takes the report the last concluded run left.
+    fn take_report(&self) -> Option<Report> {
+        self.last_report.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Cancels `exec`'s run when the multi-region engine cancels this
+    /// region; the link ends when the returned guard is dropped.
+    fn link_cancel(&self, exec: &Executor) -> Option<AbortOnDrop> {
+        let token = self.cancel.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let run = exec.cancel_token();
+        Some(AbortOnDrop(tokio::spawn(async move {
+            token.cancelled().await;
+            run.cancel();
+        })))
     }
 
     fn notifier(&self) -> Notifier {
@@ -194,11 +316,18 @@ impl Ctx {
 
     fn output(&self) -> (Option<Arc<dyn EventSink>>, Option<Arc<Human>>) {
         if self.g.json {
-            (Some(Arc::new(JsonLines)), None)
+            match &self.region {
+                Some(r) => (Some(Arc::new(output::RegionJsonLines(r.to_string()))), None),
+                None => (Some(Arc::new(JsonLines)), None),
+            }
         } else if self.g.quiet {
             (None, None)
         } else {
-            let h = Arc::new(Human::new(self.cfg.instances.len() as u64));
+            let mut h = Human::new(self.cfg.instances.len() as u64);
+            if let Some(r) = &self.region {
+                h = h.with_prefix(format!("{r}: "));
+            }
+            let h = Arc::new(h);
             (Some(h.clone() as Arc<dyn EventSink>), Some(h))
         }
     }
@@ -218,40 +347,65 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Takes the lock or explains who holds it (exit 4).
-fn lock(ctx: &Ctx, purpose: &str) -> anyhow::Result<Result<DeployLock, u8>> {
-    match ctx.state.try_lock(purpose)? {
-        LockAttempt::Acquired { lock, stale } => {
-            if let Some(s) = stale {
-                eprintln!(
-                    "deploykit: note: the previous holder of the lock ({s}) died without releasing it; \
-                     its deployment was interrupted (see `deploykit status`)"
-                );
+/// Takes the lock or explains who holds it (exit 4); with `--lock-wait`,
+/// waits for it that long first, saying who holds it.
+async fn lock(ctx: &Ctx, purpose: &str) -> anyhow::Result<Result<HeldLock, u8>> {
+    let deadline = ctx.g.lock_wait.map(|w| tokio::time::Instant::now() + w);
+    let mut announced: Option<deploykit::state::Holder> = None;
+    loop {
+        match ctx.backend.try_lock(purpose).await? {
+            StateLock::Acquired(lock) => {
+                if let Some(s) = lock.stale() {
+                    eprintln!(
+                        "deploykit: note: the previous holder of the lock ({s}) died without releasing it; \
+                         its deployment was interrupted (see `deploykit status`)"
+                    );
+                }
+                return Ok(Ok(lock));
             }
-            Ok(Ok(lock))
-        }
-        LockAttempt::Held(h) => {
-            let alive = match h.is_alive() {
-                Some(false) => " (that process is gone; the lock is held by a process it started, or the record is stale: check with `fuser`)",
-                _ => "",
-            };
-            eprintln!(
-                "deploykit: error: another deployment of {} holds the lock: {h}{alive}; wait for it, or stop it (`deploykit abort`)",
-                ctx.cfg.raw.app
-            );
-            Ok(Err(exit::LOCKED))
+            StateLock::Held(h) if deadline.is_some_and(|d| tokio::time::Instant::now() < d) => {
+                if announced.as_ref() != Some(&h) {
+                    eprintln!(
+                        "deploykit: waiting for the lock of {}, held by {h} (--lock-wait {})",
+                        ctx.cfg.raw.app,
+                        deploykit::duration_text::format(ctx.g.lock_wait.unwrap_or_default())
+                    );
+                    announced = Some(h);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            StateLock::Held(h) => return Ok(Err(refused(ctx, h))),
         }
     }
 }
 
+/// Explains who holds the lock; exit 4.
+fn refused(ctx: &Ctx, h: deploykit::state::Holder) -> u8 {
+    let alive = match h.is_alive() {
+        Some(false) => " (that process is gone; the lock is held by a process it started, or the record is stale: check with `fuser`)",
+        _ => "",
+    };
+    let waited = match ctx.g.lock_wait {
+        Some(w) => format!(" (still, after waiting {})", deploykit::duration_text::format(w)),
+        None => String::new(),
+    };
+    eprintln!(
+        "deploykit: error: another deployment of {} holds the lock{waited}: {h}{alive}; wait for it \
+         (`--lock-wait 10m` queues behind it), or stop it (`deploykit abort`)",
+        ctx.cfg.raw.app
+    );
+    exit::LOCKED
+}
+
 /// Starts a journal and hooks it (and the output) into the relay.
-fn start_journal(
+async fn start_journal(
     ctx: &Ctx,
+    lock: &HeldLock,
     relay: &Relay,
     header: JournalHeader,
     out: Option<Arc<dyn EventSink>>,
-) -> anyhow::Result<Arc<Journal>> {
-    let journal = Arc::new(ctx.state.create_journal(header)?);
+) -> anyhow::Result<Arc<dyn JournalWriter>> {
+    let journal = ctx.backend.create_journal(lock, header).await?;
     let journaled = Arc::new(Journaled {
         journal: journal.clone(),
         abort_after: abort_after(),
@@ -268,13 +422,16 @@ fn start_journal(
 /// A run refused before its first step (nothing touched) leaves no journal
 /// behind: otherwise the next command would find an "interrupted"
 /// deployment that never happened.
-fn unless_refused<T>(journal: &Journal, r: deploykit::Result<T>) -> anyhow::Result<T> {
-    r.map_err(|e| {
-        if let Err(d) = journal.discard_unstarted() {
-            eprintln!("deploykit: warning: {d}");
+async fn unless_refused<T>(journal: &dyn JournalWriter, r: deploykit::Result<T>) -> anyhow::Result<T> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            if let Err(d) = journal.discard_unstarted().await {
+                eprintln!("deploykit: warning: {d}");
+            }
+            Err(e.into())
         }
-        e.into()
-    })
+    }
 }
 
 fn notice(ctx: &Ctx, h: &JournalHeader, event: NotifyOn, report: Option<&Report>) -> Notice {
@@ -310,20 +467,30 @@ fn end_event(kind: RunKind, outcome: OutcomeKind) -> NotifyOn {
 async fn conclude(
     ctx: &Ctx,
     exec: &Executor,
-    journal: &Journal,
+    journal: &dyn JournalWriter,
     report: &Report,
     human: Option<&Human>,
 ) -> anyhow::Result<u8> {
-    journal.finish(JournalOutcome {
-        outcome: report.outcome,
-        reason: report.reason.clone(),
-        duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
-    })?;
+    *ctx.last_report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+    let finished = journal
+        .finish(JournalOutcome {
+            outcome: report.outcome,
+            reason: report.reason.clone(),
+            duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
+        })
+        .await;
+    if let Err(deploykit::Error::LockLost(why)) = &finished {
+        if let Some(hm) = human {
+            hm.finish();
+        }
+        return Ok(lock_lost(ctx, journal, why));
+    }
+    finished?;
     if journal.write_errors() > 0 {
         eprintln!(
             "deploykit: warning: {} journal record(s) could not be written to {}; after a crash, `status` and `rollback` would know less",
             journal.write_errors(),
-            journal.path().display()
+            journal.location()
         );
     }
     let h = journal.header();
@@ -360,6 +527,33 @@ async fn conclude(
     })
 }
 
+/// Says that the run stopped because it lost the lock, and what to do;
+/// exit 3.
+fn lock_lost(ctx: &Ctx, journal: &dyn JournalWriter, why: &str) -> u8 {
+    eprintln!(
+        "deploykit: error: run {} lost the deployment lock of {} and stopped: {why}. \
+         It started no step after that and recorded nothing more (the journal {} ends at its last recorded step). \
+         Another machine may hold the lock now: `deploykit status` shows where the run stopped, and \
+         `deploykit deploy --resume` or `deploykit rollback` finishes it from any machine with this configuration.",
+        journal.header().deployment,
+        ctx.cfg.raw.app,
+        journal.location()
+    );
+    exit::UNKNOWN_STATE
+}
+
+/// Cancels the run as soon as its lock is lost: it then starts nothing more
+/// (its restore steps are refused too, since they cannot be recorded).
+fn stop_on_lost_lock(lock: &HeldLock, exec: &Executor) -> tokio::task::JoinHandle<()> {
+    let fence = lock.fence().clone();
+    let cancel = exec.cancel_token();
+    tokio::spawn(async move {
+        let why = fence.wait_lost().await;
+        eprintln!("deploykit: error: lost the deployment lock: {why}; stopping");
+        cancel.cancel();
+    })
+}
+
 /// The configured strategies recovery plans with. Only the section of the
 /// strategy being recovered is checked: rolling back a rolling deployment
 /// does not fail on a canary section it does not use.
@@ -391,14 +585,15 @@ fn lib_kind(kind: StrategyKind) -> LibKind {
     }
 }
 
-async fn reconciled_live(ctx: &Ctx, exec: &Executor) -> anyhow::Result<Reconciled> {
+async fn reconciled_live(ctx: &Ctx, lock: &HeldLock, exec: &Executor) -> anyhow::Result<Reconciled> {
     let bg = ctx.cfg.raw.blue_green();
-    let store = FileLiveStore::new(ctx.state.live_record_path());
-    Ok(reconcile(&store, exec.load_balancer().as_ref(), &bg.environments).await?)
+    let store = ctx.backend.live_store(Some(lock));
+    Ok(reconcile(store.as_ref(), exec.load_balancer().as_ref(), &bg.environments).await?)
 }
 
-fn watch_control(ctx: &Ctx, id: &str, fleet: &wire::Fleet) -> tokio::task::JoinHandle<()> {
-    ctx.state.control().watch(
+fn watch_control(ctx: &Ctx, lock: &HeldLock, id: &str, fleet: &wire::Fleet) -> tokio::task::JoinHandle<()> {
+    ctx.backend.watch_control(
+        lock,
         id.to_string(),
         fleet.promotion.clone(),
         Duration::from_millis(200),
@@ -442,6 +637,17 @@ fn warn_config(g: &Global, cfg: &Loaded, kind: StrategyKind) {
 }
 
 pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
+    if ctx.cfg.is_multi_region() && ctx.region.is_none() {
+        return regions::deploy(ctx, args);
+    }
+    if !args.regions.is_empty() {
+        let why = if ctx.region.is_some() {
+            "--region already names the one region to deploy; drop --regions"
+        } else {
+            "this file has no [[regions]]; drop --regions"
+        };
+        return Err(deploykit::Error::invalid("--regions", why).into());
+    }
     if let Some(k) = args.strategy {
         ctx.cfg.check_strategy(k)?;
     }
@@ -452,11 +658,12 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
         .as_deref()
         .map(|c| SourceCommit::new(c, args.commit_time))
         .transpose()?;
+    let rt = runtime()?;
     let release = match &args.release {
         Some(r) if !args.resume => {
             let release = ReleaseId::new(r).map_err(|e| rename(e, "release"))?;
             // An interrupted deployment is reported first, after the lock.
-            if ctx.state.latest()?.is_none_or(|j| j.is_finished()) {
+            if rt.block_on(ctx.backend.latest())?.is_none_or(|j| j.is_finished()) {
                 wire::check_release(&ctx.cfg, &release)?;
             }
             warn_config(
@@ -467,7 +674,7 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
             Some(release)
         }
         _ => {
-            if !ctx.state.root().exists() {
+            if rt.block_on(ctx.backend.is_unused())? {
                 return nothing_to_resume();
             }
             None
@@ -477,7 +684,7 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
         .metrics_listen
         .map(|addr| crate::metrics_http::bind("metrics-listen", addr))
         .transpose()?;
-    runtime()?.block_on(async move {
+    rt.block_on(async move {
         // Served until this run ends, from the journals (this run's too).
         let _metrics = match metrics {
             Some(listener) => {
@@ -493,29 +700,34 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
             Some(r) => format!("deploy {r}"),
             None => "deploy --resume".into(),
         };
-        let lock = match lock(&ctx, &purpose)? {
+        let lock = match lock(&ctx, &purpose).await? {
             Ok(l) => l,
             Err(code) => return Ok(code),
         };
         let claimer = Claimer {
-            holder: lock.holder(),
+            lock: &lock,
             take_over: args.take_over,
         };
-        let latest = ctx.state.latest()?;
-        let Some(release) = release else {
-            return resume(&ctx, latest, &claimer).await;
-        };
-        if let Some(j) = latest.as_ref().filter(|j| !j.is_finished()) {
-            eprintln!(
-                "deploykit: error: the {} {} of {} was interrupted and the fleet may run a mix of releases; \
-                 run `deploykit deploy --resume` to finish it or `deploykit rollback` to undo it first (`deploykit status` shows where it stopped)",
-                j.header.strategy, j.header.deployment, j.header.release
-            );
-            return Ok(exit::UNKNOWN_STATE);
+        let code = async {
+            let latest = ctx.backend.latest().await?;
+            let Some(release) = release else {
+                return resume(&ctx, latest, &claimer).await;
+            };
+            if let Some(j) = latest.as_ref().filter(|j| !j.is_finished()) {
+                eprintln!(
+                    "deploykit: error: the {} {} of {} was interrupted and the fleet may run a mix of releases; \
+                     run `deploykit deploy --resume` to finish it or `deploykit rollback` to undo it first (`deploykit status` shows where it stopped)",
+                    j.header.strategy, j.header.deployment, j.header.release
+                );
+                return Ok(exit::UNKNOWN_STATE);
+            }
+            wire::check_release(&ctx.cfg, &release)?;
+            let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
+            run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind, commit), release, &claimer).await
         }
-        wire::check_release(&ctx.cfg, &release)?;
-        let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
-        run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind, commit), release, &claimer).await
+        .await;
+        lock.release().await;
+        code
     })
 }
 
@@ -544,8 +756,15 @@ async fn run_deploy(
     claimer: &Claimer<'_>,
 ) -> anyhow::Result<u8> {
     let relay = Arc::new(Relay::default());
-    let fleet = wire::fleet(&ctx.cfg, &ctx.state, Some(relay.clone()))?;
+    let lock = claimer.lock;
+    let fleet = wire::fleet(
+        &ctx.cfg,
+        &ctx.state,
+        ctx.backend.live_store(Some(lock)),
+        Some(relay.clone()),
+    )?;
     let exec = &fleet.executor;
+    let _linked = ctx.link_cancel(exec);
     let snapshot = exec.snapshot().await?;
     let id = run_id(&release);
     let (out, human) = ctx.output();
@@ -583,7 +802,7 @@ async fn run_deploy(
     };
     let blue_green = strategy == LibKind::BlueGreen;
     let live = if blue_green {
-        Some(reconciled_live(ctx, exec).await?)
+        Some(reconciled_live(ctx, lock, exec).await?)
     } else {
         None
     };
@@ -604,7 +823,7 @@ async fn run_deploy(
             match recovery::resume(rec, &snapshot, &strategies(ctx, strategy)?, live.as_ref())? {
                 recovery::Resume::Plan(plan) => plan,
                 recovery::Resume::Switched { live } => {
-                    let journal = start_journal(ctx, &relay, header, out)?;
+                    let journal = start_journal(ctx, lock, &relay, header, out).await?;
                     ctx.say(format!(
                         "the interrupted deployment had switched traffic to {live}: nothing left to do"
                     ));
@@ -618,7 +837,7 @@ async fn run_deploy(
                         duration: Duration::ZERO,
                         checks: Vec::new(),
                     };
-                    return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
+                    return conclude(ctx, exec, journal.as_ref(), &report, human.as_deref()).await;
                 }
             }
         }
@@ -632,8 +851,9 @@ async fn run_deploy(
         Ok(m) => m,
         Err(code) => return Ok(code),
     };
+    let lost = stop_on_lost_lock(lock, exec);
     let code = async {
-        let journal = start_journal(ctx, &relay, header, out)?;
+        let journal = start_journal(ctx, lock, &relay, header, out).await?;
         ctx.notifier()
             .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
             .await;
@@ -642,11 +862,11 @@ async fn run_deploy(
             let sig = ctrl_c(exec);
             let result = bg.deploy(exec, &release).await;
             sig.abort();
-            let mut report = unless_refused(&journal, result)?.deployment;
+            let mut report = unless_refused(journal.as_ref(), result).await?.deployment;
             report.deployment = id;
-            return conclude(ctx, exec, &journal, &report, human.as_deref()).await;
+            return conclude(ctx, exec, journal.as_ref(), &report, human.as_deref()).await;
         }
-        let watcher = watch_control(ctx, &id, &fleet);
+        let watcher = watch_control(ctx, lock, &id, &fleet);
         let sig = ctrl_c(exec);
         // What the interrupted run left part-way is restored in full if
         // this run fails.
@@ -657,16 +877,17 @@ async fn run_deploy(
         let options = RunOptions::default().with_id(&id).with_unsettled(unsettled);
         // An abort of a resumed run returns the instances the interrupted
         // run finished too: the plan names them (recovery::resume).
-        let report = unless_refused(&journal, exec.run(&plan, options).await)?;
+        let report = unless_refused(journal.as_ref(), exec.run(&plan, options).await).await?;
         sig.abort();
         watcher.abort();
-        let code = conclude(ctx, exec, &journal, &report, human.as_deref()).await?;
+        let code = conclude(ctx, exec, journal.as_ref(), &report, human.as_deref()).await?;
         if chaos.is_empty() {
             return Ok(code);
         }
         Ok(drill_verdicts(ctx, &chaos, &drill_log.events(), code))
     }
     .await;
+    lost.abort();
     deploykit::state::release(exec.instances(), &marker).await;
     code
 }
@@ -754,7 +975,7 @@ fn pin_release(ctx: &Ctx, release: &ReleaseId) -> anyhow::Result<()> {
 /// Who claims the instances for a run, and whether it may take over those
 /// of a deployment that no longer runs.
 struct Claimer<'a> {
-    holder: &'a deploykit::state::Holder,
+    lock: &'a HeldLock,
     take_over: bool,
 }
 
@@ -767,8 +988,9 @@ impl Claimer<'_> {
         exec: &Executor,
         id: &str,
     ) -> anyhow::Result<Result<deploykit::state::InstanceMarker, u8>> {
-        let marker = deploykit::state::InstanceMarker::new(id, &ctx.state, self.holder);
-        match deploykit::state::claim(exec.instances(), &ctx.state, &marker, self.take_over).await? {
+        let identity = ctx.backend.identity();
+        let marker = deploykit::state::InstanceMarker::for_state(id, identity.clone(), self.lock.holder());
+        match deploykit::state::claim_for(exec.instances(), &identity, &marker, self.take_over).await? {
             Ok(()) => Ok(Ok(marker)),
             Err(refused) => {
                 eprintln!("deploykit: error: {refused}");
@@ -794,7 +1016,7 @@ async fn resume(ctx: &Ctx, latest: Option<JournalSummary>, claimer: &Claimer<'_>
         orig.header.strategy, orig.header.deployment, orig.header.release
     ));
     wire::check_release(&ctx.cfg, &orig.header.release)?;
-    let recorded = Recorded::load(&ctx.state, &orig)?;
+    let recorded = Recorded::new(ctx.backend.chain(&recovery::root_of(&orig)).await?)?;
     run_deploy(
         ctx,
         RunKind::Resume,
@@ -806,31 +1028,63 @@ async fn resume(ctx: &Ctx, latest: Option<JournalSummary>, claimer: &Claimer<'_>
 }
 
 pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
+    if ctx.cfg.is_multi_region() && ctx.region.is_none() {
+        return Err(config::ConfigError {
+            file: ctx.cfg.path.clone(),
+            at: None,
+            message: format!(
+                "this file has [[regions]]: roll back one region with `deploykit --region NAME rollback`, or every region with `deploykit rollback --all` (the regions are {})",
+                ctx.cfg.region_names().join(", ")
+            ),
+        }
+        .into());
+    }
+    runtime()?.block_on(rollback_in(&ctx))
+}
+
+/// `rollback` of one fleet (a file of one fleet, or one region).
+async fn rollback_in(ctx: &Ctx) -> anyhow::Result<u8> {
     let nothing = || {
         eprintln!("deploykit: error: nothing to roll back: no deployment is recorded");
         Ok(exit::BAD_INPUT)
     };
     // The lock would create the state directory.
-    if !ctx.state.root().exists() {
+    if ctx.backend.is_unused().await? {
         return nothing();
     }
-    runtime()?.block_on(async move {
-        let lock = match lock(&ctx, "rollback")? {
-            Ok(l) => l,
-            Err(code) => return Ok(code),
-        };
-        // A rollback takes over only its own state directory's markers.
+    let lock = match lock(ctx, "rollback").await? {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    let code = rollback_locked(ctx, &lock, nothing).await;
+    lock.release().await;
+    code
+}
+
+/// The rollback, holding the lock.
+async fn rollback_locked(
+    ctx: &Ctx,
+    lock: &HeldLock,
+    nothing: impl Fn() -> anyhow::Result<u8>,
+) -> anyhow::Result<u8> {
+    {
+        // A rollback takes over only its own state's markers.
         let claimer = Claimer {
-            holder: lock.holder(),
+            lock,
             take_over: false,
         };
-        let Some(latest) = ctx.state.latest()? else {
+        let Some(latest) = ctx.backend.latest().await? else {
             return nothing();
         };
-        let recorded = Recorded::load(&ctx.state, &latest)?;
+        let recorded = Recorded::new(ctx.backend.chain(&recovery::root_of(&latest)).await?)?;
         let root = recorded.deployment().header.clone();
         let relay = Arc::new(Relay::default());
-        let fleet = wire::fleet(&ctx.cfg, &ctx.state, Some(relay.clone()))?;
+        let fleet = wire::fleet(
+            &ctx.cfg,
+            &ctx.state,
+            ctx.backend.live_store(Some(lock)),
+            Some(relay.clone()),
+        )?;
         let exec = &fleet.executor;
         let snap = exec.snapshot().await?;
         let (out, human) = ctx.output();
@@ -841,12 +1095,13 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         ));
         let blue_green = root.strategy == LibKind::BlueGreen;
         let live = if blue_green {
-            Some(reconciled_live(&ctx, exec).await?)
+            Some(reconciled_live(ctx, lock, exec).await?)
         } else {
             None
         };
-        let strategies = strategies(&ctx, root.strategy)?;
-        let marker = match claimer.claim(&ctx, exec, &id).await? {
+        let strategies = strategies(ctx, root.strategy)?;
+        let lost = stop_on_lost_lock(lock, exec);
+        let marker = match claimer.claim(ctx, exec, &id).await? {
             Ok(m) => m,
             Err(code) => return Ok(code),
         };
@@ -866,11 +1121,13 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
                             .collect(),
                     );
                     header.acts_on = Some(root.deployment.clone());
-                    let journal = start_journal(&ctx, &relay, header, out)?;
+                    let journal = start_journal(ctx, lock, &relay, header, out).await?;
                     let mut report =
-                        unless_refused(&journal, strategies.blue_green.rollback(exec).await)?.deployment;
+                        unless_refused(journal.as_ref(), strategies.blue_green.rollback(exec).await)
+                            .await?
+                            .deployment;
                     report.deployment = id;
-                    return conclude(&ctx, exec, &journal, &report, human.as_deref()).await;
+                    return conclude(ctx, exec, journal.as_ref(), &report, human.as_deref()).await;
                 }
             };
             let mut header = JournalHeader::new(
@@ -891,25 +1148,29 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
             // (a warning event) — refusing would leave the fleet as mixed as it
             // is — unless it does not read what the rollback would write.
             exec.check(&plan, &RunOptions::recovery()).await?;
-            let journal = start_journal(&ctx, &relay, header, out)?;
+            let journal = start_journal(ctx, lock, &relay, header, out).await?;
             if !blue_green {
                 ctx.notifier()
-                    .send(&notice(&ctx, journal.header(), NotifyOn::Start, None))
+                    .send(&notice(ctx, journal.header(), NotifyOn::Start, None))
                     .await;
             }
             let options = RunOptions::recovery()
                 .with_id(&id)
                 .with_unsettled(recorded.unsettled());
-            let report = unless_refused(&journal, exec.run(&plan, options).await)?;
-            conclude(&ctx, exec, &journal, &report, human.as_deref()).await
+            let report = unless_refused(journal.as_ref(), exec.run(&plan, options).await).await?;
+            conclude(ctx, exec, journal.as_ref(), &report, human.as_deref()).await
         }
         .await;
+        lost.abort();
         deploykit::state::release(exec.instances(), &marker).await;
         code
-    })
+    }
 }
 
 pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
+    if ctx.cfg.is_multi_region() && ctx.region.is_none() {
+        return regions::plan(ctx, args);
+    }
     if let Some(k) = args.strategy {
         ctx.cfg.check_strategy(k)?;
     }
@@ -921,23 +1182,7 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
     runtime()?.block_on(async move {
         let release = ReleaseId::new(&args.release).map_err(|e| rename(e, "release"))?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
-        let fleet = wire::fleet(&ctx.cfg, &ctx.state, None)?;
-        let exec = &fleet.executor;
-        let snapshot = exec.snapshot().await?;
-        let plan = if kind == StrategyKind::BlueGreen {
-            // Read-only: the record, else the load balancer, else the first
-            // environment.
-            let bg = ctx.cfg.raw.blue_green();
-            let store = FileLiveStore::new(ctx.state.live_record_path());
-            let live = peek(&store, exec.load_balancer().as_ref(), &bg.environments).await?;
-            bg.plan(&live, &snapshot, &release)?
-        } else {
-            wire::strategy(&ctx.cfg, kind)?.plan(&snapshot, &release)?
-        };
-        // A plan the load balancer cannot route is refused here too, not
-        // only when a deployment starts.
-        let lb = exec.load_balancer();
-        plan.check_routing(lb.name(), &lb.capabilities())?;
+        let plan = dry_plan(&ctx, kind, &release).await?;
         let p = plan.projected_duration();
         let batches: Vec<usize> = plan
             .stages
@@ -963,149 +1208,217 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
     })
 }
 
+/// The plan of `release` with strategy `kind` on a fresh snapshot of the
+/// fleet, touching nothing.
+async fn dry_plan(ctx: &Ctx, kind: StrategyKind, release: &ReleaseId) -> anyhow::Result<deploykit::Plan> {
+    let store = ctx.backend.live_store(None);
+    let fleet = wire::fleet(&ctx.cfg, &ctx.state, store.clone(), None)?;
+    let exec = &fleet.executor;
+    let snapshot = exec.snapshot().await?;
+    let plan = if kind == StrategyKind::BlueGreen {
+        // Read-only: the record, else the load balancer, else the first
+        // environment.
+        let bg = ctx.cfg.raw.blue_green();
+        let live = peek(store.as_ref(), exec.load_balancer().as_ref(), &bg.environments).await?;
+        bg.plan(&live, &snapshot, release)?
+    } else {
+        wire::strategy(&ctx.cfg, kind)?.plan(&snapshot, release)?
+    };
+    // A plan the load balancer cannot route is refused in a dry run too,
+    // not only when a deployment starts.
+    let lb = exec.load_balancer();
+    plan.check_routing(lb.name(), &lb.capabilities())?;
+    Ok(plan)
+}
+
 pub(crate) fn status(ctx: Ctx) -> anyhow::Result<u8> {
+    if ctx.cfg.is_multi_region() && ctx.region.is_none() {
+        return regions::status(ctx);
+    }
     runtime()?.block_on(async move {
-        let holder = ctx.state.holder()?;
-        // An unreadable journal is reported beside the fleet, not instead
-        // of it: the fleet is what an operator needs to see to repair.
-        let scan = ctx.state.scan_journals()?;
-        let problems: Vec<String> = scan.unreadable.iter().map(|u| u.error.to_string()).collect();
-        let latest = scan.journals.into_iter().next_back();
-        let code = if problems.is_empty() {
-            exit::SUCCESS
-        } else {
-            exit::UNKNOWN_STATE
-        };
-        let fleet = wire::fleet(&ctx.cfg, &ctx.state, None)?;
-        let exec = &fleet.executor;
-        let probe = Duration::from_secs(5);
-        // Every instance at once: a slow or unreachable one costs the probe
-        // timeout once, not once per instance.
-        let rows = futures::future::join_all(exec.instances().iter().map(|i| async move {
-            let b = i.backend();
-            let release = match tokio::time::timeout(probe, i.current_release()).await {
-                Ok(Ok(r)) => r.map(|r| r.to_string()).unwrap_or_else(|| "none".into()),
-                Ok(Err(e)) => format!("unknown ({e})"),
-                Err(_) => "unknown (timed out)".into(),
-            };
-            let health = match tokio::time::timeout(probe, i.health()).await {
-                Ok(Ok(h)) if h.is_healthy() => "healthy".to_string(),
-                Ok(Ok(deploykit::Health::Unhealthy(why))) => format!("unhealthy: {why}"),
-                Ok(Ok(_)) => "unknown".to_string(),
-                Ok(Err(e)) => format!("unreachable: {e}"),
-                Err(_) => "unreachable: timed out".into(),
-            };
-            (b.id.to_string(), b.group.to_string(), b.address.to_string(), release, health)
-        }))
-        .await;
-        let sim_lb = (ctx.cfg.raw.load_balancer.kind == config::LbKind::Simulated)
-            .then(|| crate::sim::SimLoadBalancer::new(ctx.state.root()).ok().and_then(|l| l.state().ok()))
-            .flatten();
-        let live = FileLiveStore::new(ctx.state.live_record_path()).load().await.ok().flatten();
-        let entry = latest.as_ref().map(|j| j.history_entry(holder.as_ref()));
+        let (status, code) = status_of(&ctx).await?;
         if ctx.g.json {
-            let instances = rows
-                .iter()
-                .map(|(id, g, a, r, h)| output::InstanceState {
-                    id: id.clone(),
-                    group: g.clone(),
-                    address: a.clone(),
-                    release: r.clone(),
-                    health: h.clone(),
-                    in_rotation: sim_lb.as_ref().map(|l| !l.out_of_rotation.contains(id)),
-                })
-                .collect();
-            let deployment = latest.as_ref().zip(entry.clone()).map(|(j, history)| output::LastRun {
-                history,
-                unsettled: j.unsettled(),
-                awaiting_promotion: j.awaiting_promotion(),
-                previous: j.header.previous.clone(),
-            });
-            let status = output::Status {
-                app: ctx.cfg.raw.app.clone(),
-                lock: holder.clone(),
-                deployment,
-                instances,
-                live: live.map(|l| l.live),
-                load_balancer: sim_lb,
-                journal_problems: problems,
-            };
             outln!("{}", serde_json::to_string(&status)?);
-            return Ok(code);
-        }
-        for p in &problems {
-            eprintln!("deploykit: error: {p}");
-        }
-        outln!("app: {}", ctx.cfg.raw.app);
-        if let Some(h) = &holder {
-            outln!("lock: held by {h}");
-        }
-        match (&latest, &entry) {
-            (Some(j), Some(e)) => {
-                outln!(
-                    "last run: {} ({}) {} of {}: {}",
-                    e.id,
-                    output::run_kind(e.kind),
-                    e.strategy,
-                    e.release,
-                    e.outcome
-                );
-                if let Some(r) = &e.reason {
-                    outln!("  {r}");
-                }
-                if let Some(stage) = j.awaiting_promotion() {
-                    if e.outcome == HistoryOutcome::InProgress {
-                        outln!("  canary stage {stage} waits for promotion: `deploykit promote` or `deploykit abort`");
-                    }
-                }
-                if e.outcome == HistoryOutcome::Interrupted {
-                    let unsettled: Vec<String> = j.unsettled().iter().map(|i| i.to_string()).collect();
-                    if !unsettled.is_empty() {
-                        outln!("  left part-way: {}", unsettled.join(", "));
-                    }
-                    outln!(
-                        "  the fleet may run a mix of releases: `deploykit deploy --resume` continues, `deploykit rollback` undoes"
-                    );
-                }
-            }
-            _ if problems.is_empty() => outln!("no deployment recorded yet"),
-            _ => outln!("no readable deployment recorded"),
-        }
-        if !problems.is_empty() {
-            outln!("  {} unreadable journal(s), listed above: the last run may be another one", problems.len());
-        }
-        if let Some(l) = &live {
-            outln!("live environment: {}", l.live);
-        }
-        let w = |f: fn(&(String, String, String, String, String)) -> &String, h: &str| {
-            rows.iter().map(|r| f(r).len()).max().unwrap_or(0).max(h.len())
-        };
-        let (wi, wg, wa, wr) = (w(|r| &r.0, "instance"), w(|r| &r.1, "group"), w(|r| &r.2, "address"), w(|r| &r.3, "release"));
-        let lb_col = sim_lb.is_some();
-        outln!(
-            "{:<wi$}  {:<wg$}  {:<wa$}  {:<wr$}  {}health",
-            "instance",
-            "group",
-            "address",
-            "release",
-            if lb_col { "rotation  " } else { "" }
-        );
-        for (id, g, a, r, h) in &rows {
-            let rot = match &sim_lb {
-                Some(l) if l.out_of_rotation.contains(id) => "out       ",
-                Some(_) => "in        ",
-                None => "",
-            };
-            outln!("{id:<wi$}  {g:<wg$}  {a:<wa$}  {r:<wr$}  {rot}{h}");
+        } else {
+            print_status(&status);
         }
         Ok(code)
     })
 }
 
+/// What `status` shows of one fleet, and its exit code (3 when a journal
+/// could not be read).
+async fn status_of(ctx: &Ctx) -> anyhow::Result<(output::Status, u8)> {
+    let holder = ctx.backend.holder().await?;
+    // An unreadable journal is reported beside the fleet, not instead
+    // of it: the fleet is what an operator needs to see to repair.
+    let scan = ctx.backend.scan_journals().await?;
+    let problems: Vec<String> = scan.unreadable.iter().map(|u| u.error.to_string()).collect();
+    let latest = scan.journals.into_iter().next_back();
+    let code = if problems.is_empty() {
+        exit::SUCCESS
+    } else {
+        exit::UNKNOWN_STATE
+    };
+    let store = ctx.backend.live_store(None);
+    let fleet = wire::fleet(&ctx.cfg, &ctx.state, store.clone(), None)?;
+    let exec = &fleet.executor;
+    let probe = Duration::from_secs(5);
+    // Every instance at once: a slow or unreachable one costs the probe
+    // timeout once, not once per instance.
+    let rows = futures::future::join_all(exec.instances().iter().map(|i| async move {
+        let b = i.backend();
+        let release = match tokio::time::timeout(probe, i.current_release()).await {
+            Ok(Ok(r)) => r.map(|r| r.to_string()).unwrap_or_else(|| "none".into()),
+            Ok(Err(e)) => format!("unknown ({e})"),
+            Err(_) => "unknown (timed out)".into(),
+        };
+        let health = match tokio::time::timeout(probe, i.health()).await {
+            Ok(Ok(h)) if h.is_healthy() => "healthy".to_string(),
+            Ok(Ok(deploykit::Health::Unhealthy(why))) => format!("unhealthy: {why}"),
+            Ok(Ok(_)) => "unknown".to_string(),
+            Ok(Err(e)) => format!("unreachable: {e}"),
+            Err(_) => "unreachable: timed out".into(),
+        };
+        (
+            b.id.to_string(),
+            b.group.to_string(),
+            b.address.to_string(),
+            release,
+            health,
+        )
+    }))
+    .await;
+    let sim_lb = (ctx.cfg.raw.load_balancer.kind == config::LbKind::Simulated)
+        .then(|| {
+            crate::sim::SimLoadBalancer::new(ctx.state.root())
+                .ok()
+                .and_then(|l| l.state().ok())
+        })
+        .flatten();
+    let live = store.load().await.ok().flatten();
+    let entry = latest.as_ref().map(|j| j.history_entry(holder.as_ref()));
+    let instances = rows
+        .iter()
+        .map(|(id, g, a, r, h)| output::InstanceState {
+            id: id.clone(),
+            group: g.clone(),
+            address: a.clone(),
+            release: r.clone(),
+            health: h.clone(),
+            in_rotation: sim_lb.as_ref().map(|l| !l.out_of_rotation.contains(id)),
+        })
+        .collect();
+    let deployment = latest.as_ref().zip(entry).map(|(j, history)| output::LastRun {
+        history,
+        unsettled: j.unsettled(),
+        awaiting_promotion: j.awaiting_promotion(),
+        previous: j.header.previous.clone(),
+    });
+    let status = output::Status {
+        app: ctx.cfg.raw.app.clone(),
+        lock: holder,
+        deployment,
+        instances,
+        live: live.map(|l| l.live),
+        load_balancer: sim_lb,
+        journal_problems: problems,
+    };
+    Ok((status, code))
+}
+
+/// `status` for a person.
+fn print_status(status: &output::Status) {
+    let problems = &status.journal_problems;
+    for p in problems {
+        eprintln!("deploykit: error: {p}");
+    }
+    outln!("app: {}", status.app);
+    if let Some(h) = &status.lock {
+        outln!("lock: held by {h}");
+    }
+    match &status.deployment {
+        Some(last) => {
+            let e = &last.history;
+            outln!(
+                "last run: {} ({}) {} of {}: {}",
+                e.id,
+                output::run_kind(e.kind),
+                e.strategy,
+                e.release,
+                e.outcome
+            );
+            if let Some(r) = &e.reason {
+                outln!("  {r}");
+            }
+            if let Some(stage) = last.awaiting_promotion {
+                if e.outcome == HistoryOutcome::InProgress {
+                    outln!("  canary stage {stage} waits for promotion: `deploykit promote` or `deploykit abort`");
+                }
+            }
+            if e.outcome == HistoryOutcome::Interrupted {
+                let unsettled: Vec<String> = last.unsettled.iter().map(|i| i.to_string()).collect();
+                if !unsettled.is_empty() {
+                    outln!("  left part-way: {}", unsettled.join(", "));
+                }
+                outln!(
+                    "  the fleet may run a mix of releases: `deploykit deploy --resume` continues, `deploykit rollback` undoes"
+                );
+            }
+        }
+        None if problems.is_empty() => outln!("no deployment recorded yet"),
+        None => outln!("no readable deployment recorded"),
+    }
+    if !problems.is_empty() {
+        outln!(
+            "  {} unreadable journal(s), listed above: the last run may be another one",
+            problems.len()
+        );
+    }
+    if let Some(l) = &status.live {
+        outln!("live environment: {l}");
+    }
+    let rows = &status.instances;
+    let w = |f: fn(&output::InstanceState) -> &String, h: &str| {
+        rows.iter().map(|r| f(r).len()).max().unwrap_or(0).max(h.len())
+    };
+    let (wi, wg, wa, wr) = (
+        w(|r| &r.id, "instance"),
+        w(|r| &r.group, "group"),
+        w(|r| &r.address, "address"),
+        w(|r| &r.release, "release"),
+    );
+    let lb_col = status.load_balancer.is_some();
+    outln!(
+        "{:<wi$}  {:<wg$}  {:<wa$}  {:<wr$}  {}health",
+        "instance",
+        "group",
+        "address",
+        "release",
+        if lb_col { "rotation  " } else { "" }
+    );
+    for r in rows {
+        let rot = match r.in_rotation {
+            Some(false) => "out       ",
+            Some(true) => "in        ",
+            None => "",
+        };
+        outln!(
+            "{:<wi$}  {:<wg$}  {:<wa$}  {:<wr$}  {rot}{}",
+            r.id,
+            r.group,
+            r.address,
+            r.release,
+            r.health
+        );
+    }
+}
+
 pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
     // The readable runs are listed even when one journal is not.
-    let scan = ctx.state.scan_journals()?;
-    let holder = ctx.state.holder()?;
+    let rt = runtime()?;
+    let scan = rt.block_on(ctx.backend.scan_journals())?;
+    let holder = rt.block_on(ctx.backend.holder())?;
     let entries: Vec<_> = scan
         .journals
         .iter()
@@ -1162,14 +1475,15 @@ pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
 
 /// `promote` / `abort`: through the control file of the running deployment.
 pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
-    let Some(holder) = ctx.state.holder()? else {
+    let rt = runtime()?;
+    let Some(holder) = rt.block_on(ctx.backend.holder())? else {
         eprintln!(
             "deploykit: error: no deployment of {} is running",
             ctx.cfg.raw.app
         );
         return Ok(exit::BAD_INPUT);
     };
-    let Some(running) = ctx.state.latest()?.filter(|j| !j.is_finished()) else {
+    let Some(running) = rt.block_on(ctx.backend.latest())?.filter(|j| !j.is_finished()) else {
         eprintln!("deploykit: error: {holder} holds the lock but has no journal yet; try again in a moment");
         return Ok(exit::BAD_INPUT);
     };
@@ -1178,9 +1492,8 @@ pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
         eprintln!("deploykit: error: deployment {id} is not waiting for a promotion (only a canary with promotion = \"manual\" and a dark launch wait)");
         return Ok(exit::BAD_INPUT);
     }
-    let control = ctx.state.control();
-    let seq = control.send(&id, command)?;
-    let ack = runtime()?.block_on(control.wait_ack(seq, Duration::from_secs(10)));
+    let seq = rt.block_on(ctx.backend.send_control(&id, command))?;
+    let ack = rt.block_on(ctx.backend.wait_ack(seq, Duration::from_secs(10)));
     match ack.map(|a| a.result) {
         Some(r) if r == "promoted" || r == "aborted" => {
             outln!("deployment {id}: {r}");
@@ -1224,15 +1537,27 @@ pub(crate) fn validate(g: Global) -> anyhow::Result<u8> {
 /// the load balancer's preflight check. Touches no instance.
 pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
     runtime()?.block_on(async move {
-        let _lock = match lock(&ctx, "setup")? {
+        let lock = match lock(&ctx, "setup").await? {
             Ok(l) => l,
             Err(code) => return Ok(code),
         };
+        let code = setup_locked(&ctx).await;
+        lock.release().await;
+        code
+    })
+}
+
+/// The setup, holding the lock.
+async fn setup_locked(ctx: &Ctx) -> anyhow::Result<u8> {
+    {
         let lb_cfg = &ctx.cfg.raw.load_balancer;
         if lb_cfg.kind == config::LbKind::Nginx {
-            let include = ctx
-                .cfg
-                .resolve(lb_cfg.include_file.as_deref().expect("checked: include_file is set"));
+            let include = ctx.cfg.resolve(
+                lb_cfg
+                    .include_file
+                    .as_deref()
+                    .expect("checked: include_file is set"),
+            );
             let location = lb_cfg.location_include.as_deref().map(|l| ctx.cfg.resolve(l));
             if include.exists() && location.as_ref().is_none_or(|l| l.exists()) {
                 ctx.say(format!("{}: exists, left as it is", include.display()));
@@ -1267,7 +1592,10 @@ pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
         match checked {
             Ok(()) => {
                 if ctx.g.json {
-                    outln!("{}", serde_json::json!({"ready": true, "load_balancer": lb.name()}));
+                    outln!(
+                        "{}",
+                        serde_json::json!({"ready": true, "load_balancer": lb.name()})
+                    );
                 } else {
                     ctx.say(format!("load balancer {}: ready for deploykit", lb.name()));
                 }
@@ -1284,5 +1612,5 @@ pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
                 Ok(exit::UNKNOWN_STATE)
             }
         }
-    })
+    }
 }

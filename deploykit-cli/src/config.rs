@@ -80,6 +80,166 @@ pub(crate) struct Config {
     /// `[gitops]`: what `deploykit watch` follows (docs/gitops.md).
     #[serde(default)]
     pub(crate) gitops: Option<crate::gitops::GitopsConfig>,
+    /// `[state]`: where the lock, journals, live record and control
+    /// channel live (docs/state.md).
+    #[serde(default)]
+    pub(crate) state: StateConfig,
+    /// `[[regions]]`: fleets of their own, deployed in waves
+    /// (docs/regions.md); empty for a file of one fleet.
+    #[serde(default)]
+    pub(crate) regions: Vec<RegionConfig>,
+    /// `[rollout]`: the waves and gates of the regions.
+    #[serde(default)]
+    pub(crate) rollout: Option<deploykit::regions::Rollout>,
+}
+
+/// Where the deployment state lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum StateBackendKind {
+    /// Files in `state_dir` on this machine.
+    #[default]
+    Local,
+    /// etcd, shared by every machine with this configuration.
+    Etcd,
+}
+
+/// `[state]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StateConfig {
+    #[serde(default)]
+    pub(crate) backend: StateBackendKind,
+    /// etcd: the members, `http://host:port`.
+    #[serde(default)]
+    pub(crate) endpoints: Vec<String>,
+    /// etcd: the key prefix (`/deploykit`).
+    #[serde(default)]
+    pub(crate) prefix: Option<String>,
+    /// etcd: the lock's lease (`15s`).
+    #[serde(default)]
+    pub(crate) lock_ttl: Option<Dur>,
+    /// etcd: how long one request may take (`5s`).
+    #[serde(default)]
+    pub(crate) request_timeout: Option<Dur>,
+    /// etcd: the user to authenticate as.
+    #[serde(default)]
+    pub(crate) username: Option<String>,
+    /// etcd: the environment variable holding the user's password (never
+    /// the password itself in the file).
+    #[serde(default)]
+    pub(crate) password_env: Option<String>,
+}
+
+impl StateConfig {
+    /// The etcd settings, checked (the password is read from its variable
+    /// by [`etcd_password`](Self::etcd_password), not here).
+    #[cfg(feature = "etcd")]
+    pub(crate) fn etcd(
+        &self,
+        app: &str,
+        password: Option<String>,
+    ) -> deploykit::Result<deploykit::state::EtcdBackend> {
+        let mut c = deploykit::state::EtcdConfig::new(self.endpoints.clone());
+        if let Some(p) = &self.prefix {
+            c = c.prefix(p.clone());
+        }
+        if let Some(t) = &self.lock_ttl {
+            c = c.lock_ttl(t.0);
+        }
+        if let Some(t) = &self.request_timeout {
+            c = c.request_timeout(t.0);
+        }
+        if let (Some(u), Some(p)) = (&self.username, password) {
+            c = c.user(u.clone(), p);
+        }
+        deploykit::state::EtcdBackend::new(app, c)
+    }
+
+    /// The password from the variable `password_env` names.
+    #[cfg(feature = "etcd")]
+    pub(crate) fn etcd_password(&self) -> deploykit::Result<Option<String>> {
+        match (&self.username, &self.password_env) {
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(inv(
+                "state.password_env",
+                "state.username is set but not where its password is: name the environment variable holding it \
+                 (password_env = \"ETCD_PASSWORD\")",
+            )),
+            (None, Some(_)) => Err(inv(
+                "state.username",
+                "state.password_env is set but not the user: add username = \"deployer\"",
+            )),
+            (Some(_), Some(var)) => std::env::var(var).map(Some).map_err(|_| {
+                inv(
+                    "state.password_env",
+                    format!("the environment variable {} is not set (or not UTF-8); export the etcd password in it", var.escape_default()),
+                )
+            }),
+        }
+    }
+}
+
+/// The checks of `[state]`: its keys fit its backend.
+fn check_state(c: &Config) -> deploykit::Result<()> {
+    let s = &c.state;
+    match s.backend {
+        StateBackendKind::Local => {
+            let etcd_only = [
+                ("state.endpoints", !s.endpoints.is_empty()),
+                ("state.prefix", s.prefix.is_some()),
+                ("state.lock_ttl", s.lock_ttl.is_some()),
+                ("state.request_timeout", s.request_timeout.is_some()),
+                ("state.username", s.username.is_some()),
+                ("state.password_env", s.password_env.is_some()),
+            ];
+            if let Some((field, _)) = etcd_only.iter().find(|(_, set)| *set) {
+                return Err(inv(
+                    *field,
+                    "is an etcd setting, but state.backend is local: add backend = \"etcd\" or remove it",
+                ));
+            }
+            Ok(())
+        }
+        #[cfg(feature = "etcd")]
+        StateBackendKind::Etcd => {
+            if let Some(var) = &s.password_env {
+                let ok = !var.is_empty() && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if !ok {
+                    return Err(inv(
+                        "state.password_env",
+                        "is not an environment variable name: use letters, digits and _",
+                    ));
+                }
+            }
+            // Settings only: the password is read when the state is used.
+            s.etcd(&c.app, None).map(|_| ())
+        }
+        #[cfg(not(feature = "etcd"))]
+        StateBackendKind::Etcd => Err(inv(
+            "state.backend",
+            "this deploykit was built without the etcd feature: rebuild with `--features etcd`, or use backend = \"local\"",
+        )),
+    }
+}
+
+/// One `[[regions]]` entry: a fleet with its own instances, load balancer
+/// and (optionally) metrics and strategy; every other section is the
+/// file's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RegionConfig {
+    pub(crate) name: String,
+    #[serde(default)]
+    pub(crate) instances: Vec<InstanceConfig>,
+    #[serde(default)]
+    pub(crate) load_balancer: LoadBalancerConfig,
+    /// Replaces the file's `[metrics]` for this region.
+    #[serde(default)]
+    pub(crate) metrics: Option<MetricsConfig>,
+    /// Replaces the file's `[strategy]` as a whole for this region.
+    #[serde(default)]
+    pub(crate) strategy: Option<StrategyConfig>,
 }
 
 /// Fields an instance may set, or inherit from `[instance_defaults]`.
@@ -590,6 +750,20 @@ pub(crate) struct Loaded {
     pub(crate) instances: Vec<Instance>,
     /// Where relative paths are resolved (the config file's directory).
     pub(crate) base: PathBuf,
+    /// The regions of a multi-region file, each loaded as a file of one
+    /// fleet; empty otherwise.
+    pub(crate) regions: Vec<Region>,
+    /// The `[rollout]` of a multi-region file (its defaults when unset).
+    pub(crate) rollout: deploykit::regions::Rollout,
+}
+
+/// One region of a multi-region file: its name and its fleet's
+/// configuration (its own instances, load balancer, metrics and strategy
+/// with every other section of the file).
+#[derive(Debug, Clone)]
+pub(crate) struct Region {
+    pub(crate) name: deploykit::regions::RegionName,
+    pub(crate) cfg: Loaded,
 }
 
 impl Loaded {
@@ -626,6 +800,43 @@ impl Loaded {
             }
         }
         out
+    }
+
+    /// Whether the file has `[[regions]]`.
+    pub(crate) fn is_multi_region(&self) -> bool {
+        !self.regions.is_empty()
+    }
+
+    /// The region called `name`.
+    ///
+    /// # Errors
+    /// Names the configured regions when there is no such region, or the
+    /// file has none.
+    pub(crate) fn region(&self, name: &str) -> Result<&Region, ConfigError> {
+        let err = |message: String| ConfigError {
+            file: self.path.clone(),
+            at: None,
+            message,
+        };
+        if self.regions.is_empty() {
+            return Err(err(format!(
+                "--region {name}: this file has no [[regions]]; drop --region"
+            )));
+        }
+        self.regions
+            .iter()
+            .find(|r| r.name.as_str() == name)
+            .ok_or_else(|| {
+                err(format!(
+                    "--region {name}: no such region; the regions are {}",
+                    self.region_names().join(", ")
+                ))
+            })
+    }
+
+    /// The regions' names, in the order they are written.
+    pub(crate) fn region_names(&self) -> Vec<&str> {
+        self.regions.iter().map(|r| r.name.as_str()).collect()
     }
 
     /// A path from the file, relative to the file's directory.
@@ -705,19 +916,137 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
             message: e.to_string(),
         }
     };
-    let instances = check(&raw).map_err(semantic)?;
     let base = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let base = std::fs::canonicalize(&base).unwrap_or(base);
+    if raw.regions.is_empty() {
+        if raw.rollout.is_some() {
+            return Err(semantic(inv(
+                "rollout",
+                "only a file with [[regions]] has a rollout; add regions or remove [rollout]",
+            )));
+        }
+        let instances = check(&raw).map_err(semantic)?;
+        return Ok(Loaded {
+            path: path.to_path_buf(),
+            raw,
+            instances,
+            base,
+            regions: Vec::new(),
+            rollout: Default::default(),
+        });
+    }
+    let (regions, rollout) = check_regions(&raw).map_err(semantic)?;
+    let regions = regions
+        .into_iter()
+        .map(|(name, raw, instances)| Region {
+            name,
+            cfg: Loaded {
+                path: path.to_path_buf(),
+                raw,
+                instances,
+                base: base.clone(),
+                regions: Vec::new(),
+                rollout: Default::default(),
+            },
+        })
+        .collect::<Vec<_>>();
     Ok(Loaded {
         path: path.to_path_buf(),
         raw,
-        instances,
+        instances: regions.iter().flat_map(|r| r.cfg.instances.clone()).collect(),
         base,
+        regions,
+        rollout,
     })
+}
+
+/// A region's fleet as a file of one fleet: the file with the region's
+/// instances, load balancer, and metrics and strategy when it has its own.
+fn region_config(c: &Config, r: &RegionConfig) -> Config {
+    let mut out = c.clone();
+    out.instances = r.instances.clone();
+    out.load_balancer = r.load_balancer.clone();
+    if let Some(m) = &r.metrics {
+        out.metrics = Some(m.clone());
+    }
+    if let Some(s) = &r.strategy {
+        out.strategy = s.clone();
+    }
+    out.regions = Vec::new();
+    out.rollout = None;
+    out
+}
+
+type CheckedRegion = (deploykit::regions::RegionName, Config, Vec<Instance>);
+
+/// The checks of a multi-region file: names, each region as a file of one
+/// fleet (its errors named `regions[n].…` where the key is the region's),
+/// and the rollout's waves.
+fn check_regions(c: &Config) -> deploykit::Result<(Vec<CheckedRegion>, deploykit::regions::Rollout)> {
+    use deploykit::regions::RegionName;
+    if !c.instances.is_empty() {
+        return Err(inv(
+            "instances",
+            "a file with [[regions]] keeps its instances in each region: move them into [[regions.instances]]",
+        ));
+    }
+    if c.load_balancer.kind != LbKind::None {
+        return Err(inv(
+            "load_balancer",
+            "a file with [[regions]] gives each region its own: move it into [regions.load_balancer]",
+        ));
+    }
+    if c.gitops.is_some() {
+        return Err(inv(
+            "gitops",
+            "deploykit watch does not deploy multi-region files yet: use a file of one fleet per watcher",
+        ));
+    }
+    if c.state.backend != StateBackendKind::Local {
+        // Each region keeps its lock and journals in a state directory of
+        // its own; sharing them through etcd per region is not built yet.
+        return Err(inv(
+            "state.backend",
+            "a file with [[regions]] keeps its state in a local state directory per region: \
+             use backend = \"local\" (remove [state] backend = \"etcd\"), or deploy each region from a file of one fleet with its own [state]",
+        ));
+    }
+    let mut out: Vec<CheckedRegion> = Vec::new();
+    for (n, r) in c.regions.iter().enumerate() {
+        let name = RegionName::new(&r.name).map_err(|e| rename(e, &format!("regions[{n}].name")))?;
+        if out.iter().any(|(o, _, _)| *o == name) {
+            return Err(inv(
+                format!("regions[{n}].name"),
+                format!("{name} is used by an earlier region; give every region its own name"),
+            ));
+        }
+        let own = |field: &str| {
+            let first = field.split(['.', '[']).next().unwrap_or("");
+            match first {
+                "instances" | "load_balancer" => true,
+                "metrics" => r.metrics.is_some(),
+                "strategy" => r.strategy.is_some(),
+                _ => false,
+            }
+        };
+        let cfg = region_config(c, r);
+        let instances = check(&cfg).map_err(|e| match e {
+            deploykit::Error::InvalidInput { field, message } if own(&field) => {
+                inv(format!("regions[{n}].{field}"), message)
+            }
+            other => other,
+        })?;
+        out.push((name, cfg, instances));
+    }
+    let rollout = c.rollout.clone().unwrap_or_default();
+    let names: Vec<RegionName> = out.iter().map(|(n, _, _)| n.clone()).collect();
+    rollout.waves_for(&names)?;
+    check_duration("rollout.soak_interval", Dur(rollout.soak_interval))?;
+    Ok((out, rollout))
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -956,6 +1285,7 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
         }
     }
     check_strategy(c, c.strategy.kind, &groups)?;
+    check_state(c)?;
     if let Some(g) = &c.gitops {
         crate::gitops::check(g, c)?;
         for (n, rule) in g.branches.iter().enumerate() {

@@ -69,7 +69,7 @@ fn default_interval() -> Dur {
 pub(crate) struct BranchRule {
     pub(crate) pattern: String,
     pub(crate) strategy: StrategyKind,
-    /// Refused with an explanation until deploykit has regions.
+    /// Refused with an explanation until `watch` deploys multi-region files.
     #[serde(default)]
     pub(crate) regions: Option<Vec<String>>,
 }
@@ -214,7 +214,7 @@ pub(crate) fn check(g: &GitopsConfig, c: &Config) -> deploykit::Result<()> {
         if b.regions.is_some() {
             return Err(inv(
                 format!("gitops.branches[{n}].regions"),
-                "deploykit has no regions yet: remove it (a rule deploys to the fleet of this file; use one configuration file, and one watcher, per environment)",
+                "deploykit watch deploys no regions yet: remove it (a rule deploys to the fleet of this file; use one configuration file, and one watcher, per environment)",
             ));
         }
     }
@@ -1241,7 +1241,7 @@ impl Watcher {
     fn serving(&self, release: &str) -> Vec<String> {
         let read = || -> anyhow::Result<Vec<String>> {
             let ctx = Ctx::load_read_only(self.g.clone())?;
-            let fleet = crate::wire::fleet(&ctx.cfg, &ctx.state, None)?;
+            let fleet = crate::wire::fleet(&ctx.cfg, &ctx.state, ctx.backend.live_store(None), None)?;
             cmd::runtime()?.block_on(async {
                 let mut out = Vec::new();
                 for i in fleet.executor.instances() {
@@ -1272,7 +1272,7 @@ impl Watcher {
     /// when it failed.
     fn run_of(&self, sha: &str) -> Option<(String, Option<String>)> {
         let ctx = Ctx::load_read_only(self.g.clone()).ok()?;
-        let latest = ctx.state.latest().ok()??;
+        let latest = cmd::runtime().ok()?.block_on(ctx.backend.latest()).ok()??;
         let entry = latest.history_entry(None);
         (entry.commit.as_ref().map(|c| c.sha.as_str()) == Some(sha)).then_some((entry.id, entry.reason))
     }

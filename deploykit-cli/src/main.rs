@@ -101,8 +101,9 @@ enum Command {
     /// What each instance runs, and any deployment in progress or
     /// interrupted.
     Status,
-    /// Return the fleet to the releases it ran before the last deployment.
-    Rollback,
+    /// Return the fleet to the releases it ran before the last deployment
+    /// (`--region NAME` one region, `--all` every region).
+    Rollback(cmd::RollbackArgs),
     /// Promote the canary stage waiting for a manual promotion (in another
     /// terminal or process).
     Promote,
@@ -234,14 +235,14 @@ fn try_main(cli: Cli) -> anyhow::Result<u8> {
         Command::Drill(args) => cmd::drill(cmd::Ctx::load(g)?, args),
         Command::Plan(args) => cmd::plan(cmd::Ctx::load(g)?, args),
         Command::Status => cmd::status(cmd::Ctx::load_read_only(g)?),
-        Command::Rollback => cmd::rollback(cmd::Ctx::load(g)?),
-        Command::Promote => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Promote),
-        Command::Abort => cmd::control(cmd::Ctx::load(g)?, ControlCommand::Abort),
-        Command::History => cmd::history(cmd::Ctx::load_read_only(g)?),
-        Command::Top(args) => top::top(cmd::Ctx::load_read_only(g)?, args),
-        Command::Stats(args) => stats::stats(cmd::Ctx::load_read_only(g)?, args),
-        Command::Postmortem(args) => stats::postmortem(cmd::Ctx::load_read_only(g)?, args),
-        Command::Setup => cmd::setup(cmd::Ctx::load(g)?),
+        Command::Rollback(args) => cmd::rollback_cmd(cmd::Ctx::load(g)?, args),
+        Command::Promote => cmd::control(cmd::Ctx::load_one(g)?, ControlCommand::Promote),
+        Command::Abort => cmd::control(cmd::Ctx::load_one(g)?, ControlCommand::Abort),
+        Command::History => cmd::history(cmd::Ctx::load_one(g)?),
+        Command::Top(args) => top::top(cmd::Ctx::load_one(g)?, args),
+        Command::Stats(args) => stats::stats(cmd::Ctx::load_one(g)?, args),
+        Command::Postmortem(args) => stats::postmortem(cmd::Ctx::load_one(g)?, args),
+        Command::Setup => cmd::setup(cmd::Ctx::load_one(g)?),
         Command::Watch(args) => gitops::watch(g, args),
         Command::Dashboard(args) => dashboard::run(g, args),
     }

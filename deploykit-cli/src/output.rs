@@ -18,6 +18,8 @@ use crate::sim::SimLbState;
 pub(crate) struct Human {
     bar: ProgressBar,
     release: Mutex<String>,
+    /// Before every line: the region, when regions deploy side by side.
+    prefix: String,
 }
 
 impl Human {
@@ -37,11 +39,18 @@ impl Human {
         Self {
             bar,
             release: Mutex::new(String::new()),
+            prefix: String::new(),
         }
     }
 
+    /// Starts every line with `prefix`.
+    pub(crate) fn with_prefix(mut self, prefix: String) -> Self {
+        self.prefix = prefix;
+        self
+    }
+
     fn line(&self, at_ms: u64, text: String) {
-        let line = format!("[{:>6.1}s] {text}", at_ms as f64 / 1000.0);
+        let line = format!("[{:>6.1}s] {}{text}", at_ms as f64 / 1000.0, self.prefix);
         if self.bar.is_hidden() {
             outln!("{line}");
         } else {
@@ -246,6 +255,25 @@ impl EventSink for JsonLines {
         if let Ok(line) = serde_json::to_string(e) {
             let _ = writeln!(out, "{line}");
         }
+    }
+}
+
+/// [`JsonLines`] for one region of a multi-region run: each line also
+/// names the region, so lines of regions deploying side by side can be
+/// told apart.
+#[derive(Debug)]
+pub(crate) struct RegionJsonLines(pub(crate) String);
+
+impl EventSink for RegionJsonLines {
+    fn emit(&self, e: &Event) {
+        let Ok(mut v) = serde_json::to_value(e) else {
+            return;
+        };
+        if let Some(o) = v.as_object_mut() {
+            o.insert("region".into(), serde_json::Value::String(self.0.clone()));
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{v}");
     }
 }
 

@@ -360,6 +360,29 @@ fn all_simulated(cfg: &Loaded) -> bool {
         .all(|i| matches!(i.control, Control::Simulated { .. }))
 }
 
+/// Where the configured deployment state lives: the state directory, or
+/// etcd (`[state] backend = "etcd"`; the password is read from its
+/// variable here, and shown nowhere).
+pub(crate) fn state_backend(
+    cfg: &Loaded,
+    state: &StateDir,
+) -> anyhow::Result<Arc<dyn deploykit::state::StateBackend>> {
+    match cfg.raw.state.backend {
+        crate::config::StateBackendKind::Local => {
+            Ok(Arc::new(deploykit::state::LocalBackend::new(state.clone())))
+        }
+        #[cfg(feature = "etcd")]
+        crate::config::StateBackendKind::Etcd => {
+            let password = cfg.raw.state.etcd_password()?;
+            Ok(Arc::new(cfg.raw.state.etcd(&cfg.raw.app, password)?))
+        }
+        #[cfg(not(feature = "etcd"))]
+        crate::config::StateBackendKind::Etcd => {
+            anyhow::bail!("this deploykit was built without the etcd feature (state.backend = \"etcd\")")
+        }
+    }
+}
+
 /// Everything a command needs to act on the fleet.
 pub(crate) struct Fleet {
     pub(crate) executor: Executor,
@@ -371,6 +394,7 @@ pub(crate) struct Fleet {
 pub(crate) fn fleet(
     cfg: &Loaded,
     state: &StateDir,
+    live: Arc<dyn deploykit::bluegreen_state::LiveStore>,
     sink: Option<Arc<dyn EventSink>>,
 ) -> anyhow::Result<Fleet> {
     let t = &cfg.raw.timeouts;
@@ -393,9 +417,7 @@ pub(crate) fn fleet(
             attempts: cfg.raw.retry.attempts,
             backoff: cfg.raw.retry.backoff.0,
         })
-        .live_store(Arc::new(deploykit::bluegreen_state::FileLiveStore::new(
-            state.live_record_path(),
-        )))
+        .live_store(live)
         .promotion(promotion.clone());
     if let Some(m) = metrics(cfg)? {
         b = b.metrics(m);

@@ -72,6 +72,22 @@ pub enum Error {
         #[source]
         source: crate::routing::RoutingError,
     },
+    /// The shared state store (etcd) could not be reached in time, or
+    /// answered with an error; `context` says what was being done.
+    #[error("{context}: {source}")]
+    StateStore {
+        /// What was being done (`appending to the journal …`).
+        context: String,
+        /// The store client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// This process no longer holds the deployment lock: its lease expired
+    /// (the process stalled, or the store was out of reach for longer than
+    /// the lease) or another process holds the lock now. The write that
+    /// found it out was refused, and nothing more is written.
+    #[error("lost the deployment lock: {0}")]
+    LockLost(String),
 }
 
 impl Error {
@@ -89,6 +105,13 @@ impl Error {
             context: context.into(),
             source,
         }
+    }
+
+    /// Whether this error says the deployment lock was lost
+    /// ([`Error::LockLost`]): whoever holds it now owns the fleet, so the
+    /// run must not touch anything more, not even to roll back.
+    pub fn is_lock_lost(&self) -> bool {
+        matches!(self, Error::LockLost(_))
     }
 
     /// Whether this error is bad input (exit code 2 in the CLI): a value

@@ -68,7 +68,11 @@
 //! and the history derived from the journals. After a crash the journal
 //! says which instances were left part-way and what each ran before, which
 //! is what resuming and rolling back need; the `deploykit` CLI is built on
-//! it.
+//! it. The same lock, journal, live record and control channel sit behind
+//! one trait, [`state::StateBackend`]: the state directory
+//! ([`state::LocalBackend`]), or etcd (`EtcdBackend`, feature `etcd`), shared
+//! by every machine that deploys, with a leased lock and writes fenced by its
+//! token (docs/state.md).
 //!
 //! ## Recovery
 //!
@@ -88,6 +92,15 @@
 //! * A deployment that aborts leaves every instance on its previous release;
 //!   one that finishes within its failure budget is reported as
 //!   [`OutcomeKind::Degraded`], never as a plain success.
+//!
+//! ## Multi-region
+//!
+//! [`regions`] deploys several fleets in ordered waves: a
+//! [`regions::RegionsPlan`] (waves → regions → each region's own plan) is a
+//! value like a [`Plan`]; [`regions::run`] walks it at most `max_parallel`
+//! regions at a time, soaks each wave, and on a failure returns what
+//! [`regions::OnFailure`] says, judging every region only from the report
+//! of the run it started (`docs/regions.md`).
 //!
 //! ## Routing beyond weights
 //!
@@ -159,6 +172,7 @@ pub mod names;
 mod plan;
 mod promotion;
 pub mod recovery;
+pub mod regions;
 mod report;
 pub mod routing;
 mod secret_url;

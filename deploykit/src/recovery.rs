@@ -106,6 +106,16 @@ impl Strategies {
     }
 }
 
+/// The deployment `latest` belongs to: `latest` itself, or the one it
+/// resumed or rolled back (what [`Recorded::load`] reads the chain of, for
+/// state kept elsewhere than a [`StateDir`]).
+pub fn root_of(latest: &JournalSummary) -> String {
+    match (&latest.header.kind, &latest.header.acts_on) {
+        (RunKind::Deploy, _) | (_, None) => latest.header.deployment.clone(),
+        (_, Some(id)) => id.clone(),
+    }
+}
+
 /// A deployment as its journals tell it: its own journal and those of every
 /// resume and rollback that acted on it, oldest first.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,11 +133,7 @@ impl Recorded {
     /// [`Error::Inconsistent`] when the journal of the deployment `latest`
     /// acts on is missing; as [`StateDir::journals`] otherwise.
     pub fn load(state: &StateDir, latest: &JournalSummary) -> Result<Self> {
-        let root = match (&latest.header.kind, &latest.header.acts_on) {
-            (RunKind::Deploy, _) | (_, None) => latest.header.deployment.clone(),
-            (_, Some(id)) => id.clone(),
-        };
-        Self::new(state.chain(&root)?)
+        Self::new(state.chain(&root_of(latest))?)
     }
 
     /// From journals already read: the deployment's own journal and every

@@ -595,7 +595,11 @@ async fn fleet(State(app): State<App>, headers: HeaderMap) -> Response {
         Ok(v) => v,
         Err(r) => return refused(&r),
     };
-    let built = match crate::wire::fleet(&app.cfg, &app.state, None) {
+    // The dashboard reads the local state directory (as every page here).
+    let store = Arc::new(deploykit::bluegreen_state::FileLiveStore::new(
+        app.state.live_record_path(),
+    ));
+    let built = match crate::wire::fleet(&app.cfg, &app.state, store, None) {
         Ok(f) => f,
         Err(e) => return internal(crate::error_text(&e)),
     };

@@ -9,7 +9,7 @@ use crate::util::{local, Env};
 
 /// nginx on PATH, /usr/sbin or /sbin; a missing nginx fails the test, in
 /// CI or not.
-fn nginx_binary() -> Option<PathBuf> {
+pub(crate) fn nginx_binary() -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
@@ -21,7 +21,7 @@ fn nginx_binary() -> Option<PathBuf> {
 }
 
 /// nginx in `dir` (config, pid, logs, temp paths), killed on drop.
-struct Nginx(Child, PathBuf);
+pub(crate) struct Nginx(Child, PathBuf);
 
 impl Nginx {
     /// `DIR/nginx.conf`: listens on `port` and proxies to upstream `app`,
@@ -53,7 +53,7 @@ impl Nginx {
     }
 
     /// Writes the config and an upstream file with `servers`, starts nginx.
-    fn start(binary: &Path, dir: &Path, port: u16, servers: &[u16]) -> Self {
+    pub(crate) fn start(binary: &Path, dir: &Path, port: u16, servers: &[u16]) -> Self {
         Self::write_conf(dir, port, true, servers);
         let list: String = servers
             .iter()
@@ -100,7 +100,7 @@ impl Nginx {
         Nginx(child, dir.to_path_buf())
     }
 
-    fn upstream(&self) -> String {
+    pub(crate) fn upstream(&self) -> String {
         std::fs::read_to_string(self.1.join("upstream.conf")).unwrap()
     }
 }
@@ -119,7 +119,7 @@ impl Drop for Nginx {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -242,7 +242,7 @@ fn a_deploy_the_preflight_refuses_touches_nothing_and_leaves_no_journal() {
 /// A tiny HTTP server (perl is part of every Debian system) that answers
 /// every request with the release it runs from: the name of its working
 /// directory, the release directory.
-const SERVER_PL: &str = r#"use strict; use IO::Socket::INET; use Cwd;
+pub(crate) const SERVER_PL: &str = r#"use strict; use IO::Socket::INET; use Cwd;
 my $release = (split m{/}, getcwd())[-1];
 my $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => $ARGV[0], Listen => 64, ReuseAddr => 1)
     or die "listen on $ARGV[0]: $!";
@@ -255,7 +255,7 @@ while (my $c = $s->accept) {
 "#;
 
 /// The releases answering `n` requests through nginx on `port`.
-fn served_through(port: u16, n: usize) -> std::collections::BTreeMap<String, usize> {
+pub(crate) fn served_through(port: u16, n: usize) -> std::collections::BTreeMap<String, usize> {
     use std::io::{Read, Write};
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..n {

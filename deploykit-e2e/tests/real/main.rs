@@ -17,6 +17,7 @@ mod local;
 mod nginx;
 mod prometheus;
 mod routed;
+mod regions;
 mod routing;
 mod ssh;
 mod sshd;

@@ -30,6 +30,12 @@ pub(crate) enum StepError {
 }
 
 impl StepError {
+    /// Whether the step was refused because the deployment lock was lost:
+    /// nothing may act after it, not even a best-effort clean-up.
+    pub(crate) fn is_lock_lost(&self) -> bool {
+        matches!(self, StepError::Journal(e) if e.is_lock_lost())
+    }
+
     /// The error for a caller that only knows driver errors.
     pub(crate) fn into_driver_error(self) -> DriverError {
         match self {

@@ -343,7 +343,10 @@ impl<'a> Run<'a> {
                     instance: id.clone(),
                     reason: format!("{} failed while restoring: {e}", step.kind()),
                 });
-                self.quarantine(id).await;
+                // Another process owns the fleet once the lock is lost.
+                if !e.is_lock_lost() {
+                    self.quarantine(id).await;
+                }
                 return false;
             }
         }
@@ -568,13 +571,15 @@ impl<'a> Run<'a> {
     /// sink cannot record fails before acting; a restore step goes on with a
     /// warning, because bringing its instance back matters more than the
     /// record (a later run redoes a restore, which is idempotent).
+    /// A lost deployment lock fails every step, restores included: another
+    /// process may own the fleet now.
     async fn durable(&self, rollback: bool) -> Result<(), StepError> {
         let Some(sink) = &self.inner.sink else {
             return Ok(());
         };
         match sink.durable().await {
             Ok(()) => Ok(()),
-            Err(e) if !rollback => Err(StepError::Journal(e)),
+            Err(e) if !rollback || e.is_lock_lost() => Err(StepError::Journal(e)),
             Err(e) => {
                 let first = !std::mem::replace(&mut self.lock().journal_warned, true);
                 if first {

@@ -44,7 +44,7 @@ pub struct Holder {
 }
 
 impl Holder {
-    fn me(purpose: &str) -> Self {
+    pub(crate) fn me(purpose: &str) -> Self {
         let pid = std::process::id();
         Self {
             pid,

@@ -41,6 +41,18 @@ impl InstanceMarker {
         }
     }
 
+    /// A marker for `deployment`, run by `holder` of the state that
+    /// `identity` names: the same on every machine sharing that state (an
+    /// [`StateBackend::identity`](super::StateBackend::identity)), so a run
+    /// from another machine with the same shared state finishes it.
+    pub fn for_state(deployment: impl Into<String>, identity: PathBuf, holder: &Holder) -> Self {
+        Self {
+            deployment: deployment.into(),
+            state_dir: identity,
+            holder: holder.clone(),
+        }
+    }
+
     /// Whether the marker was written from `state` (whose lock the caller
     /// holds, so its deployment is over or is the caller's).
     pub fn is_from(&self, state: &StateDir) -> bool {
@@ -127,12 +139,27 @@ pub async fn claim(
     mine: &InstanceMarker,
     take_over: bool,
 ) -> Result<std::result::Result<(), ClaimRefused>> {
+    claim_for(instances, &canonical(state), mine, take_over).await
+}
+
+/// As [`claim`], for the state named `identity` (see
+/// [`InstanceMarker::for_state`]): a marker naming `identity` is this
+/// state's own.
+///
+/// # Errors
+/// As [`claim`].
+pub async fn claim_for(
+    instances: &[Arc<dyn Instance>],
+    identity: &std::path::Path,
+    mine: &InstanceMarker,
+    take_over: bool,
+) -> Result<std::result::Result<(), ClaimRefused>> {
     let found = futures::future::join_all(instances.iter().map(|i| i.marker())).await;
     for (inst, found) in instances.iter().zip(found) {
         let Some(text) = found? else { continue };
         let instance = inst.backend().id.clone();
         match serde_json::from_str::<InstanceMarker>(&text) {
-            Ok(m) if m.is_from(state) => {}
+            Ok(m) if m.state_dir == identity => {}
             Ok(marker) => {
                 let alive = marker.holder.is_alive();
                 if alive == Some(true) || !take_over {

@@ -35,6 +35,11 @@
 //! * [`ControlFile`] — promote or abort a deployment running in another
 //!   process.
 //!
+//! The same four things behind one trait, [`StateBackend`]: the files above
+//! ([`LocalBackend`]), or etcd (`EtcdBackend`, feature `etcd`), where
+//! every machine that deploys sees them, with a leased lock and fenced
+//! writes.
+//!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use deploykit::state::{LockAttempt, StateDir};
@@ -55,8 +60,11 @@
 //! ```
 
 pub(crate) mod atomic;
+mod backend;
 mod control;
 mod digest;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod journal;
 pub(crate) use journal::parse_line as fuzz_journal_line;
 mod lock;
@@ -64,14 +72,18 @@ mod marker;
 
 use std::path::{Path, PathBuf};
 
+pub use backend::{Fence, HeldLock, JournalWriter, LocalBackend, StateBackend, StateLock};
 pub use control::{ControlAck, ControlCommand, ControlFile, ControlRequest};
 pub use digest::release_digest;
+#[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
+pub use etcd::{EtcdBackend, EtcdConfig};
 pub use journal::{
     FlushStats, HistoryEntry, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalRecord,
     JournalSummary, RunKind, SourceCommit,
 };
 pub use lock::{utc_datetime, DeployLock, Holder, LockAttempt};
-pub use marker::{claim, release, ClaimRefused, InstanceMarker};
+pub use marker::{claim, claim_for, release, ClaimRefused, InstanceMarker};
 
 use crate::error::{Error, Result};
 

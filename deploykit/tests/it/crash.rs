@@ -805,3 +805,81 @@ proptest! {
         crash_twice_and_recover(kind, n, batch, k, how(resume), then.map(|(m, r)| (m, how(r))));
     }
 }
+
+/// A state backend's writer that fails every wait from the `after`-th on,
+/// with a lost lock or with a plain write error.
+struct Failing {
+    waits: std::sync::atomic::AtomicU64,
+    after: u64,
+    lost: bool,
+    fleet: FakeFleet,
+    /// How many driver calls the fleet had seen when the first wait failed.
+    ops_at_failure: std::sync::Mutex<Option<usize>>,
+}
+
+#[async_trait::async_trait]
+impl EventSink for Failing {
+    fn emit(&self, _: &Event) {}
+
+    async fn durable(&self) -> deploykit::Result<()> {
+        let n = self.waits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if n < self.after {
+            return Ok(());
+        }
+        self.ops_at_failure
+            .lock()
+            .unwrap()
+            .get_or_insert(self.fleet.ops().len());
+        Err(match self.lost {
+            true => deploykit::Error::LockLost("the lease expired".into()),
+            false => deploykit::Error::io(
+                "writing the journal j.jsonl",
+                std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"),
+            ),
+        })
+    }
+}
+
+/// Runs a rolling deployment over 3 instances whose sink fails from its
+/// 12th wait on; returns (driver calls when it failed, driver calls in all).
+async fn failing_run(lost: bool) -> (usize, usize) {
+    let fleet = FakeFleet::new(3);
+    let sink = Arc::new(Failing {
+        waits: Default::default(),
+        after: 12,
+        lost,
+        fleet: fleet.clone(),
+        ops_at_failure: Default::default(),
+    });
+    let exec = Executor::builder()
+        .instances(fleet.instances())
+        .load_balancer(Arc::new(fleet.load_balancer()))
+        .events(sink.clone())
+        .build()
+        .unwrap();
+    let strategy = Rolling {
+        batch_size: CountOrPercent::Count(1),
+        max_failures: CountOrPercent::Count(0),
+        ..Rolling::default()
+    };
+    let report = exec
+        .deploy(&strategy, &ReleaseId::new("v2").unwrap())
+        .await
+        .unwrap();
+    assert!(!report.is_success(), "{report}");
+    let at = sink.ops_at_failure.lock().unwrap().expect("the sink failed");
+    (at, fleet.ops().len())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_lock_stops_every_step_restores_included() {
+    let (at, total) = failing_run(true).await;
+    assert!(at > 0, "the run had acted before the lock was lost");
+    assert_eq!(
+        total, at,
+        "driver calls after the lock was lost: the new holder owns the fleet"
+    );
+    // A plain write error still restores what was touched: the two differ.
+    let (at, total) = failing_run(false).await;
+    assert!(total > at, "a journal write error no longer restores");
+}

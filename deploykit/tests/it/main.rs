@@ -16,6 +16,7 @@ mod judges;
 mod kubernetes;
 mod props;
 mod recreate;
+mod regions;
 mod rolling;
 mod routed;
 mod routing;

@@ -1,0 +1,568 @@
+//! The etcd state backend against a real 3-member etcd cluster on loopback,
+//! started by each test in a temp dir: two `deploykit` processes with their
+//! own working directories (two "machines") share one fleet of local
+//! instances and one etcd. Lock contention and `--lock-wait`, a holder
+//! killed with `kill -9` and resumed from the other machine, a holder
+//! stalled past its lease (`SIGSTOP`) that can then write nothing (and is
+//! rolled back from the other machine), one
+//! member killed mid-deployment, and a lost quorum.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// etcd, or the test fails (CI installs it; elsewhere `apt-get install
+/// etcd-server etcd-client`).
+fn etcd_bin(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/usr/sbin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not installed: apt-get install etcd-server etcd-client (scripts/test does)");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    child: Option<Child>,
+}
+
+/// A 3-member etcd cluster on 127.0.0.1, stopped when dropped.
+struct Cluster {
+    dir: tempfile::TempDir,
+    members: Vec<Member>,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let members: Vec<Member> = (1..=3)
+            .map(|n| Member {
+                name: format!("m{n}"),
+                client: free_port(),
+                peer: free_port(),
+                child: None,
+            })
+            .collect();
+        let mut c = Self { dir, members };
+        for i in 0..3 {
+            c.start_member(i);
+        }
+        c.wait_healthy();
+        c
+    }
+
+    fn start_member(&mut self, i: usize) {
+        let initial: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect();
+        let m = &self.members[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", m.name)))
+            .unwrap();
+        let child = Command::new(etcd_bin("etcd"))
+            .args([
+                "--name",
+                &m.name,
+                "--data-dir",
+                &self.dir.path().join(&m.name).display().to_string(),
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{}", m.client),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{}", m.client),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{}", m.peer),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{}", m.peer),
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-token",
+                "deploykit-test",
+                "--initial-cluster-state",
+                "new",
+                // Fast elections: a test waits for a leader in well under a second.
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        self.members[i].child = Some(child);
+    }
+
+    fn kill_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .collect()
+    }
+
+    fn etcdctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(etcd_bin("etcdctl"))
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints().join(",")))
+            .arg("--command-timeout=2s")
+            .args(args)
+            .output()
+            .expect("run etcdctl")
+    }
+
+    /// Waits (at most 30 s) until the cluster commits a write.
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.etcdctl(&["put", "/ready", "yes"]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not come up: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// How many keys are under `prefix`.
+    fn count(&self, prefix: &str) -> u64 {
+        let out = self.etcdctl(&["get", prefix, "--prefix", "--keys-only"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count() as u64
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for m in &self.members {
+            let text =
+                std::fs::read_to_string(self.dir.path().join(format!("{}.log", m.name))).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            out.push_str(&format!("--- {} (last lines)\n", m.name));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill_member(i);
+        }
+    }
+}
+
+/// One fleet of local instances (shared directories) and two machines,
+/// each a working directory with its own configuration and state directory.
+struct Fleet {
+    shared: tempfile::TempDir,
+    machines: [tempfile::TempDir; 2],
+    ids: Vec<String>,
+}
+
+const LOCK_TTL: &str = "2s";
+
+impl Fleet {
+    fn new(cluster: &Cluster, instances: usize) -> Self {
+        let shared = tempfile::tempdir().unwrap();
+        for r in ["v1", "v2", "v3"] {
+            let d = shared.path().join("builds").join(r);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("VERSION"), r).unwrap();
+        }
+        let ids: Vec<String> = (1..=instances).map(|i| format!("web-{i}")).collect();
+        let mut cfg = format!(
+            "app = \"shop\"\nreleases = \"{0}/builds\"\n\n[instance_defaults]\nroot = \"{0}/instances/{{id}}\"\n\
+             command = [\"sleep\", \"600\"]\nhealth = \"service\"\nstop_grace = \"2s\"\n\n",
+            shared.path().display()
+        );
+        for (n, id) in ids.iter().enumerate() {
+            cfg.push_str(&format!(
+                "[[instances]]\nid = \"{id}\"\naddress = \"127.0.0.1:{}\"\n\n",
+                18480 + n
+            ));
+        }
+        let endpoints: Vec<String> = cluster.endpoints().iter().map(|e| format!("\"{e}\"")).collect();
+        cfg.push_str(&format!(
+            "[state]\nbackend = \"etcd\"\nendpoints = [{}]\nlock_ttl = \"{LOCK_TTL}\"\nrequest_timeout = \"1s\"\n\n\
+             [strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"600ms\"\ndrain_timeout = \"1s\"\n\n\
+             [timeouts]\ndrain_poll = \"50ms\"\n",
+            endpoints.join(", ")
+        ));
+        let machines = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        for m in &machines {
+            std::fs::write(m.path().join("deploykit.toml"), &cfg).unwrap();
+        }
+        Self {
+            shared,
+            machines,
+            ids,
+        }
+    }
+
+    fn cmd(&self, machine: usize) -> Command {
+        let mut c = Command::new(assert_cmd::cargo::cargo_bin("deploykit"));
+        c.current_dir(self.machines[machine].path())
+            .env_remove("RUST_LOG")
+            .env_remove("DEPLOYKIT_TEST_ABORT_AFTER_RECORD")
+            .env_remove("DEPLOYKIT_CONFIG");
+        c
+    }
+
+    /// Runs `deploykit args…` on `machine`: (exit code, stdout, stderr),
+    /// bounded by 120 s.
+    fn run(&self, machine: usize, args: &[&str]) -> (i32, String, String) {
+        let child = self
+            .cmd(machine)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = wait_bounded(child, Duration::from_secs(120), args);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, machine: usize, args: &[&str]) -> String {
+        let (code, out, err) = self.run(machine, args);
+        assert_eq!(
+            code, 0,
+            "deploykit {args:?} on machine {machine}: exit {code}\n{out}\n{err}"
+        );
+        out
+    }
+
+    fn spawn(&self, machine: usize, args: &[&str]) -> Child {
+        self.cmd(machine)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// The release `id`'s `current` symlink points at.
+    fn release(&self, id: &str) -> Option<String> {
+        let link = std::fs::read_link(self.shared.path().join("instances").join(id).join("current")).ok()?;
+        Some(link.file_name()?.to_string_lossy().into_owned())
+    }
+
+    /// Waits (at most 60 s) until `n` instances run `release`; `child` must
+    /// not end before.
+    fn wait_for_instances(&self, child: &mut Child, release: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let done = self
+                .ids
+                .iter()
+                .filter(|id| self.release(id).as_deref() == Some(release))
+                .count();
+            if done >= n {
+                return;
+            }
+            if let Ok(Some(s)) = child.try_wait() {
+                panic!("the deployment ended ({s}) before {n} instance(s) ran {release}");
+            }
+            assert!(Instant::now() < deadline, "{n} instance(s) never ran {release}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn assert_fleet_on(&self, release: &str) {
+        for id in &self.ids {
+            assert_eq!(self.release(id).as_deref(), Some(release), "{id}");
+            let pid = std::fs::read_to_string(self.shared.path().join("instances").join(id).join("app.pid"))
+                .unwrap_or_else(|e| panic!("{id}: no pid file: {e}"));
+            let pid = pid.split_whitespace().next().unwrap();
+            assert!(Path::new(&format!("/proc/{pid}")).exists(), "{id} is not running");
+        }
+    }
+
+    fn status(&self, machine: usize) -> Value {
+        serde_json::from_str(self.ok(machine, &["--json", "status"]).trim()).unwrap()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for id in &self.ids {
+            let p = self.shared.path().join("instances").join(id).join("app.pid");
+            if let Ok(text) = std::fs::read_to_string(p) {
+                if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn wait_bounded(mut child: Child, bound: Duration, what: &[&str]) -> std::process::Output {
+    let deadline = Instant::now() + bound;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("deploykit {what:?} did not end within {bound:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn signal(child: &Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+#[test]
+fn a_second_machine_is_refused_naming_the_holder_waits_with_lock_wait_and_resumes_after_kill_9() {
+    let cluster = Cluster::start();
+    let fleet = Fleet::new(&cluster, 4);
+    fleet.ok(0, &["-q", "deploy", "v1"]);
+    fleet.assert_fleet_on("v1");
+
+    // Machine 0 deploys v2; machine 1 sees it, is refused naming it, and
+    // cannot start another deployment.
+    let mut holder = fleet.spawn(0, &["-q", "deploy", "v2"]);
+    fleet.wait_for_instances(&mut holder, "v2", 1);
+    let s = fleet.status(1);
+    assert_eq!(s["deployment"]["history"]["outcome"], "in_progress", "{s}");
+    assert_eq!(s["lock"]["pid"], holder.id(), "{s}");
+    let (code, _, err) = fleet.run(1, &["deploy", "v3"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("holds the lock")
+            && err.contains(&format!("pid {}", holder.id()))
+            && err.contains("deploy v2"),
+        "{err}"
+    );
+
+    // kill -9: the lease expires within its TTL, and machine 1, queued
+    // behind it with --lock-wait, resumes and finishes.
+    signal(&holder, nix::sys::signal::Signal::SIGKILL);
+    let _ = holder.wait();
+    assert_ne!(
+        fleet
+            .ids
+            .iter()
+            .filter(|id| fleet.release(id).as_deref() == Some("v2"))
+            .count(),
+        4
+    );
+    let (code, out, err) = fleet.run(1, &["--lock-wait", "30s", "deploy", "--resume"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("waiting for the lock") && err.contains("deploy v2"),
+        "{err}"
+    );
+    assert!(err.contains("died without releasing it"), "{err}");
+    fleet.assert_fleet_on("v2");
+
+    // Both machines read one history: the interrupted run and its resume.
+    for m in [0, 1] {
+        let out = fleet.ok(m, &["--json", "history"]);
+        let kinds: Vec<(String, String)> = out
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .map(|v| {
+                (
+                    v["kind"].as_str().unwrap().to_string(),
+                    v["outcome"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("deploy".into(), "succeeded".into()),
+                ("deploy".into(), "interrupted".into()),
+                ("resume".into(), "succeeded".into())
+            ],
+            "machine {m}"
+        );
+    }
+    assert!(fleet.status(0)["lock"].is_null());
+}
+
+#[test]
+fn a_holder_stalled_past_its_lease_can_write_nothing_and_says_so() {
+    let cluster = Cluster::start();
+    let fleet = Fleet::new(&cluster, 4);
+    fleet.ok(0, &["-q", "deploy", "v1"]);
+    let mut holder = fleet.spawn(0, &["-q", "deploy", "v2"]);
+    fleet.wait_for_instances(&mut holder, "v2", 1);
+    signal(&holder, nix::sys::signal::Signal::SIGSTOP);
+    // A request sent just before the stop may still land.
+    std::thread::sleep(Duration::from_millis(300));
+    let records = cluster.count("/deploykit/shop/records/");
+    // The lease expires: machine 1 sees no holder and an interrupted run.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fleet.status(1)["lock"].is_null() {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled holder's lease never expired"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(fleet.status(1)["deployment"]["history"]["outcome"], "interrupted");
+    signal(&holder, nix::sys::signal::Signal::SIGCONT);
+    let out = wait_bounded(holder, Duration::from_secs(60), &["deploy", "v2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("lost the deployment lock") && err.contains("--resume"),
+        "{err}"
+    );
+    assert_eq!(
+        cluster.count("/deploykit/shop/records/"),
+        records,
+        "the stalled holder wrote journal records after its lease expired:\n{err}"
+    );
+    // The other machine rolls it back: the fleet returns to v1.
+    fleet.ok(1, &["-q", "rollback"]);
+    fleet.assert_fleet_on("v1");
+}
+
+#[test]
+fn a_member_lost_mid_deployment_is_survived_and_a_lost_quorum_stops_the_run_until_it_returns() {
+    let mut cluster = Cluster::start();
+    let fleet = Fleet::new(&cluster, 4);
+    fleet.ok(0, &["-q", "deploy", "v1"]);
+
+    // One member of three killed: the run goes on and finishes.
+    let mut run = fleet.spawn(0, &["-q", "deploy", "v2"]);
+    fleet.wait_for_instances(&mut run, "v2", 1);
+    cluster.kill_member(0);
+    let out = wait_bounded(run, Duration::from_secs(90), &["deploy", "v2"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fleet.assert_fleet_on("v2");
+
+    // A second member killed: no quorum. The run stops without touching
+    // anything more, and says so.
+    let mut run = fleet.spawn(0, &["-q", "deploy", "v3"]);
+    fleet.wait_for_instances(&mut run, "v3", 1);
+    cluster.kill_member(1);
+    let out = wait_bounded(run, Duration::from_secs(90), &["deploy", "v3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("lost the deployment lock"), "{err}");
+    let on_v3 = fleet
+        .ids
+        .iter()
+        .filter(|id| fleet.release(id).as_deref() == Some("v3"))
+        .count();
+    assert!(
+        (1..4).contains(&on_v3),
+        "{on_v3} instance(s) on v3 after the stop"
+    );
+
+    // Quorum back: the other machine resumes and finishes.
+    cluster.start_member(0);
+    cluster.start_member(1);
+    cluster.wait_healthy();
+    let (code, out, err) = fleet.run(1, &["--lock-wait", "30s", "deploy", "--resume"]);
+    assert_eq!(code, 0, "{out}\n{err}\n{}", cluster.logs());
+    fleet.assert_fleet_on("v3");
+}
+
+#[test]
+fn bad_state_settings_are_refused_naming_the_key_before_anything_is_touched() {
+    let base = crate::util::simulated(1, "");
+    for (state, parts) in [
+        (
+            "[state]\nendpoints = [\"http://127.0.0.1:2379\"]\n",
+            &["state.endpoints", "backend = \"etcd\""][..],
+        ),
+        ("[state]\nbackend = \"etcd\"\n", &["state.endpoints", "http://"][..]),
+        (
+            "[state]\nbackend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\"]\n",
+            &["state.endpoints", "TLS"][..],
+        ),
+        (
+            "[state]\nbackend = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\"]\nlock_ttl = \"1s\"\n",
+            &["state.lock_ttl", "2s to 10m"][..],
+        ),
+        (
+            "[state]\nbackend = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\"]\nprefix = \"x y\"\n",
+            &["state.prefix"][..],
+        ),
+        (
+            "[state]\nbackend = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\"]\nusername = \"u\"\npassword_env = \"A-B\"\n",
+            &["state.password_env"][..],
+        ),
+        ("[state]\nbackend = \"zookeeper\"\n", &["zookeeper", "[state]", "local, etcd"][..]),
+    ] {
+        let err = crate::util::rejects(&format!("{base}\n{state}"));
+        crate::util::assert_has(&err, parts);
+    }
+}
+
+#[test]
+fn the_etcd_password_comes_from_its_variable_and_is_never_printed() {
+    let env = crate::util::Env::new(&format!(
+        "{}\n[state]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:9\"]\nrequest_timeout = \"200ms\"\n\
+         username = \"deployer\"\npassword_env = \"DK_TEST_ETCD_PASSWORD\"\n",
+        crate::util::simulated(1, "")
+    ));
+    let (code, _, err) = env.run(&["history"]);
+    assert_eq!(code, 2, "{err}");
+    crate::util::assert_has(&err, &["state.password_env", "DK_TEST_ETCD_PASSWORD", "not set"]);
+    // Nothing listens on port 9: the error names the endpoint, never the
+    // password.
+    let out = env
+        .cmd()
+        .env("DK_TEST_ETCD_PASSWORD", "s3cret-pa55")
+        .args(["history"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("127.0.0.1:9") && !err.contains("s3cret-pa55"),
+        "{err}"
+    );
+}

@@ -1,0 +1,1149 @@
+//! The deployment state in etcd, shared by every machine that deploys an
+//! application: [`EtcdBackend`].
+//!
+//! Keys, under `<prefix>/<app>/`:
+//!
+//! ```text
+//! lock                       the holder (JSON), attached to the holder's lease
+//! last-holder                the holder, not leased: left behind when it dies
+//! sequence                   the last journal's sequence number
+//! journals/<seq>-<id>        a journal's header
+//! records/<seq>-<id>/<n>     its records, n = 1, 2, … (the outcome is the last)
+//! live                       the blue-green live record
+//! control, control-ack       the last promote/abort request, and its answer
+//! ```
+//!
+//! **The lock** is the key `lock`, created only when absent, attached to a
+//! lease of `lock_ttl` (15 s by default) that a task of the holder keeps
+//! alive every third of it, reconnecting on its own when a request fails.
+//! Its **fencing token** is the key's create revision: etcd gives every
+//! new holder a higher one. Every write for the holder — journal records,
+//! the live record, control acknowledgements — is a transaction that
+//! commits only while `lock` still has that create revision, so once the
+//! lease expired (and the key went with it) or someone else took the lock,
+//! the write is refused and the holder learns it has lost the lock.
+//!
+//! **Losing the lock** turns the [`Fence`] of the [`HeldLock`] on, which
+//! fails every later write at once: the executor starts no further step and
+//! restores nothing (the new holder owns the fleet). It is lost when etcd
+//! refuses a write for the token, or when no keep-alive was confirmed for a
+//! whole TTL (the process stalled, or etcd was out of reach — a lost quorum
+//! included: etcd answers nothing without a leader).
+//!
+//! What fencing does **not** cover: a step already acting on an instance
+//! when the lease expires (a stalled process that wakes in the middle of an
+//! install finishes that call; the instances do not know about etcd). The
+//! next step's journal record is refused, and that is where the run stops.
+//! Its journal then ends before that step, so a resume from another machine
+//! redoes it (every instance step is idempotent).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+
+use super::backend::{Fence, HeldLock, JournalWriter, LockGuard, StateBackend, StateLock};
+use super::{
+    ControlAck, ControlCommand, ControlRequest, Holder, JournalHeader, JournalOutcome, JournalRecord,
+    JournalScan, JournalSummary, UnreadableJournal,
+};
+use crate::bluegreen_state::{LiveRecord, LiveStore};
+use crate::error::{DriverError, Error, Result};
+use crate::event::{Event, EventSink};
+use crate::promotion::PromotionHandle;
+
+/// Where etcd is and how deploykit uses it.
+///
+/// ```
+/// use std::time::Duration;
+/// use deploykit::state::{EtcdBackend, EtcdConfig};
+///
+/// let config = EtcdConfig::new(["http://127.0.0.1:2379"]).lock_ttl(Duration::from_secs(15));
+/// let backend = EtcdBackend::new("shop", config).unwrap();
+/// assert_eq!(backend.key("lock"), "/deploykit/shop/lock");
+/// assert!(EtcdBackend::new("shop", EtcdConfig::new(Vec::<String>::new())).is_err());
+/// ```
+#[derive(Clone)]
+pub struct EtcdConfig {
+    endpoints: Vec<String>,
+    prefix: String,
+    lock_ttl: Duration,
+    request_timeout: Duration,
+    user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password never shows.
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("lock_ttl", &self.lock_ttl)
+            .field("request_timeout", &self.request_timeout)
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+impl EtcdConfig {
+    /// etcd at `endpoints` (`http://host:port`, the members of one
+    /// cluster), prefix `/deploykit`, lock TTL 15 s, requests bounded by
+    /// 5 s.
+    pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            prefix: "/deploykit".into(),
+            lock_ttl: Duration::from_secs(15),
+            request_timeout: Duration::from_secs(5),
+            user: None,
+        }
+    }
+
+    /// The key prefix (`/deploykit`): the application's keys are under
+    /// `<prefix>/<app>/`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The lease of the lock (whole seconds, 2 s to 10 min): how long a
+    /// dead or stalled holder keeps others out, and how long etcd may be
+    /// out of reach before the holder stops.
+    pub fn lock_ttl(mut self, ttl: Duration) -> Self {
+        self.lock_ttl = ttl;
+        self
+    }
+
+    /// How long one request may take before it is retried (at least
+    /// 100 ms); reads give up after it.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Authenticates as `user` with `password` (etcd's own users).
+    pub fn user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.user = Some((user.into(), password.into()));
+        self
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.endpoints.is_empty() {
+            return Err(Error::invalid(
+                "state.endpoints",
+                "no etcd endpoint given; list the cluster's members, e.g. [\"http://10.0.0.1:2379\"]",
+            ));
+        }
+        for e in &self.endpoints {
+            let Some(rest) = e.strip_prefix("http://") else {
+                let hint = if e.starts_with("https://") {
+                    "TLS is not built into this deploykit: reach etcd over http:// on a trusted network"
+                } else {
+                    "write it as http://host:port"
+                };
+                return Err(Error::invalid(
+                    "state.endpoints",
+                    format!("`{}` is not an etcd endpoint: {hint}", e.escape_default()),
+                ));
+            };
+            let ok = rest.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && port.parse::<u16>().is_ok_and(|p| p > 0)
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".-[]:".contains(&b))
+            });
+            if !ok {
+                return Err(Error::invalid(
+                    "state.endpoints",
+                    format!(
+                        "`{}` is not an etcd endpoint: write it as http://host:port",
+                        e.escape_default()
+                    ),
+                ));
+            }
+        }
+        let p = &self.prefix;
+        let ok = p.starts_with('/')
+            && !p.contains("//")
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b));
+        if !ok {
+            return Err(Error::invalid(
+                "state.prefix",
+                format!(
+                    "`{}` is not a key prefix: start it with / and use only letters, digits, /, ., _ and -",
+                    p.escape_default()
+                ),
+            ));
+        }
+        if !(Duration::from_secs(2)..=Duration::from_secs(600)).contains(&self.lock_ttl) {
+            return Err(Error::invalid(
+                "state.lock_ttl",
+                format!(
+                    "{} ms is out of range: give 2s to 10m (15s is the usual)",
+                    self.lock_ttl.as_millis()
+                ),
+            ));
+        }
+        if self.request_timeout < Duration::from_millis(100) {
+            return Err(Error::invalid(
+                "state.request_timeout",
+                "too short: give at least 100ms (5s is the usual)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The state of one application in etcd. Cheap to clone; connects on first
+/// use, and again after any failed request.
+#[derive(Debug, Clone)]
+pub struct EtcdBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: EtcdConfig,
+    /// `<prefix>/<app>/`.
+    base: String,
+    client: tokio::sync::Mutex<Option<Client>>,
+    /// The endpoint the next connection goes to: each failure moves on to
+    /// the next member, so a dead one is left at once.
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("config", &self.config)
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long to wait between two tries of a failed request.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// The most operations one transaction carries (etcd refuses more than 128
+/// by default).
+const TXN_OPS: usize = 100;
+
+fn store_error(context: impl Into<String>, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::StateStore {
+        context: context.into(),
+        source: Box::new(e),
+    }
+}
+
+impl EtcdBackend {
+    /// The state of `app` in the etcd cluster `config` describes. Nothing
+    /// is contacted yet.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field (`app`, `state.endpoints`,
+    /// `state.prefix`, `state.lock_ttl`, `state.request_timeout`) and the
+    /// fix.
+    pub fn new(app: &str, config: EtcdConfig) -> Result<Self> {
+        crate::names::validate_name("app", app)?;
+        config.check()?;
+        let base = format!("{}/{app}/", config.prefix.trim_end_matches('/'));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                base,
+                client: tokio::sync::Mutex::new(None),
+                next: std::sync::atomic::AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// The full key of `name` (`lock`, `live`, …).
+    pub fn key(&self, name: &str) -> String {
+        self.inner.key(name)
+    }
+}
+
+impl Inner {
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.base)
+    }
+
+    fn ttl(&self) -> Duration {
+        self.config.lock_ttl
+    }
+
+    /// A client of one member (another one after [`reset`](Self::reset)).
+    async fn client(&self) -> std::result::Result<Client, etcd_client::Error> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(self.config.request_timeout)
+            .with_timeout(self.config.request_timeout)
+            // Without a leader (a lost quorum) etcd answers at once with an
+            // error rather than after the timeout.
+            .with_require_leader(true);
+        if let Some((u, p)) = &self.config.user {
+            options = options.with_user(u.clone(), p.clone());
+        }
+        let n = self.next.load(std::sync::atomic::Ordering::Relaxed) % self.config.endpoints.len();
+        let c = Client::connect([&self.config.endpoints[n]], Some(options)).await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Drops the connection: the next request connects again, to the next
+    /// member (the client library does not reconnect on its own).
+    async fn reset(&self) {
+        *self.client.lock().await = None;
+        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs `call` until it succeeds or `budget` has passed, reconnecting
+    /// after each failure.
+    async fn retry<T, F, Fut>(&self, what: &str, budget: Duration, mut call: F) -> Result<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + budget;
+        loop {
+            let attempt = async {
+                let c = self.client().await?;
+                call(c).await
+            };
+            let err = match tokio::time::timeout(self.config.request_timeout, attempt).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => store_error(format!("{what} (etcd at {})", self.endpoints()), e),
+                Err(elapsed) => store_error(format!("{what} (etcd at {})", self.endpoints()), elapsed),
+            };
+            self.reset().await;
+            if Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(err);
+            }
+            tracing::debug!(error = %err, "etcd request failed; retrying");
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    fn endpoints(&self) -> String {
+        self.config.endpoints.join(", ")
+    }
+
+    /// Reads every key under `name` (a prefix), sorted by key.
+    async fn range(&self, name: &str, keys_only: bool) -> Result<Vec<(String, Vec<u8>)>> {
+        let key = self.key(name);
+        let resp = self
+            .retry(&format!("reading {key}"), self.config.request_timeout, |mut c| {
+                let key = key.clone();
+                async move {
+                    let mut o = GetOptions::new().with_prefix();
+                    if keys_only {
+                        o = o.with_keys_only();
+                    }
+                    c.get(key, Some(o)).await
+                }
+            })
+            .await?;
+        let mut out: Vec<(String, Vec<u8>)> = resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Reads one key: its value and mod revision.
+    async fn get(&self, name: &str) -> Result<Option<(Vec<u8>, i64)>> {
+        let key = self.key(name);
+        let resp = self
+            .retry(&format!("reading {key}"), self.config.request_timeout, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+
+    /// Commits `ops` (in transactions of at most [`TXN_OPS`]) only while
+    /// `fence` holds the lock; retries a failed request until it commits
+    /// or the lock is lost.
+    async fn fenced(&self, fence: &Fence, what: &str, ops: Vec<TxnOp>) -> Result<()> {
+        let lock = self.key("lock");
+        for chunk in ops.chunks(TXN_OPS) {
+            loop {
+                fence.check()?;
+                let txn = Txn::new()
+                    .when([Compare::create_revision(
+                        lock.clone(),
+                        CompareOp::Equal,
+                        fence.token(),
+                    )])
+                    .and_then(chunk.to_vec());
+                let attempt = async {
+                    let mut c = self.client().await?;
+                    c.txn(txn).await
+                };
+                match tokio::time::timeout(self.config.request_timeout, attempt).await {
+                    Ok(Ok(r)) if r.succeeded() => break,
+                    Ok(Ok(_)) => {
+                        let why = format!(
+                            "etcd refused {what}: the lock key {lock} is no longer the one this process created \
+                             (revision {}); its lease expired or another process holds the lock now",
+                            fence.token()
+                        );
+                        fence.declare_lost(why);
+                        return fence.check();
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "etcd: {what} failed; retrying until it commits or the lock is lost");
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "etcd: {what} timed out; retrying until it commits or the lock is lost"
+                        );
+                    }
+                }
+                self.reset().await;
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the lease alive every third of the TTL until the task is
+    /// aborted, trying again at once (on the next member) when a renewal
+    /// fails; declares the fence lost when the lease is gone, or when no
+    /// renewal was confirmed for a whole TTL.
+    async fn keep_alive(self: Arc<Self>, lease: i64, fence: Fence) {
+        let ttl = self.ttl();
+        let period = ttl / 3;
+        // Monotonic: a process stopped with SIGSTOP finds the time passed.
+        let mut confirmed = Instant::now();
+        loop {
+            tokio::time::sleep(period).await;
+            loop {
+                let left = ttl.saturating_sub(confirmed.elapsed());
+                if left.is_zero() {
+                    fence.declare_lost(format!(
+                        "no keep-alive of its lease was confirmed for {} s (the process stalled, or etcd was out of reach)",
+                        ttl.as_secs()
+                    ));
+                    return;
+                }
+                let sent = Instant::now();
+                let attempt = async {
+                    let mut c = self.client().await?;
+                    c.lease_keep_alive(lease).await
+                };
+                match tokio::time::timeout(period.min(left), attempt).await {
+                    Ok(Ok(_)) => {
+                        confirmed = sent;
+                        break;
+                    }
+                    Ok(Err(e)) if lease_gone(&e) => {
+                        fence.declare_lost(format!("etcd no longer knows its lease ({e}): it expired"));
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "etcd: renewing the lock's lease failed; trying the next member");
+                    }
+                    Err(_) => {
+                        tracing::warn!("etcd: renewing the lock's lease timed out; trying the next member");
+                    }
+                }
+                self.reset().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    fn summary(
+        &self,
+        name: &str,
+        header: JournalHeader,
+        records: Vec<(String, Vec<u8>)>,
+    ) -> Result<JournalSummary> {
+        let mut events = Vec::new();
+        let mut finished = None;
+        for (key, value) in records {
+            match serde_json::from_slice::<JournalRecord>(&value) {
+                Ok(JournalRecord::Event(e)) => events.push(e),
+                Ok(JournalRecord::Finished(o)) => finished = Some(o),
+                Ok(JournalRecord::Header(_)) => {}
+                Err(e) => {
+                    return Err(Error::Inconsistent(format!(
+                        "the journal record {key} is not valid JSON ({e}); remove that key if the run is over"
+                    )))
+                }
+            }
+        }
+        Ok(JournalSummary {
+            path: PathBuf::from(self.key(&format!("journals/{name}"))),
+            header,
+            events,
+            finished,
+        })
+    }
+
+    /// Every journal header, oldest first: (name, header or why not).
+    async fn headers(&self) -> Result<Vec<(String, std::result::Result<JournalHeader, Error>)>> {
+        let dir = self.key("journals/");
+        Ok(self
+            .range("journals/", false)
+            .await?
+            .into_iter()
+            .map(|(key, value)| {
+                let name = key.strip_prefix(&dir).unwrap_or(&key).to_string();
+                let header = match serde_json::from_slice::<JournalRecord>(&value) {
+                    Ok(JournalRecord::Header(h)) => Ok(h),
+                    _ => Err(Error::Inconsistent(format!(
+                        "the journal header {key} is not readable; remove it and the keys under {} if that run is over",
+                        self.key(&format!("records/{name}/"))
+                    ))),
+                };
+                (name, header)
+            })
+            .collect())
+    }
+
+    async fn read(&self, name: &str, header: JournalHeader) -> Result<JournalSummary> {
+        let records = self.range(&format!("records/{name}/"), false).await?;
+        self.summary(name, header, records)
+    }
+}
+
+/// Whether `e` says the lease does not exist (any more).
+fn lease_gone(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        _ => false,
+    }
+}
+
+/// The etcd half of a [`HeldLock`].
+#[derive(Debug)]
+struct EtcdGuard {
+    inner: Arc<Inner>,
+    lease: i64,
+    fence: Fence,
+    keep_alive: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EtcdGuard {
+    fn drop(&mut self) {
+        // Without a release the lease expires within the TTL.
+        self.keep_alive.abort();
+    }
+}
+
+#[async_trait]
+impl LockGuard for EtcdGuard {
+    async fn release(self: Box<Self>) {
+        self.keep_alive.abort();
+        // A clean release removes the record a dead holder would leave.
+        let ops = vec![
+            TxnOp::delete(self.inner.key("lock"), None),
+            TxnOp::delete(self.inner.key("last-holder"), None),
+        ];
+        let released = tokio::time::timeout(
+            self.inner.config.request_timeout,
+            self.inner.fenced(&self.fence, "releasing the lock", ops),
+        )
+        .await;
+        if !matches!(released, Ok(Ok(()))) {
+            tracing::warn!("etcd: could not release the lock; it expires with its lease");
+        }
+        let lease = self.lease;
+        let _ = self
+            .inner
+            .retry(
+                "revoking the lock's lease",
+                self.inner.config.request_timeout,
+                |mut c| async move { c.lease_revoke(lease).await },
+            )
+            .await;
+    }
+}
+
+fn unknown_holder(value: &[u8]) -> Holder {
+    serde_json::from_slice(value).unwrap_or(Holder {
+        pid: 0,
+        pid_start: None,
+        host: "unknown".into(),
+        started_at_ms: 0,
+        purpose: "the lock key holds no readable holder record".into(),
+    })
+}
+
+#[async_trait]
+impl StateBackend for EtcdBackend {
+    fn describe(&self) -> String {
+        format!("etcd at {} under {}", self.inner.endpoints(), self.inner.base)
+    }
+
+    fn identity(&self) -> PathBuf {
+        PathBuf::from(format!("etcd:{}", self.inner.base.trim_end_matches('/')))
+    }
+
+    async fn is_unused(&self) -> Result<bool> {
+        Ok(self.inner.range("journals/", true).await?.is_empty())
+    }
+
+    async fn try_lock(&self, purpose: &str) -> Result<StateLock> {
+        let inner = &self.inner;
+        let lock_key = inner.key("lock");
+        let last_key = inner.key("last-holder");
+        let stale = inner
+            .get("last-holder")
+            .await?
+            .and_then(|(v, _)| serde_json::from_slice::<Holder>(&v).ok());
+        let ttl = i64::try_from(inner.ttl().as_secs()).unwrap_or(i64::MAX);
+        let lease = inner
+            .retry(
+                "granting the lock's lease",
+                inner.config.request_timeout,
+                |mut c| async move { c.lease_grant(ttl, None).await },
+            )
+            .await?
+            .id();
+        let holder = Holder::me(purpose);
+        let record = serde_json::to_vec(&holder).expect("a holder serializes");
+        let txn = Txn::new()
+            .when([Compare::create_revision(lock_key.clone(), CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(
+                    lock_key.clone(),
+                    record.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                TxnOp::put(last_key, record, None),
+            ])
+            .or_else([TxnOp::get(lock_key.clone(), None)]);
+        let resp = inner
+            .retry("taking the lock", inner.config.request_timeout, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        if !resp.succeeded() {
+            let held = resp
+                .op_responses()
+                .into_iter()
+                .find_map(|r| match r {
+                    etcd_client::TxnOpResponse::Get(g) => {
+                        g.kvs().first().map(|kv| unknown_holder(kv.value()))
+                    }
+                    _ => None,
+                })
+                // Released between the compare and the read: try again later.
+                .unwrap_or_else(|| unknown_holder(b""));
+            let _ = inner
+                .retry(
+                    "revoking an unused lease",
+                    inner.config.request_timeout,
+                    |mut c| async move { c.lease_revoke(lease).await },
+                )
+                .await;
+            return Ok(StateLock::Held(held));
+        }
+        // Every key a transaction writes gets its revision: the lock key's
+        // create revision, which no later holder's can equal.
+        let token = resp.header().map(|h| h.revision()).unwrap_or_default();
+        let fence = Fence::new(token);
+        let keep_alive = tokio::spawn(inner.clone().keep_alive(lease, fence.clone()));
+        if let Some(s) = &stale {
+            tracing::info!(holder = %s, "took over the deployment lock of a holder that died without releasing it");
+        }
+        Ok(StateLock::Acquired(HeldLock::new(
+            holder,
+            stale,
+            fence.clone(),
+            Box::new(EtcdGuard {
+                inner: inner.clone(),
+                lease,
+                fence,
+                keep_alive,
+            }),
+        )))
+    }
+
+    async fn holder(&self) -> Result<Option<Holder>> {
+        Ok(self.inner.get("lock").await?.map(|(v, _)| unknown_holder(&v)))
+    }
+
+    async fn create_journal(
+        &self,
+        lock: &HeldLock,
+        mut header: JournalHeader,
+    ) -> Result<Arc<dyn JournalWriter>> {
+        crate::names::validate_name("deployment", &header.deployment)?;
+        let inner = &self.inner;
+        let mut last = match inner.get("sequence").await? {
+            Some((v, _)) => String::from_utf8_lossy(&v).trim().parse::<u64>().map_err(|_| {
+                Error::Inconsistent(format!(
+                    "{} does not hold a number; put the highest sequence of the journals under {} into it",
+                    inner.key("sequence"),
+                    inner.key("journals/")
+                ))
+            })?,
+            None => 0,
+        };
+        for (name, h) in inner.headers().await? {
+            if let Ok(h) = h {
+                if h.deployment == header.deployment {
+                    return Err(Error::invalid(
+                        "deployment",
+                        format!(
+                            "a journal {} exists already; use another deployment id",
+                            inner.key(&format!("journals/{name}"))
+                        ),
+                    ));
+                }
+                last = last.max(h.sequence.unwrap_or(0));
+            }
+        }
+        let sequence = last + 1;
+        header.sequence = Some(sequence);
+        let name = format!("{sequence:010}-{}", header.deployment);
+        let bytes = serde_json::to_vec(&JournalRecord::Header(header.clone()))
+            .map_err(|e| store_error("serializing the journal header", e))?;
+        inner
+            .fenced(
+                lock.fence(),
+                "starting a journal",
+                vec![
+                    TxnOp::put(inner.key("sequence"), sequence.to_string(), None),
+                    TxnOp::put(inner.key(&format!("journals/{name}")), bytes, None),
+                ],
+            )
+            .await?;
+        Ok(Arc::new(EtcdJournal {
+            inner: inner.clone(),
+            name,
+            header,
+            fence: lock.fence().clone(),
+            queue: Mutex::new(Queue {
+                appended: 1,
+                durable: 1,
+                ..Queue::default()
+            }),
+            flush: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    async fn scan_journals(&self) -> Result<JournalScan> {
+        let mut journals = Vec::new();
+        let mut unreadable = Vec::new();
+        for (name, header) in self.inner.headers().await? {
+            let path = PathBuf::from(self.inner.key(&format!("journals/{name}")));
+            match header {
+                Ok(h) => match self.inner.read(&name, h).await {
+                    Ok(j) => journals.push(j),
+                    Err(error) => unreadable.push(UnreadableJournal { path, error }),
+                },
+                Err(error) => unreadable.push(UnreadableJournal { path, error }),
+            }
+        }
+        journals.sort_by_key(|j| j.header.sequence);
+        Ok(JournalScan { journals, unreadable })
+    }
+
+    async fn latest(&self) -> Result<Option<JournalSummary>> {
+        let newest = self
+            .inner
+            .headers()
+            .await?
+            .into_iter()
+            .filter_map(|(name, h)| Some((name, h.ok()?)))
+            .max_by_key(|(_, h)| h.sequence);
+        match newest {
+            Some((name, h)) => Ok(Some(self.inner.read(&name, h).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn chain(&self, deployment: &str) -> Result<Vec<JournalSummary>> {
+        let mut out = Vec::new();
+        for (name, h) in self.inner.headers().await? {
+            let h = h?;
+            if h.deployment == deployment || h.acts_on.as_deref() == Some(deployment) {
+                out.push(self.inner.read(&name, h).await?);
+            }
+        }
+        out.sort_by_key(|j| j.header.sequence);
+        Ok(out)
+    }
+
+    fn live_store(&self, lock: Option<&HeldLock>) -> Arc<dyn LiveStore> {
+        Arc::new(EtcdLiveStore {
+            inner: self.inner.clone(),
+            fence: lock.map(|l| l.fence().clone()),
+        })
+    }
+
+    async fn send_control(&self, deployment: &str, command: ControlCommand) -> Result<u64> {
+        let inner = &self.inner;
+        let key = inner.key("control");
+        loop {
+            let last = inner.get("control").await?;
+            let seq = last
+                .as_ref()
+                .and_then(|(v, _)| serde_json::from_slice::<ControlRequest>(v).ok())
+                .map_or(0, |r| r.seq)
+                + 1;
+            let at = last.as_ref().map_or(0, |(_, rev)| *rev);
+            let req = ControlRequest {
+                seq,
+                deployment: deployment.to_string(),
+                command,
+            };
+            let bytes = serde_json::to_vec(&req).expect("a request serializes");
+            // Compare-and-swap: two senders never get the same number.
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, at)])
+                .and_then([TxnOp::put(key.clone(), bytes, None)]);
+            let resp = inner
+                .retry(
+                    "sending the control request",
+                    inner.config.request_timeout,
+                    |mut c| {
+                        let txn = txn.clone();
+                        async move { c.txn(txn).await }
+                    },
+                )
+                .await?;
+            if resp.succeeded() {
+                return Ok(seq);
+            }
+        }
+    }
+
+    async fn wait_ack(&self, seq: u64, timeout: Duration) -> Option<ControlAck> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some((v, _))) = self.inner.get("control-ack").await {
+                if let Ok(ack) = serde_json::from_slice::<ControlAck>(&v) {
+                    if ack.seq == seq {
+                        return Some(ack);
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn watch_control(
+        &self,
+        lock: &HeldLock,
+        deployment: String,
+        handle: PromotionHandle,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let inner = self.inner.clone();
+        let fence = lock.fence().clone();
+        tokio::spawn(async move {
+            let read = |v: Option<(Vec<u8>, i64)>| {
+                v.and_then(|(v, _)| serde_json::from_slice::<ControlRequest>(&v).ok())
+            };
+            // Requests written before the watch began are not replayed.
+            let mut seen = read(inner.get("control").await.ok().flatten()).map_or(0, |r| r.seq);
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Ok(last) = inner.get("control").await else {
+                    continue;
+                };
+                let Some(req) = read(last) else { continue };
+                if req.seq <= seen {
+                    continue;
+                }
+                seen = req.seq;
+                if req.deployment != deployment {
+                    continue;
+                }
+                let result = match req.command {
+                    ControlCommand::Promote if handle.promote() => "promoted",
+                    ControlCommand::Promote => "not_waiting",
+                    ControlCommand::Abort => {
+                        handle.abort();
+                        "aborted"
+                    }
+                };
+                let ack = ControlAck {
+                    seq: req.seq,
+                    result: result.into(),
+                };
+                let bytes = serde_json::to_vec(&ack).expect("an ack serializes");
+                let op = vec![TxnOp::put(inner.key("control-ack"), bytes, None)];
+                if let Err(e) = inner.fenced(&fence, "acknowledging a control request", op).await {
+                    tracing::warn!(error = %e, "cannot write the control acknowledgement");
+                }
+            }
+        })
+    }
+}
+
+/// The blue-green live record in etcd, written through the holder's fence.
+#[derive(Debug)]
+struct EtcdLiveStore {
+    inner: Arc<Inner>,
+    fence: Option<Fence>,
+}
+
+#[async_trait]
+impl LiveStore for EtcdLiveStore {
+    fn describe(&self) -> String {
+        format!("etcd key {}", self.inner.key("live"))
+    }
+
+    async fn load(&self) -> std::result::Result<Option<LiveRecord>, DriverError> {
+        let Some((bytes, _)) = self
+            .inner
+            .get("live")
+            .await
+            .map_err(|e| DriverError::new("cannot read the live record from etcd").with_source(e))?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            DriverError::new(format!(
+                "the etcd key {} is not a valid live record (expected e.g. {{\"live\":\"blue\"}}); \
+                 fix it, or delete it and let deploykit reconcile with the load balancer",
+                self.inner.key("live")
+            ))
+            .with_source(e)
+        })
+    }
+
+    async fn save(&self, record: &LiveRecord) -> std::result::Result<(), DriverError> {
+        let Some(fence) = &self.fence else {
+            return Err(DriverError::new(
+                "the live record is written only by the holder of the deployment lock",
+            ));
+        };
+        let bytes = serde_json::to_vec(record).expect("a live record serializes");
+        let op = vec![TxnOp::put(self.inner.key("live"), bytes, None)];
+        self.inner
+            .fenced(fence, "writing the live record", op)
+            .await
+            .map_err(|e| DriverError::new("cannot write the live record to etcd").with_source(e))
+    }
+}
+
+/// A journal in etcd: records queue in [`emit`](EventSink::emit), and
+/// [`durable`](EventSink::durable) commits everything queued in fenced
+/// transactions (one per 100 records), so the records of steps starting
+/// together share a round trip.
+#[derive(Debug)]
+struct EtcdJournal {
+    inner: Arc<Inner>,
+    name: String,
+    header: JournalHeader,
+    fence: Fence,
+    queue: Mutex<Queue>,
+    /// One commit at a time, in record order.
+    flush: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// Serialized records not committed yet, numbered from `durable`.
+    pending: Vec<Vec<u8>>,
+    /// Records queued so far (the header counts).
+    appended: u64,
+    /// Records committed.
+    durable: u64,
+    write_errors: u64,
+    /// The first failure; every later wait fails with it.
+    failed: Option<Failure>,
+}
+
+#[derive(Debug, Clone)]
+enum Failure {
+    Lost(String),
+    Store(String),
+}
+
+impl EtcdJournal {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn queue_record(&self, record: &JournalRecord) {
+        let bytes = serde_json::to_vec(record);
+        let mut q = self.lock();
+        q.appended += 1;
+        match bytes {
+            Ok(b) if q.failed.is_none() => q.pending.push(b),
+            _ => q.write_errors += 1,
+        }
+    }
+
+    fn failure(&self, f: &Failure) -> Error {
+        match f {
+            Failure::Lost(why) => Error::LockLost(why.clone()),
+            Failure::Store(why) => Error::StateStore {
+                context: format!("writing the journal {}", self.location()),
+                source: why.clone().into(),
+            },
+        }
+    }
+
+    async fn commit(&self) -> Result<()> {
+        let target = self.lock().appended;
+        let _one = self.flush.lock().await;
+        let (first, batch) = {
+            let mut q = self.lock();
+            if let Some(f) = &q.failed {
+                return Err(self.failure(f));
+            }
+            if q.durable >= target {
+                return Ok(());
+            }
+            (q.durable, std::mem::take(&mut q.pending))
+        };
+        let n = batch.len() as u64;
+        let ops = batch
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let key = self
+                    .inner
+                    .key(&format!("records/{}/{:010}", self.name, first + i as u64));
+                TxnOp::put(key, b, None)
+            })
+            .collect();
+        let written = self
+            .inner
+            .fenced(&self.fence, "appending to the journal", ops)
+            .await;
+        let mut q = self.lock();
+        match written {
+            Ok(()) => {
+                q.durable = first + n;
+                Ok(())
+            }
+            Err(e) => {
+                q.write_errors += n + q.pending.len() as u64;
+                q.pending.clear();
+                let f = match &e {
+                    Error::LockLost(why) => Failure::Lost(why.clone()),
+                    other => Failure::Store(other.to_string()),
+                };
+                q.failed.get_or_insert(f);
+                Err(e)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EventSink for EtcdJournal {
+    fn emit(&self, event: &Event) {
+        self.queue_record(&JournalRecord::Event(event.clone()));
+    }
+
+    async fn durable(&self) -> Result<()> {
+        self.commit().await
+    }
+}
+
+#[async_trait]
+impl JournalWriter for EtcdJournal {
+    fn header(&self) -> &JournalHeader {
+        &self.header
+    }
+
+    fn location(&self) -> String {
+        self.inner.key(&format!("journals/{}", self.name))
+    }
+
+    fn records(&self) -> u64 {
+        self.lock().appended
+    }
+
+    fn write_errors(&self) -> u64 {
+        self.lock().write_errors
+    }
+
+    async fn sync(&self) -> Result<()> {
+        self.commit().await
+    }
+
+    async fn finish(&self, outcome: JournalOutcome) -> Result<()> {
+        self.queue_record(&JournalRecord::Finished(outcome));
+        self.commit().await
+    }
+
+    async fn discard_unstarted(&self) -> Result<bool> {
+        if self.records() > 1 || self.write_errors() > 0 {
+            return Ok(false);
+        }
+        let op = vec![TxnOp::delete(self.location(), None)];
+        self.inner
+            .fenced(&self.fence, "removing a journal that never started", op)
+            .await?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_settings_are_refused_naming_the_field() {
+        let cases: [(EtcdConfig, &str); 6] = [
+            (EtcdConfig::new(Vec::<String>::new()), "state.endpoints"),
+            (EtcdConfig::new(["127.0.0.1:2379"]), "state.endpoints"),
+            (EtcdConfig::new(["https://127.0.0.1:2379"]), "TLS"),
+            (EtcdConfig::new(["http://a b:1"]), "state.endpoints"),
+            (
+                EtcdConfig::new(["http://127.0.0.1:2379"]).prefix("dk"),
+                "state.prefix",
+            ),
+            (
+                EtcdConfig::new(["http://127.0.0.1:2379"]).lock_ttl(Duration::from_millis(500)),
+                "state.lock_ttl",
+            ),
+        ];
+        for (config, field) in cases {
+            let e = EtcdBackend::new("shop", config).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+        let ok = EtcdBackend::new(
+            "shop",
+            EtcdConfig::new(["http://[::1]:2379", "http://etcd-1:2379"]),
+        )
+        .unwrap();
+        assert_eq!(ok.identity(), PathBuf::from("etcd:/deploykit/shop"));
+        assert!(EtcdBackend::new("../x", EtcdConfig::new(["http://127.0.0.1:2379"])).is_err());
+    }
+
+    #[test]
+    fn the_password_is_never_shown() {
+        let c = EtcdConfig::new(["http://127.0.0.1:2379"]).user("deployer", "hunter2");
+        let b = EtcdBackend::new("shop", c.clone()).unwrap();
+        for text in [format!("{c:?}"), format!("{b:?}"), b.describe()] {
+            assert!(!text.contains("hunter2"), "{text}");
+        }
+    }
+}
