@@ -101,7 +101,7 @@ impl fmt::Display for RegionState {
 }
 
 /// One region in a [`RegionsReport`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RegionReport {
     /// The region.
     pub region: RegionName,
@@ -143,7 +143,7 @@ impl fmt::Display for RegionsOutcome {
 
 /// The result of a multi-region run, from the reports of the runs it
 /// started (never from what the fleet looked like before).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RegionsReport {
     /// The release.
     pub release: ReleaseId,
