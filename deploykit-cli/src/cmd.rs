@@ -582,6 +582,7 @@ fn lib_kind(kind: StrategyKind) -> LibKind {
         StrategyKind::Ramped => LibKind::Ramped,
         StrategyKind::Shadow => LibKind::Shadow,
         StrategyKind::DarkLaunch => LibKind::DarkLaunch,
+        StrategyKind::Experiment => LibKind::Experiment,
     }
 }
 

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use deploykit::{
-    Address, BlueGreen, Canary, DarkLaunch, Group, InstanceId, Ramped, Recreate, Rolling, Shadow, SmokeCheck,
+    Address, BlueGreen, Canary, DarkLaunch, Experiment, Group, InstanceId, Ramped, Recreate, Rolling, Shadow,
+    SmokeCheck,
 };
 use serde::{Deserialize, Deserializer};
 
@@ -464,6 +465,7 @@ pub(crate) enum StrategyKind {
     Ramped,
     Shadow,
     DarkLaunch,
+    Experiment,
 }
 
 impl fmt::Display for StrategyKind {
@@ -476,6 +478,7 @@ impl fmt::Display for StrategyKind {
             StrategyKind::Ramped => "ramped",
             StrategyKind::Shadow => "shadow",
             StrategyKind::DarkLaunch => "dark-launch",
+            StrategyKind::Experiment => "experiment",
         })
     }
 }
@@ -501,6 +504,47 @@ pub(crate) struct StrategyConfig {
     pub(crate) shadow: Shadow,
     #[serde(default, rename = "dark-launch")]
     pub(crate) dark_launch: DarkLaunch,
+    #[serde(default)]
+    pub(crate) experiment: ExperimentConfig,
+}
+
+/// `[strategy.experiment]`: the A/B experiment's own keys; groups,
+/// guardrails and health come from `[strategy.canary]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ExperimentConfig {
+    /// The users on the treatment (the new release), 1-99 percent.
+    pub(crate) treatment_percent: u8,
+    /// What keeps a user on one variant.
+    pub(crate) sticky: deploykit::routing::Sticky,
+    /// The longest the experiment runs before "no significant difference".
+    pub(crate) duration: Dur,
+    /// The significance: most chance of a winner between equal variants.
+    pub(crate) alpha: f64,
+    /// The smallest difference of conversion rates worth detecting.
+    pub(crate) min_detectable_effect: f64,
+    /// Visits each variant needs before any decision.
+    pub(crate) min_samples: u64,
+    /// PromQL of a variant's visits, with `{group}` and `{window}`.
+    pub(crate) visits: Option<String>,
+    /// PromQL of a variant's conversions, with `{group}` and `{window}`.
+    pub(crate) conversions: Option<String>,
+}
+
+impl Default for ExperimentConfig {
+    fn default() -> Self {
+        let lib = Experiment::default();
+        Self {
+            treatment_percent: lib.treatment_percent,
+            sticky: lib.sticky,
+            duration: Dur(lib.duration),
+            alpha: lib.rules.alpha,
+            min_detectable_effect: lib.rules.min_detectable_effect,
+            min_samples: lib.rules.min_samples,
+            visits: None,
+            conversions: None,
+        }
+    }
 }
 
 /// One `[[smoke_checks]]` entry.
@@ -573,6 +617,22 @@ impl Config {
         DarkLaunch {
             base: self.canary(),
             ..self.strategy.dark_launch.clone()
+        }
+    }
+
+    /// `[strategy.experiment]` on top of the canary.
+    pub(crate) fn experiment(&self) -> Experiment {
+        let e = &self.strategy.experiment;
+        Experiment {
+            base: self.canary(),
+            treatment_percent: e.treatment_percent,
+            sticky: e.sticky.clone(),
+            duration: e.duration.0,
+            rules: deploykit::experiment::ExperimentRules {
+                alpha: e.alpha,
+                min_detectable_effect: e.min_detectable_effect,
+                min_samples: e.min_samples,
+            },
         }
     }
 
@@ -1326,6 +1386,12 @@ fn check(c: &Config) -> deploykit::Result<Vec<Instance>> {
             check_duration("metrics.timeout", t)?;
         }
     }
+    let e = &c.strategy.experiment;
+    for (name, q) in [("visits", &e.visits), ("conversions", &e.conversions)] {
+        if let Some(q) = q {
+            deploykit::metrics::QueryTemplate::parse(&format!("strategy.experiment.{name}"), q)?;
+        }
+    }
     for (n, w) in c.notifications.webhooks.iter().enumerate() {
         let url = w.url.expose();
         let ok = (url.starts_with("http://") || url.starts_with("https://"))
@@ -1425,7 +1491,11 @@ fn check_strategy(c: &Config, kind: StrategyKind, groups: &BTreeSet<&Group>) -> 
                 ));
             }
         }
-        StrategyKind::Canary | StrategyKind::Ramped | StrategyKind::Shadow | StrategyKind::DarkLaunch => {
+        StrategyKind::Canary
+        | StrategyKind::Ramped
+        | StrategyKind::Shadow
+        | StrategyKind::DarkLaunch
+        | StrategyKind::Experiment => {
             let canary = &s.canary;
             canary.validate().map_err(in_section("canary"))?;
             // The routed strategies take groups, analysis and health from
@@ -1434,6 +1504,15 @@ fn check_strategy(c: &Config, kind: StrategyKind, groups: &BTreeSet<&Group>) -> 
                 StrategyKind::Ramped => c.ramped().validate().map_err(in_section("ramped"))?,
                 StrategyKind::Shadow => c.shadow().validate().map_err(in_section("shadow"))?,
                 StrategyKind::DarkLaunch => c.dark_launch().validate().map_err(in_section("dark-launch"))?,
+                StrategyKind::Experiment => {
+                    c.experiment().validate().map_err(in_section("experiment"))?;
+                    if c.metrics.is_none() {
+                        return Err(inv(
+                            "metrics",
+                            "is missing; an experiment decides on visits and conversions read from Prometheus; add [metrics] prometheus = \"http://127.0.0.1:9090\"",
+                        ));
+                    }
+                }
                 _ => {}
             }
             for g in [&canary.stable_group, &canary.canary_group] {

@@ -32,6 +32,7 @@ pub(crate) fn strategy(cfg: &Loaded, kind: StrategyKind) -> anyhow::Result<Box<d
         StrategyKind::Ramped => Box::new(cfg.raw.ramped()),
         StrategyKind::Shadow => Box::new(cfg.raw.shadow()),
         StrategyKind::DarkLaunch => Box::new(cfg.raw.dark_launch()),
+        StrategyKind::Experiment => Box::new(cfg.raw.experiment()),
     })
 }
 
@@ -339,6 +340,12 @@ pub(crate) fn metrics(cfg: &Loaded) -> anyhow::Result<Option<Arc<dyn deploykit::
     }
     if let Some(q) = &m.latency_buckets {
         b = b.latency_buckets(q);
+    }
+    if let Some(q) = &cfg.raw.strategy.experiment.visits {
+        b = b.visits(q);
+    }
+    if let Some(q) = &cfg.raw.strategy.experiment.conversions {
+        b = b.conversions(q);
     }
     if let Some(t) = m.timeout {
         b = b.timeout(t.0);

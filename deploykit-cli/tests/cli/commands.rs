@@ -815,3 +815,95 @@ fn a_ramped_deployment_plans_its_curve_and_climbs_it() {
         "{weights:?}"
     );
 }
+
+/// An experiment on the simulated fleet whose Prometheus stand-in answers
+/// `conversions(track)` for the conversions query, 5000 visits and a low
+/// error rate otherwise.
+fn experiment_config(prom: &str, extra: &str) -> String {
+    format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18393\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18394\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\n\n\
+        [strategy]\nkind = \"experiment\"\n\n\
+        [strategy.canary]\ncheck_interval = \"100ms\"\nhealth_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [strategy.experiment]\nduration = \"2s\"\nmin_samples = 500\n{extra}\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n"
+    )
+}
+
+fn tally_answer(request: &str) -> f64 {
+    if request.contains("checkout_visits_total") {
+        5000.0
+    } else if request.contains("checkout_conversions_total%7Btrack%3D%22canary%22") {
+        1500.0
+    } else if request.contains("checkout_conversions_total") {
+        250.0
+    } else {
+        0.001
+    }
+}
+
+#[test]
+fn an_experiment_is_refused_at_plan_time_by_a_load_balancer_without_sticky_split() {
+    let prom = crate::util::prometheus(tally_answer);
+    let env = Env::new(&experiment_config(&prom, ""));
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let journals = env.journal_count();
+    let (code, _, err) = env.run(&["deploy", "v2"]);
+    assert_eq!(code, 2, "{err}");
+    crate::util::assert_has(
+        &err,
+        &[
+            "experiment: 50 % of users on canary",
+            "cannot keep users on one group",
+            "nothing was touched",
+        ],
+    );
+    assert_eq!(env.sim("stable-1")["release"], "v1");
+    assert_eq!(
+        env.journal_count(),
+        journals,
+        "a refused deploy leaves no journal"
+    );
+}
+
+#[test]
+fn an_experiment_plan_through_nginx_shows_the_test() {
+    let prom = crate::util::prometheus(tally_answer);
+    let cfg = experiment_config(&prom, "treatment_percent = 20\nalpha = 0.01\n").replace(
+        "[load_balancer]\nkind = \"simulated\"\n",
+        "[load_balancer]\nkind = \"nginx\"\ninclude_file = \"upstream.conf\"\nlocation_include = \"location.conf\"\nupstream = \"app\"\n",
+    );
+    let env = Env::new(&cfg);
+    let plan = env.ok(&["plan", "v2"], 0);
+    for part in [
+        "experiment: 20 % of users on canary",
+        "experiment canary (treatment) against stable (control) for at most 2",
+        "alpha 0.01 once each has 500 visits",
+    ] {
+        assert!(plan.contains(part), "{part} missing from:\n{plan}");
+    }
+}
+
+#[test]
+fn experiment_settings_are_checked_naming_the_key() {
+    let prom = "http://127.0.0.1:9";
+    let err = crate::util::rejects(&experiment_config(prom, "treatment_percent = 0\n"));
+    crate::util::assert_has(&err, &["strategy.experiment.treatment_percent"]);
+    let err = crate::util::rejects(&experiment_config(prom, "visits = \"sum(visits_total)\"\n"));
+    crate::util::assert_has(&err, &["strategy.experiment.visits", "{group}"]);
+    let err = crate::util::rejects(&experiment_config(
+        prom,
+        "conversions = \"x{t=\\\"{grup}\\\"}\"\n",
+    ));
+    crate::util::assert_has(&err, &["strategy.experiment.conversions"]);
+    let err = crate::util::rejects(&experiment_config(prom, "alpha = 0.9\n"));
+    crate::util::assert_has(&err, &["strategy.experiment.alpha"]);
+    let err = crate::util::rejects(&experiment_config(prom, "color = \"red\"\n"));
+    crate::util::assert_has(&err, &["color"]);
+    let no_metrics =
+        experiment_config(prom, "").replace(&format!("[metrics]\nprometheus = \"{prom}\"\n"), "");
+    let err = crate::util::rejects(&no_metrics);
+    crate::util::assert_has(&err, &["metrics", "add [metrics]"]);
+}

@@ -14,6 +14,8 @@
 //! | request count | `sum(increase(http_requests_total{track="{group}"}[{window}]))` |
 //! | error count (sequential judge) | `sum(increase(http_requests_total{track="{group}",code=~"5.."}[{window}])) or vector(0)` |
 //! | latency buckets (Mann-Whitney judge) | `sum by (le) (increase(http_request_duration_seconds_bucket{track="{group}"}[{window}]))` |
+//! | visits (A/B experiment) | `sum(increase(checkout_visits_total{track="{group}"}[{window}])) or vector(0)` |
+//! | conversions (A/B experiment) | `sum(increase(checkout_conversions_total{track="{group}"}[{window}])) or vector(0)` |
 //!
 //! The judges query over one check interval; keep the scrape interval
 //! well under it (a third or less), or `increase` has too few samples to
@@ -46,6 +48,7 @@ use serde::{Deserialize, Serialize};
 
 use super::template::QueryTemplate;
 use crate::error::{Error, Result};
+use crate::experiment::Tally;
 use crate::judge::{Counts, Distribution, Measured};
 use crate::names::Group;
 use crate::secret_url::SecretUrl;
@@ -65,6 +68,14 @@ pub const DEFAULT_ERROR_COUNT: &str =
 pub const DEFAULT_LATENCY_BUCKETS: &str =
     r#"sum by (le) (increase(http_request_duration_seconds_bucket{track="{group}"}[{window}]))"#;
 
+/// The default visits query (for an A/B experiment): the demo app's
+/// checkout visitors per track.
+pub const DEFAULT_VISITS: &str =
+    r#"sum(increase(checkout_visits_total{track="{group}"}[{window}])) or vector(0)"#;
+/// The default conversions query (for an A/B experiment).
+pub const DEFAULT_CONVERSIONS: &str =
+    r#"sum(increase(checkout_conversions_total{track="{group}"}[{window}])) or vector(0)"#;
+
 /// The PromQL templates, one per [`Metric`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -80,6 +91,10 @@ pub struct PromQueries {
     /// Cumulative latency histogram buckets in the window, one series per
     /// `le` label (Mann-Whitney judge).
     pub latency_buckets: QueryTemplate,
+    /// Visitors of the variant in the window (A/B experiment).
+    pub visits: QueryTemplate,
+    /// Conversions among them in the window (A/B experiment).
+    pub conversions: QueryTemplate,
 }
 
 impl Default for PromQueries {
@@ -91,6 +106,8 @@ impl Default for PromQueries {
             request_count: t("request_count", DEFAULT_REQUEST_COUNT),
             error_count: t("error_count", DEFAULT_ERROR_COUNT),
             latency_buckets: t("latency_buckets", DEFAULT_LATENCY_BUCKETS),
+            visits: t("visits", DEFAULT_VISITS),
+            conversions: t("conversions", DEFAULT_CONVERSIONS),
         }
     }
 }
@@ -147,6 +164,8 @@ pub struct PrometheusBuilder {
     overrides: Vec<(Metric, String)>,
     error_count: Option<String>,
     latency_buckets: Option<String>,
+    visits: Option<String>,
+    conversions: Option<String>,
     timeout: Duration,
 }
 
@@ -160,6 +179,8 @@ impl Prometheus {
             overrides: Vec::new(),
             error_count: None,
             latency_buckets: None,
+            visits: None,
+            conversions: None,
             timeout: Duration::from_secs(10),
         }
     }
@@ -206,6 +227,18 @@ impl PrometheusBuilder {
     /// series per bucket, labelled `le`.
     pub fn latency_buckets(mut self, template: impl Into<String>) -> Self {
         self.latency_buckets = Some(template.into());
+        self
+    }
+
+    /// The visits template (an A/B experiment's denominator).
+    pub fn visits(mut self, template: impl Into<String>) -> Self {
+        self.visits = Some(template.into());
+        self
+    }
+
+    /// The conversions template (an A/B experiment's numerator).
+    pub fn conversions(mut self, template: impl Into<String>) -> Self {
+        self.conversions = Some(template.into());
         self
     }
 
@@ -268,6 +301,12 @@ impl PrometheusBuilder {
         }
         if let Some(t) = &self.latency_buckets {
             queries.latency_buckets = QueryTemplate::parse("metrics.queries.latency_buckets", t)?;
+        }
+        if let Some(t) = &self.visits {
+            queries.visits = QueryTemplate::parse("metrics.queries.visits", t)?;
+        }
+        if let Some(t) = &self.conversions {
+            queries.conversions = QueryTemplate::parse("metrics.queries.conversions", t)?;
         }
         let client = reqwest::Client::builder()
             .timeout(self.timeout)
@@ -349,9 +388,57 @@ impl MetricsSource for Prometheus {
             Err(m) => Measured::ProviderError(m),
         }
     }
+
+    /// Two instant queries: the visits and the conversions.
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes; dropping the future drops the requests.
+    /// * On failure: nothing changed; the failure is a
+    ///   [`Measured::ProviderError`].
+    async fn observe_tally(&self, group: &Group, window: Duration) -> Measured<Tally> {
+        let (vq, cq) = self.tally_queries(group, window);
+        tracing::debug!(%group, visits = %vq, conversions = %cq, "prometheus tally queries");
+        let one = |q: String| async move {
+            match self.get(&q).await {
+                Ok((status, body)) => parse_response(status, &body),
+                Err(m) => Observation::ProviderError(m),
+            }
+        };
+        tally_of(futures::join!(one(vq), one(cq)))
+    }
+}
+
+/// Visits and conversions from their two observations: no visits yet is a
+/// tally of zero (the test waits for its minimum), conversions are capped
+/// at the visits (`increase` extrapolates each counter on its own).
+fn tally_of((visits, conversions): (Observation, Observation)) -> Measured<Tally> {
+    match (visits, conversions) {
+        (Observation::ProviderError(m), _) => Measured::ProviderError(format!("visits query: {m}")),
+        (_, Observation::ProviderError(m)) => Measured::ProviderError(format!("conversions query: {m}")),
+        (Observation::Value(v), Observation::Value(c)) if v.is_finite() && c.is_finite() => {
+            let visits = v.max(0.0);
+            Measured::Value(Tally {
+                visits,
+                conversions: c.max(0.0).min(visits),
+            })
+        }
+        (Observation::Value(v), Observation::NoData) if v.is_finite() && v <= 0.0 => {
+            Measured::Value(Tally::default())
+        }
+        _ => Measured::NoData,
+    }
 }
 
 impl Prometheus {
+    /// The visits and conversions queries of `group` over `window`, as
+    /// sent (for logs and dry runs).
+    pub fn tally_queries(&self, group: &Group, window: Duration) -> (String, String) {
+        (
+            self.queries.visits.render(group, window),
+            self.queries.conversions.render(group, window),
+        )
+    }
+
     /// Sends one instant query; the HTTP status and body, or why there is
     /// none.
     async fn get(&self, query: &str) -> std::result::Result<(u16, String), String> {
@@ -702,5 +789,131 @@ mod tests {
             "{m}"
         );
         assert!(!m.contains("s3cret"), "{m}");
+    }
+
+    /// Serves one scripted `/api/v1/query` answer per connection: the
+    /// answer for the first key the (URL-encoded) request line contains.
+    async fn scripted(answers: Vec<(&'static str, String)>) -> (u16, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let n = answers.len();
+        let h = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..n {
+                let (mut c, _) = l.accept().await.unwrap();
+                let mut buf = vec![0u8; 8192];
+                let len = c.read(&mut buf).await.unwrap();
+                let req = String::from_utf8_lossy(&buf[..len]).to_string();
+                let line = req.lines().next().unwrap_or("").to_string();
+                let body = answers
+                    .iter()
+                    .find(|(k, _)| line.contains(k))
+                    .map(|(_, b)| b.clone())
+                    .unwrap_or_else(|| {
+                        r#"{"status":"error","errorType":"bad_data","error":"unscripted"}"#.into()
+                    });
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                c.write_all(resp.as_bytes()).await.unwrap();
+                seen.push(line);
+            }
+            seen
+        });
+        (port, h)
+    }
+
+    fn sample(v: &str) -> String {
+        format!(
+            r#"{{"status":"success","data":{{"resultType":"vector","result":[{{"metric":{{}},"value":[1.0,"{v}"]}}]}}}}"#
+        )
+    }
+
+    #[tokio::test]
+    async fn tally_reads_the_visits_and_conversions_queries_of_the_track() {
+        let (port, h) = scripted(vec![
+            ("checkout_visits_total", sample("1200")),
+            ("checkout_conversions_total", sample("96")),
+        ])
+        .await;
+        let p = Prometheus::builder(format!("http://127.0.0.1:{port}"))
+            .build()
+            .unwrap();
+        let t = p
+            .observe_tally(&Group::new("canary").unwrap(), Duration::from_secs(42))
+            .await;
+        assert_eq!(
+            t,
+            Measured::Value(Tally {
+                visits: 1200.0,
+                conversions: 96.0
+            })
+        );
+        let seen = h.await.unwrap().join("\n");
+        // The track and the window reach both queries (URL-encoded).
+        assert_eq!(seen.matches("track%3D%22canary%22").count(), 2, "{seen}");
+        assert_eq!(seen.matches("%5B42s%5D").count(), 2, "{seen}");
+    }
+
+    #[tokio::test]
+    async fn custom_tally_templates_are_used_and_a_failure_names_its_query() {
+        let (port, h) = scripted(vec![
+            ("signups_total", sample("10")),
+            (
+                "purchases_total",
+                r#"{"status":"error","errorType":"bad_data","error":"parse error"}"#.into(),
+            ),
+        ])
+        .await;
+        let p = Prometheus::builder(format!("http://127.0.0.1:{port}"))
+            .visits(r#"sum(increase(signups_total{arm="{group}"}[{window}]))"#)
+            .conversions(r#"sum(increase(purchases_total{arm="{group}"}[{window}]))"#)
+            .build()
+            .unwrap();
+        let t = p
+            .observe_tally(&Group::new("b").unwrap(), Duration::from_secs(60))
+            .await;
+        assert!(
+            matches!(&t, Measured::ProviderError(m) if m.starts_with("conversions query:") && m.contains("parse error")),
+            "{t:?}"
+        );
+        h.await.unwrap();
+    }
+
+    #[test]
+    fn tally_answers_map_to_measurements() {
+        use Observation::{NoData, ProviderError, Value};
+        assert_eq!(
+            tally_of((Value(100.0), Value(130.0))),
+            Measured::Value(Tally {
+                visits: 100.0,
+                conversions: 100.0
+            })
+        );
+        assert_eq!(tally_of((Value(0.0), NoData)), Measured::Value(Tally::default()));
+        assert_eq!(tally_of((NoData, Value(3.0))), Measured::NoData);
+        assert_eq!(tally_of((Value(5.0), NoData)), Measured::NoData);
+        assert!(matches!(
+            tally_of((ProviderError("down".into()), Value(1.0))),
+            Measured::ProviderError(m) if m == "visits query: down"
+        ));
+    }
+
+    #[test]
+    fn bad_tally_templates_name_the_field() {
+        let e = Prometheus::builder("http://h:9090")
+            .visits("sum(visits_total)")
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metrics.queries.visits"), "{e}");
+        let e = Prometheus::builder("http://h:9090")
+            .conversions(r#"sum(x{t="{grup}"})"#)
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metrics.queries.conversions"), "{e}");
     }
 }

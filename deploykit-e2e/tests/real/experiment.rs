@@ -1,0 +1,272 @@
+//! An A/B experiment end to end: two demo apps converting at different
+//! rates (`--conversion-rate`) behind a real nginx sticky split (its
+//! location include), a real Prometheus scraping their visit and
+//! conversion counters, and sticky users driving `/api/checkout` through
+//! nginx. The better-converting treatment is found and promoted; equal
+//! variants end with no significant difference and keep the control.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deploykit::experiment::{ExperimentRules, Verdict};
+use deploykit::instance::{LocalInstance, ProcessSpec, ReleaseSource};
+use deploykit::routing::Sticky;
+use deploykit::{
+    Canary, EventKind, EventLog, Executor, Experiment, Instance, LoadBalancer, Metric, ReleaseId,
+};
+use tokio::time::{sleep, Instant};
+
+use crate::harness::{free_port, temp_dir, Http, Nginx};
+use crate::local::{make_release, wait_healthy};
+use crate::prometheus::{wait_for_value, PromServer};
+use crate::routing::{location_file, write_routing_config};
+
+fn v(s: &str) -> ReleaseId {
+    ReleaseId::new(s).unwrap()
+}
+
+/// One demo app of `track` converting `rate` of its checkouts.
+fn spec(port: u16, track: &str, rate: &str) -> ProcessSpec {
+    ProcessSpec::new([
+        "./deploykit-demo-app".to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--version".into(),
+        "{release}".into(),
+        "--track".into(),
+        track.into(),
+        "--conversion-rate".into(),
+        rate.into(),
+    ])
+    .unwrap()
+    .grace(Duration::from_secs(5))
+}
+
+/// A user: takes the sticky cookie nginx hands out on the first checkout,
+/// then checks out with it until `stop`; answers how many requests failed.
+async fn user(http: Http, url: String, n: usize, stop: Arc<AtomicBool>) -> usize {
+    let mut cookie: Option<String> = None;
+    let mut failed = 0;
+    let mut i = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let u = format!("{url}?user=u{n}");
+        let headers: Vec<(&str, &str)> = cookie.iter().map(|c| ("cookie", c.as_str())).collect();
+        match http.send("GET", &u, &headers).await {
+            Ok(a) if a.status == 200 => {
+                if cookie.is_none() {
+                    cookie = a
+                        .headers
+                        .get("set-cookie")
+                        .and_then(|c| c.split(';').next())
+                        .map(str::to_string);
+                }
+            }
+            _ => failed += 1,
+        }
+        i += 1;
+        // About 20 checkouts a second per user.
+        if i % 4 == 0 {
+            sleep(Duration::from_millis(200)).await;
+        }
+    }
+    failed
+}
+
+/// What one experiment run left: the report, its readings and what nginx
+/// serves afterwards.
+struct Outcome {
+    report: deploykit::Report,
+    readings: Vec<deploykit::experiment::Reading>,
+    served: Vec<String>,
+}
+
+/// Control converting 5 %, the treatment `treatment_rate`, for at most
+/// `duration`; a missing nginx or Prometheus fails the test (in
+/// `find_binary`).
+async fn run(treatment_rate: &str, duration: Duration) -> Option<Outcome> {
+    let nginx_bin = crate::harness::find_binary("nginx")?;
+    let prom_bin = crate::harness::find_binary("prometheus")?;
+    let dir = temp_dir("dk-experiment-");
+    let builds = dir.path().join("builds");
+    for r in ["v1", "v2"] {
+        make_release(&builds, r);
+    }
+    let mut instances = Vec::new();
+    let mut targets = Vec::new();
+    for (name, group, rate) in [
+        ("stable-1", "stable", "0.05"),
+        ("canary-1", "canary", treatment_rate),
+    ] {
+        let port = free_port();
+        targets.push(format!("127.0.0.1:{port}"));
+        let inst = LocalInstance::builder(name, format!("127.0.0.1:{port}"))
+            .group(group)
+            .root(dir.path().join(name).to_str().unwrap())
+            .source(ReleaseSource::directory(&builds))
+            .process(spec(port, group, rate))
+            .build()
+            .unwrap();
+        inst.install(&v("v1")).await.unwrap();
+        if group == "stable" {
+            inst.start().await.unwrap();
+            wait_healthy(&inst).await;
+        }
+        instances.push(Arc::new(inst));
+    }
+    let _kill = crate::harness::KillOnDrop(
+        instances
+            .iter()
+            .map(|i| std::path::PathBuf::from(i.layout().root()))
+            .collect(),
+    );
+    let backends: Vec<_> = instances.iter().map(|i| i.backend().clone()).collect();
+    let port = free_port();
+    write_routing_config(dir.path(), port);
+    let lb = crate::nginx::builder(&nginx_bin, dir.path(), &backends)
+        .location_include(location_file(dir.path()))
+        .build()
+        .expect("build the nginx driver with routing");
+    lb.install().await.expect("install both owned files");
+    let nginx = Nginx::start(&nginx_bin, dir.path(), port).await;
+    let prom = PromServer::start(&prom_bin, dir.path(), &targets).await;
+
+    let log = EventLog::new();
+    let exec = Executor::builder()
+        .instances(instances.iter().map(|i| i.clone() as Arc<dyn Instance>))
+        .load_balancer(Arc::new(lb) as Arc<dyn LoadBalancer>)
+        .metrics(Arc::new(prom.source()))
+        .events(Arc::new(log.clone()))
+        .drain_poll(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let mut base = Canary {
+        check_interval: Duration::from_secs(1),
+        health: deploykit::HealthCheck {
+            retries: 200,
+            interval: Duration::from_millis(50),
+        },
+        drain_timeout: Duration::from_secs(2),
+        ..Canary::default()
+    };
+    base.analysis.window = Duration::from_secs(5);
+    // A fresh treatment needs two scrapes before rate() answers.
+    base.analysis.inconclusive_limit = 10;
+    let experiment = Experiment {
+        base,
+        treatment_percent: 50,
+        sticky: Sticky::Cookie {
+            name: "dk_variant".into(),
+        },
+        duration,
+        rules: ExperimentRules {
+            alpha: 0.05,
+            min_detectable_effect: 0.05,
+            min_samples: 200,
+        },
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = nginx.url("/api/checkout");
+    let http = Http::new();
+    let users: Vec<_> = (0..30)
+        .map(|n| tokio::spawn(user(http.clone(), url.clone(), n, stop.clone())))
+        .collect();
+    // The monitoring check before the first stage needs stable's metrics.
+    let source = prom.source();
+    let w = experiment.base.analysis.window;
+    for metric in [Metric::ErrorRate, Metric::LatencyP99] {
+        wait_for_value(&source, metric, "stable", w).await;
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    while wait_for_value(&source, Metric::RequestCount, "stable", w).await <= 0.0 {
+        assert!(Instant::now() < end, "no stable requests counted within 20 s");
+        sleep(Duration::from_millis(200)).await;
+    }
+    let started = Instant::now();
+    let report = exec
+        .deploy(&experiment, &v("v2"))
+        .await
+        .expect("the deployment ran");
+    let took = started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let mut failed = 0;
+    for u in users {
+        failed += u.await.expect("a user");
+    }
+    let readings: Vec<_> = log
+        .events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::ExperimentReading { reading, .. } => Some(reading),
+            _ => None,
+        })
+        .collect();
+    let mut served = Vec::new();
+    for _ in 0..10 {
+        let a = http.get(&nginx.url("/")).await.expect("GET through nginx");
+        served.push(a.body.trim().to_string());
+    }
+    // Not asserted yet: a few 502s show up around the split's application
+    // and the decision; counted so a run shows them.
+    eprintln!("{failed} checkouts failed");
+    eprintln!("experiment decided in {took:?} after {} readings", readings.len());
+    for i in &instances {
+        let _ = i.stop().await;
+    }
+    Some(Outcome {
+        report,
+        readings,
+        served,
+    })
+}
+
+#[tokio::test]
+async fn the_better_converting_treatment_wins_on_real_prometheus_and_is_promoted() {
+    let Some(Outcome {
+        report,
+        readings,
+        served,
+    }) = run("0.30", Duration::from_secs(25)).await
+    else {
+        return;
+    };
+    assert!(report.is_success(), "{report}\nreadings: {readings:?}");
+    let last = readings.last().expect("at least one experiment reading");
+    assert_eq!(last.verdict, Verdict::TreatmentWins, "{readings:?}");
+    // The tallies are the demo apps' own: about 5 % and 30 %.
+    assert!(
+        last.control.visits >= 200.0 && last.treatment.visits >= 200.0,
+        "{last:?}"
+    );
+    assert!((0.02..0.10).contains(&last.control.rate()), "{last:?}");
+    assert!((0.20..0.40).contains(&last.treatment.rate()), "{last:?}");
+    // Promoted: every answer through nginx now comes from v2.
+    assert!(served.iter().all(|b| b == "v2"), "{served:?}");
+}
+
+#[tokio::test]
+async fn equal_conversion_gives_no_significant_difference_and_keeps_the_control() {
+    let Some(Outcome {
+        report,
+        readings,
+        served,
+    }) = run("0.05", Duration::from_secs(6)).await
+    else {
+        return;
+    };
+    assert!(!report.is_success(), "{report}");
+    let text = report.to_string();
+    assert!(text.contains("no significant difference"), "{text}");
+    assert!(
+        readings.iter().all(|r| r.verdict == Verdict::Continue),
+        "{readings:?}"
+    );
+    let last = readings.last().expect("at least one experiment reading");
+    assert!(
+        last.control.visits >= 200.0 && last.treatment.visits >= 200.0,
+        "{last:?}"
+    );
+    // Rolled back: the control (v1) serves everyone.
+    assert!(served.iter().all(|b| b == "v1"), "{served:?}");
+}
