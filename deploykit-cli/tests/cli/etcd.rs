@@ -566,3 +566,41 @@ fn the_etcd_password_comes_from_its_variable_and_is_never_printed() {
         "{err}"
     );
 }
+
+/// `abort` and `status` on a second machine reach the running deployment of
+/// the first through etcd's control channel: the holder acknowledges, rolls
+/// back and exits 1, and both machines read the rolled-back run.
+#[test]
+fn an_abort_from_the_other_machine_rolls_the_holder_back() {
+    let cluster = Cluster::start();
+    let fleet = Fleet::new(&cluster, 6);
+    fleet.ok(0, &["-q", "deploy", "v1"]);
+    fleet.assert_fleet_on("v1");
+
+    let mut holder = fleet.spawn(0, &["-q", "deploy", "v2"]);
+    fleet.wait_for_instances(&mut holder, "v2", 1);
+    let (code, out, err) = fleet.run(1, &["abort"]);
+    assert_eq!(code, 0, "abort from machine 1: {out}\n{err}");
+    let done = wait_bounded(holder, Duration::from_secs(60), &["deploy", "v2"]);
+    assert_eq!(
+        done.status.code(),
+        Some(1),
+        "the aborted deployment: {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    fleet.assert_fleet_on("v1");
+    for m in [0, 1] {
+        let out = fleet.ok(m, &["--json", "history"]);
+        let last: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            (last["release"].as_str(), last["outcome"].as_str()),
+            (Some("v2"), Some("rolled_back")),
+            "machine {m}: {out}"
+        );
+    }
+    assert!(fleet.status(1)["lock"].is_null());
+
+    // With nothing running, an abort from either machine says so (exit 2).
+    let (code, _, err) = fleet.run(1, &["abort"]);
+    assert_eq!(code, 2, "{err}");
+}
