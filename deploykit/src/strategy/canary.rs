@@ -9,6 +9,7 @@ use crate::names::{Group, InstanceId, ReleaseId};
 use crate::plan::{
     AbortStep, FailurePolicy, FleetSnapshot, HealthCheck, InstanceSnapshot, Plan, Stage, Step, Unit,
 };
+use crate::routing::{Rule, Split, TrafficPolicy};
 use crate::traits::{GroupWeight, Strategy};
 
 /// How a canary moves from one stage to the next.
@@ -309,48 +310,7 @@ impl Strategy for Canary {
         self.validate()?;
         let of = self.stages.len();
         self.shaped_plan(self.kind(), fleet, release, true, |analysis| {
-            self.stages
-                .iter()
-                .enumerate()
-                .map(|(k, w)| {
-                    let stage = k + 1;
-                    let mut steps = vec![Step::SetWeights {
-                        weights: self.weights(*w),
-                    }];
-                    if let Some(flag) = &self.flag {
-                        steps.push(Step::FlagShare {
-                            flag: flag.clone(),
-                            variant: self.flag_variant.clone(),
-                            percent: *w,
-                        });
-                    }
-                    steps.push(Step::Analyze {
-                        stage,
-                        of,
-                        weight: *w,
-                        duration: self.stage_duration,
-                        analysis: analysis.clone(),
-                        chaos: self.chaos_steps(stage),
-                    });
-                    if let Promotion::Manual { timeout } = self.promotion {
-                        if stage < of {
-                            steps.push(Step::AwaitPromotion {
-                                stage,
-                                weight: *w,
-                                timeout_ms: timeout_ms(timeout),
-                                analysis: analysis.clone(),
-                            });
-                        }
-                    }
-                    Stage {
-                        name: format!("canary {w}% ({stage}/{of})"),
-                        units: vec![Unit {
-                            instance: None,
-                            steps,
-                        }],
-                    }
-                })
-                .collect()
+            self.widen(&[], 1, of, analysis)
         })
     }
 }
@@ -361,6 +321,66 @@ pub(super) fn timeout_ms(timeout: Option<Duration>) -> Option<u64> {
 }
 
 impl Canary {
+    /// The canary stages numbered from `first`, each keeping `rules` (so
+    /// users a rule sends to the canary stay there): the canary's own
+    /// stages from 1 without rules, a shadow's or dark launch's after it.
+    pub(super) fn widen(&self, rules: &[Rule], first: usize, of: usize, analysis: &Analysis) -> Vec<Stage> {
+        self.stages
+            .iter()
+            .enumerate()
+            .map(|(k, w)| {
+                let stage = first + k;
+                let weights = self.weights(*w);
+                let mut steps = vec![if rules.is_empty() {
+                    Step::SetWeights { weights }
+                } else {
+                    Step::ApplyPolicy {
+                        policy: TrafficPolicy {
+                            rules: rules.to_vec(),
+                            split: Split {
+                                weights,
+                                sticky: None,
+                            },
+                            mirror: None,
+                        },
+                    }
+                }];
+                if let Some(flag) = &self.flag {
+                    steps.push(Step::FlagShare {
+                        flag: flag.clone(),
+                        variant: self.flag_variant.clone(),
+                        percent: *w,
+                    });
+                }
+                steps.push(Step::Analyze {
+                    stage,
+                    of,
+                    weight: *w,
+                    duration: self.stage_duration,
+                    analysis: analysis.clone(),
+                    chaos: self.chaos_steps(stage),
+                });
+                if let Promotion::Manual { timeout } = self.promotion {
+                    if stage < of {
+                        steps.push(Step::AwaitPromotion {
+                            stage,
+                            weight: *w,
+                            timeout_ms: timeout_ms(timeout),
+                            analysis: analysis.clone(),
+                        });
+                    }
+                }
+                Stage {
+                    name: format!("canary {w}% ({stage}/{of})"),
+                    units: vec![Unit {
+                        instance: None,
+                        steps,
+                    }],
+                }
+            })
+            .collect()
+    }
+
     /// The plan every canary-shaped strategy shares, around its traffic
     /// `phases` (given the analysis of canary against stable): all traffic
     /// to stable, the canary instances replaced, the gates, the phases, then

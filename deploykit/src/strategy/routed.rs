@@ -16,7 +16,6 @@ use crate::names::ReleaseId;
 use crate::plan::{FleetSnapshot, Plan, Stage, Step, Unit};
 use crate::routing::{Mirror, RoutingError, Rule, Split, Sticky, TrafficPolicy};
 use crate::traits::{GroupWeight, Strategy};
-use crate::Promotion;
 
 /// More steps than this make a plan nobody reads: lengthen `step_interval`.
 const MAX_RAMP_STEPS: u128 = 1000;
@@ -407,76 +406,11 @@ impl Strategy for Shadow {
                 }],
             }];
             if canary {
-                stages.extend(widen(base, &[], 2, of, analysis));
+                stages.extend(base.widen(&[], 2, of, analysis));
             }
             stages
         })
     }
-}
-
-/// The canary stages of `base` numbered from `first`, each keeping `rules`
-/// (so users a rule sends to the canary stay there).
-fn widen(
-    base: &Canary,
-    rules: &[Rule],
-    first: usize,
-    of: usize,
-    analysis: &crate::analysis::Analysis,
-) -> Vec<Stage> {
-    base.stages
-        .iter()
-        .enumerate()
-        .map(|(k, w)| {
-            let stage = first + k;
-            let weights = base.weights(*w);
-            let mut steps = vec![if rules.is_empty() {
-                Step::SetWeights { weights }
-            } else {
-                Step::ApplyPolicy {
-                    policy: TrafficPolicy {
-                        rules: rules.to_vec(),
-                        split: Split {
-                            weights,
-                            sticky: None,
-                        },
-                        mirror: None,
-                    },
-                }
-            }];
-            if let Some(flag) = &base.flag {
-                steps.push(Step::FlagShare {
-                    flag: flag.clone(),
-                    variant: base.flag_variant.clone(),
-                    percent: *w,
-                });
-            }
-            steps.push(Step::Analyze {
-                stage,
-                of,
-                weight: *w,
-                duration: base.stage_duration,
-                analysis: analysis.clone(),
-                chaos: base.chaos_steps(stage),
-            });
-            if let Promotion::Manual { timeout } = base.promotion {
-                if stage < of {
-                    steps.push(Step::AwaitPromotion {
-                        stage,
-                        weight: *w,
-                        timeout_ms: timeout_ms(timeout),
-                        analysis: analysis.clone(),
-                    });
-                }
-            }
-            Stage {
-                name: format!("canary {w}% ({stage}/{of})"),
-                units: vec![Unit {
-                    instance: None,
-                    steps,
-                }],
-            }
-        })
-        .collect()
 }
 
 /// Dark launch: the new release is deployed to the canary group with no
@@ -592,7 +526,7 @@ impl Strategy for DarkLaunch {
                     ],
                 }],
             }];
-            stages.extend(widen(base, &self.rules, 2, of, analysis));
+            stages.extend(base.widen(&self.rules, 2, of, analysis));
             stages
         })
     }
