@@ -30,7 +30,7 @@ use crate::wire;
 
 mod regions;
 
-pub(crate) use regions::{rollback_cmd, RollbackArgs};
+pub(crate) use regions::{read_record, rollback_cmd, rollback_regions, RollbackArgs};
 
 /// Options every fleet command takes.
 #[derive(Debug, Clone, Args)]
@@ -105,12 +105,25 @@ pub(crate) struct DeployArgs {
     /// (comma-separated), in the rollout's order.
     #[arg(long, value_delimiter = ',', value_name = "NAMES", conflicts_with = "resume")]
     pub(crate) regions: Vec<String>,
+    /// Set by `watch` only: once the lock is taken, a journal of an earlier
+    /// deployment of the same commit (from any machine sharing the state)
+    /// means this one does not run.
+    #[arg(skip)]
+    once_per_commit: bool,
 }
 
 impl DeployArgs {
     /// The arguments of a deployment of `release` built from `commit`
-    /// (what `watch` runs).
-    pub(crate) fn of_commit(release: String, strategy: Option<StrategyKind>, commit: &SourceCommit) -> Self {
+    /// (what `watch` runs), to `regions` of a multi-region file (every
+    /// region when empty); with `once`, it does not run when the shared
+    /// state already holds a deployment of `commit`.
+    pub(crate) fn of_commit(
+        release: String,
+        strategy: Option<StrategyKind>,
+        commit: &SourceCommit,
+        regions: Vec<String>,
+        once: bool,
+    ) -> Self {
         Self {
             release: Some(release),
             strategy,
@@ -119,9 +132,61 @@ impl DeployArgs {
             commit: Some(commit.sha.clone()),
             commit_time: commit.time_s,
             metrics_listen: None,
-            regions: Vec::new(),
+            regions,
+            once_per_commit: once,
         }
     }
+}
+
+/// An earlier deployment of the commit a `watch` deployment was asked for,
+/// found in the shared journals once the lock was taken.
+#[derive(Debug, Clone)]
+pub(crate) struct EarlierRun {
+    /// Its run id.
+    pub(crate) deployment: String,
+    /// The machine that ran it.
+    pub(crate) host: String,
+    /// How it ended (or that it is still unfinished).
+    pub(crate) outcome: HistoryOutcome,
+}
+
+/// What [`deploy_commit`] did.
+#[derive(Debug)]
+pub(crate) enum CommitDeploy {
+    /// It ran (or was refused) with this exit code.
+    Ran(u8),
+    /// It did not run: the commit was deployed before.
+    Earlier(EarlierRun),
+}
+
+/// `deploy` for `watch`: as [`deploy`], but tells apart a deployment that
+/// did not run because the commit was deployed before (see
+/// [`DeployArgs::of_commit`]).
+pub(crate) fn deploy_commit(ctx: Ctx, args: DeployArgs) -> anyhow::Result<CommitDeploy> {
+    let mut earlier = None;
+    let code = deploy_inner(ctx, args, &mut earlier)?;
+    Ok(match earlier {
+        Some(e) => CommitDeploy::Earlier(e),
+        None => CommitDeploy::Ran(code),
+    })
+}
+
+/// The newest deployment journal of `sha`, read under the lock so that two
+/// watchers sharing the state cannot both decide it is new.
+async fn earlier_run(ctx: &Ctx, sha: &str) -> anyhow::Result<Option<EarlierRun>> {
+    let scan = ctx.backend.scan_journals().await?;
+    let Some(j) =
+        scan.journals.iter().rev().find(|j| {
+            j.header.kind == RunKind::Deploy && j.header.commit.as_ref().is_some_and(|c| c.sha == sha)
+        })
+    else {
+        return Ok(None);
+    };
+    Ok(Some(EarlierRun {
+        deployment: j.header.deployment.clone(),
+        host: j.header.host.clone(),
+        outcome: j.history_entry(None).outcome,
+    }))
 }
 
 /// `deploykit plan`.
@@ -638,6 +703,10 @@ fn warn_config(g: &Global, cfg: &Loaded, kind: StrategyKind) {
 }
 
 pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
+    deploy_inner(ctx, args, &mut None)
+}
+
+fn deploy_inner(ctx: Ctx, args: DeployArgs, earlier: &mut Option<EarlierRun>) -> anyhow::Result<u8> {
     if ctx.cfg.is_multi_region() && ctx.region.is_none() {
         return regions::deploy(ctx, args);
     }
@@ -710,6 +779,12 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
             take_over: args.take_over,
         };
         let code = async {
+            if let Some(c) = commit.as_ref().filter(|_| args.once_per_commit) {
+                if let Some(e) = earlier_run(&ctx, &c.sha).await? {
+                    *earlier = Some(e);
+                    return Ok(exit::SUCCESS);
+                }
+            }
             let latest = ctx.backend.latest().await?;
             let Some(release) = release else {
                 return resume(&ctx, latest, &claimer).await;

@@ -1038,6 +1038,13 @@ fn region_config(c: &Config, r: &RegionConfig) -> Config {
     }
     out.regions = Vec::new();
     out.rollout = None;
+    // Which regions a commit goes to is the whole file's business: each
+    // region keeps `[gitops]` for its before-promotion gates only.
+    if let Some(g) = &mut out.gitops {
+        for rule in &mut g.branches {
+            rule.regions = None;
+        }
+    }
     out
 }
 
@@ -1058,12 +1065,6 @@ fn check_regions(c: &Config) -> deploykit::Result<(Vec<CheckedRegion>, deploykit
         return Err(inv(
             "load_balancer",
             "a file with [[regions]] gives each region its own: move it into [regions.load_balancer]",
-        ));
-    }
-    if c.gitops.is_some() {
-        return Err(inv(
-            "gitops",
-            "deploykit watch does not deploy multi-region files yet: use a file of one fleet per watcher",
         ));
     }
     if c.state.backend != StateBackendKind::Local {
@@ -1105,6 +1106,9 @@ fn check_regions(c: &Config) -> deploykit::Result<(Vec<CheckedRegion>, deploykit
     let rollout = c.rollout.clone().unwrap_or_default();
     let names: Vec<RegionName> = out.iter().map(|(n, _, _)| n.clone()).collect();
     rollout.waves_for(&names)?;
+    if let Some(g) = &c.gitops {
+        crate::gitops::check_rule_regions(g, &names)?;
+    }
     check_duration("rollout.soak_interval", Dur(rollout.soak_interval))?;
     Ok((out, rollout))
 }

@@ -18,11 +18,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use clap::Args;
 use deploykit::integration::{GateFailure, GateRunner};
+use deploykit::regions::RegionName;
 use deploykit::state::SourceCommit;
 use deploykit::{Backend, ReleaseId};
 use serde::{Deserialize, Serialize};
 
-use crate::cmd::{self, Ctx, DeployArgs, Global};
+use crate::cmd::{self, CommitDeploy, Ctx, DeployArgs, Global};
 use crate::config::{Config, Dur, StrategyKind};
 use crate::exit;
 use crate::gitops_webhook::{self, Secret};
@@ -69,7 +70,8 @@ fn default_interval() -> Dur {
 pub(crate) struct BranchRule {
     pub(crate) pattern: String,
     pub(crate) strategy: StrategyKind,
-    /// Refused with an explanation until `watch` deploys multi-region files.
+    /// In a file with `[[regions]]`: the regions a matching commit deploys
+    /// to, in the rollout's waves; every region when unset.
     #[serde(default)]
     pub(crate) regions: Option<Vec<String>>,
 }
@@ -211,10 +213,12 @@ pub(crate) fn check(g: &GitopsConfig, c: &Config) -> deploykit::Result<()> {
     }
     for (n, b) in g.branches.iter().enumerate() {
         check_pattern(&format!("gitops.branches[{n}].pattern"), &b.pattern)?;
-        if b.regions.is_some() {
+        // A multi-region file's rules are checked against its regions by
+        // `check_rule_regions`; its regions' copies have none.
+        if b.regions.is_some() && c.regions.is_empty() {
             return Err(inv(
                 format!("gitops.branches[{n}].regions"),
-                "deploykit watch deploys no regions yet: remove it (a rule deploys to the fleet of this file; use one configuration file, and one watcher, per environment)",
+                "this file has no [[regions]]: remove regions (the rule deploys to the fleet of this file), or describe the regions with [[regions]] tables",
             ));
         }
     }
@@ -254,6 +258,42 @@ pub(crate) fn check(g: &GitopsConfig, c: &Config) -> deploykit::Result<()> {
     Ok(())
 }
 
+/// The checks of the rules' `regions` in a file with `[[regions]]`: each
+/// names a region of the file, at most once.
+pub(crate) fn check_rule_regions(g: &GitopsConfig, names: &[RegionName]) -> deploykit::Result<()> {
+    for (n, b) in g.branches.iter().enumerate() {
+        let Some(regions) = &b.regions else { continue };
+        let field = format!("gitops.branches[{n}].regions");
+        if regions.is_empty() {
+            return Err(inv(
+                field,
+                "is empty: name the regions this branch deploys to (e.g. [\"staging\"]), or remove regions to deploy to every region",
+            ));
+        }
+        let known = names
+            .iter()
+            .map(RegionName::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut seen = BTreeSet::new();
+        for r in regions {
+            if !names.iter().any(|x| x.as_str() == r) {
+                return Err(inv(
+                    field,
+                    format!(
+                        "{} is not a region of this file; the regions are {known}",
+                        r.escape_default()
+                    ),
+                ));
+            }
+            if !seen.insert(r) {
+                return Err(inv(field, format!("{r} is named twice")));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `deploykit watch`.
 #[derive(Debug, Args)]
 pub(crate) struct WatchArgs {
@@ -284,6 +324,9 @@ pub(crate) enum Status {
     Skipped,
     /// No rule matches its branch.
     NotDeployed,
+    /// Another watcher (or `deploykit deploy --commit`) sharing this
+    /// state deployed it first: not deployed again.
+    AlreadyDeployed,
 }
 
 impl Status {
@@ -294,6 +337,7 @@ impl Status {
             Status::GateFailed => "gate failed",
             Status::Skipped => "skipped",
             Status::NotDeployed => "not deployed",
+            Status::AlreadyDeployed => "already deployed",
         }
     }
 }
@@ -317,9 +361,18 @@ pub(crate) struct CommitRecord {
     strategy: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     release: Option<String>,
-    /// The run id of the deployment (`deploykit history`).
+    /// The run id of the deployment (`deploykit history`); in a file
+    /// with `[[regions]]`, see `deployments`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     deployment: Option<String>,
+    /// In a file with `[[regions]]`: the regions the commit was sent to,
+    /// in the rollout's order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    regions: Option<Vec<String>>,
+    /// In a file with `[[regions]]`: each region's run id
+    /// (`deploykit --region R history`), for the regions that ran.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    deployments: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     commit_time_s: Option<i64>,
     recorded_at_ms: u64,
@@ -979,6 +1032,8 @@ impl Watcher {
                         strategy: None,
                         release: None,
                         deployment: None,
+                        regions: None,
+                        deployments: BTreeMap::new(),
                         commit_time_s: None,
                         recorded_at_ms: deploykit::state::now_ms(),
                         reason: Some(format!(
@@ -1036,6 +1091,8 @@ impl Watcher {
                             strategy: None,
                             release: None,
                             deployment: None,
+                            regions: None,
+                            deployments: BTreeMap::new(),
                             commit_time_s: self.git.commit_time(&c),
                             recorded_at_ms: deploykit::state::now_ms(),
                             reason: Some(format!(
@@ -1116,8 +1173,9 @@ impl Watcher {
         made.map(|()| name)
     }
 
-    /// Deploys `sha` with `rule`'s strategy and runs the gates: the record,
-    /// or `None` when another deployment holds the lock.
+    /// Deploys `sha` with `rule`'s strategy (to its regions, in a file with
+    /// `[[regions]]`) and runs the gates: the record, or `None` when another
+    /// deployment holds the lock.
     fn deploy(&mut self, branch: &str, sha: &str, rule: &BranchRule) -> anyhow::Result<Option<CommitRecord>> {
         let time = self.git.commit_time(sha);
         let mut rec = CommitRecord {
@@ -1126,58 +1184,109 @@ impl Watcher {
             strategy: Some(rule.strategy.to_string()),
             release: None,
             deployment: None,
+            regions: None,
+            deployments: BTreeMap::new(),
             commit_time_s: time,
             recorded_at_ms: 0,
             reason: None,
             gate: None,
         };
+        let failed = |mut rec: CommitRecord, why: String| {
+            rec.reason = Some(why);
+            rec.recorded_at_ms = deploykit::state::now_ms();
+            Ok(Some(rec))
+        };
+        let ctx = match Ctx::load(self.g.clone()) {
+            Ok(c) => c,
+            Err(e) => return failed(rec, crate::error_text(&e)),
+        };
+        // The regions the commit goes to, in the rollout's order; `None`
+        // for a file of one fleet.
+        let regions: Option<Vec<String>> = if ctx.cfg.is_multi_region() {
+            let all = ctx
+                .cfg
+                .rollout
+                .waves_for(&ctx.cfg.regions.iter().map(|r| r.name.clone()).collect::<Vec<_>>())?;
+            let chosen = rule.regions.as_deref().unwrap_or_default();
+            Some(
+                all.into_iter()
+                    .flatten()
+                    .map(|r| r.to_string())
+                    .filter(|r| chosen.is_empty() || chosen.contains(r))
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        rec.regions = regions.clone();
         let release = match self.release(sha) {
             Ok(r) => r,
-            Err(e) => {
-                rec.reason = Some(crate::error_text(&e));
+            Err(e) => return failed(rec, crate::error_text(&e)),
+        };
+        rec.release = Some(release.clone());
+        let to = match &regions {
+            Some(r) => format!(" to {}", r.join(", ")),
+            None => String::new(),
+        };
+        self.say(&format!(
+            "{branch} {release}: deploying with {}{to}",
+            rule.strategy
+        ));
+        let commit = SourceCommit::new(sha, time)?;
+        // A watcher retrying its own failure deploys again on purpose.
+        let once = !self.retried.contains(sha);
+        let ran = cmd::deploy_commit(
+            ctx,
+            DeployArgs::of_commit(
+                release.clone(),
+                Some(rule.strategy),
+                &commit,
+                rule.regions.clone().unwrap_or_default(),
+                once,
+            ),
+        );
+        let (run, why) = self.run_of(sha, regions.as_deref());
+        match run {
+            Runs::One(id) => rec.deployment = id,
+            Runs::Regions(ids) => rec.deployments = ids,
+        }
+        match ran {
+            Ok(CommitDeploy::Earlier(e)) => {
+                rec.status = Status::AlreadyDeployed;
+                rec.deployment = Some(e.deployment.clone());
+                rec.reason = Some(format!(
+                    "{} on {} deployed this commit already ({}): not deployed again",
+                    e.deployment, e.host, e.outcome
+                ));
                 rec.recorded_at_ms = deploykit::state::now_ms();
                 return Ok(Some(rec));
             }
-        };
-        rec.release = Some(release.clone());
-        self.say(&format!("{branch} {release}: deploying with {}", rule.strategy));
-        let commit = SourceCommit::new(sha, time)?;
-        let code = Ctx::load(self.g.clone()).and_then(|ctx| {
-            cmd::deploy(
-                ctx,
-                DeployArgs::of_commit(release.clone(), Some(rule.strategy), &commit),
-            )
-        });
-        let run = self.run_of(sha);
-        rec.deployment = run.as_ref().map(|(id, _)| id.clone());
-        match code {
-            Ok(exit::LOCKED) => {
+            Ok(CommitDeploy::Ran(exit::LOCKED)) => {
                 self.say("another deployment holds the lock: trying again at the next poll");
                 return Ok(None);
             }
-            Ok(exit::SUCCESS) => {}
-            Ok(code) => {
-                rec.reason = Some(match run.and_then(|(_, why)| why) {
+            Ok(CommitDeploy::Ran(exit::SUCCESS)) => {}
+            Ok(CommitDeploy::Ran(code)) => {
+                let why = match why {
                     Some(why) => format!("the deployment failed (exit code {code}): {why}"),
                     None => format!("the deployment ended with exit code {code} (see deploykit status)"),
-                });
-                rec.recorded_at_ms = deploykit::state::now_ms();
-                return Ok(Some(rec));
+                };
+                return failed(rec, why);
             }
-            Err(e) => {
-                rec.reason = Some(crate::error_text(&e));
-                rec.recorded_at_ms = deploykit::state::now_ms();
-                return Ok(Some(rec));
-            }
+            Err(e) => return failed(rec, crate::error_text(&e)),
         }
         let dir = self.releases.join(&release);
-        let targets = self.serving(&release);
+        let targets = self.serving(&release, regions.as_deref());
         let env = [
             ("DEPLOYKIT_TARGET_URLS", targets.join(" ")),
             ("DEPLOYKIT_COMMIT", sha.to_string()),
             ("DEPLOYKIT_BRANCH", branch.to_string()),
             ("DEPLOYKIT_RELEASE", release.clone()),
             ("DEPLOYKIT_GATE", "after".to_string()),
+            (
+                "DEPLOYKIT_REGIONS",
+                regions.as_deref().unwrap_or_default().join(" "),
+            ),
         ];
         for gate in self
             .gitops
@@ -1208,7 +1317,12 @@ impl Watcher {
             if ran.success {
                 continue;
             }
-            let rollback = Ctx::load(self.g.clone()).and_then(cmd::rollback);
+            // Only what this commit deployed is undone: the regions it went
+            // to, last wave first.
+            let rollback = Ctx::load(self.g.clone()).and_then(|ctx| match &regions {
+                Some(r) => cmd::rollback_regions(ctx, r),
+                None => cmd::rollback(ctx),
+            });
             let back = match rollback {
                 Ok(exit::SUCCESS) => "rolled back".to_string(),
                 Ok(code) => format!("the rollback ended with exit code {code}: see deploykit status"),
@@ -1233,34 +1347,45 @@ impl Watcher {
         Ok(Some(rec))
     }
 
-    /// `http://<address>` of every instance that runs `release` and answers
-    /// healthy: what serves it after the deployment (a canary's instances
-    /// and blue-green's old environment are stopped by then). All the
-    /// instances when the fleet cannot be read, so a gate fails loudly
-    /// rather than checking nothing.
-    fn serving(&self, release: &str) -> Vec<String> {
+    /// The contexts of the fleets a deployment acted on: the file's, or
+    /// each of `regions`.
+    fn fleets(&self, regions: Option<&[String]>) -> anyhow::Result<Vec<Ctx>> {
+        let ctx = Ctx::load_read_only(self.g.clone())?;
+        match regions {
+            None => Ok(vec![ctx]),
+            Some(names) => names.iter().map(|n| ctx.for_region(ctx.cfg.region(n)?)).collect(),
+        }
+    }
+
+    /// `http://<address>` of every instance (of every region deployed to)
+    /// that runs `release` and answers healthy: what serves it after the
+    /// deployment (a canary's instances and blue-green's old environment
+    /// are stopped by then). All the instances when the fleet cannot be
+    /// read, so a gate fails loudly rather than checking nothing.
+    fn serving(&self, release: &str, regions: Option<&[String]>) -> Vec<String> {
         let read = || -> anyhow::Result<Vec<String>> {
-            let ctx = Ctx::load_read_only(self.g.clone())?;
-            let fleet = crate::wire::fleet(&ctx.cfg, &ctx.state, ctx.backend.live_store(None), None)?;
-            cmd::runtime()?.block_on(async {
-                let mut out = Vec::new();
-                for i in fleet.executor.instances() {
-                    let bound = Duration::from_secs(10);
-                    let runs = matches!(
-                        tokio::time::timeout(bound, i.current_release()).await,
-                        Ok(Ok(Some(r))) if r.as_str() == release
-                    );
-                    let healthy = runs
-                        && matches!(
-                            tokio::time::timeout(bound, i.health()).await,
-                            Ok(Ok(deploykit::Health::Healthy))
+            let mut out = Vec::new();
+            for ctx in self.fleets(regions)? {
+                let fleet = crate::wire::fleet(&ctx.cfg, &ctx.state, ctx.backend.live_store(None), None)?;
+                cmd::runtime()?.block_on(async {
+                    for i in fleet.executor.instances() {
+                        let bound = Duration::from_secs(10);
+                        let runs = matches!(
+                            tokio::time::timeout(bound, i.current_release()).await,
+                            Ok(Ok(Some(r))) if r.as_str() == release
                         );
-                    if healthy {
-                        out.push(format!("http://{}", i.backend().address));
+                        let healthy = runs
+                            && matches!(
+                                tokio::time::timeout(bound, i.health()).await,
+                                Ok(Ok(deploykit::Health::Healthy))
+                            );
+                        if healthy {
+                            out.push(format!("http://{}", i.backend().address));
+                        }
                     }
-                }
-                Ok(out)
-            })
+                });
+            }
+            Ok(out)
         };
         match read() {
             Ok(t) if !t.is_empty() => t,
@@ -1268,14 +1393,46 @@ impl Watcher {
         }
     }
 
-    /// The id of the newest run, when it deployed `sha`, and its reason
-    /// when it failed.
-    fn run_of(&self, sha: &str) -> Option<(String, Option<String>)> {
-        let ctx = Ctx::load_read_only(self.g.clone()).ok()?;
-        let latest = cmd::runtime().ok()?.block_on(ctx.backend.latest()).ok()??;
-        let entry = latest.history_entry(None);
-        (entry.commit.as_ref().map(|c| c.sha.as_str()) == Some(sha)).then_some((entry.id, entry.reason))
+    /// The run ids that deployed `sha` (the newest run of the fleet, or of
+    /// each region, when it is that commit's), and why the deployment
+    /// failed when it did.
+    fn run_of(&self, sha: &str, regions: Option<&[String]>) -> (Runs, Option<String>) {
+        let newest = |ctx: &Ctx| -> Option<(String, Option<String>)> {
+            let latest = cmd::runtime().ok()?.block_on(ctx.backend.latest()).ok()??;
+            let entry = latest.history_entry(None);
+            (entry.commit.as_ref().map(|c| c.sha.as_str()) == Some(sha)).then_some((entry.id, entry.reason))
+        };
+        let Ok(fleets) = self.fleets(regions) else {
+            return (Runs::One(None), None);
+        };
+        match regions {
+            None => match fleets.first().and_then(newest) {
+                Some((id, why)) => (Runs::One(Some(id)), why),
+                None => (Runs::One(None), None),
+            },
+            Some(names) => {
+                let ids = names
+                    .iter()
+                    .zip(&fleets)
+                    .filter_map(|(n, ctx)| newest(ctx).map(|(id, _)| (n.clone(), id)))
+                    .collect();
+                // The multi-region run's own record says which region failed.
+                let why = Ctx::load_read_only(self.g.clone())
+                    .ok()
+                    .and_then(|ctx| cmd::read_record(&ctx))
+                    .and_then(|r| r.reason);
+                (Runs::Regions(ids), why)
+            }
+        }
     }
+}
+
+/// The runs of one deployment of a commit.
+enum Runs {
+    /// A file of one fleet: its run, if it started.
+    One(Option<String>),
+    /// A file with `[[regions]]`: each region's run.
+    Regions(BTreeMap<String, String>),
 }
 
 fn describe_exit(ran: &Ran) -> String {

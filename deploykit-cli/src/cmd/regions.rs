@@ -37,12 +37,23 @@ pub(crate) fn rollback_cmd(ctx: Ctx, args: RollbackArgs) -> anyhow::Result<u8> {
         };
         return Err(deploykit::Error::invalid("--all", why).into());
     }
+    rollback_regions(ctx, &[])
+}
+
+/// Rolls back the last deployment of each of `only` (every region when
+/// empty), the last wave first, under the file's lock: `rollback --all`,
+/// and `watch` undoing a deployment whose gate failed.
+pub(crate) fn rollback_regions(ctx: Ctx, only: &[String]) -> anyhow::Result<u8> {
+    let waves = waves(&ctx, only)?;
+    let purpose = match only {
+        [] => "rollback --all".to_string(),
+        some => format!("rollback of regions {}", some.join(", ")),
+    };
     runtime()?.block_on(async move {
-        let _top = match lock(&ctx, "rollback --all").await? {
+        let _top = match lock(&ctx, &purpose).await? {
             Ok(l) => l,
             Err(code) => return Ok(code),
         };
-        let waves = ctx.cfg.rollout.waves_for(&names(&ctx))?;
         let mut codes = Vec::new();
         // The reverse of the deployment's order: the last wave first.
         for region in waves.iter().rev().flat_map(|w| w.iter().rev()) {
@@ -188,7 +199,8 @@ fn write_record(ctx: &Ctx, record: &RolloutRecord) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-fn read_record(ctx: &Ctx) -> Option<RolloutRecord> {
+/// The record of the last multi-region run, when there is one.
+pub(crate) fn read_record(ctx: &Ctx) -> Option<RolloutRecord> {
     serde_json::from_slice(&std::fs::read(record_path(ctx)).ok()?).ok()
 }
 

@@ -593,7 +593,10 @@ fn watch_configuration_is_checked_before_anything_is_touched() {
         "pattern = \"feature/*\"\nstrategy = \"rolling\"\n",
         "pattern = \"*\"\nstrategy = \"rolling\"\nregions = [\"staging\"]\n",
     );
-    assert_has(&rejects(&regions), &["gitops.branches[1].regions", "no regions"]);
+    assert_has(
+        &rejects(&regions),
+        &["gitops.branches[1].regions", "no [[regions]]"],
+    );
     let dash = base.replace("pattern = \"main\"", "pattern = \"-main\"");
     assert_has(
         &rejects(&dash),
@@ -685,4 +688,218 @@ fn pushes_during_a_deployment_are_queued_and_only_the_newest_follows() {
         .filter_map(|h| h["commit"]["sha"].as_str().map(str::to_string))
         .collect();
     assert_eq!(deployed, [c1, c3], "c2 was never deployed");
+}
+
+/// Three regions — `staging`, then `eu` and `us` — of a stable instance
+/// pair and a canary each, behind their own simulated load balancers, with
+/// the fast waits of [`config`], the rules `main` → canary everywhere and
+/// `feature/*` → rolling to staging, and `extra` in `[gitops]`.
+fn regions_config(extra: &str) -> String {
+    let base = config("");
+    let (head, _) = base.split_once("[[instances]]").unwrap();
+    let (_, tail) = base.split_once("[metrics]").unwrap();
+    let (middle, _) = tail.split_once("[gitops]").unwrap();
+    let mut c = format!("{head}[metrics]{middle}");
+    for (k, r) in ["staging", "eu", "us"].iter().enumerate() {
+        c.push_str(&format!(
+            "[[regions]]\nname = \"{r}\"\n[regions.load_balancer]\nkind = \"simulated\"\n"
+        ));
+        for (i, (id, group)) in [
+            ("stable-1", "stable"),
+            ("stable-2", "stable"),
+            ("canary-1", "canary"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            c.push_str(&format!(
+                "[[regions.instances]]\nid = \"{r}-{id}\"\naddress = \"127.0.0.1:{}\"\ngroup = \"{group}\"\n",
+                18500 + k * 10 + i
+            ));
+        }
+        c.push('\n');
+    }
+    c.push_str("[rollout]\nwaves = [[\"staging\"], [\"eu\", \"us\"]]\n\n");
+    c.push_str(&format!(
+        "[gitops]\nrepository = \"origin.git\"\ninterval = \"1h\"\n{extra}\n\
+         [[gitops.branches]]\npattern = \"main\"\nstrategy = \"canary\"\n\n\
+         [[gitops.branches]]\npattern = \"feature/*\"\nstrategy = \"rolling\"\nregions = [\"staging\"]\n"
+    ));
+    c
+}
+
+/// The release a simulated instance of `region` runs, from the region's
+/// own state directory.
+fn region_release(env: &Env, region: &str, id: &str) -> String {
+    let p = env
+        .state()
+        .join("regions")
+        .join(region)
+        .join("simulated")
+        .join("instances.log");
+    let log = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["id"] == format!("{region}-{id}"))
+        .last()
+        .and_then(|v| v["release"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("{} has no release for {region}-{id}:\n{log}", p.display()))
+}
+
+/// Every journal header of `region`, oldest first.
+fn region_headers(env: &Env, region: &str) -> Vec<Value> {
+    let dir = env.state().join("regions").join(region).join("journal");
+    let mut out: Vec<Value> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| {
+            let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+            serde_json::from_str(text.lines().next().unwrap()).unwrap()
+        })
+        .collect();
+    out.sort_by_key(|h| h["sequence"].as_u64());
+    out
+}
+
+fn targets_written(env: &Env) -> Vec<String> {
+    std::fs::read_to_string(env.path().join("targets.txt"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_feature_branch_goes_to_staging_only_and_main_goes_to_every_region_as_a_canary() {
+    // The gate runs in releases/<short>/: ../../ is the environment's directory.
+    let gate = "\n[[gitops.gates]]\nname = \"e2e\"\n\
+        command = [\"sh\", \"-c\", \"echo $DEPLOYKIT_REGIONS: $DEPLOYKIT_TARGET_URLS >> ../../targets.txt\"]\n";
+    let env = Env::new(&regions_config(gate));
+    let repo = Repo::new(&env);
+    // Every region runs v0 first, so a canary has a stable release to
+    // compare with.
+    env.ok(&["deploy", "v0"], 0);
+
+    repo.switch("feature/x");
+    let fx = repo.commit("feature");
+    repo.push("feature/x");
+    watch_once(&env);
+    let rec = record(&env, &fx);
+    assert_eq!(rec["status"], "deployed", "{rec}");
+    assert_eq!(rec["strategy"], "rolling");
+    assert_eq!(rec["regions"], serde_json::json!(["staging"]), "{rec}");
+    let staging = region_headers(&env, "staging");
+    let last = staging.last().unwrap();
+    assert_eq!(last["strategy"], "rolling");
+    assert_eq!(last["commit"]["sha"], fx.as_str());
+    assert_eq!(
+        rec["deployments"],
+        serde_json::json!({"staging": last["deployment"]}),
+        "{rec}"
+    );
+    for id in ["stable-1", "stable-2", "canary-1"] {
+        assert_eq!(region_release(&env, "staging", id), short(&fx), "staging {id}");
+    }
+    // The other regions are untouched: still v0, no journal but v0's.
+    for r in ["eu", "us"] {
+        for id in ["stable-1", "stable-2"] {
+            assert_eq!(region_release(&env, r, id), "v0", "{r} {id}");
+        }
+        let h = region_headers(&env, r);
+        assert_eq!(h.len(), 1, "{r} ran only v0: {h:?}");
+        assert_eq!(h[0]["release"], "v0");
+    }
+    // The gate saw the staging instances only.
+    assert_eq!(
+        targets_written(&env),
+        ["staging: http://127.0.0.1:18500 http://127.0.0.1:18501 http://127.0.0.1:18502"]
+    );
+
+    repo.switch("main");
+    let c1 = repo.commit("release one");
+    repo.push("main");
+    watch_once(&env);
+    let rec = record(&env, &c1);
+    assert_eq!(rec["status"], "deployed", "{rec}");
+    assert_eq!(rec["strategy"], "canary");
+    assert_eq!(
+        rec["regions"],
+        serde_json::json!(["staging", "eu", "us"]),
+        "{rec}"
+    );
+    for r in ["staging", "eu", "us"] {
+        let h = region_headers(&env, r);
+        let last = h.last().unwrap();
+        assert_eq!(last["strategy"], "canary", "{r}");
+        assert_eq!(last["commit"]["sha"], c1.as_str(), "{r}");
+        assert_eq!(rec["deployments"][r], last["deployment"], "{r}: {rec}");
+        for id in ["stable-1", "stable-2"] {
+            assert_eq!(region_release(&env, r, id), short(&c1), "{r} {id}");
+        }
+    }
+    // After the canaries, the stable instances of every region serve it.
+    assert_eq!(
+        targets_written(&env)[1],
+        "staging eu us: http://127.0.0.1:18500 http://127.0.0.1:18501 \
+         http://127.0.0.1:18510 http://127.0.0.1:18511 http://127.0.0.1:18520 http://127.0.0.1:18521"
+    );
+    let status = env.ok(&["status"], 0);
+    assert!(
+        status.contains(&format!("last multi-region run: {}: succeeded", short(&c1))),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_failing_gate_after_a_regional_deployment_rolls_back_only_the_regions_it_went_to() {
+    let gate = "\n[[gitops.gates]]\nname = \"integration\"\n\
+        command = [\"sh\", \"-c\", \"grep -q good app.txt || { echo 'staging broken' >&2; exit 4; }\"]\n";
+    let env = Env::new(&regions_config(gate));
+    let repo = Repo::new(&env);
+    env.ok(&["deploy", "v0"], 0);
+    repo.switch("feature/x");
+    let bad = repo.commit("bad");
+    repo.push("feature/x");
+    watch_once(&env);
+    let rec = record(&env, &bad);
+    assert_eq!(rec["status"], "gate_failed", "{rec}");
+    assert_eq!(rec["gate"]["exit_code"], 4);
+    assert_has(rec["gate"]["output_tail"].as_str().unwrap(), &["staging broken"]);
+    assert!(rec["reason"].as_str().unwrap().contains("rolled back"), "{rec}");
+    let staging = region_headers(&env, "staging");
+    assert_eq!(staging.last().unwrap()["kind"], "rollback", "{staging:?}");
+    for id in ["stable-1", "stable-2", "canary-1"] {
+        assert_eq!(region_release(&env, "staging", id), "v0", "staging {id}");
+    }
+    for r in ["eu", "us"] {
+        assert_eq!(
+            region_headers(&env, r).len(),
+            1,
+            "{r} was neither deployed nor rolled back"
+        );
+    }
+}
+
+#[test]
+fn regions_of_a_rule_are_checked_against_the_file_when_it_is_loaded() {
+    let base = regions_config("");
+    let unknown = base.replace("regions = [\"staging\"]", "regions = [\"stagin\"]");
+    assert_has(
+        &rejects(&unknown),
+        &[
+            "gitops.branches[1].regions",
+            "stagin is not a region",
+            "staging, eu, us",
+        ],
+    );
+    let empty = base.replace("regions = [\"staging\"]", "regions = []");
+    assert_has(&rejects(&empty), &["gitops.branches[1].regions", "empty"]);
+    let twice = base.replace("regions = [\"staging\"]", "regions = [\"eu\", \"eu\"]");
+    assert_has(&rejects(&twice), &["gitops.branches[1].regions", "twice"]);
+    // Refused before anything is touched.
+    let env = Env::new(&unknown);
+    let (code, out, err) = deploykit(&env, &["watch", "--once"]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert_has(&err, &["gitops.branches[1].regions"]);
+    assert!(!env.path().join(".deploykit").exists());
+    assert!(!env.path().join("releases").exists());
 }
