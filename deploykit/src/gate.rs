@@ -226,6 +226,9 @@ pub(crate) async fn analyze(
 
 /// Waits for a promotion of `stage` through `handle`, checking every
 /// `analysis.interval`; fails on a breach or once `timeout` passes.
+/// `announced` runs once the wait is announced, before waiting: it makes
+/// the announcement durable, so that `promote` from another process (which
+/// reads the journal) sees a wait that may last hours.
 pub(crate) async fn await_promotion(
     ctx: &GateCtx<'_>,
     handle: &PromotionHandle,
@@ -233,6 +236,7 @@ pub(crate) async fn await_promotion(
     weight: u8,
     timeout: Option<Duration>,
     analysis: &Analysis,
+    announced: impl std::future::Future<Output = ()>,
 ) -> Result<(), GateError> {
     let (mut rx, seen) = handle.begin_wait(stage);
     (ctx.emit)(EventKind::AwaitingPromotion {
@@ -240,6 +244,7 @@ pub(crate) async fn await_promotion(
         weight,
         timeout_ms: timeout.map(ms),
     });
+    announced.await;
     let interval = analysis.interval.max(Duration::from_millis(1));
     let deadline = timeout.map(|t| later(Instant::now(), t));
     let mut next_check = later(Instant::now(), interval);

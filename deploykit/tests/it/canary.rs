@@ -658,3 +658,66 @@ async fn missing_metrics_or_promotion_handle_is_bad_input_before_anything_runs()
     let e = exec.deploy(&bad, &v("v2")).await.unwrap_err();
     assert!(e.to_string().contains("stages[2]"), "{e}");
 }
+
+/// A journal that, as the etcd one, keeps records queued until
+/// `durable` commits them.
+#[derive(Default)]
+struct BatchingJournal {
+    queued: std::sync::Mutex<Vec<Event>>,
+    committed: std::sync::Mutex<Vec<Event>>,
+}
+
+#[async_trait::async_trait]
+impl deploykit::EventSink for BatchingJournal {
+    fn emit(&self, event: &Event) {
+        self.queued.lock().unwrap().push(event.clone());
+    }
+
+    async fn durable(&self) -> deploykit::Result<()> {
+        let batch = std::mem::take(&mut *self.queued.lock().unwrap());
+        self.committed.lock().unwrap().extend(batch);
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_wait_for_promotion_is_durable_while_it_lasts_so_another_process_can_promote() {
+    let fleet = FakeFleet::with_groups(&[("stable", 4), ("canary", 1)]);
+    let journal = Arc::new(BatchingJournal::default());
+    let handle = PromotionHandle::new();
+    let exec = Executor::builder()
+        .instances(fleet.instances())
+        .load_balancer(Arc::new(fleet.load_balancer()))
+        .events(journal.clone())
+        .metrics(Arc::new(healthy()))
+        .promotion(handle.clone())
+        .build()
+        .expect("valid executor");
+    let seen =
+        {
+            let (journal, handle) = (journal.clone(), handle.clone());
+            tokio::spawn(async move {
+                let stage = handle.wait_for_pause().await;
+                // Well into the pause: only what was committed is visible to a
+                // `promote` reading the journal from elsewhere.
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let durable =
+                    journal.committed.lock().unwrap().iter().any(
+                        |e| matches!(e.kind, EventKind::AwaitingPromotion { stage: s, .. } if s == stage),
+                    );
+                assert!(handle.promote());
+                durable
+            })
+        };
+    let canary = Canary {
+        stages: vec![50, 100],
+        promotion: Promotion::Manual { timeout: None },
+        ..Canary::default()
+    };
+    let report = exec.deploy(&canary, &v("v2")).await.unwrap();
+    assert!(report.is_success(), "{report}");
+    assert!(
+        seen.await.unwrap(),
+        "the announcement of the wait was still queued during the wait"
+    );
+}

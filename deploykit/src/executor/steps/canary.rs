@@ -60,7 +60,15 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
                 return (Err(Failure::Missing("promotion handle").into()), 1);
             };
             let timeout = timeout_ms.map(Duration::from_millis);
-            crate::gate::await_promotion(&gate, handle, *stage, *weight, timeout, analysis).await
+            // A journal that batches its records (etcd) would otherwise
+            // hold the announcement until the next step; a failure to write
+            // it surfaces at that step, as for any record.
+            let announced = async {
+                if let Some(sink) = &inner.sink {
+                    let _ = sink.durable().await;
+                }
+            };
+            crate::gate::await_promotion(&gate, handle, *stage, *weight, timeout, analysis, announced).await
         }
         Step::Experiment {
             rules,
