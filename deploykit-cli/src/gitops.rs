@@ -1162,9 +1162,15 @@ impl Watcher {
             }
             _ => self.git.export(sha, &tmp),
         };
-        let made = made.and_then(|()| {
-            std::fs::rename(&tmp, &dest)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))
+        let made = made.and_then(|()| match std::fs::rename(&tmp, &dest) {
+            Ok(()) => Ok(()),
+            // Another watcher sharing the releases directory exported the
+            // same commit first: its tree is this one.
+            Err(_) if dest.is_dir() => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Ok(())
+            }
+            Err(e) => Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display())),
         });
         if made.is_err() {
             // A failed build or export leaves no partial directory behind.

@@ -604,3 +604,268 @@ fn an_abort_from_the_other_machine_rolls_the_holder_back() {
     let (code, _, err) = fleet.run(1, &["abort"]);
     assert_eq!(code, 2, "{err}");
 }
+
+/// `deploykit watch` on two machines sharing one etcd: a stable and a
+/// canary instance (behind each machine's simulated load balancer: only
+/// the lock and the journals are shared), `main` deployed rolling, the
+/// repository (a bare one pushed to from a clone) and the releases in the
+/// shared directory.
+fn gitops_fleet(cluster: &Cluster) -> (Fleet, crate::gitops::Repo) {
+    let fleet = Fleet::new(cluster, 2);
+    let repo = crate::gitops::Repo::at(fleet.shared.path());
+    let prom = crate::util::answering(
+        r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1700000000,"0.001"]}]}}"#,
+    );
+    for m in &fleet.machines {
+        let p = m.path().join("deploykit.toml");
+        let cfg = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("id = \"web-1\"\n", "id = \"web-1\"\ngroup = \"stable\"\n")
+            .replace("id = \"web-2\"\n", "id = \"web-2\"\ngroup = \"canary\"\n");
+        let extra = format!(
+            "\n[metrics]\nprometheus = \"{prom}\"\n\n\
+             [load_balancer]\nkind = \"simulated\"\n\n\
+             [strategy.canary]\npromotion = \"manual\"\nstages = [50, 100]\nstage_duration = \"100ms\"\n\
+             check_interval = \"50ms\"\nhealth_interval = \"50ms\"\ndrain_timeout = \"1s\"\n\n\
+             [gitops]\nrepository = \"{}/origin.git\"\ninterval = \"300ms\"\njitter = \"100ms\"\n\n\
+             [[gitops.branches]]\npattern = \"main\"\nstrategy = \"rolling\"\n",
+            fleet.shared.path().display()
+        );
+        std::fs::write(&p, format!("{cfg}{extra}")).unwrap();
+    }
+    (fleet, repo)
+}
+
+/// A running `deploykit watch` on one machine, its output lines collected.
+struct Watcher {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Watcher {
+    fn start(fleet: &Fleet, machine: usize) -> Self {
+        let mut child = crate::gitops::isolated(fleet.cmd(machine), fleet.shared.path())
+            .args(["watch"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = tx.send(l);
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most 60 s) for an output line containing `text`.
+    fn wait_for(&mut self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.seen.iter().any(|l| l.contains(text)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!(
+                    "watch never printed {text:?}; it printed:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The watcher's record of `sha` on `machine` (null when none).
+fn commit_record(fleet: &Fleet, machine: usize, sha: &str) -> Value {
+    let p = fleet.machines[machine]
+        .path()
+        .join(".deploykit/shop/gitops/commits.json");
+    std::fs::read(p)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .map(|v| v["commits"][sha].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// Waits (at most 90 s) until `machine` recorded `sha`.
+fn until_commit_recorded(fleet: &Fleet, machine: usize, sha: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let r = commit_record(fleet, machine, sha);
+        if !r.is_null() {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "machine {machine} never recorded {sha}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The runs of the shared history that deployed `sha`.
+fn runs_of(fleet: &Fleet, machine: usize, sha: &str) -> Vec<Value> {
+    fleet
+        .ok(machine, &["--json", "history"])
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["commit"]["sha"] == sha)
+        .collect()
+}
+
+#[test]
+fn a_manual_deployment_holding_the_etcd_lock_makes_watch_on_another_machine_wait_then_deploy() {
+    let cluster = Cluster::start();
+    let (fleet, repo) = gitops_fleet(&cluster);
+    fleet.ok(0, &["-q", "deploy", "v1"]);
+    // Machine 0: a manual canary that waits for its promotion holds the lock.
+    let mut manual = fleet
+        .cmd(0)
+        .args(["--json", "deploy", "v2", "--strategy", "canary"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let out = manual.stdout.as_mut().unwrap();
+        let mut lines = std::io::BufReader::new(out).lines();
+        loop {
+            let Some(Ok(line)) = lines.next() else {
+                let mut err = String::new();
+                let _ = std::io::Read::read_to_string(manual.stderr.as_mut().unwrap(), &mut err);
+                panic!("the manual canary ended before waiting for its promotion: {err}");
+            };
+            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            if v["event"] == "awaiting_promotion" {
+                break;
+            }
+        }
+    }
+    let c1 = repo.commit("one");
+    repo.push("main");
+    // Machine 1 watches: it finds the lock taken and tries again.
+    let mut w = Watcher::start(&fleet, 1);
+    w.wait_for("another deployment holds the lock");
+    assert!(runs_of(&fleet, 0, &c1).is_empty(), "deployed while locked");
+    assert_eq!(commit_record(&fleet, 1, &c1), Value::Null);
+    assert_eq!(fleet.release("web-1").as_deref(), Some("v1"));
+
+    fleet.ok(0, &["promote"]);
+    let out = wait_bounded(manual, Duration::from_secs(60), &["deploy", "v2"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec = until_commit_recorded(&fleet, 1, &c1);
+    assert_eq!(rec["status"], "deployed", "{rec}");
+    fleet.assert_fleet_on(crate::gitops::short(&c1));
+    // One history on both machines: v1, the manual v2, then the commit,
+    // which started only once v2 had ended.
+    for m in [0, 1] {
+        let h: Vec<Value> = fleet
+            .ok(m, &["--json", "history"])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let releases: Vec<&str> = h.iter().map(|v| v["release"].as_str().unwrap()).collect();
+        assert_eq!(releases, ["v1", "v2", crate::gitops::short(&c1)], "machine {m}");
+        let v2_end = h[1]["started_at_ms"].as_u64().unwrap() + h[1]["duration_ms"].as_u64().unwrap();
+        assert!(h[2]["started_at_ms"].as_u64().unwrap() >= v2_end, "{h:?}");
+        assert_eq!(h[2]["commit"]["sha"], c1.as_str());
+        assert_eq!(rec["deployment"], h[2]["id"], "{rec}");
+    }
+}
+
+#[test]
+fn two_watchers_on_two_machines_sharing_etcd_deploy_each_commit_once() {
+    let cluster = Cluster::start();
+    let (fleet, repo) = gitops_fleet(&cluster);
+    fleet.ok(0, &["-q", "deploy", "v1"]);
+    let c1 = repo.commit("one");
+    repo.push("main");
+    let watchers = [Watcher::start(&fleet, 0), Watcher::start(&fleet, 1)];
+    let mut sha = c1;
+    for push in 1..=2 {
+        if push == 2 {
+            // A second push while both watch.
+            sha = repo.commit("two");
+            repo.push("main");
+        }
+        let recs = [
+            until_commit_recorded(&fleet, 0, &sha),
+            until_commit_recorded(&fleet, 1, &sha),
+        ];
+        let runs = runs_of(&fleet, 0, &sha);
+        assert_eq!(
+            runs.len(),
+            1,
+            "push {push} deployed {} times: {runs:?}",
+            runs.len()
+        );
+        assert_eq!(runs[0]["outcome"], "succeeded", "{runs:?}");
+        let mut statuses: Vec<&str> = recs.iter().map(|r| r["status"].as_str().unwrap()).collect();
+        statuses.sort();
+        assert_eq!(statuses, ["already_deployed", "deployed"], "{recs:?}");
+        // Both records name the one run.
+        for r in &recs {
+            assert_eq!(r["deployment"], runs[0]["id"], "{r}");
+        }
+        let other = recs.iter().find(|r| r["status"] == "already_deployed").unwrap();
+        assert!(
+            other["reason"]
+                .as_str()
+                .unwrap()
+                .contains(runs[0]["id"].as_str().unwrap()),
+            "{other}"
+        );
+        fleet.assert_fleet_on(crate::gitops::short(&sha));
+    }
+    drop(watchers);
+
+    // A watcher started afresh on a machine that has no record of its own
+    // (here: machine 1 with its record removed) deploys nothing again.
+    std::fs::remove_file(
+        fleet.machines[1]
+            .path()
+            .join(".deploykit/shop/gitops/commits.json"),
+    )
+    .unwrap();
+    let before = fleet.ok(0, &["--json", "history"]).lines().count();
+    let (code, out, err) = {
+        let o = crate::gitops::isolated(fleet.cmd(1), fleet.shared.path())
+            .args(["watch", "--once"])
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(fleet.ok(0, &["--json", "history"]).lines().count(), before);
+    let rec = commit_record(&fleet, 1, &sha);
+    assert_eq!(rec["status"], "already_deployed", "{rec}");
+}

@@ -14,21 +14,28 @@ use sha2::Sha256;
 
 use crate::util::{answering, assert_has, rejects, Env};
 
-/// A bare repository `origin.git` and its clone `work/` inside the
-/// environment's directory, with git isolated from the machine's and the
-/// user's configuration.
-struct Repo<'a> {
-    env: &'a Env,
+/// A bare repository `origin.git` and its clone `work/` inside a
+/// directory, with git isolated from the machine's and the user's
+/// configuration.
+pub(crate) struct Repo {
+    root: PathBuf,
 }
 
-impl<'a> Repo<'a> {
-    fn new(env: &'a Env) -> Self {
-        let r = Self { env };
+impl Repo {
+    fn new(env: &Env) -> Self {
+        Self::at(env.path())
+    }
+
+    /// The repositories in `root`.
+    pub(crate) fn at(root: &Path) -> Self {
+        let r = Self {
+            root: root.to_path_buf(),
+        };
         r.git(
-            env.path(),
+            root,
             &["init", "--quiet", "--bare", "--initial-branch=main", "origin.git"],
         );
-        r.git(env.path(), &["clone", "--quiet", "origin.git", "work"]);
+        r.git(root, &["clone", "--quiet", "origin.git", "work"]);
         r.git(&r.work(), &["config", "user.name", "Test"]);
         r.git(&r.work(), &["config", "user.email", "test@example.invalid"]);
         r.git(&r.work(), &["checkout", "--quiet", "-b", "main"]);
@@ -36,11 +43,11 @@ impl<'a> Repo<'a> {
     }
 
     fn work(&self) -> PathBuf {
-        self.env.path().join("work")
+        self.root.join("work")
     }
 
     fn git(&self, dir: &Path, args: &[&str]) -> String {
-        let out = isolated(Command::new("git"), self.env.path())
+        let out = isolated(Command::new("git"), &self.root)
             .current_dir(dir)
             .args(args)
             .output()
@@ -55,14 +62,14 @@ impl<'a> Repo<'a> {
 
     /// Commits a file `app.txt` holding `text` on the current branch and
     /// returns the commit id.
-    fn commit(&self, text: &str) -> String {
+    pub(crate) fn commit(&self, text: &str) -> String {
         std::fs::write(self.work().join("app.txt"), text).unwrap();
         self.git(&self.work(), &["add", "app.txt"]);
         self.git(&self.work(), &["commit", "--quiet", "-m", text]);
         self.git(&self.work(), &["rev-parse", "HEAD"])
     }
 
-    fn push(&self, branch: &str) {
+    pub(crate) fn push(&self, branch: &str) {
         self.git(
             &self.work(),
             &["push", "--quiet", "origin", &format!("HEAD:refs/heads/{branch}")],
@@ -74,7 +81,7 @@ impl<'a> Repo<'a> {
     }
 }
 
-fn isolated(mut c: Command, home: &Path) -> Command {
+pub(crate) fn isolated(mut c: Command, home: &Path) -> Command {
     c.env("GIT_CONFIG_NOSYSTEM", "1")
         .env("HOME", home)
         .env("XDG_CONFIG_HOME", home.join(".config"))
@@ -83,7 +90,7 @@ fn isolated(mut c: Command, home: &Path) -> Command {
     c
 }
 
-fn short(sha: &str) -> &str {
+pub(crate) fn short(sha: &str) -> &str {
     &sha[..12]
 }
 
