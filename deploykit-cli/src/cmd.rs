@@ -148,6 +148,18 @@ pub(crate) struct EarlierRun {
     pub(crate) host: String,
     /// How it ended (or that it is still unfinished).
     pub(crate) outcome: HistoryOutcome,
+    /// The rollback that undid it later, if one did (a failed gate's).
+    pub(crate) rolled_back_by: Option<String>,
+}
+
+impl std::fmt::Display for EarlierRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} on {} ({}", self.deployment, self.host, self.outcome)?;
+        if let Some(r) = &self.rolled_back_by {
+            write!(f, ", then rolled back by {r}")?;
+        }
+        write!(f, ")")
+    }
 }
 
 /// What [`deploy_commit`] did.
@@ -182,10 +194,18 @@ async fn earlier_run(ctx: &Ctx, sha: &str) -> anyhow::Result<Option<EarlierRun>>
     else {
         return Ok(None);
     };
+    let rolled_back_by = scan
+        .journals
+        .iter()
+        .find(|r| {
+            r.header.kind == RunKind::Rollback && r.header.acts_on.as_deref() == Some(&j.header.deployment)
+        })
+        .map(|r| r.header.deployment.clone());
     Ok(Some(EarlierRun {
         deployment: j.header.deployment.clone(),
         host: j.header.host.clone(),
         outcome: j.history_entry(None).outcome,
+        rolled_back_by,
     }))
 }
 

@@ -1261,8 +1261,7 @@ impl Watcher {
                 rec.status = Status::AlreadyDeployed;
                 rec.deployment = Some(e.deployment.clone());
                 rec.reason = Some(format!(
-                    "{} on {} deployed this commit already ({}): not deployed again",
-                    e.deployment, e.host, e.outcome
+                    "the run {e} deployed this commit already: not deployed again"
                 ));
                 rec.recorded_at_ms = deploykit::state::now_ms();
                 return Ok(Some(rec));

@@ -910,3 +910,52 @@ fn regions_of_a_rule_are_checked_against_the_file_when_it_is_loaded() {
     assert!(!env.path().join(".deploykit").exists());
     assert!(!env.path().join("releases").exists());
 }
+
+#[test]
+fn a_watcher_without_its_record_deploys_nothing_the_shared_history_shows_deployed() {
+    let gate =
+        "[[gitops.gates]]\nname = \"integration\"\ncommand = [\"sh\", \"-c\", \"grep -q good app.txt\"]\n";
+    let env = Env::new(&config(&format!("{RULES}{gate}")));
+    let repo = Repo::new(&env);
+    repo.switch("feature/x");
+    repo.commit("good");
+    repo.push("feature/x");
+    watch_once(&env);
+    let bad = repo.commit("bad");
+    repo.push("feature/x");
+    watch_once(&env);
+    let rec = record(&env, &bad);
+    assert_eq!(rec["status"], "gate_failed", "{rec}");
+    assert!(rec["reason"].as_str().unwrap().ends_with("rolled back"), "{rec}");
+    let h = headers(&env);
+    let deployed = h.iter().rfind(|h| h["kind"] == "deploy").unwrap()["deployment"].clone();
+    let rollback = h.last().unwrap();
+    assert_eq!(rollback["kind"], "rollback");
+    let rollback = rollback["deployment"].clone();
+
+    // As a watcher on another machine sharing the state would: no record
+    // of its own, only the shared journals.
+    std::fs::remove_file(env.state().join("gitops").join("commits.json")).unwrap();
+    let runs = env.journal_count();
+    watch_once(&env);
+    assert_eq!(env.journal_count(), runs, "the commit was deployed again");
+    let rec = record(&env, &bad);
+    assert_eq!(rec["status"], "already_deployed", "{rec}");
+    assert_eq!(rec["deployment"], deployed);
+    assert_has(
+        rec["reason"].as_str().unwrap(),
+        &[
+            deployed.as_str().unwrap(),
+            &format!("rolled back by {}", rollback.as_str().unwrap()),
+        ],
+    );
+
+    // A commit deployed by hand with --commit is not deployed again either.
+    let good = repo.commit("good again");
+    env.ok(&["deploy", "v9", "--commit", &good], 0);
+    repo.push("feature/x");
+    let runs = env.journal_count();
+    watch_once(&env);
+    assert_eq!(env.journal_count(), runs);
+    assert_eq!(record(&env, &good)["status"], "already_deployed");
+}
