@@ -747,8 +747,7 @@ fn region_release(env: &Env, region: &str, id: &str) -> String {
     let log = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     log.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["id"] == format!("{region}-{id}"))
-        .last()
+        .rfind(|v| v["id"] == format!("{region}-{id}"))
         .and_then(|v| v["release"].as_str().map(str::to_string))
         .unwrap_or_else(|| panic!("{} has no release for {region}-{id}:\n{log}", p.display()))
 }
