@@ -1050,12 +1050,30 @@ impl Watcher {
                 }
                 continue;
             };
-            match records.commits.get(&sha).map(|r| r.status) {
-                Some(Status::Deployed) => {
-                    if records.heads.insert(branch.clone(), sha.clone()).as_ref() != Some(&sha) {
-                        records.save(&path)?;
+            let mut rule = rule;
+            let prior = records.commits.get(&sha).cloned();
+            let mut extending = false;
+            match prior.as_ref().map(|r| r.status) {
+                Some(Status::Deployed | Status::AlreadyDeployed) => {
+                    // A commit sent to some regions goes on to those of this
+                    // rule it has not reached: a feature branch deployed to
+                    // staging, then fast-forwarded into main.
+                    let missing: Vec<String> = match prior.as_ref().and_then(|p| p.regions.as_ref()) {
+                        Some(done) => target_regions(&crate::config::load(&self.g.config)?, &rule)?
+                            .unwrap_or_default()
+                            .into_iter()
+                            .filter(|r| !done.contains(r))
+                            .collect(),
+                        None => Vec::new(),
+                    };
+                    if missing.is_empty() {
+                        if records.heads.insert(branch.clone(), sha.clone()).as_ref() != Some(&sha) {
+                            records.save(&path)?;
+                        }
+                        continue;
                     }
-                    continue;
+                    rule.regions = Some(missing);
+                    extending = true;
                 }
                 Some(Status::Failed | Status::GateFailed)
                     if !self.retry_failed || self.retried.contains(&sha) =>
@@ -1106,7 +1124,15 @@ impl Watcher {
                 }
             }
             // None: the lock is held by someone else, and the next poll tries again.
-            if let Some(rec) = self.deploy(&branch, &sha, &rule)? {
+            if let Some(mut rec) = self.deploy(&branch, &sha, &rule)? {
+                if let Some(p) = prior.filter(|_| extending) {
+                    let mut regions = p.regions.unwrap_or_default();
+                    regions.extend(rec.regions.take().unwrap_or_default());
+                    rec.regions = Some(regions);
+                    let mut runs = p.deployments;
+                    runs.append(&mut rec.deployments);
+                    rec.deployments = runs;
+                }
                 self.record(&mut records, &sha, rec)?;
                 records.heads.insert(branch, sha);
                 records.save(&path)?;
@@ -1206,24 +1232,7 @@ impl Watcher {
             Ok(c) => c,
             Err(e) => return failed(rec, crate::error_text(&e)),
         };
-        // The regions the commit goes to, in the rollout's order; `None`
-        // for a file of one fleet.
-        let regions: Option<Vec<String>> = if ctx.cfg.is_multi_region() {
-            let all = ctx
-                .cfg
-                .rollout
-                .waves_for(&ctx.cfg.regions.iter().map(|r| r.name.clone()).collect::<Vec<_>>())?;
-            let chosen = rule.regions.as_deref().unwrap_or_default();
-            Some(
-                all.into_iter()
-                    .flatten()
-                    .map(|r| r.to_string())
-                    .filter(|r| chosen.is_empty() || chosen.contains(r))
-                    .collect(),
-            )
-        } else {
-            None
-        };
+        let regions = target_regions(&ctx.cfg, rule)?;
         rec.regions = regions.clone();
         let release = match self.release(sha) {
             Ok(r) => r,
@@ -1430,6 +1439,25 @@ impl Watcher {
             }
         }
     }
+}
+
+/// The regions `rule` sends a commit to, in the rollout's order; `None`
+/// for a file of one fleet.
+fn target_regions(cfg: &crate::config::Loaded, rule: &BranchRule) -> anyhow::Result<Option<Vec<String>>> {
+    if !cfg.is_multi_region() {
+        return Ok(None);
+    }
+    let names: Vec<RegionName> = cfg.regions.iter().map(|r| r.name.clone()).collect();
+    let chosen = rule.regions.as_deref().unwrap_or_default();
+    Ok(Some(
+        cfg.rollout
+            .waves_for(&names)?
+            .into_iter()
+            .flatten()
+            .map(|r| r.to_string())
+            .filter(|r| chosen.is_empty() || chosen.contains(r))
+            .collect(),
+    ))
 }
 
 /// The runs of one deployment of a commit.

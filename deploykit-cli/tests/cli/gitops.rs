@@ -776,6 +776,8 @@ fn targets_written(env: &Env) -> Vec<String> {
 
 #[test]
 fn a_feature_branch_goes_to_staging_only_and_main_goes_to_every_region_as_a_canary() {
+    // Also: main fast-forwarded to the feature's commit takes it to the
+    // regions it has not reached.
     // The gate runs in releases/<short>/: ../../ is the environment's directory.
     let gate = "\n[[gitops.gates]]\nname = \"e2e\"\n\
         command = [\"sh\", \"-c\", \"echo $DEPLOYKIT_REGIONS: $DEPLOYKIT_TARGET_URLS >> ../../targets.txt\"]\n";
@@ -820,6 +822,53 @@ fn a_feature_branch_goes_to_staging_only_and_main_goes_to_every_region_as_a_cana
         ["staging: http://127.0.0.1:18500 http://127.0.0.1:18501 http://127.0.0.1:18502"]
     );
 
+    // main fast-forwarded to that commit: it goes on to the regions it has
+    // not reached, as main's rule says (a canary); staging is not redeployed.
+    repo.push("main");
+    let staging_runs = region_headers(&env, "staging").len();
+    watch_once(&env);
+    let rec = record(&env, &fx);
+    assert_eq!(rec["status"], "deployed", "{rec}");
+    assert_eq!(rec["branch"], "main");
+    assert_eq!(rec["strategy"], "canary");
+    assert_eq!(
+        rec["regions"],
+        serde_json::json!(["staging", "eu", "us"]),
+        "{rec}"
+    );
+    let staging = region_headers(&env, "staging");
+    assert_eq!(staging.len(), staging_runs, "staging was deployed again");
+    assert_eq!(
+        rec["deployments"]["staging"],
+        staging.last().unwrap()["deployment"]
+    );
+    for r in ["eu", "us"] {
+        let h = region_headers(&env, r);
+        let last = h.last().unwrap();
+        assert_eq!(h.len(), 2, "{r}: {h:?}");
+        assert_eq!(last["strategy"], "canary", "{r}");
+        assert_eq!(last["commit"]["sha"], fx.as_str(), "{r}");
+        assert_eq!(rec["deployments"][r], last["deployment"], "{r}: {rec}");
+        for id in ["stable-1", "stable-2"] {
+            assert_eq!(region_release(&env, r, id), short(&fx), "{r} {id}");
+        }
+    }
+    assert_eq!(
+        targets_written(&env)[1],
+        "eu us: http://127.0.0.1:18510 http://127.0.0.1:18511 http://127.0.0.1:18520 http://127.0.0.1:18521"
+    );
+    // Another poll finds nothing left to do.
+    let runs: usize = ["staging", "eu", "us"]
+        .iter()
+        .map(|r| region_headers(&env, r).len())
+        .sum();
+    watch_once(&env);
+    let after: usize = ["staging", "eu", "us"]
+        .iter()
+        .map(|r| region_headers(&env, r).len())
+        .sum();
+    assert_eq!(after, runs);
+
     repo.switch("main");
     let c1 = repo.commit("release one");
     repo.push("main");
@@ -844,7 +893,7 @@ fn a_feature_branch_goes_to_staging_only_and_main_goes_to_every_region_as_a_cana
     }
     // After the canaries, the stable instances of every region serve it.
     assert_eq!(
-        targets_written(&env)[1],
+        targets_written(&env)[2],
         "staging eu us: http://127.0.0.1:18500 http://127.0.0.1:18501 \
          http://127.0.0.1:18510 http://127.0.0.1:18511 http://127.0.0.1:18520 http://127.0.0.1:18521"
     );
