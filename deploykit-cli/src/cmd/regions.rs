@@ -342,6 +342,21 @@ pub(super) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
                 .check_strategy(k)
                 .with_context(|| format!("region {name}"))?;
         }
+        // A region held by a deployment of its own (`--region R deploy`)
+        // is running, not interrupted, and would fail the rollout when its
+        // turn came: refuse before any region starts, as a held file lock
+        // is (with `--lock-wait`, each region queues for its lock instead).
+        if let Some(h) = rctx.state.holder()? {
+            if ctx.g.lock_wait.is_none() {
+                eprintln!(
+                    "deploykit: error: region {name}: another deployment holds its lock: {h}; wait for it \
+                     (`--lock-wait 10m` queues behind it), or stop it (`deploykit --region {name} abort`)"
+                );
+                return Ok(exit::LOCKED);
+            }
+            wire::check_release(&rctx.cfg, &release)?;
+            continue;
+        }
         if let Some(j) = rctx.state.latest()?.filter(|j| !j.is_finished()) {
             eprintln!(
                 "deploykit: error: region {name}: the {} {} of {} was interrupted; run `deploykit --region {name} deploy --resume` to finish it or `deploykit --region {name} rollback` to undo it first",

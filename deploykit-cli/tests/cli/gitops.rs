@@ -1007,3 +1007,69 @@ fn a_watcher_without_its_record_deploys_nothing_the_shared_history_shows_deploye
     assert_eq!(env.journal_count(), runs);
     assert_eq!(record(&env, &good)["status"], "already_deployed");
 }
+
+#[test]
+fn a_region_held_by_a_deployment_of_its_own_makes_the_watcher_wait_not_fail() {
+    let env = Env::new(
+        &regions_config("").replace("[strategy.canary]", "[strategy.canary]\npromotion = \"manual\""),
+    );
+    let repo = Repo::new(&env);
+    env.ok(&["deploy", "v0"], 0);
+    // A manual canary in staging alone, waiting for its promotion, holds
+    // staging's lock (not the file's).
+    let mut manual = std::process::Command::new(assert_cmd::cargo::cargo_bin("deploykit"))
+        .current_dir(env.path())
+        .env_remove("DEPLOYKIT_CONFIG")
+        .args([
+            "-q",
+            "--region",
+            "staging",
+            "deploy",
+            "v1",
+            "--strategy",
+            "canary",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting = region_headers(&env, "staging").len() == 2 && {
+            let dir = env.state().join("regions/staging/journal");
+            std::fs::read_dir(dir).unwrap().any(|e| {
+                std::fs::read_to_string(e.unwrap().path())
+                    .unwrap()
+                    .contains("\"awaiting_promotion\"")
+            })
+        };
+        if waiting {
+            break;
+        }
+        assert!(manual.try_wait().unwrap().is_none(), "the manual canary ended");
+        assert!(Instant::now() < deadline, "the manual canary never waited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    repo.switch("feature/x");
+    let fx = repo.commit("feature");
+    repo.push("feature/x");
+    let (code, out, err) = deploykit(&env, &["watch", "--once"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_has(&err, &["region staging", "holds its lock"]);
+    assert!(out.contains("trying again at the next poll"), "{out}");
+    assert_eq!(
+        record(&env, &fx),
+        Value::Null,
+        "a commit refused by a lock is not recorded"
+    );
+    assert_eq!(region_headers(&env, "staging").len(), 2);
+
+    env.ok(&["--region", "staging", "promote"], 0);
+    assert_eq!(manual.wait().unwrap().code(), Some(0));
+    watch_once(&env);
+    assert_eq!(record(&env, &fx)["status"], "deployed");
+    for id in ["stable-1", "stable-2"] {
+        assert_eq!(region_release(&env, "staging", id), short(&fx), "{id}");
+        assert_eq!(region_release(&env, "eu", id), "v0", "{id}");
+    }
+}
