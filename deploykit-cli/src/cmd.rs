@@ -728,7 +728,7 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
 
 fn deploy_inner(ctx: Ctx, args: DeployArgs, earlier: &mut Option<EarlierRun>) -> anyhow::Result<u8> {
     if ctx.cfg.is_multi_region() && ctx.region.is_none() {
-        return regions::deploy(ctx, args);
+        return regions::deploy(ctx, args, earlier);
     }
     if !args.regions.is_empty() {
         let why = if ctx.region.is_some() {

@@ -312,7 +312,10 @@ impl RegionRunner for CliRegions {
 }
 
 /// `deploykit deploy RELEASE` of a multi-region file.
-pub(super) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
+/// With `args.once_per_commit` (`watch`), the regions whose journals hold a
+/// deployment of the commit already are left out, under the file's lock;
+/// when that is every region, nothing runs and `earlier` names a run.
+pub(super) fn deploy(ctx: Ctx, args: DeployArgs, earlier: &mut Option<EarlierRun>) -> anyhow::Result<u8> {
     if args.resume {
         return Err(deploykit::Error::invalid(
             "--resume",
@@ -376,6 +379,33 @@ pub(super) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
             Ok(l) => l,
             Err(code) => return Ok(code),
         };
+        let mut waves = waves;
+        if let Some(c) = commit.as_ref().filter(|_| args.once_per_commit) {
+            let mut done = Vec::new();
+            for wave in &mut waves {
+                let mut kept = Vec::new();
+                for r in wave.drain(..) {
+                    match super::earlier_run(&regions[&r], &c.sha).await? {
+                        Some(e) => done.push((r, e)),
+                        None => kept.push(r),
+                    }
+                }
+                *wave = kept;
+            }
+            waves.retain(|w| !w.is_empty());
+            if waves.is_empty() {
+                if let Some((_, e)) = done.into_iter().next() {
+                    *earlier = Some(e);
+                    return Ok(exit::SUCCESS);
+                }
+            } else if !done.is_empty() {
+                let names: Vec<String> = done.iter().map(|(r, _)| r.to_string()).collect();
+                ctx.say(format!(
+                    "{} deployed this commit already: left out",
+                    names.join(", ")
+                ));
+            }
+        }
         let plan = plan_regions(&regions, &waves, args.strategy, &ctx.cfg.rollout, &release).await?;
         let mut record = RolloutRecord {
             release: release.to_string(),

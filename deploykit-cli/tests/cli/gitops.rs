@@ -1073,3 +1073,53 @@ fn a_region_held_by_a_deployment_of_its_own_makes_the_watcher_wait_not_fail() {
         assert_eq!(region_release(&env, "eu", id), "v0", "{id}");
     }
 }
+
+#[test]
+fn a_commit_deployed_to_a_region_by_hand_goes_on_to_the_other_regions_only() {
+    let env = Env::new(&regions_config(""));
+    let repo = Repo::new(&env);
+    env.ok(&["deploy", "v0"], 0);
+    let c1 = repo.commit("one");
+    // Deployed to staging by hand, with its commit: the watcher has no
+    // record of it, only staging's journal.
+    env.ok(
+        &[
+            "deploy",
+            short(&c1),
+            "--commit",
+            &c1,
+            "--regions",
+            "staging",
+            "--strategy",
+            "rolling",
+        ],
+        0,
+    );
+    assert_eq!(region_headers(&env, "staging").len(), 2);
+    repo.push("main");
+    let out = watch_once(&env);
+    assert!(
+        out.contains("staging deployed this commit already: left out"),
+        "{out}"
+    );
+    let rec = record(&env, &c1);
+    assert_eq!(rec["status"], "deployed", "{rec}");
+    assert_eq!(
+        region_headers(&env, "staging").len(),
+        2,
+        "staging was deployed again"
+    );
+    for r in ["eu", "us"] {
+        let h = region_headers(&env, r);
+        assert_eq!(h.len(), 2, "{r}: {h:?}");
+        assert_eq!(h[1]["commit"]["sha"], c1.as_str(), "{r}");
+        assert_eq!(h[1]["strategy"], "canary", "{r}");
+    }
+    // Every region has it now: a watcher without its record deploys nothing.
+    std::fs::remove_file(env.state().join("gitops").join("commits.json")).unwrap();
+    watch_once(&env);
+    assert_eq!(record(&env, &c1)["status"], "already_deployed");
+    for r in ["staging", "eu", "us"] {
+        assert_eq!(region_headers(&env, r).len(), 2, "{r}");
+    }
+}
