@@ -90,11 +90,13 @@ enum Command {
     /// Deploy a release to the fleet of deploykit.toml (or --resume an
     /// interrupted deployment).
     Deploy(cmd::DeployArgs),
-    /// A canary drill: deploy RELEASE as a canary with the
-    /// [[strategy.canary.chaos]] faults injected, and check that the
-    /// deployment reacts as each entry expects (see docs/chaos.md). Exits 0
-    /// when every expectation holds, 5 when one does not.
-    Drill(cmd::DeployArgs),
+    /// A rollback drill: deploy the release the fleet runs (or RELEASE) as
+    /// a canary, break it on purpose (the [[strategy.canary.chaos]]
+    /// entries, or a kill of the canary), and check that the analysis fails
+    /// and the rollback completes within budget (see docs/chaos.md). Exits
+    /// 0 when every expectation holds, 5 when one does not or the gate can
+    /// never fire.
+    Drill(cmd::DrillArgs),
     /// Dry run: the exact steps, batch sizes and projected duration.
     /// Touches nothing.
     Plan(cmd::PlanArgs),
