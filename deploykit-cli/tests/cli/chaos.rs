@@ -178,9 +178,39 @@ fn a_drill_whose_gate_never_fires_fails_and_deploy_drill_touches_nothing_of_the_
     let prom = crate::util::prometheus(|r| if r.contains("requests") { 1000.0 } else { 0.001 });
     let entry = "[[strategy.canary.chaos]]\nstage = 1\nafter = \"150ms\"\nkind = \"kill\"\nexpect = \"rollback\"\nwithin = \"1s\"\n";
     let env = setup(&prom, 18_343, entry);
-    let (code, out, err) = env.run(&["drill"]);
+    // The client probe counts what users would have seen: here a balancer
+    // address nothing listens on, so every request fails.
+    let (code, out, err) = env.run(&["drill", "--probe", "http://127.0.0.1:9/"]);
     assert_eq!(code, 5, "{out}{err}");
     assert!(out.contains("FAILED — the gate did not fire"), "{out}");
+    let probe = out
+        .lines()
+        .find(|l| l.starts_with("client probe: "))
+        .unwrap_or_else(|| panic!("no probe line: {out}"));
+    let words: Vec<&str> = probe.split_whitespace().collect();
+    let (sent, failed) = (words[2].parse::<u64>().unwrap(), words[6].parse::<u64>().unwrap());
+    assert!(sent > 0 && failed == sent, "{probe}");
+    assert!(
+        probe.contains("requests to http://127.0.0.1:9/,") && probe.ends_with("(100.0%)"),
+        "{probe}"
+    );
+    // A probe that answers: none failed; --json carries the counts.
+    let ok = crate::util::answering("{}");
+    let (code, out, _) = env.run(&["--json", "drill", "--probe", &ok]);
+    assert_eq!(code, 5, "{out}");
+    let line = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("chaos_verdicts").is_some())
+        .expect("a chaos_verdicts line");
+    assert!(line["probe"]["requests"].as_u64().unwrap() > 0, "{line}");
+    assert_eq!(line["probe"]["failed"], 0, "{line}");
+    let (code, _, err) = env.run(&["drill", "--probe", "127.0.0.1:8080"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("invalid --probe: \"127.0.0.1:8080\" is not an http(s) URL"),
+        "{err}"
+    );
     // Flags of the default fault would be ignored beside entries: refused.
     let (code, _, err) = env.run(&["drill", "--within", "5s"]);
     assert_eq!(code, 2, "{err}");
