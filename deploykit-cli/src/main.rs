@@ -65,7 +65,8 @@ pub(crate) mod exit {
     /// Another deployment holds the lock.
     pub(crate) const LOCKED: u8 = 4;
     /// A chaos entry's expectation did not hold (the gate did not fire, or
-    /// not in time, or fired when it should not).
+    /// not in time, or fired when it should not), or a drill's gate can
+    /// never fire.
     pub(crate) const CHAOS_FAILED: u8 = 5;
 }
 
@@ -74,8 +75,8 @@ pub(crate) mod exit {
 /// Exit codes: 0 success; 1 the deployment failed and was rolled back
 /// cleanly; 2 bad input or configuration (nothing touched); 3 rollback
 /// failed or the fleet is in an unknown state; 4 another deployment holds
-/// the lock; 5 a chaos expectation did not hold (`drill`, or a deployment
-/// with chaos entries).
+/// the lock; 5 a chaos expectation did not hold or a drill's gate can never
+/// fire (`drill`, `deploy --drill`, or a deployment with chaos entries).
 #[derive(Debug, Parser)]
 #[command(name = "deploykit", version, about, long_about)]
 struct Cli {

@@ -121,9 +121,9 @@ fn canary_running() -> bool {
     let whole = &log[..log.rfind('\n').map_or(0, |end| end + 1)];
     whole
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["id"] == "canary-1")
-        .last()
+        .find(|v| v["id"] == "canary-1")
         .is_none_or(|v| v["running"] != false)
 }
 

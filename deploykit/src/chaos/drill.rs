@@ -182,12 +182,12 @@ fn reason(events: &[Event]) -> Option<String> {
 fn last_check_before(events: &[Event], at: u64) -> Option<CheckOutcome> {
     events
         .iter()
+        .rev()
         .filter(|e| e.elapsed_ms < at)
-        .filter_map(|e| match &e.kind {
+        .find_map(|e| match &e.kind {
             EventKind::AnalysisResult { result, .. } => Some(result.clone()),
             _ => None,
         })
-        .last()
 }
 
 #[cfg(test)]
