@@ -38,7 +38,8 @@ pub(crate) struct DrillArgs {
 /// The faults a drill can inject by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum DrillFault {
-    /// SIGKILL of the canary's process (works on every instance kind).
+    /// SIGKILL of the canary's process (local, SSH and systemd instances;
+    /// simulated ones stop).
     Kill,
     /// SIGSTOP of the canary's process (a hang).
     Pause,

@@ -43,8 +43,8 @@ use super::{ChaosSpec, ChaosTarget, ChaosVerdict, Expect, Fault};
 const ROLLBACK_ALLOWANCE: Duration = Duration::from_secs(30);
 
 /// The entry a drill injects when the canary has no chaos entries: `fault`
-/// (a `kill` works on every instance kind; network faults need a fault
-/// injector) on the canary in stage 1, `after` into the stage — by default
+/// (a `kill` works on every instance that runs a process; network faults
+/// need a fault injector) on the canary in stage 1, `after` into the stage — by default
 /// three check intervals, at most half the stage, so a check can pass
 /// first — expecting a rollback within the rest of the stage plus the
 /// drain timeout and 30 s.
