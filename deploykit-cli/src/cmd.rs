@@ -28,8 +28,10 @@ use crate::notify::{Notice, Notifier};
 use crate::output::{self, Human, JsonLines};
 use crate::wire;
 
+mod drill;
 mod regions;
 
+pub(crate) use drill::{drill, DrillArgs};
 pub(crate) use regions::{read_record, rollback_cmd, rollback_regions, RollbackArgs};
 
 /// Options every fleet command takes.
@@ -110,6 +112,10 @@ pub(crate) struct DeployArgs {
     /// means this one does not run.
     #[arg(skip)]
     once_per_commit: bool,
+    /// Run `deploykit drill` of the current release first, and deploy only
+    /// if it passed (exit 5 otherwise, the deployment untouched).
+    #[arg(long, conflicts_with_all = ["resume", "regions"])]
+    drill: bool,
 }
 
 impl DeployArgs {
@@ -134,6 +140,7 @@ impl DeployArgs {
             metrics_listen: None,
             regions,
             once_per_commit: once,
+            drill: false,
         }
     }
 }
@@ -728,6 +735,13 @@ pub(crate) fn deploy(ctx: Ctx, args: DeployArgs) -> anyhow::Result<u8> {
 
 fn deploy_inner(ctx: Ctx, args: DeployArgs, earlier: &mut Option<EarlierRun>) -> anyhow::Result<u8> {
     if ctx.cfg.is_multi_region() && ctx.region.is_none() {
+        if args.drill {
+            return Err(deploykit::Error::invalid(
+                "--drill",
+                "drills one region's canary; pass --region NAME, or run `deploykit drill --region NAME` per region first",
+            )
+            .into());
+        }
         return regions::deploy(ctx, args, earlier);
     }
     if !args.regions.is_empty() {
@@ -779,9 +793,13 @@ fn deploy_inner(ctx: Ctx, args: DeployArgs, earlier: &mut Option<EarlierRun>) ->
         let _metrics = match metrics {
             Some(listener) => {
                 let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                let server = tokio::spawn(crate::metrics_http::serve(listener, ctx.state.clone(), async move {
-                    let _ = stopped.await;
-                }));
+                let server = tokio::spawn(crate::metrics_http::serve(
+                    listener,
+                    ctx.state.clone(),
+                    async move {
+                        let _ = stopped.await;
+                    },
+                ));
                 Some((stop, server))
             }
             None => None,
@@ -809,17 +827,25 @@ fn deploy_inner(ctx: Ctx, args: DeployArgs, earlier: &mut Option<EarlierRun>) ->
             let Some(release) = release else {
                 return resume(&ctx, latest, &claimer).await;
             };
-            if let Some(j) = latest.as_ref().filter(|j| !j.is_finished()) {
-                eprintln!(
-                    "deploykit: error: the {} {} of {} was interrupted and the fleet may run a mix of releases; \
-                     run `deploykit deploy --resume` to finish it or `deploykit rollback` to undo it first (`deploykit status` shows where it stopped)",
-                    j.header.strategy, j.header.deployment, j.header.release
-                );
-                return Ok(exit::UNKNOWN_STATE);
+            if let Some(code) = drill::refuse_interrupted(&ctx).await? {
+                return Ok(code);
             }
             wire::check_release(&ctx.cfg, &release)?;
+            if args.drill {
+                let code = drill::before_deploy(&ctx, &claimer, &release).await?;
+                if code != exit::SUCCESS {
+                    return Ok(code);
+                }
+            }
             let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
-            run_deploy(&ctx, RunKind::Deploy, Start::Fresh(kind, commit), release, &claimer).await
+            run_deploy(
+                &ctx,
+                RunKind::Deploy,
+                Start::Fresh(kind, commit),
+                release,
+                &claimer,
+            )
+            .await
         }
         .await;
         lock.release().await;
@@ -841,6 +867,8 @@ enum Start<'a> {
     Fresh(StrategyKind, Option<SourceCommit>),
     /// The continuation of the newest, interrupted run of a deployment.
     Resume(&'a Recorded),
+    /// A drill: a canary broken on purpose, judged by its chaos entries.
+    Drill(Box<drill::DrillRun>),
 }
 
 /// Deploys, or resumes an interrupted deployment.
@@ -868,6 +896,7 @@ async fn run_deploy(
     // for the verdicts.
     let chaos = match &start {
         Start::Fresh(StrategyKind::Canary, _) => ctx.cfg.raw.canary().chaos,
+        Start::Drill(d) => d.canary.chaos.clone(),
         _ => Vec::new(),
     };
     let drill_log = EventLog::new();
@@ -881,8 +910,11 @@ async fn run_deploy(
         Some(Arc::new(fan))
     };
     let (strategy, acts_on, previous) = match &start {
-        Start::Fresh(k, _) => (
-            lib_kind(*k),
+        Start::Fresh(..) | Start::Drill(_) => (
+            match &start {
+                Start::Fresh(k, _) => lib_kind(*k),
+                _ => LibKind::Canary,
+            },
             None,
             snapshot
                 .instances
@@ -907,7 +939,15 @@ async fn run_deploy(
     header.commit = match &start {
         Start::Fresh(_, commit) => commit.clone(),
         Start::Resume(rec) => rec.deployment().header.commit.clone(),
+        Start::Drill(_) => None,
     };
+    // What the interrupted run left part-way is restored in full if this
+    // run fails.
+    let unsettled = match &start {
+        Start::Resume(rec) => rec.unsettled(),
+        Start::Fresh(..) | Start::Drill(_) => Default::default(),
+    };
+    let mut drill_run = None;
     let plan = match start {
         Start::Fresh(..) if blue_green => {
             let bg = ctx.cfg.raw.blue_green();
@@ -915,6 +955,15 @@ async fn run_deploy(
             bg.plan(live, &snapshot, &release)?
         }
         Start::Fresh(k, _) => wire::strategy(&ctx.cfg, k)?.plan(&snapshot, &release)?,
+        Start::Drill(d) => {
+            let plan = if d.current {
+                d.canary.drill_plan(&snapshot)?
+            } else {
+                deploykit::Strategy::plan(&d.canary, &snapshot, &release)?
+            };
+            drill_run = Some(d);
+            plan
+        }
         Start::Resume(rec) => {
             match recovery::resume(rec, &snapshot, &strategies(ctx, strategy)?, live.as_ref())? {
                 recovery::Resume::Plan(plan) => plan,
@@ -941,6 +990,11 @@ async fn run_deploy(
     header.plan = Some(plan.clone());
     // Refusals (a load balancer that fails its preflight, …) come before
     // the journal and the start notice.
+    if let Some(d) = &drill_run {
+        if let Some(refusal) = d.preflight(exec).await {
+            return Ok(drill_refused(ctx, &refusal));
+        }
+    }
     exec.check(&plan, &RunOptions::default()).await?;
     pin_release(ctx, &release)?;
     let marker = match claimer.claim(ctx, exec, &id).await? {
@@ -964,23 +1018,32 @@ async fn run_deploy(
         }
         let watcher = watch_control(ctx, lock, &id, &fleet);
         let sig = ctrl_c(exec);
-        // What the interrupted run left part-way is restored in full if
-        // this run fails.
-        let unsettled = match start {
-            Start::Resume(rec) => rec.unsettled(),
-            Start::Fresh(..) => Default::default(),
-        };
         let options = RunOptions::default().with_id(&id).with_unsettled(unsettled);
+        let probe = match drill_run.as_ref().and_then(|d| d.probe.clone()) {
+            Some(url) => Some(drill::Probe::start(url)?),
+            None => None,
+        };
         // An abort of a resumed run returns the instances the interrupted
         // run finished too: the plan names them (recovery::resume).
-        let report = unless_refused(journal.as_ref(), exec.run(&plan, options).await).await?;
+        let run = exec.run(&plan, options).await;
+        let probed = match probe {
+            Some(p) => Some(p.finish().await),
+            None => None,
+        };
+        let report = unless_refused(journal.as_ref(), run).await?;
         sig.abort();
         watcher.abort();
         let code = conclude(ctx, exec, journal.as_ref(), &report, human.as_deref()).await?;
         if chaos.is_empty() {
             return Ok(code);
         }
-        Ok(drill_verdicts(ctx, &chaos, &drill_log.events(), code))
+        let events = drill_log.events();
+        let verdicts = if drill_run.is_some() {
+            deploykit::chaos::drill::judge(&chaos, &events)
+        } else {
+            deploykit::chaos::verdicts(&chaos, &events)
+        };
+        Ok(drill_verdicts(ctx, &verdicts, probed.as_ref(), code))
     }
     .await;
     lost.abort();
@@ -992,17 +1055,29 @@ async fn run_deploy(
 /// whose every expectation held succeeds (0) even when it rolled back, as
 /// it was meant to; one that did not exits [`exit::CHAOS_FAILED`]; a fleet
 /// left in an unknown state keeps its code.
-fn drill_verdicts(ctx: &Ctx, chaos: &[deploykit::chaos::ChaosSpec], events: &[Event], code: u8) -> u8 {
-    let verdicts = deploykit::chaos::verdicts(chaos, events);
+fn drill_verdicts(
+    ctx: &Ctx,
+    verdicts: &[deploykit::chaos::ChaosVerdict],
+    probe: Option<&drill::ProbeStats>,
+    code: u8,
+) -> u8 {
     if ctx.g.json {
-        let line = serde_json::json!({ "chaos_verdicts": verdicts });
+        let mut line = serde_json::json!({ "chaos_verdicts": verdicts });
+        if let Some(p) = probe {
+            line["probe"] = serde_json::json!(p);
+        }
         outln!("{line}");
     } else {
-        for v in &verdicts {
+        for v in verdicts {
             outln!("{v}");
             if let Some(at) = v.injected_at_ms {
                 let hit: Vec<String> = v.instances.iter().map(ToString::to_string).collect();
-                outln!("  injected at {:.1}s into {}", at as f64 / 1000.0, hit.join(", "));
+                outln!(
+                    "  injected at {:.1}s into {} (checks passed before it: {})",
+                    at as f64 / 1000.0,
+                    hit.join(", "),
+                    v.checks_passed_before
+                );
             }
             if let Some(t) = &v.tripped {
                 outln!(
@@ -1018,6 +1093,9 @@ fn drill_verdicts(ctx: &Ctx, chaos: &[deploykit::chaos::ChaosSpec], events: &[Ev
                 outln!("  rollback done at {:.1}s", at as f64 / 1000.0);
             }
         }
+        if let Some(p) = probe {
+            outln!("{p}");
+        }
     }
     if code == exit::UNKNOWN_STATE {
         return code;
@@ -1029,19 +1107,15 @@ fn drill_verdicts(ctx: &Ctx, chaos: &[deploykit::chaos::ChaosSpec], events: &[Ev
     }
 }
 
-/// `deploykit drill`: a canary deployment that must carry chaos entries;
-/// their verdicts decide the exit code.
-pub(crate) fn drill(ctx: Ctx, mut args: DeployArgs) -> anyhow::Result<u8> {
-    if ctx.cfg.raw.canary().chaos.is_empty() {
-        return Err(deploykit::Error::invalid(
-            "strategy.canary.chaos",
-            "has no entry, so a drill would prove nothing; add one, e.g. \
-             [[strategy.canary.chaos]] stage = 1, kind = \"http-error\", percent = 50, expect = \"rollback\", within = \"2m\"",
-        )
-        .into());
+/// A drill whose gate can never fire fails before anything is touched:
+/// exit [`exit::CHAOS_FAILED`], the reason in words.
+fn drill_refused(ctx: &Ctx, refusal: &deploykit::chaos::drill::DrillRefusal) -> u8 {
+    if ctx.g.json {
+        let line = serde_json::json!({ "drill_refused": refusal.to_string() });
+        outln!("{line}");
     }
-    args.strategy = Some(StrategyKind::Canary);
-    deploy(ctx, args)
+    eprintln!("deploykit: drill FAILED before anything was touched: {refusal}");
+    exit::CHAOS_FAILED
 }
 
 fn nothing_to_resume() -> anyhow::Result<u8> {

@@ -65,7 +65,8 @@ pub(crate) mod exit {
     /// Another deployment holds the lock.
     pub(crate) const LOCKED: u8 = 4;
     /// A chaos entry's expectation did not hold (the gate did not fire, or
-    /// not in time, or fired when it should not).
+    /// not in time, or fired when it should not), or a drill's gate can
+    /// never fire.
     pub(crate) const CHAOS_FAILED: u8 = 5;
 }
 
@@ -74,8 +75,8 @@ pub(crate) mod exit {
 /// Exit codes: 0 success; 1 the deployment failed and was rolled back
 /// cleanly; 2 bad input or configuration (nothing touched); 3 rollback
 /// failed or the fleet is in an unknown state; 4 another deployment holds
-/// the lock; 5 a chaos expectation did not hold (`drill`, or a deployment
-/// with chaos entries).
+/// the lock; 5 a chaos expectation did not hold or a drill's gate can never
+/// fire (`drill`, `deploy --drill`, or a deployment with chaos entries).
 #[derive(Debug, Parser)]
 #[command(name = "deploykit", version, about, long_about)]
 struct Cli {
@@ -90,11 +91,13 @@ enum Command {
     /// Deploy a release to the fleet of deploykit.toml (or --resume an
     /// interrupted deployment).
     Deploy(cmd::DeployArgs),
-    /// A canary drill: deploy RELEASE as a canary with the
-    /// [[strategy.canary.chaos]] faults injected, and check that the
-    /// deployment reacts as each entry expects (see docs/chaos.md). Exits 0
-    /// when every expectation holds, 5 when one does not.
-    Drill(cmd::DeployArgs),
+    /// A rollback drill: deploy the release the fleet runs (or RELEASE) as
+    /// a canary, break it on purpose (the [[strategy.canary.chaos]]
+    /// entries, or a kill of the canary), and check that the analysis fails
+    /// and the rollback completes within budget (see docs/chaos.md). Exits
+    /// 0 when every expectation holds, 5 when one does not or the gate can
+    /// never fire.
+    Drill(cmd::DrillArgs),
     /// Dry run: the exact steps, batch sizes and projected duration.
     /// Touches nothing.
     Plan(cmd::PlanArgs),

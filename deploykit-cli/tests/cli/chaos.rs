@@ -2,6 +2,9 @@
 //! simulated instances: the verdicts, with their evidence, decide the exit
 //! code.
 
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
 use crate::util::Env;
 
 fn config(prom: &str, port: u16, chaos: &str) -> String {
@@ -89,16 +92,8 @@ fn a_drill_whose_gate_never_fires_exits_5_and_says_so() {
 }
 
 #[test]
-fn a_drill_needs_chaos_entries_and_bad_entries_name_the_key() {
+fn bad_entries_name_the_key() {
     let prom = crate::util::prometheus(|_| 0.001);
-    let env = Env::new(&config(&prom, 18_335, ""));
-    let (code, _, err) = env.run(&["drill", "v2"]);
-    assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains("strategy.canary.chaos") && err.contains("has no entry"),
-        "{err}"
-    );
-
     let env = Env::new(&config(
         &prom,
         18_337,
@@ -108,6 +103,168 @@ fn a_drill_needs_chaos_entries_and_bad_entries_name_the_key() {
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("chaos[0].within") && err.contains("is missing"),
+        "{err}"
+    );
+}
+
+/// The state directory of the one test whose Prometheus stand-in reads the
+/// simulated fleet.
+static FLEET_STATE: OnceLock<PathBuf> = OnceLock::new();
+
+/// Whether `canary-1` runs, from the simulated fleet's log (its last whole
+/// line wins).
+fn canary_running() -> bool {
+    let Some(state) = FLEET_STATE.get() else {
+        return true;
+    };
+    let log = std::fs::read_to_string(state.join("simulated").join("instances.log")).unwrap_or_default();
+    let whole = &log[..log.rfind('\n').map_or(0, |end| end + 1)];
+    whole
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["id"] == "canary-1")
+        .is_none_or(|v| v["running"] != false)
+}
+
+#[test]
+fn a_drill_of_the_current_release_passes_and_deploy_drill_deploys_after_it() {
+    // A canary that is down answers errors, as a dead process behind a
+    // balancer does; one that runs is as good as stable.
+    let prom = crate::util::prometheus(|r| {
+        if r.contains("requests") {
+            1000.0
+        } else if r.contains("canary") && r.contains("errors") && !canary_running() {
+            0.05
+        } else {
+            0.001
+        }
+    });
+    // Stages of 1 s: the default fault comes 300 ms in, after two checks.
+    let env = Env::new(&config(&prom, 18_341, "").replace("\"300ms\"", "\"1s\""));
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    FLEET_STATE.set(env.state()).unwrap();
+    let (code, out, err) = env.run(&["drill"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(
+            "chaos[0] SIGKILL of the process on canary in stage 1, expect rollback: PASSED — rolled back"
+        ),
+        "{out}"
+    );
+    assert!(out.contains(" into canary-1 (checks passed before it: "), "{out}");
+    assert!(!out.contains("(checks passed before it: 0)"), "{out}");
+    assert!(
+        out.contains("  first failing check at ") && out.contains("canary error rate 5.000 %"),
+        "{out}"
+    );
+    // The drill deployed v1, the release the fleet runs, and left it so.
+    let journal = env.newest_journal();
+    assert_eq!(journal[0]["release"], "v1", "{:?}", journal[0]);
+    assert_eq!(env.sim("stable-1")["release"], "v1");
+    assert_eq!(env.sim("canary-1")["release"], "v1");
+
+    // deploy --drill: the same drill first, then the release.
+    let (code, out, err) = env.run(&["deploy", "v2", "--drill"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("drill passed: deploying v2"), "{out}");
+    assert!(out.contains("PASSED"), "{out}");
+    assert_eq!(env.sim("stable-1")["release"], "v2");
+    assert_eq!(env.newest_journal()[0]["release"], "v2");
+}
+
+#[test]
+fn a_drill_whose_gate_never_fires_fails_and_deploy_drill_touches_nothing_of_the_release() {
+    let prom = crate::util::prometheus(|r| if r.contains("requests") { 1000.0 } else { 0.001 });
+    let entry = "[[strategy.canary.chaos]]\nstage = 1\nafter = \"150ms\"\nkind = \"kill\"\nexpect = \"rollback\"\nwithin = \"1s\"\n";
+    let env = setup(&prom, 18_343, entry);
+    // The client probe counts what users would have seen: here a balancer
+    // address nothing listens on, so every request fails.
+    let (code, out, err) = env.run(&["drill", "--probe", "http://127.0.0.1:9/"]);
+    assert_eq!(code, 5, "{out}{err}");
+    assert!(out.contains("FAILED — the gate did not fire"), "{out}");
+    let probe = out
+        .lines()
+        .find(|l| l.starts_with("client probe: "))
+        .unwrap_or_else(|| panic!("no probe line: {out}"));
+    let words: Vec<&str> = probe.split_whitespace().collect();
+    let (sent, failed) = (words[2].parse::<u64>().unwrap(), words[6].parse::<u64>().unwrap());
+    assert!(sent > 0 && failed == sent, "{probe}");
+    assert!(
+        probe.contains("requests to http://127.0.0.1:9/,") && probe.ends_with("(100.0%)"),
+        "{probe}"
+    );
+    // A probe that answers: none failed; --json carries the counts.
+    let ok = crate::util::answering("{}");
+    let (code, out, _) = env.run(&["--json", "drill", "--probe", &ok]);
+    assert_eq!(code, 5, "{out}");
+    let line = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("chaos_verdicts").is_some())
+        .expect("a chaos_verdicts line");
+    assert!(line["probe"]["requests"].as_u64().unwrap() > 0, "{line}");
+    assert_eq!(line["probe"]["failed"], 0, "{line}");
+    let (code, _, err) = env.run(&["drill", "--probe", "127.0.0.1:8080"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("invalid --probe: \"127.0.0.1:8080\" is not an http(s) URL"),
+        "{err}"
+    );
+    // Flags of the default fault would be ignored beside entries: refused.
+    let (code, _, err) = env.run(&["drill", "--within", "5s"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("invalid --within: sets the default fault"), "{err}");
+
+    let journals = env.journal_count();
+    let (code, out, err) = env.run(&["deploy", "v2", "--drill"]);
+    assert_eq!(code, 5, "{out}{err}");
+    assert!(
+        err.contains(
+            "the drill did not pass, so v2 was not deployed; nothing of that deployment was touched"
+        ),
+        "{err}"
+    );
+    // One journal more: the drill's, of v1.
+    assert_eq!(env.journal_count(), journals + 1);
+    assert_eq!(env.newest_journal()[0]["release"], "v1");
+    assert_eq!(env.sim("stable-1")["release"], "v1");
+}
+
+#[test]
+fn a_drill_whose_gate_can_never_fire_fails_before_anything_is_touched() {
+    // Queries that match nothing: an empty result for every query.
+    let prom = crate::util::answering(r#"{"status":"success","data":{"resultType":"vector","result":[]}}"#);
+    let env = setup(&prom, 18_345, "");
+    let journals = env.journal_count();
+    let (code, out, err) = env.run(&["drill"]);
+    assert_eq!(code, 5, "{out}{err}");
+    assert!(
+        err.contains("drill FAILED before anything was touched: the gate can never fire on real evidence: ")
+            && err.contains(r#"stable error rate (query `errors{track="stable"}`) answered no data"#),
+        "{err}"
+    );
+    assert_eq!(env.journal_count(), journals, "a journal was written");
+
+    // Error rules that no error rate can break.
+    let prom = crate::util::prometheus(|_| 0.001);
+    let env = Env::new(&config(&prom, 18_347, "").replace(
+        "stages = [20, 100]\n",
+        "stages = [20, 100]\nerror_threshold = 1.0\nratio_floor = 1.0\n",
+    ));
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let (code, out, err) = env.run(&["drill"]);
+    assert_eq!(code, 5, "{out}{err}");
+    assert!(
+        err.contains("the gate can never fire on errors: error_threshold is 100% and ratio_floor is 100%"),
+        "{err}"
+    );
+    // Nothing deployed yet: no current release to drill.
+    let env = Env::new(&config(&prom, 18_349, ""));
+    let (code, _, err) = env.run(&["drill"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("invalid release: stable-1 (stable) runs no release yet"),
         "{err}"
     );
 }

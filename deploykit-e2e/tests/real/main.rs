@@ -10,6 +10,7 @@ mod harness;
 mod blue_green;
 mod conformance;
 mod demo_app;
+mod drill;
 mod experiment;
 mod flag_rollout;
 mod haproxy;

@@ -160,14 +160,16 @@ async fn real_prometheus_answers_map_to_typed_observations() {
     }
 }
 
-struct Run {
-    report: Report,
-    log: EventLog,
+pub(crate) struct Run {
+    pub(crate) report: Report,
+    pub(crate) log: EventLog,
+    /// The canary's chaos entries (a drill's default one included).
+    pub(crate) chaos: Vec<ChaosSpec>,
     /// Versions (or errors) answering 100 requests through the balancer
     /// afterwards.
-    after: std::collections::BTreeMap<String, usize>,
+    pub(crate) after: std::collections::BTreeMap<String, usize>,
     /// Failed requests of the load (see `samples`).
-    failed: usize,
+    pub(crate) failed: usize,
     /// HAProxy only: every server's weight afterwards.
     weights: Vec<(String, u32)>,
     /// HAProxy only: the canary's share of the weight (percent, rounded)
@@ -179,12 +181,12 @@ struct Run {
     /// Every request of the load sent during the deployment and for a second
     /// after it returned.
     samples: Vec<crate::load::Sample>,
-    took: Duration,
+    pub(crate) took: Duration,
 }
 
 /// The load balancer in front of a canary run.
 #[derive(Debug, Clone, Copy)]
-enum Lb {
+pub(crate) enum Lb {
     Nginx,
     Haproxy,
 }
@@ -198,6 +200,27 @@ async fn canary_run(kind: Lb, canary_args: &[&str]) -> Option<Run> {
 
 /// [`canary_run`] with `chaos` entries on the canary.
 async fn canary_run_with(kind: Lb, canary_args: &[&str], chaos: Vec<ChaosSpec>) -> Option<Run> {
+    canary_run_as(kind, canary_args, chaos, Mode::Deploy).await
+}
+
+/// What a canary run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Deploys v2.
+    Deploy,
+    /// A drill of v1, the release the fleet runs (`Canary::drill_plan`),
+    /// with the default kill when `chaos` is empty; stages of 6 s and
+    /// PromQL windows of 5 s, so a dead canary's data ends sooner.
+    Drill,
+}
+
+/// [`canary_run_with`], deploying or drilling.
+pub(crate) async fn canary_run_as(
+    kind: Lb,
+    canary_args: &[&str],
+    chaos: Vec<ChaosSpec>,
+    mode: Mode,
+) -> Option<Run> {
     let prom_bin = crate::harness::find_binary("prometheus")?;
     let lb_bin = crate::harness::find_binary(match kind {
         Lb::Nginx => "nginx",
@@ -303,6 +326,20 @@ async fn canary_run_with(kind: Lb, canary_args: &[&str], chaos: Vec<ChaosSpec>) 
     // Checks every second: a freshly started canary needs two scrapes before
     // rate() answers, so allow a few more inconclusive checks in a row.
     canary.analysis.inconclusive_limit = 6;
+    if mode == Mode::Drill {
+        // The canary's series goes on from before its restart, so rate()
+        // answers at once; a dead one answers nothing 5 s later.
+        canary.stage_duration = Duration::from_secs(6);
+        canary.analysis.window = Duration::from_secs(5);
+        canary.analysis.inconclusive_limit = 3;
+        if canary.chaos.is_empty() {
+            canary.chaos = vec![deploykit::chaos::drill::default_entry(
+                &canary,
+                deploykit::chaos::Fault::Kill,
+                None,
+            )];
+        }
+    }
 
     let load_started = Instant::now();
     let load = LoadGen::start_retrying(&url, 200, Duration::from_secs(50));
@@ -342,10 +379,19 @@ async fn canary_run_with(kind: Lb, canary_args: &[&str], chaos: Vec<ChaosSpec>) 
         assert!(Instant::now() < end, "no stable requests counted within 20 s");
         sleep(Duration::from_millis(200)).await;
     }
-    let report = executor
-        .deploy(&canary, &ReleaseId::new("v2").unwrap())
-        .await
-        .expect("the deployment ran");
+    let report = match mode {
+        Mode::Deploy => executor.deploy(&canary, &ReleaseId::new("v2").unwrap()).await,
+        Mode::Drill => {
+            deploykit::chaos::drill::preflight(&prom, &canary, Duration::from_secs(5))
+                .await
+                .expect("a gate that can fire");
+            let plan = canary
+                .drill_plan(&executor.snapshot().await.expect("a snapshot"))
+                .expect("a drill plan");
+            executor.run(&plan, deploykit::RunOptions::default()).await
+        }
+    }
+    .expect("the deployment ran");
     let deploy_done = load_started.elapsed();
     // Keep the load a moment longer, so what clients get once the run has
     // returned is measured, not assumed.
@@ -376,6 +422,7 @@ async fn canary_run_with(kind: Lb, canary_args: &[&str], chaos: Vec<ChaosSpec>) 
     Some(Run {
         report,
         log,
+        chaos: canary.chaos,
         after,
         failed: stats.iter().filter(|x| x.outcome.is_err()).count(),
         weights,
@@ -386,7 +433,7 @@ async fn canary_run_with(kind: Lb, canary_args: &[&str], chaos: Vec<ChaosSpec>) 
     })
 }
 
-fn dump(log: &EventLog) -> String {
+pub(crate) fn dump(log: &EventLog) -> String {
     log.events()
         .iter()
         .map(|e| format!("{:>6} {:?}", e.elapsed_ms, e.kind))

@@ -38,6 +38,7 @@ use crate::names::InstanceId;
 use crate::report::OutcomeKind;
 use crate::traits::Backend;
 
+pub mod drill;
 #[cfg(feature = "chaos")]
 mod proxy;
 
@@ -631,7 +632,9 @@ pub trait FaultInjector: Send + Sync + fmt::Debug {
     async fn clear(&self, instance: &Backend, fault: &Fault) -> Result<(), DriverError>;
 }
 
-/// The first failed analysis check after an injection.
+/// The first analysis check after an injection that did not pass: a
+/// failed rule, or no data (what a killed canary gives), which counts
+/// towards the inconclusive limit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrippedCheck {
     /// When, in milliseconds since the deployment started.
@@ -653,8 +656,12 @@ pub struct ChaosVerdict {
     pub injected_at_ms: Option<u64>,
     /// The instances it hit.
     pub instances: Vec<InstanceId>,
-    /// The first failed check at or after the injection.
+    /// The first check at or after the injection that did not pass.
     pub tripped: Option<TrippedCheck>,
+    /// Analysis checks that passed before the injection (a gate that never
+    /// passes rolls back with or without the fault).
+    #[serde(default)]
+    pub checks_passed_before: u32,
     /// When the deployment finished rolled back (ms since the start).
     pub rolled_back_at_ms: Option<u64>,
     /// Whether the expectation held.
@@ -715,17 +722,30 @@ pub fn verdicts(specs: &[ChaosSpec], events: &[Event]) -> Vec<ChaosVerdict> {
             });
             let tripped = injected.as_ref().and_then(|(at, _)| {
                 events.iter().find_map(|e| match &e.kind {
-                    EventKind::AnalysisResult {
-                        result: result @ CheckOutcome::Fail { .. },
-                        evidence,
-                        ..
-                    } if e.elapsed_ms >= *at => Some(TrippedCheck {
-                        at_ms: e.elapsed_ms,
-                        result: result.to_string(),
-                        evidence: evidence.iter().map(ToString::to_string).collect(),
-                    }),
+                    EventKind::AnalysisResult { result, evidence, .. }
+                        if e.elapsed_ms >= *at && *result != CheckOutcome::Pass =>
+                    {
+                        Some(TrippedCheck {
+                            at_ms: e.elapsed_ms,
+                            result: result.to_string(),
+                            evidence: evidence.iter().map(ToString::to_string).collect(),
+                        })
+                    }
                     _ => None,
                 })
+            });
+            let checks_passed_before = injected.as_ref().map_or(0, |(at, _)| {
+                let passes = events.iter().filter(|e| {
+                    e.elapsed_ms < *at
+                        && matches!(
+                            &e.kind,
+                            EventKind::AnalysisResult {
+                                result: CheckOutcome::Pass,
+                                ..
+                            }
+                        )
+                });
+                u32::try_from(passes.count()).unwrap_or(u32::MAX)
             });
             let (passed, explanation) = match (&injected, spec.expect) {
                 (None, _) => (
@@ -781,6 +801,7 @@ pub fn verdicts(specs: &[ChaosSpec], events: &[Event]) -> Vec<ChaosVerdict> {
                 injected_at_ms: injected.as_ref().map(|(at, _)| *at),
                 instances: injected.map(|(_, i)| i).unwrap_or_default(),
                 tripped,
+                checks_passed_before,
                 rolled_back_at_ms: rolled_back_at,
                 passed,
                 explanation,

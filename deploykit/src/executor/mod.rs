@@ -356,6 +356,11 @@ impl Executor {
         self.inner.live_store.as_ref()
     }
 
+    /// The metrics source, if one was set (what a drill's preflight asks).
+    pub fn metrics(&self) -> Option<&Arc<dyn MetricsSource>> {
+        self.inner.metrics.as_ref()
+    }
+
     /// The fleet, in the order given to the builder.
     pub fn instances(&self) -> &[Arc<dyn Instance>] {
         &self.inner.instances

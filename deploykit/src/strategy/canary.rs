@@ -396,6 +396,111 @@ impl Canary {
         promote: bool,
         phases: impl FnOnce(&Analysis) -> Vec<Stage>,
     ) -> Result<Plan> {
+        self.shaped(kind, fleet, release, promote, false, phases)
+    }
+
+    /// The release every stable instance runs now: what a drill deploys as
+    /// its own canary.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming `release` when a stable instance runs
+    /// no release yet, or the stable instances run different ones.
+    pub fn current_release(&self, fleet: &FleetSnapshot) -> Result<ReleaseId> {
+        let mut found: Option<&ReleaseId> = None;
+        for i in fleet.group(&self.stable_group) {
+            match (&i.release, found) {
+                (None, _) => {
+                    return Err(Error::invalid(
+                        "release",
+                        format!(
+                            "{} (stable) runs no release yet, so there is no current release to drill; \
+                             deploy one first, or name the release to drill",
+                            i.backend.id
+                        ),
+                    ))
+                }
+                (Some(r), Some(f)) if r != f => {
+                    return Err(Error::invalid(
+                        "release",
+                        format!(
+                            "the stable instances run different releases ({f} and {r} on {}), so there is no \
+                             current release to drill; finish or roll back the last deployment first",
+                            i.backend.id
+                        ),
+                    ))
+                }
+                (Some(r), _) => found = Some(r),
+            }
+        }
+        found.cloned().ok_or_else(|| {
+            Error::invalid(
+                "instances",
+                format!(
+                    "no instance is in the stable group {}; a drill needs stable instances",
+                    self.stable_group
+                ),
+            )
+        })
+    }
+
+    /// A drill of the release the stable instances run now (see
+    /// [`crate::chaos::drill`]): the canary instances are given that
+    /// release, and the stages run up to the last one carrying a
+    /// [`chaos`](Self::chaos) entry, each held until its entries' rollback
+    /// budgets (`after` + `within`) have run out, so a gate slower than
+    /// its budget ends the stage instead of the drill going on. Nothing is
+    /// promoted: traffic goes back to stable and the canary is stopped,
+    /// whether the gate fired or not.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming `chaos` (no entry), `release` (see
+    /// [`current_release`](Self::current_release)) or a field
+    /// [`validate`](Self::validate) refuses.
+    pub fn drill_plan(&self, fleet: &FleetSnapshot) -> Result<Plan> {
+        self.validate()?;
+        let Some(last) = self.chaos.iter().map(|c| c.stage).max() else {
+            return Err(Error::invalid(
+                "chaos",
+                "has no entry; a drill injects at least one fault (chaos::drill::default_entry gives one)",
+            ));
+        };
+        let release = self.current_release(fleet)?;
+        let of = self.stages.len();
+        self.shaped(self.kind(), fleet, &release, false, true, |analysis| {
+            let mut stages = self.widen(&[], 1, of, analysis);
+            stages.truncate(last);
+            for step in stages
+                .iter_mut()
+                .flat_map(|s| &mut s.units)
+                .flat_map(|u| &mut u.steps)
+            {
+                if let Step::Analyze { stage, duration, .. } = step {
+                    let budget = self
+                        .chaos
+                        .iter()
+                        .filter(|c| c.stage == *stage)
+                        .filter_map(|c| c.within.map(|w| c.after + w))
+                        .max();
+                    if let Some(b) = budget {
+                        *duration = (*duration).max(b);
+                    }
+                }
+            }
+            stages
+        })
+    }
+
+    /// [`shaped_plan`](Self::shaped_plan); a `drill` replaces the canary
+    /// even when stable already runs `release`.
+    fn shaped(
+        &self,
+        kind: crate::StrategyKind,
+        fleet: &FleetSnapshot,
+        release: &ReleaseId,
+        promote: bool,
+        drill: bool,
+        phases: impl FnOnce(&Analysis) -> Vec<Stage>,
+    ) -> Result<Plan> {
         check_fleet(fleet)?;
         for i in &fleet.instances {
             let g = &i.backend.group;
@@ -437,7 +542,7 @@ impl Canary {
             .with_skipped(skipped)
             .with_on_abort(self.on_abort())
             .with_leave_stopped(canary.iter().map(|i| i.backend.id.clone()).collect());
-        if todo.is_empty() {
+        if todo.is_empty() && !drill {
             // Stable already runs the release: nothing to do.
             plan.on_abort.clear();
             plan.leave_stopped.clear();
@@ -761,5 +866,65 @@ mod tests {
             .unwrap();
         assert!(plan.stages.is_empty());
         assert_eq!(plan.skipped.len(), 2);
+    }
+
+    #[test]
+    fn a_drill_replaces_the_canary_with_the_current_release_and_stops_after_its_chaos_stage() {
+        let f = fleet(2, 1);
+        let mut canary = Canary {
+            stages: vec![10, 50, 100],
+            stage_duration: Duration::from_secs(60),
+            check_interval: Duration::from_secs(10),
+            ..Canary::default()
+        };
+        let e = canary.drill_plan(&f).unwrap_err().to_string();
+        assert!(e.contains("invalid chaos: has no entry"), "{e}");
+        canary.chaos = vec![crate::chaos::drill::default_entry(
+            &canary,
+            crate::chaos::Fault::Kill,
+            None,
+        )];
+        let plan = canary.drill_plan(&f).unwrap();
+        assert_eq!(plan.release, ReleaseId::new("v1").unwrap());
+        let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "isolate canary",
+                "deploy canary",
+                "canary 10% (1/3)",
+                "all traffic to stable",
+                "stop canary"
+            ]
+        );
+        // The stage is held until the entry's budget has run out: injected
+        // after 30 s, 30 s + 30 s drain + 30 s allowance.
+        let held = plan.stages[2].units[0].steps.iter().find_map(|s| match s {
+            Step::Analyze { duration, chaos, .. } => Some((*duration, chaos.len())),
+            _ => None,
+        });
+        assert_eq!(held, Some((Duration::from_secs(120), 1)));
+        // The canary's own plan of the same release does nothing, as before.
+        assert!(canary.plan(&f, &plan.release).unwrap().stages.is_empty());
+    }
+
+    #[test]
+    fn a_drill_needs_one_current_release_on_stable() {
+        let mut canary = Canary::default();
+        canary.chaos = vec![crate::chaos::drill::default_entry(
+            &canary,
+            crate::chaos::Fault::Kill,
+            None,
+        )];
+        let mut f = fleet(2, 1);
+        f.instances[1].release = Some(ReleaseId::new("v2").unwrap());
+        let e = canary.drill_plan(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("invalid release: the stable instances run different releases (v1 and v2 on i-2)"),
+            "{e}"
+        );
+        f.instances[0].release = None;
+        let e = canary.drill_plan(&f).unwrap_err().to_string();
+        assert!(e.contains("i-1 (stable) runs no release yet"), "{e}");
     }
 }

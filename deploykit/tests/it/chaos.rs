@@ -5,8 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deploykit::chaos::{verdicts, ChaosSpec, ChaosTarget, Expect, Fault};
-use deploykit::{Canary, Event, EventKind, EventLog, Executor, Metric, OutcomeKind, ReleaseId, Report};
+use deploykit::chaos::{verdicts, ChaosSpec, ChaosTarget, ChaosVerdict, Expect, Fault};
+use deploykit::{
+    Canary, Event, EventKind, EventLog, Executor, Metric, OutcomeKind, ReleaseId, Report, RunOptions,
+};
 use deploykit_testkit::{FakeFaults, FakeFleet, FakeMetrics};
 
 const GROUPS: [(&str, usize); 2] = [("stable", 4), ("canary", 1)];
@@ -347,4 +349,172 @@ fn the_toml_form_reads_as_written_and_refuses_unknown_keys() {
 
 fn toml_canary(text: &str) -> Result<Canary, String> {
     toml::from_str(text).map_err(|e| e.to_string())
+}
+
+/// A drill of the release the fleet runs (v1): the canary is given v1 and
+/// answers only 503 from 90 s into stage 1 (checks every 30 s); with
+/// `canary_errors` its queries answer that error rate throughout.
+fn current_release_drill(wired: bool, canary_errors: Option<f64>) -> (Drill, Canary) {
+    let mut d = drill(wired);
+    if let Some(rate) = canary_errors {
+        // The canary's queries answer a rate of their own (a broken gate).
+        let metrics = FakeMetrics::new()
+            .set("stable", Metric::ErrorRate, 0.001)
+            .set("stable", Metric::LatencyP99, 0.12)
+            .set("stable", Metric::RequestCount, 28_500.0)
+            .set("canary", Metric::ErrorRate, rate)
+            .set("canary", Metric::LatencyP99, 0.12)
+            .with_faults(&d.faults, &GROUPS);
+        d.exec = Executor::builder()
+            .instances(d.fleet.instances())
+            .load_balancer(Arc::new(d.fleet.load_balancer()))
+            .events(Arc::new(d.log.clone()))
+            .metrics(Arc::new(metrics))
+            .fault_injector(Arc::new(d.faults.clone()))
+            .build()
+            .expect("valid executor");
+    }
+    let mut c = canary(Vec::new());
+    let fault = Fault::HttpError {
+        status: 503,
+        percent: 100,
+    };
+    c.chaos = vec![deploykit::chaos::drill::default_entry(&c, fault, None)];
+    (d, c)
+}
+
+impl Drill {
+    async fn run_drill(&self, canary: &Canary) -> (Report, Vec<ChaosVerdict>) {
+        let snapshot = self.exec.snapshot().await.unwrap();
+        let plan = canary.drill_plan(&snapshot).expect("a drill plan");
+        let report = self
+            .exec
+            .run(&plan, RunOptions::default())
+            .await
+            .expect("the drill starts");
+        (
+            report,
+            deploykit::chaos::drill::judge(&canary.chaos, &self.log.events()),
+        )
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drill_of_the_current_release_passes_when_the_gate_fires_and_changes_nothing() {
+    let (d, c) = current_release_drill(true, None);
+    let (report, v) = d.run_drill(&c).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{:?}", report.reason);
+    assert_eq!(report.release, ReleaseId::new("v1").unwrap());
+    assert!(v[0].passed, "{}", v[0]);
+    // The checks at 30 s and 60 s passed; the fault lands at 90 s, with the
+    // third.
+    assert_eq!(v[0].checks_passed_before, 2, "{}", v[0]);
+    let injected = v[0].injected_at_ms.unwrap();
+    let tripped = v[0].tripped.as_ref().expect("the check that fired");
+    assert!(tripped.at_ms >= injected && tripped.at_ms <= injected + 30_000);
+    assert!(tripped.result.contains("error rate"), "{}", tripped.result);
+    // Every instance still has v1; stable was never stopped, and the canary
+    // ends stopped as after any canary.
+    assert!(d.fleet.releases().values().all(|r| r.as_str() == "v1"));
+    for i in 1..=4 {
+        assert_eq!(d.fleet.serving_release(&format!("i-{i}")).unwrap().as_str(), "v1");
+    }
+    assert_eq!(d.fleet.serving_release("i-5"), None);
+    assert!(d.faults.active().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drill_whose_gate_never_fires_ends_with_its_stage_and_fails() {
+    let (d, c) = current_release_drill(false, None);
+    let (report, v) = d.run_drill(&c).await;
+    // Nothing to promote: the stage ran out its budget, traffic went back
+    // to stable.
+    assert_eq!(report.outcome, OutcomeKind::Succeeded);
+    assert!(!v[0].passed);
+    assert!(v[0].explanation.contains("the gate did not fire"), "{}", v[0]);
+    // Held 90 s + the budget (210 s left in the stage, 30 s drain, 30 s),
+    // not into stage 2.
+    let stages: Vec<usize> = d
+        .log
+        .events()
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::AnalysisResult { stage, .. } => Some(*stage),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stages.len(), 12, "{stages:?}");
+    assert!(stages.iter().all(|s| *s == 1));
+    assert!(d.fleet.releases().values().all(|r| r.as_str() == "v1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drill_whose_gate_rejects_a_healthy_canary_proves_nothing_and_fails() {
+    // The canary's queries answer 5 % from the start: every check fails,
+    // the rollback comes before the fault is even injected.
+    let (d, c) = current_release_drill(true, Some(0.05));
+    let (report, v) = d.run_drill(&c).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack);
+    assert!(!v[0].passed);
+    assert!(v[0].explanation.contains("never injected"), "{}", v[0]);
+
+    // Inconclusive rather than failing (the canary's queries match
+    // nothing): the gate has not rolled back yet when the fault lands,
+    // but no check passed before it.
+    let (d, mut c) = current_release_drill(true, None);
+    let metrics = FakeMetrics::new()
+        .set("stable", Metric::ErrorRate, 0.001)
+        .set("stable", Metric::LatencyP99, 0.12)
+        .set("stable", Metric::RequestCount, 28_500.0);
+    let exec = Executor::builder()
+        .instances(d.fleet.instances())
+        .load_balancer(Arc::new(d.fleet.load_balancer()))
+        .events(Arc::new(d.log.clone()))
+        .metrics(Arc::new(metrics))
+        .fault_injector(Arc::new(d.faults.clone()))
+        .build()
+        .unwrap();
+    let d = Drill { exec, ..d };
+    c.analysis.inconclusive_limit = 10;
+    let (report, v) = d.run_drill(&c).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack);
+    assert!(!v[0].passed, "{}", v[0]);
+    assert!(
+        v[0].explanation
+            .contains("no analysis check passed before the injection")
+            && v[0].explanation.contains("last check before it: no data"),
+        "{}",
+        v[0]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drill_preflight_refuses_queries_that_match_nothing_and_rules_that_cannot_fail() {
+    let c = canary(Vec::new());
+    let empty = FakeMetrics::new().set("stable", Metric::RequestCount, 100.0);
+    let e = deploykit::chaos::drill::preflight(&empty, &c, Duration::from_secs(5))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("the gate can never fire on real evidence: monitoring is not ready")
+            && e.contains("stable error rate")
+            && e.contains("answered no data"),
+        "{e}"
+    );
+    let full = FakeMetrics::new()
+        .set("stable", Metric::ErrorRate, 0.001)
+        .set("stable", Metric::LatencyP99, 0.12)
+        .set("stable", Metric::RequestCount, 100.0);
+    deploykit::chaos::drill::preflight(&full, &c, Duration::from_secs(5))
+        .await
+        .expect("a setup whose gate can fire");
+    let mut loose = c.clone();
+    loose.analysis.error_threshold = 1.0;
+    loose.analysis.ratio_floor = 1.0;
+    let e = deploykit::chaos::drill::preflight(&full, &loose, Duration::from_secs(5))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the gate can never fire on errors"), "{e}");
 }
