@@ -13,6 +13,7 @@ mod demo_app;
 mod experiment;
 mod flag_rollout;
 mod haproxy;
+mod killed_canary;
 mod load;
 mod local;
 mod nginx;

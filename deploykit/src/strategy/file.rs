@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{BlueGreen, Canary, CountOrPercent, KeepOld, Promotion, Recreate, Rolling};
-use crate::analysis::AnalysisRules;
+use crate::analysis::{AnalysisRules, HealthWatch};
 use crate::judge::{ErrorRateJudge, LatencyJudge, MannWhitneySettings, ScoreThresholds, SequentialSettings};
 use crate::names::Group;
 use crate::plan::HealthCheck;
@@ -105,6 +105,12 @@ pub(crate) struct RecreateDoc {
     health_interval: Duration,
     #[serde(with = "crate::duration_text")]
     drain_timeout: Duration,
+}
+
+/// Configurations without a health watch serialise as they did before it
+/// existed.
+fn is_default_watch_failures(v: &u32) -> bool {
+    *v == HealthWatch::DEFAULT_FAILURES
 }
 
 /// Plans and configurations without a flag serialise as they did before
@@ -296,6 +302,13 @@ pub(crate) struct CanaryDoc {
     mann_whitney: MannWhitneySettings,
     score: ScoreThresholds,
     monitoring_check: bool,
+    #[serde(
+        with = "crate::duration_text::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    health_watch: Option<Duration>,
+    #[serde(skip_serializing_if = "is_default_watch_failures")]
+    health_watch_failures: u32,
     finalize_batch: usize,
     health_retries: u32,
     #[serde(with = "crate::duration_text")]
@@ -345,6 +358,10 @@ impl From<Canary> for CanaryDoc {
             mann_whitney: a.mann_whitney,
             score: a.score,
             monitoring_check: a.monitoring_check,
+            health_watch: a.health_watch.map(|w| w.interval),
+            health_watch_failures: a
+                .health_watch
+                .map_or(HealthWatch::DEFAULT_FAILURES, |w| w.failures),
             finalize_batch: c.finalize_batch,
             health_retries: c.health.retries,
             health_interval: c.health.interval,
@@ -379,6 +396,10 @@ impl From<CanaryDoc> for Canary {
                 mann_whitney: d.mann_whitney,
                 score: d.score,
                 monitoring_check: d.monitoring_check,
+                health_watch: d.health_watch.map(|interval| HealthWatch {
+                    interval,
+                    failures: d.health_watch_failures,
+                }),
             },
             // A timeout without manual promotion has nothing to bound; it is
             // ignored, as it always was.
