@@ -107,12 +107,6 @@ pub(crate) struct RecreateDoc {
     drain_timeout: Duration,
 }
 
-/// Configurations without a health watch serialise as they did before it
-/// existed.
-fn is_default_watch_failures(v: &u32) -> bool {
-    *v == HealthWatch::DEFAULT_FAILURES
-}
-
 /// Plans and configurations without a flag serialise as they did before
 /// canaries carried flags.
 fn is_default_flag_variant(v: &str) -> bool {
@@ -307,8 +301,8 @@ pub(crate) struct CanaryDoc {
         skip_serializing_if = "Option::is_none"
     )]
     health_watch: Option<Duration>,
-    #[serde(skip_serializing_if = "is_default_watch_failures")]
-    health_watch_failures: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    health_watch_failures: Option<u32>,
     finalize_batch: usize,
     health_retries: u32,
     #[serde(with = "crate::duration_text")]
@@ -361,7 +355,8 @@ impl From<Canary> for CanaryDoc {
             health_watch: a.health_watch.map(|w| w.interval),
             health_watch_failures: a
                 .health_watch
-                .map_or(HealthWatch::DEFAULT_FAILURES, |w| w.failures),
+                .map(|w| w.failures)
+                .filter(|n| *n != HealthWatch::DEFAULT_FAILURES),
             finalize_batch: c.finalize_batch,
             health_retries: c.health.retries,
             health_interval: c.health.interval,
@@ -373,9 +368,16 @@ impl From<Canary> for CanaryDoc {
     }
 }
 
-impl From<CanaryDoc> for Canary {
-    fn from(d: CanaryDoc) -> Self {
-        Self {
+impl TryFrom<CanaryDoc> for Canary {
+    type Error = String;
+
+    fn try_from(d: CanaryDoc) -> Result<Self, String> {
+        if d.health_watch.is_none() && d.health_watch_failures.is_some() {
+            return Err("health_watch_failures is set but health_watch is not; add e.g. \
+                 health_watch = \"500ms\" to watch the canary's health, or remove health_watch_failures"
+                .to_owned());
+        }
+        Ok(Self {
             stages: d.stages.into_iter().map(|s| s.0).collect(),
             stage_duration: d.stage_duration,
             check_interval: d.check_interval,
@@ -398,7 +400,7 @@ impl From<CanaryDoc> for Canary {
                 monitoring_check: d.monitoring_check,
                 health_watch: d.health_watch.map(|interval| HealthWatch {
                     interval,
-                    failures: d.health_watch_failures,
+                    failures: d.health_watch_failures.unwrap_or(HealthWatch::DEFAULT_FAILURES),
                 }),
             },
             // A timeout without manual promotion has nothing to bound; it is
@@ -419,7 +421,7 @@ impl From<CanaryDoc> for Canary {
             flag: d.flag,
             flag_variant: d.flag_variant,
             chaos: d.chaos,
-        }
+        })
     }
 }
 

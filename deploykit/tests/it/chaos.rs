@@ -428,6 +428,9 @@ fn the_health_watch_reads_from_toml_and_bad_values_name_the_key() {
             failures: 3
         })
     );
+    // It writes back as it reads.
+    let text = toml::to_string(&c).unwrap();
+    assert_eq!(toml_canary(&text).unwrap(), c, "{text}");
     // Without the key there is no watch, and the default count is 2.
     assert_eq!(
         toml_canary("stages = [10, 100]\n").unwrap().analysis.health_watch,
@@ -450,4 +453,10 @@ fn the_health_watch_reads_from_toml_and_bad_values_name_the_key() {
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("invalid analysis.health_watch: is 0"), "{e}");
+    // A count without a watch would watch nothing: refused, naming both keys.
+    let e = toml_canary("stages = [10, 100]\nhealth_watch_failures = 3\n").unwrap_err();
+    assert!(
+        e.contains("health_watch_failures is set but health_watch is not"),
+        "{e}"
+    );
 }
