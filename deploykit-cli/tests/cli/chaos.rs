@@ -127,5 +127,17 @@ fn with_the_health_watch_a_drill_whose_metrics_never_see_the_kill_passes() {
         "{out}"
     );
     assert!(out.contains("expect rollback: PASSED"), "{out}");
+    // The verdict's evidence is the watch, and the journal keeps its event.
+    assert!(
+        out.contains("  first failing check at ")
+            && out.contains(": canary canary-1 failed 2 health probe(s) in a row"),
+        "{out}"
+    );
+    assert!(
+        env.newest_journal()
+            .iter()
+            .any(|r| r["event"] == "canary_unhealthy" && r["instance"] == "canary-1"),
+        "no canary_unhealthy in the journal"
+    );
     assert_eq!(env.sim("stable-1")["release"], "v1");
 }

@@ -631,7 +631,8 @@ pub trait FaultInjector: Send + Sync + fmt::Debug {
     async fn clear(&self, instance: &Backend, fault: &Fault) -> Result<(), DriverError>;
 }
 
-/// The first failed analysis check after an injection.
+/// The first failed analysis check (or health-watch trip) after an
+/// injection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrippedCheck {
     /// When, in milliseconds since the deployment started.
@@ -653,7 +654,8 @@ pub struct ChaosVerdict {
     pub injected_at_ms: Option<u64>,
     /// The instances it hit.
     pub instances: Vec<InstanceId>,
-    /// The first failed check at or after the injection.
+    /// The first failed check at or after the injection: an analysis check,
+    /// or the canary health watch.
     pub tripped: Option<TrippedCheck>,
     /// When the deployment finished rolled back (ms since the start).
     pub rolled_back_at_ms: Option<u64>,
@@ -723,6 +725,18 @@ pub fn verdicts(specs: &[ChaosSpec], events: &[Event]) -> Vec<ChaosVerdict> {
                         at_ms: e.elapsed_ms,
                         result: result.to_string(),
                         evidence: evidence.iter().map(ToString::to_string).collect(),
+                    }),
+                    EventKind::CanaryUnhealthy {
+                        instance,
+                        failures,
+                        detail,
+                        ..
+                    } if e.elapsed_ms >= *at => Some(TrippedCheck {
+                        at_ms: e.elapsed_ms,
+                        result: format!(
+                            "canary {instance} failed {failures} health probe(s) in a row: {detail}"
+                        ),
+                        evidence: Vec::new(),
                     }),
                     _ => None,
                 })

@@ -389,6 +389,24 @@ async fn the_health_watch_rolls_a_killed_canary_back_that_the_metrics_cannot_see
         "rollback began {} ms after the kill",
         started - injected
     );
+    // The verdict names the watch as what tripped, and the event is there.
+    let tripped = v[0].tripped.as_ref().expect("the watch tripped");
+    assert!(
+        tripped
+            .result
+            .contains("canary i-5 failed 2 health probe(s) in a row"),
+        "{}",
+        tripped.result
+    );
+    assert!(events.iter().any(|e| matches!(
+        &e.kind,
+        EventKind::CanaryUnhealthy {
+            stage: 2,
+            weight: 50,
+            failures: 2,
+            ..
+        }
+    )));
     assert_eq!(
         d.fleet.release_of("i-5").map(|r| r.to_string()).as_deref(),
         Some("v1")

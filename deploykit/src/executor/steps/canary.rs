@@ -119,6 +119,13 @@ async fn with_health_watch(
                 };
                 *n += 1;
                 if *n >= watch.failures {
+                    (ctx.emit)(EventKind::CanaryUnhealthy {
+                        stage,
+                        weight,
+                        instance: t.backend().id.clone(),
+                        failures: *n,
+                        detail: detail.clone(),
+                    });
                     return GateError::Unhealthy {
                         instance: t.backend().id.clone(),
                         failures: *n,
