@@ -163,10 +163,10 @@ impl KillRun {
 }
 
 /// 2 stable instances and a canary (`LocalInstance`s running the demo app),
-/// real Prometheus, real HAProxy with `backend_lines` in its backend; a canary deployment of v2
-/// (stages 25, 50, 100 %, a health watch probing every 100 ms) whose canary
-/// is SIGKILLed 1 s into stage 1, under `RATE` GET/s of a keep-alive client
-/// that never retries.
+/// real Prometheus, real HAProxy with `backend_lines` in its backend; a
+/// canary deployment of v2 (stages 25, 50, 100 %, a health watch probing
+/// every 100 ms) whose canary is SIGKILLed 1 s into stage 1, under `RATE`
+/// GET/s of a keep-alive client that never retries.
 async fn run(backend_lines: &str) -> Option<KillRun> {
     let prom_bin = crate::harness::find_binary("prometheus")?;
     let lb_bin = crate::harness::find_binary("haproxy")?;
