@@ -145,6 +145,60 @@ pub struct AnalysisRules {
     /// otherwise ([`crate::monitoring`]). Default on.
     #[serde(skip_serializing_if = "is_true")]
     pub monitoring_check: bool,
+    /// Probe the canary instances' health during every canary gate and roll
+    /// back as soon as one fails [`HealthWatch::failures`] probes in a row,
+    /// without waiting for the metrics to notice. Default off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_watch: Option<HealthWatch>,
+}
+
+/// How the canary instances' health is watched during a canary gate.
+///
+/// A canary whose process died has no metrics at all: its error rate reads
+/// as no data, and only [`AnalysisRules::inconclusive_limit`] checks later
+/// (minutes at the default 30 s interval) does the analysis roll back, while
+/// the load balancer keeps sending it its share of the traffic. Probing the
+/// instances directly rolls back within `interval` × `failures` (plus one
+/// probe's time) instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthWatch {
+    /// Time between probes of each canary instance.
+    #[serde(with = "crate::duration_ms")]
+    pub interval: Duration,
+    /// Failed probes in a row (an unhealthy answer, an error, or no answer
+    /// within the executor's health-probe timeout) that roll back; at least 1.
+    pub failures: u32,
+}
+
+impl HealthWatch {
+    /// The default number of failed probes in a row that roll back: one
+    /// failed probe can be a blip, two in a row rarely are.
+    pub const DEFAULT_FAILURES: u32 = 2;
+
+    /// Checks the settings.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming `analysis.health_watch` (a zero
+    /// interval) or `analysis.health_watch_failures` (0).
+    pub fn validate(&self) -> Result<()> {
+        if self.interval.is_zero() {
+            return Err(Error::invalid(
+                "analysis.health_watch",
+                "is 0; write how often the canary is probed, e.g. \"1s\"",
+            ));
+        }
+        if self.failures == 0 {
+            return Err(Error::invalid(
+                "analysis.health_watch_failures",
+                format!(
+                    "is 0; at least 1 failed probe must be seen (default {})",
+                    Self::DEFAULT_FAILURES
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -176,6 +230,7 @@ impl Default for AnalysisRules {
             mann_whitney: MannWhitneySettings::default(),
             score: ScoreThresholds::default(),
             monitoring_check: true,
+            health_watch: None,
         }
     }
 }
@@ -317,7 +372,8 @@ impl AnalysisRules {
     /// [`Error::InvalidInput`] naming `analysis.error_threshold` (not within
     /// 0–1), `analysis.latency_threshold` (0), `analysis.max_error_ratio`
     /// (not finite or below 1), `analysis.ratio_floor` (not within 0–1),
-    /// `analysis.inconclusive_limit` (0) or `analysis.window` (under 1 s).
+    /// `analysis.inconclusive_limit` (0), `analysis.window` (under 1 s), or
+    /// a [`HealthWatch`] field.
     pub fn validate(&self) -> Result<()> {
         let fraction = |field: &str, v: f64, example: &str| {
             if v.is_finite() && (0.0..=1.0).contains(&v) {
@@ -364,6 +420,9 @@ impl AnalysisRules {
         self.sequential.validate("analysis.sequential")?;
         self.mann_whitney.validate("analysis.mann_whitney")?;
         self.score.validate("analysis.score")?;
+        if let Some(w) = &self.health_watch {
+            w.validate()?;
+        }
         if self.window < Duration::from_secs(1) {
             return Err(Error::invalid(
                 "analysis.window",

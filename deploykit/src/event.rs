@@ -187,6 +187,20 @@ pub enum EventKind {
         /// What went wrong.
         message: String,
     },
+    /// The canary health watch saw an instance fail its probes that many
+    /// times in a row; the gate rolls back.
+    CanaryUnhealthy {
+        /// The canary stage, 1-based.
+        stage: usize,
+        /// The canary's share of traffic, percent.
+        weight: u8,
+        /// The instance.
+        instance: InstanceId,
+        /// Failed probes in a row.
+        failures: u32,
+        /// What the last probe saw.
+        detail: String,
+    },
     /// Progress of a canary stage (percent and seconds), after each check.
     StageProgress {
         /// The canary stage, 1-based.

@@ -49,6 +49,26 @@ pub(crate) enum GateError {
     /// won, or time ran out with no significant difference; the statistics.
     #[error("{0}")]
     NoWinner(String),
+    /// A canary instance failed the health watch's probes
+    /// ([`crate::analysis::HealthWatch`]) that many times in a row.
+    #[error(
+        "canary {instance} failed {failures} health probe(s) in a row, {} apart, during stage {stage} ({weight}%): {detail}",
+        crate::duration_text::format(*every)
+    )]
+    Unhealthy {
+        /// The instance.
+        instance: crate::names::InstanceId,
+        /// Failed probes in a row.
+        failures: u32,
+        /// Time between probes.
+        every: Duration,
+        /// The stage.
+        stage: usize,
+        /// Its weight, percent.
+        weight: u8,
+        /// What the last probe saw.
+        detail: String,
+    },
     /// The promotion handle's channel closed (it owns the sender, so only a
     /// bug gets here; fail safe).
     #[error("promotion handle closed")]

@@ -347,6 +347,15 @@ fn describe(kind: &EventKind) -> String {
             format!("releases of {group} backed up ({} instance(s))", releases.len())
         }
         EventKind::Warning { instance, message } => format!("warning{}: {message}", on(instance)),
+        EventKind::CanaryUnhealthy {
+            stage,
+            weight,
+            instance,
+            failures,
+            detail,
+        } => format!(
+            "canary {instance} failed {failures} health probe(s) in a row at stage {stage} ({weight} %): {detail}"
+        ),
         EventKind::DeploymentFinished {
             outcome,
             succeeded,
@@ -371,6 +380,7 @@ fn event_class(kind: &EventKind) -> &'static str {
         }
         | EventKind::InstanceFailed { .. }
         | EventKind::InstanceUnrecoverable { .. }
+        | EventKind::CanaryUnhealthy { .. }
         | EventKind::RollbackStarted { .. } => "bad",
         EventKind::StepFinished {
             result: StepResult::Warning(_),

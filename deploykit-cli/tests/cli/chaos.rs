@@ -268,3 +268,33 @@ fn a_drill_whose_gate_can_never_fire_fails_before_anything_is_touched() {
         "{err}"
     );
 }
+
+#[test]
+fn with_the_health_watch_a_drill_whose_metrics_never_see_the_kill_passes() {
+    // The metrics that never see the fault, as above; the health watch
+    // probes the killed canary directly and rolls back.
+    let prom = crate::util::prometheus(|r| if r.contains("requests") { 1000.0 } else { 0.001 });
+    let watch = format!("health_watch = \"20ms\"\n{KILL_EXPECT_ROLLBACK}");
+    let env = setup(&prom, 18_339, &watch);
+    let (code, out, err) = env.run(&["drill", "v2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ROLLED BACK"), "{out}");
+    assert!(
+        out.contains("canary canary-1 failed 2 health probe(s) in a row, 20ms apart, during stage 1 (20%)"),
+        "{out}"
+    );
+    assert!(out.contains("expect rollback: PASSED"), "{out}");
+    // The verdict's evidence is the watch, and the journal keeps its event.
+    assert!(
+        out.contains("  first failing check at ")
+            && out.contains(": canary canary-1 failed 2 health probe(s) in a row"),
+        "{out}"
+    );
+    assert!(
+        env.newest_journal()
+            .iter()
+            .any(|r| r["event"] == "canary_unhealthy" && r["instance"] == "canary-1"),
+        "no canary_unhealthy in the journal"
+    );
+    assert_eq!(env.sim("stable-1")["release"], "v1");
+}

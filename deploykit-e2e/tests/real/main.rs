@@ -14,6 +14,7 @@ mod drill;
 mod experiment;
 mod flag_rollout;
 mod haproxy;
+mod killed_canary;
 mod load;
 mod local;
 mod nginx;

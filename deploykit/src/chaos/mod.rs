@@ -632,9 +632,9 @@ pub trait FaultInjector: Send + Sync + fmt::Debug {
     async fn clear(&self, instance: &Backend, fault: &Fault) -> Result<(), DriverError>;
 }
 
-/// The first analysis check after an injection that did not pass: a
-/// failed rule, or no data (what a killed canary gives), which counts
-/// towards the inconclusive limit.
+/// The first analysis check after an injection that did not pass (a
+/// failed rule, or no data, which is what a killed canary gives), or the
+/// canary health watch tripping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrippedCheck {
     /// When, in milliseconds since the deployment started.
@@ -656,7 +656,8 @@ pub struct ChaosVerdict {
     pub injected_at_ms: Option<u64>,
     /// The instances it hit.
     pub instances: Vec<InstanceId>,
-    /// The first check at or after the injection that did not pass.
+    /// The first check at or after the injection that did not pass: an
+    /// analysis check, or the canary health watch.
     pub tripped: Option<TrippedCheck>,
     /// Analysis checks that passed before the injection (a gate that never
     /// passes rolls back with or without the fault).
@@ -731,6 +732,18 @@ pub fn verdicts(specs: &[ChaosSpec], events: &[Event]) -> Vec<ChaosVerdict> {
                             evidence: evidence.iter().map(ToString::to_string).collect(),
                         })
                     }
+                    EventKind::CanaryUnhealthy {
+                        instance,
+                        failures,
+                        detail,
+                        ..
+                    } if e.elapsed_ms >= *at => Some(TrippedCheck {
+                        at_ms: e.elapsed_ms,
+                        result: format!(
+                            "canary {instance} failed {failures} health probe(s) in a row: {detail}"
+                        ),
+                        evidence: Vec::new(),
+                    }),
                     _ => None,
                 })
             });

@@ -77,7 +77,7 @@ pub enum Promotion {
 /// Its serde form is the `[strategy.canary]` section of `deploykit.toml`
 /// (see [`config_key`](super::config_key)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "super::file::CanaryDoc", into = "super::file::CanaryDoc")]
+#[serde(try_from = "super::file::CanaryDoc", into = "super::file::CanaryDoc")]
 pub struct Canary {
     /// The canary's share of traffic at each stage, percent: strictly
     /// increasing, each 1–100. Default `[5, 25, 50, 75, 100]`.

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{BlueGreen, Canary, CountOrPercent, KeepOld, Promotion, Recreate, Rolling};
-use crate::analysis::AnalysisRules;
+use crate::analysis::{AnalysisRules, HealthWatch};
 use crate::judge::{ErrorRateJudge, LatencyJudge, MannWhitneySettings, ScoreThresholds, SequentialSettings};
 use crate::names::Group;
 use crate::plan::HealthCheck;
@@ -296,6 +296,13 @@ pub(crate) struct CanaryDoc {
     mann_whitney: MannWhitneySettings,
     score: ScoreThresholds,
     monitoring_check: bool,
+    #[serde(
+        with = "crate::duration_text::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    health_watch: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    health_watch_failures: Option<u32>,
     finalize_batch: usize,
     health_retries: u32,
     #[serde(with = "crate::duration_text")]
@@ -345,6 +352,11 @@ impl From<Canary> for CanaryDoc {
             mann_whitney: a.mann_whitney,
             score: a.score,
             monitoring_check: a.monitoring_check,
+            health_watch: a.health_watch.map(|w| w.interval),
+            health_watch_failures: a
+                .health_watch
+                .map(|w| w.failures)
+                .filter(|n| *n != HealthWatch::DEFAULT_FAILURES),
             finalize_batch: c.finalize_batch,
             health_retries: c.health.retries,
             health_interval: c.health.interval,
@@ -356,9 +368,16 @@ impl From<Canary> for CanaryDoc {
     }
 }
 
-impl From<CanaryDoc> for Canary {
-    fn from(d: CanaryDoc) -> Self {
-        Self {
+impl TryFrom<CanaryDoc> for Canary {
+    type Error = String;
+
+    fn try_from(d: CanaryDoc) -> Result<Self, String> {
+        if d.health_watch.is_none() && d.health_watch_failures.is_some() {
+            return Err("health_watch_failures is set but health_watch is not; add e.g. \
+                 health_watch = \"500ms\" to watch the canary's health, or remove health_watch_failures"
+                .to_owned());
+        }
+        Ok(Self {
             stages: d.stages.into_iter().map(|s| s.0).collect(),
             stage_duration: d.stage_duration,
             check_interval: d.check_interval,
@@ -379,6 +398,10 @@ impl From<CanaryDoc> for Canary {
                 mann_whitney: d.mann_whitney,
                 score: d.score,
                 monitoring_check: d.monitoring_check,
+                health_watch: d.health_watch.map(|interval| HealthWatch {
+                    interval,
+                    failures: d.health_watch_failures.unwrap_or(HealthWatch::DEFAULT_FAILURES),
+                }),
             },
             // A timeout without manual promotion has nothing to bound; it is
             // ignored, as it always was.
@@ -398,7 +421,7 @@ impl From<CanaryDoc> for Canary {
             flag: d.flag,
             flag_variant: d.flag_variant,
             chaos: d.chaos,
-        }
+        })
     }
 }
 

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use deploykit::analysis::HealthWatch;
 use deploykit::chaos::{verdicts, ChaosSpec, ChaosTarget, ChaosVerdict, Expect, Fault};
 use deploykit::{
     Canary, Event, EventKind, EventLog, Executor, Metric, OutcomeKind, ReleaseId, Report, RunOptions,
@@ -517,4 +518,134 @@ async fn a_drill_preflight_refuses_queries_that_match_nothing_and_rules_that_can
         .unwrap_err()
         .to_string();
     assert!(e.contains("the gate can never fire on errors"), "{e}");
+}
+
+
+/// SIGKILL of the canary 45 s into stage 2, expecting a rollback within
+/// `within`; the metric queries never see it (`drill(false)`).
+fn kill_in_stage_2(within: &str) -> ChaosSpec {
+    serde_json::from_value(serde_json::json!({
+        "stage": 2, "after": "45s", "kind": "kill", "expect": "rollback", "within": within,
+    }))
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_health_watch_rolls_a_killed_canary_back_that_the_metrics_cannot_see() {
+    let d = drill(false);
+    let mut c = canary(vec![kill_in_stage_2("5s")]);
+    c.analysis.health_watch = Some(HealthWatch {
+        interval: Duration::from_secs(1),
+        failures: 2,
+    });
+    let (report, events) = d.run(&c).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{:?}", report.reason);
+    let reason = report.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("canary i-5 failed 2 health probe(s) in a row, 1s apart, during stage 2 (50%)"),
+        "{reason}"
+    );
+    let v = verdicts(&c.chaos, &events);
+    assert!(v[0].passed, "{}", v[0]);
+    // Two probes a second apart after the kill: the rollback starts within
+    // 2 s of it, long before the next metric check (30 s later).
+    let injected = v[0].injected_at_ms.unwrap();
+    let started = events
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::RollbackStarted { .. }))
+        .map(|e| e.elapsed_ms)
+        .unwrap();
+    assert!(
+        started - injected <= 2_000,
+        "rollback began {} ms after the kill",
+        started - injected
+    );
+    // The verdict names the watch as what tripped, and the event is there.
+    let tripped = v[0].tripped.as_ref().expect("the watch tripped");
+    assert!(
+        tripped
+            .result
+            .contains("canary i-5 failed 2 health probe(s) in a row"),
+        "{}",
+        tripped.result
+    );
+    assert!(events.iter().any(|e| matches!(
+        &e.kind,
+        EventKind::CanaryUnhealthy {
+            stage: 2,
+            weight: 50,
+            failures: 2,
+            ..
+        }
+    )));
+    assert_eq!(
+        d.fleet.release_of("i-5").map(|r| r.to_string()).as_deref(),
+        Some("v1")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_the_health_watch_the_same_killed_canary_is_promoted_blind() {
+    // The contrast: metrics that cannot see the dead canary promote it.
+    let d = drill(false);
+    let c = canary(vec![kill_in_stage_2("5s")]);
+    let (report, events) = d.run(&c).await;
+    assert_eq!(report.outcome, OutcomeKind::Succeeded, "{:?}", report.reason);
+    let v = verdicts(&c.chaos, &events);
+    assert!(!v[0].passed, "{}", v[0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_health_watch_lets_a_healthy_canary_through() {
+    let d = drill(true);
+    let mut c = canary(Vec::new());
+    c.analysis.health_watch = Some(HealthWatch {
+        interval: Duration::from_secs(1),
+        failures: 1,
+    });
+    let (report, _) = d.run(&c).await;
+    assert_eq!(report.outcome, OutcomeKind::Succeeded, "{:?}", report.reason);
+}
+
+#[test]
+fn the_health_watch_reads_from_toml_and_bad_values_name_the_key() {
+    let c = toml_canary("stages = [10, 100]\nhealth_watch = \"500ms\"\nhealth_watch_failures = 3\n").unwrap();
+    assert_eq!(
+        c.analysis.health_watch,
+        Some(HealthWatch {
+            interval: Duration::from_millis(500),
+            failures: 3
+        })
+    );
+    // It writes back as it reads.
+    let text = toml::to_string(&c).unwrap();
+    assert_eq!(toml_canary(&text).unwrap(), c, "{text}");
+    // Without the key there is no watch, and the default count is 2.
+    assert_eq!(
+        toml_canary("stages = [10, 100]\n").unwrap().analysis.health_watch,
+        None
+    );
+    let c = toml_canary("stages = [10, 100]\nhealth_watch = \"1s\"\n").unwrap();
+    assert_eq!(c.analysis.health_watch.unwrap().failures, 2);
+    let e = toml_canary("stages = [10, 100]\nhealth_watch = \"1s\"\nhealth_watch_failures = 0\n")
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("invalid analysis.health_watch_failures: is 0"),
+        "{e}"
+    );
+    let e = toml_canary("stages = [10, 100]\nhealth_watch = \"0s\"\n")
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("invalid analysis.health_watch: is 0"), "{e}");
+    // A count without a watch would watch nothing: refused, naming both keys.
+    let e = toml_canary("stages = [10, 100]\nhealth_watch_failures = 3\n").unwrap_err();
+    assert!(
+        e.contains("health_watch_failures is set but health_watch is not"),
+        "{e}"
+    );
 }

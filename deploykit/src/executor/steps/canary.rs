@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::future::join_all;
 
 use super::{Outcome, StepCtx, StepOk};
-use crate::analysis::Analyzer;
+use crate::analysis::{Analysis, Analyzer};
 use crate::chaos::{ChaosStep, Fault, ProcessSignal};
 use crate::error::{DriverError, Error, Result};
 use crate::event::EventKind;
@@ -17,7 +17,7 @@ use crate::executor::error::{Failure, StepError};
 use crate::executor::Inner;
 use crate::gate::{GateCtx, GateError};
 use crate::plan::{Plan, Step};
-use crate::traits::Instance;
+use crate::traits::{Health, Instance};
 
 /// What the canary gates of one run share.
 #[derive(Debug, Default)]
@@ -48,6 +48,7 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
             chaos,
         } => {
             let analyze = crate::gate::analyze(&gate, *stage, *of, *weight, *duration, analysis);
+            let analyze = with_health_watch(ctx, analysis, *stage, *weight, analyze);
             with_chaos(ctx, *stage, chaos, analyze).await
         }
         Step::AwaitPromotion {
@@ -68,7 +69,8 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
                     let _ = sink.durable().await;
                 }
             };
-            crate::gate::await_promotion(&gate, handle, *stage, *weight, timeout, analysis, announced).await
+            let wait = crate::gate::await_promotion(&gate, handle, *stage, *weight, timeout, analysis, announced);
+            with_health_watch(ctx, analysis, *stage, *weight, wait).await
         }
         Step::Experiment {
             rules,
@@ -83,6 +85,84 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
         Err(e) => Err(Failure::Gate(e).into()),
     };
     (r, 1)
+}
+
+/// Runs a canary gate while, with a
+/// [`HealthWatch`](crate::analysis::HealthWatch) in its rules, the canary
+/// instances are probed every `interval`: one that fails `failures` probes
+/// in a row ends the gate at once with [`GateError::Unhealthy`], so the
+/// rollback does not wait for the metrics to run dry.
+async fn with_health_watch(
+    ctx: &StepCtx<'_>,
+    analysis: &Analysis,
+    stage: usize,
+    weight: u8,
+    gate: impl Future<Output = Result<(), GateError>>,
+) -> Result<(), GateError> {
+    let Some(watch) = analysis.rules.health_watch else {
+        return gate.await;
+    };
+    let targets: Vec<Arc<dyn Instance>> = ctx
+        .inner
+        .instances
+        .iter()
+        .filter(|i| i.backend().group == analysis.canary)
+        .cloned()
+        .collect();
+    if targets.is_empty() {
+        return gate.await;
+    }
+    let bound = ctx.inner.timeouts.health_probe;
+    let watching = async {
+        let mut failed = vec![0_u32; targets.len()];
+        let mut tick = tokio::time::interval(watch.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let probes = join_all(targets.iter().map(|t| probe(t.as_ref(), bound))).await;
+            for ((t, n), p) in targets.iter().zip(failed.iter_mut()).zip(probes) {
+                let Err(detail) = p else {
+                    *n = 0;
+                    continue;
+                };
+                *n += 1;
+                if *n >= watch.failures {
+                    (ctx.emit)(EventKind::CanaryUnhealthy {
+                        stage,
+                        weight,
+                        instance: t.backend().id.clone(),
+                        failures: *n,
+                        detail: detail.clone(),
+                    });
+                    return GateError::Unhealthy {
+                        instance: t.backend().id.clone(),
+                        failures: *n,
+                        every: watch.interval,
+                        stage,
+                        weight,
+                        detail,
+                    };
+                }
+            }
+        }
+    };
+    tokio::select! {
+        r = gate => r,
+        e = watching => Err(e),
+    }
+}
+
+/// One health probe bounded by `bound`: `Err` says what failed, in words.
+async fn probe(instance: &dyn Instance, bound: Duration) -> Result<(), String> {
+    match tokio::time::timeout(bound, instance.health()).await {
+        Ok(Ok(Health::Healthy)) => Ok(()),
+        Ok(Ok(Health::Unhealthy(why))) => Err(format!("unhealthy: {why}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "no answer within {}",
+            crate::duration_text::format(bound)
+        )),
+    }
 }
 
 /// A fault being injected: its entry and the instances it hit.
