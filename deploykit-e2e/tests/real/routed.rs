@@ -93,6 +93,8 @@ impl Setup {
         write_routing_config(dir.path(), port);
         let lb = crate::nginx::builder(binary, dir.path(), &backends)
             .location_include(location_file(dir.path()))
+            // Rendered into the mirror location: nginx -t must accept it.
+            .mirror_timeout(Duration::from_secs(2))
             .build()
             .expect("build the nginx driver with routing");
         lb.install().await.expect("install both owned files");
