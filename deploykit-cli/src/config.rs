@@ -409,6 +409,11 @@ pub(crate) struct LoadBalancerConfig {
     pub(crate) idle_groups_as_backup: Option<bool>,
     /// haproxy: one runtime-API exchange's bound.
     pub(crate) timeout: Option<Dur>,
+    /// nginx: bound of nginx's wait for the shadow on a mirrored copy.
+    pub(crate) mirror_timeout: Option<Dur>,
+    /// haproxy: how long enabling a server waits for HAProxy's health
+    /// check to report it up.
+    pub(crate) up_timeout: Option<Dur>,
     /// istio, gateway-api: the object's namespace.
     pub(crate) namespace: Option<String>,
     /// istio, gateway-api: the VirtualService's or HTTPRoute's name.
@@ -1895,7 +1900,7 @@ fn check_roots(c: &Config, instances: &[Instance]) -> deploykit::Result<()> {
 fn check_lb(c: &Config) -> deploykit::Result<()> {
     let lb = &c.load_balancer;
     const K8S: &[LbKind] = &[LbKind::Istio, LbKind::GatewayApi];
-    let fields: [(&str, bool, &[LbKind]); 22] = [
+    let fields: [(&str, bool, &[LbKind]); 24] = [
         ("nginx_prefix", lb.nginx_prefix.is_some(), &[LbKind::Nginx]),
         ("include_file", lb.include_file.is_some(), &[LbKind::Nginx]),
         (
@@ -1920,6 +1925,8 @@ fn check_lb(c: &Config) -> deploykit::Result<()> {
             &[LbKind::Nginx],
         ),
         ("timeout", lb.timeout.is_some(), &[LbKind::Haproxy]),
+        ("mirror_timeout", lb.mirror_timeout.is_some(), &[LbKind::Nginx]),
+        ("up_timeout", lb.up_timeout.is_some(), &[LbKind::Haproxy]),
         ("namespace", lb.namespace.is_some(), K8S),
         ("resource", lb.resource.is_some(), K8S),
         ("route", lb.route.is_some(), K8S),
@@ -1938,7 +1945,12 @@ fn check_lb(c: &Config) -> deploykit::Result<()> {
             ));
         }
     }
-    for (name, v) in [("reload_timeout", lb.reload_timeout), ("timeout", lb.timeout)] {
+    for (name, v) in [
+        ("reload_timeout", lb.reload_timeout),
+        ("timeout", lb.timeout),
+        ("mirror_timeout", lb.mirror_timeout),
+        ("up_timeout", lb.up_timeout),
+    ] {
         if let Some(v) = v {
             check_duration(&format!("load_balancer.{name}"), v)?;
         }

@@ -198,6 +198,9 @@ pub(crate) fn load_balancer(cfg: &Loaded, state: &StateDir) -> anyhow::Result<Ar
             if let Some(t) = lb.timeout {
                 b = b.timeout(t.0);
             }
+            if let Some(t) = lb.up_timeout {
+                b = b.up_timeout(t.0);
+            }
             if let Some(dir) = &lb.map_dir {
                 b = b.map_dir(cfg.resolve(dir));
             }
@@ -296,6 +299,9 @@ pub(crate) fn nginx(cfg: &Loaded) -> anyhow::Result<deploykit::lb::NginxLoadBala
     }
     if let Some(loc) = &lb.location_include {
         b = b.location_include(cfg.resolve(loc));
+    }
+    if let Some(t) = lb.mirror_timeout {
+        b = b.mirror_timeout(t.0);
     }
     Ok(b.build().map_err(lb_field)?)
 }

@@ -311,6 +311,24 @@ fn routing_keys_belong_to_their_driver() {
         &err,
         &["invalid load_balancer.map_dir: belongs to kind = \"haproxy\", but kind is \"nginx\""],
     );
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"haproxy\"\nsocket = \"/run/h.sock\"\nmirror_timeout = \"200ms\"\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.mirror_timeout: belongs to kind = \"nginx\", but kind is \"haproxy\""],
+    );
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"nginx\"\ninclude_file = \"/x/u.conf\"\nup_timeout = \"10s\"\n"
+    ));
+    assert_has(
+        &err,
+        &["invalid load_balancer.up_timeout: belongs to kind = \"haproxy\", but kind is \"nginx\""],
+    );
+    let err = rejects(&format!(
+        "{base}[load_balancer]\nkind = \"nginx\"\ninclude_file = \"/x/u.conf\"\nmirror_timeout = \"0s\"\n"
+    ));
+    assert_has(&err, &["invalid load_balancer.mirror_timeout: is 0"]);
 }
 
 #[test]

@@ -21,6 +21,7 @@ mod nginx;
 mod prometheus;
 mod regions;
 mod routed;
+mod routed_haproxy;
 mod routing;
 mod ssh;
 mod sshd;

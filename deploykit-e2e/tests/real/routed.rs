@@ -2,8 +2,10 @@
 //! real nginx (with its location include) and real demo-app processes run
 //! by `LocalInstance`s: a ramp's observed canary share follows its curve
 //! step by step, and a shadow receives mirrored GETs (never POSTs) while
-//! every client answer comes from stable. The analysis reads scripted
-//! healthy metrics (the routing is what is under test here).
+//! every client answer comes from stable; open-loop load that never
+//! retries runs throughout each and sees no failed request. The analysis
+//! reads scripted healthy metrics (the routing is what is under test
+//! here).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +19,7 @@ use deploykit_testkit::FakeMetrics;
 use tokio::sync::mpsc;
 
 use crate::harness::{free_port, temp_dir, Http, Nginx};
+use crate::load::{Client, LoadGen};
 use crate::local::{demo_spec, make_release, wait_healthy};
 use crate::routing::{location_file, write_routing_config};
 
@@ -90,10 +93,26 @@ impl Setup {
         write_routing_config(dir.path(), port);
         let lb = crate::nginx::builder(binary, dir.path(), &backends)
             .location_include(location_file(dir.path()))
+            // Rendered into the mirror location: nginx -t must accept it.
+            .mirror_timeout(Duration::from_secs(2))
             .build()
             .expect("build the nginx driver with routing");
         lb.install().await.expect("install both owned files");
         let nginx = Nginx::start(binary, dir.path(), port).await;
+        // What every canary-shaped run leaves behind: the stopped canary
+        // out of the split (a fresh install has every server in rotation).
+        lb.set_weights(&[
+            deploykit::GroupWeight {
+                group: deploykit::Group::new("stable").unwrap(),
+                percent: 100,
+            },
+            deploykit::GroupWeight {
+                group: deploykit::Group::new("canary").unwrap(),
+                percent: 0,
+            },
+        ])
+        .await
+        .expect("all traffic to stable");
         let metrics = FakeMetrics::new()
             .set("stable", Metric::ErrorRate, 0.001)
             .set("stable", Metric::LatencyP99, 0.05)
@@ -134,6 +153,30 @@ impl Setup {
     }
 }
 
+/// Open-loop load through nginx for the whole deployment: 100 GETs a
+/// second, a new connection each (an nginx reload closes idle keep-alive
+/// connections under a client, which no deploykit change avoids; the
+/// zero_downtime bench measures it), never retried.
+fn load(url: &str) -> LoadGen {
+    LoadGen::open_loop(url, 100, Duration::from_secs(60), false, Client::NonRetrying)
+}
+
+/// Stops the load and asserts that it ran and that not one request failed.
+async fn assert_no_failed_request(load: LoadGen) {
+    let samples = load.stop().await;
+    let failed: Vec<_> = samples
+        .iter()
+        .filter_map(|s| s.outcome.as_ref().err().map(|e| (s.at, e)))
+        .collect();
+    assert!(samples.len() >= 100, "only {} requests", samples.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        samples.len()
+    );
+}
+
 /// How many of `n` GETs through nginx `v2` answered.
 async fn v2_share(http: &Http, url: &str, n: usize) -> usize {
     let mut v2 = 0;
@@ -161,6 +204,7 @@ async fn a_ramp_through_real_nginx_moves_the_observed_share_along_its_curve() {
     };
     let url = s.nginx.url("/");
     let http = Http::new();
+    let load = load(&url);
     let sampler = async {
         let mut stage = String::new();
         let mut seen = Vec::new();
@@ -187,6 +231,7 @@ async fn a_ramp_through_real_nginx_moves_the_observed_share_along_its_curve() {
     let report = report.expect("deployment starts");
     assert!(report.is_success(), "{report}");
     let intended: Vec<usize> = seen.iter().map(|(p, _)| *p).collect();
+    assert_no_failed_request(load).await;
     assert_eq!(intended, [20, 40, 60, 80], "{seen:?}");
     for (percent, observed) in &seen {
         // nginx's weighted round robin is exact over a cycle; allow for
@@ -200,15 +245,16 @@ async fn a_ramp_through_real_nginx_moves_the_observed_share_along_its_curve() {
     assert_eq!(v2_share(&http, &url, 20).await, 20);
 }
 
-/// `http_requests_total` of the app at `addr`, by status code.
-async fn requests(http: &Http, addr: &str, code: &str) -> u64 {
+/// A counter of the app at `addr`: the sum of the `metric` lines whose
+/// labels contain `label`.
+async fn counter(http: &Http, addr: &str, metric: &str, label: &str) -> u64 {
     let text = http
         .get(&format!("http://{addr}/metrics"))
         .await
         .expect("GET /metrics")
         .body;
     text.lines()
-        .filter(|l| l.starts_with("http_requests_total{") && l.contains(&format!("code=\"{code}\"")))
+        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum::<f64>() as u64
 }
@@ -224,8 +270,10 @@ async fn a_shadow_behind_real_nginx_gets_copies_of_gets_only_and_never_answers_a
         ..Shadow::default()
     };
     let url = s.nginx.url("/");
+    let checkout = s.nginx.url("/api/checkout");
     let shadow_addr = s.instances[2].backend().address.to_string();
     let http = Http::new();
+    let load = load(&url);
     let client = async {
         let mut result = None;
         while let Some(e) = s.events.recv().await {
@@ -234,18 +282,28 @@ async fn a_shadow_behind_real_nginx_gets_copies_of_gets_only_and_never_answers_a
                     step: StepKind::ApplyPolicy,
                     ..
                 } => {
-                    let before_get = requests(&http, &shadow_addr, "200").await;
-                    let before_post = requests(&http, &shadow_addr, "405").await;
+                    // The measured GETs are checkouts, which the shadow
+                    // counts apart from the load's GETs of `/` (mirrored
+                    // too).
+                    let visits = || counter(&http, &shadow_addr, "checkout_visits_total", "");
+                    let posts = || counter(&http, &shadow_addr, "http_requests_total", "code=\"405\"");
+                    let (before_get, before_post) = (visits().await, posts().await);
                     for _ in 0..30 {
                         let a = http.send("POST", &url, &[]).await.expect("POST through nginx");
                         assert_ne!(a.body.trim(), "v2", "a client was answered by the shadow: {a:?}");
                     }
-                    let answered_v2 = v2_share(&http, &url, 200).await;
+                    let mut answered_v2 = 0;
+                    for _ in 0..200 {
+                        let a = http.get(&checkout).await.expect("GET through nginx");
+                        assert_eq!(a.status, 200, "{a:?}");
+                        if a.version.as_deref() == Some("v2") {
+                            answered_v2 += 1;
+                        }
+                    }
                     // The copies are sent alongside; give them a moment.
                     tokio::time::sleep(Duration::from_millis(300)).await;
-                    // Minus the scrape that read `before_get`.
-                    let copies = requests(&http, &shadow_addr, "200").await - before_get - 1;
-                    let posts = requests(&http, &shadow_addr, "405").await - before_post;
+                    let copies = visits().await - before_get;
+                    let posts = posts().await - before_post;
                     result = Some((answered_v2, copies, posts));
                 }
                 EventKind::DeploymentFinished { .. } => break,
@@ -258,11 +316,12 @@ async fn a_shadow_behind_real_nginx_gets_copies_of_gets_only_and_never_answers_a
     let (report, (answered_v2, copies, posts)) = tokio::join!(s.exec.deploy(&shadow, &release), client);
     let report = report.expect("deployment starts");
     assert!(report.is_success(), "{report}");
+    assert_no_failed_request(load).await;
     assert_eq!(answered_v2, 0, "clients are only answered by stable");
-    // 50 % of 200 GETs: 100 copies, 5 standard deviations (7) either way.
+    // 50 % of 200 checkouts: 100 copies, 5 standard deviations (7) either way.
     assert!(
         (65..=135).contains(&copies),
-        "{copies} copies of 200 GETs at 50 %"
+        "{copies} copies of 200 checkouts at 50 %"
     );
     assert_eq!(posts, 0, "POSTs are not mirrored");
     // Torn down: stable still on v1 and serving, the shadow stopped.

@@ -321,6 +321,7 @@ pub struct HaproxyBuilder {
     backends: Vec<Backend>,
     timeout: Duration,
     map_dir: Option<PathBuf>,
+    up_timeout: Duration,
 }
 
 impl Default for HaproxyBuilder {
@@ -331,6 +332,7 @@ impl Default for HaproxyBuilder {
             backends: Vec::new(),
             timeout: Duration::from_secs(5),
             map_dir: None,
+            up_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -377,6 +379,15 @@ impl HaproxyBuilder {
         self
     }
 
+    /// How long [`enable`](LoadBalancer::enable) waits for HAProxy's own
+    /// health check to report the server up. Default 30 s: above the
+    /// `rise` × `inter` of HAProxy's defaults (2 × 2 s) with room for a
+    /// slow first check.
+    pub fn up_timeout(mut self, t: Duration) -> Self {
+        self.up_timeout = t;
+        self
+    }
+
     /// Checks the settings. Touches nothing (use
     /// [`HaproxyLoadBalancer::check`] to verify HAProxy knows every server).
     ///
@@ -401,6 +412,12 @@ impl HaproxyBuilder {
         if self.timeout.is_zero() {
             return Err(Error::invalid("haproxy timeout", "must be greater than 0"));
         }
+        if self.up_timeout.is_zero() {
+            return Err(Error::invalid(
+                "haproxy up_timeout",
+                "must be greater than 0; give HAProxy's health check time to pass, e.g. 30s",
+            ));
+        }
         if let Some(dir) = &self.map_dir {
             let shown = dir.display().to_string();
             if !dir.is_absolute() || socket_word("HAProxy map dir", &shown).is_err() {
@@ -416,6 +433,7 @@ impl HaproxyBuilder {
             inner: Arc::new(Inner {
                 api: RuntimeApi::new(socket, self.timeout),
                 map_dir: self.map_dir,
+                up_timeout: self.up_timeout,
                 policy: Mutex::new(None),
                 backend: self.backend,
                 state: Mutex::new(roster),
@@ -454,6 +472,8 @@ struct Inner {
     api: RuntimeApi,
     /// Where the routing maps live, when rules are on.
     map_dir: Option<PathBuf>,
+    /// How long `enable` waits for HAProxy's health check.
+    up_timeout: Duration,
     /// The rules applied last (`None`: no rule, or a plain split).
     policy: Mutex<Option<TrafficPolicy>>,
     backend: String,
@@ -720,6 +740,29 @@ impl HaproxyLoadBalancer {
             .collect())
     }
 
+    /// Polls `show servers state` until `backend`'s server is running
+    /// (`srv_op_state` 1, slow start, or 2) or the up timeout passes.
+    async fn wait_up(&self, backend: &Backend) -> Result<(), DriverError> {
+        let limit = self.inner.up_timeout;
+        let end = tokio::time::Instant::now() + limit;
+        loop {
+            let state = self.current().await?;
+            let op = state.get(backend.id.as_str()).map(|s| s.op_state);
+            if matches!(op, Some(1 | 2)) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= end {
+                return Err(DriverError::transient(format!(
+                    "HAProxy still reports server {}/{} down {:.0}s after it was enabled: its own health check has not passed although the instance answers deploykit's; check the server's `check` settings (port, `option httpchk` path) in haproxy.cfg, or raise the up timeout",
+                    self.inner.backend,
+                    backend.id,
+                    limit.as_secs_f64()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn set_admin(&self, backend: &Backend, admin: Admin) -> Result<(), DriverError> {
         self.known(backend)?;
         let id = backend.id.clone();
@@ -902,12 +945,22 @@ impl LoadBalancer for HaproxyLoadBalancer {
     }
 
     /// `set server <be>/<srv> state ready` (and its group's weight), read
-    /// back.
+    /// back; then waits, up to the builder's
+    /// [`up_timeout`](HaproxyBuilder::up_timeout), until HAProxy's own
+    /// health check reports the server up. A server whose check still
+    /// counts the failures of its stopped instance gets no traffic, so a
+    /// group backend holding only such servers answers `503` to every
+    /// request a rule or split sends it: enable returns once traffic can
+    /// really flow. A server without `check` is up at once.
     ///
-    /// * Idempotent: yes. Cancel-safe: yes (runs in a task).
-    /// * On failure: the server stays out of rotation in deploykit's state.
+    /// * Idempotent: yes. Cancel-safe: yes (the change runs in a task; the
+    ///   wait only reads).
+    /// * On failure: the server stays out of rotation in deploykit's state
+    ///   when the change failed; when only the wait ran out, the server is
+    ///   ready and HAProxy sends it traffic as soon as its check passes.
     async fn enable(&self, backend: &Backend) -> Result<(), DriverError> {
-        self.set_admin(backend, Admin::Ready).await
+        self.set_admin(backend, Admin::Ready).await?;
+        self.wait_up(backend).await
     }
 
     /// `set server <be>/<srv> state maint`, read back.

@@ -541,7 +541,8 @@ impl Strategy for DarkLaunch {
 /// ([`MetricsSource::observe_tally`](crate::MetricsSource::observe_tally))
 /// go into an always-valid sequential test ([`crate::experiment`]), which
 /// can be read at every check without the bias of peeking. The treatment
-/// winning promotes it (stable moves to the release); the control winning,
+/// winning promotes it: every user moves to the treatment (the sticky split
+/// ends), then stable moves to the release; the control winning,
 /// or no significant difference within [`duration`](Self::duration), rolls
 /// back and keeps the control. Each reading is an
 /// [`EventKind::ExperimentReading`](crate::EventKind::ExperimentReading)
@@ -637,25 +638,40 @@ impl Strategy for Experiment {
         self.validate()?;
         let base = &self.base;
         base.shaped_plan(self.kind(), fleet, release, true, |analysis| {
-            vec![Stage {
-                name: format!(
-                    "experiment: {} % of users on {} ({})",
-                    self.treatment_percent, base.canary_group, self.sticky
-                ),
-                units: vec![Unit {
-                    instance: None,
-                    steps: vec![
-                        Step::ApplyPolicy {
-                            policy: self.policy(),
-                        },
-                        Step::Experiment {
-                            rules: self.rules,
-                            duration: self.duration,
-                            analysis: analysis.clone(),
-                        },
-                    ],
-                }],
-            }]
+            vec![
+                Stage {
+                    name: format!(
+                        "experiment: {} % of users on {} ({})",
+                        self.treatment_percent, base.canary_group, self.sticky
+                    ),
+                    units: vec![Unit {
+                        instance: None,
+                        steps: vec![
+                            Step::ApplyPolicy {
+                                policy: self.policy(),
+                            },
+                            Step::Experiment {
+                                rules: self.rules,
+                                duration: self.duration,
+                                analysis: analysis.clone(),
+                            },
+                        ],
+                    }],
+                },
+                Stage {
+                    // Reached only when the treatment won: the sticky split
+                    // would keep sending the control's users to stable
+                    // instances while they are replaced, so they move to the
+                    // winner first (as a canary's last stage does).
+                    name: format!("all traffic to {} (the winner)", base.canary_group),
+                    units: vec![Unit {
+                        instance: None,
+                        steps: vec![Step::SetWeights {
+                            weights: base.weights(100),
+                        }],
+                    }],
+                },
+            ]
         })
     }
 }
@@ -863,6 +879,31 @@ mod tests {
         );
         assert_eq!(plan.on_abort[0].to_string(), "set weights stable=100% canary=0%");
         assert!(plan.projected_duration().min >= Duration::from_secs(240));
+    }
+
+    #[test]
+    fn a_won_experiment_moves_every_user_to_the_winner_before_stable_is_replaced() {
+        let plan = Experiment::default().plan(&fleet(1, 1), &v2()).unwrap();
+        let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "isolate canary",
+                "deploy canary",
+                "experiment: 50 % of users on canary (sticky by cookie dk_variant it sets)",
+                "all traffic to canary (the winner)",
+                "back up stable",
+                "promote stable 1/1",
+                "all traffic to stable",
+                "stop canary"
+            ]
+        );
+        // The sticky split ends there: users pinned to stable would
+        // otherwise reach a group whose only instance is being replaced.
+        assert_eq!(
+            plan.stages[3].units[0].steps[0].to_string(),
+            "set weights stable=0% canary=100%"
+        );
     }
 
     #[test]

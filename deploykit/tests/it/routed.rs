@@ -421,6 +421,18 @@ async fn a_clearly_better_treatment_wins_the_experiment_and_is_promoted() {
     for id in STABLE {
         assert_eq!(s.fleet.release_of(id), Some(v("v2")), "{id}");
     }
+    // Every user moved to the winner (the sticky split ended) before the
+    // first stable instance was drained for the promotion.
+    let history = s.fleet.routing_history();
+    let all_on_winner = history
+        .iter()
+        .position(|r| matches!(&r.change, RoutingChange::Weights(w) if w.get(&g("canary")) == Some(&100)))
+        .expect("all traffic on the winner");
+    let first_stable_drain = history
+        .iter()
+        .position(|r| matches!(&r.change, RoutingChange::Drained(id) if STABLE.contains(&id.as_str())))
+        .expect("stable drained for the promotion");
+    assert!(all_on_winner < first_stable_drain, "{history:?}");
     s.assert_invariants(&report);
 }
 

@@ -163,6 +163,7 @@ pub struct NginxBuilder {
     idle_as_backup: bool,
     drain: DrainMode,
     location_include: Option<PathBuf>,
+    mirror_timeout: Option<Duration>,
 }
 
 impl Default for NginxBuilder {
@@ -180,6 +181,7 @@ impl Default for NginxBuilder {
             idle_as_backup: false,
             drain: DrainMode::Reload,
             location_include: None,
+            mirror_timeout: None,
         }
     }
 }
@@ -276,13 +278,28 @@ impl NginxBuilder {
         self
     }
 
+    /// Bounds how long nginx waits for the shadow when it sends a mirrored
+    /// copy (its connect, send and read timeouts in the mirror location).
+    /// nginx reads a client's next request on a keep-alive connection only
+    /// once every mirror copy of the previous one has finished, so a slow
+    /// shadow delays the clients of the primary by its own latency; this
+    /// caps that delay. The copy is still delivered and the shadow still
+    /// answers it (and counts it in its metrics); nginx only stops
+    /// waiting, and logs the timeout. Default none (nginx's 60 s). See
+    /// docs/routing.md for the measurements.
+    pub fn mirror_timeout(mut self, timeout: Duration) -> Self {
+        self.mirror_timeout = Some(timeout);
+        self
+    }
+
     /// Checks the settings and builds the driver. Touches nothing: call
     /// [`NginxLoadBalancer::install`] to write the first file.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] naming the field: no include file, a relative
     /// or parentless include file, a bad upstream name, no backends, a
-    /// backend id or address used twice, a zero reload timeout.
+    /// backend id or address used twice, a zero reload timeout, a mirror
+    /// timeout under 1 ms.
     pub fn build(self) -> Result<NginxLoadBalancer> {
         validate_name("nginx upstream", &self.upstream)?;
         let include = self.include_file.ok_or_else(|| {
@@ -308,6 +325,12 @@ impl NginxBuilder {
         )?;
         if self.reload_timeout.is_zero() {
             return Err(Error::invalid("nginx reload_timeout", "must be greater than 0"));
+        }
+        if self.mirror_timeout.is_some_and(|t| t < Duration::from_millis(1)) {
+            return Err(Error::invalid(
+                "nginx mirror_timeout",
+                "must be at least 1ms; nginx counts its timeouts in milliseconds, e.g. 200ms",
+            ));
         }
         if let Some(loc) = &self.location_include {
             if !loc.is_absolute() || loc.file_name().is_none() || loc == &include {
@@ -358,6 +381,7 @@ impl NginxBuilder {
                     routing: self.location_include.is_some(),
                 },
                 location: self.location_include,
+                mirror_timeout: self.mirror_timeout,
                 reloads: AtomicU64::new(0),
                 state: Mutex::new(state),
                 apply: tokio::sync::Mutex::new(()),
@@ -420,6 +444,8 @@ struct Inner {
     include: PathBuf,
     /// The location include, when routing policies are on.
     location: Option<PathBuf>,
+    /// nginx's timeouts toward the shadow in the mirror location.
+    mirror_timeout: Option<Duration>,
     binary: PathBuf,
     global_args: Vec<OsString>,
     pid_file: PathBuf,
@@ -708,7 +734,7 @@ impl Inner {
         if let Some(loc) = &self.location {
             files.push((
                 loc.as_path(),
-                routing::render_location(&self.upstream, st.policy.as_ref()),
+                routing::render_location(&self.upstream, st.policy.as_ref(), self.mirror_timeout),
             ));
         }
         files
@@ -720,7 +746,11 @@ impl Inner {
         let mut view = upstream_for(&self.upstream, st, self.opts).render();
         if self.opts.routing {
             view.push_str(&routing::render_http(&self.upstream, st, self.opts));
-            view.push_str(&routing::render_location(&self.upstream, st.policy.as_ref()));
+            view.push_str(&routing::render_location(
+                &self.upstream,
+                st.policy.as_ref(),
+                self.mirror_timeout,
+            ));
         }
         view
     }
@@ -1375,6 +1405,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("nginx backends"), "{err}");
+        let err = NginxLoadBalancer::builder()
+            .include_file("/tmp/x")
+            .backend(backend("a", 1, "g"))
+            .mirror_timeout(Duration::from_micros(10))
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nginx mirror_timeout"), "{err}");
     }
 
     #[test]

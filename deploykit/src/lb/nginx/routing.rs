@@ -209,7 +209,11 @@ fn split_lines(name: &str, shares: &BTreeMap<Group, u8>) -> String {
 
 /// The location include: the `proxy_pass` through the routing variable,
 /// the sticky cookie, and the mirror with its internal location.
-pub(super) fn render_location(name: &str, policy: Option<&TrafficPolicy>) -> String {
+pub(super) fn render_location(
+    name: &str,
+    policy: Option<&TrafficPolicy>,
+    mirror_timeout: Option<std::time::Duration>,
+) -> String {
     let v = var_prefix(name);
     let mut s = String::from(
         "# Managed by deploykit: include inside the location that proxies to the application,\n\
@@ -226,9 +230,17 @@ pub(super) fn render_location(name: &str, policy: Option<&TrafficPolicy>) -> Str
         let loc = mirror_location(name);
         let body = if m.request_body { "on" } else { "off" };
         let _ = writeln!(s, "mirror {loc};\nmirror_request_body {body};");
+        // nginx holds a keep-alive client's next request until the copy
+        // ends, so these bound what a slow shadow costs the primary.
+        let timeouts = mirror_timeout.map_or(String::new(), |t| {
+            let ms = t.as_millis().max(1);
+            format!(
+                "    proxy_connect_timeout {ms}ms;\n    proxy_send_timeout {ms}ms;\n    proxy_read_timeout {ms}ms;\n"
+            )
+        });
         let _ = writeln!(
             s,
-            "location = {loc} {{\n    internal;\n    mirror off;\n    if (${v}mirror = \"\") {{\n        return 204;\n    }}\n    \
+            "location = {loc} {{\n    internal;\n    mirror off;\n    if (${v}mirror = \"\") {{\n        return 204;\n    }}\n{timeouts}    \
              proxy_pass http://${v}mirror$request_uri;\n}}"
         );
     }
@@ -339,7 +351,7 @@ mod tests {
             text.contains("map $request_method $deploykit_app_set_cookie {\n    default \"\";\n}"),
             "{text}"
         );
-        let loc = render_location("app", Some(&policy));
+        let loc = render_location("app", Some(&policy), None);
         assert!(
             loc.contains("proxy_pass http://$deploykit_app_upstream;\n"),
             "{loc}"
@@ -371,7 +383,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("\"\" \"dk_user=$request_id; Path=/;"), "{text}");
-        assert!(render_location("app", Some(&policy))
+        assert!(render_location("app", Some(&policy), None)
             .contains("add_header Set-Cookie $deploykit_app_set_cookie;"));
     }
 
@@ -395,7 +407,7 @@ mod tests {
             text.contains("map \"$request_method:$deploykit_app_mirror_pick\" $deploykit_app_mirror {\n    default \"\";\n    \"GET:1\" app__shadow;\n    \"HEAD:1\" app__shadow;\n}"),
             "{text}"
         );
-        let loc = render_location("app", Some(&policy));
+        let loc = render_location("app", Some(&policy), None);
         assert!(
             loc.contains("mirror /_deploykit_mirror_app;\nmirror_request_body off;\n"),
             "{loc}"
@@ -406,6 +418,16 @@ mod tests {
         );
         assert!(
             loc.contains("proxy_pass http://$deploykit_app_mirror$request_uri;"),
+            "{loc}"
+        );
+        assert!(!loc.contains("timeout"), "nginx's own timeouts by default: {loc}");
+        // A mirror timeout bounds the copy, in the mirror location only.
+        let loc = render_location("app", Some(&policy), Some(std::time::Duration::from_millis(200)));
+        assert!(
+            loc.contains(
+                "        return 204;\n    }\n    proxy_connect_timeout 200ms;\n    proxy_send_timeout 200ms;\n    \
+                 proxy_read_timeout 200ms;\n    proxy_pass http://$deploykit_app_mirror$request_uri;\n}"
+            ),
             "{loc}"
         );
     }
