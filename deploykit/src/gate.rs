@@ -290,14 +290,23 @@ fn ms(d: Duration) -> u64 {
 /// a guardrail check (a breach rolls back, as in a canary stage), then the
 /// tallies since the start into the sequential test, emitted as an
 /// [`EventKind::ExperimentReading`]. `Ok` when the treatment wins.
+///
+/// A resumed experiment had already run for `ran_for`: its tallies are read
+/// over that time too, so no visit is lost, and the test restarts on them.
+/// The mixture likelihood ratio depends only on the cumulative tallies, so
+/// the evidence carries over whole; only the running maximum of earlier
+/// looks is forgotten, which can make the test later, never more eager.
+/// It runs for what is left of `duration`, one check at least.
 pub(crate) async fn experiment(
     ctx: &GateCtx<'_>,
     rules: &crate::experiment::ExperimentRules,
     duration: Duration,
+    ran_for: Duration,
     analysis: &Analysis,
 ) -> Result<(), GateError> {
     use crate::experiment::{Sequential, Verdict};
     let started = Instant::now();
+    let left = duration.saturating_sub(ran_for).max(analysis.interval);
     let state = Mutex::new((Sequential::default(), None));
     let tick = |elapsed: Duration| {
         let state = &state;
@@ -307,7 +316,8 @@ pub(crate) async fn experiment(
             }
             // Everything since the start, rounded up to whole seconds as
             // a range query needs.
-            let window = Duration::from_secs(elapsed.as_secs_f64().ceil().max(1.0) as u64);
+            let since_start = ran_for + elapsed;
+            let window = Duration::from_secs(since_start.as_secs_f64().ceil().max(1.0) as u64);
             let (control, treatment) = futures::join!(
                 ctx.bounded(ctx.metrics.observe_tally(&analysis.stable, window)),
                 ctx.bounded(ctx.metrics.observe_tally(&analysis.canary, window)),
@@ -323,7 +333,7 @@ pub(crate) async fn experiment(
             };
             (ctx.emit)(EventKind::ExperimentReading {
                 reading,
-                elapsed_ms: ms(elapsed),
+                elapsed_ms: ms(since_start),
             });
             match reading.verdict {
                 Verdict::Continue => ControlFlow::Continue(()),
@@ -336,7 +346,7 @@ pub(crate) async fn experiment(
             }
         }
     };
-    match every(started, duration, analysis.interval, ctx.cancel, tick).await {
+    match every(started, left, analysis.interval, ctx.cancel, tick).await {
         Err(()) => Err(GateError::Cancelled),
         Ok(Some(decided)) => decided,
         Ok(None) => {
