@@ -845,6 +845,7 @@ async fn run_deploy(
                         instances: Vec::new(),
                         duration: Duration::ZERO,
                         checks: Vec::new(),
+                        experiment: None,
                     };
                     return conclude(ctx, exec, journal.as_ref(), &report, human.as_deref()).await;
                 }

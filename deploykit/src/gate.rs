@@ -370,15 +370,5 @@ pub(crate) async fn experiment(
 
 /// The statistics of a reading as a sentence.
 fn describe(r: &crate::experiment::Reading) -> String {
-    format!(
-        "control {:.0}/{:.0} ({:.2} %), treatment {:.0}/{:.0} ({:.2} %), effect {:+.2} points, p = {:.4} (always valid)",
-        r.control.conversions,
-        r.control.visits,
-        r.control.rate() * 100.0,
-        r.treatment.conversions,
-        r.treatment.visits,
-        r.treatment.rate() * 100.0,
-        r.effect * 100.0,
-        r.p_value
-    )
+    r.to_string()
 }
