@@ -45,7 +45,7 @@ fn spec(port: u16, track: &str, rate: &str) -> ProcessSpec {
 
 /// A user: takes the sticky cookie nginx hands out on the first checkout,
 /// then checks out with it until `stop`; answers how many requests failed.
-async fn user(http: Http, url: String, n: usize, stop: Arc<AtomicBool>) -> usize {
+pub(crate) async fn user(http: Http, url: String, n: usize, stop: Arc<AtomicBool>) -> usize {
     let mut cookie: Option<String> = None;
     let mut failed = 0;
     let mut i = 0;
