@@ -492,7 +492,7 @@ fn holds_share(stage: &Stage) -> bool {
 /// The traffic phases some run of `recorded` finished: every step of the
 /// phase's stage done, its analysis passed (or its promotion came, or its
 /// experiment found a winner).
-pub fn passed_phases(recorded: &Recorded) -> BTreeSet<usize> {
+fn passed_phases(recorded: &Recorded) -> BTreeSet<usize> {
     let mut passed = BTreeSet::new();
     for run in recorded.chain() {
         let Some(plan) = &run.header.plan else { continue };
