@@ -657,8 +657,16 @@ fn strategies(ctx: &Ctx, kind: LibKind) -> anyhow::Result<recovery::Strategies> 
         ..Default::default()
     };
     match kind {
-        LibKind::Canary => out.canary = ctx.cfg.raw.canary(),
         LibKind::BlueGreen => out.blue_green = ctx.cfg.raw.blue_green(),
+        // The routed strategies are canary-shaped: their rollback uses the
+        // canary's groups, their resume their own settings.
+        LibKind::Canary | LibKind::Ramped | LibKind::Shadow | LibKind::DarkLaunch | LibKind::Experiment => {
+            out.canary = ctx.cfg.raw.canary();
+            out.ramped = ctx.cfg.raw.ramped();
+            out.shadow = ctx.cfg.raw.shadow();
+            out.dark_launch = ctx.cfg.raw.dark_launch();
+            out.experiment = ctx.cfg.raw.experiment();
+        }
         _ => {}
     }
     Ok(out)
@@ -981,6 +989,7 @@ async fn run_deploy(
                         instances: Vec::new(),
                         duration: Duration::ZERO,
                         checks: Vec::new(),
+                        experiment: None,
                     };
                     return conclude(ctx, exec, journal.as_ref(), &report, human.as_deref()).await;
                 }

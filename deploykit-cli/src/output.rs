@@ -168,6 +168,17 @@ impl EventSink for Human {
                     self.line(t, format!("    {e}"));
                 }
             }
+            EventKind::ExperimentReading { reading, elapsed_ms } => {
+                // Every reading: the operator watches the evidence build up.
+                self.line(
+                    t,
+                    format!(
+                        "  experiment at {:.0}s: {reading}: {}",
+                        *elapsed_ms as f64 / 1000.0,
+                        reading.verdict
+                    ),
+                );
+            }
             EventKind::AwaitingPromotion { stage, weight, .. } => {
                 self.line(
                     t,

@@ -348,6 +348,7 @@ mod tests {
                 .collect(),
             duration: Duration::ZERO,
             checks: Vec::new(),
+            experiment: None,
         }
     }
 

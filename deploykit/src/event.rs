@@ -161,7 +161,11 @@ pub enum EventKind {
     ExperimentReading {
         /// The statistics.
         reading: crate::experiment::Reading,
-        /// Time since the experiment started, milliseconds.
+        /// Time since the experiment started, milliseconds. Serialized as
+        /// `experiment_ms`: the event's own `elapsed_ms` is flattened into
+        /// the same object, and two fields of one name made every journal
+        /// of an experiment unreadable.
+        #[serde(rename = "experiment_ms")]
         elapsed_ms: u64,
     },
     /// A chaos entry's fault was injected.

@@ -129,6 +129,16 @@ pub enum Verdict {
     ControlWins,
 }
 
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Continue => "no significant difference yet",
+            Verdict::TreatmentWins => "the treatment wins",
+            Verdict::ControlWins => "the control wins",
+        })
+    }
+}
+
 /// The test's state across readings (its running maximum of Λ).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct Sequential {
@@ -150,6 +160,24 @@ pub struct Reading {
     pub p_value: f64,
     /// What it says.
     pub verdict: Verdict,
+}
+
+impl std::fmt::Display for Reading {
+    /// The statistics as a sentence, as reasons and reports show them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "control {:.0}/{:.0} ({:.2} %), treatment {:.0}/{:.0} ({:.2} %), effect {:+.2} points, p = {:.4} (always valid)",
+            self.control.conversions,
+            self.control.visits,
+            self.control.rate() * 100.0,
+            self.treatment.conversions,
+            self.treatment.visits,
+            self.treatment.rate() * 100.0,
+            self.effect * 100.0,
+            self.p_value
+        )
+    }
 }
 
 impl Sequential {

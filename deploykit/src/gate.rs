@@ -315,14 +315,23 @@ fn ms(d: Duration) -> u64 {
 /// a guardrail check (a breach rolls back, as in a canary stage), then the
 /// tallies since the start into the sequential test, emitted as an
 /// [`EventKind::ExperimentReading`]. `Ok` when the treatment wins.
+///
+/// A resumed experiment had already run for `ran_for`: its tallies are read
+/// over that time too, so no visit is lost, and the test restarts on them.
+/// The mixture likelihood ratio depends only on the cumulative tallies, so
+/// the evidence carries over whole; only the running maximum of earlier
+/// looks is forgotten, which can make the test later, never more eager.
+/// It runs for what is left of `duration`, one check at least.
 pub(crate) async fn experiment(
     ctx: &GateCtx<'_>,
     rules: &crate::experiment::ExperimentRules,
     duration: Duration,
+    ran_for: Duration,
     analysis: &Analysis,
 ) -> Result<(), GateError> {
     use crate::experiment::{Sequential, Verdict};
     let started = Instant::now();
+    let left = duration.saturating_sub(ran_for).max(analysis.interval);
     let state = Mutex::new((Sequential::default(), None));
     let tick = |elapsed: Duration| {
         let state = &state;
@@ -332,7 +341,8 @@ pub(crate) async fn experiment(
             }
             // Everything since the start, rounded up to whole seconds as
             // a range query needs.
-            let window = Duration::from_secs(elapsed.as_secs_f64().ceil().max(1.0) as u64);
+            let since_start = ran_for + elapsed;
+            let window = Duration::from_secs(since_start.as_secs_f64().ceil().max(1.0) as u64);
             let (control, treatment) = futures::join!(
                 ctx.bounded(ctx.metrics.observe_tally(&analysis.stable, window)),
                 ctx.bounded(ctx.metrics.observe_tally(&analysis.canary, window)),
@@ -348,7 +358,7 @@ pub(crate) async fn experiment(
             };
             (ctx.emit)(EventKind::ExperimentReading {
                 reading,
-                elapsed_ms: ms(elapsed),
+                elapsed_ms: ms(since_start),
             });
             match reading.verdict {
                 Verdict::Continue => ControlFlow::Continue(()),
@@ -361,7 +371,7 @@ pub(crate) async fn experiment(
             }
         }
     };
-    match every(started, duration, analysis.interval, ctx.cancel, tick).await {
+    match every(started, left, analysis.interval, ctx.cancel, tick).await {
         Err(()) => Err(GateError::Cancelled),
         Ok(Some(decided)) => decided,
         Ok(None) => {
@@ -385,15 +395,5 @@ pub(crate) async fn experiment(
 
 /// The statistics of a reading as a sentence.
 fn describe(r: &crate::experiment::Reading) -> String {
-    format!(
-        "control {:.0}/{:.0} ({:.2} %), treatment {:.0}/{:.0} ({:.2} %), effect {:+.2} points, p = {:.4} (always valid)",
-        r.control.conversions,
-        r.control.visits,
-        r.control.rate() * 100.0,
-        r.treatment.conversions,
-        r.treatment.visits,
-        r.treatment.rate() * 100.0,
-        r.effect * 100.0,
-        r.p_value
-    )
+    r.to_string()
 }

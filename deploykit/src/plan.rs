@@ -556,6 +556,16 @@ pub enum Step {
         duration: Duration,
         /// The groups (`stable` is the control) and the guardrails.
         analysis: Analysis,
+        /// How long the experiment had already run when this step starts:
+        /// zero, or for a resumed experiment the time since it first
+        /// started (see [`crate::recovery::resume`]). Its tallies are read
+        /// over that time too, and it counts against `duration`.
+        #[serde(
+            default,
+            with = "crate::duration_ms",
+            skip_serializing_if = "Duration::is_zero"
+        )]
+        ran_for: Duration,
     },
 }
 
@@ -721,16 +731,23 @@ impl fmt::Display for Step {
                 rules,
                 duration,
                 analysis,
-            } => write!(
-                f,
-                "experiment {} (treatment) against {} (control) for at most {}: winner at alpha {} once each has {} visits (check every {})",
-                analysis.canary,
-                analysis.stable,
-                secs(*duration),
-                rules.alpha,
-                rules.min_samples,
-                secs(analysis.interval)
-            ),
+                ran_for,
+            } => {
+                write!(
+                    f,
+                    "experiment {} (treatment) against {} (control) for at most {}: winner at alpha {} once each has {} visits (check every {})",
+                    analysis.canary,
+                    analysis.stable,
+                    secs(*duration),
+                    rules.alpha,
+                    rules.min_samples,
+                    secs(analysis.interval)
+                )?;
+                if !ran_for.is_zero() {
+                    write!(f, ", resumed {} in", secs(*ran_for))?;
+                }
+                Ok(())
+            }
             other => match other.instance() {
                 Some(i) => write!(f, "{} {i}", other.kind()),
                 None => write!(f, "{}", other.kind()),

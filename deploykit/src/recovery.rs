@@ -13,7 +13,10 @@
 //!   its previous release (so it is redone from the start), and a blue-green
 //!   deployment that had already switched traffic recognised as done. If
 //!   the resume aborts, it returns every instance the deployment moved,
-//!   those the interrupted run finished too ([`Plan::moved`]).
+//!   those the interrupted run finished too ([`Plan::moved`]). A ramp,
+//!   shadow, dark launch or experiment goes on from the traffic phase it
+//!   had reached (see [`resume`]); a canary-shaped run that had begun to
+//!   roll back is not resumed, only rolled back.
 //! * [`rollback`] undoes it: every instance that is not on the release it
 //!   ran before, or that some run left part-way, is returned to it, serving
 //!   (canary instances are returned stopped, after all traffic goes back to
@@ -67,6 +70,8 @@ use std::time::Duration;
 
 use crate::bluegreen_state::Reconciled;
 use crate::error::{Error, Result};
+use crate::event::{EventKind, StepResult};
+use crate::kinds::StepKind;
 use crate::kinds::StrategyKind;
 use crate::names::{Group, InstanceId, ReleaseId};
 use crate::plan::{
@@ -74,7 +79,7 @@ use crate::plan::{
     Unit,
 };
 use crate::state::{JournalSummary, RunKind, StateDir};
-use crate::strategy::{BlueGreen, Canary, Recreate, Rolling};
+use crate::strategy::{BlueGreen, Canary, DarkLaunch, Experiment, Ramped, Recreate, Rolling, Shadow};
 use crate::traits::{GroupWeight, Strategy};
 
 /// The strategies as configured: what a resume plans with, and the
@@ -90,6 +95,14 @@ pub struct Strategies {
     pub blue_green: BlueGreen,
     /// Canary; its groups say which instances end stopped.
     pub canary: Canary,
+    /// Ramped (its `base` the canary's settings).
+    pub ramped: Ramped,
+    /// Shadow (its `base` the canary's settings).
+    pub shadow: Shadow,
+    /// Dark launch (its `base` the canary's settings).
+    pub dark_launch: DarkLaunch,
+    /// A/B experiment (its `base` the canary's settings).
+    pub experiment: Experiment,
 }
 
 impl Strategies {
@@ -101,6 +114,10 @@ impl Strategies {
             StrategyKind::Rolling => Some(&self.rolling),
             StrategyKind::Recreate => Some(&self.recreate),
             StrategyKind::Canary => Some(&self.canary),
+            StrategyKind::Ramped => Some(&self.ramped),
+            StrategyKind::Shadow => Some(&self.shadow),
+            StrategyKind::DarkLaunch => Some(&self.dark_launch),
+            StrategyKind::Experiment => Some(&self.experiment),
             _ => None,
         }
     }
@@ -217,10 +234,32 @@ pub enum Rollback {
 /// environment (see [`reconcile`](crate::bluegreen_state::reconcile)),
 /// needed for blue-green only.
 ///
+/// A ramped, shadow, dark-launch or experiment deployment is planned again
+/// with its strategy (the canary isolated and redeployed first, as a
+/// canary resume does), then picks its traffic phases up where the
+/// journals say it was:
+///
+/// * **ramped**: from the last step whose analysis passed, held again, so
+///   the first share the resume gives the canary is one the analysis
+///   approved (never the next one up, never back to `from`);
+/// * **shadow**: mirroring again for what is left of its duration (one
+///   check at least), or, once the shadow had passed, on to what follows it;
+/// * **dark launch**: waiting for a promotion again (the timeout counted
+///   afresh), or, once promoted, widening from the last stage passed;
+/// * **experiment**: the test goes on for what is left of its duration,
+///   the tallies read over the whole window since it first started (the
+///   time the process was down included), so no visit is lost. The
+///   sequential test starts again on those tallies: its likelihood ratio
+///   depends only on them, so the evidence carries over; only the best
+///   ratio of the earlier looks is forgotten, which can delay a decision,
+///   never make one easier. An experiment whose treatment had won goes on
+///   to the promotion.
+///
 /// # Errors
 /// * [`Error::Refused`] when the newest run finished (nothing to resume) or
 ///   is a rollback (roll back again instead), or its strategy is not one
-///   that resumes.
+///   that resumes, or it is canary-shaped and had begun to roll back (its
+///   analysis failed, or it was aborted): roll it back instead.
 /// * [`Error::InvalidInput`] (field `live`) for a blue-green deployment
 ///   without `live`; the strategy's own errors when it cannot plan.
 pub fn resume(
@@ -257,6 +296,14 @@ pub fn resume(
         }
         return Ok(Resume::Plan(strategies.blue_green.plan(live, fleet, &h.release)?));
     }
+    if is_canary_shaped(h.strategy) {
+        if let Some(reason) = rolling_back(run) {
+            return Err(Error::Refused(format!(
+                "the run {} was rolling back when it stopped ({reason}); roll back to finish it",
+                h.deployment
+            )));
+        }
+    }
     let strategy = strategies.get(h.strategy).ok_or_else(|| {
         Error::Refused(format!(
             "the journal of {} names the strategy {}, which does not resume",
@@ -276,12 +323,14 @@ pub fn resume(
         }
     }
     let mut plan = strategy.plan(&fleet, &h.release)?;
-    if h.strategy == StrategyKind::Canary && plan.stages.is_empty() {
+    if is_canary_shaped(h.strategy) && plan.stages.is_empty() {
         // Every stable instance was moved: what may be left is the canary's
         // end, all traffic to stable and the canary instances stopped, with
         // the stable instances skipped like any the killed run finished.
         let skipped = std::mem::take(&mut plan.skipped);
         plan = finish_canary(&strategies.canary, found, &h.release).with_skipped(skipped);
+    } else if h.strategy != StrategyKind::Canary {
+        resume_phases(&mut plan, recorded, crate::state::now_ms());
     }
     // An abort undoes the whole deployment, not only this run: every
     // instance returns to what it ran before the deployment, so those the
@@ -386,6 +435,225 @@ pub fn rollback(
             &strategies.rolling,
             None,
         )?)),
+    }
+}
+
+/// The strategies whose plans are canary-shaped (see
+/// [`Canary::shaped_plan`](crate::Canary)): the canary and those built on
+/// routing policies.
+fn is_canary_shaped(kind: StrategyKind) -> bool {
+    matches!(
+        kind,
+        StrategyKind::Canary
+            | StrategyKind::Ramped
+            | StrategyKind::Shadow
+            | StrategyKind::DarkLaunch
+            | StrategyKind::Experiment
+    )
+}
+
+/// Why `run` had begun to roll back, if it had: its analysis failed or it
+/// was aborted, so finishing it means rolling back, never going on.
+fn rolling_back(run: &JournalSummary) -> Option<&str> {
+    run.events.iter().find_map(|e| match &e.kind {
+        EventKind::RollbackStarted { reason, .. } => Some(reason.as_str()),
+        _ => None,
+    })
+}
+
+/// The traffic phase a stage of a canary-shaped plan holds: the 1-based
+/// canary stage of its analysis, promotion wait or experiment.
+fn phase_of(stage: &Stage) -> Option<usize> {
+    let [unit] = stage.units.as_slice() else {
+        return None;
+    };
+    if unit.instance.is_some() {
+        return None;
+    }
+    unit.steps.iter().find_map(|s| match s {
+        Step::Analyze { stage, .. } | Step::AwaitPromotion { stage, .. } => Some(*stage),
+        Step::Experiment { .. } => Some(1),
+        _ => None,
+    })
+}
+
+/// Whether a phase gives the canary a share of public traffic while it is
+/// judged (a ramp step, a canary stage), rather than deciding whether to go
+/// on at all (a shadow, a dark launch waiting for its promotion, an
+/// experiment).
+fn holds_share(stage: &Stage) -> bool {
+    stage
+        .units
+        .iter()
+        .flat_map(|u| &u.steps)
+        .any(|s| matches!(s, Step::Analyze { weight, .. } if *weight > 0))
+}
+
+/// The traffic phases some run of `recorded` finished: every step of the
+/// phase's stage done, its analysis passed (or its promotion came, or its
+/// experiment found a winner).
+fn passed_phases(recorded: &Recorded) -> BTreeSet<usize> {
+    let mut passed = BTreeSet::new();
+    for run in recorded.chain() {
+        let Some(plan) = &run.header.plan else { continue };
+        for e in &run.events {
+            // A promotion is the operator's approval of the stage waiting.
+            if let EventKind::Promoted { stage } = e.kind {
+                passed.insert(stage);
+                continue;
+            }
+            let EventKind::StepFinished {
+                stage,
+                step,
+                rollback: false,
+                result: StepResult::Ok | StepResult::Warning(_),
+                ..
+            } = &e.kind
+            else {
+                continue;
+            };
+            let Some(s) = plan.stages.get(*stage) else {
+                continue;
+            };
+            let last = s.units.first().and_then(|u| u.steps.last()).map(Step::kind);
+            if let (Some(n), Some(true)) = (phase_of(s), last.map(|k| k == *step)) {
+                passed.insert(n);
+            }
+        }
+    }
+    passed
+}
+
+/// How long the shadow phase was judged across the runs of `recorded`: in
+/// each run, from the start of its first analysis (the shadow's, the first
+/// phase) to the shadow's last check, added up.
+fn shadow_held(recorded: &Recorded) -> Duration {
+    let ms = recorded
+        .chain()
+        .iter()
+        .map(|run| {
+            let started = run.events.iter().find_map(|e| match e.kind {
+                EventKind::StepStarted {
+                    step: StepKind::Analyze,
+                    rollback: false,
+                    ..
+                } => Some(e.elapsed_ms),
+                _ => None,
+            });
+            let checked = run
+                .events
+                .iter()
+                .filter(|e| {
+                    matches!(
+                        e.kind,
+                        EventKind::AnalysisResult {
+                            stage: 1,
+                            weight: 0,
+                            ..
+                        }
+                    )
+                })
+                .map(|e| e.elapsed_ms)
+                .max();
+            match (started, checked) {
+                (Some(s), Some(c)) => c.saturating_sub(s),
+                _ => 0,
+            }
+        })
+        .sum();
+    Duration::from_millis(ms)
+}
+
+/// How long the experiment of `recorded` has run, at `now_ms` (Unix
+/// milliseconds): since its first start by the wall clock, so the time the
+/// process was down counts (its users kept their variant), and at least as
+/// long as its runs recorded running it.
+fn experiment_ran_for(recorded: &Recorded, now_ms: u64) -> Duration {
+    let mut first_start = None;
+    let mut recorded_ms = 0;
+    for run in recorded.chain() {
+        let started = run.events.iter().find_map(|e| match e.kind {
+            EventKind::StepStarted {
+                step: StepKind::Experiment,
+                rollback: false,
+                ..
+            } => Some(e.elapsed_ms),
+            _ => None,
+        });
+        let Some(started) = started else { continue };
+        first_start.get_or_insert(run.header.started_at_ms.saturating_add(started));
+        let before = run
+            .header
+            .plan
+            .iter()
+            .flat_map(|p| &p.stages)
+            .flat_map(|s| &s.units)
+            .flat_map(|u| &u.steps)
+            .find_map(|s| match s {
+                Step::Experiment { ran_for, .. } => Some(*ran_for),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let last = run.events.last().map_or(started, |e| e.elapsed_ms);
+        let ms = u64::try_from(before.as_millis()).unwrap_or(u64::MAX);
+        recorded_ms = recorded_ms.max(ms.saturating_add(last.saturating_sub(started)));
+    }
+    let wall = first_start.map_or(0, |s| now_ms.saturating_sub(s));
+    Duration::from_millis(recorded_ms.max(wall))
+}
+
+/// Where a resumed ramp, shadow, dark launch or experiment takes its
+/// traffic phases up (`plan` is the strategy's full plan; the isolation
+/// and the canary's redeployment before them stay, since the canary's
+/// processes are not known to be the ones the analysis judged):
+///
+/// * phases before the last one passed are dropped; the last passed one is
+///   held again when it gave the canary a share (a ramp step, a canary
+///   stage), so the first share the resume sets is one the analysis
+///   approved, never the next one up; it is dropped when it was the
+///   shadow, the dark launch's promotion or the experiment, or when every
+///   phase had passed;
+/// * a shadow not yet passed mirrors again for what is left of its
+///   duration (one check at least);
+/// * a dark launch not yet promoted waits for a promotion again, its
+///   timeout counted afresh;
+/// * an experiment not yet decided goes on for what is left of its
+///   duration, its tallies read over its whole window since it first
+///   started ([`Step::Experiment`]'s `ran_for`).
+fn resume_phases(plan: &mut Plan, recorded: &Recorded, now_ms: u64) {
+    let Some(last_phase) = plan.stages.iter().filter_map(phase_of).max() else {
+        return;
+    };
+    let approved = passed_phases(recorded).into_iter().max();
+    plan.stages.retain(|stage| {
+        let Some(n) = phase_of(stage) else { return true };
+        match approved {
+            Some(a) if n < a => false,
+            Some(a) if n == a => a != last_phase && holds_share(stage),
+            _ => true,
+        }
+    });
+    for step in plan
+        .stages
+        .iter_mut()
+        .flat_map(|s| &mut s.units)
+        .flat_map(|u| &mut u.steps)
+    {
+        match step {
+            Step::Experiment { ran_for, .. } => *ran_for = experiment_ran_for(recorded, now_ms),
+            Step::Analyze {
+                stage: 1,
+                weight: 0,
+                duration,
+                analysis,
+                ..
+            } => {
+                *duration = duration
+                    .saturating_sub(shadow_held(recorded))
+                    .max(analysis.interval)
+            }
+            _ => {}
+        }
     }
 }
 
@@ -837,6 +1105,36 @@ mod tests {
             panic!("traffic never moved: prepare green again")
         };
         assert_eq!(switch_target(Some(&again)), Some(g("green")));
+    }
+
+    #[test]
+    fn a_canary_shaped_run_that_was_rolling_back_is_not_resumed() {
+        let snap = fleet(&[("s1", "stable", "v1"), ("c1", "canary", "v2")]);
+        for kind in [
+            StrategyKind::Canary,
+            StrategyKind::Ramped,
+            StrategyKind::Experiment,
+        ] {
+            let mut rec = recorded(kind, &["s1", "c1"], None, &["c1"]);
+            rec.chain[0].events.push(Event {
+                elapsed_ms: 2,
+                deployment: "d1".into(),
+                kind: EventKind::RollbackStarted {
+                    reason: "canary error rate 0.5 above 0.01".into(),
+                    instances: vec![iid("c1")],
+                },
+            });
+            let e = resume(&rec, &snap, &Strategies::default(), None).unwrap_err();
+            let Error::Refused(why) = &e else {
+                panic!("{kind}: {e}")
+            };
+            assert!(
+                why.contains("was rolling back") && why.contains("error rate 0.5"),
+                "{why}"
+            );
+            // Rolling it back is what finishes it.
+            assert!(rollback(&rec, &snap, &Strategies::default(), None).is_ok());
+        }
     }
 
     #[test]

@@ -118,6 +118,10 @@ pub struct Report {
     /// (none for other strategies).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<StageCheck>,
+    /// The last reading of an A/B experiment's test (none for other
+    /// strategies): the tallies, effect and p-value it was decided on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<crate::experiment::Reading>,
 }
 
 impl Report {
@@ -203,6 +207,9 @@ impl fmt::Display for Report {
             for e in &c.evidence {
                 writeln!(f, "    {e}")?;
             }
+        }
+        if let Some(r) = &self.experiment {
+            writeln!(f, "  experiment ({}): {r}", r.verdict)?;
         }
         Ok(())
     }

@@ -397,3 +397,65 @@ fn a_second_state_dir_cannot_deploy_instances_another_deployment_holds() {
     assert_eq!(env.local_release("web-1").as_deref(), Some("v2"));
     assert!(!marker("web-1").exists() && !marker("web-2").exists());
 }
+
+/// `kill -9` of a ramped deployment mid-ramp: `deploy --resume` goes on
+/// from the last step whose analysis passed — not from the first, never
+/// above the step being judged when it died — and finishes the ramp.
+#[test]
+fn a_ramp_killed_mid_way_resumes_from_its_last_passed_step() {
+    let prom = crate::util::answering(
+        r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1700000000,"0.001"]}]}}"#,
+    );
+    let cfg = format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18391\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18392\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\n\n\
+        [strategy]\nkind = \"ramped\"\n\n\
+        [strategy.canary]\ncheck_interval = \"100ms\"\nhealth_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [strategy.ramped]\nfrom = 20\nto = 100\nduration = \"2s\"\nstep_interval = \"500ms\"\n\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n"
+    );
+    let env = Env::new(&cfg);
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let weights = |journal: &[Value]| -> Vec<u64> {
+        journal
+            .iter()
+            .filter(|r| r["event"] == "analysis_result")
+            .filter_map(|r| r["weight"].as_u64())
+            .collect()
+    };
+    // The ramp is 20, 40, 60, 80, 100 %: killed while 60 % is judged, so
+    // the 40 % step had passed.
+    let mut deploy = env.spawn_deploy("v2", "the ramp's 60 % step", |r| {
+        r["event"] == "analysis_result" && r["weight"] == 60
+    });
+    deploy.kill().expect("SIGKILL");
+    deploy.wait().unwrap();
+    let killed = weights(&env.newest_journal());
+    assert!(killed.contains(&40) && killed.contains(&60), "{killed:?}");
+    let s = status(&env);
+    assert_eq!(s["deployment"]["history"]["outcome"], "interrupted", "{s}");
+
+    env.ok(&["-q", "deploy", "--resume"], 0);
+    let journal = env.newest_journal();
+    assert_eq!(journal[0]["kind"], "resume", "{}", journal[0]);
+    let resumed = weights(&journal);
+    let first = *resumed.first().expect("the resume analyses the ramp");
+    assert!(
+        first == 40 || first == 60,
+        "the resume starts at the last approved step, not at 20 % nor above the one judged: {resumed:?}"
+    );
+    assert!(
+        resumed.windows(2).all(|w| w[0] <= w[1]) && resumed.last() == Some(&100),
+        "then climbs the rest of the ramp: {resumed:?}"
+    );
+    assert_eq!(env.sim("stable-1")["release"], "v2");
+    assert_eq!(env.sim("canary-1")["running"], false, "the canary ends stopped");
+    let lb = env.lb();
+    assert_eq!(lb["weights"]["stable"], 100, "all traffic to stable: {lb}");
+    assert_eq!(
+        env.newest_journal().last().map(|r| r["outcome"].clone()),
+        Some(Value::from("succeeded"))
+    );
+}

@@ -46,7 +46,7 @@ fn spec(port: u16, track: &str, rate: &str) -> ProcessSpec {
 /// One failed checkout: when (since the users started), which user, what
 /// came back.
 #[derive(Debug, Clone)]
-struct Failure {
+pub(crate) struct Failure {
     at: Duration,
     user: usize,
     what: String,
@@ -55,7 +55,7 @@ struct Failure {
 /// A user: takes the sticky cookie nginx hands out on the first checkout,
 /// then checks out with it until `stop`, never sending a request twice;
 /// answers the failed ones.
-async fn user(http: Http, url: String, n: usize, stop: Arc<AtomicBool>, t0: Instant) -> Vec<Failure> {
+pub(crate) async fn user(http: Http, url: String, n: usize, stop: Arc<AtomicBool>, t0: Instant) -> Vec<Failure> {
     let mut cookie: Option<String> = None;
     let mut failed = Vec::new();
     let mut i = 0;

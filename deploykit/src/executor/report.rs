@@ -95,6 +95,7 @@ pub(crate) fn report(
         instances,
         duration,
         checks: Vec::new(),
+        experiment: None,
     }
 }
 

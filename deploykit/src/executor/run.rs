@@ -42,6 +42,8 @@ struct RunState {
     journal_warned: bool,
     /// The last analysis check of each canary stage, in stage order.
     checks: Vec<crate::report::StageCheck>,
+    /// The last reading of an experiment's test.
+    experiment: Option<crate::experiment::Reading>,
 }
 
 pub(super) struct Run<'a> {
@@ -140,6 +142,10 @@ impl<'a> Run<'a> {
                     Some(c) => *c = check,
                     None => checks.push(check),
                 }
+            }
+            EventKind::ExperimentReading { reading, .. } => {
+                tracing::debug!(deployment = %self.id, p_value = reading.p_value, "experiment reading");
+                self.lock().experiment = Some(*reading);
             }
             other => tracing::debug!(deployment = %self.id, event = ?other),
         }
@@ -468,12 +474,13 @@ impl<'a> Run<'a> {
     }
 
     fn finish(&self, abort: Option<String>) -> Report {
-        let (tracked, undo_failed, checks) = {
+        let (tracked, undo_failed, checks, experiment) = {
             let state = self.lock();
             (
                 state.tracked.clone(),
                 state.undo_failed.clone(),
                 state.checks.clone(),
+                state.experiment,
             )
         };
         let fleet: Vec<InstanceId> = self
@@ -491,7 +498,11 @@ impl<'a> Run<'a> {
             self.id.clone(),
             self.started.elapsed(),
         );
-        let report = Report { checks, ..report };
+        let report = Report {
+            checks,
+            experiment,
+            ..report
+        };
         self.emit(EventKind::DeploymentFinished {
             outcome: report.outcome,
             succeeded: report.succeeded().len(),

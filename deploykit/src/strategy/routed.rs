@@ -654,6 +654,7 @@ impl Strategy for Experiment {
                                 rules: self.rules,
                                 duration: self.duration,
                                 analysis: analysis.clone(),
+                                ran_for: Duration::ZERO,
                             },
                         ],
                     }],

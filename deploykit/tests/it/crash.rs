@@ -16,12 +16,16 @@ use std::time::Duration;
 
 use deploykit::bluegreen_state::{reconcile, Reconciled};
 use deploykit::recovery::{self, Recorded, Strategies};
+use deploykit::routing::{Capabilities, Capability, Match, Rule, ValueMatch};
 use deploykit::state::{Journal, JournalHeader, JournalOutcome, RunKind, StateDir};
 use deploykit::{
-    BlueGreen, Canary, CountOrPercent, Event, EventSink, Executor, FleetSnapshot, Group, InstanceId, KeepOld,
-    Metric, OutcomeKind, Plan, ReleaseId, Report, Rolling, RunOptions, StrategyKind,
+    BlueGreen, Canary, CountOrPercent, DarkLaunch, Event, EventSink, Executor, Experiment, FleetSnapshot,
+    Group, InstanceId, KeepOld, Metric, OutcomeKind, Plan, PromotionHandle, Ramped, ReleaseId, Report,
+    Rolling, RunOptions, Shadow, ShadowThen, StrategyKind,
 };
-use deploykit_testkit::{FakeFleet, FakeLiveStore, FakeMetrics, FakeSmokeTester};
+use deploykit_testkit::{
+    FakeFleet, FakeLiveStore, FakeMetrics, FakeSmokeTester, RoutingChange, RoutingEntry,
+};
 use futures::FutureExt as _;
 use proptest::prelude::*;
 
@@ -94,14 +98,35 @@ impl World {
         let fleet = match kind {
             StrategyKind::BlueGreen => FakeFleet::with_groups(&[("blue", n), ("green", n)]).live("blue"),
             StrategyKind::Canary => FakeFleet::with_groups(&[("stable", n), ("canary", 1)]),
+            k if routed(k) => FakeFleet::with_groups(&[("stable", n), ("canary", 1)])
+                .routing_capabilities(Capabilities::of(Capability::ALL)),
             _ => FakeFleet::new(n),
+        };
+        // Visits at 20 a second per group, the treatment converting better:
+        // an experiment finds it the winner within minutes.
+        let tally = |rate: f64| {
+            move |_t: Duration, window: Duration| {
+                let visits = VISITS_PER_SECOND * window.as_secs_f64();
+                deploykit::judge::Measured::Value(deploykit::experiment::Tally {
+                    visits,
+                    conversions: (visits * rate).round(),
+                })
+            }
         };
         let metrics = FakeMetrics::new()
             .set("stable", Metric::ErrorRate, 0.001)
             .set("stable", Metric::LatencyP99, 0.12)
             .set("stable", Metric::RequestCount, 28_500.0)
             .set("canary", Metric::ErrorRate, 0.001)
-            .set("canary", Metric::LatencyP99, 0.12);
+            .set("canary", Metric::LatencyP99, 0.12)
+            .script_tally("stable", tally(0.05))
+            .script_tally("canary", tally(0.08));
+        let canary = Canary {
+            stages: vec![50, 100],
+            stage_duration: Duration::from_secs(60),
+            check_interval: Duration::from_secs(30),
+            ..Canary::default()
+        };
         let strategies = Strategies {
             rolling: Rolling {
                 batch_size: CountOrPercent::Count(batch),
@@ -113,12 +138,37 @@ impl World {
                 warmup_requests: 2,
                 ..BlueGreen::default()
             },
-            canary: Canary {
-                stages: vec![50, 100],
-                stage_duration: Duration::from_secs(60),
-                check_interval: Duration::from_secs(30),
-                ..Canary::default()
+            ramped: Ramped {
+                base: canary.clone(),
+                from: 10,
+                to: 100,
+                duration: Duration::from_secs(90),
+                step_interval: Duration::from_secs(30),
+                ..Ramped::default()
             },
+            shadow: Shadow {
+                base: canary.clone(),
+                duration: SHADOW_DURATION,
+                then: ShadowThen::Canary,
+                ..Shadow::default()
+            },
+            dark_launch: DarkLaunch {
+                base: canary.clone(),
+                rules: vec![Rule {
+                    matches: Match::Header {
+                        name: "x-beta".into(),
+                        value: ValueMatch::Exact("1".into()),
+                    },
+                    group: g("canary"),
+                }],
+                timeout: None,
+            },
+            experiment: Experiment {
+                base: canary.clone(),
+                duration: Duration::from_secs(600),
+                ..Experiment::default()
+            },
+            canary,
             ..Strategies::default()
         };
         // Every record is fsynced: memory-backed storage keeps the matrix fast.
@@ -159,6 +209,19 @@ impl World {
             .metrics(Arc::new(self.metrics.clone()));
         if let Some(s) = sink {
             b = b.events(s);
+        }
+        if self.kind == StrategyKind::DarkLaunch {
+            // The testers promote the dark release a while after it waits;
+            // a fresh handle per run, as each process has its own.
+            let handle = PromotionHandle::new();
+            b = b.promotion(handle.clone());
+            tokio::spawn(async move {
+                loop {
+                    handle.wait_for_pause().await;
+                    tokio::time::sleep(Duration::from_secs(20)).await;
+                    handle.promote();
+                }
+            });
         }
         b.build().expect("valid executor")
     }
@@ -403,7 +466,7 @@ impl World {
                 assert_eq!(record.switching_to, None, "{ctx}: no switch left pending");
                 ids(live.as_str()).iter().for_each(on);
             }
-            StrategyKind::Canary => {
+            k if k == StrategyKind::Canary || routed(k) => {
                 ids("stable").iter().for_each(on);
                 let weights = self.fleet.load_balancer().weights();
                 let to_canary = weights.as_ref().and_then(|w| w.get(&g("canary")).copied());
@@ -428,6 +491,20 @@ impl World {
         }
         assert_eq!(self.fleet.routing_violations(), Vec::<String>::new(), "{ctx}");
     }
+}
+
+/// The tallies' visits per second and group.
+const VISITS_PER_SECOND: f64 = 20.0;
+
+/// How long the matrix's shadow is judged.
+const SHADOW_DURATION: Duration = Duration::from_secs(90);
+
+/// The strategies built on routing policies.
+fn routed(kind: StrategyKind) -> bool {
+    matches!(
+        kind,
+        StrategyKind::Ramped | StrategyKind::Shadow | StrategyKind::DarkLaunch | StrategyKind::Experiment
+    )
 }
 
 fn previous_of(snap: &FleetSnapshot) -> BTreeMap<InstanceId, Option<ReleaseId>> {
@@ -592,6 +669,275 @@ fn blue_green_recovers_from_a_kill_after_every_record() {
 #[test]
 fn canary_recovers_from_a_kill_after_every_record() {
     matrix(StrategyKind::Canary, 2, 1);
+}
+
+#[test]
+fn ramped_recovers_from_a_kill_after_every_record() {
+    matrix(StrategyKind::Ramped, 2, 1);
+}
+
+#[test]
+fn shadow_recovers_from_a_kill_after_every_record() {
+    matrix(StrategyKind::Shadow, 2, 1);
+}
+
+#[test]
+fn dark_launch_recovers_from_a_kill_after_every_record() {
+    matrix(StrategyKind::DarkLaunch, 2, 1);
+}
+
+#[test]
+fn experiment_recovers_from_a_kill_after_every_record() {
+    matrix(StrategyKind::Experiment, 2, 1);
+}
+
+/// A deployment killed after one of its records, then resumed to the end.
+struct Resumed {
+    /// The routing changes of the killed run, then of the resume.
+    killed_routing: Vec<RoutingEntry>,
+    resumed_routing: Vec<RoutingEntry>,
+    /// The events each journalled.
+    killed_events: Vec<Event>,
+    resumed_events: Vec<Event>,
+}
+
+/// Deploys `kind` over two stable instances and a canary, kills it after
+/// record `k`, resumes it and checks the fleet settled on v2.
+async fn kill_and_resume(kind: StrategyKind, k: u64) -> Resumed {
+    let w = World::new(kind, 2, 1);
+    let (_, _, report) = w.deploy(k).await;
+    assert!(report.is_none(), "{kind}: killed after record {k}");
+    let killed_events = w.state.latest().unwrap().expect("a journal").events;
+    let before = w.fleet.routing_history().len();
+    let (report, _) = w.recover(How::Resume).await;
+    let report = report.expect("a canary-shaped deployment resumes with a plan");
+    let ctx = format!("{kind}, killed after record {k}");
+    assert_eq!(report.outcome, OutcomeKind::Succeeded, "{ctx}:\n{report}");
+    w.assert_settled("v2", None, How::Resume, &ctx);
+    let mut routing = w.fleet.routing_history();
+    let resumed_routing = routing.split_off(before);
+    Resumed {
+        killed_routing: routing,
+        resumed_routing,
+        killed_events,
+        resumed_events: w.state.latest().unwrap().expect("a journal").events,
+    }
+}
+
+/// The canary's share at each traffic change.
+fn canary_shares(routing: &[RoutingEntry]) -> Vec<u8> {
+    routing
+        .iter()
+        .filter_map(|r| match &r.change {
+            RoutingChange::Weights(w) => Some(w.get(&g("canary")).copied().unwrap_or(0)),
+            RoutingChange::Policy(p) => Some(p.shares().get(&g("canary")).copied().unwrap_or(0)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A resumed ramp neither starts over nor climbs past what its analysis
+/// approved: its first share is the last one the killed run set, or the
+/// one before it when that one's step had not passed, and it goes on up
+/// the schedule from there.
+#[test]
+fn a_resumed_ramp_goes_on_from_its_last_passed_step() {
+    let schedule: Vec<u8> = World::new(StrategyKind::Ramped, 2, 1)
+        .strategies
+        .ramped
+        .schedule()
+        .unwrap()
+        .iter()
+        .map(|(p, _)| *p)
+        .collect();
+    assert_eq!(schedule, [10, 40, 70, 100]);
+    let total = records(StrategyKind::Ramped, 2, 1);
+    let mut mid_ramp = 0;
+    for k in 1..total {
+        let r = block_on(kill_and_resume(StrategyKind::Ramped, k));
+        let set: Vec<u8> = canary_shares(&r.killed_routing)
+            .into_iter()
+            .filter(|p| *p > 0)
+            .collect();
+        let again: Vec<u8> = canary_shares(&r.resumed_routing)
+            .into_iter()
+            .filter(|p| *p > 0)
+            .collect();
+        let ctx = format!("killed after record {k}: the killed run set {set:?}, the resume {again:?}");
+        let Some(&hi) = set.last() else {
+            assert_eq!(again, schedule, "{ctx}");
+            continue;
+        };
+        let lo = set[set.len().saturating_sub(2)];
+        let Some(&first) = again.first() else {
+            // Every step had passed: only the promotion was left.
+            assert_eq!(set, schedule, "{ctx}");
+            continue;
+        };
+        assert!(first == lo || first == hi, "{ctx}");
+        let at = schedule
+            .iter()
+            .position(|p| *p == first)
+            .expect("a point of the schedule");
+        assert_eq!(again, schedule[at..], "{ctx}");
+        mid_ramp += usize::from(first > schedule[0]);
+    }
+    assert!(mid_ramp >= 3, "only {mid_ramp} resumes went on mid-ramp");
+}
+
+/// A resumed shadow mirrors again for what is left of its duration: the
+/// time traffic was mirrored, over both runs, is the shadow's duration,
+/// plus at most the part of one check interval the kill cut short.
+#[test]
+fn a_resumed_shadow_mirrors_for_what_is_left_of_its_duration() {
+    let interval = World::new(StrategyKind::Shadow, 2, 1)
+        .strategies
+        .canary
+        .check_interval;
+    let total = records(StrategyKind::Shadow, 2, 1);
+    let mut split = 0;
+    for k in 1..total {
+        let r = block_on(kill_and_resume(StrategyKind::Shadow, k));
+        let mut mirrored = [Duration::ZERO; 2];
+        let mut since: Option<(usize, Duration)> = None;
+        let all = r
+            .killed_routing
+            .iter()
+            .map(|e| (0, e))
+            .chain(r.resumed_routing.iter().map(|e| (1, e)));
+        for (run, e) in all {
+            let mirrors = match &e.change {
+                RoutingChange::Policy(p) => p.mirror.is_some(),
+                RoutingChange::Weights(_) => false,
+                _ => continue,
+            };
+            if let Some((from_run, from)) = since.take() {
+                mirrored[from_run] += e.at - from;
+            }
+            if mirrors {
+                since = Some((run, e.at));
+            }
+        }
+        assert!(
+            since.is_none(),
+            "killed after record {k}: the mirror was never ended"
+        );
+        let sum = mirrored[0] + mirrored[1];
+        assert!(
+            sum >= SHADOW_DURATION && sum <= SHADOW_DURATION + interval,
+            "killed after record {k}: mirrored {mirrored:?}"
+        );
+        split += usize::from(mirrored[0] >= interval && !mirrored[1].is_zero());
+    }
+    assert!(split >= 2, "only {split} shadows were judged across both runs");
+}
+
+/// A dark launch killed before its promotion waits for one again; one
+/// killed after it goes on widening without asking twice.
+#[test]
+fn a_resumed_dark_launch_waits_for_promotion_only_if_it_had_not_come() {
+    let total = records(StrategyKind::DarkLaunch, 2, 1);
+    let (mut waited, mut went_on) = (0, 0);
+    let waits = |events: &[Event]| {
+        events
+            .iter()
+            .filter(|e| matches!(e.kind, deploykit::EventKind::AwaitingPromotion { .. }))
+            .count()
+    };
+    for k in 1..total {
+        let r = block_on(kill_and_resume(StrategyKind::DarkLaunch, k));
+        let promoted = r
+            .killed_events
+            .iter()
+            .any(|e| matches!(e.kind, deploykit::EventKind::Promoted { stage: 1 }));
+        let again = waits(&r.resumed_events);
+        if promoted {
+            assert_eq!(again, 0, "killed after record {k}, after the promotion");
+            went_on += 1;
+        } else {
+            assert_eq!(again, 1, "killed after record {k}, before the promotion");
+            waited += 1;
+        }
+        // Not promoted yet: dark again (the rules, no share) before any
+        // share of public traffic.
+        if !promoted {
+            let dark_first = r.resumed_routing.iter().find_map(|e| match &e.change {
+                RoutingChange::Policy(p) => {
+                    Some(!p.rules.is_empty() && p.shares().get(&g("canary")).copied().unwrap_or(0) == 0)
+                }
+                RoutingChange::Weights(w) if w.get(&g("canary")).copied().unwrap_or(0) > 0 => Some(false),
+                _ => None,
+            });
+            assert_eq!(
+                dark_first,
+                Some(true),
+                "killed after record {k}: {:?}",
+                r.resumed_routing
+            );
+        }
+    }
+    assert!(waited >= 3 && went_on >= 3, "{waited} waited, {went_on} went on");
+}
+
+/// A resumed experiment reads its tallies over its whole window: its first
+/// reading counts at least the visits of the time the killed run had
+/// already run it, so none are lost, and the treatment still wins.
+#[test]
+fn a_resumed_experiment_reads_its_whole_window() {
+    let total = records(StrategyKind::Experiment, 2, 1);
+    let mut resumed_mid_test = 0;
+    for k in 1..total {
+        let r = block_on(kill_and_resume(StrategyKind::Experiment, k));
+        let started = r.killed_events.iter().find_map(|e| match e.kind {
+            deploykit::EventKind::StepStarted {
+                step: deploykit::StepKind::Experiment,
+                rollback: false,
+                ..
+            } => Some(e.elapsed_ms),
+            _ => None,
+        });
+        let decided = r.killed_events.iter().any(|e| {
+            matches!(
+                e.kind,
+                deploykit::EventKind::StepFinished {
+                    step: deploykit::StepKind::Experiment,
+                    ..
+                }
+            )
+        });
+        let readings: Vec<(u64, deploykit::experiment::Reading)> = r
+            .resumed_events
+            .iter()
+            .filter_map(|e| match e.kind {
+                deploykit::EventKind::ExperimentReading { reading, elapsed_ms } => {
+                    Some((elapsed_ms, reading))
+                }
+                _ => None,
+            })
+            .collect();
+        let (Some(started), false) = (started, decided) else {
+            continue;
+        };
+        let ran_ms = r.killed_events.last().expect("events").elapsed_ms - started;
+        let (at_ms, first) = readings.first().copied().expect("the resumed experiment reads");
+        assert!(
+            at_ms >= ran_ms,
+            "killed after record {k}: read at {at_ms} ms, ran {ran_ms} ms"
+        );
+        let before = VISITS_PER_SECOND * (ran_ms / 1000) as f64;
+        assert!(
+            first.control.visits >= before && first.treatment.visits >= before,
+            "killed after record {k} ({ran_ms} ms in): {first:?}"
+        );
+        let last = readings.last().expect("readings").1;
+        assert_eq!(
+            last.verdict,
+            deploykit::experiment::Verdict::TreatmentWins,
+            "killed after record {k}"
+        );
+        resumed_mid_test += usize::from(ran_ms >= 30_000);
+    }
+    assert!(resumed_mid_test >= 2, "only {resumed_mid_test} resumes mid-test");
 }
 
 #[test]

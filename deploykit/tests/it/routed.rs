@@ -411,6 +411,13 @@ async fn a_clearly_better_treatment_wins_the_experiment_and_is_promoted() {
     let last = r.last().expect("readings");
     assert_eq!(last.verdict, deploykit::experiment::Verdict::TreatmentWins);
     assert!(last.p_value <= 0.05 && last.effect > 0.02, "{last:?}");
+    // The report carries the reading it was decided on, and shows it.
+    assert_eq!(report.experiment.as_ref(), Some(last));
+    let shown = report.to_string();
+    assert!(
+        shown.contains("experiment (the treatment wins): control ") && shown.contains("p = "),
+        "{shown}"
+    );
     // Decided early: no reading before min_samples, a winner long before
     // the 600 s.
     assert!(r.len() < 20, "{} readings", r.len());

@@ -76,7 +76,8 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
             rules,
             duration,
             analysis,
-        } => crate::gate::experiment(&gate, rules, *duration, analysis).await,
+            ran_for,
+        } => crate::gate::experiment(&gate, rules, *duration, *ran_for, analysis).await,
         other => unreachable!("{} is not a canary step", other.kind()),
     };
     let r = match r {

@@ -1,0 +1,236 @@
+//! A full `deploykit deploy` of `kind = "experiment"` through the CLI
+//! binary: two local demo-app instances the CLI starts from release
+//! directories (v1 converting 5 % of checkouts, v2 30 %), a real nginx
+//! splitting users sticky through its location include, a real Prometheus
+//! scraping the apps' counters, and 30 users checking out through nginx.
+//! The CLI finds v2 the winner, promotes it, prints the statistics and
+//! exits 0.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use deploykit::Metric;
+use serde_json::Value;
+use tokio::time::{sleep, Instant};
+
+use crate::experiment::user;
+use crate::harness::{free_ports, make_release, temp_dir, Http, KillOnDrop, Nginx};
+use crate::prometheus::{wait_for_value, PromServer};
+use crate::routing::write_routing_config;
+
+/// The `deploykit` binary the workspace's tests built beside this one.
+/// Cargo gives a package's tests the paths of its own binaries only, so
+/// this one is found in the target directory; a missing or stale one fails
+/// the test rather than testing old code.
+fn deploykit_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join("deploykit");
+    let fix = "build it first: `cargo build -p deploykit-cli` (scripts/test does, before this suite)";
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing; {fix}", bin.display()));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace");
+    let newest = ["deploykit/src", "deploykit-cli/src"]
+        .iter()
+        .map(|d| newest_file(&root.join(d)))
+        .max()
+        .expect("sources");
+    assert!(
+        newest <= built,
+        "{} is older than the sources; {fix}",
+        bin.display()
+    );
+    bin
+}
+
+/// The newest modification time of a file under `dir`.
+fn newest_file(dir: &Path) -> SystemTime {
+    let mut newest = SystemTime::UNIX_EPOCH;
+    for e in std::fs::read_dir(dir).expect("read a source directory") {
+        let e = e.expect("a directory entry");
+        let t = if e.file_type().expect("a file type").is_dir() {
+            newest_file(&e.path())
+        } else {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .expect("a modification time")
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+/// Release `id` in `builds`: the demo app and a `run` script starting it
+/// converting `rate` of its checkouts — the business metric is the
+/// release's, so the promoted stable converts as the treatment did.
+fn release(builds: &Path, id: &str, rate: &str) {
+    make_release(builds, id);
+    let run = builds.join(id).join("run");
+    std::fs::write(
+        &run,
+        format!("#!/bin/sh\nexec \"$(dirname \"$0\")/deploykit-demo-app\" --conversion-rate {rate} \"$@\"\n"),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Runs the CLI in `dir`; its exit code, stdout and stderr.
+async fn cli(bin: &Path, dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(bin)
+        .current_dir(dir)
+        .env_remove("DEPLOYKIT_CONFIG")
+        .env_remove("RUST_LOG")
+        .args(args)
+        .output()
+        .await
+        .expect("run deploykit");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The records of the newest journal under `state`.
+fn newest_journal(state: &Path) -> Vec<Value> {
+    let dir = state.join("shop").join("journal");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("the journal directory")
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let text = std::fs::read_to_string(files.last().expect("a journal")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_cli_experiment_on_real_nginx_and_prometheus_promotes_the_better_release() {
+    let nginx_bin = crate::require_binary!("nginx");
+    let prom_bin = crate::require_binary!("prometheus");
+    let bin = deploykit_binary();
+    let dir = temp_dir("dk-cli-experiment-");
+    let d = dir.path();
+    let builds = d.join("builds");
+    release(&builds, "v1", "0.05");
+    release(&builds, "v2", "0.30");
+    let ports = free_ports(3);
+    let (stable, canary, port) = (ports[0], ports[1], ports[2]);
+    write_routing_config(d, port);
+    let _kill = KillOnDrop(vec![d.join("instances/stable-1"), d.join("instances/canary-1")]);
+    let instance = |id: &str, port: u16, group: &str| {
+        format!(
+            "[[instances]]\nid = \"{id}\"\naddress = \"127.0.0.1:{port}\"\ngroup = \"{group}\"\n\
+             command = [\"./run\", \"--listen\", \"{{address}}\", \"--version\", \"{{release}}\", \"--track\", \"{group}\"]\n\n"
+        )
+    };
+    let ds = d.display();
+    let config = format!(
+        "app = \"shop\"\nreleases = \"builds\"\n\n\
+         [instance_defaults]\nroot = \"instances/{{id}}\"\nstop_grace = \"5s\"\n\n\
+         {}{}\
+         [load_balancer]\nkind = \"nginx\"\ninclude_file = \"{ds}/upstream.conf\"\nlocation_include = \"{ds}/location.conf\"\n\
+         upstream = \"app\"\nnginx_binary = \"{}\"\nnginx_config = \"{ds}/nginx.conf\"\nnginx_prefix = \"{ds}\"\npid_file = \"{ds}/nginx.pid\"\n\n\
+         [metrics]\nprometheus = \"PROMETHEUS\"\n\n\
+         [strategy]\nkind = \"experiment\"\n\n\
+         [strategy.canary]\ncheck_interval = \"1s\"\nwindow = \"5s\"\ninconclusive_limit = 10\n\
+         health_retries = 200\nhealth_interval = \"50ms\"\ndrain_timeout = \"2s\"\n\n\
+         [strategy.experiment]\ntreatment_percent = 50\nduration = \"25s\"\nalpha = 0.05\n\
+         min_detectable_effect = 0.05\nmin_samples = 200\n\n\
+         [strategy.rolling]\nhealth_retries = 200\nhealth_interval = \"50ms\"\nstabilisation = \"100ms\"\ndrain_timeout = \"2s\"\n\n\
+         [strategy.recreate]\nhealth_retries = 200\nhealth_interval = \"50ms\"\ndrain_timeout = \"2s\"\n\n\
+         [timeouts]\ndrain_poll = \"20ms\"\n",
+        instance("stable-1", stable, "stable"),
+        instance("canary-1", canary, "canary"),
+        nginx_bin.display(),
+    );
+    let targets = [format!("127.0.0.1:{stable}"), format!("127.0.0.1:{canary}")];
+    let prom = PromServer::start(&prom_bin, d, &targets).await;
+    std::fs::write(
+        d.join("deploykit.toml"),
+        config.replace("PROMETHEUS", &prom.url("")),
+    )
+    .unwrap();
+
+    // `setup` writes both owned includes (nginx is not running yet: exit 3),
+    // then nginx starts on them.
+    let (code, out, err) = cli(&bin, d, &["setup"]).await;
+    assert!(
+        d.join("upstream.conf").is_file() && d.join("location.conf").is_file(),
+        "setup exited {code}:\n{out}{err}"
+    );
+    let nginx = Nginx::start(&nginx_bin, d, port).await;
+    let (code, out, err) = cli(&bin, d, &["-q", "deploy", "v1", "--strategy", "recreate"]).await;
+    assert_eq!(code, 0, "v1 everywhere:\n{out}{err}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let http = Http::new();
+    let url = nginx.url("/api/checkout");
+    let users: Vec<_> = (0..30)
+        .map(|n| tokio::spawn(user(http.clone(), url.clone(), n, stop.clone(), Instant::now())))
+        .collect();
+    // The monitoring check before the experiment needs stable's metrics.
+    let source = prom.source();
+    let w = Duration::from_secs(5);
+    for metric in [Metric::ErrorRate, Metric::LatencyP99] {
+        wait_for_value(&source, metric, "stable", w).await;
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    while wait_for_value(&source, Metric::RequestCount, "stable", w).await <= 0.0 {
+        assert!(Instant::now() < end, "no stable requests counted within 20 s");
+        sleep(Duration::from_millis(200)).await;
+    }
+
+    let started = Instant::now();
+    let (code, out, err) = cli(&bin, d, &["deploy", "v2"]).await;
+    let took = started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let mut failed = 0;
+    for u in users {
+        failed += u.await.expect("a user").len();
+    }
+    eprintln!("deploy v2 took {took:?}; {failed} checkouts failed\n{out}");
+    assert_eq!(code, 0, "the experiment promotes v2:\n{out}{err}");
+    // The report shows the statistics the decision was made on.
+    assert!(out.contains("SUCCEEDED"), "{out}");
+    assert!(
+        out.contains("experiment (the treatment wins): control ") && out.contains("p = "),
+        "{out}"
+    );
+
+    // The journal holds every reading; the last decided it on the apps'
+    // own counters: about 5 % and 30 %.
+    let journal = newest_journal(&d.join(".deploykit"));
+    let readings: Vec<&Value> = journal
+        .iter()
+        .filter(|r| r["event"] == "experiment_reading")
+        .collect();
+    let last = &readings.last().expect("experiment readings in the journal")["reading"];
+    assert_eq!(last["verdict"]["verdict"], "treatment_wins", "{last}");
+    let rate = |v: &Value| v["conversions"].as_f64().unwrap() / v["visits"].as_f64().unwrap();
+    assert!(
+        last["control"]["visits"].as_f64().unwrap() >= 200.0
+            && last["treatment"]["visits"].as_f64().unwrap() >= 200.0,
+        "{last}"
+    );
+    assert!((0.02..0.10).contains(&rate(&last["control"])), "{last}");
+    assert!((0.20..0.40).contains(&rate(&last["treatment"])), "{last}");
+
+    // Promoted: every answer through nginx comes from v2 now.
+    let mut served = Vec::new();
+    for _ in 0..10 {
+        let a = http.get(&nginx.url("/")).await.expect("GET through nginx");
+        served.push(a.body.trim().to_string());
+    }
+    assert!(served.iter().all(|b| b == "v2"), "{served:?}");
+}
