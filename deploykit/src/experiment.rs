@@ -69,6 +69,36 @@ pub struct ExperimentRules {
     pub min_detectable_effect: f64,
     /// Visits each variant needs before any decision. Default 1000.
     pub min_samples: u64,
+    /// What happens when the experiment's time runs out with no
+    /// significant difference. Default [`NoDifference::KeepControl`].
+    pub on_no_difference: NoDifference,
+}
+
+/// The outcome of an experiment that ends with no significant difference.
+///
+/// Keeping the control is the safe reading of "we could not tell them
+/// apart"; promoting suits a treatment shipped for other reasons (a
+/// refactor, a cheaper dependency) where the experiment only has to show
+/// it converts no worse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoDifference {
+    /// Roll back: the control keeps every user.
+    #[default]
+    KeepControl,
+    /// Promote the treatment, provided each variant reached
+    /// [`ExperimentRules::min_samples`] visits and no guardrail broke;
+    /// with fewer visits the control stays, as nothing was measured.
+    Promote,
+}
+
+impl std::fmt::Display for NoDifference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NoDifference::KeepControl => "keep-control",
+            NoDifference::Promote => "promote",
+        })
+    }
 }
 
 /// The settings are compared as plain values; [`validate`](ExperimentRules::validate)
@@ -81,6 +111,7 @@ impl Default for ExperimentRules {
             alpha: 0.05,
             min_detectable_effect: 0.01,
             min_samples: 1000,
+            on_no_difference: NoDifference::KeepControl,
         }
     }
 }
@@ -129,6 +160,15 @@ pub enum Verdict {
     ControlWins,
 }
 
+impl Reading {
+    /// Whether both variants reached `rules.min_samples` visits, so the
+    /// test could decide at this reading.
+    pub fn has_samples(&self, rules: &ExperimentRules) -> bool {
+        let n = rules.min_samples as f64;
+        self.control.visits >= n && self.treatment.visits >= n
+    }
+}
+
 /// The test's state across readings (its running maximum of Λ).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct Sequential {
@@ -156,8 +196,8 @@ impl Sequential {
     /// Reads the test at cumulative tallies `control` and `treatment`.
     pub fn read(&mut self, rules: &ExperimentRules, control: Tally, treatment: Tally) -> Reading {
         let effect = treatment.rate() - control.rate();
-        let enough =
-            control.visits >= rules.min_samples as f64 && treatment.visits >= rules.min_samples as f64;
+        let n = rules.min_samples as f64;
+        let enough = control.visits >= n && treatment.visits >= n;
         let lambda = if enough {
             lambda(rules, control, treatment)
         } else {

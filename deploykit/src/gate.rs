@@ -286,17 +286,29 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// How an experiment that did not roll back ended.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ExperimentEnd {
+    /// The treatment won.
+    Won,
+    /// No significant difference, and the rules say promote: why, for
+    /// the operator.
+    PromotedWithoutDifference(String),
+}
+
 /// Runs an A/B experiment for at most `duration`: every `analysis.interval`
 /// a guardrail check (a breach rolls back, as in a canary stage), then the
 /// tallies since the start into the sequential test, emitted as an
-/// [`EventKind::ExperimentReading`]. `Ok` when the treatment wins.
+/// [`EventKind::ExperimentReading`]. `Ok` when the treatment wins, or when
+/// time runs out with no significant difference, enough visits and
+/// `on_no_difference = promote`.
 pub(crate) async fn experiment(
     ctx: &GateCtx<'_>,
     rules: &crate::experiment::ExperimentRules,
     duration: Duration,
     analysis: &Analysis,
-) -> Result<(), GateError> {
-    use crate::experiment::{Sequential, Verdict};
+) -> Result<ExperimentEnd, GateError> {
+    use crate::experiment::{NoDifference, Sequential, Verdict};
     let started = Instant::now();
     let state = Mutex::new((Sequential::default(), None));
     let tick = |elapsed: Duration| {
@@ -327,7 +339,7 @@ pub(crate) async fn experiment(
             });
             match reading.verdict {
                 Verdict::Continue => ControlFlow::Continue(()),
-                Verdict::TreatmentWins => ControlFlow::Break(Ok(())),
+                Verdict::TreatmentWins => ControlFlow::Break(Ok(ExperimentEnd::Won)),
                 Verdict::ControlWins => ControlFlow::Break(Err(GateError::NoWinner(format!(
                     "experiment: the control {} wins: {}",
                     analysis.stable,
@@ -341,19 +353,31 @@ pub(crate) async fn experiment(
         Ok(Some(decided)) => decided,
         Ok(None) => {
             let last = state.lock().expect("experiment state poisoned").1;
-            Err(GateError::NoWinner(match last {
-                Some(r) => format!(
-                    "experiment: no significant difference within {:.0}s, the control {} stays: {}",
-                    duration.as_secs_f64(),
+            let secs = duration.as_secs_f64();
+            match (last, rules.on_no_difference) {
+                (Some(r), NoDifference::Promote) if r.has_samples(rules) => {
+                    Ok(ExperimentEnd::PromotedWithoutDifference(format!(
+                        "experiment: no significant difference within {secs:.0}s; the treatment {} is promoted (on_no_difference = promote): {}",
+                        analysis.canary,
+                        describe(&r)
+                    )))
+                }
+                (Some(r), NoDifference::Promote) => Err(GateError::NoWinner(format!(
+                    "experiment: too few visits within {secs:.0}s to compare the variants ({} each needed), so the control {} stays although on_no_difference = promote: {}",
+                    rules.min_samples,
                     analysis.stable,
                     describe(&r)
-                ),
-                None => format!(
-                    "experiment: no visits and conversions could be read within {:.0}s; the control {} stays",
-                    duration.as_secs_f64(),
+                ))),
+                (Some(r), NoDifference::KeepControl) => Err(GateError::NoWinner(format!(
+                    "experiment: no significant difference within {secs:.0}s, the control {} stays: {}",
+                    analysis.stable,
+                    describe(&r)
+                ))),
+                (None, _) => Err(GateError::NoWinner(format!(
+                    "experiment: no visits and conversions could be read within {secs:.0}s; the control {} stays",
                     analysis.stable
-                ),
-            }))
+                ))),
+            }
         }
     }
 }

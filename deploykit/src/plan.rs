@@ -723,13 +723,17 @@ impl fmt::Display for Step {
                 analysis,
             } => write!(
                 f,
-                "experiment {} (treatment) against {} (control) for at most {}: winner at alpha {} once each has {} visits (check every {})",
+                "experiment {} (treatment) against {} (control) for at most {}: winner at alpha {} once each has {} visits (check every {}); no significant difference: {}",
                 analysis.canary,
                 analysis.stable,
                 secs(*duration),
                 rules.alpha,
                 rules.min_samples,
-                secs(analysis.interval)
+                secs(analysis.interval),
+                match rules.on_no_difference {
+                    crate::experiment::NoDifference::KeepControl => "keep the control",
+                    crate::experiment::NoDifference::Promote => "promote the treatment",
+                }
             ),
             other => match other.instance() {
                 Some(i) => write!(f, "{} {i}", other.kind()),

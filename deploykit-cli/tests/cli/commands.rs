@@ -881,9 +881,16 @@ fn an_experiment_plan_through_nginx_shows_the_test() {
         "experiment: 20 % of users on canary",
         "experiment canary (treatment) against stable (control) for at most 2",
         "alpha 0.01 once each has 500 visits",
+        "no significant difference: keep the control",
     ] {
         assert!(plan.contains(part), "{part} missing from:\n{plan}");
     }
+    let env = Env::new(&cfg.replace("alpha = 0.01\n", "alpha = 0.01\non_no_difference = \"promote\"\n"));
+    let plan = env.ok(&["plan", "v2"], 0);
+    assert!(
+        plan.contains("no significant difference: promote the treatment"),
+        "{plan}"
+    );
 }
 
 #[test]
@@ -900,6 +907,14 @@ fn experiment_settings_are_checked_naming_the_key() {
     crate::util::assert_has(&err, &["strategy.experiment.conversions"]);
     let err = crate::util::rejects(&experiment_config(prom, "alpha = 0.9\n"));
     crate::util::assert_has(&err, &["strategy.experiment.alpha"]);
+    let err = crate::util::rejects(&experiment_config(prom, "on_no_difference = \"ship-it\"\n"));
+    crate::util::assert_has(
+        &err,
+        &[
+            "unknown value `ship-it` in [strategy.experiment]",
+            "expected one of: keep-control, promote",
+        ],
+    );
     let err = crate::util::rejects(&experiment_config(prom, "color = \"red\"\n"));
     crate::util::assert_has(&err, &["color"]);
     let no_metrics =

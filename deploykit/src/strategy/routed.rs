@@ -541,9 +541,10 @@ impl Strategy for DarkLaunch {
 /// ([`MetricsSource::observe_tally`](crate::MetricsSource::observe_tally))
 /// go into an always-valid sequential test ([`crate::experiment`]), which
 /// can be read at every check without the bias of peeking. The treatment
-/// winning promotes it (stable moves to the release); the control winning,
-/// or no significant difference within [`duration`](Self::duration), rolls
-/// back and keeps the control. Each reading is an
+/// winning promotes it (stable moves to the release); the control winning
+/// rolls back and keeps the control; no significant difference within
+/// [`duration`](Self::duration) does what
+/// [`ExperimentRules::on_no_difference`] says (by default keep the control). Each reading is an
 /// [`EventKind::ExperimentReading`](crate::EventKind::ExperimentReading)
 /// (tallies, effect, p-value), and the rollback's reason carries the last.
 ///

@@ -447,6 +447,67 @@ async fn equal_variants_end_with_no_significant_difference_and_the_control_stays
 }
 
 #[tokio::test(start_paused = true)]
+async fn equal_variants_promote_the_treatment_when_on_no_difference_says_so() {
+    use deploykit::experiment::{ExperimentRules, NoDifference};
+    let promote = deploykit::Experiment {
+        rules: ExperimentRules {
+            on_no_difference: NoDifference::Promote,
+            ..ExperimentRules::default()
+        },
+        ..experiment()
+    };
+    let s = setup(every_capability(), converting(0.05, 0.05));
+    let report = s.deploy(&promote).await;
+    assert!(report.is_success(), "{report}\n{}", s.dump());
+    // It ran its whole time: no reading ever decided.
+    let r = readings(&s);
+    assert_eq!(r.len(), 60);
+    assert!(r
+        .iter()
+        .all(|x| x.verdict == deploykit::experiment::Verdict::Continue));
+    for id in STABLE {
+        assert_eq!(s.fleet.release_of(id), Some(v("v2")), "{id}");
+    }
+    // The promotion without a winner stands out, with its statistics.
+    let warned: Vec<String> = s
+        .log
+        .events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Warning { message, .. } => Some(message),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        warned
+            .iter()
+            .any(|m| m.contains("no significant difference within 600s")
+                && m.contains("on_no_difference = promote")
+                && m.contains("p = ")),
+        "{warned:?}"
+    );
+    s.assert_invariants(&report);
+
+    // Too few visits to compare is not "no difference": the control stays.
+    let few = deploykit::Experiment {
+        rules: ExperimentRules {
+            min_samples: 1_000_000,
+            ..promote.rules
+        },
+        ..promote.clone()
+    };
+    let s = setup(every_capability(), converting(0.05, 0.05));
+    let report = s.deploy(&few).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}");
+    let reason = report.reason.clone().unwrap_or_default();
+    assert!(reason.contains("too few visits"), "{reason}");
+    for id in STABLE {
+        assert_eq!(s.fleet.release_of(id), Some(v("v1")), "{id}");
+    }
+    s.assert_invariants(&report);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_worse_treatment_loses_and_a_guardrail_breach_rolls_back_first() {
     let s = setup(every_capability(), converting(0.05, 0.02));
     let report = s.deploy(&experiment()).await;

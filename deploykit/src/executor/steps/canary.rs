@@ -15,7 +15,7 @@ use crate::error::{DriverError, Error, Result};
 use crate::event::EventKind;
 use crate::executor::error::{Failure, StepError};
 use crate::executor::Inner;
-use crate::gate::{GateCtx, GateError};
+use crate::gate::{ExperimentEnd, GateCtx, GateError};
 use crate::plan::{Plan, Step};
 use crate::traits::Instance;
 
@@ -66,7 +66,13 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
             rules,
             duration,
             analysis,
-        } => crate::gate::experiment(&gate, rules, *duration, analysis).await,
+        } => match crate::gate::experiment(&gate, rules, *duration, analysis).await {
+            Ok(ExperimentEnd::Won) => Ok(()),
+            // Promoting without a difference is the operator's choice, but
+            // it must stand out from a win in the journal and the output.
+            Ok(ExperimentEnd::PromotedWithoutDifference(why)) => return (Ok(StepOk::Warning(why)), 1),
+            Err(e) => Err(e),
+        },
         other => unreachable!("{} is not a canary step", other.kind()),
     };
     let r = match r {
