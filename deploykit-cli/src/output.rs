@@ -134,6 +134,19 @@ impl EventSink for Human {
                 let who = instance.as_ref().map(|i| format!("{i}: ")).unwrap_or_default();
                 self.line(t, format!("  ! {who}{message}"));
             }
+            EventKind::RampingDown {
+                stage,
+                weight,
+                hold_ms,
+            } => {
+                self.line(
+                    t,
+                    format!(
+                        "  ↘ stage {stage} breached: canary stepped down to {weight}% for {:.0}s",
+                        *hold_ms as f64 / 1000.0
+                    ),
+                );
+            }
             EventKind::StageProgress {
                 stage,
                 of,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::analysis::{Analysis, Analyzer, JudgeInputs, Observations, Verdict};
+use crate::analysis::{Analysis, AnalysisMetric, Analyzer, CheckOutcome, JudgeInputs, Observations, Verdict};
 use crate::event::EventKind;
 use crate::judge::{ErrorRateJudge, LatencyJudge, Measured};
 use crate::promotion::PromotionHandle;
@@ -23,10 +23,19 @@ pub(crate) enum GateError {
     /// The deployment was cancelled.
     #[error("cancelled")]
     Cancelled,
-    /// The analyzer said roll back (a failed check, or too many
-    /// inconclusive ones in a row); its reason.
+    /// The analyzer said roll back (too many inconclusive checks in a
+    /// row, or a ramp-down that ended); its reason.
     #[error("{0}")]
     Rollback(String),
+    /// A check failed a rule.
+    #[error("{reason}")]
+    Failed {
+        /// The analyzer's reason.
+        reason: String,
+        /// How many times its limit the value was; `None` for the
+        /// sequential test, whose statistic is evidence, not size.
+        over_limit: Option<f64>,
+    },
     /// A stage ended without one check that passed.
     #[error("canary analysis inconclusive: no check passed during stage {stage} ({weight}%)")]
     Inconclusive {
@@ -53,6 +62,15 @@ pub(crate) enum GateError {
     /// bug gets here; fail safe).
     #[error("promotion handle closed")]
     HandleClosed,
+}
+
+impl GateError {
+    /// A failed check under `critical` times its limit: one a ramp-down
+    /// may answer gradually. Everything else (monitoring lost, an abort, a
+    /// breach at or over `critical` times its limit) cuts traffic at once.
+    pub(crate) fn is_mild(&self, critical: f64) -> bool {
+        matches!(self, GateError::Failed { over_limit: Some(x), .. } if *x < critical)
+    }
 }
 
 /// What a gate needs from the executor.
@@ -135,7 +153,13 @@ impl GateCtx<'_> {
     }
 
     /// One check: query, judge, record, emit.
-    async fn check(&self, stage: usize, of: usize, weight: u8, analysis: &Analysis) -> Result<(), GateError> {
+    pub(crate) async fn check(
+        &self,
+        stage: usize,
+        of: usize,
+        weight: u8,
+        analysis: &Analysis,
+    ) -> Result<(), GateError> {
         let requests = |canary: bool| async move {
             if analysis.rules.needs_request_count() {
                 Some(self.observe(Metric::RequestCount, analysis, canary).await)
@@ -167,6 +191,17 @@ impl GateCtx<'_> {
             (j, v, a.consecutive_inconclusive)
         };
         let outcome = judgement.outcome;
+        let over_limit = match &outcome {
+            CheckOutcome::Fail {
+                metric: AnalysisMetric::ErrorRateSequential,
+                ..
+            } => None,
+            CheckOutcome::Fail { value, threshold, .. } if *threshold > 0.0 => Some(value / threshold),
+            // Over a limit of 0, any value is infinitely over.
+            CheckOutcome::Fail { .. } => Some(f64::INFINITY),
+            _ => None,
+        };
+        let failed = matches!(outcome, CheckOutcome::Fail { .. });
         tracing::debug!(stage, weight, ?obs, %outcome, "canary check");
         let measurements = analysis.rules.measurements(&obs, &judgement.evidence);
         (self.emit)(EventKind::AnalysisResult {
@@ -179,6 +214,7 @@ impl GateCtx<'_> {
         });
         match verdict {
             Verdict::Continue => Ok(()),
+            Verdict::Rollback(reason) if failed => Err(GateError::Failed { reason, over_limit }),
             Verdict::Rollback(why) => Err(GateError::Rollback(why)),
         }
     }

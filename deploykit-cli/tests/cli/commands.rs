@@ -801,6 +801,16 @@ fn a_ramped_deployment_plans_its_curve_and_climbs_it() {
     ] {
         assert!(plan.contains(stage), "{stage} missing from:\n{plan}");
     }
+    assert!(!plan.contains("ramp down"), "{plan}");
+    let down = Env::new(&cfg.replace(
+        "step_interval = \"100ms\"\n",
+        "step_interval = \"100ms\"\nramp_down = \"300ms\"\nramp_down_critical = 3\n",
+    ));
+    let plan = down.ok(&["plan", "v2"], 0);
+    assert!(
+        plan.contains("at 60% for 0.100s (check every 0.100s); on a breach under 3x its limit, ramp down 45% 30% 15% over 0.300s, then roll back"),
+        "{plan}"
+    );
     env.ok(&["deploy", "v2"], 0);
     assert_eq!(env.sim("stable-1")["release"], "v2");
     assert_eq!(env.sim("canary-1")["running"], false, "the canary ends stopped");
