@@ -251,7 +251,7 @@ impl Ramped {
             }
         }
         // A share too small to step down from is simply cut.
-        (!steps.is_empty()).then(|| RampDown {
+        (!steps.is_empty()).then_some(RampDown {
             steps,
             critical: self.ramp_down_critical,
         })
