@@ -142,8 +142,8 @@ impl EventSink for Human {
                 self.line(
                     t,
                     format!(
-                        "  ↘ stage {stage} breached: canary stepped down to {weight}% for {:.0}s",
-                        *hold_ms as f64 / 1000.0
+                        "  ↘ stage {stage} breached: canary stepped down to {weight}% for {}",
+                        deploykit::duration_text::format(std::time::Duration::from_millis(*hold_ms))
                     ),
                 );
             }

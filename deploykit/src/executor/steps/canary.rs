@@ -146,8 +146,8 @@ async fn step_down(
     }
     let total: Duration = down.steps.iter().map(|s| s.hold).sum();
     GateError::Rollback(format!(
-        "{breach}; ramped down from {weight}% to {at}% over {:.0}s",
-        total.as_secs_f64()
+        "{breach}; ramped down from {weight}% to {at}% over {}",
+        crate::duration_text::format(total)
     ))
 }
 
