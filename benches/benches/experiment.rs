@@ -66,6 +66,7 @@ fn main() {
         alpha: 0.05,
         min_detectable_effect: 0.01,
         min_samples: 1000,
+        ..ExperimentRules::default()
     };
     let wall = std::time::Instant::now();
     println!("| effect (points) | sequential: winner found | right winner | visits per variant at the decision: median / p90 | fixed horizon, read once: visits for 80 % power | z-test read every check: winner found |");

@@ -76,6 +76,7 @@ async fn run(curve: RampCurve, from: u8, step: Duration, seed: u64) -> Row {
         duration: Duration::from_secs(600),
         step_interval: step,
         curve,
+        ..Ramped::default()
     };
     let stages = ramp.schedule().expect("valid ramp").len();
     let report = exec.deploy(&ramp, &ReleaseId::new("v2").unwrap()).await.unwrap();

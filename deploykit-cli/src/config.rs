@@ -530,6 +530,8 @@ pub(crate) struct ExperimentConfig {
     pub(crate) min_detectable_effect: f64,
     /// Visits each variant needs before any decision.
     pub(crate) min_samples: u64,
+    /// What "no significant difference" at the end does.
+    pub(crate) on_no_difference: deploykit::experiment::NoDifference,
     /// PromQL of a variant's visits, with `{group}` and `{window}`.
     pub(crate) visits: Option<String>,
     /// PromQL of a variant's conversions, with `{group}` and `{window}`.
@@ -546,6 +548,7 @@ impl Default for ExperimentConfig {
             alpha: lib.rules.alpha,
             min_detectable_effect: lib.rules.min_detectable_effect,
             min_samples: lib.rules.min_samples,
+            on_no_difference: lib.rules.on_no_difference,
             visits: None,
             conversions: None,
         }
@@ -637,6 +640,7 @@ impl Config {
                 alpha: e.alpha,
                 min_detectable_effect: e.min_detectable_effect,
                 min_samples: e.min_samples,
+                on_no_difference: e.on_no_difference,
             },
         }
     }

@@ -134,6 +134,19 @@ impl EventSink for Human {
                 let who = instance.as_ref().map(|i| format!("{i}: ")).unwrap_or_default();
                 self.line(t, format!("  ! {who}{message}"));
             }
+            EventKind::RampingDown {
+                stage,
+                weight,
+                hold_ms,
+            } => {
+                self.line(
+                    t,
+                    format!(
+                        "  ↘ stage {stage} breached: canary stepped down to {weight}% for {}",
+                        deploykit::duration_text::format(std::time::Duration::from_millis(*hold_ms))
+                    ),
+                );
+            }
             EventKind::StageProgress {
                 stage,
                 of,

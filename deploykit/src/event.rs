@@ -168,6 +168,16 @@ pub enum EventKind {
         #[serde(rename = "experiment_ms")]
         elapsed_ms: u64,
     },
+    /// After a breach that was not critical, the canary's share stepped
+    /// down one step of a ramp-down (the rollback follows the last).
+    RampingDown {
+        /// The canary stage whose analysis failed.
+        stage: usize,
+        /// The canary's share now, percent.
+        weight: u8,
+        /// How long it is held, milliseconds.
+        hold_ms: u64,
+    },
     /// A chaos entry's fault was injected.
     ChaosInjected {
         /// The entry's index in the canary's `chaos` list.

@@ -69,6 +69,36 @@ pub struct ExperimentRules {
     pub min_detectable_effect: f64,
     /// Visits each variant needs before any decision. Default 1000.
     pub min_samples: u64,
+    /// What happens when the experiment's time runs out with no
+    /// significant difference. Default [`NoDifference::KeepControl`].
+    pub on_no_difference: NoDifference,
+}
+
+/// The outcome of an experiment that ends with no significant difference.
+///
+/// Keeping the control is the safe reading of "we could not tell them
+/// apart"; promoting suits a treatment shipped for other reasons (a
+/// refactor, a cheaper dependency) where the experiment only has to show
+/// it converts no worse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoDifference {
+    /// Roll back: the control keeps every user.
+    #[default]
+    KeepControl,
+    /// Promote the treatment, provided each variant reached
+    /// [`ExperimentRules::min_samples`] visits and no guardrail broke;
+    /// with fewer visits the control stays, as nothing was measured.
+    Promote,
+}
+
+impl std::fmt::Display for NoDifference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NoDifference::KeepControl => "keep-control",
+            NoDifference::Promote => "promote",
+        })
+    }
 }
 
 /// The settings are compared as plain values; [`validate`](ExperimentRules::validate)
@@ -81,6 +111,7 @@ impl Default for ExperimentRules {
             alpha: 0.05,
             min_detectable_effect: 0.01,
             min_samples: 1000,
+            on_no_difference: NoDifference::KeepControl,
         }
     }
 }
@@ -139,6 +170,15 @@ impl std::fmt::Display for Verdict {
     }
 }
 
+impl Reading {
+    /// Whether both variants reached `rules.min_samples` visits, so the
+    /// test could decide at this reading.
+    pub fn has_samples(&self, rules: &ExperimentRules) -> bool {
+        let n = rules.min_samples as f64;
+        self.control.visits >= n && self.treatment.visits >= n
+    }
+}
+
 /// The test's state across readings (its running maximum of Λ).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct Sequential {
@@ -184,8 +224,8 @@ impl Sequential {
     /// Reads the test at cumulative tallies `control` and `treatment`.
     pub fn read(&mut self, rules: &ExperimentRules, control: Tally, treatment: Tally) -> Reading {
         let effect = treatment.rate() - control.rate();
-        let enough =
-            control.visits >= rules.min_samples as f64 && treatment.visits >= rules.min_samples as f64;
+        let n = rules.min_samples as f64;
+        let enough = control.visits >= n && treatment.visits >= n;
         let lambda = if enough {
             lambda(rules, control, treatment)
         } else {
@@ -215,6 +255,145 @@ impl Sequential {
             verdict,
         }
     }
+}
+
+/// What one reading of a test with several treatments says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "verdict")]
+pub enum ManyVerdict {
+    /// No treatment is significantly better, and not all are worse: keep
+    /// going.
+    Continue,
+    /// The treatment at `index` (in the order given) is the best of those
+    /// significantly better than the control.
+    TreatmentWins {
+        /// Its index among the treatments.
+        index: usize,
+    },
+    /// Every treatment is significantly worse than the control.
+    ControlWins,
+}
+
+/// One treatment against the control at a reading of [`ManySequential`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// The treatment's tally.
+    pub treatment: Tally,
+    /// Its rate minus the control's.
+    pub effect: f64,
+    /// The mixture likelihood ratio Λ of this comparison now.
+    pub lambda: f64,
+    /// Its always-valid p-value alone, `min(1, 1/max Λ)`.
+    pub p_value: f64,
+    /// The p-value after Holm's correction for the number of treatments:
+    /// the comparison is significant when this is at most `alpha`.
+    pub adjusted_p_value: f64,
+}
+
+/// One reading of [`ManySequential`]: the statistics per variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManyReading {
+    /// The control's tally.
+    pub control: Tally,
+    /// Each treatment against the control, in the order given.
+    pub treatments: Vec<Comparison>,
+    /// What it says.
+    pub verdict: ManyVerdict,
+}
+
+/// The sequential test of a control against several treatments, each
+/// compared with the control by the mSPRT of [`Sequential`], the
+/// comparisons corrected for their number with **Holm's step-down**
+/// procedure.
+///
+/// Without a correction, three treatments equal to the control give three
+/// chances of a false winner: nearly `3·alpha`. Bonferroni (each compared
+/// at `alpha/m`) bounds the chance of any false winner by `alpha`; Holm
+/// bounds it the same way, without assuming the comparisons independent
+/// (they are not: they share the control), and is never less powerful:
+/// once the smallest p-value passes `alpha/m`, the next is held to
+/// `alpha/(m-1)`, and so on. The always-valid p-values stay valid at any
+/// stopping time, so the corrected test, too, can be read at every check.
+/// With one treatment it is the two-variant test.
+///
+/// Worked number: p-values 0.010, 0.020, 0.040 at alpha 0.05 and m = 3.
+/// Bonferroni compares each with 0.0167 and keeps only the first; Holm
+/// compares 0.010 with 0.0167 (significant), 0.020 with 0.025
+/// (significant), 0.040 with 0.05 (significant): all three.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ManySequential {
+    max_lambda: Vec<f64>,
+}
+
+impl ManySequential {
+    /// Reads the test at cumulative tallies: the control's and each
+    /// treatment's, always in the same order. A comparison counts only
+    /// once both its variants have `rules.min_samples` visits.
+    pub fn read(&mut self, rules: &ExperimentRules, control: Tally, treatments: &[Tally]) -> ManyReading {
+        self.max_lambda.resize(treatments.len(), 0.0);
+        let n = rules.min_samples as f64;
+        let mut out: Vec<Comparison> = treatments
+            .iter()
+            .zip(self.max_lambda.iter_mut())
+            .map(|(t, max)| {
+                let l = if control.visits >= n && t.visits >= n {
+                    lambda(rules, control, *t)
+                } else {
+                    0.0
+                };
+                *max = max.max(l);
+                let p_value = if *max > 0.0 { (1.0 / *max).min(1.0) } else { 1.0 };
+                Comparison {
+                    treatment: *t,
+                    effect: t.rate() - control.rate(),
+                    lambda: l,
+                    p_value,
+                    adjusted_p_value: p_value,
+                }
+            })
+            .collect();
+        for (i, adjusted) in holm(&out.iter().map(|c| c.p_value).collect::<Vec<_>>())
+            .into_iter()
+            .enumerate()
+        {
+            out[i].adjusted_p_value = adjusted;
+        }
+        let significant = |c: &Comparison| c.adjusted_p_value <= rules.alpha;
+        let best = out
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| significant(c) && c.effect > 0.0)
+            .max_by(|(_, a), (_, b)| a.treatment.rate().total_cmp(&b.treatment.rate()))
+            .map(|(i, _)| i);
+        let verdict = match best {
+            Some(index) => ManyVerdict::TreatmentWins { index },
+            None if !out.is_empty() && out.iter().all(|c| significant(c) && c.effect < 0.0) => {
+                ManyVerdict::ControlWins
+            }
+            None => ManyVerdict::Continue,
+        };
+        ManyReading {
+            control,
+            treatments: out,
+            verdict,
+        }
+    }
+}
+
+/// Holm's adjusted p-values, in the order given: sorted ascending, the
+/// `k`-th (from 0) of `m` is multiplied by `m - k`, kept at least the one
+/// before it, capped at 1.
+pub fn holm(p: &[f64]) -> Vec<f64> {
+    let m = p.len();
+    let mut order: Vec<usize> = (0..m).collect();
+    order.sort_by(|a, b| p[*a].total_cmp(&p[*b]));
+    let mut out = vec![1.0; m];
+    let mut running: f64 = 0.0;
+    for (k, &i) in order.iter().enumerate() {
+        running = running.max(((m - k) as f64 * p[i]).min(1.0));
+        out[i] = running;
+    }
+    out
 }
 
 fn lambda(rules: &ExperimentRules, a: Tally, b: Tally) -> f64 {
@@ -325,6 +504,124 @@ mod tests {
         // 500/10000 vs 580/10000: z = 2.50, two-sided p = 0.0124.
         let p = fixed_horizon_p_value(tally(10_000.0, 0.05), tally(10_000.0, 0.058));
         assert!((p - 0.0124).abs() < 0.001, "{p}");
+    }
+
+    #[test]
+    fn holm_adjusts_step_down_as_the_worked_number_says() {
+        let adjusted = holm(&[0.040, 0.010, 0.020]);
+        // 0.010·3, then max(0.03, 0.020·2), then max(0.04, 0.040·1).
+        let expected = [0.04, 0.03, 0.04];
+        for (a, e) in adjusted.iter().zip(expected) {
+            assert!((a - e).abs() < 1e-12, "{adjusted:?}");
+        }
+        assert!(adjusted.iter().all(|a| *a <= 0.05));
+        // Bonferroni would keep only 0.010 (< 0.05/3).
+        assert_eq!(holm(&[0.9, 0.8]), [1.0, 1.0]);
+        assert!(holm(&[]).is_empty());
+    }
+
+    #[test]
+    fn the_best_significant_treatment_wins_among_several() {
+        let rules = ExperimentRules::default();
+        let mut s = ManySequential::default();
+        let r = s.read(
+            &rules,
+            tally(20_000.0, 0.05),
+            &[
+                tally(20_000.0, 0.05),
+                tally(20_000.0, 0.065),
+                tally(20_000.0, 0.08),
+            ],
+        );
+        assert_eq!(r.verdict, ManyVerdict::TreatmentWins { index: 2 }, "{r:?}");
+        assert!(r.treatments[1].adjusted_p_value <= 0.05, "{r:?}");
+        assert!(r.treatments[0].adjusted_p_value > 0.05, "{r:?}");
+        // Each adjusted p-value is at least its own.
+        assert!(r.treatments.iter().all(|c| c.adjusted_p_value >= c.p_value));
+        assert!((r.treatments[2].effect - 0.03).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_control_wins_only_when_every_treatment_is_worse() {
+        let rules = ExperimentRules::default();
+        let worse = ManySequential::default().read(
+            &rules,
+            tally(20_000.0, 0.08),
+            &[tally(20_000.0, 0.05), tally(20_000.0, 0.04)],
+        );
+        assert_eq!(worse.verdict, ManyVerdict::ControlWins);
+        let mixed = ManySequential::default().read(
+            &rules,
+            tally(20_000.0, 0.08),
+            &[tally(20_000.0, 0.05), tally(20_000.0, 0.08)],
+        );
+        assert_eq!(mixed.verdict, ManyVerdict::Continue);
+        // Too few visits for one comparison: it cannot be significant.
+        let few = ManySequential::default().read(&rules, tally(20_000.0, 0.05), &[tally(999.0, 0.5)]);
+        assert_eq!(few.verdict, ManyVerdict::Continue);
+        assert_eq!(few.treatments[0].p_value, 1.0);
+    }
+
+    #[test]
+    fn one_treatment_decides_as_the_two_variant_test() {
+        let rules = ExperimentRules::default();
+        let (mut one, mut many) = (Sequential::default(), ManySequential::default());
+        for visits in [2_000.0, 5_000.0, 10_000.0, 20_000.0] {
+            let (c, t) = (tally(visits, 0.05), tally(visits, 0.06));
+            let a = one.read(&rules, c, t);
+            let b = many.read(&rules, c, &[t]);
+            assert_eq!(a.p_value, b.treatments[0].adjusted_p_value);
+            assert_eq!(
+                a.verdict == Verdict::TreatmentWins,
+                b.verdict == (ManyVerdict::TreatmentWins { index: 0 }),
+                "at {visits}: {a:?} {b:?}"
+            );
+        }
+    }
+
+    /// Three treatments equal to the control, read every 500 visits up to
+    /// 20,000: how often is some treatment declared a winner? Holm keeps
+    /// it under alpha; the raw p-values (no correction) do not.
+    #[test]
+    fn holm_keeps_false_winners_under_alpha_where_no_correction_does_not() {
+        let rules = ExperimentRules::default();
+        // A small deterministic generator: the test must not be flaky.
+        let mut seed: u64 = 0x5eed_1234_abcd_0001;
+        let mut uniform = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let runs = 300;
+        let (mut corrected, mut raw) = (0, 0);
+        for _ in 0..runs {
+            let mut conv = [0.0f64; 4];
+            let mut test = ManySequential::default();
+            let (mut won, mut raw_won) = (false, false);
+            for look in 1..=40 {
+                // 500 more visits each, conversions at 5 % (a normal
+                // approximation of the binomial is plenty here).
+                for c in conv.iter_mut() {
+                    let z = (-2.0 * uniform().max(1e-300).ln()).sqrt()
+                        * (2.0 * std::f64::consts::PI * uniform()).cos();
+                    *c += (25.0 + z * (500.0f64 * 0.05 * 0.95).sqrt()).round().max(0.0);
+                }
+                let visits = 500.0 * f64::from(look);
+                let t = |c: f64| Tally {
+                    visits,
+                    conversions: c,
+                };
+                let r = test.read(&rules, t(conv[0]), &[t(conv[1]), t(conv[2]), t(conv[3])]);
+                won |= r.verdict != ManyVerdict::Continue;
+                raw_won |= r.treatments.iter().any(|c| c.p_value <= rules.alpha);
+            }
+            corrected += usize::from(won);
+            raw += usize::from(raw_won);
+        }
+        let (corrected, raw) = (corrected as f64 / runs as f64, raw as f64 / runs as f64);
+        assert!(corrected <= rules.alpha, "Holm: {corrected}");
+        assert!(raw > corrected, "raw {raw} vs Holm {corrected}");
     }
 
     #[test]

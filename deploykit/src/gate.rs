@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::analysis::{Analysis, Analyzer, JudgeInputs, Observations, Verdict};
+use crate::analysis::{Analysis, AnalysisMetric, Analyzer, CheckOutcome, JudgeInputs, Observations, Verdict};
 use crate::event::EventKind;
 use crate::judge::{ErrorRateJudge, LatencyJudge, Measured};
 use crate::promotion::PromotionHandle;
@@ -23,10 +23,19 @@ pub(crate) enum GateError {
     /// The deployment was cancelled.
     #[error("cancelled")]
     Cancelled,
-    /// The analyzer said roll back (a failed check, or too many
-    /// inconclusive ones in a row); its reason.
+    /// The analyzer said roll back (too many inconclusive checks in a
+    /// row, or a ramp-down that ended); its reason.
     #[error("{0}")]
     Rollback(String),
+    /// A check failed a rule.
+    #[error("{reason}")]
+    Failed {
+        /// The analyzer's reason.
+        reason: String,
+        /// How many times its limit the value was; `None` for the
+        /// sequential test, whose statistic is evidence, not size.
+        over_limit: Option<f64>,
+    },
     /// A stage ended without one check that passed.
     #[error("canary analysis inconclusive: no check passed during stage {stage} ({weight}%)")]
     Inconclusive {
@@ -73,6 +82,15 @@ pub(crate) enum GateError {
     /// bug gets here; fail safe).
     #[error("promotion handle closed")]
     HandleClosed,
+}
+
+impl GateError {
+    /// A failed check under `critical` times its limit: one a ramp-down
+    /// may answer gradually. Everything else (monitoring lost, an abort, a
+    /// breach at or over `critical` times its limit) cuts traffic at once.
+    pub(crate) fn is_mild(&self, critical: f64) -> bool {
+        matches!(self, GateError::Failed { over_limit: Some(x), .. } if *x < critical)
+    }
 }
 
 /// What a gate needs from the executor.
@@ -155,7 +173,13 @@ impl GateCtx<'_> {
     }
 
     /// One check: query, judge, record, emit.
-    async fn check(&self, stage: usize, of: usize, weight: u8, analysis: &Analysis) -> Result<(), GateError> {
+    pub(crate) async fn check(
+        &self,
+        stage: usize,
+        of: usize,
+        weight: u8,
+        analysis: &Analysis,
+    ) -> Result<(), GateError> {
         let requests = |canary: bool| async move {
             if analysis.rules.needs_request_count() {
                 Some(self.observe(Metric::RequestCount, analysis, canary).await)
@@ -187,6 +211,17 @@ impl GateCtx<'_> {
             (j, v, a.consecutive_inconclusive)
         };
         let outcome = judgement.outcome;
+        let over_limit = match &outcome {
+            CheckOutcome::Fail {
+                metric: AnalysisMetric::ErrorRateSequential,
+                ..
+            } => None,
+            CheckOutcome::Fail { value, threshold, .. } if *threshold > 0.0 => Some(value / threshold),
+            // Over a limit of 0, any value is infinitely over.
+            CheckOutcome::Fail { .. } => Some(f64::INFINITY),
+            _ => None,
+        };
+        let failed = matches!(outcome, CheckOutcome::Fail { .. });
         tracing::debug!(stage, weight, ?obs, %outcome, "canary check");
         let measurements = analysis.rules.measurements(&obs, &judgement.evidence);
         (self.emit)(EventKind::AnalysisResult {
@@ -199,6 +234,7 @@ impl GateCtx<'_> {
         });
         match verdict {
             Verdict::Continue => Ok(()),
+            Verdict::Rollback(reason) if failed => Err(GateError::Failed { reason, over_limit }),
             Verdict::Rollback(why) => Err(GateError::Rollback(why)),
         }
     }
@@ -311,10 +347,22 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// How an experiment that did not roll back ended.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ExperimentEnd {
+    /// The treatment won.
+    Won,
+    /// No significant difference, and the rules say promote: why, for
+    /// the operator.
+    PromotedWithoutDifference(String),
+}
+
 /// Runs an A/B experiment for at most `duration`: every `analysis.interval`
 /// a guardrail check (a breach rolls back, as in a canary stage), then the
 /// tallies since the start into the sequential test, emitted as an
-/// [`EventKind::ExperimentReading`]. `Ok` when the treatment wins.
+/// [`EventKind::ExperimentReading`]. `Ok` when the treatment wins, or when
+/// time runs out with no significant difference, enough visits and
+/// `on_no_difference = promote`.
 ///
 /// A resumed experiment had already run for `ran_for`: its tallies are read
 /// over that time too, so no visit is lost, and the test restarts on them.
@@ -328,8 +376,8 @@ pub(crate) async fn experiment(
     duration: Duration,
     ran_for: Duration,
     analysis: &Analysis,
-) -> Result<(), GateError> {
-    use crate::experiment::{Sequential, Verdict};
+) -> Result<ExperimentEnd, GateError> {
+    use crate::experiment::{NoDifference, Sequential, Verdict};
     let started = Instant::now();
     let left = duration.saturating_sub(ran_for).max(analysis.interval);
     let state = Mutex::new((Sequential::default(), None));
@@ -362,7 +410,7 @@ pub(crate) async fn experiment(
             });
             match reading.verdict {
                 Verdict::Continue => ControlFlow::Continue(()),
-                Verdict::TreatmentWins => ControlFlow::Break(Ok(())),
+                Verdict::TreatmentWins => ControlFlow::Break(Ok(ExperimentEnd::Won)),
                 Verdict::ControlWins => ControlFlow::Break(Err(GateError::NoWinner(format!(
                     "experiment: the control {} wins: {}",
                     analysis.stable,
@@ -376,19 +424,31 @@ pub(crate) async fn experiment(
         Ok(Some(decided)) => decided,
         Ok(None) => {
             let last = state.lock().expect("experiment state poisoned").1;
-            Err(GateError::NoWinner(match last {
-                Some(r) => format!(
-                    "experiment: no significant difference within {:.0}s, the control {} stays: {}",
-                    duration.as_secs_f64(),
+            let secs = duration.as_secs_f64();
+            match (last, rules.on_no_difference) {
+                (Some(r), NoDifference::Promote) if r.has_samples(rules) => {
+                    Ok(ExperimentEnd::PromotedWithoutDifference(format!(
+                        "experiment: no significant difference within {secs:.0}s; the treatment {} is promoted (on_no_difference = promote): {}",
+                        analysis.canary,
+                        describe(&r)
+                    )))
+                }
+                (Some(r), NoDifference::Promote) => Err(GateError::NoWinner(format!(
+                    "experiment: too few visits within {secs:.0}s to compare the variants ({} each needed), so the control {} stays although on_no_difference = promote: {}",
+                    rules.min_samples,
                     analysis.stable,
                     describe(&r)
-                ),
-                None => format!(
-                    "experiment: no visits and conversions could be read within {:.0}s; the control {} stays",
-                    duration.as_secs_f64(),
+                ))),
+                (Some(r), NoDifference::KeepControl) => Err(GateError::NoWinner(format!(
+                    "experiment: no significant difference within {secs:.0}s, the control {} stays: {}",
+                    analysis.stable,
+                    describe(&r)
+                ))),
+                (None, _) => Err(GateError::NoWinner(format!(
+                    "experiment: no visits and conversions could be read within {secs:.0}s; the control {} stays",
                     analysis.stable
-                ),
-            }))
+                ))),
+            }
         }
     }
 }

@@ -191,8 +191,8 @@ pub use lb::NoLoadBalancer;
 pub use names::{Address, Group, InstanceId, ReleaseId};
 pub use plan::{
     compensation_steps, idle_steps, retirement_steps, AbortFailure, AbortStep, AbortWhen, FailurePolicy,
-    FleetSnapshot, HealthCheck, InstanceProgress, InstanceSnapshot, InstanceUndo, Plan, Projection, Stage,
-    Step, Unit,
+    FleetSnapshot, HealthCheck, InstanceProgress, InstanceSnapshot, InstanceUndo, Plan, Projection, RampDown,
+    RampDownStep, Stage, Step, Unit,
 };
 pub use promotion::{PromotionHandle, PromotionState};
 pub use report::{InstanceReport, InstanceStatus, OutcomeKind, Report, StageCheck};

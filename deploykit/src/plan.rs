@@ -430,6 +430,11 @@ pub enum Step {
         /// Faults injected during the stage (a chaos drill); none by default.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         chaos: Vec<crate::chaos::ChaosStep>,
+        /// How traffic leaves the canary after a breach that is not
+        /// critical (a ramped stage with `ramp_down`); `None` rolls back at
+        /// once.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ramp_down: Option<RampDown>,
     },
     /// Wait for a manual promotion through the executor's
     /// [`PromotionHandle`](crate::PromotionHandle), analysing all the while;
@@ -569,6 +574,51 @@ pub enum Step {
     },
 }
 
+/// A gradual way out of a canary stage after a breach: the canary's share
+/// steps down, each step held while the analysis keeps checking, before the
+/// rollback takes the rest. A check failing at [`critical`](Self::critical)
+/// times its limit or more, monitoring lost (the inconclusive limit), an
+/// abort, or a weight change that fails cuts traffic at once instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RampDown {
+    /// The steps, in order, each below the one before and above 0.
+    pub steps: Vec<RampDownStep>,
+    /// A failed check whose value is at least this many times its limit
+    /// is critical (the sequential error-rate test, whose statistic is
+    /// evidence rather than size, never is); at least 1.
+    pub critical: f64,
+}
+
+/// [`RampDown::critical`] is checked finite when the plan is built, so
+/// equality is total for every planned value.
+impl Eq for RampDown {}
+
+/// One step of a [`RampDown`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RampDownStep {
+    /// The canary's share, percent.
+    pub percent: u8,
+    /// The split that gives it.
+    pub weights: Vec<GroupWeight>,
+    /// How long it is held.
+    #[serde(with = "crate::duration_ms")]
+    pub hold: Duration,
+}
+
+impl fmt::Display for RampDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let total: Duration = self.steps.iter().map(|s| s.hold).sum();
+        let points: Vec<String> = self.steps.iter().map(|s| format!("{}%", s.percent)).collect();
+        write!(
+            f,
+            "on a breach under {}x its limit, ramp down {} over {}, then roll back",
+            self.critical,
+            points.join(" "),
+            secs(total)
+        )
+    }
+}
+
 impl Step {
     /// The step's kind (`drain`, `install`, …).
     pub fn kind(&self) -> StepKind {
@@ -673,6 +723,7 @@ impl fmt::Display for Step {
                 duration,
                 analysis,
                 chaos,
+                ramp_down,
             } => {
                 write!(
                     f,
@@ -680,6 +731,9 @@ impl fmt::Display for Step {
                     secs(*duration),
                     secs(analysis.interval)
                 )?;
+                if let Some(r) = ramp_down {
+                    write!(f, "; {r}")?;
+                }
                 for c in chaos {
                     write!(f, "; chaos[{}]: {c}", c.entry)?;
                 }
@@ -735,13 +789,17 @@ impl fmt::Display for Step {
             } => {
                 write!(
                     f,
-                    "experiment {} (treatment) against {} (control) for at most {}: winner at alpha {} once each has {} visits (check every {})",
+                    "experiment {} (treatment) against {} (control) for at most {}: winner at alpha {} once each has {} visits (check every {}); no significant difference: {}",
                     analysis.canary,
                     analysis.stable,
                     secs(*duration),
                     rules.alpha,
                     rules.min_samples,
-                    secs(analysis.interval)
+                    secs(analysis.interval),
+                    match rules.on_no_difference {
+                        crate::experiment::NoDifference::KeepControl => "keep the control",
+                        crate::experiment::NoDifference::Promote => "promote the treatment",
+                    }
                 )?;
                 if !ran_for.is_zero() {
                     write!(f, ", resumed {} in", secs(*ran_for))?;

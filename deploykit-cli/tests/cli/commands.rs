@@ -801,6 +801,16 @@ fn a_ramped_deployment_plans_its_curve_and_climbs_it() {
     ] {
         assert!(plan.contains(stage), "{stage} missing from:\n{plan}");
     }
+    assert!(!plan.contains("ramp down"), "{plan}");
+    let down = Env::new(&cfg.replace(
+        "step_interval = \"100ms\"\n",
+        "step_interval = \"100ms\"\nramp_down = \"300ms\"\nramp_down_critical = 3\n",
+    ));
+    let plan = down.ok(&["plan", "v2"], 0);
+    assert!(
+        plan.contains("at 60% for 0.100s (check every 0.100s); on a breach under 3x its limit, ramp down 45% 30% 15% over 0.300s, then roll back"),
+        "{plan}"
+    );
     env.ok(&["deploy", "v2"], 0);
     assert_eq!(env.sim("stable-1")["release"], "v2");
     assert_eq!(env.sim("canary-1")["running"], false, "the canary ends stopped");
@@ -814,6 +824,58 @@ fn a_ramped_deployment_plans_its_curve_and_climbs_it() {
         weights.windows(2).all(|w| w[0] <= w[1]) && weights.contains(&60),
         "{weights:?}"
     );
+}
+
+/// 1.5 % errors for the canary (1.5 times the 1 % limit: a breach, not a
+/// critical one), 0.1 % for stable.
+fn canary_mildly_failing(request: &str) -> f64 {
+    if request.contains("%22canary%22") {
+        0.015
+    } else {
+        0.001
+    }
+}
+
+#[test]
+fn a_ramped_deployment_with_ramp_down_steps_down_after_a_mild_breach() {
+    let prom = crate::util::prometheus(canary_mildly_failing);
+    let cfg = format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18395\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18396\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\n\n\
+        [strategy]\nkind = \"ramped\"\n\n\
+        [strategy.canary]\ncheck_interval = \"100ms\"\nhealth_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [strategy.ramped]\nfrom = 20\nto = 100\nduration = \"400ms\"\nstep_interval = \"100ms\"\nramp_down = \"300ms\"\n\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n"
+    );
+    let env = Env::new(&cfg);
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let (code, out, err) = env.run(&["deploy", "v2"]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    crate::util::assert_has(
+        &out,
+        &[
+            "stage 1 breached: canary stepped down to 15% for 100ms",
+            "canary stepped down to 5% for 100ms",
+            "ramped down from 20% to 5% over 300ms",
+        ],
+    );
+    assert_eq!(env.sim("stable-1")["release"], "v1");
+    let journal = env.newest_journal();
+    let down: Vec<u64> = journal
+        .iter()
+        .filter(|r| r["event"] == "ramping_down")
+        .filter_map(|r| r["weight"].as_u64())
+        .collect();
+    assert_eq!(down, [15, 10, 5], "the way down from the breached 20 %");
+    // Each step down was checked by the analysis at its own share.
+    let checked: Vec<u64> = journal
+        .iter()
+        .filter(|r| r["event"] == "analysis_result")
+        .filter_map(|r| r["weight"].as_u64())
+        .collect();
+    assert!([15, 10, 5].iter().all(|w| checked.contains(w)), "{checked:?}");
 }
 
 /// An experiment on the simulated fleet whose Prometheus stand-in answers
@@ -881,9 +943,16 @@ fn an_experiment_plan_through_nginx_shows_the_test() {
         "experiment: 20 % of users on canary",
         "experiment canary (treatment) against stable (control) for at most 2",
         "alpha 0.01 once each has 500 visits",
+        "no significant difference: keep the control",
     ] {
         assert!(plan.contains(part), "{part} missing from:\n{plan}");
     }
+    let env = Env::new(&cfg.replace("alpha = 0.01\n", "alpha = 0.01\non_no_difference = \"promote\"\n"));
+    let plan = env.ok(&["plan", "v2"], 0);
+    assert!(
+        plan.contains("no significant difference: promote the treatment"),
+        "{plan}"
+    );
 }
 
 #[test]
@@ -900,6 +969,14 @@ fn experiment_settings_are_checked_naming_the_key() {
     crate::util::assert_has(&err, &["strategy.experiment.conversions"]);
     let err = crate::util::rejects(&experiment_config(prom, "alpha = 0.9\n"));
     crate::util::assert_has(&err, &["strategy.experiment.alpha"]);
+    let err = crate::util::rejects(&experiment_config(prom, "on_no_difference = \"ship-it\"\n"));
+    crate::util::assert_has(
+        &err,
+        &[
+            "unknown value `ship-it` in [strategy.experiment]",
+            "expected one of: keep-control, promote",
+        ],
+    );
     let err = crate::util::rejects(&experiment_config(prom, "color = \"red\"\n"));
     crate::util::assert_has(&err, &["color"]);
     let no_metrics =

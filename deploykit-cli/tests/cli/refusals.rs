@@ -421,6 +421,16 @@ fn routed_strategy_sections_name_the_key_at_fault() {
             "[strategy.shadow]\nmethods = [\"GET\", \"POST\"]\n",
             "strategy.shadow.methods",
         ),
+        (
+            "ramped",
+            "[strategy.ramped]\nramp_down = \"10ms\"\n",
+            "strategy.ramped.ramp_down",
+        ),
+        (
+            "ramped",
+            "[strategy.ramped]\nramp_down = \"1m\"\nramp_down_critical = 0.5\n",
+            "strategy.ramped.ramp_down_critical",
+        ),
         ("dark-launch", "", "strategy.dark-launch.rules"),
     ] {
         let err = rejects(&routed(strategy, section));

@@ -192,6 +192,7 @@ async fn run(treatment_rate: &str, duration: Duration) -> Option<Outcome> {
             alpha: 0.05,
             min_detectable_effect: 0.05,
             min_samples: 200,
+            ..ExperimentRules::default()
         },
     };
 

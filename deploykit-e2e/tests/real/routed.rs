@@ -201,6 +201,7 @@ async fn a_ramp_through_real_nginx_moves_the_observed_share_along_its_curve() {
         duration: Duration::from_secs(3),
         step_interval: Duration::from_secs(1),
         curve: RampCurve::Linear,
+        ..Ramped::default()
     };
     let url = s.nginx.url("/");
     let http = Http::new();

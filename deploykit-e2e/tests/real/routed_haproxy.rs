@@ -272,6 +272,7 @@ async fn a_ramp_through_real_haproxy_fails_no_request_of_a_keep_alive_client_tha
         duration: Duration::from_secs(2),
         step_interval: Duration::from_millis(500),
         curve: RampCurve::Linear,
+        ..Ramped::default()
     };
     let exec = s.executor(None);
     let samples = s.deploy_under_load(&exec, &ramp).await;

@@ -359,6 +359,7 @@ impl Canary {
                     duration: self.stage_duration,
                     analysis: analysis.clone(),
                     chaos: self.chaos_steps(stage),
+                    ramp_down: None,
                 });
                 if let Promotion::Manual { timeout } = self.promotion {
                     if stage < of {

@@ -13,12 +13,16 @@ use super::Canary;
 use crate::error::{Error, Result};
 use crate::experiment::ExperimentRules;
 use crate::names::ReleaseId;
-use crate::plan::{FleetSnapshot, Plan, Stage, Step, Unit};
+use crate::plan::{FleetSnapshot, Plan, RampDown, RampDownStep, Stage, Step, Unit};
 use crate::routing::{Mirror, RoutingError, Rule, Split, Sticky, TrafficPolicy};
 use crate::traits::{GroupWeight, Strategy};
 
 /// More steps than this make a plan nobody reads: lengthen `step_interval`.
 const MAX_RAMP_STEPS: u128 = 1000;
+
+/// A ramp-down takes one step per check interval, up to this many: more
+/// would not be seen by the analysis, and ten already reads as a slope.
+const MAX_RAMP_DOWN_STEPS: u32 = 10;
 
 /// How a ramp's share grows between `from` and `to`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -36,7 +40,8 @@ pub enum RampCurve {
 /// from [`from`](Self::from) % to [`to`](Self::to) % over
 /// [`duration`](Self::duration), a step every
 /// [`step_interval`](Self::step_interval), with the canary analysis running
-/// all the way; a breach rolls back at once (all traffic to stable).
+/// all the way; a breach rolls back at once (all traffic to stable), or,
+/// with [`ramp_down`](Self::ramp_down), steps the share down first.
 ///
 /// The plan holds one stage per step of the curve, each a weight change and
 /// an analysis for one `step_interval` (steps that round to the same
@@ -62,7 +67,7 @@ pub enum RampCurve {
 /// assert_eq!(points, [10, 28, 46, 64, 82, 100]);
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Ramped {
     /// Groups, analysis, health, gates and finalize (the CLI fills it from
@@ -82,7 +87,24 @@ pub struct Ramped {
     pub step_interval: Duration,
     /// Linear (default) or exponential.
     pub curve: RampCurve,
+    /// After a breach that is not critical, step the canary's share down
+    /// to 0 over this long, one step per `check_interval` (at most 10),
+    /// the analysis checking all the way, then roll back; `None` (the
+    /// default) rolls back at once. At least `check_interval`.
+    #[serde(
+        with = "crate::duration_text::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ramp_down: Option<Duration>,
+    /// A failed check at this many times its limit or more is critical:
+    /// traffic is cut at once even with `ramp_down`, before or during the
+    /// ramp-down. At least 1. Default 2.
+    pub ramp_down_critical: f64,
 }
+
+/// The settings are compared as plain values; [`Ramped::validate`] refuses
+/// a NaN `ramp_down_critical`, so equality is total for every checked value.
+impl Eq for Ramped {}
 
 impl Default for Ramped {
     fn default() -> Self {
@@ -93,6 +115,8 @@ impl Default for Ramped {
             duration: Duration::from_secs(30 * 60),
             step_interval: Duration::from_secs(60),
             curve: RampCurve::Linear,
+            ramp_down: None,
+            ramp_down_critical: 2.0,
         }
     }
 }
@@ -104,8 +128,10 @@ impl Ramped {
     /// [`Error::InvalidInput`] naming the field: `from` (outside 1-99), `to`
     /// (not above `from`, or above 100), `duration` or `step_interval` (0,
     /// or an interval longer than the duration or shorter than the
-    /// analysis's `check_interval`, or more than 1000 steps), or a field of
-    /// [`base`](Self::base) ([`Canary::validate`]).
+    /// analysis's `check_interval`, or more than 1000 steps), `ramp_down`
+    /// (shorter than `check_interval`, or with a flag), `ramp_down_critical`
+    /// (below 1 or not a number), or a field of [`base`](Self::base)
+    /// ([`Canary::validate`]).
     pub fn validate(&self) -> Result<()> {
         self.base.validate()?;
         if !(1..=99).contains(&self.from) {
@@ -164,7 +190,71 @@ impl Ramped {
                 ),
             ));
         }
+        if let Some(down) = self.ramp_down {
+            if down < self.base.check_interval {
+                return Err(Error::invalid(
+                    "ramp_down",
+                    format!(
+                        "{} is shorter than the analysis's check_interval ({}), so no step down would be checked; lengthen it, or omit it to roll back at once",
+                        crate::duration_text::format(down),
+                        crate::duration_text::format(self.base.check_interval)
+                    ),
+                ));
+            }
+            if let Some(flag) = &self.base.flag {
+                return Err(Error::invalid(
+                    "ramp_down",
+                    format!(
+                        "cannot step down the share of flag {flag}, which follows the weights; omit ramp_down (the flag is killed at once on a breach) or the flag"
+                    ),
+                ));
+            }
+        }
+        if !(self.ramp_down_critical >= 1.0 && self.ramp_down_critical.is_finite()) {
+            return Err(Error::invalid(
+                "ramp_down_critical",
+                format!(
+                    "{} is not a number of at least 1; a breach this many times over its limit cuts traffic at once, e.g. 2",
+                    self.ramp_down_critical
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// The way down from a stage at `weight` % after a breach that is not
+    /// critical: `None` without [`ramp_down`](Self::ramp_down). The share
+    /// falls linearly from `weight` towards 0 over `ramp_down`, one step
+    /// per `check_interval` (at most 10); steps that round to the same
+    /// percent are merged, and the rollback takes the last step to 0; a
+    /// share of 1 % has no step below it, so it is cut at once.
+    pub fn ramp_down_at(&self, weight: u8) -> Option<RampDown> {
+        let total = self.ramp_down?;
+        let n = u32::try_from(total.as_millis() / self.base.check_interval.as_millis().max(1))
+            .unwrap_or(MAX_RAMP_DOWN_STEPS)
+            .clamp(1, MAX_RAMP_DOWN_STEPS);
+        let hold = total / n;
+        let mut steps: Vec<RampDownStep> = Vec::new();
+        for k in 1..=n {
+            // n steps below `weight`, evenly spaced, the (n+1)th being 0.
+            let p = (f64::from(weight) * f64::from(n + 1 - k) / f64::from(n + 1)).round() as u8;
+            if p == 0 || p >= weight {
+                continue;
+            }
+            match steps.last_mut() {
+                Some(last) if last.percent == p => last.hold += hold,
+                _ => steps.push(RampDownStep {
+                    percent: p,
+                    weights: self.base.weights(p),
+                    hold,
+                }),
+            }
+        }
+        // A share too small to step down from is simply cut.
+        (!steps.is_empty()).then_some(RampDown {
+            steps,
+            critical: self.ramp_down_critical,
+        })
     }
 
     /// The canary's intended share `t` after the ramp started, as the
@@ -238,6 +328,7 @@ impl Strategy for Ramped {
                         duration: *hold,
                         analysis: analysis.clone(),
                         chaos: base.chaos_steps(stage),
+                        ramp_down: self.ramp_down_at(*w),
                     });
                     Stage {
                         name: format!("ramp {w}% ({stage}/{of})"),
@@ -401,6 +492,7 @@ impl Strategy for Shadow {
                             duration: self.duration,
                             analysis: analysis.clone(),
                             chaos: base.chaos_steps(1),
+                            ramp_down: None,
                         },
                     ],
                 }],
@@ -542,9 +634,10 @@ impl Strategy for DarkLaunch {
 /// go into an always-valid sequential test ([`crate::experiment`]), which
 /// can be read at every check without the bias of peeking. The treatment
 /// winning promotes it: every user moves to the treatment (the sticky split
-/// ends), then stable moves to the release; the control winning,
-/// or no significant difference within [`duration`](Self::duration), rolls
-/// back and keeps the control. Each reading is an
+/// ends), then stable moves to the release; the control winning rolls back
+/// and keeps the control; no significant difference within
+/// [`duration`](Self::duration) does what
+/// [`ExperimentRules::on_no_difference`] says (by default keep the control). Each reading is an
 /// [`EventKind::ExperimentReading`](crate::EventKind::ExperimentReading)
 /// (tallies, effect, p-value), and the rollback's reason carries the last.
 ///
@@ -760,6 +853,7 @@ mod tests {
             step_interval: Duration::from_secs(10),
             curve: RampCurve::Exponential,
             base: quick(),
+            ..Ramped::default()
         };
         let s = r.schedule().unwrap();
         let points: Vec<u8> = s.iter().map(|(p, _)| *p).collect();
@@ -840,6 +934,83 @@ mod tests {
                     ..d.clone()
                 },
                 "step_interval",
+            ),
+        ] {
+            assert_eq!(field(bad.validate().unwrap_err()), name);
+        }
+    }
+
+    #[test]
+    fn ramp_down_falls_evenly_below_the_breached_share() {
+        let r = Ramped {
+            ramp_down: Some(Duration::from_secs(40)),
+            base: quick(),
+            ..Ramped::default()
+        };
+        // Four steps of 10 s (one per check) below 50 %: 40, 30, 20, 10.
+        let d = r.ramp_down_at(50).unwrap();
+        let points: Vec<u8> = d.steps.iter().map(|s| s.percent).collect();
+        assert_eq!(points, [40, 30, 20, 10]);
+        assert!(d.steps.iter().all(|s| s.hold == Duration::from_secs(10)));
+        assert_eq!(d.steps[0].weights, r.base.weights(40));
+        assert_eq!(d.critical, 2.0);
+        // A small share merges steps that round alike, and keeps the time.
+        let d = r.ramp_down_at(3).unwrap();
+        let steps: Vec<(u8, Duration)> = d.steps.iter().map(|s| (s.percent, s.hold)).collect();
+        assert_eq!(
+            steps,
+            [(2, Duration::from_secs(20)), (1, Duration::from_secs(20))]
+        );
+        // 1 % has no step below it; no ramp_down, no way down.
+        assert_eq!(r.ramp_down_at(1), None);
+        assert_eq!(Ramped::default().ramp_down_at(50), None);
+        // At most ten steps however long the way down.
+        let long = Ramped {
+            ramp_down: Some(Duration::from_secs(3600)),
+            ..r.clone()
+        };
+        assert_eq!(long.ramp_down_at(100).unwrap().steps.len(), 10);
+    }
+
+    #[test]
+    fn ramp_down_validation_names_the_field() {
+        let d = Ramped {
+            duration: Duration::from_secs(600),
+            ramp_down: Some(Duration::from_secs(60)),
+            ..Ramped::default()
+        };
+        d.validate().unwrap();
+        for (bad, name) in [
+            (
+                Ramped {
+                    ramp_down: Some(Duration::from_secs(5)),
+                    ..d.clone()
+                },
+                "ramp_down",
+            ),
+            (
+                Ramped {
+                    ramp_down_critical: 0.5,
+                    ..d.clone()
+                },
+                "ramp_down_critical",
+            ),
+            (
+                Ramped {
+                    ramp_down_critical: f64::NAN,
+                    ..d.clone()
+                },
+                "ramp_down_critical",
+            ),
+            (
+                Ramped {
+                    base: Canary {
+                        flag: Some("checkout".into()),
+                        ..Canary::default()
+                    },
+                    ..d.clone()
+                },
+                "ramp_down",
             ),
         ] {
             assert_eq!(field(bad.validate().unwrap_err()), name);

@@ -151,6 +151,7 @@ async fn a_ramp_follows_its_curve_step_by_step_and_promotes() {
         duration: Duration::from_secs(120),
         step_interval: Duration::from_secs(20),
         curve: RampCurve::Linear,
+        ..Ramped::default()
     };
     let report = s.deploy(&ramp).await;
     assert!(report.is_success(), "{report}\n{}", s.dump());
@@ -192,6 +193,7 @@ async fn a_breach_mid_ramp_rolls_back_at_once_and_goes_no_higher() {
         duration: Duration::from_secs(120),
         step_interval: Duration::from_secs(20),
         curve: RampCurve::Linear,
+        ..Ramped::default()
     };
     let report = s.deploy(&ramp).await;
     assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}\n{}", s.dump());
@@ -203,6 +205,140 @@ async fn a_breach_mid_ramp_rolls_back_at_once_and_goes_no_higher() {
         assert!(s.fleet.in_rotation(id));
     }
     assert!(!s.fleet.is_running(CANARY));
+    s.assert_invariants(&report);
+}
+
+/// The ramp of the two tests above, stepping down over 30 s after a
+/// breach that is not critical (three steps, one per 10 s check).
+fn ramp_with_ramp_down() -> Ramped {
+    Ramped {
+        base: base(),
+        from: 10,
+        to: 100,
+        duration: Duration::from_secs(120),
+        step_interval: Duration::from_secs(20),
+        ramp_down: Some(Duration::from_secs(30)),
+        ..Ramped::default()
+    }
+}
+
+/// Healthy, then from `mild` on the canary fails 1.5 % of requests (1.5
+/// times the 1 % limit, under the critical 2 times), and from `critical`
+/// on (if ever) half of them.
+fn degrades(mild: Duration, critical: Option<Duration>) -> FakeMetrics {
+    healthy().script("canary", Metric::ErrorRate, move |t| {
+        Observation::Value(match critical {
+            Some(c) if t >= c => 0.5,
+            _ if t >= mild => 0.015,
+            _ => 0.001,
+        })
+    })
+}
+
+fn ramping_down(s: &Setup) -> Vec<u8> {
+    s.log
+        .events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::RampingDown { weight, .. } => Some(weight),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_mild_breach_with_ramp_down_steps_the_share_down_before_rolling_back() {
+    let s = setup(
+        Capabilities::weights_and_switch(),
+        degrades(Duration::from_secs(50), None),
+    );
+    let ramp = ramp_with_ramp_down();
+    // The plan shows the way down from each step.
+    let plan = ramp
+        .plan(&s.exec.snapshot().await.expect("snapshot"), &v("v2"))
+        .expect("plan");
+    let analyze_40 = plan
+        .stages
+        .iter()
+        .find(|st| st.name.starts_with("ramp 40%"))
+        .expect("a 40 % step")
+        .units[0]
+        .steps[1]
+        .to_string();
+    assert!(
+        analyze_40
+            .ends_with("on a breach under 2x its limit, ramp down 30% 20% 10% over 30s, then roll back"),
+        "{analyze_40}"
+    );
+    let report = s.deploy(&ramp).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}\n{}", s.dump());
+    let reason = report.reason.clone().unwrap_or_default();
+    assert!(reason.contains("canary error rate"), "{reason}");
+    assert!(
+        reason.contains("ramped down from 40% to 10% over 30s"),
+        "{reason}"
+    );
+    // Up to 40 %, then down a step every 10 s (the analysis checking each),
+    // then all traffic to stable.
+    let shares = s.canary_shares();
+    let points: Vec<u8> = shares.iter().map(|(_, p)| *p).collect();
+    assert_eq!(points, [0, 10, 25, 40, 30, 20, 10, 0], "{}", s.dump());
+    for pair in shares[3..].windows(2) {
+        assert_eq!(pair[1].0 - pair[0].0, Duration::from_secs(10), "{shares:?}");
+    }
+    assert_eq!(ramping_down(&s), [30, 20, 10]);
+    let checks_at: Vec<u8> = s
+        .log
+        .events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::AnalysisResult { weight, .. } => Some(weight),
+            _ => None,
+        })
+        .collect();
+    for w in [30, 20, 10] {
+        assert!(checks_at.contains(&w), "no check at {w}%: {checks_at:?}");
+    }
+    for id in STABLE {
+        assert_eq!(s.fleet.release_of(id), Some(v("v1")), "{id}");
+        assert!(s.fleet.in_rotation(id));
+    }
+    assert!(!s.fleet.is_running(CANARY));
+    s.assert_invariants(&report);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_critical_breach_cuts_traffic_at_once_even_with_ramp_down() {
+    // Half the requests failing is 50 times the limit: no way down.
+    let s = setup(
+        Capabilities::weights_and_switch(),
+        breaks_at(Duration::from_secs(50)),
+    );
+    let report = s.deploy(&ramp_with_ramp_down()).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}");
+    let points: Vec<u8> = s.canary_shares().iter().map(|(_, p)| *p).collect();
+    assert_eq!(points, [0, 10, 25, 40, 0], "{}", s.dump());
+    assert!(ramping_down(&s).is_empty());
+    let reason = report.reason.clone().unwrap_or_default();
+    assert!(
+        !reason.contains("ramped down") && !reason.contains("ramp-down"),
+        "{reason}"
+    );
+
+    // Mild first, critical during the way down: the rest is cut at once.
+    let s = setup(
+        Capabilities::weights_and_switch(),
+        degrades(Duration::from_secs(50), Some(Duration::from_secs(65))),
+    );
+    let report = s.deploy(&ramp_with_ramp_down()).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}");
+    let points: Vec<u8> = s.canary_shares().iter().map(|(_, p)| *p).collect();
+    assert_eq!(points, [0, 10, 25, 40, 30, 20, 0], "{}", s.dump());
+    let reason = report.reason.clone().unwrap_or_default();
+    assert!(reason.contains("ramp-down cut short at 20%"), "{reason}");
+    for id in STABLE {
+        assert_eq!(s.fleet.release_of(id), Some(v("v1")), "{id}");
+    }
     s.assert_invariants(&report);
 }
 
@@ -462,6 +598,67 @@ async fn equal_variants_end_with_no_significant_difference_and_the_control_stays
         assert_eq!(s.fleet.release_of(id), Some(v("v1")), "{id}");
     }
     assert!(s.ends_with_plain_weights());
+    s.assert_invariants(&report);
+}
+
+#[tokio::test(start_paused = true)]
+async fn equal_variants_promote_the_treatment_when_on_no_difference_says_so() {
+    use deploykit::experiment::{ExperimentRules, NoDifference};
+    let promote = deploykit::Experiment {
+        rules: ExperimentRules {
+            on_no_difference: NoDifference::Promote,
+            ..ExperimentRules::default()
+        },
+        ..experiment()
+    };
+    let s = setup(every_capability(), converting(0.05, 0.05));
+    let report = s.deploy(&promote).await;
+    assert!(report.is_success(), "{report}\n{}", s.dump());
+    // It ran its whole time: no reading ever decided.
+    let r = readings(&s);
+    assert_eq!(r.len(), 60);
+    assert!(r
+        .iter()
+        .all(|x| x.verdict == deploykit::experiment::Verdict::Continue));
+    for id in STABLE {
+        assert_eq!(s.fleet.release_of(id), Some(v("v2")), "{id}");
+    }
+    // The promotion without a winner stands out, with its statistics.
+    let warned: Vec<String> = s
+        .log
+        .events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Warning { message, .. } => Some(message),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        warned
+            .iter()
+            .any(|m| m.contains("no significant difference within 600s")
+                && m.contains("on_no_difference = promote")
+                && m.contains("p = ")),
+        "{warned:?}"
+    );
+    s.assert_invariants(&report);
+
+    // Too few visits to compare is not "no difference": the control stays.
+    let few = deploykit::Experiment {
+        rules: ExperimentRules {
+            min_samples: 1_000_000,
+            ..promote.rules
+        },
+        ..promote.clone()
+    };
+    let s = setup(every_capability(), converting(0.05, 0.05));
+    let report = s.deploy(&few).await;
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{report}");
+    let reason = report.reason.clone().unwrap_or_default();
+    assert!(reason.contains("too few visits"), "{reason}");
+    for id in STABLE {
+        assert_eq!(s.fleet.release_of(id), Some(v("v1")), "{id}");
+    }
     s.assert_invariants(&report);
 }
 

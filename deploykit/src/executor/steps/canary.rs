@@ -15,9 +15,14 @@ use crate::error::{DriverError, Error, Result};
 use crate::event::EventKind;
 use crate::executor::error::{Failure, StepError};
 use crate::executor::Inner;
-use crate::gate::{GateCtx, GateError};
-use crate::plan::{Plan, Step};
+use crate::gate::{ExperimentEnd, GateCtx, GateError};
+use std::ops::ControlFlow;
+
+use tokio::time::Instant;
+
+use crate::plan::{Plan, RampDown, Step};
 use crate::traits::{Health, Instance};
+use crate::wait::every;
 
 /// What the canary gates of one run share.
 #[derive(Debug, Default)]
@@ -46,10 +51,16 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
             duration,
             analysis,
             chaos,
+            ramp_down,
         } => {
             let analyze = crate::gate::analyze(&gate, *stage, *of, *weight, *duration, analysis);
             let analyze = with_health_watch(ctx, analysis, *stage, *weight, analyze);
-            with_chaos(ctx, *stage, chaos, analyze).await
+            match (with_chaos(ctx, *stage, chaos, analyze).await, ramp_down) {
+                (Err(e), Some(down)) if e.is_mild(down.critical) => {
+                    Err(step_down(ctx, &gate, (*stage, *of, *weight), analysis, down, e).await)
+                }
+                (r, _) => r,
+            }
         }
         Step::AwaitPromotion {
             stage,
@@ -77,7 +88,13 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
             duration,
             analysis,
             ran_for,
-        } => crate::gate::experiment(&gate, rules, *duration, *ran_for, analysis).await,
+        } => match crate::gate::experiment(&gate, rules, *duration, *ran_for, analysis).await {
+            Ok(ExperimentEnd::Won) => Ok(()),
+            // Promoting without a difference is the operator's choice, but
+            // it must stand out from a win in the journal and the output.
+            Ok(ExperimentEnd::PromotedWithoutDifference(why)) => return (Ok(StepOk::Warning(why)), 1),
+            Err(e) => Err(e),
+        },
         other => unreachable!("{} is not a canary step", other.kind()),
     };
     let r = match r {
@@ -164,6 +181,63 @@ async fn probe(instance: &dyn Instance, bound: Duration) -> Result<(), String> {
             crate::duration_text::format(bound)
         )),
     }
+}
+
+/// Steps the canary's share down after `breach` (a failed check under the
+/// critical ratio), holding each step while the analysis checks; a
+/// critical check, monitoring lost, an abort or a weight change that fails
+/// ends it early. Returns the error the rollback reports: the breach and
+/// how the way down went. The rollback then takes the rest of the traffic.
+async fn step_down(
+    ctx: &StepCtx<'_>,
+    gate: &GateCtx<'_>,
+    (stage, of, weight): (usize, usize, u8),
+    analysis: &crate::analysis::Analysis,
+    down: &RampDown,
+    breach: GateError,
+) -> GateError {
+    let inner = ctx.inner;
+    let mut at = weight;
+    for step in &down.steps {
+        let (set, _) = inner
+            .call(inner.timeouts.load_balancer, || {
+                inner.lb.set_weights(&step.weights)
+            })
+            .await;
+        if let Err(e) = set {
+            return GateError::Rollback(format!(
+                "{breach}; ramp-down stopped at {at}% (setting {}%: {e}), traffic cut at once",
+                step.percent
+            ));
+        }
+        at = step.percent;
+        (ctx.emit)(EventKind::RampingDown {
+            stage,
+            weight: at,
+            hold_ms: u64::try_from(step.hold.as_millis()).unwrap_or(u64::MAX),
+        });
+        let tick = |_| async move {
+            match gate.check(stage, of, at, analysis).await {
+                Err(e) if !e.is_mild(down.critical) => ControlFlow::Break(e),
+                // Still over the limit but not critical: the way down goes on.
+                _ => ControlFlow::Continue(()),
+            }
+        };
+        match every(Instant::now(), step.hold, analysis.interval, gate.cancel, tick).await {
+            Ok(None) => {}
+            Ok(Some(critical)) => {
+                return GateError::Rollback(format!("{breach}; ramp-down cut short at {at}%: {critical}"))
+            }
+            Err(()) => {
+                return GateError::Rollback(format!("{breach}; ramp-down cut short at {at}%: aborted"))
+            }
+        }
+    }
+    let total: Duration = down.steps.iter().map(|s| s.hold).sum();
+    GateError::Rollback(format!(
+        "{breach}; ramped down from {weight}% to {at}% over {}",
+        crate::duration_text::format(total)
+    ))
 }
 
 /// A fault being injected: its entry and the instances it hit.

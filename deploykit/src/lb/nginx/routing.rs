@@ -360,6 +360,43 @@ mod tests {
     }
 
     #[test]
+    fn a_sticky_split_routes_three_variants_on_one_key() {
+        let three = vec![
+            GroupWeight {
+                group: g("stable"),
+                percent: 50,
+            },
+            GroupWeight {
+                group: g("canary"),
+                percent: 30,
+            },
+            GroupWeight {
+                group: g("shadow"),
+                percent: 20,
+            },
+        ];
+        let policy = TrafficPolicy {
+            rules: Vec::new(),
+            split: Split {
+                weights: three,
+                sticky: Some(Sticky::Cookie {
+                    name: "dk_variant".into(),
+                }),
+            },
+            mirror: None,
+        };
+        policy.validate().unwrap();
+        let text = render_http("app", &state(policy), OPTS);
+        // One hash of the user's key picks among all three: a user stays on
+        // one variant, whichever it is.
+        assert!(
+            text.contains("split_clients \"${deploykit_app_sticky_key}\" $deploykit_app_split {\n    30% app__canary;\n    20% app__shadow;\n    * app__stable;\n}"),
+            "{text}"
+        );
+        assert_eq!(text.matches("split_clients").count(), 1, "{text}");
+    }
+
+    #[test]
     fn a_sticky_cookie_split_hashes_the_cookie_or_the_id_it_hands_out() {
         let policy = TrafficPolicy {
             rules: Vec::new(),
