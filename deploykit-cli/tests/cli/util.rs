@@ -135,18 +135,23 @@ impl Env {
     /// Every journal record of the newest journal.
     pub(crate) fn newest_journal(&self) -> Vec<Value> {
         let dir = self.state().join("journal");
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
+        // Only `*.jsonl`: a journal being created is written under a hidden
+        // temporary name first, which may be empty or gone by the next read.
+        let mut files: Vec<(PathBuf, (Option<u64>, u64))> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).unwrap();
+                let h: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+                let key = (h["sequence"].as_u64(), h["started_at_ms"].as_u64().unwrap());
+                (p, key)
+            })
             .collect();
         // The state directory's order: by sequence number, unnumbered
         // (older) journals first by time.
-        files.sort_by_key(|p| {
-            let text = std::fs::read_to_string(p).unwrap();
-            let h: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-            (h["sequence"].as_u64(), h["started_at_ms"].as_u64().unwrap())
-        });
-        let text = std::fs::read_to_string(files.last().unwrap()).unwrap();
+        files.sort_by_key(|(_, key)| *key);
+        let text = std::fs::read_to_string(&files.last().unwrap().0).unwrap();
         text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 

@@ -55,7 +55,13 @@ pub(crate) struct Failure {
 /// A user: takes the sticky cookie nginx hands out on the first checkout,
 /// then checks out with it until `stop`, never sending a request twice;
 /// answers the failed ones.
-pub(crate) async fn user(http: Http, url: String, n: usize, stop: Arc<AtomicBool>, t0: Instant) -> Vec<Failure> {
+pub(crate) async fn user(
+    http: Http,
+    url: String,
+    n: usize,
+    stop: Arc<AtomicBool>,
+    t0: Instant,
+) -> Vec<Failure> {
     let mut cookie: Option<String> = None;
     let mut failed = Vec::new();
     let mut i = 0;

@@ -520,7 +520,6 @@ async fn a_drill_preflight_refuses_queries_that_match_nothing_and_rules_that_can
     assert!(e.contains("the gate can never fire on errors"), "{e}");
 }
 
-
 /// SIGKILL of the canary 45 s into stage 2, expecting a rollback within
 /// `within`; the metric queries never see it (`drill(false)`).
 fn kill_in_stage_2(within: &str) -> ChaosSpec {

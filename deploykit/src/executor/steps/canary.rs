@@ -80,7 +80,8 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
                     let _ = sink.durable().await;
                 }
             };
-            let wait = crate::gate::await_promotion(&gate, handle, *stage, *weight, timeout, analysis, announced);
+            let wait =
+                crate::gate::await_promotion(&gate, handle, *stage, *weight, timeout, analysis, announced);
             with_health_watch(ctx, analysis, *stage, *weight, wait).await
         }
         Step::Experiment {
