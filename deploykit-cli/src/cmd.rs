@@ -1184,6 +1184,15 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
         let release = ReleaseId::new(&args.release).map_err(|e| rename(e, "release"))?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
         let plan = dry_plan(&ctx, kind, &release).await?;
+        let flagged = plan
+            .stages
+            .iter()
+            .flat_map(|s| &s.units)
+            .flat_map(|u| &u.steps)
+            .any(|s| matches!(s, deploykit::Step::FlagShare { .. }));
+        if flagged {
+            check_canary_flag(&ctx.cfg)?;
+        }
         let p = plan.projected_duration();
         let batches: Vec<usize> = plan
             .stages
@@ -1516,6 +1525,7 @@ pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
 pub(crate) fn validate(g: Global) -> anyhow::Result<u8> {
     let cfg = config::load(&g.config)?;
     warn_config(&g, &cfg, cfg.raw.strategy.kind);
+    check_canary_flag(&cfg)?;
     if g.json {
         outln!(
             "{}",
@@ -1531,6 +1541,34 @@ pub(crate) fn validate(g: Global) -> anyhow::Result<u8> {
         );
     }
     Ok(exit::SUCCESS)
+}
+
+/// Refuses a `[strategy.canary] flag` the flag file cannot roll out (no
+/// such flag, no such variant, no distinct safe variant), as `deploy`
+/// would before touching anything; reads only.
+///
+/// # Errors
+/// An invalid-input error naming `strategy.canary.flag` and the flag file.
+fn check_canary_flag(cfg: &Loaded) -> anyhow::Result<()> {
+    use deploykit::flags::FlagSwitch as _;
+    let canary = &cfg.raw.strategy.canary;
+    let Some(flag) = &canary.flag else {
+        return Ok(());
+    };
+    let file = cfg.resolve(cfg.raw.flags.file.as_deref().unwrap_or("flags.json"));
+    // The journal is never touched: `check` only reads the flag file.
+    FlagStore::new(&file, PathBuf::new())
+        .check(flag, &canary.flag_variant)
+        .map_err(|e| {
+            deploykit::Error::invalid(
+                "strategy.canary.flag",
+                format!(
+                    "the canary's feature flag `{flag}` cannot be rolled out from {} ([flags] file): {e}",
+                    file.display()
+                ),
+            )
+        })?;
+    Ok(())
 }
 
 /// `deploykit setup`: creates the nginx upstream include file (and the
