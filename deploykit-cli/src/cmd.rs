@@ -1029,6 +1029,12 @@ async fn resume(ctx: &Ctx, latest: Option<JournalSummary>, claimer: &Claimer<'_>
 }
 
 pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
+    rollback_with(ctx, false)
+}
+
+/// `rollback`; `take_over` takes over instances whose marker names a
+/// deployment of another state directory that no longer runs.
+pub(crate) fn rollback_with(ctx: Ctx, take_over: bool) -> anyhow::Result<u8> {
     if ctx.cfg.is_multi_region() && ctx.region.is_none() {
         return Err(config::ConfigError {
             file: ctx.cfg.path.clone(),
@@ -1040,11 +1046,11 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         }
         .into());
     }
-    runtime()?.block_on(rollback_in(&ctx))
+    runtime()?.block_on(rollback_in(&ctx, take_over))
 }
 
 /// `rollback` of one fleet (a file of one fleet, or one region).
-async fn rollback_in(ctx: &Ctx) -> anyhow::Result<u8> {
+async fn rollback_in(ctx: &Ctx, take_over: bool) -> anyhow::Result<u8> {
     let nothing = || {
         eprintln!("deploykit: error: nothing to roll back: no deployment is recorded");
         Ok(exit::BAD_INPUT)
@@ -1057,7 +1063,7 @@ async fn rollback_in(ctx: &Ctx) -> anyhow::Result<u8> {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let code = rollback_locked(ctx, &lock, nothing).await;
+    let code = rollback_locked(ctx, &lock, take_over, nothing).await;
     lock.release().await;
     code
 }
@@ -1066,14 +1072,13 @@ async fn rollback_in(ctx: &Ctx) -> anyhow::Result<u8> {
 async fn rollback_locked(
     ctx: &Ctx,
     lock: &HeldLock,
+    take_over: bool,
     nothing: impl Fn() -> anyhow::Result<u8>,
 ) -> anyhow::Result<u8> {
     {
-        // A rollback takes over only its own state's markers.
-        let claimer = Claimer {
-            lock,
-            take_over: false,
-        };
+        // Another state's markers only with `--take-over`, and never those
+        // of a deployment that runs.
+        let claimer = Claimer { lock, take_over };
         let Some(latest) = ctx.backend.latest().await? else {
             return nothing();
         };
