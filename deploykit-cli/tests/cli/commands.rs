@@ -321,6 +321,105 @@ fn recommend_follows_the_decision_tree() {
     assert!(err.contains("--double-resources"), "{err}");
 }
 
+#[test]
+fn recommend_reaches_every_leaf_of_the_extended_tree() {
+    let env = Env::new("");
+    let pick = |args: &[&str]| {
+        let mut all = vec!["recommend", "--json"];
+        all.extend_from_slice(args);
+        let v: serde_json::Value = serde_json::from_str(env.ok(&all, 0).trim()).unwrap();
+        (
+            v["strategy"].as_str().unwrap().to_owned(),
+            v["because"].as_array().unwrap().len(),
+        )
+    };
+    let monitored = ["--monitoring", "yes", "--traffic", "2M"];
+    let leaves: [(&[&str], &[&str], &str); 10] = [
+        (&monitored, &["--side-effect-free", "yes"], "shadow"),
+        (&monitored, &["--testers-first", "yes"], "dark-launch"),
+        (&monitored, &["--business-metric", "yes"], "experiment"),
+        (&monitored, &["--gradual", "yes"], "ramped"),
+        (
+            &monitored,
+            &["--gradual", "no", "--business-metric", "no"],
+            "canary",
+        ),
+        (
+            &["--monitoring", "yes", "--traffic", "500k"],
+            &["--gradual", "yes"],
+            "rolling",
+        ),
+        // Too little traffic for an experiment: judged as a canary would be.
+        (
+            &["--monitoring", "yes", "--traffic", "10k"],
+            &["--business-metric", "yes"],
+            "rolling",
+        ),
+        (
+            &["--monitoring", "no", "--double-resources", "no"],
+            &["--downtime-ok", "yes"],
+            "recreate",
+        ),
+        (
+            &["--monitoring", "no", "--double-resources", "no"],
+            &["--downtime-ok", "no"],
+            "rolling",
+        ),
+        (
+            &["--monitoring", "no", "--double-resources", "yes"],
+            &["--downtime-ok", "yes"],
+            "blue-green",
+        ),
+    ];
+    for (base, extra, want) in leaves {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        assert_eq!(pick(&args).0, want, "{args:?}");
+    }
+    // Shadow wins over the later questions; its reason is given.
+    let out = env.ok(
+        &[
+            "recommend",
+            "--monitoring",
+            "yes",
+            "--side-effect-free",
+            "yes",
+            "--testers-first",
+            "yes",
+        ],
+        0,
+    );
+    assert!(out.contains("recommended strategy: shadow"), "{out}");
+    assert!(out.contains("side-effect free: yes"), "{out}");
+    assert!(out.contains("[strategy.shadow]"), "{out}");
+    // Shadow and dark launch need no traffic figure; the canary branch does.
+    assert_eq!(
+        pick(&["--monitoring", "yes", "--testers-first", "yes"]).0,
+        "dark-launch"
+    );
+    let (code, _, err) = env.run(&["recommend", "--monitoring", "yes", "--business-metric", "yes"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--traffic"), "{err}");
+    let experiment = env.ok(
+        &[
+            "recommend",
+            "--monitoring",
+            "yes",
+            "--traffic",
+            "20k",
+            "--business-metric",
+            "yes",
+        ],
+        0,
+    );
+    assert!(experiment.contains("8,000 visits per variant"), "{experiment}");
+    // Old inputs keep their old answers and reasons.
+    assert_eq!(pick(&monitored), ("canary".to_owned(), 2));
+    assert_eq!(
+        pick(&["--monitoring", "no", "--double-resources", "no"]),
+        ("rolling".to_owned(), 2)
+    );
+}
+
 #[cfg(feature = "demo")]
 #[test]
 fn demo_json_parses_back() {
