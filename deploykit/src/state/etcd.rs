@@ -740,6 +740,9 @@ impl StateBackend for EtcdBackend {
             queue: Mutex::new(Queue {
                 appended: 1,
                 durable: 1,
+                stats: super::journal::FlushStats {
+                    records_per_flush: vec![1],
+                },
                 ..Queue::default()
             }),
             flush: tokio::sync::Mutex::new(()),
@@ -950,8 +953,8 @@ impl LiveStore for EtcdLiveStore {
 
 /// A journal in etcd: records queue in [`emit`](EventSink::emit), and
 /// [`durable`](EventSink::durable) commits everything queued in fenced
-/// transactions (one per 100 records), so the records of steps starting
-/// together share a round trip.
+/// transactions (of at most 100 records each), so the records of steps
+/// starting together share a round trip (group commit).
 #[derive(Debug)]
 struct EtcdJournal {
     inner: Arc<Inner>,
@@ -974,6 +977,8 @@ struct Queue {
     write_errors: u64,
     /// The first failure; every later wait fails with it.
     failed: Option<Failure>,
+    /// Records committed by each transaction, the header's first.
+    stats: super::journal::FlushStats,
 }
 
 #[derive(Debug, Clone)]
@@ -1039,6 +1044,14 @@ impl EtcdJournal {
         match written {
             Ok(()) => {
                 q.durable = first + n;
+                // `fenced` commits the records in transactions of at most
+                // TXN_OPS, in order.
+                let mut left = n;
+                while left > 0 {
+                    let one = left.min(TXN_OPS as u64);
+                    q.stats.records_per_flush.push(one as u32);
+                    left -= one;
+                }
                 Ok(())
             }
             Err(e) => {
@@ -1090,7 +1103,21 @@ impl JournalWriter for EtcdJournal {
 
     async fn finish(&self, outcome: JournalOutcome) -> Result<()> {
         self.queue_record(&JournalRecord::Finished(outcome));
-        self.commit().await
+        let committed = self.commit().await;
+        let (records, stats) = {
+            let q = self.lock();
+            (q.appended, q.stats.clone())
+        };
+        // The same line as the local journal's, so one benchmark reads both.
+        tracing::info!(
+            journal = %self.location(),
+            records,
+            flushes = stats.flushes(),
+            median_records_per_flush = stats.median(),
+            max_records_per_flush = stats.max(),
+            "journal written"
+        );
+        committed
     }
 
     async fn discard_unstarted(&self) -> Result<bool> {
