@@ -231,6 +231,13 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// by default).
 const TXN_OPS: usize = 100;
 
+/// Whether etcd answered gRPC `INVALID_ARGUMENT` (code 3): it refuses the
+/// request as such (too large, too many operations), so the same request
+/// would be refused forever.
+fn refused_as_invalid(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() as i32 == 3)
+}
+
 fn store_error(context: impl Into<String>, e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::StateStore {
         context: context.into(),
@@ -380,7 +387,8 @@ impl Inner {
 
     /// Commits `ops` (in transactions of at most [`TXN_OPS`]) only while
     /// `fence` holds the lock; retries a failed request until it commits
-    /// or the lock is lost.
+    /// or the lock is lost, except one etcd refuses as invalid (too large),
+    /// which fails at once.
     async fn fenced(&self, fence: &Fence, what: &str, ops: Vec<TxnOp>) -> Result<()> {
         let lock = self.key("lock");
         for chunk in ops.chunks(TXN_OPS) {
@@ -407,6 +415,15 @@ impl Inner {
                         );
                         fence.declare_lost(why);
                         return fence.check();
+                    }
+                    Ok(Err(e)) if refused_as_invalid(&e) => {
+                        return Err(store_error(
+                            format!(
+                                "{what}: etcd refuses the request itself (larger than its --max-request-bytes, \
+                                 1.5 MiB by default, or more operations than its --max-txn-ops), so it is not retried"
+                            ),
+                            e,
+                        ));
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "etcd: {what} failed; retrying until it commits or the lock is lost");
@@ -722,10 +739,15 @@ impl StateBackend for EtcdBackend {
         let name = format!("{sequence:010}-{}", header.deployment);
         let bytes = serde_json::to_vec(&JournalRecord::Header(header.clone()))
             .map_err(|e| store_error("serializing the journal header", e))?;
+        let what = format!(
+            "starting the journal {} (its header, which holds the plan, is {} KiB)",
+            inner.key(&format!("journals/{name}")),
+            bytes.len().div_ceil(1024)
+        );
         inner
             .fenced(
                 lock.fence(),
-                "starting a journal",
+                &what,
                 vec![
                     TxnOp::put(inner.key("sequence"), sequence.to_string(), None),
                     TxnOp::put(inner.key(&format!("journals/{name}")), bytes, None),
