@@ -767,6 +767,43 @@ fn recommend_asks_on_a_terminal() {
 }
 
 #[test]
+fn recommend_asks_the_refining_questions_on_a_terminal() {
+    let Some(script) = ["/usr/bin/script", "/bin/script"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        panic!("`script` (util-linux) is missing: install util-linux");
+    };
+    let bin = assert_cmd::cargo::cargo_bin("deploykit");
+    // Monitoring yes, side-effect free no, testers first no, 2M requests,
+    // business metric no, gradual yes.
+    let out = std::process::Command::new(script)
+        .args(["-qec", &format!("{} recommend", bin.display()), "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"yes\nno\nno\n2M\nno\nyes\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for asked in [
+        "without real effects",
+        "known users",
+        "requests a day",
+        "is it better?",
+        "many small steps",
+    ] {
+        assert!(text.contains(asked), "{asked:?} was asked:\n{text}");
+    }
+    assert!(!text.contains("twice the instances"), "{text}");
+    assert!(text.contains("recommended strategy: ramped"), "{text}");
+}
+
+#[test]
 fn an_empty_or_corrupt_journal_does_not_hide_the_fleet() {
     let env = Env::new(&simulated(2, ""));
     env.ok(&["-q", "deploy", "v2"], 0);
