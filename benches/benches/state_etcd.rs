@@ -9,7 +9,6 @@
 //! under `$TMPDIR`, whose disk decides the fsync cost; etcd's members write
 //! their WAL there too).
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,76 +17,10 @@ use deploykit::state::{
     StateLock,
 };
 use deploykit::{Event, EventKind, ReleaseId};
+use deploykit_benches::etcd::Cluster;
 
 const RECORDS: usize = 500;
 const RUNS: usize = 5;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a port")
-        .local_addr()
-        .expect("an address")
-        .port()
-}
-
-/// A 3-member etcd cluster on loopback; killed when dropped.
-struct Cluster {
-    children: Vec<Child>,
-    endpoints: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-        let initial: Vec<String> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
-            .collect();
-        let children = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (c, p))| {
-                Command::new("/usr/bin/etcd")
-                    .args(["--name", &format!("m{i}")])
-                    .args([
-                        "--data-dir",
-                        &dir.path().join(format!("m{i}")).display().to_string(),
-                    ])
-                    .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
-                    .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
-                    .args(["--listen-peer-urls", &format!("http://127.0.0.1:{p}")])
-                    .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{p}")])
-                    .args(["--initial-cluster", &initial.join(",")])
-                    .args(["--initial-cluster-state", "new"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("etcd in /usr/bin (apt-get install etcd-server)")
-            })
-            .collect();
-        let endpoints = ports
-            .iter()
-            .map(|(c, _)| format!("http://127.0.0.1:{c}"))
-            .collect();
-        Self {
-            children,
-            endpoints,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn header(run: usize) -> JournalHeader {
     JournalHeader::new(
@@ -149,12 +82,7 @@ fn main() {
     let local = LocalBackend::new(StateDir::at(dir.path(), "bench").expect("state dir"));
     let etcd = EtcdBackend::new("bench", EtcdConfig::new(cluster.endpoints.clone())).expect("etcd backend");
     rt.block_on(async {
-        // Wait (at most 30 s) for the cluster to elect a leader.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while etcd.holder().await.is_err() {
-            assert!(Instant::now() < deadline, "etcd did not come up");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        cluster.wait_ready().await;
         println!("journal cost per record, {RECORDS} records, median of {RUNS} runs");
         println!("{:<32} {:>14} {:>14}", "backend", "1 per commit", "10 per commit");
         let mut run = 0;

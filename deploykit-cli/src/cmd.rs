@@ -1207,6 +1207,12 @@ async fn resume(ctx: &Ctx, latest: Option<JournalSummary>, claimer: &Claimer<'_>
 }
 
 pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
+    rollback_with(ctx, false)
+}
+
+/// `rollback`; `take_over` takes over instances whose marker names a
+/// deployment of another state directory that no longer runs.
+pub(crate) fn rollback_with(ctx: Ctx, take_over: bool) -> anyhow::Result<u8> {
     if ctx.cfg.is_multi_region() && ctx.region.is_none() {
         return Err(config::ConfigError {
             file: ctx.cfg.path.clone(),
@@ -1218,11 +1224,11 @@ pub(crate) fn rollback(ctx: Ctx) -> anyhow::Result<u8> {
         }
         .into());
     }
-    runtime()?.block_on(rollback_in(&ctx))
+    runtime()?.block_on(rollback_in(&ctx, take_over))
 }
 
 /// `rollback` of one fleet (a file of one fleet, or one region).
-async fn rollback_in(ctx: &Ctx) -> anyhow::Result<u8> {
+async fn rollback_in(ctx: &Ctx, take_over: bool) -> anyhow::Result<u8> {
     let nothing = || {
         eprintln!("deploykit: error: nothing to roll back: no deployment is recorded");
         Ok(exit::BAD_INPUT)
@@ -1235,7 +1241,7 @@ async fn rollback_in(ctx: &Ctx) -> anyhow::Result<u8> {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let code = rollback_locked(ctx, &lock, nothing).await;
+    let code = rollback_locked(ctx, &lock, take_over, nothing).await;
     lock.release().await;
     code
 }
@@ -1244,14 +1250,13 @@ async fn rollback_in(ctx: &Ctx) -> anyhow::Result<u8> {
 async fn rollback_locked(
     ctx: &Ctx,
     lock: &HeldLock,
+    take_over: bool,
     nothing: impl Fn() -> anyhow::Result<u8>,
 ) -> anyhow::Result<u8> {
     {
-        // A rollback takes over only its own state's markers.
-        let claimer = Claimer {
-            lock,
-            take_over: false,
-        };
+        // Another state's markers only with `--take-over`, and never those
+        // of a deployment that runs.
+        let claimer = Claimer { lock, take_over };
         let Some(latest) = ctx.backend.latest().await? else {
             return nothing();
         };
@@ -1362,6 +1367,15 @@ pub(crate) fn plan(ctx: Ctx, args: PlanArgs) -> anyhow::Result<u8> {
         let release = ReleaseId::new(&args.release).map_err(|e| rename(e, "release"))?;
         let kind = args.strategy.unwrap_or(ctx.cfg.raw.strategy.kind);
         let plan = dry_plan(&ctx, kind, &release).await?;
+        let flagged = plan
+            .stages
+            .iter()
+            .flat_map(|s| &s.units)
+            .flat_map(|u| &u.steps)
+            .any(|s| matches!(s, deploykit::Step::FlagShare { .. }));
+        if flagged {
+            check_canary_flag(&ctx.cfg)?;
+        }
         let p = plan.projected_duration();
         let batches: Vec<usize> = plan
             .stages
@@ -1694,6 +1708,7 @@ pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
 pub(crate) fn validate(g: Global) -> anyhow::Result<u8> {
     let cfg = config::load(&g.config)?;
     warn_config(&g, &cfg, cfg.raw.strategy.kind);
+    check_canary_flag(&cfg)?;
     if g.json {
         outln!(
             "{}",
@@ -1709,6 +1724,34 @@ pub(crate) fn validate(g: Global) -> anyhow::Result<u8> {
         );
     }
     Ok(exit::SUCCESS)
+}
+
+/// Refuses a `[strategy.canary] flag` the flag file cannot roll out (no
+/// such flag, no such variant, no distinct safe variant), as `deploy`
+/// would before touching anything; reads only.
+///
+/// # Errors
+/// An invalid-input error naming `strategy.canary.flag` and the flag file.
+fn check_canary_flag(cfg: &Loaded) -> anyhow::Result<()> {
+    use deploykit::flags::FlagSwitch as _;
+    let canary = &cfg.raw.strategy.canary;
+    let Some(flag) = &canary.flag else {
+        return Ok(());
+    };
+    let file = cfg.resolve(cfg.raw.flags.file.as_deref().unwrap_or("flags.json"));
+    // The journal is never touched: `check` only reads the flag file.
+    FlagStore::new(&file, PathBuf::new())
+        .check(flag, &canary.flag_variant)
+        .map_err(|e| {
+            deploykit::Error::invalid(
+                "strategy.canary.flag",
+                format!(
+                    "the canary's feature flag `{flag}` cannot be rolled out from {} ([flags] file): {e}",
+                    file.display()
+                ),
+            )
+        })?;
+    Ok(())
 }
 
 /// `deploykit setup`: creates the nginx upstream include file (and the

@@ -1334,7 +1334,7 @@ impl Watcher {
             // Only what this commit deployed is undone: the regions it went
             // to, last wave first.
             let rollback = Ctx::load(self.g.clone()).and_then(|ctx| match &regions {
-                Some(r) => cmd::rollback_regions(ctx, r),
+                Some(r) => cmd::rollback_regions(ctx, r, false),
                 None => cmd::rollback(ctx),
             });
             let back = match rollback {

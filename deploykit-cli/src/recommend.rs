@@ -1,6 +1,11 @@
-//! `deploykit recommend`: a decision tree that picks a strategy from three
-//! answers (monitoring, traffic, spare capacity), and the comparison table
-//! of all four.
+//! `deploykit recommend`: a decision tree that picks one of the eight
+//! strategies from up to seven answers (monitoring, what the release can
+//! be shown to, what the question is, traffic, the pace, spare capacity,
+//! downtime), and the comparison table of the four basic ones.
+//!
+//! The three original answers decide as they always did; each later
+//! question only refines a branch, and an unanswered one (not on a
+//! terminal) counts as "no", so old inputs keep their old answers.
 
 use std::io::{BufRead, IsTerminal, Write};
 
@@ -21,6 +26,28 @@ pub(crate) struct RecommendArgs {
     /// Can you run twice the instances for the length of a deployment?
     #[arg(long, value_name = "yes|no", value_parser = yes_no)]
     double_resources: Option<bool>,
+    /// With monitoring: can the new release take real requests without
+    /// real effects (reads, or writes that go nowhere)? Yes: shadow.
+    #[arg(long, value_name = "yes|no", value_parser = yes_no)]
+    side_effect_free: Option<bool>,
+    /// With monitoring: must a few known users (testers, a beta segment)
+    /// see it before anyone else? Yes: dark launch.
+    #[arg(long, value_name = "yes|no", value_parser = yes_no)]
+    testers_first: Option<bool>,
+    /// With monitoring: is the question "is it better?" (conversion, a
+    /// business metric) rather than "is it broken?"? Yes, with the
+    /// traffic for it: experiment.
+    #[arg(long, value_name = "yes|no", value_parser = yes_no)]
+    business_metric: Option<bool>,
+    /// With monitoring and canary traffic: should exposure grow with the
+    /// evidence in many small steps, rather than a few reviewed stages?
+    /// Yes: ramped.
+    #[arg(long, value_name = "yes|no", value_parser = yes_no)]
+    gradual: Option<bool>,
+    /// Without monitoring or spare capacity: is a short outage while every
+    /// instance restarts acceptable? Yes: recreate.
+    #[arg(long, value_name = "yes|no", value_parser = yes_no)]
+    downtime_ok: Option<bool>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -47,23 +74,77 @@ fn count(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?} is not a number of requests; write e.g. 500000 or 2M"))
 }
 
-/// The decision tree: advanced monitoring? → more than 1M requests a day?
-/// → canary : rolling; else → can you double resources? → blue-green :
-/// rolling. Returns the strategy and the path taken.
-pub(crate) fn decide(
-    monitoring: bool,
-    traffic: Option<u64>,
-    double: Option<bool>,
-) -> (StrategyKind, Vec<String>) {
+/// Above this many requests a day, a small canary share is significant.
+const CANARY_TRAFFIC: u64 = 1_000_000;
+
+/// An experiment needs about 8,000 visits per variant to see one point
+/// at a 5 % conversion rate (docs/benchmarks.md); below this many requests
+/// a day two variants would not get there within a day.
+const EXPERIMENT_TRAFFIC: u64 = 16_000;
+
+/// The answers the tree reads; `None` is "not asked" and counts as no.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Answers {
+    pub(crate) monitoring: bool,
+    pub(crate) traffic: Option<u64>,
+    pub(crate) double: Option<bool>,
+    pub(crate) side_effect_free: Option<bool>,
+    pub(crate) testers_first: Option<bool>,
+    pub(crate) business_metric: Option<bool>,
+    pub(crate) gradual: Option<bool>,
+    pub(crate) downtime_ok: Option<bool>,
+}
+
+/// The decision tree. With advanced monitoring: side-effect free → shadow;
+/// testers first → dark launch; a business question with enough traffic
+/// → experiment; then more than 1M requests a day → ramped (gradual) or
+/// canary, else rolling. Without: double resources → blue-green; else a
+/// short outage acceptable → recreate, else rolling. Returns the strategy
+/// and the path taken.
+pub(crate) fn decide(a: Answers) -> (StrategyKind, Vec<String>) {
     let mut why = Vec::new();
-    if monitoring {
+    let yes = |o: Option<bool>| o.unwrap_or(false);
+    if a.monitoring {
         why.push("advanced monitoring: yes".to_string());
-        let t = traffic.unwrap_or(0);
-        if t > 1_000_000 {
+        if yes(a.side_effect_free) {
+            why.push(
+                "side-effect free: yes, so real requests can be mirrored to it while stable alone answers clients"
+                    .to_string(),
+            );
+            return (StrategyKind::Shadow, why);
+        }
+        if yes(a.testers_first) {
+            why.push(
+                "testers first: yes, so only requests matching a header or cookie rule reach it until `deploykit promote`"
+                    .to_string(),
+            );
+            return (StrategyKind::DarkLaunch, why);
+        }
+        let t = a.traffic.unwrap_or(0);
+        if yes(a.business_metric) {
+            if t >= EXPERIMENT_TRAFFIC {
+                why.push(format!(
+                    "business metric: yes, and {t} requests/day >= {EXPERIMENT_TRAFFIC}, enough for about 8,000 visits per variant within a day"
+                ));
+                return (StrategyKind::Experiment, why);
+            }
+            why.push(format!(
+                "business metric: yes, but {t} requests/day < {EXPERIMENT_TRAFFIC}: too few visits for an experiment to decide within a day, so judge errors and latency instead"
+            ));
+        }
+        if t > CANARY_TRAFFIC {
             why.push(format!(
                 "traffic: {t} requests/day > 1M, enough for a small canary share to be significant"
             ));
-            (StrategyKind::Canary, why)
+            if yes(a.gradual) {
+                why.push(
+                    "gradual: yes, so exposure grows step by step with the analysis running throughout"
+                        .to_string(),
+                );
+                (StrategyKind::Ramped, why)
+            } else {
+                (StrategyKind::Canary, why)
+            }
         } else {
             why.push(format!(
                 "traffic: {t} requests/day <= 1M, too little for canary metrics to be significant"
@@ -72,12 +153,19 @@ pub(crate) fn decide(
         }
     } else {
         why.push("advanced monitoring: no (canary analysis needs it)".to_string());
-        if double.unwrap_or(false) {
+        if yes(a.double) {
             why.push("double resources: yes, so the idle environment can be prepared and tested".to_string());
             (StrategyKind::BlueGreen, why)
         } else {
             why.push("double resources: no".to_string());
-            (StrategyKind::Rolling, why)
+            if yes(a.downtime_ok) {
+                why.push(
+                    "downtime acceptable: yes, so every instance is replaced at once, the simplest and fastest".to_string(),
+                );
+                (StrategyKind::Recreate, why)
+            } else {
+                (StrategyKind::Rolling, why)
+            }
         }
     }
 }
@@ -174,6 +262,14 @@ pub(crate) fn run(args: RecommendArgs) -> anyhow::Result<u8> {
             "is needed (stdin is not a terminal, so it cannot be asked); pass it as a flag",
         )
     };
+    // A refining question: asked on a terminal, else "no".
+    let refine = |given: Option<bool>, question: &str| -> anyhow::Result<Option<bool>> {
+        match given {
+            Some(v) => Ok(Some(v)),
+            None if interactive => Ok(Some(ask(question, yes_no)?)),
+            None => Ok(None),
+        }
+    };
     let monitoring = match args.monitoring {
         Some(m) => m,
         None if interactive => ask(
@@ -182,13 +278,44 @@ pub(crate) fn run(args: RecommendArgs) -> anyhow::Result<u8> {
         )?,
         None => return Err(missing("--monitoring").into()),
     };
-    let (traffic, double) = if monitoring {
-        let t = match args.traffic {
-            Some(t) => t,
-            None if interactive => ask("How many requests a day? (e.g. 2M)", count)?,
-            None => return Err(missing("--traffic").into()),
-        };
-        (Some(t), args.double_resources)
+    let mut a = Answers {
+        monitoring,
+        traffic: args.traffic,
+        double: args.double_resources,
+        side_effect_free: args.side_effect_free,
+        testers_first: args.testers_first,
+        business_metric: args.business_metric,
+        gradual: args.gradual,
+        downtime_ok: args.downtime_ok,
+    };
+    if monitoring {
+        a.side_effect_free = refine(
+            a.side_effect_free,
+            "Can the new release take real requests without real effects (reads, or writes that go nowhere)? [yes/no]",
+        )?;
+        if a.side_effect_free != Some(true) {
+            a.testers_first = refine(
+                a.testers_first,
+                "Must a few known users (testers, a beta segment) see it before anyone else? [yes/no]",
+            )?;
+        }
+        if a.side_effect_free != Some(true) && a.testers_first != Some(true) {
+            a.traffic = Some(match args.traffic {
+                Some(t) => t,
+                None if interactive => ask("How many requests a day? (e.g. 2M)", count)?,
+                None => return Err(missing("--traffic").into()),
+            });
+            a.business_metric = refine(
+                a.business_metric,
+                "Is the question \"is it better?\" (conversion, a business metric) rather than \"is it broken?\"? [yes/no]",
+            )?;
+            if a.traffic.is_some_and(|t| t > CANARY_TRAFFIC) {
+                a.gradual = refine(
+                    a.gradual,
+                    "Should exposure grow in many small steps with the evidence, rather than a few reviewed stages? [yes/no]",
+                )?;
+            }
+        }
     } else {
         let d = match args.double_resources {
             Some(d) => d,
@@ -198,9 +325,15 @@ pub(crate) fn run(args: RecommendArgs) -> anyhow::Result<u8> {
             )?,
             None => return Err(missing("--double-resources").into()),
         };
-        (args.traffic, Some(d))
-    };
-    let (kind, why) = decide(monitoring, traffic, double);
+        a.double = Some(d);
+        if !d {
+            a.downtime_ok = refine(
+                a.downtime_ok,
+                "Is a short outage while every instance restarts acceptable? [yes/no]",
+            )?;
+        }
+    }
+    let (kind, why) = decide(a);
     if args.json {
         let table: Vec<serde_json::Value> = TABLE[1..]
             .iter()
@@ -215,10 +348,24 @@ pub(crate) fn run(args: RecommendArgs) -> anyhow::Result<u8> {
         for w in &why {
             outln!("  - {w}");
         }
-        outln!("set it with [strategy] kind = \"{kind}\" in deploykit.toml\n");
+        outln!(
+            "set it with [strategy] kind = \"{kind}\" in deploykit.toml{}\n",
+            section(kind)
+        );
         out!("{}", table_text());
     }
     Ok(crate::exit::SUCCESS)
+}
+
+/// Where a strategy's settings go, and its page, for those beyond the four
+/// of the table.
+fn section(kind: StrategyKind) -> String {
+    match kind {
+        StrategyKind::Ramped | StrategyKind::Shadow | StrategyKind::DarkLaunch | StrategyKind::Experiment => {
+            format!(" and its settings under [strategy.{kind}] (docs/routing.md)")
+        }
+        _ => String::new(),
+    }
 }
 
 #[cfg(test)]
@@ -227,11 +374,68 @@ mod tests {
 
     #[test]
     fn the_decision_tree() {
-        assert_eq!(decide(true, Some(2_000_000), None).0, StrategyKind::Canary);
-        assert_eq!(decide(true, Some(1_000_000), None).0, StrategyKind::Rolling);
-        assert_eq!(decide(false, None, Some(true)).0, StrategyKind::BlueGreen);
+        let monitored = |traffic: u64| Answers {
+            monitoring: true,
+            traffic: Some(traffic),
+            ..Answers::default()
+        };
+        // The original three answers decide as before.
+        assert_eq!(decide(monitored(2_000_000)).0, StrategyKind::Canary);
+        assert_eq!(decide(monitored(1_000_000)).0, StrategyKind::Rolling);
+        let unmonitored = |double: bool| Answers {
+            double: Some(double),
+            ..Answers::default()
+        };
+        assert_eq!(decide(unmonitored(true)).0, StrategyKind::BlueGreen);
         assert_eq!(
-            decide(false, Some(5_000_000), Some(false)).0,
+            decide(Answers {
+                traffic: Some(5_000_000),
+                ..unmonitored(false)
+            })
+            .0,
+            StrategyKind::Rolling
+        );
+        // Each refinement.
+        let with = |f: fn(&mut Answers), base: Answers| {
+            let mut a = base;
+            f(&mut a);
+            decide(a).0
+        };
+        assert_eq!(
+            with(|a| a.side_effect_free = Some(true), monitored(10)),
+            StrategyKind::Shadow
+        );
+        assert_eq!(
+            with(|a| a.testers_first = Some(true), monitored(10)),
+            StrategyKind::DarkLaunch
+        );
+        assert_eq!(
+            with(|a| a.business_metric = Some(true), monitored(16_000)),
+            StrategyKind::Experiment
+        );
+        assert_eq!(
+            with(|a| a.business_metric = Some(true), monitored(15_999)),
+            StrategyKind::Rolling
+        );
+        assert_eq!(
+            with(|a| a.gradual = Some(true), monitored(2_000_000)),
+            StrategyKind::Ramped
+        );
+        assert_eq!(
+            with(|a| a.gradual = Some(true), monitored(1_000)),
+            StrategyKind::Rolling
+        );
+        assert_eq!(
+            with(|a| a.downtime_ok = Some(true), unmonitored(false)),
+            StrategyKind::Recreate
+        );
+        assert_eq!(
+            with(|a| a.downtime_ok = Some(true), unmonitored(true)),
+            StrategyKind::BlueGreen
+        );
+        // Refinements of the monitored branch mean nothing without monitoring.
+        assert_eq!(
+            with(|a| a.side_effect_free = Some(true), unmonitored(false)),
             StrategyKind::Rolling
         );
         assert_eq!(count("2M").unwrap(), 2_000_000);

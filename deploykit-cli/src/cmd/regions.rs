@@ -22,12 +22,17 @@ pub(crate) struct RollbackArgs {
     /// deployment, the last wave first.
     #[arg(long)]
     pub(crate) all: bool,
+    /// Take over instances marked by a deployment of another state
+    /// directory that is no longer running (never one that runs), as
+    /// `deploy --take-over` does.
+    #[arg(long)]
+    pub(crate) take_over: bool,
 }
 
-/// `deploykit rollback [--all]`.
+/// `deploykit rollback [--all] [--take-over]`.
 pub(crate) fn rollback_cmd(ctx: Ctx, args: RollbackArgs) -> anyhow::Result<u8> {
     if !args.all {
-        return super::rollback(ctx);
+        return super::rollback_with(ctx, args.take_over);
     }
     if !ctx.cfg.is_multi_region() || ctx.region.is_some() {
         let why = if ctx.region.is_some() {
@@ -37,13 +42,14 @@ pub(crate) fn rollback_cmd(ctx: Ctx, args: RollbackArgs) -> anyhow::Result<u8> {
         };
         return Err(deploykit::Error::invalid("--all", why).into());
     }
-    rollback_regions(ctx, &[])
+    rollback_regions(ctx, &[], args.take_over)
 }
 
 /// Rolls back the last deployment of each of `only` (every region when
 /// empty), the last wave first, under the file's lock: `rollback --all`,
-/// and `watch` undoing a deployment whose gate failed.
-pub(crate) fn rollback_regions(ctx: Ctx, only: &[String]) -> anyhow::Result<u8> {
+/// and `watch` undoing a deployment whose gate failed; `take_over` as for
+/// `rollback --take-over`.
+pub(crate) fn rollback_regions(ctx: Ctx, only: &[String], take_over: bool) -> anyhow::Result<u8> {
     let waves = waves(&ctx, only)?;
     let purpose = match only {
         [] => "rollback --all".to_string(),
@@ -63,7 +69,7 @@ pub(crate) fn rollback_regions(ctx: Ctx, only: &[String]) -> anyhow::Result<u8> 
                 continue;
             }
             ctx.say(format!("region {region}: rolling back"));
-            codes.push(super::rollback_in(&rctx).await?);
+            codes.push(super::rollback_in(&rctx, take_over).await?);
         }
         Ok(worst(&codes))
     })
@@ -301,7 +307,7 @@ impl RegionRunner for CliRegions {
     async fn rollback(&self, region: &RegionPlan) -> deploykit::Result<Report> {
         let ctx = self.ctx(&region.region)?;
         ctx.take_report();
-        let code = super::rollback_in(ctx).await.map_err(lib_error)?;
+        let code = super::rollback_in(ctx, false).await.map_err(lib_error)?;
         ctx.take_report().ok_or_else(|| {
             deploykit::Error::Refused(format!(
                 "the rollback of region {} did not run (exit code {code}; the reason is printed above)",

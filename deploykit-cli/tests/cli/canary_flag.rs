@@ -150,3 +150,54 @@ fn an_unknown_flag_refuses_the_deployment_with_nothing_touched() {
     assert_eq!(env.sim("canary-1")["release"], "v1");
     assert!(changes(&env).is_empty());
 }
+
+#[test]
+fn validate_checks_the_canary_flag_against_the_flag_file() {
+    let env = Env::new(&config("http://127.0.0.1:9", 18_317, ""));
+    // No flag file at all.
+    let (code, out, err) = env.run(&["validate"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("strategy.canary.flag") && err.contains("flags.json"),
+        "{err}"
+    );
+    let refused = |flags: &str, why: &str| {
+        std::fs::write(env.path().join("flags.json"), flags).unwrap();
+        let (code, out, err) = env.run(&["validate"]);
+        assert_eq!(code, 2, "{why}: {out}{err}");
+        assert!(err.contains("strategy.canary.flag"), "{why}: {err}");
+        err
+    };
+    let err = refused(&FLAGS.replace("new-checkout", "other"), "unknown flag");
+    assert!(err.contains("no flag `new-checkout`"), "{err}");
+    let err = refused(
+        &FLAGS.replace("\"on\": true", "\"beta\": true"),
+        "no such variant",
+    );
+    assert!(
+        err.contains("`on` is not one of its variants (beta, off)"),
+        "{err}"
+    );
+    let err = refused(
+        &FLAGS.replace("\"defaultVariant\": \"off\"", "\"defaultVariant\": \"on\""),
+        "the variant is the safe one",
+    );
+    assert!(err.contains("`on` is its safe variant"), "{err}");
+    // `plan` refuses it the same way, touching nothing.
+    let (code, out, err) = env.run(&["plan", "v2"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("`on` is its safe variant"), "{err}");
+    assert!(
+        !env.state().exists(),
+        "refused commands create no state directory"
+    );
+
+    std::fs::write(env.path().join("flags.json"), FLAGS).unwrap();
+    let out = env.ok(&["validate"], 0);
+    assert!(out.contains("valid"), "{out}");
+    // A flag the canary does not carry is not looked for.
+    std::fs::remove_file(env.path().join("flags.json")).unwrap();
+    let plain = config("http://127.0.0.1:9", 18_317, "").replace("flag = \"new-checkout\"\n", "");
+    std::fs::write(env.path().join("deploykit.toml"), plain).unwrap();
+    env.ok(&["validate"], 0);
+}

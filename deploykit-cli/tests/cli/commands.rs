@@ -321,6 +321,105 @@ fn recommend_follows_the_decision_tree() {
     assert!(err.contains("--double-resources"), "{err}");
 }
 
+#[test]
+fn recommend_reaches_every_leaf_of_the_extended_tree() {
+    let env = Env::new("");
+    let pick = |args: &[&str]| {
+        let mut all = vec!["recommend", "--json"];
+        all.extend_from_slice(args);
+        let v: serde_json::Value = serde_json::from_str(env.ok(&all, 0).trim()).unwrap();
+        (
+            v["strategy"].as_str().unwrap().to_owned(),
+            v["because"].as_array().unwrap().len(),
+        )
+    };
+    let monitored = ["--monitoring", "yes", "--traffic", "2M"];
+    let leaves: [(&[&str], &[&str], &str); 10] = [
+        (&monitored, &["--side-effect-free", "yes"], "shadow"),
+        (&monitored, &["--testers-first", "yes"], "dark-launch"),
+        (&monitored, &["--business-metric", "yes"], "experiment"),
+        (&monitored, &["--gradual", "yes"], "ramped"),
+        (
+            &monitored,
+            &["--gradual", "no", "--business-metric", "no"],
+            "canary",
+        ),
+        (
+            &["--monitoring", "yes", "--traffic", "500k"],
+            &["--gradual", "yes"],
+            "rolling",
+        ),
+        // Too little traffic for an experiment: judged as a canary would be.
+        (
+            &["--monitoring", "yes", "--traffic", "10k"],
+            &["--business-metric", "yes"],
+            "rolling",
+        ),
+        (
+            &["--monitoring", "no", "--double-resources", "no"],
+            &["--downtime-ok", "yes"],
+            "recreate",
+        ),
+        (
+            &["--monitoring", "no", "--double-resources", "no"],
+            &["--downtime-ok", "no"],
+            "rolling",
+        ),
+        (
+            &["--monitoring", "no", "--double-resources", "yes"],
+            &["--downtime-ok", "yes"],
+            "blue-green",
+        ),
+    ];
+    for (base, extra, want) in leaves {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        assert_eq!(pick(&args).0, want, "{args:?}");
+    }
+    // Shadow wins over the later questions; its reason is given.
+    let out = env.ok(
+        &[
+            "recommend",
+            "--monitoring",
+            "yes",
+            "--side-effect-free",
+            "yes",
+            "--testers-first",
+            "yes",
+        ],
+        0,
+    );
+    assert!(out.contains("recommended strategy: shadow"), "{out}");
+    assert!(out.contains("side-effect free: yes"), "{out}");
+    assert!(out.contains("[strategy.shadow]"), "{out}");
+    // Shadow and dark launch need no traffic figure; the canary branch does.
+    assert_eq!(
+        pick(&["--monitoring", "yes", "--testers-first", "yes"]).0,
+        "dark-launch"
+    );
+    let (code, _, err) = env.run(&["recommend", "--monitoring", "yes", "--business-metric", "yes"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--traffic"), "{err}");
+    let experiment = env.ok(
+        &[
+            "recommend",
+            "--monitoring",
+            "yes",
+            "--traffic",
+            "20k",
+            "--business-metric",
+            "yes",
+        ],
+        0,
+    );
+    assert!(experiment.contains("8,000 visits per variant"), "{experiment}");
+    // Old inputs keep their old answers and reasons.
+    assert_eq!(pick(&monitored), ("canary".to_owned(), 2));
+    assert_eq!(
+        pick(&["--monitoring", "no", "--double-resources", "no"]),
+        ("rolling".to_owned(), 2)
+    );
+}
+
 #[cfg(feature = "demo")]
 #[test]
 fn demo_json_parses_back() {
@@ -665,6 +764,43 @@ fn recommend_asks_on_a_terminal() {
         "the second question was asked:\n{text}"
     );
     assert!(text.contains("recommended strategy: blue-green"), "{text}");
+}
+
+#[test]
+fn recommend_asks_the_refining_questions_on_a_terminal() {
+    let Some(script) = ["/usr/bin/script", "/bin/script"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        panic!("`script` (util-linux) is missing: install util-linux");
+    };
+    let bin = assert_cmd::cargo::cargo_bin("deploykit");
+    // Monitoring yes, side-effect free no, testers first no, 2M requests,
+    // business metric no, gradual yes.
+    let out = std::process::Command::new(script)
+        .args(["-qec", &format!("{} recommend", bin.display()), "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"yes\nno\nno\n2M\nno\nyes\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for asked in [
+        "without real effects",
+        "known users",
+        "requests a day",
+        "is it better?",
+        "many small steps",
+    ] {
+        assert!(text.contains(asked), "{asked:?} was asked:\n{text}");
+    }
+    assert!(!text.contains("twice the instances"), "{text}");
+    assert!(text.contains("recommended strategy: ramped"), "{text}");
 }
 
 #[test]

@@ -459,3 +459,66 @@ fn a_ramp_killed_mid_way_resumes_from_its_last_passed_step() {
         Some(Value::from("succeeded"))
     );
 }
+
+#[test]
+fn rollback_takes_over_a_dead_foreign_deployments_instances_only_with_take_over() {
+    let env = Env::new(&local(
+        2,
+        "[strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"1500ms\"\ndrain_timeout = \"1s\"\n",
+    ));
+    env.releases(&["v1", "v2", "v3"]);
+    let text = std::fs::read_to_string(env.path().join("deploykit.toml")).unwrap();
+    std::fs::write(
+        env.path().join("copy.toml"),
+        format!("state_dir = \"copy-state\"\n{text}"),
+    )
+    .unwrap();
+    let marker = |id: &str| env.path().join("instances").join(id).join(".deploykit-marker");
+    let copy = |args: &[&str]| {
+        let mut all = vec!["--config", "copy.toml"];
+        all.extend_from_slice(args);
+        env.run(&all)
+    };
+    let copy_journals = || {
+        std::fs::read_dir(env.path().join("copy-state/shop/journal"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    // The copy's last deployment is v1 → v2: its rollback brings back v1.
+    env.ok(&["-q", "--config", "copy.toml", "deploy", "v1"], 0);
+    env.ok(&["-q", "--config", "copy.toml", "deploy", "v2"], 0);
+    let journals = copy_journals();
+
+    // A running deployment of the other state directory is never taken over.
+    let mut first = env.spawn_deploy("v3", "the first instance's wait", |r| {
+        r["event"] == "step_started"
+    });
+    let (code, out, err) = copy(&["rollback", "--take-over"]);
+    assert_eq!(code, 4, "refused while the other deployment runs\n{out}\n{err}");
+    assert!(err.contains("which is running"), "{err}");
+    assert_eq!(copy_journals(), journals, "the refused rollback recorded nothing");
+    assert_eq!(first.wait().unwrap().code(), Some(0));
+
+    // Killed part-way, it leaves its markers: a rollback of the other state
+    // directory is refused, naming --take-over, and touches nothing.
+    crash_at(&env, 6, "v2");
+    assert!(marker("web-1").exists(), "the killed deployment's marker stays");
+    let before: Vec<Option<String>> = ["web-1", "web-2"].iter().map(|i| env.local_release(i)).collect();
+    let (code, out, err) = copy(&["rollback"]);
+    assert_eq!(code, 4, "{out}\n{err}");
+    assert!(
+        err.contains("web-1") && err.contains("whose process is gone") && err.contains("--take-over"),
+        "{err}"
+    );
+    assert_eq!(copy_journals(), journals);
+    let after: Vec<Option<String>> = ["web-1", "web-2"].iter().map(|i| env.local_release(i)).collect();
+    assert_eq!(before, after, "the refused rollback touched no instance");
+
+    // With --take-over it rolls back and leaves no marker behind.
+    let (code, out, err) = copy(&["rollback", "--take-over"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(env.local_release("web-1").as_deref(), Some("v1"));
+    assert_eq!(env.local_release("web-2").as_deref(), Some("v1"));
+    assert!(!marker("web-1").exists() && !marker("web-2").exists());
+    assert_eq!(copy_journals(), journals + 1);
+}

@@ -44,10 +44,16 @@ struct Member {
 struct Cluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
+    /// More `etcd` flags for every member.
+    extra: Vec<String>,
 }
 
 impl Cluster {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (1..=3)
             .map(|n| Member {
@@ -57,7 +63,11 @@ impl Cluster {
                 child: None,
             })
             .collect();
-        let mut c = Self { dir, members };
+        let mut c = Self {
+            dir,
+            members,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         for i in 0..3 {
             c.start_member(i);
         }
@@ -103,6 +113,7 @@ impl Cluster {
                 "--election-timeout",
                 "500",
             ])
+            .args(&self.extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -603,6 +614,86 @@ fn an_abort_from_the_other_machine_rolls_the_holder_back() {
     // With nothing running, an abort from either machine says so (exit 2).
     let (code, _, err) = fleet.run(1, &["abort"]);
     assert_eq!(code, 2, "{err}");
+}
+
+/// `n` simulated instances, rolling in batches of 100, state in `cluster`.
+fn simulated_on(cluster: &Cluster, app: &str, n: usize) -> crate::util::Env {
+    let endpoints: Vec<String> = cluster.endpoints().iter().map(|e| format!("\"{e}\"")).collect();
+    let cfg = crate::util::simulated(
+        n,
+        &format!(
+            "[state]\nbackend = \"etcd\"\nendpoints = [{}]\nlock_ttl = \"{LOCK_TTL}\"\nrequest_timeout = \"1s\"\n",
+            endpoints.join(", ")
+        ),
+    )
+    .replace("app = \"shop\"", &format!("app = \"{app}\""))
+    .replace("[strategy.rolling]\n", "[strategy.rolling]\nbatch_size = 100\n");
+    crate::util::Env::new(&cfg)
+}
+
+#[test]
+fn records_share_transactions_and_a_header_etcd_refuses_fails_at_once() {
+    // 256 KiB: the plan of 200 instances (~80 KiB) fits, that of 1,000
+    // (~400 KiB) does not.
+    let cluster = Cluster::start_with(&["--max-request-bytes", "262144"]);
+
+    // Group commit: the records of a batch's steps share transactions.
+    let env = simulated_on(&cluster, "small", 200);
+    let out = env
+        .cmd()
+        .env("RUST_LOG", "deploykit::state=info")
+        .args(["-q", "deploy", "v1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}\n{}", cluster.logs());
+    let line = err
+        .lines()
+        .find(|l| l.contains("journal written"))
+        .unwrap_or_else(|| panic!("{err}"));
+    let field = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {line}"))
+    };
+    let (records, flushes) = (field("records"), field("flushes"));
+    assert!(records > 2_000, "{line}");
+    assert!(
+        flushes * 10 <= records && field("median_records_per_flush") >= 10,
+        "records are committed in groups, not one by one: {line}"
+    );
+    assert!(
+        field("max_records_per_flush") <= 100,
+        "at most 100 per transaction: {line}"
+    );
+
+    // A journal header etcd refuses as too large fails the run at once,
+    // naming the limit, with no instance touched and the lock released.
+    let env = simulated_on(&cluster, "big", 1_000);
+    let started = Instant::now();
+    let (code, out, err) = env.run(&["deploy", "v1"]);
+    assert_eq!(code, 3, "{out}\n{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "refused, not retried: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains("--max-request-bytes") && err.contains("KiB") && err.contains("request is too large"),
+        "{err}"
+    );
+    let status: Value = serde_json::from_str(env.ok(&["--json", "status"], 0).trim()).unwrap();
+    assert!(status["lock"].is_null(), "{status}");
+    assert!(
+        status["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["release"] == "none"),
+        "no instance was touched: {}",
+        status["instances"][0]
+    );
 }
 
 /// `deploykit watch` on two machines sharing one etcd: a stable and a

@@ -8,6 +8,7 @@
 mod harness;
 
 mod blue_green;
+mod canary_flag;
 mod cli_experiment;
 mod conformance;
 mod demo_app;

@@ -231,6 +231,13 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// by default).
 const TXN_OPS: usize = 100;
 
+/// Whether etcd answered gRPC `INVALID_ARGUMENT` (code 3): it refuses the
+/// request as such (too large, too many operations), so the same request
+/// would be refused forever.
+fn refused_as_invalid(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() as i32 == 3)
+}
+
 fn store_error(context: impl Into<String>, e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::StateStore {
         context: context.into(),
@@ -380,7 +387,8 @@ impl Inner {
 
     /// Commits `ops` (in transactions of at most [`TXN_OPS`]) only while
     /// `fence` holds the lock; retries a failed request until it commits
-    /// or the lock is lost.
+    /// or the lock is lost, except one etcd refuses as invalid (too large),
+    /// which fails at once.
     async fn fenced(&self, fence: &Fence, what: &str, ops: Vec<TxnOp>) -> Result<()> {
         let lock = self.key("lock");
         for chunk in ops.chunks(TXN_OPS) {
@@ -407,6 +415,15 @@ impl Inner {
                         );
                         fence.declare_lost(why);
                         return fence.check();
+                    }
+                    Ok(Err(e)) if refused_as_invalid(&e) => {
+                        return Err(store_error(
+                            format!(
+                                "{what}: etcd refuses the request itself (larger than its --max-request-bytes, \
+                                 1.5 MiB by default, or more operations than its --max-txn-ops), so it is not retried"
+                            ),
+                            e,
+                        ));
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "etcd: {what} failed; retrying until it commits or the lock is lost");
@@ -722,10 +739,15 @@ impl StateBackend for EtcdBackend {
         let name = format!("{sequence:010}-{}", header.deployment);
         let bytes = serde_json::to_vec(&JournalRecord::Header(header.clone()))
             .map_err(|e| store_error("serializing the journal header", e))?;
+        let what = format!(
+            "starting the journal {} (its header, which holds the plan, is {} KiB)",
+            inner.key(&format!("journals/{name}")),
+            bytes.len().div_ceil(1024)
+        );
         inner
             .fenced(
                 lock.fence(),
-                "starting a journal",
+                &what,
                 vec![
                     TxnOp::put(inner.key("sequence"), sequence.to_string(), None),
                     TxnOp::put(inner.key(&format!("journals/{name}")), bytes, None),
@@ -740,6 +762,9 @@ impl StateBackend for EtcdBackend {
             queue: Mutex::new(Queue {
                 appended: 1,
                 durable: 1,
+                stats: super::journal::FlushStats {
+                    records_per_flush: vec![1],
+                },
                 ..Queue::default()
             }),
             flush: tokio::sync::Mutex::new(()),
@@ -950,8 +975,8 @@ impl LiveStore for EtcdLiveStore {
 
 /// A journal in etcd: records queue in [`emit`](EventSink::emit), and
 /// [`durable`](EventSink::durable) commits everything queued in fenced
-/// transactions (one per 100 records), so the records of steps starting
-/// together share a round trip.
+/// transactions (of at most 100 records each), so the records of steps
+/// starting together share a round trip (group commit).
 #[derive(Debug)]
 struct EtcdJournal {
     inner: Arc<Inner>,
@@ -974,6 +999,8 @@ struct Queue {
     write_errors: u64,
     /// The first failure; every later wait fails with it.
     failed: Option<Failure>,
+    /// Records committed by each transaction, the header's first.
+    stats: super::journal::FlushStats,
 }
 
 #[derive(Debug, Clone)]
@@ -1039,6 +1066,14 @@ impl EtcdJournal {
         match written {
             Ok(()) => {
                 q.durable = first + n;
+                // `fenced` commits the records in transactions of at most
+                // TXN_OPS, in order.
+                let mut left = n;
+                while left > 0 {
+                    let one = left.min(TXN_OPS as u64);
+                    q.stats.records_per_flush.push(one as u32);
+                    left -= one;
+                }
                 Ok(())
             }
             Err(e) => {
@@ -1090,7 +1125,21 @@ impl JournalWriter for EtcdJournal {
 
     async fn finish(&self, outcome: JournalOutcome) -> Result<()> {
         self.queue_record(&JournalRecord::Finished(outcome));
-        self.commit().await
+        let committed = self.commit().await;
+        let (records, stats) = {
+            let q = self.lock();
+            (q.appended, q.stats.clone())
+        };
+        // The same line as the local journal's, so one benchmark reads both.
+        tracing::info!(
+            journal = %self.location(),
+            records,
+            flushes = stats.flushes(),
+            median_records_per_flush = stats.median(),
+            max_records_per_flush = stats.max(),
+            "journal written"
+        );
+        committed
     }
 
     async fn discard_unstarted(&self) -> Result<bool> {
