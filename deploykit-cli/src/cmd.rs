@@ -888,6 +888,16 @@ async fn run_deploy(
         Ok(drill_verdicts(ctx, &chaos, &drill_log.events(), code))
     }
     .await;
+    // Whatever the outcome, no instance's traffic is left going through a
+    // fault proxy that dies with this process.
+    if let Some(faults) = &fleet.faults {
+        for (id, e) in faults.restore().await {
+            eprintln!(
+                "deploykit: warning: {id}'s traffic could not be pointed back from its fault proxy: {e}; \
+                 run `deploykit rollback` or correct the load balancer by hand"
+            );
+        }
+    }
     lost.abort();
     deploykit::state::release(exec.instances(), &marker).await;
     code

@@ -390,10 +390,28 @@ pub(crate) fn state_backend(
     }
 }
 
+/// The fault proxies of this process's run, for `/metrics`: the metrics
+/// server starts before the fleet is built, and one process runs one
+/// deployment.
+static PROXIES: std::sync::Mutex<Option<deploykit::chaos::RoutedFaults>> = std::sync::Mutex::new(None);
+
+/// The fault proxies' series in Prometheus' text format; empty without
+/// network chaos.
+pub(crate) async fn proxy_exposition() -> String {
+    let faults = PROXIES.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    match faults {
+        Some(f) => f.exposition().await,
+        None => String::new(),
+    }
+}
+
 /// Everything a command needs to act on the fleet.
 pub(crate) struct Fleet {
     pub(crate) executor: Executor,
     pub(crate) promotion: PromotionHandle,
+    /// The fault proxies of the canary's network chaos entries, when it
+    /// has any: restored after the run, exported by `--metrics-listen`.
+    pub(crate) faults: Option<deploykit::chaos::RoutedFaults>,
 }
 
 /// Builds the executor over the configured fleet, with `sink` receiving the
@@ -406,9 +424,10 @@ pub(crate) fn fleet(
 ) -> anyhow::Result<Fleet> {
     let t = &cfg.raw.timeouts;
     let promotion = PromotionHandle::new();
+    let lb = load_balancer(cfg, state)?;
     let mut b = Executor::builder()
         .instances(instances(cfg, state)?)
-        .load_balancer(load_balancer(cfg, state)?)
+        .load_balancer(lb.clone())
         .timeouts(Timeouts {
             stop: t.stop.0,
             force_stop: t.force_stop.0,
@@ -440,8 +459,26 @@ pub(crate) fn fleet(
     if let Some(sink) = sink {
         b = b.events(sink);
     }
+    // Network faults go through proxies on loopback, in front of the
+    // faulted instances only while their fault lasts.
+    let network_chaos = cfg
+        .raw
+        .strategy
+        .canary
+        .chaos
+        .iter()
+        .any(|c| !c.fault.is_process_fault());
+    let faults = if network_chaos {
+        let f = deploykit::chaos::RoutedFaults::new(lb, std::net::Ipv4Addr::LOCALHOST.into())?;
+        b = b.fault_injector(Arc::new(f.clone()));
+        *PROXIES.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.clone());
+        Some(f)
+    } else {
+        None
+    };
     Ok(Fleet {
         executor: b.build()?,
         promotion,
+        faults,
     })
 }

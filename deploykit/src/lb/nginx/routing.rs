@@ -277,6 +277,7 @@ mod tests {
             roster,
             drains: BTreeMap::new(),
             policy: Some(policy),
+            via: BTreeMap::new(),
         }
     }
 
