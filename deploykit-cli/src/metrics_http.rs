@@ -46,7 +46,9 @@ pub(crate) async fn answer(state: StateDir) -> Response {
         Ok(Ok(mut text)) => {
             // The fault proxies of a run with network chaos count what
             // they injected, which the instances' own metrics never see.
-            text.push_str(&crate::wire::proxy_exposition().await);
+            let proxies = crate::wire::proxy_exposition().await;
+            let at = text.rfind("# EOF").unwrap_or(text.len());
+            text.insert_str(at, &proxies);
             ([(header::CONTENT_TYPE, exposition::CONTENT_TYPE)], text).into_response()
         }
         Ok(Err(e)) => (

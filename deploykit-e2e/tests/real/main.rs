@@ -8,6 +8,7 @@
 mod harness;
 
 mod blue_green;
+mod chaos;
 mod conformance;
 mod demo_app;
 mod experiment;

@@ -121,7 +121,8 @@ impl RoutedFaults {
             .collect()
     }
 
-    /// The proxies' counters in Prometheus' text format, labelled with the
+    /// The proxies' counters as OpenMetrics text families (without the
+    /// closing `# EOF`, so they can join another exposition), labelled with the
     /// instance (`instance_id`) and its `group`:
     /// `deploykit_fault_proxy_requests_total`,
     /// `deploykit_fault_proxy_responses_total` by `code` and `origin`
@@ -137,8 +138,8 @@ impl RoutedFaults {
         let labels = |d: &Detour| format!("instance_id=\"{}\",group=\"{}\"", d.backend.id, d.backend.group);
         let mut out = String::new();
         out.push_str(
-            "# HELP deploykit_fault_proxy_requests_total Requests a deploykit fault proxy received.\n\
-             # TYPE deploykit_fault_proxy_requests_total counter\n",
+            "# HELP deploykit_fault_proxy_requests Requests a deploykit fault proxy received.\n\
+             # TYPE deploykit_fault_proxy_requests counter\n",
         );
         for d in detours.values() {
             let _ = writeln!(
@@ -149,8 +150,8 @@ impl RoutedFaults {
             );
         }
         out.push_str(
-            "# HELP deploykit_fault_proxy_responses_total Answers of a deploykit fault proxy by status code and origin (upstream, injected, proxy).\n\
-             # TYPE deploykit_fault_proxy_responses_total counter\n",
+            "# HELP deploykit_fault_proxy_responses Answers of a deploykit fault proxy by status code and origin (upstream, injected, proxy).\n\
+             # TYPE deploykit_fault_proxy_responses counter\n",
         );
         for d in detours.values() {
             let mut answers = d.proxy.answers();
