@@ -767,9 +767,21 @@ async fn address_mismatch(server: &ServerState, backend: &Backend) -> Option<Str
     let matches = resolved
         .iter()
         .any(|r| r.ip().to_canonical() == ip.to_canonical() && server.port.is_none_or(|p| p == r.port()));
+    // A run killed during a network chaos fault leaves its detour to a
+    // fault proxy on loopback in HAProxy's memory.
+    let detour = if ip.is_loopback() {
+        format!(
+            " (if a deploykit run was killed during a network chaos fault, the server still points at its \
+             fault proxy: reload HAProxy, or send `set server <backend>/{} addr <ip> port <port>` with the \
+             instance's own address)",
+            server.name
+        )
+    } else {
+        String::new()
+    };
     (!matches).then(|| {
         format!(
-            "server {} is at {shown}, but instance {} is at {want}; {fix}",
+            "server {} is at {shown}, but instance {} is at {want}; {fix}{detour}",
             server.name, backend.id
         )
     })
@@ -1193,6 +1205,9 @@ mod tests {
                 m.contains(said) && m.contains(backend) && m.contains("i-1"),
                 "{m}"
             );
+            // Only a loopback address can be a fault proxy left by a killed run.
+            let ip: std::net::IpAddr = server.address.as_deref().unwrap().parse().unwrap();
+            assert_eq!(m.contains("fault proxy"), ip.is_loopback(), "{m}");
         }
     }
 
