@@ -111,3 +111,36 @@ fn a_drill_needs_chaos_entries_and_bad_entries_name_the_key() {
         "{err}"
     );
 }
+
+#[test]
+fn a_network_fault_detours_the_canary_through_a_loopback_proxy_for_its_stage_only() {
+    // Healthy metrics: the canary carries on, as the entry expects.
+    let prom = crate::util::prometheus(|r| if r.contains("requests") { 1000.0 } else { 0.001 });
+    let chaos =
+        "[[strategy.canary.chaos]]\nstage = 1\nkind = \"latency\"\ndelay = \"5ms\"\nexpect = \"continue\"\n";
+    let config =
+        config(&prom, 18_339, chaos).replace("stage_duration = \"300ms\"", "stage_duration = \"2s\"");
+    let env = Env::new(&config);
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let child = env.spawn_deploy("v2", "the fault's injection", |r| r["event"] == "chaos_injected");
+    // While the fault lasts the balancer sends canary-1's traffic to a
+    // proxy on loopback, not to canary-1's own address.
+    let via = env.lb()["via"]["canary-1"].as_str().map(str::to_owned);
+    let out = child.wait_with_output().expect("the deployment ends");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let via = via.expect("canary-1 detoured during its fault");
+    assert!(via.starts_with("127.0.0.1:") && via != "127.0.0.1:18340", "{via}");
+    // Afterwards every instance is reached at its own address again.
+    assert!(env.lb().get("via").is_none(), "{}", env.lb());
+    let journal = env.newest_journal();
+    assert!(
+        journal
+            .iter()
+            .any(|r| r["event"] == "chaos_injected" && r["fault"]["kind"] == "latency"),
+        "{journal:?}"
+    );
+    assert!(
+        journal.iter().any(|r| r["event"] == "chaos_cleared"),
+        "{journal:?}"
+    );
+}
