@@ -14,7 +14,7 @@ use std::time::Duration;
 use deploykit::Metric;
 use tokio::time::{sleep, timeout, Instant};
 
-use crate::harness::{find_binary, free_ports, make_release, temp_dir, Http, Nginx};
+use crate::harness::{find_binary, free_ports, make_release, temp_dir, Haproxy, Http, Nginx};
 use crate::load::LoadGen;
 use crate::prometheus::{wait_for_value, PromServer};
 
@@ -39,8 +39,30 @@ fn deploykit_binary() -> PathBuf {
 /// chaos is judged on (docs/chaos.md).
 const ERROR_RATE: &str = r#"((sum(rate(http_requests_total{track="{group}",code=~"5.."}[{window}])) or vector(0)) + (sum(rate(deploykit_fault_proxy_responses_total{group="{group}",origin="injected"}[{window}])) or vector(0))) / (sum(rate(http_requests_total{track="{group}"}[{window}])) + (sum(rate(deploykit_fault_proxy_responses_total{group="{group}",origin="injected"}[{window}])) or vector(0)))"#;
 
+/// The load balancer in front of the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lb {
+    Nginx,
+    Haproxy,
+}
+
+/// The running balancer, stopped on drop.
+enum Balancer {
+    Nginx(Nginx),
+    Haproxy(Haproxy),
+}
+
+impl Balancer {
+    fn url(&self, path: &str) -> String {
+        match self {
+            Balancer::Nginx(n) => n.url(path),
+            Balancer::Haproxy(h) => h.url(path),
+        }
+    }
+}
+
 /// A fleet of three demo apps (two stable, one canary) on v1 behind real
-/// nginx, deployed by the CLI, with Prometheus scraping the apps and the
+/// nginx or HAProxy, deployed by the CLI, with Prometheus scraping the apps and the
 /// CLI's metrics port, and load running through nginx.
 struct Fleet {
     dir: tempfile::TempDir,
@@ -49,13 +71,18 @@ struct Fleet {
     app_ports: Vec<u16>,
     prom: PromServer,
     load: Option<LoadGen>,
-    _nginx: Nginx,
+    lb: Lb,
+    _balancer: Balancer,
 }
 
 impl Fleet {
-    async fn start(canary: &str) -> Fleet {
+    async fn start(lb: Lb, canary: &str) -> Fleet {
         let bin = deploykit_binary();
-        let nginx_bin = find_binary("nginx").expect("nginx");
+        let lb_bin = find_binary(match lb {
+            Lb::Nginx => "nginx",
+            Lb::Haproxy => "haproxy",
+        })
+        .expect("the balancer");
         let prom_bin = find_binary("prometheus").expect("prometheus");
         let dir = temp_dir("deploykit-chaos-cli");
         let d = dir.path();
@@ -78,15 +105,21 @@ impl Fleet {
                 n = i + 1
             ));
         }
-        config.push_str(&format!(
-            "[load_balancer]\nkind = \"nginx\"\ninclude_file = \"{inc}\"\nnginx_prefix = \"{d}/\"\n\
-             nginx_config = \"{conf}\"\npid_file = \"{pid}\"\nnginx_binary = \"{nb}\"\n\n",
-            inc = Nginx::upstream_file(d).display(),
-            d = d.display(),
-            conf = Nginx::conf(d).display(),
-            pid = Nginx::pid_file(d).display(),
-            nb = nginx_bin.display()
-        ));
+        config.push_str(&match lb {
+            Lb::Nginx => format!(
+                "[load_balancer]\nkind = \"nginx\"\ninclude_file = \"{inc}\"\nnginx_prefix = \"{d}/\"\n\
+                 nginx_config = \"{conf}\"\npid_file = \"{pid}\"\nnginx_binary = \"{nb}\"\n\n",
+                inc = Nginx::upstream_file(d).display(),
+                d = d.display(),
+                conf = Nginx::conf(d).display(),
+                pid = Nginx::pid_file(d).display(),
+                nb = lb_bin.display()
+            ),
+            Lb::Haproxy => format!(
+                "[load_balancer]\nkind = \"haproxy\"\nsocket = \"{}\"\nbackend = \"app\"\n\n",
+                Haproxy::socket(d).display()
+            ),
+        });
         // Prometheus scrapes the apps and the CLI's metrics port, each
         // down until the CLI starts it.
         let mut targets: Vec<String> = app_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
@@ -101,8 +134,6 @@ impl Fleet {
         ));
         std::fs::write(d.join("deploykit.toml"), &config).expect("write deploykit.toml");
 
-        // nginx starts on deploykit's upstream file (every instance in).
-        Nginx::write_config(d, lb_port);
         let backends: Vec<deploykit::Backend> = app_ports
             .iter()
             .zip(["stable", "stable", "canary"])
@@ -113,16 +144,23 @@ impl Fleet {
                 group: deploykit::Group::new(track).unwrap(),
             })
             .collect();
-        crate::nginx::driver(&nginx_bin, d, &backends)
-            .install()
-            .await
-            .expect("install the upstream file");
-        let nginx = Nginx::start(&nginx_bin, d, lb_port).await;
+        let balancer = match lb {
+            Lb::Nginx => {
+                // nginx starts on deploykit's upstream file (every instance in).
+                Nginx::write_config(d, lb_port);
+                crate::nginx::driver(&lb_bin, d, &backends)
+                    .install()
+                    .await
+                    .expect("install the upstream file");
+                Balancer::Nginx(Nginx::start(&lb_bin, d, lb_port).await)
+            }
+            Lb::Haproxy => Balancer::Haproxy(Haproxy::start_for(&lb_bin, d, lb_port, &backends).await),
+        };
 
         let (code, out, err) = run(&bin, d, &["deploy", "v1", "--strategy", "recreate"]).await;
         assert_eq!(code, 0, "deploy v1\n{out}\n{err}");
 
-        let load = LoadGen::start_retrying(&nginx.url("/"), 100, Duration::from_secs(40));
+        let load = LoadGen::start_retrying(&balancer.url("/"), 100, Duration::from_secs(40));
         // Stable traffic in Prometheus before the drill's monitoring check.
         let source = prom.source();
         let end = Instant::now() + Duration::from_secs(20);
@@ -140,7 +178,8 @@ impl Fleet {
             app_ports,
             prom,
             load: Some(load),
-            _nginx: nginx,
+            lb,
+            _balancer: balancer,
         }
     }
 
@@ -174,9 +213,29 @@ impl Fleet {
             .unwrap_or(0.0)
     }
 
-    /// The include file nginx reads now.
-    fn upstream(&self) -> String {
-        std::fs::read_to_string(Nginx::upstream_file(self.dir.path())).expect("read the upstream file")
+    /// Where the balancer sends the canary's traffic now.
+    async fn canary_address(&self) -> String {
+        match self.lb {
+            Lb::Nginx => {
+                let text = std::fs::read_to_string(Nginx::upstream_file(self.dir.path()))
+                    .expect("read the upstream file");
+                let line = text
+                    .lines()
+                    .find(|l| l.ends_with("# i-3"))
+                    .expect("i-3's server line");
+                let line = line.trim().trim_start_matches("server ");
+                line.split([' ', ';']).next().unwrap_or_default().to_owned()
+            }
+            Lb::Haproxy => {
+                let api = deploykit::lb::haproxy::RuntimeApi::new(
+                    Haproxy::socket(self.dir.path()),
+                    Duration::from_secs(5),
+                );
+                let servers = api.servers_state("app").await.expect("show servers state");
+                let s = servers.iter().find(|s| s.name == "i-3").expect("server i-3");
+                format!("{}:{}", s.address.as_deref().unwrap_or("?"), s.port.unwrap_or(0))
+            }
+        }
     }
 
     /// Stops the load; what each failed request got (an injected error
@@ -243,7 +302,19 @@ async fn run(bin: &Path, dir: &Path, args: &[&str]) -> (i32, String, String) {
 /// to the canary itself again afterwards.
 #[tokio::test]
 async fn an_http_error_fault_on_the_canary_through_the_cli_rolls_back_and_the_drill_passes() {
+    http_error_drill(Lb::Nginx).await;
+}
+
+/// The same drill behind HAProxy, whose server is detoured with `set
+/// server … addr` and sent home the same way.
+#[tokio::test]
+async fn an_http_error_fault_through_the_cli_behind_haproxy_rolls_back_and_the_drill_passes() {
+    http_error_drill(Lb::Haproxy).await;
+}
+
+async fn http_error_drill(lb: Lb) {
     let mut fleet = Fleet::start(
+        lb,
         "stages = [50, 100]\nstage_duration = \"10s\"\n\n[[strategy.canary.chaos]]\nstage = 1\n\
          kind = \"http-error\"\npercent = 50\nexpect = \"rollback\"\nwithin = \"20s\"\n",
     )
@@ -285,13 +356,12 @@ async fn an_http_error_fault_on_the_canary_through_the_cli_rolls_back_and_the_dr
         "a stable instance was detoured"
     );
     // The canary is served at its own address again, not at the proxy's.
-    let upstream = fleet.upstream();
-    assert!(
-        upstream.contains(&format!("server 127.0.0.1:{}", fleet.app_ports[2])),
-        "{upstream}"
+    assert_eq!(
+        fleet.canary_address().await,
+        format!("127.0.0.1:{}", fleet.app_ports[2])
     );
     eprintln!(
-        "http-error drill through the CLI: {:.1}s, {injected} injected 503s counted, {} failed client requests (all 503)",
+        "http-error drill through the CLI behind {lb:?}: {:.1}s, {injected} injected 503s counted, {} failed client requests (all 503)",
         took.as_secs_f64(),
         failed.len()
     );
@@ -303,6 +373,7 @@ async fn an_http_error_fault_on_the_canary_through_the_cli_rolls_back_and_the_dr
 #[tokio::test]
 async fn a_small_latency_fault_through_the_cli_lets_the_canary_carry_on_and_the_drill_passes() {
     let mut fleet = Fleet::start(
+        Lb::Nginx,
         "stages = [50, 100]\nstage_duration = \"4s\"\n\n[[strategy.canary.chaos]]\nstage = 1\n\
          kind = \"latency\"\ndelay = \"20ms\"\nexpect = \"continue\"\n",
     )
@@ -320,9 +391,8 @@ async fn a_small_latency_fault_through_the_cli_lets_the_canary_carry_on_and_the_
         .query(r#"sum(deploykit_fault_proxy_responses_total{instance_id="i-3",origin="upstream"})"#)
         .await;
     assert!(forwarded > 0.0, "nothing went through the canary's proxy\n{out}");
-    let upstream = fleet.upstream();
-    assert!(
-        upstream.contains(&format!("server 127.0.0.1:{}", fleet.app_ports[2])),
-        "{upstream}"
+    assert_eq!(
+        fleet.canary_address().await,
+        format!("127.0.0.1:{}", fleet.app_ports[2])
     );
 }
