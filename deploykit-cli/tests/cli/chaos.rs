@@ -144,3 +144,31 @@ fn a_network_fault_detours_the_canary_through_a_loopback_proxy_for_its_stage_onl
         "{journal:?}"
     );
 }
+
+#[test]
+fn a_network_fault_behind_a_balancer_that_cannot_detour_is_refused_naming_the_entry() {
+    let prom = crate::util::prometheus(|_| 0.001);
+    let istio = |chaos: &str| {
+        config(&prom, 18_341, chaos).replace(
+            "[load_balancer]\nkind = \"simulated\"\n",
+            "[load_balancer]\nkind = \"istio\"\nnamespace = \"shop\"\nresource = \"web\"\n\
+             services.stable = { service = \"web\", subset = \"stable\" }\n\
+             services.canary = { service = \"web\", subset = \"canary\" }\n",
+        )
+    };
+    let env = Env::new(&istio(
+        "[[strategy.canary.chaos]]\nstage = 1\nkind = \"kill\"\nexpect = \"rollback\"\nwithin = \"30s\"\n\n\
+         [[strategy.canary.chaos]]\nstage = 1\nkind = \"http-error\"\npercent = 50\nexpect = \"rollback\"\nwithin = \"30s\"\n",
+    ));
+    let (code, _, err) = env.run(&["validate"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("strategy.canary.chaos[1].kind")
+            && err.contains("\"http-error\" is a network fault")
+            && err.contains("load_balancer.kind \"istio\" cannot point a backend at one"),
+        "{err}"
+    );
+    // A process fault needs no detour: the same balancer takes it.
+    let env = Env::new(&istio(KILL_EXPECT_ROLLBACK));
+    env.ok(&["validate"], 0);
+}
