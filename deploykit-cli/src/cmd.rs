@@ -844,6 +844,9 @@ async fn run_deploy(
         }
     };
     header.plan = Some(plan.clone());
+    // A detour left by a run that died during a network fault would fail
+    // the preflight (HAProxy) or send traffic to a dead proxy.
+    wire::undo_detours(&ctx.state, exec).await?;
     // Refusals (a load balancer that fails its preflight, …) come before
     // the journal and the start notice.
     exec.check(&plan, &RunOptions::default()).await?;
@@ -1155,6 +1158,11 @@ async fn rollback_locked(
             );
             header.acts_on = Some(root.deployment.clone());
             header.plan = Some(plan.clone());
+            // Nor does a detour that cannot be undone: the rollback's own
+            // changes send the traffic home where the driver can (nginx).
+            if let Err(e) = wire::undo_detours(&ctx.state, exec).await {
+                eprintln!("deploykit: warning: {e:#}");
+            }
             // A load balancer failing its preflight does not block a rollback
             // (a warning event) — refusing would leave the fleet as mixed as it
             // is — unless it does not read what the rollback would write.

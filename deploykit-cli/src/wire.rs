@@ -405,6 +405,34 @@ pub(crate) async fn proxy_exposition() -> String {
     }
 }
 
+/// Where a run with network chaos lists the detours through its fault
+/// proxies that may be live, so that the next run can undo those of a run
+/// that died during a fault.
+fn detours_file(state: &StateDir) -> std::path::PathBuf {
+    state.root().join("chaos-detours.json")
+}
+
+/// Points the load balancer back at every instance a run that died during
+/// a network fault left going to its (dead) fault proxy, saying so; called
+/// under the lock, before a run's checks.
+///
+/// # Errors
+/// The record cannot be read, or the balancer refuses (the record is kept).
+pub(crate) async fn undo_detours(state: &StateDir, exec: &Executor) -> anyhow::Result<()> {
+    let backends: Vec<Backend> = exec.instances().iter().map(|i| i.backend().clone()).collect();
+    let lb = exec.load_balancer();
+    let undone = deploykit::chaos::undo_recorded(lb.as_ref(), &detours_file(state), &backends)
+        .await
+        .context("pointing the load balancer back from the fault proxies of an interrupted run")?;
+    for id in undone {
+        eprintln!(
+            "deploykit: {id}'s traffic still went to the fault proxy of a run that ended during a network fault; \
+             the load balancer sends it to {id} again"
+        );
+    }
+    Ok(())
+}
+
 /// Everything a command needs to act on the fleet.
 pub(crate) struct Fleet {
     pub(crate) executor: Executor,
@@ -469,7 +497,8 @@ pub(crate) fn fleet(
         .iter()
         .any(|c| !c.fault.is_process_fault());
     let faults = if network_chaos {
-        let f = deploykit::chaos::RoutedFaults::new(lb, std::net::Ipv4Addr::LOCALHOST.into())?;
+        let f = deploykit::chaos::RoutedFaults::new(lb, std::net::Ipv4Addr::LOCALHOST.into())?
+            .record_to(detours_file(state));
         b = b.fault_injector(Arc::new(f.clone()));
         *PROXIES.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.clone());
         Some(f)

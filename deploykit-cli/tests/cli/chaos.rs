@@ -172,3 +172,30 @@ fn a_network_fault_behind_a_balancer_that_cannot_detour_is_refused_naming_the_en
     let env = Env::new(&istio(KILL_EXPECT_ROLLBACK));
     env.ok(&["validate"], 0);
 }
+
+#[test]
+fn a_run_killed_during_a_network_fault_leaves_a_record_and_the_rollback_sends_the_canary_home() {
+    let prom = crate::util::prometheus(|r| if r.contains("requests") { 1000.0 } else { 0.001 });
+    let chaos =
+        "[[strategy.canary.chaos]]\nstage = 1\nkind = \"latency\"\ndelay = \"5ms\"\nexpect = \"continue\"\n";
+    let config =
+        config(&prom, 18_343, chaos).replace("stage_duration = \"300ms\"", "stage_duration = \"30s\"");
+    let env = Env::new(&config);
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let mut child = env.spawn_deploy("v2", "the fault's injection", |r| r["event"] == "chaos_injected");
+    // SIGKILL mid-fault: the detour stays, the proxy is gone with the process.
+    child.kill().expect("kill deploykit");
+    let _ = child.wait();
+    assert!(env.lb()["via"]["canary-1"].is_string(), "{}", env.lb());
+    assert!(env.state().join("chaos-detours.json").exists());
+    let (code, _, err) = env.run(&["-q", "rollback"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(
+            "canary-1's traffic still went to the fault proxy of a run that ended during a network fault"
+        ),
+        "{err}"
+    );
+    assert!(env.lb().get("via").is_none(), "{}", env.lb());
+    assert!(!env.state().join("chaos-detours.json").exists());
+}

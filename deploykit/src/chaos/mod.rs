@@ -48,7 +48,7 @@ mod routed;
 pub use proxy::{FaultId, FaultProxy, Origin, ProxyFaults, ProxyStats};
 #[cfg(feature = "chaos")]
 #[cfg_attr(docsrs, doc(cfg(feature = "chaos")))]
-pub use routed::RoutedFaults;
+pub use routed::{undo_recorded, RoutedFaults};
 
 /// One fault.
 ///

@@ -22,6 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -67,6 +68,7 @@ pub struct RoutedFaults {
     lb: Arc<dyn LoadBalancer>,
     listen: IpAddr,
     detours: Arc<tokio::sync::Mutex<BTreeMap<InstanceId, Detour>>>,
+    record: Option<PathBuf>,
 }
 
 impl RoutedFaults {
@@ -84,6 +86,49 @@ impl RoutedFaults {
             lb,
             listen,
             detours: Arc::default(),
+            record: None,
+        })
+    }
+
+    /// Keeps `path` (JSON: instance id → proxy address) listing every
+    /// detour that may be live — written before the balancer is pointed at
+    /// a proxy, rewritten once it is pointed back — so that a later process
+    /// can undo the detours of one that died during a fault
+    /// ([`undo_recorded`]). Without it nothing is written.
+    pub fn record_to(mut self, path: impl Into<PathBuf>) -> Self {
+        self.record = Some(path.into());
+        self
+    }
+
+    /// Writes the record of `detours` plus `also` (a detour about to be
+    /// made); removes it when there is none.
+    fn write_record(
+        &self,
+        detours: &BTreeMap<InstanceId, Detour>,
+        also: Option<&InstanceId>,
+    ) -> Result<(), DriverError> {
+        let Some(path) = &self.record else {
+            return Ok(());
+        };
+        let live: BTreeMap<String, String> = detours
+            .iter()
+            .filter(|(id, d)| d.rerouted || Some(*id) == also)
+            .map(|(id, d)| (id.to_string(), d.proxy.addr().to_string()))
+            .collect();
+        let result = if live.is_empty() {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        } else {
+            let json = serde_json::to_vec(&live).expect("a map of strings serializes");
+            crate::state::atomic::write_atomic(path, &json)
+        };
+        result.map_err(|e| {
+            DriverError::new(format!(
+                "recording the fault proxies' detours in {}: {e}",
+                path.display()
+            ))
         })
     }
 
@@ -107,6 +152,9 @@ impl RoutedFaults {
                     Err(e) => failed.push((id.clone(), e)),
                 }
             }
+        }
+        if let Err(e) = self.write_record(&detours, None) {
+            tracing::warn!(error = %e, "could not update the record of detours");
         }
         failed
     }
@@ -226,9 +274,14 @@ impl FaultInjector for RoutedFaults {
         if !d.rerouted {
             let via = Address::parse(&d.proxy.addr().to_string())
                 .map_err(|e| DriverError::new(format!("the fault proxy's address: {e}")))?;
+            // Recorded before it is made: a crash in between leaves a record
+            // whose undoing is harmless, never a detour nobody knows of.
+            self.write_record(&detours, Some(&instance.id))?;
+            let d = detours.get_mut(&instance.id).expect("inserted above");
             self.lb.reroute(instance, Some(&via)).await?;
             d.rerouted = true;
         }
+        let d = detours.get_mut(&instance.id).expect("inserted above");
         let id = d
             .proxy
             .add(*fault)
@@ -253,8 +306,48 @@ impl FaultInjector for RoutedFaults {
         if d.active.is_empty() && d.rerouted {
             self.lb.reroute(instance, None).await?;
             d.rerouted = false;
+            self.write_record(&detours, None)?;
         }
         Ok(())
+    }
+}
+
+/// Points the balancer back at every instance that `path` (written by
+/// [`RoutedFaults::record_to`]) lists as detoured — the leftovers of a
+/// process that died during a network fault, whose proxies died with it —
+/// then removes the record. Ids not among `backends` are skipped. Returns
+/// the instances pointed back.
+///
+/// * Idempotent: yes. Cancel-safe: yes (the record stays until every
+///   instance is back).
+///
+/// # Errors
+/// The record cannot be read or parsed, or a balancer call fails (the
+/// record is kept, so the next call tries again).
+pub async fn undo_recorded(
+    lb: &dyn LoadBalancer,
+    path: &Path,
+    backends: &[Backend],
+) -> Result<Vec<InstanceId>, DriverError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(DriverError::new(format!("reading {}: {e}", path.display()))),
+    };
+    let live: BTreeMap<String, String> = serde_json::from_slice(&bytes)
+        .map_err(|e| DriverError::new(format!("{} is not a record of detours: {e}", path.display())))?;
+    let mut undone = Vec::new();
+    for id in live.keys() {
+        if let Some(b) = backends.iter().find(|b| b.id.as_str() == id) {
+            lb.reroute(b, None).await?;
+            undone.push(b.id.clone());
+        }
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(DriverError::new(format!("removing {}: {e}", path.display())))
+        }
+        _ => Ok(undone),
     }
 }
 
@@ -417,6 +510,35 @@ mod tests {
             !text.contains(r#"instance_id="c-3",group="canary",code="500""#),
             "no fault was switched on: {text}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_recorded_detour_outlives_its_process_and_a_later_one_undoes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join("detours.json");
+        let lb = Arc::new(Recording::default());
+        let faults = RoutedFaults::new(lb.clone(), "127.0.0.1".parse().unwrap())
+            .unwrap()
+            .record_to(&record);
+        faults.inject(&backend("c-1"), &ERRORS).await.unwrap();
+        let text = std::fs::read_to_string(&record).unwrap();
+        assert!(text.contains("\"c-1\":\"127.0.0.1:"), "{text}");
+        faults.clear(&backend("c-1"), &ERRORS).await.unwrap();
+        assert!(!record.exists(), "no detour left, no record");
+        // The process "dies" during a fault: its record says so.
+        faults.inject(&backend("c-1"), &ERRORS).await.unwrap();
+        drop(faults);
+        let later = Recording::default();
+        let undone = undo_recorded(&later, &record, &[backend("c-1"), backend("c-2")])
+            .await
+            .unwrap();
+        assert_eq!(undone, vec![InstanceId::new("c-1").unwrap()]);
+        assert_eq!(*later.calls.lock().unwrap(), vec![("c-1".to_owned(), None)]);
+        assert!(!record.exists());
+        assert!(undo_recorded(&later, &record, &[backend("c-1")])
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
