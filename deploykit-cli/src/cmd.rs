@@ -889,8 +889,20 @@ async fn run_deploy(
 ) -> anyhow::Result<u8> {
     let relay = Arc::new(Relay::default());
     let lock = claimer.lock;
+    // A drill's default fault is not in the file; the wiring must see it to
+    // set up the fault proxies a network fault needs.
+    let drilled;
+    let cfg = match &start {
+        Start::Drill(run) => {
+            let mut c = ctx.cfg.clone();
+            c.raw.strategy.canary.chaos = run.canary.chaos.clone();
+            drilled = c;
+            &drilled
+        }
+        _ => &ctx.cfg,
+    };
     let fleet = wire::fleet(
-        &ctx.cfg,
+        cfg,
         &ctx.state,
         ctx.backend.live_store(Some(lock)),
         Some(relay.clone()),
@@ -997,6 +1009,9 @@ async fn run_deploy(
         }
     };
     header.plan = Some(plan.clone());
+    // A detour left by a run that died during a network fault would fail
+    // the preflight (HAProxy) or send traffic to a dead proxy.
+    wire::undo_detours(&ctx.state, exec).await?;
     // Refusals (a load balancer that fails its preflight, …) come before
     // the journal and the start notice.
     if let Some(d) = &drill_run {
@@ -1055,6 +1070,16 @@ async fn run_deploy(
         Ok(drill_verdicts(ctx, &verdicts, probed.as_ref(), code))
     }
     .await;
+    // Whatever the outcome, no instance's traffic is left going through a
+    // fault proxy that dies with this process.
+    if let Some(faults) = &fleet.faults {
+        for (id, e) in faults.restore().await {
+            eprintln!(
+                "deploykit: warning: {id}'s traffic could not be pointed back from its fault proxy: {e}; \
+                 run `deploykit rollback` or correct the load balancer by hand"
+            );
+        }
+    }
     lost.abort();
     deploykit::state::release(exec.instances(), &marker).await;
     code
@@ -1328,6 +1353,11 @@ async fn rollback_locked(
             );
             header.acts_on = Some(root.deployment.clone());
             header.plan = Some(plan.clone());
+            // Nor does a detour that cannot be undone: the rollback's own
+            // changes send the traffic home where the driver can (nginx).
+            if let Err(e) = wire::undo_detours(&ctx.state, exec).await {
+                eprintln!("deploykit: warning: {e:#}");
+            }
             // A load balancer failing its preflight does not block a rollback
             // (a warning event) — refusing would leave the fleet as mixed as it
             // is — unless it does not read what the rollback would write.

@@ -1511,6 +1511,28 @@ fn check_strategy(c: &Config, kind: StrategyKind, groups: &BTreeSet<&Group>) -> 
         | StrategyKind::Experiment => {
             let canary = &s.canary;
             canary.validate().map_err(in_section("canary"))?;
+            // Network faults go through a fault proxy the balancer is
+            // pointed at; only these drivers can point a backend elsewhere.
+            let proxied = [LbKind::Nginx, LbKind::Haproxy, LbKind::Simulated];
+            if let Some((i, spec)) = canary
+                .chaos
+                .iter()
+                .enumerate()
+                .find(|(_, c)| !c.fault.is_process_fault())
+            {
+                if !proxied.contains(&c.load_balancer.kind) {
+                    return Err(inv(
+                        format!("strategy.canary.chaos[{i}].kind"),
+                        format!(
+                            "\"{}\" is a network fault, injected through a fault proxy the load balancer is pointed at, \
+                             but load_balancer.kind \"{}\" cannot point a backend at one; use nginx, haproxy or simulated, \
+                             or a process fault (kill, pause)",
+                            spec.fault.kind(),
+                            c.load_balancer.kind
+                        ),
+                    ));
+                }
+            }
             // The routed strategies take groups, analysis and health from
             // [strategy.canary], checked above; what is left is their own.
             match kind {

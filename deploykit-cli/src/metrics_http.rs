@@ -1,5 +1,7 @@
 //! `/metrics`: the Prometheus exposition of the state directory's journals
-//! ([`deploykit::stats::exposition`]), served during a run by
+//! ([`deploykit::stats::exposition`]) and, during a run with network
+//! chaos, the fault proxies' counters
+//! ([`deploykit::chaos::RoutedFaults::exposition`]), served during a run by
 //! `deploy --metrics-listen` and usable by any other server of the CLI
 //! through [`router`].
 
@@ -41,7 +43,14 @@ pub(crate) async fn answer(state: StateDir) -> Response {
     // Reading the journals is file I/O: off the async workers.
     let rendered = tokio::task::spawn_blocking(move || render(&state)).await;
     match rendered {
-        Ok(Ok(text)) => ([(header::CONTENT_TYPE, exposition::CONTENT_TYPE)], text).into_response(),
+        Ok(Ok(mut text)) => {
+            // The fault proxies of a run with network chaos count what
+            // they injected, which the instances' own metrics never see.
+            let proxies = crate::wire::proxy_exposition().await;
+            let at = text.rfind("# EOF").unwrap_or(text.len());
+            text.insert_str(at, &proxies);
+            ([(header::CONTENT_TYPE, exposition::CONTENT_TYPE)], text).into_response()
+        }
         Ok(Err(e)) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot read the journals: {e}\n"),

@@ -440,6 +440,10 @@ pub(crate) struct SimLbState {
     pub(crate) out_of_rotation: BTreeSet<String>,
     pub(crate) weights: BTreeMap<String, u8>,
     pub(crate) live: Option<Group>,
+    /// Instances whose traffic goes through a fault proxy for now, and the
+    /// proxy's address.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) via: BTreeMap<String, String>,
 }
 
 /// A load balancer simulated in a file.
@@ -526,6 +530,17 @@ impl LoadBalancer for SimLoadBalancer {
     }
     async fn live_group(&self) -> Result<Option<Group>, DriverError> {
         Ok(self.state()?.live)
+    }
+    async fn reroute(&self, b: &Backend, via: Option<&deploykit::Address>) -> Result<(), DriverError> {
+        let id = b.id.to_string();
+        let via = via.map(ToString::to_string);
+        self.update(move |s| {
+            match via {
+                Some(a) => s.via.insert(id, a),
+                None => s.via.remove(&id),
+            };
+        })
+        .await
     }
 }
 

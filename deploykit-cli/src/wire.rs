@@ -396,10 +396,56 @@ pub(crate) fn state_backend(
     }
 }
 
+/// The fault proxies of this process's run, for `/metrics`: the metrics
+/// server starts before the fleet is built, and one process runs one
+/// deployment.
+static PROXIES: std::sync::Mutex<Option<deploykit::chaos::RoutedFaults>> = std::sync::Mutex::new(None);
+
+/// The fault proxies' series in Prometheus' text format; empty without
+/// network chaos.
+pub(crate) async fn proxy_exposition() -> String {
+    let faults = PROXIES.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    match faults {
+        Some(f) => f.exposition().await,
+        None => String::new(),
+    }
+}
+
+/// Where a run with network chaos lists the detours through its fault
+/// proxies that may be live, so that the next run can undo those of a run
+/// that died during a fault.
+fn detours_file(state: &StateDir) -> std::path::PathBuf {
+    state.root().join("chaos-detours.json")
+}
+
+/// Points the load balancer back at every instance a run that died during
+/// a network fault left going to its (dead) fault proxy, saying so; called
+/// under the lock, before a run's checks.
+///
+/// # Errors
+/// The record cannot be read, or the balancer refuses (the record is kept).
+pub(crate) async fn undo_detours(state: &StateDir, exec: &Executor) -> anyhow::Result<()> {
+    let backends: Vec<Backend> = exec.instances().iter().map(|i| i.backend().clone()).collect();
+    let lb = exec.load_balancer();
+    let undone = deploykit::chaos::undo_recorded(lb.as_ref(), &detours_file(state), &backends)
+        .await
+        .context("pointing the load balancer back from the fault proxies of an interrupted run")?;
+    for id in undone {
+        eprintln!(
+            "deploykit: {id}'s traffic still went to the fault proxy of a run that ended during a network fault; \
+             the load balancer sends it to {id} again"
+        );
+    }
+    Ok(())
+}
+
 /// Everything a command needs to act on the fleet.
 pub(crate) struct Fleet {
     pub(crate) executor: Executor,
     pub(crate) promotion: PromotionHandle,
+    /// The fault proxies of the canary's network chaos entries, when it
+    /// has any: restored after the run, exported by `--metrics-listen`.
+    pub(crate) faults: Option<deploykit::chaos::RoutedFaults>,
 }
 
 /// Builds the executor over the configured fleet, with `sink` receiving the
@@ -412,9 +458,10 @@ pub(crate) fn fleet(
 ) -> anyhow::Result<Fleet> {
     let t = &cfg.raw.timeouts;
     let promotion = PromotionHandle::new();
+    let lb = load_balancer(cfg, state)?;
     let mut b = Executor::builder()
         .instances(instances(cfg, state)?)
-        .load_balancer(load_balancer(cfg, state)?)
+        .load_balancer(lb.clone())
         .timeouts(Timeouts {
             stop: t.stop.0,
             force_stop: t.force_stop.0,
@@ -446,8 +493,27 @@ pub(crate) fn fleet(
     if let Some(sink) = sink {
         b = b.events(sink);
     }
+    // Network faults go through proxies on loopback, in front of the
+    // faulted instances only while their fault lasts.
+    let network_chaos = cfg
+        .raw
+        .strategy
+        .canary
+        .chaos
+        .iter()
+        .any(|c| !c.fault.is_process_fault());
+    let faults = if network_chaos {
+        let f = deploykit::chaos::RoutedFaults::new(lb, std::net::Ipv4Addr::LOCALHOST.into())?
+            .record_to(detours_file(state));
+        b = b.fault_injector(Arc::new(f.clone()));
+        *PROXIES.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.clone());
+        Some(f)
+    } else {
+        None
+    };
     Ok(Fleet {
         executor: b.build()?,
         promotion,
+        faults,
     })
 }

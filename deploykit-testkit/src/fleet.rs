@@ -122,6 +122,14 @@ pub enum RoutingChange {
     Enabled(InstanceId),
     /// Traffic split between groups (percent).
     Weights(BTreeMap<Group, u8>),
+    /// The backend's traffic sent to another address (a chaos drill's
+    /// fault proxy), or back to its own with `None`.
+    Rerouted {
+        /// The backend.
+        instance: InstanceId,
+        /// Where its traffic goes now; `None`: its own address.
+        via: Option<deploykit::Address>,
+    },
     /// A routing policy applied through
     /// [`LoadBalancer::apply_policy`] (one that is more than weights or a
     /// switch; those are recorded as [`Weights`](Self::Weights)).
@@ -1141,6 +1149,23 @@ impl LoadBalancer for FakeLoadBalancer {
             }
             None => Ok(()),
         }
+    }
+
+    /// Recorded in the routing history; refused for an unknown backend.
+    async fn reroute(&self, backend: &Backend, via: Option<&deploykit::Address>) -> Result<(), DriverError> {
+        let mut w = self.shared.lock();
+        if !w.instances.contains_key(&backend.id) {
+            return Err(DriverError::new(format!("unknown backend {}", backend.id)));
+        }
+        let at = w.now();
+        w.routing.push(RoutingEntry {
+            at,
+            change: RoutingChange::Rerouted {
+                instance: backend.id.clone(),
+                via: via.cloned(),
+            },
+        });
+        Ok(())
     }
 
     async fn live_group(&self) -> Result<Option<Group>, DriverError> {

@@ -286,7 +286,7 @@ impl FakeFleet {
                 RoutingChange::Enabled(id) => {
                     out.remove(id);
                 }
-                RoutingChange::Weights(_) | RoutingChange::Policy(_) => {}
+                RoutingChange::Weights(_) | RoutingChange::Policy(_) | RoutingChange::Rerouted { .. } => {}
             }
             let counted = out
                 .iter()

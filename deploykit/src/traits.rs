@@ -312,6 +312,28 @@ pub trait LoadBalancer: Send + Sync + Debug {
         Ok(None)
     }
 
+    /// Sends `backend`'s traffic to `via` instead of its own address (a
+    /// [fault proxy](crate::chaos::FaultProxy) in front of it, for a chaos
+    /// drill), or back to its own address with `None`. Its state in
+    /// rotation and its weight are unchanged. A detour is never recorded
+    /// for a later process: a driver built afterwards (a resume, a
+    /// rollback after a crash) sends the backend's traffic to its own
+    /// address again with its first change. The default cannot: it fails,
+    /// naming the load balancer.
+    ///
+    /// * Idempotent: yes.
+    /// * Cancel-safe: yes; either the old or the new address is live.
+    /// * On failure: the previous address is still live.
+    async fn reroute(&self, backend: &Backend, via: Option<&Address>) -> Result<(), DriverError> {
+        let _ = via;
+        Err(DriverError::new(format!(
+            "the {} load balancer cannot send {}'s traffic through a fault proxy; \
+             network chaos needs nginx, HAProxy or the simulated balancer",
+            self.name(),
+            backend.id
+        )))
+    }
+
     /// Checks, without changing anything, that the load balancer can be
     /// driven: it is reachable and running, and it knows every backend it
     /// was given. The executor calls it once before the first step of any

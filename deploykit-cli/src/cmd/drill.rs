@@ -18,7 +18,8 @@ pub(crate) struct DrillArgs {
     /// stable instances run now (nothing changes for users either way).
     release: Option<String>,
     /// The fault injected when the file has no [[strategy.canary.chaos]]
-    /// entry (default kill; http-error needs a fault injector).
+    /// entry (default kill; http-error goes through a fault proxy the
+    /// load balancer is pointed at while it lasts).
     #[arg(long, value_enum, value_name = "KIND")]
     fault: Option<DrillFault>,
     /// When that fault starts into stage 1 (default three check intervals,
@@ -43,7 +44,7 @@ pub(crate) enum DrillFault {
     Kill,
     /// SIGSTOP of the canary's process (a hang).
     Pause,
-    /// Every request to the canary answered 503 (needs a fault injector).
+    /// Every request to the canary answered 503 by a fault proxy.
     HttpError,
 }
 

@@ -298,3 +298,139 @@ fn with_the_health_watch_a_drill_whose_metrics_never_see_the_kill_passes() {
     );
     assert_eq!(env.sim("stable-1")["release"], "v1");
 }
+
+#[test]
+fn a_network_fault_detours_the_canary_through_a_loopback_proxy_for_its_stage_only() {
+    // Healthy metrics: the canary carries on, as the entry expects.
+    let prom = crate::util::prometheus(|r| if r.contains("requests") { 1000.0 } else { 0.001 });
+    let chaos =
+        "[[strategy.canary.chaos]]\nstage = 1\nkind = \"latency\"\ndelay = \"5ms\"\nexpect = \"continue\"\n";
+    let config =
+        config(&prom, 18_339, chaos).replace("stage_duration = \"300ms\"", "stage_duration = \"2s\"");
+    let env = Env::new(&config);
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let child = env.spawn_deploy("v2", "the fault's injection", |r| r["event"] == "chaos_injected");
+    // While the fault lasts the balancer sends canary-1's traffic to a
+    // proxy on loopback, not to canary-1's own address.
+    let via = env.lb()["via"]["canary-1"].as_str().map(str::to_owned);
+    let out = child.wait_with_output().expect("the deployment ends");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let via = via.expect("canary-1 detoured during its fault");
+    assert!(via.starts_with("127.0.0.1:") && via != "127.0.0.1:18340", "{via}");
+    // Afterwards every instance is reached at its own address again.
+    assert!(env.lb().get("via").is_none(), "{}", env.lb());
+    let journal = env.newest_journal();
+    assert!(
+        journal
+            .iter()
+            .any(|r| r["event"] == "chaos_injected" && r["fault"]["kind"] == "latency"),
+        "{journal:?}"
+    );
+    assert!(
+        journal.iter().any(|r| r["event"] == "chaos_cleared"),
+        "{journal:?}"
+    );
+}
+
+#[test]
+fn a_network_fault_behind_a_balancer_that_cannot_detour_is_refused_naming_the_entry() {
+    let prom = crate::util::prometheus(|_| 0.001);
+    let istio = |chaos: &str| {
+        config(&prom, 18_341, chaos).replace(
+            "[load_balancer]\nkind = \"simulated\"\n",
+            "[load_balancer]\nkind = \"istio\"\nnamespace = \"shop\"\nresource = \"web\"\n\
+             services.stable = { service = \"web\", subset = \"stable\" }\n\
+             services.canary = { service = \"web\", subset = \"canary\" }\n",
+        )
+    };
+    let env = Env::new(&istio(
+        "[[strategy.canary.chaos]]\nstage = 1\nkind = \"kill\"\nexpect = \"rollback\"\nwithin = \"30s\"\n\n\
+         [[strategy.canary.chaos]]\nstage = 1\nkind = \"http-error\"\npercent = 50\nexpect = \"rollback\"\nwithin = \"30s\"\n",
+    ));
+    let (code, _, err) = env.run(&["validate"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("strategy.canary.chaos[1].kind")
+            && err.contains("\"http-error\" is a network fault")
+            && err.contains("load_balancer.kind \"istio\" cannot point a backend at one"),
+        "{err}"
+    );
+    // A process fault needs no detour: the same balancer takes it.
+    let env = Env::new(&istio(KILL_EXPECT_ROLLBACK));
+    env.ok(&["validate"], 0);
+}
+
+#[test]
+fn a_run_killed_during_a_network_fault_leaves_a_record_and_the_rollback_sends_the_canary_home() {
+    let prom = crate::util::prometheus(|r| if r.contains("requests") { 1000.0 } else { 0.001 });
+    let chaos =
+        "[[strategy.canary.chaos]]\nstage = 1\nkind = \"latency\"\ndelay = \"5ms\"\nexpect = \"continue\"\n";
+    let config =
+        config(&prom, 18_343, chaos).replace("stage_duration = \"300ms\"", "stage_duration = \"30s\"");
+    let env = Env::new(&config);
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let mut child = env.spawn_deploy("v2", "the fault's injection", |r| r["event"] == "chaos_injected");
+    // SIGKILL mid-fault: the detour stays, the proxy is gone with the process.
+    child.kill().expect("kill deploykit");
+    let _ = child.wait();
+    assert!(env.lb()["via"]["canary-1"].is_string(), "{}", env.lb());
+    assert!(env.state().join("chaos-detours.json").exists());
+    let (code, _, err) = env.run(&["-q", "rollback"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(
+            "canary-1's traffic still went to the fault proxy of a run that ended during a network fault"
+        ),
+        "{err}"
+    );
+    assert!(env.lb().get("via").is_none(), "{}", env.lb());
+    assert!(!env.state().join("chaos-detours.json").exists());
+}
+
+/// The state directory of the test whose Prometheus stand-in reads the
+/// simulated balancer's detours.
+static DETOUR_STATE: OnceLock<PathBuf> = OnceLock::new();
+
+/// Whether the simulated balancer sends `canary-1`'s traffic through a
+/// fault proxy now.
+fn canary_detoured() -> bool {
+    let Some(state) = DETOUR_STATE.get() else {
+        return false;
+    };
+    std::fs::read(state.join("simulated").join("lb.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|lb| lb["via"]["canary-1"].is_string())
+}
+
+#[test]
+fn a_drill_with_the_http_error_fault_detours_the_canary_through_a_proxy_and_passes() {
+    // The canary errs while its traffic goes through the fault proxy, as
+    // Prometheus would see the proxy's injected 503s.
+    let prom = crate::util::prometheus(|r| {
+        if r.contains("requests") {
+            1000.0
+        } else if r.contains("canary") && r.contains("errors") && canary_detoured() {
+            0.5
+        } else {
+            0.001
+        }
+    });
+    let env = Env::new(&config(&prom, 18_345, "").replace("\"300ms\"", "\"1s\""));
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    DETOUR_STATE.set(env.state()).unwrap();
+    let (code, out, err) = env.run(&["drill", "--fault", "http-error"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("expect rollback: PASSED — rolled back"), "{out}");
+    assert!(out.contains("canary error rate 50.000 %"), "{out}");
+    let journal = env.newest_journal();
+    assert!(
+        journal
+            .iter()
+            .any(|r| r["event"] == "chaos_injected" && r["fault"]["kind"] == "http-error"),
+        "no http-error injection in the journal"
+    );
+    // The detour ended with the run: every instance at its own address.
+    assert!(env.lb().get("via").is_none(), "{}", env.lb());
+    assert_eq!(env.sim("stable-1")["release"], "v1");
+}

@@ -356,3 +356,49 @@ async fn a_server_at_another_address_than_its_instance_fails_the_check() {
         .expect("localhost is 127.0.0.1");
     assert_eq!(s.admin_of("i-1").await, ServerAdmin::Ready, "nothing changed");
 }
+
+/// Network chaos through real HAProxy: a fault proxy detours one server
+/// (`set server … addr`), half of the traffic then gets the injected 500,
+/// and clearing the fault puts the server back at its own address, which
+/// the driver's check confirms.
+#[tokio::test]
+async fn a_fault_proxy_detours_a_server_for_its_fault_and_clearing_it_sends_the_server_home() {
+    use deploykit::chaos::{Fault, FaultInjector, RoutedFaults};
+    let bin = crate::require_binary!("haproxy");
+    let s = HaproxySetup::start(&bin, &[("v1", "default", &[]), ("v2", "default", &[])]).await;
+    let lb: std::sync::Arc<dyn LoadBalancer> = std::sync::Arc::new(s.lb.clone());
+    let faults = RoutedFaults::new(lb, "127.0.0.1".parse().unwrap()).unwrap();
+    let fault = Fault::HttpError {
+        status: 500,
+        percent: 100,
+    };
+    faults.inject(&s.backends[1], &fault).await.expect("inject");
+    let servers = s.lb.api().servers_state("app").await.unwrap();
+    let i2 = servers.iter().find(|x| x.name == "i-2").unwrap();
+    assert_ne!(
+        i2.port,
+        Some(s.apps[1].addr.port()),
+        "i-2 still at its own port: {i2:?}"
+    );
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..20 {
+        let a = s.http.get(&s.haproxy.url("/")).await.expect("an answer");
+        let key = format!("{} {}", a.status, a.version.unwrap_or_default());
+        *statuses.entry(key).or_insert(0) += 1;
+    }
+    assert_eq!(
+        statuses,
+        std::collections::BTreeMap::from([("200 v1".to_owned(), 10), ("500 ".to_owned(), 10)]),
+        "round robin over i-1 and i-2's proxy"
+    );
+    faults.clear(&s.backends[1], &fault).await.expect("clear");
+    s.lb.check()
+        .await
+        .expect("every server at its instance's address again");
+    let back = s.count(20).await;
+    assert_eq!(
+        (back.get("v1"), back.get("v2")),
+        (Some(&10), Some(&10)),
+        "{back:?}"
+    );
+}

@@ -9,6 +9,7 @@ mod harness;
 
 mod blue_green;
 mod canary_flag;
+mod chaos;
 mod cli_experiment;
 mod conformance;
 mod demo_app;

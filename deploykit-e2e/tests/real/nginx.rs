@@ -492,3 +492,57 @@ async fn switching_to_upstream_retry_reloads_once_then_never() {
     assert_eq!(s.upstream_text(), text);
     assert_eq!(s.count(20).await.get("v1"), Some(&20));
 }
+
+/// A chaos detour (`reroute`) sends a backend's traffic elsewhere (here a
+/// third app standing in for a fault proxy) and back; a driver built after
+/// a crash during the detour does not adopt it: its first change renders
+/// the backend at its own address again.
+#[tokio::test]
+async fn a_detour_moves_a_backends_traffic_and_a_later_driver_sends_it_home() {
+    let bin = crate::require_binary!("nginx");
+    let s = NginxSetup::start(&bin, &[("v1", "default", &[]), ("v2", "default", &[])]).await;
+    let stand_in = DemoApp::start(DemoOpts::new("proxy")).await;
+    let via = Address::parse(&stand_in.addr.to_string()).unwrap();
+    s.lb.reroute(&s.backends[1], Some(&via))
+        .await
+        .expect("detour i-2");
+    let detoured = s.count(20).await;
+    assert_eq!(
+        (detoured.get("v1"), detoured.get("proxy")),
+        (Some(&10), Some(&10)),
+        "{detoured:?}"
+    );
+    s.lb.reroute(&s.backends[1], None).await.expect("send i-2 home");
+    let home = s.count(20).await;
+    assert_eq!(
+        (home.get("v1"), home.get("v2")),
+        (Some(&10), Some(&10)),
+        "{home:?}"
+    );
+
+    // Detoured again, then the process "dies": a new driver over the same
+    // file sends i-2's traffic home with its first change.
+    s.lb.reroute(&s.backends[1], Some(&via))
+        .await
+        .expect("detour i-2");
+    let later = driver(&bin, s.dir.path(), &s.backends);
+    later
+        .set_weights(&[GroupWeight {
+            group: Group::new("default").unwrap(),
+            percent: 100,
+        }])
+        .await
+        .expect("the later driver's first change");
+    assert!(
+        s.upstream_text()
+            .contains(&format!("server {} weight=", s.apps[1].addr)),
+        "{}",
+        s.upstream_text()
+    );
+    let after = s.count(20).await;
+    assert_eq!(
+        (after.get("v1"), after.get("v2")),
+        (Some(&10), Some(&10)),
+        "{after:?}"
+    );
+}

@@ -41,10 +41,15 @@ use crate::traits::Backend;
 pub mod drill;
 #[cfg(feature = "chaos")]
 mod proxy;
+#[cfg(feature = "chaos")]
+mod routed;
 
 #[cfg(feature = "chaos")]
 #[cfg_attr(docsrs, doc(cfg(feature = "chaos")))]
-pub use proxy::{FaultId, FaultProxy, ProxyFaults, ProxyStats};
+pub use proxy::{FaultId, FaultProxy, Origin, ProxyFaults, ProxyStats};
+#[cfg(feature = "chaos")]
+#[cfg_attr(docsrs, doc(cfg(feature = "chaos")))]
+pub use routed::{undo_recorded, RoutedFaults};
 
 /// One fault.
 ///

@@ -65,6 +65,29 @@ pub struct ProxyStats {
     pub upstream_failures: u64,
 }
 
+/// How one of a proxy's answers came about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// The instance's own answer, forwarded.
+    Upstream,
+    /// An answer a fault made up (an injected `5xx`).
+    Injected,
+    /// The proxy's `502`: the instance could not be reached or hung up.
+    Proxy,
+}
+
+impl Origin {
+    /// The word used in metrics labels: `upstream`, `injected`, `proxy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Upstream => "upstream",
+            Origin::Injected => "injected",
+            Origin::Proxy => "proxy",
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     connections: AtomicU64,
@@ -92,6 +115,15 @@ struct Shared {
     counters: Counters,
     /// Seed of the jitter's generator, advanced per delayed request.
     jitter_state: AtomicU64,
+    /// Answers by origin and status code.
+    answers: Mutex<BTreeMap<(Origin, u16), u64>>,
+}
+
+impl Shared {
+    fn answered(&self, origin: Origin, status: StatusCode) {
+        let mut a = self.answers.lock().expect("answers poisoned");
+        *a.entry((origin, status.as_u16())).or_insert(0) += 1;
+    }
 }
 
 /// What a fault decided for one request.
@@ -233,6 +265,7 @@ impl FaultProxy {
             next_id: AtomicU64::new(1),
             counters: Counters::default(),
             jitter_state: AtomicU64::new(u64::from(addr.port())),
+            answers: Mutex::new(BTreeMap::new()),
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(listener, Arc::clone(&shared), stop.clone()));
@@ -300,6 +333,12 @@ impl FaultProxy {
             held: get(&c.held),
             upstream_failures: get(&c.upstream_failures),
         }
+    }
+
+    /// The answers given so far, by origin and status code: what a
+    /// metrics exposition of the proxy counts.
+    pub fn answers(&self) -> BTreeMap<(Origin, u16), u64> {
+        self.shared.answers.lock().expect("answers poisoned").clone()
     }
 
     /// Stops accepting and closes every connection. Idempotent.
@@ -454,6 +493,7 @@ async fn handle(
         Decision::Forward => {}
         Decision::Fail(status) => {
             c.injected_errors.fetch_add(1, Ordering::Relaxed);
+            shared.answered(Origin::Injected, status);
             return plain(status, "fault injected by deploykit's fault proxy\n");
         }
         Decision::Hold(after) => {
@@ -471,10 +511,12 @@ async fn handle(
     match forward(req, shared.upstream, upstream).await {
         Ok(r) => {
             c.forwarded.fetch_add(1, Ordering::Relaxed);
+            shared.answered(Origin::Upstream, r.status());
             r.map(|b| b.boxed())
         }
         Err(e) => {
             c.upstream_failures.fetch_add(1, Ordering::Relaxed);
+            shared.answered(Origin::Proxy, StatusCode::BAD_GATEWAY);
             tracing::debug!(error = %e, upstream = %shared.upstream, "fault proxy: upstream failed");
             let mut r = plain(StatusCode::BAD_GATEWAY, "upstream failed\n");
             // The upstream connection is gone; so is this one's keep-alive.
@@ -621,6 +663,10 @@ mod tests {
             assert_eq!(get(&mut c).await.unwrap().0, 200);
         }
         assert_eq!(proxy.stats().injected_errors, 5);
+        assert_eq!(
+            proxy.answers(),
+            BTreeMap::from([((Origin::Upstream, 200), 135), ((Origin::Injected, 503), 5)])
+        );
     }
 
     #[tokio::test]

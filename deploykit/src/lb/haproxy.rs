@@ -810,9 +810,21 @@ async fn address_mismatch(server: &ServerState, backend: &Backend) -> Option<Str
     let matches = resolved
         .iter()
         .any(|r| r.ip().to_canonical() == ip.to_canonical() && server.port.is_none_or(|p| p == r.port()));
+    // A run killed during a network chaos fault leaves its detour to a
+    // fault proxy on loopback in HAProxy's memory.
+    let detour = if ip.is_loopback() {
+        format!(
+            " (if a deploykit run was killed during a network chaos fault, the server still points at its \
+             fault proxy: reload HAProxy, or send `set server <backend>/{} addr <ip> port <port>` with the \
+             instance's own address)",
+            server.name
+        )
+    } else {
+        String::new()
+    };
     (!matches).then(|| {
         format!(
-            "server {} is at {shown}, but instance {} is at {want}; {fix}",
+            "server {} is at {shown}, but instance {} is at {want}; {fix}{detour}",
             server.name, backend.id
         )
     })
@@ -961,6 +973,78 @@ impl LoadBalancer for HaproxyLoadBalancer {
     async fn enable(&self, backend: &Backend) -> Result<(), DriverError> {
         self.set_admin(backend, Admin::Ready).await?;
         self.wait_up(backend).await
+    }
+
+    /// `set server <be>/<srv> addr <ip> port <port>` (also in the group's
+    /// backend `<be>__<group>` when routing rules are on), read back. The
+    /// detour lives in HAProxy's memory only: a reload of HAProxy sends the
+    /// server's traffic to its configured address again.
+    ///
+    /// * Idempotent: yes. Cancel-safe: yes (runs in a task).
+    /// * On failure: the server may be at either address; a retry converges.
+    async fn reroute(
+        &self,
+        backend: &Backend,
+        via: Option<&crate::names::Address>,
+    ) -> Result<(), DriverError> {
+        self.known(backend)?;
+        let own = self
+            .lock_state()
+            .get(&backend.id)
+            .map(|(b, _)| b.clone())
+            .ok_or_else(|| DriverError::new(format!("no server {}", backend.id)))?;
+        let target = via.unwrap_or(&own.address).clone();
+        let host = target
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let addr = tokio::net::lookup_host((host.as_str(), target.port()))
+            .await
+            .ok()
+            .and_then(|mut it| it.next())
+            .ok_or_else(|| {
+                DriverError::new(format!("{target} does not resolve to an address HAProxy can use"))
+            })?;
+        let mut backends = vec![self.inner.backend.clone()];
+        if self.inner.map_dir.is_some() {
+            backends.push(format!("{}__{}", self.inner.backend, own.group));
+        }
+        let id = own.id.clone();
+        let this = self.clone();
+        run_to_completion("HAProxy", async move {
+            let api = &this.inner.api;
+            let _g = this.inner.apply.lock().await;
+            socket_word("HAProxy server", id.as_str())?;
+            let (ip, port) = (addr.ip(), addr.port());
+            let cmds: Vec<String> = backends
+                .iter()
+                .map(|be| format!("set server {be}/{id} addr {ip} port {port}"))
+                .collect();
+            // HAProxy answers in prose ("IP changed from …"); the read-back decides.
+            api.command(&cmds.join(";")).await?;
+            for be in &backends {
+                let servers = api.servers_state(be).await?;
+                let s = servers
+                    .iter()
+                    .find(|s| s.name == id.as_str())
+                    .ok_or_else(|| DriverError::new(format!("HAProxy backend {be} has no server {id}")))?;
+                let ip_ok = s
+                    .address
+                    .as_deref()
+                    .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+                    .is_none_or(|a| a.to_canonical() == ip.to_canonical());
+                if !ip_ok || s.port.is_some_and(|p| p != port) {
+                    return Err(DriverError::new(format!(
+                        "HAProxy did not take the change: {be}/{id} is at {}:{}, expected {addr}",
+                        s.address.as_deref().unwrap_or("?"),
+                        s.port.unwrap_or(0)
+                    )));
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// `set server <be>/<srv> state maint`, read back.
@@ -1174,6 +1258,9 @@ mod tests {
                 m.contains(said) && m.contains(backend) && m.contains("i-1"),
                 "{m}"
             );
+            // Only a loopback address can be a fault proxy left by a killed run.
+            let ip: std::net::IpAddr = server.address.as_deref().unwrap().parse().unwrap();
+            assert_eq!(m.contains("fault proxy"), ip.is_loopback(), "{m}");
         }
     }
 

@@ -648,3 +648,101 @@ fn the_health_watch_reads_from_toml_and_bad_values_name_the_key() {
         "{e}"
     );
 }
+
+/// What the fake balancer was told about detours, in order, with the index
+/// of each in its routing history.
+fn detours(fleet: &FakeFleet) -> Vec<(usize, Option<String>)> {
+    fleet
+        .routing_history()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match &r.change {
+            deploykit_testkit::RoutingChange::Rerouted { instance, via } => {
+                assert_eq!(instance.as_str(), "i-5", "only the canary is detoured");
+                Some((i, via.as_ref().map(ToString::to_string)))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A canary whose fault proxy is set up by `RoutedFaults` over the fake
+/// balancer, with the canary's error rate at `canary_errors`.
+fn routed_drill(canary_errors: f64) -> (FakeFleet, deploykit::chaos::RoutedFaults, Executor) {
+    let fleet = FakeFleet::with_groups(&GROUPS);
+    let lb = Arc::new(fleet.load_balancer());
+    let faults = deploykit::chaos::RoutedFaults::new(lb.clone(), "127.0.0.1".parse().unwrap()).unwrap();
+    let metrics = FakeMetrics::new()
+        .set("stable", Metric::ErrorRate, 0.001)
+        .set("stable", Metric::LatencyP99, 0.12)
+        .set("stable", Metric::RequestCount, 28_500.0)
+        .set("canary", Metric::ErrorRate, canary_errors)
+        .set("canary", Metric::LatencyP99, 0.12);
+    let exec = Executor::builder()
+        .instances(fleet.instances())
+        .load_balancer(lb)
+        .metrics(Arc::new(metrics))
+        .fault_injector(Arc::new(faults.clone()))
+        .build()
+        .expect("valid executor");
+    (fleet, faults, exec)
+}
+
+fn stage_one_errors() -> ChaosSpec {
+    serde_json::from_value(serde_json::json!({
+        "stage": 1, "kind": "http-error", "percent": 50, "expect": "rollback", "within": "5m",
+    }))
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_proxied_fault_detours_the_canary_and_sends_it_home_before_the_rollback_routes() {
+    let (fleet, faults, exec) = routed_drill(0.05);
+    let report = exec
+        .deploy(&canary(vec![stage_one_errors()]), &ReleaseId::new("v2").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{:?}", report.reason);
+    let d = detours(&fleet);
+    assert_eq!(d.len(), 2, "one detour and its undoing: {d:?}");
+    let via = d[0].1.as_deref().expect("the detour");
+    assert!(via.starts_with("127.0.0.1:"), "{via}");
+    assert_eq!(d[1].1, None, "sent home");
+    // Home before the rollback moved any traffic.
+    let history = fleet.routing_history();
+    let rollback_routes = history
+        .iter()
+        .enumerate()
+        .skip(d[0].0 + 1)
+        .find(|(_, r)| !matches!(r.change, deploykit_testkit::RoutingChange::Rerouted { .. }))
+        .map(|(i, _)| i)
+        .expect("the rollback routes traffic");
+    assert!(d[1].0 < rollback_routes, "{history:?}");
+    assert!(faults.rerouted().await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_run_sends_a_detoured_canary_home() {
+    let (fleet, faults, exec) = routed_drill(0.001);
+    let token = exec.cancel_token();
+    tokio::spawn(async move {
+        // Stage 1 (5 minutes) is under way and its fault injected.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        token.cancel();
+    });
+    let report = exec
+        .deploy(&canary(vec![stage_one_errors()]), &ReleaseId::new("v2").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{:?}", report.reason);
+    let d = detours(&fleet);
+    assert_eq!(
+        d.iter().map(|(_, v)| v.is_some()).collect::<Vec<_>>(),
+        vec![true, false],
+        "{d:?}"
+    );
+    // Sent home by the cancel, not by the end of the 5-minute stage.
+    let home = fleet.routing_history()[d[1].0].at;
+    assert!(home < Duration::from_secs(300), "sent home at {home:?}");
+    assert!(faults.rerouted().await.is_empty());
+}

@@ -360,6 +360,7 @@ impl NginxBuilder {
             roster,
             drains: BTreeMap::new(),
             policy: None,
+            via: BTreeMap::new(),
         };
         adopt_saved(&include, &mut state);
         if state.policy.is_some() && self.location_include.is_none() {
@@ -990,6 +991,32 @@ impl LoadBalancer for NginxLoadBalancer {
         let id = backend.id.clone();
         self.edit(None, move |st| {
             st.roster.set_admin(&id, Admin::Ready);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Renders the backend's server line at `via` (or at its own address
+    /// again), tests and reloads. The detour is not written into the
+    /// `# deploykit-state:` line, so a driver built later (after a crash)
+    /// renders the backend at its own address with its first change.
+    ///
+    /// * Idempotent: yes (an unchanged file reloads nothing).
+    /// * Cancel-safe: yes; the change runs to completion in a task.
+    /// * On failure: the previous file is back and still live.
+    async fn reroute(
+        &self,
+        backend: &Backend,
+        via: Option<&crate::names::Address>,
+    ) -> Result<(), DriverError> {
+        self.check_backend(backend)?;
+        let id = backend.id.clone();
+        let via = via.cloned();
+        self.edit(None, move |st| {
+            match via {
+                Some(a) => st.via.insert(id, a),
+                None => st.via.remove(&id),
+            };
             Ok(())
         })
         .await

@@ -163,7 +163,7 @@ fn servers_block(
             let backup = !in_rotation && opts.idle_as_backup && admin == Admin::Ready;
             UpstreamServer {
                 id: b.id.clone(),
-                address: b.address.clone(),
+                address: st.via.get(&b.id).unwrap_or(&b.address).clone(),
                 weight,
                 down: !in_rotation && !backup,
                 backup,
@@ -218,6 +218,7 @@ mod tests {
             roster: Roster::new(backends, rules).unwrap(),
             drains: BTreeMap::new(),
             policy: None,
+            via: BTreeMap::new(),
         }
     }
 
@@ -229,6 +230,23 @@ mod tests {
              upstream app {\n    server 127.0.0.1:9001; # s-1\n    server 127.0.0.1:9002; # s-2\n    \
              server 127.0.0.1:9003; # c-1\n}\n"
         );
+    }
+
+    #[test]
+    fn a_detour_renders_the_proxy_address_and_is_never_recorded() {
+        let mut st = state();
+        st.via.insert(
+            InstanceId::new("c-1").unwrap(),
+            Address::parse("127.0.0.1:7001").unwrap(),
+        );
+        let text = render_file("app", &st, RenderOpts::default());
+        assert!(text.contains("server 127.0.0.1:7001; # c-1"), "{text}");
+        assert!(!text.contains("127.0.0.1:9003"), "{text}");
+        // Nothing else differs from the default, so no state line: a driver
+        // built from this file renders c-1 at its own address again.
+        assert!(!text.contains(super::super::state::STATE_MARKER), "{text}");
+        st.via.clear();
+        assert!(render_file("app", &st, RenderOpts::default()).contains("server 127.0.0.1:9003; # c-1"));
     }
 
     #[test]

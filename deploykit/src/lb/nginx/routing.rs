@@ -289,6 +289,7 @@ mod tests {
             roster,
             drains: BTreeMap::new(),
             policy: Some(policy),
+            via: BTreeMap::new(),
         }
     }
 

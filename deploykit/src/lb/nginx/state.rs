@@ -137,4 +137,8 @@ pub(super) struct State {
     /// The routing policy beyond the split (rules, sticky, mirror), when
     /// one was applied; its weights are `roster.shares`.
     pub(super) policy: Option<TrafficPolicy>,
+    /// Backends whose traffic goes to another address for now (a fault
+    /// proxy): rendered, never recorded in the state line, so a driver
+    /// built later renders every backend at its own address again.
+    pub(super) via: BTreeMap<InstanceId, crate::names::Address>,
 }
