@@ -231,6 +231,24 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// by default).
 const TXN_OPS: usize = 100;
 
+/// Keys read per request: 1,000 journal records stay far below the
+/// client's 4 MiB message limit.
+const RANGE_PAGE: i64 = 1_000;
+
+/// The end of the range of keys starting with `prefix` (what etcd's
+/// `--prefix` reads): the prefix with its last byte below 0xff raised by one.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte was 0xff: to the end of the keyspace.
+    vec![0]
+}
+
 /// Whether etcd answered gRPC `INVALID_ARGUMENT` (code 3): it refuses the
 /// request as such (too large, too many operations), so the same request
 /// would be refused forever.
@@ -344,28 +362,38 @@ impl Inner {
     /// Reads every key under `name` (a prefix), sorted by key.
     async fn range(&self, name: &str, keys_only: bool) -> Result<Vec<(String, Vec<u8>)>> {
         let key = self.key(name);
-        let resp = self
-            .retry(&format!("reading {key}"), self.config.request_timeout, |mut c| {
-                let key = key.clone();
-                async move {
-                    let mut o = GetOptions::new().with_prefix();
-                    if keys_only {
-                        o = o.with_keys_only();
+        let end = prefix_end(key.as_bytes());
+        let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut from = key.clone().into_bytes();
+        // In pages: one answer for a whole large journal (tens of thousands
+        // of records) would pass the client's 4 MiB message limit.
+        loop {
+            let resp = self
+                .retry(&format!("reading {key}"), self.config.request_timeout, |mut c| {
+                    let (from, end) = (from.clone(), end.clone());
+                    async move {
+                        let mut o = GetOptions::new().with_range(end).with_limit(RANGE_PAGE);
+                        if keys_only {
+                            o = o.with_keys_only();
+                        }
+                        c.get(from, Some(o)).await
                     }
-                    c.get(key, Some(o)).await
-                }
-            })
-            .await?;
-        let mut out: Vec<(String, Vec<u8>)> = resp
-            .kvs()
-            .iter()
-            .map(|kv| {
+                })
+                .await?;
+            out.extend(resp.kvs().iter().map(|kv| {
                 (
                     String::from_utf8_lossy(kv.key()).into_owned(),
                     kv.value().to_vec(),
                 )
-            })
-            .collect();
+            }));
+            match resp.kvs().iter().map(|kv| kv.key()).max() {
+                Some(last) if resp.more() => {
+                    from = last.to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
@@ -1157,6 +1185,16 @@ impl JournalWriter for EtcdJournal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_range_ends_after_its_last_key() {
+        assert_eq!(
+            prefix_end(b"/dk/shop/records/1/"),
+            b"/dk/shop/records/10".to_vec()
+        );
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
 
     #[test]
     fn bad_settings_are_refused_naming_the_field() {
