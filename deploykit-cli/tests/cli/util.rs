@@ -155,10 +155,17 @@ impl Env {
         text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
-    /// How many journals the state directory holds.
+    /// How many journals the state directory holds (finished ones, as
+    /// [`newest_journal`](Self::newest_journal) reads them).
     pub(crate) fn journal_count(&self) -> usize {
         std::fs::read_dir(self.state().join("journal"))
-            .map(|d| d.count())
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
+                })
+                .count()
+            })
             .unwrap_or(0)
     }
 
