@@ -797,21 +797,7 @@ fn deploy_inner(ctx: Ctx, args: DeployArgs, earlier: &mut Option<EarlierRun>) ->
         .map(|addr| crate::metrics_http::bind("metrics-listen", addr))
         .transpose()?;
     rt.block_on(async move {
-        // Served until this run ends, from the journals (this run's too).
-        let _metrics = match metrics {
-            Some(listener) => {
-                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                let server = tokio::spawn(crate::metrics_http::serve(
-                    listener,
-                    ctx.state.clone(),
-                    async move {
-                        let _ = stopped.await;
-                    },
-                ));
-                Some((stop, server))
-            }
-            None => None,
-        };
+        let _metrics = metrics.map(|l| serve_metrics(&ctx, l));
         let purpose = match &args.release {
             Some(r) => format!("deploy {r}"),
             None => "deploy --resume".into(),
@@ -859,6 +845,27 @@ fn deploy_inner(ctx: Ctx, args: DeployArgs, earlier: &mut Option<EarlierRun>) ->
         lock.release().await;
         code
     })
+}
+
+/// Serves the Prometheus exposition of the journals (this run's too, and
+/// the fault proxies' counters while a network fault runs) on `listener`
+/// until the returned guard is dropped with the run.
+pub(super) fn serve_metrics(
+    ctx: &Ctx,
+    listener: std::net::TcpListener,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::metrics_http::serve(
+        listener,
+        ctx.state.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (stop, server)
 }
 
 fn rename(e: deploykit::Error, field: &str) -> deploykit::Error {

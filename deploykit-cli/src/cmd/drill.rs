@@ -34,6 +34,11 @@ pub(crate) struct DrillArgs {
     /// during the drill and report how many failed.
     #[arg(long, value_name = "URL")]
     probe: Option<String>,
+    /// Serve the Prometheus exposition of the journals, and the fault
+    /// proxies' counters, at http://ADDR/metrics while the drill runs
+    /// (docs/metrics.md).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The faults a drill can inject by itself.
@@ -164,8 +169,13 @@ pub(crate) fn drill(ctx: Ctx, args: DrillArgs) -> anyhow::Result<u8> {
     if let Some(r) = &release {
         wire::check_release(&ctx.cfg, r)?;
     }
+    let metrics = args
+        .metrics_listen
+        .map(|addr| crate::metrics_http::bind("metrics-listen", addr))
+        .transpose()?;
     let rt = runtime()?;
     rt.block_on(async move {
+        let _metrics = metrics.map(|l| serve_metrics(&ctx, l));
         let purpose = match &release {
             Some(r) => format!("drill {r}"),
             None => "drill".to_owned(),
@@ -203,6 +213,7 @@ pub(super) async fn before_deploy(
         after: None,
         within: None,
         probe: None,
+        metrics_listen: None,
     };
     let run = DrillRun::new(ctx, &args)?;
     ctx.say("drill first: the current release as a canary, broken on purpose");

@@ -144,13 +144,19 @@ async fn a_canary_carrying_a_flag_shares_it_by_stage_and_a_breach_kills_it() {
             // each reading is named by the nearest multiple of 10, and its
             // distance from it is kept to be checked.
             let (mut shares, mut off_by) = (Vec::<u32>::new(), 0f64);
-            while !stop.load(Ordering::SeqCst) {
+            loop {
+                // One more reading after the run ended, so a kill in its
+                // last 100 ms is seen too.
+                let last = stop.load(Ordering::SeqCst);
                 if let Some(p) = on_percent(&file) {
                     let near = (p / 10.0).round() * 10.0;
                     off_by = off_by.max((p - near).abs());
                     if shares.last() != Some(&(near as u32)) {
                         shares.push(near as u32);
                     }
+                }
+                if last {
+                    break;
                 }
                 sleep(Duration::from_millis(100)).await;
             }
