@@ -434,3 +434,26 @@ fn a_drill_with_the_http_error_fault_detours_the_canary_through_a_proxy_and_pass
     assert!(env.lb().get("via").is_none(), "{}", env.lb());
     assert_eq!(env.sim("stable-1")["release"], "v1");
 }
+
+#[test]
+fn validate_takes_a_bandwidth_entry_and_refuses_a_bad_rate_naming_the_key() {
+    let prom = crate::util::prometheus(|_| 0.001);
+    let bandwidth = |rate: &str| {
+        format!(
+            "[[strategy.canary.chaos]]\nstage = 1\nkind = \"bandwidth\"\nrate = {rate}\nexpect = \"continue\"\n"
+        )
+    };
+    let env = Env::new(&config(&prom, 18_391, &bandwidth("\"64KiB/s\"")));
+    env.ok(&["validate"], 0);
+    let env = Env::new(&config(&prom, 18_391, &bandwidth("\"0KiB/s\"")));
+    let (code, _, err) = env.run(&["validate"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("chaos[0].rate") && err.contains("is 0"), "{err}");
+    let env = Env::new(&config(&prom, 18_391, &bandwidth("\"64 kbit/s\"")));
+    let (code, _, err) = env.run(&["validate"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("rate") && err.contains("\"64 kbit/s\" is not a bandwidth"),
+        "{err}"
+    );
+}
