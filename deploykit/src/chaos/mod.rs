@@ -296,7 +296,7 @@ impl fmt::Display for ByteRate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (unit, size) = RATE_UNITS
             .iter()
-            .find(|(_, size)| self.0 != 0 && self.0 % size == 0)
+            .find(|(_, size)| self.0 != 0 && self.0.is_multiple_of(*size))
             .copied()
             .unwrap_or(("B", 1));
         write!(f, "{}{unit}/s", self.0 / size)
