@@ -56,6 +56,7 @@ pub struct FaultId(u64);
 
 /// What a proxy did so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ProxyStats {
     /// Connections accepted.
     pub connections: u64,
