@@ -252,6 +252,42 @@ async fn a_bandwidth_limit_goes_to_the_fault_injector_for_its_duration_and_not_t
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_bandwidth_limit_that_slows_big_answers_trips_the_latency_gate_and_rolls_back() {
+    // 256 KiB answers at 64 KiB/s: 4 s more on the canary's p99.
+    let fleet = FakeFleet::with_groups(&GROUPS);
+    let faults = FakeFaults::new().with_answer_bytes(256 * 1024);
+    let metrics = FakeMetrics::new()
+        .set("stable", Metric::ErrorRate, 0.001)
+        .set("stable", Metric::LatencyP99, 0.12)
+        .set("stable", Metric::RequestCount, 28_500.0)
+        .set("canary", Metric::ErrorRate, 0.001)
+        .set("canary", Metric::LatencyP99, 0.12)
+        .with_faults(&faults, &GROUPS);
+    let log = EventLog::new();
+    let exec = Executor::builder()
+        .instances(fleet.instances())
+        .load_balancer(Arc::new(fleet.load_balancer()))
+        .events(Arc::new(log.clone()))
+        .metrics(Arc::new(metrics))
+        .fault_injector(Arc::new(faults.clone()))
+        .build()
+        .unwrap();
+    let slow: ChaosSpec = serde_json::from_value(serde_json::json!({
+        "stage": 2, "after": "45s", "kind": "bandwidth", "rate": "64KiB/s",
+        "expect": "rollback", "within": "90s",
+    }))
+    .unwrap();
+    let c = canary(vec![slow]);
+    let report = exec.deploy(&c, &ReleaseId::new("v2").unwrap()).await.unwrap();
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{:?}", report.reason);
+    let v = verdicts(&c.chaos, &log.events());
+    assert!(v[0].passed, "{}", v[0]);
+    let tripped = v[0].tripped.as_ref().expect("a failing check after the limit");
+    assert!(tripped.result.contains("p99"), "{}", tripped.result);
+    assert!(faults.active().is_empty(), "the limit outlived its stage");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_chaos_entry_whose_stage_is_never_reached_fails() {
     let d = drill(true);
     // Stage 1 fails at once (the canary's error rate is over the threshold
