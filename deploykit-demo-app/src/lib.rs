@@ -18,6 +18,7 @@
 //! | `GET /health` | `200 ok`, or `503 unhealthy` with `--unhealthy` |
 //! | `GET /api/status` | `200` JSON: version, track, requests served, requests in flight |
 //! | `GET /api/db/ping` | `200 ok` |
+//! | `GET /api/blob?bytes=N` | `200` with `N` bytes of `x` (at most 64 MiB; more, or no `N`: `400`): a body big enough to see a bandwidth limit |
 //! | `GET /api/checkout?user=u1&segment=internal` | `200` JSON `{"flow": "new" or "old", "flag", "variant", "reason"}`: the flag `--checkout-flag` (`new-checkout`) evaluated from `--flags-file` or through `--ofrep-url`, with `user` as the targeting key and every other parameter as a context attribute; `old` when no flag source is set or the evaluation fails; with `--checkout-error-rate-new P`, that fraction of new-flow answers is `500`; every answered checkout is a visit, and the `--conversion-rate` fraction of them (evenly spread) converts: `"converted": true` |
 //! | `GET /metrics` | Prometheus text: `http_requests_total{code,track,version}`, `http_request_duration_seconds{track,version}`, `http_requests_in_flight`, and for `/api/checkout` per flag variant `checkout_requests_total{code,variant}` and `checkout_request_duration_seconds{variant}` (`variant="none"` when the flag could not be evaluated); per track `checkout_visits_total{track,version}` and `checkout_conversions_total{track,version}` (an A/B experiment's conversion rate is their ratio) |
 //!
@@ -324,6 +325,7 @@ pub fn router(config: DemoConfig) -> Result<Router, DemoError> {
         .route("/health", get(health))
         .route("/api/status", get(status))
         .route("/api/db/ping", get(db_ping))
+        .route("/api/blob", get(blob))
         .route("/metrics", get(metrics))
         .route("/api/checkout", get(checkout::checkout))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -374,6 +376,23 @@ async fn root(State(s): State<Shared>) -> Response {
         (StatusCode::INTERNAL_SERVER_ERROR, "injected error\n").into_response()
     } else {
         (StatusCode::OK, format!("{}\n", s.config.app_version)).into_response()
+    }
+}
+
+/// The largest body `/api/blob` sends: enough for any bandwidth test,
+/// small enough that a typo cannot exhaust the test machine's memory.
+const MAX_BLOB: usize = 64 << 20;
+
+async fn blob(
+    axum::extract::Query(params): axum::extract::Query<std::collections::BTreeMap<String, String>>,
+) -> Response {
+    match params.get("bytes").and_then(|b| b.parse::<usize>().ok()) {
+        Some(n) if n <= MAX_BLOB => (StatusCode::OK, vec![b'x'; n]).into_response(),
+        _ => (
+            StatusCode::BAD_REQUEST,
+            "give bytes=N, the body's size, at most 67108864\n",
+        )
+            .into_response(),
     }
 }
 
@@ -574,6 +593,31 @@ mod tests {
             text.contains("checkout_conversions_total{track=\"b\",version=\"v2\"} 5"),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_blob_has_the_size_asked_and_a_bad_size_is_refused() {
+        let c = DemoConfig::try_parse_from(["x"]).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(std::future::IntoFuture::into_future(axum::serve(
+            listener,
+            router(c).unwrap(),
+        )));
+        let client = reqwest::Client::new();
+        let r = client
+            .get(format!("{base}/api/blob?bytes=300000"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body = r.bytes().await.unwrap();
+        assert_eq!(body.len(), 300_000);
+        assert!(body.iter().all(|b| *b == b'x'));
+        for bad in ["", "?bytes=lots", "?bytes=67108865"] {
+            let r = client.get(format!("{base}/api/blob{bad}")).send().await.unwrap();
+            assert_eq!(r.status(), 400, "{bad}");
+        }
     }
 
     #[test]

@@ -16,17 +16,27 @@ use deploykit::{Backend, DriverError, Group, InstanceId};
 /// `http-error` fault of `p` % is active on an instance of a group, the
 /// group's error rate rises by `p / 100` times the share of the group's
 /// faulted instances that [`FakeMetrics::with_faults`](crate::FakeMetrics::with_faults)
-/// is told about; a latency fault adds its delay to the group's p99.
+/// is told about; a latency fault adds its delay to the group's p99; a
+/// bandwidth fault adds the time an answer of
+/// [`with_answer_bytes`](Self::with_answer_bytes) bytes takes at its rate
+/// (nothing unless told: the fake cannot know how big the answers are).
 #[derive(Debug, Clone, Default)]
 pub struct FakeFaults {
     active: Arc<Mutex<Vec<(Backend, Fault)>>>,
     history: Arc<Mutex<Vec<(InstanceId, Fault)>>>,
+    answer_bytes: u64,
 }
 
 impl FakeFaults {
     /// No fault active.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The answers whose p99 a bandwidth fault slows are `bytes` long.
+    pub fn with_answer_bytes(mut self, bytes: u64) -> Self {
+        self.answer_bytes = bytes;
+        self
     }
 
     /// The active faults: instance and fault.
@@ -63,6 +73,9 @@ impl FakeFaults {
             .filter(|(b, _)| &b.group == group)
             .map(|(_, f)| match f {
                 Fault::Latency { delay, jitter, .. } => *delay + *jitter,
+                Fault::Bandwidth { rate, .. } => {
+                    Duration::from_secs_f64(self.answer_bytes as f64 / rate.bytes_per_second().max(1) as f64)
+                }
                 _ => Duration::ZERO,
             })
             .max()

@@ -434,3 +434,54 @@ fn a_drill_with_the_http_error_fault_detours_the_canary_through_a_proxy_and_pass
     assert!(env.lb().get("via").is_none(), "{}", env.lb());
     assert_eq!(env.sim("stable-1")["release"], "v1");
 }
+
+#[test]
+fn validate_takes_a_bandwidth_entry_and_refuses_a_bad_rate_naming_the_key() {
+    let prom = crate::util::prometheus(|_| 0.001);
+    let bandwidth = |rate: &str| {
+        format!(
+            "[[strategy.canary.chaos]]\nstage = 1\nkind = \"bandwidth\"\nrate = {rate}\nexpect = \"continue\"\n"
+        )
+    };
+    let env = Env::new(&config(&prom, 18_391, &bandwidth("\"64KiB/s\"")));
+    env.ok(&["validate"], 0);
+    let env = Env::new(&config(&prom, 18_391, &bandwidth("\"0KiB/s\"")));
+    let (code, _, err) = env.run(&["validate"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("chaos[0].rate") && err.contains("is 0"), "{err}");
+    let env = Env::new(&config(&prom, 18_391, &bandwidth("\"64 kbit/s\"")));
+    let (code, _, err) = env.run(&["validate"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("rate") && err.contains("\"64 kbit/s\" is not a bandwidth"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bandwidth_fault_detours_the_canary_through_a_loopback_proxy_like_the_other_network_faults() {
+    let prom = crate::util::prometheus(|r| if r.contains("requests") { 1000.0 } else { 0.001 });
+    let chaos = "[[strategy.canary.chaos]]\nstage = 1\nkind = \"bandwidth\"\nrate = \"1MiB/s\"\nexpect = \"continue\"\n";
+    let config =
+        config(&prom, 18_393, chaos).replace("stage_duration = \"300ms\"", "stage_duration = \"2s\"");
+    let env = Env::new(&config);
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let child = env.spawn_deploy("v2", "the fault's injection", |r| r["event"] == "chaos_injected");
+    let via = env.lb()["via"]["canary-1"].as_str().map(str::to_owned);
+    let out = child.wait_with_output().expect("the deployment ends");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let via = via.expect("canary-1 detoured during its fault");
+    assert!(via.starts_with("127.0.0.1:") && via != "127.0.0.1:18394", "{via}");
+    assert!(env.lb().get("via").is_none(), "{}", env.lb());
+    let journal = env.newest_journal();
+    assert!(
+        journal.iter().any(|r| r["event"] == "chaos_injected"
+            && r["fault"]["kind"] == "bandwidth"
+            && r["fault"]["rate"] == "1MiB/s"),
+        "{journal:?}"
+    );
+    assert!(
+        journal.iter().any(|r| r["event"] == "chaos_cleared"),
+        "{journal:?}"
+    );
+}

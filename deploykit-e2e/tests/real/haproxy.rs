@@ -402,3 +402,36 @@ async fn a_fault_proxy_detours_a_server_for_its_fault_and_clearing_it_sends_the_
         "{back:?}"
     );
 }
+
+/// A bandwidth limit through real HAProxy: the detoured server's 256 KiB
+/// downloads come through its fault proxy at 128 KiB/s (about 2 s), whole,
+/// while the other server's are untouched; clearing the fault sends the
+/// server home.
+#[tokio::test]
+async fn a_bandwidth_limit_on_a_detoured_server_slows_its_downloads_through_haproxy() {
+    use deploykit::chaos::{ByteRate, Fault, FaultInjector, RoutedFaults};
+    let bin = crate::require_binary!("haproxy");
+    let s = HaproxySetup::start(&bin, &[("v1", "default", &[]), ("v2", "default", &[])]).await;
+    let lb: std::sync::Arc<dyn LoadBalancer> = std::sync::Arc::new(s.lb.clone());
+    let faults = RoutedFaults::new(lb, "127.0.0.1".parse().unwrap()).unwrap();
+    let fault = Fault::Bandwidth {
+        rate: ByteRate::new(128 * 1024),
+        percent: 100,
+    };
+    faults.inject(&s.backends[1], &fault).await.expect("inject");
+    let url = s.haproxy.url("/api/blob?bytes=262144");
+    let mut took = std::collections::BTreeMap::new();
+    // Round robin: one download from each server.
+    for _ in 0..2 {
+        let t = std::time::Instant::now();
+        let a = s.http.get(&url).await.expect("an answer");
+        assert_eq!((a.status, a.body.len()), (200, 262_144), "{:?}", a.version);
+        took.insert(a.version.unwrap_or_default(), t.elapsed());
+    }
+    assert_eq!(took.len(), 2, "one download from each server: {took:?}");
+    assert!(took["v2"] >= Duration::from_millis(1_500), "{took:?}");
+    faults.clear(&s.backends[1], &fault).await.expect("clear");
+    s.lb.check()
+        .await
+        .expect("every server at its instance's address again");
+}

@@ -9,7 +9,8 @@
 //!
 //! * network faults, through a [`FaultProxy`] placed in front of an
 //!   instance: latency with jitter, a share of requests answered with a
-//!   `5xx`, connection resets, requests held until they time out;
+//!   `5xx`, connection resets, requests held until they time out, bodies
+//!   streamed at a bandwidth limit;
 //! * process faults, through [`Instance::signal`](crate::Instance::signal):
 //!   `SIGKILL`, or `SIGSTOP` followed by `SIGCONT` when the fault ends.
 //!
@@ -79,6 +80,15 @@ pub enum Fault {
         /// The share of requests failed, 1–100.
         percent: u8,
     },
+    /// Stream the bodies of `percent` % of requests, and of their answers,
+    /// at no more than `rate` each way.
+    Bandwidth {
+        /// The most bytes per second, e.g. `"64KiB/s"` or `65536`.
+        rate: ByteRate,
+        /// The share of requests slowed, 1–100. Default 100.
+        #[serde(default = "all")]
+        percent: u8,
+    },
     /// Reset (TCP RST) `percent` % of new connections at once.
     Reset {
         /// The share of connections reset, 1–100. Default 100.
@@ -117,6 +127,8 @@ pub enum FaultKind {
     Latency,
     /// [`Fault::HttpError`].
     HttpError,
+    /// [`Fault::Bandwidth`].
+    Bandwidth,
     /// [`Fault::Reset`].
     Reset,
     /// [`Fault::Timeout`].
@@ -132,6 +144,7 @@ impl fmt::Display for FaultKind {
         f.write_str(match self {
             FaultKind::Latency => "latency",
             FaultKind::HttpError => "http-error",
+            FaultKind::Bandwidth => "bandwidth",
             FaultKind::Reset => "reset",
             FaultKind::Timeout => "timeout",
             FaultKind::Kill => "kill",
@@ -146,6 +159,7 @@ impl Fault {
         match self {
             Fault::Latency { .. } => FaultKind::Latency,
             Fault::HttpError { .. } => FaultKind::HttpError,
+            Fault::Bandwidth { .. } => FaultKind::Bandwidth,
             Fault::Reset { .. } => FaultKind::Reset,
             Fault::Timeout { .. } => FaultKind::Timeout,
             Fault::Kill => FaultKind::Kill,
@@ -162,7 +176,7 @@ impl Fault {
     ///
     /// # Errors
     /// [`ChaosError::Invalid`] naming `percent` (outside 1–100), `status`
-    /// (outside 500–599) or `delay` (0).
+    /// (outside 500–599), `delay` (0) or `rate` (0).
     pub fn validate(&self) -> Result<(), ChaosError> {
         let percent = |p: u8| {
             if (1..=100).contains(&p) {
@@ -195,6 +209,15 @@ impl Fault {
                 }
                 percent(p)
             }
+            Fault::Bandwidth { rate, percent: p } => {
+                if rate.bytes_per_second() == 0 {
+                    return Err(ChaosError::invalid(
+                        "rate",
+                        "is 0, which would stall every body forever; give the bandwidth left, e.g. \"64KiB/s\"",
+                    ));
+                }
+                percent(p)
+            }
             Fault::Reset { percent: p } => percent(p),
             Fault::Timeout { .. } | Fault::Kill | Fault::Pause => Ok(()),
         }
@@ -217,12 +240,131 @@ impl fmt::Display for Fault {
                 write!(f, " on {percent}% of requests")
             }
             Fault::HttpError { status, percent } => write!(f, "{status} for {percent}% of requests"),
+            Fault::Bandwidth { rate, percent } => {
+                write!(f, "bandwidth limited to {rate} on {percent}% of requests")
+            }
             Fault::Reset { percent } => write!(f, "reset of {percent}% of connections"),
             Fault::Timeout { after } if after.is_zero() => f.write_str("every request held unanswered"),
             Fault::Timeout { after } => write!(f, "every request held {} then dropped", d(after)),
             Fault::Kill => f.write_str("SIGKILL of the process"),
             Fault::Pause => f.write_str("SIGSTOP of the process (SIGCONT at the end)"),
         }
+    }
+}
+
+/// A bandwidth: bytes per second.
+///
+/// Written as an integer of bytes per second (`65536`) or as text with a
+/// unit and an optional `/s`: `B`, `KB` (1000), `KiB` (1024), `MB`, `MiB`,
+/// `GB`, `GiB`, e.g. `"64KiB/s"`; written back as text in the largest unit
+/// that divides it.
+///
+/// ```
+/// use deploykit::chaos::ByteRate;
+/// let rate: ByteRate = "64KiB/s".parse().unwrap();
+/// assert_eq!(rate.bytes_per_second(), 65_536);
+/// assert_eq!(rate.to_string(), "64KiB/s");
+/// assert!("64 kbit/s".parse::<ByteRate>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ByteRate(u64);
+
+/// The units a [`ByteRate`] is written in, largest first within each family.
+const RATE_UNITS: [(&str, u64); 7] = [
+    ("GiB", 1 << 30),
+    ("MiB", 1 << 20),
+    ("KiB", 1 << 10),
+    ("GB", 1_000_000_000),
+    ("MB", 1_000_000),
+    ("KB", 1_000),
+    ("B", 1),
+];
+
+impl ByteRate {
+    /// `bytes` per second.
+    pub const fn new(bytes: u64) -> Self {
+        ByteRate(bytes)
+    }
+
+    /// Bytes per second.
+    pub const fn bytes_per_second(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for ByteRate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (unit, size) = RATE_UNITS
+            .iter()
+            .find(|(_, size)| self.0 != 0 && self.0.is_multiple_of(*size))
+            .copied()
+            .unwrap_or(("B", 1));
+        write!(f, "{}{unit}/s", self.0 / size)
+    }
+}
+
+/// Why a text is not a [`ByteRate`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("\"{0}\" is not a bandwidth; give bytes per second as an integer or with a unit, e.g. \"64KiB/s\", \"1MB/s\" or 65536")]
+pub struct ByteRateError(String);
+
+impl std::str::FromStr for ByteRate {
+    type Err = ByteRateError;
+
+    fn from_str(text: &str) -> Result<Self, ByteRateError> {
+        let bad = || ByteRateError(text.to_owned());
+        let t = text.trim();
+        let t = t.strip_suffix("/s").unwrap_or(t).trim_end();
+        let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (number, unit) = t.split_at(digits);
+        let number: u64 = number.parse().map_err(|_| bad())?;
+        let unit = unit.trim();
+        let size = if unit.is_empty() {
+            1
+        } else {
+            RATE_UNITS
+                .iter()
+                .find(|(u, _)| u.eq_ignore_ascii_case(unit))
+                .map(|(_, size)| *size)
+                .ok_or_else(bad)?
+        };
+        number.checked_mul(size).map(ByteRate).ok_or_else(bad)
+    }
+}
+
+impl Serialize for ByteRate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteRate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteRate;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("bytes per second, e.g. \"64KiB/s\" or 65536")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteRate, E> {
+                Ok(ByteRate(v))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteRate, E> {
+                u64::try_from(v).map(ByteRate).map_err(|_| {
+                    E::custom(format!(
+                        "{v} is negative; give bytes per second, e.g. \"64KiB/s\""
+                    ))
+                })
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteRate, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -409,6 +551,8 @@ struct ChaosDoc {
         skip_serializing_if = "Option::is_none"
     )]
     jitter: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rate: Option<ByteRate>,
     expect: Expect,
     #[serde(
         default,
@@ -430,6 +574,9 @@ impl TryFrom<ChaosDoc> for ChaosSpec {
                 Ok(())
             }
         };
+        if kind != FaultKind::Bandwidth {
+            refuse("rate", d.rate.is_some())?;
+        }
         let fault = match kind {
             FaultKind::Latency => {
                 refuse("status", d.status.is_some())?;
@@ -449,6 +596,17 @@ impl TryFrom<ChaosDoc> for ChaosSpec {
                     percent: d.percent.ok_or(
                         "kind = \"http-error\" needs percent, the share of requests failed, e.g. percent = 5",
                     )?,
+                }
+            }
+            FaultKind::Bandwidth => {
+                refuse("status", d.status.is_some())?;
+                refuse("delay", d.delay.is_some())?;
+                refuse("jitter", d.jitter.is_some())?;
+                Fault::Bandwidth {
+                    rate: d.rate.ok_or(
+                        "kind = \"bandwidth\" needs rate, the most bytes per second, e.g. rate = \"64KiB/s\"",
+                    )?,
+                    percent: d.percent.unwrap_or(100),
                 }
             }
             FaultKind::Reset => {
@@ -493,6 +651,10 @@ impl TryFrom<ChaosDoc> for ChaosSpec {
 
 impl From<ChaosSpec> for ChaosDoc {
     fn from(c: ChaosSpec) -> Self {
+        let rate = match c.fault {
+            Fault::Bandwidth { rate, .. } => Some(rate),
+            _ => None,
+        };
         let (percent, status, delay, jitter) = match c.fault {
             Fault::Latency {
                 delay,
@@ -505,7 +667,7 @@ impl From<ChaosSpec> for ChaosDoc {
                 (!jitter.is_zero()).then_some(jitter),
             ),
             Fault::HttpError { status, percent } => (Some(percent), Some(status), None, None),
-            Fault::Reset { percent } => (Some(percent), None, None, None),
+            Fault::Reset { percent } | Fault::Bandwidth { percent, .. } => (Some(percent), None, None, None),
             Fault::Timeout { after } => (None, None, (!after.is_zero()).then_some(after), None),
             Fault::Kill | Fault::Pause => (None, None, None, None),
         };
@@ -519,6 +681,7 @@ impl From<ChaosSpec> for ChaosDoc {
             status,
             delay,
             jitter,
+            rate,
             expect: c.expect,
             within: c.within,
         }

@@ -1,6 +1,6 @@
 //! A fault proxy on loopback: an HTTP/1.1 proxy in front of one instance
 //! that forwards every request unchanged until faults are added, then
-//! delays, fails, resets or holds a chosen share of requests.
+//! delays, fails, resets, holds or slows down a chosen share of requests.
 //!
 //! Place it permanently between the load balancer and the instance (the
 //! balancer's backend address is the proxy's) and switch faults on and off
@@ -17,16 +17,26 @@
 //! request `n` (counted per fault from 0) when `⌊(n+1)·p/100⌋ > ⌊n·p/100⌋`,
 //! so 5 % is exactly one request in twenty — a test can count on it, and a
 //! drill injects exactly what it says.
+//!
+//! A bandwidth fault paces the request body and the answer's body of each
+//! request it hits, each way at its rate, in steps of 20 ms worth of bytes
+//! (a token bucket one step deep, waiting on tokio's timer). It is decided
+//! when the request arrives, but ends with the fault: once
+//! [`FaultProxy::remove`] or [`FaultProxy::clear`] took it away, bodies in
+//! flight go on unthrottled from their next step.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
@@ -46,6 +56,7 @@ pub struct FaultId(u64);
 
 /// What a proxy did so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ProxyStats {
     /// Connections accepted.
     pub connections: u64,
@@ -61,6 +72,8 @@ pub struct ProxyStats {
     pub resets: u64,
     /// Requests held unanswered until their connection was closed.
     pub held: u64,
+    /// Requests whose bodies a bandwidth fault slowed down.
+    pub throttled: u64,
     /// Requests answered `502` because the upstream failed.
     pub upstream_failures: u64,
 }
@@ -97,6 +110,7 @@ struct Counters {
     delayed: AtomicU64,
     resets: AtomicU64,
     held: AtomicU64,
+    throttled: AtomicU64,
     upstream_failures: AtomicU64,
 }
 
@@ -105,6 +119,25 @@ struct Active {
     fault: Fault,
     /// Requests (or connections, for a reset) this fault has looked at.
     seen: u64,
+    /// True until the fault is removed: bodies a bandwidth fault slows
+    /// down read it to stop pacing when the fault ends.
+    live: Arc<AtomicBool>,
+}
+
+impl Active {
+    fn new(fault: Fault) -> Self {
+        Self {
+            fault,
+            seen: 0,
+            live: Arc::new(AtomicBool::new(true)),
+        }
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.live.store(false, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -163,11 +196,13 @@ impl Shared {
         reset
     }
 
-    /// The delay to add and what to do with one request.
-    fn decide(&self) -> (Duration, Decision) {
+    /// The delay to add, what to do with one request, and the bandwidth
+    /// faults that hit it.
+    fn decide(&self) -> (Duration, Decision, Vec<Limit>) {
         let mut faults = self.faults.lock().expect("faults poisoned");
         let mut delay = Duration::ZERO;
         let mut decision = Decision::Forward;
+        let mut limits = Vec::new();
         for a in faults.values_mut() {
             match a.fault {
                 Fault::Latency {
@@ -194,11 +229,142 @@ impl Shared {
                     }
                     a.seen += 1;
                 }
+                Fault::Bandwidth { rate, percent } => {
+                    if hits(a.seen, percent) {
+                        limits.push(Limit {
+                            rate: rate.bytes_per_second(),
+                            live: Arc::clone(&a.live),
+                        });
+                    }
+                    a.seen += 1;
+                }
                 Fault::Timeout { after } => decision = Decision::Hold(after),
                 Fault::Reset { .. } | Fault::Kill | Fault::Pause => {}
             }
         }
-        (delay, decision)
+        (delay, decision, limits)
+    }
+}
+
+/// One bandwidth fault as a body it hits sees it.
+#[derive(Debug, Clone)]
+struct Limit {
+    /// Bytes per second, more than 0.
+    rate: u64,
+    /// False once the fault is removed.
+    live: Arc<AtomicBool>,
+}
+
+/// How much time a body's pacing step is worth: short enough that a
+/// stream looks smooth, long enough that the timer's millisecond grain
+/// does not slow fast rates down.
+const STEP: Duration = Duration::from_millis(1000 / STEPS_PER_SECOND);
+const STEPS_PER_SECOND: u64 = 50;
+
+/// A body paced at the lowest rate of the bandwidth faults still active
+/// among those that hit its request; unthrottled once none is.
+///
+/// Each step lets out one step's worth of bytes and moves the earliest
+/// time of the next step on by the time those bytes take at the rate; at
+/// most one step of unused time is kept as credit, so the body never
+/// bursts past two steps' worth. Dropping it mid-wait (a cancel) drops the
+/// rest of the body and nothing else.
+#[derive(Debug)]
+struct Throttled {
+    inner: ProxyBody,
+    limits: Vec<Limit>,
+    /// Bytes read from `inner` and not yet let out.
+    pending: Bytes,
+    /// The earliest time the next step may go out.
+    next_at: tokio::time::Instant,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Throttled {
+    fn new(inner: ProxyBody, limits: Vec<Limit>) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            inner,
+            limits,
+            pending: Bytes::new(),
+            next_at: now,
+            sleep: Box::pin(tokio::time::sleep_until(now)),
+        }
+    }
+
+    /// The lowest rate among the faults still active, if any is.
+    fn rate(&self) -> Option<u64> {
+        self.limits
+            .iter()
+            .filter(|l| l.live.load(Ordering::Relaxed))
+            .map(|l| l.rate)
+            .min()
+    }
+}
+
+/// How long `bytes` take at `rate` bytes per second.
+fn time_for(bytes: usize, rate: u64) -> Duration {
+    let nanos = (bytes as u128 * 1_000_000_000) / u128::from(rate.max(1));
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
+impl Body for Throttled {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        while this.pending.is_empty() {
+            match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.pending = data,
+                    // Trailers carry no bandwidth to speak of.
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                end_or_error => return Poll::Ready(end_or_error),
+            }
+        }
+        let Some(rate) = this.rate() else {
+            return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut this.pending)))));
+        };
+        if this.next_at > tokio::time::Instant::now() {
+            this.sleep.as_mut().reset(this.next_at);
+            std::task::ready!(this.sleep.as_mut().poll(cx));
+        }
+        let now = tokio::time::Instant::now();
+        let step = usize::try_from(rate / STEPS_PER_SECOND)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let out = this.pending.split_to(step.min(this.pending.len()));
+        let start = this.next_at.max(now.checked_sub(STEP).unwrap_or(now));
+        this.next_at = start + time_for(out.len(), rate);
+        Poll::Ready(Some(Ok(Frame::data(out))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.inner.size_hint();
+        let pending = self.pending.len() as u64;
+        hint.set_lower(hint.lower() + pending);
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + pending);
+        }
+        hint
+    }
+}
+
+/// `body`, paced when bandwidth faults hit its request.
+fn paced(body: ProxyBody, limits: &[Limit]) -> ProxyBody {
+    if limits.is_empty() {
+        body
+    } else {
+        Throttled::new(body, limits.to_vec()).boxed()
     }
 }
 
@@ -298,12 +464,13 @@ impl FaultProxy {
             .faults
             .lock()
             .expect("faults poisoned")
-            .insert(id, Active { fault, seen: 0 });
+            .insert(id, Active::new(fault));
         Ok(id)
     }
 
     /// Ends one fault; requests held by a [`Fault::Timeout`] stay held until
-    /// their own time is up. Idempotent.
+    /// their own time is up, bodies slowed by a [`Fault::Bandwidth`] go on
+    /// unthrottled from their next step. Idempotent.
     pub fn remove(&self, id: FaultId) {
         self.shared.faults.lock().expect("faults poisoned").remove(&id);
     }
@@ -331,6 +498,7 @@ impl FaultProxy {
             delayed: get(&c.delayed),
             resets: get(&c.resets),
             held: get(&c.held),
+            throttled: get(&c.throttled),
             upstream_failures: get(&c.upstream_failures),
         }
     }
@@ -453,7 +621,7 @@ fn socket_reset(stream: TcpStream) -> std::io::Result<()> {
 }
 
 /// The upstream connection of one downstream connection.
-type Upstream = hyper::client::conn::http1::SendRequest<Incoming>;
+type Upstream = hyper::client::conn::http1::SendRequest<ProxyBody>;
 
 async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, stop: CancellationToken) {
     let upstream: Arc<tokio::sync::Mutex<Option<Upstream>>> = Arc::new(tokio::sync::Mutex::new(None));
@@ -484,7 +652,7 @@ async fn handle(
 ) -> Response<ProxyBody> {
     let c = &shared.counters;
     c.requests.fetch_add(1, Ordering::Relaxed);
-    let (delay, decision) = shared.decide();
+    let (delay, decision, limits) = shared.decide();
     if !delay.is_zero() {
         c.delayed.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(delay).await;
@@ -508,11 +676,15 @@ async fn handle(
             return std::future::pending().await;
         }
     }
+    if !limits.is_empty() {
+        c.throttled.fetch_add(1, Ordering::Relaxed);
+    }
+    let req = req.map(|b| paced(b.boxed(), &limits));
     match forward(req, shared.upstream, upstream).await {
         Ok(r) => {
             c.forwarded.fetch_add(1, Ordering::Relaxed);
             shared.answered(Origin::Upstream, r.status());
-            r.map(|b| b.boxed())
+            r.map(|b| paced(b.boxed(), &limits))
         }
         Err(e) => {
             c.upstream_failures.fetch_add(1, Ordering::Relaxed);
@@ -530,7 +702,7 @@ async fn handle(
 }
 
 async fn forward(
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
     addr: SocketAddr,
     slot: &tokio::sync::Mutex<Option<Upstream>>,
 ) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
@@ -785,6 +957,180 @@ mod tests {
         );
     }
 
+    fn full(bytes: Bytes) -> ProxyBody {
+        Full::new(bytes).map_err(|e| match e {}).boxed()
+    }
+
+    fn limit(rate: u64) -> Limit {
+        Limit {
+            rate,
+            live: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// 256 KiB of a pattern that shows reordering or loss.
+    fn quarter_mib() -> Bytes {
+        (0..256 * 1024u32)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_body_takes_its_size_over_its_rate_in_small_steps() {
+        let data = quarter_mib();
+        let mut body = Throttled::new(full(data.clone()), vec![limit(128 * 1024)]);
+        let t = tokio::time::Instant::now();
+        let mut got = Vec::new();
+        let mut frames = 0;
+        while let Some(frame) = body.frame().await {
+            let chunk = frame.unwrap().into_data().unwrap();
+            assert!(chunk.len() <= 128 * 1024 / 50, "a step of {} bytes", chunk.len());
+            got.extend_from_slice(&chunk);
+            frames += 1;
+        }
+        // The first step goes at once, each later one a step's time after it.
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(1_950) && took <= Duration::from_millis(2_050),
+            "{took:?}"
+        );
+        assert_eq!(got, data, "the body arrives whole and in order");
+        assert!(frames > 50, "{frames} steps");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_goes_on_unthrottled_once_its_fault_ends_and_at_the_lowest_live_rate_meanwhile() {
+        let data = quarter_mib();
+        let slow = limit(16 * 1024);
+        let fast = limit(64 * 1024);
+        let mut body = Throttled::new(full(data.clone()), vec![fast.clone(), slow.clone()]);
+        let mut got = Vec::new();
+        let t = tokio::time::Instant::now();
+        for _ in 0..11 {
+            got.extend_from_slice(&body.frame().await.unwrap().unwrap().into_data().unwrap());
+        }
+        // 11 steps at 16 KiB/s: 10 waits of 20 ms.
+        assert_eq!(got.len(), 11 * (16 * 1024 / 50));
+        assert_eq!(t.elapsed(), Duration::from_millis(200));
+        slow.live.store(false, Ordering::Relaxed);
+        let t = tokio::time::Instant::now();
+        let before = got.len();
+        for _ in 0..10 {
+            got.extend_from_slice(&body.frame().await.unwrap().unwrap().into_data().unwrap());
+        }
+        assert_eq!(
+            got.len() - before,
+            10 * (64 * 1024 / 50),
+            "steps at the faster rate"
+        );
+        assert!(t.elapsed() <= Duration::from_millis(200), "{:?}", t.elapsed());
+        fast.live.store(false, Ordering::Relaxed);
+        let t = tokio::time::Instant::now();
+        while let Some(frame) = body.frame().await {
+            got.extend_from_slice(&frame.unwrap().into_data().unwrap());
+        }
+        assert!(t.elapsed() <= STEP, "{:?}", t.elapsed());
+        assert_eq!(got, data);
+    }
+
+    /// An upstream that answers `GET` with 256 KiB and `POST` with the
+    /// number of bytes it received.
+    async fn bulk_upstream() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let body = if req.method() == hyper::Method::POST {
+                            let n = req.into_body().collect().await?.to_bytes().len();
+                            Bytes::from(format!("got {n}"))
+                        } else {
+                            quarter_mib()
+                        };
+                        Ok::<_, hyper::Error>(Response::new(Full::new(body)))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_bandwidth_fault_slows_answers_and_uploads_through_the_proxy_to_its_rate() {
+        let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), bulk_upstream().await)
+            .await
+            .unwrap();
+        proxy
+            .add(Fault::Bandwidth {
+                rate: super::super::ByteRate::new(128 * 1024),
+                percent: 100,
+            })
+            .unwrap();
+        let s = TcpStream::connect(proxy.addr()).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut call = |method: hyper::Method, body: Bytes| {
+            let req = Request::builder()
+                .method(method)
+                .uri("/")
+                .header("host", "app")
+                .body(Full::new(body))
+                .unwrap();
+            let sent = send.send_request(req);
+            async move {
+                let r = sent.await.unwrap();
+                let t = std::time::Instant::now();
+                let body = r.into_body().collect().await.unwrap().to_bytes();
+                (body, t)
+            }
+        };
+        // 256 KiB at 128 KiB/s: about 2 s; the bound below allows for the
+        // first step going out at once.
+        let t = std::time::Instant::now();
+        let (body, _) = call(hyper::Method::GET, Bytes::new()).await;
+        let took = t.elapsed();
+        assert_eq!(body, quarter_mib());
+        assert!(took >= Duration::from_millis(1_500), "{took:?}");
+        assert!(took < Duration::from_secs(60), "{took:?}");
+        // 128 KiB up at the same rate: about 1 s before the upstream has it all.
+        let t = std::time::Instant::now();
+        let (body, _) = call(hyper::Method::POST, quarter_mib().slice(..128 * 1024)).await;
+        let took = t.elapsed();
+        assert_eq!(body, "got 131072");
+        assert!(took >= Duration::from_millis(750), "{took:?}");
+        assert_eq!(proxy.stats().throttled, 2);
+    }
+
+    #[tokio::test]
+    async fn a_bandwidth_fault_hits_exactly_its_share_of_requests() {
+        let (up, _stop) = upstream().await;
+        let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), up)
+            .await
+            .unwrap();
+        let id = proxy
+            .add(Fault::Bandwidth {
+                rate: super::super::ByteRate::new(1024 * 1024),
+                percent: 25,
+            })
+            .unwrap();
+        let mut c = client(proxy.addr()).await;
+        for n in 0..8 {
+            assert_eq!(get(&mut c).await.unwrap(), (200, format!("up {n}")));
+        }
+        assert_eq!(proxy.stats().throttled, 2);
+        proxy.remove(id);
+        assert_eq!(get(&mut c).await.unwrap().0, 200);
+        assert_eq!(proxy.stats().throttled, 2);
+    }
+
     #[tokio::test]
     async fn it_refuses_process_faults_bad_parameters_and_public_addresses() {
         let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
@@ -811,6 +1157,13 @@ mod tests {
             })
             .unwrap_err();
         assert!(e.to_string().starts_with("invalid percent"), "{e}");
+        let e = proxy
+            .add(Fault::Bandwidth {
+                rate: super::super::ByteRate::new(0),
+                percent: 100,
+            })
+            .unwrap_err();
+        assert!(e.to_string().starts_with("invalid rate: is 0"), "{e}");
         assert!(proxy.faults().is_empty());
     }
 }

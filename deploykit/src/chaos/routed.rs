@@ -175,8 +175,9 @@ impl RoutedFaults {
     /// `deploykit_fault_proxy_requests_total`,
     /// `deploykit_fault_proxy_responses_total` by `code` and `origin`
     /// (`upstream`: the instance's own answer; `injected`: a fault's;
-    /// `proxy`: a `502` for an instance that could not be reached), and
-    /// `deploykit_fault_proxy_rerouted` (1 while the balancer sends the
+    /// `proxy`: a `502` for an instance that could not be reached),
+    /// `deploykit_fault_proxy_throttled_total` (requests a bandwidth fault
+    /// slowed), and `deploykit_fault_proxy_rerouted` (1 while the balancer sends the
     /// instance's traffic through its proxy). Empty before the first fault.
     pub async fn exposition(&self) -> String {
         let detours = self.detours.lock().await;
@@ -214,6 +215,18 @@ impl RoutedFaults {
                     origin.as_str()
                 );
             }
+        }
+        out.push_str(
+            "# HELP deploykit_fault_proxy_throttled Requests whose bodies a deploykit fault proxy's bandwidth limit slowed.\n\
+             # TYPE deploykit_fault_proxy_throttled counter\n",
+        );
+        for d in detours.values() {
+            let _ = writeln!(
+                out,
+                "deploykit_fault_proxy_throttled_total{{{}}} {}",
+                labels(d),
+                d.proxy.stats().throttled
+            );
         }
         out.push_str(
             "# HELP deploykit_fault_proxy_rerouted 1 while the load balancer sends the instance's traffic through its fault proxy.\n\
@@ -431,6 +444,31 @@ mod tests {
         jitter: std::time::Duration::ZERO,
         percent: 100,
     };
+
+    #[tokio::test]
+    async fn the_exposition_counts_the_requests_a_bandwidth_limit_slowed() {
+        let lb = Arc::new(Recording::default());
+        let faults = RoutedFaults::new(lb.clone(), "127.0.0.1".parse().unwrap()).unwrap();
+        let limit = Fault::Bandwidth {
+            rate: crate::chaos::ByteRate::new(1 << 20),
+            percent: 50,
+        };
+        faults.inject(&backend("c-1"), &limit).await.unwrap();
+        let via = lb.calls.lock().unwrap()[0].1.clone().expect("a detour");
+        // Nobody listens behind c-1: the proxy answers 502 either way.
+        for _ in 0..4 {
+            assert_eq!(status(&via).await, 502);
+        }
+        let text = faults.exposition().await;
+        assert!(
+            text.contains(r#"deploykit_fault_proxy_throttled_total{instance_id="c-1",group="canary"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE deploykit_fault_proxy_throttled counter\n"),
+            "{text}"
+        );
+    }
 
     #[tokio::test]
     async fn the_balancer_is_detoured_once_for_the_faults_of_an_instance_and_sent_back_after_the_last() {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deploykit::analysis::HealthWatch;
-use deploykit::chaos::{verdicts, ChaosSpec, ChaosTarget, ChaosVerdict, Expect, Fault};
+use deploykit::chaos::{verdicts, ByteRate, ChaosSpec, ChaosTarget, ChaosVerdict, Expect, Fault};
 use deploykit::{
     Canary, Event, EventKind, EventLog, Executor, Metric, OutcomeKind, ReleaseId, Report, RunOptions,
 };
@@ -201,6 +201,93 @@ async fn a_paused_stable_instance_is_continued_and_the_deployment_carries_on() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_bandwidth_limit_goes_to_the_fault_injector_for_its_duration_and_not_to_the_process() {
+    let d = drill(true);
+    let slow = ChaosSpec {
+        stage: 1,
+        after: Duration::from_secs(30),
+        duration: Some(Duration::from_secs(60)),
+        target: ChaosTarget::Canary,
+        fault: Fault::Bandwidth {
+            rate: ByteRate::new(64 * 1024),
+            percent: 100,
+        },
+        expect: Expect::Continue,
+        within: None,
+    };
+    let c = canary(vec![slow.clone()]);
+    let exec = d.exec.clone();
+    let faults = d.faults.clone();
+    let run = tokio::spawn(async move { exec.deploy(&c, &ReleaseId::new("v2").unwrap()).await.unwrap() });
+    let mut seen_active = false;
+    for _ in 0..600 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if faults.active() == vec![(deploykit::InstanceId::new("i-5").unwrap(), slow.fault)] {
+            seen_active = true;
+            break;
+        }
+    }
+    assert!(seen_active, "the canary's traffic was never limited");
+    let report = run.await.unwrap();
+    assert_eq!(report.outcome, OutcomeKind::Succeeded, "{:?}", report.reason);
+    assert!(d.faults.active().is_empty(), "the limit outlived its duration");
+    assert_eq!(d.faults.injected().len(), 1);
+    assert!(!d.fleet.is_paused("i-5"));
+    let events = d.log.events();
+    let injected = events.iter().find_map(|e| match &e.kind {
+        EventKind::ChaosInjected { fault, .. } => Some(e.elapsed_ms).filter(|_| *fault == slow.fault),
+        _ => None,
+    });
+    let cleared = events.iter().find_map(|e| match e.kind {
+        EventKind::ChaosCleared { entry: 0 } => Some(e.elapsed_ms),
+        _ => None,
+    });
+    assert_eq!(
+        cleared.unwrap() - injected.expect("a chaos_injected event of the limit"),
+        60_000,
+        "the limit lasted its duration"
+    );
+    let v = verdicts(&[slow], &events);
+    assert!(v[0].passed, "{}", v[0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bandwidth_limit_that_slows_big_answers_trips_the_latency_gate_and_rolls_back() {
+    // 256 KiB answers at 64 KiB/s: 4 s more on the canary's p99.
+    let fleet = FakeFleet::with_groups(&GROUPS);
+    let faults = FakeFaults::new().with_answer_bytes(256 * 1024);
+    let metrics = FakeMetrics::new()
+        .set("stable", Metric::ErrorRate, 0.001)
+        .set("stable", Metric::LatencyP99, 0.12)
+        .set("stable", Metric::RequestCount, 28_500.0)
+        .set("canary", Metric::ErrorRate, 0.001)
+        .set("canary", Metric::LatencyP99, 0.12)
+        .with_faults(&faults, &GROUPS);
+    let log = EventLog::new();
+    let exec = Executor::builder()
+        .instances(fleet.instances())
+        .load_balancer(Arc::new(fleet.load_balancer()))
+        .events(Arc::new(log.clone()))
+        .metrics(Arc::new(metrics))
+        .fault_injector(Arc::new(faults.clone()))
+        .build()
+        .unwrap();
+    let slow: ChaosSpec = serde_json::from_value(serde_json::json!({
+        "stage": 2, "after": "45s", "kind": "bandwidth", "rate": "64KiB/s",
+        "expect": "rollback", "within": "90s",
+    }))
+    .unwrap();
+    let c = canary(vec![slow]);
+    let report = exec.deploy(&c, &ReleaseId::new("v2").unwrap()).await.unwrap();
+    assert_eq!(report.outcome, OutcomeKind::RolledBack, "{:?}", report.reason);
+    let v = verdicts(&c.chaos, &log.events());
+    assert!(v[0].passed, "{}", v[0]);
+    let tripped = v[0].tripped.as_ref().expect("a failing check after the limit");
+    assert!(tripped.result.contains("p99"), "{}", tripped.result);
+    assert!(faults.active().is_empty(), "the limit outlived its stage");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_chaos_entry_whose_stage_is_never_reached_fails() {
     let d = drill(true);
     // Stage 1 fails at once (the canary's error rate is over the threshold
@@ -270,6 +357,14 @@ fn chaos_entries_are_checked_naming_the_field() {
         (
             serde_json::json!({"stage": 1, "kind": "kill", "expect": "rollback", "within": "0s"}),
             "invalid chaos[0].within: is 0",
+        ),
+        (
+            serde_json::json!({"stage": 1, "kind": "bandwidth", "rate": "0KiB/s", "expect": "continue"}),
+            "invalid chaos[0].rate: is 0",
+        ),
+        (
+            serde_json::json!({"stage": 1, "kind": "bandwidth", "rate": 1024, "percent": 101, "expect": "continue"}),
+            "invalid chaos[0].percent: 101 is outside 1-100",
         ),
     ];
     for (entry, want) in cases {
@@ -346,6 +441,53 @@ fn the_toml_form_reads_as_written_and_refuses_unknown_keys() {
     )
     .unwrap_err();
     assert!(e.contains("needs percent"), "{e}");
+}
+
+#[test]
+fn a_bandwidth_entry_reads_its_rate_with_a_unit_or_in_bytes_and_refuses_anything_else() {
+    let entry = |rate: &str| {
+        toml_canary(&format!(
+            "[[chaos]]\nstage = 1\nkind = \"bandwidth\"\nrate = {rate}\nexpect = \"continue\"\n"
+        ))
+        .map(|c| c.chaos[0].fault)
+    };
+    let limit = |bytes: u64| Fault::Bandwidth {
+        rate: ByteRate::new(bytes),
+        percent: 100,
+    };
+    assert_eq!(entry("\"64KiB/s\"").unwrap(), limit(65_536));
+    assert_eq!(entry("\"1MB/s\"").unwrap(), limit(1_000_000));
+    assert_eq!(entry("\"2 mib\"").unwrap(), limit(2 << 20));
+    assert_eq!(entry("4096").unwrap(), limit(4096));
+    for bad in ["\"64 kbit/s\"", "\"fast\"", "\"1.5MiB/s\"", "-5"] {
+        let e = entry(bad).unwrap_err();
+        assert!(e.contains("rate"), "{bad}: {e}");
+    }
+    let e = entry("\"fast\"").unwrap_err();
+    assert!(
+        e.contains("\"fast\" is not a bandwidth") && e.contains("\"64KiB/s\""),
+        "{e}"
+    );
+    let e = toml_canary("[[chaos]]\nstage = 1\nkind = \"bandwidth\"\nexpect = \"continue\"\n").unwrap_err();
+    assert!(e.contains("kind = \"bandwidth\" needs rate"), "{e}");
+    let e = toml_canary(
+        "[[chaos]]\nstage = 1\nkind = \"latency\"\ndelay = \"1s\"\nrate = 100\nexpect = \"continue\"\n",
+    )
+    .unwrap_err();
+    assert!(e.contains("rate does not apply to kind = \"latency\""), "{e}");
+    // Written back in the largest unit that divides it, it reads the same.
+    let c = toml_canary(
+        "[[chaos]]\nstage = 1\nkind = \"bandwidth\"\nrate = \"128KiB\"\npercent = 20\nexpect = \"continue\"\n",
+    )
+    .unwrap();
+    let json = serde_json::to_value(&c.chaos[0]).unwrap();
+    assert_eq!(json["rate"], "128KiB/s");
+    assert_eq!(json["percent"], 20);
+    assert_eq!(serde_json::from_value::<ChaosSpec>(json).unwrap(), c.chaos[0]);
+    assert_eq!(
+        c.chaos[0].fault.to_string(),
+        "bandwidth limited to 128KiB/s on 20% of requests"
+    );
 }
 
 fn toml_canary(text: &str) -> Result<Canary, String> {
