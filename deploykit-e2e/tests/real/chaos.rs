@@ -14,25 +14,11 @@ use std::time::Duration;
 use deploykit::Metric;
 use tokio::time::{sleep, timeout, Instant};
 
-use crate::harness::{find_binary, free_ports, make_release, temp_dir, Haproxy, Http, Nginx};
+use crate::harness::{
+    deploykit_binary, find_binary, free_ports, make_release, temp_dir, Haproxy, Http, Nginx,
+};
 use crate::load::LoadGen;
 use crate::prometheus::{wait_for_value, PromServer};
-
-/// The CLI binary built beside this test binary (`target/<profile>/deploykit`).
-fn deploykit_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let profile = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary lives in target/<profile>/deps");
-    let bin = profile.join("deploykit");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `cargo build -p deploykit-cli` (scripts/test builds it with the workspace tests)",
-        bin.display()
-    );
-    bin
-}
 
 /// Errors the canary served, its own and those a fault proxy injected in
 /// front of it, over all it was asked: the rate a canary with network

@@ -778,3 +778,51 @@ where
         sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The `deploykit` binary the workspace's tests built beside this one.
+/// Cargo gives a package's tests the paths of its own binaries only, so
+/// this one is found in the target directory; a missing or stale one fails
+/// the test rather than testing old code.
+pub(crate) fn deploykit_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join("deploykit");
+    let fix = "build it first: `cargo build -p deploykit-cli` (scripts/test does, before this suite)";
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing; {fix}", bin.display()));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace");
+    let newest = ["deploykit/src", "deploykit-cli/src"]
+        .iter()
+        .map(|d| newest_file(&root.join(d)))
+        .max()
+        .expect("sources");
+    assert!(
+        newest <= built,
+        "{} is older than the sources; {fix}",
+        bin.display()
+    );
+    bin
+}
+
+/// The newest modification time of a file under `dir`.
+fn newest_file(dir: &Path) -> std::time::SystemTime {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    for e in std::fs::read_dir(dir).expect("read a source directory") {
+        let e = e.expect("a directory entry");
+        let t = if e.file_type().expect("a file type").is_dir() {
+            newest_file(&e.path())
+        } else {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .expect("a modification time")
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
