@@ -391,26 +391,34 @@ fn a_run_killed_during_a_network_fault_leaves_a_record_and_the_rollback_sends_th
 /// simulated balancer's detours.
 static DETOUR_STATE: OnceLock<PathBuf> = OnceLock::new();
 
-/// Whether the simulated balancer sends `canary-1`'s traffic through a
-/// fault proxy now.
-fn canary_detoured() -> bool {
+/// Whether `canary-1`'s traffic goes through a fault proxy that injects
+/// errors now: the simulated balancer detours it and the run has recorded
+/// the injection (the detour comes first, so a check between the two must
+/// not see errors yet).
+fn canary_faulted() -> bool {
     let Some(state) = DETOUR_STATE.get() else {
         return false;
     };
-    std::fs::read(state.join("simulated").join("lb.json"))
+    let detoured = std::fs::read(state.join("simulated").join("lb.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|lb| lb["via"]["canary-1"].is_string())
+        .is_some_and(|lb| lb["via"]["canary-1"].is_string());
+    let injected = std::fs::read_dir(state.join("journal")).is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
+            .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("\"chaos_injected\"")))
+    });
+    detoured && injected
 }
 
 #[test]
 fn a_drill_with_the_http_error_fault_detours_the_canary_through_a_proxy_and_passes() {
-    // The canary errs while its traffic goes through the fault proxy, as
-    // Prometheus would see the proxy's injected 503s.
+    // The canary errs once the fault proxy injects, as Prometheus would see
+    // the proxy's 503s.
     let prom = crate::util::prometheus(|r| {
         if r.contains("requests") {
             1000.0
-        } else if r.contains("canary") && r.contains("errors") && canary_detoured() {
+        } else if r.contains("canary") && r.contains("errors") && canary_faulted() {
             0.5
         } else {
             0.001
