@@ -50,6 +50,21 @@ pub enum Health {
     Unhealthy(String),
 }
 
+/// One health probe of `instance` bounded by `bound`: `Err` says what
+/// failed, in words (unhealthy with its reason, unreachable with the
+/// driver's error, or no answer in time). Read-only and cancel-safe.
+pub(crate) async fn probe_once(instance: &dyn Instance, bound: std::time::Duration) -> Result<(), String> {
+    match tokio::time::timeout(bound, instance.health()).await {
+        Ok(Ok(Health::Healthy)) => Ok(()),
+        Ok(Ok(Health::Unhealthy(why))) => Err(format!("unhealthy: {why}")),
+        Ok(Err(e)) => Err(format!("unreachable: {e}")),
+        Err(_) => Err(format!(
+            "no answer within {}",
+            crate::duration_text::format(bound)
+        )),
+    }
+}
+
 impl Health {
     /// Whether this is [`Health::Healthy`].
     pub fn is_healthy(&self) -> bool {

@@ -15,7 +15,7 @@ use crate::names::ReleaseId;
 use crate::plan::FleetSnapshot;
 use crate::report::Report;
 use crate::strategy::{CountOrPercent, Rolling};
-use crate::traits::{Health, Strategy};
+use crate::traits::{probe_once, Strategy};
 
 /// One [`Executor`] per region: deploys a region's plan on its executor,
 /// probes its instances, and returns them with a rolling plan to the
@@ -121,15 +121,10 @@ pub async fn probe(executor: &Executor) -> Hold {
     let bound = executor.timeouts().health_probe;
     let probes = futures::future::join_all(executor.instances().iter().map(|i| async move {
         let id = i.backend().id.clone();
-        match tokio::time::timeout(bound, i.health()).await {
-            Ok(Ok(Health::Healthy)) => None,
-            Ok(Ok(Health::Unhealthy(why))) => Some(format!("{id}: unhealthy: {why}")),
-            Ok(Err(e)) => Some(format!("{id}: unreachable: {e}")),
-            Err(_) => Some(format!(
-                "{id}: no answer within {}",
-                crate::duration_text::format(bound)
-            )),
-        }
+        probe_once(i.as_ref(), bound)
+            .await
+            .err()
+            .map(|why| format!("{id}: {why}"))
     }))
     .await;
     match probes.into_iter().flatten().next() {

@@ -21,7 +21,7 @@ use std::ops::ControlFlow;
 use tokio::time::Instant;
 
 use crate::plan::{Plan, RampDown, Step};
-use crate::traits::{Health, Instance};
+use crate::traits::{probe_once, Instance};
 use crate::wait::every;
 
 /// What the canary gates of one run share.
@@ -138,7 +138,7 @@ async fn with_health_watch(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let probes = join_all(targets.iter().map(|t| probe(t.as_ref(), bound))).await;
+            let probes = join_all(targets.iter().map(|t| probe_once(t.as_ref(), bound))).await;
             for ((t, n), p) in targets.iter().zip(failed.iter_mut()).zip(probes) {
                 let Err(detail) = p else {
                     *n = 0;
@@ -168,19 +168,6 @@ async fn with_health_watch(
     tokio::select! {
         r = gate => r,
         e = watching => Err(e),
-    }
-}
-
-/// One health probe bounded by `bound`: `Err` says what failed, in words.
-async fn probe(instance: &dyn Instance, bound: Duration) -> Result<(), String> {
-    match tokio::time::timeout(bound, instance.health()).await {
-        Ok(Ok(Health::Healthy)) => Ok(()),
-        Ok(Ok(Health::Unhealthy(why))) => Err(format!("unhealthy: {why}")),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "no answer within {}",
-            crate::duration_text::format(bound)
-        )),
     }
 }
 
