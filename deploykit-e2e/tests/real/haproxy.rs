@@ -358,14 +358,23 @@ async fn a_server_at_another_address_than_its_instance_fails_the_check() {
 }
 
 /// Network chaos through real HAProxy: a fault proxy detours one server
-/// (`set server … addr`), half of the traffic then gets the injected 500,
-/// and clearing the fault puts the server back at its own address, which
-/// the driver's check confirms.
+/// while a keep-alive client's connections are pooled by HAProxy, half of
+/// the traffic then gets the injected 500 all the same (HAProxy reuses
+/// idle connections to a server's old address, so the detour is a server
+/// of its own), and clearing the fault sends the server home, which the
+/// driver's check confirms.
 #[tokio::test]
 async fn a_fault_proxy_detours_a_server_for_its_fault_and_clearing_it_sends_the_server_home() {
     use deploykit::chaos::{Fault, FaultInjector, RoutedFaults};
     let bin = crate::require_binary!("haproxy");
     let s = HaproxySetup::start(&bin, &[("v1", "default", &[]), ("v2", "default", &[])]).await;
+    // HAProxy now holds idle connections to both servers.
+    let warm = s.count(20).await;
+    assert_eq!(
+        (warm.get("v1"), warm.get("v2")),
+        (Some(&10), Some(&10)),
+        "{warm:?}"
+    );
     let lb: std::sync::Arc<dyn LoadBalancer> = std::sync::Arc::new(s.lb.clone());
     let faults = RoutedFaults::new(lb, "127.0.0.1".parse().unwrap()).unwrap();
     let fault = Fault::HttpError {
@@ -375,10 +384,14 @@ async fn a_fault_proxy_detours_a_server_for_its_fault_and_clearing_it_sends_the_
     faults.inject(&s.backends[1], &fault).await.expect("inject");
     let servers = s.lb.api().servers_state("app").await.unwrap();
     let i2 = servers.iter().find(|x| x.name == "i-2").unwrap();
-    assert_ne!(
-        i2.port,
-        Some(s.apps[1].addr.port()),
-        "i-2 still at its own port: {i2:?}"
+    let detour = servers
+        .iter()
+        .find(|x| x.name == "i-2.dk-detour")
+        .expect("a detour server");
+    assert_eq!(
+        (i2.weight, i2.port, detour.weight),
+        (0, Some(s.apps[1].addr.port()), 1),
+        "i-2 keeps its address at weight 0, its detour has its weight: {servers:?}"
     );
     let mut statuses = std::collections::BTreeMap::new();
     for _ in 0..20 {
@@ -389,12 +402,67 @@ async fn a_fault_proxy_detours_a_server_for_its_fault_and_clearing_it_sends_the_
     assert_eq!(
         statuses,
         std::collections::BTreeMap::from([("200 v1".to_owned(), 10), ("500 ".to_owned(), 10)]),
-        "round robin over i-1 and i-2's proxy"
+        "round robin over i-1 and i-2's proxy, pooled connections included"
+    );
+    // Weights set during the detour reach the detour server.
+    s.lb.set_weights(&[deploykit::GroupWeight {
+        group: deploykit::Group::new("default").unwrap(),
+        percent: 100,
+    }])
+    .await
+    .expect("weights during a detour");
+    let servers = s.lb.api().servers_state("app").await.unwrap();
+    let w = |n: &str| servers.iter().find(|x| x.name == n).map(|x| x.weight);
+    assert_eq!(w("i-2"), Some(0), "{servers:?}");
+    assert_eq!(
+        w("i-2.dk-detour"),
+        w("i-1"),
+        "the detour carries i-2's new weight: {servers:?}"
     );
     faults.clear(&s.backends[1], &fault).await.expect("clear");
     s.lb.check()
         .await
         .expect("every server at its instance's address again");
+    let servers = s.lb.api().servers_state("app").await.unwrap();
+    assert!(
+        servers
+            .iter()
+            .all(|x| x.name != "i-2.dk-detour" || x.admin() == ServerAdmin::Maint),
+        "the detour left rotation: {servers:?}"
+    );
+    let back = s.count(20).await;
+    assert_eq!(
+        (back.get("v1"), back.get("v2")),
+        (Some(&10), Some(&10)),
+        "{back:?}"
+    );
+}
+
+/// A run killed during a detour leaves the detour server in rotation; a
+/// driver built afterwards (the next deploykit command) gives the
+/// instance's own server its traffic back with its first change.
+#[tokio::test]
+async fn a_driver_built_after_a_crash_mid_detour_ends_the_detour_with_its_first_change() {
+    let bin = crate::require_binary!("haproxy");
+    let s = HaproxySetup::start(&bin, &[("v1", "default", &[]), ("v2", "default", &[])]).await;
+    // The "proxy" is the first app: a detour that is easy to see.
+    let via = s.backends[0].address.clone();
+    s.lb.reroute(&s.backends[1], Some(&via)).await.expect("detour");
+    let during = s.count(20).await;
+    assert_eq!(during.get("v1"), Some(&20), "{during:?}");
+    let next = driver(s.dir.path(), &s.backends);
+    next.enable(&s.backends[1]).await.expect("the first change");
+    let servers = next.api().servers_state("app").await.unwrap();
+    let detour = servers
+        .iter()
+        .find(|x| x.name == "i-2.dk-detour")
+        .expect("detour server");
+    let i2 = servers.iter().find(|x| x.name == "i-2").unwrap();
+    assert_eq!(
+        (detour.admin(), i2.weight),
+        (ServerAdmin::Maint, 1),
+        "the detour left rotation, i-2 has its weight back: {servers:?}"
+    );
     let back = s.count(20).await;
     assert_eq!(
         (back.get("v1"), back.get("v2")),
@@ -421,8 +489,12 @@ async fn a_bandwidth_limit_on_a_detoured_server_slows_its_downloads_through_hapr
     faults.inject(&s.backends[1], &fault).await.expect("inject");
     let url = s.haproxy.url("/api/blob?bytes=262144");
     let mut took = std::collections::BTreeMap::new();
-    // Round robin: one download from each server.
-    for _ in 0..2 {
+    // Round robin reaches both servers within a few downloads (the detour
+    // server joins the rotation where HAProxy's scheduler puts it).
+    for _ in 0..6 {
+        if took.len() == 2 {
+            break;
+        }
         let t = std::time::Instant::now();
         let a = s.http.get(&url).await.expect("an answer");
         assert_eq!((a.status, a.body.len()), (200, 262_144), "{:?}", a.version);

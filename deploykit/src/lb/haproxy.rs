@@ -437,6 +437,7 @@ impl HaproxyBuilder {
                 policy: Mutex::new(None),
                 backend: self.backend,
                 state: Mutex::new(roster),
+                detoured: Mutex::new(BTreeSet::new()),
                 apply: tokio::sync::Mutex::new(()),
             }),
         })
@@ -480,6 +481,9 @@ struct Inner {
     /// The servers, who is out of rotation, and the split (`None`: weights
     /// as HAProxy's configuration set them).
     state: Mutex<Roster>,
+    /// The instances whose traffic this driver sent to a detour server
+    /// (network chaos); their weight and state live on that server.
+    detoured: Mutex<BTreeSet<InstanceId>>,
     apply: tokio::sync::Mutex<()>,
 }
 
@@ -706,8 +710,11 @@ impl HaproxyLoadBalancer {
         edit(&mut st)?;
         let want = self.desired(&st);
         let be = &inner.backend;
-        let current = self.current().await?;
-        let cmds = commands_for(be, &want, &current)?;
+        let raw = self.raw_current().await?;
+        let stale = self.stale_detours(&raw, &want);
+        let current = self.view(raw);
+        let mut cmds = commands_for(be, &want, &current)?;
+        cmds.extend(stale);
         if !cmds.is_empty() {
             let out = inner.api.command(&cmds.join(";")).await?;
             let msg: Vec<&str> = out.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
@@ -729,7 +736,16 @@ impl HaproxyLoadBalancer {
         Ok(())
     }
 
+    /// HAProxy's servers by the instance whose traffic they carry: a
+    /// detour server this driver made stands in for its instance's own
+    /// server (which keeps weight 0 meanwhile), so weights and states
+    /// follow the traffic.
     async fn current(&self) -> Result<BTreeMap<String, ServerState>, DriverError> {
+        Ok(self.view(self.raw_current().await?))
+    }
+
+    /// HAProxy's servers by name.
+    async fn raw_current(&self) -> Result<BTreeMap<String, ServerState>, DriverError> {
         Ok(self
             .inner
             .api
@@ -738,6 +754,192 @@ impl HaproxyLoadBalancer {
             .into_iter()
             .map(|s| (s.name.clone(), s))
             .collect())
+    }
+
+    fn view(&self, mut raw: BTreeMap<String, ServerState>) -> BTreeMap<String, ServerState> {
+        let detoured = roster::lock(&self.inner.detoured).clone();
+        for id in detoured {
+            if let Some(d) = raw.get(&detour_name(id.as_str())).cloned() {
+                raw.insert(id.to_string(), d);
+            }
+        }
+        raw
+    }
+
+    /// The commands that end detours in rotation which this driver did not
+    /// make (a run killed during a network fault): the instance's own
+    /// server gets its traffic back with the change, the detour server
+    /// leaves rotation after it.
+    fn stale_detours(
+        &self,
+        raw: &BTreeMap<String, ServerState>,
+        want: &BTreeMap<InstanceId, Desired>,
+    ) -> Vec<String> {
+        let be = &self.inner.backend;
+        let ours = roster::lock(&self.inner.detoured).clone();
+        let mut cmds = Vec::new();
+        for (id, d) in want {
+            let name = detour_name(id.as_str());
+            let Some(detour) = raw.get(&name).filter(|s| s.admin() != ServerAdmin::Maint) else {
+                continue;
+            };
+            if ours.contains(id) {
+                continue;
+            }
+            let own = raw.get(id.as_str()).map_or(0, |s| s.weight);
+            if d.weight.is_none() && own != detour.weight {
+                cmds.push(format!("set server {be}/{id} weight {}", detour.weight));
+            }
+            cmds.push(format!("set server {be}/{name} state maint"));
+        }
+        cmds
+    }
+
+    /// Sends `id`'s traffic to `addr` through a server of its own,
+    /// `<id>.dk-detour`, added with the instance's weight and state, and
+    /// then takes the instance's server to weight 0. Changing the
+    /// instance's server address instead would not do: HAProxy keeps
+    /// reusing its idle connections to the old address.
+    async fn detour(&self, id: &InstanceId, addr: std::net::SocketAddr) -> Result<(), DriverError> {
+        let api = &self.inner.api;
+        let be = &self.inner.backend;
+        let name = detour_name(id.as_str());
+        socket_word("HAProxy server", &name)?;
+        let raw = self.raw_current().await?;
+        let own = raw
+            .get(id.as_str())
+            .ok_or_else(|| DriverError::new(format!("HAProxy backend {be} has no server {id}")))?;
+        let live = match raw.get(&name) {
+            Some(d) if roster::lock(&self.inner.detoured).contains(id) => d.clone(),
+            _ => own.clone(),
+        };
+        // A detour server left from an earlier fault is replaced, so no
+        // idle connection of it leads to an earlier proxy.
+        let mut reuse = false;
+        if raw.contains_key(&name) {
+            let _ = api
+                .command(&format!("set server {be}/{name} state maint"))
+                .await?;
+            let out = api.command(&format!("del server {be}/{name}")).await?;
+            reuse = !out.contains("Server deleted");
+        }
+        let at = match addr {
+            std::net::SocketAddr::V4(a) => a.to_string(),
+            std::net::SocketAddr::V6(a) => format!("ipv6@{}:{}", a.ip(), a.port()),
+        };
+        if reuse {
+            api.command(&format!(
+                "set server {be}/{name} addr {} port {}",
+                addr.ip(),
+                addr.port()
+            ))
+            .await?;
+            api.command(&format!("set server {be}/{name} weight {}", live.weight))
+                .await?;
+        } else {
+            let out = api
+                .command(&format!("add server {be}/{name} {at} weight {}", live.weight))
+                .await?;
+            if !out.contains("New server registered") {
+                return Err(DriverError::new(format!(
+                    "HAProxy refused a detour server for {id}: {}; network chaos on HAProxy adds a \
+                     server at run time, which needs HAProxy 2.4 or later and a dynamic balance \
+                     algorithm such as roundrobin",
+                    out.trim()
+                )));
+            }
+        }
+        let out = api
+            .command(&format!(
+                "set server {be}/{name} state {};set server {be}/{id} weight 0",
+                live.admin().word()
+            ))
+            .await?;
+        roster::lock(&self.inner.detoured).insert(id.clone());
+        if !out.trim().is_empty() {
+            return Err(DriverError::new(format!(
+                "HAProxy did not take the detour of {id}: {}",
+                out.trim()
+            )));
+        }
+        let after = self.raw_current().await?;
+        let d = after
+            .get(&name)
+            .ok_or_else(|| DriverError::new(format!("HAProxy backend {be} has no server {name}")))?;
+        let at_proxy = d
+            .address
+            .as_deref()
+            .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+            .is_none_or(|a| a.to_canonical() == addr.ip().to_canonical())
+            && d.port.is_none_or(|p| p == addr.port());
+        let own_now = after.get(id.as_str()).map_or(0, |s| s.weight);
+        if !at_proxy || d.weight != live.weight || d.admin() != live.admin() || own_now != 0 {
+            return Err(DriverError::new(format!(
+                "HAProxy did not take the detour of {id}: {be}/{name} is at {}:{} with weight {} ({}), \
+                 {be}/{id} has weight {own_now}; expected {addr} with weight {} ({}) and 0",
+                d.address.as_deref().unwrap_or("?"),
+                d.port.unwrap_or(0),
+                d.weight,
+                d.admin().word(),
+                live.weight,
+                live.admin().word()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Gives `id`'s own server back the weight and state of its detour
+    /// server, then takes the detour server out of rotation and deletes it
+    /// (one still holding connections stays in maintenance, out of the
+    /// way, until the next detour replaces it).
+    async fn send_home(&self, id: &InstanceId) -> Result<(), DriverError> {
+        let api = &self.inner.api;
+        let be = &self.inner.backend;
+        let name = detour_name(id.as_str());
+        socket_word("HAProxy server", &name)?;
+        let raw = self.raw_current().await?;
+        let own = raw
+            .get(id.as_str())
+            .ok_or_else(|| DriverError::new(format!("HAProxy backend {be} has no server {id}")))?;
+        let Some(detour) = raw.get(&name) else {
+            roster::lock(&self.inner.detoured).remove(id);
+            return Ok(());
+        };
+        let mut cmds = Vec::new();
+        let live = detour.admin() != ServerAdmin::Maint;
+        if live {
+            cmds.push(format!("set server {be}/{id} weight {}", detour.weight));
+            if own.admin() != detour.admin() {
+                cmds.push(format!("set server {be}/{id} state {}", detour.admin().word()));
+            }
+            cmds.push(format!("set server {be}/{name} state maint"));
+        }
+        if !cmds.is_empty() {
+            let out = api.command(&cmds.join(";")).await?;
+            if !out.trim().is_empty() {
+                return Err(DriverError::new(format!(
+                    "HAProxy did not send {id}'s traffic home: {}",
+                    out.trim()
+                )));
+            }
+        }
+        roster::lock(&self.inner.detoured).remove(id);
+        let after = self.raw_current().await?;
+        if live {
+            let back = after.get(id.as_str()).map(|s| (s.weight, s.admin()));
+            if back != Some((detour.weight, detour.admin())) {
+                return Err(DriverError::new(format!(
+                    "HAProxy did not send {id}'s traffic home: {be}/{id} should have weight {} ({})",
+                    detour.weight,
+                    detour.admin().word()
+                )));
+            }
+        }
+        let out = api.command(&format!("del server {be}/{name}")).await?;
+        if !out.contains("Server deleted") {
+            tracing::debug!(server = %name, answer = %out.trim(), "detour server kept in maintenance");
+        }
+        Ok(())
     }
 
     /// Polls `show servers state` until `backend`'s server is running
@@ -830,6 +1032,53 @@ async fn address_mismatch(server: &ServerState, backend: &Backend) -> Option<Str
     })
 }
 
+/// The name of the server that carries `id`'s traffic through a fault
+/// proxy.
+fn detour_name(id: &str) -> String {
+    format!("{id}.dk-detour")
+}
+
+/// `set server <be>/<id> addr …` unless it is there already, read back.
+async fn set_addr(
+    api: &RuntimeApi,
+    be: &str,
+    id: &InstanceId,
+    addr: std::net::SocketAddr,
+) -> Result<(), DriverError> {
+    let at = |s: &ServerState| {
+        s.address
+            .as_deref()
+            .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+            .is_none_or(|a| a.to_canonical() == addr.ip().to_canonical())
+            && s.port.is_none_or(|p| p == addr.port())
+    };
+    let find = |servers: Vec<ServerState>| {
+        servers
+            .into_iter()
+            .find(|s| s.name == id.as_str())
+            .ok_or_else(|| DriverError::new(format!("HAProxy backend {be} has no server {id}")))
+    };
+    if at(&find(api.servers_state(be).await?)?) {
+        return Ok(());
+    }
+    // HAProxy answers in prose ("IP changed from …"); the read-back decides.
+    api.command(&format!(
+        "set server {be}/{id} addr {} port {}",
+        addr.ip(),
+        addr.port()
+    ))
+    .await?;
+    let s = find(api.servers_state(be).await?)?;
+    if !at(&s) {
+        return Err(DriverError::new(format!(
+            "HAProxy did not take the change: {be}/{id} is at {}:{}, expected {addr}",
+            s.address.as_deref().unwrap_or("?"),
+            s.port.unwrap_or(0)
+        )));
+    }
+    Ok(())
+}
+
 /// The runtime-API commands that take the servers of backend `be` from
 /// `current` to `want`: weights and readiness raised before others are
 /// lowered, so that a switch never leaves a moment with no server in
@@ -845,10 +1094,12 @@ fn commands_for(
         let cur = current
             .get(id.as_str())
             .ok_or_else(|| DriverError::new(format!("HAProxy backend {be} has no server {id}")))?;
-        socket_word("HAProxy server", id.as_str())?;
+        // A detour server carries the instance's traffic in its place.
+        let srv = &cur.name;
+        socket_word("HAProxy server", srv)?;
         if let Some(w) = d.weight {
             if w != cur.weight {
-                let cmd = format!("set server {be}/{id} weight {w}");
+                let cmd = format!("set server {be}/{srv} weight {w}");
                 if w > cur.weight {
                     up.push(cmd)
                 } else {
@@ -857,7 +1108,7 @@ fn commands_for(
             }
         }
         if d.admin != cur.admin() {
-            let cmd = format!("set server {be}/{id} state {}", d.admin.word());
+            let cmd = format!("set server {be}/{srv} state {}", d.admin.word());
             if d.admin == ServerAdmin::Ready {
                 up.push(cmd)
             } else {
@@ -975,13 +1226,21 @@ impl LoadBalancer for HaproxyLoadBalancer {
         self.wait_up(backend).await
     }
 
-    /// `set server <be>/<srv> addr <ip> port <port>` (also in the group's
-    /// backend `<be>__<group>` when routing rules are on), read back. The
-    /// detour lives in HAProxy's memory only: a reload of HAProxy sends the
-    /// server's traffic to its configured address again.
+    /// Adds a server `<srv>.dk-detour` at `via` carrying the instance's
+    /// weight and state, then sets the instance's own server to weight 0;
+    /// `None` gives the own server the detour's weight and state back and
+    /// deletes the detour server. HAProxy keeps reusing idle connections
+    /// to a server's old address after `set server … addr`, so a changed
+    /// address would leave the traffic of busy keep-alive clients where it
+    /// was. In the group's backend `<be>__<group>` (routing rules on) the
+    /// server's address is changed instead, since its servers track the
+    /// main backend's. The detour lives in HAProxy's memory only: a
+    /// reload of HAProxy drops it, and a driver built afterwards ends a
+    /// detour it finds with its first change.
     ///
     /// * Idempotent: yes. Cancel-safe: yes (runs in a task).
-    /// * On failure: the server may be at either address; a retry converges.
+    /// * On failure: the traffic goes to either the instance or the detour;
+    ///   a retry converges.
     async fn reroute(
         &self,
         backend: &Backend,
@@ -993,54 +1252,45 @@ impl LoadBalancer for HaproxyLoadBalancer {
             .get(&backend.id)
             .map(|(b, _)| b.clone())
             .ok_or_else(|| DriverError::new(format!("no server {}", backend.id)))?;
-        let target = via.unwrap_or(&own.address).clone();
-        let host = target
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let addr = tokio::net::lookup_host((host.as_str(), target.port()))
-            .await
-            .ok()
-            .and_then(|mut it| it.next())
-            .ok_or_else(|| {
-                DriverError::new(format!("{target} does not resolve to an address HAProxy can use"))
-            })?;
-        let mut backends = vec![self.inner.backend.clone()];
-        if self.inner.map_dir.is_some() {
-            backends.push(format!("{}__{}", self.inner.backend, own.group));
-        }
+        let resolve = |target: crate::names::Address| async move {
+            let host = target
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            tokio::net::lookup_host((host.as_str(), target.port()))
+                .await
+                .ok()
+                .and_then(|mut it| it.next())
+                .ok_or_else(|| {
+                    DriverError::new(format!("{target} does not resolve to an address HAProxy can use"))
+                })
+        };
+        let home = resolve(own.address.clone()).await?;
+        let via = match via {
+            Some(v) => Some(resolve(v.clone()).await?),
+            None => None,
+        };
         let id = own.id.clone();
+        let group_backend = self
+            .inner
+            .map_dir
+            .is_some()
+            .then(|| format!("{}__{}", self.inner.backend, own.group));
         let this = self.clone();
         run_to_completion("HAProxy", async move {
-            let api = &this.inner.api;
             let _g = this.inner.apply.lock().await;
             socket_word("HAProxy server", id.as_str())?;
-            let (ip, port) = (addr.ip(), addr.port());
-            let cmds: Vec<String> = backends
-                .iter()
-                .map(|be| format!("set server {be}/{id} addr {ip} port {port}"))
-                .collect();
-            // HAProxy answers in prose ("IP changed from …"); the read-back decides.
-            api.command(&cmds.join(";")).await?;
-            for be in &backends {
-                let servers = api.servers_state(be).await?;
-                let s = servers
-                    .iter()
-                    .find(|s| s.name == id.as_str())
-                    .ok_or_else(|| DriverError::new(format!("HAProxy backend {be} has no server {id}")))?;
-                let ip_ok = s
-                    .address
-                    .as_deref()
-                    .and_then(|a| a.parse::<std::net::IpAddr>().ok())
-                    .is_none_or(|a| a.to_canonical() == ip.to_canonical());
-                if !ip_ok || s.port.is_some_and(|p| p != port) {
-                    return Err(DriverError::new(format!(
-                        "HAProxy did not take the change: {be}/{id} is at {}:{}, expected {addr}",
-                        s.address.as_deref().unwrap_or("?"),
-                        s.port.unwrap_or(0)
-                    )));
+            match via {
+                Some(addr) => this.detour(&id, addr).await?,
+                None => {
+                    this.send_home(&id).await?;
+                    // A detour of an older deploykit moved the server itself.
+                    set_addr(&this.inner.api, &this.inner.backend, &id, home).await?;
                 }
+            }
+            if let Some(be) = group_backend {
+                set_addr(&this.inner.api, &be, &id, via.unwrap_or(home)).await?;
             }
             Ok(())
         })
