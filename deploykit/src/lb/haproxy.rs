@@ -1398,14 +1398,19 @@ impl LoadBalancer for HaproxyLoadBalancer {
         if roster::lock(&self.inner.policy).is_some() {
             return Ok(None);
         }
-        let current = self.current().await?;
+        let current = self.raw_current().await?;
         let st = self.lock_state().clone();
         let mut live = BTreeSet::new();
         for (b, _) in st.iter() {
-            if let Some(s) = current.get(b.id.as_str()) {
-                if s.admin() == ServerAdmin::Ready && s.weight > 0 {
-                    live.insert(b.group.clone());
-                }
+            // A detour server in rotation carries its instance's traffic,
+            // also one a killed run left behind.
+            let detour = detour_name(b.id.as_str());
+            let serving = [b.id.as_str(), detour.as_str()]
+                .iter()
+                .filter_map(|n| current.get(*n))
+                .any(|s| s.admin() == ServerAdmin::Ready && s.weight > 0);
+            if serving {
+                live.insert(b.group.clone());
             }
         }
         Ok(if live.len() == 1 {
