@@ -218,7 +218,14 @@ impl Fleet {
                     Duration::from_secs(5),
                 );
                 let servers = api.servers_state("app").await.expect("show servers state");
-                let s = servers.iter().find(|s| s.name == "i-3").expect("server i-3");
+                // A detour is a server of its own, in rotation in i-3's place.
+                let detour = servers.iter().find(|s| {
+                    s.name == "i-3.dk-detour" && s.admin() != deploykit::lb::haproxy::ServerAdmin::Maint
+                });
+                let s = match detour {
+                    Some(d) => d,
+                    None => servers.iter().find(|s| s.name == "i-3").expect("server i-3"),
+                };
                 format!("{}:{}", s.address.as_deref().unwrap_or("?"), s.port.unwrap_or(0))
             }
         }
