@@ -968,6 +968,11 @@ async fn run_deploy(
         Start::Resume(rec) => rec.deployment().header.commit.clone(),
         Start::Drill(_) => None,
     };
+    header.drill = match &start {
+        Start::Drill(_) => true,
+        Start::Resume(rec) => rec.deployment().header.drill,
+        Start::Fresh(..) => false,
+    };
     // What the interrupted run left part-way is restored in full if this
     // run fails.
     let unsettled = match &start {

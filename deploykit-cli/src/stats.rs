@@ -244,7 +244,7 @@ pub(crate) fn render_stats(app: &str, records: &[DeploymentRecord], since: u64, 
     let first_day = now.saturating_sub(days as u64 * 86_400_000);
     let mut per_day = vec![0u64; days];
     let mut failed_per_day = vec![0u64; days];
-    for r in in_window.iter().filter(|r| r.kind == RunKind::Deploy) {
+    for r in in_window.iter().filter(|r| r.kind == RunKind::Deploy && !r.drill) {
         if let Some(slot) = r
             .started_at_ms
             .checked_sub(first_day)
@@ -293,7 +293,7 @@ pub(crate) fn render_stats(app: &str, records: &[DeploymentRecord], since: u64, 
     }
 
     let mut by_strategy: BTreeMap<&'static str, (usize, usize, Vec<u64>)> = BTreeMap::new();
-    for r in ended.iter().filter(|r| r.kind == RunKind::Deploy) {
+    for r in ended.iter().filter(|r| r.kind == RunKind::Deploy && !r.drill) {
         let e = by_strategy.entry(r.strategy.as_str()).or_default();
         e.0 += 1;
         e.1 += usize::from(r.outcome.is_failure());
@@ -309,6 +309,20 @@ pub(crate) fn render_stats(app: &str, records: &[DeploymentRecord], since: u64, 
                 human_ms(median)
             );
         }
+    }
+    // A drill rolls back on purpose: counted on its own, not as a failure.
+    let drills: Vec<&&DeploymentRecord> = ended.iter().copied().filter(|r| r.drill).collect();
+    if !drills.is_empty() {
+        let rolled_back = drills
+            .iter()
+            .filter(|r| r.outcome == HistoryOutcome::RolledBack)
+            .count();
+        let _ = writeln!(
+            o,
+            "
+drills: {} ({rolled_back} rolled back by their gates; left out of the figures above)",
+            drills.len()
+        );
     }
     let checks: Vec<&stats::CheckRecord> = in_window.iter().flat_map(|r| &r.checks).collect();
     if !checks.is_empty() {

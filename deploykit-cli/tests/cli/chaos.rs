@@ -163,6 +163,18 @@ fn a_drill_of_the_current_release_passes_and_deploy_drill_deploys_after_it() {
     assert_eq!(journal[0]["release"], "v1", "{:?}", journal[0]);
     assert_eq!(env.sim("stable-1")["release"], "v1");
     assert_eq!(env.sim("canary-1")["release"], "v1");
+    // Its journal says it was a drill, and its rollback is no change failure.
+    assert_eq!(journal[0]["drill"], true, "{:?}", journal[0]);
+    let (code, stats, err) = env.run(&["stats"]);
+    assert_eq!(code, 0, "{stats}{err}");
+    assert!(
+        stats.contains("change failure rate    0.0% (0 failed)"),
+        "{stats}"
+    );
+    assert!(
+        stats.contains("drills: 1 (1 rolled back by their gates; left out of the figures above)"),
+        "{stats}"
+    );
 
     // deploy --drill: the same drill first, then the release.
     let (code, out, err) = env.run(&["deploy", "v2", "--drill"]);

@@ -71,6 +71,11 @@ pub struct JournalHeader {
     /// live time is the lead time of a change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<SourceCommit>,
+    /// A drill: a canary broken on purpose (`deploykit drill`) to prove
+    /// the gates fire. Its rollback is the expected outcome, so the DORA
+    /// figures leave it out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drill: bool,
 }
 
 /// A source commit a release was built from.
@@ -132,6 +137,7 @@ impl JournalHeader {
             pid: std::process::id(),
             host: super::host_name(),
             commit: None,
+            drill: false,
         }
     }
 }

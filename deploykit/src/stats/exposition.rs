@@ -209,7 +209,7 @@ pub fn render(app: &str, records: &[DeploymentRecord], now_ms: u64, dora_window_
             deployments
                 .get_or_create(&labels(&[
                     ("app", app),
-                    ("kind", kind_label(r.kind)),
+                    ("kind", if r.drill { "drill" } else { kind_label(r.kind) }),
                     ("strategy", strategy),
                     ("outcome", outcome_label(r.outcome)),
                 ]))

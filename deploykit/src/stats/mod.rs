@@ -11,7 +11,7 @@
 //! # The DORA figures
 //!
 //! Over the deployments (runs of kind [`RunKind::Deploy`]) started in the
-//! window, in-progress ones left out:
+//! window, in-progress ones and drills left out:
 //!
 //! * **deployment frequency** — deployments that went live (succeeded or
 //!   degraded) per day of the window;
@@ -91,6 +91,9 @@ pub struct DeploymentRecord {
     pub failed_at_elapsed_ms: Option<u64>,
     /// The source commit, when given.
     pub commit: Option<SourceCommit>,
+    /// A drill (`deploykit drill`): left out of the DORA figures.
+    #[serde(default)]
+    pub drill: bool,
     /// The names of the plan's stages, in order, when the journal holds
     /// the plan (what is still to come while a run is in progress).
     #[serde(default)]
@@ -251,6 +254,7 @@ impl RecordBuilder {
                 rollback_reason: None,
                 failed_at_elapsed_ms: None,
                 commit: header.commit.clone(),
+                drill: header.drill,
                 planned_stages: header
                     .plan
                     .as_ref()
@@ -658,7 +662,7 @@ pub fn recovered_at_ms(records: &[DeploymentRecord], at: usize) -> Option<u64> {
     }
     records[at + 1..]
         .iter()
-        .find(|r| r.outcome == HistoryOutcome::Succeeded)
+        .find(|r| !r.drill && r.outcome == HistoryOutcome::Succeeded)
         .and_then(DeploymentRecord::finished_at_ms)
 }
 
@@ -681,7 +685,7 @@ pub fn dora(records: &[DeploymentRecord], since_ms: u64, until_ms: u64) -> Dora 
     let mut recovery = Vec::new();
     for (at, r) in records.iter().enumerate() {
         let in_window = (since_ms..until_ms).contains(&r.started_at_ms);
-        if !in_window || r.kind != RunKind::Deploy || r.outcome == HistoryOutcome::InProgress {
+        if !in_window || r.kind != RunKind::Deploy || r.drill || r.outcome == HistoryOutcome::InProgress {
             continue;
         }
         out.deployments += 1;

@@ -257,6 +257,40 @@ fn dora_counts_frequency_failure_rate_lead_and_recovery_time() {
 }
 
 #[test]
+fn a_drill_is_left_out_of_the_dora_figures_and_is_no_recovery() {
+    let mut drill_header = header("d1", RunKind::Deploy, StrategyKind::Canary, "v2", 2 * DAY);
+    drill_header.drill = true;
+    let drilled = DeploymentRecord::from_journal(
+        &journal(drill_header, Vec::new(), Some((OutcomeKind::RolledBack, 60_000))),
+        None,
+    );
+    assert!(drilled.drill);
+    let mut passing_drill = succeeded("d2", 3 * DAY + 1);
+    passing_drill.drill = true;
+    let records = vec![
+        succeeded("s1", DAY),
+        drilled,
+        rolled_back_canary("c1", 3 * DAY),
+        passing_drill,
+    ];
+    let d = dora(&records, 0, 5 * DAY);
+    assert_eq!(
+        (d.deployments, d.failed),
+        (2, 1),
+        "the drills are not deployments"
+    );
+    assert_eq!(d.change_failure_rate, Some(0.5));
+    // c1 rolled back cleanly: its own rollback is its recovery, not the
+    // drill that succeeded after it.
+    assert_eq!(d.recovery_time.unwrap().median_ms, 30_000);
+    #[cfg(feature = "exposition")]
+    {
+        let text = exposition::render("shop", &records, 5 * DAY, 5 * DAY);
+        assert!(text.contains(r#"kind="drill""#), "{text}");
+    }
+}
+
+#[test]
 fn an_interrupted_deployment_recovers_when_a_later_run_succeeds() {
     let interrupted = DeploymentRecord::from_journal(
         &journal(
