@@ -47,7 +47,7 @@ use crate::names::{validate_name, Group, InstanceId};
 use crate::routing::{check_groups, Capabilities, Capability, TrafficPolicy};
 use crate::traits::{Backend, GroupWeight, LoadBalancer};
 
-pub use routing::config_line;
+pub use routing::{config_line, sticky_config, sticky_map_file};
 
 /// HAProxy's largest server weight.
 pub const MAX_WEIGHT: u16 = 256;
@@ -1092,7 +1092,8 @@ impl LoadBalancer for HaproxyLoadBalancer {
     }
 
     /// Weights, switch and, with a map dir ([`HaproxyBuilder::map_dir`]),
-    /// header, cookie and query rules.
+    /// header, cookie, query and regex rules and sticky splits (by
+    /// deploykit's cookie or a request key).
     fn capabilities(&self) -> Capabilities {
         let caps = Capabilities::weights_and_switch();
         if self.inner.map_dir.is_none() {
@@ -1102,20 +1103,24 @@ impl LoadBalancer for HaproxyLoadBalancer {
             .with(Capability::CookieMatch)
             .with(Capability::QueryMatch)
             .with(Capability::RegexMatch)
+            .with(Capability::StickyCookie)
+            .with(Capability::StickyKey)
     }
 
-    /// Writes each rule's map entry (value -> `<backend>__<group>`) as a new
+    /// Writes each rule's map entry (value -> `<backend>__<group>`) and, for
+    /// a sticky split, its bucket ranges (see [`sticky_config`]) as a new
     /// map version, committed atomically per map and read back, empties the
-    /// owned maps no rule uses, then sets the split's weights as
-    /// [`set_weights`](Self::set_weights) does. No reload. Mirroring is
-    /// refused: HAProxy 2.6 has no built-in mirroring.
+    /// owned maps nothing uses, then sets the split's weights as
+    /// [`set_weights`](Self::set_weights) does (requests without a sticky
+    /// key follow them). No reload. Mirroring is refused: HAProxy 2.6 has
+    /// no built-in mirroring.
     ///
     /// * Idempotent: yes; maps and servers already as wanted are not sent.
     /// * Cancel-safe: yes (runs in a task).
     /// * On failure: the maps written are put back, so the previous rules
     ///   route; an invalid or unsupported policy, an unknown group, or a
-    ///   rule whose map HAProxy has not loaded is refused before anything is
-    ///   sent.
+    ///   rule or sticky split whose map HAProxy has not loaded is refused
+    ///   before anything is sent.
     async fn apply_policy(&self, policy: &TrafficPolicy) -> Result<(), DriverError> {
         self.capabilities().check("haproxy", policy)?;
         let shares = {
@@ -1126,8 +1131,8 @@ impl LoadBalancer for HaproxyLoadBalancer {
         if let Some(group) = policy.as_switch() {
             return self.switch_to(group).await;
         }
-        let rules = (!policy.rules.is_empty()).then(|| policy.clone());
-        self.route(rules, move |st| {
+        let routed = (!policy.rules.is_empty() || policy.split.sticky.is_some()).then(|| policy.clone());
+        self.route(routed, move |st| {
             st.shares = Some(shares);
             Ok(())
         })
