@@ -917,6 +917,26 @@ impl LoadBalancer for HaproxyLoadBalancer {
         self.check().await
     }
 
+    /// The capabilities and groups of `policy`, then, for rules or a sticky
+    /// split, that HAProxy has loaded every map it needs (`show map`): a
+    /// missing one is named with the haproxy.cfg lines that load it.
+    ///
+    /// * Idempotent: yes (read-only: `show map`).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed.
+    async fn preflight_policy(&self, policy: &TrafficPolicy) -> Result<(), DriverError> {
+        self.capabilities().check("haproxy", policy)?;
+        check_groups("haproxy", policy, &self.lock_state().groups())?;
+        let Some(dir) = &self.inner.map_dir else {
+            return Ok(());
+        };
+        if policy.rules.is_empty() && policy.split.sticky.is_none() {
+            return Ok(());
+        }
+        let loaded = routing::loaded_maps(&self.inner.api).await?;
+        routing::desired(dir, &self.inner.backend, Some(policy), &loaded).map(|_| ())
+    }
+
     /// `set server <be>/<srv> state drain`, read back.
     ///
     /// * Idempotent: yes. Cancel-safe: yes (runs to completion in a task).
