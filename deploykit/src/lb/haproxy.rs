@@ -1355,6 +1355,40 @@ mod tests {
         }
     }
 
+    /// An experiment's sticky split: refused without a map dir, naming it;
+    /// declared with one (the map itself is checked by `preflight_policy`).
+    #[test]
+    fn a_sticky_split_needs_the_map_dir() {
+        let b = Backend {
+            id: InstanceId::new("i-1").unwrap(),
+            address: crate::Address::parse("127.0.0.1:9").unwrap(),
+            group: Group::new("stable").unwrap(),
+        };
+        let policy = crate::Experiment::default().policy();
+        let plain = HaproxyLoadBalancer::builder()
+            .socket("/tmp/x.sock")
+            .backend(b.clone())
+            .build()
+            .unwrap();
+        let e = plain
+            .capabilities()
+            .check("haproxy", &policy)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cannot keep users on one group") && e.contains("set load_balancer.map_dir"),
+            "{e}"
+        );
+        let mapped = HaproxyLoadBalancer::builder()
+            .socket("/tmp/x.sock")
+            .backend(b)
+            .map_dir("/etc/haproxy/dk")
+            .build()
+            .unwrap();
+        mapped.capabilities().check("haproxy", &policy).unwrap();
+        assert!(!mapped.capabilities().supports(Capability::Mirror));
+    }
+
     #[test]
     fn builder_names_the_bad_field() {
         let e = HaproxyLoadBalancer::builder().build().unwrap_err().to_string();
