@@ -47,9 +47,10 @@ fn sticky_split(shares: &[(&str, u8)], sticky: Sticky) -> TrafficPolicy {
 /// docs/load-balancers.md has the user write them; all traffic on stable.
 struct Setup {
     _apps: Vec<DemoApp>,
+    backends: Vec<deploykit::Backend>,
     lb: HaproxyLoadBalancer,
     haproxy: Haproxy,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Setup {
@@ -118,9 +119,10 @@ backend app
             .expect("all traffic to stable");
         Setup {
             _apps: apps,
+            backends,
             lb,
             haproxy,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -324,4 +326,37 @@ async fn a_three_group_split_sticky_by_a_user_header_through_real_haproxy_keeps_
     );
     let samples = load.stop().await;
     assert_no_failed_request(&samples, &s.haproxy);
+
+    // A process that died between writing the map and the weights left
+    // the map filled: the driver of a later process (a resume, a rollback)
+    // reads it from HAProxy and sees no single live group.
+    let later = || {
+        HaproxyLoadBalancer::builder()
+            .socket(Haproxy::socket(s.dir.path()))
+            .backend_name("app")
+            .backends(s.backends.iter().cloned())
+            .map_dir(s.dir.path().join("maps"))
+            .build()
+            .unwrap()
+    };
+    assert_eq!(
+        later().live_group().await.unwrap(),
+        Some(Group::new("beta").unwrap())
+    );
+    let map = deploykit::lb::haproxy::sticky_map_file(&s.dir.path().join("maps"), "app", &by_user_header());
+    let api = s.lb.api();
+    let version = api
+        .command(&format!("prepare map {}", map.display()))
+        .await
+        .unwrap();
+    let version = version.trim().trim_start_matches("New version created:").trim();
+    let out = api
+        .command(&format!(
+            "add map @{version} {m} 0:99 app__stable;commit map @{version} {m}",
+            m = map.display()
+        ))
+        .await
+        .unwrap();
+    assert_eq!(out.trim(), "", "{out}");
+    assert_eq!(later().live_group().await.unwrap(), None);
 }

@@ -1160,8 +1160,10 @@ impl LoadBalancer for HaproxyLoadBalancer {
     }
 
     /// Read from HAProxy: the one group whose servers are ready with a
-    /// weight above 0, if exactly one is. Waits for a change still running
-    /// (one whose call was dropped) to finish first.
+    /// weight above 0, if exactly one is and no map deploykit owns holds an
+    /// entry (a rule or a sticky split sends some requests elsewhere).
+    /// Waits for a change still running (one whose call was dropped) to
+    /// finish first.
     ///
     /// * Idempotent: yes (read-only). Cancel-safe: yes.
     /// * On failure: nothing changed.
@@ -1172,6 +1174,20 @@ impl LoadBalancer for HaproxyLoadBalancer {
         // Requests a rule matches go to the rule's group, whatever the split.
         if roster::lock(&self.inner.policy).is_some() {
             return Ok(None);
+        }
+        // A map left filled by an earlier process (one that died between
+        // the maps and the weights) still routes what it matches.
+        if let Some(dir) = &self.inner.map_dir {
+            let api = &self.inner.api;
+            for file in routing::loaded_maps(api)
+                .await?
+                .iter()
+                .filter(|f| f.starts_with(dir))
+            {
+                if !routing::entries(api, file).await?.is_empty() {
+                    return Ok(None);
+                }
+            }
         }
         let current = self.current().await?;
         let st = self.lock_state().clone();
