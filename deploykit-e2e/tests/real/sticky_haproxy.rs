@@ -360,3 +360,236 @@ async fn a_three_group_split_sticky_by_a_user_header_through_real_haproxy_keeps_
     assert_eq!(out.trim(), "", "{out}");
     assert_eq!(later().live_group().await.unwrap(), None);
 }
+
+/// One demo app of `track` converting `rate` of its checkouts, run from
+/// its release directory.
+fn converting_spec(port: u16, track: &str, rate: &str) -> deploykit::instance::ProcessSpec {
+    deploykit::instance::ProcessSpec::new([
+        "./deploykit-demo-app".to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--version".into(),
+        "{release}".into(),
+        "--track".into(),
+        track.into(),
+        "--conversion-rate".into(),
+        rate.into(),
+    ])
+    .unwrap()
+    .grace(Duration::from_secs(5))
+}
+
+/// An A/B experiment end to end through HAProxy: the control converting
+/// 5 % and the treatment 30 % (demo apps run from their releases), a real
+/// Prometheus scraping their counters, 30 sticky users checking out on
+/// keep-alive connections that never retry. The treatment wins, every user
+/// moves to it, stable is replaced, and not one checkout fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_better_converting_treatment_wins_through_real_haproxy_on_real_prometheus_failing_no_checkout() {
+    use deploykit::instance::{LocalInstance, ReleaseSource};
+    use deploykit::{Canary, EventKind, EventLog, Executor, Experiment, Instance, Metric, ReleaseId};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let bin = crate::require_binary!("haproxy");
+    let prom_bin = crate::require_binary!("prometheus");
+    let dir = temp_dir("dk-experiment-haproxy-");
+    let builds = dir.path().join("builds");
+    for r in ["v1", "v2"] {
+        crate::harness::make_release(&builds, r);
+    }
+    let (mut instances, mut targets) = (Vec::new(), Vec::new());
+    for (name, group, rate) in [("stable-1", "stable", "0.05"), ("canary-1", "canary", "0.30")] {
+        let port = free_port();
+        targets.push(format!("127.0.0.1:{port}"));
+        let inst = LocalInstance::builder(name, format!("127.0.0.1:{port}"))
+            .group(group)
+            .root(dir.path().join(name).to_str().unwrap())
+            .source(ReleaseSource::directory(&builds))
+            .process(converting_spec(port, group, rate))
+            .build()
+            .unwrap();
+        inst.install(&ReleaseId::new("v1").unwrap()).await.unwrap();
+        if group == "stable" {
+            inst.start().await.unwrap();
+            crate::local::wait_healthy(&inst).await;
+        }
+        instances.push(Arc::new(inst));
+    }
+    let _kill = crate::harness::KillOnDrop(
+        instances
+            .iter()
+            .map(|i| std::path::PathBuf::from(i.layout().root()))
+            .collect(),
+    );
+    let maps = dir.path().join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let sticky = Sticky::Cookie {
+        name: "dk_variant".into(),
+    };
+    let lines = crate::routing::frontend_lines(&maps, [], std::slice::from_ref(&sticky));
+    let (s, c) = (&targets[0], &targets[1]);
+    let port = free_port();
+    let cfg = format!(
+        r#"global
+    stats socket {sock} mode 600 level admin
+    stats timeout 30s
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout queue 10s
+frontend fe
+    bind 127.0.0.1:{port}
+{lines}    default_backend app
+backend app
+    balance roundrobin
+    retries 0
+    server stable-1 {s} weight 1 check inter 100ms
+    server canary-1 {c} weight 1 check inter 100ms
+backend app__stable
+    server stable-1 {s} track app/stable-1
+backend app__canary
+    server canary-1 {c} track app/canary-1
+"#,
+        sock = Haproxy::socket(dir.path()).display(),
+    );
+    let haproxy = Haproxy::start(&bin, dir.path(), port, &cfg).await;
+    let lb = HaproxyLoadBalancer::builder()
+        .socket(Haproxy::socket(dir.path()))
+        .backend_name("app")
+        .backends(instances.iter().map(|i| i.backend().clone()))
+        .map_dir(&maps)
+        .build()
+        .unwrap();
+    // What every canary-shaped run leaves: the canary stopped, out of the split.
+    lb.switch_to(&Group::new("stable").unwrap())
+        .await
+        .expect("all traffic to stable");
+    let prom = crate::prometheus::PromServer::start(&prom_bin, dir.path(), &targets).await;
+    let log = EventLog::new();
+    let exec = Executor::builder()
+        .instances(instances.iter().map(|i| i.clone() as Arc<dyn Instance>))
+        .load_balancer(Arc::new(lb) as Arc<dyn LoadBalancer>)
+        .metrics(Arc::new(prom.source()))
+        .events(Arc::new(log.clone()))
+        .drain_poll(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let mut base = Canary {
+        check_interval: Duration::from_secs(1),
+        health: deploykit::HealthCheck {
+            retries: 200,
+            interval: Duration::from_millis(50),
+        },
+        drain_timeout: Duration::from_secs(2),
+        ..Canary::default()
+    };
+    base.analysis.window = Duration::from_secs(5);
+    // A fresh treatment needs two scrapes before rate() answers.
+    base.analysis.inconclusive_limit = 10;
+    let experiment = Experiment {
+        base,
+        treatment_percent: 50,
+        sticky,
+        duration: Duration::from_secs(25),
+        rules: deploykit::experiment::ExperimentRules {
+            min_detectable_effect: 0.05,
+            min_samples: 200,
+            ..Default::default()
+        },
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = haproxy.url("/api/checkout");
+    // Keep-alive and never a retry: HAProxy changes maps and weights
+    // without a reload, so no connection is closed under a user.
+    let http = Http::without_retries(true);
+    let t0 = tokio::time::Instant::now();
+    let users: Vec<_> = (0..30)
+        .map(|n| {
+            tokio::spawn(crate::experiment::user(
+                http.clone(),
+                url.clone(),
+                n,
+                stop.clone(),
+                t0,
+            ))
+        })
+        .collect();
+    let source = prom.source();
+    let w = experiment.base.analysis.window;
+    for metric in [Metric::ErrorRate, Metric::LatencyP99] {
+        crate::prometheus::wait_for_value(&source, metric, "stable", w).await;
+    }
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    while crate::prometheus::wait_for_value(&source, Metric::RequestCount, "stable", w).await <= 0.0 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no stable requests counted within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let report = exec
+        .deploy(&experiment, &ReleaseId::new("v2").unwrap())
+        .await
+        .expect("the deployment ran");
+    stop.store(true, Ordering::SeqCst);
+    let mut failed = Vec::new();
+    for u in users {
+        failed.extend(u.await.expect("a user"));
+    }
+    let readings: Vec<_> = log
+        .events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::ExperimentReading { reading, .. } => Some(reading),
+            _ => None,
+        })
+        .collect();
+    assert!(report.is_success(), "{report}\nreadings: {readings:?}");
+    let last = readings.last().expect("at least one experiment reading");
+    assert_eq!(
+        last.verdict,
+        deploykit::experiment::Verdict::TreatmentWins,
+        "{readings:?}"
+    );
+    // The tallies are the demo apps' own, split by HAProxy: about 5 % and 30 %.
+    assert!(
+        last.control.visits >= 200.0 && last.treatment.visits >= 200.0,
+        "{last:?}"
+    );
+    assert!((0.02..0.10).contains(&last.control.rate()), "{last:?}");
+    assert!((0.20..0.40).contains(&last.treatment.rate()), "{last:?}");
+    assert!(
+        failed.is_empty(),
+        "{} checkouts failed: {failed:?}\nevents: {}\nHAProxy:\n{}",
+        failed.len(),
+        crate::prometheus::dump(&log),
+        haproxy.stderr()
+    );
+    // Promoted: every answer through HAProxy now comes from v2.
+    let served = versions_of(&Http::new(), &haproxy.url("/"), 10).await;
+    assert!(served.iter().all(|v| v == "v2"), "{served:?}");
+    eprintln!(
+        "decided after {} readings: control {:.0}/{:.0}, treatment {:.0}/{:.0}",
+        readings.len(),
+        last.control.conversions,
+        last.control.visits,
+        last.treatment.conversions,
+        last.treatment.visits
+    );
+    for i in &instances {
+        let _ = i.stop().await;
+    }
+}
+
+/// The versions of `n` answers through `url`.
+async fn versions_of(http: &Http, url: &str, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let a = http.get(url).await.expect("GET through HAProxy");
+        out.push(a.version.unwrap_or_default());
+    }
+    out
+}
