@@ -880,8 +880,9 @@ fn alternative(driver: &str, cap: Capability) -> String {
         ("nginx", _) => "set load_balancer.location_include (the location-level file `deploykit setup` \
              writes) so nginx can route per request"
             .into(),
-        ("haproxy", Capability::StickyCookie | Capability::StickyKey) => "use the nginx driver with \
-             load_balancer.location_include for a sticky split"
+        ("haproxy", Capability::StickyCookie | Capability::StickyKey) => "set load_balancer.map_dir and \
+             add the sticky split's lines to haproxy.cfg (docs/load-balancers.md), or use the nginx driver \
+             with load_balancer.location_include"
             .into(),
         ("haproxy", _) => "set load_balancer.map_dir and add the rule's use_backend line to haproxy.cfg \
              (docs/load-balancers.md), or use the nginx driver with load_balancer.location_include"

@@ -363,6 +363,23 @@ pub trait LoadBalancer: Send + Sync + Debug {
     async fn preflight(&self) -> Result<(), DriverError> {
         Ok(())
     }
+
+    /// Checks, without changing anything, that the load balancer as it is
+    /// wired now can apply `policy`: beyond
+    /// [`capabilities`](Self::capabilities), whatever the policy needs from
+    /// the balancer's own configuration (HAProxy: the map file of each rule
+    /// and of a sticky split loaded). The executor calls it, after
+    /// [`preflight`](Self::preflight), for each policy a plan applies, so a
+    /// deployment whose policy could never be applied is refused before its
+    /// first step. The default checks the capabilities only.
+    ///
+    /// * Idempotent: yes (read-only).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed; the error names what is missing and
+    ///   the lines to add.
+    async fn preflight_policy(&self, policy: &TrafficPolicy) -> Result<(), DriverError> {
+        Ok(self.capabilities().check(self.name(), policy)?)
+    }
 }
 
 /// A metric the canary analysis reads.

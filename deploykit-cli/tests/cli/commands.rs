@@ -1091,6 +1091,38 @@ fn an_experiment_plan_through_nginx_shows_the_test() {
     );
 }
 
+/// HAProxy without `map_dir` cannot keep users on one group: `plan` says
+/// so naming the key to set; with it, the experiment's sticky split is
+/// planned (the maps are checked when a deployment starts).
+#[test]
+fn an_experiment_through_haproxy_needs_its_map_dir_and_is_planned_with_one() {
+    let prom = crate::util::prometheus(tally_answer);
+    let haproxy = |extra: &str| {
+        experiment_config(&prom, "").replace(
+            "[load_balancer]\nkind = \"simulated\"\n",
+            &format!("[load_balancer]\nkind = \"haproxy\"\nsocket = \"/run/haproxy/admin.sock\"\nbackend = \"app\"\n{extra}"),
+        )
+    };
+    let env = Env::new(&haproxy(""));
+    let (code, _, err) = env.run(&["plan", "v2"]);
+    assert_eq!(code, 2, "{err}");
+    crate::util::assert_has(
+        &err,
+        &[
+            "experiment: 50 % of users on canary",
+            "haproxy",
+            "cannot keep users on one group",
+            "set load_balancer.map_dir",
+        ],
+    );
+    let env = Env::new(&haproxy("map_dir = \"/etc/haproxy/dk\"\n"));
+    let plan = env.ok(&["plan", "v2"], 0);
+    assert!(
+        plan.contains("experiment: 50 % of users on canary (sticky by cookie"),
+        "{plan}"
+    );
+}
+
 #[test]
 fn experiment_settings_are_checked_naming_the_key() {
     let prom = "http://127.0.0.1:9";

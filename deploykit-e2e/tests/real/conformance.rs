@@ -369,10 +369,11 @@ async fn haproxy_that_is_down_is_reported_as_unreachable() {
     assert_eq!(done.passed, vec![Clause::LbUnreachableRefused]);
 }
 
-/// HAProxy with a map dir declares header, cookie, query and regex rules:
-/// each is applied through its runtime map, read back, sent requests,
-/// replaced and cancelled; sticky splits and mirroring, which it does not
-/// declare, are refused naming HAProxy and leave the live group and the
+/// HAProxy with a map dir declares header, cookie, query and regex rules
+/// and sticky splits: each is applied through its runtime map, read back,
+/// sent requests (20 sticky users keep one group over three requests, both
+/// groups reached), replaced and cancelled; mirroring, which it does not
+/// declare, is refused naming HAProxy and leaves the live group and the
 /// routes as they were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_with_a_map_dir_conforms_on_its_routing_policies() {
@@ -393,11 +394,19 @@ async fn haproxy_with_a_map_dir_conforms_on_its_routing_policies() {
     let matches = cases
         .iter()
         .flat_map(|case| case.policy.rules.iter().map(|rule| &rule.matches));
-    let (haproxy, lb) = crate::routing::haproxy_with_maps(&bin, dir.path(), &maps, &backends, matches).await;
+    let stickies: Vec<_> = cases
+        .iter()
+        .filter_map(|c| c.policy.split.sticky.clone())
+        .collect();
+    let (haproxy, lb) =
+        crate::routing::haproxy_with_maps(&bin, dir.path(), &maps, &backends, matches, &stickies).await;
+    assert_eq!(stickies.len(), 2, "a sticky case per kind");
     for c in [
         Capability::HeaderMatch,
         Capability::QueryMatch,
         Capability::RegexMatch,
+        Capability::StickyCookie,
+        Capability::StickyKey,
     ] {
         assert!(lb.capabilities().supports(c), "{c}");
     }

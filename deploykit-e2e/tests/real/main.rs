@@ -28,4 +28,5 @@ mod routed_haproxy;
 mod routing;
 mod ssh;
 mod sshd;
+mod sticky_haproxy;
 mod zero_downtime;

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use deploykit::instance::{LocalInstance, ReleaseSource};
 use deploykit::lb::HaproxyLoadBalancer;
-use deploykit::routing::{Match, Rule, ValueMatch};
+use deploykit::routing::{Match, Rule, Sticky, ValueMatch};
 use deploykit::{
-    Canary, DarkLaunch, Executor, Group, GroupWeight, Instance, LoadBalancer, Metric, PromotionHandle,
-    RampCurve, Ramped, ReleaseId, Strategy,
+    Canary, DarkLaunch, Executor, Experiment, Group, GroupWeight, Instance, LoadBalancer, Metric,
+    PromotionHandle, RampCurve, Ramped, ReleaseId, Strategy,
 };
 use deploykit_testkit::FakeMetrics;
 
@@ -56,6 +56,12 @@ struct Setup {
 
 impl Setup {
     async fn start(binary: &std::path::Path) -> Setup {
+        Self::start_with(binary, &[]).await
+    }
+
+    /// As [`start`](Self::start), with the lines and maps of `stickies`
+    /// in haproxy.cfg too.
+    async fn start_with(binary: &std::path::Path, stickies: &[Sticky]) -> Setup {
         let dir = temp_dir("dk-routed-haproxy-");
         let builds = dir.path().join("builds");
         for r in ["v1", "v2"] {
@@ -88,7 +94,8 @@ impl Setup {
         let line = deploykit::lb::haproxy::config_line(&maps, "app", &beta().matches);
         let map = maps.join("app.header.x-beta.exact.map");
         assert!(line.contains(map.to_str().unwrap()), "{line}");
-        std::fs::write(&map, "").unwrap();
+        let lines = crate::routing::frontend_lines(&maps, [&beta().matches], stickies);
+        assert!(map.exists(), "{}", map.display());
         let addr = |i: usize| instances[i].backend().address.to_string();
         let port = free_port();
         // Health checks every 100 ms, as tracking needs them; `retries 0`
@@ -106,8 +113,7 @@ defaults
     timeout queue 10s
 frontend fe
     bind 127.0.0.1:{port}
-    {line}
-    default_backend app
+{lines}    default_backend app
 backend app
     balance roundrobin
     retries 0
@@ -161,7 +167,12 @@ backend app__canary
             .set("stable", Metric::LatencyP99, 0.05)
             .set("stable", Metric::RequestCount, 1000.0)
             .set("canary", Metric::ErrorRate, 0.001)
-            .set("canary", Metric::LatencyP99, 0.05);
+            .set("canary", Metric::LatencyP99, 0.05)
+            // An experiment's conversions: 5 % on stable, 30 % on the
+            // canary, 1,000 visits a second each: a win once each has the
+            // 3,000 visits the test is given, two to three seconds in.
+            .script_tally("stable", tally(0.05))
+            .script_tally("canary", tally(0.30));
         let mut b = Executor::builder()
             .instances(self.instances.iter().map(|i| i.clone() as Arc<dyn Instance>))
             .load_balancer(Arc::new(self.lb.clone()) as Arc<dyn LoadBalancer>)
@@ -227,6 +238,19 @@ impl Drop for Setup {
                 }
             }
         }
+    }
+}
+
+/// Visits (1,000 a second) and conversions at `rate` over any window.
+fn tally(
+    rate: f64,
+) -> impl Fn(Duration, Duration) -> deploykit::judge::Measured<deploykit::experiment::Tally> {
+    move |_t, window| {
+        let visits = (1_000.0 * window.as_secs_f64()).max(1.0);
+        deploykit::judge::Measured::Value(deploykit::experiment::Tally {
+            visits,
+            conversions: (visits * rate).round(),
+        })
     }
 }
 
@@ -390,4 +414,118 @@ async fn enable_returns_once_haproxys_own_health_check_reports_the_server_up() {
     wait_healthy(canary.as_ref()).await;
     s.lb.enable(canary.backend()).await.expect("enable");
     assert_eq!(op_state(&s.lb, "canary-1").await, 2);
+}
+
+/// The experiment's default sticky cookie.
+fn dk_variant() -> Sticky {
+    Sticky::Cookie {
+        name: "dk_variant".into(),
+    }
+}
+
+/// An experiment that decides after two to three seconds (see
+/// [`tally`]), so users live with the sticky split for a while.
+fn experiment() -> Experiment {
+    Experiment {
+        base: Setup::base(),
+        duration: Duration::from_secs(30),
+        rules: deploykit::experiment::ExperimentRules {
+            min_samples: 3000,
+            ..Default::default()
+        },
+        ..Experiment::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_experiment_through_real_haproxy_keeps_users_on_their_variant_and_promotes_the_winner_failing_no_request(
+) {
+    let bin = crate::require_binary!("haproxy");
+    let s = Setup::start_with(&bin, &[dk_variant()]).await;
+    let exec = s.executor(None);
+    // 20 users, each on its own keep-alive connection that never retries,
+    // sending back the cookie HAProxy hands out: the versions each saw.
+    let stop = Arc::new(AtomicBool::new(false));
+    let users: Vec<_> = (0..20)
+        .map(|_| {
+            let (http, url, stop) = (Http::without_retries(true), s.haproxy.url("/"), stop.clone());
+            tokio::spawn(async move {
+                let (mut seen, mut failed, mut cookie) = (Vec::new(), Vec::new(), None::<String>);
+                while !stop.load(Ordering::SeqCst) {
+                    let headers: Vec<(&str, &str)> = cookie.iter().map(|c| ("cookie", c.as_str())).collect();
+                    match http.send("GET", &url, &headers).await {
+                        Ok(a) if a.status == 200 => {
+                            if let Some(c) = a.headers.get("set-cookie") {
+                                cookie = c.split(';').next().map(str::to_string);
+                            }
+                            seen.push(a.version.unwrap_or_default());
+                        }
+                        Ok(a) => failed.push(format!("status {}", a.status)),
+                        Err(e) => failed.push(e),
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                (seen, failed)
+            })
+        })
+        .collect();
+    let samples = s.deploy_under_load(&exec, &experiment()).await;
+    stop.store(true, Ordering::SeqCst);
+    assert_no_failed_request(&samples);
+    let mut saw_both = 0;
+    for (u, user) in users.into_iter().enumerate() {
+        let (seen, failed) = user.await.expect("a user");
+        assert!(failed.is_empty(), "user {u}: {failed:?}");
+        // v1 until the user's variant (or the promotion) moved it to v2,
+        // never back: a split by request would flip users both ways.
+        let first_v2 = seen.iter().position(|v| v == "v2").unwrap_or(seen.len());
+        assert!(
+            seen[first_v2..].iter().all(|v| v == "v2"),
+            "user {u} went back to v1: {seen:?}"
+        );
+        saw_both += usize::from(first_v2 > 0 && first_v2 < seen.len());
+    }
+    assert!(saw_both > 0, "no user was moved to the winner");
+    // Promoted: every user, cookie or not, reaches v2.
+    let after = versions(&Http::new(), &s.haproxy.url("/"), &[], 20).await;
+    assert!(after.iter().all(|v| v == "v2"), "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_experiment_whose_sticky_map_haproxy_has_not_loaded_is_refused_before_anything_is_touched() {
+    let bin = crate::require_binary!("haproxy");
+    let s = Setup::start(&bin).await;
+    let before = s.lb.api().servers_state("app").await.expect("show servers state");
+    let e = s
+        .executor(None)
+        .deploy(&experiment(), &v("v2"))
+        .await
+        .expect_err("the map is not loaded");
+    let msg = e.to_string();
+    assert!(matches!(e, deploykit::Error::Refused(_)), "{msg}");
+    assert!(
+        msg.contains("nothing was touched")
+            && msg.contains("app.sticky.cookie.dk_variant.map")
+            && msg.contains("use_backend %[var(txn.dk_app.sticky.cookie.dk_variant.group)]"),
+        "{msg}"
+    );
+    let after = s.lb.api().servers_state("app").await.expect("show servers state");
+    assert_eq!(
+        before
+            .iter()
+            .map(|b| (&b.name, b.weight, b.admin()))
+            .collect::<Vec<_>>(),
+        after
+            .iter()
+            .map(|b| (&b.name, b.weight, b.admin()))
+            .collect::<Vec<_>>(),
+        "a refused deployment changed HAProxy"
+    );
+    // The canary was never started, stable still runs v1.
+    assert!(
+        !matches!(s.instances[2].health().await, Ok(h) if h.is_healthy()),
+        "the canary runs"
+    );
+    let answers = versions(&Http::new(), &s.haproxy.url("/"), &[], 10).await;
+    assert!(answers.iter().all(|v| v == "v1"), "{answers:?}");
 }

@@ -530,6 +530,7 @@ async fn haproxy_rules_route_through_runtime_maps_under_load_without_a_failed_re
         &maps,
         &backends,
         rules.iter().map(|r| &r.matches),
+        &[],
     )
     .await;
     lb.check()
@@ -646,28 +647,19 @@ async fn haproxy_with_routing_rules_on_but_no_group_backends_fails_the_preflight
 }
 
 /// HAProxy in front of `backends` (i-1 on stable, i-2 on canary) with a
-/// group backend each and one `use_backend` line per match, every map
-/// loaded (empty) at start, as `docs/load-balancers.md` has the user write
-/// them; and the driver for it with `map_dir = maps`.
+/// group backend each, one `use_backend` line per match and the lines of
+/// each sticky split, every map loaded (empty) at start, as
+/// `docs/load-balancers.md` has the user write them; and the driver for it
+/// with `map_dir = maps`.
 pub(crate) async fn haproxy_with_maps<'a>(
     bin: &Path,
     dir: &Path,
     maps: &Path,
     backends: &[Backend],
     matches: impl IntoIterator<Item = &'a Match>,
+    stickies: &[Sticky],
 ) -> (crate::harness::Haproxy, deploykit::lb::HaproxyLoadBalancer) {
-    let mut lines = String::new();
-    for m in matches {
-        let line = deploykit::lb::haproxy::config_line(maps, "app", m);
-        let file = line
-            .split_once("map_")
-            .and_then(|(_, t)| t.split_once('('))
-            .and_then(|(_, t)| t.split_once(')'))
-            .map(|(f, _)| f.to_owned())
-            .expect("a map file in the use_backend line");
-        std::fs::write(file, "").unwrap();
-        lines.push_str(&format!("    {line}\n"));
-    }
+    let lines = frontend_lines(maps, matches, stickies);
     let port = free_port();
     let cfg = format!(
         r#"global
@@ -705,4 +697,39 @@ backend app__canary
         .build()
         .unwrap();
     (haproxy, lb)
+}
+
+/// The frontend lines of `matches`' rules and of the `stickies` splits, in
+/// the order docs/load-balancers.md gives (the sticky splits' http-request
+/// lines, the rules' use_backend lines, the sticky use_backend lines), each
+/// indented; creates every map file they read, empty.
+pub(crate) fn frontend_lines<'a>(
+    maps: &Path,
+    matches: impl IntoIterator<Item = &'a Match>,
+    stickies: &[Sticky],
+) -> String {
+    let (mut first, mut rules, mut last) = (String::new(), String::new(), String::new());
+    for m in matches {
+        let line = deploykit::lb::haproxy::config_line(maps, "app", m);
+        let file = line
+            .split_once("map_")
+            .and_then(|(_, t)| t.split_once('('))
+            .and_then(|(_, t)| t.split_once(')'))
+            .map(|(f, _)| f.to_owned())
+            .expect("a map file in the use_backend line");
+        std::fs::write(file, "").unwrap();
+        rules.push_str(&format!("    {line}\n"));
+    }
+    for sticky in stickies {
+        std::fs::write(deploykit::lb::haproxy::sticky_map_file(maps, "app", sticky), "").unwrap();
+        for line in deploykit::lb::haproxy::sticky_config(maps, "app", sticky) {
+            let to = if line.starts_with("use_backend") {
+                &mut last
+            } else {
+                &mut first
+            };
+            to.push_str(&format!("    {line}\n"));
+        }
+    }
+    format!("{first}{rules}{last}")
 }

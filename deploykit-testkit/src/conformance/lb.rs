@@ -769,6 +769,12 @@ impl<L: LoadBalancer + ?Sized> Run<'_, L> {
     /// Applies `case` twice and reads it back.
     async fn apply_twice(&self, case: &PolicyCase, done: &mut Conformance) -> Result<(), ConformanceFailure> {
         let call = describe_policy(case);
+        // What the executor asks before a run applies the policy.
+        must(
+            Clause::LbPolicyReadBack,
+            &call.replacen("apply_policy", "preflight_policy", 1),
+            self.lb.preflight_policy(&case.policy).await,
+        )?;
         must(
             Clause::LbPolicyIdempotent,
             &call,
@@ -828,6 +834,29 @@ impl<L: LoadBalancer + ?Sized> Run<'_, L> {
         routes: &[(ProbeRequest, Group)],
         check: impl Fn(&RoutingError) -> Result<(), String>,
     ) -> Result<(), ConformanceFailure> {
+        // The executor's check before a run must refuse it the same way.
+        let checked = format!("preflight_policy({what})");
+        match self.lb.preflight_policy(policy).await {
+            Ok(()) => {
+                return Err(ConformanceFailure::new(
+                    clause,
+                    format!("{checked} passed, but the policy must be refused"),
+                ))
+            }
+            Err(e) => match e.routing_error() {
+                None => {
+                    return Err(ConformanceFailure::new(
+                        clause,
+                        format!(
+                            "{checked} failed without a RoutingError (build the DriverError from it): {e}"
+                        ),
+                    ))
+                }
+                Some(r) => {
+                    check(r).map_err(|why| ConformanceFailure::new(clause, format!("{checked}: {why}")))?
+                }
+            },
+        }
         let call = format!("apply_policy({what})");
         match self.lb.apply_policy(policy).await {
             Ok(()) => {

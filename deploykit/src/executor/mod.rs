@@ -471,7 +471,7 @@ impl Executor {
             steps::canary::monitoring(&self.inner, plan).await?;
         }
         let preflight_warning = if call_preflight && steps::traffic::touches_lb(plan) {
-            self.preflight(preflight).await?
+            self.preflight(plan, preflight).await?
         } else {
             None
         };
@@ -507,14 +507,26 @@ impl Executor {
         Ok(())
     }
 
-    /// Calls the load balancer's preflight: a failure refuses the run
+    /// Calls the load balancer's preflight, then its policy check for each
+    /// policy the plan applies: a failure refuses the run
     /// ([`Preflight::Enforce`]) or is the warning returned.
-    async fn preflight(&self, preflight: Preflight) -> Result<Option<String>> {
+    async fn preflight(&self, plan: &Plan, preflight: Preflight) -> Result<Option<String>> {
         let lb = &self.inner.lb;
-        let (r, _) = self
+        let (mut r, _) = self
             .inner
             .call(self.inner.timeouts.load_balancer, || lb.preflight())
             .await;
+        if r.is_ok() {
+            for policy in steps::traffic::policies(plan) {
+                (r, _) = self
+                    .inner
+                    .call(self.inner.timeouts.load_balancer, || lb.preflight_policy(policy))
+                    .await;
+                if r.is_err() {
+                    break;
+                }
+            }
+        }
         let Err(e) = r else { return Ok(None) };
         let not_wired =
             matches!(&e, StepError::Driver(d) if d.preflight_failure() == Some(PreflightFailure::NotWired));

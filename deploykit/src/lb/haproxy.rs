@@ -47,7 +47,7 @@ use crate::names::{validate_name, Group, InstanceId};
 use crate::routing::{check_groups, Capabilities, Capability, TrafficPolicy};
 use crate::traits::{Backend, GroupWeight, LoadBalancer};
 
-pub use routing::config_line;
+pub use routing::{config_line, sticky_config, sticky_map_file};
 
 /// HAProxy's largest server weight.
 pub const MAX_WEIGHT: u16 = 256;
@@ -1168,6 +1168,26 @@ impl LoadBalancer for HaproxyLoadBalancer {
         self.check().await
     }
 
+    /// The capabilities and groups of `policy`, then, for rules or a sticky
+    /// split, that HAProxy has loaded every map it needs (`show map`): a
+    /// missing one is named with the haproxy.cfg lines that load it.
+    ///
+    /// * Idempotent: yes (read-only: `show map`).
+    /// * Cancel-safe: yes.
+    /// * On failure: nothing changed.
+    async fn preflight_policy(&self, policy: &TrafficPolicy) -> Result<(), DriverError> {
+        self.capabilities().check("haproxy", policy)?;
+        check_groups("haproxy", policy, &self.lock_state().groups())?;
+        let Some(dir) = &self.inner.map_dir else {
+            return Ok(());
+        };
+        if policy.rules.is_empty() && policy.split.sticky.is_none() {
+            return Ok(());
+        }
+        let loaded = routing::loaded_maps(&self.inner.api).await?;
+        routing::desired(dir, &self.inner.backend, Some(policy), &loaded).map(|_| ())
+    }
+
     /// `set server <be>/<srv> state drain`, read back.
     ///
     /// * Idempotent: yes. Cancel-safe: yes (runs to completion in a task).
@@ -1342,7 +1362,8 @@ impl LoadBalancer for HaproxyLoadBalancer {
     }
 
     /// Weights, switch and, with a map dir ([`HaproxyBuilder::map_dir`]),
-    /// header, cookie and query rules.
+    /// header, cookie, query and regex rules and sticky splits (by
+    /// deploykit's cookie or a request key).
     fn capabilities(&self) -> Capabilities {
         let caps = Capabilities::weights_and_switch();
         if self.inner.map_dir.is_none() {
@@ -1352,20 +1373,24 @@ impl LoadBalancer for HaproxyLoadBalancer {
             .with(Capability::CookieMatch)
             .with(Capability::QueryMatch)
             .with(Capability::RegexMatch)
+            .with(Capability::StickyCookie)
+            .with(Capability::StickyKey)
     }
 
-    /// Writes each rule's map entry (value -> `<backend>__<group>`) as a new
+    /// Writes each rule's map entry (value -> `<backend>__<group>`) and, for
+    /// a sticky split, its bucket ranges (see [`sticky_config`]) as a new
     /// map version, committed atomically per map and read back, empties the
-    /// owned maps no rule uses, then sets the split's weights as
-    /// [`set_weights`](Self::set_weights) does. No reload. Mirroring is
-    /// refused: HAProxy 2.6 has no built-in mirroring.
+    /// owned maps nothing uses, then sets the split's weights as
+    /// [`set_weights`](Self::set_weights) does (requests without a sticky
+    /// key follow them). No reload. Mirroring is refused: HAProxy 2.6 has
+    /// no built-in mirroring.
     ///
     /// * Idempotent: yes; maps and servers already as wanted are not sent.
     /// * Cancel-safe: yes (runs in a task).
     /// * On failure: the maps written are put back, so the previous rules
     ///   route; an invalid or unsupported policy, an unknown group, or a
-    ///   rule whose map HAProxy has not loaded is refused before anything is
-    ///   sent.
+    ///   rule or sticky split whose map HAProxy has not loaded is refused
+    ///   before anything is sent.
     async fn apply_policy(&self, policy: &TrafficPolicy) -> Result<(), DriverError> {
         self.capabilities().check("haproxy", policy)?;
         let shares = {
@@ -1376,8 +1401,8 @@ impl LoadBalancer for HaproxyLoadBalancer {
         if let Some(group) = policy.as_switch() {
             return self.switch_to(group).await;
         }
-        let rules = (!policy.rules.is_empty()).then(|| policy.clone());
-        self.route(rules, move |st| {
+        let routed = (!policy.rules.is_empty() || policy.split.sticky.is_some()).then(|| policy.clone());
+        self.route(routed, move |st| {
             st.shares = Some(shares);
             Ok(())
         })
@@ -1385,8 +1410,10 @@ impl LoadBalancer for HaproxyLoadBalancer {
     }
 
     /// Read from HAProxy: the one group whose servers are ready with a
-    /// weight above 0, if exactly one is. Waits for a change still running
-    /// (one whose call was dropped) to finish first.
+    /// weight above 0, if exactly one is and no map deploykit owns holds an
+    /// entry (a rule or a sticky split sends some requests elsewhere).
+    /// Waits for a change still running (one whose call was dropped) to
+    /// finish first.
     ///
     /// * Idempotent: yes (read-only). Cancel-safe: yes.
     /// * On failure: nothing changed.
@@ -1397,6 +1424,20 @@ impl LoadBalancer for HaproxyLoadBalancer {
         // Requests a rule matches go to the rule's group, whatever the split.
         if roster::lock(&self.inner.policy).is_some() {
             return Ok(None);
+        }
+        // A map left filled by an earlier process (one that died between
+        // the maps and the weights) still routes what it matches.
+        if let Some(dir) = &self.inner.map_dir {
+            let api = &self.inner.api;
+            for file in routing::loaded_maps(api)
+                .await?
+                .iter()
+                .filter(|f| f.starts_with(dir))
+            {
+                if !routing::entries(api, file).await?.is_empty() {
+                    return Ok(None);
+                }
+            }
         }
         let current = self.raw_current().await?;
         let st = self.lock_state().clone();
@@ -1583,6 +1624,40 @@ mod tests {
             let e = socket_word("HAProxy backend", bad).unwrap_err();
             assert!(e.message().contains("HAProxy backend"), "{e}");
         }
+    }
+
+    /// An experiment's sticky split: refused without a map dir, naming it;
+    /// declared with one (the map itself is checked by `preflight_policy`).
+    #[test]
+    fn a_sticky_split_needs_the_map_dir() {
+        let b = Backend {
+            id: InstanceId::new("i-1").unwrap(),
+            address: crate::Address::parse("127.0.0.1:9").unwrap(),
+            group: Group::new("stable").unwrap(),
+        };
+        let policy = crate::Experiment::default().policy();
+        let plain = HaproxyLoadBalancer::builder()
+            .socket("/tmp/x.sock")
+            .backend(b.clone())
+            .build()
+            .unwrap();
+        let e = plain
+            .capabilities()
+            .check("haproxy", &policy)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cannot keep users on one group") && e.contains("set load_balancer.map_dir"),
+            "{e}"
+        );
+        let mapped = HaproxyLoadBalancer::builder()
+            .socket("/tmp/x.sock")
+            .backend(b)
+            .map_dir("/etc/haproxy/dk")
+            .build()
+            .unwrap();
+        mapped.capabilities().check("haproxy", &policy).unwrap();
+        assert!(!mapped.capabilities().supports(Capability::Mirror));
     }
 
     #[test]

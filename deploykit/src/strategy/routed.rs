@@ -642,8 +642,8 @@ impl Strategy for DarkLaunch {
 /// (tallies, effect, p-value), and the rollback's reason carries the last.
 ///
 /// The sticky split needs a load balancer that can keep users on one group
-/// (nginx with `location_include`); any other is refused before anything
-/// is touched.
+/// (nginx with `location_include`, HAProxy with `map_dir`); any other is
+/// refused before anything is touched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Experiment {
     /// Groups, guardrails (the analysis), health, gates and finalize.

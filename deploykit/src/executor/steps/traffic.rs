@@ -68,6 +68,26 @@ pub(in crate::executor) fn touches_lb(plan: &Plan) -> bool {
         })
 }
 
+/// Each distinct routing policy `plan` applies, in its stages and on abort,
+/// in order of first appearance.
+pub(in crate::executor) fn policies(plan: &Plan) -> Vec<&crate::routing::TrafficPolicy> {
+    let steps = plan
+        .stages
+        .iter()
+        .flat_map(|s| &s.units)
+        .flat_map(|u| &u.steps)
+        .chain(plan.on_abort.iter().map(|a| &a.step));
+    let mut out: Vec<&crate::routing::TrafficPolicy> = Vec::new();
+    for step in steps {
+        if let Step::ApplyPolicy { policy } = step {
+            if !out.contains(&policy) {
+                out.push(policy);
+            }
+        }
+    }
+    out
+}
+
 /// Every routing policy of `plan` is one the load balancer can apply.
 ///
 /// # Errors
