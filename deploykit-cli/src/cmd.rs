@@ -992,6 +992,17 @@ async fn run_deploy(
             plan
         }
         Start::Resume(rec) => {
+            // A `promote` sent while no process ran is honoured when the
+            // stage it approved waits again.
+            let root = &rec.deployment().header.deployment;
+            if let Some(stage) = ctx.backend.recorded_promotion(root).await? {
+                if rec.awaiting_promotion() == Some(stage) {
+                    fleet.promotion.approve(stage);
+                    ctx.say(format!(
+                        "stage {stage} was promoted while no deploykit ran: the resumed run goes on past its wait"
+                    ));
+                }
+            }
             match recovery::resume(rec, &snapshot, &strategies(ctx, strategy)?, live.as_ref())? {
                 recovery::Resume::Plan(plan) => plan,
                 recovery::Resume::Switched { live } => {
@@ -1704,9 +1715,14 @@ pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
 }
 
 /// `promote` / `abort`: through the control file of the running deployment.
+/// A `promote` for an interrupted deployment that waited for one is
+/// recorded for its `deploy --resume`.
 pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
     let rt = runtime()?;
     let Some(holder) = rt.block_on(ctx.backend.holder())? else {
+        if command == ControlCommand::Promote {
+            return rt.block_on(record_promotion(&ctx));
+        }
         eprintln!(
             "deploykit: error: no deployment of {} is running",
             ctx.cfg.raw.app
@@ -1740,6 +1756,52 @@ pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
             Ok(exit::UNKNOWN_STATE)
         }
     }
+}
+
+/// `promote` while no process runs: an interrupted deployment that waited
+/// for a promotion gets it recorded, under the lock (no resume starts
+/// meanwhile), for its `deploy --resume`. Creates nothing when there is
+/// nothing to promote.
+async fn record_promotion(ctx: &Ctx) -> anyhow::Result<u8> {
+    let app = &ctx.cfg.raw.app;
+    let interrupted = ctx.backend.latest().await?.filter(|j| !j.is_finished());
+    let Some(latest) = interrupted else {
+        eprintln!("deploykit: error: no deployment of {app} is running or interrupted: nothing waits for a promotion");
+        return Ok(exit::BAD_INPUT);
+    };
+    let lock = match lock(ctx, "promote").await? {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    let result = async {
+        // Read again under the lock: a resume may have finished it meanwhile.
+        let Some(latest) = ctx.backend.latest().await?.filter(|j| !j.is_finished()) else {
+            eprintln!(
+                "deploykit: error: the deployment {} finished meanwhile: nothing waits for a promotion",
+                latest.header.deployment
+            );
+            return Ok(exit::BAD_INPUT);
+        };
+        let recorded = Recorded::new(ctx.backend.chain(&recovery::root_of(&latest)).await?)?;
+        let id = &recorded.deployment().header.deployment;
+        let Some(stage) = recorded.awaiting_promotion() else {
+            eprintln!(
+                "deploykit: error: the interrupted deployment {id} was not waiting for a promotion \
+                 (only a canary with promotion = \"manual\" and a dark launch wait); \
+                 `deploykit deploy --resume` continues it, `deploykit rollback` undoes it"
+            );
+            return Ok(exit::BAD_INPUT);
+        };
+        ctx.backend.record_promotion(&lock, id, stage).await?;
+        outln!(
+            "deployment {id}: promotion of stage {stage} recorded (no deploykit runs it); \
+             `deploykit deploy --resume` goes on past that wait"
+        );
+        Ok(exit::SUCCESS)
+    }
+    .await;
+    lock.release().await;
+    result
 }
 
 pub(crate) fn validate(g: Global) -> anyhow::Result<u8> {
