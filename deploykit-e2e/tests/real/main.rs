@@ -22,6 +22,7 @@ mod load;
 mod local;
 mod nginx;
 mod prometheus;
+mod ramp_down;
 mod regions;
 mod routed;
 mod routed_haproxy;
