@@ -10,6 +10,7 @@ mod harness;
 mod blue_green;
 mod canary_flag;
 mod chaos;
+mod cli_dark_launch;
 mod cli_experiment;
 mod conformance;
 mod demo_app;
