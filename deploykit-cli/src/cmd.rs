@@ -2,6 +2,7 @@
 //! promote, abort, history, validate. Each wires library objects together;
 //! the outcome becomes an exit code in `main`.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -17,7 +18,7 @@ use deploykit::state::{
     RunKind, SourceCommit, StateBackend, StateDir, StateLock,
 };
 use deploykit::{
-    run_id, Event, EventLog, EventSink, Executor, Fanout, OutcomeKind, ReleaseId, Report, RunOptions,
+    run_id, Event, EventLog, EventSink, Executor, Fanout, Group, OutcomeKind, ReleaseId, Report, RunOptions,
     StrategyKind as LibKind,
 };
 use tokio_util::sync::CancellationToken;
@@ -997,6 +998,17 @@ async fn run_deploy(
             plan
         }
         Start::Resume(rec) => {
+            // A `promote` sent while no process ran is honoured when the
+            // stage it approved waits again.
+            let root = &rec.deployment().header.deployment;
+            if let Some(stage) = ctx.backend.recorded_promotion(root).await? {
+                if rec.awaiting_promotion() == Some(stage) {
+                    fleet.promotion.approve(stage);
+                    ctx.say(format!(
+                        "stage {stage} was promoted while no deploykit ran: the resumed run goes on past its wait"
+                    ));
+                }
+            }
             match recovery::resume(rec, &snapshot, &strategies(ctx, strategy)?, live.as_ref())? {
                 recovery::Resume::Plan(plan) => plan,
                 recovery::Resume::Switched { live } => {
@@ -1709,9 +1721,14 @@ pub(crate) fn history(ctx: Ctx) -> anyhow::Result<u8> {
 }
 
 /// `promote` / `abort`: through the control file of the running deployment.
+/// A `promote` for an interrupted deployment that waited for one is
+/// recorded for its `deploy --resume`.
 pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
     let rt = runtime()?;
     let Some(holder) = rt.block_on(ctx.backend.holder())? else {
+        if command == ControlCommand::Promote {
+            return rt.block_on(record_promotion(&ctx));
+        }
         eprintln!(
             "deploykit: error: no deployment of {} is running",
             ctx.cfg.raw.app
@@ -1745,6 +1762,52 @@ pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
             Ok(exit::UNKNOWN_STATE)
         }
     }
+}
+
+/// `promote` while no process runs: an interrupted deployment that waited
+/// for a promotion gets it recorded, under the lock (no resume starts
+/// meanwhile), for its `deploy --resume`. Creates nothing when there is
+/// nothing to promote.
+async fn record_promotion(ctx: &Ctx) -> anyhow::Result<u8> {
+    let app = &ctx.cfg.raw.app;
+    let interrupted = ctx.backend.latest().await?.filter(|j| !j.is_finished());
+    let Some(latest) = interrupted else {
+        eprintln!("deploykit: error: no deployment of {app} is running or interrupted: nothing waits for a promotion");
+        return Ok(exit::BAD_INPUT);
+    };
+    let lock = match lock(ctx, "promote").await? {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    let result = async {
+        // Read again under the lock: a resume may have finished it meanwhile.
+        let Some(latest) = ctx.backend.latest().await?.filter(|j| !j.is_finished()) else {
+            eprintln!(
+                "deploykit: error: the deployment {} finished meanwhile: nothing waits for a promotion",
+                latest.header.deployment
+            );
+            return Ok(exit::BAD_INPUT);
+        };
+        let recorded = Recorded::new(ctx.backend.chain(&recovery::root_of(&latest)).await?)?;
+        let id = &recorded.deployment().header.deployment;
+        let Some(stage) = recorded.awaiting_promotion() else {
+            eprintln!(
+                "deploykit: error: the interrupted deployment {id} was not waiting for a promotion \
+                 (only a canary with promotion = \"manual\" and a dark launch wait); \
+                 `deploykit deploy --resume` continues it, `deploykit rollback` undoes it"
+            );
+            return Ok(exit::BAD_INPUT);
+        };
+        ctx.backend.record_promotion(&lock, id, stage).await?;
+        outln!(
+            "deployment {id}: promotion of stage {stage} recorded (no deploykit runs it); \
+             `deploykit deploy --resume` goes on past that wait"
+        );
+        Ok(exit::SUCCESS)
+    }
+    .await;
+    lock.release().await;
+    result
 }
 
 pub(crate) fn validate(g: Global) -> anyhow::Result<u8> {
@@ -1805,15 +1868,96 @@ pub(crate) fn setup(ctx: Ctx) -> anyhow::Result<u8> {
             Ok(l) => l,
             Err(code) => return Ok(code),
         };
-        let code = setup_locked(&ctx).await;
+        let code = setup_locked(&ctx, &lock).await;
         lock.release().await;
         code
     })
 }
 
+/// What a fresh setup keeps out of rotation until a deployment: the split
+/// the strategy leaves between deployments, and the groups it leaves out.
+struct Resting {
+    weights: Vec<deploykit::GroupWeight>,
+    out: Vec<Group>,
+    why: String,
+}
+
+/// The traffic a fresh load balancer state should carry for the configured
+/// strategy: a canary-shaped one keeps its canary group (stopped between
+/// deployments) out, blue-green its idle environment (the live one is the
+/// record's, else the first); `None` when every instance serves (rolling,
+/// recreate) or no instance is in the group that would take the traffic.
+async fn resting_weights(ctx: &Ctx, lock: &HeldLock) -> anyhow::Result<Option<Resting>> {
+    let kind = ctx.cfg.raw.strategy.kind;
+    let (serving, why) = match kind {
+        StrategyKind::Rolling | StrategyKind::Recreate => return Ok(None),
+        StrategyKind::BlueGreen => {
+            let bg = ctx.cfg.raw.blue_green();
+            let recorded = ctx.backend.live_store(Some(lock)).load().await?;
+            let live = recorded.map_or_else(|| bg.environments[0].clone(), |r| r.live);
+            (
+                live,
+                "blue-green serves from its live environment only".to_owned(),
+            )
+        }
+        StrategyKind::Canary
+        | StrategyKind::Ramped
+        | StrategyKind::Shadow
+        | StrategyKind::DarkLaunch
+        | StrategyKind::Experiment => (
+            ctx.cfg.raw.canary().stable_group,
+            format!("a {kind} deployment starts and stops its canary instances itself"),
+        ),
+    };
+    if !ctx.cfg.instances.iter().any(|i| i.group == serving) {
+        return Ok(None);
+    }
+    let out: BTreeSet<Group> = ctx
+        .cfg
+        .instances
+        .iter()
+        .filter(|i| i.group != serving)
+        .map(|i| i.group.clone())
+        .collect();
+    if out.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Resting {
+        weights: vec![deploykit::GroupWeight {
+            group: serving,
+            percent: 100,
+        }],
+        out: out.into_iter().collect(),
+        why,
+    }))
+}
+
+/// `N server(s) in rotation`, naming what a resting split leaves out.
+fn in_rotation(ctx: &Ctx, resting: Option<&Resting>) -> String {
+    match resting {
+        None => format!("{} server(s) in rotation", ctx.cfg.instances.len()),
+        Some(r) => {
+            let serving = ctx
+                .cfg
+                .instances
+                .iter()
+                .filter(|i| !r.out.contains(&i.group))
+                .count();
+            let out: Vec<&str> = r.out.iter().map(Group::as_str).collect();
+            format!(
+                "{serving} of {} server(s) in rotation, group {} out until a deployment ({})",
+                ctx.cfg.instances.len(),
+                out.join(", "),
+                r.why
+            )
+        }
+    }
+}
+
 /// The setup, holding the lock.
-async fn setup_locked(ctx: &Ctx) -> anyhow::Result<u8> {
+async fn setup_locked(ctx: &Ctx, lock: &HeldLock) -> anyhow::Result<u8> {
     {
+        let resting = resting_weights(ctx, lock).await?;
         let lb_cfg = &ctx.cfg.raw.load_balancer;
         if lb_cfg.kind == config::LbKind::Nginx {
             let include = ctx.cfg.resolve(
@@ -1827,7 +1971,11 @@ async fn setup_locked(ctx: &Ctx) -> anyhow::Result<u8> {
                 ctx.say(format!("{}: exists, left as it is", include.display()));
             } else {
                 let nginx = wire::nginx(&ctx.cfg)?;
-                if let Err(e) = nginx.install().await {
+                let installed = match &resting {
+                    Some(r) => nginx.install_with_weights(&r.weights).await,
+                    None => nginx.install().await,
+                };
+                if let Err(e) = installed {
                     eprintln!(
                         "deploykit: error: could not create the nginx upstream file {}: {e}",
                         include.display()
@@ -1835,9 +1983,9 @@ async fn setup_locked(ctx: &Ctx) -> anyhow::Result<u8> {
                     return Ok(exit::UNKNOWN_STATE);
                 }
                 ctx.say(format!(
-                    "{}: written with {} server(s) in rotation, accepted by `nginx -t`; start or reload nginx to use it",
+                    "{}: written with {}, accepted by `nginx -t`; start or reload nginx to use it",
                     include.display(),
-                    ctx.cfg.instances.len()
+                    in_rotation(ctx, resting.as_ref())
                 ));
                 if let Some(l) = &location {
                     ctx.say(format!(
@@ -1848,6 +1996,12 @@ async fn setup_locked(ctx: &Ctx) -> anyhow::Result<u8> {
             }
         }
         let lb = wire::load_balancer(&ctx.cfg, &ctx.state)?;
+        if lb_cfg.kind == config::LbKind::Simulated && !crate::sim::lb_state_exists(ctx.state.root()) {
+            if let Some(r) = &resting {
+                lb.set_weights(&r.weights).await?;
+                ctx.say(format!("simulated load balancer: {}", in_rotation(ctx, Some(r))));
+            }
+        }
         let t = ctx.cfg.raw.timeouts.load_balancer.0;
         let checked = match tokio::time::timeout(t, lb.preflight()).await {
             Ok(r) => r.map_err(|e| e.to_string()),

@@ -326,6 +326,12 @@ pub(crate) fn dir(state_root: &Path) -> PathBuf {
     state_root.join("simulated")
 }
 
+/// Whether the simulated load balancer has state on disk (a run or a setup
+/// wrote it); without it every instance is in rotation.
+pub(crate) fn lb_state_exists(state_root: &Path) -> bool {
+    dir(state_root).join("lb.json").exists()
+}
+
 /// An instance simulated in its fleet's state log.
 #[derive(Debug)]
 pub(crate) struct SimInstance {

@@ -1,6 +1,7 @@
 //! Manual promotion of a canary: the handle an embedding program holds to
 //! let a waiting stage go on (or, by not promoting in time, roll it back).
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -39,6 +40,7 @@ pub struct PromotionState {
 pub struct PromotionHandle {
     state: Arc<watch::Sender<PromotionState>>,
     cancel: Arc<Mutex<Vec<CancellationToken>>>,
+    approved: Arc<Mutex<BTreeSet<usize>>>,
 }
 
 impl Default for PromotionHandle {
@@ -53,7 +55,20 @@ impl PromotionHandle {
         Self {
             state: Arc::new(watch::Sender::new(PromotionState::default())),
             cancel: Arc::default(),
+            approved: Arc::default(),
         }
+    }
+
+    /// Approves `stage` before it waits: its next wait is promoted as soon
+    /// as it is announced. This is how a resumed deployment honours a
+    /// promotion recorded while no process ran it
+    /// ([`StateBackend::record_promotion`](crate::state::StateBackend::record_promotion));
+    /// other stages still wait, and an abort still wins.
+    pub fn approve(&self, stage: usize) {
+        self.approved
+            .lock()
+            .expect("promotion handle poisoned")
+            .insert(stage);
     }
 
     /// Promotes the stage that is waiting. Returns `false` (and does
@@ -112,9 +127,17 @@ impl PromotionHandle {
     /// count to wait beyond.
     pub(crate) fn begin_wait(&self, stage: usize) -> (watch::Receiver<PromotionState>, u64) {
         let mut seen = 0;
+        let approved = self
+            .approved
+            .lock()
+            .expect("promotion handle poisoned")
+            .remove(&stage);
         self.state.send_modify(|s| {
             s.waiting = Some(stage);
             seen = s.promotions;
+            if approved && !s.aborted {
+                s.promotions += 1;
+            }
         });
         (self.state.subscribe(), seen)
     }
@@ -149,5 +172,20 @@ mod tests {
         let late = CancellationToken::new();
         h.attach(late.clone());
         assert!(late.is_cancelled());
+    }
+
+    #[test]
+    fn an_approved_stage_is_promoted_once_when_it_waits() {
+        let approved = PromotionHandle::new();
+        approved.approve(2);
+        let (rx, seen) = approved.begin_wait(1);
+        assert_eq!(rx.borrow().promotions, seen, "only the approved stage goes on");
+        approved.end_wait();
+        let (rx, seen) = approved.begin_wait(2);
+        assert_eq!(rx.borrow().promotions, seen + 1);
+        approved.end_wait();
+        let (rx, seen) = approved.begin_wait(2);
+        assert_eq!(rx.borrow().promotions, seen, "an approval is used once");
+        drop(rx);
     }
 }

@@ -196,6 +196,25 @@ impl Recorded {
     pub fn unsettled(&self) -> BTreeSet<InstanceId> {
         JournalSummary::unsettled_across(&self.chain)
     }
+
+    /// The stage the deployment waits to be promoted at, across its runs:
+    /// the last promotion-related event of the chain announced a wait (a
+    /// resume that has not reached the wait again still waits for the
+    /// same promotion). `None` once that stage was promoted, a run began
+    /// to roll back or finished.
+    pub fn awaiting_promotion(&self) -> Option<usize> {
+        let mut waiting = None;
+        for e in self.chain.iter().flat_map(|run| &run.events) {
+            match &e.kind {
+                EventKind::AwaitingPromotion { stage, .. } => waiting = Some(*stage),
+                EventKind::Promoted { .. }
+                | EventKind::RollbackStarted { .. }
+                | EventKind::DeploymentFinished { .. } => waiting = None,
+                _ => {}
+            }
+        }
+        waiting.filter(|_| !self.latest().is_finished())
+    }
 }
 
 /// What resuming an interrupted deployment takes.
@@ -602,6 +621,27 @@ fn experiment_ran_for(recorded: &Recorded, now_ms: u64) -> Duration {
     Duration::from_millis(recorded_ms.max(wall))
 }
 
+/// How long (ms) `stage` has waited for its promotion at `now_ms` (Unix
+/// milliseconds): since the chain first announced the wait, by the wall
+/// clock, and at least as long as its runs recorded waiting (a clock set
+/// back never gives a wait more time).
+fn waited_for_promotion(recorded: &Recorded, stage: usize, now_ms: u64) -> u64 {
+    let mut first = None;
+    let mut recorded_ms = 0u64;
+    for run in recorded.chain() {
+        let announced = run.events.iter().find_map(|e| match e.kind {
+            EventKind::AwaitingPromotion { stage: s, .. } if s == stage => Some(e.elapsed_ms),
+            _ => None,
+        });
+        let Some(announced) = announced else { continue };
+        first.get_or_insert(run.header.started_at_ms.saturating_add(announced));
+        let last = run.events.last().map_or(announced, |e| e.elapsed_ms);
+        recorded_ms = recorded_ms.saturating_add(last.saturating_sub(announced));
+    }
+    let wall = first.map_or(0, |f| now_ms.saturating_sub(f));
+    wall.max(recorded_ms)
+}
+
 /// Where a resumed ramp, shadow, dark launch or experiment takes its
 /// traffic phases up (`plan` is the strategy's full plan; the isolation
 /// and the canary's redeployment before them stay, since the canary's
@@ -616,7 +656,10 @@ fn experiment_ran_for(recorded: &Recorded, now_ms: u64) -> Duration {
 /// * a shadow not yet passed mirrors again for what is left of its
 ///   duration (one check at least);
 /// * a dark launch not yet promoted waits for a promotion again, its
-///   timeout counted afresh;
+///   timeout counted from when it first began to wait (by the wall
+///   clock, the time no process ran included), with one check interval
+///   at least, so a timeout that ran out while down rolls back after one
+///   more check — unless a promotion was recorded meanwhile;
 /// * an experiment not yet decided goes on for what is left of its
 ///   duration, its tallies read over its whole window since it first
 ///   started ([`Step::Experiment`]'s `ran_for`).
@@ -641,6 +684,16 @@ fn resume_phases(plan: &mut Plan, recorded: &Recorded, now_ms: u64) {
     {
         match step {
             Step::Experiment { ran_for, .. } => *ran_for = experiment_ran_for(recorded, now_ms),
+            Step::AwaitPromotion {
+                stage,
+                timeout_ms: Some(timeout),
+                analysis,
+                ..
+            } => {
+                let waited = waited_for_promotion(recorded, *stage, now_ms);
+                let interval = u64::try_from(analysis.interval.as_millis()).unwrap_or(u64::MAX);
+                *timeout = timeout.saturating_sub(waited).max(interval);
+            }
             Step::Analyze {
                 stage: 1,
                 weight: 0,
@@ -1135,6 +1188,123 @@ mod tests {
             // Rolling it back is what finishes it.
             assert!(rollback(&rec, &snap, &Strategies::default(), None).is_ok());
         }
+    }
+
+    fn dark_launch(timeout: Option<Duration>) -> DarkLaunch {
+        use crate::routing::{Match, Rule, ValueMatch};
+        DarkLaunch {
+            base: Canary {
+                stable_group: g("stable"),
+                canary_group: g("canary"),
+                ..Canary::default()
+            },
+            rules: vec![Rule {
+                matches: Match::Header {
+                    name: "x-beta".into(),
+                    value: ValueMatch::Exact("1".into()),
+                },
+                group: g("canary"),
+            }],
+            timeout,
+        }
+    }
+
+    fn event(elapsed_ms: u64, kind: EventKind) -> Event {
+        Event {
+            elapsed_ms,
+            deployment: "d1".into(),
+            kind,
+        }
+    }
+
+    fn waits(stage: usize) -> EventKind {
+        EventKind::AwaitingPromotion {
+            stage,
+            weight: 0,
+            timeout_ms: None,
+        }
+    }
+
+    fn promotion_timeout(plan: &Plan) -> Option<u64> {
+        plan.stages
+            .iter()
+            .flat_map(|s| &s.units)
+            .flat_map(|u| &u.steps)
+            .find_map(|s| match s {
+                Step::AwaitPromotion { timeout_ms, .. } => *timeout_ms,
+                _ => None,
+            })
+    }
+
+    #[test]
+    fn a_resumed_dark_launch_keeps_the_timeout_it_began_with() {
+        let snap = fleet(&[("s1", "stable", "v1"), ("c1", "canary", "v2")]);
+        let strategy = dark_launch(Some(Duration::from_secs(600)));
+        let plan = Strategy::plan(&strategy, &snap, &rid("v2")).unwrap();
+        assert_eq!(promotion_timeout(&plan), Some(600_000));
+        let mut rec = recorded(StrategyKind::DarkLaunch, &["s1", "c1"], Some(plan.clone()), &[]);
+        let start = 1_700_000_000_000;
+        rec.chain[0].header.started_at_ms = start;
+        // It began to wait 60 s in and died 120 s in.
+        rec.chain[0].events.push(event(60_000, waits(1)));
+        rec.chain[0].events.push(event(
+            120_000,
+            EventKind::StageProgress {
+                stage: 1,
+                of: 1,
+                weight: 0,
+                percent: 10,
+                elapsed_ms: 60_000,
+                duration_ms: 600_000,
+            },
+        ));
+        // Resumed 300 s after it began to wait: 300 s are left.
+        let mut resumed = plan.clone();
+        resume_phases(&mut resumed, &rec, start + 60_000 + 300_000);
+        assert_eq!(promotion_timeout(&resumed), Some(300_000));
+        // A clock set back never gives it more than was left when it died.
+        let mut resumed = plan.clone();
+        resume_phases(&mut resumed, &rec, start);
+        assert_eq!(promotion_timeout(&resumed), Some(540_000));
+        // Run out while down: one check interval, then the rollback.
+        let mut resumed = plan.clone();
+        resume_phases(&mut resumed, &rec, start + 3_600_000);
+        let interval = u64::try_from(strategy.base.check_interval.as_millis()).unwrap();
+        assert_eq!(promotion_timeout(&resumed), Some(interval));
+        // No timeout stays none.
+        let open = Strategy::plan(&dark_launch(None), &snap, &rid("v2")).unwrap();
+        let mut resumed = open.clone();
+        resume_phases(&mut resumed, &rec, start + 3_600_000);
+        assert_eq!(promotion_timeout(&resumed), None);
+    }
+
+    #[test]
+    fn a_deployment_waits_for_its_promotion_across_its_runs() {
+        let mut rec = recorded(StrategyKind::DarkLaunch, &["s1", "c1"], None, &[]);
+        assert_eq!(rec.awaiting_promotion(), None);
+        rec.chain[0].events.push(event(5, waits(1)));
+        assert_eq!(rec.awaiting_promotion(), Some(1));
+        // A resume that died before it waited again still waits for it.
+        let mut resume = rec.chain[0].clone();
+        resume.header.kind = RunKind::Resume;
+        resume.header.acts_on = Some("d1".into());
+        resume.events.clear();
+        rec.chain.push(resume);
+        assert_eq!(rec.awaiting_promotion(), Some(1));
+        let mut promoted = rec.clone();
+        promoted.chain[1]
+            .events
+            .push(event(9, EventKind::Promoted { stage: 1 }));
+        assert_eq!(promoted.awaiting_promotion(), None);
+        let mut rolled = rec.clone();
+        rolled.chain[1].events.push(event(
+            9,
+            EventKind::RollbackStarted {
+                reason: "no promotion".into(),
+                instances: vec![],
+            },
+        ));
+        assert_eq!(rolled.awaiting_promotion(), None);
     }
 
     #[test]

@@ -1152,3 +1152,39 @@ fn experiment_settings_are_checked_naming_the_key() {
     let err = crate::util::rejects(&no_metrics);
     crate::util::assert_has(&err, &["metrics", "add [metrics]"]);
 }
+
+/// `setup` with the simulated load balancer: a canary-shaped strategy's
+/// canary group starts out of rotation (a fresh state only); rolling leaves
+/// every instance in rotation.
+#[test]
+fn setup_of_the_simulated_balancer_keeps_the_canary_out() {
+    let cfg = |kind: &str| {
+        format!(
+            "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+            [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18295\"\ngroup = \"stable\"\n\n\
+            [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18298\"\ngroup = \"canary\"\n\n\
+            [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"http://127.0.0.1:9\"\n\n[strategy]\nkind = \"{kind}\"\n"
+        )
+    };
+    let env = Env::new(&cfg("ramped"));
+    let out = env.ok(&["setup"], 0);
+    assert!(
+        out.contains(
+            "simulated load balancer: 1 of 2 server(s) in rotation, group canary out until a deployment"
+        ),
+        "{out}"
+    );
+    let lb = env.lb();
+    assert_eq!(lb["weights"], serde_json::json!({"stable": 100}), "{lb}");
+    // An existing state is the last run's: left alone.
+    let out = env.ok(&["setup"], 0);
+    assert!(!out.contains("simulated load balancer: 1 of 2"), "{out}");
+
+    let env = Env::new(&cfg("rolling"));
+    env.ok(&["setup"], 0);
+    assert_eq!(
+        env.lb()["weights"],
+        serde_json::json!({}),
+        "rolling: everyone serves"
+    );
+}

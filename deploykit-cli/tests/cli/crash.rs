@@ -522,3 +522,94 @@ fn rollback_takes_over_a_dead_foreign_deployments_instances_only_with_take_over(
     assert!(!marker("web-1").exists() && !marker("web-2").exists());
     assert_eq!(copy_journals(), journals + 1);
 }
+
+/// A `promote` sent while no deploykit runs the deployment is recorded
+/// (under the lock, in the state directory) for its `deploy --resume`,
+/// which goes on past that wait without asking again; one for a
+/// deployment that was not waiting is refused (exit 2) and records
+/// nothing.
+#[test]
+fn a_promote_sent_while_nothing_runs_is_honoured_by_the_resume() {
+    let prom = crate::util::answering(
+        r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1700000000,"0.001"]}]}}"#,
+    );
+    // The timeout only bounds the test: a lost promotion rolls back (exit 1)
+    // instead of waiting for ever.
+    let cfg = format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18393\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18394\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\n\n\
+        [strategy]\nkind = \"canary\"\n\n\
+        [strategy.canary]\nstages = [20, 100]\nstage_duration = \"300ms\"\ncheck_interval = \"100ms\"\n\
+        promotion = \"manual\"\npromotion_timeout = \"30s\"\nhealth_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n"
+    );
+    let env = Env::new(&cfg);
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let control = env.path().join(".deploykit/shop/control.json");
+    let (code, _, err) = env.run(&["promote"]);
+    assert_eq!(code, 2, "nothing runs nor was interrupted: {err}");
+    assert!(err.contains("nothing waits for a promotion"), "{err}");
+
+    // Killed before its wait: refused, nothing recorded.
+    let mut deploy = env.spawn_deploy("v2", "the canary's first step", |r| r["event"] == "step_started");
+    deploy.kill().expect("SIGKILL");
+    deploy.wait().unwrap();
+    let (code, _, err) = env.run(&["promote"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("was not waiting for a promotion"), "{err}");
+    assert!(!control.exists(), "a refused promote records nothing");
+    env.ok(&["-q", "rollback"], 0);
+
+    // Killed while it waits: the promotion is recorded, then honoured.
+    let mut deploy = env.spawn_deploy("v2", "the wait for promotion", |r| {
+        r["event"] == "awaiting_promotion"
+    });
+    deploy.kill().expect("SIGKILL");
+    deploy.wait().unwrap();
+    let journals = env.journal_count();
+    let out = env.ok(&["promote"], 0);
+    assert!(out.contains("promotion of stage 1 recorded"), "{out}");
+    assert_eq!(
+        env.journal_count(),
+        journals,
+        "recorded beside the journals, not as a run"
+    );
+    let recorded: Value = serde_json::from_slice(&std::fs::read(&control).unwrap()).unwrap();
+    assert_eq!(recorded["command"], "promote", "{recorded}");
+    assert_eq!(recorded["stage"], 1, "{recorded}");
+
+    let (code, out, err) = env.run(&["deploy", "--resume"]);
+    assert_eq!(
+        code, 0,
+        "the resume goes on past the recorded promotion\n{out}\n{err}"
+    );
+    assert!(
+        out.contains("stage 1 was promoted while no deploykit ran"),
+        "{out}"
+    );
+    let journal = env.newest_journal();
+    assert_eq!(journal[0]["kind"], "resume", "{}", journal[0]);
+    let at = |event: &str| journal.iter().position(|r| r["event"] == event);
+    let (waited, promoted) = (at("awaiting_promotion"), at("promoted"));
+    assert!(
+        waited.is_some() && promoted.is_some() && waited < promoted,
+        "the resumed wait is journaled as promoted: {journal:?}"
+    );
+    assert!(
+        journal
+            .iter()
+            .any(|r| r["event"] == "analysis_result" && r["weight"] == 100),
+        "then the canary's last stage runs"
+    );
+    assert_eq!(
+        journal.last().map(|r| r["outcome"].clone()),
+        Some(Value::from("succeeded"))
+    );
+    assert_eq!(env.sim("stable-1")["release"], "v2");
+
+    // Nothing waits any more.
+    let (code, _, err) = env.run(&["promote"]);
+    assert_eq!(code, 2, "{err}");
+}

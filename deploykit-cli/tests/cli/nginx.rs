@@ -183,6 +183,85 @@ fn setup_writes_the_missing_include_file_then_checks_nginx() {
     );
 }
 
+/// One `GET /` through nginx on `port`: the body.
+fn get(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET / HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+/// A fresh setup renders only what can serve: a canary-shaped strategy's
+/// canary group (stopped between deployments) and blue-green's idle
+/// environment are `down` in the first file nginx reads, so no request
+/// reaches them before the first deployment.
+#[test]
+fn setup_keeps_the_canary_and_the_idle_environment_out_of_rotation() {
+    let Some(bin) = nginx_binary() else { return };
+    for (kind, serving, out) in [("canary", "stable", "canary"), ("blue-green", "blue", "green")] {
+        let ngx_dir = tempfile::tempdir().unwrap();
+        let dir = ngx_dir.path();
+        let d = dir.display();
+        // Both answer, so a request nginx sent to the one left out would show.
+        let port_of = |url: String| url.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+        let serving_port = port_of(crate::util::answering(match serving {
+            "stable" => "\"stable\"",
+            _ => "\"blue\"",
+        }));
+        let out_port = port_of(crate::util::answering(match out {
+            "canary" => "\"canary\"",
+            _ => "\"green\"",
+        }));
+        let cfg = format!(
+            "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+             [[instances]]\nid = \"{serving}-1\"\naddress = \"127.0.0.1:{serving_port}\"\ngroup = \"{serving}\"\n\n\
+             [[instances]]\nid = \"{out}-1\"\naddress = \"127.0.0.1:{out_port}\"\ngroup = \"{out}\"\n\n\
+             [load_balancer]\nkind = \"nginx\"\ninclude_file = \"{d}/upstream.conf\"\nupstream = \"app\"\n\
+             nginx_binary = \"{}\"\nnginx_config = \"{d}/nginx.conf\"\nnginx_prefix = \"{d}\"\npid_file = \"{d}/nginx.pid\"\n\n\
+             [metrics]\nprometheus = \"http://127.0.0.1:9\"\n\n[strategy]\nkind = \"{kind}\"\n",
+            bin.display()
+        );
+        let env = Env::new(&cfg);
+        let port = free_port();
+        Nginx::write_conf(dir, port, true, &[]);
+        let (code, stdout, err) = env.run(&["setup"]);
+        assert_eq!(code, 3, "{kind}: written, nginx not running yet\n{stdout}{err}");
+        assert!(
+            stdout.contains(&format!(
+                "1 of 2 server(s) in rotation, group {out} out until a deployment"
+            )),
+            "{kind}: {stdout}"
+        );
+        let text = std::fs::read_to_string(dir.join("upstream.conf")).unwrap();
+        let line = |p: u16| {
+            text.lines()
+                .find(|l| l.contains(&format!("127.0.0.1:{p}")))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(line(out_port).contains(" down"), "{kind}: {out} is out:\n{text}");
+        assert!(
+            !line(serving_port).contains(" down"),
+            "{kind}: {serving} serves:\n{text}"
+        );
+
+        let _nginx = Nginx::launch(&bin, dir, port);
+        let again = env.ok(&["setup"], 0);
+        assert!(again.contains("exists, left as it is"), "{again}");
+        let answers: Vec<String> = (0..40).map(|_| get(port)).collect();
+        assert!(
+            answers.iter().all(|a| *a == format!("\"{serving}\"")),
+            "{kind}: every request reaches {serving}, none {out}: {answers:?}"
+        );
+    }
+}
+
 #[test]
 fn the_upstream_defaults_to_app() {
     let Some(bin) = nginx_binary() else { return };

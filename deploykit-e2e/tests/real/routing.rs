@@ -270,6 +270,83 @@ async fn a_sticky_cookie_split_keeps_200_users_on_one_group_each_in_proportion()
     );
 }
 
+/// Three groups in one sticky split (nginx renders one `split_clients` on
+/// deploykit's cookie): 200 users of 50 requests each stay on one group
+/// each, in proportion.
+#[tokio::test]
+async fn a_three_group_sticky_split_keeps_200_users_on_one_group_each_in_proportion() {
+    let bin = crate::require_binary!("nginx");
+    let s = RoutingSetup::start(&bin).await;
+    let split = [("stable", 50u8), ("canary", 30), ("shadow", 20)];
+    let policy = TrafficPolicy {
+        rules: Vec::new(),
+        split: Split {
+            weights: split
+                .iter()
+                .map(|(group, percent)| GroupWeight {
+                    group: g(group),
+                    percent: *percent,
+                })
+                .collect(),
+            sticky: Some(Sticky::Cookie {
+                name: "dk_variant".into(),
+            }),
+        },
+        mirror: None,
+    };
+    s.lb.apply_policy(&policy)
+        .await
+        .expect("apply the three-group split");
+
+    let url = s.nginx.url("/");
+    let user = |http: Http, url: String| async move {
+        let first = http.send("GET", &url, &[]).await.expect("first request");
+        assert_eq!(first.status, 200, "{first:?}");
+        let cookie = first
+            .headers
+            .get("set-cookie")
+            .and_then(|c| c.split(';').next())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no sticky cookie handed out: {first:?}"));
+        let mut tracks = BTreeSet::from([first.headers["x-app-track"].clone()]);
+        for _ in 1..50 {
+            let a = http
+                .send("GET", &url, &[("cookie", &cookie)])
+                .await
+                .expect("request");
+            assert_eq!(a.status, 200, "{a:?}");
+            tracks.insert(a.headers["x-app-track"].clone());
+        }
+        tracks
+    };
+    let mut per_user = Vec::new();
+    for batch in 0..10 {
+        let tasks: Vec<_> = (0..20)
+            .map(|_| tokio::spawn(user(s.http.clone(), url.clone())))
+            .collect();
+        for t in tasks {
+            per_user.push(t.await.unwrap_or_else(|e| panic!("user of batch {batch}: {e}")));
+        }
+    }
+    assert_eq!(per_user.len(), 200);
+    let moved: Vec<_> = per_user.iter().filter(|t| t.len() != 1).collect();
+    assert!(moved.is_empty(), "users served by two groups: {moved:?}");
+    for (group, percent) in split {
+        let users = per_user.iter().filter(|t| t.contains(group)).count();
+        eprintln!("{group}: {users} of 200 users at {percent} %");
+        // Each user's cookie is random, so a group's count is binomial over
+        // 200 users: four standard deviations (at most 28 users, at 50 %)
+        // either way of its share.
+        let p = f64::from(percent) / 100.0;
+        let expected = 200.0 * p;
+        let four_sd = 4.0 * (200.0 * p * (1.0 - p)).sqrt();
+        assert!(
+            (users as f64 - expected).abs() <= four_sd,
+            "{users} of 200 users on {group} ({percent} %, expected {expected} ± {four_sd:.0})"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_split_sticky_by_a_user_header_keeps_each_user_on_one_group() {
     let bin = crate::require_binary!("nginx");

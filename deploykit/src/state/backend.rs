@@ -342,6 +342,30 @@ pub trait StateBackend: Send + Sync + std::fmt::Debug {
     /// * Idempotent: yes (read-only). Cancel-safe: yes.
     async fn wait_ack(&self, seq: u64, timeout: Duration) -> Option<ControlAck>;
 
+    /// Records, through `lock`, a promotion of `stage` for `deployment`,
+    /// interrupted while it waited for one: a later `deploy --resume` of it
+    /// reads the record ([`recorded_promotion`](Self::recorded_promotion))
+    /// and goes on past that wait. A running deployment's watch never
+    /// applies it.
+    ///
+    /// * Idempotent: yes in effect (the record is the last request; a
+    ///   second call writes the same approval under a new number).
+    /// * Cancel-safe: yes; the record is written whole or not at all.
+    /// * On failure: nothing was recorded.
+    ///
+    /// # Errors
+    /// When the record cannot be written (or, in etcd, the lock was lost).
+    async fn record_promotion(&self, lock: &HeldLock, deployment: &str, stage: usize) -> Result<u64>;
+
+    /// The stage a promotion recorded for `deployment` while no process ran
+    /// it approves, if the last control request is one.
+    ///
+    /// * Idempotent: yes (read-only). Cancel-safe: yes.
+    ///
+    /// # Errors
+    /// When the control channel cannot be read.
+    async fn recorded_promotion(&self, deployment: &str) -> Result<Option<usize>>;
+
     /// Polls the control channel every `every` and applies each new request
     /// for `deployment` to `handle`, acknowledging it through `lock`'s
     /// fence. Runs until the task is aborted.
@@ -450,6 +474,14 @@ impl StateBackend for LocalBackend {
 
     async fn wait_ack(&self, seq: u64, timeout: Duration) -> Option<ControlAck> {
         self.dir.control().wait_ack(seq, timeout).await
+    }
+
+    async fn record_promotion(&self, _lock: &HeldLock, deployment: &str, stage: usize) -> Result<u64> {
+        self.dir.control().record_promotion(deployment, stage)
+    }
+
+    async fn recorded_promotion(&self, deployment: &str) -> Result<Option<usize>> {
+        Ok(self.dir.control().recorded_promotion(deployment))
     }
 
     fn watch_control(

@@ -28,6 +28,23 @@ pub struct ControlRequest {
     pub deployment: String,
     /// What to do.
     pub command: ControlCommand,
+    /// The stage a promotion approves when it was recorded while no
+    /// process ran the deployment (see
+    /// [`ControlFile::record_promotion`]); `None` for a request to a
+    /// running deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<usize>,
+}
+
+impl ControlRequest {
+    /// The stage this request approves for a later `deploy --resume` of
+    /// `deployment`: a promotion recorded for it while no process ran.
+    pub fn recorded_promotion(&self, deployment: &str) -> Option<usize> {
+        match (self.command, self.stage) {
+            (ControlCommand::Promote, Some(stage)) if self.deployment == deployment => Some(stage),
+            _ => None,
+        }
+    }
 }
 
 /// What the running deployment did with a command, kept in
@@ -79,11 +96,36 @@ impl ControlFile {
     /// # Errors
     /// [`Error::Io`] when the file cannot be written.
     pub fn send(&self, deployment: &str, command: ControlCommand) -> Result<u64> {
+        self.write(deployment, command, None)
+    }
+
+    /// Records a promotion of `stage` for `deployment`, which no process
+    /// runs: the request stays in the file (a running deployment's watch
+    /// never replays it) until the next request replaces it, and a
+    /// `deploy --resume` of `deployment` reads it
+    /// ([`recorded_promotion`](Self::recorded_promotion)). Call it under
+    /// the state lock, so no resume starts between the check that the
+    /// deployment waits and the write.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be written.
+    pub fn record_promotion(&self, deployment: &str, stage: usize) -> Result<u64> {
+        self.write(deployment, ControlCommand::Promote, Some(stage))
+    }
+
+    /// The stage a promotion recorded for `deployment` while no process
+    /// ran approves, if the last request is one.
+    pub fn recorded_promotion(&self, deployment: &str) -> Option<usize> {
+        self.last_request()?.recorded_promotion(deployment)
+    }
+
+    fn write(&self, deployment: &str, command: ControlCommand, stage: Option<usize>) -> Result<u64> {
         let seq = self.last_request().map(|r| r.seq).unwrap_or(0) + 1;
         let req = ControlRequest {
             seq,
             deployment: deployment.to_string(),
             command,
+            stage,
         };
         let bytes = serde_json::to_vec(&req).expect("a request serializes");
         write_atomic(&self.request, &bytes)
@@ -190,5 +232,30 @@ mod tests {
         );
         assert!(handle.state().aborted);
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_recorded_promotion_stays_for_its_deployment_and_is_never_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let control = ControlFile::new(dir.path());
+        assert_eq!(control.recorded_promotion("d1"), None);
+        // A promotion sent to a running deployment is no record for a resume.
+        control.send("d1", ControlCommand::Promote).unwrap();
+        assert_eq!(control.recorded_promotion("d1"), None);
+        let seq = control.record_promotion("d1", 1).unwrap();
+        assert_eq!(seq, 2);
+        assert_eq!(control.recorded_promotion("d1"), Some(1));
+        assert_eq!(control.recorded_promotion("d0"), None);
+        // The resumed run's watch does not apply it a second time.
+        let handle = PromotionHandle::new();
+        let task = control.watch("d1".into(), handle.clone(), Duration::from_millis(10));
+        let (_rx, _) = handle.begin_wait(1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(handle.state().promotions, 0);
+        assert!(control.wait_ack(seq, Duration::from_millis(100)).await.is_none());
+        task.abort();
+        // A later request replaces the record.
+        control.send("d1", ControlCommand::Abort).unwrap();
+        assert_eq!(control.recorded_promotion("d1"), None);
     }
 }

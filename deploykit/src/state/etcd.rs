@@ -864,6 +864,7 @@ impl StateBackend for EtcdBackend {
                 seq,
                 deployment: deployment.to_string(),
                 command,
+                stage: None,
             };
             let bytes = serde_json::to_vec(&req).expect("a request serializes");
             // Compare-and-swap: two senders never get the same number.
@@ -901,6 +902,38 @@ impl StateBackend for EtcdBackend {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    async fn record_promotion(&self, lock: &HeldLock, deployment: &str, stage: usize) -> Result<u64> {
+        let inner = &self.inner;
+        // Under the lock no other writer numbers a request of this kind; a
+        // `promote` racing without it at worst takes the same number, which
+        // no watch is waiting for.
+        let seq = inner
+            .get("control")
+            .await?
+            .and_then(|(v, _)| serde_json::from_slice::<ControlRequest>(&v).ok())
+            .map_or(0, |r| r.seq)
+            + 1;
+        let req = ControlRequest {
+            seq,
+            deployment: deployment.to_string(),
+            command: ControlCommand::Promote,
+            stage: Some(stage),
+        };
+        let bytes = serde_json::to_vec(&req).expect("a request serializes");
+        let op = vec![TxnOp::put(inner.key("control"), bytes, None)];
+        inner.fenced(lock.fence(), "recording the promotion", op).await?;
+        Ok(seq)
+    }
+
+    async fn recorded_promotion(&self, deployment: &str) -> Result<Option<usize>> {
+        Ok(self
+            .inner
+            .get("control")
+            .await?
+            .and_then(|(v, _)| serde_json::from_slice::<ControlRequest>(&v).ok())
+            .and_then(|r| r.recorded_promotion(deployment)))
     }
 
     fn watch_control(

@@ -516,6 +516,36 @@ impl NginxLoadBalancer {
         .await
     }
 
+    /// As [`install`](Self::install), with the traffic split by `weights`
+    /// first (as [`LoadBalancer::set_weights`] would, without a reload):
+    /// a group at 0 % — a canary that is stopped between deployments,
+    /// blue-green's idle environment — is rendered `down` in the first
+    /// file nginx reads, and the split is recorded in the file's
+    /// `# deploykit-state:` line for the next process.
+    ///
+    /// * Idempotent: yes.
+    /// * Cancel-safe: yes (the work runs to completion in a task).
+    /// * On failure: the previous file (if any) is back in place and the
+    ///   driver's state is unchanged.
+    ///
+    /// # Errors
+    /// Invalid weights (as [`LoadBalancer::set_weights`]); otherwise as
+    /// [`install`](Self::install).
+    pub async fn install_with_weights(&self, weights: &[GroupWeight]) -> Result<(), DriverError> {
+        let shares = self.inner.lock_state().roster.check_weights(weights)?;
+        let inner = self.inner.clone();
+        run_to_completion("nginx", async move {
+            let _g = inner.apply.lock().await;
+            let mut st = inner.lock_state().clone();
+            st.roster.shares = Some(shares);
+            st.policy = None;
+            inner.replace_and_test(&st).await?;
+            *inner.lock_state() = st;
+            Ok(())
+        })
+        .await
+    }
+
     /// Renders the current state, tests it and reloads nginx: for bringing
     /// nginx back in line after someone else changed the file.
     ///
@@ -1374,6 +1404,45 @@ mod tests {
             entries(dir.path()),
             [".upstream.conf.deploykit-tmp", "upstream.conf", "victim"]
         );
+    }
+
+    #[tokio::test]
+    async fn installed_with_weights_a_group_at_zero_is_down_from_the_first_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let include = dir.path().join("upstream.conf");
+        let lb = with_fake_nginx(&include, "true");
+        let stable = GroupWeight {
+            group: Group::new("stable").unwrap(),
+            percent: 100,
+        };
+        lb.install_with_weights(std::slice::from_ref(&stable))
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&include).unwrap();
+        let line = |port: u16| {
+            text.lines()
+                .find(|l| l.contains(&format!("127.0.0.1:{port}")))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(line(9003).contains(" down"), "the canary is out:\n{text}");
+        assert!(!line(9001).contains(" down"), "stable serves:\n{text}");
+        // The next process adopts the split from the file.
+        let later = with_fake_nginx(&include, "true");
+        assert_eq!(later.live_group().await.unwrap(), Some(stable.group.clone()));
+        assert_eq!(later.render(), text);
+        // Invalid weights touch nothing.
+        let other = dir.path().join("other.conf");
+        let bad = GroupWeight {
+            group: Group::new("nowhere").unwrap(),
+            percent: 100,
+        };
+        let e = with_fake_nginx(&other, "true")
+            .install_with_weights(&[bad])
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("no backend belongs to group nowhere"), "{e}");
+        assert!(!other.exists());
     }
 
     #[tokio::test]
