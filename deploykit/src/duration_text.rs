@@ -171,7 +171,7 @@ pub mod option {
 
 /// The same for a setting a person may turn off: `"off"` (or `false`) is
 /// `None`, written back as `"off"`; anything else reads as
-/// [`deserialize`](super::deserialize) reads it.
+/// [`deserialize`] reads it.
 ///
 /// ```
 /// use std::time::Duration;
