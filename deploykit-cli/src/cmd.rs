@@ -899,21 +899,16 @@ async fn run_deploy(
     let lock = claimer.lock;
     // A drill's default fault is not in the file; the wiring must see it to
     // set up the fault proxies a network fault needs.
-    let drilled;
-    let cfg = match &start {
-        Start::Drill(run) => {
-            let mut c = ctx.cfg.clone();
-            c.raw.strategy.canary.chaos = run.canary.chaos.clone();
-            drilled = c;
-            &drilled
-        }
-        _ => &ctx.cfg,
+    let injected = match &start {
+        Start::Drill(run) => &run.canary.chaos,
+        _ => &ctx.cfg.raw.strategy.canary.chaos,
     };
-    let fleet = wire::fleet(
-        cfg,
+    let fleet = wire::fleet_with_chaos(
+        &ctx.cfg,
         &ctx.state,
         ctx.backend.live_store(Some(lock)),
         Some(relay.clone()),
+        injected,
     )?;
     let exec = &fleet.executor;
     let _linked = ctx.link_cancel(exec);

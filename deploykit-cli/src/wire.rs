@@ -449,12 +449,26 @@ pub(crate) struct Fleet {
 }
 
 /// Builds the executor over the configured fleet, with `sink` receiving the
-/// events.
+/// events; the file's `[[strategy.canary.chaos]]` entries decide whether
+/// fault proxies are set up ([`fleet_with_chaos`] for other entries).
 pub(crate) fn fleet(
     cfg: &Loaded,
     state: &StateDir,
     live: Arc<dyn deploykit::bluegreen_state::LiveStore>,
     sink: Option<Arc<dyn EventSink>>,
+) -> anyhow::Result<Fleet> {
+    fleet_with_chaos(cfg, state, live, sink, &cfg.raw.strategy.canary.chaos)
+}
+
+/// [`fleet`] for a run that injects `chaos` (a drill's entries, its default
+/// fault included, which the file does not hold): fault proxies are set up
+/// when one of them is a network fault.
+pub(crate) fn fleet_with_chaos(
+    cfg: &Loaded,
+    state: &StateDir,
+    live: Arc<dyn deploykit::bluegreen_state::LiveStore>,
+    sink: Option<Arc<dyn EventSink>>,
+    chaos: &[deploykit::chaos::ChaosSpec],
 ) -> anyhow::Result<Fleet> {
     let t = &cfg.raw.timeouts;
     let promotion = PromotionHandle::new();
@@ -495,13 +509,7 @@ pub(crate) fn fleet(
     }
     // Network faults go through proxies on loopback, in front of the
     // faulted instances only while their fault lasts.
-    let network_chaos = cfg
-        .raw
-        .strategy
-        .canary
-        .chaos
-        .iter()
-        .any(|c| !c.fault.is_process_fault());
+    let network_chaos = chaos.iter().any(|c| !c.fault.is_process_fault());
     let faults = if network_chaos {
         let f = deploykit::chaos::RoutedFaults::new(lb, std::net::Ipv4Addr::LOCALHOST.into())?
             .record_to(detours_file(state));
@@ -516,4 +524,60 @@ pub(crate) fn fleet(
         promotion,
         faults,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loaded(chaos: &str) -> Loaded {
+        let text = format!(
+            "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+             [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18901\"\ngroup = \"stable\"\n\n\
+             [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18902\"\ngroup = \"canary\"\n\n\
+             [load_balancer]\nkind = \"simulated\"\n\n\
+             [metrics]\nprometheus = \"http://127.0.0.1:9\"\n\n[strategy]\nkind = \"canary\"\n\n\
+             [strategy.canary]\nstages = [20, 100]\n\n{chaos}"
+        );
+        crate::config::parse(std::path::Path::new("deploykit.toml"), &text).expect("a valid config")
+    }
+
+    fn entry(kind: &str) -> deploykit::chaos::ChaosSpec {
+        let mut v = serde_json::json!({"stage": 1, "kind": kind, "expect": "rollback", "within": "30s"});
+        if kind == "http-error" {
+            v["percent"] = 50.into();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// Whether the wiring set up fault proxies for `chaos` over `cfg`.
+    fn proxied(cfg: &Loaded, chaos: Option<&[deploykit::chaos::ChaosSpec]>) -> bool {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path(), "shop").unwrap();
+        let live = Arc::new(deploykit::bluegreen_state::FileLiveStore::new(
+            dir.path().join("live.json"),
+        ));
+        let fleet = match chaos {
+            Some(c) => fleet_with_chaos(cfg, &state, live, None, c),
+            None => fleet(cfg, &state, live, None),
+        };
+        fleet.expect("wired").faults.is_some()
+    }
+
+    #[test]
+    fn fault_proxies_follow_the_entries_the_run_injects_not_only_the_file() {
+        let plain = loaded("");
+        // A drill's default network fault, which the file does not hold.
+        assert!(proxied(&plain, Some(&[entry("http-error")])));
+        // A process fault needs no proxy; nor does a run without entries.
+        assert!(!proxied(&plain, Some(&[entry("kill")])));
+        assert!(!proxied(&plain, None));
+        // The file's own network entries, as before.
+        let filed = loaded(
+            "[[strategy.canary.chaos]]\nstage = 1\nkind = \"http-error\"\npercent = 50\n\
+             expect = \"rollback\"\nwithin = \"30s\"\n",
+        );
+        assert!(proxied(&filed, None));
+        assert!(!proxied(&filed, Some(&[entry("kill")])));
+    }
 }

@@ -873,7 +873,12 @@ impl Instance for FakeInstance {
         };
         let ok = health.is_healthy();
         w.record(&id, Op::Health, ok);
-        if !ok {
+        // A running instance that answers unhealthy went bad on its own (a
+        // scripted fault, SIGSTOP): like a kill, that is the world's doing,
+        // not a routing decision; the instance stays unready, so any routing
+        // change that keeps sending it traffic is flagged. A stopped one in
+        // rotation is the engine's doing.
+        if !ok && !w.instances[&id].running {
             w.check_routing(&id, "failed health probe");
         }
         Ok(health)

@@ -147,7 +147,10 @@ pub struct AnalysisRules {
     pub monitoring_check: bool,
     /// Probe the canary instances' health during every canary gate and roll
     /// back as soon as one fails [`HealthWatch::failures`] probes in a row,
-    /// without waiting for the metrics to notice. Default off.
+    /// without waiting for the metrics to notice. Default on
+    /// ([`HealthWatch::DEFAULT`]); `None` turns it off.
+    // Absent reads as off, not as the default: plans and journals written
+    // while the watch was opt-in resume as they were planned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_watch: Option<HealthWatch>,
 }
@@ -175,6 +178,24 @@ impl HealthWatch {
     /// The default number of failed probes in a row that roll back: one
     /// failed probe can be a blip, two in a row rarely are.
     pub const DEFAULT_FAILURES: u32 = 2;
+
+    /// The default time between probes: 1 s.
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+
+    /// The watch every canary gate runs unless told otherwise: every
+    /// [`DEFAULT_INTERVAL`](Self::DEFAULT_INTERVAL), rolling back after
+    /// [`DEFAULT_FAILURES`](Self::DEFAULT_FAILURES) failed probes in a row.
+    ///
+    /// A dead canary is then out of the traffic about 2 s after it died,
+    /// against minutes for the metrics alone (a 30 s check interval, 4
+    /// inconclusive checks), and sooner than a load balancer's own checks
+    /// mark it down (HAProxy's defaults: 3 failures 2 s apart). It costs one
+    /// health request a second per canary instance, which any health
+    /// endpoint carries, and a single lost probe never rolls back.
+    pub const DEFAULT: HealthWatch = HealthWatch {
+        interval: Self::DEFAULT_INTERVAL,
+        failures: Self::DEFAULT_FAILURES,
+    };
 
     /// Checks the settings.
     ///
@@ -230,7 +251,7 @@ impl Default for AnalysisRules {
             mann_whitney: MannWhitneySettings::default(),
             score: ScoreThresholds::default(),
             monitoring_check: true,
-            health_watch: None,
+            health_watch: Some(HealthWatch::DEFAULT),
         }
     }
 }

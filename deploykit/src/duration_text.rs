@@ -169,6 +169,106 @@ pub mod option {
     }
 }
 
+/// The same for a setting a person may turn off: `"off"` (or `false`) is
+/// `None`, written back as `"off"`; anything else reads as
+/// [`deserialize`] reads it.
+///
+/// ```
+/// use std::time::Duration;
+/// #[derive(serde::Deserialize)]
+/// struct Section {
+///     #[serde(with = "deploykit::duration_text::or_off")]
+///     every: Option<Duration>,
+/// }
+/// let s: Section = serde_json::from_str(r#"{"every": "off"}"#).unwrap();
+/// assert_eq!(s.every, None);
+/// let s: Section = serde_json::from_str(r#"{"every": "2s"}"#).unwrap();
+/// assert_eq!(s.every, Some(Duration::from_secs(2)));
+/// ```
+pub mod or_off {
+    use std::fmt;
+    use std::time::Duration;
+
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    use super::DurationVisitor;
+
+    /// The word that turns the setting off.
+    pub const OFF: &str = "off";
+
+    /// Serializes `Some` as [`format()`](super::format()) writes it, `None`
+    /// as `"off"`.
+    ///
+    /// # Errors
+    /// Those of the serializer.
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&super::format(*d)),
+            None => s.serialize_str(OFF),
+        }
+    }
+
+    /// Reads `"off"` or `false` as `None`, a duration as `Some`.
+    ///
+    /// # Errors
+    /// As [`deserialize`](super::deserialize), and `true` (which says on,
+    /// but not how often).
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        d.deserialize_any(OrOff)
+    }
+
+    struct OrOff;
+
+    impl Visitor<'_> for OrOff {
+        type Value = Option<Duration>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration such as \"1s\" or \"500ms\", or \"off\"")
+        }
+
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            if v {
+                Err(E::custom(
+                    "true does not say how often; write a duration such as \"1s\", or \"off\"",
+                ))
+            } else {
+                Ok(None)
+            }
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            DurationVisitor.visit_u64(v).map(Some)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            DurationVisitor.visit_i64(v).map(Some)
+        }
+
+        fn visit_u128<E: de::Error>(self, v: u128) -> Result<Self::Value, E> {
+            DurationVisitor.visit_u128(v).map(Some)
+        }
+
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<Self::Value, E> {
+            DurationVisitor.visit_i128(v).map(Some)
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            DurationVisitor.visit_f64(v).map(Some)
+        }
+
+        fn visit_str<E: de::Error>(self, t: &str) -> Result<Self::Value, E> {
+            if t.trim().eq_ignore_ascii_case(OFF) {
+                return Ok(None);
+            }
+            DurationVisitor
+                .visit_str(t)
+                .map(Some)
+                .map_err(|e: E| E::custom(format!("{e}; or \"off\" to turn it off")))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +303,34 @@ mod tests {
             "{e}"
         );
         assert!(!refusal("true").contains("variant"), "{}", refusal("true"));
+    }
+
+    #[derive(Debug, serde::Deserialize, serde::Serialize)]
+    struct Switch {
+        #[serde(with = "super::or_off")]
+        t: Option<Duration>,
+    }
+
+    #[test]
+    fn off_reads_and_writes_as_off_and_anything_else_as_a_duration() {
+        let read = |json: &str| serde_json::from_str::<Switch>(&format!("{{\"t\": {json}}}")).map(|s| s.t);
+        assert_eq!(read("\"off\"").unwrap(), None);
+        assert_eq!(read("false").unwrap(), None);
+        assert_eq!(read("\"1s\"").unwrap(), Some(Duration::from_secs(1)));
+        assert_eq!(read("2").unwrap(), Some(Duration::from_secs(2)));
+        let e = read("true").unwrap_err().to_string();
+        assert!(e.contains("true does not say how often"), "{e}");
+        let e = read("\"often\"").unwrap_err().to_string();
+        assert!(e.contains("or \"off\" to turn it off"), "{e}");
+        assert!(read("-1").unwrap_err().to_string().contains("-1 is negative"));
+        for t in [None, Some(Duration::from_millis(500))] {
+            let text = serde_json::to_string(&Switch { t }).unwrap();
+            assert_eq!(read(&text[5..text.len() - 1]).unwrap(), t, "{text}");
+        }
+        assert_eq!(
+            serde_json::to_string(&Switch { t: None }).unwrap(),
+            r#"{"t":"off"}"#
+        );
     }
 
     #[test]

@@ -188,7 +188,9 @@ fn a_drill_of_the_current_release_passes_and_deploy_drill_deploys_after_it() {
 #[test]
 fn a_drill_whose_gate_never_fires_fails_and_deploy_drill_touches_nothing_of_the_release() {
     let prom = crate::util::prometheus(|r| if r.contains("requests") { 1000.0 } else { 0.001 });
-    let entry = "[[strategy.canary.chaos]]\nstage = 1\nafter = \"150ms\"\nkind = \"kill\"\nexpect = \"rollback\"\nwithin = \"1s\"\n";
+    // Metrics blind to the kill and the health watch turned off: nothing
+    // can see the dead canary.
+    let entry = "health_watch = \"off\"\n[[strategy.canary.chaos]]\nstage = 1\nafter = \"150ms\"\nkind = \"kill\"\nexpect = \"rollback\"\nwithin = \"1s\"\n";
     let env = setup(&prom, 18_343, entry);
     // The client probe counts what users would have seen: here a balancer
     // address nothing listens on, so every request fails.
@@ -279,6 +281,39 @@ fn a_drill_whose_gate_can_never_fire_fails_before_anything_is_touched() {
         err.contains("invalid release: stable-1 (stable) runs no release yet"),
         "{err}"
     );
+}
+
+#[test]
+fn the_health_watch_is_on_by_default_and_off_turns_it_off() {
+    // Metrics blind to the kill; the stage outlasts two probes 1 s apart.
+    let prom = crate::util::prometheus(|r| if r.contains("requests") { 1000.0 } else { 0.001 });
+    let entry = "[[strategy.canary.chaos]]\nstage = 1\nafter = \"150ms\"\nkind = \"kill\"\nexpect = \"rollback\"\nwithin = \"5s\"\n";
+    let long = |c: String| c.replace("stage_duration = \"300ms\"", "stage_duration = \"4s\"");
+    let env = Env::new(&long(config(&prom, 18_351, entry)));
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let (code, out, err) = env.run(&["drill", "v2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("canary canary-1 failed 2 health probe(s) in a row, 1s apart, during stage 1 (20%)"),
+        "{out}"
+    );
+    assert!(out.contains("expect rollback: PASSED"), "{out}");
+
+    // The same with the watch off: the kill goes unseen and the drill fails.
+    let off = format!("health_watch = \"off\"\n{entry}");
+    let env = Env::new(&long(config(&prom, 18_353, &off)));
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let (code, out, err) = env.run(&["drill", "v2"]);
+    assert_eq!(code, 5, "{out}{err}");
+    assert!(out.contains("FAILED — the gate did not fire"), "{out}");
+    assert!(!out.contains("health probe(s)"), "{out}");
+
+    // Anything but a duration or "off" is refused, naming the key.
+    let bad = format!("health_watch = \"sometimes\"\n{entry}");
+    let env = Env::new(&config(&prom, 18_355, &bad));
+    let (code, _, err) = env.run(&["validate"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("health_watch") && err.contains("\"off\""), "{err}");
 }
 
 #[test]

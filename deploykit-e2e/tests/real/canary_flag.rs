@@ -11,15 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deploykit::flags::{Context, FlagChangeKind, FlagSet, FlagStore};
-use deploykit::instance::{LocalInstance, ProcessSpec, ReleaseSource};
-use deploykit::{
-    Backend, Canary, EventLog, Executor, HealthCheck, Instance, LoadBalancer, Metric, OutcomeKind, ReleaseId,
-};
+use deploykit::{Canary, EventLog, LoadBalancer, OutcomeKind, ReleaseId};
 use serde_json::Value;
-use tokio::time::{sleep, Instant};
+use tokio::time::sleep;
 
-use crate::harness::{free_port, make_release, temp_dir, Http, KillOnDrop, Nginx, START_DEADLINE};
-use crate::prometheus::{wait_for_value, PromServer};
+use crate::harness::{free_port, temp_dir, Http, Nginx};
+use crate::prometheus::{real_canary, CanaryFleet};
 
 const FLAGS: &str = r#"{
   "flags": {
@@ -50,9 +47,6 @@ async fn a_canary_carrying_a_flag_shares_it_by_stage_and_a_breach_kills_it() {
     let prom_bin = crate::require_binary!("prometheus");
     let nginx_bin = crate::require_binary!("nginx");
     let tmp = temp_dir("deploykit-canary-flag");
-    let builds = tmp.path().join("builds");
-    make_release(&builds, "v1");
-    make_release(&builds, "v2");
     let file = tmp.path().join("flags.json");
     std::fs::write(&file, FLAGS).unwrap();
     let store = FlagStore::new(&file, tmp.path().join("flags.jsonl"));
@@ -60,59 +54,18 @@ async fn a_canary_carrying_a_flag_shares_it_by_stage_and_a_breach_kills_it() {
     // Every instance reads the flag (the flag gates the new flow wherever
     // it runs); the canary's new flow always fails, so its error rate is
     // the flag's share: 20 % at the first stage, 50 % at the second.
-    let mut instances: Vec<Arc<LocalInstance>> = Vec::new();
-    let mut roots = Vec::new();
-    let mut targets = Vec::new();
-    for (i, track) in [(1, "stable"), (2, "stable"), (3, "canary")] {
-        let port = free_port();
-        let root = tmp.path().join(format!("i-{i}"));
-        roots.push(root.clone());
-        targets.push(format!("127.0.0.1:{port}"));
-        let mut argv: Vec<String> = [
-            "./deploykit-demo-app",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--version",
-            "{release}",
-            "--track",
-            track,
-            "--flags-file",
-            file.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let flags = file.to_str().unwrap().to_owned();
+    let fleet = CanaryFleet::start(&prom_bin, tmp.path(), |track| {
+        let mut args = vec!["--flags-file".to_owned(), flags.clone()];
         if track == "canary" {
-            argv.extend(["--checkout-error-rate-new".to_owned(), "1".to_owned()]);
+            args.extend(["--checkout-error-rate-new".to_owned(), "1".to_owned()]);
         }
-        let spec = ProcessSpec::new(argv).unwrap().grace(Duration::from_secs(10));
-        let inst = LocalInstance::builder(format!("i-{i}"), format!("127.0.0.1:{port}"))
-            .group(track)
-            .root(root.to_str().unwrap())
-            .source(ReleaseSource::directory(&builds))
-            .process(spec)
-            .build()
-            .expect("build a LocalInstance");
-        instances.push(Arc::new(inst));
-    }
-    let _kill = KillOnDrop(roots);
-    let v1 = ReleaseId::new("v1").unwrap();
-    for inst in &instances {
-        inst.install(&v1).await.expect("install v1");
-        inst.start().await.expect("start v1");
-    }
-    for inst in &instances {
-        let end = Instant::now() + START_DEADLINE;
-        while !inst.health().await.map(|h| h.is_healthy()).unwrap_or(false) {
-            assert!(Instant::now() < end, "{} never got healthy", inst.backend().id);
-            sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let backends: Vec<Backend> = instances.iter().map(|i| i.backend().clone()).collect();
-    let prom_server = PromServer::start(&prom_bin, tmp.path(), &targets).await;
+        args
+    })
+    .await;
     let port = free_port();
     Nginx::write_config(tmp.path(), port);
-    let lb = crate::nginx::driver(&nginx_bin, tmp.path(), &backends);
+    let lb = crate::nginx::driver(&nginx_bin, tmp.path(), &fleet.backends);
     lb.install().await.expect("install the upstream file");
     let nginx = Nginx::start(&nginx_bin, tmp.path(), port).await;
     let checkout = nginx.url("/api/checkout");
@@ -165,31 +118,17 @@ async fn a_canary_carrying_a_flag_shares_it_by_stage_and_a_breach_kills_it() {
     };
 
     let log = EventLog::new();
-    let executor = Executor::builder()
-        .instances(instances.iter().map(|i| i.clone() as Arc<dyn Instance>))
-        .load_balancer(Arc::new(lb) as Arc<dyn LoadBalancer>)
-        .metrics(Arc::new(prom_server.source()))
+    let executor = fleet
+        .executor(Arc::new(lb) as Arc<dyn LoadBalancer>, &log)
         .flag_switch(Arc::new(FlagStore::new(&file, tmp.path().join("flags.jsonl"))))
-        .events(Arc::new(log.clone()))
-        .drain_poll(Duration::from_millis(20))
         .build()
         .expect("build the executor");
     let mut canary = Canary {
-        stages: vec![20, 50, 100],
-        stage_duration: Duration::from_secs(5),
-        check_interval: Duration::from_secs(1),
-        health: HealthCheck {
-            retries: 100,
-            interval: Duration::from_millis(50),
-        },
-        drain_timeout: Duration::from_secs(5),
         flag: Some("new-checkout".into()),
-        ..Canary::default()
+        ..real_canary(vec![20, 50, 100])
     };
     let rules = &mut canary.analysis;
     rules.window = Duration::from_secs(5);
-    // A fresh canary needs two scrapes before rate() answers.
-    rules.inconclusive_limit = 6;
     // 20 % passes, 50 % breaches, with margin for the sampling noise of a
     // few hundred requests and for the window still holding the previous
     // stage; the relative rule starts at the same limit, since stable
@@ -198,15 +137,7 @@ async fn a_canary_carrying_a_flag_shares_it_by_stage_and_a_breach_kills_it() {
     rules.ratio_floor = 0.35;
     rules.min_requests = 40;
 
-    let prom = prom_server.source();
-    for metric in [Metric::ErrorRate, Metric::LatencyP99] {
-        wait_for_value(&prom, metric, "stable", rules.window).await;
-    }
-    let end = Instant::now() + Duration::from_secs(20);
-    while wait_for_value(&prom, Metric::RequestCount, "stable", rules.window).await <= 0.0 {
-        assert!(Instant::now() < end, "no stable requests counted within 20 s");
-        sleep(Duration::from_millis(200)).await;
-    }
+    fleet.wait_for_stable_metrics(rules.window).await;
     let report = tokio::time::timeout(
         Duration::from_secs(60),
         executor.deploy(&canary, &ReleaseId::new("v2").unwrap()),
@@ -230,7 +161,7 @@ async fn a_canary_carrying_a_flag_shares_it_by_stage_and_a_breach_kills_it() {
         OutcomeKind::RolledBack,
         "{report}\n{}\n{}",
         events(),
-        prom_server.log_text()
+        fleet.prom.log_text()
     );
     assert!(
         report.to_string().contains("error rate"),
@@ -263,8 +194,6 @@ async fn a_canary_carrying_a_flag_shares_it_by_stage_and_a_breach_kills_it() {
         assert_eq!(v["flow"], "old", "{}", a.body);
         assert_eq!(v["variant"], "off", "{}", a.body);
     }
-    for inst in &instances {
-        let _ = inst.stop().await;
-    }
+    fleet.stop().await;
     drop(nginx);
 }

@@ -17,16 +17,12 @@ use std::time::Duration;
 
 use deploykit::analysis::HealthWatch;
 use deploykit::chaos::{verdicts, ChaosSpec};
-use deploykit::instance::{LocalInstance, ProcessSpec, ReleaseSource};
-use deploykit::{
-    Backend, Canary, EventKind, EventLog, Executor, HealthCheck, Instance, InstanceId, LoadBalancer, Metric,
-    OutcomeKind, ReleaseId,
-};
+use deploykit::{Backend, EventKind, EventLog, InstanceId, LoadBalancer, OutcomeKind, ReleaseId};
 use tokio::time::{sleep, Instant};
 
-use crate::harness::{free_port, make_release, temp_dir, Haproxy, Http, KillOnDrop, START_DEADLINE};
+use crate::harness::{free_port, temp_dir, Haproxy, Http};
 use crate::load::{Client, LoadGen, Sample};
-use crate::prometheus::{wait_for_value, PromServer};
+use crate::prometheus::{real_canary, CanaryFleet};
 
 /// Requests per second of the load.
 const RATE: u32 = 200;
@@ -171,107 +167,38 @@ async fn run(backend_lines: &str) -> Option<KillRun> {
     let prom_bin = crate::harness::find_binary("prometheus")?;
     let lb_bin = crate::harness::find_binary("haproxy")?;
     let tmp = temp_dir("deploykit-killed-canary");
-    let builds = tmp.path().join("builds");
-    make_release(&builds, "v1");
-    make_release(&builds, "v2");
-
-    let mut instances: Vec<Arc<LocalInstance>> = Vec::new();
-    let mut roots = Vec::new();
-    let mut targets = Vec::new();
-    for (i, track) in [(1, "stable"), (2, "stable"), (3, "canary")] {
-        let port = free_port();
-        let root = tmp.path().join(format!("i-{i}"));
-        roots.push(root.clone());
-        targets.push(format!("127.0.0.1:{port}"));
-        // A few ms per request, so some are in flight on the canary when
-        // it dies.
-        let spec = ProcessSpec::new([
-            "./deploykit-demo-app".to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--version".into(),
-            "{release}".into(),
-            "--track".into(),
-            track.into(),
-            "--latency-ms".into(),
-            "5".into(),
-        ])
-        .unwrap()
-        .grace(Duration::from_secs(10));
-        let inst = LocalInstance::builder(format!("i-{i}"), format!("127.0.0.1:{port}"))
-            .group(track)
-            .root(root.to_str().unwrap())
-            .source(ReleaseSource::directory(&builds))
-            .process(spec)
-            .build()
-            .expect("build a LocalInstance");
-        instances.push(Arc::new(inst));
-    }
-    let _kill = KillOnDrop(roots);
-    let v1 = ReleaseId::new("v1").unwrap();
-    for inst in &instances {
-        inst.install(&v1).await.expect("install v1");
-        inst.start().await.expect("start v1");
-    }
-    for inst in &instances {
-        let end = Instant::now() + START_DEADLINE;
-        while !inst.health().await.map(|h| h.is_healthy()).unwrap_or(false) {
-            assert!(Instant::now() < end, "{} never got healthy", inst.backend().id);
-            sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let backends: Vec<Backend> = instances.iter().map(|i| i.backend().clone()).collect();
-
-    let prom_server = PromServer::start(&prom_bin, tmp.path(), &targets).await;
+    // A few ms per request, so some are in flight on the canary when it
+    // dies.
+    let fleet = CanaryFleet::start(&prom_bin, tmp.path(), |_| {
+        vec!["--latency-ms".to_owned(), "5".to_owned()]
+    })
+    .await;
+    let backends = &fleet.backends;
     let port = free_port();
-    let cfg = config(tmp.path(), port, &backends, backend_lines);
+    let cfg = config(tmp.path(), port, backends, backend_lines);
     let haproxy = Haproxy::start(&lb_bin, tmp.path(), port, &cfg).await;
-    let lb = crate::haproxy::driver(tmp.path(), &backends);
+    let lb = crate::haproxy::driver(tmp.path(), backends);
     lb.check().await.expect("HAProxy knows every server");
     let url = haproxy.url("/");
 
     let log = EventLog::new();
-    let executor = Executor::builder()
-        .instances(instances.iter().map(|i| i.clone() as Arc<dyn Instance>))
-        .load_balancer(Arc::new(lb.clone()) as Arc<dyn LoadBalancer>)
-        .metrics(Arc::new(prom_server.source()))
-        .events(Arc::new(log.clone()))
-        .drain_poll(Duration::from_millis(20))
+    let executor = fleet
+        .executor(Arc::new(lb.clone()) as Arc<dyn LoadBalancer>, &log)
         .build()
         .expect("build the executor");
     let kill: ChaosSpec = serde_json::from_value(serde_json::json!({
         "stage": 1, "after": "1s", "kind": "kill", "expect": "rollback", "within": "30s",
     }))
     .unwrap();
-    let mut canary = Canary {
-        stages: vec![25, 50, 100],
-        stage_duration: Duration::from_secs(5),
-        check_interval: Duration::from_secs(1),
-        health: HealthCheck {
-            retries: 100,
-            interval: Duration::from_millis(50),
-        },
-        drain_timeout: Duration::from_secs(5),
-        ..Canary::default()
-    };
+    let mut canary = real_canary(vec![25, 50, 100]);
     canary.chaos = vec![kill.clone()];
-    canary.analysis.window = Duration::from_secs(10);
-    canary.analysis.inconclusive_limit = 6;
     canary.analysis.health_watch = Some(HealthWatch {
         interval: Duration::from_millis(100),
         failures: 2,
     });
 
     let load = LoadGen::open_loop(&url, RATE, Duration::from_secs(60), true, Client::NonRetrying);
-    let prom = prom_server.source();
-    for metric in [Metric::ErrorRate, Metric::LatencyP99] {
-        wait_for_value(&prom, metric, "stable", canary.analysis.window).await;
-    }
-    let end = Instant::now() + Duration::from_secs(20);
-    while wait_for_value(&prom, Metric::RequestCount, "stable", canary.analysis.window).await <= 0.0 {
-        assert!(Instant::now() < end, "no stable requests counted within 20 s");
-        sleep(Duration::from_millis(200)).await;
-    }
+    fleet.wait_for_stable_metrics(canary.analysis.window).await;
     let load_started = Instant::now() - load.elapsed();
     let deploy_started = load_started.elapsed();
     let report = executor
@@ -290,9 +217,7 @@ async fn run(backend_lines: &str) -> Option<KillRun> {
     let killed_at = deploy_started + Duration::from_millis(injected_ms.unwrap_or(0));
     let after = Http::new().count_versions(&url, 100).await;
     let stat = lb.api().stat("app").await.expect("show stat");
-    for inst in &instances {
-        let _ = inst.stop().await;
-    }
+    fleet.stop().await;
     drop(haproxy);
     Some(KillRun {
         report,

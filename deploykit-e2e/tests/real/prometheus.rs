@@ -17,8 +17,8 @@ use deploykit::chaos::{verdicts, ChaosSpec, Expect};
 use deploykit::instance::{LocalInstance, ProcessSpec, ReleaseSource};
 use deploykit::metrics::prometheus::Prometheus;
 use deploykit::{
-    Backend, Canary, EventKind, EventLog, Executor, Group, HealthCheck, Instance, LoadBalancer, Metric,
-    MetricsSource, Observation, OutcomeKind, ReleaseId, Report,
+    EventKind, EventLog, Group, LoadBalancer, Metric, MetricsSource, Observation, OutcomeKind, ReleaseId,
+    Report,
 };
 use tokio::process::{Child, Command};
 use tokio::time::{sleep, Instant};
@@ -160,6 +160,145 @@ async fn real_prometheus_answers_map_to_typed_observations() {
     }
 }
 
+/// Two stable demo apps (`i-1`, `i-2`) and a canary (`i-3`), run by
+/// `LocalInstance` under `dir` on v1 (v2 is built beside it), healthy and
+/// scraped every second by a real Prometheus: what every real canary test
+/// starts from. Dropping it stops Prometheus, then kills the demo apps.
+pub(crate) struct CanaryFleet {
+    pub(crate) instances: Vec<std::sync::Arc<deploykit::instance::LocalInstance>>,
+    pub(crate) backends: Vec<deploykit::Backend>,
+    pub(crate) prom: PromServer,
+    _kill: KillOnDrop<PathBuf>,
+}
+
+impl CanaryFleet {
+    /// Starts the fleet in `dir`; `args(track)` are the demo-app arguments
+    /// added to every instance of `track` (`"stable"` or `"canary"`).
+    pub(crate) async fn start(prom_bin: &Path, dir: &Path, args: impl Fn(&str) -> Vec<String>) -> Self {
+        use deploykit::Instance as _;
+        let builds = dir.join("builds");
+        make_release(&builds, "v1");
+        make_release(&builds, "v2");
+        let mut instances = Vec::new();
+        let mut roots = Vec::new();
+        let mut targets = Vec::new();
+        for (i, track) in [(1, "stable"), (2, "stable"), (3, "canary")] {
+            let port = free_port();
+            let root = dir.join(format!("i-{i}"));
+            roots.push(root.clone());
+            targets.push(format!("127.0.0.1:{port}"));
+            let mut argv: Vec<String> = [
+                "./deploykit-demo-app",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--version",
+                "{release}",
+                "--track",
+                track,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            argv.extend(args(track));
+            let spec = ProcessSpec::new(argv).unwrap().grace(Duration::from_secs(10));
+            let inst = LocalInstance::builder(format!("i-{i}"), format!("127.0.0.1:{port}"))
+                .group(track)
+                .root(root.to_str().unwrap())
+                .source(ReleaseSource::directory(&builds))
+                .process(spec)
+                .build()
+                .expect("build a LocalInstance");
+            instances.push(std::sync::Arc::new(inst));
+        }
+        let kill = KillOnDrop(roots);
+        let v1 = deploykit::ReleaseId::new("v1").unwrap();
+        for inst in &instances {
+            inst.install(&v1).await.expect("install v1");
+            inst.start().await.expect("start v1");
+        }
+        for inst in &instances {
+            let end = Instant::now() + START_DEADLINE;
+            while !inst.health().await.map(|h| h.is_healthy()).unwrap_or(false) {
+                assert!(Instant::now() < end, "{} never got healthy", inst.backend().id);
+                sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let backends = instances.iter().map(|i| i.backend().clone()).collect();
+        let prom = PromServer::start(prom_bin, dir, &targets).await;
+        Self {
+            instances,
+            backends,
+            prom,
+            _kill: kill,
+        }
+    }
+
+    /// An executor over the fleet behind `lb`, judged by the fleet's
+    /// Prometheus, its events in `log`; callers add what else they need.
+    pub(crate) fn executor(
+        &self,
+        lb: std::sync::Arc<dyn deploykit::LoadBalancer>,
+        log: &deploykit::EventLog,
+    ) -> deploykit::ExecutorBuilder {
+        deploykit::Executor::builder()
+            .instances(
+                self.instances
+                    .iter()
+                    .map(|i| i.clone() as std::sync::Arc<dyn deploykit::Instance>),
+            )
+            .load_balancer(lb)
+            .metrics(std::sync::Arc::new(self.prom.source()))
+            .events(std::sync::Arc::new(log.clone()))
+            .drain_poll(Duration::from_millis(20))
+    }
+
+    /// Waits until Prometheus answers stable's error rate and p99 and counts
+    /// stable requests over `window` (the monitoring check before the first
+    /// stage asks for all three); at most 20 s for the count.
+    pub(crate) async fn wait_for_stable_metrics(&self, window: Duration) {
+        use deploykit::Metric;
+        let prom = self.prom.source();
+        for metric in [Metric::ErrorRate, Metric::LatencyP99] {
+            wait_for_value(&prom, metric, "stable", window).await;
+        }
+        let end = Instant::now() + Duration::from_secs(20);
+        while wait_for_value(&prom, Metric::RequestCount, "stable", window).await <= 0.0 {
+            assert!(Instant::now() < end, "no stable requests counted within 20 s");
+            sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops every instance, ignoring errors (the run may have stopped some).
+    pub(crate) async fn stop(&self) {
+        use deploykit::Instance as _;
+        for inst in &self.instances {
+            let _ = inst.stop().await;
+        }
+    }
+}
+
+/// The canary the real canary tests run on a [`CanaryFleet`]: `stages` of
+/// 5 s checked every second, the canary's start probed every 50 ms (at
+/// most 100 times), drains of at most 5 s, PromQL windows of 10 s, and 6
+/// inconclusive checks in a row allowed (a freshly started canary needs two
+/// scrapes before `rate()` answers).
+pub(crate) fn real_canary(stages: Vec<u8>) -> deploykit::Canary {
+    let mut canary = deploykit::Canary {
+        stages,
+        stage_duration: Duration::from_secs(5),
+        check_interval: Duration::from_secs(1),
+        health: deploykit::HealthCheck {
+            retries: 100,
+            interval: Duration::from_millis(50),
+        },
+        drain_timeout: Duration::from_secs(5),
+        ..deploykit::Canary::default()
+    };
+    canary.analysis.window = Duration::from_secs(10);
+    canary.analysis.inconclusive_limit = 6;
+    canary
+}
+
 pub(crate) struct Run {
     pub(crate) report: Report,
     pub(crate) log: EventLog,
@@ -228,72 +367,26 @@ pub(crate) async fn canary_run_as(
     })?;
     let started = Instant::now();
     let tmp = temp_dir("deploykit-canary-real");
-    let builds = tmp.path().join("builds");
-    make_release(&builds, "v1");
-    make_release(&builds, "v2");
-
-    let mut instances: Vec<Arc<LocalInstance>> = Vec::new();
-    let mut roots = Vec::new();
-    let mut targets = Vec::new();
-    for (i, track) in [(1, "stable"), (2, "stable"), (3, "canary")] {
-        let port = free_port();
-        let root = tmp.path().join(format!("i-{i}"));
-        roots.push(root.clone());
-        targets.push(format!("127.0.0.1:{port}"));
-        let mut argv: Vec<String> = [
-            "./deploykit-demo-app",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--version",
-            "{release}",
-            "--track",
-            track,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if track == "canary" {
-            argv.extend(canary_args.iter().map(|s| s.to_string()));
-        }
-        let spec = ProcessSpec::new(argv).unwrap().grace(Duration::from_secs(10));
-        let inst = LocalInstance::builder(format!("i-{i}"), format!("127.0.0.1:{port}"))
-            .group(track)
-            .root(root.to_str().unwrap())
-            .source(ReleaseSource::directory(&builds))
-            .process(spec)
-            .build()
-            .expect("build a LocalInstance");
-        instances.push(Arc::new(inst));
-    }
-    let _kill = KillOnDrop(roots);
-    let v1 = ReleaseId::new("v1").unwrap();
-    for inst in &instances {
-        inst.install(&v1).await.expect("install v1");
-        inst.start().await.expect("start v1");
-    }
-    for inst in &instances {
-        let end = Instant::now() + START_DEADLINE;
-        while !inst.health().await.map(|h| h.is_healthy()).unwrap_or(false) {
-            assert!(Instant::now() < end, "{} never got healthy", inst.backend().id);
-            sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let backends: Vec<Backend> = instances.iter().map(|i| i.backend().clone()).collect();
-
-    let prom_server = PromServer::start(&prom_bin, tmp.path(), &targets).await;
+    let canary_args: Vec<String> = canary_args.iter().map(|s| s.to_string()).collect();
+    let fleet = CanaryFleet::start(&prom_bin, tmp.path(), |track| match track {
+        "canary" => canary_args.clone(),
+        _ => Vec::new(),
+    })
+    .await;
+    let backends = &fleet.backends;
     let port = free_port();
     let (lb, nginx, haproxy): (Arc<dyn LoadBalancer>, Option<Nginx>, Option<Haproxy>) = match kind {
         Lb::Nginx => {
             Nginx::write_config(tmp.path(), port);
-            let lb = crate::nginx::driver(&lb_bin, tmp.path(), &backends);
+            let lb = crate::nginx::driver(&lb_bin, tmp.path(), backends);
             lb.install().await.expect("install the upstream file");
             let nginx = Nginx::start(&lb_bin, tmp.path(), port).await;
             (Arc::new(lb), Some(nginx), None)
         }
         Lb::Haproxy => {
-            let h = Haproxy::start_for(&lb_bin, tmp.path(), port, &backends).await;
+            let h = Haproxy::start_for(&lb_bin, tmp.path(), port, backends).await;
             (
-                Arc::new(crate::haproxy::driver(tmp.path(), &backends)),
+                Arc::new(crate::haproxy::driver(tmp.path(), backends)),
                 None,
                 Some(h),
             )
@@ -302,36 +395,18 @@ pub(crate) async fn canary_run_as(
     let url = format!("http://127.0.0.1:{port}/");
 
     let log = EventLog::new();
-    let executor = Executor::builder()
-        .instances(instances.iter().map(|i| i.clone() as Arc<dyn Instance>))
-        .load_balancer(lb)
-        .metrics(Arc::new(prom_server.source()))
-        .events(Arc::new(log.clone()))
-        .drain_poll(Duration::from_millis(20))
-        .build()
-        .expect("build the executor");
-    let mut canary = Canary {
-        stages: vec![25, 50, 100],
-        stage_duration: Duration::from_secs(5),
-        check_interval: Duration::from_secs(1),
-        health: HealthCheck {
-            retries: 100,
-            interval: Duration::from_millis(50),
-        },
-        drain_timeout: Duration::from_secs(5),
-        ..Canary::default()
-    };
+    let executor = fleet.executor(lb, &log).build().expect("build the executor");
+    let mut canary = real_canary(vec![25, 50, 100]);
     canary.chaos = chaos;
-    canary.analysis.window = Duration::from_secs(10);
-    // Checks every second: a freshly started canary needs two scrapes before
-    // rate() answers, so allow a few more inconclusive checks in a row.
-    canary.analysis.inconclusive_limit = 6;
     if mode == Mode::Drill {
         // The canary's series goes on from before its restart, so rate()
         // answers at once; a dead one answers nothing 5 s later.
         canary.stage_duration = Duration::from_secs(6);
         canary.analysis.window = Duration::from_secs(5);
         canary.analysis.inconclusive_limit = 3;
+        // The drill proves the metric gate sees a dead canary on real
+        // Prometheus: the health watch, which would see it first, is off.
+        canary.analysis.health_watch = None;
         if canary.chaos.is_empty() {
             canary.chaos = vec![deploykit::chaos::drill::default_entry(
                 &canary,
@@ -347,7 +422,7 @@ pub(crate) async fn canary_run_as(
     // trusting the stage events.
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = haproxy.as_ref().map(|_| {
-        let api = crate::haproxy::driver(tmp.path(), &backends);
+        let api = crate::haproxy::driver(tmp.path(), backends);
         let sampling = sampling.clone();
         tokio::spawn(async move {
             let mut shares: Vec<u32> = Vec::new();
@@ -370,15 +445,8 @@ pub(crate) async fn canary_run_as(
     // Let Prometheus see stable traffic before the first check (the
     // monitoring check before the first stage asks for it too).
     sleep(Duration::from_secs(2)).await;
-    let prom = prom_server.source();
-    for metric in [Metric::ErrorRate, Metric::LatencyP99] {
-        wait_for_value(&prom, metric, "stable", canary.analysis.window).await;
-    }
-    let end = Instant::now() + Duration::from_secs(20);
-    while wait_for_value(&prom, Metric::RequestCount, "stable", canary.analysis.window).await <= 0.0 {
-        assert!(Instant::now() < end, "no stable requests counted within 20 s");
-        sleep(Duration::from_millis(200)).await;
-    }
+    fleet.wait_for_stable_metrics(canary.analysis.window).await;
+    let prom = fleet.prom.source();
     let report = match mode {
         Mode::Deploy => executor.deploy(&canary, &ReleaseId::new("v2").unwrap()).await,
         Mode::Drill => {
@@ -404,7 +472,7 @@ pub(crate) async fn canary_run_as(
     };
     let after = Http::new().count_versions(&url, 100).await;
     let weights = match &haproxy {
-        Some(_) => crate::haproxy::driver(tmp.path(), &backends)
+        Some(_) => crate::haproxy::driver(tmp.path(), backends)
             .api()
             .servers_state("app")
             .await
@@ -414,9 +482,7 @@ pub(crate) async fn canary_run_as(
             .collect(),
         None => Vec::new(),
     };
-    for inst in &instances {
-        let _ = inst.stop().await;
-    }
+    fleet.stop().await;
     drop(nginx);
     drop(haproxy);
     Some(Run {
@@ -659,8 +725,8 @@ async fn monitoring_before_deploy_asks_real_prometheus_and_names_a_query_that_ma
 }
 
 /// A chaos entry through real processes: SIGKILL of the canary's demo app at
-/// the start of stage 1. Its metrics stop (Prometheus cannot scrape it),
-/// the analysis has no data, and the deployment rolls back within the
+/// the start of stage 1. Its health probes fail (the health watch is on by
+/// default) and its metrics stop, and the deployment rolls back within the
 /// budget; the verdict passes. The same run read against `expect =
 /// "continue"` fails, saying why.
 #[tokio::test]

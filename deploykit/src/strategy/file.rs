@@ -296,10 +296,7 @@ pub(crate) struct CanaryDoc {
     mann_whitney: MannWhitneySettings,
     score: ScoreThresholds,
     monitoring_check: bool,
-    #[serde(
-        with = "crate::duration_text::option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(with = "crate::duration_text::or_off")]
     health_watch: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     health_watch_failures: Option<u32>,
@@ -373,9 +370,12 @@ impl TryFrom<CanaryDoc> for Canary {
 
     fn try_from(d: CanaryDoc) -> Result<Self, String> {
         if d.health_watch.is_none() && d.health_watch_failures.is_some() {
-            return Err("health_watch_failures is set but health_watch is not; add e.g. \
-                 health_watch = \"500ms\" to watch the canary's health, or remove health_watch_failures"
-                .to_owned());
+            return Err(
+                "health_watch_failures is set but health_watch is \"off\"; remove \
+                 health_watch = \"off\" to watch the canary's health (every 1s by default), \
+                 or remove health_watch_failures"
+                    .to_owned(),
+            );
         }
         Ok(Self {
             stages: d.stages.into_iter().map(|s| s.0).collect(),

@@ -727,9 +727,12 @@ async fn the_health_watch_rolls_a_killed_canary_back_that_the_metrics_cannot_see
 
 #[tokio::test(start_paused = true)]
 async fn without_the_health_watch_the_same_killed_canary_is_promoted_blind() {
-    // The contrast: metrics that cannot see the dead canary promote it.
+    // The contrast: metrics that cannot see the dead canary promote it
+    // once the watch, on by default, is turned off.
     let d = drill(false);
-    let c = canary(vec![kill_in_stage_2("5s")]);
+    let mut c = canary(vec![kill_in_stage_2("5s")]);
+    assert_eq!(c.analysis.health_watch, Some(HealthWatch::DEFAULT));
+    c.analysis.health_watch = None;
     let (report, events) = d.run(&c).await;
     assert_eq!(report.outcome, OutcomeKind::Succeeded, "{:?}", report.reason);
     let v = verdicts(&c.chaos, &events);
@@ -761,13 +764,40 @@ fn the_health_watch_reads_from_toml_and_bad_values_name_the_key() {
     // It writes back as it reads.
     let text = toml::to_string(&c).unwrap();
     assert_eq!(toml_canary(&text).unwrap(), c, "{text}");
-    // Without the key there is no watch, and the default count is 2.
+    // Without the key the watch is on: every 1s, 2 failed probes in a row.
     assert_eq!(
         toml_canary("stages = [10, 100]\n").unwrap().analysis.health_watch,
-        None
+        Some(HealthWatch {
+            interval: Duration::from_secs(1),
+            failures: 2
+        })
     );
-    let c = toml_canary("stages = [10, 100]\nhealth_watch = \"1s\"\n").unwrap();
+    let c = toml_canary("stages = [10, 100]\nhealth_watch = \"2s\"\n").unwrap();
     assert_eq!(c.analysis.health_watch.unwrap().failures, 2);
+    // A count alone keeps the default interval.
+    let c = toml_canary("stages = [10, 100]\nhealth_watch_failures = 3\n").unwrap();
+    assert_eq!(
+        c.analysis.health_watch,
+        Some(HealthWatch {
+            interval: Duration::from_secs(1),
+            failures: 3
+        })
+    );
+    // "off" (or false) turns it off, and writes back as "off".
+    for off in ["\"off\"", "false"] {
+        let c = toml_canary(&format!("stages = [10, 100]\nhealth_watch = {off}\n")).unwrap();
+        assert_eq!(c.analysis.health_watch, None, "{off}");
+        let text = toml::to_string(&c).unwrap();
+        assert!(text.contains("health_watch = \"off\""), "{text}");
+        assert_eq!(toml_canary(&text).unwrap(), c, "{text}");
+    }
+    let e = toml_canary("stages = [10, 100]\nhealth_watch = \"sometimes\"\n").unwrap_err();
+    assert!(e.contains("health_watch") && e.contains("\"off\""), "{e}");
+    let e = toml_canary("stages = [10, 100]\nhealth_watch = true\n").unwrap_err();
+    assert!(
+        e.contains("health_watch") && e.contains("does not say how often"),
+        "{e}"
+    );
     let e = toml_canary("stages = [10, 100]\nhealth_watch = \"1s\"\nhealth_watch_failures = 0\n")
         .unwrap()
         .validate()
@@ -783,10 +813,12 @@ fn the_health_watch_reads_from_toml_and_bad_values_name_the_key() {
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("invalid analysis.health_watch: is 0"), "{e}");
-    // A count without a watch would watch nothing: refused, naming both keys.
-    let e = toml_canary("stages = [10, 100]\nhealth_watch_failures = 3\n").unwrap_err();
+    // A count with the watch off would watch nothing: refused, naming both
+    // keys.
+    let e =
+        toml_canary("stages = [10, 100]\nhealth_watch = \"off\"\nhealth_watch_failures = 3\n").unwrap_err();
     assert!(
-        e.contains("health_watch_failures is set but health_watch is not"),
+        e.contains("health_watch_failures is set but health_watch is \"off\""),
         "{e}"
     );
 }

@@ -300,6 +300,43 @@ impl World {
         (r.report, r.plan)
     }
 
+    /// Recovers as `how` says, as an operator following deploykit's advice
+    /// would: a resume refused because the killed run had begun to roll
+    /// back (its journal holds `rollback_started`) is rolled back instead.
+    /// Returns how it recovered, with [`recover`](Self::recover)'s answer.
+    pub(crate) async fn recover_as_told(&self, how: How) -> (How, Option<Report>, Option<Plan>) {
+        let how = match how {
+            How::Resume if self.resume_refused_as_rolling_back().await => How::Rollback,
+            how => how,
+        };
+        let (report, plan) = self.recover(how).await;
+        (how, report, plan)
+    }
+
+    /// Whether `recovery::resume` refuses the interrupted run because it had
+    /// begun to roll back; judged on the journal's typed events, the refusal
+    /// itself being only words.
+    async fn resume_refused_as_rolling_back(&self) -> bool {
+        let latest = self.state.latest().unwrap().expect("a journal");
+        let recorded = Recorded::load(&self.state, &latest).unwrap();
+        let probe = self.exec(None);
+        let snap = probe.snapshot().await.unwrap();
+        let live = match self.kind {
+            StrategyKind::BlueGreen => Some(self.live(&probe).await),
+            _ => None,
+        };
+        let refused = matches!(
+            recovery::resume(&recorded, &snap, &self.strategies, live.as_ref()),
+            Err(deploykit::Error::Refused(_))
+        );
+        let began_rolling_back = recorded
+            .latest()
+            .events
+            .iter()
+            .any(|e| matches!(e.kind, deploykit::EventKind::RollbackStarted { .. }));
+        refused && began_rolling_back
+    }
+
     /// As [`recover`](Self::recover), the recovery itself killed after its
     /// record `kill_after`.
     async fn recover_killed(&self, how: How, kill_after: u64) -> Recovery {
