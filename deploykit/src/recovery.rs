@@ -710,6 +710,8 @@ fn resolve_winner(plan: &mut Plan, winner: &crate::plan::ExperimentArm) {
     for s in &mut plan.stages {
         s.if_winner = None;
     }
+    // What stable is promoted to, and what the report calls deployed.
+    plan.release = winner.release.clone();
     let moved = plan.instances();
     let done: Vec<InstanceId> = plan
         .previous

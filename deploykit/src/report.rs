@@ -103,7 +103,8 @@ pub struct Report {
     pub deployment: String,
     /// The strategy.
     pub strategy: crate::kinds::StrategyKind,
-    /// The release that was deployed.
+    /// The release that was deployed: the plan's, or the winner's
+    /// release after an experiment with several treatments chose one.
     pub release: ReleaseId,
     /// The outcome.
     pub outcome: OutcomeKind,

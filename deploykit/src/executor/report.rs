@@ -278,6 +278,7 @@ mod tests {
             error: error.map(String::from),
             phase,
             returned_to: None,
+            installed: None,
             health_unknown: false,
         }
     }

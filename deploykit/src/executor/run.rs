@@ -536,6 +536,9 @@ impl<'a> Run<'a> {
             checks,
             experiment,
             variants,
+            // Stable was promoted to the winner's release, whichever the
+            // plan was named after.
+            release: winner.as_ref().map_or(report.release, |w| w.release.clone()),
             winner,
             ..report
         };
@@ -575,6 +578,13 @@ impl<'a> Run<'a> {
         if let (Some(id), true) = (&instance, steps::instance::marks_on_start(step)) {
             self.mark(id, |p| steps::instance::mark_started(step, p));
         }
+        // Like the release change it is marked when attempted: the
+        // instance may run it from here on.
+        if let (Some(id), false, Step::Install { release, .. }) = (&instance, rollback, step) {
+            if let Some(t) = self.lock().tracked.get_mut(id) {
+                t.installed = Some(release.clone());
+            }
+        }
         if !rollback && matches!(step, Step::SwitchTo { .. }) {
             self.lock().switch_attempted = true;
         }
@@ -596,10 +606,8 @@ impl<'a> Run<'a> {
         if let (Some(id), Ok(_), true) = (&instance, &result, steps::instance::marks_on_done(step)) {
             if let Some(t) = self.lock().tracked.get_mut(id) {
                 steps::instance::mark_done(step, &mut t.progress);
-                match (rollback, step) {
-                    (false, Step::Restore { release, .. }) => t.returned_to = Some(release.clone()),
-                    (false, Step::Install { release, .. }) => t.installed = Some(release.clone()),
-                    _ => {}
+                if let (false, Step::Restore { release, .. }) = (rollback, step) {
+                    t.returned_to = Some(release.clone());
                 }
             }
         }

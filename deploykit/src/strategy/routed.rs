@@ -1458,6 +1458,173 @@ mod tests {
         );
     }
 
+    /// Two stable instances, one of canary-b and one of canary-c, on v1.
+    fn three_groups() -> FleetSnapshot {
+        let mut f = fleet(2, 0);
+        for (k, grp) in [(3, "canary-b"), (4, "canary-c")] {
+            f.instances.push(InstanceSnapshot {
+                backend: Backend {
+                    id: InstanceId::new(format!("i-{k}")).unwrap(),
+                    address: Address::parse(&format!("127.0.0.1:{}", 20000 + k)).unwrap(),
+                    group: Group::new(grp).unwrap(),
+                },
+                release: Some(ReleaseId::new("v1").unwrap()),
+            });
+        }
+        f
+    }
+
+    fn two_treatments() -> Experiment {
+        Experiment {
+            treatments: vec![
+                Treatment::new(Group::new("canary-b").unwrap(), 20),
+                Treatment::new(Group::new("canary-c").unwrap(), 30).release(ReleaseId::new("v3").unwrap()),
+            ],
+            ..Experiment::default()
+        }
+    }
+
+    #[test]
+    fn an_experiment_with_two_treatments_plans_a_branch_per_winner() {
+        let plan = two_treatments().plan(&three_groups(), &v2()).unwrap();
+        let names: Vec<String> = plan
+            .stages
+            .iter()
+            .map(|s| match &s.if_winner {
+                Some(g) => format!("{} [{g}]", s.name),
+                None => s.name.clone(),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "isolate treatments",
+                "deploy treatments",
+                "experiment: stable 50 %, canary-b 20 %, canary-c 30 % (sticky by cookie dk_variant it sets)",
+                "all traffic to canary-b (the winner) [canary-b]",
+                "back up stable [canary-b]",
+                "promote stable 1/2 to v2 [canary-b]",
+                "promote stable 2/2 to v2 [canary-b]",
+                "all traffic to canary-c (the winner) [canary-c]",
+                "back up stable [canary-c]",
+                "promote stable 1/2 to v3 [canary-c]",
+                "promote stable 2/2 to v3 [canary-c]",
+                "all traffic to stable",
+                "stop treatments"
+            ]
+        );
+        // Each treatment deployed with its own release.
+        let deploy: Vec<String> = plan.stages[1].units[0]
+            .steps
+            .iter()
+            .chain(&plan.stages[1].units[1].steps)
+            .filter(|s| matches!(s, Step::Install { .. }))
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(deploy, ["install v2 on i-3", "install v3 on i-4"]);
+        assert_eq!(
+            plan.stages[3].units[0].steps[0].to_string(),
+            "set weights stable=0% canary-b=100% canary-c=0%"
+        );
+        assert_eq!(
+            plan.on_abort[0].to_string(),
+            "set weights stable=100% canary-b=0% canary-c=0%"
+        );
+        assert_eq!(plan.leave_stopped.len(), 2);
+        // The dry run shows which branch runs when, and each branch's release.
+        let shown = plan.to_string();
+        assert!(
+            shown.contains("stage 10: promote stable 1/2 to v3 [only if canary-c wins] (1 unit(s) at once)")
+                && shown.contains("  i-1 (v1 -> v3): ")
+                && shown.contains("  i-1 (v1 -> v2): ")
+                && shown.contains("experiment canary-b (v2), canary-c (v3) (treatments, Holm-corrected) against stable (control)"),
+            "{shown}"
+        );
+        // One branch counts in the projection, not both.
+        let one = Experiment {
+            treatments: two_treatments().treatments[..1].to_vec(),
+            ..two_treatments()
+        };
+        let mut f = three_groups();
+        f.instances.pop();
+        let single = one.plan(&f, &v2()).unwrap();
+        assert_eq!(plan.projected_duration().max, single.projected_duration().max);
+    }
+
+    #[test]
+    fn experiment_treatments_validation_names_the_field() {
+        let d = two_treatments();
+        d.validate().unwrap();
+        let with = |f: &dyn Fn(&mut Experiment)| {
+            let mut e = d.clone();
+            f(&mut e);
+            e
+        };
+        for (bad, name, says) in [
+            (
+                with(&|e| e.treatments[1].percent = 0),
+                "treatments[1].percent",
+                "outside 1-99",
+            ),
+            (
+                with(&|e| e.treatments[1].percent = 80),
+                "treatments",
+                "add up to 100",
+            ),
+            (
+                with(&|e| e.treatments[0].group = Group::new("stable").unwrap()),
+                "treatments[0].group",
+                "the control",
+            ),
+            (
+                with(&|e| e.treatments[1].group = Group::new("canary-b").unwrap()),
+                "treatments[1].group",
+                "also treatments[0]'s group",
+            ),
+            (
+                with(&|e| e.treatments[1].release = None),
+                "treatments[1].release",
+                "deployed release",
+            ),
+            (
+                with(&|e| e.treatments[0].release = Some(ReleaseId::new("v3").unwrap())),
+                "treatments[1].release",
+                "v3 is also treatments[0]'s release",
+            ),
+            (
+                with(&|e| e.rules.on_no_difference = crate::experiment::NoDifference::Promote),
+                "on_no_difference",
+                "which to promote",
+            ),
+            (
+                with(&|e| e.base.flag = Some("checkout".into())),
+                "flag",
+                "several treatments",
+            ),
+        ] {
+            let e = bad.validate().unwrap_err();
+            let text = e.to_string();
+            assert_eq!(field(e), name);
+            assert!(text.contains(says), "{text}");
+        }
+        // One treatment may promote on no difference: it is unambiguous.
+        with(&|e| {
+            e.treatments.truncate(1);
+            e.rules.on_no_difference = crate::experiment::NoDifference::Promote;
+        })
+        .validate()
+        .unwrap();
+        // The fleet: a treatment group without instances, a stray group.
+        let mut f = three_groups();
+        f.instances.pop();
+        let e = d.plan(&f, &v2()).unwrap_err();
+        assert_eq!(field(e), "treatments[1].group");
+        let mut f = three_groups();
+        f.instances[3].backend.group = Group::new("canary").unwrap();
+        let e = d.plan(&f, &v2()).unwrap_err();
+        assert_eq!(field(e), "instances");
+    }
+
     #[test]
     fn shadow_plan_mirrors_then_tears_down_or_hands_over() {
         let s = Shadow {
