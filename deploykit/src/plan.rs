@@ -1092,6 +1092,18 @@ impl fmt::Display for Plan {
             secs(p.min),
             secs(p.max)
         )?;
+        // The release each instance is given outside any winner's branch.
+        let installs: BTreeMap<&InstanceId, &ReleaseId> = self
+            .stages
+            .iter()
+            .filter(|s| s.if_winner.is_none())
+            .flat_map(|s| &s.units)
+            .flat_map(|u| &u.steps)
+            .filter_map(|s| match s {
+                Step::Install { instance, release } => Some((instance, release)),
+                _ => None,
+            })
+            .collect();
         for (n, stage) in self.stages.iter().enumerate() {
             let branch = match &stage.if_winner {
                 Some(g) => format!(" [only if {g} wins]"),
@@ -1106,7 +1118,8 @@ impl fmt::Display for Plan {
             )?;
             for unit in &stage.units {
                 let steps: Vec<String> = unit.steps.iter().map(|s| s.to_string()).collect();
-                // A branch's instances move to its treatment's release.
+                // A branch's instances move to its treatment's release, a
+                // treatment's to its own.
                 let release = unit
                     .steps
                     .iter()
@@ -1114,6 +1127,7 @@ impl fmt::Display for Plan {
                         Step::Install { release, .. } => Some(release),
                         _ => None,
                     })
+                    .or_else(|| unit.instance.as_ref().and_then(|i| installs.get(i).copied()))
                     .unwrap_or(&self.release);
                 match &unit.instance {
                     Some(i) => {
