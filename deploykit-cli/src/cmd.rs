@@ -1021,6 +1021,8 @@ async fn run_deploy(
                         duration: Duration::ZERO,
                         checks: Vec::new(),
                         experiment: None,
+                        variants: None,
+                        winner: None,
                     };
                     return conclude(ctx, exec, journal.as_ref(), &report, human.as_deref()).await;
                 }

@@ -518,8 +518,12 @@ pub(crate) struct StrategyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct ExperimentConfig {
-    /// The users on the treatment (the new release), 1-99 percent.
-    pub(crate) treatment_percent: u8,
+    /// The users on the treatment (the new release), 1-99 percent; not
+    /// with `treatments`.
+    pub(crate) treatment_percent: Option<u8>,
+    /// `[[strategy.experiment.treatments]]`: several treatments, each a
+    /// group with its release and percent.
+    pub(crate) treatments: Vec<deploykit::strategy::Treatment>,
     /// What keeps a user on one variant.
     pub(crate) sticky: deploykit::routing::Sticky,
     /// The longest the experiment runs before "no significant difference".
@@ -542,7 +546,8 @@ impl Default for ExperimentConfig {
     fn default() -> Self {
         let lib = Experiment::default();
         Self {
-            treatment_percent: lib.treatment_percent,
+            treatment_percent: None,
+            treatments: Vec::new(),
             sticky: lib.sticky,
             duration: Dur(lib.duration),
             alpha: lib.rules.alpha,
@@ -633,7 +638,10 @@ impl Config {
         let e = &self.strategy.experiment;
         Experiment {
             base: self.canary(),
-            treatment_percent: e.treatment_percent,
+            treatment_percent: e
+                .treatment_percent
+                .unwrap_or(Experiment::default().treatment_percent),
+            treatments: e.treatments.clone(),
             sticky: e.sticky.clone(),
             duration: e.duration.0,
             rules: deploykit::experiment::ExperimentRules {
@@ -1540,6 +1548,13 @@ fn check_strategy(c: &Config, kind: StrategyKind, groups: &BTreeSet<&Group>) -> 
                 StrategyKind::Shadow => c.shadow().validate().map_err(in_section("shadow"))?,
                 StrategyKind::DarkLaunch => c.dark_launch().validate().map_err(in_section("dark-launch"))?,
                 StrategyKind::Experiment => {
+                    let e = &s.experiment;
+                    if e.treatment_percent.is_some() && !e.treatments.is_empty() {
+                        return Err(inv(
+                            "strategy.experiment.treatment_percent",
+                            "is set beside [[strategy.experiment.treatments]]; give each treatment its percent there and remove treatment_percent",
+                        ));
+                    }
                     c.experiment().validate().map_err(in_section("experiment"))?;
                     if c.metrics.is_none() {
                         return Err(inv(
@@ -1550,7 +1565,28 @@ fn check_strategy(c: &Config, kind: StrategyKind, groups: &BTreeSet<&Group>) -> 
                 }
                 _ => {}
             }
-            for g in [&canary.stable_group, &canary.canary_group] {
+            // An experiment with several treatments has no canary group:
+            // its treatment groups need instances instead.
+            let treatments = &s.experiment.treatments;
+            if kind == StrategyKind::Experiment && !treatments.is_empty() {
+                for (i, t) in treatments.iter().enumerate() {
+                    if !groups.contains(&t.group) {
+                        return Err(inv(
+                            format!("strategy.experiment.treatments[{i}].group"),
+                            format!(
+                                "no instance is in the group {}; give the treatment's instances group = \"{}\"",
+                                t.group, t.group
+                            ),
+                        ));
+                    }
+                }
+            }
+            let needed: Vec<&Group> = if kind == StrategyKind::Experiment && !treatments.is_empty() {
+                vec![&canary.stable_group]
+            } else {
+                vec![&canary.stable_group, &canary.canary_group]
+            };
+            for g in needed {
                 if !groups.contains(g) {
                     return Err(inv(
                         "instances",

@@ -192,6 +192,25 @@ impl EventSink for Human {
                     ),
                 );
             }
+            EventKind::ExperimentVariants {
+                reading,
+                experiment_ms,
+            } => {
+                self.line(
+                    t,
+                    format!(
+                        "  experiment at {:.0}s: {reading}: {}",
+                        *experiment_ms as f64 / 1000.0,
+                        reading.verdict()
+                    ),
+                );
+            }
+            EventKind::ExperimentDecided { winner, release } => {
+                self.line(
+                    t,
+                    format!("  experiment decided: {winner} wins; every user moves to it, then stable to {release}"),
+                );
+            }
             EventKind::AwaitingPromotion { stage, weight, .. } => {
                 self.line(
                     t,

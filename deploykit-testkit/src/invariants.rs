@@ -349,6 +349,8 @@ mod tests {
             duration: Duration::ZERO,
             checks: Vec::new(),
             experiment: None,
+            variants: None,
+            winner: None,
         }
     }
 

@@ -168,6 +168,23 @@ pub enum EventKind {
         #[serde(rename = "experiment_ms")]
         elapsed_ms: u64,
     },
+    /// One reading of an experiment with several treatments: every
+    /// variant's tally, rate, effect against the control, raw and
+    /// Holm-adjusted p-values.
+    ExperimentVariants {
+        /// The statistics.
+        reading: crate::experiment::VariantsReading,
+        /// Time since the experiment started, milliseconds.
+        experiment_ms: u64,
+    },
+    /// An experiment with several treatments chose its winner; recorded
+    /// before anything acts on it, so a resumed run promotes the same one.
+    ExperimentDecided {
+        /// The winning treatment's group.
+        winner: crate::names::Group,
+        /// Its release: what stable is promoted to.
+        release: crate::names::ReleaseId,
+    },
     /// After a breach that was not critical, the canary's share stepped
     /// down one step of a ramp-down (the rollback follows the last).
     RampingDown {

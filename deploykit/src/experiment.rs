@@ -380,6 +380,116 @@ impl ManySequential {
     }
 }
 
+/// One treatment of a [`VariantsReading`]: its group, its release and how
+/// it compares with the control.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VariantStats {
+    /// The treatment's group.
+    pub group: crate::names::Group,
+    /// The release it serves.
+    pub release: crate::names::ReleaseId,
+    /// Its tally, effect, Λ, raw and Holm-adjusted p-values.
+    pub comparison: Comparison,
+}
+
+/// A reading of an experiment with named variants: the control's group and
+/// tally, each treatment's statistics, and the verdict (the winner by
+/// group). What the events, journals and reports of an experiment with
+/// more than one treatment hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VariantsReading {
+    /// The control's group.
+    pub control_group: crate::names::Group,
+    /// The control's tally.
+    pub control: Tally,
+    /// Each treatment against the control, in the configured order.
+    pub treatments: Vec<VariantStats>,
+    /// The best treatment significantly better than the control, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub winner: Option<crate::names::Group>,
+    /// Every treatment is significantly worse than the control.
+    #[serde(default)]
+    pub control_wins: bool,
+}
+
+impl VariantsReading {
+    /// Names the variants of `reading` (treatments in the order `arms`
+    /// gives them: group and release).
+    pub fn new(
+        control_group: crate::names::Group,
+        reading: &ManyReading,
+        arms: &[(crate::names::Group, crate::names::ReleaseId)],
+    ) -> Self {
+        let treatments: Vec<VariantStats> = arms
+            .iter()
+            .zip(&reading.treatments)
+            .map(|((group, release), c)| VariantStats {
+                group: group.clone(),
+                release: release.clone(),
+                comparison: *c,
+            })
+            .collect();
+        let winner = match reading.verdict {
+            ManyVerdict::TreatmentWins { index } => treatments.get(index).map(|t| t.group.clone()),
+            _ => None,
+        };
+        Self {
+            control_group,
+            control: reading.control,
+            treatments,
+            winner,
+            control_wins: reading.verdict == ManyVerdict::ControlWins,
+        }
+    }
+
+    /// Whether the control and every treatment reached `rules.min_samples`
+    /// visits, so each comparison could decide at this reading.
+    pub fn has_samples(&self, rules: &ExperimentRules) -> bool {
+        let n = rules.min_samples as f64;
+        self.control.visits >= n && self.treatments.iter().all(|t| t.comparison.treatment.visits >= n)
+    }
+
+    /// The verdict in words.
+    pub fn verdict(&self) -> String {
+        match (&self.winner, self.control_wins) {
+            (Some(g), _) => format!("{g} wins"),
+            (None, true) => format!("the control {} wins", self.control_group),
+            (None, false) => "no significant difference yet".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for VariantsReading {
+    /// Every variant's statistics as one sentence, as reasons and reports
+    /// show them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "control {} {:.0}/{:.0} ({:.2} %)",
+            self.control_group,
+            self.control.conversions,
+            self.control.visits,
+            self.control.rate() * 100.0
+        )?;
+        for t in &self.treatments {
+            let c = &t.comparison;
+            write!(
+                f,
+                "; {} ({}) {:.0}/{:.0} ({:.2} %), effect {:+.2} points, p = {:.4}, Holm-adjusted p = {:.4}",
+                t.group,
+                t.release,
+                c.treatment.conversions,
+                c.treatment.visits,
+                c.treatment.rate() * 100.0,
+                c.effect * 100.0,
+                c.p_value,
+                c.adjusted_p_value
+            )?;
+        }
+        f.write_str(" (always valid)")
+    }
+}
+
 /// Holm's adjusted p-values, in the order given: sorted ascending, the
 /// `k`-th (from 0) of `m` is multiplied by `m - k`, kept at least the one
 /// before it, capped at 1.

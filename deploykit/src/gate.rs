@@ -453,6 +453,145 @@ pub(crate) async fn experiment(
     }
 }
 
+/// Runs an experiment with several treatments (`arms`, each a group and
+/// its release) against the control `analysis.stable` for at most
+/// `duration`: every `analysis.interval` the guardrails are checked for
+/// each treatment (each with an analyzer of its own, its checks numbered
+/// as stage `k` of the treatments in the events), and a breach of any
+/// rolls the whole experiment back — the simplest rule that never
+/// promotes past a failing release; then the tallies of every variant
+/// since the start go into the Holm-corrected test
+/// ([`crate::experiment::ManySequential`]), emitted as an
+/// [`EventKind::ExperimentVariants`]. A winner is emitted as an
+/// [`EventKind::ExperimentDecided`] and returned (with its release).
+/// Every treatment significantly worse, or no winner when time runs out,
+/// keeps the control. Resumed as [`experiment`] is.
+pub(crate) async fn experiment_variants(
+    ctx: &GateCtx<'_>,
+    rules: &crate::experiment::ExperimentRules,
+    duration: Duration,
+    ran_for: Duration,
+    analysis: &Analysis,
+    arms: &[crate::plan::ExperimentArm],
+) -> Result<crate::plan::ExperimentArm, GateError> {
+    use crate::experiment::{ManySequential, VariantsReading};
+    let started = Instant::now();
+    let left = duration.saturating_sub(ran_for).max(analysis.interval);
+    let per_arm: Vec<(Analysis, Mutex<Analyzer>)> = arms
+        .iter()
+        .map(|a| {
+            let mut an = analysis.clone();
+            an.canary = a.group.clone();
+            (an, Mutex::new(Analyzer::default()))
+        })
+        .collect();
+    let named: Vec<(crate::names::Group, crate::names::ReleaseId)> = arms
+        .iter()
+        .map(|a| (a.group.clone(), a.release.clone()))
+        .collect();
+    let state = Mutex::new((ManySequential::default(), None::<VariantsReading>));
+    let of = arms.len();
+    let tick = |elapsed: Duration| {
+        let (state, per_arm, named) = (&state, &per_arm, &named);
+        async move {
+            for (k, (an, analyzer)) in per_arm.iter().enumerate() {
+                let own = GateCtx {
+                    metrics: ctx.metrics,
+                    query_timeout: ctx.query_timeout,
+                    cancel: ctx.cancel,
+                    analyzer,
+                    emit: ctx.emit,
+                };
+                if let Err(e) = own.check(k + 1, of, 0, an).await {
+                    let e = match e {
+                        GateError::Failed { reason, over_limit } => GateError::Failed {
+                            reason: format!("treatment {}: {reason}; every treatment rolls back", an.canary),
+                            over_limit,
+                        },
+                        GateError::Rollback(why) => GateError::Rollback(format!(
+                            "treatment {}: {why}; every treatment rolls back",
+                            an.canary
+                        )),
+                        other => other,
+                    };
+                    return ControlFlow::Break(Err(e));
+                }
+            }
+            let since_start = ran_for + elapsed;
+            let window = Duration::from_secs(since_start.as_secs_f64().ceil().max(1.0) as u64);
+            let control = ctx
+                .bounded(ctx.metrics.observe_tally(&analysis.stable, window))
+                .await;
+            let treatments = futures::future::join_all(
+                named
+                    .iter()
+                    .map(|(g, _)| ctx.bounded(ctx.metrics.observe_tally(g, window))),
+            )
+            .await;
+            let Measured::Value(control) = control else {
+                return ControlFlow::Continue(());
+            };
+            let mut tallies = Vec::with_capacity(treatments.len());
+            for t in treatments {
+                let Measured::Value(t) = t else {
+                    return ControlFlow::Continue(());
+                };
+                tallies.push(t);
+            }
+            let reading = {
+                let mut st = state.lock().expect("experiment state poisoned");
+                let r = st.0.read(rules, control, &tallies);
+                let r = VariantsReading::new(analysis.stable.clone(), &r, named);
+                st.1 = Some(r.clone());
+                r
+            };
+            (ctx.emit)(EventKind::ExperimentVariants {
+                reading: reading.clone(),
+                experiment_ms: ms(since_start),
+            });
+            if let Some(w) = &reading.winner {
+                let arm = arms
+                    .iter()
+                    .find(|a| &a.group == w)
+                    .expect("the winner is one of the treatments")
+                    .clone();
+                return ControlFlow::Break(Ok(arm));
+            }
+            if reading.control_wins {
+                return ControlFlow::Break(Err(GateError::NoWinner(format!(
+                    "experiment: the control {} wins, every treatment converts significantly worse: {reading}",
+                    analysis.stable
+                ))));
+            }
+            ControlFlow::Continue(())
+        }
+    };
+    let decided = match every(started, left, analysis.interval, ctx.cancel, tick).await {
+        Err(()) => return Err(GateError::Cancelled),
+        Ok(Some(decided)) => decided,
+        Ok(None) => {
+            let last = state.lock().expect("experiment state poisoned").1.clone();
+            let secs = duration.as_secs_f64();
+            Err(GateError::NoWinner(match last {
+                Some(r) => format!(
+                    "experiment: no treatment significantly better within {secs:.0}s, the control {} stays: {r}",
+                    analysis.stable
+                ),
+                None => format!(
+                    "experiment: no visits and conversions could be read within {secs:.0}s; the control {} stays",
+                    analysis.stable
+                ),
+            }))
+        }
+    };
+    let arm = decided?;
+    (ctx.emit)(EventKind::ExperimentDecided {
+        winner: arm.group.clone(),
+        release: arm.release.clone(),
+    });
+    Ok(arm)
+}
+
 /// The statistics of a reading as a sentence.
 fn describe(r: &crate::experiment::Reading) -> String {
     r.to_string()

@@ -190,9 +190,9 @@ pub use kinds::{StepKind, StrategyKind};
 pub use lb::NoLoadBalancer;
 pub use names::{Address, Group, InstanceId, ReleaseId};
 pub use plan::{
-    compensation_steps, idle_steps, retirement_steps, AbortFailure, AbortStep, AbortWhen, FailurePolicy,
-    FleetSnapshot, HealthCheck, InstanceProgress, InstanceSnapshot, InstanceUndo, Plan, Projection, RampDown,
-    RampDownStep, Stage, Step, Unit,
+    compensation_steps, idle_steps, retirement_steps, AbortFailure, AbortStep, AbortWhen, ExperimentArm,
+    FailurePolicy, FleetSnapshot, HealthCheck, InstanceProgress, InstanceSnapshot, InstanceUndo, Plan,
+    Projection, RampDown, RampDownStep, Stage, Step, Unit,
 };
 pub use promotion::{PromotionHandle, PromotionState};
 pub use report::{InstanceReport, InstanceStatus, OutcomeKind, Report, StageCheck};

@@ -318,6 +318,13 @@ impl From<PlanOnDisk> for Plan {
 /// Units that run concurrently.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stage {
+    /// Run the stage only when an experiment of the plan chose this group
+    /// as its winner (see [`Step::Experiment`]'s `treatments`): a plan
+    /// whose promotion is decided at run time holds one branch per
+    /// treatment, and the executor skips the branches of the losers.
+    /// `None` (most stages): always run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_winner: Option<Group>,
     /// A name for progress and logs (`batch 3/10`, `stabilise`).
     pub name: String,
     /// The units; all run at once.
@@ -571,7 +578,28 @@ pub enum Step {
             skip_serializing_if = "Duration::is_zero"
         )]
         ran_for: Duration,
+        /// The treatments when there are several (each its group and
+        /// release; `analysis.canary` is unused): the test compares each
+        /// with the control (Holm-corrected, [`crate::experiment::ManySequential`]),
+        /// the guardrails are checked for each, and the step passes with a
+        /// winner, recorded as an
+        /// [`EventKind::ExperimentDecided`](crate::EventKind::ExperimentDecided)
+        /// before the step ends, which chooses the plan's
+        /// [`Stage::if_winner`] branch. Empty: one treatment,
+        /// `analysis.canary`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        treatments: Vec<ExperimentArm>,
     },
+}
+
+/// One treatment of an experiment with several: the group that serves it
+/// and its release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExperimentArm {
+    /// The group.
+    pub group: Group,
+    /// The release its instances run.
+    pub release: ReleaseId,
 }
 
 /// A gradual way out of a canary stage after a breach: the canary's share
@@ -786,6 +814,33 @@ impl fmt::Display for Step {
                 duration,
                 analysis,
                 ran_for,
+                treatments,
+            } if !treatments.is_empty() => {
+                let arms: Vec<String> = treatments
+                    .iter()
+                    .map(|a| format!("{} ({})", a.group, a.release))
+                    .collect();
+                write!(
+                    f,
+                    "experiment {} (treatments, Holm-corrected) against {} (control) for at most {}: winner at alpha {} once each has {} visits (check every {}); the best significantly better treatment wins; no significant difference: keep the control",
+                    arms.join(", "),
+                    analysis.stable,
+                    secs(*duration),
+                    rules.alpha,
+                    rules.min_samples,
+                    secs(analysis.interval),
+                )?;
+                if !ran_for.is_zero() {
+                    write!(f, ", resumed {} in", secs(*ran_for))?;
+                }
+                Ok(())
+            }
+            Step::Experiment {
+                rules,
+                duration,
+                analysis,
+                ran_for,
+                ..
             } => {
                 write!(
                     f,
@@ -973,7 +1028,13 @@ impl Plan {
     pub fn projected_duration(&self) -> Projection {
         let mut min = Duration::ZERO;
         let mut max = Duration::ZERO;
-        for stage in &self.stages {
+        // One winner's branch runs: count the first one.
+        let branch = self.stages.iter().find_map(|s| s.if_winner.as_ref());
+        for stage in self
+            .stages
+            .iter()
+            .filter(|s| s.if_winner.is_none() || s.if_winner.as_ref() == branch)
+        {
             let (mut smin, mut smax) = (Duration::ZERO, Duration::ZERO);
             for unit in &stage.units {
                 let (umin, umax) = unit.steps.iter().fold((Duration::ZERO, Duration::ZERO), |a, s| {
@@ -1031,16 +1092,43 @@ impl fmt::Display for Plan {
             secs(p.min),
             secs(p.max)
         )?;
+        // The release each instance is given outside any winner's branch.
+        let installs: BTreeMap<&InstanceId, &ReleaseId> = self
+            .stages
+            .iter()
+            .filter(|s| s.if_winner.is_none())
+            .flat_map(|s| &s.units)
+            .flat_map(|u| &u.steps)
+            .filter_map(|s| match s {
+                Step::Install { instance, release } => Some((instance, release)),
+                _ => None,
+            })
+            .collect();
         for (n, stage) in self.stages.iter().enumerate() {
+            let branch = match &stage.if_winner {
+                Some(g) => format!(" [only if {g} wins]"),
+                None => String::new(),
+            };
             writeln!(
                 f,
-                "stage {}: {} ({} unit(s) at once)",
+                "stage {}: {}{branch} ({} unit(s) at once)",
                 n + 1,
                 stage.name,
                 stage.units.len()
             )?;
             for unit in &stage.units {
                 let steps: Vec<String> = unit.steps.iter().map(|s| s.to_string()).collect();
+                // A branch's instances move to its treatment's release, a
+                // treatment's to its own.
+                let release = unit
+                    .steps
+                    .iter()
+                    .find_map(|s| match s {
+                        Step::Install { release, .. } => Some(release),
+                        _ => None,
+                    })
+                    .or_else(|| unit.instance.as_ref().and_then(|i| installs.get(i).copied()))
+                    .unwrap_or(&self.release);
                 match &unit.instance {
                     Some(i) => {
                         let prev = self
@@ -1049,7 +1137,7 @@ impl fmt::Display for Plan {
                             .and_then(|p| p.as_ref())
                             .map(|p| p.as_str())
                             .unwrap_or("none");
-                        writeln!(f, "  {i} ({prev} -> {}): {}", self.release, steps.join(" -> "))?
+                        writeln!(f, "  {i} ({prev} -> {release}): {}", steps.join(" -> "))?
                     }
                     None => writeln!(f, "  {}", steps.join(" -> "))?,
                 }
@@ -1342,10 +1430,12 @@ mod tests {
             ],
         };
         let stage = |i: &str| Stage {
+            if_winner: None,
             name: i.into(),
             units: vec![unit(i)],
         };
         let pause = Stage {
+            if_winner: None,
             name: "stabilise".into(),
             units: vec![Unit {
                 instance: None,

@@ -424,12 +424,24 @@ pub fn rollback(
         | StrategyKind::Shadow
         | StrategyKind::DarkLaunch
         | StrategyKind::Experiment => {
-            let mut plan = return_to(
+            // An experiment's treatment groups end stopped like the
+            // canary: the journaled plan leaves their instances stopped.
+            let mut stopped: BTreeSet<Group> = BTreeSet::from([strategies.canary.canary_group.clone()]);
+            if let Some(p) = &root.header.plan {
+                stopped.extend(
+                    fleet
+                        .instances
+                        .iter()
+                        .filter(|i| p.leave_stopped.contains(&i.backend.id))
+                        .map(|i| i.backend.group.clone()),
+                );
+            }
+            let mut plan = return_to_groups(
                 fleet,
                 targets,
                 &touched,
                 &strategies.rolling,
-                Some(&strategies.canary),
+                Some((&strategies.canary.stable_group, &stopped)),
             )?;
             // The flag goes first: killing it ends the new code path's
             // exposure at once, whatever the instances take.
@@ -437,6 +449,7 @@ pub fn rollback(
                 plan.stages.insert(
                     0,
                     Stage {
+                        if_winner: None,
                         name: format!("kill flag {flag}"),
                         units: vec![Unit {
                             instance: None,
@@ -519,6 +532,12 @@ fn passed_phases(recorded: &Recorded) -> BTreeSet<usize> {
             // A promotion is the operator's approval of the stage waiting.
             if let EventKind::Promoted { stage } = e.kind {
                 passed.insert(stage);
+                continue;
+            }
+            // A winner is journaled before the experiment's step ends, and
+            // before anything acts on it: the experiment (phase 1) passed.
+            if let EventKind::ExperimentDecided { .. } = e.kind {
+                passed.insert(1);
                 continue;
             }
             let EventKind::StepFinished {
@@ -664,6 +683,9 @@ fn waited_for_promotion(recorded: &Recorded, stage: usize, now_ms: u64) -> u64 {
 ///   duration, its tallies read over its whole window since it first
 ///   started ([`Step::Experiment`]'s `ran_for`).
 fn resume_phases(plan: &mut Plan, recorded: &Recorded, now_ms: u64) {
+    if let Some(winner) = recorded_winner(recorded) {
+        resolve_winner(plan, &winner);
+    }
     let Some(last_phase) = plan.stages.iter().filter_map(phase_of).max() else {
         return;
     };
@@ -710,6 +732,54 @@ fn resume_phases(plan: &mut Plan, recorded: &Recorded, now_ms: u64) {
     }
 }
 
+/// The winner an experiment with several treatments of `recorded` chose
+/// (its [`EventKind::ExperimentDecided`]), if one did.
+fn recorded_winner(recorded: &Recorded) -> Option<crate::plan::ExperimentArm> {
+    recorded
+        .chain()
+        .iter()
+        .flat_map(|run| &run.events)
+        .find_map(|e| match &e.kind {
+            EventKind::ExperimentDecided { winner, release } => Some(crate::plan::ExperimentArm {
+                group: winner.clone(),
+                release: release.clone(),
+            }),
+            _ => None,
+        })
+}
+
+/// Keeps only the promotion branch of `winner` in a plan of an experiment
+/// with several treatments (a resume after the decision, which this run
+/// does not make again): the losers' branches are dropped and the winner's
+/// stages run unconditionally. Stable instances the resolved plan no
+/// longer moves because they already run the winner's release (an earlier
+/// run promoted them) are skipped, so an abort still returns them.
+fn resolve_winner(plan: &mut Plan, winner: &crate::plan::ExperimentArm) {
+    if !plan.stages.iter().any(|s| s.if_winner.is_some()) {
+        return;
+    }
+    plan.stages
+        .retain(|s| s.if_winner.is_none() || s.if_winner.as_ref() == Some(&winner.group));
+    for s in &mut plan.stages {
+        s.if_winner = None;
+    }
+    // What stable is promoted to, and what the report calls deployed.
+    plan.release = winner.release.clone();
+    let moved = plan.instances();
+    let done: Vec<InstanceId> = plan
+        .previous
+        .iter()
+        .filter(|(id, r)| {
+            r.as_ref() == Some(&winner.release)
+                && !moved.contains(id)
+                && !plan.leave_stopped.contains(id)
+                && !plan.skipped.contains(id)
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    plan.skipped.extend(done);
+}
+
 /// The feature flag a canary plan carries (see
 /// [`Canary::flag`](crate::Canary::flag)).
 pub fn carried_flag(plan: Option<&Plan>) -> Option<String> {
@@ -747,6 +817,7 @@ fn previous_of(fleet: &FleetSnapshot) -> BTreeMap<InstanceId, Option<ReleaseId>>
 
 fn to_stable(stable: &Group) -> Stage {
     Stage {
+        if_winner: None,
         name: "all traffic to stable".into(),
         units: vec![Unit {
             instance: None,
@@ -781,6 +852,7 @@ pub fn finish_canary(canary: &Canary, fleet: &FleetSnapshot, release: &ReleaseId
     let stages = vec![
         to_stable(&canary.stable_group),
         Stage {
+            if_winner: None,
             name: "stop canary".into(),
             units,
         },
@@ -809,6 +881,25 @@ pub fn return_to(
     rolling: &Rolling,
     canary: Option<&Canary>,
 ) -> Result<Plan> {
+    let stopped = canary.map(|c| BTreeSet::from([c.canary_group.clone()]));
+    let tracks = canary.zip(stopped.as_ref()).map(|(c, s)| (&c.stable_group, s));
+    return_to_groups(fleet, targets, touched, rolling, tracks)
+}
+
+/// [`return_to`] with the groups that end stopped named: with
+/// `Some((stable, stopped))`, the instances of every group in `stopped`
+/// (a canary, an experiment's treatments) are returned stopped, after all
+/// traffic goes back to `stable`.
+///
+/// # Errors
+/// [`Error::Refused`] when no instance has a release to return to.
+pub fn return_to_groups(
+    fleet: &FleetSnapshot,
+    targets: &BTreeMap<InstanceId, Option<ReleaseId>>,
+    touched: &BTreeSet<InstanceId>,
+    rolling: &Rolling,
+    tracks: Option<(&Group, &BTreeSet<Group>)>,
+) -> Result<Plan> {
     let mut units = Vec::new();
     let mut leave_stopped = Vec::new();
     let mut counts: BTreeMap<ReleaseId, usize> = BTreeMap::new();
@@ -828,8 +919,8 @@ pub fn return_to(
             in_rotation: true,
             running: changed,
         };
-        let steps = match canary {
-            Some(c) if inst.backend.group == c.canary_group => {
+        let steps = match tracks {
+            Some((_, stopped)) if stopped.contains(&inst.backend.group) => {
                 leave_stopped.push(id.clone());
                 retirement_steps(id, &progress, rolling.drain_timeout)
             }
@@ -859,8 +950,8 @@ pub fn return_to(
     }
     let batch = rolling.resolved_batch(fleet.instances.len()).max(1);
     let mut stages = Vec::new();
-    if let Some(c) = canary {
-        stages.push(to_stable(&c.stable_group));
+    if let Some((stable, _)) = tracks {
+        stages.push(to_stable(stable));
     }
     let n = units.len().div_ceil(batch);
     let mut it = units.into_iter().peekable();
@@ -868,6 +959,7 @@ pub fn return_to(
     while it.peek().is_some() {
         k += 1;
         stages.push(Stage {
+            if_winner: None,
             name: format!("rollback batch {k}/{n}"),
             units: it.by_ref().take(batch).collect(),
         });
@@ -930,6 +1022,7 @@ fn stop_idle(
         Vec::new()
     } else {
         vec![Stage {
+            if_winner: None,
             name: format!("stop {idle}"),
             units,
         }]

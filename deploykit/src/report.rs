@@ -103,7 +103,8 @@ pub struct Report {
     pub deployment: String,
     /// The strategy.
     pub strategy: crate::kinds::StrategyKind,
-    /// The release that was deployed.
+    /// The release that was deployed: the plan's, or the winner's
+    /// release after an experiment with several treatments chose one.
     pub release: ReleaseId,
     /// The outcome.
     pub outcome: OutcomeKind,
@@ -122,6 +123,14 @@ pub struct Report {
     /// strategies): the tallies, effect and p-value it was decided on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub experiment: Option<crate::experiment::Reading>,
+    /// The last reading of an experiment with several treatments: every
+    /// variant's statistics (none for other deployments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variants: Option<crate::experiment::VariantsReading>,
+    /// The treatment an experiment with several chose, and its release:
+    /// what stable was promoted to (none without a winner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub winner: Option<crate::plan::ExperimentArm>,
 }
 
 impl Report {
@@ -210,6 +219,16 @@ impl fmt::Display for Report {
         }
         if let Some(r) = &self.experiment {
             writeln!(f, "  experiment ({}): {r}", r.verdict)?;
+        }
+        if let Some(r) = &self.variants {
+            writeln!(f, "  experiment ({}): {r}", r.verdict())?;
+        }
+        if let Some(w) = &self.winner {
+            writeln!(
+                f,
+                "  winner: {} ({}), stable promoted to {}",
+                w.group, w.release, w.release
+            )?;
         }
         Ok(())
     }

@@ -1188,3 +1188,109 @@ fn setup_of_the_simulated_balancer_keeps_the_canary_out() {
         "rolling: everyone serves"
     );
 }
+
+/// An experiment with two treatments through nginx: stable, canary-b on
+/// the deployed release, canary-c on v3.
+fn treatments_config(treatments: &str) -> String {
+    let prom = "http://127.0.0.1:9";
+    experiment_config(prom, "")
+        .replace(
+            "[[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18394\"\ngroup = \"canary\"\n",
+            "[[instances]]\nid = \"b-1\"\naddress = \"127.0.0.1:18394\"\ngroup = \"canary-b\"\n\n\
+             [[instances]]\nid = \"c-1\"\naddress = \"127.0.0.1:18395\"\ngroup = \"canary-c\"\n",
+        )
+        .replace(
+            "[load_balancer]\nkind = \"simulated\"\n",
+            "[load_balancer]\nkind = \"nginx\"\ninclude_file = \"upstream.conf\"\nlocation_include = \"location.conf\"\nupstream = \"app\"\n",
+        )
+        .replace("[timeouts]", &format!("{treatments}\n[timeouts]"))
+}
+
+const TWO_TREATMENTS: &str = "[[strategy.experiment.treatments]]\ngroup = \"canary-b\"\npercent = 25\n\n\
+    [[strategy.experiment.treatments]]\ngroup = \"canary-c\"\nrelease = \"v3\"\npercent = 25\n";
+
+#[test]
+fn an_experiment_with_two_treatments_plans_a_branch_per_winner() {
+    let env = Env::new(&treatments_config(TWO_TREATMENTS));
+    let plan = env.ok(&["plan", "v2"], 0);
+    for part in [
+        "stage 3: experiment: stable 50 %, canary-b 25 %, canary-c 25 % (sticky by cookie dk_variant it sets)",
+        "experiment canary-b (v2), canary-c (v3) (treatments, Holm-corrected) against stable (control)",
+        "install v2 on b-1",
+        "install v3 on c-1",
+        "all traffic to canary-b (the winner) [only if canary-b wins]",
+        "promote stable 1/1 to v3 [only if canary-c wins]",
+        "-> v3): drain stable-1",
+        "-> v2): drain stable-1",
+        "stop treatments",
+    ] {
+        assert!(plan.contains(part), "{part:?} missing from:\n{plan}");
+    }
+    assert!(!plan.contains("Some(") && !plan.contains("Group("), "{plan}");
+}
+
+#[test]
+fn experiment_treatments_are_checked_naming_the_key() {
+    let cases: [(&str, &[&str]); 7] = [
+        (
+            "[[strategy.experiment.treatments]]\ngroup = \"canary-b\"\npercent = 60\n\n\
+             [[strategy.experiment.treatments]]\ngroup = \"canary-c\"\nrelease = \"v3\"\npercent = 40\n",
+            &["strategy.experiment.treatments", "add up to 100", "at most 99"],
+        ),
+        (
+            "[[strategy.experiment.treatments]]\ngroup = \"canary-b\"\npercent = 25\n\n\
+             [[strategy.experiment.treatments]]\ngroup = \"canary-c\"\npercent = 25\n",
+            &["strategy.experiment.treatments[1].release", "deployed release"],
+        ),
+        (
+            "[[strategy.experiment.treatments]]\ngroup = \"canary-b\"\npercent = 25\n\n\
+             [[strategy.experiment.treatments]]\ngroup = \"canary-b\"\nrelease = \"v3\"\npercent = 25\n",
+            &[
+                "strategy.experiment.treatments[1].group",
+                "also treatments[0]'s group",
+            ],
+        ),
+        (
+            "[[strategy.experiment.treatments]]\ngroup = \"canary-b\"\npercent = 25\n\n\
+             [[strategy.experiment.treatments]]\ngroup = \"canary-d\"\nrelease = \"v3\"\npercent = 25\n",
+            &[
+                "strategy.experiment.treatments[1].group",
+                "no instance is in the group canary-d",
+            ],
+        ),
+        (
+            "[[strategy.experiment.treatments]]\ngroup = \"canary-b\"\npercent = 25\nweight = 3\n",
+            &["weight"],
+        ),
+        (
+            &TWO_TREATMENTS.replace(
+                "[[strategy.experiment.treatments]]\ngroup = \"canary-b\"",
+                "treatment_percent = 30\n\n[[strategy.experiment.treatments]]\ngroup = \"canary-b\"",
+            ),
+            &[
+                "strategy.experiment.treatment_percent",
+                "remove treatment_percent",
+            ],
+        ),
+        (
+            "on_no_difference = \"promote\"\n",
+            &["strategy.experiment.on_no_difference", "which to promote"],
+        ),
+    ];
+    for (treatments, parts) in cases {
+        let cfg = if treatments.starts_with("on_no_difference") {
+            treatments_config(TWO_TREATMENTS)
+                .replace("min_samples = 500\n", &format!("min_samples = 500\n{treatments}"))
+        } else {
+            treatments_config(treatments)
+        };
+        let err = crate::util::rejects(&cfg);
+        crate::util::assert_has(&err, parts);
+    }
+    // An instance in a group that is neither stable nor a treatment.
+    let cfg = treatments_config(TWO_TREATMENTS).replace("group = \"canary-c\"\n\n", "group = \"canary\"\n\n");
+    let env = Env::new(&cfg);
+    let (code, _, err) = env.run(&["plan", "v2"]);
+    assert_eq!(code, 2, "{err}");
+    crate::util::assert_has(&err, &["treatments[1].group", "canary-c"]);
+}

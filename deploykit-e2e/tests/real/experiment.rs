@@ -12,8 +12,9 @@ use std::time::Duration;
 use deploykit::experiment::{ExperimentRules, Verdict};
 use deploykit::instance::{LocalInstance, ProcessSpec, ReleaseSource};
 use deploykit::routing::Sticky;
+use deploykit::strategy::Treatment;
 use deploykit::{
-    Canary, EventKind, EventLog, Executor, Experiment, Instance, LoadBalancer, Metric, ReleaseId,
+    Canary, EventKind, EventLog, Executor, Experiment, Group, Instance, LoadBalancer, Metric, ReleaseId,
 };
 use tokio::time::{sleep, Instant};
 
@@ -103,6 +104,8 @@ pub(crate) async fn user(
 struct Outcome {
     report: deploykit::Report,
     readings: Vec<deploykit::experiment::Reading>,
+    /// The readings of an experiment with several treatments.
+    variants: Vec<deploykit::experiment::VariantsReading>,
     served: Vec<String>,
     /// Checkouts that failed, with the events and nginx's error log to
     /// place them.
@@ -114,19 +117,27 @@ struct Outcome {
 /// `duration`; a missing nginx or Prometheus fails the test (in
 /// `find_binary`).
 async fn run(treatment_rate: &str, duration: Duration) -> Option<Outcome> {
+    run_arms(&[("stable", "0.05", 0), ("canary", treatment_rate, 50)], duration).await
+}
+
+/// The control and the treatments: each `(group, conversion rate, percent
+/// of users)`; the first is stable (the control), the others treatments,
+/// the k-th on release `v{k+1}` (a single treatment runs as the
+/// two-variant experiment, at 50 %).
+async fn run_arms(arms: &[(&str, &str, u8)], duration: Duration) -> Option<Outcome> {
     let nginx_bin = crate::harness::find_binary("nginx")?;
     let prom_bin = crate::harness::find_binary("prometheus")?;
     let dir = temp_dir("dk-experiment-");
     let builds = dir.path().join("builds");
-    for r in ["v1", "v2"] {
-        make_release(&builds, r);
+    for k in 1..=arms.len() {
+        make_release(&builds, &format!("v{k}"));
     }
     let mut instances = Vec::new();
     let mut targets = Vec::new();
-    for (name, group, rate) in [
-        ("stable-1", "stable", "0.05"),
-        ("canary-1", "canary", treatment_rate),
-    ] {
+    for (group, rate, _) in arms {
+        let (group, rate) = (*group, *rate);
+        let name = format!("{group}-1");
+        let name = name.as_str();
         let port = free_port();
         targets.push(format!("127.0.0.1:{port}"));
         let inst = LocalInstance::builder(name, format!("127.0.0.1:{port}"))
@@ -161,7 +172,7 @@ async fn run(treatment_rate: &str, duration: Duration) -> Option<Outcome> {
     // What every canary-shaped run leaves behind: the canary instances
     // stopped and out of the split (a fresh install puts every server in
     // rotation, and this canary is not running yet).
-    lb.set_weights(&base_weights())
+    lb.set_weights(&base_weights(arms))
         .await
         .expect("all traffic to stable");
     let prom = PromServer::start(&prom_bin, dir.path(), &targets).await;
@@ -199,6 +210,17 @@ async fn run(treatment_rate: &str, duration: Duration) -> Option<Outcome> {
             min_detectable_effect: 0.05,
             min_samples: 200,
             ..ExperimentRules::default()
+        },
+        treatments: if arms.len() > 2 {
+            arms.iter()
+                .enumerate()
+                .skip(1)
+                .map(|(k, (group, _, percent))| {
+                    Treatment::new(Group::new(*group).unwrap(), *percent).release(v(&format!("v{}", k + 1)))
+                })
+                .collect()
+        } else {
+            Vec::new()
         },
     };
 
@@ -246,6 +268,14 @@ async fn run(treatment_rate: &str, duration: Duration) -> Option<Outcome> {
             _ => None,
         })
         .collect();
+    let variants: Vec<_> = log
+        .events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::ExperimentVariants { reading, .. } => Some(reading),
+            _ => None,
+        })
+        .collect();
     let mut served = Vec::new();
     for _ in 0..10 {
         let a = http.get(&nginx.url("/")).await.expect("GET through nginx");
@@ -270,27 +300,30 @@ async fn run(treatment_rate: &str, duration: Duration) -> Option<Outcome> {
         std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
     );
     eprintln!("{} checkouts failed", failed.len());
-    eprintln!("experiment decided in {took:?} after {} readings", readings.len());
+    eprintln!(
+        "experiment decided in {took:?} after {} readings",
+        readings.len() + variants.len()
+    );
     for i in &instances {
         let _ = i.stop().await;
     }
     Some(Outcome {
         report,
         readings,
+        variants,
         served,
         failed,
         context,
     })
 }
 
-/// All traffic on stable, none on the canary.
-fn base_weights() -> Vec<deploykit::GroupWeight> {
-    ["stable", "canary"]
-        .into_iter()
-        .zip([100, 0])
-        .map(|(g, percent)| deploykit::GroupWeight {
-            group: deploykit::Group::new(g).unwrap(),
-            percent,
+/// All traffic on stable (the first arm), none on the others.
+fn base_weights(arms: &[(&str, &str, u8)]) -> Vec<deploykit::GroupWeight> {
+    arms.iter()
+        .enumerate()
+        .map(|(k, (g, _, _))| deploykit::GroupWeight {
+            group: deploykit::Group::new(*g).unwrap(),
+            percent: if k == 0 { 100 } else { 0 },
         })
         .collect()
 }
@@ -303,6 +336,7 @@ async fn the_better_converting_treatment_wins_on_real_prometheus_and_is_promoted
         served,
         failed,
         context,
+        ..
     }) = run("0.30", Duration::from_secs(25)).await
     else {
         return;
@@ -332,6 +366,7 @@ async fn equal_conversion_gives_no_significant_difference_and_keeps_the_control(
         served,
         failed,
         context,
+        ..
     }) = run("0.05", Duration::from_secs(6)).await
     else {
         return;
@@ -350,5 +385,49 @@ async fn equal_conversion_gives_no_significant_difference_and_keeps_the_control(
     );
     // Rolled back: the control (v1) serves everyone.
     assert!(served.iter().all(|b| b == "v1"), "{served:?}");
+    assert!(failed.is_empty(), "{} checkouts failed:\n{context}", failed.len());
+}
+
+/// Three variants through real nginx and Prometheus: the control and
+/// treatment B converting 5 %, treatment C (on v3) 30 %. C wins by the
+/// Holm-corrected test, every user moves to it, stable is promoted to v3,
+/// and not one checkout fails.
+#[tokio::test]
+async fn the_best_of_three_variants_wins_and_stable_moves_to_its_release() {
+    let Some(Outcome {
+        report,
+        variants,
+        served,
+        failed,
+        context,
+        ..
+    }) = run_arms(
+        &[
+            ("stable", "0.05", 0),
+            ("canary-b", "0.05", 33),
+            ("canary-c", "0.30", 33),
+        ],
+        Duration::from_secs(25),
+    )
+    .await
+    else {
+        return;
+    };
+    assert!(report.is_success(), "{report}\nreadings: {variants:?}");
+    let last = variants.last().expect("at least one experiment reading");
+    eprintln!("deciding reading: {last}");
+    assert_eq!(last.winner, Some(Group::new("canary-c").unwrap()), "{last}");
+    let (b, c) = (&last.treatments[0].comparison, &last.treatments[1].comparison);
+    assert!(
+        last.control.visits >= 200.0 && c.treatment.visits >= 200.0,
+        "{last}"
+    );
+    assert!((0.20..0.40).contains(&c.treatment.rate()), "{last}");
+    assert!(c.adjusted_p_value <= 0.05 && b.adjusted_p_value > 0.05, "{last}");
+    let winner = report.winner.as_ref().expect("the report names the winner");
+    assert_eq!(winner.release, v("v3"));
+    assert_eq!(report.release, v("v3"));
+    // Promoted: every answer through nginx now comes from v3.
+    assert!(served.iter().all(|b| b == "v3"), "{served:?}");
     assert!(failed.is_empty(), "{} checkouts failed:\n{context}", failed.len());
 }

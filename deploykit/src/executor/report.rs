@@ -41,6 +41,9 @@ pub(crate) struct Tracked {
     /// The release a rollout step (not a restore after a failure) put it
     /// back on: a rollback plan's units return instances with `Restore`.
     pub(crate) returned_to: Option<ReleaseId>,
+    /// The release a rollout step installed on it, when it is not the
+    /// plan's (a treatment of an experiment, a winner's promotion).
+    pub(crate) installed: Option<ReleaseId>,
     /// A start or health wait of it failed: it may be down though its
     /// progress says running, so a restore starts and probes it before
     /// enabling it.
@@ -54,6 +57,7 @@ impl Tracked {
             error: None,
             phase: Phase::Rolling,
             returned_to: None,
+            installed: None,
             health_unknown: false,
         }
     }
@@ -96,6 +100,8 @@ pub(crate) fn report(
         duration,
         checks: Vec::new(),
         experiment: None,
+        variants: None,
+        winner: None,
     }
 }
 
@@ -130,7 +136,8 @@ fn instance_report(plan: &Plan, id: &InstanceId, tracked: Option<&Tracked>) -> I
             error: None,
         };
     }
-    let (status, release) = status(t, plan.leave_stopped.contains(id), &previous, &plan.release);
+    let new = t.installed.as_ref().unwrap_or(&plan.release);
+    let (status, release) = status(t, plan.leave_stopped.contains(id), &previous, new);
     InstanceReport {
         id: id.clone(),
         status,
@@ -251,6 +258,7 @@ mod tests {
             rel("v2"),
             previous,
             vec![Stage {
+                if_winner: None,
                 name: "batch 1/1".into(),
                 units,
             }],
@@ -270,6 +278,7 @@ mod tests {
             error: error.map(String::from),
             phase,
             returned_to: None,
+            installed: None,
             health_unknown: false,
         }
     }

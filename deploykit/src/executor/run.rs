@@ -44,6 +44,11 @@ struct RunState {
     checks: Vec<crate::report::StageCheck>,
     /// The last reading of an experiment's test.
     experiment: Option<crate::experiment::Reading>,
+    /// The last reading of an experiment with several treatments.
+    variants: Option<crate::experiment::VariantsReading>,
+    /// The winner an experiment with several treatments chose: the
+    /// [`Stage::if_winner`](crate::Stage::if_winner) branch that runs.
+    winner: Option<crate::plan::ExperimentArm>,
 }
 
 pub(super) struct Run<'a> {
@@ -147,6 +152,17 @@ impl<'a> Run<'a> {
                 tracing::debug!(deployment = %self.id, p_value = reading.p_value, "experiment reading");
                 self.lock().experiment = Some(*reading);
             }
+            EventKind::ExperimentVariants { reading, .. } => {
+                tracing::debug!(deployment = %self.id, "experiment reading");
+                self.lock().variants = Some(reading.clone());
+            }
+            EventKind::ExperimentDecided { winner, release } => {
+                tracing::debug!(deployment = %self.id, %winner, "experiment decided");
+                self.lock().winner = Some(crate::plan::ExperimentArm {
+                    group: winner.clone(),
+                    release: release.clone(),
+                });
+            }
             other => tracing::debug!(deployment = %self.id, event = ?other),
         }
         if let Some(sink) = &self.inner.sink {
@@ -201,6 +217,22 @@ impl<'a> Run<'a> {
         for (si, stage) in self.plan.stages.iter().enumerate() {
             if cancel.is_cancelled() {
                 return Some("cancelled by the operator".into());
+            }
+            if let Some(group) = &stage.if_winner {
+                let winner = self.lock().winner.as_ref().map(|w| w.group.clone());
+                match winner {
+                    Some(w) if w == *group => {}
+                    // Another treatment won: its branch runs instead.
+                    Some(_) => continue,
+                    // A branch reached with no winner recorded is a plan
+                    // the executor cannot follow: stop before acting.
+                    None => {
+                        return Some(format!(
+                            "stage '{}' runs only when {group} wins an experiment, but no experiment of this run chose a winner",
+                            stage.name
+                        ))
+                    }
+                }
             }
             let stage_start = Instant::now();
             self.emit(EventKind::StageStarted {
@@ -474,13 +506,15 @@ impl<'a> Run<'a> {
     }
 
     fn finish(&self, abort: Option<String>) -> Report {
-        let (tracked, undo_failed, checks, experiment) = {
+        let (tracked, undo_failed, checks, experiment, variants, winner) = {
             let state = self.lock();
             (
                 state.tracked.clone(),
                 state.undo_failed.clone(),
                 state.checks.clone(),
                 state.experiment,
+                state.variants.clone(),
+                state.winner.clone(),
             )
         };
         let fleet: Vec<InstanceId> = self
@@ -501,6 +535,11 @@ impl<'a> Run<'a> {
         let report = Report {
             checks,
             experiment,
+            variants,
+            // Stable was promoted to the winner's release, whichever the
+            // plan was named after.
+            release: winner.as_ref().map_or(report.release, |w| w.release.clone()),
+            winner,
             ..report
         };
         self.emit(EventKind::DeploymentFinished {
@@ -538,6 +577,13 @@ impl<'a> Run<'a> {
         let start = Instant::now();
         if let (Some(id), true) = (&instance, steps::instance::marks_on_start(step)) {
             self.mark(id, |p| steps::instance::mark_started(step, p));
+        }
+        // Like the release change it is marked when attempted: the
+        // instance may run it from here on.
+        if let (Some(id), false, Step::Install { release, .. }) = (&instance, rollback, step) {
+            if let Some(t) = self.lock().tracked.get_mut(id) {
+                t.installed = Some(release.clone());
+            }
         }
         if !rollback && matches!(step, Step::SwitchTo { .. }) {
             self.lock().switch_attempted = true;

@@ -1016,6 +1016,67 @@ mod tests {
     }
 
     #[test]
+    fn the_readings_and_the_decision_of_several_treatments_read_back() {
+        use crate::experiment::{ExperimentRules, ManySequential, Tally, VariantsReading};
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path(), "shop").unwrap();
+        let header = JournalHeader::new(
+            "d1",
+            "shop",
+            RunKind::Deploy,
+            StrategyKind::Experiment,
+            rid("v2"),
+            BTreeMap::new(),
+        );
+        let j = state.create_journal(header).unwrap();
+        let t = |visits: f64, conversions: f64| Tally { visits, conversions };
+        let many = ManySequential::default().read(
+            &ExperimentRules::default(),
+            t(2000.0, 100.0),
+            &[t(2000.0, 100.0), t(2000.0, 300.0)],
+        );
+        let g = |s: &str| crate::names::Group::new(s).unwrap();
+        let reading = VariantsReading::new(
+            g("stable"),
+            &many,
+            &[(g("canary-b"), rid("v2")), (g("canary-c"), rid("v3"))],
+        );
+        assert_eq!(reading.winner, Some(g("canary-c")));
+        let events = vec![
+            ev(EventKind::ExperimentVariants {
+                reading: reading.clone(),
+                experiment_ms: 30_000,
+            }),
+            ev(EventKind::ExperimentDecided {
+                winner: g("canary-c"),
+                release: rid("v3"),
+            }),
+        ];
+        for e in &events {
+            j.emit(e);
+        }
+        j.sync().unwrap();
+        let s = JournalSummary::read(j.path()).unwrap();
+        assert_eq!(s.events.len(), 2);
+        // Floats read back to within the last digit JSON keeps.
+        let EventKind::ExperimentVariants {
+            reading: back,
+            experiment_ms: 30_000,
+        } = &s.events[0].kind
+        else {
+            panic!("{:?}", s.events[0]);
+        };
+        assert_eq!(back.to_string(), reading.to_string());
+        assert_eq!((&back.winner, back.control), (&reading.winner, reading.control));
+        for (b, r) in back.treatments.iter().zip(&reading.treatments) {
+            assert_eq!((&b.group, &b.release), (&r.group, &r.release));
+            assert!((b.comparison.effect - r.comparison.effect).abs() < 1e-12);
+            assert!((b.comparison.adjusted_p_value - r.comparison.adjusted_p_value).abs() < 1e-12);
+        }
+        assert_eq!(s.events[1], events[1]);
+    }
+
+    #[test]
     fn journal_round_trips_and_derives_history() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path(), "shop").unwrap();

@@ -279,6 +279,7 @@ impl BlueGreen {
     fn retire_plan(&self, fleet: &FleetSnapshot, env: &Group, release: &ReleaseId) -> Plan {
         let ids: Vec<InstanceId> = fleet.group(env).map(|i| i.backend.id.clone()).collect();
         let stage = Stage {
+            if_winner: None,
             name: format!("stop {env}"),
             units: ids
                 .iter()
@@ -437,6 +438,7 @@ impl BlueGreen {
         };
         let switch = base(
             vec![Stage {
+                if_winner: None,
                 name: format!("switch to {previous}"),
                 units: vec![Unit {
                     instance: None,
@@ -468,6 +470,7 @@ impl BlueGreen {
                 .collect();
             let ready = base(
                 vec![Stage {
+                    if_winner: None,
                     name: format!("start {previous}"),
                     units,
                 }],
@@ -562,6 +565,7 @@ impl BlueGreen {
                 .collect()
         };
         let mut stages = vec![Stage {
+            if_winner: None,
             name: format!("prepare {idle}"),
             units: per_instance(&|id| {
                 vec![
@@ -581,6 +585,7 @@ impl BlueGreen {
         }];
         if !self.smoke_checks.is_empty() {
             stages.push(Stage {
+                if_winner: None,
                 name: format!("smoke test {idle}"),
                 units: per_instance(&|id| {
                     vec![Step::SmokeTest {
@@ -592,6 +597,7 @@ impl BlueGreen {
         }
         for name in &self.gates {
             stages.push(Stage {
+                if_winner: None,
                 name: format!("gate {name} on {idle}"),
                 units: vec![Unit {
                     instance: None,
@@ -605,6 +611,7 @@ impl BlueGreen {
         }
         if self.warmup_requests > 0 {
             stages.push(Stage {
+                if_winner: None,
                 name: format!("warm up {idle}"),
                 units: vec![Unit {
                     instance: None,
@@ -617,6 +624,7 @@ impl BlueGreen {
             });
         }
         stages.push(Stage {
+            if_winner: None,
             name: format!("switch to {idle}"),
             units: vec![Unit {
                 instance: None,

@@ -372,6 +372,7 @@ impl Canary {
                     }
                 }
                 Stage {
+                    if_winner: None,
                     name: format!("canary {w}% ({stage}/{of})"),
                     units: vec![Unit {
                         instance: None,
@@ -550,6 +551,7 @@ impl Canary {
             return Ok(plan);
         }
         let traffic = |name: &str, canary_percent: u8| Stage {
+            if_winner: None,
             name: name.into(),
             units: vec![Unit {
                 instance: None,
@@ -561,6 +563,7 @@ impl Canary {
         let stages = &mut plan.stages;
         stages.push(traffic("isolate canary", 0));
         stages.push(Stage {
+            if_winner: None,
             name: "deploy canary".into(),
             units: canary
                 .iter()
@@ -572,6 +575,7 @@ impl Canary {
         });
         for name in &self.gates {
             stages.push(Stage {
+                if_winner: None,
                 name: format!("gate {name} on canary"),
                 units: vec![Unit {
                     instance: None,
@@ -586,6 +590,7 @@ impl Canary {
         stages.extend(phases(&self.analysis_of()));
         if promote {
             stages.push(Stage {
+                if_winner: None,
                 name: "back up stable".into(),
                 units: vec![Unit {
                     instance: None,
@@ -598,6 +603,7 @@ impl Canary {
             let n = batches.len();
             for (b, chunk) in batches.into_iter().enumerate() {
                 stages.push(Stage {
+                    if_winner: None,
                     name: format!("promote stable {}/{n}", b + 1),
                     units: chunk
                         .iter()
@@ -611,6 +617,7 @@ impl Canary {
         }
         stages.push(traffic("all traffic to stable", 0));
         stages.push(Stage {
+            if_winner: None,
             name: "stop canary".into(),
             units: canary
                 .iter()

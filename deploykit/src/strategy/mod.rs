@@ -35,7 +35,7 @@ pub use canary::{Canary, Promotion};
 pub use file::config_key;
 pub use recreate::Recreate;
 pub use rolling::Rolling;
-pub use routed::{DarkLaunch, Experiment, RampCurve, Ramped, Shadow, ShadowThen};
+pub use routed::{DarkLaunch, Experiment, RampCurve, Ramped, Shadow, ShadowThen, Treatment};
 
 use crate::error::{Error, Result};
 use crate::names::ReleaseId;

@@ -64,6 +64,7 @@ impl Strategy for Recreate {
             .iter()
             .partition(|i| i.release.as_ref() == Some(release));
         let stage = |name: &str, steps: &dyn Fn(&crate::InstanceId) -> Vec<Step>| Stage {
+            if_winner: None,
             name: name.into(),
             units: todo
                 .iter()

@@ -127,6 +127,7 @@ impl Strategy for Rolling {
         for (n, chunk) in batches.into_iter().enumerate() {
             if n > 0 && !stabilise.is_zero() {
                 stages.push(Stage {
+                    if_winner: None,
                     name: "stabilise".into(),
                     units: vec![Unit {
                         instance: None,
@@ -145,6 +146,7 @@ impl Strategy for Rolling {
                 })
                 .collect();
             stages.push(Stage {
+                if_winner: None,
                 name: format!("batch {}/{count}", n + 1),
                 units,
             });

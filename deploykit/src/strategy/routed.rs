@@ -12,8 +12,8 @@ use super::canary::timeout_ms;
 use super::Canary;
 use crate::error::{Error, Result};
 use crate::experiment::ExperimentRules;
-use crate::names::ReleaseId;
-use crate::plan::{FleetSnapshot, Plan, RampDown, RampDownStep, Stage, Step, Unit};
+use crate::names::{Group, InstanceId, ReleaseId};
+use crate::plan::{ExperimentArm, FleetSnapshot, Plan, RampDown, RampDownStep, Stage, Step, Unit};
 use crate::routing::{Mirror, RoutingError, Rule, Split, Sticky, TrafficPolicy};
 use crate::traits::{GroupWeight, Strategy};
 
@@ -331,6 +331,7 @@ impl Strategy for Ramped {
                         ramp_down: self.ramp_down_at(*w),
                     });
                     Stage {
+                        if_winner: None,
                         name: format!("ramp {w}% ({stage}/{of})"),
                         units: vec![Unit {
                             instance: None,
@@ -473,6 +474,7 @@ impl Strategy for Shadow {
         let of = 1 + if canary { base.stages.len() } else { 0 };
         base.shaped_plan(self.kind(), fleet, release, canary, |analysis| {
             let mut stages = vec![Stage {
+                if_winner: None,
                 name: format!(
                     "shadow {}% of {} to {}",
                     self.percent,
@@ -602,6 +604,7 @@ impl Strategy for DarkLaunch {
         let who: Vec<String> = self.rules.iter().map(|r| r.matches.to_string()).collect();
         base.shaped_plan(self.kind(), fleet, release, true, |analysis| {
             let mut stages = vec![Stage {
+                if_winner: None,
                 name: format!("dark launch to {} only", who.join(" or ")),
                 units: vec![Unit {
                     instance: None,
@@ -644,12 +647,46 @@ impl Strategy for DarkLaunch {
 /// The sticky split needs a load balancer that can keep users on one group
 /// (nginx with `location_include`, HAProxy with `map_dir`); any other is
 /// refused before anything is touched.
+///
+/// **Several treatments.** With [`treatments`](Self::treatments) the
+/// control (stable) is compared with each treatment group, each serving
+/// its own release, by the Holm-corrected test
+/// ([`crate::experiment::ManySequential`]); guardrails are checked for
+/// every treatment and a breach of any rolls the whole experiment back.
+/// The plan holds one promotion branch per treatment
+/// ([`Stage::if_winner`]): when a treatment wins, the winner is journaled
+/// ([`EventKind::ExperimentDecided`](crate::EventKind::ExperimentDecided))
+/// before anything acts on it, every user moves to it, stable's instances
+/// move to its release, and every treatment group ends drained and
+/// stopped. No winner keeps the control; `on_no_difference = promote` is
+/// refused with more than one treatment (which one would be a guess).
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use deploykit::strategy::Treatment;
+/// use deploykit::{Experiment, Group, ReleaseId};
+/// let e = Experiment {
+///     treatments: vec![
+///         Treatment::new(Group::new("canary-b")?, 25),
+///         Treatment::new(Group::new("canary-c")?, 25).release(ReleaseId::new("v3")?),
+///     ],
+///     ..Experiment::default()
+/// };
+/// e.validate()?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Experiment {
     /// Groups, guardrails (the analysis), health, gates and finalize.
     pub base: Canary,
-    /// The users on the treatment, 1-99 percent. Default 50.
+    /// The users on the treatment, 1-99 percent. Default 50. Unused with
+    /// [`treatments`](Self::treatments).
     pub treatment_percent: u8,
+    /// Several treatments, each a group of its own with its release and
+    /// share of users; the control (stable) gets the rest. Empty (the
+    /// default): one treatment, `base.canary_group` on the deployed
+    /// release at `treatment_percent`.
+    pub treatments: Vec<Treatment>,
     /// What keeps a user on one variant. Default a cookie `dk_variant` the
     /// load balancer sets.
     pub sticky: Sticky,
@@ -669,33 +706,165 @@ impl Default for Experiment {
             },
             duration: Duration::from_secs(3600),
             rules: ExperimentRules::default(),
+            treatments: Vec::new(),
         }
     }
 }
 
+/// One treatment of an [`Experiment`] with several: a group of its own
+/// instances, the release they serve and the share of users it gets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Treatment {
+    /// The group serving it; its instances serve nothing else.
+    pub group: Group,
+    /// The release it serves; `None` (the default) is the release being
+    /// deployed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseId>,
+    /// Its share of users, 1-99 percent.
+    pub percent: u8,
+}
+
+impl Treatment {
+    /// A treatment of `group` on the deployed release with `percent` % of
+    /// the users.
+    pub fn new(group: Group, percent: u8) -> Self {
+        Self {
+            group,
+            release: None,
+            percent,
+        }
+    }
+
+    /// Serves `release` instead of the deployed release.
+    pub fn release(mut self, release: ReleaseId) -> Self {
+        self.release = Some(release);
+        self
+    }
+}
+
 impl Experiment {
-    /// The policy while the experiment runs: a sticky split.
+    /// The policy while the experiment runs: a sticky split over the
+    /// control and every treatment.
     pub fn policy(&self) -> TrafficPolicy {
+        let weights = if self.treatments.is_empty() {
+            self.base.weights(self.treatment_percent)
+        } else {
+            let taken: u32 = self.treatments.iter().map(|t| u32::from(t.percent)).sum();
+            let mut w = vec![GroupWeight {
+                group: self.base.stable_group.clone(),
+                percent: u8::try_from(100_u32.saturating_sub(taken)).unwrap_or(0),
+            }];
+            w.extend(self.treatments.iter().map(|t| GroupWeight {
+                group: t.group.clone(),
+                percent: t.percent,
+            }));
+            w
+        };
         TrafficPolicy {
             rules: Vec::new(),
             split: Split {
-                weights: self.base.weights(self.treatment_percent),
+                weights,
                 sticky: Some(self.sticky.clone()),
             },
             mirror: None,
         }
     }
 
+    /// The weights with every user on `to` (stable when `None`) and no
+    /// other group served.
+    fn all_to(&self, to: Option<&Group>) -> Vec<GroupWeight> {
+        let to = to.unwrap_or(&self.base.stable_group);
+        std::iter::once(&self.base.stable_group)
+            .chain(self.treatments.iter().map(|t| &t.group))
+            .map(|g| GroupWeight {
+                group: g.clone(),
+                percent: if g == to { 100 } else { 0 },
+            })
+            .collect()
+    }
+
+    /// Checks the keys of [`treatments`](Self::treatments).
+    fn validate_treatments(&self) -> Result<()> {
+        let n = self.treatments.len();
+        let mut sum = 0_u32;
+        for (i, t) in self.treatments.iter().enumerate() {
+            if !(1..=99).contains(&t.percent) {
+                return Err(Error::invalid(
+                    format!("treatments[{i}].percent"),
+                    format!(
+                        "{} is outside 1-99; give the treatment a share of users, e.g. 25",
+                        t.percent
+                    ),
+                ));
+            }
+            sum += u32::from(t.percent);
+            if t.group == self.base.stable_group {
+                return Err(Error::invalid(
+                    format!("treatments[{i}].group"),
+                    format!(
+                        "is the stable group ({}), the control; give each treatment a group of its own, e.g. \"canary-b\"",
+                        t.group
+                    ),
+                ));
+            }
+            if let Some(j) = self.treatments[..i].iter().position(|o| o.group == t.group) {
+                return Err(Error::invalid(
+                    format!("treatments[{i}].group"),
+                    format!(
+                        "{} is also treatments[{j}]'s group; each treatment needs a group of its own",
+                        t.group
+                    ),
+                ));
+            }
+            if let Some(j) = self.treatments[..i].iter().position(|o| o.release == t.release) {
+                return Err(Error::invalid(
+                    format!("treatments[{i}].release"),
+                    match &t.release {
+                        Some(r) => format!("{r} is also treatments[{j}]'s release; two treatments of one release compare nothing, merge them"),
+                        None => format!("is not set, as treatments[{j}]'s: both would serve the deployed release; give one its own release, e.g. release = \"v3\""),
+                    },
+                ));
+            }
+        }
+        if sum > 99 {
+            return Err(Error::invalid(
+                "treatments",
+                format!("the treatments' percents add up to {sum}; the control (stable) needs users too, keep the sum at most 99"),
+            ));
+        }
+        if n > 1 && self.rules.on_no_difference == crate::experiment::NoDifference::Promote {
+            return Err(Error::invalid(
+                "on_no_difference",
+                format!("is promote, but with {n} treatments no difference does not say which to promote; use keep-control"),
+            ));
+        }
+        if self.base.flag.is_some() {
+            return Err(Error::invalid(
+                "flag",
+                "cannot be carried by an experiment with several treatments (one flag share cannot follow several groups); omit it",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the parameters.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] naming the field: `treatment_percent`
-    /// (outside 1-99), `duration` (shorter than the analysis's
+    /// (outside 1-99), `treatments[i].percent` (outside 1-99),
+    /// `treatments` (percents adding up to more than 99),
+    /// `treatments[i].group` (stable's, or another treatment's),
+    /// `treatments[i].release` (another treatment's), `on_no_difference`
+    /// (promote with several treatments), `flag` (with several
+    /// treatments), `duration` (shorter than the analysis's
     /// `check_interval`), `sticky` (a bad name), a field of
     /// [`rules`](Self::rules) or of [`base`](Self::base).
     pub fn validate(&self) -> Result<()> {
         self.base.validate()?;
         self.rules.validate()?;
+        self.validate_treatments()?;
         if !(1..=99).contains(&self.treatment_percent) {
             return Err(Error::invalid(
                 "treatment_percent",
@@ -729,10 +898,14 @@ impl Strategy for Experiment {
 
     fn plan(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
         self.validate()?;
+        if !self.treatments.is_empty() {
+            return self.plan_treatments(fleet, release);
+        }
         let base = &self.base;
         base.shaped_plan(self.kind(), fleet, release, true, |analysis| {
             vec![
                 Stage {
+                    if_winner: None,
                     name: format!(
                         "experiment: {} % of users on {} ({})",
                         self.treatment_percent, base.canary_group, self.sticky
@@ -748,11 +921,13 @@ impl Strategy for Experiment {
                                 duration: self.duration,
                                 analysis: analysis.clone(),
                                 ran_for: Duration::ZERO,
+                                treatments: Vec::new(),
                             },
                         ],
                     }],
                 },
                 Stage {
+                    if_winner: None,
                     // Reached only when the treatment won: the sticky split
                     // would keep sending the control's users to stable
                     // instances while they are replaced, so they move to the
@@ -767,6 +942,211 @@ impl Strategy for Experiment {
                 },
             ]
         })
+    }
+}
+
+impl Experiment {
+    /// The plan of an experiment with several treatments: every treatment
+    /// group deployed with its release, one sticky split over the control
+    /// and the treatments, the experiment, then one promotion branch per
+    /// treatment ([`Stage::if_winner`]; the executor runs the winner's),
+    /// and at the end all traffic to stable and every treatment stopped.
+    fn plan_treatments(&self, fleet: &FleetSnapshot, release: &ReleaseId) -> Result<Plan> {
+        let base = &self.base;
+        super::check_fleet(fleet)?;
+        let arms: Vec<ExperimentArm> = self
+            .treatments
+            .iter()
+            .map(|t| ExperimentArm {
+                group: t.group.clone(),
+                release: t.release.clone().unwrap_or_else(|| release.clone()),
+            })
+            .collect();
+        for i in &fleet.instances {
+            let g = &i.backend.group;
+            if g != &base.stable_group && !arms.iter().any(|a| &a.group == g) {
+                let groups: Vec<&str> = arms.iter().map(|a| a.group.as_str()).collect();
+                return Err(Error::invalid(
+                    "instances",
+                    format!(
+                        "{} is in group {g}, neither the stable group ({}) nor a treatment's ({}); give every instance one of them",
+                        i.backend.id,
+                        base.stable_group,
+                        groups.join(", ")
+                    ),
+                ));
+            }
+        }
+        let stable: Vec<_> = fleet.group(&base.stable_group).collect();
+        if stable.is_empty() {
+            return Err(Error::invalid(
+                "instances",
+                format!(
+                    "no instance is in the stable group {}; an experiment needs the control's instances to compare with and to promote",
+                    base.stable_group
+                ),
+            ));
+        }
+        for (i, a) in arms.iter().enumerate() {
+            if fleet.group(&a.group).next().is_none() {
+                return Err(Error::invalid(
+                    format!("treatments[{i}].group"),
+                    format!(
+                        "no instance is in the group {}; put at least one instance in it (group = \"{}\")",
+                        a.group, a.group
+                    ),
+                ));
+            }
+        }
+        let treated: Vec<&crate::plan::InstanceSnapshot> = fleet
+            .instances
+            .iter()
+            .filter(|i| i.backend.group != base.stable_group)
+            .collect();
+        let release_of = |g: &Group| arms.iter().find(|a| &a.group == g).map(|a| &a.release);
+        let unit = |i: &crate::plan::InstanceSnapshot, r: &ReleaseId| Unit {
+            instance: Some(i.backend.id.clone()),
+            steps: super::replace_steps(&i.backend.id, r, base.health, base.drain_timeout),
+        };
+        let traffic = |name: String, if_winner: Option<Group>, to: Option<&Group>| Stage {
+            if_winner,
+            name,
+            units: vec![Unit {
+                instance: None,
+                steps: vec![Step::SetWeights {
+                    weights: self.all_to(to),
+                }],
+            }],
+        };
+        let mut stages = vec![
+            traffic("isolate treatments".into(), None, None),
+            Stage {
+                if_winner: None,
+                name: "deploy treatments".into(),
+                units: treated
+                    .iter()
+                    .map(|i| unit(i, release_of(&i.backend.group).expect("a treatment's instance")))
+                    .collect(),
+            },
+        ];
+        for name in &base.gates {
+            for a in &arms {
+                stages.push(Stage {
+                    if_winner: None,
+                    name: format!("gate {name} on {}", a.group),
+                    units: vec![Unit {
+                        instance: None,
+                        steps: vec![Step::Gate {
+                            name: name.clone(),
+                            group: a.group.clone(),
+                            release: a.release.clone(),
+                        }],
+                    }],
+                });
+            }
+        }
+        let mut analysis = base.analysis_of();
+        analysis.canary = arms[0].group.clone();
+        let shares: Vec<String> = self
+            .policy()
+            .split
+            .weights
+            .iter()
+            .map(|w| format!("{} {} %", w.group, w.percent))
+            .collect();
+        stages.push(Stage {
+            if_winner: None,
+            name: format!("experiment: {} ({})", shares.join(", "), self.sticky),
+            units: vec![Unit {
+                instance: None,
+                steps: vec![
+                    Step::ApplyPolicy {
+                        policy: self.policy(),
+                    },
+                    Step::Experiment {
+                        rules: self.rules,
+                        duration: self.duration,
+                        analysis,
+                        ran_for: Duration::ZERO,
+                        treatments: arms.clone(),
+                    },
+                ],
+            }],
+        });
+        for a in &arms {
+            let when = || Some(a.group.clone());
+            // Every user to the winner before stable is touched: users
+            // pinned to stable would otherwise reach instances being
+            // replaced.
+            stages.push(traffic(
+                format!("all traffic to {} (the winner)", a.group),
+                when(),
+                Some(&a.group),
+            ));
+            stages.push(Stage {
+                if_winner: when(),
+                name: "back up stable".into(),
+                units: vec![Unit {
+                    instance: None,
+                    steps: vec![Step::BackupRelease {
+                        group: base.stable_group.clone(),
+                    }],
+                }],
+            });
+            let todo: Vec<_> = stable
+                .iter()
+                .filter(|i| i.release.as_ref() != Some(&a.release))
+                .collect();
+            let batches: Vec<_> = todo.chunks(base.finalize_batch).collect();
+            let n = batches.len();
+            for (b, chunk) in batches.into_iter().enumerate() {
+                stages.push(Stage {
+                    if_winner: when(),
+                    name: format!("promote stable {}/{n} to {}", b + 1, a.release),
+                    units: chunk.iter().map(|i| unit(i, &a.release)).collect(),
+                });
+            }
+        }
+        stages.push(traffic("all traffic to stable".into(), None, None));
+        stages.push(Stage {
+            if_winner: None,
+            name: "stop treatments".into(),
+            units: treated
+                .iter()
+                .map(|i| {
+                    let instance = || i.backend.id.clone();
+                    Unit {
+                        instance: Some(instance()),
+                        steps: vec![
+                            Step::Drain { instance: instance() },
+                            Step::AwaitDrained {
+                                instance: instance(),
+                                timeout: base.drain_timeout,
+                            },
+                            Step::Stop { instance: instance() },
+                        ],
+                    }
+                })
+                .collect(),
+        });
+        // Stable instances no branch moves (one treatment, on its release).
+        let skipped: Vec<InstanceId> = stable
+            .iter()
+            .filter(|i| arms.iter().all(|a| i.release.as_ref() == Some(&a.release)))
+            .map(|i| i.backend.id.clone())
+            .collect();
+        Ok(
+            Plan::new(self.kind(), release.clone(), super::previous_map(fleet), stages)
+                .with_policy(crate::plan::FailurePolicy::AbortAll)
+                .with_health(base.health)
+                .with_drain_timeout(base.drain_timeout)
+                .with_rollback_batch(base.finalize_batch)
+                .with_skipped(skipped)
+                .with_on_abort(vec![crate::plan::AbortStep::new(Step::SetWeights {
+                    weights: self.all_to(None),
+                })])
+                .with_leave_stopped(treated.iter().map(|i| i.backend.id.clone()).collect()),
+        )
     }
 }
 
@@ -1076,6 +1456,173 @@ mod tests {
             plan.stages[3].units[0].steps[0].to_string(),
             "set weights stable=0% canary=100%"
         );
+    }
+
+    /// Two stable instances, one of canary-b and one of canary-c, on v1.
+    fn three_groups() -> FleetSnapshot {
+        let mut f = fleet(2, 0);
+        for (k, grp) in [(3, "canary-b"), (4, "canary-c")] {
+            f.instances.push(InstanceSnapshot {
+                backend: Backend {
+                    id: InstanceId::new(format!("i-{k}")).unwrap(),
+                    address: Address::parse(&format!("127.0.0.1:{}", 20000 + k)).unwrap(),
+                    group: Group::new(grp).unwrap(),
+                },
+                release: Some(ReleaseId::new("v1").unwrap()),
+            });
+        }
+        f
+    }
+
+    fn two_treatments() -> Experiment {
+        Experiment {
+            treatments: vec![
+                Treatment::new(Group::new("canary-b").unwrap(), 20),
+                Treatment::new(Group::new("canary-c").unwrap(), 30).release(ReleaseId::new("v3").unwrap()),
+            ],
+            ..Experiment::default()
+        }
+    }
+
+    #[test]
+    fn an_experiment_with_two_treatments_plans_a_branch_per_winner() {
+        let plan = two_treatments().plan(&three_groups(), &v2()).unwrap();
+        let names: Vec<String> = plan
+            .stages
+            .iter()
+            .map(|s| match &s.if_winner {
+                Some(g) => format!("{} [{g}]", s.name),
+                None => s.name.clone(),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "isolate treatments",
+                "deploy treatments",
+                "experiment: stable 50 %, canary-b 20 %, canary-c 30 % (sticky by cookie dk_variant it sets)",
+                "all traffic to canary-b (the winner) [canary-b]",
+                "back up stable [canary-b]",
+                "promote stable 1/2 to v2 [canary-b]",
+                "promote stable 2/2 to v2 [canary-b]",
+                "all traffic to canary-c (the winner) [canary-c]",
+                "back up stable [canary-c]",
+                "promote stable 1/2 to v3 [canary-c]",
+                "promote stable 2/2 to v3 [canary-c]",
+                "all traffic to stable",
+                "stop treatments"
+            ]
+        );
+        // Each treatment deployed with its own release.
+        let deploy: Vec<String> = plan.stages[1].units[0]
+            .steps
+            .iter()
+            .chain(&plan.stages[1].units[1].steps)
+            .filter(|s| matches!(s, Step::Install { .. }))
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(deploy, ["install v2 on i-3", "install v3 on i-4"]);
+        assert_eq!(
+            plan.stages[3].units[0].steps[0].to_string(),
+            "set weights stable=0% canary-b=100% canary-c=0%"
+        );
+        assert_eq!(
+            plan.on_abort[0].to_string(),
+            "set weights stable=100% canary-b=0% canary-c=0%"
+        );
+        assert_eq!(plan.leave_stopped.len(), 2);
+        // The dry run shows which branch runs when, and each branch's release.
+        let shown = plan.to_string();
+        assert!(
+            shown.contains("stage 10: promote stable 1/2 to v3 [only if canary-c wins] (1 unit(s) at once)")
+                && shown.contains("  i-1 (v1 -> v3): ")
+                && shown.contains("  i-1 (v1 -> v2): ")
+                && shown.contains("experiment canary-b (v2), canary-c (v3) (treatments, Holm-corrected) against stable (control)"),
+            "{shown}"
+        );
+        // One branch counts in the projection, not both.
+        let one = Experiment {
+            treatments: two_treatments().treatments[..1].to_vec(),
+            ..two_treatments()
+        };
+        let mut f = three_groups();
+        f.instances.pop();
+        let single = one.plan(&f, &v2()).unwrap();
+        assert_eq!(plan.projected_duration().max, single.projected_duration().max);
+    }
+
+    #[test]
+    fn experiment_treatments_validation_names_the_field() {
+        let d = two_treatments();
+        d.validate().unwrap();
+        let with = |f: &dyn Fn(&mut Experiment)| {
+            let mut e = d.clone();
+            f(&mut e);
+            e
+        };
+        for (bad, name, says) in [
+            (
+                with(&|e| e.treatments[1].percent = 0),
+                "treatments[1].percent",
+                "outside 1-99",
+            ),
+            (
+                with(&|e| e.treatments[1].percent = 80),
+                "treatments",
+                "add up to 100",
+            ),
+            (
+                with(&|e| e.treatments[0].group = Group::new("stable").unwrap()),
+                "treatments[0].group",
+                "the control",
+            ),
+            (
+                with(&|e| e.treatments[1].group = Group::new("canary-b").unwrap()),
+                "treatments[1].group",
+                "also treatments[0]'s group",
+            ),
+            (
+                with(&|e| e.treatments[1].release = None),
+                "treatments[1].release",
+                "deployed release",
+            ),
+            (
+                with(&|e| e.treatments[0].release = Some(ReleaseId::new("v3").unwrap())),
+                "treatments[1].release",
+                "v3 is also treatments[0]'s release",
+            ),
+            (
+                with(&|e| e.rules.on_no_difference = crate::experiment::NoDifference::Promote),
+                "on_no_difference",
+                "which to promote",
+            ),
+            (
+                with(&|e| e.base.flag = Some("checkout".into())),
+                "flag",
+                "several treatments",
+            ),
+        ] {
+            let e = bad.validate().unwrap_err();
+            let text = e.to_string();
+            assert_eq!(field(e), name);
+            assert!(text.contains(says), "{text}");
+        }
+        // One treatment may promote on no difference: it is unambiguous.
+        with(&|e| {
+            e.treatments.truncate(1);
+            e.rules.on_no_difference = crate::experiment::NoDifference::Promote;
+        })
+        .validate()
+        .unwrap();
+        // The fleet: a treatment group without instances, a stray group.
+        let mut f = three_groups();
+        f.instances.pop();
+        let e = d.plan(&f, &v2()).unwrap_err();
+        assert_eq!(field(e), "treatments[1].group");
+        let mut f = three_groups();
+        f.instances[3].backend.group = Group::new("canary").unwrap();
+        let e = d.plan(&f, &v2()).unwrap_err();
+        assert_eq!(field(e), "instances");
     }
 
     #[test]

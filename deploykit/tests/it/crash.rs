@@ -18,6 +18,7 @@ use deploykit::bluegreen_state::{reconcile, Reconciled};
 use deploykit::recovery::{self, Recorded, Strategies};
 use deploykit::routing::{Capabilities, Capability, Match, Rule, ValueMatch};
 use deploykit::state::{Journal, JournalHeader, JournalOutcome, RunKind, StateDir};
+use deploykit::strategy::Treatment;
 use deploykit::{
     BlueGreen, Canary, CountOrPercent, DarkLaunch, Event, EventSink, Executor, Experiment, FleetSnapshot,
     Group, InstanceId, KeepOld, Metric, OutcomeKind, Plan, PromotionHandle, Ramped, ReleaseId, Report,
@@ -80,6 +81,9 @@ pub(crate) struct World {
     pub(crate) metrics: FakeMetrics,
     pub(crate) state: StateDir,
     pub(crate) strategies: Strategies,
+    /// An experiment with two treatments (canary-b on v2, canary-c on v3,
+    /// the winner) instead of one canary.
+    treatments: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -186,7 +190,59 @@ impl World {
             metrics,
             state,
             strategies,
+            treatments: false,
             _dir: dir,
+        }
+    }
+
+    /// An experiment over `n` stable instances and two treatments, each
+    /// one instance: canary-b on v2 converting as the control, canary-c on
+    /// v3 converting better, which wins and is promoted.
+    pub(crate) fn with_treatments(n: usize) -> Self {
+        let mut w = Self::new(StrategyKind::Experiment, n, 1);
+        w.fleet = FakeFleet::with_groups(&[("stable", n), ("canary-b", 1), ("canary-c", 1)])
+            .routing_capabilities(Capabilities::of(Capability::ALL));
+        let tally = |rate: f64| {
+            move |_t: Duration, window: Duration| {
+                let visits = VISITS_PER_SECOND * window.as_secs_f64();
+                deploykit::judge::Measured::Value(deploykit::experiment::Tally {
+                    visits,
+                    conversions: (visits * rate).round(),
+                })
+            }
+        };
+        w.metrics = w
+            .metrics
+            .clone()
+            .set("canary-b", Metric::ErrorRate, 0.001)
+            .set("canary-b", Metric::LatencyP99, 0.12)
+            .set("canary-c", Metric::ErrorRate, 0.001)
+            .set("canary-c", Metric::LatencyP99, 0.12)
+            .script_tally("canary-b", tally(0.05))
+            .script_tally("canary-c", tally(0.12));
+        w.strategies.experiment.treatments = vec![
+            Treatment::new(g("canary-b"), 25),
+            Treatment::new(g("canary-c"), 25).release(v("v3")),
+        ];
+        w.treatments = true;
+        w
+    }
+
+    /// The release a resumed deployment ends on: the winner's.
+    fn resumed_release(&self) -> &'static str {
+        if self.treatments {
+            "v3"
+        } else {
+            "v2"
+        }
+    }
+
+    /// The groups that end stopped: the canary, or the treatments.
+    fn treated(&self) -> &'static [&'static str] {
+        if self.treatments {
+            &["canary-b", "canary-c"]
+        } else {
+            &["canary"]
         }
     }
 
@@ -506,8 +562,12 @@ impl World {
             k if k == StrategyKind::Canary || routed(k) => {
                 ids("stable").iter().for_each(on);
                 let weights = self.fleet.load_balancer().weights();
-                let to_canary = weights.as_ref().and_then(|w| w.get(&g("canary")).copied());
-                for id in ids("canary") {
+                let to_canary: u8 = self
+                    .treated()
+                    .iter()
+                    .filter_map(|t| weights.as_ref().and_then(|w| w.get(&g(t)).copied()))
+                    .sum();
+                for id in self.treated().iter().flat_map(|t| ids(t)) {
                     let id = id.as_str();
                     // Retired (stopped, out of rotation), or as it was before
                     // the deployment touched it.
@@ -518,11 +578,7 @@ impl World {
                         "{ctx}: canary {id} is neither retired nor as before"
                     );
                 }
-                assert_eq!(
-                    to_canary.unwrap_or(0),
-                    0,
-                    "{ctx}: traffic to the canary: {weights:?}"
-                );
+                assert_eq!(to_canary, 0, "{ctx}: traffic to the canary: {weights:?}");
             }
             _ => ids("default").iter().for_each(on),
         }
@@ -594,8 +650,13 @@ pub(crate) fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 
 /// Records an uninterrupted deployment of this shape writes.
 fn records(kind: StrategyKind, n: usize, batch: usize) -> u64 {
+    records_of(|| World::new(kind, n, batch))
+}
+
+/// Records an uninterrupted deployment in the world `make` builds writes.
+fn records_of(make: impl Fn() -> World) -> u64 {
     block_on(async {
-        let w = World::new(kind, n, batch);
+        let w = make();
         let (_, records, report) = w.deploy(u64::MAX).await;
         let report = report.expect("not killed");
         assert!(
@@ -624,9 +685,21 @@ fn crash_twice_and_recover(
     how: How,
     then: Option<(u64, How)>,
 ) -> bool {
+    crash_world(
+        || World::new(kind, n, batch),
+        &format!("{kind} n={n} batch={batch}"),
+        k,
+        how,
+        then,
+    )
+}
+
+/// [`crash_twice_and_recover`] in the world `make` builds, named `name`.
+fn crash_world(make: impl Fn() -> World, name: &str, k: u64, how: How, then: Option<(u64, How)>) -> bool {
     block_on(async {
-        let mut ctx = format!("{kind} n={n} batch={batch}, killed after record {k}, {how:?}");
-        let w = World::new(kind, n, batch);
+        let mut ctx = format!("{name}, killed after record {k}, {how:?}");
+        let w = make();
+        let kind = w.kind;
         let (deploy_plan, written, report) = w.deploy(k).await;
         assert!(report.is_none(), "{ctx}: the deployment was killed");
         assert_eq!(written, k, "{ctx}: the kill comes right after record {k}");
@@ -644,7 +717,7 @@ fn crash_twice_and_recover(
             r = w.recover_killed(last, u64::MAX).await;
         }
         let expect = match last {
-            How::Resume => "v2",
+            How::Resume => w.resumed_release(),
             How::Rollback => "v1",
         };
         if let Some(report) = &r.report {
@@ -726,6 +799,27 @@ fn dark_launch_recovers_from_a_kill_after_every_record() {
 #[test]
 fn experiment_recovers_from_a_kill_after_every_record() {
     matrix(StrategyKind::Experiment, 2, 1);
+}
+
+/// An experiment with two treatments, killed after every record, resumed
+/// or rolled back: a resume after the winner was journaled promotes that
+/// winner's release (v3), never the other treatment's; a rollback returns
+/// every instance, both treatments stopped.
+#[test]
+fn an_experiment_with_two_treatments_recovers_from_a_kill_after_every_record() {
+    let total = records_of(|| World::with_treatments(2));
+    assert!(total > 10, "only {total} records");
+    for k in 1..total {
+        for how in [How::Resume, How::Rollback] {
+            crash_world(
+                || World::with_treatments(2),
+                "experiment with two treatments",
+                k,
+                how,
+                None,
+            );
+        }
+    }
 }
 
 /// A deployment killed after one of its records, then resumed to the end.
@@ -1265,4 +1359,69 @@ async fn a_lost_lock_stops_every_step_restores_included() {
     // A plain write error still restores what was touched: the two differ.
     let (at, total) = failing_run(false).await;
     assert!(total > at, "a journal write error no longer restores");
+}
+
+/// An experiment with two treatments killed once its winner was journaled
+/// resumes without deciding again: the resume plan holds no experiment and
+/// only the winner's branch, promoting its release (v3); killed before,
+/// the experiment runs again. Every resume ends with stable on v3.
+#[test]
+fn a_resumed_experiment_promotes_the_winner_it_had_recorded() {
+    let total = records_of(|| World::with_treatments(2));
+    let (mut after_decision, mut before_decision) = (0, 0);
+    for k in 1..total {
+        block_on(async {
+            let w = World::with_treatments(2);
+            let (_, _, report) = w.deploy(k).await;
+            assert!(report.is_none(), "killed after record {k}");
+            let latest = w.state.latest().unwrap().expect("a journal");
+            let decided = latest
+                .events
+                .iter()
+                .any(|e| matches!(e.kind, deploykit::EventKind::ExperimentDecided { .. }));
+            let recorded = Recorded::load(&w.state, &latest).unwrap();
+            let snap = w.exec(None).snapshot().await.unwrap();
+            let recovery::Resume::Plan(plan) =
+                recovery::resume(&recorded, &snap, &w.strategies, None).unwrap()
+            else {
+                panic!("an experiment resumes with a plan");
+            };
+            let steps = || plan.stages.iter().flat_map(|s| &s.units).flat_map(|u| &u.steps);
+            let experiments = steps()
+                .filter(|s| matches!(s, deploykit::Step::Experiment { .. }))
+                .count();
+            if decided {
+                after_decision += 1;
+                assert_eq!(
+                    experiments, 0,
+                    "killed after record {k}: decided, not again\n{plan}"
+                );
+                assert!(plan.stages.iter().all(|s| s.if_winner.is_none()), "{plan}");
+                assert_eq!(plan.release, v("v3"), "{plan}");
+                assert!(
+                    !plan
+                        .stages
+                        .iter()
+                        .any(|s| s.name.contains("canary-b (the winner)")),
+                    "the loser's branch is gone:\n{plan}"
+                );
+            } else {
+                before_decision += 1;
+                assert_eq!(experiments, 1, "killed after record {k}: undecided\n{plan}");
+            }
+            let (report, _) = w.recover(How::Resume).await;
+            let report = report.expect("resumed");
+            assert_eq!(
+                report.outcome,
+                OutcomeKind::Succeeded,
+                "killed after record {k}:\n{report}"
+            );
+            assert_eq!(report.release, v("v3"), "killed after record {k}");
+            w.assert_settled("v3", None, How::Resume, &format!("killed after record {k}"));
+        });
+    }
+    assert!(
+        after_decision >= 5 && before_decision >= 5,
+        "{after_decision} / {before_decision}"
+    );
 }

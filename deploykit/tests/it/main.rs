@@ -21,3 +21,4 @@ mod rolling;
 mod routed;
 mod routing;
 mod schedules;
+mod variants;

@@ -89,6 +89,18 @@ pub(in crate::executor) async fn run(ctx: &StepCtx<'_>, state: &CanaryState, ste
             duration,
             analysis,
             ran_for,
+            treatments,
+        } if !treatments.is_empty() => {
+            crate::gate::experiment_variants(&gate, rules, *duration, *ran_for, analysis, treatments)
+                .await
+                .map(|_| ())
+        }
+        Step::Experiment {
+            rules,
+            duration,
+            analysis,
+            ran_for,
+            ..
         } => match crate::gate::experiment(&gate, rules, *duration, *ran_for, analysis).await {
             Ok(ExperimentEnd::Won) => Ok(()),
             // Promoting without a difference is the operator's choice, but
