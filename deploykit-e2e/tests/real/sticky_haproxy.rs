@@ -499,6 +499,7 @@ backend app__canary
             min_samples: 200,
             ..Default::default()
         },
+        treatments: Vec::new(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let url = haproxy.url("/api/checkout");
