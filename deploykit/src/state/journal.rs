@@ -888,6 +888,15 @@ impl JournalSummary {
         waiting
     }
 
+    /// The release an experiment with several treatments chose (its
+    /// winner's), which stable moves to instead of the header's.
+    pub fn decided_release(&self) -> Option<&ReleaseId> {
+        self.events.iter().rev().find_map(|e| match &e.kind {
+            EventKind::ExperimentDecided { release, .. } => Some(release),
+            _ => None,
+        })
+    }
+
     /// The history line of this run. `holder` is the current lock holder:
     /// an unfinished run whose process holds it is in progress.
     pub fn history_entry(&self, holder: Option<&Holder>) -> HistoryEntry {
@@ -911,7 +920,7 @@ impl JournalSummary {
             id: h.deployment.clone(),
             kind: h.kind,
             strategy: h.strategy,
-            release: h.release.clone(),
+            release: self.decided_release().unwrap_or(&h.release).clone(),
             outcome,
             started_at_ms: h.started_at_ms,
             duration_ms,
@@ -1074,6 +1083,10 @@ mod tests {
             assert!((b.comparison.adjusted_p_value - r.comparison.adjusted_p_value).abs() < 1e-12);
         }
         assert_eq!(s.events[1], events[1]);
+        // The run moves stable to the winner's release, not the header's.
+        assert_eq!(s.history_entry(None).release, rid("v3"));
+        let record = crate::stats::DeploymentRecord::from_journal(&s, None);
+        assert_eq!(record.release, rid("v3"));
     }
 
     #[test]

@@ -292,6 +292,11 @@ impl RecordBuilder {
         let r = &mut self.record;
         r.duration_ms = r.duration_ms.max(event.elapsed_ms);
         match &event.kind {
+            // With several treatments the winner's release, not the one
+            // the run was started with, is what stable moves to.
+            EventKind::ExperimentDecided { release, .. } => {
+                r.release = release.clone();
+            }
             EventKind::StageStarted {
                 stage,
                 of,
