@@ -186,3 +186,199 @@ async fn a_cli_experiment_on_real_nginx_and_prometheus_promotes_the_better_relea
     }
     assert!(served.iter().all(|b| b == "v2"), "{served:?}");
 }
+
+/// The `[[instances]]` entry of a local demo app run from its release.
+fn instance_toml(id: &str, port: u16, group: &str) -> String {
+    format!(
+        "[[instances]]\nid = \"{id}\"\naddress = \"127.0.0.1:{port}\"\ngroup = \"{group}\"\n\
+         command = [\"./run\", \"--listen\", \"{{address}}\", \"--version\", \"{{release}}\", \"--track\", \"{group}\"]\n\n"
+    )
+}
+
+/// deploykit.toml of app `shop` with `instances`, `load_balancer` (its
+/// fields after `[load_balancer]`), Prometheus at `prometheus` and
+/// `experiment` (the fields and tables after `[strategy.experiment]`).
+fn experiment_config(instances: &str, load_balancer: &str, prometheus: &str, experiment: &str) -> String {
+    format!(
+        "app = \"shop\"\nreleases = \"builds\"\n\n\
+         [instance_defaults]\nroot = \"instances/{{id}}\"\nstop_grace = \"5s\"\n\n\
+         {instances}\
+         [load_balancer]\n{load_balancer}\n\
+         [metrics]\nprometheus = \"{prometheus}\"\n\n\
+         [strategy]\nkind = \"experiment\"\n\n\
+         [strategy.canary]\ncheck_interval = \"1s\"\nwindow = \"5s\"\ninconclusive_limit = 10\n\
+         health_retries = 200\nhealth_interval = \"50ms\"\ndrain_timeout = \"2s\"\n\n\
+         [strategy.rolling]\nhealth_retries = 200\nhealth_interval = \"50ms\"\nstabilisation = \"100ms\"\ndrain_timeout = \"2s\"\n\n\
+         [strategy.recreate]\nhealth_retries = 200\nhealth_interval = \"50ms\"\ndrain_timeout = \"2s\"\n\n\
+         [timeouts]\ndrain_poll = \"20ms\"\n\n\
+         [strategy.experiment]\nduration = \"25s\"\nalpha = 0.05\nmin_detectable_effect = 0.05\nmin_samples = 200\n{experiment}"
+    )
+}
+
+/// Waits until Prometheus has stable's error rate, latency and a request
+/// counted: the monitoring check before an experiment needs them.
+async fn wait_for_stable_metrics(prom: &PromServer) {
+    let source = prom.source();
+    let w = Duration::from_secs(5);
+    for metric in [Metric::ErrorRate, Metric::LatencyP99] {
+        wait_for_value(&source, metric, "stable", w).await;
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    while wait_for_value(&source, Metric::RequestCount, "stable", w).await <= 0.0 {
+        assert!(Instant::now() < end, "no stable requests counted within 20 s");
+        sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Stops the users and gathers their failed checkouts.
+async fn stop_users(
+    stop: &AtomicBool,
+    users: Vec<tokio::task::JoinHandle<Vec<crate::experiment::Failure>>>,
+) -> Vec<crate::experiment::Failure> {
+    stop.store(true, Ordering::SeqCst);
+    let mut failed = Vec::new();
+    for u in users {
+        failed.extend(u.await.expect("a user"));
+    }
+    failed
+}
+
+/// Three variants through the CLI: the control (stable, v1) and treatment
+/// canary-b (v2, the release deployed) converting 5 %, canary-c on v3
+/// (`release = "v3"`) converting 30 %. `deploykit deploy v2` prints every
+/// reading with all three variants, finds canary-c the winner, moves
+/// stable to v3, names v3 in `history`, exits 0, and fails not one
+/// checkout of users that never retry.
+#[tokio::test]
+async fn a_cli_experiment_with_two_treatments_on_real_nginx_promotes_the_winner_to_its_release() {
+    let nginx_bin = crate::require_binary!("nginx");
+    let prom_bin = crate::require_binary!("prometheus");
+    let bin = deploykit_binary();
+    let dir = temp_dir("dk-cli-variants-");
+    let d = dir.path();
+    let builds = d.join("builds");
+    release(&builds, "v1", "0.05");
+    release(&builds, "v2", "0.05");
+    release(&builds, "v3", "0.30");
+    let ports = free_ports(4);
+    let port = ports[3];
+    write_routing_config(d, port);
+    let arms = [
+        ("stable-1", "stable"),
+        ("canary-b-1", "canary-b"),
+        ("canary-c-1", "canary-c"),
+    ];
+    let _kill = KillOnDrop(arms.iter().map(|(id, _)| d.join("instances").join(id)).collect());
+    let instances: String = arms
+        .iter()
+        .zip(&ports)
+        .map(|((id, group), p)| instance_toml(id, *p, group))
+        .collect();
+    let targets: Vec<String> = ports[..3].iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let prom = PromServer::start(&prom_bin, d, &targets).await;
+    let ds = d.display();
+    let lb = format!(
+        "kind = \"nginx\"\ninclude_file = \"{ds}/upstream.conf\"\nlocation_include = \"{ds}/location.conf\"\n\
+         upstream = \"app\"\nnginx_binary = \"{}\"\nnginx_config = \"{ds}/nginx.conf\"\nnginx_prefix = \"{ds}\"\npid_file = \"{ds}/nginx.pid\"\n",
+        nginx_bin.display()
+    );
+    let treatments = "\n[[strategy.experiment.treatments]]\ngroup = \"canary-b\"\npercent = 33\n\n\
+                      [[strategy.experiment.treatments]]\ngroup = \"canary-c\"\nrelease = \"v3\"\npercent = 33\n";
+    std::fs::write(
+        d.join("deploykit.toml"),
+        experiment_config(&instances, &lb, &prom.url(""), treatments),
+    )
+    .unwrap();
+
+    let (code, out, err) = cli(&bin, d, &["setup"]).await;
+    assert!(
+        d.join("upstream.conf").is_file() && d.join("location.conf").is_file(),
+        "setup exited {code}:\n{out}{err}"
+    );
+    let nginx = Nginx::start(&nginx_bin, d, port).await;
+    let (code, out, err) = cli(&bin, d, &["-q", "deploy", "v1", "--strategy", "recreate"]).await;
+    assert_eq!(code, 0, "v1 everywhere:\n{out}{err}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // A new connection per checkout and never a retry: every nginx reload
+    // closes idle keep-alive connections, which a client that never
+    // retries would count whatever deploykit does.
+    let http = Http::without_retries(false);
+    let url = nginx.url("/api/checkout");
+    let users: Vec<_> = (0..30)
+        .map(|n| tokio::spawn(user(http.clone(), url.clone(), n, stop.clone(), Instant::now())))
+        .collect();
+    wait_for_stable_metrics(&prom).await;
+
+    let started = Instant::now();
+    let (code, out, err) = cli(&bin, d, &["deploy", "v2"]).await;
+    let took = started.elapsed();
+    let failed = stop_users(&stop, users).await;
+    eprintln!(
+        "deploy v2 took {took:?}; {} checkouts failed\n{out}",
+        failed.len()
+    );
+    assert_eq!(code, 0, "the experiment promotes canary-c:\n{out}{err}");
+    assert!(out.contains("SUCCEEDED"), "{out}");
+    // Every reading names all three variants with their statistics.
+    let readings: Vec<&str> = out.lines().filter(|l| l.contains("]   experiment at ")).collect();
+    assert!(!readings.is_empty(), "no reading printed:\n{out}");
+    for r in &readings {
+        assert!(
+            r.contains("control stable ")
+                && r.contains("; canary-b (v2) ")
+                && r.contains("; canary-c (v3) ")
+                && r.contains("Holm-adjusted p = "),
+            "a reading without every variant: {r}"
+        );
+    }
+    assert!(
+        out.contains("experiment decided: canary-c wins") && out.contains("then stable to v3"),
+        "{out}"
+    );
+    // Each instance is named with the release it serves, not the one deployed.
+    assert!(
+        out.contains("✓ canary-b-1 serving v2")
+            && out.contains("✓ canary-c-1 serving v3")
+            && out.contains("✓ stable-1 serving v3"),
+        "{out}"
+    );
+    assert!(
+        failed.is_empty(),
+        "{} checkouts failed: {failed:?}\n{out}{err}",
+        failed.len()
+    );
+
+    // The journal records the decision once, naming the winner's release.
+    let journal = newest_journal(&d.join(".deploykit"));
+    let decided: Vec<&Value> = journal
+        .iter()
+        .filter(|r| r["event"] == "experiment_decided")
+        .collect();
+    assert_eq!(decided.len(), 1, "{journal:?}");
+    assert_eq!(decided[0]["winner"], "canary-c", "{}", decided[0]);
+    assert_eq!(decided[0]["release"], "v3", "{}", decided[0]);
+
+    // Stable runs v3 now; the treatment groups are stopped.
+    let (code, out, err) = cli(&bin, d, &["status", "--json"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let status: Value = serde_json::from_str(&out).expect("status --json");
+    let stable = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == "stable-1")
+        .expect("stable-1 in status");
+    assert_eq!(stable["release"], "v3", "{out}");
+    assert_eq!(status["deployment"]["history"]["release"], "v3", "{out}");
+    let (code, out, err) = cli(&bin, d, &["history"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let newest = out.lines().find(|l| l.contains("experiment")).unwrap_or_default();
+    assert!(newest.contains("v3"), "history does not name v3:\n{out}");
+    let mut served = Vec::new();
+    for _ in 0..10 {
+        let a = Http::new().get(&nginx.url("/")).await.expect("GET through nginx");
+        served.push(a.body.trim().to_string());
+    }
+    assert!(served.iter().all(|b| b == "v3"), "{served:?}");
+}
