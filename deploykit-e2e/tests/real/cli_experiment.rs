@@ -16,7 +16,9 @@ use serde_json::Value;
 use tokio::time::{sleep, Instant};
 
 use crate::experiment::user;
-use crate::harness::{deploykit_binary, free_ports, make_release, temp_dir, Http, KillOnDrop, Nginx};
+use crate::harness::{
+    deploykit_binary, free_ports, make_release, temp_dir, Haproxy, Http, KillOnDrop, Nginx,
+};
 use crate::prometheus::{wait_for_value, PromServer};
 use crate::routing::write_routing_config;
 
@@ -381,4 +383,245 @@ async fn a_cli_experiment_with_two_treatments_on_real_nginx_promotes_the_winner_
         served.push(a.body.trim().to_string());
     }
     assert!(served.iter().all(|b| b == "v3"), "{served:?}");
+}
+
+/// A shop of two local demo apps (stable-1 on v1 converting 5 %, canary-1
+/// whose v2 converts 30 %) behind a real HAProxy with a group backend each,
+/// the sticky split's map lines in haproxy.cfg when `map_lines`, a real
+/// Prometheus, and deploykit.toml with `map_dir` for an A/B experiment.
+struct HaproxyShop {
+    dir: tempfile::TempDir,
+    haproxy: Haproxy,
+    prom: PromServer,
+    /// The driver, to read HAProxy's state as deploykit left it.
+    lb: deploykit::lb::HaproxyLoadBalancer,
+}
+
+impl HaproxyShop {
+    async fn start(bin: &Path, prom_bin: &Path, map_lines: bool) -> HaproxyShop {
+        let dir = temp_dir("dk-cli-haproxy-experiment-");
+        let d = dir.path();
+        let builds = d.join("builds");
+        release(&builds, "v1", "0.05");
+        release(&builds, "v2", "0.30");
+        let ports = free_ports(3);
+        let (stable, canary, port) = (ports[0], ports[1], ports[2]);
+        let maps = d.join("maps");
+        std::fs::create_dir_all(&maps).unwrap();
+        let sticky = deploykit::routing::Sticky::Cookie {
+            name: "dk_variant".into(),
+        };
+        // The lines `deploykit::lb::haproxy::sticky_config` gives, as
+        // docs/load-balancers.md has the user paste them.
+        let lines = if map_lines {
+            crate::routing::frontend_lines(&maps, [], std::slice::from_ref(&sticky))
+        } else {
+            String::new()
+        };
+        let cfg = format!(
+            r#"global
+    stats socket {sock} mode 600 level admin
+    stats timeout 30s
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout queue 10s
+frontend fe
+    bind 127.0.0.1:{port}
+{lines}    default_backend app
+backend app
+    balance roundrobin
+    retries 0
+    server stable-1 127.0.0.1:{stable} weight 1 check inter 100ms
+    server canary-1 127.0.0.1:{canary} weight 1 check inter 100ms
+backend app__stable
+    server stable-1 127.0.0.1:{stable} track app/stable-1
+backend app__canary
+    server canary-1 127.0.0.1:{canary} track app/canary-1
+"#,
+            sock = Haproxy::socket(d).display(),
+        );
+        let haproxy = Haproxy::start(bin, d, port, &cfg).await;
+        let targets = [format!("127.0.0.1:{stable}"), format!("127.0.0.1:{canary}")];
+        let prom = PromServer::start(prom_bin, d, &targets).await;
+        let instances =
+            instance_toml("stable-1", stable, "stable") + &instance_toml("canary-1", canary, "canary");
+        let lb = format!(
+            "kind = \"haproxy\"\nsocket = \"{}\"\nbackend = \"app\"\nmap_dir = \"{}\"\n",
+            Haproxy::socket(d).display(),
+            maps.display()
+        );
+        std::fs::write(
+            d.join("deploykit.toml"),
+            experiment_config(&instances, &lb, &prom.url(""), "treatment_percent = 50\n"),
+        )
+        .unwrap();
+        let backends = [
+            crate::harness::backend("stable-1", ([127, 0, 0, 1], stable).into(), "stable"),
+            crate::harness::backend("canary-1", ([127, 0, 0, 1], canary).into(), "canary"),
+        ];
+        let lb = deploykit::lb::HaproxyLoadBalancer::builder()
+            .socket(Haproxy::socket(d))
+            .backend_name("app")
+            .backends(backends)
+            .build()
+            .unwrap();
+        HaproxyShop {
+            dir,
+            haproxy,
+            prom,
+            lb,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Guards that kill the demo apps the CLI started, whatever happens.
+    fn kill_on_drop(&self) -> KillOnDrop<PathBuf> {
+        KillOnDrop(vec![
+            self.path().join("instances/stable-1"),
+            self.path().join("instances/canary-1"),
+        ])
+    }
+
+    /// Each server of backend `app`: name, weight and admin state bits.
+    async fn servers(&self) -> Vec<(String, u32, u32)> {
+        self.lb
+            .api()
+            .servers_state("app")
+            .await
+            .expect("show servers state")
+            .iter()
+            .map(|s| (s.name.clone(), s.weight, s.admin_bits))
+            .collect()
+    }
+}
+
+/// An A/B experiment through HAProxy's sticky split, run by the binary:
+/// `validate` and `plan` accept the configuration with `map_dir`,
+/// `deploy v2` decides on real Prometheus tallies and promotes v2, and 30
+/// keep-alive users that never retry fail not one checkout (HAProxy
+/// changes its maps and weights without a reload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_experiment_through_real_haproxys_sticky_split_promotes_the_winner_failing_no_checkout() {
+    let haproxy_bin = crate::require_binary!("haproxy");
+    let prom_bin = crate::require_binary!("prometheus");
+    let bin = deploykit_binary();
+    let shop = HaproxyShop::start(&haproxy_bin, &prom_bin, true).await;
+    let _kill = shop.kill_on_drop();
+    let d = shop.path();
+    for args in [&["validate"][..], &["plan", "v2"]] {
+        let (code, out, err) = cli(&bin, d, args).await;
+        assert_eq!(code, 0, "{args:?} refused the configuration:\n{out}{err}");
+    }
+    let (code, out, err) = cli(&bin, d, &["-q", "deploy", "v1", "--strategy", "recreate"]).await;
+    assert_eq!(code, 0, "v1 everywhere:\n{out}{err}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let http = Http::without_retries(true);
+    let url = shop.haproxy.url("/api/checkout");
+    let users: Vec<_> = (0..30)
+        .map(|n| tokio::spawn(user(http.clone(), url.clone(), n, stop.clone(), Instant::now())))
+        .collect();
+    wait_for_stable_metrics(&shop.prom).await;
+
+    let started = Instant::now();
+    let (code, out, err) = cli(&bin, d, &["deploy", "v2"]).await;
+    let took = started.elapsed();
+    let failed = stop_users(&stop, users).await;
+    eprintln!(
+        "deploy v2 took {took:?}; {} checkouts failed\n{out}",
+        failed.len()
+    );
+    assert_eq!(code, 0, "the experiment promotes v2:\n{out}{err}");
+    assert!(
+        out.contains("SUCCEEDED") && out.contains("experiment (the treatment wins): control "),
+        "{out}"
+    );
+    assert!(
+        failed.is_empty(),
+        "{} checkouts failed: {failed:?}\n{out}{err}\nHAProxy:\n{}",
+        failed.len(),
+        shop.haproxy.stderr()
+    );
+    // The deciding reading holds HAProxy's split of the apps' own
+    // counters: about 5 % and 30 %.
+    let journal = newest_journal(&d.join(".deploykit"));
+    let last = &journal
+        .iter()
+        .filter(|r| r["event"] == "experiment_reading")
+        .last()
+        .expect("experiment readings in the journal")["reading"];
+    assert_eq!(last["verdict"]["verdict"], "treatment_wins", "{last}");
+    let rate = |v: &Value| v["conversions"].as_f64().unwrap() / v["visits"].as_f64().unwrap();
+    assert!((0.02..0.10).contains(&rate(&last["control"])), "{last}");
+    assert!((0.20..0.40).contains(&rate(&last["treatment"])), "{last}");
+    let mut served = Vec::new();
+    for _ in 0..10 {
+        let a = Http::new()
+            .get(&shop.haproxy.url("/"))
+            .await
+            .expect("GET through HAProxy");
+        served.push(a.body.trim().to_string());
+    }
+    assert!(served.iter().all(|b| b == "v2"), "{served:?}");
+}
+
+/// The same configuration with haproxy.cfg lacking the sticky split's map
+/// lines: `deploy v2` is refused before anything is touched (exit 3), the
+/// message names the lines to add, HAProxy's servers keep their weights
+/// and states, and both instances still run v1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_experiment_whose_sticky_map_haproxy_has_not_loaded_is_refused_before_anything_is_touched() {
+    let haproxy_bin = crate::require_binary!("haproxy");
+    let prom_bin = crate::require_binary!("prometheus");
+    let bin = deploykit_binary();
+    let shop = HaproxyShop::start(&haproxy_bin, &prom_bin, false).await;
+    let _kill = shop.kill_on_drop();
+    let d = shop.path();
+    let (code, out, err) = cli(&bin, d, &["-q", "deploy", "v1", "--strategy", "recreate"]).await;
+    assert_eq!(code, 0, "v1 everywhere:\n{out}{err}");
+    // Traffic until stable's metrics are in: the monitoring check would
+    // refuse first otherwise.
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = shop.haproxy.url("/api/checkout");
+    let users: Vec<_> = (0..5)
+        .map(|n| tokio::spawn(user(Http::new(), url.clone(), n, stop.clone(), Instant::now())))
+        .collect();
+    wait_for_stable_metrics(&shop.prom).await;
+    let before = shop.servers().await;
+    let runs_before = std::fs::read_dir(d.join(".deploykit/shop/journal"))
+        .unwrap()
+        .count();
+
+    let (code, out, err) = cli(&bin, d, &["deploy", "v2"]).await;
+    stop_users(&stop, users).await;
+    // Exit 3 as for every failed load-balancer preflight (docs/cli.md):
+    // HAProxy's running configuration, not deploykit.toml, lacks the lines.
+    assert_eq!(code, 3, "a refusal:\n{out}{err}");
+    assert!(
+        err.contains("nothing was touched")
+            && err.contains("app.sticky.cookie.dk_variant.map")
+            && err.contains("use_backend %[var(txn.dk_app.sticky.cookie.dk_variant.group)]"),
+        "the message names the lines to add:\n{err}"
+    );
+    assert_eq!(
+        before,
+        shop.servers().await,
+        "a refused deployment changed HAProxy"
+    );
+    let runs_after = std::fs::read_dir(d.join(".deploykit/shop/journal"))
+        .unwrap()
+        .count();
+    assert_eq!(runs_before, runs_after, "a refused deployment was journaled");
+    let (code, out, err) = cli(&bin, d, &["status", "--json"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let status: Value = serde_json::from_str(&out).expect("status --json");
+    for i in status["instances"].as_array().unwrap() {
+        assert_eq!(i["release"], "v1", "{out}");
+    }
 }
