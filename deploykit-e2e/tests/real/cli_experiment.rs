@@ -553,8 +553,7 @@ async fn a_cli_experiment_through_real_haproxys_sticky_split_promotes_the_winner
     let journal = newest_journal(&d.join(".deploykit"));
     let last = &journal
         .iter()
-        .filter(|r| r["event"] == "experiment_reading")
-        .last()
+        .rfind(|r| r["event"] == "experiment_reading")
         .expect("experiment readings in the journal")["reading"];
     assert_eq!(last["verdict"]["verdict"], "treatment_wins", "{last}");
     let rate = |v: &Value| v["conversions"].as_f64().unwrap() / v["visits"].as_f64().unwrap();
