@@ -1029,6 +1029,9 @@ async fn run_deploy(
             }
         }
     };
+    if let Some(h) = &human {
+        h.learn_plan(&plan);
+    }
     header.plan = Some(plan.clone());
     // A detour left by a run that died during a network fault would fail
     // the preflight (HAProxy) or send traffic to a dead proxy.
@@ -1373,6 +1376,9 @@ async fn rollback_locked(
                 plan.previous.clone(),
             );
             header.acts_on = Some(root.deployment.clone());
+            if let Some(h) = &human {
+                h.learn_plan(&plan);
+            }
             header.plan = Some(plan.clone());
             // Nor does a detour that cannot be undone: the rollback's own
             // changes send the traffic home where the driver can (nginx).

@@ -18,6 +18,11 @@ use crate::sim::SimLbState;
 pub(crate) struct Human {
     bar: ProgressBar,
     release: Mutex<String>,
+    /// The release each (stage, instance) install step of the plan gives.
+    installs: Mutex<BTreeMap<(usize, InstanceId), ReleaseId>>,
+    /// The release each instance was last given in this run: a treatment's
+    /// or a winner's may differ from the deployed one.
+    given: Mutex<BTreeMap<InstanceId, ReleaseId>>,
     /// Before every line: the region, when regions deploy side by side.
     prefix: String,
 }
@@ -39,7 +44,22 @@ impl Human {
         Self {
             bar,
             release: Mutex::new(String::new()),
+            installs: Mutex::new(BTreeMap::new()),
+            given: Mutex::new(BTreeMap::new()),
             prefix: String::new(),
+        }
+    }
+
+    /// Learns the release each install step of `plan` gives, so an enabled
+    /// instance is named with the release it serves.
+    pub(crate) fn learn_plan(&self, plan: &deploykit::Plan) {
+        let mut installs = self.installs.lock().expect("poisoned");
+        for (n, stage) in plan.stages.iter().enumerate() {
+            for step in stage.units.iter().flat_map(|u| &u.steps) {
+                if let deploykit::Step::Install { instance, release } = step {
+                    installs.insert((n, instance.clone()), release.clone());
+                }
+            }
         }
     }
 
@@ -107,9 +127,26 @@ impl EventSink for Human {
                 result: StepResult::Ok | StepResult::Warning(_),
                 ..
             } if *step == deploykit::StepKind::Enable => {
-                let release = self.release.lock().expect("poisoned").clone();
+                let given = self
+                    .given
+                    .lock()
+                    .expect("poisoned")
+                    .get(i)
+                    .map(ReleaseId::to_string);
+                let release = given.unwrap_or_else(|| self.release.lock().expect("poisoned").clone());
                 self.line(t, format!("  ✓ {i} serving {release}"));
                 self.bar.inc(1);
+            }
+            EventKind::StepStarted {
+                stage,
+                step: deploykit::StepKind::Install,
+                instance: Some(i),
+                rollback: false,
+            } => {
+                let installs = self.installs.lock().expect("poisoned");
+                if let Some(r) = installs.get(&(*stage, i.clone())) {
+                    self.given.lock().expect("poisoned").insert(i.clone(), r.clone());
+                }
             }
             EventKind::InstanceFailed { instance, reason, .. } => {
                 self.line(t, format!("  ✗ {instance} failed: {reason}"));
