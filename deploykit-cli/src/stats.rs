@@ -537,15 +537,27 @@ impl<'a> Postmortem<'a> {
             "{}",
             md(self.decision.as_deref().unwrap_or("no reason was recorded"))
         );
-        if let Some(c) = self.deciding_check {
-            let _ = writeln!(
-                o,
-                "\nDecided by the canary check {} into the deployment, at stage {} with {}% of traffic: {}.",
-                human_ms(c.elapsed_ms),
-                c.stage,
-                c.weight,
-                md(&c.outcome.to_string())
-            );
+        match self.deciding_check {
+            Some(c @ stats::CheckRecord { group: Some(g), .. }) => {
+                let _ = writeln!(
+                    o,
+                    "\nDecided by the check of treatment {} {} into the deployment: {}.",
+                    md(g.as_str()),
+                    human_ms(c.elapsed_ms),
+                    md(&c.outcome.without_stage().to_string())
+                );
+            }
+            Some(c) => {
+                let _ = writeln!(
+                    o,
+                    "\nDecided by the canary check {} into the deployment, at stage {} with {}% of traffic: {}.",
+                    human_ms(c.elapsed_ms),
+                    c.stage,
+                    c.weight,
+                    md(&c.outcome.to_string())
+                );
+            }
+            None => {}
         }
         if !r.checks.is_empty() {
             let metrics: Vec<&'static str> = {
@@ -575,13 +587,25 @@ impl<'a> Postmortem<'a> {
                     CheckOutcome::NoData { .. } => "no data",
                     CheckOutcome::ProviderError { .. } => "provider error",
                 };
-                let _ = write!(
-                    o,
-                    "| +{} | {} | {}% | {result} |",
-                    human_ms(c.elapsed_ms),
-                    c.stage,
-                    c.weight
-                );
+                match &c.group {
+                    Some(g) => {
+                        let _ = write!(
+                            o,
+                            "| +{} | treatment {} | – | {result} |",
+                            human_ms(c.elapsed_ms),
+                            md(g.as_str())
+                        );
+                    }
+                    None => {
+                        let _ = write!(
+                            o,
+                            "| +{} | {} | {}% | {result} |",
+                            human_ms(c.elapsed_ms),
+                            c.stage,
+                            c.weight
+                        );
+                    }
+                }
                 for m in &metrics {
                     match c.measurements.iter().find(|x| x.metric.as_label() == *m) {
                         Some(x) => {
@@ -696,6 +720,13 @@ fn timeline_line(e: &Event) -> Option<String> {
         }
         EventKind::RollbackStarted { reason, instances } => {
             format!("rollback of {} instance(s) started: {reason}", instances.len())
+        }
+        EventKind::AnalysisResult {
+            result,
+            group: Some(g),
+            ..
+        } if !matches!(result, CheckOutcome::Pass) => {
+            format!("check of treatment {g}: {}", result.without_stage())
         }
         EventKind::AnalysisResult {
             stage,

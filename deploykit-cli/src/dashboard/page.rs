@@ -325,6 +325,9 @@ fn describe(kind: &EventKind) -> String {
             format!("warm-up of {group}: {sent} of {total} requests, {failed} failed")
         }
         EventKind::AnalysisResult {
+            result, group: Some(g), ..
+        } => format!("analysis of treatment {g}: {}", result.without_stage()),
+        EventKind::AnalysisResult {
             stage,
             weight,
             result,

@@ -133,6 +133,7 @@ impl<'a> Run<'a> {
                 weight,
                 result,
                 evidence,
+                group,
                 ..
             } => {
                 tracing::debug!(deployment = %self.id, stage, %result, "analysis");
@@ -141,9 +142,10 @@ impl<'a> Run<'a> {
                     weight: *weight,
                     result: result.clone(),
                     evidence: evidence.clone(),
+                    group: group.clone(),
                 };
                 let checks = &mut self.lock().checks;
-                match checks.iter_mut().find(|c| c.stage == *stage) {
+                match checks.iter_mut().find(|c| c.stage == *stage && c.group == *group) {
                     Some(c) => *c = check,
                     None => checks.push(check),
                 }
