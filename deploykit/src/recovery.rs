@@ -751,9 +751,11 @@ fn recorded_winner(recorded: &Recorded) -> Option<crate::plan::ExperimentArm> {
 /// Keeps only the promotion branch of `winner` in a plan of an experiment
 /// with several treatments (a resume after the decision, which this run
 /// does not make again): the losers' branches are dropped and the winner's
-/// stages run unconditionally. Stable instances the resolved plan no
-/// longer moves because they already run the winner's release (an earlier
-/// run promoted them) are skipped, so an abort still returns them.
+/// stages run unconditionally. The losing treatments are neither deployed
+/// nor gated again, since all they have left is to be drained and stopped.
+/// Stable instances the resolved plan no longer moves because they already
+/// run the winner's release (an earlier run promoted them) are skipped, so
+/// an abort still returns them.
 fn resolve_winner(plan: &mut Plan, winner: &crate::plan::ExperimentArm) {
     if !plan.stages.iter().any(|s| s.if_winner.is_some()) {
         return;
@@ -763,6 +765,46 @@ fn resolve_winner(plan: &mut Plan, winner: &crate::plan::ExperimentArm) {
     for s in &mut plan.stages {
         s.if_winner = None;
     }
+    let losers: Vec<crate::plan::ExperimentArm> = plan
+        .stages
+        .iter()
+        .flat_map(|s| &s.units)
+        .flat_map(|u| &u.steps)
+        .find_map(|s| match s {
+            Step::Experiment { treatments, .. } => Some(treatments.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| a.group != winner.group)
+        .collect();
+    // Treatments have distinct releases, so a unit installing a loser's
+    // release is that loser's deployment (stable only ever gets the
+    // winner's).
+    let for_loser = |step: &Step| {
+        losers.iter().any(|l| match step {
+            Step::Install { release, .. } => release == &l.release,
+            Step::Gate { group, .. } => group == &l.group,
+            _ => false,
+        })
+    };
+    let mut installed = BTreeMap::new();
+    for s in &mut plan.stages {
+        s.units.retain(|u| {
+            let Some(release) = u.steps.iter().find_map(|s| match s {
+                Step::Install { release, .. } if for_loser(s) => Some(release),
+                _ => None,
+            }) else {
+                return !u.steps.iter().any(for_loser);
+            };
+            if let Some(i) = &u.instance {
+                installed.insert(i.clone(), release.clone());
+            }
+            false
+        });
+    }
+    plan.stages.retain(|s| !s.units.is_empty());
+    plan.installed_before.extend(installed);
     // What stable is promoted to, and what the report calls deployed.
     plan.release = winner.release.clone();
     let moved = plan.instances();

@@ -81,7 +81,9 @@ impl<'a> Run<'a> {
                 // Left part-way or moved by an interrupted run: assume the
                 // worst, so a restore does every step.
                 progress.release_changed = unsettled.contains(&i) || plan.moved.contains(&i);
-                (i, Tracked::new(progress))
+                let mut t = Tracked::new(progress);
+                t.installed = plan.installed_before.get(&i).cloned();
+                (i, t)
             })
             .collect();
         for id in plan.moved.iter().filter(|i| plan.skipped.contains(i)) {
