@@ -133,6 +133,80 @@ pub fn root_of(latest: &JournalSummary) -> String {
     }
 }
 
+/// What [`record_promotion`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PromotionRecord {
+    /// The promotion of `stage` was recorded for `deployment` (the
+    /// deployment's own id); its `deploy --resume` goes on past the wait.
+    Recorded {
+        /// The deployment.
+        deployment: String,
+        /// The stage it waited at.
+        stage: usize,
+    },
+    /// No deployment is interrupted (none, or the last one finished, maybe
+    /// while the lock was awaited): nothing was recorded.
+    NothingInterrupted,
+    /// The interrupted deployment is another one than the one asked for:
+    /// nothing was recorded.
+    OtherDeployment {
+        /// The interrupted deployment's id.
+        interrupted: String,
+    },
+    /// The interrupted deployment was not waiting for a promotion (only a
+    /// canary with manual promotion and a dark launch wait): nothing was
+    /// recorded.
+    NotWaiting {
+        /// The deployment.
+        deployment: String,
+    },
+}
+
+/// Records a promotion for the deployment interrupted while it waited for
+/// one, which no process runs: read under `lock` (so no resume starts or
+/// finishes between the check and the write), the chain of the latest
+/// unfinished journal must be waiting
+/// ([`Recorded::awaiting_promotion`]); then the promotion goes into the
+/// control channel ([`StateBackend::record_promotion`]) for a later
+/// `deploy --resume`. `deployment`, when given, must name that deployment
+/// (its own id, or the id of the run of it that was interrupted).
+///
+/// * Idempotent: yes in effect (a second call records the same approval).
+/// * Cancel-safe: yes; the record is written whole or not at all.
+/// * On failure: nothing was recorded.
+///
+/// # Errors
+/// When the journals cannot be read or the record cannot be written.
+///
+/// [`StateBackend::record_promotion`]: crate::state::StateBackend::record_promotion
+pub async fn record_promotion(
+    backend: &dyn crate::state::StateBackend,
+    lock: &crate::state::HeldLock,
+    deployment: Option<&str>,
+) -> Result<PromotionRecord> {
+    let Some(latest) = backend.latest().await?.filter(|j| !j.is_finished()) else {
+        return Ok(PromotionRecord::NothingInterrupted);
+    };
+    let recorded = Recorded::new(backend.chain(&root_of(&latest)).await?)?;
+    let id = recorded.deployment().header.deployment.clone();
+    if let Some(asked) = deployment {
+        if asked != id && asked != latest.header.deployment {
+            return Ok(PromotionRecord::OtherDeployment {
+                interrupted: latest.header.deployment,
+            });
+        }
+    }
+    let Some(stage) = recorded.awaiting_promotion() else {
+        return Ok(PromotionRecord::NotWaiting { deployment: id });
+    };
+    backend.record_promotion(lock, &id, stage).await?;
+    Ok(PromotionRecord::Recorded {
+        deployment: id,
+        stage,
+    })
+}
+
 /// A deployment as its journals tell it: its own journal and those of every
 /// resume and rollback that acted on it, oldest first.
 #[derive(Debug, Clone, PartialEq)]
