@@ -753,6 +753,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_treatment_check_names_its_group_and_a_canary_check_its_stage() {
+        let fail = CheckOutcome::Fail {
+            metric: deploykit::analysis::AnalysisMetric::ErrorRate,
+            value: 0.2,
+            threshold: 0.01,
+            stage: 2,
+        };
+        let check = |group: Option<&str>| Event {
+            elapsed_ms: 10_000,
+            deployment: "d1".into(),
+            kind: EventKind::AnalysisResult {
+                stage: 2,
+                weight: if group.is_some() { 0 } else { 20 },
+                result: fail.clone(),
+                consecutive_inconclusive: 0,
+                evidence: Vec::new(),
+                measurements: Vec::new(),
+                group: group.map(|g| g.parse().unwrap()),
+            },
+        };
+        assert_eq!(
+            timeline_line(&check(Some("canary-c"))).unwrap(),
+            "check of treatment canary-c: canary error rate 20.000 % > threshold 1.000 %"
+        );
+        assert_eq!(
+            timeline_line(&check(None)).unwrap(),
+            "canary check at stage 2 (20%): canary error rate 20.000 % > threshold 1.000 % at stage 2"
+        );
+        // A canary's check is journaled as before, and a journal line of
+        // before treatments were named reads as a canary's.
+        let line = serde_json::to_value(check(None)).unwrap();
+        assert!(line.get("group").is_none(), "{line}");
+        let old: Event = serde_json::from_value(line).unwrap();
+        assert_eq!(old, check(None));
+        let named = serde_json::to_value(check(Some("canary-c"))).unwrap();
+        assert_eq!(named["group"], "canary-c", "{named}");
+    }
+
+    #[test]
     fn since_takes_days_and_the_usual_units_and_names_the_flag_when_wrong() {
         assert_eq!(parse_since("30d").unwrap(), 30 * 86_400_000);
         assert_eq!(parse_since("12h").unwrap(), 12 * 3_600_000);
