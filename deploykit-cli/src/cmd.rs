@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Args;
 use deploykit::bluegreen_state::{peek, reconcile, Reconciled};
 use deploykit::flags::FlagStore;
-use deploykit::recovery::{self, Recorded};
+use deploykit::recovery::{self, PromotionRecord, Recorded};
 use deploykit::regions::RegionName;
 use deploykit::state::{
     ControlCommand, HeldLock, HistoryOutcome, JournalHeader, JournalOutcome, JournalSummary, JournalWriter,
@@ -1784,29 +1784,36 @@ async fn record_promotion(ctx: &Ctx) -> anyhow::Result<u8> {
     };
     let result = async {
         // Read again under the lock: a resume may have finished it meanwhile.
-        let Some(latest) = ctx.backend.latest().await?.filter(|j| !j.is_finished()) else {
-            eprintln!(
-                "deploykit: error: the deployment {} finished meanwhile: nothing waits for a promotion",
-                latest.header.deployment
-            );
-            return Ok(exit::BAD_INPUT);
-        };
-        let recorded = Recorded::new(ctx.backend.chain(&recovery::root_of(&latest)).await?)?;
-        let id = &recorded.deployment().header.deployment;
-        let Some(stage) = recorded.awaiting_promotion() else {
-            eprintln!(
-                "deploykit: error: the interrupted deployment {id} was not waiting for a promotion \
-                 (only a canary with promotion = \"manual\" and a dark launch wait); \
-                 `deploykit deploy --resume` continues it, `deploykit rollback` undoes it"
-            );
-            return Ok(exit::BAD_INPUT);
-        };
-        ctx.backend.record_promotion(&lock, id, stage).await?;
-        outln!(
-            "deployment {id}: promotion of stage {stage} recorded (no deploykit runs it); \
-             `deploykit deploy --resume` goes on past that wait"
-        );
-        Ok(exit::SUCCESS)
+        Ok(
+            match recovery::record_promotion(ctx.backend.as_ref(), &lock, None).await? {
+                PromotionRecord::Recorded {
+                    deployment: id,
+                    stage,
+                } => {
+                    outln!(
+                        "deployment {id}: promotion of stage {stage} recorded (no deploykit runs it); \
+                     `deploykit deploy --resume` goes on past that wait"
+                    );
+                    exit::SUCCESS
+                }
+                PromotionRecord::NotWaiting { deployment: id } => {
+                    eprintln!(
+                        "deploykit: error: the interrupted deployment {id} was not waiting for a promotion \
+                     (only a canary with promotion = \"manual\" and a dark launch wait); \
+                     `deploykit deploy --resume` continues it, `deploykit rollback` undoes it"
+                    );
+                    exit::BAD_INPUT
+                }
+                // Nothing interrupted any more (no deployment was named).
+                _ => {
+                    eprintln!(
+                    "deploykit: error: the deployment {} finished meanwhile: nothing waits for a promotion",
+                    latest.header.deployment
+                );
+                    exit::BAD_INPUT
+                }
+            },
+        )
     }
     .await;
     lock.release().await;

@@ -210,9 +210,10 @@ impl EventSink for Human {
                 stage,
                 result,
                 evidence,
+                group,
                 ..
             } if !matches!(result, CheckOutcome::Pass) => {
-                self.line(t, format!("  {}", analysis_line(*stage, result)));
+                self.line(t, format!("  {}", analysis_line(*stage, group.as_ref(), result)));
                 // The statistics behind the decision, one sentence each.
                 for e in evidence {
                     self.line(t, format!("    {e}"));
@@ -298,10 +299,11 @@ pub(crate) fn run_kind(kind: RunKind) -> &'static str {
 
 /// A check that did not pass, for a person: a failed rule names its stage
 /// and numbers; an inconclusive check is given its stage.
-fn analysis_line(stage: usize, result: &CheckOutcome) -> String {
-    match result {
-        CheckOutcome::Fail { .. } => result.to_string(),
-        other => format!("canary stage {stage}: {other}"),
+fn analysis_line(stage: usize, treatment: Option<&deploykit::names::Group>, result: &CheckOutcome) -> String {
+    match (treatment, result) {
+        (Some(g), r) => format!("treatment {g}: {}", r.without_stage()),
+        (None, CheckOutcome::Fail { .. }) => result.to_string(),
+        (None, other) => format!("canary stage {stage}: {other}"),
     }
 }
 
@@ -433,16 +435,26 @@ mod tests {
             threshold: 0.01,
             stage: 1,
         };
-        let line = analysis_line(1, &fail);
+        let line = analysis_line(1, None, &fail);
         assert_eq!(line, "canary error rate 4.990 % > threshold 1.000 % at stage 1");
         let no_data = CheckOutcome::NoData {
             reason: "canary error rate has no data".into(),
         };
         assert_eq!(
-            analysis_line(2, &no_data),
+            analysis_line(2, None, &no_data),
             "canary stage 2: no data (canary error rate has no data)"
         );
-        for line in [line, analysis_line(2, &no_data)] {
+        let b: deploykit::names::Group = "canary-b".parse().unwrap();
+        let treatment = analysis_line(2, Some(&b), &fail);
+        assert_eq!(
+            treatment,
+            "treatment canary-b: canary error rate 4.990 % > threshold 1.000 %"
+        );
+        assert_eq!(
+            analysis_line(2, Some(&b), &no_data),
+            "treatment canary-b: no data (canary error rate has no data)"
+        );
+        for line in [line, analysis_line(2, None, &no_data), treatment] {
             assert!(!line.contains('{') && !line.contains("Fail"), "{line}");
         }
     }

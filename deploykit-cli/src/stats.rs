@@ -537,15 +537,27 @@ impl<'a> Postmortem<'a> {
             "{}",
             md(self.decision.as_deref().unwrap_or("no reason was recorded"))
         );
-        if let Some(c) = self.deciding_check {
-            let _ = writeln!(
-                o,
-                "\nDecided by the canary check {} into the deployment, at stage {} with {}% of traffic: {}.",
-                human_ms(c.elapsed_ms),
-                c.stage,
-                c.weight,
-                md(&c.outcome.to_string())
-            );
+        match self.deciding_check {
+            Some(c @ stats::CheckRecord { group: Some(g), .. }) => {
+                let _ = writeln!(
+                    o,
+                    "\nDecided by the check of treatment {} {} into the deployment: {}.",
+                    md(g.as_str()),
+                    human_ms(c.elapsed_ms),
+                    md(&c.outcome.without_stage().to_string())
+                );
+            }
+            Some(c) => {
+                let _ = writeln!(
+                    o,
+                    "\nDecided by the canary check {} into the deployment, at stage {} with {}% of traffic: {}.",
+                    human_ms(c.elapsed_ms),
+                    c.stage,
+                    c.weight,
+                    md(&c.outcome.to_string())
+                );
+            }
+            None => {}
         }
         if !r.checks.is_empty() {
             let metrics: Vec<&'static str> = {
@@ -575,13 +587,25 @@ impl<'a> Postmortem<'a> {
                     CheckOutcome::NoData { .. } => "no data",
                     CheckOutcome::ProviderError { .. } => "provider error",
                 };
-                let _ = write!(
-                    o,
-                    "| +{} | {} | {}% | {result} |",
-                    human_ms(c.elapsed_ms),
-                    c.stage,
-                    c.weight
-                );
+                match &c.group {
+                    Some(g) => {
+                        let _ = write!(
+                            o,
+                            "| +{} | treatment {} | – | {result} |",
+                            human_ms(c.elapsed_ms),
+                            md(g.as_str())
+                        );
+                    }
+                    None => {
+                        let _ = write!(
+                            o,
+                            "| +{} | {} | {}% | {result} |",
+                            human_ms(c.elapsed_ms),
+                            c.stage,
+                            c.weight
+                        );
+                    }
+                }
                 for m in &metrics {
                     match c.measurements.iter().find(|x| x.metric.as_label() == *m) {
                         Some(x) => {
@@ -698,6 +722,13 @@ fn timeline_line(e: &Event) -> Option<String> {
             format!("rollback of {} instance(s) started: {reason}", instances.len())
         }
         EventKind::AnalysisResult {
+            result,
+            group: Some(g),
+            ..
+        } if !matches!(result, CheckOutcome::Pass) => {
+            format!("check of treatment {g}: {}", result.without_stage())
+        }
+        EventKind::AnalysisResult {
             stage,
             weight,
             result,
@@ -720,6 +751,45 @@ fn timeline_line(e: &Event) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_treatment_check_names_its_group_and_a_canary_check_its_stage() {
+        let fail = CheckOutcome::Fail {
+            metric: deploykit::analysis::AnalysisMetric::ErrorRate,
+            value: 0.2,
+            threshold: 0.01,
+            stage: 2,
+        };
+        let check = |group: Option<&str>| Event {
+            elapsed_ms: 10_000,
+            deployment: "d1".into(),
+            kind: EventKind::AnalysisResult {
+                stage: 2,
+                weight: if group.is_some() { 0 } else { 20 },
+                result: fail.clone(),
+                consecutive_inconclusive: 0,
+                evidence: Vec::new(),
+                measurements: Vec::new(),
+                group: group.map(|g| g.parse().unwrap()),
+            },
+        };
+        assert_eq!(
+            timeline_line(&check(Some("canary-c"))).unwrap(),
+            "check of treatment canary-c: canary error rate 20.000 % > threshold 1.000 %"
+        );
+        assert_eq!(
+            timeline_line(&check(None)).unwrap(),
+            "canary check at stage 2 (20%): canary error rate 20.000 % > threshold 1.000 % at stage 2"
+        );
+        // A canary's check is journaled as before, and a journal line of
+        // before treatments were named reads as a canary's.
+        let line = serde_json::to_value(check(None)).unwrap();
+        assert!(line.get("group").is_none(), "{line}");
+        let old: Event = serde_json::from_value(line).unwrap();
+        assert_eq!(old, check(None));
+        let named = serde_json::to_value(check(Some("canary-c"))).unwrap();
+        assert_eq!(named["group"], "canary-c", "{named}");
+    }
 
     #[test]
     fn since_takes_days_and_the_usual_units_and_names_the_flag_when_wrong() {

@@ -293,9 +293,15 @@ pub(crate) fn draw(f: &mut Frame<'_>, view: &View) {
     );
 
     if let Some(last) = run.checks.last() {
-        let result = match &last.outcome {
-            CheckOutcome::Pass => "pass".to_string(),
-            other => other.to_string(),
+        let result = match (&last.outcome, &last.group) {
+            (CheckOutcome::Pass, _) => "pass".to_string(),
+            (other, Some(_)) => other.without_stage().to_string(),
+            (other, None) => other.to_string(),
+        };
+        // A treatment's check holds no canary stage or share.
+        let subject = match &last.group {
+            Some(g) => format!("treatment {g}"),
+            None => format!("stage {} at {}%", last.stage, last.weight),
         };
         let rows: Vec<Row<'_>> = run
             .last_measurements()
@@ -328,10 +334,11 @@ pub(crate) fn draw(f: &mut Frame<'_>, view: &View) {
             .header(
                 Row::new(vec!["rule", "value", "limit", ""]).style(Style::new().add_modifier(Modifier::BOLD)),
             )
-            .block(Block::default().borders(Borders::ALL).title(format!(
-                " last analysis: stage {} at {}%, {result} ",
-                last.stage, last.weight
-            ))),
+            .block(
+                Block::default()
+                    .borders(Borders::ALL)
+                    .title(format!(" last analysis: {subject}, {result} ")),
+            ),
             analysis,
         );
     }

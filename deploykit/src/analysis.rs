@@ -345,8 +345,27 @@ impl CheckOutcome {
     }
 }
 
-impl fmt::Display for CheckOutcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl CheckOutcome {
+    /// The outcome as a sentence without the stage a failure happened at:
+    /// for the guardrails of a treatment, which holds no canary stage.
+    pub fn without_stage(&self) -> impl fmt::Display + '_ {
+        struct NoStage<'a>(&'a CheckOutcome);
+        impl fmt::Display for NoStage<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.write(f, false)
+            }
+        }
+        NoStage(self)
+    }
+
+    fn write(&self, f: &mut fmt::Formatter<'_>, with_stage: bool) -> fmt::Result {
+        let at = |stage: &usize| {
+            if with_stage {
+                format!(" at stage {stage}")
+            } else {
+                String::new()
+            }
+        };
         match self {
             CheckOutcome::Pass => f.write_str("pass"),
             CheckOutcome::Fail {
@@ -357,32 +376,43 @@ impl fmt::Display for CheckOutcome {
             } => match metric {
                 AnalysisMetric::ErrorRateSequential => write!(
                     f,
-                    "{metric}: evidence {value:.0} reached the rollback level {threshold:.0} at stage {stage}"
+                    "{metric}: evidence {value:.0} reached the rollback level {threshold:.0}{}",
+                    at(stage)
                 ),
                 AnalysisMetric::LatencyDistribution if *value < 1.0 => write!(
                     f,
-                    "{metric}: canary mean {value:.2}x stable's, below the allowed {threshold:.2}x at stage {stage}"
+                    "{metric}: canary mean {value:.2}x stable's, below the allowed {threshold:.2}x{}",
+                    at(stage)
                 ),
                 AnalysisMetric::LatencyDistribution => write!(
                     f,
-                    "{metric}: canary mean {value:.2}x stable's, above the allowed {threshold:.2}x at stage {stage}"
+                    "{metric}: canary mean {value:.2}x stable's, above the allowed {threshold:.2}x{}",
+                    at(stage)
                 ),
                 AnalysisMetric::LatencyP99 => write!(
                     f,
-                    "{metric} {:.0} ms > threshold {:.0} ms at stage {stage}",
+                    "{metric} {:.0} ms > threshold {:.0} ms{}",
                     value * 1000.0,
-                    threshold * 1000.0
+                    threshold * 1000.0,
+                    at(stage)
                 ),
                 _ => write!(
                     f,
-                    "{metric} {:.3} % > threshold {:.3} % at stage {stage}",
+                    "{metric} {:.3} % > threshold {:.3} %{}",
                     value * 100.0,
-                    threshold * 100.0
+                    threshold * 100.0,
+                    at(stage)
                 ),
             },
             CheckOutcome::NoData { reason } => write!(f, "no data ({reason})"),
             CheckOutcome::ProviderError { message } => write!(f, "metrics provider error ({message})"),
         }
+    }
+}
+
+impl fmt::Display for CheckOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write(f, true)
     }
 }
 

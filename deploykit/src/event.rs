@@ -155,6 +155,12 @@ pub enum EventKind {
         /// written before measurements were recorded).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         measurements: Vec<crate::analysis::Measurement>,
+        /// The treatment whose guardrails were checked, in an experiment
+        /// with several treatments: then `stage` is its place among them
+        /// and `weight` 0, as no canary stage holds a share. `None` for a
+        /// canary (and in journals written before treatments were named).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<crate::names::Group>,
     },
     /// One reading of an A/B experiment's test: the tallies, the effect,
     /// the statistic and the always-valid p-value.

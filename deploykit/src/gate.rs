@@ -172,13 +172,26 @@ impl GateCtx<'_> {
         }
     }
 
-    /// One check: query, judge, record, emit.
+    /// One check of a canary stage: query, judge, record, emit.
     pub(crate) async fn check(
         &self,
         stage: usize,
         of: usize,
         weight: u8,
         analysis: &Analysis,
+    ) -> Result<(), GateError> {
+        self.check_as(stage, of, weight, analysis, None).await
+    }
+
+    /// [`Self::check`], its event naming `treatment` when the check guards
+    /// a treatment of an experiment rather than a canary stage.
+    async fn check_as(
+        &self,
+        stage: usize,
+        of: usize,
+        weight: u8,
+        analysis: &Analysis,
+        treatment: Option<&crate::names::Group>,
     ) -> Result<(), GateError> {
         let requests = |canary: bool| async move {
             if analysis.rules.needs_request_count() {
@@ -231,6 +244,7 @@ impl GateCtx<'_> {
             consecutive_inconclusive: consecutive,
             evidence: judgement.evidence,
             measurements,
+            group: treatment.cloned(),
         });
         match verdict {
             Verdict::Continue => Ok(()),
@@ -502,7 +516,7 @@ pub(crate) async fn experiment_variants(
                     analyzer,
                     emit: ctx.emit,
                 };
-                if let Err(e) = own.check(k + 1, of, 0, an).await {
+                if let Err(e) = own.check_as(k + 1, of, 0, an, Some(&an.canary)).await {
                     let e = match e {
                         GateError::Failed { reason, over_limit } => GateError::Failed {
                             reason: format!("treatment {}: {reason}; every treatment rolls back", an.canary),

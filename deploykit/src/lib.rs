@@ -195,7 +195,7 @@ pub use plan::{
     Projection, RampDown, RampDownStep, Stage, Step, Unit,
 };
 pub use promotion::{PromotionHandle, PromotionState};
-pub use report::{InstanceReport, InstanceStatus, OutcomeKind, Report, StageCheck};
+pub use report::{check_subject, InstanceReport, InstanceStatus, OutcomeKind, Report, StageCheck};
 pub use secret_url::SecretUrl;
 #[cfg(feature = "http")]
 pub use smoke::HttpSmokeTester;

@@ -252,6 +252,12 @@ pub struct Plan {
     /// them too, skipped or not, so it undoes the whole deployment.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub moved: Vec<InstanceId>,
+    /// Releases an earlier, interrupted run of the same deployment
+    /// installed on instances this plan does not install again (a losing
+    /// treatment that a resume after the experiment's decision only
+    /// stops): what the report says they run.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub installed_before: BTreeMap<InstanceId, ReleaseId>,
 }
 
 /// [`Plan`] as journals hold it, including the forms of earlier releases.
@@ -275,6 +281,8 @@ struct PlanOnDisk {
     leave_stopped: Vec<InstanceId>,
     #[serde(default)]
     moved: Vec<InstanceId>,
+    #[serde(default)]
+    installed_before: BTreeMap<InstanceId, ReleaseId>,
 }
 
 /// [`FailurePolicy`] on disk: `blue_green` is the first release's policy
@@ -311,6 +319,7 @@ impl From<PlanOnDisk> for Plan {
             instance_undo: p.instance_undo.or(undo).unwrap_or_default(),
             leave_stopped: p.leave_stopped,
             moved: p.moved,
+            installed_before: p.installed_before,
         }
     }
 }
@@ -916,6 +925,7 @@ impl Plan {
             instance_undo: InstanceUndo::Serve,
             leave_stopped: Vec::new(),
             moved: Vec::new(),
+            installed_before: BTreeMap::new(),
         }
     }
 

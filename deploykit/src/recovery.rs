@@ -133,6 +133,80 @@ pub fn root_of(latest: &JournalSummary) -> String {
     }
 }
 
+/// What [`record_promotion`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PromotionRecord {
+    /// The promotion of `stage` was recorded for `deployment` (the
+    /// deployment's own id); its `deploy --resume` goes on past the wait.
+    Recorded {
+        /// The deployment.
+        deployment: String,
+        /// The stage it waited at.
+        stage: usize,
+    },
+    /// No deployment is interrupted (none, or the last one finished, maybe
+    /// while the lock was awaited): nothing was recorded.
+    NothingInterrupted,
+    /// The interrupted deployment is another one than the one asked for:
+    /// nothing was recorded.
+    OtherDeployment {
+        /// The interrupted deployment's id.
+        interrupted: String,
+    },
+    /// The interrupted deployment was not waiting for a promotion (only a
+    /// canary with manual promotion and a dark launch wait): nothing was
+    /// recorded.
+    NotWaiting {
+        /// The deployment.
+        deployment: String,
+    },
+}
+
+/// Records a promotion for the deployment interrupted while it waited for
+/// one, which no process runs: read under `lock` (so no resume starts or
+/// finishes between the check and the write), the chain of the latest
+/// unfinished journal must be waiting
+/// ([`Recorded::awaiting_promotion`]); then the promotion goes into the
+/// control channel ([`StateBackend::record_promotion`]) for a later
+/// `deploy --resume`. `deployment`, when given, must name that deployment
+/// (its own id, or the id of the run of it that was interrupted).
+///
+/// * Idempotent: yes in effect (a second call records the same approval).
+/// * Cancel-safe: yes; the record is written whole or not at all.
+/// * On failure: nothing was recorded.
+///
+/// # Errors
+/// When the journals cannot be read or the record cannot be written.
+///
+/// [`StateBackend::record_promotion`]: crate::state::StateBackend::record_promotion
+pub async fn record_promotion(
+    backend: &dyn crate::state::StateBackend,
+    lock: &crate::state::HeldLock,
+    deployment: Option<&str>,
+) -> Result<PromotionRecord> {
+    let Some(latest) = backend.latest().await?.filter(|j| !j.is_finished()) else {
+        return Ok(PromotionRecord::NothingInterrupted);
+    };
+    let recorded = Recorded::new(backend.chain(&root_of(&latest)).await?)?;
+    let id = recorded.deployment().header.deployment.clone();
+    if let Some(asked) = deployment {
+        if asked != id && asked != latest.header.deployment {
+            return Ok(PromotionRecord::OtherDeployment {
+                interrupted: latest.header.deployment,
+            });
+        }
+    }
+    let Some(stage) = recorded.awaiting_promotion() else {
+        return Ok(PromotionRecord::NotWaiting { deployment: id });
+    };
+    backend.record_promotion(lock, &id, stage).await?;
+    Ok(PromotionRecord::Recorded {
+        deployment: id,
+        stage,
+    })
+}
+
 /// A deployment as its journals tell it: its own journal and those of every
 /// resume and rollback that acted on it, oldest first.
 #[derive(Debug, Clone, PartialEq)]
@@ -751,9 +825,11 @@ fn recorded_winner(recorded: &Recorded) -> Option<crate::plan::ExperimentArm> {
 /// Keeps only the promotion branch of `winner` in a plan of an experiment
 /// with several treatments (a resume after the decision, which this run
 /// does not make again): the losers' branches are dropped and the winner's
-/// stages run unconditionally. Stable instances the resolved plan no
-/// longer moves because they already run the winner's release (an earlier
-/// run promoted them) are skipped, so an abort still returns them.
+/// stages run unconditionally. The losing treatments are neither deployed
+/// nor gated again, since all they have left is to be drained and stopped.
+/// Stable instances the resolved plan no longer moves because they already
+/// run the winner's release (an earlier run promoted them) are skipped, so
+/// an abort still returns them.
 fn resolve_winner(plan: &mut Plan, winner: &crate::plan::ExperimentArm) {
     if !plan.stages.iter().any(|s| s.if_winner.is_some()) {
         return;
@@ -763,6 +839,46 @@ fn resolve_winner(plan: &mut Plan, winner: &crate::plan::ExperimentArm) {
     for s in &mut plan.stages {
         s.if_winner = None;
     }
+    let losers: Vec<crate::plan::ExperimentArm> = plan
+        .stages
+        .iter()
+        .flat_map(|s| &s.units)
+        .flat_map(|u| &u.steps)
+        .find_map(|s| match s {
+            Step::Experiment { treatments, .. } => Some(treatments.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| a.group != winner.group)
+        .collect();
+    // Treatments have distinct releases, so a unit installing a loser's
+    // release is that loser's deployment (stable only ever gets the
+    // winner's).
+    let for_loser = |step: &Step| {
+        losers.iter().any(|l| match step {
+            Step::Install { release, .. } => release == &l.release,
+            Step::Gate { group, .. } => group == &l.group,
+            _ => false,
+        })
+    };
+    let mut installed = BTreeMap::new();
+    for s in &mut plan.stages {
+        s.units.retain(|u| {
+            let Some(release) = u.steps.iter().find_map(|s| match s {
+                Step::Install { release, .. } if for_loser(s) => Some(release),
+                _ => None,
+            }) else {
+                return !u.steps.iter().any(for_loser);
+            };
+            if let Some(i) = &u.instance {
+                installed.insert(i.clone(), release.clone());
+            }
+            false
+        });
+    }
+    plan.stages.retain(|s| !s.units.is_empty());
+    plan.installed_before.extend(installed);
     // What stable is promoted to, and what the report calls deployed.
     plan.release = winner.release.clone();
     let moved = plan.instances();

@@ -94,6 +94,28 @@ pub struct StageCheck {
     /// ran (none with the threshold rules alone).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evidence: Vec<crate::analysis::Evidence>,
+    /// The treatment whose guardrails this check guarded, in an experiment
+    /// with several treatments (`None` for a canary stage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<crate::names::Group>,
+}
+
+impl StageCheck {
+    /// What was checked, as a person reads it: "canary stage 2 (10%)", or
+    /// "treatment checkout-b" for an experiment's treatment, which holds
+    /// no stage or share of its own.
+    pub fn subject(&self) -> String {
+        check_subject(self.stage, self.weight, self.group.as_ref())
+    }
+}
+
+/// What a check looked at: "canary stage `stage` (`weight`%)", or
+/// "treatment `group`" when it guarded a treatment of an experiment.
+pub fn check_subject(stage: usize, weight: u8, group: Option<&crate::names::Group>) -> String {
+    match group {
+        Some(g) => format!("treatment {g}"),
+        None => format!("canary stage {stage} ({weight}%)"),
+    }
 }
 
 /// The result of a deployment: the outcome, a line per instance, and why.
@@ -212,7 +234,10 @@ impl fmt::Display for Report {
             writeln!(f)?;
         }
         for c in &self.checks {
-            writeln!(f, "  canary stage {} ({}%): {}", c.stage, c.weight, c.result)?;
+            match &c.group {
+                Some(_) => writeln!(f, "  {}: {}", c.subject(), c.result.without_stage())?,
+                None => writeln!(f, "  {}: {}", c.subject(), c.result)?,
+            }
             for e in &c.evidence {
                 writeln!(f, "    {e}")?;
             }

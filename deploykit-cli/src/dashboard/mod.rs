@@ -27,7 +27,10 @@ use axum::routing::{get, post};
 use axum::Router;
 use clap::Args;
 use deploykit::flags::{FlagChange, FlagChangeKind, FlagStore};
-use deploykit::state::{ControlCommand, HistoryEntry, JournalSummary, StateDir};
+use deploykit::recovery::{self, PromotionRecord};
+use deploykit::state::{
+    ControlCommand, HistoryEntry, JournalSummary, LocalBackend, StateBackend as _, StateDir, StateLock,
+};
 
 use crate::cmd::Global;
 use crate::config::{self, Loaded};
@@ -386,6 +389,11 @@ fn render_run(state: &StateDir, id: &str, viewer: Viewer, done: &str) -> deployk
             "warn".to_owned(),
             "Aborted: the deployment rolls back.".to_owned(),
         )),
+        "recorded" => Some((
+            "ok".to_owned(),
+            "Promotion recorded: no deploykit runs this deployment; `deploykit deploy --resume` goes on past the wait."
+                .to_owned(),
+        )),
         _ => None,
     };
     let v = page::RunView {
@@ -549,6 +557,16 @@ async fn control(
         "abort" => ControlCommand::Abort,
         _ => return not_found().await,
     };
+    if command == ControlCommand::Promote {
+        let state = app.state.clone();
+        match blocking(move || state.holder()).await {
+            Err(e) => return internal(e),
+            // No process runs it: recorded for its `deploy --resume`, as
+            // `deploykit promote` does.
+            Ok(None) => return record_promotion(&app, viewer, &id).await,
+            Ok(Some(_)) => {}
+        }
+    }
     let state = app.state.clone();
     let id2 = id.clone();
     let refused = blocking(move || not_controllable(&state, &id2, command)).await;
@@ -587,6 +605,48 @@ async fn control(
                 &page::notice("bad", &format!("deployment {id} did not acknowledge within 10 s")),
             ),
         ),
+    }
+}
+
+/// A promotion of deployment `id` while no deploykit process runs it:
+/// under the state lock, recorded when the interrupted deployment `id`
+/// waited for one (the library's [`recovery::record_promotion`], which
+/// `deploykit promote` calls too); refused, recording nothing, otherwise.
+async fn record_promotion(app: &App, viewer: Viewer, id: &str) -> Response {
+    let conflict = |text: String| {
+        html(
+            StatusCode::CONFLICT,
+            page::layout(&format!("Deployment {id}"), viewer, &page::notice("bad", &text)),
+        )
+    };
+    let backend = LocalBackend::new(app.state.clone());
+    let lock = match backend.try_lock("promote").await {
+        Ok(StateLock::Acquired(lock)) => lock,
+        Ok(StateLock::Held(h)) => {
+            return conflict(format!(
+                "{h} took the lock of this application meanwhile; reload the page and promote again if the deployment still waits"
+            ))
+        }
+        Err(e) => return internal(e),
+    };
+    let recorded = recovery::record_promotion(&backend, &lock, Some(id)).await;
+    lock.release().await;
+    match recorded {
+        Err(e) => internal(e),
+        Ok(PromotionRecord::Recorded { .. }) => {
+            see_other(&format!("/deployments/{}?done=recorded", page::url_part(id)))
+        }
+        Ok(PromotionRecord::NotWaiting { .. }) => conflict(format!(
+            "the interrupted deployment {id} was not waiting for a promotion \
+             (only a canary with promotion = \"manual\" and a dark launch wait); \
+             `deploykit deploy --resume` continues it, `deploykit rollback` undoes it"
+        )),
+        Ok(PromotionRecord::OtherDeployment { interrupted }) => conflict(format!(
+            "deployment {id} is not running, and the interrupted deployment is {interrupted}"
+        )),
+        Ok(_) => conflict(format!(
+            "deployment {id} is neither running nor interrupted: nothing waits for a promotion"
+        )),
     }
 }
 

@@ -325,6 +325,9 @@ fn describe(kind: &EventKind) -> String {
             format!("warm-up of {group}: {sent} of {total} requests, {failed} failed")
         }
         EventKind::AnalysisResult {
+            result, group: Some(g), ..
+        } => format!("analysis of treatment {g}: {}", result.without_stage()),
+        EventKind::AnalysisResult {
             stage,
             weight,
             result,
@@ -490,15 +493,28 @@ pub(crate) fn deployment_live(v: &RunView<'_>) -> String {
                 weight,
                 result,
                 measurements,
+                group,
                 ..
             } => {
-                weights.push((ev.elapsed_ms, *weight));
+                // A treatment's check holds no canary stage or share.
+                let (stage, weight, text) = match group {
+                    Some(g) => (
+                        format!("treatment {g}"),
+                        "–".to_owned(),
+                        result.without_stage().to_string(),
+                    ),
+                    None => {
+                        weights.push((ev.elapsed_ms, *weight));
+                        (stage.to_string(), format!("{weight} %"), result.to_string())
+                    }
+                };
                 checks.push(check_point(ev.elapsed_ms, result, measurements));
                 failed_checks.push((
                     ev.elapsed_ms,
-                    *stage,
-                    *weight,
+                    stage,
+                    weight,
                     result.clone(),
+                    text,
                     measurements.as_slice(),
                 ));
             }
@@ -565,7 +581,7 @@ pub(crate) fn deployment_live(v: &RunView<'_>) -> String {
         s.push_str("<h2>Analysis</h2>");
         s.push_str(&svg::checks_chart(&checks, end));
         s.push_str("<table class=\"checks\"><thead><tr><th>At</th><th>Stage</th><th>Weight</th><th>Result</th><th>Measured (limit)</th></tr></thead><tbody>");
-        for (at, stage, weight, r, measured) in &failed_checks {
+        for (at, stage, weight, r, text, measured) in &failed_checks {
             let class = match r {
                 CheckOutcome::Pass => "ok",
                 CheckOutcome::Fail { .. } => "bad",
@@ -573,9 +589,10 @@ pub(crate) fn deployment_live(v: &RunView<'_>) -> String {
             };
             let _ = write!(
                 s,
-                "<tr class=\"{class}\"><td class=\"num\">{}</td><td>{stage}</td><td>{weight} %</td><td>{}</td><td>{}</td></tr>",
+                "<tr class=\"{class}\"><td class=\"num\">{}</td><td>{}</td><td>{weight}</td><td>{}</td><td>{}</td></tr>",
                 secs(*at),
-                esc(&r.to_string()),
+                esc(stage),
+                esc(text),
                 measured_text(measured)
             );
         }
@@ -1065,6 +1082,29 @@ mod tests {
         assert!((r - 0.8).abs() < 1e-9, "{r}");
         // A journal from before measurements: a pass without a height.
         assert_eq!(check_point(7, &CheckOutcome::Pass, &[]).ratio, None);
+    }
+
+    #[test]
+    fn a_treatment_check_reads_as_its_group_not_a_canary_stage() {
+        let check = |group: Option<&str>| EventKind::AnalysisResult {
+            stage: 2,
+            weight: if group.is_some() { 0 } else { 20 },
+            result: CheckOutcome::NoData {
+                reason: "canary error rate has no data".into(),
+            },
+            consecutive_inconclusive: 1,
+            evidence: Vec::new(),
+            measurements: Vec::new(),
+            group: group.map(|g| g.parse().unwrap()),
+        };
+        assert_eq!(
+            describe(&check(Some("canary-c"))),
+            "analysis of treatment canary-c: no data (canary error rate has no data)"
+        );
+        assert_eq!(
+            describe(&check(None)),
+            "analysis at stage 2 (20 %): no data (canary error rate has no data)"
+        );
     }
 
     #[test]

@@ -289,6 +289,97 @@ fn the_token_is_printed_once_and_kept_private() {
     assert_eq!(token(&env), t, "the token is kept");
 }
 
+/// The promote button while no deploykit runs the deployment records the
+/// promotion, as `deploykit promote` does, for its `deploy --resume`; for
+/// an interrupted deployment that was not waiting it refuses (409) and
+/// records nothing.
+#[test]
+fn promote_with_no_process_running_is_recorded_for_the_resume() {
+    let prom = answering(
+        r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1700000000,"0.001"]}]}}"#,
+    );
+    // The timeout only bounds the test: a lost promotion rolls back (exit 1)
+    // instead of waiting for ever.
+    let cfg = format!(
+        "app = \"shop\"\n\n[instance_defaults]\nsimulated = true\n\n\
+        [[instances]]\nid = \"stable-1\"\naddress = \"127.0.0.1:18395\"\ngroup = \"stable\"\n\n\
+        [[instances]]\nid = \"canary-1\"\naddress = \"127.0.0.1:18396\"\ngroup = \"canary\"\n\n\
+        [load_balancer]\nkind = \"simulated\"\n\n[metrics]\nprometheus = \"{prom}\"\n\n\
+        [strategy]\nkind = \"canary\"\n\n\
+        [strategy.canary]\nstages = [20, 100]\nstage_duration = \"300ms\"\ncheck_interval = \"100ms\"\n\
+        promotion = \"manual\"\npromotion_timeout = \"30s\"\nhealth_interval = \"20ms\"\ndrain_timeout = \"1s\"\n\n\
+        [timeouts]\ndrain_poll = \"20ms\"\n"
+    );
+    let env = Env::new(&cfg);
+    env.ok(&["deploy", "v1", "--strategy", "recreate"], 0);
+    let control = env.path().join(".deploykit/shop/control.json");
+    let d = Dash::start(&env, &[]);
+    let bearer = format!("Bearer {}", token(&env));
+    let promote = |id: &str| {
+        request(
+            &d.addr,
+            "POST",
+            &format!("/deployments/{id}/promote"),
+            Some(""),
+            &[("authorization", &bearer)],
+        )
+    };
+
+    // Killed before its wait: refused, nothing recorded.
+    let mut deploy = env.spawn_deploy("v2", "the canary's first step", |r| r["event"] == "step_started");
+    deploy.kill().expect("SIGKILL");
+    deploy.wait().unwrap();
+    let id = newest_id(&env);
+    let a = promote(&id);
+    assert_eq!(a.status, 409, "{}", a.body);
+    assert!(a.body.contains("was not waiting for a promotion"), "{}", a.body);
+    assert!(!control.exists(), "a refused promote records nothing");
+    env.ok(&["-q", "rollback"], 0);
+    let a = promote(&id);
+    assert_eq!(a.status, 409, "rolled back, nothing waits: {}", a.body);
+    assert!(a.body.contains("nothing waits for a promotion"), "{}", a.body);
+    assert!(!control.exists());
+
+    // Killed while it waits: the button records the promotion.
+    let mut deploy = env.spawn_deploy("v2", "the wait for promotion", |r| {
+        r["event"] == "awaiting_promotion"
+    });
+    deploy.kill().expect("SIGKILL");
+    deploy.wait().unwrap();
+    let id = newest_id(&env);
+    let journals = env.journal_count();
+    let a = promote(&id);
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert_eq!(
+        a.header("location"),
+        Some(format!("/deployments/{id}?done=recorded").as_str())
+    );
+    let page = get(&d, &format!("/deployments/{id}?done=recorded"));
+    assert!(page.body.contains("Promotion recorded"), "{}", page.body);
+    assert_eq!(
+        env.journal_count(),
+        journals,
+        "recorded beside the journals, not as a run"
+    );
+    let recorded: Value = serde_json::from_slice(&std::fs::read(&control).unwrap()).unwrap();
+    assert_eq!(recorded["command"], "promote", "{recorded}");
+    assert_eq!(recorded["deployment"], id.as_str(), "{recorded}");
+    assert_eq!(recorded["stage"], 1, "{recorded}");
+
+    let (code, out, err) = env.run(&["deploy", "--resume"]);
+    assert_eq!(
+        code, 0,
+        "the resume goes on past the recorded promotion\n{out}\n{err}"
+    );
+    assert!(
+        out.contains("stage 1 was promoted while no deploykit ran"),
+        "{out}"
+    );
+    assert_eq!(env.sim("stable-1")["release"], "v2");
+    let a = promote(&id);
+    assert_eq!(a.status, 409, "finished, nothing waits: {}", a.body);
+}
+
 #[test]
 fn promote_needs_the_token_and_the_same_origin_and_nothing_changes_without() {
     let env = manual_canary();

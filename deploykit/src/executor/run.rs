@@ -81,7 +81,9 @@ impl<'a> Run<'a> {
                 // Left part-way or moved by an interrupted run: assume the
                 // worst, so a restore does every step.
                 progress.release_changed = unsettled.contains(&i) || plan.moved.contains(&i);
-                (i, Tracked::new(progress))
+                let mut t = Tracked::new(progress);
+                t.installed = plan.installed_before.get(&i).cloned();
+                (i, t)
             })
             .collect();
         for id in plan.moved.iter().filter(|i| plan.skipped.contains(i)) {
@@ -133,6 +135,7 @@ impl<'a> Run<'a> {
                 weight,
                 result,
                 evidence,
+                group,
                 ..
             } => {
                 tracing::debug!(deployment = %self.id, stage, %result, "analysis");
@@ -141,9 +144,10 @@ impl<'a> Run<'a> {
                     weight: *weight,
                     result: result.clone(),
                     evidence: evidence.clone(),
+                    group: group.clone(),
                 };
                 let checks = &mut self.lock().checks;
-                match checks.iter_mut().find(|c| c.stage == *stage) {
+                match checks.iter_mut().find(|c| c.stage == *stage && c.group == *group) {
                     Some(c) => *c = check,
                     None => checks.push(check),
                 }

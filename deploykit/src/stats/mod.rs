@@ -153,6 +153,10 @@ pub struct CheckRecord {
     pub measurements: Vec<Measurement>,
     /// The statistical judges' evidence.
     pub evidence: Vec<Evidence>,
+    /// The treatment it guarded, in an experiment with several treatments
+    /// (`None` for a canary stage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<crate::names::Group>,
 }
 
 /// What became of one instance in a run.
@@ -378,15 +382,20 @@ impl RecordBuilder {
                 result,
                 evidence,
                 measurements,
+                group,
                 ..
             } => {
                 if matches!(result, CheckOutcome::Fail { .. }) {
                     self.failing_at(event.elapsed_ms);
                 }
                 let r = &mut self.record;
-                r.canary_weight = Some(*weight);
-                r.canary_stage = Some((*stage, r.canary_stage.map_or(*stage, |(_, of)| of.max(*stage))));
+                // A treatment's check holds no canary stage or share.
+                if group.is_none() {
+                    r.canary_weight = Some(*weight);
+                    r.canary_stage = Some((*stage, r.canary_stage.map_or(*stage, |(_, of)| of.max(*stage))));
+                }
                 r.checks.push(CheckRecord {
+                    group: group.clone(),
                     elapsed_ms: event.elapsed_ms,
                     stage: *stage,
                     weight: *weight,

@@ -105,6 +105,7 @@ fn rolled_back_canary(id: &str, at: u64) -> DeploymentRecord {
                     value,
                     threshold: 0.01,
                 }],
+                group: None,
             },
         )
     };

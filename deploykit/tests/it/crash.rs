@@ -822,6 +822,79 @@ fn an_experiment_with_two_treatments_recovers_from_a_kill_after_every_record() {
     }
 }
 
+/// A resume after the winner (canary-c) was journaled deploys no losing
+/// treatment again: the resumed plan installs nothing on canary-b's
+/// instance (i-3), the resumed run starts nothing there, and it ends
+/// stopped with the fleet on the winner's release.
+#[test]
+fn a_resume_after_the_decision_does_not_redeploy_the_losing_treatment() {
+    use deploykit::{EventKind, Step, StepKind};
+    let total = records_of(|| World::with_treatments(2));
+    let mut after_decision = 0;
+    for k in 1..total {
+        let resumed = block_on(async {
+            let w = World::with_treatments(2);
+            let (_, _, report) = w.deploy(k).await;
+            assert!(report.is_none(), "killed after record {k}");
+            let killed = w.state.latest().unwrap().expect("a journal");
+            let decided = killed
+                .events
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::ExperimentDecided { .. }));
+            if !decided {
+                return false;
+            }
+            let ctx = format!("killed after record {k}, after the decision, resumed");
+            let (report, plan) = w.recover(How::Resume).await;
+            let report = report.expect("a resume with a plan");
+            assert_eq!(report.outcome, OutcomeKind::Succeeded, "{ctx}:\n{report}");
+            let plan = plan.expect("the resumed plan");
+            let loser = InstanceId::new("i-3").unwrap();
+            let installs: Vec<&str> = plan
+                .stages
+                .iter()
+                .flat_map(|s| &s.units)
+                .flat_map(|u| &u.steps)
+                .filter_map(|s| match s {
+                    Step::Install { instance, release } if instance == &loser => Some(release.as_str()),
+                    Step::Gate { group, .. } if group.as_str() == "canary-b" => Some("a gate"),
+                    _ => None,
+                })
+                .collect();
+            assert!(
+                installs.is_empty(),
+                "{ctx}: the resumed plan redeploys canary-b: {installs:?}"
+            );
+            let events = w.state.latest().unwrap().expect("a journal").events;
+            let started: Vec<StepKind> = events
+                .iter()
+                .filter_map(|e| match &e.kind {
+                    EventKind::StepStarted {
+                        step,
+                        instance: Some(i),
+                        ..
+                    } if i == &loser => Some(*step),
+                    _ => None,
+                })
+                .collect();
+            assert!(
+                !started
+                    .iter()
+                    .any(|s| matches!(s, StepKind::Install | StepKind::Start)),
+                "{ctx}: the resume ran {started:?} on i-3"
+            );
+            assert!(!w.fleet.is_running("i-3"), "{ctx}: canary-b still runs");
+            w.assert_settled("v3", None, How::Resume, &ctx);
+            true
+        });
+        after_decision += usize::from(resumed);
+    }
+    assert!(
+        after_decision > 3,
+        "only {after_decision} kills came after the decision"
+    );
+}
+
 /// A deployment killed after one of its records, then resumed to the end.
 struct Resumed {
     /// The routing changes of the killed run, then of the resume.

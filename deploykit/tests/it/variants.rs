@@ -271,6 +271,38 @@ async fn a_guardrail_breach_of_one_treatment_rolls_back_every_treatment() {
         "{reason}"
     );
     assert!(s.readings().is_empty(), "no reading after a breach");
+    // Each check names the treatment it guarded: canary-b passed, canary-c
+    // failed, and no check reads as a canary stage.
+    let checks: Vec<(Option<Group>, bool)> = s
+        .log
+        .events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::AnalysisResult { group, result, .. } => Some((
+                group,
+                matches!(result, deploykit::analysis::CheckOutcome::Fail { .. }),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        checks,
+        [(Some(g("canary-b")), false), (Some(g("canary-c")), true)],
+        "{}",
+        s.dump()
+    );
+    let failing = report
+        .checks
+        .iter()
+        .find(|c| c.group == Some(g("canary-c")))
+        .expect("canary-c's check in the report");
+    assert_eq!(failing.subject(), "treatment canary-c");
+    let text = report.to_string();
+    assert!(
+        text.contains("  treatment canary-c: canary error rate 20.000 % > threshold"),
+        "{text}"
+    );
+    assert!(!text.contains("canary stage"), "{text}");
     for id in STABLE.into_iter().chain([B, C]) {
         assert_eq!(s.fleet.release_of(id), Some(v("v1")), "{id}");
     }
