@@ -127,6 +127,16 @@ impl ServerState {
     pub fn admin(&self) -> ServerAdmin {
         ServerAdmin::from_bits(self.admin_bits)
     }
+
+    /// Whether HAProxy sends this server's traffic to `addr` (a column the
+    /// answer lacks is not held against it).
+    pub(crate) fn is_at(&self, addr: std::net::SocketAddr) -> bool {
+        self.address
+            .as_deref()
+            .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+            .is_none_or(|a| a.to_canonical() == addr.ip().to_canonical())
+            && self.port.is_none_or(|p| p == addr.port())
+    }
 }
 
 /// A small client of HAProxy's runtime API: one command line per
@@ -866,12 +876,7 @@ impl HaproxyLoadBalancer {
         let d = after
             .get(&name)
             .ok_or_else(|| DriverError::new(format!("HAProxy backend {be} has no server {name}")))?;
-        let at_proxy = d
-            .address
-            .as_deref()
-            .and_then(|a| a.parse::<std::net::IpAddr>().ok())
-            .is_none_or(|a| a.to_canonical() == addr.ip().to_canonical())
-            && d.port.is_none_or(|p| p == addr.port());
+        let at_proxy = d.is_at(addr);
         let own_now = after.get(id.as_str()).map_or(0, |s| s.weight);
         if !at_proxy || d.weight != live.weight || d.admin() != live.admin() || own_now != 0 {
             return Err(DriverError::new(format!(
@@ -1045,20 +1050,13 @@ async fn set_addr(
     id: &InstanceId,
     addr: std::net::SocketAddr,
 ) -> Result<(), DriverError> {
-    let at = |s: &ServerState| {
-        s.address
-            .as_deref()
-            .and_then(|a| a.parse::<std::net::IpAddr>().ok())
-            .is_none_or(|a| a.to_canonical() == addr.ip().to_canonical())
-            && s.port.is_none_or(|p| p == addr.port())
-    };
     let find = |servers: Vec<ServerState>| {
         servers
             .into_iter()
             .find(|s| s.name == id.as_str())
             .ok_or_else(|| DriverError::new(format!("HAProxy backend {be} has no server {id}")))
     };
-    if at(&find(api.servers_state(be).await?)?) {
+    if find(api.servers_state(be).await?)?.is_at(addr) {
         return Ok(());
     }
     // HAProxy answers in prose ("IP changed from …"); the read-back decides.
@@ -1069,7 +1067,7 @@ async fn set_addr(
     ))
     .await?;
     let s = find(api.servers_state(be).await?)?;
-    if !at(&s) {
+    if !s.is_at(addr) {
         return Err(DriverError::new(format!(
             "HAProxy did not take the change: {be}/{id} is at {}:{}, expected {addr}",
             s.address.as_deref().unwrap_or("?"),
