@@ -683,6 +683,19 @@ impl HaproxyLoadBalancer {
                     before.push((file.clone(), now));
                 }
             }
+            // A change that only empties maps (a sticky split or rules
+            // ending) sets the weights first: emptied first, the maps would
+            // for a moment send pinned users by the old weights, back to
+            // the group they had left.
+            let emptying = !before.is_empty() && before.iter().all(|(f, _)| want[f].is_empty());
+            if emptying {
+                this.change_locked(edit).await?;
+                for (file, _) in &before {
+                    routing::write_map(api, file, &want[file]).await?;
+                }
+                *roster::lock(&inner.policy) = policy;
+                return Ok(());
+            }
             let mut written: Vec<&(PathBuf, Vec<(String, String)>)> = Vec::new();
             let mut result = Ok(());
             for b in &before {
