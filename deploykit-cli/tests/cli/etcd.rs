@@ -209,6 +209,11 @@ const LOCK_TTL: &str = "2s";
 
 impl Fleet {
     fn new(cluster: &Cluster, instances: usize) -> Self {
+        Self::with_endpoints(&cluster.endpoints(), instances)
+    }
+
+    /// A fleet whose configuration lists `endpoints` as the etcd members.
+    fn with_endpoints(endpoints: &[String], instances: usize) -> Self {
         let shared = tempfile::tempdir().unwrap();
         for r in ["v1", "v2", "v3"] {
             let d = shared.path().join("builds").join(r);
@@ -227,7 +232,7 @@ impl Fleet {
                 18480 + n
             ));
         }
-        let endpoints: Vec<String> = cluster.endpoints().iter().map(|e| format!("\"{e}\"")).collect();
+        let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
         cfg.push_str(&format!(
             "[state]\nbackend = \"etcd\"\nendpoints = [{}]\nlock_ttl = \"{LOCK_TTL}\"\nrequest_timeout = \"1s\"\n\n\
              [strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"600ms\"\ndrain_timeout = \"1s\"\n\n\
@@ -520,6 +525,35 @@ fn a_member_lost_mid_deployment_is_survived_and_a_lost_quorum_stops_the_run_unti
     fleet.assert_fleet_on("v3");
 }
 
+/// A member that takes connections and never answers, as a member does
+/// while it restarts or its cluster elects a leader.
+fn hung_member() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn a_member_that_hangs_costs_one_attempt_not_the_command() {
+    let cluster = Cluster::start();
+    // Listed first: every fresh process asks it first.
+    let mut endpoints = vec![hung_member()];
+    endpoints.extend(cluster.endpoints());
+    let fleet = Fleet::with_endpoints(&endpoints, 2);
+    fleet.ok(0, &["-q", "deploy", "v1"]);
+    fleet.assert_fleet_on("v1");
+    let history = crate::util::json_lines(&fleet.ok(1, &["--json", "history"]));
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0]["release"], "v1", "{history:?}");
+    assert_eq!(history[0]["outcome"], "succeeded", "{history:?}");
+}
+
 #[test]
 fn bad_state_settings_are_refused_naming_the_key_before_anything_is_touched() {
     let base = crate::util::simulated(1, "");
@@ -574,6 +608,11 @@ fn the_etcd_password_comes_from_its_variable_and_is_never_printed() {
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(
         err.contains("127.0.0.1:9") && !err.contains("s3cret-pa55"),
+        "{err}"
+    );
+    // The cause in words, not the client library's debug form.
+    assert!(
+        err.contains("Connection refused") && !err.contains("Error(") && !err.contains("(()"),
         "{err}"
     );
 }

@@ -116,8 +116,9 @@ impl EtcdConfig {
         self
     }
 
-    /// How long one request may take before it is retried (at least
-    /// 100 ms); reads give up after it.
+    /// How long one attempt of a request may take before it is retried on
+    /// the next member (at least 100 ms); a read gives up when every member
+    /// and one more attempt have had this long (4 × with 3 endpoints).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
@@ -263,6 +264,56 @@ fn store_error(context: impl Into<String>, e: impl std::error::Error + Send + Sy
     }
 }
 
+/// An etcd client error in words: the client's own text of a gRPC status
+/// carries the debug form of its cause.
+#[derive(Debug)]
+struct EtcdFailure(String);
+
+impl EtcdFailure {
+    fn new(e: &etcd_client::Error) -> Self {
+        match e {
+            etcd_client::Error::GRpcStatus(status) => {
+                let mut text = status.code().description().to_string();
+                if !status.message().is_empty() {
+                    text = format!("{text}: {}", status.message());
+                }
+                Self(with_causes(text, std::error::Error::source(status)))
+            }
+            etcd_client::Error::TransportError(t) => {
+                Self(with_causes(t.to_string(), std::error::Error::source(t)))
+            }
+            other => Self(other.to_string()),
+        }
+    }
+
+    fn no_answer(within: Duration) -> Self {
+        Self(format!(
+            "no answer within {} (state.request_timeout)",
+            crate::duration_text::format(within)
+        ))
+    }
+}
+
+/// `text` followed by each cause's own words that it does not already say.
+fn with_causes(mut text: String, mut cause: Option<&(dyn std::error::Error + 'static)>) -> String {
+    while let Some(c) = cause {
+        let words = c.to_string();
+        if !words.is_empty() && !text.contains(&words) {
+            text = format!("{text}: {words}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
+impl std::fmt::Display for EtcdFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for EtcdFailure {}
+
 impl EtcdBackend {
     /// The state of `app` in the etcd cluster `config` describes. Nothing
     /// is contacted yet.
@@ -343,8 +394,14 @@ impl Inner {
             };
             let err = match tokio::time::timeout(self.config.request_timeout, attempt).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) => store_error(format!("{what} (etcd at {})", self.endpoints()), e),
-                Err(elapsed) => store_error(format!("{what} (etcd at {})", self.endpoints()), elapsed),
+                Ok(Err(e)) => store_error(
+                    format!("{what} (etcd at {})", self.endpoints()),
+                    EtcdFailure::new(&e),
+                ),
+                Err(_) => store_error(
+                    format!("{what} (etcd at {})", self.endpoints()),
+                    EtcdFailure::no_answer(self.config.request_timeout),
+                ),
             };
             self.reset().await;
             if Instant::now() + RETRY_PAUSE >= deadline {
@@ -353,6 +410,17 @@ impl Inner {
             tracing::debug!(error = %err, "etcd request failed; retrying");
             tokio::time::sleep(RETRY_PAUSE).await;
         }
+    }
+
+    /// How long a request outside a run's fenced writes is retried: long
+    /// enough for one attempt on every member and one more, so a member
+    /// that hangs (restarting, or in an election) costs one attempt, not
+    /// the request.
+    fn call_budget(&self) -> Duration {
+        let attempts = u32::try_from(self.config.endpoints.len()).unwrap_or(u32::MAX);
+        self.config
+            .request_timeout
+            .saturating_mul(attempts.saturating_add(1))
     }
 
     fn endpoints(&self) -> String {
@@ -369,7 +437,7 @@ impl Inner {
         // of records) would pass the client's 4 MiB message limit.
         loop {
             let resp = self
-                .retry(&format!("reading {key}"), self.config.request_timeout, |mut c| {
+                .retry(&format!("reading {key}"), self.call_budget(), |mut c| {
                     let (from, end) = (from.clone(), end.clone());
                     async move {
                         let mut o = GetOptions::new().with_range(end).with_limit(RANGE_PAGE);
@@ -402,7 +470,7 @@ impl Inner {
     async fn get(&self, name: &str) -> Result<Option<(Vec<u8>, i64)>> {
         let key = self.key(name);
         let resp = self
-            .retry(&format!("reading {key}"), self.config.request_timeout, |mut c| {
+            .retry(&format!("reading {key}"), self.call_budget(), |mut c| {
                 let key = key.clone();
                 async move { c.get(key, None).await }
             })
@@ -450,11 +518,11 @@ impl Inner {
                                 "{what}: etcd refuses the request itself (larger than its --max-request-bytes, \
                                  1.5 MiB by default, or more operations than its --max-txn-ops), so it is not retried"
                             ),
-                            e,
+                            EtcdFailure::new(&e),
                         ));
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "etcd: {what} failed; retrying until it commits or the lock is lost");
+                        tracing::warn!(error = %EtcdFailure::new(&e), "etcd: {what} failed; retrying until it commits or the lock is lost");
                     }
                     Err(_) => {
                         tracing::warn!(
@@ -500,11 +568,14 @@ impl Inner {
                         break;
                     }
                     Ok(Err(e)) if lease_gone(&e) => {
-                        fence.declare_lost(format!("etcd no longer knows its lease ({e}): it expired"));
+                        fence.declare_lost(format!(
+                            "etcd no longer knows its lease ({}): it expired",
+                            EtcdFailure::new(&e)
+                        ));
                         return;
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "etcd: renewing the lock's lease failed; trying the next member");
+                        tracing::warn!(error = %EtcdFailure::new(&e), "etcd: renewing the lock's lease failed; trying the next member");
                     }
                     Err(_) => {
                         tracing::warn!("etcd: renewing the lock's lease timed out; trying the next member");
@@ -661,7 +732,7 @@ impl StateBackend for EtcdBackend {
         let lease = inner
             .retry(
                 "granting the lock's lease",
-                inner.config.request_timeout,
+                inner.call_budget(),
                 |mut c| async move { c.lease_grant(ttl, None).await },
             )
             .await?
@@ -680,7 +751,7 @@ impl StateBackend for EtcdBackend {
             ])
             .or_else([TxnOp::get(lock_key.clone(), None)]);
         let resp = inner
-            .retry("taking the lock", inner.config.request_timeout, |mut c| {
+            .retry("taking the lock", inner.call_budget(), |mut c| {
                 let txn = txn.clone();
                 async move { c.txn(txn).await }
             })
@@ -872,14 +943,10 @@ impl StateBackend for EtcdBackend {
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, at)])
                 .and_then([TxnOp::put(key.clone(), bytes, None)]);
             let resp = inner
-                .retry(
-                    "sending the control request",
-                    inner.config.request_timeout,
-                    |mut c| {
-                        let txn = txn.clone();
-                        async move { c.txn(txn).await }
-                    },
-                )
+                .retry("sending the control request", inner.call_budget(), |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
                 .await?;
             if resp.succeeded() {
                 return Ok(seq);
