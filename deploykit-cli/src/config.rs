@@ -130,6 +130,15 @@ pub(crate) struct StateConfig {
     /// the password itself in the file).
     #[serde(default)]
     pub(crate) password_env: Option<String>,
+    /// etcd over TLS: the CA certificates (PEM) that signed the members'.
+    #[serde(default)]
+    pub(crate) ca_file: Option<String>,
+    /// etcd over TLS: this client's certificate (PEM), with `key_file`.
+    #[serde(default)]
+    pub(crate) cert_file: Option<String>,
+    /// etcd over TLS: the private key (PEM) of `cert_file`.
+    #[serde(default)]
+    pub(crate) key_file: Option<String>,
 }
 
 impl StateConfig {
@@ -140,7 +149,18 @@ impl StateConfig {
         &self,
         app: &str,
         password: Option<String>,
+        base: &Path,
     ) -> deploykit::Result<deploykit::state::EtcdBackend> {
+        deploykit::state::EtcdBackend::new(app, self.etcd_config(password, base)?)
+    }
+
+    /// The etcd settings, TLS file paths relative to `base`; nothing read.
+    #[cfg(feature = "etcd")]
+    fn etcd_config(
+        &self,
+        password: Option<String>,
+        base: &Path,
+    ) -> deploykit::Result<deploykit::state::EtcdConfig> {
         let mut c = deploykit::state::EtcdConfig::new(self.endpoints.clone());
         if let Some(p) = &self.prefix {
             c = c.prefix(p.clone());
@@ -154,7 +174,40 @@ impl StateConfig {
         if let (Some(u), Some(p)) = (&self.username, password) {
             c = c.user(u.clone(), p);
         }
-        deploykit::state::EtcdBackend::new(app, c)
+        let path = |p: &String| {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        match (&self.ca_file, &self.cert_file, &self.key_file) {
+            (None, None, None) => {}
+            (None, _, _) => {
+                return Err(inv(
+                    "state.ca_file",
+                    "a client certificate is only for TLS: add ca_file, the CA that signed etcd's certificates",
+                ))
+            }
+            (Some(ca), None, None) => c = c.tls(deploykit::state::EtcdTls::new(path(ca))),
+            (Some(ca), Some(cert), Some(key)) => {
+                c = c.tls(deploykit::state::EtcdTls::new(path(ca)).client_cert(path(cert), path(key)))
+            }
+            (Some(_), Some(_), None) => {
+                return Err(inv(
+                    "state.key_file",
+                    "state.cert_file is set but not its private key: add key_file = \"/etc/deploykit/etcd-key.pem\"",
+                ))
+            }
+            (Some(_), None, Some(_)) => {
+                return Err(inv(
+                    "state.cert_file",
+                    "state.key_file is set but not its certificate: add cert_file = \"/etc/deploykit/etcd.pem\"",
+                ))
+            }
+        }
+        Ok(c)
     }
 
     /// The password from the variable `password_env` names.
@@ -193,6 +246,9 @@ fn check_state(c: &Config) -> deploykit::Result<()> {
                 ("state.request_timeout", s.request_timeout.is_some()),
                 ("state.username", s.username.is_some()),
                 ("state.password_env", s.password_env.is_some()),
+                ("state.ca_file", s.ca_file.is_some()),
+                ("state.cert_file", s.cert_file.is_some()),
+                ("state.key_file", s.key_file.is_some()),
             ];
             if let Some((field, _)) = etcd_only.iter().find(|(_, set)| *set) {
                 return Err(inv(
@@ -213,8 +269,10 @@ fn check_state(c: &Config) -> deploykit::Result<()> {
                     ));
                 }
             }
-            // Settings only: the password is read when the state is used.
-            s.etcd(&c.app, None).map(|_| ())
+            // Settings only: the password is read when the state is used,
+            // the TLS files once the file's directory is known.
+            deploykit::names::validate_name("app", &c.app)?;
+            s.etcd_config(None, Path::new("."))?.validate()
         }
         #[cfg(not(feature = "etcd"))]
         StateBackendKind::Etcd => Err(inv(
@@ -1007,6 +1065,12 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
             )));
         }
         let instances = check(&raw).map_err(semantic)?;
+        #[cfg(feature = "etcd")]
+        if raw.state.backend == StateBackendKind::Etcd {
+            // The TLS files are read and checked now, before any command
+            // touches anything.
+            raw.state.etcd(&raw.app, None, &base).map_err(semantic)?;
+        }
         return Ok(Loaded {
             path: path.to_path_buf(),
             raw,

@@ -387,7 +387,7 @@ pub(crate) fn state_backend(
         #[cfg(feature = "etcd")]
         crate::config::StateBackendKind::Etcd => {
             let password = cfg.raw.state.etcd_password()?;
-            Ok(Arc::new(cfg.raw.state.etcd(&cfg.raw.app, password)?))
+            Ok(Arc::new(cfg.raw.state.etcd(&cfg.raw.app, password, &cfg.base)?))
         }
         #[cfg(not(feature = "etcd"))]
         crate::config::StateBackendKind::Etcd => {

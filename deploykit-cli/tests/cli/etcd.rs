@@ -46,6 +46,8 @@ struct Cluster {
     members: Vec<Member>,
     /// More `etcd` flags for every member.
     extra: Vec<String>,
+    /// The certificates when clients must use TLS and a certificate.
+    tls: Option<Certs>,
 }
 
 impl Cluster {
@@ -54,6 +56,36 @@ impl Cluster {
     }
 
     fn start_with(extra: &[&str]) -> Self {
+        Self::start_inner(extra, None)
+    }
+
+    /// A cluster whose client endpoints are https:// and ask every client
+    /// for a certificate `certs` signed.
+    fn start_tls(certs: Certs) -> Self {
+        let c = &certs;
+        let extra = [
+            "--cert-file",
+            &c.path("server.pem"),
+            "--key-file",
+            &c.path("server.key"),
+            "--client-cert-auth",
+            "--trusted-ca-file",
+            &c.path("ca.pem"),
+        ]
+        .map(str::to_string);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        Self::start_inner(&extra, Some(certs))
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    fn start_inner(extra: &[&str], tls: Option<Certs>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (1..=3)
             .map(|n| Member {
@@ -67,6 +99,7 @@ impl Cluster {
             dir,
             members,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls,
         };
         for i in 0..3 {
             c.start_member(i);
@@ -82,6 +115,7 @@ impl Cluster {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
             .collect();
         let m = &self.members[i];
+        let scheme = self.scheme();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -94,9 +128,9 @@ impl Cluster {
                 "--data-dir",
                 &self.dir.path().join(&m.name).display().to_string(),
                 "--listen-client-urls",
-                &format!("http://127.0.0.1:{}", m.client),
+                &format!("{scheme}://127.0.0.1:{}", m.client),
                 "--advertise-client-urls",
-                &format!("http://127.0.0.1:{}", m.client),
+                &format!("{scheme}://127.0.0.1:{}", m.client),
                 "--listen-peer-urls",
                 &format!("http://127.0.0.1:{}", m.peer),
                 "--initial-advertise-peer-urls",
@@ -131,18 +165,21 @@ impl Cluster {
     fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client))
             .collect()
     }
 
     fn etcdctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(etcd_bin("etcdctl"))
-            .env("ETCDCTL_API", "3")
+        let mut cmd = Command::new(etcd_bin("etcdctl"));
+        cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoints().join(",")))
-            .arg("--command-timeout=2s")
-            .args(args)
-            .output()
-            .expect("run etcdctl")
+            .arg("--command-timeout=2s");
+        if let Some(c) = &self.tls {
+            cmd.arg(format!("--cacert={}", c.path("ca.pem")))
+                .arg(format!("--cert={}", c.path("client.pem")))
+                .arg(format!("--key={}", c.path("client.key")));
+        }
+        cmd.args(args).output().expect("run etcdctl")
     }
 
     /// Waits (at most 30 s) until the cluster commits a write.
@@ -214,6 +251,11 @@ impl Fleet {
 
     /// A fleet whose configuration lists `endpoints` as the etcd members.
     fn with_endpoints(endpoints: &[String], instances: usize) -> Self {
+        Self::with_state(endpoints, instances, "")
+    }
+
+    /// Also with the lines `state` in `[state]`.
+    fn with_state(endpoints: &[String], instances: usize, state: &str) -> Self {
         let shared = tempfile::tempdir().unwrap();
         for r in ["v1", "v2", "v3"] {
             let d = shared.path().join("builds").join(r);
@@ -234,7 +276,7 @@ impl Fleet {
         }
         let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
         cfg.push_str(&format!(
-            "[state]\nbackend = \"etcd\"\nendpoints = [{}]\nlock_ttl = \"{LOCK_TTL}\"\nrequest_timeout = \"1s\"\n\n\
+            "[state]\nbackend = \"etcd\"\nendpoints = [{}]\nlock_ttl = \"{LOCK_TTL}\"\nrequest_timeout = \"1s\"\n{state}\n\
              [strategy.rolling]\nhealth_interval = \"50ms\"\nstabilisation = \"600ms\"\ndrain_timeout = \"1s\"\n\n\
              [timeouts]\ndrain_poll = \"50ms\"\n",
             endpoints.join(", ")
@@ -525,6 +567,171 @@ fn a_member_lost_mid_deployment_is_survived_and_a_lost_quorum_stops_the_run_unti
     fleet.assert_fleet_on("v3");
 }
 
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it
+/// signed, and a second CA that signed nothing etcd trusts; made with
+/// `openssl` in a temp dir for each test.
+struct Certs {
+    dir: tempfile::TempDir,
+}
+
+impl Certs {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .current_dir(dir.path())
+                .args(args)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for ca in ["ca", "other-ca"] {
+            let (k, pem, subj) = (
+                format!("{ca}.key"),
+                format!("{ca}.pem"),
+                format!("/CN=deploykit test {ca}"),
+            );
+            let mut args = vec!["req", "-x509"];
+            args.extend(key);
+            args.extend([
+                "-keyout",
+                &k,
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-subj",
+                &subj,
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]);
+            openssl(&args);
+        }
+        for (name, usage) in [("server", "serverAuth,clientAuth"), ("client", "clientAuth")] {
+            let mut args = vec!["req"];
+            args.extend(key);
+            let (k, csr, subj) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("/CN=deploykit test {name}"),
+            );
+            args.extend(["-keyout", &k, "-out", &csr, "-subj", &subj]);
+            openssl(&args);
+            let ext = format!("{name}.ext");
+            std::fs::write(
+                dir.path().join(&ext),
+                format!(
+                    "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+                     keyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n"
+                ),
+            )
+            .unwrap();
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+                "-out",
+                &format!("{name}.pem"),
+            ]);
+        }
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+#[test]
+fn over_tls_with_a_client_certificate_and_refused_without_one_or_with_another_ca() {
+    let certs = Certs::new();
+    let state = format!(
+        "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        certs.path("ca.pem"),
+        certs.path("client.pem"),
+        certs.path("client.key")
+    );
+    let cluster = Cluster::start_tls(certs);
+    let endpoints = cluster.endpoints();
+    assert!(endpoints.iter().all(|e| e.starts_with("https://")));
+    let fleet = Fleet::with_state(&endpoints, 2, &state);
+    fleet.ok(0, &["-q", "deploy", "v1"]);
+    fleet.assert_fleet_on("v1");
+    // The other machine reads the shared history over TLS too.
+    let history = crate::util::json_lines(&fleet.ok(1, &["--json", "history"]));
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0]["outcome"], "succeeded", "{history:?}");
+    assert!(cluster.count("/deploykit/shop/journals/") == 1);
+
+    let certs = cluster.tls.as_ref().unwrap();
+    let config = fleet.machines[1].path().join("deploykit.toml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    let refused = |what: &str, text: String, parts: &[&str]| {
+        std::fs::write(&config, text).unwrap();
+        let (code, out, err) = fleet.run(1, &["-q", "deploy", "v2"]);
+        assert_eq!(code, 3, "{what}: {out}\n{err}");
+        crate::util::assert_has(&err, parts);
+        assert!(!err.contains("Error(") && !err.contains("(()"), "{what}: {err}");
+        assert!(
+            fleet
+                .ids
+                .iter()
+                .all(|id| fleet.release(id).as_deref() == Some("v1")),
+            "{what}: an instance left v1"
+        );
+    };
+    // No client certificate: etcd refuses the connection (as an alert, or
+    // by closing it under the first request).
+    refused(
+        "no client certificate",
+        good.replace(&format!("cert_file = \"{}\"\n", certs.path("client.pem")), "")
+            .replace(&format!("key_file = \"{}\"\n", certs.path("client.key")), ""),
+        &["etcd at https://127.0.0.1:"],
+    );
+    // Another CA: the members' certificates are not trusted.
+    refused(
+        "another CA",
+        good.replace(&certs.path("ca.pem"), &certs.path("other-ca.pem")),
+        &["etcd at https://127.0.0.1:", "certificate", "state.ca_file"],
+    );
+    std::fs::write(&config, &good).unwrap();
+    assert_eq!(cluster.count("/deploykit/shop/journals/"), 1);
+
+    // A key file that holds no key: exit 2 naming the key, before the
+    // state is touched.
+    std::fs::write(
+        &config,
+        good.replace(&certs.path("client.key"), &certs.path("client.pem")),
+    )
+    .unwrap();
+    let (code, _, err) = fleet.run(1, &["validate"]);
+    assert_eq!(code, 2, "{err}");
+    crate::util::assert_has(&err, &["state.key_file", "client.pem", "no PEM private key"]);
+}
+
 /// A member that takes connections and never answers, as a member does
 /// while it restarts or its cluster elects a leader.
 fn hung_member() -> String {
@@ -565,8 +772,27 @@ fn bad_state_settings_are_refused_naming_the_key_before_anything_is_touched() {
         ("[state]\nbackend = \"etcd\"\n", &["state.endpoints", "http://"][..]),
         (
             "[state]\nbackend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\"]\n",
-            &["state.endpoints", "TLS"][..],
+            &["state.ca_file", "https://", "ca_file = "][..],
         ),
+        (
+            "[state]\nbackend = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\"]\nca_file = \"ca.pem\"\n",
+            &["state.endpoints", "https://host:port"][..],
+        ),
+        (
+            "[state]\nbackend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"ca.pem\"\n\
+             cert_file = \"client.pem\"\n",
+            &["state.key_file", "key_file = "][..],
+        ),
+        (
+            "[state]\nbackend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\"]\ncert_file = \"client.pem\"\n\
+             key_file = \"client.key\"\n",
+            &["state.ca_file"][..],
+        ),
+        (
+            "[state]\nbackend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"no-such-ca.pem\"\n",
+            &["state.ca_file", "cannot read", "no-such-ca.pem"][..],
+        ),
+        ("[state]\nca_file = \"ca.pem\"\n", &["state.ca_file", "backend = \"etcd\""][..]),
         (
             "[state]\nbackend = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\"]\nlock_ttl = \"1s\"\n",
             &["state.lock_ttl", "2s to 10m"][..],

@@ -72,6 +72,129 @@ pub struct EtcdConfig {
     lock_ttl: Duration,
     request_timeout: Duration,
     user: Option<(String, String)>,
+    tls: Option<EtcdTls>,
+}
+
+/// TLS to the etcd members (`https://` endpoints): the CA that signed
+/// their certificates and, for a cluster started with
+/// `--client-cert-auth`, this client's certificate and key. The files are
+/// read when the backend is made and again at each new connection, so
+/// certificates renewed in place are picked up.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    ca_file: PathBuf,
+    client: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTls {
+    /// Trusts the CA certificates (PEM) in `ca_file`.
+    pub fn new(ca_file: impl Into<PathBuf>) -> Self {
+        Self {
+            ca_file: ca_file.into(),
+            client: None,
+        }
+    }
+
+    /// Presents the certificate (PEM, with its chain) in `cert_file` and
+    /// its private key (PEM) in `key_file`.
+    pub fn client_cert(mut self, cert_file: impl Into<PathBuf>, key_file: impl Into<PathBuf>) -> Self {
+        self.client = Some((cert_file.into(), key_file.into()));
+        self
+    }
+
+    /// Reads and checks the files.
+    fn load(&self) -> Result<TlsFiles> {
+        use rustls_pki_types::pem::PemObject as _;
+        use rustls_pki_types::PrivateKeyDer;
+        let ca = read_pem("state.ca_file", &self.ca_file)?;
+        certificates("state.ca_file", &self.ca_file, &ca)?;
+        let identity = match &self.client {
+            None => None,
+            Some((cert_file, key_file)) => {
+                let cert = read_pem("state.cert_file", cert_file)?;
+                certificates("state.cert_file", cert_file, &cert)?;
+                let key = read_pem("state.key_file", key_file)?;
+                if let Err(e) = PrivateKeyDer::from_pem_slice(&key) {
+                    return Err(Error::invalid(
+                        "state.key_file",
+                        format!(
+                            "{} holds no PEM private key ({e}); give the key of state.cert_file",
+                            key_file.display()
+                        ),
+                    ));
+                }
+                Some((cert, key))
+            }
+        };
+        Ok(TlsFiles { ca, identity })
+    }
+}
+
+/// The PEM text of the TLS files; never printed (the key is a secret).
+#[derive(Clone)]
+struct TlsFiles {
+    ca: Vec<u8>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsFiles {
+    fn options(&self) -> etcd_client::TlsOptions {
+        let mut tls =
+            etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(&self.ca));
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+        }
+        tls
+    }
+}
+
+/// The most a TLS file may hold: a bundle of CAs is tens of KiB.
+const TLS_FILE_LIMIT: u64 = 1 << 20;
+
+fn read_pem(field: &str, path: &std::path::Path) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| {
+        Error::invalid(
+            field,
+            format!("cannot read {}: {e}; give the path of a PEM file", path.display()),
+        )
+    })?;
+    let mut text = Vec::new();
+    file.take(TLS_FILE_LIMIT + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| Error::invalid(field, format!("cannot read {}: {e}", path.display())))?;
+    if text.len() as u64 > TLS_FILE_LIMIT {
+        return Err(Error::invalid(
+            field,
+            format!("{} is larger than 1 MiB; give a PEM file", path.display()),
+        ));
+    }
+    Ok(text)
+}
+
+/// At least one certificate, and every one well formed.
+fn certificates(field: &str, path: &std::path::Path, pem: &[u8]) -> Result<()> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut n = 0;
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+        if let Err(e) = c {
+            return Err(Error::invalid(
+                field,
+                format!("{} is not a PEM certificate file ({e})", path.display()),
+            ));
+        }
+        n += 1;
+    }
+    if n == 0 {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{} holds no certificate (no -----BEGIN CERTIFICATE----- block)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for EtcdConfig {
@@ -83,14 +206,15 @@ impl std::fmt::Debug for EtcdConfig {
             .field("lock_ttl", &self.lock_ttl)
             .field("request_timeout", &self.request_timeout)
             .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
 impl EtcdConfig {
-    /// etcd at `endpoints` (`http://host:port`, the members of one
-    /// cluster), prefix `/deploykit`, lock TTL 15 s, requests bounded by
-    /// 5 s.
+    /// etcd at `endpoints` (`http://host:port`, or `https://host:port`
+    /// with [`tls`](Self::tls); the members of one cluster), prefix
+    /// `/deploykit`, lock TTL 15 s, attempts bounded by 5 s.
     pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
         Self {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
@@ -98,6 +222,7 @@ impl EtcdConfig {
             lock_ttl: Duration::from_secs(15),
             request_timeout: Duration::from_secs(5),
             user: None,
+            tls: None,
         }
     }
 
@@ -130,6 +255,22 @@ impl EtcdConfig {
         self
     }
 
+    /// Talks to the members over TLS: every endpoint is `https://`.
+    pub fn tls(mut self, tls: EtcdTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Checks the settings without reading any file or contacting etcd.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field (`state.endpoints`,
+    /// `state.ca_file`, `state.prefix`, `state.lock_ttl`,
+    /// `state.request_timeout`) and the fix.
+    pub fn validate(&self) -> Result<()> {
+        self.check()
+    }
+
     fn check(&self) -> Result<()> {
         if self.endpoints.is_empty() {
             return Err(Error::invalid(
@@ -137,16 +278,32 @@ impl EtcdConfig {
                 "no etcd endpoint given; list the cluster's members, e.g. [\"http://10.0.0.1:2379\"]",
             ));
         }
+        let scheme = if self.tls.is_some() { "https://" } else { "http://" };
         for e in &self.endpoints {
-            let Some(rest) = e.strip_prefix("http://") else {
-                let hint = if e.starts_with("https://") {
-                    "TLS is not built into this deploykit: reach etcd over http:// on a trusted network"
+            let Some(rest) = e.strip_prefix(scheme) else {
+                let hint = match (e.starts_with("https://"), e.starts_with("http://")) {
+                    (true, _) => {
+                        "an https:// endpoint needs the CA that signed etcd's certificates: \
+                                  add ca_file = \"/etc/etcd/ca.pem\" (and cert_file, key_file when etcd \
+                                  asks clients for certificates)"
+                    }
+                    (_, true) => {
+                        "state.ca_file is set, so every endpoint must be https://; \
+                                  write it as https://host:port"
+                    }
+                    _ => "write it as http://host:port, or https://host:port with ca_file",
+                };
+                let field = if e.starts_with("https://") {
+                    "state.ca_file"
                 } else {
-                    "write it as http://host:port"
+                    "state.endpoints"
                 };
                 return Err(Error::invalid(
-                    "state.endpoints",
-                    format!("`{}` is not an etcd endpoint: {hint}", e.escape_default()),
+                    field,
+                    format!(
+                        "`{}` is not an etcd endpoint this can reach: {hint}",
+                        e.escape_default()
+                    ),
                 ));
             };
             let ok = rest.rsplit_once(':').is_some_and(|(host, port)| {
@@ -160,7 +317,7 @@ impl EtcdConfig {
                 return Err(Error::invalid(
                     "state.endpoints",
                     format!(
-                        "`{}` is not an etcd endpoint: write it as http://host:port",
+                        "`{}` is not an etcd endpoint: write it as {scheme}host:port",
                         e.escape_default()
                     ),
                 ));
@@ -214,6 +371,8 @@ struct Inner {
     /// The endpoint the next connection goes to: each failure moves on to
     /// the next member, so a dead one is left at once.
     next: std::sync::atomic::AtomicUsize,
+    /// The TLS files as last read well.
+    tls: Mutex<Option<TlsFiles>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -270,7 +429,42 @@ fn store_error(context: impl Into<String>, e: impl std::error::Error + Send + Sy
 struct EtcdFailure(String);
 
 impl EtcdFailure {
-    fn new(e: &etcd_client::Error) -> Self {
+    /// `e` in words; `tls` the TLS settings in use, which a failed
+    /// handshake points at.
+    fn new(e: &etcd_client::Error, tls: Option<&EtcdTls>) -> Self {
+        let Self(text) = Self::words(e);
+        let lower = text.to_ascii_lowercase();
+        // A refused client certificate shows under TLS 1.3 as an alert, or
+        // only as a connection closed under the first request.
+        let handshake = [
+            "certificate",
+            "alert",
+            "broken pipe",
+            "handshake",
+            "tls",
+            "reset",
+            "closed",
+        ]
+        .iter()
+        .any(|w| lower.contains(w));
+        match tls {
+            Some(t) if handshake => {
+                let client = if t.client.is_none() {
+                    "; if etcd asks clients for a certificate (--client-cert-auth), set state.cert_file and \
+                     state.key_file"
+                } else {
+                    ""
+                };
+                Self(format!(
+                    "{text} (TLS: check state.ca_file, state.cert_file and state.key_file against the CA \
+                     that signed etcd's certificates{client})"
+                ))
+            }
+            _ => Self(text),
+        }
+    }
+
+    fn words(e: &etcd_client::Error) -> Self {
         match e {
             etcd_client::Error::GRpcStatus(status) => {
                 let mut text = status.code().description().to_string();
@@ -325,6 +519,7 @@ impl EtcdBackend {
     pub fn new(app: &str, config: EtcdConfig) -> Result<Self> {
         crate::names::validate_name("app", app)?;
         config.check()?;
+        let tls = config.tls.as_ref().map(EtcdTls::load).transpose()?;
         let base = format!("{}/{app}/", config.prefix.trim_end_matches('/'));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -332,6 +527,7 @@ impl EtcdBackend {
                 base,
                 client: tokio::sync::Mutex::new(None),
                 next: std::sync::atomic::AtomicUsize::new(0),
+                tls: Mutex::new(tls),
             }),
         })
     }
@@ -366,10 +562,27 @@ impl Inner {
         if let Some((u, p)) = &self.config.user {
             options = options.with_user(u.clone(), p.clone());
         }
+        if let Some(tls) = self.tls_files() {
+            options = options.with_tls(tls.options());
+        }
         let n = self.next.load(std::sync::atomic::Ordering::Relaxed) % self.config.endpoints.len();
         let c = Client::connect([&self.config.endpoints[n]], Some(options)).await?;
         *slot = Some(c.clone());
         Ok(c)
+    }
+
+    /// The TLS files read again, or the last good ones when they cannot be
+    /// read now (a renewal half written).
+    fn tls_files(&self) -> Option<TlsFiles> {
+        let tls = self.config.tls.as_ref()?;
+        let mut last = self.tls.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match tls.load() {
+            Ok(files) => *last = Some(files),
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd: reading the TLS files again failed; using the last good ones")
+            }
+        }
+        last.clone()
     }
 
     /// Drops the connection: the next request connects again, to the next
@@ -396,7 +609,7 @@ impl Inner {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) => store_error(
                     format!("{what} (etcd at {})", self.endpoints()),
-                    EtcdFailure::new(&e),
+                    EtcdFailure::new(&e, self.config.tls.as_ref()),
                 ),
                 Err(_) => store_error(
                     format!("{what} (etcd at {})", self.endpoints()),
@@ -518,11 +731,11 @@ impl Inner {
                                 "{what}: etcd refuses the request itself (larger than its --max-request-bytes, \
                                  1.5 MiB by default, or more operations than its --max-txn-ops), so it is not retried"
                             ),
-                            EtcdFailure::new(&e),
+                            EtcdFailure::new(&e, self.config.tls.as_ref()),
                         ));
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %EtcdFailure::new(&e), "etcd: {what} failed; retrying until it commits or the lock is lost");
+                        tracing::warn!(error = %EtcdFailure::new(&e, self.config.tls.as_ref()), "etcd: {what} failed; retrying until it commits or the lock is lost");
                     }
                     Err(_) => {
                         tracing::warn!(
@@ -570,12 +783,12 @@ impl Inner {
                     Ok(Err(e)) if lease_gone(&e) => {
                         fence.declare_lost(format!(
                             "etcd no longer knows its lease ({}): it expired",
-                            EtcdFailure::new(&e)
+                            EtcdFailure::new(&e, self.config.tls.as_ref())
                         ));
                         return;
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %EtcdFailure::new(&e), "etcd: renewing the lock's lease failed; trying the next member");
+                        tracing::warn!(error = %EtcdFailure::new(&e, self.config.tls.as_ref()), "etcd: renewing the lock's lease failed; trying the next member");
                     }
                     Err(_) => {
                         tracing::warn!("etcd: renewing the lock's lease timed out; trying the next member");
@@ -1301,7 +1514,7 @@ mod tests {
         let cases: [(EtcdConfig, &str); 6] = [
             (EtcdConfig::new(Vec::<String>::new()), "state.endpoints"),
             (EtcdConfig::new(["127.0.0.1:2379"]), "state.endpoints"),
-            (EtcdConfig::new(["https://127.0.0.1:2379"]), "TLS"),
+            (EtcdConfig::new(["https://127.0.0.1:2379"]), "state.ca_file"),
             (EtcdConfig::new(["http://a b:1"]), "state.endpoints"),
             (
                 EtcdConfig::new(["http://127.0.0.1:2379"]).prefix("dk"),
@@ -1323,6 +1536,59 @@ mod tests {
         .unwrap();
         assert_eq!(ok.identity(), PathBuf::from("etcd:/deploykit/shop"));
         assert!(EtcdBackend::new("../x", EtcdConfig::new(["http://127.0.0.1:2379"])).is_err());
+    }
+
+    #[test]
+    fn tls_files_are_read_and_checked_before_anything_is_contacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        // A well-formed PEM block; its DER is not looked into here.
+        let cert = file(
+            "cert.pem",
+            "-----BEGIN CERTIFICATE-----\nMAMCAQA=\n-----END CERTIFICATE-----\n",
+        );
+        let key = file(
+            "key.pem",
+            "-----BEGIN PRIVATE KEY-----\nMAMCAQA=\n-----END PRIVATE KEY-----\n",
+        );
+        let not_pem = file("notes.txt", "hello\n");
+        let missing = dir.path().join("missing.pem");
+        let https = || EtcdConfig::new(["https://127.0.0.1:2379"]);
+        let cases = [
+            (
+                EtcdConfig::new(["http://127.0.0.1:2379"]).tls(EtcdTls::new(&cert)),
+                &["state.endpoints", "https://"][..],
+            ),
+            (
+                https().tls(EtcdTls::new(&missing)),
+                &["state.ca_file", "missing.pem"][..],
+            ),
+            (
+                https().tls(EtcdTls::new(&not_pem)),
+                &["state.ca_file", "no certificate"][..],
+            ),
+            (
+                https().tls(EtcdTls::new(&cert).client_cert(&not_pem, &key)),
+                &["state.cert_file", "no certificate"][..],
+            ),
+            (
+                https().tls(EtcdTls::new(&cert).client_cert(&cert, &cert)),
+                &["state.key_file", "no PEM private key"][..],
+            ),
+        ];
+        for (config, parts) in cases {
+            let e = EtcdBackend::new("shop", config).unwrap_err().to_string();
+            for p in parts {
+                assert!(e.contains(p), "{p}: {e}");
+            }
+        }
+        let ok = EtcdBackend::new("shop", https().tls(EtcdTls::new(&cert).client_cert(&cert, &key))).unwrap();
+        // The key's text shows nowhere, not even in debug output.
+        assert!(!format!("{ok:?}").contains("MAMCAQA"));
     }
 
     #[test]

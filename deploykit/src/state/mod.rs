@@ -77,7 +77,7 @@ pub use control::{ControlAck, ControlCommand, ControlFile, ControlRequest};
 pub use digest::release_digest;
 #[cfg(feature = "etcd")]
 #[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
-pub use etcd::{EtcdBackend, EtcdConfig};
+pub use etcd::{EtcdBackend, EtcdConfig, EtcdTls};
 pub use journal::{
     FlushStats, HistoryEntry, HistoryOutcome, Journal, JournalHeader, JournalOutcome, JournalRecord,
     JournalSummary, RunKind, SourceCommit,
