@@ -1748,7 +1748,22 @@ pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
         return Ok(exit::BAD_INPUT);
     }
     let seq = rt.block_on(ctx.backend.send_control(&id, command))?;
-    let ack = rt.block_on(ctx.backend.wait_ack(seq, Duration::from_secs(10)));
+    let ack = match rt.block_on(await_ack(&ctx, seq))? {
+        Acked::Answer(a) => Some(a),
+        Acked::HolderGone if command == ControlCommand::Promote => {
+            // The process died: its lock expired with its lease, so nothing
+            // can act on the request; the promotion is recorded instead.
+            return rt.block_on(record_promotion(&ctx));
+        }
+        Acked::HolderGone => {
+            eprintln!(
+                "deploykit: error: the process running deployment {id} is gone (its lock expired): \
+                 `deploykit rollback` undoes the deployment, `deploykit deploy --resume` continues it"
+            );
+            return Ok(exit::BAD_INPUT);
+        }
+        Acked::Silent => None,
+    };
     match ack.map(|a| a.result) {
         Some(r) if r == "promoted" || r == "aborted" => {
             outln!("deployment {id}: {r}");
@@ -1760,9 +1775,48 @@ pub(crate) fn control(ctx: Ctx, command: ControlCommand) -> anyhow::Result<u8> {
         }
         None => {
             eprintln!(
-                "deploykit: error: deployment {id} did not acknowledge within 10 s; check `deploykit status`"
+                "deploykit: error: deployment {id} did not acknowledge while {holder} still held the lock; \
+                 check `deploykit status`"
             );
             Ok(exit::UNKNOWN_STATE)
+        }
+    }
+}
+
+/// What came of a control request.
+enum Acked {
+    Answer(deploykit::state::ControlAck),
+    /// No answer, and the lock is free: the process that held it is gone.
+    HolderGone,
+    /// No answer while the lock stayed held.
+    Silent,
+}
+
+/// Waits for the acknowledgement of request `seq`: 10 s, or with etcd as
+/// long as a dead holder's lease can outlive it (`lock_ttl`), checking
+/// meanwhile whether the lock is still held.
+async fn await_ack(ctx: &Ctx, seq: u64) -> anyhow::Result<Acked> {
+    let mut wait = Duration::from_secs(10);
+    if ctx.cfg.raw.state.backend == config::StateBackendKind::Etcd {
+        let ttl = ctx
+            .cfg
+            .raw
+            .state
+            .lock_ttl
+            .as_ref()
+            .map_or(Duration::from_secs(15), |t| t.0);
+        wait = wait.max(ttl + Duration::from_secs(2));
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if let Some(a) = ctx.backend.wait_ack(seq, Duration::from_millis(500)).await {
+            return Ok(Acked::Answer(a));
+        }
+        if ctx.backend.holder().await?.is_none() {
+            return Ok(Acked::HolderGone);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(Acked::Silent);
         }
     }
 }

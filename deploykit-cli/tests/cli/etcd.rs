@@ -1088,35 +1088,75 @@ fn runs_of(fleet: &Fleet, machine: usize, sha: &str) -> Vec<Value> {
         .collect()
 }
 
+/// `deploykit deploy release --strategy canary` on `machine`, once it
+/// waits for its manual promotion (holding the lock).
+fn waiting_canary(fleet: &Fleet, machine: usize, release: &str) -> Child {
+    use std::io::BufRead;
+    let mut child = fleet
+        .cmd(machine)
+        .args(["--json", "deploy", release, "--strategy", "canary"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.as_mut().unwrap();
+    let mut lines = std::io::BufReader::new(out).lines();
+    loop {
+        let Some(Ok(line)) = lines.next() else {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+            let _ = child.wait();
+            panic!("the manual canary ended before waiting for its promotion: {err}");
+        };
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if v["event"] == "awaiting_promotion" {
+            return child;
+        }
+    }
+}
+
+#[test]
+fn a_promote_for_a_holder_killed_while_waiting_is_recorded_once_its_lease_expires_and_resumed_elsewhere() {
+    let cluster = Cluster::start();
+    let (fleet, _repo) = gitops_fleet(&cluster);
+    fleet.ok(0, &["-q", "deploy", "v1"]);
+    let mut canary = waiting_canary(&fleet, 0, "v2");
+    // The wait is in the shared journal (the output may run a moment ahead).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fleet.status(1)["deployment"]["awaiting_promotion"].is_null() {
+        assert!(Instant::now() < deadline, "the wait never reached the journal");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = canary.kill();
+    let _ = canary.wait();
+    // At once, while its lease still holds the lock: the request gets no
+    // answer, the lease expires, and the promotion is recorded.
+    let out = fleet.ok(1, &["promote"]);
+    assert!(
+        out.contains("promotion of stage") && out.contains("recorded"),
+        "{out}"
+    );
+    // A second promote records the same approval.
+    assert_eq!(fleet.ok(0, &["promote"]), out);
+    // The other machine resumes past the wait and moves stable to v2.
+    fleet.ok(1, &["-q", "deploy", "--resume"]);
+    assert_eq!(fleet.release("web-1").as_deref(), Some("v2"));
+    let history = crate::util::json_lines(&fleet.ok(0, &["--json", "history"]));
+    let last = history.last().unwrap();
+    assert_eq!(
+        (last["release"].as_str(), last["outcome"].as_str()),
+        (Some("v2"), Some("succeeded")),
+        "{history:?}"
+    );
+}
+
 #[test]
 fn a_manual_deployment_holding_the_etcd_lock_makes_watch_on_another_machine_wait_then_deploy() {
     let cluster = Cluster::start();
     let (fleet, repo) = gitops_fleet(&cluster);
     fleet.ok(0, &["-q", "deploy", "v1"]);
     // Machine 0: a manual canary that waits for its promotion holds the lock.
-    let mut manual = fleet
-        .cmd(0)
-        .args(["--json", "deploy", "v2", "--strategy", "canary"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::BufRead;
-        let out = manual.stdout.as_mut().unwrap();
-        let mut lines = std::io::BufReader::new(out).lines();
-        loop {
-            let Some(Ok(line)) = lines.next() else {
-                let mut err = String::new();
-                let _ = std::io::Read::read_to_string(manual.stderr.as_mut().unwrap(), &mut err);
-                panic!("the manual canary ended before waiting for its promotion: {err}");
-            };
-            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-            if v["event"] == "awaiting_promotion" {
-                break;
-            }
-        }
-    }
+    let manual = waiting_canary(&fleet, 0, "v2");
     let c1 = repo.commit("one");
     repo.push("main");
     // Machine 1 watches: it finds the lock taken and tries again.
