@@ -861,7 +861,7 @@ pub(super) fn serve_metrics(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(crate::metrics_http::serve(
         listener,
-        ctx.state.clone(),
+        crate::metrics_http::Journals::of(ctx),
         async move {
             let _ = stopped.await;
         },

@@ -1,5 +1,5 @@
-//! `/metrics`: the Prometheus exposition of the state directory's journals
-//! ([`deploykit::stats::exposition`]) and, during a run with network
+//! `/metrics`: the Prometheus exposition of the journals, in the state
+//! directory or in etcd ([`deploykit::stats::exposition`]) and, during a run with network
 //! chaos, the fault proxies' counters
 //! ([`deploykit::chaos::RoutedFaults::exposition`]), served during a run by
 //! `deploy --metrics-listen` and usable by any other server of the CLI
@@ -9,41 +9,85 @@ use std::sync::Arc;
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use deploykit::state::StateDir;
+use deploykit::state::{StateBackend, StateDir};
 use deploykit::stats::{self, exposition};
 
-/// A router answering `GET /metrics` from the journals of `state`.
-pub(crate) fn router(state: StateDir) -> axum::Router {
+/// Where `/metrics` reads the journals: this machine's state directory, or
+/// the state every machine shares (etcd).
+#[derive(Clone)]
+pub(crate) enum Journals {
+    Local(StateDir),
+    Shared {
+        app: String,
+        backend: Arc<dyn StateBackend>,
+    },
+}
+
+impl Journals {
+    /// The journals a command's context deploys with.
+    pub(crate) fn of(ctx: &crate::cmd::Ctx) -> Self {
+        match ctx.cfg.raw.state.backend {
+            crate::config::StateBackendKind::Local => Self::Local(ctx.state.clone()),
+            crate::config::StateBackendKind::Etcd => Self::Shared {
+                app: ctx.cfg.raw.app.clone(),
+                backend: ctx.backend.clone(),
+            },
+        }
+    }
+
+    /// The exposition text of the journals now.
+    ///
+    /// # Errors
+    /// Those of [`stats::load`] (the journals cannot be listed or read).
+    async fn render(self) -> anyhow::Result<String> {
+        let (app, loaded) = match self {
+            // Reading the journal files is file I/O: off the async workers.
+            Self::Local(state) => {
+                tokio::task::spawn_blocking(move || stats::load(&state).map(|l| (state.app().to_string(), l)))
+                    .await??
+            }
+            Self::Shared { app, backend } => {
+                let loaded = stats::load_from(backend.as_ref()).await?;
+                (app, loaded)
+            }
+        };
+        Ok(exposition::render(
+            &app,
+            &loaded.records,
+            deploykit::state::now_ms(),
+            exposition::DORA_WINDOW_MS,
+        ))
+    }
+}
+
+/// A router answering `GET /metrics` from `journals`.
+pub(crate) fn router(journals: Journals) -> axum::Router {
     axum::Router::new()
         .route("/metrics", axum::routing::get(metrics))
-        .with_state(Arc::new(state))
+        .with_state(Arc::new(journals))
 }
 
-/// The exposition text of `state`'s journals now.
-///
-/// # Errors
-/// Those of [`stats::load`] (the journal directory cannot be listed).
-pub(crate) fn render(state: &StateDir) -> deploykit::Result<String> {
-    let loaded = stats::load(state)?;
-    Ok(exposition::render(
-        state.app(),
-        &loaded.records,
-        deploykit::state::now_ms(),
-        exposition::DORA_WINDOW_MS,
-    ))
+/// Serves [`router`] on `listener` until `stop` resolves.
+pub(crate) async fn serve(
+    listener: std::net::TcpListener,
+    journals: Journals,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    axum::serve(listener, router(journals))
+        .with_graceful_shutdown(stop)
+        .await
 }
 
-async fn metrics(axum::extract::State(state): axum::extract::State<Arc<StateDir>>) -> Response {
-    answer(StateDir::clone(&state)).await
+async fn metrics(axum::extract::State(journals): axum::extract::State<Arc<Journals>>) -> Response {
+    answer(Journals::clone(&journals)).await
 }
 
-/// The `/metrics` answer for `state`: the exposition, or a 500 naming what
-/// could not be read. The dashboard serves it behind its read check.
-pub(crate) async fn answer(state: StateDir) -> Response {
-    // Reading the journals is file I/O: off the async workers.
-    let rendered = tokio::task::spawn_blocking(move || render(&state)).await;
-    match rendered {
-        Ok(Ok(mut text)) => {
+/// The `/metrics` answer for `journals`: the exposition, or a 500 naming
+/// what could not be read. The dashboard serves it behind its read check.
+pub(crate) async fn answer(journals: Journals) -> Response {
+    match journals.render().await {
+        Ok(mut text) => {
             // The fault proxies of a run with network chaos count what
             // they injected, which the instances' own metrics never see.
             let proxies = crate::wire::proxy_exposition().await;
@@ -51,12 +95,11 @@ pub(crate) async fn answer(state: StateDir) -> Response {
             text.insert_str(at, &proxies);
             ([(header::CONTENT_TYPE, exposition::CONTENT_TYPE)], text).into_response()
         }
-        Ok(Err(e)) => (
+        Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot read the journals: {e}\n"),
+            format!("cannot read the journals: {e:#}\n"),
         )
             .into_response(),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "the metrics task failed\n").into_response(),
     }
 }
 
@@ -74,16 +117,4 @@ pub(crate) fn bind(flag: &str, addr: std::net::SocketAddr) -> anyhow::Result<std
     })?;
     listener.set_nonblocking(true)?;
     Ok(listener)
-}
-
-/// Serves [`router`] on `listener` until `stop` resolves.
-pub(crate) async fn serve(
-    listener: std::net::TcpListener,
-    state: StateDir,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop)
-        .await
 }

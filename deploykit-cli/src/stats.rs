@@ -146,13 +146,13 @@ struct StatsJson<'a> {
 /// `deploykit stats`.
 pub(crate) fn stats(ctx: Ctx, args: StatsArgs) -> anyhow::Result<u8> {
     let window = parse_since(&args.since)?;
-    let loaded = stats::load(&ctx.state)?;
+    let loaded = crate::cmd::runtime()?.block_on(stats::load_from(ctx.backend.as_ref()))?;
     for (path, why) in &loaded.unreadable {
         eprintln!("deploykit: error: {} left out: {why}", path.display());
     }
     let now = deploykit::state::now_ms();
     let since = now.saturating_sub(window);
-    let app = ctx.state.app();
+    let app = ctx.cfg.raw.app.as_str();
     if ctx.g.json {
         let dora = stats::dora(&loaded.records, since, now);
         let doc = StatsJson {
@@ -340,7 +340,8 @@ drills: {} ({rolled_back} rolled back by their gates; left out of the figures ab
 
 /// `deploykit postmortem`.
 pub(crate) fn postmortem(ctx: Ctx, args: PostmortemArgs) -> anyhow::Result<u8> {
-    let loaded = stats::load(&ctx.state)?;
+    let rt = crate::cmd::runtime()?;
+    let loaded = rt.block_on(stats::load_from(ctx.backend.as_ref()))?;
     let at = loaded
         .records
         .iter()
@@ -357,7 +358,7 @@ pub(crate) fn postmortem(ctx: Ctx, args: PostmortemArgs) -> anyhow::Result<u8> {
         }
         .into());
     }
-    let chain = ctx.state.chain(&record.id)?;
+    let chain = rt.block_on(ctx.backend.chain(&record.id))?;
     let pm = Postmortem::new(&loaded.records, at, &chain);
     if ctx.g.json {
         outln!("{}", serde_json::to_string(&pm)?);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Args;
 use deploykit::analysis::CheckOutcome;
-use deploykit::state::{utc_datetime, HistoryOutcome, StateDir};
+use deploykit::state::{utc_datetime, HistoryOutcome, StateBackend};
 use deploykit::stats::{DeploymentRecord, InstanceFate};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
@@ -48,10 +48,10 @@ pub(crate) struct View {
 }
 
 impl View {
-    /// The newest run of `state` as its journal says now.
-    pub(crate) fn load(state: &StateDir) -> Self {
-        let app = state.app().to_string();
-        let read = state.latest().and_then(|latest| Ok((latest, state.holder()?)));
+    /// The newest run of `app` in `state` as its journal says now.
+    pub(crate) async fn load(app: &str, state: &dyn StateBackend) -> Self {
+        let app = app.to_string();
+        let read = async { Ok::<_, deploykit::Error>((state.latest().await?, state.holder().await?)) }.await;
         match read {
             Ok((latest, holder)) => Self {
                 app,
@@ -76,7 +76,8 @@ pub(crate) fn top(ctx: Ctx, args: TopArgs) -> anyhow::Result<u8> {
         return Ok(exit::BAD_INPUT);
     }
     let mut terminal = ratatui::try_init()?;
-    let result = follow(&mut terminal, &ctx.state, args.interval);
+    let rt = crate::cmd::runtime()?;
+    let result = follow(&mut terminal, &rt, &ctx, args.interval);
     ratatui::restore();
     result?;
     Ok(exit::SUCCESS)
@@ -84,11 +85,12 @@ pub(crate) fn top(ctx: Ctx, args: TopArgs) -> anyhow::Result<u8> {
 
 fn follow(
     terminal: &mut ratatui::DefaultTerminal,
-    state: &StateDir,
+    rt: &tokio::runtime::Runtime,
+    ctx: &Ctx,
     interval: Duration,
 ) -> anyhow::Result<()> {
     loop {
-        let view = View::load(state);
+        let view = rt.block_on(View::load(&ctx.cfg.raw.app, ctx.backend.as_ref()));
         terminal.draw(|f| draw(f, &view))?;
         // Keys are read as they come; the journal once per interval.
         let until = std::time::Instant::now() + interval;

@@ -76,6 +76,17 @@ impl std::fmt::Debug for App {
 /// Starts the dashboard and serves until Ctrl-C.
 pub(crate) fn run(g: Global, args: DashboardArgs) -> anyhow::Result<u8> {
     let cfg = config::load(&g.config)?;
+    if cfg.raw.state.backend == config::StateBackendKind::Etcd {
+        // It reads this machine's state directory, where an etcd setup
+        // keeps no journal: it would show no deployment and promote none.
+        return Err(deploykit::Error::invalid(
+            "state.backend",
+            "the dashboard reads this machine's state directory, and with backend = \"etcd\" the deployments \
+             are in etcd: it would show none of them. `deploykit status`, `history`, `stats`, `top` and \
+             `promote` read and act on etcd",
+        )
+        .into());
+    }
     if args.read_only && !args.listen.ip().is_loopback() {
         return Err(deploykit::Error::invalid(
             "--listen",
@@ -752,7 +763,7 @@ async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
     if let Err(r) = app.viewer(&headers, Need::Read) {
         return refused(&r);
     }
-    secure(crate::metrics_http::answer(app.state.clone()).await)
+    secure(crate::metrics_http::answer(crate::metrics_http::Journals::Local(app.state.clone())).await)
 }
 
 async fn flags_page(

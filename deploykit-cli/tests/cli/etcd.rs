@@ -1091,10 +1091,16 @@ fn runs_of(fleet: &Fleet, machine: usize, sha: &str) -> Vec<Value> {
 /// `deploykit deploy release --strategy canary` on `machine`, once it
 /// waits for its manual promotion (holding the lock).
 fn waiting_canary(fleet: &Fleet, machine: usize, release: &str) -> Child {
+    waiting_canary_with(fleet, machine, release, &[])
+}
+
+/// [`waiting_canary`] with more `deploy` arguments.
+fn waiting_canary_with(fleet: &Fleet, machine: usize, release: &str, more: &[&str]) -> Child {
     use std::io::BufRead;
     let mut child = fleet
         .cmd(machine)
         .args(["--json", "deploy", release, "--strategy", "canary"])
+        .args(more)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -1113,6 +1119,92 @@ fn waiting_canary(fleet: &Fleet, machine: usize, release: &str) -> Child {
             return child;
         }
     }
+}
+
+#[test]
+fn stats_postmortem_metrics_and_top_on_another_machine_read_the_journals_in_etcd() {
+    let cluster = Cluster::start();
+    let (fleet, _repo) = gitops_fleet(&cluster);
+    fleet.ok(0, &["-q", "deploy", "v1"]);
+    // Machine 0's v2 killed part-way and rolled back from machine 1: a
+    // failure to look into.
+    let mut run = fleet.spawn(0, &["-q", "deploy", "v2"]);
+    fleet.wait_for_instances(&mut run, "v2", 1);
+    let _ = run.kill();
+    let _ = run.wait();
+    fleet.ok(1, &["-q", "--lock-wait", "30s", "rollback"]);
+    assert_eq!(fleet.release("web-1").as_deref(), Some("v1"));
+
+    // Machine 1's own state directory holds none of these runs.
+    let stats: Value = serde_json::from_str(&fleet.ok(1, &["--json", "stats"])).unwrap();
+    let runs = stats["deployments"].as_array().expect("deployments");
+    let find = |release: &str| {
+        runs.iter()
+            .find(|r| r["release"] == release && r["kind"] == "deploy")
+            .unwrap_or_else(|| panic!("no deployment of {release} in {stats}"))
+    };
+    assert_eq!(find("v1")["outcome"], "succeeded", "{stats}");
+    let failed = find("v2");
+    assert_ne!(failed["outcome"], "succeeded", "{stats}");
+    assert_eq!(stats["dora"]["deployments"], 2, "{stats}");
+    let id = failed["id"].as_str().unwrap();
+    let pm = fleet.ok(1, &["postmortem", id]);
+    assert!(pm.contains(id) && pm.contains("v2"), "{pm}");
+
+    // A run on machine 1 serves /metrics of the shared journals, its own
+    // included, and top there follows it.
+    let port = crate::stats::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let canary = waiting_canary_with(&fleet, 1, "v3", &["--metrics-listen", &listen]);
+    let (head, body) = crate::stats::http_get(port, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let count = |outcome: &str| {
+        body.lines()
+            .filter(|l| {
+                l.starts_with("deploykit_deployments_total{")
+                    && l.contains("kind=\"deploy\"")
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert_eq!(count("succeeded"), 1.0, "{body}");
+    assert!(
+        body.contains("deploykit_deployment_in_progress{app=\"shop\"} 1"),
+        "{body}"
+    );
+
+    let tmux = crate::top::Tmux::new();
+    let started = tmux
+        .cmd()
+        .args(["new-session", "-d", "-s", "top", "-x", "120", "-y", "40", "-c"])
+        .arg(fleet.machines[1].path())
+        .args(["-e", "TERM=xterm-256color"])
+        .arg(assert_cmd::cargo::cargo_bin("deploykit"))
+        .args(["top", "--interval", "100ms"])
+        .output()
+        .unwrap();
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    tmux.wait_for(&["deploykit top · shop", "canary of v3", "waits for promotion"]);
+    fleet.ok(0, &["promote"]);
+    let out = wait_bounded(canary, Duration::from_secs(60), &["deploy", "v3"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tmux.wait_for(&["canary of v3", "succeeded"]);
+
+    // The dashboard reads only a local state directory: refused, naming
+    // the key, rather than showing an empty fleet.
+    let (code, _, err) = fleet.run(1, &["dashboard"]);
+    assert_eq!(code, 2, "{err}");
+    crate::util::assert_has(&err, &["state.backend", "etcd", "deploykit status"]);
 }
 
 #[test]

@@ -21,13 +21,13 @@ fn tmux_binary() -> PathBuf {
 }
 
 /// A tmux server of its own (its own socket name), killed on drop.
-struct Tmux {
+pub(crate) struct Tmux {
     bin: PathBuf,
     socket: String,
 }
 
 impl Tmux {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             bin: tmux_binary(),
             socket: format!(
@@ -39,7 +39,7 @@ impl Tmux {
         }
     }
 
-    fn cmd(&self) -> Command {
+    pub(crate) fn cmd(&self) -> Command {
         let mut c = Command::new(&self.bin);
         c.env_remove("TMUX").args(["-L", &self.socket, "-f", "/dev/null"]);
         c
@@ -56,7 +56,7 @@ impl Tmux {
     }
 
     /// Waits (at most 60 s) until the screen shows every one of `parts`.
-    fn wait_for(&self, parts: &[&str]) -> String {
+    pub(crate) fn wait_for(&self, parts: &[&str]) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let s = self.screen();

@@ -567,9 +567,21 @@ pub struct Loaded {
 /// [`Error::Io`](crate::Error::Io) when the journal directory cannot be
 /// listed or the lock holder cannot be read.
 pub fn load(state: &StateDir) -> Result<Loaded> {
-    let holder = state.holder()?;
-    let scan = state.scan_journals()?;
-    Ok(Loaded {
+    Ok(loaded(state.holder()?, state.scan_journals()?))
+}
+
+/// [`load`] from any state backend: the local state directory, or the
+/// journals every machine shares in etcd.
+///
+/// # Errors
+/// When the journals or the lock holder cannot be read.
+pub async fn load_from(backend: &dyn crate::state::StateBackend) -> Result<Loaded> {
+    let holder = backend.holder().await?;
+    Ok(loaded(holder, backend.scan_journals().await?))
+}
+
+fn loaded(holder: Option<Holder>, scan: crate::state::JournalScan) -> Loaded {
+    Loaded {
         records: scan
             .journals
             .iter()
@@ -580,7 +592,7 @@ pub fn load(state: &StateDir) -> Result<Loaded> {
             .into_iter()
             .map(|u| (u.path, u.error.to_string()))
             .collect(),
-    })
+    }
 }
 
 /// Each instance's release after every run in `records` (oldest first), as
