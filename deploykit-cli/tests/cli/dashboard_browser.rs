@@ -36,10 +36,7 @@ impl Drop for Killed {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    crate::util::free_port()
 }
 
 /// One JSON request to a local HTTP server (`Value::Null`: no body); the

@@ -25,14 +25,6 @@ fn etcd_bin(name: &str) -> PathBuf {
     panic!("{name} is not installed: apt-get install etcd-server etcd-client (scripts/test does)");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Member {
     name: String,
     client: u16,
@@ -87,11 +79,12 @@ impl Cluster {
 
     fn start_inner(extra: &[&str], tls: Option<Certs>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let members: Vec<Member> = (1..=3)
+        let ports = crate::util::free_ports(6);
+        let members: Vec<Member> = (0..3)
             .map(|n| Member {
-                name: format!("m{n}"),
-                client: free_port(),
-                peer: free_port(),
+                name: format!("m{}", n + 1),
+                client: ports[2 * n],
+                peer: ports[2 * n + 1],
                 child: None,
             })
             .collect();

@@ -80,11 +80,7 @@ fn admin_states(socket: &Path) -> Vec<(String, ServerAdmin)> {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    crate::util::free_port()
 }
 
 /// `local(2, extra)` on ports `base`+1 and `base`+2, behind the HAProxy

@@ -120,11 +120,7 @@ impl Drop for Nginx {
 }
 
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    crate::util::free_port()
 }
 
 /// `local(2, extra)` on ports `base`+1 and `base`+2, with the nginx load

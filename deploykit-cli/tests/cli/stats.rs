@@ -188,11 +188,7 @@ pub(crate) fn http_get(port: u16, path: &str) -> (String, String) {
 
 /// A port nothing listens on right now.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    crate::util::free_port()
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! binary and to read what the simulated and local instances hold.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use assert_cmd::Command;
 use serde_json::Value;
@@ -366,4 +367,31 @@ pub(crate) fn assert_has(err: &str, parts: &[&str]) {
     for p in parts {
         assert!(err.contains(p), "expected {p:?} in:\n{err}");
     }
+}
+
+/// Every port handed out in this test process: tests run in parallel, and
+/// a port given up by one could otherwise be given to another.
+static HANDED_OUT: Mutex<std::collections::BTreeSet<u16>> = Mutex::new(std::collections::BTreeSet::new());
+
+/// `n` free ports on 127.0.0.1, none handed out before in this process:
+/// every listener is held until all are chosen, so the kernel cannot give
+/// one port twice.
+pub(crate) fn free_ports(n: usize) -> Vec<u16> {
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().unwrap().port();
+        if handed.insert(port) {
+            ports.push(port);
+        }
+        held.push(l);
+    }
+    ports
+}
+
+/// One free port, as [`free_ports`].
+pub(crate) fn free_port() -> u16 {
+    free_ports(1)[0]
 }

@@ -118,8 +118,9 @@ impl EtcdTls {
                     return Err(Error::invalid(
                         "state.key_file",
                         format!(
-                            "{} holds no PEM private key ({e}); give the key of state.cert_file",
-                            key_file.display()
+                            "{} holds no PEM private key ({}); give the key of state.cert_file",
+                            key_file.display(),
+                            pem_problem(&e)
                         ),
                     ));
                 }
@@ -172,6 +173,22 @@ fn read_pem(field: &str, path: &std::path::Path) -> Result<Vec<u8>> {
     Ok(text)
 }
 
+/// A PEM parse error in words: the parser's own text of a bad BEGIN or END
+/// line is a byte list.
+fn pem_problem(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => format!(
+            "its {} block has no -----END line",
+            String::from_utf8_lossy(end_marker).escape_default()
+        ),
+        E::IllegalSectionStart { .. } => "a -----BEGIN line is not well formed".into(),
+        E::Base64Decode(_) => "a block's base64 does not decode".into(),
+        E::NoItemsFound => "no block of that kind".into(),
+        other => other.to_string(),
+    }
+}
+
 /// At least one certificate, and every one well formed.
 fn certificates(field: &str, path: &std::path::Path, pem: &[u8]) -> Result<()> {
     use rustls_pki_types::pem::PemObject as _;
@@ -180,7 +197,11 @@ fn certificates(field: &str, path: &std::path::Path, pem: &[u8]) -> Result<()> {
         if let Err(e) = c {
             return Err(Error::invalid(
                 field,
-                format!("{} is not a PEM certificate file ({e})", path.display()),
+                format!(
+                    "{} is not a PEM certificate file ({})",
+                    path.display(),
+                    pem_problem(&e)
+                ),
             ));
         }
         n += 1;
@@ -1556,6 +1577,7 @@ mod tests {
             "-----BEGIN PRIVATE KEY-----\nMAMCAQA=\n-----END PRIVATE KEY-----\n",
         );
         let not_pem = file("notes.txt", "hello\n");
+        let cut = file("cut.pem", "-----BEGIN CERTIFICATE-----\nMAMCAQA=\n");
         let missing = dir.path().join("missing.pem");
         let https = || EtcdConfig::new(["https://127.0.0.1:2379"]);
         let cases = [
@@ -1570,6 +1592,14 @@ mod tests {
             (
                 https().tls(EtcdTls::new(&not_pem)),
                 &["state.ca_file", "no certificate"][..],
+            ),
+            (
+                https().tls(EtcdTls::new(&cut)),
+                &[
+                    "state.ca_file",
+                    "cut.pem",
+                    "its CERTIFICATE block has no -----END line",
+                ][..],
             ),
             (
                 https().tls(EtcdTls::new(&cert).client_cert(&not_pem, &key)),
