@@ -154,6 +154,16 @@ const TLS_FILE_LIMIT: u64 = 1 << 20;
 
 fn read_pem(field: &str, path: &std::path::Path) -> Result<Vec<u8>> {
     use std::io::Read as _;
+    // Checked before opening: opening a FIFO for reading blocks.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{} is not a regular file; give the path of a PEM file",
+                path.display()
+            ),
+        ));
+    }
     let file = std::fs::File::open(path).map_err(|e| {
         Error::invalid(
             field,
@@ -1579,6 +1589,7 @@ mod tests {
         let not_pem = file("notes.txt", "hello\n");
         let cut = file("cut.pem", "-----BEGIN CERTIFICATE-----\nMAMCAQA=\n");
         let missing = dir.path().join("missing.pem");
+        let a_dir = dir.path().to_path_buf();
         let https = || EtcdConfig::new(["https://127.0.0.1:2379"]);
         let cases = [
             (
@@ -1588,6 +1599,10 @@ mod tests {
             (
                 https().tls(EtcdTls::new(&missing)),
                 &["state.ca_file", "missing.pem"][..],
+            ),
+            (
+                https().tls(EtcdTls::new(&a_dir)),
+                &["state.ca_file", "not a regular file"][..],
             ),
             (
                 https().tls(EtcdTls::new(&not_pem)),
